@@ -1,0 +1,30 @@
+"""Why a submission was refused, and how a handler says "do not retry"."""
+
+
+class SubmitError(Exception):
+    """A task was not accepted; the store holds no trace of it."""
+
+
+class QueueFull(SubmitError):
+    def __init__(self, capacity: int) -> None:
+        super().__init__(f"queue is full ({capacity} tasks waiting)")
+        self.capacity = capacity
+
+
+class DuplicateTask(SubmitError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} already exists")
+        self.task_id = task_id
+
+
+class PoolClosed(SubmitError):
+    def __init__(self) -> None:
+        super().__init__("cannot submit tasks after shutdown has begun")
+
+
+class PermanentFailure(Exception):
+    """Raised by a handler: fail the task now, without retrying it."""
+
+
+class AttemptCancelled(Exception):
+    """Raised by a handler that stopped early because shutdown abandoned its task."""

@@ -1,0 +1,347 @@
+"""The worker pool: bounded admission, worker threads, retries on a timer, drain on shutdown."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .backoff import compute_backoff
+from .errors import PermanentFailure, PoolClosed, QueueFull
+from .handlers import SimulatedWork, Wait, event_wait
+from .store import TaskStore
+from .task import State, Task
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Task, threading.Event], None]
+"""``handler(task, cancel)`` runs one attempt; raising fails it. ``cancel`` is
+set when shutdown abandons unfinished work: a long handler should return early."""
+
+AttemptListener = Callable[[Task, float], None]
+"""``on_attempt(task, seconds)``: called after each attempt with the task's new state."""
+
+ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
+_MAX_ERROR_CHARS = 500
+_STOP = object()  # tells one worker thread to exit
+
+
+class _ReadyQueue(queue.Queue):
+    """Admission is bounded by maxsize; due retries and stop markers bypass it.
+
+    A due retry was admitted once already, so it must never be refused or
+    blocked by a full queue. It joins the same FIFO as new work, so neither
+    can starve the other.
+    """
+
+    def put_unbounded(self, item: object) -> None:
+        with self.mutex:
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    workers: int
+    queue_capacity: int
+    queue_depth: int
+    retries_pending: int
+    accepting: bool
+    counts: dict[State, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownSummary:
+    counts: dict[State, int]
+    abandoned: tuple[str, ...]
+    drain_seconds: float
+
+
+class WorkerPool:
+    """Runs submitted tasks on ``workers`` threads, retrying failures with backoff.
+
+    ``clock`` stamps task times (seconds since the epoch), ``monotonic`` times
+    retries and the drain deadline, ``wait`` blocks on an event with a timeout
+    and ``rng`` draws the jitter: tests inject all four.
+    """
+
+    def __init__(
+        self,
+        handler: Handler | None = None,
+        *,
+        workers: int = 4,
+        queue_size: int = 64,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 10.0,
+        state_ttl: float = 3600.0,
+        state_max_tasks: int = 100_000,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        wait: Wait = event_wait,
+        on_attempt: AttemptListener | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if not 0 <= backoff_base <= backoff_cap:
+            raise ValueError(f"need 0 <= backoff_base <= backoff_cap, got {backoff_base}, {backoff_cap}")
+        self.workers = workers
+        self.queue_size = queue_size
+        self._handler = handler or SimulatedWork(rng=rng)
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._monotonic = monotonic
+        self._wait = wait
+        self._on_attempt = on_attempt
+        self._store = TaskStore(ttl=state_ttl, max_finished=state_max_tasks, clock=clock)
+        self._ready = _ReadyQueue(maxsize=queue_size)
+        self._threads: list[threading.Thread] = []
+
+        # _retry_lock must be held while touching _retries: a heap of
+        # (due monotonic time, sequence, task id) of tasks waiting out a backoff.
+        self._retry_lock = threading.Lock()
+        self._retries: list[tuple[float, int, str]] = []
+        self._retry_seq = itertools.count()
+        self._timer_wakeup = threading.Event()
+
+        # _shutdown_lock must be held while reading or changing _closing,
+        # _deadline and _threads, so no submission can slip in after shutdown.
+        self._shutdown_lock = threading.Lock()
+        self._closing = False
+        self._stopped = False
+        self._deadline = math.inf
+        self._drain_wakeup = threading.Event()
+        self._cancel = threading.Event()  # handed to handlers; set on abandonment
+        self._summary: ShutdownSummary | None = None
+        self._summary_ready = threading.Event()
+
+    # -- admission -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker and timer threads (idempotent; ``submit`` also starts them)."""
+        with self._shutdown_lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._threads or self._closing:
+            return
+        # Daemon threads: interpreter exit must never wait on a handler that
+        # ignores cancellation. Shutdown drains explicitly instead.
+        self._threads = [
+            threading.Thread(target=self._work, name=f"workerpool-worker-{n}", daemon=True)
+            for n in range(1, self.workers + 1)
+        ]
+        self._threads.append(threading.Thread(target=self._run_timer, name="workerpool-timer", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, task_id: str, payload: str = "", max_retries: int = 0) -> Task:
+        """Accept a task without blocking; it is queued in the store on return.
+
+        Raises PoolClosed, DuplicateTask or QueueFull; a refused task leaves
+        no trace.
+        """
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        task = Task(task_id, payload, max_retries, created_at=self._clock())
+        with self._shutdown_lock:
+            if self._closing:
+                raise PoolClosed()
+            self._start_locked()
+            self._store.add(task)
+            try:
+                self._ready.put_nowait(task_id)
+            except queue.Full:
+                self._store.discard(task_id)
+                raise QueueFull(self.queue_size) from None
+        log.debug("task %s queued", task_id)
+        return task
+
+    # -- reading ---------------------------------------------------------
+
+    def get(self, task_id: str) -> Task | None:
+        return self._store.get(task_id)
+
+    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
+        return self._store.list(state, limit)
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closing
+
+    def stats(self) -> PoolStats:
+        with self._retry_lock:
+            retries_pending = len(self._retries)
+        return PoolStats(
+            workers=self.workers,
+            queue_capacity=self.queue_size,
+            queue_depth=self._ready.qsize(),
+            retries_pending=retries_pending,
+            accepting=not self._closing,
+            counts=self._store.counts(),
+        )
+
+    # -- workers ---------------------------------------------------------
+
+    def _work(self) -> None:
+        while (task_id := self._ready.get()) is not _STOP:
+            try:
+                self._run_attempt(task_id)
+            except Exception:  # a bug of ours must not kill the worker
+                log.exception("worker failed on task %s", task_id)
+
+    def _run_attempt(self, task_id: str) -> None:
+        task = self._store.start_attempt(task_id, self._clock())
+        if task is None:  # abandoned at shutdown while it waited
+            return
+        log.debug("task %s attempt %d started", task_id, task.attempts)
+        started = self._monotonic()
+        error, retryable = None, False
+        try:
+            self._handler(task, self._cancel)
+        except PermanentFailure as exc:
+            error = _describe(exc)
+        except Exception as exc:
+            error, retryable = _describe(exc), True
+        seconds = self._monotonic() - started
+        result = self._end_attempt(task, error, retryable)
+        if result is None:
+            log.warning("task %s attempt %d ended after the task was abandoned; result dropped", task_id, task.attempts)
+        elif self._on_attempt is not None:
+            self._on_attempt(result, seconds)
+        if self._closing:
+            self._drain_wakeup.set()
+
+    def _end_attempt(self, task: Task, error: str | None, retryable: bool) -> Task | None:
+        now = self._clock()
+        if error is None:
+            result = self._store.end_attempt(task.id, task.attempts, State.DONE, finished_at=now)
+            if result:
+                log.info("task %s done after %d attempt(s)", task.id, task.attempts)
+            return result
+        if retryable and task.attempts <= task.max_retries:
+            delay = compute_backoff(task.attempts, base=self._backoff_base, cap=self._backoff_cap, rng=self._rng)
+            result = self._store.end_attempt(
+                task.id, task.attempts, State.QUEUED, last_error=error, next_attempt_at=now + delay
+            )
+            if result:
+                log.info(
+                    "task %s attempt %d failed (%s); retry %d of %d in %.3f s",
+                    task.id, task.attempts, error, task.attempts, task.max_retries, delay,
+                )
+                self._schedule_retry(task.id, delay)
+            return result
+        result = self._store.end_attempt(task.id, task.attempts, State.FAILED, last_error=error, finished_at=now)
+        if result:
+            log.warning("task %s failed after %d attempt(s): %s", task.id, task.attempts, error)
+        return result
+
+    # -- retries ---------------------------------------------------------
+
+    def _schedule_retry(self, task_id: str, delay: float) -> None:
+        due = self._monotonic() + delay
+        with self._retry_lock:
+            heapq.heappush(self._retries, (due, next(self._retry_seq), task_id))
+        self._timer_wakeup.set()
+
+    def _release_due_retries(self) -> float | None:
+        """Move due retries to the ready queue; return seconds until the next one is due."""
+        now = self._monotonic()
+        due = []
+        with self._retry_lock:
+            while self._retries and self._retries[0][0] <= now:
+                due.append(heapq.heappop(self._retries)[2])
+            delay = self._retries[0][0] - now if self._retries else None
+        for task_id in due:
+            self._ready.put_unbounded(task_id)
+        return delay
+
+    def _run_timer(self) -> None:
+        while not self._stopped:
+            # Clear before looking, so a retry scheduled meanwhile re-sets it.
+            self._timer_wakeup.clear()
+            delay = self._release_due_retries()
+            if not self._stopped:
+                self._wait(self._timer_wakeup, delay)
+
+    # -- shutdown --------------------------------------------------------
+
+    def shutdown(self, timeout: float | None = None, *, wait: bool = True) -> ShutdownSummary | None:
+        """Stop admitting, drain for at most ``timeout`` seconds, then abandon the rest.
+
+        Idempotent and thread-safe. Running attempts finish; queued tasks and
+        pending retries keep being processed until nothing is left or the
+        deadline passes. Unfinished tasks then become failed (ABANDONED). A
+        later call with a shorter timeout (``timeout=0`` on a second signal)
+        pulls the deadline in. With ``wait=False`` the drain runs on a helper
+        thread and the call returns None at once.
+        """
+        deadline = math.inf if timeout is None else self._monotonic() + max(0.0, timeout)
+        with self._shutdown_lock:
+            first = not self._closing
+            self._closing = True
+            self._deadline = min(self._deadline, deadline)
+        self._drain_wakeup.set()
+        if first:
+            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
+            if wait:
+                self._drain()
+            else:
+                threading.Thread(target=self._drain, name="workerpool-drain", daemon=True).start()
+        if not wait:
+            return None
+        self._summary_ready.wait()
+        return self._summary
+
+    def _drain(self) -> None:
+        started = self._monotonic()
+        while self._store.unfinished():
+            with self._shutdown_lock:
+                remaining = self._deadline - self._monotonic()
+            if remaining <= 0:
+                break
+            self._drain_wakeup.clear()
+            if not self._store.unfinished():
+                break
+            self._wait(self._drain_wakeup, None if remaining == math.inf else remaining)
+        abandoned = self._store.fail_unfinished(ABANDONED)
+        for task_id in abandoned:
+            log.warning("task %s abandoned at shutdown", task_id)
+        self._cancel.set()
+        self._stop_threads()
+        self._summary = ShutdownSummary(
+            counts=self._store.counts(),
+            abandoned=tuple(abandoned),
+            drain_seconds=self._monotonic() - started,
+        )
+        self._summary_ready.set()
+
+    def _stop_threads(self, join_timeout: float = 1.0) -> None:
+        with self._shutdown_lock:
+            self._stopped = True
+            threads = list(self._threads)
+        self._timer_wakeup.set()
+        for _ in range(self.workers):
+            self._ready.put_unbounded(_STOP)
+        # Abandoned handlers were told to cancel; one that ignores it is left
+        # behind (daemon) rather than holding up shutdown.
+        deadline = time.monotonic() + join_timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
