@@ -1,0 +1,133 @@
+"""The task service over HTTP: ``create_app()`` for gunicorn and tests, ``python app.py`` for local use."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from flask import Flask
+
+from config import Config
+from config import load as load_config
+from service import problems
+from service.api import bp as api_bp
+from service.context import EXTENSION, Services, services
+from service.metrics import Metrics
+from service.metrics import bp as metrics_bp
+from workerpool import SimulatedWork, WorkerPool
+from workerpool.pool import AttemptListener
+
+log = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+LOG_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"
+
+
+def build_pool(config: Config, *, on_attempt: AttemptListener | None = None) -> WorkerPool:
+    """A pool running simulated work as ``config`` describes; its threads start on first use."""
+    handler = SimulatedWork(
+        min_s=config.work_min_ms / 1000,
+        max_s=config.work_max_ms / 1000,
+        failure_rate=config.failure_rate,
+    )
+    return WorkerPool(
+        handler,
+        workers=config.workers,
+        queue_size=config.queue_size,
+        backoff_base=config.backoff_base_ms / 1000,
+        backoff_cap=config.backoff_cap_ms / 1000,
+        state_ttl=config.state_ttl_s,
+        state_max_tasks=config.state_max_tasks,
+        on_attempt=on_attempt,
+    )
+
+
+def create_app(config: Config | None = None, pool: WorkerPool | None = None, metrics: Metrics | None = None) -> Flask:
+    """Build the app; settings come from the environment unless ``config`` is given.
+
+    The pool's threads are not started here (under gunicorn that would happen
+    before the fork with ``--preload``): gunicorn's ``post_worker_init`` hook,
+    ``python app.py`` or the first submission starts them. Pass ``pool`` to use
+    your own; wire its ``on_attempt`` to ``metrics.observe_attempt`` and pass
+    ``metrics`` too if attempt metrics matter.
+    """
+    config = config or load_config()
+    metrics = metrics or Metrics()
+    if pool is None:
+        pool = build_pool(config, on_attempt=metrics.observe_attempt)
+    metrics.watch(pool)
+
+    app = Flask(__name__)
+    # werkzeug answers 413 for a larger body, chunked or not.
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
+    app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics)
+    problems.register(app)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(metrics_bp)
+    return app
+
+
+def pool_of(app: Flask) -> WorkerPool:
+    return services(app).pool
+
+
+def configure_logging(level: str) -> None:
+    """Send log records to stderr at ``level``; entry points call this, ``create_app`` never does."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr)
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) <= 65_535):
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: must be an integer from 0 to 65535")
+    return int(text)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run the task service on Flask's development server (use gunicorn in production)."
+    )
+    parser.add_argument("--host", help="address to listen on (default: $HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=_port, help="port to listen on (default: $PORT, else 8080)")
+    return parser.parse_args(argv)
+
+
+def _stop_serving(signum: int, frame: FrameType | None) -> None:
+    # The development server's loop ends on KeyboardInterrupt; make SIGTERM
+    # behave like Ctrl-C so both drain the pool below.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve on Flask's development server; drain the pool when stopped."""
+    args = parse_args(argv)
+    config = load_config()
+    config = dataclasses.replace(
+        config,
+        host=args.host if args.host is not None else config.host,
+        port=args.port if args.port is not None else config.port,
+    )
+    configure_logging(config.log_level)
+    app = create_app(config)
+    pool = pool_of(app)
+    pool.start()
+    signal.signal(signal.SIGTERM, _stop_serving)
+    try:
+        app.run(host=config.host, port=config.port, threaded=True, use_reloader=False, load_dotenv=False)
+    finally:
+        summary = pool.shutdown(config.shutdown_timeout_s)
+        if summary is not None:
+            log.info(
+                "stopped after a %.1f s drain: %s; %d abandoned",
+                summary.drain_seconds,
+                ", ".join(f"{count} {state}" for state, count in summary.counts.items()),
+                len(summary.abandoned),
+            )
+
+
+if __name__ == "__main__":
+    main()

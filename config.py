@@ -1,0 +1,164 @@
+"""Service settings: one frozen dataclass built from the environment and ``.env``.
+
+This is the only module that reads the environment. The project's ``.env``
+supplies defaults; a variable set in the real environment wins over it. A bad
+value stops the process at start-up with exit code 2 and one line that names
+the variable and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DOTENV_PATH = PROJECT_ROOT / ".env"
+EXIT_BAD_CONFIG = 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    workers: int = 4
+    queue_size: int = 64
+    host: str = "127.0.0.1"
+    port: int = 8080
+    work_min_ms: int = 100
+    work_max_ms: int = 500
+    failure_rate: float = 0.2
+    backoff_base_ms: int = 100
+    backoff_cap_ms: int = 10_000
+    default_max_retries: int = 3
+    max_retries_limit: int = 20
+    max_body_bytes: int = 65_536
+    state_ttl_s: float = 3600.0
+    state_max_tasks: int = 100_000
+    shutdown_timeout_s: float = 20.0
+    log_level: str = "INFO"
+
+
+# -- parsers: text -> value, raising ValueError with the reason --------------
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not _INT.fullmatch(text):
+            raise ValueError(f"must be an integer from {low} to {high}")
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
+    reason = f"must be a number {bound} and at most {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(reason) from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            raise ValueError(reason)
+        return value
+
+    return parse
+
+
+def _host(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise ValueError("must be a host name or IP address")
+    return text
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+_DAY_MS = 86_400_000
+_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    # variable: (Config field, parser)
+    "WORKERS": ("workers", _integer(1, 256)),
+    "QUEUE_SIZE": ("queue_size", _integer(1, 1_000_000)),
+    "HOST": ("host", _host),
+    "PORT": ("port", _integer(0, 65_535)),
+    "WORK_MIN_MS": ("work_min_ms", _integer(0, _DAY_MS)),
+    "WORK_MAX_MS": ("work_max_ms", _integer(0, _DAY_MS)),
+    "FAILURE_RATE": ("failure_rate", _number(0.0, 1.0)),
+    "BACKOFF_BASE_MS": ("backoff_base_ms", _integer(0, _DAY_MS)),
+    "BACKOFF_CAP_MS": ("backoff_cap_ms", _integer(0, _DAY_MS)),
+    "DEFAULT_MAX_RETRIES": ("default_max_retries", _integer(0, 1000)),
+    "MAX_RETRIES_LIMIT": ("max_retries_limit", _integer(0, 1000)),
+    "MAX_BODY_BYTES": ("max_body_bytes", _integer(64, 16 * 1024 * 1024)),
+    "STATE_TTL_S": ("state_ttl_s", _number(0.0, 365 * 86_400.0, low_open=True)),
+    "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
+    "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
+    "LOG_LEVEL": ("log_level", _log_level),
+}
+VARIABLES = tuple(_FIELDS)
+
+# (smaller, larger): the first must not exceed the second.
+_ORDERED = (
+    ("WORK_MIN_MS", "WORK_MAX_MS"),
+    ("BACKOFF_BASE_MS", "BACKOFF_CAP_MS"),
+    ("DEFAULT_MAX_RETRIES", "MAX_RETRIES_LIMIT"),
+)
+
+
+def from_env(environ: Mapping[str, str]) -> Config:
+    """Build a Config from ``environ``; unset variables take their defaults.
+
+    Raises ConfigError naming the first bad variable and its value.
+    """
+    values: dict[str, Any] = {}
+    for variable, (field, parse) in _FIELDS.items():
+        raw = environ.get(variable)
+        if raw is None:
+            continue
+        try:
+            values[field] = parse(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{variable}={raw!r} is invalid: {exc}") from None
+    config = Config(**values)
+    for smaller, larger in _ORDERED:
+        low, high = getattr(config, _FIELDS[smaller][0]), getattr(config, _FIELDS[larger][0])
+        if low > high:
+            raise ConfigError(f"{smaller}={low} is invalid: must not exceed {larger}={high}")
+    return config
+
+
+def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
+    """The process environment over the values in ``dotenv_path`` (if it exists)."""
+    merged: dict[str, str] = {}
+    if dotenv_path is not None and dotenv_path.is_file():
+        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+def load(dotenv_path: Path | None = DOTENV_PATH) -> Config:
+    """Read the settings; on a bad value print one line to stderr and exit with code 2."""
+    try:
+        return from_env(read_environment(dotenv_path))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_CONFIG) from None

@@ -1,0 +1,60 @@
+"""gunicorn settings for the task service: one worker process, HTTP threads, a drained pool on exit.
+
+Run ``gunicorn -c gunicorn.conf.py`` from the project root. Task state lives
+in the worker's memory, so there is exactly one worker process; HTTP
+concurrency comes from its threads.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parent)
+if _ROOT not in sys.path:  # so `config` and `app` import from any working directory
+    sys.path.insert(0, _ROOT)
+
+import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
+
+_settings = _config.load()  # a bad value stops gunicorn here with exit code 2
+
+# Seconds between the end of the drain deadline and gunicorn's SIGKILL.
+DRAIN_MARGIN_S = 5
+
+wsgi_app = "app:create_app()"
+bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
+workers = 1  # pinned: each worker process would have its own queue and task table
+worker_class = "gthread"
+threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
+preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
+max_requests = 0  # recycling the only worker would stall the service and cut a drain short
+graceful_timeout = math.ceil(_settings.shutdown_timeout_s) + DRAIN_MARGIN_S  # whole seconds only
+control_socket_disable = True  # parallel servers would share ~/.gunicorn/gunicorn.ctl
+accesslog = "-"
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+
+
+def post_worker_init(worker):
+    """Start the pool's threads in the worker, after the fork and before serving."""
+    from app import configure_logging, pool_of
+
+    configure_logging(_settings.log_level)
+    pool_of(worker.wsgi).start()
+
+
+def worker_exit(server, worker):
+    """Stop admitting tasks and drain the pool before the worker process ends."""
+    app = getattr(worker, "wsgi", None)
+    if app is None:  # the app never loaded
+        return
+    from app import pool_of
+
+    # graceful_timeout may come from the command line; leave a margin before SIGKILL.
+    timeout = max(0.0, min(_settings.shutdown_timeout_s, worker.cfg.graceful_timeout - DRAIN_MARGIN_S))
+    summary = pool_of(app).shutdown(timeout)
+    server.log.info(
+        "pool drained in %.1f s: %s; %d abandoned",
+        summary.drain_seconds,
+        ", ".join(f"{count} {state}" for state, count in summary.counts.items()),
+        len(summary.abandoned),
+    )

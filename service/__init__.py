@@ -1,0 +1,1 @@
+"""The HTTP layer of the task service: request parsing, views, problem responses, metrics."""

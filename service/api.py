@@ -1,0 +1,68 @@
+"""The task API: submit a task, read one, list them, and report health."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from .context import services
+from .problems import Problem
+from .schema import parse_enqueue, parse_list_query, task_to_json
+
+bp = Blueprint("api", __name__)
+
+
+@bp.post("/enqueue")
+def enqueue() -> tuple[Response, int, dict[str, str]]:
+    """Validate a task and queue it without waiting for room."""
+    svc = services()
+    try:
+        # Parsed as JSON whatever the Content-Type, so `curl -d` works.
+        # MAX_CONTENT_LENGTH makes get_data raise 413 for an oversized body.
+        task_request = parse_enqueue(
+            request.get_data(cache=False),
+            default_max_retries=svc.config.default_max_retries,
+            max_retries_limit=svc.config.max_retries_limit,
+        )
+        task = svc.pool.submit(task_request.id, task_request.payload, task_request.max_retries)
+    except Exception as exc:
+        svc.metrics.count_rejection(exc)
+        raise
+    svc.metrics.accepted.inc()
+    return jsonify(task_to_json(task)), 202, {"Location": url_for("api.get_task", task_id=task.id)}
+
+
+@bp.get("/tasks/<path:task_id>")
+def get_task(task_id: str) -> Response:
+    """Return one task by id."""
+    task = services().pool.get(task_id)
+    if task is None:
+        raise Problem(
+            404,
+            f"no task with id {task_id!r}: it was never accepted, or it finished and has been forgotten",
+            kind="urn:workerpool:problem:task-not-found",
+        )
+    return jsonify(task_to_json(task))
+
+
+@bp.get("/tasks")
+def list_tasks() -> Response:
+    """List retained tasks, newest first, optionally of one state."""
+    query = parse_list_query(request.args)
+    tasks = services().pool.list(query.state, query.limit)
+    return jsonify({"tasks": [task_to_json(task) for task in tasks], "count": len(tasks), "limit": query.limit})
+
+
+@bp.get("/healthz")
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    """Report liveness and queue figures; 503 once shutdown has begun."""
+    stats = services().pool.stats()
+    body = {
+        "status": "ok" if stats.accepting else "draining",
+        "workers": stats.workers,
+        "queue_capacity": stats.queue_capacity,
+        "queue_depth": stats.queue_depth,
+        "retries_pending": stats.retries_pending,
+        "tasks": {str(state): count for state, count in stats.counts.items()},
+    }
+    return jsonify(body), 200 if stats.accepting else 503

@@ -1,0 +1,128 @@
+"""Every error response is an RFC 9457 ``application/problem+json`` document.
+
+One place maps exceptions to problems: request validation, the engine's
+refusals, werkzeug's HTTP errors and anything unexpected. A 5xx body is
+generic; its traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from workerpool import DuplicateTask, PoolClosed, QueueFull
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+# Seconds a client should wait before retrying after "queue full".
+QUEUE_FULL_RETRY_AFTER_S = 1
+_TYPE_PREFIX = "urn:workerpool:problem:"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    field: str
+    message: str
+
+
+class Problem(Exception):
+    """An error with its HTTP status, raised by views and turned into a problem response."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        kind: str = "about:blank",
+        errors: tuple[FieldError, ...] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.kind = kind
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def invalid_request(detail: str, errors: tuple[FieldError, ...] = ()) -> Problem:
+    return Problem(400, detail, kind=_TYPE_PREFIX + "invalid-request", errors=errors)
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    kind: str = "about:blank",
+    errors: tuple[FieldError, ...] = (),
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, object] = {
+        "type": kind,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = [{"field": e.field, "message": e.message} for e in errors]
+    response = jsonify(body)
+    response.status_code = status
+    response.mimetype = PROBLEM_JSON
+    response.headers.update(headers or {})
+    return response
+
+
+def _from_problem(exc: Problem) -> Response:
+    return problem_response(exc.status, exc.detail, kind=exc.kind, errors=exc.errors, headers=exc.headers)
+
+
+def _from_duplicate(exc: DuplicateTask) -> Response:
+    return problem_response(409, f"a task with id {exc.task_id!r} already exists", kind=_TYPE_PREFIX + "duplicate-task")
+
+
+def _from_queue_full(exc: QueueFull) -> Response:
+    return problem_response(
+        503,
+        f"the queue is full ({exc.capacity} tasks waiting); retry later",
+        kind=_TYPE_PREFIX + "queue-full",
+        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+    )
+
+
+def _from_pool_closed(exc: PoolClosed) -> Response:
+    return problem_response(
+        503, "the service is shutting down and accepts no new tasks", kind=_TYPE_PREFIX + "shutting-down"
+    )
+
+
+def _from_http(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    if status >= 500:
+        return _from_unexpected(exc)
+    # Keep headers such as Allow (405); the body is ours, not werkzeug's HTML.
+    headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+    detail = exc.description or HTTPStatus(status).description
+    if status == 413 and request.max_content_length is not None:
+        detail = f"the request body is larger than {request.max_content_length} bytes"
+    return problem_response(status, detail, headers=headers)
+
+
+def _from_unexpected(exc: Exception) -> Response:
+    original = getattr(exc, "original_exception", None) or exc
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=original)
+    return problem_response(500, "the server could not handle the request; the error has been logged")
+
+
+def register(app: Flask) -> None:
+    """Install the handlers that turn every error into a problem response."""
+    app.register_error_handler(Problem, _from_problem)
+    app.register_error_handler(DuplicateTask, _from_duplicate)
+    app.register_error_handler(QueueFull, _from_queue_full)
+    app.register_error_handler(PoolClosed, _from_pool_closed)
+    app.register_error_handler(HTTPException, _from_http)
+    app.register_error_handler(Exception, _from_unexpected)

@@ -1,0 +1,160 @@
+"""Request bodies and query strings in, task JSON out."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from werkzeug.datastructures import MultiDict
+
+from workerpool import State, Task
+
+from .problems import FieldError, invalid_request
+
+MAX_ID_CHARS = 256
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+ENQUEUE_FIELDS = ("id", "payload", "max_retries")
+LIST_PARAMETERS = ("state", "limit")
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs"})  # control characters, lone surrogates
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueRequest:
+    id: str
+    payload: str
+    max_retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    state: State | None = None
+    limit: int = DEFAULT_LIST_LIMIT
+
+
+def parse_enqueue(body: bytes, *, default_max_retries: int, max_retries_limit: int) -> EnqueueRequest:
+    """Validate a POST /enqueue body; raise a 400 Problem listing every failing field."""
+    document = _decode_json(body)
+    if not isinstance(document, dict):
+        raise invalid_request(f"the body must be a JSON object, not {_json_type(document)}")
+    errors = [FieldError(name, "is not a known field") for name in document if name not in ENQUEUE_FIELDS]
+    errors += _check_id(document)
+    errors += _check_payload(document)
+    errors += _check_max_retries(document, max_retries_limit)
+    if errors:
+        raise invalid_request("the task is invalid", tuple(errors))
+    return EnqueueRequest(
+        id=document["id"],
+        payload=document["payload"],
+        max_retries=document.get("max_retries", default_max_retries),
+    )
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ours
+        raise invalid_request(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise invalid_request("the body is not valid JSON: nested too deeply") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"duplicate key {key!r}")
+        document[key] = value
+    return document
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
+    if "id" not in document:
+        return [FieldError("id", "is required")]
+    value = document["id"]
+    if not isinstance(value, str):
+        return [FieldError("id", f"must be a string, not {_json_type(value)}")]
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        return [FieldError("id", f"must be 1 to {MAX_ID_CHARS} characters long")]
+    if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in value):
+        return [FieldError("id", "must not contain control characters")]
+    return []
+
+
+def _check_payload(document: Mapping[str, Any]) -> list[FieldError]:
+    if "payload" not in document:
+        return [FieldError("payload", "is required (it may be empty)")]
+    value = document["payload"]
+    if not isinstance(value, str):
+        return [FieldError("payload", f"must be a string, not {_json_type(value)}")]
+    return []
+
+
+def _check_max_retries(document: Mapping[str, Any], limit: int) -> list[FieldError]:
+    if "max_retries" not in document:
+        return []
+    value = document["max_retries"]
+    # bool is an int subclass, and 3.0 is a float: both are refused.
+    if type(value) is not int:
+        return [FieldError("max_retries", f"must be an integer, not {_json_type(value)}")]
+    if not 0 <= value <= limit:
+        return [FieldError("max_retries", f"must be between 0 and {limit}")]
+    return []
+
+
+def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
+    """Validate the query string of GET /tasks; raise a 400 Problem listing every bad parameter."""
+    errors = [FieldError(name, "is not a known parameter") for name in args if name not in LIST_PARAMETERS]
+    errors += [
+        FieldError(name, "must be given at most once") for name in LIST_PARAMETERS if len(args.getlist(name)) > 1
+    ]
+    state, limit = None, DEFAULT_LIST_LIMIT
+    if "state" in args:
+        try:
+            state = State(args["state"])
+        except ValueError:
+            errors.append(FieldError("state", f"must be one of {', '.join(State)}"))
+    if "limit" in args:
+        text = args["limit"]
+        if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_LIST_LIMIT:
+            limit = int(text)
+        else:
+            errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}"))
+    if errors:
+        raise invalid_request("the query parameters are invalid", tuple(errors))
+    return ListQuery(state=state, limit=limit)
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    """Seconds since the epoch as an RFC 3339 UTC string with milliseconds, e.g. 2026-01-02T03:04:05.678Z."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def task_to_json(task: Task) -> dict[str, Any]:
+    """The public view of a task; the payload is never echoed back."""
+    return {
+        "id": task.id,
+        "state": str(task.state),
+        "attempts": task.attempts,
+        "max_retries": task.max_retries,
+        "last_error": task.last_error,
+        "created_at": rfc3339(task.created_at),
+        "started_at": rfc3339(task.started_at),
+        "finished_at": rfc3339(task.finished_at),
+        "next_attempt_at": rfc3339(task.next_attempt_at),
+    }
