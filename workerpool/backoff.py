@@ -9,8 +9,10 @@ def backoff_bound(retry: int, *, base: float, cap: float) -> float:
     """The largest delay allowed before retry ``retry`` (1, 2, ...): min(cap, base * 2**(retry-1))."""
     if retry < 1:
         raise ValueError(f"retry number must be >= 1, got {retry}")
-    # Compare exponents instead of computing 2**(retry-1) for huge retry
-    # numbers: the product would overflow a float long after it passed cap.
+    if base == 0:
+        return 0.0
+    # 2.0 ** n raises OverflowError from n = 1024; any positive base has
+    # passed any finite cap long before that.
     if retry - 1 >= 1024 or base * 2.0 ** (retry - 1) >= cap:
         return cap
     return base * 2.0 ** (retry - 1)

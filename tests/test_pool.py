@@ -1,0 +1,341 @@
+import random
+import threading
+from collections import Counter
+
+import pytest
+
+from workerpool import (
+    ABANDONED,
+    DuplicateTask,
+    PermanentFailure,
+    PoolClosed,
+    QueueFull,
+    State,
+    WorkerPool,
+)
+
+TIMEOUT = 10  # real seconds any single wait in these tests may take at most
+
+
+def instant(task, cancel):
+    pass
+
+
+def always_fail(task, cancel):
+    raise RuntimeError("boom")
+
+
+class Gate:
+    """A handler that blocks each attempt until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, task, cancel):
+        self.entered.set()
+        assert self.opened.wait(TIMEOUT)
+
+
+class AttemptLog:
+    """on_attempt listener: records outcomes and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, int, State]] = []
+        self.changed = threading.Condition(self.lock)
+
+    def __call__(self, task, seconds):
+        with self.lock:
+            self.events.append((task.id, task.attempts, task.state))
+            self.changed.notify_all()
+
+    def wait_for(self, task_id, state):
+        with self.lock:
+            assert self.changed.wait_for(
+                lambda: any(e[0] == task_id and e[2] is state for e in self.events), TIMEOUT
+            ), f"{task_id} never reached {state}: {self.events}"
+
+
+@pytest.fixture
+def make_pool(clock):
+    pools = []
+
+    def make(handler=instant, **kwargs):
+        kwargs.setdefault("rng", random.Random(0))
+        kwargs.setdefault("clock", clock.time)
+        kwargs.setdefault("monotonic", clock.monotonic)
+        kwargs.setdefault("wait", clock.wait)
+        kwargs.setdefault("backoff_base", 0.0)
+        pool = WorkerPool(handler, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.shutdown(timeout=0)
+
+
+def test_an_always_failing_task_gets_exactly_max_retries_plus_one_attempts(make_pool):
+    pool = make_pool(always_fail, workers=2)
+    pool.submit("f", "", max_retries=4)
+    pool.submit("z", "", max_retries=0)
+    pool.shutdown(timeout=TIMEOUT)
+    failed = pool.get("f")
+    assert (failed.state, failed.attempts, failed.last_error) == (State.FAILED, 5, "RuntimeError: boom")
+    assert pool.get("z").attempts == 1
+
+
+def test_a_succeeding_task_runs_once(make_pool):
+    pool = make_pool(instant)
+    pool.submit("ok", "", max_retries=5)
+    pool.shutdown(timeout=TIMEOUT)
+    task = pool.get("ok")
+    assert (task.state, task.attempts, task.last_error) == (State.DONE, 1, None)
+    assert task.created_at <= task.started_at <= task.finished_at
+
+
+def test_a_permanent_failure_is_not_retried(make_pool):
+    def refuse(task, cancel):
+        raise PermanentFailure("bad payload")
+
+    pool = make_pool(refuse)
+    pool.submit("p", "", max_retries=5)
+    pool.shutdown(timeout=TIMEOUT)
+    assert pool.get("p").attempts == 1
+    assert pool.get("p").last_error == "PermanentFailure: bad payload"
+
+
+def test_a_failing_handler_never_kills_its_worker(make_pool):
+    def flaky(task, cancel):
+        if task.id == "bad":
+            raise KeyError("missing")
+
+    pool = make_pool(flaky, workers=1)
+    pool.submit("bad", "", 0)
+    pool.submit("good", "", 0)
+    pool.shutdown(timeout=TIMEOUT)
+    assert pool.get("bad").state is State.FAILED
+    assert pool.get("good").state is State.DONE
+
+
+def test_a_task_waiting_for_its_retry_holds_no_worker(make_pool, clock):
+    def fail_first_attempt(task, cancel):
+        if task.id == "slow" and task.attempts == 1:
+            raise RuntimeError("try again")
+
+    log = AttemptLog()
+    # random() = 0.5 -> the first retry waits half of base: 500 s of fake time.
+    pool = make_pool(fail_first_attempt, workers=1, backoff_base=1000, backoff_cap=1000, on_attempt=log)
+    pool._rng.random = lambda: 0.5
+    pool.submit("slow", "", max_retries=1)
+    pool.submit("quick", "", max_retries=0)
+    log.wait_for("quick", State.DONE)
+    waiting = pool.get("slow")
+    assert (waiting.state, waiting.attempts) == (State.QUEUED, 1)
+    assert waiting.next_attempt_at == pytest.approx(clock.time() + 500)
+    assert pool.stats().retries_pending == 1
+
+    clock.advance(500)
+    log.wait_for("slow", State.DONE)
+    assert log.events == [("slow", 1, State.QUEUED), ("quick", 1, State.DONE), ("slow", 2, State.DONE)]
+    assert pool.get("slow").next_attempt_at is None
+
+
+def test_a_due_retry_enters_a_full_queue_and_new_work_is_not_starved(make_pool, clock):
+    gate = Gate()
+
+    def handler(task, cancel):
+        if task.id == "retry" and task.attempts == 1:
+            raise RuntimeError("again")
+        if task.id == "blocker":
+            gate(task, cancel)
+
+    log = AttemptLog()
+    pool = make_pool(handler, workers=1, queue_size=1, backoff_base=10, backoff_cap=10, on_attempt=log)
+    pool.submit("retry", "", max_retries=1)
+    log.wait_for("retry", State.QUEUED)
+    pool.submit("blocker", "", 0)
+    assert gate.entered.wait(TIMEOUT)
+    pool.submit("queued", "", 0)  # the queue is now full
+    with pytest.raises(QueueFull):
+        pool.submit("refused", "", 0)
+
+    clock.advance(10)  # the retry falls due while the queue is full
+    gate.opened.set()
+    log.wait_for("retry", State.DONE)
+    order = [task_id for task_id, _, state in log.events if state is State.DONE]
+    assert order == ["blocker", "queued", "retry"]  # first in, first out
+
+
+def test_a_full_queue_refuses_without_a_trace(make_pool):
+    gate = Gate()
+    pool = make_pool(gate, workers=1, queue_size=2)
+    pool.submit("running", "", 0)
+    assert gate.entered.wait(TIMEOUT)
+    pool.submit("q1", "", 0)
+    pool.submit("q2", "", 0)
+    before = pool.stats()
+    with pytest.raises(QueueFull, match="queue is full"):
+        pool.submit("q3", "", 0)
+    assert pool.get("q3") is None
+    assert pool.stats() == before
+    gate.opened.set()
+
+
+def test_a_duplicate_id_is_refused_while_known(make_pool):
+    pool = make_pool(instant)
+    pool.submit("a", "one", 0)
+    with pytest.raises(DuplicateTask):
+        pool.submit("a", "two", 3)
+    pool.shutdown(timeout=TIMEOUT)
+    assert pool.get("a").max_retries == 0
+    with pytest.raises(PoolClosed):
+        pool.submit("a", "three", 0)
+
+
+def test_a_closed_pool_refuses_without_a_trace(make_pool):
+    pool = make_pool(instant)
+    summary = pool.shutdown(timeout=TIMEOUT)
+    with pytest.raises(PoolClosed, match="after shutdown"):
+        pool.submit("late", "", 0)
+    assert pool.get("late") is None
+    assert not pool.accepting
+    assert pool.shutdown(timeout=TIMEOUT) is summary  # idempotent
+
+
+def test_shutdown_drains_queued_work_and_pending_retries(make_pool, clock):
+    def fail_once(task, cancel):
+        if task.attempts == 1 and task.id.startswith("r"):
+            raise RuntimeError("again")
+
+    pool = make_pool(fail_once, workers=2, backoff_base=5, backoff_cap=5)
+    ids = [f"{kind}{n}" for n in range(10) for kind in "rt"]
+    for task_id in ids:
+        pool.submit(task_id, "", 1)
+    drained = threading.Thread(target=pool.shutdown, kwargs={"timeout": 60})
+    drained.start()
+    while drained.is_alive():  # let fake time pass so the retries fall due
+        clock.advance(1)
+        drained.join(0.01)
+    summary = pool.shutdown()
+    assert summary.abandoned == ()
+    assert summary.counts == {State.QUEUED: 0, State.RUNNING: 0, State.DONE: 20, State.FAILED: 0}
+    assert all(pool.get(f"r{n}").attempts == 2 for n in range(10))
+
+
+def test_shutdown_abandons_what_is_unfinished_at_the_deadline(make_pool, clock):
+    started = threading.Event()
+
+    def slow(task, cancel):
+        started.set()
+        assert cancel.wait(TIMEOUT)  # runs until shutdown cancels it
+        raise RuntimeError("cancelled")
+
+    pool = make_pool(slow, workers=1)
+    pool.submit("running", "", 3)
+    pool.submit("queued", "", 3)
+    assert started.wait(TIMEOUT)
+    assert pool.shutdown(timeout=30, wait=False) is None
+    clock.advance(30)
+    summary = pool.shutdown()
+    assert summary.abandoned == ("queued", "running")
+    assert summary.counts[State.FAILED] == 2
+    for task_id in summary.abandoned:
+        task = pool.get(task_id)
+        assert (task.state, task.last_error) == (State.FAILED, ABANDONED)
+        assert task.finished_at is not None
+
+
+def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_pool):
+    started = threading.Event()
+    log = AttemptLog()
+
+    def ignores_cancel(task, cancel):
+        started.set()
+        assert cancel.wait(TIMEOUT)  # ... then reports success anyway
+
+    pool = make_pool(ignores_cancel, workers=1, on_attempt=log)
+    pool.submit("late", "", 0)
+    assert started.wait(TIMEOUT)
+    summary = pool.shutdown(timeout=0)
+    assert summary.abandoned == ("late",)
+    assert pool.get("late").state is State.FAILED
+    assert pool.stats().counts == {State.QUEUED: 0, State.RUNNING: 0, State.DONE: 0, State.FAILED: 1}
+    assert log.events == []  # the late result was dropped, not reported
+
+
+def test_a_second_shutdown_pulls_the_deadline_in(make_pool):
+    gate = Gate()
+    pool = make_pool(gate, workers=1)
+    pool.submit("stuck", "", 0)
+    assert gate.entered.wait(TIMEOUT)
+    pool.shutdown(timeout=3600, wait=False)  # never advanced: would wait forever
+    summary = pool.shutdown(timeout=0)
+    assert summary.abandoned == ("stuck",)
+    gate.opened.set()
+
+
+def test_concurrent_submissions_each_reach_exactly_one_final_state(make_pool):
+    def coin(task, cancel):
+        if random.Random(f"{task.id}/{task.attempts}").random() < 0.3:
+            raise RuntimeError("coin")
+
+    log = AttemptLog()
+    pool = make_pool(coin, workers=4, queue_size=32, on_attempt=log)
+    accepted: list[str] = []
+    refused = Counter()
+    lock = threading.Lock()
+    go = threading.Event()
+
+    def client(n):
+        assert go.wait(TIMEOUT)
+        for i in range(300):
+            task_id = f"task-{(n * 300 + i) % 1000}"  # ids overlap across clients
+            try:
+                pool.submit(task_id, "x", max_retries=2)
+            except (DuplicateTask, QueueFull) as exc:
+                with lock:
+                    refused[type(exc).__name__] += 1
+            else:
+                with lock:
+                    accepted.append(task_id)
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in clients:
+        thread.start()
+    go.set()
+    for thread in clients:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    summary = pool.shutdown(timeout=TIMEOUT)
+
+    assert len(accepted) == len(set(accepted)) > 0
+    assert refused["DuplicateTask"] > 0
+    assert len(accepted) + sum(refused.values()) == 2400
+    assert summary.abandoned == ()
+    finals = Counter(task_id for task_id, _, state in log.events if state in (State.DONE, State.FAILED))
+    assert finals == Counter(accepted)  # exactly one final state each
+    counts = summary.counts
+    assert counts[State.DONE] + counts[State.FAILED] == len(accepted)
+    assert counts[State.QUEUED] == counts[State.RUNNING] == 0
+
+
+def test_stats_report_the_pool_shape(make_pool):
+    pool = make_pool(instant, workers=3, queue_size=7)
+    stats = pool.stats()
+    assert (stats.workers, stats.queue_capacity, stats.queue_depth, stats.accepting) == (3, 7, 0, True)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"workers": 0}, {"workers": -1}, {"queue_size": 0}, {"backoff_base": 2, "backoff_cap": 1}],
+)
+def test_bad_pool_parameters_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        WorkerPool(instant, **kwargs)
+
+
+def test_negative_max_retries_is_refused(make_pool):
+    with pytest.raises(ValueError):
+        make_pool().submit("a", "", -1)
