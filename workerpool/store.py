@@ -7,11 +7,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import fields
 from itertools import islice
+from operator import attrgetter
 
 from .errors import DuplicateTask
 from .task import FINAL_STATES, State, Task, check_transition
 
 _FIELDS = tuple(f.name for f in fields(Task))
+_field_values = attrgetter(*_FIELDS)
 
 
 class _Record:
@@ -20,11 +22,11 @@ class _Record:
     __slots__ = _FIELDS
 
     def __init__(self, task: Task) -> None:
-        for name in _FIELDS:
-            setattr(self, name, getattr(task, name))
+        for name, value in zip(_FIELDS, _field_values(task)):
+            setattr(self, name, value)
 
     def snapshot(self) -> Task:
-        return Task(*[getattr(self, name) for name in _FIELDS])
+        return Task(*_field_values(self))
 
 
 class TaskStore:
