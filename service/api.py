@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .context import services
 from .problems import Problem
@@ -17,9 +18,8 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     svc = services()
     try:
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
-        # MAX_CONTENT_LENGTH makes get_data raise 413 for an oversized body.
         task_request = parse_enqueue(
-            request.get_data(cache=False),
+            _read_body(),
             default_max_retries=svc.config.default_max_retries,
             max_retries_limit=svc.config.max_retries_limit,
         )
@@ -29,6 +29,18 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
         raise
     svc.metrics.accepted.inc()
     return jsonify(task_to_json(task)), 202, {"Location": url_for("api.get_task", task_id=task.id)}
+
+
+def _read_body() -> bytes:
+    """The request body; 413 if it is longer than MAX_CONTENT_LENGTH, chunked or not."""
+    limit: int = current_app.config["MAX_CONTENT_LENGTH"]
+    # For a chunked body werkzeug stops reading at the limit without an error,
+    # so a longer body would arrive truncated: read one byte more to tell.
+    request.max_content_length = limit + 1
+    body = request.get_data(cache=False)
+    if len(body) > limit:
+        raise RequestEntityTooLarge()
+    return body
 
 
 @bp.get("/tasks/<path:task_id>")

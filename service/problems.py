@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from workerpool import DuplicateTask, PoolClosed, QueueFull
@@ -107,8 +107,9 @@ def _from_http(exc: HTTPException) -> Response:
     # Keep headers such as Allow (405); the body is ours, not werkzeug's HTML.
     headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
     detail = exc.description or HTTPStatus(status).description
-    if status == 413 and request.max_content_length is not None:
-        detail = f"the request body is larger than {request.max_content_length} bytes"
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if status == 413 and limit is not None:
+        detail = f"the request body is larger than {limit} bytes"
     return problem_response(status, detail, headers=headers)
 
 

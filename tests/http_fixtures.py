@@ -1,0 +1,173 @@
+"""Helpers for the HTTP tests: controllable handlers, an app on an injected pool, a real server process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import create_app
+from config import VARIABLES, Config
+from service.metrics import Metrics
+from workerpool import FINAL_STATES, PermanentFailure, Task, WorkerPool
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 10.0  # upper bound for any in-process synchronisation; never reached when things work
+EPOCH = 1_800_000_000.125  # 2027-01-15T08:00:00.125Z
+
+
+class Gate:
+    """A handler whose attempts block until ``open()``; ``started`` is set when one begins."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self._open = threading.Event()
+
+    def __call__(self, task: Task, cancel: threading.Event) -> None:
+        self.started.set()
+        self._open.wait(WAIT_S)
+
+    def wait_started(self) -> None:
+        assert self.started.wait(WAIT_S), "no attempt started"
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def instant(task: Task, cancel: threading.Event) -> None:
+    """Succeed at once."""
+
+
+def failing(task: Task, cancel: threading.Event) -> None:
+    raise RuntimeError("boom")
+
+
+def failing_permanently(task: Task, cancel: threading.Event) -> None:
+    raise PermanentFailure("bad payload")
+
+
+class FinalStates:
+    """An ``on_attempt`` listener that lets a test wait until given tasks are final."""
+
+    def __init__(self, then: Callable[[Task, float], None]) -> None:
+        self._then = then
+        self._final: dict[str, Task] = {}
+        self._changed = threading.Condition()
+
+    def __call__(self, task: Task, seconds: float) -> None:
+        self._then(task, seconds)
+        if task.state in FINAL_STATES:
+            with self._changed:
+                self._final[task.id] = task
+                self._changed.notify_all()
+
+    def wait(self, *task_ids: str) -> None:
+        with self._changed:
+            done = self._changed.wait_for(lambda: all(t in self._final for t in task_ids), WAIT_S)
+        assert done, f"tasks not final: {sorted(set(task_ids) - set(self._final))}"
+
+
+@dataclass
+class Harness:
+    """An app on a pool built by the test, with the pool's attempt metrics wired."""
+
+    app: Flask
+    pool: WorkerPool
+    metrics: Metrics
+    final: FinalStates
+    client: FlaskClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = self.app.test_client()
+
+    def drain(self) -> None:
+        """Finish every queued task and stop the pool (bounded; raises if it takes too long)."""
+        summary = self.pool.shutdown(WAIT_S)
+        assert summary is not None
+        assert not summary.abandoned
+
+
+TEST_CONFIG = Config(max_body_bytes=1024, default_max_retries=2, max_retries_limit=5)
+
+
+def make_harness(
+    handler: Callable[[Task, threading.Event], None] = instant,
+    *,
+    config: Config = TEST_CONFIG,
+    clock: Callable[[], float] = time.time,
+    **pool_options: object,
+) -> Harness:
+    metrics = Metrics()
+    final = FinalStates(metrics.observe_attempt)
+    options: dict[str, object] = {"workers": 1, "queue_size": 4, "backoff_base": 0.0, "backoff_cap": 0.0}
+    options.update(pool_options)
+    pool = WorkerPool(handler, clock=clock, on_attempt=final, **options)  # type: ignore[arg-type]
+    return Harness(create_app(config, pool=pool, metrics=metrics), pool, metrics, final)
+
+
+def clean_environment(**overrides: str) -> dict[str, str]:
+    """The current environment without any service variable, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
+    env.update(overrides)
+    return env
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, interval: float = 0.02) -> object:
+    """Poll a server process until ``predicate()`` is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """A server started as a subprocess with its output in a log file; always killed in ``stop``."""
+
+    def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a signal to the test runner's group must not reach it
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_port(self, pattern: str, timeout: float = 20.0) -> int:
+        def port() -> int | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            match = re.search(pattern, self.log())
+            return int(match.group(1)) if match else None
+
+        return int(wait_until(port, timeout=timeout, what="the server to listen"))  # type: ignore[arg-type]
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the server and its workers only
+            self.proc.wait(timeout=10)
+        self._log.close()

@@ -1,0 +1,450 @@
+"""The task API through Flask's test client: every endpoint and status code."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import pytest
+from http_fixtures import EPOCH, TEST_CONFIG, Gate, failing, failing_permanently, instant, make_harness
+
+from workerpool import State
+
+TASK_FIELDS = {
+    "id",
+    "state",
+    "attempts",
+    "max_retries",
+    "last_error",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "next_attempt_at",
+}
+
+
+@pytest.fixture
+def gate():
+    gate = Gate()
+    yield gate
+    gate.open()
+
+
+@pytest.fixture
+def harness():
+    harness = make_harness(instant)
+    yield harness
+    harness.pool.shutdown(5)
+
+
+@pytest.fixture
+def client(harness):
+    return harness.client
+
+
+def enqueue(client, body, **kwargs):
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.post("/enqueue", data=data, **kwargs)
+
+
+# -- POST /enqueue: accepted -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "max_retries"),
+    [
+        ({"id": "a", "payload": "p", "max_retries": 3}, 3),
+        ({"id": "a", "payload": ""}, 2),  # omitted: DEFAULT_MAX_RETRIES of the test config
+        ({"id": "a", "payload": "", "max_retries": 0}, 0),
+        ({"id": "a", "payload": "", "max_retries": 5}, 5),  # exactly MAX_RETRIES_LIMIT
+        ({"id": "x" * 256, "payload": ""}, 2),
+        ({"id": "äö 😀 task", "payload": "ünïcode"}, 2),
+    ],
+)
+def test_enqueue_accepts_a_valid_task(client, body, max_retries):
+    response = enqueue(client, body)
+    assert response.status_code == 202
+    assert response.mimetype == "application/json"
+    task = response.get_json()
+    assert set(task) == TASK_FIELDS  # the payload is never echoed
+    assert task["id"] == body["id"]
+    assert task["max_retries"] == max_retries
+    assert task["state"] == "queued"
+    assert task["attempts"] == 0
+    assert response.headers["Location"].startswith("/tasks/")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/json", "text/plain", "application/x-www-form-urlencoded", "application/octet-stream"],
+)
+def test_enqueue_parses_json_whatever_the_content_type(client, content_type):
+    response = enqueue(client, '{"id": "a", "payload": "x=1&y=2"}', content_type=content_type)
+    assert response.status_code == 202
+
+
+@pytest.mark.parametrize("task_id", ["plain", "with space", "a/b/c", "q?x=1#frag", "100%", "ünï"])
+def test_location_leads_back_to_the_task(client, task_id):
+    response = enqueue(client, {"id": task_id, "payload": ""})
+    assert response.status_code == 202
+    found = client.get(response.headers["Location"])
+    assert found.status_code == 200
+    assert found.get_json()["id"] == task_id
+
+
+def test_a_body_at_the_size_limit_is_accepted(client):
+    body = json.dumps({"id": "a", "payload": ""})
+    body = body[:-2] + "x" * (1024 - len(body)) + '"}'
+    assert len(body) == 1024
+    assert enqueue(client, body).status_code == 202
+
+
+# -- POST /enqueue: refused ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ("", "not valid JSON"),
+        ("{", "not valid JSON"),
+        ('{"id": "a", "payload": ""} trailing', "not valid JSON"),
+        ('{"id": "a", "payload": ""}{}', "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+        ('{"id": "a", "payload": "", "max_retries": NaN}', "NaN is not a JSON number"),
+        ('{"id": "a", "payload": "", "max_retries": Infinity}', "not a JSON number"),
+        ('{"id": "a", "id": "b", "payload": ""}', "duplicate key 'id'"),
+        ("[]", "must be a JSON object, not an array"),
+        ('"task"', "not a string"),
+        ("42", "not a number"),
+        ("true", "not a boolean"),
+        ("null", "not null"),
+    ],
+)
+def test_enqueue_refuses_a_body_that_is_not_a_json_object(client, body, detail):
+    response = enqueue(client, body)
+    assert response.status_code == 400
+    assert response.mimetype == "application/problem+json"
+    problem = response.get_json()
+    assert problem["status"] == 400
+    assert detail in problem["detail"]
+    assert "errors" not in problem
+
+
+def test_a_deeply_nested_body_within_the_limit_is_a_400():
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, max_body_bytes=200_000))
+    response = enqueue(harness.client, "[" * 100_000)
+    assert response.status_code == 400
+    assert "not valid JSON" in response.get_json()["detail"]
+
+
+ID_TOO_LONG = "must be 1 to 256 characters long"
+NOT_INTEGER = "must be an integer"
+
+
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        ({}, [("id", "is required"), ("payload", "is required (it may be empty)")]),
+        ({"payload": ""}, [("id", "is required")]),
+        ({"id": "a"}, [("payload", "is required (it may be empty)")]),
+        ({"id": 1, "payload": ""}, [("id", "must be a string, not a number")]),
+        ({"id": None, "payload": ""}, [("id", "must be a string, not null")]),
+        ({"id": ["a"], "payload": ""}, [("id", "must be a string, not an array")]),
+        ({"id": "", "payload": ""}, [("id", ID_TOO_LONG)]),
+        ({"id": "x" * 257, "payload": ""}, [("id", ID_TOO_LONG)]),
+        ({"id": "a\nb", "payload": ""}, [("id", "must not contain control characters")]),
+        ({"id": "a\x00", "payload": ""}, [("id", "must not contain control characters")]),
+        ({"id": "\x7f", "payload": ""}, [("id", "must not contain control characters")]),
+        ({"id": "a\x85", "payload": ""}, [("id", "must not contain control characters")]),
+        ({"id": "a\ud800", "payload": ""}, [("id", "must not contain control characters")]),
+        ({"id": "a", "payload": 5}, [("payload", "must be a string, not a number")]),
+        ({"id": "a", "payload": None}, [("payload", "must be a string, not null")]),
+        ({"id": "a", "payload": {"k": "v"}}, [("payload", "must be a string, not dict")]),
+        ({"id": "a", "payload": "", "max_retries": True}, [("max_retries", f"{NOT_INTEGER}, not a boolean")]),
+        ({"id": "a", "payload": "", "max_retries": 3.0}, [("max_retries", f"{NOT_INTEGER}, not a number")]),
+        ({"id": "a", "payload": "", "max_retries": "3"}, [("max_retries", f"{NOT_INTEGER}, not a string")]),
+        ({"id": "a", "payload": "", "max_retries": None}, [("max_retries", f"{NOT_INTEGER}, not null")]),
+        ({"id": "a", "payload": "", "max_retries": -1}, [("max_retries", "must be between 0 and 5")]),
+        ({"id": "a", "payload": "", "max_retries": 6}, [("max_retries", "must be between 0 and 5")]),
+        ({"id": "a", "payload": "", "max_retries": 10**30}, [("max_retries", "must be between 0 and 5")]),
+        ({"id": "a", "payload": "", "max_retry": 3}, [("max_retry", "is not a known field")]),
+        (
+            {"id": 5, "payload": 7, "max_retries": "x", "extra": 1, "other": None},
+            [
+                ("extra", "is not a known field"),
+                ("other", "is not a known field"),
+                ("id", "must be a string, not a number"),
+                ("payload", "must be a string, not a number"),
+                ("max_retries", f"{NOT_INTEGER}, not a string"),
+            ],
+        ),
+    ],
+)
+def test_enqueue_lists_every_invalid_field(harness, body, errors):
+    response = enqueue(harness.client, body)
+    assert response.status_code == 400
+    assert response.mimetype == "application/problem+json"
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:invalid-request"
+    assert problem["title"] == "Bad Request"
+    assert [(e["field"], e["message"]) for e in problem["errors"]] == errors
+    assert harness.pool.stats().counts[State.QUEUED] == 0  # nothing was submitted
+
+
+def test_a_body_over_the_limit_is_413(harness):
+    response = enqueue(harness.client, {"id": "a", "payload": "x" * 1024})
+    assert response.status_code == 413
+    assert response.mimetype == "application/problem+json"
+    assert response.get_json()["detail"] == "the request body is larger than 1024 bytes"
+    assert harness.pool.get("a") is None
+
+
+def post_chunked(client, body: bytes):
+    return client.post(
+        "/enqueue",
+        input_stream=io.BytesIO(body),
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},  # as gunicorn and werkzeug's server set it
+    )
+
+
+def body_of_size(size: int, task_id: str = "a") -> bytes:
+    """A valid task body padded with trailing spaces to exactly ``size`` bytes."""
+    body = json.dumps({"id": task_id, "payload": ""}).encode()
+    return body + b" " * (size - len(body))
+
+
+@pytest.mark.parametrize(("size", "status"), [(1024, 202), (1025, 413), (5000, 413)])
+def test_a_chunked_body_is_held_to_the_limit(harness, size, status):
+    # werkzeug alone would hand over the first 1024 bytes of a longer chunked
+    # body; here the padding makes such a truncated body valid JSON.
+    assert post_chunked(harness.client, body_of_size(size)).status_code == status
+
+
+@pytest.mark.parametrize(("size", "status"), [(1024, 202), (1025, 413)])
+def test_a_body_with_content_length_is_held_to_the_limit(harness, size, status):
+    assert enqueue(harness.client, body_of_size(size)).status_code == status
+
+
+def test_a_known_id_is_409(harness):
+    assert enqueue(harness.client, {"id": "a", "payload": ""}).status_code == 202
+    response = enqueue(harness.client, {"id": "a", "payload": "other", "max_retries": 0})
+    assert response.status_code == 409
+    assert response.get_json()["type"] == "urn:workerpool:problem:duplicate-task"
+    harness.final.wait("a")
+    # Still refused once it is finished, for as long as it is retained.
+    assert harness.pool.get("a").state is State.DONE
+    assert enqueue(harness.client, {"id": "a", "payload": ""}).status_code == 409
+
+
+def test_a_full_queue_is_503_with_retry_after(gate):
+    harness = make_harness(gate, workers=1, queue_size=1)
+    try:
+        assert enqueue(harness.client, {"id": "running", "payload": ""}).status_code == 202
+        gate.wait_started()  # the worker holds "running"; the queue is empty
+        assert enqueue(harness.client, {"id": "waiting", "payload": ""}).status_code == 202
+        response = enqueue(harness.client, {"id": "refused", "payload": ""})
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert response.get_json()["type"] == "urn:workerpool:problem:queue-full"
+        assert harness.pool.get("refused") is None
+    finally:
+        gate.open()
+        harness.drain()
+    assert harness.pool.get("waiting").state is State.DONE
+
+
+def test_enqueue_after_shutdown_began_is_503(harness):
+    harness.drain()
+    response = enqueue(harness.client, {"id": "late", "payload": ""})
+    assert response.status_code == 503
+    assert "Retry-After" not in response.headers
+    assert response.get_json()["type"] == "urn:workerpool:problem:shutting-down"
+
+
+# -- GET /tasks/<id> -------------------------------------------------------------
+
+
+def test_a_task_reports_its_progress():
+    harness = make_harness(failing, clock=lambda: EPOCH)
+    assert enqueue(harness.client, {"id": "a", "payload": "", "max_retries": 1}).status_code == 202
+    harness.drain()
+    response = harness.client.get("/tasks/a")
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "id": "a",
+        "state": "failed",
+        "attempts": 2,
+        "max_retries": 1,
+        "last_error": "RuntimeError: boom",
+        "created_at": "2027-01-15T08:00:00.125Z",
+        "started_at": "2027-01-15T08:00:00.125Z",
+        "finished_at": "2027-01-15T08:00:00.125Z",
+        "next_attempt_at": None,
+    }
+
+
+def test_a_queued_task_has_null_times(gate):
+    harness = make_harness(gate, workers=1)
+    try:
+        enqueue(harness.client, {"id": "first", "payload": ""})
+        gate.wait_started()
+        enqueue(harness.client, {"id": "second", "payload": ""})
+        first = harness.client.get("/tasks/first").get_json()
+        second = harness.client.get("/tasks/second").get_json()
+    finally:
+        gate.open()
+        harness.drain()
+    assert (first["state"], first["attempts"]) == ("running", 1)
+    assert first["started_at"] is not None
+    assert first["finished_at"] is None
+    assert (second["state"], second["attempts"], second["started_at"]) == ("queued", 0, None)
+
+
+def test_a_permanent_failure_reports_its_error():
+    harness = make_harness(failing_permanently)
+    enqueue(harness.client, {"id": "a", "payload": "", "max_retries": 5})
+    harness.drain()
+    task = harness.client.get("/tasks/a").get_json()
+    assert (task["state"], task["attempts"], task["last_error"]) == ("failed", 1, "PermanentFailure: bad payload")
+
+
+def test_an_unknown_task_is_404(client):
+    response = client.get("/tasks/nope")
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:task-not-found"
+    assert "'nope'" in problem["detail"]
+
+
+def test_an_evicted_task_is_404():
+    harness = make_harness(instant, state_max_tasks=1)
+    for task_id in ("old", "new"):
+        enqueue(harness.client, {"id": task_id, "payload": ""})
+    harness.drain()
+    assert harness.client.get("/tasks/old").status_code == 404
+    assert harness.client.get("/tasks/new").status_code == 200
+
+
+# -- GET /tasks ------------------------------------------------------------------
+
+
+@pytest.fixture
+def finished_harness():
+    """Tasks t0..t5: even ones done, odd ones failed."""
+
+    def handler(task, cancel):
+        if int(task.id[1:]) % 2:
+            raise RuntimeError("odd")
+
+    harness = make_harness(handler, queue_size=10)
+    for n in range(6):
+        assert enqueue(harness.client, {"id": f"t{n}", "payload": "", "max_retries": 0}).status_code == 202
+    harness.drain()
+    return harness
+
+
+@pytest.mark.parametrize(
+    ("query", "ids"),
+    [
+        ("", ["t5", "t4", "t3", "t2", "t1", "t0"]),
+        ("?limit=2", ["t5", "t4"]),
+        ("?state=done", ["t4", "t2", "t0"]),
+        ("?state=failed&limit=1", ["t5"]),
+        ("?state=queued", []),
+        ("?state=running", []),
+        ("?limit=1000", ["t5", "t4", "t3", "t2", "t1", "t0"]),
+    ],
+)
+def test_list_tasks_newest_first(finished_harness, query, ids):
+    response = finished_harness.client.get(f"/tasks{query}")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert [task["id"] for task in body["tasks"]] == ids
+    assert body["count"] == len(ids)
+    assert all(set(task) == TASK_FIELDS for task in body["tasks"])
+
+
+def test_list_tasks_defaults_to_100():
+    harness = make_harness(instant, queue_size=200)
+    for n in range(101):
+        enqueue(harness.client, {"id": str(n), "payload": ""})
+    harness.drain()
+    body = harness.client.get("/tasks").get_json()
+    assert (body["count"], body["limit"], body["tasks"][0]["id"]) == (100, 100, "100")
+
+
+@pytest.mark.parametrize(
+    ("query", "errors"),
+    [
+        ("?state=bogus", [("state", "must be one of queued, running, done, failed")]),
+        ("?state=", [("state", "must be one of queued, running, done, failed")]),
+        ("?state=DONE", [("state", "must be one of queued, running, done, failed")]),
+        ("?limit=0", [("limit", "must be an integer from 1 to 1000")]),
+        ("?limit=1001", [("limit", "must be an integer from 1 to 1000")]),
+        ("?limit=-1", [("limit", "must be an integer from 1 to 1000")]),
+        ("?limit=1.5", [("limit", "must be an integer from 1 to 1000")]),
+        ("?limit=ten", [("limit", "must be an integer from 1 to 1000")]),
+        ("?limit=", [("limit", "must be an integer from 1 to 1000")]),
+        ("?limit=%D9%A3", [("limit", "must be an integer from 1 to 1000")]),  # Arabic-Indic digit three
+        ("?status=done", [("status", "is not a known parameter")]),
+        ("?state=done&state=failed", [("state", "must be given at most once")]),
+        (
+            "?state=x&limit=0&page=2",
+            [
+                ("page", "is not a known parameter"),
+                ("state", "must be one of queued, running, done, failed"),
+                ("limit", "must be an integer from 1 to 1000"),
+            ],
+        ),
+    ],
+)
+def test_list_tasks_refuses_bad_parameters(client, query, errors):
+    response = client.get(f"/tasks{query}")
+    assert response.status_code == 400
+    assert response.mimetype == "application/problem+json"
+    assert [(e["field"], e["message"]) for e in response.get_json()["errors"]] == errors
+
+
+# -- GET /healthz, /health -------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/health"])
+def test_health_reports_the_pool(gate, path):
+    harness = make_harness(gate, workers=1, queue_size=3)
+    try:
+        enqueue(harness.client, {"id": "a", "payload": ""})
+        gate.wait_started()
+        enqueue(harness.client, {"id": "b", "payload": ""})
+        response = harness.client.get(path)
+    finally:
+        gate.open()
+        harness.drain()
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "status": "ok",
+        "workers": 1,
+        "queue_capacity": 3,
+        "queue_depth": 1,
+        "retries_pending": 0,
+        "tasks": {"queued": 1, "running": 1, "done": 0, "failed": 0},
+    }
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/health"])
+def test_health_is_503_once_shutdown_began(harness, path):
+    enqueue(harness.client, {"id": "a", "payload": ""})
+    harness.drain()
+    response = harness.client.get(path)
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "draining"
+    assert body["tasks"]["done"] == 1
+
+
+def test_health_answers_head(client):
+    response = client.head("/healthz")
+    assert response.status_code == 200
+    assert response.data == b""

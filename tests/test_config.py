@@ -1,0 +1,228 @@
+"""Settings from the environment and .env: every variable, every kind of bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import FrozenInstanceError, fields
+
+import pytest
+from dotenv import dotenv_values
+from http_fixtures import PROJECT_ROOT, clean_environment
+
+import config
+from config import DOTENV_PATH, VARIABLES, Config, ConfigError, from_env
+
+
+@pytest.fixture(autouse=True)
+def no_service_variables(monkeypatch):
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults():
+    assert from_env({}) == Config()
+    assert Config() == Config(
+        workers=4,
+        queue_size=64,
+        host="127.0.0.1",
+        port=8080,
+        work_min_ms=100,
+        work_max_ms=500,
+        failure_rate=0.2,
+        backoff_base_ms=100,
+        backoff_cap_ms=10_000,
+        default_max_retries=3,
+        max_retries_limit=20,
+        max_body_bytes=65_536,
+        state_ttl_s=3600.0,
+        state_max_tasks=100_000,
+        shutdown_timeout_s=20.0,
+        log_level="INFO",
+    )
+
+
+def test_config_is_frozen():
+    with pytest.raises(FrozenInstanceError):
+        Config().workers = 2  # type: ignore[misc]
+
+
+def test_every_field_has_a_variable():
+    assert {name.lower() for name in VARIABLES} == {f.name for f in fields(Config)}
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "field", "value"),
+    [
+        ("WORKERS", "1", "workers", 1),
+        ("WORKERS", "256", "workers", 256),
+        ("WORKERS", " 8 ", "workers", 8),
+        ("QUEUE_SIZE", "1", "queue_size", 1),
+        ("QUEUE_SIZE", "1000000", "queue_size", 1_000_000),
+        ("HOST", "0.0.0.0", "host", "0.0.0.0"),
+        ("HOST", "::1", "host", "::1"),
+        ("HOST", "localhost", "host", "localhost"),
+        ("PORT", "0", "port", 0),
+        ("PORT", "65535", "port", 65_535),
+        ("WORK_MIN_MS", "0", "work_min_ms", 0),
+        ("WORK_MAX_MS", "100", "work_max_ms", 100),  # equal to the default minimum
+        ("WORK_MAX_MS", "86400000", "work_max_ms", 86_400_000),
+        ("FAILURE_RATE", "0", "failure_rate", 0.0),
+        ("FAILURE_RATE", "1", "failure_rate", 1.0),
+        ("FAILURE_RATE", "0.35", "failure_rate", 0.35),
+        ("BACKOFF_BASE_MS", "0", "backoff_base_ms", 0),
+        ("BACKOFF_CAP_MS", "100", "backoff_cap_ms", 100),
+        ("DEFAULT_MAX_RETRIES", "0", "default_max_retries", 0),
+        ("DEFAULT_MAX_RETRIES", "20", "default_max_retries", 20),
+        ("MAX_RETRIES_LIMIT", "1000", "max_retries_limit", 1000),
+        ("MAX_BODY_BYTES", "64", "max_body_bytes", 64),
+        ("MAX_BODY_BYTES", "16777216", "max_body_bytes", 16_777_216),
+        ("STATE_TTL_S", "0.5", "state_ttl_s", 0.5),
+        ("STATE_TTL_S", "86400", "state_ttl_s", 86_400.0),
+        ("STATE_MAX_TASKS", "1", "state_max_tasks", 1),
+        ("SHUTDOWN_TIMEOUT_S", "0", "shutdown_timeout_s", 0.0),
+        ("SHUTDOWN_TIMEOUT_S", "2.5", "shutdown_timeout_s", 2.5),
+        ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
+        ("LOG_LEVEL", "Critical", "log_level", "CRITICAL"),
+    ],
+)
+def test_each_variable_is_read(variable, text, field, value):
+    assert getattr(from_env({variable: text}), field) == value
+
+
+INTEGER = "must be an integer from"
+BAD_VALUES = [
+    ("WORKERS", "0", f"{INTEGER} 1 to 256"),
+    ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
+    ("WORKERS", "257", f"{INTEGER} 1 to 256"),
+    ("WORKERS", "four", f"{INTEGER} 1 to 256"),
+    ("WORKERS", "4.0", f"{INTEGER} 1 to 256"),
+    ("WORKERS", "1e3", f"{INTEGER} 1 to 256"),
+    ("WORKERS", "", f"{INTEGER} 1 to 256"),
+    ("WORKERS", "1_0", f"{INTEGER} 1 to 256"),
+    ("QUEUE_SIZE", "0", f"{INTEGER} 1 to 1000000"),
+    ("QUEUE_SIZE", "-5", f"{INTEGER} 1 to 1000000"),
+    ("QUEUE_SIZE", "big", f"{INTEGER} 1 to 1000000"),
+    ("HOST", "", "must be a host name or IP address"),
+    ("HOST", "local host", "must be a host name or IP address"),
+    ("PORT", "65536", f"{INTEGER} 0 to 65535"),
+    ("PORT", "-1", f"{INTEGER} 0 to 65535"),
+    ("PORT", "http", f"{INTEGER} 0 to 65535"),
+    ("WORK_MIN_MS", "-1", f"{INTEGER} 0 to 86400000"),
+    ("WORK_MIN_MS", "0.5", f"{INTEGER} 0 to 86400000"),
+    ("WORK_MAX_MS", "-1", f"{INTEGER} 0 to 86400000"),
+    ("WORK_MAX_MS", "ten", f"{INTEGER} 0 to 86400000"),
+    ("FAILURE_RATE", "1.5", "must be a number at least 0 and at most 1"),
+    ("FAILURE_RATE", "-0.1", "must be a number at least 0 and at most 1"),
+    ("FAILURE_RATE", "20%", "must be a number at least 0 and at most 1"),
+    ("FAILURE_RATE", "nan", "must be a number at least 0 and at most 1"),
+    ("FAILURE_RATE", "", "must be a number at least 0 and at most 1"),
+    ("BACKOFF_BASE_MS", "-1", f"{INTEGER} 0 to 86400000"),
+    ("BACKOFF_BASE_MS", "0.1", f"{INTEGER} 0 to 86400000"),
+    ("BACKOFF_CAP_MS", "-1", f"{INTEGER} 0 to 86400000"),
+    ("BACKOFF_CAP_MS", "10s", f"{INTEGER} 0 to 86400000"),
+    ("DEFAULT_MAX_RETRIES", "-1", f"{INTEGER} 0 to 1000"),
+    ("DEFAULT_MAX_RETRIES", "three", f"{INTEGER} 0 to 1000"),
+    ("MAX_RETRIES_LIMIT", "-1", f"{INTEGER} 0 to 1000"),
+    ("MAX_RETRIES_LIMIT", "1001", f"{INTEGER} 0 to 1000"),
+    ("MAX_BODY_BYTES", "0", f"{INTEGER} 64 to 16777216"),
+    ("MAX_BODY_BYTES", "63", f"{INTEGER} 64 to 16777216"),
+    ("MAX_BODY_BYTES", "64k", f"{INTEGER} 64 to 16777216"),
+    ("MAX_BODY_BYTES", "16777217", f"{INTEGER} 64 to 16777216"),
+    ("STATE_TTL_S", "0", "must be a number greater than 0 and at most 3.1536e+07"),
+    ("STATE_TTL_S", "-1", "must be a number greater than 0 and at most 3.1536e+07"),
+    ("STATE_TTL_S", "inf", "must be a number greater than 0 and at most 3.1536e+07"),
+    ("STATE_TTL_S", "1h", "must be a number greater than 0 and at most 3.1536e+07"),
+    ("STATE_MAX_TASKS", "0", f"{INTEGER} 1 to 100000000"),
+    ("STATE_MAX_TASKS", "lots", f"{INTEGER} 1 to 100000000"),
+    ("SHUTDOWN_TIMEOUT_S", "-1", "must be a number at least 0 and at most 86400"),
+    ("SHUTDOWN_TIMEOUT_S", "forever", "must be a number at least 0 and at most 86400"),
+    ("LOG_LEVEL", "VERBOSE", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("LOG_LEVEL", "", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+]
+
+
+@pytest.mark.parametrize(("variable", "text", "reason"), BAD_VALUES)
+def test_a_bad_value_names_the_variable_and_the_value(variable, text, reason):
+    with pytest.raises(ConfigError) as caught:
+        from_env({variable: text})
+    assert str(caught.value) == f"{variable}={text!r} is invalid: {reason}"
+
+
+def test_every_variable_has_a_bad_value_case():
+    assert {variable for variable, _, _ in BAD_VALUES} == set(VARIABLES)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"WORK_MIN_MS": "600"}, "WORK_MIN_MS=600 is invalid: must not exceed WORK_MAX_MS=500"),
+        ({"WORK_MIN_MS": "50", "WORK_MAX_MS": "40"}, "WORK_MIN_MS=50 is invalid: must not exceed WORK_MAX_MS=40"),
+        ({"BACKOFF_BASE_MS": "20000"}, "BACKOFF_BASE_MS=20000 is invalid: must not exceed BACKOFF_CAP_MS=10000"),
+        ({"BACKOFF_CAP_MS": "50"}, "BACKOFF_BASE_MS=100 is invalid: must not exceed BACKOFF_CAP_MS=50"),
+        ({"DEFAULT_MAX_RETRIES": "21"}, "DEFAULT_MAX_RETRIES=21 is invalid: must not exceed MAX_RETRIES_LIMIT=20"),
+        ({"MAX_RETRIES_LIMIT": "2"}, "DEFAULT_MAX_RETRIES=3 is invalid: must not exceed MAX_RETRIES_LIMIT=2"),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(environ, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        from_env(environ)
+
+
+def test_unrelated_variables_are_ignored():
+    assert from_env({"PATH": "/bin", "workers": "0", "WORKERS_X": "zero"}) == Config()
+
+
+# -- .env and the real environment ---------------------------------------------
+
+
+def test_the_project_env_file_documents_every_variable_at_its_default():
+    values = dotenv_values(DOTENV_PATH)
+    assert set(values) == set(VARIABLES)
+    assert from_env(values) == Config()
+
+
+def test_dotenv_fills_in_and_the_real_environment_wins(tmp_path, monkeypatch):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WORKERS=7\nQUEUE_SIZE=9\n# a comment\nLOG_LEVEL=debug\n")
+    monkeypatch.setenv("QUEUE_SIZE", "11")
+    loaded = config.load(dotenv)
+    assert (loaded.workers, loaded.queue_size, loaded.log_level) == (7, 11, "DEBUG")
+
+
+def test_a_missing_dotenv_file_means_defaults(tmp_path):
+    assert config.load(tmp_path / "absent.env") == Config()
+
+
+def test_load_reads_the_project_env_file_by_default(monkeypatch):
+    monkeypatch.setenv("PORT", "9999")
+    assert config.load() == Config(port=9999)
+
+
+def test_load_exits_2_with_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORKERS", "-1")
+    with pytest.raises(SystemExit) as caught:
+        config.load(None)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == "configuration error: WORKERS='-1' is invalid: must be an integer from 1 to 256\n"
+
+
+@pytest.mark.parametrize(
+    ("variable", "text"),
+    [("WORKERS", "0"), ("QUEUE_SIZE", "0"), ("FAILURE_RATE", "1.5"), ("PORT", "eighty")],
+)
+def test_a_bad_value_stops_a_process_at_start_up(tmp_path, variable, text):
+    result = subprocess.run(
+        [sys.executable, "-c", "import config; config.load(); print('started')"],
+        cwd=tmp_path,  # the project .env is found from config.py, not from the working directory
+        env=clean_environment(**{variable: text}, PYTHONPATH=str(PROJECT_ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"configuration error: {variable}={text!r} is invalid: ")

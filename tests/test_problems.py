@@ -1,0 +1,87 @@
+"""Every error is an RFC 9457 problem document, never HTML, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from http_fixtures import make_harness
+
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+
+
+@pytest.fixture
+def harness():
+    harness = make_harness()
+
+    @harness.app.get("/boom")
+    def boom():
+        raise RuntimeError("secret database password in the message")
+
+    yield harness
+    harness.pool.shutdown(5)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/", 404, None),
+        ("GET", "/nope", 404, None),
+        ("POST", "/tasks", 405, "GET, HEAD, OPTIONS"),
+        ("GET", "/enqueue", 405, "OPTIONS, POST"),
+        ("PUT", "/enqueue", 405, "OPTIONS, POST"),
+        ("DELETE", "/tasks/a", 405, "GET, HEAD, OPTIONS"),
+        ("POST", "/healthz", 405, "GET, HEAD, OPTIONS"),
+        ("POST", "/health", 405, "GET, HEAD, OPTIONS"),
+        ("POST", "/metrics", 405, "GET, HEAD, OPTIONS"),
+        ("GET", "/tasks/", 404, None),
+    ],
+)
+def test_routing_errors_are_problems(harness, method, path, status, allow):
+    response = harness.client.open(path, method=method)
+    assert response.status_code == status
+    assert response.mimetype == "application/problem+json"
+    problem = response.get_json()
+    assert set(problem) == PROBLEM_KEYS
+    assert problem["status"] == status
+    assert problem["type"] == "about:blank"
+    assert b"<" not in response.data  # no HTML
+    if allow is None:
+        assert "Allow" not in response.headers
+    else:
+        assert set(response.headers["Allow"].split(", ")) == set(allow.split(", "))
+
+
+def test_an_unexpected_error_is_a_generic_500_and_logged(harness, caplog):
+    with caplog.at_level(logging.ERROR, logger="service.problems"):
+        response = harness.client.get("/boom")
+    assert response.status_code == 500
+    assert response.mimetype == "application/problem+json"
+    assert response.get_json() == {
+        "type": "about:blank",
+        "title": "Internal Server Error",
+        "status": 500,
+        "detail": "the server could not handle the request; the error has been logged",
+    }
+    assert b"secret" not in response.data
+    assert b"Traceback" not in response.data
+    [record] = caplog.records
+    assert record.getMessage() == "unhandled error on GET /boom"
+    assert record.exc_info[0] is RuntimeError
+
+
+def test_an_engine_bug_during_submit_is_a_500(harness, monkeypatch, caplog):
+    def broken_submit(*args, **kwargs):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(harness.pool, "submit", broken_submit)
+    with caplog.at_level(logging.ERROR, logger="service.problems"):
+        response = harness.client.post("/enqueue", json={"id": "a", "payload": ""})
+    assert response.status_code == 500
+    assert b"internal" not in response.data
+    assert len(caplog.records) == 1
+
+
+def test_problem_fields_keep_rfc_order(harness):
+    response = harness.client.post("/enqueue", data="{}")
+    assert list(response.get_json()) == ["type", "title", "status", "detail", "errors"]

@@ -1,0 +1,81 @@
+"""Request parsing and task serialisation, without HTTP."""
+
+from __future__ import annotations
+
+import pytest
+from werkzeug.datastructures import MultiDict
+
+from service.problems import Problem
+from service.schema import EnqueueRequest, ListQuery, parse_enqueue, parse_list_query, rfc3339, task_to_json
+from workerpool import State, Task
+
+
+def parse(body: bytes) -> EnqueueRequest:
+    return parse_enqueue(body, default_max_retries=3, max_retries_limit=20)
+
+
+def test_a_valid_body_becomes_a_frozen_request():
+    request = parse(b'{"id": "a", "payload": "p", "max_retries": 20}')
+    assert request == EnqueueRequest(id="a", payload="p", max_retries=20)
+    with pytest.raises(AttributeError):
+        request.id = "b"  # type: ignore[misc]
+
+
+def test_an_omitted_max_retries_takes_the_default():
+    assert parse(b'{"payload": "", "id": "a"}').max_retries == 3
+
+
+def test_the_body_may_be_utf16():
+    assert parse('{"id": "ü", "payload": ""}'.encode("utf-16")).id == "ü"
+
+
+def test_a_refusal_is_a_400_problem_with_field_errors():
+    with pytest.raises(Problem) as caught:
+        parse(b'{"id": "", "payload": 1, "max_retries": 21}')
+    assert caught.value.status == 400
+    assert [(e.field, e.message) for e in caught.value.errors] == [
+        ("id", "must be 1 to 256 characters long"),
+        ("payload", "must be a string, not a number"),
+        ("max_retries", "must be between 0 and 20"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "query"),
+    [
+        ({}, ListQuery(None, 100)),
+        ({"state": "running"}, ListQuery(State.RUNNING, 100)),
+        ({"limit": "1"}, ListQuery(None, 1)),
+        ({"limit": "1000", "state": "failed"}, ListQuery(State.FAILED, 1000)),
+    ],
+)
+def test_list_query(args, query):
+    assert parse_list_query(MultiDict(args)) == query
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "text"),
+    [
+        (None, None),
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1_800_000_000.125, "2027-01-15T08:00:00.125Z"),
+        (1_800_000_000.9999, "2027-01-15T08:00:00.999Z"),  # truncated, never rounded into the next second
+    ],
+)
+def test_times_are_rfc3339_utc_with_milliseconds(timestamp, text):
+    assert rfc3339(timestamp) == text
+
+
+def test_task_json_leaves_out_the_payload():
+    task = Task("a", "secret payload", 2, State.QUEUED, 1, "RuntimeError: x", 0.0, 1.0, None, 2.5)
+    assert task_to_json(task) == {
+        "id": "a",
+        "state": "queued",
+        "attempts": 1,
+        "max_retries": 2,
+        "last_error": "RuntimeError: x",
+        "created_at": "1970-01-01T00:00:00.000Z",
+        "started_at": "1970-01-01T00:00:01.000Z",
+        "finished_at": None,
+        "next_attempt_at": "1970-01-01T00:00:02.500Z",
+    }
