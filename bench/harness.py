@@ -1,0 +1,120 @@
+"""What every figure shares: the run's settings, progress on stderr, the commands it ran, wrk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .server import ROOT
+
+LUA = "bench/enqueue.lua"
+
+
+@dataclass
+class Run:
+    """Settings of one bench run and what it collected for the report."""
+
+    rounds: int = 5
+    wrk_seconds: int = 5
+    wrk_threads: int = 2
+    wrk_connections: int = 16
+    quick: bool = False
+    commands: list[str] = field(default_factory=list)
+    sections: dict[str, str] = field(default_factory=dict)  # figure title -> markdown
+    summary: list[tuple[str, str, str, str]] = field(default_factory=list)  # figure, value, target, verdict
+    started: float = field(default_factory=time.monotonic)
+
+    def progress(self, message: str) -> None:
+        print(f"[bench {time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def record(self, command: str) -> None:
+        if command not in self.commands:
+            self.commands.append(command)
+
+    def order(self, round_no: int, a: str, b: str) -> tuple[str, str]:
+        """A B, then B A: alternating rounds cancel a linear drift of the machine."""
+        return (a, b) if round_no % 2 == 0 else (b, a)
+
+    def wrk(self, url: str, path: str, *, seconds: int | None = None, payload_bytes: int = 64) -> dict:
+        """One wrk run posting unique task ids to ``path``; returns the script's JSON summary."""
+        seconds = seconds or self.wrk_seconds
+        args = [
+            "wrk",
+            f"-t{self.wrk_threads}",
+            f"-c{self.wrk_connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            LUA,
+            url,
+            "--",
+            path,
+        ]
+        template = " ".join(args).replace(url, "http://127.0.0.1:$PORT") + " <run-id>"
+        self.record(template + (f" {payload_bytes}" if payload_bytes != 64 else ""))
+        run_id = uuid.uuid4().hex[:12]
+        out = subprocess.run(
+            [*args, run_id, str(payload_bytes)], cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60
+        )
+        for line in out.stdout.splitlines():
+            if line.startswith("WRK_JSON "):
+                return json.loads(line.removeprefix("WRK_JSON "))
+        raise RuntimeError(f"wrk printed no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+
+# -- profiles --------------------------------------------------------------------------------
+
+
+def collapsed_self_time(path: Path, *, top: int = 12) -> list[tuple[str, float]]:
+    """Share of samples per innermost function from py-spy's raw (collapsed) output."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        frame = stack.rsplit(";", 1)[-1]
+        counts[_short(frame)] += int(n)
+        total += int(n)
+    return [(name, n / total) for name, n in counts.most_common(top)] if total else []
+
+
+def collapsed_inclusive(path: Path, names: dict[str, str]) -> list[tuple[str, float]]:
+    """Share of samples whose stack contains each function; ``names`` maps label -> substring."""
+    hits: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        total += int(n)
+        for label, needle in names.items():
+            if needle in stack:
+                hits[label] += int(n)
+    return [(label, hits[label] / total if total else 0.0) for label in names]
+
+
+def _short(frame: str) -> str:
+    # "Thread.run (threading.py:982)" or "f (/abs/path/mod.py:12)" -> "f (mod.py:12)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    file, _, line = where.rpartition(":")
+    parts = Path(file).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else file
+    return f"{name} ({short}:{line})" if file else name
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
