@@ -1,0 +1,92 @@
+"""The app factory and the `python app.py` entry point."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from http_fixtures import ServerProcess, clean_environment, wait_until
+
+from app import build_pool, create_app, parse_args, pool_of
+from config import VARIABLES, Config
+from workerpool import State
+
+
+def pool_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("workerpool")}
+
+
+def test_create_app_builds_the_pool_from_the_config_without_starting_it():
+    before = pool_threads()
+    app = create_app(Config(workers=3, queue_size=5, max_body_bytes=4096))
+    stats = pool_of(app).stats()
+    assert (stats.workers, stats.queue_capacity, stats.accepting) == (3, 5, True)
+    assert app.config["MAX_CONTENT_LENGTH"] == 4096
+    assert pool_threads() == before  # started after fork, by a hook or the first submit
+
+
+def test_create_app_reads_the_environment_by_default(monkeypatch):
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORKERS", "2")
+    monkeypatch.setenv("MAX_BODY_BYTES", "2048")
+    app = create_app()
+    assert pool_of(app).workers == 2
+    assert app.config["MAX_CONTENT_LENGTH"] == 2048
+
+
+def test_build_pool_runs_simulated_work_with_the_configured_knobs():
+    config = Config(workers=2, work_min_ms=0, work_max_ms=0, failure_rate=1.0, backoff_base_ms=0, backoff_cap_ms=0)
+    pool = build_pool(config)
+    pool.submit("a", "", 2)
+    summary = pool.shutdown(10)
+    assert summary.counts[State.FAILED] == 1
+    task = pool.get("a")
+    assert task.attempts == 3
+    assert task.last_error.startswith("SimulatedFailure: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "host", "port"),
+    [([], None, None), (["--port", "9000"], None, 9000), (["--host", "0.0.0.0", "--port", "0"], "0.0.0.0", 0)],
+)
+def test_command_line(argv, host, port):
+    args = parse_args(argv)
+    assert (args.host, args.port) == (host, port)
+
+
+@pytest.mark.parametrize("port", ["http", "-1", "65536", "80.5"])
+def test_a_bad_port_flag_exits_2(port, capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_args(["--port", port])
+    assert caught.value.code == 2
+    assert f"invalid port {port!r}" in capsys.readouterr().err
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@pytest.mark.e2e
+def test_the_development_server_serves_and_stops_on_sigterm(tmp_path):
+    # The flags beat PORT from the environment, which beats .env.
+    env = clean_environment(PORT="1", WORK_MIN_MS="1", WORK_MAX_MS="2", FAILURE_RATE="0", SHUTDOWN_TIMEOUT_S="5")
+    server = ServerProcess(["app.py", "--host", "127.0.0.1", "--port", "0"], log_path=tmp_path / "dev.log", env=env)
+    try:
+        port = server.wait_for_port(r"Running on http://127\.0\.0\.1:(\d+)")
+        base = f"http://127.0.0.1:{port}"
+        request = urllib.request.Request(f"{base}/enqueue", data=b'{"id": "a", "payload": "p"}', method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 202
+        wait_until(lambda: get_json(f"{base}/tasks/a")[1]["state"] == "done", timeout=10, what="task a")
+        assert get_json(f"{base}/healthz") == (200, get_json(f"{base}/health")[1])
+        assert server.terminate(timeout=15) == 0
+    finally:
+        server.stop()

@@ -1,0 +1,177 @@
+"""gunicorn.conf.py: the settings it pins, and the real server end to end."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import runpy
+import subprocess
+import sys
+
+import pytest
+from http_fixtures import PROJECT_ROOT, ServerProcess, clean_environment, wait_until
+
+from config import VARIABLES
+
+CONF = str(PROJECT_ROOT / "gunicorn.conf.py")
+LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"
+
+
+def load_conf(monkeypatch, **env: str) -> dict:
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(CONF)
+
+
+def test_one_threaded_worker_without_preload_or_recycling(monkeypatch):
+    conf = load_conf(monkeypatch)
+    assert conf["workers"] == 1
+    assert conf["worker_class"] == "gthread"
+    assert conf["threads"] == 8
+    assert conf["preload_app"] is False
+    assert conf["max_requests"] == 0
+    assert conf["control_socket_disable"] is True
+    assert (conf["accesslog"], conf["errorlog"]) == ("-", "-")
+    assert conf["wsgi_app"] == "app:create_app()"
+    assert callable(conf["post_worker_init"])
+    assert callable(conf["worker_exit"])
+
+
+@pytest.mark.parametrize(
+    ("env", "bind"),
+    [
+        ({}, ["127.0.0.1:8080"]),
+        ({"HOST": "0.0.0.0", "PORT": "9000"}, ["0.0.0.0:9000"]),
+        ({"HOST": "::"}, ["[::]:8080"]),
+    ],
+)
+def test_bind_comes_from_host_and_port(monkeypatch, env, bind):
+    assert load_conf(monkeypatch, **env)["bind"] == bind
+
+
+@pytest.mark.parametrize(("shutdown", "graceful"), [("20", 25), ("0", 5), ("2.5", 8)])
+def test_graceful_timeout_leaves_a_margin_after_the_drain(monkeypatch, shutdown, graceful):
+    conf = load_conf(monkeypatch, SHUTDOWN_TIMEOUT_S=shutdown, LOG_LEVEL="warning")
+    assert conf["graceful_timeout"] == graceful
+    assert conf["loglevel"] == "warning"
+
+
+def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", CONF, "-b", "127.0.0.1:0"],
+        cwd=tmp_path,
+        env=clean_environment(QUEUE_SIZE="0"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "configuration error: QUEUE_SIZE='0' is invalid: must be an integer from 1 to 1000000" in result.stderr
+
+
+# -- the real server -------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, path: str, body: bytes | None = None, **kwargs) -> tuple[int, dict, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(method, path, body=body, **kwargs)
+            response = connection.getresponse()
+            text = response.read().decode()
+            return response.status, dict(response.getheaders()), text
+        finally:
+            connection.close()
+
+    def json(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+        status, _, text = self.request(method, path, body)
+        return status, json.loads(text)
+
+
+def start_gunicorn(tmp_path, **env: str) -> ServerProcess:
+    return ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(**env),
+    )
+
+
+@pytest.mark.e2e
+def test_gunicorn_serves_tasks_to_their_final_states(tmp_path):
+    server = start_gunicorn(
+        tmp_path,
+        WORK_MIN_MS="1",
+        WORK_MAX_MS="5",
+        FAILURE_RATE="0.5",
+        BACKOFF_BASE_MS="1",
+        BACKOFF_CAP_MS="5",
+        MAX_BODY_BYTES="1024",
+        SHUTDOWN_TIMEOUT_S="5",
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        ids = [f"task-{n}" for n in range(20)]
+        for task_id in ids:
+            # Sent like `curl -d`: a form Content-Type, parsed as JSON all the same.
+            status, headers, _ = client.request(
+                "POST",
+                "/enqueue",
+                json.dumps({"id": task_id, "payload": "p", "max_retries": 3}).encode(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            assert (status, headers["Location"]) == (202, f"/tasks/{task_id}")
+
+        def all_final() -> bool:
+            states = [client.json("GET", f"/tasks/{task_id}")[1]["state"] for task_id in ids]
+            return all(state in ("done", "failed") for state in states)
+
+        wait_until(all_final, timeout=20, what="every task to finish")
+        status, listing = client.json("GET", "/tasks?limit=1000")
+        assert status == 200
+        assert sorted(task["id"] for task in listing["tasks"]) == sorted(ids)
+        assert client.json("POST", "/enqueue", b'{"id": "task-0", "payload": ""}')[0] == 409
+        assert client.json("GET", "/tasks/missing")[0] == 404
+
+        # A chunked body over the limit is refused, not truncated.
+        chunks = iter([b'{"id": "big", "payload": "', b"x" * 2000, b'"}'])
+        status, headers, _ = client.request("POST", "/enqueue", chunks, encode_chunked=True)
+        assert (status, headers["Content-Type"]) == (413, "application/problem+json")
+        assert client.json("GET", "/tasks/big")[0] == 404
+
+        status, _, metrics = client.request("GET", "/metrics")
+        assert status == 200
+        assert "workerpool_submissions_accepted_total 20.0" in metrics
+
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert "Booting worker" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.e2e
+def test_sigterm_drains_tasks_still_queued(tmp_path):
+    server = start_gunicorn(
+        tmp_path, WORKERS="2", WORK_MIN_MS="200", WORK_MAX_MS="200", FAILURE_RATE="0", SHUTDOWN_TIMEOUT_S="10"
+    )
+    ids = [f"slow-{n}" for n in range(6)]
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        for task_id in ids:
+            assert client.request("POST", "/enqueue", json.dumps({"id": task_id, "payload": ""}).encode())[0] == 202
+        # 6 tasks of 200 ms on 2 threads: most are still queued or running now.
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    for task_id in ids:
+        assert f"task {task_id} done" in log
+    assert "abandoned at shutdown" not in log
