@@ -226,3 +226,9 @@ def test_a_bad_value_stops_a_process_at_start_up(tmp_path, variable, text):
     lines = result.stderr.splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"configuration error: {variable}={text!r} is invalid: ")
+
+
+def test_the_readme_documents_every_variable():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    for name in VARIABLES:
+        assert f"| `{name}` |" in readme, name

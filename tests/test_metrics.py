@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import pytest
-from http_fixtures import TEST_CONFIG, Gate, make_harness
+from http_fixtures import PROJECT_ROOT, TEST_CONFIG, Gate, make_harness
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app, pool_of
 from config import Config
 from workerpool import State
 
+COUNTERS = {"workerpool_submissions_accepted", "workerpool_submissions_rejected", "workerpool_attempts"}
 
-def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+
+def scrape_text(client) -> str:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.mimetype == "text/plain"
+    return response.get_data(as_text=True)
+
+
+def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.get_data(as_text=True))
+        for family in text_string_to_metric_families(scrape_text(client))
         for sample in family.samples
     }
 
@@ -123,3 +129,11 @@ def test_openmetrics_is_served_on_request():
     response = harness.client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert response.mimetype == "application/openmetrics-text"
     assert response.get_data(as_text=True).endswith("# EOF\n")
+
+
+def test_the_readme_documents_every_metric():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    families = {family.name for family in text_string_to_metric_families(scrape_text(make_harness().client))}
+    for name in families - {f"{counter}_created" for counter in COUNTERS}:  # the client's own series
+        documented = name + "_total" if name in COUNTERS else name
+        assert f"`{documented}`" in readme, name
