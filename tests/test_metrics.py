@@ -134,6 +134,6 @@ def test_openmetrics_is_served_on_request():
 def test_the_readme_documents_every_metric():
     readme = (PROJECT_ROOT / "README.md").read_text()
     families = {family.name for family in text_string_to_metric_families(scrape_text(make_harness().client))}
-    for name in families - {f"{counter}_created" for counter in COUNTERS}:  # the client's own series
+    for name in {name for name in families if not name.endswith("_created")}:  # the client's own series
         documented = name + "_total" if name in COUNTERS else name
         assert f"`{documented}`" in readme, name
