@@ -1,11 +1,11 @@
-# `make run` starts the service under gunicorn; `make test` runs the tests.
+# `make run` starts the service under gunicorn; `make test` runs the tests; `make bench` benchmarks it.
 # Both create .venv on first use and reinstall only when a requirements file changes.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test lint clean
+.PHONY: run dev test lint bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py
@@ -19,6 +19,11 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
+# Installs wrk (Debian package) when missing; writes bench/RESULTS.md.
+bench: $(VENV)/.installed-bench
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
@@ -31,4 +36,8 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 
 $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-bench: requirements.txt bench/requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r bench/requirements.txt
 	touch $@ $(VENV)/.installed

@@ -1,0 +1,70 @@
+"""The benchmark harness runs and writes its tables (tiny sizes; timings are not checked here)."""
+
+from __future__ import annotations
+
+from bench import efficiency
+from bench.run import main
+from bench.wsgi import build_planned_pool
+from workerpool import State
+
+TINY = efficiency.Batch(tasks=12, min_ms=1, max_ms=2, failure_rate=0.5, backoff_base_ms=2, backoff_cap_ms=10)
+
+
+def test_in_process_figures_write_their_tables(tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+
+    assert main(["--quick", "--rounds", "1", "--only", "3,4a", "--out", str(out)]) == 0
+
+    text = out.read_text()
+    for heading in (
+        "# Benchmark results",
+        "## Summary",
+        "## 3. Engine throughput",
+        "## 4a. Bytes per retained task",
+        "## Commands",
+    ):
+        assert heading in text
+    assert "| 3. engine throughput, no-op, 4 workers |" in text
+    assert "| 4. bytes per retained finished task |" in text
+    assert "tasks/s" in capsys.readouterr().out
+
+
+def test_planned_tasks_do_what_the_plan_says_in_both_designs():
+    expected = efficiency.plan(TINY, seed=7)
+    assert expected.failed  # the tiny batch exercises the give-up path too
+    for design in (efficiency.RETRY_TIMER, efficiency.SLEEP_IN_WORKER):
+        pool = build_planned_pool(
+            design=design,
+            seed=7,
+            workers=2,
+            queue_size=TINY.tasks,
+            min_s=TINY.min_ms / 1000,
+            max_s=TINY.max_ms / 1000,
+            failure_rate=TINY.failure_rate,
+            backoff_base=TINY.backoff_base_ms / 1000,
+            backoff_cap=TINY.backoff_cap_ms / 1000,
+        )
+        for task_id in efficiency.task_ids(TINY, seed=7):
+            pool.submit(task_id, max_retries=TINY.max_retries)
+        summary = pool.shutdown(10)
+
+        assert summary is not None and not summary.abandoned
+        for task_id, attempts in expected.attempts.items():
+            task = pool.get(task_id)
+            assert task is not None
+            assert task.state is (State.FAILED if task_id in expected.failed else State.DONE)
+            if design == efficiency.RETRY_TIMER:
+                assert task.attempts == attempts
+
+
+def test_lower_bound_is_the_larger_of_spread_work_and_longest_chain():
+    plan = efficiency.Plan(work_s=8.0, longest_chain_s=3.0, attempts={}, failed=frozenset())
+    assert plan.lower_bound(4) == 3.0
+    assert efficiency.Plan(work_s=40.0, longest_chain_s=3.0, attempts={}, failed=frozenset()).lower_bound(4) == 10.0
+
+
+def test_no_simulated_scheduler_beats_the_lower_bound():
+    expected = efficiency.plan(efficiency.Batch(tasks=50), seed=3)
+    bound = expected.lower_bound(4)
+    for policy in efficiency.POLICIES:
+        assert expected.simulate(4, policy) >= bound - 1e-9
