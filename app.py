@@ -8,19 +8,18 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 
 from flask import Flask
+from werkzeug.serving import make_server
 
 from config import Config
 from config import load as load_config
-from service import problems
+from service import lifecycle, problems
 from service.api import bp as api_bp
 from service.context import EXTENSION, Services, services
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
-from workerpool import SimulatedWork, WorkerPool
-from workerpool.pool import AttemptListener
+from workerpool import AttemptListener, ShutdownSummary, SimulatedWork, WorkerPool
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -96,14 +95,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _stop_serving(signum: int, frame: FrameType | None) -> None:
-    # The development server's loop ends on KeyboardInterrupt; make SIGTERM
-    # behave like Ctrl-C so both drain the pool below.
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    """Serve on Flask's development server; drain the pool when stopped."""
+    """Serve on Werkzeug's threaded server; SIGINT/SIGTERM drain the pool, a second one stops waiting.
+
+    This path owns its process, so it installs its own signal handlers (under
+    gunicorn the worker's handlers start the drain instead). The server keeps
+    answering during the drain: new tasks get 503 and /healthz says "draining".
+    """
     args = parse_args(argv)
     config = load_config()
     config = dataclasses.replace(
@@ -114,19 +112,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(config.log_level)
     app = create_app(config)
     pool = pool_of(app)
+    server = make_server(config.host, config.port, app, threaded=True)
+
+    def drained(summary: ShutdownSummary) -> None:
+        log.info("%s", lifecycle.describe(summary))
+        server.shutdown()  # returns once serve_forever has stopped
+
+    controller = lifecycle.ShutdownController(pool, config.shutdown_timeout_s, on_drained=drained)
+    controller.start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: controller.request_stop(signum))
     pool.start()
-    signal.signal(signal.SIGTERM, _stop_serving)
-    try:
-        app.run(host=config.host, port=config.port, threaded=True, use_reloader=False, load_dotenv=False)
-    finally:
-        summary = pool.shutdown(config.shutdown_timeout_s)
-        if summary is not None:
-            log.info(
-                "stopped after a %.1f s drain: %s; %d abandoned",
-                summary.drain_seconds,
-                ", ".join(f"{count} {state}" for state, count in summary.counts.items()),
-                len(summary.abandoned),
-            )
+    log.info("Listening at: http://%s:%d", config.host, server.port)
+    server.serve_forever()
+    server.server_close()
+    controller.join()
 
 
 if __name__ == "__main__":

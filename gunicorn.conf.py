@@ -23,7 +23,9 @@ DRAIN_MARGIN_S = 5
 wsgi_app = "app:create_app()"
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
 workers = 1  # pinned: each worker process would have its own queue and task table
-worker_class = "gthread"
+# gthread, with stop-signal handlers that start the pool's drain at once
+# (see service/gunicorn_worker.py).
+worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
 max_requests = 0  # recycling the only worker would stall the service and cut a drain short
@@ -34,27 +36,30 @@ errorlog = "-"
 loglevel = _settings.log_level.lower()
 
 
+def _drain_timeout(worker) -> float:
+    # graceful_timeout may come from the command line; keep the margin before SIGKILL.
+    return max(0.0, min(_settings.shutdown_timeout_s, worker.cfg.graceful_timeout - DRAIN_MARGIN_S))
+
+
 def post_worker_init(worker):
-    """Start the pool's threads in the worker, after the fork and before serving."""
+    """Start the pool and its stop watcher in the worker, after the fork and before serving."""
     from app import configure_logging, pool_of
+    from service.lifecycle import ShutdownController
 
     configure_logging(_settings.log_level)
-    pool_of(worker.wsgi).start()
+    pool = pool_of(worker.wsgi)
+    pool.start()
+    worker.controller = ShutdownController(pool, _drain_timeout(worker))
+    worker.controller.start()
 
 
 def worker_exit(server, worker):
-    """Stop admitting tasks and drain the pool before the worker process ends."""
+    """Wait for the drain the stop signal began (or begin it), then report what became of every task."""
     app = getattr(worker, "wsgi", None)
     if app is None:  # the app never loaded
         return
     from app import pool_of
+    from service.lifecycle import describe
 
-    # graceful_timeout may come from the command line; leave a margin before SIGKILL.
-    timeout = max(0.0, min(_settings.shutdown_timeout_s, worker.cfg.graceful_timeout - DRAIN_MARGIN_S))
-    summary = pool_of(app).shutdown(timeout)
-    server.log.info(
-        "pool drained in %.1f s: %s; %d abandoned",
-        summary.drain_seconds,
-        ", ".join(f"{count} {state}" for state, count in summary.counts.items()),
-        len(summary.abandoned),
-    )
+    summary = pool_of(app).shutdown(_drain_timeout(worker))
+    server.log.info("%s", describe(summary))

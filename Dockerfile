@@ -1,0 +1,27 @@
+# The task service: gunicorn (one worker process, threads) as PID 1.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOST=0.0.0.0 \
+    PORT=8080
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+COPY app.py config.py gunicorn.conf.py ./
+COPY service/ service/
+COPY workerpool/ workerpool/
+
+RUN useradd --system --uid 10001 --no-create-home workerpool
+USER workerpool
+
+EXPOSE 8080
+# gunicorn drains on SIGTERM; keep `docker stop -t` above SHUTDOWN_TIMEOUT_S + 10.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}/healthz\", timeout=2).status == 200 else 1)"]
+# Exec form: gunicorn is PID 1 and receives the stop signal itself.
+CMD ["gunicorn", "-c", "gunicorn.conf.py"]

@@ -1,0 +1,219 @@
+"""Graceful shutdown with real processes and real signals.
+
+Every test starts the service as a subprocess (gunicorn with gunicorn.conf.py,
+or ``python app.py``) on 127.0.0.1 port 0, enqueues over real HTTP, signals
+it and checks from the log that every task answered 202 reached a final
+state before the process exited. gunicorn exits 0 even after SIGKILLing its
+worker, so the exit code alone proves nothing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.http_fixtures import PROJECT_ROOT, ServerProcess, clean_environment, wait_until
+
+pytestmark = pytest.mark.e2e
+
+LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"
+FINAL_LINE = re.compile(r"task (\S+) (?:done after|failed after|abandoned at shutdown)")
+SUMMARY = re.compile(r"shutdown complete: drained in ([\d.]+) s; (.*); (\d+) abandoned")
+GUNICORN = ["-m", "gunicorn", "-c", "gunicorn.conf.py"]
+APP = ["app.py"]
+FAST_WORK = {"WORK_MIN_MS": "20", "WORK_MAX_MS": "60", "BACKOFF_BASE_MS": "10", "BACKOFF_CAP_MS": "50"}
+
+
+class Service:
+    def __init__(self, server: ServerProcess, port: int) -> None:
+        self.server = server
+        self.port = port
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body))
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def enqueue(self, count: int, prefix: str = "t", max_retries: int = 2) -> list[str]:
+        accepted = []
+        for n in range(count):
+            task_id = f"{prefix}{n}"
+            status, _ = self.request("POST", "/enqueue", {"id": task_id, "payload": "p", "max_retries": max_retries})
+            assert status == 202, status
+            accepted.append(task_id)
+        return accepted
+
+    def signal(self, signum: int, *, group: bool = False) -> None:
+        if group:  # what a terminal's Ctrl-C does: every process of the group
+            os.killpg(self.server.proc.pid, signum)
+        else:
+            self.server.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> tuple[int, float]:
+        started = time.monotonic()
+        code = self.server.proc.wait(timeout=timeout)
+        return code, time.monotonic() - started
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> None:
+        wait_until(lambda: re.search(pattern, self.server.log()), timeout=timeout, what=pattern)
+
+    def finals(self) -> set[str]:
+        return set(FINAL_LINE.findall(self.server.log()))
+
+    def summary(self) -> re.Match:
+        matches = list(SUMMARY.finditer(self.server.log()))
+        assert len(matches) == 1, self.server.log()[-3000:]
+        return matches[0]
+
+
+@pytest.fixture
+def start(tmp_path):
+    servers: list[ServerProcess] = []
+
+    def start(command: list[str], **env: str) -> Service:
+        settings = {"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO", "SHUTDOWN_TIMEOUT_S": "15", **FAST_WORK}
+        settings.update(env)
+        server = ServerProcess(
+            command, log_path=tmp_path / f"server{len(servers)}.log", env=clean_environment(**settings)
+        )
+        servers.append(server)
+        port = server.wait_for_port(LISTENING)
+        service = Service(server, port)
+        wait_until(lambda: service.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        return service
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+@pytest.mark.parametrize(
+    "signum, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGINT", "ctrl-c"],
+)
+def test_a_stop_signal_drains_every_accepted_task(start, command, signum, group):
+    service = start(command)
+    accepted = service.enqueue(40)
+    service.signal(signum, group=group)
+    code, _ = service.wait_exit(timeout=30)
+    assert code == 0
+    assert set(accepted) <= service.finals()
+    summary = service.summary()
+    assert summary.group(3) == "0"  # nothing abandoned: the deadline was ample
+    assert "0 queued, 0 running" in summary.group(2)
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_work_beyond_the_deadline_is_abandoned_and_reported(start, command):
+    service = start(command, WORKERS="1", WORK_MIN_MS="300", WORK_MAX_MS="400", SHUTDOWN_TIMEOUT_S="1")
+    accepted = service.enqueue(12, max_retries=0)
+    service.signal(signal.SIGTERM)
+    code, seconds = service.wait_exit(timeout=30)
+    assert code == 0
+    assert seconds < 1 + 5  # the deadline plus a generous margin for a busy machine
+    assert set(accepted) <= service.finals()
+    abandoned = int(service.summary().group(3))
+    assert 0 < abandoned < len(accepted)
+    assert len(re.findall(r"task \S+ abandoned at shutdown", service.server.log())) == abandoned
+
+
+@pytest.mark.parametrize(
+    "command, second", [(GUNICORN, signal.SIGINT), (APP, signal.SIGTERM), (APP, signal.SIGINT)],
+    ids=["gunicorn-SIGINT", "app.py-SIGTERM", "app.py-SIGINT"],
+)
+def test_a_second_signal_stops_waiting(start, command, second):
+    # gunicorn's arbiter ignores a repeated SIGTERM; SIGINT is its "quick" stop.
+    service = start(command, WORKERS="2", WORK_MIN_MS="1000", WORK_MAX_MS="1000", SHUTDOWN_TIMEOUT_S="60")
+    accepted = service.enqueue(20, max_retries=0)
+    service.signal(signal.SIGTERM)
+    service.wait_for_log(r"received SIGTERM")
+    service.signal(second)
+    code, seconds = service.wait_exit(timeout=30)
+    assert code == 0
+    assert seconds < 5  # far from the 60 s drain deadline
+    assert set(accepted) <= service.finals()
+    assert int(service.summary().group(3)) > 0
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_an_enqueue_during_the_drain_is_refused_not_hung(start, command):
+    service = start(command, WORKERS="1", WORK_MIN_MS="200", WORK_MAX_MS="200", SHUTDOWN_TIMEOUT_S="30")
+    service.enqueue(10, max_retries=0)
+    service.signal(signal.SIGTERM)
+    service.wait_for_log(r"received SIGTERM")
+    try:
+        status, body = service.request("POST", "/enqueue", {"id": "late", "payload": ""}, timeout=5)
+    except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
+        pass  # gunicorn closed its listener: refused at once, which is fine
+    else:
+        assert status == 503, body
+    code, _ = service.wait_exit(timeout=30)
+    assert code == 0
+    assert "late" not in service.finals()
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_an_idle_service_exits_promptly(start, command):
+    service = start(command)
+    service.signal(signal.SIGTERM)
+    code, seconds = service.wait_exit(timeout=30)
+    assert code == 0
+    assert seconds < 5  # about a second in practice; `make bench` measures it
+
+
+def _dockerfile_cmd() -> list[str]:
+    for line in (PROJECT_ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("CMD "):
+            return json.loads(line[len("CMD ") :])
+    raise AssertionError("Dockerfile has no exec-form CMD")
+
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--pid", "--fork", "--mount-proc", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+
+
+def test_the_container_command_drains_as_pid_1(tmp_path):
+    if not _unshare_works():
+        pytest.skip("unshare --pid --fork --mount-proc is not permitted here (needs root or user namespaces)")
+    command = _dockerfile_cmd()
+    assert command[0] == "gunicorn"
+    env = clean_environment(HOST="127.0.0.1", PORT="0", SHUTDOWN_TIMEOUT_S="15", **FAST_WORK)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    server = ServerProcess(
+        ["unshare", "--pid", "--fork", "--mount-proc", *command],
+        log_path=tmp_path / "pid1.log", env=env, python=False,
+    )
+    try:
+        service = Service(server, server.wait_for_port(LISTENING))
+        wait_until(lambda: service.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        accepted = service.enqueue(30)
+        unshare = server.proc.pid
+        children = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()
+        assert len(children) == 1
+        gunicorn = int(children[0])
+        # NSpid lists its pid in each namespace: the last one, its own, is 1.
+        assert re.search(r"NSpid:\s+\d+\s+1\n", Path(f"/proc/{gunicorn}/status").read_text())
+        os.kill(gunicorn, signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+        assert set(accepted) <= service.finals()
+        assert service.summary().group(3) == "0"
+    finally:
+        server.stop()
