@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
 import signal
 import sys
+import weakref
 from collections.abc import Sequence
 
 from flask import Flask
@@ -68,7 +70,16 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
     problems.register(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(metrics_bp)
+    # The safety net for servers without shutdown hooks (`flask run`, other
+    # WSGI servers): drain whatever the pool still holds when the process ends.
+    atexit.register(_drain_at_exit, weakref.ref(pool), config.shutdown_timeout_s)
     return app
+
+
+def _drain_at_exit(pool_ref: weakref.ref[WorkerPool], timeout: float) -> None:
+    pool = pool_ref()
+    if pool is not None and pool.started and pool.accepting:
+        log.info("%s", lifecycle.describe(pool.shutdown(timeout)))
 
 
 def pool_of(app: Flask) -> WorkerPool:

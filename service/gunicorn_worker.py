@@ -1,9 +1,17 @@
 """gunicorn's gthread worker, made to start the pool's drain at the first stop signal.
 
 gunicorn owns the worker's signal handlers (an app that replaces them stops
-gunicorn's own shutdown from working), so the drain is started by overriding
-the worker's handlers rather than installing new ones. Both only hand the
-signal to the ShutdownController, which is safe inside a signal handler.
+gunicorn's own shutdown from working), so the drain is started by extending
+the worker's handlers rather than installing new ones.
+
+Every stop signal (SIGTERM, and SIGINT/SIGQUIT, gunicorn's "quick" stop)
+takes gunicorn's graceful path: stop accepting, finish requests in progress,
+leave the loop, then the worker_exit hook waits for the drain. gthread's own
+quick stop shuts its request thread pool down and raises SystemExit from
+inside the signal handler; when the signal lands while the main thread holds
+that pool's lock (it hands every new connection to the pool), the worker
+deadlocks until gunicorn kills it and the queued tasks are lost. The graceful
+path only sets a flag and writes a wake-up byte, which is safe at any moment.
 """
 
 from __future__ import annotations
@@ -15,32 +23,10 @@ from .lifecycle import ShutdownController
 
 class DrainingThreadWorker(ThreadWorker):
     controller: ShutdownController | None = None  # set by the post_worker_init hook
-    _stopping = False
 
     def handle_exit(self, sig, frame) -> None:
-        """SIGTERM: gunicorn's graceful stop; the pool closes admission at once."""
-        self._stopping = True
-        self._notify(sig)
-        super().handle_exit(sig, frame)
-
-    def handle_quit(self, sig, frame) -> None:
-        """SIGINT/SIGQUIT: gunicorn's quick stop, which raises SystemExit in this thread.
-
-        Only the first one goes on to gunicorn: a SystemExit raised while the
-        worker_exit hook waits for the drain would cut the drain's report short,
-        and gthread's own quit handler deadlocks when re-entered (a Ctrl-C
-        sends SIGINT to this worker and SIGQUIT from the arbiter together).
-        """
-        first = not self._stopping
-        self._stopping = True
-        self._notify(sig)
-        if first:
-            # Stop listening now: the drain runs after this, and until the
-            # process ends new connections would wait in the backlog unanswered.
-            for listener in self.sockets:
-                listener.close()
-            super().handle_quit(sig, frame)
-
-    def _notify(self, sig: int) -> None:
         if self.controller is not None:
-            self.controller.request_stop(sig)
+            self.controller.request_stop(sig)  # a reentrant queue put: signal-safe
+        super().handle_exit(sig, frame)  # idempotent: only the first one stops the loop
+
+    handle_quit = handle_exit

@@ -217,3 +217,20 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
         assert service.summary().group(3) == "0"
     finally:
         server.stop()
+
+
+def test_a_server_without_hooks_still_drains_at_exit(tmp_path):
+    script = (
+        "from app import configure_logging, create_app\n"
+        "configure_logging('INFO')\n"
+        "client = create_app().test_client()\n"
+        "for n in range(5):\n"
+        "    assert client.post('/enqueue', json={'id': f'x{n}', 'payload': ''}).status_code == 202\n"
+    )
+    env = clean_environment(**FAST_WORK, SHUTDOWN_TIMEOUT_S="15")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(FINAL_LINE.findall(result.stderr)) == {f"x{n}" for n in range(5)}
+    assert "shutdown complete" in result.stderr

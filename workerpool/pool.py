@@ -181,6 +181,10 @@ class WorkerPool:
     def accepting(self) -> bool:
         return not self._closing
 
+    @property
+    def started(self) -> bool:
+        return bool(self._threads)
+
     def stats(self) -> PoolStats:
         with self._retry_lock:
             retries_pending = len(self._retries)
