@@ -236,7 +236,16 @@ def pool_efficiency(run: Run, batch: Batch | None = None) -> None:
     )
     reference_ratio = ratios(makespan[SLEEP_IN_WORKER], makespan[RETRY_TIMER])
     text = table(
-        ["design", "makespan", "makespan / lower bound", "utilisation (planned work)", "worker busy (measured)"], rows
+        [
+            "design",
+            "makespan",
+            "makespan / lower bound",
+            "ideal scheduler of this design / lower bound",
+            "makespan / ideal",
+            "utilisation (planned work)",
+            "worker busy (measured)",
+        ],
+        rows,
     )
     plans = [plan(batch, round_no + 1) for round_no in range(run.rounds)]
     text += (

@@ -68,3 +68,16 @@ def test_no_simulated_scheduler_beats_the_lower_bound():
     bound = expected.lower_bound(4)
     for policy in efficiency.POLICIES:
         assert expected.simulate(4, policy) >= bound - 1e-9
+
+
+def test_every_table_row_has_as_many_cells_as_its_header(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    main(["--quick", "--rounds", "1", "--only", "3,4a", "--out", str(out)])
+    width = None
+    for line in out.read_text().splitlines():
+        if not line.startswith("|"):
+            width = None
+        elif width is None:
+            width = line.count("|")
+        else:
+            assert line.count("|") == width, line
