@@ -43,6 +43,16 @@ class FakeClock:
         return True
 
 
+def eventually(predicate, timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, for state no event announces; fail after ``timeout`` s."""
+    pause = threading.Event()
+    for _ in range(int(timeout / POLL_S)):
+        if predicate():
+            return
+        pause.wait(POLL_S)
+    raise AssertionError(f"condition not reached within {timeout} s")
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

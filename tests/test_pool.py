@@ -3,6 +3,7 @@ import threading
 from collections import Counter
 
 import pytest
+from conftest import eventually
 
 from workerpool import (
     ABANDONED,
@@ -142,7 +143,7 @@ def test_a_task_waiting_for_its_retry_holds_no_worker(make_pool, clock):
     assert pool.get("slow").next_attempt_at is None
 
 
-def test_a_due_retry_enters_a_full_queue_and_new_work_is_not_starved(make_pool, clock):
+def test_a_due_retry_enters_a_full_queue_ahead_of_waiting_work(make_pool, clock):
     gate = Gate()
 
     def handler(task, cancel):
@@ -162,10 +163,24 @@ def test_a_due_retry_enters_a_full_queue_and_new_work_is_not_starved(make_pool, 
         pool.submit("refused", "", 0)
 
     clock.advance(10)  # the retry falls due while the queue is full
+    eventually(lambda: pool.stats().queue_depth == 2)
     gate.opened.set()
-    log.wait_for("retry", State.DONE)
+    log.wait_for("queued", State.DONE)
     order = [task_id for task_id, _, state in log.events if state is State.DONE]
-    assert order == ["blocker", "queued", "retry"]  # first in, first out
+    assert order == ["blocker", "retry", "queued"]
+
+
+def test_retries_cannot_starve_new_work(make_pool):
+    # Every task fails until its retries run out, and due retries go first:
+    # new work still runs once the retries it waits behind are used up.
+    log = AttemptLog()
+    pool = make_pool(always_fail, workers=1, queue_size=50, on_attempt=log)
+    for n in range(20):
+        pool.submit(f"old{n}", "", max_retries=5)
+    pool.submit("new", "", max_retries=0)
+    log.wait_for("new", State.FAILED)
+    assert len(log.events) <= 20 * 6 + 1
+    pool.shutdown(timeout=TIMEOUT)
 
 
 def test_a_full_queue_refuses_without_a_trace(make_pool):

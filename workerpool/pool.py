@@ -10,6 +10,7 @@ import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,16 +35,29 @@ _STOP = object()  # tells one worker thread to exit
 
 
 class _ReadyQueue(queue.Queue):
-    """Admission is bounded by maxsize; due retries and stop markers bypass it.
+    """Admission is bounded by maxsize; due retries and stop markers skip the bound and the line.
 
-    A due retry was admitted once already, so it must never be refused or
-    blocked by a full queue. It joins the same FIFO as new work, so neither
-    can starve the other.
+    A due retry was accepted once already, so a full queue must never refuse
+    or block it. It also runs before new work still waiting: a retry sent to
+    the back of the line adds its whole backoff after everything else, which
+    stretches a batch by up to the longest backoff. New work cannot starve:
+    retries only come from tasks that already ran, each task has a bounded
+    number of them, and a full queue refuses new tasks rather than piling up.
     """
 
-    def put_unbounded(self, item: object) -> None:
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self._first: deque[object] = deque()
+
+    def _qsize(self) -> int:
+        return len(self.queue) + len(self._first)
+
+    def _get(self) -> object:
+        return self._first.popleft() if self._first else self.queue.popleft()
+
+    def put_first(self, item: object) -> None:
         with self.mutex:
-            self._put(item)
+            self._first.append(item)
             self.unfinished_tasks += 1
             self.not_empty.notify()
 
@@ -269,7 +283,7 @@ class WorkerPool:
                 due.append(heapq.heappop(self._retries)[2])
             delay = self._retries[0][0] - now if self._retries else None
         for task_id in due:
-            self._ready.put_unbounded(task_id)
+            self._ready.put_first(task_id)
         return delay
 
     def _run_timer(self) -> None:
@@ -338,7 +352,7 @@ class WorkerPool:
             threads = list(self._threads)
         self._timer_wakeup.set()
         for _ in range(self.workers):
-            self._ready.put_unbounded(_STOP)
+            self._ready.put_first(_STOP)
         # Abandoned handlers were told to cancel; one that ignores it is left
         # behind (daemon) rather than holding up shutdown.
         deadline = time.monotonic() + join_timeout
