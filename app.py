@@ -62,7 +62,7 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
         pool = build_pool(config, on_attempt=metrics.observe_attempt)
     metrics.watch(pool)
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route
     # werkzeug answers 413 for a larger body, chunked or not.
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order

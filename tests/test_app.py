@@ -28,6 +28,14 @@ def test_create_app_builds_the_pool_from_the_config_without_starting_it():
     assert pool_threads() == before  # started after fork, by a hook or the first submit
 
 
+def test_the_app_serves_no_static_files():
+    app = create_app(Config())
+    assert "static" not in app.view_functions
+    response = app.test_client().get("/static/app.py")
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+
+
 def test_create_app_reads_the_environment_by_default(monkeypatch):
     for name in VARIABLES:
         monkeypatch.delenv(name, raising=False)
