@@ -1,4 +1,4 @@
-"""The task API: submit a task, read one, list them, and report health."""
+"""The task API: submit a task, read one, list them, report health, and describe itself."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .context import services
+from .openapi import openapi_spec
 from .problems import Problem
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
@@ -78,3 +79,9 @@ def health() -> tuple[Response, int]:
         "tasks": {str(state): count for state, count in stats.counts.items()},
     }
     return jsonify(body), 200 if stats.accepting else 503
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """Serve the OpenAPI description with this instance's limits."""
+    return jsonify(openapi_spec(services().config))

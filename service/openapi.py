@@ -1,0 +1,32 @@
+"""The OpenAPI 3.1 description of the API, with the limits of one instance filled in."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from config import Config
+
+SPEC_PATH = Path(__file__).with_name("openapi.json")
+
+
+@cache
+def _spec_file() -> dict[str, Any]:
+    return json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+
+
+def openapi_spec(config: Config) -> dict[str, Any]:
+    """``openapi.json`` with the configured limits in place of the defaults it was written with.
+
+    Only values that vary between instances are replaced, so the served
+    document is true for the instance that serves it.
+    """
+    spec = copy.deepcopy(_spec_file())
+    spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_body_bytes
+    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
+    max_retries["maximum"] = config.max_retries_limit
+    max_retries["default"] = config.default_max_retries
+    return spec

@@ -1,0 +1,195 @@
+"""The OpenAPI description: valid, true to the routes and the config, and fuzzed against the app with schemathesis."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+
+import pytest
+import schemathesis
+from http_fixtures import WAIT_S, Gate, make_harness
+
+from config import Config
+from service.openapi import SPEC_PATH
+from service.schema import (
+    DEFAULT_LIST_LIMIT,
+    ENQUEUE_FIELDS,
+    LIST_PARAMETERS,
+    MAX_ID_CHARS,
+    MAX_LIST_LIMIT,
+    task_to_json,
+)
+from workerpool import State, Task
+
+# Fixed seed, derandomized, no example database: the same requests on every run, in about a second per instance.
+FUZZ_CONFIG = {
+    "seed": 20261127,
+    "generation": {"mode": "all", "max-examples": 20, "deterministic": True, "database": "none"},
+    "operations": [
+        {
+            "include-operation-id": "enqueue",
+            "checks": {
+                # Schema-valid bodies the API refuses by design: JSON Schema counts 3.0 as an integer but
+                # max_retries must be written 3, and a payload may push the body past MAX_BODY_BYTES (413).
+                "positive_data_acceptance": {"enabled": False},
+                # The default list lacks 413, the answer to an oversized (invalid) body.
+                "negative_data_rejection": {"expected-statuses": [400, 413]},
+            },
+        }
+    ],
+}
+
+
+def _fail_odd_payloads(task: Task, cancel: threading.Event) -> None:
+    """Fail attempts of tasks whose payload has an odd length, so retried and failed tasks are read back too."""
+    if len(task.payload) % 2:
+        raise RuntimeError("odd payload")
+
+
+def _fuzz(app, *, unavailable: bool = False, only: tuple[str, ...] = ()):
+    """The app's served description for fuzzing, limited to the operations ``only`` if given.
+
+    ``unavailable``: the app is meant to answer 503 (documented), which schemathesis counts as a server error.
+    """
+    config = copy.deepcopy(FUZZ_CONFIG)
+    if unavailable:
+        config["checks"] = {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", 503]}}
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app, config=schemathesis.Config.from_dict(config))
+    if not only:
+        return schema
+    # exclude, not include: include() ORs with the filter that FUZZ_CONFIG's "operations" entry adds.
+    return schema.exclude(func=lambda ctx: ctx.operation.definition.raw["operationId"] not in only)
+
+
+# The apps are built at import, since schemathesis.pytest.from_fixture fails under pytest 9
+# (it sets Function._nodeid); each pool is stopped when the module's tests are done.
+WORKING = make_harness(_fail_odd_payloads, queue_size=1000)
+BUSY_GATE = Gate()
+BUSY = make_harness(BUSY_GATE, queue_size=2)  # one attempt blocked, two waiting: then 503 with Retry-After
+DRAINING = make_harness()
+DRAINING.pool.start()
+DRAINING.pool.shutdown(0)
+
+working_api = _fuzz(WORKING.app)
+busy_api = _fuzz(BUSY.app, unavailable=True, only=("enqueue",))
+draining_api = _fuzz(DRAINING.app, unavailable=True, only=("enqueue", "health", "health_alias"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_fuzzed_pools():
+    yield
+    BUSY_GATE.open()
+    for harness in (WORKING, BUSY, DRAINING):
+        harness.pool.shutdown(WAIT_S)
+
+
+@working_api.parametrize()
+def test_a_working_instance_keeps_to_its_description(case):
+    case.call_and_validate()
+
+
+@busy_api.parametrize()
+def test_a_full_queue_keeps_to_its_description(case):
+    case.call_and_validate()
+
+
+@draining_api.parametrize()
+def test_a_draining_instance_keeps_to_its_description(case):
+    case.call_and_validate()
+
+
+# -- the description itself ---------------------------------------------------------
+
+
+@pytest.fixture
+def harness():
+    harness = make_harness()
+    yield harness
+    harness.pool.shutdown(WAIT_S)
+
+
+def served_spec(harness):
+    response = harness.client.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    return response.get_json()
+
+
+def test_the_served_description_is_valid_openapi_3_1(harness):
+    spec = served_spec(harness)
+    assert spec["openapi"].startswith("3.1.")
+    schemathesis.openapi.from_dict(spec).validate()
+
+
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule)
+
+
+def test_the_description_lists_exactly_the_routes(harness):
+    routes = {
+        (_openapi_path(rule.rule), method.lower())
+        for rule in harness.app.url_map.iter_rules()
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    spec = served_spec(harness)
+    described = {(path, method) for path, item in spec["paths"].items() for method in item}
+    assert described == routes
+
+
+def test_path_parameters_match_the_route_variables(harness):
+    spec = served_spec(harness)
+    for path, item in spec["paths"].items():
+        for operation in item.values():
+            in_path = {p["name"] for p in operation.get("parameters", ()) if p["in"] == "path"}
+            assert in_path == set(re.findall(r"{(\w+)}", path)), path
+
+
+def test_the_served_description_has_the_instance_limits():
+    config = Config(max_body_bytes=4096, default_max_retries=1, max_retries_limit=7)
+    harness = make_harness(config=config)
+    spec = served_spec(harness)
+    assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == 4096
+    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
+    assert (max_retries["default"], max_retries["maximum"]) == (1, 7)
+
+
+def test_the_file_describes_an_instance_with_the_default_config():
+    spec = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+    defaults = Config()
+    assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == defaults.max_body_bytes
+    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
+    assert (max_retries["default"], max_retries["maximum"]) == (
+        defaults.default_max_retries,
+        defaults.max_retries_limit,
+    )
+
+
+def test_the_description_agrees_with_the_validation_rules(harness):
+    spec = served_spec(harness)
+    schemas = spec["components"]["schemas"]
+    request = schemas["EnqueueRequest"]
+    assert tuple(request["properties"]) == ENQUEUE_FIELDS
+    assert request["properties"]["id"]["maxLength"] == MAX_ID_CHARS
+    assert schemas["State"]["enum"] == [str(state) for state in State]
+    parameters = {p["name"]: p["schema"] for p in spec["paths"]["/tasks"]["get"]["parameters"]}
+    assert tuple(parameters) == LIST_PARAMETERS
+    assert (parameters["limit"]["default"], parameters["limit"]["maximum"]) == (DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)
+    task = Task(id="a", payload="", max_retries=0, created_at=0.0)
+    assert set(schemas["Task"]["required"]) == set(task_to_json(task))
+
+
+@pytest.mark.parametrize(
+    ("task_id", "valid"),
+    [("job-1", True), ("äö 😀", True), ("x" * 256, True), ("", False), ("x" * 257, False)]
+    + [(f"a{c}b", False) for c in ("\x00", "\t", "\x1f", "\x7f", "\x85", "\x9f")],
+)
+def test_the_id_rule_is_the_one_the_api_applies(harness, task_id, valid):
+    id_rule = served_spec(harness)["components"]["schemas"]["EnqueueRequest"]["properties"]["id"]
+    described = id_rule["minLength"] <= len(task_id) <= id_rule["maxLength"] and bool(
+        re.search(id_rule["pattern"], task_id)
+    )
+    assert described == valid
+    response = harness.client.post("/enqueue", json={"id": task_id, "payload": ""})
+    assert response.status_code == (202 if valid else 400)
