@@ -354,3 +354,17 @@ def test_bad_pool_parameters_are_refused(kwargs):
 def test_negative_max_retries_is_refused(make_pool):
     with pytest.raises(ValueError):
         make_pool().submit("a", "", -1)
+
+
+def test_after_shutdown_the_queue_is_empty(make_pool):
+    never_started = make_pool(instant, workers=3)
+    never_started.shutdown(timeout=0)
+    assert never_started.stats().queue_depth == 0
+
+    pool = make_pool(lambda task, cancel: cancel.wait(TIMEOUT), workers=1)
+    pool.submit("running", "", 0)
+    for n in range(3):
+        pool.submit(f"queued{n}", "", 0)
+    summary = pool.shutdown(timeout=0)
+    assert len(summary.abandoned) == 4
+    assert pool.stats().queue_depth == 0

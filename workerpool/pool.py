@@ -61,6 +61,12 @@ class _ReadyQueue(queue.Queue):
             self.unfinished_tasks += 1
             self.not_empty.notify()
 
+    def clear(self) -> None:
+        with self.mutex:
+            self.queue.clear()
+            self._first.clear()
+            self.unfinished_tasks = 0
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
@@ -351,7 +357,10 @@ class WorkerPool:
             self._stopped = True
             threads = list(self._threads)
         self._timer_wakeup.set()
-        for _ in range(self.workers):
+        # Whatever is still queued was abandoned already; stop markers for
+        # the workers that exist are then all the queue holds.
+        self._ready.clear()
+        for _ in range(self.workers if threads else 0):
             self._ready.put_first(_STOP)
         # Abandoned handlers were told to cancel; one that ignores it is left
         # behind (daemon) rather than holding up shutdown.
