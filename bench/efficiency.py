@@ -64,8 +64,8 @@ class Plan:
     def simulate(self, workers: int, policy: str) -> float:
         """Makespan of an ideal scheduler with zero overhead running these tasks under ``policy``.
 
-        ``fifo``: the service's policy, a due retry joins the back of the queue; ``retries-first``: a due
-        retry goes to the front; ``sleep-in-worker``: a worker keeps its task through every backoff.
+        ``retries-first``: the service's policy, a due retry goes to the front of the queue; ``fifo``: a
+        due retry joins the back; ``sleep-in-worker``: a worker keeps its task through every backoff.
         """
         if policy == "sleep-in-worker":
             free = [0.0] * workers
@@ -211,7 +211,7 @@ def pool_efficiency(run: Run, batch: Batch | None = None) -> None:
     timer_ratio = spread([m / b for m, b in zip(makespan[RETRY_TIMER], bounds)])
     rows = []
     for design in designs:
-        policy = "fifo" if design == RETRY_TIMER else SLEEP_IN_WORKER
+        policy = "retries-first" if design == RETRY_TIMER else SLEEP_IN_WORKER
         rows.append(
             [
                 "service (retries on a timer)"
@@ -225,7 +225,7 @@ def pool_efficiency(run: Run, batch: Batch | None = None) -> None:
                 spread(busy[design]).fmt(".1%"),
             ]
         )
-    what_if = spread([i / b for i, b in zip(ideal["retries-first"], bounds)])
+    what_if = spread([i / b for i, b in zip(ideal["fifo"], bounds)])
     run.summary.append(
         (
             f"2. makespan / lower bound, {batch.tasks} tasks with failures",
@@ -271,11 +271,11 @@ def pool_efficiency(run: Run, batch: Batch | None = None) -> None:
         text += " Every task ended in the planned state (and, for the service, after the planned attempts)."
     text += (
         "\n\n**Ideal scheduler**: the same planned tasks replayed through a zero-overhead simulation of each "
-        "design (`Plan.simulate`): all tasks present at time 0, a due retry joins the back of the FIFO as in "
-        "`WorkerPool._release_due_retries`. It separates the cost of the scheduling policy (ideal / lower "
+        "design (`Plan.simulate`): all tasks present at time 0, a due retry goes to the front of the queue as "
+        "in `WorkerPool._release_due_retries`. It separates the cost of the scheduling policy (ideal / lower "
         "bound) from the cost of the implementation (makespan / ideal). The lower bound assumes a clairvoyant "
-        "scheduler that starts the tasks destined to fail first; a FIFO cannot know them, so a task failing near "
-        "the end of the batch adds its backoffs after everything else is done. What-if, same simulation with a "
-        f"due retry put at the *front* of the queue: ideal / lower bound {what_if.fmt('.3f')}."
+        "scheduler that starts the tasks destined to fail first; an online scheduler cannot know them, so a task "
+        "failing near the end of the batch still adds its backoffs after everything else is done. What-if, same "
+        f"simulation with a due retry sent to the *back* of the queue: ideal / lower bound {what_if.fmt('.3f')}."
     )
     run.sections["2. Pool efficiency under failures"] = text
