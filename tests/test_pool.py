@@ -170,17 +170,60 @@ def test_a_due_retry_enters_a_full_queue_ahead_of_waiting_work(make_pool, clock)
     assert order == ["blocker", "retry", "queued"]
 
 
-def test_retries_cannot_starve_new_work(make_pool):
-    # Every task fails until its retries run out, and due retries go first:
-    # new work still runs once the retries it waits behind are used up.
+def test_new_work_waits_only_for_work_accepted_before_it(make_pool):
+    # Every task fails until its retries run out and due retries go first,
+    # yet no retry of a task accepted after "new" runs before "new" does.
     log = AttemptLog()
-    pool = make_pool(always_fail, workers=1, queue_size=50, on_attempt=log)
-    for n in range(20):
-        pool.submit(f"old{n}", "", max_retries=5)
+    gate = Gate()
+
+    def handler(task, cancel):
+        if task.id == "first":
+            gate(task, cancel)
+        raise RuntimeError("no luck")
+
+    pool = make_pool(handler, workers=1, queue_size=50, on_attempt=log)
+    pool.submit("first", "", max_retries=0)
+    assert gate.entered.wait(TIMEOUT)  # hold the worker while the queue fills
+    for n in range(5):
+        pool.submit(f"early{n}", "", max_retries=3)
     pool.submit("new", "", max_retries=0)
-    log.wait_for("new", State.FAILED)
-    assert len(log.events) <= 20 * 6 + 1
+    for n in range(5):
+        pool.submit(f"late{n}", "", max_retries=3)
+    gate.opened.set()
     pool.shutdown(timeout=TIMEOUT)
+    order = [task_id for task_id, _, _ in log.events]
+    before_new = set(order[: order.index("new")])
+    assert before_new <= {"first"} | {f"early{n}" for n in range(5)}
+    assert len(order) == 1 + 5 * 4 + 1 + 5 * 4  # every retry still ran
+
+
+def test_even_systemexit_from_a_handler_fails_the_attempt_not_the_worker(make_pool):
+    def exits(task, cancel):
+        if task.id == "exits":
+            raise SystemExit(3)
+
+    pool = make_pool(exits, workers=1)
+    pool.submit("exits", "", 0)
+    pool.submit("after", "", 0)
+    pool.shutdown(timeout=TIMEOUT)
+    assert (pool.get("exits").state, pool.get("exits").last_error) == (State.FAILED, "SystemExit: 3")
+    assert pool.get("after").state is State.DONE
+
+
+def test_a_failing_listener_neither_kills_the_worker_nor_delays_the_drain(make_pool):
+    def listener(task, seconds):
+        raise RuntimeError("listener bug")
+
+    gate = Gate()
+    pool = make_pool(gate, workers=1, on_attempt=listener)
+    pool.submit("a", "", 0)
+    pool.submit("b", "", 0)
+    assert gate.entered.wait(TIMEOUT)
+    pool.shutdown(timeout=1000, wait=False)  # fake time never advances: only wake-ups end the drain
+    gate.opened.set()
+    summary = pool.shutdown()
+    assert summary.abandoned == ()
+    assert summary.counts[State.DONE] == 2
 
 
 def test_a_full_queue_refuses_without_a_trace(make_pool):
@@ -368,3 +411,13 @@ def test_after_shutdown_the_queue_is_empty(make_pool):
     summary = pool.shutdown(timeout=0)
     assert len(summary.abandoned) == 4
     assert pool.stats().queue_depth == 0
+
+
+def test_after_shutdown_no_retry_is_pending(make_pool):
+    log = AttemptLog()
+    pool = make_pool(always_fail, workers=1, backoff_base=100, backoff_cap=100, on_attempt=log)
+    pool.submit("waiting", "", max_retries=3)
+    log.wait_for("waiting", State.QUEUED)
+    assert pool.stats().retries_pending == 1
+    assert pool.shutdown(timeout=0).abandoned == ("waiting",)
+    assert pool.stats().retries_pending == 0

@@ -8,7 +8,7 @@ from workerpool.task import TRANSITIONS, check_transition
 
 
 def make_store(clock, *, ttl=3600.0, max_finished=100):
-    return TaskStore(ttl=ttl, max_finished=max_finished, clock=clock.time)
+    return TaskStore(ttl=ttl, max_finished=max_finished, monotonic=clock.monotonic)
 
 
 def finish(store, clock, task_id, state=State.DONE):
@@ -57,7 +57,7 @@ def test_an_attempt_counts_and_a_late_end_is_ignored(clock):
     assert store.start_attempt("a", clock.time()).attempts == 1
     assert store.start_attempt("a", clock.time()) is None  # already running
     assert store.end_attempt("a", 2, State.DONE) is None  # not that attempt
-    assert store.fail_unfinished("gone") == ["a"]
+    assert store.fail_unfinished("gone", clock.time()) == ["a"]
     assert store.end_attempt("a", 1, State.DONE, finished_at=1.0) is None  # abandoned meanwhile
     task = store.get("a")
     assert (task.state, task.last_error) == (State.FAILED, "gone")
@@ -130,15 +130,15 @@ def test_an_evicted_id_can_be_submitted_again(clock):
     assert store.get("a").state is State.QUEUED
 
 
-def test_discard_forgets_a_task(clock):
-    store = make_store(clock)
-    store.add(Task("a", "", 0))
-    store.discard("a")
-    assert store.get("a") is None
-    assert store.counts()[State.QUEUED] == 0
+def test_membership_follows_retention(clock):
+    store = make_store(clock, ttl=10)
+    finish(store, clock, "a")
+    assert "a" in store and "b" not in store
+    clock.advance(11)
+    assert "a" not in store
 
 
 @pytest.mark.parametrize("kwargs", [{"ttl": 0, "max_finished": 1}, {"ttl": 1, "max_finished": 0}])
 def test_retention_limits_must_be_positive(clock, kwargs):
     with pytest.raises(ValueError):
-        TaskStore(clock=clock.time, **kwargs)
+        TaskStore(monotonic=clock.monotonic, **kwargs)

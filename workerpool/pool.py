@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .backoff import compute_backoff
-from .errors import PermanentFailure, PoolClosed, QueueFull
+from .errors import DuplicateTask, PermanentFailure, PoolClosed, QueueFull
 from .handlers import SimulatedWork, Wait, event_wait
 from .store import TaskStore
 from .task import State, Task
@@ -35,7 +35,7 @@ _STOP = object()  # tells one worker thread to exit
 
 
 class _ReadyQueue(queue.Queue):
-    """Admission is bounded by maxsize; due retries and stop markers skip the bound and the line.
+    """Admission is bounded by maxsize; a due retry skips the bound and the line.
 
     A due retry was accepted once already, so a full queue must never refuse
     or block it. It also runs before new work still waiting: a retry sent to
@@ -55,9 +55,10 @@ class _ReadyQueue(queue.Queue):
     def _get(self) -> object:
         return self._first.popleft() if self._first else self.queue.popleft()
 
-    def put_first(self, item: object) -> None:
+    def push(self, item: object, *, first: bool = False) -> None:
+        """Add ``item`` whatever the bound, at the back of the line or ``first``; never blocks."""
         with self.mutex:
-            self._first.append(item)
+            (self._first if first else self.queue).append(item)
             self.unfinished_tasks += 1
             self.not_empty.notify()
 
@@ -125,7 +126,7 @@ class WorkerPool:
         self._monotonic = monotonic
         self._wait = wait
         self._on_attempt = on_attempt
-        self._store = TaskStore(ttl=state_ttl, max_finished=state_max_tasks, clock=clock)
+        self._store = TaskStore(ttl=state_ttl, max_finished=state_max_tasks, monotonic=monotonic)
         self._ready = _ReadyQueue(maxsize=queue_size)
         self._threads: list[threading.Thread] = []
 
@@ -137,7 +138,9 @@ class WorkerPool:
         self._timer_wakeup = threading.Event()
 
         # _shutdown_lock must be held while reading or changing _closing,
-        # _deadline and _threads, so no submission can slip in after shutdown.
+        # _deadline and _threads. submit holds it across its checks, the store
+        # insert and the (never blocking) queue push: no submission slips in
+        # after shutdown began, and the room it checked is still there.
         self._shutdown_lock = threading.Lock()
         self._closing = False
         self._stopped = False
@@ -179,13 +182,15 @@ class WorkerPool:
         with self._shutdown_lock:
             if self._closing:
                 raise PoolClosed()
+            if task_id in self._store:
+                raise DuplicateTask(task_id)
+            # Checked before the insert, so a refused task is never visible.
+            # Only the timer adds meanwhile, and a due retry may exceed the bound.
+            if self._ready.full():
+                raise QueueFull(self.queue_size)
             self._start_locked()
             self._store.add(task)
-            try:
-                self._ready.put_nowait(task_id)
-            except queue.Full:
-                self._store.discard(task_id)
-                raise QueueFull(self.queue_size) from None
+            self._ready.push(task_id)
         log.debug("task %s queued", task_id)
         return task
 
@@ -237,16 +242,18 @@ class WorkerPool:
             self._handler(task, self._cancel)
         except PermanentFailure as exc:
             error = _describe(exc)
-        except Exception as exc:
+        except BaseException as exc:  # even SystemExit: it would end this thread silently
             error, retryable = _describe(exc), True
         seconds = self._monotonic() - started
-        result = self._end_attempt(task, error, retryable)
-        if result is None:
-            log.warning("task %s attempt %d ended after the task was abandoned; result dropped", task_id, task.attempts)
-        elif self._on_attempt is not None:
-            self._on_attempt(result, seconds)
-        if self._closing:
-            self._drain_wakeup.set()
+        try:
+            result = self._end_attempt(task, error, retryable)
+            if result is None:
+                log.warning("task %s attempt %d ended after it was abandoned; result dropped", task_id, task.attempts)
+            elif self._on_attempt is not None:
+                self._on_attempt(result, seconds)
+        finally:
+            if self._closing:
+                self._drain_wakeup.set()
 
     def _end_attempt(self, task: Task, error: str | None, retryable: bool) -> Task | None:
         now = self._clock()
@@ -289,7 +296,7 @@ class WorkerPool:
                 due.append(heapq.heappop(self._retries)[2])
             delay = self._retries[0][0] - now if self._retries else None
         for task_id in due:
-            self._ready.put_first(task_id)
+            self._ready.push(task_id, first=True)
         return delay
 
     def _run_timer(self) -> None:
@@ -331,16 +338,18 @@ class WorkerPool:
 
     def _drain(self) -> None:
         started = self._monotonic()
-        while self._store.unfinished():
+        while True:
+            # Clear before looking: whoever changes what is looked at below
+            # (a finished attempt, a nearer deadline) sets it afterwards.
+            self._drain_wakeup.clear()
+            if not self._store.unfinished():
+                break
             with self._shutdown_lock:
                 remaining = self._deadline - self._monotonic()
             if remaining <= 0:
                 break
-            self._drain_wakeup.clear()
-            if not self._store.unfinished():
-                break
             self._wait(self._drain_wakeup, None if remaining == math.inf else remaining)
-        abandoned = self._store.fail_unfinished(ABANDONED)
+        abandoned = self._store.fail_unfinished(ABANDONED, self._clock())
         for task_id in abandoned:
             log.warning("task %s abandoned at shutdown", task_id)
         self._cancel.set()
@@ -357,11 +366,13 @@ class WorkerPool:
             self._stopped = True
             threads = list(self._threads)
         self._timer_wakeup.set()
-        # Whatever is still queued was abandoned already; stop markers for
-        # the workers that exist are then all the queue holds.
+        # Whatever is still queued or waiting for a retry was abandoned
+        # already; stop markers for the workers that exist are all that is left.
+        with self._retry_lock:
+            self._retries.clear()
         self._ready.clear()
         for _ in range(self.workers if threads else 0):
-            self._ready.put_first(_STOP)
+            self._ready.push(_STOP)
         # Abandoned handlers were told to cancel; one that ignores it is left
         # behind (daemon) rather than holding up shutdown.
         deadline = time.monotonic() + join_timeout

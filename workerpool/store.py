@@ -33,17 +33,18 @@ class TaskStore:
     """Every task by id, readable as snapshots.
 
     Finished tasks (done/failed) are evicted, oldest finished first, once they
-    are older than ``ttl`` seconds or more than ``max_finished`` of them are
-    retained. Queued and running tasks are never evicted. Every operation is
-    amortised O(1) (``list`` is O(limit)).
+    finished more than ``ttl`` seconds ago by ``monotonic`` (a wall clock step
+    must not evict everything at once) or more than ``max_finished`` of them
+    are retained. Queued and running tasks are never evicted. Every operation
+    is amortised O(1) (``list`` is O(limit)).
     """
 
-    def __init__(self, *, ttl: float, max_finished: int, clock: Callable[[], float]) -> None:
+    def __init__(self, *, ttl: float, max_finished: int, monotonic: Callable[[], float]) -> None:
         if ttl <= 0 or max_finished < 1:
             raise ValueError("ttl must be > 0 and max_finished >= 1")
         self._ttl = ttl
         self._max_finished = max_finished
-        self._clock = clock
+        self._monotonic = monotonic
         # _lock must be held while reading or mutating _tasks, _by_state and
         # _finished; it is never held while calling out of this module.
         self._lock = threading.Lock()
@@ -51,26 +52,24 @@ class TaskStore:
         # Ids per state, in the order they entered it: gives O(1) counts and
         # newest-first listing by state without scanning.
         self._by_state: dict[State, dict[str, None]] = {state: {} for state in State}
-        # Finished ids in finishing order -> finished_at; OrderedDict because
-        # popping from the front of a plain dict degrades to a scan.
+        # Finished ids in finishing order -> monotonic finish time; OrderedDict
+        # because popping from the front of a plain dict degrades to a scan.
         self._finished: OrderedDict[str, float] = OrderedDict()
 
     def add(self, task: Task) -> None:
         """Insert a new queued task; raise DuplicateTask if its id is retained."""
         record = _Record(task)
         with self._lock:
-            self._evict(self._clock())
+            self._evict()
             if task.id in self._tasks:
                 raise DuplicateTask(task.id)
             self._tasks[task.id] = record
             self._by_state[record.state][task.id] = None
 
-    def discard(self, task_id: str) -> None:
-        """Forget a task that was added but could not be admitted."""
+    def __contains__(self, task_id: str) -> bool:
         with self._lock:
-            record = self._tasks.pop(task_id, None)
-            if record is not None:
-                del self._by_state[record.state][task_id]
+            self._evict()
+            return task_id in self._tasks
 
     def start_attempt(self, task_id: str, now: float) -> Task | None:
         """Move a queued task to running and count the attempt; None if it is not queued."""
@@ -102,9 +101,8 @@ class TaskStore:
                 self._finish(task_id, record)
             return record.snapshot()
 
-    def fail_unfinished(self, reason: str) -> list[str]:
-        """Mark every queued or running task failed with ``reason``; return their ids."""
-        now = self._clock()
+    def fail_unfinished(self, reason: str, now: float) -> list[str]:
+        """Mark every queued or running task failed at ``now`` with ``reason``; return their ids."""
         with self._lock:
             ids = [*self._by_state[State.QUEUED], *self._by_state[State.RUNNING]]
             for task_id in ids:
@@ -118,20 +116,20 @@ class TaskStore:
 
     def get(self, task_id: str) -> Task | None:
         with self._lock:
-            self._evict(self._clock())
+            self._evict()
             record = self._tasks.get(task_id)
             return None if record is None else record.snapshot()
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
         """Retained tasks, newest first: by creation, or by entry into ``state``."""
         with self._lock:
-            self._evict(self._clock())
+            self._evict()
             ids = reversed(self._tasks if state is None else self._by_state[state])
             return [self._tasks[task_id].snapshot() for task_id in islice(ids, limit)]
 
     def counts(self) -> dict[State, int]:
         with self._lock:
-            self._evict(self._clock())
+            self._evict()
             return {state: len(ids) for state, ids in self._by_state.items()}
 
     def unfinished(self) -> int:
@@ -147,12 +145,12 @@ class TaskStore:
 
     def _finish(self, task_id: str, record: _Record) -> None:
         record.payload = ""
-        self._finished[task_id] = record.finished_at
-        self._evict(self._clock())
+        self._finished[task_id] = self._monotonic()
+        self._evict()
 
-    def _evict(self, now: float) -> None:
+    def _evict(self) -> None:
         finished = self._finished
-        horizon = now - self._ttl
+        horizon = self._monotonic() - self._ttl
         while finished:
             task_id, finished_at = next(iter(finished.items()))
             if len(finished) <= self._max_finished and finished_at > horizon:
