@@ -5,7 +5,7 @@ lock, so it must not log, lock or start threads. ``request_stop`` only puts
 the signal number on a ``SimpleQueue`` (whose ``put`` is reentrant, safe in
 a signal handler); a watcher thread does the rest:
 
-- first signal: close admission at once and drain for ``timeout`` seconds;
+- first signal: close admission and drain for ``timeout`` seconds;
 - another signal: stop waiting, abandon what is left (it is logged);
 - when the drain ends: call ``on_drained`` with the summary.
 """
@@ -51,6 +51,7 @@ class ShutdownController:
         self._timeout = timeout
         self._on_drained = on_drained
         self._requests: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._summary: ShutdownSummary | None = None  # set before _DRAINED is posted
         self._watcher = threading.Thread(target=self._watch, name="workerpool-stop", daemon=True)
 
     def start(self) -> None:
@@ -70,17 +71,16 @@ class ShutdownController:
             "received %s: not accepting new tasks; draining for up to %g s (signal again to stop waiting)",
             signal.Signals(first).name, self._timeout,
         )
-        self._pool.shutdown(self._timeout, wait=False)
-        threading.Thread(target=self._await_drain, name="workerpool-drain-waiter", daemon=True).start()
+        threading.Thread(target=self._drain, name="workerpool-drain", daemon=True).start()
         previous = first
         while (signum := self._requests.get()) != _DRAINED:
             if not is_echo(previous, signum):
                 log.warning("received %s again: abandoning unfinished tasks now", signal.Signals(signum).name)
-                self._pool.shutdown(0, wait=False)
+                self._pool.shutdown(0, wait=False)  # pulls the drain's deadline in
             previous = signum
-        if self._on_drained is not None:
-            self._on_drained(self._pool.shutdown())
+        if self._on_drained is not None and self._summary is not None:
+            self._on_drained(self._summary)
 
-    def _await_drain(self) -> None:
-        self._pool.shutdown()
+    def _drain(self) -> None:
+        self._summary = self._pool.shutdown(self._timeout)
         self._requests.put(_DRAINED)

@@ -16,6 +16,7 @@ from workerpool import State, Task
 from .problems import FieldError, invalid_request
 
 MAX_ID_CHARS = 256
+ID_PATH_RULE = "must not start or end with '/', contain '//', or have a '.' or '..' segment"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 ENQUEUE_FIELDS = ("id", "payload", "max_retries")
@@ -91,6 +92,10 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
         return [FieldError("id", f"must be 1 to {MAX_ID_CHARS} characters long")]
     if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in value):
         return [FieldError("id", "must not contain control characters")]
+    # The id is the tail of its URL, /tasks/<id>: clients drop "." and ".."
+    # segments and servers merge "//", so such ids could never be read back.
+    if any(segment in ("", ".", "..") for segment in value.split("/")):
+        return [FieldError("id", ID_PATH_RULE)]
     return []
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 from http_fixtures import EPOCH, TEST_CONFIG, Gate, failing, failing_permanently, instant, make_harness
 
+from service.schema import ID_PATH_RULE
 from workerpool import State
 
 TASK_FIELDS = {
@@ -84,10 +86,14 @@ def test_enqueue_parses_json_whatever_the_content_type(client, content_type):
     assert response.status_code == 202
 
 
-@pytest.mark.parametrize("task_id", ["plain", "with space", "a/b/c", "q?x=1#frag", "100%", "ünï"])
+@pytest.mark.parametrize(
+    "task_id", ["plain", "with space", "a/b/c", "q?x=1#frag", "100%", "ünï", "a.b", "..a", ".hidden/x", "a../b"]
+)
 def test_location_leads_back_to_the_task(client, task_id):
     response = enqueue(client, {"id": task_id, "payload": ""})
     assert response.status_code == 202
+    # What a real client sends after resolving the reference (RFC 3986 5.2).
+    assert urlsplit(urljoin("http://host/", response.headers["Location"])).path == response.headers["Location"]
     found = client.get(response.headers["Location"])
     assert found.status_code == 200
     assert found.get_json()["id"] == task_id
@@ -158,6 +164,10 @@ NOT_INTEGER = "must be an integer"
         ({"id": "\x7f", "payload": ""}, [("id", "must not contain control characters")]),
         ({"id": "a\x85", "payload": ""}, [("id", "must not contain control characters")]),
         ({"id": "a\ud800", "payload": ""}, [("id", "must not contain control characters")]),
+        *[
+            ({"id": bad, "payload": ""}, [("id", ID_PATH_RULE)])
+            for bad in ["/a", "a/", "a//b", ".", "..", "a/./b", "a/../b", "./a"]
+        ],
         ({"id": "a", "payload": 5}, [("payload", "must be a string, not a number")]),
         ({"id": "a", "payload": None}, [("payload", "must be a string, not null")]),
         ({"id": "a", "payload": {"k": "v"}}, [("payload", "must be a string, not dict")]),

@@ -133,16 +133,21 @@ def test_work_beyond_the_deadline_is_abandoned_and_reported(start, command):
 
 
 @pytest.mark.parametrize(
-    "command, second", [(GUNICORN, signal.SIGINT), (APP, signal.SIGTERM), (APP, signal.SIGINT)],
-    ids=["gunicorn-SIGINT", "app.py-SIGTERM", "app.py-SIGINT"],
+    "command, first, second, group",
+    [
+        (GUNICORN, signal.SIGTERM, signal.SIGINT, False),  # the arbiter escalates only after a SIGTERM
+        (GUNICORN, signal.SIGINT, signal.SIGINT, True),  # Ctrl-C twice
+        (APP, signal.SIGTERM, signal.SIGTERM, False),
+        (APP, signal.SIGINT, signal.SIGINT, False),
+    ],
+    ids=["gunicorn-TERM-INT", "gunicorn-ctrl-c-twice", "app.py-TERM-TERM", "app.py-INT-INT"],
 )
-def test_a_second_signal_stops_waiting(start, command, second):
-    # gunicorn's arbiter ignores a repeated SIGTERM; SIGINT is its "quick" stop.
+def test_a_second_signal_stops_waiting(start, command, first, second, group):
     service = start(command, WORKERS="2", WORK_MIN_MS="1000", WORK_MAX_MS="1000", SHUTDOWN_TIMEOUT_S="60")
     accepted = service.enqueue(20, max_retries=0)
-    service.signal(signal.SIGTERM)
-    service.wait_for_log(r"received SIGTERM")
-    service.signal(second)
+    service.signal(first, group=group)
+    service.wait_for_log(rf"received {first.name}")
+    service.signal(second, group=group)
     code, seconds = service.wait_exit(timeout=30)
     assert code == 0
     assert seconds < 5  # far from the 60 s drain deadline
