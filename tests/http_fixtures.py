@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
@@ -23,6 +25,7 @@ from workerpool import FINAL_STATES, PermanentFailure, Task, WorkerPool
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 10.0  # upper bound for any in-process synchronisation; never reached when things work
+LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"  # logged by gunicorn and by `python app.py`
 EPOCH = 1_800_000_000.125  # 2027-01-15T08:00:00.125Z
 
 
@@ -172,3 +175,22 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the server and its workers only
             self.proc.wait(timeout=10)
         self._log.close()
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, path: str, body: bytes | None = None, **kwargs) -> tuple[int, dict, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(method, path, body=body, **kwargs)
+            response = connection.getresponse()
+            text = response.read().decode()
+            return response.status, dict(response.getheaders()), text
+        finally:
+            connection.close()
+
+    def json(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+        status, _, text = self.request(method, path, body)
+        return status, json.loads(text)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import runpy
 import subprocess
 import sys
 
 import pytest
-from http_fixtures import PROJECT_ROOT, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until
 
 from config import VARIABLES
 
 CONF = str(PROJECT_ROOT / "gunicorn.conf.py")
-LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"
 
 
 def load_conf(monkeypatch, **env: str) -> dict:
@@ -80,25 +78,6 @@ def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):
 
 
 # -- the real server -------------------------------------------------------------
-
-
-class Client:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def request(self, method: str, path: str, body: bytes | None = None, **kwargs) -> tuple[int, dict, str]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            connection.request(method, path, body=body, **kwargs)
-            response = connection.getresponse()
-            text = response.read().decode()
-            return response.status, dict(response.getheaders()), text
-        finally:
-            connection.close()
-
-    def json(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-        status, _, text = self.request(method, path, body)
-        return status, json.loads(text)
 
 
 def start_gunicorn(tmp_path, **env: str) -> ServerProcess:

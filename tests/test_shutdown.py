@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.http_fixtures import PROJECT_ROOT, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until
 
 pytestmark = pytest.mark.e2e
 
-LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"
 FINAL_LINE = re.compile(r"task (\S+) (?:done after|failed after|abandoned at shutdown)")
 SUMMARY = re.compile(r"shutdown complete: drained in ([\d.]+) s; (.*); (\d+) abandoned")
 GUNICORN = ["-m", "gunicorn", "-c", "gunicorn.conf.py"]
@@ -39,20 +37,14 @@ class Service:
         self.server = server
         self.port = port
 
-    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 5.0):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=None if body is None else json.dumps(body))
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, str]:
+        return Client(self.port).request(method, path, None if body is None else json.dumps(body).encode())
 
     def enqueue(self, count: int, prefix: str = "t", max_retries: int = 2) -> list[str]:
         accepted = []
         for n in range(count):
             task_id = f"{prefix}{n}"
-            status, _ = self.request("POST", "/enqueue", {"id": task_id, "payload": "p", "max_retries": max_retries})
+            status, _, _ = self.request("POST", "/enqueue", {"id": task_id, "payload": "p", "max_retries": max_retries})
             assert status == 202, status
             accepted.append(task_id)
         return accepted
@@ -162,7 +154,7 @@ def test_an_enqueue_during_the_drain_is_refused_not_hung(start, command):
     service.signal(signal.SIGTERM)
     service.wait_for_log(r"received SIGTERM")
     try:
-        status, body = service.request("POST", "/enqueue", {"id": "late", "payload": ""}, timeout=5)
+        status, _, body = service.request("POST", "/enqueue", {"id": "late", "payload": ""})
     except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
         pass  # gunicorn closed its listener: refused at once, which is fine
     else:
