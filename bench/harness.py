@@ -21,7 +21,7 @@ class Run:
     """Settings of one bench run and what it collected for the report."""
 
     rounds: int = 5
-    wrk_seconds: int = 5
+    wrk_seconds: int = 10  # 5 s runs swung the enqueue ratios by +-10 % between rounds
     wrk_threads: int = 2
     wrk_connections: int = 16
     quick: bool = False
