@@ -6,6 +6,7 @@ concurrency comes from its threads.
 """
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,12 @@ def _drain_timeout(worker) -> float:
     return max(0.0, min(_settings.shutdown_timeout_s, worker.cfg.graceful_timeout - DRAIN_MARGIN_S))
 
 
+def on_starting(server):
+    """Open the pipe on which the worker reports its drain (the worker inherits it when forked)."""
+    server.drain_reports = os.pipe()
+    os.set_blocking(server.drain_reports[0], False)
+
+
 def post_worker_init(worker):
     """Start the pool and its stop watcher in the worker, after the fork and before serving."""
     from app import configure_logging, pool_of
@@ -54,7 +61,7 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """Wait for the drain the stop signal began (or begin it), then report what became of every task."""
+    """Wait for the drain the stop signal began (or begin it), then report it to the arbiter."""
     app = getattr(worker, "wsgi", None)
     if app is None:  # the app never loaded
         return
@@ -62,4 +69,27 @@ def worker_exit(server, worker):
     from service.lifecycle import describe
 
     summary = pool_of(app).shutdown(_drain_timeout(worker))
-    server.log.info("%s", describe(summary))
+    # One short line: a pipe write under PIPE_BUF bytes is atomic.
+    os.write(server.drain_reports[1], describe(summary).encode()[:500] + b"\n")
+
+
+def on_exit(server):
+    """Make the worker's drain summary the last log line, or say loudly that there was none.
+
+    gunicorn exits 0 even after SIGKILLing a worker that overran
+    graceful_timeout, so this line is what tells a lost drain apart.
+    """
+    reports = b""
+    while True:
+        try:
+            chunk = os.read(server.drain_reports[0], 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        reports += chunk
+    lines = reports.decode(errors="replace").splitlines()
+    if lines:
+        server.log.info("%s", lines[-1])
+    else:
+        server.log.error("the worker ended without reporting its drain (killed?): tasks it held may be lost")

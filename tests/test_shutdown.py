@@ -147,6 +147,30 @@ def test_a_second_signal_stops_waiting(start, command, first, second, group):
     assert int(service.summary().group(3)) > 0
 
 
+def test_gunicorn_says_so_when_its_worker_was_killed_before_reporting(start):
+    # The worker is frozen, so gunicorn SIGKILLs it at graceful_timeout and
+    # still exits 0: the last log line is then an error, not a summary.
+    service = start([*GUNICORN, "--graceful-timeout", "1"])
+    service.enqueue(5)
+    worker = int(re.search(r"Booting worker with pid: (\d+)", service.server.log()).group(1))
+    os.kill(worker, signal.SIGSTOP)
+    service.signal(signal.SIGTERM)
+    code, _ = service.wait_exit(timeout=30)
+    assert code == 0
+    last = service.server.log().strip().splitlines()[-1]
+    assert "[ERROR] the worker ended without reporting its drain" in last
+    assert not SUMMARY.search(service.server.log())
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_the_summary_is_the_last_log_line(start, command):
+    service = start(command)
+    service.enqueue(5)
+    service.signal(signal.SIGTERM)
+    assert service.wait_exit(timeout=30)[0] == 0
+    assert SUMMARY.search(service.server.log().strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
 def test_an_enqueue_during_the_drain_is_refused_not_hung(start, command):
     service = start(command, WORKERS="1", WORK_MIN_MS="200", WORK_MAX_MS="200", SHUTDOWN_TIMEOUT_S="30")
