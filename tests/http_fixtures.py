@@ -140,13 +140,15 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, in
 class ServerProcess:
     """A server started as a subprocess with its output in a log file; always killed in ``stop``."""
 
-    def __init__(self, args: list[str], *, log_path: Path, env: dict[str, str], python: bool = True) -> None:
+    def __init__(
+        self, args: list[str], *, log_path: Path, env: dict[str, str], python: bool = True, cwd: Path = PROJECT_ROOT
+    ) -> None:
         """Run ``python args...``, or ``args`` as the whole command line if not ``python``."""
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, *args] if python else args,
-            cwd=PROJECT_ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -197,11 +197,28 @@ def test_an_idle_service_exits_promptly(start, command):
     assert seconds < 5  # about a second in practice; `make bench` measures it
 
 
+DOCKERFILE = (PROJECT_ROOT / "Dockerfile").read_text().splitlines()
+
+
 def _dockerfile_cmd() -> list[str]:
-    for line in (PROJECT_ROOT / "Dockerfile").read_text().splitlines():
+    for line in DOCKERFILE:
         if line.startswith("CMD "):
             return json.loads(line[len("CMD ") :])
     raise AssertionError("Dockerfile has no exec-form CMD")
+
+
+def _lay_out_image(workdir: Path) -> None:
+    """Copy what the Dockerfile's COPY lines put in the image's WORKDIR, and nothing else."""
+    for line in DOCKERFILE:
+        if not line.startswith("COPY "):
+            continue
+        *sources, target = line.split()[1:]
+        for source in sources:
+            if source.endswith("/"):
+                shutil.copytree(PROJECT_ROOT / source, workdir / target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                assert target in (".", "./"), line
+                shutil.copy2(PROJECT_ROOT / source, workdir / source)
 
 
 def _unshare_works() -> bool:
@@ -216,11 +233,14 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
         pytest.skip("unshare --pid --fork --mount-proc is not permitted here (needs root or user namespaces)")
     command = _dockerfile_cmd()
     assert command[0] == "gunicorn"
+    workdir = tmp_path / "app"  # the image's files only: no .env, no tests
+    workdir.mkdir()
+    _lay_out_image(workdir)
     env = clean_environment(HOST="127.0.0.1", PORT="0", SHUTDOWN_TIMEOUT_S="15", **FAST_WORK)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     server = ServerProcess(
         ["unshare", "--pid", "--fork", "--mount-proc", *command],
-        log_path=tmp_path / "pid1.log", env=env, python=False,
+        log_path=tmp_path / "pid1.log", env=env, python=False, cwd=workdir,
     )
     try:
         service = Service(server, server.wait_for_port(LISTENING))
