@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from doubles import WAIT_S, Gate, failing, instant, wait_until  # noqa: F401  (re-exported)
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -24,35 +25,8 @@ from service.metrics import Metrics
 from workerpool import FINAL_STATES, PermanentFailure, Task, WorkerPool
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-WAIT_S = 10.0  # upper bound for any in-process synchronisation; never reached when things work
 LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"  # logged by gunicorn and by `python app.py`
 EPOCH = 1_800_000_000.125  # 2027-01-15T08:00:00.125Z
-
-
-class Gate:
-    """A handler whose attempts block until ``open()``; ``started`` is set when one begins."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self._open = threading.Event()
-
-    def __call__(self, task: Task, cancel: threading.Event) -> None:
-        self.started.set()
-        self._open.wait(WAIT_S)
-
-    def wait_started(self) -> None:
-        assert self.started.wait(WAIT_S), "no attempt started"
-
-    def open(self) -> None:
-        self._open.set()
-
-
-def instant(task: Task, cancel: threading.Event) -> None:
-    """Succeed at once."""
-
-
-def failing(task: Task, cancel: threading.Event) -> None:
-    raise RuntimeError("boom")
 
 
 def failing_permanently(task: Task, cancel: threading.Event) -> None:
@@ -123,18 +97,6 @@ def clean_environment(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
     env.update(overrides)
     return env
-
-
-def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, interval: float = 0.02) -> object:
-    """Poll a server process until ``predicate()`` is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class ServerProcess:

@@ -3,7 +3,8 @@ import threading
 from collections import Counter
 
 import pytest
-from conftest import eventually
+from doubles import WAIT_S, Gate, instant, wait_until
+from doubles import failing as always_fail
 
 from workerpool import (
     ABANDONED,
@@ -15,27 +16,7 @@ from workerpool import (
     WorkerPool,
 )
 
-TIMEOUT = 10  # real seconds any single wait in these tests may take at most
-
-
-def instant(task, cancel):
-    pass
-
-
-def always_fail(task, cancel):
-    raise RuntimeError("boom")
-
-
-class Gate:
-    """A handler that blocks each attempt until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-
-    def __call__(self, task, cancel):
-        self.entered.set()
-        assert self.opened.wait(TIMEOUT)
+TIMEOUT = WAIT_S  # real seconds any single wait in these tests may take at most
 
 
 class AttemptLog:
@@ -157,14 +138,14 @@ def test_a_due_retry_enters_a_full_queue_ahead_of_waiting_work(make_pool, clock)
     pool.submit("retry", "", max_retries=1)
     log.wait_for("retry", State.QUEUED)
     pool.submit("blocker", "", 0)
-    assert gate.entered.wait(TIMEOUT)
+    assert gate.started.wait(TIMEOUT)
     pool.submit("queued", "", 0)  # the queue is now full
     with pytest.raises(QueueFull):
         pool.submit("refused", "", 0)
 
     clock.advance(10)  # the retry falls due while the queue is full
-    eventually(lambda: pool.stats().queue_depth == 2)
-    gate.opened.set()
+    wait_until(lambda: pool.stats().queue_depth == 2, timeout=TIMEOUT, what="the retry in the queue")
+    gate.open()
     log.wait_for("queued", State.DONE)
     order = [task_id for task_id, _, state in log.events if state is State.DONE]
     assert order == ["blocker", "retry", "queued"]
@@ -183,13 +164,13 @@ def test_new_work_waits_only_for_work_accepted_before_it(make_pool):
 
     pool = make_pool(handler, workers=1, queue_size=50, on_attempt=log)
     pool.submit("first", "", max_retries=0)
-    assert gate.entered.wait(TIMEOUT)  # hold the worker while the queue fills
+    assert gate.started.wait(TIMEOUT)  # hold the worker while the queue fills
     for n in range(5):
         pool.submit(f"early{n}", "", max_retries=3)
     pool.submit("new", "", max_retries=0)
     for n in range(5):
         pool.submit(f"late{n}", "", max_retries=3)
-    gate.opened.set()
+    gate.open()
     pool.shutdown(timeout=TIMEOUT)
     order = [task_id for task_id, _, _ in log.events]
     before_new = set(order[: order.index("new")])
@@ -218,9 +199,9 @@ def test_a_failing_listener_neither_kills_the_worker_nor_delays_the_drain(make_p
     pool = make_pool(gate, workers=1, on_attempt=listener)
     pool.submit("a", "", 0)
     pool.submit("b", "", 0)
-    assert gate.entered.wait(TIMEOUT)
+    assert gate.started.wait(TIMEOUT)
     pool.shutdown(timeout=1000, wait=False)  # fake time never advances: only wake-ups end the drain
-    gate.opened.set()
+    gate.open()
     summary = pool.shutdown()
     assert summary.abandoned == ()
     assert summary.counts[State.DONE] == 2
@@ -230,7 +211,7 @@ def test_a_full_queue_refuses_without_a_trace(make_pool):
     gate = Gate()
     pool = make_pool(gate, workers=1, queue_size=2)
     pool.submit("running", "", 0)
-    assert gate.entered.wait(TIMEOUT)
+    assert gate.started.wait(TIMEOUT)
     pool.submit("q1", "", 0)
     pool.submit("q2", "", 0)
     before = pool.stats()
@@ -238,7 +219,7 @@ def test_a_full_queue_refuses_without_a_trace(make_pool):
         pool.submit("q3", "", 0)
     assert pool.get("q3") is None
     assert pool.stats() == before
-    gate.opened.set()
+    gate.open()
 
 
 def test_a_duplicate_id_is_refused_while_known(make_pool):
@@ -327,11 +308,11 @@ def test_a_second_shutdown_pulls_the_deadline_in(make_pool):
     gate = Gate()
     pool = make_pool(gate, workers=1)
     pool.submit("stuck", "", 0)
-    assert gate.entered.wait(TIMEOUT)
+    assert gate.started.wait(TIMEOUT)
     pool.shutdown(timeout=3600, wait=False)  # never advanced: would wait forever
     summary = pool.shutdown(timeout=0)
     assert summary.abandoned == ("stuck",)
-    gate.opened.set()
+    gate.open()
 
 
 def test_concurrent_submissions_each_reach_exactly_one_final_state(make_pool):

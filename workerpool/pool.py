@@ -218,7 +218,7 @@ class WorkerPool:
             queue_capacity=self.queue_size,
             queue_depth=self._ready.qsize(),
             retries_pending=retries_pending,
-            accepting=not self._closing,
+            accepting=self.accepting,
             counts=self._store.counts(),
         )
 
