@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from flask import Flask
 from werkzeug.serving import make_server
@@ -21,14 +21,14 @@ from service.api import bp as api_bp
 from service.context import EXTENSION, Services, services
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
-from workerpool import AttemptListener, ShutdownSummary, SimulatedWork, WorkerPool
+from workerpool import PoolObserver, ShutdownSummary, SimulatedWork, WorkerPool
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 LOG_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"
 
 
-def build_pool(config: Config, *, on_attempt: AttemptListener | None = None) -> WorkerPool:
+def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:
     """A pool running simulated work as ``config`` describes; its threads start on first use."""
     handler = SimulatedWork(
         min_s=config.work_min_ms / 1000,
@@ -43,7 +43,7 @@ def build_pool(config: Config, *, on_attempt: AttemptListener | None = None) -> 
         backoff_cap=config.backoff_cap_ms / 1000,
         state_ttl=config.state_ttl_s,
         state_max_tasks=config.state_max_tasks,
-        on_attempt=on_attempt,
+        observers=observers,
     )
 
 
@@ -53,13 +53,13 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
     The pool's threads are not started here (under gunicorn that would happen
     before the fork with ``--preload``): gunicorn's ``post_worker_init`` hook,
     ``python app.py`` or the first submission starts them. Pass ``pool`` to use
-    your own; wire its ``on_attempt`` to ``metrics.observe_attempt`` and pass
-    ``metrics`` too if attempt metrics matter.
+    your own; give it ``metrics`` as an observer and pass ``metrics`` too if
+    task metrics matter.
     """
     config = config or load_config()
     metrics = metrics or Metrics()
     if pool is None:
-        pool = build_pool(config, on_attempt=metrics.observe_attempt)
+        pool = build_pool(config, observers=[metrics])
     metrics.watch(pool)
 
     app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route

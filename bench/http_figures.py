@@ -181,7 +181,7 @@ def _request_profile(run: Run) -> str:
 
 def _accepted_total(server: Server) -> int:
     status, text = server.request("GET", "/metrics")
-    match = re.search(r"^workerpool_submissions_accepted_total ([0-9.e+]+)$", str(text), re.M)
+    match = re.search(r"^workerpool_tasks_accepted_total ([0-9.e+]+)$", str(text), re.M)
     return int(float(match.group(1))) if match else 0
 
 

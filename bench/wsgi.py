@@ -133,7 +133,7 @@ def build_planned_pool(
     failure_rate: float,
     backoff_base: float,
     backoff_cap: float,
-    on_attempt=None,
+    observers=(),
 ) -> WorkerPool:
     work = PlannedWork(seed=seed, min_s=min_s, max_s=max_s, failure_rate=failure_rate)
     if design == "retry-timer":
@@ -149,7 +149,7 @@ def build_planned_pool(
         backoff_base=backoff_base,
         backoff_cap=backoff_cap,
         rng=rng,
-        on_attempt=on_attempt,
+        observers=observers,
     )
 
 
@@ -167,6 +167,6 @@ def planned_app() -> Flask:
         failure_rate=config.failure_rate,
         backoff_base=config.backoff_base_ms / 1000,
         backoff_cap=config.backoff_cap_ms / 1000,
-        on_attempt=metrics.observe_attempt,
+        observers=[metrics],
     )
     return create_app(config, pool=pool, metrics=metrics)

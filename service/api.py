@@ -28,7 +28,6 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
-    svc.metrics.accepted.inc()
     return jsonify(task_to_json(task)), 202, {"Location": url_for("api.get_task", task_id=task.id)}
 
 

@@ -1,4 +1,9 @@
-"""Prometheus metrics for one app: its own registry, served at GET /metrics."""
+"""Prometheus metrics for one app: its own registry, served at GET /metrics.
+
+Counters and histograms are fed by the pool through the PoolObserver hooks
+and by the enqueue view (rejections); gauges are read from the pool at
+scrape time, so they are never stale.
+"""
 
 from __future__ import annotations
 
@@ -11,53 +16,98 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from workerpool import DuplicateTask, PoolClosed, QueueFull, State, Task, WorkerPool
+from workerpool import DuplicateTask, PoolClosed, PoolObserver, QueueFull, State, Task, WorkerPool
 
 from .context import services
 from .problems import Problem
 
-REJECTION_REASONS = ("invalid", "too_large", "duplicate", "queue_full", "shutting_down", "error")
-ATTEMPT_OUTCOMES = ("done", "retry", "failed")
-_OUTCOME_BY_STATE = {State.DONE: "done", State.QUEUED: "retry", State.FAILED: "failed"}
+REJECTION_REASONS = ("invalid", "too_large", "unauthorized", "duplicate", "queue_full", "shutting_down", "error")
+ATTEMPT_OUTCOMES = ("succeeded", "failed")
+FINAL_STATES = (State.DONE, State.FAILED)
+# Attempts of the simulated work take 0.1-0.5 s; tasks wait out backoffs of up to 10 s per retry.
+ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+QUEUED_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TASK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 bp = Blueprint("metrics", __name__)
 
 
-class Metrics:
-    """Counters fed by the views and the pool's ``on_attempt`` callback; gauges read at scrape time.
+class Metrics(PoolObserver):
+    """The service's metrics; give an instance to the pool as an observer.
 
     Each instance has its own registry, so any number of apps can live in one process.
     """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.accepted = Counter(
-            "workerpool_submissions_accepted", "Tasks accepted by POST /enqueue.", registry=self.registry
-        )
+        self.registry = registry = CollectorRegistry()
+        self.accepted = Counter("workerpool_tasks_accepted", "Tasks accepted and queued.", registry=registry)
         self.rejected = Counter(
-            "workerpool_submissions_rejected",
-            "Submissions refused by POST /enqueue, by reason.",
-            ["reason"],
-            registry=self.registry,
+            "workerpool_tasks_rejected", "Submissions refused, by reason.", ["reason"], registry=registry
         )
         self.attempts = Counter(
-            "workerpool_attempts",
-            "Finished task attempts by outcome: done, retry (failed, will retry) or failed (final).",
-            ["outcome"],
-            registry=self.registry,
+            "workerpool_attempts", "Finished attempts, by outcome.", ["outcome"], registry=registry
+        )
+        self.retries = Counter(
+            "workerpool_retries", "Failed attempts that were scheduled to run again.", registry=registry
+        )
+        self.finished = Counter(
+            "workerpool_tasks_finished", "Tasks that reached a final state, by state.", ["state"], registry=registry
+        )
+        self.abandoned = Counter(
+            "workerpool_tasks_abandoned",
+            "Tasks failed by shutdown because they were unfinished at the drain deadline (counted in finished too).",
+            registry=registry,
         )
         self.attempt_seconds = Histogram(
-            "workerpool_attempt_duration_seconds", "Wall time of one task attempt.", registry=self.registry
+            "workerpool_attempt_duration_seconds", "Time one attempt ran.", buckets=ATTEMPT_BUCKETS, registry=registry
         )
+        self.queued_seconds = Histogram(
+            "workerpool_task_queued_seconds",
+            "Time from acceptance to the start of the first attempt.",
+            buckets=QUEUED_BUCKETS,
+            registry=registry,
+        )
+        self.task_seconds = Histogram(
+            "workerpool_task_duration_seconds",
+            "Time from acceptance to the final state, retries included.",
+            buckets=TASK_BUCKETS,
+            registry=registry,
+        )
+        # Every label value from the start: a series that appears late breaks rate() over its first scrape.
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
         for outcome in ATTEMPT_OUTCOMES:
             self.attempts.labels(outcome)
+        for state in FINAL_STATES:
+            self.finished.labels(state)
 
-    def observe_attempt(self, task: Task, seconds: float) -> None:
-        """The pool's ``on_attempt`` callback: count one attempt by the state it left the task in."""
-        self.attempts.labels(_OUTCOME_BY_STATE.get(task.state, "failed")).inc()
+    # -- PoolObserver ----------------------------------------------------
+
+    def task_queued(self, task: Task) -> None:
+        self.accepted.inc()
+
+    def attempt_started(self, task: Task) -> None:
+        if task.attempts == 1 and task.started_at is not None:
+            self.queued_seconds.observe(max(0.0, task.started_at - task.created_at))
+
+    def attempt_finished(self, task: Task, seconds: float) -> None:
         self.attempt_seconds.observe(seconds)
+        self.attempts.labels("succeeded" if task.state is State.DONE else "failed").inc()
+        if task.state is State.QUEUED:
+            self.retries.inc()
+        else:
+            self._finish(task)
+
+    def task_abandoned(self, task: Task) -> None:
+        self.abandoned.inc()
+        self._finish(task)
+
+    def _finish(self, task: Task) -> None:
+        self.finished.labels(task.state).inc()
+        if task.finished_at is not None:
+            self.task_seconds.observe(max(0.0, task.finished_at - task.created_at))
+
+    # -- the HTTP side ---------------------------------------------------
 
     def count_rejection(self, exc: BaseException) -> None:
         self.rejected.labels(rejection_reason(exc)).inc()
@@ -70,6 +120,8 @@ class Metrics:
 def rejection_reason(exc: BaseException) -> str:
     if isinstance(exc, Problem) and exc.status == 400:
         return "invalid"
+    if isinstance(exc, Problem) and exc.status == 401:
+        return "unauthorized"
     if isinstance(exc, RequestEntityTooLarge):
         return "too_large"
     if isinstance(exc, DuplicateTask):
@@ -89,17 +141,24 @@ class _PoolCollector(Collector):
         stats = self._pool.stats()
         yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=stats.workers)
         yield GaugeMetricFamily("workerpool_queue_capacity", "Tasks the queue can hold.", value=stats.queue_capacity)
-        yield GaugeMetricFamily("workerpool_queue_depth", "Tasks waiting in the queue.", value=stats.queue_depth)
         yield GaugeMetricFamily(
-            "workerpool_retries_pending", "Tasks waiting out a retry backoff.", value=stats.retries_pending
+            "workerpool_queue_depth", "Tasks waiting in the queue for a worker.", value=stats.queue_depth
         )
         yield GaugeMetricFamily(
-            "workerpool_accepting", "1 while new tasks are accepted, 0 once shutdown began.", value=int(stats.accepting)
+            "workerpool_tasks_running", "Tasks with an attempt running.", value=stats.counts[State.RUNNING]
         )
-        tasks = GaugeMetricFamily("workerpool_tasks", "Retained tasks by state.", labels=["state"])
+        yield GaugeMetricFamily(
+            "workerpool_tasks_waiting_retry", "Tasks waiting out a retry backoff.", value=stats.retries_pending
+        )
+        retained = GaugeMetricFamily(
+            "workerpool_tasks_retained", "Tasks whose state can be read back, by state.", labels=["state"]
+        )
         for state in State:
-            tasks.add_metric([str(state)], stats.counts.get(state, 0))
-        yield tasks
+            retained.add_metric([str(state)], stats.counts[state])
+        yield retained
+        yield GaugeMetricFamily(
+            "workerpool_draining", "1 once shutdown began: new tasks are refused.", value=int(not stats.accepting)
+        )
 
 
 @bp.get("/metrics")

@@ -22,7 +22,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from config import VARIABLES, Config
 from service.metrics import Metrics
-from workerpool import FINAL_STATES, PermanentFailure, Task, WorkerPool
+from workerpool import FINAL_STATES, PermanentFailure, PoolObserver, Task, WorkerPool
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"  # logged by gunicorn and by `python app.py`
@@ -33,16 +33,14 @@ def failing_permanently(task: Task, cancel: threading.Event) -> None:
     raise PermanentFailure("bad payload")
 
 
-class FinalStates:
-    """An ``on_attempt`` listener that lets a test wait until given tasks are final."""
+class FinalStates(PoolObserver):
+    """Lets a test wait until given tasks are final."""
 
-    def __init__(self, then: Callable[[Task, float], None]) -> None:
-        self._then = then
+    def __init__(self) -> None:
         self._final: dict[str, Task] = {}
         self._changed = threading.Condition()
 
-    def __call__(self, task: Task, seconds: float) -> None:
-        self._then(task, seconds)
+    def attempt_finished(self, task: Task, seconds: float) -> None:
         if task.state in FINAL_STATES:
             with self._changed:
                 self._final[task.id] = task
@@ -85,10 +83,10 @@ def make_harness(
     **pool_options: object,
 ) -> Harness:
     metrics = Metrics()
-    final = FinalStates(metrics.observe_attempt)
+    final = FinalStates()
     options: dict[str, object] = {"workers": 1, "queue_size": 4, "backoff_base": 0.0, "backoff_cap": 0.0}
     options.update(pool_options)
-    pool = WorkerPool(handler, clock=clock, on_attempt=final, **options)  # type: ignore[arg-type]
+    pool = WorkerPool(handler, clock=clock, observers=[metrics, final], **options)  # type: ignore[arg-type]
     return Harness(create_app(config, pool=pool, metrics=metrics), pool, metrics, final)
 
 

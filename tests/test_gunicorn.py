@@ -133,7 +133,7 @@ def test_gunicorn_serves_tasks_to_their_final_states(tmp_path):
 
         status, _, metrics = client.request("GET", "/metrics")
         assert status == 200
-        assert "workerpool_submissions_accepted_total 20.0" in metrics
+        assert "workerpool_tasks_accepted_total 20.0" in metrics
 
         assert server.terminate(timeout=20) == 0
     finally:

@@ -1,6 +1,8 @@
-"""GET /metrics: submission and attempt counters, the duration histogram, pool gauges."""
+"""GET /metrics: task and attempt counters that agree with the engine, the histograms, pool gauges."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 from http_fixtures import PROJECT_ROOT, TEST_CONFIG, Gate, make_harness
@@ -8,9 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app, pool_of
 from config import Config
-from workerpool import State
-
-COUNTERS = {"workerpool_submissions_accepted", "workerpool_submissions_rejected", "workerpool_attempts"}
+from workerpool import PermanentFailure, State
 
 
 def scrape_text(client) -> str:
@@ -57,42 +57,87 @@ def test_submissions_are_counted_by_outcome(gate):
         assert client.post("/enqueue", data="x" * 2000).status_code == 413
         samples = scrape(client)
         assert value(samples, "workerpool_queue_depth") == 1
-        assert value(samples, "workerpool_tasks", state="running") == 1
-        assert value(samples, "workerpool_tasks", state="queued") == 1
+        assert value(samples, "workerpool_tasks_running") == 1
+        assert value(samples, "workerpool_tasks_retained", state="running") == 1
+        assert value(samples, "workerpool_tasks_retained", state="queued") == 1
     finally:
         gate.open()
         harness.drain()
     assert enqueue(client, "late").status_code == 503
     samples = scrape(client)
-    assert value(samples, "workerpool_submissions_accepted_total") == 2
+    assert value(samples, "workerpool_tasks_accepted_total") == 2
     for reason, count in [("invalid", 2), ("too_large", 1), ("duplicate", 1), ("queue_full", 1), ("shutting_down", 1)]:
-        assert value(samples, "workerpool_submissions_rejected_total", reason=reason) == count
-    assert value(samples, "workerpool_submissions_rejected_total", reason="error") == 0
-    assert value(samples, "workerpool_accepting") == 0
+        assert value(samples, "workerpool_tasks_rejected_total", reason=reason) == count
+    assert value(samples, "workerpool_tasks_rejected_total", reason="error") == 0
+    assert value(samples, "workerpool_draining") == 1
 
 
-def test_attempts_are_counted_by_outcome_and_timed():
-    def fail_once(task, cancel):
-        if task.attempts == 1:
-            raise RuntimeError("first attempt fails")
+def scripted(task, cancel):
+    """Each task's id says how its attempts go: ok, fail-once, always-fails or permanent."""
+    kind = task.id.split("-")[0]
+    if kind == "permanent":
+        raise PermanentFailure("bad input")
+    if kind == "always" or (kind == "once" and task.attempts == 1):
+        raise RuntimeError("transient")
 
-    def fail_always(task, cancel):
-        raise RuntimeError("never works")
 
-    handlers = {"ok": fail_once, "bad": fail_always}
-    harness = make_harness(lambda task, cancel: handlers[task.id](task, cancel))
-    enqueue(harness.client, "ok", max_retries=3)
-    enqueue(harness.client, "bad", max_retries=1)
-    harness.final.wait("ok", "bad")
+def test_after_a_scripted_run_the_counters_agree_with_the_engine():
+    ids = [f"{kind}-{n}" for kind in ("ok", "once", "always", "permanent") for n in range(5)]
+    harness = make_harness(scripted, queue_size=len(ids))
+    for task_id in ids:
+        assert enqueue(harness.client, task_id, max_retries=2).status_code == 202
+    harness.final.wait(*ids)
     samples = scrape(harness.client)
-    assert value(samples, "workerpool_attempts_total", outcome="done") == 1
-    assert value(samples, "workerpool_attempts_total", outcome="retry") == 2
-    assert value(samples, "workerpool_attempts_total", outcome="failed") == 1
-    assert value(samples, "workerpool_attempt_duration_seconds_count") == 4
-    assert value(samples, "workerpool_tasks", state="done") == 1
-    assert value(samples, "workerpool_tasks", state="failed") == 1
-    assert value(samples, "workerpool_retries_pending") == 0
     harness.drain()
+
+    tasks = harness.pool.list(limit=len(ids))
+    counts = Counter(task.state for task in tasks)
+    assert counts == {State.DONE: 10, State.FAILED: 10}
+    for state in (State.DONE, State.FAILED):
+        assert value(samples, "workerpool_tasks_finished_total", state=state) == counts[state]
+        assert value(samples, "workerpool_tasks_retained", state=state) == counts[state]
+    assert value(samples, "workerpool_tasks_accepted_total") == len(ids)
+    attempts = sum(task.attempts for task in tasks)  # 5*1 + 5*2 + 5*3 + 5*1
+    assert attempts == 35
+    succeeded = value(samples, "workerpool_attempts_total", outcome="succeeded")
+    failed = value(samples, "workerpool_attempts_total", outcome="failed")
+    assert (succeeded, failed) == (counts[State.DONE], attempts - counts[State.DONE])
+    assert value(samples, "workerpool_retries_total") == attempts - len(ids)  # every attempt but the last
+    assert value(samples, "workerpool_attempt_duration_seconds_count") == attempts
+    assert value(samples, "workerpool_task_queued_seconds_count") == len(ids)
+    assert value(samples, "workerpool_task_duration_seconds_count") == len(ids)
+    assert value(samples, "workerpool_tasks_abandoned_total") == 0
+    assert value(samples, "workerpool_tasks_waiting_retry") == 0
+
+
+def test_time_queued_and_task_duration_come_from_the_task_clock(clock, gate):
+    harness = make_harness(gate, clock=clock.time, workers=1, queue_size=2)
+    enqueue(harness.client, "first")
+    gate.wait_started()
+    enqueue(harness.client, "second")  # waits behind "first"
+    clock.advance(3.0)
+    gate.open()
+    harness.final.wait("first", "second")
+    samples = scrape(harness.client)
+    assert value(samples, "workerpool_task_queued_seconds_count") == 2
+    assert value(samples, "workerpool_task_queued_seconds_sum") == 3.0  # "first": 0 s, "second": 3 s
+    assert value(samples, "workerpool_task_queued_seconds_bucket", le="0.001") == 1
+    assert value(samples, "workerpool_task_duration_seconds_sum") == 6.0  # both finished 3 s after acceptance
+    harness.drain()
+
+
+def test_abandoned_tasks_are_counted_as_failed_and_abandoned(gate):
+    harness = make_harness(gate, workers=1, queue_size=2)
+    enqueue(harness.client, "running")
+    gate.wait_started()
+    enqueue(harness.client, "queued")
+    summary = harness.pool.shutdown(0)
+    assert set(summary.abandoned) == {"running", "queued"}
+    samples = scrape(harness.client)
+    assert value(samples, "workerpool_tasks_abandoned_total") == 2
+    assert value(samples, "workerpool_tasks_finished_total", state="failed") == 2
+    assert value(samples, "workerpool_tasks_retained", state="failed") == 2
+    assert value(samples, "workerpool_draining") == 1
 
 
 def test_gauges_describe_the_pool():
@@ -100,16 +145,18 @@ def test_gauges_describe_the_pool():
     samples = scrape(harness.client)
     assert value(samples, "workerpool_workers") == 3
     assert value(samples, "workerpool_queue_capacity") == 7
-    assert value(samples, "workerpool_accepting") == 1
-    assert {value(samples, "workerpool_tasks", state=s) for s in ("queued", "running", "done", "failed")} == {0}
+    assert value(samples, "workerpool_draining") == 0
+    assert {value(samples, "workerpool_tasks_retained", state=s) for s in ("queued", "running", "done", "failed")} == {
+        0
+    }
 
 
 def test_many_apps_in_one_process_keep_separate_metrics():
     first, second = make_harness(), make_harness()
     enqueue(first.client, "a")
     first.final.wait("a")
-    assert value(scrape(first.client), "workerpool_submissions_accepted_total") == 1
-    assert value(scrape(second.client), "workerpool_submissions_accepted_total") == 0
+    assert value(scrape(first.client), "workerpool_tasks_accepted_total") == 1
+    assert value(scrape(second.client), "workerpool_tasks_accepted_total") == 0
     # Apps that build their own pool register cleanly too.
     for _ in range(2):
         create_app(TEST_CONFIG).test_client().get("/metrics")
@@ -121,7 +168,7 @@ def test_a_default_app_counts_attempts_of_its_own_pool():
     assert enqueue(client, "a").status_code == 202
     summary = pool_of(app).shutdown(10)  # drains: the attempt has run when it returns
     assert summary.counts[State.DONE] == 1
-    assert value(scrape(client), "workerpool_attempts_total", outcome="done") == 1
+    assert value(scrape(client), "workerpool_attempts_total", outcome="succeeded") == 1
 
 
 def test_openmetrics_is_served_on_request():
@@ -133,7 +180,9 @@ def test_openmetrics_is_served_on_request():
 
 def test_the_readme_documents_every_metric():
     readme = (PROJECT_ROOT / "README.md").read_text()
-    families = {family.name for family in text_string_to_metric_families(scrape_text(make_harness().client))}
-    for name in {name for name in families if not name.endswith("_created")}:  # the client's own series
-        documented = name + "_total" if name in COUNTERS else name
-        assert f"`{documented}`" in readme, name
+    families = text_string_to_metric_families(scrape_text(make_harness().client))
+    for family in families:
+        if family.name.endswith("_created"):  # the client's own series
+            continue
+        documented = family.name + "_total" if family.type == "counter" else family.name
+        assert f"`{documented}`" in readme, documented

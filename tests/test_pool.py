@@ -1,3 +1,4 @@
+import logging
 import random
 import threading
 from collections import Counter
@@ -11,6 +12,7 @@ from workerpool import (
     DuplicateTask,
     PermanentFailure,
     PoolClosed,
+    PoolObserver,
     QueueFull,
     State,
     WorkerPool,
@@ -19,15 +21,15 @@ from workerpool import (
 TIMEOUT = WAIT_S  # real seconds any single wait in these tests may take at most
 
 
-class AttemptLog:
-    """on_attempt listener: records outcomes and lets a test wait for one."""
+class AttemptLog(PoolObserver):
+    """Records the outcome of every attempt and lets a test wait for one."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.events: list[tuple[str, int, State]] = []
         self.changed = threading.Condition(self.lock)
 
-    def __call__(self, task, seconds):
+    def attempt_finished(self, task, seconds):
         with self.lock:
             self.events.append((task.id, task.attempts, task.state))
             self.changed.notify_all()
@@ -108,7 +110,7 @@ def test_a_task_waiting_for_its_retry_holds_no_worker(make_pool, clock):
 
     log = AttemptLog()
     # random() = 0.5 -> the first retry waits half of base: 500 s of fake time.
-    pool = make_pool(fail_first_attempt, workers=1, backoff_base=1000, backoff_cap=1000, on_attempt=log)
+    pool = make_pool(fail_first_attempt, workers=1, backoff_base=1000, backoff_cap=1000, observers=[log])
     pool._rng.random = lambda: 0.5
     pool.submit("slow", "", max_retries=1)
     pool.submit("quick", "", max_retries=0)
@@ -134,7 +136,7 @@ def test_a_due_retry_enters_a_full_queue_ahead_of_waiting_work(make_pool, clock)
             gate(task, cancel)
 
     log = AttemptLog()
-    pool = make_pool(handler, workers=1, queue_size=1, backoff_base=10, backoff_cap=10, on_attempt=log)
+    pool = make_pool(handler, workers=1, queue_size=1, backoff_base=10, backoff_cap=10, observers=[log])
     pool.submit("retry", "", max_retries=1)
     log.wait_for("retry", State.QUEUED)
     pool.submit("blocker", "", 0)
@@ -162,7 +164,7 @@ def test_new_work_waits_only_for_work_accepted_before_it(make_pool):
             gate(task, cancel)
         raise RuntimeError("no luck")
 
-    pool = make_pool(handler, workers=1, queue_size=50, on_attempt=log)
+    pool = make_pool(handler, workers=1, queue_size=50, observers=[log])
     pool.submit("first", "", max_retries=0)
     assert gate.started.wait(TIMEOUT)  # hold the worker while the queue fills
     for n in range(5):
@@ -191,12 +193,16 @@ def test_even_systemexit_from_a_handler_fails_the_attempt_not_the_worker(make_po
     assert pool.get("after").state is State.DONE
 
 
-def test_a_failing_listener_neither_kills_the_worker_nor_delays_the_drain(make_pool):
-    def listener(task, seconds):
-        raise RuntimeError("listener bug")
+class BrokenObserver(PoolObserver):
+    def _fail(self, *args):
+        raise RuntimeError("observer bug")
 
+    task_queued = attempt_started = attempt_finished = task_abandoned = _fail
+
+
+def test_a_failing_observer_neither_kills_the_worker_nor_delays_the_drain(make_pool):
     gate = Gate()
-    pool = make_pool(gate, workers=1, on_attempt=listener)
+    pool = make_pool(gate, workers=1, observers=[BrokenObserver()])
     pool.submit("a", "", 0)
     pool.submit("b", "", 0)
     assert gate.started.wait(TIMEOUT)
@@ -294,7 +300,7 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
         started.set()
         assert cancel.wait(TIMEOUT)  # ... then reports success anyway
 
-    pool = make_pool(ignores_cancel, workers=1, on_attempt=log)
+    pool = make_pool(ignores_cancel, workers=1, observers=[log])
     pool.submit("late", "", 0)
     assert started.wait(TIMEOUT)
     summary = pool.shutdown(timeout=0)
@@ -321,7 +327,7 @@ def test_concurrent_submissions_each_reach_exactly_one_final_state(make_pool):
             raise RuntimeError("coin")
 
     log = AttemptLog()
-    pool = make_pool(coin, workers=4, queue_size=32, on_attempt=log)
+    pool = make_pool(coin, workers=4, queue_size=32, observers=[log])
     accepted: list[str] = []
     refused = Counter()
     lock = threading.Lock()
@@ -396,9 +402,103 @@ def test_after_shutdown_the_queue_is_empty(make_pool):
 
 def test_after_shutdown_no_retry_is_pending(make_pool):
     log = AttemptLog()
-    pool = make_pool(always_fail, workers=1, backoff_base=100, backoff_cap=100, on_attempt=log)
+    pool = make_pool(always_fail, workers=1, backoff_base=100, backoff_cap=100, observers=[log])
     pool.submit("waiting", "", max_retries=3)
     log.wait_for("waiting", State.QUEUED)
     assert pool.stats().retries_pending == 1
     assert pool.shutdown(timeout=0).abandoned == ("waiting",)
     assert pool.stats().retries_pending == 0
+
+
+# -- returned values, observers, stepping by hand ------------------------------------
+
+
+@pytest.mark.parametrize("returned", [False, 0, "ok", {"result": 1}])
+def test_a_handler_returning_a_value_fails_its_task_for_good(make_pool, returned):
+    pool = make_pool(lambda task, cancel: returned, workers=1)
+    pool.submit("a", "", max_retries=3)
+    summary = pool.shutdown(TIMEOUT)
+    task = pool.get("a")
+    assert (task.state, task.attempts) == (State.FAILED, 1)
+    assert f"returned {type(returned).__name__}, not None" in task.last_error
+    assert summary.abandoned == ()
+
+
+def test_a_coroutine_handler_fails_its_task_and_the_coroutine_is_closed(make_pool):
+    async def forgot_this_is_async(task, cancel):
+        raise AssertionError("never runs")
+
+    pool = make_pool(forgot_this_is_async, workers=1)
+    pool.submit("a", "", max_retries=3)
+    pool.shutdown(TIMEOUT)  # filterwarnings=error: an unclosed coroutine would warn and fail the test
+    assert "returned coroutine" in pool.get("a").last_error
+
+
+class Recorder(PoolObserver):
+    def __init__(self):
+        self.calls = []
+
+    def task_queued(self, task):
+        self.calls.append(("queued", task.id, task.state))
+
+    def attempt_started(self, task):
+        self.calls.append(("started", task.id, task.state, task.attempts))
+
+    def attempt_finished(self, task, seconds):
+        self.calls.append(("finished", task.id, task.state, task.attempts))
+
+    def task_abandoned(self, task):
+        self.calls.append(("abandoned", task.id, task.state))
+
+
+def fail_first(task, cancel):
+    if task.attempts == 1:
+        raise RuntimeError("first attempt fails")
+
+
+def test_observers_hear_every_change_in_order_and_a_pool_can_be_stepped_by_hand(make_pool, clock):
+    recorder = Recorder()
+    pool = make_pool(fail_first, threads=False, backoff_base=2.0, backoff_cap=2.0, observers=[recorder])
+    pool.submit("a", "", max_retries=1)
+    pool.submit("b", "", max_retries=0)
+    assert pool.step() and pool.step()  # both fail: "a" will be retried, "b" has no retry left
+    assert not pool.step()  # nothing ready: "a" waits out its backoff
+    assert 0 < pool.release_due_retries() <= 2.0
+    clock.advance(2.0)
+    assert pool.release_due_retries() is None
+    assert pool.step()
+    pool.submit("c", "", max_retries=0)
+    summary = pool.shutdown(0)
+    assert summary.abandoned == ("c",)
+    assert not pool.started
+    assert recorder.calls == [
+        ("queued", "a", State.QUEUED),
+        ("queued", "b", State.QUEUED),
+        ("started", "a", State.RUNNING, 1),
+        ("finished", "a", State.QUEUED, 1),
+        ("started", "b", State.RUNNING, 1),
+        ("finished", "b", State.FAILED, 1),
+        ("started", "a", State.RUNNING, 2),
+        ("finished", "a", State.DONE, 2),
+        ("queued", "c", State.QUEUED),
+        ("abandoned", "c", State.FAILED),
+    ]
+
+
+def test_step_refuses_a_pool_with_threads(make_pool):
+    with pytest.raises(RuntimeError, match="threads=False"):
+        make_pool().step()
+
+
+def test_task_log_lines_carry_the_task_and_request_ids(make_pool, caplog):
+    caplog.set_level(logging.DEBUG, logger="workerpool")
+    pool = make_pool(always_fail, threads=False)
+    pool.submit("a", "", max_retries=0, request_id="req-1")
+    pool.step()
+    records = [r for r in caplog.records if r.name == "workerpool.pool"]
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("DEBUG", "task a queued"),
+        ("DEBUG", "task a attempt 1 started"),
+        ("WARNING", "task a failed after 1 attempt(s): RuntimeError: boom"),
+    ]
+    assert {(r.task_id, r.request_id) for r in records} == {("a", "req-1")}

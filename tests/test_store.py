@@ -57,7 +57,7 @@ def test_an_attempt_counts_and_a_late_end_is_ignored(clock):
     assert store.start_attempt("a", clock.time()).attempts == 1
     assert store.start_attempt("a", clock.time()) is None  # already running
     assert store.end_attempt("a", 2, State.DONE) is None  # not that attempt
-    assert store.fail_unfinished("gone", clock.time()) == ["a"]
+    assert [t.id for t in store.fail_unfinished("gone", clock.time())] == ["a"]
     assert store.end_attempt("a", 1, State.DONE, finished_at=1.0) is None  # abandoned meanwhile
     task = store.get("a")
     assert (task.state, task.last_error) == (State.FAILED, "gone")

@@ -3,7 +3,8 @@
 from .backoff import backoff_bound, compute_backoff
 from .errors import AttemptCancelled, DuplicateTask, PermanentFailure, PoolClosed, QueueFull, SubmitError
 from .handlers import SimulatedFailure, SimulatedWork, event_wait
-from .pool import ABANDONED, AttemptListener, Handler, PoolStats, ShutdownSummary, WorkerPool
+from .observer import PoolObserver
+from .pool import ABANDONED, Handler, PoolStats, ShutdownSummary, WorkerPool
 from .task import FINAL_STATES, TRANSITIONS, InvalidTransition, State, Task
 
 __all__ = [
@@ -11,12 +12,12 @@ __all__ = [
     "FINAL_STATES",
     "TRANSITIONS",
     "AttemptCancelled",
-    "AttemptListener",
     "DuplicateTask",
     "Handler",
     "InvalidTransition",
     "PermanentFailure",
     "PoolClosed",
+    "PoolObserver",
     "PoolStats",
     "QueueFull",
     "ShutdownSummary",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import logging
 import math
@@ -11,23 +12,23 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .backoff import compute_backoff
 from .errors import DuplicateTask, PermanentFailure, PoolClosed, QueueFull
 from .handlers import SimulatedWork, Wait, event_wait
+from .observer import PoolObserver
 from .store import TaskStore
 from .task import State, Task
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Task, threading.Event], None]
-"""``handler(task, cancel)`` runs one attempt; raising fails it. ``cancel`` is
+"""``handler(task, cancel)`` runs one attempt: returning None succeeds, raising
+fails it, and returning anything else fails the task for good (a handler that
+returns False, or a coroutine, was not written for this pool). ``cancel`` is
 set when shutdown abandons unfinished work: a long handler should return early."""
-
-AttemptListener = Callable[[Task, float], None]
-"""``on_attempt(task, seconds)``: called after each attempt with the task's new state."""
 
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
 _MAX_ERROR_CHARS = 500
@@ -91,7 +92,9 @@ class WorkerPool:
 
     ``clock`` stamps task times (seconds since the epoch), ``monotonic`` times
     retries and the drain deadline, ``wait`` blocks on an event with a timeout
-    and ``rng`` draws the jitter: tests inject all four.
+    and ``rng`` draws the jitter: tests inject all four. ``observers`` hear of
+    every change of a task. With ``threads=False`` no thread is started and
+    the caller drives the pool with ``step()`` and ``release_due_retries()``.
     """
 
     def __init__(
@@ -108,7 +111,8 @@ class WorkerPool:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         wait: Wait = event_wait,
-        on_attempt: AttemptListener | None = None,
+        observers: Iterable[PoolObserver] = (),
+        threads: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -125,7 +129,8 @@ class WorkerPool:
         self._clock = clock
         self._monotonic = monotonic
         self._wait = wait
-        self._on_attempt = on_attempt
+        self._observers = tuple(observers)
+        self._use_threads = threads
         self._store = TaskStore(ttl=state_ttl, max_finished=state_max_tasks, monotonic=monotonic)
         self._ready = _ReadyQueue(maxsize=queue_size)
         self._threads: list[threading.Thread] = []
@@ -158,7 +163,7 @@ class WorkerPool:
             self._start_locked()
 
     def _start_locked(self) -> None:
-        if self._threads or self._closing:
+        if self._threads or self._closing or not self._use_threads:
             return
         # Daemon threads: interpreter exit must never wait on a handler that
         # ignores cancellation. Shutdown drains explicitly instead.
@@ -169,16 +174,17 @@ class WorkerPool:
         self._threads.append(threading.Thread(target=self._run_timer, name="workerpool-timer", daemon=True))
         for thread in self._threads:
             thread.start()
+        log.info("pool started: %d worker thread(s), queue of %d", self.workers, self.queue_size)
 
-    def submit(self, task_id: str, payload: str = "", max_retries: int = 0) -> Task:
+    def submit(self, task_id: str, payload: str = "", max_retries: int = 0, *, request_id: str | None = None) -> Task:
         """Accept a task without blocking; it is queued in the store on return.
 
         Raises PoolClosed, DuplicateTask or QueueFull; a refused task leaves
-        no trace.
+        no trace. ``request_id`` is carried on the task for its log lines.
         """
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        task = Task(task_id, payload, max_retries, created_at=self._clock())
+        task = Task(task_id, payload, max_retries, created_at=self._clock(), request_id=request_id)
         with self._shutdown_lock:
             if self._closing:
                 raise PoolClosed()
@@ -191,7 +197,8 @@ class WorkerPool:
             self._start_locked()
             self._store.add(task)
             self._ready.push(task_id)
-        log.debug("task %s queued", task_id)
+        _log(logging.DEBUG, task, "task %s queued", task_id)
+        self._notify("task_queued", task)
         return task
 
     # -- reading ---------------------------------------------------------
@@ -224,22 +231,43 @@ class WorkerPool:
 
     # -- workers ---------------------------------------------------------
 
+    def step(self) -> bool:
+        """Run the next ready attempt on the calling thread; False if none was ready.
+
+        For a pool built with ``threads=False``: what a worker thread does in
+        a loop, one attempt at a time.
+        """
+        if self._use_threads:
+            raise RuntimeError("step() drives a pool built with threads=False")
+        try:
+            task_id = self._ready.get_nowait()
+        except queue.Empty:
+            return False
+        self._run_attempt(task_id)
+        return True
+
     def _work(self) -> None:
         while (task_id := self._ready.get()) is not _STOP:
-            try:
-                self._run_attempt(task_id)
-            except Exception:  # a bug of ours must not kill the worker
-                log.exception("worker failed on task %s", task_id)
+            self._run_attempt(task_id)
 
     def _run_attempt(self, task_id: str) -> None:
+        try:
+            self._attempt(task_id)
+        except Exception:  # a bug of ours must not kill the worker
+            log.exception("worker failed on task %s", task_id, extra={"task_id": task_id})
+
+    def _attempt(self, task_id: str) -> None:
         task = self._store.start_attempt(task_id, self._clock())
         if task is None:  # abandoned at shutdown while it waited
             return
-        log.debug("task %s attempt %d started", task_id, task.attempts)
+        _log(logging.DEBUG, task, "task %s attempt %d started", task_id, task.attempts)
+        self._notify("attempt_started", task)
         started = self._monotonic()
         error, retryable = None, False
         try:
-            self._handler(task, self._cancel)
+            returned = self._handler(task, self._cancel)
+            if returned is not None:
+                error = _describe_return(returned)
         except PermanentFailure as exc:
             error = _describe(exc)
         except BaseException as exc:  # even SystemExit: it would end this thread silently
@@ -248,9 +276,12 @@ class WorkerPool:
         try:
             result = self._end_attempt(task, error, retryable)
             if result is None:
-                log.warning("task %s attempt %d ended after it was abandoned; result dropped", task_id, task.attempts)
-            elif self._on_attempt is not None:
-                self._on_attempt(result, seconds)
+                _log(
+                    logging.WARNING, task, "task %s attempt %d ended after it was abandoned; result dropped",
+                    task_id, task.attempts,
+                )
+            else:
+                self._notify("attempt_finished", result, seconds)
         finally:
             if self._closing:
                 self._drain_wakeup.set()
@@ -260,7 +291,7 @@ class WorkerPool:
         if error is None:
             result = self._store.end_attempt(task.id, task.attempts, State.DONE, finished_at=now)
             if result:
-                log.info("task %s done after %d attempt(s)", task.id, task.attempts)
+                _log(logging.INFO, task, "task %s done after %d attempt(s)", task.id, task.attempts)
             return result
         if retryable and task.attempts <= task.max_retries:
             delay = compute_backoff(task.attempts, base=self._backoff_base, cap=self._backoff_cap, rng=self._rng)
@@ -268,16 +299,23 @@ class WorkerPool:
                 task.id, task.attempts, State.QUEUED, last_error=error, next_attempt_at=now + delay
             )
             if result:
-                log.info(
-                    "task %s attempt %d failed (%s); retry %d of %d in %.3f s",
+                _log(
+                    logging.INFO, task, "task %s attempt %d failed (%s); retry %d of %d in %.3f s",
                     task.id, task.attempts, error, task.attempts, task.max_retries, delay,
                 )
                 self._schedule_retry(task.id, delay)
             return result
         result = self._store.end_attempt(task.id, task.attempts, State.FAILED, last_error=error, finished_at=now)
         if result:
-            log.warning("task %s failed after %d attempt(s): %s", task.id, task.attempts, error)
+            _log(logging.WARNING, task, "task %s failed after %d attempt(s): %s", task.id, task.attempts, error)
         return result
+
+    def _notify(self, hook: str, *args: object) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                log.exception("observer %r failed in %s", observer, hook)
 
     # -- retries ---------------------------------------------------------
 
@@ -287,8 +325,12 @@ class WorkerPool:
             heapq.heappush(self._retries, (due, next(self._retry_seq), task_id))
         self._timer_wakeup.set()
 
-    def _release_due_retries(self) -> float | None:
-        """Move due retries to the ready queue; return seconds until the next one is due."""
+    def release_due_retries(self) -> float | None:
+        """Move due retries to the ready queue; return seconds until the next one is due.
+
+        The timer thread calls this; a pool built with ``threads=False`` needs
+        its caller to.
+        """
         now = self._monotonic()
         due = []
         with self._retry_lock:
@@ -303,7 +345,7 @@ class WorkerPool:
         while not self._stopped:
             # Clear before looking, so a retry scheduled meanwhile re-sets it.
             self._timer_wakeup.clear()
-            delay = self._release_due_retries()
+            delay = self.release_due_retries()
             if not self._stopped:
                 self._wait(self._timer_wakeup, delay)
 
@@ -350,13 +392,14 @@ class WorkerPool:
                 break
             self._wait(self._drain_wakeup, None if remaining == math.inf else remaining)
         abandoned = self._store.fail_unfinished(ABANDONED, self._clock())
-        for task_id in abandoned:
-            log.warning("task %s abandoned at shutdown", task_id)
+        for task in abandoned:
+            _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
+            self._notify("task_abandoned", task)
         self._cancel.set()
         self._stop_threads()
         self._summary = ShutdownSummary(
             counts=self._store.counts(),
-            abandoned=tuple(abandoned),
+            abandoned=tuple(task.id for task in abandoned),
             drain_seconds=self._monotonic() - started,
         )
         self._summary_ready.set()
@@ -378,6 +421,18 @@ class WorkerPool:
         deadline = time.monotonic() + join_timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _log(level: int, task: Task, message: str, *args: object) -> None:
+    """Log a line about ``task``, with its id and request id attached for structured logs."""
+    if log.isEnabledFor(level):
+        log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id})
+
+
+def _describe_return(returned: object) -> str:
+    if inspect.iscoroutine(returned):
+        returned.close()  # never awaited: close it, or Python warns when it is collected
+    return f"the handler returned {type(returned).__name__}, not None: a result this pool cannot use"
 
 
 def _describe(exc: BaseException) -> str:

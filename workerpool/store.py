@@ -101,18 +101,19 @@ class TaskStore:
                 self._finish(task_id, record)
             return record.snapshot()
 
-    def fail_unfinished(self, reason: str, now: float) -> list[str]:
-        """Mark every queued or running task failed at ``now`` with ``reason``; return their ids."""
+    def fail_unfinished(self, reason: str, now: float) -> list[Task]:
+        """Mark every queued or running task failed at ``now`` with ``reason``; return their snapshots."""
+        failed = []
         with self._lock:
-            ids = [*self._by_state[State.QUEUED], *self._by_state[State.RUNNING]]
-            for task_id in ids:
+            for task_id in [*self._by_state[State.QUEUED], *self._by_state[State.RUNNING]]:
                 record = self._tasks[task_id]
                 self._move(task_id, record, State.FAILED)
                 record.last_error = reason
                 record.next_attempt_at = None
                 record.finished_at = now
                 self._finish(task_id, record)
-        return ids
+                failed.append(record.snapshot())
+        return failed
 
     def get(self, task_id: str) -> Task | None:
         with self._lock:

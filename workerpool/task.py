@@ -39,6 +39,8 @@ class Task:
 
     ``payload`` is kept only until the task is final: finished tasks are
     retained for their state, and dropping the payload bounds their memory.
+    ``request_id`` names the request that submitted the task, so its log
+    lines can be found with the request's.
     """
 
     id: str
@@ -51,3 +53,4 @@ class Task:
     started_at: float | None = None
     finished_at: float | None = None
     next_attempt_at: float | None = None
+    request_id: str | None = None
