@@ -5,38 +5,33 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import importlib
 import logging
+import logging.config
+import operator
 import signal
-import sys
 import weakref
 from collections.abc import Iterable, Sequence
 
 from flask import Flask
 from werkzeug.serving import make_server
 
-from config import Config
+from config import Config, ConfigError
 from config import load as load_config
-from service import lifecycle, problems
+from service import lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
 from service.context import EXTENSION, Services, services
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
-from workerpool import PoolObserver, ShutdownSummary, SimulatedWork, WorkerPool
+from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, WorkerPool
 
 log = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
-LOG_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"
 
 
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:
-    """A pool running simulated work as ``config`` describes; its threads start on first use."""
-    handler = SimulatedWork(
-        min_s=config.work_min_ms / 1000,
-        max_s=config.work_max_ms / 1000,
-        failure_rate=config.failure_rate,
-    )
+    """A pool running ``TASK_HANDLER`` or simulated work as ``config`` describes; its threads start on first use."""
     return WorkerPool(
-        handler,
+        load_handler(config),
         workers=config.workers,
         queue_size=config.queue_size,
         backoff_base=config.backoff_base_ms / 1000,
@@ -67,6 +62,7 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
     app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics)
+    request_id.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(metrics_bp)
@@ -82,13 +78,31 @@ def _drain_at_exit(pool_ref: weakref.ref[WorkerPool], timeout: float) -> None:
         log.info("%s", lifecycle.describe(pool.shutdown(timeout)))
 
 
+def load_handler(config: Config) -> Handler:
+    """The callable ``TASK_HANDLER`` names, or the simulated work when it is empty."""
+    if not config.task_handler:
+        return SimulatedWork(
+            min_s=config.work_min_ms / 1000,
+            max_s=config.work_max_ms / 1000,
+            failure_rate=config.failure_rate,
+        )
+    module_name, _, attribute = config.task_handler.partition(":")
+    try:
+        handler = operator.attrgetter(attribute)(importlib.import_module(module_name))
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {exc}") from None
+    if not callable(handler):
+        raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: it names a {type(handler).__name__}")
+    return handler
+
+
 def pool_of(app: Flask) -> WorkerPool:
     return services(app).pool
 
 
-def configure_logging(level: str) -> None:
-    """Send log records to stderr at ``level``; entry points call this, ``create_app`` never does."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Set up logging as gunicorn.conf.py does; entry points call this, ``create_app`` never does."""
+    logging.config.dictConfig(logs.logging_config(level, log_format))
 
 
 def _port(text: str) -> int:
@@ -120,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args.host if args.host is not None else config.host,
         port=args.port if args.port is not None else config.port,
     )
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     app = create_app(config)
     pool = pool_of(app)
     server = make_server(config.host, config.port, app, threaded=True)

@@ -23,8 +23,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 DOTENV_PATH = PROJECT_ROOT / ".env"
 EXIT_BAD_CONFIG = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 _INT = re.compile(r"[+-]?[0-9]+")
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,9 @@ class Config:
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    # "module:callable" run for every attempt instead of the simulated work.
+    task_handler: str = ""
 
 
 # -- parsers: text -> value, raising ValueError with the reason --------------
@@ -94,6 +99,18 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _log_format(text: str) -> str:
+    if text.lower() not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return text.lower()
+
+
+def _import_path(text: str) -> str:
+    if text and not _IMPORT_PATH.fullmatch(text):
+        raise ValueError("must be empty or module:callable, e.g. mytasks:run")
+    return text
+
+
 _DAY_MS = 86_400_000
 _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     # variable: (Config field, parser)
@@ -113,6 +130,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
     "LOG_LEVEL": ("log_level", _log_level),
+    "LOG_FORMAT": ("log_format", _log_format),
+    "TASK_HANDLER": ("task_handler", _import_path),
 }
 VARIABLES = tuple(_FIELDS)
 

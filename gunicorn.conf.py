@@ -15,6 +15,7 @@ if _ROOT not in sys.path:  # so `config` and `app` import from any working direc
     sys.path.insert(0, _ROOT)
 
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
+from service import logs as _logs  # noqa: E402
 
 _settings = _config.load()  # a bad value stops gunicorn here with exit code 2
 
@@ -35,6 +36,9 @@ control_socket_disable = True  # parallel servers would share ~/.gunicorn/gunico
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+# The app's format for gunicorn's own lines too (LOG_FORMAT=text or json).
+logconfig_dict = _logs.logging_config(_settings.log_level, _settings.log_format)
+access_log_format = _logs.ACCESS_LOG_FORMAT
 
 
 def _drain_timeout(worker) -> float:
@@ -50,10 +54,9 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """Start the pool and its stop watcher in the worker, after the fork and before serving."""
-    from app import configure_logging, pool_of
+    from app import pool_of
     from service.lifecycle import ShutdownController
 
-    configure_logging(_settings.log_level)
     pool = pool_of(worker.wsgi)
     pool.start()
     worker.controller = ShutdownController(pool, _drain_timeout(worker))

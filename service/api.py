@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from . import request_id
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem
@@ -24,7 +25,9 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
             default_max_retries=svc.config.default_max_retries,
             max_retries_limit=svc.config.max_retries_limit,
         )
-        task = svc.pool.submit(task_request.id, task_request.payload, task_request.max_retries)
+        task = svc.pool.submit(
+            task_request.id, task_request.payload, task_request.max_retries, request_id=request_id.current()
+        )
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise

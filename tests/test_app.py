@@ -8,11 +8,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from doubles import FakeClock, instant
 from http_fixtures import ServerProcess, clean_environment, wait_until
 
-from app import build_pool, create_app, parse_args, pool_of
-from config import VARIABLES, Config
-from workerpool import State
+from app import build_pool, create_app, load_handler, parse_args, pool_of
+from config import VARIABLES, Config, ConfigError
+from workerpool import SimulatedWork, State
 
 
 def pool_threads() -> set[threading.Thread]:
@@ -98,3 +99,16 @@ def test_the_development_server_serves_and_stops_on_sigterm(tmp_path):
         assert server.terminate(timeout=15) == 0
     finally:
         server.stop()
+
+
+def test_task_handler_names_the_callable_each_attempt_runs():
+    assert isinstance(load_handler(Config()), SimulatedWork)
+    assert load_handler(Config(task_handler="doubles:instant")) is instant
+    assert load_handler(Config(task_handler="doubles:FakeClock.advance")) is FakeClock.advance
+    for path, reason in [
+        ("no_such_module:run", "No module named 'no_such_module'"),
+        ("doubles:missing", "has no attribute 'missing'"),
+        ("doubles:WAIT_S", "it names a float"),
+    ]:
+        with pytest.raises(ConfigError, match=f"TASK_HANDLER='{path}' is invalid: .*{reason}"):
+            load_handler(Config(task_handler=path))

@@ -85,6 +85,11 @@ def test_every_field_has_a_variable():
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
         ("LOG_LEVEL", "Critical", "log_level", "CRITICAL"),
+        ("LOG_FORMAT", "JSON", "log_format", "json"),
+        ("LOG_FORMAT", "text", "log_format", "text"),
+        ("TASK_HANDLER", "", "task_handler", ""),
+        ("TASK_HANDLER", "my_tasks.jobs:run", "task_handler", "my_tasks.jobs:run"),
+        ("TASK_HANDLER", "tasks:Runner.run", "task_handler", "tasks:Runner.run"),
     ],
 )
 def test_each_variable_is_read(variable, text, field, value):
@@ -140,6 +145,9 @@ BAD_VALUES = [
     ("SHUTDOWN_TIMEOUT_S", "forever", "must be a number at least 0 and at most 86400"),
     ("LOG_LEVEL", "VERBOSE", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_LEVEL", "", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("LOG_FORMAT", "logfmt", "must be one of text, json"),
+    ("TASK_HANDLER", "tasks.run", "must be empty or module:callable, e.g. mytasks:run"),
+    ("TASK_HANDLER", "tasks:run()", "must be empty or module:callable, e.g. mytasks:run"),
 ]
 
 

@@ -141,3 +141,30 @@ def test_gunicorn_serves_tasks_to_their_final_states(tmp_path):
     log = server.log()
     assert "Booting worker" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.e2e
+def test_with_log_format_json_every_line_gunicorn_and_the_app_write_is_json(tmp_path):
+    server = start_gunicorn(
+        tmp_path, LOG_FORMAT="json", LOG_LEVEL="DEBUG", WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0"
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        status, headers, _ = client.request(
+            "POST", "/enqueue", b'{"id": "j1", "payload": ""}', headers={"X-Request-ID": "rid-e2e"}
+        )
+        assert (status, headers["X-Request-ID"]) == (202, "rid-e2e")
+        wait_until(lambda: client.json("GET", "/tasks/j1")[1]["state"] == "done", timeout=10, what="j1 to finish")
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
+    records = [json.loads(line) for line in server.log().splitlines()]  # every line, or this raises
+    loggers = {record["logger"] for record in records}
+    assert {"gunicorn.error", "gunicorn.access", "workerpool.pool"} <= loggers
+    (access,) = [r for r in records if r["logger"] == "gunicorn.access" and r.get("path") == "/enqueue"]
+    assert (access["method"], access["status"], access["request_id"]) == ("POST", 202, "rid-e2e")
+    task_lines = [r for r in records if r["task_id"] == "j1"]
+    messages = [r["message"] for r in task_lines]
+    assert messages == ["task j1 queued", "task j1 attempt 1 started", "task j1 done after 1 attempt(s)"]
+    assert {r["request_id"] for r in task_lines} == {"rid-e2e"}

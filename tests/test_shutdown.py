@@ -158,7 +158,7 @@ def test_gunicorn_says_so_when_its_worker_was_killed_before_reporting(start):
     code, _ = service.wait_exit(timeout=30)
     assert code == 0
     last = service.server.log().strip().splitlines()[-1]
-    assert "[ERROR] the worker ended without reporting its drain" in last
+    assert "[ERROR] gunicorn.error: the worker ended without reporting its drain" in last
     assert not SUMMARY.search(service.server.log())
 
 

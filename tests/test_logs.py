@@ -1,0 +1,115 @@
+"""Log lines: text or one JSON object per line, each with its task id and request id."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import logging.config
+
+import pytest
+from http_fixtures import failing, instant, make_harness
+
+from service import logs
+
+TASK_LOGGER = "workerpool.pool"
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    """Configure logging as the service does, writing to a buffer; restore the root logger afterwards."""
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    buffers = {"stderr": io.StringIO(), "stdout": io.StringIO()}
+
+    def configure(log_format: str, level: str = "DEBUG") -> dict[str, io.StringIO]:
+        monkeypatch.setattr("sys.stderr", buffers["stderr"])
+        monkeypatch.setattr("sys.stdout", buffers["stdout"])
+        logging.config.dictConfig(logs.logging_config(level, log_format))
+        return buffers
+
+    yield configure
+    for name in ("gunicorn.error", logs.ACCESS_LOGGER):
+        logging.getLogger(name).handlers.clear()
+    root.handlers[:] = saved[1]
+    root.setLevel(saved[0])
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def run_one_task(handler, task_id: str, request_id: str) -> None:
+    harness = make_harness(handler)
+    response = harness.client.post(
+        "/enqueue", json={"id": task_id, "payload": "", "max_retries": 0}, headers={"X-Request-ID": request_id}
+    )
+    assert response.status_code == 202
+    harness.final.wait(task_id)
+    harness.pool.shutdown(0)
+
+
+def test_json_lines_parse_and_carry_the_task_and_request_ids(capture):
+    out = capture("json")
+    run_one_task(failing, "job-1", "rid-json")
+    records = json_lines(out["stderr"].getvalue())
+    task_lines = [r for r in records if r["task_id"] == "job-1"]
+    assert [(r["level"], r["message"]) for r in task_lines] == [
+        ("DEBUG", "task job-1 queued"),
+        ("DEBUG", "task job-1 attempt 1 started"),
+        ("WARNING", "task job-1 failed after 1 attempt(s): RuntimeError: boom"),
+    ]
+    for record in task_lines:
+        assert list(record)[:6] == ["level", "logger", "message", "task_id", "request_id", "timestamp"]
+        assert (record["logger"], record["request_id"]) == (TASK_LOGGER, "rid-json")
+        assert record["timestamp"].endswith("+00:00")
+
+
+def test_every_json_line_has_the_same_keys_even_without_a_task(capture):
+    out = capture("json", level="INFO")
+    logging.getLogger("somewhere").info("hello %s", "world")
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        logging.getLogger("somewhere").exception("it broke")
+    first, second = json_lines(out["stderr"].getvalue())
+    assert first["message"] == "hello world"
+    assert (first["task_id"], first["request_id"]) == (None, None)
+    assert second["level"] == "ERROR"
+    assert "ValueError: broken" in second["exc_info"]
+
+
+def test_a_record_logged_while_handling_a_request_gets_its_id(capture):
+    out = capture("json", level="ERROR")
+    harness = make_harness(instant)
+    harness.pool.stats = None  # /healthz now fails: the error is logged inside the request
+    response = harness.client.get("/healthz", headers={"X-Request-ID": "rid-error"})
+    assert response.status_code == 500
+    (record,) = json_lines(out["stderr"].getvalue())
+    assert (record["logger"], record["request_id"]) == ("service.problems", "rid-error")
+    assert "Traceback" in record["exc_info"]
+
+
+def test_text_lines_keep_the_gunicorn_layout_and_append_the_request_id(capture):
+    out = capture("text")
+    run_one_task(instant, "job-2", "rid-text")
+    lines = [line for line in out["stderr"].getvalue().splitlines() if "job-2" in line]
+    assert len(lines) == 3
+    assert lines[2].endswith("[INFO] workerpool.pool: task job-2 done after 1 attempt(s) request_id=rid-text")
+    assert lines[2].startswith("[")  # [2026-11-27 10:00:00 +0000] [pid] ...
+
+
+def test_gunicorn_access_records_become_structured_fields(capture):
+    out = capture("json")
+    atoms = {"h": "127.0.0.1", "r": "POST /enqueue HTTP/1.1", "m": "POST", "U": "/enqueue", "s": "202", "B": 180}
+    atoms |= {"M": 3, "a": "curl", "{x-request-id}o": "r-9"}
+    logging.getLogger(logs.ACCESS_LOGGER).info(logs.ACCESS_LOG_FORMAT, atoms)
+    (record,) = json_lines(out["stdout"].getvalue())
+    assert record["message"] == '127.0.0.1 "POST /enqueue HTTP/1.1" 202 180 3ms "curl"'
+    assert record["request_id"] == "r-9"
+    assert (record["method"], record["path"], record["status"], record["duration_ms"]) == ("POST", "/enqueue", 202, 3)
+
+
+def test_an_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="log_format"):
+        logs.logging_config("INFO", "xml")

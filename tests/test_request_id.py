@@ -1,0 +1,74 @@
+"""X-Request-ID: honoured when sane, generated otherwise, echoed on every response, carried by the task."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+from http_fixtures import failing, make_harness
+
+GENERATED = re.compile(r"[0-9a-f]{32}")
+
+
+@pytest.fixture
+def harness():
+    harness = make_harness(failing, queue_size=8)
+    yield harness
+    harness.pool.shutdown(0)
+
+
+@pytest.mark.parametrize("given", ["abc", "req-2026-11-27T10:00:00Z", "a/b+c=d@e.f_g", "x" * 128])
+def test_a_sane_request_id_is_echoed(harness, given):
+    response = harness.client.get("/healthz", headers={"X-Request-ID": given})
+    assert response.headers["X-Request-ID"] == given
+
+
+@pytest.mark.parametrize("given", ["", "x" * 129, "two words", 'quote"d', "new\\nline", "caf\u00e9", "a\tb"])
+def test_an_unusable_request_id_is_replaced(harness, given):
+    response = harness.client.get("/healthz", headers={"X-Request-ID": given})
+    assert GENERATED.fullmatch(response.headers["X-Request-ID"])
+
+
+def test_each_request_without_an_id_gets_a_new_one(harness):
+    first = harness.client.get("/healthz").headers["X-Request-ID"]
+    second = harness.client.get("/healthz").headers["X-Request-ID"]
+    assert GENERATED.fullmatch(first) and GENERATED.fullmatch(second) and first != second
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/enqueue", b"{", 400),
+        ("POST", "/enqueue", b"x" * 2000, 413),
+        ("GET", "/tasks/missing", None, 404),
+        ("GET", "/nowhere", None, 404),
+        ("DELETE", "/enqueue", None, 405),
+        ("GET", "/metrics", None, 200),
+    ],
+)
+def test_errors_and_other_endpoints_echo_the_id_too(harness, method, path, body, status):
+    response = harness.client.open(path, method=method, data=body, headers={"X-Request-ID": "rid-1"})
+    assert (response.status_code, response.headers["X-Request-ID"]) == (status, "rid-1")
+
+
+def test_an_unexpected_error_still_echoes_the_id(harness, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(harness.pool, "stats", broken)
+    response = harness.client.get("/healthz", headers={"X-Request-ID": "rid-500"})
+    assert (response.status_code, response.headers["X-Request-ID"]) == (500, "rid-500")
+
+
+def test_the_task_carries_the_request_id_into_its_log_lines(harness, caplog):
+    caplog.set_level(logging.DEBUG, logger="workerpool")
+    response = harness.client.post(
+        "/enqueue", json={"id": "t1", "payload": "", "max_retries": 0}, headers={"X-Request-ID": "rid-task"}
+    )
+    assert (response.status_code, response.headers["X-Request-ID"]) == (202, "rid-task")
+    harness.final.wait("t1")
+    lines = [r for r in caplog.records if getattr(r, "task_id", None) == "t1"]
+    # queued (request thread), started and failed (worker thread): one line per state change.
+    assert [r.levelname for r in lines] == ["DEBUG", "DEBUG", "WARNING"]
+    assert {r.request_id for r in lines} == {"rid-task"}
