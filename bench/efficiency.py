@@ -272,7 +272,7 @@ def pool_efficiency(run: Run, batch: Batch | None = None) -> None:
     text += (
         "\n\n**Ideal scheduler**: the same planned tasks replayed through a zero-overhead simulation of each "
         "design (`Plan.simulate`): all tasks present at time 0, a due retry goes to the front of the queue as "
-        "in `WorkerPool._release_due_retries`. It separates the cost of the scheduling policy (ideal / lower "
+        "in `WorkerPool.release_due_retries`. It separates the cost of the scheduling policy (ideal / lower "
         "bound) from the cost of the implementation (makespan / ideal). The lower bound assumes a clairvoyant "
         "scheduler that starts the tasks destined to fail first; an online scheduler cannot know them, so a task "
         "failing near the end of the batch still adds its backoffs after everything else is done. What-if, same "

@@ -10,6 +10,7 @@ import tracemalloc
 import uuid
 from collections import Counter
 
+from service.metrics import Metrics
 from workerpool import State, Task, WorkerPool
 
 from .harness import Run, table
@@ -66,19 +67,29 @@ def queue_throughput(n: int, workers: int = 4) -> float:
     return elapsed
 
 
-def serial_steps(n: int) -> float:
+def serial_steps(n: int, *, metrics: bool = False) -> float:
     """Seconds for ``n`` tasks driven on this thread: submit, take from the queue, run the attempt.
 
-    No thread switches at all: the engine's own Python cost per task.
+    No thread switches at all: the engine's own Python cost per task (with ``metrics``, plus the
+    service's Prometheus observer).
     """
-    pool = WorkerPool(noop, workers=1, queue_size=n, state_max_tasks=n, backoff_base=0.0, backoff_cap=0.0)
-    pool._start_locked = lambda: None  # type: ignore[method-assign]  # no threads: this one drives it
+    observers = [Metrics()] if metrics else []
+    pool = WorkerPool(
+        noop,
+        workers=1,
+        queue_size=n,
+        state_max_tasks=n,
+        backoff_base=0.0,
+        backoff_cap=0.0,
+        threads=False,
+        observers=observers,
+    )
     ids = [f"task-{i}" for i in range(n)]
     gc.collect()
     started = time.perf_counter()
     for task_id in ids:
         pool.submit(task_id)
-        pool._run_attempt(pool._ready.get_nowait())
+        pool.step()
     return time.perf_counter() - started
 
 
@@ -113,13 +124,15 @@ def engine_throughput(run: Run, n: int = 100_000) -> None:
     pool_s: list[float] = []
     floor_s: list[float] = []
     serial_s: list[float] = []
+    observed_s: list[float] = []
     for round_no in range(run.rounds):
         for which in run.order(round_no, "pool", "queue"):
             if which == "pool":
                 pool_s.append(pool_throughput(n))
             else:
                 floor_s.append(queue_throughput(n))
-        serial_s.append(serial_steps(n))
+        for which in run.order(round_no, "bare", "observed"):
+            (serial_s if which == "bare" else observed_s).append(serial_steps(n, metrics=which == "observed"))
         run.progress(
             f"fig 3 round {round_no + 1}/{run.rounds}: pool {n / pool_s[-1]:9,.0f} tasks/s, queue floor "
             f"{n / floor_s[-1]:9,.0f} tasks/s, serial {n / serial_s[-1]:9,.0f} tasks/s"
@@ -127,6 +140,7 @@ def engine_throughput(run: Run, n: int = 100_000) -> None:
     rate = spread([n / s for s in pool_s])
     floor = spread([n / s for s in floor_s])
     serial = spread([n / s for s in serial_s])
+    observed = spread([n / s for s in observed_s])
     run.summary.append(
         (
             "3. engine throughput, no-op, 4 workers",
@@ -148,6 +162,12 @@ def engine_throughput(run: Run, n: int = 100_000) -> None:
             serial.fmt(),
             spread([s / n * 1e6 for s in serial_s]).fmt(".1f"),
             ratios([1 / s for s in serial_s], [1 / s for s in pool_s]).fmt(".2f"),
+        ],
+        [
+            "... plus the Prometheus observer (service.metrics)",
+            observed.fmt(),
+            spread([s / n * 1e6 for s in observed_s]).fmt(".1f"),
+            ratios([1 / s for s in observed_s], [1 / s for s in pool_s]).fmt(".2f"),
         ],
     ]
     text = table(["", "tasks/s", "µs per task", "speed vs pool"], rows)

@@ -74,12 +74,11 @@ class Metrics(PoolObserver):
             registry=registry,
         )
         # Every label value from the start: a series that appears late breaks rate() over its first scrape.
+        # The children are kept, as labels() costs a lock and a lookup on every task.
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
-        for outcome in ATTEMPT_OUTCOMES:
-            self.attempts.labels(outcome)
-        for state in FINAL_STATES:
-            self.finished.labels(state)
+        self._attempts = {outcome: self.attempts.labels(outcome) for outcome in ATTEMPT_OUTCOMES}
+        self._finished = {state: self.finished.labels(state) for state in FINAL_STATES}
 
     # -- PoolObserver ----------------------------------------------------
 
@@ -92,7 +91,7 @@ class Metrics(PoolObserver):
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
         self.attempt_seconds.observe(seconds)
-        self.attempts.labels("succeeded" if task.state is State.DONE else "failed").inc()
+        self._attempts["succeeded" if task.state is State.DONE else "failed"].inc()
         if task.state is State.QUEUED:
             self.retries.inc()
         else:
@@ -103,7 +102,7 @@ class Metrics(PoolObserver):
         self._finish(task)
 
     def _finish(self, task: Task) -> None:
-        self.finished.labels(task.state).inc()
+        self._finished[task.state].inc()
         if task.finished_at is not None:
             self.task_seconds.observe(max(0.0, task.finished_at - task.created_at))
 
