@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import copy
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from config import Config
 
-SPEC_PATH = Path(__file__).with_name("openapi.json")
+SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 
 
 @cache
 def _spec_file() -> dict[str, Any]:
-    return json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+    """``openapi.yaml`` as written: the description of an instance with the default configuration."""
+    return yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
 
 
 def openapi_spec(config: Config) -> dict[str, Any]:
-    """``openapi.json`` with the configured limits in place of the defaults it was written with.
+    """``openapi.yaml`` with the configured limits in place of the defaults it was written with.
 
     Only values that vary between instances are replaced, so the served
     document is true for the instance that serves it.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 import threading
 
 import pytest
 import schemathesis
+import yaml
 from http_fixtures import WAIT_S, Gate, make_harness
 
 from config import Config
@@ -156,7 +156,7 @@ def test_the_served_description_has_the_instance_limits():
 
 
 def test_the_file_describes_an_instance_with_the_default_config():
-    spec = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+    spec = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
     defaults = Config()
     assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == defaults.max_body_bytes
     max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
