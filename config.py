@@ -45,6 +45,7 @@ class Config:
     default_max_retries: int = 3
     max_retries_limit: int = 20
     max_body_bytes: int = 65_536
+    max_payload_chars: int = 32_768
     state_ttl_s: float = 3600.0
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
@@ -109,6 +110,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DEFAULT_MAX_RETRIES": ("default_max_retries", _integer(0, 1000)),
     "MAX_RETRIES_LIMIT": ("max_retries_limit", _integer(0, 1000)),
     "MAX_BODY_BYTES": ("max_body_bytes", _integer(64, 16 * 1024 * 1024)),
+    "MAX_PAYLOAD_CHARS": ("max_payload_chars", _integer(0, 16 * 1024 * 1024)),
     "STATE_TTL_S": ("state_ttl_s", _number(0.0, 365 * 86_400.0, low_open=True)),
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
@@ -121,6 +123,8 @@ _ORDERED = (
     ("WORK_MIN_MS", "WORK_MAX_MS"),
     ("BACKOFF_BASE_MS", "BACKOFF_CAP_MS"),
     ("DEFAULT_MAX_RETRIES", "MAX_RETRIES_LIMIT"),
+    # A longer payload could never arrive: its body would be refused with 413 first.
+    ("MAX_PAYLOAD_CHARS", "MAX_BODY_BYTES"),
 )
 
 

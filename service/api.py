@@ -23,6 +23,7 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
             _read_body(),
             default_max_retries=svc.config.default_max_retries,
             max_retries_limit=svc.config.max_retries_limit,
+            max_payload_chars=svc.config.max_payload_chars,
         )
         task = svc.pool.submit(task_request.id, task_request.payload, task_request.max_retries)
     except Exception as exc:

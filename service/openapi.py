@@ -28,7 +28,8 @@ def openapi_spec(config: Config) -> dict[str, Any]:
     """
     spec = copy.deepcopy(_spec_file())
     spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_body_bytes
-    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
-    max_retries["maximum"] = config.max_retries_limit
-    max_retries["default"] = config.default_max_retries
+    fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
+    fields["payload"]["maxLength"] = config.max_payload_chars
+    fields["max_retries"]["maximum"] = config.max_retries_limit
+    fields["max_retries"]["default"] = config.default_max_retries
     return spec

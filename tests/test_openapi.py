@@ -147,20 +147,22 @@ def test_path_parameters_match_the_route_variables(harness):
 
 
 def test_the_served_description_has_the_instance_limits():
-    config = Config(max_body_bytes=4096, default_max_retries=1, max_retries_limit=7)
+    config = Config(max_body_bytes=4096, max_payload_chars=1000, default_max_retries=1, max_retries_limit=7)
     harness = make_harness(config=config)
     spec = served_spec(harness)
     assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == 4096
-    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
-    assert (max_retries["default"], max_retries["maximum"]) == (1, 7)
+    fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
+    assert fields["payload"]["maxLength"] == 1000
+    assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (1, 7)
 
 
 def test_the_file_describes_an_instance_with_the_default_config():
     spec = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
     defaults = Config()
     assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == defaults.max_body_bytes
-    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
-    assert (max_retries["default"], max_retries["maximum"]) == (
+    fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
+    assert fields["payload"]["maxLength"] == defaults.max_payload_chars
+    assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (
         defaults.default_max_retries,
         defaults.max_retries_limit,
     )
