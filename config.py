@@ -8,6 +8,7 @@ the variable and the value.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -23,6 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 DOTENV_PATH = PROJECT_ROOT / ".env"
 EXIT_BAD_CONFIG = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIN_TOKEN_CHARS = 16
 
 _INT = re.compile(r"[+-]?[0-9]+")
 
@@ -50,6 +52,8 @@ class Config:
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
     log_level: str = "INFO"
+    # Empty: no token needed. A secret, so it stays out of the repr (and any log line that prints one).
+    api_token: str = dataclasses.field(default="", repr=False)
 
 
 # -- parsers: text -> value, raising ValueError with the reason --------------
@@ -89,6 +93,15 @@ def _host(text: str) -> str:
     return text
 
 
+def _token(text: str) -> str:
+    # It travels in a header: only visible ASCII reaches the service the same from every client.
+    if text and (len(text) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in text)):
+        raise ValueError(
+            f"must be empty (no token) or at least {MIN_TOKEN_CHARS} visible ASCII characters, without spaces"
+        )
+    return text
+
+
 def _log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -115,8 +128,11 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
     "LOG_LEVEL": ("log_level", _log_level),
+    "API_TOKEN": ("api_token", _token),
 }
 VARIABLES = tuple(_FIELDS)
+# Their values never appear in an error message.
+_SECRETS = frozenset({"API_TOKEN"})
 
 # (smaller, larger): the first must not exceed the second.
 _ORDERED = (
@@ -141,7 +157,8 @@ def from_env(environ: Mapping[str, str]) -> Config:
         try:
             values[field] = parse(raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{variable}={raw!r} is invalid: {exc}") from None
+            shown = f"<{len(raw)} characters, not shown>" if variable in _SECRETS else repr(raw)
+            raise ConfigError(f"{variable}={shown} is invalid: {exc}") from None
     config = Config(**values)
     for smaller, larger in _ORDERED:
         low, high = getattr(config, _FIELDS[smaller][0]), getattr(config, _FIELDS[larger][0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .auth import token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem
@@ -14,6 +15,7 @@ bp = Blueprint("api", __name__)
 
 
 @bp.post("/enqueue")
+@token_required  # before the body is read: no parsing for unknown clients
 def enqueue() -> tuple[Response, int, dict[str, str]]:
     """Validate a task and queue it without waiting for room."""
     svc = services()
@@ -46,6 +48,7 @@ def _read_body() -> bytes:
 
 
 @bp.get("/tasks/<path:task_id>")
+@token_required
 def get_task(task_id: str) -> Response:
     """Return one task by id."""
     task = services().pool.get(task_id)
@@ -59,6 +62,7 @@ def get_task(task_id: str) -> Response:
 
 
 @bp.get("/tasks")
+@token_required
 def list_tasks() -> Response:
     """List retained tasks, newest first, optionally of one state."""
     query = parse_list_query(request.args)

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 description of the API, with the limits of one instance filled in."""
+"""The OpenAPI 3.1 description of the API, with the limits and the security of one instance filled in."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import yaml
 from config import Config
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+BEARER_SCHEME = "bearerAuth"  # in components.securitySchemes
 
 
 @cache
@@ -21,7 +22,7 @@ def _spec_file() -> dict[str, Any]:
 
 
 def openapi_spec(config: Config) -> dict[str, Any]:
-    """``openapi.yaml`` with the configured limits in place of the defaults it was written with.
+    """``openapi.yaml`` with the configured limits and security in place of what it was written with.
 
     Only values that vary between instances are replaced, so the served
     document is true for the instance that serves it.
@@ -32,4 +33,22 @@ def openapi_spec(config: Config) -> dict[str, Any]:
     fields["payload"]["maxLength"] = config.max_payload_chars
     fields["max_retries"]["maximum"] = config.max_retries_limit
     fields["max_retries"]["default"] = config.default_max_retries
+    _keep_the_security_that_holds(spec, token_set=bool(config.api_token))
     return spec
+
+
+def _keep_the_security_that_holds(spec: dict[str, Any], *, token_set: bool) -> None:
+    """Narrow each guarded operation's "no token, or bearerAuth" to the one this instance applies.
+
+    Offering both would let clients (and fuzzers) believe the token optional on an
+    instance that requires it; a 401 is documented only where it can happen.
+    """
+    for item in spec["paths"].values():
+        for operation in item.values():
+            if "security" not in operation:
+                continue
+            if token_set:
+                operation["security"] = [{BEARER_SCHEME: []}]
+            else:
+                del operation["security"]
+                del operation["responses"]["401"]

@@ -40,6 +40,7 @@ def test_defaults():
         state_max_tasks=100_000,
         shutdown_timeout_s=20.0,
         log_level="INFO",
+        api_token="",
     )
 
 
@@ -88,6 +89,9 @@ def test_every_field_has_a_variable():
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
         ("LOG_LEVEL", "Critical", "log_level", "CRITICAL"),
+        ("API_TOKEN", "", "api_token", ""),
+        ("API_TOKEN", "0123456789abcdef", "api_token", "0123456789abcdef"),
+        ("API_TOKEN", " Zm9vYmFy-._~+/Zm9vYmFy== ", "api_token", "Zm9vYmFy-._~+/Zm9vYmFy=="),
     ],
 )
 def test_each_variable_is_read(variable, text, field, value):
@@ -95,6 +99,7 @@ def test_each_variable_is_read(variable, text, field, value):
 
 
 INTEGER = "must be an integer from"
+TOKEN_RULE = "must be empty (no token) or at least 16 visible ASCII characters, without spaces"
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -146,6 +151,10 @@ BAD_VALUES = [
     ("SHUTDOWN_TIMEOUT_S", "forever", "must be a number at least 0 and at most 86400"),
     ("LOG_LEVEL", "VERBOSE", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_LEVEL", "", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("API_TOKEN", "0123456789abcde", TOKEN_RULE),
+    ("API_TOKEN", "0123456789 abcdef", TOKEN_RULE),
+    ("API_TOKEN", "0123456789\tabcdef", TOKEN_RULE),
+    ("API_TOKEN", "0123456789abcdef\u00e9", TOKEN_RULE),
 ]
 
 
@@ -153,7 +162,15 @@ BAD_VALUES = [
 def test_a_bad_value_names_the_variable_and_the_value(variable, text, reason):
     with pytest.raises(ConfigError) as caught:
         from_env({variable: text})
-    assert str(caught.value) == f"{variable}={text!r} is invalid: {reason}"
+    shown = f"<{len(text)} characters, not shown>" if variable == "API_TOKEN" else repr(text)
+    assert str(caught.value) == f"{variable}={shown} is invalid: {reason}"
+
+
+def test_the_token_never_shows():
+    with pytest.raises(ConfigError) as caught:
+        from_env({"API_TOKEN": "short secret"})
+    assert "secret" not in str(caught.value)
+    assert "s3cret-s3cret-s3cret" not in repr(from_env({"API_TOKEN": "s3cret-s3cret-s3cret"}))
 
 
 def test_every_variable_has_a_bad_value_case():

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import threading
 
 import pytest
 import schemathesis
 import yaml
-from http_fixtures import WAIT_S, Gate, make_harness
+from http_fixtures import TEST_CONFIG, WAIT_S, Gate, make_harness
 
 from config import Config
-from service.openapi import SPEC_PATH
+from service.openapi import BEARER_SCHEME, SPEC_PATH
 from service.schema import (
     DEFAULT_LIST_LIMIT,
     ENQUEUE_FIELDS,
@@ -35,7 +36,7 @@ FUZZ_CONFIG = {
                 # max_retries must be written 3, and a payload may push the body past MAX_BODY_BYTES (413).
                 "positive_data_acceptance": {"enabled": False},
                 # The default list lacks 413, the answer to an oversized (invalid) body.
-                "negative_data_rejection": {"expected-statuses": [400, 413]},
+                "negative_data_rejection": {"expected-statuses": [400, 401, 413]},
             },
         }
     ],
@@ -48,14 +49,17 @@ def _fail_odd_payloads(task: Task, cancel: threading.Event) -> None:
         raise RuntimeError("odd payload")
 
 
-def _fuzz(app, *, unavailable: bool = False, only: tuple[str, ...] = ()):
+def _fuzz(app, *, unavailable: bool = False, only: tuple[str, ...] = (), token: str | None = None):
     """The app's served description for fuzzing, limited to the operations ``only`` if given.
 
     ``unavailable``: the app is meant to answer 503 (documented), which schemathesis counts as a server error.
+    ``token``: sent as the bearer token; schemathesis's ignored_auth check also tries without it and with a wrong one.
     """
     config = copy.deepcopy(FUZZ_CONFIG)
     if unavailable:
         config["checks"] = {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", 503]}}
+    if token is not None:
+        config["auth"] = {"openapi": {BEARER_SCHEME: {"bearer": token}}}
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app, config=schemathesis.Config.from_dict(config))
     if not only:
         return schema
@@ -71,17 +75,22 @@ BUSY = make_harness(BUSY_GATE, queue_size=2)  # one attempt blocked, two waiting
 DRAINING = make_harness()
 DRAINING.pool.start()
 DRAINING.pool.shutdown(0)
+TOKEN = "fuzz-t0ken-0123456789"
+GUARDED = make_harness(_fail_odd_payloads, config=dataclasses.replace(TEST_CONFIG, api_token=TOKEN), queue_size=1000)
 
 working_api = _fuzz(WORKING.app)
 busy_api = _fuzz(BUSY.app, unavailable=True, only=("enqueue",))
 draining_api = _fuzz(DRAINING.app, unavailable=True, only=("enqueue", "health", "health_alias"))
+guarded_api = _fuzz(GUARDED.app, token=TOKEN)
+# No token at all: every guarded operation must answer its documented 401, whatever the request.
+locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "get_task", "list_tasks"))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _stop_the_fuzzed_pools():
     yield
     BUSY_GATE.open()
-    for harness in (WORKING, BUSY, DRAINING):
+    for harness in (WORKING, BUSY, DRAINING, GUARDED):
         harness.pool.shutdown(WAIT_S)
 
 
@@ -98,6 +107,18 @@ def test_a_full_queue_keeps_to_its_description(case):
 @draining_api.parametrize()
 def test_a_draining_instance_keeps_to_its_description(case):
     case.call_and_validate()
+
+
+@guarded_api.parametrize()
+def test_an_instance_with_a_token_keeps_to_its_description(case):
+    case.call_and_validate()
+
+
+@locked_out_api.parametrize()
+def test_an_instance_with_a_token_refuses_requests_without_it(case):
+    response = case.call_and_validate()
+    if case.method.lower() == case.operation.method.lower():  # other methods are routed to a 405 first
+        assert response.status_code == 401
 
 
 # -- the description itself ---------------------------------------------------------
@@ -166,6 +187,51 @@ def test_the_file_describes_an_instance_with_the_default_config():
         defaults.default_max_retries,
         defaults.max_retries_limit,
     )
+
+
+GUARDED_OPERATIONS = {"enqueue", "get_task", "list_tasks"}
+
+
+def _operations(spec):
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            yield path, method, operation
+
+
+def test_the_file_offers_no_token_or_the_bearer_token_on_the_guarded_operations():
+    spec = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
+    scheme = spec["components"]["securitySchemes"][BEARER_SCHEME]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert "security" not in spec  # no document-wide requirement: health, metrics and this description stay open
+    guarded = {operation["operationId"] for _, _, operation in _operations(spec) if "security" in operation}
+    assert guarded == GUARDED_OPERATIONS
+    for _, _, operation in _operations(spec):
+        if operation["operationId"] in GUARDED_OPERATIONS:
+            assert operation["security"] == [{}, {BEARER_SCHEME: []}]
+            assert operation["responses"]["401"] == {"$ref": "#/components/responses/Unauthorized"}
+        else:
+            assert "401" not in operation["responses"]
+
+
+def test_without_a_token_the_served_description_asks_for_none(harness):
+    for path, method, operation in _operations(served_spec(harness)):
+        assert "security" not in operation, (method, path)
+        assert "401" not in operation["responses"], (method, path)
+
+
+def test_with_a_token_the_served_description_requires_it_exactly_where_the_app_does():
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, api_token="t0ken-t0ken-t0ken"))
+    spec = served_spec(harness)
+    schemathesis.openapi.from_dict(spec).validate()
+    for path, method, operation in _operations(spec):
+        response = harness.client.open(path.replace("{task_id}", "a"), method=method.upper(), json={})
+        if operation["operationId"] in GUARDED_OPERATIONS:
+            assert operation["security"] == [{BEARER_SCHEME: []}]
+            assert "401" in operation["responses"]
+            assert response.status_code == 401, (method, path)
+        else:
+            assert "security" not in operation
+            assert response.status_code != 401, (method, path)
 
 
 def test_the_description_agrees_with_the_validation_rules(harness):
