@@ -1,11 +1,12 @@
-# `make run` starts the service under gunicorn; `make test` runs the tests; `make bench` benchmarks it.
-# Both create .venv on first use and reinstall only when a requirements file changes.
+# `make run` starts the service under gunicorn; `make test` runs the tests; `make stress` fuzzes
+# harder; `make bench` benchmarks it. Each creates .venv on first use and reinstalls only when a
+# requirements file changes.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test lint bench clean
+.PHONY: run dev test stress lint bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py
@@ -15,6 +16,11 @@ dev: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+# The fuzz tests at 500 examples per operation instead of 20, and the tests marked stress.
+stress: $(VENV)/.installed-dev
+	FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -m "stress or fuzz" -p no:cacheprovider -o addopts="" \
+		-ra --strict-markers --timeout=1800
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ the variable and the value.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -24,6 +25,7 @@ DOTENV_PATH = PROJECT_ROOT / ".env"
 EXIT_BAD_CONFIG = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
+MIN_TOKEN_CHARS = 16
 
 _INT = re.compile(r"[+-]?[0-9]+")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -47,6 +49,7 @@ class Config:
     default_max_retries: int = 3
     max_retries_limit: int = 20
     max_body_bytes: int = 65_536
+    max_payload_chars: int = 32_768
     state_ttl_s: float = 3600.0
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
@@ -54,6 +57,8 @@ class Config:
     log_format: str = "text"
     # "module:callable" run for every attempt instead of the simulated work.
     task_handler: str = ""
+    # Empty: no token needed. A secret, so it stays out of the repr (and any log line that prints one).
+    api_token: str = dataclasses.field(default="", repr=False)
 
 
 # -- parsers: text -> value, raising ValueError with the reason --------------
@@ -93,6 +98,15 @@ def _host(text: str) -> str:
     return text
 
 
+def _token(text: str) -> str:
+    # It travels in a header: only visible ASCII reaches the service the same from every client.
+    if text and (len(text) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in text)):
+        raise ValueError(
+            f"must be empty (no token) or at least {MIN_TOKEN_CHARS} visible ASCII characters, without spaces"
+        )
+    return text
+
+
 def _log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -126,20 +140,26 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DEFAULT_MAX_RETRIES": ("default_max_retries", _integer(0, 1000)),
     "MAX_RETRIES_LIMIT": ("max_retries_limit", _integer(0, 1000)),
     "MAX_BODY_BYTES": ("max_body_bytes", _integer(64, 16 * 1024 * 1024)),
+    "MAX_PAYLOAD_CHARS": ("max_payload_chars", _integer(0, 16 * 1024 * 1024)),
     "STATE_TTL_S": ("state_ttl_s", _number(0.0, 365 * 86_400.0, low_open=True)),
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "TASK_HANDLER": ("task_handler", _import_path),
+    "API_TOKEN": ("api_token", _token),
 }
 VARIABLES = tuple(_FIELDS)
+# Their values never appear in an error message.
+_SECRETS = frozenset({"API_TOKEN"})
 
 # (smaller, larger): the first must not exceed the second.
 _ORDERED = (
     ("WORK_MIN_MS", "WORK_MAX_MS"),
     ("BACKOFF_BASE_MS", "BACKOFF_CAP_MS"),
     ("DEFAULT_MAX_RETRIES", "MAX_RETRIES_LIMIT"),
+    # A longer payload could never arrive: its body would be refused with 413 first.
+    ("MAX_PAYLOAD_CHARS", "MAX_BODY_BYTES"),
 )
 
 
@@ -156,7 +176,8 @@ def from_env(environ: Mapping[str, str]) -> Config:
         try:
             values[field] = parse(raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{variable}={raw!r} is invalid: {exc}") from None
+            shown = f"<{len(raw)} characters, not shown>" if variable in _SECRETS else repr(raw)
+            raise ConfigError(f"{variable}={shown} is invalid: {exc}") from None
     config = Config(**values)
     for smaller, larger in _ORDERED:
         low, high = getattr(config, _FIELDS[smaller][0]), getattr(config, _FIELDS[larger][0])

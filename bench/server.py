@@ -13,30 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from config import VARIABLES as SERVICE_VARIABLES
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 _LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 _WORKER = re.compile(r"Booting worker with pid: (\d+)")
-# Service variables a bench run must not inherit from the caller's shell.
-_SERVICE_VARIABLES = (
-    "WORKERS",
-    "QUEUE_SIZE",
-    "HOST",
-    "PORT",
-    "WORK_MIN_MS",
-    "WORK_MAX_MS",
-    "FAILURE_RATE",
-    "BACKOFF_BASE_MS",
-    "BACKOFF_CAP_MS",
-    "DEFAULT_MAX_RETRIES",
-    "MAX_RETRIES_LIMIT",
-    "MAX_BODY_BYTES",
-    "STATE_TTL_S",
-    "STATE_MAX_TASKS",
-    "SHUTDOWN_TIMEOUT_S",
-    "LOG_LEVEL",
-)
 
 
 class Server:
@@ -53,7 +36,8 @@ class Server:
         self.args = args
         self.log_path = OUT / f"{name}.log"
         self._log = self.log_path.open("wb")
-        environ = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+        # The caller's service settings must not leak into a bench run.
+        environ = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
         environ.update(self.env_overrides)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(

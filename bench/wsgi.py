@@ -36,6 +36,7 @@ def _parse() -> Task:
         request.get_data(cache=False),
         default_max_retries=svc.config.default_max_retries,
         max_retries_limit=svc.config.max_retries_limit,
+        max_payload_chars=svc.config.max_payload_chars,
     )
     return Task(task_request.id, task_request.payload, task_request.max_retries, created_at=time.time())
 

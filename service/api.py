@@ -6,6 +6,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import request_id
+from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem
@@ -19,11 +20,13 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     """Validate a task and queue it without waiting for room."""
     svc = services()
     try:
+        require_token()  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
         task_request = parse_enqueue(
             _read_body(),
             default_max_retries=svc.config.default_max_retries,
             max_retries_limit=svc.config.max_retries_limit,
+            max_payload_chars=svc.config.max_payload_chars,
         )
         task = svc.pool.submit(
             task_request.id, task_request.payload, task_request.max_retries, request_id=request_id.current()
@@ -47,6 +50,7 @@ def _read_body() -> bytes:
 
 
 @bp.get("/tasks/<path:task_id>")
+@token_required
 def get_task(task_id: str) -> Response:
     """Return one task by id."""
     task = services().pool.get(task_id)
@@ -60,6 +64,7 @@ def get_task(task_id: str) -> Response:
 
 
 @bp.get("/tasks")
+@token_required
 def list_tasks() -> Response:
     """List retained tasks, newest first, optionally of one state."""
     query = parse_list_query(request.args)

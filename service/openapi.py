@@ -1,32 +1,54 @@
-"""The OpenAPI 3.1 description of the API, with the limits of one instance filled in."""
+"""The OpenAPI 3.1 description of the API, with the limits and the security of one instance filled in."""
 
 from __future__ import annotations
 
 import copy
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from config import Config
 
-SPEC_PATH = Path(__file__).with_name("openapi.json")
+SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+BEARER_SCHEME = "bearerAuth"  # in components.securitySchemes
 
 
 @cache
 def _spec_file() -> dict[str, Any]:
-    return json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+    """``openapi.yaml`` as written: the description of an instance with the default configuration."""
+    return yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
 
 
 def openapi_spec(config: Config) -> dict[str, Any]:
-    """``openapi.json`` with the configured limits in place of the defaults it was written with.
+    """``openapi.yaml`` with the configured limits and security in place of what it was written with.
 
     Only values that vary between instances are replaced, so the served
     document is true for the instance that serves it.
     """
     spec = copy.deepcopy(_spec_file())
     spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_body_bytes
-    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
-    max_retries["maximum"] = config.max_retries_limit
-    max_retries["default"] = config.default_max_retries
+    fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
+    fields["payload"]["maxLength"] = config.max_payload_chars
+    fields["max_retries"]["maximum"] = config.max_retries_limit
+    fields["max_retries"]["default"] = config.default_max_retries
+    _keep_the_security_that_holds(spec, token_set=bool(config.api_token))
     return spec
+
+
+def _keep_the_security_that_holds(spec: dict[str, Any], *, token_set: bool) -> None:
+    """Narrow each guarded operation's "no token, or bearerAuth" to the one this instance applies.
+
+    Offering both would let clients (and fuzzers) believe the token optional on an
+    instance that requires it; a 401 is documented only where it can happen.
+    """
+    for item in spec["paths"].values():
+        for operation in item.values():
+            if "security" not in operation:
+                continue
+            if token_set:
+                operation["security"] = [{BEARER_SCHEME: []}]
+            else:
+                del operation["security"]
+                del operation["responses"]["401"]

@@ -54,6 +54,11 @@ def invalid_request(detail: str, errors: tuple[FieldError, ...] = ()) -> Problem
     return Problem(400, detail, kind=_TYPE_PREFIX + "invalid-request", errors=errors)
 
 
+def unauthorized(detail: str, *, challenge: str) -> Problem:
+    """A 401 whose ``WWW-Authenticate`` header names the scheme the client must use (RFC 9110 11.6.1)."""
+    return Problem(401, detail, kind=_TYPE_PREFIX + "unauthorized", headers={"WWW-Authenticate": challenge})
+
+
 def problem_response(
     status: int,
     detail: str,

@@ -16,6 +16,9 @@ from workerpool import State, Task
 from .problems import FieldError, invalid_request
 
 MAX_ID_CHARS = 256
+# Longer JSON integers are left unconverted: no field takes a value of that size, and int() refuses
+# more than 4,300 digits with a message about sys.set_int_max_str_digits.
+MAX_INTEGER_DIGITS = 100
 ID_PATH_RULE = "must not start or end with '/', contain '//', or have a '.' or '..' segment"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
@@ -32,19 +35,28 @@ class EnqueueRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class _OversizedInteger:
+    """A JSON integer of more than MAX_INTEGER_DIGITS digits, kept as its digit count."""
+
+    digits: int
+
+
+@dataclass(frozen=True, slots=True)
 class ListQuery:
     state: State | None = None
     limit: int = DEFAULT_LIST_LIMIT
 
 
-def parse_enqueue(body: bytes, *, default_max_retries: int, max_retries_limit: int) -> EnqueueRequest:
+def parse_enqueue(
+    body: bytes, *, default_max_retries: int, max_retries_limit: int, max_payload_chars: int
+) -> EnqueueRequest:
     """Validate a POST /enqueue body; raise a 400 Problem listing every failing field."""
     document = _decode_json(body)
     if not isinstance(document, dict):
         raise invalid_request(f"the body must be a JSON object, not {_json_type(document)}")
     errors = [FieldError(name, "is not a known field") for name in document if name not in ENQUEUE_FIELDS]
     errors += _check_id(document)
-    errors += _check_payload(document)
+    errors += _check_payload(document, max_payload_chars)
     errors += _check_max_retries(document, max_retries_limit)
     if errors:
         raise invalid_request("the task is invalid", tuple(errors))
@@ -57,7 +69,9 @@ def parse_enqueue(body: bytes, *, default_max_retries: int, max_retries_limit: i
 
 def _decode_json(body: bytes) -> Any:
     try:
-        return json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        return json.loads(
+            body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int
+        )
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ours
         raise invalid_request(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -77,8 +91,20 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _bounded_int(text: str) -> int | _OversizedInteger:
+    digits = len(text) - text.startswith("-")
+    return int(text) if digits <= MAX_INTEGER_DIGITS else _OversizedInteger(digits)
+
+
 def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    names = {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        _OversizedInteger: "a number",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -99,12 +125,14 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
     return []
 
 
-def _check_payload(document: Mapping[str, Any]) -> list[FieldError]:
+def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:
     if "payload" not in document:
         return [FieldError("payload", "is required (it may be empty)")]
     value = document["payload"]
     if not isinstance(value, str):
         return [FieldError("payload", f"must be a string, not {_json_type(value)}")]
+    if len(value) > limit:
+        return [FieldError("payload", f"must be at most {limit} characters")]
     return []
 
 
@@ -112,6 +140,8 @@ def _check_max_retries(document: Mapping[str, Any], limit: int) -> list[FieldErr
     if "max_retries" not in document:
         return []
     value = document["max_retries"]
+    if isinstance(value, _OversizedInteger):
+        return [FieldError("max_retries", f"must be between 0 and {limit}")]
     # bool is an int subclass, and 3.0 is a float: both are refused.
     if type(value) is not int:
         return [FieldError("max_retries", f"must be an integer, not {_json_type(value)}")]

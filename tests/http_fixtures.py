@@ -72,7 +72,7 @@ class Harness:
         assert not summary.abandoned
 
 
-TEST_CONFIG = Config(max_body_bytes=1024, default_max_retries=2, max_retries_limit=5)
+TEST_CONFIG = Config(max_body_bytes=1024, max_payload_chars=512, default_max_retries=2, max_retries_limit=5)
 
 
 def make_harness(

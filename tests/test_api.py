@@ -61,6 +61,7 @@ def enqueue(client, body, **kwargs):
         ({"id": "a", "payload": "", "max_retries": 0}, 0),
         ({"id": "a", "payload": "", "max_retries": 5}, 5),  # exactly MAX_RETRIES_LIMIT
         ({"id": "x" * 256, "payload": ""}, 2),
+        ({"id": "a", "payload": "x" * 512}, 2),  # exactly MAX_PAYLOAD_CHARS
         ({"id": "äö 😀 task", "payload": "ünïcode"}, 2),
     ],
 )
@@ -99,10 +100,9 @@ def test_location_leads_back_to_the_task(client, task_id):
     assert found.get_json()["id"] == task_id
 
 
-def test_a_body_at_the_size_limit_is_accepted(client):
-    body = json.dumps({"id": "a", "payload": ""})
-    body = body[:-2] + "x" * (1024 - len(body)) + '"}'
-    assert len(body) == 1024
+def test_a_body_at_both_limits_is_accepted(client):
+    body = json.dumps({"id": "a", "payload": "x" * 512}).encode()
+    body += b" " * (1024 - len(body))
     assert enqueue(client, body).status_code == 202
 
 
@@ -137,11 +137,59 @@ def test_enqueue_refuses_a_body_that_is_not_a_json_object(client, body, detail):
     assert "errors" not in problem
 
 
-def test_a_deeply_nested_body_within_the_limit_is_a_400():
-    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, max_body_bytes=200_000))
-    response = enqueue(harness.client, "[" * 100_000)
+@pytest.mark.timeout(5)  # refused quickly, not merely eventually
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[" * 100_000,
+        "[" * 50_000 + "]" * 50_000,
+        '{"id": "a", "payload": ' + "[" * 50_000,
+        '{"a": ' * 50_000 + "1" + "}" * 50_000,
+    ],
+    ids=["unclosed", "closed", "in-a-field", "objects"],
+)
+def test_a_deeply_nested_body_within_the_limit_is_a_400(body):
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, max_body_bytes=400_000))
+    assert len(body) <= 400_000
+    response = enqueue(harness.client, body)
     assert response.status_code == 400
-    assert "not valid JSON" in response.get_json()["detail"]
+    assert response.mimetype == "application/problem+json"
+    assert response.get_json()["detail"] == "the body is not valid JSON: nested too deeply"
+
+
+HUGE = "9" * 5000  # more digits than int() converts (4300), far more than any field takes
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize(
+    ("body", "errors"),
+    [
+        (f'{{"id": "a", "payload": "", "max_retries": {HUGE}}}', [("max_retries", "must be between 0 and 5")]),
+        (f'{{"id": "a", "payload": "", "max_retries": -{HUGE}}}', [("max_retries", "must be between 0 and 5")]),
+        (f'{{"id": "a", "payload": "", "max_retries": {"1" * 101}}}', [("max_retries", "must be between 0 and 5")]),
+        ('{"id": "a", "payload": "", "max_retries": 1e999999}', [("max_retries", "must be an integer, not a number")]),
+        ('{"id": "a", "payload": "", "max_retries": -1e999999}', [("max_retries", "must be an integer, not a number")]),
+        (f'{{"id": {HUGE}, "payload": 1e999999}}', [("id", "must be a string, not a number"),
+                                                     ("payload", "must be a string, not a number")]),
+        (f'{{"id": "a", "payload": "", "{HUGE}": {HUGE}}}', [(HUGE, "is not a known field")]),
+    ],
+    ids=["huge", "huge-negative", "101-digits", "float-overflow", "negative-float-overflow", "id-payload", "unknown"],
+)
+def test_huge_numbers_are_field_errors(body, errors):
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, max_body_bytes=16_384))
+    response = enqueue(harness.client, body)
+    assert response.status_code == 400
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:invalid-request"
+    assert [(e["field"], e["message"]) for e in problem["errors"]] == errors
+
+
+@pytest.mark.timeout(5)
+def test_a_huge_number_as_the_body_is_a_400():
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, max_body_bytes=16_384))
+    response = enqueue(harness.client, HUGE)
+    assert response.status_code == 400
+    assert response.get_json()["detail"] == "the body must be a JSON object, not a number"
 
 
 ID_TOO_LONG = "must be 1 to 256 characters long"
@@ -171,6 +219,7 @@ NOT_INTEGER = "must be an integer"
         ({"id": "a", "payload": 5}, [("payload", "must be a string, not a number")]),
         ({"id": "a", "payload": None}, [("payload", "must be a string, not null")]),
         ({"id": "a", "payload": {"k": "v"}}, [("payload", "must be a string, not dict")]),
+        ({"id": "a", "payload": "x" * 513}, [("payload", "must be at most 512 characters")]),
         ({"id": "a", "payload": "", "max_retries": True}, [("max_retries", f"{NOT_INTEGER}, not a boolean")]),
         ({"id": "a", "payload": "", "max_retries": 3.0}, [("max_retries", f"{NOT_INTEGER}, not a number")]),
         ({"id": "a", "payload": "", "max_retries": "3"}, [("max_retries", f"{NOT_INTEGER}, not a string")]),

@@ -42,6 +42,7 @@ def test_create_app_reads_the_environment_by_default(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORKERS", "2")
     monkeypatch.setenv("MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("MAX_PAYLOAD_CHARS", "1024")
     app = create_app()
     assert pool_of(app).workers == 2
     assert app.config["MAX_CONTENT_LENGTH"] == 2048

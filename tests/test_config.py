@@ -35,10 +35,12 @@ def test_defaults():
         default_max_retries=3,
         max_retries_limit=20,
         max_body_bytes=65_536,
+        max_payload_chars=32_768,
         state_ttl_s=3600.0,
         state_max_tasks=100_000,
         shutdown_timeout_s=20.0,
         log_level="INFO",
+        api_token="",
     )
 
 
@@ -75,8 +77,10 @@ def test_every_field_has_a_variable():
         ("DEFAULT_MAX_RETRIES", "0", "default_max_retries", 0),
         ("DEFAULT_MAX_RETRIES", "20", "default_max_retries", 20),
         ("MAX_RETRIES_LIMIT", "1000", "max_retries_limit", 1000),
-        ("MAX_BODY_BYTES", "64", "max_body_bytes", 64),
+        ("MAX_BODY_BYTES", "32768", "max_body_bytes", 32_768),  # equal to the default payload limit
         ("MAX_BODY_BYTES", "16777216", "max_body_bytes", 16_777_216),
+        ("MAX_PAYLOAD_CHARS", "0", "max_payload_chars", 0),
+        ("MAX_PAYLOAD_CHARS", "65536", "max_payload_chars", 65_536),  # equal to the default body limit
         ("STATE_TTL_S", "0.5", "state_ttl_s", 0.5),
         ("STATE_TTL_S", "86400", "state_ttl_s", 86_400.0),
         ("STATE_MAX_TASKS", "1", "state_max_tasks", 1),
@@ -90,6 +94,9 @@ def test_every_field_has_a_variable():
         ("TASK_HANDLER", "", "task_handler", ""),
         ("TASK_HANDLER", "my_tasks.jobs:run", "task_handler", "my_tasks.jobs:run"),
         ("TASK_HANDLER", "tasks:Runner.run", "task_handler", "tasks:Runner.run"),
+        ("API_TOKEN", "", "api_token", ""),
+        ("API_TOKEN", "0123456789abcdef", "api_token", "0123456789abcdef"),
+        ("API_TOKEN", " Zm9vYmFy-._~+/Zm9vYmFy== ", "api_token", "Zm9vYmFy-._~+/Zm9vYmFy=="),
     ],
 )
 def test_each_variable_is_read(variable, text, field, value):
@@ -97,6 +104,7 @@ def test_each_variable_is_read(variable, text, field, value):
 
 
 INTEGER = "must be an integer from"
+TOKEN_RULE = "must be empty (no token) or at least 16 visible ASCII characters, without spaces"
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -135,6 +143,9 @@ BAD_VALUES = [
     ("MAX_BODY_BYTES", "63", f"{INTEGER} 64 to 16777216"),
     ("MAX_BODY_BYTES", "64k", f"{INTEGER} 64 to 16777216"),
     ("MAX_BODY_BYTES", "16777217", f"{INTEGER} 64 to 16777216"),
+    ("MAX_PAYLOAD_CHARS", "-1", f"{INTEGER} 0 to 16777216"),
+    ("MAX_PAYLOAD_CHARS", "32k", f"{INTEGER} 0 to 16777216"),
+    ("MAX_PAYLOAD_CHARS", "16777217", f"{INTEGER} 0 to 16777216"),
     ("STATE_TTL_S", "0", "must be a number greater than 0 and at most 3.1536e+07"),
     ("STATE_TTL_S", "-1", "must be a number greater than 0 and at most 3.1536e+07"),
     ("STATE_TTL_S", "inf", "must be a number greater than 0 and at most 3.1536e+07"),
@@ -148,6 +159,10 @@ BAD_VALUES = [
     ("LOG_FORMAT", "logfmt", "must be one of text, json"),
     ("TASK_HANDLER", "tasks.run", "must be empty or module:callable, e.g. mytasks:run"),
     ("TASK_HANDLER", "tasks:run()", "must be empty or module:callable, e.g. mytasks:run"),
+    ("API_TOKEN", "0123456789abcde", TOKEN_RULE),
+    ("API_TOKEN", "0123456789 abcdef", TOKEN_RULE),
+    ("API_TOKEN", "0123456789\tabcdef", TOKEN_RULE),
+    ("API_TOKEN", "0123456789abcdef\u00e9", TOKEN_RULE),
 ]
 
 
@@ -155,7 +170,15 @@ BAD_VALUES = [
 def test_a_bad_value_names_the_variable_and_the_value(variable, text, reason):
     with pytest.raises(ConfigError) as caught:
         from_env({variable: text})
-    assert str(caught.value) == f"{variable}={text!r} is invalid: {reason}"
+    shown = f"<{len(text)} characters, not shown>" if variable == "API_TOKEN" else repr(text)
+    assert str(caught.value) == f"{variable}={shown} is invalid: {reason}"
+
+
+def test_the_token_never_shows():
+    with pytest.raises(ConfigError) as caught:
+        from_env({"API_TOKEN": "short secret"})
+    assert "secret" not in str(caught.value)
+    assert "s3cret-s3cret-s3cret" not in repr(from_env({"API_TOKEN": "s3cret-s3cret-s3cret"}))
 
 
 def test_every_variable_has_a_bad_value_case():
@@ -171,11 +194,18 @@ def test_every_variable_has_a_bad_value_case():
         ({"BACKOFF_CAP_MS": "50"}, "BACKOFF_BASE_MS=100 is invalid: must not exceed BACKOFF_CAP_MS=50"),
         ({"DEFAULT_MAX_RETRIES": "21"}, "DEFAULT_MAX_RETRIES=21 is invalid: must not exceed MAX_RETRIES_LIMIT=20"),
         ({"MAX_RETRIES_LIMIT": "2"}, "DEFAULT_MAX_RETRIES=3 is invalid: must not exceed MAX_RETRIES_LIMIT=2"),
+        ({"MAX_PAYLOAD_CHARS": "65537"}, "MAX_PAYLOAD_CHARS=65537 is invalid: must not exceed MAX_BODY_BYTES=65536"),
+        ({"MAX_BODY_BYTES": "1024"}, "MAX_PAYLOAD_CHARS=32768 is invalid: must not exceed MAX_BODY_BYTES=1024"),
     ],
 )
 def test_settings_that_contradict_each_other_are_refused(environ, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):
         from_env(environ)
+
+
+def test_the_smallest_body_limit_takes_a_smaller_payload_limit():
+    config = from_env({"MAX_BODY_BYTES": "64", "MAX_PAYLOAD_CHARS": "0"})
+    assert (config.max_body_bytes, config.max_payload_chars) == (64, 0)
 
 
 def test_unrelated_variables_are_ignored():

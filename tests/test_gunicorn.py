@@ -98,6 +98,7 @@ def test_gunicorn_serves_tasks_to_their_final_states(tmp_path):
         BACKOFF_BASE_MS="1",
         BACKOFF_CAP_MS="5",
         MAX_BODY_BYTES="1024",
+        MAX_PAYLOAD_CHARS="512",
         SHUTDOWN_TIMEOUT_S="5",
     )
     try:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import re
 import threading
 
 import pytest
 import schemathesis
-from http_fixtures import WAIT_S, Gate, make_harness
+import yaml
+from budget import FUZZ_EXAMPLES
+from http_fixtures import TEST_CONFIG, WAIT_S, Gate, make_harness
 
 from config import Config
-from service.openapi import SPEC_PATH
+from service.openapi import BEARER_SCHEME, SPEC_PATH
 from service.schema import (
     DEFAULT_LIST_LIMIT,
     ENQUEUE_FIELDS,
@@ -23,10 +25,11 @@ from service.schema import (
 )
 from workerpool import State, Task
 
-# Fixed seed, derandomized, no example database: the same requests on every run, in about a second per instance.
+# Fixed seed, derandomized, no example database: the same requests on every run for a given
+# FUZZ_EXAMPLES; at the default 20, about a second per instance.
 FUZZ_CONFIG = {
     "seed": 20261127,
-    "generation": {"mode": "all", "max-examples": 20, "deterministic": True, "database": "none"},
+    "generation": {"mode": "all", "max-examples": FUZZ_EXAMPLES, "deterministic": True, "database": "none"},
     "operations": [
         {
             "include-operation-id": "enqueue",
@@ -35,7 +38,7 @@ FUZZ_CONFIG = {
                 # max_retries must be written 3, and a payload may push the body past MAX_BODY_BYTES (413).
                 "positive_data_acceptance": {"enabled": False},
                 # The default list lacks 413, the answer to an oversized (invalid) body.
-                "negative_data_rejection": {"expected-statuses": [400, 413]},
+                "negative_data_rejection": {"expected-statuses": [400, 401, 413]},
             },
         }
     ],
@@ -48,14 +51,17 @@ def _fail_odd_payloads(task: Task, cancel: threading.Event) -> None:
         raise RuntimeError("odd payload")
 
 
-def _fuzz(app, *, unavailable: bool = False, only: tuple[str, ...] = ()):
+def _fuzz(app, *, unavailable: bool = False, only: tuple[str, ...] = (), token: str | None = None):
     """The app's served description for fuzzing, limited to the operations ``only`` if given.
 
     ``unavailable``: the app is meant to answer 503 (documented), which schemathesis counts as a server error.
+    ``token``: sent as the bearer token; schemathesis's ignored_auth check also tries without it and with a wrong one.
     """
     config = copy.deepcopy(FUZZ_CONFIG)
     if unavailable:
         config["checks"] = {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", 503]}}
+    if token is not None:
+        config["auth"] = {"openapi": {BEARER_SCHEME: {"bearer": token}}}
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app, config=schemathesis.Config.from_dict(config))
     if not only:
         return schema
@@ -71,33 +77,58 @@ BUSY = make_harness(BUSY_GATE, queue_size=2)  # one attempt blocked, two waiting
 DRAINING = make_harness()
 DRAINING.pool.start()
 DRAINING.pool.shutdown(0)
+TOKEN = "fuzz-t0ken-0123456789"
+GUARDED = make_harness(_fail_odd_payloads, config=dataclasses.replace(TEST_CONFIG, api_token=TOKEN), queue_size=1000)
 
 working_api = _fuzz(WORKING.app)
 busy_api = _fuzz(BUSY.app, unavailable=True, only=("enqueue",))
 draining_api = _fuzz(DRAINING.app, unavailable=True, only=("enqueue", "health", "health_alias"))
+guarded_api = _fuzz(GUARDED.app, token=TOKEN)
+# No token at all: every guarded operation must answer its documented 401, whatever the request.
+locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "get_task", "list_tasks"))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _stop_the_fuzzed_pools():
     yield
     BUSY_GATE.open()
-    for harness in (WORKING, BUSY, DRAINING):
+    for harness in (WORKING, BUSY, DRAINING, GUARDED):
         harness.pool.shutdown(WAIT_S)
 
 
+@pytest.mark.fuzz
 @working_api.parametrize()
 def test_a_working_instance_keeps_to_its_description(case):
     case.call_and_validate()
 
 
+@pytest.mark.fuzz
 @busy_api.parametrize()
 def test_a_full_queue_keeps_to_its_description(case):
     case.call_and_validate()
 
 
+@pytest.mark.fuzz
 @draining_api.parametrize()
 def test_a_draining_instance_keeps_to_its_description(case):
     case.call_and_validate()
+
+
+@pytest.mark.fuzz
+@guarded_api.parametrize()
+def test_an_instance_with_a_token_keeps_to_its_description(case):
+    case.call_and_validate()
+
+
+@pytest.mark.fuzz
+@locked_out_api.parametrize()
+def test_an_instance_with_a_token_refuses_requests_without_it(case):
+    response = case.call_and_validate()
+    if case.method.upper() != case.operation.method.upper():
+        return  # another method: answered by the router (405, or Allow for OPTIONS), never by the view
+    # A URL no route matches (werkzeug's path converter stops at a newline) is the router's 404.
+    unrouted = response.status_code == 404 and response.json()["type"] == "about:blank"
+    assert response.status_code == 401 or unrouted
 
 
 # -- the description itself ---------------------------------------------------------
@@ -147,23 +178,70 @@ def test_path_parameters_match_the_route_variables(harness):
 
 
 def test_the_served_description_has_the_instance_limits():
-    config = Config(max_body_bytes=4096, default_max_retries=1, max_retries_limit=7)
+    config = Config(max_body_bytes=4096, max_payload_chars=1000, default_max_retries=1, max_retries_limit=7)
     harness = make_harness(config=config)
     spec = served_spec(harness)
     assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == 4096
-    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
-    assert (max_retries["default"], max_retries["maximum"]) == (1, 7)
+    fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
+    assert fields["payload"]["maxLength"] == 1000
+    assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (1, 7)
 
 
 def test_the_file_describes_an_instance_with_the_default_config():
-    spec = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
+    spec = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
     defaults = Config()
     assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == defaults.max_body_bytes
-    max_retries = spec["components"]["schemas"]["EnqueueRequest"]["properties"]["max_retries"]
-    assert (max_retries["default"], max_retries["maximum"]) == (
+    fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
+    assert fields["payload"]["maxLength"] == defaults.max_payload_chars
+    assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (
         defaults.default_max_retries,
         defaults.max_retries_limit,
     )
+
+
+GUARDED_OPERATIONS = {"enqueue", "get_task", "list_tasks"}
+
+
+def _operations(spec):
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            yield path, method, operation
+
+
+def test_the_file_offers_no_token_or_the_bearer_token_on_the_guarded_operations():
+    spec = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
+    scheme = spec["components"]["securitySchemes"][BEARER_SCHEME]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert "security" not in spec  # no document-wide requirement: health, metrics and this description stay open
+    guarded = {operation["operationId"] for _, _, operation in _operations(spec) if "security" in operation}
+    assert guarded == GUARDED_OPERATIONS
+    for _, _, operation in _operations(spec):
+        if operation["operationId"] in GUARDED_OPERATIONS:
+            assert operation["security"] == [{}, {BEARER_SCHEME: []}]
+            assert operation["responses"]["401"] == {"$ref": "#/components/responses/Unauthorized"}
+        else:
+            assert "401" not in operation["responses"]
+
+
+def test_without_a_token_the_served_description_asks_for_none(harness):
+    for path, method, operation in _operations(served_spec(harness)):
+        assert "security" not in operation, (method, path)
+        assert "401" not in operation["responses"], (method, path)
+
+
+def test_with_a_token_the_served_description_requires_it_exactly_where_the_app_does():
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, api_token="t0ken-t0ken-t0ken"))
+    spec = served_spec(harness)
+    schemathesis.openapi.from_dict(spec).validate()
+    for path, method, operation in _operations(spec):
+        response = harness.client.open(path.replace("{task_id}", "a"), method=method.upper(), json={})
+        if operation["operationId"] in GUARDED_OPERATIONS:
+            assert operation["security"] == [{BEARER_SCHEME: []}]
+            assert "401" in operation["responses"]
+            assert response.status_code == 401, (method, path)
+        else:
+            assert "security" not in operation
+            assert response.status_code != 401, (method, path)
 
 
 def test_the_description_agrees_with_the_validation_rules(harness):

@@ -10,8 +10,8 @@ from service.schema import EnqueueRequest, ListQuery, parse_enqueue, parse_list_
 from workerpool import State, Task
 
 
-def parse(body: bytes) -> EnqueueRequest:
-    return parse_enqueue(body, default_max_retries=3, max_retries_limit=20)
+def parse(body: bytes, *, max_payload_chars: int = 1000) -> EnqueueRequest:
+    return parse_enqueue(body, default_max_retries=3, max_retries_limit=20, max_payload_chars=max_payload_chars)
 
 
 def test_a_valid_body_becomes_a_frozen_request():
@@ -27,6 +27,13 @@ def test_an_omitted_max_retries_takes_the_default():
 
 def test_the_body_may_be_utf16():
     assert parse('{"id": "ü", "payload": ""}'.encode("utf-16")).id == "ü"
+
+
+def test_the_payload_limit_counts_characters_not_bytes():
+    assert parse('{"id": "a", "payload": "😀😀😀"}'.encode(), max_payload_chars=3).payload == "😀😀😀"
+    with pytest.raises(Problem) as caught:
+        parse('{"id": "a", "payload": "😀😀😀😀"}'.encode(), max_payload_chars=3)
+    assert [(e.field, e.message) for e in caught.value.errors] == [("payload", "must be at most 3 characters")]
 
 
 def test_a_refusal_is_a_400_problem_with_field_errors():

@@ -245,6 +245,8 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
     try:
         service = Service(server, server.wait_for_port(LISTENING))
         wait_until(lambda: service.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        status, _, body = service.request("GET", "/openapi.json")  # openapi.yaml is in the image
+        assert status == 200, body
         accepted = service.enqueue(30)
         unshare = server.proc.pid
         children = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()

@@ -1,0 +1,49 @@
+"""The optional bearer token (``API_TOKEN``) that guards the task endpoints."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from flask import request
+
+from .context import services
+from .problems import unauthorized
+
+CHALLENGE = 'Bearer realm="workerpool"'
+MISSING = "the request has no bearer token: send the header 'Authorization: Bearer <token>'"
+WRONG = "the bearer token is wrong"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def token_required(view: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``view`` only for requests with the configured token; with no token configured, always."""
+
+    @functools.wraps(view)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        require_token()
+        return view(*args, **kwargs)
+
+    return guarded
+
+
+def require_token() -> None:
+    """Raise a 401 Problem unless the current request carries the configured token (if any)."""
+    token = services().config.api_token
+    if token:
+        check_bearer(request.headers.get("Authorization"), token)
+
+
+def check_bearer(authorization: str | None, token: str) -> None:
+    """Raise a 401 Problem unless ``authorization`` is ``Bearer <token>``; the comparison takes constant time."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    credentials = credentials.strip(" ")
+    if scheme.lower() != "bearer" or not credentials:  # schemes are case-insensitive (RFC 9110 11.1)
+        raise unauthorized(MISSING, challenge=CHALLENGE)
+    # A configured token is ASCII, so a non-ASCII one is wrong; that much may show in the timing.
+    if not credentials.isascii() or not hmac.compare_digest(credentials.encode("ascii"), token.encode("ascii")):
+        raise unauthorized(WRONG, challenge=CHALLENGE)
