@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 
 from flask import Flask
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from config import Config, ConfigError
 from config import load as load_config
@@ -120,6 +120,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class _PlainAccessLog(WSGIRequestHandler):
+    """Werkzeug's request handler with gunicorn's access line layout, without terminal colour codes."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        line = self.requestline.translate(self._control_char_table)
+        logging.getLogger("werkzeug").info('%s "%s" %s %s', self.address_string(), line, code, size)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve on Werkzeug's threaded server; SIGINT/SIGTERM drain the pool, a second one stops waiting.
 
@@ -137,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(config.log_level, config.log_format)
     app = create_app(config)
     pool = pool_of(app)
-    server = make_server(config.host, config.port, app, threaded=True)
+    server = make_server(config.host, config.port, app, threaded=True, request_handler=_PlainAccessLog)
 
     def drained(summary: ShutdownSummary) -> None:
         log.info("%s", lifecycle.describe(summary))

@@ -100,6 +100,9 @@ def test_the_development_server_serves_and_stops_on_sigterm(tmp_path):
         assert server.terminate(timeout=15) == 0
     finally:
         server.stop()
+    # Access lines as gunicorn lays them out, without terminal colour codes.
+    assert '] [INFO] werkzeug: 127.0.0.1 "POST /enqueue HTTP/1.1" 202 ' in server.log()
+    assert "\x1b[" not in server.log()
 
 
 def test_task_handler_names_the_callable_each_attempt_runs():
