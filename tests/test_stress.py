@@ -437,20 +437,21 @@ def test_a_long_run_of_tasks_keeps_memory_bounded(gunicorn):
     done = service.metric('workerpool_tasks_finished_total{state="done"}')
     health = service.health()
 
-    warm = next(rss for count, rss in clients.samples if count >= SOAK_TASKS // 4)
-    growth = max(rss for count, rss in clients.samples if count >= SOAK_TASKS // 4) - warm
+    samples = sorted(clients.samples)
+    warm = next(rss for count, rss in samples if count >= SOAK_TASKS // 4)
+    growth = max(rss for count, rss in samples if count >= SOAK_TASKS // 4) - warm
     print(f"\nsoak: {SOAK_TASKS} tasks in {seconds:.1f} s ({SOAK_TASKS / seconds:.0f} tasks/s), {SOAK_CLIENTS} clients")
     print(f"resent: {dict(clients.resent)}; unexpected: {dict(clients.unexpected)}")
-    print("tasks accepted -> worker RSS (MiB): " + ", ".join(f"{c}: {r / 1024:.1f}" for c, r in clients.samples))
+    print("tasks accepted -> worker RSS (MiB): " + ", ".join(f"{c}: {r / 1024:.1f}" for c, r in samples))
     print(f"after the drain: {final_rss / 1024:.1f} MiB; growth from 25 %: {growth / 1024:.2f} MiB; "
           f"retained: {health['tasks']}; worker threads {threads_before} -> {service.threads()}")
 
+    assert len(samples) == SOAK_TASKS // SAMPLE_EVERY
+    assert growth <= RSS_GROWTH_LIMIT_KIB, f"the worker grew by {growth} KiB after warming up"
     assert not clients.unexpected
     assert clients.submitted == SOAK_TASKS
     assert done == SOAK_TASKS
     assert health["tasks"]["done"] <= int(SOAK["STATE_MAX_TASKS"])
-    assert len(clients.samples) == SOAK_TASKS // SAMPLE_EVERY
-    assert growth <= RSS_GROWTH_LIMIT_KIB
     wait_until(lambda: service.threads() == threads_before, timeout=15, what="the thread baseline")
     code, _ = service.terminate()
     assert code == 0
