@@ -168,6 +168,7 @@ class Traffic:
             thread.start()
 
     def stop(self) -> list[Outcome]:
+        """Stop the clients (idempotent); every outcome, in the order the requests were sent."""
         self._stop.set()
         for thread in self._threads:
             thread.join(TIMEOUT_S * 3)
