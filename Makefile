@@ -17,9 +17,9 @@ dev: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
-# The fuzz tests at 500 examples per operation instead of 20, and the tests marked stress.
+# The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
 stress: $(VENV)/.installed-dev
-	FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -m "stress or fuzz" -p no:cacheprovider -o addopts="" \
+	STRESS=1 FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -m "stress or fuzz" -p no:cacheprovider -o addopts="" \
 		-ra --strict-markers --timeout=1800
 
 lint: $(VENV)/.installed-dev

@@ -9,7 +9,7 @@ from . import request_id
 from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
-from .problems import Problem
+from .problems import Problem, invalid_request
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
@@ -38,7 +38,7 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
 
 
 def _read_body() -> bytes:
-    """The request body; 413 if it is longer than MAX_CONTENT_LENGTH, chunked or not."""
+    """The request body; 413 if it is longer than MAX_CONTENT_LENGTH, chunked or not, 400 if cut short."""
     limit: int = current_app.config["MAX_CONTENT_LENGTH"]
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
@@ -46,6 +46,10 @@ def _read_body() -> bytes:
     body = request.get_data(cache=False)
     if len(body) > limit:
         raise RequestEntityTooLarge()
+    # gunicorn hands over a body cut short by the client's disconnect as if it
+    # were whole; its first part may be a valid task the client never finished.
+    if request.content_length is not None and len(body) < request.content_length:
+        raise invalid_request(f"the request body ended after {len(body)} of its {request.content_length} bytes")
     return body
 
 

@@ -286,6 +286,20 @@ def test_a_body_with_content_length_is_held_to_the_limit(harness, size, status):
     assert enqueue(harness.client, body_of_size(size)).status_code == status
 
 
+def test_a_body_shorter_than_its_content_length_is_400(harness):
+    # What arrived before the client stopped sending is a valid task here; the
+    # WSGI server hands it over as if it were the whole body.
+    body = body_of_size(64)
+    response = harness.client.post(
+        "/enqueue",
+        input_stream=io.BytesIO(body),
+        environ_overrides={"CONTENT_LENGTH": str(len(body) + 16), "wsgi.input_terminated": True},  # as gunicorn
+    )
+    assert response.status_code == 400
+    assert response.get_json()["detail"] == "the request body ended after 64 of its 80 bytes"
+    assert harness.pool.get("a") is None
+
+
 def test_a_known_id_is_409(harness):
     assert enqueue(harness.client, {"id": "a", "payload": ""}).status_code == 202
     response = enqueue(harness.client, {"id": "a", "payload": "other", "max_retries": 0})

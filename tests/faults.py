@@ -1,0 +1,52 @@
+"""Misbehaving task handlers for the fault tests, loaded by a real server as ``TASK_HANDLER=faults:<name>``.
+
+The server runs with this directory on ``PYTHONPATH``. Each handler reads
+what to do from the task's payload, so one server run can mix behaviours and
+the test knows what every task should become.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from workerpool import PermanentFailure, Task
+
+HANG_S = 60.0  # far beyond any drain deadline the tests use, yet bounded
+
+
+def raises(task: Task, cancel: threading.Event) -> None:
+    """Fail attempts as the payload says.
+
+    ``ok``: succeed. ``error:<n>``: raise RuntimeError on attempts 1..n.
+    ``exit:<n>``: raise SystemExit on attempts 1..n. ``permanent``: raise
+    PermanentFailure.
+    """
+    how, _, count = task.payload.partition(":")
+    if how == "permanent":
+        raise PermanentFailure(f"fault: permanent on attempt {task.attempts}")
+    if how in ("error", "exit") and task.attempts <= int(count):
+        if how == "exit":
+            raise SystemExit(f"fault: exit on attempt {task.attempts}")
+        raise RuntimeError(f"fault: error on attempt {task.attempts}")
+
+
+def hangs(task: Task, cancel: threading.Event) -> None:
+    """``hang``: block for HANG_S seconds, ignoring ``cancel``; anything else succeeds at once."""
+    if task.payload == "hang":
+        threading.Event().wait(HANG_S)
+
+
+async def _coroutine() -> None:
+    """Never awaited: the pool cannot run it."""
+
+
+def returns_garbage(task: Task, cancel: threading.Event) -> object:
+    """Return what the payload names: ``false``, ``zero``, ``dict``, ``coroutine``, or ``none`` (which succeeds)."""
+    values = {
+        "none": lambda: None,
+        "false": lambda: False,
+        "zero": lambda: 0,
+        "dict": lambda: {"ok": True},
+        "coroutine": _coroutine,
+    }
+    return values[task.payload]()
