@@ -62,8 +62,8 @@ UNFINISHED = frozenset({State.QUEUED, State.RUNNING})
 WALL_SLACK = 1e-6
 
 # Quarter seconds are exact in binary: a deadline and a due time can be hit exactly.
-seconds = st.integers(0, 12).map(lambda quarters: quarters / 4)
-timeouts = st.none() | seconds
+durations = st.integers(0, 12).map(lambda quarters: quarters / 4)
+timeouts = st.none() | durations
 
 
 class Outcome(NamedTuple):
@@ -234,7 +234,7 @@ class PoolModel(RuleBasedStateMachine):
             self._attempt(task_id, outcome, handled)
         self._join_drain_if_due()
 
-    @rule(seconds=seconds)
+    @rule(seconds=durations)
     def advance_time(self, seconds: float) -> None:
         self.clock.advance(seconds)
         # A deadline passed: the drain ends now; let it finish before touching the pool.
@@ -408,7 +408,10 @@ class PoolModel(RuleBasedStateMachine):
         assert stats.queue_depth == len(self.released) + len(self.fresh)
         assert stats.retries_pending == len(self.retries)
         assert stats.accepting is not self.closing
-        assert not self.handled, "the handler ran outside step()"
+
+    @invariant()
+    def the_handler_runs_only_inside_step(self) -> None:
+        assert not self.handled, f"the handler ran outside step(): {self.handled}"
 
     @invariant()
     def nothing_is_unfinished_once_the_drain_ended(self) -> None:
