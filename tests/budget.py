@@ -6,3 +6,5 @@ import os
 
 # Examples schemathesis generates per API operation (and per instance fuzzed).
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
+# Sequences of steps the pool's state machine test runs: cheap (about 10 ms each), so many more.
+MODEL_EXAMPLES = 20 * FUZZ_EXAMPLES

@@ -171,6 +171,7 @@ class WorkerPool:
             threading.Thread(target=self._work, name=f"workerpool-worker-{n}", daemon=True)
             for n in range(1, self.workers + 1)
         ]
+        # Last, as _stop_threads expects.
         self._threads.append(threading.Thread(target=self._run_timer, name="workerpool-timer", daemon=True))
         for thread in self._threads:
             thread.start()
@@ -361,7 +362,8 @@ class WorkerPool:
         pulls the deadline in. With ``wait=False`` the drain runs on a helper
         thread and the call returns None at once.
         """
-        deadline = math.inf if timeout is None else self._monotonic() + max(0.0, timeout)
+        began = self._monotonic()
+        deadline = math.inf if timeout is None else began + max(0.0, timeout)
         with self._shutdown_lock:
             first = not self._closing
             self._closing = True
@@ -370,16 +372,15 @@ class WorkerPool:
         if first:
             log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
             if wait:
-                self._drain()
+                self._drain(began)
             else:
-                threading.Thread(target=self._drain, name="workerpool-drain", daemon=True).start()
+                threading.Thread(target=self._drain, args=(began,), name="workerpool-drain", daemon=True).start()
         if not wait:
             return None
         self._summary_ready.wait()
         return self._summary
 
-    def _drain(self) -> None:
-        started = self._monotonic()
+    def _drain(self, started: float) -> None:
         while True:
             # Clear before looking: whoever changes what is looked at below
             # (a finished attempt, a nearer deadline) sets it afterwards.
@@ -408,18 +409,23 @@ class WorkerPool:
         with self._shutdown_lock:
             self._stopped = True
             threads = list(self._threads)
+        deadline = time.monotonic() + join_timeout
         self._timer_wakeup.set()
+        # The timer goes first: once it has exited it cannot push a retry it
+        # had just taken from the heap into the queue emptied below.
+        timer, workers = threads[-1:], threads[:-1]
+        for thread in timer:
+            thread.join(max(0.0, deadline - time.monotonic()))
         # Whatever is still queued or waiting for a retry was abandoned
         # already; stop markers for the workers that exist are all that is left.
         with self._retry_lock:
             self._retries.clear()
         self._ready.clear()
-        for _ in range(self.workers if threads else 0):
+        for _ in workers:
             self._ready.push(_STOP)
         # Abandoned handlers were told to cancel; one that ignores it is left
         # behind (daemon) rather than holding up shutdown.
-        deadline = time.monotonic() + join_timeout
-        for thread in threads:
+        for thread in workers:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
