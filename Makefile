@@ -20,7 +20,7 @@ test: $(VENV)/.installed-dev
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
 stress: $(VENV)/.installed-dev
 	STRESS=1 FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -m "stress or fuzz" -p no:cacheprovider -o addopts="" \
-		-ra --strict-markers --timeout=1800
+		-ra --strict-markers --timeout=1800 -s --hypothesis-show-statistics
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
