@@ -120,11 +120,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# A request line's control characters, escaped: a raw one could forge or break a log line.
+_ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
 class _PlainAccessLog(WSGIRequestHandler):
     """Werkzeug's request handler with gunicorn's access line layout, without terminal colour codes."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        line = self.requestline.translate(self._control_char_table)
+        line = self.requestline.translate(_ESCAPE_CONTROLS)
         logging.getLogger("werkzeug").info('%s "%s" %s %s', self.address_string(), line, code, size)
 
 
