@@ -223,7 +223,7 @@ def bytes_per_reference_task(n: int) -> float:
         table_: dict[str, tuple] = {}
         for _ in range(n):
             now = time.time()
-            table_[str(uuid.uuid4())] = ("", 3, State.DONE, 1, None, now, time.time(), time.time(), None)
+            table_[str(uuid.uuid4())] = ("", 3, State.DONE, 1, None, now, time.time(), time.time(), None, None)
         held = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
@@ -248,7 +248,7 @@ def retained_task_memory(run: Run, sizes: tuple[int, ...] = (10_000, 100_000)) -
         + "\n\nTasks with a 36-character uuid id and a 200-byte payload go through a 4-worker pool with a no-op "
         "handler; the figure is tracemalloc's traced bytes after the drain minus before, divided by the count. "
         "Payloads are dropped when a task finishes, so they are excluded by the engine itself; the id string is "
-        "included. The reference holds the same nine fields as a tuple in a plain dict.\n\n"
+        "included. The reference holds the same ten fields as a tuple in a plain dict.\n\n"
         f"Largest allocation sites at {sizes[0]:,} tasks (bytes per task):\n\n"
         + table(["site", "bytes per task"], [[f"`{site}`", f"{b:,.0f}"] for site, b in breakdown])
     )

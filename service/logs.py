@@ -14,9 +14,10 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from config import LOG_FORMATS
+
 from . import request_id
 
-LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 TEXT_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"  # gunicorn's own
 # gunicorn access lines: the text formatter adds time, pid and request id around them.

@@ -16,14 +16,13 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from workerpool import DuplicateTask, PoolClosed, PoolObserver, QueueFull, State, Task, WorkerPool
+from workerpool import FINAL_STATES, DuplicateTask, PoolClosed, PoolObserver, QueueFull, State, Task, WorkerPool
 
 from .context import services
 from .problems import Problem
 
 REJECTION_REASONS = ("invalid", "too_large", "unauthorized", "duplicate", "queue_full", "shutting_down", "error")
 ATTEMPT_OUTCOMES = ("succeeded", "failed")
-FINAL_STATES = (State.DONE, State.FAILED)
 # Attempts of the simulated work take 0.1-0.5 s; tasks wait out backoffs of up to 10 s per retry.
 ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 QUEUED_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -78,7 +77,7 @@ class Metrics(PoolObserver):
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
         self._attempts = {outcome: self.attempts.labels(outcome) for outcome in ATTEMPT_OUTCOMES}
-        self._finished = {state: self.finished.labels(state) for state in FINAL_STATES}
+        self._finished = {state: self.finished.labels(state) for state in sorted(FINAL_STATES)}
 
     # -- PoolObserver ----------------------------------------------------
 
@@ -116,11 +115,12 @@ class Metrics(PoolObserver):
         self.registry.register(_PoolCollector(pool))
 
 
+_PROBLEM_REASONS = {400: "invalid", 401: "unauthorized"}
+
+
 def rejection_reason(exc: BaseException) -> str:
-    if isinstance(exc, Problem) and exc.status == 400:
-        return "invalid"
-    if isinstance(exc, Problem) and exc.status == 401:
-        return "unauthorized"
+    if isinstance(exc, Problem):
+        return _PROBLEM_REASONS.get(exc.status, "error")
     if isinstance(exc, RequestEntityTooLarge):
         return "too_large"
     if isinstance(exc, DuplicateTask):

@@ -160,11 +160,14 @@ class WorkerPool:
     def start(self) -> None:
         """Start the worker and timer threads (idempotent; ``submit`` also starts them)."""
         with self._shutdown_lock:
-            self._start_locked()
+            started = self._start_locked()
+        if started:
+            self._log_started()
 
-    def _start_locked(self) -> None:
+    def _start_locked(self) -> bool:
+        """Start the threads unless they run or may not; whether this call started them."""
         if self._threads or self._closing or not self._use_threads:
-            return
+            return False
         # Daemon threads: interpreter exit must never wait on a handler that
         # ignores cancellation. Shutdown drains explicitly instead.
         self._threads = [
@@ -175,6 +178,9 @@ class WorkerPool:
         self._threads.append(threading.Thread(target=self._run_timer, name="workerpool-timer", daemon=True))
         for thread in self._threads:
             thread.start()
+        return True
+
+    def _log_started(self) -> None:  # outside _shutdown_lock: no logging under a lock
         log.info("pool started: %d worker thread(s), queue of %d", self.workers, self.queue_size)
 
     def submit(self, task_id: str, payload: str = "", max_retries: int = 0, *, request_id: str | None = None) -> Task:
@@ -195,9 +201,11 @@ class WorkerPool:
             # Only the timer adds meanwhile, and a due retry may exceed the bound.
             if self._ready.full():
                 raise QueueFull(self.queue_size)
-            self._start_locked()
+            started = self._start_locked()
             self._store.add(task)
             self._ready.push(task_id)
+        if started:
+            self._log_started()
         _log(logging.DEBUG, task, "task %s queued", task_id)
         self._notify("task_queued", task)
         return task
