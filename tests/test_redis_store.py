@@ -1,0 +1,214 @@
+"""The Redis store against a private redis-server: several instances sharing one store, and Redis faults."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from redis_server import RedisServer, running_redis
+
+from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task
+from workerpool.stores.redis_store import RedisStore, connect
+
+WAIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def make(server, clock):
+    """Stores sharing the module's Redis, emptied before each test, on the test's fake clock."""
+    server.client().flushall()
+    clients = []
+
+    def make_store(**options) -> RedisStore:
+        client = server.client()
+        clients.append(client)
+        settings = {"capacity": 4, "ttl": 60.0, "max_finished": 100, "clock": clock.time} | options
+        return RedisStore(client, **settings)
+
+    yield make_store
+    for client in clients:
+        client.close()
+
+
+def new(task_id: str, clock, **fields) -> Task:
+    return Task(task_id, "payload", fields.pop("max_retries", 1), created_at=clock.time(), **fields)
+
+
+def test_instances_share_one_bound_one_id_space_and_one_view(make, clock):
+    a, b = make(capacity=2), make(capacity=2)
+    assert a.admit([new("x", clock)])[0].id == "x"
+    refused = b.admit([new("x", clock), new("y", clock), new("z", clock)])
+    assert isinstance(refused[0], DuplicateTask)
+    assert refused[1].id == "y"
+    assert isinstance(refused[2], QueueFull)
+    assert b.get("x") == a.get("x")
+    assert [t.id for t in a.list()] == [t.id for t in b.list()] == ["y", "x"]
+    assert a.stats() == b.stats()
+
+
+def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
+    a, b = make(), make()
+    a.admit([new("x", clock)])
+    claimed = b.claim("owner-b", clock.time() + 30)
+    assert (claimed.id, claimed.state, claimed.attempts) == ("x", State.RUNNING, 1)
+    assert a.claim("owner-a", clock.time() + 30) is None
+    assert a.unfinished("owner-b") == 1 and a.unfinished("owner-a") == 0
+
+
+def test_an_idle_worker_wakes_when_another_instance_admits(make, clock):
+    a, b = make(), make()
+    a.wait_for_work(0)  # nothing queued: returns at once
+    b.admit([])
+    woke = threading.Event()
+
+    def idle_worker():
+        # Drain tokens left by earlier admissions, then block until new work arrives.
+        while b.claim("w", clock.time() + 30) is None and not woke.is_set():
+            b.wait_for_work(WAIT_S)
+            if b.seconds_until_due() == 0:
+                woke.set()
+
+    worker = threading.Thread(target=idle_worker, daemon=True)
+    worker.start()
+    a.admit([new("x", clock)])
+    assert woke.wait(WAIT_S) or a.get("x").state is State.RUNNING
+    worker.join(WAIT_S)
+    assert not worker.is_alive()
+
+
+def test_wake_releases_this_instances_waiters_only_promptly(make):
+    store = make()
+    returned = threading.Event()
+    waiter = threading.Thread(target=lambda: (store.wait_for_work(None), returned.set()), daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + WAIT_S
+    while not returned.is_set() and time.monotonic() < deadline:
+        store.wake()
+        returned.wait(0.05)
+    assert returned.is_set()
+    waiter.join(WAIT_S)
+
+
+def test_a_late_writer_and_a_stranger_are_refused(make, clock):
+    store = make()
+    store.admit([new("x", clock)])
+    store.claim("me", clock.time() + 30)
+    assert store.finish("x", 1, "someone-else") is None
+    assert store.finish("x", 2, "me") is None
+    assert store.finish("x", 1, "me").state is State.DONE
+    assert store.finish("x", 1, "me") is None
+
+
+def test_a_retry_waits_out_its_backoff_and_then_goes_first(make, clock):
+    store = make()
+    store.admit([new("r", clock, max_retries=2)])
+    store.claim("me", clock.time() + 30)
+    clock.advance(1)
+    store.admit([new("n", clock)])
+    queued = store.finish("r", 1, "me", error="boom", retry_at=clock.time() + 5)
+    assert (queued.state, queued.last_error, queued.next_attempt_at) == (State.QUEUED, "boom", clock.time() + 5)
+    assert store.claim("me", clock.time() + 30).id == "n"
+    assert store.seconds_until_due() == pytest.approx(5)
+    clock.advance(5)
+    assert store.claim("me", clock.time() + 30).id == "r"
+
+
+def test_an_expired_lease_is_recovered_by_another_instance(make, clock):
+    dead, alive = make(), make()
+    dead.admit([new("x", clock, max_retries=1), new("y", clock, max_retries=0)])
+    dead.claim("dead", clock.time() + 30)
+    dead.claim("dead", clock.time() + 30)
+    clock.advance(10)
+    assert alive.recover(lambda task: clock.time()) == []  # leases still valid
+    assert alive.renew("dead", ["x"], clock.time() + 30).lost == frozenset()
+    clock.advance(25)  # y's lease (not renewed) expired; x's still holds
+    [recovered] = alive.recover(lambda task: clock.time() if task.attempts <= task.max_retries else None)
+    assert (recovered.id, recovered.state) == ("y", State.FAILED)
+    assert recovered.last_error.startswith("lost:")
+    clock.advance(10)
+    [retried] = alive.recover(lambda task: clock.time() if task.attempts <= task.max_retries else None)
+    assert (retried.id, retried.state, retried.attempts) == ("x", State.QUEUED, 1)
+    assert dead.renew("dead", ["x"], clock.time() + 30).lost == frozenset({"x"})
+    assert dead.finish("x", 1, "dead") is None  # the dead owner's late result is dropped
+    assert alive.claim("alive", clock.time() + 30).attempts == 2
+
+
+def test_finished_tasks_are_forgotten_by_age_and_count(make, clock):
+    store = make(ttl=10.0, max_finished=2, capacity=10)
+    store.admit([new(str(n), clock, max_retries=0) for n in range(3)])
+    for _ in range(3):
+        task = store.claim("me", clock.time() + 30)
+        store.finish(task.id, 1, "me", error="boom")
+    assert store.get("0") is None and store.get("2").state is State.FAILED
+    clock.advance(11)
+    store.admit([new("later", clock)])
+    assert [t.id for t in store.list()] == ["later"]
+
+
+def test_keys_carry_one_hash_tag(make, server, clock):
+    make(prefix="jobs").admit([new("x", clock)])
+    assert all(key.startswith(b"{jobs}:") for key in server.client().keys("*"))
+
+
+def test_a_stopped_redis_is_reported_and_a_restarted_one_kept_everything(tmp_path, clock):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        store = RedisStore(server.client(), capacity=4, ttl=60, max_finished=10, clock=clock.time)
+        store.admit([new("kept", clock)])
+        server.client().execute_command("BGREWRITEAOF")  # appendfsync everysec: make the write durable now
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            store.admit([new("lost", clock)])
+        with pytest.raises(StoreUnavailable):
+            store.claim("me", clock.time() + 30)
+        server.start()
+        assert store.get("kept").state is State.QUEUED
+        assert store.get("lost") is None
+        assert store.claim("me", clock.time() + 30).id == "kept"
+    finally:
+        server.stop()
+
+
+def test_a_redis_refusing_writes_refuses_new_tasks_and_stores_nothing(make, server, clock):
+    store = make()
+    admin = server.client()
+    admin.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(StoreUnavailable, match="maxmemory|OOM"):
+            store.admit([new("x", clock)])
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert store.get("x") is None
+
+
+def test_a_redis_slower_than_the_socket_timeout_is_unavailable_and_loses_nothing(make, server, clock):
+    store = make()
+    impatient = RedisStore(server.client(timeout=0.05), capacity=4, ttl=60, max_finished=10, clock=clock.time)
+    store.admit([new("x", clock)])
+    # CLIENT PAUSE holds every other client's commands for 500 ms, as a Redis busy with a slow
+    # command (DEBUG SLEEP, a huge KEYS) would, and it takes effect before it returns.
+    server.client().execute_command("CLIENT", "PAUSE", "500", "ALL")
+    with pytest.raises(StoreUnavailable):
+        impatient.admit([new("y", clock)])
+    assert store.claim("me", clock.time() + 30).id == "x"  # a patient client just waits
+    # The timed-out admission may or may not have reached Redis before the client gave up:
+    # either way the task is whole (queued, claimable) or absent, never half-written.
+    y = store.get("y")
+    assert y is None or (y.state, y.attempts) == (State.QUEUED, 0)
+
+
+def test_redis_errors_never_escape_as_redis_exceptions(clock):
+    client = connect("redis://127.0.0.1:1/0", timeout=0.5)  # nothing listens on port 1
+    store = RedisStore(client, capacity=1, ttl=1, max_finished=1, clock=clock.time)
+    with pytest.raises(StoreUnavailable):
+        store.get("x")
+    with pytest.raises(StoreUnavailable):
+        store.stats()

@@ -1,0 +1,511 @@
+"""A task store in Redis, shared by any number of service instances.
+
+Every transition is one Lua script, so it is atomic in Redis whatever other
+instances do at the same moment. Keys (``P`` is the prefix with its hash tag,
+``{workerpool}`` by default, so a Redis Cluster keeps them in one slot):
+
+- ``P:t:<id>``: a hash per task (times as decimal strings, payload and result as JSON text);
+- ``P:new``: queued tasks not yet started, scored by due time (the admission bound is its size);
+- ``P:retry``: queued tasks waiting out a retry backoff, scored by due time;
+- ``P:run``: running attempts, scored by lease expiry; ``P:own:<owner>`` the ids one owner runs;
+- ``P:all`` and ``P:st:<state>``: every retained id, scored by a sequence number (listing order);
+- ``P:fin``: finished ids scored by finish time (retention);
+- ``P:signal``: tokens pushed when work becomes claimable; idle workers block on it (``BLPOP``)
+  together with ``P:wake:<instance>``, which only this instance pushes to (shutdown).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
+from typing import Any, ClassVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
+from ..task import State, Task
+from .base import Renewal, StoreStats, TaskStore
+
+_FIELDS = tuple(f.name for f in fields(Task))
+_FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_attempt_at"})
+_JSON_FIELDS = frozenset({"payload", "result"})
+_INT_FIELDS = frozenset({"max_retries", "attempts"})
+_MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
+_SIGNAL_TOKENS = 256  # more tokens than this only wake workers for nothing
+
+# Shared by every script: moving an id between state sets, forgetting and evicting.
+_PRELUDE = """
+local P = KEYS[1]
+local function move_state(id, old, new)
+  redis.call('ZREM', P .. ':st:' .. old, id)
+  redis.call('ZADD', P .. ':st:' .. new, redis.call('INCR', P .. ':seq'), id)
+  redis.call('HSET', P .. ':t:' .. id, 'state', new)
+end
+local function forget(id)
+  local state = redis.call('HGET', P .. ':t:' .. id, 'state')
+  redis.call('DEL', P .. ':t:' .. id)
+  redis.call('ZREM', P .. ':all', id)
+  redis.call('ZREM', P .. ':fin', id)
+  if state then redis.call('ZREM', P .. ':st:' .. state, id) end
+end
+local function evict(now, ttl, max_finished)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', now - ttl, 'LIMIT', 0, 1000)) do
+    forget(id)
+  end
+  local excess = redis.call('ZCARD', P .. ':fin') - max_finished
+  if excess > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', P .. ':fin', 0, math.min(excess, 1000) - 1)) do forget(id) end
+  end
+end
+local function signal(n)
+  for _ = 1, math.min(n, 256) do redis.call('LPUSH', P .. ':signal', 1) end
+  redis.call('LTRIM', P .. ':signal', 0, 255)
+end
+local function finalize(id, key, state, now)
+  redis.call('HSET', key, 'finished_at', now)
+  redis.call('HDEL', key, 'payload', 'next_attempt_at', 'owner', 'lease_until')
+  redis.call('ZADD', P .. ':fin', now, id)
+  move_state(id, state, redis.call('HGET', key, 'state'))
+end
+"""
+
+# ARGV: now, capacity, ttl, max_finished, then one JSON object of string fields per task.
+_ADMIT = """
+local now, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
+evict(now, tonumber(ARGV[3]), tonumber(ARGV[4]))
+local waiting = redis.call('ZCARD', P .. ':new')
+local out, admitted = {}, 0
+for i = 5, #ARGV do
+  local task = cjson.decode(ARGV[i])
+  local key = P .. ':t:' .. task.id
+  if redis.call('EXISTS', key) == 1 then
+    out[#out + 1] = 'duplicate'
+  elseif waiting >= capacity then
+    out[#out + 1] = 'full'
+  else
+    local flat = {}
+    for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
+    redis.call('HSET', key, unpack(flat))
+    local seq = redis.call('INCR', P .. ':seq')
+    redis.call('ZADD', P .. ':all', seq, task.id)
+    redis.call('ZADD', P .. ':st:queued', seq, task.id)
+    redis.call('ZADD', P .. ':new', tonumber(task.next_attempt_at or task.created_at), task.id)
+    waiting = waiting + 1
+    admitted = admitted + 1
+    out[#out + 1] = 'ok'
+  end
+end
+if admitted > 0 then signal(admitted) end
+return out
+"""
+
+# ARGV: now, owner, lease_until. Due retries first, then the oldest due new task.
+_CLAIM = """
+local now = ARGV[1]
+local from = ':retry'
+local ids = redis.call('ZRANGEBYSCORE', P .. from, '-inf', now, 'LIMIT', 0, 1)
+if #ids == 0 then
+  from = ':new'
+  ids = redis.call('ZRANGEBYSCORE', P .. from, '-inf', now, 'LIMIT', 0, 1)
+end
+if #ids == 0 then return false end
+local id = ids[1]
+local key = P .. ':t:' .. id
+redis.call('ZREM', P .. from, id)
+redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('HSET', key, 'started_at', now, 'owner', ARGV[2], 'lease_until', ARGV[3])
+redis.call('HDEL', key, 'next_attempt_at')
+move_state(id, 'queued', 'running')
+redis.call('ZADD', P .. ':run', ARGV[3], id)
+redis.call('SADD', P .. ':own:' .. ARGV[2], id)
+return redis.call('HGETALL', key)
+"""
+
+# ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before.
+# A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
+_FINISH = """
+local id, now = ARGV[1], ARGV[4]
+local key = P .. ':t:' .. id
+local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
+if cur[1] ~= 'running' or cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then return false end
+if ARGV[11] ~= '' and tonumber(cur[5] or '0') > tonumber(ARGV[11]) then return false end
+redis.call('ZREM', P .. ':run', id)
+redis.call('SREM', P .. ':own:' .. ARGV[3], id)
+local new
+if ARGV[7] == '0' then
+  new = 'done'
+  redis.call('HSET', key, 'result', ARGV[9])
+else
+  redis.call('HSET', key, 'last_error', ARGV[8])
+  if cur[4] == '1' then new = 'cancelled'
+  elseif ARGV[10] ~= '' then new = 'queued'
+  else new = 'failed' end
+end
+if new == 'queued' then
+  redis.call('HSET', key, 'next_attempt_at', ARGV[10])
+  redis.call('HDEL', key, 'owner', 'lease_until')
+  redis.call('ZADD', P .. ':retry', ARGV[10], id)
+  move_state(id, 'running', 'queued')
+  signal(1)
+else
+  redis.call('HSET', key, 'state', new)
+  finalize(id, key, 'running', now)
+  evict(tonumber(now), tonumber(ARGV[5]), tonumber(ARGV[6]))
+end
+return redis.call('HGETALL', key)
+"""
+
+# ARGV: owner, lease_until, ids... Returns {lost ids, cancel-requested ids}.
+_RENEW = """
+local lost, cancel = {}, {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local cur = redis.call('HMGET', P .. ':t:' .. id, 'state', 'owner', 'cancel_requested')
+  if cur[1] ~= 'running' or cur[2] ~= ARGV[1] then
+    lost[#lost + 1] = id
+  else
+    redis.call('HSET', P .. ':t:' .. id, 'lease_until', ARGV[2])
+    redis.call('ZADD', P .. ':run', ARGV[2], id)
+    if cur[3] == '1' then cancel[#cancel + 1] = id end
+  end
+end
+return {lost, cancel}
+"""
+
+# ARGV: id, now, ttl, max_finished.
+_CANCEL = """
+local id, now = ARGV[1], ARGV[2]
+local key = P .. ':t:' .. id
+local state = redis.call('HGET', key, 'state')
+if not state then return false end
+if state == 'queued' then
+  redis.call('ZREM', P .. ':new', id)
+  redis.call('ZREM', P .. ':retry', id)
+  redis.call('HSET', key, 'state', 'cancelled')
+  finalize(id, key, 'queued', now)
+  evict(tonumber(now), tonumber(ARGV[3]), tonumber(ARGV[4]))
+elseif state == 'running' then
+  redis.call('HSET', key, 'cancel_requested', '1')
+end
+return redis.call('HGETALL', key)
+"""
+
+# ARGV: state or '', limit. Newest first.
+_LIST = """
+local index = ARGV[1] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[1])
+local out = {}
+for _, id in ipairs(redis.call('ZREVRANGE', index, 0, tonumber(ARGV[2]) - 1)) do
+  local task = redis.call('HGETALL', P .. ':t:' .. id)
+  if #task > 0 then out[#out + 1] = task end
+end
+return out
+"""
+
+# ARGV: now, then the state names. Returns counts per state, then waiting, due, retries pending.
+_STATS = """
+local now = ARGV[1]
+local out = {}
+for i = 2, #ARGV do out[#out + 1] = redis.call('ZCARD', P .. ':st:' .. ARGV[i]) end
+out[#out + 1] = redis.call('ZCARD', P .. ':new')
+out[#out + 1] = redis.call('ZCOUNT', P .. ':new', '-inf', now) + redis.call('ZCOUNT', P .. ':retry', '-inf', now)
+out[#out + 1] = redis.call('ZCOUNT', P .. ':retry', '(' .. now, '+inf')
+return out
+"""
+
+# ARGV: now. 0 when a task is due, else seconds until the first one is; -1 when nothing is queued.
+_UNTIL_DUE = """
+local first = nil
+for _, name in ipairs({':new', ':retry'}) do
+  local head = redis.call('ZRANGE', P .. name, 0, 0, 'WITHSCORES')
+  if #head > 0 and (first == nil or tonumber(head[2]) < first) then first = tonumber(head[2]) end
+end
+if first == nil then return '-1' end
+return tostring(math.max(0, first - tonumber(ARGV[1])))
+"""
+
+
+def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> redis.Redis:
+    """A client for ``url`` (``redis://`` or ``rediss://``) that never retries a command by itself.
+
+    redis-py retries a command after a timeout by default. A script that timed
+    out may still have run, so running it again could admit a stored task a
+    second time (and answer 409 for it) or claim a second task: the store
+    reports the error instead (StoreUnavailable), and a lease or the caller's
+    own retry settles what happened.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 30,
+    }
+    if password is not None:
+        options["password"] = password
+    return redis.Redis.from_url(url, **options)
+
+
+def _encode(name: str, value: Any) -> str:
+    if name in _JSON_FIELDS:
+        return json.dumps(value, separators=(",", ":"))
+    if name == "cancel_requested":
+        return "1" if value else "0"
+    if name in _FLOAT_FIELDS:
+        return repr(float(value))
+    return str(value)
+
+
+def _fields_of(task: Task) -> dict[str, str]:
+    """The task as the string fields of its hash (absent when None)."""
+    return {name: _encode(name, value) for name in _FIELDS if (value := getattr(task, name)) is not None}
+
+
+def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
+    """A task from HGETALL's answer: a flat list from a script, a dict from redis-py."""
+    pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2])
+    raw = {name.decode(): value.decode() for name, value in pairs}
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        text = raw.get(name)
+        if text is None:
+            continue
+        if name in _JSON_FIELDS:
+            values[name] = json.loads(text)
+        elif name in _FLOAT_FIELDS:
+            values[name] = float(text)
+        elif name in _INT_FIELDS:
+            values[name] = int(text)
+        elif name == "cancel_requested":
+            values[name] = text == "1"
+        elif name == "state":
+            values[name] = State(text)
+        else:
+            values[name] = text
+    values.setdefault("payload", None)
+    return Task(**values)
+
+
+class RedisStore(TaskStore):
+    """Tasks in one Redis database under ``prefix``, shared by every instance that uses them."""
+
+    shared: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        capacity: int,
+        ttl: float,
+        max_finished: int,
+        prefix: str = "workerpool",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if capacity < 1 or ttl <= 0 or max_finished < 1:
+            raise ValueError("capacity and max_finished must be >= 1 and ttl > 0")
+        self.capacity = capacity
+        self._ttl = ttl
+        self._max_finished = max_finished
+        self._clock = clock
+        self._redis = client
+        self._keys = [f"{{{prefix}}}"]
+        self._prefix = self._keys[0]
+        self._wake_key = f"{self._prefix}:wake:{uuid.uuid4().hex}"
+        self._waiters_lock = threading.Lock()  # guards _waiters: how many threads block in wait_for_work
+        self._waiters = 0
+        scripts = {
+            "admit": _ADMIT,
+            "claim": _CLAIM,
+            "finish": _FINISH,
+            "renew": _RENEW,
+            "cancel": _CANCEL,
+            "list": _LIST,
+            "stats": _STATS,
+            "until_due": _UNTIL_DUE,
+        }
+        self._scripts = {name: client.register_script(_PRELUDE + body) for name, body in scripts.items()}
+
+    def _run(self, script: str, *args: object) -> Any:
+        try:
+            return self._scripts[script](keys=self._keys, args=[_arg(a) for a in args])
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def _call(self, method: Callable[..., Any], *args: object) -> Any:
+        try:
+            return method(*args)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    # -- transitions -----------------------------------------------------
+
+    def admit(self, tasks: Sequence[Task]) -> list[Task | SubmitError]:
+        documents = [json.dumps(_fields_of(task)) for task in tasks]
+        verdicts = self._run("admit", self._clock(), self.capacity, self._ttl, self._max_finished, *documents)
+        results: list[Task | SubmitError] = []
+        for task, verdict in zip(tasks, verdicts):
+            if verdict == b"ok":
+                results.append(task)
+            elif verdict == b"duplicate":
+                results.append(DuplicateTask(task.id))
+            else:
+                results.append(QueueFull(self.capacity))
+        return results
+
+    def claim(self, owner: str, lease_until: float) -> Task | None:
+        flat = self._run("claim", self._clock(), owner, lease_until)
+        return _decode(flat) if flat else None
+
+    def seconds_until_due(self) -> float | None:
+        seconds = float(self._run("until_due", self._clock()))
+        return None if seconds < 0 else seconds
+
+    def wait_for_work(self, timeout: float | None) -> None:
+        timeout = _MAX_WAIT if timeout is None else min(max(timeout, 0.0), _MAX_WAIT)
+        if timeout == 0:
+            return
+        with self._waiters_lock:
+            self._waiters += 1
+        try:
+            # BLPOP takes whole milliseconds from Redis 6 on; 0 would block forever.
+            self._redis.blpop([f"{self._prefix}:signal", self._wake_key], timeout=max(timeout, 0.001))
+        except redis.RedisError:
+            time.sleep(min(timeout, 0.5))  # Redis is down: do not spin; the caller's claim reports it
+        finally:
+            with self._waiters_lock:
+                self._waiters -= 1
+
+    def wake(self) -> None:
+        with self._waiters_lock:
+            waiters = self._waiters
+        if waiters:
+            try:
+                pipe = self._redis.pipeline()
+                pipe.rpush(self._wake_key, *([1] * waiters))
+                pipe.expire(self._wake_key, 60)
+                pipe.execute()
+            except redis.RedisError:
+                pass  # the waiters' own timeout ends their wait
+
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str | None = None,
+        result: Any = None,
+        retry_at: float | None = None,
+    ) -> Task | None:
+        return self._finish(task_id, attempt, owner, error=error, result=result, retry_at=retry_at)
+
+    def _finish(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str | None,
+        result: Any = None,
+        retry_at: float | None = None,
+        expired_before: float | None = None,
+    ) -> Task | None:
+        flat = self._run(
+            "finish",
+            task_id,
+            attempt,
+            owner,
+            self._clock(),
+            self._ttl,
+            self._max_finished,
+            "0" if error is None else "1",
+            error or "",
+            json.dumps(result, separators=(",", ":")),
+            "" if retry_at is None else retry_at,
+            "" if expired_before is None else expired_before,
+        )
+        return _decode(flat) if flat else None
+
+    def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
+        ids = list(task_ids)
+        if not ids:
+            return Renewal(lost=frozenset(), cancel_requested=frozenset())
+        lost, cancel = self._run("renew", owner, lease_until, *ids)
+        return Renewal(
+            lost=frozenset(i.decode() for i in lost), cancel_requested=frozenset(i.decode() for i in cancel)
+        )
+
+    def cancel(self, task_id: str) -> Task | None:
+        flat = self._run("cancel", task_id, self._clock(), self._ttl, self._max_finished)
+        return _decode(flat) if flat else None
+
+    def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
+        now = self._clock()
+        expired = self._call(self._redis.zrangebyscore, f"{self._prefix}:run", "-inf", now)
+        recovered = []
+        for raw_id in expired:
+            task = self.get(raw_id.decode())
+            if task is None or task.state is not State.RUNNING:
+                continue
+            owner = self._call(self._redis.hget, f"{self._prefix}:t:{task.id}", "owner")
+            if owner is None:
+                continue
+            after = self._finish(
+                task.id,
+                task.attempts,
+                owner.decode(),
+                error="lost: the process running it stopped",
+                retry_at=retry_at(task),
+                expired_before=now,
+            )
+            if after is not None:
+                recovered.append(after)
+        return recovered
+
+    def abandon(self, reason: str, *, owner: str) -> list[Task]:
+        abandoned = []
+        for raw_id in self._call(self._redis.smembers, f"{self._prefix}:own:{owner}"):
+            task = self.get(raw_id.decode())
+            if task is None:
+                continue
+            after = self._finish(task.id, task.attempts, owner, error=reason)
+            if after is not None:
+                abandoned.append(after)
+        return abandoned
+
+    # -- reading ---------------------------------------------------------
+
+    def get(self, task_id: str) -> Task | None:
+        flat = self._call(self._redis.hgetall, f"{self._prefix}:t:{task_id}")
+        return _decode(flat) if flat else None
+
+    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
+        return [_decode(flat) for flat in self._run("list", "" if state is None else str(state), limit)]
+
+    def stats(self) -> StoreStats:
+        states = list(State)
+        figures = self._run("stats", self._clock(), *(str(s) for s in states))
+        counts = dict(zip(states, figures))
+        waiting, due, retries_pending = figures[len(states) :]
+        return StoreStats(counts=counts, waiting=waiting, due=due, retries_pending=retries_pending)
+
+    def unfinished(self, owner: str | None = None) -> int:
+        if owner is None:
+            stats = self.stats()
+            return stats.counts[State.QUEUED] + stats.counts[State.RUNNING]
+        return self._call(self._redis.scard, f"{self._prefix}:own:{owner}")
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def _arg(value: object) -> object:
+    """Floats as exact decimal strings: Redis would format them with its own precision."""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    return value
