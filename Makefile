@@ -15,6 +15,7 @@ dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
 test: $(VENV)/.installed-dev
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest
 
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
