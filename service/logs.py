@@ -9,6 +9,7 @@ called by the entry points, decides where and how.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,16 +42,46 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# Characters that end or rewrite a line in a terminal, a pager or a log shipper (str.splitlines()
+# breaks on most of them): C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_LINE_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def escape(text: str) -> str:
+    """``text`` with every line-breaking or control character written as a visible escape (``\\n`` -> ``\\x0a``)."""
+    return text.translate(_ESCAPES) if _LINE_BREAKERS.search(text) else text
+
+
 class TextFormatter(logging.Formatter):
-    """gunicorn's line layout plus the logger name, with ``request_id=...`` appended when known."""
+    """gunicorn's line layout plus the logger name, with ``request_id=...`` appended when known.
+
+    One record is one line: control characters and line separators in the
+    message and the ids are escaped, so a task id or an exception message
+    cannot end the line or forge another. A traceback keeps its lines, each
+    indented, so none of them can pass for a record either.
+    """
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT, TEXT_DATE_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = escape(self.formatMessage(record))
         rid = getattr(record, "request_id", None)
-        return line if rid is None else f"{line} request_id={rid}"
+        if rid is not None:
+            line = f"{line} request_id={escape(str(rid))}"
+        # Not logging's cached record.exc_text: another formatter may have written it unindented.
+        if record.exc_info:
+            line += "\n" + _indented(self.formatException(record.exc_info))
+        if record.stack_info:
+            line += "\n" + _indented(self.formatStack(record.stack_info))
+        return line
+
+
+def _indented(block: str) -> str:
+    return "\n".join("    " + escape(line) for line in block.split("\n"))
 
 
 class JsonLineFormatter(JsonFormatter):

@@ -113,3 +113,28 @@ def test_gunicorn_access_records_become_structured_fields(capture):
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="log_format"):
         logs.logging_config("INFO", "xml")
+
+
+LINE_BREAKERS = ["\n", "\r", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1b", "\x00", "\x7f"]
+
+
+@pytest.mark.parametrize("breaker", LINE_BREAKERS)
+def test_a_text_line_stays_one_line_whatever_its_message_and_ids_hold(capture, breaker):
+    out = capture("text", level="INFO")
+    forged = f"x{breaker}[2026-11-27 10:00:00 +0000] [1] [INFO] forged"
+    logging.getLogger("somewhere").info("task %s failed (%s)", forged, forged, extra={"request_id": forged})
+    text = out["stderr"].getvalue()
+    assert len(text.splitlines()) == 1, text
+    assert f"\\x{ord(breaker):02x}" in text or f"\\u{ord(breaker):04x}" in text
+
+
+def test_a_traceback_keeps_its_lines_but_none_can_pass_for_a_record(capture):
+    out = capture("text", level="INFO")
+    try:
+        raise ValueError("bad\n[2026-11-27 10:00:00 +0000] [1] [INFO] forged\u2028too")
+    except ValueError:
+        logging.getLogger("somewhere").exception("it broke")
+    first, *rest = out["stderr"].getvalue().splitlines()
+    assert first.endswith("[ERROR] somewhere: it broke")
+    assert any("Traceback" in line for line in rest)
+    assert all(line.startswith("    ") for line in rest), rest
