@@ -99,15 +99,11 @@ def test_text_lines_keep_the_gunicorn_layout_and_append_the_request_id(capture):
     assert lines[2].startswith("[")  # [2026-11-27 10:00:00 +0000] [pid] ...
 
 
-def test_gunicorn_access_records_become_structured_fields(capture):
-    out = capture("json")
-    atoms = {"h": "127.0.0.1", "r": "POST /enqueue HTTP/1.1", "m": "POST", "U": "/enqueue", "s": "202", "B": 180}
-    atoms |= {"M": 3, "a": "curl", "{x-request-id}o": "r-9"}
-    logging.getLogger(logs.ACCESS_LOGGER).info(logs.ACCESS_LOG_FORMAT, atoms)
-    (record,) = json_lines(out["stdout"].getvalue())
-    assert record["message"] == '127.0.0.1 "POST /enqueue HTTP/1.1" 202 180 3ms "curl"'
-    assert record["request_id"] == "r-9"
-    assert (record["method"], record["path"], record["status"], record["duration_ms"]) == ("POST", "/enqueue", 202, 3)
+def test_a_json_line_escapes_the_unicode_line_separators_that_line_readers_split_on(capture):
+    out = capture("json", level="INFO")
+    logging.getLogger("somewhere").info("a\u2028b\u2029c\nd")
+    (line,) = out["stderr"].getvalue().splitlines()
+    assert json.loads(line)["message"] == "a\u2028b\u2029c\nd"
 
 
 def test_an_unknown_format_is_refused():
