@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import time
 
-from .harness import Run, collapsed_inclusive, collapsed_self_time, table
-from .server import OUT, Server
+from .harness import Run, table
+from .server import Server
 from .stats import ratios, spread, verdict
 from .wsgi import REFERENCE_ACCEPT, REFERENCE_REJECT
 
@@ -77,7 +74,6 @@ def enqueue_overhead(run: Run) -> None:
     )
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    text += "\n\n" + _request_profile(run)
     run.sections["1. Enqueue overhead"] = text
 
 
@@ -106,74 +102,6 @@ def _ab(run: Run, label: str, env: dict[str, str], a: str, b: str, *, fill: bool
                     f"p99 {r['p99_us'] / 1000:6.1f} ms"
                 )
     return results[a], results[b], wrong
-
-
-def _request_profile(run: Run) -> str:
-    """Where the worker process spends its GIL-holding time during an enqueue run (py-spy)."""
-    pyspy = shutil.which("py-spy") or str(OUT.parent.parent / ".venv" / "bin" / "py-spy")
-    if run.quick or not os.path.exists(pyspy):
-        return "(request-path profile skipped)"
-    raw = OUT / "enqueue-profile.txt"
-    with Server("enqueue-profile", env={"QUEUE_SIZE": "1000000", **_QUICK_EXIT}, app="bench.wsgi:app") as server:
-        server.wait_ready()
-        cmd = [
-            pyspy,
-            "record",
-            "--pid",
-            str(server.worker_pid),
-            "--duration",
-            str(run.wrk_seconds),
-            "--rate",
-            "250",
-            "--gil",
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-            "--nonblocking",
-        ]
-        run.record(
-            "py-spy record --pid $WORKER_PID --duration 5 --rate 250 --gil --format raw --output "
-            "bench/out/enqueue-profile.txt --nonblocking  # during a wrk run on /enqueue"
-        )
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            run.wrk(server.url, "/enqueue")
-            spy.wait(timeout=run.wrk_seconds + 30)
-        finally:
-            if spy.poll() is None:
-                spy.kill()
-                spy.wait()
-    if not raw.exists():
-        return "(request-path profile: py-spy produced no output)"
-    parts = collapsed_inclusive(
-        raw,
-        {
-            "whole enqueue view (service/api.py enqueue)": "enqueue (service/api.py",
-            "  parse_enqueue (JSON + validation)": "parse_enqueue (",
-            "  WorkerPool.submit": "submit (workerpool/pool.py",
-            "  task_to_json + jsonify (response body)": "task_to_json (",
-            "  url_for (Location header)": "url_for (",
-            "  metrics counters": "inc (",
-            "werkzeug/Flask request handling (wsgi_app)": "wsgi_app (",
-            "gunicorn access log": "access (",
-            "garbage collection": "gc_collect",
-            "pool worker threads (_work)": "_work (",
-        },
-    )
-    lines = [
-        "Where the worker process holds the GIL while wrk posts to /enqueue (py-spy, 250 Hz, `--gil`; "
-        "share of samples whose stack contains the function):",
-        "",
-        table(["function", "share"], [[label, f"{share:.1%}"] for label, share in parts]),
-        "",
-        "Top self time:",
-        "",
-        table(
-            ["function", "share"], [[f"`{name}`", f"{share:.1%}"] for name, share in collapsed_self_time(raw, top=10)]
-        ),
-    ]
-    return "\n".join(lines)
 
 
 # -- memory --------------------------------------------------------------------------------
