@@ -28,3 +28,7 @@ class PermanentFailure(Exception):
 
 class AttemptCancelled(Exception):
     """Raised by a handler that stopped early because shutdown abandoned its task."""
+
+
+class StoreUnavailable(Exception):
+    """The task store cannot be opened, read or written (disk full, locked, foreign file...); says why."""
