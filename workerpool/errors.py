@@ -31,4 +31,9 @@ class AttemptCancelled(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The task store cannot be opened, read or written (disk full, locked, foreign file...); says why."""
+    """The task store cannot be reached or written (a database error, a lost connection, a full disk).
+
+    Raised by any store method. Submission answers it with 503 (nothing was
+    stored); worker threads back off and retry their step, and the health check
+    reports it.
+    """
