@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Response, jsonify, request, url_for
 
 from . import request_id
 from .auth import require_token, token_required
@@ -23,7 +22,7 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
         require_token()  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
         task_request = parse_enqueue(
-            _read_body(),
+            read_body(svc.config.max_body_bytes),
             default_max_retries=svc.config.default_max_retries,
             max_retries_limit=svc.config.max_retries_limit,
             max_payload_chars=svc.config.max_payload_chars,
@@ -37,15 +36,14 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     return jsonify(task_to_json(task)), 202, {"Location": url_for("api.get_task", task_id=task.id)}
 
 
-def _read_body() -> bytes:
-    """The request body; 413 if it is longer than MAX_CONTENT_LENGTH, chunked or not, 400 if cut short."""
-    limit: int = current_app.config["MAX_CONTENT_LENGTH"]
+def read_body(limit: int) -> bytes:
+    """The request body; 413 if it is longer than ``limit`` bytes, chunked or not, 400 if cut short."""
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
     request.max_content_length = limit + 1
     body = request.get_data(cache=False)
     if len(body) > limit:
-        raise RequestEntityTooLarge()
+        raise Problem(413, f"the request body is larger than {limit} bytes")
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
     if request.content_length is not None and len(body) < request.content_length:

@@ -51,9 +51,23 @@ def parse_enqueue(
     body: bytes, *, default_max_retries: int, max_retries_limit: int, max_payload_chars: int
 ) -> EnqueueRequest:
     """Validate a POST /enqueue body; raise a 400 Problem listing every failing field."""
-    document = _decode_json(body)
+    document = decode_json(body)
     if not isinstance(document, dict):
-        raise invalid_request(f"the body must be a JSON object, not {_json_type(document)}")
+        raise invalid_request(f"the body must be a JSON object, not {json_type(document)}")
+    return parse_task(
+        document,
+        default_max_retries=default_max_retries,
+        max_retries_limit=max_retries_limit,
+        max_payload_chars=max_payload_chars,
+    )
+
+
+def parse_task(
+    document: Any, *, default_max_retries: int, max_retries_limit: int, max_payload_chars: int
+) -> EnqueueRequest:
+    """Validate one task, decoded from JSON; raise a 400 Problem listing every failing field."""
+    if not isinstance(document, dict):
+        raise invalid_request(f"the task must be a JSON object, not {json_type(document)}")
     errors = [FieldError(name, "is not a known field") for name in document if name not in ENQUEUE_FIELDS]
     errors += _check_id(document)
     errors += _check_payload(document, max_payload_chars)
@@ -67,7 +81,8 @@ def parse_enqueue(
     )
 
 
-def _decode_json(body: bytes) -> Any:
+def decode_json(body: bytes) -> Any:
+    """The JSON document in ``body``; raise a 400 Problem if it is not strict JSON (or nested too deeply)."""
     try:
         return json.loads(
             body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int
@@ -96,8 +111,10 @@ def _bounded_int(text: str) -> int | _OversizedInteger:
     return int(text) if digits <= MAX_INTEGER_DIGITS else _OversizedInteger(digits)
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How a decoded JSON value is named in error messages: "an array", "null", ..."""
     names = {
+        dict: "an object",
         list: "an array",
         str: "a string",
         bool: "a boolean",
@@ -113,7 +130,7 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
         return [FieldError("id", "is required")]
     value = document["id"]
     if not isinstance(value, str):
-        return [FieldError("id", f"must be a string, not {_json_type(value)}")]
+        return [FieldError("id", f"must be a string, not {json_type(value)}")]
     if not 1 <= len(value) <= MAX_ID_CHARS:
         return [FieldError("id", f"must be 1 to {MAX_ID_CHARS} characters long")]
     if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in value):
@@ -130,7 +147,7 @@ def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:
         return [FieldError("payload", "is required (it may be empty)")]
     value = document["payload"]
     if not isinstance(value, str):
-        return [FieldError("payload", f"must be a string, not {_json_type(value)}")]
+        return [FieldError("payload", f"must be a string, not {json_type(value)}")]
     if len(value) > limit:
         return [FieldError("payload", f"must be at most {limit} characters")]
     return []
@@ -144,7 +161,7 @@ def _check_max_retries(document: Mapping[str, Any], limit: int) -> list[FieldErr
         return [FieldError("max_retries", f"must be between 0 and {limit}")]
     # bool is an int subclass, and 3.0 is a float: both are refused.
     if type(value) is not int:
-        return [FieldError("max_retries", f"must be an integer, not {_json_type(value)}")]
+        return [FieldError("max_retries", f"must be an integer, not {json_type(value)}")]
     if not 0 <= value <= limit:
         return [FieldError("max_retries", f"must be between 0 and {limit}")]
     return []
