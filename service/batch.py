@@ -18,9 +18,9 @@ from . import request_id
 from .api import read_body
 from .auth import require_token
 from .context import services
-from .engine_adapter import TaskSpec, submit_many
+from .engine_adapter import submit_many
 from .problems import FieldError, Problem, invalid_request, problem_document, submit_problem
-from .schema import EnqueueRequest, decode_json, json_type, parse_task, task_to_json
+from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ bp = Blueprint("batch", __name__)
 
 
 def parse_batch(
-    body: bytes, *, max_tasks: int, default_max_retries: int, max_retries_limit: int, max_payload_chars: int
-) -> list[EnqueueRequest | Problem]:
+    body: bytes, *, max_tasks: int, limits: TaskLimits, request_id: str | None = None
+) -> list[TaskSpec | Problem]:
     """Each task of a batch body, or the 400 Problem refusing it, in order.
 
     Raise a Problem refusing the whole batch (400, or 413 for more than
@@ -52,20 +52,15 @@ def parse_batch(
         raise invalid_request("the batch is invalid", tuple(errors))
     if len(tasks) > max_tasks:
         raise Problem(413, f"the batch holds {len(tasks)} tasks; at most {max_tasks} are accepted in one request")
-    items: list[EnqueueRequest | Problem] = []
-    for task in tasks:
-        try:
-            items.append(
-                parse_task(
-                    task,
-                    default_max_retries=default_max_retries,
-                    max_retries_limit=max_retries_limit,
-                    max_payload_chars=max_payload_chars,
-                )
-            )
-        except Problem as problem:
-            items.append(problem)
-    return items
+    return [_spec_or_problem(parse_task(task, limits, request_id=request_id)) for task in tasks]
+
+
+def _spec_or_problem(parsed: TaskSpec | list[FieldError]) -> TaskSpec | Problem:
+    if isinstance(parsed, TaskSpec):
+        return parsed
+    if len(parsed) == 1 and parsed[0].field == "":  # the task itself is not an object
+        return invalid_request(f"the task {parsed[0].message}")
+    return invalid_request("the task is invalid", tuple(parsed))
 
 
 @bp.post("/enqueue/batch")
@@ -73,29 +68,19 @@ def enqueue_batch() -> Response:
     """Validate a batch of tasks and queue those that fit, without waiting for room."""
     svc = services()
     config = svc.config
+    rid = request_id.current()
     try:
         require_token()  # before the body is read, as for POST /enqueue
-        items = parse_batch(
-            read_body(config.max_batch_body_bytes),
-            max_tasks=config.max_batch_tasks,
-            default_max_retries=config.default_max_retries,
-            max_retries_limit=config.max_retries_limit,
-            max_payload_chars=config.max_payload_chars,
-        )
+        body = read_body(config.max_batch_body_bytes)
+        items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=TaskLimits.of(config), request_id=rid)
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
-    rid = request_id.current()
-    specs = [
-        TaskSpec(item.id, item.payload, item.max_retries, request_id=rid)
-        for item in items
-        if isinstance(item, EnqueueRequest)
-    ]
-    admitted = iter(submit_many(svc.pool, specs))
+    admitted = iter(submit_many(svc.pool, [item for item in items if isinstance(item, TaskSpec)]))
     results: list[dict[str, Any]] = []
     refusals: list[Exception] = []
     for index, item in enumerate(items):
-        outcome = next(admitted) if isinstance(item, EnqueueRequest) else item
+        outcome = next(admitted) if isinstance(item, TaskSpec) else item
         if isinstance(outcome, Task):
             results.append(
                 {"status": 202, "task": task_to_json(outcome), "location": url_for("api.get_task", task_id=outcome.id)}
@@ -104,7 +89,7 @@ def enqueue_batch() -> Response:
         refusals.append(outcome)
         problem = submit_problem(outcome) if isinstance(outcome, SubmitError) else outcome
         results.append(_refusal(problem))
-        task_id = item.id if isinstance(item, EnqueueRequest) else None
+        task_id = item.id if isinstance(item, TaskSpec) else None
         log.info(
             "batch task %d%s refused: %d %s",
             index,
