@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from browser import chromium, served
 from http_fixtures import TEST_CONFIG, WAIT_S, Client, FinalStates
+from playwright.sync_api import expect
 
 from app import create_app
 from config import Config
@@ -22,6 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TOKEN = "dashboard-t0ken-0123456789"
 APPEAR_S = 2.0  # what the page promises: a new task shows within two seconds
+WAIT_MS = WAIT_S * 1000
 
 
 class Handler:
@@ -102,7 +105,7 @@ def page(browser):
 
 def _open(page, instance: Instance) -> None:
     page.goto(instance.url + "/dashboard")
-    page.wait_for_function("document.getElementById('connection').textContent.startsWith('Live')")
+    expect(page.locator("#connection")).to_have_text(re.compile("^Live"), timeout=WAIT_MS)
 
 
 def _figure(page, name: str) -> int:
@@ -121,7 +124,7 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
 
     _open(page, instance)
     # Nothing moves until the blocked task is released, so the page and the API must agree exactly.
-    page.wait_for_function("document.getElementById('fig-queued').textContent === '2'")
+    expect(page.locator("#fig-queued")).to_have_text("2", timeout=WAIT_MS)
     status, health = instance.get("/healthz")
     assert status == 200
     for state, expected in {"queued": 2, "running": 1, "done": 3, "failed": 1}.items():
@@ -135,13 +138,13 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
     assert page.text_content("#fig-store") == "memory"
     # The table lists what GET /tasks lists, newest first.
     _, listing = instance.get("/tasks")
-    page.wait_for_function("document.querySelectorAll('#task-rows tr').length === 7")
+    expect(page.locator("#task-rows tr")).to_have_count(7, timeout=WAIT_MS)
     assert page.eval_on_selector_all("#task-rows tr", "rows => rows.map(r => r.dataset.id)") == [
         task["id"] for task in listing["tasks"]
     ]
     # A task's detail shows its error.
     page.click("#task-rows tr[data-id='failed-0'] button.task-id")
-    page.wait_for_function("document.getElementById('detail-fields').textContent.includes('refused by the test')")
+    expect(page.locator("#detail-fields")).to_contain_text("refused by the test", timeout=WAIT_MS)
     assert page.errors == []
 
 
@@ -159,7 +162,7 @@ def test_a_task_submitted_from_the_page_is_accepted(page, instance):
     page.fill("#submit-id", "from-the-page")
     page.fill("#submit-payload", "hello")
     page.click("#submit-form button[type=submit]")
-    page.wait_for_function("document.getElementById('task-message').textContent.includes('from-the-page accepted')")
+    expect(page.locator("#task-message")).to_contain_text("from-the-page accepted", timeout=WAIT_MS)
     instance.final.wait("from-the-page")
     status, task = instance.get("/tasks/from-the-page")
     assert (status, task["state"]) == (200, "done")
@@ -179,7 +182,7 @@ def test_cancel_from_the_page_cancels_a_queued_task(page, instance):
     instance.submit("victim")
     _open(page, instance)
     page.click("button[aria-label='Cancel task victim']")
-    page.wait_for_selector("#task-rows tr[data-id='victim'] td.state-cancelled", timeout=WAIT_S * 1000)
+    expect(page.locator("#task-rows tr[data-id='victim'] td.state-cancelled")).to_be_visible(timeout=WAIT_MS)
     assert instance.get("/tasks/victim")[1]["state"] == "cancelled"
     assert "victim cancelled" in page.text_content("#task-message")
     assert page.errors == []
@@ -188,18 +191,18 @@ def test_cancel_from_the_page_cancels_a_queued_task(page, instance):
 def test_with_a_token_the_page_asks_for_it_and_shows_tasks_only_with_it(page, guarded):
     guarded.submit("secret-task")
     _open(page, guarded)
-    page.wait_for_selector("#token-dialog[open]")
+    expect(page.locator("#token-dialog")).to_be_visible(timeout=WAIT_MS)
     assert "secret-task" not in page.content()
 
     page.fill("#token-input", "wrong-token-0123456789")
     page.click("#token-form button[type=submit]")
-    page.wait_for_function("document.getElementById('token-error').textContent.includes('refused')")
-    assert page.is_visible("#token-dialog[open]")
+    expect(page.locator("#token-error")).to_contain_text("refused", timeout=WAIT_MS)
+    assert page.is_visible("#token-dialog")
     assert "secret-task" not in page.content()
 
     page.fill("#token-input", TOKEN)
     page.click("#token-form button[type=submit]")
-    page.wait_for_selector("#task-rows tr[data-id='secret-task']")
+    expect(page.locator("#task-rows tr[data-id='secret-task']")).to_be_visible(timeout=WAIT_MS)
     assert not page.is_visible("#token-dialog")
     # The wrong token's 401 is the only error the browser logged.
     assert all("401" in error for error in page.errors), page.errors
