@@ -20,6 +20,7 @@ from config import Config, ConfigError
 from config import load as load_config
 from service import lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
+from service.batch import bp as batch_bp
 from service.context import EXTENSION, Services, services
 from service.dashboard import bp as dashboard_bp
 from service.live import LiveFigures
@@ -73,6 +74,7 @@ def create_app(
     request_id.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)
+    app.register_blueprint(batch_bp)
     app.register_blueprint(metrics_bp)
     app.register_blueprint(dashboard_bp)
     # The safety net for servers without shutdown hooks (`flask run`, other
