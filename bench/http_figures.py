@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 from .harness import Run, table
-from .server import Server
+from .server import OUT, Server
 from .stats import ratios, spread, verdict
 from .wsgi import REFERENCE_ACCEPT, REFERENCE_REJECT
 
@@ -104,6 +107,41 @@ def _ab(run: Run, label: str, env: dict[str, str], a: str, b: str, *, fill: bool
     return results[a], results[b], wrong
 
 
+PYSPY = shutil.which("py-spy") or str(OUT.parent.parent / ".venv" / "bin" / "py-spy")
+
+
+def profile_during_wrk(run: Run, server: Server, raw: Path, path: str, *, batch: int = 0) -> None:
+    """Record the server's worker with py-spy (GIL-holding samples, collapsed) into ``raw`` during a wrk run."""
+    cmd = [
+        PYSPY,
+        "record",
+        "--pid",
+        str(server.worker_pid),
+        "--duration",
+        str(run.wrk_seconds),
+        "--rate",
+        "250",
+        "--gil",
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
+        "--nonblocking",
+    ]
+    run.record(
+        f"py-spy record --pid $WORKER_PID --duration {run.wrk_seconds} --rate 250 --gil --format raw --output "
+        f"bench/out/{raw.name} --nonblocking  # during a wrk run on {path}"
+    )
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run.wrk(server.url, path, batch=batch)
+        spy.wait(timeout=run.wrk_seconds + 30)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+
+
 # -- memory --------------------------------------------------------------------------------
 
 
@@ -113,7 +151,7 @@ def _accepted_total(server: Server) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-def _wait_idle(server: Server, timeout: float = 120.0) -> dict:
+def wait_idle(server: Server, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         _, body = server.request("GET", "/healthz")
@@ -149,13 +187,13 @@ def rss_growth(run: Run, total: int = 200_000, retained: int = 10_000) -> None:
             run.wrk(server.url, "/enqueue", seconds=seconds)
             pushed = _accepted_total(server)
             if baseline is None and pushed >= warm:
-                _wait_idle(server)
+                wait_idle(server)
                 baseline = server.rss_bytes() / 2**20
                 samples.append((pushed, baseline))
             else:
                 samples.append((pushed, server.rss_bytes() / 2**20))
             run.progress(f"fig 4 RSS: {pushed:,} tasks pushed, RSS {samples[-1][1]:.1f} MiB")
-        counts = _wait_idle(server)
+        counts = wait_idle(server)
         final = server.rss_bytes() / 2**20
         samples.append((pushed, final))
     assert baseline is not None

@@ -8,10 +8,9 @@ validation, the pool, metrics, problem documents, the access line).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 from .harness import Run, collapsed_inclusive, collapsed_self_time, table
+from .http_figures import PYSPY, profile_during_wrk
 from .server import OUT, Server
 from .stats import ratios, spread, verdict
 
@@ -169,41 +168,13 @@ PROFILE_LABELS = {
 
 def _request_profile(run: Run) -> str:
     """Where the worker holds the GIL while wrk posts to /enqueue on `make run`'s server (py-spy)."""
-    pyspy = shutil.which("py-spy") or str(OUT.parent.parent / ".venv" / "bin" / "py-spy")
-    if run.quick or not os.path.exists(pyspy):
+    if run.quick or not os.path.exists(PYSPY):
         return "(request-path profile skipped)"
     raw = OUT / "enqueue-profile.txt"
     with Server("enqueue-profile", env=_SERVICE_ENV) as server:
         server.wait_ready()
         run.wrk(server.url, "/enqueue", seconds=1)
-        cmd = [
-            pyspy,
-            "record",
-            "--pid",
-            str(server.worker_pid),
-            "--duration",
-            str(max(1, run.wrk_seconds - 2)),
-            "--rate",
-            "250",
-            "--gil",
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-            "--nonblocking",
-        ]
-        run.record(
-            "py-spy record --pid $WORKER_PID --duration 8 --rate 250 --gil --format raw --output "
-            "bench/out/enqueue-profile.txt --nonblocking  # during a wrk run on /enqueue, make run's settings"
-        )
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            run.wrk(server.url, "/enqueue")
-            spy.wait(timeout=run.wrk_seconds + 30)
-        finally:
-            if spy.poll() is None:
-                spy.kill()
-                spy.wait()
+        profile_during_wrk(run, server, raw, "/enqueue")
     if not raw.exists():
         return "(request-path profile: py-spy produced no output)"
     parts = collapsed_inclusive(raw, PROFILE_LABELS)
