@@ -1,7 +1,15 @@
 """An in-process task engine: bounded admission, worker threads, retries with backoff."""
 
 from .backoff import backoff_bound, compute_backoff
-from .errors import AttemptCancelled, DuplicateTask, PermanentFailure, PoolClosed, QueueFull, SubmitError
+from .errors import (
+    AttemptCancelled,
+    DuplicateTask,
+    PermanentFailure,
+    PoolClosed,
+    QueueFull,
+    StoreUnavailable,
+    SubmitError,
+)
 from .handlers import SimulatedFailure, SimulatedWork, event_wait
 from .ids import new_task_id
 from .observer import PoolObserver
@@ -31,6 +39,7 @@ __all__ = [
     "SimulatedWork",
     "State",
     "StoreStats",
+    "StoreUnavailable",
     "SubmitError",
     "Task",
     "TaskSpec",

@@ -45,6 +45,7 @@ attempt is abandoned at shutdown (or timed out): a long handler should return ea
 
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
 _MAX_ERROR_CHARS = 500
+_STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,10 +362,16 @@ class WorkerPool:
     def _work(self) -> None:
         store, owner, lease = self._store, self.owner, self._lease
         cancel = threading.Event()
+        pause = threading.Event()  # never set: a pause that is not time.sleep
         while self._claiming:
-            task = store.claim(owner, self._clock() + lease)
-            if task is None:
-                store.wait_for_work(None)
+            try:
+                task = store.claim(owner, self._clock() + lease)
+                if task is None:
+                    store.wait_for_work(None)
+                    continue
+            except Exception:  # StoreUnavailable, or a bug: keep the worker, try again shortly
+                log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
+                self._wait(pause, _STORE_RETRY_S)
                 continue
             if cancel.is_set():  # the last attempt's handler may still hold it
                 cancel = threading.Event()

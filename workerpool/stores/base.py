@@ -9,7 +9,9 @@ store, under one lock (memory), in one transaction (SQLite) or in one script
 (Redis). This module is therefore the whole locking story of the engine: a
 store's methods are atomic and thread-safe, they never call out (no
 handlers, observers or logging under their lock), and they return snapshots
-(frozen ``Task`` values), never live records.
+(frozen ``Task`` values), never live records. A store that cannot reach or
+write its data raises ``StoreUnavailable`` from any method, having changed
+nothing it reported as done.
 
 Time. Stores stamp and compare times with the wall clock they are given
 (``clock``, seconds since the epoch): a store shared by several processes has
