@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run dev test stress lint bench clean
 
@@ -14,8 +15,11 @@ run: $(VENV)/.installed
 dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
+# The dashboard's browser tests drive Debian's chromium, the Redis store's tests their own redis-server
+# (each installed with apt when missing; never a downloaded browser).
 test: $(VENV)/.installed-dev
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@test -x /usr/bin/chromium || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium)
+	@command -v redis-server >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server)
 	$(BIN)/python -m pytest
 
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).

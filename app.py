@@ -20,7 +20,10 @@ from config import Config, ConfigError
 from config import load as load_config
 from service import lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
+from service.batch import bp as batch_bp
 from service.context import EXTENSION, Services, services
+from service.dashboard import bp as dashboard_bp
+from service.live import LiveFigures
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
 from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, WorkerPool
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:
     """A pool running ``TASK_HANDLER`` or simulated work as ``config`` describes; its threads start on first use."""
+    if config.store.kind != "memory":  # refused rather than silently ignored until the engine runs on stores
+        raise ConfigError(f"STORE={config.store.kind} is invalid: this version runs the memory store only")
     return WorkerPool(
         load_handler(config),
         workers=config.workers,
@@ -42,30 +47,38 @@ def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> Wor
     )
 
 
-def create_app(config: Config | None = None, pool: WorkerPool | None = None, metrics: Metrics | None = None) -> Flask:
+def create_app(
+    config: Config | None = None,
+    pool: WorkerPool | None = None,
+    metrics: Metrics | None = None,
+    live: LiveFigures | None = None,
+) -> Flask:
     """Build the app; settings come from the environment unless ``config`` is given.
 
     The pool's threads are not started here (under gunicorn that would happen
     before the fork with ``--preload``): gunicorn's ``post_worker_init`` hook,
     ``python app.py`` or the first submission starts them. Pass ``pool`` to use
-    your own; give it ``metrics`` as an observer and pass ``metrics`` too if
-    task metrics matter.
+    your own; give it ``metrics`` and ``live`` as observers and pass them too
+    if task metrics and the dashboard's charts matter.
     """
     config = config or load_config()
     metrics = metrics or Metrics()
+    live = live or LiveFigures()
     if pool is None:
-        pool = build_pool(config, observers=[metrics])
+        pool = build_pool(config, observers=[metrics, live])
     metrics.watch(pool)
 
     app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route
     # werkzeug answers 413 for a larger body, chunked or not.
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
-    app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics)
+    app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics, live=live)
     request_id.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)
+    app.register_blueprint(batch_bp)
     app.register_blueprint(metrics_bp)
+    app.register_blueprint(dashboard_bp)
     # The safety net for servers without shutdown hooks (`flask run`, other
     # WSGI servers): drain whatever the pool still holds when the process ends.
     atexit.register(_drain_at_exit, weakref.ref(pool), config.shutdown_timeout_s)
@@ -100,9 +113,9 @@ def pool_of(app: Flask) -> WorkerPool:
     return services(app).pool
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
+def configure_logging(level: str, log_format: str = "text", *, access_log: bool = True) -> None:
     """Set up logging as gunicorn.conf.py does; entry points call this, ``create_app`` never does."""
-    logging.config.dictConfig(logs.logging_config(level, log_format))
+    logging.config.dictConfig(logs.logging_config(level, log_format, access_log=access_log))
 
 
 def _port(text: str) -> int:
@@ -128,7 +141,11 @@ class _PlainAccessLog(WSGIRequestHandler):
     """Werkzeug's request handler with gunicorn's access line layout, without terminal colour codes."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        line = self.requestline.translate(_ESCAPE_CONTROLS)
+        line, target = self.requestline, getattr(self, "path", "")  # no path: the request line was unreadable
+        if "?" in target:  # a secret a client put in the query stays out of the log
+            refused = logs.is_refused(code if isinstance(code, int) else None)
+            line = line.replace(target, logs.redact_target(target, refused=refused), 1)
+        line = line.translate(_ESCAPE_CONTROLS)
         logging.getLogger("werkzeug").info('%s "%s" %s %s', self.address_string(), line, code, size)
 
 
@@ -146,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args.host if args.host is not None else config.host,
         port=args.port if args.port is not None else config.port,
     )
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, access_log=config.access_log)
     app = create_app(config)
     pool = pool_of(app)
     server = make_server(config.host, config.port, app, threaded=True, request_handler=_PlainAccessLog)

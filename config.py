@@ -35,6 +35,24 @@ class ConfigError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
+SQLITE_PREFIX = "sqlite://"
+SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSetting:
+    """Where tasks live (``STORE``): this process's memory, or a SQLite file several processes share."""
+
+    kind: str = "memory"  # "memory" or "sqlite"
+    path: str = ""  # the SQLite file, absolute
+    synchronous: str = "NORMAL"  # SQLite's durability setting (see docs/stores.md)
+
+    @property
+    def shared(self) -> bool:
+        """Whether several processes (``gunicorn -w N``, several services) may serve the same tasks."""
+        return self.kind != "memory"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     workers: int = 4
@@ -50,13 +68,18 @@ class Config:
     max_retries_limit: int = 20
     max_body_bytes: int = 65_536
     max_payload_chars: int = 32_768
+    # POST /enqueue/batch: tasks per request, and its own body limit (1,000 tasks of ~4 KiB each).
+    max_batch_tasks: int = 1000
+    max_batch_body_bytes: int = 4 * 1024 * 1024
     state_ttl_s: float = 3600.0
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
     log_level: str = "INFO"
     log_format: str = "text"
+    access_log: bool = True
     # "module:callable" run for every attempt instead of the simulated work.
     task_handler: str = ""
+    store: StoreSetting = StoreSetting()
     # Empty: no token needed. A secret, so it stays out of the repr (and any log line that prints one).
     api_token: str = dataclasses.field(default="", repr=False)
 
@@ -107,6 +130,25 @@ def _token(text: str) -> str:
     return text
 
 
+def _store(text: str) -> StoreSetting:
+    """``memory``, or ``sqlite:///absolute/path.db`` (``sqlite://relative.db``) with ``?synchronous=full`` optional."""
+    usage = "must be memory or sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full)"
+    if text == "memory":
+        return StoreSetting()
+    if not text.startswith(SQLITE_PREFIX):
+        raise ValueError(usage)
+    path, _, query = text[len(SQLITE_PREFIX) :].partition("?")
+    if not path or path.endswith("/"):
+        raise ValueError(f"{usage}: the file name is missing")
+    synchronous = "NORMAL"
+    if query:
+        name, _, value = query.partition("=")
+        if name != "synchronous" or value.upper() not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"{usage}: unknown option {query!r}")
+        synchronous = value.upper()
+    return StoreSetting("sqlite", str(Path(path).absolute()), synchronous)
+
+
 def _log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -117,6 +159,16 @@ def _log_format(text: str) -> str:
     if text.lower() not in LOG_FORMATS:
         raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
     return text.lower()
+
+
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+
+
+def _switch(text: str) -> bool:
+    try:
+        return _SWITCH[text.lower()]
+    except KeyError:
+        raise ValueError("must be on or off (also true/false, 1/0, yes/no)") from None
 
 
 def _import_path(text: str) -> str:
@@ -141,13 +193,17 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_RETRIES_LIMIT": ("max_retries_limit", _integer(0, 1000)),
     "MAX_BODY_BYTES": ("max_body_bytes", _integer(64, 16 * 1024 * 1024)),
     "MAX_PAYLOAD_CHARS": ("max_payload_chars", _integer(0, 16 * 1024 * 1024)),
+    "MAX_BATCH_TASKS": ("max_batch_tasks", _integer(1, 100_000)),
+    "MAX_BATCH_BODY_BYTES": ("max_batch_body_bytes", _integer(64, 256 * 1024 * 1024)),
     "STATE_TTL_S": ("state_ttl_s", _number(0.0, 365 * 86_400.0, low_open=True)),
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
+    "ACCESS_LOG": ("access_log", _switch),
     "TASK_HANDLER": ("task_handler", _import_path),
     "API_TOKEN": ("api_token", _token),
+    "STORE": ("store", _store),
 }
 VARIABLES = tuple(_FIELDS)
 # Their values never appear in an error message.

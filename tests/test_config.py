@@ -11,7 +11,7 @@ from dotenv import dotenv_values
 from http_fixtures import PROJECT_ROOT, clean_environment
 
 import config
-from config import DOTENV_PATH, VARIABLES, Config, ConfigError, from_env
+from config import DOTENV_PATH, VARIABLES, Config, ConfigError, StoreSetting, from_env
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,8 @@ def test_defaults():
         max_retries_limit=20,
         max_body_bytes=65_536,
         max_payload_chars=32_768,
+        max_batch_tasks=1000,
+        max_batch_body_bytes=4 * 1024 * 1024,
         state_ttl_s=3600.0,
         state_max_tasks=100_000,
         shutdown_timeout_s=20.0,
@@ -81,6 +83,10 @@ def test_every_field_has_a_variable():
         ("MAX_BODY_BYTES", "16777216", "max_body_bytes", 16_777_216),
         ("MAX_PAYLOAD_CHARS", "0", "max_payload_chars", 0),
         ("MAX_PAYLOAD_CHARS", "65536", "max_payload_chars", 65_536),  # equal to the default body limit
+        ("MAX_BATCH_TASKS", "1", "max_batch_tasks", 1),
+        ("MAX_BATCH_TASKS", "100000", "max_batch_tasks", 100_000),
+        ("MAX_BATCH_BODY_BYTES", "64", "max_batch_body_bytes", 64),  # below MAX_BODY_BYTES: allowed
+        ("MAX_BATCH_BODY_BYTES", "268435456", "max_batch_body_bytes", 268_435_456),
         ("STATE_TTL_S", "0.5", "state_ttl_s", 0.5),
         ("STATE_TTL_S", "86400", "state_ttl_s", 86_400.0),
         ("STATE_MAX_TASKS", "1", "state_max_tasks", 1),
@@ -91,12 +97,20 @@ def test_every_field_has_a_variable():
         ("LOG_LEVEL", "Critical", "log_level", "CRITICAL"),
         ("LOG_FORMAT", "JSON", "log_format", "json"),
         ("LOG_FORMAT", "text", "log_format", "text"),
+        ("ACCESS_LOG", "off", "access_log", False),
+        ("ACCESS_LOG", "On", "access_log", True),
+        ("ACCESS_LOG", "false", "access_log", False),
+        ("ACCESS_LOG", "1", "access_log", True),
         ("TASK_HANDLER", "", "task_handler", ""),
         ("TASK_HANDLER", "my_tasks.jobs:run", "task_handler", "my_tasks.jobs:run"),
         ("TASK_HANDLER", "tasks:Runner.run", "task_handler", "tasks:Runner.run"),
         ("API_TOKEN", "", "api_token", ""),
         ("API_TOKEN", "0123456789abcdef", "api_token", "0123456789abcdef"),
         ("API_TOKEN", " Zm9vYmFy-._~+/Zm9vYmFy== ", "api_token", "Zm9vYmFy-._~+/Zm9vYmFy=="),
+        ("STORE", "memory", "store", StoreSetting()),
+        ("STORE", "sqlite:///var/lib/tasks.db", "store", StoreSetting("sqlite", "/var/lib/tasks.db")),
+        ("STORE", "sqlite:///t.db?synchronous=full", "store", StoreSetting("sqlite", "/t.db", "FULL")),
+        ("STORE", "sqlite:///t.db?synchronous=NORMAL", "store", StoreSetting("sqlite", "/t.db", "NORMAL")),
     ],
 )
 def test_each_variable_is_read(variable, text, field, value):
@@ -105,6 +119,7 @@ def test_each_variable_is_read(variable, text, field, value):
 
 INTEGER = "must be an integer from"
 TOKEN_RULE = "must be empty (no token) or at least 16 visible ASCII characters, without spaces"
+STORE_RULE = "must be memory or sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full)"
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -144,6 +159,10 @@ BAD_VALUES = [
     ("MAX_BODY_BYTES", "64k", f"{INTEGER} 64 to 16777216"),
     ("MAX_BODY_BYTES", "16777217", f"{INTEGER} 64 to 16777216"),
     ("MAX_PAYLOAD_CHARS", "-1", f"{INTEGER} 0 to 16777216"),
+    ("MAX_BATCH_TASKS", "0", f"{INTEGER} 1 to 100000"),
+    ("MAX_BATCH_TASKS", "100001", f"{INTEGER} 1 to 100000"),
+    ("MAX_BATCH_BODY_BYTES", "63", f"{INTEGER} 64 to 268435456"),
+    ("MAX_BATCH_BODY_BYTES", "4M", f"{INTEGER} 64 to 268435456"),
     ("MAX_PAYLOAD_CHARS", "32k", f"{INTEGER} 0 to 16777216"),
     ("MAX_PAYLOAD_CHARS", "16777217", f"{INTEGER} 0 to 16777216"),
     ("STATE_TTL_S", "0", "must be a number greater than 0 and at most 3.1536e+07"),
@@ -157,12 +176,20 @@ BAD_VALUES = [
     ("LOG_LEVEL", "VERBOSE", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_LEVEL", "", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_FORMAT", "logfmt", "must be one of text, json"),
+    ("ACCESS_LOG", "disabled", "must be on or off (also true/false, 1/0, yes/no)"),
+    ("ACCESS_LOG", "", "must be on or off (also true/false, 1/0, yes/no)"),
     ("TASK_HANDLER", "tasks.run", "must be empty or module:callable, e.g. mytasks:run"),
     ("TASK_HANDLER", "tasks:run()", "must be empty or module:callable, e.g. mytasks:run"),
     ("API_TOKEN", "0123456789abcde", TOKEN_RULE),
     ("API_TOKEN", "0123456789 abcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789\tabcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789abcdef\u00e9", TOKEN_RULE),
+    ("STORE", "redis", STORE_RULE),
+    ("STORE", "sqlite:/t.db", STORE_RULE),
+    ("STORE", "sqlite://", f"{STORE_RULE}: the file name is missing"),
+    ("STORE", "sqlite:///var/lib/", f"{STORE_RULE}: the file name is missing"),
+    ("STORE", "sqlite:///t.db?synchronous=off", f"{STORE_RULE}: unknown option 'synchronous=off'"),
+    ("STORE", "sqlite:///t.db?mode=ro", f"{STORE_RULE}: unknown option 'mode=ro'"),
 ]
 
 
@@ -205,6 +232,16 @@ def test_the_body_limit_may_be_lowered_alone():
     # The payload limit above it is harmless: a body that long is refused with 413 first.
     config = from_env({"MAX_BODY_BYTES": "1024"})
     assert (config.max_body_bytes, config.max_payload_chars) == (1024, 32_768)
+
+
+def test_a_relative_sqlite_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert from_env({"STORE": "sqlite://tasks.db"}).store.path == str(tmp_path / "tasks.db")
+
+
+def test_only_a_store_other_processes_can_reach_is_shared():
+    assert not Config().store.shared
+    assert from_env({"STORE": "sqlite:///t.db"}).store.shared
 
 
 def test_unrelated_variables_are_ignored():

@@ -37,7 +37,7 @@ GUNICORN = ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
 BOOTING = r"Booting worker with pid: (\d+)"
 SUMMARY = re.compile(
     r"shutdown complete: drained in [\d.]+ s; (?P<queued>\d+) queued, (?P<running>\d+) running, "
-    r"(?P<done>\d+) done, (?P<failed>\d+) failed; (?P<abandoned>\d+) abandoned"
+    r"(?P<done>\d+) done, (?P<failed>\d+) failed, (?P<cancelled>\d+) cancelled; (?P<abandoned>\d+) abandoned"
 )
 MAX_BODY_BYTES = 1024
 # Fast attempts that often fail, short backoffs, a queue small enough to overflow.
@@ -287,13 +287,19 @@ def account(records: list[dict], accepted: list[str]) -> Accounting:
     summary = SUMMARY.fullmatch(last["message"])
     assert summary and last["logger"] == "gunicorn.error", f"the last line is not the drain summary: {last}"
     counts = {name: int(value) for name, value in summary.groupdict().items()}
+    # The summary counts what the drain did: the final lines logged once shutdown began.
+    began = next(n for n, r in enumerate(records) if r["message"].startswith("shutdown: admission closed"))
+    drained = Counter(
+        lines.finals[0].split(" ", 1)[0] for lines in task_lines(records[began:]).values() if lines.finals
+    )
     assert counts == {
         "queued": 0,
         "running": 0,
-        "done": finals["done"],
-        "failed": finals["failed"] + finals["abandoned"],
-        "abandoned": finals["abandoned"],
-    }, (counts, finals)
+        "done": drained["done"],
+        "failed": drained["failed"] + drained["abandoned"],
+        "cancelled": 0,
+        "abandoned": drained["abandoned"],
+    }, (counts, drained)
     assert len(re.findall(BOOTING, "\n".join(r["message"] for r in records))) == 1, "the worker was replaced"
     return Accounting(finals["done"], finals["failed"], finals["abandoned"], tasks)
 
