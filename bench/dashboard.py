@@ -1,4 +1,4 @@
-"""Figure 6: the dashboard's cost on enqueue throughput with the page open, and its answers with many tasks retained.
+"""Figure 7: the dashboard's cost on enqueue throughput with the page open, and its answers with many tasks retained.
 
 ``python -m bench.dashboard --screenshot docs/dashboard.png`` takes the README's screenshot instead:
 the service under a light, steady load of simulated work for half a minute, then the page.
@@ -76,7 +76,7 @@ def dashboard_cost(run: Run, *, engine_tasks: int = 100_000) -> None:
     with Server("dashboard", env={"QUEUE_SIZE": "1000000", "SHUTDOWN_TIMEOUT_S": "0"}) as server, chromium() as browser:
         server.wait_ready()
         run.record(server.command)
-        run.progress("fig 6: warm-up")
+        run.progress("fig 7: warm-up")
         run.wrk(server.url, "/enqueue", seconds=1)
         for round_no in range(run.rounds):
             for mode in run.order(round_no, "closed", "open"):
@@ -85,10 +85,10 @@ def dashboard_cost(run: Run, *, engine_tasks: int = 100_000) -> None:
                 if page is not None:
                     page.close()
                 results[mode].append(r)
-                run.progress(f"fig 6: round {round_no + 1}/{run.rounds} page {mode:6} {r['rps']:8,.0f} req/s")
+                run.progress(f"fig 7: round {round_no + 1}/{run.rounds} page {mode:6} {r['rps']:8,.0f} req/s")
         # The rounds leave their tasks retained; top up to the figure the page must stay responsive with.
         while (retained := _retained(server)) < RETAINED and not run.quick:
-            run.progress(f"fig 6: {retained:,} tasks retained, adding more")
+            run.progress(f"fig 7: {retained:,} tasks retained, adding more")
             run.wrk(server.url, "/enqueue")
         _, health = server.request("GET", "/healthz")
         probes = {path: [_timed_get(server.port, path) for _ in range(PROBE_REPEATS)] for path in PROBES}
@@ -97,7 +97,7 @@ def dashboard_cost(run: Run, *, engine_tasks: int = 100_000) -> None:
     p99 = ratios([r["p99_us"] for r in opened], [r["p99_us"] for r in closed])
     run.summary.append(
         (
-            "6. enqueue throughput with the dashboard open",
+            "7. enqueue throughput with the dashboard open",
             f"{rps.median:.3f}",
             f">= {GOAL}",
             verdict(rps.median >= GOAL),
@@ -132,7 +132,7 @@ def dashboard_cost(run: Run, *, engine_tasks: int = 100_000) -> None:
         ],
     )
     text += "\n\n" + observer_cost(run, engine_tasks)
-    run.sections["6. Dashboard cost"] = text
+    run.sections["7. Dashboard cost"] = text
 
 
 def screenshot(path: Path, *, load_seconds: float = 30.0) -> None:
