@@ -206,13 +206,41 @@ def test_work_admitted_between_a_claim_and_the_wait_is_not_missed(open_store, cl
     waiter.join(WAIT_S)
 
 
-def test_waiting_returns_after_its_timeout_and_on_wake(open_store):
+def waiter(store):
+    """A thread blocked in ``wait_for_work(timeout)``; the returned Event is set when it returns."""
+
+    def start(timeout):
+        returned = threading.Event()
+        thread = threading.Thread(target=lambda: (store.wait_for_work(timeout), returned.set()), daemon=True)
+        thread.start()
+        return returned
+
+    return start
+
+
+def test_waiting_ends_when_its_timeout_passes_on_the_stores_clock(open_store, clock):
+    returned = waiter(open_store())(5.0)
+    assert not returned.wait(0.1)
+    clock.advance(5)
+    assert returned.wait(WAIT_S)
+
+
+def test_waiting_ends_when_a_delayed_task_falls_due(open_store, clock):
     store = open_store()
-    began = time.monotonic()
-    store.wait_for_work(0.05)
-    assert time.monotonic() - began < WAIT_S
-    threading.Timer(0.01, store.wake).start()
-    store.wait_for_work(WAIT_S)
+    store.admit([task(clock, "later", next_attempt_at=clock.time() + 10)])
+    returned = waiter(store)(None)
+    assert not returned.wait(0.1)
+    clock.advance(10)
+    assert returned.wait(WAIT_S)
+    assert claim(store, clock).id == "later"
+
+
+def test_wake_releases_waiting_workers_and_every_later_wait(open_store):
+    store = open_store()
+    returned = waiter(store)(None)
+    store.wake()
+    assert returned.wait(WAIT_S)
+    assert waiter(store)(None).wait(WAIT_S)
 
 
 # -- files the store must refuse, with a reason ------------------------------

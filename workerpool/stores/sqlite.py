@@ -149,10 +149,11 @@ class SqliteStore(TaskStore):
         self._connections_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
-        # _wakeup guards _admissions: bumped by every local admission and wake(),
-        # so a waiting worker sees a change it would otherwise miss.
+        # _wakeup guards _admissions (bumped by every local admission, so a
+        # waiting worker sees a change it would otherwise miss) and _woken.
         self._wakeup = threading.Condition(threading.Lock())
         self._admissions = 0
+        self._woken = False
         self._failure: str | None = None  # why the last step failed; cleared by the next good write
         _check_path(self.path)
         self._open()
@@ -336,33 +337,43 @@ class SqliteStore(TaskStore):
             self._local.version = None  # the claim reports the failure
 
     def wait_for_work(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        interval = self._poll_min
+        """Return when work may be claimable: admitted here or elsewhere, due by its time, ``wake``, or ``timeout``.
+
+        Due times and ``timeout`` are read on the store's clock; the polling
+        itself runs on real time, so a test's fake clock is noticed within
+        ``poll_max`` of moving.
+        """
         if not hasattr(self._local, "admissions"):
             self._note_seen()
         # What the last claim saw: work admitted since (here or elsewhere) ends the wait at once.
         admissions, seen = self._local.admissions, self._local.version
         del self._local.admissions
-        while True:
-            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
-            if pause <= 0:
-                return
+        try:
+            until_due = self.seconds_until_due()
+        except StoreUnavailable:
+            return  # the caller's next step reports the failure
+        if until_due is not None and (timeout is None or until_due < timeout):
+            timeout = until_due
+        deadline = None if timeout is None else self._clock() + timeout
+        interval = self._poll_min
+        while deadline is None or self._clock() < deadline:
             with self._wakeup:
-                if self._wakeup.wait_for(lambda: self._admissions != admissions, pause):
+                if self._wakeup.wait_for(lambda: self._woken or self._admissions != admissions, interval):
                     return
             try:
                 if self._data_version() != seen:  # another connection committed something
                     return
             except (sqlite3.Error, StoreUnavailable):
-                return  # the caller's next step reports the failure
+                return
             interval = min(interval * 2, self._poll_max)
 
     def _data_version(self) -> int:
         return self._connection().execute("PRAGMA data_version").fetchone()[0]
 
     def wake(self) -> None:
+        """Release every waiting worker; later waits return at once too (the pool is stopping)."""
         with self._wakeup:
-            self._admissions += 1
+            self._woken = True
             self._wakeup.notify_all()
 
     def finish(
