@@ -7,6 +7,8 @@ contract tests; these cover what only a durable, shared store has.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -347,3 +349,16 @@ def test_a_full_disk_refuses_new_tasks_and_keeps_the_stored_ones(db):
     assert lines["kept"] == "queued"
     stored, admitted = lines["stored"].split(" of ")
     assert stored == admitted  # every admission that returned is stored, the refused one is not
+
+
+def test_attempts_of_a_process_that_no_longer_exists_are_recovered_before_their_lease_ends(open_store, clock):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_owner = f"{socket.gethostname()}:{int(gone.stdout)}:00000000"
+    live_owner = f"{socket.gethostname()}:{os.getpid()}:00000000"
+    store = open_store()
+    store.admit([task(clock, "dead"), task(clock, "live"), task(clock, "elsewhere")])
+    claim(store, clock, owner=dead_owner)
+    claim(store, clock, owner=live_owner)
+    claim(store, clock, owner=f"another-host:{int(gone.stdout)}:00000000")  # its pids mean nothing here
+    assert [t.id for t in store.recover(lambda t: None)] == ["dead"]
+    assert store.get("live").state is store.get("elsewhere").state is State.RUNNING
