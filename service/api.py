@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Response, jsonify, request, url_for
 
 from . import request_id
 from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request
-from .schema import parse_enqueue, parse_list_query, task_to_json
+from .schema import TaskLimits, parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
 
@@ -22,30 +21,23 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     try:
         require_token()  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
-        task_request = parse_enqueue(
-            _read_body(),
-            default_max_retries=svc.config.default_max_retries,
-            max_retries_limit=svc.config.max_retries_limit,
-            max_payload_chars=svc.config.max_payload_chars,
-        )
-        task = svc.pool.submit(
-            task_request.id, task_request.payload, task_request.max_retries, request_id=request_id.current()
-        )
+        body = read_body(svc.config.max_body_bytes)
+        spec = parse_enqueue(body, TaskLimits.of(svc.config), request_id=request_id.current())
+        task = svc.pool.submit(spec.id, spec.payload, spec.max_retries, request_id=spec.request_id)
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
     return jsonify(task_to_json(task)), 202, {"Location": url_for("api.get_task", task_id=task.id)}
 
 
-def _read_body() -> bytes:
-    """The request body; 413 if it is longer than MAX_CONTENT_LENGTH, chunked or not, 400 if cut short."""
-    limit: int = current_app.config["MAX_CONTENT_LENGTH"]
+def read_body(limit: int) -> bytes:
+    """The request body; 413 if it is longer than ``limit`` bytes, chunked or not, 400 if cut short."""
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
     request.max_content_length = limit + 1
     body = request.get_data(cache=False)
     if len(body) > limit:
-        raise RequestEntityTooLarge()
+        raise Problem(413, f"the request body is larger than {limit} bytes")
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
     if request.content_length is not None and len(body) < request.content_length:
