@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:
     """A pool running ``TASK_HANDLER`` or simulated work as ``config`` describes; its threads start on first use."""
+    if config.store.kind != "memory":  # refused rather than silently ignored until the engine runs on stores
+        raise ConfigError(f"STORE={config.store.kind} is invalid: this version runs the memory store only")
     return WorkerPool(
         load_handler(config),
         workers=config.workers,
