@@ -568,6 +568,7 @@ class PoolModel(RuleBasedStateMachine):
 
 
 @pytest.mark.fuzz
+@pytest.mark.timeout(300)  # about 15 s of CPU per store: a loaded machine stretches it well past the default 60 s
 @pytest.mark.parametrize("store_name", sorted(STORES))
 def test_the_pool_matches_its_model_through_any_sequence_of_steps(store_name):
     model = type(f"PoolModelOn{store_name.title()}", (PoolModel,), {"store_name": store_name})
