@@ -47,12 +47,15 @@ def task_url(task_id: str) -> str:
 
 def read_body(limit: int) -> bytes:
     """The request body; 413 if it is longer than ``limit`` bytes, chunked or not, 400 if cut short."""
+    too_large = Problem(413, f"the request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large  # not werkzeug's 413, which would name the app-wide MAX_CONTENT_LENGTH
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
     request.max_content_length = limit + 1
     body = request.get_data(cache=False)
     if len(body) > limit:
-        raise Problem(413, f"the request body is larger than {limit} bytes")
+        raise too_large
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
     if request.content_length is not None and len(body) < request.content_length:
