@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CHROMIUM := /usr/bin/chromium
+REDIS_SERVER := /usr/bin/redis-server
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run dev test stress lint bench clean
@@ -15,11 +17,7 @@ run: $(VENV)/.installed
 dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
-# The dashboard's browser tests drive Debian's chromium, the Redis store's tests their own redis-server
-# (each installed with apt when missing; never a downloaded browser).
-test: $(VENV)/.installed-dev
-	@test -x /usr/bin/chromium || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium)
-	@command -v redis-server >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server)
+test: $(VENV)/.installed-dev $(CHROMIUM) $(REDIS_SERVER)
 	$(BIN)/python -m pytest
 
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
@@ -30,13 +28,18 @@ stress: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-# Installs wrk (Debian package) when missing; writes bench/RESULTS.md.
-bench: $(VENV)/.installed-bench
+# Installs wrk and chromium (Debian packages) when missing; writes bench/RESULTS.md.
+bench: $(VENV)/.installed-bench $(CHROMIUM)
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The dashboard's browser tests and benchmark drive Debian's chromium: installed when missing, never downloaded.
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +55,8 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 $(VENV)/.installed-bench: requirements.txt bench/requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r bench/requirements.txt
 	touch $@ $(VENV)/.installed
+
+# The Redis store's tests start their own redis-server: installed when missing.
+$(REDIS_SERVER):
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server

@@ -7,6 +7,7 @@ concurrency comes from its threads.
 
 import math
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ if _ROOT not in sys.path:  # so `config` and `app` import from any working direc
 
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 from service import logs as _logs  # noqa: E402
+from service.lingering_close import MAX_LINGERING  # noqa: E402
 
 _settings = _config.load()  # a bad value stops gunicorn here with exit code 2
 
@@ -29,6 +31,10 @@ workers = 1  # pinned: each worker process would have its own queue and task tab
 # (see service/gunicorn_worker.py).
 worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
+# Connections held at once, slow and idle ones included (beyond it new ones wait in the listen
+# backlog). Each costs a file descriptor, as do up to MAX_LINGERING closing ones and the process's
+# own files: running out would make accept() fail and gunicorn end the worker, tasks and all.
+worker_connections = max(64, min(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - MAX_LINGERING - 128))
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
 max_requests = 0  # recycling the only worker would stall the service and cut a drain short
 graceful_timeout = math.ceil(_settings.shutdown_timeout_s) + DRAIN_MARGIN_S  # whole seconds only
@@ -55,25 +61,34 @@ def on_starting(server):
 def post_worker_init(worker):
     """Start the pool and its stop watcher in the worker, after the fork and before serving."""
     from app import pool_of
-    from service.lifecycle import ShutdownController
+    from service.lifecycle import ShutdownController, describe
+
+    def report(summary):
+        # As soon as the drain ends, before connections close: one short line
+        # (a pipe write under PIPE_BUF bytes is atomic), the arbiter logs it last.
+        os.write(worker.drain_report_fd, describe(summary).encode()[:500] + b"\n")
 
     pool = pool_of(worker.wsgi)
     pool.start()
-    worker.controller = ShutdownController(pool, _drain_timeout(worker))
+    worker.request_timeout = _settings.request_timeout_s
+    worker.controller = ShutdownController(pool, _drain_timeout(worker), on_drained=report)
     worker.controller.start()
 
 
-def worker_exit(server, worker):
-    """Wait for the drain the stop signal began (or begin it), then report it to the arbiter."""
-    app = getattr(worker, "wsgi", None)
-    if app is None:  # the app never loaded
-        return
-    from app import pool_of
-    from service.lifecycle import describe
+def post_fork(server, worker):
+    worker.drain_report_fd = server.drain_reports[1]
 
-    summary = pool_of(app).shutdown(_drain_timeout(worker))
-    # One short line: a pipe write under PIPE_BUF bytes is atomic.
-    os.write(server.drain_reports[1], describe(summary).encode()[:500] + b"\n")
+
+def worker_exit(server, worker):
+    """Wait for the drain the stop signal began (or begin it), then for threads handlers left behind."""
+    controller = getattr(worker, "controller", None)
+    if controller is None:  # the app never loaded
+        return
+    from service.lifecycle import NO_SIGNAL, exit_without
+
+    controller.request_stop(NO_SIGNAL)  # a no-op once a signal began the drain
+    controller.join()  # in short slices: a second signal still acts at once
+    exit_without(controller.wait_for_threads())
 
 
 def on_exit(server):

@@ -558,7 +558,7 @@ def test_an_exception_that_cannot_describe_itself_still_ends_the_attempt_and_is_
     assert summary.abandoned == ()
 
 
-def test_the_drain_summary_counts_what_the_drain_did_not_what_is_retained(make_pool):
+def test_the_drain_summary_counts_every_task_the_pool_finished_not_what_is_retained(make_pool):
     gate = Gate()
     pool = make_pool(gate, workers=1, state_max_tasks=1)
     for n in range(5):

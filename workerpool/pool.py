@@ -75,9 +75,10 @@ class PoolStats:
 @dataclass(frozen=True, slots=True)
 class ShutdownSummary:
     counts: dict[State, int]
-    """What the drain did: tasks that reached each final state since shutdown began
-    (abandoned ones are failed), and the queued and running tasks left behind
-    (a shared store keeps its queued tasks for other processes)."""
+    """What this pool did: the tasks it brought to each final state since it was
+    made (abandoned ones are failed), however many retention still keeps, so
+    that they add up with the tasks it accepted; and the queued and running
+    tasks left behind (a shared store keeps its queued tasks for other processes)."""
     abandoned: tuple[str, ...]
     drain_seconds: float
 
@@ -162,7 +163,6 @@ class WorkerPool:
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
         self._finals: Counter[State] = Counter()  # final states reached through this pool
-        self._finals_at_shutdown: Counter[State] = Counter()
         # Tasks whose last change is not yet heard by the observers, and how
         # many such changes are in flight: whoever changes such a task next
         # waits before telling (see _wait_turn). An Event once someone waits.
@@ -571,10 +571,8 @@ class WorkerPool:
             first = not self._closing
             self._closing = True
             self._deadline = min(self._deadline, deadline)
-            if first:
-                self._finals_at_shutdown = self._finals.copy()
-                if self._store.shared:
-                    self._claiming = False
+            if first and self._store.shared:
+                self._claiming = False
         self._drain_wakeup.set()
         if first:
             if self._store.shared:
@@ -617,7 +615,7 @@ class WorkerPool:
         self._stop_threads()
         left = self._store.stats().counts if self._store.shared else {}
         with self._lock:
-            done = self._finals - self._finals_at_shutdown
+            done = self._finals.copy()
         self._summary = ShutdownSummary(
             counts={
                 State.QUEUED: left.get(State.QUEUED, 0),
