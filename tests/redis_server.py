@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,3 +88,23 @@ def running_redis(directory: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop(signal.SIGKILL)
+
+
+_shared: RedisServer | None = None
+
+
+def shared_server() -> RedisServer:
+    """One redis-server for the whole test run, started on first use and killed by pid at exit.
+
+    Stores on it keep apart by a prefix of their own, so no test sees another's keys.
+    """
+    global _shared
+    if _shared is None:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed: `make test` installs it (Debian package redis-server)")
+        server = RedisServer(Path(tempfile.mkdtemp(prefix="workerpool-redis-")))
+        server.start()
+        atexit.register(shutil.rmtree, server.directory, ignore_errors=True)
+        atexit.register(server.stop, signal.SIGKILL)
+        _shared = server
+    return _shared

@@ -6,12 +6,15 @@ and returns an empty store that stamps times with the fake clock.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from doubles import FakeClock
+from redis_server import shared_server
 
 from workerpool import MemoryStore, TaskStore
+from workerpool.stores.redis_store import RedisStore
 
 
 def memory_store(
@@ -20,4 +23,13 @@ def memory_store(
     return MemoryStore(capacity, ttl=ttl, max_finished=max_finished, clock=clock.time, wait=clock.wait)
 
 
-STORES: dict[str, Callable[..., TaskStore]] = {"memory": memory_store}
+def redis_store(
+    clock: FakeClock, directory: Path, *, capacity: int = 64, ttl: float = 3600.0, max_finished: int = 100
+) -> TaskStore:
+    prefix = f"test-{uuid.uuid4().hex}"  # one redis-server for the run; each store its own keys
+    return RedisStore(
+        shared_server().client(), capacity=capacity, ttl=ttl, max_finished=max_finished, prefix=prefix, clock=clock.time
+    )
+
+
+STORES: dict[str, Callable[..., TaskStore]] = {"memory": memory_store, "redis": redis_store}

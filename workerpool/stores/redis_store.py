@@ -6,7 +6,8 @@ instances do at the same moment. Keys (``P`` is the prefix with its hash tag,
 
 - ``P:t:<id>``: a hash per task (times as decimal strings, payload and result as JSON text);
 - ``P:new``: queued tasks not yet started, scored by due time (the admission bound is its size);
-- ``P:retry``: queued tasks waiting out a retry backoff, scored by due time;
+- ``P:retry``: queued tasks waiting out a retry backoff, scored by due time (queue members are
+  ``<sequence>:<id>``, so tasks due at the same time keep their order of arrival);
 - ``P:run``: running attempts, scored by lease expiry; ``P:own:<owner>`` the ids one owner runs;
 - ``P:all`` and ``P:st:<state>``: every retained id, scored by a sequence number (listing order);
 - ``P:fin``: finished ids scored by finish time (retention);
@@ -22,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import fields
 from typing import Any, ClassVar
 
 import redis
@@ -33,7 +33,7 @@ from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task
 from .base import Renewal, StoreStats, TaskStore
 
-_FIELDS = tuple(f.name for f in fields(Task))
+_FIELDS = Task._fields
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_attempt_at"})
 _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
@@ -62,6 +62,20 @@ local function evict(now, ttl, max_finished)
   local excess = redis.call('ZCARD', P .. ':fin') - max_finished
   if excess > 0 then
     for _, id in ipairs(redis.call('ZRANGE', P .. ':fin', 0, math.min(excess, 1000) - 1)) do forget(id) end
+  end
+end
+-- Queue members are "<16-digit sequence>:<id>": equal due times then keep their order of arrival.
+local function enqueue(zset, due, id)
+  local member = string.format('%016d:', redis.call('INCR', P .. ':seq')) .. id
+  redis.call('HSET', P .. ':t:' .. id, 'queue_member', member)
+  redis.call('ZADD', P .. zset, due, member)
+end
+local function dequeue(id)
+  local member = redis.call('HGET', P .. ':t:' .. id, 'queue_member')
+  if member then
+    redis.call('ZREM', P .. ':new', member)
+    redis.call('ZREM', P .. ':retry', member)
+    redis.call('HDEL', P .. ':t:' .. id, 'queue_member')
   end
 end
 local function signal(n)
@@ -96,7 +110,7 @@ for i = 5, #ARGV do
     local seq = redis.call('INCR', P .. ':seq')
     redis.call('ZADD', P .. ':all', seq, task.id)
     redis.call('ZADD', P .. ':st:queued', seq, task.id)
-    redis.call('ZADD', P .. ':new', tonumber(task.next_attempt_at or task.created_at), task.id)
+    enqueue(':new', tonumber(task.next_attempt_at or task.created_at), task.id)
     waiting = waiting + 1
     admitted = admitted + 1
     out[#out + 1] = 'ok'
@@ -109,16 +123,12 @@ return out
 # ARGV: now, owner, lease_until. Due retries first, then the oldest due new task.
 _CLAIM = """
 local now = ARGV[1]
-local from = ':retry'
-local ids = redis.call('ZRANGEBYSCORE', P .. from, '-inf', now, 'LIMIT', 0, 1)
-if #ids == 0 then
-  from = ':new'
-  ids = redis.call('ZRANGEBYSCORE', P .. from, '-inf', now, 'LIMIT', 0, 1)
-end
-if #ids == 0 then return false end
-local id = ids[1]
+local members = redis.call('ZRANGEBYSCORE', P .. ':retry', '-inf', now, 'LIMIT', 0, 1)
+if #members == 0 then members = redis.call('ZRANGEBYSCORE', P .. ':new', '-inf', now, 'LIMIT', 0, 1) end
+if #members == 0 then return false end
+local id = string.sub(members[1], 18)
 local key = P .. ':t:' .. id
-redis.call('ZREM', P .. from, id)
+dequeue(id)
 redis.call('HINCRBY', key, 'attempts', 1)
 redis.call('HSET', key, 'started_at', now, 'owner', ARGV[2], 'lease_until', ARGV[3])
 redis.call('HDEL', key, 'next_attempt_at')
@@ -151,7 +161,7 @@ end
 if new == 'queued' then
   redis.call('HSET', key, 'next_attempt_at', ARGV[10])
   redis.call('HDEL', key, 'owner', 'lease_until')
-  redis.call('ZADD', P .. ':retry', ARGV[10], id)
+  enqueue(':retry', tonumber(ARGV[10]), id)
   move_state(id, 'running', 'queued')
   signal(1)
 else
@@ -186,8 +196,7 @@ local key = P .. ':t:' .. id
 local state = redis.call('HGET', key, 'state')
 if not state then return false end
 if state == 'queued' then
-  redis.call('ZREM', P .. ':new', id)
-  redis.call('ZREM', P .. ':retry', id)
+  dequeue(id)
   redis.call('HSET', key, 'state', 'cancelled')
   finalize(id, key, 'queued', now)
   evict(tonumber(now), tonumber(ARGV[3]), tonumber(ARGV[4]))
@@ -197,37 +206,45 @@ end
 return redis.call('HGETALL', key)
 """
 
-# ARGV: state or '', limit. Newest first.
+# ARGV: now, ttl, max_finished, id. Readers evict first, so a forgotten task is never seen.
+_GET = """
+evict(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+return redis.call('HGETALL', P .. ':t:' .. ARGV[4])
+"""
+
+# ARGV: now, ttl, max_finished, state or '', limit. Newest first.
 _LIST = """
-local index = ARGV[1] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[1])
+evict(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+local index = ARGV[4] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[4])
 local out = {}
-for _, id in ipairs(redis.call('ZREVRANGE', index, 0, tonumber(ARGV[2]) - 1)) do
+for _, id in ipairs(redis.call('ZREVRANGE', index, 0, tonumber(ARGV[5]) - 1)) do
   local task = redis.call('HGETALL', P .. ':t:' .. id)
   if #task > 0 then out[#out + 1] = task end
 end
 return out
 """
 
-# ARGV: now, then the state names. Returns counts per state, then waiting, due, retries pending.
+# ARGV: now, ttl, max_finished, then the state names. Returns counts per state, then waiting,
+# due, retries pending.
 _STATS = """
 local now = ARGV[1]
+evict(tonumber(now), tonumber(ARGV[2]), tonumber(ARGV[3]))
 local out = {}
-for i = 2, #ARGV do out[#out + 1] = redis.call('ZCARD', P .. ':st:' .. ARGV[i]) end
+for i = 4, #ARGV do out[#out + 1] = redis.call('ZCARD', P .. ':st:' .. ARGV[i]) end
 out[#out + 1] = redis.call('ZCARD', P .. ':new')
 out[#out + 1] = redis.call('ZCOUNT', P .. ':new', '-inf', now) + redis.call('ZCOUNT', P .. ':retry', '-inf', now)
 out[#out + 1] = redis.call('ZCOUNT', P .. ':retry', '(' .. now, '+inf')
 return out
 """
 
-# ARGV: now. 0 when a task is due, else seconds until the first one is; -1 when nothing is queued.
-_UNTIL_DUE = """
+# The earliest due time of a queued task (Redis formats scores exactly), or nothing.
+_FIRST_DUE = """
 local first = nil
 for _, name in ipairs({':new', ':retry'}) do
   local head = redis.call('ZRANGE', P .. name, 0, 0, 'WITHSCORES')
-  if #head > 0 and (first == nil or tonumber(head[2]) < first) then first = tonumber(head[2]) end
+  if #head > 0 and (first == nil or tonumber(head[2]) < tonumber(first)) then first = head[2] end
 end
-if first == nil then return '-1' end
-return tostring(math.max(0, first - tonumber(ARGV[1])))
+return first or false
 """
 
 
@@ -287,7 +304,7 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
             values[name] = State(text)
         else:
             values[name] = text
-    values.setdefault("payload", None)
+    values.setdefault("payload", "")  # dropped once the task is final
     return Task(**values)
 
 
@@ -324,9 +341,10 @@ class RedisStore(TaskStore):
             "finish": _FINISH,
             "renew": _RENEW,
             "cancel": _CANCEL,
+            "get": _GET,
             "list": _LIST,
             "stats": _STATS,
-            "until_due": _UNTIL_DUE,
+            "first_due": _FIRST_DUE,
         }
         self._scripts = {name: client.register_script(_PRELUDE + body) for name, body in scripts.items()}
 
@@ -362,8 +380,8 @@ class RedisStore(TaskStore):
         return _decode(flat) if flat else None
 
     def seconds_until_due(self) -> float | None:
-        seconds = float(self._run("until_due", self._clock()))
-        return None if seconds < 0 else seconds
+        first = self._run("first_due")
+        return None if first is None else max(0.0, float(first) - self._clock())
 
     def wait_for_work(self, timeout: float | None) -> None:
         timeout = _MAX_WAIT if timeout is None else min(max(timeout, 0.0), _MAX_WAIT)
@@ -480,16 +498,19 @@ class RedisStore(TaskStore):
 
     # -- reading ---------------------------------------------------------
 
+    def _retention(self) -> tuple[float, float, int]:
+        return self._clock(), self._ttl, self._max_finished
+
     def get(self, task_id: str) -> Task | None:
-        flat = self._call(self._redis.hgetall, f"{self._prefix}:t:{task_id}")
+        flat = self._run("get", *self._retention(), task_id)
         return _decode(flat) if flat else None
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        return [_decode(flat) for flat in self._run("list", "" if state is None else str(state), limit)]
+        return [_decode(flat) for flat in self._run("list", *self._retention(), "" if state is None else str(state), limit)]
 
     def stats(self) -> StoreStats:
         states = list(State)
-        figures = self._run("stats", self._clock(), *(str(s) for s in states))
+        figures = self._run("stats", *self._retention(), *(str(s) for s in states))
         counts = dict(zip(states, figures))
         waiting, due, retries_pending = figures[len(states) :]
         return StoreStats(counts=counts, waiting=waiting, due=due, retries_pending=retries_pending)
