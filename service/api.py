@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, jsonify, request
+
+from workerpool import PoolStats
 
 from . import request_id
 from .auth import require_token, token_required
@@ -91,7 +94,12 @@ def list_tasks() -> Response:
 def health() -> tuple[Response, int]:
     """Report liveness and queue figures; 503 once shutdown has begun."""
     stats = services().pool.stats()
-    body = {
+    return jsonify(health_figures(stats)), 200 if stats.accepting else 503
+
+
+def health_figures(stats: PoolStats) -> dict[str, Any]:
+    """The body of /healthz: admission, queue and task counts (the dashboard's live figures start from it)."""
+    return {
         "status": "ok" if stats.accepting else "draining",
         "workers": stats.workers,
         "queue_capacity": stats.queue_capacity,
@@ -99,7 +107,6 @@ def health() -> tuple[Response, int]:
         "retries_pending": stats.retries_pending,
         "tasks": {str(state): count for state, count in stats.counts.items()},
     }
-    return jsonify(body), 200 if stats.accepting else 503
 
 
 @bp.get("/openapi.json")
