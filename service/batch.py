@@ -19,7 +19,6 @@ from . import request_id
 from .api import read_body, task_url
 from .auth import require_token
 from .context import services
-from .engine_adapter import submit_many
 from .problems import FieldError, Problem, invalid_request, problem_document, submit_problem
 from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json
 
@@ -77,7 +76,8 @@ def enqueue_batch() -> Response:
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
-    admitted = iter(submit_many(svc.pool, [item for item in items if isinstance(item, TaskSpec)]))
+    # One engine call: the accepted tasks are admitted in one store step, in order.
+    admitted = iter(svc.pool.submit_many([item for item in items if isinstance(item, TaskSpec)]))
     results: list[dict[str, Any]] = []
     refusals: list[Exception] = []
     for index, item in enumerate(items):
