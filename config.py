@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -37,15 +38,18 @@ class ConfigError(ValueError):
 
 SQLITE_PREFIX = "sqlite://"
 SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
+REDIS_SCHEMES = ("redis://", "rediss://")
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSetting:
-    """Where tasks live (``STORE``): this process's memory, or a SQLite file several processes share."""
+    """Where tasks live (``STORE``): this process's memory, a SQLite file several processes share,
+    or a Redis database any number of instances share."""
 
-    kind: str = "memory"  # "memory" or "sqlite"
+    kind: str = "memory"  # "memory", "sqlite" or "redis"
     path: str = ""  # the SQLite file, absolute
     synchronous: str = "NORMAL"  # SQLite's durability setting (see docs/stores.md)
+    url: str = dataclasses.field(default="", repr=False)  # the Redis URL; it may carry a password
 
     @property
     def shared(self) -> bool:
@@ -84,6 +88,8 @@ class Config:
     store: StoreSetting = StoreSetting()
     # Empty: no token needed. A secret, so it stays out of the repr (and any log line that prints one).
     api_token: str = dataclasses.field(default="", repr=False)
+    store_prefix: str = "workerpool"
+    redis_password: str = dataclasses.field(default="", repr=False)
 
 
 # -- parsers: text -> value, raising ValueError with the reason --------------
@@ -133,10 +139,16 @@ def _token(text: str) -> str:
 
 
 def _store(text: str) -> StoreSetting:
-    """``memory``, or ``sqlite:///absolute/path.db`` (``sqlite://relative.db``) with ``?synchronous=full`` optional."""
-    usage = "must be memory or sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full)"
+    """``memory``, ``sqlite:///absolute/path.db`` (``sqlite://relative.db``) with ``?synchronous=full``
+    optional, or ``redis://[:password@]host[:port][/db]`` (``rediss://`` for TLS)."""
+    usage = (
+        "must be memory, sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full) "
+        "or redis://host:port/db (rediss:// for TLS)"
+    )
     if text == "memory":
         return StoreSetting()
+    if text.startswith(REDIS_SCHEMES):
+        return StoreSetting("redis", url=_redis_url(text))
     if not text.startswith(SQLITE_PREFIX):
         raise ValueError(usage)
     path, _, query = text[len(SQLITE_PREFIX) :].partition("?")
@@ -149,6 +161,40 @@ def _store(text: str) -> StoreSetting:
             raise ValueError(f"{usage}: unknown option {query!r}")
         synchronous = value.upper()
     return StoreSetting("sqlite", str(Path(path).absolute()), synchronous)
+
+
+def _redis_url(text: str) -> str:
+    try:
+        url = urlsplit(text)
+        port, database = url.port, url.path.lstrip("/")
+    except ValueError as exc:  # a port that is not a number
+        raise ValueError(f"is not a Redis URL: {exc}") from None
+    if not url.hostname:
+        raise ValueError("is not a Redis URL: the host is missing")
+    if database and not (database.isascii() and database.isdigit()):
+        raise ValueError(f"is not a Redis URL: the database must be a number, not {database!r}")
+    if port == 0:
+        raise ValueError("is not a Redis URL: port 0")
+    return text
+
+
+def _prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
+        raise ValueError("must be 1-64 letters, digits or _ . : -")
+    return text
+
+
+def _password(text: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
+def _shown(variable: str, raw: str) -> str:
+    """A value as an error message may show it: secrets never, a URL's password neither."""
+    if variable in _SECRETS:
+        return f"<{len(raw)} characters, not shown>"
+    return repr(re.sub(r"//[^/@]*@", "//<credentials not shown>@", raw))
 
 
 def _log_level(text: str) -> str:
@@ -207,10 +253,12 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "TASK_HANDLER": ("task_handler", _import_path),
     "API_TOKEN": ("api_token", _token),
     "STORE": ("store", _store),
+    "STORE_PREFIX": ("store_prefix", _prefix),
+    "REDIS_PASSWORD": ("redis_password", _password),
 }
 VARIABLES = tuple(_FIELDS)
 # Their values never appear in an error message.
-_SECRETS = frozenset({"API_TOKEN"})
+_SECRETS = frozenset({"API_TOKEN", "REDIS_PASSWORD"})
 
 # (smaller, larger): the first must not exceed the second.
 _ORDERED = (
@@ -235,8 +283,7 @@ def from_env(environ: Mapping[str, str]) -> Config:
         try:
             values[field] = parse(raw.strip())
         except ValueError as exc:
-            shown = f"<{len(raw)} characters, not shown>" if variable in _SECRETS else repr(raw)
-            raise ConfigError(f"{variable}={shown} is invalid: {exc}") from None
+            raise ConfigError(f"{variable}={_shown(variable, raw)} is invalid: {exc}") from None
     config = Config(**values)
     for smaller, larger in _ORDERED:
         low, high = getattr(config, _FIELDS[smaller][0]), getattr(config, _FIELDS[larger][0])

@@ -113,6 +113,10 @@ def test_every_field_has_a_variable():
         ("STORE", "sqlite:///var/lib/tasks.db", "store", StoreSetting("sqlite", "/var/lib/tasks.db")),
         ("STORE", "sqlite:///t.db?synchronous=full", "store", StoreSetting("sqlite", "/t.db", "FULL")),
         ("STORE", "sqlite:///t.db?synchronous=NORMAL", "store", StoreSetting("sqlite", "/t.db", "NORMAL")),
+        ("STORE", "redis://127.0.0.1:6379/0", "store", StoreSetting("redis", url="redis://127.0.0.1:6379/0")),
+        ("STORE", "rediss://:pw@cache.internal", "store", StoreSetting("redis", url="rediss://:pw@cache.internal")),
+        ("STORE_PREFIX", "jobs:eu-1", "store_prefix", "jobs:eu-1"),
+        ("REDIS_PASSWORD", "hunter2", "redis_password", "hunter2"),
     ],
 )
 def test_each_variable_is_read(variable, text, field, value):
@@ -121,7 +125,10 @@ def test_each_variable_is_read(variable, text, field, value):
 
 INTEGER = "must be an integer from"
 TOKEN_RULE = "must be empty (no token) or at least 16 visible ASCII characters, without spaces"
-STORE_RULE = "must be memory or sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full)"
+STORE_RULE = (
+    "must be memory, sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full) "
+    "or redis://host:port/db (rediss:// for TLS)"
+)
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -193,6 +200,11 @@ BAD_VALUES = [
     ("STORE", "sqlite:///var/lib/", f"{STORE_RULE}: the file name is missing"),
     ("STORE", "sqlite:///t.db?synchronous=off", f"{STORE_RULE}: unknown option 'synchronous=off'"),
     ("STORE", "sqlite:///t.db?mode=ro", f"{STORE_RULE}: unknown option 'mode=ro'"),
+    ("STORE", "redis:///0", "is not a Redis URL: the host is missing"),
+    ("STORE", "redis://cache/zero", "is not a Redis URL: the database must be a number, not 'zero'"),
+    ("STORE_PREFIX", "", "must be 1-64 letters, digits or _ . : -"),
+    ("STORE_PREFIX", "{tag}", "must be 1-64 letters, digits or _ . : -"),
+    ("REDIS_PASSWORD", "pass\x00word", "must not contain control characters"),
 ]
 
 
@@ -200,7 +212,7 @@ BAD_VALUES = [
 def test_a_bad_value_names_the_variable_and_the_value(variable, text, reason):
     with pytest.raises(ConfigError) as caught:
         from_env({variable: text})
-    shown = f"<{len(text)} characters, not shown>" if variable == "API_TOKEN" else repr(text)
+    shown = f"<{len(text)} characters, not shown>" if variable in ("API_TOKEN", "REDIS_PASSWORD") else repr(text)
     assert str(caught.value) == f"{variable}={shown} is invalid: {reason}"
 
 
@@ -209,6 +221,14 @@ def test_the_token_never_shows():
         from_env({"API_TOKEN": "short secret"})
     assert "secret" not in str(caught.value)
     assert "s3cret-s3cret-s3cret" not in repr(from_env({"API_TOKEN": "s3cret-s3cret-s3cret"}))
+
+
+def test_a_redis_password_never_shows():
+    with pytest.raises(ConfigError) as caught:
+        from_env({"STORE": "redis://user:hunter2@cache:6379/nope"})
+    assert "hunter2" not in str(caught.value)
+    assert "<credentials not shown>" in str(caught.value)
+    assert "hunter2" not in repr(from_env({"STORE": "redis://:hunter2@cache", "REDIS_PASSWORD": "hunter2"}))
 
 
 def test_every_variable_has_a_bad_value_case():

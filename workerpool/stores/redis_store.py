@@ -506,7 +506,8 @@ class RedisStore(TaskStore):
         return _decode(flat) if flat else None
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        return [_decode(flat) for flat in self._run("list", *self._retention(), "" if state is None else str(state), limit)]
+        flats = self._run("list", *self._retention(), "" if state is None else str(state), limit)
+        return [_decode(flat) for flat in flats]
 
     def stats(self) -> StoreStats:
         states = list(State)
