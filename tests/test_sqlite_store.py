@@ -230,11 +230,31 @@ def test_waiting_ends_when_its_timeout_passes_on_the_stores_clock(open_store, cl
 def test_waiting_ends_when_a_delayed_task_falls_due(open_store, clock):
     store = open_store()
     store.admit([task(clock, "later", next_attempt_at=clock.time() + 10)])
+    assert claim(store, clock) is None  # as a worker does before it waits
     returned = waiter(store)(None)
     assert not returned.wait(0.1)
     clock.advance(10)
     assert returned.wait(WAIT_S)
     assert claim(store, clock).id == "later"
+
+
+def test_a_retry_scheduled_here_wakes_idle_workers_to_look_at_its_due_time(open_store, clock):
+    store = open_store()
+    store.admit([task(clock, "a", max_retries=1)])
+    running = claim(store, clock)
+    idle = threading.Event()
+
+    def worker():
+        assert claim(store, clock) is None
+        idle.set()
+        store.wait_for_work(None)  # nothing queued: no due time to wait for
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    idle.wait(WAIT_S)
+    store.finish(running.id, 1, "a", error="boom", retry_at=clock.time() + 5)
+    thread.join(WAIT_S)
+    assert not thread.is_alive()  # it returned to claim, and will wait until the retry is due
 
 
 def test_wake_releases_waiting_workers_and_every_later_wait(open_store):

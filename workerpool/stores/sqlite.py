@@ -47,7 +47,6 @@ SCHEMA_VERSION = 1
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 LOST = "lost: the process running it stopped (its lease expired)"
 
-_FINAL = ("done", "failed", "cancelled")
 _HOSTNAME = socket.gethostname()
 _TASK_FIELDS = frozenset(getattr(Task, "_fields", None) or (f.name for f in dataclasses.fields(Task)))
 _COLUMNS = (
@@ -58,7 +57,9 @@ _COLUMNS = (
 # Version 1. ``seq`` orders by creation; ``state_seq`` orders by entry into the
 # current state; ``due_at`` is when a queued task may be claimed. ``counts``
 # is kept by triggers in the same transaction as the change, so the admission
-# bound and the health figures are O(1) reads.
+# bound and the health figures are O(1) reads; its ``generation`` row grows
+# whenever work is queued (admitted, retried, recovered): what idle workers of
+# other processes poll.
 _SCHEMA = """
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
@@ -87,7 +88,7 @@ CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL
 CREATE INDEX tasks_by_state ON tasks (state, state_seq);
 CREATE TABLE counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO counts (name, n) VALUES
-    ('queued', 0), ('running', 0), ('done', 0), ('failed', 0), ('cancelled', 0), ('waiting', 0);
+    ('queued', 0), ('running', 0), ('done', 0), ('failed', 0), ('cancelled', 0), ('waiting', 0), ('generation', 0);
 CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks BEGIN
     UPDATE counts SET n = n + 1
     WHERE name = NEW.state OR (name = 'waiting' AND NEW.state = 'queued' AND NEW.attempts = 0);
@@ -151,12 +152,22 @@ class SqliteStore(TaskStore):
         self._connections_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
-        # _wakeup guards _admissions (bumped by every local admission, so a
-        # waiting worker sees a change it would otherwise miss) and _woken.
+        # _wakeup guards the three below. _tickets: tasks admitted by this
+        # process that no waiting worker has answered yet (each wakes one).
+        # _rescheduled: bumped when due times change here (a retry, a recovery),
+        # so every waiting worker looks again. _generation: the last generation
+        # this process wrote, whose work the two others already announce.
         self._wakeup = threading.Condition(threading.Lock())
-        self._admissions = 0
+        self._tickets = 0
+        self._rescheduled = 0
+        self._generation = 0
         self._woken = False
         self._failure: str | None = None  # why the last step failed; cleared by the next good write
+        # Held across each write transaction. SQLite lets one writer in at a time
+        # anyway; without this lock the threads of one process would wait for
+        # each other in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms
+        # between tries instead of handing the lock over at once.
+        self._write_lock = threading.Lock()
         _check_path(self.path)
         self._open()
 
@@ -232,14 +243,15 @@ class SqliteStore(TaskStore):
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write step: BEGIN IMMEDIATE takes the database's write lock at once (waiting up to the busy timeout)."""
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def _step(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -292,32 +304,36 @@ class SqliteStore(TaskStore):
                 else:
                     room -= 1
                     outcomes.append(_task(row))
-        if any(isinstance(outcome, Task) for outcome in outcomes):
+            admitted = sum(isinstance(outcome, Task) for outcome in outcomes)
+            generation = _next_generation(conn) if admitted else 0
+        if admitted:
             with self._wakeup:
-                self._admissions += 1
-                self._wakeup.notify_all()
+                self._generation = max(self._generation, generation)
+                self._tickets += admitted
+                self._wakeup.notify(admitted)
         return outcomes
 
     # -- running ---------------------------------------------------------------
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
         check_transition(State.QUEUED, State.RUNNING)
-        self._note_seen()
+        with self._wakeup:
+            tickets, rescheduled = self._tickets, self._rescheduled
         with self._step() as conn:
             now = self._clock()
-            for index, kind in _QUEUED:  # due retries first: they were accepted earlier
-                row = conn.execute(
-                    f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
-                            next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
-                            state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
-                        WHERE seq = (SELECT seq FROM tasks INDEXED BY {index}
-                                     WHERE state = 'queued' AND {kind} AND due_at <= :now
-                                     ORDER BY due_at, seq LIMIT 1)
-                        RETURNING {_COLUMNS}""",
-                    {"now": now, "owner": owner, "until": lease_until},
-                ).fetchone()
-                if row is not None:
-                    return _task(row)
+            # What this claim saw; a later change ends the next wait_for_work of this thread.
+            self._local.seen = (_count(conn, "generation"), rescheduled)
+            row = conn.execute(
+                f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
+                        next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
+                        state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
+                    WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}""",
+                {"now": now, "owner": owner, "until": lease_until},
+            ).fetchone()
+            if row is not None:
+                return _task(row)
+        with self._wakeup:  # nothing was due: the tickets older than this claim announce nothing
+            self._tickets = max(0, self._tickets - tickets)
         return None
 
     def seconds_until_due(self) -> float | None:
@@ -330,48 +346,47 @@ class SqliteStore(TaskStore):
         due = [d for d in due if d is not None]
         return max(0.0, min(due) - self._clock()) if due else None
 
-    def _note_seen(self) -> None:
-        """Remember, before a claim looks, what this thread has seen: a change after it wakes the next wait."""
-        with self._wakeup:
-            self._local.admissions = self._admissions
-        try:
-            self._local.version = self._data_version()
-        except (sqlite3.Error, StoreUnavailable):
-            self._local.version = None  # the claim reports the failure
-
     def wait_for_work(self, timeout: float | None) -> None:
         """Return when work may be claimable: admitted here or elsewhere, due by its time, ``wake``, or ``timeout``.
 
-        Due times and ``timeout`` are read on the store's clock; the polling
-        itself runs on real time, so a test's fake clock is noticed within
-        ``poll_max`` of moving.
+        A task admitted by this process wakes one waiting worker at once;
+        work queued by another process is noticed by polling the file's
+        generation (1 ms at first, backing off to ``poll_max``). Due times and
+        ``timeout`` are read on the store's clock; the polling runs on real
+        time, so a test's fake clock is noticed within ``poll_max``.
         """
-        if not hasattr(self._local, "admissions"):
-            self._note_seen()
-        # What the last claim saw: work admitted since (here or elsewhere) ends the wait at once.
-        admissions, seen = self._local.admissions, self._local.version
-        del self._local.admissions
+        seen = getattr(self._local, "seen", None)
+        self._local.seen = None
         try:
+            generation = self._read_generation() if seen is None else seen[0]
             until_due = self.seconds_until_due()
         except StoreUnavailable:
             return  # the caller's next step reports the failure
+        rescheduled = self._rescheduled if seen is None else seen[1]
         if until_due is not None and (timeout is None or until_due < timeout):
             timeout = until_due
         deadline = None if timeout is None else self._clock() + timeout
         interval = self._poll_min
         while deadline is None or self._clock() < deadline:
             with self._wakeup:
-                if self._wakeup.wait_for(lambda: self._woken or self._admissions != admissions, interval):
+                if self._wakeup.wait_for(lambda: self._woken or self._tickets or self._rescheduled != rescheduled,
+                                         interval):
+                    if self._tickets and not self._woken and self._rescheduled == rescheduled:
+                        self._tickets -= 1
                     return
+                ours = self._generation
             try:
-                if self._data_version() != seen:  # another connection committed something
-                    return
-            except (sqlite3.Error, StoreUnavailable):
+                now_generation = self._read_generation()
+            except StoreUnavailable:
                 return
+            if now_generation not in (generation, ours):  # another process queued work
+                return
+            generation = now_generation
             interval = min(interval * 2, self._poll_max)
 
-    def _data_version(self) -> int:
-        return self._connection().execute("PRAGMA data_version").fetchone()[0]
+    def _read_generation(self) -> int:
+        with self._step(write=False) as conn:
+            return _count(conn, "generation")
 
     def wake(self) -> None:
         """Release every waiting worker; later waits return at once too (the pool is stopping)."""
@@ -409,7 +424,17 @@ class SqliteStore(TaskStore):
             check_transition(State.RUNNING, new)
             task = self._end_attempt(conn, task_id, new, now, error=error, result=result, retry_at=retry_at)
             self._evict(conn, now)
+            generation = _next_generation(conn) if new is State.QUEUED else 0
+        if generation:
+            self._rescheduled_by_us(generation)
         return task
+
+    def _rescheduled_by_us(self, generation: int) -> None:
+        """Work was queued again here (a retry, a recovery): every waiting worker recomputes its due time."""
+        with self._wakeup:
+            self._generation = max(self._generation, generation)
+            self._rescheduled += 1
+            self._wakeup.notify_all()
 
     def _end_attempt(
         self,
@@ -499,6 +524,10 @@ class SqliteStore(TaskStore):
                 recovered.append(self._end_attempt(conn, task.id, new, now, error=LOST, retry_at=due))
             if recovered:
                 self._evict(conn, now)
+            requeued = any(task.state is State.QUEUED for task in recovered)
+            generation = _next_generation(conn) if requeued else 0
+        if generation:
+            self._rescheduled_by_us(generation)
         return recovered
 
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
@@ -572,17 +601,30 @@ class SqliteStore(TaskStore):
     def _evict(self, conn: sqlite3.Connection, now: float) -> None:
         """Forget finished tasks past their time, then the oldest beyond ``max_finished``."""
         conn.execute("DELETE FROM tasks WHERE finished_at < ?", (now - self._ttl,))
-        excess = sum(_count(conn, state) for state in _FINAL) - self._max_finished
-        if excess > 0:
+        (finished,) = conn.execute(
+            "SELECT sum(n) FROM counts WHERE name IN ('done', 'failed', 'cancelled')"
+        ).fetchone()
+        if finished > self._max_finished:
             conn.execute(
                 "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at IS NOT NULL "
                 "ORDER BY finished_at, seq LIMIT ?)",
-                (excess,),
+                (finished - self._max_finished,),
             )
 
 
 # The two kinds of queued tasks, each with the partial index that yields them in claim order.
 _QUEUED = (("tasks_retry", "attempts > 0"), ("tasks_new", "attempts = 0"))
+# The next task to claim at :now: the first due retry (they were accepted earlier), else the
+# task due longest. Two index probes, one statement.
+_NEXT_DUE = (
+    "SELECT seq FROM ("
+    + " UNION ALL ".join(
+        f"""SELECT {rank} AS rank, seq FROM (SELECT seq FROM tasks INDEXED BY {index}
+            WHERE state = 'queued' AND {kind} AND due_at <= :now ORDER BY due_at, seq LIMIT 1)"""
+        for rank, (index, kind) in enumerate(_QUEUED)
+    )
+    + ") ORDER BY rank LIMIT 1"
+)
 # The next position in a state's newest-first listing; the index on (state, state_seq) makes it O(log n).
 _NEXT_STATE_SEQ = (
     "(coalesce((SELECT state_seq FROM tasks WHERE state = {state} ORDER BY state_seq DESC LIMIT 1), 0) + 1)"
@@ -599,6 +641,10 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
         if sqlite3.complete_statement(statement):
             conn.execute(statement)
             statement = ""
+
+
+def _next_generation(conn: sqlite3.Connection) -> int:
+    return conn.execute("UPDATE counts SET n = n + 1 WHERE name = 'generation' RETURNING n").fetchone()[0]
 
 
 def _count(conn: sqlite3.Connection, name: str) -> int:
