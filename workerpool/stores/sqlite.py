@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -36,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
@@ -45,6 +46,7 @@ from .base import Renewal, StoreStats, TaskStore
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
 SCHEMA_VERSION = 1
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+_SWEEP_INTERVAL_S = 1.0
 LOST = "lost: the process running it stopped (its lease expired)"
 
 _HOSTNAME = socket.gethostname()
@@ -168,6 +170,7 @@ class SqliteStore(TaskStore):
         # each other in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms
         # between tries instead of handing the lock over at once.
         self._write_lock = threading.Lock()
+        self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
         _check_path(self.path)
         self._open()
 
@@ -321,8 +324,6 @@ class SqliteStore(TaskStore):
             tickets, rescheduled = self._tickets, self._rescheduled
         with self._step() as conn:
             now = self._clock()
-            # What this claim saw; a later change ends the next wait_for_work of this thread.
-            self._local.seen = (_count(conn, "generation"), rescheduled)
             row = conn.execute(
                 f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
                         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
@@ -332,6 +333,8 @@ class SqliteStore(TaskStore):
             ).fetchone()
             if row is not None:
                 return _task(row)
+            # What this claim saw; a later change ends the next wait_for_work of this thread.
+            self._local.seen = (_count(conn, "generation"), rescheduled)
         with self._wakeup:  # nothing was due: the tickets older than this claim announce nothing
             self._tickets = max(0, self._tickets - tickets)
         return None
@@ -405,26 +408,12 @@ class SqliteStore(TaskStore):
         retry_at: float | None = None,
     ) -> Task | None:
         with self._step() as conn:
-            row = conn.execute(
-                "SELECT cancel_requested FROM tasks WHERE id = ? AND state = 'running' AND attempts = ? "
-                "AND lease_owner = ?",
-                (task_id, attempt, owner),
-            ).fetchone()
-            if row is None:  # a late writer: recovered, abandoned or forgotten meanwhile
-                return None
             now = self._clock()
-            if error is None:
-                new = State.DONE
-            elif row[0]:
-                new = _cancelled()
-            elif retry_at is not None:
-                new = State.QUEUED
-            else:
-                new = State.FAILED
-            check_transition(State.RUNNING, new)
-            task = self._end_attempt(conn, task_id, new, now, error=error, result=result, retry_at=retry_at)
+            task = _end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
+            if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
+                return None
             self._evict(conn, now)
-            generation = _next_generation(conn) if new is State.QUEUED else 0
+            generation = _next_generation(conn) if task.state is State.QUEUED else 0
         if generation:
             self._rescheduled_by_us(generation)
         return task
@@ -435,35 +424,6 @@ class SqliteStore(TaskStore):
             self._generation = max(self._generation, generation)
             self._rescheduled += 1
             self._wakeup.notify_all()
-
-    def _end_attempt(
-        self,
-        conn: sqlite3.Connection,
-        task_id: str,
-        new: State,
-        now: float,
-        *,
-        error: str | None,
-        result: Any = None,
-        retry_at: float | None = None,
-    ) -> Task:
-        """Write the end of a running attempt (the caller checked it is still the one it means)."""
-        final = new is not State.QUEUED
-        row = conn.execute(
-            f"""UPDATE tasks SET state = :state, last_error = coalesce(:error, last_error), result = :result,
-                    finished_at = :finished, next_attempt_at = :retry_at, due_at = coalesce(:retry_at, due_at),
-                    payload = CASE WHEN :final THEN NULL ELSE payload END,
-                    lease_owner = NULL, lease_until = NULL,
-                    state_seq = {_NEXT_STATE_SEQ.format(state=":state")}
-                WHERE id = :id RETURNING {_COLUMNS}""",
-            {
-                "state": new.value, "error": error,
-                "result": _json(result) if new is State.DONE and result is not None else None,
-                "finished": now if final else None, "retry_at": None if final else retry_at,
-                "final": final, "id": task_id,
-            },
-        ).fetchone()
-        return _task(row)
 
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
         ids = list(task_ids)
@@ -512,16 +472,15 @@ class SqliteStore(TaskStore):
             owners = conn.execute("SELECT DISTINCT lease_owner FROM tasks WHERE state = 'running'").fetchall()
             dead = [owner for (owner,) in owners if _process_is_gone(owner)]
             rows = conn.execute(
-                f"""SELECT {_COLUMNS} FROM tasks WHERE state = 'running'
+                f"""SELECT {_COLUMNS}, lease_owner FROM tasks WHERE state = 'running'
                     AND (lease_until < ? OR lease_owner IN ({','.join('?' * len(dead))}))""",
                 (now, *dead),
             ).fetchall()
             for row in rows:
-                task, cancel_requested = _task(row), row[-1]
+                task, cancel_requested, owner = _task(row[:-1]), row[-2], row[-1]
                 due = None if cancel_requested else retry_at(task)
-                new = _cancelled() if cancel_requested else State.FAILED if due is None else State.QUEUED
-                check_transition(State.RUNNING, new)
-                recovered.append(self._end_attempt(conn, task.id, new, now, error=LOST, retry_at=due))
+                ended = _end_attempt(conn, task.id, task.attempts, owner, now, error=LOST, retry_at=due)
+                recovered.append(cast(Task, ended))  # the row was read in this transaction
             if recovered:
                 self._evict(conn, now)
             requeued = any(task.state is State.QUEUED for task in recovered)
@@ -535,11 +494,10 @@ class SqliteStore(TaskStore):
         with self._step() as conn:
             now = self._clock()
             rows = conn.execute(
-                "SELECT id, cancel_requested FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
+                "SELECT id, attempts FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
             ).fetchall()
-            for task_id, cancel_requested in rows:
-                new = _cancelled() if cancel_requested else State.FAILED
-                abandoned.append(self._end_attempt(conn, task_id, new, now, error=reason))
+            for task_id, attempt in rows:
+                abandoned.append(cast(Task, _end_attempt(conn, task_id, attempt, owner, now, error=reason)))
             if abandoned:
                 self._evict(conn, now)
         return abandoned
@@ -574,7 +532,7 @@ class SqliteStore(TaskStore):
         # A write step: it forgets the finished tasks whose time is up first, so the counts are exact.
         with self._step() as conn:
             now = self._clock()
-            self._evict(conn, now)
+            self._evict(conn, now, sweep=True)
             counts = dict(conn.execute("SELECT name, n FROM counts").fetchall())
             due, retries_pending = conn.execute(
                 """SELECT count(*) FILTER (WHERE due_at <= :now), count(*) FILTER (WHERE attempts > 0 AND due_at > :now)
@@ -598,9 +556,15 @@ class SqliteStore(TaskStore):
 
     # -- retention -------------------------------------------------------------
 
-    def _evict(self, conn: sqlite3.Connection, now: float) -> None:
-        """Forget finished tasks past their time, then the oldest beyond ``max_finished``."""
-        conn.execute("DELETE FROM tasks WHERE finished_at < ?", (now - self._ttl,))
+    def _evict(self, conn: sqlite3.Connection, now: float, *, sweep: bool = False) -> None:
+        """Forget the oldest finished tasks over ``max_finished``, and (``sweep`` or once a second) the expired.
+
+        Readers never see a task past its time, deleted or not: sweeping once
+        a second saves a statement in nearly every step.
+        """
+        if sweep or now >= self._swept_at + _SWEEP_INTERVAL_S or now < self._swept_at:
+            conn.execute("DELETE FROM tasks WHERE finished_at < ?", (now - self._ttl,))
+            self._swept_at = now
         (finished,) = conn.execute(
             "SELECT sum(n) FROM counts WHERE name IN ('done', 'failed', 'cancelled')"
         ).fetchone()
@@ -643,16 +607,63 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             statement = ""
 
 
+# The end of an attempt, as one compare-and-set: nothing happens unless the task still runs that
+# attempt under that owner. The outcome: done without an error; cancelled if its cancellation was
+# requested; queued again for a retry at :retry_at; failed otherwise.
+_NEW_STATE = """CASE WHEN :error IS NULL THEN 'done' WHEN cancel_requested THEN 'cancelled'
+    WHEN :retry_at IS NOT NULL THEN 'queued' ELSE 'failed' END"""
+_IS_FINAL = "(:error IS NULL OR cancel_requested OR :retry_at IS NULL)"
+# One index probe per possible state, so that each is a lookup by a constant (a probe by the
+# CASE expression itself would scan the table).
+_NEXT_STATE_SEQ_BY_NEW_STATE = "".join(
+    f" WHEN '{state}' THEN {_NEXT_STATE_SEQ.format(state=repr(state))}"
+    for state in ("done", "cancelled", "queued", "failed")
+)
+_END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
+        last_error = coalesce(:error, last_error),
+        result = CASE WHEN :error IS NULL THEN :result END,
+        finished_at = CASE WHEN {_IS_FINAL} THEN :now END,
+        next_attempt_at = CASE WHEN {_IS_FINAL} THEN NULL ELSE :retry_at END,
+        due_at = CASE WHEN {_IS_FINAL} THEN due_at ELSE :retry_at END,
+        payload = CASE WHEN {_IS_FINAL} THEN NULL ELSE payload END,
+        lease_owner = NULL, lease_until = NULL,
+        state_seq = CASE {_NEW_STATE}{_NEXT_STATE_SEQ_BY_NEW_STATE} END
+    WHERE id = :id AND state = 'running' AND attempts = :attempt AND lease_owner = :owner
+    RETURNING {_COLUMNS}"""
+
+
+def _end_attempt(
+    conn: sqlite3.Connection,
+    task_id: str,
+    attempt: int,
+    owner: str,
+    now: float,
+    *,
+    error: str | None,
+    result: Any = None,
+    retry_at: float | None = None,
+) -> Task | None:
+    """End attempt ``attempt`` of a task ``owner`` runs; None if it does not (a late writer)."""
+    row = conn.execute(
+        _END_ATTEMPT,
+        {
+            "id": task_id, "attempt": attempt, "owner": owner, "now": now, "error": error, "retry_at": retry_at,
+            "result": None if error is not None or result is None else _json(result),
+        },
+    ).fetchone()
+    if row is None:
+        return None
+    task = _task(row)
+    check_transition(State.RUNNING, task.state)
+    return task
+
+
 def _next_generation(conn: sqlite3.Connection) -> int:
     return conn.execute("UPDATE counts SET n = n + 1 WHERE name = 'generation' RETURNING n").fetchone()[0]
 
 
 def _count(conn: sqlite3.Connection, name: str) -> int:
     return conn.execute("SELECT n FROM counts WHERE name = ?", (name,)).fetchone()[0]
-
-
-def _cancelled() -> State:
-    return State("cancelled")
 
 
 def _json(value: Any) -> str:
