@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
@@ -46,6 +46,7 @@ from .base import Renewal, StoreStats, TaskStore
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
 SCHEMA_VERSION = 1
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+T = TypeVar("T")
 _SWEEP_INTERVAL_S = 1.0
 LOST = "lost: the process running it stopped (its lease expired)"
 
@@ -179,11 +180,11 @@ class SqliteStore(TaskStore):
     def _open(self) -> None:
         try:
             conn = self._connection()
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if mode.lower() != "wal":
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (journal mode stays {mode})")
-            with self._transaction() as conn:
-                self._prepare_schema(conn)
+            with self._transaction() as writer:
+                self._prepare_schema(writer)
         except sqlite3.Error as exc:
             self.close()
             raise StoreUnavailable(f"{self.path}: {_describe(exc)}") from None
@@ -224,9 +225,8 @@ class SqliteStore(TaskStore):
             # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE).
             # check_same_thread is off only so close() may close every thread's
             # connection; each connection is used by the thread that opened it.
-            conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            # timeout=0: no busy handler of SQLite's own; _retry_busy waits instead.
+            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._connections.append(conn)
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         self._local.conn = conn
@@ -244,10 +244,10 @@ class SqliteStore(TaskStore):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write step: BEGIN IMMEDIATE takes the database's write lock at once (waiting up to the busy timeout)."""
+        """One write step: BEGIN IMMEDIATE takes the database's write lock (waiting up to the busy timeout)."""
         conn = self._connection()
         with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
+            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -256,21 +256,53 @@ class SqliteStore(TaskStore):
                     conn.execute("ROLLBACK")
                 raise
 
+    def _retry_busy(self, attempt: Callable[[], T]) -> T:
+        """``attempt()`` again while another process holds the lock, for up to the busy timeout.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, far
+        longer than a step holds the lock here (well under a millisecond), so a
+        process would sit idle while the lock is free: these pauses start at
+        0.1 ms and double up to 2 ms.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.0001
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if _primary_code(exc) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
     @contextlib.contextmanager
-    def _step(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """A write transaction (or a consistent read) whose SQLite errors become ``StoreUnavailable``."""
+    def _step(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction whose SQLite errors become ``StoreUnavailable``."""
         try:
-            if write:
-                with self._transaction() as conn:
-                    yield conn
-                self._failure = None
-            else:
-                conn = self._connection()
-                conn.execute("BEGIN")
-                try:
-                    yield conn
-                finally:
-                    conn.execute("COMMIT")
+            with self._transaction() as conn:
+                yield conn
+            self._failure = None
+        except sqlite3.Error as exc:
+            self._failure = _describe(exc)
+            raise StoreUnavailable(self._failure) from None
+
+    def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        """``query(conn)`` on one consistent snapshot; SQLite errors become ``StoreUnavailable``.
+
+        Readers do not wait for writers (WAL); they may meet a lock only while
+        a process recovers the file after a crash, and then try again.
+        """
+        conn = self._connection()
+
+        def snapshot() -> T:
+            conn.execute("BEGIN")
+            try:
+                return query(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        try:
+            return self._retry_busy(snapshot)
         except sqlite3.Error as exc:
             self._failure = _describe(exc)
             raise StoreUnavailable(self._failure) from None
@@ -340,13 +372,14 @@ class SqliteStore(TaskStore):
         return None
 
     def seconds_until_due(self) -> float | None:
-        with self._step(write=False) as conn:
-            due = [
+        found = self._read(
+            lambda conn: [
                 conn.execute(f"SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind}")
                 .fetchone()[0]
                 for index, kind in _QUEUED
             ]
-        due = [d for d in due if d is not None]
+        )
+        due = [d for d in found if d is not None]
         return max(0.0, min(due) - self._clock()) if due else None
 
     def wait_for_work(self, timeout: float | None) -> None:
@@ -388,8 +421,7 @@ class SqliteStore(TaskStore):
             interval = min(interval * 2, self._poll_max)
 
     def _read_generation(self) -> int:
-        with self._step(write=False) as conn:
-            return _count(conn, "generation")
+        return self._read(lambda conn: _count(conn, "generation"))
 
     def wake(self) -> None:
         """Release every waiting worker; later waits return at once too (the pool is stopping)."""
@@ -505,8 +537,7 @@ class SqliteStore(TaskStore):
     # -- reading ---------------------------------------------------------------
 
     def get(self, task_id: str) -> Task | None:
-        with self._step(write=False) as conn:
-            return self._get(conn, task_id, self._clock())
+        return self._read(lambda conn: self._get(conn, task_id, self._clock()))
 
     def _get(self, conn: sqlite3.Connection, task_id: str, now: float) -> Task | None:
         row = conn.execute(
@@ -515,18 +546,14 @@ class SqliteStore(TaskStore):
         return None if row is None else _task(row)
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        with self._step(write=False) as conn:
-            horizon = self._clock() - self._ttl
-            if state is None:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?", (horizon, limit)
-                )
-            else:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM tasks WHERE state = ? AND {_RETAINED} ORDER BY state_seq DESC LIMIT ?",
-                    (State(state).value, horizon, limit),
-                )
-            return [_task(row) for row in rows]
+        horizon = self._clock() - self._ttl
+        if state is None:
+            query = f"SELECT {_COLUMNS} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?"
+            args: tuple[Any, ...] = (horizon, limit)
+        else:
+            query = f"SELECT {_COLUMNS} FROM tasks WHERE state = ? AND {_RETAINED} ORDER BY state_seq DESC LIMIT ?"
+            args = (State(state).value, horizon, limit)
+        return self._read(lambda conn: [_task(row) for row in conn.execute(query, args)])
 
     def stats(self) -> StoreStats:
         # A write step: it forgets the finished tasks whose time is up first, so the counts are exact.
@@ -547,12 +574,13 @@ class SqliteStore(TaskStore):
         )
 
     def unfinished(self, owner: str | None = None) -> int:
-        with self._step(write=False) as conn:
-            if owner is None:
-                return _count(conn, "queued") + _count(conn, "running")
-            return conn.execute(
+        if owner is None:
+            return self._read(lambda conn: _count(conn, "queued") + _count(conn, "running"))
+        return self._read(
+            lambda conn: conn.execute(
                 "SELECT count(*) FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
             ).fetchone()[0]
+        )
 
     # -- retention -------------------------------------------------------------
 
@@ -721,6 +749,11 @@ def _check_path(path: Path) -> None:
         raise StoreUnavailable(f"{path}: the directory {parent} is not writable (WAL needs files beside the database)")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise StoreUnavailable(f"{path}: the file is not readable and writable")
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 def _describe(exc: sqlite3.Error) -> str:
