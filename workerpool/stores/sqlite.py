@@ -317,28 +317,21 @@ class SqliteStore(TaskStore):
         outcomes: list[Task | SubmitError] = []
         with self._step() as conn:
             now = self._clock()
-            self._evict(conn, now)
+            horizon = now - self._ttl
             room = self.capacity - _count(conn, "waiting")
             for task in tasks:
                 if room <= 0:  # a duplicate is reported as such even when there is no room
-                    known = conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task.id,)).fetchone()
-                    outcomes.append(DuplicateTask(task.id) if known else QueueFull(self.capacity))
-                    continue
-                row = conn.execute(
-                    f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
-                            request_id, due_at, state_seq)
-                        VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
-                        ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}""",
-                    (
-                        task.id, _json(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
-                        task.request_id, task.next_attempt_at if task.next_attempt_at is not None else task.created_at,
-                    ),
-                ).fetchone()
-                if row is None:
-                    outcomes.append(DuplicateTask(task.id))
-                else:
+                    known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
+                    outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
+                elif self._insert(conn, task) or (
+                    # The id may belong to a task past its time that no sweep deleted yet: forget it now.
+                    conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ?", (task.id, horizon)).rowcount
+                    and self._insert(conn, task)
+                ):
                     room -= 1
-                    outcomes.append(_task(row))
+                    outcomes.append(task)  # stored as given: its snapshot
+                else:
+                    outcomes.append(DuplicateTask(task.id))
             admitted = sum(isinstance(outcome, Task) for outcome in outcomes)
             generation = _next_generation(conn) if admitted else 0
         if admitted:
@@ -347,6 +340,23 @@ class SqliteStore(TaskStore):
                 self._tickets += admitted
                 self._wakeup.notify(admitted)
         return outcomes
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, task: Task) -> bool:
+        """Insert a new queued task; False if its id is taken."""
+        due = task.next_attempt_at if task.next_attempt_at is not None else task.created_at
+        return bool(
+            conn.execute(
+                f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
+                        request_id, due_at, state_seq)
+                    VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
+                    ON CONFLICT (id) DO NOTHING""",
+                (
+                    task.id, _json(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
+                    task.request_id, due,
+                ),
+            ).rowcount
+        )
 
     # -- running ---------------------------------------------------------------
 
