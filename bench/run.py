@@ -16,7 +16,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from . import batch, efficiency, engine, http_figures, reference
+from . import batch, durable, efficiency, engine, http_figures, reference
 from .harness import Run, table
 from .server import ROOT
 
@@ -36,6 +36,9 @@ def figures(run: Run) -> dict[str, Callable[[], None]]:
         ),
         "5": lambda: http_figures.lifecycle(run),
         "6": lambda: batch.batch_throughput(run, sizes=(10, 100) if quick else batch.BATCH_SIZES),
+        "7a": lambda: durable.http_stores(run),
+        "7b": lambda: durable.engine_vs_huey(run, n=500 if quick else 5_000),
+        "7d": lambda: durable.restart_recovery(run, tasks=1_000 if quick else 10_000),
     }
 
 
