@@ -38,6 +38,7 @@ def figures(run: Run) -> dict[str, Callable[[], None]]:
         "6": lambda: batch.batch_throughput(run, sizes=(10, 100) if quick else batch.BATCH_SIZES),
         "7a": lambda: durable.http_stores(run),
         "7b": lambda: durable.engine_vs_huey(run, n=500 if quick else 5_000),
+        "7c": lambda: durable.pickup_latency(run, tasks=10 if quick else 50),
         "7d": lambda: durable.restart_recovery(run, tasks=1_000 if quick else 10_000),
     }
 
