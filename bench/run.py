@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the service")
-    parser.add_argument("--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6)")
+    parser.add_argument("--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6, 7a, 7b, 7c, 7d)")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds per figure (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the report (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in chosen if f not in table_]
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(table_)}")
-    needs_wrk = {"0", "1", "4b", "6"} & set(chosen)
+    needs_wrk = {"0", "1", "4b", "6", "7a"} & set(chosen)
     if needs_wrk and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install -y wrk); `make bench` installs it")
     meta = machine()
