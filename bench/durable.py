@@ -1,4 +1,4 @@
-"""Figure 7: the SQLite store. HTTP enqueue against the memory store, two processes against one, engine
+"""Figure 8: the SQLite store. HTTP enqueue against the memory store, two processes against one, engine
 throughput against huey's ``SqliteHuey`` at the same durability (and fsyncs per task), and the time from a
 restart to the first recovered task.
 
@@ -183,7 +183,7 @@ def _fsyncs(report: Path) -> int:
 
 
 def engine_vs_huey(run: Run, n: int) -> None:
-    """Figure 7b/7c: tasks/s with durable commits, ours against SqliteHuey, and fsyncs per task."""
+    """Figure 8b: tasks/s with durable commits, ours against SqliteHuey, and fsyncs per task."""
     work = Path(tempfile.mkdtemp(prefix="bench-durable-", dir=ROOT / "bench"))
     try:
         rows = []
@@ -194,7 +194,7 @@ def engine_vs_huey(run: Run, n: int) -> None:
                     db = work / f"{kind}-{sync}-{round_no}.db"
                     seconds[kind].append(float(_child([kind, str(db), sync, str(n)])))
                     rate_now = n / seconds[kind][-1]
-                    run.progress(f"fig 7 engine {sync}: round {round_no + 1} {kind} {rate_now:,.0f} tasks/s")
+                    run.progress(f"fig 8 engine {sync}: round {round_no + 1} {kind} {rate_now:,.0f} tasks/s")
             fsyncs = {}
             if shutil.which("strace"):
                 small = max(200, n // 10)
@@ -212,7 +212,7 @@ def engine_vs_huey(run: Run, n: int) -> None:
                         fsyncs.get(kind, "strace missing"),
                     ]
                 )
-            label = f"7. engine tasks/s vs SqliteHuey, synchronous={sync}"
+            label = f"8. engine tasks/s vs SqliteHuey, synchronous={sync}"
             run.summary.append((label, f"{rate.median:.2f}", "> 1", verdict(rate.median > 1)))
         text = table(["", "tasks/s", "ratio to huey", "fsyncs per task"], rows)
         text += (
@@ -226,13 +226,13 @@ def engine_vs_huey(run: Run, n: int) -> None:
             "option only switches between OFF and FULL). fsyncs counted with `strace -f -c` on a "
             f"{max(200, n // 10):,}-task run of each."
         )
-        run.sections["7b. Durable engine throughput against SqliteHuey"] = text
+        run.sections["8b. Durable engine throughput against SqliteHuey"] = text
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def restart_recovery(run: Run, tasks: int = 10_000, running: int = WORKERS) -> None:
-    """Figure 7d: seconds from starting a process on a crashed file to the first recovered attempt running."""
+    """Figure 8d: seconds from starting a process on a crashed file to the first recovered attempt running."""
     work = Path(tempfile.mkdtemp(prefix="bench-recover-", dir=ROOT / "bench"))
     try:
         template = work / "template.db"
@@ -245,11 +245,11 @@ def restart_recovery(run: Run, tasks: int = 10_000, running: int = WORKERS) -> N
             times = json.loads(_child(["recover", str(db)]))
             spawn.append(times["first_recovered"] - began)
             start.append(times["first_recovered"] - times["pool_started"])
-            run.progress(f"fig 7 restart: round {round_no + 1} first recovered after {spawn[-1]:.3f} s")
+            run.progress(f"fig 8 restart: round {round_no + 1} first recovered after {spawn[-1]:.3f} s")
         run.summary.append(
-            ("7. restart to first recovered task, 10,000 tasks in the file", f"{spread(spawn).median:.2f} s", "", "")
+            ("8. restart to first recovered task, 10,000 tasks in the file", f"{spread(spawn).median:.2f} s", "", "")
         )
-        run.sections["7d. Restart to the first recovered task"] = table(
+        run.sections["8d. Restart to the first recovered task"] = table(
             ["", "seconds"],
             [
                 ["process spawned -> first recovered attempt running", spread(spawn).fmt(".3f")],
@@ -266,7 +266,7 @@ def restart_recovery(run: Run, tasks: int = 10_000, running: int = WORKERS) -> N
 
 
 def pickup_latency(run: Run, tasks: int = 50, gap: float = 0.2) -> None:
-    """Figure 7c: from the commit of a task in one process to its start on an idle worker of another."""
+    """Figure 8c: from the commit of a task in one process to its start on an idle worker of another."""
     from workerpool import FINAL_STATES, Task
     from workerpool.stores.sqlite import SqliteStore
 
@@ -298,8 +298,8 @@ def pickup_latency(run: Run, tasks: int = 50, gap: float = 0.2) -> None:
         shutil.rmtree(work, ignore_errors=True)
     ms = sorted(1000 * s for s in latencies)
     p50, p95, worst = ms[len(ms) // 2], ms[int(len(ms) * 0.95)], ms[-1]
-    run.summary.append(("7. pick-up latency across processes, p95", f"{p95:.1f} ms", "well under 100 ms", ""))
-    run.sections["7c. Pick-up latency across processes"] = table(
+    run.summary.append(("8. pick-up latency across processes, p95", f"{p95:.1f} ms", "well under 100 ms", ""))
+    run.sections["8c. Pick-up latency across processes"] = table(
         ["", "ms"], [["median", f"{p50:.1f}"], ["95th percentile", f"{p95:.1f}"], ["worst", f"{worst:.1f}"]]
     ) + (
         f"\n\n{tasks} tasks admitted one at a time by a process without workers, {gap * 1000:.0f} ms apart (so the "
@@ -309,7 +309,7 @@ def pickup_latency(run: Run, tasks: int = 50, gap: float = 0.2) -> None:
 
 
 def http_stores(run: Run) -> None:
-    """Figure 7a: POST /enqueue with the SQLite store against the memory store; two processes against one."""
+    """Figure 8a: POST /enqueue with the SQLite store against the memory store; two processes against one."""
     work = Path(tempfile.mkdtemp(prefix="bench-http-", dir=ROOT / "bench"))
     env = {"QUEUE_SIZE": "1000000", "SHUTDOWN_TIMEOUT_S": "0"}
     setups = {
@@ -330,7 +330,7 @@ def http_stores(run: Run) -> None:
             for name in order:
                 r = run.wrk(servers[name].url, "/enqueue")
                 results[name].append(r)
-                run.progress(f"fig 7 http: round {round_no + 1} {name} {r['rps']:8,.0f} req/s")
+                run.progress(f"fig 8 http: round {round_no + 1} {name} {r['rps']:8,.0f} req/s")
     finally:
         for server in servers.values():
             server.stop()
@@ -339,17 +339,17 @@ def http_stores(run: Run) -> None:
     one = ratios(rps["sqlite -w 1"], rps["memory -w 1"])
     two = ratios(rps["sqlite -w 2"], rps["memory -w 1"])
     run.summary.append(
-        ("7. enqueue req/s, sqlite / memory (-w 1)", f"{one.median:.2f}", ">= 0.90", verdict(one.median >= 0.90))
+        ("8. enqueue req/s, sqlite / memory (-w 1)", f"{one.median:.2f}", ">= 0.90", verdict(one.median >= 0.90))
     )
     run.summary.append(
-        ("7. enqueue req/s, sqlite -w 2 / memory -w 1", f"{two.median:.2f}", ">= 1.6", verdict(two.median >= 1.6))
+        ("8. enqueue req/s, sqlite -w 2 / memory -w 1", f"{two.median:.2f}", ">= 1.6", verdict(two.median >= 1.6))
     )
     rows = [
         [name, spread(rps[name]).fmt(), spread([r["p99_us"] / 1000 for r in results[name]]).fmt(".1f"), ratio]
         for name, ratio in (("memory -w 1", "1"), ("sqlite -w 1", one.fmt(".2f")), ("sqlite -w 2", two.fmt(".2f")))
     ]
     bad = {name: sum(r["non_2xx_3xx"] for r in rs) for name, rs in results.items()}
-    run.sections["7a. POST /enqueue on the SQLite store"] = table(
+    run.sections["8a. POST /enqueue on the SQLite store"] = table(
         ["STORE, gunicorn workers", "req/s", "p99 ms", "ratio to memory -w 1"], rows
     ) + (
         f"\n\nThe three servers run side by side (default simulated work, WORKERS=4 per process, "

@@ -10,8 +10,9 @@ import tracemalloc
 import uuid
 from collections import Counter
 
+from service.live import LiveFigures
 from service.metrics import Metrics
-from workerpool import State, Task, WorkerPool
+from workerpool import PoolObserver, State, Task, WorkerPool
 
 from .harness import Run, table
 from .stats import ratios, spread, verdict
@@ -34,7 +35,7 @@ def pool_throughput(n: int, workers: int = 4) -> float:
         pool.submit(task_id)
     summary = pool.shutdown()
     elapsed = time.perf_counter() - started
-    assert summary is not None and summary.counts[State.DONE] == n, summary
+    assert summary is not None and pool.stats().counts[State.DONE] == n, summary
     return elapsed
 
 
@@ -67,13 +68,15 @@ def queue_throughput(n: int, workers: int = 4) -> float:
     return elapsed
 
 
-def serial_steps(n: int, *, metrics: bool = False) -> float:
+def serial_steps(n: int, *, metrics: bool = False, live: bool = False) -> float:
     """Seconds for ``n`` tasks driven on this thread: submit, take from the queue, run the attempt.
 
     No thread switches at all: the engine's own Python cost per task (with ``metrics``, plus the
-    service's Prometheus observer).
+    service's Prometheus observer; with ``live``, plus the dashboard's).
     """
-    observers = [Metrics()] if metrics else []
+    observers: list[PoolObserver] = [Metrics()] if metrics else []
+    if live:
+        observers.append(LiveFigures())
     pool = WorkerPool(
         noop,
         workers=1,
@@ -201,7 +204,7 @@ def bytes_per_retained_task(n: int) -> tuple[float, list[tuple[str, float]]]:
         for _ in range(n):
             pool.submit(str(uuid.uuid4()), payload="x" * 200, max_retries=3)
         summary = pool.shutdown()
-        assert summary is not None and summary.counts[State.DONE] == n
+        assert summary is not None and pool.stats().counts[State.DONE] == n
         del summary
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - base

@@ -76,6 +76,7 @@ class LiveFigures(PoolObserver):
         # or any slot in it; nothing else is done while it is held.
         self._lock = threading.Lock()
         self._slots = [_Slot(-1) for _ in range(window_s)]
+        self._series: tuple[int, dict[str, Any]] | None = None  # the last series() and its end second
 
     # -- PoolObserver ----------------------------------------------------
 
@@ -85,30 +86,27 @@ class LiveFigures(PoolObserver):
             self._slot(second).accepted += 1
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
-        bucket = latency_bucket(seconds)
+        self._count(task, latency_bucket(seconds))
+
+    def task_abandoned(self, task: Task) -> None:
+        self._count(task)
+
+    def task_cancelled(self, task: Task) -> None:
+        """A task was cancelled before an attempt of it ran."""
+        self._count(task)
+
+    def _count(self, task: Task, bucket: int | None = None) -> None:
+        """Count ``task``'s new state (final, or queued again for a retry) and the attempt's duration bucket."""
         state = str(task.state)
         second = int(self._clock())
         with self._lock:
             slot = self._slot(second)
-            slot.latency[bucket] = slot.latency.get(bucket, 0) + 1
+            if bucket is not None:
+                slot.latency[bucket] = slot.latency.get(bucket, 0) + 1
             if state in COUNTED_STATES:
                 slot.finished[state] = slot.finished.get(state, 0) + 1
             elif state == "queued":
                 slot.retried += 1
-
-    def task_abandoned(self, task: Task) -> None:
-        self._count_final(task)
-
-    def task_cancelled(self, task: Task) -> None:
-        """A task that was not running was cancelled (the engine calls this hook where it has it)."""
-        self._count_final(task)
-
-    def _count_final(self, task: Task) -> None:
-        state = str(task.state)
-        second = int(self._clock())
-        with self._lock:
-            slot = self._slot(second)
-            slot.finished[state] = slot.finished.get(state, 0) + 1
 
     def _slot(self, second: int) -> _Slot:
         """The slot of ``second``, emptied first if it still holds an older second; needs _lock."""
@@ -126,6 +124,9 @@ class LiveFigures(PoolObserver):
         always show a dip at the end of the charts.
         """
         end = int(self._clock())  # exclusive
+        cached = self._series
+        if cached is not None and cached[0] == end:
+            return cached[1]  # complete seconds do not change: every page polling in this second shares one
         start = end - self.window_s
         # Latency steps are aligned to multiples of LATENCY_STEP_S, so a step's figures do not shift as time passes.
         latency_start = start + (-start) % LATENCY_STEP_S
@@ -149,16 +150,17 @@ class LiveFigures(PoolObserver):
         for step in range(latency_start, end - LATENCY_STEP_S + 1, LATENCY_STEP_S):
             merged = _merge(histograms[step - start : step - start + LATENCY_STEP_S])
             attempts.append(sum(merged.values()))
-            for p in PERCENTILES:
-                latency[f"p{p}"].append(percentile(merged, p))
-        recent = _merge(histograms[-RECENT_S:])
-        return {
+            for name, value in percentiles(merged).items():
+                latency[name].append(value)
+        series = {
             "start": start,
             "seconds": self.window_s,
             **counts,
             "latency": {"start": latency_start, "step": LATENCY_STEP_S, "attempts": attempts, **latency},
-            "recent_latency": {f"p{p}": percentile(recent, p) for p in PERCENTILES},
+            "recent_latency": percentiles(_merge(histograms[-RECENT_S:])),
         }
+        self._series = (end, series)  # one assignment: a reader sees the old pair or the new one
+        return series
 
 
 def _merge(histograms: list[dict[int, int]]) -> dict[int, int]:
@@ -169,15 +171,22 @@ def _merge(histograms: list[dict[int, int]]) -> dict[int, int]:
     return merged
 
 
-def percentile(histogram: dict[int, int], p: float) -> float | None:
-    """The upper bound of the bucket holding the ``p``-th percentile of ``histogram``; None if it is empty."""
+def percentiles(histogram: dict[int, int], ps: tuple[float, ...] = PERCENTILES) -> dict[str, float | None]:
+    """``p<p>`` -> the upper bound of the bucket holding the ``p``-th percentile, for ascending ``ps``.
+
+    Nearest rank: the smallest value with at least p % of the attempts at or below it. None when the
+    histogram is empty.
+    """
     total = sum(histogram.values())
+    found: dict[str, float | None] = {f"p{p:g}": None for p in ps}
     if not total:
-        return None
-    rank = math.ceil(total * p / 100)  # nearest-rank definition: the smallest value with p % at or below it
-    seen = 0
-    for bucket in sorted(histogram):
-        seen += histogram[bucket]
-        if seen >= rank:
-            return bucket_bound(bucket)
-    raise AssertionError("unreachable: rank <= total")
+        return found
+    buckets = iter(sorted(histogram))
+    bucket, seen = -1, 0
+    for p in ps:
+        rank = max(1, math.ceil(total * p / 100))
+        while seen < rank:
+            bucket = next(buckets)
+            seen += histogram[bucket]
+        found[f"p{p:g}"] = bucket_bound(bucket)
+    return found

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
+from doubles import FakeClock
 from http_fixtures import TEST_CONFIG, WAIT_S, Gate, instant, make_harness
 
 from app import create_app
@@ -66,35 +68,27 @@ def test_the_live_figures_are_those_of_the_health_check(harness):
         harness.drain()
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_series_are_fed_by_the_pool_of_the_app():
-    clock = Clock(1_800_000_000.5)
-    live = LiveFigures(window_s=60, clock=clock)
+    clock = FakeClock(1_800_000_000.5)
+    live = LiveFigures(window_s=60, clock=clock.time)
     metrics = Metrics()
     pool = WorkerPool(instant, threads=False, observers=[metrics, live])
     client = create_app(TEST_CONFIG, pool=pool, metrics=metrics, live=live).test_client()
     assert client.post("/enqueue", json={"id": "x", "payload": ""}).status_code == 202
     assert pool.step()
-    clock.now += 1  # the second of the submission is complete
+    clock.advance(1)  # the second of the submission is complete
     series = client.get("/dashboard/live").get_json()["series"]
     assert (series["accepted"][-1], series["done"][-1]) == (1, 1)
     assert len(series["accepted"]) == 60
 
 
 def test_create_app_wires_the_figures_to_the_pool_it_builds():
-    clock = Clock(1_800_000_000.5)
-    app = create_app(dataclasses.replace(TEST_CONFIG, workers=1), live=LiveFigures(clock=clock))
+    clock = FakeClock(1_800_000_000.5)
+    app = create_app(dataclasses.replace(TEST_CONFIG, workers=1), live=LiveFigures(clock=clock.time))
     client = app.test_client()
     try:
         assert client.post("/enqueue", json={"id": "x", "payload": ""}).status_code == 202
-        clock.now += 1
+        clock.advance(1)
         assert client.get("/dashboard/live").get_json()["series"]["accepted"][-1] == 1
     finally:
         app.extensions["workerpool"].pool.shutdown(WAIT_S)
@@ -109,3 +103,21 @@ def test_with_a_token_the_page_and_figures_stay_open_and_the_tasks_do_not():
         assert harness.client.get("/tasks").status_code == 401
     finally:
         harness.pool.shutdown(WAIT_S)
+
+
+def _luminance(hex_colour: str) -> float:
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_every_text_colour_keeps_a_contrast_of_at_least_4_5_to_1(harness):
+    css = harness.client.get("/dashboard/dashboard.css").get_data(as_text=True)
+    colours = dict(re.findall(r"--([a-z]+): (#[0-9a-f]{6});", css))
+    backgrounds = (colours.pop("panel"), "#ffffff")
+    colours.pop("line")  # borders and grid lines, not text
+    assert {"text", "muted", "accent", "done", "failed", "cancelled"} <= set(colours)
+    for name, colour in colours.items():
+        for background in backgrounds:
+            lighter, darker = sorted((_luminance(colour), _luminance(background)), reverse=True)
+            assert (lighter + 0.05) / (darker + 0.05) >= 4.5, (name, colour, background)  # WCAG 2 AA

@@ -27,7 +27,6 @@ survives power loss too, at the price of one fsync per step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -51,7 +50,6 @@ _SWEEP_INTERVAL_S = 1.0
 LOST = "lost: the process running it stopped (its lease expired)"
 
 _HOSTNAME = socket.gethostname()
-_TASK_FIELDS = frozenset(getattr(Task, "_fields", None) or (f.name for f in dataclasses.fields(Task)))
 _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"
@@ -711,14 +709,11 @@ def _json(value: Any) -> str:
 def _task(row: tuple[Any, ...]) -> Task:
     (task_id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at,
      next_attempt_at, request_id, result, cancel_requested) = row
-    values: dict[str, Any] = {
-        "id": task_id, "payload": "" if payload is None else json.loads(payload), "max_retries": max_retries,
-        "state": State(state), "attempts": attempts, "last_error": last_error, "created_at": float(created_at),
-        "started_at": _real(started_at), "finished_at": _real(finished_at), "next_attempt_at": _real(next_attempt_at),
-        "request_id": request_id, "result": None if result is None else json.loads(result),
-        "cancel_requested": bool(cancel_requested),
-    }
-    return Task(**{name: value for name, value in values.items() if name in _TASK_FIELDS})
+    return Task(
+        task_id, "" if payload is None else json.loads(payload), max_retries, State(state), attempts, last_error,
+        float(created_at), _real(started_at), _real(finished_at), _real(next_attempt_at), request_id,
+        None if result is None else json.loads(result), bool(cancel_requested),
+    )
 
 
 def _process_is_gone(owner: str) -> bool:
