@@ -9,13 +9,14 @@ a late writer whose attempt was recovered by another process changes nothing.
 
 Each thread uses its own connection (a ``sqlite3`` connection is not safe to
 share, and SQLite's locking between connections is what makes the steps
-atomic). Readers never wait for writers (WAL).
+atomic); the threads of one process take turns on a lock for their writes.
+Readers never wait for writers (WAL).
 
-SQLite has no notifications. A worker waiting for work wakes at once for a
-task admitted by its own process (a condition variable) and polls
-``PRAGMA data_version`` for commits by other connections: every 1 ms at
-first, backing off to ``poll_max`` (25 ms) while nothing changes. The check
-reads shared memory only, so idle polling costs next to nothing.
+SQLite has no notifications. A task admitted by this process wakes one
+waiting worker at once (a condition variable); work queued by another
+process is seen by polling a generation counter in the file (a one-row
+read), every 1 ms at first, backing off to ``poll_max`` (25 ms) while
+nothing changes.
 
 Durability is ``synchronous``. ``NORMAL`` (the default): a committed step
 survives a crash or ``kill -9`` of any process; a power loss or kernel crash
