@@ -36,7 +36,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from stores import STORES
+from stores import EXAMPLE_COST, STORES
 
 from workerpool import (
     ABANDONED,
@@ -572,12 +572,10 @@ class PoolModel(RuleBasedStateMachine):
 @pytest.mark.parametrize("store_name", sorted(STORES))
 def test_the_pool_matches_its_model_through_any_sequence_of_steps(store_name):
     model = type(f"PoolModelOn{store_name.title()}", (PoolModel,), {"store_name": store_name})
-    # Each step of a Redis store is several round trips to a server: a tenth of the sequences.
-    examples = MODEL_EXAMPLES // 10 if store_name == "redis" else MODEL_EXAMPLES
     run_state_machine_as_test(
         model,
         settings=settings(
-            max_examples=examples,
+            max_examples=MODEL_EXAMPLES // EXAMPLE_COST[store_name],
             stateful_step_count=STEPS,
             derandomize=True,
             database=None,
