@@ -35,6 +35,18 @@ log = logging.getLogger(__name__)
 
 def open_store(config: Config) -> TaskStore | None:
     """The store ``STORE`` names, opened; None for memory (the pool makes its own). Raises StoreUnavailable."""
+    if config.store.kind == "redis":
+        from workerpool.stores.redis_store import RedisStore, connect  # redis-py only when it is used
+
+        store = RedisStore(
+            connect(config.store.url, password=config.redis_password or None),
+            capacity=config.queue_size,
+            ttl=config.state_ttl_s,
+            max_finished=config.state_max_tasks,
+            prefix=config.store_prefix,
+        )
+        store.stats()  # reach the server now: a wrong URL or password fails here, not on the first request
+        return store
     if config.store.kind == "sqlite":
         return SqliteStore(
             config.store.path,

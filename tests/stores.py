@@ -40,7 +40,6 @@ def redis_store(
     )
 
 
-
 STORES: dict[str, Callable[..., TaskStore]] = {"memory": memory_store, "sqlite": sqlite_store, "redis": redis_store}
 # How much dearer than the memory store a store's steps are: the pool model runs it that many
 # times fewer examples, so that `make test` stays short (`make stress` runs 25 times more).
