@@ -98,7 +98,8 @@ def parse_task(document: Any, limits: TaskLimits, *, request_id: str | None = No
 def decode_json(body: bytes) -> Any:
     """The JSON value of a request body; raise a 400 Problem if it is not strict JSON."""
     try:
-        return json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int)
+        # json.loads(bytes) decodes the same way, then builds a new decoder on every call.
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ours
         raise invalid_request(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -123,6 +124,9 @@ def _reject_constant(name: str) -> None:
 def _bounded_int(text: str) -> int | _OversizedInteger:
     digits = len(text) - text.startswith("-")
     return int(text) if digits <= MAX_INTEGER_DIGITS else _OversizedInteger(digits)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int)
 
 
 def _json_type(value: Any) -> str:
