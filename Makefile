@@ -31,7 +31,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis bench/out
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
