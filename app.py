@@ -18,7 +18,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from config import Config, ConfigError
 from config import load as load_config
-from service import lifecycle, logs, problems, request_id
+from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
 from service.context import EXTENSION, Services, services
 from service.metrics import Metrics
@@ -63,6 +63,7 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
     app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics)
     request_id.init_app(app)
+    connection.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(metrics_bp)

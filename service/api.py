@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import request_id
+from . import connection, request_id
 from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
@@ -50,6 +50,7 @@ def _read_body() -> bytes:
     # were whole; its first part may be a valid task the client never finished.
     if request.content_length is not None and len(body) < request.content_length:
         raise invalid_request(f"the request body ended after {len(body)} of its {request.content_length} bytes")
+    connection.mark_body_read()
     return body
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from gunicorn.workers.gthread import ThreadWorker
 
+from .connection import honour_connection_close
 from .lifecycle import ShutdownController
 
 
@@ -30,3 +31,8 @@ class DrainingThreadWorker(ThreadWorker):
         super().handle_exit(sig, frame)  # idempotent: only the first one stops the loop
 
     handle_quit = handle_exit
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        # The app's "Connection: close" (a refused request's unread body) must close the connection.
+        self.wsgi.wsgi_app = honour_connection_close(self.wsgi.wsgi_app)  # Flask's middleware slot
