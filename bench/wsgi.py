@@ -22,7 +22,7 @@ from app import create_app
 from config import load as load_config
 from service.context import services
 from service.metrics import Metrics
-from service.schema import parse_enqueue, task_to_json
+from service.schema import TaskLimits, parse_enqueue, task_to_json
 from workerpool import AttemptCancelled, PermanentFailure, QueueFull, SimulatedFailure, SimulatedWork, Task, WorkerPool
 from workerpool.backoff import compute_backoff
 
@@ -32,13 +32,8 @@ REFERENCE_REJECT = "/bench/parse-full"
 
 def _parse() -> Task:
     svc = services()
-    task_request = parse_enqueue(
-        request.get_data(cache=False),
-        default_max_retries=svc.config.default_max_retries,
-        max_retries_limit=svc.config.max_retries_limit,
-        max_payload_chars=svc.config.max_payload_chars,
-    )
-    return Task(task_request.id, task_request.payload, task_request.max_retries, created_at=time.time())
+    spec = parse_enqueue(request.get_data(cache=False), TaskLimits.of(svc.config))
+    return Task(spec.id, spec.payload, spec.max_retries, created_at=time.time())
 
 
 def add_reference_routes(flask_app: Flask) -> Flask:

@@ -10,7 +10,7 @@ from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request
-from .schema import parse_enqueue, parse_list_query, task_to_json
+from .schema import TaskLimits, parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
 
@@ -22,15 +22,8 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     try:
         require_token()  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
-        task_request = parse_enqueue(
-            _read_body(),
-            default_max_retries=svc.config.default_max_retries,
-            max_retries_limit=svc.config.max_retries_limit,
-            max_payload_chars=svc.config.max_payload_chars,
-        )
-        task = svc.pool.submit(
-            task_request.id, task_request.payload, task_request.max_retries, request_id=request_id.current()
-        )
+        spec = parse_enqueue(_read_body(), TaskLimits.of(svc.config), request_id=request_id.current())
+        task = svc.pool.submit(spec.id, spec.payload, spec.max_retries, request_id=spec.request_id)
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise

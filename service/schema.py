@@ -11,6 +11,7 @@ from typing import Any
 
 from werkzeug.datastructures import MultiDict
 
+from config import Config
 from workerpool import State, Task
 
 from .problems import FieldError, invalid_request
@@ -28,10 +29,30 @@ _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs"})  # control characters, lone surr
 
 
 @dataclass(frozen=True, slots=True)
-class EnqueueRequest:
+class TaskSpec:
+    """One validated task, ready for ``WorkerPool.submit``."""
+
     id: str
     payload: str
     max_retries: int
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    """The configured bounds a task is checked against."""
+
+    default_max_retries: int
+    max_retries_limit: int
+    max_payload_chars: int
+
+    @classmethod
+    def of(cls, config: Config) -> TaskLimits:
+        return cls(
+            default_max_retries=config.default_max_retries,
+            max_retries_limit=config.max_retries_limit,
+            max_payload_chars=config.max_payload_chars,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,27 +68,41 @@ class ListQuery:
     limit: int = DEFAULT_LIST_LIMIT
 
 
-def parse_enqueue(
-    body: bytes, *, default_max_retries: int, max_retries_limit: int, max_payload_chars: int
-) -> EnqueueRequest:
+def parse_enqueue(body: bytes, limits: TaskLimits, *, request_id: str | None = None) -> TaskSpec:
     """Validate a POST /enqueue body; raise a 400 Problem listing every failing field."""
-    document = _decode_json(body)
+    document = decode_json(body)
     if not isinstance(document, dict):
         raise invalid_request(f"the body must be a JSON object, not {_json_type(document)}")
+    spec = parse_task(document, limits, request_id=request_id)
+    if isinstance(spec, list):
+        raise invalid_request("the task is invalid", tuple(spec))
+    return spec
+
+
+def parse_task(document: Any, limits: TaskLimits, *, request_id: str | None = None) -> TaskSpec | list[FieldError]:
+    """Validate one decoded task object: its spec, or every failing field (never an empty list).
+
+    A document that is not an object gives one error whose field is ``""``
+    (the document itself), for a caller to name by its place in a larger body.
+    """
+    if not isinstance(document, dict):
+        return [FieldError("", f"must be a JSON object, not {_json_type(document)}")]
     errors = [FieldError(name, "is not a known field") for name in document if name not in ENQUEUE_FIELDS]
     errors += _check_id(document)
-    errors += _check_payload(document, max_payload_chars)
-    errors += _check_max_retries(document, max_retries_limit)
+    errors += _check_payload(document, limits.max_payload_chars)
+    errors += _check_max_retries(document, limits.max_retries_limit)
     if errors:
-        raise invalid_request("the task is invalid", tuple(errors))
-    return EnqueueRequest(
+        return errors
+    return TaskSpec(
         id=document["id"],
         payload=document["payload"],
-        max_retries=document.get("max_retries", default_max_retries),
+        max_retries=document.get("max_retries", limits.default_max_retries),
+        request_id=request_id,
     )
 
 
-def _decode_json(body: bytes) -> Any:
+def decode_json(body: bytes) -> Any:
+    """The JSON value of a request body; raise a 400 Problem if it is not strict JSON."""
     try:
         return json.loads(
             body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int

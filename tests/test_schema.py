@@ -2,23 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from werkzeug.datastructures import MultiDict
 
-from service.problems import Problem
-from service.schema import EnqueueRequest, ListQuery, parse_enqueue, parse_list_query, rfc3339, task_to_json
+from config import Config
+from service.problems import FieldError, Problem
+from service.schema import (
+    ListQuery,
+    TaskLimits,
+    TaskSpec,
+    parse_enqueue,
+    parse_list_query,
+    parse_task,
+    rfc3339,
+    task_to_json,
+)
 from workerpool import State, Task
 
-
-def parse(body: bytes, *, max_payload_chars: int = 1000) -> EnqueueRequest:
-    return parse_enqueue(body, default_max_retries=3, max_retries_limit=20, max_payload_chars=max_payload_chars)
+LIMITS = TaskLimits(default_max_retries=3, max_retries_limit=20, max_payload_chars=1000)
 
 
-def test_a_valid_body_becomes_a_frozen_request():
-    request = parse(b'{"id": "a", "payload": "p", "max_retries": 20}')
-    assert request == EnqueueRequest(id="a", payload="p", max_retries=20)
+def parse(body: bytes, *, max_payload_chars: int = 1000) -> TaskSpec:
+    return parse_enqueue(body, dataclasses.replace(LIMITS, max_payload_chars=max_payload_chars))
+
+
+def test_a_valid_body_becomes_a_frozen_spec():
+    spec = parse_enqueue(b'{"id": "a", "payload": "p", "max_retries": 20}', LIMITS, request_id="r1")
+    assert spec == TaskSpec(id="a", payload="p", max_retries=20, request_id="r1")
     with pytest.raises(AttributeError):
-        request.id = "b"  # type: ignore[misc]
+        spec.id = "b"  # type: ignore[misc]
+
+
+def test_the_limits_come_from_the_config():
+    config = Config(default_max_retries=1, max_retries_limit=7, max_payload_chars=9)
+    assert TaskLimits.of(config) == TaskLimits(default_max_retries=1, max_retries_limit=7, max_payload_chars=9)
+
+
+def test_parse_task_checks_one_decoded_object_without_raising():
+    assert parse_task({"id": "a", "payload": ""}, LIMITS) == TaskSpec(id="a", payload="", max_retries=3)
+    assert parse_task({"id": 1, "payload": "", "x": 0}, LIMITS) == [
+        FieldError("x", "is not a known field"),
+        FieldError("id", "must be a string, not a number"),
+    ]
+
+
+@pytest.mark.parametrize(("document", "kind"), [([], "an array"), ("a", "a string"), (None, "null")])
+def test_parse_task_names_a_document_that_is_not_an_object_by_the_empty_field(document, kind):
+    assert parse_task(document, LIMITS) == [FieldError("", f"must be a JSON object, not {kind}")]
 
 
 def test_an_omitted_max_retries_takes_the_default():

@@ -1,7 +1,15 @@
 """An in-process task engine: bounded admission, worker threads, retries with backoff."""
 
 from .backoff import backoff_bound, compute_backoff
-from .errors import AttemptCancelled, DuplicateTask, PermanentFailure, PoolClosed, QueueFull, SubmitError
+from .errors import (
+    AttemptCancelled,
+    DuplicateTask,
+    PermanentFailure,
+    PoolClosed,
+    QueueFull,
+    StoreUnavailable,
+    SubmitError,
+)
 from .handlers import SimulatedFailure, SimulatedWork, event_wait
 from .observer import PoolObserver
 from .pool import ABANDONED, Handler, PoolStats, ShutdownSummary, WorkerPool
@@ -24,6 +32,7 @@ __all__ = [
     "SimulatedFailure",
     "SimulatedWork",
     "State",
+    "StoreUnavailable",
     "SubmitError",
     "Task",
     "WorkerPool",

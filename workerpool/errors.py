@@ -28,3 +28,12 @@ class PermanentFailure(Exception):
 
 class AttemptCancelled(Exception):
     """Raised by a handler that stopped early because shutdown abandoned its task."""
+
+
+class StoreUnavailable(Exception):
+    """The task store cannot be reached or written (a database error, a lost connection, a full disk).
+
+    Raised by any store method. Submission answers it with 503 (nothing was
+    stored); worker threads back off and retry their step, and the health check
+    reports it.
+    """

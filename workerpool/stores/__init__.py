@@ -1,0 +1,1 @@
+"""Task stores: the interface every store implements, and the stores themselves."""

@@ -1,0 +1,192 @@
+"""The store interface: where tasks live, and every change of a task as one atomic step.
+
+The pool (``workerpool/pool.py``) is a thin runner over a store: worker
+threads ``claim`` a due task, run the handler outside every lock, and
+``finish`` the attempt. Everything that must be consistent (the admission
+bound, the duplicate check, which task runs next, the retry decision racing a
+cancel, recovery of attempts whose owner died) happens inside one method of a
+store, under one lock (memory), in one transaction (SQLite) or in one script
+(Redis). This module is therefore the whole locking story of the engine: a
+store's methods are atomic and thread-safe, they never call out (no
+handlers, observers or logging under their lock), and they return snapshots
+(frozen ``Task`` values), never live records. A store that cannot reach or
+write its data raises ``StoreUnavailable`` from any method, having changed
+nothing it reported as done.
+
+Time. Stores stamp and compare times with the wall clock they are given
+(``clock``, seconds since the epoch): a store shared by several processes has
+no common monotonic clock. Tests inject a fake clock.
+
+Ownership. Each pool names itself with an ``owner`` string unique to the
+process and pool (e.g. ``"host:pid:random"``). ``claim`` leases the task to
+its owner until ``lease_until``; the owner renews leases while attempts run
+(``renew``), whatever the handler does. An attempt whose lease expired is
+``recover``-ed by any pool: counted as a failed attempt and retried by the
+policy, or failed when out of retries. Delivery is therefore at least once.
+A store used by one process only (``shared = False``, the memory store) may
+treat leases as never expiring.
+
+Admission bound. ``capacity`` bounds the tasks admitted and not yet started
+(state ``queued`` with ``attempts == 0``, delayed tasks included). Tasks
+waiting out a retry backoff were admitted once already and never count
+against it, and a full store never refuses or drops them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import SubmitError
+from ..task import State, Task
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What ``renew`` learned about the attempts an owner holds."""
+
+    lost: frozenset[str]
+    """Ids no longer running under this owner (lease expired and recovered, or abandoned): drop their results."""
+    cancel_requested: frozenset[str]
+    """Ids whose cancellation was requested (possibly by another process): set their cancel events."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Figures for health and metrics, read in one step."""
+
+    counts: dict[State, int]
+    """Retained tasks by state."""
+    waiting: int
+    """Queued tasks not yet started (the admission bound counts these), delayed ones included."""
+    due: int
+    """Queued tasks (new or retries) whose time has come: what idle workers would claim next."""
+    retries_pending: int
+    """Queued tasks waiting out a retry backoff (attempts > 0, not yet due)."""
+
+
+class TaskStore(abc.ABC):
+    """Every task by id, and the atomic transitions between its states.
+
+    Legal transitions are those of ``task.TRANSITIONS``; a store checks them
+    with ``task.check_transition``. Finished tasks (done, failed, cancelled)
+    are retained for ``ttl`` seconds after they finish and at most
+    ``max_finished`` of them, oldest finished first; queued and running tasks
+    are never evicted. A final task's payload is dropped.
+    """
+
+    shared: ClassVar[bool] = False
+    """True when other processes may use the same tasks (leases then matter, and
+    shutdown hands unstarted work back instead of failing it)."""
+
+    capacity: int
+    """The admission bound (see the module docstring)."""
+
+    @abc.abstractmethod
+    def admit(self, tasks: Sequence[Task]) -> list[Task | SubmitError]:
+        """Insert new tasks in one atomic step, in order; for each, its stored snapshot or why it was refused.
+
+        Each task arrives ``queued`` with ``attempts == 0``; ``next_attempt_at``
+        set means delayed until then. Refusals: ``DuplicateTask`` if the id is
+        retained (or appeared earlier in ``tasks``), ``QueueFull`` once the
+        bound is reached (later tasks of the batch may still fit no better:
+        each is checked against the room left). A refused task leaves no trace.
+        """
+
+    @abc.abstractmethod
+    def claim(self, owner: str, lease_until: float) -> Task | None:
+        """Start the next due task: ``running``, ``attempts + 1``, ``started_at`` now, leased to ``owner``.
+
+        Due retries go first (they were accepted earlier), then the oldest due
+        task. None when nothing is due.
+        """
+
+    @abc.abstractmethod
+    def seconds_until_due(self) -> float | None:
+        """0 if a queued task is due now, else seconds until the next one is; None if nothing is queued."""
+
+    @abc.abstractmethod
+    def wait_for_work(self, timeout: float | None) -> None:
+        """Block until a task may have become claimable, ``wake`` is called, or ``timeout`` passes.
+
+        A spurious return is allowed (the caller claims and waits again); a
+        missed wake-up is not: work admitted by this process must wake a
+        waiting worker at once, and a shared store must notice work admitted
+        elsewhere within a short bounded time (poll or notification).
+        """
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Release every ``wait_for_work`` in this process (used at shutdown)."""
+
+    @abc.abstractmethod
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str | None = None,
+        result: Any = None,
+        retry_at: float | None = None,
+    ) -> Task | None:
+        """End attempt ``attempt`` of a task ``owner`` holds; None if it no longer does (a late writer).
+
+        - ``error is None``: ``done``, with ``result`` stored.
+        - ``error`` and the task's cancellation was requested: ``cancelled`` (never retried).
+        - ``error`` and ``retry_at``: ``queued`` again, due at ``retry_at`` (a retry).
+        - ``error`` otherwise: ``failed``.
+        ``last_error`` records ``error``.
+        """
+
+    @abc.abstractmethod
+    def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
+        """Extend the leases ``owner`` holds on ``task_ids``; report the lost ones and cancel requests."""
+
+    @abc.abstractmethod
+    def cancel(self, task_id: str) -> Task | None:
+        """Cancel a task; None if the id is unknown.
+
+        Queued (new, delayed or waiting for a retry): ``cancelled`` at once,
+        never to run. Running: ``cancel_requested`` set, state unchanged (the
+        attempt's end decides, see ``finish``). Final: unchanged. The returned
+        snapshot tells the caller which case it was; a repeat is harmless.
+        """
+
+    @abc.abstractmethod
+    def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
+        """End every attempt whose lease has expired, as a failed attempt ("lost: ...").
+
+        ``retry_at(task)`` gives the due time of its retry, or None when it
+        is out of retries (then it is ``failed``); a cancel request makes it
+        ``cancelled``. Returns the new snapshots.
+        """
+
+    @abc.abstractmethod
+    def abandon(self, reason: str, *, owner: str) -> list[Task]:
+        """Shutdown gave up: fail unfinished work with ``reason``; return the new snapshots.
+
+        Not shared: every queued and running task. Shared: only the attempts
+        ``owner`` is running (the rest stays queued for other processes).
+        """
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> Task | None:
+        """The task's snapshot, or None if it is unknown or forgotten."""
+
+    @abc.abstractmethod
+    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
+        """Retained tasks, newest first: by creation, or by entry into ``state``."""
+
+    @abc.abstractmethod
+    def stats(self) -> StoreStats:
+        """Counts for health and metrics, read in one step."""
+
+    @abc.abstractmethod
+    def unfinished(self, owner: str | None = None) -> int:
+        """Queued and running tasks (not shared), or the attempts ``owner`` is running (shared)."""
+
+    def close(self) -> None:  # noqa: B027  (optional: most stores hold nothing to release)
+        """Release connections and files; the store is unusable afterwards."""
