@@ -36,7 +36,14 @@ def _read_body() -> bytes:
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
     request.max_content_length = limit + 1
-    body = request.get_data(cache=False)
+    try:
+        body = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise
+    except Exception:  # the server's reader refused the framing (chunk sizes) or the stream ended early
+        raise invalid_request(
+            "the request body could not be read: its chunked framing is malformed or it ended early"
+        ) from None
     if len(body) > limit:
         raise RequestEntityTooLarge()
     # gunicorn hands over a body cut short by the client's disconnect as if it

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from gunicorn.workers.gthread import ThreadWorker
 
+from . import server_errors
 from .connection import honour_connection_close
 from .lifecycle import ShutdownController
 
@@ -36,3 +37,4 @@ class DrainingThreadWorker(ThreadWorker):
         super().load_wsgi()
         # The app's "Connection: close" (a refused request's unread body) must close the connection.
         self.wsgi.wsgi_app = honour_connection_close(self.wsgi.wsgi_app)  # Flask's middleware slot
+        server_errors.install()  # the errors gunicorn answers itself, as problem documents

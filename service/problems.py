@@ -59,6 +59,11 @@ def unauthorized(detail: str, *, challenge: str) -> Problem:
     return Problem(401, detail, kind=_TYPE_PREFIX + "unauthorized", headers={"WWW-Authenticate": challenge})
 
 
+def problem_body(status: int, detail: str, *, kind: str = "about:blank") -> dict[str, object]:
+    """The members every problem document has, in RFC 9457 order."""
+    return {"type": kind, "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+
+
 def problem_response(
     status: int,
     detail: str,
@@ -67,12 +72,7 @@ def problem_response(
     errors: tuple[FieldError, ...] = (),
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body: dict[str, object] = {
-        "type": kind,
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-    }
+    body = problem_body(status, detail, kind=kind)
     if errors:
         body["errors"] = [{"field": e.field, "message": e.message} for e in errors]
     response = jsonify(body)
