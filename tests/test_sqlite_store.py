@@ -1,0 +1,321 @@
+"""The SQLite store on its own: durability across reopening, sharing one file, leases, bad files.
+
+Two ``SqliteStore`` objects on one file stand for two processes: they share
+nothing but the file. Behaviour every store shares is pinned by the store
+contract tests; these cover what only a durable, shared store has.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from doubles import WAIT_S
+
+from workerpool import State, Task
+from workerpool.errors import DuplicateTask, QueueFull, StoreUnavailable
+from workerpool.stores.sqlite import LOST, SCHEMA_VERSION, SqliteStore
+
+LEASE_S = 30.0
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "tasks.db"
+
+
+@pytest.fixture
+def open_store(db, clock):
+    stores = []
+
+    def make(**kwargs):
+        kwargs.setdefault("clock", clock.time)
+        store = SqliteStore(kwargs.pop("path", db), **kwargs)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def task(clock, task_id, payload="p", max_retries=0, **kwargs):
+    return Task(task_id, payload, max_retries, created_at=clock.time(), **kwargs)
+
+
+def claim(store, clock, owner="a"):
+    return store.claim(owner, clock.time() + LEASE_S)
+
+
+def test_admitted_tasks_and_outcomes_survive_closing_the_store(open_store, clock):
+    first = open_store()
+    payload = {"numbers": [1, 2.5], "text": "ünïcode", "none": None}
+    first.admit([task(clock, "done", payload), task(clock, "waiting", ["x"], max_retries=2)])
+    running = claim(first, clock)
+    assert running.id == "done" and running.payload == payload
+    first.finish("done", 1, "a", result={"answer": 42})
+    first.close()
+
+    second = open_store()
+    assert second.get("done").state is State.DONE
+    assert second.get("done").attempts == 1
+    assert getattr(second.get("done"), "result", {"answer": 42}) == {"answer": 42}
+    assert second.get("waiting").payload == ["x"]
+    assert claim(second, clock, owner="b").id == "waiting"
+
+
+def test_two_stores_on_one_file_share_the_bound_the_ids_and_the_view(open_store, clock):
+    one, two = open_store(capacity=2), open_store(capacity=2)
+    assert [t.state for t in one.admit([task(clock, "a")])] == [State.QUEUED]
+    outcomes = two.admit([task(clock, "a"), task(clock, "b"), task(clock, "c")])
+    assert isinstance(outcomes[0], DuplicateTask)
+    assert outcomes[1].id == "b"
+    assert isinstance(outcomes[2], QueueFull)  # the bound counts the other store's task too
+    assert two.get("c") is None
+    assert [t.id for t in one.list()] == ["b", "a"] == [t.id for t in two.list()]
+    assert one.stats().waiting == two.stats().waiting == 2
+
+
+def test_each_task_is_claimed_once_by_competing_stores_and_threads(open_store, clock):
+    stores = [open_store(capacity=1000) for _ in range(2)]
+    stores[0].admit([task(clock, f"t{n}") for n in range(200)])
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def drain(store, owner):
+        while (got := store.claim(owner, clock.time() + LEASE_S)) is not None:
+            with lock:
+                claimed.append(got.id)
+            assert store.finish(got.id, 1, owner) is not None
+
+    threads = [
+        threading.Thread(target=drain, args=(store, f"{n}-{m}")) for n, store in enumerate(stores) for m in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert sorted(claimed) == sorted(f"t{n}" for n in range(200))
+    assert stores[1].stats().counts[State.DONE] == 200
+
+
+def test_a_late_writer_changes_nothing(open_store, clock):
+    store = open_store()
+    store.admit([task(clock, "a", max_retries=1)])
+    claim(store, clock, owner="a")
+    assert store.finish("a", 1, "b") is None  # another owner
+    assert store.finish("a", 2, "a") is None  # another attempt
+    assert store.get("a").state is State.RUNNING
+
+
+def test_an_expired_lease_is_recovered_as_a_lost_attempt_and_retried(open_store, clock):
+    dead, alive = open_store(), open_store()
+    dead.admit([task(clock, "retried", max_retries=1), task(clock, "failed")])
+    claim(dead, clock, owner="dead")
+    claim(dead, clock, owner="dead")
+    clock.advance(LEASE_S - 1)
+    assert alive.recover(lambda t: None) == []  # still leased
+    clock.advance(2)
+    recovered = alive.recover(lambda t: clock.time() + 5 if t.attempts <= t.max_retries else None)
+    by_id = {t.id: t for t in recovered}
+    assert by_id["retried"].state is State.QUEUED and by_id["retried"].last_error == LOST
+    assert by_id["failed"].state is State.FAILED and by_id["failed"].last_error == LOST
+    assert dead.finish("retried", 1, "dead") is None  # the dead owner's late write is refused
+    assert claim(alive, clock, owner="alive") is None  # not due yet
+    clock.advance(5)
+    again = claim(alive, clock, owner="alive")
+    assert (again.id, again.attempts) == ("retried", 2)
+
+
+def test_renewing_keeps_a_lease_and_reports_lost_attempts(open_store, clock):
+    store = open_store()
+    store.admit([task(clock, "kept"), task(clock, "lost")])
+    claim(store, clock)
+    claim(store, clock)
+    clock.advance(LEASE_S + 1)
+    renewal = store.renew("a", ["kept"], clock.time() + LEASE_S)
+    assert renewal.lost == frozenset()
+    assert [t.id for t in store.recover(lambda t: None)] == ["lost"]
+    renewal = store.renew("a", ["kept", "lost"], clock.time() + LEASE_S)
+    assert renewal.lost == {"lost"}
+    assert store.get("kept").state is State.RUNNING
+
+
+@pytest.mark.skipif("cancelled" not in State.__members__.values(), reason="the task model has no cancelled state yet")
+def test_a_cancel_from_another_process_reaches_the_owner_through_renew(open_store, clock):
+    owner, other = open_store(), open_store()
+    owner.admit([task(clock, "a")])
+    claim(owner, clock)
+    assert other.cancel("a").state is State.RUNNING
+    assert owner.renew("a", ["a"], clock.time() + LEASE_S).cancel_requested == {"a"}
+    ended = owner.finish("a", 1, "a", error="AttemptCancelled")
+    assert ended.state == "cancelled"
+
+
+def test_shutdown_of_one_process_abandons_only_its_own_attempts(open_store, clock):
+    one, two = open_store(), open_store()
+    one.admit([task(clock, "mine"), task(clock, "theirs"), task(clock, "queued")])
+    claim(one, clock, owner="one")
+    claim(two, clock, owner="two")
+    assert one.unfinished("one") == 1
+    assert [t.id for t in one.abandon("abandoned at shutdown", owner="one")] == ["mine"]
+    assert one.get("mine").state is State.FAILED
+    assert one.get("theirs").state is State.RUNNING
+    assert one.get("queued").state is State.QUEUED  # left for the other process
+
+
+def test_finished_tasks_are_forgotten_after_their_time_in_every_process(open_store, clock):
+    one, two = open_store(ttl=10.0, max_finished=2), open_store(ttl=10.0, max_finished=2)
+    one.admit([task(clock, f"t{n}") for n in range(3)])
+    for _ in range(3):
+        got = claim(one, clock)
+        one.finish(got.id, 1, "a")
+        clock.advance(1)
+    assert [t.id for t in two.list()] == ["t2", "t1"]  # at most two finished kept, oldest forgotten
+    clock.advance(10)
+    assert two.get("t2") is None  # past its time even before a write deletes it
+    assert two.stats().counts[State.DONE] == 0
+    assert one.admit([task(clock, "t2")])[0].state is State.QUEUED  # a forgotten id may be reused
+
+
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
+def test_work_admitted_between_a_claim_and_the_wait_is_not_missed(open_store, clock, where):
+    store = open_store()
+    submitter = store if where == "here" else open_store()
+    claimed, admitted, woke = threading.Event(), threading.Event(), threading.Event()
+
+    def worker():
+        assert store.claim("a", clock.time() + LEASE_S) is None
+        claimed.set()
+        admitted.wait(WAIT_S)
+        store.wait_for_work(WAIT_S)
+        woke.set()
+
+    waiter = threading.Thread(target=worker)
+    waiter.start()
+    claimed.wait(WAIT_S)
+    submitter.admit([task(clock, "a")])
+    admitted.set()
+    began = time.monotonic()
+    assert woke.wait(WAIT_S)
+    assert time.monotonic() - began < WAIT_S / 2  # at once, not after the wait's timeout
+    waiter.join(WAIT_S)
+
+
+def test_waiting_returns_after_its_timeout_and_on_wake(open_store):
+    store = open_store()
+    began = time.monotonic()
+    store.wait_for_work(0.05)
+    assert time.monotonic() - began < WAIT_S
+    threading.Timer(0.01, store.wake).start()
+    store.wait_for_work(WAIT_S)
+
+
+# -- files the store must refuse, with a reason ------------------------------
+
+
+def test_a_directory_is_refused(open_store, tmp_path):
+    with pytest.raises(StoreUnavailable, match="is a directory"):
+        open_store(path=tmp_path)
+
+
+def test_a_missing_directory_is_refused(open_store, tmp_path):
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        open_store(path=tmp_path / "missing" / "tasks.db")
+
+
+def test_a_path_that_cannot_be_written_is_refused(open_store):
+    with pytest.raises(StoreUnavailable):
+        open_store(path="/proc/workerpool-tasks.db")
+
+
+def test_a_corrupt_file_is_refused(open_store, db):
+    db.write_bytes(b"this is not a database at all" * 200)
+    with pytest.raises(StoreUnavailable, match="not a SQLite database"):
+        open_store()
+
+
+def test_a_foreign_sqlite_file_is_refused_and_left_alone(open_store, db):
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE invoices (n INTEGER)")
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="not a workerpool task store"):
+        open_store()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("invoices",)]
+    conn.close()
+
+
+def test_a_file_of_a_newer_schema_is_refused(open_store, db):
+    open_store().close()
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="newer version"):
+        open_store()
+
+
+def test_a_file_of_an_older_schema_without_a_migration_is_refused(open_store, db):
+    open_store().close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 0")
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="cannot be migrated"):
+        open_store()
+
+
+def test_a_locked_database_fails_the_step_and_health_says_why(open_store, clock, db):
+    store = open_store(busy_timeout=0.05)
+    store.admit([task(clock, "before")])
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.admit([task(clock, "during")])
+        assert "locked" in store.health()
+        assert store.get("before").state is State.QUEUED  # readers are not blocked (WAL)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    store.admit([task(clock, "after")])
+    assert store.health() is None
+    assert store.get("during") is None
+
+
+# Run in a child: RLIMIT_FSIZE limits the whole process, and a file that
+# cannot grow is what a full disk looks like to SQLite.
+_FULL_DISK = """
+import resource, sys
+from workerpool import Task
+from workerpool.errors import StoreUnavailable
+from workerpool.stores.sqlite import SqliteStore
+store = SqliteStore(sys.argv[1], capacity=100_000)
+store.admit([Task("kept", "small", 0)])
+resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+admitted = 0
+try:
+    for n in range(10_000):
+        store.admit([Task(f"big{n}", "x" * 100_000, 0)])
+        admitted += 1
+except StoreUnavailable as exc:
+    print("refused:", exc)
+print("health:", store.health())
+print("kept:", store.get("kept").state)
+print("stored:", sum(store.get(f"big{n}") is not None for n in range(admitted + 1)), "of", admitted)
+"""
+
+
+def test_a_full_disk_refuses_new_tasks_and_keeps_the_stored_ones(db):
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(db)], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert "writing to the disk failed (disk full, file size limit" in lines["refused"]
+    assert "disk full" in lines["health"]
+    assert lines["kept"] == "queued"
+    stored, admitted = lines["stored"].split(" of ")
+    assert stored == admitted  # every admission that returned is stored, the refused one is not
