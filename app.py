@@ -60,6 +60,12 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
     app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route
     # werkzeug answers 413 for a larger body, chunked or not.
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    # No redirects: werkzeug would answer `//` in a path with a 308 whose Location it builds from the
+    # client's Host header. `/tasks//x` is then just an id that cannot exist (404).
+    app.url_map.merge_slashes = False
+    # No automatic OPTIONS answers (200, empty text/html): OPTIONS gets 405 with Allow, like any other
+    # method a route does not take.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
     app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics)
     request_id.init_app(app)

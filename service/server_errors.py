@@ -30,7 +30,7 @@ def install() -> None:
 
 def write_problem(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """Write a complete ``status_int`` problem response to ``sock`` and let gunicorn close it."""
-    if status_int >= 500 or not mesg:
+    if status_int == 500 or not mesg:  # an error of the server itself: the log has it
         detail = "the server could not handle the request; the error has been logged"
     else:
         detail = mesg if len(mesg) <= MAX_DETAIL_CHARS else mesg[: MAX_DETAIL_CHARS - 3] + "..."

@@ -107,6 +107,10 @@ GUNICORN_ERRORS = {
     ),
     "obsolete line folding": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: one\r\n two\r\n\r\n", 400),
     "HTTP/0.9": (b"GET /healthz\r\n\r\n", 400),
+    "transfer coding not chunked": (
+        b"POST /enqueue HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x-unknown\r\n\r\n",
+        501,
+    ),
 }
 
 
