@@ -20,6 +20,7 @@ from config import Config, ConfigError
 from config import load as load_config
 from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
+from service.batch import bp as batch_bp
 from service.context import EXTENSION, Services, services
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
@@ -72,6 +73,7 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
     connection.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)
+    app.register_blueprint(batch_bp)
     app.register_blueprint(metrics_bp)
     # The safety net for servers without shutdown hooks (`flask run`, other
     # WSGI servers): drain whatever the pool still holds when the process ends.

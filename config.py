@@ -50,6 +50,9 @@ class Config:
     max_retries_limit: int = 20
     max_body_bytes: int = 65_536
     max_payload_chars: int = 32_768
+    # POST /enqueue/batch: tasks per request, and its own body limit (1,000 tasks of ~4 KiB each).
+    max_batch_tasks: int = 1000
+    max_batch_body_bytes: int = 4 * 1024 * 1024
     state_ttl_s: float = 3600.0
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
@@ -141,6 +144,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_RETRIES_LIMIT": ("max_retries_limit", _integer(0, 1000)),
     "MAX_BODY_BYTES": ("max_body_bytes", _integer(64, 16 * 1024 * 1024)),
     "MAX_PAYLOAD_CHARS": ("max_payload_chars", _integer(0, 16 * 1024 * 1024)),
+    "MAX_BATCH_TASKS": ("max_batch_tasks", _integer(1, 100_000)),
+    "MAX_BATCH_BODY_BYTES": ("max_batch_body_bytes", _integer(64, 256 * 1024 * 1024)),
     "STATE_TTL_S": ("state_ttl_s", _number(0.0, 365 * 86_400.0, low_open=True)),
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),

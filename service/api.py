@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Response, jsonify, request, url_for
 
 from . import connection, request_id
 from .auth import require_token, token_required
@@ -22,7 +21,8 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     try:
         require_token()  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
-        spec = parse_enqueue(_read_body(), TaskLimits.of(svc.config), request_id=request_id.current())
+        body = read_body(svc.config.max_body_bytes)
+        spec = parse_enqueue(body, TaskLimits.of(svc.config), request_id=request_id.current())
         task = svc.pool.submit(spec.id, spec.payload, spec.max_retries, request_id=spec.request_id)
     except Exception as exc:
         svc.metrics.count_rejection(exc)
@@ -30,9 +30,8 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     return jsonify(task_to_json(task)), 202, {"Location": url_for("api.get_task", task_id=task.id)}
 
 
-def _read_body() -> bytes:
-    """The request body; 413 if it is longer than MAX_CONTENT_LENGTH, chunked or not, 400 if cut short."""
-    limit: int = current_app.config["MAX_CONTENT_LENGTH"]
+def read_body(limit: int) -> bytes:
+    """The request body; 413 if it is longer than ``limit`` bytes, chunked or not, 400 if cut short."""
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
     request.max_content_length = limit + 1
@@ -45,7 +44,7 @@ def _read_body() -> bytes:
             "the request body could not be read: its chunked framing is malformed or it ended early"
         ) from None
     if len(body) > limit:
-        raise RequestEntityTooLarge()
+        raise Problem(413, f"the request body is larger than {limit} bytes")
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
     if request.content_length is not None and len(body) < request.content_length:

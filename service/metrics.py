@@ -7,7 +7,8 @@ scrape time, so they are never stale.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import collections
+from collections.abc import Iterable, Iterator
 
 from flask import Blueprint, Response, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -110,12 +111,17 @@ class Metrics(PoolObserver):
     def count_rejection(self, exc: BaseException) -> None:
         self.rejected.labels(rejection_reason(exc)).inc()
 
+    def count_rejections(self, refusals: Iterable[BaseException]) -> None:
+        """Count each refusal, with one increment per reason rather than one per task."""
+        for reason, count in collections.Counter(map(rejection_reason, refusals)).items():
+            self.rejected.labels(reason).inc(count)
+
     def watch(self, pool: WorkerPool) -> None:
         """Report the pool's queue and task counts as gauges, read on every scrape."""
         self.registry.register(_PoolCollector(pool))
 
 
-_PROBLEM_REASONS = {400: "invalid", 401: "unauthorized"}
+_PROBLEM_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large"}
 
 
 def rejection_reason(exc: BaseException) -> str:

@@ -29,6 +29,8 @@ def openapi_spec(config: Config) -> dict[str, Any]:
     """
     spec = copy.deepcopy(_spec_file())
     spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_body_bytes
+    spec["paths"]["/enqueue/batch"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_batch_body_bytes
+    spec["components"]["schemas"]["EnqueueBatchRequest"]["properties"]["tasks"]["maxItems"] = config.max_batch_tasks
     fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
     fields["payload"]["maxLength"] = config.max_payload_chars
     fields["max_retries"]["maximum"] = config.max_retries_limit

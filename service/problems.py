@@ -14,7 +14,7 @@ from http import HTTPStatus
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from workerpool import DuplicateTask, PoolClosed, QueueFull
+from workerpool import DuplicateTask, PoolClosed, QueueFull, SubmitError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ PROBLEM_JSON = "application/problem+json"
 # Seconds a client should wait before retrying after "queue full".
 QUEUE_FULL_RETRY_AFTER_S = 1
 _TYPE_PREFIX = "urn:workerpool:problem:"
+SERVER_ERROR_DETAIL = "the server could not handle the request; the error has been logged"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +60,19 @@ def unauthorized(detail: str, *, challenge: str) -> Problem:
     return Problem(401, detail, kind=_TYPE_PREFIX + "unauthorized", headers={"WWW-Authenticate": challenge})
 
 
-def problem_body(status: int, detail: str, *, kind: str = "about:blank") -> dict[str, object]:
-    """The members every problem document has, in RFC 9457 order."""
-    return {"type": kind, "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+def problem_document(
+    status: int, detail: str, *, kind: str = "about:blank", errors: tuple[FieldError, ...] = ()
+) -> dict[str, object]:
+    """The JSON body of a problem response."""
+    body: dict[str, object] = {
+        "type": kind,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = [{"field": e.field, "message": e.message} for e in errors]
+    return body
 
 
 def problem_response(
@@ -72,37 +83,38 @@ def problem_response(
     errors: tuple[FieldError, ...] = (),
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body = problem_body(status, detail, kind=kind)
-    if errors:
-        body["errors"] = [{"field": e.field, "message": e.message} for e in errors]
-    response = jsonify(body)
+    response = jsonify(problem_document(status, detail, kind=kind, errors=errors))
     response.status_code = status
     response.mimetype = PROBLEM_JSON
     response.headers.update(headers or {})
     return response
 
 
+def submit_problem(exc: SubmitError) -> Problem:
+    """The problem an engine refusal stands for: 409 or 503 (500 for a refusal not known here)."""
+    if isinstance(exc, DuplicateTask):
+        return Problem(409, f"a task with id {exc.task_id!r} already exists", kind=_TYPE_PREFIX + "duplicate-task")
+    if isinstance(exc, QueueFull):
+        return Problem(
+            503,
+            f"the queue is full ({exc.capacity} tasks waiting); retry later",
+            kind=_TYPE_PREFIX + "queue-full",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        )
+    if isinstance(exc, PoolClosed):
+        return Problem(
+            503, "the service is shutting down and accepts no new tasks", kind=_TYPE_PREFIX + "shutting-down"
+        )
+    log.error("no problem is known for the refusal %r", exc)
+    return Problem(500, SERVER_ERROR_DETAIL)
+
+
 def _from_problem(exc: Problem) -> Response:
     return problem_response(exc.status, exc.detail, kind=exc.kind, errors=exc.errors, headers=exc.headers)
 
 
-def _from_duplicate(exc: DuplicateTask) -> Response:
-    return problem_response(409, f"a task with id {exc.task_id!r} already exists", kind=_TYPE_PREFIX + "duplicate-task")
-
-
-def _from_queue_full(exc: QueueFull) -> Response:
-    return problem_response(
-        503,
-        f"the queue is full ({exc.capacity} tasks waiting); retry later",
-        kind=_TYPE_PREFIX + "queue-full",
-        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
-    )
-
-
-def _from_pool_closed(exc: PoolClosed) -> Response:
-    return problem_response(
-        503, "the service is shutting down and accepts no new tasks", kind=_TYPE_PREFIX + "shutting-down"
-    )
+def _from_submit_error(exc: SubmitError) -> Response:
+    return _from_problem(submit_problem(exc))
 
 
 def _from_http(exc: HTTPException) -> Response:
@@ -121,14 +133,13 @@ def _from_http(exc: HTTPException) -> Response:
 def _from_unexpected(exc: Exception) -> Response:
     original = getattr(exc, "original_exception", None) or exc
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=original)
-    return problem_response(500, "the server could not handle the request; the error has been logged")
+    return problem_response(500, SERVER_ERROR_DETAIL)
 
 
 def register(app: Flask) -> None:
     """Install the handlers that turn every error into a problem response."""
     app.register_error_handler(Problem, _from_problem)
-    app.register_error_handler(DuplicateTask, _from_duplicate)
-    app.register_error_handler(QueueFull, _from_queue_full)
-    app.register_error_handler(PoolClosed, _from_pool_closed)
+    for refusal in (DuplicateTask, QueueFull, PoolClosed):
+        app.register_error_handler(refusal, _from_submit_error)
     app.register_error_handler(HTTPException, _from_http)
     app.register_error_handler(Exception, _from_unexpected)

@@ -133,6 +133,7 @@ def _bounded_int(text: str) -> int | _OversizedInteger:
 
 def _json_type(value: Any) -> str:
     names = {
+        dict: "an object",
         list: "an array",
         str: "a string",
         bool: "a boolean",
@@ -141,6 +142,11 @@ def _json_type(value: Any) -> str:
         _OversizedInteger: "a number",
     }
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def json_type(value: Any) -> str:
+    """How error messages name the type of a decoded JSON value: "an object", "an array", "null", ..."""
+    return _json_type(value)
 
 
 def _check_id(document: Mapping[str, Any]) -> list[FieldError]:

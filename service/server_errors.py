@@ -16,7 +16,7 @@ import uuid
 
 from gunicorn import util
 
-from .problems import PROBLEM_JSON, problem_body
+from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
 
 # gunicorn's messages quote what the client sent; a long line is cut.
@@ -34,7 +34,7 @@ def write_problem(sock: socket.socket, status_int: int, reason: str, mesg: str) 
         detail = "the server could not handle the request; the error has been logged"
     else:
         detail = mesg if len(mesg) <= MAX_DETAIL_CHARS else mesg[: MAX_DETAIL_CHARS - 3] + "..."
-    body = json.dumps(problem_body(status_int, detail)).encode()
+    body = json.dumps(problem_document(status_int, detail)).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
         "Connection: close\r\n"

@@ -218,7 +218,7 @@ NOT_INTEGER = "must be an integer"
         ],
         ({"id": "a", "payload": 5}, [("payload", "must be a string, not a number")]),
         ({"id": "a", "payload": None}, [("payload", "must be a string, not null")]),
-        ({"id": "a", "payload": {"k": "v"}}, [("payload", "must be a string, not dict")]),
+        ({"id": "a", "payload": {"k": "v"}}, [("payload", "must be a string, not an object")]),
         ({"id": "a", "payload": "x" * 513}, [("payload", "must be at most 512 characters")]),
         ({"id": "a", "payload": "", "max_retries": True}, [("max_retries", f"{NOT_INTEGER}, not a boolean")]),
         ({"id": "a", "payload": "", "max_retries": 3.0}, [("max_retries", f"{NOT_INTEGER}, not a number")]),

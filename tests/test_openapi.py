@@ -40,7 +40,15 @@ FUZZ_CONFIG = {
                 # The default list lacks 413, the answer to an oversized (invalid) body.
                 "negative_data_rejection": {"expected-statuses": [400, 401, 413]},
             },
-        }
+        },
+        {
+            "include-operation-id": "enqueue_batch",
+            "checks": {
+                # As for enqueue; and a batch with an invalid task is a 200 whose result refuses that task.
+                "positive_data_acceptance": {"enabled": False},
+                "negative_data_rejection": {"enabled": False},
+            },
+        },
     ],
 }
 
@@ -81,11 +89,11 @@ TOKEN = "fuzz-t0ken-0123456789"
 GUARDED = make_harness(_fail_odd_payloads, config=dataclasses.replace(TEST_CONFIG, api_token=TOKEN), queue_size=1000)
 
 working_api = _fuzz(WORKING.app)
-busy_api = _fuzz(BUSY.app, unavailable=True, only=("enqueue",))
-draining_api = _fuzz(DRAINING.app, unavailable=True, only=("enqueue", "health", "health_alias"))
+busy_api = _fuzz(BUSY.app, unavailable=True, only=("enqueue", "enqueue_batch"))
+draining_api = _fuzz(DRAINING.app, unavailable=True, only=("enqueue", "enqueue_batch", "health", "health_alias"))
 guarded_api = _fuzz(GUARDED.app, token=TOKEN)
 # No token at all: every guarded operation must answer its documented 401, whatever the request.
-locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "get_task", "list_tasks"))
+locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "enqueue_batch", "get_task", "list_tasks"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,10 +186,19 @@ def test_path_parameters_match_the_route_variables(harness):
 
 
 def test_the_served_description_has_the_instance_limits():
-    config = Config(max_body_bytes=4096, max_payload_chars=1000, default_max_retries=1, max_retries_limit=7)
+    config = Config(
+        max_body_bytes=4096,
+        max_payload_chars=1000,
+        default_max_retries=1,
+        max_retries_limit=7,
+        max_batch_tasks=9,
+        max_batch_body_bytes=8192,
+    )
     harness = make_harness(config=config)
     spec = served_spec(harness)
     assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == 4096
+    assert spec["paths"]["/enqueue/batch"]["post"]["requestBody"]["x-max-body-bytes"] == 8192
+    assert spec["components"]["schemas"]["EnqueueBatchRequest"]["properties"]["tasks"]["maxItems"] == 9
     fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
     assert fields["payload"]["maxLength"] == 1000
     assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (1, 7)
@@ -191,6 +208,11 @@ def test_the_file_describes_an_instance_with_the_default_config():
     spec = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
     defaults = Config()
     assert spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] == defaults.max_body_bytes
+    batch = spec["paths"]["/enqueue/batch"]["post"]["requestBody"]
+    assert batch["x-max-body-bytes"] == defaults.max_batch_body_bytes
+    assert spec["components"]["schemas"]["EnqueueBatchRequest"]["properties"]["tasks"]["maxItems"] == (
+        defaults.max_batch_tasks
+    )
     fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
     assert fields["payload"]["maxLength"] == defaults.max_payload_chars
     assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (
@@ -199,7 +221,7 @@ def test_the_file_describes_an_instance_with_the_default_config():
     )
 
 
-GUARDED_OPERATIONS = {"enqueue", "get_task", "list_tasks"}
+GUARDED_OPERATIONS = {"enqueue", "enqueue_batch", "get_task", "list_tasks"}
 
 
 def _operations(spec):

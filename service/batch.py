@@ -1,0 +1,113 @@
+"""POST /enqueue/batch: many tasks in one request, admitted by the engine in one step.
+
+Each task is validated as POST /enqueue validates it and gets the answer
+that endpoint would give, in a list in the order of the request; only a
+batch that cannot be read as a list of tasks is refused as a whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, url_for
+
+from workerpool import SubmitError, Task
+
+from . import request_id
+from .api import read_body
+from .auth import require_token
+from .context import services
+from .engine_adapter import submit_many
+from .problems import FieldError, Problem, invalid_request, problem_document, submit_problem
+from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json
+
+log = logging.getLogger(__name__)
+
+BATCH_FIELDS = ("tasks",)
+
+bp = Blueprint("batch", __name__)
+
+
+def parse_batch(
+    body: bytes, *, max_tasks: int, limits: TaskLimits, request_id: str | None = None
+) -> list[TaskSpec | Problem]:
+    """Each task of a batch body, or the 400 Problem refusing it, in order.
+
+    Raise a Problem refusing the whole batch (400, or 413 for more than
+    ``max_tasks`` tasks) when the body is not ``{"tasks": [<task>, ...]}``.
+    """
+    document = decode_json(body)
+    if not isinstance(document, dict):
+        raise invalid_request(f"the body must be a JSON object, not {json_type(document)}")
+    errors = [FieldError(name, "is not a known field") for name in document if name not in BATCH_FIELDS]
+    tasks = document.get("tasks")
+    if "tasks" not in document:
+        errors.append(FieldError("tasks", "is required"))
+    elif not isinstance(tasks, list):
+        errors.append(FieldError("tasks", f"must be an array, not {json_type(tasks)}"))
+    elif not tasks:
+        errors.append(FieldError("tasks", "must hold at least one task"))
+    if errors:
+        raise invalid_request("the batch is invalid", tuple(errors))
+    if len(tasks) > max_tasks:
+        raise Problem(413, f"the batch holds {len(tasks)} tasks; at most {max_tasks} are accepted in one request")
+    return [_spec_or_problem(parse_task(task, limits, request_id=request_id)) for task in tasks]
+
+
+def _spec_or_problem(parsed: TaskSpec | list[FieldError]) -> TaskSpec | Problem:
+    if isinstance(parsed, TaskSpec):
+        return parsed
+    if len(parsed) == 1 and parsed[0].field == "":  # the task itself is not an object
+        return invalid_request(f"the task {parsed[0].message}")
+    return invalid_request("the task is invalid", tuple(parsed))
+
+
+@bp.post("/enqueue/batch")
+def enqueue_batch() -> Response:
+    """Validate a batch of tasks and queue those that fit, without waiting for room."""
+    svc = services()
+    config = svc.config
+    rid = request_id.current()
+    try:
+        require_token()  # before the body is read, as for POST /enqueue
+        body = read_body(config.max_batch_body_bytes)
+        items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=TaskLimits.of(config), request_id=rid)
+    except Exception as exc:
+        svc.metrics.count_rejection(exc)
+        raise
+    admitted = iter(submit_many(svc.pool, [item for item in items if isinstance(item, TaskSpec)]))
+    results: list[dict[str, Any]] = []
+    refusals: list[Exception] = []
+    for index, item in enumerate(items):
+        outcome = next(admitted) if isinstance(item, TaskSpec) else item
+        if isinstance(outcome, Task):
+            results.append(
+                {"status": 202, "task": task_to_json(outcome), "location": url_for("api.get_task", task_id=outcome.id)}
+            )
+            continue
+        refusals.append(outcome)
+        problem = submit_problem(outcome) if isinstance(outcome, SubmitError) else outcome
+        results.append(_refusal(problem))
+        task_id = item.id if isinstance(item, TaskSpec) else None
+        log.info(
+            "batch task %d%s refused: %d %s",
+            index,
+            "" if task_id is None else f" ({task_id!r})",
+            problem.status,
+            problem.detail,
+            extra={"task_id": task_id, "request_id": rid},
+        )
+    svc.metrics.count_rejections(refusals)
+    return jsonify({"results": results})
+
+
+def _refusal(problem: Problem) -> dict[str, Any]:
+    """A refused task's entry: its status, problem document and, for a full queue, seconds to wait."""
+    result: dict[str, Any] = {
+        "status": problem.status,
+        "problem": problem_document(problem.status, problem.detail, kind=problem.kind, errors=problem.errors),
+    }
+    if "Retry-After" in problem.headers:
+        result["retry_after"] = int(problem.headers["Retry-After"])
+    return result

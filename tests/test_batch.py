@@ -1,0 +1,317 @@
+"""POST /enqueue/batch: per-task answers in order, whole-batch refusals, admission, token, metrics and logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+
+import pytest
+from http_fixtures import TEST_CONFIG, Gate, instant, make_harness
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app import create_app
+from service.metrics import Metrics
+from workerpool import State, WorkerPool
+
+BATCH_CONFIG = dataclasses.replace(TEST_CONFIG, max_batch_tasks=5, max_batch_body_bytes=2048)
+TOKEN = "batch-t0ken-0123456789"
+
+
+def task(task_id, payload="", **fields):
+    return {"id": task_id, "payload": payload, **fields}
+
+
+def post_batch(client, body, **kwargs):
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.post("/enqueue/batch", data=data, **kwargs)
+
+
+def statuses(response):
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    return [result["status"] for result in response.get_json()["results"]]
+
+
+@pytest.fixture
+def gate():
+    gate = Gate()
+    yield gate
+    gate.open()
+
+
+@pytest.fixture
+def harness():
+    harness = make_harness(instant, config=BATCH_CONFIG, queue_size=10)
+    yield harness
+    harness.pool.shutdown(5)
+
+
+# -- per-task answers ------------------------------------------------------------
+
+
+def test_every_task_of_a_valid_batch_is_queued_in_order(harness):
+    response = post_batch(harness.client, {"tasks": [task("a", max_retries=0), task("b", "p"), task("c/d")]})
+    assert statuses(response) == [202, 202, 202]
+    results = response.get_json()["results"]
+    assert [r["task"]["id"] for r in results] == ["a", "b", "c/d"]
+    assert [r["task"]["max_retries"] for r in results] == [0, 2, 2]  # the default of the test config
+    assert [r["location"] for r in results] == ["/tasks/a", "/tasks/b", "/tasks/c/d"]
+    assert all(set(r) == {"status", "task", "location"} for r in results)
+    harness.final.wait("a", "b", "c/d")
+    for result in results:
+        found = harness.client.get(result["location"])
+        assert found.status_code == 200
+        assert found.get_json()["state"] == "done"
+
+
+def test_each_task_gets_the_answer_of_the_single_endpoint(harness):
+    assert harness.client.post("/enqueue", json=task("known")).status_code == 202
+    body = {
+        "tasks": [
+            task("new"),
+            task("known"),  # retained: 409
+            {"id": 5, "payload": "", "max_retry": 1},  # invalid: 400 naming each field
+            [],  # not an object: 400
+            task("later", max_retries=6),  # over MAX_RETRIES_LIMIT
+        ]
+    }
+    response = post_batch(harness.client, body)
+    assert statuses(response) == [202, 409, 400, 400, 400]
+    results = response.get_json()["results"]
+    assert results[1]["problem"]["type"] == "urn:workerpool:problem:duplicate-task"
+    assert results[2]["problem"]["errors"] == [
+        {"field": "max_retry", "message": "is not a known field"},
+        {"field": "id", "message": "must be a string, not a number"},
+    ]
+    assert results[3]["problem"]["detail"] == "the task must be a JSON object, not an array"
+    for result in results[1:]:
+        assert set(result) == {"status", "problem"}
+        assert result["problem"]["status"] == result["status"]
+        assert result["problem"]["title"] in ("Conflict", "Bad Request")
+    assert harness.pool.get("later") is None
+    assert harness.pool.get("new") is not None
+
+
+def test_a_repeated_id_in_one_batch_is_409_for_the_later_task(harness):
+    response = post_batch(harness.client, {"tasks": [task("a", "first"), task("b"), task("a", "second")]})
+    assert statuses(response) == [202, 202, 409]
+    assert response.get_json()["results"][2]["problem"]["detail"] == "a task with id 'a' already exists"
+
+
+def test_an_id_whose_first_task_was_invalid_is_taken_by_the_later_one(harness):
+    # As if the tasks had been sent one by one: the invalid one left no trace.
+    response = post_batch(harness.client, {"tasks": [task("a", max_retries=-1), task("a")]})
+    assert statuses(response) == [400, 202]
+
+
+def test_a_full_queue_takes_what_fits_and_refuses_the_rest_with_retry_after(gate):
+    harness = make_harness(gate, config=BATCH_CONFIG, workers=1, queue_size=2)
+    try:
+        assert harness.client.post("/enqueue", json=task("running")).status_code == 202
+        gate.wait_started()  # the worker holds "running"; the queue is empty
+        response = post_batch(harness.client, {"tasks": [task("a"), task("b"), task("c"), task("d")]})
+        assert statuses(response) == [202, 202, 503, 503]
+        refused = response.get_json()["results"][2]
+        assert refused["retry_after"] == 1
+        assert refused["problem"]["type"] == "urn:workerpool:problem:queue-full"
+        assert harness.pool.get("c") is None
+    finally:
+        gate.open()
+        harness.drain()
+    assert harness.pool.get("b").state is State.DONE
+
+
+def test_a_batch_after_shutdown_began_is_refused_task_by_task(harness):
+    harness.drain()
+    response = post_batch(harness.client, {"tasks": [task("a"), task("b", max_retries=99)]})
+    assert statuses(response) == [503, 400]
+    refused = response.get_json()["results"][0]
+    assert refused["problem"]["type"] == "urn:workerpool:problem:shutting-down"
+    assert "retry_after" not in refused
+
+
+# -- the batch refused as a whole ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "detail", "errors"),
+    [
+        ("{", "the body is not valid JSON", None),
+        ('{"tasks": [{"id": "a", "payload": ""}]} trailing', "the body is not valid JSON", None),
+        ('{"tasks": [{"id": "a", "payload": "", "payload": ""}]}', "duplicate key 'payload'", None),
+        ('[{"id": "a", "payload": ""}]', "the body must be a JSON object, not an array", None),
+        ("{}", "the batch is invalid", [("tasks", "is required")]),
+        (
+            '{"tasks": {"id": "a", "payload": ""}}',
+            "the batch is invalid",
+            [("tasks", "must be an array, not an object")],
+        ),
+        ('{"tasks": "a"}', "the batch is invalid", [("tasks", "must be an array, not a string")]),
+        ('{"tasks": null}', "the batch is invalid", [("tasks", "must be an array, not null")]),
+        ('{"tasks": []}', "the batch is invalid", [("tasks", "must hold at least one task")]),
+        (
+            '{"tasks": [{"id": "a", "payload": ""}], "task": 1}',
+            "the batch is invalid",
+            [("task", "is not a known field")],
+        ),
+    ],
+)
+def test_a_malformed_batch_is_one_400_and_nothing_is_queued(harness, body, detail, errors):
+    response = post_batch(harness.client, body)
+    assert response.status_code == 400
+    assert response.mimetype == "application/problem+json"
+    problem = response.get_json()
+    assert detail in problem["detail"]
+    if errors is not None:
+        assert [(e["field"], e["message"]) for e in problem["errors"]] == errors
+    assert harness.pool.get("a") is None
+
+
+def test_more_tasks_than_max_batch_tasks_is_413_and_nothing_is_queued(harness):
+    response = post_batch(harness.client, {"tasks": [task(str(n)) for n in range(6)]})
+    assert response.status_code == 413
+    assert response.get_json()["detail"] == "the batch holds 6 tasks; at most 5 are accepted in one request"
+    assert harness.pool.get("0") is None
+    assert statuses(post_batch(harness.client, {"tasks": [task(str(n)) for n in range(5)]})) == [202] * 5
+
+
+def batch_of_size(size: int) -> bytes:
+    body = json.dumps({"tasks": [task("a")]}).encode()
+    return body + b" " * (size - len(body))
+
+
+@pytest.mark.parametrize(("size", "status"), [(2048, 200), (2049, 413)])
+def test_the_batch_has_its_own_body_limit(harness, size, status):
+    # 2048 is over MAX_BODY_BYTES (1024), which holds for POST /enqueue only.
+    response = post_batch(harness.client, batch_of_size(size))
+    assert response.status_code == status
+    if status == 413:
+        assert response.get_json()["detail"] == "the request body is larger than 2048 bytes"
+        assert harness.pool.get("a") is None
+
+
+@pytest.mark.parametrize(("size", "status"), [(2048, 200), (2049, 413), (10_000, 413)])
+def test_a_chunked_batch_is_held_to_its_limit(harness, size, status):
+    response = harness.client.post(
+        "/enqueue/batch",
+        input_stream=io.BytesIO(batch_of_size(size)),
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == status
+
+
+def test_a_batch_cut_short_is_400(harness):
+    body = batch_of_size(100)
+    response = harness.client.post(
+        "/enqueue/batch",
+        input_stream=io.BytesIO(body),
+        environ_overrides={"CONTENT_LENGTH": str(len(body) + 10), "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 400
+    assert harness.pool.get("a") is None
+
+
+def test_with_a_token_the_batch_needs_it():
+    harness = make_harness(config=dataclasses.replace(BATCH_CONFIG, api_token=TOKEN))
+    try:
+        body = {"tasks": [task("a")]}
+        response = post_batch(harness.client, body)
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="workerpool"'
+        assert post_batch(harness.client, body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert harness.pool.get("a") is None
+        assert statuses(post_batch(harness.client, body, headers={"Authorization": f"Bearer {TOKEN}"})) == [202]
+    finally:
+        harness.pool.shutdown(5)
+
+
+# -- the same as the single endpoint, task for task ------------------------------
+
+ids = st.sampled_from(["a", "b", "c", "", "d/"])
+tasks = st.one_of(
+    st.fixed_dictionaries({"id": ids, "payload": st.sampled_from(["", "p", 7])}),
+    st.fixed_dictionaries({"id": ids, "payload": st.just(""), "max_retries": st.integers(-1, 6)}),
+    st.sampled_from([[], "task", None]),
+)
+
+
+def _unstarted_app(queue_size: int):
+    """An app on a pool without threads: admission alone decides, so the two runs compare exactly."""
+    metrics = Metrics()
+    pool = WorkerPool(instant, workers=1, queue_size=queue_size, threads=False, observers=[metrics])
+    return create_app(BATCH_CONFIG, pool=pool, metrics=metrics).test_client()
+
+
+def _answer(status, body):
+    """What a client learns from one answer: the status, the problem type or the task."""
+    if status == 202:
+        return status, {k: v for k, v in body.items() if k != "created_at"}
+    return status, body["type"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    before=st.lists(st.sampled_from(["a", "b"]), max_size=2, unique=True),
+    batch=st.lists(tasks, min_size=1, max_size=5),
+    queue_size=st.integers(1, 4),
+)
+def test_a_batch_answers_as_its_tasks_sent_one_by_one_would(before, batch, queue_size):
+    by_batch, one_by_one = _unstarted_app(queue_size), _unstarted_app(queue_size)
+    for client in (by_batch, one_by_one):
+        for task_id in before:
+            assert client.post("/enqueue", json=task(task_id)).status_code in (202, 503)
+    results = post_batch(by_batch, {"tasks": batch}).get_json()["results"]
+    batched = [_answer(r["status"], r.get("task") or r["problem"]) for r in results]
+    singles = []
+    for document in batch:
+        response = one_by_one.post("/enqueue", json=document)
+        singles.append(_answer(response.status_code, response.get_json()))
+    assert batched == singles
+    assert _retained(by_batch) == _retained(one_by_one)
+
+
+def _retained(client):
+    return [(t["id"], t["state"], t["max_retries"]) for t in client.get("/tasks").get_json()["tasks"]]
+
+
+# -- metrics and logs ------------------------------------------------------------
+
+
+def test_each_task_is_counted_as_accepted_or_by_its_reason_for_refusal(gate):
+    harness = make_harness(gate, config=BATCH_CONFIG, workers=1, queue_size=2)
+    try:
+        assert harness.client.post("/enqueue", json=task("running")).status_code == 202
+        gate.wait_started()
+        body = {"tasks": [task("a"), task("a"), {"id": 1}, task("b"), task("c")]}
+        assert statuses(post_batch(harness.client, body)) == [202, 409, 400, 202, 503]
+        assert post_batch(harness.client, "{").status_code == 400  # refused as a whole: counted once
+        assert post_batch(harness.client, batch_of_size(3000)).status_code == 413
+        metrics = harness.metrics
+        assert metrics.accepted._value.get() == 3
+        reasons = ("duplicate", "invalid", "queue_full", "too_large")
+        rejected = {reason: metrics.rejected.labels(reason)._value.get() for reason in reasons}
+        assert rejected == {"duplicate": 1, "invalid": 2, "queue_full": 1, "too_large": 1}
+    finally:
+        gate.open()
+        harness.drain()
+
+
+def test_each_refused_task_is_logged_with_the_request_id(harness, caplog):
+    caplog.set_level(logging.DEBUG)
+    body = {"tasks": [task("a"), task("a"), {"id": "b"}]}
+    response = post_batch(harness.client, body, headers={"X-Request-ID": "rid-batch"})
+    assert statuses(response) == [202, 409, 400]
+    lines = [
+        (r.levelname, r.getMessage(), r.task_id, r.request_id)
+        for r in caplog.records
+        if r.name == "service.batch" or r.getMessage().endswith("queued")
+    ]
+    assert lines == [
+        ("DEBUG", "task a queued", "a", "rid-batch"),
+        ("INFO", "batch task 1 ('a') refused: 409 a task with id 'a' already exists", "a", "rid-batch"),
+        ("INFO", "batch task 2 refused: 400 the task is invalid", None, "rid-batch"),
+    ]
