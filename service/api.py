@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import connection, request_id
 from .auth import require_token, token_required
