@@ -235,7 +235,7 @@ def test_the_file_offers_no_token_or_the_bearer_token_on_the_guarded_operations(
     scheme = spec["components"]["securitySchemes"][BEARER_SCHEME]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert "security" not in spec  # no document-wide requirement: health, metrics and this description stay open
-    guarded = {operation["operationId"] for _, _, operation in _operations(spec) if "security" in operation}
+    guarded = {operation["operationId"] for _, _, operation in _operations(spec) if operation["security"] != []}
     assert guarded == GUARDED_OPERATIONS
     for _, _, operation in _operations(spec):
         if operation["operationId"] in GUARDED_OPERATIONS:
@@ -246,9 +246,12 @@ def test_the_file_offers_no_token_or_the_bearer_token_on_the_guarded_operations(
 
 
 def test_without_a_token_the_served_description_asks_for_none(harness):
-    for path, method, operation in _operations(served_spec(harness)):
-        assert "security" not in operation, (method, path)
+    spec = served_spec(harness)
+    for path, method, operation in _operations(spec):
+        assert operation["security"] == [], (method, path)
         assert "401" not in operation["responses"], (method, path)
+    assert "securitySchemes" not in spec["components"]
+    assert "Unauthorized" not in spec["components"].get("responses", {})
 
 
 def test_with_a_token_the_served_description_requires_it_exactly_where_the_app_does():
@@ -262,7 +265,7 @@ def test_with_a_token_the_served_description_requires_it_exactly_where_the_app_d
             assert "401" in operation["responses"]
             assert response.status_code == 401, (method, path)
         else:
-            assert "security" not in operation
+            assert operation["security"] == []
             assert response.status_code != 401, (method, path)
 
 
