@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run dev test stress lint bench clean
 
@@ -14,7 +15,9 @@ run: $(VENV)/.installed
 dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
+# The dashboard's browser tests drive Debian's chromium (installed with apt when missing; never a downloaded browser).
 test: $(VENV)/.installed-dev
+	@test -x /usr/bin/chromium || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium)
 	$(BIN)/python -m pytest
 
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).

@@ -22,6 +22,8 @@ from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
 from service.batch import bp as batch_bp
 from service.context import EXTENSION, Services, services
+from service.dashboard import bp as dashboard_bp
+from service.live import LiveFigures
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
 from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, WorkerPool
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:
     """A pool running ``TASK_HANDLER`` or simulated work as ``config`` describes; its threads start on first use."""
+    if config.store.kind != "memory":  # refused rather than silently ignored until the engine runs on stores
+        raise ConfigError(f"STORE={config.store.kind} is invalid: this version runs the memory store only")
     return WorkerPool(
         load_handler(config),
         workers=config.workers,
@@ -43,19 +47,25 @@ def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> Wor
     )
 
 
-def create_app(config: Config | None = None, pool: WorkerPool | None = None, metrics: Metrics | None = None) -> Flask:
+def create_app(
+    config: Config | None = None,
+    pool: WorkerPool | None = None,
+    metrics: Metrics | None = None,
+    live: LiveFigures | None = None,
+) -> Flask:
     """Build the app; settings come from the environment unless ``config`` is given.
 
     The pool's threads are not started here (under gunicorn that would happen
     before the fork with ``--preload``): gunicorn's ``post_worker_init`` hook,
     ``python app.py`` or the first submission starts them. Pass ``pool`` to use
-    your own; give it ``metrics`` as an observer and pass ``metrics`` too if
-    task metrics matter.
+    your own; give it ``metrics`` and ``live`` as observers and pass them too
+    if task metrics and the dashboard's charts matter.
     """
     config = config or load_config()
     metrics = metrics or Metrics()
+    live = live or LiveFigures()
     if pool is None:
-        pool = build_pool(config, observers=[metrics])
+        pool = build_pool(config, observers=[metrics, live])
     metrics.watch(pool)
 
     app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route
@@ -68,13 +78,14 @@ def create_app(config: Config | None = None, pool: WorkerPool | None = None, met
     # method a route does not take.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
-    app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics)
+    app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics, live=live)
     request_id.init_app(app)
     connection.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(batch_bp)
     app.register_blueprint(metrics_bp)
+    app.register_blueprint(dashboard_bp)
     # The safety net for servers without shutdown hooks (`flask run`, other
     # WSGI servers): drain whatever the pool still holds when the process ends.
     atexit.register(_drain_at_exit, weakref.ref(pool), config.shutdown_timeout_s)

@@ -35,6 +35,24 @@ class ConfigError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
+SQLITE_PREFIX = "sqlite://"
+SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSetting:
+    """Where tasks live (``STORE``): this process's memory, or a SQLite file several processes share."""
+
+    kind: str = "memory"  # "memory" or "sqlite"
+    path: str = ""  # the SQLite file, absolute
+    synchronous: str = "NORMAL"  # SQLite's durability setting (see docs/stores.md)
+
+    @property
+    def shared(self) -> bool:
+        """Whether several processes (``gunicorn -w N``, several services) may serve the same tasks."""
+        return self.kind != "memory"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     workers: int = 4
@@ -60,6 +78,7 @@ class Config:
     log_format: str = "text"
     # "module:callable" run for every attempt instead of the simulated work.
     task_handler: str = ""
+    store: StoreSetting = StoreSetting()
     # Empty: no token needed. A secret, so it stays out of the repr (and any log line that prints one).
     api_token: str = dataclasses.field(default="", repr=False)
 
@@ -110,6 +129,25 @@ def _token(text: str) -> str:
     return text
 
 
+def _store(text: str) -> StoreSetting:
+    """``memory``, or ``sqlite:///absolute/path.db`` (``sqlite://relative.db``) with ``?synchronous=full`` optional."""
+    usage = "must be memory or sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full)"
+    if text == "memory":
+        return StoreSetting()
+    if not text.startswith(SQLITE_PREFIX):
+        raise ValueError(usage)
+    path, _, query = text[len(SQLITE_PREFIX) :].partition("?")
+    if not path or path.endswith("/"):
+        raise ValueError(f"{usage}: the file name is missing")
+    synchronous = "NORMAL"
+    if query:
+        name, _, value = query.partition("=")
+        if name != "synchronous" or value.upper() not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"{usage}: unknown option {query!r}")
+        synchronous = value.upper()
+    return StoreSetting("sqlite", str(Path(path).absolute()), synchronous)
+
+
 def _log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -153,6 +191,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_FORMAT": ("log_format", _log_format),
     "TASK_HANDLER": ("task_handler", _import_path),
     "API_TOKEN": ("api_token", _token),
+    "STORE": ("store", _store),
 }
 VARIABLES = tuple(_FIELDS)
 # Their values never appear in an error message.

@@ -1,6 +1,7 @@
 -- wrk script: POST a task with a unique id on every request, then print one JSON summary line.
--- usage: wrk ... -s bench/enqueue.lua URL -- <path> <run-id> [payload-bytes]
+-- usage: wrk ... -s bench/enqueue.lua URL -- <path> <run-id> [payload-bytes] [batch-size]
 -- Ids are <run-id>-<thread>-<n>: unique across wrk threads, and across runs given a fresh run-id.
+-- With a batch size, every request is {"tasks": [...]} holding that many tasks (POST /enqueue/batch).
 
 local threads = {}
 local counter = 1
@@ -17,13 +18,25 @@ function init(args)
    payload = string.rep("x", tonumber(args[3] or "64"))
    prefix = '{"id":"' .. run_id .. "-" .. thread_id .. "-"
    suffix = '","payload":"' .. payload .. '","max_retries":3}'
+   batch_size = tonumber(args[4] or "0")
    n = 0
    wrk.headers["Content-Type"] = "application/json"
 end
 
-function request()
+local function next_task()
    n = n + 1
-   return wrk.format("POST", path, nil, prefix .. n .. suffix)
+   return prefix .. n .. suffix
+end
+
+function request()
+   if batch_size == 0 then
+      return wrk.format("POST", path, nil, next_task())
+   end
+   local tasks = {}
+   for i = 1, batch_size do
+      tasks[i] = next_task()
+   end
+   return wrk.format("POST", path, nil, '{"tasks":[' .. table.concat(tasks, ",") .. "]}")
 end
 
 function done(summary, latency, requests)

@@ -41,8 +41,9 @@ class Run:
         """A B, then B A: alternating rounds cancel a linear drift of the machine."""
         return (a, b) if round_no % 2 == 0 else (b, a)
 
-    def wrk(self, url: str, path: str, *, seconds: int | None = None, payload_bytes: int = 64) -> dict:
-        """One wrk run posting unique task ids to ``path``; returns the script's JSON summary."""
+    def wrk(self, url: str, path: str, *, seconds: int | None = None, payload_bytes: int = 64, batch: int = 0) -> dict:
+        """One wrk run posting unique task ids to ``path`` (``batch`` tasks per request if given); returns the
+        script's JSON summary."""
         seconds = seconds or self.wrk_seconds
         args = [
             "wrk",
@@ -58,11 +59,10 @@ class Run:
             path,
         ]
         template = " ".join(args).replace(url, "http://127.0.0.1:$PORT") + " <run-id>"
-        self.record(template + (f" {payload_bytes}" if payload_bytes != 64 else ""))
+        extra = [str(payload_bytes), str(batch)] if batch else [str(payload_bytes)]
+        self.record(template + (f" {' '.join(extra)}" if batch or payload_bytes != 64 else ""))
         run_id = uuid.uuid4().hex[:12]
-        out = subprocess.run(
-            [*args, run_id, str(payload_bytes)], cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60
-        )
+        out = subprocess.run([*args, run_id, *extra], cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60)
         for line in out.stdout.splitlines():
             if line.startswith("WRK_JSON "):
                 return json.loads(line.removeprefix("WRK_JSON "))

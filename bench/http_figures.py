@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 from .harness import Run, collapsed_inclusive, collapsed_self_time, table
 from .server import OUT, Server
@@ -108,42 +109,49 @@ def _ab(run: Run, label: str, env: dict[str, str], a: str, b: str, *, fill: bool
     return results[a], results[b], wrong
 
 
+PYSPY = shutil.which("py-spy") or str(OUT.parent.parent / ".venv" / "bin" / "py-spy")
+
+
+def profile_during_wrk(run: Run, server: Server, raw: Path, path: str, *, batch: int = 0) -> None:
+    """Record the server's worker with py-spy (GIL-holding samples, collapsed) into ``raw`` during a wrk run."""
+    cmd = [
+        PYSPY,
+        "record",
+        "--pid",
+        str(server.worker_pid),
+        "--duration",
+        str(run.wrk_seconds),
+        "--rate",
+        "250",
+        "--gil",
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
+        "--nonblocking",
+    ]
+    run.record(
+        f"py-spy record --pid $WORKER_PID --duration {run.wrk_seconds} --rate 250 --gil --format raw --output "
+        f"bench/out/{raw.name} --nonblocking  # during a wrk run on {path}"
+    )
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run.wrk(server.url, path, batch=batch)
+        spy.wait(timeout=run.wrk_seconds + 30)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+
+
 def _request_profile(run: Run) -> str:
     """Where the worker process spends its GIL-holding time during an enqueue run (py-spy)."""
-    pyspy = shutil.which("py-spy") or str(OUT.parent.parent / ".venv" / "bin" / "py-spy")
-    if run.quick or not os.path.exists(pyspy):
+    if run.quick or not os.path.exists(PYSPY):
         return "(request-path profile skipped)"
     raw = OUT / "enqueue-profile.txt"
     with Server("enqueue-profile", env={"QUEUE_SIZE": "1000000", **_QUICK_EXIT}, app="bench.wsgi:app") as server:
         server.wait_ready()
-        cmd = [
-            pyspy,
-            "record",
-            "--pid",
-            str(server.worker_pid),
-            "--duration",
-            str(run.wrk_seconds),
-            "--rate",
-            "250",
-            "--gil",
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-            "--nonblocking",
-        ]
-        run.record(
-            "py-spy record --pid $WORKER_PID --duration 5 --rate 250 --gil --format raw --output "
-            "bench/out/enqueue-profile.txt --nonblocking  # during a wrk run on /enqueue"
-        )
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            run.wrk(server.url, "/enqueue")
-            spy.wait(timeout=run.wrk_seconds + 30)
-        finally:
-            if spy.poll() is None:
-                spy.kill()
-                spy.wait()
+        profile_during_wrk(run, server, raw, "/enqueue")
     if not raw.exists():
         return "(request-path profile: py-spy produced no output)"
     parts = collapsed_inclusive(
@@ -185,7 +193,7 @@ def _accepted_total(server: Server) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-def _wait_idle(server: Server, timeout: float = 120.0) -> dict:
+def wait_idle(server: Server, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         _, body = server.request("GET", "/healthz")
@@ -221,13 +229,13 @@ def rss_growth(run: Run, total: int = 200_000, retained: int = 10_000) -> None:
             run.wrk(server.url, "/enqueue", seconds=seconds)
             pushed = _accepted_total(server)
             if baseline is None and pushed >= warm:
-                _wait_idle(server)
+                wait_idle(server)
                 baseline = server.rss_bytes() / 2**20
                 samples.append((pushed, baseline))
             else:
                 samples.append((pushed, server.rss_bytes() / 2**20))
             run.progress(f"fig 4 RSS: {pushed:,} tasks pushed, RSS {samples[-1][1]:.1f} MiB")
-        counts = _wait_idle(server)
+        counts = wait_idle(server)
         final = server.rss_bytes() / 2**20
         samples.append((pushed, final))
     assert baseline is not None

@@ -11,6 +11,7 @@ from config import Config
 from workerpool import WorkerPool
 
 if TYPE_CHECKING:
+    from .live import LiveFigures
     from .metrics import Metrics
 
 EXTENSION = "workerpool"
@@ -21,6 +22,7 @@ class Services:
     config: Config
     pool: WorkerPool
     metrics: Metrics
+    live: LiveFigures
 
 
 def services(app: Flask | None = None) -> Services:

@@ -32,7 +32,8 @@ def openapi_spec(config: Config) -> dict[str, Any]:
     spec["paths"]["/enqueue/batch"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_batch_body_bytes
     spec["components"]["schemas"]["EnqueueBatchRequest"]["properties"]["tasks"]["maxItems"] = config.max_batch_tasks
     fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
-    fields["payload"]["maxLength"] = config.max_payload_chars
+    fields["payload"]["x-max-chars"] = config.max_payload_chars
+    fields["payload"]["anyOf"][0]["maxLength"] = config.max_payload_chars
     fields["max_retries"]["maximum"] = config.max_retries_limit
     fields["max_retries"]["default"] = config.default_max_retries
     _keep_the_security_that_holds(spec, token_set=bool(config.api_token))

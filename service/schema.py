@@ -104,9 +104,7 @@ def parse_task(document: Any, limits: TaskLimits, *, request_id: str | None = No
 def decode_json(body: bytes) -> Any:
     """The JSON value of a request body; raise a 400 Problem if it is not strict JSON."""
     try:
-        return json.loads(
-            body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int
-        )
+        return json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ours
         raise invalid_request(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -168,13 +166,35 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
 
 def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:
     if "payload" not in document:
-        return [FieldError("payload", "is required (it may be empty)")]
+        return [FieldError("payload", "is required (any JSON value; it may be an empty string)")]
     value = document["payload"]
-    if not isinstance(value, str):
-        return [FieldError("payload", f"must be a string, not {_json_type(value)}")]
-    if len(value) > limit:
-        return [FieldError("payload", f"must be at most {limit} characters")]
+    if isinstance(value, str):  # counted in characters, as before payloads could be other JSON values
+        size, unit = len(value), "characters"
+    else:
+        try:
+            size, unit = len(_compact_json(value)), "characters as compact JSON"
+        except _HugeInteger:
+            return [FieldError("payload", f"must not contain an integer of more than {MAX_INTEGER_DIGITS} digits")]
+        except ValueError:  # 1e400 decodes to inf, which has no JSON form
+            return [FieldError("payload", "must not contain a number too large for a 64-bit float")]
+    if size > limit:
+        return [FieldError("payload", f"must be at most {limit} {unit}")]
     return []
+
+
+class _HugeInteger(Exception):
+    pass
+
+
+def _refuse_huge_integer(value: object) -> None:
+    if isinstance(value, _OversizedInteger):
+        raise _HugeInteger()
+    raise TypeError(f"{type(value).__name__} is not JSON")  # never: a decoded document holds JSON types only
+
+
+def _compact_json(value: Any) -> str:
+    """``value`` as the shortest JSON text: what a payload's size is measured on."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_refuse_huge_integer)
 
 
 def _check_max_retries(document: Mapping[str, Any], limit: int) -> list[FieldError]:

@@ -100,6 +100,37 @@ def test_location_leads_back_to_the_task(client, task_id):
     assert found.get_json()["id"] == task_id
 
 
+PAYLOADS = [
+    {"url": "https://example.com/a", "tries": [1, 2.5, None, True], "nested": {"deep": [[]]}},
+    ["a", {"b": []}],
+    0,
+    -1.5,
+    10**99,  # 100 digits: the longest integer taken
+    True,
+    None,
+    "",
+    "ünïcode",
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_the_handler_receives_any_json_payload_as_decoded(payload):
+    received = []
+    harness = make_harness(lambda task, cancel: received.append(task.payload))
+    assert enqueue(harness.client, {"id": "a", "payload": payload}).status_code == 202
+    harness.drain()
+    assert len(received) == 1
+    assert json.dumps(received[0]) == json.dumps(payload)  # also tells True from 1 and 1.0 from 1
+
+
+def test_a_json_payload_is_measured_as_compact_json(client):
+    at_limit = ["x" * 508]  # ["xx...x"]: 512 characters, the limit of the test config
+    assert enqueue(client, {"id": "a", "payload": at_limit}).status_code == 202
+    # The spaces of the body do not count.
+    assert enqueue(client, '{"id": "b", "payload": [ "' + "x" * 508 + '" ] }').status_code == 202
+    assert enqueue(client, {"id": "c", "payload": ["x" * 509]}).status_code == 400
+
+
 def test_a_body_at_both_limits_is_accepted(client):
     body = json.dumps({"id": "a", "payload": "x" * 512}).encode()
     body += b" " * (1024 - len(body))
@@ -158,6 +189,8 @@ def test_a_deeply_nested_body_within_the_limit_is_a_400(body):
 
 
 HUGE = "9" * 5000  # more digits than int() converts (4300), far more than any field takes
+PAYLOAD_HUGE_INTEGER = "must not contain an integer of more than 100 digits"
+PAYLOAD_FLOAT_OVERFLOW = "must not contain a number too large for a 64-bit float"
 
 
 @pytest.mark.timeout(5)
@@ -170,10 +203,16 @@ HUGE = "9" * 5000  # more digits than int() converts (4300), far more than any f
         ('{"id": "a", "payload": "", "max_retries": 1e999999}', [("max_retries", "must be an integer, not a number")]),
         ('{"id": "a", "payload": "", "max_retries": -1e999999}', [("max_retries", "must be an integer, not a number")]),
         (f'{{"id": {HUGE}, "payload": 1e999999}}', [("id", "must be a string, not a number"),
-                                                     ("payload", "must be a string, not a number")]),
+                                                     ("payload", PAYLOAD_FLOAT_OVERFLOW)]),
         (f'{{"id": "a", "payload": "", "{HUGE}": {HUGE}}}', [(HUGE, "is not a known field")]),
+        (f'{{"id": "a", "payload": {{"n": [{HUGE}]}}}}', [("payload", PAYLOAD_HUGE_INTEGER)]),
+        (f'{{"id": "a", "payload": {"1" * 101}}}', [("payload", PAYLOAD_HUGE_INTEGER)]),
+        ('{"id": "a", "payload": [-1e999999]}', [("payload", PAYLOAD_FLOAT_OVERFLOW)]),
     ],
-    ids=["huge", "huge-negative", "101-digits", "float-overflow", "negative-float-overflow", "id-payload", "unknown"],
+    ids=[
+        "huge", "huge-negative", "101-digits", "float-overflow", "negative-float-overflow", "id-payload", "unknown",
+        "in-payload", "payload-101-digits", "payload-float-overflow",
+    ],
 )
 def test_huge_numbers_are_field_errors(body, errors):
     harness = make_harness(config=dataclasses.replace(TEST_CONFIG, max_body_bytes=16_384))
@@ -193,15 +232,16 @@ def test_a_huge_number_as_the_body_is_a_400():
 
 
 ID_TOO_LONG = "must be 1 to 256 characters long"
+PAYLOAD_REQUIRED = "is required (any JSON value; it may be an empty string)"
 NOT_INTEGER = "must be an integer"
 
 
 @pytest.mark.parametrize(
     ("body", "errors"),
     [
-        ({}, [("id", "is required"), ("payload", "is required (it may be empty)")]),
+        ({}, [("id", "is required"), ("payload", PAYLOAD_REQUIRED)]),
         ({"payload": ""}, [("id", "is required")]),
-        ({"id": "a"}, [("payload", "is required (it may be empty)")]),
+        ({"id": "a"}, [("payload", PAYLOAD_REQUIRED)]),
         ({"id": 1, "payload": ""}, [("id", "must be a string, not a number")]),
         ({"id": None, "payload": ""}, [("id", "must be a string, not null")]),
         ({"id": ["a"], "payload": ""}, [("id", "must be a string, not an array")]),
@@ -216,10 +256,9 @@ NOT_INTEGER = "must be an integer"
             ({"id": bad, "payload": ""}, [("id", ID_PATH_RULE)])
             for bad in ["/a", "a/", "a//b", ".", "..", "a/./b", "a/../b", "./a"]
         ],
-        ({"id": "a", "payload": 5}, [("payload", "must be a string, not a number")]),
-        ({"id": "a", "payload": None}, [("payload", "must be a string, not null")]),
-        ({"id": "a", "payload": {"k": "v"}}, [("payload", "must be a string, not an object")]),
         ({"id": "a", "payload": "x" * 513}, [("payload", "must be at most 512 characters")]),
+        ({"id": "a", "payload": ["x" * 509]}, [("payload", "must be at most 512 characters as compact JSON")]),
+        ({"id": "a", "payload": {"k": "x" * 506}}, [("payload", "must be at most 512 characters as compact JSON")]),
         ({"id": "a", "payload": "", "max_retries": True}, [("max_retries", f"{NOT_INTEGER}, not a boolean")]),
         ({"id": "a", "payload": "", "max_retries": 3.0}, [("max_retries", f"{NOT_INTEGER}, not a number")]),
         ({"id": "a", "payload": "", "max_retries": "3"}, [("max_retries", f"{NOT_INTEGER}, not a string")]),
@@ -229,12 +268,12 @@ NOT_INTEGER = "must be an integer"
         ({"id": "a", "payload": "", "max_retries": 10**30}, [("max_retries", "must be between 0 and 5")]),
         ({"id": "a", "payload": "", "max_retry": 3}, [("max_retry", "is not a known field")]),
         (
-            {"id": 5, "payload": 7, "max_retries": "x", "extra": 1, "other": None},
+            {"id": 5, "payload": "x" * 600, "max_retries": "x", "extra": 1, "other": None},
             [
                 ("extra", "is not a known field"),
                 ("other", "is not a known field"),
                 ("id", "must be a string, not a number"),
-                ("payload", "must be a string, not a number"),
+                ("payload", "must be at most 512 characters"),
                 ("max_retries", f"{NOT_INTEGER}, not a string"),
             ],
         ),

@@ -315,3 +315,16 @@ def test_each_refused_task_is_logged_with_the_request_id(harness, caplog):
         ("INFO", "batch task 1 ('a') refused: 409 a task with id 'a' already exists", "a", "rid-batch"),
         ("INFO", "batch task 2 refused: 400 the task is invalid", None, "rid-batch"),
     ]
+
+
+@pytest.mark.parametrize("task_id", ["a b", "ü/x", "a?b#c", "100%", "x:y@z"])
+def test_each_location_is_the_one_post_enqueue_gives(harness, task_id):
+    single = harness.client.post("/enqueue", json=task(task_id)).headers["Location"]
+    harness.drain()
+    fresh = make_harness(instant, config=BATCH_CONFIG)
+    try:
+        (result,) = post_batch(fresh.client, {"tasks": [task(task_id)]}).get_json()["results"]
+    finally:
+        fresh.pool.shutdown(5)
+    assert result["location"] == single
+    assert fresh.client.get(result["location"]).status_code == 200

@@ -11,7 +11,7 @@ from dotenv import dotenv_values
 from http_fixtures import PROJECT_ROOT, clean_environment
 
 import config
-from config import DOTENV_PATH, VARIABLES, Config, ConfigError, from_env
+from config import DOTENV_PATH, VARIABLES, Config, ConfigError, StoreSetting, from_env
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +103,10 @@ def test_every_field_has_a_variable():
         ("API_TOKEN", "", "api_token", ""),
         ("API_TOKEN", "0123456789abcdef", "api_token", "0123456789abcdef"),
         ("API_TOKEN", " Zm9vYmFy-._~+/Zm9vYmFy== ", "api_token", "Zm9vYmFy-._~+/Zm9vYmFy=="),
+        ("STORE", "memory", "store", StoreSetting()),
+        ("STORE", "sqlite:///var/lib/tasks.db", "store", StoreSetting("sqlite", "/var/lib/tasks.db")),
+        ("STORE", "sqlite:///t.db?synchronous=full", "store", StoreSetting("sqlite", "/t.db", "FULL")),
+        ("STORE", "sqlite:///t.db?synchronous=NORMAL", "store", StoreSetting("sqlite", "/t.db", "NORMAL")),
     ],
 )
 def test_each_variable_is_read(variable, text, field, value):
@@ -111,6 +115,7 @@ def test_each_variable_is_read(variable, text, field, value):
 
 INTEGER = "must be an integer from"
 TOKEN_RULE = "must be empty (no token) or at least 16 visible ASCII characters, without spaces"
+STORE_RULE = "must be memory or sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full)"
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -173,6 +178,12 @@ BAD_VALUES = [
     ("API_TOKEN", "0123456789 abcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789\tabcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789abcdef\u00e9", TOKEN_RULE),
+    ("STORE", "redis", STORE_RULE),
+    ("STORE", "sqlite:/t.db", STORE_RULE),
+    ("STORE", "sqlite://", f"{STORE_RULE}: the file name is missing"),
+    ("STORE", "sqlite:///var/lib/", f"{STORE_RULE}: the file name is missing"),
+    ("STORE", "sqlite:///t.db?synchronous=off", f"{STORE_RULE}: unknown option 'synchronous=off'"),
+    ("STORE", "sqlite:///t.db?mode=ro", f"{STORE_RULE}: unknown option 'mode=ro'"),
 ]
 
 
@@ -215,6 +226,16 @@ def test_the_body_limit_may_be_lowered_alone():
     # The payload limit above it is harmless: a body that long is refused with 413 first.
     config = from_env({"MAX_BODY_BYTES": "1024"})
     assert (config.max_body_bytes, config.max_payload_chars) == (1024, 32_768)
+
+
+def test_a_relative_sqlite_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert from_env({"STORE": "sqlite://tasks.db"}).store.path == str(tmp_path / "tasks.db")
+
+
+def test_only_a_store_other_processes_can_reach_is_shared():
+    assert not Config().store.shared
+    assert from_env({"STORE": "sqlite:///t.db"}).store.shared
 
 
 def test_unrelated_variables_are_ignored():

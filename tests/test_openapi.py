@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 import threading
 
@@ -54,8 +55,8 @@ FUZZ_CONFIG = {
 
 
 def _fail_odd_payloads(task: Task, cancel: threading.Event) -> None:
-    """Fail attempts of tasks whose payload has an odd length, so retried and failed tasks are read back too."""
-    if len(task.payload) % 2:
+    """Fail attempts of tasks whose payload's JSON has an odd length, so retried and failed tasks are read back too."""
+    if len(json.dumps(task.payload)) % 2:
         raise RuntimeError("odd payload")
 
 
@@ -200,7 +201,7 @@ def test_the_served_description_has_the_instance_limits():
     assert spec["paths"]["/enqueue/batch"]["post"]["requestBody"]["x-max-body-bytes"] == 8192
     assert spec["components"]["schemas"]["EnqueueBatchRequest"]["properties"]["tasks"]["maxItems"] == 9
     fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
-    assert fields["payload"]["maxLength"] == 1000
+    assert fields["payload"]["x-max-chars"] == fields["payload"]["anyOf"][0]["maxLength"] == 1000
     assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (1, 7)
 
 
@@ -214,7 +215,8 @@ def test_the_file_describes_an_instance_with_the_default_config():
         defaults.max_batch_tasks
     )
     fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
-    assert fields["payload"]["maxLength"] == defaults.max_payload_chars
+    assert fields["payload"]["x-max-chars"] == defaults.max_payload_chars
+    assert fields["payload"]["anyOf"][0]["maxLength"] == defaults.max_payload_chars
     assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (
         defaults.default_max_retries,
         defaults.max_retries_limit,

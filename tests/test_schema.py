@@ -68,13 +68,22 @@ def test_the_payload_limit_counts_characters_not_bytes():
     assert [(e.field, e.message) for e in caught.value.errors] == [("payload", "must be at most 3 characters")]
 
 
+def test_a_json_payload_limit_counts_characters_of_its_compact_json_not_bytes():
+    assert parse('{"id": "a", "payload": {"k": ["😀😀"]}}'.encode(), max_payload_chars=12).payload == {"k": ["😀😀"]}
+    with pytest.raises(Problem) as caught:
+        parse('{"id": "a", "payload": {"k": ["😀😀😀"]}}'.encode(), max_payload_chars=12)
+    assert [(e.field, e.message) for e in caught.value.errors] == [
+        ("payload", "must be at most 12 characters as compact JSON")
+    ]
+
+
 def test_a_refusal_is_a_400_problem_with_field_errors():
     with pytest.raises(Problem) as caught:
-        parse(b'{"id": "", "payload": 1, "max_retries": 21}')
+        parse(b'{"id": "", "payload": 1e400, "max_retries": 21}')
     assert caught.value.status == 400
     assert [(e.field, e.message) for e in caught.value.errors] == [
         ("id", "must be 1 to 256 characters long"),
-        ("payload", "must be a string, not a number"),
+        ("payload", "must not contain a number too large for a 64-bit float"),
         ("max_retries", "must be between 0 and 20"),
     ]
 

@@ -79,8 +79,8 @@ MALFORMED = (
 )
 WRONG_TYPES: tuple[Callable[[str], object], ...] = (
     lambda tid: {"id": 5, "payload": ""},
-    lambda tid: {"id": tid, "payload": 5},
-    lambda tid: {"id": tid, "payload": None},
+    lambda tid: {"id": tid, "payload": 10**101},  # any JSON value, but no integer of more than 100 digits
+    lambda tid: {"id": tid},
     lambda tid: {"id": tid, "payload": "", "max_retries": "3"},
     lambda tid: {"id": tid, "payload": "", "max_retries": True},
     lambda tid: {"id": tid, "payload": "", "max_retries": 3.0},

@@ -1,0 +1,183 @@
+"""Per-second task figures of the last few minutes, fed by the pool's observer hooks, for the dashboard.
+
+Each second of the window has a slot in a ring: counts of accepted tasks,
+final states and retries, and the attempt durations as a sparse histogram of
+log-spaced buckets (each 2**(1/4), about 19 %, wider than the last), so a
+slot's memory is bounded whatever the rate. A slot is reused once its second
+has left the window. Percentiles are read from the merged buckets and given
+as the upper bound of the bucket they fall in: never below the true value,
+at most about 19 % above it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from workerpool import PoolObserver, Task
+
+WINDOW_S = 300  # the charts show the last five minutes
+LATENCY_STEP_S = 10  # attempt latency percentiles per ten seconds: a second holds too few attempts
+PERCENTILES = (50, 90, 99)
+RECENT_S = 60  # the summary line's percentiles cover the last minute
+# Final states are counted by name: a state the engine adds later is counted without a change here.
+COUNTED_STATES = ("done", "failed", "cancelled")
+
+_SMALLEST_S = 0.001  # bucket 0 holds every duration up to a millisecond
+_BUCKETS_PER_DOUBLING = 4
+_LAST_BUCKET = 96  # 2**24 ms, about 4.7 hours: longer attempts share it
+
+
+def latency_bucket(seconds: float) -> int:
+    """The histogram bucket of an attempt of ``seconds``."""
+    if seconds <= _SMALLEST_S:
+        return 0
+    return min(_LAST_BUCKET, math.ceil(_BUCKETS_PER_DOUBLING * math.log2(seconds / _SMALLEST_S)))
+
+
+def bucket_bound(bucket: int) -> float:
+    """The largest duration, in seconds, that ``bucket`` holds."""
+    return _SMALLEST_S * 2 ** (bucket / _BUCKETS_PER_DOUBLING)
+
+
+class _Slot:
+    """The figures of one second."""
+
+    __slots__ = ("second", "accepted", "retried", "finished", "latency")
+
+    def __init__(self, second: int) -> None:
+        self.reset(second)
+
+    def reset(self, second: int) -> None:
+        self.second = second
+        self.accepted = 0
+        self.retried = 0
+        self.finished: dict[str, int] = {}
+        self.latency: dict[int, int] = {}  # bucket -> attempts
+
+
+class LiveFigures(PoolObserver):
+    """The dashboard's time series: give an instance to the pool as an observer.
+
+    The hooks run on the pool's threads, outside the pool's locks; each takes
+    this object's lock for a few dictionary updates only. ``clock`` gives
+    seconds since the epoch (tests inject a fake one).
+    """
+
+    def __init__(self, *, window_s: int = WINDOW_S, clock: Callable[[], float] = time.time) -> None:
+        if window_s < LATENCY_STEP_S:
+            raise ValueError(f"window_s must be at least {LATENCY_STEP_S}, got {window_s}")
+        self.window_s = window_s
+        self._clock = clock
+        # _lock must be held while reading or changing _slots (the ring, indexed by second % window_s)
+        # or any slot in it; nothing else is done while it is held.
+        self._lock = threading.Lock()
+        self._slots = [_Slot(-1) for _ in range(window_s)]
+
+    # -- PoolObserver ----------------------------------------------------
+
+    def task_queued(self, task: Task) -> None:
+        second = int(self._clock())
+        with self._lock:
+            self._slot(second).accepted += 1
+
+    def attempt_finished(self, task: Task, seconds: float) -> None:
+        bucket = latency_bucket(seconds)
+        state = str(task.state)
+        second = int(self._clock())
+        with self._lock:
+            slot = self._slot(second)
+            slot.latency[bucket] = slot.latency.get(bucket, 0) + 1
+            if state in COUNTED_STATES:
+                slot.finished[state] = slot.finished.get(state, 0) + 1
+            elif state == "queued":
+                slot.retried += 1
+
+    def task_abandoned(self, task: Task) -> None:
+        self._count_final(task)
+
+    def task_cancelled(self, task: Task) -> None:
+        """A task that was not running was cancelled (the engine calls this hook where it has it)."""
+        self._count_final(task)
+
+    def _count_final(self, task: Task) -> None:
+        state = str(task.state)
+        second = int(self._clock())
+        with self._lock:
+            slot = self._slot(second)
+            slot.finished[state] = slot.finished.get(state, 0) + 1
+
+    def _slot(self, second: int) -> _Slot:
+        """The slot of ``second``, emptied first if it still holds an older second; needs _lock."""
+        slot = self._slots[second % self.window_s]
+        if slot.second != second:
+            slot.reset(second)
+        return slot
+
+    # -- reading ---------------------------------------------------------
+
+    def series(self) -> dict[str, Any]:
+        """The window's complete seconds, oldest first: counts per second and latency percentiles per step.
+
+        The current second is left out: it is still filling, and would
+        always show a dip at the end of the charts.
+        """
+        end = int(self._clock())  # exclusive
+        start = end - self.window_s
+        # Latency steps are aligned to multiples of LATENCY_STEP_S, so a step's figures do not shift as time passes.
+        latency_start = start + (-start) % LATENCY_STEP_S
+        with self._lock:
+            slots = [self._slots[second % self.window_s] for second in range(start, end)]
+            copies = [
+                (slot.accepted, slot.retried, dict(slot.finished), dict(slot.latency))
+                if start <= slot.second < end
+                else (0, 0, {}, {})
+                for slot in slots
+            ]
+        counts: dict[str, list[int]] = {
+            "accepted": [accepted for accepted, _, _, _ in copies],
+            "retried": [retried for _, retried, _, _ in copies],
+        }
+        for state in COUNTED_STATES:
+            counts[state] = [finished.get(state, 0) for _, _, finished, _ in copies]
+        histograms = [histogram for _, _, _, histogram in copies]
+        latency: dict[str, list[float | None]] = {f"p{p}": [] for p in PERCENTILES}
+        attempts = []
+        for step in range(latency_start, end - LATENCY_STEP_S + 1, LATENCY_STEP_S):
+            merged = _merge(histograms[step - start : step - start + LATENCY_STEP_S])
+            attempts.append(sum(merged.values()))
+            for p in PERCENTILES:
+                latency[f"p{p}"].append(percentile(merged, p))
+        recent = _merge(histograms[-RECENT_S:])
+        return {
+            "start": start,
+            "seconds": self.window_s,
+            **counts,
+            "latency": {"start": latency_start, "step": LATENCY_STEP_S, "attempts": attempts, **latency},
+            "recent_latency": {f"p{p}": percentile(recent, p) for p in PERCENTILES},
+        }
+
+
+def _merge(histograms: list[dict[int, int]]) -> dict[int, int]:
+    merged: dict[int, int] = {}
+    for histogram in histograms:
+        for bucket, n in histogram.items():
+            merged[bucket] = merged.get(bucket, 0) + n
+    return merged
+
+
+def percentile(histogram: dict[int, int], p: float) -> float | None:
+    """The upper bound of the bucket holding the ``p``-th percentile of ``histogram``; None if it is empty."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    rank = math.ceil(total * p / 100)  # nearest-rank definition: the smallest value with p % at or below it
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket_bound(bucket)
+    raise AssertionError("unreachable: rank <= total")

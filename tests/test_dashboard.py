@@ -1,0 +1,111 @@
+"""The dashboard's routes: the page and its files, and the live figures it polls."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from http_fixtures import TEST_CONFIG, WAIT_S, Gate, instant, make_harness
+
+from app import create_app
+from service.dashboard import CONTENT_SECURITY_POLICY
+from service.live import LiveFigures
+from service.metrics import Metrics
+from workerpool import WorkerPool
+
+FILES = {
+    "/dashboard": "text/html",
+    "/dashboard/dashboard.js": "text/javascript",
+    "/dashboard/dashboard.css": "text/css",
+}
+
+
+@pytest.fixture
+def harness():
+    harness = make_harness()
+    yield harness
+    harness.pool.shutdown(WAIT_S)
+
+
+@pytest.mark.parametrize("path", FILES)
+def test_the_page_and_its_files_are_served_with_a_strict_policy(harness, path):
+    response = harness.client.get(path)
+    assert response.status_code == 200
+    assert response.mimetype == FILES[path]
+    assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    # Revalidated on each load, and answered 304 when unchanged.
+    assert response.headers["Cache-Control"] == "no-cache"
+    again = harness.client.get(path, headers={"If-None-Match": response.headers["ETag"]})
+    assert again.status_code == 304
+
+
+def test_the_page_loads_nothing_from_elsewhere(harness):
+    html = harness.client.get("/dashboard").get_data(as_text=True)
+    assert "<script>" not in html and "style=" not in html  # inline code would need a weaker policy
+    assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
+    script = harness.client.get("/dashboard/dashboard.js").get_data(as_text=True)
+    assert "innerHTML" not in script  # task ids and errors come from clients: set as text only
+
+
+def test_the_live_figures_are_those_of_the_health_check(harness):
+    gate = Gate()
+    harness = make_harness(gate, workers=1, queue_size=4)
+    try:
+        for task_id in ("a", "b", "c"):
+            assert harness.client.post("/enqueue", json={"id": task_id, "payload": ""}).status_code == 202
+        gate.wait_started()
+        live = harness.client.get("/dashboard/live").get_json()
+        health = harness.client.get("/healthz").get_json()
+        for name in ("status", "workers", "queue_capacity", "queue_depth", "retries_pending", "tasks"):
+            assert live[name] == health[name], name
+        assert (live["busy_workers"], live["queue_depth"], live["store"]) == (1, 2, "memory")
+        assert live["token_required"] is False
+    finally:
+        gate.open()
+        harness.drain()
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_series_are_fed_by_the_pool_of_the_app():
+    clock = Clock(1_800_000_000.5)
+    live = LiveFigures(window_s=60, clock=clock)
+    metrics = Metrics()
+    pool = WorkerPool(instant, threads=False, observers=[metrics, live])
+    client = create_app(TEST_CONFIG, pool=pool, metrics=metrics, live=live).test_client()
+    assert client.post("/enqueue", json={"id": "x", "payload": ""}).status_code == 202
+    assert pool.step()
+    clock.now += 1  # the second of the submission is complete
+    series = client.get("/dashboard/live").get_json()["series"]
+    assert (series["accepted"][-1], series["done"][-1]) == (1, 1)
+    assert len(series["accepted"]) == 60
+
+
+def test_create_app_wires_the_figures_to_the_pool_it_builds():
+    clock = Clock(1_800_000_000.5)
+    app = create_app(dataclasses.replace(TEST_CONFIG, workers=1), live=LiveFigures(clock=clock))
+    client = app.test_client()
+    try:
+        assert client.post("/enqueue", json={"id": "x", "payload": ""}).status_code == 202
+        clock.now += 1
+        assert client.get("/dashboard/live").get_json()["series"]["accepted"][-1] == 1
+    finally:
+        app.extensions["workerpool"].pool.shutdown(WAIT_S)
+
+
+def test_with_a_token_the_page_and_figures_stay_open_and_the_tasks_do_not():
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, api_token="dashboard-t0ken-0123456789"))
+    try:
+        for path in (*FILES, "/dashboard/live"):
+            assert harness.client.get(path).status_code == 200, path
+        assert harness.client.get("/dashboard/live").get_json()["token_required"] is True
+        assert harness.client.get("/tasks").status_code == 401
+    finally:
+        harness.pool.shutdown(WAIT_S)

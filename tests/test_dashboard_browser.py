@@ -1,0 +1,208 @@
+"""The dashboard in a real headless Chromium against the app on a real HTTP server."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from browser import chromium, served
+from http_fixtures import TEST_CONFIG, WAIT_S, Client, FinalStates
+from playwright.sync_api import expect
+
+from app import create_app
+from config import Config
+from service.live import LiveFigures
+from service.metrics import Metrics
+from workerpool import PermanentFailure, Task, WorkerPool
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TOKEN = "dashboard-t0ken-0123456789"
+APPEAR_S = 2.0  # what the page promises: a new task shows within two seconds
+WAIT_MS = WAIT_S * 1000
+
+
+class Handler:
+    """Payload "block" runs until ``release`` (or the task's cancel event), "fail" fails for good, others succeed."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.blocked = threading.Event()
+
+    def __call__(self, task: Task, cancel: threading.Event) -> None:
+        if task.payload == "block":
+            self.blocked.set()
+            while not (self.release.wait(0.05) or cancel.is_set()):
+                pass
+        elif task.payload == "fail":
+            raise PermanentFailure("refused by the test")
+
+
+@dataclasses.dataclass
+class Instance:
+    url: str
+    client: Client
+    pool: WorkerPool
+    handler: Handler
+    final: FinalStates
+    token: str = ""
+
+    def submit(self, task_id: str, payload: str = "") -> dict:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        body = json.dumps({"id": task_id, "payload": payload, "max_retries": 0}).encode()
+        status, _, text = self.client.request("POST", "/enqueue", body, headers=headers)
+        assert status == 202, text
+        return json.loads(text)
+
+    def get(self, path: str) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        status, _, text = self.client.request("GET", path, headers=headers)
+        return status, json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as context:
+        yield context
+
+
+def _instance(config: Config) -> Iterator[Instance]:
+    handler = Handler()
+    metrics, live, final = Metrics(), LiveFigures(), FinalStates()
+    pool = WorkerPool(handler, workers=1, queue_size=50, observers=[metrics, live, final])
+    app = create_app(config, pool=pool, metrics=metrics, live=live)
+    with served(app) as server:
+        port = server.server.server_port
+        yield Instance(server.url, Client(port), pool, handler, final, config.api_token)
+        handler.release.set()
+        pool.shutdown(WAIT_S)
+
+
+@pytest.fixture
+def instance() -> Iterator[Instance]:
+    yield from _instance(TEST_CONFIG)
+
+
+@pytest.fixture
+def guarded() -> Iterator[Instance]:
+    yield from _instance(dataclasses.replace(TEST_CONFIG, api_token=TOKEN))
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page()
+    page.errors = []  # console errors and uncaught exceptions
+    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    yield page
+    page.close()
+
+
+def _open(page, instance: Instance) -> None:
+    page.goto(instance.url + "/dashboard")
+    expect(page.locator("#connection")).to_have_text(re.compile("^Live"), timeout=WAIT_MS)
+
+
+def _figure(page, name: str) -> int:
+    return int(page.text_content(f"#fig-{name}"))
+
+
+def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, instance):
+    for n in range(3):
+        instance.submit(f"done-{n}")
+    instance.submit("failed-0", "fail")
+    instance.final.wait("done-0", "done-1", "done-2", "failed-0")
+    instance.submit("running-0", "block")
+    assert instance.handler.blocked.wait(WAIT_S)
+    instance.submit("queued-0")
+    instance.submit("queued-1")
+
+    _open(page, instance)
+    # Nothing moves until the blocked task is released, so the page and the API must agree exactly.
+    expect(page.locator("#fig-queued")).to_have_text("2", timeout=WAIT_MS)
+    status, health = instance.get("/healthz")
+    assert status == 200
+    for state, expected in {"queued": 2, "running": 1, "done": 3, "failed": 1}.items():
+        assert _figure(page, state) == health["tasks"][state] == expected, state
+    assert _figure(page, "queue-depth") == health["queue_depth"] == 2
+    assert _figure(page, "queue-capacity") == health["queue_capacity"] == 50
+    assert _figure(page, "busy") == 1
+    assert _figure(page, "workers") == health["workers"] == 1
+    assert _figure(page, "retries") == health["retries_pending"] == 0
+    assert page.text_content("#fig-admission") == "accepting"
+    assert page.text_content("#fig-store") == "memory"
+    # The table lists what GET /tasks lists, newest first.
+    _, listing = instance.get("/tasks")
+    expect(page.locator("#task-rows tr")).to_have_count(7, timeout=WAIT_MS)
+    assert page.eval_on_selector_all("#task-rows tr", "rows => rows.map(r => r.dataset.id)") == [
+        task["id"] for task in listing["tasks"]
+    ]
+    # A task's detail shows its error.
+    page.click("#task-rows tr[data-id='failed-0'] button.task-id")
+    expect(page.locator("#detail-fields")).to_contain_text("refused by the test", timeout=WAIT_MS)
+    assert page.errors == []
+
+
+def test_a_task_submitted_through_the_api_appears_within_two_seconds(page, instance):
+    _open(page, instance)
+    instance.submit("late-arrival")
+    submitted = time.monotonic()
+    page.wait_for_selector("#task-rows tr[data-id='late-arrival']", timeout=APPEAR_S * 1000)
+    assert time.monotonic() - submitted <= APPEAR_S
+    assert page.errors == []
+
+
+def test_a_task_submitted_from_the_page_is_accepted(page, instance):
+    _open(page, instance)
+    page.fill("#submit-id", "from-the-page")
+    page.fill("#submit-payload", "hello")
+    page.click("#submit-form button[type=submit]")
+    expect(page.locator("#task-message")).to_contain_text("from-the-page accepted", timeout=WAIT_MS)
+    instance.final.wait("from-the-page")
+    status, task = instance.get("/tasks/from-the-page")
+    assert (status, task["state"]) == (200, "done")
+    assert page.errors == []
+
+
+def _serves_cancel(instance: Instance) -> bool:
+    status, _, _ = instance.client.request("DELETE", "/tasks/no-such-task")
+    return status != 405
+
+
+def test_cancel_from_the_page_cancels_a_queued_task(page, instance):
+    if not _serves_cancel(instance):
+        pytest.skip("this build has no DELETE /tasks/<id>")
+    instance.submit("running-0", "block")
+    assert instance.handler.blocked.wait(WAIT_S)
+    instance.submit("victim")
+    _open(page, instance)
+    page.click("button[aria-label='Cancel task victim']")
+    expect(page.locator("#task-rows tr[data-id='victim'] td.state-cancelled")).to_be_visible(timeout=WAIT_MS)
+    assert instance.get("/tasks/victim")[1]["state"] == "cancelled"
+    assert "victim cancelled" in page.text_content("#task-message")
+    assert page.errors == []
+
+
+def test_with_a_token_the_page_asks_for_it_and_shows_tasks_only_with_it(page, guarded):
+    guarded.submit("secret-task")
+    _open(page, guarded)
+    expect(page.locator("#token-dialog")).to_be_visible(timeout=WAIT_MS)
+    assert "secret-task" not in page.content()
+
+    page.fill("#token-input", "wrong-token-0123456789")
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#token-error")).to_contain_text("refused", timeout=WAIT_MS)
+    assert page.is_visible("#token-dialog")
+    assert "secret-task" not in page.content()
+
+    page.fill("#token-input", TOKEN)
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#task-rows tr[data-id='secret-task']")).to_be_visible(timeout=WAIT_MS)
+    assert not page.is_visible("#token-dialog")
+    # The wrong token's 401 is the only error the browser logged.
+    assert all("401" in error for error in page.errors), page.errors

@@ -1,0 +1,116 @@
+"""The dashboard's per-second figures, driven by hand on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.live import LATENCY_STEP_S, LiveFigures, bucket_bound, latency_bucket, percentile
+from workerpool import State, Task
+
+T0 = 1_800_000_000  # a multiple of LATENCY_STEP_S: the steps line up with whole tens of seconds
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def task(state: State = State.QUEUED) -> Task:
+    return Task("t", "", 0, state=state)
+
+
+def test_counts_land_in_the_second_they_happened_and_the_current_second_is_left_out():
+    clock = Clock(T0 + 0.5)
+    live = LiveFigures(window_s=60, clock=clock)
+    live.task_queued(task())
+    live.task_queued(task())
+    live.attempt_finished(task(State.DONE), 0.2)
+    clock.now = T0 + 1.25
+    live.attempt_finished(task(State.FAILED), 0.2)
+    live.attempt_finished(task(State.QUEUED), 0.2)  # failed, retry scheduled
+    live.task_abandoned(task(State.FAILED))
+
+    series = live.series()  # at T0 + 1: second T0 is complete, T0 + 1 is not
+    assert (series["start"], series["seconds"]) == (T0 + 1 - 60, 60)
+    assert series["accepted"][-1] == 2 and sum(series["accepted"]) == 2
+    assert series["done"][-1] == 1 and sum(series["failed"]) == 0
+
+    clock.now = T0 + 2
+    series = live.series()
+    assert series["accepted"][-2:] == [2, 0]
+    assert series["done"][-2:] == [1, 0]
+    assert series["failed"][-2:] == [0, 2]
+    assert series["retried"][-2:] == [0, 1]
+    assert len(series["accepted"]) == len(series["cancelled"]) == 60
+
+
+def test_a_cancelled_task_is_counted_whether_it_was_running_or_not():
+    clock = Clock(T0)
+    live = LiveFigures(window_s=60, clock=clock)
+    live.attempt_finished(Task("a", "", 0, state="cancelled"), 0.1)  # type: ignore[arg-type]
+    live.task_cancelled(Task("b", "", 0, state="cancelled"))  # type: ignore[arg-type]
+    clock.now = T0 + 1
+    assert live.series()["cancelled"][-1] == 2
+
+
+def test_seconds_that_left_the_window_are_forgotten_and_their_slots_reused():
+    clock = Clock(T0)
+    live = LiveFigures(window_s=20, clock=clock)
+    live.task_queued(task())
+    clock.now = T0 + 20  # same slot of the ring, twenty seconds later
+    live.task_queued(task())
+    live.task_queued(task())
+    clock.now = T0 + 21
+    series = live.series()
+    assert series["accepted"][-1] == 2
+    assert sum(series["accepted"]) == 2
+    clock.now = T0 + 100  # nothing for longer than the window
+    assert sum(live.series()["accepted"]) == 0
+
+
+def test_latency_percentiles_per_step_and_over_the_last_minute():
+    clock = Clock(T0)
+    live = LiveFigures(window_s=60, clock=clock)
+    for n in range(1, 101):  # 10 ms .. 1 s in this step
+        live.attempt_finished(task(State.DONE), n / 100)
+    clock.now = T0 + LATENCY_STEP_S + 3  # the next step holds one slow attempt
+    live.attempt_finished(task(State.DONE), 5.0)
+    clock.now = T0 + 2 * LATENCY_STEP_S  # both steps complete
+    latency = live.series()["latency"]
+    assert latency["step"] == LATENCY_STEP_S
+    steps = {latency["start"] + i * LATENCY_STEP_S: i for i in range(len(latency["attempts"]))}
+    first, second = steps[T0], steps[T0 + LATENCY_STEP_S]
+    assert latency["attempts"][first] == 100 and latency["attempts"][second] == 1
+    # Upper bounds of their buckets: never below the true value, at most 19 % above it.
+    for p, true_value in ((50, 0.50), (90, 0.90), (99, 0.99)):
+        assert true_value <= latency[f"p{p}"][first] <= true_value * 1.19
+    assert 5.0 <= latency["p50"][second] <= 5.0 * 1.19
+    assert latency["p50"][first - 1] is None  # no attempt in that step
+    recent = live.series()["recent_latency"]
+    assert 0.50 <= recent["p50"] <= 0.50 * 1.19
+    assert 1.0 <= recent["p99"] <= 1.0 * 1.19  # rank 100 of 101: the slowest of the first step
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.0005, 0.001, 0.0123, 0.25, 1.0, 7.5, 600.0])
+def test_a_duration_falls_in_a_bucket_at_most_19_percent_wider(seconds):
+    bucket = latency_bucket(seconds)
+    assert seconds <= bucket_bound(bucket) <= max(seconds * 2**0.25, 0.001)
+
+
+def test_durations_beyond_the_last_bucket_share_it():
+    assert latency_bucket(10**9) == latency_bucket(10**8)
+
+
+def test_percentile_uses_the_nearest_rank():
+    assert percentile({}, 50) is None
+    histogram = {latency_bucket(0.1): 9, latency_bucket(2.0): 1}
+    assert percentile(histogram, 90) == bucket_bound(latency_bucket(0.1))
+    assert percentile(histogram, 91) == bucket_bound(latency_bucket(2.0))
+
+
+def test_a_window_shorter_than_a_latency_step_is_refused():
+    with pytest.raises(ValueError, match="window_s"):
+        LiveFigures(window_s=5)
