@@ -16,7 +16,7 @@ dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
 # The dashboard's browser tests drive Debian's chromium (installed with apt when missing; never a downloaded browser).
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev node_modules/.installed
 	@test -x /usr/bin/chromium || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium)
 	$(BIN)/python -m pytest
 
@@ -34,7 +34,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis bench/out
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .hypothesis bench/out
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,10 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 $(VENV)/.installed-bench: requirements.txt bench/requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r bench/requirements.txt
 	touch $@ $(VENV)/.installed
+
+# Redocly's OpenAPI linter, which the tests run (pinned in package.json and package-lock.json; one npm
+# package, no browser download). npm comes from Debian when missing.
+node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends npm)
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
