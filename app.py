@@ -120,9 +120,9 @@ def pool_of(app: Flask) -> WorkerPool:
     return services(app).pool
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
+def configure_logging(level: str, log_format: str = "text", *, access_log: bool = True) -> None:
     """Set up logging as gunicorn.conf.py does; entry points call this, ``create_app`` never does."""
-    logging.config.dictConfig(logs.logging_config(level, log_format))
+    logging.config.dictConfig(logs.logging_config(level, log_format, access_log=access_log))
 
 
 def _port(text: str) -> int:
@@ -148,7 +148,11 @@ class _PlainAccessLog(WSGIRequestHandler):
     """Werkzeug's request handler with gunicorn's access line layout, without terminal colour codes."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        line = self.requestline.translate(_ESCAPE_CONTROLS)
+        line, target = self.requestline, getattr(self, "path", "")  # no path: the request line was unreadable
+        if "?" in target:  # a secret a client put in the query stays out of the log
+            refused = logs.is_refused(code if isinstance(code, int) else None)
+            line = line.replace(target, logs.redact_target(target, refused=refused), 1)
+        line = line.translate(_ESCAPE_CONTROLS)
         logging.getLogger("werkzeug").info('%s "%s" %s %s', self.address_string(), line, code, size)
 
 
@@ -166,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args.host if args.host is not None else config.host,
         port=args.port if args.port is not None else config.port,
     )
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, access_log=config.access_log)
     app = create_app(config)
     pool = pool_of(app)
     server = make_server(config.host, config.port, app, threaded=True, request_handler=_PlainAccessLog)

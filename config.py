@@ -76,6 +76,7 @@ class Config:
     shutdown_timeout_s: float = 20.0
     log_level: str = "INFO"
     log_format: str = "text"
+    access_log: bool = True
     # "module:callable" run for every attempt instead of the simulated work.
     task_handler: str = ""
     store: StoreSetting = StoreSetting()
@@ -160,6 +161,16 @@ def _log_format(text: str) -> str:
     return text.lower()
 
 
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+
+
+def _switch(text: str) -> bool:
+    try:
+        return _SWITCH[text.lower()]
+    except KeyError:
+        raise ValueError("must be on or off (also true/false, 1/0, yes/no)") from None
+
+
 def _import_path(text: str) -> str:
     if text and not _IMPORT_PATH.fullmatch(text):
         raise ValueError("must be empty or module:callable, e.g. mytasks:run")
@@ -189,6 +200,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
+    "ACCESS_LOG": ("access_log", _switch),
     "TASK_HANDLER": ("task_handler", _import_path),
     "API_TOKEN": ("api_token", _token),
     "STORE": ("store", _store),

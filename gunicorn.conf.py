@@ -33,12 +33,12 @@ preload_app = False  # the pool must be built in the worker, not in the arbiter 
 max_requests = 0  # recycling the only worker would stall the service and cut a drain short
 graceful_timeout = math.ceil(_settings.shutdown_timeout_s) + DRAIN_MARGIN_S  # whole seconds only
 control_socket_disable = True  # parallel servers would share ~/.gunicorn/gunicorn.ctl
-accesslog = "-"
+accesslog = "-" if _settings.access_log else None  # ACCESS_LOG=on|off
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 # The app's format for gunicorn's own lines too (LOG_FORMAT=text or json).
 logconfig_dict = _logs.logging_config(_settings.log_level, _settings.log_format)
-access_log_format = _logs.ACCESS_LOG_FORMAT
+logger_class = "service.access_log.AccessLogger"  # one cheap access line per request
 
 
 def _drain_timeout(worker) -> float:

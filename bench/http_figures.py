@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
-from .harness import Run, collapsed_inclusive, collapsed_self_time, table
+from .harness import Run, table
 from .server import OUT, Server
 from .stats import ratios, spread, verdict
 from .wsgi import REFERENCE_ACCEPT, REFERENCE_REJECT
@@ -78,7 +77,6 @@ def enqueue_overhead(run: Run) -> None:
     )
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    text += "\n\n" + _request_profile(run)
     run.sections["1. Enqueue overhead"] = text
 
 
@@ -142,46 +140,6 @@ def profile_during_wrk(run: Run, server: Server, raw: Path, path: str, *, batch:
         if spy.poll() is None:
             spy.kill()
             spy.wait()
-
-
-def _request_profile(run: Run) -> str:
-    """Where the worker process spends its GIL-holding time during an enqueue run (py-spy)."""
-    if run.quick or not os.path.exists(PYSPY):
-        return "(request-path profile skipped)"
-    raw = OUT / "enqueue-profile.txt"
-    with Server("enqueue-profile", env={"QUEUE_SIZE": "1000000", **_QUICK_EXIT}, app="bench.wsgi:app") as server:
-        server.wait_ready()
-        profile_during_wrk(run, server, raw, "/enqueue")
-    if not raw.exists():
-        return "(request-path profile: py-spy produced no output)"
-    parts = collapsed_inclusive(
-        raw,
-        {
-            "whole enqueue view (service/api.py enqueue)": "enqueue (service/api.py",
-            "  parse_enqueue (JSON + validation)": "parse_enqueue (",
-            "  WorkerPool.submit": "submit (workerpool/pool.py",
-            "  task_to_json + jsonify (response body)": "task_to_json (",
-            "  url_for (Location header)": "url_for (",
-            "  metrics counters": "inc (",
-            "werkzeug/Flask request handling (wsgi_app)": "wsgi_app (",
-            "gunicorn access log": "access (",
-            "garbage collection": "gc_collect",
-            "pool worker threads (_work)": "_work (",
-        },
-    )
-    lines = [
-        "Where the worker process holds the GIL while wrk posts to /enqueue (py-spy, 250 Hz, `--gil`; "
-        "share of samples whose stack contains the function):",
-        "",
-        table(["function", "share"], [[label, f"{share:.1%}"] for label, share in parts]),
-        "",
-        "Top self time:",
-        "",
-        table(
-            ["function", "share"], [[f"`{name}`", f"{share:.1%}"] for name, share in collapsed_self_time(raw, top=10)]
-        ),
-    ]
-    return "\n".join(lines)
 
 
 # -- memory --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from . import batch, efficiency, engine, http_figures
+from . import batch, efficiency, engine, http_figures, reference
 from .harness import Run, table
 from .server import ROOT
 
@@ -26,6 +26,7 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 def figures(run: Run) -> dict[str, Callable[[], None]]:
     quick = run.quick
     return {
+        "0": lambda: reference.bare_flask_reference(run),
         "3": lambda: engine.engine_throughput(run, n=5_000 if quick else 100_000),
         "4a": lambda: engine.retained_task_memory(run, sizes=(2_000,) if quick else (10_000, 100_000)),
         "1": lambda: http_figures.enqueue_overhead(run),
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the service")
-    parser.add_argument("--only", help="comma-separated figures to run (1, 2, 3, 4a, 4b, 5, 6)")
+    parser.add_argument("--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6)")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds per figure (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the report (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in chosen if f not in table_]
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(table_)}")
-    needs_wrk = {"1", "4b", "6"} & set(chosen)
+    needs_wrk = {"0", "1", "4b", "6"} & set(chosen)
     if needs_wrk and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install -y wrk); `make bench` installs it")
     meta = machine()

@@ -25,8 +25,18 @@ _WORKER = re.compile(r"Booting worker with pid: (\d+)")
 class Server:
     """One gunicorn arbiter (own session) with its log in bench/out/; ``stop`` always kills it."""
 
-    def __init__(self, name: str, *, env: dict[str, str], app: str | None = None, config: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        env: dict[str, str],
+        app: str | None = None,
+        config: str | None = None,
+        ready: tuple[str, int] = ("/healthz", 200),
+    ) -> None:
+        """``ready``: the GET path and status that tell the app is serving."""
         OUT.mkdir(parents=True, exist_ok=True)
+        self.ready = ready
         self.env_overrides = {"HOST": "127.0.0.1", "PORT": "0", **env}
         args = list(GUNICORN)
         if config is not None:
@@ -62,7 +72,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 30.0, poll: float = 0.005) -> float:
-        """Block until GET /healthz answers 200; return seconds since the process was started."""
+        """Block until the ``ready`` request answers as expected; return seconds since the process was started."""
         deadline = time.monotonic() + timeout
         while not self.port:
             self._check_alive(deadline)
@@ -73,7 +83,7 @@ class Server:
         while True:
             self._check_alive(deadline)
             try:
-                if self.request("GET", "/healthz")[0] == 200:
+                if self.request("GET", self.ready[0])[0] == self.ready[1]:
                     ready = time.monotonic() - self.started
                     break
             except OSError:

@@ -79,7 +79,7 @@ def live() -> Response:
     stats = svc.pool.stats()
     body = {
         "status": "ok" if stats.accepting else "draining",
-        "store": _store_name(svc.config),
+        "store": svc.config.store.kind,
         "token_required": bool(svc.config.api_token),
         "workers": stats.workers,
         "busy_workers": stats.counts[State.RUNNING],
@@ -93,7 +93,3 @@ def live() -> Response:
     response.headers["Cache-Control"] = "no-store"
     return response
 
-
-def _store_name(config: object) -> str:
-    # Tasks live in the process's memory unless the settings name another store.
-    return str(getattr(config, "store", "memory"))

@@ -1,16 +1,22 @@
 """Log output for the service and gunicorn alike: human-readable lines, or one JSON object per line.
 
 Every record passes one filter that attaches ``task_id`` and ``request_id``
-(from the engine's ``extra``, the current request, or gunicorn's access
-atoms), so both formats can show them. The engine only logs; this module,
-called by the entry points, decides where and how.
+(from the engine's ``extra`` or the current request), so both formats can
+show them. Access lines skip the logging machinery: each formatter turns an
+``AccessEntry`` into one line directly (see ``service/access_log.py``). The
+engine only logs; this module, called by the entry points, decides where and how.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
-from collections.abc import Mapping
-from typing import Any
+import os
+import re
+import time
+from typing import Any, NamedTuple
+from urllib.parse import unquote_plus
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -20,37 +26,123 @@ from . import request_id
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 TEXT_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"  # gunicorn's own
-# gunicorn access lines: the text formatter adds time, pid and request id around them.
-ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
 ACCESS_LOGGER = "gunicorn.access"
-_ACCESS_REQUEST_ID = f"{{{request_id.HEADER.lower()}}}o"  # the response header, as gunicorn names it
 
 
 class ContextFilter(logging.Filter):
     """Give every record ``task_id`` and ``request_id`` attributes (None when unknown)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        access = _access_atoms(record)
-        if access is not None:
-            echoed = access.get(_ACCESS_REQUEST_ID)
-            record.request_id = echoed if echoed not in (None, "-") else None
-        elif not hasattr(record, "request_id"):
+        if not hasattr(record, "request_id"):
             record.request_id = request_id.current()
         if not hasattr(record, "task_id"):
             record.task_id = None
         return True
 
 
+# Characters that end or rewrite a line in a terminal, a pager or a log shipper (str.splitlines()
+# breaks on most of them): C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_LINE_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def escape(text: str) -> str:
+    """``text`` with every line-breaking or control character written as a visible escape (``\\n`` -> ``\\x0a``)."""
+    return text.translate(_ESCAPES) if _LINE_BREAKERS.search(text) else text
+
+
+# Query parameters whose values are secrets when a client wrongly sends one in the URL.
+_SECRET_NAME = re.compile(r"token|key|secret|passw|pwd|auth|sig|credential|session|cookie", re.IGNORECASE)
+REDACTED = "REDACTED"
+
+
+def redact_target(target: str, *, refused: bool) -> str:
+    """A request target fit for a log: values of secret-looking query parameters replaced, and the
+    whole query of a refused request (401, 403), whose client may have put its token anywhere."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    if refused:
+        return f"{path}?{REDACTED}"
+    return f"{path}?{'&'.join(_redact_parameter(p) for p in query.split('&'))}"
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, _ = parameter.partition("=")
+    return f"{name}={REDACTED}" if equals and _SECRET_NAME.search(unquote_plus(name)) else parameter
+
+
+def is_refused(status: int | None) -> bool:
+    return status in (401, 403)
+
+
+class AccessEntry(NamedTuple):
+    """One HTTP request as its access line reports it."""
+
+    created: float  # time.time() when the line is written
+    remote_addr: str
+    method: str
+    path: str  # without the query
+    request_line: str  # method, target (secrets redacted) and protocol
+    status: int | None
+    response_bytes: int | None
+    duration_ms: int
+    user_agent: str
+    request_id: str | None
+
+    @property
+    def message(self) -> str:
+        """gunicorn's access layout: ``127.0.0.1 "POST /enqueue HTTP/1.1" 202 236 2ms "curl/8.5.0"``."""
+        return (
+            f'{self.remote_addr} "{_quoted(self.request_line)}" {self.status} {self.response_bytes} '
+            f'{self.duration_ms}ms "{_quoted(self.user_agent)}"'
+        )
+
+
+def _quoted(text: str) -> str:
+    # A quote inside a quoted field would let a client shift the fields after it.
+    return text.replace("\\", "\\\\").replace('"', '\\"') if '"' in text or "\\" in text else text
+
+
 class TextFormatter(logging.Formatter):
-    """gunicorn's line layout plus the logger name, with ``request_id=...`` appended when known."""
+    """gunicorn's line layout plus the logger name, with ``request_id=...`` appended when known.
+
+    One record is one line: control characters and line separators in the
+    message and the ids are escaped, so a task id or an exception message
+    cannot end the line or forge another. A traceback keeps its lines, each
+    indented, so none of them can pass for a record either.
+    """
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT, TEXT_DATE_FORMAT)
+        self._second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+    def access_line(self, entry: AccessEntry) -> str:
+        """The access line as ``format`` would write it for a record of ``entry.message``."""
+        second, text = self._second
+        if second != int(entry.created):  # a race only formats the same second twice
+            second, text = int(entry.created), time.strftime(TEXT_DATE_FORMAT, self.converter(entry.created))
+            self._second = (second, text)
+        line = f"{text} [{os.getpid()}] [INFO] {ACCESS_LOGGER}: {escape(entry.message)}"
+        return line if entry.request_id is None else f"{line} request_id={escape(entry.request_id)}"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = escape(self.formatMessage(record))
         rid = getattr(record, "request_id", None)
-        return line if rid is None else f"{line} request_id={rid}"
+        if rid is not None:
+            line = f"{line} request_id={escape(str(rid))}"
+        # Not logging's cached record.exc_text: another formatter may have written it unindented.
+        if record.exc_info:
+            line += "\n" + _indented(self.formatException(record.exc_info))
+        if record.stack_info:
+            line += "\n" + _indented(self.formatStack(record.stack_info))
+        return line
+
+
+def _indented(block: str) -> str:
+    return "\n".join("    " + escape(line) for line in block.split("\n"))
 
 
 class JsonLineFormatter(JsonFormatter):
@@ -65,37 +157,59 @@ class JsonLineFormatter(JsonFormatter):
             json_ensure_ascii=False,
         )
 
-    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
-        super().add_fields(log_data, record, message_dict)
-        access = _access_atoms(record)
-        if access is not None:
-            log_data.update(
-                remote_addr=access.get("h"),
-                method=access.get("m"),
-                path=access.get("U"),
-                status=_int_or_none(access.get("s")),
-                response_bytes=access.get("B"),
-                duration_ms=access.get("M"),
+    def jsonify_log_record(self, log_data: dict[str, Any]) -> str:
+        return _json_line(super().jsonify_log_record(log_data))
+
+    def access_line(self, entry: AccessEntry) -> str:
+        """The access line as ``format`` would write it, plus the request's fields."""
+        return _json_line(
+            json.dumps(
+                {
+                    "level": "INFO",
+                    "logger": ACCESS_LOGGER,
+                    "message": entry.message,
+                    "task_id": None,
+                    "request_id": entry.request_id,
+                    "timestamp": datetime.datetime.fromtimestamp(entry.created, tz=datetime.UTC).isoformat(),
+                    "remote_addr": entry.remote_addr,
+                    "method": entry.method,
+                    "path": entry.path,
+                    "status": entry.status,
+                    "response_bytes": entry.response_bytes,
+                    "duration_ms": entry.duration_ms,
+                },
+                ensure_ascii=False,
             )
+        )
 
 
-def _access_atoms(record: logging.LogRecord) -> Mapping[str, Any] | None:
-    # gunicorn logs each request as (access_log_format, atoms): a single mapping argument.
-    if record.name == ACCESS_LOGGER and isinstance(record.args, Mapping):
-        return record.args
-    return None
+def _json_line(text: str) -> str:
+    # JSON allows U+2028 and U+2029 raw, but many line readers (str.splitlines, editors) break on them.
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") if _SEPARATORS.search(text) else text
 
 
-def _int_or_none(value: object) -> int | None:
-    try:
-        return int(str(value))
-    except ValueError:
-        return None
+_SEPARATORS = re.compile("[\u2028\u2029]")
 
 
-def logging_config(level: str, log_format: str) -> dict[str, Any]:
+def write_access(logger: logging.Logger, entry: AccessEntry) -> None:
+    """Write ``entry`` to each handler of ``logger``: straight to the stream when the handler's
+    formatter is one of ours, as an ordinary record otherwise."""
+    for handler in logger.handlers:
+        access_line = getattr(handler.formatter, "access_line", None)
+        if access_line is not None and isinstance(handler, logging.StreamHandler):
+            line = access_line(entry) + handler.terminator
+            with handler.lock:  # type: ignore[union-attr]  # set by Handler.__init__
+                handler.stream.write(line)
+                handler.stream.flush()
+        else:
+            fields = {"name": logger.name, "levelno": logging.INFO, "levelname": "INFO", "msg": entry.message}
+            handler.handle(logging.makeLogRecord({**fields, "request_id": entry.request_id}))
+
+
+def logging_config(level: str, log_format: str, *, access_log: bool = True) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for the app and gunicorn: app and error lines to stderr,
-    access lines to stdout, all in ``log_format`` ("text" or "json")."""
+    access lines to stdout, all in ``log_format`` ("text" or "json"). Without ``access_log`` the
+    development server's request lines (logger ``werkzeug``, INFO) are left out too."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {log_format!r}")
     formatter = JsonLineFormatter if log_format == "json" else TextFormatter
@@ -122,5 +236,6 @@ def logging_config(level: str, log_format: str) -> dict[str, Any]:
         "loggers": {
             "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
             ACCESS_LOGGER: {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+            **({} if access_log else {"werkzeug": {"level": "WARNING"}}),
         },
     }

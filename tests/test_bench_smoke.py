@@ -81,3 +81,14 @@ def test_every_table_row_has_as_many_cells_as_its_header(tmp_path):
             width = line.count("|")
         else:
             assert line.count("|") == width, line
+
+
+def test_the_bare_flask_reference_answers_like_a_minimal_enqueue_route():
+    from bench.bare_flask import app
+
+    client = app.test_client()
+    accepted = client.post("/enqueue", data=b'{"id": "a", "payload": "x", "max_retries": 3}')
+    assert (accepted.status_code, accepted.get_json()) == (202, {"id": "a", "state": "queued"})
+    assert client.post("/enqueue", data=b'{"id": 5, "payload": "x"}').status_code == 400
+    assert client.post("/enqueue", data=b"not json").status_code == 400
+    assert client.get("/enqueue").status_code == 405  # what the benchmark waits for before it starts

@@ -99,17 +99,38 @@ def test_text_lines_keep_the_gunicorn_layout_and_append_the_request_id(capture):
     assert lines[2].startswith("[")  # [2026-11-27 10:00:00 +0000] [pid] ...
 
 
-def test_gunicorn_access_records_become_structured_fields(capture):
-    out = capture("json")
-    atoms = {"h": "127.0.0.1", "r": "POST /enqueue HTTP/1.1", "m": "POST", "U": "/enqueue", "s": "202", "B": 180}
-    atoms |= {"M": 3, "a": "curl", "{x-request-id}o": "r-9"}
-    logging.getLogger(logs.ACCESS_LOGGER).info(logs.ACCESS_LOG_FORMAT, atoms)
-    (record,) = json_lines(out["stdout"].getvalue())
-    assert record["message"] == '127.0.0.1 "POST /enqueue HTTP/1.1" 202 180 3ms "curl"'
-    assert record["request_id"] == "r-9"
-    assert (record["method"], record["path"], record["status"], record["duration_ms"]) == ("POST", "/enqueue", 202, 3)
+def test_a_json_line_escapes_the_unicode_line_separators_that_line_readers_split_on(capture):
+    out = capture("json", level="INFO")
+    logging.getLogger("somewhere").info("a\u2028b\u2029c\nd")
+    (line,) = out["stderr"].getvalue().splitlines()
+    assert json.loads(line)["message"] == "a\u2028b\u2029c\nd"
 
 
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="log_format"):
         logs.logging_config("INFO", "xml")
+
+
+LINE_BREAKERS = ["\n", "\r", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1b", "\x00", "\x7f"]
+
+
+@pytest.mark.parametrize("breaker", LINE_BREAKERS)
+def test_a_text_line_stays_one_line_whatever_its_message_and_ids_hold(capture, breaker):
+    out = capture("text", level="INFO")
+    forged = f"x{breaker}[2026-11-27 10:00:00 +0000] [1] [INFO] forged"
+    logging.getLogger("somewhere").info("task %s failed (%s)", forged, forged, extra={"request_id": forged})
+    text = out["stderr"].getvalue()
+    assert len(text.splitlines()) == 1, text
+    assert f"\\x{ord(breaker):02x}" in text or f"\\u{ord(breaker):04x}" in text
+
+
+def test_a_traceback_keeps_its_lines_but_none_can_pass_for_a_record(capture):
+    out = capture("text", level="INFO")
+    try:
+        raise ValueError("bad\n[2026-11-27 10:00:00 +0000] [1] [INFO] forged\u2028too")
+    except ValueError:
+        logging.getLogger("somewhere").exception("it broke")
+    first, *rest = out["stderr"].getvalue().splitlines()
+    assert first.endswith("[ERROR] somewhere: it broke")
+    assert any("Traceback" in line for line in rest)
+    assert all(line.startswith("    ") for line in rest), rest

@@ -1,0 +1,148 @@
+"""The access line: one per request in the chosen format, with its request id, secrets left out."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import logging.config
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from gunicorn.config import Config as GunicornConfig
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+
+from service import logs
+from service.access_log import AccessLogger
+
+ENVIRON = {
+    "REMOTE_ADDR": "127.0.0.1",
+    "REQUEST_METHOD": "POST",
+    "RAW_URI": "/enqueue",
+    "PATH_INFO": "/enqueue",
+    "SERVER_PROTOCOL": "HTTP/1.1",
+    "HTTP_USER_AGENT": "curl/8.5.0",
+}
+
+
+@pytest.fixture
+def gunicorn_logger(monkeypatch):
+    """An AccessLogger set up as gunicorn.conf.py sets it up, writing to a buffer."""
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    stdout = io.StringIO()
+
+    def make(log_format: str = "text", *, accesslog: str | None = "-") -> tuple[AccessLogger, io.StringIO]:
+        monkeypatch.setattr("sys.stdout", stdout)
+        monkeypatch.setattr("sys.stderr", io.StringIO())
+        cfg = GunicornConfig()
+        cfg.set("accesslog", accesslog)
+        cfg.set("logconfig_dict", logs.logging_config("INFO", log_format))
+        return AccessLogger(cfg), stdout
+
+    yield make
+    for name in ("gunicorn.error", logs.ACCESS_LOGGER):
+        logging.getLogger(name).handlers.clear()
+    root.handlers[:] = saved[1]
+    root.setLevel(saved[0])
+
+
+def request(logger: AccessLogger, status: str = "202 ACCEPTED", **environ: str) -> None:
+    headers = [("Content-Type", "application/json"), ("X-Request-ID", "rid-1")]
+    response = SimpleNamespace(status=status, sent=236, headers=headers)
+    logger.access(response, None, {**ENVIRON, **environ}, timedelta(milliseconds=2, microseconds=700))
+
+
+def test_a_text_access_line_keeps_gunicorn_layout_and_appends_the_request_id(gunicorn_logger):
+    logger, out = gunicorn_logger("text")
+    request(logger)
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("[") and "] [INFO] gunicorn.access: " in line
+    assert line.endswith(
+        ' gunicorn.access: 127.0.0.1 "POST /enqueue HTTP/1.1" 202 236 2ms "curl/8.5.0" request_id=rid-1'
+    )
+
+
+def test_a_json_access_line_has_the_usual_keys_and_the_request_fields(gunicorn_logger):
+    logger, out = gunicorn_logger("json")
+    request(logger)
+    (record,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert list(record)[:6] == ["level", "logger", "message", "task_id", "request_id", "timestamp"]
+    assert record["message"] == '127.0.0.1 "POST /enqueue HTTP/1.1" 202 236 2ms "curl/8.5.0"'
+    assert (record["level"], record["logger"], record["task_id"], record["request_id"]) == (
+        "INFO",
+        "gunicorn.access",
+        None,
+        "rid-1",
+    )
+    assert record["timestamp"].endswith("+00:00")
+    fields = ("remote_addr", "method", "path", "status", "response_bytes", "duration_ms")
+    assert [record[f] for f in fields] == ["127.0.0.1", "POST", "/enqueue", 202, 236, 2]
+
+
+def test_access_log_off_writes_nothing(gunicorn_logger):
+    logger, out = gunicorn_logger("text", accesslog=None)
+    request(logger)
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_forged_user_agent_cannot_split_or_shift_the_line(gunicorn_logger, log_format):
+    logger, out = gunicorn_logger(log_format)
+    request(logger, HTTP_USER_AGENT='x" 500 0 0ms "y\n[2026-11-27 10:00:00 +0000] [1] [INFO] forged\u2028')
+    (line,) = out.getvalue().splitlines()
+    message = json.loads(line)["message"] if log_format == "json" else line
+    assert '"x\\" 500 0 0ms \\"y' in message
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "logged"),
+    [
+        ("/healthz?token=s3cret", "200 OK", "/healthz?token=REDACTED"),
+        ("/tasks?state=done&api_key=s3cret&limit=5", "200 OK", "/tasks?state=done&api_key=REDACTED&limit=5"),
+        ("/tasks?Access_Token=s3cret", "200 OK", "/tasks?Access_Token=REDACTED"),
+        ("/tasks?access%5Ftoken=s3cret", "200 OK", "/tasks?access%5Ftoken=REDACTED"),
+        ("/tasks?password=s3cret&state=x", "400 BAD REQUEST", "/tasks?password=REDACTED&state=x"),
+        ("/tasks/a?t=s3cret", "401 UNAUTHORIZED", "/tasks/a?REDACTED"),  # a refused request keeps no query
+        ("/tasks?state=done&limit=5", "200 OK", "/tasks?state=done&limit=5"),
+    ],
+)
+def test_secrets_in_the_query_are_never_logged(gunicorn_logger, target, status, logged):
+    logger, out = gunicorn_logger("text")
+    request(logger, status=status, REQUEST_METHOD="GET", RAW_URI=target, PATH_INFO=target.partition("?")[0])
+    text = out.getvalue()
+    assert "s3cret" not in text
+    assert f'"GET {logged} HTTP/1.1"' in text
+
+
+@pytest.mark.e2e
+def test_gunicorn_writes_one_access_line_per_request_without_the_secrets(tmp_path):
+    token = "0123456789abcdef-token"
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(API_TOKEN=token, WORK_MIN_MS="0", WORK_MAX_MS="0"),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        sent = [
+            ("GET", f"/healthz?access_token={token}", 200),
+            ("GET", f"/tasks/a?auth={token}", 401),
+            ("GET", f"/tasks?state=done&api_key={token}", 401),
+            ("GET", "/nowhere?x=1", 404),
+        ]
+        for n, (method, path, status) in enumerate(sent):
+            answer = client.request(method, path, headers={"X-Request-ID": f"rid-{n}"})
+            assert answer[0] == status
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert token not in log
+    access = [line for line in log.splitlines() if "gunicorn.access:" in line and "request_id=rid-" in line]
+    assert [line.rpartition("request_id=")[2] for line in access] == ["rid-0", "rid-1", "rid-2", "rid-3"]
+    assert '"GET /healthz?access_token=REDACTED HTTP/1.1" 200' in access[0]
+    assert '"GET /tasks/a?REDACTED HTTP/1.1" 401' in access[1]
+    assert '"GET /nowhere?x=1 HTTP/1.1" 404' in access[3]
