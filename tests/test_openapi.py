@@ -35,8 +35,8 @@ FUZZ_CONFIG = {
         {
             "include-operation-id": "enqueue",
             "checks": {
-                # Schema-valid bodies the API refuses by design: JSON Schema counts 3.0 as an integer but
-                # max_retries must be written 3, and a payload may push the body past MAX_BODY_BYTES (413).
+                # Schema-valid bodies the API refuses by design: a payload may push the body past
+                # MAX_BODY_BYTES (413).
                 "positive_data_acceptance": {"enabled": False},
                 # The default list lacks 413, the answer to an oversized (invalid) body.
                 "negative_data_rejection": {"expected-statuses": [400, 401, 413]},
