@@ -121,12 +121,13 @@ def _host(text: str) -> str:
     return text
 
 
+TOKEN_RULE = f"must be empty (no token) or at least {MIN_TOKEN_CHARS} visible ASCII characters, without spaces"
+
+
 def _token(text: str) -> str:
     # It travels in a header: only visible ASCII reaches the service the same from every client.
     if text and (len(text) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in text)):
-        raise ValueError(
-            f"must be empty (no token) or at least {MIN_TOKEN_CHARS} visible ASCII characters, without spaces"
-        )
+        raise ValueError(TOKEN_RULE)
     return text
 
 
@@ -230,6 +231,9 @@ def from_env(environ: Mapping[str, str]) -> Config:
         if raw is None:
             continue
         try:
+            if variable in _SECRETS and raw and not raw.strip():
+                # Set, but blank: stripped to "", it would silently mean "no token".
+                raise ValueError(TOKEN_RULE)
             values[field] = parse(raw.strip())
         except ValueError as exc:
             shown = f"<{len(raw)} characters, not shown>" if variable in _SECRETS else repr(raw)

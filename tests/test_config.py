@@ -184,6 +184,8 @@ BAD_VALUES = [
     ("API_TOKEN", "0123456789 abcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789\tabcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789abcdef\u00e9", TOKEN_RULE),
+    ("API_TOKEN", "   ", TOKEN_RULE),  # set but blank: not "no token"
+    ("API_TOKEN", "\t", TOKEN_RULE),
     ("STORE", "redis", STORE_RULE),
     ("STORE", "sqlite:/t.db", STORE_RULE),
     ("STORE", "sqlite://", f"{STORE_RULE}: the file name is missing"),
@@ -300,6 +302,21 @@ def test_a_bad_value_stops_a_process_at_start_up(tmp_path, variable, text):
     lines = result.stderr.splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"configuration error: {variable}={text!r} is invalid: ")
+
+
+@pytest.mark.parametrize("token", ["   ", "short-secret"])
+def test_a_blank_or_short_token_stops_a_process_at_start_up_without_showing_it(tmp_path, token):
+    result = subprocess.run(
+        [sys.executable, "-c", "import config; config.load(); print('started')"],
+        cwd=tmp_path,
+        env=clean_environment(API_TOKEN=token, PYTHONPATH=str(PROJECT_ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    shown = f"<{len(token)} characters, not shown>"
+    assert result.stderr == f"configuration error: API_TOKEN={shown} is invalid: {TOKEN_RULE}\n"
 
 
 def test_the_readme_documents_every_variable():
