@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DOTENV_PATH = PROJECT_ROOT / ".env"
@@ -250,9 +251,21 @@ def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
     """The process environment over the values in ``dotenv_path`` (if it exists)."""
     merged: dict[str, str] = {}
     if dotenv_path is not None and dotenv_path.is_file():
+        _check_dotenv(dotenv_path)
         merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     merged.update(os.environ)
     return merged
+
+
+def _check_dotenv(path: Path) -> None:
+    """Raise ConfigError at the first line python-dotenv cannot parse (it would only warn and skip it)."""
+    with path.open(encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                text = binding.original.string
+                blank_lines_before = text[: len(text) - len(text.lstrip())].count("\n")
+                # The line's text is not shown: it may hold a secret.
+                raise ConfigError(f"{path} line {binding.original.line + blank_lines_before} is not VARIABLE=value")
 
 
 def load(dotenv_path: Path | None = DOTENV_PATH) -> Config:

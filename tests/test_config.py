@@ -267,6 +267,19 @@ def test_dotenv_fills_in_and_the_real_environment_wins(tmp_path, monkeypatch):
     assert (loaded.workers, loaded.queue_size, loaded.log_level) == (7, 11, "DEBUG")
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("WORKERS=2\nWORKERS 5\n", 2), ("# settings\n\n\nQUEUE_SIZE: 9\nWORKERS=2\n", 4), ("API_TOKEN secret-value\n", 1)],
+)
+def test_a_malformed_dotenv_line_stops_start_up_naming_the_line(tmp_path, capsys, text, line):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(text)
+    with pytest.raises(SystemExit) as caught:
+        config.load(dotenv)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"configuration error: {dotenv} line {line} is not VARIABLE=value\n"
+
+
 def test_a_missing_dotenv_file_means_defaults(tmp_path):
     assert config.load(tmp_path / "absent.env") == Config()
 
