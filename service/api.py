@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from urllib.parse import quote
+
+from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import connection, request_id
@@ -16,7 +18,7 @@ bp = Blueprint("api", __name__)
 
 
 @bp.post("/enqueue")
-def enqueue() -> tuple[Response, int, dict[str, str]]:
+def enqueue() -> Response:
     """Validate a task and queue it without waiting for room."""
     svc = services()
     try:
@@ -28,7 +30,20 @@ def enqueue() -> tuple[Response, int, dict[str, str]]:
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
-    return jsonify(task_to_json(task)), 202, {"Location": url_for("api.get_task", task_id=task.id)}
+    response = jsonify(task_to_json(task))
+    response.status_code = 202
+    response.headers["Location"] = task_url(task.id)
+    return response
+
+
+# werkzeug's quoting of a <path:...> value (PathConverter.to_url). url_for's routing machinery
+# around it cost about a tenth of the enqueue request's time.
+_PATH_SAFE = "!$&'()*+,/:;=@"
+
+
+def task_url(task_id: str) -> str:
+    """The path of a task's URL, as ``url_for("api.get_task", task_id=task_id)`` builds it."""
+    return f"{request.root_path}/tasks/{quote(task_id, safe=_PATH_SAFE)}"
 
 
 def read_body(limit: int) -> bytes:

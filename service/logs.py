@@ -197,13 +197,27 @@ def write_access(logger: logging.Logger, entry: AccessEntry) -> None:
     for handler in logger.handlers:
         access_line = getattr(handler.formatter, "access_line", None)
         if access_line is not None and isinstance(handler, logging.StreamHandler):
-            line = access_line(entry) + handler.terminator
-            with handler.lock:  # type: ignore[union-attr]  # set by Handler.__init__
-                handler.stream.write(line)
-                handler.stream.flush()
+            _write_line(handler, access_line(entry) + handler.terminator)
         else:
             fields = {"name": logger.name, "levelno": logging.INFO, "levelname": "INFO", "msg": entry.message}
             handler.handle(logging.makeLogRecord({**fields, "request_id": entry.request_id}))
+
+
+def _write_line(handler: logging.StreamHandler, line: str) -> None:
+    stream = handler.stream
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: a test's buffer
+        with handler.lock:  # type: ignore[union-attr]  # set by Handler.__init__
+            stream.write(line)
+            stream.flush()
+        return
+    # One write() per line, without the handler's lock: holding it through the system call made
+    # every request thread queue behind a slow disk or pipe. A line is written whole by one call
+    # (appends to a file are atomic; a pipe takes up to PIPE_BUF bytes at once), so lines never mix.
+    data = line.encode(getattr(stream, "encoding", None) or "utf-8", getattr(stream, "errors", None) or "strict")
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def logging_config(level: str, log_format: str, *, access_log: bool = True) -> dict[str, Any]:

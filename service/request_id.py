@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from flask import Flask, Response, g, has_request_context, request
 
@@ -28,7 +28,7 @@ def current() -> str | None:
 def _assign() -> None:
     given = request.headers.get(HEADER, "")
     # A bad id is replaced, not repaired: a half-kept id would match nothing upstream either.
-    g.request_id = given if _SAFE.fullmatch(given) else uuid.uuid4().hex
+    g.request_id = given if _SAFE.fullmatch(given) else os.urandom(16).hex()  # uuid4().hex's digits, cheaper
 
 
 def _echo(response: Response) -> Response:

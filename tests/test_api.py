@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 from urllib.parse import urljoin, urlsplit
 
 import pytest
 from http_fixtures import EPOCH, TEST_CONFIG, Gate, failing, failing_permanently, instant, make_harness
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.schema import ID_PATH_RULE
 from workerpool import State
@@ -563,3 +566,22 @@ def test_health_answers_head(client):
     response = client.head("/healthz")
     assert response.status_code == 200
     assert response.data == b""
+
+
+@given(
+    task_id=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=40),
+    script_name=st.sampled_from(["", "/", "/app", "/app/", "/caf%C3%A9"]),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_location_of_a_task_is_what_url_for_builds(task_id, script_name):
+    from flask import url_for
+
+    from service.api import task_url
+
+    with _location_app().test_request_context("/enqueue", method="POST", environ_base={"SCRIPT_NAME": script_name}):
+        assert task_url(task_id) == url_for("api.get_task", task_id=task_id)
+
+
+@functools.cache
+def _location_app():
+    return make_harness(instant).app

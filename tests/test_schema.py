@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+import unicodedata
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from werkzeug.datastructures import MultiDict
 
 from config import Config
 from service.problems import FieldError, Problem
 from service.schema import (
+    FORBIDDEN_ID_CHARACTER,
     ListQuery,
     TaskLimits,
     TaskSpec,
@@ -101,6 +107,10 @@ def test_list_query(args, query):
     assert parse_list_query(MultiDict(args)) == query
 
 
+# Fractions at a rounding edge of microseconds or milliseconds.
+HALFWAY_FRACTIONS = (0.0, 0.0000005, 0.0005, 0.0004995, 0.4999995, 0.9995, 0.9999995, 0.99999949)
+
+
 @pytest.mark.parametrize(
     ("timestamp", "text"),
     [
@@ -112,6 +122,19 @@ def test_list_query(args, query):
 )
 def test_times_are_rfc3339_utc_with_milliseconds(timestamp, text):
     assert rfc3339(timestamp) == text
+
+
+def _datetime_text(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@settings(max_examples=2000)
+@given(
+    st.floats(0, 4e9)
+    | st.builds(lambda whole, part: whole + part, st.integers(0, 4_000_000_000), st.sampled_from(HALFWAY_FRACTIONS))
+)
+def test_times_are_the_text_datetime_gives(timestamp):
+    assert rfc3339(timestamp) == _datetime_text(timestamp)
 
 
 def test_task_json_leaves_out_the_payload():
@@ -127,3 +150,9 @@ def test_task_json_leaves_out_the_payload():
         "finished_at": None,
         "next_attempt_at": "1970-01-01T00:00:02.500Z",
     }
+
+
+def test_the_forbidden_id_characters_are_exactly_the_control_and_surrogate_categories():
+    forbidden = {chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cs")}
+    matched = {chr(c) for c in range(sys.maxunicode + 1) if FORBIDDEN_ID_CHARACTER.fullmatch(chr(c))}
+    assert matched == forbidden
