@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from flask import Flask
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from config import Config, ConfigError
+from config import Config, ConfigError, exit_on_error
 from config import load as load_config
 from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
@@ -171,7 +171,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port if args.port is not None else config.port,
     )
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
-    app = create_app(config)
+    try:
+        app = create_app(config)  # imports TASK_HANDLER
+    except ConfigError as error:
+        exit_on_error(error)
     pool = pool_of(app)
     server = make_server(config.host, config.port, app, threaded=True, request_handler=_PlainAccessLog)
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -273,5 +273,19 @@ def load(dotenv_path: Path | None = DOTENV_PATH) -> Config:
     try:
         return from_env(read_environment(dotenv_path))
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_CONFIG) from None
+        exit_on_error(exc)
+
+
+def exit_on_error(error: ConfigError) -> NoReturn:
+    """Print ``error`` as one line on stderr and exit with code 2."""
+    print(f"configuration error: {error}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_CONFIG) from None
+
+
+def check_server_processes(config: Config, processes: int) -> None:
+    """Raise ConfigError if ``processes`` server processes cannot serve the same tasks with ``config``'s store."""
+    if processes > 1 and not config.store.shared:
+        raise ConfigError(
+            f"{processes} worker processes would each keep their own tasks with STORE={config.store.kind}: "
+            "run one (drop -w/--workers; WORKERS sets the task threads)"
+        )

@@ -15,9 +15,15 @@ if _ROOT not in sys.path:  # so `config` and `app` import from any working direc
     sys.path.insert(0, _ROOT)
 
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
+from app import load_handler as _load_handler  # noqa: E402
 from service import logs as _logs  # noqa: E402
 
 _settings = _config.load()  # a bad value stops gunicorn here with exit code 2
+try:
+    # Imported now, in the arbiter, so a TASK_HANDLER that does not resolve stops gunicorn before it listens.
+    _load_handler(_settings)
+except _config.ConfigError as _error:
+    _config.exit_on_error(_error)
 
 # Seconds between the end of the drain deadline and gunicorn's SIGKILL.
 DRAIN_MARGIN_S = 5
@@ -47,7 +53,11 @@ def _drain_timeout(worker) -> float:
 
 
 def on_starting(server):
-    """Open the pipe on which the worker reports its drain (the worker inherits it when forked)."""
+    """Refuse worker processes that would not share tasks; open the pipe on which the worker reports its drain."""
+    try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
+        _config.check_server_processes(_settings, server.cfg.workers)
+    except _config.ConfigError as error:
+        _config.exit_on_error(error)
     server.drain_reports = os.pipe()
     os.set_blocking(server.drain_reports[0], False)
 
