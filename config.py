@@ -21,6 +21,16 @@ from typing import Any, NoReturn
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+MIN_PYTHON = (3, 11)
+# Every entry point imports this module first: say what is wrong before an ImportError (StrEnum) would.
+if sys.version_info < MIN_PYTHON:
+    print(
+        f"workerpool needs Python {'.'.join(map(str, MIN_PYTHON))} or newer, "
+        f"not {'.'.join(map(str, sys.version_info[:3]))} ({sys.executable})",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
 PROJECT_ROOT = Path(__file__).resolve().parent
 DOTENV_PATH = PROJECT_ROOT / ".env"
 EXIT_BAD_CONFIG = 2

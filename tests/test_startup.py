@@ -43,3 +43,30 @@ def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
     assert "configuration error: 3 worker processes would each keep their own tasks with STORE=memory" in output
     assert "Listening at" not in output
     assert "Traceback" not in output
+
+
+# -- Python older than 3.11 ---------------------------------------------------------
+
+
+def test_an_old_python_is_named_at_start_up():
+    pretend = "import sys; sys.version_info = (3, 10, 13, 'final', 0); import config"
+    result = subprocess.run(
+        [sys.executable, "-c", pretend], cwd=PROJECT_ROOT, env=clean_environment(), capture_output=True, text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"workerpool needs Python 3.11 or newer, not 3.10.13 ({sys.executable})\n"
+
+
+def test_make_refuses_an_old_python_before_creating_the_venv(tmp_path):
+    old_python = tmp_path / "python3.10"  # fails the version check and says what it is, like Python 3.10 would
+    old_python.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "Python 3.10.13"; fi\nexit 1\n')
+    old_python.chmod(0o755)
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["make", "-s", f"PYTHON={old_python}", f"VENV={venv}", f"{venv}/bin/python"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert f"workerpool needs Python 3.11 or newer; {old_python} is Python 3.10.13" in result.stderr
+    assert not venv.exists()
