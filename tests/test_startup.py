@@ -70,3 +70,19 @@ def test_make_refuses_an_old_python_before_creating_the_venv(tmp_path):
     assert result.returncode != 0
     assert f"workerpool needs Python 3.11 or newer; {old_python} is Python 3.10.13" in result.stderr
     assert not venv.exists()
+
+
+# -- TASK_HANDLER modules in the container image --------------------------------
+
+
+def test_a_handler_in_the_handlers_package_is_in_the_container_image(tmp_path):
+    from test_shutdown import _lay_out_image  # what the Dockerfile's COPY lines put in the image
+
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    _lay_out_image(workdir)
+    check = "import app, config; app.load_handler(config.Config(task_handler='handlers.example:log_payload'))"
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=workdir, env=clean_environment(), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
