@@ -14,7 +14,6 @@ import weakref
 from collections.abc import Iterable, Sequence
 
 from flask import Flask
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 from config import Config, ConfigError, exit_on_error
 from config import load as load_config
@@ -23,6 +22,7 @@ from service.api import bp as api_bp
 from service.batch import bp as batch_bp
 from service.context import EXTENSION, Services, services
 from service.dashboard import bp as dashboard_bp
+from service.dev_server import BoundedRequestHandler, BoundedThreadedServer
 from service.live import LiveFigures
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
@@ -144,7 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 _ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 
 
-class _PlainAccessLog(WSGIRequestHandler):
+class _PlainAccessLog(BoundedRequestHandler):
     """Werkzeug's request handler with gunicorn's access line layout, without terminal colour codes."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -162,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     This path owns its process, so it installs its own signal handlers (under
     gunicorn the worker's handlers start the drain instead). The server keeps
     answering during the drain: new tasks get 503 and /healthz says "draining".
+    After the drain the process waits a few seconds at most for threads a
+    handler left running (a further signal stops that wait), then exits.
     """
     args = parse_args(argv)
     config = load_config()
@@ -176,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as error:
         exit_on_error(error)
     pool = pool_of(app)
-    server = make_server(config.host, config.port, app, threaded=True, request_handler=_PlainAccessLog)
+    server = BoundedThreadedServer(
+        config.host, config.port, app, handler=_PlainAccessLog, request_timeout=config.request_timeout_s
+    )
 
     def drained(summary: ShutdownSummary) -> None:
         log.info("%s", lifecycle.describe(summary))
@@ -191,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     server.serve_forever()
     server.server_close()
     controller.join()
+    lifecycle.exit_without(controller.wait_for_threads())
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ class Config:
     state_ttl_s: float = 3600.0
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
+    # How long a client may take to send a whole request (head and body).
+    request_timeout_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = True
@@ -210,6 +212,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STATE_TTL_S": ("state_ttl_s", _number(0.0, 365 * 86_400.0, low_open=True)),
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
+    "REQUEST_TIMEOUT_S": ("request_timeout_s", _number(0.0, 3600.0, low_open=True)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "ACCESS_LOG": ("access_log", _switch),

@@ -65,25 +65,34 @@ def on_starting(server):
 def post_worker_init(worker):
     """Start the pool and its stop watcher in the worker, after the fork and before serving."""
     from app import pool_of
-    from service.lifecycle import ShutdownController
+    from service.lifecycle import ShutdownController, describe
+
+    def report(summary):
+        # As soon as the drain ends, before connections close: one short line
+        # (a pipe write under PIPE_BUF bytes is atomic), the arbiter logs it last.
+        os.write(worker.drain_report_fd, describe(summary).encode()[:500] + b"\n")
 
     pool = pool_of(worker.wsgi)
     pool.start()
-    worker.controller = ShutdownController(pool, _drain_timeout(worker))
+    worker.request_timeout = _settings.request_timeout_s
+    worker.controller = ShutdownController(pool, _drain_timeout(worker), on_drained=report)
     worker.controller.start()
 
 
-def worker_exit(server, worker):
-    """Wait for the drain the stop signal began (or begin it), then report it to the arbiter."""
-    app = getattr(worker, "wsgi", None)
-    if app is None:  # the app never loaded
-        return
-    from app import pool_of
-    from service.lifecycle import describe
+def post_fork(server, worker):
+    worker.drain_report_fd = server.drain_reports[1]
 
-    summary = pool_of(app).shutdown(_drain_timeout(worker))
-    # One short line: a pipe write under PIPE_BUF bytes is atomic.
-    os.write(server.drain_reports[1], describe(summary).encode()[:500] + b"\n")
+
+def worker_exit(server, worker):
+    """Wait for the drain the stop signal began (or begin it), then for threads handlers left behind."""
+    controller = getattr(worker, "controller", None)
+    if controller is None:  # the app never loaded
+        return
+    from service.lifecycle import NO_SIGNAL, exit_without
+
+    controller.request_stop(NO_SIGNAL)  # a no-op once a signal began the drain
+    controller.join()  # in short slices: a second signal still acts at once
+    exit_without(controller.wait_for_threads())
 
 
 def on_exit(server):

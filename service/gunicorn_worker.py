@@ -1,9 +1,8 @@
-"""gunicorn's gthread worker, made to start the pool's drain at the first stop signal.
+"""gunicorn's gthread worker, made to drain the pool on a stop signal and to withstand slow or idle clients.
 
-gunicorn owns the worker's signal handlers (an app that replaces them stops
-gunicorn's own shutdown from working), so the drain is started by extending
-the worker's handlers rather than installing new ones.
-
+Stop signals. gunicorn owns the worker's signal handlers (an app that
+replaces them stops gunicorn's own shutdown from working), so the drain is
+started by extending the worker's handlers rather than installing new ones.
 Every stop signal (SIGTERM, and SIGINT/SIGQUIT, gunicorn's "quick" stop)
 takes gunicorn's graceful path: stop accepting, finish requests in progress,
 leave the loop, then the worker_exit hook waits for the drain. gthread's own
@@ -12,19 +11,50 @@ inside the signal handler; when the signal lands while the main thread holds
 that pool's lock (it hands every new connection to the pool), the worker
 deadlocks until gunicorn kills it and the queued tasks are lost. The graceful
 path only sets a flag and writes a wake-up byte, which is safe at any moment.
+gunicorn sets SA_RESTART on SIGTERM, which lets a blocking wait on the main
+thread hold the handler back until the wait ends; it is cleared here, so a
+second SIGTERM acts at once.
+
+Clients. The main loop never blocks on a client and request threads only
+serve whole requests:
+
+- a request is read on the main loop (``RequestReader``) and handed to a
+  thread once its head, and a small body of known length, are there; it must
+  arrive within ``request_timeout`` seconds, idle or not;
+- closing a connection gracefully lingers on the poller (``LingeringCloser``),
+  not in the main loop as gunicorn's ``util.close_graceful`` does;
+- once stopping, requests still arriving get ``STOP_LINGER_S`` more at most,
+  so open connections cannot hold the exit back.
 """
 
 from __future__ import annotations
 
-from gunicorn.workers.gthread import ThreadWorker
+import signal
+import time
+from concurrent.futures import Future
+
+from gunicorn.http2 import negotiation
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from . import server_errors
 from .connection import honour_connection_close
 from .lifecycle import ShutdownController
+from .lingering_close import LingeringCloser
+from .request_reader import REQUEST_TIMEOUT_S, RequestReader
+
+# How long a stopping worker still waits for requests clients are sending (as gthread's keep-alive linger).
+STOP_LINGER_S = 2.0
 
 
 class DrainingThreadWorker(ThreadWorker):
     controller: ShutdownController | None = None  # set by the post_worker_init hook
+    request_timeout: float = REQUEST_TIMEOUT_S  # set by the post_worker_init hook (REQUEST_TIMEOUT_S)
+
+    # -- stop signals
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        signal.siginterrupt(signal.SIGTERM, True)  # no SA_RESTART: see the module's docstring
 
     def handle_exit(self, sig, frame) -> None:
         if self.controller is not None:
@@ -38,3 +68,69 @@ class DrainingThreadWorker(ThreadWorker):
         # The app's "Connection: close" (a refused request's unread body) must close the connection.
         self.wsgi.wsgi_app = honour_connection_close(self.wsgi.wsgi_app)  # Flask's middleware slot
         server_errors.install()  # the errors gunicorn answers itself, as problem documents
+
+    # -- clients
+
+    def run(self) -> None:
+        self.reader = RequestReader(
+            self.cfg, self.poller, ready=self._serve, drop=self._drop, timeout=self.request_timeout
+        )
+        self.closer = LingeringCloser(self.poller)
+        self._serving: set[TConn] = set()  # connections a request thread has
+        self._stopping = False
+        try:
+            super().run()
+        finally:
+            self.reader.drop_all()
+            self.closer.expire(force=True)
+
+    def enqueue_req(self, conn: TConn) -> None:
+        """Wait on the poller for the connection's next request (gthread would give it a thread at once)."""
+        if not self._reads_ahead(conn):
+            self._serve(conn)
+            return
+        buffered = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        self.reader.add(conn, buffered)
+
+    def finish_request(self, conn: TConn, fs: Future) -> None:
+        self._serving.discard(conn)
+        if fs.cancelled() or fs.exception() is not None:
+            super().finish_request(conn, fs)
+            return
+        if not fs.result() or getattr(conn, "read_expired", False):
+            self.nr_conns -= 1
+            self.closer.close(conn.sock)
+            return
+        super().finish_request(conn, fs)
+
+    def murder_pending(self) -> None:
+        """Called on every turn of both of gthread's loops (serving, then stopping)."""
+        super().murder_pending()
+        if not self.alive and not self._stopping:
+            self._stopping = True
+            self._bring_deadlines_forward(time.monotonic() + STOP_LINGER_S)
+        self.reader.expire()
+        self.closer.expire()
+
+    def _reads_ahead(self, conn: TConn) -> bool:
+        # TLS and HTTP/2 connections are read by gthread as usual.
+        return (
+            not self.cfg.is_ssl
+            and getattr(self.cfg, "protocol", "http") == "http"
+            and not conn.is_http2
+            and not negotiation.prior_knowledge_allowed(self.cfg, conn.client)
+        )
+
+    def _serve(self, conn: TConn) -> None:
+        self._serving.add(conn)
+        super().enqueue_req(conn)
+
+    def _drop(self, conn: TConn) -> None:
+        self.nr_conns -= 1
+        conn.close()
+
+    def _bring_deadlines_forward(self, deadline: float) -> None:
+        self.reader.bring_deadlines_forward(deadline)
+        for conn in self._serving:
+            if hasattr(conn, "read_deadline"):
+                conn.read_deadline = min(conn.read_deadline, deadline)

@@ -1,28 +1,44 @@
-"""Turn stop signals into pool shutdown steps, away from the signal handler.
+"""Turn stop requests into pool shutdown steps, away from the signal handler.
 
 A signal handler may interrupt a thread holding the logging lock or a pool
 lock, so it must not log, lock or start threads. ``request_stop`` only puts
-the signal number on a ``SimpleQueue`` (whose ``put`` is reentrant, safe in
-a signal handler); a watcher thread does the rest:
+the signal number and its arrival time on a ``SimpleQueue`` (whose ``put``
+is reentrant, safe in a signal handler); a watcher thread does the rest:
 
-- first signal: close admission and drain for ``timeout`` seconds;
-- another signal: stop waiting, abandon what is left (it is logged);
-- when the drain ends: call ``on_drained`` with the summary.
+- first request: close admission and drain for ``timeout`` seconds;
+- another request: stop waiting, abandon what is left (it is logged);
+- when the drain ends: call ``on_drained`` with the summary;
+- a request after that: stop waiting for the threads the process still has
+  (see ``wait_for_threads``).
+
+One request from outside may arrive as several signals (see ``is_copy``);
+copies count once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from workerpool import ShutdownSummary, WorkerPool
 
 log = logging.getLogger(__name__)
 
-_DRAINED = -1  # posted by the drain waiter; not a signal number
+# Copies of one stop request arrive within this many seconds of each other.
+ECHO_WINDOW_S = 1.0
+# How long a stopping process waits for non-daemon threads left behind by handlers.
+THREAD_GRACE_S = 3.0
+# Longest uninterrupted wait on the main thread, so that its signal handlers run promptly.
+WAIT_SLICE_S = 0.1
+
+NO_SIGNAL = 0  # a stop that no signal asked for (the server is exiting for another reason)
+_DRAINED = -1  # posted by the drain thread; not a signal number
+_COUPLED = frozenset({signal.SIGINT, signal.SIGQUIT})
 
 
 def describe(summary: ShutdownSummary) -> str:
@@ -33,10 +49,22 @@ def describe(summary: ShutdownSummary) -> str:
     )
 
 
-def is_echo(previous: int, signum: int) -> bool:
-    """A Ctrl-C reaches a gunicorn worker twice: SIGINT from the terminal, then
-    SIGQUIT from the arbiter passing it on. That echo is not a second request."""
-    return previous == signal.SIGINT and signum == signal.SIGQUIT
+def is_copy(first: int, signum: int, seconds_apart: float) -> bool:
+    """Whether ``signum``, ``seconds_apart`` after ``first``, is another copy of the request ``first`` began.
+
+    A signal sent to a whole process group (a terminal's Ctrl-C, systemd's
+    default ``KillMode=control-group``, ``timeout``, honcho, supervisord's
+    ``stopasgroup``, ``kill -TERM -<pgid>``) reaches a gunicorn worker twice:
+    straight from the sender, then from the arbiter passing it on (SIGTERM as
+    SIGTERM, SIGINT as SIGQUIT), a few milliseconds apart. A person or a
+    supervisor asking again does so later, or with another signal.
+    """
+    same = signum == first or {first, signum} == _COUPLED
+    return same and seconds_apart <= ECHO_WINDOW_S
+
+
+def _name(signum: int) -> str:
+    return "a stop request" if signum == NO_SIGNAL else signal.Signals(signum).name
 
 
 class ShutdownController:
@@ -46,41 +74,107 @@ class ShutdownController:
         timeout: float,
         *,
         on_drained: Callable[[ShutdownSummary], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._timeout = timeout
         self._on_drained = on_drained
-        self._requests: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._summary: ShutdownSummary | None = None  # set before _DRAINED is posted
+        self._clock = clock
+        self._requests: queue.SimpleQueue[tuple[int, float]] = queue.SimpleQueue()
+        self._summary: ShutdownSummary | None = None  # set before _drained is set
+        self._drained = threading.Event()
+        self._reported = threading.Event()  # on_drained has returned
+        self._stop_waiting = threading.Event()  # a stop request came after the drain
         self._watcher = threading.Thread(target=self._watch, name="workerpool-stop", daemon=True)
 
     def start(self) -> None:
         self._watcher.start()
 
-    def request_stop(self, signum: int) -> None:
-        """Safe to call from a signal handler."""
-        self._requests.put(signum)
+    def request_stop(self, signum: int = NO_SIGNAL) -> None:
+        """Ask for a stop (``signum`` is the signal that asked, if any). Safe to call from a signal handler."""
+        self._requests.put((signum, self._clock()))
+
+    def wait_drained(self, timeout: float | None = None) -> ShutdownSummary | None:
+        """The drain's summary once it has ended, or None after ``timeout`` seconds.
+
+        Waits in short slices: a signal arriving meanwhile gets its handler run
+        at once even when the interrupted wait would restart (gunicorn sets
+        ``SA_RESTART`` on SIGTERM).
+        """
+        _wait_in_slices(self._drained.wait, timeout)
+        return self._summary
+
+    def wait_for_threads(self, grace: float = THREAD_GRACE_S) -> list[str]:
+        """After the drain, wait up to ``grace`` s for the process's other non-daemon threads.
+
+        The interpreter would wait for them forever on exit; a stop request
+        meanwhile stops the wait at once. Returns the names of the threads
+        still running (the caller then exits without them).
+        """
+        deadline = time.monotonic() + grace
+        for thread in _other_non_daemon_threads():
+            while thread.is_alive() and not self._stop_waiting.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                thread.join(min(remaining, WAIT_SLICE_S))
+        return [thread.name for thread in _other_non_daemon_threads()]
 
     def join(self, timeout: float | None = None) -> bool:
-        self._watcher.join(timeout)
-        return not self._watcher.is_alive()
+        """Whether the drain has ended and ``on_drained`` has returned, waiting up to ``timeout`` s."""
+        _wait_in_slices(self._reported.wait, timeout)
+        return self._reported.is_set()
 
     def _watch(self) -> None:
-        first = self._requests.get()
+        first, began = self._requests.get()
         log.info(
             "received %s: not accepting new tasks; draining for up to %g s (signal again to stop waiting)",
-            signal.Signals(first).name, self._timeout,
+            _name(first), self._timeout,
         )
         threading.Thread(target=self._drain, name="workerpool-drain", daemon=True).start()
-        previous = first
-        while (signum := self._requests.get()) != _DRAINED:
-            if not is_echo(previous, signum):
-                log.warning("received %s again: abandoning unfinished tasks now", signal.Signals(signum).name)
-                self._pool.shutdown(0, wait=False)  # pulls the drain's deadline in
-            previous = signum
+        while (request := self._requests.get())[0] != _DRAINED:
+            signum, at = request
+            if signum == NO_SIGNAL or is_copy(first, signum, at - began):
+                continue
+            log.warning("received %s again: abandoning unfinished tasks now", _name(signum))
+            self._pool.shutdown(0, wait=False)  # pulls the drain's deadline in
         if self._on_drained is not None and self._summary is not None:
             self._on_drained(self._summary)
+        self._reported.set()
+        while True:  # later requests: stop waiting for leftover threads
+            signum, at = self._requests.get()
+            if signum != NO_SIGNAL and not is_copy(first, signum, at - began):
+                log.warning("received %s again: not waiting for leftover threads", _name(signum))
+                self._stop_waiting.set()
 
     def _drain(self) -> None:
         self._summary = self._pool.shutdown(self._timeout)
-        self._requests.put(_DRAINED)
+        self._drained.set()
+        self._requests.put((_DRAINED, self._clock()))
+
+
+def exit_without(threads: list[str]) -> None:
+    """Exit the process at once if ``threads`` (names of threads still running) is not empty.
+
+    The interpreter would wait for them forever; the drain is over and
+    reported, so nothing accepted is lost by not waiting.
+    """
+    if not threads:
+        return
+    log.warning("exiting without waiting for %d thread(s) still running: %s", len(threads), ", ".join(threads))
+    logging.shutdown()  # flush every handler: os._exit skips it
+    os._exit(0)
+
+
+def _wait_in_slices(wait: Callable[[float], bool], timeout: float | None) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+        if remaining <= 0 or wait(remaining):
+            return
+
+
+def _other_non_daemon_threads() -> list[threading.Thread]:
+    """The threads the interpreter would wait for on exit, but the caller's and the main thread."""
+    ignored = (threading.current_thread(), threading.main_thread())
+    return [thread for thread in threading.enumerate() if not thread.daemon and thread not in ignored]

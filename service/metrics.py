@@ -17,7 +17,17 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from workerpool import FINAL_STATES, DuplicateTask, PoolClosed, PoolObserver, QueueFull, State, Task, WorkerPool
+from workerpool import (
+    FINAL_STATES,
+    DuplicateTask,
+    PoolClosed,
+    PoolObserver,
+    QueueFull,
+    State,
+    StoreUnavailable,
+    Task,
+    WorkerPool,
+)
 
 from .context import services
 from .problems import Problem
@@ -135,6 +145,8 @@ def rejection_reason(exc: BaseException) -> str:
         return "queue_full"
     if isinstance(exc, PoolClosed):
         return "shutting_down"
+    if isinstance(exc, StoreUnavailable):
+        return "store_unavailable"
     return "error"
 
 

@@ -14,7 +14,7 @@ from http import HTTPStatus
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from workerpool import DuplicateTask, PoolClosed, QueueFull, SubmitError
+from workerpool import DuplicateTask, PoolClosed, QueueFull, StoreUnavailable, SubmitError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,18 @@ def _from_submit_error(exc: SubmitError) -> Response:
     return _from_problem(submit_problem(exc))
 
 
+def _from_store_unavailable(exc: StoreUnavailable) -> Response:
+    # Nothing was stored: the client may retry. The reason (e.g. a full disk)
+    # goes to the log and to /healthz, not to every client.
+    log.error("task store unavailable on %s %s: %s", request.method, request.path, exc)
+    return problem_response(
+        503,
+        "the task store cannot be used right now; nothing was stored, retry later",
+        kind=_TYPE_PREFIX + "store-unavailable",
+        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+    )
+
+
 def _from_http(exc: HTTPException) -> Response:
     status = exc.code or 500
     if status >= 500:
@@ -141,5 +153,6 @@ def register(app: Flask) -> None:
     app.register_error_handler(Problem, _from_problem)
     for refusal in (DuplicateTask, QueueFull, PoolClosed):
         app.register_error_handler(refusal, _from_submit_error)
+    app.register_error_handler(StoreUnavailable, _from_store_unavailable)
     app.register_error_handler(HTTPException, _from_http)
     app.register_error_handler(Exception, _from_unexpected)

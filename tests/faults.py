@@ -50,3 +50,8 @@ def returns_garbage(task: Task, cancel: threading.Event) -> object:
         "coroutine": _coroutine,
     }
     return values[task.payload]()
+
+
+def leaves_a_thread(task: Task, cancel: threading.Event) -> None:
+    """Succeed, leaving behind a non-daemon thread that runs for HANG_S seconds (the interpreter waits for it)."""
+    threading.Thread(target=threading.Event().wait, args=(HANG_S,), name="left-behind", daemon=False).start()

@@ -41,6 +41,7 @@ def test_defaults():
         state_ttl_s=3600.0,
         state_max_tasks=100_000,
         shutdown_timeout_s=20.0,
+        request_timeout_s=10.0,
         log_level="INFO",
         api_token="",
     )
@@ -92,6 +93,7 @@ def test_every_field_has_a_variable():
         ("STATE_MAX_TASKS", "1", "state_max_tasks", 1),
         ("SHUTDOWN_TIMEOUT_S", "0", "shutdown_timeout_s", 0.0),
         ("SHUTDOWN_TIMEOUT_S", "2.5", "shutdown_timeout_s", 2.5),
+        ("REQUEST_TIMEOUT_S", "0.5", "request_timeout_s", 0.5),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
         ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
         ("LOG_LEVEL", "Critical", "log_level", "CRITICAL"),
@@ -173,6 +175,7 @@ BAD_VALUES = [
     ("STATE_MAX_TASKS", "lots", f"{INTEGER} 1 to 100000000"),
     ("SHUTDOWN_TIMEOUT_S", "-1", "must be a number at least 0 and at most 86400"),
     ("SHUTDOWN_TIMEOUT_S", "forever", "must be a number at least 0 and at most 86400"),
+    ("REQUEST_TIMEOUT_S", "0", "must be a number greater than 0 and at most 3600"),
     ("LOG_LEVEL", "VERBOSE", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_LEVEL", "", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_FORMAT", "logfmt", "must be one of text, json"),

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from service.lifecycle import ShutdownController, describe, is_echo
+from service.lifecycle import ECHO_WINDOW_S, NO_SIGNAL, ShutdownController, describe, is_copy
 from workerpool import ShutdownSummary, State
 
 TIMEOUT = 10
@@ -31,10 +31,20 @@ class FakePool:
         return None
 
 
-def start(pool):
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def start(pool, clock=None):
     drained = []
     done = threading.Event()
-    controller = ShutdownController(pool, 20, on_drained=lambda summary: (drained.append(summary), done.set()))
+    controller = ShutdownController(
+        pool, 20, on_drained=lambda summary: (drained.append(summary), done.set()), clock=clock or FakeClock()
+    )
     controller.start()
     return controller, drained, done
 
@@ -52,10 +62,12 @@ def test_the_first_signal_drains_with_the_timeout():
 
 @pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT),
                                            (signal.SIGTERM, signal.SIGQUIT), (signal.SIGQUIT, signal.SIGINT)])
-def test_a_second_signal_pulls_the_deadline_in(first, second):
+def test_a_later_second_signal_pulls_the_deadline_in(first, second):
     pool = FakePool()
-    controller, drained, done = start(pool)
+    clock = FakeClock()
+    controller, drained, done = start(pool, clock)
     controller.request_stop(first)
+    clock.now += ECHO_WINDOW_S + 0.01
     controller.request_stop(second)
     assert pool.pulled_in.wait(TIMEOUT)
     assert done.wait(TIMEOUT)
@@ -63,11 +75,23 @@ def test_a_second_signal_pulls_the_deadline_in(first, second):
     assert drained == [SUMMARY]
 
 
-def test_the_arbiters_echo_of_a_ctrl_c_is_not_a_second_signal():
+@pytest.mark.parametrize(
+    "copies",
+    [
+        [signal.SIGINT, signal.SIGQUIT],  # a Ctrl-C: the terminal's SIGINT, then the arbiter passing it on
+        [signal.SIGTERM, signal.SIGTERM],  # kill -TERM -<pgid>, systemd: to the worker, then from the arbiter
+        [signal.SIGTERM, signal.SIGTERM, signal.SIGTERM],  # `timeout`: to gunicorn, to the group, from the arbiter
+        [signal.SIGQUIT, signal.SIGINT],
+    ],
+)
+def test_copies_of_one_request_drain_once_and_abandon_nothing(copies):
     pool = FakePool()
-    controller, drained, done = start(pool)
-    controller.request_stop(signal.SIGINT)  # the terminal's Ctrl-C
-    controller.request_stop(signal.SIGQUIT)  # gunicorn's arbiter passing it on
+    clock = FakeClock()
+    controller, drained, done = start(pool, clock)
+    for signum in copies:
+        controller.request_stop(signum)
+        clock.now += ECHO_WINDOW_S / len(copies)
+    controller.request_stop(NO_SIGNAL)  # the worker's exit hook asking too
     pool.release.set()
     assert done.wait(TIMEOUT)
     assert pool.calls == [(20, True)]
@@ -75,12 +99,54 @@ def test_the_arbiters_echo_of_a_ctrl_c_is_not_a_second_signal():
 
 
 @pytest.mark.parametrize(
-    "previous, signum, echo",
-    [(signal.SIGINT, signal.SIGQUIT, True), (signal.SIGTERM, signal.SIGQUIT, False),
-     (signal.SIGQUIT, signal.SIGINT, False), (signal.SIGINT, signal.SIGINT, False)],
+    "first, signum, seconds, copy",
+    [
+        (signal.SIGINT, signal.SIGQUIT, 0.0, True),
+        (signal.SIGQUIT, signal.SIGINT, 0.1, True),
+        (signal.SIGTERM, signal.SIGTERM, ECHO_WINDOW_S, True),
+        (signal.SIGTERM, signal.SIGTERM, ECHO_WINDOW_S + 0.01, False),
+        (signal.SIGINT, signal.SIGQUIT, ECHO_WINDOW_S + 0.01, False),
+        (signal.SIGTERM, signal.SIGQUIT, 0.0, False),  # gunicorn: SIGTERM to the arbiter, then SIGINT
+        (signal.SIGTERM, signal.SIGINT, 0.0, False),
+    ],
 )
-def test_is_echo(previous, signum, echo):
-    assert is_echo(previous, signum) is echo
+def test_is_copy(first, signum, seconds, copy):
+    assert is_copy(first, signum, seconds) is copy
+
+
+def test_a_stop_without_a_signal_drains_too():
+    pool = FakePool()
+    controller, drained, done = start(pool)
+    controller.request_stop()
+    pool.release.set()
+    assert controller.wait_drained(TIMEOUT) == SUMMARY
+    assert controller.join(TIMEOUT)
+    assert drained == [SUMMARY]
+
+
+def test_waiting_for_leftover_threads_is_bounded_and_a_stop_request_ends_it():
+    pool = FakePool()
+    clock = FakeClock()
+    controller, _, done = start(pool, clock)
+    controller.request_stop(signal.SIGTERM)
+    pool.release.set()
+    assert done.wait(TIMEOUT)
+    release = threading.Event()
+    leftover = threading.Thread(target=release.wait, args=(TIMEOUT,), name="leftover")
+    leftover.start()
+    try:
+        assert controller.wait_for_threads(0.05) == ["leftover"]
+        clock.now += ECHO_WINDOW_S + 0.01
+        controller.request_stop(signal.SIGTERM)  # a later signal: stop waiting
+        waited = threading.Thread(target=lambda: controller.wait_for_threads(TIMEOUT * 10))
+        waited.start()
+        waited.join(TIMEOUT)
+        assert not waited.is_alive()
+        release.set()
+        leftover.join(TIMEOUT)
+        assert controller.wait_for_threads(TIMEOUT) == []
+    finally:
+        release.set()
 
 
 def test_describe_names_counts_and_abandoned():

@@ -7,6 +7,8 @@ import logging
 import pytest
 from http_fixtures import make_harness
 
+from workerpool import StoreUnavailable
+
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 
 
@@ -85,3 +87,21 @@ def test_an_engine_bug_during_submit_is_a_500(harness, monkeypatch, caplog):
 def test_problem_fields_keep_rfc_order(harness):
     response = harness.client.post("/enqueue", data="{}")
     assert list(response.get_json()) == ["type", "title", "status", "detail", "errors"]
+
+
+def test_a_store_that_cannot_be_written_is_a_503_that_invites_a_retry(harness, monkeypatch, caplog):
+    def unavailable(*args, **kwargs):
+        raise StoreUnavailable("the disk is full (database or disk is full)")
+
+    monkeypatch.setattr(harness.pool, "submit", unavailable)
+    with caplog.at_level(logging.ERROR, logger="service.problems"):
+        response = harness.client.post("/enqueue", json={"id": "a", "payload": ""})
+    assert (response.status_code, response.mimetype) == (503, "application/problem+json")
+    assert response.headers["Retry-After"] == "1"
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:store-unavailable"
+    assert "nothing was stored" in problem["detail"]
+    assert "disk" not in problem["detail"]  # the reason goes to the log and /healthz
+    [record] = caplog.records
+    assert "the disk is full" in record.getMessage()
+    assert 'workerpool_tasks_rejected_total{reason="store_unavailable"} 1.0' in harness.client.get("/metrics").text

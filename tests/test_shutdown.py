@@ -15,13 +15,17 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until
+
+from service.lifecycle import ECHO_WINDOW_S
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +33,13 @@ FINAL_LINE = re.compile(r"task (\S+) (?:done after|failed after|abandoned at shu
 SUMMARY = re.compile(r"shutdown complete: drained in ([\d.]+) s; (.*); (\d+) abandoned")
 GUNICORN = ["-m", "gunicorn", "-c", "gunicorn.conf.py"]
 APP = ["app.py"]
+TESTS_DIR = Path(__file__).resolve().parent
 FAST_WORK = {"WORK_MIN_MS": "20", "WORK_MAX_MS": "60", "BACKOFF_BASE_MS": "10", "BACKOFF_CAP_MS": "50"}
+
+
+def pause(seconds: float) -> None:
+    """Let ``seconds`` pass (a duration between two signals, not a wait for some other thread)."""
+    threading.Event().wait(seconds)
 
 
 class Service:
@@ -50,10 +60,17 @@ class Service:
         return accepted
 
     def signal(self, signum: int, *, group: bool = False) -> None:
-        if group:  # what a terminal's Ctrl-C does: every process of the group
+        if group:  # what a terminal's Ctrl-C or systemd does: every process of the group
             os.killpg(self.server.proc.pid, signum)
         else:
             self.server.proc.send_signal(signum)
+
+    def worker(self) -> int:
+        """The gunicorn worker's pid."""
+        return int(re.search(r"Booting worker with pid: (\d+)", self.server.log()).group(1))
+
+    def last_line(self) -> str:
+        return self.server.log().strip().splitlines()[-1]
 
     def wait_exit(self, timeout: float) -> tuple[int, float]:
         started = time.monotonic()
@@ -95,8 +112,9 @@ def start(tmp_path):
 
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
 @pytest.mark.parametrize(
-    "signum, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
-    ids=["SIGTERM", "SIGINT", "ctrl-c"],
+    "signum, group",
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
+    ids=["SIGTERM", "SIGINT", "ctrl-c", "SIGTERM-to-the-group"],
 )
 def test_a_stop_signal_drains_every_accepted_task(start, command, signum, group):
     service = start(command)
@@ -135,16 +153,75 @@ def test_work_beyond_the_deadline_is_abandoned_and_reported(start, command):
     ids=["gunicorn-TERM-INT", "gunicorn-ctrl-c-twice", "app.py-TERM-TERM", "app.py-INT-INT"],
 )
 def test_a_second_signal_stops_waiting(start, command, first, second, group):
-    service = start(command, WORKERS="2", WORK_MIN_MS="1000", WORK_MAX_MS="1000", SHUTDOWN_TIMEOUT_S="60")
+    # 20 attempts of 4 s on 2 threads: 40 s to drain them all.
+    service = start(command, WORKERS="2", WORK_MIN_MS="4000", WORK_MAX_MS="4000", SHUTDOWN_TIMEOUT_S="60")
     accepted = service.enqueue(20, max_retries=0)
     service.signal(first, group=group)
     service.wait_for_log(rf"received {first.name}")
+    pause(ECHO_WINDOW_S + 0.5)  # a later signal, not a copy of the first
     service.signal(second, group=group)
-    code, seconds = service.wait_exit(timeout=30)
+    code, seconds = service.wait_exit(timeout=40)
     assert code == 0
-    assert seconds < 5  # far from the 60 s drain deadline
+    assert seconds < 20  # far from the 40 s the drain would take
     assert set(accepted) <= service.finals()
     assert int(service.summary().group(3)) > 0
+
+
+def test_a_second_sigterm_to_the_gunicorn_worker_acts_while_its_exit_hook_waits(start):
+    # The worker's main thread leaves its loop at once and waits for the drain
+    # in the worker_exit hook: the second SIGTERM must interrupt that wait.
+    service = start(GUNICORN, WORKERS="2", WORK_MIN_MS="4000", WORK_MAX_MS="4000", SHUTDOWN_TIMEOUT_S="60")
+    accepted = service.enqueue(20, max_retries=0)
+    service.signal(signal.SIGTERM)
+    service.wait_for_log(r"received SIGTERM")
+    pause(ECHO_WINDOW_S + 0.5)
+    os.kill(service.worker(), signal.SIGTERM)
+    code, seconds = service.wait_exit(timeout=40)
+    assert code == 0
+    assert seconds < 20
+    assert set(accepted) <= service.finals()
+    assert int(service.summary().group(3)) > 0
+    assert SUMMARY.search(service.last_line())
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_a_half_sent_request_does_not_hold_the_exit_back(start, command):
+    service = start(command)  # the drain may take 15 s, gunicorn's graceful_timeout is 20 s
+    accepted = service.enqueue(5)
+    with socket.create_connection(("127.0.0.1", service.port)) as half_sent:
+        half_sent.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n")
+        service.signal(signal.SIGTERM)
+        code, seconds = service.wait_exit(timeout=30)
+    assert code == 0
+    assert seconds < 12  # the drain (well under a second) and about 3 s of grace for open connections
+    assert set(accepted) <= service.finals()
+    assert SUMMARY.search(service.last_line())  # not "the worker ended without reporting its drain (killed?)"
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_a_thread_left_running_by_a_handler_delays_the_exit_a_bounded_time(start, command):
+    service = start(command, TASK_HANDLER="faults:leaves_a_thread", PYTHONPATH=str(TESTS_DIR))
+    accepted = service.enqueue(3)
+    wait_until(lambda: service.finals() >= set(accepted), timeout=20, what="the tasks to finish")
+    service.signal(signal.SIGTERM)
+    code, seconds = service.wait_exit(timeout=30)
+    assert code == 0
+    assert seconds < 12  # 3 s for the leftover threads; gunicorn would kill its worker after 20 s
+    assert "exiting without waiting for 3 thread(s) still running: left-behind" in service.server.log()
+    assert service.summary().group(3) == "0"
+
+
+def test_a_further_signal_ends_the_wait_for_leftover_threads(start):
+    service = start(APP, TASK_HANDLER="faults:leaves_a_thread", PYTHONPATH=str(TESTS_DIR))
+    accepted = service.enqueue(1)
+    wait_until(lambda: service.finals() >= set(accepted), timeout=20, what="the task to finish")
+    service.signal(signal.SIGTERM)
+    service.wait_for_log(r"shutdown complete")
+    pause(ECHO_WINDOW_S + 0.5)
+    service.signal(signal.SIGTERM)
+    code, _ = service.wait_exit(timeout=30)
+    assert code == 0
+    assert "received SIGTERM again: not waiting for leftover threads" in service.server.log()
 
 
 def test_gunicorn_says_so_when_its_worker_was_killed_before_reporting(start):

@@ -7,6 +7,8 @@ contract tests; these cover what only a durable, shared store has.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -206,13 +208,41 @@ def test_work_admitted_between_a_claim_and_the_wait_is_not_missed(open_store, cl
     waiter.join(WAIT_S)
 
 
-def test_waiting_returns_after_its_timeout_and_on_wake(open_store):
+def waiter(store):
+    """A thread blocked in ``wait_for_work(timeout)``; the returned Event is set when it returns."""
+
+    def start(timeout):
+        returned = threading.Event()
+        thread = threading.Thread(target=lambda: (store.wait_for_work(timeout), returned.set()), daemon=True)
+        thread.start()
+        return returned
+
+    return start
+
+
+def test_waiting_ends_when_its_timeout_passes_on_the_stores_clock(open_store, clock):
+    returned = waiter(open_store())(5.0)
+    assert not returned.wait(0.1)
+    clock.advance(5)
+    assert returned.wait(WAIT_S)
+
+
+def test_waiting_ends_when_a_delayed_task_falls_due(open_store, clock):
     store = open_store()
-    began = time.monotonic()
-    store.wait_for_work(0.05)
-    assert time.monotonic() - began < WAIT_S
-    threading.Timer(0.01, store.wake).start()
-    store.wait_for_work(WAIT_S)
+    store.admit([task(clock, "later", next_attempt_at=clock.time() + 10)])
+    returned = waiter(store)(None)
+    assert not returned.wait(0.1)
+    clock.advance(10)
+    assert returned.wait(WAIT_S)
+    assert claim(store, clock).id == "later"
+
+
+def test_wake_releases_waiting_workers_and_every_later_wait(open_store):
+    store = open_store()
+    returned = waiter(store)(None)
+    store.wake()
+    assert returned.wait(WAIT_S)
+    assert waiter(store)(None).wait(WAIT_S)
 
 
 # -- files the store must refuse, with a reason ------------------------------
@@ -319,3 +349,16 @@ def test_a_full_disk_refuses_new_tasks_and_keeps_the_stored_ones(db):
     assert lines["kept"] == "queued"
     stored, admitted = lines["stored"].split(" of ")
     assert stored == admitted  # every admission that returned is stored, the refused one is not
+
+
+def test_attempts_of_a_process_that_no_longer_exists_are_recovered_before_their_lease_ends(open_store, clock):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_owner = f"{socket.gethostname()}:{int(gone.stdout)}:00000000"
+    live_owner = f"{socket.gethostname()}:{os.getpid()}:00000000"
+    store = open_store()
+    store.admit([task(clock, "dead"), task(clock, "live"), task(clock, "elsewhere")])
+    claim(store, clock, owner=dead_owner)
+    claim(store, clock, owner=live_owner)
+    claim(store, clock, owner=f"another-host:{int(gone.stdout)}:00000000")  # its pids mean nothing here
+    assert [t.id for t in store.recover(lambda t: None)] == ["dead"]
+    assert store.get("live").state is store.get("elsewhere").state is State.RUNNING

@@ -89,16 +89,6 @@ class Gunicorn:
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.worker}/task"))
 
-    def accepted(self, client_ports: set[int]) -> int:
-        """How many of the connections from ``client_ports`` the worker has accepted (holds as a file)."""
-        inodes = {link[len("socket:[") : -1] for link in map(_readlink, Path(f"/proc/{self.worker}/fd").iterdir())}
-        count = 0
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            local, remote, inode = (fields := line.split())[1], fields[2], fields[9]
-            if _port(local) == self.port and _port(remote) in client_ports and inode in inodes:
-                count += 1
-        return count
-
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.worker}/status").read_text()
         return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1))
@@ -106,15 +96,18 @@ class Gunicorn:
     def start_every_http_thread(self, threads: int = 8) -> None:
         """Make gthread start all its request threads, so they count in a baseline.
 
-        Each connection gunicorn accepts occupies a request thread while it
-        waits for the request (up to 5 s), and the next accept happens only
-        after the previous connection was handed to a thread: once ``threads
-        + 1`` connections are accepted, ``threads`` threads exist.
+        A request with ``Expect: 100-continue`` is handed to a request thread
+        as soon as its head is in; the thread answers ``100 Continue`` and
+        waits for the body. Once ``threads`` such requests were answered so,
+        ``threads`` threads exist.
         """
-        held = [self._connect() for _ in range(threads + 1)]
+        head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        held = [self._connect() for _ in range(threads)]
         try:
-            ports = {sock.getsockname()[1] for sock in held}
-            wait_until(lambda: self.accepted(ports) == len(held), timeout=10, what="the connections accepted")
+            for sock in held:
+                sock.sendall(head)
+            for sock in held:
+                assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
         finally:
             for sock in held:
                 sock.close()
@@ -186,18 +179,6 @@ class Gunicorn:
                 bad.append(line)
         assert not bad, f"{len(bad)} log lines are not JSON, e.g. {bad[:3]}"
         return records
-
-
-def _port(address: str) -> int:
-    """The port of an address in /proc/net/tcp (hex ``ADDR:PORT``)."""
-    return int(address.rpartition(":")[2], 16)
-
-
-def _readlink(path: Path) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:  # closed meanwhile
-        return ""
 
 
 @pytest.fixture

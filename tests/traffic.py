@@ -9,6 +9,7 @@ each kind of request while the service is up.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import io
 import itertools
@@ -113,6 +114,9 @@ def connection_failure(exc: BaseException) -> str:
     if isinstance(exc, http.client.RemoteDisconnected):
         return "closed"
     if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return "reset"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOTCONN:
+        # shutdown() on a socket the server has reset already (its listener closed at a stop signal)
         return "reset"
     if isinstance(exc, TimeoutError):
         return "timeout"

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -47,7 +48,8 @@ SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 LOST = "lost: the process running it stopped (its lease expired)"
 
 _FINAL = ("done", "failed", "cancelled")
-_TASK_FIELDS = frozenset(f.name for f in dataclasses.fields(Task))
+_HOSTNAME = socket.gethostname()
+_TASK_FIELDS = frozenset(getattr(Task, "_fields", None) or (f.name for f in dataclasses.fields(Task)))
 _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"
@@ -61,7 +63,7 @@ _SCHEMA = """
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
-    payload TEXT,
+    payload TEXT,  -- JSON; NULL once the task is final (read back as "")
     max_retries INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
     attempts INTEGER NOT NULL,
@@ -149,10 +151,11 @@ class SqliteStore(TaskStore):
         self._connections_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
-        # _wakeup guards _admissions: bumped by every local admission and wake(),
-        # so a waiting worker sees a change it would otherwise miss.
+        # _wakeup guards _admissions (bumped by every local admission, so a
+        # waiting worker sees a change it would otherwise miss) and _woken.
         self._wakeup = threading.Condition(threading.Lock())
         self._admissions = 0
+        self._woken = False
         self._failure: str | None = None  # why the last step failed; cleared by the next good write
         _check_path(self.path)
         self._open()
@@ -270,8 +273,9 @@ class SqliteStore(TaskStore):
             self._evict(conn, now)
             room = self.capacity - _count(conn, "waiting")
             for task in tasks:
-                if room <= 0:
-                    outcomes.append(QueueFull(self.capacity))
+                if room <= 0:  # a duplicate is reported as such even when there is no room
+                    known = conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task.id,)).fetchone()
+                    outcomes.append(DuplicateTask(task.id) if known else QueueFull(self.capacity))
                     continue
                 row = conn.execute(
                     f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
@@ -279,7 +283,7 @@ class SqliteStore(TaskStore):
                         VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
                         ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}""",
                     (
-                        task.id, _dump(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
+                        task.id, _json(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
                         task.request_id, task.next_attempt_at if task.next_attempt_at is not None else task.created_at,
                     ),
                 ).fetchone()
@@ -336,33 +340,43 @@ class SqliteStore(TaskStore):
             self._local.version = None  # the claim reports the failure
 
     def wait_for_work(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        interval = self._poll_min
+        """Return when work may be claimable: admitted here or elsewhere, due by its time, ``wake``, or ``timeout``.
+
+        Due times and ``timeout`` are read on the store's clock; the polling
+        itself runs on real time, so a test's fake clock is noticed within
+        ``poll_max`` of moving.
+        """
         if not hasattr(self._local, "admissions"):
             self._note_seen()
         # What the last claim saw: work admitted since (here or elsewhere) ends the wait at once.
         admissions, seen = self._local.admissions, self._local.version
         del self._local.admissions
-        while True:
-            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
-            if pause <= 0:
-                return
+        try:
+            until_due = self.seconds_until_due()
+        except StoreUnavailable:
+            return  # the caller's next step reports the failure
+        if until_due is not None and (timeout is None or until_due < timeout):
+            timeout = until_due
+        deadline = None if timeout is None else self._clock() + timeout
+        interval = self._poll_min
+        while deadline is None or self._clock() < deadline:
             with self._wakeup:
-                if self._wakeup.wait_for(lambda: self._admissions != admissions, pause):
+                if self._wakeup.wait_for(lambda: self._woken or self._admissions != admissions, interval):
                     return
             try:
                 if self._data_version() != seen:  # another connection committed something
                     return
             except (sqlite3.Error, StoreUnavailable):
-                return  # the caller's next step reports the failure
+                return
             interval = min(interval * 2, self._poll_max)
 
     def _data_version(self) -> int:
         return self._connection().execute("PRAGMA data_version").fetchone()[0]
 
     def wake(self) -> None:
+        """Release every waiting worker; later waits return at once too (the pool is stopping)."""
         with self._wakeup:
-            self._admissions += 1
+            self._woken = True
             self._wakeup.notify_all()
 
     def finish(
@@ -418,7 +432,8 @@ class SqliteStore(TaskStore):
                     state_seq = {_NEXT_STATE_SEQ.format(state=":state")}
                 WHERE id = :id RETURNING {_COLUMNS}""",
             {
-                "state": new.value, "error": error, "result": _dump(result) if new is State.DONE else None,
+                "state": new.value, "error": error,
+                "result": _json(result) if new is State.DONE and result is not None else None,
                 "finished": now if final else None, "retry_at": None if final else retry_at,
                 "final": final, "id": task_id,
             },
@@ -446,14 +461,15 @@ class SqliteStore(TaskStore):
         with self._step() as conn:
             now = self._clock()
             row = conn.execute(
-                f"""UPDATE tasks SET cancel_requested = 1,
+                f"""UPDATE tasks SET cancel_requested = (state = 'running'),
                         state = CASE state WHEN 'queued' THEN 'cancelled' ELSE state END,
                         finished_at = CASE state WHEN 'queued' THEN :now ELSE finished_at END,
                         payload = CASE state WHEN 'queued' THEN NULL ELSE payload END,
                         next_attempt_at = CASE state WHEN 'queued' THEN NULL ELSE next_attempt_at END,
                         state_seq = CASE state WHEN 'queued' THEN {_NEXT_STATE_SEQ.format(state="'cancelled'")}
                                     ELSE state_seq END
-                    WHERE id = :id AND state IN ('queued', 'running') RETURNING {_COLUMNS}""",
+                    WHERE id = :id AND (state = 'queued' OR (state = 'running' AND NOT cancel_requested))
+                    RETURNING {_COLUMNS}""",
                 {"now": now, "id": task_id},
             ).fetchone()
             if row is None:
@@ -468,9 +484,12 @@ class SqliteStore(TaskStore):
         recovered = []
         with self._step() as conn:
             now = self._clock()
+            owners = conn.execute("SELECT DISTINCT lease_owner FROM tasks WHERE state = 'running'").fetchall()
+            dead = [owner for (owner,) in owners if _process_is_gone(owner)]
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_lease WHERE state = 'running' AND lease_until < ?",
-                (now,),
+                f"""SELECT {_COLUMNS} FROM tasks WHERE state = 'running'
+                    AND (lease_until < ? OR lease_owner IN ({','.join('?' * len(dead))}))""",
+                (now, *dead),
             ).fetchall()
             for row in rows:
                 task, cancel_requested = _task(row), row[-1]
@@ -590,21 +609,42 @@ def _cancelled() -> State:
     return State("cancelled")
 
 
-def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _task(row: tuple[Any, ...]) -> Task:
     (task_id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at,
      next_attempt_at, request_id, result, cancel_requested) = row
     values: dict[str, Any] = {
-        "id": task_id, "payload": None if payload is None else json.loads(payload), "max_retries": max_retries,
+        "id": task_id, "payload": "" if payload is None else json.loads(payload), "max_retries": max_retries,
         "state": State(state), "attempts": attempts, "last_error": last_error, "created_at": float(created_at),
         "started_at": _real(started_at), "finished_at": _real(finished_at), "next_attempt_at": _real(next_attempt_at),
         "request_id": request_id, "result": None if result is None else json.loads(result),
         "cancel_requested": bool(cancel_requested),
     }
     return Task(**{name: value for name, value in values.items() if name in _TASK_FIELDS})
+
+
+def _process_is_gone(owner: str) -> bool:
+    """Whether ``owner`` ("host:pid:random") names a process of this host that no longer exists.
+
+    Its leases need not run out: its attempts are lost already. A process
+    that exists may be another one that reused the pid; its leases then
+    expire as usual. Processes sharing a file on one host must share the pid
+    namespace, or have different host names (containers do by default).
+    """
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != _HOSTNAME or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (EPERM: another user's)
+        return False
+    return False
 
 
 def _real(value: float | None) -> float | None:

@@ -1,0 +1,83 @@
+"""LingeringCloser on real socket pairs and a real selector, with a fake clock."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+
+import pytest
+
+from service.lingering_close import LingeringCloser
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup():
+    clock = Clock()
+    selector = selectors.DefaultSelector()
+    closer = LingeringCloser(selector, linger_s=2.0, max_lingering=3, clock=clock)
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        pairs.append(socket.socketpair())
+        return pairs[-1]
+
+    def turn() -> None:
+        for key, _ in selector.select(0.05):
+            key.data(key.fileobj)
+
+    yield clock, closer, pair, turn
+    for server, client in pairs:
+        server.close()
+        client.close()
+    selector.close()
+
+
+def closed(sock: socket.socket) -> bool:
+    return sock.fileno() == -1
+
+
+def test_the_client_sees_the_end_at_once_and_the_socket_waits_for_its_close(setup):
+    clock, closer, pair, turn = setup
+    server, client = pair()
+    server.sendall(b"response")
+    closer.close(server)  # returns at once
+    client.settimeout(5)
+    assert client.recv(100) == b"response"
+    assert client.recv(100) == b""  # FIN
+    client.sendall(b"late request bytes")  # read and dropped, no reset
+    turn()
+    assert not closed(server)
+    client.close()
+    turn()
+    assert closed(server)
+    assert len(closer) == 0
+
+
+def test_a_client_that_never_closes_is_closed_after_the_linger_time(setup):
+    clock, closer, pair, turn = setup
+    server, _ = pair()
+    closer.close(server)
+    clock.now += 1.9
+    closer.expire()
+    assert not closed(server)
+    clock.now += 0.2
+    closer.expire()
+    assert closed(server)
+
+
+def test_lingering_sockets_are_bounded_oldest_first(setup):
+    clock, closer, pair, turn = setup
+    servers = [pair()[0] for _ in range(4)]
+    for server in servers:
+        closer.close(server)
+    assert [closed(server) for server in servers] == [True, False, False, False]
+    closer.expire(force=True)
+    assert all(closed(server) for server in servers)

@@ -1,0 +1,173 @@
+"""RequestReader and ReadDeadline on real socket pairs and a real selector, with a fake clock."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+
+import pytest
+from gunicorn.config import Config as GunicornConfig
+from gunicorn.workers.gthread import TConn
+
+from service.request_reader import MAX_PREREAD_BODY, ReadDeadline, RequestReader
+
+TIMEOUT = 10.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.selector = selectors.DefaultSelector()
+        self.ready: list[TConn] = []
+        self.dropped: list[TConn] = []
+        self.cfg = GunicornConfig()
+        self.reader = RequestReader(
+            self.cfg, self.selector, ready=self.ready.append, drop=self.dropped.append, timeout=TIMEOUT,
+            clock=self.clock,
+        )
+        self.sockets: list[socket.socket] = []
+
+    def connect(self, sent: bytes = b"") -> tuple[TConn, socket.socket]:
+        server, client = socket.socketpair()
+        self.sockets += [server, client]
+        conn = TConn(self.cfg, server, ("127.0.0.1", 5000), ("127.0.0.1", 80))
+        if sent:
+            client.sendall(sent)
+        self.reader.add(conn)
+        self.turn()
+        return conn, client
+
+    def turn(self) -> None:
+        """One turn of the event loop: dispatch what is readable now."""
+        for key, _ in self.selector.select(0.05):
+            key.data(key.fileobj)
+
+    def buffered(self, conn: TConn) -> bytes:
+        return conn.parser.unreader.buf.getvalue()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.selector.close()
+
+
+@pytest.fixture
+def harness():
+    harness = Harness()
+    yield harness
+    harness.close()
+
+
+HEAD = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def test_a_whole_head_is_handed_over_with_its_bytes(harness):
+    conn, _ = harness.connect(HEAD)
+    assert harness.ready == [conn]
+    assert harness.buffered(conn) == HEAD
+    assert conn.data_ready
+    assert len(harness.reader) == 0
+
+
+def test_a_head_sent_in_pieces_waits_on_the_poller_until_whole(harness):
+    conn, client = harness.connect(HEAD[:10])
+    for start in range(10, len(HEAD), 7):
+        assert harness.ready == []
+        client.sendall(HEAD[start : start + 7])
+        harness.turn()
+    assert harness.ready == [conn]
+    assert harness.buffered(conn) == HEAD
+
+
+def test_a_small_body_of_known_length_is_read_before_the_hand_over(harness):
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"
+    conn, client = harness.connect(head + b"12345")
+    assert harness.ready == []
+    client.sendall(b"67890")
+    harness.turn()
+    assert harness.ready == [conn]
+    assert harness.buffered(conn) == head + b"1234567890"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+        b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (MAX_PREREAD_BODY + 1),
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",  # refused by the parser
+        b"NOT HTTP\r\n\r\n",
+    ],
+    ids=["chunked", "expect-100-continue", "large", "bad-head", "garbage"],
+)
+def test_other_requests_are_handed_over_once_the_head_is_in(harness, head):
+    conn, _ = harness.connect(head)
+    assert harness.ready == [conn]
+
+
+def test_a_client_closing_before_its_head_is_whole_is_dropped(harness):
+    conn, client = harness.connect(HEAD[:10])
+    client.close()
+    harness.turn()
+    assert harness.dropped == [conn]
+    assert harness.ready == []
+
+
+def test_a_body_cut_short_is_handed_over_so_the_app_can_say_so(harness):
+    conn, client = harness.connect(b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n123")
+    client.shutdown(socket.SHUT_WR)
+    harness.turn()
+    assert harness.ready == [conn]
+
+
+def test_a_request_not_whole_by_the_deadline_is_given_up(harness):
+    silent, _ = harness.connect()
+    partial, _ = harness.connect(HEAD[:10])
+    short_body, _ = harness.connect(b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n123")
+    harness.clock.now += TIMEOUT - 0.01
+    harness.reader.expire()
+    assert harness.dropped == [] and harness.ready == []
+    harness.clock.now += 0.02
+    harness.reader.expire()
+    assert harness.dropped == [silent, partial]
+    assert harness.ready == [short_body]
+    assert short_body.read_deadline <= harness.clock.now  # its thread reads no more
+
+
+def test_deadlines_brought_forward_apply_to_waiting_requests(harness):
+    conn, _ = harness.connect(HEAD[:10])
+    harness.reader.bring_deadlines_forward(harness.clock.now + 2)
+    harness.clock.now += 2
+    harness.reader.expire()
+    assert harness.dropped == [conn]
+
+
+def test_read_deadline_ends_the_stream_and_marks_the_connection():
+    class Conn:
+        read_expired = False
+
+    server, client = socket.socketpair()
+    clock = Clock()
+    conn = Conn()
+    conn.sock = server
+    conn.read_deadline = clock.now + 5
+    reader = ReadDeadline(conn, clock)
+    try:
+        client.sendall(b"abc")
+        assert reader.recv(10) == b"abc"
+        assert not conn.read_expired
+        clock.now += 5
+        assert reader.recv(10) == b""
+        assert conn.read_expired
+        assert server.gettimeout() is None  # blocking again, for the response
+    finally:
+        server.close()
+        client.close()
