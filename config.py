@@ -32,7 +32,7 @@ if sys.version_info < MIN_PYTHON:
     raise SystemExit(2)
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-DOTENV_PATH = PROJECT_ROOT / ".env"
+DOTENV_PATH = PROJECT_ROOT / ".env"  # the user's own, ignored by git; .env.example documents every variable
 EXIT_BAD_CONFIG = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from dataclasses import FrozenInstanceError, fields
@@ -256,8 +257,8 @@ def test_unrelated_variables_are_ignored():
 # -- .env and the real environment ---------------------------------------------
 
 
-def test_the_project_env_file_documents_every_variable_at_its_default():
-    values = dotenv_values(DOTENV_PATH)
+def test_the_example_env_file_documents_every_variable_at_its_default():
+    values = dotenv_values(PROJECT_ROOT / ".env.example")
     assert set(values) == set(VARIABLES)
     assert from_env(values) == Config()
 
@@ -287,9 +288,14 @@ def test_a_missing_dotenv_file_means_defaults(tmp_path):
     assert config.load(tmp_path / "absent.env") == Config()
 
 
-def test_load_reads_the_project_env_file_by_default(monkeypatch):
-    monkeypatch.setenv("PORT", "9999")
-    assert config.load() == Config(port=9999)
+def test_load_reads_the_project_env_file_by_default():
+    assert DOTENV_PATH == PROJECT_ROOT / ".env"
+    assert inspect.signature(config.load).parameters["dotenv_path"].default == DOTENV_PATH
+
+
+def test_git_ignores_the_env_file_and_keeps_the_example():
+    ignored = (PROJECT_ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored and ".env.example" not in ignored
 
 
 def test_load_exits_2_with_one_line(monkeypatch, capsys):
