@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run dev test stress lint bench clean
@@ -15,9 +16,7 @@ run: $(VENV)/.installed
 dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
-# The dashboard's browser tests drive Debian's chromium (installed with apt when missing; never a downloaded browser).
-test: $(VENV)/.installed-dev node_modules/.installed
-	@test -x /usr/bin/chromium || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium)
+test: $(VENV)/.installed-dev $(CHROMIUM) node_modules/.installed
 	$(BIN)/python -m pytest
 
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
@@ -28,13 +27,18 @@ stress: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-# Installs wrk (Debian package) when missing; writes bench/RESULTS.md.
-bench: $(VENV)/.installed-bench
+# Installs wrk and chromium (Debian packages) when missing; writes bench/RESULTS.md.
+bench: $(VENV)/.installed-bench $(CHROMIUM)
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .hypothesis bench/out
+
+# The dashboard's browser tests and benchmark drive Debian's chromium: installed when missing, never downloaded.
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \

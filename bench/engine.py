@@ -10,8 +10,9 @@ import tracemalloc
 import uuid
 from collections import Counter
 
+from service.live import LiveFigures
 from service.metrics import Metrics
-from workerpool import State, Task, WorkerPool
+from workerpool import PoolObserver, State, Task, WorkerPool
 
 from .harness import Run, table
 from .stats import ratios, spread, verdict
@@ -67,13 +68,15 @@ def queue_throughput(n: int, workers: int = 4) -> float:
     return elapsed
 
 
-def serial_steps(n: int, *, metrics: bool = False) -> float:
+def serial_steps(n: int, *, metrics: bool = False, live: bool = False) -> float:
     """Seconds for ``n`` tasks driven on this thread: submit, take from the queue, run the attempt.
 
     No thread switches at all: the engine's own Python cost per task (with ``metrics``, plus the
-    service's Prometheus observer).
+    service's Prometheus observer; with ``live``, plus the dashboard's).
     """
-    observers = [Metrics()] if metrics else []
+    observers: list[PoolObserver] = [Metrics()] if metrics else []
+    if live:
+        observers.append(LiveFigures())
     pool = WorkerPool(
         noop,
         workers=1,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from . import batch, efficiency, engine, http_figures, reference
+from . import batch, dashboard, efficiency, engine, http_figures, reference
 from .harness import Run, table
 from .server import ROOT
 
@@ -36,6 +36,7 @@ def figures(run: Run) -> dict[str, Callable[[], None]]:
         ),
         "5": lambda: http_figures.lifecycle(run),
         "6": lambda: batch.batch_throughput(run, sizes=(10, 100) if quick else batch.BATCH_SIZES),
+        "7": lambda: dashboard.dashboard_cost(run, engine_tasks=5_000 if quick else 100_000),
     }
 
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the service")
-    parser.add_argument("--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6)")
+    parser.add_argument("--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6, 7)")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds per figure (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the report (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in chosen if f not in table_]
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(table_)}")
-    needs_wrk = {"0", "1", "4b", "6"} & set(chosen)
+    needs_wrk = {"0", "1", "4b", "6", "7"} & set(chosen)
     if needs_wrk and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install -y wrk); `make bench` installs it")
     meta = machine()

@@ -79,7 +79,7 @@ def live() -> Response:
     stats = svc.pool.stats()
     body = {
         "status": "ok" if stats.accepting else "draining",
-        "store": svc.config.store.kind,
+        "store": svc.config.store.kind,  # not its path: this endpoint is open
         "token_required": bool(svc.config.api_token),
         "workers": stats.workers,
         "busy_workers": stats.counts[State.RUNNING],

@@ -149,15 +149,14 @@ class LiveFigures(PoolObserver):
         for step in range(latency_start, end - LATENCY_STEP_S + 1, LATENCY_STEP_S):
             merged = _merge(histograms[step - start : step - start + LATENCY_STEP_S])
             attempts.append(sum(merged.values()))
-            for p in PERCENTILES:
-                latency[f"p{p}"].append(percentile(merged, p))
-        recent = _merge(histograms[-RECENT_S:])
+            for name, value in percentiles(merged).items():
+                latency[name].append(value)
         return {
             "start": start,
             "seconds": self.window_s,
             **counts,
             "latency": {"start": latency_start, "step": LATENCY_STEP_S, "attempts": attempts, **latency},
-            "recent_latency": {f"p{p}": percentile(recent, p) for p in PERCENTILES},
+            "recent_latency": percentiles(_merge(histograms[-RECENT_S:])),
         }
 
 
@@ -169,15 +168,22 @@ def _merge(histograms: list[dict[int, int]]) -> dict[int, int]:
     return merged
 
 
-def percentile(histogram: dict[int, int], p: float) -> float | None:
-    """The upper bound of the bucket holding the ``p``-th percentile of ``histogram``; None if it is empty."""
+def percentiles(histogram: dict[int, int], ps: tuple[float, ...] = PERCENTILES) -> dict[str, float | None]:
+    """``p<p>`` -> the upper bound of the bucket holding the ``p``-th percentile, for ascending ``ps``.
+
+    Nearest rank: the smallest value with at least p % of the attempts at or below it. None when the
+    histogram is empty.
+    """
     total = sum(histogram.values())
+    found: dict[str, float | None] = {f"p{p:g}": None for p in ps}
     if not total:
-        return None
-    rank = math.ceil(total * p / 100)  # nearest-rank definition: the smallest value with p % at or below it
-    seen = 0
-    for bucket in sorted(histogram):
-        seen += histogram[bucket]
-        if seen >= rank:
-            return bucket_bound(bucket)
-    raise AssertionError("unreachable: rank <= total")
+        return found
+    buckets = iter(sorted(histogram))
+    bucket, seen = -1, 0
+    for p in ps:
+        rank = max(1, math.ceil(total * p / 100))
+        while seen < rank:
+            bucket = next(buckets)
+            seen += histogram[bucket]
+        found[f"p{p:g}"] = bucket_bound(bucket)
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from http_fixtures import TEST_CONFIG, WAIT_S, Gate, instant, make_harness
@@ -109,3 +110,21 @@ def test_with_a_token_the_page_and_figures_stay_open_and_the_tasks_do_not():
         assert harness.client.get("/tasks").status_code == 401
     finally:
         harness.pool.shutdown(WAIT_S)
+
+
+def _luminance(hex_colour: str) -> float:
+    channels = [int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_every_text_colour_keeps_a_contrast_of_at_least_4_5_to_1(harness):
+    css = harness.client.get("/dashboard/dashboard.css").get_data(as_text=True)
+    colours = dict(re.findall(r"--([a-z]+): (#[0-9a-f]{6});", css))
+    backgrounds = (colours.pop("panel"), "#ffffff")
+    colours.pop("line")  # borders and grid lines, not text
+    assert {"text", "muted", "accent", "done", "failed", "cancelled"} <= set(colours)
+    for name, colour in colours.items():
+        for background in backgrounds:
+            lighter, darker = sorted((_luminance(colour), _luminance(background)), reverse=True)
+            assert (lighter + 0.05) / (darker + 0.05) >= 4.5, (name, colour, background)  # WCAG 2 AA

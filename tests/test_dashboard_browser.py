@@ -10,11 +10,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from browser import chromium, served
 from http_fixtures import TEST_CONFIG, WAIT_S, Client, FinalStates
 from playwright.sync_api import expect
 
 from app import create_app
+from bench.browser import chromium, served
 from config import Config
 from service.live import LiveFigures
 from service.metrics import Metrics
@@ -142,8 +142,13 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
     assert page.eval_on_selector_all("#task-rows tr", "rows => rows.map(r => r.dataset.id)") == [
         task["id"] for task in listing["tasks"]
     ]
-    # A task's detail shows its error.
-    page.click("#task-rows tr[data-id='failed-0'] button.task-id")
+    # Rows are updated in place: a focused control keeps its focus across refreshes. By keyboard, a task's
+    # detail shows its error.
+    page.focus("#task-rows tr[data-id='failed-0'] button.task-id")
+    with page.expect_response(lambda response: "/tasks?limit=" in response.url):
+        pass
+    assert page.evaluate("document.activeElement.closest('tr').dataset.id") == "failed-0"
+    page.keyboard.press("Enter")
     expect(page.locator("#detail-fields")).to_contain_text("refused by the test", timeout=WAIT_MS)
     assert page.errors == []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.live import LATENCY_STEP_S, LiveFigures, bucket_bound, latency_bucket, percentile
+from service.live import LATENCY_STEP_S, LiveFigures, bucket_bound, latency_bucket, percentiles
 from workerpool import State, Task
 
 T0 = 1_800_000_000  # a multiple of LATENCY_STEP_S: the steps line up with whole tens of seconds
@@ -104,11 +104,17 @@ def test_durations_beyond_the_last_bucket_share_it():
     assert latency_bucket(10**9) == latency_bucket(10**8)
 
 
-def test_percentile_uses_the_nearest_rank():
-    assert percentile({}, 50) is None
+def test_percentiles_use_the_nearest_rank():
+    assert percentiles({}) == {"p50": None, "p90": None, "p99": None}
     histogram = {latency_bucket(0.1): 9, latency_bucket(2.0): 1}
-    assert percentile(histogram, 90) == bucket_bound(latency_bucket(0.1))
-    assert percentile(histogram, 91) == bucket_bound(latency_bucket(2.0))
+    assert percentiles(histogram, (90, 91)) == {
+        "p90": bucket_bound(latency_bucket(0.1)),
+        "p91": bucket_bound(latency_bucket(2.0)),
+    }
+    assert percentiles(histogram, (0, 100)) == {
+        "p0": bucket_bound(latency_bucket(0.1)),
+        "p100": bucket_bound(latency_bucket(2.0)),
+    }
 
 
 def test_a_window_shorter_than_a_latency_step_is_refused():

@@ -1,4 +1,7 @@
-"""A real headless Chromium (Debian's package, driven by Playwright) and an app served on a thread for it."""
+"""A real headless Chromium (Debian's package, driven by Playwright) and an app served on a thread for it.
+
+Shared by the dashboard's browser tests and its benchmark figure.
+"""
 
 from __future__ import annotations
 
