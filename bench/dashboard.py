@@ -70,7 +70,7 @@ def observer_cost(run: Run, n: int) -> str:
     )
 
 
-def dashboard_cost(run: Run, *, engine_tasks: int = 100_000) -> None:
+def dashboard_cost(run: Run, *, engine_tasks: int = 50_000) -> None:
     results: dict[str, list[dict]] = {"closed": [], "open": []}
     # The queue never fills: tasks pile up queued (4 workers, 100-500 ms each) and stay retained.
     with Server("dashboard", env={"QUEUE_SIZE": "1000000", "SHUTDOWN_TIMEOUT_S": "0"}) as server, chromium() as browser:

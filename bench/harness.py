@@ -78,7 +78,7 @@ def collapsed_self_time(path: Path, *, top: int = 12) -> list[tuple[str, float]]
     total = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not stack:
+        if not stack or not n.isdigit():  # py-spy sometimes reads a torn frame name spanning lines
             continue
         frame = stack.rsplit(";", 1)[-1]
         counts[_short(frame)] += int(n)
@@ -92,7 +92,7 @@ def collapsed_inclusive(path: Path, names: dict[str, str]) -> list[tuple[str, fl
     total = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not stack:
+        if not stack or not n.isdigit():  # py-spy sometimes reads a torn frame name spanning lines
             continue
         total += int(n)
         for label, needle in names.items():

@@ -60,7 +60,8 @@ def bare_flask_reference(run: Run) -> None:
         "is `make run`'s command (`gunicorn -c gunicorn.conf.py`, `.env` defaults) with `QUEUE_SIZE=1000000` so "
         "that every POST is accepted; the reference is `bench/bare_flask.py` (one route: `request.get_json()`, "
         "three fields checked, `jsonify` a 202) under `bench/bare_flask.conf.py` (1 worker, gthread, 8 threads, "
-        "no access log)."
+        "no access log). Worker CPU is the worker process's user + system time (all its threads, `/proc`) during "
+        "the round divided by the requests served: on a shared machine it moves far less than req/s does."
     )
     text += "\n\n" + _request_profile(run)
     run.sections["0. Enqueue against a bare Flask app"] = text
@@ -78,7 +79,10 @@ def _measure(run: Run, pool_label: str, pool_env: dict[str, str]) -> dict[str, l
             run.wrk(server.url, "/enqueue", seconds=1)  # warm-up
         for round_no in range(run.rounds):
             for name in _rotation(round_no, list(servers)):
+                before = servers[name].cpu_seconds()
                 r = run.wrk(servers[name].url, "/enqueue")
+                # CPU per request hardly depends on what else the machine runs, unlike req/s.
+                r["cpu_us"] = (servers[name].cpu_seconds() - before) / max(1, r["requests"]) * 1e6
                 if r["non_2xx_3xx"]:
                     raise RuntimeError(
                         f"{name}: {r['non_2xx_3xx']} responses were not 2xx; see {servers[name].log_path}"
@@ -86,7 +90,7 @@ def _measure(run: Run, pool_label: str, pool_env: dict[str, str]) -> dict[str, l
                 results[name].append(r)
                 run.progress(
                     f"fig 0 {pool_label}: round {round_no + 1}/{run.rounds} {name:24} {r['rps']:8,.0f} req/s "
-                    f"p99 {r['p99_us'] / 1000:6.1f} ms"
+                    f"p99 {r['p99_us'] / 1000:6.1f} ms, worker CPU {r['cpu_us']:5.0f} µs/request"
                 )
     finally:
         for server in servers.values():
@@ -101,6 +105,7 @@ def _report(run: Run, pool_label: str, results: dict[str, list[dict]]) -> str:
         mine = results[name]
         rps = ratios([r["rps"] for r in mine], [r["rps"] for r in bare])
         p99 = ratios([r["p99_us"] for r in mine], [r["p99_us"] for r in bare])
+        cpu = ratios([r["cpu_us"] for r in mine], [r["cpu_us"] for r in bare])
         rows.append(
             [
                 name,
@@ -108,13 +113,18 @@ def _report(run: Run, pool_label: str, results: dict[str, list[dict]]) -> str:
                 spread([r["p99_us"] / 1000 for r in mine]).fmt(".1f"),
                 "1" if name == BARE else rps.fmt(".2f"),
                 "1" if name == BARE else p99.fmt(".2f"),
+                spread([r["cpu_us"] for r in mine]).fmt(),
+                "1" if name == BARE else cpu.fmt(".2f"),
             ]
         )
         if name == BARE:
             continue
         each = ", ".join(f"{a['rps'] / b['rps']:.2f}" for a, b in zip(mine, bare, strict=True))
         each_p99 = ", ".join(f"{a['p99_us'] / b['p99_us']:.2f}" for a, b in zip(mine, bare, strict=True))
-        per_round.append(f"- {name}: throughput ratio per round {each}; p99 ratio per round {each_p99}")
+        each_cpu = ", ".join(f"{a['cpu_us'] / b['cpu_us']:.2f}" for a, b in zip(mine, bare, strict=True))
+        per_round.append(
+            f"- {name}, per round: throughput ratio {each}; p99 ratio {each_p99}; CPU per request ratio {each_cpu}"
+        )
         if pool_label == "idle pool":
             low_rps, high_p99 = TARGETS[name]
             run.summary.append(
@@ -123,6 +133,14 @@ def _report(run: Run, pool_label: str, results: dict[str, list[dict]]) -> str:
                     f"{rps.median:.2f}",
                     f">= {low_rps}",
                     verdict(rps.median >= low_rps),
+                )
+            )
+            run.summary.append(
+                (
+                    f"0. worker CPU per request / bare Flask, {name.removeprefix('service, ')}",
+                    f"{cpu.median:.2f}",
+                    "-",
+                    "-",
                 )
             )
             if high_p99 is not None:
@@ -143,7 +161,7 @@ def _report(run: Run, pool_label: str, results: dict[str, list[dict]]) -> str:
                     "-",
                 )
             )
-    header = ["server", "req/s", "p99 ms", "throughput / bare", "p99 / bare"]
+    header = ["server", "req/s", "p99 ms", "throughput / bare", "p99 / bare", "worker CPU µs/request", "CPU / bare"]
     return f"**{pool_label}**\n\n" + table(header, rows) + "\n\n" + "\n".join(per_round)
 
 
@@ -159,8 +177,9 @@ PROFILE_LABELS = {
     "  whole enqueue view (service/api.py enqueue)": "enqueue (service/api.py",
     "    parse_enqueue (JSON + validation)": "parse_enqueue (",
     "    WorkerPool.submit (metrics hooks included)": "submit (workerpool/",
-    "    task_to_json + jsonify (response body)": "task_to_json (",
-    "    url_for (Location header)": "url_for (",
+    "    task_to_json + jsonify (response body)": "jsonify (",
+    "    task_url (Location header)": "task_url (",
+    "  werkzeug's iri_to_uri of the Location header": "iri_to_uri (",
     "pool worker threads (_work)": "_work (",
     "garbage collection": "gc_collect",
 }

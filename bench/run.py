@@ -36,7 +36,7 @@ def figures(run: Run) -> dict[str, Callable[[], None]]:
         ),
         "5": lambda: http_figures.lifecycle(run),
         "6": lambda: batch.batch_throughput(run, sizes=(10, 100) if quick else batch.BATCH_SIZES),
-        "7": lambda: dashboard.dashboard_cost(run, engine_tasks=5_000 if quick else 100_000),
+        "7": lambda: dashboard.dashboard_cost(run, engine_tasks=5_000 if quick else 50_000),
     }
 
 

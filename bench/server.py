@@ -124,6 +124,11 @@ class Server:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads) the worker process has used so far."""
+        fields = Path(f"/proc/{self.worker_pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def terminate(self, timeout: float = 30.0) -> float:
         """SIGTERM the arbiter; return seconds until it exited."""
         sent = time.monotonic()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
+
+from workerpool import PoolStats
 
 from . import connection, request_id
 from .auth import require_token, token_required
@@ -48,6 +51,9 @@ def task_url(task_id: str) -> str:
 
 def read_body(limit: int) -> bytes:
     """The request body; 413 if it is longer than ``limit`` bytes, chunked or not, 400 if cut short."""
+    too_large = Problem(413, f"the request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large  # not werkzeug's 413, which would name the app-wide MAX_CONTENT_LENGTH
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
     request.max_content_length = limit + 1
@@ -60,7 +66,7 @@ def read_body(limit: int) -> bytes:
             "the request body could not be read: its chunked framing is malformed or it ended early"
         ) from None
     if len(body) > limit:
-        raise Problem(413, f"the request body is larger than {limit} bytes")
+        raise too_large
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
     if request.content_length is not None and len(body) < request.content_length:
@@ -97,7 +103,12 @@ def list_tasks() -> Response:
 def health() -> tuple[Response, int]:
     """Report liveness and queue figures; 503 once shutdown has begun."""
     stats = services().pool.stats()
-    body = {
+    return jsonify(health_figures(stats)), 200 if stats.accepting else 503
+
+
+def health_figures(stats: PoolStats) -> dict[str, Any]:
+    """The body of /healthz: admission, queue and task counts (the dashboard's live figures start from it)."""
+    return {
         "status": "ok" if stats.accepting else "draining",
         "workers": stats.workers,
         "queue_capacity": stats.queue_capacity,
@@ -105,7 +116,6 @@ def health() -> tuple[Response, int]:
         "retries_pending": stats.retries_pending,
         "tasks": {str(state): count for state, count in stats.counts.items()},
     }
-    return jsonify(body), 200 if stats.accepting else 503
 
 
 @bp.get("/openapi.json")

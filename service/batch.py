@@ -8,15 +8,14 @@ batch that cannot be read as a list of tasks is refused as a whole.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, url_for
+from flask import Blueprint, Response, jsonify
 
 from workerpool import SubmitError, Task
 
 from . import request_id
-from .api import read_body
+from .api import read_body, task_url
 from .auth import require_token
 from .context import services
 from .engine_adapter import submit_many
@@ -78,15 +77,12 @@ def enqueue_batch() -> Response:
         svc.metrics.count_rejection(exc)
         raise
     admitted = iter(submit_many(svc.pool, [item for item in items if isinstance(item, TaskSpec)]))
-    location = _locator()
     results: list[dict[str, Any]] = []
     refusals: list[Exception] = []
     for index, item in enumerate(items):
         outcome = next(admitted) if isinstance(item, TaskSpec) else item
         if isinstance(outcome, Task):
-            results.append(
-                {"status": 202, "task": task_to_json(outcome), "location": location(outcome.id)}
-            )
+            results.append({"status": 202, "task": task_to_json(outcome), "location": task_url(outcome.id)})
             continue
         refusals.append(outcome)
         problem = submit_problem(outcome) if isinstance(outcome, SubmitError) else outcome
@@ -102,14 +98,6 @@ def enqueue_batch() -> Response:
         )
     svc.metrics.count_rejections(refusals)
     return jsonify({"results": results})
-
-
-def _locator() -> Callable[[str], str]:
-    """``url_for("api.get_task", task_id=...)`` for many ids: the route's prefix and converter, looked up once."""
-    marker = "-"
-    prefix = url_for("api.get_task", task_id=marker).removesuffix(marker)
-    to_url = current_app.url_map.converters["path"](current_app.url_map).to_url
-    return lambda task_id: prefix + to_url(task_id)
 
 
 def _refusal(problem: Problem) -> dict[str, Any]:

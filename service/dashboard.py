@@ -17,6 +17,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from workerpool import State
 
+from .api import health_figures
 from .context import services
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -78,18 +79,12 @@ def live() -> Response:
     svc = services()
     stats = svc.pool.stats()
     body = {
-        "status": "ok" if stats.accepting else "draining",
+        **health_figures(stats),
+        "busy_workers": stats.counts[State.RUNNING],
         "store": svc.config.store.kind,  # not its path: this endpoint is open
         "token_required": bool(svc.config.api_token),
-        "workers": stats.workers,
-        "busy_workers": stats.counts[State.RUNNING],
-        "queue_capacity": stats.queue_capacity,
-        "queue_depth": stats.queue_depth,
-        "retries_pending": stats.retries_pending,
-        "tasks": {str(state): count for state, count in stats.counts.items()},
         "series": svc.live.series(),
     }
     response = jsonify(body)
     response.headers["Cache-Control"] = "no-store"
     return response
-

@@ -76,6 +76,7 @@ class LiveFigures(PoolObserver):
         # or any slot in it; nothing else is done while it is held.
         self._lock = threading.Lock()
         self._slots = [_Slot(-1) for _ in range(window_s)]
+        self._series: tuple[int, dict[str, Any]] | None = None  # the last series() and its end second
 
     # -- PoolObserver ----------------------------------------------------
 
@@ -85,30 +86,27 @@ class LiveFigures(PoolObserver):
             self._slot(second).accepted += 1
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
-        bucket = latency_bucket(seconds)
+        self._count(task, latency_bucket(seconds))
+
+    def task_abandoned(self, task: Task) -> None:
+        self._count(task)
+
+    def task_cancelled(self, task: Task) -> None:
+        """A task was cancelled before an attempt of it ran."""
+        self._count(task)
+
+    def _count(self, task: Task, bucket: int | None = None) -> None:
+        """Count ``task``'s new state (final, or queued again for a retry) and the attempt's duration bucket."""
         state = str(task.state)
         second = int(self._clock())
         with self._lock:
             slot = self._slot(second)
-            slot.latency[bucket] = slot.latency.get(bucket, 0) + 1
+            if bucket is not None:
+                slot.latency[bucket] = slot.latency.get(bucket, 0) + 1
             if state in COUNTED_STATES:
                 slot.finished[state] = slot.finished.get(state, 0) + 1
             elif state == "queued":
                 slot.retried += 1
-
-    def task_abandoned(self, task: Task) -> None:
-        self._count_final(task)
-
-    def task_cancelled(self, task: Task) -> None:
-        """A task that was not running was cancelled (the engine calls this hook where it has it)."""
-        self._count_final(task)
-
-    def _count_final(self, task: Task) -> None:
-        state = str(task.state)
-        second = int(self._clock())
-        with self._lock:
-            slot = self._slot(second)
-            slot.finished[state] = slot.finished.get(state, 0) + 1
 
     def _slot(self, second: int) -> _Slot:
         """The slot of ``second``, emptied first if it still holds an older second; needs _lock."""
@@ -126,6 +124,9 @@ class LiveFigures(PoolObserver):
         always show a dip at the end of the charts.
         """
         end = int(self._clock())  # exclusive
+        cached = self._series
+        if cached is not None and cached[0] == end:
+            return cached[1]  # complete seconds do not change: every page polling in this second shares one
         start = end - self.window_s
         # Latency steps are aligned to multiples of LATENCY_STEP_S, so a step's figures do not shift as time passes.
         latency_start = start + (-start) % LATENCY_STEP_S
@@ -151,13 +152,15 @@ class LiveFigures(PoolObserver):
             attempts.append(sum(merged.values()))
             for name, value in percentiles(merged).items():
                 latency[name].append(value)
-        return {
+        series = {
             "start": start,
             "seconds": self.window_s,
             **counts,
             "latency": {"start": latency_start, "step": LATENCY_STEP_S, "attempts": attempts, **latency},
             "recent_latency": percentiles(_merge(histograms[-RECENT_S:])),
         }
+        self._series = (end, series)  # one assignment: a reader sees the old pair or the new one
+        return series
 
 
 def _merge(histograms: list[dict[int, int]]) -> dict[int, int]:

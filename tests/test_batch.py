@@ -8,7 +8,17 @@ import json
 import logging
 
 import pytest
-from http_fixtures import TEST_CONFIG, Gate, instant, make_harness
+from http_fixtures import (
+    LISTENING,
+    TEST_CONFIG,
+    Client,
+    Gate,
+    ServerProcess,
+    clean_environment,
+    instant,
+    make_harness,
+    wait_until,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -183,7 +193,7 @@ def batch_of_size(size: int) -> bytes:
     return body + b" " * (size - len(body))
 
 
-@pytest.mark.parametrize(("size", "status"), [(2048, 200), (2049, 413)])
+@pytest.mark.parametrize(("size", "status"), [(2048, 200), (2049, 413), (10_000, 413)])
 def test_the_batch_has_its_own_body_limit(harness, size, status):
     # 2048 is over MAX_BODY_BYTES (1024), which holds for POST /enqueue only.
     response = post_batch(harness.client, batch_of_size(size))
@@ -328,3 +338,37 @@ def test_each_location_is_the_one_post_enqueue_gives(harness, task_id):
         fresh.pool.shutdown(5)
     assert result["location"] == single
     assert fresh.client.get(result["location"]).status_code == 200
+
+
+# -- through gunicorn --------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_gunicorn_takes_a_full_batch_and_runs_every_task(tmp_path):
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(
+            QUEUE_SIZE="1000", WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0", MAX_BATCH_BODY_BYTES="100000"
+        ),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        body = json.dumps({"tasks": [task(f"t{n}", "p" * 50) for n in range(1000)]}).encode()
+        assert len(body) < 100_000
+        status, headers, text = client.request("POST", "/enqueue/batch", body, headers={"X-Request-ID": "rid-big"})
+        assert (status, headers["X-Request-ID"]) == (200, "rid-big")
+        results = json.loads(text)["results"]
+        assert [r["task"]["id"] for r in results] == [f"t{n}" for n in range(1000)]
+        too_large = json.dumps({"tasks": [task(f"u{n}", "p" * 200) for n in range(1000)]}).encode()
+        status, _, text = client.request("POST", "/enqueue/batch", too_large)
+        assert (status, json.loads(text)["detail"]) == (413, "the request body is larger than 100000 bytes")
+        wait_until(
+            lambda: client.json("GET", "/healthz")[1]["tasks"]["done"] == 1000, timeout=30, what="every task done"
+        )
+        assert client.json("GET", "/tasks/u0")[0] == 404
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
+    assert '"POST /enqueue/batch HTTP/1.1" 200' in server.log()

@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 import pytest
+from doubles import FakeClock
 from http_fixtures import TEST_CONFIG, WAIT_S, Gate, instant, make_harness
 
 from app import create_app
@@ -67,35 +68,27 @@ def test_the_live_figures_are_those_of_the_health_check(harness):
         harness.drain()
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_series_are_fed_by_the_pool_of_the_app():
-    clock = Clock(1_800_000_000.5)
-    live = LiveFigures(window_s=60, clock=clock)
+    clock = FakeClock(1_800_000_000.5)
+    live = LiveFigures(window_s=60, clock=clock.time)
     metrics = Metrics()
     pool = WorkerPool(instant, threads=False, observers=[metrics, live])
     client = create_app(TEST_CONFIG, pool=pool, metrics=metrics, live=live).test_client()
     assert client.post("/enqueue", json={"id": "x", "payload": ""}).status_code == 202
     assert pool.step()
-    clock.now += 1  # the second of the submission is complete
+    clock.advance(1)  # the second of the submission is complete
     series = client.get("/dashboard/live").get_json()["series"]
     assert (series["accepted"][-1], series["done"][-1]) == (1, 1)
     assert len(series["accepted"]) == 60
 
 
 def test_create_app_wires_the_figures_to_the_pool_it_builds():
-    clock = Clock(1_800_000_000.5)
-    app = create_app(dataclasses.replace(TEST_CONFIG, workers=1), live=LiveFigures(clock=clock))
+    clock = FakeClock(1_800_000_000.5)
+    app = create_app(dataclasses.replace(TEST_CONFIG, workers=1), live=LiveFigures(clock=clock.time))
     client = app.test_client()
     try:
         assert client.post("/enqueue", json={"id": "x", "payload": ""}).status_code == 202
-        clock.now += 1
+        clock.advance(1)
         assert client.get("/dashboard/live").get_json()["series"]["accepted"][-1] == 1
     finally:
         app.extensions["workerpool"].pool.shutdown(WAIT_S)

@@ -150,6 +150,17 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
     assert page.evaluate("document.activeElement.closest('tr').dataset.id") == "failed-0"
     page.keyboard.press("Enter")
     expect(page.locator("#detail-fields")).to_contain_text("refused by the test", timeout=WAIT_MS)
+    # The filter offers the states the service reports, and lists what GET /tasks?state= lists.
+    assert page.eval_on_selector_all("#state-filter option", "options => options.map(o => o.value)") == [
+        "",
+        *health["tasks"],
+    ]
+    page.select_option("#state-filter", "done")
+    expect(page.locator("#task-rows tr")).to_have_count(3, timeout=WAIT_MS)
+    _, done = instance.get("/tasks?state=done")
+    assert page.eval_on_selector_all("#task-rows tr", "rows => rows.map(r => r.dataset.id)") == [
+        task["id"] for task in done["tasks"]
+    ]
     assert page.errors == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from doubles import FakeClock
 
 from service.live import LATENCY_STEP_S, LiveFigures, bucket_bound, latency_bucket, percentiles
 from workerpool import State, Task
@@ -10,25 +11,17 @@ from workerpool import State, Task
 T0 = 1_800_000_000  # a multiple of LATENCY_STEP_S: the steps line up with whole tens of seconds
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def task(state: State = State.QUEUED) -> Task:
     return Task("t", "", 0, state=state)
 
 
 def test_counts_land_in_the_second_they_happened_and_the_current_second_is_left_out():
-    clock = Clock(T0 + 0.5)
-    live = LiveFigures(window_s=60, clock=clock)
+    clock = FakeClock(T0 + 0.5)
+    live = LiveFigures(window_s=60, clock=clock.time)
     live.task_queued(task())
     live.task_queued(task())
     live.attempt_finished(task(State.DONE), 0.2)
-    clock.now = T0 + 1.25
+    clock.advance(0.75)  # T0 + 1.25
     live.attempt_finished(task(State.FAILED), 0.2)
     live.attempt_finished(task(State.QUEUED), 0.2)  # failed, retry scheduled
     live.task_abandoned(task(State.FAILED))
@@ -38,7 +31,7 @@ def test_counts_land_in_the_second_they_happened_and_the_current_second_is_left_
     assert series["accepted"][-1] == 2 and sum(series["accepted"]) == 2
     assert series["done"][-1] == 1 and sum(series["failed"]) == 0
 
-    clock.now = T0 + 2
+    clock.advance(0.75)  # T0 + 2
     series = live.series()
     assert series["accepted"][-2:] == [2, 0]
     assert series["done"][-2:] == [1, 0]
@@ -48,37 +41,37 @@ def test_counts_land_in_the_second_they_happened_and_the_current_second_is_left_
 
 
 def test_a_cancelled_task_is_counted_whether_it_was_running_or_not():
-    clock = Clock(T0)
-    live = LiveFigures(window_s=60, clock=clock)
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=60, clock=clock.time)
     live.attempt_finished(Task("a", "", 0, state="cancelled"), 0.1)  # type: ignore[arg-type]
     live.task_cancelled(Task("b", "", 0, state="cancelled"))  # type: ignore[arg-type]
-    clock.now = T0 + 1
+    clock.advance(1)
     assert live.series()["cancelled"][-1] == 2
 
 
 def test_seconds_that_left_the_window_are_forgotten_and_their_slots_reused():
-    clock = Clock(T0)
-    live = LiveFigures(window_s=20, clock=clock)
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=20, clock=clock.time)
     live.task_queued(task())
-    clock.now = T0 + 20  # same slot of the ring, twenty seconds later
+    clock.advance(20)  # same slot of the ring, twenty seconds later
     live.task_queued(task())
     live.task_queued(task())
-    clock.now = T0 + 21
+    clock.advance(1)
     series = live.series()
     assert series["accepted"][-1] == 2
     assert sum(series["accepted"]) == 2
-    clock.now = T0 + 100  # nothing for longer than the window
+    clock.advance(79)  # T0 + 100: nothing for longer than the window
     assert sum(live.series()["accepted"]) == 0
 
 
 def test_latency_percentiles_per_step_and_over_the_last_minute():
-    clock = Clock(T0)
-    live = LiveFigures(window_s=60, clock=clock)
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=60, clock=clock.time)
     for n in range(1, 101):  # 10 ms .. 1 s in this step
         live.attempt_finished(task(State.DONE), n / 100)
-    clock.now = T0 + LATENCY_STEP_S + 3  # the next step holds one slow attempt
+    clock.advance(LATENCY_STEP_S + 3)  # the next step holds one slow attempt
     live.attempt_finished(task(State.DONE), 5.0)
-    clock.now = T0 + 2 * LATENCY_STEP_S  # both steps complete
+    clock.advance(LATENCY_STEP_S - 3)  # T0 + 2 steps: both complete
     latency = live.series()["latency"]
     assert latency["step"] == LATENCY_STEP_S
     steps = {latency["start"] + i * LATENCY_STEP_S: i for i in range(len(latency["attempts"]))}
@@ -120,3 +113,15 @@ def test_percentiles_use_the_nearest_rank():
 def test_a_window_shorter_than_a_latency_step_is_refused():
     with pytest.raises(ValueError, match="window_s"):
         LiveFigures(window_s=5)
+
+
+def test_the_series_of_a_second_is_computed_once_and_shared():
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=60, clock=clock.time)
+    live.task_queued(task())
+    clock.advance(1)
+    first = live.series()
+    assert live.series() is first
+    clock.advance(1)
+    assert live.series() is not first
+    assert live.series()["accepted"][-2:] == [1, 0]

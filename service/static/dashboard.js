@@ -64,8 +64,9 @@ function setText(id, value) {
 
 function renderLive(live) {
   for (const state of ["queued", "running", "done", "failed", "cancelled"]) {
-    setText("fig-" + state, live.tasks[state] ?? 0);
+    setText("fig-" + state, live.tasks[state] ?? "–"); // "–": a state this service does not have
   }
+  offerStates(Object.keys(live.tasks));
   setText("fig-queue-depth", live.queue_depth);
   setText("fig-queue-capacity", live.queue_capacity);
   $("queue-meter").value = live.queue_capacity ? live.queue_depth / live.queue_capacity : 0;
@@ -88,6 +89,15 @@ function renderLive(live) {
     { name: "p90", points: s.latency.p90 },
     { name: "p99", points: s.latency.p99 },
   ], { seconds: s.seconds, unit: " s" });
+}
+
+function offerStates(states) {
+  // The filter offers the states the service reports, so it never asks for one it would refuse.
+  const select = $("state-filter");
+  const offered = [...select.options].slice(1).map((option) => option.value);
+  if (offered.join() === states.join()) return;
+  const options = states.map((state) => new Option(state, state, false, state === select.value));
+  select.replaceChildren(new Option("all", ""), ...options);
 }
 
 function renderSummary(series) {
