@@ -35,7 +35,7 @@ def pool_throughput(n: int, workers: int = 4) -> float:
         pool.submit(task_id)
     summary = pool.shutdown()
     elapsed = time.perf_counter() - started
-    assert summary is not None and summary.counts[State.DONE] == n, summary
+    assert summary is not None and pool.stats().counts[State.DONE] == n, summary
     return elapsed
 
 
@@ -204,7 +204,7 @@ def bytes_per_retained_task(n: int) -> tuple[float, list[tuple[str, float]]]:
         for _ in range(n):
             pool.submit(str(uuid.uuid4()), payload="x" * 200, max_retries=3)
         summary = pool.shutdown()
-        assert summary is not None and summary.counts[State.DONE] == n
+        assert summary is not None and pool.stats().counts[State.DONE] == n
         del summary
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - base

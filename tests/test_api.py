@@ -497,9 +497,9 @@ def test_list_tasks_defaults_to_100():
 @pytest.mark.parametrize(
     ("query", "errors"),
     [
-        ("?state=bogus", [("state", "must be one of queued, running, done, failed")]),
-        ("?state=", [("state", "must be one of queued, running, done, failed")]),
-        ("?state=DONE", [("state", "must be one of queued, running, done, failed")]),
+        ("?state=bogus", [("state", "must be one of queued, running, done, failed, cancelled")]),
+        ("?state=", [("state", "must be one of queued, running, done, failed, cancelled")]),
+        ("?state=DONE", [("state", "must be one of queued, running, done, failed, cancelled")]),
         ("?limit=0", [("limit", "must be an integer from 1 to 1000")]),
         ("?limit=1001", [("limit", "must be an integer from 1 to 1000")]),
         ("?limit=-1", [("limit", "must be an integer from 1 to 1000")]),
@@ -513,7 +513,7 @@ def test_list_tasks_defaults_to_100():
             "?state=x&limit=0&page=2",
             [
                 ("page", "is not a known parameter"),
-                ("state", "must be one of queued, running, done, failed"),
+                ("state", "must be one of queued, running, done, failed, cancelled"),
                 ("limit", "must be an integer from 1 to 1000"),
             ],
         ),
@@ -547,7 +547,7 @@ def test_health_reports_the_pool(gate, path):
         "queue_capacity": 3,
         "queue_depth": 1,
         "retries_pending": 0,
-        "tasks": {"queued": 1, "running": 1, "done": 0, "failed": 0},
+        "tasks": {"queued": 1, "running": 1, "done": 0, "failed": 0, "cancelled": 0},
     }
 
 

@@ -60,9 +60,13 @@ def test_json_lines_parse_and_carry_the_task_and_request_ids(capture):
         ("WARNING", "task job-1 failed after 1 attempt(s): RuntimeError: boom"),
     ]
     for record in task_lines:
-        assert list(record)[:6] == ["level", "logger", "message", "task_id", "request_id", "timestamp"]
+        keys = [key for key in record if key != "exc_info"]
+        assert keys[:6] == ["level", "logger", "message", "task_id", "request_id", "timestamp"]
         assert (record["logger"], record["request_id"]) == (TASK_LOGGER, "rid-json")
         assert record["timestamp"].endswith("+00:00")
+    # At DEBUG the failure carries the handler's traceback; the other lines carry none.
+    assert [("exc_info" in r) for r in task_lines] == [False, False, True]
+    assert 'raise RuntimeError("boom")' in task_lines[-1]["exc_info"]
 
 
 def test_every_json_line_has_the_same_keys_even_without_a_task(capture):

@@ -254,18 +254,26 @@ def test_shutdown_drains_queued_work_and_pending_retries(make_pool, clock):
         if task.attempts == 1 and task.id.startswith("r"):
             raise RuntimeError("again")
 
-    pool = make_pool(fail_once, workers=2, backoff_base=5, backoff_cap=5)
+    began = threading.Event()
+
+    def fail_once_after_shutdown_began(task, cancel):
+        assert began.wait(TIMEOUT)
+        fail_once(task, cancel)
+
+    pool = make_pool(fail_once_after_shutdown_began, workers=2, backoff_base=5, backoff_cap=5)
     ids = [f"{kind}{n}" for n in range(10) for kind in "rt"]
     for task_id in ids:
         pool.submit(task_id, "", 1)
     drained = threading.Thread(target=pool.shutdown, kwargs={"timeout": 60})
     drained.start()
+    wait_until(lambda: not pool.accepting, timeout=TIMEOUT, what="the drain to begin")
+    began.set()
     while drained.is_alive():  # let fake time pass so the retries fall due
         clock.advance(1)
         drained.join(0.01)
     summary = pool.shutdown()
     assert summary.abandoned == ()
-    assert summary.counts == {State.QUEUED: 0, State.RUNNING: 0, State.DONE: 20, State.FAILED: 0}
+    assert summary.counts == {State.QUEUED: 0, State.RUNNING: 0, State.DONE: 20, State.FAILED: 0, State.CANCELLED: 0}
     assert all(pool.get(f"r{n}").attempts == 2 for n in range(10))
 
 
@@ -306,7 +314,9 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
     summary = pool.shutdown(timeout=0)
     assert summary.abandoned == ("late",)
     assert pool.get("late").state is State.FAILED
-    assert pool.stats().counts == {State.QUEUED: 0, State.RUNNING: 0, State.DONE: 0, State.FAILED: 1}
+    assert pool.stats().counts == {
+        State.QUEUED: 0, State.RUNNING: 0, State.DONE: 0, State.FAILED: 1, State.CANCELLED: 0
+    }
     assert log.events == []  # the late result was dropped, not reported
 
 
@@ -361,7 +371,7 @@ def test_concurrent_submissions_each_reach_exactly_one_final_state(make_pool):
     assert summary.abandoned == ()
     finals = Counter(task_id for task_id, _, state in log.events if state in (State.DONE, State.FAILED))
     assert finals == Counter(accepted)  # exactly one final state each
-    counts = summary.counts
+    counts = pool.stats().counts
     assert counts[State.DONE] + counts[State.FAILED] == len(accepted)
     assert counts[State.QUEUED] == counts[State.RUNNING] == 0
 
@@ -413,14 +423,30 @@ def test_after_shutdown_no_retry_is_pending(make_pool):
 # -- returned values, observers, stepping by hand ------------------------------------
 
 
-@pytest.mark.parametrize("returned", [False, 0, "ok", {"result": 1}])
-def test_a_handler_returning_a_value_fails_its_task_for_good(make_pool, returned):
+@pytest.mark.parametrize("returned", [False, 0, "ok", {"result": [1, None]}])
+def test_a_handler_return_value_is_the_task_result(make_pool, returned):
     pool = make_pool(lambda task, cancel: returned, workers=1)
+    pool.submit("a", "", max_retries=3)
+    pool.shutdown(TIMEOUT)
+    task = pool.get("a")
+    assert (task.state, task.attempts, task.result, task.last_error) == (State.DONE, 1, returned, None)
+
+
+@pytest.mark.parametrize(
+    "returned, why",
+    [
+        ({1, 2}, "the handler returned set, which is not JSON: TypeError: Object of type set is not JSON serializable"),
+        (float("nan"), "the handler returned float, which is not JSON: ValueError"),
+        ("x" * 100, "the handler's result is 102 bytes as JSON; the limit is 64 (MAX_RESULT_BYTES)"),
+    ],
+)
+def test_a_result_that_is_not_json_or_too_large_fails_the_task_for_good(make_pool, returned, why):
+    pool = make_pool(lambda task, cancel: returned, workers=1, max_result_bytes=64)
     pool.submit("a", "", max_retries=3)
     summary = pool.shutdown(TIMEOUT)
     task = pool.get("a")
-    assert (task.state, task.attempts) == (State.FAILED, 1)
-    assert f"returned {type(returned).__name__}, not None" in task.last_error
+    assert (task.state, task.attempts, task.result) == (State.FAILED, 1, None)
+    assert task.last_error.startswith(why)
     assert summary.abandoned == ()
 
 
@@ -431,7 +457,7 @@ def test_a_coroutine_handler_fails_its_task_and_the_coroutine_is_closed(make_poo
     pool = make_pool(forgot_this_is_async, workers=1)
     pool.submit("a", "", max_retries=3)
     pool.shutdown(TIMEOUT)  # filterwarnings=error: an unclosed coroutine would warn and fail the test
-    assert "returned coroutine" in pool.get("a").last_error
+    assert "returned a coroutine" in pool.get("a").last_error
 
 
 class Recorder(PoolObserver):
@@ -463,10 +489,11 @@ def test_observers_hear_every_change_in_order_and_a_pool_can_be_stepped_by_hand(
     pool.submit("b", "", max_retries=0)
     assert pool.step() and pool.step()  # both fail: "a" will be retried, "b" has no retry left
     assert not pool.step()  # nothing ready: "a" waits out its backoff
-    assert 0 < pool.release_due_retries() <= 2.0
+    assert 0 < pool.store.seconds_until_due() <= 2.0
     clock.advance(2.0)
-    assert pool.release_due_retries() is None
+    assert pool.store.seconds_until_due() == 0
     assert pool.step()
+    assert pool.store.seconds_until_due() is None
     pool.submit("c", "", max_retries=0)
     summary = pool.shutdown(0)
     assert summary.abandoned == ("c",)
@@ -502,3 +529,83 @@ def test_task_log_lines_carry_the_task_and_request_ids(make_pool, caplog):
         ("WARNING", "task a failed after 1 attempt(s): RuntimeError: boom"),
     ]
     assert {(r.task_id, r.request_id) for r in records} == {("a", "req-1")}
+
+
+# -- bookkeeping that must hold whatever the handler and the observers do --------------
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise ValueError("no message for you")
+
+
+class NotAString(Exception):
+    def __str__(self):
+        return 42  # str() raises TypeError
+
+
+@pytest.mark.parametrize("error", [Unprintable, NotAString])
+def test_an_exception_that_cannot_describe_itself_still_ends_the_attempt_and_is_retried(make_pool, error):
+    def raises(task, cancel):
+        raise error()
+
+    pool = make_pool(raises, workers=1)
+    pool.submit("a", "", max_retries=1)
+    summary = pool.shutdown(TIMEOUT)
+    task = pool.get("a")
+    assert (task.state, task.attempts) == (State.FAILED, 2)
+    assert task.last_error.startswith(f"{error.__name__} (its message could not be read: ")
+    assert summary.abandoned == ()
+
+
+def test_the_drain_summary_counts_every_task_the_pool_finished_not_what_is_retained(make_pool):
+    gate = Gate()
+    pool = make_pool(gate, workers=1, state_max_tasks=1)
+    for n in range(5):
+        pool.submit(f"t{n}", "", 0)
+    gate.wait_started()
+    pool.shutdown(TIMEOUT, wait=False)
+    gate.open()
+    summary = pool.shutdown()
+    assert summary.counts[State.DONE] == 5
+    assert pool.stats().counts[State.DONE] == 1  # retention kept one
+
+
+def test_a_task_is_heard_queued_before_its_first_attempt_starts(make_pool):
+    # The observer is slow to hear "queued"; a worker that took the task at once must not
+    # be heard starting it meanwhile. (The observer gives up waiting after a while, so a
+    # pool that gets the order wrong fails here instead of hanging.)
+    heard = []
+    started = threading.Event()
+
+    class SlowToHearQueued(PoolObserver):
+        def task_queued(self, task):
+            started.wait(0.5)
+            heard.append("queued")
+
+        def attempt_started(self, task):
+            heard.append("started")
+            started.set()
+
+    pool = make_pool(instant, workers=1, observers=[SlowToHearQueued()])
+    pool.start()
+    pool.submit("a", "", 0)
+    pool.shutdown(TIMEOUT)
+    assert heard == ["queued", "started"]
+
+
+def test_a_failed_attempt_logs_its_traceback_at_debug_only(make_pool, caplog):
+    def deep(task, cancel):
+        raise KeyError("inner detail")
+
+    caplog.set_level(logging.INFO, logger="workerpool")
+    pool = make_pool(deep, threads=False)
+    pool.submit("info", "", 0)
+    pool.step()
+    caplog.set_level(logging.DEBUG, logger="workerpool")
+    pool.submit("debug", "", 0)
+    pool.step()
+    failures = {r.task_id: r for r in caplog.records if "failed after" in r.getMessage()}
+    assert failures["info"].exc_info is None
+    assert failures["debug"].exc_info[1].args == ("inner detail",)
+    assert "Traceback" not in pool.get("debug").last_error

@@ -1,10 +1,11 @@
-"""The pool against a model: hypothesis submits, steps, moves time and shuts down in any order.
+"""The pool against a model: hypothesis submits, cancels, steps, moves time and shuts down in any order.
 
-The pool runs without threads on a fake clock, so every run is reproducible
-and hypothesis can shrink a failure to the shortest sequence of steps. The
-model is a dict of the task snapshots the pool should return, the ready line
-(due retries first, then new work) and the retries waiting out a backoff; it
-draws each backoff from a ``random.Random`` seeded like the pool's.
+The pool runs without threads on a fake clock over each store of
+tests/stores.py, so every run is reproducible and hypothesis can shrink a
+failure to the shortest sequence of steps. The model is a dict of the task
+snapshots the pool should return, the ready lines (due retries first, then
+new work in the order it fell due) and the tasks waiting out a delay or a
+backoff; it draws each backoff from a ``random.Random`` seeded like the pool's.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import shutil
+import tempfile
 import threading
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
-from dataclasses import replace
 from itertools import count, pairwise
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -33,10 +36,13 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from stores import STORES
 
 from workerpool import (
     ABANDONED,
+    FINAL_STATES,
     TRANSITIONS,
+    AttemptCancelled,
     DuplicateTask,
     PermanentFailure,
     PoolClosed,
@@ -45,6 +51,7 @@ from workerpool import (
     ShutdownSummary,
     State,
     Task,
+    TaskSpec,
     WorkerPool,
     backoff_bound,
     compute_backoff,
@@ -61,6 +68,7 @@ WALL_SLACK = 1e-6
 # Quarter seconds are exact in binary: a deadline and a due time can be hit exactly.
 durations = st.integers(0, 12).map(lambda quarters: quarters / 4)
 timeouts = st.none() | durations
+delays = st.sampled_from([0.0, 0.0, 0.25, 1.0, 2.5])
 
 
 class Outcome(NamedTuple):
@@ -85,8 +93,25 @@ def _exit() -> None:
     raise SystemExit(3)
 
 
-def _return_a_value() -> bool:
-    return False
+def _return_a_value() -> dict:
+    return {"answer": [42, None]}
+
+
+def _return_a_set() -> set:
+    return {1}
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+def _fail_unprintably() -> None:
+    raise _Unprintable()
+
+
+def _stop_when_cancelled() -> None:
+    raise AttemptCancelled("attempt cancelled")
 
 
 OUTCOMES = {
@@ -94,9 +119,15 @@ OUTCOMES = {
     "fail": Outcome(_fail, "RuntimeError: boom", True),
     "fail permanently": Outcome(_fail_permanently, "PermanentFailure: bad payload", False),
     "exit": Outcome(_exit, "SystemExit: 3", True),
-    "return a value": Outcome(
-        _return_a_value, "the handler returned bool, not None: a result this pool cannot use", False
+    "return a value": Outcome(_return_a_value, None, False),
+    "return a set": Outcome(
+        _return_a_set,
+        "the handler returned set, which is not JSON: TypeError: Object of type set is not JSON serializable",
+        False,
     ),
+    "fail unprintably": Outcome(_fail_unprintably, "_Unprintable (its message could not be read: ValueError)", True),
+    # The handler cancels its own task, then stops as a cancelled handler should.
+    "get cancelled": Outcome(_stop_when_cancelled, "AttemptCancelled: attempt cancelled", True),
 }
 
 
@@ -138,18 +169,23 @@ class Recorder(PoolObserver):
     def attempt_finished(self, task: Task, seconds: float) -> None:
         self._add("attempt_finished", task, seconds)
 
+    def task_cancelled(self, task: Task) -> None:
+        self._add("task_cancelled", task)
+
     def task_abandoned(self, task: Task) -> None:
         self._add("task_abandoned", task)
 
 
 class PoolModel(RuleBasedStateMachine):
     ids = Bundle("ids")
+    store_name = "memory"
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
         self.recorder = Recorder()
         self.pool: WorkerPool | None = None
+        self.directory = Path(tempfile.mkdtemp(prefix="pool-model-"))
         self.threads: list[threading.Thread] = []  # started for this pool; none may outlive it
         self.script: str | None = None  # the outcome the next attempt plays
         self.handled: list[tuple[Task, str | None]] = []  # what the handler was given
@@ -161,12 +197,13 @@ class PoolModel(RuleBasedStateMachine):
         self.history: dict[str, list[tuple[str, Task, float | None]]] = {}  # hook calls per task
         self.refused: set[str] = set()
         self.released: deque[str] = deque()  # due retries: they run before new work
-        self.fresh: deque[str] = deque()
-        self.retries: list[tuple[float, int, str]] = []  # heap of (due monotonic time, order, id)
-        self.retry_order = count()
+        self.fresh: deque[str] = deque()  # due new tasks, in the order they fell due
+        self.scheduled: list[tuple[float, int, str]] = []  # heap of (due time, order, id): delays and backoffs
+        self.order = count()
         self.closing = False
         self.shutdown_began = 0.0
         self.deadline = math.inf
+        self.finals: Counter[State] = Counter()  # final states reached, however many are retained
         self.summary: ShutdownSummary | None = None  # once the drain ended
         self.seen: dict[str, State] = {}  # each task's state when the invariants last looked
 
@@ -174,14 +211,15 @@ class PoolModel(RuleBasedStateMachine):
     def build(self, seed: int, queue_size: int) -> None:
         self.rng = random.Random(seed)
         self.queue_size = queue_size
+        self.store = STORES[self.store_name](
+            self.clock, self.directory, capacity=queue_size, ttl=1e9, max_finished=1_000_000
+        )
         self.pool = WorkerPool(
             self.handle,
+            store=self.store,
             threads=False,
-            queue_size=queue_size,
             backoff_base=BACKOFF_BASE,
             backoff_cap=BACKOFF_CAP,
-            state_ttl=1e9,
-            state_max_tasks=1_000_000,
             rng=random.Random(seed),
             clock=self.clock.time,
             monotonic=self.clock.monotonic,
@@ -192,6 +230,9 @@ class PoolModel(RuleBasedStateMachine):
     def handle(self, task: Task, cancel: threading.Event) -> object:
         outcome, self.script = self.script, None
         self.handled.append((task, outcome))
+        if outcome == "get cancelled":
+            assert self.pool.cancel(task.id).cancel_requested
+            assert cancel.is_set(), "cancelling a running task did not set its cancel event"
         return None if outcome is None else OUTCOMES[outcome].act()
 
     def teardown(self) -> None:
@@ -202,32 +243,81 @@ class PoolModel(RuleBasedStateMachine):
         for thread in self.threads:
             thread.join(WAIT_S)
             assert not thread.is_alive(), f"{thread.name} outlived the pool"
+        if self.pool is not None:
+            self.store.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- rules -----------------------------------------------------------
 
-    @rule(target=ids, max_retries=st.integers(0, 3))
-    def submit_new(self, max_retries: int) -> str:
+    @rule(target=ids, max_retries=st.integers(0, 3), delay=delays)
+    def submit_new(self, max_retries: int, delay: float) -> str:
         task_id = next(self.new_ids)
-        self._submit(task_id, max_retries)
+        self._submit(task_id, max_retries, delay)
         return task_id
 
     @rule(task_id=ids, max_retries=st.integers(0, 3))
     def submit_again(self, task_id: str, max_retries: int) -> None:
-        self._submit(task_id, max_retries)
+        self._submit(task_id, max_retries, 0.0)
+
+    @rule(
+        specs=st.lists(st.tuples(st.booleans(), st.integers(0, 3), delays), min_size=0, max_size=4),
+        again=ids,
+    )
+    def submit_many(self, specs: list[tuple[bool, int, float]], again: str) -> None:
+        """A batch of new ids and one already used; each is checked against the room the ones before it left."""
+        batch = [
+            TaskSpec(next(self.new_ids) if fresh else again, "", retries, delay) for fresh, retries, delay in specs
+        ]
+        ordinal = next(self.submissions)
+        batch = [
+            TaskSpec(s.id, f"payload {ordinal}/{n}", s.max_retries, s.delay, f"req-{ordinal}")
+            for n, s in enumerate(batch)
+        ]
+        heard = len(self.recorder.calls())
+        expected = [self._admit_in_model(s.id, s.payload, s.max_retries, s.delay, s.request_id) for s in batch]
+        results = self.pool.submit_many(batch)
+        assert len(results) == len(batch)
+        for spec, want, got in zip(batch, expected, results):
+            if isinstance(want, type):
+                assert isinstance(got, want), (spec, got)
+            else:
+                assert got == want
+        assert len(self.recorder.calls()) - heard == sum(isinstance(w, Task) for w in expected)
+
+    @rule(task_id=ids)
+    def cancel(self, task_id: str) -> None:
+        before = self.tasks.get(task_id)
+        got = self.pool.cancel(task_id)
+        if before is None:
+            assert got is None
+            return
+        if before.state is not State.QUEUED:  # between steps nothing runs: a final task stays as it is
+            assert got == before
+            return
+        cancelled = before._replace(
+            state=State.CANCELLED, payload="", finished_at=self.clock.time(), next_attempt_at=None
+        )
+        assert got == cancelled
+        self._forget_place(task_id)
+        self.tasks[task_id] = cancelled
+        self.history[task_id].append(("task_cancelled", cancelled, None))
+        self._count_final(cancelled)
 
     @rule(outcome=st.sampled_from(list(OUTCOMES)))
     def step(self, outcome: str) -> None:
+        self._release_due()
+        claimable = not (self.closing and self.store.shared)  # a shared store stops claiming at shutdown
         line = self.released or self.fresh
-        task_id = line.popleft() if line else None
+        task_id = line.popleft() if line and claimable else None
         self.script = outcome
         ran = self.pool.step()
         handled, self.handled = self.handled, []
         if task_id is None:
-            assert not ran, "step() ran an attempt although nothing was ready"
+            assert not ran, "step() ran an attempt although nothing was due"
             assert not handled
             self.script = None
         else:
-            assert ran, f"step() found nothing ready although {task_id} was"
+            assert ran, f"step() found nothing due although {task_id} was"
             self._attempt(task_id, outcome, handled)
         self._join_drain_if_due()
 
@@ -236,11 +326,14 @@ class PoolModel(RuleBasedStateMachine):
         self.clock.advance(seconds)
         # A deadline passed: the drain ends now; let it finish before touching the pool.
         self._join_drain_if_due()
-        now = self.clock.monotonic()
-        while self.retries and self.retries[0][0] <= now:
-            self.released.append(heapq.heappop(self.retries)[2])
-        next_due = self.retries[0][0] - now if self.retries else None
-        assert self.pool.release_due_retries() == next_due
+        self._release_due()
+        if self.released or self.fresh:
+            next_due = 0.0
+        elif self.scheduled:
+            next_due = self.scheduled[0][0] - self.clock.time()
+        else:
+            next_due = None
+        assert self.store.seconds_until_due() == next_due
 
     # Only once a few tasks were accepted: a run that shuts down at once has
     # nothing left to exercise, and an idle pool's drain is tested elsewhere.
@@ -264,50 +357,98 @@ class PoolModel(RuleBasedStateMachine):
 
     # -- the model -------------------------------------------------------
 
-    def _submit(self, task_id: str, max_retries: int) -> None:
+    def _submit(self, task_id: str, max_retries: int, delay: float) -> None:
         ordinal = next(self.submissions)
         payload, request_id = f"payload {ordinal}", f"req-{ordinal}"
+        heard = len(self.recorder.calls())
+        want = self._admit_in_model(task_id, payload, max_retries, delay, request_id)
+        if isinstance(want, type):
+            with pytest.raises(want):
+                self.pool.submit(task_id, payload, max_retries, delay=delay, request_id=request_id)
+            assert len(self.recorder.calls()) == heard, "a refused task was announced"
+            return
+        assert self.pool.submit(task_id, payload, max_retries, delay=delay, request_id=request_id) == want
+
+    def _admit_in_model(
+        self, task_id: str, payload: str, max_retries: int, delay: float, request_id: str
+    ) -> Task | type[Exception]:
+        """What the pool should answer to one submission, applied to the model."""
+        waiting = sum(1 for task in self.tasks.values() if task.state is State.QUEUED and task.attempts == 0)
         if self.closing:
             refusal = PoolClosed
         elif task_id in self.tasks:
             refusal = DuplicateTask
-        elif len(self.released) + len(self.fresh) >= self.queue_size:
+        elif waiting >= self.queue_size:
             refusal = QueueFull
         else:
             refusal = None
-        heard = len(self.recorder.calls())
         if refusal is not None:
-            with pytest.raises(refusal):
-                self.pool.submit(task_id, payload, max_retries, request_id=request_id)
-            assert len(self.recorder.calls()) == heard, "a refused task was announced"
             self.refused.add(task_id)
-            return
-        task = Task(task_id, payload, max_retries, created_at=self.clock.time(), request_id=request_id)
-        assert self.pool.submit(task_id, payload, max_retries, request_id=request_id) == task
+            return refusal
+        now = self.clock.time()
+        task = Task(
+            task_id,
+            payload,
+            max_retries,
+            created_at=now,
+            next_attempt_at=now + delay if delay else None,
+            request_id=request_id,
+        )
         self.tasks[task_id] = task
         self.history[task_id] = [("task_queued", task, None)]
-        self.fresh.append(task_id)
+        self._release_due()  # what fell due earlier goes ahead of what arrives now
+        if delay:
+            heapq.heappush(self.scheduled, (task.next_attempt_at, next(self.order), task_id))
+        else:
+            self.fresh.append(task_id)
+        return task
+
+    def _release_due(self) -> None:
+        now = self.clock.time()
+        while self.scheduled and self.scheduled[0][0] <= now:
+            task_id = heapq.heappop(self.scheduled)[2]
+            (self.released if self.tasks[task_id].attempts else self.fresh).append(task_id)
+
+    def _forget_place(self, task_id: str) -> None:
+        for line in (self.released, self.fresh):
+            if task_id in line:
+                line.remove(task_id)
+        self.scheduled = [entry for entry in self.scheduled if entry[2] != task_id]
+        heapq.heapify(self.scheduled)
 
     def _attempt(self, task_id: str, outcome: str, handled: list[tuple[Task, str | None]]) -> None:
         now = self.clock.time()
         before = self.tasks[task_id]
-        running = replace(
-            before, state=State.RUNNING, attempts=before.attempts + 1, started_at=now, next_attempt_at=None
+        running = before._replace(
+            state=State.RUNNING, attempts=before.attempts + 1, started_at=now, next_attempt_at=None
         )
         assert handled == [(running, outcome)], "the handler did not run exactly the predicted attempt"
         error, retryable = OUTCOMES[outcome].error, OUTCOMES[outcome].retryable
         retries_used = running.attempts - 1
-        if error is None:
-            ended = replace(running, state=State.DONE, payload="", finished_at=now)
+        if outcome == "get cancelled":
+            if retries_used < running.max_retries:  # the pool draws the backoff before the store says "cancelled"
+                compute_backoff(running.attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
+            running = running._replace(cancel_requested=True)
+            ended = running._replace(state=State.CANCELLED, payload="", last_error=error, finished_at=now)
+        elif error is None:
+            result = _return_a_value() if outcome == "return a value" else None
+            ended = running._replace(state=State.DONE, payload="", finished_at=now, result=result)
         elif retryable and retries_used < running.max_retries:
             delay = compute_backoff(running.attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
-            ended = replace(running, state=State.QUEUED, last_error=error, next_attempt_at=now + delay)
-            heapq.heappush(self.retries, (self.clock.monotonic() + delay, next(self.retry_order), task_id))
+            ended = running._replace(state=State.QUEUED, last_error=error, next_attempt_at=now + delay)
+            heapq.heappush(self.scheduled, (ended.next_attempt_at, next(self.order), task_id))
         else:
-            ended = replace(running, state=State.FAILED, payload="", last_error=error, finished_at=now)
+            ended = running._replace(state=State.FAILED, payload="", last_error=error, finished_at=now)
+        if outcome != "get cancelled":
+            assert not ended.cancel_requested
         self.tasks[task_id] = ended
+        self._count_final(ended)
         # No fake time passes during an attempt, so it lasts 0 s.
-        self.history[task_id] += [("attempt_started", running, None), ("attempt_finished", ended, 0.0)]
+        self.history[task_id] += [("attempt_started", handled[0][0], None), ("attempt_finished", ended, 0.0)]
+
+    def _count_final(self, task: Task) -> None:
+        if task.state in FINAL_STATES:
+            self.finals[task.state] += 1
 
     def _deadline_in(self, timeout: float | None) -> float:
         return math.inf if timeout is None else self.clock.monotonic() + max(0.0, timeout)
@@ -316,12 +457,14 @@ class PoolModel(RuleBasedStateMachine):
         """When the drain ends (nothing unfinished, or its deadline passed), wait for its summary and check it.
 
         Until then the drain thread only sleeps on its wake-up event, so it
-        cannot race the rules.
+        cannot race the rules. A shared store's drain waits only for the
+        attempts this pool runs, and between steps none runs.
         """
         if not self.closing or self.summary is not None:
             return
+        shared = self.store.shared
         unfinished = [task_id for task_id, task in self.tasks.items() if task.state in UNFINISHED]
-        if unfinished and self.clock.monotonic() < self.deadline:
+        if unfinished and not shared and self.clock.monotonic() < self.deadline:
             return
         # Wake the drain to look again (no new deadline) and give it a bounded
         # time to end, so that a drain which never ends fails rather than hangs.
@@ -331,22 +474,25 @@ class PoolModel(RuleBasedStateMachine):
             assert not thread.is_alive(), "the drain did not end with nothing unfinished or its deadline passed"
         summary = self.pool.shutdown()
         now = self.clock.time()
-        for task_id in unfinished:
-            abandoned = replace(
-                self.tasks[task_id],
-                state=State.FAILED,
-                payload="",
-                last_error=ABANDONED,
-                finished_at=now,
-                next_attempt_at=None,
+        abandoned_ids = [] if shared else unfinished
+        for task_id in abandoned_ids:
+            abandoned = self.tasks[task_id]._replace(
+                state=State.FAILED, payload="", last_error=ABANDONED, finished_at=now, next_attempt_at=None
             )
             self.tasks[task_id] = abandoned
             self.history[task_id].append(("task_abandoned", abandoned, None))
-        self.released.clear()
-        self.fresh.clear()
-        self.retries.clear()
-        assert sorted(summary.abandoned) == sorted(unfinished)
-        assert summary.counts == self._counts()
+            self._count_final(abandoned)
+        if not shared:
+            self.released.clear()
+            self.fresh.clear()
+            self.scheduled.clear()
+        assert sorted(summary.abandoned) == sorted(abandoned_ids)
+        counts = self._counts()
+        assert summary.counts == {
+            State.QUEUED: counts[State.QUEUED] if shared else 0,
+            State.RUNNING: 0,
+            **{state: self.finals[state] for state in (State.DONE, State.FAILED, State.CANCELLED)},
+        }
         assert summary.drain_seconds == self.clock.monotonic() - self.shutdown_began  # from the call, fake time
         assert self.pool.shutdown(0) is summary, "a later shutdown() did not return the same summary"
         self.summary = summary
@@ -392,18 +538,20 @@ class PoolModel(RuleBasedStateMachine):
     def attempts_stay_within_the_retry_budget(self) -> None:
         for task in self._listed():
             assert task.attempts <= task.max_retries + 1, task
-            if task.next_attempt_at is not None:  # waiting out the backoff after its last attempt
+            if task.next_attempt_at is not None and task.attempts:  # waiting out the backoff after its last attempt
                 delay = task.next_attempt_at - task.started_at
                 bound = backoff_bound(task.attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP)
                 assert -WALL_SLACK <= delay <= bound + WALL_SLACK, task
 
     @invariant()
     def counts_add_up_to_the_accepted_tasks(self) -> None:
+        self._release_due()
         stats = self.pool.stats()
         assert sum(stats.counts.values()) == len(self.tasks)
         assert stats.counts == self._counts()
         assert stats.queue_depth == len(self.released) + len(self.fresh)
-        assert stats.retries_pending == len(self.retries)
+        assert stats.retries_pending == sum(1 for _, _, task_id in self.scheduled if self.tasks[task_id].attempts)
+        assert stats.waiting == sum(1 for t in self.tasks.values() if t.state is State.QUEUED and t.attempts == 0)
         assert stats.accepting is not self.closing
 
     @invariant()
@@ -412,17 +560,20 @@ class PoolModel(RuleBasedStateMachine):
 
     @invariant()
     def nothing_is_unfinished_once_the_drain_ended(self) -> None:
-        if self.summary is None:
+        if self.summary is None or self.store.shared:
             return
         stats = self.pool.stats()
         assert stats.counts[State.QUEUED] == stats.counts[State.RUNNING] == 0
-        assert stats.queue_depth == stats.retries_pending == 0
+        assert stats.queue_depth == stats.retries_pending == stats.waiting == 0
 
 
 @pytest.mark.fuzz
-def test_the_pool_matches_its_model_through_any_sequence_of_steps():
+@pytest.mark.timeout(300)  # about 15 s of CPU per store: a loaded machine stretches it well past the default 60 s
+@pytest.mark.parametrize("store_name", sorted(STORES))
+def test_the_pool_matches_its_model_through_any_sequence_of_steps(store_name):
+    model = type(f"PoolModelOn{store_name.title()}", (PoolModel,), {"store_name": store_name})
     run_state_machine_as_test(
-        PoolModel,
+        model,
         settings=settings(
             max_examples=MODEL_EXAMPLES,
             stateful_step_count=STEPS,

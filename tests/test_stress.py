@@ -37,7 +37,7 @@ GUNICORN = ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
 BOOTING = r"Booting worker with pid: (\d+)"
 SUMMARY = re.compile(
     r"shutdown complete: drained in [\d.]+ s; (?P<queued>\d+) queued, (?P<running>\d+) running, "
-    r"(?P<done>\d+) done, (?P<failed>\d+) failed; (?P<abandoned>\d+) abandoned"
+    r"(?P<done>\d+) done, (?P<failed>\d+) failed, (?P<cancelled>\d+) cancelled; (?P<abandoned>\d+) abandoned"
 )
 MAX_BODY_BYTES = 1024
 # Fast attempts that often fail, short backoffs, a queue small enough to overflow.
@@ -273,6 +273,7 @@ def account(records: list[dict], accepted: list[str]) -> Accounting:
         "running": 0,
         "done": finals["done"],
         "failed": finals["failed"] + finals["abandoned"],
+        "cancelled": 0,
         "abandoned": finals["abandoned"],
     }, (counts, finals)
     assert len(re.findall(BOOTING, "\n".join(r["message"] for r in records))) == 1, "the worker was replaced"
@@ -505,9 +506,10 @@ def test_a_handler_that_raises_fails_or_retries_every_task_as_told(gunicorn, cop
 
 
 @pytest.mark.parametrize("copies", COPIES)
-def test_a_handler_that_returns_garbage_fails_the_task_at_once(gunicorn, copies):
+def test_a_handler_result_is_kept_and_one_that_is_not_json_fails_the_task_at_once(gunicorn, copies):
     service = gunicorn(**FAULTS, TASK_HANDLER="faults:returns_garbage")
-    returned = {"none": None, "false": "bool", "zero": "int", "dict": "dict", "coroutine": "coroutine"}
+    # JSON values are results; a coroutine is not.
+    returned = {"none": None, "false": None, "zero": None, "dict": None, "coroutine": "coroutine"}
     plan = {f"g{n}-{payload}": payload for n in range(copies) for payload in returned}
     for task_id, payload in plan.items():
         submit(service, task_id, payload, 3)
@@ -521,7 +523,7 @@ def test_a_handler_that_returns_garbage_fails_the_task_at_once(gunicorn, copies)
         type_name = returned[payload]
         final = (
             "done after 1 attempt(s)" if type_name is None else
-            f"failed after 1 attempt(s): the handler returned {type_name}, not None: a result this pool cannot use"
+            f"failed after 1 attempt(s): the handler returned a {type_name}: this pool runs plain functions"
         )
         assert (lines.finals, lines.retries) == ([final], []), (task_id, lines)
 

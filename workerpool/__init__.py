@@ -11,32 +11,42 @@ from .errors import (
     SubmitError,
 )
 from .handlers import SimulatedFailure, SimulatedWork, event_wait
+from .ids import new_task_id
 from .observer import PoolObserver
-from .pool import ABANDONED, Handler, PoolStats, ShutdownSummary, WorkerPool
+from .pool import ABANDONED, Attempt, Handler, PoolStats, ShutdownSummary, TaskSpec, WorkerPool
+from .stores.base import Renewal, StoreStats, TaskStore
+from .stores.memory import MemoryStore
 from .task import FINAL_STATES, TRANSITIONS, InvalidTransition, State, Task
 
 __all__ = [
     "ABANDONED",
     "FINAL_STATES",
     "TRANSITIONS",
+    "Attempt",
     "AttemptCancelled",
     "DuplicateTask",
     "Handler",
     "InvalidTransition",
+    "MemoryStore",
     "PermanentFailure",
     "PoolClosed",
     "PoolObserver",
     "PoolStats",
     "QueueFull",
+    "Renewal",
     "ShutdownSummary",
     "SimulatedFailure",
     "SimulatedWork",
     "State",
+    "StoreStats",
     "StoreUnavailable",
     "SubmitError",
     "Task",
+    "TaskSpec",
+    "TaskStore",
     "WorkerPool",
     "backoff_bound",
     "compute_backoff",
     "event_wait",
+    "new_task_id",
 ]

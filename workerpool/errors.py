@@ -27,7 +27,7 @@ class PermanentFailure(Exception):
 
 
 class AttemptCancelled(Exception):
-    """Raised by a handler that stopped early because shutdown abandoned its task."""
+    """Raised by a handler that stopped early because its cancel event was set (a cancel, a timeout, shutdown)."""
 
 
 class StoreUnavailable(Exception):

@@ -51,6 +51,6 @@ class SimulatedWork:
         duration = self._rng.uniform(self.min_s, self.max_s)
         fails = self._rng.random() < self.failure_rate
         if self._wait(cancel, duration):
-            raise AttemptCancelled("attempt cancelled at shutdown")
+            raise AttemptCancelled("attempt cancelled")
         if fails:
             raise SimulatedFailure(f"simulated failure after {duration * 1000:.0f} ms")

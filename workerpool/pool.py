@@ -1,73 +1,62 @@
-"""The worker pool: bounded admission, worker threads, retries on a timer, drain on shutdown."""
+"""The worker pool: a thin runner over a task store.
+
+Worker threads ``claim`` the next due task from the store, run the handler
+outside every lock, and ``finish`` the attempt; idle workers block in the
+store's ``wait_for_work``. Every change of a task is one atomic step of the
+store (``workerpool/stores/base.py`` holds the whole locking story); the pool
+only keeps what is local to this process: its threads, the attempts they run
+(each with its own cancel event), whether it still admits, and the order in
+which observers hear of a task's changes.
+"""
 
 from __future__ import annotations
 
-import heapq
 import inspect
-import itertools
+import json
 import logging
 import math
-import queue
+import os
 import random
+import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .backoff import compute_backoff
-from .errors import DuplicateTask, PermanentFailure, PoolClosed, QueueFull
+from .errors import PermanentFailure, PoolClosed, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
+from .ids import new_task_id
 from .observer import PoolObserver
-from .store import TaskStore
-from .task import State, Task
+from .stores.base import TaskStore
+from .stores.memory import MemoryStore
+from .task import FINAL_STATES, State, Task
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Task, threading.Event], None]
-"""``handler(task, cancel)`` runs one attempt: returning None succeeds, raising
-fails it, and returning anything else fails the task for good (a handler that
-returns False, or a coroutine, was not written for this pool). ``cancel`` is
-set when shutdown abandons unfinished work: a long handler should return early."""
+Handler = Callable[[Task, threading.Event], Any]
+"""``handler(task, cancel)`` runs one attempt: its return value is the task's
+result (JSON-serialisable, at most ``max_result_bytes`` as JSON, else the task
+fails for good), raising fails the attempt (retried unless the exception is a
+``PermanentFailure``). ``cancel`` is set when the task is cancelled, when its
+attempt is abandoned at shutdown (or timed out): a long handler should return early."""
 
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
 _MAX_ERROR_CHARS = 500
-_STOP = object()  # tells one worker thread to exit
+_STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
 
 
-class _ReadyQueue(queue.Queue):
-    """Admission is bounded by maxsize; a due retry skips the bound and the line.
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task of ``submit_many``; ``id=None`` asks for a server-made id."""
 
-    A due retry was accepted once already, so a full queue must never refuse
-    or block it. It also runs before new work still waiting: a retry sent to
-    the back of the line adds its whole backoff after everything else, which
-    stretches a batch by up to the longest backoff. New work cannot starve:
-    retries only come from tasks that already ran, each task has a bounded
-    number of them, and a full queue refuses new tasks rather than piling up.
-    """
-
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
-        self._first: deque[object] = deque()
-
-    def _qsize(self) -> int:
-        return len(self.queue) + len(self._first)
-
-    def _get(self) -> object:
-        return self._first.popleft() if self._first else self.queue.popleft()
-
-    def push(self, item: object, *, first: bool = False) -> None:
-        """Add ``item`` whatever the bound, at the back of the line or ``first``; never blocks."""
-        with self.mutex:
-            (self._first if first else self.queue).append(item)
-            self.unfinished_tasks += 1
-            self.not_empty.notify()
-
-    def clear(self) -> None:
-        with self.mutex:
-            self.queue.clear()
-            self._first.clear()
-            self.unfinished_tasks = 0
+    id: str | None
+    payload: Any = ""
+    max_retries: int = 0
+    delay: float = 0.0
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,38 +64,61 @@ class PoolStats:
     workers: int
     queue_capacity: int
     queue_depth: int
+    """Tasks due now and waiting for a worker (new ones and due retries)."""
     retries_pending: int
     accepting: bool
     counts: dict[State, int]
+    waiting: int = 0
+    """Tasks admitted and not yet started, delayed ones included: what ``queue_capacity`` bounds."""
 
 
 @dataclass(frozen=True, slots=True)
 class ShutdownSummary:
     counts: dict[State, int]
+    """What this pool did: the tasks it brought to each final state since it was
+    made (abandoned ones are failed), however many retention still keeps, so
+    that they add up with the tasks it accepted; and the queued and running
+    tasks left behind (a shared store keeps its queued tasks for other processes)."""
     abandoned: tuple[str, ...]
     drain_seconds: float
 
 
-class WorkerPool:
-    """Runs submitted tasks on ``workers`` threads, retrying failures with backoff.
+@dataclass(slots=True)
+class Attempt:
+    """An attempt a worker of this pool runs; ``cancel`` is handed to its handler."""
 
-    ``clock`` stamps task times (seconds since the epoch), ``monotonic`` times
-    retries and the drain deadline, ``wait`` blocks on an event with a timeout
-    and ``rng`` draws the jitter: tests inject all four. ``observers`` hear of
-    every change of a task. With ``threads=False`` no thread is started and
-    the caller drives the pool with ``step()`` and ``release_due_retries()``.
+    task: Task
+    cancel: threading.Event
+    started: float  # by the pool's monotonic clock
+    thread: threading.Thread
+
+
+class WorkerPool:
+    """Runs submitted tasks on ``workers`` threads over a ``store``, retrying failures with backoff.
+
+    Without ``store`` the pool keeps its tasks in a ``MemoryStore`` built from
+    ``queue_size``, ``state_ttl`` and ``state_max_tasks``; a given store brings
+    its own bound and retention. ``clock`` stamps task times (seconds since
+    the epoch), ``monotonic`` times attempts and the drain deadline, ``wait``
+    blocks on an event with a timeout and ``rng`` draws the jitter: tests
+    inject all four. ``observers`` hear of every change of a task, in the
+    order the changes happened. With ``threads=False`` no thread is started
+    and the caller drives the pool with ``step()``.
     """
 
     def __init__(
         self,
         handler: Handler | None = None,
         *,
+        store: TaskStore | None = None,
         workers: int = 4,
         queue_size: int = 64,
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
         state_ttl: float = 3600.0,
         state_max_tasks: int = 100_000,
+        max_result_bytes: int = 65536,
+        lease: float = 30.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -120,46 +132,53 @@ class WorkerPool:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if not 0 <= backoff_base <= backoff_cap:
             raise ValueError(f"need 0 <= backoff_base <= backoff_cap, got {backoff_base}, {backoff_cap}")
+        if lease <= 0 or max_result_bytes < 0:
+            raise ValueError(f"need lease > 0 and max_result_bytes >= 0, got {lease}, {max_result_bytes}")
         self.workers = workers
-        self.queue_size = queue_size
+        self._store = store or MemoryStore(
+            queue_size, ttl=state_ttl, max_finished=state_max_tasks, clock=clock, wait=wait
+        )
+        self.queue_size = self._store.capacity
         self._handler = handler or SimulatedWork(rng=rng)
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
+        self._max_result_bytes = max_result_bytes
+        self._lease = lease
         self._rng = rng or random.Random()
         self._clock = clock
         self._monotonic = monotonic
         self._wait = wait
         self._observers = tuple(observers)
         self._use_threads = threads
-        self._store = TaskStore(ttl=state_ttl, max_finished=state_max_tasks, monotonic=monotonic)
-        self._ready = _ReadyQueue(maxsize=queue_size)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+
+        # _lock must be held while reading or changing the attributes below.
+        # It is held only for bookkeeping: never across a store call, a
+        # handler, an observer or logging.
+        self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-
-        # _retry_lock must be held while touching _retries: a heap of
-        # (due monotonic time, sequence, task id) of tasks waiting out a backoff.
-        self._retry_lock = threading.Lock()
-        self._retries: list[tuple[float, int, str]] = []
-        self._retry_seq = itertools.count()
-        self._timer_wakeup = threading.Event()
-
-        # _shutdown_lock must be held while reading or changing _closing,
-        # _deadline and _threads. submit holds it across its checks, the store
-        # insert and the (never blocking) queue push: no submission slips in
-        # after shutdown began, and the room it checked is still there.
-        self._shutdown_lock = threading.Lock()
-        self._closing = False
-        self._stopped = False
+        self._closing = False  # no more submissions
+        self._claiming = True  # workers take new attempts (a shared store stops at once on shutdown)
+        self._admitting = 0  # submissions between their closing check and their store step
         self._deadline = math.inf
-        self._drain_wakeup = threading.Event()
-        self._cancel = threading.Event()  # handed to handlers; set on abandonment
+        self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
+        self._finals: Counter[State] = Counter()  # final states reached through this pool
+        # Tasks whose last change is not yet heard by the observers, and how
+        # many such changes are in flight: whoever changes such a task next
+        # waits before telling (see _wait_turn). An Event once someone waits.
+        self._in_flight: dict[str, list[Any]] = {}
+        self._cancel_early: set[str] = set()  # cancelled before their worker registered the attempt
+        self._cancel_lock = threading.Lock()  # held across the two store calls of cancel(), nothing else
+
+        self._drain_wakeup = threading.Event()  # a drain waits for attempts to end or a nearer deadline
+        self._drained = threading.Event()
         self._summary: ShutdownSummary | None = None
-        self._summary_ready = threading.Event()
 
     # -- admission -------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker and timer threads (idempotent; ``submit`` also starts them)."""
-        with self._shutdown_lock:
+        """Start the worker threads (idempotent; ``submit`` also starts them)."""
+        with self._lock:
             started = self._start_locked()
         if started:
             self._log_started()
@@ -174,43 +193,122 @@ class WorkerPool:
             threading.Thread(target=self._work, name=f"workerpool-worker-{n}", daemon=True)
             for n in range(1, self.workers + 1)
         ]
-        # Last, as _stop_threads expects.
-        self._threads.append(threading.Thread(target=self._run_timer, name="workerpool-timer", daemon=True))
+        if self._store.shared:
+            self._threads.append(threading.Thread(target=self._keep_leases, name="workerpool-leases", daemon=True))
         for thread in self._threads:
             thread.start()
         return True
 
-    def _log_started(self) -> None:  # outside _shutdown_lock: no logging under a lock
+    def _log_started(self) -> None:  # outside _lock: no logging under a lock
         log.info("pool started: %d worker thread(s), queue of %d", self.workers, self.queue_size)
 
-    def submit(self, task_id: str, payload: str = "", max_retries: int = 0, *, request_id: str | None = None) -> Task:
-        """Accept a task without blocking; it is queued in the store on return.
+    def submit(
+        self,
+        task_id: str | None,
+        payload: Any = "",
+        max_retries: int = 0,
+        *,
+        delay: float = 0.0,
+        request_id: str | None = None,
+    ) -> Task:
+        """Accept a task without blocking; it is in the store on return.
 
-        Raises PoolClosed, DuplicateTask or QueueFull; a refused task leaves
-        no trace. ``request_id`` is carried on the task for its log lines.
+        ``task_id=None`` makes a server id. ``delay`` seconds pass before its
+        first attempt may start. Raises PoolClosed, DuplicateTask or
+        QueueFull; a refused task leaves no trace. ``request_id`` is carried
+        on the task for its log lines.
         """
+        result = self._admit([self._new_task(task_id, payload, max_retries, delay, request_id)])[0]
+        if isinstance(result, SubmitError):
+            raise result
+        return result
+
+    def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task | SubmitError]:
+        """Accept several tasks in one store step; for each, its snapshot or why it was refused.
+
+        A bad ``max_retries`` or ``delay`` raises ValueError before anything
+        is admitted; a closed pool refuses all of them with PoolClosed.
+        """
+        tasks = [self._new_task(s.id, s.payload, s.max_retries, s.delay, s.request_id) for s in specs]
+        return self._admit(tasks)
+
+    def _new_task(
+        self, task_id: str | None, payload: Any, max_retries: int, delay: float, request_id: str | None
+    ) -> Task:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        task = Task(task_id, payload, max_retries, created_at=self._clock(), request_id=request_id)
-        with self._shutdown_lock:
+        if not 0 <= delay < math.inf:
+            raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay}")
+        now = self._clock()
+        return Task(
+            new_task_id(now) if task_id is None else task_id,
+            payload,
+            max_retries,
+            created_at=now,
+            next_attempt_at=now + delay if delay else None,
+            request_id=request_id,
+        )
+
+    def _admit(self, tasks: list[Task]) -> list[Task | SubmitError]:
+        with self._lock:
             if self._closing:
-                raise PoolClosed()
-            if task_id in self._store:
-                raise DuplicateTask(task_id)
-            # Checked before the insert, so a refused task is never visible.
-            # Only the timer adds meanwhile, and a due retry may exceed the bound.
-            if self._ready.full():
-                raise QueueFull(self.queue_size)
+                return [PoolClosed() for _ in tasks]
+            self._admitting += 1
             started = self._start_locked()
-            self._store.add(task)
-            self._ready.push(task_id)
+            for task in tasks:  # before the store step: a worker may claim the task at once
+                self._enter_in_flight(task.id)
+        try:
+            results = self._store.admit(tasks)
+            for result in results:
+                if isinstance(result, Task):
+                    _log(logging.DEBUG, result, "task %s queued", result.id)
+                    self._notify("task_queued", result)
+        finally:
+            with self._lock:
+                self._admitting -= 1
+                for task in tasks:
+                    self._leave_in_flight(task.id)
+                closing = self._closing
+            if closing:
+                self._drain_wakeup.set()
         if started:
             self._log_started()
-        _log(logging.DEBUG, task, "task %s queued", task_id)
-        self._notify("task_queued", task)
+        return results
+
+    def cancel(self, task_id: str) -> Task | None:
+        """Cancel a task: a queued one never runs; a running one has its cancel event set.
+
+        None if the id is unknown; otherwise the snapshot after the cancel
+        (``cancelled``, or still ``running`` with ``cancel_requested``, or
+        unchanged when already final). A running attempt that then raises
+        ends ``cancelled``; one that returns normally still ends ``done``.
+        """
+        # One cancel at a time, so that exactly one caller tells of each change.
+        with self._cancel_lock:
+            before = self._store.get(task_id)
+            task = self._store.cancel(task_id)
+        if task is None or before is None or task == before:
+            return task
+        if task.state is State.CANCELLED:
+            self._count_final(task)
+            self._wait_turn(task_id)
+            _log(logging.INFO, task, "task %s cancelled", task_id)
+            self._notify("task_cancelled", task)
+            return task
+        with self._lock:
+            attempt = self._running.get(task_id)
+            if attempt is None and not self._store.shared:  # claimed, not yet registered by its worker
+                self._cancel_early.add(task_id)
+        if attempt is not None:
+            attempt.cancel.set()
+        _log(logging.INFO, task, "task %s: cancel requested while attempt %d runs", task_id, task.attempts)
         return task
 
     # -- reading ---------------------------------------------------------
+
+    @property
+    def store(self) -> TaskStore:
+        return self._store
 
     def get(self, task_id: str) -> Task | None:
         return self._store.get(task_id)
@@ -227,97 +325,197 @@ class WorkerPool:
         return bool(self._threads)
 
     def stats(self) -> PoolStats:
-        with self._retry_lock:
-            retries_pending = len(self._retries)
+        stats = self._store.stats()
         return PoolStats(
             workers=self.workers,
             queue_capacity=self.queue_size,
-            queue_depth=self._ready.qsize(),
-            retries_pending=retries_pending,
+            queue_depth=stats.due,
+            retries_pending=stats.retries_pending,
             accepting=self.accepting,
-            counts=self._store.counts(),
+            counts=stats.counts,
+            waiting=stats.waiting,
         )
+
+    def running(self) -> list[Attempt]:
+        """The attempts this pool's workers run now (for a watchdog)."""
+        with self._lock:
+            return list(self._running.values())
 
     # -- workers ---------------------------------------------------------
 
     def step(self) -> bool:
-        """Run the next ready attempt on the calling thread; False if none was ready.
+        """Run the next due attempt on the calling thread; False if none was due.
 
         For a pool built with ``threads=False``: what a worker thread does in
         a loop, one attempt at a time.
         """
         if self._use_threads:
             raise RuntimeError("step() drives a pool built with threads=False")
-        try:
-            task_id = self._ready.get_nowait()
-        except queue.Empty:
+        if not self._claiming:
             return False
-        self._run_attempt(task_id)
+        task = self._store.claim(self.owner, self._clock() + self._lease)
+        if task is None:
+            return False
+        self._run_attempt(task, threading.Event())
         return True
 
     def _work(self) -> None:
-        while (task_id := self._ready.get()) is not _STOP:
-            self._run_attempt(task_id)
+        store, owner, lease = self._store, self.owner, self._lease
+        cancel = threading.Event()
+        pause = threading.Event()  # never set: a pause that is not time.sleep
+        while self._claiming:
+            try:
+                task = store.claim(owner, self._clock() + lease)
+                if task is None:
+                    store.wait_for_work(None)
+                    continue
+            except Exception:  # StoreUnavailable, or a bug: keep the worker, try again shortly
+                log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
+                self._wait(pause, _STORE_RETRY_S)
+                continue
+            if cancel.is_set():  # the last attempt's handler may still hold it
+                cancel = threading.Event()
+            self._run_attempt(task, cancel)
 
-    def _run_attempt(self, task_id: str) -> None:
+    def _run_attempt(self, task: Task, cancel: threading.Event) -> None:
+        attempt = Attempt(task, cancel, self._monotonic(), threading.current_thread())
         try:
-            self._attempt(task_id)
-        except Exception:  # a bug of ours must not kill the worker
-            log.exception("worker failed on task %s", task_id, extra={"task_id": task_id})
+            self._attempt(attempt)
+        except Exception as exc:  # a bug of ours must neither kill the worker nor leave the task running
+            log.exception("worker failed on task %s", task.id, extra={"task_id": task.id})
+            self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(exc)}", None, None)
 
-    def _attempt(self, task_id: str) -> None:
-        task = self._store.start_attempt(task_id, self._clock())
-        if task is None:  # abandoned at shutdown while it waited
-            return
-        _log(logging.DEBUG, task, "task %s attempt %d started", task_id, task.attempts)
+    def _attempt(self, attempt: Attempt) -> None:
+        task = attempt.task
+        with self._lock:
+            self._running[task.id] = attempt
+            cancelled_early = task.id in self._cancel_early
+            if cancelled_early:
+                self._cancel_early.discard(task.id)
+            waits = task.id in self._in_flight
+        if waits:
+            self._wait_turn(task.id)
+        if cancelled_early or task.cancel_requested:
+            attempt.cancel.set()
+        _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
         self._notify("attempt_started", task)
-        started = self._monotonic()
-        error, retryable = None, False
         try:
-            returned = self._handler(task, self._cancel)
-            if returned is not None:
-                error = _describe_return(returned)
-        except PermanentFailure as exc:
-            error = _describe(exc)
+            returned = self._handler(task, attempt.cancel)
         except BaseException as exc:  # even SystemExit: it would end this thread silently
-            error, retryable = _describe(exc), True
-        seconds = self._monotonic() - started
+            retry_at = None if isinstance(exc, PermanentFailure) else self._retry_at(task)
+            self._end_attempt(attempt, _describe(exc), None, retry_at, exc)
+        else:
+            error = _check_result(returned, self._max_result_bytes)
+            self._end_attempt(attempt, error, None if error else returned, None)
+
+    def _retry_at(self, task: Task) -> float | None:
+        """When the task's next attempt falls due after its latest failed, or None when out of retries."""
+        if task.attempts > task.max_retries:
+            return None
+        delay = compute_backoff(task.attempts, base=self._backoff_base, cap=self._backoff_cap, rng=self._rng)
+        return self._clock() + delay
+
+    def _end_attempt(
+        self,
+        attempt: Attempt,
+        error: str | None,
+        result: Any,
+        retry_at: float | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        task = attempt.task
+        if retry_at is not None:
+            with self._lock:  # another worker may claim the retry before attempt_finished is heard
+                self._enter_in_flight(task.id)
+        ended = None
         try:
-            result = self._end_attempt(task, error, retryable)
-            if result is None:
+            ended = self._store.finish(
+                task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
+            )
+            if ended is None:
                 _log(
-                    logging.WARNING, task, "task %s attempt %d ended after it was abandoned; result dropped",
-                    task_id, task.attempts,
+                    logging.WARNING,
+                    task,
+                    "task %s attempt %d ended after it was abandoned; result dropped",
+                    task.id,
+                    task.attempts,
                 )
             else:
-                self._notify("attempt_finished", result, seconds)
+                self._log_end(ended, error, exc)
+                self._notify("attempt_finished", ended, self._monotonic() - attempt.started)
         finally:
-            if self._closing:
+            with self._lock:
+                if self._running.get(task.id) is attempt:
+                    del self._running[task.id]
+                if retry_at is not None:
+                    self._leave_in_flight(task.id)
+                if ended is not None and ended.state in FINAL_STATES:
+                    self._finals[ended.state] += 1
+                closing = self._closing
+            if closing:
                 self._drain_wakeup.set()
 
-    def _end_attempt(self, task: Task, error: str | None, retryable: bool) -> Task | None:
-        now = self._clock()
-        if error is None:
-            result = self._store.end_attempt(task.id, task.attempts, State.DONE, finished_at=now)
-            if result:
-                _log(logging.INFO, task, "task %s done after %d attempt(s)", task.id, task.attempts)
-            return result
-        if retryable and task.attempts <= task.max_retries:
-            delay = compute_backoff(task.attempts, base=self._backoff_base, cap=self._backoff_cap, rng=self._rng)
-            result = self._store.end_attempt(
-                task.id, task.attempts, State.QUEUED, last_error=error, next_attempt_at=now + delay
-            )
-            if result:
-                _log(
-                    logging.INFO, task, "task %s attempt %d failed (%s); retry %d of %d in %.3f s",
-                    task.id, task.attempts, error, task.attempts, task.max_retries, delay,
-                )
-                self._schedule_retry(task.id, delay)
-            return result
-        result = self._store.end_attempt(task.id, task.attempts, State.FAILED, last_error=error, finished_at=now)
-        if result:
-            _log(logging.WARNING, task, "task %s failed after %d attempt(s): %s", task.id, task.attempts, error)
-        return result
+    def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
+        """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
+        trace = exc if exc is not None and log.isEnabledFor(logging.DEBUG) else None
+        if task.state is State.DONE:
+            _log(logging.INFO, task, "task %s done after %d attempt(s)", task.id, task.attempts)
+        elif task.state is State.QUEUED:
+            _log(
+                logging.INFO, task, "task %s attempt %d failed (%s); retry %d of %d in %.3f s",
+                task.id, task.attempts, error, task.attempts, task.max_retries,
+                max(0.0, task.next_attempt_at - self._clock()), exc_info=trace,
+            )  # fmt: skip
+        elif task.state is State.CANCELLED:
+            _log(
+                logging.INFO, task, "task %s cancelled during attempt %d: %s", task.id, task.attempts, error,
+                exc_info=trace,
+            )  # fmt: skip
+        else:
+            _log(
+                logging.WARNING, task, "task %s failed after %d attempt(s): %s", task.id, task.attempts, error,
+                exc_info=trace,
+            )  # fmt: skip
+
+    def _count_final(self, task: Task) -> None:
+        if task.state in FINAL_STATES:
+            with self._lock:
+                self._finals[task.state] += 1
+
+    # -- the order observers hear of a task ------------------------------
+
+    # A thread that changes a task and then tells the observers marks the
+    # task "in flight" from before its store step until it has told them;
+    # the next thread to change the task (a worker claiming it, a cancel, the
+    # drain abandoning it) waits for that before telling of its own change.
+    # Only submissions and retries are marked: they are the changes after
+    # which another thread can change the task at once.
+
+    def _enter_in_flight(self, task_id: str) -> None:  # _lock is held
+        entry = self._in_flight.get(task_id)
+        if entry is None:
+            self._in_flight[task_id] = [1, None]
+        else:
+            entry[0] += 1
+
+    def _leave_in_flight(self, task_id: str) -> None:  # _lock is held
+        entry = self._in_flight[task_id]
+        entry[0] -= 1
+        if not entry[0]:
+            del self._in_flight[task_id]
+            if entry[1] is not None:
+                entry[1].set()
+
+    def _wait_turn(self, task_id: str, timeout: float = 10.0) -> None:
+        """Wait (a bounded time) until the observers have heard the task's earlier changes."""
+        with self._lock:
+            entry = self._in_flight.get(task_id)
+            if entry is None:
+                return
+            if entry[1] is None:
+                entry[1] = threading.Event()
+            heard = entry[1]
+        heard.wait(timeout)
 
     def _notify(self, hook: str, *args: object) -> None:
         for observer in self._observers:
@@ -326,129 +524,155 @@ class WorkerPool:
             except Exception:
                 log.exception("observer %r failed in %s", observer, hook)
 
-    # -- retries ---------------------------------------------------------
+    # -- leases (shared stores) ------------------------------------------
 
-    def _schedule_retry(self, task_id: str, delay: float) -> None:
-        due = self._monotonic() + delay
-        with self._retry_lock:
-            heapq.heappush(self._retries, (due, next(self._retry_seq), task_id))
-        self._timer_wakeup.set()
+    def _keep_leases(self) -> None:
+        """Renew the leases of running attempts and recover expired ones, whatever the handlers do."""
+        period = self._lease / 3
+        stop = threading.Event()
+        while self._claiming or self._running:
+            try:
+                self._renew_once()
+                for task in self._store.recover(self._retry_at):
+                    self._count_final(task)
+                    _log(logging.WARNING, task, "task %s attempt %d lost: %s", task.id, task.attempts, task.last_error)
+                    self._notify("attempt_finished", task, 0.0)
+            except Exception:
+                log.exception("lease renewal failed; trying again in %.1f s", period)
+            self._wait(stop, period)
 
-    def release_due_retries(self) -> float | None:
-        """Move due retries to the ready queue; return seconds until the next one is due.
-
-        The timer thread calls this; a pool built with ``threads=False`` needs
-        its caller to.
-        """
-        now = self._monotonic()
-        due = []
-        with self._retry_lock:
-            while self._retries and self._retries[0][0] <= now:
-                due.append(heapq.heappop(self._retries)[2])
-            delay = self._retries[0][0] - now if self._retries else None
-        for task_id in due:
-            self._ready.push(task_id, first=True)
-        return delay
-
-    def _run_timer(self) -> None:
-        while not self._stopped:
-            # Clear before looking, so a retry scheduled meanwhile re-sets it.
-            self._timer_wakeup.clear()
-            delay = self.release_due_retries()
-            if not self._stopped:
-                self._wait(self._timer_wakeup, delay)
+    def _renew_once(self) -> None:
+        attempts = self.running()
+        if not attempts:
+            return
+        renewal = self._store.renew(self.owner, [a.task.id for a in attempts], self._clock() + self._lease)
+        for attempt in attempts:
+            if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
+                attempt.cancel.set()
 
     # -- shutdown --------------------------------------------------------
 
     def shutdown(self, timeout: float | None = None, *, wait: bool = True) -> ShutdownSummary | None:
         """Stop admitting, drain for at most ``timeout`` seconds, then abandon the rest.
 
-        Idempotent and thread-safe. Running attempts finish; queued tasks and
-        pending retries keep being processed until nothing is left or the
-        deadline passes. Unfinished tasks then become failed (ABANDONED). A
-        later call with a shorter timeout (``timeout=0`` on a second signal)
-        pulls the deadline in. With ``wait=False`` the drain runs on a helper
-        thread and the call returns None at once.
+        Idempotent and thread-safe. Running attempts finish. With a store of
+        this process alone, queued tasks and pending retries keep being
+        processed until nothing is left or the deadline passes; unfinished
+        tasks then become failed (ABANDONED). With a shared store the pool
+        stops claiming at once and leaves queued work to other processes;
+        only its own running attempts are waited for (and abandoned at the
+        deadline). A later call with a shorter timeout (``timeout=0`` on a
+        second signal) pulls the deadline in. With ``wait=False`` the drain
+        runs on a helper thread and the call returns None at once.
         """
         began = self._monotonic()
         deadline = math.inf if timeout is None else began + max(0.0, timeout)
-        with self._shutdown_lock:
+        with self._lock:
             first = not self._closing
             self._closing = True
             self._deadline = min(self._deadline, deadline)
+            if first and self._store.shared:
+                self._claiming = False
         self._drain_wakeup.set()
         if first:
-            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
+            if self._store.shared:
+                self._store.wake()
+            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished(self.owner))
             if wait:
                 self._drain(began)
             else:
                 threading.Thread(target=self._drain, args=(began,), name="workerpool-drain", daemon=True).start()
         if not wait:
             return None
-        self._summary_ready.wait()
+        self._drained.wait()
         return self._summary
 
-    def _drain(self, started: float) -> None:
+    def _drain(self, began: float) -> None:
         while True:
             # Clear before looking: whoever changes what is looked at below
             # (a finished attempt, a nearer deadline) sets it afterwards.
             self._drain_wakeup.clear()
-            if not self._store.unfinished():
+            with self._lock:
+                # An attempt counts until its bookkeeping is done, so the summary includes its outcome.
+                busy, remaining = self._admitting or self._running, self._deadline - self._monotonic()
+                admitting = self._admitting
+            if not admitting and (remaining <= 0 or not (busy or self._store.unfinished(self.owner))):
                 break
-            with self._shutdown_lock:
-                remaining = self._deadline - self._monotonic()
-            if remaining <= 0:
-                break
-            self._wait(self._drain_wakeup, None if remaining == math.inf else remaining)
-        abandoned = self._store.fail_unfinished(ABANDONED, self._clock())
+            self._wait(self._drain_wakeup, None if admitting or remaining == math.inf else max(0.0, remaining))
+        with self._lock:
+            self._claiming = False
+        abandoned = self._store.abandon(ABANDONED, owner=self.owner)
         for task in abandoned:
+            self._count_final(task)
+        with self._lock:
+            attempts = list(self._running.values())
+        for attempt in attempts:  # their results will be dropped
+            attempt.cancel.set()
+        for task in abandoned:
+            self._wait_turn(task.id)
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
             self._notify("task_abandoned", task)
-        self._cancel.set()
         self._stop_threads()
+        left = self._store.stats().counts if self._store.shared else {}
+        with self._lock:
+            done = self._finals.copy()
         self._summary = ShutdownSummary(
-            counts=self._store.counts(),
+            counts={
+                State.QUEUED: left.get(State.QUEUED, 0),
+                State.RUNNING: self._store.unfinished(self.owner) if self._store.shared else 0,
+                **{state: done[state] for state in (State.DONE, State.FAILED, State.CANCELLED)},
+            },
             abandoned=tuple(task.id for task in abandoned),
-            drain_seconds=self._monotonic() - started,
+            drain_seconds=self._monotonic() - began,
         )
-        self._summary_ready.set()
+        self._drained.set()
 
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
-        with self._shutdown_lock:
-            self._stopped = True
+        self._store.wake()
+        with self._lock:
             threads = list(self._threads)
-        deadline = time.monotonic() + join_timeout
-        self._timer_wakeup.set()
-        # The timer goes first: once it has exited it cannot push a retry it
-        # had just taken from the heap into the queue emptied below.
-        timer, workers = threads[-1:], threads[:-1]
-        for thread in timer:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        # Whatever is still queued or waiting for a retry was abandoned
-        # already; stop markers for the workers that exist are all that is left.
-        with self._retry_lock:
-            self._retries.clear()
-        self._ready.clear()
-        for _ in workers:
-            self._ready.push(_STOP)
         # Abandoned handlers were told to cancel; one that ignores it is left
         # behind (daemon) rather than holding up shutdown.
-        for thread in workers:
+        deadline = time.monotonic() + join_timeout
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _log(level: int, task: Task, message: str, *args: object) -> None:
+def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> None:
     """Log a line about ``task``, with its id and request id attached for structured logs."""
     if log.isEnabledFor(level):
-        log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id})
+        log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id}, **kwargs)
 
 
-def _describe_return(returned: object) -> str:
-    if inspect.iscoroutine(returned):
-        returned.close()  # never awaited: close it, or Python warns when it is collected
-    return f"the handler returned {type(returned).__name__}, not None: a result this pool cannot use"
+def _check_result(returned: object, limit: int) -> str | None:
+    """Why a handler's return value cannot be the task's result, or None if it can."""
+    if returned is None:
+        return None
+    if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
+        returned.close()  # never run: close it, or Python warns when it is collected
+        return f"the handler returned a {type(returned).__name__}: this pool runs plain functions"
+    try:
+        size = len(json.dumps(returned, allow_nan=False).encode())
+    except (TypeError, ValueError, RecursionError) as exc:
+        return _truncate(f"the handler returned {type(returned).__name__}, which is not JSON: {_describe_safely(exc)}")
+    if size > limit:
+        return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)"
+    return None
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """``Type: message`` of an exception, never raising (its ``__str__`` may, or return a non-string)."""
+    return _truncate(_describe_safely(exc))
+
+
+def _describe_safely(exc: BaseException) -> str:
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except BaseException as broken:  # noqa: BLE001  (any failure gets the fallback, even SystemExit)
+        return f"{name} (its message could not be read: {type(broken).__name__})"
+    return f"{name}: {text}" if text else name
+
+
+def _truncate(text: str) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 
 class State(StrEnum):
@@ -11,17 +11,19 @@ class State(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-# A task waiting out its backoff is QUEUED with next_attempt_at set, so a
-# retry is RUNNING -> QUEUED. DONE and FAILED are final.
+# A task waiting out its backoff (or its delay) is QUEUED with next_attempt_at
+# set, so a retry is RUNNING -> QUEUED. DONE, FAILED and CANCELLED are final.
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.RUNNING, State.FAILED}),
-    State.RUNNING: frozenset({State.DONE, State.FAILED, State.QUEUED}),
+    State.QUEUED: frozenset({State.RUNNING, State.FAILED, State.CANCELLED}),
+    State.RUNNING: frozenset({State.DONE, State.FAILED, State.QUEUED, State.CANCELLED}),
     State.DONE: frozenset(),
     State.FAILED: frozenset(),
+    State.CANCELLED: frozenset(),
 }
-FINAL_STATES = frozenset({State.DONE, State.FAILED})
+FINAL_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 
 
 class InvalidTransition(RuntimeError):
@@ -33,18 +35,23 @@ def check_transition(current: State, new: State) -> None:
         raise InvalidTransition(f"illegal task state change {current} -> {new}")
 
 
-@dataclass(frozen=True, slots=True)
-class Task:
-    """A snapshot of one task. Times are seconds since the epoch.
+class Task(NamedTuple):
+    """A snapshot of one task; ``task._replace(...)`` makes a changed copy. Times are seconds since the epoch.
 
-    ``payload`` is kept only until the task is final: finished tasks are
-    retained for their state, and dropping the payload bounds their memory.
-    ``request_id`` names the request that submitted the task, so its log
-    lines can be found with the request's.
+    ``payload`` is any JSON value, kept only until the task is final:
+    finished tasks are retained for their state and ``result``, and dropping
+    the payload bounds their memory. ``next_attempt_at`` is the time a queued
+    task falls due (a delay or a retry backoff). ``cancel_requested`` is set
+    when a running task was asked to cancel. ``request_id`` names the request
+    that submitted the task, so its log lines can be found with the request's.
+
+    A named tuple rather than a frozen dataclass: the engine makes one per
+    change of a task, and a frozen dataclass costs several times as much to
+    build (every field goes through ``object.__setattr__``).
     """
 
     id: str
-    payload: str
+    payload: Any
     max_retries: int
     state: State = State.QUEUED
     attempts: int = 0
@@ -54,3 +61,5 @@ class Task:
     finished_at: float | None = None
     next_attempt_at: float | None = None
     request_id: str | None = None
+    result: Any = None
+    cancel_requested: bool = False

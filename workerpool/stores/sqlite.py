@@ -27,7 +27,6 @@ survives power loss too, at the price of one fsync per step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import socket
@@ -49,7 +48,7 @@ LOST = "lost: the process running it stopped (its lease expired)"
 
 _FINAL = ("done", "failed", "cancelled")
 _HOSTNAME = socket.gethostname()
-_TASK_FIELDS = frozenset(getattr(Task, "_fields", None) or (f.name for f in dataclasses.fields(Task)))
+_TASK_FIELDS = frozenset(Task._fields)
 _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"

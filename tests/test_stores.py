@@ -1,0 +1,474 @@
+"""The store contract (workerpool/stores/base.py), checked against every store in tests/stores.py."""
+
+import itertools
+import threading
+
+import pytest
+from doubles import WAIT_S
+from stores import STORES
+
+from workerpool import FINAL_STATES, DuplicateTask, InvalidTransition, QueueFull, State, Task
+from workerpool.task import TRANSITIONS, check_transition
+
+OWNER = "host:1:a"
+OTHER = "host:2:b"
+LEASE = 30.0
+
+
+@pytest.fixture(params=sorted(STORES))
+def make_store(request, clock, tmp_path):
+    made = []
+
+    def make(**limits):
+        store = STORES[request.param](clock, tmp_path / f"store{len(made)}", **limits)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store):
+    return make_store()
+
+
+def new(clock, task_id, max_retries=0, *, delay=None, payload="payload"):
+    now = clock.time()
+    return Task(task_id, payload, max_retries, created_at=now, next_attempt_at=None if delay is None else now + delay)
+
+
+def admit(store, clock, *ids, **kwargs):
+    results = store.admit([new(clock, task_id, **kwargs) for task_id in ids])
+    assert all(isinstance(r, Task) for r in results), results
+    return results
+
+
+def claim(store, clock, owner=OWNER):
+    return store.claim(owner, clock.time() + LEASE)
+
+
+def run(store, clock, task_id, *, error=None, result=None, retry_at=None):
+    """Claim ``task_id`` (it must be next) and finish the attempt."""
+    task = claim(store, clock)
+    assert task is not None and task.id == task_id, task
+    return store.finish(task.id, task.attempts, OWNER, error=error, result=result, retry_at=retry_at)
+
+
+# -- the transition table -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("current, new_state", list(itertools.product(State, State)))
+def test_transition_table_is_checked_in_one_place(current, new_state):
+    if new_state in TRANSITIONS[current]:
+        check_transition(current, new_state)
+    else:
+        with pytest.raises(InvalidTransition):
+            check_transition(current, new_state)
+
+
+def test_final_states_have_no_way_out():
+    assert {State.DONE, State.FAILED, State.CANCELLED} == FINAL_STATES
+    assert all(TRANSITIONS[state] == frozenset() for state in FINAL_STATES)
+
+
+# -- admission ------------------------------------------------------------------------
+
+
+def test_an_admitted_task_is_stored_as_given(store, clock):
+    task = Task("a", {"any": ["json", 1]}, 2, created_at=clock.time(), request_id="req-1")
+    assert store.admit([task]) == [task]
+    assert store.get("a") == task
+    assert store.get("unknown") is None
+
+
+def test_a_duplicate_id_is_refused_and_changes_nothing(store, clock):
+    admit(store, clock, "a", payload="first")
+    before = (store.get("a"), store.stats())
+    [refused] = store.admit([Task("a", "second", 5, created_at=clock.time())])
+    assert isinstance(refused, DuplicateTask)
+    assert (store.get("a"), store.stats()) == before
+
+
+def test_a_batch_is_admitted_in_order_and_each_task_checked_against_the_room_left(make_store, clock):
+    store = make_store(capacity=3)
+    admit(store, clock, "old")
+    results = store.admit([new(clock, i) for i in ("a", "old", "a", "b", "c", "d")])
+    kinds = [type(r).__name__ if not isinstance(r, Task) else r.id for r in results]
+    assert kinds == ["a", "DuplicateTask", "DuplicateTask", "b", "QueueFull", "QueueFull"]
+    assert [t.id for t in store.list()] == ["b", "a", "old"]
+    assert store.get("c") is None and store.get("d") is None
+
+
+def test_the_bound_counts_tasks_not_yet_started_delayed_ones_included(make_store, clock):
+    store = make_store(capacity=2)
+    admit(store, clock, "now")
+    admit(store, clock, "later", delay=60)
+    assert store.stats().waiting == 2
+    [refused] = store.admit([new(clock, "third")])
+    assert isinstance(refused, QueueFull) and refused.capacity == 2
+    claim(store, clock)  # "now" starts: room for one more
+    admit(store, clock, "third")
+
+
+def test_retries_never_count_against_the_bound_and_are_never_refused(make_store, clock):
+    store = make_store(capacity=1)
+    admit(store, clock, "r", max_retries=5)
+    run(store, clock, "r", error="boom", retry_at=clock.time() + 10)
+    admit(store, clock, "fills")  # the waiting retry took no room
+    clock.advance(10)
+    assert claim(store, clock).id == "r"  # a due retry runs although the store is full
+    run_again = store.finish("r", 2, OWNER, error="boom", retry_at=clock.time())
+    assert run_again.state is State.QUEUED
+    assert store.stats().waiting == 1
+
+
+# -- claim ----------------------------------------------------------------------------
+
+
+def test_claim_starts_the_oldest_due_task(store, clock):
+    admit(store, clock, "a", "b")
+    clock.advance(1)
+    task = claim(store, clock)
+    assert (task.id, task.state, task.attempts, task.started_at, task.next_attempt_at) == (
+        "a",
+        State.RUNNING,
+        1,
+        clock.time(),
+        None,
+    )
+    assert store.get("a") == task
+    assert claim(store, clock).id == "b"
+    assert claim(store, clock) is None
+
+
+def test_due_retries_run_before_new_work(store, clock):
+    admit(store, clock, "r", max_retries=1)
+    run(store, clock, "r", error="boom", retry_at=clock.time() + 5)
+    admit(store, clock, "n1", "n2")
+    assert claim(store, clock).id == "n1"
+    clock.advance(5)
+    assert [claim(store, clock).id, claim(store, clock).id] == ["r", "n2"]
+
+
+def test_a_delayed_task_waits_for_its_time(store, clock):
+    admit(store, clock, "later", delay=30)
+    admit(store, clock, "now")
+    assert store.get("later").next_attempt_at == clock.time() + 30
+    assert claim(store, clock).id == "now"
+    assert claim(store, clock) is None
+    assert store.seconds_until_due() == pytest.approx(30)
+    clock.advance(30)
+    assert store.seconds_until_due() == 0
+    task = claim(store, clock)
+    assert (task.id, task.attempts, task.next_attempt_at) == ("later", 1, None)
+    assert store.seconds_until_due() is None
+
+
+def test_stats_count_every_kind_of_waiting_task(store, clock):
+    admit(store, clock, "run", "retry", "fail", max_retries=1)
+    admit(store, clock, "due")
+    admit(store, clock, "delayed", delay=100)
+    claim(store, clock)
+    run(store, clock, "retry", error="boom", retry_at=clock.time() + 50)
+    run(store, clock, "fail", error="boom")
+    stats = store.stats()
+    assert stats.counts == {State.QUEUED: 3, State.RUNNING: 1, State.DONE: 0, State.FAILED: 1, State.CANCELLED: 0}
+    assert (stats.waiting, stats.due, stats.retries_pending) == (2, 1, 1)
+    assert store.unfinished() == 4
+    clock.advance(60)
+    stats = store.stats()
+    assert (stats.waiting, stats.due, stats.retries_pending) == (2, 2, 0)
+
+
+# -- finish ---------------------------------------------------------------------------
+
+
+def test_a_success_stores_the_result_and_drops_the_payload(store, clock):
+    admit(store, clock, "a", payload="big payload")
+    assert claim(store, clock).payload == "big payload"
+    clock.advance(2)
+    done = store.finish("a", 1, OWNER, result={"answer": 42})
+    assert (done.state, done.result, done.payload, done.finished_at, done.last_error) == (
+        State.DONE,
+        {"answer": 42},
+        "",
+        clock.time(),
+        None,
+    )
+    assert store.get("a") == done
+
+
+def test_a_failure_with_a_retry_time_queues_the_task_again(store, clock):
+    admit(store, clock, "a", max_retries=2)
+    retry = run(store, clock, "a", error="RuntimeError: boom", retry_at=clock.time() + 7)
+    assert (retry.state, retry.attempts, retry.last_error, retry.next_attempt_at, retry.payload) == (
+        State.QUEUED,
+        1,
+        "RuntimeError: boom",
+        clock.time() + 7,
+        "payload",
+    )
+    assert store.stats().retries_pending == 1
+
+
+def test_a_failure_without_a_retry_time_fails_the_task(store, clock):
+    admit(store, clock, "a")
+    failed = run(store, clock, "a", error="boom")
+    assert (failed.state, failed.last_error, failed.finished_at, failed.payload) == (
+        State.FAILED,
+        "boom",
+        clock.time(),
+        "",
+    )
+
+
+def test_late_writers_are_refused_and_change_nothing(store, clock):
+    admit(store, clock, "a", max_retries=3)
+    task = claim(store, clock)
+    assert store.finish("a", 2, OWNER) is None  # not that attempt
+    assert store.finish("a", 1, OTHER) is None  # not that owner
+    assert store.finish("gone", 1, OWNER) is None  # unknown
+    assert store.get("a") == task
+    store.finish("a", 1, OWNER, error="boom", retry_at=clock.time() + 100)
+    assert store.finish("a", 1, OWNER) is None  # no longer running
+    assert store.get("a").state is State.QUEUED
+
+
+# -- cancel ---------------------------------------------------------------------------
+
+
+def test_cancel_of_an_unknown_id_is_none(store):
+    assert store.cancel("nope") is None
+
+
+@pytest.mark.parametrize("kind", ["new", "delayed", "waiting for a retry"])
+def test_a_queued_task_is_cancelled_at_once_and_never_runs(store, clock, kind):
+    if kind == "waiting for a retry":
+        admit(store, clock, "a", max_retries=1)
+        run(store, clock, "a", error="boom", retry_at=clock.time() + 5)
+    else:
+        admit(store, clock, "a", delay=5 if kind == "delayed" else None)
+    clock.advance(1)
+    cancelled = store.cancel("a")
+    assert (cancelled.state, cancelled.finished_at, cancelled.next_attempt_at, cancelled.payload) == (
+        State.CANCELLED,
+        clock.time(),
+        None,
+        "",
+    )
+    assert store.get("a") == cancelled
+    clock.advance(10)
+    assert claim(store, clock) is None
+    stats = store.stats()
+    assert (stats.waiting, stats.due, stats.retries_pending, store.unfinished()) == (0, 0, 0, 0)
+    assert store.seconds_until_due() is None
+    assert store.cancel("a") == cancelled  # a repeat is harmless
+
+
+def test_a_cancelled_task_frees_its_room(make_store, clock):
+    store = make_store(capacity=1)
+    admit(store, clock, "a")
+    store.cancel("a")
+    admit(store, clock, "b")
+    assert claim(store, clock).id == "b"
+
+
+def test_a_running_task_is_marked_and_its_attempt_decides(store, clock):
+    admit(store, clock, "stops", "ignores", max_retries=3)
+    claim(store, clock)
+    claim(store, clock)
+    for task_id in ("stops", "ignores"):
+        marked = store.cancel(task_id)
+        assert (marked.state, marked.cancel_requested) == (State.RUNNING, True)
+        assert store.cancel(task_id) == marked
+    # Raising ends it cancelled, never retried; returning ends it done.
+    stopped = store.finish("stops", 1, OWNER, error="AttemptCancelled: attempt cancelled", retry_at=clock.time())
+    assert (stopped.state, stopped.last_error, stopped.finished_at) == (
+        State.CANCELLED,
+        "AttemptCancelled: attempt cancelled",
+        clock.time(),
+    )
+    assert store.finish("ignores", 1, OWNER, result=1).state is State.DONE
+
+
+@pytest.mark.parametrize("final", [State.DONE, State.FAILED, State.CANCELLED])
+def test_a_final_task_is_unchanged_by_cancel(store, clock, final):
+    admit(store, clock, "a")
+    if final is State.CANCELLED:
+        store.cancel("a")
+    else:
+        run(store, clock, "a", error=None if final is State.DONE else "boom")
+    before = store.get("a")
+    assert before.state is final
+    assert store.cancel("a") == before
+
+
+# -- abandon (shutdown) ---------------------------------------------------------------
+
+
+def test_abandon_fails_unfinished_work_and_refuses_its_late_end(store, clock):
+    if store.shared:
+        pytest.skip("a shared store abandons only the owner's running attempts")
+    admit(store, clock, "running", "queued", "retry", max_retries=1)
+    admit(store, clock, "delayed", delay=50)
+    claim(store, clock)
+    claim(store, clock)
+    run(store, clock, "retry", error="boom", retry_at=clock.time() + 5)
+    admit(store, clock, "done")
+    run(store, clock, "done")
+    abandoned = store.abandon("gone", owner=OWNER)
+    assert sorted(t.id for t in abandoned) == ["delayed", "queued", "retry", "running"]
+    for task in abandoned:
+        assert (task.state, task.last_error, task.finished_at, task.next_attempt_at) == (
+            State.FAILED,
+            "gone",
+            clock.time(),
+            None,
+        )
+        assert store.get(task.id) == task
+    assert store.finish("running", 1, OWNER) is None
+    assert store.get("done").state is State.DONE
+    clock.advance(100)
+    assert claim(store, clock) is None
+    assert store.unfinished() == 0
+
+
+def test_a_shared_store_abandons_only_the_owners_attempts(store, clock):
+    if not store.shared:
+        pytest.skip("a store of one process abandons everything")
+    admit(store, clock, "mine", "theirs", "queued")
+    claim(store, clock, OWNER)
+    claim(store, clock, OTHER)
+    assert [t.id for t in store.abandon("gone", owner=OWNER)] == ["mine"]
+    assert store.get("theirs").state is State.RUNNING
+    assert store.get("queued").state is State.QUEUED
+
+
+# -- leases ---------------------------------------------------------------------------
+
+
+def test_an_expired_lease_counts_as_a_failed_attempt(store, clock):
+    if not store.shared:
+        pytest.skip("leases never expire in a store of one process")
+    admit(store, clock, "retried", max_retries=1)
+    admit(store, clock, "failed")
+    admit(store, clock, "renewed")
+    for _ in range(3):
+        claim(store, clock)
+    clock.advance(LEASE / 2)
+    renewal = store.renew(OWNER, ["renewed"], clock.time() + LEASE)
+    assert renewal.lost == frozenset()
+    clock.advance(LEASE / 2 + 1)
+    recovered = store.recover(lambda task: clock.time() + 1 if task.attempts <= task.max_retries else None)
+    assert sorted((t.id, t.state) for t in recovered) == [("failed", State.FAILED), ("retried", State.QUEUED)]
+    assert all(t.last_error.startswith("lost") for t in recovered)
+    assert store.renew(OWNER, ["retried", "renewed"], clock.time() + LEASE).lost == {"retried"}
+    assert store.finish("retried", 1, OWNER) is None
+
+
+# -- reading and retention ------------------------------------------------------------
+
+
+def test_list_is_newest_first_and_filters_by_state(store, clock):
+    admit(store, clock, *"abcde")
+    claim(store, clock)
+    claim(store, clock)
+    assert [t.id for t in store.list()] == list("edcba")
+    assert [t.id for t in store.list(limit=2)] == ["e", "d"]
+    assert [t.id for t in store.list(State.RUNNING)] == ["b", "a"]
+    assert [t.id for t in store.list(State.QUEUED, limit=1)] == ["e"]
+
+
+def test_finished_tasks_expire_after_the_ttl(make_store, clock):
+    store = make_store(ttl=60)
+    admit(store, clock, "old")
+    run(store, clock, "old")
+    clock.advance(30)
+    admit(store, clock, "new")
+    run(store, clock, "new")
+    admit(store, clock, "waiting")
+    clock.advance(30.5)
+    assert store.get("old") is None
+    assert store.get("new").state is State.DONE
+    clock.advance(3600)
+    assert store.get("new") is None
+    assert store.get("waiting").state is State.QUEUED  # never evicted while unfinished
+    assert store.stats().counts[State.DONE] == 0
+
+
+def test_the_oldest_finished_are_evicted_beyond_the_count_limit(make_store, clock):
+    store = make_store(max_finished=3)
+    admit(store, clock, "running")
+    claim(store, clock)
+    for n in range(5):
+        clock.advance(1)
+        admit(store, clock, f"t{n}")
+        if n == 4:
+            store.cancel("t4")
+        else:
+            run(store, clock, f"t{n}", error=None if n % 2 else "boom")
+    assert [t.id for t in store.list()] == ["t4", "t3", "t2", "running"]
+    assert store.stats().counts == {
+        State.QUEUED: 0,
+        State.RUNNING: 1,
+        State.DONE: 1,
+        State.FAILED: 1,
+        State.CANCELLED: 1,
+    }
+
+
+def test_an_evicted_id_can_be_admitted_again(make_store, clock):
+    store = make_store(max_finished=1)
+    admit(store, clock, "a", delay=5)
+    store.cancel("a")
+    admit(store, clock, "b")
+    store.cancel("b")  # evicts a
+    assert store.get("a") is None
+    admit(store, clock, "a", payload="again")
+    assert store.get("a").state is State.QUEUED
+    assert claim(store, clock).payload == "again"  # the old delayed entry is gone with the old task
+    clock.advance(10)
+    assert claim(store, clock) is None
+
+
+@pytest.mark.parametrize("limits", [{"ttl": 0}, {"max_finished": 0}, {"capacity": 0}])
+def test_limits_must_be_positive(make_store, limits):
+    with pytest.raises(ValueError):
+        make_store(**limits)
+
+
+# -- waiting for work -----------------------------------------------------------------
+
+
+def test_admitted_work_wakes_a_waiting_worker(store, clock):
+    waiting = threading.Event()
+    returned = threading.Event()
+
+    def worker():
+        waiting.set()
+        store.wait_for_work(None)
+        returned.set()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    assert waiting.wait(WAIT_S)
+    admit(store, clock, "a")
+    assert returned.wait(WAIT_S), "admitted work did not wake the waiting worker"
+    thread.join(WAIT_S)
+
+
+def test_wait_for_work_returns_at_once_when_work_is_due(store, clock):
+    admit(store, clock, "a")
+    store.wait_for_work(None)  # would block forever otherwise
+
+
+def test_wake_releases_every_waiting_worker(store):
+    threads = [threading.Thread(target=store.wait_for_work, args=(None,), daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    store.wake()
+    for thread in threads:
+        thread.join(WAIT_S)
+        assert not thread.is_alive()
