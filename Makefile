@@ -27,9 +27,10 @@ stress: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
-# Installs wrk and chromium (Debian packages) when missing; writes bench/RESULTS.md.
+# Installs wrk, strace and chromium (Debian packages) when missing; writes bench/RESULTS.md.
 bench: $(VENV)/.installed-bench $(CHROMIUM)
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	@command -v strace >/dev/null || (apt-get update && apt-get install -y strace)
 	$(BIN)/python -m bench.run
 
 clean:

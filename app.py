@@ -10,12 +10,13 @@ import logging
 import logging.config
 import operator
 import signal
+import sys
 import weakref
 from collections.abc import Iterable, Sequence
 
 from flask import Flask
 
-from config import Config, ConfigError, exit_on_error
+from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error
 from config import load as load_config
 from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
@@ -26,17 +27,41 @@ from service.dev_server import BoundedRequestHandler, BoundedThreadedServer
 from service.live import LiveFigures
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
-from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, WorkerPool
+from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, StoreUnavailable, TaskStore, WorkerPool
+from workerpool.stores.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
 
+def open_store(config: Config) -> TaskStore | None:
+    """The store ``STORE`` names, opened; None for memory (the pool makes its own). Raises StoreUnavailable."""
+    if config.store.kind == "sqlite":
+        return SqliteStore(
+            config.store.path,
+            capacity=config.queue_size,
+            ttl=config.state_ttl_s,
+            max_finished=config.state_max_tasks,
+            synchronous=config.store.synchronous,
+        )
+    return None
+
+
+def check_store(config: Config) -> None:
+    """Open the store once at start-up and close it; if it cannot be used, print one line and exit 2."""
+    try:
+        store = open_store(config)
+    except StoreUnavailable as exc:
+        print(f"store error: STORE cannot be used: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_CONFIG) from None
+    if store is not None:
+        store.close()
+
+
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:
     """A pool running ``TASK_HANDLER`` or simulated work as ``config`` describes; its threads start on first use."""
-    if config.store.kind != "memory":  # refused rather than silently ignored until the engine runs on stores
-        raise ConfigError(f"STORE={config.store.kind} is invalid: this version runs the memory store only")
     return WorkerPool(
         load_handler(config),
+        store=open_store(config),
         workers=config.workers,
         queue_size=config.queue_size,
         backoff_base=config.backoff_base_ms / 1000,
@@ -173,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port if args.port is not None else config.port,
     )
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
+    check_store(config)
     try:
         app = create_app(config)  # imports TASK_HANDLER
     except ConfigError as error:

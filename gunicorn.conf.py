@@ -15,17 +15,18 @@ _ROOT = str(Path(__file__).resolve().parent)
 if _ROOT not in sys.path:  # so `config` and `app` import from any working directory
     sys.path.insert(0, _ROOT)
 
+import app as _app  # noqa: E402
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
-from app import load_handler as _load_handler  # noqa: E402
 from service import logs as _logs  # noqa: E402
 from service.lingering_close import MAX_LINGERING  # noqa: E402
 
 _settings = _config.load()  # a bad value stops gunicorn here with exit code 2
 try:
     # Imported now, in the arbiter, so a TASK_HANDLER that does not resolve stops gunicorn before it listens.
-    _load_handler(_settings)
+    _app.load_handler(_settings)
 except _config.ConfigError as _error:
     _config.exit_on_error(_error)
+_app.check_store(_settings)  # so does a store that cannot be opened, before any worker starts
 
 # Seconds between the end of the drain deadline and gunicorn's SIGKILL.
 DRAIN_MARGIN_S = 5
@@ -66,6 +67,15 @@ def on_starting(server):
         _config.exit_on_error(error)
     server.drain_reports = os.pipe()
     os.set_blocking(server.drain_reports[0], False)
+
+
+def on_reload(server):
+    """Say what a reload costs when tasks live in the worker's memory."""
+    if not _settings.store.shared:
+        server.log.warning(
+            "reload with STORE=memory: the new worker starts with an empty task table, so every task id "
+            "accepted before answers 404 (STORE=sqlite:///path/to/tasks.db keeps them across reloads)"
+        )
 
 
 def post_worker_init(worker):

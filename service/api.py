@@ -8,7 +8,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from workerpool import PoolStats
+from workerpool import PoolStats, StoreUnavailable
 
 from . import connection, request_id
 from .auth import require_token, token_required
@@ -101,8 +101,15 @@ def list_tasks() -> Response:
 @bp.get("/healthz")
 @bp.get("/health")
 def health() -> tuple[Response, int]:
-    """Report liveness and queue figures; 503 once shutdown has begun."""
-    stats = services().pool.stats()
+    """Report liveness and queue figures; 503 once shutdown has begun or while the task store fails."""
+    pool = services().pool
+    try:
+        stats = pool.stats()
+        store_error = pool.store.health()
+    except StoreUnavailable as exc:
+        stats, store_error = None, str(exc)
+    if stats is None or store_error is not None:
+        return jsonify({"status": "store_unavailable", "store_error": store_error}), 503
     return jsonify(health_figures(stats)), 200 if stats.accepting else 503
 
 

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from app import create_app
 from config import VARIABLES, Config
 from service.metrics import Metrics
 from workerpool import FINAL_STATES, PermanentFailure, PoolObserver, Task, WorkerPool
+from workerpool.stores.sqlite import SqliteStore
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"  # logged by gunicorn and by `python app.py`
@@ -67,12 +69,30 @@ class Harness:
 
     def drain(self) -> None:
         """Finish every queued task and stop the pool (bounded; raises if it takes too long)."""
+        if self.pool.store.shared:  # a shared store's pool stops claiming at shutdown: finish first
+            wait_until(lambda: not self.pool.store.unfinished(), timeout=WAIT_S, what="every task to finish")
         summary = self.pool.shutdown(WAIT_S)
         assert summary is not None
         assert not summary.abandoned
 
 
 TEST_CONFIG = Config(max_body_bytes=1024, max_payload_chars=512, default_max_retries=2, max_retries_limit=5)
+
+
+@dataclass
+class HarnessStore:
+    """Where ``make_harness`` keeps tasks: the memory store, or SQLite files under ``directory``."""
+
+    directory: Path | None = None
+
+
+# Set by the ``harness_store`` fixture (tests/conftest.py) for modules that run on every store.
+HARNESS_STORE = HarnessStore()
+
+
+def _sliced_wait(event: threading.Event, timeout: float | None) -> bool:
+    """``event.wait`` in slices of at most 50 ms: a spurious False return, as the pool allows."""
+    return event.wait(0.05 if timeout is None else min(timeout, 0.05))
 
 
 def make_harness(
@@ -86,6 +106,17 @@ def make_harness(
     final = FinalStates()
     options: dict[str, object] = {"workers": 1, "queue_size": 4, "backoff_base": 0.0, "backoff_cap": 0.0}
     options.update(pool_options)
+    if HARNESS_STORE.directory is not None and "store" not in options:
+        options["store"] = SqliteStore(
+            Path(tempfile.mkdtemp(dir=HARNESS_STORE.directory)) / "tasks.db",
+            capacity=options["queue_size"],  # type: ignore[arg-type]
+            ttl=options.get("state_ttl", 3600.0),  # type: ignore[arg-type]
+            max_finished=options.get("state_max_tasks", 100_000),  # type: ignore[arg-type]
+            clock=clock,
+        )
+        # The lease keeper sleeps a third of the lease between renewals, and
+        # shutdown waits up to a second for it: slices keep each test short.
+        options.setdefault("wait", _sliced_wait)
     pool = WorkerPool(handler, clock=clock, observers=[metrics, final], **options)  # type: ignore[arg-type]
     return Harness(create_app(config, pool=pool, metrics=metrics), pool, metrics, final)
 

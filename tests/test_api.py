@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from service.schema import ID_PATH_RULE
 from workerpool import State
 
+pytestmark = pytest.mark.usefixtures("harness_store")  # every test on every store
+
 TASK_FIELDS = {
     "id",
     "state",

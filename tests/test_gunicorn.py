@@ -101,9 +101,11 @@ def start_gunicorn(tmp_path, **env: str) -> ServerProcess:
 
 
 @pytest.mark.e2e
-def test_gunicorn_serves_tasks_to_their_final_states(tmp_path):
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_gunicorn_serves_tasks_to_their_final_states(tmp_path, store):
     server = start_gunicorn(
         tmp_path,
+        STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else "memory",
         WORK_MIN_MS="1",
         WORK_MAX_MS="5",
         FAILURE_RATE="0.5",
@@ -181,3 +183,18 @@ def test_with_log_format_json_every_line_gunicorn_and_the_app_write_is_json(tmp_
     messages = [r["message"] for r in task_lines]
     assert messages == ["task j1 queued", "task j1 attempt 1 started", "task j1 done after 1 attempt(s)"]
     assert {r["request_id"] for r in task_lines} == {"rid-e2e"}
+
+
+@pytest.mark.parametrize(("store", "warned"), [("memory", True), ("sqlite", False)])
+def test_a_reload_warns_that_the_memory_store_forgets_every_task(monkeypatch, tmp_path, store, warned):
+    conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else store)
+    warnings: list[str] = []
+
+    class Log:
+        def warning(self, message, *args):
+            warnings.append(message % args if args else message)
+
+    conf["on_reload"](type("Arbiter", (), {"log": Log()})())
+    assert bool(warnings) == warned
+    if warned:
+        assert "empty task table" in warnings[0] and "404" in warnings[0]

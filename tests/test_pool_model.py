@@ -36,7 +36,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from stores import STORES
+from stores import EXAMPLE_COST, STORES
 
 from workerpool import (
     ABANDONED,
@@ -575,7 +575,7 @@ def test_the_pool_matches_its_model_through_any_sequence_of_steps(store_name):
     run_state_machine_as_test(
         model,
         settings=settings(
-            max_examples=MODEL_EXAMPLES,
+            max_examples=MODEL_EXAMPLES // EXAMPLE_COST[store_name],
             stateful_step_count=STEPS,
             derandomize=True,
             database=None,

@@ -34,7 +34,14 @@ SUMMARY = re.compile(r"shutdown complete: drained in ([\d.]+) s; (.*); (\d+) aba
 GUNICORN = ["-m", "gunicorn", "-c", "gunicorn.conf.py"]
 APP = ["app.py"]
 TESTS_DIR = Path(__file__).resolve().parent
+# The commands on the memory store, and gunicorn on a SQLite file (a fresh one per test).
+ON_EVERY_STORE = [(GUNICORN, "memory"), (APP, "memory"), (GUNICORN, "sqlite")]
+ON_EVERY_STORE_IDS = ["gunicorn", "app.py", "gunicorn-sqlite"]
 FAST_WORK = {"WORK_MIN_MS": "20", "WORK_MAX_MS": "60", "BACKOFF_BASE_MS": "10", "BACKOFF_CAP_MS": "50"}
+
+
+def store_env(store: str, directory: Path) -> dict[str, str]:
+    return {"STORE": f"sqlite://{directory / 'tasks.db'}"} if store == "sqlite" else {}
 
 
 def pause(seconds: float) -> None:
@@ -239,18 +246,19 @@ def test_gunicorn_says_so_when_its_worker_was_killed_before_reporting(start):
     assert not SUMMARY.search(service.server.log())
 
 
-@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
-def test_the_summary_is_the_last_log_line(start, command):
-    service = start(command)
+@pytest.mark.parametrize(("command", "store"), ON_EVERY_STORE, ids=ON_EVERY_STORE_IDS)
+def test_the_summary_is_the_last_log_line(start, command, store, tmp_path):
+    service = start(command, **store_env(store, tmp_path))
     service.enqueue(5)
     service.signal(signal.SIGTERM)
     assert service.wait_exit(timeout=30)[0] == 0
     assert SUMMARY.search(service.server.log().strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
-def test_an_enqueue_during_the_drain_is_refused_not_hung(start, command):
-    service = start(command, WORKERS="1", WORK_MIN_MS="200", WORK_MAX_MS="200", SHUTDOWN_TIMEOUT_S="30")
+@pytest.mark.parametrize(("command", "store"), ON_EVERY_STORE, ids=ON_EVERY_STORE_IDS)
+def test_an_enqueue_during_the_drain_is_refused_not_hung(start, command, store, tmp_path):
+    slow = {"WORKERS": "1", "WORK_MIN_MS": "200", "WORK_MAX_MS": "200", "SHUTDOWN_TIMEOUT_S": "30"}
+    service = start(command, **store_env(store, tmp_path), **slow)
     service.enqueue(10, max_retries=0)
     service.signal(signal.SIGTERM)
     service.wait_for_log(r"received SIGTERM")
@@ -265,9 +273,9 @@ def test_an_enqueue_during_the_drain_is_refused_not_hung(start, command):
     assert "late" not in service.finals()
 
 
-@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
-def test_an_idle_service_exits_promptly(start, command):
-    service = start(command)
+@pytest.mark.parametrize(("command", "store"), ON_EVERY_STORE, ids=ON_EVERY_STORE_IDS)
+def test_an_idle_service_exits_promptly(start, command, store, tmp_path):
+    service = start(command, **store_env(store, tmp_path))
     service.signal(signal.SIGTERM)
     code, seconds = service.wait_exit(timeout=30)
     assert code == 0

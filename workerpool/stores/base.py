@@ -188,5 +188,9 @@ class TaskStore(abc.ABC):
     def unfinished(self, owner: str | None = None) -> int:
         """Queued and running tasks (not shared), or the attempts ``owner`` is running (shared)."""
 
+    def health(self) -> str | None:
+        """Why the store cannot be used right now (e.g. "the disk is full"), or None when it can."""
+        return None
+
     def close(self) -> None:  # noqa: B027  (optional: most stores hold nothing to release)
         """Release connections and files; the store is unusable afterwards."""

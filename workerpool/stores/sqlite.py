@@ -9,13 +9,14 @@ a late writer whose attempt was recovered by another process changes nothing.
 
 Each thread uses its own connection (a ``sqlite3`` connection is not safe to
 share, and SQLite's locking between connections is what makes the steps
-atomic). Readers never wait for writers (WAL).
+atomic); the threads of one process take turns on a lock for their writes.
+Readers never wait for writers (WAL).
 
-SQLite has no notifications. A worker waiting for work wakes at once for a
-task admitted by its own process (a condition variable) and polls
-``PRAGMA data_version`` for commits by other connections: every 1 ms at
-first, backing off to ``poll_max`` (25 ms) while nothing changes. The check
-reads shared memory only, so idle polling costs next to nothing.
+SQLite has no notifications. A task admitted by this process wakes one
+waiting worker at once (a condition variable); work queued by another
+process is seen by polling a generation counter in the file (a one-row
+read), every 1 ms at first, backing off to ``poll_max`` (25 ms) while
+nothing changes.
 
 Durability is ``synchronous``. ``NORMAL`` (the default): a committed step
 survives a crash or ``kill -9`` of any process; a power loss or kernel crash
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -35,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
@@ -44,11 +46,11 @@ from .base import Renewal, StoreStats, TaskStore
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
 SCHEMA_VERSION = 1
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+T = TypeVar("T")
+_SWEEP_INTERVAL_S = 1.0
 LOST = "lost: the process running it stopped (its lease expired)"
 
-_FINAL = ("done", "failed", "cancelled")
 _HOSTNAME = socket.gethostname()
-_TASK_FIELDS = frozenset(Task._fields)
 _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"
@@ -57,7 +59,9 @@ _COLUMNS = (
 # Version 1. ``seq`` orders by creation; ``state_seq`` orders by entry into the
 # current state; ``due_at`` is when a queued task may be claimed. ``counts``
 # is kept by triggers in the same transaction as the change, so the admission
-# bound and the health figures are O(1) reads.
+# bound and the health figures are O(1) reads; its ``generation`` row grows
+# whenever work is queued (admitted, retried, recovered): what idle workers of
+# other processes poll.
 _SCHEMA = """
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
@@ -86,7 +90,7 @@ CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL
 CREATE INDEX tasks_by_state ON tasks (state, state_seq);
 CREATE TABLE counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO counts (name, n) VALUES
-    ('queued', 0), ('running', 0), ('done', 0), ('failed', 0), ('cancelled', 0), ('waiting', 0);
+    ('queued', 0), ('running', 0), ('done', 0), ('failed', 0), ('cancelled', 0), ('waiting', 0), ('generation', 0);
 CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks BEGIN
     UPDATE counts SET n = n + 1
     WHERE name = NEW.state OR (name = 'waiting' AND NEW.state = 'queued' AND NEW.attempts = 0);
@@ -150,12 +154,23 @@ class SqliteStore(TaskStore):
         self._connections_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
-        # _wakeup guards _admissions (bumped by every local admission, so a
-        # waiting worker sees a change it would otherwise miss) and _woken.
+        # _wakeup guards the three below. _tickets: tasks admitted by this
+        # process that no waiting worker has answered yet (each wakes one).
+        # _rescheduled: bumped when due times change here (a retry, a recovery),
+        # so every waiting worker looks again. _generation: the last generation
+        # this process wrote, whose work the two others already announce.
         self._wakeup = threading.Condition(threading.Lock())
-        self._admissions = 0
+        self._tickets = 0
+        self._rescheduled = 0
+        self._generation = 0
         self._woken = False
         self._failure: str | None = None  # why the last step failed; cleared by the next good write
+        # Held across each write transaction. SQLite lets one writer in at a time
+        # anyway; without this lock the threads of one process would wait for
+        # each other in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms
+        # between tries instead of handing the lock over at once.
+        self._write_lock = threading.Lock()
+        self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
         _check_path(self.path)
         self._open()
 
@@ -164,11 +179,11 @@ class SqliteStore(TaskStore):
     def _open(self) -> None:
         try:
             conn = self._connection()
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if mode.lower() != "wal":
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (journal mode stays {mode})")
-            with self._transaction() as conn:
-                self._prepare_schema(conn)
+            with self._transaction() as writer:
+                self._prepare_schema(writer)
         except sqlite3.Error as exc:
             self.close()
             raise StoreUnavailable(f"{self.path}: {_describe(exc)}") from None
@@ -209,9 +224,8 @@ class SqliteStore(TaskStore):
             # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE).
             # check_same_thread is off only so close() may close every thread's
             # connection; each connection is used by the thread that opened it.
-            conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            # timeout=0: no busy handler of SQLite's own; _retry_busy waits instead.
+            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._connections.append(conn)
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         self._local.conn = conn
@@ -229,32 +243,65 @@ class SqliteStore(TaskStore):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write step: BEGIN IMMEDIATE takes the database's write lock at once (waiting up to the busy timeout)."""
+        """One write step: BEGIN IMMEDIATE takes the database's write lock (waiting up to the busy timeout)."""
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._write_lock:
+            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _retry_busy(self, attempt: Callable[[], T]) -> T:
+        """``attempt()`` again while another process holds the lock, for up to the busy timeout.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, far
+        longer than a step holds the lock here (well under a millisecond), so a
+        process would sit idle while the lock is free: these pauses start at
+        0.1 ms and double up to 2 ms.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.0001
+        while True:
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if _primary_code(exc) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
 
     @contextlib.contextmanager
-    def _step(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """A write transaction (or a consistent read) whose SQLite errors become ``StoreUnavailable``."""
+    def _step(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction whose SQLite errors become ``StoreUnavailable``."""
         try:
-            if write:
-                with self._transaction() as conn:
-                    yield conn
-                self._failure = None
-            else:
-                conn = self._connection()
-                conn.execute("BEGIN")
-                try:
-                    yield conn
-                finally:
-                    conn.execute("COMMIT")
+            with self._transaction() as conn:
+                yield conn
+            self._failure = None
+        except sqlite3.Error as exc:
+            self._failure = _describe(exc)
+            raise StoreUnavailable(self._failure) from None
+
+    def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        """``query(conn)`` on one consistent snapshot; SQLite errors become ``StoreUnavailable``.
+
+        Readers do not wait for writers (WAL); they may meet a lock only while
+        a process recovers the file after a crash, and then try again.
+        """
+        conn = self._connection()
+
+        def snapshot() -> T:
+            conn.execute("BEGIN")
+            try:
+                return query(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        try:
+            return self._retry_busy(snapshot)
         except sqlite3.Error as exc:
             self._failure = _describe(exc)
             raise StoreUnavailable(self._failure) from None
@@ -269,108 +316,121 @@ class SqliteStore(TaskStore):
         outcomes: list[Task | SubmitError] = []
         with self._step() as conn:
             now = self._clock()
-            self._evict(conn, now)
+            horizon = now - self._ttl
             room = self.capacity - _count(conn, "waiting")
             for task in tasks:
                 if room <= 0:  # a duplicate is reported as such even when there is no room
-                    known = conn.execute("SELECT 1 FROM tasks WHERE id = ?", (task.id,)).fetchone()
-                    outcomes.append(DuplicateTask(task.id) if known else QueueFull(self.capacity))
-                    continue
-                row = conn.execute(
-                    f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
-                            request_id, due_at, state_seq)
-                        VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
-                        ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}""",
-                    (
-                        task.id, _json(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
-                        task.request_id, task.next_attempt_at if task.next_attempt_at is not None else task.created_at,
-                    ),
-                ).fetchone()
-                if row is None:
-                    outcomes.append(DuplicateTask(task.id))
-                else:
+                    known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
+                    outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
+                elif self._insert(conn, task) or (
+                    # The id may belong to a task past its time that no sweep deleted yet: forget it now.
+                    conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ?", (task.id, horizon)).rowcount
+                    and self._insert(conn, task)
+                ):
                     room -= 1
-                    outcomes.append(_task(row))
-        if any(isinstance(outcome, Task) for outcome in outcomes):
+                    outcomes.append(task)  # stored as given: its snapshot
+                else:
+                    outcomes.append(DuplicateTask(task.id))
+            admitted = sum(isinstance(outcome, Task) for outcome in outcomes)
+            generation = _next_generation(conn) if admitted else 0
+        if admitted:
             with self._wakeup:
-                self._admissions += 1
-                self._wakeup.notify_all()
+                self._generation = max(self._generation, generation)
+                self._tickets += admitted
+                self._wakeup.notify(admitted)
         return outcomes
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, task: Task) -> bool:
+        """Insert a new queued task; False if its id is taken."""
+        due = task.next_attempt_at if task.next_attempt_at is not None else task.created_at
+        return bool(
+            conn.execute(
+                f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
+                        request_id, due_at, state_seq)
+                    VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
+                    ON CONFLICT (id) DO NOTHING""",
+                (
+                    task.id, _json(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
+                    task.request_id, due,
+                ),
+            ).rowcount
+        )
 
     # -- running ---------------------------------------------------------------
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
         check_transition(State.QUEUED, State.RUNNING)
-        self._note_seen()
+        with self._wakeup:
+            tickets, rescheduled = self._tickets, self._rescheduled
         with self._step() as conn:
             now = self._clock()
-            for index, kind in _QUEUED:  # due retries first: they were accepted earlier
-                row = conn.execute(
-                    f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
-                            next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
-                            state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
-                        WHERE seq = (SELECT seq FROM tasks INDEXED BY {index}
-                                     WHERE state = 'queued' AND {kind} AND due_at <= :now
-                                     ORDER BY due_at, seq LIMIT 1)
-                        RETURNING {_COLUMNS}""",
-                    {"now": now, "owner": owner, "until": lease_until},
-                ).fetchone()
-                if row is not None:
-                    return _task(row)
+            row = conn.execute(
+                f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
+                        next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
+                        state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
+                    WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}""",
+                {"now": now, "owner": owner, "until": lease_until},
+            ).fetchone()
+            if row is not None:
+                return _task(row)
+            # What this claim saw; a later change ends the next wait_for_work of this thread.
+            self._local.seen = (_count(conn, "generation"), rescheduled)
+        with self._wakeup:  # nothing was due: the tickets older than this claim announce nothing
+            self._tickets = max(0, self._tickets - tickets)
         return None
 
     def seconds_until_due(self) -> float | None:
-        with self._step(write=False) as conn:
-            due = [
+        found = self._read(
+            lambda conn: [
                 conn.execute(f"SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind}")
                 .fetchone()[0]
                 for index, kind in _QUEUED
             ]
-        due = [d for d in due if d is not None]
+        )
+        due = [d for d in found if d is not None]
         return max(0.0, min(due) - self._clock()) if due else None
-
-    def _note_seen(self) -> None:
-        """Remember, before a claim looks, what this thread has seen: a change after it wakes the next wait."""
-        with self._wakeup:
-            self._local.admissions = self._admissions
-        try:
-            self._local.version = self._data_version()
-        except (sqlite3.Error, StoreUnavailable):
-            self._local.version = None  # the claim reports the failure
 
     def wait_for_work(self, timeout: float | None) -> None:
         """Return when work may be claimable: admitted here or elsewhere, due by its time, ``wake``, or ``timeout``.
 
-        Due times and ``timeout`` are read on the store's clock; the polling
-        itself runs on real time, so a test's fake clock is noticed within
-        ``poll_max`` of moving.
+        A task admitted by this process wakes one waiting worker at once;
+        work queued by another process is noticed by polling the file's
+        generation (1 ms at first, backing off to ``poll_max``). Due times and
+        ``timeout`` are read on the store's clock; the polling runs on real
+        time, so a test's fake clock is noticed within ``poll_max``.
         """
-        if not hasattr(self._local, "admissions"):
-            self._note_seen()
-        # What the last claim saw: work admitted since (here or elsewhere) ends the wait at once.
-        admissions, seen = self._local.admissions, self._local.version
-        del self._local.admissions
+        seen = getattr(self._local, "seen", None)
+        self._local.seen = None
         try:
+            generation = self._read_generation() if seen is None else seen[0]
             until_due = self.seconds_until_due()
         except StoreUnavailable:
             return  # the caller's next step reports the failure
+        rescheduled = self._rescheduled if seen is None else seen[1]
         if until_due is not None and (timeout is None or until_due < timeout):
             timeout = until_due
         deadline = None if timeout is None else self._clock() + timeout
         interval = self._poll_min
         while deadline is None or self._clock() < deadline:
             with self._wakeup:
-                if self._wakeup.wait_for(lambda: self._woken or self._admissions != admissions, interval):
+                if self._wakeup.wait_for(lambda: self._woken or self._tickets or self._rescheduled != rescheduled,
+                                         interval):
+                    if self._tickets and not self._woken and self._rescheduled == rescheduled:
+                        self._tickets -= 1
                     return
+                ours = self._generation
             try:
-                if self._data_version() != seen:  # another connection committed something
-                    return
-            except (sqlite3.Error, StoreUnavailable):
+                now_generation = self._read_generation()
+            except StoreUnavailable:
                 return
+            if now_generation not in (generation, ours):  # another process queued work
+                return
+            generation = now_generation
             interval = min(interval * 2, self._poll_max)
 
-    def _data_version(self) -> int:
-        return self._connection().execute("PRAGMA data_version").fetchone()[0]
+    def _read_generation(self) -> int:
+        return self._read(lambda conn: _count(conn, "generation"))
 
     def wake(self) -> None:
         """Release every waiting worker; later waits return at once too (the pool is stopping)."""
@@ -389,55 +449,22 @@ class SqliteStore(TaskStore):
         retry_at: float | None = None,
     ) -> Task | None:
         with self._step() as conn:
-            row = conn.execute(
-                "SELECT cancel_requested FROM tasks WHERE id = ? AND state = 'running' AND attempts = ? "
-                "AND lease_owner = ?",
-                (task_id, attempt, owner),
-            ).fetchone()
-            if row is None:  # a late writer: recovered, abandoned or forgotten meanwhile
-                return None
             now = self._clock()
-            if error is None:
-                new = State.DONE
-            elif row[0]:
-                new = _cancelled()
-            elif retry_at is not None:
-                new = State.QUEUED
-            else:
-                new = State.FAILED
-            check_transition(State.RUNNING, new)
-            task = self._end_attempt(conn, task_id, new, now, error=error, result=result, retry_at=retry_at)
+            task = _end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
+            if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
+                return None
             self._evict(conn, now)
+            generation = _next_generation(conn) if task.state is State.QUEUED else 0
+        if generation:
+            self._rescheduled_by_us(generation)
         return task
 
-    def _end_attempt(
-        self,
-        conn: sqlite3.Connection,
-        task_id: str,
-        new: State,
-        now: float,
-        *,
-        error: str | None,
-        result: Any = None,
-        retry_at: float | None = None,
-    ) -> Task:
-        """Write the end of a running attempt (the caller checked it is still the one it means)."""
-        final = new is not State.QUEUED
-        row = conn.execute(
-            f"""UPDATE tasks SET state = :state, last_error = coalesce(:error, last_error), result = :result,
-                    finished_at = :finished, next_attempt_at = :retry_at, due_at = coalesce(:retry_at, due_at),
-                    payload = CASE WHEN :final THEN NULL ELSE payload END,
-                    lease_owner = NULL, lease_until = NULL,
-                    state_seq = {_NEXT_STATE_SEQ.format(state=":state")}
-                WHERE id = :id RETURNING {_COLUMNS}""",
-            {
-                "state": new.value, "error": error,
-                "result": _json(result) if new is State.DONE and result is not None else None,
-                "finished": now if final else None, "retry_at": None if final else retry_at,
-                "final": final, "id": task_id,
-            },
-        ).fetchone()
-        return _task(row)
+    def _rescheduled_by_us(self, generation: int) -> None:
+        """Work was queued again here (a retry, a recovery): every waiting worker recomputes its due time."""
+        with self._wakeup:
+            self._generation = max(self._generation, generation)
+            self._rescheduled += 1
+            self._wakeup.notify_all()
 
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
         ids = list(task_ids)
@@ -486,18 +513,21 @@ class SqliteStore(TaskStore):
             owners = conn.execute("SELECT DISTINCT lease_owner FROM tasks WHERE state = 'running'").fetchall()
             dead = [owner for (owner,) in owners if _process_is_gone(owner)]
             rows = conn.execute(
-                f"""SELECT {_COLUMNS} FROM tasks WHERE state = 'running'
+                f"""SELECT {_COLUMNS}, lease_owner FROM tasks WHERE state = 'running'
                     AND (lease_until < ? OR lease_owner IN ({','.join('?' * len(dead))}))""",
                 (now, *dead),
             ).fetchall()
             for row in rows:
-                task, cancel_requested = _task(row), row[-1]
+                task, cancel_requested, owner = _task(row[:-1]), row[-2], row[-1]
                 due = None if cancel_requested else retry_at(task)
-                new = _cancelled() if cancel_requested else State.FAILED if due is None else State.QUEUED
-                check_transition(State.RUNNING, new)
-                recovered.append(self._end_attempt(conn, task.id, new, now, error=LOST, retry_at=due))
+                ended = _end_attempt(conn, task.id, task.attempts, owner, now, error=LOST, retry_at=due)
+                recovered.append(cast(Task, ended))  # the row was read in this transaction
             if recovered:
                 self._evict(conn, now)
+            requeued = any(task.state is State.QUEUED for task in recovered)
+            generation = _next_generation(conn) if requeued else 0
+        if generation:
+            self._rescheduled_by_us(generation)
         return recovered
 
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
@@ -505,11 +535,10 @@ class SqliteStore(TaskStore):
         with self._step() as conn:
             now = self._clock()
             rows = conn.execute(
-                "SELECT id, cancel_requested FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
+                "SELECT id, attempts FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
             ).fetchall()
-            for task_id, cancel_requested in rows:
-                new = _cancelled() if cancel_requested else State.FAILED
-                abandoned.append(self._end_attempt(conn, task_id, new, now, error=reason))
+            for task_id, attempt in rows:
+                abandoned.append(cast(Task, _end_attempt(conn, task_id, attempt, owner, now, error=reason)))
             if abandoned:
                 self._evict(conn, now)
         return abandoned
@@ -517,8 +546,7 @@ class SqliteStore(TaskStore):
     # -- reading ---------------------------------------------------------------
 
     def get(self, task_id: str) -> Task | None:
-        with self._step(write=False) as conn:
-            return self._get(conn, task_id, self._clock())
+        return self._read(lambda conn: self._get(conn, task_id, self._clock()))
 
     def _get(self, conn: sqlite3.Connection, task_id: str, now: float) -> Task | None:
         row = conn.execute(
@@ -527,24 +555,20 @@ class SqliteStore(TaskStore):
         return None if row is None else _task(row)
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        with self._step(write=False) as conn:
-            horizon = self._clock() - self._ttl
-            if state is None:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?", (horizon, limit)
-                )
-            else:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM tasks WHERE state = ? AND {_RETAINED} ORDER BY state_seq DESC LIMIT ?",
-                    (State(state).value, horizon, limit),
-                )
-            return [_task(row) for row in rows]
+        horizon = self._clock() - self._ttl
+        if state is None:
+            query = f"SELECT {_COLUMNS} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?"
+            args: tuple[Any, ...] = (horizon, limit)
+        else:
+            query = f"SELECT {_COLUMNS} FROM tasks WHERE state = ? AND {_RETAINED} ORDER BY state_seq DESC LIMIT ?"
+            args = (State(state).value, horizon, limit)
+        return self._read(lambda conn: [_task(row) for row in conn.execute(query, args)])
 
     def stats(self) -> StoreStats:
         # A write step: it forgets the finished tasks whose time is up first, so the counts are exact.
         with self._step() as conn:
             now = self._clock()
-            self._evict(conn, now)
+            self._evict(conn, now, sweep=True)
             counts = dict(conn.execute("SELECT name, n FROM counts").fetchall())
             due, retries_pending = conn.execute(
                 """SELECT count(*) FILTER (WHERE due_at <= :now), count(*) FILTER (WHERE attempts > 0 AND due_at > :now)
@@ -559,29 +583,49 @@ class SqliteStore(TaskStore):
         )
 
     def unfinished(self, owner: str | None = None) -> int:
-        with self._step(write=False) as conn:
-            if owner is None:
-                return _count(conn, "queued") + _count(conn, "running")
-            return conn.execute(
+        if owner is None:
+            return self._read(lambda conn: _count(conn, "queued") + _count(conn, "running"))
+        return self._read(
+            lambda conn: conn.execute(
                 "SELECT count(*) FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
             ).fetchone()[0]
+        )
 
     # -- retention -------------------------------------------------------------
 
-    def _evict(self, conn: sqlite3.Connection, now: float) -> None:
-        """Forget finished tasks past their time, then the oldest beyond ``max_finished``."""
-        conn.execute("DELETE FROM tasks WHERE finished_at < ?", (now - self._ttl,))
-        excess = sum(_count(conn, state) for state in _FINAL) - self._max_finished
-        if excess > 0:
+    def _evict(self, conn: sqlite3.Connection, now: float, *, sweep: bool = False) -> None:
+        """Forget the oldest finished tasks over ``max_finished``, and (``sweep`` or once a second) the expired.
+
+        Readers never see a task past its time, deleted or not: sweeping once
+        a second saves a statement in nearly every step.
+        """
+        if sweep or now >= self._swept_at + _SWEEP_INTERVAL_S or now < self._swept_at:
+            conn.execute("DELETE FROM tasks WHERE finished_at < ?", (now - self._ttl,))
+            self._swept_at = now
+        (finished,) = conn.execute(
+            "SELECT sum(n) FROM counts WHERE name IN ('done', 'failed', 'cancelled')"
+        ).fetchone()
+        if finished > self._max_finished:
             conn.execute(
                 "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at IS NOT NULL "
                 "ORDER BY finished_at, seq LIMIT ?)",
-                (excess,),
+                (finished - self._max_finished,),
             )
 
 
 # The two kinds of queued tasks, each with the partial index that yields them in claim order.
 _QUEUED = (("tasks_retry", "attempts > 0"), ("tasks_new", "attempts = 0"))
+# The next task to claim at :now: the first due retry (they were accepted earlier), else the
+# task due longest. Two index probes, one statement.
+_NEXT_DUE = (
+    "SELECT seq FROM ("
+    + " UNION ALL ".join(
+        f"""SELECT {rank} AS rank, seq FROM (SELECT seq FROM tasks INDEXED BY {index}
+            WHERE state = 'queued' AND {kind} AND due_at <= :now ORDER BY due_at, seq LIMIT 1)"""
+        for rank, (index, kind) in enumerate(_QUEUED)
+    )
+    + ") ORDER BY rank LIMIT 1"
+)
 # The next position in a state's newest-first listing; the index on (state, state_seq) makes it O(log n).
 _NEXT_STATE_SEQ = (
     "(coalesce((SELECT state_seq FROM tasks WHERE state = {state} ORDER BY state_seq DESC LIMIT 1), 0) + 1)"
@@ -600,12 +644,63 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             statement = ""
 
 
+# The end of an attempt, as one compare-and-set: nothing happens unless the task still runs that
+# attempt under that owner. The outcome: done without an error; cancelled if its cancellation was
+# requested; queued again for a retry at :retry_at; failed otherwise.
+_NEW_STATE = """CASE WHEN :error IS NULL THEN 'done' WHEN cancel_requested THEN 'cancelled'
+    WHEN :retry_at IS NOT NULL THEN 'queued' ELSE 'failed' END"""
+_IS_FINAL = "(:error IS NULL OR cancel_requested OR :retry_at IS NULL)"
+# One index probe per possible state, so that each is a lookup by a constant (a probe by the
+# CASE expression itself would scan the table).
+_NEXT_STATE_SEQ_BY_NEW_STATE = "".join(
+    f" WHEN '{state}' THEN {_NEXT_STATE_SEQ.format(state=repr(state))}"
+    for state in ("done", "cancelled", "queued", "failed")
+)
+_END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
+        last_error = coalesce(:error, last_error),
+        result = CASE WHEN :error IS NULL THEN :result END,
+        finished_at = CASE WHEN {_IS_FINAL} THEN :now END,
+        next_attempt_at = CASE WHEN {_IS_FINAL} THEN NULL ELSE :retry_at END,
+        due_at = CASE WHEN {_IS_FINAL} THEN due_at ELSE :retry_at END,
+        payload = CASE WHEN {_IS_FINAL} THEN NULL ELSE payload END,
+        lease_owner = NULL, lease_until = NULL,
+        state_seq = CASE {_NEW_STATE}{_NEXT_STATE_SEQ_BY_NEW_STATE} END
+    WHERE id = :id AND state = 'running' AND attempts = :attempt AND lease_owner = :owner
+    RETURNING {_COLUMNS}"""
+
+
+def _end_attempt(
+    conn: sqlite3.Connection,
+    task_id: str,
+    attempt: int,
+    owner: str,
+    now: float,
+    *,
+    error: str | None,
+    result: Any = None,
+    retry_at: float | None = None,
+) -> Task | None:
+    """End attempt ``attempt`` of a task ``owner`` runs; None if it does not (a late writer)."""
+    row = conn.execute(
+        _END_ATTEMPT,
+        {
+            "id": task_id, "attempt": attempt, "owner": owner, "now": now, "error": error, "retry_at": retry_at,
+            "result": None if error is not None or result is None else _json(result),
+        },
+    ).fetchone()
+    if row is None:
+        return None
+    task = _task(row)
+    check_transition(State.RUNNING, task.state)
+    return task
+
+
+def _next_generation(conn: sqlite3.Connection) -> int:
+    return conn.execute("UPDATE counts SET n = n + 1 WHERE name = 'generation' RETURNING n").fetchone()[0]
+
+
 def _count(conn: sqlite3.Connection, name: str) -> int:
     return conn.execute("SELECT n FROM counts WHERE name = ?", (name,)).fetchone()[0]
-
-
-def _cancelled() -> State:
-    return State("cancelled")
 
 
 def _json(value: Any) -> str:
@@ -615,14 +710,11 @@ def _json(value: Any) -> str:
 def _task(row: tuple[Any, ...]) -> Task:
     (task_id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at,
      next_attempt_at, request_id, result, cancel_requested) = row
-    values: dict[str, Any] = {
-        "id": task_id, "payload": "" if payload is None else json.loads(payload), "max_retries": max_retries,
-        "state": State(state), "attempts": attempts, "last_error": last_error, "created_at": float(created_at),
-        "started_at": _real(started_at), "finished_at": _real(finished_at), "next_attempt_at": _real(next_attempt_at),
-        "request_id": request_id, "result": None if result is None else json.loads(result),
-        "cancel_requested": bool(cancel_requested),
-    }
-    return Task(**{name: value for name, value in values.items() if name in _TASK_FIELDS})
+    return Task(
+        task_id, "" if payload is None else json.loads(payload), max_retries, State(state), attempts, last_error,
+        float(created_at), _real(started_at), _real(finished_at), _real(next_attempt_at), request_id,
+        None if result is None else json.loads(result), bool(cancel_requested),
+    )
 
 
 def _process_is_gone(owner: str) -> bool:
@@ -663,6 +755,11 @@ def _check_path(path: Path) -> None:
         raise StoreUnavailable(f"{path}: the directory {parent} is not writable (WAL needs files beside the database)")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise StoreUnavailable(f"{path}: the file is not readable and writable")
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 def _describe(exc: sqlite3.Error) -> str:

@@ -1,0 +1,329 @@
+"""The service on the SQLite store: work crosses processes, kill -9 loses nothing accepted, bad files are refused.
+
+The process tests start real interpreters and gunicorn, send real signals
+and read the outcome through the HTTP API only. ``make test`` runs one short
+round of each; the rounds marked ``stress`` kill more often (``make stress``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, instant, make_harness, wait_until
+
+from workerpool import FINAL_STATES, State, Task
+from workerpool.stores.sqlite import SqliteStore
+
+FINAL = {str(state) for state in FINAL_STATES}
+
+# A pool in a process of its own: its handler returns the pid that ran the attempt.
+_WORKER_PROCESS = """
+import os, sys
+from workerpool import WorkerPool
+from workerpool.stores.sqlite import SqliteStore
+pool = WorkerPool(lambda task, cancel: os.getpid(), store=SqliteStore(sys.argv[1]), workers=2)
+pool.start()
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+pool.shutdown(10)
+"""
+
+
+@pytest.mark.e2e
+def test_a_task_admitted_by_one_process_runs_on_an_idle_worker_of_another(tmp_path):
+    db = tmp_path / "tasks.db"
+    submitter = SqliteStore(db)  # admits only: this process runs no worker
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER_PROCESS, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_environment(PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+    )
+    try:
+        assert worker.stdout.readline() == "ready\n"
+        ids = [f"t{n}" for n in range(10)]
+        for task_id in ids:
+            (admitted,) = submitter.admit([Task(task_id, {"n": task_id}, 0, created_at=_now())])
+            assert admitted.state is State.QUEUED
+            done = wait_until(lambda tid=task_id: _final(submitter.get(tid)), timeout=20, what=f"{task_id} to run")
+            assert (done.state, done.result) == (State.DONE, worker.pid)
+        worker.stdin.close()
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
+        worker.stdout.close()
+        submitter.close()
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _final(task: Task | None) -> Task | None:
+    return task if task is not None and task.state in FINAL_STATES else None
+
+
+# -- gunicorn, kill -9 --------------------------------------------------------------
+
+
+def start_gunicorn(tmp_path: Path, db: Path, workers: int, round_no: int) -> ServerProcess:
+    return ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", str(workers)],
+        log_path=tmp_path / f"gunicorn-{round_no}.log",
+        env=clean_environment(
+            STORE=f"sqlite://{db}",
+            WORKERS="2",
+            QUEUE_SIZE="1000",
+            WORK_MIN_MS="20",
+            WORK_MAX_MS="120",
+            FAILURE_RATE="0.3",
+            BACKOFF_BASE_MS="10",
+            BACKOFF_CAP_MS="50",
+            SHUTDOWN_TIMEOUT_S="5",
+        ),
+    )
+
+
+def worker_pids(arbiter: int) -> list[int]:
+    children = Path(f"/proc/{arbiter}/task/{arbiter}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def kill_rounds(tmp_path: Path, rounds: int, seed: int) -> dict[str, dict]:
+    """Submit batches, kill -9 a worker then the whole group at random points; restart and read every id.
+
+    Returns every accepted task as the API shows it once all are final.
+    """
+    rng = random.Random(seed)
+    db = tmp_path / "tasks.db"
+    accepted: dict[str, int] = {}  # id -> max_retries
+    for round_no in range(rounds + 1):
+        server = start_gunicorn(tmp_path, db, workers=2, round_no=round_no)
+        try:
+            client = Client(server.wait_for_port(LISTENING))
+            wait_until(lambda c=client: c.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+            if round_no == rounds:  # the last start only finishes what the kills left
+                wait_until(lambda c=client: _all_final(c, accepted), timeout=90, what="every accepted task to end")
+                return {task_id: client.json("GET", f"/tasks/{task_id}")[1] for task_id in accepted}
+            kill_worker_at, kill_all_at = sorted(rng.sample(range(1, 30), 2))
+            for n in range(30):
+                task_id = f"r{round_no}-t{n}"
+                max_retries = rng.randrange(0, 3)
+                body = json.dumps({"id": task_id, "payload": f"n{n}", "max_retries": max_retries}).encode()
+                status, _, text = client.request("POST", "/enqueue", body)
+                if status == 202:
+                    accepted[task_id] = max_retries
+                else:  # the replacement of a killed worker may not listen yet: refused, never lost
+                    assert status in (502, 503), (status, text)
+                if n == kill_worker_at:
+                    os.kill(rng.choice(worker_pids(server.proc.pid)), signal.SIGKILL)  # gunicorn starts another
+                if n == kill_all_at:
+                    break
+            os.killpg(server.proc.pid, signal.SIGKILL)  # the arbiter and every worker, mid-batch
+            server.proc.wait(timeout=10)
+        finally:
+            server.stop()
+    raise AssertionError("unreachable")
+
+
+def _all_final(client: Client, accepted: dict[str, int]) -> bool:
+    for task_id in accepted:
+        status, task = client.json("GET", f"/tasks/{task_id}")
+        assert status == 200, (task_id, status, task)  # accepted means known, whatever was killed
+        if task["state"] not in FINAL:
+            return False
+    return True
+
+
+def check_nothing_lost(tasks: dict[str, dict]) -> None:
+    for task in tasks.values():
+        assert task["state"] in FINAL, task
+        assert 1 <= task["attempts"] <= task["max_retries"] + 1, task
+
+
+@pytest.mark.e2e
+def test_kill_9_of_workers_and_of_the_whole_group_loses_no_accepted_task(tmp_path):
+    tasks = kill_rounds(tmp_path, rounds=1, seed=1)
+    assert len(tasks) >= 2
+    check_nothing_lost(tasks)
+
+
+@pytest.mark.stress
+@pytest.mark.e2e
+@pytest.mark.parametrize("seed", range(3))
+def test_kill_9_rounds_lose_no_accepted_task(tmp_path, seed):
+    tasks = kill_rounds(tmp_path, rounds=6, seed=seed)
+    check_nothing_lost(tasks)
+    lost = [t for t in tasks.values() if t["last_error"] and t["last_error"].startswith("lost:")]
+    print(f"seed {seed}: {len(tasks)} accepted tasks, {len(lost)} ended an attempt as lost, all final")
+
+
+# -- a store that cannot be used ----------------------------------------------------------
+
+
+def _newer_schema(db: Path) -> None:
+    SqliteStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+
+
+def _foreign(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE invoices (n INTEGER)")
+    conn.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("prepare", "reason"),
+    [
+        (lambda db: db.mkdir(), "is a directory"),
+        (_foreign, "not a workerpool task store"),
+        (_newer_schema, "written by a newer version"),
+        (lambda db: db.write_bytes(b"garbage" * 1000), "not a SQLite database"),
+    ],
+)
+def test_gunicorn_refuses_a_store_it_cannot_use_with_exit_code_2_and_one_line(tmp_path, prepare, reason):
+    db = tmp_path / "tasks.db"
+    prepare(db)
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=clean_environment(STORE=f"sqlite://{db}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"store error: STORE cannot be used: {db}: ")
+    assert reason in lines[0]
+
+
+def test_a_locked_database_answers_503_and_health_says_why_until_it_is_released(tmp_path):
+    db = tmp_path / "tasks.db"
+    harness = make_harness(instant, store=SqliteStore(db, busy_timeout=0.05))
+    client = harness.client
+    try:
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            refused = client.post("/enqueue", json={"id": "during", "payload": ""})
+            assert refused.status_code == 503
+            assert refused.get_json()["type"] == "urn:workerpool:problem:store-unavailable"
+            health = client.get("/healthz")
+            assert health.status_code == 503
+            assert "locked" in health.get_json()["store_error"]
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert client.get("/tasks/during").status_code == 404  # refused means not stored
+        assert client.post("/enqueue", json={"id": "after", "payload": ""}).status_code == 202
+        assert client.get("/healthz").status_code == 200
+    finally:
+        harness.drain()
+
+
+# -- stopping and reloading -----------------------------------------------------------------
+
+
+def _gunicorn(tmp_path: Path, db: Path, name: str, **env: str) -> tuple[ServerProcess, Client]:
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=tmp_path / f"{name}.log",
+        env=clean_environment(
+            **{
+                "STORE": f"sqlite://{db}", "WORK_MIN_MS": "20", "WORK_MAX_MS": "60", "BACKOFF_BASE_MS": "10",
+                "BACKOFF_CAP_MS": "50", "SHUTDOWN_TIMEOUT_S": "10", **env,
+            }
+        ),
+    )
+    client = Client(server.wait_for_port(LISTENING))
+    wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+    return server, client
+
+
+def _enqueue(client: Client, ids: list[str]) -> None:
+    for task_id in ids:
+        body = json.dumps({"id": task_id, "payload": "p", "max_retries": 2}).encode()
+        assert client.request("POST", "/enqueue", body)[0] == 202
+
+
+@pytest.mark.e2e
+def test_a_stopped_service_hands_queued_work_to_the_next_start(tmp_path):
+    db = tmp_path / "tasks.db"
+    server, client = _gunicorn(tmp_path, db, "first", WORKERS="1")
+    try:
+        ids = [f"t{n}" for n in range(40)]
+        _enqueue(client, ids)
+        assert server.terminate(timeout=30) == 0  # stops soon: what it has not started stays queued
+    finally:
+        server.stop()
+    left = [t for t in (SqliteStore(db).get(task_id) for task_id in ids) if t.state not in FINAL_STATES]
+    assert left, "the first service finished everything: nothing was handed over"
+    assert all(t.state is State.QUEUED for t in left)
+    server, client = _gunicorn(tmp_path, db, "second")
+    try:
+        wait_until(lambda: _all_final(client, dict.fromkeys(ids, 2)), timeout=60, what="every task to end")
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_a_reload_under_load_refuses_no_request_and_keeps_every_task(tmp_path):
+    db = tmp_path / "tasks.db"
+    server, client = _gunicorn(tmp_path, db, "reload", QUEUE_SIZE="100000", WORK_MIN_MS="1", WORK_MAX_MS="5")
+    accepted: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        n = 0
+        while not stop.is_set():
+            task_id = f"t{n}"
+            n += 1
+            try:
+                status, _, text = client.request(
+                    "POST", "/enqueue", json.dumps({"id": task_id, "payload": "p"}).encode()
+                )
+            except OSError as exc:
+                failures.append(f"{task_id}: {exc!r}")
+                continue
+            if status == 202:
+                accepted.append(task_id)
+            else:
+                failures.append(f"{task_id}: {status} {text}")
+
+    sender = threading.Thread(target=load)
+    try:
+        sender.start()
+        wait_until(lambda: len(accepted) >= 20, timeout=20, what="load before the reload")
+        old = set(worker_pids(server.proc.pid))
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_until(
+            lambda: (pids := set(worker_pids(server.proc.pid))) and not pids & old, timeout=30, what="new workers"
+        )
+        count = len(accepted)
+        wait_until(lambda: len(accepted) >= count + 20, timeout=20, what="load after the reload")
+        stop.set()
+        sender.join(30)
+        assert failures == []
+        wait_until(lambda: _all_final(client, dict.fromkeys(accepted, 0)), timeout=60, what="every task to end")
+    finally:
+        stop.set()
+        server.stop()
