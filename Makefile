@@ -17,7 +17,7 @@ run: $(VENV)/.installed
 dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
-test: $(VENV)/.installed-dev $(CHROMIUM) $(REDIS_SERVER)
+test: $(VENV)/.installed-dev $(CHROMIUM) $(REDIS_SERVER) node_modules/.installed
 	$(BIN)/python -m pytest
 
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
@@ -35,7 +35,7 @@ bench: $(VENV)/.installed-bench $(CHROMIUM)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .hypothesis bench/out
 
 # The dashboard's browser tests and benchmark drive Debian's chromium: installed when missing, never downloaded.
 $(CHROMIUM):
@@ -43,6 +43,8 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+		{ echo "workerpool needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>&1): run make PYTHON=python3.11 (or newer)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: requirements.txt | $(BIN)/python
@@ -61,3 +63,10 @@ $(VENV)/.installed-bench: requirements.txt bench/requirements.txt | $(BIN)/pytho
 $(REDIS_SERVER):
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server
+
+# Redocly's OpenAPI linter, which the tests run (pinned in package.json and package-lock.json; one npm
+# package, no browser download). npm comes from Debian when missing.
+node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends npm)
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@

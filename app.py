@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 
 from flask import Flask
 
-from config import EXIT_BAD_CONFIG, Config, ConfigError
+from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error
 from config import load as load_config
-from service import lifecycle, logs, problems, request_id
+from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
 from service.batch import bp as batch_bp
 from service.context import EXTENSION, Services, services
@@ -108,9 +108,16 @@ def create_app(
     app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route
     # werkzeug answers 413 for a larger body, chunked or not.
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    # No redirects: werkzeug would answer `//` in a path with a 308 whose Location it builds from the
+    # client's Host header. `/tasks//x` is then just an id that cannot exist (404).
+    app.url_map.merge_slashes = False
+    # No automatic OPTIONS answers (200, empty text/html): OPTIONS gets 405 with Allow, like any other
+    # method a route does not take.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
     app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics, live=live)
     request_id.init_app(app)
+    connection.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(batch_bp)
@@ -204,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
     check_store(config)
-    app = create_app(config)
+    try:
+        app = create_app(config)  # imports TASK_HANDLER
+    except ConfigError as error:
+        exit_on_error(error)
     pool = pool_of(app)
     server = BoundedThreadedServer(
         config.host, config.port, app, handler=_PlainAccessLog, request_timeout=config.request_timeout_s

@@ -16,13 +16,24 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+MIN_PYTHON = (3, 11)
+# Every entry point imports this module first: say what is wrong before an ImportError (StrEnum) would.
+if sys.version_info < MIN_PYTHON:
+    print(
+        f"workerpool needs Python {'.'.join(map(str, MIN_PYTHON))} or newer, "
+        f"not {'.'.join(map(str, sys.version_info[:3]))} ({sys.executable})",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-DOTENV_PATH = PROJECT_ROOT / ".env"
+DOTENV_PATH = PROJECT_ROOT / ".env"  # the user's own, ignored by git; .env.example documents every variable
 EXIT_BAD_CONFIG = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -129,12 +140,13 @@ def _host(text: str) -> str:
     return text
 
 
+TOKEN_RULE = f"must be empty (no token) or at least {MIN_TOKEN_CHARS} visible ASCII characters, without spaces"
+
+
 def _token(text: str) -> str:
     # It travels in a header: only visible ASCII reaches the service the same from every client.
     if text and (len(text) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in text)):
-        raise ValueError(
-            f"must be empty (no token) or at least {MIN_TOKEN_CHARS} visible ASCII characters, without spaces"
-        )
+        raise ValueError(TOKEN_RULE)
     return text
 
 
@@ -281,6 +293,9 @@ def from_env(environ: Mapping[str, str]) -> Config:
         if raw is None:
             continue
         try:
+            if variable == "API_TOKEN" and raw and not raw.strip():
+                # Set, but blank: stripped to "", it would silently mean "no token".
+                raise ValueError(TOKEN_RULE)
             values[field] = parse(raw.strip())
         except ValueError as exc:
             raise ConfigError(f"{variable}={_shown(variable, raw)} is invalid: {exc}") from None
@@ -296,9 +311,21 @@ def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
     """The process environment over the values in ``dotenv_path`` (if it exists)."""
     merged: dict[str, str] = {}
     if dotenv_path is not None and dotenv_path.is_file():
+        _check_dotenv(dotenv_path)
         merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     merged.update(os.environ)
     return merged
+
+
+def _check_dotenv(path: Path) -> None:
+    """Raise ConfigError at the first line python-dotenv cannot parse (it would only warn and skip it)."""
+    with path.open(encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                text = binding.original.string
+                blank_lines_before = text[: len(text) - len(text.lstrip())].count("\n")
+                # The line's text is not shown: it may hold a secret.
+                raise ConfigError(f"{path} line {binding.original.line + blank_lines_before} is not VARIABLE=value")
 
 
 def load(dotenv_path: Path | None = DOTENV_PATH) -> Config:
@@ -306,5 +333,19 @@ def load(dotenv_path: Path | None = DOTENV_PATH) -> Config:
     try:
         return from_env(read_environment(dotenv_path))
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_CONFIG) from None
+        exit_on_error(exc)
+
+
+def exit_on_error(error: ConfigError) -> NoReturn:
+    """Print ``error`` as one line on stderr and exit with code 2."""
+    print(f"configuration error: {error}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_CONFIG) from None
+
+
+def check_server_processes(config: Config, processes: int) -> None:
+    """Raise ConfigError if ``processes`` server processes cannot serve the same tasks with ``config``'s store."""
+    if processes > 1 and not config.store.shared:
+        raise ConfigError(
+            f"{processes} worker processes would each keep their own tasks with STORE={config.store.kind}: "
+            "run one (drop -w/--workers; WORKERS sets the task threads)"
+        )

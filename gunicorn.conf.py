@@ -21,6 +21,11 @@ from service import logs as _logs  # noqa: E402
 from service.lingering_close import MAX_LINGERING  # noqa: E402
 
 _settings = _config.load()  # a bad value stops gunicorn here with exit code 2
+try:
+    # Imported now, in the arbiter, so a TASK_HANDLER that does not resolve stops gunicorn before it listens.
+    _app.load_handler(_settings)
+except _config.ConfigError as _error:
+    _config.exit_on_error(_error)
 _app.check_store(_settings)  # so does a store that cannot be opened, before any worker starts
 
 # Seconds between the end of the drain deadline and gunicorn's SIGKILL.
@@ -55,7 +60,11 @@ def _drain_timeout(worker) -> float:
 
 
 def on_starting(server):
-    """Open the pipe on which the worker reports its drain (the worker inherits it when forked)."""
+    """Refuse worker processes that would not share tasks; open the pipe on which the worker reports its drain."""
+    try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
+        _config.check_server_processes(_settings, server.cfg.workers)
+    except _config.ConfigError as error:
+        _config.exit_on_error(error)
     server.drain_reports = os.pipe()
     os.set_blocking(server.drain_reports[0], False)
 

@@ -6,10 +6,11 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from workerpool import PoolStats, StoreUnavailable
 
-from . import request_id
+from . import connection, request_id
 from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
@@ -56,13 +57,21 @@ def read_body(limit: int) -> bytes:
     # For a chunked body werkzeug stops reading at the limit without an error,
     # so a longer body would arrive truncated: read one byte more to tell.
     request.max_content_length = limit + 1
-    body = request.get_data(cache=False)
+    try:
+        body = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise
+    except Exception:  # the server's reader refused the framing (chunk sizes) or the stream ended early
+        raise invalid_request(
+            "the request body could not be read: its chunked framing is malformed or it ended early"
+        ) from None
     if len(body) > limit:
         raise too_large
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
     if request.content_length is not None and len(body) < request.content_length:
         raise invalid_request(f"the request body ended after {len(body)} of its {request.content_length} bytes")
+    connection.mark_body_read()
     return body
 
 

@@ -90,7 +90,7 @@ def parse_task(document: Any, limits: TaskLimits, *, request_id: str | None = No
     return TaskSpec(
         id=document["id"],
         payload=document["payload"],
-        max_retries=document.get("max_retries", limits.default_max_retries),
+        max_retries=_as_integer(document.get("max_retries", limits.default_max_retries)),
         request_id=request_id,
     )
 
@@ -197,13 +197,24 @@ def _compact_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_refuse_huge_integer)
 
 
+def _as_integer(value: Any) -> Any:
+    """``value`` as an int if it is a float with an integral value, as JSON Schema's ``integer`` allows.
+
+    Clients that serialise numbers as floats send 2.0 for 2; the published schema
+    (``type: integer``) accepts it, so the service does too.
+    """
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
 def _check_max_retries(document: Mapping[str, Any], limit: int) -> list[FieldError]:
     if "max_retries" not in document:
         return []
-    value = document["max_retries"]
+    value = _as_integer(document["max_retries"])
     if isinstance(value, _OversizedInteger):
         return [FieldError("max_retries", f"must be between 0 and {limit}")]
-    # bool is an int subclass, and 3.0 is a float: both are refused.
+    # bool is an int subclass: true is refused, as are 2.5 and "3".
     if type(value) is not int:
         return [FieldError("max_retries", f"must be an integer, not {_json_type(value)}")]
     if not 0 <= value <= limit:

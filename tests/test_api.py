@@ -65,6 +65,7 @@ def enqueue(client, body, **kwargs):
         ({"id": "a", "payload": ""}, 2),  # omitted: DEFAULT_MAX_RETRIES of the test config
         ({"id": "a", "payload": "", "max_retries": 0}, 0),
         ({"id": "a", "payload": "", "max_retries": 5}, 5),  # exactly MAX_RETRIES_LIMIT
+        ({"id": "a", "payload": "", "max_retries": 4.0}, 4),  # an integer to JSON Schema, as sent by float clients
         ({"id": "x" * 256, "payload": ""}, 2),
         ({"id": "a", "payload": "x" * 512}, 2),  # exactly MAX_PAYLOAD_CHARS
         ({"id": "äö 😀 task", "payload": "ünïcode"}, 2),
@@ -78,6 +79,7 @@ def test_enqueue_accepts_a_valid_task(client, body, max_retries):
     assert set(task) == TASK_FIELDS  # the payload is never echoed
     assert task["id"] == body["id"]
     assert task["max_retries"] == max_retries
+    assert type(task["max_retries"]) is int
     assert task["state"] == "queued"
     assert task["attempts"] == 0
     assert response.headers["Location"].startswith("/tasks/")
@@ -265,7 +267,8 @@ NOT_INTEGER = "must be an integer"
         ({"id": "a", "payload": ["x" * 509]}, [("payload", "must be at most 512 characters as compact JSON")]),
         ({"id": "a", "payload": {"k": "x" * 506}}, [("payload", "must be at most 512 characters as compact JSON")]),
         ({"id": "a", "payload": "", "max_retries": True}, [("max_retries", f"{NOT_INTEGER}, not a boolean")]),
-        ({"id": "a", "payload": "", "max_retries": 3.0}, [("max_retries", f"{NOT_INTEGER}, not a number")]),
+        ({"id": "a", "payload": "", "max_retries": 2.5}, [("max_retries", f"{NOT_INTEGER}, not a number")]),
+        ({"id": "a", "payload": "", "max_retries": 6.0}, [("max_retries", "must be between 0 and 5")]),
         ({"id": "a", "payload": "", "max_retries": "3"}, [("max_retries", f"{NOT_INTEGER}, not a string")]),
         ({"id": "a", "payload": "", "max_retries": None}, [("max_retries", f"{NOT_INTEGER}, not null")]),
         ({"id": "a", "payload": "", "max_retries": -1}, [("max_retries", "must be between 0 and 5")]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from dataclasses import FrozenInstanceError, fields
@@ -194,6 +195,8 @@ BAD_VALUES = [
     ("API_TOKEN", "0123456789 abcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789\tabcdef", TOKEN_RULE),
     ("API_TOKEN", "0123456789abcdef\u00e9", TOKEN_RULE),
+    ("API_TOKEN", "   ", TOKEN_RULE),  # set but blank: not "no token"
+    ("API_TOKEN", "\t", TOKEN_RULE),
     ("STORE", "redis", STORE_RULE),
     ("STORE", "sqlite:/t.db", STORE_RULE),
     ("STORE", "sqlite://", f"{STORE_RULE}: the file name is missing"),
@@ -274,8 +277,8 @@ def test_unrelated_variables_are_ignored():
 # -- .env and the real environment ---------------------------------------------
 
 
-def test_the_project_env_file_documents_every_variable_at_its_default():
-    values = dotenv_values(DOTENV_PATH)
+def test_the_example_env_file_documents_every_variable_at_its_default():
+    values = dotenv_values(PROJECT_ROOT / ".env.example")
     assert set(values) == set(VARIABLES)
     assert from_env(values) == Config()
 
@@ -288,13 +291,31 @@ def test_dotenv_fills_in_and_the_real_environment_wins(tmp_path, monkeypatch):
     assert (loaded.workers, loaded.queue_size, loaded.log_level) == (7, 11, "DEBUG")
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("WORKERS=2\nWORKERS 5\n", 2), ("# settings\n\n\nQUEUE_SIZE: 9\nWORKERS=2\n", 4), ("API_TOKEN secret-value\n", 1)],
+)
+def test_a_malformed_dotenv_line_stops_start_up_naming_the_line(tmp_path, capsys, text, line):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(text)
+    with pytest.raises(SystemExit) as caught:
+        config.load(dotenv)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"configuration error: {dotenv} line {line} is not VARIABLE=value\n"
+
+
 def test_a_missing_dotenv_file_means_defaults(tmp_path):
     assert config.load(tmp_path / "absent.env") == Config()
 
 
-def test_load_reads_the_project_env_file_by_default(monkeypatch):
-    monkeypatch.setenv("PORT", "9999")
-    assert config.load() == Config(port=9999)
+def test_load_reads_the_project_env_file_by_default():
+    assert DOTENV_PATH == PROJECT_ROOT / ".env"
+    assert inspect.signature(config.load).parameters["dotenv_path"].default == DOTENV_PATH
+
+
+def test_git_ignores_the_env_file_and_keeps_the_example():
+    ignored = (PROJECT_ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored and ".env.example" not in ignored
 
 
 def test_load_exits_2_with_one_line(monkeypatch, capsys):
@@ -323,6 +344,21 @@ def test_a_bad_value_stops_a_process_at_start_up(tmp_path, variable, text):
     lines = result.stderr.splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"configuration error: {variable}={text!r} is invalid: ")
+
+
+@pytest.mark.parametrize("token", ["   ", "short-secret"])
+def test_a_blank_or_short_token_stops_a_process_at_start_up_without_showing_it(tmp_path, token):
+    result = subprocess.run(
+        [sys.executable, "-c", "import config; config.load(); print('started')"],
+        cwd=tmp_path,
+        env=clean_environment(API_TOKEN=token, PYTHONPATH=str(PROJECT_ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    shown = f"<{len(token)} characters, not shown>"
+    assert result.stderr == f"configuration error: API_TOKEN={shown} is invalid: {TOKEN_RULE}\n"
 
 
 def test_the_readme_documents_every_variable():

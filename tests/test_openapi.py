@@ -35,8 +35,8 @@ FUZZ_CONFIG = {
         {
             "include-operation-id": "enqueue",
             "checks": {
-                # Schema-valid bodies the API refuses by design: JSON Schema counts 3.0 as an integer but
-                # max_retries must be written 3, and a payload may push the body past MAX_BODY_BYTES (413).
+                # Schema-valid bodies the API refuses by design: a payload may push the body past
+                # MAX_BODY_BYTES (413).
                 "positive_data_acceptance": {"enabled": False},
                 # The default list lacks 413, the answer to an oversized (invalid) body.
                 "negative_data_rejection": {"expected-statuses": [400, 401, 413]},
@@ -237,7 +237,7 @@ def test_the_file_offers_no_token_or_the_bearer_token_on_the_guarded_operations(
     scheme = spec["components"]["securitySchemes"][BEARER_SCHEME]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert "security" not in spec  # no document-wide requirement: health, metrics and this description stay open
-    guarded = {operation["operationId"] for _, _, operation in _operations(spec) if "security" in operation}
+    guarded = {operation["operationId"] for _, _, operation in _operations(spec) if operation["security"] != []}
     assert guarded == GUARDED_OPERATIONS
     for _, _, operation in _operations(spec):
         if operation["operationId"] in GUARDED_OPERATIONS:
@@ -248,9 +248,12 @@ def test_the_file_offers_no_token_or_the_bearer_token_on_the_guarded_operations(
 
 
 def test_without_a_token_the_served_description_asks_for_none(harness):
-    for path, method, operation in _operations(served_spec(harness)):
-        assert "security" not in operation, (method, path)
+    spec = served_spec(harness)
+    for path, method, operation in _operations(spec):
+        assert operation["security"] == [], (method, path)
         assert "401" not in operation["responses"], (method, path)
+    assert "securitySchemes" not in spec["components"]
+    assert "Unauthorized" not in spec["components"].get("responses", {})
 
 
 def test_with_a_token_the_served_description_requires_it_exactly_where_the_app_does():
@@ -264,7 +267,7 @@ def test_with_a_token_the_served_description_requires_it_exactly_where_the_app_d
             assert "401" in operation["responses"]
             assert response.status_code == 401, (method, path)
         else:
-            assert "security" not in operation
+            assert operation["security"] == []
             assert response.status_code != 401, (method, path)
 
 

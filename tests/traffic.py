@@ -84,7 +84,7 @@ WRONG_TYPES: tuple[Callable[[str], object], ...] = (
     lambda tid: {"id": tid},
     lambda tid: {"id": tid, "payload": "", "max_retries": "3"},
     lambda tid: {"id": tid, "payload": "", "max_retries": True},
-    lambda tid: {"id": tid, "payload": "", "max_retries": 3.0},
+    lambda tid: {"id": tid, "payload": "", "max_retries": 2.5},
     lambda tid: {"id": tid, "payload": "", "max_retries": -1},
     lambda tid: {"id": tid, "payload": "", "max_retries": 1_000_000},
     lambda tid: {"id": tid, "payload": "", "max_retry": 2},

@@ -1,0 +1,155 @@
+"""The edges of HTTP on the real gunicorn, met by the clients users run (requests, httpx, raw sockets)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from http import HTTPStatus
+
+import httpx
+import pytest
+import requests
+from http_fixtures import LISTENING, ServerProcess, clean_environment, wait_until
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "edge-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BODY_LIMIT = 1024
+# Far past the limit and past the 64 KiB gunicorn drains before it reuses a connection.
+HUGE_BODY = b'{"id": "huge", "payload": "' + b"x" * 200_000 + b'"}'
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One gunicorn with a token and a small body limit, shared by this module's tests."""
+    log_dir = tmp_path_factory.mktemp("edges")
+    process = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=log_dir / "gunicorn.log",
+        env=clean_environment(
+            API_TOKEN=TOKEN, MAX_BODY_BYTES=str(BODY_LIMIT), MAX_PAYLOAD_CHARS="512",
+            WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0",
+        ),
+    )
+    try:
+        port = process.wait_for_port(LISTENING)
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: requests.get(base + "/healthz", timeout=5).status_code == 200, timeout=20, what="/healthz")
+        yield base
+    finally:
+        process.stop()
+
+
+# -- a refused body does not cost the pooled connection's next request -----------
+
+
+@pytest.mark.parametrize(("headers", "status"), [(AUTH, 413), ({}, 401)], ids=["too-large", "no-token"])
+def test_requests_session_survives_a_refused_large_body(server, headers, status):
+    with requests.Session() as session:
+        for _ in range(ROUNDS):
+            refused = session.post(server + "/enqueue", data=HUGE_BODY, headers=headers, timeout=10)
+            assert refused.status_code == status
+            assert refused.headers["Connection"] == "close"
+            assert session.get(server + "/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(("headers", "status"), [(AUTH, 413), ({}, 401)], ids=["too-large", "no-token"])
+def test_httpx_client_survives_a_refused_large_body(server, headers, status):
+    with httpx.Client(base_url=server, timeout=10) as client:
+        for _ in range(ROUNDS):
+            refused = client.post("/enqueue", content=HUGE_BODY, headers=headers)
+            assert refused.status_code == status
+            assert refused.headers["Connection"] == "close"
+            assert client.get("/healthz").status_code == 200
+
+
+def test_a_read_body_keeps_the_connection_alive(server):
+    with requests.Session() as session:
+        task = {"id": "kept-alive", "payload": "p"}
+        accepted = session.post(server + "/enqueue", json=task, headers=AUTH, timeout=10)
+        assert accepted.status_code == 202
+        assert accepted.headers["Connection"] == "keep-alive"
+
+
+# -- errors gunicorn answers itself are problem documents ---------------------------
+
+
+def raw_exchange(base: str, data: bytes, *, stop_sending: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` on a fresh connection (then half-close it if ``stop_sending``) and read the answer."""
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        if stop_sending:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+GUNICORN_ERRORS = {
+    "request line too long": (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "header too large": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),
+    "too many headers": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(150)) + b"\r\n",
+        431,
+    ),
+    "malformed request line": (b"NOT A REQUEST LINE AT ALL\r\n\r\n", 400),
+    "content-length and transfer-encoding": (
+        b"POST /enqueue HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "obsolete line folding": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: one\r\n two\r\n\r\n", 400),
+    "HTTP/0.9": (b"GET /healthz\r\n\r\n", 400),
+    "transfer coding not chunked": (
+        b"POST /enqueue HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: x-unknown\r\n\r\n",
+        501,
+    ),
+}
+
+
+@pytest.mark.parametrize(("data", "status"), GUNICORN_ERRORS.values(), ids=GUNICORN_ERRORS.keys())
+def test_errors_gunicorn_answers_itself_are_problem_documents(server, data, status):
+    answered, headers, body = raw_exchange(server, data)
+    assert answered == status
+    assert headers["content-type"] == "application/problem+json"
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
+    problem = json.loads(body)
+    assert problem["type"] == "about:blank"
+    assert (problem["status"], problem["title"]) == (status, HTTPStatus(status).phrase)
+    assert problem["detail"]
+
+
+# -- a body the server cannot read is the client's error ---------------------------
+
+
+def rejections(base: str, reason: str) -> float:
+    text = requests.get(base + "/metrics", timeout=10).text
+    line = f'workerpool_tasks_rejected_total{{reason="{reason}"}} '
+    return float(next(row for row in text.splitlines() if row.startswith(line)).removeprefix(line))
+
+
+CHUNKED_HEAD = (
+    b"POST /enqueue HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer "
+    + TOKEN.encode()
+    + b"\r\n\r\n"
+)
+BAD_CHUNKED_BODIES = {
+    "chunk size not hex": CHUNKED_HEAD + b'zz\r\n{"id": "c", "payload": ""}\r\n0\r\n\r\n',
+    "cut short": CHUNKED_HEAD + b'5\r\n{"id"\r\n',
+}
+
+
+@pytest.mark.parametrize("data", BAD_CHUNKED_BODIES.values(), ids=BAD_CHUNKED_BODIES.keys())
+def test_a_malformed_chunked_body_is_a_400_counted_as_invalid(server, data):
+    invalid, errors = rejections(server, "invalid"), rejections(server, "error")
+    status, headers, body = raw_exchange(server, data, stop_sending=True)  # a cut-short body ends here
+    assert (status, headers["content-type"]) == (400, "application/problem+json")
+    assert json.loads(body)["type"] == "urn:workerpool:problem:invalid-request"
+    assert (rejections(server, "invalid"), rejections(server, "error")) == (invalid + 1, errors)

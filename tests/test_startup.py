@@ -1,0 +1,88 @@
+"""Configuration errors found at start-up stop gunicorn and `python app.py` before they listen: exit 2, one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from http_fixtures import PROJECT_ROOT, clean_environment
+
+pytestmark = pytest.mark.e2e
+
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
+APP = [sys.executable, "app.py", "--port", "0"]
+
+
+def start(command: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a server that must refuse to start; a server that starts is killed by the timeout."""
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, env=clean_environment(**env), capture_output=True, text=True, timeout=60
+    )
+
+
+HANDLERS = {
+    "missing module": ("no_such_module_anywhere:run", "No module named 'no_such_module_anywhere'"),
+    "missing attribute": ("json:no_such_function", "module 'json' has no attribute 'no_such_function'"),
+}
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "python app.py"])
+@pytest.mark.parametrize(("handler", "reason"), HANDLERS.values(), ids=HANDLERS.keys())
+def test_a_task_handler_that_does_not_resolve_stops_start_up(command, handler, reason):
+    result = start(command, TASK_HANDLER=handler)
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert output == f"configuration error: TASK_HANDLER={handler!r} is invalid: {reason}\n"
+
+
+def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
+    result = start([*GUNICORN, "-w", "3"])
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "configuration error: 3 worker processes would each keep their own tasks with STORE=memory" in output
+    assert "Listening at" not in output
+    assert "Traceback" not in output
+
+
+# -- Python older than 3.11 ---------------------------------------------------------
+
+
+def test_an_old_python_is_named_at_start_up():
+    pretend = "import sys; sys.version_info = (3, 10, 13, 'final', 0); import config"
+    result = subprocess.run(
+        [sys.executable, "-c", pretend], cwd=PROJECT_ROOT, env=clean_environment(), capture_output=True, text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"workerpool needs Python 3.11 or newer, not 3.10.13 ({sys.executable})\n"
+
+
+def test_make_refuses_an_old_python_before_creating_the_venv(tmp_path):
+    old_python = tmp_path / "python3.10"  # fails the version check and says what it is, like Python 3.10 would
+    old_python.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "Python 3.10.13"; fi\nexit 1\n')
+    old_python.chmod(0o755)
+    venv = tmp_path / "venv"
+    result = subprocess.run(
+        ["make", "-s", f"PYTHON={old_python}", f"VENV={venv}", f"{venv}/bin/python"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert f"workerpool needs Python 3.11 or newer; {old_python} is Python 3.10.13" in result.stderr
+    assert not venv.exists()
+
+
+# -- TASK_HANDLER modules in the container image --------------------------------
+
+
+def test_a_handler_in_the_handlers_package_is_in_the_container_image(tmp_path):
+    from test_shutdown import _lay_out_image  # what the Dockerfile's COPY lines put in the image
+
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    _lay_out_image(workdir)
+    check = "import app, config; app.load_handler(config.Config(task_handler='handlers.example:log_payload'))"
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=workdir, env=clean_environment(), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
