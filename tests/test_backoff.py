@@ -2,7 +2,7 @@ import random
 from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from workerpool.backoff import backoff_bound, compute_backoff
@@ -24,6 +24,7 @@ caps = st.floats(min_value=0.0, max_value=10_000.0, allow_nan=False)
 
 
 @given(retry=st.integers(1, 5000), base=bases, cap=caps, seed=st.integers(0, 2**32))
+@example(retry=1075, base=5e-324, cap=10.0, seed=0)  # a subnormal base: 1,074 doublings make it 1.0
 def test_delay_lies_within_the_capped_exponential_bound(retry, base, cap, seed):
     base = min(base, cap)
     exact = Fraction(base) * 2 ** (retry - 1)  # exact, so no overflow in the oracle

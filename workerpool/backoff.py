@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 
@@ -9,13 +10,12 @@ def backoff_bound(retry: int, *, base: float, cap: float) -> float:
     """The largest delay allowed before retry ``retry`` (1, 2, ...): min(cap, base * 2**(retry-1))."""
     if retry < 1:
         raise ValueError(f"retry number must be >= 1, got {retry}")
-    if base == 0:
-        return 0.0
-    # 2.0 ** n raises OverflowError from n = 1024; any positive base has
-    # passed any finite cap long before that.
-    if retry - 1 >= 1024 or base * 2.0 ** (retry - 1) >= cap:
+    # ldexp is exact, and raises OverflowError only past the largest float: a
+    # subnormal base may still be below the cap after more than 1024 doublings.
+    try:
+        return min(cap, math.ldexp(base, retry - 1))
+    except OverflowError:
         return cap
-    return base * 2.0 ** (retry - 1)
 
 
 def compute_backoff(retry: int, *, base: float, cap: float, rng: random.Random) -> float:
