@@ -1,0 +1,1 @@
+"""Example task handlers: run one with ``TASK_HANDLER=examples.<module>:<callable>``."""
