@@ -14,7 +14,6 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY app.py config.py gunicorn.conf.py openapi.yaml ./
 COPY service/ service/
 COPY workerpool/ workerpool/
-COPY examples/ examples/
 
 RUN useradd --system --uid 10001 --no-create-home workerpool
 USER workerpool

@@ -1,4 +1,4 @@
-"""The example handler (examples/fetch_url.py) against a real HTTP server on 127.0.0.1."""
+"""The example handler (handlers/fetch_url.py) against a real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from doubles import WAIT_S
 from http_fixtures import make_harness
 
-from examples.fetch_url import PREVIEW_CHARS, fetch
+from handlers.fetch_url import PREVIEW_CHARS, fetch
 from workerpool import AttemptCancelled, PermanentFailure, Task
 
 BODY = ("héllo " * 100).encode()

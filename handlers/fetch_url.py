@@ -1,6 +1,6 @@
 """An example task handler: fetch a URL over HTTP(S) and return what came back.
 
-Run it with ``TASK_HANDLER=examples.fetch_url:fetch make run`` (or set
+Run it with ``TASK_HANDLER=handlers.fetch_url:fetch make run`` (or set
 ``TASK_HANDLER`` in the container's environment), then submit::
 
     curl -d '{"payload": {"url": "https://example.com/"}}' http://127.0.0.1:8080/enqueue

@@ -1,1 +1,0 @@
-"""Example task handlers: run one with ``TASK_HANDLER=examples.<module>:<callable>``."""
