@@ -14,6 +14,8 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY app.py config.py gunicorn.conf.py openapi.yaml ./
 COPY service/ service/
 COPY workerpool/ workerpool/
+# TASK_HANDLER modules of this deployment (TASK_HANDLER=handlers.<module>:<callable>).
+COPY handlers/ handlers/
 
 RUN useradd --system --uid 10001 --no-create-home workerpool
 USER workerpool

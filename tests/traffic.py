@@ -90,7 +90,7 @@ WRONG_TYPES: tuple[Callable[[str], object], ...] = (
     lambda tid: {"id": tid, "payload": "", "max_retry": 2},
     lambda tid: {"id": "", "payload": ""},
     lambda tid: {"id": tid + "/", "payload": ""},
-    lambda tid: {"payload": ""},
+    lambda tid: {"id": None, "payload": ""},  # an id may be left out, but not null
 )
 UNKNOWN_ROUTES = (("GET", "/nope"), ("POST", "/enqueue/x"), ("GET", "/task/1"), ("DELETE", "/"), ("GET", "/healthz/x"))
 WRONG_METHODS = (("GET", "/enqueue"), ("PUT", "/enqueue"), ("DELETE", "/tasks/x"), ("POST", "/healthz"),
