@@ -349,6 +349,8 @@ class WorkerPool:
 
     def stats(self) -> PoolStats:
         stats = self._store.stats()
+        with self._lock:
+            timeouts, stuck = self._timeouts, len(self._stuck)
         return PoolStats(
             workers=self.workers,
             queue_capacity=self.queue_size,
@@ -357,8 +359,8 @@ class WorkerPool:
             accepting=self.accepting,
             counts=stats.counts,
             waiting=stats.waiting,
-            attempts_timed_out=self._timeouts,
-            stuck_threads=len(self._stuck),
+            attempts_timed_out=timeouts,
+            stuck_threads=stuck,
             stuck_threads_limit=self._max_stuck,
         )
 
