@@ -490,6 +490,7 @@ class PoolModel(RuleBasedStateMachine):
         else:
             ended = running._replace(state=State.FAILED, payload="", last_error=TIMED_OUT_ERROR, finished_at=now)
         self.tasks[task_id] = ended
+        self._count_final(ended)
         self.timeouts += 1
         started = running._replace(cancel_requested=False)
         self.history[task_id] += [("attempt_started", started, None), ("attempt_finished", ended, ATTEMPT_TIMEOUT)]

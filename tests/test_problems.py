@@ -32,7 +32,7 @@ def harness():
         ("POST", "/tasks", 405, "GET, HEAD, OPTIONS"),
         ("GET", "/enqueue", 405, "OPTIONS, POST"),
         ("PUT", "/enqueue", 405, "OPTIONS, POST"),
-        ("DELETE", "/tasks/a", 405, "GET, HEAD, OPTIONS"),
+        ("PUT", "/tasks/a", 405, "DELETE, GET, HEAD, OPTIONS"),
         ("POST", "/healthz", 405, "GET, HEAD, OPTIONS"),
         ("POST", "/health", 405, "GET, HEAD, OPTIONS"),
         ("POST", "/metrics", 405, "GET, HEAD, OPTIONS"),
