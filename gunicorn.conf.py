@@ -7,6 +7,7 @@ concurrency comes from its threads.
 
 import math
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ if _ROOT not in sys.path:  # so `config` and `app` import from any working direc
 
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 from service import logs as _logs  # noqa: E402
+from service.lingering_close import MAX_LINGERING  # noqa: E402
 
 _settings = _config.load()  # a bad value stops gunicorn here with exit code 2
 
@@ -29,6 +31,10 @@ workers = 1  # pinned: each worker process would have its own queue and task tab
 # (see service/gunicorn_worker.py).
 worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
+# Connections held at once, slow and idle ones included (beyond it new ones wait in the listen
+# backlog). Each costs a file descriptor, as do up to MAX_LINGERING closing ones and the process's
+# own files: running out would make accept() fail and gunicorn end the worker, tasks and all.
+worker_connections = max(64, min(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - MAX_LINGERING - 128))
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
 max_requests = 0  # recycling the only worker would stall the service and cut a drain short
 graceful_timeout = math.ceil(_settings.shutdown_timeout_s) + DRAIN_MARGIN_S  # whole seconds only

@@ -2,11 +2,16 @@
 
 Werkzeug starts one thread per connection, without limit, and a thread waits
 as long as its client takes to send a request: a few thousand idle or slow
-connections mean a few thousand threads. Here at most ``MAX_CONNECTIONS``
-connections are served at once (others are closed at once), and each request
-must arrive whole, head and body, within the server's ``request_timeout``
-(counted from the end of the previous one on a kept-alive connection); after
-that its stream ends as if the client had closed it.
+connections mean a few thousand threads. Here:
+
+- each request must arrive whole, head and body, within the server's
+  ``request_timeout`` (counted from the end of the previous one on a
+  kept-alive connection); after that its stream ends as if the client had
+  closed it;
+- at most ``max_connections`` connections are served at once. When all are
+  taken, a new connection evicts the one that has waited longest for its
+  client to send something (an idle or slow client), so health checks and
+  other quick clients keep being answered however many slow ones there are.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import io
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
@@ -22,6 +29,7 @@ from .request_reader import REQUEST_TIMEOUT_S
 
 MAX_CONNECTIONS = 64
 WRITE_TIMEOUT_S = 30.0  # a client that stops reading its response gives its thread back after this
+EVICTION_WAIT_S = 1.0  # how long a new connection waits for the thread of the one it evicted
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -41,8 +49,9 @@ class _DeadlineReader(io.RawIOBase):
         sock: socket.socket = self._handler.connection
         sock.settimeout(remaining)
         try:
-            return sock.recv_into(buffer)
-        except TimeoutError:
+            with self._handler.server.waiting_for(sock):  # type: ignore[attr-defined]
+                return sock.recv_into(buffer)
+        except (TimeoutError, ConnectionError):
             return 0
         finally:
             sock.settimeout(WRITE_TIMEOUT_S)
@@ -59,7 +68,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.rfile = io.BufferedReader(_DeadlineReader(self))
 
     def handle_one_request(self) -> None:
-        self.read_deadline = time.monotonic() + self.server.request_timeout
+        self.read_deadline = time.monotonic() + self.server.request_timeout  # type: ignore[attr-defined]
         super().handle_one_request()
 
 
@@ -71,12 +80,27 @@ class BoundedThreadedServer(ThreadedWSGIServer):
     ) -> None:
         self.request_timeout = request_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._waiting_lock = threading.Lock()  # must be held while changing _waiting
+        self._waiting: dict[socket.socket, None] = {}  # blocked reading from their client, longest first
         super().__init__(*args, **kwargs)
+
+    @contextmanager
+    def waiting_for(self, sock: socket.socket) -> Iterator[None]:
+        """Mark ``sock``'s thread as waiting for its client, hence evictable, while in the block."""
+        with self._waiting_lock:
+            self._waiting[sock] = None
+        try:
+            yield
+        finally:
+            with self._waiting_lock:
+                self._waiting.pop(sock, None)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # full: closed at once, rather than queued behind slow clients
-            return
+            self._evict_longest_waiting()
+            if not self._slots.acquire(timeout=EVICTION_WAIT_S):
+                self.shutdown_request(request)  # every connection busy serving: refused
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -88,3 +112,12 @@ class BoundedThreadedServer(ThreadedWSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def _evict_longest_waiting(self) -> None:
+        with self._waiting_lock:
+            sock = next(iter(self._waiting), None)
+            if sock is not None:
+                del self._waiting[sock]
+        if sock is not None:
+            with suppress(OSError):  # its read returns at once: the thread ends and frees its slot
+                sock.shutdown(socket.SHUT_RDWR)

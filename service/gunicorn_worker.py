@@ -23,6 +23,8 @@ serve whole requests:
   arrive within ``request_timeout`` seconds, idle or not;
 - closing a connection gracefully lingers on the poller (``LingeringCloser``),
   not in the main loop as gunicorn's ``util.close_graceful`` does;
+- with ``worker_connections`` all taken, the connection that has waited
+  longest for its request is closed to make room for a new one;
 - once stopping, requests still arriving get ``STOP_LINGER_S`` more at most,
   so open connections cannot hold the exit back.
 """
@@ -103,6 +105,10 @@ class DrainingThreadWorker(ThreadWorker):
             self._bring_deadlines_forward(time.monotonic() + STOP_LINGER_S)
         self.reader.expire()
         self.closer.expire()
+        # Keep a connection free for the next client: with every one taken, gthread would stop
+        # accepting until a slow client gave up. The one waiting longest for its request makes room.
+        while self.nr_conns >= self.worker_connections - 1 and len(self.reader):
+            self.reader.drop_oldest()
 
     def _reads_ahead(self, conn: TConn) -> bool:
         # TLS and HTTP/2 connections are read by gthread as usual.

@@ -106,6 +106,12 @@ class RequestReader:
         for pending in self._pending.values():
             pending.deadline = min(pending.deadline, deadline)
 
+    def drop_oldest(self) -> None:
+        """Drop the connection that has waited longest for its request (to make room for another)."""
+        conn = next(iter(self._pending))
+        self._forget(conn)
+        self._drop(conn)
+
     def drop_all(self) -> None:
         while self._pending:
             conn = next(iter(self._pending))

@@ -155,6 +155,9 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
         "",
         *health["tasks"],
     ]
+    # On a phone-sized screen nothing makes the page itself scroll sideways.
+    page.set_viewport_size({"width": 360, "height": 740})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
     page.select_option("#state-filter", "done")
     expect(page.locator("#task-rows tr")).to_have_count(3, timeout=WAIT_MS)
     _, done = instance.get("/tasks?state=done")

@@ -45,6 +45,18 @@ def test_one_threaded_worker_without_preload_or_recycling(monkeypatch):
     assert callable(conf["worker_exit"])
 
 
+@pytest.mark.parametrize("files", [1024, 20_000])
+def test_connections_leave_file_descriptors_for_closing_sockets_and_the_process(monkeypatch, files):
+    import resource
+
+    from service.lingering_close import MAX_LINGERING
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (files, files))
+    connections = load_conf(monkeypatch)["worker_connections"]
+    assert connections + MAX_LINGERING + 100 <= files
+    assert connections == min(1000, files - MAX_LINGERING - 128)
+
+
 @pytest.mark.parametrize(
     ("env", "bind"),
     [

@@ -142,6 +142,14 @@ def test_a_request_not_whole_by_the_deadline_is_given_up(harness):
     assert short_body.read_deadline <= harness.clock.now  # its thread reads no more
 
 
+def test_the_connection_waiting_longest_is_dropped_first(harness):
+    first, _ = harness.connect(HEAD[:10])
+    second, _ = harness.connect()
+    harness.reader.drop_oldest()
+    assert harness.dropped == [first]
+    assert len(harness.reader) == 1
+
+
 def test_deadlines_brought_forward_apply_to_waiting_requests(harness):
     conn, _ = harness.connect(HEAD[:10])
     harness.reader.bring_deadlines_forward(harness.clock.now + 2)

@@ -135,7 +135,7 @@ def test_work_beyond_the_deadline_is_abandoned_and_reported(start, command):
     service.signal(signal.SIGTERM)
     code, seconds = service.wait_exit(timeout=30)
     assert code == 0
-    assert seconds < 1 + 5  # the deadline plus a generous margin for a busy machine
+    assert seconds < 1 + 9  # the deadline plus a generous margin for a busy machine (the drain alone: 4 s)
     assert set(accepted) <= service.finals()
     abandoned = int(service.summary().group(3))
     assert 0 < abandoned < len(accepted)
