@@ -18,7 +18,9 @@ def submit_many(pool: WorkerPool, specs: Sequence[TaskSpec]) -> list[Task | Subm
     results: list[Task | SubmitError] = []
     for spec in specs:
         try:
-            results.append(pool.submit(spec.id, spec.payload, spec.max_retries, request_id=spec.request_id))
+            results.append(
+                pool.submit(spec.id, spec.payload, spec.max_retries, delay=spec.delay, request_id=spec.request_id)
+            )
         except SubmitError as exc:
             results.append(exc)
     return results

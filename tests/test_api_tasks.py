@@ -278,3 +278,14 @@ def test_cancelled_is_a_final_state_in_the_metrics_and_the_health_check():
     listed = harness.client.get("/tasks?state=cancelled").get_json()
     assert [task["id"] for task in listed["tasks"]] == ["a"]
     harness.drain()
+
+
+def test_a_batch_task_may_be_delayed_and_have_no_id():
+    harness = make_harness(clock=lambda: 1_800_000_000.0)
+    body = {"tasks": [{"payload": "", "delay_ms": 1500}, {"id": "b", "payload": {"k": 1}}]}
+    response = harness.client.post("/enqueue/batch", json=body)
+    assert [r["status"] for r in response.get_json()["results"]] == [202, 202]
+    delayed = response.get_json()["results"][0]["task"]
+    assert ULID.fullmatch(delayed["id"])
+    assert delayed["next_attempt_at"] == "2027-01-15T08:00:01.500Z"
+    harness.pool.shutdown(0)
