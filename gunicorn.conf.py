@@ -31,9 +31,9 @@ workers = 1  # pinned: each worker process would have its own queue and task tab
 # (see service/gunicorn_worker.py).
 worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
-# Connections held at once, slow and idle ones included (beyond it new ones wait in the listen
-# backlog). Each costs a file descriptor, as do up to MAX_LINGERING closing ones and the process's
-# own files: running out would make accept() fail and gunicorn end the worker, tasks and all.
+# Connections held at once, slow and idle ones included (with all taken, the one waiting longest
+# for its request makes room). Each costs a file descriptor, as do up to MAX_LINGERING closing ones
+# and the process's own files: running out would make accept() fail and gunicorn end the worker.
 worker_connections = max(64, min(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - MAX_LINGERING - 128))
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
 max_requests = 0  # recycling the only worker would stall the service and cut a drain short

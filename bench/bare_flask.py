@@ -1,6 +1,6 @@
 """The bare Flask reference for POST /enqueue: one route, no pool, no logging, ids, metrics or problems.
 
-``gunicorn -c bench/bare_flask.conf.py bench.bare_flask:app``: what Flask and gunicorn alone cost
+``gunicorn -c bench/hello.conf.py bench.bare_flask:app``: what Flask and gunicorn alone cost
 for a request shaped like a task submission, the floor the service is measured against.
 """
 

@@ -1,4 +1,5 @@
-"""gunicorn.conf.py's server settings without the app or its hooks, for the bare reference."""
+"""gunicorn.conf.py's worker settings (1 worker, gthread, 8 threads) without the app, its hooks or an
+access log: the bare references (bench/hello.py, bench/bare_flask.py) run on them."""
 
 bind = ["127.0.0.1:0"]
 workers = 1
@@ -7,6 +8,5 @@ threads = 8
 preload_app = False
 max_requests = 0
 control_socket_disable = True
-accesslog = "-"
 errorlog = "-"
 loglevel = "info"

@@ -34,7 +34,7 @@ def _servers(pool_env: dict[str, str], tag: str) -> dict[str, Server]:
             f"ref-{tag}-bare",
             env={},
             app="bench.bare_flask:app",
-            config="bench/bare_flask.conf.py",
+            config="bench/hello.conf.py",
             ready=("/enqueue", 405),
         ),
     }
@@ -59,7 +59,7 @@ def bare_flask_reference(run: Run) -> None:
         "each round; ratios are per round (service / bare Flask, measured within the same round). The service "
         "is `make run`'s command (`gunicorn -c gunicorn.conf.py`, `.env` defaults) with `QUEUE_SIZE=1000000` so "
         "that every POST is accepted; the reference is `bench/bare_flask.py` (one route: `request.get_json()`, "
-        "three fields checked, `jsonify` a 202) under `bench/bare_flask.conf.py` (1 worker, gthread, 8 threads, "
+        "three fields checked, `jsonify` a 202) under `bench/hello.conf.py` (1 worker, gthread, 8 threads, "
         "no access log). Worker CPU is the worker process's user + system time (all its threads, `/proc`) during "
         "the round divided by the requests served: on a shared machine it moves far less than req/s does."
     )

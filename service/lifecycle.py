@@ -81,8 +81,7 @@ class ShutdownController:
         self._on_drained = on_drained
         self._clock = clock
         self._requests: queue.SimpleQueue[tuple[int, float]] = queue.SimpleQueue()
-        self._summary: ShutdownSummary | None = None  # set before _drained is set
-        self._drained = threading.Event()
+        self._summary: ShutdownSummary | None = None  # set before _DRAINED is posted
         self._reported = threading.Event()  # on_drained has returned
         self._stop_waiting = threading.Event()  # a stop request came after the drain
         self._watcher = threading.Thread(target=self._watch, name="workerpool-stop", daemon=True)
@@ -93,16 +92,6 @@ class ShutdownController:
     def request_stop(self, signum: int = NO_SIGNAL) -> None:
         """Ask for a stop (``signum`` is the signal that asked, if any). Safe to call from a signal handler."""
         self._requests.put((signum, self._clock()))
-
-    def wait_drained(self, timeout: float | None = None) -> ShutdownSummary | None:
-        """The drain's summary once it has ended, or None after ``timeout`` seconds.
-
-        Waits in short slices: a signal arriving meanwhile gets its handler run
-        at once even when the interrupted wait would restart (gunicorn sets
-        ``SA_RESTART`` on SIGTERM).
-        """
-        _wait_in_slices(self._drained.wait, timeout)
-        return self._summary
 
     def wait_for_threads(self, grace: float = THREAD_GRACE_S) -> list[str]:
         """After the drain, wait up to ``grace`` s for the process's other non-daemon threads.
@@ -121,7 +110,12 @@ class ShutdownController:
         return [thread.name for thread in _other_non_daemon_threads()]
 
     def join(self, timeout: float | None = None) -> bool:
-        """Whether the drain has ended and ``on_drained`` has returned, waiting up to ``timeout`` s."""
+        """Whether the drain has ended and ``on_drained`` has returned, waiting up to ``timeout`` s.
+
+        Waits in short slices: a signal arriving meanwhile gets its handler run
+        at once even where an interrupted wait would be restarted (gunicorn sets
+        ``SA_RESTART`` on SIGTERM).
+        """
         _wait_in_slices(self._reported.wait, timeout)
         return self._reported.is_set()
 
@@ -138,9 +132,13 @@ class ShutdownController:
                 continue
             log.warning("received %s again: abandoning unfinished tasks now", _name(signum))
             self._pool.shutdown(0, wait=False)  # pulls the drain's deadline in
-        if self._on_drained is not None and self._summary is not None:
-            self._on_drained(self._summary)
-        self._reported.set()
+        try:
+            if self._on_drained is not None and self._summary is not None:
+                self._on_drained(self._summary)
+        except Exception:  # the process must still exit: join() waits for this
+            log.exception("reporting the drain failed")
+        finally:
+            self._reported.set()
         while True:  # later requests: stop waiting for leftover threads
             signum, at = self._requests.get()
             if signum != NO_SIGNAL and not is_copy(first, signum, at - began):
@@ -149,7 +147,6 @@ class ShutdownController:
 
     def _drain(self) -> None:
         self._summary = self._pool.shutdown(self._timeout)
-        self._drained.set()
         self._requests.put((_DRAINED, self._clock()))
 
 

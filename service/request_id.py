@@ -32,7 +32,7 @@ def _assign() -> None:
 
 
 def _echo(response: Response) -> Response:
-    request_id = current()
+    request_id = g.get("request_id")  # an after_request hook runs inside the request
     if request_id is not None:
         response.headers[HEADER] = request_id
     return response

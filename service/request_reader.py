@@ -114,9 +114,7 @@ class RequestReader:
 
     def drop_all(self) -> None:
         while self._pending:
-            conn = next(iter(self._pending))
-            self._forget(conn)
-            self._drop(conn)
+            self.drop_oldest()
 
     def _readable(self, conn: Connection) -> None:
         pending = self._pending[conn]

@@ -143,6 +143,23 @@ def test_a_batch_after_shutdown_began_is_refused_task_by_task(harness):
     assert "retry_after" not in refused
 
 
+def test_the_valid_tasks_go_to_the_engine_in_one_call(harness, monkeypatch):
+    calls = []
+    submit_many = harness.pool.submit_many
+    monkeypatch.setattr(harness.pool, "submit_many", lambda specs: calls.append(specs) or submit_many(specs))
+    monkeypatch.setattr(harness.pool, "submit", None)  # never one task at a time
+    body = {"tasks": [task("a"), task("b"), {"id": "c"}, task("a"), task("d", max_retries=1)]}
+    response = post_batch(harness.client, body, headers={"X-Request-ID": "rid-one"})
+    assert statuses(response) == [202, 202, 400, 409, 202]
+    (specs,) = calls
+    assert [(s.id, s.max_retries, s.request_id) for s in specs] == [
+        ("a", 2, "rid-one"),
+        ("b", 2, "rid-one"),
+        ("a", 2, "rid-one"),
+        ("d", 1, "rid-one"),
+    ]
+
+
 # -- the batch refused as a whole ------------------------------------------------
 
 

@@ -39,6 +39,8 @@ class Handler:
             self.blocked.set()
             while not (self.release.wait(0.05) or cancel.is_set()):
                 pass
+            if cancel.is_set():
+                raise RuntimeError("cancelled")
         elif task.payload == "fail":
             raise PermanentFailure("refused by the test")
 
@@ -193,7 +195,7 @@ def _serves_cancel(instance: Instance) -> bool:
     return status != 405
 
 
-def test_cancel_from_the_page_cancels_a_queued_task(page, instance):
+def test_cancel_from_the_page_cancels_queued_and_running_tasks(page, instance):
     if not _serves_cancel(instance):
         pytest.skip("this build has no DELETE /tasks/<id>")
     instance.submit("running-0", "block")
@@ -204,6 +206,10 @@ def test_cancel_from_the_page_cancels_a_queued_task(page, instance):
     expect(page.locator("#task-rows tr[data-id='victim'] td.state-cancelled")).to_be_visible(timeout=WAIT_MS)
     assert instance.get("/tasks/victim")[1]["state"] == "cancelled"
     assert "victim cancelled" in page.text_content("#task-message")
+    # A running task: cancellation requested (202), then cancelled when its attempt gives up.
+    page.click("button[aria-label='Cancel task running-0']")
+    expect(page.locator("#task-message")).to_contain_text("cancellation requested", timeout=WAIT_MS)
+    expect(page.locator("#task-rows tr[data-id='running-0'] td.state-cancelled")).to_be_visible(timeout=WAIT_MS)
     assert page.errors == []
 
 

@@ -6,23 +6,16 @@ import selectors
 import socket
 
 import pytest
+from doubles import FakeClock
 
 from service.lingering_close import LingeringCloser
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def setup():
-    clock = Clock()
+    clock = FakeClock()
     selector = selectors.DefaultSelector()
-    closer = LingeringCloser(selector, linger_s=2.0, max_lingering=3, clock=clock)
+    closer = LingeringCloser(selector, linger_s=2.0, max_lingering=3, clock=clock.monotonic)
     pairs: list[tuple[socket.socket, socket.socket]] = []
 
     def pair() -> tuple[socket.socket, socket.socket]:
@@ -65,10 +58,10 @@ def test_a_client_that_never_closes_is_closed_after_the_linger_time(setup):
     clock, closer, pair, turn = setup
     server, _ = pair()
     closer.close(server)
-    clock.now += 1.9
+    clock.advance(1.9)
     closer.expire()
     assert not closed(server)
-    clock.now += 0.2
+    clock.advance(0.2)
     closer.expire()
     assert closed(server)
 

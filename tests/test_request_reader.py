@@ -6,6 +6,7 @@ import selectors
 import socket
 
 import pytest
+from doubles import FakeClock
 from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers.gthread import TConn
 
@@ -14,24 +15,16 @@ from service.request_reader import MAX_PREREAD_BODY, ReadDeadline, RequestReader
 TIMEOUT = 10.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Harness:
     def __init__(self) -> None:
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.selector = selectors.DefaultSelector()
         self.ready: list[TConn] = []
         self.dropped: list[TConn] = []
         self.cfg = GunicornConfig()
         self.reader = RequestReader(
             self.cfg, self.selector, ready=self.ready.append, drop=self.dropped.append, timeout=TIMEOUT,
-            clock=self.clock,
+            clock=self.clock.monotonic,
         )
         self.sockets: list[socket.socket] = []
 
@@ -132,14 +125,14 @@ def test_a_request_not_whole_by_the_deadline_is_given_up(harness):
     silent, _ = harness.connect()
     partial, _ = harness.connect(HEAD[:10])
     short_body, _ = harness.connect(b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n123")
-    harness.clock.now += TIMEOUT - 0.01
+    harness.clock.advance(TIMEOUT - 0.01)
     harness.reader.expire()
     assert harness.dropped == [] and harness.ready == []
-    harness.clock.now += 0.02
+    harness.clock.advance(0.02)
     harness.reader.expire()
     assert harness.dropped == [silent, partial]
     assert harness.ready == [short_body]
-    assert short_body.read_deadline <= harness.clock.now  # its thread reads no more
+    assert short_body.read_deadline <= harness.clock.monotonic()  # its thread reads no more
 
 
 def test_the_connection_waiting_longest_is_dropped_first(harness):
@@ -152,8 +145,8 @@ def test_the_connection_waiting_longest_is_dropped_first(harness):
 
 def test_deadlines_brought_forward_apply_to_waiting_requests(harness):
     conn, _ = harness.connect(HEAD[:10])
-    harness.reader.bring_deadlines_forward(harness.clock.now + 2)
-    harness.clock.now += 2
+    harness.reader.bring_deadlines_forward(harness.clock.monotonic() + 2)
+    harness.clock.advance(2)
     harness.reader.expire()
     assert harness.dropped == [conn]
 
@@ -163,16 +156,16 @@ def test_read_deadline_ends_the_stream_and_marks_the_connection():
         read_expired = False
 
     server, client = socket.socketpair()
-    clock = Clock()
+    clock = FakeClock()
     conn = Conn()
     conn.sock = server
-    conn.read_deadline = clock.now + 5
-    reader = ReadDeadline(conn, clock)
+    conn.read_deadline = clock.monotonic() + 5
+    reader = ReadDeadline(conn, clock.monotonic)
     try:
         client.sendall(b"abc")
         assert reader.recv(10) == b"abc"
         assert not conn.read_expired
-        clock.now += 5
+        clock.advance(5)
         assert reader.recv(10) == b""
         assert conn.read_expired
         assert server.gettimeout() is None  # blocking again, for the response
