@@ -222,6 +222,9 @@ def test_with_a_token_the_page_asks_for_it_and_shows_tasks_only_with_it(page, gu
     page.fill("#token-input", "wrong-token-0123456789")
     page.click("#token-form button[type=submit]")
     expect(page.locator("#token-error")).to_contain_text("refused", timeout=WAIT_MS)
+    with page.expect_response(lambda response: "/dashboard/live" in response.url):
+        pass  # the reason stays through the next poll
+    assert "refused" in page.text_content("#token-error")
     assert page.is_visible("#token-dialog")
     assert "secret-task" not in page.content()
 

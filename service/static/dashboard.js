@@ -317,7 +317,7 @@ async function submitTask(event) {
 
 function askForToken(message) {
   const dialog = $("token-dialog");
-  $("token-error").textContent = message || "";
+  if (message) $("token-error").textContent = message; // kept until there is a new reason
   $("token-open").hidden = false;
   if (!dialog.open && (!view.tokenDeclined || message)) {
     dialog.showModal();
@@ -379,7 +379,11 @@ function start() {
     view.tokenDeclined = true;
     $("token-dialog").close();
   });
-  $("token-open").addEventListener("click", () => askForToken(""));
+  $("token-open").addEventListener("click", () => {
+    $("token-error").textContent = "";
+    view.tokenDeclined = false;
+    askForToken();
+  });
   $("state-filter").addEventListener("change", () => {
     view.page = 0;
     refreshTasks();
