@@ -163,7 +163,7 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
         return [FieldError("id", "must not contain control characters")]
     # The id is the tail of its URL, /tasks/<id>: clients drop "." and ".."
     # segments and servers merge "//", so such ids could never be read back.
-    if any(segment in ("", ".", "..") for segment in value.split("/")):
+    if value in (".", "..") or ("/" in value and any(part in ("", ".", "..") for part in value.split("/"))):
         return [FieldError("id", ID_PATH_RULE)]
     return []
 

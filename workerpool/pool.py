@@ -175,14 +175,17 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._closing = False  # no more submissions
         self._claiming = True  # workers take new attempts (a shared store stops at once on shutdown)
-        self._admitting = 0  # submissions between their closing check and their store step
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
         self._finals: Counter[State] = Counter()  # final states reached through this pool
         # Tasks whose last change is not yet heard by the observers, and how
         # many such changes are in flight: whoever changes such a task next
-        # waits before telling (see _wait_turn). An Event once someone waits.
-        self._in_flight: dict[str, list[Any]] = {}
+        # waits before telling (see _wait_turn), on an Event in _turn_waiters.
+        # A submission is in flight until it is stored and heard, so the drain
+        # also waits for these before it looks for unfinished work.
+        self._in_flight: dict[str, int] = {}
+        self._turn_waiters: dict[str, threading.Event] = {}
+        self._step_cancel = threading.Event()  # step()'s cancel event, reused until it is set
         self._cancel_early: set[str] = set()  # cancelled before their worker registered the attempt
         self._cancel_lock = threading.Lock()  # held across the two store calls of cancel(), nothing else
         self._timeouts = 0  # attempts failed by the attempt timeout
@@ -276,10 +279,10 @@ class WorkerPool:
         with self._lock:
             if self._closing:
                 return [PoolClosed() for _ in tasks]
-            self._admitting += 1
             started = self._start_locked()
+            in_flight = self._in_flight
             for task in tasks:  # before the store step: a worker may claim the task at once
-                self._enter_in_flight(task.id)
+                in_flight[task.id] = in_flight.get(task.id, 0) + 1
         try:
             results = self._store.admit(tasks)
             for result in results:
@@ -288,7 +291,6 @@ class WorkerPool:
                     self._notify("task_queued", result)
         finally:
             with self._lock:
-                self._admitting -= 1
                 for task in tasks:
                     self._leave_in_flight(task.id)
                 closing = self._closing
@@ -384,7 +386,9 @@ class WorkerPool:
         task = self._store.claim(self.owner, self._clock() + self._lease)
         if task is None:
             return False
-        self._run_attempt(task, threading.Event())
+        if self._step_cancel.is_set():  # the last attempt's handler may still hold it
+            self._step_cancel = threading.Event()
+        self._run_attempt(task, self._step_cancel)
         return True
 
     def _work(self) -> None:
@@ -460,7 +464,7 @@ class WorkerPool:
             timed_out = attempt.timed_out
             attempt.ending = True
             if retry_at is not None and not timed_out:  # another worker may claim the retry before it is heard
-                self._enter_in_flight(task.id)
+                self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
         if timed_out:  # the watchdog ended the attempt already
             _log(
                 logging.WARNING, task, "task %s attempt %d returned after it timed out; %s dropped",
@@ -592,8 +596,8 @@ class WorkerPool:
         attempt.cancel.set()
         retry_at = self._retry_at(task)
         if retry_at is not None:
-            with self._lock:
-                self._enter_in_flight(task.id)
+            with self._lock:  # another worker may claim the retry before attempt_finished is heard
+                self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
         if replacement is not None:
             replacement.start()
         _log(
@@ -625,30 +629,23 @@ class WorkerPool:
     # Only submissions and retries are marked: they are the changes after
     # which another thread can change the task at once.
 
-    def _enter_in_flight(self, task_id: str) -> None:  # _lock is held
-        entry = self._in_flight.get(task_id)
-        if entry is None:
-            self._in_flight[task_id] = [1, None]
-        else:
-            entry[0] += 1
-
     def _leave_in_flight(self, task_id: str) -> None:  # _lock is held
-        entry = self._in_flight[task_id]
-        entry[0] -= 1
-        if not entry[0]:
-            del self._in_flight[task_id]
-            if entry[1] is not None:
-                entry[1].set()
+        left = self._in_flight[task_id] - 1
+        if left:
+            self._in_flight[task_id] = left
+            return
+        del self._in_flight[task_id]
+        if self._turn_waiters:
+            waiter = self._turn_waiters.pop(task_id, None)
+            if waiter is not None:
+                waiter.set()
 
     def _wait_turn(self, task_id: str, timeout: float = 10.0) -> None:
         """Wait (a bounded time) until the observers have heard the task's earlier changes."""
         with self._lock:
-            entry = self._in_flight.get(task_id)
-            if entry is None:
+            if task_id not in self._in_flight:
                 return
-            if entry[1] is None:
-                entry[1] = threading.Event()
-            heard = entry[1]
+            heard = self._turn_waiters.setdefault(task_id, threading.Event())
         heard.wait(timeout)
 
     def _notify(self, hook: str, *args: object) -> None:
@@ -727,12 +724,13 @@ class WorkerPool:
             # (a finished attempt, a nearer deadline) sets it afterwards.
             self._drain_wakeup.clear()
             with self._lock:
-                # An attempt counts until its bookkeeping is done, so the summary includes its outcome.
-                busy, remaining = self._admitting or self._running, self._deadline - self._monotonic()
-                admitting = self._admitting
-            if not admitting and (remaining <= 0 or not (busy or self._store.unfinished(self.owner))):
+                # A submission in flight may still land: wait for it even past the deadline. An
+                # attempt counts until its bookkeeping is done, so the summary includes its outcome.
+                in_flight, running = bool(self._in_flight), bool(self._running)
+                remaining = self._deadline - self._monotonic()
+            if not in_flight and (remaining <= 0 or not (running or self._store.unfinished(self.owner))):
                 break
-            self._wait(self._drain_wakeup, None if admitting or remaining == math.inf else max(0.0, remaining))
+            self._wait(self._drain_wakeup, None if in_flight or remaining == math.inf else max(0.0, remaining))
         with self._lock:
             self._claiming = False
         abandoned = self._store.abandon(ABANDONED, owner=self.owner)

@@ -40,6 +40,11 @@ _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = (
     State.CANCELLED,
 )
 _NO_RENEWAL = Renewal(lost=frozenset(), cancel_requested=frozenset())
+_new_task = Task._make
+assert Task._fields == (
+    "id", "payload", "max_retries", "state", "attempts", "last_error", "created_at", "started_at",
+    "finished_at", "next_attempt_at", "request_id", "result", "cancel_requested",
+)  # fmt: skip  # the positions claim() and finish() spell out
 
 
 class MemoryStore(TaskStore):
@@ -129,9 +134,11 @@ class MemoryStore(TaskStore):
                         continue  # cancelled or abandoned while it waited
                     if task.attempts == 0:
                         self._waiting -= 1
-                    running = task._replace(
-                        state=_RUNNING, attempts=task.attempts + 1, started_at=now, next_attempt_at=None
-                    )
+                    # Spelled out rather than _replace(): this is the hot path, and 3x cheaper.
+                    running = _new_task(
+                        (task[0], task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
+                         task[10], task[11], task[12])
+                    )  # fmt: skip
                     self._set(task, running)
                     self._owners[task.id] = owner
                     return running
@@ -155,8 +162,11 @@ class MemoryStore(TaskStore):
                 return None
             del self._owners[task_id]
             now = self._clock()
-            if error is None:
-                ended = task._replace(state=_DONE, payload="", finished_at=now, result=result)
+            if error is None:  # the hot path: spelled out, see claim()
+                ended = _new_task(
+                    (task[0], "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
+                     result, task[12])
+                )  # fmt: skip
             elif task.cancel_requested:
                 ended = task._replace(state=_CANCELLED, payload="", finished_at=now, last_error=error)
             elif retry_at is not None:
