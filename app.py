@@ -80,6 +80,8 @@ def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> Wor
         backoff_cap=config.backoff_cap_ms / 1000,
         state_ttl=config.state_ttl_s,
         state_max_tasks=config.state_max_tasks,
+        max_result_bytes=config.max_result_bytes,
+        attempt_timeout=config.attempt_timeout_s,
         observers=observers,
     )
 

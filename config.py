@@ -86,6 +86,11 @@ class Config:
     # POST /enqueue/batch: tasks per request, and its own body limit (1,000 tasks of ~4 KiB each).
     max_batch_tasks: int = 1000
     max_batch_body_bytes: int = 4 * 1024 * 1024
+    max_delay_ms: int = 3_600_000
+    max_result_bytes: int = 65_536
+    # Five minutes: far above an attempt of the simulated work (0.5 s at most), between RQ's default
+    # job timeout (180 s) and Dramatiq's time limit (600 s); 0 turns it off.
+    attempt_timeout_s: float = 300.0
     state_ttl_s: float = 3600.0
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
@@ -259,6 +264,9 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
     "REQUEST_TIMEOUT_S": ("request_timeout_s", _number(0.0, 3600.0, low_open=True)),
+    "MAX_DELAY_MS": ("max_delay_ms", _integer(0, 30 * _DAY_MS)),
+    "MAX_RESULT_BYTES": ("max_result_bytes", _integer(0, 16 * 1024 * 1024)),
+    "ATTEMPT_TIMEOUT_S": ("attempt_timeout_s", _number(0.0, 86_400.0)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "ACCESS_LOG": ("access_log", _switch),

@@ -1,4 +1,4 @@
-"""The task API: submit a task, read one, list them, report health, and describe itself."""
+"""The task API: submit a task, read, list and cancel them, report health, and describe itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from workerpool import PoolStats, StoreUnavailable
+from workerpool import PoolStats, State, StoreUnavailable
 
 from . import connection, request_id
 from .auth import require_token, token_required
@@ -29,7 +29,9 @@ def enqueue() -> Response:
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
         body = read_body(svc.config.max_body_bytes)
         spec = parse_enqueue(body, TaskLimits.of(svc.config), request_id=request_id.current())
-        task = svc.pool.submit(spec.id, spec.payload, spec.max_retries, request_id=spec.request_id)
+        task = svc.pool.submit(
+            spec.id, spec.payload, spec.max_retries, delay=spec.delay, request_id=spec.request_id
+        )
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
@@ -81,12 +83,34 @@ def get_task(task_id: str) -> Response:
     """Return one task by id."""
     task = services().pool.get(task_id)
     if task is None:
-        raise Problem(
-            404,
-            f"no task with id {task_id!r}: it was never accepted, or it finished and has been forgotten",
-            kind="urn:workerpool:problem:task-not-found",
-        )
+        raise _not_found(task_id)
     return jsonify(task_to_json(task))
+
+
+@bp.delete("/tasks/<path:task_id>")
+@token_required
+def cancel_task(task_id: str) -> tuple[Response, int]:
+    """Cancel a task: 200 once cancelled, 202 while its running attempt is asked to stop."""
+    task = services().pool.cancel(task_id)
+    if task is None:
+        raise _not_found(task_id)
+    if task.state is State.CANCELLED:
+        return jsonify(task_to_json(task)), 200
+    if task.state is State.RUNNING:  # cancel_requested: the attempt's end decides
+        return jsonify(task_to_json(task)), 202
+    raise Problem(
+        409,
+        f"task {task_id!r} is already {task.state}: only queued and running tasks can be cancelled",
+        kind="urn:workerpool:problem:task-finished",
+    )
+
+
+def _not_found(task_id: str) -> Problem:
+    return Problem(
+        404,
+        f"no task with id {task_id!r}: it was never accepted, or it finished and has been forgotten",
+        kind="urn:workerpool:problem:task-not-found",
+    )
 
 
 @bp.get("/tasks")
@@ -101,7 +125,8 @@ def list_tasks() -> Response:
 @bp.get("/healthz")
 @bp.get("/health")
 def health() -> tuple[Response, int]:
-    """Report liveness and queue figures; 503 once shutdown has begun or while the task store fails."""
+    """Report liveness and queue figures; 503 once shutdown has begun, while the task store fails,
+    or when too many threads are stuck."""
     pool = services().pool
     try:
         stats = pool.stats()
@@ -110,17 +135,23 @@ def health() -> tuple[Response, int]:
         stats, store_error = None, str(exc)
     if stats is None or store_error is not None:
         return jsonify({"status": "store_unavailable", "store_error": store_error}), 503
-    return jsonify(health_figures(stats)), 200 if stats.accepting else 503
+    body = health_figures(stats)
+    return jsonify(body), 200 if body["status"] == "ok" else 503
 
 
 def health_figures(stats: PoolStats) -> dict[str, Any]:
-    """The body of /healthz: admission, queue and task counts (the dashboard's live figures start from it)."""
+    """The body of /healthz: admission, queue, stuck threads and task counts (the dashboard's live figures)."""
+    # Past the bound, a timed-out attempt's stuck thread was not replaced: fewer workers claim tasks.
+    short_of_workers = stats.stuck_threads > stats.stuck_threads_limit
+    status = "draining" if not stats.accepting else "unhealthy" if short_of_workers else "ok"
     return {
-        "status": "ok" if stats.accepting else "draining",
+        "status": status,
         "workers": stats.workers,
         "queue_capacity": stats.queue_capacity,
         "queue_depth": stats.queue_depth,
         "retries_pending": stats.retries_pending,
+        "stuck_threads": stats.stuck_threads,
+        "stuck_threads_limit": stats.stuck_threads_limit,
         "tasks": {str(state): count for state, count in stats.counts.items()},
     }
 

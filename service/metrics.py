@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 from flask import Blueprint, Response, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -107,6 +107,9 @@ class Metrics(PoolObserver):
         else:
             self._finish(task)
 
+    def task_cancelled(self, task: Task) -> None:
+        self._finish(task)
+
     def task_abandoned(self, task: Task) -> None:
         self.abandoned.inc()
         self._finish(task)
@@ -154,7 +157,7 @@ class _PoolCollector(Collector):
     def __init__(self, pool: WorkerPool) -> None:
         self._pool = pool
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._pool.stats()
         yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=stats.workers)
         yield GaugeMetricFamily("workerpool_queue_capacity", "Tasks the queue can hold.", value=stats.queue_capacity)
@@ -175,6 +178,21 @@ class _PoolCollector(Collector):
         yield retained
         yield GaugeMetricFamily(
             "workerpool_draining", "1 once shutdown began: new tasks are refused.", value=int(not stats.accepting)
+        )
+        yield CounterMetricFamily(
+            "workerpool_attempts_timed_out",
+            "Attempts failed because they ran longer than ATTEMPT_TIMEOUT_S (counted among failed attempts too).",
+            value=stats.attempts_timed_out,
+        )
+        yield GaugeMetricFamily(
+            "workerpool_stuck_threads",
+            "Worker threads still in a handler whose attempt timed out.",
+            value=stats.stuck_threads,
+        )
+        yield GaugeMetricFamily(
+            "workerpool_stuck_threads_limit",
+            "Stuck threads that get a replacement; past it the service reports itself unhealthy.",
+            value=stats.stuck_threads_limit,
         )
 
 

@@ -36,6 +36,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
     fields["payload"]["anyOf"][0]["maxLength"] = config.max_payload_chars
     fields["max_retries"]["maximum"] = config.max_retries_limit
     fields["max_retries"]["default"] = config.default_max_retries
+    fields["delay_ms"]["maximum"] = config.max_delay_ms
     _keep_the_security_that_holds(spec, token_set=bool(config.api_token))
     return spec
 

@@ -25,7 +25,7 @@ MAX_INTEGER_DIGITS = 100
 ID_PATH_RULE = "must not start or end with '/', contain '//', or have a '.' or '..' segment"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
-ENQUEUE_FIELDS = ("id", "payload", "max_retries")
+ENQUEUE_FIELDS = ("id", "payload", "max_retries", "delay_ms")
 LIST_PARAMETERS = ("state", "limit")
 # Unicode categories Cc (control characters) and Cs (lone surrogates), as one character class:
 # a regex search costs a fraction of a unicodedata.category() call per character.
@@ -39,6 +39,7 @@ class TaskLimits:
     default_max_retries: int
     max_retries_limit: int
     max_payload_chars: int
+    max_delay_ms: int = 0
 
     @classmethod
     def of(cls, config: Config) -> TaskLimits:
@@ -46,6 +47,7 @@ class TaskLimits:
             default_max_retries=config.default_max_retries,
             max_retries_limit=config.max_retries_limit,
             max_payload_chars=config.max_payload_chars,
+            max_delay_ms=config.max_delay_ms,
         )
 
 
@@ -84,13 +86,15 @@ def parse_task(document: Any, limits: TaskLimits, *, request_id: str | None = No
     errors = [FieldError(name, "is not a known field") for name in document if name not in ENQUEUE_FIELDS]
     errors += _check_id(document)
     errors += _check_payload(document, limits.max_payload_chars)
-    errors += _check_max_retries(document, limits.max_retries_limit)
+    errors += _check_count(document, "max_retries", limits.max_retries_limit)
+    errors += _check_count(document, "delay_ms", limits.max_delay_ms)
     if errors:
         return errors
     return TaskSpec(
-        id=document["id"],
+        id=document.get("id"),
         payload=document["payload"],
         max_retries=_as_integer(document.get("max_retries", limits.default_max_retries)),
+        delay=_as_integer(document.get("delay_ms", 0)) / 1000,
         request_id=request_id,
     )
 
@@ -149,7 +153,7 @@ def json_type(value: Any) -> str:
 
 def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
     if "id" not in document:
-        return [FieldError("id", "is required")]
+        return []  # the pool makes one
     value = document["id"]
     if not isinstance(value, str):
         return [FieldError("id", f"must be a string, not {_json_type(value)}")]
@@ -208,17 +212,18 @@ def _as_integer(value: Any) -> Any:
     return value
 
 
-def _check_max_retries(document: Mapping[str, Any], limit: int) -> list[FieldError]:
-    if "max_retries" not in document:
+def _check_count(document: Mapping[str, Any], field: str, limit: int) -> list[FieldError]:
+    """An optional integer field from 0 to ``limit``."""
+    if field not in document:
         return []
-    value = _as_integer(document["max_retries"])
+    value = _as_integer(document[field])
     if isinstance(value, _OversizedInteger):
-        return [FieldError("max_retries", f"must be between 0 and {limit}")]
+        return [FieldError(field, f"must be between 0 and {limit}")]
     # bool is an int subclass: true is refused, as are 2.5 and "3".
     if type(value) is not int:
-        return [FieldError("max_retries", f"must be an integer, not {_json_type(value)}")]
+        return [FieldError(field, f"must be an integer, not {_json_type(value)}")]
     if not 0 <= value <= limit:
-        return [FieldError("max_retries", f"must be between 0 and {limit}")]
+        return [FieldError(field, f"must be between 0 and {limit}")]
     return []
 
 
@@ -274,6 +279,8 @@ def task_to_json(task: Task) -> dict[str, Any]:
         "attempts": task.attempts,
         "max_retries": task.max_retries,
         "last_error": task.last_error,
+        "result": task.result,
+        "cancel_requested": task.cancel_requested,
         "created_at": rfc3339(task.created_at),
         "started_at": rfc3339(task.started_at),
         "finished_at": rfc3339(task.finished_at),

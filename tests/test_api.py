@@ -24,6 +24,8 @@ TASK_FIELDS = {
     "attempts",
     "max_retries",
     "last_error",
+    "result",
+    "cancel_requested",
     "created_at",
     "started_at",
     "finished_at",
@@ -246,8 +248,7 @@ NOT_INTEGER = "must be an integer"
 @pytest.mark.parametrize(
     ("body", "errors"),
     [
-        ({}, [("id", "is required"), ("payload", PAYLOAD_REQUIRED)]),
-        ({"payload": ""}, [("id", "is required")]),
+        ({}, [("payload", PAYLOAD_REQUIRED)]),
         ({"id": "a"}, [("payload", PAYLOAD_REQUIRED)]),
         ({"id": 1, "payload": ""}, [("id", "must be a string, not a number")]),
         ({"id": None, "payload": ""}, [("id", "must be a string, not null")]),
@@ -398,6 +399,8 @@ def test_a_task_reports_its_progress():
         "attempts": 2,
         "max_retries": 1,
         "last_error": "RuntimeError: boom",
+        "result": None,
+        "cancel_requested": False,
         "created_at": "2027-01-15T08:00:00.125Z",
         "started_at": "2027-01-15T08:00:00.125Z",
         "finished_at": "2027-01-15T08:00:00.125Z",
@@ -549,6 +552,8 @@ def test_health_reports_the_pool(gate, path):
         "queue_capacity": 3,
         "queue_depth": 1,
         "retries_pending": 0,
+        "stuck_threads": 0,
+        "stuck_threads_limit": 1,
         "tasks": {"queued": 1, "running": 1, "done": 0, "failed": 0, "cancelled": 0},
     }
 

@@ -59,6 +59,20 @@ def test_build_pool_runs_simulated_work_with_the_configured_knobs():
     assert task.last_error.startswith("SimulatedFailure: ")
 
 
+def returns_a_big_result(task, cancel):
+    return "x" * 100
+
+
+def test_build_pool_applies_the_result_limit_and_the_attempt_timeout():
+    config = Config(workers=1, max_result_bytes=64, attempt_timeout_s=7.5, task_handler="test_app:returns_a_big_result")
+    pool = build_pool(config)
+    pool.submit("a", "")
+    pool.shutdown(10)
+    assert pool.get("a").last_error.endswith("the limit is 64 (MAX_RESULT_BYTES)")
+    assert pool.check_timeouts() == 7.5  # nothing runs: an attempt starting now has the whole timeout
+    assert build_pool(Config(attempt_timeout_s=0)).check_timeouts() is None
+
+
 @pytest.mark.parametrize(
     ("argv", "host", "port"),
     [([], None, None), (["--port", "9000"], None, 9000), (["--host", "0.0.0.0", "--port", "0"], "0.0.0.0", 0)],

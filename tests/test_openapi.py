@@ -94,7 +94,7 @@ busy_api = _fuzz(BUSY.app, unavailable=True, only=("enqueue", "enqueue_batch"))
 draining_api = _fuzz(DRAINING.app, unavailable=True, only=("enqueue", "enqueue_batch", "health", "health_alias"))
 guarded_api = _fuzz(GUARDED.app, token=TOKEN)
 # No token at all: every guarded operation must answer its documented 401, whatever the request.
-locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "enqueue_batch", "get_task", "list_tasks"))
+locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "enqueue_batch", "get_task", "list_tasks", "cancel_task"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -194,6 +194,7 @@ def test_the_served_description_has_the_instance_limits():
         max_retries_limit=7,
         max_batch_tasks=9,
         max_batch_body_bytes=8192,
+        max_delay_ms=1234,
     )
     harness = make_harness(config=config)
     spec = served_spec(harness)
@@ -203,6 +204,7 @@ def test_the_served_description_has_the_instance_limits():
     fields = spec["components"]["schemas"]["EnqueueRequest"]["properties"]
     assert fields["payload"]["x-max-chars"] == fields["payload"]["anyOf"][0]["maxLength"] == 1000
     assert (fields["max_retries"]["default"], fields["max_retries"]["maximum"]) == (1, 7)
+    assert fields["delay_ms"]["maximum"] == 1234
 
 
 def test_the_file_describes_an_instance_with_the_default_config():
@@ -221,9 +223,10 @@ def test_the_file_describes_an_instance_with_the_default_config():
         defaults.default_max_retries,
         defaults.max_retries_limit,
     )
+    assert fields["delay_ms"]["maximum"] == defaults.max_delay_ms
 
 
-GUARDED_OPERATIONS = {"enqueue", "enqueue_batch", "get_task", "list_tasks"}
+GUARDED_OPERATIONS = {"enqueue", "enqueue_batch", "get_task", "list_tasks", "cancel_task"}
 
 
 def _operations(spec):

@@ -1,4 +1,4 @@
-"""The pool against a model: hypothesis submits, cancels, steps, moves time and shuts down in any order.
+"""The pool against a model: hypothesis submits, cancels, steps, times out, moves time and shuts down in any order.
 
 The pool runs without threads on a fake clock over each store of
 tests/stores.py, so every run is reproducible and hypothesis can shrink a
@@ -56,10 +56,15 @@ from workerpool import (
     backoff_bound,
     compute_backoff,
 )
+from workerpool.pool import TIMED_OUT
 
 STEPS = 40
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 2.0
+ATTEMPT_TIMEOUT = 1.5
+TIMED_OUT_ERROR = TIMED_OUT.format(ATTEMPT_TIMEOUT)
+# What a handler does after its attempt timed out (the watchdog ran while it was stuck).
+LATE_ENDINGS = ("return", "raise", "get cancelled first")
 UNFINISHED = frozenset({State.QUEUED, State.RUNNING})
 # next_attempt_at - started_at is a difference of wall times near 1.8e9 s,
 # which are only exact to a few 1e-7 s.
@@ -205,6 +210,7 @@ class PoolModel(RuleBasedStateMachine):
         self.deadline = math.inf
         self.finals: Counter[State] = Counter()  # final states reached, however many are retained
         self.summary: ShutdownSummary | None = None  # once the drain ended
+        self.timeouts = 0  # attempts the watchdog failed
         self.seen: dict[str, State] = {}  # each task's state when the invariants last looked
 
     @initialize(seed=st.integers(0, 2**32 - 1), queue_size=st.integers(3, 5))
@@ -220,6 +226,7 @@ class PoolModel(RuleBasedStateMachine):
             threads=False,
             backoff_base=BACKOFF_BASE,
             backoff_cap=BACKOFF_CAP,
+            attempt_timeout=ATTEMPT_TIMEOUT,
             rng=random.Random(seed),
             clock=self.clock.time,
             monotonic=self.clock.monotonic,
@@ -233,6 +240,16 @@ class PoolModel(RuleBasedStateMachine):
         if outcome == "get cancelled":
             assert self.pool.cancel(task.id).cancel_requested
             assert cancel.is_set(), "cancelling a running task did not set its cancel event"
+        if outcome in LATE_ENDINGS:  # stuck until the watchdog (run here, as the attempt is stuck) times it out
+            if outcome == "get cancelled first":
+                assert self.pool.cancel(task.id).cancel_requested
+            assert self.pool.check_timeouts() == ATTEMPT_TIMEOUT  # not yet: no time has passed
+            self.clock.advance(ATTEMPT_TIMEOUT)
+            self.pool.check_timeouts()
+            assert cancel.is_set(), "a timed-out attempt's cancel event was not set"
+            if outcome == "raise":
+                raise RuntimeError("late failure")
+            return "late result"
         return None if outcome is None else OUTCOMES[outcome].act()
 
     def teardown(self) -> None:
@@ -305,6 +322,15 @@ class PoolModel(RuleBasedStateMachine):
 
     @rule(outcome=st.sampled_from(list(OUTCOMES)))
     def step(self, outcome: str) -> None:
+        self._step(outcome)
+
+    # Not while draining: the time the stuck attempt takes would move the drain's deadline under it.
+    @precondition(lambda self: not self.closing)
+    @rule(late=st.sampled_from(LATE_ENDINGS))
+    def step_that_times_out(self, late: str) -> None:
+        self._step(late)
+
+    def _step(self, outcome: str) -> None:
         self._release_due()
         claimable = not (self.closing and self.store.shared)  # a shared store stops claiming at shutdown
         line = self.released or self.fresh
@@ -417,12 +443,15 @@ class PoolModel(RuleBasedStateMachine):
         heapq.heapify(self.scheduled)
 
     def _attempt(self, task_id: str, outcome: str, handled: list[tuple[Task, str | None]]) -> None:
-        now = self.clock.time()
+        now = self.clock.time() - (ATTEMPT_TIMEOUT if outcome in LATE_ENDINGS else 0.0)  # when it started
         before = self.tasks[task_id]
         running = before._replace(
             state=State.RUNNING, attempts=before.attempts + 1, started_at=now, next_attempt_at=None
         )
         assert handled == [(running, outcome)], "the handler did not run exactly the predicted attempt"
+        if outcome in LATE_ENDINGS:
+            self._time_out(task_id, running, cancelled=outcome == "get cancelled first")
+            return
         error, retryable = OUTCOMES[outcome].error, OUTCOMES[outcome].retryable
         retries_used = running.attempts - 1
         if outcome == "get cancelled":
@@ -445,6 +474,26 @@ class PoolModel(RuleBasedStateMachine):
         self._count_final(ended)
         # No fake time passes during an attempt, so it lasts 0 s.
         self.history[task_id] += [("attempt_started", handled[0][0], None), ("attempt_finished", ended, 0.0)]
+
+    def _time_out(self, task_id: str, running: Task, *, cancelled: bool) -> None:
+        """The watchdog failed the attempt ATTEMPT_TIMEOUT after it started; what the handler did later is dropped."""
+        now = self.clock.time()  # the handler moved time on by ATTEMPT_TIMEOUT
+        running = running._replace(cancel_requested=cancelled)
+        retry_at = None
+        if running.attempts <= running.max_retries:  # the pool draws the backoff before the store decides
+            retry_at = now + compute_backoff(running.attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self.rng)
+        if cancelled:
+            ended = running._replace(state=State.CANCELLED, payload="", last_error=TIMED_OUT_ERROR, finished_at=now)
+        elif retry_at is not None:
+            ended = running._replace(state=State.QUEUED, last_error=TIMED_OUT_ERROR, next_attempt_at=retry_at)
+            heapq.heappush(self.scheduled, (retry_at, next(self.order), task_id))
+        else:
+            ended = running._replace(state=State.FAILED, payload="", last_error=TIMED_OUT_ERROR, finished_at=now)
+        self.tasks[task_id] = ended
+        self._count_final(ended)
+        self.timeouts += 1
+        started = running._replace(cancel_requested=False)
+        self.history[task_id] += [("attempt_started", started, None), ("attempt_finished", ended, ATTEMPT_TIMEOUT)]
 
     def _count_final(self, task: Task) -> None:
         if task.state in FINAL_STATES:
@@ -540,6 +589,8 @@ class PoolModel(RuleBasedStateMachine):
             assert task.attempts <= task.max_retries + 1, task
             if task.next_attempt_at is not None and task.attempts:  # waiting out the backoff after its last attempt
                 delay = task.next_attempt_at - task.started_at
+                if task.last_error == TIMED_OUT_ERROR:  # the backoff began when the attempt timed out
+                    delay -= ATTEMPT_TIMEOUT
                 bound = backoff_bound(task.attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP)
                 assert -WALL_SLACK <= delay <= bound + WALL_SLACK, task
 
@@ -553,6 +604,7 @@ class PoolModel(RuleBasedStateMachine):
         assert stats.retries_pending == sum(1 for _, _, task_id in self.scheduled if self.tasks[task_id].attempts)
         assert stats.waiting == sum(1 for t in self.tasks.values() if t.state is State.QUEUED and t.attempts == 0)
         assert stats.accepting is not self.closing
+        assert (stats.attempts_timed_out, stats.stuck_threads) == (self.timeouts, 0)  # step() callers never stick
 
     @invariant()
     def the_handler_runs_only_inside_step(self) -> None:

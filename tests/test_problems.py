@@ -32,7 +32,7 @@ def harness():
         ("POST", "/tasks", 405, "GET, HEAD"),
         ("GET", "/enqueue", 405, "POST"),
         ("PUT", "/enqueue", 405, "POST"),
-        ("DELETE", "/tasks/a", 405, "GET, HEAD"),
+        ("PUT", "/tasks/a", 405, "DELETE, GET, HEAD"),
         ("POST", "/healthz", 405, "GET, HEAD"),
         ("POST", "/health", 405, "GET, HEAD"),
         ("POST", "/metrics", 405, "GET, HEAD"),

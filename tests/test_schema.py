@@ -27,7 +27,7 @@ from service.schema import (
 )
 from workerpool import State, Task
 
-LIMITS = TaskLimits(default_max_retries=3, max_retries_limit=20, max_payload_chars=1000)
+LIMITS = TaskLimits(default_max_retries=3, max_retries_limit=20, max_payload_chars=1000, max_delay_ms=60_000)
 
 
 def parse(body: bytes, *, max_payload_chars: int = 1000) -> TaskSpec:
@@ -42,8 +42,36 @@ def test_a_valid_body_becomes_a_frozen_spec():
 
 
 def test_the_limits_come_from_the_config():
-    config = Config(default_max_retries=1, max_retries_limit=7, max_payload_chars=9)
-    assert TaskLimits.of(config) == TaskLimits(default_max_retries=1, max_retries_limit=7, max_payload_chars=9)
+    config = Config(default_max_retries=1, max_retries_limit=7, max_payload_chars=9, max_delay_ms=11)
+    assert TaskLimits.of(config) == TaskLimits(
+        default_max_retries=1, max_retries_limit=7, max_payload_chars=9, max_delay_ms=11
+    )
+
+
+def test_without_an_id_the_spec_asks_the_pool_for_one():
+    assert parse_task({"payload": {"k": 1}}, LIMITS) == TaskSpec(id=None, payload={"k": 1}, max_retries=3)
+
+
+@pytest.mark.parametrize(("delay_ms", "delay"), [(0, 0.0), (1, 0.001), (1500, 1.5), (60_000, 60.0)])
+def test_delay_ms_becomes_the_specs_delay_in_seconds(delay_ms, delay):
+    assert parse_task({"payload": "", "delay_ms": delay_ms}, LIMITS).delay == delay
+
+
+@pytest.mark.parametrize(
+    ("delay_ms", "message"),
+    [
+        (-1, "must be between 0 and 60000"),
+        (60_001, "must be between 0 and 60000"),
+        (10**200, "must be between 0 and 60000"),
+        (1.5, "must be an integer, not a number"),
+        (1000.0, "must be an integer, not a number"),
+        ("10", "must be an integer, not a string"),
+        (True, "must be an integer, not a boolean"),
+        (None, "must be an integer, not null"),
+    ],
+)
+def test_a_bad_delay_ms_is_a_field_error(delay_ms, message):
+    assert parse_task({"payload": "", "delay_ms": delay_ms}, LIMITS) == [FieldError("delay_ms", message)]
 
 
 def test_parse_task_checks_one_decoded_object_without_raising():
@@ -145,6 +173,8 @@ def test_task_json_leaves_out_the_payload():
         "attempts": 1,
         "max_retries": 2,
         "last_error": "RuntimeError: x",
+        "result": None,
+        "cancel_requested": False,
         "created_at": "1970-01-01T00:00:00.000Z",
         "started_at": "1970-01-01T00:00:01.000Z",
         "finished_at": None,
@@ -156,3 +186,9 @@ def test_the_forbidden_id_characters_are_exactly_the_control_and_surrogate_categ
     forbidden = {chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cs")}
     matched = {chr(c) for c in range(sys.maxunicode + 1) if FORBIDDEN_ID_CHARACTER.fullmatch(chr(c))}
     assert matched == forbidden
+
+
+def test_task_json_carries_the_result_and_the_cancel_request():
+    task = Task("a", "", 0, State.RUNNING, 1, created_at=0.0, result=[1, {"k": None}], cancel_requested=True)
+    view = task_to_json(task)
+    assert (view["result"], view["cancel_requested"]) == ([1, {"k": None}], True)

@@ -90,10 +90,10 @@ WRONG_TYPES: tuple[Callable[[str], object], ...] = (
     lambda tid: {"id": tid, "payload": "", "max_retry": 2},
     lambda tid: {"id": "", "payload": ""},
     lambda tid: {"id": tid + "/", "payload": ""},
-    lambda tid: {"payload": ""},
+    lambda tid: {"id": None, "payload": ""},  # an id may be left out, but not null
 )
 UNKNOWN_ROUTES = (("GET", "/nope"), ("POST", "/enqueue/x"), ("GET", "/task/1"), ("DELETE", "/"), ("GET", "/healthz/x"))
-WRONG_METHODS = (("GET", "/enqueue"), ("PUT", "/enqueue"), ("DELETE", "/tasks/x"), ("POST", "/healthz"),
+WRONG_METHODS = (("GET", "/enqueue"), ("PUT", "/enqueue"), ("PUT", "/tasks/x"), ("POST", "/healthz"),
                  ("PATCH", "/tasks"), ("POST", "/metrics"))
 BAD_QUERIES = ("/tasks?state=bogus", "/tasks?limit=0", "/tasks?limit=x", "/tasks?limit=1001", "/tasks?color=red",
                "/tasks?state=done&state=failed")

@@ -12,6 +12,7 @@ which observers hear of a task's changes.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ fails for good), raising fails the attempt (retried unless the exception is a
 attempt is abandoned at shutdown (or timed out): a long handler should return early."""
 
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
+TIMED_OUT = "AttemptTimeout: the attempt ran longer than {:g} s"
 _MAX_ERROR_CHARS = 500
 _STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
 
@@ -70,6 +72,12 @@ class PoolStats:
     counts: dict[State, int]
     waiting: int = 0
     """Tasks admitted and not yet started, delayed ones included: what ``queue_capacity`` bounds."""
+    attempts_timed_out: int = 0
+    """Attempts failed by the attempt timeout since the pool was made."""
+    stuck_threads: int = 0
+    """Worker threads still running a handler whose attempt timed out."""
+    stuck_threads_limit: int = 0
+    """How many stuck threads get a replacement; past it the pool runs short of workers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,8 @@ class Attempt:
     cancel: threading.Event
     started: float  # by the pool's monotonic clock
     thread: threading.Thread
+    timed_out: bool = False  # set under the pool's _lock; then only the timeout ends it in the store
+    ending: bool = False  # its worker is recording its end (under _lock): too late to time it out
 
 
 class WorkerPool:
@@ -119,6 +129,8 @@ class WorkerPool:
         state_max_tasks: int = 100_000,
         max_result_bytes: int = 65536,
         lease: float = 30.0,
+        attempt_timeout: float = 0.0,
+        max_stuck_threads: int | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -134,6 +146,8 @@ class WorkerPool:
             raise ValueError(f"need 0 <= backoff_base <= backoff_cap, got {backoff_base}, {backoff_cap}")
         if lease <= 0 or max_result_bytes < 0:
             raise ValueError(f"need lease > 0 and max_result_bytes >= 0, got {lease}, {max_result_bytes}")
+        if not 0 <= attempt_timeout < math.inf:
+            raise ValueError(f"attempt_timeout must be a finite number of seconds >= 0, got {attempt_timeout}")
         self.workers = workers
         self._store = store or MemoryStore(
             queue_size, ttl=state_ttl, max_finished=state_max_tasks, clock=clock, wait=wait
@@ -144,6 +158,8 @@ class WorkerPool:
         self._backoff_cap = backoff_cap
         self._max_result_bytes = max_result_bytes
         self._lease = lease
+        self._attempt_timeout = attempt_timeout  # 0: attempts may run for ever
+        self._max_stuck = workers if max_stuck_threads is None else max_stuck_threads
         self._rng = rng or random.Random()
         self._clock = clock
         self._monotonic = monotonic
@@ -172,6 +188,11 @@ class WorkerPool:
         self._step_cancel = threading.Event()  # step()'s cancel event, reused until it is set
         self._cancel_early: set[str] = set()  # cancelled before their worker registered the attempt
         self._cancel_lock = threading.Lock()  # held across the two store calls of cancel(), nothing else
+        self._timeouts = 0  # attempts failed by the attempt timeout
+        self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
+        self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
+        self._thread_numbers = itertools.count(workers + 1)
+        self._watchdog_wakeup = threading.Event()  # set when the threads stop
 
         self._drain_wakeup = threading.Event()  # a drain waits for attempts to end or a nearer deadline
         self._drained = threading.Event()
@@ -198,6 +219,8 @@ class WorkerPool:
         ]
         if self._store.shared:
             self._threads.append(threading.Thread(target=self._keep_leases, name="workerpool-leases", daemon=True))
+        if self._attempt_timeout:
+            self._threads.append(threading.Thread(target=self._watch, name="workerpool-watchdog", daemon=True))
         for thread in self._threads:
             thread.start()
         return True
@@ -328,6 +351,8 @@ class WorkerPool:
 
     def stats(self) -> PoolStats:
         stats = self._store.stats()
+        with self._lock:
+            timeouts, stuck = self._timeouts, len(self._stuck)
         return PoolStats(
             workers=self.workers,
             queue_capacity=self.queue_size,
@@ -336,6 +361,9 @@ class WorkerPool:
             accepting=self.accepting,
             counts=stats.counts,
             waiting=stats.waiting,
+            attempts_timed_out=timeouts,
+            stuck_threads=stuck,
+            stuck_threads_limit=self._max_stuck,
         )
 
     def running(self) -> list[Attempt]:
@@ -380,6 +408,8 @@ class WorkerPool:
             if cancel.is_set():  # the last attempt's handler may still hold it
                 cancel = threading.Event()
             self._run_attempt(task, cancel)
+            if self._stuck and self._leave_if_replaced():
+                return
 
     def _run_attempt(self, task: Task, cancel: threading.Event) -> None:
         attempt = Attempt(task, cancel, self._monotonic(), threading.current_thread())
@@ -406,7 +436,9 @@ class WorkerPool:
         try:
             returned = self._handler(task, attempt.cancel)
         except BaseException as exc:  # even SystemExit: it would end this thread silently
-            retry_at = None if isinstance(exc, PermanentFailure) else self._retry_at(task)
+            # A timed-out attempt's retry was scheduled by the watchdog (read without the lock: a
+            # stale False only draws a backoff that _end_attempt then drops).
+            retry_at = None if isinstance(exc, PermanentFailure) or attempt.timed_out else self._retry_at(task)
             self._end_attempt(attempt, _describe(exc), None, retry_at, exc)
         else:
             error = _check_result(returned, self._max_result_bytes)
@@ -428,9 +460,29 @@ class WorkerPool:
         exc: BaseException | None = None,
     ) -> None:
         task = attempt.task
-        if retry_at is not None:
-            with self._lock:  # another worker may claim the retry before attempt_finished is heard
+        with self._lock:
+            timed_out = attempt.timed_out
+            attempt.ending = True
+            if retry_at is not None and not timed_out:  # another worker may claim the retry before it is heard
                 self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
+        if timed_out:  # the watchdog ended the attempt already
+            _log(
+                logging.WARNING, task, "task %s attempt %d returned after it timed out; %s dropped",
+                task.id, task.attempts, "its error" if error else "its result",
+            )  # fmt: skip
+            return
+        self._finish_attempt(attempt, error, result, retry_at, exc)
+
+    def _finish_attempt(
+        self,
+        attempt: Attempt,
+        error: str | None,
+        result: Any,
+        retry_at: float | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Record the end of an attempt in the store and tell the observers (once per attempt)."""
+        task = attempt.task
         ended = None
         try:
             ended = self._store.finish(
@@ -485,6 +537,88 @@ class WorkerPool:
         if task.state in FINAL_STATES:
             with self._lock:
                 self._finals[task.state] += 1
+
+    # -- attempt timeouts ------------------------------------------------
+
+    # An attempt running longer than attempt_timeout is failed by the watchdog
+    # (retried by the policy), its cancel event is set and, while fewer than
+    # max_stuck_threads are stuck, its worker is replaced at once so that
+    # `workers` threads keep claiming. The stuck thread's late return is
+    # dropped; a replaced one then exits, one that was not goes on working.
+
+    def _watch(self) -> None:
+        while not self._watchdog_wakeup.is_set():
+            try:
+                delay = self.check_timeouts()
+            except Exception:
+                delay = min(1.0, self._attempt_timeout)
+                log.exception("the attempt timeout check failed; trying again in %.2f s", delay)
+            self._wait(self._watchdog_wakeup, delay)
+
+    def check_timeouts(self) -> float | None:
+        """Fail every attempt that has run ``attempt_timeout`` seconds or more.
+
+        Returns the seconds until a running attempt may time out next (an
+        attempt starting now: ``attempt_timeout``), or None when attempts may
+        run for ever. The watchdog thread calls this; a pool built with
+        ``threads=False`` needs its caller to.
+        """
+        if not self._attempt_timeout:
+            return None
+        now = self._monotonic()
+        next_check = self._attempt_timeout
+        for attempt in self.running():
+            left = attempt.started + self._attempt_timeout - now
+            if left <= 0:
+                self._time_out(attempt, now - attempt.started)
+            elif not attempt.timed_out:
+                next_check = min(next_check, left)
+        return next_check
+
+    def _time_out(self, attempt: Attempt, seconds: float) -> None:
+        task = attempt.task
+        with self._lock:
+            if attempt.ending or attempt.timed_out or self._running.get(task.id) is not attempt:
+                return  # it ended meanwhile
+            attempt.timed_out = True
+            self._timeouts += 1
+            replacement = None
+            worker = attempt.thread in self._threads  # not a caller of step()
+            if worker:
+                self._stuck.add(attempt.thread)
+                if len(self._stuck) <= self._max_stuck and self._claiming:
+                    self._retired.add(attempt.thread)
+                    replacement = threading.Thread(
+                        target=self._work, name=f"workerpool-worker-{next(self._thread_numbers)}", daemon=True
+                    )
+                    self._threads.append(replacement)
+            stuck = len(self._stuck)
+        attempt.cancel.set()
+        retry_at = self._retry_at(task)
+        if retry_at is not None:
+            with self._lock:  # another worker may claim the retry before attempt_finished is heard
+                self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
+        if replacement is not None:
+            replacement.start()
+        _log(
+            logging.WARNING, task, "task %s attempt %d timed out after %.1f s; %s", task.id, task.attempts, seconds,
+            _stuck_thread_fate(worker, replacement, stuck, self._max_stuck),
+        )  # fmt: skip
+        self._finish_attempt(attempt, TIMED_OUT.format(self._attempt_timeout), None, retry_at)
+
+    def _leave_if_replaced(self) -> bool:
+        """After an attempt: whether this worker was stuck and replaced, and so must exit now."""
+        me = threading.current_thread()
+        with self._lock:
+            if me not in self._stuck:
+                return False
+            self._stuck.discard(me)
+            if me not in self._retired:
+                return False
+            self._retired.discard(me)
+            self._threads.remove(me)
+        log.info("%s returned from its timed-out attempt and exits: its replacement runs", me.name)
+        return True
 
     # -- the order observers hear of a task ------------------------------
 
@@ -627,6 +761,7 @@ class WorkerPool:
 
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
         self._store.wake()
+        self._watchdog_wakeup.set()
         with self._lock:
             threads = list(self._threads)
         # Abandoned handlers were told to cancel; one that ignores it is left
@@ -640,6 +775,14 @@ def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> 
     """Log a line about ``task``, with its id and request id attached for structured logs."""
     if log.isEnabledFor(level):
         log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id}, **kwargs)
+
+
+def _stuck_thread_fate(worker: bool, replacement: threading.Thread | None, stuck: int, limit: int) -> str:
+    if not worker:
+        return "the caller of step() holds it"
+    if replacement is None:
+        return f"its worker thread is stuck and NOT replaced: {stuck} stuck thread(s), more than the {limit} replaced"
+    return f"{replacement.name} replaces its stuck worker thread ({stuck} stuck, at most {limit} replaced)"
 
 
 def _check_result(returned: object, limit: int) -> str | None:

@@ -1,0 +1,234 @@
+"""Attempt timeouts: the watchdog fails an attempt that runs too long and replaces its stuck worker.
+
+On the fake clock the tests call ``check_timeouts()`` themselves after moving
+time on (the watchdog thread may do the same at the same moment: whoever
+comes first times the attempt out); one test runs the watchdog on real time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+from doubles import WAIT_S, FakeClock, instant
+from http_fixtures import FinalStates, make_harness
+
+from workerpool import State, Task, WorkerPool
+from workerpool.pool import TIMED_OUT
+
+TIMEOUT = 5.0
+
+
+class Stuck:
+    """A handler whose first attempt of a task ignores its cancel event and blocks until ``release()``;
+    later attempts, and every attempt of the tasks named in ``quick``, return their attempt number."""
+
+    def __init__(self, *quick: str) -> None:
+        self.quick = set(quick)
+        self.cancels: list[threading.Event] = []
+        self.threads: list[threading.Thread] = []
+        self._started = threading.Semaphore(0)
+        self._release = threading.Event()
+
+    def __call__(self, task: Task, cancel: threading.Event) -> object:
+        if task.id in self.quick or task.attempts > 1:
+            return task.attempts
+        self.cancels.append(cancel)
+        self.threads.append(threading.current_thread())
+        self._started.release()
+        self._release.wait(WAIT_S)
+        return "late"
+
+    def wait_started(self) -> None:
+        assert self._started.acquire(timeout=WAIT_S), "no attempt started"
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("workerpool-worker")]
+
+
+def make_pool(handler, clock: FakeClock, **options) -> tuple[WorkerPool, FinalStates]:
+    final = FinalStates()
+    settings = {"workers": 1, "attempt_timeout": TIMEOUT, "backoff_base": 0.0, "backoff_cap": 0.0}
+    settings.update(options)
+    pool = WorkerPool(
+        handler, clock=clock.time, monotonic=clock.monotonic, wait=clock.wait, observers=[final], **settings
+    )
+    return pool, final
+
+
+def test_a_timed_out_attempt_is_retried_on_a_replacement_thread(clock, caplog):
+    handler = Stuck()
+    pool, final = make_pool(handler, clock)
+    before = set(worker_threads())
+    pool.submit("a", "", max_retries=1)
+    handler.wait_started()
+    clock.advance(TIMEOUT - 0.25)
+    assert pool.check_timeouts() == 0.25  # not yet
+    clock.advance(0.25)
+    pool.check_timeouts()
+    final.wait("a")  # the watchdog failed attempt 1; attempt 2 ran on a new worker thread
+    task = pool.get("a")
+    assert (task.state, task.attempts, task.result) == (State.DONE, 2, 2)
+    assert task.last_error == TIMED_OUT.format(TIMEOUT) == "AttemptTimeout: the attempt ran longer than 5 s"
+    assert handler.cancels[0].is_set(), "the timed-out attempt's cancel event was not set"
+    stats = pool.stats()
+    assert (stats.attempts_timed_out, stats.stuck_threads, stats.stuck_threads_limit) == (1, 1, 1)
+    assert len(set(worker_threads()) - before) == 2  # the stuck one and its replacement
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        handler.release()
+        handler.threads[0].join(WAIT_S)
+    assert not handler.threads[0].is_alive(), "the replaced thread did not exit after its late return"
+    assert pool.get("a") == task  # the late "late" was dropped
+    assert "task a attempt 1 returned after it timed out; its result dropped" in caplog.text
+    assert pool.stats().stuck_threads == 0
+    assert pool.shutdown(WAIT_S).abandoned == ()
+
+
+def test_a_timed_out_attempt_without_retries_left_fails_the_task(clock):
+    handler = Stuck()
+    pool, final = make_pool(handler, clock)
+    pool.submit("a", "", max_retries=0)
+    handler.wait_started()
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()
+    final.wait("a")
+    task = pool.get("a")
+    assert (task.state, task.attempts, task.last_error) == (State.FAILED, 1, TIMED_OUT.format(TIMEOUT))
+    handler.release()
+    pool.shutdown(WAIT_S)
+
+
+def test_a_cancelled_attempt_that_times_out_ends_cancelled(clock):
+    handler = Stuck()
+    pool, final = make_pool(handler, clock)
+    pool.submit("a", "", max_retries=3)
+    handler.wait_started()
+    assert pool.cancel("a").cancel_requested
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()
+    final.wait("a")
+    assert pool.get("a").state is State.CANCELLED
+    handler.release()
+    pool.shutdown(WAIT_S)
+
+
+def test_past_the_bound_a_stuck_thread_is_not_replaced_and_works_on_once_it_returns(clock):
+    handler = Stuck("c")
+    pool, final = make_pool(handler, clock, max_stuck_threads=1)
+    pool.submit("a", "")
+    handler.wait_started()
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()
+    final.wait("a")  # replaced: the bound allows one stuck thread
+    assert pool.get("a").last_error == TIMED_OUT.format(TIMEOUT), pool.get("a")
+    pool.submit("b", "")
+    handler.wait_started()  # on the replacement
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()
+    final.wait("b")  # timed out too, but a second stuck thread is past the bound: no replacement
+    stats = pool.stats()
+    assert (stats.attempts_timed_out, stats.stuck_threads, stats.stuck_threads_limit) == (2, 2, 1)
+    pool.submit("c", "", max_retries=0)
+    assert pool.get("c").state is State.QUEUED  # no thread is free to claim it
+    assert pool.check_timeouts() == TIMEOUT  # nothing left to time out: an attempt starting now could be next
+    handler.release()
+    final.wait("c")  # the thread that was not replaced took it once its handler returned
+    handler.threads[0].join(WAIT_S)
+    assert not handler.threads[0].is_alive()
+    assert handler.threads[1].is_alive()
+    assert pool.stats().stuck_threads == 0
+    pool.shutdown(WAIT_S)
+    handler.threads[1].join(WAIT_S)
+    assert not handler.threads[1].is_alive()
+
+
+def test_the_watchdog_thread_times_attempts_out_on_its_own():
+    handler = Stuck()
+    final = FinalStates()
+    pool = WorkerPool(handler, workers=1, attempt_timeout=0.05, observers=[final])
+    try:
+        pool.submit("a", "")
+        final.wait("a")
+        task = pool.get("a")
+        assert task.last_error == TIMED_OUT.format(0.05)
+        assert task.finished_at - task.started_at >= 0.05
+    finally:
+        handler.release()
+        pool.shutdown(WAIT_S)
+
+
+def test_an_attempt_that_ends_in_time_is_left_alone(clock):
+    pool, final = make_pool(instant, clock, threads=False)
+    pool.submit("a", "")
+    assert pool.step()
+    clock.advance(TIMEOUT * 2)
+    assert pool.check_timeouts() == TIMEOUT
+    assert pool.stats().attempts_timed_out == 0
+    assert pool.get("a").state is State.DONE
+
+
+def test_a_step_caller_is_timed_out_without_being_replaced(clock):
+    """Driven by step(): the handler itself advances time and runs the check, as the watchdog would."""
+
+    def handler(task: Task, cancel: threading.Event) -> str:
+        clock.advance(TIMEOUT)
+        pool.check_timeouts()
+        assert cancel.is_set()
+        return "late"
+
+    pool, final = make_pool(handler, clock, threads=False)
+    pool.submit("a", "", max_retries=0)
+    assert pool.step()
+    task = pool.get("a")
+    assert (task.state, task.result, task.last_error) == (State.FAILED, None, TIMED_OUT.format(TIMEOUT))
+    assert (pool.stats().attempts_timed_out, pool.stats().stuck_threads) == (1, 0)
+
+
+@pytest.mark.parametrize("timeout", [0.0])
+def test_a_zero_timeout_starts_no_watchdog(clock, timeout):
+    before = set(threading.enumerate())
+    pool, _ = make_pool(instant, clock, attempt_timeout=timeout)
+    pool.start()
+    names = {t.name for t in set(threading.enumerate()) - before}
+    pool.shutdown(WAIT_S)
+    assert names == {"workerpool-worker-1"}
+    assert pool.check_timeouts() is None
+
+
+def test_health_and_metrics_report_the_stuck_threads(clock):
+    handler = Stuck()
+    harness = make_harness(
+        handler,
+        clock=clock.time,
+        monotonic=clock.monotonic,
+        wait=clock.wait,
+        attempt_timeout=TIMEOUT,
+        max_stuck_threads=1,
+    )
+    try:
+        health = harness.client.get("/healthz")
+        assert (health.status_code, health.get_json()["stuck_threads"]) == (200, 0)
+        for task_id in ("a", "b"):
+            response = harness.client.post("/enqueue", json={"id": task_id, "payload": "", "max_retries": 0})
+            assert response.status_code == 202
+            handler.wait_started()
+            clock.advance(TIMEOUT)
+            harness.pool.check_timeouts()
+            harness.final.wait(task_id)
+            health = harness.client.get("/healthz")
+            body = health.get_json()
+            assert (body["stuck_threads"], body["stuck_threads_limit"]) == (1 if task_id == "a" else 2, 1)
+        assert (health.status_code, body["status"]) == (503, "unhealthy")
+        text = harness.client.get("/metrics").get_data(as_text=True)
+        assert "workerpool_attempts_timed_out_total 2.0" in text
+        assert "workerpool_stuck_threads 2.0" in text
+        assert "workerpool_stuck_threads_limit 1.0" in text
+    finally:
+        handler.release()
+        harness.pool.shutdown(WAIT_S)
+    assert harness.client.get("/healthz").get_json()["stuck_threads"] == 0
