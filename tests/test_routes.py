@@ -19,7 +19,7 @@ def test_a_double_slash_is_not_redirected_with_the_clients_host(path):
 
 @pytest.mark.parametrize(
     ("path", "allowed"),
-    [("/enqueue", {"POST"}), ("/tasks/x", {"GET", "HEAD"}), ("/healthz", {"GET", "HEAD"})],
+    [("/enqueue", {"POST"}), ("/tasks/x", {"DELETE", "GET", "HEAD"}), ("/healthz", {"GET", "HEAD"})],
 )
 def test_options_is_a_405_problem_listing_the_methods(path, allowed):
     response = make_harness().client.options(path)

@@ -64,7 +64,7 @@ def test_delay_ms_becomes_the_specs_delay_in_seconds(delay_ms, delay):
         (60_001, "must be between 0 and 60000"),
         (10**200, "must be between 0 and 60000"),
         (1.5, "must be an integer, not a number"),
-        (1000.0, "must be an integer, not a number"),
+        (1000.5, "must be an integer, not a number"),
         ("10", "must be an integer, not a string"),
         (True, "must be an integer, not a boolean"),
         (None, "must be an integer, not null"),
