@@ -194,7 +194,7 @@ class WorkerPool:
         self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
         self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
         self._thread_numbers = itertools.count(workers + 1)
-        self._watchdog_wakeup = threading.Event()  # set when the threads stop
+        self._threads_stop = threading.Event()  # set when the threads stop: ends the watchdog's and leases' waits
 
         self._drain_wakeup = threading.Event()  # a drain waits for attempts to end or a nearer deadline
         self._drained = threading.Event()
@@ -567,13 +567,13 @@ class WorkerPool:
     # for it) and every later check writes it again until the store takes it.
 
     def _watch(self) -> None:
-        while not self._watchdog_wakeup.is_set():
+        while not self._threads_stop.is_set():
             try:
                 delay = self.check_timeouts()
             except Exception:
                 delay = min(1.0, self._attempt_timeout)
                 log.exception("the attempt timeout check failed; trying again in %.2f s", delay)
-            self._wait(self._watchdog_wakeup, delay)
+            self._wait(self._threads_stop, delay)
 
     def check_timeouts(self) -> float | None:
         """Fail every attempt that has run ``attempt_timeout`` seconds or more.
@@ -692,8 +692,8 @@ class WorkerPool:
     def _keep_leases(self) -> None:
         """Renew the leases of running attempts and recover expired ones, whatever the handlers do."""
         period = self._lease / 3
-        stop = threading.Event()
-        while self._claiming or self._running:
+        stop = self._threads_stop
+        while (self._claiming or self._running) and not stop.is_set():
             try:
                 self._renew_once()
                 for task in self._store.recover(self._retry_at):
@@ -793,7 +793,7 @@ class WorkerPool:
 
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
         self._store.wake()
-        self._watchdog_wakeup.set()
+        self._threads_stop.set()
         with self._lock:
             threads = list(self._threads)
         # Abandoned handlers were told to cancel; one that ignores it is left

@@ -93,6 +93,9 @@ class TaskStore(abc.ABC):
         retained (or appeared earlier in ``tasks``), ``QueueFull`` once the
         bound is reached (later tasks of the batch may still fit no better:
         each is checked against the room left). A refused task leaves no trace.
+        A task's ``created_at`` is raised to the latest one admitted before it
+        (submitters stamp it before this step, so racing submits may arrive out
+        of stamp order): creation times never run backwards in listing order.
         """
 
     @abc.abstractmethod
