@@ -26,9 +26,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gunicorn.http import get_parser
-from gunicorn.http.body import LengthReader
-from gunicorn.http.message import Request
-from gunicorn.http.unreader import IterUnreader
 
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from its first byte or the connection's start
 MAX_PREREAD_HEAD = 65536  # larger heads go to a thread, whose parser refuses them
@@ -49,13 +46,14 @@ class Connection(Protocol):
 
 
 class _Pending:
-    __slots__ = ("deadline", "buffer", "length", "searched")
+    __slots__ = ("deadline", "buffer", "length", "searched", "closed")
 
     def __init__(self, deadline: float, buffered: bytes) -> None:
         self.deadline = deadline
         self.buffer = bytearray(buffered)
         self.length: int | None = None  # bytes the request takes here, once its head is parsed
         self.searched = 0  # the end of the head is not before this offset
+        self.closed = False  # the client closed its end, or the connection broke
 
 
 class RequestReader:
@@ -85,12 +83,17 @@ class RequestReader:
     def add(self, conn: Connection, buffered: bytes = b"") -> None:
         """Wait for ``conn``'s next request; ``buffered`` holds bytes of it already read."""
         pending = _Pending(self._clock() + self._timeout, buffered)
-        if self._complete(conn, pending):
-            self._hand_over(conn, pending)
-            return
         conn.sock.setblocking(False)
+        # A kept-alive connection comes here because it is readable: its request is usually
+        # there already, and reading it now saves a turn of the poller and two (un)registrations.
         self._pending[conn] = pending
-        self._poller.register(conn.sock, selectors.EVENT_READ, lambda sock: self._readable(conn))
+        if self._complete(pending) or self._receive(conn, pending):
+            del self._pending[conn]
+            self._hand_over(conn, pending)
+        elif pending.closed:  # the client stopped sending before its request was complete
+            self._give_up(conn, pending)
+        else:
+            self._poller.register(conn.sock, selectors.EVENT_READ, lambda sock: self._readable(conn))
 
     def expire(self) -> None:
         """Give up on the requests whose deadline has passed."""
@@ -118,49 +121,35 @@ class RequestReader:
 
     def _readable(self, conn: Connection) -> None:
         pending = self._pending[conn]
+        if self._receive(conn, pending):
+            self._forget(conn)
+            self._hand_over(conn, pending)
+        elif pending.closed:  # the client stopped sending before its request was complete
+            self._give_up(conn, pending)
+
+    def _receive(self, conn: Connection, pending: _Pending) -> bool:
+        """Read what the socket holds; whether the request is now complete."""
         try:
             data = conn.sock.recv(65536)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
-        if not data:  # the client stopped sending before its request was complete
-            self._give_up(conn, pending)
-            return
+        if not data:
+            pending.closed = True
+            return False
         pending.buffer += data
-        if self._complete(conn, pending):
-            self._forget(conn)
-            self._hand_over(conn, pending)
+        return self._complete(pending)
 
-    def _complete(self, conn: Connection, pending: _Pending) -> bool:
+    @staticmethod
+    def _complete(pending: _Pending) -> bool:
         if pending.length is None:
             end = pending.buffer.find(_END_OF_HEAD, pending.searched)
             if end < 0:
                 pending.searched = max(0, len(pending.buffer) - len(_END_OF_HEAD) + 1)
                 return len(pending.buffer) > MAX_PREREAD_HEAD
-            pending.length = self._request_length(conn, bytes(pending.buffer))
+            pending.length = request_length(bytes(pending.buffer[: end + len(_END_OF_HEAD)]))
         return len(pending.buffer) >= pending.length
-
-    def _request_length(self, conn: Connection, data: bytes) -> int:
-        """How many bytes to read before a thread takes over: the head, and the body if small and of known length.
-
-        The head is parsed with gunicorn's own parser. A head it refuses is
-        handed over as is: the thread's parse answers the error.
-        """
-        unreader = IterUnreader([data])
-        number = getattr(conn.parser, "req_count", 0) + 1
-        try:
-            request = Request(self._cfg, unreader, conn.client, number)
-        except Exception:  # any parse error: the thread's parser reports it
-            return 0
-        head = len(data) - len(unreader.buf.getvalue())
-        reader = request.body.reader
-        expects_continue = any(
-            name == "EXPECT" and value.lower() == "100-continue" for name, value in request.headers
-        )
-        if isinstance(reader, LengthReader) and reader.length <= MAX_PREREAD_BODY and not expects_continue:
-            return head + reader.length
-        return head
 
     def _give_up(self, conn: Connection, pending: _Pending) -> None:
         """A request that will not be complete: answered if its head is whole, else dropped.
@@ -183,11 +172,36 @@ class RequestReader:
         if conn.parser is None:
             conn.parser = get_parser(self._cfg, conn.sock, conn.client)
         conn.parser.unreader.unread(bytes(pending.buffer))  # type: ignore[attr-defined]
-        conn.parser.unreader.sock = ReadDeadline(conn)  # type: ignore[attr-defined]
+        if not isinstance(conn.parser.unreader.sock, ReadDeadline):  # type: ignore[attr-defined]
+            conn.parser.unreader.sock = ReadDeadline(conn)  # type: ignore[attr-defined]
         conn.read_deadline = pending.deadline
         conn.read_expired = False
         conn.data_ready = True  # gthread would otherwise wait for data first
         self._ready(conn)
+
+
+def request_length(head: bytes) -> int:
+    """How many bytes to read before a thread takes over: the head, and the body if small and of known length.
+
+    ``head`` ends with its blank line. Only the plain framing counts here: one
+    ``Content-Length`` of digits, no ``Transfer-Encoding``, no ``Expect``, no
+    folded header line. Anything else is handed over with the head alone,
+    and the thread's parser (gunicorn's, which alone decides what the request
+    is) reads or refuses the rest within the same deadline. Parsing the head
+    here with gunicorn's parser as well cost a second full parse per request.
+    """
+    lowered = head.lower()
+    if b"\r\ntransfer-encoding" in lowered or b"\r\nexpect" in lowered or b"\n " in head or b"\n\t" in head:
+        return len(head)
+    start = lowered.find(b"\r\ncontent-length:")
+    if start < 0 or lowered.find(b"\r\ncontent-length:", start + 1) >= 0:
+        return len(head)  # no body, or two lengths: the parser refuses them
+    start += len(b"\r\ncontent-length:")
+    value = head[start : head.index(b"\r\n", start)].strip(b" \t")
+    if not (value.isdigit() and len(value) <= 8):  # bytes.isdigit() is ASCII digits only
+        return len(head)
+    length = int(value)
+    return len(head) + length if length <= MAX_PREREAD_BODY else len(head)
 
 
 class ReadDeadline:

@@ -10,7 +10,7 @@ from doubles import FakeClock
 from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers.gthread import TConn
 
-from service.request_reader import MAX_PREREAD_BODY, ReadDeadline, RequestReader
+from service.request_reader import MAX_PREREAD_BODY, ReadDeadline, RequestReader, request_length
 
 TIMEOUT = 10.0
 
@@ -104,6 +104,51 @@ def test_a_small_body_of_known_length_is_read_before_the_hand_over(harness):
 def test_other_requests_are_handed_over_once_the_head_is_in(harness, head):
     conn, _ = harness.connect(head)
     assert harness.ready == [conn]
+
+
+def test_a_request_already_there_is_handed_over_without_the_poller(harness):
+    server, client = socket.socketpair()
+    harness.sockets += [server, client]
+    conn = TConn(harness.cfg, server, ("127.0.0.1", 5000), ("127.0.0.1", 80))
+    client.sendall(HEAD)
+    harness.reader.add(conn)  # no turn of the event loop
+    assert harness.ready == [conn]
+    assert harness.buffered(conn) == HEAD
+    assert not harness.selector.get_map()
+
+
+def test_a_connection_closed_before_it_is_added_is_dropped(harness):
+    server, client = socket.socketpair()
+    harness.sockets += [server, client]
+    conn = TConn(harness.cfg, server, ("127.0.0.1", 5000), ("127.0.0.1", 80))
+    client.close()
+    harness.reader.add(conn)
+    assert harness.dropped == [conn]
+    assert len(harness.reader) == 0 and not harness.selector.get_map()
+
+
+@pytest.mark.parametrize(
+    ("headers", "body_bytes"),
+    [
+        (b"Content-Length: 10\r\n", 10),
+        (b"content-LENGTH:\t7 \r\n", 7),
+        (b"Content-Length: 0\r\n", 0),
+        (b"X-Content-Length: 10\r\n", 0),
+        (b"", 0),
+        # Framings left to the thread's parser: the head alone is read first.
+        (b"Content-Length: +10\r\n", 0),
+        (b"Content-Length: 1_0\r\n", 0),
+        (b"Content-Length: \xd9\xa1\r\n", 0),  # a non-ASCII digit
+        (b"Content-Length: 10\r\nContent-Length: 10\r\n", 0),
+        (b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n", 0),
+        (b"Content-Length: 10\r\nExpect: 100-continue\r\n", 0),
+        (b"X-A: b\r\n c\r\nContent-Length: 10\r\n", 0),  # a folded line
+        (b"Content-Length: %d\r\n" % (MAX_PREREAD_BODY + 1), 0),
+    ],
+)
+def test_request_length_reads_ahead_only_a_plain_body_of_known_length(headers, body_bytes):
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"
+    assert request_length(head) == len(head) + body_bytes
 
 
 def test_a_client_closing_before_its_head_is_whole_is_dropped(harness):

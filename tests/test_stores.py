@@ -91,6 +91,23 @@ def test_a_duplicate_id_is_refused_and_changes_nothing(store, clock):
     assert (store.get("a"), store.stats()) == before
 
 
+def test_creation_times_never_run_backwards_in_admission_order(store, clock):
+    # A submitter reads the clock before the store's step, so a task stamped
+    # earlier can be admitted after one stamped later (two requests racing).
+    # The listing is in admission order; the store keeps the times agreeing with it.
+    later = Task("later", "", 0, created_at=clock.time() + 0.5)
+    earlier = Task("earlier", "", 0, created_at=clock.time())
+    [first] = store.admit([later])
+    [second, third] = store.admit([earlier, Task("in-batch", "", 0, created_at=clock.time() - 1)])
+    assert first == later
+    assert second.created_at == third.created_at == later.created_at  # clamped, never moved back
+    listed = store.list()
+    assert [t.id for t in listed] == ["in-batch", "earlier", "later"]
+    times = [t.created_at for t in listed]
+    assert times == sorted(times, reverse=True), times
+    assert [store.get(t.id) for t in listed] == listed == [third, second, first]
+
+
 def test_a_batch_is_admitted_in_order_and_each_task_checked_against_the_room_left(make_store, clock):
     store = make_store(capacity=3)
     admit(store, clock, "old")

@@ -93,6 +93,9 @@ class TaskStore(abc.ABC):
         retained (or appeared earlier in ``tasks``), ``QueueFull`` once the
         bound is reached (later tasks of the batch may still fit no better:
         each is checked against the room left). A refused task leaves no trace.
+        A task's ``created_at`` is raised to the latest one admitted before it
+        (submitters stamp it before this step, so racing submits may arrive out
+        of stamp order): creation times never run backwards in listing order.
         """
 
     @abc.abstractmethod
@@ -160,7 +163,10 @@ class TaskStore(abc.ABC):
         other; a retry scheduled due now may be the task claimed next.
         """
         ended = self.finish(task_id, attempt, owner, error=error, result=result, retry_at=retry_at)
-        return ended, self.claim(owner, lease_until)
+        try:
+            return ended, self.claim(owner, lease_until)
+        except Exception:  # the end is recorded: a failing claim is left to the worker's next one to meet
+            return ended, None
 
     @abc.abstractmethod
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:

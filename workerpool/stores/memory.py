@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -82,6 +83,10 @@ class MemoryStore(TaskStore):
         # it is never held while calling out of this module (Event.set aside).
         self._lock = threading.Lock()
         self._tasks: dict[str, Task] = {}  # id -> current snapshot, in admission order
+        # The latest created_at admitted: the submitter stamps a task before this lock, so two
+        # racing submits may arrive out of stamp order; admit clamps to keep creation times
+        # non-decreasing in admission (listing) order.
+        self._last_created = -math.inf
         # Ids per state in the order they entered it: O(1) counts, newest-first listing by state.
         self._by_state: dict[State, dict[str, None]] = {state: {} for state in State}
         self._owners: dict[str, str] = {}  # running id -> the owner that claimed it
@@ -113,6 +118,9 @@ class MemoryStore(TaskStore):
                 elif self._waiting >= self.capacity:
                     results.append(QueueFull(self.capacity))
                 else:
+                    if task.created_at < self._last_created:  # stamped before a task admitted first
+                        task = task._replace(created_at=self._last_created)
+                    self._last_created = task.created_at
                     tasks_by_id[task.id] = task
                     queued[task.id] = None
                     self._waiting += 1

@@ -11,6 +11,7 @@ instances do at the same moment. Keys (``P`` is the prefix with its hash tag,
 - ``P:run``: running attempts, scored by lease expiry; ``P:own:<owner>`` the ids one owner runs;
 - ``P:all`` and ``P:st:<state>``: every retained id, scored by a sequence number (listing order);
 - ``P:fin``: finished ids scored by finish time (retention);
+- ``P:created``: the newest ``created_at`` admitted (creation times never run backwards in listing order);
 - ``P:signal``: tokens pushed when work becomes claimable; idle workers block on it (``BLPOP``)
   together with ``P:wake:<instance>``, which only this instance pushes to (shutdown).
 """
@@ -95,6 +96,10 @@ _ADMIT = """
 local now, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
 evict(now, tonumber(ARGV[3]), tonumber(ARGV[4]))
 local waiting = redis.call('ZCARD', P .. ':new')
+-- Submitters stamp created_at before this script, so racing submits (from any instance) may
+-- arrive out of stamp order: clamp to the newest admitted one's, so that creation times never
+-- run backwards in listing order. Times stay the exact strings the submitters wrote.
+local last = redis.call('GET', P .. ':created')
 local out, admitted = {}, 0
 for i = 5, #ARGV do
   local task = cjson.decode(ARGV[i])
@@ -104,6 +109,8 @@ for i = 5, #ARGV do
   elseif waiting >= capacity then
     out[#out + 1] = 'full'
   else
+    if last and tonumber(task.created_at) < tonumber(last) then task.created_at = last end
+    last = task.created_at
     local flat = {}
     for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
     redis.call('HSET', key, unpack(flat))
@@ -113,10 +120,13 @@ for i = 5, #ARGV do
     enqueue(':new', tonumber(task.next_attempt_at or task.created_at), task.id)
     waiting = waiting + 1
     admitted = admitted + 1
-    out[#out + 1] = 'ok'
+    out[#out + 1] = task.created_at
   end
 end
-if admitted > 0 then signal(admitted) end
+if admitted > 0 then
+  redis.call('SET', P .. ':created', last)
+  signal(admitted)
+end
 return out
 """
 
@@ -367,12 +377,12 @@ class RedisStore(TaskStore):
         verdicts = self._run("admit", self._clock(), self.capacity, self._ttl, self._max_finished, *documents)
         results: list[Task | SubmitError] = []
         for task, verdict in zip(tasks, verdicts):
-            if verdict == b"ok":
-                results.append(task)
-            elif verdict == b"duplicate":
+            if verdict == b"duplicate":
                 results.append(DuplicateTask(task.id))
-            else:
+            elif verdict == b"full":
                 results.append(QueueFull(self.capacity))
+            else:  # admitted: the verdict is its created_at, possibly clamped (see the script)
+                results.append(task._replace(created_at=float(verdict)))
         return results
 
     def claim(self, owner: str, lease_until: float) -> Task | None:

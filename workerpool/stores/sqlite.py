@@ -318,7 +318,14 @@ class SqliteStore(TaskStore):
             now = self._clock()
             horizon = now - self._ttl
             room = self.capacity - _count(conn, "waiting")
+            # Submitters stamp created_at before this transaction, so racing submits may arrive out
+            # of stamp order: clamp to the newest retained task's, keeping creation times
+            # non-decreasing in seq (listing) order.
+            newest = conn.execute("SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1").fetchone()
+            last_created = newest[0] if newest else -math.inf
             for task in tasks:
+                if task.created_at < last_created:
+                    task = task._replace(created_at=last_created)
                 if room <= 0:  # a duplicate is reported as such even when there is no room
                     known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
                     outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
@@ -328,7 +335,8 @@ class SqliteStore(TaskStore):
                     and self._insert(conn, task)
                 ):
                     room -= 1
-                    outcomes.append(task)  # stored as given: its snapshot
+                    last_created = task.created_at
+                    outcomes.append(task)  # stored as given (clamped): its snapshot
                 else:
                     outcomes.append(DuplicateTask(task.id))
             admitted = sum(isinstance(outcome, Task) for outcome in outcomes)
