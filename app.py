@@ -82,6 +82,7 @@ def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> Wor
         state_max_tasks=config.state_max_tasks,
         max_result_bytes=config.max_result_bytes,
         attempt_timeout=config.attempt_timeout_s,
+        lease=config.lease_s,
         observers=observers,
     )
 

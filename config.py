@@ -91,6 +91,9 @@ class Config:
     # Five minutes: far above an attempt of the simulated work (0.5 s at most), between RQ's default
     # job timeout (180 s) and Dramatiq's time limit (600 s); 0 turns it off.
     attempt_timeout_s: float = 300.0
+    # How long a running attempt stays owned by its process without a renewal (renewed every third of
+    # it): after a crash, a shared store's other processes retry the attempt once it expires.
+    lease_s: float = 30.0
     state_ttl_s: float = 3600.0
     state_max_tasks: int = 100_000
     shutdown_timeout_s: float = 20.0
@@ -267,6 +270,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_DELAY_MS": ("max_delay_ms", _integer(0, 30 * _DAY_MS)),
     "MAX_RESULT_BYTES": ("max_result_bytes", _integer(0, 16 * 1024 * 1024)),
     "ATTEMPT_TIMEOUT_S": ("attempt_timeout_s", _number(0.0, 86_400.0)),
+    "LEASE_S": ("lease_s", _number(1.0, 3600.0)),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "ACCESS_LOG": ("access_log", _switch),

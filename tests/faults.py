@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 
-from workerpool import PermanentFailure, Task
+from workerpool import PermanentFailure, SimulatedWork, Task
 
 HANG_S = 60.0  # far beyond any drain deadline the tests use, yet bounded
+HOLD_S = 3.0  # long enough to kill the process running it, short enough to run again soon
+_STORM_WORK = SimulatedWork(min_s=0.0, max_s=0.005, failure_rate=0.3)  # as the storm tests' settings
 
 
 def raises(task: Task, cancel: threading.Event) -> None:
@@ -34,6 +36,14 @@ def hangs(task: Task, cancel: threading.Event) -> None:
     """``hang``: block for HANG_S seconds, ignoring ``cancel``; anything else succeeds at once."""
     if task.payload == "hang":
         threading.Event().wait(HANG_S)
+
+
+def flaky_or_holds(task: Task, cancel: threading.Event) -> None:
+    """``hold``: take HOLD_S seconds (less if cancelled) and succeed; anything else: 0-5 ms, failing 30 %."""
+    if task.payload == "hold":
+        cancel.wait(HOLD_S)
+        return
+    _STORM_WORK(task, cancel)
 
 
 async def _coroutine() -> None:

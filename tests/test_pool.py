@@ -17,6 +17,7 @@ from workerpool import (
     State,
     WorkerPool,
 )
+from workerpool.stores.sqlite import SqliteStore
 
 TIMEOUT = WAIT_S  # real seconds any single wait in these tests may take at most
 
@@ -609,3 +610,22 @@ def test_a_failed_attempt_logs_its_traceback_at_debug_only(make_pool, caplog):
     assert failures["info"].exc_info is None
     assert failures["debug"].exc_info[1].args == ("inner detail",)
     assert "Traceback" not in pool.get("debug").last_error
+
+
+def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, clock, tmp_path):
+    store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
+    lease_thread_waits = threading.Event()
+
+    def wait(event, timeout):
+        if threading.current_thread().name == "workerpool-leases":
+            lease_thread_waits.set()
+        return clock.wait(event, timeout)  # fake time never advances: only the event ends this wait
+
+    pool = make_pool(store=store, workers=1, wait=wait)
+    before = set(threading.enumerate())
+    pool.start()
+    assert lease_thread_waits.wait(TIMEOUT)
+    [leases] = [t for t in set(threading.enumerate()) - before if t.name == "workerpool-leases"]
+    pool.shutdown(timeout=TIMEOUT)
+    assert not leases.is_alive()  # shutdown woke its wait and joined it
+    store.close()
