@@ -148,6 +148,22 @@ def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(
     assert "[WARNING]" in warning and "Invalid request from ip=127.0.0.1" in warning
 
 
+def test_every_operation_describes_the_errors_gunicorn_answers_itself(server):
+    spec = requests.get(server + "/openapi.json", timeout=10).json()
+
+    def resolved(response):
+        ref = response.get("$ref", "")
+        return spec["components"]["responses"][ref.rpartition("/")[2]] if ref else response
+
+    problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    statuses = sorted({str(status) for _, status in GUNICORN_ERRORS.values()})
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            for status in statuses:
+                response = resolved(operation["responses"].get(status, {}))
+                assert response.get("content") == {"application/problem+json": problem}, (method, path, status)
+
+
 # -- a body the server cannot read is the client's error ---------------------------
 
 
