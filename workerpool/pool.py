@@ -297,10 +297,11 @@ class WorkerPool:
         try:
             results = self._store.admit(tasks)
             if observed or log.isEnabledFor(logging.DEBUG):
-                for result in results:
-                    if isinstance(result, Task):
-                        _log(logging.DEBUG, result, "task %s queued", result.id)
-                        self._notify("task_queued", result)
+                queued = [result for result in results if isinstance(result, Task)]
+                for task in queued:
+                    _log(logging.DEBUG, task, "task %s queued", task.id)
+                if observed and queued:
+                    self._notify("tasks_queued", queued)
         finally:
             with self._lock:
                 self._admitting -= 1
