@@ -276,11 +276,18 @@ class SqliteStore(TaskStore):
 
     @contextlib.contextmanager
     def _step(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction whose SQLite errors become ``StoreUnavailable``."""
+        """A write transaction whose SQLite errors become ``StoreUnavailable``.
+
+        Only a step that changed rows clears a recorded failure: one that
+        changed nothing commits without writing, even on a full disk.
+        """
         try:
             with self._transaction() as conn:
+                changes = conn.total_changes
                 yield conn
-            self._failure = None
+                wrote = conn.total_changes != changes
+            if wrote:
+                self._failure = None
         except sqlite3.Error as exc:
             self._failure = _describe(exc)
             raise StoreUnavailable(self._failure) from None
@@ -307,7 +314,18 @@ class SqliteStore(TaskStore):
             raise StoreUnavailable(self._failure) from None
 
     def health(self) -> str | None:
-        """Why the last step failed (e.g. "the disk is full"), or None when the last write succeeded."""
+        """Why the last write failed (e.g. "the disk is full"), or None when the last write succeeded.
+
+        After a failure it tries a write of its own (a counter of these
+        probes; SQLite skips writing a row set to what it holds), so that
+        health recovers when the disk does, even while no task comes to write.
+        """
+        if self._failure is not None:
+            with contextlib.suppress(StoreUnavailable), self._step() as conn:
+                conn.execute(
+                    "INSERT INTO counts (name, n) VALUES ('health_probes', 1)"
+                    " ON CONFLICT (name) DO UPDATE SET n = n + 1"
+                )
         return self._failure
 
     # -- admission -------------------------------------------------------------
