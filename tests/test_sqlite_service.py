@@ -313,7 +313,8 @@ def test_a_full_disk_answers_503_for_new_tasks_health_says_why_and_the_service_r
             assert client.request("GET", "/tasks/full-1")[0] == 404
         finally:
             resource.prlimit(worker, resource.RLIMIT_FSIZE, limits)
-        assert client.request("GET", "/healthz")[0] == 200  # before any task writes: /healthz tries a write
+        # Before any task writes: after a second /healthz tries a write of its own.
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz to recover")
         _enqueue(client, ["after"])
         wait_until(lambda: _final(_task(client, "after")), timeout=20, what="a task after the disk came back")
         assert client.request("GET", "/tasks/full-2")[0] == 404
