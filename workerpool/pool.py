@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backoff import compute_backoff
-from .errors import PermanentFailure, PoolClosed, SubmitError
+from .errors import PermanentFailure, PoolClosed, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
 from .observer import PoolObserver
@@ -415,6 +415,11 @@ class WorkerPool:
         attempt = Attempt(task, cancel, self._monotonic(), threading.current_thread())
         try:
             self._attempt(attempt)
+        except StoreUnavailable as exc:  # for a lease's length: another process may have recovered it already
+            log.error(
+                "task %s attempt %d: its end could not be recorded (%s); the attempt counts as lost once its "
+                "lease expires", task.id, task.attempts, exc, extra={"task_id": task.id},
+            )  # fmt: skip
         except Exception as exc:  # a bug of ours must neither kill the worker nor leave the task running
             log.exception("worker failed on task %s", task.id, extra={"task_id": task.id})
             self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(exc)}", None, None)
@@ -485,9 +490,7 @@ class WorkerPool:
         task = attempt.task
         ended = None
         try:
-            ended = self._store.finish(
-                task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
-            )
+            ended = self._record_end(task, error, result, retry_at)
             if ended is None:
                 _log(
                     logging.WARNING,
@@ -510,6 +513,29 @@ class WorkerPool:
                 closing = self._closing
             if closing:
                 self._drain_wakeup.set()
+
+    def _record_end(self, task: Task, error: str | None, result: Any, retry_at: float | None) -> Task | None:
+        """``store.finish``, tried again while the store is unavailable (Redis restarting, a full disk).
+
+        The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
+        again, and the outcome is kept. After a lease's length of failures another process may have
+        recovered the attempt: the error is raised, and the lease settles what happened.
+        """
+        pause = threading.Event()  # never set: a pause that is not time.sleep
+        give_up = self._monotonic() + self._lease
+        while True:
+            try:
+                return self._store.finish(
+                    task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
+                )
+            except StoreUnavailable as exc:
+                if self._monotonic() >= give_up:
+                    raise
+                _log(
+                    logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
+                    "recording it again in %.1f s", task.id, task.attempts, exc, _STORE_RETRY_S,
+                )  # fmt: skip
+                self._wait(pause, _STORE_RETRY_S)
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
@@ -708,7 +734,7 @@ class WorkerPool:
         if first:
             if self._store.shared:
                 self._store.wake()
-            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished(self.owner))
+            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._unfinished_here())
             if wait:
                 self._drain(began)
             else:
@@ -728,12 +754,16 @@ class WorkerPool:
                 # attempt counts until its bookkeeping is done, so the summary includes its outcome.
                 in_flight, running = bool(self._in_flight), bool(self._running)
                 remaining = self._deadline - self._monotonic()
-            if not in_flight and (remaining <= 0 or not (running or self._store.unfinished(self.owner))):
+            if not in_flight and (remaining <= 0 or not (running or self._unfinished_here())):
                 break
             self._wait(self._drain_wakeup, None if in_flight or remaining == math.inf else max(0.0, remaining))
         with self._lock:
             self._claiming = False
-        abandoned = self._store.abandon(ABANDONED, owner=self.owner)
+        try:
+            abandoned = self._store.abandon(ABANDONED, owner=self.owner)
+        except StoreUnavailable as exc:  # its attempts are lost once their leases expire
+            log.error("shutdown: the unfinished attempts could not be abandoned: %s", exc)
+            abandoned = []
         for task in abandoned:
             self._count_final(task)
         with self._lock:
@@ -745,19 +775,29 @@ class WorkerPool:
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
             self._notify("task_abandoned", task)
         self._stop_threads()
-        left = self._store.stats().counts if self._store.shared else {}
+        try:
+            left = self._store.stats().counts if self._store.shared else {}
+        except StoreUnavailable:
+            left = {}
         with self._lock:
             done = self._finals.copy()
         self._summary = ShutdownSummary(
             counts={
                 State.QUEUED: left.get(State.QUEUED, 0),
-                State.RUNNING: self._store.unfinished(self.owner) if self._store.shared else 0,
+                State.RUNNING: self._unfinished_here() if self._store.shared else 0,
                 **{state: done[state] for state in (State.DONE, State.FAILED, State.CANCELLED)},
             },
             abandoned=tuple(task.id for task in abandoned),
             drain_seconds=self._monotonic() - began,
         )
         self._drained.set()
+
+    def _unfinished_here(self) -> int:
+        """What the store counts as this pool's unfinished work; 0 while it cannot say (leases settle it)."""
+        try:
+            return self._store.unfinished(self.owner)
+        except StoreUnavailable:
+            return 0
 
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
         self._store.wake()
