@@ -19,7 +19,7 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
-from . import logs, request_id
+from . import logs, request_id, server_errors
 
 _REQUEST_ID = request_id.HEADER.lower()
 
@@ -32,10 +32,41 @@ class AccessLogger(Logger):
         self.writes_access = cfg.accesslog is not None
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:
+        answer = server_errors.current_answer()  # gunicorn's own error answer, not yet written
+        if answer is not None:
+            answer.logged = True
         if not self.writes_access or not self.access_log.isEnabledFor(logging.INFO):
             return
         try:
-            logs.write_access(self.access_log, access_entry(resp, environ, request_time))
+            entry = access_entry(resp, environ, request_time)
+            if entry.request_id is None and answer is not None:
+                entry = entry._replace(request_id=answer.request_id)
+            logs.write_access(self.access_log, entry)
+        except Exception:
+            self.exception("cannot write the access line")
+
+    def error_answered(self, addr: Any, answer: server_errors.ErrorAnswer) -> None:
+        """The access line of an error gunicorn answered for a request it could not parse (it logs none)."""
+        if answer.logged or answer.status is None:
+            return
+        answer.logged = True
+        if not self.writes_access or not self.access_log.isEnabledFor(logging.INFO):
+            return
+        remote = addr[0] if isinstance(addr, tuple | list) and addr and addr[0] else "-"
+        entry = logs.AccessEntry(
+            created=time.time(),
+            remote_addr=str(remote),
+            method="-",
+            path="",
+            request_line="-",  # unparsable: what the client sent is in the warning before, cut and quoted
+            status=answer.status,
+            response_bytes=answer.sent,
+            duration_ms=int((time.monotonic() - answer.began) * 1000),
+            user_agent="-",
+            request_id=answer.request_id,
+        )
+        try:
+            logs.write_access(self.access_log, entry)
         except Exception:
             self.exception("cannot write the access line")
 

@@ -71,6 +71,16 @@ class DrainingThreadWorker(ThreadWorker):
         self.wsgi.wsgi_app = honour_connection_close(self.wsgi.wsgi_app)  # Flask's middleware slot
         server_errors.install()  # the errors gunicorn answers itself, as problem documents
 
+    # -- errors gunicorn answers itself
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        # The answer's id is chosen first: gunicorn logs before it writes (see service/server_errors.py).
+        with server_errors.answering() as answer:
+            super().handle_error(req, client, addr, exc)
+            error_answered = getattr(self.log, "error_answered", None)
+            if error_answered is not None:
+                error_answered(addr, answer)
+
     # -- clients
 
     def run(self) -> None:

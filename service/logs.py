@@ -22,7 +22,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from config import LOG_FORMATS
 
-from . import request_id
+from . import request_id, server_errors
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 TEXT_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"  # gunicorn's own
@@ -35,6 +35,8 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id.current()
+            if record.request_id is None and (answer := server_errors.current_answer()) is not None:
+                record.request_id = answer.request_id  # gunicorn's warning about a request it refuses
         if not hasattr(record, "task_id"):
             record.task_id = None
         return True

@@ -6,13 +6,23 @@ reach Flask: gunicorn writes an HTML page for them through
 ``gunicorn.util.write_error``, its one writer of such answers. ``install``
 replaces that writer so these errors look like every other error of the
 service: ``application/problem+json`` with an ``X-Request-ID``.
+
+The worker wraps gunicorn's error handling in ``answering()``, so that the
+id the answer carries is known before it is written: gunicorn logs its
+warning and its access line first (and no access line at all for a request
+it could not parse), and both must name the id the client received.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
-import uuid
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from gunicorn import util
 
@@ -21,6 +31,35 @@ from .request_id import HEADER as REQUEST_ID_HEADER
 
 # gunicorn's messages quote what the client sent; a long line is cut.
 MAX_DETAIL_CHARS = 200
+
+
+@dataclass(slots=True)
+class ErrorAnswer:
+    """One error answer gunicorn is writing on this thread."""
+
+    request_id: str = field(default_factory=lambda: os.urandom(16).hex())
+    began: float = field(default_factory=time.monotonic)
+    status: int | None = None  # set once written
+    sent: int | None = None  # bytes written
+    logged: bool = False  # its access line was written
+
+
+_thread = threading.local()  # .answer: the ErrorAnswer of the error being handled on this thread
+
+
+@contextmanager
+def answering() -> Iterator[ErrorAnswer]:
+    """Name the error answer gunicorn is about to log and write on this thread."""
+    answer = _thread.answer = ErrorAnswer()
+    try:
+        yield answer
+    finally:
+        _thread.answer = None
+
+
+def current_answer() -> ErrorAnswer | None:
+    """The error answer being handled on this thread, if any."""
+    return getattr(_thread, "answer", None)
 
 
 def install() -> None:
@@ -34,13 +73,17 @@ def write_problem(sock: socket.socket, status_int: int, reason: str, mesg: str) 
         detail = "the server could not handle the request; the error has been logged"
     else:
         detail = mesg if len(mesg) <= MAX_DETAIL_CHARS else mesg[: MAX_DETAIL_CHARS - 3] + "..."
+    answer = current_answer() or ErrorAnswer()
     body = json.dumps(problem_document(status_int, detail)).encode()
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
         "Connection: close\r\n"
         f"Content-Type: {PROBLEM_JSON}\r\n"
         f"Content-Length: {len(body)}\r\n"
-        f"{REQUEST_ID_HEADER}: {uuid.uuid4().hex}\r\n"
+        f"{REQUEST_ID_HEADER}: {answer.request_id}\r\n"
         "\r\n"
     )
-    util.write_nonblock(sock, head.encode("latin-1") + body)
+    data = head.encode("latin-1") + body
+    answer.status = status_int
+    util.write_nonblock(sock, data)
+    answer.sent = len(data)

@@ -23,8 +23,8 @@ ROUNDS = 10
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One gunicorn with a token and a small body limit, shared by this module's tests."""
+def served(tmp_path_factory):
+    """One gunicorn with a token and a small body limit, shared by this module's tests: its URL and process."""
     log_dir = tmp_path_factory.mktemp("edges")
     process = ServerProcess(
         ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
@@ -38,9 +38,14 @@ def server(tmp_path_factory):
         port = process.wait_for_port(LISTENING)
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: requests.get(base + "/healthz", timeout=5).status_code == 200, timeout=20, what="/healthz")
-        yield base
+        yield base, process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 # -- a refused body does not cost the pooled connection's next request -----------
@@ -124,6 +129,39 @@ def test_errors_gunicorn_answers_itself_are_problem_documents(server, data, stat
     assert problem["type"] == "about:blank"
     assert (problem["status"], problem["title"]) == (status, HTTPStatus(status).phrase)
     assert problem["detail"]
+
+
+@pytest.mark.parametrize(("data", "status"), GUNICORN_ERRORS.values(), ids=GUNICORN_ERRORS.keys())
+def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(served, data, status):
+    base, process = served
+    answered, headers, _ = raw_exchange(base, data)
+    assert answered == status
+    tail = f"request_id={headers['x-request-id']}"
+
+    def lines(logger):
+        return [line for line in process.log().splitlines() if f" {logger}: " in line and line.endswith(tail)]
+
+    wait_until(lambda: lines("gunicorn.access"), timeout=20, what="the access line")
+    [access] = lines("gunicorn.access")
+    assert f'" {status} ' in access
+    [warning] = lines("gunicorn.error")
+    assert "[WARNING]" in warning and "Invalid request from ip=127.0.0.1" in warning
+
+
+def test_every_operation_describes_the_errors_gunicorn_answers_itself(server):
+    spec = requests.get(server + "/openapi.json", timeout=10).json()
+
+    def resolved(response):
+        ref = response.get("$ref", "")
+        return spec["components"]["responses"][ref.rpartition("/")[2]] if ref else response
+
+    problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    statuses = sorted({str(status) for _, status in GUNICORN_ERRORS.values()})
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            for status in statuses:
+                response = resolved(operation["responses"].get(status, {}))
+                assert response.get("content") == {"application/problem+json": problem}, (method, path, status)
 
 
 # -- a body the server cannot read is the client's error ---------------------------

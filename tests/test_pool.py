@@ -20,6 +20,7 @@ from workerpool import (
     WorkerPool,
 )
 from workerpool.stores.memory import MemoryStore
+from workerpool.stores.sqlite import SqliteStore
 
 TIMEOUT = WAIT_S  # real seconds any single wait in these tests may take at most
 
@@ -644,3 +645,22 @@ def test_an_end_the_store_cannot_record_is_recorded_again_and_the_worker_lives_o
     # Tried once a second for a lease's length, then left to the lease (another process recovers it).
     assert (pool.get("long").state, store.tries["long"]) == (State.RUNNING, 31)
     assert pool.get("after").state is State.DONE
+
+
+def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, clock, tmp_path):
+    store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
+    lease_thread_waits = threading.Event()
+
+    def wait(event, timeout):
+        if threading.current_thread().name == "workerpool-leases":
+            lease_thread_waits.set()
+        return clock.wait(event, timeout)  # fake time never advances: only the event ends this wait
+
+    pool = make_pool(store=store, workers=1, wait=wait)
+    before = set(threading.enumerate())
+    pool.start()
+    assert lease_thread_waits.wait(TIMEOUT)
+    [leases] = [t for t in set(threading.enumerate()) - before if t.name == "workerpool-leases"]
+    pool.shutdown(timeout=TIMEOUT)
+    assert not leases.is_alive()  # shutdown woke its wait and joined it
+    store.close()

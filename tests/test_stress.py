@@ -73,16 +73,19 @@ def pause(seconds: float) -> None:
 
 
 class Gunicorn:
-    """A running gunicorn with its one worker process, seen from outside."""
+    """A running gunicorn with its worker processes (one unless told), seen from outside."""
 
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: ServerProcess, workers: int = 1) -> None:
         self.server = server
         self.port = server.wait_for_port(LISTENING)
         self.client = Client(self.port)
         wait_until(lambda: self.client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
-        booted = re.findall(BOOTING, server.log())
-        assert len(booted) == 1, booted
-        self.worker = int(booted[0])
+        booted = wait_until(
+            lambda: len(found := re.findall(BOOTING, server.log())) >= workers and found, timeout=20, what="workers"
+        )
+        assert len(booted) == workers, booted
+        self.workers = [int(pid) for pid in booted]
+        self.worker = self.workers[0]
 
     # -- the worker process, from /proc
 
@@ -136,17 +139,23 @@ class Gunicorn:
         return float(match.group(1))
 
     def states(self, task_ids: list[str], connections: int = 4) -> Counter[str]:
-        """The state of each task, read with ``GET /tasks/<id>`` on a few kept-alive connections."""
-        results: list[Counter[str]] = [Counter() for _ in range(connections)]
+        """The state of each task (or the status when it is not 200), read with ``GET /tasks/<id>``."""
+        return Counter(
+            body["state"] if status == 200 else str(status)
+            for status, body in self.tasks(task_ids, connections).values()
+        )
 
-        def read(part: list[str], counter: Counter[str]) -> None:
+    def tasks(self, task_ids: list[str], connections: int = 4) -> dict[str, tuple[int, dict]]:
+        """Each task's status and body, read with ``GET /tasks/<id>`` on a few kept-alive connections."""
+        results: list[dict[str, tuple[int, dict]]] = [{} for _ in range(connections)]
+
+        def read(part: list[str], found: dict[str, tuple[int, dict]]) -> None:
             connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             try:
                 for task_id in part:
                     connection.request("GET", f"/tasks/{task_id}")
                     response = connection.getresponse()
-                    body = response.read()
-                    counter[json.loads(body)["state"] if response.status == 200 else str(response.status)] += 1
+                    found[task_id] = (response.status, json.loads(response.read()))
             finally:
                 connection.close()
 
@@ -157,8 +166,8 @@ class Gunicorn:
             reader.start()
         for reader in readers:
             reader.join(60)
-        assert not any(r.is_alive() for r in readers), "reading the task states took over a minute"
-        return sum(results, Counter())
+        assert not any(r.is_alive() for r in readers), "reading the tasks took over a minute"
+        return {task_id: found for part in results for task_id, found in part.items()}
 
     # -- stopping
 
@@ -185,12 +194,13 @@ class Gunicorn:
 def gunicorn(tmp_path):
     servers: list[ServerProcess] = []
 
-    def start(**settings: str) -> Gunicorn:
+    def start(workers: int = 1, **settings: str) -> Gunicorn:
         pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
         env = clean_environment(HOST="127.0.0.1", PORT="0", PYTHONPATH=pythonpath, **settings)
-        server = ServerProcess(GUNICORN, log_path=tmp_path / f"gunicorn{len(servers)}.log", env=env)
+        server = ServerProcess([*GUNICORN, "-w", str(workers)], log_path=tmp_path / f"gunicorn{len(servers)}.log",
+                               env=env)
         servers.append(server)
-        return Gunicorn(server)
+        return Gunicorn(server, workers)
 
     yield start
     for server in servers:
@@ -601,3 +611,85 @@ def test_sigterm_during_a_storm_finishes_every_accepted_task(gunicorn, storm, se
     late = [o for o in outcomes if o.kind in ONCE_CLOSED and o.started > closed]
     assert not unexpected(late, ONCE_CLOSED), unexpected(late, ONCE_CLOSED)
     assert {o.result for o in outcomes if o.started > exited} == {"refused"}
+
+
+# -- 5. two worker processes on one SQLite file, one of them killed mid-storm ----------------------
+
+
+def worker_pids(arbiter: int) -> set[int]:
+    children = Path(f"/proc/{arbiter}/task/{arbiter}/children")
+    return {int(pid) for pid in children.read_text().split()} if children.exists() else set()
+
+
+def check_final_lines(records: list[dict], tasks: dict[str, dict], killed: int) -> int:
+    """Each task's final line is logged at most once, and matches its state; the number without a line.
+
+    A task failed by a lost attempt ends with an "attempt N lost" line. A
+    worker killed between committing an attempt's end and logging it leaves
+    that task without a line: at most one per worker thread of that process.
+    """
+    lines = task_lines(records)
+    lost = {r["task_id"] for r in records if r.get("task_id") and " lost: " in r["message"]}
+    silent = []
+    for task_id, task in tasks.items():
+        finals = lines[task_id].finals if task_id in lines else []
+        assert len(finals) <= 1, (task_id, finals)
+        if finals:
+            assert finals[0].startswith(f"{task['state']} after {task['attempts']} attempt(s)"), (task, finals)
+        elif not (task["state"] == "failed" and task_id in lost and task["last_error"].startswith("lost:")):
+            silent.append(task_id)
+    assert len(silent) <= killed * int(STORM["WORKERS"]), silent
+    return len(silent)
+
+
+@pytest.mark.parametrize("seconds", [pytest.param(4, id="4s"), pytest.param(60, id="60s", marks=long_variant(600))])
+def test_two_workers_on_one_sqlite_file_lose_nothing_when_one_is_killed_mid_storm(gunicorn, storm, tmp_path, seconds):
+    service = gunicorn(**STORM, workers=2, STORE=f"sqlite://{tmp_path / 'tasks.db'}", LOG_FORMAT="json",
+                       LOG_LEVEL="DEBUG")
+    arbiter = service.server.proc.pid
+    traffic = storm(service)
+    pause(seconds / 2)
+    victim = random.Random(SEED).choice(service.workers)
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_until(
+        lambda: len(pids := worker_pids(arbiter) - {victim}) == 2 and pids, timeout=20, what="a new worker"
+    )
+    pause(seconds / 2)
+    outcomes = traffic.stop()
+    print_tally(f"two workers, one killed after {seconds / 2} s, seed {SEED}", outcomes)
+
+    # Requests the killed process held lose their connection; every other one gets a documented answer.
+    held = [o for o in outcomes if o.started <= killed <= o.ended]
+    others = [o for o in outcomes if not o.started <= killed <= o.ended]
+    assert not unexpected(others), unexpected(others)
+    held_expected = {kind: results | GONE | {"cut"} for kind, results in EXPECTED.items()}
+    assert not unexpected(held, held_expected), unexpected(held, held_expected)
+
+    service.wait_idle(timeout=60)
+    tasks = service.tasks(traffic.accepted)
+    assert {status for status, _ in tasks.values()} <= {200}, "an accepted task is unknown"
+    bodies = {task_id: body for task_id, (_, body) in tasks.items()}
+    wrong = [t for t in bodies.values() if t["state"] not in ("done", "failed") or
+             not 1 <= t["attempts"] <= t["max_retries"] + 1]
+    assert not wrong, wrong[:5]
+    never = service.states(random.Random(SEED).sample(traffic.refused, min(300, len(traffic.refused))))
+    assert set(never) <= {"404"}, f"a refused request left a task behind: {never}"
+    unanswered = service.states(traffic.unanswered)  # stored or not: if stored, it ran to the end
+    assert set(unanswered) <= {"404", "done", "failed"}, unanswered
+
+    code, _ = service.terminate()
+    assert code == 0
+    records = service.records()
+    queued = {task_id for task_id, lines in task_lines(records).items() if lines.queued}
+    assert len(set(traffic.accepted)) == len(traffic.accepted), "an id was answered 202 twice"
+    assert set(traffic.accepted) <= queued <= set(traffic.accepted) | set(traffic.unanswered)
+    # A task stored by the killed process just before it died may have no "queued" line (its answer was cut).
+    twice = {task_id: lines for task_id, lines in task_lines(records).items() if lines.queued > 1}
+    assert not twice, [(t, [r["message"] for r in records if r.get("task_id") == t]) for t in twice][:3]
+    silent = check_final_lines(records, bodies, killed=1)
+    lost = [t for t in bodies.values() if (t["last_error"] or "").startswith("lost:")]
+    print(f"tasks: {len(bodies)} accepted, all final {dict(Counter(t['state'] for t in bodies.values()))}; "
+          f"{len(lost)} with a lost attempt; {len(held)} requests in flight at the kill; "
+          f"{len(traffic.unanswered)} enqueues unanswered ({dict(unanswered)}); {silent} final without a log line; "
+          f"workers {sorted(service.workers)} -> {sorted(replaced)}")

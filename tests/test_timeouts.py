@@ -14,7 +14,7 @@ import pytest
 from doubles import WAIT_S, FakeClock, instant
 from http_fixtures import FinalStates, make_harness
 
-from workerpool import State, Task, WorkerPool
+from workerpool import MemoryStore, State, StoreUnavailable, Task, WorkerPool
 from workerpool.pool import TIMED_OUT
 
 TIMEOUT = 5.0
@@ -232,3 +232,65 @@ def test_health_and_metrics_report_the_stuck_threads(clock):
         handler.release()
         harness.pool.shutdown(WAIT_S)
     assert harness.client.get("/healthz").get_json()["stuck_threads"] == 0
+
+
+class FinishFailsOnce(MemoryStore):
+    """A memory store whose first ``finish`` raises StoreUnavailable, as a full disk or a lost connection would."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        super().__init__(**({"clock": clock.time, "wait": clock.wait} if clock else {}))
+        self.failures = 1
+
+    def finish(self, *args, **kwargs) -> Task | None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("the disk is full")
+        return super().finish(*args, **kwargs)
+
+
+def test_a_timeout_the_store_refused_is_written_again_by_the_next_check(clock, caplog):
+    store = FinishFailsOnce(clock)
+    seen = {}
+
+    def handler(task: Task, cancel: threading.Event) -> str:
+        if task.attempts > 1:
+            return "second"
+        clock.advance(TIMEOUT)
+        seen["delay"] = pool.check_timeouts()  # the store refuses the write
+        seen["after the failure"] = pool.get("a").state, [a.task.id for a in pool.running()], cancel.is_set()
+        pool.check_timeouts()  # the store takes it
+        return "late"
+
+    pool, final = make_pool(handler, clock, threads=False, store=store)
+    pool.submit("a", "", max_retries=1)
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        assert pool.step()
+    assert store.failures == 0
+    assert seen["delay"] <= 1.0
+    assert seen["after the failure"] == (State.RUNNING, ["a"], True)  # still running here: not forgotten
+    task = pool.get("a")
+    assert (task.state, task.attempts, task.last_error) == (State.QUEUED, 1, TIMED_OUT.format(TIMEOUT))
+    assert "task a: the timeout of attempt 1 could not be recorded; trying again in 1.0 s" in caplog.text
+    assert "StoreUnavailable: the disk is full" in caplog.text
+    assert pool.running() == []
+    assert pool.stats().attempts_timed_out == 1  # one timeout, however many writes it took
+    assert pool.step()
+    assert (pool.get("a").state, pool.get("a").result) == (State.DONE, "second")
+    assert pool.shutdown(0).abandoned == ()
+
+
+def test_the_watchdog_thread_ends_a_timed_out_attempt_the_store_refused_once():
+    handler = Stuck()
+    final = FinalStates()
+    store = FinishFailsOnce()
+    pool = WorkerPool(handler, store=store, workers=1, attempt_timeout=0.05, observers=[final])
+    try:
+        pool.submit("a", "")
+        final.wait("a")  # the watchdog wrote the timeout again at its next check
+        task = pool.get("a")
+        assert (task.state, task.last_error) == (State.FAILED, TIMED_OUT.format(0.05))
+        assert store.failures == 0
+    finally:
+        handler.release()
+        summary = pool.shutdown(WAIT_S)
+    assert summary.abandoned == ()

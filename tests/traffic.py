@@ -3,7 +3,7 @@
 Every request opens its own connection, so each outcome belongs to one
 request: an HTTP status (``"202"``, ``"503 queue-full"``, ...) or what
 happened to the connection (``"refused"``, ``"reset"``, ``"closed"`` without
-an answer, ``"timeout"``). ``EXPECTED`` lists what the README documents for
+an answer, ``"cut"`` in the middle of one, ``"timeout"``). ``EXPECTED`` lists what the README documents for
 each kind of request while the service is up.
 """
 
@@ -115,6 +115,8 @@ def connection_failure(exc: BaseException) -> str:
         return "closed"
     if isinstance(exc, ConnectionResetError | BrokenPipeError):
         return "reset"
+    if isinstance(exc, http.client.IncompleteRead):  # the server went away in the middle of its answer
+        return "cut"
     if isinstance(exc, OSError) and exc.errno == errno.ENOTCONN:
         # shutdown() on a socket the server has reset already (its listener closed at a stop signal)
         return "reset"
@@ -143,7 +145,8 @@ class Traffic:
     """Client threads sending random requests to 127.0.0.1:``port`` until ``stop()``.
 
     ``accepted`` holds every id answered 202; ``refused`` ids that were sent
-    in a request that must never be accepted.
+    in a request that must never be accepted; ``unanswered`` the ids of valid
+    tasks whose connection ended without an answer (stored or not: unknown).
     """
 
     def __init__(self, port: int, *, max_body_bytes: int, seed: int, weights: dict[str, int] = WEIGHTS) -> None:
@@ -156,6 +159,7 @@ class Traffic:
         self._lock = threading.Lock()  # must be held while changing accepted or refused
         self.accepted: list[str] = []
         self.refused: list[str] = []
+        self.unanswered: list[str] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._outcomes: list[list[Outcome]] = []
@@ -253,6 +257,9 @@ class Traffic:
         if result == "202":
             with self._lock:
                 self.accepted.append(task_id)
+        elif not result[0].isdigit():
+            with self._lock:
+                self.unanswered.append(task_id)
         return "enqueue", result
 
     def _duplicate(self, rng: random.Random) -> tuple[str, str]:

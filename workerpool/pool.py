@@ -101,6 +101,8 @@ class Attempt:
     thread: threading.Thread
     timed_out: bool = False  # set under the pool's _lock; then only the timeout ends it in the store
     ending: bool = False  # its worker is recording its end (under _lock): too late to time it out
+    recording: bool = False  # the watchdog is writing its timeout to the store (under _lock)
+    retry_at: float | None = None  # the retry the timeout scheduled, drawn once however often the write is tried
 
 
 class WorkerPool:
@@ -192,7 +194,7 @@ class WorkerPool:
         self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
         self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
         self._thread_numbers = itertools.count(workers + 1)
-        self._watchdog_wakeup = threading.Event()  # set when the threads stop
+        self._threads_stop = threading.Event()  # set when the threads stop: ends the watchdog's and leases' waits
 
         self._drain_wakeup = threading.Event()  # a drain waits for attempts to end or a nearer deadline
         self._drained = threading.Event()
@@ -467,7 +469,7 @@ class WorkerPool:
         task = attempt.task
         with self._lock:
             timed_out = attempt.timed_out
-            attempt.ending = True
+            attempt.ending = not timed_out
             if retry_at is not None and not timed_out:  # another worker may claim the retry before it is heard
                 self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
         if timed_out:  # the watchdog ended the attempt already
@@ -490,7 +492,17 @@ class WorkerPool:
         task = attempt.task
         ended = None
         try:
-            ended = self._record_end(task, error, result, retry_at)
+            ended = self._record_end(attempt, error, result, retry_at)
+        except Exception:
+            if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
+                with self._lock:
+                    attempt.recording = False
+                    if retry_at is not None:
+                        self._leave_in_flight(task.id)
+                raise
+            self._forget_attempt(attempt, None, retry_at)
+            raise
+        try:
             if ended is None:
                 _log(
                     logging.WARNING,
@@ -503,24 +515,31 @@ class WorkerPool:
                 self._log_end(ended, error, exc)
                 self._notify("attempt_finished", ended, self._monotonic() - attempt.started)
         finally:
-            with self._lock:
-                if self._running.get(task.id) is attempt:
-                    del self._running[task.id]
-                if retry_at is not None:
-                    self._leave_in_flight(task.id)
-                if ended is not None and ended.state in FINAL_STATES:
-                    self._finals[ended.state] += 1
-                closing = self._closing
-            if closing:
-                self._drain_wakeup.set()
+            self._forget_attempt(attempt, ended, retry_at)
 
-    def _record_end(self, task: Task, error: str | None, result: Any, retry_at: float | None) -> Task | None:
-        """``store.finish``, tried again while the store is unavailable (Redis restarting, a full disk).
+    def _forget_attempt(self, attempt: Attempt, ended: Task | None, retry_at: float | None) -> None:
+        """The attempt's end is recorded (or given up on): it no longer runs here."""
+        task = attempt.task
+        with self._lock:
+            if self._running.get(task.id) is attempt:
+                del self._running[task.id]
+            if retry_at is not None:
+                self._leave_in_flight(task.id)
+            if ended is not None and ended.state in FINAL_STATES:
+                self._finals[ended.state] += 1
+            closing = self._closing
+        if closing:
+            self._drain_wakeup.set()
+
+    def _record_end(self, attempt: Attempt, error: str | None, result: Any, retry_at: float | None) -> Task | None:
+        """``store.finish``; a worker tries again while the store is unavailable (Redis restarting, a full disk).
 
         The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
         again, and the outcome is kept. After a lease's length of failures another process may have
-        recovered the attempt: the error is raised, and the lease settles what happened.
+        recovered the attempt: the error is raised, and the lease settles what happened. A timeout
+        is written once: the watchdog's next check writes it again.
         """
+        task = attempt.task
         pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
@@ -529,7 +548,7 @@ class WorkerPool:
                     task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
                 )
             except StoreUnavailable as exc:
-                if self._monotonic() >= give_up:
+                if attempt.timed_out or self._monotonic() >= give_up:
                     raise
                 _log(
                     logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
@@ -571,15 +590,18 @@ class WorkerPool:
     # max_stuck_threads are stuck, its worker is replaced at once so that
     # `workers` threads keep claiming. The stuck thread's late return is
     # dropped; a replaced one then exits, one that was not goes on working.
+    # When the store cannot take the timeout (StoreUnavailable), the attempt
+    # stays registered as running here (its lease renewed, the drain waiting
+    # for it) and every later check writes it again until the store takes it.
 
     def _watch(self) -> None:
-        while not self._watchdog_wakeup.is_set():
+        while not self._threads_stop.is_set():
             try:
                 delay = self.check_timeouts()
             except Exception:
                 delay = min(1.0, self._attempt_timeout)
                 log.exception("the attempt timeout check failed; trying again in %.2f s", delay)
-            self._wait(self._watchdog_wakeup, delay)
+            self._wait(self._threads_stop, delay)
 
     def check_timeouts(self) -> float | None:
         """Fail every attempt that has run ``attempt_timeout`` seconds or more.
@@ -595,42 +617,54 @@ class WorkerPool:
         next_check = self._attempt_timeout
         for attempt in self.running():
             left = attempt.started + self._attempt_timeout - now
-            if left <= 0:
-                self._time_out(attempt, now - attempt.started)
-            elif not attempt.timed_out:
+            if left > 0:
                 next_check = min(next_check, left)
+                continue
+            try:
+                self._time_out(attempt, now - attempt.started)
+            except Exception:  # StoreUnavailable, or a bug: the next check writes it again
+                next_check = min(next_check, _STORE_RETRY_S)
+                log.exception(
+                    "task %s: the timeout of attempt %d could not be recorded; trying again in %.1f s",
+                    attempt.task.id, attempt.task.attempts, next_check, extra={"task_id": attempt.task.id},
+                )  # fmt: skip
         return next_check
 
     def _time_out(self, attempt: Attempt, seconds: float) -> None:
         task = attempt.task
         with self._lock:
-            if attempt.ending or attempt.timed_out or self._running.get(task.id) is not attempt:
-                return  # it ended meanwhile
-            attempt.timed_out = True
-            self._timeouts += 1
+            if attempt.recording or self._running.get(task.id) is not attempt:
+                return  # it ended meanwhile, or another check is writing its timeout
+            if attempt.ending and not attempt.timed_out:
+                return  # its worker is recording its end
+            first = not attempt.timed_out
+            attempt.timed_out = attempt.recording = True
             replacement = None
             worker = attempt.thread in self._threads  # not a caller of step()
-            if worker:
-                self._stuck.add(attempt.thread)
-                if len(self._stuck) <= self._max_stuck and self._claiming:
-                    self._retired.add(attempt.thread)
-                    replacement = threading.Thread(
-                        target=self._work, name=f"workerpool-worker-{next(self._thread_numbers)}", daemon=True
-                    )
-                    self._threads.append(replacement)
+            if first:
+                self._timeouts += 1
+                if worker:
+                    self._stuck.add(attempt.thread)
+                    if len(self._stuck) <= self._max_stuck and self._claiming:
+                        self._retired.add(attempt.thread)
+                        replacement = threading.Thread(
+                            target=self._work, name=f"workerpool-worker-{next(self._thread_numbers)}", daemon=True
+                        )
+                        self._threads.append(replacement)
             stuck = len(self._stuck)
-        attempt.cancel.set()
-        retry_at = self._retry_at(task)
-        if retry_at is not None:
+        if first:
+            attempt.cancel.set()
+            attempt.retry_at = self._retry_at(task)
+            if replacement is not None:
+                replacement.start()
+            _log(
+                logging.WARNING, task, "task %s attempt %d timed out after %.1f s; %s", task.id, task.attempts,
+                seconds, _stuck_thread_fate(worker, replacement, stuck, self._max_stuck),
+            )  # fmt: skip
+        if attempt.retry_at is not None:
             with self._lock:  # another worker may claim the retry before attempt_finished is heard
                 self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
-        if replacement is not None:
-            replacement.start()
-        _log(
-            logging.WARNING, task, "task %s attempt %d timed out after %.1f s; %s", task.id, task.attempts, seconds,
-            _stuck_thread_fate(worker, replacement, stuck, self._max_stuck),
-        )  # fmt: skip
-        self._finish_attempt(attempt, TIMED_OUT.format(self._attempt_timeout), None, retry_at)
+        self._finish_attempt(attempt, TIMED_OUT.format(self._attempt_timeout), None, attempt.retry_at)
 
     def _leave_if_replaced(self) -> bool:
         """After an attempt: whether this worker was stuck and replaced, and so must exit now."""
@@ -686,8 +720,8 @@ class WorkerPool:
     def _keep_leases(self) -> None:
         """Renew the leases of running attempts and recover expired ones, whatever the handlers do."""
         period = self._lease / 3
-        stop = threading.Event()
-        while self._claiming or self._running:
+        stop = self._threads_stop
+        while (self._claiming or self._running) and not stop.is_set():
             try:
                 self._renew_once()
                 for task in self._store.recover(self._retry_at):
@@ -801,7 +835,7 @@ class WorkerPool:
 
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
         self._store.wake()
-        self._watchdog_wakeup.set()
+        self._threads_stop.set()
         with self._lock:
             threads = list(self._threads)
         # Abandoned handlers were told to cancel; one that ignores it is left
