@@ -39,7 +39,6 @@ from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from . import server_errors
-from .connection import honour_connection_close
 from .lifecycle import ShutdownController
 from .lingering_close import LingeringCloser
 from .request_reader import REQUEST_TIMEOUT_S, RequestReader
@@ -67,8 +66,6 @@ class DrainingThreadWorker(ThreadWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        # The app's "Connection: close" (a refused request's unread body) must close the connection.
-        self.wsgi.wsgi_app = honour_connection_close(self.wsgi.wsgi_app)  # Flask's middleware slot
         server_errors.install()  # the errors gunicorn answers itself, as problem documents
 
     # -- errors gunicorn answers itself

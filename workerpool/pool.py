@@ -175,7 +175,11 @@ class WorkerPool:
         # handler, an observer or logging.
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._closing = False  # no more submissions
+        # Shutdown began. A store of this process alone then refuses submissions;
+        # a shared one keeps taking them: its queued tasks are left to the other
+        # processes (or the next start) anyway, and so a request already read
+        # when a stop signal or a reload came still gets its 202.
+        self._closing = False
         self._claiming = True  # workers take new attempts (a shared store stops at once on shutdown)
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
@@ -279,7 +283,7 @@ class WorkerPool:
 
     def _admit(self, tasks: list[Task]) -> list[Task | SubmitError]:
         with self._lock:
-            if self._closing:
+            if self._closing and not self._store.shared:
                 return [PoolClosed() for _ in tasks]
             started = self._start_locked()
             in_flight = self._in_flight
@@ -744,15 +748,16 @@ class WorkerPool:
     # -- shutdown --------------------------------------------------------
 
     def shutdown(self, timeout: float | None = None, *, wait: bool = True) -> ShutdownSummary | None:
-        """Stop admitting, drain for at most ``timeout`` seconds, then abandon the rest.
+        """Stop taking work, drain for at most ``timeout`` seconds, then abandon the rest.
 
         Idempotent and thread-safe. Running attempts finish. With a store of
-        this process alone, queued tasks and pending retries keep being
-        processed until nothing is left or the deadline passes; unfinished
-        tasks then become failed (ABANDONED). With a shared store the pool
-        stops claiming at once and leaves queued work to other processes;
-        only its own running attempts are waited for (and abandoned at the
-        deadline). A later call with a shorter timeout (``timeout=0`` on a
+        this process alone, submissions are refused (PoolClosed) and queued
+        tasks and pending retries keep being processed until nothing is left
+        or the deadline passes; unfinished tasks then become failed
+        (ABANDONED). With a shared store the pool stops claiming at once and
+        leaves queued work, and tasks submitted from now on, to other
+        processes; only its own running attempts are waited for (and
+        abandoned at the deadline). A later call with a shorter timeout (``timeout=0`` on a
         second signal) pulls the deadline in. With ``wait=False`` the drain
         runs on a helper thread and the call returns None at once.
         """
@@ -768,7 +773,12 @@ class WorkerPool:
         if first:
             if self._store.shared:
                 self._store.wake()
-            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._unfinished_here())
+                log.info(
+                    "shutdown: claiming stopped (new tasks stay queued for other processes), draining %d running "
+                    "attempt(s)", self._unfinished_here(),
+                )  # fmt: skip
+            else:
+                log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
             if wait:
                 self._drain(began)
             else:
