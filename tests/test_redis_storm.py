@@ -48,7 +48,8 @@ INSTANCE = {
     "STORE_PREFIX": "storm",
 }
 CLIENTS_PER_INSTANCE = 8
-GONE = frozenset({"refused", "reset", "closed", "cut"})  # no listener, or it died mid-answer
+# Connections to the killed instance: refused, reset, closed, or cut in the middle of an answer.
+GONE = frozenset({"refused", "reset", "closed", "cut"})
 FINAL = frozenset({"done", "failed"})
 # Three servers and 24 clients on two loaded cores: the 413 for an oversized body is sent while the client
 # still sends it, and the lingering close that lets it read the answer may run out before it does.
