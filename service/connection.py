@@ -1,4 +1,4 @@
-"""Close a kept-alive connection after a response that left the request body unread.
+"""What a response does to its connection: close it after an unread body; give up on a client that stops reading.
 
 A request refused before its body is read (401, 413, an unknown route) leaves
 the body on the socket. gunicorn drains at most 64 KiB of it before reusing
@@ -6,14 +6,26 @@ the connection and closes the connection when more is left, after having
 announced ``Connection: keep-alive``: a client that pooled the connection loses
 its next request on it (and clients do not retry a POST). Such a response says
 ``Connection: close`` instead, so the client opens a new connection.
+
+This is WSGI middleware rather than a Flask ``after_request`` hook: it runs on
+every response, errors included, and costs one call instead of Flask's hook
+machinery on each request.
+
+A client that asks for a large response and then stops reading would hold
+the request thread writing it for ever (a blocking ``sendall`` has no
+deadline): ``SendDeadline`` gives up once the client has taken nothing for
+a given time, as nginx's ``send_timeout`` does, so a slow reader that keeps
+reading is served however long the whole response takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, request
 
 _BODY_READ = "workerpool.body_read"  # environ key set once the whole body has been read
 
@@ -26,31 +38,76 @@ def mark_body_read() -> None:
 
 
 def init_app(app: Flask) -> None:
-    app.after_request(_close_if_body_unread)
+    app.wsgi_app = close_if_body_unread(app.wsgi_app)  # type: ignore[method-assign]  # Flask's middleware slot
 
 
-def _close_if_body_unread(response: Response) -> Response:
-    has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    if has_body and not request.environ.get(_BODY_READ):
-        response.headers["Connection"] = "close"
-    return response
+def close_if_body_unread(app: WSGIApp) -> WSGIApp:
+    """Wrap ``app``: ``Connection: close`` on a response to a request whose body was not read.
 
-
-def honour_connection_close(app: WSGIApp) -> WSGIApp:
-    """Wrap ``app`` so that its ``Connection: close`` closes the gunicorn connection.
-
-    gunicorn drops the hop-by-hop headers an application sets; it says
-    ``close`` only when its own response object is told to close.
+    gunicorn drops the hop-by-hop headers an application sets, and says
+    ``close`` only when its own response object is told to close: that is
+    done here too, for this header and for one the application sets itself.
     """
 
     def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            if any(name.lower() == "connection" and value.lower() == "close" for name, value in headers):
+            close = not environ.get(_BODY_READ) and _has_body(environ)
+            if close:
+                headers.append(("Connection", "close"))
+            else:
+                close = any(name.lower() == "connection" and value.lower() == "close" for name, value in headers)
+            if close:
                 force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
-                if force_close is not None:
+                if force_close is not None:  # gunicorn's response object
                     force_close()
             return start_response(status, headers, exc_info)
 
         return app(environ, start)
 
     return wrapped
+
+
+def _has_body(environ: dict[str, Any]) -> bool:
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return True
+    try:
+        return int(environ.get("CONTENT_LENGTH") or 0) > 0
+    except ValueError:  # not a length: the server refused the request before it got here
+        return False
+
+
+class SendDeadline:
+    """A client socket whose writes fail with TimeoutError once the client took nothing for ``timeout`` seconds.
+
+    Stands in for the socket a response is written to: ``sendall`` sends in
+    as many ``send`` calls as the client's reading allows, each waiting at
+    most ``timeout`` for room (``socket.sendall`` with a timeout would bound
+    the whole response instead); ``sendfile`` waits the same way. Reads keep
+    the socket's own timeout; everything else is the socket's.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._sock = sock
+        self._timeout = timeout
+
+    def sendall(self, data: bytes) -> None:
+        remaining = memoryview(data).cast("B")
+        with self._deadline():
+            while remaining:
+                remaining = remaining[self._sock.send(remaining) :]  # TimeoutError after `timeout` without room
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        with self._deadline():
+            return self._sock.sendfile(file, offset, count)
+
+    @contextmanager
+    def _deadline(self) -> Iterator[None]:
+        before = self._sock.gettimeout()
+        self._sock.settimeout(self._timeout)
+        try:
+            yield
+        finally:
+            self._sock.settimeout(before)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)

@@ -122,8 +122,9 @@ class ShutdownController:
     def _watch(self) -> None:
         first, began = self._requests.get()
         log.info(
-            "received %s: not accepting new tasks; draining for up to %g s (signal again to stop waiting)",
-            _name(first), self._timeout,
+            "received %s: %s; draining for up to %g s (signal again to stop waiting)", _name(first),
+            "new tasks stay queued for other processes" if self._pool.store.shared else "not accepting new tasks",
+            self._timeout,
         )
         threading.Thread(target=self._drain, name="workerpool-drain", daemon=True).start()
         while (request := self._requests.get())[0] != _DRAINED:

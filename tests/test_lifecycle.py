@@ -1,5 +1,6 @@
 import signal
 import threading
+from types import SimpleNamespace
 
 import pytest
 from doubles import FakeClock
@@ -20,6 +21,7 @@ class FakePool:
         self.calls: list[tuple[float, bool]] = []
         self.release = threading.Event()
         self.pulled_in = threading.Event()
+        self.store = SimpleNamespace(shared=False)  # a store of this process alone
 
     def shutdown(self, timeout=None, *, wait=True):
         self.calls.append((timeout, wait))

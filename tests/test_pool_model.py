@@ -400,7 +400,7 @@ class PoolModel(RuleBasedStateMachine):
     ) -> Task | type[Exception]:
         """What the pool should answer to one submission, applied to the model."""
         waiting = sum(1 for task in self.tasks.values() if task.state is State.QUEUED and task.attempts == 0)
-        if self.closing:
+        if self.closing and not self.store.shared:  # a shared store keeps them for other processes
             refusal = PoolClosed
         elif task_id in self.tasks:
             refusal = DuplicateTask

@@ -11,6 +11,7 @@ which observers hear of a task's changes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import json
@@ -36,6 +37,7 @@ from .stores.memory import MemoryStore
 from .task import FINAL_STATES, State, Task
 
 log = logging.getLogger(__name__)
+_make_task = functools.partial(tuple.__new__, Task)  # Task._make without its Python frame
 
 Handler = Callable[[Task, threading.Event], Any]
 """``handler(task, cancel)`` runs one attempt: its return value is the task's
@@ -103,6 +105,7 @@ class Attempt:
     ending: bool = False  # its worker is recording its end (under _lock): too late to time it out
     recording: bool = False  # the watchdog is writing its timeout to the store (under _lock)
     retry_at: float | None = None  # the retry the timeout scheduled, drawn once however often the write is tried
+    successor: Task | None = None  # the task its worker claimed in the same store step as this attempt's end
 
 
 class WorkerPool:
@@ -175,7 +178,11 @@ class WorkerPool:
         # handler, an observer or logging.
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._closing = False  # no more submissions
+        # Shutdown began. A store of this process alone then refuses submissions;
+        # a shared one keeps taking them: its queued tasks are left to the other
+        # processes (or the next start) anyway, and so a request already read
+        # when a stop signal or a reload came still gets its 202.
+        self._closing = False
         self._claiming = True  # workers take new attempts (a shared store stops at once on shutdown)
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
@@ -183,9 +190,11 @@ class WorkerPool:
         # Tasks whose last change is not yet heard by the observers, and how
         # many such changes are in flight: whoever changes such a task next
         # waits before telling (see _wait_turn), on an Event in _turn_waiters.
-        # A submission is in flight until it is stored and heard, so the drain
-        # also waits for these before it looks for unfinished work.
+        # Submissions are marked only when there are observers to hear them.
         self._in_flight: dict[str, int] = {}
+        # Submissions past the closing check whose store step has not ended:
+        # the drain waits for them before it looks for unfinished work.
+        self._admitting = 0
         self._turn_waiters: dict[str, threading.Event] = {}
         self._step_cancel = threading.Event()  # step()'s cancel event, reused until it is set
         self._cancel_early: set[str] = set()  # cancelled before their worker registered the attempt
@@ -268,33 +277,36 @@ class WorkerPool:
         if not 0 <= delay < math.inf:
             raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay}")
         now = self._clock()
-        return Task(
-            new_task_id(now) if task_id is None else task_id,
-            payload,
-            max_retries,
-            created_at=now,
-            next_attempt_at=now + delay if delay else None,
-            request_id=request_id,
-        )
+        # The fields by position (see Task): a third of the cost of the keyword constructor, once per task.
+        return _make_task(
+            (new_task_id(now) if task_id is None else task_id, payload, max_retries, State.QUEUED, 0, None, now,
+             None, None, now + delay if delay else None, request_id, None, False)
+        )  # fmt: skip
 
     def _admit(self, tasks: list[Task]) -> list[Task | SubmitError]:
+        observed = bool(self._observers)
         with self._lock:
-            if self._closing:
+            if self._closing and not self._store.shared:
                 return [PoolClosed() for _ in tasks]
-            started = self._start_locked()
-            in_flight = self._in_flight
-            for task in tasks:  # before the store step: a worker may claim the task at once
-                in_flight[task.id] = in_flight.get(task.id, 0) + 1
+            started = not self._threads and self._start_locked()
+            self._admitting += 1
+            if observed:  # the order of what observers hear; without them there is none to keep
+                in_flight = self._in_flight
+                for task in tasks:  # before the store step: a worker may claim the task at once
+                    in_flight[task.id] = in_flight.get(task.id, 0) + 1
         try:
             results = self._store.admit(tasks)
-            for result in results:
-                if isinstance(result, Task):
-                    _log(logging.DEBUG, result, "task %s queued", result.id)
-                    self._notify("task_queued", result)
+            if observed or log.isEnabledFor(logging.DEBUG):
+                for result in results:
+                    if isinstance(result, Task):
+                        _log(logging.DEBUG, result, "task %s queued", result.id)
+                        self._notify("task_queued", result)
         finally:
             with self._lock:
-                for task in tasks:
-                    self._leave_in_flight(task.id)
+                self._admitting -= 1
+                if observed:
+                    for task in tasks:
+                        self._leave_in_flight(task.id)
                 closing = self._closing
             if closing:
                 self._drain_wakeup.set()
@@ -397,31 +409,35 @@ class WorkerPool:
         store, owner, lease = self._store, self.owner, self._lease
         cancel = threading.Event()
         pause = threading.Event()  # never set: a pause that is not time.sleep
-        while self._claiming:
-            try:
-                task = store.claim(owner, self._clock() + lease)
-                if task is None:
-                    store.wait_for_work(None)
+        task: Task | None = None  # claimed with the end of the last attempt, when one was due
+        while self._claiming or task is not None:
+            if task is None:
+                try:
+                    task = store.claim(owner, self._clock() + lease)
+                    if task is None:
+                        store.wait_for_work(None)
+                        continue
+                except Exception:  # StoreUnavailable, or a bug: keep the worker, try again shortly
+                    log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
+                    self._wait(pause, _STORE_RETRY_S)
                     continue
-            except Exception:  # StoreUnavailable, or a bug: keep the worker, try again shortly
-                log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
-                self._wait(pause, _STORE_RETRY_S)
-                continue
             if cancel.is_set():  # the last attempt's handler may still hold it
                 cancel = threading.Event()
-            self._run_attempt(task, cancel)
-            if self._stuck and self._leave_if_replaced():
+            task = self._run_attempt(task, cancel, claim_next=True)
+            if task is None and self._stuck and self._leave_if_replaced():
                 return
 
-    def _run_attempt(self, task: Task, cancel: threading.Event) -> None:
+    def _run_attempt(self, task: Task, cancel: threading.Event, *, claim_next: bool = False) -> Task | None:
+        """Run one attempt; with ``claim_next``, the task claimed in the same store step as its end, if any."""
         attempt = Attempt(task, cancel, self._monotonic(), threading.current_thread())
         try:
-            self._attempt(attempt)
+            self._attempt(attempt, claim_next)
         except Exception as exc:  # a bug of ours must neither kill the worker nor leave the task running
             log.exception("worker failed on task %s", task.id, extra={"task_id": task.id})
             self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(exc)}", None, None)
+        return attempt.successor
 
-    def _attempt(self, attempt: Attempt) -> None:
+    def _attempt(self, attempt: Attempt, claim_next: bool) -> None:
         task = attempt.task
         with self._lock:
             self._running[task.id] = attempt
@@ -433,18 +449,20 @@ class WorkerPool:
             self._wait_turn(task.id)
         if cancelled_early or task.cancel_requested:
             attempt.cancel.set()
-        _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
-        self._notify("attempt_started", task)
+        if log.isEnabledFor(logging.DEBUG):
+            _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
+        if self._observers:
+            self._notify("attempt_started", task)
         try:
             returned = self._handler(task, attempt.cancel)
         except BaseException as exc:  # even SystemExit: it would end this thread silently
             # A timed-out attempt's retry was scheduled by the watchdog (read without the lock: a
             # stale False only draws a backoff that _end_attempt then drops).
             retry_at = None if isinstance(exc, PermanentFailure) or attempt.timed_out else self._retry_at(task)
-            self._end_attempt(attempt, _describe(exc), None, retry_at, exc)
+            self._end_attempt(attempt, _describe(exc), None, retry_at, exc, claim_next=claim_next)
         else:
-            error = _check_result(returned, self._max_result_bytes)
-            self._end_attempt(attempt, error, None if error else returned, None)
+            error = None if returned is None else _check_result(returned, self._max_result_bytes)
+            self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
 
     def _retry_at(self, task: Task) -> float | None:
         """When the task's next attempt falls due after its latest failed, or None when out of retries."""
@@ -460,20 +478,24 @@ class WorkerPool:
         result: Any,
         retry_at: float | None,
         exc: BaseException | None = None,
+        *,
+        claim_next: bool = False,
     ) -> None:
         task = attempt.task
-        with self._lock:
-            timed_out = attempt.timed_out
-            attempt.ending = not timed_out
-            if retry_at is not None and not timed_out:  # another worker may claim the retry before it is heard
-                self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
-        if timed_out:  # the watchdog ended the attempt already
-            _log(
-                logging.WARNING, task, "task %s attempt %d returned after it timed out; %s dropped",
-                task.id, task.attempts, "its error" if error else "its result",
-            )  # fmt: skip
-            return
-        self._finish_attempt(attempt, error, result, retry_at, exc)
+        # Without an attempt timeout nothing races this end, and nothing needs marking unless it is a retry.
+        if self._attempt_timeout or retry_at is not None:
+            with self._lock:
+                timed_out = attempt.timed_out
+                attempt.ending = not timed_out
+                if retry_at is not None and not timed_out:  # another worker may claim the retry before it is heard
+                    self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
+            if timed_out:  # the watchdog ended the attempt already
+                _log(
+                    logging.WARNING, task, "task %s attempt %d returned after it timed out; %s dropped",
+                    task.id, task.attempts, "its error" if error else "its result",
+                )  # fmt: skip
+                return
+        self._finish_attempt(attempt, error, result, retry_at, exc, claim_next=claim_next)
 
     def _finish_attempt(
         self,
@@ -482,14 +504,26 @@ class WorkerPool:
         result: Any,
         retry_at: float | None,
         exc: BaseException | None = None,
+        *,
+        claim_next: bool = False,
     ) -> None:
-        """Record the end of an attempt in the store and tell the observers (once per attempt)."""
+        """Record the end of an attempt in the store and tell the observers (once per attempt).
+
+        With ``claim_next`` (and while the pool claims), the same store step
+        claims this worker's next task into ``attempt.successor``.
+        """
         task = attempt.task
         ended = None
         try:
-            ended = self._store.finish(
-                task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
-            )
+            if claim_next and self._claiming:
+                ended, attempt.successor = self._store.finish_and_claim(
+                    task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
+                    lease_until=self._clock() + self._lease,
+                )  # fmt: skip
+            else:
+                ended = self._store.finish(
+                    task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
+                )
         except Exception:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
                 with self._lock:
@@ -510,7 +544,8 @@ class WorkerPool:
                 )
             else:
                 self._log_end(ended, error, exc)
-                self._notify("attempt_finished", ended, self._monotonic() - attempt.started)
+                if self._observers:
+                    self._notify("attempt_finished", ended, self._monotonic() - attempt.started)
         finally:
             self._forget_attempt(attempt, ended, retry_at)
 
@@ -530,10 +565,12 @@ class WorkerPool:
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
+        if task.state is State.DONE:  # the common case: one test when INFO is off
+            if log.isEnabledFor(logging.INFO):
+                _log(logging.INFO, task, "task %s done after %d attempt(s)", task.id, task.attempts)
+            return
         trace = exc if exc is not None and log.isEnabledFor(logging.DEBUG) else None
-        if task.state is State.DONE:
-            _log(logging.INFO, task, "task %s done after %d attempt(s)", task.id, task.attempts)
-        elif task.state is State.QUEUED:
+        if task.state is State.QUEUED:
             _log(
                 logging.INFO, task, "task %s attempt %d failed (%s); retry %d of %d in %.3f s",
                 task.id, task.attempts, error, task.attempts, task.max_retries,
@@ -716,15 +753,16 @@ class WorkerPool:
     # -- shutdown --------------------------------------------------------
 
     def shutdown(self, timeout: float | None = None, *, wait: bool = True) -> ShutdownSummary | None:
-        """Stop admitting, drain for at most ``timeout`` seconds, then abandon the rest.
+        """Stop taking work, drain for at most ``timeout`` seconds, then abandon the rest.
 
         Idempotent and thread-safe. Running attempts finish. With a store of
-        this process alone, queued tasks and pending retries keep being
-        processed until nothing is left or the deadline passes; unfinished
-        tasks then become failed (ABANDONED). With a shared store the pool
-        stops claiming at once and leaves queued work to other processes;
-        only its own running attempts are waited for (and abandoned at the
-        deadline). A later call with a shorter timeout (``timeout=0`` on a
+        this process alone, submissions are refused (PoolClosed) and queued
+        tasks and pending retries keep being processed until nothing is left
+        or the deadline passes; unfinished tasks then become failed
+        (ABANDONED). With a shared store the pool stops claiming at once and
+        leaves queued work, and tasks submitted from now on, to other
+        processes; only its own running attempts are waited for (and
+        abandoned at the deadline). A later call with a shorter timeout (``timeout=0`` on a
         second signal) pulls the deadline in. With ``wait=False`` the drain
         runs on a helper thread and the call returns None at once.
         """
@@ -740,7 +778,12 @@ class WorkerPool:
         if first:
             if self._store.shared:
                 self._store.wake()
-            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished(self.owner))
+                log.info(
+                    "shutdown: claiming stopped (new tasks stay queued for other processes), draining %d running "
+                    "attempt(s)", self._store.unfinished(self.owner),
+                )  # fmt: skip
+            else:
+                log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
             if wait:
                 self._drain(began)
             else:
@@ -758,7 +801,7 @@ class WorkerPool:
             with self._lock:
                 # A submission in flight may still land: wait for it even past the deadline. An
                 # attempt counts until its bookkeeping is done, so the summary includes its outcome.
-                in_flight, running = bool(self._in_flight), bool(self._running)
+                in_flight, running = bool(self._admitting or self._in_flight), bool(self._running)
                 remaining = self._deadline - self._monotonic()
             if not in_flight and (remaining <= 0 or not (running or self._store.unfinished(self.owner))):
                 break

@@ -144,6 +144,30 @@ class TaskStore(abc.ABC):
         ``last_error`` records ``error``.
         """
 
+    def finish_and_claim(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str | None = None,
+        result: Any = None,
+        retry_at: float | None = None,
+        lease_until: float,
+    ) -> tuple[Task | None, Task | None]:
+        """``finish`` then ``claim`` for the same owner: the ended snapshot (or None) and the next attempt (or None).
+
+        A worker that ends an attempt usually starts the next one at once; a
+        store may do both in one step (the memory store: one lock hold instead
+        of two). The result is the same as the two calls made one after the
+        other; a retry scheduled due now may be the task claimed next.
+        """
+        ended = self.finish(task_id, attempt, owner, error=error, result=result, retry_at=retry_at)
+        try:
+            return ended, self.claim(owner, lease_until)
+        except Exception:  # the end is recorded: a failing claim is left to the worker's next one to meet
+            return ended, None
+
     @abc.abstractmethod
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
         """Extend the leases ``owner`` holds on ``task_ids``; report the lost ones and cancel requests."""

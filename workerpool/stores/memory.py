@@ -18,6 +18,7 @@ condition on every task. The admission bound is the ``_waiting`` count.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -30,7 +31,7 @@ from typing import Any
 
 from ..errors import DuplicateTask, QueueFull, SubmitError
 from ..handlers import Wait, event_wait
-from ..task import FINAL_STATES, State, Task, check_transition
+from ..task import FINAL_STATES, TRANSITIONS, State, Task, check_transition
 from .base import Renewal, StoreStats, TaskStore
 
 _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = (
@@ -41,7 +42,7 @@ _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = (
     State.CANCELLED,
 )
 _NO_RENEWAL = Renewal(lost=frozenset(), cancel_requested=frozenset())
-_new_task = Task._make
+_new_task = functools.partial(tuple.__new__, Task)  # Task._make without its Python frame: the fields are spelled out
 assert Task._fields == (
     "id", "payload", "max_retries", "state", "attempts", "last_error", "created_at", "started_at",
     "finished_at", "next_attempt_at", "request_id", "result", "cancel_requested",
@@ -107,11 +108,12 @@ class MemoryStore(TaskStore):
         results: list[Task | SubmitError] = []
         with self._lock:
             now = self._clock()
-            self._evict(now)
+            self._evict(now)  # a forgotten id may be submitted again
             if self._scheduled:  # what fell due earlier goes ahead of what arrives now
                 self._release_due(now)
+            tasks_by_id, queued, new_line = self._tasks, self._by_state[_QUEUED], self._new_line
             for task in tasks:
-                if task.id in self._tasks:
+                if task.id in tasks_by_id:
                     results.append(DuplicateTask(task.id))
                 elif self._waiting >= self.capacity:
                     results.append(QueueFull(self.capacity))
@@ -119,38 +121,21 @@ class MemoryStore(TaskStore):
                     if task.created_at < self._last_created:  # stamped before a task admitted first
                         task = task._replace(created_at=self._last_created)
                     self._last_created = task.created_at
-                    self._tasks[task.id] = task
-                    self._by_state[_QUEUED][task.id] = None
+                    tasks_by_id[task.id] = task
+                    queued[task.id] = None
                     self._waiting += 1
                     if task.next_attempt_at is None:
-                        self._new_line.append(task)
+                        new_line.append(task)
                     else:
                         self._schedule(task)
                     results.append(task)
-            self._wake_idle(len(tasks))
+            if self._idle:
+                self._wake_idle(len(tasks))
         return results
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
         with self._lock:
-            now = self._clock()
-            if self._scheduled:
-                self._release_due(now)
-            for line in (self._retry_line, self._new_line):
-                while line:
-                    task = line.popleft()
-                    if self._tasks.get(task.id) is not task:
-                        continue  # cancelled or abandoned while it waited
-                    if task.attempts == 0:
-                        self._waiting -= 1
-                    # Spelled out rather than _replace(): this is the hot path, and 3x cheaper.
-                    running = _new_task(
-                        (task[0], task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
-                         task[10], task[11], task[12])
-                    )  # fmt: skip
-                    self._set(task, running)
-                    self._owners[task.id] = owner
-                    return running
-        return None
+            return self._claim(owner, self._clock())
 
     def finish(
         self,
@@ -163,31 +148,23 @@ class MemoryStore(TaskStore):
         retry_at: float | None = None,
     ) -> Task | None:
         with self._lock:
-            task = self._tasks.get(task_id)
-            if task is None or task.state is not _RUNNING or task.attempts != attempt:
-                return None
-            if self._owners.get(task_id) != owner:
-                return None
-            del self._owners[task_id]
+            return self._finish_attempt(task_id, attempt, owner, error, result, retry_at, self._clock())
+
+    def finish_and_claim(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str | None = None,
+        result: Any = None,
+        retry_at: float | None = None,
+        lease_until: float,
+    ) -> tuple[Task | None, Task | None]:
+        with self._lock:  # one hold for both: a busy worker goes from one task to the next without a handoff
             now = self._clock()
-            if error is None:  # the hot path: spelled out, see claim()
-                ended = _new_task(
-                    (task[0], "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
-                     result, task[12])
-                )  # fmt: skip
-            elif task.cancel_requested:
-                ended = task._replace(state=_CANCELLED, payload="", finished_at=now, last_error=error)
-            elif retry_at is not None:
-                ended = task._replace(state=_QUEUED, last_error=error, next_attempt_at=retry_at)
-            else:
-                ended = task._replace(state=_FAILED, payload="", finished_at=now, last_error=error)
-            self._set(task, ended)
-            if ended.state is _QUEUED:
-                self._schedule(ended)
-                self._wake_idle(1)
-            else:
-                self._finish(ended, now)
-            return ended
+            ended = self._finish_attempt(task_id, attempt, owner, error, result, retry_at, now)
+            return ended, self._claim(owner, now)
 
     def cancel(self, task_id: str) -> Task | None:
         with self._lock:
@@ -307,9 +284,58 @@ class MemoryStore(TaskStore):
 
     # -- helpers (the lock is held) --------------------------------------
 
+    def _claim(self, owner: str, now: float) -> Task | None:
+        if self._scheduled:
+            self._release_due(now)
+        for line in (self._retry_line, self._new_line):
+            while line:
+                task = line.popleft()
+                if self._tasks.get(task.id) is not task:
+                    continue  # cancelled or abandoned while it waited
+                if task.attempts == 0:
+                    self._waiting -= 1
+                # Spelled out rather than _replace(): this is the hot path, and 3x cheaper.
+                running = _new_task(
+                    (task[0], task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
+                     task[10], task[11], task[12])
+                )  # fmt: skip
+                self._set(task, running)
+                self._owners[task.id] = owner
+                return running
+        return None
+
+    def _finish_attempt(
+        self, task_id: str, attempt: int, owner: str, error: str | None, result: Any, retry_at: float | None, now: float
+    ) -> Task | None:
+        task = self._tasks.get(task_id)
+        if task is None or task.state is not _RUNNING or task.attempts != attempt:
+            return None
+        if self._owners.get(task_id) != owner:
+            return None
+        del self._owners[task_id]
+        if error is None:  # the hot path: spelled out, see _claim()
+            ended = _new_task(
+                (task[0], "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
+                 result, task[12])
+            )  # fmt: skip
+        elif task.cancel_requested:
+            ended = task._replace(state=_CANCELLED, payload="", finished_at=now, last_error=error)
+        elif retry_at is not None:
+            ended = task._replace(state=_QUEUED, last_error=error, next_attempt_at=retry_at)
+        else:
+            ended = task._replace(state=_FAILED, payload="", finished_at=now, last_error=error)
+        self._set(task, ended)
+        if ended.state is _QUEUED:
+            self._schedule(ended)
+            self._wake_idle(1)
+        else:
+            self._finish(ended, now)
+        return ended
+
     def _set(self, old: Task, new: Task) -> None:
         """Store ``new`` as the current snapshot of ``old``'s task, moving it between states."""
-        check_transition(old.state, new.state)
+        if new.state not in TRANSITIONS[old.state]:  # the common case without a call: twice per task
+            check_transition(old.state, new.state)
         del self._by_state[old.state][old.id]
         self._by_state[new.state][old.id] = None
         self._tasks[old.id] = new
