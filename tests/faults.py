@@ -65,3 +65,8 @@ def returns_garbage(task: Task, cancel: threading.Event) -> object:
 def leaves_a_thread(task: Task, cancel: threading.Event) -> None:
     """Succeed, leaving behind a non-daemon thread that runs for HANG_S seconds (the interpreter waits for it)."""
     threading.Thread(target=threading.Event().wait, args=(HANG_S,), name="left-behind", daemon=False).start()
+
+
+def returns_a_large_result(task: Task, cancel: threading.Event) -> str:
+    """Return a string of as many characters as the payload says (a large result makes a large listing)."""
+    return "x" * int(task.payload)
