@@ -664,3 +664,28 @@ def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, 
     pool.shutdown(timeout=TIMEOUT)
     assert not leases.is_alive()  # shutdown woke its wait and joined it
     store.close()
+
+
+def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool, clock):
+    # The first submit reads the clock, then stalls until a later submit has been admitted.
+    first_read, second_admitted = threading.Event(), threading.Event()
+
+    def racing_clock():
+        now = clock.time()
+        if threading.current_thread().name == "first-submit" and not first_read.is_set():
+            first_read.set()
+            assert second_admitted.wait(TIMEOUT)
+        return now
+
+    pool = make_pool(workers=1, clock=racing_clock)
+    first = threading.Thread(target=pool.submit, args=("first",), name="first-submit")
+    first.start()
+    assert first_read.wait(TIMEOUT)
+    clock.advance(1.0)
+    pool.submit("second")
+    second_admitted.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive()
+    listed = pool.list()
+    assert [t.id for t in listed] == ["first", "second"]  # newest admitted first
+    assert listed[0].created_at >= listed[1].created_at
