@@ -15,7 +15,7 @@ from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request
-from .schema import TaskLimits, parse_enqueue, parse_list_query, task_to_json
+from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
 
@@ -28,7 +28,7 @@ def enqueue() -> Response:
         require_token()  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
         body = read_body(svc.config.max_body_bytes)
-        spec = parse_enqueue(body, TaskLimits.of(svc.config), request_id=request_id.current())
+        spec = parse_enqueue(body, svc.limits, request_id=request_id.current())
         task = svc.pool.submit(
             spec.id, spec.payload, spec.max_retries, delay=spec.delay, request_id=spec.request_id
         )
