@@ -100,7 +100,10 @@ class DrainingThreadWorker(ThreadWorker):
 
     def enqueue_req(self, conn: TConn) -> None:
         """Wait on the poller for the connection's next request (gthread would give it a thread at once)."""
-        if not self._reads_ahead(conn):
+        reads_ahead = getattr(conn, "reads_ahead", None)
+        if reads_ahead is None:  # the same for every request of the connection: four settings lookups, once
+            reads_ahead = conn.reads_ahead = self._reads_ahead(conn)
+        if not reads_ahead:
             self._serve(conn)
             return
         buffered = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
