@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from . import server_errors, trusted_peers
+from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
 from .lifecycle import ShutdownController
 from .lingering_close import LingeringCloser
@@ -70,7 +70,7 @@ class DrainingThreadWorker(ThreadWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        trusted_peers.install(self.cfg)  # forwarded_allow_ips: one lookup per peer address, not per request
+        gunicorn_caches.install(self.cfg)  # forwarded_allow_ips once per peer, the Date header once a second
         server_errors.install()  # the errors gunicorn answers itself, as problem documents
 
     # -- errors gunicorn answers itself
