@@ -15,7 +15,7 @@ from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request
-from .schema import TaskLimits, parse_enqueue, parse_list_query, task_to_json
+from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
 
@@ -28,7 +28,7 @@ def enqueue() -> Response:
         require_token()  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
         body = read_body(svc.config.max_body_bytes)
-        spec = parse_enqueue(body, TaskLimits.of(svc.config), request_id=request_id.current())
+        spec = parse_enqueue(body, svc.limits, request_id=request_id.current())
         task = svc.pool.submit(
             spec.id, spec.payload, spec.max_retries, delay=spec.delay, request_id=spec.request_id
         )
@@ -58,14 +58,19 @@ def task_url(task_id: str, root_path: str | None = None) -> str:
 
 def read_body(limit: int) -> bytes:
     """The request body; 413 if it is longer than ``limit`` bytes, chunked or not, 400 if cut short."""
-    too_large = Problem(413, f"the request body is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large  # not werkzeug's 413, which would name the app-wide MAX_CONTENT_LENGTH
-    # For a chunked body werkzeug stops reading at the limit without an error,
-    # so a longer body would arrive truncated: read one byte more to tell.
-    request.max_content_length = limit + 1
+    length = request.content_length  # None when chunked
+    if length is not None and length > limit:
+        raise _too_large(limit)  # not werkzeug's 413, which would name the app-wide MAX_CONTENT_LENGTH
     try:
-        body = request.get_data(cache=False)
+        if length is not None:
+            # The server's input stream ends with the body (WSGI says not to read past it): read it
+            # directly, as werkzeug's stream would after building two wrappers around it.
+            body = request.environ["wsgi.input"].read(length)
+        else:
+            # For a chunked body werkzeug stops reading at the limit without an error,
+            # so a longer body would arrive truncated: read one byte more to tell.
+            request.max_content_length = limit + 1
+            body = request.get_data(cache=False)
     except RequestEntityTooLarge:
         raise
     except Exception:  # the server's reader refused the framing (chunk sizes) or the stream ended early
@@ -73,13 +78,17 @@ def read_body(limit: int) -> bytes:
             "the request body could not be read: its chunked framing is malformed or it ended early"
         ) from None
     if len(body) > limit:
-        raise too_large
+        raise _too_large(limit)
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
-    if request.content_length is not None and len(body) < request.content_length:
-        raise invalid_request(f"the request body ended after {len(body)} of its {request.content_length} bytes")
+    if length is not None and len(body) < length:
+        raise invalid_request(f"the request body ended after {len(body)} of its {length} bytes")
     connection.mark_body_read()
     return body
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, f"the request body is larger than {limit} bytes")
 
 
 @bp.get("/tasks/<path:task_id>")

@@ -72,7 +72,7 @@ def enqueue_batch() -> Response:
     try:
         require_token()  # before the body is read, as for POST /enqueue
         body = read_body(config.max_batch_body_bytes)
-        items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=TaskLimits.of(config), request_id=rid)
+        items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=svc.limits, request_id=rid)
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise

@@ -1,4 +1,4 @@
-"""Close a kept-alive connection after a response that left the request body unread.
+"""What a response does to its connection: close it after an unread body; give up on a client that stops reading.
 
 A request refused before its body is read (401, 413, an unknown route) leaves
 the body on the socket. gunicorn drains at most 64 KiB of it before reusing
@@ -10,11 +10,20 @@ its next request on it (and clients do not retry a POST). Such a response says
 This is WSGI middleware rather than a Flask ``after_request`` hook: it runs on
 every response, errors included, and costs one call instead of Flask's hook
 machinery on each request.
+
+A client that asks for a large response and then stops reading would hold
+the request thread writing it for ever (a blocking ``sendall`` has no
+deadline): ``SendDeadline`` gives up once the client has taken nothing for
+a given time, as nginx's ``send_timeout`` does, so a slow reader that keeps
+reading is served however long the whole response takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Flask, request
@@ -66,3 +75,53 @@ def _has_body(environ: dict[str, Any]) -> bool:
         return int(environ.get("CONTENT_LENGTH") or 0) > 0
     except ValueError:  # not a length: the server refused the request before it got here
         return False
+
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class SendDeadline:
+    """A client socket whose writes fail with TimeoutError once the client took nothing for ``timeout`` seconds.
+
+    Stands in for the socket a response is written to: ``sendall`` sends in
+    as many ``send`` calls as the client's reading allows, each waiting at
+    most ``timeout`` for room (``socket.sendall`` with a timeout would bound
+    the whole response instead); ``sendfile`` waits the same way. Reads keep
+    the socket's own timeout; everything else is the socket's.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self._try_at_once = _DONTWAIT and not isinstance(sock, ssl.SSLSocket)  # TLS sockets take no flags
+
+    def sendall(self, data: bytes) -> None:
+        remaining = memoryview(data).cast("B")
+        if self._try_at_once:
+            # Most responses fit in the socket's send buffer: one send that cannot wait, and no
+            # switching of the socket's timeout (two fcntl calls each way) for them.
+            try:  # noqa: SIM105  (contextlib.suppress costs more than the send on this path)
+                remaining = remaining[self._sock.send(remaining, _DONTWAIT) :]
+            except BlockingIOError:
+                pass
+            if not remaining:
+                return
+        with self._deadline():
+            while remaining:
+                remaining = remaining[self._sock.send(remaining) :]  # TimeoutError after `timeout` without room
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        with self._deadline():
+            return self._sock.sendfile(file, offset, count)
+
+    @contextmanager
+    def _deadline(self) -> Iterator[None]:
+        before = self._sock.gettimeout()
+        self._sock.settimeout(self._timeout)
+        try:
+            yield
+        finally:
+            self._sock.settimeout(before)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)

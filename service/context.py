@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
 
 from config import Config
 from workerpool import WorkerPool
+
+from .schema import TaskLimits
 
 if TYPE_CHECKING:
     from .live import LiveFigures
@@ -23,6 +25,10 @@ class Services:
     pool: WorkerPool
     metrics: Metrics
     live: LiveFigures
+    limits: TaskLimits = field(init=False)  # the config's, built once rather than on every submission
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", TaskLimits.of(self.config))  # frozen: set once, here
 
 
 def services(app: Flask | None = None) -> Services:

@@ -26,7 +26,10 @@ serve whole requests:
 - with ``worker_connections`` all taken, the connection that has waited
   longest for its request is closed to make room for a new one;
 - once stopping, requests still arriving get ``STOP_LINGER_S`` more at most,
-  so open connections cannot hold the exit back.
+  so open connections cannot hold the exit back;
+- a response is written with a deadline (``SendDeadline``): a client that
+  takes nothing of it for ``request_timeout`` seconds is closed and its
+  thread freed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from concurrent.futures import Future
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from . import server_errors
+from . import gunicorn_caches, server_errors
+from .connection import SendDeadline
 from .lifecycle import ShutdownController
 from .lingering_close import LingeringCloser
 from .request_reader import REQUEST_TIMEOUT_S, RequestReader
@@ -66,6 +70,7 @@ class DrainingThreadWorker(ThreadWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        gunicorn_caches.install(self.cfg)  # forwarded_allow_ips once per peer, the Date header once a second
         server_errors.install()  # the errors gunicorn answers itself, as problem documents
 
     # -- errors gunicorn answers itself
@@ -95,11 +100,29 @@ class DrainingThreadWorker(ThreadWorker):
 
     def enqueue_req(self, conn: TConn) -> None:
         """Wait on the poller for the connection's next request (gthread would give it a thread at once)."""
-        if not self._reads_ahead(conn):
+        reads_ahead = getattr(conn, "reads_ahead", None)
+        if reads_ahead is None:  # the same for every request of the connection: four settings lookups, once
+            reads_ahead = conn.reads_ahead = self._reads_ahead(conn)
+        if not reads_ahead:
             self._serve(conn)
             return
         buffered = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         self.reader.add(conn, buffered)
+
+    def handle_request(self, req, conn: TConn) -> bool:
+        """Serve one request on a request thread, giving up on a client that stops reading its response."""
+        sock = conn.sock
+        conn.sock = SendDeadline(sock, self.request_timeout)  # the response is written to conn.sock
+        try:
+            return super().handle_request(req, conn)
+        except TimeoutError:
+            self.log.warning(
+                "closed the connection from %s: it took nothing of the response to %s %s for %g s",
+                _address(conn.client), req.method, req.path, self.request_timeout,
+            )  # fmt: skip
+            return False  # the response is cut short: the connection cannot be reused
+        finally:
+            conn.sock = sock
 
     def finish_request(self, conn: TConn, fs: Future) -> None:
         self._serving.discard(conn)
@@ -147,3 +170,7 @@ class DrainingThreadWorker(ThreadWorker):
         for conn in self._serving:
             if hasattr(conn, "read_deadline"):
                 conn.read_deadline = min(conn.read_deadline, deadline)
+
+
+def _address(client: object) -> str:
+    return f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) >= 2 else str(client)

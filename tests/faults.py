@@ -39,7 +39,10 @@ def hangs(task: Task, cancel: threading.Event) -> None:
 
 
 def flaky_or_holds(task: Task, cancel: threading.Event) -> None:
-    """``hold``: take HOLD_S seconds (less if cancelled) and succeed; anything else: 0-5 ms, failing 30 %."""
+    """``hold``: take HOLD_S seconds (less if cancelled) and succeed; ``ok``: succeed at once; anything
+    else: 0-5 ms, failing 30 % of the time."""
+    if task.payload == "ok":
+        return
     if task.payload == "hold":
         cancel.wait(HOLD_S)
         return
@@ -65,3 +68,8 @@ def returns_garbage(task: Task, cancel: threading.Event) -> object:
 def leaves_a_thread(task: Task, cancel: threading.Event) -> None:
     """Succeed, leaving behind a non-daemon thread that runs for HANG_S seconds (the interpreter waits for it)."""
     threading.Thread(target=threading.Event().wait, args=(HANG_S,), name="left-behind", daemon=False).start()
+
+
+def returns_a_large_result(task: Task, cancel: threading.Event) -> str:
+    """Return a string of as many characters as the payload says (a large result makes a large listing)."""
+    return "x" * int(task.payload)

@@ -1,4 +1,5 @@
 import logging
+import math
 import random
 import threading
 from collections import Counter
@@ -15,9 +16,11 @@ from workerpool import (
     PoolObserver,
     QueueFull,
     State,
+    StoreUnavailable,
     TaskSpec,
     WorkerPool,
 )
+from workerpool.stores.memory import MemoryStore
 from workerpool.stores.sqlite import SqliteStore
 
 TIMEOUT = WAIT_S  # real seconds any single wait in these tests may take at most
@@ -640,6 +643,38 @@ def test_a_failed_attempt_logs_its_traceback_at_debug_only(make_pool, caplog):
     assert "Traceback" not in pool.get("debug").last_error
 
 
+class FinishFails(MemoryStore):
+    """A store whose ``finish`` is unavailable the first ``failures[id]`` times for a task (always: math.inf)."""
+
+    def __init__(self, failures, **options):
+        super().__init__(**options)
+        self.failures = failures
+        self.tries = Counter()
+
+    def finish(self, task_id, *args, **kwargs):
+        self.tries[task_id] += 1
+        if self.tries[task_id] <= self.failures.get(task_id, 0):
+            raise StoreUnavailable("the store is down")
+        return super().finish(task_id, *args, **kwargs)
+
+
+def test_an_end_the_store_cannot_record_is_recorded_again_and_the_worker_lives_on(make_pool, clock):
+    def wait(event, timeout):  # the pause between tries passes at once on the fake clock
+        clock.advance(timeout)
+        return event.is_set()
+
+    store = FinishFails({"brief": 2, "long": math.inf}, clock=clock.time)
+    pool = make_pool(store=store, threads=False, lease=30.0, wait=wait)
+    for task_id in ("brief", "long", "after"):
+        pool.submit(task_id, "", 0)
+    assert pool.step() and pool.step() and pool.step()
+    # Recorded on the third try, as it ended: done after one attempt.
+    assert (pool.get("brief").state, pool.get("brief").attempts, store.tries["brief"]) == (State.DONE, 1, 3)
+    # Tried once a second for a lease's length, then left to the lease (another process recovers it).
+    assert (pool.get("long").state, store.tries["long"]) == (State.RUNNING, 31)
+    assert pool.get("after").state is State.DONE
+
+
 def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, clock, tmp_path):
     store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
     lease_thread_waits = threading.Event()
@@ -657,3 +692,76 @@ def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, 
     pool.shutdown(timeout=TIMEOUT)
     assert not leases.is_alive()  # shutdown woke its wait and joined it
     store.close()
+
+
+class _RenewalGate(SqliteStore):
+    """Holds the first lease renewal (for task "a") until task "b" runs; tells when each renewal begins."""
+
+    def __init__(self, path, b_started: threading.Event) -> None:
+        super().__init__(path)
+        self.b_started = b_started
+        self.renewals: list[threading.Event] = [threading.Event(), threading.Event()]
+        self.calls = 0
+
+    def renew(self, owner, task_ids, lease_until):
+        ids = list(task_ids)
+        if self.calls < len(self.renewals):
+            self.renewals[self.calls].set()
+            self.calls += 1
+            if ids == ["a"]:
+                assert self.b_started.wait(TIMEOUT)
+        return super().renew(owner, ids, lease_until)
+
+
+def test_a_cancel_aimed_at_an_ended_attempt_never_reaches_the_next_one(tmp_path):
+    # The lease keeper reads the running attempts, renews them in the store and sets the cancel event
+    # of those the store reports lost or cancelled. An attempt that ended meanwhile must not pass that
+    # on to the next attempt of its worker, which may hold the same (unset) event.
+    b_started = threading.Event()
+    store = _RenewalGate(tmp_path / "tasks.db", b_started)
+    seen: dict[str, bool] = {}
+
+    def handler(task, cancel):
+        if task.id == "a":  # end while the renewal of "a" is held in the store
+            assert store.renewals[0].wait(TIMEOUT)
+            return
+        b_started.set()
+        assert store.renewals[1].wait(TIMEOUT)  # the keeper has done with the first renewal
+        seen[task.id] = cancel.is_set()
+
+    pool = WorkerPool(handler, store=store, workers=1, lease=0.3)
+    try:
+        pool.submit("a")
+        pool.submit("b")
+        wait_until(lambda: "b" in seen, timeout=TIMEOUT, what="b to run")
+        assert seen == {"b": False}, "the cancel of a's ended attempt reached b"
+        wait_until(lambda: pool.get("b").state is State.DONE, timeout=TIMEOUT, what="b to end")
+        assert pool.get("a").state is State.DONE
+    finally:
+        pool.shutdown(TIMEOUT)
+        store.close()
+
+
+def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool, clock):
+    # The first submit reads the clock, then stalls until a later submit has been admitted.
+    first_read, second_admitted = threading.Event(), threading.Event()
+
+    def racing_clock():
+        now = clock.time()
+        if threading.current_thread().name == "first-submit" and not first_read.is_set():
+            first_read.set()
+            assert second_admitted.wait(TIMEOUT)
+        return now
+
+    pool = make_pool(workers=1, clock=racing_clock)
+    first = threading.Thread(target=pool.submit, args=("first",), name="first-submit")
+    first.start()
+    assert first_read.wait(TIMEOUT)
+    clock.advance(1.0)
+    pool.submit("second")
+    second_admitted.set()
+    first.join(TIMEOUT)
+    assert not first.is_alive()
+    listed = pool.list()
+    assert [t.id for t in listed] == ["first", "second"]  # newest admitted first
+    assert listed[0].created_at >= listed[1].created_at

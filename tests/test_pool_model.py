@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from budget import MODEL_EXAMPLES
+from budget import MODEL_EXAMPLES, MODEL_TIMEOUT_S
 from doubles import WAIT_S, FakeClock
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -620,7 +620,7 @@ class PoolModel(RuleBasedStateMachine):
 
 
 @pytest.mark.fuzz
-@pytest.mark.timeout(300)  # about 15 s of CPU per store: a loaded machine stretches it well past the default 60 s
+@pytest.mark.timeout(MODEL_TIMEOUT_S)  # a loaded machine stretches the run well past the default 60 s
 @pytest.mark.parametrize("store_name", sorted(STORES))
 def test_the_pool_matches_its_model_through_any_sequence_of_steps(store_name):
     model = type(f"PoolModelOn{store_name.title()}", (PoolModel,), {"store_name": store_name})

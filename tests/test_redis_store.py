@@ -177,13 +177,17 @@ def test_a_stopped_redis_is_reported_and_a_restarted_one_kept_everything(tmp_pat
 def test_a_redis_refusing_writes_refuses_new_tasks_and_stores_nothing(make, server, clock):
     store = make()
     admin = server.client()
+    assert store.health() is None
     admin.config_set("maxmemory", 1)
     try:
         with pytest.raises(StoreUnavailable, match="maxmemory|OOM"):
             store.admit([new("x", clock)])
+        assert "maxmemory" in store.health()  # /healthz says so, though reads still work
+        assert store.stats().waiting == 0
     finally:
         admin.config_set("maxmemory", 0)
     assert store.get("x") is None
+    assert store.health() is None
 
 
 def test_a_redis_slower_than_the_socket_timeout_is_unavailable_and_loses_nothing(make, server, clock):
@@ -196,10 +200,28 @@ def test_a_redis_slower_than_the_socket_timeout_is_unavailable_and_loses_nothing
     with pytest.raises(StoreUnavailable):
         impatient.admit([new("y", clock)])
     assert store.claim("me", clock.time() + 30).id == "x"  # a patient client just waits
-    # The timed-out admission may or may not have reached Redis before the client gave up:
-    # either way the task is whole (queued, claimable) or absent, never half-written.
-    y = store.get("y")
-    assert y is None or (y.state, y.attempts) == (State.QUEUED, 0)
+    # The timed-out admission reached Redis after the pause, past its deadline: it stored nothing,
+    # as the error told the caller.
+    assert store.get("y") is None
+    assert store.admit([new("y", clock)])[0].id == "y"
+
+
+def test_a_step_that_reaches_redis_after_its_deadline_changes_nothing(make, server, clock):
+    store = make()
+    store.admit([new("x", clock)])
+    late = RedisStore(server.client(timeout=0.05), capacity=4, ttl=60, max_finished=10, clock=clock.time)
+    assert late._deadline_s == 0.025
+    late._deadline_s = -1.0  # every step it sends arrives a second late
+    with pytest.raises(StoreUnavailable, match="after its deadline"):
+        late.admit([new("y", clock)])
+    with pytest.raises(StoreUnavailable, match="after its deadline"):
+        late.claim("late", clock.time() + 30)
+    with pytest.raises(StoreUnavailable, match="after its deadline"):
+        late.cancel("x")
+    claimed = store.claim("me", clock.time() + 30)
+    with pytest.raises(StoreUnavailable, match="after its deadline"):
+        late.finish("x", 1, "me")
+    assert store.get("x") == claimed and store.get("y") is None
 
 
 def test_redis_errors_never_escape_as_redis_exceptions(clock):

@@ -48,8 +48,8 @@ INSTANCE = {
     "STORE_PREFIX": "storm",
 }
 CLIENTS_PER_INSTANCE = 8
-HOLDS = 4  # tasks that run 3 s, submitted to the instance that will be killed
-GONE = frozenset({"refused", "reset", "closed"})
+# Connections to the killed instance: refused, reset, closed, or cut in the middle of an answer.
+GONE = frozenset({"refused", "reset", "closed", "cut"})
 FINAL = frozenset({"done", "failed"})
 # Three servers and 24 clients on two loaded cores: the 413 for an oversized body is sent while the client
 # still sends it, and the lingering close that lets it read the answer may run out before it does.
@@ -136,13 +136,6 @@ def read_tasks(port: int, task_ids: list[str], connections: int = 4) -> dict[str
     return found
 
 
-def cut_short(outcome: Outcome) -> Outcome:
-    """An answer cut off by the server's death (head sent, body not) is a closed connection."""
-    if outcome.result.startswith("error IncompleteRead"):
-        return Outcome(outcome.kind, "closed", outcome.started, outcome.ended)
-    return outcome
-
-
 def print_tally(title: str, outcomes: list[Outcome]) -> None:
     print(f"\n{title}: {len(outcomes)} requests")
     for kind, results in sorted(tally(outcomes).items()):
@@ -181,10 +174,15 @@ def test_an_instance_killed_mid_storm_loses_no_accepted_task(tmp_path, seconds):
             pause(seconds / 2)
 
             victim, survivors = servers[0], servers[1:]
-            holds = [f"hold-{SEED}-{n}" for n in range(HOLDS)]
-            for task_id in holds:
-                submit_until_accepted(Client(ports[0]), task_id)
-            wait_until(lambda: running_on(victim, holds), timeout=30, what="the victim to run a held task")
+            # Any instance may claim a held task: submit them until the victim runs one (the held tasks
+            # that others run keep their workers busy, so the victim soon gets one).
+            holds: list[str] = []
+            deadline = time.monotonic() + 60
+            while not running_on(victim, holds):
+                assert time.monotonic() < deadline, f"the victim ran none of {holds}"
+                holds.append(f"hold-{SEED}-{len(holds)}")
+                submit_until_accepted(Client(ports[0]), holds[-1])
+                threading.Event().wait(0.3)  # time for a worker to claim it and log the start
             os.killpg(victim.proc.pid, signal.SIGKILL)  # the arbiter and its worker, at once
             killed = time.time()
             victim.proc.wait(10)
@@ -199,7 +197,7 @@ def test_an_instance_killed_mid_storm_loses_no_accepted_task(tmp_path, seconds):
 
             # Every answer was one the README documents; the victim's connections broke when it died.
             before = [o for o in outcomes[0] if o.ended < killed]
-            after = [cut_short(o) for o in outcomes[0] if o.ended >= killed]
+            after = [o for o in outcomes[0] if o.ended >= killed]
             assert not unexpected(before), unexpected(before)
             after_expected = {kind: results | GONE for kind, results in EXPECTED.items()}
             assert not unexpected(after, after_expected), unexpected(after, after_expected)

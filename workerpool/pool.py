@@ -25,10 +25,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .backoff import compute_backoff
-from .errors import PermanentFailure, PoolClosed, SubmitError
+from .errors import PermanentFailure, PoolClosed, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
 from .observer import PoolObserver
@@ -37,6 +37,7 @@ from .stores.memory import MemoryStore
 from .task import FINAL_STATES, State, Task
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _make_task = functools.partial(tuple.__new__, Task)  # Task._make without its Python frame
 
 Handler = Callable[[Task, threading.Event], Any]
@@ -339,8 +340,8 @@ class WorkerPool:
             attempt = self._running.get(task_id)
             if attempt is None and not self._store.shared:  # claimed, not yet registered by its worker
                 self._cancel_early.add(task_id)
-        if attempt is not None:
-            attempt.cancel.set()
+            if attempt is not None:
+                self._set_cancel(attempt)
         _log(logging.INFO, task, "task %s: cancel requested while attempt %d runs", task_id, task.attempts)
         return task
 
@@ -433,6 +434,11 @@ class WorkerPool:
         attempt = Attempt(task, cancel, self._monotonic(), threading.current_thread())
         try:
             self._attempt(attempt, claim_next)
+        except StoreUnavailable as exc:  # for a lease's length: another process may have recovered it already
+            log.error(
+                "task %s attempt %d: its end could not be recorded (%s); the attempt counts as lost once its "
+                "lease expires", task.id, task.attempts, exc, extra={"task_id": task.id},
+            )  # fmt: skip
         except Exception as exc:  # a bug of ours must neither kill the worker nor leave the task running
             log.exception("worker failed on task %s", task.id, extra={"task_id": task.id})
             self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(exc)}", None, None)
@@ -517,14 +523,19 @@ class WorkerPool:
         ended = None
         try:
             if claim_next and self._claiming:
-                ended, attempt.successor = self._store.finish_and_claim(
-                    task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
-                    lease_until=self._clock() + self._lease,
+                lease_until = self._clock() + self._lease
+                ended, attempt.successor = self._record_end(
+                    attempt, lambda: self._store.finish_and_claim(
+                        task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
+                        lease_until=lease_until,
+                    ),
                 )  # fmt: skip
             else:
-                ended = self._store.finish(
-                    task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
-                )
+                ended = self._record_end(
+                    attempt, lambda: self._store.finish(
+                        task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
+                    ),
+                )  # fmt: skip
         except Exception:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
                 with self._lock:
@@ -550,6 +561,17 @@ class WorkerPool:
         finally:
             self._forget_attempt(attempt, ended, retry_at)
 
+    def _set_cancel(self, attempt: Attempt) -> None:  # _lock is held
+        """Tell ``attempt``'s handler to stop, if it still runs here.
+
+        A worker hands its next attempt the same event while it is unset
+        (see ``_work``); an attempt leaves ``_running`` under ``_lock``
+        before that, so a cancel set under ``_lock`` never reaches a later
+        attempt.
+        """
+        if self._running.get(attempt.task.id) is attempt:
+            attempt.cancel.set()
+
     def _forget_attempt(self, attempt: Attempt, ended: Task | None, retry_at: float | None) -> None:
         """The attempt's end is recorded (or given up on): it no longer runs here."""
         task = attempt.task
@@ -563,6 +585,30 @@ class WorkerPool:
             closing = self._closing
         if closing:
             self._drain_wakeup.set()
+
+    def _record_end(self, attempt: Attempt, write: Callable[[], _T]) -> _T:
+        """``write()`` (the store's finish); a worker tries again while the store is unavailable (Redis
+        restarting, a full disk).
+
+        The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
+        again, and the outcome is kept. After a lease's length of failures another process may have
+        recovered the attempt: the error is raised, and the lease settles what happened. A timeout
+        is written once: the watchdog's next check writes it again.
+        """
+        task = attempt.task
+        pause = threading.Event()  # never set: a pause that is not time.sleep
+        give_up = self._monotonic() + self._lease
+        while True:
+            try:
+                return write()
+            except StoreUnavailable as exc:
+                if attempt.timed_out or self._monotonic() >= give_up:
+                    raise
+                _log(
+                    logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
+                    "recording it again in %.1f s", task.id, task.attempts, exc, _STORE_RETRY_S,
+                )  # fmt: skip
+                self._wait(pause, _STORE_RETRY_S)
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
@@ -661,9 +707,9 @@ class WorkerPool:
                             target=self._work, name=f"workerpool-worker-{next(self._thread_numbers)}", daemon=True
                         )
                         self._threads.append(replacement)
+                self._set_cancel(attempt)
             stuck = len(self._stuck)
         if first:
-            attempt.cancel.set()
             attempt.retry_at = self._retry_at(task)
             if replacement is not None:
                 replacement.start()
@@ -747,9 +793,10 @@ class WorkerPool:
         if not attempts:
             return
         renewal = self._store.renew(self.owner, [a.task.id for a in attempts], self._clock() + self._lease)
-        for attempt in attempts:
-            if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
-                attempt.cancel.set()
+        with self._lock:  # some may have ended during the renewal
+            for attempt in attempts:
+                if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
+                    self._set_cancel(attempt)
 
     # -- shutdown --------------------------------------------------------
 
@@ -781,7 +828,7 @@ class WorkerPool:
                 self._store.wake()
                 log.info(
                     "shutdown: claiming stopped (new tasks stay queued for other processes), draining %d running "
-                    "attempt(s)", self._store.unfinished(self.owner),
+                    "attempt(s)", self._unfinished_here(),
                 )  # fmt: skip
             else:
                 log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
@@ -804,36 +851,49 @@ class WorkerPool:
                 # attempt counts until its bookkeeping is done, so the summary includes its outcome.
                 in_flight, running = bool(self._admitting or self._in_flight), bool(self._running)
                 remaining = self._deadline - self._monotonic()
-            if not in_flight and (remaining <= 0 or not (running or self._store.unfinished(self.owner))):
+            if not in_flight and (remaining <= 0 or not (running or self._unfinished_here())):
                 break
             self._wait(self._drain_wakeup, None if in_flight or remaining == math.inf else max(0.0, remaining))
         with self._lock:
             self._claiming = False
-        abandoned = self._store.abandon(ABANDONED, owner=self.owner)
+        try:
+            abandoned = self._store.abandon(ABANDONED, owner=self.owner)
+        except StoreUnavailable as exc:  # its attempts are lost once their leases expire
+            log.error("shutdown: the unfinished attempts could not be abandoned: %s", exc)
+            abandoned = []
         for task in abandoned:
             self._count_final(task)
         with self._lock:
-            attempts = list(self._running.values())
-        for attempt in attempts:  # their results will be dropped
-            attempt.cancel.set()
+            for attempt in self._running.values():  # their results will be dropped
+                self._set_cancel(attempt)
         for task in abandoned:
             self._wait_turn(task.id)
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
             self._notify("task_abandoned", task)
         self._stop_threads()
-        left = self._store.stats().counts if self._store.shared else {}
+        try:
+            left = self._store.stats().counts if self._store.shared else {}
+        except StoreUnavailable:
+            left = {}
         with self._lock:
             done = self._finals.copy()
         self._summary = ShutdownSummary(
             counts={
                 State.QUEUED: left.get(State.QUEUED, 0),
-                State.RUNNING: self._store.unfinished(self.owner) if self._store.shared else 0,
+                State.RUNNING: self._unfinished_here() if self._store.shared else 0,
                 **{state: done[state] for state in (State.DONE, State.FAILED, State.CANCELLED)},
             },
             abandoned=tuple(task.id for task in abandoned),
             drain_seconds=self._monotonic() - began,
         )
         self._drained.set()
+
+    def _unfinished_here(self) -> int:
+        """What the store counts as this pool's unfinished work; 0 while it cannot say (leases settle it)."""
+        try:
+            return self._store.unfinished(self.owner)
+        except StoreUnavailable:
+            return 0
 
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
         self._store.wake()

@@ -83,6 +83,16 @@ local function signal(n)
   for _ = 1, math.min(n, 256) do redis.call('LPUSH', P .. ':signal', 1) end
   redis.call('LTRIM', P .. ':signal', 0, 255)
 end
+-- A client gives up on a step after its socket timeout and reports it as not done: a script that
+-- only reaches Redis after the client's deadline (Redis paused, or busy with a slow command) must
+-- change nothing, and answer an error in case the client still listens. The deadline is the
+-- client's wall clock; the hosts' clocks must agree (leases already need that).
+local LATE = {err = 'LATE the step reached Redis after its deadline; nothing was changed'}
+local function too_late(deadline)
+  if deadline == '' then return false end
+  local now = redis.call('TIME')
+  return tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(deadline)
+end
 local function finalize(id, key, state, now)
   redis.call('HSET', key, 'finished_at', now)
   redis.call('HDEL', key, 'payload', 'next_attempt_at', 'owner', 'lease_until')
@@ -91,8 +101,9 @@ local function finalize(id, key, state, now)
 end
 """
 
-# ARGV: now, capacity, ttl, max_finished, then one JSON object of string fields per task.
+# ARGV: now, capacity, ttl, max_finished, deadline, then one JSON object of string fields per task.
 _ADMIT = """
+if too_late(ARGV[5]) then return LATE end
 local now, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
 evict(now, tonumber(ARGV[3]), tonumber(ARGV[4]))
 local waiting = redis.call('ZCARD', P .. ':new')
@@ -101,7 +112,7 @@ local waiting = redis.call('ZCARD', P .. ':new')
 -- run backwards in listing order. Times stay the exact strings the submitters wrote.
 local last = redis.call('GET', P .. ':created')
 local out, admitted = {}, 0
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local task = cjson.decode(ARGV[i])
   local key = P .. ':t:' .. task.id
   if redis.call('EXISTS', key) == 1 then
@@ -130,8 +141,9 @@ end
 return out
 """
 
-# ARGV: now, owner, lease_until. Due retries first, then the oldest due new task.
+# ARGV: now, owner, lease_until, deadline. Due retries first, then the oldest due new task.
 _CLAIM = """
+if too_late(ARGV[4]) then return LATE end
 local now = ARGV[1]
 local members = redis.call('ZRANGEBYSCORE', P .. ':retry', '-inf', now, 'LIMIT', 0, 1)
 if #members == 0 then members = redis.call('ZRANGEBYSCORE', P .. ':new', '-inf', now, 'LIMIT', 0, 1) end
@@ -148,9 +160,10 @@ redis.call('SADD', P .. ':own:' .. ARGV[2], id)
 return redis.call('HGETALL', key)
 """
 
-# ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before.
-# A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
+# ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
+# deadline. A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
 _FINISH = """
+if too_late(ARGV[12]) then return LATE end
 local id, now = ARGV[1], ARGV[4]
 local key = P .. ':t:' .. id
 local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
@@ -199,8 +212,9 @@ end
 return {lost, cancel}
 """
 
-# ARGV: id, now, ttl, max_finished.
+# ARGV: id, now, ttl, max_finished, deadline.
 _CANCEL = """
+if too_late(ARGV[5]) then return LATE end
 local id, now = ARGV[1], ARGV[2]
 local key = P .. ':t:' .. id
 local state = redis.call('HGET', key, 'state')
@@ -245,6 +259,12 @@ out[#out + 1] = redis.call('ZCARD', P .. ':new')
 out[#out + 1] = redis.call('ZCOUNT', P .. ':new', '-inf', now) + redis.call('ZCOUNT', P .. ':retry', '-inf', now)
 out[#out + 1] = redis.call('ZCOUNT', P .. ':retry', '(' .. now, '+inf')
 return out
+"""
+
+# A write Redis refuses when it cannot take one (maxmemory reached, a read-only replica).
+_HEALTH = """
+redis.call('SET', P .. ':health', ARGV[1], 'PX', 60000)
+return 1
 """
 
 # The earliest due time of a queued task (Redis formats scores exactly), or nothing.
@@ -340,6 +360,9 @@ class RedisStore(TaskStore):
         self._max_finished = max_finished
         self._clock = clock
         self._redis = client
+        # Scripts that change tasks carry a deadline a little before the client's socket timeout.
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._deadline_s = None if timeout is None else max(timeout - 1.0, timeout / 2)
         self._keys = [f"{{{prefix}}}"]
         self._prefix = self._keys[0]
         self._wake_key = f"{self._prefix}:wake:{uuid.uuid4().hex}"
@@ -355,6 +378,7 @@ class RedisStore(TaskStore):
             "list": _LIST,
             "stats": _STATS,
             "first_due": _FIRST_DUE,
+            "health": _HEALTH,
         }
         self._scripts = {name: client.register_script(_PRELUDE + body) for name, body in scripts.items()}
 
@@ -363,6 +387,10 @@ class RedisStore(TaskStore):
             return self._scripts[script](keys=self._keys, args=[_arg(a) for a in args])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def _deadline(self) -> object:
+        """When a script sent now must no longer change anything (the client will have given up)."""
+        return "" if self._deadline_s is None else time.time() + self._deadline_s
 
     def _call(self, method: Callable[..., Any], *args: object) -> Any:
         try:
@@ -374,7 +402,9 @@ class RedisStore(TaskStore):
 
     def admit(self, tasks: Sequence[Task]) -> list[Task | SubmitError]:
         documents = [json.dumps(_fields_of(task)) for task in tasks]
-        verdicts = self._run("admit", self._clock(), self.capacity, self._ttl, self._max_finished, *documents)
+        verdicts = self._run(
+            "admit", self._clock(), self.capacity, self._ttl, self._max_finished, self._deadline(), *documents
+        )
         results: list[Task | SubmitError] = []
         for task, verdict in zip(tasks, verdicts):
             if verdict == b"duplicate":
@@ -386,7 +416,7 @@ class RedisStore(TaskStore):
         return results
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
-        flat = self._run("claim", self._clock(), owner, lease_until)
+        flat = self._run("claim", self._clock(), owner, lease_until, self._deadline())
         return _decode(flat) if flat else None
 
     def seconds_until_due(self) -> float | None:
@@ -456,6 +486,7 @@ class RedisStore(TaskStore):
             json.dumps(result, separators=(",", ":")),
             "" if retry_at is None else retry_at,
             "" if expired_before is None else expired_before,
+            self._deadline(),
         )
         return _decode(flat) if flat else None
 
@@ -469,7 +500,7 @@ class RedisStore(TaskStore):
         )
 
     def cancel(self, task_id: str) -> Task | None:
-        flat = self._run("cancel", task_id, self._clock(), self._ttl, self._max_finished)
+        flat = self._run("cancel", task_id, self._clock(), self._ttl, self._max_finished, self._deadline())
         return _decode(flat) if flat else None
 
     def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
@@ -531,6 +562,14 @@ class RedisStore(TaskStore):
             stats = self.stats()
             return stats.counts[State.QUEUED] + stats.counts[State.RUNNING]
         return self._call(self._redis.scard, f"{self._prefix}:own:{owner}")
+
+    def health(self) -> str | None:
+        """Why Redis refuses a write now (unreachable, maxmemory reached, a read-only replica), or None."""
+        try:
+            self._run("health", self._clock())
+        except StoreUnavailable as exc:
+            return str(exc)
+        return None
 
     def close(self) -> None:
         self._redis.close()

@@ -48,6 +48,7 @@ SCHEMA_VERSION = 1
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 _SWEEP_INTERVAL_S = 1.0
+_PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a write of its own
 LOST = "lost: the process running it stopped (its lease expired)"
 
 _HOSTNAME = socket.gethostname()
@@ -165,6 +166,7 @@ class SqliteStore(TaskStore):
         self._generation = 0
         self._woken = False
         self._failure: str | None = None  # why the last step failed; cleared by the next good write
+        self._failed_at = 0.0  # when (time.monotonic) it failed
         # Held across each write transaction. SQLite lets one writer in at a time
         # anyway; without this lock the threads of one process would wait for
         # each other in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms
@@ -276,13 +278,20 @@ class SqliteStore(TaskStore):
 
     @contextlib.contextmanager
     def _step(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction whose SQLite errors become ``StoreUnavailable``."""
+        """A write transaction whose SQLite errors become ``StoreUnavailable``.
+
+        Only a step that changed rows clears a recorded failure: one that
+        changed nothing commits without writing, even on a full disk.
+        """
         try:
             with self._transaction() as conn:
+                changes = conn.total_changes
                 yield conn
-            self._failure = None
+                wrote = conn.total_changes != changes
+            if wrote:
+                self._failure = None
         except sqlite3.Error as exc:
-            self._failure = _describe(exc)
+            self._failure, self._failed_at = _describe(exc), time.monotonic()
             raise StoreUnavailable(self._failure) from None
 
     def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
@@ -303,11 +312,23 @@ class SqliteStore(TaskStore):
         try:
             return self._retry_busy(snapshot)
         except sqlite3.Error as exc:
-            self._failure = _describe(exc)
+            self._failure, self._failed_at = _describe(exc), time.monotonic()
             raise StoreUnavailable(self._failure) from None
 
     def health(self) -> str | None:
-        """Why the last step failed (e.g. "the disk is full"), or None when the last write succeeded."""
+        """Why the last write failed (e.g. "the disk is full"), or None when the last write succeeded.
+
+        A failure is reported for at least ``_PROBE_AFTER_S``; after that each
+        call tries a write of its own (a counter of these probes; SQLite skips
+        writing a row set to what it holds), so that health recovers when the
+        disk does, even while no task comes to write.
+        """
+        if self._failure is not None and time.monotonic() - self._failed_at >= _PROBE_AFTER_S:
+            with contextlib.suppress(StoreUnavailable), self._step() as conn:
+                conn.execute(
+                    "INSERT INTO counts (name, n) VALUES ('health_probes', 1)"
+                    " ON CONFLICT (name) DO UPDATE SET n = n + 1"
+                )
         return self._failure
 
     # -- admission -------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""Redis faults seen from outside: a real gunicorn on a private redis-server that the test stops,
+restarts (AOF on), pauses past the socket timeout and fills up (maxmemory).
+
+While Redis cannot take a task, a submission gets a 503 problem document and stores nothing, and
+/healthz answers 503 with the reason; once Redis is back, the workers resume on their own and every
+task Redis kept ends once, in one attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+from redis_server import RedisServer, running_redis
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TESTS_DIR = Path(__file__).resolve().parent
+SOCKET_TIMEOUT_S = 5  # the service's Redis socket timeout (workerpool.stores.redis_store.connect)
+
+
+class Service:
+    """One gunicorn instance on ``redis_server``, with the test handlers (``hold`` takes 3 s, ``ok`` none)."""
+
+    def __init__(self, tmp_path: Path, redis_server: RedisServer) -> None:
+        pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+        self.server = ServerProcess(
+            ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+            log_path=tmp_path / "service.log",
+            env=clean_environment(
+                STORE=redis_server.url,
+                PYTHONPATH=pythonpath,
+                TASK_HANDLER="faults:flaky_or_holds",
+                WORKERS="2",
+                QUEUE_SIZE="100",
+                SHUTDOWN_TIMEOUT_S="10",
+            ),
+        )
+        self.client = Client(self.server.wait_for_port(LISTENING))
+        self.wait_healthy()
+
+    def submit(self, task_id: str, payload: str) -> tuple[int, dict, dict]:
+        body = json.dumps({"id": task_id, "payload": payload, "max_retries": 0}).encode()
+        status, headers, text = self.client.request("POST", "/enqueue", body)
+        return status, headers, json.loads(text)
+
+    def health(self) -> tuple[int, dict]:
+        return self.client.json("GET", "/healthz")
+
+    def wait_healthy(self) -> None:
+        wait_until(lambda: self.health()[0] == 200, timeout=30, what="/healthz to answer 200")
+
+    def wait_running(self, count: int) -> None:
+        wait_until(lambda: self.health()[1]["tasks"]["running"] == count, timeout=20, what=f"{count} running")
+
+    def task(self, task_id: str) -> tuple[int, dict]:
+        return self.client.json("GET", f"/tasks/{task_id}")
+
+    def wait_done_once(self, task_ids: list[str]) -> None:
+        """Each task reaches done in exactly one attempt: none was lost, none ran twice."""
+
+        def final() -> bool:
+            return all(self.task(t)[1]["state"] in ("done", "failed", "cancelled") for t in task_ids)
+
+        wait_until(final, timeout=40, what="every task to finish", interval=0.1)
+        outcomes = {t: (self.task(t)[1]["state"], self.task(t)[1]["attempts"]) for t in task_ids}
+        assert set(outcomes.values()) == {("done", 1)}, outcomes
+
+
+def assert_refused_unstored(service: Service, task_id: str, status: int, headers: dict, problem: dict) -> None:
+    assert status == 503, problem
+    assert headers["Content-Type"] == "application/problem+json"
+    assert problem["type"].endswith("store-unavailable") and problem["status"] == 503
+    assert headers["Retry-After"] == "1"
+    service.wait_healthy()
+    assert service.task(task_id)[0] == 404  # never a 503 for a task that was stored
+
+
+@pytest.fixture
+def redis_and_service(tmp_path):
+    with running_redis(tmp_path) as redis_server:
+        service = Service(tmp_path, redis_server)
+        try:
+            yield redis_server, service
+            assert service.server.terminate() == 0
+        finally:
+            service.server.stop()
+
+
+def test_a_stopped_redis_gets_503s_and_a_restarted_one_resumes_every_task(redis_and_service):
+    redis_server, service = redis_and_service
+    held = ["hold-1", "hold-2"]  # one per worker: both end while Redis is down
+    for task_id in held:
+        assert service.submit(task_id, "hold")[0] == 202
+    service.wait_running(2)
+    queued = [f"queued-{n}" for n in range(4)]
+    for task_id in queued:
+        assert service.submit(task_id, "ok")[0] == 202
+
+    redis_server.stop(signal.SIGKILL)
+    status, headers, problem = service.submit("during", "ok")
+    status_h, health = service.health()
+    assert (status_h, health["status"]) == (503, "store_unavailable"), health
+    assert "redis" in health["store_error"]
+    # The held attempts end now, and their ends wait for Redis.
+    wait_until(
+        lambda: len(re.findall(r"task hold-\d attempt 1 ended, but the store is unavailable", service.server.log()))
+        >= 2,
+        timeout=20,
+        what="both held attempts to end while Redis is down",
+    )
+    redis_server.start()  # same port, same directory: what the AOF kept
+    assert_refused_unstored(service, "during", status, headers, problem)
+    assert service.submit("after", "ok")[0] == 202
+    service.wait_done_once(held + queued + ["after"])
+
+
+def test_a_redis_slower_than_the_socket_timeout_gets_503s_and_loses_nothing(redis_and_service):
+    redis_server, service = redis_and_service
+    assert service.submit("held", "hold")[0] == 202
+    service.wait_running(1)
+    admin = redis_server.client(timeout=SOCKET_TIMEOUT_S * 4)
+    # Redis busy for longer than the service waits: the held attempt ends in the middle of it.
+    sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", SOCKET_TIMEOUT_S + 2))
+    sleeper.start()
+    try:
+        wait_until(lambda: admin_sees_sleep(redis_server), timeout=10, what="Redis to be busy")
+        # Both answered after the socket timeout, before the sleep ends.
+        submitted: list[tuple[int, dict, dict]] = []
+        submitter = threading.Thread(target=lambda: submitted.append(service.submit("during", "ok")))
+        submitter.start()
+        status_h, health = service.health()
+        assert (status_h, health["status"]) == (503, "store_unavailable"), health
+        assert "Timeout" in health["store_error"], health
+        submitter.join(SOCKET_TIMEOUT_S * 4)
+        [(status, headers, problem)] = submitted
+    finally:
+        sleeper.join(SOCKET_TIMEOUT_S * 4)
+    # The submission reached Redis after the sleep, past its deadline: it stored nothing.
+    assert_refused_unstored(service, "during", status, headers, problem)
+    assert service.submit("after", "ok")[0] == 202
+    service.wait_done_once(["held", "after"])
+
+
+def admin_sees_sleep(redis_server: RedisServer) -> bool:
+    """Whether Redis is busy: a PING with a short timeout does not come back."""
+    try:
+        redis_server.client(timeout=0.2).ping()
+    except Exception:
+        return True
+    return False
+
+
+def test_a_redis_refusing_writes_gets_503s_and_healthz_says_why(redis_and_service):
+    redis_server, service = redis_and_service
+    admin = redis_server.client()
+    admin.config_set("maxmemory", 1)
+    try:
+        status, headers, problem = service.submit("full", "ok")
+        assert status == 503 and problem["type"].endswith("store-unavailable"), problem
+        status_h, health = service.health()
+        assert (status_h, health["status"]) == (503, "store_unavailable"), health
+        assert "maxmemory" in health["store_error"]
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert_refused_unstored(service, "full", status, headers, problem)
+    assert service.submit("after", "ok")[0] == 202
+    service.wait_done_once(["after"])
