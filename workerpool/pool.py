@@ -595,20 +595,27 @@ class WorkerPool:
         recovered the attempt: the error is raised, and the lease settles what happened. A timeout
         is written once: the watchdog's next check writes it again.
         """
+        try:
+            return write()  # the common case, once per task: nothing is set up for a retry before it fails
+        except StoreUnavailable as exc:
+            if attempt.timed_out:
+                raise
+            failure = exc
         task = attempt.task
         pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
+            _log(
+                logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
+                "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
+            )  # fmt: skip
+            self._wait(pause, _STORE_RETRY_S)
             try:
                 return write()
             except StoreUnavailable as exc:
                 if attempt.timed_out or self._monotonic() >= give_up:
                     raise
-                _log(
-                    logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
-                    "recording it again in %.1f s", task.id, task.attempts, exc, _STORE_RETRY_S,
-                )  # fmt: skip
-                self._wait(pause, _STORE_RETRY_S)
+                failure = exc
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
