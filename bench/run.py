@@ -16,7 +16,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from . import batch, dashboard, durable, efficiency, engine, http_figures, reference
+from . import batch, dashboard, durable, efficiency, engine, http_figures, redis_figures, reference
 from .harness import Run, table
 from .server import ROOT
 
@@ -41,6 +41,14 @@ def figures(run: Run) -> dict[str, Callable[[], None]]:
         "8b": lambda: durable.engine_vs_huey(run, n=500 if quick else 5_000),
         "8c": lambda: durable.pickup_latency(run, tasks=10 if quick else 50),
         "8d": lambda: durable.restart_recovery(run, tasks=1_000 if quick else 10_000),
+        "9a": lambda: redis_figures.http_enqueue(run),
+        "9b": lambda: redis_figures.engine_throughput(
+            run, n=300 if quick else 2_000, forking_n=30 if quick else 200
+        ),
+        "9c": lambda: redis_figures.pickup_latency(run, tasks=10 if quick else 50),
+        "9d": lambda: redis_figures.retained_memory(
+            run, tasks=1_000 if quick else 20_000, bound=200 if quick else 5_000
+        ),
     }
 
 
@@ -131,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the service")
-    parser.add_argument("--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6, 7, 8a, 8b, 8c, 8d)")
+    parser.add_argument(
+        "--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6, 7, 8a, 8b, 8c, 8d, 9a, 9b, 9c, 9d)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds per figure (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the report (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in chosen if f not in table_]
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(table_)}")
-    needs_wrk = {"0", "1", "4b", "6", "7", "8a"} & set(chosen)
+    needs_wrk = {"0", "1", "4b", "6", "7", "8a", "9a"} & set(chosen)
     if needs_wrk and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install -y wrk); `make bench` installs it")
     meta = machine()

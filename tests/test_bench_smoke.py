@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import efficiency
 from bench.run import main
 from bench.wsgi import build_planned_pool
@@ -27,6 +29,18 @@ def test_in_process_figures_write_their_tables(tmp_path, capsys):
     assert "| 3. engine throughput, no-op, 4 workers |" in text
     assert "| 4. bytes per retained finished task |" in text
     assert "tasks/s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_redis_memory_figure_writes_its_table(tmp_path):
+    out = tmp_path / "RESULTS.md"
+
+    assert main(["--quick", "--rounds", "1", "--only", "9d", "--out", str(out)]) == 0
+
+    text = out.read_text()
+    assert "## 9d. Redis memory per retained task" in text
+    assert "| 1,000 tasks run, STATE_MAX_TASKS=200 | 200 |" in text  # retention bounds what Redis keeps
+    assert "| 9. Redis memory per retained finished task |" in text
 
 
 def test_planned_tasks_do_what_the_plan_says_in_both_designs():

@@ -686,6 +686,54 @@ def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, 
     store.close()
 
 
+class _RenewalGate(SqliteStore):
+    """Holds the first lease renewal (for task "a") until task "b" runs; tells when each renewal begins."""
+
+    def __init__(self, path, b_started: threading.Event) -> None:
+        super().__init__(path)
+        self.b_started = b_started
+        self.renewals: list[threading.Event] = [threading.Event(), threading.Event()]
+        self.calls = 0
+
+    def renew(self, owner, task_ids, lease_until):
+        ids = list(task_ids)
+        if self.calls < len(self.renewals):
+            self.renewals[self.calls].set()
+            self.calls += 1
+            if ids == ["a"]:
+                assert self.b_started.wait(TIMEOUT)
+        return super().renew(owner, ids, lease_until)
+
+
+def test_a_cancel_aimed_at_an_ended_attempt_never_reaches_the_next_one(tmp_path):
+    # The lease keeper reads the running attempts, renews them in the store and sets the cancel event
+    # of those the store reports lost or cancelled. An attempt that ended meanwhile must not pass that
+    # on to the next attempt of its worker, which may hold the same (unset) event.
+    b_started = threading.Event()
+    store = _RenewalGate(tmp_path / "tasks.db", b_started)
+    seen: dict[str, bool] = {}
+
+    def handler(task, cancel):
+        if task.id == "a":  # end while the renewal of "a" is held in the store
+            assert store.renewals[0].wait(TIMEOUT)
+            return
+        b_started.set()
+        assert store.renewals[1].wait(TIMEOUT)  # the keeper has done with the first renewal
+        seen[task.id] = cancel.is_set()
+
+    pool = WorkerPool(handler, store=store, workers=1, lease=0.3)
+    try:
+        pool.submit("a")
+        pool.submit("b")
+        wait_until(lambda: "b" in seen, timeout=TIMEOUT, what="b to run")
+        assert seen == {"b": False}, "the cancel of a's ended attempt reached b"
+        wait_until(lambda: pool.get("b").state is State.DONE, timeout=TIMEOUT, what="b to end")
+        assert pool.get("a").state is State.DONE
+    finally:
+        pool.shutdown(TIMEOUT)
+        store.close()
+
+
 def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool, clock):
     # The first submit reads the clock, then stalls until a later submit has been admitted.
     first_read, second_admitted = threading.Event(), threading.Event()
