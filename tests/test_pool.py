@@ -305,6 +305,26 @@ def test_shutdown_abandons_what_is_unfinished_at_the_deadline(make_pool, clock):
         assert task.finished_at is not None
 
 
+@pytest.mark.parametrize("wait", ["delay", "backoff"])
+def test_cancelling_the_last_unfinished_task_ends_the_drain_at_once(make_pool, clock, wait):
+    # The drain used to sleep on until its deadline: a cancel did not wake it. The fake clock stands
+    # still, so here it would never have ended; the drain thread is joined without waking it.
+    log = AttemptLog()
+    pool = make_pool(always_fail if wait == "backoff" else instant, workers=1, backoff_base=100, backoff_cap=100,
+                     observers=[log])
+    pool.submit("a", "", 1, delay=100.0 if wait == "delay" else 0.0)
+    if wait == "backoff":
+        log.wait_for("a", State.QUEUED)  # its first attempt failed: it waits 100 s for its retry
+    before = set(threading.enumerate())
+    assert pool.shutdown(timeout=1000, wait=False) is None
+    drain, = (t for t in set(threading.enumerate()) - before if t.name == "workerpool-drain")
+    assert pool.cancel("a").state is State.CANCELLED
+    drain.join(TIMEOUT)
+    assert not drain.is_alive(), "the drain did not end when nothing was left to drain"
+    summary = pool.shutdown()
+    assert (summary.abandoned, summary.counts[State.CANCELLED], summary.drain_seconds) == ((), 1, 0.0)
+
+
 def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_pool):
     started = threading.Event()
     log = AttemptLog()

@@ -335,6 +335,10 @@ class WorkerPool:
             self._wait_turn(task_id)
             _log(logging.INFO, task, "task %s cancelled", task_id)
             self._notify("task_cancelled", task)
+            with self._lock:
+                closing = self._closing
+            if closing:  # the drain may be waiting for this task alone (delayed, or waiting out a backoff)
+                self._drain_wakeup.set()
             return task
         with self._lock:
             attempt = self._running.get(task_id)
