@@ -87,7 +87,11 @@ def collapsed_self_time(path: Path, *, top: int = 12) -> list[tuple[str, float]]
 
 
 def collapsed_inclusive(path: Path, names: dict[str, str]) -> list[tuple[str, float]]:
-    """Share of samples whose stack contains each function; ``names`` maps label -> substring."""
+    """Share of samples whose stack contains each function; ``names`` maps label -> substring.
+
+    A substring starting with ``leaf:`` is looked for in the innermost frame only: the function's
+    own time, without what it calls (for middleware, which has the whole app under it).
+    """
     hits: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
@@ -95,8 +99,9 @@ def collapsed_inclusive(path: Path, names: dict[str, str]) -> list[tuple[str, fl
         if not stack or not n.isdigit():  # py-spy sometimes reads a torn frame name spanning lines
             continue
         total += int(n)
+        leaf = stack.rsplit(";", 1)[-1]
         for label, needle in names.items():
-            if needle in stack:
+            if needle.startswith("leaf:") and needle[5:] in leaf or needle in stack:
                 hits[label] += int(n)
     return [(label, hits[label] / total if total else 0.0) for label in names]
 

@@ -173,7 +173,9 @@ PROFILE_LABELS = {
     "access line (service/access_log.py)": "service/access_log.py",
     "gunicorn's own logging (glogging)": "gunicorn/glogging.py",
     "werkzeug/Flask request handling (wsgi_app)": "wsgi_app (",
-    "  request id (service/request_id.py)": "service/request_id.py",
+    # The request id and Connection: close are WSGI middleware around the whole app: their own frames only.
+    "  request id middleware, own time (service/request_id.py)": "leaf:with_request_id",
+    "  Connection: close middleware, own time (service/connection.py)": "leaf:close_if_body_unread",
     "  whole enqueue view (service/api.py enqueue)": "enqueue (service/api.py",
     "    parse_enqueue (JSON + validation)": "parse_enqueue (",
     "    WorkerPool.submit (metrics hooks included)": "submit (workerpool/",

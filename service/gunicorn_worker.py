@@ -41,7 +41,7 @@ from concurrent.futures import Future
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from . import server_errors, trusted_peers
+from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
 from .lifecycle import ShutdownController
 from .lingering_close import LingeringCloser
@@ -70,7 +70,7 @@ class DrainingThreadWorker(ThreadWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        trusted_peers.install(self.cfg)  # forwarded_allow_ips: one lookup per peer address, not per request
+        gunicorn_caches.install(self.cfg)  # forwarded_allow_ips once per peer, the Date header once a second
         server_errors.install()  # the errors gunicorn answers itself, as problem documents
 
     # -- errors gunicorn answers itself
@@ -100,7 +100,10 @@ class DrainingThreadWorker(ThreadWorker):
 
     def enqueue_req(self, conn: TConn) -> None:
         """Wait on the poller for the connection's next request (gthread would give it a thread at once)."""
-        if not self._reads_ahead(conn):
+        reads_ahead = getattr(conn, "reads_ahead", None)
+        if reads_ahead is None:  # the same for every request of the connection: four settings lookups, once
+            reads_ahead = conn.reads_ahead = self._reads_ahead(conn)
+        if not reads_ahead:
             self._serve(conn)
             return
         buffered = conn.parser.unreader.take_buffered() if conn.parser is not None else b""

@@ -334,13 +334,17 @@ class WorkerPool:
             self._wait_turn(task_id)
             _log(logging.INFO, task, "task %s cancelled", task_id)
             self._notify("task_cancelled", task)
+            with self._lock:
+                closing = self._closing
+            if closing:  # the drain may be waiting for this task alone (delayed, or waiting out a backoff)
+                self._drain_wakeup.set()
             return task
         with self._lock:
             attempt = self._running.get(task_id)
             if attempt is None and not self._store.shared:  # claimed, not yet registered by its worker
                 self._cancel_early.add(task_id)
-        if attempt is not None:
-            attempt.cancel.set()
+            if attempt is not None:
+                self._set_cancel(attempt)
         _log(logging.INFO, task, "task %s: cancel requested while attempt %d runs", task_id, task.attempts)
         return task
 
@@ -560,6 +564,17 @@ class WorkerPool:
         finally:
             self._forget_attempt(attempt, ended, retry_at)
 
+    def _set_cancel(self, attempt: Attempt) -> None:  # _lock is held
+        """Tell ``attempt``'s handler to stop, if it still runs here.
+
+        A worker hands its next attempt the same event while it is unset
+        (see ``_work``); an attempt leaves ``_running`` under ``_lock``
+        before that, so a cancel set under ``_lock`` never reaches a later
+        attempt.
+        """
+        if self._running.get(attempt.task.id) is attempt:
+            attempt.cancel.set()
+
     def _forget_attempt(self, attempt: Attempt, ended: Task | None, retry_at: float | None) -> None:
         """The attempt's end is recorded (or given up on): it no longer runs here."""
         task = attempt.task
@@ -695,9 +710,9 @@ class WorkerPool:
                             target=self._work, name=f"workerpool-worker-{next(self._thread_numbers)}", daemon=True
                         )
                         self._threads.append(replacement)
+                self._set_cancel(attempt)
             stuck = len(self._stuck)
         if first:
-            attempt.cancel.set()
             attempt.retry_at = self._retry_at(task)
             if replacement is not None:
                 replacement.start()
@@ -781,9 +796,10 @@ class WorkerPool:
         if not attempts:
             return
         renewal = self._store.renew(self.owner, [a.task.id for a in attempts], self._clock() + self._lease)
-        for attempt in attempts:
-            if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
-                attempt.cancel.set()
+        with self._lock:  # some may have ended during the renewal
+            for attempt in attempts:
+                if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
+                    self._set_cancel(attempt)
 
     # -- shutdown --------------------------------------------------------
 
@@ -851,9 +867,8 @@ class WorkerPool:
         for task in abandoned:
             self._count_final(task)
         with self._lock:
-            attempts = list(self._running.values())
-        for attempt in attempts:  # their results will be dropped
-            attempt.cancel.set()
+            for attempt in self._running.values():  # their results will be dropped
+                self._set_cancel(attempt)
         for task in abandoned:
             self._wait_turn(task.id)
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
