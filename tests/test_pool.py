@@ -17,6 +17,7 @@ from workerpool import (
     QueueFull,
     State,
     StoreUnavailable,
+    TaskSpec,
     WorkerPool,
 )
 from workerpool.stores.memory import MemoryStore
@@ -339,7 +340,11 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
     assert summary.abandoned == ("late",)
     assert pool.get("late").state is State.FAILED
     assert pool.stats().counts == {
-        State.QUEUED: 0, State.RUNNING: 0, State.DONE: 0, State.FAILED: 1, State.CANCELLED: 0
+        State.QUEUED: 0,
+        State.RUNNING: 0,
+        State.DONE: 0,
+        State.FAILED: 1,
+        State.CANCELLED: 0,
     }
     assert log.events == []  # the late result was dropped, not reported
 
@@ -534,6 +539,29 @@ def test_observers_hear_every_change_in_order_and_a_pool_can_be_stepped_by_hand(
         ("queued", "c", State.QUEUED),
         ("abandoned", "c", State.FAILED),
     ]
+
+
+def test_a_batch_is_heard_once_by_tasks_queued_and_task_by_task_by_default(make_pool):
+    class Batches(PoolObserver):
+        def __init__(self):
+            self.batches = []
+
+        def tasks_queued(self, tasks):
+            self.batches.append([task.id for task in tasks])
+
+    class FailsOnB(Recorder):
+        def task_queued(self, task):
+            if task.id == "b":
+                raise RuntimeError("observer bug")
+            super().task_queued(task)
+
+    batches, recorder = Batches(), FailsOnB()
+    pool = make_pool(threads=False, observers=[batches, recorder])
+    pool.submit_many([TaskSpec("a"), TaskSpec("a"), TaskSpec("b"), TaskSpec("c")])  # the second "a": a duplicate
+    pool.submit("d")
+    assert batches.batches == [["a", "b", "c"], ["d"]]  # the accepted ones, in order, one call per step
+    # The default hears each task; one failing call is logged and the batch's other tasks are still heard.
+    assert recorder.calls == [("queued", task_id, State.QUEUED) for task_id in ("a", "c", "d")]
 
 
 def test_step_refuses_a_pool_with_threads(make_pool):

@@ -298,10 +298,11 @@ class WorkerPool:
         try:
             results = self._store.admit(tasks)
             if observed or log.isEnabledFor(logging.DEBUG):
-                for result in results:
-                    if isinstance(result, Task):
-                        _log(logging.DEBUG, result, "task %s queued", result.id)
-                        self._notify("task_queued", result)
+                queued = [result for result in results if isinstance(result, Task)]
+                for task in queued:
+                    _log(logging.DEBUG, task, "task %s queued", task.id)
+                if observed and queued:
+                    self._notify("tasks_queued", queued)
         finally:
             with self._lock:
                 self._admitting -= 1
@@ -602,20 +603,27 @@ class WorkerPool:
         recovered the attempt: the error is raised, and the lease settles what happened. A timeout
         is written once: the watchdog's next check writes it again.
         """
+        try:
+            return write()  # the common case, once per task: nothing is set up for a retry before it fails
+        except StoreUnavailable as exc:
+            if attempt.timed_out:
+                raise
+            failure = exc
         task = attempt.task
         pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
+            _log(
+                logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
+                "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
+            )  # fmt: skip
+            self._wait(pause, _STORE_RETRY_S)
             try:
                 return write()
             except StoreUnavailable as exc:
                 if attempt.timed_out or self._monotonic() >= give_up:
                     raise
-                _log(
-                    logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
-                    "recording it again in %.1f s", task.id, task.attempts, exc, _STORE_RETRY_S,
-                )  # fmt: skip
-                self._wait(pause, _STORE_RETRY_S)
+                failure = exc
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
