@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 LINGER_S = 2.0  # as gunicorn.util.close_graceful
-MAX_DRAIN_BYTES = 65536  # as gunicorn.util.close_graceful
+READ_BYTES = 65536  # read and dropped per readiness event
 MAX_LINGERING = 128  # beyond this the oldest lingering socket is closed at once
 
 
@@ -24,6 +24,11 @@ class LingeringCloser:
     accepting, answering and sending its heartbeat, and the arbiter kills the
     worker. Here the socket waits on ``poller`` instead; ``expire`` (called on
     every turn of the loop) closes those whose time is up.
+
+    Only time bounds the reading, not bytes (gunicorn stops after 64 KiB,
+    which bounds its blocking): a client still sending a large body the
+    answer refused (a 413) must be able to finish and read the answer, where
+    closing with its bytes unread would reset the connection under it.
 
     Used by one thread, the event loop's; not thread-safe.
     """
@@ -40,8 +45,8 @@ class LingeringCloser:
         self._linger_s = linger_s
         self._max_lingering = max_lingering
         self._clock = clock
-        # socket -> [deadline, bytes drained]; insertion order is deadline order
-        self._lingering: dict[socket.socket, list[float]] = {}
+        # socket -> when to close it at the latest; insertion order is deadline order
+        self._lingering: dict[socket.socket, float] = {}
 
     def __len__(self) -> int:
         return len(self._lingering)
@@ -55,7 +60,7 @@ class LingeringCloser:
         except (OSError, ValueError):  # already reset, or closed
             _close(sock)
             return
-        self._lingering[sock] = [self._clock() + self._linger_s, 0]
+        self._lingering[sock] = self._clock() + self._linger_s
         if len(self._lingering) > self._max_lingering:
             self._forget(next(iter(self._lingering)))
 
@@ -63,23 +68,21 @@ class LingeringCloser:
         """Close the sockets whose linger time is over (all of them with ``force``)."""
         now = self._clock()
         while self._lingering:
-            sock, (deadline, _) = next(iter(self._lingering.items()))
+            sock, deadline = next(iter(self._lingering.items()))
             if deadline > now and not force:
                 break
             self._forget(sock)
 
     def _readable(self, sock: socket.socket) -> None:
-        entry = self._lingering.get(sock)
-        if entry is None:
+        if sock not in self._lingering:
             return
         try:
-            data = sock.recv(MAX_DRAIN_BYTES)
+            data = sock.recv(READ_BYTES)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        entry[1] += len(data)
-        if not data or entry[1] >= MAX_DRAIN_BYTES:
+        if not data:  # the client closed (or reset) its end
             self._forget(sock)
 
     def _forget(self, sock: socket.socket) -> None:

@@ -74,3 +74,22 @@ def test_lingering_sockets_are_bounded_oldest_first(setup):
     assert [closed(server) for server in servers] == [True, False, False, False]
     closer.expire(force=True)
     assert all(closed(server) for server in servers)
+
+
+def test_a_client_still_sending_a_large_refused_body_can_finish_and_read_the_answer(setup):
+    # Closing after 64 KiB (as gunicorn does) reset the connection under a client still sending a
+    # 100 KB body the server had refused, before it could read the 413.
+    clock, closer, pair, turn = setup
+    server, client = pair()
+    server.sendall(b"HTTP/1.1 413 Content Too Large\r\n\r\n")
+    closer.close(server)
+    client.settimeout(5)
+    for _ in range(25):  # 400 KB, more than the socket buffers hold: sent as the server drains it
+        client.sendall(b"x" * 16384)
+        turn()
+    assert not closed(server)
+    assert client.recv(100) == b"HTTP/1.1 413 Content Too Large\r\n\r\n"
+    assert client.recv(100) == b""
+    client.close()
+    turn()
+    assert closed(server)

@@ -17,6 +17,7 @@ from workerpool import (
     QueueFull,
     State,
     StoreUnavailable,
+    TaskSpec,
     WorkerPool,
 )
 from workerpool.stores.memory import MemoryStore
@@ -304,6 +305,26 @@ def test_shutdown_abandons_what_is_unfinished_at_the_deadline(make_pool, clock):
         assert task.finished_at is not None
 
 
+@pytest.mark.parametrize("wait", ["delay", "backoff"])
+def test_cancelling_the_last_unfinished_task_ends_the_drain_at_once(make_pool, clock, wait):
+    # The drain used to sleep on until its deadline: a cancel did not wake it. The fake clock stands
+    # still, so here it would never have ended; the drain thread is joined without waking it.
+    log = AttemptLog()
+    pool = make_pool(always_fail if wait == "backoff" else instant, workers=1, backoff_base=100, backoff_cap=100,
+                     observers=[log])
+    pool.submit("a", "", 1, delay=100.0 if wait == "delay" else 0.0)
+    if wait == "backoff":
+        log.wait_for("a", State.QUEUED)  # its first attempt failed: it waits 100 s for its retry
+    before = set(threading.enumerate())
+    assert pool.shutdown(timeout=1000, wait=False) is None
+    drain, = (t for t in set(threading.enumerate()) - before if t.name == "workerpool-drain")
+    assert pool.cancel("a").state is State.CANCELLED
+    drain.join(TIMEOUT)
+    assert not drain.is_alive(), "the drain did not end when nothing was left to drain"
+    summary = pool.shutdown()
+    assert (summary.abandoned, summary.counts[State.CANCELLED], summary.drain_seconds) == ((), 1, 0.0)
+
+
 def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_pool):
     started = threading.Event()
     log = AttemptLog()
@@ -319,7 +340,11 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
     assert summary.abandoned == ("late",)
     assert pool.get("late").state is State.FAILED
     assert pool.stats().counts == {
-        State.QUEUED: 0, State.RUNNING: 0, State.DONE: 0, State.FAILED: 1, State.CANCELLED: 0
+        State.QUEUED: 0,
+        State.RUNNING: 0,
+        State.DONE: 0,
+        State.FAILED: 1,
+        State.CANCELLED: 0,
     }
     assert log.events == []  # the late result was dropped, not reported
 
@@ -516,6 +541,29 @@ def test_observers_hear_every_change_in_order_and_a_pool_can_be_stepped_by_hand(
     ]
 
 
+def test_a_batch_is_heard_once_by_tasks_queued_and_task_by_task_by_default(make_pool):
+    class Batches(PoolObserver):
+        def __init__(self):
+            self.batches = []
+
+        def tasks_queued(self, tasks):
+            self.batches.append([task.id for task in tasks])
+
+    class FailsOnB(Recorder):
+        def task_queued(self, task):
+            if task.id == "b":
+                raise RuntimeError("observer bug")
+            super().task_queued(task)
+
+    batches, recorder = Batches(), FailsOnB()
+    pool = make_pool(threads=False, observers=[batches, recorder])
+    pool.submit_many([TaskSpec("a"), TaskSpec("a"), TaskSpec("b"), TaskSpec("c")])  # the second "a": a duplicate
+    pool.submit("d")
+    assert batches.batches == [["a", "b", "c"], ["d"]]  # the accepted ones, in order, one call per step
+    # The default hears each task; one failing call is logged and the batch's other tasks are still heard.
+    assert recorder.calls == [("queued", task_id, State.QUEUED) for task_id in ("a", "c", "d")]
+
+
 def test_step_refuses_a_pool_with_threads(make_pool):
     with pytest.raises(RuntimeError, match="threads=False"):
         make_pool().step()
@@ -666,6 +714,54 @@ def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, 
     store.close()
 
 
+class _RenewalGate(SqliteStore):
+    """Holds the first lease renewal (for task "a") until task "b" runs; tells when each renewal begins."""
+
+    def __init__(self, path, b_started: threading.Event) -> None:
+        super().__init__(path)
+        self.b_started = b_started
+        self.renewals: list[threading.Event] = [threading.Event(), threading.Event()]
+        self.calls = 0
+
+    def renew(self, owner, task_ids, lease_until):
+        ids = list(task_ids)
+        if self.calls < len(self.renewals):
+            self.renewals[self.calls].set()
+            self.calls += 1
+            if ids == ["a"]:
+                assert self.b_started.wait(TIMEOUT)
+        return super().renew(owner, ids, lease_until)
+
+
+def test_a_cancel_aimed_at_an_ended_attempt_never_reaches_the_next_one(tmp_path):
+    # The lease keeper reads the running attempts, renews them in the store and sets the cancel event
+    # of those the store reports lost or cancelled. An attempt that ended meanwhile must not pass that
+    # on to the next attempt of its worker, which may hold the same (unset) event.
+    b_started = threading.Event()
+    store = _RenewalGate(tmp_path / "tasks.db", b_started)
+    seen: dict[str, bool] = {}
+
+    def handler(task, cancel):
+        if task.id == "a":  # end while the renewal of "a" is held in the store
+            assert store.renewals[0].wait(TIMEOUT)
+            return
+        b_started.set()
+        assert store.renewals[1].wait(TIMEOUT)  # the keeper has done with the first renewal
+        seen[task.id] = cancel.is_set()
+
+    pool = WorkerPool(handler, store=store, workers=1, lease=0.3)
+    try:
+        pool.submit("a")
+        pool.submit("b")
+        wait_until(lambda: "b" in seen, timeout=TIMEOUT, what="b to run")
+        assert seen == {"b": False}, "the cancel of a's ended attempt reached b"
+        wait_until(lambda: pool.get("b").state is State.DONE, timeout=TIMEOUT, what="b to end")
+        assert pool.get("a").state is State.DONE
+    finally:
+        pool.shutdown(TIMEOUT)
+        store.close()
+
+
 def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool, clock):
     # The first submit reads the clock, then stalls until a later submit has been admitted.
     first_read, second_admitted = threading.Event(), threading.Event()
@@ -689,3 +785,32 @@ def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool,
     listed = pool.list()
     assert [t.id for t in listed] == ["first", "second"]  # newest admitted first
     assert listed[0].created_at >= listed[1].created_at
+
+
+class ClaimFails(MemoryStore):
+    """A store whose ``claim`` is unavailable the first ``failures`` times."""
+
+    def __init__(self, failures, **options):
+        super().__init__(**options)
+        self.failures = failures
+
+    def claim(self, owner, lease_until):
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("the store is down")
+        return super().claim(owner, lease_until)
+
+
+def test_a_worker_waits_out_an_unavailable_store_with_one_line_per_try(make_pool, caplog):
+    log = AttemptLog()
+    pool = make_pool(
+        store=ClaimFails(2), workers=1, observers=[log],
+        wait=lambda event, timeout: event.wait(0.001 if timeout else None),  # the 1 s pause, shortened
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        pool.submit("a", "", 0)
+        log.wait_for("a", State.DONE)
+    tries = [r for r in caplog.records if r.getMessage().startswith("worker could not take a task")]
+    expected = "worker could not take a task (the store is down); trying again in 1.0 s"
+    assert [r.getMessage() for r in tries] == [expected] * 2
+    assert all(r.exc_info is None for r in tries)  # an outage is not a bug: no traceback

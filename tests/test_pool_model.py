@@ -319,6 +319,7 @@ class PoolModel(RuleBasedStateMachine):
         self.tasks[task_id] = cancelled
         self.history[task_id].append(("task_cancelled", cancelled, None))
         self._count_final(cancelled)
+        self._join_drain_if_due()  # it was maybe the last unfinished task: the drain ends now
 
     @rule(outcome=st.sampled_from(list(OUTCOMES)))
     def step(self, outcome: str) -> None:
@@ -505,9 +506,12 @@ class PoolModel(RuleBasedStateMachine):
     def _join_drain_if_due(self) -> None:
         """When the drain ends (nothing unfinished, or its deadline passed), wait for its summary and check it.
 
-        Until then the drain thread only sleeps on its wake-up event, so it
-        cannot race the rules. A shared store's drain waits only for the
-        attempts this pool runs, and between steps none runs.
+        Every rule that can end the drain (a step, a cancel, time passing, a
+        shutdown call) calls this at once, before fake time moves on: the
+        drain thread may end on its own as soon as its condition holds (the
+        pool wakes it), so its summary must be taken at that fake time. A
+        shared store's drain waits only for the attempts this pool runs, and
+        between steps none runs.
         """
         if not self.closing or self.summary is not None:
             return
@@ -634,3 +638,33 @@ def test_the_pool_matches_its_model_through_any_sequence_of_steps(store_name):
             deadline=None,
         ),
     )
+
+
+def test_the_drain_ends_when_the_last_unfinished_task_is_cancelled():
+    """A drain waiting for delayed tasks alone ends at the cancel of the last one, not at a later step.
+
+    The pool did not wake its drain on a cancel: a drain already awake (from
+    an earlier attempt's end) ended at the cancel while the model expected it
+    at its next check, with a later ``drain_seconds``; one asleep slept on
+    until its deadline.
+    """
+    machine = PoolModel()
+    try:
+        machine.build(seed=0, queue_size=3)
+        ids = [machine.submit_new(max_retries=0, delay=2.5) for _ in range(3)]
+        machine.begin_shutdown(timeout=None)
+        for task_id in ids:
+            assert machine.summary is None
+            machine.cancel(task_id)
+            _check_invariants(machine)
+        assert machine.summary is not None and machine.summary.drain_seconds == 0.0
+        assert machine.summary.counts[State.CANCELLED] == 3
+        machine.advance_time(1.0)
+        _check_invariants(machine)
+    finally:
+        machine.teardown()
+
+
+def _check_invariants(machine: PoolModel) -> None:
+    for check in machine.invariants:  # what hypothesis checks after every rule
+        check.function(machine)

@@ -381,3 +381,59 @@ def test_attempts_of_a_process_that_no_longer_exists_are_recovered_before_their_
     claim(store, clock, owner=f"another-host:{int(gone.stdout)}:00000000")  # its pids mean nothing here
     assert [t.id for t in store.recover(lambda t: None)] == ["dead"]
     assert store.get("live").state is store.get("elsewhere").state is State.RUNNING
+
+
+class _WalSyncs:
+    """Records the fsyncs of ``db``'s WAL; the first one can be held until ``release``."""
+
+    def __init__(self, db, real_fsync, *, hold_first: bool = False) -> None:
+        self.db, self.real_fsync = db, real_fsync
+        self.count = 0
+        self.first_began = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, fd: int) -> None:
+        if os.fstat(fd).st_ino == os.stat(f"{self.db}-wal").st_ino:
+            self.count += 1
+            if self.count == 1:
+                self.first_began.set()
+                assert self.release.wait(WAIT_S)
+        self.real_fsync(fd)
+
+
+def test_with_synchronous_full_a_step_returns_after_an_fsync_of_its_commit_and_a_claim_needs_none(
+    open_store, clock, db, monkeypatch
+):
+    store = open_store(synchronous="FULL")
+    syncs = _WalSyncs(db, os.fsync)
+    monkeypatch.setattr(os, "fsync", syncs)
+    store.admit([task(clock, "a"), task(clock, "b")])
+    assert syncs.count == 1
+    first = claim(store, clock)  # lost in a power cut, it runs again: nothing promised is lost
+    assert syncs.count == 1
+    ended, second = store.finish_and_claim(first.id, 1, "a", lease_until=clock.time() + LEASE_S)
+    assert (ended.state, second.id, syncs.count) == (State.DONE, "b", 2)  # one commit, one fsync
+    store.stats()  # a step that changes nothing writes nothing
+    assert syncs.count == 2
+
+
+def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_one(open_store, clock, db, monkeypatch):
+    store = open_store(synchronous="FULL", capacity=10)
+    syncs = _WalSyncs(db, os.fsync, hold_first=True)
+    monkeypatch.setattr(os, "fsync", syncs)
+    threads = [threading.Thread(target=store.admit, args=([task(clock, task_id)],)) for task_id in ("a", "b", "c")]
+    threads[0].start()
+    assert syncs.first_began.wait(WAIT_S)  # "a" is committed and its fsync runs, outside the write lock
+    for thread in threads[1:]:
+        thread.start()
+    reader = open_store()
+    deadline = time.monotonic() + WAIT_S
+    while not (reader.get("b") and reader.get("c")):  # committed while the first fsync runs
+        assert time.monotonic() < deadline, "b and c were not committed during a's fsync"
+        threading.Event().wait(0.01)
+    syncs.release.set()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert syncs.count == 2  # a's, then one for both b and c

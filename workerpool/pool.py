@@ -298,10 +298,11 @@ class WorkerPool:
         try:
             results = self._store.admit(tasks)
             if observed or log.isEnabledFor(logging.DEBUG):
-                for result in results:
-                    if isinstance(result, Task):
-                        _log(logging.DEBUG, result, "task %s queued", result.id)
-                        self._notify("task_queued", result)
+                queued = [result for result in results if isinstance(result, Task)]
+                for task in queued:
+                    _log(logging.DEBUG, task, "task %s queued", task.id)
+                if observed and queued:
+                    self._notify("tasks_queued", queued)
         finally:
             with self._lock:
                 self._admitting -= 1
@@ -334,13 +335,17 @@ class WorkerPool:
             self._wait_turn(task_id)
             _log(logging.INFO, task, "task %s cancelled", task_id)
             self._notify("task_cancelled", task)
+            with self._lock:
+                closing = self._closing
+            if closing:  # the drain may be waiting for this task alone (delayed, or waiting out a backoff)
+                self._drain_wakeup.set()
             return task
         with self._lock:
             attempt = self._running.get(task_id)
             if attempt is None and not self._store.shared:  # claimed, not yet registered by its worker
                 self._cancel_early.add(task_id)
-        if attempt is not None:
-            attempt.cancel.set()
+            if attempt is not None:
+                self._set_cancel(attempt)
         _log(logging.INFO, task, "task %s: cancel requested while attempt %d runs", task_id, task.attempts)
         return task
 
@@ -418,7 +423,11 @@ class WorkerPool:
                     if task is None:
                         store.wait_for_work(None)
                         continue
-                except Exception:  # StoreUnavailable, or a bug: keep the worker, try again shortly
+                except StoreUnavailable as exc:  # Redis restarting, a full disk: one line a second, no traceback
+                    log.warning("worker could not take a task (%s); trying again in %.1f s", exc, _STORE_RETRY_S)
+                    self._wait(pause, _STORE_RETRY_S)
+                    continue
+                except Exception:  # a bug: keep the worker, try again shortly
                     log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
                     self._wait(pause, _STORE_RETRY_S)
                     continue
@@ -560,6 +569,17 @@ class WorkerPool:
         finally:
             self._forget_attempt(attempt, ended, retry_at)
 
+    def _set_cancel(self, attempt: Attempt) -> None:  # _lock is held
+        """Tell ``attempt``'s handler to stop, if it still runs here.
+
+        A worker hands its next attempt the same event while it is unset
+        (see ``_work``); an attempt leaves ``_running`` under ``_lock``
+        before that, so a cancel set under ``_lock`` never reaches a later
+        attempt.
+        """
+        if self._running.get(attempt.task.id) is attempt:
+            attempt.cancel.set()
+
     def _forget_attempt(self, attempt: Attempt, ended: Task | None, retry_at: float | None) -> None:
         """The attempt's end is recorded (or given up on): it no longer runs here."""
         task = attempt.task
@@ -583,20 +603,27 @@ class WorkerPool:
         recovered the attempt: the error is raised, and the lease settles what happened. A timeout
         is written once: the watchdog's next check writes it again.
         """
+        try:
+            return write()  # the common case, once per task: nothing is set up for a retry before it fails
+        except StoreUnavailable as exc:
+            if attempt.timed_out:
+                raise
+            failure = exc
         task = attempt.task
         pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
+            _log(
+                logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
+                "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
+            )  # fmt: skip
+            self._wait(pause, _STORE_RETRY_S)
             try:
                 return write()
             except StoreUnavailable as exc:
                 if attempt.timed_out or self._monotonic() >= give_up:
                     raise
-                _log(
-                    logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
-                    "recording it again in %.1f s", task.id, task.attempts, exc, _STORE_RETRY_S,
-                )  # fmt: skip
-                self._wait(pause, _STORE_RETRY_S)
+                failure = exc
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
@@ -695,9 +722,9 @@ class WorkerPool:
                             target=self._work, name=f"workerpool-worker-{next(self._thread_numbers)}", daemon=True
                         )
                         self._threads.append(replacement)
+                self._set_cancel(attempt)
             stuck = len(self._stuck)
         if first:
-            attempt.cancel.set()
             attempt.retry_at = self._retry_at(task)
             if replacement is not None:
                 replacement.start()
@@ -772,6 +799,8 @@ class WorkerPool:
                     self._count_final(task)
                     _log(logging.WARNING, task, "task %s attempt %d lost: %s", task.id, task.attempts, task.last_error)
                     self._notify("attempt_finished", task, 0.0)
+            except StoreUnavailable as exc:
+                log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
             except Exception:
                 log.exception("lease renewal failed; trying again in %.1f s", period)
             self._wait(stop, period)
@@ -781,9 +810,10 @@ class WorkerPool:
         if not attempts:
             return
         renewal = self._store.renew(self.owner, [a.task.id for a in attempts], self._clock() + self._lease)
-        for attempt in attempts:
-            if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
-                attempt.cancel.set()
+        with self._lock:  # some may have ended during the renewal
+            for attempt in attempts:
+                if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
+                    self._set_cancel(attempt)
 
     # -- shutdown --------------------------------------------------------
 
@@ -851,9 +881,8 @@ class WorkerPool:
         for task in abandoned:
             self._count_final(task)
         with self._lock:
-            attempts = list(self._running.values())
-        for attempt in attempts:  # their results will be dropped
-            attempt.cancel.set()
+            for attempt in self._running.values():  # their results will be dropped
+                self._set_cancel(attempt)
         for task in abandoned:
             self._wait_turn(task.id)
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)

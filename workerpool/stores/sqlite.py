@@ -172,6 +172,11 @@ class SqliteStore(TaskStore):
         # each other in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms
         # between tries instead of handing the lock over at once.
         self._write_lock = threading.Lock()
+        self._commits = 0  # write steps committed by this process (under _write_lock)
+        # _sync_lock must be held while syncing the WAL or touching the two below.
+        self._sync_lock = threading.Lock()
+        self._synced = 0  # the commits the last fsync of the WAL covered
+        self._wal_fd: int | None = None  # the WAL file, opened to fsync it
         self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
         _check_path(self.path)
         self._open()
@@ -229,7 +234,8 @@ class SqliteStore(TaskStore):
             # timeout=0: no busy handler of SQLite's own; _retry_busy waits instead.
             conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._connections.append(conn)
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
+        conn.execute("PRAGMA synchronous = NORMAL")
         self._local.conn = conn
         return conn
 
@@ -239,16 +245,30 @@ class SqliteStore(TaskStore):
             connections, self._connections = self._connections, []
         for conn in connections:
             conn.close()
+        with self._sync_lock:
+            self._close_wal()
         self.wake()
 
     # -- transactions --------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write step: BEGIN IMMEDIATE takes the database's write lock (waiting up to the busy timeout)."""
+    def _transaction(self, *, synced: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write step: BEGIN IMMEDIATE takes the database's write lock (waiting up to the busy timeout).
+
+        Every commit is ``synchronous=NORMAL``: written to the WAL, no fsync.
+        With ``FULL`` a step then waits for an fsync of the WAL that covers
+        its commit (``_sync_wal``), after releasing the lock: while one
+        thread syncs, others commit, and one fsync makes all of them durable
+        (a group commit). ``synced=False`` skips that wait, for steps whose
+        loss in a power cut loses nothing promised (a claim, a lease
+        renewal): the WAL is written in order, so the next synced commit
+        makes them durable too, and a power cut only ever takes the last
+        steps, never a task's end without its claim.
+        """
         conn = self._connection()
         with self._write_lock:
             self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            changes = conn.total_changes
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -256,6 +276,32 @@ class SqliteStore(TaskStore):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            wrote = conn.total_changes != changes  # a commit that changed nothing writes nothing
+            self._commits += wrote
+            commit = self._commits
+        if wrote and synced and self.synchronous == "FULL":
+            self._sync_wal(commit)
+
+    def _sync_wal(self, commit: int) -> None:
+        """Return once the WAL is synced past this process's commit number ``commit``."""
+        with self._sync_lock:
+            if self._synced >= commit:
+                return  # another thread's fsync covered it
+            target = self._commits  # every commit counted so far has written its frames
+            wal = Path(f"{self.path}-wal")
+            try:
+                if self._wal_fd is None or os.fstat(self._wal_fd).st_ino != wal.stat().st_ino:
+                    self._close_wal()
+                    self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+                os.fsync(self._wal_fd)
+            except OSError as exc:  # the step is committed, but may not survive a power cut
+                raise sqlite3.OperationalError(f"syncing the WAL failed: {exc}") from None
+            self._synced = target
+
+    def _close_wal(self) -> None:  # _sync_lock is held
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     def _retry_busy(self, attempt: Callable[[], T]) -> T:
         """``attempt()`` again while another process holds the lock, for up to the busy timeout.
@@ -277,14 +323,14 @@ class SqliteStore(TaskStore):
             pause = min(pause * 2, 0.002)
 
     @contextlib.contextmanager
-    def _step(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction whose SQLite errors become ``StoreUnavailable``.
+    def _step(self, *, synced: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction (see ``_transaction``) whose SQLite errors become ``StoreUnavailable``.
 
         Only a step that changed rows clears a recorded failure: one that
         changed nothing commits without writing, even on a full disk.
         """
         try:
-            with self._transaction() as conn:
+            with self._transaction(synced=synced) as conn:
                 changes = conn.total_changes
                 yield conn
                 wrote = conn.total_changes != changes
@@ -389,25 +435,52 @@ class SqliteStore(TaskStore):
     # -- running ---------------------------------------------------------------
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
-        check_transition(State.QUEUED, State.RUNNING)
+        with self._wakeup:
+            tickets, rescheduled = self._tickets, self._rescheduled
+        with self._step(synced=False) as conn:  # lost in a power cut, the attempt runs again: at least once
+            claimed = self._claim(conn, owner, lease_until, self._clock(), rescheduled)
+        if claimed is None:
+            self._claimed_nothing(tickets)
+        return claimed
+
+    def finish_and_claim(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str | None = None,
+        result: Any = None,
+        retry_at: float | None = None,
+        lease_until: float,
+    ) -> tuple[Task | None, Task | None]:
+        """Both in one transaction: one commit (one fsync with ``FULL``) instead of two per task."""
         with self._wakeup:
             tickets, rescheduled = self._tickets, self._rescheduled
         with self._step() as conn:
             now = self._clock()
-            row = conn.execute(
-                f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
-                        next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
-                        state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
-                    WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}""",
-                {"now": now, "owner": owner, "until": lease_until},
-            ).fetchone()
-            if row is not None:
-                return _task(row)
-            # What this claim saw; a later change ends the next wait_for_work of this thread.
-            self._local.seen = (_count(conn, "generation"), rescheduled)
+            ended, generation = self._finish(conn, task_id, attempt, owner, now, error, result, retry_at)
+            claimed = self._claim(conn, owner, lease_until, now, rescheduled)
+        if generation:
+            self._rescheduled_by_us(generation)
+        if claimed is None:
+            self._claimed_nothing(tickets)
+        return ended, claimed
+
+    def _claim(
+        self, conn: sqlite3.Connection, owner: str, lease_until: float, now: float, rescheduled: int
+    ) -> Task | None:
+        check_transition(State.QUEUED, State.RUNNING)
+        row = conn.execute(_CLAIM, {"now": now, "owner": owner, "until": lease_until}).fetchone()
+        if row is not None:
+            return _task(row)
+        # What this claim saw; a later change ends the next wait_for_work of this thread.
+        self._local.seen = (_count(conn, "generation"), rescheduled)
+        return None
+
+    def _claimed_nothing(self, tickets: int) -> None:
         with self._wakeup:  # nothing was due: the tickets older than this claim announce nothing
             self._tickets = max(0, self._tickets - tickets)
-        return None
 
     def seconds_until_due(self) -> float | None:
         found = self._read(
@@ -478,15 +551,21 @@ class SqliteStore(TaskStore):
         retry_at: float | None = None,
     ) -> Task | None:
         with self._step() as conn:
-            now = self._clock()
-            task = _end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
-            if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
-                return None
-            self._evict(conn, now)
-            generation = _next_generation(conn) if task.state is State.QUEUED else 0
+            task, generation = self._finish(conn, task_id, attempt, owner, self._clock(), error, result, retry_at)
         if generation:
             self._rescheduled_by_us(generation)
         return task
+
+    def _finish(
+        self, conn: sqlite3.Connection, task_id: str, attempt: int, owner: str, now: float,
+        error: str | None, result: Any, retry_at: float | None,
+    ) -> tuple[Task | None, int]:
+        """End the attempt; its snapshot (None for a late writer) and the generation it queued work at, or 0."""
+        task = _end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
+        if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
+            return None, 0
+        self._evict(conn, now)
+        return task, _next_generation(conn) if task.state is State.QUEUED else 0
 
     def _rescheduled_by_us(self, generation: int) -> None:
         """Work was queued again here (a retry, a recovery): every waiting worker recomputes its due time."""
@@ -499,7 +578,7 @@ class SqliteStore(TaskStore):
         ids = list(task_ids)
         if not ids:
             return Renewal(lost=frozenset(), cancel_requested=frozenset())
-        with self._step() as conn:
+        with self._step(synced=False) as conn:
             rows = conn.execute(
                 f"""UPDATE tasks SET lease_until = ?
                     WHERE state = 'running' AND lease_owner = ? AND id IN ({','.join('?' * len(ids))})
@@ -659,6 +738,11 @@ _NEXT_DUE = (
 _NEXT_STATE_SEQ = (
     "(coalesce((SELECT state_seq FROM tasks WHERE state = {state} ORDER BY state_seq DESC LIMIT 1), 0) + 1)"
 )
+# Claim the next due task: it runs under the owner's lease.
+_CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
+        next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
+        state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
+    WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}"""
 # Finished tasks past their retention are invisible even before a write step deletes them.
 _RETAINED = "(finished_at IS NULL OR finished_at >= ?)"
 
