@@ -785,3 +785,32 @@ def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool,
     listed = pool.list()
     assert [t.id for t in listed] == ["first", "second"]  # newest admitted first
     assert listed[0].created_at >= listed[1].created_at
+
+
+class ClaimFails(MemoryStore):
+    """A store whose ``claim`` is unavailable the first ``failures`` times."""
+
+    def __init__(self, failures, **options):
+        super().__init__(**options)
+        self.failures = failures
+
+    def claim(self, owner, lease_until):
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("the store is down")
+        return super().claim(owner, lease_until)
+
+
+def test_a_worker_waits_out_an_unavailable_store_with_one_line_per_try(make_pool, caplog):
+    log = AttemptLog()
+    pool = make_pool(
+        store=ClaimFails(2), workers=1, observers=[log],
+        wait=lambda event, timeout: event.wait(0.001 if timeout else None),  # the 1 s pause, shortened
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        pool.submit("a", "", 0)
+        log.wait_for("a", State.DONE)
+    tries = [r for r in caplog.records if r.getMessage().startswith("worker could not take a task")]
+    expected = "worker could not take a task (the store is down); trying again in 1.0 s"
+    assert [r.getMessage() for r in tries] == [expected] * 2
+    assert all(r.exc_info is None for r in tries)  # an outage is not a bug: no traceback

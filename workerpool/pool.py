@@ -423,7 +423,11 @@ class WorkerPool:
                     if task is None:
                         store.wait_for_work(None)
                         continue
-                except Exception:  # StoreUnavailable, or a bug: keep the worker, try again shortly
+                except StoreUnavailable as exc:  # Redis restarting, a full disk: one line a second, no traceback
+                    log.warning("worker could not take a task (%s); trying again in %.1f s", exc, _STORE_RETRY_S)
+                    self._wait(pause, _STORE_RETRY_S)
+                    continue
+                except Exception:  # a bug: keep the worker, try again shortly
                     log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
                     self._wait(pause, _STORE_RETRY_S)
                     continue
@@ -795,6 +799,8 @@ class WorkerPool:
                     self._count_final(task)
                     _log(logging.WARNING, task, "task %s attempt %d lost: %s", task.id, task.attempts, task.last_error)
                     self._notify("attempt_finished", task, 0.0)
+            except StoreUnavailable as exc:
+                log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
             except Exception:
                 log.exception("lease renewal failed; trying again in %.1f s", period)
             self._wait(stop, period)
