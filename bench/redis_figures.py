@@ -351,7 +351,7 @@ def http_enqueue(run: Run) -> None:
         for group in servers.values():
             for server in group:
                 server.wait_ready()
-                run.record(server.command)
+                run.record(server.command.replace(redis.url, "redis://127.0.0.1:$REDIS_PORT/0"))
                 run.wrk(server.url, "/enqueue", seconds=1)
         names = list(setups)
         for round_no in range(run.rounds):

@@ -46,9 +46,14 @@ def enqueue() -> Response:
 _PATH_SAFE = "!$&'()*+,/:;=@"
 
 
-def task_url(task_id: str) -> str:
-    """The path of a task's URL, as ``url_for("api.get_task", task_id=task_id)`` builds it."""
-    return f"{request.root_path}/tasks/{quote(task_id, safe=_PATH_SAFE)}"
+def task_url(task_id: str, root_path: str | None = None) -> str:
+    """The path of a task's URL, as ``url_for("api.get_task", task_id=task_id)`` builds it.
+
+    ``root_path`` is the request's (read once by a caller building many URLs:
+    each read of ``request`` goes through werkzeug's context-local proxy).
+    """
+    root = request.root_path if root_path is None else root_path
+    return f"{root}/tasks/{quote(task_id, safe=_PATH_SAFE)}"
 
 
 def read_body(limit: int) -> bytes:

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from workerpool import SubmitError, Task
 
@@ -80,10 +80,11 @@ def enqueue_batch() -> Response:
     admitted = iter(svc.pool.submit_many([item for item in items if isinstance(item, TaskSpec)]))
     results: list[dict[str, Any]] = []
     refusals: list[Exception] = []
+    root_path = request.root_path
     for index, item in enumerate(items):
         outcome = next(admitted) if isinstance(item, TaskSpec) else item
         if isinstance(outcome, Task):
-            results.append({"status": 202, "task": task_to_json(outcome), "location": task_url(outcome.id)})
+            results.append({"status": 202, "task": task_to_json(outcome), "location": task_url(outcome.id, root_path)})
             continue
         refusals.append(outcome)
         problem = submit_problem(outcome) if isinstance(outcome, SubmitError) else outcome

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from workerpool import PoolObserver, Task
@@ -81,9 +81,12 @@ class LiveFigures(PoolObserver):
     # -- PoolObserver ----------------------------------------------------
 
     def task_queued(self, task: Task) -> None:
+        self.tasks_queued((task,))
+
+    def tasks_queued(self, tasks: Sequence[Task]) -> None:
         second = int(self._clock())
-        with self._lock:
-            self._slot(second).accepted += 1
+        with self._lock:  # once per batch
+            self._slot(second).accepted += len(tasks)
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
         self._count(task, latency_bucket(seconds))

@@ -205,6 +205,33 @@ def write_access(logger: logging.Logger, entry: AccessEntry) -> None:
             handler.handle(logging.makeLogRecord({**fields, "request_id": entry.request_id}))
 
 
+class LineHandler(logging.StreamHandler):
+    """A StreamHandler that writes each record as one line in one ``write()``, without the handler's lock.
+
+    The stock ``Handler.handle`` holds the handler's lock through formatting
+    and the system call; the pool's worker threads log a line per finished
+    task, and queued behind each other (and behind the HTTP threads) on that
+    lock whenever its holder lost the GIL mid-write. A line written by one
+    call never mixes with another (see ``_write_line``).
+    """
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        accepted = self.filter(record)
+        if isinstance(accepted, logging.LogRecord):  # Python 3.12+: a filter may hand back a replacement
+            record = accepted
+        if accepted:
+            self.emit(record)
+        return bool(accepted)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_line(self, self.format(record) + self.terminator)
+        except RecursionError:  # as StreamHandler.emit: never swallowed
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def _write_line(handler: logging.StreamHandler, line: str) -> None:
     stream = handler.stream
     try:
@@ -236,13 +263,13 @@ def logging_config(level: str, log_format: str, *, access_log: bool = True) -> d
         "formatters": {"line": {"()": formatter}},
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "()": LineHandler,
                 "stream": "ext://sys.stderr",
                 "formatter": "line",
                 "filters": ["context"],
             },
             "stdout": {
-                "class": "logging.StreamHandler",
+                "()": LineHandler,
                 "stream": "ext://sys.stdout",
                 "formatter": "line",
                 "filters": ["context"],

@@ -8,7 +8,7 @@ scrape time, so they are never stale.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from flask import Blueprint, Response, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -94,6 +94,9 @@ class Metrics(PoolObserver):
 
     def task_queued(self, task: Task) -> None:
         self.accepted.inc()
+
+    def tasks_queued(self, tasks: Sequence[Task]) -> None:
+        self.accepted.inc(len(tasks))  # one increment per batch
 
     def attempt_started(self, task: Task) -> None:
         if task.attempts == 1 and task.started_at is not None:

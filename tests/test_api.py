@@ -586,12 +586,14 @@ def test_health_answers_head(client):
 )
 @settings(max_examples=200, deadline=None)
 def test_the_location_of_a_task_is_what_url_for_builds(task_id, script_name):
-    from flask import url_for
+    from flask import request, url_for
 
     from service.api import task_url
 
     with _location_app().test_request_context("/enqueue", method="POST", environ_base={"SCRIPT_NAME": script_name}):
-        assert task_url(task_id) == url_for("api.get_task", task_id=task_id)
+        expected = url_for("api.get_task", task_id=task_id)
+        assert task_url(task_id) == expected
+        assert task_url(task_id, request.root_path) == expected  # the batch reads the root once per request
 
 
 @functools.cache

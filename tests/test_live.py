@@ -19,7 +19,7 @@ def test_counts_land_in_the_second_they_happened_and_the_current_second_is_left_
     clock = FakeClock(T0 + 0.5)
     live = LiveFigures(window_s=60, clock=clock.time)
     live.task_queued(task())
-    live.task_queued(task())
+    live.tasks_queued([task()])  # a batch of one: counted as its tasks
     live.attempt_finished(task(State.DONE), 0.2)
     clock.advance(0.75)  # T0 + 1.25
     live.attempt_finished(task(State.FAILED), 0.2)

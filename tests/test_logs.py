@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import logging.config
+import threading
 
 import pytest
 from http_fixtures import failing, instant, make_harness
@@ -138,3 +139,30 @@ def test_a_traceback_keeps_its_lines_but_none_can_pass_for_a_record(capture):
     assert first.endswith("[ERROR] somewhere: it broke")
     assert any("Traceback" in line for line in rest)
     assert all(line.startswith("    ") for line in rest), rest
+
+
+def test_a_line_is_written_while_another_thread_holds_the_handler_lock(tmp_path):
+    # Worker threads log a line per finished task: none may queue behind a handler lock whose holder lost the GIL.
+    with open(tmp_path / "log", "w") as stream:
+        handler = logs.LineHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.Logger("test.line-handler")
+        logger.addHandler(handler)
+        writer = threading.Thread(target=logger.warning, args=("task job-1 done",))
+        with handler.lock:
+            writer.start()
+            writer.join(timeout=10)
+            assert not writer.is_alive()
+    assert (tmp_path / "log").read_text() == "task job-1 done\n"
+
+
+def test_a_line_handler_still_applies_its_filters():
+    stream = io.StringIO()  # no file descriptor: written under the handler's lock instead
+    handler = logs.LineHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda record: "secret" not in record.getMessage())
+    logger = logging.Logger("test.line-handler-filter")
+    logger.addHandler(handler)
+    logger.warning("kept")
+    logger.warning("a secret")
+    assert stream.getvalue() == "kept\n"

@@ -17,6 +17,7 @@ from workerpool import (
     QueueFull,
     State,
     StoreUnavailable,
+    TaskSpec,
     WorkerPool,
 )
 from workerpool.stores.memory import MemoryStore
@@ -339,7 +340,11 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
     assert summary.abandoned == ("late",)
     assert pool.get("late").state is State.FAILED
     assert pool.stats().counts == {
-        State.QUEUED: 0, State.RUNNING: 0, State.DONE: 0, State.FAILED: 1, State.CANCELLED: 0
+        State.QUEUED: 0,
+        State.RUNNING: 0,
+        State.DONE: 0,
+        State.FAILED: 1,
+        State.CANCELLED: 0,
     }
     assert log.events == []  # the late result was dropped, not reported
 
@@ -534,6 +539,29 @@ def test_observers_hear_every_change_in_order_and_a_pool_can_be_stepped_by_hand(
         ("queued", "c", State.QUEUED),
         ("abandoned", "c", State.FAILED),
     ]
+
+
+def test_a_batch_is_heard_once_by_tasks_queued_and_task_by_task_by_default(make_pool):
+    class Batches(PoolObserver):
+        def __init__(self):
+            self.batches = []
+
+        def tasks_queued(self, tasks):
+            self.batches.append([task.id for task in tasks])
+
+    class FailsOnB(Recorder):
+        def task_queued(self, task):
+            if task.id == "b":
+                raise RuntimeError("observer bug")
+            super().task_queued(task)
+
+    batches, recorder = Batches(), FailsOnB()
+    pool = make_pool(threads=False, observers=[batches, recorder])
+    pool.submit_many([TaskSpec("a"), TaskSpec("a"), TaskSpec("b"), TaskSpec("c")])  # the second "a": a duplicate
+    pool.submit("d")
+    assert batches.batches == [["a", "b", "c"], ["d"]]  # the accepted ones, in order, one call per step
+    # The default hears each task; one failing call is logged and the batch's other tasks are still heard.
+    assert recorder.calls == [("queued", task_id, State.QUEUED) for task_id in ("a", "c", "d")]
 
 
 def test_step_refuses_a_pool_with_threads(make_pool):
@@ -757,3 +785,32 @@ def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool,
     listed = pool.list()
     assert [t.id for t in listed] == ["first", "second"]  # newest admitted first
     assert listed[0].created_at >= listed[1].created_at
+
+
+class ClaimFails(MemoryStore):
+    """A store whose ``claim`` is unavailable the first ``failures`` times."""
+
+    def __init__(self, failures, **options):
+        super().__init__(**options)
+        self.failures = failures
+
+    def claim(self, owner, lease_until):
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("the store is down")
+        return super().claim(owner, lease_until)
+
+
+def test_a_worker_waits_out_an_unavailable_store_with_one_line_per_try(make_pool, caplog):
+    log = AttemptLog()
+    pool = make_pool(
+        store=ClaimFails(2), workers=1, observers=[log],
+        wait=lambda event, timeout: event.wait(0.001 if timeout else None),  # the 1 s pause, shortened
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        pool.submit("a", "", 0)
+        log.wait_for("a", State.DONE)
+    tries = [r for r in caplog.records if r.getMessage().startswith("worker could not take a task")]
+    expected = "worker could not take a task (the store is down); trying again in 1.0 s"
+    assert [r.getMessage() for r in tries] == [expected] * 2
+    assert all(r.exc_info is None for r in tries)  # an outage is not a bug: no traceback

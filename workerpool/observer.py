@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 from .task import Task
+
+log = logging.getLogger(__name__)
 
 
 class PoolObserver:
@@ -18,6 +23,18 @@ class PoolObserver:
 
     def task_queued(self, task: Task) -> None:
         """A new task was accepted and queued."""
+
+    def tasks_queued(self, tasks: Sequence[Task]) -> None:
+        """Tasks accepted and queued in one step (one or a batch), in order; calls ``task_queued`` for each.
+
+        Override it to count a batch at once: an observer taking a lock per
+        task made a batch's submitter and the workers queue behind each other.
+        """
+        for task in tasks:
+            try:
+                self.task_queued(task)
+            except Exception:  # as for every hook: logged, and the batch's other tasks are still heard
+                log.exception("observer %r failed in task_queued", self)
 
     def attempt_started(self, task: Task) -> None:
         """An attempt began: the task is running, ``task.attempts`` counts this attempt."""

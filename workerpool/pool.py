@@ -298,10 +298,11 @@ class WorkerPool:
         try:
             results = self._store.admit(tasks)
             if observed or log.isEnabledFor(logging.DEBUG):
-                for result in results:
-                    if isinstance(result, Task):
-                        _log(logging.DEBUG, result, "task %s queued", result.id)
-                        self._notify("task_queued", result)
+                queued = [result for result in results if isinstance(result, Task)]
+                for task in queued:
+                    _log(logging.DEBUG, task, "task %s queued", task.id)
+                if observed and queued:
+                    self._notify("tasks_queued", queued)
         finally:
             with self._lock:
                 self._admitting -= 1
@@ -422,7 +423,11 @@ class WorkerPool:
                     if task is None:
                         store.wait_for_work(None)
                         continue
-                except Exception:  # StoreUnavailable, or a bug: keep the worker, try again shortly
+                except StoreUnavailable as exc:  # Redis restarting, a full disk: one line a second, no traceback
+                    log.warning("worker could not take a task (%s); trying again in %.1f s", exc, _STORE_RETRY_S)
+                    self._wait(pause, _STORE_RETRY_S)
+                    continue
+                except Exception:  # a bug: keep the worker, try again shortly
                     log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
                     self._wait(pause, _STORE_RETRY_S)
                     continue
@@ -598,20 +603,27 @@ class WorkerPool:
         recovered the attempt: the error is raised, and the lease settles what happened. A timeout
         is written once: the watchdog's next check writes it again.
         """
+        try:
+            return write()  # the common case, once per task: nothing is set up for a retry before it fails
+        except StoreUnavailable as exc:
+            if attempt.timed_out:
+                raise
+            failure = exc
         task = attempt.task
         pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
+            _log(
+                logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
+                "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
+            )  # fmt: skip
+            self._wait(pause, _STORE_RETRY_S)
             try:
                 return write()
             except StoreUnavailable as exc:
                 if attempt.timed_out or self._monotonic() >= give_up:
                     raise
-                _log(
-                    logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
-                    "recording it again in %.1f s", task.id, task.attempts, exc, _STORE_RETRY_S,
-                )  # fmt: skip
-                self._wait(pause, _STORE_RETRY_S)
+                failure = exc
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do)."""
@@ -787,6 +799,8 @@ class WorkerPool:
                     self._count_final(task)
                     _log(logging.WARNING, task, "task %s attempt %d lost: %s", task.id, task.attempts, task.last_error)
                     self._notify("attempt_finished", task, 0.0)
+            except StoreUnavailable as exc:
+                log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
             except Exception:
                 log.exception("lease renewal failed; trying again in %.1f s", period)
             self._wait(stop, period)

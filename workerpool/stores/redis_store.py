@@ -44,10 +44,10 @@ _SIGNAL_TOKENS = 256  # more tokens than this only wake workers for nothing
 # Shared by every script: moving an id between state sets, forgetting and evicting.
 _PRELUDE = """
 local P = KEYS[1]
-local function move_state(id, old, new)
+-- The caller writes the new state into the task's hash with its other fields (one HSET).
+local function move_index(id, old, new)
   redis.call('ZREM', P .. ':st:' .. old, id)
   redis.call('ZADD', P .. ':st:' .. new, redis.call('INCR', P .. ':seq'), id)
-  redis.call('HSET', P .. ':t:' .. id, 'state', new)
 end
 local function forget(id)
   local state = redis.call('HGET', P .. ':t:' .. id, 'state')
@@ -66,10 +66,11 @@ local function evict(now, ttl, max_finished)
   end
 end
 -- Queue members are "<16-digit sequence>:<id>": equal due times then keep their order of arrival.
-local function enqueue(zset, due, id)
-  local member = string.format('%016d:', redis.call('INCR', P .. ':seq')) .. id
-  redis.call('HSET', P .. ':t:' .. id, 'queue_member', member)
+-- Returns the member, which the caller stores in the task's hash as queue_member.
+local function enqueue(zset, due, id, seq)
+  local member = string.format('%016d:', seq or redis.call('INCR', P .. ':seq')) .. id
   redis.call('ZADD', P .. zset, due, member)
+  return member
 end
 local function dequeue(id)
   local member = redis.call('HGET', P .. ':t:' .. id, 'queue_member')
@@ -80,8 +81,9 @@ local function dequeue(id)
   end
 end
 local function signal(n)
-  for _ = 1, math.min(n, 256) do redis.call('LPUSH', P .. ':signal', 1) end
-  redis.call('LTRIM', P .. ':signal', 0, 255)
+  local tokens = {}
+  for i = 1, math.min(n, 256) do tokens[i] = 1 end
+  if redis.call('LPUSH', P .. ':signal', unpack(tokens)) > 256 then redis.call('LTRIM', P .. ':signal', 0, 255) end
 end
 -- A client gives up on a step after its socket timeout and reports it as not done: a script that
 -- only reaches Redis after the client's deadline (Redis paused, or busy with a slow command) must
@@ -93,11 +95,60 @@ local function too_late(deadline)
   local now = redis.call('TIME')
   return tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(deadline)
 end
-local function finalize(id, key, state, now)
-  redis.call('HSET', key, 'finished_at', now)
+-- Extra field/value pairs (a result, an error) go into the same HSET as the state.
+local function finalize(id, key, old, new, now, ...)
+  redis.call('HSET', key, 'state', new, 'finished_at', now, ...)
   redis.call('HDEL', key, 'payload', 'next_attempt_at', 'owner', 'lease_until')
   redis.call('ZADD', P .. ':fin', now, id)
-  move_state(id, state, redis.call('HGET', key, 'state'))
+  move_index(id, old, new)
+end
+-- Due retries first, then the oldest due new task.
+local function claim(now, owner, lease_until)
+  local zset = P .. ':retry'
+  local members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, 1)
+  if #members == 0 then
+    zset = P .. ':new'
+    members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, 1)
+  end
+  if #members == 0 then
+    -- Nothing is due now, so the tokens left tell of work already taken: without them the next
+    -- idle worker blocks at once instead of waking for nothing. Work admitted later pushes anew.
+    redis.call('DEL', P .. ':signal')
+    return false
+  end
+  local id = string.sub(members[1], 18)
+  local key = P .. ':t:' .. id
+  redis.call('ZREM', zset, members[1])
+  redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSET', key, 'state', 'running', 'started_at', now, 'owner', owner, 'lease_until', lease_until)
+  redis.call('HDEL', key, 'next_attempt_at', 'queue_member')
+  move_index(id, 'queued', 'running')
+  redis.call('ZADD', P .. ':run', lease_until, id)
+  redis.call('SADD', P .. ':own:' .. owner, id)
+  return redis.call('HGETALL', key)
+end
+-- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
+local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err, result, retry_at, expired_before)
+  local key = P .. ':t:' .. id
+  local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
+  if cur[1] ~= 'running' or cur[2] ~= attempt or cur[3] ~= owner then return false end
+  if expired_before ~= '' and tonumber(cur[5] or '0') > tonumber(expired_before) then return false end
+  redis.call('ZREM', P .. ':run', id)
+  redis.call('SREM', P .. ':own:' .. owner, id)
+  if has_error == '0' then
+    finalize(id, key, 'running', 'done', now, 'result', result)
+  elseif cur[4] ~= '1' and retry_at ~= '' then
+    local member = enqueue(':retry', tonumber(retry_at), id)
+    redis.call('HSET', key, 'state', 'queued', 'last_error', err, 'next_attempt_at', retry_at, 'queue_member', member)
+    redis.call('HDEL', key, 'owner', 'lease_until')
+    move_index(id, 'running', 'queued')
+    signal(1)
+    return redis.call('HGETALL', key)
+  else
+    finalize(id, key, 'running', cur[4] == '1' and 'cancelled' or 'failed', now, 'last_error', err)
+  end
+  evict(tonumber(now), tonumber(ttl), tonumber(max_finished))
+  return redis.call('HGETALL', key)
 end
 """
 
@@ -122,13 +173,13 @@ for i = 6, #ARGV do
   else
     if last and tonumber(task.created_at) < tonumber(last) then task.created_at = last end
     last = task.created_at
-    local flat = {}
-    for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
-    redis.call('HSET', key, unpack(flat))
     local seq = redis.call('INCR', P .. ':seq')
     redis.call('ZADD', P .. ':all', seq, task.id)
     redis.call('ZADD', P .. ':st:queued', seq, task.id)
-    enqueue(':new', tonumber(task.next_attempt_at or task.created_at), task.id)
+    task.queue_member = enqueue(':new', tonumber(task.next_attempt_at or task.created_at), task.id, seq)
+    local flat = {}
+    for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
+    redis.call('HSET', key, unpack(flat))
     waiting = waiting + 1
     admitted = admitted + 1
     out[#out + 1] = task.created_at
@@ -141,58 +192,23 @@ end
 return out
 """
 
-# ARGV: now, owner, lease_until, deadline. Due retries first, then the oldest due new task.
+# ARGV: now, owner, lease_until, deadline.
 _CLAIM = """
 if too_late(ARGV[4]) then return LATE end
-local now = ARGV[1]
-local members = redis.call('ZRANGEBYSCORE', P .. ':retry', '-inf', now, 'LIMIT', 0, 1)
-if #members == 0 then members = redis.call('ZRANGEBYSCORE', P .. ':new', '-inf', now, 'LIMIT', 0, 1) end
-if #members == 0 then return false end
-local id = string.sub(members[1], 18)
-local key = P .. ':t:' .. id
-dequeue(id)
-redis.call('HINCRBY', key, 'attempts', 1)
-redis.call('HSET', key, 'started_at', now, 'owner', ARGV[2], 'lease_until', ARGV[3])
-redis.call('HDEL', key, 'next_attempt_at')
-move_state(id, 'queued', 'running')
-redis.call('ZADD', P .. ':run', ARGV[3], id)
-redis.call('SADD', P .. ':own:' .. ARGV[2], id)
-return redis.call('HGETALL', key)
+return claim(ARGV[1], ARGV[2], ARGV[3])
 """
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
-# deadline. A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
+# deadline.
 _FINISH = """
 if too_late(ARGV[12]) then return LATE end
-local id, now = ARGV[1], ARGV[4]
-local key = P .. ':t:' .. id
-local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
-if cur[1] ~= 'running' or cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then return false end
-if ARGV[11] ~= '' and tonumber(cur[5] or '0') > tonumber(ARGV[11]) then return false end
-redis.call('ZREM', P .. ':run', id)
-redis.call('SREM', P .. ':own:' .. ARGV[3], id)
-local new
-if ARGV[7] == '0' then
-  new = 'done'
-  redis.call('HSET', key, 'result', ARGV[9])
-else
-  redis.call('HSET', key, 'last_error', ARGV[8])
-  if cur[4] == '1' then new = 'cancelled'
-  elseif ARGV[10] ~= '' then new = 'queued'
-  else new = 'failed' end
-end
-if new == 'queued' then
-  redis.call('HSET', key, 'next_attempt_at', ARGV[10])
-  redis.call('HDEL', key, 'owner', 'lease_until')
-  enqueue(':retry', tonumber(ARGV[10]), id)
-  move_state(id, 'running', 'queued')
-  signal(1)
-else
-  redis.call('HSET', key, 'state', new)
-  finalize(id, key, 'running', now)
-  evict(tonumber(now), tonumber(ARGV[5]), tonumber(ARGV[6]))
-end
-return redis.call('HGETALL', key)
+return finish(unpack(ARGV, 1, 11))
+"""
+
+# ARGV: those of _FINISH, then lease_until. Returns {the ended task or false, the claimed one or false}.
+_FINISH_AND_CLAIM = """
+if too_late(ARGV[12]) then return LATE end
+return {finish(unpack(ARGV, 1, 11)), claim(ARGV[4], ARGV[3], ARGV[13])}
 """
 
 # ARGV: owner, lease_until, ids... Returns {lost ids, cancel-requested ids}.
@@ -221,8 +237,7 @@ local state = redis.call('HGET', key, 'state')
 if not state then return false end
 if state == 'queued' then
   dequeue(id)
-  redis.call('HSET', key, 'state', 'cancelled')
-  finalize(id, key, 'queued', now)
+  finalize(id, key, 'queued', 'cancelled', now)
   evict(tonumber(now), tonumber(ARGV[3]), tonumber(ARGV[4]))
 elseif state == 'running' then
   redis.call('HSET', key, 'cancel_requested', '1')
@@ -372,6 +387,7 @@ class RedisStore(TaskStore):
             "admit": _ADMIT,
             "claim": _CLAIM,
             "finish": _FINISH,
+            "finish_and_claim": _FINISH_AND_CLAIM,
             "renew": _RENEW,
             "cancel": _CANCEL,
             "get": _GET,
@@ -473,8 +489,37 @@ class RedisStore(TaskStore):
         retry_at: float | None = None,
         expired_before: float | None = None,
     ) -> Task | None:
-        flat = self._run(
-            "finish",
+        flat = self._run("finish", *self._finish_args(task_id, attempt, owner, error, result, retry_at, expired_before))
+        return _decode(flat) if flat else None
+
+    def finish_and_claim(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str | None = None,
+        result: Any = None,
+        retry_at: float | None = None,
+        lease_until: float,
+    ) -> tuple[Task | None, Task | None]:
+        # One script, one round trip: the end and the next claim are one atomic step in Redis.
+        ended, claimed = self._run(
+            "finish_and_claim", *self._finish_args(task_id, attempt, owner, error, result, retry_at, None), lease_until
+        )
+        return (_decode(ended) if ended else None), (_decode(claimed) if claimed else None)
+
+    def _finish_args(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        error: str | None,
+        result: Any,
+        retry_at: float | None,
+        expired_before: float | None,
+    ) -> tuple[object, ...]:
+        return (
             task_id,
             attempt,
             owner,
@@ -488,7 +533,6 @@ class RedisStore(TaskStore):
             "" if expired_before is None else expired_before,
             self._deadline(),
         )
-        return _decode(flat) if flat else None
 
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
         ids = list(task_ids)
