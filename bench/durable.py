@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -165,11 +166,16 @@ def _prepare_crashed_file(path: str, tasks: int, running: int) -> None:
 # -- the parent: rounds, strace, the report ---------------------------------------------------
 
 
-def _child(args: list[str], *, strace_to: Path | None = None) -> str:
+def _child(args: list[str], *, strace_to: Path | None = None, cpu: list[float] | None = None) -> str:
+    """Run one measurement in a child; its last line of output. ``cpu`` gets the child's CPU seconds."""
     command = [sys.executable, "-m", "bench.durable", *args]
     if strace_to is not None:
         command = ["strace", "-f", "-qq", "-c", "-e", "trace=fsync,fdatasync", "-o", str(strace_to), *command]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:  # children run one at a time: the difference is this one's
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -189,10 +195,11 @@ def engine_vs_huey(run: Run, n: int) -> None:
         rows = []
         for sync in SYNC_MODES:
             seconds: dict[str, list[float]] = {"ours": [], "huey": []}
+            cpu: dict[str, list[float]] = {"ours": [], "huey": []}
             for round_no in range(run.rounds):
                 for kind in run.order(round_no, "ours", "huey"):
                     db = work / f"{kind}-{sync}-{round_no}.db"
-                    seconds[kind].append(float(_child([kind, str(db), sync, str(n)])))
+                    seconds[kind].append(float(_child([kind, str(db), sync, str(n)], cpu=cpu[kind])))
                     rate_now = n / seconds[kind][-1]
                     run.progress(f"fig 8 engine {sync}: round {round_no + 1} {kind} {rate_now:,.0f} tasks/s")
             fsyncs = {}
@@ -209,20 +216,24 @@ def engine_vs_huey(run: Run, n: int) -> None:
                         f"{'workerpool SqliteStore' if kind == 'ours' else 'huey SqliteHuey'}, synchronous={sync}",
                         spread([n / s for s in seconds[kind]]).fmt(),
                         rate.fmt(".2f") if kind == "ours" else "1",
+                        spread([1e6 * c / n for c in cpu[kind]]).fmt(".0f"),
                         fsyncs.get(kind, "strace missing"),
                     ]
                 )
             label = f"8. engine tasks/s vs SqliteHuey, synchronous={sync}"
             run.summary.append((label, f"{rate.median:.2f}", "> 1", verdict(rate.median > 1)))
-        text = table(["", "tasks/s", "ratio to huey", "fsyncs per task"], rows)
+        text = table(["", "tasks/s", "ratio to huey", "CPU µs per task", "fsyncs per task"], rows)
         text += (
             f"\n\n{n:,} no-op tasks per round, {run.rounds} rounds alternating, each side in a fresh child "
             f"process on a fresh file: `submit` one task at a time (one commit each) while {WORKERS} worker "
             "threads run them; the finish line is every task committed `done` (ours) or executed (huey). "
             "The work differs in what it keeps: ours writes three steps per task (admit, claim with a lease, "
-            "finish with the outcome kept for `GET /tasks/<id>`); huey writes two (enqueue, dequeue deleting "
+            "finish with the outcome kept for `GET /tasks/<id>`; a worker's finish and its next claim share one "
+            "transaction when a task is due, and with FULL only admit and finish wait for an fsync, which "
+            "steps committed meanwhile share); huey writes two (enqueue, dequeue deleting "
             "the row; a `None` result is not stored) and keeps nothing once a task ran, and a consumer that dies "
-            "mid-task loses it (at most once). huey gets `synchronous` through a storage subclass (its own "
+            "mid-task loses it (at most once). CPU: user + system time of the whole child process. "
+            "huey gets `synchronous` through a storage subclass (its own "
             "option only switches between OFF and FULL). fsyncs counted with `strace -f -c` on a "
             f"{max(200, n // 10):,}-task run of each."
         )

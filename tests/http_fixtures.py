@@ -121,6 +121,12 @@ def make_harness(
     return Harness(create_app(config, pool=pool, metrics=metrics), pool, metrics, final)
 
 
+def worker_pids(arbiter: int) -> set[int]:
+    """The pids of a gunicorn arbiter's children (its workers, and a new arbiter during a binary upgrade)."""
+    children = Path(f"/proc/{arbiter}/task/{arbiter}/children")
+    return {int(pid) for pid in children.read_text().split()} if children.exists() else set()
+
+
 def clean_environment(**overrides: str) -> dict[str, str]:
     """The current environment without any service variable, plus ``overrides``."""
     env = {k: v for k, v in os.environ.items() if k not in VARIABLES}

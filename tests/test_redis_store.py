@@ -137,6 +137,52 @@ def test_an_expired_lease_is_recovered_by_another_instance(make, clock):
     assert alive.claim("alive", clock.time() + 30).attempts == 2
 
 
+def _script_calls(server) -> int:
+    return server.client().info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def test_ending_an_attempt_and_claiming_the_next_is_one_script(make, server, clock):
+    store = make()
+    store.admit([new("a", clock), new("b", clock, max_retries=2)])
+    store.claim("me", clock.time() + 30)
+    ended, following = store.finish_and_claim("a", 1, "me", result=7, lease_until=clock.time() + 30)
+    assert (ended.state, ended.result, following.id, following.state) == (State.DONE, 7, "b", State.RUNNING)
+    # A retry due at once is the next task, in the same one script (its first run loaded it).
+    before = _script_calls(server)
+    ended, following = store.finish_and_claim(
+        "b", 1, "me", error="boom", retry_at=clock.time(), lease_until=clock.time() + 30
+    )
+    assert _script_calls(server) - before == 1
+    assert (ended.state, following.id, following.attempts) == (State.QUEUED, "b", 2)
+    # A late writer ends nothing and still claims (nothing is left).
+    assert store.finish_and_claim("b", 1, "me", lease_until=clock.time() + 30) == (None, None)
+    assert store.get("b").state is State.RUNNING
+
+
+def test_a_claim_that_finds_nothing_leaves_no_token_to_wake_a_worker_for_nothing(make, server, clock):
+    store = make()
+    signal = server.client().llen
+    store.admit([new("a", clock), new("b", clock)])
+    assert signal("{workerpool}:signal") == 2
+    store.claim("me", clock.time() + 30)
+    store.claim("me", clock.time() + 30)  # busy workers claimed both without waiting: 2 tokens left
+    assert store.claim("me", clock.time() + 30) is None
+    assert signal("{workerpool}:signal") == 0
+    store.admit([new("c", clock)])  # work admitted afterwards wakes a waiter again
+    assert signal("{workerpool}:signal") == 1
+
+
+def test_a_timed_out_command_never_leaves_its_reply_for_the_next_one(make, server, clock):
+    store = make()
+    store.admit([new("x", clock), new("y", clock)])
+    impatient = RedisStore(server.client(timeout=0.05), capacity=4, ttl=60, max_finished=10, clock=clock.time)
+    server.client().execute_command("CLIENT", "PAUSE", "300", "ALL")
+    with pytest.raises(StoreUnavailable):
+        impatient.get("x")  # its reply comes once the pause ends, to a connection given up on
+    assert store.get("x").id == "x"  # a patient client waits out the pause
+    assert impatient.get("y").id == "y"
+
+
 def test_finished_tasks_are_forgotten_by_age_and_count(make, clock):
     store = make(ttl=10.0, max_finished=2, capacity=10)
     store.admit([new(str(n), clock, max_retries=0) for n in range(3)])

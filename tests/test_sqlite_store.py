@@ -407,8 +407,8 @@ def test_with_synchronous_full_a_step_returns_after_an_fsync_of_its_commit_and_a
     open_store, clock, db, monkeypatch
 ):
     store = open_store(synchronous="FULL")
-    syncs = _WalSyncs(db, os.fsync)
-    monkeypatch.setattr(os, "fsync", syncs)
+    syncs = _WalSyncs(db, os.fdatasync)
+    monkeypatch.setattr(os, "fdatasync", syncs)
     store.admit([task(clock, "a"), task(clock, "b")])
     assert syncs.count == 1
     first = claim(store, clock)  # lost in a power cut, it runs again: nothing promised is lost
@@ -421,8 +421,8 @@ def test_with_synchronous_full_a_step_returns_after_an_fsync_of_its_commit_and_a
 
 def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_one(open_store, clock, db, monkeypatch):
     store = open_store(synchronous="FULL", capacity=10)
-    syncs = _WalSyncs(db, os.fsync, hold_first=True)
-    monkeypatch.setattr(os, "fsync", syncs)
+    syncs = _WalSyncs(db, os.fdatasync, hold_first=True)
+    monkeypatch.setattr(os, "fdatasync", syncs)
     threads = [threading.Thread(target=store.admit, args=([task(clock, task_id)],)) for task_id in ("a", "b", "c")]
     threads[0].start()
     assert syncs.first_began.wait(WAIT_S)  # "a" is committed and its fsync runs, outside the write lock

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until, worker_pids
 from traffic import connection_failure
 
 pytestmark = pytest.mark.e2e
@@ -98,11 +98,6 @@ def check_every_task_final(port: int, accepted: list[str]) -> Counter[str]:
         return found if set(found) <= FINAL else None
 
     return wait_until(states, timeout=90, what="every accepted task to end", interval=0.2)  # type: ignore[return-value]
-
-
-def worker_pids(master: int) -> set[int]:
-    children = Path(f"/proc/{master}/task/{master}/children")
-    return {int(pid) for pid in children.read_text().split()} if children.exists() else set()
 
 
 def start(tmp_path: Path, name: str, *args: str, **env: str) -> ServerProcess:

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until, worker_pids
 from traffic import EXPECTED, Outcome, Traffic, tally, unexpected
 
 pytestmark = pytest.mark.e2e
@@ -614,11 +614,6 @@ def test_sigterm_during_a_storm_finishes_every_accepted_task(gunicorn, storm, se
 
 
 # -- 5. two worker processes on one SQLite file, one of them killed mid-storm ----------------------
-
-
-def worker_pids(arbiter: int) -> set[int]:
-    children = Path(f"/proc/{arbiter}/task/{arbiter}/children")
-    return {int(pid) for pid in children.read_text().split()} if children.exists() else set()
 
 
 def check_final_lines(records: list[dict], tasks: dict[str, dict], killed: int) -> int:

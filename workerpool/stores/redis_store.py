@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 import uuid
@@ -375,6 +376,7 @@ class RedisStore(TaskStore):
         self._max_finished = max_finished
         self._clock = clock
         self._redis = client
+        self._local = threading.local()  # each thread's own client (see _client)
         # Scripts that change tasks carry a deadline a little before the client's socket timeout.
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._deadline_s = None if timeout is None else max(timeout - 1.0, timeout / 2)
@@ -398,9 +400,25 @@ class RedisStore(TaskStore):
         }
         self._scripts = {name: client.register_script(_PRELUDE + body) for name, body in scripts.items()}
 
+    def _client(self) -> redis.Redis:
+        """This thread's client, holding one connection of the pool for good.
+
+        Taking a connection from the pool for every command costs a lock and
+        three system calls (a non-blocking read that checks the connection is
+        clean); a thread runs one command at a time, so its own connection
+        needs no check. A timeout or any failure mid-command disconnects it
+        (redis-py does), so a late reply is never read as the next one's; the
+        next command connects again. Forked children make their own.
+        """
+        local = self._local
+        if local.__dict__.get("pid") != os.getpid():
+            local.client = redis.Redis(connection_pool=self._redis.connection_pool, single_connection_client=True)
+            local.pid = os.getpid()
+        return local.client
+
     def _run(self, script: str, *args: object) -> Any:
         try:
-            return self._scripts[script](keys=self._keys, args=[_arg(a) for a in args])
+            return self._scripts[script](keys=self._keys, args=[_arg(a) for a in args], client=self._client())
         except redis.RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
@@ -408,9 +426,9 @@ class RedisStore(TaskStore):
         """When a script sent now must no longer change anything (the client will have given up)."""
         return "" if self._deadline_s is None else time.time() + self._deadline_s
 
-    def _call(self, method: Callable[..., Any], *args: object) -> Any:
+    def _call(self, method: str, *args: object) -> Any:
         try:
-            return method(*args)
+            return getattr(self._client(), method)(*args)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
@@ -447,7 +465,7 @@ class RedisStore(TaskStore):
             self._waiters += 1
         try:
             # BLPOP takes whole milliseconds from Redis 6 on; 0 would block forever.
-            self._redis.blpop([f"{self._prefix}:signal", self._wake_key], timeout=max(timeout, 0.001))
+            self._client().blpop([f"{self._prefix}:signal", self._wake_key], timeout=max(timeout, 0.001))
         except redis.RedisError:
             time.sleep(min(timeout, 0.5))  # Redis is down: do not spin; the caller's claim reports it
         finally:
@@ -549,13 +567,13 @@ class RedisStore(TaskStore):
 
     def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
         now = self._clock()
-        expired = self._call(self._redis.zrangebyscore, f"{self._prefix}:run", "-inf", now)
+        expired = self._call("zrangebyscore", f"{self._prefix}:run", "-inf", now)
         recovered = []
         for raw_id in expired:
             task = self.get(raw_id.decode())
             if task is None or task.state is not State.RUNNING:
                 continue
-            owner = self._call(self._redis.hget, f"{self._prefix}:t:{task.id}", "owner")
+            owner = self._call("hget", f"{self._prefix}:t:{task.id}", "owner")
             if owner is None:
                 continue
             after = self._finish(
@@ -572,7 +590,7 @@ class RedisStore(TaskStore):
 
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
         abandoned = []
-        for raw_id in self._call(self._redis.smembers, f"{self._prefix}:own:{owner}"):
+        for raw_id in self._call("smembers", f"{self._prefix}:own:{owner}"):
             task = self.get(raw_id.decode())
             if task is None:
                 continue
@@ -605,7 +623,7 @@ class RedisStore(TaskStore):
         if owner is None:
             stats = self.stats()
             return stats.counts[State.QUEUED] + stats.counts[State.RUNNING]
-        return self._call(self._redis.scard, f"{self._prefix}:own:{owner}")
+        return self._call("scard", f"{self._prefix}:own:{owner}")
 
     def health(self) -> str | None:
         """Why Redis refuses a write now (unreachable, maxmemory reached, a read-only replica), or None."""
