@@ -317,10 +317,13 @@ def test_each_task_is_counted_as_accepted_or_by_its_reason_for_refusal(gate):
         assert statuses(post_batch(harness.client, body)) == [202, 409, 400, 202, 503]
         assert post_batch(harness.client, "{").status_code == 400  # refused as a whole: counted once
         assert post_batch(harness.client, batch_of_size(3000)).status_code == 413
-        metrics = harness.metrics
-        assert metrics.accepted._value.get() == 3
+        registry = harness.metrics.registry
+        assert registry.get_sample_value("workerpool_tasks_accepted_total") == 3
         reasons = ("duplicate", "invalid", "queue_full", "too_large")
-        rejected = {reason: metrics.rejected.labels(reason)._value.get() for reason in reasons}
+        rejected = {
+            reason: registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": reason})
+            for reason in reasons
+        }
         assert rejected == {"duplicate": 1, "invalid": 2, "queue_full": 1, "too_large": 1}
     finally:
         gate.open()
