@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from .harness import Run, table
+from .harness import Run, pickup_latencies, table
 from .server import ROOT, Server
 from .stats import ratios, spread, verdict
 
@@ -278,7 +278,6 @@ def restart_recovery(run: Run, tasks: int = 10_000, running: int = WORKERS) -> N
 
 def pickup_latency(run: Run, tasks: int = 50, gap: float = 0.2) -> None:
     """Figure 8c: from the commit of a task in one process to its start on an idle worker of another."""
-    from workerpool import FINAL_STATES, Task
     from workerpool.stores.sqlite import SqliteStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-pickup-", dir=ROOT / "bench"))
@@ -288,27 +287,13 @@ def pickup_latency(run: Run, tasks: int = 50, gap: float = 0.2) -> None:
         [sys.executable, "-m", "bench.durable", "pickup", str(db)],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
-    latencies = []
     try:
         assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
-        pause = threading.Event()
-        for n in range(tasks):
-            pause.wait(gap)  # idle between tasks: the other process's workers back off to their longest poll
-            created = time.time()
-            submitter.admit([Task(f"t{n}", "", 0, created_at=created)])
-            while (task := submitter.get(f"t{n}")) is None or task.state not in FINAL_STATES:
-                pause.wait(0.001)
-            latencies.append(task.result - created)
+        # idle between tasks: the other process's workers back off to their longest poll
+        p50, p95, worst = pickup_latencies(submitter, worker, tasks, gap)
     finally:
-        if worker.stdin is not None:
-            worker.stdin.close()
-        worker.wait(timeout=30)
-        if worker.stdout is not None:
-            worker.stdout.close()
         submitter.close()
         shutil.rmtree(work, ignore_errors=True)
-    ms = sorted(1000 * s for s in latencies)
-    p50, p95, worst = ms[len(ms) // 2], ms[int(len(ms) * 0.95)], ms[-1]
     run.summary.append(("8. pick-up latency across processes, p95", f"{p95:.1f} ms", "well under 100 ms", ""))
     run.sections["8c. Pick-up latency across processes"] = table(
         ["", "ms"], [["median", f"{p50:.1f}"], ["95th percentile", f"{p95:.1f}"], ["worst", f"{worst:.1f}"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -123,3 +124,29 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def pickup_latencies(submitter, worker: subprocess.Popen, tasks: int, gap: float) -> tuple[float, float, float]:
+    """Admit ``tasks`` one at a time, ``gap`` s apart, through ``submitter`` (a store without workers) while
+    ``worker`` (another process on the same store) runs them; stop the worker; the median, 95th percentile and
+    worst milliseconds from just before each admission to the handler's first line (its result)."""
+    from workerpool import FINAL_STATES, Task
+
+    latencies = []
+    try:
+        pause = threading.Event()
+        for n in range(tasks):
+            pause.wait(gap)  # the other process's workers are idle between tasks
+            created = time.time()
+            submitter.admit([Task(f"t{n}", "", 0, created_at=created)])
+            while (task := submitter.get(f"t{n}")) is None or task.state not in FINAL_STATES:
+                pause.wait(0.001)
+            latencies.append(task.result - created)
+    finally:
+        if worker.stdin is not None:
+            worker.stdin.close()
+        worker.wait(timeout=30)
+        if worker.stdout is not None:
+            worker.stdout.close()
+    ms = sorted(1000 * s for s in latencies)
+    return ms[len(ms) // 2], ms[int(len(ms) * 0.95)], ms[-1]

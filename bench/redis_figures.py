@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from .harness import Run, table
+from .harness import Run, pickup_latencies, table
 from .server import ROOT, Server
 from .stats import ratios, spread, verdict
 
@@ -433,31 +433,14 @@ def _wrk_group(run: Run, group: list[Server], redis: RedisProcess, *, one_worker
 
 def pickup_latency(run: Run, tasks: int, gap: float = 0.2) -> None:
     """Figure 9c: from admission by one instance to the start on an idle worker of another."""
-    from workerpool import FINAL_STATES, Task
-
     redis = RedisProcess()
     submitter = _store(redis.url, 1000)
     worker = _spawn("pickup", redis.url)
-    latencies = []
-    try:
-        pause = threading.Event()
-        for n in range(tasks):
-            pause.wait(gap)  # the other instance's workers are idle, blocked in BLPOP
-            created = time.time()
-            submitter.admit([Task(f"t{n}", "", 0, created_at=created)])
-            while (task := submitter.get(f"t{n}")) is None or task.state not in FINAL_STATES:
-                pause.wait(0.001)
-            latencies.append(task.result - created)
+    try:  # the other instance's workers are idle between tasks, blocked in BLPOP
+        p50, p95, worst = pickup_latencies(submitter, worker, tasks, gap)
     finally:
-        if worker.stdin is not None:
-            worker.stdin.close()
-        worker.wait(timeout=30)
-        if worker.stdout is not None:
-            worker.stdout.close()
         submitter.close()
         redis.stop()
-    ms = sorted(1000 * s for s in latencies)
-    p50, p95, worst = ms[len(ms) // 2], ms[int(len(ms) * 0.95)], ms[-1]
     run.summary.append(("9. pick-up latency across instances (Redis), p95", f"{p95:.1f} ms", "a few ms",
                         verdict(p95 < 10)))  # fmt: skip
     run.sections["9c. Pick-up latency across instances"] = table(

@@ -195,6 +195,17 @@ def test_finished_tasks_are_forgotten_by_age_and_count(make, clock):
     assert [t.id for t in store.list()] == ["later"]
 
 
+def test_an_id_forgotten_by_age_can_be_submitted_again(make, clock):
+    store = make(ttl=10.0)
+    store.admit([new("x", clock)])
+    store.claim("me", clock.time() + 30)
+    assert store.finish("x", 1, "me").state is State.DONE
+    assert isinstance(store.admit([new("x", clock)])[0], DuplicateTask)
+    clock.advance(11)
+    again = store.admit([new("x", clock)])[0]  # the admission itself forgets what aged out
+    assert (again.id, store.get("x").state) == ("x", State.QUEUED)
+
+
 def test_keys_carry_one_hash_tag(make, server, clock):
     make(prefix="jobs").admit([new("x", clock)])
     assert all(key.startswith(b"{jobs}:") for key in server.client().keys("*"))

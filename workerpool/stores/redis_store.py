@@ -57,10 +57,13 @@ local function forget(id)
   redis.call('ZREM', P .. ':fin', id)
   if state then redis.call('ZREM', P .. ':st:' .. state, id) end
 end
+-- By age, and by count unless max_finished is nil: the count only grows when a task becomes final,
+-- and every step that makes one final evicts by count, so other steps need not look.
 local function evict(now, ttl, max_finished)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', now - ttl, 'LIMIT', 0, 1000)) do
     forget(id)
   end
+  if not max_finished then return end
   local excess = redis.call('ZCARD', P .. ':fin') - max_finished
   if excess > 0 then
     for _, id in ipairs(redis.call('ZRANGE', P .. ':fin', 0, math.min(excess, 1000) - 1)) do forget(id) end
@@ -84,7 +87,8 @@ end
 local function signal(n)
   local tokens = {}
   for i = 1, math.min(n, 256) do tokens[i] = 1 end
-  if redis.call('LPUSH', P .. ':signal', unpack(tokens)) > 256 then redis.call('LTRIM', P .. ':signal', 0, 255) end
+  -- Tokens pile up only while every worker is busy; trimming to half keeps the trims rare.
+  if redis.call('LPUSH', P .. ':signal', unpack(tokens)) > 256 then redis.call('LTRIM', P .. ':signal', 0, 127) end
 end
 -- A client gives up on a step after its socket timeout and reports it as not done: a script that
 -- only reaches Redis after the client's deadline (Redis paused, or busy with a slow command) must
@@ -157,7 +161,7 @@ end
 _ADMIT = """
 if too_late(ARGV[5]) then return LATE end
 local now, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
-evict(now, tonumber(ARGV[3]), tonumber(ARGV[4]))
+evict(now, tonumber(ARGV[3]))  -- a forgotten id may be submitted again
 local waiting = redis.call('ZCARD', P .. ':new')
 -- Submitters stamp created_at before this script, so racing submits (from any instance) may
 -- arrive out of stamp order: clamp to the newest admitted one's, so that creation times never
