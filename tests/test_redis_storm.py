@@ -183,8 +183,8 @@ def test_an_instance_killed_mid_storm_loses_no_accepted_task(tmp_path, seconds):
                 holds.append(f"hold-{SEED}-{len(holds)}")
                 submit_until_accepted(Client(ports[0]), holds[-1])
                 threading.Event().wait(0.3)  # time for a worker to claim it and log the start
+            killed = time.time()  # before the kill: a connection it breaks ends after this instant
             os.killpg(victim.proc.pid, signal.SIGKILL)  # the arbiter and its worker, at once
-            killed = time.time()
             victim.proc.wait(10)
             held_by_victim = running_on(victim, holds)
             assert held_by_victim, "the victim's held attempt ended before it was killed"
