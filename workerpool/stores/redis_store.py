@@ -40,7 +40,6 @@ _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_atte
 _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
-_SIGNAL_TOKENS = 256  # more tokens than this only wake workers for nothing
 
 # Shared by every script: moving an id between state sets, forgetting and evicting.
 _PRELUDE = """
@@ -85,7 +84,7 @@ local function dequeue(id)
   end
 end
 local function signal(n)
-  local tokens = {}
+  local tokens = {}  -- more than 256 tokens would only wake workers for nothing
   for i = 1, math.min(n, 256) do tokens[i] = 1 end
   -- Tokens pile up only while every worker is busy; trimming to half keeps the trims rare.
   if redis.call('LPUSH', P .. ':signal', unpack(tokens)) > 256 then redis.call('LTRIM', P .. ':signal', 0, 127) end
