@@ -39,7 +39,9 @@ from workerpool import (
 from .context import services
 from .problems import Problem
 
-REJECTION_REASONS = ("invalid", "too_large", "unauthorized", "duplicate", "queue_full", "shutting_down", "error")
+REJECTION_REASONS = (
+    "invalid", "too_large", "unauthorized", "duplicate", "queue_full", "shutting_down", "store_unavailable", "error"
+)
 ATTEMPT_OUTCOMES = ("succeeded", "failed")
 # Attempts of the simulated work take 0.1-0.5 s; tasks wait out backoffs of up to 10 s per retry.
 ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -186,3 +187,13 @@ def test_the_readme_documents_every_metric():
             continue
         documented = family.name + "_total" if family.type == "counter" else family.name
         assert f"`{documented}`" in readme, documented
+
+
+def test_every_rejection_reason_the_readme_lists_is_a_series_from_the_start():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `workerpool_tasks_rejected_total`"))
+    documented = set(re.findall(r"`(\w+)`", row.split("|")[3])) - {"reason"}
+    samples = scrape(make_harness().client)
+    served = {dict(labels)["reason"] for name, labels in samples if name == "workerpool_tasks_rejected_total"}
+    assert served == documented
+    assert all(value(samples, "workerpool_tasks_rejected_total", reason=reason) == 0 for reason in served)

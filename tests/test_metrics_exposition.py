@@ -41,7 +41,7 @@ def _scripted(metrics: Metrics) -> None:
     metrics.count_rejection(QueueFull(1))
     metrics.count_rejection(PoolClosed())
     metrics.count_rejections([DuplicateTask("d"), DuplicateTask("d"), QueueFull(1), ValueError("x")])
-    metrics.count_rejection(StoreUnavailable("down"))  # a reason outside the list: its series appears now
+    metrics.count_rejection(StoreUnavailable("down"))
 
 
 def _masked(text: str) -> str:
