@@ -9,7 +9,7 @@ import pytest
 from redis_server import RedisServer, running_redis
 
 from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task
-from workerpool.stores.redis_store import RedisStore, connect
+from workerpool.stores.redis_store import RedisStore, _head, _pack, connect
 
 WAIT_S = 10.0
 
@@ -170,6 +170,22 @@ def test_a_claim_that_finds_nothing_leaves_no_token_to_wake_a_worker_for_nothing
     assert signal("{workerpool}:signal") == 0
     store.admit([new("c", clock)])  # work admitted afterwards wakes a waiter again
     assert signal("{workerpool}:signal") == 1
+
+
+def test_scripts_are_packed_as_redis_py_packs_them(server):
+    args = ("id-é", 3, 0.1, 1e-7, 1764500000.123456, float("inf"), float("-inf"), "", b'{"id":"x"}', "x" * 7000)
+    sha = "0" * 40
+    expected = b"".join(server.client().connection_pool.make_connection().pack_command("EVALSHA", sha, 1, "{p}", *args))
+    assert _pack(_head(sha, "{p}"), args) == expected
+
+
+def test_scripts_that_redis_forgot_are_loaded_again_and_run_once(make, server, clock):
+    store = make()
+    store.admit([new("a", clock)])
+    server.client().script_flush()  # as a restart without persistence of the script cache does
+    assert store.admit([new("b", clock)]) == [new("b", clock)]
+    server.client().script_flush()
+    assert [t.id for t in store.list()] == ["b", "a"]
 
 
 def test_a_timed_out_command_never_leaves_its_reply_for_the_next_one(make, server, clock):
