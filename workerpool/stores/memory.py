@@ -5,11 +5,20 @@ Nothing survives the process and nothing is shared with another one
 have nothing to do, and shutdown abandons whatever is unfinished.
 
 The lock guards every structure below; each public method takes it once,
-changes what it must, and returns snapshots. A task's snapshot is an
-immutable ``Task``, so the dict holds the current snapshot itself and each
-change stores a new one: reading a task copies nothing, and an entry in a
-line or the heap that no longer ``is`` the task's current snapshot is stale
-(the task was cancelled or abandoned meanwhile) and skipped when reached.
+changes what it must, and returns snapshots (immutable ``Task`` values).
+The dict holds each task's current *record*, an immutable plain tuple, and
+each change stores a new one: an entry in a line or the heap that no longer
+``is`` the task's current record is stale (the task was cancelled or
+abandoned meanwhile) and skipped when reached.
+
+A record holds a ``Task``'s fields in the same order, but its state as the
+state's plain string (``"done"``) and it is an exact tuple, not a ``Task``.
+Why: CPython's garbage collector stops tracking an exact tuple whose items
+are all untracked (strings, numbers, None), and never a tuple subclass or
+one holding an enum member. Retained tasks (100,000 by default) would
+otherwise sit in the oldest generation and be traversed by every full
+collection; as records they leave the collector's lists at their first
+collection (unless a payload or result is itself a container).
 
 The ready lines are plain deques rather than a ``queue.Queue``: the store's
 lock already guards them, and a ``queue.Queue`` would add a second lock and
@@ -34,19 +43,47 @@ from ..handlers import Wait, event_wait
 from ..task import FINAL_STATES, TRANSITIONS, State, Task, check_transition
 from .base import Renewal, StoreStats, TaskStore
 
+# The states as records hold them: plain strings (see the module docstring). State is a StrEnum,
+# so a member finds them in a dict too; the tables below are keyed by the strings themselves,
+# because a plain string looked up among members (or a member among strings) is equal only
+# after a full comparison, not by identity.
 _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = (
-    State.QUEUED,
-    State.RUNNING,
-    State.DONE,
-    State.FAILED,
-    State.CANCELLED,
+    State.QUEUED.value,
+    State.RUNNING.value,
+    State.DONE.value,
+    State.FAILED.value,
+    State.CANCELLED.value,
 )
+_STATES: dict[str, State] = {state.value: state for state in State}
+_TRANSITIONS = {state.value: frozenset(new.value for new in allowed) for state, allowed in TRANSITIONS.items()}
+_FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 _NO_RENEWAL = Renewal(lost=frozenset(), cancel_requested=frozenset())
 _new_task = functools.partial(tuple.__new__, Task)  # Task._make without its Python frame: the fields are spelled out
 assert Task._fields == (
     "id", "payload", "max_retries", "state", "attempts", "last_error", "created_at", "started_at",
     "finished_at", "next_attempt_at", "request_id", "result", "cancel_requested",
-)  # fmt: skip  # the positions claim() and finish() spell out
+)  # fmt: skip  # the positions of a record, which the code below spells out
+# The positions of a record's fields (those read by name below).
+_ID, _STATE, _ATTEMPTS, _NEXT_ATTEMPT_AT, _FINISHED_AT, _CANCEL_REQUESTED = 0, 3, 4, 9, 8, 12
+_POSITIONS = {name: index for index, name in enumerate(Task._fields)}
+
+Record = tuple  # a Task's fields as a plain tuple, the state as its string (see the module docstring)
+
+
+def _snapshot(record: Record) -> Task:
+    """The ``Task`` a record stands for."""
+    r = record
+    return _new_task(
+        (r[0], r[1], r[2], _STATES[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12])
+    )  # fmt: skip
+
+
+def _changed(record: Record, **changes: Any) -> Record:
+    """A copy of ``record`` with some fields changed (states as strings): for the rarer transitions."""
+    fields = list(record)
+    for name, value in changes.items():
+        fields[_POSITIONS[name]] = value
+    return tuple(fields)
 
 
 class MemoryStore(TaskStore):
@@ -82,22 +119,22 @@ class MemoryStore(TaskStore):
         # _lock must be held while reading or changing any attribute below;
         # it is never held while calling out of this module (Event.set aside).
         self._lock = threading.Lock()
-        self._tasks: dict[str, Task] = {}  # id -> current snapshot, in admission order
+        self._tasks: dict[str, Record] = {}  # id -> current record, in admission order
         # The latest created_at admitted: the submitter stamps a task before this lock, so two
         # racing submits may arrive out of stamp order; admit clamps to keep creation times
         # non-decreasing in admission (listing) order.
         self._last_created = -math.inf
         # Ids per state in the order they entered it: O(1) counts, newest-first listing by state.
-        self._by_state: dict[State, dict[str, None]] = {state: {} for state in State}
+        self._by_state: dict[str, dict[str, None]] = {state.value: {} for state in State}
         self._owners: dict[str, str] = {}  # running id -> the owner that claimed it
-        self._retry_line: deque[Task] = deque()  # due retries: they run first (accepted long ago)
-        self._new_line: deque[Task] = deque()  # due new tasks, in the order they fell due
-        self._scheduled: list[tuple[float, int, Task]] = []  # heap of (due time, order, task) not yet due
+        self._retry_line: deque[Record] = deque()  # due retries: they run first (accepted long ago)
+        self._new_line: deque[Record] = deque()  # due new tasks, in the order they fell due
+        self._scheduled: list[tuple[float, int, Record]] = []  # heap of (due time, order, task) not yet due
         self._order = itertools.count()
-        self._pending: dict[str, Task] = {}  # id -> the snapshot its live heap entry holds
+        self._pending: dict[str, Record] = {}  # id -> the record its live heap entry holds
         self._retries_pending = 0  # entries of _pending with attempts > 0
         self._waiting = 0  # queued tasks with attempts == 0: what the bound counts
-        self._finished: deque[Task] = deque()  # final snapshots, oldest finished first
+        self._finished: deque[Record] = deque()  # final records, oldest finished first
         self._idle: list[threading.Event] = []  # workers blocked in wait_for_work
         self._local = threading.local()  # each thread's wait event, reused
         self._woken = False
@@ -113,21 +150,24 @@ class MemoryStore(TaskStore):
                 self._release_due(now)
             tasks_by_id, queued, new_line = self._tasks, self._by_state[_QUEUED], self._new_line
             for task in tasks:
-                if task.id in tasks_by_id:
-                    results.append(DuplicateTask(task.id))
+                task_id = task.id
+                if task_id in tasks_by_id:
+                    results.append(DuplicateTask(task_id))
                 elif self._waiting >= self.capacity:
                     results.append(QueueFull(self.capacity))
                 else:
                     if task.created_at < self._last_created:  # stamped before a task admitted first
                         task = task._replace(created_at=self._last_created)
                     self._last_created = task.created_at
-                    tasks_by_id[task.id] = task
-                    queued[task.id] = None
+                    t = task  # a new task is queued, attempts == 0 (see TaskStore.admit)
+                    record = (t[0], t[1], t[2], _QUEUED, 0, t[5], t[6], t[7], t[8], t[9], t[10], t[11], t[12])
+                    tasks_by_id[task_id] = record
+                    queued[task_id] = None
                     self._waiting += 1
-                    if task.next_attempt_at is None:
-                        new_line.append(task)
+                    if t[9] is None:
+                        new_line.append(record)
                     else:
-                        self._schedule(task)
+                        self._schedule(record)
                     results.append(task)
             if self._idle:
                 self._wake_idle(len(tasks))
@@ -135,7 +175,8 @@ class MemoryStore(TaskStore):
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
         with self._lock:
-            return self._claim(owner, self._clock())
+            running = self._claim(owner, self._clock())
+        return None if running is None else _snapshot(running)
 
     def finish(
         self,
@@ -148,7 +189,8 @@ class MemoryStore(TaskStore):
         retry_at: float | None = None,
     ) -> Task | None:
         with self._lock:
-            return self._finish_attempt(task_id, attempt, owner, error, result, retry_at, self._clock())
+            ended = self._finish_attempt(task_id, attempt, owner, error, result, retry_at, self._clock())
+        return None if ended is None else _snapshot(ended)
 
     def finish_and_claim(
         self,
@@ -164,24 +206,31 @@ class MemoryStore(TaskStore):
         with self._lock:  # one hold for both: a busy worker goes from one task to the next without a handoff
             now = self._clock()
             ended = self._finish_attempt(task_id, attempt, owner, error, result, retry_at, now)
-            return ended, self._claim(owner, now)
+            running = self._claim(owner, now)
+        # The snapshots are made after the lock is released: the other threads wait less.
+        return (
+            None if ended is None else _snapshot(ended),
+            None if running is None else _snapshot(running),
+        )
 
     def cancel(self, task_id: str) -> Task | None:
         with self._lock:
             now = self._clock()
             self._evict(now)
             task = self._tasks.get(task_id)
-            if task is None or task.state in FINAL_STATES or task.cancel_requested:
-                return task
-            if task.state is _RUNNING:
-                changed = task._replace(cancel_requested=True)
+            if task is None:
+                return None
+            if task[_STATE] in _FINAL_STATES or task[_CANCEL_REQUESTED]:
+                return _snapshot(task)
+            if task[_STATE] == _RUNNING:
+                changed = _changed(task, cancel_requested=True)
                 self._tasks[task_id] = changed
-                return changed
+                return _snapshot(changed)
             self._unqueue(task)
-            cancelled = task._replace(state=_CANCELLED, payload="", finished_at=now, next_attempt_at=None)
+            cancelled = _changed(task, state=_CANCELLED, payload="", finished_at=now, next_attempt_at=None)
             self._set(task, cancelled)
             self._finish(cancelled, now)
-            return cancelled
+            return _snapshot(cancelled)
 
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
         abandoned = []
@@ -189,12 +238,12 @@ class MemoryStore(TaskStore):
             now = self._clock()
             for task_id in [*self._by_state[_QUEUED], *self._by_state[_RUNNING]]:
                 task = self._tasks[task_id]
-                if task.state is _QUEUED:
+                if task[_STATE] == _QUEUED:
                     self._unqueue(task)
                 else:
                     del self._owners[task_id]
-                failed = task._replace(
-                    state=_FAILED, payload="", last_error=reason, finished_at=now, next_attempt_at=None
+                failed = _changed(
+                    task, state=_FAILED, payload="", last_error=reason, finished_at=now, next_attempt_at=None
                 )
                 self._set(task, failed)
                 self._finish(failed, now)
@@ -202,7 +251,7 @@ class MemoryStore(TaskStore):
             self._retry_line.clear()
             self._new_line.clear()
             self._scheduled.clear()
-        return abandoned
+        return [_snapshot(record) for record in abandoned]
 
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
         return _NO_RENEWAL  # leases never expire here; cancel requests reach the pool directly
@@ -255,14 +304,17 @@ class MemoryStore(TaskStore):
     def get(self, task_id: str) -> Task | None:
         with self._lock:
             self._evict(self._clock())
-            return self._tasks.get(task_id)
+            record = self._tasks.get(task_id)
+        return None if record is None else _snapshot(record)
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
         with self._lock:
             self._evict(self._clock())
             if state is None:
-                return list(islice(reversed(self._tasks.values()), limit))
-            return [self._tasks[task_id] for task_id in islice(reversed(self._by_state[state]), limit)]
+                records = list(islice(reversed(self._tasks.values()), limit))
+            else:
+                records = [self._tasks[task_id] for task_id in islice(reversed(self._by_state[state.value]), limit)]
+        return [_snapshot(record) for record in records]
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -270,7 +322,7 @@ class MemoryStore(TaskStore):
             self._evict(now)
             if self._scheduled:
                 self._release_due(now)
-            counts = {state: len(ids) for state, ids in self._by_state.items()}
+            counts = {_STATES[state]: len(ids) for state, ids in self._by_state.items()}
             return StoreStats(
                 counts=counts,
                 waiting=self._waiting,
@@ -284,66 +336,64 @@ class MemoryStore(TaskStore):
 
     # -- helpers (the lock is held) --------------------------------------
 
-    def _claim(self, owner: str, now: float) -> Task | None:
+    def _claim(self, owner: str, now: float) -> Record | None:
         if self._scheduled:
             self._release_due(now)
         for line in (self._retry_line, self._new_line):
             while line:
                 task = line.popleft()
-                if self._tasks.get(task.id) is not task:
+                task_id = task[0]
+                if self._tasks.get(task_id) is not task:
                     continue  # cancelled or abandoned while it waited
-                if task.attempts == 0:
+                if task[4] == 0:  # attempts
                     self._waiting -= 1
-                # Spelled out rather than _replace(): this is the hot path, and 3x cheaper.
-                running = _new_task(
-                    (task[0], task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
-                     task[10], task[11], task[12])
-                )  # fmt: skip
+                # Spelled out rather than _changed(): this is the hot path.
+                running = (task[0], task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
+                           task[10], task[11], task[12])  # fmt: skip
                 self._set(task, running)
-                self._owners[task.id] = owner
+                self._owners[task_id] = owner
                 return running
         return None
 
     def _finish_attempt(
         self, task_id: str, attempt: int, owner: str, error: str | None, result: Any, retry_at: float | None, now: float
-    ) -> Task | None:
+    ) -> Record | None:
         task = self._tasks.get(task_id)
-        if task is None or task.state is not _RUNNING or task.attempts != attempt:
+        if task is None or task[_STATE] != _RUNNING or task[_ATTEMPTS] != attempt:
             return None
         if self._owners.get(task_id) != owner:
             return None
         del self._owners[task_id]
         if error is None:  # the hot path: spelled out, see _claim()
-            ended = _new_task(
-                (task[0], "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
-                 result, task[12])
-            )  # fmt: skip
-        elif task.cancel_requested:
-            ended = task._replace(state=_CANCELLED, payload="", finished_at=now, last_error=error)
+            ended = (task[0], "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
+                     result, task[12])  # fmt: skip
+        elif task[_CANCEL_REQUESTED]:
+            ended = _changed(task, state=_CANCELLED, payload="", finished_at=now, last_error=error)
         elif retry_at is not None:
-            ended = task._replace(state=_QUEUED, last_error=error, next_attempt_at=retry_at)
+            ended = _changed(task, state=_QUEUED, last_error=error, next_attempt_at=retry_at)
         else:
-            ended = task._replace(state=_FAILED, payload="", finished_at=now, last_error=error)
+            ended = _changed(task, state=_FAILED, payload="", finished_at=now, last_error=error)
         self._set(task, ended)
-        if ended.state is _QUEUED:
+        if ended[_STATE] == _QUEUED:
             self._schedule(ended)
             self._wake_idle(1)
         else:
             self._finish(ended, now)
         return ended
 
-    def _set(self, old: Task, new: Task) -> None:
-        """Store ``new`` as the current snapshot of ``old``'s task, moving it between states."""
-        if new.state not in TRANSITIONS[old.state]:  # the common case without a call: twice per task
-            check_transition(old.state, new.state)
-        del self._by_state[old.state][old.id]
-        self._by_state[new.state][old.id] = None
-        self._tasks[old.id] = new
+    def _set(self, old: Record, new: Record) -> None:
+        """Store ``new`` as the current record of ``old``'s task, moving it between states."""
+        old_state, new_state, task_id = old[3], new[3], old[0]
+        if new_state not in _TRANSITIONS[old_state]:  # the common case without a call: twice per task
+            check_transition(_STATES[old_state], _STATES[new_state])
+        del self._by_state[old_state][task_id]
+        self._by_state[new_state][task_id] = None
+        self._tasks[task_id] = new
 
-    def _schedule(self, task: Task) -> None:
-        heapq.heappush(self._scheduled, (task.next_attempt_at, next(self._order), task))
-        self._pending[task.id] = task
-        if task.attempts:
+    def _schedule(self, task: Record) -> None:
+        heapq.heappush(self._scheduled, (task[_NEXT_ATTEMPT_AT], next(self._order), task))
+        self._pending[task[_ID]] = task
+        if task[_ATTEMPTS]:
             self._retries_pending += 1
 
     def _release_due(self, now: float) -> None:
@@ -351,28 +401,28 @@ class MemoryStore(TaskStore):
         scheduled = self._scheduled
         while scheduled and scheduled[0][0] <= now:
             task = heapq.heappop(scheduled)[2]
-            if self._pending.get(task.id) is not task:
+            if self._pending.get(task[_ID]) is not task:
                 continue  # cancelled or abandoned while it waited
-            del self._pending[task.id]
-            if task.attempts:
+            del self._pending[task[_ID]]
+            if task[_ATTEMPTS]:
                 self._retries_pending -= 1
                 self._retry_line.append(task)
             else:
                 self._new_line.append(task)
 
-    def _unqueue(self, task: Task) -> None:
+    def _unqueue(self, task: Record) -> None:
         """Forget a queued task's place (its line or heap entry goes stale) before it leaves the queue."""
-        if task.attempts == 0:
+        if task[_ATTEMPTS] == 0:
             self._waiting -= 1
-        if self._pending.get(task.id) is task:
-            del self._pending[task.id]
-            if task.attempts:
+        if self._pending.get(task[_ID]) is task:
+            del self._pending[task[_ID]]
+            if task[_ATTEMPTS]:
                 self._retries_pending -= 1
 
     def _until_due(self, now: float) -> float | None:
         if len(self._by_state[_QUEUED]) > len(self._pending):
             return 0.0  # a live entry waits in a line
-        while self._scheduled and self._pending.get(self._scheduled[0][2].id) is not self._scheduled[0][2]:
+        while self._scheduled and self._pending.get(self._scheduled[0][2][_ID]) is not self._scheduled[0][2]:
             heapq.heappop(self._scheduled)  # stale
         return max(0.0, self._scheduled[0][0] - now) if self._scheduled else None
 
@@ -380,14 +430,14 @@ class MemoryStore(TaskStore):
         for _ in range(min(count, len(self._idle))):
             self._idle.pop().set()
 
-    def _finish(self, task: Task, now: float) -> None:
+    def _finish(self, task: Record, now: float) -> None:
         self._finished.append(task)
         self._evict(now)
 
     def _evict(self, now: float) -> None:
         finished = self._finished
         horizon = now - self._ttl
-        while finished and (len(finished) > self._max_finished or finished[0].finished_at <= horizon):
+        while finished and (len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= horizon):
             task = finished.popleft()
-            del self._tasks[task.id]
-            del self._by_state[task.state][task.id]
+            del self._tasks[task[_ID]]
+            del self._by_state[task[_STATE]][task[_ID]]
