@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from .backoff import compute_backoff
 from .errors import PermanentFailure, PoolClosed, StoreUnavailable, SubmitError
@@ -37,7 +37,6 @@ from .stores.memory import MemoryStore
 from .task import FINAL_STATES, State, Task
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 _make_task = functools.partial(tuple.__new__, Task)  # Task._make without its Python frame
 
 Handler = Callable[[Task, threading.Event], Any]
@@ -106,7 +105,10 @@ class Attempt:
     ending: bool = False  # its worker is recording its end (under _lock): too late to time it out
     recording: bool = False  # the watchdog is writing its timeout to the store (under _lock)
     retry_at: float | None = None  # the retry the timeout scheduled, drawn once however often the write is tried
-    successor: Task | None = None  # the task its worker claimed in the same store step as this attempt's end
+    claimed_next: Task | None = None  # the task its worker claimed in the same store step as this attempt's end
+    successor: Attempt | None = None  # claimed_next's attempt, registered in the same _lock hold as this one's end
+    cancelled_early: bool = False  # cancelled before it was registered (set under _lock): its handler is told
+    waits_turn: bool = False  # an earlier change of its task was not yet heard by the observers (see _wait_turn)
 
 
 class WorkerPool:
@@ -408,16 +410,17 @@ class WorkerPool:
             return False
         if self._step_cancel.is_set():  # the last attempt's handler may still hold it
             self._step_cancel = threading.Event()
-        self._run_attempt(task, self._step_cancel)
+        self._run_attempt(self._new_attempt(task, self._step_cancel))
         return True
 
     def _work(self) -> None:
         store, owner, lease = self._store, self.owner, self._lease
         cancel = threading.Event()
         pause = threading.Event()  # never set: a pause that is not time.sleep
-        task: Task | None = None  # claimed with the end of the last attempt, when one was due
-        while self._claiming or task is not None:
-            if task is None:
+        # The next attempt, claimed and registered with the end of the last one when a task was due.
+        attempt: Attempt | None = None
+        while self._claiming or attempt is not None:
+            if attempt is None:
                 try:
                     task = store.claim(owner, self._clock() + lease)
                     if task is None:
@@ -431,15 +434,33 @@ class WorkerPool:
                     log.exception("worker could not take a task; trying again in %.1f s", _STORE_RETRY_S)
                     self._wait(pause, _STORE_RETRY_S)
                     continue
-            if cancel.is_set():  # the last attempt's handler may still hold it
-                cancel = threading.Event()
-            task = self._run_attempt(task, cancel, claim_next=True)
-            if task is None and self._stuck and self._leave_if_replaced():
+                if cancel.is_set():  # the last attempt's handler may still hold it
+                    cancel = threading.Event()
+                attempt = self._new_attempt(task, cancel)
+            cancel = attempt.cancel
+            attempt = self._run_attempt(attempt, claim_next=True)
+            if attempt is None and self._stuck and self._leave_if_replaced():
                 return
 
-    def _run_attempt(self, task: Task, cancel: threading.Event, *, claim_next: bool = False) -> Task | None:
-        """Run one attempt; with ``claim_next``, the task claimed in the same store step as its end, if any."""
+    def _new_attempt(self, task: Task, cancel: threading.Event) -> Attempt:
+        """The attempt of a task just claimed, registered as running here."""
         attempt = Attempt(task, cancel, self._monotonic(), threading.current_thread())
+        with self._lock:
+            self._register(attempt)
+        return attempt
+
+    def _register(self, attempt: Attempt) -> None:  # _lock is held
+        task_id = attempt.task.id
+        self._running[task_id] = attempt
+        if self._cancel_early and task_id in self._cancel_early:
+            self._cancel_early.discard(task_id)
+            attempt.cancelled_early = True
+        attempt.waits_turn = task_id in self._in_flight
+
+    def _run_attempt(self, attempt: Attempt, *, claim_next: bool = False) -> Attempt | None:
+        """Run one registered attempt; with ``claim_next``, the attempt claimed in the same store step as its
+        end, if any (registered as well)."""
+        task = attempt.task
         try:
             self._attempt(attempt, claim_next)
         except StoreUnavailable as exc:  # for a lease's length: another process may have recovered it already
@@ -454,15 +475,9 @@ class WorkerPool:
 
     def _attempt(self, attempt: Attempt, claim_next: bool) -> None:
         task = attempt.task
-        with self._lock:
-            self._running[task.id] = attempt
-            cancelled_early = task.id in self._cancel_early
-            if cancelled_early:
-                self._cancel_early.discard(task.id)
-            waits = task.id in self._in_flight
-        if waits:
+        if attempt.waits_turn:
             self._wait_turn(task.id)
-        if cancelled_early or task.cancel_requested:
+        if attempt.cancelled_early or task.cancel_requested:
             attempt.cancel.set()
         if log.isEnabledFor(logging.DEBUG):
             _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
@@ -525,25 +540,14 @@ class WorkerPool:
         """Record the end of an attempt in the store and tell the observers (once per attempt).
 
         With ``claim_next`` (and while the pool claims), the same store step
-        claims this worker's next task into ``attempt.successor``.
+        claims this worker's next task, and the same hold of ``_lock`` that
+        forgets this attempt registers the next one as ``attempt.successor``.
         """
         task = attempt.task
         ended = None
         try:
-            if claim_next and self._claiming:
-                lease_until = self._clock() + self._lease
-                ended, attempt.successor = self._record_end(
-                    attempt, lambda: self._store.finish_and_claim(
-                        task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
-                        lease_until=lease_until,
-                    ),
-                )  # fmt: skip
-            else:
-                ended = self._record_end(
-                    attempt, lambda: self._store.finish(
-                        task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
-                    ),
-                )  # fmt: skip
+            lease_until = self._clock() + self._lease if claim_next and self._claiming else None
+            ended, attempt.claimed_next = self._record_end(attempt, error, result, retry_at, lease_until)
         except Exception:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
                 with self._lock:
@@ -581,8 +585,11 @@ class WorkerPool:
             attempt.cancel.set()
 
     def _forget_attempt(self, attempt: Attempt, ended: Task | None, retry_at: float | None) -> None:
-        """The attempt's end is recorded (or given up on): it no longer runs here."""
+        """The attempt's end is recorded (or given up on): it no longer runs here; its successor does."""
         task = attempt.task
+        claimed = attempt.claimed_next
+        if claimed is not None:
+            successor = Attempt(claimed, attempt.cancel, self._monotonic(), attempt.thread)
         with self._lock:
             if self._running.get(task.id) is attempt:
                 del self._running[task.id]
@@ -590,26 +597,49 @@ class WorkerPool:
                 self._leave_in_flight(task.id)
             if ended is not None and ended.state in FINAL_STATES:
                 self._finals[ended.state] += 1
+            if claimed is not None:  # one hold for this end and the next start: the worker goes straight on
+                if attempt.cancel.is_set():  # no longer registered: nothing sets it after this check
+                    successor.cancel = threading.Event()
+                self._register(successor)
+                attempt.successor = successor
             closing = self._closing
         if closing:
             self._drain_wakeup.set()
 
-    def _record_end(self, attempt: Attempt, write: Callable[[], _T]) -> _T:
-        """``write()`` (the store's finish); a worker tries again while the store is unavailable (Redis
-        restarting, a full disk).
+    def _write_end(
+        self, task: Task, error: str | None, result: Any, retry_at: float | None, lease_until: float | None
+    ) -> tuple[Task | None, Task | None]:
+        """The store's ``finish``, or with ``lease_until`` its ``finish_and_claim``: (ended, claimed next).
+
+        Arguments spelled out rather than a closure or ``**kwargs``: this runs once per task.
+        """
+        if lease_until is None:
+            ended = self._store.finish(
+                task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
+            )  # fmt: skip
+            return ended, None
+        return self._store.finish_and_claim(
+            task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at, lease_until=lease_until
+        )
+
+    def _record_end(
+        self, attempt: Attempt, error: str | None, result: Any, retry_at: float | None, lease_until: float | None
+    ) -> tuple[Task | None, Task | None]:
+        """Write the attempt's end (``_write_end``); a worker tries again while the store is unavailable
+        (Redis restarting, a full disk).
 
         The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
         again, and the outcome is kept. After a lease's length of failures another process may have
         recovered the attempt: the error is raised, and the lease settles what happened. A timeout
         is written once: the watchdog's next check writes it again.
         """
+        task = attempt.task
         try:
-            return write()  # the common case, once per task: nothing is set up for a retry before it fails
+            return self._write_end(task, error, result, retry_at, lease_until)  # the common case, once per task
         except StoreUnavailable as exc:
             if attempt.timed_out:
                 raise
             failure = exc
-        task = attempt.task
         pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
@@ -619,7 +649,7 @@ class WorkerPool:
             )  # fmt: skip
             self._wait(pause, _STORE_RETRY_S)
             try:
-                return write()
+                return self._write_end(task, error, result, retry_at, lease_until)
             except StoreUnavailable as exc:
                 if attempt.timed_out or self._monotonic() >= give_up:
                     raise
