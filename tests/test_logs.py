@@ -100,7 +100,7 @@ def test_text_lines_keep_the_gunicorn_layout_and_append_the_request_id(capture):
     run_one_task(instant, "job-2", "rid-text")
     lines = [line for line in out["stderr"].getvalue().splitlines() if "job-2" in line]
     assert len(lines) == 3
-    assert lines[2].endswith("[INFO] workerpool.pool: task job-2 done after 1 attempt(s) request_id=rid-text")
+    assert lines[2].endswith("[DEBUG] workerpool.pool: task job-2 done after 1 attempt(s) request_id=rid-text")
     assert lines[2].startswith("[")  # [2026-11-27 10:00:00 +0000] [pid] ...
 
 

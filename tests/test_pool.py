@@ -583,6 +583,31 @@ def test_task_log_lines_carry_the_task_and_request_ids(make_pool, caplog):
     assert {(r.task_id, r.request_id) for r in records} == {("a", "req-1")}
 
 
+def test_a_success_logs_at_debug_and_a_retry_or_failure_at_info_or_above(make_pool, caplog):
+    failures = iter([RuntimeError("flaky")])
+
+    def flaky(task, cancel):
+        if task.id == "retried" and (error := next(failures, None)):
+            raise error
+
+    caplog.set_level(logging.INFO, logger="workerpool")
+    pool = make_pool(flaky, threads=False, backoff_base=0.0, backoff_cap=0.0)
+    pool.submit("quiet", "", 0, request_id="req-q")
+    pool.submit("retried", "", 1, request_id="req-r")
+    while pool.step():
+        pass
+    assert [(r.levelname, r.getMessage().split(";")[0], r.request_id) for r in caplog.records] == [
+        ("INFO", "task retried attempt 1 failed (RuntimeError: flaky)", "req-r")
+    ]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="workerpool")
+    pool.submit("loud", "", 0, request_id="req-l")
+    pool.step()
+    assert ("DEBUG", "task loud done after 1 attempt(s)", "req-l") in [
+        (r.levelname, r.getMessage(), r.request_id) for r in caplog.records
+    ]
+
+
 # -- bookkeeping that must hold whatever the handler and the observers do --------------
 
 

@@ -101,7 +101,8 @@ def start(tmp_path):
     servers: list[ServerProcess] = []
 
     def start(command: list[str], **env: str) -> Service:
-        settings = {"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO", "SHUTDOWN_TIMEOUT_S": "15", **FAST_WORK}
+        # DEBUG: a task's final line is the witness that it finished, and a success logs at DEBUG.
+        settings = {"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "DEBUG", "SHUTDOWN_TIMEOUT_S": "15", **FAST_WORK}
         settings.update(env)
         server = ServerProcess(
             command, log_path=tmp_path / f"server{len(servers)}.log", env=clean_environment(**settings)
@@ -321,7 +322,8 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
     workdir = tmp_path / "app"  # the image's files only: no .env, no tests
     workdir.mkdir()
     _lay_out_image(workdir)
-    env = clean_environment(HOST="127.0.0.1", PORT="0", SHUTDOWN_TIMEOUT_S="15", **FAST_WORK)
+    # DEBUG: the final lines of successes witness that the tasks finished.
+    env = clean_environment(HOST="127.0.0.1", PORT="0", LOG_LEVEL="DEBUG", SHUTDOWN_TIMEOUT_S="15", **FAST_WORK)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     server = ServerProcess(
         ["unshare", "--pid", "--fork", "--mount-proc", *command],
@@ -350,7 +352,7 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
 def test_a_server_without_hooks_still_drains_at_exit(tmp_path):
     script = (
         "from app import configure_logging, create_app\n"
-        "configure_logging('INFO')\n"
+        "configure_logging('DEBUG')\n"  # a success's final line is a DEBUG one
         "client = create_app().test_client()\n"
         "for n in range(5):\n"
         "    assert client.post('/enqueue', json={'id': f'x{n}', 'payload': ''}).status_code == 202\n"
