@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from doubles import wait_until
 from redis_server import RedisServer, running_redis
 
 from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task
@@ -157,6 +158,78 @@ def test_ending_an_attempt_and_claiming_the_next_is_one_script(make, server, clo
     # A late writer ends nothing and still claims (nothing is left).
     assert store.finish_and_claim("b", 1, "me", lease_until=clock.time() + 30) == (None, None)
     assert store.get("b").state is State.RUNNING
+
+
+def _hold_first_admission(store: RedisStore) -> tuple[threading.Event, threading.Event]:
+    """Make the store's next admission script wait for ``release`` (a slow round trip); ``entered`` is set
+    when it waits, its batch taken."""
+    entered, release, run = threading.Event(), threading.Event(), store._run
+
+    def held(script, *args):
+        if script == "admit" and not entered.is_set():
+            entered.set()
+            release.wait(WAIT_S)
+        return run(script, *args)
+
+    store._run = held
+    return entered, release
+
+
+def test_admissions_that_queue_behind_one_in_flight_go_together_in_arrival_order(make, server, clock):
+    store = make(capacity=3)
+    store.admit([])  # the script is loaded
+    entered, release = _hold_first_admission(store)
+    results: dict[str, object] = {}
+
+    def submit(name, *ids):
+        results[name] = store.admit([new(i, clock) for i in ids])
+
+    first = threading.Thread(target=submit, args=("first", "a"))
+    first.start()
+    assert entered.wait(WAIT_S)  # the first admission is in flight
+    before = _script_calls(server)
+    queued = [threading.Thread(target=submit, args=args) for args in (("b", "b", "c"), ("dup", "b"), ("d", "d"))]
+    for n, thread in enumerate(queued, 1):
+        thread.start()
+        wait_until(lambda n=n: len(store._admissions) == n, timeout=WAIT_S, what="the admission to queue")
+    release.set()
+    for thread in [first, *queued]:
+        thread.join(WAIT_S)
+    # One more script carried the three that queued, each answered as if it had gone alone.
+    assert _script_calls(server) - before == 2
+    assert [t.id for t in results["first"]] == ["a"]
+    assert [t.id for t in results["b"]] == ["b", "c"]
+    assert isinstance(results["dup"][0], DuplicateTask)
+    assert isinstance(results["d"][0], QueueFull)  # the bound of 3 counts a, b and c before it
+    assert not store._admitting and not store._admissions
+
+
+def test_a_failed_round_trip_fails_every_admission_it_carried_and_the_next_one_goes(make, server, clock):
+    store = make()
+    entered, release = _hold_first_admission(store)
+    errors: list[BaseException] = []
+
+    def submit(task_id):
+        try:
+            store.admit([new(task_id, clock)])
+        except StoreUnavailable as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=submit, args=("a",))
+    first.start()
+    assert entered.wait(WAIT_S)  # the first admission is in flight
+    server.client().config_set("maxmemory", 1)  # refuses writes: the script changes nothing
+    waiting = [threading.Thread(target=submit, args=(i,)) for i in ("b", "c")]
+    for thread in waiting:
+        thread.start()
+    wait_until(lambda: len(store._admissions) == 2, timeout=WAIT_S, what="two admissions to queue")
+    release.set()
+    for thread in [first, *waiting]:
+        thread.join(WAIT_S)
+    server.client().config_set("maxmemory", 0)
+    # The first alone, then b and c together: each thread raises its own error, and nothing was stored.
+    assert len({id(error) for error in errors}) == 3 and store.list() == []
+    assert [t.id for t in store.admit([new("d", clock)])] == ["d"]
 
 
 def test_a_claim_that_finds_nothing_leaves_no_token_to_wake_a_worker_for_nothing(make, server, clock):
