@@ -105,6 +105,40 @@ def test_each_task_is_claimed_once_by_competing_stores_and_threads(open_store, c
     assert stores[1].stats().counts[State.DONE] == 200
 
 
+def test_a_claim_after_one_that_found_nothing_reads_before_it_takes_the_write_lock(open_store, clock, db):
+    store = open_store(busy_timeout=0.05)
+    elsewhere = open_store()
+    assert claim(store, clock) is None  # as a worker's claim that ends an attempt finds nothing due
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process writes for longer than the busy timeout
+    try:
+        assert claim(store, clock) is None  # answered by a read: nothing due, no wait for the lock
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    elsewhere.admit([task(clock, "a"), task(clock, "later", next_attempt_at=clock.time() + 5)])
+    assert claim(store, clock).id == "a"  # the read sees work queued elsewhere: a real claim takes it
+    assert claim(store, clock) is None
+    assert claim(store, clock) is None
+    clock.advance(5)
+    assert claim(store, clock).id == "later"  # falls due by the clock alone
+
+
+def test_a_refused_admission_writes_nothing(open_store, clock, db):
+    store = open_store(capacity=1)
+    store.admit([task(clock, "a")])
+    watcher = sqlite3.connect(db, isolation_level=None)
+    try:
+        version = watcher.execute("PRAGMA data_version").fetchone()[0]
+        assert isinstance(store.admit([task(clock, "a")])[0], DuplicateTask)
+        assert isinstance(store.admit([task(clock, "b")])[0], QueueFull)
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] == version  # no commit changed the file
+        store.finish(claim(store, clock).id, 1, "a")
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] != version
+    finally:
+        watcher.close()
+
+
 def test_a_late_writer_changes_nothing(open_store, clock):
     store = open_store()
     store.admit([task(clock, "a", max_retries=1)])

@@ -172,6 +172,11 @@ class SqliteStore(TaskStore):
         # each other in SQLite's busy handler, which sleeps 1, 2, 5, 10... ms
         # between tries instead of handing the lock over at once.
         self._write_lock = threading.Lock()
+        # Every write step of this process goes through this one connection, under
+        # _write_lock. A connection that starts a transaction after another one
+        # wrote to the file drops its whole page cache and reads every page it
+        # touches again: with a connection per thread, nearly every step did.
+        self._writer: sqlite3.Connection | None = None
         self._commits = 0  # write steps committed by this process (under _write_lock)
         # _sync_lock must be held while syncing the WAL or touching the two below.
         self._sync_lock = threading.Lock()
@@ -222,27 +227,39 @@ class SqliteStore(TaskStore):
             conn.execute(f"PRAGMA user_version = {version}")
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, for reading."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+        if conn is None:
+            conn = self._local.conn = self._new_connection()
+        return conn
+
+    def _write_connection(self) -> sqlite3.Connection:  # _write_lock is held
+        """The connection of every write step of this process (see ``_writer``)."""
+        conn = self._writer
+        if conn is None:
+            conn = self._writer = self._new_connection()
+        return conn
+
+    def _new_connection(self) -> sqlite3.Connection:
         with self._connections_lock:
             if self._closed:
                 raise StoreUnavailable(f"{self.path}: the store is closed")
             # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE).
-            # check_same_thread is off only so close() may close every thread's
-            # connection; each connection is used by the thread that opened it.
+            # check_same_thread is off so that close() may close every connection and
+            # the writer may serve each thread in turn; a reader is used by the thread
+            # that opened it.
             # timeout=0: no busy handler of SQLite's own; _retry_busy waits instead.
             conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._connections.append(conn)
         # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
         conn.execute("PRAGMA synchronous = NORMAL")
-        self._local.conn = conn
         return conn
 
     def close(self) -> None:
         with self._connections_lock:
             self._closed = True
             connections, self._connections = self._connections, []
+            self._writer = None
         for conn in connections:
             conn.close()
         with self._sync_lock:
@@ -263,20 +280,30 @@ class SqliteStore(TaskStore):
         loss in a power cut loses nothing promised (a claim, a lease
         renewal): the WAL is written in order, so the next synced commit
         makes them durable too, and a power cut only ever takes the last
-        steps, never a task's end without its claim.
+        steps, never a task's end without its claim. A step that ends its
+        transaction itself (``ROLLBACK``: it decided to change nothing)
+        writes nothing and waits for no fsync.
         """
-        conn = self._connection()
         with self._write_lock:
-            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            conn = self._write_connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:  # another process holds the lock: wait for it
+                if _primary_code(exc) != sqlite3.SQLITE_BUSY:
+                    raise
+                self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
             changes = conn.total_changes
             try:
                 yield conn
+                if not conn.in_transaction:  # rolled back by the step
+                    self._local.wrote = False
+                    return
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            wrote = conn.total_changes != changes  # a commit that changed nothing writes nothing
+            self._local.wrote = wrote = conn.total_changes != changes  # a commit that changed nothing writes nothing
             self._commits += wrote
             commit = self._commits
         if wrote and synced and self.synchronous == "FULL":
@@ -331,14 +358,12 @@ class SqliteStore(TaskStore):
         """
         try:
             with self._transaction(synced=synced) as conn:
-                changes = conn.total_changes
                 yield conn
-                wrote = conn.total_changes != changes
-            if wrote:
-                self._failure = None
         except sqlite3.Error as exc:
             self._failure, self._failed_at = _describe(exc), time.monotonic()
             raise StoreUnavailable(self._failure) from None
+        if self._failure is not None and self._local.wrote:
+            self._failure = None
 
     def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         """``query(conn)`` on one consistent snapshot; SQLite errors become ``StoreUnavailable``.
@@ -360,6 +385,21 @@ class SqliteStore(TaskStore):
         except sqlite3.Error as exc:
             self._failure, self._failed_at = _describe(exc), time.monotonic()
             raise StoreUnavailable(self._failure) from None
+
+    def _query(self, sql: str, params: Any = ()) -> list[Any]:
+        """The rows of one statement (its own snapshot: no BEGIN and COMMIT around it), like ``_read``.
+
+        ``fetchall`` runs the statement to its end, which ends its read
+        transaction: an unfinished one would hold an old snapshot open.
+        """
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            if _primary_code(exc) != sqlite3.SQLITE_BUSY:
+                self._failure, self._failed_at = _describe(exc), time.monotonic()
+                raise StoreUnavailable(self._failure) from None
+        return self._read(lambda conn: conn.execute(sql, params).fetchall())
 
     def health(self) -> str | None:
         """Why the last write failed (e.g. "the disk is full"), or None when the last write succeeded.
@@ -384,12 +424,15 @@ class SqliteStore(TaskStore):
         with self._step() as conn:
             now = self._clock()
             horizon = now - self._ttl
-            room = self.capacity - _count(conn, "waiting")
+            # One statement: the room left under the bound, the newest task's creation time, and
+            # the generation bump that tells other processes' idle workers of new work (rolled
+            # back below with the rest when nothing is admitted).
+            generation, waiting, newest = conn.execute(_ADMISSION).fetchone()
+            room = self.capacity - waiting
             # Submitters stamp created_at before this transaction, so racing submits may arrive out
             # of stamp order: clamp to the newest retained task's, keeping creation times
             # non-decreasing in seq (listing) order.
-            newest = conn.execute("SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1").fetchone()
-            last_created = newest[0] if newest else -math.inf
+            last_created = -math.inf if newest is None else newest
             for task in tasks:
                 if task.created_at < last_created:
                     task = task._replace(created_at=last_created)
@@ -407,7 +450,8 @@ class SqliteStore(TaskStore):
                 else:
                     outcomes.append(DuplicateTask(task.id))
             admitted = sum(isinstance(outcome, Task) for outcome in outcomes)
-            generation = _next_generation(conn) if admitted else 0
+            if not admitted:
+                conn.execute("ROLLBACK")  # a refusal writes nothing
         if admitted:
             with self._wakeup:
                 self._generation = max(self._generation, generation)
@@ -421,10 +465,7 @@ class SqliteStore(TaskStore):
         due = task.next_attempt_at if task.next_attempt_at is not None else task.created_at
         return bool(
             conn.execute(
-                f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
-                        request_id, due_at, state_seq)
-                    VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
-                    ON CONFLICT (id) DO NOTHING""",
+                _INSERT,
                 (
                     task.id, _json(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
                     task.request_id, due,
@@ -437,6 +478,12 @@ class SqliteStore(TaskStore):
     def claim(self, owner: str, lease_until: float) -> Task | None:
         with self._wakeup:
             tickets, rescheduled = self._tickets, self._rescheduled
+        seen = getattr(self._local, "seen", None)
+        if seen is not None and not tickets and seen[1] == rescheduled and not self._due_now(rescheduled):
+            # This thread's last claim found nothing (a worker whose finish claimed nothing comes
+            # straight back) and a read says nothing is due yet: the same answer as a claim, at
+            # the moment of the read, without taking the write lock from those who write.
+            return None
         with self._step(synced=False) as conn:  # lost in a power cut, the attempt runs again: at least once
             claimed = self._claim(conn, owner, lease_until, self._clock(), rescheduled)
         if claimed is None:
@@ -473,23 +520,28 @@ class SqliteStore(TaskStore):
         check_transition(State.QUEUED, State.RUNNING)
         row = conn.execute(_CLAIM, {"now": now, "owner": owner, "until": lease_until}).fetchone()
         if row is not None:
+            self._local.seen = None
             return _task(row)
         # What this claim saw; a later change ends the next wait_for_work of this thread.
         self._local.seen = (_count(conn, "generation"), rescheduled)
         return None
+
+    def _due_now(self, rescheduled: int) -> bool:
+        """Whether a task is due (read only); if not, what was seen then is this thread's new ``seen``."""
+        try:
+            ((generation, due),) = self._query(_DUE, {"now": self._clock()})
+        except StoreUnavailable:
+            return True  # the claim itself will tell
+        if due is None:
+            self._local.seen = (generation, rescheduled)
+        return due is not None
 
     def _claimed_nothing(self, tickets: int) -> None:
         with self._wakeup:  # nothing was due: the tickets older than this claim announce nothing
             self._tickets = max(0, self._tickets - tickets)
 
     def seconds_until_due(self) -> float | None:
-        found = self._read(
-            lambda conn: [
-                conn.execute(f"SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind}")
-                .fetchone()[0]
-                for index, kind in _QUEUED
-            ]
-        )
+        (found,) = self._query(_NEXT_DUE_TIMES)
         due = [d for d in found if d is not None]
         return max(0.0, min(due) - self._clock()) if due else None
 
@@ -532,7 +584,7 @@ class SqliteStore(TaskStore):
             interval = min(interval * 2, self._poll_max)
 
     def _read_generation(self) -> int:
-        return self._read(lambda conn: _count(conn, "generation"))
+        return self._query(_GENERATION)[0][0]
 
     def wake(self) -> None:
         """Release every waiting worker; later waits return at once too (the pool is stopping)."""
@@ -724,25 +776,41 @@ class SqliteStore(TaskStore):
 # The two kinds of queued tasks, each with the partial index that yields them in claim order.
 _QUEUED = (("tasks_retry", "attempts > 0"), ("tasks_new", "attempts = 0"))
 # The next task to claim at :now: the first due retry (they were accepted earlier), else the
-# task due longest. Two index probes, one statement.
+# task due longest. Two index probes, one expression: coalesce evaluates the second only when the
+# first finds nothing, and no temporary b-tree sorts them (as ORDER BY over a UNION ALL did).
 _NEXT_DUE = (
-    "SELECT seq FROM ("
-    + " UNION ALL ".join(
-        f"""SELECT {rank} AS rank, seq FROM (SELECT seq FROM tasks INDEXED BY {index}
+    "SELECT coalesce("
+    + ", ".join(
+        f"""(SELECT seq FROM tasks INDEXED BY {index}
             WHERE state = 'queued' AND {kind} AND due_at <= :now ORDER BY due_at, seq LIMIT 1)"""
-        for rank, (index, kind) in enumerate(_QUEUED)
+        for index, kind in _QUEUED
     )
-    + ") ORDER BY rank LIMIT 1"
+    + ")"
 )
 # The next position in a state's newest-first listing; the index on (state, state_seq) makes it O(log n).
 _NEXT_STATE_SEQ = (
     "(coalesce((SELECT state_seq FROM tasks WHERE state = {state} ORDER BY state_seq DESC LIMIT 1), 0) + 1)"
 )
+# The due time of the next retry and of the next new task, each read from its own index.
+_NEXT_DUE_TIMES = "SELECT " + ", ".join(
+    f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
+)
+_GENERATION = "SELECT n FROM counts WHERE name = 'generation'"
+# Whether a task is due at :now, and the generation that answer goes with (see SqliteStore.claim).
+_DUE = f"SELECT n, ({_NEXT_DUE}) FROM counts WHERE name = 'generation'"
 # Claim the next due task: it runs under the owner's lease.
 _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
         state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
     WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}"""
+# What admission reads first, with the generation bump its new work needs (see SqliteStore.admit).
+_ADMISSION = """UPDATE counts SET n = n + 1 WHERE name = 'generation'
+    RETURNING n, (SELECT n FROM counts WHERE name = 'waiting'),
+        (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1)"""
+_INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
+        request_id, due_at, state_seq)
+    VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
+    ON CONFLICT (id) DO NOTHING"""
 # Finished tasks past their retention are invisible even before a write step deletes them.
 _RETAINED = "(finished_at IS NULL OR finished_at >= ?)"
 
