@@ -204,6 +204,16 @@ def test_admissions_that_queue_behind_one_in_flight_go_together_in_arrival_order
     assert not store._admitting and not store._admissions
 
 
+def test_a_full_store_still_tells_a_duplicate_from_a_new_task(make, clock):
+    store = make(capacity=1)
+    store.admit([new("a", clock)])
+    duplicate, full, also_full = store.admit([new("a", clock), new("b", clock), new("b", clock)])
+    assert isinstance(duplicate, DuplicateTask) and isinstance(full, QueueFull) and isinstance(also_full, QueueFull)
+    store.claim("me", clock.time() + 30)
+    assert [t.id for t in store.admit([new("b", clock), new("c", clock)]) if isinstance(t, Task)] == ["b"]
+    assert [t.id for t in store.list()] == ["b", "a"]
+
+
 def test_a_failed_round_trip_fails_every_admission_it_carried_and_the_next_one_goes(make, server, clock):
     store = make()
     entered, release = _hold_first_admission(store)

@@ -168,26 +168,35 @@ local waiting = redis.call('ZCARD', P .. ':new')
 -- run backwards in listing order. Times stay the exact strings the submitters wrote.
 local last = redis.call('GET', P .. ':created')
 local out, admitted = {}, 0
+local next_seq, last_seq = 1, 0  -- sequence numbers reserved by this call and not used yet
 for i = 6, #ARGV do
   local task = cjson.decode(ARGV[i])
   local key = P .. ':t:' .. task.id
-  if redis.call('EXISTS', key) == 1 then
-    out[#out + 1] = 'duplicate'
-  elseif waiting >= capacity then
-    out[#out + 1] = 'full'
+  if waiting >= capacity then  -- a full store only looks
+    out[#out + 1] = redis.call('EXISTS', key) == 1 and 'duplicate' or 'full'
   else
-    if last and tonumber(task.created_at) < tonumber(last) then task.created_at = last end
-    last = task.created_at
-    local seq = redis.call('INCR', P .. ':seq')
-    redis.call('ZADD', P .. ':all', seq, task.id)
-    redis.call('ZADD', P .. ':st:queued', seq, task.id)
-    task.queue_member = enqueue(':new', tonumber(task.next_attempt_at or task.created_at), task.id, seq)
-    local flat = {}
-    for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
-    redis.call('HSET', key, unpack(flat))
-    waiting = waiting + 1
-    admitted = admitted + 1
-    out[#out + 1] = task.created_at
+    if next_seq > last_seq then  -- one INCRBY for the tasks left rather than an INCR per task
+      last_seq = redis.call('INCRBY', P .. ':seq', #ARGV - i + 1)
+      next_seq = last_seq - (#ARGV - i)
+    end
+    -- Every retained task's id is in P:all (admission adds both it and the hash, forget removes
+    -- both): adding the id there unless present is the duplicate check.
+    if redis.call('ZADD', P .. ':all', 'NX', next_seq, task.id) == 0 then
+      out[#out + 1] = 'duplicate'
+    else
+      local seq = next_seq
+      next_seq = next_seq + 1
+      if last and tonumber(task.created_at) < tonumber(last) then task.created_at = last end
+      last = task.created_at
+      redis.call('ZADD', P .. ':st:queued', seq, task.id)
+      task.queue_member = enqueue(':new', tonumber(task.next_attempt_at or task.created_at), task.id, seq)
+      local flat = {}
+      for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
+      redis.call('HSET', key, unpack(flat))
+      waiting = waiting + 1
+      admitted = admitted + 1
+      out[#out + 1] = task.created_at
+    end
   end
 end
 if admitted > 0 then
