@@ -31,9 +31,13 @@ def token_required(view: Callable[_P, _R]) -> Callable[_P, _R]:
     return guarded
 
 
-def require_token() -> None:
-    """Raise a 401 Problem unless the current request carries the configured token (if any)."""
-    token = services().config.api_token
+def require_token(token: str | None = None) -> None:
+    """Raise a 401 Problem unless the current request carries the configured token (if any).
+
+    ``token``: the configured one, from a caller that has the settings at hand (else they are looked up).
+    """
+    if token is None:
+        token = services().config.api_token
     if token:
         check_bearer(request.headers.get("Authorization"), token)
 

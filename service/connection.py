@@ -33,9 +33,9 @@ _BODY_READ = "workerpool.body_read"  # environ key set once the whole body has b
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-def mark_body_read() -> None:
-    """Record that the current request's body was read to its end."""
-    request.environ[_BODY_READ] = True
+def mark_body_read(environ: dict[str, Any] | None = None) -> None:
+    """Record that the current request's body (or the one of ``environ``) was read to its end."""
+    (request.environ if environ is None else environ)[_BODY_READ] = True
 
 
 def init_app(app: Flask) -> None:

@@ -599,3 +599,31 @@ def test_the_location_of_a_task_is_what_url_for_builds(task_id, script_name):
 @functools.cache
 def _location_app():
     return make_harness(instant).app
+
+
+@given(
+    task_id=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=40),
+    root=st.sampled_from(["", "/app", "/caf\u00e9", "/a b", "//twice", "/100%", "/q?x"]),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_location_header_of_a_202_is_what_werkzeug_would_send(task_id, root):
+    from flask import request
+    from werkzeug.urls import iri_to_uri
+
+    from service.api import accepted, task_url
+
+    location = task_url(task_id, root)
+    with _location_app().test_request_context("/enqueue", method="POST"):
+        _, status, headers = accepted({"id": task_id}, location).get_wsgi_response(request.environ)
+    assert status == "202 ACCEPTED"
+    assert dict(headers)["Location"] == iri_to_uri(location)  # what werkzeug's own pass would send
+
+
+def test_the_202_body_is_the_task_in_utf_8_json(client):
+    response = enqueue(client, {"id": "ünï-1", "payload": "x", "max_retries": 2})
+    assert response.status_code == 202
+    assert response.headers["Content-Length"] == str(len(response.data))
+    assert response.data.endswith(b"\n")  # as jsonify ends every other JSON body
+    task = json.loads(response.data.decode("utf-8"))
+    assert set(task) == TASK_FIELDS
+    assert (task["id"], task["max_retries"], task["state"]) == ("ünï-1", 2, "queued")
