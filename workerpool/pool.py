@@ -190,14 +190,19 @@ class WorkerPool:
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
         self._finals: Counter[State] = Counter()  # final states reached through this pool
+        # Submissions past the closing check whose store step has not ended:
+        # the drain waits for them before it looks for unfinished work.
+        self._admitting = 0
+        # _order_lock must be held while changing _in_flight and _turn_waiters
+        # (see "the order observers hear of a task" below); it is never held
+        # with _lock. A lock of its own: a submitter marks a whole batch under
+        # it, and the workers, which take _lock once per task, never wait for that.
+        self._order_lock = threading.Lock()
         # Tasks whose last change is not yet heard by the observers, and how
         # many such changes are in flight: whoever changes such a task next
         # waits before telling (see _wait_turn), on an Event in _turn_waiters.
         # Submissions are marked only when there are observers to hear them.
         self._in_flight: dict[str, int] = {}
-        # Submissions past the closing check whose store step has not ended:
-        # the drain waits for them before it looks for unfinished work.
-        self._admitting = 0
         self._turn_waiters: dict[str, threading.Event] = {}
         self._step_cancel = threading.Event()  # step()'s cancel event, reused until it is set
         self._cancel_early: set[str] = set()  # cancelled before their worker registered the attempt
@@ -288,15 +293,15 @@ class WorkerPool:
 
     def _admit(self, tasks: list[Task]) -> list[Task | SubmitError]:
         observed = bool(self._observers)
+        ids = [task.id for task in tasks] if observed else []
         with self._lock:
             if self._closing and not self._store.shared:
                 return [PoolClosed() for _ in tasks]
             started = not self._threads and self._start_locked()
             self._admitting += 1
-            if observed:  # the order of what observers hear; without them there is none to keep
-                in_flight = self._in_flight
-                for task in tasks:  # before the store step: a worker may claim the task at once
-                    in_flight[task.id] = in_flight.get(task.id, 0) + 1
+        if observed:  # the order of what observers hear; without them there is none to keep
+            with self._order_lock:
+                self._enter_in_flight(ids)  # before the store step: a worker may claim the task at once
         try:
             results = self._store.admit(tasks)
             if observed or log.isEnabledFor(logging.DEBUG):
@@ -306,11 +311,11 @@ class WorkerPool:
                 if observed and queued:
                     self._notify("tasks_queued", queued)
         finally:
+            if observed:
+                with self._order_lock:
+                    self._leave_in_flight_all(ids)
             with self._lock:
                 self._admitting -= 1
-                if observed:
-                    for task in tasks:
-                        self._leave_in_flight(task.id)
                 closing = self._closing
             if closing:
                 self._drain_wakeup.set()
@@ -455,6 +460,10 @@ class WorkerPool:
         if self._cancel_early and task_id in self._cancel_early:
             self._cancel_early.discard(task_id)
             attempt.cancelled_early = True
+        # Read without _order_lock (one dict lookup, atomic under the GIL): a task is marked before
+        # the store step that lets a worker claim it, so a worker that claimed it sees the mark
+        # unless its observers have heard already. Taking _order_lock here would make every worker
+        # wait, once per task, for a submitter marking a batch.
         attempt.waits_turn = task_id in self._in_flight
 
     def _run_attempt(self, attempt: Attempt, *, claim_next: bool = False) -> Attempt | None:
@@ -517,7 +526,8 @@ class WorkerPool:
             with self._lock:
                 timed_out = attempt.timed_out
                 attempt.ending = not timed_out
-                if retry_at is not None and not timed_out:  # another worker may claim the retry before it is heard
+            if retry_at is not None and not timed_out:  # another worker may claim the retry before it is heard
+                with self._order_lock:
                     self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
             if timed_out:  # the watchdog ended the attempt already
                 _log(
@@ -552,7 +562,8 @@ class WorkerPool:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
                 with self._lock:
                     attempt.recording = False
-                    if retry_at is not None:
+                if retry_at is not None:
+                    with self._order_lock:
                         self._leave_in_flight(task.id)
                 raise
             self._forget_attempt(attempt, None, retry_at)
@@ -590,11 +601,12 @@ class WorkerPool:
         claimed = attempt.claimed_next
         if claimed is not None:
             successor = Attempt(claimed, attempt.cancel, self._monotonic(), attempt.thread)
+        if retry_at is not None:
+            with self._order_lock:
+                self._leave_in_flight(task.id)
         with self._lock:
             if self._running.get(task.id) is attempt:
                 del self._running[task.id]
-            if retry_at is not None:
-                self._leave_in_flight(task.id)
             if ended is not None and ended.state in FINAL_STATES:
                 self._finals[ended.state] += 1
             if claimed is not None:  # one hold for this end and the next start: the worker goes straight on
@@ -769,7 +781,7 @@ class WorkerPool:
                 seconds, _stuck_thread_fate(worker, replacement, stuck, self._max_stuck),
             )  # fmt: skip
         if attempt.retry_at is not None:
-            with self._lock:  # another worker may claim the retry before attempt_finished is heard
+            with self._order_lock:  # another worker may claim the retry before attempt_finished is heard
                 self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
         self._finish_attempt(attempt, TIMED_OUT.format(self._attempt_timeout), None, attempt.retry_at)
 
@@ -796,7 +808,7 @@ class WorkerPool:
     # Only submissions and retries are marked: they are the changes after
     # which another thread can change the task at once.
 
-    def _leave_in_flight(self, task_id: str) -> None:  # _lock is held
+    def _leave_in_flight(self, task_id: str) -> None:  # _order_lock is held
         left = self._in_flight[task_id] - 1
         if left:
             self._in_flight[task_id] = left
@@ -807,9 +819,35 @@ class WorkerPool:
             if waiter is not None:
                 waiter.set()
 
+    def _enter_in_flight(self, ids: list[str]) -> None:  # _order_lock is held
+        """Mark a submission's tasks; a batch of new ids in one step in C."""
+        in_flight = self._in_flight
+        if len(ids) > 1 and in_flight.keys().isdisjoint(ids) and len(set(ids)) == len(ids):
+            in_flight.update(dict.fromkeys(ids, 1))
+            return
+        for task_id in ids:
+            in_flight[task_id] = in_flight.get(task_id, 0) + 1
+
+    def _leave_in_flight_all(self, ids: list[str]) -> None:  # _order_lock is held
+        """``_leave_in_flight`` for each id, the common case (each marked once) in C."""
+        in_flight = self._in_flight
+        if len(ids) <= 1 or len(set(ids)) != len(ids):
+            for task_id in ids:
+                self._leave_in_flight(task_id)
+            return
+        counts = list(map(in_flight.pop, ids))
+        if counts.count(1) != len(counts):  # some marked again meanwhile (a duplicate submission in flight)
+            for task_id, count in zip(ids, counts, strict=True):
+                if count > 1:
+                    in_flight[task_id] = count - 1
+        if self._turn_waiters:
+            for task_id in ids:
+                if task_id not in in_flight and (waiter := self._turn_waiters.pop(task_id, None)) is not None:
+                    waiter.set()
+
     def _wait_turn(self, task_id: str, timeout: float = 10.0) -> None:
         """Wait (a bounded time) until the observers have heard the task's earlier changes."""
-        with self._lock:
+        with self._order_lock:
             if task_id not in self._in_flight:
                 return
             heard = self._turn_waiters.setdefault(task_id, threading.Event())
@@ -899,10 +937,12 @@ class WorkerPool:
             # Clear before looking: whoever changes what is looked at below
             # (a finished attempt, a nearer deadline) sets it afterwards.
             self._drain_wakeup.clear()
+            with self._order_lock:
+                unheard = bool(self._in_flight)
             with self._lock:
                 # A submission in flight may still land: wait for it even past the deadline. An
                 # attempt counts until its bookkeeping is done, so the summary includes its outcome.
-                in_flight, running = bool(self._admitting or self._in_flight), bool(self._running)
+                in_flight, running = bool(self._admitting) or unheard, bool(self._running)
                 remaining = self._deadline - self._monotonic()
             if not in_flight and (remaining <= 0 or not (running or self._unfinished_here())):
                 break
