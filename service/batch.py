@@ -80,6 +80,7 @@ def enqueue_batch() -> Response:
     admitted = iter(svc.pool.submit_many([item for item in items if isinstance(item, TaskSpec)]))
     results: list[dict[str, Any]] = []
     refusals: list[Exception] = []
+    unavailable: dict[tuple[int, str], list[int]] = {}  # 5xx refusals by (status, detail): their task indexes
     root_path = request.root_path
     for index, item in enumerate(items):
         outcome = next(admitted) if isinstance(item, TaskSpec) else item
@@ -89,6 +90,9 @@ def enqueue_batch() -> Response:
         refusals.append(outcome)
         problem = submit_problem(outcome) if isinstance(outcome, SubmitError) else outcome
         results.append(_refusal(problem))
+        if problem.status >= 500:  # the service's state, not the task's fault: one line for the batch (below)
+            unavailable.setdefault((problem.status, problem.detail), []).append(index)
+            continue
         task_id = item.id if isinstance(item, TaskSpec) else None
         log.info(
             "batch task %d%s refused: %d %s",
@@ -97,6 +101,18 @@ def enqueue_batch() -> Response:
             problem.status,
             problem.detail,
             extra={"task_id": task_id, "request_id": rid},
+        )
+    # A full queue refuses every task that does not fit, often most of a batch and batch after batch:
+    # a line for each of them would flood the log exactly when the service is overloaded.
+    for (status, detail), indexes in unavailable.items():
+        log.info(
+            "batch: %d of %d task(s) refused, the first task %d: %d %s",
+            len(indexes),
+            len(items),
+            indexes[0],
+            status,
+            detail,
+            extra={"task_id": None, "request_id": rid},
         )
     svc.metrics.count_rejections(refusals)
     # orjson: encoding a thousand results with the json module cost more than validating them.

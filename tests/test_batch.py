@@ -134,6 +134,26 @@ def test_a_full_queue_takes_what_fits_and_refuses_the_rest_with_retry_after(gate
     assert harness.pool.get("b").state is State.DONE
 
 
+def test_the_tasks_a_full_queue_refuses_are_logged_in_one_line_with_the_request_id(gate, caplog):
+    caplog.set_level(logging.INFO, logger="service.batch")
+    harness = make_harness(gate, config=BATCH_CONFIG, workers=1, queue_size=2)
+    try:
+        assert harness.client.post("/enqueue", json=task("running")).status_code == 202
+        gate.wait_started()
+        body = {"tasks": [task("a"), task("b"), task("c"), task("a"), task("d")]}
+        response = post_batch(harness.client, body, headers={"X-Request-ID": "rid-full"})
+        assert statuses(response) == [202, 202, 503, 409, 503]
+    finally:
+        gate.open()
+        harness.drain()
+    lines = [(r.getMessage(), r.task_id, r.request_id) for r in caplog.records if r.name == "service.batch"]
+    assert lines == [
+        ("batch task 3 ('a') refused: 409 a task with id 'a' already exists", "a", "rid-full"),
+        ("batch: 2 of 5 task(s) refused, the first task 2: 503 the queue is full (2 tasks waiting); retry later", None,
+         "rid-full"),
+    ]
+
+
 def test_a_batch_after_shutdown_began_is_refused_task_by_task(harness):
     harness.drain()
     response = post_batch(harness.client, {"tasks": [task("a"), task("b", max_retries=99)]})
