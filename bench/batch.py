@@ -1,5 +1,5 @@
 """Figure 6: tasks accepted per second over HTTP, batches of 100 and 1,000 against POST /enqueue, with the
-engine finishing them (a no-op handler) in the same process."""
+engine finishing them (a no-op handler) in the same process; then the rate a bounded queue sustains."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ ENV = {
     "TASK_HANDLER": "bench.engine:noop",
     "SHUTDOWN_TIMEOUT_S": "0",  # the server is killed, not drained
 }
+# The second server: a bound a deployment would set. Whatever the workers do not finish is refused (503 per
+# task) once the queue is full, so accepted tasks/s settles at what the engine finishes: the sustained rate.
+BOUNDED_ENV = {**ENV, "QUEUE_SIZE": "10000"}
 _COUNTERS = {
     "accepted": re.compile(r"^workerpool_tasks_accepted_total ([0-9.e+]+)$", re.M),
     "finished": re.compile(r'^workerpool_tasks_finished_total\{state="done"\} ([0-9.e+]+)$', re.M),
@@ -124,7 +127,74 @@ def batch_throughput(run: Run, sizes: tuple[int, ...] = BATCH_SIZES) -> None:
     )
     if refused:
         text += f"\n\n- {refused:,} tasks or requests were refused (expected none)."
-    run.sections["6. Batch submission"] = text + "\n\n" + profile
+    run.sections["6. Batch submission"] = text + "\n\n" + _sustained(run, sizes) + "\n\n" + profile
+
+
+def _sustained(run: Run, sizes: tuple[int, ...]) -> str:
+    """Batches against a bounded queue: tasks accepted, finished and refused per second (the sustained rate),
+    from producers that ignore Retry-After (wrk as above) and from producers that honour it."""
+    variants = [(size, honour) for honour in (False, True) for size in sizes]
+    labels = {
+        (size, honour): f"batches of {size:,}, producer {'honours' if honour else 'ignores'} Retry-After"
+        for size, honour in variants
+    }
+    accepted: dict[str, list[float]] = {label: [] for label in labels.values()}
+    finished: dict[str, list[float]] = {label: [] for label in labels.values()}
+    refused: dict[str, list[float]] = {label: [] for label in labels.values()}
+    with Server("batch-bounded", env=BOUNDED_ENV) as server:
+        server.wait_ready()
+        run.record(server.command)
+        run.wrk(server.url, "/enqueue/batch", seconds=1, batch=sizes[0])  # warm-up
+        wait_idle(server)
+        for round_no in range(run.rounds):
+            shift = round_no % len(variants)
+            for size, honour in variants[shift:] + variants[:shift]:
+                label = labels[size, honour]
+                before = _counters(server)
+                result = run.wrk(server.url, "/enqueue/batch", batch=size, honour_retry=honour)
+                after = _counters(server)
+                seconds = result["seconds"]
+                accepted[label].append((after["accepted"] - before["accepted"]) / seconds)
+                finished[label].append((after["finished"] - before["finished"]) / seconds)
+                refused[label].append((after["rejected"] - before["rejected"]) / seconds)
+                run.progress(
+                    f"fig 6 bounded round {round_no + 1}/{run.rounds} {label:52} accepted "
+                    f"{accepted[label][-1]:9,.0f} tasks/s, finished {finished[label][-1]:9,.0f} tasks/s, "
+                    f"refused {refused[label][-1]:9,.0f} tasks/s"
+                )
+                wait_idle(server)
+    bound = BOUNDED_ENV["QUEUE_SIZE"]
+    for size in sizes:
+        value = spread(finished[labels[size, True]]).median
+        run.summary.append(
+            (
+                f"6. tasks/s sustained, QUEUE_SIZE={bound}, producers honouring Retry-After, batches of {size:,}",
+                f"{value:,.0f}",
+                f">= {GOAL_TASKS_PER_S:,}",
+                verdict(value >= GOAL_TASKS_PER_S),
+            )
+        )
+    rows = [
+        [
+            label,
+            spread(accepted[label]).fmt(),
+            spread(finished[label]).fmt(),
+            ratios(finished[label], accepted[label]).fmt(".2f"),
+            spread(refused[label]).fmt(),
+        ]
+        for label in labels.values()
+    ]
+    return (
+        f"The rate the service sustains: the same server and load with `QUEUE_SIZE={bound}` (a bound a "
+        "deployment would set): once the queue is full, a task the workers have not made room for is refused "
+        "(`503` in its batch entry, with `retry_after`) instead of queued, so tasks accepted per second settle at "
+        f"what the engine finishes (they can differ by at most the queue's {int(bound):,} tasks over a run). "
+        "wrk ignores `Retry-After` and sends its next batch at once, so refusing tasks takes the same threads "
+        "and interpreter as finishing them; a producer that honours it (`bench/enqueue_retry.lua`: each "
+        "connection of a wrk thread that got a `retry_after` pauses that long once) leaves the workers the "
+        "time. The summary's sustained figure is tasks finished per second with producers that honour it.\n\n"
+        + table(["producer", "tasks accepted/s", "tasks finished/s", "finished / accepted", "tasks refused/s"], rows)
+    )
 
 
 def _profile(run: Run, server: Server, size: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .server import ROOT
 
 LUA = "bench/enqueue.lua"
+LUA_RETRY = "bench/enqueue_retry.lua"  # the same batches from a producer that honours Retry-After
 
 
 @dataclass
@@ -42,9 +43,18 @@ class Run:
         """A B, then B A: alternating rounds cancel a linear drift of the machine."""
         return (a, b) if round_no % 2 == 0 else (b, a)
 
-    def wrk(self, url: str, path: str, *, seconds: int | None = None, payload_bytes: int = 64, batch: int = 0) -> dict:
+    def wrk(
+        self,
+        url: str,
+        path: str,
+        *,
+        seconds: int | None = None,
+        payload_bytes: int = 64,
+        batch: int = 0,
+        honour_retry: bool = False,
+    ) -> dict:
         """One wrk run posting unique task ids to ``path`` (``batch`` tasks per request if given); returns the
-        script's JSON summary."""
+        script's JSON summary. ``honour_retry``: each connection pauses for a batch answer's ``retry_after``."""
         seconds = seconds or self.wrk_seconds
         args = [
             "wrk",
@@ -54,13 +64,15 @@ class Run:
             "--timeout",
             "10s",
             "-s",
-            LUA,
+            LUA_RETRY if honour_retry else LUA,
             url,
             "--",
             path,
         ]
         template = " ".join(args).replace(url, "http://127.0.0.1:$PORT") + " <run-id>"
         extra = [str(payload_bytes), str(batch)] if batch else [str(payload_bytes)]
+        if honour_retry:
+            extra.append(str(self.wrk_connections // self.wrk_threads))
         self.record(template + (f" {' '.join(extra)}" if batch or payload_bytes != 64 else ""))
         run_id = uuid.uuid4().hex[:12]
         out = subprocess.run([*args, run_id, *extra], cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60)
