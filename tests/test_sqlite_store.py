@@ -471,3 +471,53 @@ def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_on
     for thread in threads:
         thread.join(WAIT_S)
     assert syncs.count == 2  # a's, then one for both b and c
+
+
+def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, clock, db, monkeypatch):
+    held, release = threading.Event(), threading.Event()
+
+    def stalling_clock():  # the first step to read the clock holds the write lock until released
+        if not held.is_set():
+            held.set()
+            assert release.wait(WAIT_S)
+        return clock.time()
+
+    store = open_store(synchronous="FULL", capacity=3, clock=stalling_clock)
+    syncs = _WalSyncs(db, os.fdatasync)
+    monkeypatch.setattr(os, "fdatasync", syncs)
+    outcomes: dict[str, list] = {}
+
+    def submit(name, *ids):
+        outcomes[name] = store.admit([task(clock, task_id) for task_id in ids])
+
+    first = threading.Thread(target=submit, args=("first", "a"))
+    first.start()
+    assert held.wait(WAIT_S)  # "a" holds the write lock
+    waiting = [
+        threading.Thread(target=submit, args=(name, *ids))
+        for name, ids in (("b", ("b",)), ("again", ("b", "a")), ("full", ("c", "d")))
+    ]
+    deadline = time.monotonic() + WAIT_S
+    for queued, thread in enumerate(waiting, 1):
+        thread.start()
+        while len(store._admissions) < queued:  # one after the other, each waiting for the lock
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.001)
+    release.set()
+    for thread in (first, *waiting):
+        thread.join(WAIT_S)
+    assert syncs.count == 2  # a's commit, then one commit (one fsync) for the three waiting
+    # The outcomes of admitting them one after the other, in the order they queued.
+    assert [t.id for t in outcomes["first"]] == ["a"]
+    assert [t.id for t in outcomes["b"]] == ["b"]
+    assert [type(o) for o in outcomes["again"]] == [DuplicateTask, DuplicateTask]
+    assert [type(o) for o in outcomes["full"]] == [Task, QueueFull]  # capacity 3: a, b, c
+    assert sorted(t.id for t in store.list()) == ["a", "b", "c"]
+
+
+def test_a_payload_that_is_not_json_fails_only_its_own_admission(open_store, clock):
+    store = open_store()
+    with pytest.raises(TypeError):
+        store.admit([task(clock, "bad", payload=object())])
+    assert store.admit([task(clock, "good")])[0].id == "good"
+    assert store.get("bad") is None

@@ -36,6 +36,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -113,6 +114,16 @@ END;
 _MIGRATIONS: dict[int, str] = {}
 
 
+@dataclass(slots=True)
+class _Admission:
+    """One call of ``admit`` waiting for the write lock; what it gets is set under that lock."""
+
+    tasks: list[tuple[Task, str]]  # each with its payload as JSON
+    outcomes: list[Task | SubmitError] | None = None  # set once the step that took it ended
+    failure: str | None = None  # why that step failed: nothing of it was stored
+    commit: int = 0  # the commit that stored it (for FULL's fsync), 0 if none
+
+
 class SqliteStore(TaskStore):
     """Tasks in the SQLite file at ``path``, shared by every process that opens it.
 
@@ -177,6 +188,10 @@ class SqliteStore(TaskStore):
         # wrote to the file drops its whole page cache and reads every page it
         # touches again: with a connection per thread, nearly every step did.
         self._writer: sqlite3.Connection | None = None
+        # _admissions_lock must be held while touching _admissions: the admissions
+        # waiting for the write lock, all admitted by whoever takes it first (see admit).
+        self._admissions_lock = threading.Lock()
+        self._admissions: list[_Admission] = []
         self._commits = 0  # write steps committed by this process (under _write_lock)
         # _sync_lock must be held while syncing the WAL or touching the two below.
         self._sync_lock = threading.Lock()
@@ -285,29 +300,39 @@ class SqliteStore(TaskStore):
         writes nothing and waits for no fsync.
         """
         with self._write_lock:
-            conn = self._write_connection()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:  # another process holds the lock: wait for it
-                if _primary_code(exc) != sqlite3.SQLITE_BUSY:
-                    raise
-                self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
-            changes = conn.total_changes
+            conn, changes = self._begin()
             try:
                 yield conn
-                if not conn.in_transaction:  # rolled back by the step
-                    self._local.wrote = False
-                    return
-                conn.execute("COMMIT")
+                commit = self._commit(conn, changes)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            self._local.wrote = wrote = conn.total_changes != changes  # a commit that changed nothing writes nothing
-            self._commits += wrote
-            commit = self._commits
-        if wrote and synced and self.synchronous == "FULL":
+        if commit and synced and self.synchronous == "FULL":
             self._sync_wal(commit)
+
+    def _begin(self) -> tuple[sqlite3.Connection, int]:  # _write_lock is held
+        """Open a write transaction on the writer: the connection and its count of changes so far."""
+        conn = self._write_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # another process holds the lock: wait for it
+            if _primary_code(exc) != sqlite3.SQLITE_BUSY:
+                raise
+            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+        return conn, conn.total_changes
+
+    def _commit(self, conn: sqlite3.Connection, changes: int) -> int:  # _write_lock is held
+        """Commit (unless the step rolled back); this process's number for the commit, 0 if it wrote nothing."""
+        if not conn.in_transaction:  # rolled back by the step
+            self._local.wrote = False
+            return 0
+        conn.execute("COMMIT")
+        self._local.wrote = wrote = conn.total_changes != changes  # a commit that changed nothing writes nothing
+        if not wrote:
+            return 0
+        self._commits += 1
+        return self._commits
 
     def _sync_wal(self, commit: int) -> None:
         """Return once the WAL is synced past this process's commit number ``commit``."""
@@ -420,54 +445,119 @@ class SqliteStore(TaskStore):
     # -- admission -------------------------------------------------------------
 
     def admit(self, tasks: Sequence[Task]) -> list[Task | SubmitError]:
-        outcomes: list[Task | SubmitError] = []
-        with self._step() as conn:
-            now = self._clock()
-            horizon = now - self._ttl
-            # One statement: the room left under the bound, the newest task's creation time, and
-            # the generation bump that tells other processes' idle workers of new work (rolled
-            # back below with the rest when nothing is admitted).
-            generation, waiting, newest = conn.execute(_ADMISSION).fetchone()
-            room = self.capacity - waiting
-            # Submitters stamp created_at before this transaction, so racing submits may arrive out
-            # of stamp order: clamp to the newest retained task's, keeping creation times
-            # non-decreasing in seq (listing) order.
-            last_created = -math.inf if newest is None else newest
-            for task in tasks:
-                if task.created_at < last_created:
-                    task = task._replace(created_at=last_created)
-                if room <= 0:  # a duplicate is reported as such even when there is no room
-                    known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
-                    outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
-                elif self._insert(conn, task) or (
-                    # The id may belong to a task past its time that no sweep deleted yet: forget it now.
-                    conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ?", (task.id, horizon)).rowcount
-                    and self._insert(conn, task)
-                ):
-                    room -= 1
-                    last_created = task.created_at
-                    outcomes.append(task)  # stored as given (clamped): its snapshot
-                else:
-                    outcomes.append(DuplicateTask(task.id))
-            admitted = sum(isinstance(outcome, Task) for outcome in outcomes)
-            if not admitted:
-                conn.execute("ROLLBACK")  # a refusal writes nothing
+        """See ``TaskStore.admit``. Admissions that wait for the write lock together are written together.
+
+        Each admission joins ``_admissions`` and then takes the write lock;
+        whoever gets it first admits every admission waiting by then, in
+        order, in one transaction (the outcome is that of admitting them one
+        after the other), and those whose admission was done meanwhile just
+        pass the lock on. Under concurrent requests this spares a
+        transaction per request, and with ``FULL`` an fsync.
+        """
+        # Encoded here, so that a payload that is not JSON fails this call alone.
+        mine = _Admission([(task, _json(task.payload)) for task in tasks])
+        with self._admissions_lock:
+            self._admissions.append(mine)
+        admitted = generation = 0
+        with self._write_lock:
+            if mine.outcomes is None:
+                with self._admissions_lock:
+                    batch, self._admissions = self._admissions, []
+                admitted, generation = self._admit_batch(batch)
         if admitted:
             with self._wakeup:
                 self._generation = max(self._generation, generation)
                 self._tickets += admitted
                 self._wakeup.notify(admitted)
-        return outcomes
+        if mine.failure is not None:
+            raise StoreUnavailable(mine.failure)
+        if mine.commit and self.synchronous == "FULL":
+            try:
+                self._sync_wal(mine.commit)
+            except sqlite3.Error as exc:
+                self._failure, self._failed_at = _describe(exc), time.monotonic()
+                raise StoreUnavailable(self._failure) from None
+        assert mine.outcomes is not None
+        return mine.outcomes
+
+    def _admit_batch(self, batch: list[_Admission]) -> tuple[int, int]:  # _write_lock is held
+        """Admit ``batch`` in one transaction, giving each its outcomes; how many were admitted, and the generation."""
+        outcomes: list[Task | SubmitError] = []
+        generation = commit = 0
+        try:
+            conn, changes = self._begin()
+            try:
+                generation = self._admit_in(conn, [entry for admission in batch for entry in admission.tasks], outcomes)
+                commit = self._commit(conn, changes)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException as exc:
+            failure = _describe(exc) if isinstance(exc, sqlite3.Error) else f"admission failed: {exc!r}"
+            if isinstance(exc, sqlite3.Error):
+                self._failure, self._failed_at = failure, time.monotonic()
+            for admission in batch:
+                admission.outcomes, admission.failure = [], failure
+            if not isinstance(exc, sqlite3.Error):
+                raise  # a bug: the others in the batch report it as a store failure
+            return 0, 0
+        if self._failure is not None and self._local.wrote:
+            self._failure = None
+        start = 0
+        for admission in batch:
+            end = start + len(admission.tasks)
+            admission.outcomes, admission.commit = outcomes[start:end], commit
+            start = end
+        return sum(isinstance(outcome, Task) for outcome in outcomes), generation
+
+    def _admit_in(
+        self, conn: sqlite3.Connection, tasks: list[tuple[Task, str]], outcomes: list[Task | SubmitError]
+    ) -> int:
+        """Admit ``tasks`` (each with its payload as JSON) in the open transaction; the generation it wrote, or 0."""
+        now = self._clock()
+        horizon = now - self._ttl
+        # One statement: the room left under the bound, the newest task's creation time, and
+        # the generation bump that tells other processes' idle workers of new work (rolled
+        # back below with the rest when nothing is admitted).
+        generation, waiting, newest = conn.execute(_ADMISSION).fetchone()
+        room = self.capacity - waiting
+        # Submitters stamp created_at before this transaction, so racing submits may arrive out
+        # of stamp order: clamp to the newest retained task's, keeping creation times
+        # non-decreasing in seq (listing) order.
+        last_created = -math.inf if newest is None else newest
+        admitted = 0
+        for task, payload in tasks:
+            if task.created_at < last_created:
+                task = task._replace(created_at=last_created)
+            if room <= 0:  # a duplicate is reported as such even when there is no room
+                known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
+                outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
+            elif self._insert(conn, task, payload) or (
+                # The id may belong to a task past its time that no sweep deleted yet: forget it now.
+                conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ?", (task.id, horizon)).rowcount
+                and self._insert(conn, task, payload)
+            ):
+                room -= 1
+                admitted += 1
+                last_created = task.created_at
+                outcomes.append(task)  # stored as given (clamped): its snapshot
+            else:
+                outcomes.append(DuplicateTask(task.id))
+        if not admitted:
+            conn.execute("ROLLBACK")  # a refusal writes nothing
+            return 0
+        return generation
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, task: Task) -> bool:
+    def _insert(conn: sqlite3.Connection, task: Task, payload: str) -> bool:
         """Insert a new queued task; False if its id is taken."""
         due = task.next_attempt_at if task.next_attempt_at is not None else task.created_at
         return bool(
             conn.execute(
                 _INSERT,
                 (
-                    task.id, _json(task.payload), task.max_retries, task.created_at, task.next_attempt_at,
+                    task.id, payload, task.max_retries, task.created_at, task.next_attempt_at,
                     task.request_id, due,
                 ),
             ).rowcount
