@@ -100,12 +100,13 @@ class SendDeadline:
         if self._try_at_once:
             # Most responses fit in the socket's send buffer: one send that cannot wait, and no
             # switching of the socket's timeout (two fcntl calls each way) for them.
-            try:  # noqa: SIM105  (contextlib.suppress costs more than the send on this path)
-                remaining = remaining[self._sock.send(remaining, _DONTWAIT) :]
+            try:
+                sent = self._sock.send(remaining, _DONTWAIT)
             except BlockingIOError:
-                pass
-            if not remaining:
+                sent = 0
+            if sent == len(remaining):
                 return
+            remaining = remaining[sent:]
         with self._deadline():
             while remaining:
                 remaining = remaining[self._sock.send(remaining) :]  # TimeoutError after `timeout` without room

@@ -9,6 +9,11 @@
   pays the lookup once.
 - The ``Date`` header: ``email.utils.formatdate`` of the current time, a few
   microseconds on every response, for a text that changes once a second.
+- Every setting: gunicorn's ``Config`` answers ``cfg.name`` through
+  ``__getattr__`` (a miss, then a dict lookup and a ``Setting.get()`` call);
+  its parser and response read about twenty settings per request that way.
+  Their values are copied into the worker's ``Config`` instance, where an
+  attribute read finds them at once; ``cfg.set`` keeps the copy current.
 """
 
 from __future__ import annotations
@@ -25,9 +30,29 @@ CACHED_PEERS = 1024  # addresses remembered; a bound, as clients' addresses are 
 
 
 def install(cfg: Any) -> None:
-    """Make gunicorn use both caches, for the settings of ``cfg`` (one worker's, fixed while it runs)."""
+    """Make gunicorn use the caches, for the settings of ``cfg`` (one worker's, fixed while it runs)."""
     install_trusted_peers(cfg)
     util.http_date = cached_http_date(util.http_date)
+    copy_settings(cfg)
+
+
+def copy_settings(cfg: Any) -> None:
+    """Copy each setting's value into ``cfg``'s instance dict, where ``cfg.name`` finds it without
+    ``Config.__getattr__``; the class's properties (``is_ssl``, ``address``, ...) still take precedence."""
+    settings = cfg.settings
+    if not isinstance(settings, dict) or "set" in vars(cfg):  # another gunicorn, or copied already
+        return
+    for name, setting in settings.items():
+        if not hasattr(type(cfg), name):
+            vars(cfg)[name] = setting.get()
+    set_setting = cfg.set
+
+    def set_and_copy(name: str, value: Any) -> None:
+        set_setting(name, value)
+        if name in settings and not hasattr(type(cfg), name):
+            vars(cfg)[name] = settings[name].get()
+
+    vars(cfg)["set"] = set_and_copy
 
 
 def install_trusted_peers(cfg: Any) -> None:

@@ -83,7 +83,8 @@ class RequestReader:
     def add(self, conn: Connection, buffered: bytes = b"") -> None:
         """Wait for ``conn``'s next request; ``buffered`` holds bytes of it already read."""
         pending = _Pending(self._clock() + self._timeout, buffered)
-        conn.sock.setblocking(False)
+        if conn.sock.getblocking():  # it is not, once gthread has put it on the poller: no system call
+            conn.sock.setblocking(False)
         # A kept-alive connection comes here because it is readable: its request is usually
         # there already, and reading it now saves a turn of the poller and two (un)registrations.
         self._pending[conn] = pending

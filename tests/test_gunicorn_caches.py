@@ -54,3 +54,18 @@ def test_the_date_header_is_formatted_once_a_second_and_reads_as_gunicorns():
     assert cached(0.0) == "Thu, 01 Jan 1970 00:00:00 GMT"  # an explicit time is formatted as asked
     assert len(calls) == 3
     assert gunicorn_caches.cached_http_date(cached) is cached  # installing twice wraps once
+
+
+def test_copied_settings_read_as_gunicorns_and_follow_a_later_set():
+    cfg, reference = GunicornConfig(), GunicornConfig()
+    for c in (cfg, reference):
+        c.set("keepalive", 7)
+        c.set("certfile", "")
+    gunicorn_caches.copy_settings(cfg)
+    gunicorn_caches.copy_settings(cfg)  # a second time changes nothing
+    for name in reference.settings:
+        assert getattr(cfg, name) == getattr(reference, name), name
+    assert "keepalive" in vars(cfg) and "is_ssl" not in vars(cfg)  # properties stay the class's
+    cfg.set("keepalive", 9)
+    cfg.set("certfile", "/etc/cert.pem")
+    assert (cfg.keepalive, cfg.certfile, bool(cfg.is_ssl)) == (9, "/etc/cert.pem", True)
