@@ -80,6 +80,10 @@ def _has_body(environ: dict[str, Any]) -> bool:
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
+# A held response head is sent with the body's first bytes only up to this size (larger: not copied).
+MAX_JOINED_BYTES = 65536
+
+
 class SendDeadline:
     """A client socket whose writes fail with TimeoutError once the client took nothing for ``timeout`` seconds.
 
@@ -88,14 +92,41 @@ class SendDeadline:
     most ``timeout`` for room (``socket.sendall`` with a timeout would bound
     the whole response instead); ``sendfile`` waits the same way. Reads keep
     the socket's own timeout; everything else is the socket's.
+
+    With ``hold_head``, a first write that is a final response head (not a
+    1xx) is held and sent with the next write, the body's first bytes: gunicorn
+    writes the head and the body in two system calls (and two TCP segments),
+    always back to back. ``flush`` sends a head still held (a response
+    without a body); the caller must call it once the response is written.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, timeout: float, *, hold_head: bool = False) -> None:
         self._sock = sock
         self._timeout = timeout
         self._try_at_once = _DONTWAIT and not isinstance(sock, ssl.SSLSocket)  # TLS sockets take no flags
+        self._hold_head = hold_head
+        self._head: bytes | None = None  # the response head, held until the body's first bytes
+
+    def flush(self) -> None:
+        """Send the response head if it is still held."""
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._send(head)
 
     def sendall(self, data: bytes) -> None:
+        if self._hold_head:
+            self._hold_head = False
+            if data[:5] == b"HTTP/" and data[9:10] != b"1":  # the final head, not 100 Continue or 103
+                self._head = bytes(data)
+                return
+        if self._head is not None:
+            if len(data) <= MAX_JOINED_BYTES:
+                data, self._head = self._head + data, None
+            else:
+                self.flush()
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
         remaining = memoryview(data).cast("B")
         if self._try_at_once:
             # Most responses fit in the socket's send buffer: one send that cannot wait, and no
@@ -112,6 +143,7 @@ class SendDeadline:
                 remaining = remaining[self._sock.send(remaining) :]  # TimeoutError after `timeout` without room
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        self.flush()
         with self._deadline():
             return self._sock.sendfile(file, offset, count)
 

@@ -112,9 +112,12 @@ class DrainingThreadWorker(ThreadWorker):
     def handle_request(self, req, conn: TConn) -> bool:
         """Serve one request on a request thread, giving up on a client that stops reading its response."""
         sock = conn.sock
-        conn.sock = SendDeadline(sock, self.request_timeout)  # the response is written to conn.sock
+        # The response is written to conn.sock; its head leaves with the body's first bytes.
+        conn.sock = sending = SendDeadline(sock, self.request_timeout, hold_head=True)
         try:
-            return super().handle_request(req, conn)
+            keep_alive = super().handle_request(req, conn)
+            sending.flush()  # a response without a body: its head alone
+            return keep_alive
         except TimeoutError:
             self.log.warning(
                 "closed the connection from %s: it took nothing of the response to %s %s for %g s",
