@@ -25,6 +25,15 @@ from config import LOG_FORMATS
 from . import request_id, server_errors
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+_pid = os.getpid()  # for access lines: os.getpid() is a system call on every line
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 TEXT_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"  # gunicorn's own
 ACCESS_LOGGER = "gunicorn.access"
 
@@ -125,7 +134,7 @@ class TextFormatter(logging.Formatter):
         if second != int(entry.created):  # a race only formats the same second twice
             second, text = int(entry.created), time.strftime(TEXT_DATE_FORMAT, self.converter(entry.created))
             self._second = (second, text)
-        line = f"{text} [{os.getpid()}] [INFO] {ACCESS_LOGGER}: {escape(entry.message)}"
+        line = f"{text} [{_pid}] [INFO] {ACCESS_LOGGER}: {escape(entry.message)}"
         return line if entry.request_id is None else f"{line} request_id={escape(entry.request_id)}"
 
     def format(self, record: logging.LogRecord) -> str:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import logging.config
+import re
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -143,6 +144,8 @@ def test_gunicorn_writes_one_access_line_per_request_without_the_secrets(tmp_pat
     assert token not in log
     access = [line for line in log.splitlines() if "gunicorn.access:" in line and "request_id=rid-" in line]
     assert [line.rpartition("request_id=")[2] for line in access] == ["rid-0", "rid-1", "rid-2", "rid-3"]
+    worker = re.search(r"Booting worker with pid: (\d+)", log).group(1)
+    assert all(f"] [{worker}] [INFO] gunicorn.access: " in line for line in access)  # the worker's pid
     assert '"GET /healthz?access_token=REDACTED HTTP/1.1" 200' in access[0]
     assert '"GET /tasks/a?REDACTED HTTP/1.1" 401' in access[1]
     assert '"GET /nowhere?x=1 HTTP/1.1" 404' in access[3]
