@@ -10,6 +10,7 @@ from doubles import wait_until
 from redis_server import RedisServer, running_redis
 
 from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task
+from workerpool.stores import redis_store
 from workerpool.stores.redis_store import RedisStore, _head, _pack, connect
 
 WAIT_S = 10.0
@@ -212,6 +213,54 @@ def test_a_full_store_still_tells_a_duplicate_from_a_new_task(make, clock):
     store.claim("me", clock.time() + 30)
     assert [t.id for t in store.admit([new("b", clock), new("c", clock)]) if isinstance(t, Task)] == ["b"]
     assert [t.id for t in store.list()] == ["b", "a"]
+
+
+def test_an_admission_interrupted_while_it_waits_passes_its_turn_on(make, monkeypatch, clock):
+    store = make()
+    store.admit([])  # the script is loaded
+    entered, release = _hold_first_admission(store)
+
+    class Interrupted(redis_store._Admission):
+        """Interrupted (as by a signal on the main thread) just as its turn to send comes."""
+
+        def __init__(self, tasks):
+            super().__init__(tasks)
+            if tasks and tasks[0].id == "interrupted":
+                ready = self.ready
+
+                class Interrupting:
+                    def acquire(self):
+                        ready.acquire()
+                        raise KeyboardInterrupt
+
+                    def release(self):
+                        ready.release()
+
+                self.ready = Interrupting()
+
+    monkeypatch.setattr(redis_store, "_Admission", Interrupted)
+    outcomes: dict[str, object] = {}
+
+    def submit(task_id):
+        try:
+            outcomes[task_id] = [t.id for t in store.admit([new(task_id, clock)])]
+        except KeyboardInterrupt as exc:
+            outcomes[task_id] = exc
+
+    first = threading.Thread(target=submit, args=("first",))
+    first.start()
+    assert entered.wait(WAIT_S)
+    waiting = [threading.Thread(target=submit, args=(i,)) for i in ("interrupted", "after")]
+    for n, thread in enumerate(waiting, 1):
+        thread.start()
+        wait_until(lambda n=n: len(store._admissions) == n, timeout=WAIT_S, what="the admission to queue")
+    release.set()
+    for thread in [first, *waiting]:
+        thread.join(WAIT_S)
+    assert isinstance(outcomes.pop("interrupted"), KeyboardInterrupt)
+    assert outcomes == {"first": ["first"], "after": ["after"]}  # it sent the queue, the interrupted one left
+    assert [t.id for t in store.list()] == ["after", "first"]
+    assert not store._admitting and store.admit([new("next", clock)])[0].id == "next"
 
 
 def test_a_failed_round_trip_fails_every_admission_it_carried_and_the_next_one_goes(make, server, clock):

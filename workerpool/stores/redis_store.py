@@ -522,7 +522,11 @@ class RedisStore(TaskStore):
             lead = not self._admitting
             self._admitting = True
         if not lead:
-            mine.ready.acquire()  # released with our verdicts, or when it is our turn to send
+            try:
+                mine.ready.acquire()  # released with our verdicts, or when it is our turn to send
+            except BaseException:  # a signal's exception on the main thread: the others must go on
+                self._leave(mine)
+                raise
             if not mine.lead:
                 return self._results(tasks, mine.verdicts, mine.error)
         with self._admissions_lock:
@@ -554,6 +558,25 @@ class RedisStore(TaskStore):
             if following is not None:
                 following.ready.release()
         return self._results(tasks, mine.verdicts, None)
+
+    def _leave(self, mine: _Admission) -> None:
+        """Take a waiting admission that gave up out of the queue, and pass its turn to send on if it had it.
+
+        Its tasks may still be stored if a round trip already carries them (as
+        for a step that timed out); otherwise they were never sent.
+        """
+        with self._admissions_lock:
+            if mine in self._admissions:
+                self._admissions.remove(mine)
+            if not mine.lead:
+                return
+            following = self._admissions[0] if self._admissions else None
+            if following is not None:
+                following.lead = True
+            else:
+                self._admitting = False
+        if following is not None:
+            following.ready.release()
 
     def _results(
         self, tasks: Sequence[Task], verdicts: Sequence[bytes], error: BaseException | None
