@@ -7,10 +7,14 @@ threads and processes alike. Claims are ``UPDATE ... RETURNING``; the end of
 an attempt is a compare-and-set on (state, attempt number, lease owner), so
 a late writer whose attempt was recovered by another process changes nothing.
 
-Each thread uses its own connection (a ``sqlite3`` connection is not safe to
-share, and SQLite's locking between connections is what makes the steps
-atomic); the threads of one process take turns on a lock for their writes.
-Readers never wait for writers (WAL).
+The threads of one process take turns on a lock for their writes, and every
+write step of the process goes through one connection under that lock (its
+page cache stays warm: SQLite drops a connection's cache whenever another
+connection wrote since its last transaction); SQLite's locking between the
+processes' connections is what makes the steps atomic across processes.
+Admissions that wait for the lock together are written in one transaction.
+Reads outside a step use a connection per thread, and never wait for
+writers (WAL).
 
 SQLite has no notifications. A task admitted by this process wakes one
 waiting worker at once (a condition variable); work queued by another
@@ -21,8 +25,9 @@ nothing changes.
 Durability is ``synchronous``. ``NORMAL`` (the default): a committed step
 survives a crash or ``kill -9`` of any process; a power loss or kernel crash
 may roll back the last steps committed before it (never corrupting the
-file). ``FULL``: the WAL is synced at every commit, so a committed step
-survives power loss too, at the price of one fsync per step.
+file). ``FULL``: a step that must survive power loss returns only once an
+fsync of the WAL covers its commit (one fsync shared by the steps committed
+meanwhile; see ``_transaction``).
 """
 
 from __future__ import annotations
