@@ -44,7 +44,13 @@ class ErrorAnswer:
     logged: bool = False  # its access line was written
 
 
-_thread = threading.local()  # .answer: the ErrorAnswer of the error being handled on this thread
+class _ThreadState(threading.local):
+    # A class default: reading it on a thread that never set it raises no AttributeError
+    # (current_answer runs for every request's access line).
+    answer: ErrorAnswer | None = None
+
+
+_thread = _ThreadState()  # .answer: the ErrorAnswer of the error being handled on this thread
 
 
 @contextmanager
@@ -59,7 +65,7 @@ def answering() -> Iterator[ErrorAnswer]:
 
 def current_answer() -> ErrorAnswer | None:
     """The error answer being handled on this thread, if any."""
-    return getattr(_thread, "answer", None)
+    return _thread.answer
 
 
 def install() -> None:
