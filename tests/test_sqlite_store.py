@@ -521,3 +521,14 @@ def test_a_payload_that_is_not_json_fails_only_its_own_admission(open_store, clo
         store.admit([task(clock, "bad", payload=object())])
     assert store.admit([task(clock, "good")])[0].id == "good"
     assert store.get("bad") is None
+
+
+def test_an_admission_knows_the_generation_it_wrote(open_store, clock):
+    # Its own workers' polls tell its admissions from other processes' work by this number.
+    one, two = open_store(), open_store()
+    one.admit([task(clock, "a")])
+    two.admit([task(clock, "b"), task(clock, "c")])
+    one.admit([task(clock, "d")])
+    assert one._generation == one._read_generation() == two._generation + 1
+    one.admit([task(clock, "d")])  # refused: no new work, the generation stays
+    assert one._read_generation() == one._generation

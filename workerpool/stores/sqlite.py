@@ -522,10 +522,11 @@ class SqliteStore(TaskStore):
         """Admit ``tasks`` (each with its payload as JSON) in the open transaction; the generation it wrote, or 0."""
         now = self._clock()
         horizon = now - self._ttl
-        # One statement: the room left under the bound, the newest task's creation time, and
-        # the generation bump that tells other processes' idle workers of new work (rolled
-        # back below with the rest when nothing is admitted).
+        # One statement: the generation, the room left under the bound and the newest task's
+        # creation time. Work admitted below bumps the generation (what other processes' idle
+        # workers poll) by one; under the write lock, its value is then this one plus one.
         generation, waiting, newest = conn.execute(_ADMISSION).fetchone()
+        generation += 1
         room = self.capacity - waiting
         # Submitters stamp created_at before this transaction, so racing submits may arrive out
         # of stamp order: clamp to the newest retained task's, keeping creation times
@@ -552,6 +553,7 @@ class SqliteStore(TaskStore):
         if not admitted:
             conn.execute("ROLLBACK")  # a refusal writes nothing
             return 0
+        conn.execute(_BUMP_GENERATION)
         return generation
 
     @staticmethod
@@ -857,9 +859,7 @@ class SqliteStore(TaskStore):
         if sweep or now >= self._swept_at + _SWEEP_INTERVAL_S or now < self._swept_at:
             conn.execute("DELETE FROM tasks WHERE finished_at < ?", (now - self._ttl,))
             self._swept_at = now
-        (finished,) = conn.execute(
-            "SELECT sum(n) FROM counts WHERE name IN ('done', 'failed', 'cancelled')"
-        ).fetchone()
+        (finished,) = conn.execute(_FINISHED).fetchone()
         if finished > self._max_finished:
             conn.execute(
                 "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at IS NOT NULL "
@@ -898,10 +898,14 @@ _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, starte
         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
         state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
     WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}"""
-# What admission reads first, with the generation bump its new work needs (see SqliteStore.admit).
-_ADMISSION = """UPDATE counts SET n = n + 1 WHERE name = 'generation'
-    RETURNING n, (SELECT n FROM counts WHERE name = 'waiting'),
-        (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1)"""
+# What admission reads first (see SqliteStore.admit). Reads and single-row updates by key: a
+# RETURNING clause or an IN list would make SQLite build a temporary b-tree for every execution.
+_ADMISSION = """SELECT (SELECT n FROM counts WHERE name = 'generation'), (SELECT n FROM counts WHERE name = 'waiting'),
+    (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1)"""
+_BUMP_GENERATION = "UPDATE counts SET n = n + 1 WHERE name = 'generation'"
+_FINISHED = "SELECT " + " + ".join(
+    f"(SELECT n FROM counts WHERE name = '{state}')" for state in ("done", "failed", "cancelled")
+)
 _INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
         request_id, due_at, state_seq)
     VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
