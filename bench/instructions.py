@@ -35,8 +35,6 @@ SERVERS = {
     "on": (["-c", "gunicorn.conf.py"], _IDLE),
     "off": (["-c", "gunicorn.conf.py"], {**_IDLE, "ACCESS_LOG": "off"}),
     "bare": (["-c", "bench/hello.conf.py", "bench.bare_flask:app"], {}),
-    # The service's app on stock gthread without an access log: what the service's own worker costs.
-    "stock": (["-c", "bench/hello.conf.py", "app:create_app()"], {**_IDLE, "ACCESS_LOG": "off"}),
 }
 _LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 _WORKER = re.compile(r"Booting worker with pid: (\d+)")
