@@ -263,6 +263,38 @@ def test_an_admission_interrupted_while_it_waits_passes_its_turn_on(make, monkey
     assert not store._admitting and store.admit([new("next", clock)])[0].id == "next"
 
 
+def test_a_payload_that_is_not_json_fails_only_its_own_admission_even_when_others_wait(make, clock):
+    store = make()
+    store.admit([])  # the script is loaded
+    entered, release = _hold_first_admission(store)
+    outcomes: dict[str, object] = {}
+
+    def submit(task_id, payload="payload"):
+        try:
+            outcomes[task_id] = [t.id for t in store.admit([Task(task_id, payload, 0, created_at=clock.time())])]
+        except Exception as exc:
+            outcomes[task_id] = exc
+
+    def queued(task_id):
+        return any(task.id == task_id for admission in store._admissions for task in admission.tasks)
+
+    first = threading.Thread(target=submit, args=("first",))
+    first.start()
+    assert entered.wait(WAIT_S)  # the first admission is in flight
+    bad = threading.Thread(target=submit, args=("bad", object()))
+    bad.start()
+    wait_until(lambda: queued("bad") or "bad" in outcomes, timeout=WAIT_S, what="the bad admission to queue or fail")
+    good = threading.Thread(target=submit, args=("good",))
+    good.start()
+    wait_until(lambda: queued("good"), timeout=WAIT_S, what="the good admission to queue")
+    release.set()
+    for thread in (first, bad, good):
+        thread.join(WAIT_S)
+    assert isinstance(outcomes.pop("bad"), TypeError)
+    assert outcomes == {"first": ["first"], "good": ["good"]}  # a neighbour's bad payload fails nothing of its own
+    assert [t.id for t in store.list()] == ["good", "first"]
+
+
 def test_a_failed_round_trip_fails_every_admission_it_carried_and_the_next_one_goes(make, server, clock):
     store = make()
     entered, release = _hold_first_admission(store)

@@ -391,10 +391,13 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
 class _Admission:
     """One admit call's tasks, waiting for the round trip that carries them (see RedisStore.admit)."""
 
-    __slots__ = ("tasks", "ready", "lead", "verdicts", "error")
+    __slots__ = ("tasks", "documents", "ready", "lead", "verdicts", "error")
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         self.tasks = tasks
+        # Encoded by the caller, before it joins the queue: a task that cannot be encoded fails its own
+        # call alone, not the admissions of the other threads that the same round trip carries.
+        self.documents = [_document(task) for task in tasks]
         self.ready = threading.Lock()  # held until the verdicts are in or this call is to send
         self.ready.acquire()
         self.lead = False
@@ -533,7 +536,7 @@ class RedisStore(TaskStore):
             batch, self._admissions = self._admissions, []
         error: BaseException | None = None
         try:
-            documents = [_document(task) for admission in batch for task in admission.tasks]
+            documents = [document for admission in batch for document in admission.documents]
             verdicts = self._run(
                 "admit", self._clock(), self.capacity, self._ttl, self._max_finished, self._deadline(), *documents
             )
