@@ -396,6 +396,7 @@ def test_list_is_newest_first_and_filters_by_state(store, clock):
     assert [t.id for t in store.list(limit=2)] == ["e", "d"]
     assert [t.id for t in store.list(State.RUNNING)] == ["b", "a"]
     assert [t.id for t in store.list(State.QUEUED, limit=1)] == ["e"]
+    assert store.list("running") == store.list(State.RUNNING)  # State is a StrEnum: its value names it too
 
 
 def test_finished_tasks_expire_after_the_ttl(make_store, clock):

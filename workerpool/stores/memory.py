@@ -313,7 +313,8 @@ class MemoryStore(TaskStore):
             if state is None:
                 records = list(islice(reversed(self._tasks.values()), limit))
             else:
-                records = [self._tasks[task_id] for task_id in islice(reversed(self._by_state[state.value]), limit)]
+                ids = self._by_state[State(state).value]  # a State, or its value as a plain string
+                records = [self._tasks[task_id] for task_id in islice(reversed(ids), limit)]
         return [_snapshot(record) for record in records]
 
     def stats(self) -> StoreStats:
