@@ -268,7 +268,10 @@ def test_an_enqueue_during_the_drain_is_refused_not_hung(start, command, store, 
     except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
         pass  # gunicorn closed its listener: refused at once, which is fine
     else:
-        assert status == 503, body
+        # The stop line is written by another thread than the one that stops accepting: a connection
+        # made meanwhile is still served. A store of this process then refuses the task; a shared
+        # one takes it and leaves it queued for other processes (the pool claims no more).
+        assert status == 503 or (store == "sqlite" and status == 202), body
     code, _ = service.wait_exit(timeout=30)
     assert code == 0
     assert "late" not in service.finals()
