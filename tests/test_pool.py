@@ -671,6 +671,53 @@ def test_a_task_is_heard_queued_before_its_first_attempt_starts(make_pool):
     assert heard == ["queued", "started"]
 
 
+class _Marks(dict):
+    """The pool's in-flight marks, recording an id taken out and put back (missing meanwhile)."""
+
+    def __init__(self):
+        super().__init__()
+        self.taken: set[str] = set()
+        self.put_back: list[str] = []
+
+    def pop(self, key, *default):
+        self.taken.add(key)
+        return super().pop(key, *default)
+
+    def __delitem__(self, key):
+        self.taken.add(key)
+        super().__delitem__(key)
+
+    def __setitem__(self, key, value):
+        if key in self.taken and key not in self:
+            self.put_back.append(key)
+        super().__setitem__(key, value)
+
+
+def test_an_id_two_submissions_mark_is_never_missing_while_one_of_them_still_has_to_tell(make_pool):
+    # A worker reads the marks without _order_lock (see WorkerPool._register): an id whose
+    # submission has not told the observers yet must stay marked at every instant, also while
+    # a second submission of it (a duplicate) leaves.
+    heard, told = threading.Event(), threading.Event()
+
+    class SlowToHearA(PoolObserver):
+        def tasks_queued(self, tasks):
+            if [task.id for task in tasks] == ["a"]:
+                heard.set()
+                told.wait(WAIT_S)
+
+    pool = make_pool(threads=False, observers=[SlowToHearA()])
+    pool._in_flight = marks = _Marks()
+    first = threading.Thread(target=pool.submit, args=("a", ""))
+    first.start()
+    assert heard.wait(WAIT_S)  # "a" is queued, its submission not done telling
+    duplicate, b = pool.submit_many([TaskSpec("a", ""), TaskSpec("b", "")])
+    assert isinstance(duplicate, DuplicateTask) and b.id == "b"
+    assert "a" in marks  # still marked for the first submission
+    told.set()
+    first.join(WAIT_S)
+    assert marks.put_back == [] and marks == {}
+
+
 def test_a_failed_attempt_logs_its_traceback_at_debug_only(make_pool, caplog):
     def deep(task, cancel):
         raise KeyError("inner detail")

@@ -835,11 +835,14 @@ class WorkerPool:
             for task_id in ids:
                 self._leave_in_flight(task_id)
             return
-        counts = list(map(in_flight.pop, ids))
+        counts = list(map(in_flight.__getitem__, ids))
         if counts.count(1) != len(counts):  # some marked again meanwhile (a duplicate submission in flight)
-            for task_id, count in zip(ids, counts, strict=True):
-                if count > 1:
-                    in_flight[task_id] = count - 1
+            # One by one: a mark taken out and put back would be missing meanwhile for a worker's
+            # read without _order_lock (see _register).
+            for task_id in ids:
+                self._leave_in_flight(task_id)
+            return
+        list(map(in_flight.pop, ids))  # each marked once: all leave in C
         if self._turn_waiters:
             for task_id in ids:
                 if task_id not in in_flight and (waiter := self._turn_waiters.pop(task_id, None)) is not None:
