@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import pytest
 from http_fixtures import failing, make_harness
+
+from service.request_id import new_id
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
@@ -28,6 +31,25 @@ def test_a_sane_request_id_is_echoed(harness, given):
 def test_an_unusable_request_id_is_replaced(harness, given):
     response = harness.client.get("/healthz", headers={"X-Request-ID": given})
     assert GENERATED.fullmatch(response.headers["X-Request-ID"])
+
+
+def test_a_forked_worker_makes_other_ids_than_its_parent():
+    # Ids come from the random module: a gunicorn worker forked from the arbiter must not repeat
+    # the ids of its parent or of its siblings (the random module reseeds itself after a fork).
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover  (the child)
+        try:
+            os.write(write, new_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child_id = os.read(read, 64).decode()
+    finally:
+        os.close(read)
+        os.waitpid(child, 0)
+    assert GENERATED.fullmatch(child_id) and child_id != new_id()
 
 
 def test_each_request_without_an_id_gets_a_new_one(harness):
