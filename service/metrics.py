@@ -7,12 +7,14 @@ scrape time, so they are never stale.
 
 from __future__ import annotations
 
-import bisect
 import collections
+import functools
 import itertools
 import math
+import operator
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 
 from flask import Blueprint, Response, request
@@ -56,69 +58,131 @@ class Metrics(PoolObserver):
 
     Each instance has its own registry, so any number of apps can live in one process.
 
-    The counts are plain numbers behind one lock, read by a collector at scrape time: a
-    prometheus_client ``Counter``/``Histogram`` takes a lock (and a few calls) per child per
-    change, about eight per finished task, which cost a worker about as much as the engine's
-    own work for the task. The exposition is the one those classes give (names, HELP, types,
-    labels, ``_created`` stamps, sample order).
+    Each thread counts in a row of its own (``_Row``), without a lock, and a collector adds
+    the rows up when ``/metrics`` is scraped. A row is changed only by its thread, so an
+    increment (a read, an add and a store, not atomic as a whole) cannot lose another
+    thread's; a shared count behind a lock cost a worker a lock hold per hook, and queued it
+    behind any thread that lost the GIL while holding it. The exposition is the one
+    prometheus_client's ``Counter``/``Histogram`` give (names, HELP, types, labels,
+    ``_created`` stamps, sample order).
     """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._lock = threading.Lock()  # every count below; held only to change or copy them
-        created = time.time()
-        self._accepted = _Count(created)
-        # Every label value from the start: a series that appears late breaks rate() over its first scrape.
-        self._rejected = {reason: _Count(created) for reason in REJECTION_REASONS}
-        self._succeeded = _Count(created)
-        self._failed = _Count(created)
-        self._retries = _Count(created)
-        self._finished = {state: _Count(created) for state in sorted(FINAL_STATES)}
-        self._abandoned = _Count(created)
-        self._attempt_seconds = _Histogram(ATTEMPT_BUCKETS, created)
-        self._queued_seconds = _Histogram(QUEUED_BUCKETS, created)
-        self._task_seconds = _Histogram(TASK_BUCKETS, created)
+        self._local = threading.local()  # .row: this thread's _Row
+        # _rows_lock must be held to add a row, to read the rows for a scrape, and to fold the row of a
+        # thread that ended into _retired; the hooks never take it once their thread has its row.
+        self._rows_lock = threading.Lock()
+        self._rows: list[_Row] = []
+        self._retired = _Row(None)  # the rows of threads that ended, added up
+        self._created = time.time()
+        # A reason outside REJECTION_REASONS (none today): its series starts when it is first counted.
+        self._other_rejected: dict[str, _Count] = {}
         self.registry.register(_CountsCollector(self))
 
+    def _row(self) -> _Row:
+        """This thread's row, made on its first count."""
+        try:
+            return self._local.row
+        except AttributeError:
+            pass
+        row = self._local.row = _Row(threading.current_thread())
+        with self._rows_lock:
+            self._fold_ended()  # keeps the list as long as the threads alive, however many come and go
+            self._rows.append(row)
+        return row
+
+    def _fold_ended(self) -> None:
+        """Add the rows of threads that ended to _retired (no one counts in them any more); needs _rows_lock."""
+        alive = []
+        for row in self._rows:  # each thread asked once: it may end while we look
+            if row.thread.is_alive():  # type: ignore[union-attr]
+                alive.append(row)
+            else:
+                self._retired.add(row)
+        self._rows = alive
+
+    def totals(self) -> _Row:
+        """Every thread's counts added up (a copy): what a scrape reports."""
+        total = _Row(None)
+        with self._rows_lock:
+            self._fold_ended()
+            total.add(self._retired)
+            for row in self._rows:
+                total.add(row)
+        return total
+
     # -- PoolObserver ----------------------------------------------------
+    # Each hook inlines _row(): it runs once or twice per task on a worker.
 
     def task_queued(self, task: Task) -> None:
-        with self._lock:
-            self._accepted.value += 1.0
+        try:
+            row = self._local.row
+        except AttributeError:
+            row = self._row()
+        row.accepted += 1
 
     def tasks_queued(self, tasks: Sequence[Task]) -> None:
-        with self._lock:  # one increment per batch
-            self._accepted.value += len(tasks)
+        try:
+            row = self._local.row
+        except AttributeError:
+            row = self._row()
+        row.accepted += len(tasks)  # one increment per batch
 
     def attempt_started(self, task: Task) -> None:
         if task.attempts == 1 and task.started_at is not None:
-            with self._lock:
-                self._queued_seconds.observe(max(0.0, task.started_at - task.created_at))
+            try:
+                row = self._local.row
+            except AttributeError:
+                row = self._row()
+            seconds = task.started_at - task.created_at
+            if seconds < 0.0:
+                seconds = 0.0
+            # The first bucket whose bound is >= seconds, as prometheus_client's Histogram.observe picks it.
+            row.queued_buckets[bisect_left(_QUEUED_BOUNDS, seconds)] += 1
+            row.queued_sum += seconds
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
+        try:
+            row = self._local.row
+        except AttributeError:
+            row = self._row()
+        row.attempt_buckets[bisect_left(_ATTEMPT_BOUNDS, seconds)] += 1
+        row.attempt_sum += seconds
         state = task.state
-        with self._lock:
-            self._attempt_seconds.observe(seconds)
-            (self._succeeded if state is State.DONE else self._failed).value += 1.0
+        if state is State.DONE:
+            row.succeeded += 1
+            row.finished[_DONE] += 1
+        else:
+            row.failed += 1
             if state is State.QUEUED:
-                self._retries.value += 1.0
-            else:
-                self._finish(task)
+                row.retries += 1
+                return
+            row.finished[_FINISHED_INDEX[state]] += 1
+        finished_at = task.finished_at
+        if finished_at is not None:
+            seconds = finished_at - task.created_at
+            if seconds < 0.0:
+                seconds = 0.0
+            row.task_buckets[bisect_left(_TASK_BOUNDS, seconds)] += 1
+            row.task_sum += seconds
 
     def task_cancelled(self, task: Task) -> None:
-        with self._lock:
-            self._finish(task)
+        self._finish(self._row(), task)
 
     def task_abandoned(self, task: Task) -> None:
-        with self._lock:
-            self._abandoned.value += 1.0
-            self._finish(task)
+        row = self._row()
+        row.abandoned += 1
+        self._finish(row, task)
 
-    def _finish(self, task: Task) -> None:
-        """Count a task that reached its final state; the caller holds the lock."""
-        self._finished[task.state].value += 1.0
+    @staticmethod
+    def _finish(row: _Row, task: Task) -> None:
+        """Count a task that reached its final state outside an attempt."""
+        row.finished[_FINISHED_INDEX[task.state]] += 1
         if task.finished_at is not None:
-            self._task_seconds.observe(max(0.0, task.finished_at - task.created_at))
+            seconds = max(0.0, task.finished_at - task.created_at)
+            row.task_buckets[bisect_left(_TASK_BOUNDS, seconds)] += 1
+            row.task_sum += seconds
 
     # -- the HTTP side ---------------------------------------------------
 
@@ -126,15 +190,29 @@ class Metrics(PoolObserver):
         self._count_rejected(rejection_reason(exc), 1)
 
     def count_rejections(self, refusals: Iterable[BaseException]) -> None:
-        """Count each refusal, with one increment per reason rather than one per task."""
-        for reason, count in collections.Counter(map(rejection_reason, refusals)).items():
-            self._count_rejected(reason, count)
+        """Count each refusal, with one increment per reason rather than one per task.
+
+        A batch refused for a full queue is a thousand refusals of one type: they are counted by
+        type in C, and only a problem's reason (which depends on its status) is read one by one.
+        """
+        refusals = refusals if isinstance(refusals, (list, tuple)) else list(refusals)
+        for kind, count in collections.Counter(map(type, refusals)).items():
+            if issubclass(kind, Problem):
+                for exc in refusals:
+                    if type(exc) is kind:
+                        self._count_rejected(rejection_reason(exc), 1)
+            else:
+                self._count_rejected(_reason_of_type(kind), count)
 
     def _count_rejected(self, reason: str, count: int) -> None:
-        with self._lock:
-            series = self._rejected.get(reason)
-            if series is None:  # a reason outside REJECTION_REASONS: its series starts now
-                series = self._rejected[reason] = _Count(time.time())
+        index = _REJECTION_INDEX.get(reason)
+        if index is not None:
+            self._row().rejected[index] += count
+            return
+        with self._rows_lock:  # a reason outside REJECTION_REASONS: its series starts now
+            series = self._other_rejected.get(reason)
+            if series is None:
+                series = self._other_rejected[reason] = _Count(time.time())
             series.value += count
 
     def watch(self, pool: WorkerPool) -> None:
@@ -142,37 +220,80 @@ class Metrics(PoolObserver):
         self.registry.register(_PoolCollector(pool))
 
 
+# The buckets' bounds with +Inf last, searched with bisect: the index is the bucket's.
+_ATTEMPT_BOUNDS = (*ATTEMPT_BUCKETS, math.inf)
+_QUEUED_BOUNDS = (*QUEUED_BUCKETS, math.inf)
+_TASK_BOUNDS = (*TASK_BUCKETS, math.inf)
+_FINAL_STATES = tuple(sorted(FINAL_STATES))  # the order of the finished series
+_FINISHED_INDEX = {state: index for index, state in enumerate(_FINAL_STATES)}
+_DONE = _FINISHED_INDEX[State.DONE]
+_REJECTION_INDEX = {reason: index for index, reason in enumerate(REJECTION_REASONS)}
+
+
+class _Row:
+    """One thread's counts (or a sum of rows): changed only by that thread, read at scrape time.
+
+    Histograms are counts per bucket (not cumulative), in the order of their bounds, and a sum.
+    """
+
+    __slots__ = (
+        "thread", "accepted", "rejected", "succeeded", "failed", "retries", "finished", "abandoned",
+        "attempt_buckets", "attempt_sum", "queued_buckets", "queued_sum", "task_buckets", "task_sum",
+    )  # fmt: skip
+
+    def __init__(self, thread: threading.Thread | None) -> None:
+        self.thread = thread
+        self.accepted = 0
+        self.rejected = [0] * len(REJECTION_REASONS)
+        self.succeeded = 0
+        self.failed = 0
+        self.retries = 0
+        self.finished = [0] * len(_FINAL_STATES)
+        self.abandoned = 0
+        self.attempt_buckets = [0] * len(_ATTEMPT_BOUNDS)
+        self.attempt_sum = 0.0
+        self.queued_buckets = [0] * len(_QUEUED_BOUNDS)
+        self.queued_sum = 0.0
+        self.task_buckets = [0] * len(_TASK_BOUNDS)
+        self.task_sum = 0.0
+
+    def add(self, other: _Row) -> None:
+        """Add ``other``'s counts to these (each read once: its thread may be counting meanwhile)."""
+        self.accepted += other.accepted
+        self.rejected = list(map(operator.add, self.rejected, other.rejected))
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.retries += other.retries
+        self.finished = list(map(operator.add, self.finished, other.finished))
+        self.abandoned += other.abandoned
+        self.attempt_buckets = list(map(operator.add, self.attempt_buckets, other.attempt_buckets))
+        self.attempt_sum += other.attempt_sum
+        self.queued_buckets = list(map(operator.add, self.queued_buckets, other.queued_buckets))
+        self.queued_sum += other.queued_sum
+        self.task_buckets = list(map(operator.add, self.task_buckets, other.task_buckets))
+        self.task_sum += other.task_sum
+
+
 class _Count:
     """One counter series: its value and when it was created."""
 
     __slots__ = ("created", "value")
 
-    def __init__(self, created: float) -> None:
-        self.value = 0.0
+    def __init__(self, created: float, value: float = 0.0) -> None:
+        self.value = value
         self.created = created
 
 
 class _Histogram:
-    """One histogram series: observations per bucket (not cumulative), their sum, when it was created."""
+    """One histogram series: its bounds (+Inf last), observations per bucket (not cumulative), sum, creation."""
 
     __slots__ = ("bounds", "counts", "created", "sum")
 
-    def __init__(self, bounds: Sequence[float], created: float) -> None:
-        self.bounds = (*bounds, math.inf)
-        self.counts = [0.0] * len(self.bounds)
-        self.sum = 0.0
+    def __init__(self, bounds: Sequence[float], counts: list[int], total: float, created: float) -> None:
+        self.bounds = bounds
+        self.counts = counts
+        self.sum = total
         self.created = created
-
-    def observe(self, amount: float) -> None:
-        # The first bucket whose bound is >= amount, as prometheus_client's Histogram.observe picks it.
-        self.counts[bisect.bisect_left(self.bounds, amount)] += 1.0
-        self.sum += amount
-
-    def copy(self) -> _Histogram:
-        copy = _Histogram(self.bounds[:-1], self.created)
-        copy.counts = self.counts.copy()
-        copy.sum = self.sum
-        return copy
 
 
 def _created_series() -> bool:
@@ -189,16 +310,20 @@ class _CountsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
-        with m._lock:
-            accepted = _copy(m._accepted)
-            rejected = {reason: _copy(series) for reason, series in m._rejected.items()}
-            attempts = {"succeeded": _copy(m._succeeded), "failed": _copy(m._failed)}
-            retries = _copy(m._retries)
-            finished = {str(state): _copy(series) for state, series in m._finished.items()}
-            abandoned = _copy(m._abandoned)
-            attempt_seconds = m._attempt_seconds.copy()
-            queued_seconds = m._queued_seconds.copy()
-            task_seconds = m._task_seconds.copy()
+        t = m.totals()
+        at = m._created
+        with m._rows_lock:
+            other = [(reason, _Count(series.created, series.value)) for reason, series in m._other_rejected.items()]
+        accepted = _Count(at, t.accepted)
+        rejected = {reason: _Count(at, n) for reason, n in zip(REJECTION_REASONS, t.rejected, strict=True)}
+        rejected.update(other)
+        attempts = {"succeeded": _Count(at, t.succeeded), "failed": _Count(at, t.failed)}
+        retries = _Count(at, t.retries)
+        finished = {str(state): _Count(at, n) for state, n in zip(_FINAL_STATES, t.finished, strict=True)}
+        abandoned = _Count(at, t.abandoned)
+        attempt_seconds = _Histogram(_ATTEMPT_BOUNDS, t.attempt_buckets, t.attempt_sum, at)
+        queued_seconds = _Histogram(_QUEUED_BOUNDS, t.queued_buckets, t.queued_sum, at)
+        task_seconds = _Histogram(_TASK_BOUNDS, t.task_buckets, t.task_sum, at)
         created = _created_series()
         yield _counter("workerpool_tasks_accepted", "Tasks accepted and queued.", {(): accepted}, created)
         yield _counter("workerpool_tasks_rejected", "Submissions refused, by reason.", _by("reason", rejected), created)
@@ -233,12 +358,6 @@ class _CountsCollector(Collector):
         )
 
 
-def _copy(series: _Count) -> _Count:
-    copy = _Count(series.created)
-    copy.value = series.value
-    return copy
-
-
 def _by(label: str, series: dict[str, _Count]) -> dict[tuple[tuple[str, str], ...], _Count]:
     return {((label, value),): count for value, count in series.items()}
 
@@ -249,14 +368,16 @@ def _counter(
     labels = [label for label, _ in next(iter(series))]
     family = CounterMetricFamily(name, documentation, labels=labels)
     for label_pairs, count in series.items():
-        family.add_metric([value for _, value in label_pairs], count.value, created=count.created if created else None)
+        family.add_metric(
+            [value for _, value in label_pairs], float(count.value), created=count.created if created else None
+        )
     return family
 
 
 def _histogram(name: str, documentation: str, series: _Histogram, created: bool) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation)
     cumulative = list(zip(map(floatToGoString, series.bounds), itertools.accumulate(series.counts)))
-    family.add_metric([], cumulative, series.sum)
+    family.add_metric([], cumulative, float(series.sum))
     if created:
         family.add_sample(name + "_created", {}, series.created)
     return family
@@ -268,17 +389,22 @@ _PROBLEM_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large"}
 def rejection_reason(exc: BaseException) -> str:
     if isinstance(exc, Problem):
         return _PROBLEM_REASONS.get(exc.status, "error")
-    if isinstance(exc, RequestEntityTooLarge):
-        return "too_large"
-    if isinstance(exc, DuplicateTask):
-        return "duplicate"
-    if isinstance(exc, QueueFull):
-        return "queue_full"
-    if isinstance(exc, PoolClosed):
-        return "shutting_down"
-    if isinstance(exc, StoreUnavailable):
-        return "store_unavailable"
-    return "error"
+    return _reason_of_type(type(exc))
+
+
+_REASONS_BY_TYPE = (
+    (RequestEntityTooLarge, "too_large"),
+    (DuplicateTask, "duplicate"),
+    (QueueFull, "queue_full"),
+    (PoolClosed, "shutting_down"),
+    (StoreUnavailable, "store_unavailable"),
+)
+
+
+@functools.cache  # one entry per exception class refused
+def _reason_of_type(kind: type[BaseException]) -> str:
+    """The reason of a refusal that is not a Problem: its class alone decides."""
+    return next((reason for base, reason in _REASONS_BY_TYPE if issubclass(kind, base)), "error")
 
 
 class _PoolCollector(Collector):

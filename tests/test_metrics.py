@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import sys
+import threading
 from collections import Counter
 
 import pytest
 from http_fixtures import PROJECT_ROOT, TEST_CONFIG, Gate, make_harness
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app, pool_of
 from config import Config
-from workerpool import PermanentFailure, State
+from service.metrics import Metrics
+from workerpool import DuplicateTask, PermanentFailure, QueueFull, State, Task
 
 
 def scrape_text(client) -> str:
@@ -197,3 +201,78 @@ def test_every_rejection_reason_the_readme_lists_is_a_series_from_the_start():
     served = {dict(labels)["reason"] for name, labels in samples if name == "workerpool_tasks_rejected_total"}
     assert served == documented
     assert all(value(samples, "workerpool_tasks_rejected_total", reason=reason) == 0 for reason in served)
+
+
+def _counts(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+    }
+
+
+@pytest.fixture
+def rapid_switches():
+    """The GIL handed between threads as often as CPython allows, so that counting and scraping interleave."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_threads_counting_at_once_lose_no_increment_while_scrapes_read_them(rapid_switches):
+    metrics = Metrics()
+    threads, rounds = 8, 3_000
+    queued = Task("t", None, 0, created_at=1000.0)
+    started = queued._replace(state=State.RUNNING, attempts=1, started_at=1000.25)
+    done = started._replace(state=State.DONE, finished_at=1000.5)
+    retry = started._replace(state=State.QUEUED)
+    go = threading.Barrier(threads + 1)
+
+    def count() -> None:
+        go.wait()
+        for _ in range(rounds):
+            metrics.tasks_queued([queued, queued])
+            metrics.attempt_started(started)
+            metrics.attempt_finished(retry, 0.02)
+            metrics.attempt_finished(done, 0.2)
+            metrics.count_rejections([QueueFull(1), QueueFull(1), DuplicateTask("t")])
+
+    workers = [threading.Thread(target=count) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    go.wait()
+    scrapes = []
+    while any(worker.is_alive() for worker in workers):
+        scrapes.append(_counts(metrics)["workerpool_tasks_accepted_total", ()])
+    for worker in workers:
+        worker.join()
+
+    n = threads * rounds
+    samples = _counts(metrics)
+    assert scrapes == sorted(scrapes)  # a counter never goes back
+    assert value(samples, "workerpool_tasks_accepted_total") == 2 * n
+    assert value(samples, "workerpool_attempts_total", outcome="succeeded") == n
+    assert value(samples, "workerpool_attempts_total", outcome="failed") == n
+    assert value(samples, "workerpool_retries_total") == n
+    assert value(samples, "workerpool_tasks_finished_total", state="done") == n
+    assert value(samples, "workerpool_tasks_rejected_total", reason="queue_full") == 2 * n
+    assert value(samples, "workerpool_tasks_rejected_total", reason="duplicate") == n
+    assert value(samples, "workerpool_attempt_duration_seconds_bucket", le="0.025") == n
+    assert value(samples, "workerpool_attempt_duration_seconds_count") == 2 * n
+    assert value(samples, "workerpool_attempt_duration_seconds_sum") == pytest.approx(0.22 * n)
+    assert value(samples, "workerpool_task_queued_seconds_count") == n
+    assert value(samples, "workerpool_task_queued_seconds_sum") == pytest.approx(0.25 * n)
+    assert value(samples, "workerpool_task_duration_seconds_bucket", le="0.5") == n
+    assert value(samples, "workerpool_task_duration_seconds_sum") == pytest.approx(0.5 * n)
+
+
+def test_the_counts_of_threads_that_ended_are_kept_and_their_rows_folded():
+    metrics = Metrics()
+    for _ in range(50):  # a thread per connection, as `python app.py` serves
+        thread = threading.Thread(target=metrics.task_queued, args=(Task("t", None, 0),))
+        thread.start()
+        thread.join()
+    metrics.task_queued(Task("t", None, 0))
+    assert value(_counts(metrics), "workerpool_tasks_accepted_total") == 51
+    assert len(metrics._rows) == 1  # this thread's: the others were added up when they had ended
