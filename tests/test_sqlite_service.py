@@ -295,7 +295,8 @@ def test_a_full_disk_answers_503_for_new_tasks_health_says_why_and_the_service_r
     # RLIMIT_FSIZE on the running worker: every write past the first byte of a file fails (EFBIG; Python
     # ignores SIGXFSZ) as on a full disk. Raised again, writes succeed: the space has come back.
     db = tmp_path / "tasks.db"
-    server, client = _gunicorn(tmp_path, db, "full", WORKERS="1", ACCESS_LOG="off")
+    # FAILURE_RATE=0: the simulated work would fail all three attempts of "before" one time in 125 (0.2³).
+    server, client = _gunicorn(tmp_path, db, "full", WORKERS="1", ACCESS_LOG="off", FAILURE_RATE="0")
     try:
         (worker,) = worker_pids(server.proc.pid)
         _enqueue(client, ["before"])
