@@ -7,6 +7,11 @@ slot's memory is bounded whatever the rate. A slot is reused once its second
 has left the window. Percentiles are read from the merged buckets and given
 as the upper bound of the bucket they fall in: never below the true value,
 at most about 19 % above it.
+
+A thread counts the events of its current second in a ``_Pending`` of its own,
+without a lock, and adds them to the ring when its clock reads a later second;
+a reader adds in every thread's pending counts. The ring's lock is taken about
+once per second per thread instead of once per event.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,16 +37,17 @@ _BUCKETS_PER_DOUBLING = 4
 _LAST_BUCKET = 96  # 2**24 ms, about 4.7 hours: longer attempts share it
 
 
-def latency_bucket(seconds: float) -> int:
-    """The histogram bucket of an attempt of ``seconds``."""
-    if seconds <= _SMALLEST_S:
-        return 0
-    return min(_LAST_BUCKET, math.ceil(_BUCKETS_PER_DOUBLING * math.log2(seconds / _SMALLEST_S)))
-
-
 def bucket_bound(bucket: int) -> float:
     """The largest duration, in seconds, that ``bucket`` holds."""
     return _SMALLEST_S * 2 ** (bucket / _BUCKETS_PER_DOUBLING)
+
+
+_BOUNDS = tuple(bucket_bound(bucket) for bucket in range(_LAST_BUCKET))  # the last bucket has none
+
+
+def latency_bucket(seconds: float) -> int:
+    """The histogram bucket of an attempt of ``seconds``: the first whose bound is at least ``seconds``."""
+    return bisect_left(_BOUNDS, seconds)  # _LAST_BUCKET past the last bound
 
 
 class _Slot:
@@ -59,12 +66,32 @@ class _Slot:
         self.latency: dict[int, int] = {}  # bucket -> attempts
 
 
+class _Pending:
+    """One thread's counts of one second, not yet in the ring: changed only by that thread (see LiveFigures)."""
+
+    __slots__ = ("thread", "second", "accepted", "retried", "finished", "latency")
+
+    def __init__(self, thread: threading.Thread, second: int) -> None:
+        self.thread = thread
+        self.start(second)
+
+    def start(self, second: int) -> None:
+        self.second = second
+        self.accepted = 0
+        self.retried = 0
+        self.finished: dict[str, int] = {}  # keyed by the task's state as given (a State is a str)
+        self.latency: dict[int, int] = {}
+
+
 class LiveFigures(PoolObserver):
     """The dashboard's time series: give an instance to the pool as an observer.
 
-    The hooks run on the pool's threads, outside the pool's locks; each takes
-    this object's lock for a few dictionary updates only. ``clock`` gives
-    seconds since the epoch (tests inject a fake one).
+    The hooks run on the pool's threads, outside the pool's locks. Each thread
+    counts its current second in a ``_Pending`` that only it changes, so an
+    event costs a clock read and a few increments; the thread takes this
+    object's lock when its second is over, to add the second to the ring. A
+    reader, under the same lock, adds every thread's pending second to the
+    ring's. ``clock`` gives seconds since the epoch (tests inject a fake one).
     """
 
     def __init__(self, *, window_s: int = WINDOW_S, clock: Callable[[], float] = time.time) -> None:
@@ -73,9 +100,12 @@ class LiveFigures(PoolObserver):
         self.window_s = window_s
         self._clock = clock
         # _lock must be held while reading or changing _slots (the ring, indexed by second % window_s)
-        # or any slot in it; nothing else is done while it is held.
+        # or any slot in it, or _pending (the list), or while a thread moves its pending counts into the
+        # ring; nothing else is done while it is held.
         self._lock = threading.Lock()
         self._slots = [_Slot(-1) for _ in range(window_s)]
+        self._local = threading.local()  # .pending: this thread's _Pending
+        self._pending: list[_Pending] = []
         self._series: tuple[int, dict[str, Any]] | None = None  # the last series() and its end second
 
     # -- PoolObserver ----------------------------------------------------
@@ -85,11 +115,31 @@ class LiveFigures(PoolObserver):
 
     def tasks_queued(self, tasks: Sequence[Task]) -> None:
         second = int(self._clock())
-        with self._lock:  # once per batch
-            self._slot(second).accepted += len(tasks)
+        try:
+            pending = self._local.pending
+        except AttributeError:
+            pending = self._register(second)
+        if pending.second != second:
+            self._move(pending, second)
+        pending.accepted += len(tasks)  # once per batch
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
-        self._count(task, latency_bucket(seconds))
+        second = int(self._clock())
+        try:
+            pending = self._local.pending
+        except AttributeError:
+            pending = self._register(second)
+        if pending.second != second:
+            self._move(pending, second)
+        bucket = 0 if seconds <= _SMALLEST_S else bisect_left(_BOUNDS, seconds)
+        latency = pending.latency
+        latency[bucket] = latency.get(bucket, 0) + 1
+        state = task.state
+        if state in COUNTED_STATES:
+            finished = pending.finished
+            finished[state] = finished.get(state, 0) + 1
+        elif state == "queued":
+            pending.retried += 1
 
     def task_abandoned(self, task: Task) -> None:
         self._count(task)
@@ -98,25 +148,63 @@ class LiveFigures(PoolObserver):
         """A task was cancelled before an attempt of it ran."""
         self._count(task)
 
-    def _count(self, task: Task, bucket: int | None = None) -> None:
-        """Count ``task``'s new state (final, or queued again for a retry) and the attempt's duration bucket."""
-        state = str(task.state)
+    def _count(self, task: Task) -> None:
+        """Count ``task``'s final state, outside an attempt."""
         second = int(self._clock())
-        with self._lock:
-            slot = self._slot(second)
-            if bucket is not None:
-                slot.latency[bucket] = slot.latency.get(bucket, 0) + 1
-            if state in COUNTED_STATES:
-                slot.finished[state] = slot.finished.get(state, 0) + 1
-            elif state == "queued":
-                slot.retried += 1
+        pending = self._pending_of_thread(second)
+        if pending.second != second:
+            self._move(pending, second)
+        state = task.state
+        if state in COUNTED_STATES:
+            pending.finished[state] = pending.finished.get(state, 0) + 1
+        elif state == "queued":
+            pending.retried += 1
 
-    def _slot(self, second: int) -> _Slot:
-        """The slot of ``second``, emptied first if it still holds an older second; needs _lock."""
+    def _pending_of_thread(self, second: int) -> _Pending:
+        try:
+            return self._local.pending
+        except AttributeError:
+            return self._register(second)
+
+    def _register(self, second: int) -> _Pending:
+        """This thread's first count: its pending counts join the list readers add in."""
+        pending = self._local.pending = _Pending(threading.current_thread(), second)
+        with self._lock:
+            self._retire_ended()  # keeps the list as long as the threads alive, however many come and go
+            self._pending.append(pending)
+        return pending
+
+    def _move(self, pending: _Pending, second: int) -> None:
+        """Add this thread's counts of its last second to the ring and start counting ``second``."""
+        with self._lock:
+            self._add_to_ring(pending)
+            pending.start(second)
+
+    def _retire_ended(self) -> None:
+        """Move the counts of threads that ended into the ring and forget them; needs _lock."""
+        alive = []
+        for pending in self._pending:  # each thread asked once: it may end while we look
+            if pending.thread.is_alive():
+                alive.append(pending)
+            else:
+                self._add_to_ring(pending)
+        self._pending = alive
+
+    def _add_to_ring(self, pending: _Pending) -> None:
+        """Add ``pending``'s counts to its second's slot; needs _lock."""
+        second = pending.second
         slot = self._slots[second % self.window_s]
         if slot.second != second:
+            if slot.second > second:  # a later second has the slot: this one left the window
+                return
             slot.reset(second)
-        return slot
+        slot.accepted += pending.accepted
+        slot.retried += pending.retried
+        for state, n in pending.finished.items():
+            state = str(state)
+            slot.finished[state] = slot.finished.get(state, 0) + n
+        for bucket, n in pending.latency.items():
+            slot.latency[bucket] = slot.latency.get(bucket, 0) + n
 
     # -- reading ---------------------------------------------------------
 
@@ -134,6 +222,7 @@ class LiveFigures(PoolObserver):
         # Latency steps are aligned to multiples of LATENCY_STEP_S, so a step's figures do not shift as time passes.
         latency_start = start + (-start) % LATENCY_STEP_S
         with self._lock:
+            self._retire_ended()
             slots = [self._slots[second % self.window_s] for second in range(start, end)]
             copies = [
                 (slot.accepted, slot.retried, dict(slot.finished), dict(slot.latency))
@@ -141,6 +230,20 @@ class LiveFigures(PoolObserver):
                 else (0, 0, {}, {})
                 for slot in slots
             ]
+            # The seconds threads are still counting (their own or one they have not moved yet); read
+            # while they may count on: an event counted meanwhile is read at the next second's series.
+            pending = [
+                (p.second, p.accepted, p.retried, dict(p.finished), dict(p.latency))
+                for p in self._pending
+                if start <= p.second < end
+            ]
+        for second, accepted, retried, finished, latency in pending:
+            ring_accepted, ring_retried, ring_finished, ring_latency = copies[second - start]
+            for state, n in finished.items():
+                ring_finished[str(state)] = ring_finished.get(str(state), 0) + n
+            for bucket, n in latency.items():
+                ring_latency[bucket] = ring_latency.get(bucket, 0) + n
+            copies[second - start] = (ring_accepted + accepted, ring_retried + retried, ring_finished, ring_latency)
         counts: dict[str, list[int]] = {
             "accepted": [accepted for accepted, _, _, _ in copies],
             "retried": [retried for _, retried, _, _ in copies],

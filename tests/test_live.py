@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from doubles import FakeClock
 
@@ -125,3 +127,107 @@ def test_the_series_of_a_second_is_computed_once_and_shared():
     clock.advance(1)
     assert live.series() is not first
     assert live.series()["accepted"][-2:] == [1, 0]
+
+
+def _in_thread(target, *args) -> None:
+    thread = threading.Thread(target=target, args=args)
+    thread.start()
+    thread.join()
+
+
+def test_a_second_a_thread_has_not_moved_to_the_ring_yet_is_read_all_the_same():
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=60, clock=clock.time)
+    counted, go_on, counted_again, stop = (threading.Event() for _ in range(4))
+
+    def worker() -> None:  # counts in second T0, then stays alive without counting
+        live.attempt_finished(task(State.DONE), 0.2)
+        live.tasks_queued([task(), task()])
+        counted.set()
+        go_on.wait(10)
+        live.attempt_finished(task(State.QUEUED), 0.2)  # in T0 + 2: moves T0 to the ring first
+        counted_again.set()
+        stop.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert counted.wait(10)
+        live.tasks_queued([task()])  # this thread's T0
+        clock.advance(1)
+        series = live.series()
+        assert (series["accepted"][-1], series["done"][-1]) == (3, 1)
+        assert series["recent_latency"]["p50"] == bucket_bound(latency_bucket(0.2))
+        clock.advance(1)
+        go_on.set()
+        assert counted_again.wait(10)
+        clock.advance(1)
+        series = live.series()
+        assert (series["accepted"][-3:], series["done"][-3:], series["retried"][-3:]) == (
+            [3, 0, 0],
+            [1, 0, 0],
+            [0, 0, 1],
+        )
+    finally:
+        go_on.set()
+        stop.set()
+        thread.join(10)
+
+
+def test_the_counts_of_threads_that_ended_are_kept():
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=60, clock=clock.time)
+    for _ in range(30):  # a thread per connection, as `python app.py` serves
+        _in_thread(live.task_queued, task())
+        _in_thread(live.attempt_finished, task(State.FAILED), 0.5)
+    clock.advance(1)
+    series = live.series()
+    assert (series["accepted"][-1], series["failed"][-1]) == (30, 30)
+    assert live._pending == []  # each thread's counts went to the ring once it had ended
+
+
+def test_a_second_moved_late_does_not_overwrite_a_later_second_in_its_slot():
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=20, clock=clock.time)
+    go_on = threading.Event()
+
+    def late() -> None:
+        live.task_queued(task())  # second T0, moved only after T0 + 20 took the slot
+        go_on.wait()
+        live.task_queued(task())
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    clock.advance(20)
+    live.task_queued(task())  # T0 + 20: the slot of T0
+    go_on.set()
+    thread.join()
+    clock.advance(1)
+    assert live.series()["accepted"][-1] == 2
+
+
+def test_threads_counting_at_once_lose_no_event():
+    clock = FakeClock(T0)
+    live = LiveFigures(window_s=60, clock=clock.time)
+    threads, rounds = 8, 2_000
+    go = threading.Barrier(threads + 1)
+
+    def count() -> None:
+        go.wait()
+        for n in range(rounds):
+            live.tasks_queued([task()])
+            live.attempt_finished(task(State.DONE if n % 2 else State.QUEUED), 0.01)
+
+    workers = [threading.Thread(target=count) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    go.wait()
+    for _ in range(40):  # seconds end while the threads count (10 s of fake time, within the window)
+        clock.advance(0.25)
+        live.series()
+    for worker in workers:
+        worker.join()
+    clock.advance(1)
+    series = live.series()
+    n = threads * rounds
+    assert (sum(series["accepted"]), sum(series["done"]), sum(series["retried"])) == (n, n // 2, n // 2)
