@@ -189,21 +189,25 @@ def test_the_counts_of_threads_that_ended_are_kept():
 def test_a_second_moved_late_does_not_overwrite_a_later_second_in_its_slot():
     clock = FakeClock(T0)
     live = LiveFigures(window_s=20, clock=clock.time)
-    go_on = threading.Event()
+    counted, go_on = threading.Event(), threading.Event()
 
     def late() -> None:
         live.task_queued(task())  # second T0, moved only after T0 + 20 took the slot
-        go_on.wait()
+        counted.set()
+        go_on.wait(10)
         live.task_queued(task())
 
     thread = threading.Thread(target=late)
     thread.start()
+    assert counted.wait(10)
     clock.advance(20)
     live.task_queued(task())  # T0 + 20: the slot of T0
-    go_on.set()
-    thread.join()
     clock.advance(1)
-    assert live.series()["accepted"][-1] == 2
+    live.task_queued(task())  # T0 + 21: this thread's T0 + 20 goes to the ring
+    go_on.set()
+    thread.join(10)  # its T0 is moved now, into a slot T0 + 20 holds
+    clock.advance(1)
+    assert live.series()["accepted"][-2:] == [1, 2]
 
 
 def test_threads_counting_at_once_lose_no_event():
