@@ -196,7 +196,11 @@ class Metrics(PoolObserver):
         type in C, and only a problem's reason (which depends on its status) is read one by one.
         """
         refusals = refusals if isinstance(refusals, (list, tuple)) else list(refusals)
-        for kind, count in collections.Counter(map(type, refusals)).items():
+        if not refusals:  # most batches: not even a Counter (its update's isinstance on an ABC costs)
+            return
+        kinds = set(map(type, refusals))
+        counts = {kinds.pop(): len(refusals)} if len(kinds) == 1 else collections.Counter(map(type, refusals))
+        for kind, count in counts.items():
             if issubclass(kind, Problem):
                 for exc in refusals:
                     if type(exc) is kind:
