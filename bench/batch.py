@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 from .harness import Run, collapsed_inclusive, collapsed_self_time, table
 from .http_figures import PYSPY, profile_during_wrk, wait_idle
-from .server import OUT, Server
+from .server import OUT, ROOT, Server
 from .stats import ratios, spread, verdict
 
 SINGLE = "POST /enqueue"
@@ -232,4 +235,92 @@ def _profile(run: Run, server: Server, size: int) -> str:
             "",
             table(["function", "share"], [[f"`{name}`", f"{share:.1%}"] for name, share in collapsed_self_time(raw)]),
         ]
+    )
+
+
+def batch_on_stores(run: Run, size: int = BATCH_SIZES[0]) -> None:
+    """Figure 6b: the sustained rate of figure 6 on the SQLite and Redis stores, beside the memory store, with
+    single-task requests on each store for comparison; the servers run side by side, in rotating order."""
+    from .redis_figures import RedisProcess  # only this figure needs a redis-server
+
+    work = Path(tempfile.mkdtemp(prefix="bench-batch-", dir=ROOT / "bench"))
+    redis = RedisProcess()
+    stores = {
+        "memory": {},
+        "sqlite": {"STORE": f"sqlite://{work / 'batch.db'}"},
+        "redis": {"STORE": redis.url, "STORE_PREFIX": "batch"},
+    }
+    requests = {"batch": ("/enqueue/batch", size), "single": ("/enqueue", 0)}
+    variants = [(store, kind) for store in stores for kind in requests]
+    accepted: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
+    finished: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
+    refused: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
+    servers = {store: Server(f"batch-{store}", env={**BOUNDED_ENV, **extra}) for store, extra in stores.items()}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            run.record(server.command)
+            run.wrk(server.url, "/enqueue/batch", seconds=1, batch=size, honour_retry=True)  # warm-up
+            wait_idle(server)
+        for round_no in range(run.rounds):
+            shift = round_no % len(variants)
+            for store, kind in variants[shift:] + variants[:shift]:
+                server = servers[store]
+                path, batch = requests[kind]
+                before = _counters(server)
+                result = run.wrk(server.url, path, batch=batch, honour_retry=bool(batch))
+                after = _counters(server)
+                seconds = result["seconds"]
+                accepted[store, kind].append((after["accepted"] - before["accepted"]) / seconds)
+                finished[store, kind].append((after["finished"] - before["finished"]) / seconds)
+                refused[store, kind].append((after["rejected"] - before["rejected"]) / seconds)
+                run.progress(
+                    f"fig 6b round {round_no + 1}/{run.rounds} {store:6} {kind:6} accepted "
+                    f"{accepted[store, kind][-1]:9,.0f} tasks/s, finished {finished[store, kind][-1]:9,.0f} tasks/s"
+                )
+                wait_idle(server)
+    finally:
+        for server in servers.values():
+            server.stop()
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    for store in ("sqlite", "redis"):
+        run.summary.append(
+            (
+                f"6b. tasks/s sustained, {store} store, batches of {size:,} (memory store: figure 6)",
+                f"{spread(finished[store, 'batch']).median:,.0f}",
+                "-",
+                "-",
+            )
+        )
+    rows = [
+        [
+            f"{store}, {'POST /enqueue/batch of ' + format(size, ',') if kind == 'batch' else 'POST /enqueue'}",
+            spread(accepted[store, kind]).fmt(),
+            spread(finished[store, kind]).fmt(),
+            ratios(finished[store, kind], finished["memory", kind]).fmt(".2f"),
+            ratios(finished[store, kind], finished[store, "single"]).fmt(".1f"),
+            spread(refused[store, kind]).fmt(),
+        ]
+        for store, kind in variants
+    ]
+    run.sections["6b. Batch submission on the SQLite and Redis stores"] = table(
+        [
+            "store, request",
+            "tasks accepted/s",
+            "tasks finished/s",
+            "finished / memory store's",
+            "vs the store's POST /enqueue",
+            "tasks refused/s",
+        ],
+        rows,
+    ) + (
+        f"\n\nThree servers side by side (`make run`'s command, one worker process, a no-op `TASK_HANDLER`, "
+        f"`QUEUE_SIZE={BOUNDED_ENV['QUEUE_SIZE']}`; the SQLite store at its default `synchronous=NORMAL` on a "
+        "fresh file, the Redis store on a private redis-server), each posting batches from producers that honour "
+        "`Retry-After` (`bench/enqueue_retry.lua`) and single tasks (`bench/enqueue.lua`), "
+        f"wrk -t{run.wrk_threads} -c{run.wrk_connections} -d{run.wrk_seconds}s, the six runs in rotating order, "
+        f"{run.rounds} rounds, median (min-max), ratios per round; the queue left to empty between runs. "
+        "Tasks finished per second is the rate each store sustains: the bound refuses what the workers have not "
+        "made room for."
     )

@@ -36,6 +36,7 @@ def figures(run: Run) -> dict[str, Callable[[], None]]:
         ),
         "5": lambda: http_figures.lifecycle(run),
         "6": lambda: batch.batch_throughput(run, sizes=(10, 100) if quick else batch.BATCH_SIZES),
+        "6b": lambda: batch.batch_on_stores(run, size=10 if quick else batch.BATCH_SIZES[0]),
         "7": lambda: dashboard.dashboard_cost(run, engine_tasks=5_000 if quick else 50_000),
         "8a": lambda: durable.http_stores(run),
         "8b": lambda: durable.engine_vs_huey(run, n=500 if quick else 5_000),
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the service")
     parser.add_argument(
-        "--only", help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6, 7, 8a, 8b, 8c, 8d, 9a, 9b, 9c, 9d)"
+        "--only",
+        help="comma-separated figures to run (0, 1, 2, 3, 4a, 4b, 5, 6, 6b, 7, 8a, 8b, 8c, 8d, 9a, 9b, 9c, 9d)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds per figure (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the report (default {RESULTS})")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in chosen if f not in table_]
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(table_)}")
-    needs_wrk = {"0", "1", "4b", "6", "7", "8a", "9a"} & set(chosen)
+    needs_wrk = {"0", "1", "4b", "6", "6b", "7", "8a", "9a"} & set(chosen)
     if needs_wrk and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install -y wrk); `make bench` installs it")
     meta = machine()
