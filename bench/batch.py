@@ -257,9 +257,10 @@ def batch_on_stores(run: Run, size: int = BATCH_SIZES[0]) -> None:
     refused: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
     servers = {store: Server(f"batch-{store}", env={**BOUNDED_ENV, **extra}) for store, extra in stores.items()}
     try:
+        run.record(redis.command)
         for server in servers.values():
             server.wait_ready()
-            run.record(server.command)
+            run.record(server.command.replace(redis.url, "redis://127.0.0.1:$REDIS_PORT/0"))
             run.wrk(server.url, "/enqueue/batch", seconds=1, batch=size, honour_retry=True)  # warm-up
             wait_idle(server)
         for round_no in range(run.rounds):
