@@ -83,6 +83,15 @@ class _Pending:
         self.latency: dict[int, int] = {}
 
 
+def _tally(pending: _Pending, state: str) -> None:
+    """Count a task that reached ``state``: a final state, or queued again for a retry."""
+    if state in COUNTED_STATES:
+        finished = pending.finished
+        finished[state] = finished.get(state, 0) + 1
+    elif state == "queued":
+        pending.retried += 1
+
+
 class LiveFigures(PoolObserver):
     """The dashboard's time series: give an instance to the pool as an observer.
 
@@ -114,32 +123,14 @@ class LiveFigures(PoolObserver):
         self.tasks_queued((task,))
 
     def tasks_queued(self, tasks: Sequence[Task]) -> None:
-        second = int(self._clock())
-        try:
-            pending = self._local.pending
-        except AttributeError:
-            pending = self._register(second)
-        if pending.second != second:
-            self._move(pending, second)
-        pending.accepted += len(tasks)  # once per batch
+        self._pending_now().accepted += len(tasks)  # once per batch
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
-        second = int(self._clock())
-        try:
-            pending = self._local.pending
-        except AttributeError:
-            pending = self._register(second)
-        if pending.second != second:
-            self._move(pending, second)
+        pending = self._pending_now()
         bucket = 0 if seconds <= _SMALLEST_S else bisect_left(_BOUNDS, seconds)
         latency = pending.latency
         latency[bucket] = latency.get(bucket, 0) + 1
-        state = task.state
-        if state in COUNTED_STATES:
-            finished = pending.finished
-            finished[state] = finished.get(state, 0) + 1
-        elif state == "queued":
-            pending.retried += 1
+        _tally(pending, task.state)
 
     def task_abandoned(self, task: Task) -> None:
         self._count(task)
@@ -150,21 +141,18 @@ class LiveFigures(PoolObserver):
 
     def _count(self, task: Task) -> None:
         """Count ``task``'s final state, outside an attempt."""
+        _tally(self._pending_now(), task.state)
+
+    def _pending_now(self) -> _Pending:
+        """This thread's pending counts, counting the current second."""
         second = int(self._clock())
-        pending = self._pending_of_thread(second)
+        try:
+            pending = self._local.pending
+        except AttributeError:
+            pending = self._register(second)
         if pending.second != second:
             self._move(pending, second)
-        state = task.state
-        if state in COUNTED_STATES:
-            pending.finished[state] = pending.finished.get(state, 0) + 1
-        elif state == "queued":
-            pending.retried += 1
-
-    def _pending_of_thread(self, second: int) -> _Pending:
-        try:
-            return self._local.pending
-        except AttributeError:
-            return self._register(second)
+        return pending
 
     def _register(self, second: int) -> _Pending:
         """This thread's first count: its pending counts join the list readers add in."""
