@@ -176,6 +176,23 @@ def _hold_first_admission(store: RedisStore) -> tuple[threading.Event, threading
     return entered, release
 
 
+def _queue_behind_one_in_flight(store, entered, submit, first_args, waiting_args, release) -> None:
+    """Start ``submit(*first_args)`` and wait until its script is held in flight, queue ``submit(*args)`` for
+    each of ``waiting_args`` behind it one after another, then release the first and wait for them all."""
+    first = threading.Thread(target=submit, args=first_args)
+    first.start()
+    assert entered.wait(WAIT_S)  # the first admission is in flight
+    waiting = []
+    for n, args in enumerate(waiting_args, 1):
+        thread = threading.Thread(target=submit, args=args)
+        thread.start()
+        waiting.append(thread)
+        wait_until(lambda n=n: len(store._admissions) == n, timeout=WAIT_S, what="the admission to queue")
+    release.set()
+    for thread in [first, *waiting]:
+        thread.join(WAIT_S)
+
+
 def test_admissions_that_queue_behind_one_in_flight_go_together_in_arrival_order(make, server, clock):
     store = make(capacity=3)
     store.admit([])  # the script is loaded
@@ -185,17 +202,10 @@ def test_admissions_that_queue_behind_one_in_flight_go_together_in_arrival_order
     def submit(name, *ids):
         results[name] = store.admit([new(i, clock) for i in ids])
 
-    first = threading.Thread(target=submit, args=("first", "a"))
-    first.start()
-    assert entered.wait(WAIT_S)  # the first admission is in flight
     before = _script_calls(server)
-    queued = [threading.Thread(target=submit, args=args) for args in (("b", "b", "c"), ("dup", "b"), ("d", "d"))]
-    for n, thread in enumerate(queued, 1):
-        thread.start()
-        wait_until(lambda n=n: len(store._admissions) == n, timeout=WAIT_S, what="the admission to queue")
-    release.set()
-    for thread in [first, *queued]:
-        thread.join(WAIT_S)
+    _queue_behind_one_in_flight(
+        store, entered, submit, ("first", "a"), [("b", "b", "c"), ("dup", "b"), ("d", "d")], release
+    )
     # One more script carried the three that queued, each answered as if it had gone alone.
     assert _script_calls(server) - before == 2
     assert [t.id for t in results["first"]] == ["a"]
@@ -247,16 +257,7 @@ def test_an_admission_interrupted_while_it_waits_passes_its_turn_on(make, monkey
         except KeyboardInterrupt as exc:
             outcomes[task_id] = exc
 
-    first = threading.Thread(target=submit, args=("first",))
-    first.start()
-    assert entered.wait(WAIT_S)
-    waiting = [threading.Thread(target=submit, args=(i,)) for i in ("interrupted", "after")]
-    for n, thread in enumerate(waiting, 1):
-        thread.start()
-        wait_until(lambda n=n: len(store._admissions) == n, timeout=WAIT_S, what="the admission to queue")
-    release.set()
-    for thread in [first, *waiting]:
-        thread.join(WAIT_S)
+    _queue_behind_one_in_flight(store, entered, submit, ("first",), [("interrupted",), ("after",)], release)
     assert isinstance(outcomes.pop("interrupted"), KeyboardInterrupt)
     assert outcomes == {"first": ["first"], "after": ["after"]}  # it sent the queue, the interrupted one left
     assert [t.id for t in store.list()] == ["after", "first"]
