@@ -94,10 +94,12 @@ class SendDeadline:
     the socket's own timeout; everything else is the socket's.
 
     With ``hold_head``, a first write that is a final response head (not a
-    1xx) is held and sent with the next write, the body's first bytes: gunicorn
-    writes the head and the body in two system calls (and two TCP segments),
-    always back to back. ``flush`` sends a head still held (a response
-    without a body); the caller must call it once the response is written.
+    1xx) is held and sent with the next write of body bytes: gunicorn writes
+    the head and the body in two system calls (and two TCP segments), always
+    back to back. ``flush`` sends a head still held (a response without a
+    body); the caller must call it once the response is written. Until then
+    ``holds_head`` says that nothing of the response has left, so a response
+    that fails can still be replaced by an error answer (``drop_head``).
     """
 
     def __init__(self, sock: socket.socket, timeout: float, *, hold_head: bool = False) -> None:
@@ -106,6 +108,15 @@ class SendDeadline:
         self._try_at_once = _DONTWAIT and not isinstance(sock, ssl.SSLSocket)  # TLS sockets take no flags
         self._hold_head = hold_head
         self._head: bytes | None = None  # the response head, held until the body's first bytes
+
+    @property
+    def holds_head(self) -> bool:
+        """Whether a response head was written and is still held: nothing of the response has left."""
+        return self._head is not None
+
+    def drop_head(self) -> None:
+        """Forget a held head: its response will not be sent."""
+        self._head = None
 
     def flush(self) -> None:
         """Send the response head if it is still held."""
@@ -120,6 +131,8 @@ class SendDeadline:
                 self._head = bytes(data)
                 return
         if self._head is not None:
+            if not data:  # no body bytes yet (a streaming app's empty first chunk): nothing to send
+                return
             if len(data) <= MAX_JOINED_BYTES:
                 data, self._head = self._head + data, None
             else:

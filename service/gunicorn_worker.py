@@ -30,6 +30,15 @@ serve whole requests:
 - a response is written with a deadline (``SendDeadline``): a client that
   takes nothing of it for ``request_timeout`` seconds is closed and its
   thread freed.
+
+Responses. ``SendDeadline`` holds a response's head until its first body
+bytes, to send both at once. gunicorn takes a response as begun once it has
+written the head, and answers an application that fails after that by
+closing the connection (a 500 would corrupt a response under way): with the
+head still held the client would get an empty reply. ``HeldHeadResponse``
+counts the head as sent only once it has left, so such a failure takes
+gunicorn's path for an application that fails before its head: the held
+head is dropped and the client gets the 500 problem document.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import signal
 import time
 from concurrent.futures import Future
 
+from gunicorn.http import wsgi
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -72,6 +82,7 @@ class DrainingThreadWorker(ThreadWorker):
         super().load_wsgi()
         gunicorn_caches.install(self.cfg)  # forwarded_allow_ips once per peer, the Date header once a second
         server_errors.install()  # the errors gunicorn answers itself, as problem documents
+        wsgi.Response = HeldHeadResponse  # the class wsgi.create builds each request's response from
 
     # -- errors gunicorn answers itself
 
@@ -173,6 +184,35 @@ class DrainingThreadWorker(ThreadWorker):
         for conn in self._serving:
             if hasattr(conn, "read_deadline"):
                 conn.read_deadline = min(conn.read_deadline, deadline)
+
+
+class HeldHeadResponse(wsgi.Response):
+    """gunicorn's response, whose head counts as sent (``headers_sent``) only once it has left the socket.
+
+    Written to a ``SendDeadline`` that may hold the head (see the module's
+    docstring); on any other socket it is gunicorn's response unchanged.
+    """
+
+    _head_written = False  # the head was written to the socket, held or not
+
+    @property
+    def headers_sent(self) -> bool:
+        return self._head_written and not getattr(self.sock, "holds_head", False)
+
+    @headers_sent.setter
+    def headers_sent(self, value: bool) -> None:  # gunicorn sets it once it has written the head
+        self._head_written = value
+
+    def send_headers(self) -> None:
+        if not self._head_written:  # a held head is not written twice
+            super().send_headers()
+
+    def start_response(self, status, headers, exc_info=None):  # gunicorn's signature
+        if exc_info and self._head_written and not self.headers_sent:
+            # The application replaces a response that failed; the held head is the old one.
+            self.sock.drop_head()
+            self._head_written = False
+        return super().start_response(status, headers, exc_info)
 
 
 def _address(client: object) -> str:

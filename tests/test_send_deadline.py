@@ -100,6 +100,28 @@ def test_a_held_head_leaves_with_the_first_body_bytes_in_one_send(pair):
     assert read_exactly(client, len(HEAD) + 2) == HEAD + b"{}"
 
 
+def test_an_empty_write_leaves_the_head_held_until_body_bytes(pair):
+    server, client = pair
+    counting = SendCounting(server)
+    sending = SendDeadline(counting, 5.0, hold_head=True)
+    sending.sendall(HEAD)
+    sending.sendall(b"")  # a streaming app's empty first chunk
+    assert (counting.sends, sending.holds_head) == (0, True)
+    sending.sendall(b"{}")
+    assert (counting.sends, sending.holds_head) == (1, False)
+    assert read_exactly(client, len(HEAD) + 2) == HEAD + b"{}"
+
+
+def test_a_dropped_head_is_never_sent(pair):
+    server, _ = pair
+    counting = SendCounting(server)
+    sending = SendDeadline(counting, 5.0, hold_head=True)
+    sending.sendall(HEAD)
+    sending.drop_head()
+    sending.flush()
+    assert (counting.sends, sending.holds_head) == (0, False)
+
+
 def test_a_held_head_without_a_body_is_sent_by_flush(pair):
     server, client = pair
     sending = SendDeadline(server, 5.0, hold_head=True)
