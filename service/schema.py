@@ -30,6 +30,9 @@ LIST_PARAMETERS = ("state", "limit")
 # Unicode categories Cc (control characters) and Cs (lone surrogates), as one character class:
 # a regex search costs a fraction of a unicodedata.category() call per character.
 FORBIDDEN_ID_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# JSON may escape half of a surrogate pair alone ("\ud800"): such a string has no UTF-8 form, so the
+# SQLite and Redis stores could not keep the payload (a pair is decoded to the one character it stands for).
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,16 +176,18 @@ def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:
         return [FieldError("payload", "is required (any JSON value; it may be an empty string)")]
     value = document["payload"]
     if isinstance(value, str):  # counted in characters, as before payloads could be other JSON values
-        size, unit = len(value), "characters"
+        text, unit = value, "characters"
     else:
         try:
-            size, unit = len(_compact_json(value)), "characters as compact JSON"
+            text, unit = _compact_json(value), "characters as compact JSON"
         except _HugeInteger:
             return [FieldError("payload", f"must not contain an integer of more than {MAX_INTEGER_DIGITS} digits")]
         except ValueError:  # 1e400 decodes to inf, which has no JSON form
             return [FieldError("payload", "must not contain a number too large for a 64-bit float")]
-    if size > limit:
+    if len(text) > limit:
         return [FieldError("payload", f"must be at most {limit} {unit}")]
+    if not text.isascii() and LONE_SURROGATE.search(text):  # isascii() is a flag lookup: most payloads stop there
+        return [FieldError("payload", "must not contain a lone surrogate (\\ud800 to \\udfff without its pair)")]
     return []
 
 

@@ -119,6 +119,7 @@ PAYLOADS = [
     None,
     "",
     "ünïcode",
+    {"\U0001f600": ["\U0001f600"]},  # sent as the escaped surrogate pair "\ud83d\ude00"
 ]
 
 
@@ -243,6 +244,8 @@ def test_a_huge_number_as_the_body_is_a_400():
 ID_TOO_LONG = "must be 1 to 256 characters long"
 PAYLOAD_REQUIRED = "is required (any JSON value; it may be an empty string)"
 NOT_INTEGER = "must be an integer"
+# "\ud800" is valid JSON text, but a lone surrogate has no UTF-8 form: the SQLite and Redis stores cannot keep it.
+LONE_SURROGATE = "must not contain a lone surrogate (\\ud800 to \\udfff without its pair)"
 
 
 @pytest.mark.parametrize(
@@ -264,6 +267,10 @@ NOT_INTEGER = "must be an integer"
             ({"id": bad, "payload": ""}, [("id", ID_PATH_RULE)])
             for bad in ["/a", "a/", "a//b", ".", "..", "a/./b", "a/../b", "./a"]
         ],
+        ({"id": "a", "payload": "a\ud800"}, [("payload", LONE_SURROGATE)]),
+        ({"id": "a", "payload": "\udc00\ud83d"}, [("payload", LONE_SURROGATE)]),  # reversed: not a pair
+        ({"id": "a", "payload": {"k\udfff": 1}}, [("payload", LONE_SURROGATE)]),
+        ({"id": "a", "payload": [["\ud800"]]}, [("payload", LONE_SURROGATE)]),
         ({"id": "a", "payload": "x" * 513}, [("payload", "must be at most 512 characters")]),
         ({"id": "a", "payload": ["x" * 509]}, [("payload", "must be at most 512 characters as compact JSON")]),
         ({"id": "a", "payload": {"k": "x" * 506}}, [("payload", "must be at most 512 characters as compact JSON")]),

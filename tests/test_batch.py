@@ -105,6 +105,14 @@ def test_each_task_gets_the_answer_of_the_single_endpoint(harness):
     assert harness.pool.get("new") is not None
 
 
+def test_a_task_the_stores_cannot_keep_is_refused_alone(harness):
+    response = post_batch(harness.client, {"tasks": [task("a"), task("b", "lone \ud800"), task("c")]})
+    assert statuses(response) == [202, 400, 202]
+    assert response.get_json()["results"][1]["problem"]["errors"] == [
+        {"field": "payload", "message": "must not contain a lone surrogate (\\ud800 to \\udfff without its pair)"}
+    ]
+
+
 def test_a_repeated_id_in_one_batch_is_409_for_the_later_task(harness):
     response = post_batch(harness.client, {"tasks": [task("a", "first"), task("b"), task("a", "second")]})
     assert statuses(response) == [202, 202, 409]
