@@ -7,6 +7,7 @@ trips through Flask's hook machinery.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -28,14 +29,20 @@ def init_app(app: Flask) -> None:
     app.wsgi_app = with_request_id(app.wsgi_app)  # type: ignore[method-assign]  # Flask's middleware slot
 
 
+# The ids' own generator: the random module's shared one is reseeded by any code that calls
+# random.seed() (a task handler making its work reproducible), and the ids would then repeat.
+_random = random.Random()
+os.register_at_fork(after_in_child=_random.seed)  # from the system: a forked worker must not repeat its parent
+
+
 def new_id() -> str:
     """A fresh id: 32 random hex digits.
 
-    From the ``random`` module, not ``os.urandom``: an id only needs to be unique,
+    From a ``random.Random``, not ``os.urandom``: an id only needs to be unique,
     not secret, and this saves a system call on every request without an id.
-    ``random`` is reseeded from the system in a forked worker.
+    The generator is the module's own, reseeded from the system in a forked worker.
     """
-    return f"{random.getrandbits(128):032x}"
+    return f"{_random.getrandbits(128):032x}"
 
 
 def current() -> str | None:

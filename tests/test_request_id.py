@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 
 import pytest
@@ -50,6 +51,29 @@ def test_a_forked_worker_makes_other_ids_than_its_parent():
         os.close(read)
         os.waitpid(child, 0)
     assert GENERATED.fullmatch(child_id) and child_id != new_id()
+
+
+@pytest.fixture
+def random_state():
+    """The random module's state, restored after a test that seeds it."""
+    state = random.getstate()
+    yield
+    random.setstate(state)
+
+
+def test_a_handler_seeding_the_random_module_does_not_make_ids_repeat(random_state):
+    # Simulations seed the random module for reproducible work; the ids must not follow it.
+    harness = make_harness(lambda task, cancel: random.seed(task.payload))
+    try:
+        ids = []
+        for n in range(3):
+            response = harness.client.post("/enqueue", json={"id": f"seeding-{n}", "payload": 7})
+            assert response.status_code == 202
+            ids.append(response.headers["X-Request-ID"])
+            harness.final.wait(f"seeding-{n}")  # the handler has seeded the module before the next request
+        assert len(set(ids)) == 3, ids
+    finally:
+        harness.drain()
 
 
 def test_each_request_without_an_id_gets_a_new_one(harness):
