@@ -35,6 +35,10 @@ class AccessLogger(Logger):
         answer = server_errors.current_answer()  # gunicorn's own error answer, not yet written
         if answer is not None:
             answer.logged = True
+        elif not getattr(resp, "headers_sent", True):
+            # The application failed before any of its response left: gunicorn answers the error
+            # itself (a 500) and logs that answer's line; this response was never sent.
+            return
         if not self.writes_access or not self.access_log.isEnabledFor(logging.INFO):
             return
         try:

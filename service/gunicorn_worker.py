@@ -127,7 +127,7 @@ class DrainingThreadWorker(ThreadWorker):
         conn.sock = sending = SendDeadline(sock, self.request_timeout, hold_head=True)
         try:
             keep_alive = super().handle_request(req, conn)
-            sending.flush()  # a response without a body: its head alone
+            sending.flush()  # a head still held; HeldHeadResponse.close() has sent it already
             return keep_alive
         except TimeoutError:
             self.log.warning(
@@ -190,7 +190,9 @@ class HeldHeadResponse(wsgi.Response):
     """gunicorn's response, whose head counts as sent (``headers_sent``) only once it has left the socket.
 
     Written to a ``SendDeadline`` that may hold the head (see the module's
-    docstring); on any other socket it is gunicorn's response unchanged.
+    docstring); on any other socket it is gunicorn's response unchanged. A
+    closed response has left whole, so the access line, written after it,
+    can tell a response sent from one the application never finished.
     """
 
     _head_written = False  # the head was written to the socket, held or not
@@ -206,6 +208,12 @@ class HeldHeadResponse(wsgi.Response):
     def send_headers(self) -> None:
         if not self._head_written:  # a held head is not written twice
             super().send_headers()
+
+    def close(self) -> None:
+        super().close()
+        flush = getattr(self.sock, "flush", None)
+        if flush is not None:  # the response is whole: a head still held (no body) leaves now
+            flush()
 
     def start_response(self, status, headers, exc_info=None):  # gunicorn's signature
         if exc_info and self._head_written and not self.headers_sent:

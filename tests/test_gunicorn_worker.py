@@ -12,6 +12,9 @@ from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environm
 pytestmark = pytest.mark.e2e
 
 SETTINGS = """
+from service import logs
+
+logconfig_dict = logs.logging_config("INFO", "text")  # the service's lines, with their request ids
 worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 logger_class = "service.access_log.AccessLogger"
 accesslog = errorlog = "-"
@@ -70,6 +73,19 @@ def test_an_app_failing_before_any_of_its_response_left_is_answered_500(served, 
     assert headers["Content-Type"] == "application/problem+json"
     assert re.fullmatch(r"[0-9a-f]{32}", headers["X-Request-ID"])
     assert json.loads(body)["status"] == 500
+
+
+@pytest.mark.parametrize("how", ["raise-at-once", "text-chunk"])
+def test_an_app_failing_before_any_of_its_response_left_has_one_access_line_for_the_answer_sent(served, how):
+    port, process = served
+    request_line = f"GET /{how}?probe=access-line HTTP/1.1"
+    received = exchange(port, f"{request_line}\r\nHost: x\r\n\r\n".encode())
+    answer_id = re.search(rb"X-Request-ID: (\w+)", received).group(1).decode()
+    # gunicorn logs the error's own access line before it writes the answer: it is in the log by now.
+    lines = [line for line in process.log().splitlines() if f'"{request_line}"' in line]
+    assert len(lines) == 1, lines  # not also a 200 for the response the app never finished
+    assert f'"{request_line}" 500 ' in lines[0]
+    assert lines[0].endswith(f" request_id={answer_id}")
 
 
 def test_an_app_may_replace_a_response_whose_head_has_not_left(served):
