@@ -73,11 +73,12 @@ def enqueue_batch() -> Response:
         require_token()  # before the body is read, as for POST /enqueue
         body = read_body(config.max_batch_body_bytes)
         items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=svc.limits, request_id=rid)
+        # One engine call: the accepted tasks are admitted in one store step, in order
+        # (or none of them, when the store cannot be used: the batch is refused as a whole).
+        admitted = iter(svc.pool.submit_many([item for item in items if isinstance(item, TaskSpec)]))
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
-    # One engine call: the accepted tasks are admitted in one store step, in order.
-    admitted = iter(svc.pool.submit_many([item for item in items if isinstance(item, TaskSpec)]))
     results: list[dict[str, Any]] = []
     refusals: list[Exception] = []
     unavailable: dict[tuple[int, str], list[int]] = {}  # 5xx refusals by (status, detail): their task indexes

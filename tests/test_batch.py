@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from app import create_app
 from service.metrics import Metrics
-from workerpool import State, WorkerPool
+from workerpool import State, StoreUnavailable, WorkerPool
 
 BATCH_CONFIG = dataclasses.replace(TEST_CONFIG, max_batch_tasks=5, max_batch_body_bytes=2048)
 TOKEN = "batch-t0ken-0123456789"
@@ -356,6 +356,19 @@ def test_each_task_is_counted_as_accepted_or_by_its_reason_for_refusal(gate):
     finally:
         gate.open()
         harness.drain()
+
+
+def test_a_batch_the_store_cannot_take_is_a_503_counted_once(harness, monkeypatch):
+    def unavailable(specs):
+        raise StoreUnavailable("the disk is full (database or disk is full)")
+
+    monkeypatch.setattr(harness.pool, "submit_many", unavailable)
+    response = post_batch(harness.client, {"tasks": [task("a"), task("b")]})
+    assert (response.status_code, response.mimetype) == (503, "application/problem+json")
+    assert response.get_json()["type"] == "urn:workerpool:problem:store-unavailable"
+    # Refused as a whole, as a malformed batch is: one refusal, as POST /enqueue counts its own.
+    registry = harness.metrics.registry
+    assert registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": "store_unavailable"}) == 1
 
 
 def test_each_refused_task_is_logged_with_the_request_id(harness, caplog):
