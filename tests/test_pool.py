@@ -886,3 +886,37 @@ def test_a_worker_waits_out_an_unavailable_store_with_one_line_per_try(make_pool
     expected = "worker could not take a task (the store is down); trying again in 1.0 s"
     assert [r.getMessage() for r in tries] == [expected] * 2
     assert all(r.exc_info is None for r in tries)  # an outage is not a bug: no traceback
+
+
+def test_hooks_are_looked_up_once_and_only_those_an_observer_overrides_are_called(make_pool):
+    class Finished(PoolObserver):
+        def __init__(self):
+            self.looked_up = []
+            self.finished = []
+
+        def __getattribute__(self, name):
+            if name in PoolObserver.__dict__ and not name.startswith("_"):
+                object.__getattribute__(self, "looked_up").append(name)
+            return object.__getattribute__(self, name)
+
+        def attempt_finished(self, task, seconds):
+            self.finished.append((task.id, task.state))
+
+    class Queued(PoolObserver):
+        def __init__(self):
+            self.queued = []
+
+        def task_queued(self, task):  # heard through PoolObserver.tasks_queued
+            self.queued.append(task.id)
+
+    finished, queued = Finished(), Queued()
+    pool = make_pool(always_fail, threads=False, observers=[finished, queued])
+    assert finished.looked_up == ["attempt_finished"]  # bound when the pool was made
+    pool.submit("a", max_retries=1)
+    pool.submit_many([TaskSpec("b"), TaskSpec("c")])
+    pool.cancel("c")
+    while pool.step():
+        pass
+    assert finished.looked_up == ["attempt_finished"]
+    assert finished.finished == [("a", State.QUEUED), ("a", State.FAILED), ("b", State.FAILED)]  # due retries first
+    assert queued.queued == ["a", "b", "c"]

@@ -19,6 +19,11 @@ class PoolObserver:
     running shutdown) and outside every lock of the pool, so they may take
     their own locks. They must be quick; an exception from one is logged and
     ignored, so a broken observer cannot break task processing.
+
+    The pool looks the hooks up once, when it is made, and only those the
+    observer's class overrides: a hook left to this class is never called,
+    and so costs nothing per task (``tasks_queued`` counts as overridden when
+    ``task_queued`` is, as it calls that one).
     """
 
     def task_queued(self, task: Task) -> None:

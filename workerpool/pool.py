@@ -173,6 +173,14 @@ class WorkerPool:
         self._monotonic = monotonic
         self._wait = wait
         self._observers = tuple(observers)
+        # Each hook bound once, and only for the observers that override it: a hook nobody
+        # overrides costs its call sites one test per task, with no arguments built, no loop and
+        # no call of PoolObserver's empty method (nor, for submissions, any order to keep).
+        self._on_queued = _hooks(self._observers, "tasks_queued", "task_queued")
+        self._on_started = _hooks(self._observers, "attempt_started")
+        self._on_finished = _hooks(self._observers, "attempt_finished")
+        self._on_cancelled = _hooks(self._observers, "task_cancelled")
+        self._on_abandoned = _hooks(self._observers, "task_abandoned")
         self._use_threads = threads
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
 
@@ -292,7 +300,7 @@ class WorkerPool:
         )  # fmt: skip
 
     def _admit(self, tasks: list[Task]) -> list[Task | SubmitError]:
-        observed = bool(self._observers)
+        observed = bool(self._on_queued)  # someone hears of submissions
         ids = [task.id for task in tasks] if observed else []
         with self._lock:
             if self._closing and not self._store.shared:
@@ -309,7 +317,7 @@ class WorkerPool:
                 for task in queued:
                     _log(logging.DEBUG, task, "task %s queued", task.id)
                 if observed and queued:
-                    self._notify("tasks_queued", queued)
+                    _notify(self._on_queued, queued)
         finally:
             if observed:
                 with self._order_lock:
@@ -341,7 +349,8 @@ class WorkerPool:
             self._count_final(task)
             self._wait_turn(task_id)
             _log(logging.INFO, task, "task %s cancelled", task_id)
-            self._notify("task_cancelled", task)
+            if self._on_cancelled:
+                _notify(self._on_cancelled, task)
             with self._lock:
                 closing = self._closing
             if closing:  # the drain may be waiting for this task alone (delayed, or waiting out a backoff)
@@ -490,8 +499,8 @@ class WorkerPool:
             attempt.cancel.set()
         if log.isEnabledFor(logging.DEBUG):
             _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
-        if self._observers:
-            self._notify("attempt_started", task)
+        if self._on_started:
+            _notify(self._on_started, task)
         try:
             returned = self._handler(task, attempt.cancel)
         except BaseException as exc:  # even SystemExit: it would end this thread silently
@@ -579,8 +588,8 @@ class WorkerPool:
                 )
             else:
                 self._log_end(ended, error, exc)
-                if self._observers:
-                    self._notify("attempt_finished", ended, self._monotonic() - attempt.started)
+                if self._on_finished:
+                    _notify(self._on_finished, ended, self._monotonic() - attempt.started)
         finally:
             self._forget_attempt(attempt, ended, retry_at)
 
@@ -856,13 +865,6 @@ class WorkerPool:
             heard = self._turn_waiters.setdefault(task_id, threading.Event())
         heard.wait(timeout)
 
-    def _notify(self, hook: str, *args: object) -> None:
-        for observer in self._observers:
-            try:
-                getattr(observer, hook)(*args)
-            except Exception:
-                log.exception("observer %r failed in %s", observer, hook)
-
     # -- leases (shared stores) ------------------------------------------
 
     def _keep_leases(self) -> None:
@@ -875,7 +877,7 @@ class WorkerPool:
                 for task in self._store.recover(self._retry_at):
                     self._count_final(task)
                     _log(logging.WARNING, task, "task %s attempt %d lost: %s", task.id, task.attempts, task.last_error)
-                    self._notify("attempt_finished", task, 0.0)
+                    _notify(self._on_finished, task, 0.0)
             except StoreUnavailable as exc:
                 log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
             except Exception:
@@ -965,7 +967,7 @@ class WorkerPool:
         for task in abandoned:
             self._wait_turn(task.id)
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
-            self._notify("task_abandoned", task)
+            _notify(self._on_abandoned, task)
         self._stop_threads()
         try:
             left = self._store.stats().counts if self._store.shared else {}
@@ -1001,6 +1003,32 @@ class WorkerPool:
         deadline = time.monotonic() + join_timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+_Hooks = tuple[tuple[Callable[..., object], str, PoolObserver], ...]
+
+
+def _hooks(observers: Sequence[PoolObserver], name: str, *also: str) -> _Hooks:
+    """``name`` bound on each observer whose class overrides it (or one of ``also``, which it calls).
+
+    An observer that is no ``PoolObserver`` is taken at its word: it hears every hook it has.
+    """
+    hooks = []
+    for observer in observers:
+        if any(getattr(type(observer), n, None) is not getattr(PoolObserver, n) for n in (name, *also)):
+            method = getattr(observer, name, None)
+            if method is not None:
+                hooks.append((method, name, observer))
+    return tuple(hooks)
+
+
+def _notify(hooks: _Hooks, *args: object) -> None:
+    """Call each hook; an exception is logged and ignored (a broken observer cannot break task processing)."""
+    for hook, name, observer in hooks:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("observer %r failed in %s", observer, name)
 
 
 def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> None:
