@@ -888,6 +888,53 @@ def test_a_worker_waits_out_an_unavailable_store_with_one_line_per_try(make_pool
     assert all(r.exc_info is None for r in tries)  # an outage is not a bug: no traceback
 
 
+class StepLog(MemoryStore):
+    """A memory store that records its workers' steps: claims, ends that claim next, waits for work."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.steps = []
+        self.changed = threading.Condition()
+
+    def _record(self, step):
+        with self.changed:
+            self.steps.append(step)
+            self.changed.notify_all()
+
+    def claim(self, owner, lease_until):
+        claimed = super().claim(owner, lease_until)
+        self._record(("claim", claimed and claimed.id))
+        return claimed
+
+    def finish_and_claim(self, task_id, attempt, owner, **kwargs):
+        ended, claimed = super().finish_and_claim(task_id, attempt, owner, **kwargs)
+        self._record(("finish_and_claim", task_id, claimed and claimed.id))
+        return ended, claimed
+
+    def wait_for_work(self, timeout):
+        self._record(("wait",))
+        super().wait_for_work(timeout)
+
+    def step_after(self, step):
+        """The step that followed ``step``, once there is one."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: step in self.steps[:-1], TIMEOUT), f"no step after {step}"
+            return self.steps[self.steps.index(step) + 1]
+
+
+def test_a_worker_whose_end_claimed_nothing_waits_at_once_and_work_admitted_then_wakes_it(make_pool):
+    store = StepLog()
+    pool = make_pool(store=store, workers=1)
+    pool.submit("a")
+    # The store step that ended "a" found nothing to claim: a claim right after it would find the
+    # same, one store step (a transaction, a script) more per idle moment.
+    assert store.step_after(("finish_and_claim", "a", None)) == ("wait",)
+    pool.submit("b")  # admitted while (or before) the worker waits: it must run without another wake-up
+    assert store.step_after(("finish_and_claim", "b", None)) == ("wait",)
+    assert pool.get("b").state is State.DONE
+    assert ("claim", "b") in store.steps  # woken, the worker claimed it
+
+
 def test_hooks_are_looked_up_once_and_only_those_an_observer_overrides_are_called(make_pool):
     class Finished(PoolObserver):
         def __init__(self):

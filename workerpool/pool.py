@@ -107,6 +107,7 @@ class Attempt:
     retry_at: float | None = None  # the retry the timeout scheduled, drawn once however often the write is tried
     claimed_next: Task | None = None  # the task its worker claimed in the same store step as this attempt's end
     successor: Attempt | None = None  # claimed_next's attempt, registered in the same _lock hold as this one's end
+    claimed_none: bool = False  # the store step that recorded its end claimed next and found nothing due
     cancelled_early: bool = False  # cancelled before it was registered (set under _lock): its handler is told
     waits_turn: bool = False  # an earlier change of its task was not yet heard by the observers (see _wait_turn)
 
@@ -433,11 +434,16 @@ class WorkerPool:
         pause = threading.Event()  # never set: a pause that is not time.sleep
         # The next attempt, claimed and registered with the end of the last one when a task was due.
         attempt: Attempt | None = None
+        # The last attempt's end claimed next and found nothing: wait at once. A claim now would be
+        # a second store step (a transaction, a script) to learn the same; work admitted or falling
+        # due since that step ends the wait (the wait_for_work contract), so no wake-up is lost.
+        idle = False
         while self._claiming or attempt is not None:
             if attempt is None:
                 try:
-                    task = store.claim(owner, self._clock() + lease)
+                    task = None if idle else store.claim(owner, self._clock() + lease)
                     if task is None:
+                        idle = False
                         store.wait_for_work(None)
                         continue
                 except StoreUnavailable as exc:  # Redis restarting, a full disk: one line a second, no traceback
@@ -452,7 +458,8 @@ class WorkerPool:
                     cancel = threading.Event()
                 attempt = self._new_attempt(task, cancel)
             cancel = attempt.cancel
-            attempt = self._run_attempt(attempt, claim_next=True)
+            ended, attempt = attempt, self._run_attempt(attempt, claim_next=True)
+            idle = ended.claimed_none
             if attempt is None and self._stuck and self._leave_if_replaced():
                 return
 
@@ -567,6 +574,7 @@ class WorkerPool:
         try:
             lease_until = self._clock() + self._lease if claim_next and self._claiming else None
             ended, attempt.claimed_next = self._record_end(attempt, error, result, retry_at, lease_until)
+            attempt.claimed_none = lease_until is not None and attempt.claimed_next is None
         except Exception:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
                 with self._lock:
