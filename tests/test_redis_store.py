@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import linecache
+import sys
 import threading
 import time
 
@@ -262,6 +264,97 @@ def test_an_admission_interrupted_while_it_waits_passes_its_turn_on(make, monkey
     assert outcomes == {"first": ["first"], "after": ["after"]}  # it sent the queue, the interrupted one left
     assert [t.id for t in store.list()] == ["after", "first"]
     assert not store._admitting and store.admit([new("next", clock)])[0].id == "next"
+
+
+class _InterruptAfterTurn:
+    """Raise KeyboardInterrupt in the admission of ``task_id`` (as a signal does on the main thread) at
+    the ``line``-th line that ``admit`` or its ``_send`` runs after that admission acquired its turn to
+    send, unless it marked its batch sent first. ``install`` before the admission starts; the admitting
+    thread calls ``trace``."""
+
+    def __init__(self, task_id: str, line: int) -> None:
+        self.task_id, self.line = task_id, line
+        self.admission: redis_store._Admission | None = None
+        self.turn = self.interrupted = False
+        self._lines = 0
+
+    @property
+    def sent(self) -> bool:
+        return self.admission is not None and self.admission.sent
+
+    def install(self, monkeypatch) -> None:
+        outer = self
+
+        class Admission(redis_store._Admission):
+            def __init__(self, tasks):
+                super().__init__(tasks)
+                if tasks and tasks[0].id == outer.task_id:
+                    outer.admission, ready = self, self.ready
+
+                    class Turn:
+                        def acquire(self):
+                            ready.acquire()
+                            outer.turn = True
+
+                        def release(self):
+                            ready.release()
+
+                    self.ready = Turn()
+
+        monkeypatch.setattr(redis_store, "_Admission", Admission)
+
+    def trace(self) -> None:
+        codes = {RedisStore.admit.__code__, RedisStore._send.__code__}
+
+        def local(frame, event, arg):
+            # Not at a with statement's line: there a trace runs before __exit__ is called, where
+            # CPython never checks for a signal, and an exception would leave the lock held.
+            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip()
+            if event == "line" and self.turn and not self.sent and not source.startswith("with "):
+                self._lines += 1
+                if self._lines == self.line:
+                    self.interrupted = True
+                    raise KeyboardInterrupt  # a trace function's exception is raised at this line
+            return local
+
+        sys.settrace(lambda frame, event, arg: local if frame.f_code in codes else None)
+
+
+def test_an_admission_interrupted_just_after_its_turn_comes_leaves_and_the_others_go_on(make, clock):
+    # Wherever between taking its turn and sending the interruption lands, the admissions queued
+    # behind it neither hang nor get lost: they are admitted, and the interrupted one stored nothing.
+    store = make(capacity=1000)
+    store.admit([])  # the script is loaded
+    line = 0
+    while True:
+        line += 1
+        first, interrupted, after = f"first{line}", f"interrupted{line}", f"after{line}"
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(store, "_run", store._run)  # undoes the holding below
+            entered, release = _hold_first_admission(store)
+            interrupt = _InterruptAfterTurn(interrupted, line)
+            interrupt.install(monkeypatch)
+            outcomes: dict[str, object] = {}
+
+            def submit(task_id, interrupt=interrupt, outcomes=outcomes):
+                if task_id == interrupt.task_id:
+                    interrupt.trace()
+                try:
+                    outcomes[task_id] = [t.id for t in store.admit([new(task_id, clock)])]
+                except KeyboardInterrupt as exc:
+                    outcomes[task_id] = exc
+                finally:
+                    sys.settrace(None)
+
+            _queue_behind_one_in_flight(store, entered, submit, (first,), [(interrupted,), (after,)], release)
+        if not interrupt.interrupted:  # it sent before that line came: every line up to the send was tried
+            assert interrupt.sent and line > 1
+            break
+        assert isinstance(outcomes.pop(interrupted), KeyboardInterrupt), line
+        assert outcomes == {first: [first], after: [after]}, line
+        assert store.get(interrupted) is None, line
+        assert not store._admitting and not store._admissions, line
+    assert store.admit([new("next", clock)])[0].id == "next"
 
 
 def test_a_payload_that_is_not_json_fails_only_its_own_admission_even_when_others_wait(make, clock):

@@ -391,7 +391,7 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
 class _Admission:
     """One admit call's tasks, waiting for the round trip that carries them (see RedisStore.admit)."""
 
-    __slots__ = ("tasks", "documents", "ready", "lead", "verdicts", "error")
+    __slots__ = ("tasks", "documents", "ready", "lead", "batch", "sent", "verdicts", "error")
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         self.tasks = tasks
@@ -400,8 +400,10 @@ class _Admission:
         self.documents = [_document(task) for task in tasks]
         self.ready = threading.Lock()  # held until the verdicts are in or this call is to send
         self.ready.acquire()
-        self.lead = False
-        self.verdicts: Sequence[bytes] = ()
+        self.lead = False  # holds the turn to send (set under the store's _admissions_lock)
+        self.batch: list[_Admission] = []  # the admissions this one took to send, itself first
+        self.sent = False  # its batch went out (or was about to): it may be stored
+        self.verdicts: Sequence[bytes] | None = None
         self.error: BaseException | None = None
 
 
@@ -520,76 +522,88 @@ class RedisStore(TaskStore):
         the wake-up tokens), into one.
         """
         mine = _Admission(tasks)
-        with self._admissions_lock:
-            self._admissions.append(mine)
-            lead = not self._admitting
-            self._admitting = True
-        if not lead:
-            try:
-                mine.ready.acquire()  # released with our verdicts, or when it is our turn to send
-            except BaseException:  # a signal's exception on the main thread: the others must go on
-                self._leave(mine)
-                raise
-            if not mine.lead:
-                return self._results(tasks, mine.verdicts, mine.error)
-        with self._admissions_lock:
-            batch, self._admissions = self._admissions, []
         error: BaseException | None = None
+        # Joining the queue and everything after it is inside the try: an exception that lands
+        # anywhere (a signal's KeyboardInterrupt on the main thread) still hands the turn on in the
+        # finally, which reads who holds it from the admissions' state, not from where the code stopped.
         try:
-            documents = [document for admission in batch for document in admission.documents]
-            verdicts = self._run(
-                "admit", self._clock(), self.capacity, self._ttl, self._max_finished, self._deadline(), *documents
-            )
+            if not self._join(mine):
+                mine.ready.acquire()  # released with our verdicts, or when it is our turn to send
+                if not mine.lead:
+                    return self._results(tasks, mine.verdicts, mine.error)
+            verdicts = self._send(mine)
             start = 0
-            for admission in batch:
+            for admission in mine.batch:
                 admission.verdicts = verdicts[start : start + len(admission.tasks)]
                 start += len(admission.tasks)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            with self._admissions_lock:
-                following = self._admissions[0] if self._admissions else None
-                if following is not None:
-                    following.lead = True
-                else:
-                    self._admitting = False
-            for admission in batch:
-                if admission is not mine:
-                    admission.error = error
-                    admission.ready.release()
-            if following is not None:
-                following.ready.release()
+            self._hand_over(mine, error)
         return self._results(tasks, mine.verdicts, None)
 
-    def _leave(self, mine: _Admission) -> None:
-        """Take a waiting admission that gave up out of the queue, and pass its turn to send on if it had it.
+    def _join(self, mine: _Admission) -> bool:
+        """Queue ``mine`` for the next round trip; True if it is to send at once (none in flight)."""
+        with self._admissions_lock:
+            self._admissions.append(mine)
+            if not self._admitting:
+                self._admitting = mine.lead = True
+            return mine.lead
 
-        Its tasks may still be stored if a round trip already carries them (as
-        for a step that timed out); otherwise they were never sent.
+    def _send(self, mine: _Admission) -> Sequence[bytes]:
+        """Send every admission queued so far, ``mine`` first, in one script: their verdicts in order."""
+        with self._admissions_lock:
+            mine.batch, self._admissions = self._admissions, []
+        documents = [document for admission in mine.batch for document in admission.documents]
+        mine.sent = True  # from here on the batch may be stored, whatever happens next
+        return self._run(
+            "admit", self._clock(), self.capacity, self._ttl, self._max_finished, self._deadline(), *documents
+        )
+
+    def _hand_over(self, mine: _Admission, error: BaseException | None) -> None:
+        """Answer the admissions ``mine`` carried and pass the turn to send on, if ``mine`` holds it.
+
+        An admission that leaves before sending (an exception while it waited, or
+        just after its turn came) takes only itself out: the admissions of its
+        batch go back to the head of the queue, in order, for the next turn, as
+        if it had never queued; its own tasks were never sent.
         """
+        answered: list[_Admission] = []
         with self._admissions_lock:
             if mine in self._admissions:
                 self._admissions.remove(mine)
             if not mine.lead:
                 return
+            mine.lead = False
+            others = [admission for admission in mine.batch if admission is not mine]
+            if mine.sent:
+                answered = others
+            else:
+                self._admissions[:0] = others
             following = self._admissions[0] if self._admissions else None
             if following is not None:
                 following.lead = True
             else:
                 self._admitting = False
+        for admission in answered:
+            if admission.verdicts is None:  # the round trip failed or was cut short: maybe stored
+                admission.error = error or RuntimeError("the admission was interrupted")
+            admission.ready.release()
         if following is not None:
             following.ready.release()
 
     def _results(
-        self, tasks: Sequence[Task], verdicts: Sequence[bytes], error: BaseException | None
+        self, tasks: Sequence[Task], verdicts: Sequence[bytes] | None, error: BaseException | None
     ) -> list[Task | SubmitError]:
-        if error is not None:  # the round trip that carried these tasks failed: none was stored
+        # The round trip that carried these tasks failed. A StoreUnavailable (Redis refused, or the
+        # deadline passed) stored none of them; any other error may have come after Redis stored them.
+        if error is not None:
             if isinstance(error, StoreUnavailable):
                 raise StoreUnavailable(str(error)) from error
             raise RuntimeError(f"the admission that carried these tasks failed: {error!r}") from error
         results: list[Task | SubmitError] = []
-        for task, verdict in zip(tasks, verdicts):
+        for task, verdict in zip(tasks, verdicts or ()):
             if verdict == b"duplicate":
                 results.append(DuplicateTask(task.id))
             elif verdict == b"full":
