@@ -43,14 +43,20 @@ class AccessLogger(Logger):
             return
         try:
             entry = access_entry(resp, environ, request_time)
-            if entry.request_id is None and answer is not None:
-                entry = entry._replace(request_id=answer.request_id)
+            if answer is not None:  # written by error_answered, once the answer's size is known
+                answer.line = entry._replace(request_id=entry.request_id or answer.request_id)
+                return
             logs.write_access(self.access_log, entry)
         except Exception:
             self.exception("cannot write the access line")
 
     def error_answered(self, addr: Any, answer: server_errors.ErrorAnswer) -> None:
-        """The access line of an error gunicorn answered for a request it could not parse (it logs none)."""
+        """The access line of an error gunicorn answered: the one it asked for, with the bytes written,
+        or for a request it could not parse (it asks for none), one made here."""
+        if answer.line is not None:
+            entry, answer.line = answer.line, None
+            self._write(entry._replace(response_bytes=answer.sent or 0))
+            return
         if answer.logged or answer.status is None:
             return
         answer.logged = True
@@ -69,6 +75,9 @@ class AccessLogger(Logger):
             user_agent="-",
             request_id=answer.request_id,
         )
+        self._write(entry)
+
+    def _write(self, entry: logs.AccessEntry) -> None:
         try:
             logs.write_access(self.access_log, entry)
         except Exception:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from gunicorn import util
 
@@ -40,8 +41,9 @@ class ErrorAnswer:
     request_id: str = field(default_factory=lambda: os.urandom(16).hex())
     began: float = field(default_factory=time.monotonic)
     status: int | None = None  # set once written
-    sent: int | None = None  # bytes written
-    logged: bool = False  # its access line was written
+    sent: int | None = None  # body bytes written (what an access line counts)
+    logged: bool = False  # its access line was written, or is waiting in `line` for the answer's size
+    line: Any = None  # the access line gunicorn asked for before writing the answer (service/access_log.py)
 
 
 class _ThreadState(threading.local):
@@ -92,4 +94,4 @@ def write_problem(sock: socket.socket, status_int: int, reason: str, mesg: str) 
     data = head.encode("latin-1") + body
     answer.status = status_int
     util.write_nonblock(sock, data)
-    answer.sent = len(data)
+    answer.sent = len(body)

@@ -81,10 +81,11 @@ def test_an_app_failing_before_any_of_its_response_left_has_one_access_line_for_
     request_line = f"GET /{how}?probe=access-line HTTP/1.1"
     received = exchange(port, f"{request_line}\r\nHost: x\r\n\r\n".encode())
     answer_id = re.search(rb"X-Request-ID: (\w+)", received).group(1).decode()
+    answer_bytes = len(received.partition(b"\r\n\r\n")[2])
     # gunicorn logs the error's own access line before it writes the answer: it is in the log by now.
     lines = [line for line in process.log().splitlines() if f'"{request_line}"' in line]
     assert len(lines) == 1, lines  # not also a 200 for the response the app never finished
-    assert f'"{request_line}" 500 ' in lines[0]
+    assert f'"{request_line}" 500 {answer_bytes} ' in lines[0]
     assert lines[0].endswith(f" request_id={answer_id}")
 
 

@@ -134,7 +134,7 @@ def test_errors_gunicorn_answers_itself_are_problem_documents(server, data, stat
 @pytest.mark.parametrize(("data", "status"), GUNICORN_ERRORS.values(), ids=GUNICORN_ERRORS.keys())
 def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(served, data, status):
     base, process = served
-    answered, headers, _ = raw_exchange(base, data)
+    answered, headers, body = raw_exchange(base, data)
     assert answered == status
     tail = f"request_id={headers['x-request-id']}"
 
@@ -143,7 +143,7 @@ def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(
 
     wait_until(lambda: lines("gunicorn.access"), timeout=20, what="the access line")
     [access] = lines("gunicorn.access")
-    assert f'" {status} ' in access
+    assert f'" {status} {len(body)} ' in access  # the bytes of the body, as every access line counts them
     [warning] = lines("gunicorn.error")
     assert "[WARNING]" in warning and "Invalid request from ip=127.0.0.1" in warning
 
