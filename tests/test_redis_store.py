@@ -11,7 +11,7 @@ import pytest
 from doubles import wait_until
 from redis_server import RedisServer, running_redis
 
-from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task
+from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task, WorkerPool
 from workerpool.stores import redis_store
 from workerpool.stores.redis_store import RedisStore, _head, _pack, connect
 
@@ -30,8 +30,8 @@ def make(server, clock):
     server.client().flushall()
     clients = []
 
-    def make_store(**options) -> RedisStore:
-        client = server.client()
+    def make_store(*, socket_timeout: float = 5.0, **options) -> RedisStore:
+        client = server.client(socket_timeout)
         clients.append(client)
         settings = {"capacity": 4, "ttl": 60.0, "max_finished": 100, "clock": clock.time} | options
         return RedisStore(client, **settings)
@@ -562,3 +562,52 @@ def test_redis_errors_never_escape_as_redis_exceptions(clock):
         store.get("x")
     with pytest.raises(StoreUnavailable):
         store.stats()
+
+
+def _returns(wait, timeout=WAIT_S) -> bool:
+    """Whether ``wait()`` returned within ``timeout`` (real) seconds, run on a thread of its own."""
+    returned = threading.Event()
+    threading.Thread(target=lambda: (wait(), returned.set()), daemon=True).start()
+    return returned.wait(timeout)
+
+
+def test_a_claim_that_found_nothing_due_bounds_the_next_wait_by_the_next_due_time(make, monkeypatch, clock):
+    # Neither a periodic look nor the socket's timeout may hide a due time the wait missed.
+    monkeypatch.setattr(redis_store, "_MAX_WAIT", 10 * WAIT_S)
+    a, b = make(), make(socket_timeout=20 * WAIT_S)
+    a.admit([new("later", clock, next_attempt_at=clock.time() + 5)])
+    claimed = []
+
+    def idle_worker():  # a worker's thread: its claim, then its wait
+        claimed.append(b.claim("w", clock.time() + 30))  # not due yet: it took the token the admission left
+        clock.advance(5)
+        b.wait_for_work(None)
+
+    assert _returns(idle_worker), "a task due now is not waited for"
+    assert claimed == [None]
+    assert b.claim("w", clock.time() + 30).id == "later"
+
+
+def test_work_admitted_after_an_end_stamped_its_time_wakes_the_worker_that_claimed_nothing(make, monkeypatch, clock):
+    # A worker stamps the time of its finish_and_claim, a submission is stamped and admitted after
+    # it, and the script then runs: at the stamped time the task is not due, so the worker
+    # claims nothing (taking the submission's token) and waits without claiming again.
+    monkeypatch.setattr(redis_store, "_MAX_WAIT", 10 * WAIT_S)
+    submitter, store = make(), make(socket_timeout=20 * WAIT_S)
+    done = threading.Event()
+
+    class Late(RedisStore):
+        def _finish_args(self, *args):
+            stamped = super()._finish_args(*args)
+            if args[0] == "a":
+                clock.advance(0.001)
+                submitter.admit([new("b", clock)])
+            return stamped
+
+    store.__class__ = Late
+    pool = WorkerPool(lambda task, cancel: done.set() if task.id == "b" else None, store=store, workers=1)
+    try:
+        pool.submit("a")
+        assert done.wait(WAIT_S), "b was admitted while the only worker was idle and never started"
+    finally:
+        pool.shutdown(timeout=0)

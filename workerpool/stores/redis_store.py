@@ -107,7 +107,16 @@ local function finalize(id, key, old, new, now, ...)
   redis.call('ZADD', P .. ':fin', now, id)
   move_index(id, old, new)
 end
--- Due retries first, then the oldest due new task.
+-- The earliest due time of a queued task (Redis formats scores exactly), or false.
+local function first_due()
+  local first = false
+  for _, name in ipairs({':new', ':retry'}) do
+    local head = redis.call('ZRANGE', P .. name, 0, 0, 'WITHSCORES')
+    if #head > 0 and (not first or tonumber(head[2]) < tonumber(first)) then first = head[2] end
+  end
+  return first
+end
+-- Due retries first, then the oldest due new task; when none is due, the earliest due time (or false).
 local function claim(now, owner, lease_until)
   local zset = P .. ':retry'
   local members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, 1)
@@ -118,8 +127,10 @@ local function claim(now, owner, lease_until)
   if #members == 0 then
     -- Nothing is due now, so the tokens left tell of work already taken: without them the next
     -- idle worker blocks at once instead of waking for nothing. Work admitted later pushes anew.
+    -- A token taken here may be that of work due by the time the worker waits (delayed, a retry,
+    -- or admitted after this step's time was stamped): the due time returned bounds that wait.
     redis.call('DEL', P .. ':signal')
-    return false
+    return first_due()
   end
   local id = string.sub(members[1], 18)
   local key = P .. ':t:' .. id
@@ -298,12 +309,7 @@ return 1
 
 # The earliest due time of a queued task (Redis formats scores exactly), or nothing.
 _FIRST_DUE = """
-local first = nil
-for _, name in ipairs({':new', ':retry'}) do
-  local head = redis.call('ZRANGE', P .. name, 0, 0, 'WITHSCORES')
-  if #head > 0 and (first == nil or tonumber(head[2]) < tonumber(first)) then first = head[2] end
-end
-return first or false
+return first_due()
 """
 
 
@@ -613,8 +619,14 @@ class RedisStore(TaskStore):
         return results
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
-        flat = self._run("claim", self._clock(), owner, lease_until, self._deadline())
-        return _decode(flat) if flat else None
+        return self._claimed(self._run("claim", self._clock(), owner, lease_until, self._deadline()))
+
+    def _claimed(self, reply: Any) -> Task | None:
+        """The task a claim took; when it took none, the next due time it read is kept for this thread's wait."""
+        if isinstance(reply, list):
+            return _decode(reply)
+        self._local.next_due = None if reply is None else float(reply)
+        return None
 
     def seconds_until_due(self) -> float | None:
         first = self._run("first_due")
@@ -622,6 +634,11 @@ class RedisStore(TaskStore):
 
     def wait_for_work(self, timeout: float | None) -> None:
         timeout = _MAX_WAIT if timeout is None else min(max(timeout, 0.0), _MAX_WAIT)
+        # The claim that found nothing took the tokens, including any of work due by now (see the
+        # claim script): wait no longer than until the earliest due time it read.
+        next_due = self._local.__dict__.pop("next_due", None)
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, next_due - self._clock()))
         if timeout == 0:
             return
         with self._waiters_lock:
@@ -688,7 +705,7 @@ class RedisStore(TaskStore):
         ended, claimed = self._run(
             "finish_and_claim", *self._finish_args(task_id, attempt, owner, error, result, retry_at, None), lease_until
         )
-        return (_decode(ended) if ended else None), (_decode(claimed) if claimed else None)
+        return (_decode(ended) if ended else None), self._claimed(claimed)
 
     def _finish_args(
         self,
