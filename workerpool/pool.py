@@ -517,7 +517,10 @@ class WorkerPool:
             self._end_attempt(attempt, _describe(exc), None, retry_at, exc, claim_next=claim_next)
         else:
             error = None if returned is None else _check_result(returned, self._max_result_bytes)
-            self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
+            if self._attempt_timeout:
+                self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
+            else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
+                self._finish_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
 
     def _retry_at(self, task: Task) -> float | None:
         """When the task's next attempt falls due after its latest failed, or None when out of retries."""
@@ -573,7 +576,12 @@ class WorkerPool:
         ended = None
         try:
             lease_until = self._clock() + self._lease if claim_next and self._claiming else None
-            ended, attempt.claimed_next = self._record_end(attempt, error, result, retry_at, lease_until)
+            try:
+                ended, attempt.claimed_next = self._write_end(task, error, result, retry_at, lease_until)
+            except StoreUnavailable as exc:
+                if attempt.timed_out:  # a timeout is written once: the watchdog's next check writes it again
+                    raise
+                ended, attempt.claimed_next = self._record_end_again(attempt, error, result, retry_at, lease_until, exc)
             attempt.claimed_none = lease_until is not None and attempt.claimed_next is None
         except Exception:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
@@ -595,7 +603,8 @@ class WorkerPool:
                     task.attempts,
                 )
             else:
-                self._log_end(ended, error, exc)
+                if ended.state is not State.DONE or log.isEnabledFor(logging.DEBUG):
+                    self._log_end(ended, error, exc)
                 if self._on_finished:
                     _notify(self._on_finished, ended, self._monotonic() - attempt.started)
         finally:
@@ -651,24 +660,23 @@ class WorkerPool:
             task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at, lease_until=lease_until
         )
 
-    def _record_end(
-        self, attempt: Attempt, error: str | None, result: Any, retry_at: float | None, lease_until: float | None
+    def _record_end_again(
+        self,
+        attempt: Attempt,
+        error: str | None,
+        result: Any,
+        retry_at: float | None,
+        lease_until: float | None,
+        failure: StoreUnavailable,
     ) -> tuple[Task | None, Task | None]:
-        """Write the attempt's end (``_write_end``); a worker tries again while the store is unavailable
-        (Redis restarting, a full disk).
+        """Write the attempt's end (``_write_end``) again while the store is unavailable (Redis restarting,
+        a full disk), after its first try failed with ``failure``.
 
         The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
         again, and the outcome is kept. After a lease's length of failures another process may have
-        recovered the attempt: the error is raised, and the lease settles what happened. A timeout
-        is written once: the watchdog's next check writes it again.
+        recovered the attempt: the error is raised, and the lease settles what happened.
         """
         task = attempt.task
-        try:
-            return self._write_end(task, error, result, retry_at, lease_until)  # the common case, once per task
-        except StoreUnavailable as exc:
-            if attempt.timed_out:
-                raise
-            failure = exc
         pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
