@@ -532,3 +532,52 @@ def test_an_admission_knows_the_generation_it_wrote(open_store, clock):
     assert one._generation == one._read_generation() == two._generation + 1
     one.admit([task(clock, "d")])  # refused: no new work, the generation stays
     assert one._read_generation() == one._generation
+
+
+def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(open_store, clock):
+    # A huge integer cannot be bound to a statement (OverflowError from the sqlite3 module): the
+    # admission carrying it fails, the others waiting with it in the same batch are admitted.
+    held, release = threading.Event(), threading.Event()
+
+    def stalling_clock():  # the first step to read the clock holds the write lock until released
+        if not held.is_set():
+            held.set()
+            assert release.wait(WAIT_S)
+        return clock.time()
+
+    store = open_store(clock=stalling_clock)
+    outcomes: dict[str, object] = {}
+
+    def submit(name, *tasks):
+        try:
+            outcomes[name] = store.admit(list(tasks))
+        except Exception as exc:  # noqa: BLE001  (the outcome under test)
+            outcomes[name] = exc
+
+    first = threading.Thread(target=submit, args=("first", task(clock, "a")))
+    first.start()
+    assert held.wait(WAIT_S)  # "a" holds the write lock
+    waiting = [
+        threading.Thread(target=submit, args=(name, *tasks))
+        for name, tasks in (
+            ("before", (task(clock, "b"),)),
+            ("huge", (task(clock, "c"), task(clock, "huge", max_retries=2**70))),
+            ("after", (task(clock, "d"),)),
+        )
+    ]
+    deadline = time.monotonic() + WAIT_S
+    for queued, thread in enumerate(waiting, 1):
+        thread.start()
+        while len(store._admissions) < queued:  # one after the other, each waiting for the lock
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.001)
+    release.set()
+    for thread in (first, *waiting):
+        thread.join(WAIT_S)
+    assert isinstance(outcomes["huge"], OverflowError)
+    assert [t.id for t in outcomes["first"]] == ["a"]
+    assert [t.id for t in outcomes["before"]] == ["b"]
+    assert [t.id for t in outcomes["after"]] == ["d"]
+    assert sorted(t.id for t in store.list()) == ["a", "b", "d"]  # nothing of the failed admission is stored
+    assert store.stats().waiting == 3
+    assert store.health() is None

@@ -126,7 +126,16 @@ class _Admission:
     tasks: list[tuple[Task, str]]  # each with its payload as JSON
     outcomes: list[Task | SubmitError] | None = None  # set once the step that took it ended
     failure: str | None = None  # why that step failed: nothing of it was stored
+    error: Exception | None = None  # what its own tasks raised (not SQLite): nothing of it was stored
     commit: int = 0  # the commit that stored it (for FULL's fsync), 0 if none
+
+
+class _AdmissionFailed(Exception):
+    """An error other than SQLite's raised while admitting ``admission``: it fails that one alone."""
+
+    def __init__(self, admission: _Admission, error: Exception) -> None:
+        super().__init__(admission, error)
+        self.admission, self.error = admission, error
 
 
 class SqliteStore(TaskStore):
@@ -474,6 +483,8 @@ class SqliteStore(TaskStore):
                 self._generation = max(self._generation, generation)
                 self._tickets += admitted
                 self._wakeup.notify(admitted)
+        if mine.error is not None:
+            raise mine.error
         if mine.failure is not None:
             raise StoreUnavailable(mine.failure)
         if mine.commit and self.synchronous == "FULL":
@@ -486,18 +497,36 @@ class SqliteStore(TaskStore):
         return mine.outcomes
 
     def _admit_batch(self, batch: list[_Admission]) -> tuple[int, int]:  # _write_lock is held
-        """Admit ``batch`` in one transaction, giving each its outcomes; how many were admitted, and the generation."""
+        """Admit ``batch`` in one transaction, giving each its outcomes; how many were admitted, and the generation.
+
+        An error other than SQLite's (a bug, or a value the sqlite3 module
+        cannot bind, such as a huge integer) belongs to the admission whose
+        task raised it: the transaction is rolled back, that admission gets
+        the error, and the others are admitted again without it.
+        """
+        while True:
+            try:
+                return self._admit_once(batch)
+            except _AdmissionFailed as failed:
+                failed.admission.outcomes, failed.admission.error = [], failed.error
+                batch = [admission for admission in batch if admission is not failed.admission]
+                if not batch:
+                    return 0, 0
+
+    def _admit_once(self, batch: list[_Admission]) -> tuple[int, int]:  # _write_lock is held
         outcomes: list[Task | SubmitError] = []
         generation = commit = 0
         try:
             conn, changes = self._begin()
             try:
-                generation = self._admit_in(conn, [entry for admission in batch for entry in admission.tasks], outcomes)
+                generation = self._admit_in(conn, batch, outcomes)
                 commit = self._commit(conn, changes)
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        except _AdmissionFailed:
+            raise
         except BaseException as exc:
             failure = _describe(exc) if isinstance(exc, sqlite3.Error) else f"admission failed: {exc!r}"
             if isinstance(exc, sqlite3.Error):
@@ -517,9 +546,12 @@ class SqliteStore(TaskStore):
         return sum(isinstance(outcome, Task) for outcome in outcomes), generation
 
     def _admit_in(
-        self, conn: sqlite3.Connection, tasks: list[tuple[Task, str]], outcomes: list[Task | SubmitError]
+        self, conn: sqlite3.Connection, batch: list[_Admission], outcomes: list[Task | SubmitError]
     ) -> int:
-        """Admit ``tasks`` (each with its payload as JSON) in the open transaction; the generation it wrote, or 0."""
+        """Admit the tasks of ``batch`` in the open transaction, in order; the generation it wrote, or 0.
+
+        Raises ``_AdmissionFailed`` for an error other than SQLite's, naming the admission it came from.
+        """
         now = self._clock()
         horizon = now - self._ttl
         # One statement: the generation, the room left under the bound and the newest task's
@@ -533,23 +565,29 @@ class SqliteStore(TaskStore):
         # non-decreasing in seq (listing) order.
         last_created = -math.inf if newest is None else newest
         admitted = 0
-        for task, payload in tasks:
-            if task.created_at < last_created:
-                task = task._replace(created_at=last_created)
-            if room <= 0:  # a duplicate is reported as such even when there is no room
-                known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
-                outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
-            elif self._insert(conn, task, payload) or (
-                # The id may belong to a task past its time that no sweep deleted yet: forget it now.
-                conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ?", (task.id, horizon)).rowcount
-                and self._insert(conn, task, payload)
-            ):
-                room -= 1
-                admitted += 1
-                last_created = task.created_at
-                outcomes.append(task)  # stored as given (clamped): its snapshot
-            else:
-                outcomes.append(DuplicateTask(task.id))
+        for admission in batch:
+            try:
+                for task, payload in admission.tasks:
+                    if task.created_at < last_created:
+                        task = task._replace(created_at=last_created)
+                    if room <= 0:  # a duplicate is reported as such even when there is no room
+                        known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
+                        outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
+                    elif self._insert(conn, task, payload) or (
+                        # The id may belong to a task past its time that no sweep deleted yet: forget it now.
+                        conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ?", (task.id, horizon)).rowcount
+                        and self._insert(conn, task, payload)
+                    ):
+                        room -= 1
+                        admitted += 1
+                        last_created = task.created_at
+                        outcomes.append(task)  # stored as given (clamped): its snapshot
+                    else:
+                        outcomes.append(DuplicateTask(task.id))
+            except sqlite3.Error:
+                raise
+            except Exception as exc:
+                raise _AdmissionFailed(admission, exc) from exc
         if not admitted:
             conn.execute("ROLLBACK")  # a refusal writes nothing
             return 0
