@@ -35,6 +35,7 @@ SERVERS = {
     "on": (["-c", "gunicorn.conf.py"], _IDLE),
     "off": (["-c", "gunicorn.conf.py"], {**_IDLE, "ACCESS_LOG": "off"}),
     "bare": (["-c", "bench/hello.conf.py", "bench.bare_flask:app"], {}),
+    "sqlite": (["-c", "gunicorn.conf.py"], {**_IDLE, "STORE": "sqlite://{out_dir}/tasks.db"}),
 }
 _LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 _WORKER = re.compile(r"Booting worker with pid: (\d+)")
@@ -95,7 +96,8 @@ def measure(name: str, *, seconds: int, connections: int, out_dir: Path) -> tupl
     """
     args, env_overrides = SERVERS[name]
     environ = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
-    environ.update({"HOST": "127.0.0.1", "PORT": "0", **env_overrides})
+    environ.update({"HOST": "127.0.0.1", "PORT": "0"})
+    environ.update({key: value.format(out_dir=out_dir) for key, value in env_overrides.items()})
     log = out_dir / f"{name}.log"
     prefix = f"callgrind.{name}"
     command = [
