@@ -33,6 +33,7 @@ meanwhile; see ``_transaction``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from ..task import State, Task, check_transition
 from .base import Renewal, StoreStats, TaskStore
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 _SWEEP_INTERVAL_S = 1.0
@@ -58,17 +59,27 @@ _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a wr
 LOST = "lost: the process running it stopped (its lease expired)"
 
 _HOSTNAME = socket.gethostname()
+# What ``totals`` counts, besides the states: the queued tasks not yet started, and the generation.
+_TOTALS = (*(state.value for state in State), "waiting", "generation")
+_TOTALS_SCHEMA = """
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+""" + "".join(f"    {name} INTEGER NOT NULL DEFAULT 0,\n" for name in (*_TOTALS, "health_probes")).rstrip(",\n") + """
+);
+"""
 _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"
 )
 
-# Version 1. ``seq`` orders by creation; ``state_seq`` orders by entry into the
-# current state; ``due_at`` is when a queued task may be claimed. ``counts``
-# is kept by triggers in the same transaction as the change, so the admission
-# bound and the health figures are O(1) reads; its ``generation`` row grows
-# whenever work is queued (admitted, retried, recovered): what idle workers of
-# other processes poll.
+# Version 2. ``seq`` orders by creation; ``state_seq`` orders by entry into the
+# current state; ``due_at`` is when a queued task may be claimed. ``totals`` (one
+# row) holds the tasks in each state and the queued tasks not yet started
+# (``waiting``), so the admission bound and the health figures are O(1) reads.
+# Each write step adds up what it changed and updates that row once, just before
+# its commit (see ``_commit``): per-row triggers (version 1) cost an admission
+# about a seventh of its instructions. ``generation`` grows whenever work is
+# queued (admitted, retried, recovered): what idle workers of other processes poll.
 _SCHEMA = """
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
@@ -92,31 +103,33 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_new ON tasks (due_at, seq) WHERE state = 'queued' AND attempts = 0;
 CREATE INDEX tasks_retry ON tasks (due_at, seq) WHERE state = 'queued' AND attempts > 0;
-CREATE INDEX tasks_lease ON tasks (lease_until) WHERE state = 'running';
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX tasks_by_state ON tasks (state, state_seq);
-CREATE TABLE counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO counts (name, n) VALUES
-    ('queued', 0), ('running', 0), ('done', 0), ('failed', 0), ('cancelled', 0), ('waiting', 0), ('generation', 0);
-CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks BEGIN
-    UPDATE counts SET n = n + 1
-    WHERE name = NEW.state OR (name = 'waiting' AND NEW.state = 'queued' AND NEW.attempts = 0);
-END;
-CREATE TRIGGER tasks_count_update AFTER UPDATE OF state, attempts ON tasks BEGIN
-    UPDATE counts SET n = n + CASE name
-        WHEN 'waiting' THEN (NEW.state = 'queued' AND NEW.attempts = 0) - (OLD.state = 'queued' AND OLD.attempts = 0)
-        ELSE (name = NEW.state) - (name = OLD.state) END
-    WHERE name IN (OLD.state, NEW.state, 'waiting');
-END;
-CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks BEGIN
-    UPDATE counts SET n = n - CASE name WHEN 'waiting' THEN (OLD.state = 'queued' AND OLD.attempts = 0) ELSE 1 END
-    WHERE name IN (OLD.state, 'waiting');
-END;
+""" + _TOTALS_SCHEMA + """
+INSERT INTO totals (id) VALUES (1);
 """
 
 # From version N to N + 1: a file of an older version is upgraded in one
 # transaction at start-up; a version without a step here is refused.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: the counts kept by triggers become the one row of totals, counted afresh.
+    1: """
+DROP INDEX tasks_lease;
+DROP TRIGGER tasks_count_insert;
+DROP TRIGGER tasks_count_update;
+DROP TRIGGER tasks_count_delete;
+""" + _TOTALS_SCHEMA + """
+INSERT INTO totals (id, queued, running, done, failed, cancelled, waiting, generation, health_probes)
+SELECT 1,
+    count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = 'running'),
+    count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'failed'),
+    count(*) FILTER (WHERE state = 'cancelled'), count(*) FILTER (WHERE state = 'queued' AND attempts = 0),
+    (SELECT n FROM counts WHERE name = 'generation'),
+    coalesce((SELECT n FROM counts WHERE name = 'health_probes'), 0)
+FROM tasks;
+DROP TABLE counts;
+""",
+}
 
 
 @dataclass(slots=True)
@@ -202,6 +215,8 @@ class SqliteStore(TaskStore):
         # wrote to the file drops its whole page cache and reads every page it
         # touches again: with a connection per thread, nearly every step did.
         self._writer: sqlite3.Connection | None = None
+        # What the open write step changed in totals, by column (under _write_lock); see _commit.
+        self._deltas: dict[str, int] = {}
         # _admissions_lock must be held while touching _admissions: the admissions
         # waiting for the write lock, all admitted by whoever takes it first (see admit).
         self._admissions_lock = threading.Lock()
@@ -328,6 +343,7 @@ class SqliteStore(TaskStore):
     def _begin(self) -> tuple[sqlite3.Connection, int]:  # _write_lock is held
         """Open a write transaction on the writer: the connection and its count of changes so far."""
         conn = self._write_connection()
+        self._deltas = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:  # another process holds the lock: wait for it
@@ -341,12 +357,24 @@ class SqliteStore(TaskStore):
         if not conn.in_transaction:  # rolled back by the step
             self._local.wrote = False
             return 0
+        self._flush_totals(conn)
         conn.execute("COMMIT")
         self._local.wrote = wrote = conn.total_changes != changes  # a commit that changed nothing writes nothing
         if not wrote:
             return 0
         self._commits += 1
         return self._commits
+
+    def _count(self, name: str, delta: int) -> None:  # _write_lock is held
+        """Add ``delta`` to the ``name`` column of totals when the open step commits."""
+        self._deltas[name] = self._deltas.get(name, 0) + delta
+
+    def _flush_totals(self, conn: sqlite3.Connection) -> None:  # _write_lock is held
+        """Write what the open step changed into totals: one single-row UPDATE."""
+        changed = tuple(name for name, delta in self._deltas.items() if delta)
+        if changed:
+            conn.execute(_add_to_totals(changed), [self._deltas[name] for name in changed])
+        self._deltas = {}
 
     def _sync_wal(self, commit: int) -> None:
         """Return once the WAL is synced past this process's commit number ``commit``."""
@@ -450,10 +478,7 @@ class SqliteStore(TaskStore):
         """
         if self._failure is not None and time.monotonic() - self._failed_at >= _PROBE_AFTER_S:
             with contextlib.suppress(StoreUnavailable), self._step() as conn:
-                conn.execute(
-                    "INSERT INTO counts (name, n) VALUES ('health_probes', 1)"
-                    " ON CONFLICT (name) DO UPDATE SET n = n + 1"
-                )
+                conn.execute("UPDATE totals SET health_probes = health_probes + 1 WHERE id = 1")
         return self._failure
 
     # -- admission -------------------------------------------------------------
@@ -575,8 +600,7 @@ class SqliteStore(TaskStore):
                         outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
                     elif self._insert(conn, task, payload) or (
                         # The id may belong to a task past its time that no sweep deleted yet: forget it now.
-                        conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ?", (task.id, horizon)).rowcount
-                        and self._insert(conn, task, payload)
+                        self._forget_expired(conn, task.id, horizon) and self._insert(conn, task, payload)
                     ):
                         room -= 1
                         admitted += 1
@@ -591,8 +615,15 @@ class SqliteStore(TaskStore):
         if not admitted:
             conn.execute("ROLLBACK")  # a refusal writes nothing
             return 0
-        conn.execute(_BUMP_GENERATION)
+        self._count("queued", admitted)
+        self._count("waiting", admitted)
+        self._count("generation", 1)
         return generation
+
+    def _forget_expired(self, conn: sqlite3.Connection, task_id: str, horizon: float) -> bool:
+        """Delete task ``task_id`` if it finished before ``horizon``; whether it did."""
+        deleted = conn.execute("DELETE FROM tasks WHERE id = ? AND finished_at < ? RETURNING state", (task_id, horizon))
+        return self._forget(deleted) > 0
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, task: Task, payload: str) -> bool:
@@ -656,9 +687,14 @@ class SqliteStore(TaskStore):
         row = conn.execute(_CLAIM, {"now": now, "owner": owner, "until": lease_until}).fetchone()
         if row is not None:
             self._local.seen = None
-            return _task(row)
+            task = _task(row)
+            self._count("queued", -1)
+            self._count("running", 1)
+            if task.attempts == 1:
+                self._count("waiting", -1)
+            return task
         # What this claim saw; a later change ends the next wait_for_work of this thread.
-        self._local.seen = (_count(conn, "generation"), rescheduled)
+        self._local.seen = (conn.execute(_GENERATION).fetchone()[0], rescheduled)
         return None
 
     def _due_now(self, rescheduled: int) -> bool:
@@ -748,7 +784,7 @@ class SqliteStore(TaskStore):
         error: str | None, result: Any, retry_at: float | None,
     ) -> tuple[Task | None, int]:
         """End the attempt; its snapshot (None for a late writer) and the generation it queued work at, or 0."""
-        task = _end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
+        task = self._end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
         if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
             return None, 0
         self._evict(conn, now)
@@ -798,6 +834,10 @@ class SqliteStore(TaskStore):
             task = _task(row)
             if task.state is not State.RUNNING:
                 check_transition(State.QUEUED, task.state)
+                self._count("queued", -1)
+                self._count(task.state.value, 1)
+                if task.attempts == 0:
+                    self._count("waiting", -1)
                 self._evict(conn, now)
         return task
 
@@ -815,7 +855,7 @@ class SqliteStore(TaskStore):
             for row in rows:
                 task, cancel_requested, owner = _task(row[:-1]), row[-2], row[-1]
                 due = None if cancel_requested else retry_at(task)
-                ended = _end_attempt(conn, task.id, task.attempts, owner, now, error=LOST, retry_at=due)
+                ended = self._end_attempt(conn, task.id, task.attempts, owner, now, error=LOST, retry_at=due)
                 recovered.append(cast(Task, ended))  # the row was read in this transaction
             if recovered:
                 self._evict(conn, now)
@@ -833,7 +873,7 @@ class SqliteStore(TaskStore):
                 "SELECT id, attempts FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
             ).fetchall()
             for task_id, attempt in rows:
-                abandoned.append(cast(Task, _end_attempt(conn, task_id, attempt, owner, now, error=reason)))
+                abandoned.append(cast(Task, self._end_attempt(conn, task_id, attempt, owner, now, error=reason)))
             if abandoned:
                 self._evict(conn, now)
         return abandoned
@@ -864,7 +904,8 @@ class SqliteStore(TaskStore):
         with self._step() as conn:
             now = self._clock()
             self._evict(conn, now, sweep=True)
-            counts = dict(conn.execute("SELECT name, n FROM counts").fetchall())
+            self._flush_totals(conn)
+            counts = dict(zip(_TOTALS, conn.execute(f"SELECT {', '.join(_TOTALS)} FROM totals").fetchone()))
             due, retries_pending = conn.execute(
                 """SELECT count(*) FILTER (WHERE due_at <= :now), count(*) FILTER (WHERE attempts > 0 AND due_at > :now)
                    FROM tasks WHERE state = 'queued'""",
@@ -879,7 +920,7 @@ class SqliteStore(TaskStore):
 
     def unfinished(self, owner: str | None = None) -> int:
         if owner is None:
-            return self._read(lambda conn: _count(conn, "queued") + _count(conn, "running"))
+            return self._query("SELECT queued + running FROM totals")[0][0]
         return self._read(
             lambda conn: conn.execute(
                 "SELECT count(*) FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
@@ -895,15 +936,54 @@ class SqliteStore(TaskStore):
         a second saves a statement in nearly every step.
         """
         if sweep or now >= self._swept_at + _SWEEP_INTERVAL_S or now < self._swept_at:
-            conn.execute("DELETE FROM tasks WHERE finished_at < ?", (now - self._ttl,))
+            self._forget(conn.execute("DELETE FROM tasks WHERE finished_at < ? RETURNING state", (now - self._ttl,)))
             self._swept_at = now
         (finished,) = conn.execute(_FINISHED).fetchone()
+        finished += sum(self._deltas.get(state, 0) for state in _FINAL)  # this step's, not yet in totals
         if finished > self._max_finished:
-            conn.execute(
-                "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at IS NOT NULL "
-                "ORDER BY finished_at, seq LIMIT ?)",
-                (finished - self._max_finished,),
+            self._forget(
+                conn.execute(
+                    "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at IS NOT NULL "
+                    "ORDER BY finished_at, seq LIMIT ?) RETURNING state",
+                    (finished - self._max_finished,),
+                )
             )
+
+    def _forget(self, deleted: Iterable[tuple[str]]) -> int:
+        """Take the tasks a ``DELETE ... RETURNING state`` deleted out of totals; how many there were."""
+        forgotten = 0
+        for (state,) in deleted:
+            self._count(state, -1)
+            forgotten += 1
+        return forgotten
+
+    def _end_attempt(
+        self,
+        conn: sqlite3.Connection,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        now: float,
+        *,
+        error: str | None,
+        result: Any = None,
+        retry_at: float | None = None,
+    ) -> Task | None:
+        """End attempt ``attempt`` of a task ``owner`` runs; None if it does not (a late writer)."""
+        row = conn.execute(
+            _END_ATTEMPT,
+            {
+                "id": task_id, "attempt": attempt, "owner": owner, "now": now, "error": error, "retry_at": retry_at,
+                "result": None if error is not None or result is None else _json(result),
+            },
+        ).fetchone()
+        if row is None:
+            return None
+        task = _task(row)
+        check_transition(State.RUNNING, task.state)
+        self._count("running", -1)
+        self._count(task.state.value, 1)
+        return task
 
 
 # The two kinds of queued tasks, each with the partial index that yields them in claim order.
@@ -928,9 +1008,9 @@ _NEXT_STATE_SEQ = (
 _NEXT_DUE_TIMES = "SELECT " + ", ".join(
     f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
 )
-_GENERATION = "SELECT n FROM counts WHERE name = 'generation'"
+_GENERATION = "SELECT generation FROM totals"
 # Whether a task is due at :now, and the generation that answer goes with (see SqliteStore.claim).
-_DUE = f"SELECT n, ({_NEXT_DUE}) FROM counts WHERE name = 'generation'"
+_DUE = f"SELECT generation, ({_NEXT_DUE}) FROM totals"
 # Claim the next due task: it runs under the owner's lease.
 _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
@@ -938,12 +1018,15 @@ _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, starte
     WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}"""
 # What admission reads first (see SqliteStore.admit). Reads and single-row updates by key: a
 # RETURNING clause or an IN list would make SQLite build a temporary b-tree for every execution.
-_ADMISSION = """SELECT (SELECT n FROM counts WHERE name = 'generation'), (SELECT n FROM counts WHERE name = 'waiting'),
-    (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1)"""
-_BUMP_GENERATION = "UPDATE counts SET n = n + 1 WHERE name = 'generation'"
-_FINISHED = "SELECT " + " + ".join(
-    f"(SELECT n FROM counts WHERE name = '{state}')" for state in ("done", "failed", "cancelled")
-)
+_ADMISSION = "SELECT generation, waiting, (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1) FROM totals"
+_FINAL = ("done", "failed", "cancelled")
+_FINISHED = f"SELECT {' + '.join(_FINAL)} FROM totals"
+
+
+@functools.cache
+def _add_to_totals(names: tuple[str, ...]) -> str:
+    """The UPDATE adding one parameter to each column of totals in ``names`` (names from _TOTALS only)."""
+    return f"UPDATE totals SET {', '.join(f'{name} = {name} + ?' for name in names)} WHERE id = 1"
 _INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
         request_id, due_at, state_seq)
     VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
@@ -987,38 +1070,8 @@ _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
     RETURNING {_COLUMNS}"""
 
 
-def _end_attempt(
-    conn: sqlite3.Connection,
-    task_id: str,
-    attempt: int,
-    owner: str,
-    now: float,
-    *,
-    error: str | None,
-    result: Any = None,
-    retry_at: float | None = None,
-) -> Task | None:
-    """End attempt ``attempt`` of a task ``owner`` runs; None if it does not (a late writer)."""
-    row = conn.execute(
-        _END_ATTEMPT,
-        {
-            "id": task_id, "attempt": attempt, "owner": owner, "now": now, "error": error, "retry_at": retry_at,
-            "result": None if error is not None or result is None else _json(result),
-        },
-    ).fetchone()
-    if row is None:
-        return None
-    task = _task(row)
-    check_transition(State.RUNNING, task.state)
-    return task
-
-
 def _next_generation(conn: sqlite3.Connection) -> int:
-    return conn.execute("UPDATE counts SET n = n + 1 WHERE name = 'generation' RETURNING n").fetchone()[0]
-
-
-def _count(conn: sqlite3.Connection, name: str) -> int:
-    return conn.execute("SELECT n FROM counts WHERE name = ?", (name,)).fetchone()[0]
+    return conn.execute("UPDATE totals SET generation = generation + 1 WHERE id = 1 RETURNING generation").fetchone()[0]
 
 
 def _json(value: Any) -> str:

@@ -1,0 +1,188 @@
+"""The SQLite store's file format: a file of an older schema version is migrated at start-up, in place.
+
+The version-1 file is built here from version 1's own DDL (with its triggers
+keeping the counts), so these tests do not depend on code that no longer
+writes that version.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+import workerpool.stores.sqlite as sqlite_store
+from workerpool import State, Task
+from workerpool.errors import StoreUnavailable
+from workerpool.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
+
+NOW = 1_700_000_000.0
+LEASE_S = 30.0
+
+SCHEMA_V1 = """
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    payload TEXT,
+    max_retries INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    attempts INTEGER NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    next_attempt_at REAL,
+    request_id TEXT,
+    result TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    due_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    state_seq INTEGER NOT NULL
+);
+CREATE INDEX tasks_new ON tasks (due_at, seq) WHERE state = 'queued' AND attempts = 0;
+CREATE INDEX tasks_retry ON tasks (due_at, seq) WHERE state = 'queued' AND attempts > 0;
+CREATE INDEX tasks_lease ON tasks (lease_until) WHERE state = 'running';
+CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX tasks_by_state ON tasks (state, state_seq);
+CREATE TABLE counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO counts (name, n) VALUES
+    ('queued', 0), ('running', 0), ('done', 0), ('failed', 0), ('cancelled', 0), ('waiting', 0), ('generation', 0);
+CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks BEGIN
+    UPDATE counts SET n = n + 1
+    WHERE name = NEW.state OR (name = 'waiting' AND NEW.state = 'queued' AND NEW.attempts = 0);
+END;
+CREATE TRIGGER tasks_count_update AFTER UPDATE OF state, attempts ON tasks BEGIN
+    UPDATE counts SET n = n + CASE name
+        WHEN 'waiting' THEN (NEW.state = 'queued' AND NEW.attempts = 0) - (OLD.state = 'queued' AND OLD.attempts = 0)
+        ELSE (name = NEW.state) - (name = OLD.state) END
+    WHERE name IN (OLD.state, NEW.state, 'waiting');
+END;
+CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks BEGIN
+    UPDATE counts SET n = n - CASE name WHEN 'waiting' THEN (OLD.state = 'queued' AND OLD.attempts = 0) ELSE 1 END
+    WHERE name IN (OLD.state, 'waiting');
+END;
+"""
+
+# (id, state, attempts, max_retries, payload, last_error, result, due_at, lease_owner, lease_until, finished_at)
+TASKS_V1 = [
+    ("new", "queued", 0, 2, '{"n":1}', None, None, NOW - 5, None, None, None),
+    ("delayed", "queued", 0, 0, '"later"', None, None, NOW + 60, None, None, None),
+    ("retrying", "queued", 1, 3, '"again"', "boom", None, NOW + 10, None, None, None),
+    ("running", "running", 2, 3, '"busy"', "boom", None, NOW - 20, "elsewhere:1:x", NOW + 600, None),
+    ("done", "done", 1, 0, None, None, '{"ok":true}', NOW - 30, None, None, NOW - 3),
+    ("failed", "failed", 3, 2, None, "boom", None, NOW - 30, None, None, NOW - 2),
+    ("cancelled", "cancelled", 0, 0, None, None, None, NOW - 30, None, None, NOW - 1),
+]
+
+
+def write_v1_file(path):
+    """A version-1 file as version 1 wrote it: its DDL, its header, and a task in every state."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    for statement in _statements(SCHEMA_V1):
+        conn.execute(statement)
+    for seq, (task_id, state, attempts, retries, payload, error, result, due, owner, until, finished) in enumerate(
+        TASKS_V1, 1
+    ):
+        conn.execute(
+            """INSERT INTO tasks (seq, id, payload, max_retries, state, attempts, last_error, created_at, started_at,
+                   finished_at, next_attempt_at, result, due_at, lease_owner, lease_until, state_seq)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (seq, task_id, payload, retries, state, attempts, error, NOW - 60, None if attempts == 0 else NOW - 20,
+             finished, due if due > NOW else None, result, due, owner, until, seq),
+        )  # fmt: skip
+    conn.execute("UPDATE counts SET n = 7 WHERE name = 'generation'")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("COMMIT")
+    counts = dict(conn.execute("SELECT name, n FROM counts"))
+    conn.close()
+    return counts
+
+
+def _statements(script):
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+
+
+@pytest.fixture
+def v1_file(tmp_path):
+    path = tmp_path / "tasks.db"
+    counts = write_v1_file(path)
+    # Version 1's triggers counted the rows as they went in: the counts the migration must keep.
+    assert counts == {"queued": 3, "running": 1, "done": 1, "failed": 1, "cancelled": 1, "waiting": 2, "generation": 7}
+    return path
+
+
+def test_a_version_1_file_is_migrated_keeping_every_task_and_the_counts(v1_file):
+    store = SqliteStore(v1_file, clock=lambda: NOW, ttl=3600.0)
+    try:
+        for task_id, state, attempts, _, payload, error, result, *_ in TASKS_V1:
+            task = store.get(task_id)
+            assert task is not None, task_id
+            assert (task.state, task.attempts, task.last_error) == (State(state), attempts, error), task_id
+            assert task.result == (None if result is None else {"ok": True})
+            assert task.payload == ("" if payload is None else json.loads(payload))
+        stats = store.stats()
+        assert stats.counts == {
+            State.QUEUED: 3, State.RUNNING: 1, State.DONE: 1, State.FAILED: 1, State.CANCELLED: 1,
+        }  # fmt: skip
+        assert (stats.waiting, stats.due, stats.retries_pending) == (2, 1, 1)
+        assert store._read_generation() == 7
+    finally:
+        store.close()
+    conn = sqlite3.connect(v1_file)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'counts'").fetchone()[0] == 0
+    conn.close()
+
+
+def test_a_migrated_file_keeps_counting_every_transition_exactly(v1_file):
+    store = SqliteStore(v1_file, clock=lambda: NOW, capacity=3)
+    try:
+        claimed = store.claim("here:1:x", NOW + LEASE_S)
+        assert claimed is not None and claimed.id == "new"
+        store.finish(claimed.id, claimed.attempts, "here:1:x", result=1)
+        assert store.cancel("delayed").state is State.CANCELLED
+        outcomes = store.admit([_task(f"more-{i}") for i in range(4)])  # room for 3 not yet started
+        assert [type(outcome).__name__ for outcome in outcomes] == ["Task", "Task", "Task", "QueueFull"]
+        stats = store.stats()
+        assert stats.counts == {
+            State.QUEUED: 4, State.RUNNING: 1, State.DONE: 2, State.FAILED: 1, State.CANCELLED: 2,
+        }  # fmt: skip
+        assert stats.waiting == 3
+    finally:
+        store.close()
+
+
+def test_a_migration_that_fails_leaves_the_version_1_file_as_it_was(v1_file, monkeypatch):
+    monkeypatch.setitem(sqlite_store._MIGRATIONS, 1, sqlite_store._MIGRATIONS[1] + "SELECT no_such_function();\n")
+    with pytest.raises(StoreUnavailable, match="no_such_function"):
+        SqliteStore(v1_file, clock=lambda: NOW)
+    conn = sqlite3.connect(v1_file)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert dict(conn.execute("SELECT name, n FROM counts"))["queued"] == 3
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone()[0] == 3
+    conn.close()
+
+
+def test_a_file_of_a_newer_version_than_this_one_is_refused(tmp_path):
+    path = tmp_path / "tasks.db"
+    write_v1_file(path)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="newer version"):
+        SqliteStore(path, clock=lambda: NOW)
+
+
+def _task(task_id):
+    return Task(task_id, "p", 0, created_at=NOW)
