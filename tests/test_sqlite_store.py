@@ -290,6 +290,50 @@ def test_a_retry_scheduled_here_wakes_idle_workers_to_look_at_its_due_time(open_
     assert not thread.is_alive()  # it returned to claim, and will wait until the retry is due
 
 
+def test_work_another_process_queued_is_seen_even_when_this_process_queued_work_after_it(open_store, clock):
+    # Two idle workers here. Another process admits "x", then this one admits "y": the ticket of
+    # "y" wakes one worker, which claims "x" (the older). The other must still see the generation
+    # "x" wrote, though the newest generation in the file is this process's own.
+    here, there = open_store(), open_store()
+    admitted = threading.Event()
+    polling = threading.Semaphore(0)
+    read_generation = here._read_generation
+    before = read_generation()
+
+    def read_before_the_admissions():  # each worker's first poll read the file before both came
+        if not admitted.is_set():
+            polling.release()
+            assert admitted.wait(WAIT_S)
+            return before
+        return read_generation()
+
+    here._read_generation = read_before_the_admissions
+    claimed: list[str] = []
+    both = threading.Event()
+
+    def worker(owner):
+        while (started := here.claim(owner, clock.time() + LEASE_S)) is None:
+            here.wait_for_work(None)
+        claimed.append(started.id)  # it stays busy with it
+        if len(claimed) == 2:
+            both.set()
+
+    workers = [threading.Thread(target=worker, args=(f"w{n}",), daemon=True) for n in (1, 2)]
+    for thread in workers:
+        thread.start()
+    try:
+        assert polling.acquire(timeout=WAIT_S) and polling.acquire(timeout=WAIT_S)  # both wait: nothing queued
+        there.admit([task(clock, "x")])
+        here.admit([task(clock, "y")])
+        admitted.set()
+        assert both.wait(WAIT_S), f"only {claimed} started: a worker stayed idle with a task due"
+        assert sorted(claimed) == ["x", "y"]
+    finally:
+        here.wake()
+        for thread in workers:
+            thread.join(WAIT_S)
+
+
 def test_wake_releases_waiting_workers_and_every_later_wait(open_store):
     store = open_store()
     returned = waiter(store)(None)

@@ -55,6 +55,7 @@ SCHEMA_VERSION = 2
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 _SWEEP_INTERVAL_S = 1.0
+_WRITTEN_KEPT = 1024  # generations a process remembers writing (see _written); older ones count as news
 _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a write of its own
 LOST = "lost: the process running it stopped (its lease expired)"
 
@@ -197,11 +198,14 @@ class SqliteStore(TaskStore):
         # process that no waiting worker has answered yet (each wakes one).
         # _rescheduled: bumped when due times change here (a retry, a recovery),
         # so every waiting worker looks again. _generation: the last generation
-        # this process wrote, whose work the two others already announce.
+        # this process wrote, and _written the latest ones it wrote (at most
+        # _WRITTEN_KEPT): their work the two others already announce, but a
+        # generation of another process's in between is news all the same.
         self._wakeup = threading.Condition(threading.Lock())
         self._tickets = 0
         self._rescheduled = 0
         self._generation = 0
+        self._written: set[int] = set()
         self._woken = False
         self._failure: str | None = None  # why the last step failed; cleared by the next good write
         self._failed_at = 0.0  # when (time.monotonic) it failed
@@ -505,7 +509,7 @@ class SqliteStore(TaskStore):
                 admitted, generation = self._admit_batch(batch)
         if admitted:
             with self._wakeup:
-                self._generation = max(self._generation, generation)
+                self._wrote(generation)
                 self._tickets += admitted
                 self._wakeup.notify(admitted)
         if mine.error is not None:
@@ -744,13 +748,16 @@ class SqliteStore(TaskStore):
                     if self._tickets and not self._woken and self._rescheduled == rescheduled:
                         self._tickets -= 1
                     return
-                ours = self._generation
             try:
                 now_generation = self._read_generation()
             except StoreUnavailable:
                 return
-            if now_generation not in (generation, ours):  # another process queued work
-                return
+            # Work queued here since is announced by tickets and reschedules, but one of those may
+            # have been answered by a worker that claimed another process's work: any generation
+            # in between that this process did not write is news.
+            with self._wakeup:
+                if not self._only_ours(generation, now_generation):
+                    return
             generation = now_generation
             interval = min(interval * 2, self._poll_max)
 
@@ -790,10 +797,21 @@ class SqliteStore(TaskStore):
         self._evict(conn, now)
         return task, _next_generation(conn) if task.state is State.QUEUED else 0
 
+    def _wrote(self, generation: int) -> None:  # _wakeup is held
+        """This process wrote ``generation`` (its work is announced here by a ticket or a reschedule)."""
+        self._generation = max(self._generation, generation)
+        self._written.add(generation)
+        if len(self._written) > _WRITTEN_KEPT:
+            self._written = {g for g in self._written if g > self._generation - _WRITTEN_KEPT // 2}
+
+    def _only_ours(self, since: int, now: int) -> bool:  # _wakeup is held
+        """Whether every generation after ``since`` up to ``now`` was written by this process."""
+        return since <= now <= since + len(self._written) and all(g in self._written for g in range(since + 1, now + 1))
+
     def _rescheduled_by_us(self, generation: int) -> None:
         """Work was queued again here (a retry, a recovery): every waiting worker recomputes its due time."""
         with self._wakeup:
-            self._generation = max(self._generation, generation)
+            self._wrote(generation)
             self._rescheduled += 1
             self._wakeup.notify_all()
 
