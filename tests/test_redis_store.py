@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import linecache
+import os
 import sys
 import threading
 import time
@@ -429,6 +430,22 @@ def test_a_claim_that_finds_nothing_leaves_no_token_to_wake_a_worker_for_nothing
     store.admit([new("c", clock)])  # work admitted afterwards wakes a waiter again
     assert signal("{workerpool}:signal") == 1
 
+
+def test_a_forked_child_talks_to_redis_on_a_connection_of_its_own(make, clock):
+    store = make()
+    store.admit([new("parent", clock)])
+    parent_client = store._client()
+    pid = os.fork()
+    if pid == 0:  # the child: a reply on the parent's socket could be read by either process
+        try:
+            ok = store._client() is not parent_client and store.admit([new("child", clock)])[0].id == "child"
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store._client() is parent_client
+    assert [t.id for t in store.list()] == ["child", "parent"]
 
 def test_scripts_are_packed_as_redis_py_packs_them(server):
     args = ("id-é", 3, 0.1, 1e-7, 1764500000.123456, float("inf"), float("-inf"), "", b'{"id":"x"}', "x" * 7000)

@@ -42,6 +42,18 @@ _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
 
+# Forks this process descends from: a thread's client made under another count belongs to an
+# ancestor (see RedisStore._client). Comparing os.getpid() instead cost a system call per command.
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 # Shared by every script: moving an id between state sets, forgetting and evicting.
 _PRELUDE = """
 local P = KEYS[1]
@@ -480,9 +492,9 @@ class RedisStore(TaskStore):
         next command connects again. Forked children make their own.
         """
         local = self._local
-        if local.__dict__.get("pid") != os.getpid():
+        if local.__dict__.get("forks") != _forks:
             local.client = redis.Redis(connection_pool=self._redis.connection_pool, single_connection_client=True)
-            local.pid = os.getpid()
+            local.forks = _forks
         return local.client
 
     def _run(self, script: str, *args: object) -> Any:
