@@ -117,7 +117,10 @@ class TaskStore(abc.ABC):
         A spurious return is allowed (the caller claims and waits again); a
         missed wake-up is not: work admitted by this process must wake a
         waiting worker at once, and a shared store must notice work admitted
-        elsewhere within a short bounded time (poll or notification).
+        elsewhere within a short bounded time (poll or notification). The pool
+        calls it right after a ``claim`` or ``finish_and_claim`` that found
+        nothing, without claiming again: work admitted or falling due after
+        that step must end the wait as it would any other.
         """
 
     @abc.abstractmethod
