@@ -217,6 +217,16 @@ def test_a_success_stores_the_result_and_drops_the_payload(store, clock):
     assert store.get("a") == done
 
 
+@pytest.mark.parametrize("result", ["lone \ud800 half", {"text": "caf\u00e9 \udfff"}])
+def test_a_result_holding_a_lone_surrogate_is_kept_as_every_store_keeps_other_text(store, clock, result):
+    # JSON can carry one ("\\ud800") and a handler can return one; it has no UTF-8 form to write as is.
+    admit(store, clock, "a")
+    claim(store, clock)
+    done = store.finish("a", 1, OWNER, result=result)
+    assert (done.state, done.result) == (State.DONE, result)
+    assert store.get("a").result == result
+
+
 def test_a_failure_with_a_retry_time_queues_the_task_again(store, clock):
     admit(store, clock, "a", max_retries=2)
     retry = run(store, clock, "a", error="RuntimeError: boom", retry_at=clock.time() + 7)

@@ -1093,7 +1093,13 @@ def _next_generation(conn: sqlite3.Connection) -> int:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form for SQLite: escape it ("\ud800")
+            return json.dumps(value, separators=(",", ":"))
+    return text
 
 
 def _task(row: tuple[Any, ...]) -> Task:
