@@ -517,6 +517,16 @@ def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_on
     assert syncs.count == 2  # a's, then one for both b and c
 
 
+def start_queued_in_order(store, threads):
+    """Start each admitting thread once the one before it has queued behind the held write lock."""
+    deadline = time.monotonic() + WAIT_S
+    for queued, thread in enumerate(threads, 1):
+        thread.start()
+        while len(store._admissions) < queued:
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.001)
+
+
 def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, clock, db, monkeypatch):
     held, release = threading.Event(), threading.Event()
 
@@ -541,12 +551,7 @@ def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, 
         threading.Thread(target=submit, args=(name, *ids))
         for name, ids in (("b", ("b",)), ("again", ("b", "a")), ("full", ("c", "d")))
     ]
-    deadline = time.monotonic() + WAIT_S
-    for queued, thread in enumerate(waiting, 1):
-        thread.start()
-        while len(store._admissions) < queued:  # one after the other, each waiting for the lock
-            assert time.monotonic() < deadline
-            threading.Event().wait(0.001)
+    start_queued_in_order(store, waiting)
     release.set()
     for thread in (first, *waiting):
         thread.join(WAIT_S)
@@ -609,12 +614,7 @@ def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(o
             ("after", (task(clock, "d"),)),
         )
     ]
-    deadline = time.monotonic() + WAIT_S
-    for queued, thread in enumerate(waiting, 1):
-        thread.start()
-        while len(store._admissions) < queued:  # one after the other, each waiting for the lock
-            assert time.monotonic() < deadline
-            threading.Event().wait(0.001)
+    start_queued_in_order(store, waiting)
     release.set()
     for thread in (first, *waiting):
         thread.join(WAIT_S)
