@@ -517,6 +517,19 @@ def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_on
     assert syncs.count == 2  # a's, then one for both b and c
 
 
+def stalling(clock):
+    """A clock whose first reader (a step holding the write lock) waits until ``release`` is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def stalling_clock():
+        if not held.is_set():
+            held.set()
+            assert release.wait(WAIT_S)
+        return clock.time()
+
+    return held, release, stalling_clock
+
+
 def start_queued_in_order(store, threads):
     """Start each admitting thread once the one before it has queued behind the held write lock."""
     deadline = time.monotonic() + WAIT_S
@@ -528,14 +541,7 @@ def start_queued_in_order(store, threads):
 
 
 def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, clock, db, monkeypatch):
-    held, release = threading.Event(), threading.Event()
-
-    def stalling_clock():  # the first step to read the clock holds the write lock until released
-        if not held.is_set():
-            held.set()
-            assert release.wait(WAIT_S)
-        return clock.time()
-
+    held, release, stalling_clock = stalling(clock)
     store = open_store(synchronous="FULL", capacity=3, clock=stalling_clock)
     syncs = _WalSyncs(db, os.fdatasync)
     monkeypatch.setattr(os, "fdatasync", syncs)
@@ -586,14 +592,7 @@ def test_an_admission_knows_the_generation_it_wrote(open_store, clock):
 def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(open_store, clock):
     # A huge integer cannot be bound to a statement (OverflowError from the sqlite3 module): the
     # admission carrying it fails, the others waiting with it in the same batch are admitted.
-    held, release = threading.Event(), threading.Event()
-
-    def stalling_clock():  # the first step to read the clock holds the write lock until released
-        if not held.is_set():
-            held.set()
-            assert release.wait(WAIT_S)
-        return clock.time()
-
+    held, release, stalling_clock = stalling(clock)
     store = open_store(clock=stalling_clock)
     outcomes: dict[str, object] = {}
 
