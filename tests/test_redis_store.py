@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import linecache
 import os
+import socket
+import struct
 import sys
 import threading
 import time
 
 import pytest
+import redis
 from doubles import wait_until
 from redis_server import RedisServer, running_redis
 
@@ -570,6 +573,32 @@ def test_a_step_that_reaches_redis_after_its_deadline_changes_nothing(make, serv
     with pytest.raises(StoreUnavailable, match="after its deadline"):
         late.finish("x", 1, "me")
     assert store.get("x") == claimed and store.get("y") is None
+
+
+def test_the_kernel_keeps_the_socket_timeout_and_a_late_reply_is_never_read(server):
+    client = server.client(timeout=0.05)
+    conn = client.connection_pool.get_connection()
+    try:
+        # A blocking socket: CPython polls before each send and receive only on one with a timeout.
+        assert conn._sock.gettimeout() is None
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            seconds, microseconds = struct.unpack("@ll", conn._sock.getsockopt(socket.SOL_SOCKET, option, 16))
+            assert 0.05 <= seconds + microseconds / 1e6 <= 0.06  # the kernel rounds up to its clock tick
+    finally:
+        client.connection_pool.release(conn)
+    server.client().execute_command("CLIENT", "PAUSE", "300", "ALL")
+    with pytest.raises(redis.TimeoutError, match="Timeout reading"):
+        client.echo("late")
+    wait_until(lambda: _answers(client), timeout=WAIT_S, what="the pause to end")
+    assert client.echo("next") == b"next"  # not the late reply to the first ECHO
+    client.close()
+
+
+def _answers(client) -> bool:
+    try:
+        return client.ping()
+    except redis.TimeoutError:
+        return False
 
 
 def test_redis_errors_never_escape_as_redis_exceptions(clock):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -326,6 +328,55 @@ return first_due()
 """
 
 
+class _KernelTimeoutConnection(redis.Connection):
+    """A TCP connection whose socket timeout the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO).
+
+    On a socket with a Python timeout, CPython polls before every send and
+    every receive, and gives up the interpreter lock around the poll as well
+    as around the call: two system calls and two hand-offs of the lock per
+    round trip that a blocking socket does without. The kernel's timeouts
+    bound each send and receive as the Python timeout did; when one passes,
+    the call fails with EAGAIN, which redis-py reports as a ConnectionError
+    and answers by dropping the connection, as it does after a timeout, so a
+    late reply is never read as the next command's. ``socket_timeout`` stays
+    in the pool's options (the store's deadline is derived from it).
+    """
+
+    def __init__(self, *, socket_timeout: float | None = None, **options: Any) -> None:
+        super().__init__(socket_timeout=None, **options)
+        self._kernel_timeout = socket_timeout
+
+    def _connect(self) -> socket.socket:
+        sock = super()._connect()  # blocking from here on: its timeout is None (see __init__)
+        if self._kernel_timeout is not None:
+            seconds = int(self._kernel_timeout)
+            microseconds = min(999_999, round((self._kernel_timeout - seconds) * 1_000_000))
+            # 0 would mean no timeout at all to the kernel: a positive timeout rounds up to 1 µs at least.
+            timeval = struct.pack("@ll", seconds, microseconds or (0 if seconds else 1))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        return sock
+
+    # When a kernel timeout passes, the call fails with EAGAIN (a BlockingIOError), which redis-py
+    # reports as a ConnectionError after dropping the connection: reported here as the timeout it is.
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            super().send_packed_command(command, check_health)
+        except redis.ConnectionError as exc:
+            if isinstance(exc.__context__, BlockingIOError):
+                raise redis.TimeoutError(f"Timeout writing to {self._host_error()}") from exc
+            raise
+
+    def read_response(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().read_response(*args, **options)
+        except redis.ConnectionError as exc:
+            if isinstance(exc.__context__, BlockingIOError):
+                raise redis.TimeoutError(f"Timeout reading from {self._host_error()}") from exc
+            raise
+
+
 def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> redis.Redis:
     """A client for ``url`` (``redis://`` or ``rediss://``) that never retries a command by itself.
 
@@ -333,7 +384,8 @@ def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> r
     out may still have run, so running it again could admit a stored task a
     second time (and answer 409 for it) or claim a second task: the store
     reports the error instead (StoreUnavailable), and a lease or the caller's
-    own retry settles what happened.
+    own retry settles what happened. Over plain TCP the kernel keeps the socket
+    timeout (see _KernelTimeoutConnection); TLS keeps Python's.
     """
     options: dict[str, Any] = {
         "socket_timeout": timeout,
@@ -341,6 +393,8 @@ def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> r
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 30,
     }
+    if url.startswith("redis://"):
+        options["connection_class"] = _KernelTimeoutConnection
     if password is not None:
         options["password"] = password
     return redis.Redis.from_url(url, **options)
