@@ -1,8 +1,8 @@
 """The SQLite store's file format: a file of an older schema version is migrated at start-up, in place.
 
-The version-1 file is built here from version 1's own DDL (with its triggers
-keeping the counts), so these tests do not depend on code that no longer
-writes that version.
+The version-1 and version-2 files are built here from those versions' own DDL
+(version 1 with its triggers keeping the counts), so these tests do not depend
+on code that no longer writes those versions.
 """
 
 from __future__ import annotations
@@ -84,16 +84,7 @@ def write_v1_file(path):
     conn.execute("BEGIN")
     for statement in _statements(SCHEMA_V1):
         conn.execute(statement)
-    for seq, (task_id, state, attempts, retries, payload, error, result, due, owner, until, finished) in enumerate(
-        TASKS_V1, 1
-    ):
-        conn.execute(
-            """INSERT INTO tasks (seq, id, payload, max_retries, state, attempts, last_error, created_at, started_at,
-                   finished_at, next_attempt_at, result, due_at, lease_owner, lease_until, state_seq)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            (seq, task_id, payload, retries, state, attempts, error, NOW - 60, None if attempts == 0 else NOW - 20,
-             finished, due if due > NOW else None, result, due, owner, until, seq),
-        )  # fmt: skip
+    _insert_tasks(conn)
     conn.execute("UPDATE counts SET n = 7 WHERE name = 'generation'")
     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     conn.execute("PRAGMA user_version = 1")
@@ -139,7 +130,7 @@ def test_a_version_1_file_is_migrated_keeping_every_task_and_the_counts(v1_file)
     finally:
         store.close()
     conn = sqlite3.connect(v1_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'counts'").fetchone()[0] == 0
     conn.close()
@@ -182,6 +173,121 @@ def test_a_file_of_a_newer_version_than_this_one_is_refused(tmp_path):
     conn.close()
     with pytest.raises(StoreUnavailable, match="newer version"):
         SqliteStore(path, clock=lambda: NOW)
+
+
+SCHEMA_V2 = """
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    payload TEXT,
+    max_retries INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    attempts INTEGER NOT NULL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    next_attempt_at REAL,
+    request_id TEXT,
+    result TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    due_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    state_seq INTEGER NOT NULL
+);
+CREATE INDEX tasks_new ON tasks (due_at, seq) WHERE state = 'queued' AND attempts = 0;
+CREATE INDEX tasks_retry ON tasks (due_at, seq) WHERE state = 'queued' AND attempts > 0;
+CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX tasks_by_state ON tasks (state, state_seq);
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    queued INTEGER NOT NULL DEFAULT 0,
+    running INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    generation INTEGER NOT NULL DEFAULT 0,
+    health_probes INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO totals (id, queued, running, done, failed, cancelled, waiting, generation) VALUES (1, 3, 1, 1, 1, 1, 2, 7);
+"""
+
+
+@pytest.fixture
+def v2_file(tmp_path):
+    """A version-2 file as version 2 wrote it: its DDL, its header, its totals, and the tasks of ``TASKS_V1``."""
+    path = tmp_path / "tasks.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    for statement in _statements(SCHEMA_V2):
+        conn.execute(statement)
+    _insert_tasks(conn)
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("COMMIT")
+    conn.close()
+    return path
+
+
+def test_a_version_2_file_is_migrated_keeping_every_task_its_order_and_the_totals(v2_file):
+    store = SqliteStore(v2_file, clock=lambda: NOW, ttl=3600.0)
+    try:
+        for task_id, state, attempts, _, payload, error, result, *_ in TASKS_V1:
+            task = store.get(task_id)
+            assert task is not None, task_id
+            assert (task.state, task.attempts, task.last_error) == (State(state), attempts, error), task_id
+            assert task.result == (None if result is None else {"ok": True})
+            assert task.payload == ("" if payload is None else json.loads(payload))
+        assert [task.id for task in store.list()] == [row[0] for row in reversed(TASKS_V1)]
+        stats = store.stats()
+        assert stats.counts == {
+            State.QUEUED: 3, State.RUNNING: 1, State.DONE: 1, State.FAILED: 1, State.CANCELLED: 1,
+        }  # fmt: skip
+        assert (stats.waiting, stats.due, stats.retries_pending) == (2, 1, 1)
+        assert store._read_generation() == 7
+        claimed = store.claim("here:1:x", NOW + LEASE_S)  # the claim index came through
+        assert claimed is not None and claimed.id == "new"
+    finally:
+        store.close()
+    conn = sqlite3.connect(v2_file)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"tasks_new", "tasks_retry", "tasks_finished", "tasks_by_state"} <= indexes
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tasks_v3'").fetchone()[0] == 0
+    conn.close()
+
+
+def test_the_check_on_state_still_refuses_an_unknown_state_after_the_migration(v2_file):
+    SqliteStore(v2_file, clock=lambda: NOW).close()
+    conn = sqlite3.connect(v2_file)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        conn.execute("UPDATE tasks SET state = 'lost' WHERE id = 'new'")
+    conn.close()
+
+
+def test_inserting_a_task_builds_no_temporary_b_tree(tmp_path):
+    # An IN list of more than two values in the check on state did, on every insert and change of state.
+    SqliteStore(tmp_path / "tasks.db", clock=lambda: NOW).close()
+    conn = sqlite3.connect(tmp_path / "tasks.db")
+    program = conn.execute("EXPLAIN " + sqlite_store._INSERT, (None,) * sqlite_store._INSERT.count("?")).fetchall()
+    assert [op for op in program if op[1] == "OpenEphemeral"] == []
+    conn.close()
+
+
+def _insert_tasks(conn):
+    for seq, (task_id, state, attempts, retries, payload, error, result, due, owner, until, finished) in enumerate(
+        TASKS_V1, 1
+    ):
+        conn.execute(
+            """INSERT INTO tasks (seq, id, payload, max_retries, state, attempts, last_error, created_at, started_at,
+                   finished_at, next_attempt_at, result, due_at, lease_owner, lease_until, state_seq)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (seq, task_id, payload, retries, state, attempts, error, NOW - 60, None if attempts == 0 else NOW - 20,
+             finished, due if due > NOW else None, result, due, owner, until, seq),
+        )  # fmt: skip
 
 
 def _task(task_id):
