@@ -20,6 +20,7 @@ from doubles import WAIT_S
 
 from workerpool import State, Task
 from workerpool.errors import DuplicateTask, QueueFull, StoreUnavailable
+from workerpool.stores import sqlite as sqlite_store
 from workerpool.stores.sqlite import LOST, SCHEMA_VERSION, SqliteStore
 
 LEASE_S = 30.0
@@ -515,6 +516,62 @@ def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_on
     for thread in threads:
         thread.join(WAIT_S)
     assert syncs.count == 2  # a's, then one for both b and c
+
+
+class _JoinWatch:
+    """A lock standing in for the write lock that tells when an fsync starts waiting for it (``joining``)."""
+
+    def __init__(self, lock) -> None:
+        self.lock, self.joining = lock, threading.Event()
+
+    def acquire(self, blocking=True, timeout=-1):
+        if timeout != -1:
+            self.joining.set()
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        self.lock.release()
+
+    def locked(self):
+        return self.lock.locked()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def test_with_synchronous_full_an_fsync_waits_for_the_step_writing_and_covers_its_commit_too(
+    open_store, clock, db, monkeypatch
+):
+    stall, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def stalling_clock():
+        if stall.is_set() and not held.is_set():
+            held.set()
+            assert release.wait(WAIT_S)
+        return clock.time()
+
+    store = open_store(synchronous="FULL", clock=stalling_clock)
+    syncs = _WalSyncs(db, os.fdatasync)
+    monkeypatch.setattr(os, "fdatasync", syncs)
+    monkeypatch.setattr(sqlite_store, "_JOIN_SYNC_S", WAIT_S)  # the writer below is held for as long as it takes
+    store._write_lock = watch = _JoinWatch(store._write_lock)
+    store.admit([task(clock, "a"), task(clock, "b")])
+    claim(store, clock)  # committed; its own step waits for no fsync
+    claimed = store._commits
+    stall.set()
+    writer = threading.Thread(target=store.admit, args=([task(clock, "c")],))
+    writer.start()
+    assert held.wait(WAIT_S)  # "c" is being admitted: its step holds the write lock
+    syncer = threading.Thread(target=store._sync_wal, args=(claimed,))  # as a step that must be durable does
+    syncer.start()
+    assert watch.joining.wait(WAIT_S)
+    release.set()
+    for thread in (writer, syncer):
+        thread.join(WAIT_S)
+    assert syncs.count == 2  # a and b's; then one covering the claim and c, which c's admit found done
+    assert store._synced == store._commits
 
 
 def stalling(clock):

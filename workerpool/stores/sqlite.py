@@ -56,6 +56,7 @@ SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 _SWEEP_INTERVAL_S = 1.0
 _WRITTEN_KEPT = 1024  # generations a process remembers writing (see _written); older ones count as news
+_JOIN_SYNC_S = 0.002  # the longest an fsync waits for a step that is writing, to cover its commit too
 _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a write of its own
 LOST = "lost: the process running it stopped (its lease expired)"
 
@@ -254,6 +255,7 @@ class SqliteStore(TaskStore):
         self._sync_lock = threading.Lock()
         self._synced = 0  # the commits the last fsync of the WAL covered
         self._wal_fd: int | None = None  # the WAL file, opened to fsync it
+        self._wal_path = f"{self.path}-wal"
         self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
         _check_path(self.path)
         self._open()
@@ -409,10 +411,15 @@ class SqliteStore(TaskStore):
         with self._sync_lock:
             if self._synced >= commit:
                 return  # another thread's fsync covered it
+            if self._write_lock.locked() and self._write_lock.acquire(timeout=_JOIN_SYNC_S):
+                # A step is writing: let it commit first (steps hold the lock a fraction of a millisecond),
+                # so that this fsync covers it too. A submitter's admit and a worker's end, taking turns,
+                # then share one fsync instead of waiting for one each.
+                self._write_lock.release()
             target = self._commits  # every commit counted so far has written its frames
-            wal = Path(f"{self.path}-wal")
+            wal = self._wal_path
             try:
-                if self._wal_fd is None or os.fstat(self._wal_fd).st_ino != wal.stat().st_ino:
+                if self._wal_fd is None or os.fstat(self._wal_fd).st_ino != os.stat(wal).st_ino:
                     self._close_wal()
                     self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
                 os.fdatasync(self._wal_fd)  # as SQLite does on Linux: data and size, not timestamps
@@ -722,18 +729,22 @@ class SqliteStore(TaskStore):
                 self._count("waiting", -1)
             return task
         # What this claim saw; a later change ends the next wait_for_work of this thread.
-        self._local.seen = (conn.execute(_GENERATION).fetchone()[0], rescheduled)
+        generation, *due = conn.execute(_IDLE).fetchone()
+        self._local.seen = (generation, rescheduled, _earliest(due))
         return None
 
     def _due_now(self, rescheduled: int) -> bool:
         """Whether a task is due (read only); if not, what was seen then is this thread's new ``seen``."""
+        now = self._clock()
         try:
-            ((generation, due),) = self._query(_DUE, {"now": self._clock()})
+            ((generation, *due),) = self._query(_IDLE)
         except StoreUnavailable:
             return True  # the claim itself will tell
-        if due is None:
-            self._local.seen = (generation, rescheduled)
-        return due is not None
+        next_due = _earliest(due)
+        if next_due is not None and next_due <= now:
+            return True
+        self._local.seen = (generation, rescheduled, next_due)
+        return False
 
     def _claimed_nothing(self, tickets: int) -> None:
         with self._wakeup:  # nothing was due: the tickets older than this claim announce nothing
@@ -756,8 +767,11 @@ class SqliteStore(TaskStore):
         seen = getattr(self._local, "seen", None)
         self._local.seen = None
         try:
-            generation = self._read_generation() if seen is None else seen[0]
-            until_due = self.seconds_until_due()
+            if seen is None:
+                generation, until_due = self._read_generation(), self.seconds_until_due()
+            else:  # what the claim that found nothing saw, in its own transaction: no read needed
+                generation, next_due = seen[0], seen[2]
+                until_due = None if next_due is None else max(0.0, next_due - self._clock())
         except StoreUnavailable:
             return  # the caller's next step reports the failure
         rescheduled = self._rescheduled if seen is None else seen[1]
@@ -1051,8 +1065,9 @@ _NEXT_DUE_TIMES = "SELECT " + ", ".join(
     f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
 )
 _GENERATION = "SELECT generation FROM totals"
-# Whether a task is due at :now, and the generation that answer goes with (see SqliteStore.claim).
-_DUE = f"SELECT generation, ({_NEXT_DUE}) FROM totals"
+# What a claim that found nothing saw: the generation, and the due times of the next retry and of the
+# next new task (the worker then waits for the earlier one, or news; see SqliteStore.wait_for_work).
+_IDLE = _NEXT_DUE_TIMES.replace("SELECT ", "SELECT generation, ", 1) + " FROM totals"
 # Claim the next due task: it runs under the owner's lease.
 _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
@@ -1114,6 +1129,10 @@ _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
 
 def _next_generation(conn: sqlite3.Connection) -> int:
     return conn.execute("UPDATE totals SET generation = generation + 1 WHERE id = 1 RETURNING generation").fetchone()[0]
+
+
+def _earliest(times: Iterable[float | None]) -> float | None:
+    return min((t for t in times if t is not None), default=None)
 
 
 def _json(value: Any) -> str:
