@@ -627,6 +627,33 @@ def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, 
     assert sorted(t.id for t in store.list()) == ["a", "b", "c"]
 
 
+def test_an_admission_that_arrives_while_the_transaction_begins_joins_it(open_store, clock):
+    # The sqlite3 module lets other threads run during each statement: a request reaching admit
+    # then is written by the transaction under way rather than waiting for the next one.
+    store = open_store()
+    begin = store._begin
+    late = threading.Thread(target=lambda: outcomes.append(store.admit([task(clock, "late")])))
+    outcomes: list[list] = []
+
+    def begin_while_another_arrives():
+        began = begin()
+        if not late.is_alive() and not outcomes:
+            late.start()
+            deadline = time.monotonic() + WAIT_S
+            while not store._admissions:  # it has queued behind the write lock this thread holds
+                assert time.monotonic() < deadline
+                threading.Event().wait(0.001)
+        return began
+
+    store._begin = begin_while_another_arrives
+    commits = store._commits
+    assert [t.id for t in store.admit([task(clock, "first")])] == ["first"]
+    late.join(WAIT_S)
+    assert [t.id for t in outcomes[0]] == ["late"]
+    assert store._commits == commits + 1  # one transaction wrote both
+    assert [t.id for t in store.list()] == ["late", "first"]
+
+
 def test_a_payload_that_is_not_json_fails_only_its_own_admission(open_store, clock):
     store = open_store()
     with pytest.raises(TypeError):

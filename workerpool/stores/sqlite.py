@@ -526,7 +526,10 @@ class SqliteStore(TaskStore):
         order, in one transaction (the outcome is that of admitting them one
         after the other), and those whose admission was done meanwhile just
         pass the lock on. Under concurrent requests this spares a
-        transaction per request, and with ``FULL`` an fsync.
+        transaction per request, and with ``FULL`` an fsync. The admissions
+        are taken once the transaction has begun (see ``_admit_in``): the
+        sqlite3 module lets other threads run while SQLite works, and those
+        that reach ``admit`` meanwhile join this transaction, not the next.
         """
         # Encoded here, so that a payload that is not JSON fails this call alone.
         mine = _Admission([(task, _json(task.payload)) for task in tasks])
@@ -535,9 +538,7 @@ class SqliteStore(TaskStore):
         admitted = generation = 0
         with self._write_lock:
             if mine.outcomes is None:
-                with self._admissions_lock:
-                    batch, self._admissions = self._admissions, []
-                admitted, generation = self._admit_batch(batch)
+                admitted, generation = self._admit_batch()
         if admitted:
             with self._wakeup:
                 self._wrote(generation)
@@ -556,26 +557,29 @@ class SqliteStore(TaskStore):
         assert mine.outcomes is not None
         return mine.outcomes
 
-    def _admit_batch(self, batch: list[_Admission]) -> tuple[int, int]:  # _write_lock is held
-        """Admit ``batch`` in one transaction, giving each its outcomes; how many were admitted, and the generation.
+    def _admit_batch(self) -> tuple[int, int]:  # _write_lock is held
+        """Admit the waiting admissions in one transaction, with their outcomes; how many were admitted, the generation.
 
         An error other than SQLite's (a bug, or a value the sqlite3 module
         cannot bind, such as a huge integer) belongs to the admission whose
         task raised it: the transaction is rolled back, that admission gets
         the error, and the others are admitted again without it.
         """
+        batch: list[_Admission] = []  # what the attempts took so far, in order
         while True:
             try:
                 return self._admit_once(batch)
             except _AdmissionFailed as failed:
                 failed.admission.outcomes, failed.admission.error = [], failed.error
-                batch = [admission for admission in batch if admission is not failed.admission]
-                if not batch:
-                    return 0, 0
+                batch.remove(failed.admission)
 
     def _admit_once(self, batch: list[_Admission]) -> tuple[int, int]:  # _write_lock is held
+        """One transaction admitting ``batch`` and the admissions waiting now or once it began (added to ``batch``)."""
         outcomes: list[Task | SubmitError] = []
         generation = commit = 0
+        self._take_admissions(batch)  # the caller's own among them, before anything can fail
+        if not batch:
+            return 0, 0
         try:
             conn, changes = self._begin()
             try:
@@ -605,6 +609,12 @@ class SqliteStore(TaskStore):
             start = end
         return sum(isinstance(outcome, Task) for outcome in outcomes), generation
 
+    def _take_admissions(self, batch: list[_Admission]) -> None:  # _write_lock is held
+        """Move the admissions waiting for the write lock to the end of ``batch``."""
+        with self._admissions_lock:
+            batch += self._admissions
+            self._admissions = []
+
     def _admit_in(
         self, conn: sqlite3.Connection, batch: list[_Admission], outcomes: list[Task | SubmitError]
     ) -> int:
@@ -612,12 +622,13 @@ class SqliteStore(TaskStore):
 
         Raises ``_AdmissionFailed`` for an error other than SQLite's, naming the admission it came from.
         """
-        now = self._clock()
-        horizon = now - self._ttl
         # One statement: the generation, the room left under the bound and the newest task's
         # creation time. Work admitted below bumps the generation (what other processes' idle
         # workers poll) by one; under the write lock, its value is then this one plus one.
         generation, waiting, newest = conn.execute(_ADMISSION).fetchone()
+        self._take_admissions(batch)  # those that arrived while SQLite began the transaction and read
+        now = self._clock()
+        horizon = now - self._ttl
         generation += 1
         room = self.capacity - waiting
         # Submitters stamp created_at before this transaction, so racing submits may arrive out
