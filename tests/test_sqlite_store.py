@@ -335,6 +335,22 @@ def test_work_another_process_queued_is_seen_even_when_this_process_queued_work_
             thread.join(WAIT_S)
 
 
+def test_polling_backs_off_across_waits_ended_by_this_processs_work_and_speeds_up_for_another_processs(
+    open_store, clock
+):
+    here, there = open_store(), open_store()
+    here._local.poll = here._poll_max  # this thread has waited long without news from elsewhere
+    here.admit([task(clock, "mine")])  # announced by a ticket: the wait ends without a read
+    here.wait_for_work(None)
+    assert here._local.poll == here._poll_max
+    assert claim(here, clock).id == "mine"
+    assert claim(here, clock) is None
+    there.admit([task(clock, "theirs")])  # seen by polling the file only
+    here.wait_for_work(None)
+    assert here._local.poll == here._poll_min  # the next wait polls often again
+    assert claim(here, clock).id == "theirs"
+
+
 def test_wake_releases_waiting_workers_and_every_later_wait(open_store):
     store = open_store()
     returned = waiter(store)(None)

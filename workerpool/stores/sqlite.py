@@ -20,7 +20,7 @@ SQLite has no notifications. A task admitted by this process wakes one
 waiting worker at once (a condition variable); work queued by another
 process is seen by polling a generation counter in the file (a one-row
 read), every 1 ms at first, backing off to ``poll_max`` (25 ms) while
-nothing changes.
+no other process queues work (across a worker's waits: see ``wait_for_work``).
 
 Durability is ``synchronous``. ``NORMAL`` (the default): a committed step
 survives a crash or ``kill -9`` of any process; a power loss or kernel crash
@@ -771,7 +771,8 @@ class SqliteStore(TaskStore):
 
         A task admitted by this process wakes one waiting worker at once;
         work queued by another process is noticed by polling the file's
-        generation (1 ms at first, backing off to ``poll_max``). Due times and
+        generation (1 ms at first, backing off to ``poll_max`` while no other
+        process queues work; the back-off goes on from one wait to the next). Due times and
         ``timeout`` are read on the store's clock; the polling runs on real
         time, so a test's fake clock is noticed within ``poll_max``.
         """
@@ -789,26 +790,31 @@ class SqliteStore(TaskStore):
         if until_due is not None and (timeout is None or until_due < timeout):
             timeout = until_due
         deadline = None if timeout is None else self._clock() + timeout
-        interval = self._poll_min
+        # The back-off goes on from this thread's last wait unless that one ended with another process's
+        # work: work of this process wakes a worker at once, and polling the file for it costs a read and
+        # a wake-up each time (one per task and more while tasks come one by one).
+        interval = getattr(self._local, "poll", self._poll_min)
         while deadline is None or self._clock() < deadline:
             with self._wakeup:
                 if self._wakeup.wait_for(lambda: self._woken or self._tickets or self._rescheduled != rescheduled,
                                          interval):
                     if self._tickets and not self._woken and self._rescheduled == rescheduled:
                         self._tickets -= 1
-                    return
+                    break
             try:
                 now_generation = self._read_generation()
             except StoreUnavailable:
-                return
+                break
             # Work queued here since is announced by tickets and reschedules, but one of those may
             # have been answered by a worker that claimed another process's work: any generation
             # in between that this process did not write is news.
             with self._wakeup:
                 if not self._only_ours(generation, now_generation):
-                    return
+                    interval = self._poll_min  # another process queues work: look often again
+                    break
             generation = now_generation
             interval = min(interval * 2, self._poll_max)
+        self._local.poll = interval
 
     def _read_generation(self) -> int:
         return self._query(_GENERATION)[0][0]
