@@ -36,6 +36,8 @@ SERVERS = {
     "off": (["-c", "gunicorn.conf.py"], {**_IDLE, "ACCESS_LOG": "off"}),
     "bare": (["-c", "bench/hello.conf.py", "bench.bare_flask:app"], {}),
     "sqlite": (["-c", "gunicorn.conf.py"], {**_IDLE, "STORE": "sqlite://{out_dir}/tasks.db"}),
+    # A private redis-server (no persistence), started for the run; its own CPU is not counted.
+    "redis": (["-c", "gunicorn.conf.py"], {**_IDLE, "STORE": "{redis_url}"}),
 }
 _LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 _WORKER = re.compile(r"Booting worker with pid: (\d+)")
@@ -86,7 +88,7 @@ def _next_worker(log: Path, index: int) -> int:
         time.sleep(0.5)
 
 
-def measure(name: str, *, seconds: int, connections: int, out_dir: Path) -> tuple[int, int]:
+def measure(name: str, *, seconds: int, connections: int, out_dir: Path, redis_url: str = "") -> tuple[int, int]:
     """(instructions, requests) of one server's worker process for ``seconds`` more of wrk.
 
     A worker forked under valgrind cannot be reached by ``callgrind_control``; it writes its counts
@@ -97,7 +99,7 @@ def measure(name: str, *, seconds: int, connections: int, out_dir: Path) -> tupl
     args, env_overrides = SERVERS[name]
     environ = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
     environ.update({"HOST": "127.0.0.1", "PORT": "0"})
-    environ.update({key: value.format(out_dir=out_dir) for key, value in env_overrides.items()})
+    environ.update({key: value.format(out_dir=out_dir, redis_url=redis_url) for key, value in env_overrides.items()})
     log = out_dir / f"{name}.log"
     prefix = f"callgrind.{name}"
     command = [
@@ -133,17 +135,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
     options = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
-        for round_no in range(options.rounds):
-            for name in options.names:
-                instructions, requests = measure(
-                    name, seconds=options.seconds, connections=options.connections, out_dir=Path(tmp)
-                )
-                print(
-                    f"round {round_no + 1} {name:5} {instructions / max(1, requests):10,.0f} instructions/request "
-                    f"({requests} requests)",
-                    flush=True,
-                )
+    redis = None
+    if any("{redis_url}" in str(SERVERS[name][1]) for name in options.names):
+        from .redis_figures import RedisProcess
+
+        redis = RedisProcess()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
+            for round_no in range(options.rounds):
+                for name in options.names:
+                    if redis is not None:
+                        redis.client().flushall()  # each count starts from an empty store
+                    instructions, requests = measure(
+                        name, seconds=options.seconds, connections=options.connections, out_dir=Path(tmp),
+                        redis_url=redis.url if redis is not None else "",
+                    )  # fmt: skip
+                    print(
+                        f"round {round_no + 1} {name:5} {instructions / max(1, requests):10,.0f} "
+                        f"instructions/request ({requests} requests)",
+                        flush=True,
+                    )
+    finally:
+        if redis is not None:
+            redis.stop()
 
 
 if __name__ == "__main__":
