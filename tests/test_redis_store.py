@@ -450,6 +450,24 @@ def test_a_forked_child_talks_to_redis_on_a_connection_of_its_own(make, clock):
     assert store._client() is parent_client
     assert [t.id for t in store.list()] == ["child", "parent"]
 
+def test_an_admitted_task_is_queued_at_its_due_time_and_stores_only_its_fields(make, server, clock):
+    store = make()
+    store.admit([Task("later", "p", 1, created_at=clock.time() + 0.5)])
+    clamped, delayed = store.admit(
+        [Task("clamped", "p", 1, created_at=clock.time()), Task("delayed", "p", 1, created_at=clock.time(),
+                                                                      next_attempt_at=clock.time() + 60)]
+    )  # fmt: skip
+    admin = server.client()
+    assert clamped.created_at == delayed.created_at == clock.time() + 0.5  # clamped to the newest admitted
+    queued = admin.zrange("{workerpool}:new", 0, -1, withscores=True)
+    scores = {member.split(b":", 1)[1]: score for member, score in queued}
+    assert scores == {b"later": clock.time() + 0.5, b"clamped": clock.time() + 0.5, b"delayed": clock.time() + 60}
+    for task_id in ("later", "clamped", "delayed"):
+        fields = admin.hgetall(f"{{workerpool}}:t:{task_id}")
+        assert set(fields) <= {name.encode() for name in Task._fields} | {b"queue_member"}, fields
+    assert admin.hget("{workerpool}:t:clamped", "created_at") == repr(clock.time() + 0.5).encode()
+
+
 def test_scripts_are_packed_as_redis_py_packs_them(server):
     args = ("id-é", 3, 0.1, 1e-7, 1764500000.123456, float("inf"), float("-inf"), "", b'{"id":"x"}', "x" * 7000)
     sha = "0" * 40

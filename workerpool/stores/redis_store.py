@@ -56,14 +56,9 @@ def _count_fork() -> None:
 
 os.register_at_fork(after_in_child=_count_fork)
 
-# Shared by every script: moving an id between state sets, forgetting and evicting.
+# What every script shares: eviction, queueing, wake-up tokens, the deadline.
 _PRELUDE = """
 local P = KEYS[1]
--- The caller writes the new state into the task's hash with its other fields (one HSET).
-local function move_index(id, old, new)
-  redis.call('ZREM', P .. ':st:' .. old, id)
-  redis.call('ZADD', P .. ':st:' .. new, redis.call('INCR', P .. ':seq'), id)
-end
 local function forget(id)
   local state = redis.call('HGET', P .. ':t:' .. id, 'state')
   redis.call('DEL', P .. ':t:' .. id)
@@ -71,10 +66,12 @@ local function forget(id)
   redis.call('ZREM', P .. ':fin', id)
   if state then redis.call('ZREM', P .. ':st:' .. state, id) end
 end
--- By age, and by count unless max_finished is nil: the count only grows when a task becomes final,
--- and every step that makes one final evicts by count, so other steps need not look.
-local function evict(now, ttl, max_finished)
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', now - ttl, 'LIMIT', 0, 1000)) do
+-- By age (what finished at or before cutoff), and by count unless max_finished is nil: the count
+-- only grows when a task becomes final, and every step that makes one final evicts by count, so
+-- other steps need not look. A cutoff passed as a string goes to Redis as it is: a Lua number
+-- would be formatted with snprintf's %.17g, which costs Redis more than the command.
+local function evict(cutoff, max_finished)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', cutoff, 'LIMIT', '0', '1000')) do
     forget(id)
   end
   if not max_finished then return end
@@ -90,19 +87,11 @@ local function enqueue(zset, due, id, seq)
   redis.call('ZADD', P .. zset, due, member)
   return member
 end
-local function dequeue(id)
-  local member = redis.call('HGET', P .. ':t:' .. id, 'queue_member')
-  if member then
-    redis.call('ZREM', P .. ':new', member)
-    redis.call('ZREM', P .. ':retry', member)
-    redis.call('HDEL', P .. ':t:' .. id, 'queue_member')
-  end
-end
 local function signal(n)
   local tokens = {}  -- more than 256 tokens would only wake workers for nothing
-  for i = 1, math.min(n, 256) do tokens[i] = 1 end
+  for i = 1, math.min(n, 256) do tokens[i] = '1' end  -- strings: a number costs Redis a %.17g
   -- Tokens pile up only while every worker is busy; trimming to half keeps the trims rare.
-  if redis.call('LPUSH', P .. ':signal', unpack(tokens)) > 256 then redis.call('LTRIM', P .. ':signal', 0, 127) end
+  if redis.call('LPUSH', P .. ':signal', unpack(tokens)) > 256 then redis.call('LTRIM', P .. ':signal', '0', '127') end
 end
 -- A client gives up on a step after its socket timeout and reports it as not done: a script that
 -- only reaches Redis after the client's deadline (Redis paused, or busy with a slow command) must
@@ -113,6 +102,24 @@ local function too_late(deadline)
   if deadline == '' then return false end
   local now = redis.call('TIME')
   return tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(deadline)
+end
+"""
+
+# What the steps of running tasks share besides (the admission does without: each function a script
+# defines is made anew on every call).
+_STEPS = """
+-- The caller writes the new state into the task's hash with its other fields (one HSET).
+local function move_index(id, old, new)
+  redis.call('ZREM', P .. ':st:' .. old, id)
+  redis.call('ZADD', P .. ':st:' .. new, redis.call('INCR', P .. ':seq'), id)
+end
+local function dequeue(id)
+  local member = redis.call('HGET', P .. ':t:' .. id, 'queue_member')
+  if member then
+    redis.call('ZREM', P .. ':new', member)
+    redis.call('ZREM', P .. ':retry', member)
+    redis.call('HDEL', P .. ':t:' .. id, 'queue_member')
+  end
 end
 -- Extra field/value pairs (a result, an error) go into the same HSET as the state.
 local function finalize(id, key, old, new, now, ...)
@@ -177,45 +184,57 @@ local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err
   else
     finalize(id, key, 'running', cur[4] == '1' and 'cancelled' or 'failed', now, 'last_error', err)
   end
-  evict(tonumber(now), tonumber(ttl), tonumber(max_finished))
+  evict(tonumber(now) - tonumber(ttl), tonumber(max_finished))
   return redis.call('HGETALL', key)
 end
 """
 
-# ARGV: capacity, ttl, max_finished (the same in every call: packed once, see RedisStore), now, deadline,
-# then one JSON object of string fields per task.
+# ARGV: capacity (the same in every call: packed once, see RedisStore), the cutoff of eviction by age,
+# the deadline, then one JSON object of string fields per task, with two more that are not stored:
+# "_at", its created_at, and "_due", when it is due (next_attempt_at, else created_at), in hexadecimal.
+# Lua's tonumber (the C library's strtod) reads a decimal time with multiple-precision arithmetic, and
+# Redis formats a Lua number it is given with snprintf: both cost Redis more than the commands. So the
+# script reads times only in hexadecimal, gives Redis its numbers as strings (the due time as the
+# hexadecimal text, which Redis's own strtod reads for the score), and stores the decimal text as it came.
 _ADMIT = """
-if too_late(ARGV[5]) then return LATE end
-local capacity, now = tonumber(ARGV[1]), tonumber(ARGV[4])
-evict(now, tonumber(ARGV[2]))  -- a forgotten id may be submitted again
+if too_late(ARGV[3]) then return LATE end
+local capacity = tonumber(ARGV[1])
+evict(ARGV[2])  -- a forgotten id may be submitted again
 local waiting = redis.call('ZCARD', P .. ':new')
 -- Submitters stamp created_at before this script, so racing submits (from any instance) may
 -- arrive out of stamp order: clamp to the newest admitted one's, so that creation times never
 -- run backwards in listing order. Times stay the exact strings the submitters wrote.
 local last = redis.call('GET', P .. ':created')
+local last_at = last and tonumber(last)  -- the one decimal read per call
 local out, admitted = {}, 0
 local next_seq, last_seq = 1, 0  -- sequence numbers reserved by this call and not used yet
-for i = 6, #ARGV do
+for i = 4, #ARGV do
   local task = cjson.decode(ARGV[i])
   local key = P .. ':t:' .. task.id
   if waiting >= capacity then  -- a full store only looks
     out[#out + 1] = redis.call('EXISTS', key) == 1 and 'duplicate' or 'full'
   else
     if next_seq > last_seq then  -- one INCRBY for the tasks left rather than an INCR per task
-      last_seq = redis.call('INCRBY', P .. ':seq', #ARGV - i + 1)
+      last_seq = redis.call('INCRBY', P .. ':seq', string.format('%d', #ARGV - i + 1))
       next_seq = last_seq - (#ARGV - i)
     end
+    local seq = string.format('%d', next_seq)
     -- Every retained task's id is in P:all (admission adds both it and the hash, forget removes
     -- both): adding the id there unless present is the duplicate check.
-    if redis.call('ZADD', P .. ':all', 'NX', next_seq, task.id) == 0 then
+    if redis.call('ZADD', P .. ':all', 'NX', seq, task.id) == 0 then
       out[#out + 1] = 'duplicate'
     else
-      local seq = next_seq
-      next_seq = next_seq + 1
-      if last and tonumber(task.created_at) < tonumber(last) then task.created_at = last end
-      last = task.created_at
+      local at, due = tonumber(task._at), task._due
+      task._at, task._due = nil, nil
+      if last_at and at < last_at then
+        task.created_at, at = last, last_at
+        if not task.next_attempt_at then due = last end
+      end
+      last, last_at = task.created_at, at
       redis.call('ZADD', P .. ':st:queued', seq, task.id)
-      task.queue_member = enqueue(':new', tonumber(task.next_attempt_at or task.created_at), task.id, seq)
+      task.queue_member = string.format('%016d:', next_seq) .. task.id  -- as enqueue makes it
+      redis.call('ZADD', P .. ':new', due, task.queue_member)
+      next_seq = next_seq + 1
       local flat = {}
       for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
       redis.call('HSET', key, unpack(flat))
@@ -278,7 +297,7 @@ if not state then return false end
 if state == 'queued' then
   dequeue(id)
   finalize(id, key, 'queued', 'cancelled', now)
-  evict(tonumber(now), tonumber(ARGV[3]), tonumber(ARGV[4]))
+  evict(tonumber(now) - tonumber(ARGV[3]), tonumber(ARGV[4]))
 elseif state == 'running' then
   redis.call('HSET', key, 'cancel_requested', '1')
 end
@@ -287,13 +306,13 @@ return redis.call('HGETALL', key)
 
 # ARGV: now, ttl, max_finished, id. Readers evict first, so a forgotten task is never seen.
 _GET = """
-evict(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+evict(tonumber(ARGV[1]) - tonumber(ARGV[2]), tonumber(ARGV[3]))
 return redis.call('HGETALL', P .. ':t:' .. ARGV[4])
 """
 
 # ARGV: now, ttl, max_finished, state or '', limit. Newest first.
 _LIST = """
-evict(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+evict(tonumber(ARGV[1]) - tonumber(ARGV[2]), tonumber(ARGV[3]))
 local index = ARGV[4] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[4])
 local out = {}
 for _, id in ipairs(redis.call('ZREVRANGE', index, 0, tonumber(ARGV[5]) - 1)) do
@@ -307,7 +326,7 @@ return out
 # due, retries pending.
 _STATS = """
 local now = ARGV[1]
-evict(tonumber(now), tonumber(ARGV[2]), tonumber(ARGV[3]))
+evict(tonumber(now) - tonumber(ARGV[2]), tonumber(ARGV[3]))
 local out = {}
 for i = 4, #ARGV do out[#out + 1] = redis.call('ZCARD', P .. ':st:' .. ARGV[i]) end
 out[#out + 1] = redis.call('ZCARD', P .. ':new')
@@ -428,8 +447,12 @@ def _fields_of(task: Task) -> dict[str, str]:
 
 
 def _document(task: Task) -> bytes:
-    """The task's fields as one JSON object, as the admission script takes it."""
+    """The task's fields as one JSON object, as the admission script takes it (with its times in
+    hexadecimal besides: see _ADMIT)."""
     fields = _fields_of(task)
+    created_at = float(task.created_at)
+    fields["_at"] = created_at.hex()
+    fields["_due"] = created_at.hex() if task.next_attempt_at is None else float(task.next_attempt_at).hex()
     try:
         return orjson.dumps(fields)  # a tenth of json.dumps's time
     except orjson.JSONEncodeError:  # a lone surrogate in a text: the json module escapes it
@@ -529,10 +552,13 @@ class RedisStore(TaskStore):
             "first_due": _FIRST_DUE,
             "health": _HEALTH,
         }
-        self._scripts = {name: client.register_script(_PRELUDE + body) for name, body in scripts.items()}
+        self._scripts = {
+            name: client.register_script(_PRELUDE + ("" if name == "admit" else _STEPS) + body)
+            for name, body in scripts.items()
+        }
         self._heads = {name: (_head(script.sha, self._keys[0]), 0) for name, script in self._scripts.items()}
-        # The admission's first arguments are the same in every call: packed once.
-        fixed = (capacity, float(ttl), max_finished)
+        # The admission's first argument is the same in every call: packed once.
+        fixed = (capacity,)
         self._heads["admit"] = (self._heads["admit"][0] + _pack_args(fixed), len(fixed))
 
     def _client(self) -> redis.Redis:
@@ -639,8 +665,8 @@ class RedisStore(TaskStore):
             mine.batch, self._admissions = self._admissions, []
         documents = [document for admission in mine.batch for document in admission.documents]
         mine.sent = True  # from here on the batch may be stored, whatever happens next
-        # now only bounds eviction by age: hexadecimal, as the deadline (see _deadline).
-        return self._run("admit", float(self._clock()).hex(), self._deadline(), *documents)
+        # The cutoff of eviction by age in hexadecimal, as the deadline (see _deadline).
+        return self._run("admit", (float(self._clock()) - self._ttl).hex(), self._deadline(), *documents)
 
     def _hand_over(self, mine: _Admission, error: BaseException | None) -> None:
         """Answer the admissions ``mine`` carried and pass the turn to send on, if ``mine`` holds it.
