@@ -14,7 +14,7 @@ import pytest
 
 import workerpool.stores.sqlite as sqlite_store
 from workerpool import State, Task
-from workerpool.errors import StoreUnavailable
+from workerpool.errors import DuplicateTask, StoreUnavailable
 from workerpool.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStore
 
 NOW = 1_700_000_000.0
@@ -130,8 +130,9 @@ def test_a_version_1_file_is_migrated_keeping_every_task_and_the_counts(v1_file)
     finally:
         store.close()
     conn = sqlite3.connect(v1_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone()[0] == 0
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    triggers = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+    assert triggers == ["tasks_admitted"]  # version 1's count triggers are gone; version 4 counts admissions
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'counts'").fetchone()[0] == 0
     conn.close()
 
@@ -250,10 +251,14 @@ def test_a_version_2_file_is_migrated_keeping_every_task_its_order_and_the_total
         assert store._read_generation() == 7
         claimed = store.claim("here:1:x", NOW + LEASE_S)  # the claim index came through
         assert claimed is not None and claimed.id == "new"
+        assert [type(outcome) for outcome in store.admit([_task("more"), _task("new")])] == [Task, DuplicateTask]
+        stats = store.stats()  # the trigger of version 4 counted the admission
+        assert (stats.counts[State.QUEUED], stats.counts[State.RUNNING], stats.waiting) == (3, 2, 2)
+        assert store._read_generation() == store._generation == 8
     finally:
         store.close()
     conn = sqlite3.connect(v2_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"tasks_new", "tasks_retry", "tasks_finished", "tasks_by_state"} <= indexes
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tasks_v3'").fetchone()[0] == 0

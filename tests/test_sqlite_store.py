@@ -689,6 +689,16 @@ def test_an_admission_knows_the_generation_it_wrote(open_store, clock):
     assert one._read_generation() == one._generation
 
 
+def test_each_task_admitted_is_a_generation_of_this_process(open_store, clock):
+    # Idle workers of this process must not take its own admissions for another process's work.
+    store = open_store()
+    before = store._read_generation()
+    store.admit([task(clock, "a"), task(clock, "b"), task(clock, "a")])
+    assert store._read_generation() == store._generation == before + 2
+    with store._wakeup:
+        assert store._only_ours(before, before + 2)
+
+
 def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(open_store, clock):
     # A huge integer cannot be bound to a statement (OverflowError from the sqlite3 module): the
     # admission carrying it fails, the others waiting with it in the same batch are admitted.
