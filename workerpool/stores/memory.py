@@ -124,9 +124,11 @@ class MemoryStore(TaskStore):
         # racing submits may arrive out of stamp order; admit clamps to keep creation times
         # non-decreasing in admission (listing) order.
         self._last_created = -math.inf
-        # Ids per state in the order they entered it: O(1) counts, newest-first listing by state.
-        self._by_state: dict[str, dict[str, None]] = {state.value: {} for state in State}
-        self._owners: dict[str, str] = {}  # running id -> the owner that claimed it
+        # Ids per state in the order they entered it: O(1) counts, newest-first listing by state. A
+        # running id maps to the owner that claimed it; the other states' ids map to None.
+        self._by_state: dict[str, dict[str, str | None]] = {state.value: {} for state in State}
+        self._queued, self._running = self._by_state[_QUEUED], self._by_state[_RUNNING]
+        self._done = self._by_state[_DONE]
         self._retry_line: deque[Record] = deque()  # due retries: they run first (accepted long ago)
         self._new_line: deque[Record] = deque()  # due new tasks, in the order they fell due
         self._scheduled: list[tuple[float, int, Record]] = []  # heap of (due time, order, task) not yet due
@@ -145,10 +147,12 @@ class MemoryStore(TaskStore):
         results: list[Task | SubmitError] = []
         with self._lock:
             now = self._clock()
-            self._evict(now)  # a forgotten id may be submitted again
+            finished = self._finished
+            if finished and (len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= now - self._ttl):
+                self._evict(now)  # a forgotten id may be submitted again
             if self._scheduled:  # what fell due earlier goes ahead of what arrives now
                 self._release_due(now)
-            tasks_by_id, queued, new_line = self._tasks, self._by_state[_QUEUED], self._new_line
+            tasks_by_id, queued, new_line = self._tasks, self._queued, self._new_line
             for task in tasks:
                 task_id = task.id
                 if task_id in tasks_by_id:
@@ -156,7 +160,9 @@ class MemoryStore(TaskStore):
                 elif self._waiting >= self.capacity:
                     results.append(QueueFull(self.capacity))
                 else:
-                    t = task  # a new task is queued, attempts == 0 (see TaskStore.admit)
+                    # A new task is queued, attempts == 0 (see TaskStore.admit). Its fields are read by
+                    # position from one plain tuple: a Task's own items are a subclass's, slower to index.
+                    t = tuple(task)
                     created = t[6]
                     if created < self._last_created:  # stamped before a task admitted first
                         # Common with batches submitted side by side: spelled out, a third of _replace().
@@ -164,7 +170,7 @@ class MemoryStore(TaskStore):
                         task = _new_task((t[0], t[1], t[2], t[3], t[4], t[5], created, t[7], t[8], t[9], t[10],
                                           t[11], t[12]))  # fmt: skip
                     self._last_created = created
-                    record = (t[0], t[1], t[2], _QUEUED, 0, t[5], created, t[7], t[8], t[9], t[10], t[11], t[12])
+                    record = (task_id, t[1], t[2], _QUEUED, 0, t[5], created, t[7], t[8], t[9], t[10], t[11], t[12])
                     tasks_by_id[task_id] = record
                     queued[task_id] = None
                     self._waiting += 1
@@ -244,8 +250,6 @@ class MemoryStore(TaskStore):
                 task = self._tasks[task_id]
                 if task[_STATE] == _QUEUED:
                     self._unqueue(task)
-                else:
-                    del self._owners[task_id]
                 failed = _changed(
                     task, state=_FAILED, payload="", last_error=reason, finished_at=now, next_attempt_at=None
                 )
@@ -344,19 +348,22 @@ class MemoryStore(TaskStore):
     def _claim(self, owner: str, now: float) -> Record | None:
         if self._scheduled:
             self._release_due(now)
+        tasks = self._tasks
         for line in (self._retry_line, self._new_line):
             while line:
                 task = line.popleft()
                 task_id = task[0]
-                if self._tasks.get(task_id) is not task:
+                if tasks.get(task_id) is not task:
                     continue  # cancelled or abandoned while it waited
                 if task[4] == 0:  # attempts
                     self._waiting -= 1
-                # Spelled out rather than _changed(): this is the hot path.
-                running = (task[0], task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
+                # The hot path, spelled out rather than _changed() and _set(): a line holds queued
+                # records only, and queued -> running is a legal change (TRANSITIONS).
+                running = (task_id, task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
                            task[10], task[11], task[12])  # fmt: skip
-                self._set(task, running)
-                self._owners[task_id] = owner
+                del self._queued[task_id]
+                self._running[task_id] = owner
+                tasks[task_id] = running
                 return running
         return None
 
@@ -366,13 +373,20 @@ class MemoryStore(TaskStore):
         task = self._tasks.get(task_id)
         if task is None or task[_STATE] != _RUNNING or task[_ATTEMPTS] != attempt:
             return None
-        if self._owners.get(task_id) != owner:
+        if self._running[task_id] != owner:
             return None
-        del self._owners[task_id]
-        if error is None:  # the hot path: spelled out, see _claim()
-            ended = (task[0], "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
+        if error is None:  # the hot path, spelled out as in _claim(): running -> done is a legal change
+            ended = (task_id, "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
                      result, task[12])  # fmt: skip
-        elif task[_CANCEL_REQUESTED]:
+            del self._running[task_id]
+            self._done[task_id] = None
+            self._tasks[task_id] = ended
+            finished = self._finished
+            finished.append(ended)
+            if len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= now - self._ttl:
+                self._evict(now)
+            return ended
+        if task[_CANCEL_REQUESTED]:
             ended = _changed(task, state=_CANCELLED, payload="", finished_at=now, last_error=error)
         elif retry_at is not None:
             ended = _changed(task, state=_QUEUED, last_error=error, next_attempt_at=retry_at)
