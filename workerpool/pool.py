@@ -22,7 +22,7 @@ import random
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -199,9 +199,10 @@ class WorkerPool:
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
         self._finals: Counter[State] = Counter()  # final states reached through this pool
-        # Submissions past the closing check whose store step has not ended:
-        # the drain waits for them before it looks for unfinished work.
-        self._admitting = 0
+        # Submissions past the closing check whose store step has not ended, one entry each: the
+        # drain waits for them before it looks for unfinished work. A deque rather than a count under
+        # _lock: its append and pop are atomic (see _admit), and a submission takes no lock of the pool.
+        self._admitting: deque[None] = deque()
         # _order_lock must be held while changing _in_flight and _turn_waiters
         # (see "the order observers hear of a task" below); it is never held
         # with _lock. A lock of its own: a submitter marks a whole batch under
@@ -301,14 +302,22 @@ class WorkerPool:
         )  # fmt: skip
 
     def _admit(self, tasks: list[Task]) -> list[Task | SubmitError]:
+        # Entered before the closing check, left after the store step: a drain that sets _closing and
+        # then finds no submission entered waits for none, as every later one sees _closing (the GIL
+        # orders these steps). A shared store keeps admitting while its pool drains.
+        admitting = self._admitting
+        admitting.append(None)
+        if self._closing and not self._store.shared:
+            admitting.pop()
+            self._drain_wakeup.set()  # the drain may have seen this submission entered
+            return [PoolClosed() for _ in tasks]
+        started = False
+        if not self._threads:
+            with self._lock:
+                started = self._start_locked()
         observed = bool(self._on_queued)  # someone hears of submissions
-        ids = [task.id for task in tasks] if observed else []
-        with self._lock:
-            if self._closing and not self._store.shared:
-                return [PoolClosed() for _ in tasks]
-            started = not self._threads and self._start_locked()
-            self._admitting += 1
         if observed:  # the order of what observers hear; without them there is none to keep
+            ids = [task.id for task in tasks]
             with self._order_lock:
                 self._enter_in_flight(ids)  # before the store step: a worker may claim the task at once
         try:
@@ -323,10 +332,8 @@ class WorkerPool:
             if observed:
                 with self._order_lock:
                     self._leave_in_flight_all(ids)
-            with self._lock:
-                self._admitting -= 1
-                closing = self._closing
-            if closing:
+            admitting.pop()
+            if self._closing:
                 self._drain_wakeup.set()
         if started:
             self._log_started()
