@@ -465,7 +465,7 @@ class WorkerPool:
                     cancel = threading.Event()
                 attempt = self._new_attempt(task, cancel)
             cancel = attempt.cancel
-            ended, attempt = attempt, self._run_attempt(attempt, claim_next=True)
+            ended, attempt = attempt, self._run_attempt(attempt, True)
             idle = ended.claimed_none
             if attempt is None and self._stuck and self._leave_if_replaced():
                 return
@@ -489,12 +489,32 @@ class WorkerPool:
         # wait, once per task, for a submitter marking a batch.
         attempt.waits_turn = task_id in self._in_flight
 
-    def _run_attempt(self, attempt: Attempt, *, claim_next: bool = False) -> Attempt | None:
+    def _run_attempt(self, attempt: Attempt, claim_next: bool = False) -> Attempt | None:
         """Run one registered attempt; with ``claim_next``, the attempt claimed in the same store step as its
         end, if any (registered as well)."""
         task = attempt.task
         try:
-            self._attempt(attempt, claim_next)
+            if attempt.waits_turn:
+                self._wait_turn(task.id)
+            if attempt.cancelled_early or task.cancel_requested:
+                attempt.cancel.set()
+            if log.isEnabledFor(logging.DEBUG):
+                _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
+            if self._on_started:
+                _notify(self._on_started, task)
+            try:
+                returned = self._handler(task, attempt.cancel)
+            except BaseException as exc:  # even SystemExit: it would end this thread silently
+                # A timed-out attempt's retry was scheduled by the watchdog (read without the lock: a
+                # stale False only draws a backoff that _end_attempt then drops).
+                retry_at = None if isinstance(exc, PermanentFailure) or attempt.timed_out else self._retry_at(task)
+                self._end_attempt(attempt, _describe(exc), None, retry_at, exc, claim_next=claim_next)
+            else:
+                error = None if returned is None else _check_result(returned, self._max_result_bytes)
+                if self._attempt_timeout:
+                    self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
+                else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
+                    self._finish_attempt(attempt, error, None if error else returned, None, None, claim_next)
         except StoreUnavailable as exc:  # for a lease's length: another process may have recovered it already
             log.error(
                 "task %s attempt %d: its end could not be recorded (%s); the attempt counts as lost once its "
@@ -504,30 +524,6 @@ class WorkerPool:
             log.exception("worker failed on task %s", task.id, extra={"task_id": task.id})
             self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(exc)}", None, None)
         return attempt.successor
-
-    def _attempt(self, attempt: Attempt, claim_next: bool) -> None:
-        task = attempt.task
-        if attempt.waits_turn:
-            self._wait_turn(task.id)
-        if attempt.cancelled_early or task.cancel_requested:
-            attempt.cancel.set()
-        if log.isEnabledFor(logging.DEBUG):
-            _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
-        if self._on_started:
-            _notify(self._on_started, task)
-        try:
-            returned = self._handler(task, attempt.cancel)
-        except BaseException as exc:  # even SystemExit: it would end this thread silently
-            # A timed-out attempt's retry was scheduled by the watchdog (read without the lock: a
-            # stale False only draws a backoff that _end_attempt then drops).
-            retry_at = None if isinstance(exc, PermanentFailure) or attempt.timed_out else self._retry_at(task)
-            self._end_attempt(attempt, _describe(exc), None, retry_at, exc, claim_next=claim_next)
-        else:
-            error = None if returned is None else _check_result(returned, self._max_result_bytes)
-            if self._attempt_timeout:
-                self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
-            else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
-                self._finish_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
 
     def _retry_at(self, task: Task) -> float | None:
         """When the task's next attempt falls due after its latest failed, or None when out of retries."""
@@ -570,7 +566,6 @@ class WorkerPool:
         result: Any,
         retry_at: float | None,
         exc: BaseException | None = None,
-        *,
         claim_next: bool = False,
     ) -> None:
         """Record the end of an attempt in the store and tell the observers (once per attempt).
@@ -584,7 +579,13 @@ class WorkerPool:
         try:
             lease_until = self._clock() + self._lease if claim_next and self._claiming else None
             try:
-                ended, attempt.claimed_next = self._write_end(task, error, result, retry_at, lease_until)
+                if lease_until is None:
+                    ended, attempt.claimed_next = self._write_end(task, error, result, retry_at, None)
+                else:  # the common case, spelled out: _write_end's call costs as much as its work
+                    ended, attempt.claimed_next = self._store.finish_and_claim(
+                        task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
+                        lease_until=lease_until,
+                    )  # fmt: skip
             except StoreUnavailable as exc:
                 if attempt.timed_out:  # a timeout is written once: the watchdog's next check writes it again
                     raise
