@@ -56,7 +56,7 @@ def _count_fork() -> None:
 
 os.register_at_fork(after_in_child=_count_fork)
 
-# What every script shares: eviction, queueing, wake-up tokens, the deadline.
+# What every script shares: eviction, wake-up tokens, the deadline.
 _PRELUDE = """
 local P = KEYS[1]
 local function forget(id)
@@ -77,15 +77,9 @@ local function evict(cutoff, max_finished)
   if not max_finished then return end
   local excess = redis.call('ZCARD', P .. ':fin') - max_finished
   if excess > 0 then
-    for _, id in ipairs(redis.call('ZRANGE', P .. ':fin', 0, math.min(excess, 1000) - 1)) do forget(id) end
+    local last = string.format('%d', math.min(excess, 1000) - 1)
+    for _, id in ipairs(redis.call('ZRANGE', P .. ':fin', '0', last)) do forget(id) end
   end
-end
--- Queue members are "<16-digit sequence>:<id>": equal due times then keep their order of arrival.
--- Returns the member, which the caller stores in the task's hash as queue_member.
-local function enqueue(zset, due, id, seq)
-  local member = string.format('%016d:', seq or redis.call('INCR', P .. ':seq')) .. id
-  redis.call('ZADD', P .. zset, due, member)
-  return member
 end
 local function signal(n)
   local tokens = {}  -- more than 256 tokens would only wake workers for nothing
@@ -105,13 +99,21 @@ local function too_late(deadline)
 end
 """
 
-# What the steps of running tasks share besides (the admission does without: each function a script
-# defines is made anew on every call).
+# What the steps of running tasks share besides, queueing a retry among them (the admission does
+# without: each function a script defines is made anew on every call).
 _STEPS = """
+-- Numbers go to Redis as strings here, as in the admission (see _ADMIT).
+-- Queue members are "<16-digit sequence>:<id>": equal due times then keep their order of arrival.
+-- Returns the member, which the caller stores in the task's hash as queue_member.
+local function enqueue(zset, due, id)
+  local member = string.format('%016d:', redis.call('INCR', P .. ':seq')) .. id
+  redis.call('ZADD', P .. zset, due, member)
+  return member
+end
 -- The caller writes the new state into the task's hash with its other fields (one HSET).
 local function move_index(id, old, new)
   redis.call('ZREM', P .. ':st:' .. old, id)
-  redis.call('ZADD', P .. ':st:' .. new, redis.call('INCR', P .. ':seq'), id)
+  redis.call('ZADD', P .. ':st:' .. new, string.format('%d', redis.call('INCR', P .. ':seq')), id)
 end
 local function dequeue(id)
   local member = redis.call('HGET', P .. ':t:' .. id, 'queue_member')
@@ -132,7 +134,7 @@ end
 local function first_due()
   local first = false
   for _, name in ipairs({':new', ':retry'}) do
-    local head = redis.call('ZRANGE', P .. name, 0, 0, 'WITHSCORES')
+    local head = redis.call('ZRANGE', P .. name, '0', '0', 'WITHSCORES')
     if #head > 0 and (not first or tonumber(head[2]) < tonumber(first)) then first = head[2] end
   end
   return first
@@ -140,10 +142,10 @@ end
 -- Due retries first, then the oldest due new task; when none is due, the earliest due time (or false).
 local function claim(now, owner, lease_until)
   local zset = P .. ':retry'
-  local members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, 1)
+  local members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', '0', '1')
   if #members == 0 then
     zset = P .. ':new'
-    members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, 1)
+    members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', '0', '1')
   end
   if #members == 0 then
     -- Nothing is due now, so the tokens left tell of work already taken: without them the next
@@ -156,7 +158,7 @@ local function claim(now, owner, lease_until)
   local id = string.sub(members[1], 18)
   local key = P .. ':t:' .. id
   redis.call('ZREM', zset, members[1])
-  redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HINCRBY', key, 'attempts', '1')
   redis.call('HSET', key, 'state', 'running', 'started_at', now, 'owner', owner, 'lease_until', lease_until)
   redis.call('HDEL', key, 'next_attempt_at', 'queue_member')
   move_index(id, 'queued', 'running')
@@ -175,7 +177,7 @@ local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err
   if has_error == '0' then
     finalize(id, key, 'running', 'done', now, 'result', result)
   elseif cur[4] ~= '1' and retry_at ~= '' then
-    local member = enqueue(':retry', tonumber(retry_at), id)
+    local member = enqueue(':retry', retry_at, id)  -- the exact decimal text, which Redis reads
     redis.call('HSET', key, 'state', 'queued', 'last_error', err, 'next_attempt_at', retry_at, 'queue_member', member)
     redis.call('HDEL', key, 'owner', 'lease_until')
     move_index(id, 'running', 'queued')
@@ -232,7 +234,7 @@ for i = 4, #ARGV do
       end
       last, last_at = task.created_at, at
       redis.call('ZADD', P .. ':st:queued', seq, task.id)
-      task.queue_member = string.format('%016d:', next_seq) .. task.id  -- as enqueue makes it
+      task.queue_member = string.format('%016d:', next_seq) .. task.id  -- as enqueue (_STEPS) makes it
       redis.call('ZADD', P .. ':new', due, task.queue_member)
       next_seq = next_seq + 1
       local flat = {}
