@@ -23,11 +23,16 @@ collection (unless a payload or result is itself a container).
 The ready lines are plain deques rather than a ``queue.Queue``: the store's
 lock already guards them, and a ``queue.Queue`` would add a second lock and
 condition on every task. The admission bound is the ``_waiting`` count.
+
+The two steps every task takes (``admit`` and ``finish_and_claim``) hold the
+lock with ``acquire()`` and ``release()`` in ``try``/``finally`` rather than a
+``with`` statement: in CPython 3.11 a ``with`` costs about 1,000 instructions
+more per hold (two special-method lookups and a bound method per exit), as
+much as a fifth of what the rest of an admission costs.
 """
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import math
@@ -58,7 +63,8 @@ _STATES: dict[str, State] = {state.value: state for state in State}
 _TRANSITIONS = {state.value: frozenset(new.value for new in allowed) for state, allowed in TRANSITIONS.items()}
 _FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 _NO_RENEWAL = Renewal(lost=frozenset(), cancel_requested=frozenset())
-_new_task = functools.partial(tuple.__new__, Task)  # Task._make without its Python frame: the fields are spelled out
+# Task._make without its Python frame (nor a partial's call around it): the fields are spelled out.
+_tuple_new = tuple.__new__
 assert Task._fields == (
     "id", "payload", "max_retries", "state", "attempts", "last_error", "created_at", "started_at",
     "finished_at", "next_attempt_at", "request_id", "result", "cancel_requested",
@@ -73,8 +79,8 @@ Record = tuple  # a Task's fields as a plain tuple, the state as its string (see
 def _snapshot(record: Record) -> Task:
     """The ``Task`` a record stands for."""
     r = record
-    return _new_task(
-        (r[0], r[1], r[2], _STATES[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12])
+    return _tuple_new(
+        Task, (r[0], r[1], r[2], _STATES[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12])
     )  # fmt: skip
 
 
@@ -145,7 +151,9 @@ class MemoryStore(TaskStore):
 
     def admit(self, tasks: Sequence[Task]) -> list[Task | SubmitError]:
         results: list[Task | SubmitError] = []
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not `with`: see the module docstring
+        try:
             now = self._clock()
             finished = self._finished
             if finished and (len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= now - self._ttl):
@@ -167,7 +175,7 @@ class MemoryStore(TaskStore):
                     if created < self._last_created:  # stamped before a task admitted first
                         # Common with batches submitted side by side: spelled out, a third of _replace().
                         created = self._last_created
-                        task = _new_task((t[0], t[1], t[2], t[3], t[4], t[5], created, t[7], t[8], t[9], t[10],
+                        task = _tuple_new(Task, (t[0], t[1], t[2], t[3], t[4], t[5], created, t[7], t[8], t[9], t[10],
                                           t[11], t[12]))  # fmt: skip
                     self._last_created = created
                     record = (task_id, t[1], t[2], _QUEUED, 0, t[5], created, t[7], t[8], t[9], t[10], t[11], t[12])
@@ -181,6 +189,8 @@ class MemoryStore(TaskStore):
                     results.append(task)
             if self._idle:
                 self._wake_idle(len(tasks))
+        finally:
+            lock.release()
         return results
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
@@ -213,10 +223,14 @@ class MemoryStore(TaskStore):
         retry_at: float | None = None,
         lease_until: float,
     ) -> tuple[Task | None, Task | None]:
-        with self._lock:  # one hold for both: a busy worker goes from one task to the next without a handoff
+        lock = self._lock
+        lock.acquire()  # one hold for both: a busy worker goes from one task to the next without a handoff
+        try:  # not `with`: see the module docstring
             now = self._clock()
             ended = self._finish_attempt(task_id, attempt, owner, error, result, retry_at, now)
             running = self._claim(owner, now)
+        finally:
+            lock.release()
         # The snapshots are made after the lock is released: the other threads wait less.
         return (
             None if ended is None else _snapshot(ended),
