@@ -7,6 +7,7 @@ contract tests; these cover what only a durable, shared store has.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -668,6 +669,17 @@ def test_an_admission_that_arrives_while_the_transaction_begins_joins_it(open_st
     assert [t.id for t in outcomes[0]] == ["late"]
     assert store._commits == commits + 1  # one transaction wrote both
     assert [t.id for t in store.list()] == ["late", "first"]
+
+
+@pytest.mark.parametrize(
+    "value", ["x" * 64, "", {"b": [1, 2.5, None, True], "a": "é😀"}, [{"k": "\u2028"}], 1e300, -0.0, "a\ud800"]
+)
+def test_payloads_are_written_as_compact_json_keeping_non_ascii_text(value):
+    expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if "\ud800" in str(value):  # no UTF-8 form: kept escaped
+        expected = json.dumps(value, separators=(",", ":"))
+    assert sqlite_store._json(value) == expected
+    assert json.loads(sqlite_store._json(value)) == value
 
 
 def test_a_payload_that_is_not_json_fails_only_its_own_admission(open_store, clock):

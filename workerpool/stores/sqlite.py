@@ -1162,8 +1162,13 @@ def _earliest(times: Iterable[float | None]) -> float | None:
     return min((t for t in times if t is not None), default=None)
 
 
+# What json.dumps(value, ensure_ascii=False, separators=(",", ":")) writes, without building an
+# encoder per call (that is most of the call's cost for a short payload; encode keeps no state).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _json(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = _ENCODER.encode(value)
     if not text.isascii():
         try:
             text.encode()
