@@ -468,6 +468,23 @@ def test_an_admitted_task_is_queued_at_its_due_time_and_stores_only_its_fields(m
     assert admin.hget("{workerpool}:t:clamped", "created_at") == repr(clock.time() + 0.5).encode()
 
 
+def test_the_admission_gives_redis_its_scores_and_bounds_in_decimal(make, server, clock):
+    # Redis 8.0 to 8.6 parse a ZRANGEBYSCORE bound with a reader of decimal numbers only
+    # ("min or max is not a float" for 0x...): a hexadecimal bound would fail every admission there.
+    store = make()
+    with server.client().monitor() as monitor:
+        now = Task("now", "p", 1, created_at=clock.time())
+        store.admit([now, Task("later", "p", 1, created_at=clock.time(), next_attempt_at=clock.time() + 60)])
+        server.client().echo("admitted")
+        commands = []
+        while (command := monitor.next_command()["command"]) != "ECHO admitted":
+            commands.append(command)
+    numeric = [command for command in commands if command.split()[0] in ("ZRANGEBYSCORE", "ZADD")]
+    assert any(command.startswith("ZRANGEBYSCORE") for command in numeric), commands
+    assert not [command for command in numeric if "0x" in command.lower()], numeric
+    assert store.get("later").next_attempt_at == clock.time() + 60
+
+
 def test_scripts_are_packed_as_redis_py_packs_them(server):
     args = ("id-é", 3, 0.1, 1e-7, 1764500000.123456, float("inf"), float("-inf"), "", b'{"id":"x"}', "x" * 7000)
     sha = "0" * 40

@@ -193,11 +193,13 @@ end
 
 # ARGV: capacity (the same in every call: packed once, see RedisStore), the cutoff of eviction by age,
 # the deadline, then one JSON object of string fields per task, with two more that are not stored:
-# "_at", its created_at, and "_due", when it is due (next_attempt_at, else created_at), in hexadecimal.
-# Lua's tonumber (the C library's strtod) reads a decimal time with multiple-precision arithmetic, and
-# Redis formats a Lua number it is given with snprintf: both cost Redis more than the commands. So the
-# script reads times only in hexadecimal, gives Redis its numbers as strings (the due time as the
-# hexadecimal text, which Redis's own strtod reads for the score), and stores the decimal text as it came.
+# "_at", its created_at in hexadecimal, and "_due", when it is due (next_attempt_at, else created_at),
+# as the shortest decimal text that reads back as the same float. Lua's tonumber (the C library's
+# strtod) reads a decimal time with multiple-precision arithmetic, and Redis formats a Lua number it is
+# given with snprintf: both cost Redis more than the commands. So the script reads times only in
+# hexadecimal, gives Redis its numbers as strings, and stores the decimal text as it came. What Redis
+# itself reads (a score, a ZRANGEBYSCORE bound) is decimal: Redis 8.0 to 8.6 parse a range bound
+# with a reader of decimal numbers only, and would refuse a hexadecimal one.
 _ADMIT = """
 if too_late(ARGV[3]) then return LATE end
 local capacity = tonumber(ARGV[1])
@@ -449,12 +451,12 @@ def _fields_of(task: Task) -> dict[str, str]:
 
 
 def _document(task: Task) -> bytes:
-    """The task's fields as one JSON object, as the admission script takes it (with its times in
-    hexadecimal besides: see _ADMIT)."""
+    """The task's fields as one JSON object, as the admission script takes it (with its creation time
+    in hexadecimal and its due time besides: see _ADMIT)."""
     fields = _fields_of(task)
     created_at = float(task.created_at)
     fields["_at"] = created_at.hex()
-    fields["_due"] = created_at.hex() if task.next_attempt_at is None else float(task.next_attempt_at).hex()
+    fields["_due"] = repr(created_at if task.next_attempt_at is None else float(task.next_attempt_at))
     try:
         return orjson.dumps(fields)  # a tenth of json.dumps's time
     except orjson.JSONEncodeError:  # a lone surrogate in a text: the json module escapes it
@@ -667,8 +669,8 @@ class RedisStore(TaskStore):
             mine.batch, self._admissions = self._admissions, []
         documents = [document for admission in mine.batch for document in admission.documents]
         mine.sent = True  # from here on the batch may be stored, whatever happens next
-        # The cutoff of eviction by age in hexadecimal, as the deadline (see _deadline).
-        return self._run("admit", (float(self._clock()) - self._ttl).hex(), self._deadline(), *documents)
+        # The cutoff of eviction by age in decimal: Redis reads it as a range bound (see _ADMIT).
+        return self._run("admit", repr(float(self._clock()) - self._ttl), self._deadline(), *documents)
 
     def _hand_over(self, mine: _Admission, error: BaseException | None) -> None:
         """Answer the admissions ``mine`` carried and pass the turn to send on, if ``mine`` holds it.
