@@ -311,7 +311,7 @@ class WorkerPool:
             self._drain_wakeup.set()  # the drain may have seen this submission entered
             return [PoolClosed() for _ in tasks]
         started = False
-        if not self._threads:
+        if not self._threads and self._use_threads:
             with self._lock:
                 started = self._start_locked()
         observed = bool(self._on_queued)  # someone hears of submissions
