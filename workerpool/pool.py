@@ -184,9 +184,10 @@ class WorkerPool:
         self._use_threads = threads
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
 
-        # _lock must be held while reading or changing the attributes below.
-        # It is held only for bookkeeping: never across a store call, a
-        # handler, an observer or logging.
+        # _lock must be held while changing the attributes below, and while
+        # reading them but for _threads and _closing, which a submission reads
+        # without it (see _admit). It is held only for bookkeeping: never
+        # across a store call, a handler, an observer or logging.
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         # Shutdown began. A store of this process alone then refuses submissions;
@@ -304,16 +305,18 @@ class WorkerPool:
         # Entered before the closing check, left after the store step: a drain that sets _closing and
         # then finds no submission entered waits for none, as every later one sees _closing (the GIL
         # orders these steps). A shared store keeps admitting while its pool drains.
+        started = False
+        if not self._threads and self._use_threads:  # (not once closing: _start_locked looks)
+            with self._lock:
+                started = self._start_locked()
         admitting = self._admitting
         admitting.append(None)
         if self._closing and not self._store.shared:
             admitting.pop()
             self._drain_wakeup.set()  # the drain may have seen this submission entered
+            if started:
+                self._log_started()
             return [PoolClosed() for _ in tasks]
-        started = False
-        if not self._threads and self._use_threads:
-            with self._lock:
-                started = self._start_locked()
         observed = bool(self._on_queued)  # someone hears of submissions
         if observed:  # the order of what observers hear; without them there is none to keep
             ids = [task.id for task in tasks]
