@@ -746,3 +746,31 @@ def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(o
     assert sorted(t.id for t in store.list()) == ["a", "b", "d"]  # nothing of the failed admission is stored
     assert store.stats().waiting == 3
     assert store.health() is None
+
+
+def test_an_end_that_claims_next_keeps_retention_whether_it_claims_or_reads_first(open_store, clock):
+    store = open_store(max_finished=2)
+
+    def end(current):
+        return store.finish_and_claim(current.id, current.attempts, "a", lease_until=clock.time() + LEASE_S)
+
+    def answered(*ids):  # admitted, and each ticket answered by a waiting worker (as in a pool)
+        store.admit([task(clock, task_id) for task_id in ids])
+        for _ in ids:
+            store.wait_for_work(None)
+
+    store.admit([task(clock, f"t{n}") for n in range(3)])
+    current = claim(store, clock)
+    while current is not None:  # tickets unanswered: each end claims first
+        clock.advance(1)
+        _, current = end(current)
+    assert store.stats().counts[State.DONE] == 2
+    answered("t3", "t4")
+    clock.advance(1)
+    ended, current = end(claim(store, clock))  # nothing unanswered: the end reads first, and t4 is due
+    assert (ended.id, current.id) == ("t3", "t4")
+    clock.advance(1)
+    ended, current = end(current)
+    assert (ended.id, current) == ("t4", None)
+    assert [t.id for t in store.list(State.DONE)] == ["t4", "t3"]
+    assert store.stats().counts[State.DONE] == 2

@@ -723,13 +723,36 @@ class SqliteStore(TaskStore):
         retry_at: float | None = None,
         lease_until: float,
     ) -> tuple[Task | None, Task | None]:
-        """Both in one transaction: one commit (one fsync with ``FULL``) instead of two per task."""
+        """Both in one transaction: one commit (one fsync with ``FULL``) instead of two per task.
+
+        When tasks come one at a time, a worker's end mostly finds none due:
+        then one read of totals tells so, and gives the count of finished
+        tasks that retention needs, and no claim statement runs. While tasks
+        wait (tickets of this process unanswered, or this thread's last end
+        claimed one), the claim goes first, as a read first would only add
+        a statement.
+        """
         with self._wakeup:
             tickets, rescheduled = self._tickets, self._rescheduled
         with self._step() as conn:
             now = self._clock()
-            ended, generation = self._finish(conn, task_id, attempt, owner, now, error, result, retry_at)
-            claimed = self._claim(conn, owner, lease_until, now, rescheduled)
+            ended, generation = self._finish(
+                conn, task_id, attempt, owner, now, error, result, retry_at, evict=False
+            )  # fmt: skip
+            if tickets or getattr(self._local, "claimed_last", False):
+                if ended is not None:
+                    self._evict(conn, now)
+                claimed = self._claim(conn, owner, lease_until, now, rescheduled)
+            else:
+                seen_generation, finished, *due = conn.execute(_IDLE).fetchone()
+                if ended is not None:
+                    self._evict(conn, now, finished=finished)  # it deletes finished tasks only: due times hold
+                next_due = _earliest(due)
+                if next_due is not None and next_due <= now:
+                    claimed = self._claim(conn, owner, lease_until, now, rescheduled)
+                else:
+                    claimed, self._local.seen = None, (seen_generation, rescheduled, next_due)
+            self._local.claimed_last = claimed is not None
         if generation:
             self._rescheduled_by_us(generation)
         if claimed is None:
@@ -750,7 +773,7 @@ class SqliteStore(TaskStore):
                 self._count("waiting", -1)
             return task
         # What this claim saw; a later change ends the next wait_for_work of this thread.
-        generation, *due = conn.execute(_IDLE).fetchone()
+        generation, _, *due = conn.execute(_IDLE).fetchone()
         self._local.seen = (generation, rescheduled, _earliest(due))
         return None
 
@@ -758,7 +781,7 @@ class SqliteStore(TaskStore):
         """Whether a task is due (read only); if not, what was seen then is this thread's new ``seen``."""
         now = self._clock()
         try:
-            ((generation, *due),) = self._query(_IDLE)
+            ((generation, _, *due),) = self._query(_IDLE)
         except StoreUnavailable:
             return True  # the claim itself will tell
         next_due = _earliest(due)
@@ -853,13 +876,17 @@ class SqliteStore(TaskStore):
 
     def _finish(
         self, conn: sqlite3.Connection, task_id: str, attempt: int, owner: str, now: float,
-        error: str | None, result: Any, retry_at: float | None,
+        error: str | None, result: Any, retry_at: float | None, *, evict: bool = True,
     ) -> tuple[Task | None, int]:
-        """End the attempt; its snapshot (None for a late writer) and the generation it queued work at, or 0."""
+        """End the attempt; its snapshot (None for a late writer) and the generation it queued work at, or 0.
+
+        ``evict=False``: the caller applies retention itself before the commit.
+        """
         task = self._end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
         if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
             return None, 0
-        self._evict(conn, now)
+        if evict:
+            self._evict(conn, now)
         return task, _next_generation(conn) if task.state is State.QUEUED else 0
 
     def _wrote(self, generation: int) -> None:  # _wakeup is held
@@ -1012,16 +1039,19 @@ class SqliteStore(TaskStore):
 
     # -- retention -------------------------------------------------------------
 
-    def _evict(self, conn: sqlite3.Connection, now: float, *, sweep: bool = False) -> None:
+    def _evict(self, conn: sqlite3.Connection, now: float, *, sweep: bool = False, finished: int | None = None) -> None:
         """Forget the oldest finished tasks over ``max_finished``, and (``sweep`` or once a second) the expired.
 
         Readers never see a task past its time, deleted or not: sweeping once
-        a second saves a statement in nearly every step.
+        a second saves a statement in nearly every step. ``finished``: the
+        finished tasks in totals, if the step has read them already (totals
+        changes only at the commit, so any read in the step gives the same).
         """
         if sweep or now >= self._swept_at + _SWEEP_INTERVAL_S or now < self._swept_at:
             self._forget(conn.execute("DELETE FROM tasks WHERE finished_at < ? RETURNING state", (now - self._ttl,)))
             self._swept_at = now
-        (finished,) = conn.execute(_FINISHED).fetchone()
+        if finished is None:
+            (finished,) = conn.execute(_FINISHED).fetchone()
         finished += sum(self._deltas.get(state, 0) for state in _FINAL)  # this step's, not yet in totals
         if finished > self._max_finished:
             self._forget(
@@ -1092,9 +1122,12 @@ _NEXT_DUE_TIMES = "SELECT " + ", ".join(
     f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
 )
 _GENERATION = "SELECT generation FROM totals"
+_FINAL = ("done", "failed", "cancelled")
+_FINISHED = f"SELECT {' + '.join(_FINAL)} FROM totals"
 # What a claim that found nothing saw: the generation, and the due times of the next retry and of the
-# next new task (the worker then waits for the earlier one, or news; see SqliteStore.wait_for_work).
-_IDLE = _NEXT_DUE_TIMES.replace("SELECT ", "SELECT generation, ", 1) + " FROM totals"
+# next new task (the worker then waits for the earlier one, or news; see SqliteStore.wait_for_work);
+# with the finished tasks that retention counts (see finish_and_claim).
+_IDLE = _NEXT_DUE_TIMES.replace("SELECT ", f"SELECT generation, {' + '.join(_FINAL)}, ", 1) + " FROM totals"
 # Claim the next due task: it runs under the owner's lease.
 _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
@@ -1103,8 +1136,6 @@ _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, starte
 # What admission reads first (see SqliteStore.admit). Reads and single-row updates by key: a
 # RETURNING clause or an IN list would make SQLite build a temporary b-tree for every execution.
 _ADMISSION = "SELECT generation, waiting, (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1) FROM totals"
-_FINAL = ("done", "failed", "cancelled")
-_FINISHED = f"SELECT {' + '.join(_FINAL)} FROM totals"
 
 
 @functools.cache
