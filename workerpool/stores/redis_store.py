@@ -192,9 +192,9 @@ end
 """
 
 # ARGV: capacity (the same in every call: packed once, see RedisStore), the cutoff of eviction by age,
-# the deadline, then one JSON object of string fields per task, with two more that are not stored:
-# "_at", its created_at in hexadecimal, and "_due", when it is due (next_attempt_at, else created_at),
-# as the shortest decimal text that reads back as the same float. Lua's tonumber (the C library's
+# the deadline, then one JSON object of string fields per task, with one more that is not stored:
+# "_at", its created_at in hexadecimal. Its due time is the decimal text of its next_attempt_at, else
+# of its created_at, as it is stored. Lua's tonumber (the C library's
 # strtod) reads a decimal time with multiple-precision arithmetic, and Redis formats a Lua number it is
 # given with snprintf: both cost Redis more than the commands. So the script reads times only in
 # hexadecimal, gives Redis its numbers as strings, and stores the decimal text as it came. What Redis
@@ -228,8 +228,8 @@ for i = 4, #ARGV do
     if redis.call('ZADD', P .. ':all', 'NX', seq, task.id) == 0 then
       out[#out + 1] = 'duplicate'
     else
-      local at, due = tonumber(task._at), task._due
-      task._at, task._due = nil, nil
+      local at, due = tonumber(task._at), task.next_attempt_at or task.created_at
+      task._at = nil
       if last_at and at < last_at then
         task.created_at, at = last, last_at
         if not task.next_attempt_at then due = last end
@@ -361,8 +361,9 @@ class _KernelTimeoutConnection(redis.Connection):
     bound each send and receive as the Python timeout did; when one passes,
     the call fails with EAGAIN, which redis-py reports as a ConnectionError
     and answers by dropping the connection, as it does after a timeout, so a
-    late reply is never read as the next command's. ``socket_timeout`` stays
-    in the pool's options (the store's deadline is derived from it).
+    late reply is never read as the next command's (see _unavailable for how the
+    store reports it). ``socket_timeout`` stays in the pool's options (the
+    store's deadline is derived from it).
     """
 
     def __init__(self, *, socket_timeout: float | None = None, **options: Any) -> None:
@@ -380,24 +381,17 @@ class _KernelTimeoutConnection(redis.Connection):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         return sock
 
-    # When a kernel timeout passes, the call fails with EAGAIN (a BlockingIOError), which redis-py
-    # reports as a ConnectionError after dropping the connection: reported here as the timeout it is.
 
-    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        try:
-            super().send_packed_command(command, check_health)
-        except redis.ConnectionError as exc:
-            if isinstance(exc.__context__, BlockingIOError):
-                raise redis.TimeoutError(f"Timeout writing to {self._host_error()}") from exc
-            raise
+def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
+    """The store's error for a failed command.
 
-    def read_response(self, *args: Any, **options: Any) -> Any:
-        try:
-            return super().read_response(*args, **options)
-        except redis.ConnectionError as exc:
-            if isinstance(exc.__context__, BlockingIOError):
-                raise redis.TimeoutError(f"Timeout reading from {self._host_error()}") from exc
-            raise
+    A send or receive past the kernel's timeout (see _KernelTimeoutConnection)
+    fails with EAGAIN, which redis-py reports as a ConnectionError: it is told
+    here as the timeout it is. Only failures pay for the look, not every call.
+    """
+    if isinstance(exc, redis.ConnectionError) and isinstance(exc.__context__, BlockingIOError):
+        return StoreUnavailable(f"redis: Timeout (no answer within the socket timeout): {exc}")
+    return StoreUnavailable(f"redis: {exc}")
 
 
 def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> redis.Redis:
@@ -452,11 +446,9 @@ def _fields_of(task: Task) -> dict[str, str]:
 
 def _document(task: Task) -> bytes:
     """The task's fields as one JSON object, as the admission script takes it (with its creation time
-    in hexadecimal and its due time besides: see _ADMIT)."""
+    in hexadecimal besides: see _ADMIT)."""
     fields = _fields_of(task)
-    created_at = float(task.created_at)
-    fields["_at"] = created_at.hex()
-    fields["_due"] = repr(created_at if task.next_attempt_at is None else float(task.next_attempt_at))
+    fields["_at"] = float(task.created_at).hex()
     try:
         return orjson.dumps(fields)  # a tenth of json.dumps's time
     except orjson.JSONEncodeError:  # a lone surrogate in a text: the json module escapes it
@@ -602,7 +594,7 @@ class RedisStore(TaskStore):
                 conn.send_packed_command(command)
                 return conn.read_response()
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     def _deadline(self) -> str:
         """When a script sent now must no longer change anything (the client will have given up).
@@ -617,7 +609,7 @@ class RedisStore(TaskStore):
         try:
             return getattr(self._client(), method)(*args)
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     # -- transitions -----------------------------------------------------
 
