@@ -352,6 +352,33 @@ def test_polling_backs_off_across_waits_ended_by_this_processs_work_and_speeds_u
     assert claim(here, clock).id == "theirs"
 
 
+class _WaitsOnTheFakeClock(threading.Condition):
+    """A condition whose waits pass on the fake clock: each moves it on by its timeout, and is recorded."""
+
+    def __init__(self, clock):
+        super().__init__(threading.Lock())
+        self.clock, self.timeouts = clock, []
+
+    def wait_for(self, predicate, timeout=None):
+        if predicate():
+            return True
+        self.timeouts.append(timeout)
+        self.clock.advance(timeout)
+        return predicate()
+
+
+def test_a_wait_ends_when_a_task_falls_due_however_far_polling_has_backed_off(open_store, clock):
+    store = open_store(poll_max=10.0)
+    store._local.poll = store._poll_max  # this thread has waited long without news from elsewhere
+    due = clock.time() + 0.05
+    store.admit([task(clock, "later", next_attempt_at=due)])
+    assert claim(store, clock) is None  # not due yet: it saw when it will be
+    store._wakeup = waits = _WaitsOnTheFakeClock(clock)
+    store.wait_for_work(None)
+    assert sum(waits.timeouts) == pytest.approx(0.05, abs=1e-6)  # not a whole poll interval past it
+    assert claim(store, clock).id == "later"
+
+
 def test_wake_releases_waiting_workers_and_every_later_wait(open_store):
     store = open_store()
     returned = waiter(store)(None)

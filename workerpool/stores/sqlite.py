@@ -805,7 +805,8 @@ class SqliteStore(TaskStore):
         A task admitted by this process wakes one waiting worker at once;
         work queued by another process is noticed by polling the file's
         generation (1 ms at first, backing off to ``poll_max`` while no other
-        process queues work; the back-off goes on from one wait to the next). Due times and
+        process queues work; the back-off goes on from one wait to the next,
+        but no pause lasts past the earliest due time or ``timeout``). Due times and
         ``timeout`` are read on the store's clock; the polling runs on real
         time, so a test's fake clock is noticed within ``poll_max``.
         """
@@ -827,10 +828,12 @@ class SqliteStore(TaskStore):
         # work: work of this process wakes a worker at once, and polling the file for it costs a read and
         # a wake-up each time (one per task and more while tasks come one by one).
         interval = getattr(self._local, "poll", self._poll_min)
-        while deadline is None or self._clock() < deadline:
+        while deadline is None or (left := deadline - self._clock()) > 0:
+            # A pause never outlasts the wait, however far the polling backed off: work falling due ends it on time.
+            pause = interval if deadline is None else min(interval, left)
             with self._wakeup:
                 if self._wakeup.wait_for(lambda: self._woken or self._tickets or self._rescheduled != rescheduled,
-                                         interval):
+                                         pause):
                     if self._tickets and not self._woken and self._rescheduled == rescheduled:
                         self._tickets -= 1
                     break
