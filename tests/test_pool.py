@@ -360,6 +360,25 @@ def test_a_second_shutdown_pulls_the_deadline_in(make_pool):
     gate.open()
 
 
+def test_a_submission_whose_threads_fail_to_start_leaves_a_pool_that_works_and_drains(make_pool, monkeypatch):
+    start = threading.Thread.start
+
+    def no_second_worker(thread):
+        if thread.name == "workerpool-worker-2":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    pool = make_pool(instant, workers=2)
+    monkeypatch.setattr(threading.Thread, "start", no_second_worker)
+    with pytest.raises(RuntimeError, match="can't start"):
+        pool.submit("refused", "")
+    monkeypatch.undo()
+    assert pool.get("refused") is None  # nothing of the failed submission is stored
+    pool.submit("later", "")
+    summary = pool.shutdown(timeout=TIMEOUT)
+    assert summary.counts[State.DONE] == 1 and pool.get("later").state is State.DONE
+
+
 def test_concurrent_submissions_each_reach_exactly_one_final_state(make_pool):
     def coin(task, cancel):
         if random.Random(f"{task.id}/{task.attempts}").random() < 0.3:

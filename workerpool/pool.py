@@ -242,16 +242,17 @@ class WorkerPool:
             return False
         # Daemon threads: interpreter exit must never wait on a handler that
         # ignores cancellation. Shutdown drains explicitly instead.
-        self._threads = [
+        threads = [
             threading.Thread(target=self._work, name=f"workerpool-worker-{n}", daemon=True)
             for n in range(1, self.workers + 1)
         ]
         if self._store.shared:
-            self._threads.append(threading.Thread(target=self._keep_leases, name="workerpool-leases", daemon=True))
+            threads.append(threading.Thread(target=self._keep_leases, name="workerpool-leases", daemon=True))
         if self._attempt_timeout:
-            self._threads.append(threading.Thread(target=self._watch, name="workerpool-watchdog", daemon=True))
-        for thread in self._threads:
-            thread.start()
+            threads.append(threading.Thread(target=self._watch, name="workerpool-watchdog", daemon=True))
+        for thread in threads:
+            thread.start()  # may fail (no room for a thread): those started run, and shutdown joins them alone
+            self._threads.append(thread)
         return True
 
     def _log_started(self) -> None:  # outside _lock: no logging under a lock
