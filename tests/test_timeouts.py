@@ -147,6 +147,32 @@ def test_past_the_bound_a_stuck_thread_is_not_replaced_and_works_on_once_it_retu
     assert not handler.threads[1].is_alive()
 
 
+def test_a_replacement_thread_that_fails_to_start_leaves_the_stuck_one_and_the_timeout_is_recorded(
+    clock, monkeypatch
+):
+    handler = Stuck("b")
+    pool, final = make_pool(handler, clock)
+    pool.submit("a", "", max_retries=0)
+    handler.wait_started()
+    start = threading.Thread.start
+
+    def no_replacement(thread):
+        if thread.name == "workerpool-worker-2":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_replacement)
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()  # (or the watchdog, at the same moment)
+    final.wait("a")
+    assert pool.get("a").last_error == TIMED_OUT.format(TIMEOUT)
+    monkeypatch.undo()
+    handler.release()  # the stuck thread was not replaced: it works on
+    pool.submit("b", "")
+    final.wait("b")
+    assert pool.shutdown(WAIT_S).abandoned == ()
+
+
 def test_the_watchdog_thread_times_attempts_out_on_its_own():
     handler = Stuck()
     final = FinalStates()

@@ -814,8 +814,8 @@ class WorkerPool:
             stuck = len(self._stuck)
         if first:
             attempt.retry_at = self._retry_at(task)
-            if replacement is not None:
-                replacement.start()
+            if replacement is not None and not self._start_replacement(replacement, attempt.thread):
+                replacement = None
             _log(
                 logging.WARNING, task, "task %s attempt %d timed out after %.1f s; %s", task.id, task.attempts,
                 seconds, _stuck_thread_fate(worker, replacement, stuck, self._max_stuck),
@@ -824,6 +824,17 @@ class WorkerPool:
             with self._order_lock:  # another worker may claim the retry before attempt_finished is heard
                 self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
         self._finish_attempt(attempt, TIMED_OUT.format(self._attempt_timeout), None, attempt.retry_at)
+
+    def _start_replacement(self, replacement: threading.Thread, stuck: threading.Thread) -> bool:
+        """Start a stuck worker's replacement; if no thread can start, the stuck one stays a worker."""
+        try:
+            replacement.start()
+        except RuntimeError:  # no room for another thread: the timeout is recorded all the same
+            with self._lock:
+                self._threads.remove(replacement)
+                self._retired.discard(stuck)
+            return False
+        return True
 
     def _leave_if_replaced(self) -> bool:
         """After an attempt: whether this worker was stuck and replaced, and so must exit now."""
