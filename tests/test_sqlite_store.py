@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from doubles import WAIT_S
+from doubles import WAIT_S, wait_until
 
 from workerpool import State, Task
 from workerpool.errors import DuplicateTask, QueueFull, StoreUnavailable
@@ -633,12 +633,9 @@ def stalling(clock):
 
 def start_queued_in_order(store, threads):
     """Start each admitting thread once the one before it has queued behind the held write lock."""
-    deadline = time.monotonic() + WAIT_S
     for queued, thread in enumerate(threads, 1):
         thread.start()
-        while len(store._admissions) < queued:
-            assert time.monotonic() < deadline
-            threading.Event().wait(0.001)
+        wait_until(lambda n=queued: len(store._admissions) >= n, timeout=WAIT_S, what="queued", interval=0.001)
 
 
 def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, clock, db, monkeypatch):
@@ -683,10 +680,8 @@ def test_an_admission_that_arrives_while_the_transaction_begins_joins_it(open_st
         began = begin()
         if not late.is_alive() and not outcomes:
             late.start()
-            deadline = time.monotonic() + WAIT_S
-            while not store._admissions:  # it has queued behind the write lock this thread holds
-                assert time.monotonic() < deadline
-                threading.Event().wait(0.001)
+            # it has queued behind the write lock this thread holds
+            wait_until(lambda: store._admissions, timeout=WAIT_S, what="the late admission queued", interval=0.001)
         return began
 
     store._begin = begin_while_another_arrives
