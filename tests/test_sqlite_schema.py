@@ -130,9 +130,10 @@ def test_a_version_1_file_is_migrated_keeping_every_task_and_the_counts(v1_file)
     finally:
         store.close()
     conn = sqlite3.connect(v1_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-    triggers = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
-    assert triggers == ["tasks_admitted"]  # version 1's count triggers are gone; version 4 counts admissions
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    triggers = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    # Version 1's count triggers are gone; version 4 counts admissions, version 5 refuses an older release's writes.
+    assert triggers == {"tasks_admitted", "totals_of_an_older_release"}
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'counts'").fetchone()[0] == 0
     conn.close()
 
@@ -258,11 +259,74 @@ def test_a_version_2_file_is_migrated_keeping_every_task_its_order_and_the_total
     finally:
         store.close()
     conn = sqlite3.connect(v2_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"tasks_new", "tasks_retry", "tasks_finished", "tasks_by_state"} <= indexes
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tasks_v3'").fetchone()[0] == 0
     conn.close()
+
+
+# What a process of version 3 (and, but for its check on state, of version 2) runs to admit a task
+# and to claim one, as its code wrote them: each step writes what it changed into totals once.
+V3_ADMISSION = [
+    "SELECT generation, waiting, (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1) FROM totals",
+    """INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
+        request_id, due_at, state_seq)
+    VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?,
+        (coalesce((SELECT state_seq FROM tasks WHERE state = 'queued' ORDER BY state_seq DESC LIMIT 1), 0) + 1))
+    ON CONFLICT (id) DO NOTHING""",
+    "UPDATE totals SET queued = queued + ?, waiting = waiting + ?, generation = generation + ? WHERE id = 1",
+]
+V3_CLAIM_COUNTS = "UPDATE totals SET queued = queued + ?, running = running + ?, waiting = waiting + ? WHERE id = 1"
+V3_NEXT_GENERATION = "UPDATE totals SET generation = generation + 1 WHERE id = 1 RETURNING generation"
+
+
+def _admit_as_version_3(conn, task_id):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        read, insert, count = V3_ADMISSION
+        conn.execute(read).fetchone()
+        conn.execute(insert, (task_id, '"p"', 0, NOW, None, None, NOW))
+        conn.execute(count, (1, 1, 1))
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def test_a_process_of_version_3_left_running_on_a_migrated_file_fails_its_writes_saying_why(v2_file):
+    old = sqlite3.connect(v2_file, isolation_level=None)  # a process of the older release, its file open
+    _admit_as_version_3(old, "before")  # on its own version, its steps work
+    SqliteStore(v2_file, clock=lambda: NOW).close()  # a newer release migrates the file
+    with pytest.raises(sqlite3.IntegrityError, match="migrated to schema version 5 by a newer release"):
+        _admit_as_version_3(old, "after")  # it would count the task twice: the trigger counts it too
+    for statement, args in ((V3_CLAIM_COUNTS, (-1, 1, -1)), (V3_NEXT_GENERATION, ())):
+        with pytest.raises(sqlite3.IntegrityError, match="stop it, and start the newer release"):
+            old.execute(statement, args).fetchall()
+    assert old.execute("SELECT queued, waiting, generation FROM totals").fetchone() == (4, 3, 8)  # its reads work
+    old.close()
+    store = SqliteStore(v2_file, clock=lambda: NOW)
+    try:
+        assert store.get("after") is None  # the refused admission stored nothing
+        stats = store.stats()
+        assert (stats.counts[State.QUEUED], stats.waiting, store._read_generation()) == (4, 3, 8)
+        store.admit([_task("new-release")])
+        stats = store.stats()
+        assert (stats.counts[State.QUEUED], stats.waiting, store._read_generation()) == (5, 4, 9)
+    finally:
+        store.close()
+
+
+def test_a_new_file_has_the_schema_a_migrated_one_has(tmp_path, v1_file):
+    SqliteStore(tmp_path / "new.db", clock=lambda: NOW).close()
+    SqliteStore(v1_file, clock=lambda: NOW).close()
+    schemas = []
+    for path in (tmp_path / "new.db", v1_file):
+        conn = sqlite3.connect(path)
+        schemas.append(conn.execute("SELECT type, name, tbl_name FROM sqlite_master ORDER BY name").fetchall())
+        conn.close()
+    assert schemas[0] == schemas[1]
+    assert ("view", "totals", "totals") in schemas[0]
 
 
 def test_the_check_on_state_still_refuses_an_unknown_state_after_the_migration(v2_file):

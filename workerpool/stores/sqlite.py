@@ -51,7 +51,7 @@ from ..task import State, Task, check_transition
 from .base import Renewal, StoreStats, TaskStore
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 _SWEEP_INTERVAL_S = 1.0
@@ -64,7 +64,7 @@ _HOSTNAME = socket.gethostname()
 # What ``totals`` counts, besides the states: the queued tasks not yet started, and the generation.
 _TOTALS = (*(state.value for state in State), "waiting", "generation")
 _TOTALS_SCHEMA = """
-CREATE TABLE totals (
+CREATE TABLE {name} (
     id INTEGER PRIMARY KEY CHECK (id = 1),
 """ + "".join(f"    {name} INTEGER NOT NULL DEFAULT 0,\n" for name in (*_TOTALS, "health_probes")).rstrip(",\n") + """
 );
@@ -89,7 +89,9 @@ _COLUMNS = (
 # (always a new queued one: only admission inserts) with a trigger updating the
 # one row of totals by its key, one generation per task: cheaper than an UPDATE
 # statement of its own, and one statement fewer during which the sqlite3 module
-# hands the interpreter to another thread.
+# hands the interpreter to another thread. Version 5 renames totals to
+# task_totals, and leaves under the old name a view that refuses updates (see
+# _OLDER_RELEASE_REFUSED).
 _STATE_CHECK = " OR ".join(f"state = '{state.value}'" for state in State)
 _TASKS_TABLE = """
 CREATE TABLE {name} (
@@ -125,17 +127,34 @@ _TASKS_COLUMNS = (
 )
 _ADMITTED_TRIGGER = """
 CREATE TRIGGER tasks_admitted AFTER INSERT ON tasks BEGIN
-    UPDATE totals SET queued = queued + 1, waiting = waiting + 1, generation = generation + 1 WHERE id = 1;
+    UPDATE {totals} SET queued = queued + 1, waiting = waiting + 1, generation = generation + 1 WHERE id = 1;
+END;
+"""
+# A process of an older release checks the schema version only when it opens the file, and one
+# of version 2 to 4 left running once a newer one migrated it would go on writing totals by its
+# old name: since version 4 a trigger counts each admission, so version 2 and 3 would count theirs
+# twice. Under that name version 5 leaves a view for their reads, and updates through it fail
+# with this message: such a process reads on, but every step of it that changes the counts fails
+# (it reports the store unavailable, saying why) and changes nothing.
+_OLDER_RELEASE_REFUSED = (
+    "this file was migrated to schema version 5 by a newer release of workerpool: this process, of an "
+    "older release, may no longer write to it; stop it, and start the newer release instead"
+)
+_OLDER_RELEASE_GUARD = f"""
+CREATE VIEW totals AS SELECT * FROM task_totals;
+CREATE TRIGGER totals_of_an_older_release INSTEAD OF UPDATE ON totals BEGIN
+    SELECT RAISE(ABORT, '{_OLDER_RELEASE_REFUSED}');
 END;
 """
 _SCHEMA = (
     _TASKS_TABLE.format(name="tasks", state_check=_STATE_CHECK)
     + _TASKS_INDEXES
-    + _TOTALS_SCHEMA
+    + _TOTALS_SCHEMA.format(name="task_totals")
     + """
-INSERT INTO totals (id) VALUES (1);
+INSERT INTO task_totals (id) VALUES (1);
 """
-    + _ADMITTED_TRIGGER
+    + _ADMITTED_TRIGGER.format(totals="task_totals")
+    + _OLDER_RELEASE_GUARD
 )
 
 # From version N to N + 1: a file of an older version is upgraded in one
@@ -147,7 +166,7 @@ DROP INDEX tasks_lease;
 DROP TRIGGER tasks_count_insert;
 DROP TRIGGER tasks_count_update;
 DROP TRIGGER tasks_count_delete;
-""" + _TOTALS_SCHEMA + """
+""" + _TOTALS_SCHEMA.format(name="totals") + """
 INSERT INTO totals (id, queued, running, done, failed, cancelled, waiting, generation, health_probes)
 SELECT 1,
     count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = 'running'),
@@ -167,7 +186,14 @@ ALTER TABLE tasks_v3 RENAME TO tasks;
 """
     + _TASKS_INDEXES,
     # 3 -> 4: admissions are counted by a trigger.
-    3: _ADMITTED_TRIGGER,
+    3: _ADMITTED_TRIGGER.format(totals="totals"),
+    # 4 -> 5: totals changes name, so that a process of an older release still running fails its steps.
+    4: """
+DROP TRIGGER tasks_admitted;
+ALTER TABLE totals RENAME TO task_totals;
+"""
+    + _ADMITTED_TRIGGER.format(totals="task_totals")
+    + _OLDER_RELEASE_GUARD,
 }
 
 
@@ -526,7 +552,7 @@ class SqliteStore(TaskStore):
         """
         if self._failure is not None and time.monotonic() - self._failed_at >= _PROBE_AFTER_S:
             with contextlib.suppress(StoreUnavailable), self._step() as conn:
-                conn.execute("UPDATE totals SET health_probes = health_probes + 1 WHERE id = 1")
+                conn.execute("UPDATE task_totals SET health_probes = health_probes + 1 WHERE id = 1")
         return self._failure
 
     # -- admission -------------------------------------------------------------
@@ -1018,7 +1044,7 @@ class SqliteStore(TaskStore):
             now = self._clock()
             self._evict(conn, now, sweep=True)
             self._flush_totals(conn)
-            counts = dict(zip(_TOTALS, conn.execute(f"SELECT {', '.join(_TOTALS)} FROM totals").fetchone()))
+            counts = dict(zip(_TOTALS, conn.execute(f"SELECT {', '.join(_TOTALS)} FROM task_totals").fetchone()))
             due, retries_pending = conn.execute(
                 """SELECT count(*) FILTER (WHERE due_at <= :now), count(*) FILTER (WHERE attempts > 0 AND due_at > :now)
                    FROM tasks WHERE state = 'queued'""",
@@ -1033,7 +1059,7 @@ class SqliteStore(TaskStore):
 
     def unfinished(self, owner: str | None = None) -> int:
         if owner is None:
-            return self._query("SELECT queued + running FROM totals")[0][0]
+            return self._query("SELECT queued + running FROM task_totals")[0][0]
         return self._read(
             lambda conn: conn.execute(
                 "SELECT count(*) FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
@@ -1124,13 +1150,13 @@ _NEXT_STATE_SEQ = (
 _NEXT_DUE_TIMES = "SELECT " + ", ".join(
     f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
 )
-_GENERATION = "SELECT generation FROM totals"
+_GENERATION = "SELECT generation FROM task_totals"
 _FINAL = ("done", "failed", "cancelled")
-_FINISHED = f"SELECT {' + '.join(_FINAL)} FROM totals"
+_FINISHED = f"SELECT {' + '.join(_FINAL)} FROM task_totals"
 # What a claim that found nothing saw: the generation, and the due times of the next retry and of the
 # next new task (the worker then waits for the earlier one, or news; see SqliteStore.wait_for_work);
 # with the finished tasks that retention counts (see finish_and_claim).
-_IDLE = _NEXT_DUE_TIMES.replace("SELECT ", f"SELECT generation, {' + '.join(_FINAL)}, ", 1) + " FROM totals"
+_IDLE = _NEXT_DUE_TIMES.replace("SELECT ", f"SELECT generation, {' + '.join(_FINAL)}, ", 1) + " FROM task_totals"
 # Claim the next due task: it runs under the owner's lease.
 _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
@@ -1138,13 +1164,13 @@ _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, starte
     WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}"""
 # What admission reads first (see SqliteStore.admit). Reads and single-row updates by key: a
 # RETURNING clause or an IN list would make SQLite build a temporary b-tree for every execution.
-_ADMISSION = "SELECT generation, waiting, (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1) FROM totals"
+_ADMISSION = "SELECT generation, waiting, (SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1) FROM task_totals"
 
 
 @functools.cache
 def _add_to_totals(names: tuple[str, ...]) -> str:
     """The UPDATE adding one parameter to each column of totals in ``names`` (names from _TOTALS only)."""
-    return f"UPDATE totals SET {', '.join(f'{name} = {name} + ?' for name in names)} WHERE id = 1"
+    return f"UPDATE task_totals SET {', '.join(f'{name} = {name} + ?' for name in names)} WHERE id = 1"
 _INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
         request_id, due_at, state_seq)
     VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
@@ -1188,8 +1214,11 @@ _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
     RETURNING {_COLUMNS}"""
 
 
+_NEXT_GENERATION = "UPDATE task_totals SET generation = generation + 1 WHERE id = 1 RETURNING generation"
+
+
 def _next_generation(conn: sqlite3.Connection) -> int:
-    return conn.execute("UPDATE totals SET generation = generation + 1 WHERE id = 1 RETURNING generation").fetchone()[0]
+    return conn.execute(_NEXT_GENERATION).fetchone()[0]
 
 
 def _earliest(times: Iterable[float | None]) -> float | None:
