@@ -16,6 +16,7 @@ from http_fixtures import FinalStates, make_harness
 
 from workerpool import MemoryStore, State, StoreUnavailable, Task, WorkerPool
 from workerpool.pool import TIMED_OUT
+from workerpool.stores.sqlite import SqliteStore
 
 TIMEOUT = 5.0
 
@@ -148,7 +149,7 @@ def test_past_the_bound_a_stuck_thread_is_not_replaced_and_works_on_once_it_retu
 
 
 def test_a_replacement_thread_that_fails_to_start_leaves_the_stuck_one_and_the_timeout_is_recorded(
-    clock, monkeypatch
+    clock, monkeypatch, caplog
 ):
     handler = Stuck("b")
     pool, final = make_pool(handler, clock)
@@ -166,11 +167,66 @@ def test_a_replacement_thread_that_fails_to_start_leaves_the_stuck_one_and_the_t
     pool.check_timeouts()  # (or the watchdog, at the same moment)
     final.wait("a")
     assert pool.get("a").last_error == TIMED_OUT.format(TIMEOUT)
+    (warning,) = [r.getMessage() for r in caplog.records if "timed out after" in r.getMessage()]
+    assert "NOT replaced: a new thread could not be started (RuntimeError: can't start new thread)" in warning
+    assert "more than the" not in warning  # the bound (1) was not what stopped it
     monkeypatch.undo()
     handler.release()  # the stuck thread was not replaced: it works on
     pool.submit("b", "")
     final.wait("b")
     assert pool.shutdown(WAIT_S).abandoned == ()
+
+
+def test_a_replacement_thread_is_among_the_pools_threads_only_once_started(clock, monkeypatch):
+    # A shutdown lists the pool's threads and joins them: at no moment may the list hold one that
+    # was not started (join would raise), nor may a replacement started after the listing be missed.
+    handler = Stuck("b")
+    pool, final = make_pool(handler, clock)
+    pool.submit("a", "", max_retries=0)
+    handler.wait_started()
+    start = threading.Thread.start
+    joined_before_start: list[str] = []
+
+    def start_after_a_shutdown_looked(thread):
+        if thread.name == "workerpool-worker-2":  # the replacement, created and not yet started
+            for listed in list(pool._threads):  # what a shutdown's join would meet at this moment
+                try:
+                    listed.join(0)
+                except RuntimeError as exc:
+                    joined_before_start.append(f"{listed.name}: {exc}")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_after_a_shutdown_looked)
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()
+    final.wait("a")
+    monkeypatch.undo()
+    assert joined_before_start == []
+    replacement = next(t for t in pool._threads if t.name == "workerpool-worker-2")
+    pool.submit("b", "")
+    final.wait("b")  # the replacement works
+    handler.release()
+    assert pool.shutdown(WAIT_S).abandoned == ()
+    replacement.join(WAIT_S)
+    assert not replacement.is_alive()
+
+
+def test_a_stuck_thread_met_once_claiming_stopped_is_not_replaced_and_the_warning_says_so(clock, caplog, tmp_path):
+    handler = Stuck()
+    store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)  # shared: shutdown stops claiming at once
+    pool, final = make_pool(handler, clock, store=store)
+    pool.submit("a", "", max_retries=0)
+    handler.wait_started()
+    pool.shutdown(WAIT_S, wait=False)
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()
+    final.wait("a")
+    (warning,) = [r.getMessage() for r in caplog.records if "timed out after" in r.getMessage()]
+    assert "NOT replaced: the pool has stopped claiming work (1 stuck, at most 1 replaced)" in warning
+    assert [t.name for t in pool._threads if t.name.startswith("workerpool-worker")] == ["workerpool-worker-1"]
+    handler.release()
+    assert pool.shutdown(WAIT_S).abandoned == ()
+    store.close()
 
 
 def test_the_watchdog_thread_times_attempts_out_on_its_own():

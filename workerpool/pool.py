@@ -798,43 +798,54 @@ class WorkerPool:
                 return  # its worker is recording its end
             first = not attempt.timed_out
             attempt.timed_out = attempt.recording = True
-            replacement = None
             worker = attempt.thread in self._threads  # not a caller of step()
+            fate = "the caller of step() holds it"
             if first:
                 self._timeouts += 1
                 if worker:
                     self._stuck.add(attempt.thread)
-                    if len(self._stuck) <= self._max_stuck and self._claiming:
-                        self._retired.add(attempt.thread)
-                        replacement = threading.Thread(
-                            target=self._work, name=f"workerpool-worker-{next(self._thread_numbers)}", daemon=True
-                        )
-                        self._threads.append(replacement)
+                    fate = self._replace_locked(attempt.thread)
                 self._set_cancel(attempt)
-            stuck = len(self._stuck)
         if first:
             attempt.retry_at = self._retry_at(task)
-            if replacement is not None and not self._start_replacement(replacement, attempt.thread):
-                replacement = None
             _log(
                 logging.WARNING, task, "task %s attempt %d timed out after %.1f s; %s", task.id, task.attempts,
-                seconds, _stuck_thread_fate(worker, replacement, stuck, self._max_stuck),
+                seconds, fate,
             )  # fmt: skip
         if attempt.retry_at is not None:
             with self._order_lock:  # another worker may claim the retry before attempt_finished is heard
                 self._in_flight[task.id] = self._in_flight.get(task.id, 0) + 1
         self._finish_attempt(attempt, TIMED_OUT.format(self._attempt_timeout), None, attempt.retry_at)
 
-    def _start_replacement(self, replacement: threading.Thread, stuck: threading.Thread) -> bool:
-        """Start a stuck worker's replacement; if no thread can start, the stuck one stays a worker."""
+    def _replace_locked(self, stuck: threading.Thread) -> str:  # _lock is held
+        """Start a thread to replace the stuck worker ``stuck`` if the bound allows; what became of it, for the log.
+
+        The replacement starts under _lock, as _start_locked starts the workers,
+        and joins the pool's threads once it runs: a shutdown, which lists them
+        under _lock to join them, finds it running or not at all, and then
+        claiming has stopped, so none starts after. If it cannot start, the
+        stuck thread stays a worker (the timeout is recorded all the same).
+        """
+        stuck_now = f"{len(self._stuck)} stuck, at most {self._max_stuck} replaced"
+        if not self._claiming:
+            return f"its worker thread is stuck and NOT replaced: the pool has stopped claiming work ({stuck_now})"
+        if len(self._stuck) > self._max_stuck:
+            return (
+                f"its worker thread is stuck and NOT replaced: {len(self._stuck)} stuck thread(s), "
+                f"more than the {self._max_stuck} replaced"
+            )
+        name = f"workerpool-worker-{next(self._thread_numbers)}"
+        replacement = threading.Thread(target=self._work, name=name, daemon=True)
         try:
             replacement.start()
-        except RuntimeError:  # no room for another thread: the timeout is recorded all the same
-            with self._lock:
-                self._threads.remove(replacement)
-                self._retired.discard(stuck)
-            return False
-        return True
+        except RuntimeError as exc:  # no room for another thread
+            return (
+                f"its worker thread is stuck and NOT replaced: a new thread could not be started ({_describe(exc)});"
+                f" the stuck thread takes work again once it returns ({stuck_now})"
+            )
+        self._threads.append(replacement)
+        self._retired.add(stuck)
+        return f"{name} replaces its stuck worker thread ({stuck_now})"
 
     def _leave_if_replaced(self) -> bool:
         """After an attempt: whether this worker was stuck and replaced, and so must exit now."""
@@ -1077,14 +1088,6 @@ def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> 
     """Log a line about ``task``, with its id and request id attached for structured logs."""
     if log.isEnabledFor(level):
         log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id}, **kwargs)
-
-
-def _stuck_thread_fate(worker: bool, replacement: threading.Thread | None, stuck: int, limit: int) -> str:
-    if not worker:
-        return "the caller of step() holds it"
-    if replacement is None:
-        return f"its worker thread is stuck and NOT replaced: {stuck} stuck thread(s), more than the {limit} replaced"
-    return f"{replacement.name} replaces its stuck worker thread ({stuck} stuck, at most {limit} replaced)"
 
 
 def _check_result(returned: object, limit: int) -> str | None:
