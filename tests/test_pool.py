@@ -805,6 +805,52 @@ def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, 
     store.close()
 
 
+def test_a_lease_thread_that_fails_to_start_lets_no_worker_claim_and_starts_with_the_next_submission(
+    make_pool, clock, tmp_path, monkeypatch
+):
+    # Without it, attempts would run without their leases renewed: other processes take them as lost.
+    store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
+    start = threading.Thread.start
+
+    def no_lease_thread(thread):
+        if thread.name == "workerpool-leases":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    pool = make_pool(store=store, workers=2)
+    monkeypatch.setattr(threading.Thread, "start", no_lease_thread)
+    with pytest.raises(RuntimeError, match="can't start"):
+        pool.submit("refused", "")
+    monkeypatch.undo()
+    assert not pool.started  # no worker runs without the lease keeper
+    assert pool.get("refused") is None
+    pool.submit("later", "")
+    names = {thread.name for thread in pool._threads}
+    assert names == {"workerpool-leases", "workerpool-worker-1", "workerpool-worker-2"}
+    wait_until(lambda: pool.get("later").state is State.DONE, timeout=TIMEOUT, what="the task to be done")
+    assert pool.shutdown(timeout=TIMEOUT).counts[State.DONE] == 1
+    store.close()
+
+
+def test_a_worker_that_fails_to_start_is_started_by_the_next_submission(make_pool, monkeypatch):
+    start = threading.Thread.start
+
+    def no_second_worker(thread):
+        if thread.name == "workerpool-worker-2":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    pool = make_pool(instant, workers=2)
+    monkeypatch.setattr(threading.Thread, "start", no_second_worker)
+    with pytest.raises(RuntimeError, match="can't start"):
+        pool.submit("refused", "")
+    monkeypatch.undo()
+    assert [thread.name for thread in pool._threads] == ["workerpool-worker-1"]
+    pool.submit("later", "")
+    assert sorted(thread.name for thread in pool._threads) == ["workerpool-worker-1", "workerpool-worker-2"]
+    assert pool.shutdown(timeout=TIMEOUT).counts[State.DONE] == 1
+
+
 class _RenewalGate(SqliteStore):
     """Holds the first lease renewal (for task "a") until task "b" runs; tells when each renewal begins."""
 

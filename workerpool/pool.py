@@ -189,7 +189,8 @@ class WorkerPool:
         # without it (see _admit). It is held only for bookkeeping: never
         # across a store call, a handler, an observer or logging.
         self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # those started (a thread joins once it runs)
+        self._all_started = False  # every thread the pool needs was started once (see _start_locked)
         # Shutdown began. A store of this process alone then refuses submissions;
         # a shared one keeps taking them: its queued tasks are left to the other
         # processes (or the next start) anyway, and so a request already read
@@ -237,22 +238,32 @@ class WorkerPool:
             self._log_started()
 
     def _start_locked(self) -> bool:
-        """Start the threads unless they run or may not; whether this call started them."""
-        if self._threads or self._closing or not self._use_threads:
+        """Start the threads the pool needs that do not run, unless it may not; whether this call started them.
+
+        A thread may fail to start (no room for another: RuntimeError, raised to
+        the caller); those started run, shutdown joins them alone, and the next
+        call (the next submission) starts the others. The lease keeper and the
+        watchdog start before the workers: no worker claims an attempt whose
+        lease nobody renews (other processes would take it as lost while it
+        runs) or whose timeout nobody watches.
+        """
+        if self._all_started or self._closing or not self._use_threads:
             return False
-        # Daemon threads: interpreter exit must never wait on a handler that
-        # ignores cancellation. Shutdown drains explicitly instead.
-        threads = [
-            threading.Thread(target=self._work, name=f"workerpool-worker-{n}", daemon=True)
-            for n in range(1, self.workers + 1)
-        ]
+        wanted = []
         if self._store.shared:
-            threads.append(threading.Thread(target=self._keep_leases, name="workerpool-leases", daemon=True))
+            wanted.append(("workerpool-leases", self._keep_leases))
         if self._attempt_timeout:
-            threads.append(threading.Thread(target=self._watch, name="workerpool-watchdog", daemon=True))
-        for thread in threads:
-            thread.start()  # may fail (no room for a thread): those started run, and shutdown joins them alone
-            self._threads.append(thread)
+            wanted.append(("workerpool-watchdog", self._watch))
+        wanted += [(f"workerpool-worker-{n}", self._work) for n in range(1, self.workers + 1)]
+        running = {thread.name for thread in self._threads}
+        for name, target in wanted:
+            if name not in running:
+                # Daemon threads: interpreter exit must never wait on a handler that
+                # ignores cancellation. Shutdown drains explicitly instead.
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._all_started = True
         return True
 
     def _log_started(self) -> None:  # outside _lock: no logging under a lock
@@ -307,7 +318,7 @@ class WorkerPool:
         # then finds no submission entered waits for none, as every later one sees _closing (the GIL
         # orders these steps). A shared store keeps admitting while its pool drains.
         started = False
-        if not self._threads and self._use_threads:  # (not once closing: _start_locked looks)
+        if not self._all_started and self._use_threads:  # (not once closing: _start_locked looks)
             with self._lock:
                 started = self._start_locked()
         admitting = self._admitting
