@@ -786,6 +786,43 @@ def test_an_end_the_store_cannot_record_is_recorded_again_and_the_worker_lives_o
     assert pool.get("after").state is State.DONE
 
 
+class EndAndClaimFails(MemoryStore):
+    """A store whose ``finish_and_claim`` is unavailable the first ``failures`` times; it records, for each
+    task it then claims, how long the lease it was given had left."""
+
+    def __init__(self, failures, **options):
+        super().__init__(**options)
+        self.failures = failures
+        self.leases_left = {}
+
+    def finish_and_claim(self, task_id, attempt, owner, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("the store is down")
+        ended, claimed = super().finish_and_claim(task_id, attempt, owner, **kwargs)
+        if claimed is not None:
+            self.leases_left[claimed.id] = kwargs["lease_until"] - self._clock()
+        return ended, claimed
+
+
+def test_an_end_recorded_again_claims_the_next_task_with_a_whole_lease(make_pool, clock):
+    def wait(event, timeout):  # the pause between tries passes at once on the fake clock
+        if timeout is None:
+            return event.wait()
+        clock.advance(timeout)
+        return event.is_set()
+
+    store = EndAndClaimFails(3, clock=clock.time)
+    log = AttemptLog()
+    pool = make_pool(store=store, workers=1, lease=30.0, wait=wait, observers=[log])
+    pool.submit_many([TaskSpec("first"), TaskSpec("second")])  # one step: "first" ends with "second" queued
+    log.wait_for("second", State.DONE)
+    # The end of "first" was written on the fourth try, three seconds after it ended: the lease of
+    # "second" runs from that try, not from the first (27 s left: another process could recover it early).
+    assert store.leases_left == {"second": 30.0}
+    assert pool.get("first").attempts == pool.get("second").attempts == 1
+
+
 def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, clock, tmp_path):
     store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
     lease_thread_waits = threading.Event()

@@ -603,7 +603,9 @@ class WorkerPool:
             except StoreUnavailable as exc:
                 if attempt.timed_out:  # a timeout is written once: the watchdog's next check writes it again
                     raise
-                ended, attempt.claimed_next = self._record_end_again(attempt, error, result, retry_at, lease_until, exc)
+                ended, attempt.claimed_next = self._record_end_again(
+                    attempt, error, result, retry_at, lease_until is not None, exc
+                )  # fmt: skip
             attempt.claimed_none = lease_until is not None and attempt.claimed_next is None
         except Exception:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
@@ -692,7 +694,7 @@ class WorkerPool:
         error: str | None,
         result: Any,
         retry_at: float | None,
-        lease_until: float | None,
+        claim_next: bool,
         failure: StoreUnavailable,
     ) -> tuple[Task | None, Task | None]:
         """Write the attempt's end (``_write_end``) again while the store is unavailable (Redis restarting,
@@ -700,7 +702,9 @@ class WorkerPool:
 
         The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
         again, and the outcome is kept. After a lease's length of failures another process may have
-        recovered the attempt: the error is raised, and the lease settles what happened.
+        recovered the attempt: the error is raised, and the lease settles what happened. With
+        ``claim_next`` each try claims the next task while the pool still claims, with a lease that
+        runs from that try: one drawn at the first would have run out after a lease's length of tries.
         """
         task = attempt.task
         pause = threading.Event()  # never set: a pause that is not time.sleep
@@ -711,6 +715,7 @@ class WorkerPool:
                 "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
             )  # fmt: skip
             self._wait(pause, _STORE_RETRY_S)
+            lease_until = self._clock() + self._lease if claim_next and self._claiming else None
             try:
                 return self._write_end(task, error, result, retry_at, lease_until)
             except StoreUnavailable as exc:
