@@ -7,6 +7,7 @@ contract tests; these cover what only a durable, shared store has.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -105,6 +106,34 @@ def test_each_task_is_claimed_once_by_competing_stores_and_threads(open_store, c
         thread.join(WAIT_S)
     assert sorted(claimed) == sorted(f"t{n}" for n in range(200))
     assert stores[1].stats().counts[State.DONE] == 200
+
+
+def _open_files(path):
+    """How many file descriptors of this process are open on the store's file or its WAL."""
+    names = {str(path), f"{path}-wal"}
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            count += os.readlink(f"/proc/self/fd/{fd}") in names
+    return count
+
+
+def test_a_thread_that_read_and_ended_leaves_no_connection_open(open_store, clock, db):
+    store = open_store()
+    store.admit([task(clock, "a")])
+
+    def read_in_a_thread_of_its_own():
+        reader = threading.Thread(target=lambda: store.get("a"))
+        reader.start()
+        reader.join(WAIT_S)
+
+    # After the first, SQLite keeps one descriptor of a closed connection for
+    # the next one to open (closing it would drop the process's locks on the file).
+    read_in_a_thread_of_its_own()
+    after_one = _open_files(db)
+    for _ in range(20):  # like ``python app.py``: a thread per HTTP connection, each ending
+        read_in_a_thread_of_its_own()
+    assert _open_files(db) == after_one
 
 
 def test_a_claim_after_one_that_found_nothing_reads_before_it_takes_the_write_lock(open_store, clock, db):

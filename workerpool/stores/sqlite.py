@@ -41,6 +41,7 @@ import socket
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,10 +254,10 @@ class SqliteStore(TaskStore):
         self._poll_min = min(0.001, poll_max)
         self._poll_max = poll_max
         self._local = threading.local()
-        # _connections_lock must be held while touching _connections (every
-        # thread's connection, so close() can release them all) and _closed.
+        # _connections_lock must be held while touching _connections (the writer
+        # and the readers of live threads, so close() can release them all) and _closed.
         self._connections_lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: set[sqlite3.Connection] = set()
         self._closed = False
         # _wakeup guards the three below. _tickets: tasks admitted by this
         # process that no waiting worker has answered yet (each wakes one).
@@ -340,11 +341,11 @@ class SqliteStore(TaskStore):
             conn.execute(f"PRAGMA user_version = {version}")
 
     def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, for reading."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._new_connection()
-        return conn
+        """This thread's connection, for reading; closed when the thread ends (see ``_Reader``)."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = _Reader(self._new_connection(), self._connections, self._connections_lock)
+        return reader.conn
 
     def _write_connection(self) -> sqlite3.Connection:  # _write_lock is held
         """The connection of every write step of this process (see ``_writer``)."""
@@ -363,7 +364,7 @@ class SqliteStore(TaskStore):
             # that opened it.
             # timeout=0: no busy handler of SQLite's own; _retry_busy waits instead.
             conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-            self._connections.append(conn)
+            self._connections.add(conn)
         # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
@@ -371,7 +372,8 @@ class SqliteStore(TaskStore):
     def close(self) -> None:
         with self._connections_lock:
             self._closed = True
-            connections, self._connections = self._connections, []
+            connections = list(self._connections)
+            self._connections.clear()
             self._writer = None
         for conn in connections:
             conn.close()
@@ -1274,6 +1276,31 @@ def _process_is_gone(owner: str) -> bool:
 def _real(value: float | None) -> float | None:
     # RETURNING reports a REAL column's value before its affinity applies: 1, not 1.0.
     return None if value is None else float(value)
+
+
+class _Reader:
+    """Holds one thread's reading connection: only that thread's locals refer to it.
+
+    When the thread ends its locals go, and this holder with them: its
+    finalizer then closes the connection (two file handles and a page cache).
+    Without it, a process that starts a thread per HTTP connection
+    (``python app.py``) or replaces a stuck worker kept one more connection
+    open for every thread that ever read, until the store was closed.
+    """
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection, connections: set[sqlite3.Connection], lock: threading.Lock) -> None:
+        self.conn = conn
+        # The finalizer refers to the set and its lock, not to the store, so a
+        # long-lived thread's holder never keeps a dropped store alive.
+        weakref.finalize(self, _close_reader, conn, connections, lock).atexit = False
+
+
+def _close_reader(conn: sqlite3.Connection, connections: set[sqlite3.Connection], lock: threading.Lock) -> None:
+    with lock:
+        connections.discard(conn)
+    conn.close()
 
 
 def _check_path(path: Path) -> None:
