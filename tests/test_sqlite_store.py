@@ -272,6 +272,55 @@ def test_work_admitted_between_a_claim_and_the_wait_is_not_missed(open_store, cl
     waiter.join(WAIT_S)
 
 
+def test_a_claim_that_found_nothing_never_takes_the_wake_up_of_work_admitted_after_its_step(open_store, clock):
+    # W1's claim reads one unanswered admission (A, which another claim took directly), a waiter
+    # answers it meanwhile, W1's step finds nothing, and B is admitted before W1 counts A as
+    # answered: B must still wake W1's wait (the generation B wrote is this process's own, so
+    # polling the file would never tell).
+    store = open_store()
+    read, stepped = threading.Event(), threading.Event()
+    go_step, go_answer = threading.Event(), threading.Event()
+    real_step, real_claimed_nothing = store._step, store._claimed_nothing
+
+    def step(**kwargs):
+        if threading.current_thread().name == "W1":
+            read.set()
+            assert go_step.wait(WAIT_S)
+        return real_step(**kwargs)
+
+    def claimed_nothing(*args):
+        if threading.current_thread().name == "W1":
+            stepped.set()
+            assert go_answer.wait(WAIT_S)
+        return real_claimed_nothing(*args)
+
+    store._step, store._claimed_nothing = step, claimed_nothing
+    store.admit([task(clock, "A")])
+    a = claim(store, clock, "w2")  # taken without a wait: its admission stays unanswered
+    woke = threading.Event()
+
+    def w1():
+        assert claim(store, clock, "w1") is None
+        store.wait_for_work(None)  # what an idle worker does next
+        woke.set()
+
+    thread = threading.Thread(target=w1, name="W1", daemon=True)
+    thread.start()
+    assert read.wait(WAIT_S)
+    assert waiter(store)(None).wait(WAIT_S)  # answers A's admission at once
+    go_step.set()
+    assert stepped.wait(WAIT_S)  # W1's step found nothing due
+    store.finish(a.id, 1, "w2")
+    store.admit([task(clock, "B")])
+    go_answer.set()
+    try:
+        assert woke.wait(WAIT_S), "B is queued and the idle worker was never woken"
+        assert claim(store, clock, "w1").id == "B"
+    finally:
+        store.wake()
+        thread.join(WAIT_S)
+
+
 def waiter(store):
     """A thread blocked in ``wait_for_work(timeout)``; the returned Event is set when it returns."""
 

@@ -259,15 +259,21 @@ class SqliteStore(TaskStore):
         self._connections_lock = threading.Lock()
         self._connections: set[sqlite3.Connection] = set()
         self._closed = False
-        # _wakeup guards the three below. _tickets: tasks admitted by this
-        # process that no waiting worker has answered yet (each wakes one).
+        # _wakeup guards the counters below. _admitted: tasks admitted by this
+        # process; _answered: how many of those a waiting worker or a claim
+        # has answered. Each admission not answered yet (a ticket) wakes one
+        # waiting worker. Both only grow: a claim that found nothing answers
+        # every admission it read before its step by raising _answered to it,
+        # which (unlike taking those tickets off a count) never takes the ticket
+        # of an admission after its step when a waiter answered one meanwhile.
         # _rescheduled: bumped when due times change here (a retry, a recovery),
         # so every waiting worker looks again. _generation: the last generation
         # this process wrote, and _written the latest ones it wrote (at most
         # _WRITTEN_KEPT): their work the two others already announce, but a
         # generation of another process's in between is news all the same.
         self._wakeup = threading.Condition(threading.Lock())
-        self._tickets = 0
+        self._admitted = 0
+        self._answered = 0
         self._rescheduled = 0
         self._generation = 0
         self._written: set[int] = set()
@@ -584,7 +590,7 @@ class SqliteStore(TaskStore):
             with self._wakeup:
                 for written in range(generation - admitted + 1, generation + 1):
                     self._wrote(written)
-                self._tickets += admitted
+                self._admitted += admitted
                 self._wakeup.notify(admitted)
         if mine.error is not None:
             raise mine.error
@@ -727,7 +733,7 @@ class SqliteStore(TaskStore):
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
         with self._wakeup:
-            tickets, rescheduled = self._tickets, self._rescheduled
+            admitted, tickets, rescheduled = self._admitted, self._admitted - self._answered, self._rescheduled
         seen = getattr(self._local, "seen", None)
         if seen is not None and not tickets and seen[1] == rescheduled and not self._due_now(rescheduled):
             # This thread's last claim found nothing (a worker whose finish claimed nothing comes
@@ -737,7 +743,7 @@ class SqliteStore(TaskStore):
         with self._step(synced=False) as conn:  # lost in a power cut, the attempt runs again: at least once
             claimed = self._claim(conn, owner, lease_until, self._clock(), rescheduled)
         if claimed is None:
-            self._claimed_nothing(tickets)
+            self._claimed_nothing(admitted)
         return claimed
 
     def finish_and_claim(
@@ -761,7 +767,7 @@ class SqliteStore(TaskStore):
         a statement.
         """
         with self._wakeup:
-            tickets, rescheduled = self._tickets, self._rescheduled
+            admitted, tickets, rescheduled = self._admitted, self._admitted - self._answered, self._rescheduled
         with self._step() as conn:
             now = self._clock()
             ended, generation = self._finish(
@@ -784,7 +790,7 @@ class SqliteStore(TaskStore):
         if generation:
             self._rescheduled_by_us(generation)
         if claimed is None:
-            self._claimed_nothing(tickets)
+            self._claimed_nothing(admitted)
         return ended, claimed
 
     def _claim(
@@ -818,9 +824,9 @@ class SqliteStore(TaskStore):
         self._local.seen = (generation, rescheduled, next_due)
         return False
 
-    def _claimed_nothing(self, tickets: int) -> None:
-        with self._wakeup:  # nothing was due: the tickets older than this claim announce nothing
-            self._tickets = max(0, self._tickets - tickets)
+    def _claimed_nothing(self, admitted: int) -> None:
+        with self._wakeup:  # nothing was due: the admissions older than this claim announce nothing
+            self._answered = max(self._answered, admitted)
 
     def seconds_until_due(self) -> float | None:
         (found,) = self._query(_NEXT_DUE_TIMES)
@@ -860,10 +866,11 @@ class SqliteStore(TaskStore):
             # A pause never outlasts the wait, however far the polling backed off: work falling due ends it on time.
             pause = interval if deadline is None else min(interval, left)
             with self._wakeup:
-                if self._wakeup.wait_for(lambda: self._woken or self._tickets or self._rescheduled != rescheduled,
-                                         pause):
-                    if self._tickets and not self._woken and self._rescheduled == rescheduled:
-                        self._tickets -= 1
+                if self._wakeup.wait_for(
+                    lambda: self._woken or self._admitted > self._answered or self._rescheduled != rescheduled, pause
+                ):
+                    if self._admitted > self._answered and not self._woken and self._rescheduled == rescheduled:
+                        self._answered += 1
                     break
             try:
                 now_generation = self._read_generation()
