@@ -823,6 +823,32 @@ def test_an_end_recorded_again_claims_the_next_task_with_a_whole_lease(make_pool
     assert pool.get("first").attempts == pool.get("second").attempts == 1
 
 
+def test_a_retry_whose_end_the_store_cannot_record_holds_the_drain_no_longer_than_its_deadline(make_pool, clock):
+    between_tries, release = threading.Event(), threading.Event()
+
+    def wait(event, timeout):
+        if threading.current_thread().name.startswith("workerpool-worker"):  # the pause between two tries
+            between_tries.set()
+            assert release.wait(TIMEOUT)
+            clock.advance(timeout)
+            return event.is_set()
+        return clock.wait(event, timeout)
+
+    store = EndAndClaimFails(math.inf, clock=clock.time)
+    pool = make_pool(always_fail, store=store, workers=1, lease=30.0, wait=wait)
+    pool.submit("a", "", 3)  # its first attempt fails and its end cannot be recorded
+    assert between_tries.wait(TIMEOUT)
+    pool.shutdown(5.0, wait=False)
+    clock.advance(5.0)
+    try:
+        wait_until(lambda: pool.get("a").state is State.FAILED, timeout=TIMEOUT, what="the drain to abandon a")
+    finally:
+        release.set()
+    summary = pool.shutdown()
+    assert summary.abandoned == ("a",)
+    assert pool.get("a").last_error == ABANDONED
+
+
 def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, clock, tmp_path):
     store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
     lease_thread_waits = threading.Event()

@@ -1014,13 +1014,15 @@ class WorkerPool:
             with self._order_lock:
                 unheard = bool(self._in_flight)
             with self._lock:
-                # A submission in flight may still land: wait for it even past the deadline. An
-                # attempt counts until its bookkeeping is done, so the summary includes its outcome.
-                in_flight, running = bool(self._admitting) or unheard, bool(self._running)
+                # A submission in flight may still land: wait for it even past the deadline. An attempt
+                # (and a retry not yet heard of) counts until its bookkeeping is done, so the summary
+                # includes its outcome, but only until the deadline: a retry's end written again while
+                # the store is unavailable may take a lease's length.
+                admitting, running = bool(self._admitting), bool(self._running) or unheard
                 remaining = self._deadline - self._monotonic()
-            if not in_flight and (remaining <= 0 or not (running or self._unfinished_here())):
+            if not admitting and (remaining <= 0 or not (running or self._unfinished_here())):
                 break
-            self._wait(self._drain_wakeup, None if in_flight or remaining == math.inf else max(0.0, remaining))
+            self._wait(self._drain_wakeup, None if admitting or remaining == math.inf else max(0.0, remaining))
         with self._lock:
             self._claiming = False
         try:
