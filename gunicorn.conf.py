@@ -6,7 +6,6 @@ concurrency comes from its threads.
 """
 
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ if _ROOT not in sys.path:  # so `config` and `app` import from any working direc
 import app as _app  # noqa: E402
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 from service import logs as _logs  # noqa: E402
+from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
 from service.lingering_close import MAX_LINGERING  # noqa: E402
 
 _settings = _config.load()  # a bad value stops gunicorn here with exit code 2
@@ -65,8 +65,7 @@ def on_starting(server):
         _config.check_server_processes(_settings, server.cfg.workers)
     except _config.ConfigError as error:
         _config.exit_on_error(error)
-    server.drain_reports = os.pipe()
-    os.set_blocking(server.drain_reports[0], False)
+    server.drain_reports = DrainReports()
 
 
 def on_reload(server):
@@ -81,12 +80,13 @@ def on_reload(server):
 def post_worker_init(worker):
     """Start the pool and its stop watcher in the worker, after the fork and before serving."""
     from app import pool_of
+    from service.drain_reports import send
     from service.lifecycle import ShutdownController, describe
 
     def report(summary):
-        # As soon as the drain ends, before connections close: one short line
-        # (a pipe write under PIPE_BUF bytes is atomic), the arbiter logs it last.
-        os.write(worker.drain_report_fd, describe(summary).encode()[:500] + b"\n")
+        # As soon as the drain ends, before connections close (see service/drain_reports.py).
+        if not send(worker.drain_report_fd, describe(summary)):
+            worker.log.error("could not report the drain to the arbiter (its pipe is full): %s", describe(summary))
 
     pool = pool_of(worker.wsgi)
     pool.start()
@@ -96,7 +96,7 @@ def post_worker_init(worker):
 
 
 def post_fork(server, worker):
-    worker.drain_report_fd = server.drain_reports[1]
+    worker.drain_report_fd = server.drain_reports.write_fd
 
 
 def worker_exit(server, worker):
@@ -111,23 +111,28 @@ def worker_exit(server, worker):
     exit_without(controller.wait_for_threads())
 
 
+def child_exit(server, worker):
+    """Take the drain report of a worker that exited: log it now, or at the exit if the server is stopping."""
+    report = server.drain_reports.take(worker.pid)
+    if not server.LISTENERS:  # gunicorn closes its listeners first thing in a stop
+        server.drain_reports.at_stop.append((worker.pid, report))
+    elif report is None:
+        server.log.error("%s (pid %s)", NOT_REPORTED, worker.pid)
+    else:
+        server.log.info("worker (pid:%s) ended: %s", worker.pid, report)
+
+
 def on_exit(server):
-    """Make the worker's drain summary the last log line, or say loudly that there was none.
+    """Make each stopped worker's drain summary the last log lines, or say loudly that there was none.
 
     gunicorn exits 0 even after SIGKILLing a worker that overran
-    graceful_timeout, so this line is what tells a lost drain apart.
+    graceful_timeout, so these lines are what tell a lost drain apart.
     """
-    reports = b""
-    while True:
-        try:
-            chunk = os.read(server.drain_reports[0], 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        reports += chunk
-    lines = reports.decode(errors="replace").splitlines()
-    if lines:
-        server.log.info("%s", lines[-1])
-    else:
-        server.log.error("the worker ended without reporting its drain (killed?): tasks it held may be lost")
+    reports = server.drain_reports
+    # A worker SIGKILLed at the end of the stop may not have been reaped yet (no child_exit).
+    unreaped = [(pid, reports.take(pid)) for pid in server.WORKERS]
+    for pid, report in reports.at_stop + unreaped:
+        if report is None:
+            server.log.error("%s (pid %s)", NOT_REPORTED, pid)
+        else:
+            server.log.info("%s", report)

@@ -23,7 +23,15 @@ import time
 from pathlib import Path
 
 import pytest
-from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until
+from http_fixtures import (
+    LISTENING,
+    PROJECT_ROOT,
+    Client,
+    ServerProcess,
+    clean_environment,
+    wait_until,
+    worker_pids,
+)
 
 from service.lifecycle import ECHO_WINDOW_S
 
@@ -245,6 +253,22 @@ def test_gunicorn_says_so_when_its_worker_was_killed_before_reporting(start):
     last = service.server.log().strip().splitlines()[-1]
     assert "[ERROR] gunicorn.error: the worker ended without reporting its drain" in last
     assert not SUMMARY.search(service.server.log())
+
+
+def test_a_worker_retired_by_a_reload_reports_at_once_and_cannot_stand_in_for_a_lost_drain(start):
+    service = start([*GUNICORN, "--graceful-timeout", "1"])
+    retired = service.worker()
+    service.signal(signal.SIGHUP)
+    service.wait_for_log(rf"worker \(pid:{retired}\) ended: shutdown complete")
+    (worker,) = wait_until(lambda: worker_pids(service.server.proc.pid) - {retired}, timeout=10, what="a new worker")
+    service.enqueue(5)
+    os.kill(worker, signal.SIGSTOP)  # its drain never ends: gunicorn SIGKILLs it after graceful_timeout
+    service.signal(signal.SIGTERM)
+    code, _ = service.wait_exit(timeout=30)
+    assert code == 0
+    last = service.last_line()  # not the retired worker's summary, left over from the reload
+    assert "[ERROR] gunicorn.error: the worker ended without reporting its drain (killed?)" in last
+    assert last.endswith(f"(pid {worker})")
 
 
 @pytest.mark.parametrize(("command", "store"), ON_EVERY_STORE, ids=ON_EVERY_STORE_IDS)

@@ -1,0 +1,68 @@
+"""How each gunicorn worker's drain ended, told to the arbiter over one pipe.
+
+gunicorn exits 0 even after SIGKILLing a worker that overran
+``graceful_timeout``, so the arbiter's last log lines are what tell a lost
+drain from a clean one. A worker writes one line, ``<pid> <summary>``, the
+moment its drain ends. The arbiter reads the pipe each time a worker exits
+and keeps the line of that worker alone:
+
+- a worker that exits while the server runs (retired by a reload or
+  ``TTOU``, or dead) has its line logged at once, or an error if it sent
+  none; reports never pile up in the pipe;
+- a worker that exits during the server's stop has its line (or the error)
+  logged at the arbiter's exit, after gunicorn's own lines.
+
+Both ends are non-blocking: the arbiter reads only what is there, and a
+worker never waits on a full pipe (its report is then missing, and the
+arbiter says so).
+"""
+
+from __future__ import annotations
+
+import os
+
+NOT_REPORTED = "the worker ended without reporting its drain (killed?): tasks it held may be lost"
+_MAX_LINE = 500  # bytes of summary: with the pid, well under PIPE_BUF, so each write is atomic
+
+
+class DrainReports:
+    """The arbiter's end of the pipe, and what it read from it, by worker pid."""
+
+    def __init__(self) -> None:
+        self._read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self.write_fd, False)  # shared with the workers: set once, before they fork
+        self._unread = b""  # the start of a line whose end has not arrived
+        self._reports: dict[int, str] = {}
+        # Workers that exited during the stop, and their reports (None: sent none).
+        self.at_stop: list[tuple[int, str | None]] = []
+
+    def take(self, pid: int) -> str | None:
+        """The report of worker ``pid``, which has exited, or None if it sent none."""
+        self._read()
+        return self._reports.pop(pid, None)
+
+    def _read(self) -> None:
+        data = self._unread
+        while True:
+            try:
+                chunk = os.read(self._read_fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        *lines, self._unread = data.split(b"\n")
+        for line in lines:
+            pid, _, text = line.decode(errors="replace").partition(" ")
+            if pid.isdigit() and text:  # anything else was not written by a worker
+                self._reports[int(pid)] = text
+
+
+def send(fd: int, text: str) -> bool:
+    """Write this worker's report; False if the pipe was full (the arbiter then reports it missing)."""
+    line = f"{os.getpid()} ".encode() + text.encode()[:_MAX_LINE].replace(b"\n", b" ") + b"\n"
+    try:
+        return os.write(fd, line) == len(line)
+    except BlockingIOError:
+        return False
