@@ -1095,3 +1095,33 @@ def test_hooks_are_looked_up_once_and_only_those_an_observer_overrides_are_calle
     assert finished.looked_up == ["attempt_finished"]
     assert finished.finished == [("a", State.QUEUED), ("a", State.FAILED), ("b", State.FAILED)]  # due retries first
     assert queued.queued == ["a", "b", "c"]
+
+
+class Cancels(PoolObserver):
+    def __init__(self) -> None:
+        self.heard: list[str] = []
+
+    def task_cancelled(self, task):
+        self.heard.append(task.id)
+
+
+def test_a_task_cancelled_through_two_processes_at_once_is_counted_by_one(make_pool, clock, tmp_path):
+    # Two pools on one SQLite file stand for two processes: a cancel through the second reaches the
+    # store just after the first process cancelled the task. Exactly one of them tells of it.
+    here, there = (SqliteStore(tmp_path / "tasks.db", clock=clock.time) for _ in range(2))
+    heard_here, heard_there = Cancels(), Cancels()
+    first = make_pool(store=here, threads=False, observers=[heard_here])
+    second = make_pool(store=there, threads=False, observers=[heard_there])
+    real_cancel = there.cancel
+
+    def cancel_after_the_other_process(task_id):
+        first.cancel(task_id)
+        return real_cancel(task_id)
+
+    there.cancel = cancel_after_the_other_process
+    first.submit("later", delay=60)
+    assert second.cancel("later").state is State.CANCELLED
+    assert (heard_here.heard, heard_there.heard) == (["later"], [])
+    assert first.shutdown(0).counts[State.CANCELLED] + second.shutdown(0).counts[State.CANCELLED] == 1
+    here.close()
+    there.close()

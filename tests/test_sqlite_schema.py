@@ -144,7 +144,7 @@ def test_a_migrated_file_keeps_counting_every_transition_exactly(v1_file):
         claimed = store.claim("here:1:x", NOW + LEASE_S)
         assert claimed is not None and claimed.id == "new"
         store.finish(claimed.id, claimed.attempts, "here:1:x", result=1)
-        assert store.cancel("delayed").state is State.CANCELLED
+        assert store.cancel("delayed")[0].state is State.CANCELLED
         outcomes = store.admit([_task(f"more-{i}") for i in range(4)])  # room for 3 not yet started
         assert [type(outcome).__name__ for outcome in outcomes] == ["Task", "Task", "Task", "QueueFull"]
         stats = store.stats()

@@ -267,7 +267,7 @@ def test_late_writers_are_refused_and_change_nothing(store, clock):
 
 
 def test_cancel_of_an_unknown_id_is_none(store):
-    assert store.cancel("nope") is None
+    assert store.cancel("nope") == (None, False)
 
 
 @pytest.mark.parametrize("kind", ["new", "delayed", "waiting for a retry"])
@@ -278,7 +278,8 @@ def test_a_queued_task_is_cancelled_at_once_and_never_runs(store, clock, kind):
     else:
         admit(store, clock, "a", delay=5 if kind == "delayed" else None)
     clock.advance(1)
-    cancelled = store.cancel("a")
+    cancelled, changed = store.cancel("a")
+    assert changed
     assert (cancelled.state, cancelled.finished_at, cancelled.next_attempt_at, cancelled.payload) == (
         State.CANCELLED,
         clock.time(),
@@ -291,7 +292,7 @@ def test_a_queued_task_is_cancelled_at_once_and_never_runs(store, clock, kind):
     stats = store.stats()
     assert (stats.waiting, stats.due, stats.retries_pending, store.unfinished()) == (0, 0, 0, 0)
     assert store.seconds_until_due() is None
-    assert store.cancel("a") == cancelled  # a repeat is harmless
+    assert store.cancel("a") == (cancelled, False)  # a repeat is harmless, and says it changed nothing
 
 
 def test_a_cancelled_task_frees_its_room(make_store, clock):
@@ -307,9 +308,9 @@ def test_a_running_task_is_marked_and_its_attempt_decides(store, clock):
     claim(store, clock)
     claim(store, clock)
     for task_id in ("stops", "ignores"):
-        marked = store.cancel(task_id)
-        assert (marked.state, marked.cancel_requested) == (State.RUNNING, True)
-        assert store.cancel(task_id) == marked
+        marked, changed = store.cancel(task_id)
+        assert (marked.state, marked.cancel_requested, changed) == (State.RUNNING, True, True)
+        assert store.cancel(task_id) == (marked, False)
     # Raising ends it cancelled, never retried; returning ends it done.
     stopped = store.finish("stops", 1, OWNER, error="AttemptCancelled: attempt cancelled", retry_at=clock.time())
     assert (stopped.state, stopped.last_error, stopped.finished_at) == (
@@ -329,7 +330,7 @@ def test_a_final_task_is_unchanged_by_cancel(store, clock, final):
         run(store, clock, "a", error=None if final is State.DONE else "boom")
     before = store.get("a")
     assert before.state is final
-    assert store.cancel("a") == before
+    assert store.cancel("a") == (before, False)
 
 
 # -- abandon (shutdown) ---------------------------------------------------------------

@@ -217,7 +217,6 @@ class WorkerPool:
         self._turn_waiters: dict[str, threading.Event] = {}
         self._step_cancel = threading.Event()  # step()'s cancel event, reused until it is set
         self._cancel_early: set[str] = set()  # cancelled before their worker registered the attempt
-        self._cancel_lock = threading.Lock()  # held across the two store calls of cancel(), nothing else
         self._timeouts = 0  # attempts failed by the attempt timeout
         self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
         self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
@@ -361,11 +360,10 @@ class WorkerPool:
         unchanged when already final). A running attempt that then raises
         ends ``cancelled``; one that returns normally still ends ``done``.
         """
-        # One cancel at a time, so that exactly one caller tells of each change.
-        with self._cancel_lock:
-            before = self._store.get(task_id)
-            task = self._store.cancel(task_id)
-        if task is None or before is None or task == before:
+        # The store says whether this call made the change: of cancels racing here or in other
+        # processes on a shared store, exactly one tells of it (and counts it).
+        task, changed = self._store.cancel(task_id)
+        if not changed:
             return task
         if task.state is State.CANCELLED:
             self._count_final(task)

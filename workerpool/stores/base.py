@@ -176,13 +176,14 @@ class TaskStore(abc.ABC):
         """Extend the leases ``owner`` holds on ``task_ids``; report the lost ones and cancel requests."""
 
     @abc.abstractmethod
-    def cancel(self, task_id: str) -> Task | None:
-        """Cancel a task; None if the id is unknown.
+    def cancel(self, task_id: str) -> tuple[Task | None, bool]:
+        """Cancel a task: its snapshot after the cancel (None if the id is unknown), and whether this call changed it.
 
         Queued (new, delayed or waiting for a retry): ``cancelled`` at once,
         never to run. Running: ``cancel_requested`` set, state unchanged (the
-        attempt's end decides, see ``finish``). Final: unchanged. The returned
-        snapshot tells the caller which case it was; a repeat is harmless.
+        attempt's end decides, see ``finish``). Final, or its cancel requested
+        already: unchanged. A repeat is harmless; of calls racing in several
+        threads or processes, exactly one is told it changed the task.
         """
 
     @abc.abstractmethod

@@ -237,24 +237,24 @@ class MemoryStore(TaskStore):
             None if running is None else _snapshot(running),
         )
 
-    def cancel(self, task_id: str) -> Task | None:
+    def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         with self._lock:
             now = self._clock()
             self._evict(now)
             task = self._tasks.get(task_id)
             if task is None:
-                return None
+                return None, False
             if task[_STATE] in _FINAL_STATES or task[_CANCEL_REQUESTED]:
-                return _snapshot(task)
+                return _snapshot(task), False
             if task[_STATE] == _RUNNING:
                 changed = _changed(task, cancel_requested=True)
                 self._tasks[task_id] = changed
-                return _snapshot(changed)
+                return _snapshot(changed), True
             self._unqueue(task)
             cancelled = _changed(task, state=_CANCELLED, payload="", finished_at=now, next_attempt_at=None)
             self._set(task, cancelled)
             self._finish(cancelled, now)
-            return _snapshot(cancelled)
+            return _snapshot(cancelled), True
 
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
         abandoned = []

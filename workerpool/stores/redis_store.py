@@ -291,21 +291,25 @@ end
 return {lost, cancel}
 """
 
-# ARGV: id, now, ttl, max_finished, deadline.
+# ARGV: id, now, ttl, max_finished, deadline. Returns {1 if this call changed the task else 0, its
+# fields}, or false for an unknown id.
 _CANCEL = """
 if too_late(ARGV[5]) then return LATE end
 local id, now = ARGV[1], ARGV[2]
 local key = P .. ':t:' .. id
 local state = redis.call('HGET', key, 'state')
 if not state then return false end
+local changed = 1
 if state == 'queued' then
   dequeue(id)
   finalize(id, key, 'queued', 'cancelled', now)
   evict(tonumber(now) - tonumber(ARGV[3]), tonumber(ARGV[4]))
-elseif state == 'running' then
+elseif state == 'running' and redis.call('HGET', key, 'cancel_requested') ~= '1' then
   redis.call('HSET', key, 'cancel_requested', '1')
+else
+  changed = 0
 end
-return redis.call('HGETALL', key)
+return {changed, redis.call('HGETALL', key)}
 """
 
 # ARGV: now, ttl, max_finished, id. Readers evict first, so a forgotten task is never seen.
@@ -839,9 +843,12 @@ class RedisStore(TaskStore):
             lost=frozenset(i.decode() for i in lost), cancel_requested=frozenset(i.decode() for i in cancel)
         )
 
-    def cancel(self, task_id: str) -> Task | None:
-        flat = self._run("cancel", task_id, self._clock(), self._ttl, self._max_finished, self._deadline())
-        return _decode(flat) if flat else None
+    def cancel(self, task_id: str) -> tuple[Task | None, bool]:
+        reply = self._run("cancel", task_id, self._clock(), self._ttl, self._max_finished, self._deadline())
+        if not reply:
+            return None, False
+        changed, flat = reply
+        return _decode(flat), changed == 1
 
     def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
         now = self._clock()

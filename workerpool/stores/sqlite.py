@@ -962,7 +962,7 @@ class SqliteStore(TaskStore):
             cancel_requested=frozenset(task_id for task_id, requested in rows if requested),
         )
 
-    def cancel(self, task_id: str) -> Task | None:
+    def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         with self._step() as conn:
             now = self._clock()
             row = conn.execute(
@@ -977,8 +977,8 @@ class SqliteStore(TaskStore):
                     RETURNING {_COLUMNS}""",
                 {"now": now, "id": task_id},
             ).fetchone()
-            if row is None:
-                return self._get(conn, task_id, now)
+            if row is None:  # unknown, final, or its cancel requested already
+                return self._get(conn, task_id, now), False
             task = _task(row)
             if task.state is not State.RUNNING:
                 check_transition(State.QUEUED, task.state)
@@ -987,7 +987,7 @@ class SqliteStore(TaskStore):
                 if task.attempts == 0:
                     self._count("waiting", -1)
                 self._evict(conn, now)
-        return task
+        return task, True
 
     def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
         recovered = []
