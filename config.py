@@ -195,7 +195,24 @@ def _redis_url(text: str) -> str:
         raise ValueError(f"is not a Redis URL: the database must be a number, not {database!r}")
     if port == 0:
         raise ValueError("is not a Redis URL: port 0")
+    _check_redis_options(text)
     return text
+
+
+def _check_redis_options(text: str) -> None:
+    """Build (not connect) the client's first connection, so a bad option (``?socket_timeout=abc``) stops
+    the start instead of the first command; the client's messages name the option, never the password."""
+    import redis  # only a Redis store needs it, and its import costs the other stores' start-ups
+
+    try:
+        pool = redis.ConnectionPool.from_url(text)
+        pool.make_connection()
+    except TypeError as exc:  # an option the connection does not take
+        unknown = re.search(r"argument '(\w+)'", str(exc))
+        raise ValueError(f"is not a Redis URL: unknown option {unknown[1] if unknown else exc}") from None
+    except (ValueError, redis.RedisError) as exc:
+        reason = str(exc).rstrip(".")
+        raise ValueError(f"is not a Redis URL: {reason[:1].lower()}{reason[1:]}") from None
 
 
 def _prefix(text: str) -> str:

@@ -144,6 +144,7 @@ STORE_RULE = (
     "must be memory, sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full) "
     "or redis://host:port/db (rediss:// for TLS)"
 )
+BAD_REDIS_OPTION = "is not a Redis URL: invalid value for '{}' in connection URL"
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -229,6 +230,11 @@ BAD_VALUES = [
     ("STORE", "sqlite:///t.db?mode=ro", f"{STORE_RULE}: unknown option 'mode=ro'"),
     ("STORE", "redis:///0", "is not a Redis URL: the host is missing"),
     ("STORE", "redis://cache/zero", "is not a Redis URL: the database must be a number, not 'zero'"),
+    ("STORE", "redis://c/0?db=x", BAD_REDIS_OPTION.format("db")),
+    ("STORE", "redis://c/0?socket_timeout=x", BAD_REDIS_OPTION.format("socket_timeout")),
+    ("STORE", "redis://cache/0?timeout=5", "is not a Redis URL: unknown option timeout"),
+    ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs"),
+    ("STORE", "redis://cache/0?protocol=7", "is not a Redis URL: protocol must be either 2 or 3"),
     ("STORE_PREFIX", "", "must be 1-64 letters, digits or _ . : -"),
     ("STORE_PREFIX", "{tag}", "must be 1-64 letters, digits or _ . : -"),
     ("REDIS_PASSWORD", "pass\x00word", "must not contain control characters"),
@@ -256,6 +262,9 @@ def test_a_redis_password_never_shows():
     assert "hunter2" not in str(caught.value)
     assert "<credentials not shown>" in str(caught.value)
     assert "hunter2" not in repr(from_env({"STORE": "redis://:hunter2@cache", "REDIS_PASSWORD": "hunter2"}))
+    with pytest.raises(ConfigError) as caught:
+        from_env({"STORE": "rediss://:hunter2@cache/0?socket_timeout=abc"})
+    assert "hunter2" not in str(caught.value)
 
 
 def test_every_variable_has_a_bad_value_case():

@@ -45,6 +45,16 @@ def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "python app.py"])
+def test_a_bad_redis_url_option_stops_start_up_in_one_line_without_the_password(command):
+    result = start(command, STORE="redis://:hunter2@127.0.0.1:1/0?socket_timeout=abc")
+    assert result.returncode == 2
+    assert result.stdout + result.stderr == (
+        "configuration error: STORE='redis://<credentials not shown>@127.0.0.1:1/0?socket_timeout=abc' is invalid: "
+        "is not a Redis URL: invalid value for 'socket_timeout' in connection URL\n"
+    )
+
+
 # -- Python older than 3.11 ---------------------------------------------------------
 
 
