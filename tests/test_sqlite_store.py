@@ -874,3 +874,42 @@ def test_an_end_that_claims_next_keeps_retention_whether_it_claims_or_reads_firs
     assert (ended.id, current) == ("t4", None)
     assert [t.id for t in store.list(State.DONE)] == ["t4", "t3"]
     assert store.stats().counts[State.DONE] == 2
+
+
+def test_the_wal_is_copied_into_the_database_after_a_step_not_under_the_write_lock(open_store, clock, db, monkeypatch):
+    # SQLite's own checkpoint runs inside a commit, while the step holds the write lock every other
+    # thread of the process waits for.
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 3)
+    store = open_store()
+    checkpoints = []  # whether the write lock was held at each
+    store._connection().set_trace_callback(
+        lambda sql: "wal_checkpoint" in sql and checkpoints.append(store._write_lock.locked())
+    )
+    size = os.path.getsize(db)
+    for n in range(7):
+        store.admit([task(clock, f"t{n}")])
+    assert len(checkpoints) == 2 and not any(checkpoints)
+    assert os.path.getsize(db) > size  # the pages written since are in the database file
+
+
+def test_a_commit_leaves_the_wal_to_the_checkpoints_after_the_steps(open_store, clock, db, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 10**9)
+    store = open_store(capacity=1000)
+    size = os.path.getsize(db)
+    for n in range(300):  # about 1,500 pages: past SQLite's own threshold of 1,000
+        store.admit([task(clock, f"t{n}")])
+    assert os.path.getsize(f"{db}-wal") > 1000 * 4096
+    assert os.path.getsize(db) == size
+
+
+def test_a_checkpoint_that_fails_fails_no_step(open_store, clock, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 1)
+    store = open_store()
+
+    class Unwritable:
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_connection", Unwritable)
+    assert [t.id for t in store.admit([task(clock, "a")])] == ["a"]
+    assert store.health() is None

@@ -59,6 +59,11 @@ _SWEEP_INTERVAL_S = 1.0
 _WRITTEN_KEPT = 1024  # generations a process remembers writing (see _written); older ones count as news
 _JOIN_SYNC_S = 0.002  # the longest an fsync waits for a step that is writing, to cover its commit too
 _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a write of its own
+# Commits of this process between two checkpoints of the WAL (see _checkpoint_if_due): an admission
+# writes about 5 pages, a worker's end and next claim about 9, so the WAL stays near SQLite's own
+# threshold (1,000 pages), which the connections keep only as a backstop, raised tenfold.
+_CHECKPOINT_EVERY = 100
+_AUTOCHECKPOINT_PAGES = 10_000
 LOST = "lost: the process running it stopped (its lease expired)"
 
 _HOSTNAME = socket.gethostname()
@@ -297,6 +302,10 @@ class SqliteStore(TaskStore):
         self._admissions_lock = threading.Lock()
         self._admissions: list[_Admission] = []
         self._commits = 0  # write steps committed by this process (under _write_lock)
+        # Held by the thread copying the WAL into the database (see _checkpoint_if_due); _checkpointed:
+        # this process's commits counted when the last checkpoint began.
+        self._checkpoint_lock = threading.Lock()
+        self._checkpointed = 0
         # _sync_lock must be held while syncing the WAL or touching the two below.
         self._sync_lock = threading.Lock()
         self._synced = 0  # the commits the last fsync of the WAL covered
@@ -373,6 +382,7 @@ class SqliteStore(TaskStore):
             self._connections.add(conn)
         # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")  # see _checkpoint_if_due
         return conn
 
     def close(self) -> None:
@@ -416,6 +426,7 @@ class SqliteStore(TaskStore):
                 raise
         if commit and synced and self.synchronous == "FULL":
             self._sync_wal(commit)
+        self._checkpoint_if_due()
 
     def _begin(self) -> tuple[sqlite3.Connection, int]:  # _write_lock is held
         """Open a write transaction on the writer: the connection and its count of changes so far."""
@@ -473,6 +484,28 @@ class SqliteStore(TaskStore):
             except OSError as exc:  # the step is committed, but may not survive a power cut
                 raise sqlite3.OperationalError(f"syncing the WAL failed: {exc}") from None
             self._synced = target
+
+    def _checkpoint_if_due(self) -> None:
+        """Copy the WAL into the database every ``_CHECKPOINT_EVERY`` commits, without the write lock.
+
+        SQLite's own checkpoint runs inside the commit that crosses its
+        threshold, while that step holds the write lock: every other thread
+        of the process waits for the copy and its fsyncs. A checkpoint
+        needs no write lock (``PASSIVE``: it copies what no reader still
+        needs, and writers go on meanwhile), so the thread whose commit
+        makes it due runs it after its step, on its own connection; one at
+        a time. A failed checkpoint loses nothing (the WAL holds every
+        commit): the next one tries again.
+        """
+        if self._commits - self._checkpointed < _CHECKPOINT_EVERY or not self._checkpoint_lock.acquire(blocking=False):
+            return
+        try:
+            self._checkpointed = self._commits
+            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except (sqlite3.Error, StoreUnavailable):
+            pass
+        finally:
+            self._checkpoint_lock.release()
 
     def _close_wal(self) -> None:  # _sync_lock is held
         if self._wal_fd is not None:
@@ -592,6 +625,7 @@ class SqliteStore(TaskStore):
                     self._wrote(written)
                 self._admitted += admitted
                 self._wakeup.notify(admitted)
+            self._checkpoint_if_due()
         if mine.error is not None:
             raise mine.error
         if mine.failure is not None:
