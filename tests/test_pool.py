@@ -1125,3 +1125,58 @@ def test_a_task_cancelled_through_two_processes_at_once_is_counted_by_one(make_p
     assert first.shutdown(0).counts[State.CANCELLED] + second.shutdown(0).counts[State.CANCELLED] == 1
     here.close()
     there.close()
+
+
+def test_a_cancel_that_lands_as_its_attempt_ends_never_reaches_a_later_task_reusing_the_id(make_pool, clock):
+    gate, seen = Gate(), []
+
+    def handler(task, cancel):
+        if task.payload == "block":
+            gate(task, cancel)
+        seen.append((task.id, task.payload, cancel.is_set()))
+
+    store = MemoryStore(8, max_finished=1, clock=clock.time)
+    pool = make_pool(handler, store=store, threads=False)
+    real_cancel = store.cancel
+
+    def cancel_as_the_attempt_ends(task_id):
+        cancelled = real_cancel(task_id)  # the store marks the running attempt...
+        gate.open()  # ...which ends before the pool looks for it among those it runs
+        stepping.join(TIMEOUT)
+        return cancelled
+
+    store.cancel = cancel_as_the_attempt_ends
+    pool.submit("job", "block")
+    stepping = threading.Thread(target=pool.step)
+    stepping.start()
+    gate.wait_started()
+    assert pool.cancel("job").cancel_requested
+    assert pool.get("job").state is State.DONE  # it returned normally
+    clock.advance(1)
+    pool.submit("other")
+    assert pool.step()  # retention keeps one finished task: "job" is forgotten
+    assert pool.get("job") is None
+    pool.submit("job", "again")
+    assert pool.step()
+    assert seen[-1] == ("job", "again", False)  # not told to cancel at its start
+    assert pool.get("job").state is State.DONE
+    assert not pool._cancel_early  # nothing kept for an attempt that will never register
+
+
+def test_a_cancel_between_the_claim_and_the_attempts_start_reaches_its_handler(make_pool, clock):
+    seen = []
+    store = MemoryStore(8, clock=clock.time)
+    pool = make_pool(lambda task, cancel: seen.append(cancel.is_set()), store=store, threads=False)
+    real_claim = store.claim
+
+    def claim_then_cancel(owner, lease_until):
+        claimed = real_claim(owner, lease_until)
+        if claimed is not None:
+            assert pool.cancel(claimed.id).cancel_requested  # the pool has not registered the attempt yet
+        return claimed
+
+    store.claim = claim_then_cancel
+    pool.submit("job")
+    assert pool.step()
+    assert seen == [True]
+    assert not pool._cancel_early

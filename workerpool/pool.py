@@ -216,7 +216,8 @@ class WorkerPool:
         self._in_flight: dict[str, int] = {}
         self._turn_waiters: dict[str, threading.Event] = {}
         self._step_cancel = threading.Event()  # step()'s cancel event, reused until it is set
-        self._cancel_early: set[str] = set()  # cancelled before their worker registered the attempt
+        # Attempts cancelled before their worker registered them, by (task id, created_at, attempt number).
+        self._cancel_early: set[tuple[str, float, int]] = set()
         self._timeouts = 0  # attempts failed by the attempt timeout
         self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
         self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
@@ -376,12 +377,19 @@ class WorkerPool:
             if closing:  # the drain may be waiting for this task alone (delayed, or waiting out a backoff)
                 self._drain_wakeup.set()
             return task
+        early = (task_id, task.created_at, task.attempts)
         with self._lock:
             attempt = self._running.get(task_id)
-            if attempt is None and not self._store.shared:  # claimed, not yet registered by its worker
-                self._cancel_early.add(task_id)
+            if attempt is None and not self._store.shared:  # claimed, not yet registered by its worker...
+                self._cancel_early.add(early)
             if attempt is not None:
                 self._set_cancel(attempt)
+        if attempt is None and not self._store.shared:
+            # ...or ended already: its end was stored before it left _running, so the store tells.
+            now = self._store.get(task_id)
+            if now is None or (now.state, now.created_at, now.attempts) != (State.RUNNING, *early[1:]):
+                with self._lock:
+                    self._cancel_early.discard(early)
         _log(logging.INFO, task, "task %s: cancel requested while attempt %d runs", task_id, task.attempts)
         return task
 
@@ -492,9 +500,11 @@ class WorkerPool:
     def _register(self, attempt: Attempt) -> None:  # _lock is held
         task_id = attempt.task.id
         self._running[task_id] = attempt
-        if self._cancel_early and task_id in self._cancel_early:
-            self._cancel_early.discard(task_id)
-            attempt.cancelled_early = True
+        if self._cancel_early:
+            early = (task_id, attempt.task.created_at, attempt.task.attempts)
+            if early in self._cancel_early:
+                self._cancel_early.discard(early)
+                attempt.cancelled_early = True
         # Read without _order_lock (one dict lookup, atomic under the GIL): a task is marked before
         # the store step that lets a worker claim it, so a worker that claimed it sees the mark
         # unless its observers have heard already. Taking _order_lock here would make every worker
