@@ -68,6 +68,17 @@ def on_starting(server):
     server.drain_reports = DrainReports()
 
 
+def nworkers_changed(server, new_value, old_value):
+    """Keep one worker process when ``kill -TTIN`` asks for more and the store is not shared."""
+    if old_value is None or new_value <= 1:  # the first count is on_starting's to check
+        return
+    try:
+        _config.check_server_processes(_settings, new_value)
+    except _config.ConfigError as error:
+        server.log.error("not adding a worker process: %s", error)
+        server.num_workers = old_value  # calls this hook again, with a count it accepts
+
+
 def on_reload(server):
     """Say what a reload costs when tasks live in the worker's memory."""
     if not _settings.store.shared:

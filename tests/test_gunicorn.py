@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import signal
 import subprocess
 import sys
 
 import pytest
-from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until, worker_pids
 
 from config import VARIABLES
 
@@ -198,3 +200,33 @@ def test_a_reload_warns_that_the_memory_store_forgets_every_task(monkeypatch, tm
     assert bool(warnings) == warned
     if warned:
         assert "empty task table" in warnings[0] and "404" in warnings[0]
+
+
+@pytest.mark.parametrize(("store", "kept"), [("memory", 1), ("sqlite", 2)])
+def test_ttin_adds_a_worker_process_only_with_a_shared_store(monkeypatch, tmp_path, store, kept):
+    conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else store)
+    errors: list[str] = []
+
+    class Arbiter:
+        log = type("Log", (), {"error": lambda self, message, *args: errors.append(message % args)})()
+        num_workers = 2  # what gunicorn's TTIN handler set; the hook runs after
+
+    conf["nworkers_changed"](Arbiter, 2, 1)
+    assert Arbiter.num_workers == kept
+    assert bool(errors) == (store == "memory")
+
+
+@pytest.mark.e2e
+def test_ttin_does_not_start_a_second_worker_on_the_memory_store(tmp_path):
+    server = start_gunicorn(tmp_path)
+    try:
+        server.wait_for_port(LISTENING)
+        arbiter = server.proc.pid
+        (worker,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the worker")
+        os.kill(arbiter, signal.SIGTTIN)
+        wait_until(lambda: "not adding a worker process" in server.log(), timeout=10, what="the refusal")
+        os.kill(arbiter, signal.SIGWINCH)  # handled after TTIN's handler, which spawns what it decided on
+        wait_until(lambda: "Handling signal: winch" in server.log(), timeout=10, what="the arbiter's next signal")
+        assert worker_pids(arbiter) == {worker}
+    finally:
+        server.stop()
