@@ -174,8 +174,9 @@ def test_a_batch_after_shutdown_began_is_refused_task_by_task(harness):
 def test_the_valid_tasks_go_to_the_engine_in_one_call(harness, monkeypatch):
     calls = []
     submit_many = harness.pool.submit_many
-    monkeypatch.setattr(harness.pool, "submit_many", lambda specs: calls.append(specs) or submit_many(specs))
-    monkeypatch.setattr(harness.pool, "submit", None)  # never one task at a time
+    # A pool has slots, no dict of its own: its class is patched.
+    monkeypatch.setattr(WorkerPool, "submit_many", lambda pool, specs: calls.append(specs) or submit_many(specs))
+    monkeypatch.setattr(WorkerPool, "submit", None)  # never one task at a time
     body = {"tasks": [task("a"), task("b"), {"id": "c"}, task("a"), task("d", max_retries=1)]}
     response = post_batch(harness.client, body, headers={"X-Request-ID": "rid-one"})
     assert statuses(response) == [202, 202, 400, 409, 202]
@@ -359,10 +360,10 @@ def test_each_task_is_counted_as_accepted_or_by_its_reason_for_refusal(gate):
 
 
 def test_a_batch_the_store_cannot_take_is_a_503_counted_once(harness, monkeypatch):
-    def unavailable(specs):
+    def unavailable(pool, specs):
         raise StoreUnavailable("the disk is full (database or disk is full)")
 
-    monkeypatch.setattr(harness.pool, "submit_many", unavailable)
+    monkeypatch.setattr(WorkerPool, "submit_many", unavailable)  # a pool has slots: patch its class
     response = post_batch(harness.client, {"tasks": [task("a"), task("b")]})
     assert (response.status_code, response.mimetype) == (503, "application/problem+json")
     assert response.get_json()["type"] == "urn:workerpool:problem:store-unavailable"

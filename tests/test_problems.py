@@ -76,7 +76,7 @@ def test_an_engine_bug_during_submit_is_a_500(harness, monkeypatch, caplog):
     def broken_submit(*args, **kwargs):
         raise KeyError("internal")
 
-    monkeypatch.setattr(harness.pool, "submit", broken_submit)
+    monkeypatch.setattr(type(harness.pool), "submit", broken_submit)  # a pool has slots: patch its class
     with caplog.at_level(logging.ERROR, logger="service.problems"):
         response = harness.client.post("/enqueue", json={"id": "a", "payload": ""})
     assert response.status_code == 500
@@ -93,7 +93,7 @@ def test_a_store_that_cannot_be_written_is_a_503_that_invites_a_retry(harness, m
     def unavailable(*args, **kwargs):
         raise StoreUnavailable("the disk is full (database or disk is full)")
 
-    monkeypatch.setattr(harness.pool, "submit", unavailable)
+    monkeypatch.setattr(type(harness.pool), "submit", unavailable)
     with caplog.at_level(logging.ERROR, logger="service.problems"):
         response = harness.client.post("/enqueue", json={"id": "a", "payload": ""})
     assert (response.status_code, response.mimetype) == (503, "application/problem+json")

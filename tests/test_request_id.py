@@ -102,7 +102,7 @@ def test_an_unexpected_error_still_echoes_the_id(harness, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(harness.pool, "stats", broken)
+    monkeypatch.setattr(type(harness.pool), "stats", broken)  # a pool has slots: patch its class
     response = harness.client.get("/healthz", headers={"X-Request-ID": "rid-500"})
     assert (response.status_code, response.headers["X-Request-ID"]) == (500, "rid-500")
 

@@ -124,6 +124,20 @@ class WorkerPool:
     and the caller drives the pool with ``step()``.
     """
 
+    # Slots, not an instance dict: the pool has more attributes than CPython 3.11 keeps in a class's
+    # shared keys (30), so its dict was a plain one that the interpreter reads and calls methods
+    # through more slowly; a worker reads the pool's attributes some sixty times per task. A new
+    # attribute is listed here (setting one that is not raises AttributeError).
+    __slots__ = (
+        "workers", "queue_size", "owner", "_store", "_handler", "_backoff_base", "_backoff_cap",
+        "_max_result_bytes", "_lease", "_attempt_timeout", "_max_stuck", "_rng", "_clock", "_monotonic", "_wait",
+        "_observers", "_on_queued", "_on_started", "_on_finished", "_on_cancelled", "_on_abandoned",
+        "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
+        "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early",
+        "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
+        "_drained", "_summary", "__weakref__",
+    )  # fmt: skip
+
     def __init__(
         self,
         handler: Handler | None = None,
