@@ -11,14 +11,18 @@ each change stores a new one: an entry in a line or the heap that no longer
 ``is`` the task's current record is stale (the task was cancelled or
 abandoned meanwhile) and skipped when reached.
 
-A record holds a ``Task``'s fields in the same order, but its state as the
-state's plain string (``"done"``) and it is an exact tuple, not a ``Task``.
-Why: CPython's garbage collector stops tracking an exact tuple whose items
-are all untracked (strings, numbers, None), and never a tuple subclass or
-one holding an enum member. Retained tasks (100,000 by default) would
-otherwise sit in the oldest generation and be traversed by every full
-collection; as records they leave the collector's lists at their first
-collection (unless a payload or result is itself a container).
+A record holds a ``Task``'s fields in the same order and it is an exact
+tuple, not a ``Task``; a final record holds its state as the state's plain
+string (``"done"``). Why: CPython's garbage collector stops tracking an exact
+tuple whose items are all untracked (strings, numbers, None), and never a
+tuple subclass or one holding an enum member. Retained tasks (100,000 by
+default) would otherwise sit in the oldest generation and be traversed by
+every full collection; as records they leave the collector's lists at their
+first collection (unless a payload or result is itself a container). A
+queued or running record holds its ``State`` member instead: it lives only
+until the task's next change, and its snapshot is then one copy in C
+(``tuple.__new__(Task, record)``) rather than a tuple built field by field;
+an admitted ``Task`` becomes its record the same way.
 
 The ready lines are plain deques rather than a ``queue.Queue``: the store's
 lock already guards them, and a ``queue.Queue`` would add a second lock and
@@ -60,6 +64,8 @@ _QUEUED, _RUNNING, _DONE, _FAILED, _CANCELLED = (
     State.CANCELLED.value,
 )
 _STATES: dict[str, State] = {state.value: state for state in State}
+# What queued and running records hold (see the module docstring): read once, not looked up on State.
+_QUEUED_STATE, _RUNNING_STATE = State.QUEUED, State.RUNNING
 _TRANSITIONS = {state.value: frozenset(new.value for new in allowed) for state, allowed in TRANSITIONS.items()}
 _FINAL_STATES = frozenset(state.value for state in FINAL_STATES)
 _NO_RENEWAL = Renewal(lost=frozenset(), cancel_requested=frozenset())
@@ -79,6 +85,8 @@ Record = tuple  # a Task's fields as a plain tuple, the state as its string (see
 def _snapshot(record: Record) -> Task:
     """The ``Task`` a record stands for."""
     r = record
+    if type(r[3]) is State:  # queued or running: the record holds the member (see the module docstring)
+        return _tuple_new(Task, r)
     return _tuple_new(
         Task, (r[0], r[1], r[2], _STATES[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12])
     )  # fmt: skip
@@ -168,17 +176,16 @@ class MemoryStore(TaskStore):
                 elif self._waiting >= self.capacity:
                     results.append(QueueFull(self.capacity))
                 else:
-                    # A new task is queued, attempts == 0 (see TaskStore.admit). Its fields are read by
-                    # position from one plain tuple: a Task's own items are a subclass's, slower to index.
-                    t = tuple(task)
+                    # A new task is queued, attempts == 0 (see TaskStore.admit): its fields as one plain
+                    # tuple are its record, read by position (a Task's own items are a subclass's, slower).
+                    record = t = tuple(task)
                     created = t[6]
                     if created < self._last_created:  # stamped before a task admitted first
                         # Common with batches submitted side by side: spelled out, a third of _replace().
                         created = self._last_created
-                        task = _tuple_new(Task, (t[0], t[1], t[2], t[3], t[4], t[5], created, t[7], t[8], t[9], t[10],
-                                          t[11], t[12]))  # fmt: skip
+                        record = (t[0], t[1], t[2], t[3], t[4], t[5], created, t[7], t[8], t[9], t[10], t[11], t[12])
+                        task = _tuple_new(Task, record)
                     self._last_created = created
-                    record = (task_id, t[1], t[2], _QUEUED, 0, t[5], created, t[7], t[8], t[9], t[10], t[11], t[12])
                     tasks_by_id[task_id] = record
                     queued[task_id] = None
                     self._waiting += 1
@@ -234,7 +241,7 @@ class MemoryStore(TaskStore):
         # The snapshots are made after the lock is released: the other threads wait less.
         return (
             None if ended is None else _snapshot(ended),
-            None if running is None else _snapshot(running),
+            None if running is None else _tuple_new(Task, running),  # a running record holds its State
         )
 
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
@@ -373,8 +380,8 @@ class MemoryStore(TaskStore):
                     self._waiting -= 1
                 # The hot path, spelled out rather than _changed() and _set(): a line holds queued
                 # records only, and queued -> running is a legal change (TRANSITIONS).
-                running = (task_id, task[1], task[2], _RUNNING, task[4] + 1, task[5], task[6], now, None, None,
-                           task[10], task[11], task[12])  # fmt: skip
+                running = (task_id, task[1], task[2], _RUNNING_STATE, task[4] + 1, task[5], task[6], now, None,
+                           None, task[10], task[11], task[12])  # fmt: skip
                 del self._queued[task_id]
                 self._running[task_id] = owner
                 tasks[task_id] = running
@@ -385,7 +392,7 @@ class MemoryStore(TaskStore):
         self, task_id: str, attempt: int, owner: str, error: str | None, result: Any, retry_at: float | None, now: float
     ) -> Record | None:
         task = self._tasks.get(task_id)
-        if task is None or task[_STATE] != _RUNNING or task[_ATTEMPTS] != attempt:
+        if task is None or task[_STATE] is not _RUNNING_STATE or task[_ATTEMPTS] != attempt:
             return None
         if self._running[task_id] != owner:
             return None
@@ -403,11 +410,11 @@ class MemoryStore(TaskStore):
         if task[_CANCEL_REQUESTED]:
             ended = _changed(task, state=_CANCELLED, payload="", finished_at=now, last_error=error)
         elif retry_at is not None:
-            ended = _changed(task, state=_QUEUED, last_error=error, next_attempt_at=retry_at)
+            ended = _changed(task, state=_QUEUED_STATE, last_error=error, next_attempt_at=retry_at)
         else:
             ended = _changed(task, state=_FAILED, payload="", finished_at=now, last_error=error)
         self._set(task, ended)
-        if ended[_STATE] == _QUEUED:
+        if ended[_STATE] is _QUEUED_STATE:
             self._schedule(ended)
             self._wake_idle(1)
         else:
