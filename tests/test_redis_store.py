@@ -360,6 +360,72 @@ def test_an_admission_interrupted_just_after_its_turn_comes_leaves_and_the_other
     assert store.admit([new("next", clock)])[0].id == "next"
 
 
+class _InterruptHandOver:
+    """Raise KeyboardInterrupt (as a signal does on the main thread) at the ``line``-th line that
+    ``_hand_over`` runs in the thread that calls ``trace``, once."""
+
+    def __init__(self, line: int) -> None:
+        self.line = line
+        self.interrupted = False
+        self._lines = 0
+
+    def trace(self) -> None:
+        code = RedisStore._hand_over.__code__
+
+        def local(frame, event, arg):
+            # Not at a with statement's line (see _InterruptAfterTurn.trace).
+            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip()
+            if event == "line" and not self.interrupted and not source.startswith("with "):
+                self._lines += 1
+                if self._lines == self.line:
+                    self.interrupted = True
+                    raise KeyboardInterrupt
+            return local
+
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+
+
+@pytest.mark.parametrize(
+    "interrupted", ["first", "b"], ids=["one-passing-the-turn-on", "one-answering-the-admissions-it-carried"]
+)
+def test_an_admission_interrupted_while_it_hands_over_still_answers_the_others_and_passes_the_turn_on(
+    make, clock, interrupted
+):
+    # "first" is in flight while "b" and "c" queue: its hand-over passes the turn to "b", whose round
+    # trip carries "c" too and whose hand-over answers "c". Wherever the interruption lands, nobody hangs.
+    store = make(capacity=1000)
+    store.admit([])  # the script is loaded
+    line = 0
+    while True:
+        line += 1
+        ids = {name: f"{name}{line}" for name in ("first", "b", "c")}
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(store, "_run", store._run)  # undoes the holding below
+            entered, release = _hold_first_admission(store)
+            interrupt = _InterruptHandOver(line)
+            outcomes: dict[str, object] = {}
+
+            def submit(name, interrupt=interrupt, outcomes=outcomes, ids=ids):
+                if name == interrupted:
+                    interrupt.trace()
+                try:
+                    outcomes[name] = [t.id for t in store.admit([new(ids[name], clock)])]
+                except KeyboardInterrupt as exc:
+                    outcomes[name] = exc
+                finally:
+                    sys.settrace(None)
+
+            _queue_behind_one_in_flight(store, entered, submit, ("first",), [("b",), ("c",)], release)
+        if not interrupt.interrupted:  # the hand-over ended before that line: every line was tried
+            assert line > 1
+            break
+        assert isinstance(outcomes.pop(interrupted), KeyboardInterrupt), line
+        assert outcomes == {name: [ids[name]] for name in ids if name != interrupted}, line
+        assert all(store.get(task_id) is not None for task_id in ids.values()), line  # each was sent
+        assert not store._admitting and not store._admissions, line
+    assert store.admit([new("next", clock)])[0].id == "next"
+
+
 def test_a_payload_that_is_not_json_fails_only_its_own_admission_even_when_others_wait(make, clock):
     store = make()
     store.admit([])  # the script is loaded

@@ -18,6 +18,7 @@ instances do at the same moment. Keys (``P`` is the prefix with its hash tag,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -487,7 +488,7 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
 class _Admission:
     """One admit call's tasks, waiting for the round trip that carries them (see RedisStore.admit)."""
 
-    __slots__ = ("tasks", "documents", "ready", "lead", "batch", "sent", "verdicts", "error")
+    __slots__ = ("tasks", "documents", "ready", "lead", "batch", "sent", "verdicts", "error", "waking")
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         self.tasks = tasks
@@ -501,6 +502,7 @@ class _Admission:
         self.sent = False  # its batch went out (or was about to): it may be stored
         self.verdicts: Sequence[bytes] | None = None
         self.error: BaseException | None = None
+        self.waking: list[_Admission] | None = None  # those its hand-over has still to wake (see _hand_over)
 
 
 class RedisStore(TaskStore):
@@ -648,7 +650,12 @@ class RedisStore(TaskStore):
             error = exc
             raise
         finally:
-            self._hand_over(mine, error)
+            # The hand-over must run to its end, or the admissions behind this one wait for ever.
+            try:
+                self._hand_over(mine, error)
+            except BaseException:  # interrupted (a KeyboardInterrupt lands wherever the main thread is)
+                self._hand_over_to_the_end(mine, error)
+                raise
         return self._results(tasks, mine.verdicts, None)
 
     def _join(self, mine: _Admission) -> bool:
@@ -675,30 +682,42 @@ class RedisStore(TaskStore):
         just after its turn came) takes only itself out: the admissions of its
         batch go back to the head of the queue, in order, for the next turn, as
         if it had never queued; its own tasks were never sent.
+
+        Stopped anywhere by an exception, it may be called again and goes on from
+        there (see admit): under the lock it changes nothing but what a second
+        run would change the same way until one assignment passes the turn on,
+        and the admissions to wake wait in ``mine.waking``, each taken off once woken.
         """
-        answered: list[_Admission] = []
         with self._admissions_lock:
             if mine in self._admissions:
                 self._admissions.remove(mine)
-            if not mine.lead:
+            if mine.lead:
+                others = mine.batch[1:]  # (its batch begins with itself)
+                queue = self._admissions if mine.sent else others + self._admissions
+                answered = others if mine.sent else []
+                for admission in answered:
+                    if admission.verdicts is None and admission.error is None:  # cut short: maybe stored
+                        admission.error = error or RuntimeError("the admission was interrupted")
+                following = queue[0] if queue else None
+                if following is not None:
+                    following.lead = True
+                waking = answered if following is None else [following, *answered]
+                self._admissions, self._admitting, mine.waking, mine.lead = queue, bool(queue), waking, False
+        waking = mine.waking
+        while waking:
+            with contextlib.suppress(RuntimeError):  # woken already, by a run of this stopped before the pop
+                waking[-1].ready.release()
+            waking.pop()
+
+    def _hand_over_to_the_end(self, mine: _Admission, error: BaseException | None) -> None:
+        """Run ``_hand_over`` again, from where an exception stopped it, until it ends; a further exception is
+        dropped (the first one is the caller's to raise)."""
+        while True:
+            try:
+                self._hand_over(mine, error)
                 return
-            mine.lead = False
-            others = [admission for admission in mine.batch if admission is not mine]
-            if mine.sent:
-                answered = others
-            else:
-                self._admissions[:0] = others
-            following = self._admissions[0] if self._admissions else None
-            if following is not None:
-                following.lead = True
-            else:
-                self._admitting = False
-        for admission in answered:
-            if admission.verdicts is None:  # the round trip failed or was cut short: maybe stored
-                admission.error = error or RuntimeError("the admission was interrupted")
-            admission.ready.release()
-        if following is not None:
-            following.ready.release()
+            except BaseException:  # noqa: BLE001  (another interruption: the hand-over goes on all the same)
+                continue
 
     def _results(
         self, tasks: Sequence[Task], verdicts: Sequence[bytes] | None, error: BaseException | None
