@@ -14,7 +14,7 @@ from http import HTTPStatus
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from workerpool import DuplicateTask, PoolClosed, QueueFull, StoreUnavailable, SubmitError
+from workerpool import DuplicateTask, PoolClosed, QueueFull, StoreNotSynced, StoreUnavailable, SubmitError
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,27 @@ def _from_submit_error(exc: SubmitError) -> Response:
     return _from_problem(submit_problem(exc))
 
 
+# What a request the store could not serve did, by method: a client decides by it whether to send it again.
+_STORE_UNAVAILABLE = "the task store cannot be used right now; "
+_STORE_UNAVAILABLE_DETAILS = {
+    "POST": _STORE_UNAVAILABLE + "nothing was stored, retry later",
+    # Redis may have run a cancel whose answer timed out; a repeated cancel answers as the first would.
+    "DELETE": _STORE_UNAVAILABLE + "the cancel may not have been recorded, retry later",
+}
+_STORE_NOT_SYNCED = (
+    "the change was stored, but syncing it to disk failed: it stands (do not send it again), "
+    "though a power cut before the store's next sync could undo it"
+)
+
+
 def _from_store_unavailable(exc: StoreUnavailable) -> Response:
-    # Nothing was stored: the client may retry. The reason (e.g. a full disk)
-    # goes to the log and to /healthz, not to every client.
+    # The reason (e.g. a full disk) goes to the log and to /healthz, not to every client.
     log.error("task store unavailable on %s %s: %s", request.method, request.path, exc)
+    if isinstance(exc, StoreNotSynced):  # committed: retrying would only repeat it
+        return problem_response(503, _STORE_NOT_SYNCED, kind=_TYPE_PREFIX + "store-unavailable")
     return problem_response(
         503,
-        "the task store cannot be used right now; nothing was stored, retry later",
+        _STORE_UNAVAILABLE_DETAILS.get(request.method, _STORE_UNAVAILABLE + "retry later"),
         kind=_TYPE_PREFIX + "store-unavailable",
         headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
     )

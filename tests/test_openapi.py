@@ -24,7 +24,7 @@ from service.schema import (
     MAX_LIST_LIMIT,
     task_to_json,
 )
-from workerpool import State, Task
+from workerpool import MemoryStore, State, StoreUnavailable, Task
 
 # Fixed seed, derandomized, no example database: the same requests on every run for a given
 # FUZZ_EXAMPLES; at the default 20, about a second per instance.
@@ -89,11 +89,46 @@ DRAINING.pool.shutdown(0)
 TOKEN = "fuzz-t0ken-0123456789"
 GUARDED = make_harness(_fail_odd_payloads, config=dataclasses.replace(TEST_CONFIG, api_token=TOKEN), queue_size=1000)
 
+
+
+class _StoreDown(MemoryStore):
+    """A store every request finds down, as when its Redis server stopped (``down`` until the tests end)."""
+
+    down = True
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("redis: Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    def admit(self, tasks):
+        self._check()
+        return super().admit(tasks)
+
+    def get(self, task_id):
+        self._check()
+        return super().get(task_id)
+
+    def list(self, state=None, limit=100):
+        self._check()
+        return super().list(state, limit)
+
+    def cancel(self, task_id):
+        self._check()
+        return super().cancel(task_id)
+
+    def stats(self):
+        self._check()
+        return super().stats()
+
+
+STORE_DOWN = make_harness(store=_StoreDown(capacity=4))
 working_api = _fuzz(WORKING.app)
 busy_api = _fuzz(BUSY.app, unavailable=True, only=("enqueue", "enqueue_batch"))
 draining_api = _fuzz(DRAINING.app, unavailable=True, only=("enqueue", "enqueue_batch", "health", "health_alias"))
 guarded_api = _fuzz(GUARDED.app, token=TOKEN)
 # No token at all: every guarded operation must answer its documented 401, whatever the request.
+# Every operation that reads or changes tasks answers its documented 503.
+store_down_api = _fuzz(STORE_DOWN.app, unavailable=True)
 locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "enqueue_batch", "get_task", "list_tasks", "cancel_task"))
 
 
@@ -101,7 +136,8 @@ locked_out_api = _fuzz(GUARDED.app, only=("enqueue", "enqueue_batch", "get_task"
 def _stop_the_fuzzed_pools():
     yield
     BUSY_GATE.open()
-    for harness in (WORKING, BUSY, DRAINING, GUARDED):
+    STORE_DOWN.pool.store.down = False
+    for harness in (WORKING, BUSY, DRAINING, GUARDED, STORE_DOWN):
         harness.pool.shutdown(WAIT_S)
 
 
@@ -120,6 +156,12 @@ def test_a_full_queue_keeps_to_its_description(case):
 @pytest.mark.fuzz
 @draining_api.parametrize()
 def test_a_draining_instance_keeps_to_its_description(case):
+    case.call_and_validate()
+
+
+@pytest.mark.fuzz
+@store_down_api.parametrize()
+def test_an_instance_whose_store_is_down_keeps_to_its_description(case):
     case.call_and_validate()
 
 

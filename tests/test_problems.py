@@ -7,7 +7,7 @@ import logging
 import pytest
 from http_fixtures import make_harness
 
-from workerpool import StoreUnavailable
+from workerpool import StoreNotSynced, StoreUnavailable
 
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 
@@ -105,3 +105,43 @@ def test_a_store_that_cannot_be_written_is_a_503_that_invites_a_retry(harness, m
     [record] = caplog.records
     assert "the disk is full" in record.getMessage()
     assert 'workerpool_tasks_rejected_total{reason="store_unavailable"} 1.0' in harness.client.get("/metrics").text
+
+
+def _store_fails(harness, monkeypatch, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    for method in ("submit", "submit_many", "get", "list", "cancel", "stats"):
+        monkeypatch.setattr(type(harness.pool), method, fail)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "told"),
+    [
+        ("POST", "/enqueue/batch", {"tasks": [{"payload": ""}]}, "nothing was stored, retry later"),
+        ("GET", "/tasks/a", None, "the task store cannot be used right now; retry later"),
+        ("GET", "/tasks", None, "the task store cannot be used right now; retry later"),
+        ("GET", "/metrics", None, "the task store cannot be used right now; retry later"),
+        ("GET", "/dashboard/live", None, "the task store cannot be used right now; retry later"),
+        ("DELETE", "/tasks/a", None, "the cancel may not have been recorded, retry later"),
+    ],
+)
+def test_a_503_for_an_unavailable_store_says_what_became_of_the_request(harness, monkeypatch, method, path, body, told):
+    _store_fails(harness, monkeypatch, StoreUnavailable("redis: Connection refused"))
+    response = harness.client.open(path, method=method, json=body)
+    assert (response.status_code, response.mimetype) == (503, "application/problem+json")
+    assert response.headers["Retry-After"] == "1"
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:store-unavailable"
+    assert problem["detail"].endswith(told)
+    assert "nothing was stored" not in problem["detail"] or method == "POST"
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/enqueue"), ("DELETE", "/tasks/a")])
+def test_a_change_whose_fsync_failed_is_a_503_that_says_it_stands(harness, monkeypatch, method, path):
+    _store_fails(harness, monkeypatch, StoreNotSynced("syncing the WAL failed: [Errno 5] Input/output error"))
+    response = harness.client.open(path, method=method, json={"id": "a", "payload": ""} if method == "POST" else None)
+    assert response.status_code == 503
+    assert "Retry-After" not in response.headers  # sending it again would only repeat it
+    detail = response.get_json()["detail"]
+    assert "it stands (do not send it again)" in detail and "Errno" not in detail

@@ -21,7 +21,7 @@ import pytest
 from doubles import WAIT_S, wait_until
 
 from workerpool import State, Task
-from workerpool.errors import DuplicateTask, QueueFull, StoreUnavailable
+from workerpool.errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable
 from workerpool.stores import sqlite as sqlite_store
 from workerpool.stores.sqlite import LOST, SCHEMA_VERSION, SqliteStore
 
@@ -618,6 +618,21 @@ def test_with_synchronous_full_a_step_returns_after_an_fsync_of_its_commit_and_a
     assert (ended.state, second.id, syncs.count) == (State.DONE, "b", 2)  # one commit, one fsync
     store.stats()  # a step that changes nothing writes nothing
     assert syncs.count == 2
+
+
+def test_with_synchronous_full_a_failed_fsync_says_the_step_stands(open_store, clock, monkeypatch):
+    store = open_store(synchronous="FULL")
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fsync)
+    with pytest.raises(StoreNotSynced, match="syncing the WAL failed"):
+        store.admit([task(clock, "a")])
+    assert store.get("a").state is State.QUEUED  # committed: a client must not send it again
+    with pytest.raises(StoreNotSynced):
+        store.cancel("a")
+    assert store.get("a").state is State.CANCELLED
 
 
 def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_one(open_store, clock, db, monkeypatch):

@@ -7,6 +7,7 @@ from .errors import (
     PermanentFailure,
     PoolClosed,
     QueueFull,
+    StoreNotSynced,
     StoreUnavailable,
     SubmitError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "SimulatedWork",
     "State",
     "StoreStats",
+    "StoreNotSynced",
     "StoreUnavailable",
     "SubmitError",
     "Task",

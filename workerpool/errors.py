@@ -37,3 +37,12 @@ class StoreUnavailable(Exception):
     stored); worker threads back off and retry their step, and the health check
     reports it.
     """
+
+
+class StoreNotSynced(StoreUnavailable):
+    """The change was written, and stands, but syncing it to disk failed: a power cut could still undo it.
+
+    Raised by a store that waits for an fsync after its commit (SQLite with
+    ``synchronous=FULL``). Unlike its base, the change is made: an admitted
+    task is stored and will run, a cancelled task is cancelled.
+    """

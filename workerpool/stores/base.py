@@ -11,7 +11,8 @@ store's methods are atomic and thread-safe, they never call out (no
 handlers, observers or logging under their lock), and they return snapshots
 (frozen ``Task`` values), never live records. A store that cannot reach or
 write its data raises ``StoreUnavailable`` from any method, having changed
-nothing it reported as done.
+nothing it reported as done; but ``StoreNotSynced``, a kind of it, says the
+change was made and only its fsync failed.
 
 Time. Stores stamp and compare times with the wall clock they are given
 (``clock``, seconds since the epoch): a store shared by several processes has

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
+from ..errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
 from .base import Renewal, StoreStats, TaskStore
 
@@ -482,7 +482,7 @@ class SqliteStore(TaskStore):
                     self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
                 os.fdatasync(self._wal_fd)  # as SQLite does on Linux: data and size, not timestamps
             except OSError as exc:  # the step is committed, but may not survive a power cut
-                raise sqlite3.OperationalError(f"syncing the WAL failed: {exc}") from None
+                raise _NotSynced(f"syncing the WAL failed: {exc}") from None
             self._synced = target
 
     def _checkpoint_if_due(self) -> None:
@@ -543,7 +543,7 @@ class SqliteStore(TaskStore):
                 yield conn
         except sqlite3.Error as exc:
             self._failure, self._failed_at = _describe(exc), time.monotonic()
-            raise StoreUnavailable(self._failure) from None
+            raise (StoreNotSynced if isinstance(exc, _NotSynced) else StoreUnavailable)(self._failure) from None
         if self._failure is not None and self._local.wrote:
             self._failure = None
 
@@ -633,9 +633,9 @@ class SqliteStore(TaskStore):
         if mine.commit and self.synchronous == "FULL":
             try:
                 self._sync_wal(mine.commit)
-            except sqlite3.Error as exc:
+            except sqlite3.Error as exc:  # the tasks are admitted: only the fsync failed
                 self._failure, self._failed_at = _describe(exc), time.monotonic()
-                raise StoreUnavailable(self._failure) from None
+                raise StoreNotSynced(self._failure) from None
         assert mine.outcomes is not None
         return mine.outcomes
 
@@ -1317,6 +1317,10 @@ def _process_is_gone(owner: str) -> bool:
 def _real(value: float | None) -> float | None:
     # RETURNING reports a REAL column's value before its affinity applies: 1, not 1.0.
     return None if value is None else float(value)
+
+
+class _NotSynced(sqlite3.OperationalError):
+    """The fsync after a commit failed (see ``_sync_wal``): the step is committed, and stands."""
 
 
 class _Reader:
