@@ -1,6 +1,9 @@
 import logging
 import math
 import random
+import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 
@@ -17,6 +20,7 @@ from workerpool import (
     QueueFull,
     State,
     StoreUnavailable,
+    Task,
     TaskSpec,
     WorkerPool,
 )
@@ -1180,3 +1184,18 @@ def test_a_cancel_between_the_claim_and_the_attempts_start_reaches_its_handler(m
     assert pool.step()
     assert seen == [True]
     assert not pool._cancel_early
+
+
+def test_an_attempt_of_a_process_found_gone_is_logged_lost_once_saying_why(make_pool, clock, tmp_path, caplog):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
+    store.admit([Task("orphan", "", 0, created_at=clock.time())])
+    store.claim(f"{socket.gethostname()}:{int(gone.stdout)}:00000000", clock.time() + 30)
+    pool = make_pool(store=store, workers=1)
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        pool.start()  # the lease keeper recovers the attempt at once: its process no longer exists
+        wait_until(lambda: pool.get("orphan").state is State.FAILED, timeout=TIMEOUT, what="the recovery")
+        pool.shutdown(TIMEOUT)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task orphan")]
+    assert line == "task orphan attempt 1 lost: the process running it stopped (it no longer exists on this host)"
+    store.close()

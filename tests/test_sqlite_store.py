@@ -23,7 +23,7 @@ from doubles import WAIT_S, wait_until
 from workerpool import State, Task
 from workerpool.errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable
 from workerpool.stores import sqlite as sqlite_store
-from workerpool.stores.sqlite import LOST, SCHEMA_VERSION, SqliteStore
+from workerpool.stores.sqlite import LOST, LOST_GONE, SCHEMA_VERSION, SqliteStore
 
 LEASE_S = 30.0
 
@@ -580,7 +580,7 @@ def test_attempts_of_a_process_that_no_longer_exists_are_recovered_before_their_
     claim(store, clock, owner=dead_owner)
     claim(store, clock, owner=live_owner)
     claim(store, clock, owner=f"another-host:{int(gone.stdout)}:00000000")  # its pids mean nothing here
-    assert [t.id for t in store.recover(lambda t: None)] == ["dead"]
+    assert [(t.id, t.last_error) for t in store.recover(lambda t: None)] == [("dead", LOST_GONE)]
     assert store.get("live").state is store.get("elsewhere").state is State.RUNNING
 
 

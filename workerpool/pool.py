@@ -972,7 +972,8 @@ class WorkerPool:
                 self._renew_once()
                 for task in self._store.recover(self._retry_at):
                     self._count_final(task)
-                    _log(logging.WARNING, task, "task %s attempt %d lost: %s", task.id, task.attempts, task.last_error)
+                    # last_error says how: "lost: the process running it stopped ..."
+                    _log(logging.WARNING, task, "task %s attempt %d %s", task.id, task.attempts, task.last_error)
                     _notify(self._on_finished, task, 0.0)
             except StoreUnavailable as exc:
                 log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)

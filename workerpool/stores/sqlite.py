@@ -65,6 +65,7 @@ _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a wr
 _CHECKPOINT_EVERY = 100
 _AUTOCHECKPOINT_PAGES = 10_000
 LOST = "lost: the process running it stopped (its lease expired)"
+LOST_GONE = "lost: the process running it stopped (it no longer exists on this host)"
 
 _HOSTNAME = socket.gethostname()
 # What ``totals`` counts, besides the states: the queued tasks not yet started, and the generation.
@@ -1037,7 +1038,8 @@ class SqliteStore(TaskStore):
             for row in rows:
                 task, cancel_requested, owner = _task(row[:-1]), row[-2], row[-1]
                 due = None if cancel_requested else retry_at(task)
-                ended = self._end_attempt(conn, task.id, task.attempts, owner, now, error=LOST, retry_at=due)
+                why = LOST_GONE if owner in dead else LOST
+                ended = self._end_attempt(conn, task.id, task.attempts, owner, now, error=why, retry_at=due)
                 recovered.append(cast(Task, ended))  # the row was read in this transaction
             if recovered:
                 self._evict(conn, now)
