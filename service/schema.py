@@ -33,6 +33,7 @@ FORBIDDEN_ID_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # JSON may escape half of a surrogate pair alone ("\ud800"): such a string has no UTF-8 form, so the
 # SQLite and Redis stores could not keep the payload (a pair is decoded to the one character it stands for).
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE_RULE = "must not contain a lone surrogate (\\ud800 to \\udfff without its pair)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +163,9 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
         return [FieldError("id", f"must be a string, not {_json_type(value)}")]
     if not 1 <= len(value) <= MAX_ID_CHARS:
         return [FieldError("id", f"must be 1 to {MAX_ID_CHARS} characters long")]
-    if FORBIDDEN_ID_CHARACTER.search(value):
-        return [FieldError("id", "must not contain control characters")]
+    if found := FORBIDDEN_ID_CHARACTER.search(value):
+        rule = LONE_SURROGATE_RULE if LONE_SURROGATE.match(found[0]) else "must not contain control characters"
+        return [FieldError("id", rule)]
     # The id is the tail of its URL, /tasks/<id>: clients drop "." and ".."
     # segments and servers merge "//", so such ids could never be read back.
     if value in (".", "..") or ("/" in value and any(part in ("", ".", "..") for part in value.split("/"))):
@@ -187,7 +189,7 @@ def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:
     if len(text) > limit:
         return [FieldError("payload", f"must be at most {limit} {unit}")]
     if not text.isascii() and LONE_SURROGATE.search(text):  # isascii() is a flag lookup: most payloads stop there
-        return [FieldError("payload", "must not contain a lone surrogate (\\ud800 to \\udfff without its pair)")]
+        return [FieldError("payload", LONE_SURROGATE_RULE)]
     return []
 
 
