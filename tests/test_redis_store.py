@@ -426,6 +426,20 @@ def test_an_admission_interrupted_while_it_hands_over_still_answers_the_others_a
     assert store.admit([new("next", clock)])[0].id == "next"
 
 
+def test_a_hand_over_that_fails_every_time_is_tried_a_few_times_and_its_error_raised(make, clock, monkeypatch):
+    store = make()
+    runs = []
+
+    def broken(mine, error):
+        runs.append(mine)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "_hand_over", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        store.admit([new("a", clock)])
+    assert len(runs) == 1 + redis_store._HAND_OVER_TRIES  # not for ever
+
+
 def test_a_payload_that_is_not_json_fails_only_its_own_admission_even_when_others_wait(make, clock):
     store = make()
     store.admit([])  # the script is loaded

@@ -44,6 +44,7 @@ _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_atte
 _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
+_HAND_OVER_TRIES = 10  # runs of an admission's interrupted hand-over at most (see RedisStore._hand_over_to_the_end)
 
 # Forks this process descends from: a thread's client made under another count belongs to an
 # ancestor (see RedisStore._client). Comparing os.getpid() instead cost a system call per command.
@@ -711,8 +712,9 @@ class RedisStore(TaskStore):
 
     def _hand_over_to_the_end(self, mine: _Admission, error: BaseException | None) -> None:
         """Run ``_hand_over`` again, from where an exception stopped it, until it ends; a further exception is
-        dropped (the first one is the caller's to raise)."""
-        while True:
+        dropped (the first one is the caller's to raise). A few tries: one that fails every time (a bug) is
+        not retried for ever."""
+        for _ in range(_HAND_OVER_TRIES):
             try:
                 self._hand_over(mine, error)
                 return
