@@ -749,6 +749,47 @@ def test_a_claim_that_found_nothing_due_bounds_the_next_wait_by_the_next_due_tim
     assert b.claim("w", clock.time() + 30).id == "later"
 
 
+def test_a_wait_for_a_due_time_blocks_in_redis_only_until_shortly_before_it(make, monkeypatch, clock):
+    # Redis ends a BLPOP whose timeout passed only at a tick of its timer (up to 100 ms late at its
+    # default hz 10): the wait's last stretch looks for tokens itself, and one queued then ends it.
+    a, b = make(), make()
+    a.admit([new("later", clock, next_attempt_at=clock.time() + 0.3)])
+    assert b.claim("w", clock.time() + 30) is None  # took the admission's token, read the due time
+    client, calls = b._client(), []
+    blpop, lpop = client.blpop, client.lpop
+
+    def recorded_blpop(keys, timeout):
+        calls.append(("blpop", round(timeout, 6)))
+        return blpop(keys, timeout=timeout)
+
+    def recorded_lpop(key):
+        calls.append(("lpop",))
+        a.admit([new("now", clock)])  # queued in the last stretch: its token ends the wait
+        return lpop(key)
+
+    monkeypatch.setattr(client, "blpop", recorded_blpop)
+    monkeypatch.setattr(client, "lpop", recorded_lpop)
+    b.wait_for_work(None)  # the store's clock stands still: the due time is 0.3 s away throughout
+    assert calls == [("blpop", round(0.3 - redis_store._BLPOP_LATE_S, 6)), ("lpop",)]
+
+
+def test_wake_ends_the_last_stretch_of_a_wait_for_a_due_time(make, monkeypatch, clock):
+    monkeypatch.setattr(redis_store, "_MAX_WAIT", 10 * WAIT_S)
+    monkeypatch.setattr(redis_store, "_BLPOP_LATE_S", 10 * WAIT_S)  # the whole wait is its last stretch
+    a, b = make(), make()
+    a.admit([new("later", clock, next_attempt_at=clock.time() + 5 * WAIT_S)])
+    assert b.claim("w", clock.time() + 30) is None
+    returned = threading.Event()
+    waiter = threading.Thread(target=lambda: (b.wait_for_work(None), returned.set()), daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + WAIT_S
+    while not returned.is_set() and time.monotonic() < deadline:
+        b.wake()
+        returned.wait(0.05)
+    assert returned.is_set()
+    waiter.join(WAIT_S)
+
+
 def test_work_admitted_after_an_end_stamped_its_time_wakes_the_worker_that_claimed_nothing(make, monkeypatch, clock):
     # A worker stamps the time of its finish_and_claim, a submission is stamped and admitted after
     # it, and the script then runs: at the stamped time the task is not due, so the worker

@@ -45,6 +45,11 @@ _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
 _HAND_OVER_TRIES = 10  # runs of an admission's interrupted hand-over at most (see RedisStore._hand_over_to_the_end)
+# Redis ends a BLPOP whose timeout passed only at a tick of its timer, hz times a second: up to
+# 100 ms late at the default hz 10. A wait for a due time blocks until this long before it, then
+# looks for a token every _DUE_POLL_S until the due time.
+_BLPOP_LATE_S = 0.1
+_DUE_POLL_S = 0.005
 
 # Forks this process descends from: a thread's client made under another count belongs to an
 # ancestor (see RedisStore._client). Comparing os.getpid() instead cost a system call per command.
@@ -542,6 +547,9 @@ class RedisStore(TaskStore):
         self._admitting = False
         self._waiters_lock = threading.Lock()  # guards _waiters: how many threads block in wait_for_work
         self._waiters = 0
+        # Guards _wakes, the calls of wake() so far: a wait that polls for a due time ends when it grows.
+        self._wakes_changed = threading.Condition(threading.Lock())
+        self._wakes = 0
         scripts = {
             "admit": _ADMIT,
             "claim": _CLAIM,
@@ -760,22 +768,52 @@ class RedisStore(TaskStore):
         # The claim that found nothing took the tokens, including any of work due by now (see the
         # claim script): wait no longer than until the earliest due time it read.
         next_due = self._local.__dict__.pop("next_due", None)
-        if next_due is not None:
-            timeout = min(timeout, max(0.0, next_due - self._clock()))
+        until_due = math.inf if next_due is None else max(0.0, next_due - self._clock())
+        timeout = min(timeout, until_due)
         if timeout == 0:
             return
         with self._waiters_lock:
             self._waiters += 1
         try:
-            # BLPOP takes whole milliseconds from Redis 6 on; 0 would block forever.
-            self._client().blpop([f"{self._prefix}:signal", self._wake_key], timeout=max(timeout, 0.001))
+            if timeout == until_due:
+                self._wait_until_due(timeout)
+            else:
+                self._blpop(timeout)
         except redis.RedisError:
             time.sleep(min(timeout, 0.5))  # Redis is down: do not spin; the caller's claim reports it
         finally:
             with self._waiters_lock:
                 self._waiters -= 1
 
+    def _blpop(self, timeout: float) -> bool:
+        """Block until a token comes (True) or ``timeout`` passes, as Redis counts it (see _BLPOP_LATE_S)."""
+        # BLPOP takes whole milliseconds from Redis 6 on; 0 would block forever.
+        keys = [f"{self._prefix}:signal", self._wake_key]
+        return self._client().blpop(keys, timeout=max(timeout, 0.001)) is not None
+
+    def _wait_until_due(self, timeout: float) -> None:
+        """Wait for a token, or ``timeout`` seconds: until a task falls due, on time whatever Redis's hz.
+
+        Blocks in BLPOP until _BLPOP_LATE_S before the due time, then takes a
+        token with LPOP every _DUE_POLL_S: work queued meanwhile still ends the
+        wait (at most _DUE_POLL_S late), and so does ``wake``.
+        """
+        deadline, wakes = time.monotonic() + timeout, self._wakes
+        if timeout > _BLPOP_LATE_S and self._blpop(timeout - _BLPOP_LATE_S):
+            return
+        signal = f"{self._prefix}:signal"
+        while self._client().lpop(signal) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with self._wakes_changed:
+                if self._wakes_changed.wait_for(lambda: self._wakes != wakes, min(left, _DUE_POLL_S)):
+                    return
+
     def wake(self) -> None:
+        with self._wakes_changed:
+            self._wakes += 1
+            self._wakes_changed.notify_all()
         with self._waiters_lock:
             waiters = self._waiters
         if waiters:
