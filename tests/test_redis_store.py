@@ -171,11 +171,11 @@ def _hold_first_admission(store: RedisStore) -> tuple[threading.Event, threading
     when it waits, its batch taken."""
     entered, release, run = threading.Event(), threading.Event(), store._run
 
-    def held(script, *args):
+    def held(script, *args, **kwargs):
         if script == "admit" and not entered.is_set():
             entered.set()
             release.wait(WAIT_S)
-        return run(script, *args)
+        return run(script, *args, **kwargs)
 
     store._run = held
     return entered, release
@@ -569,6 +569,25 @@ def test_scripts_are_packed_as_redis_py_packs_them(server):
     sha = "0" * 40
     expected = b"".join(server.client().connection_pool.make_connection().pack_command("EVALSHA", sha, 1, "{p}", *args))
     assert _pack(_head(sha, "{p}"), args) == expected
+
+
+@pytest.mark.parametrize("hiredis", [True, False])
+def test_a_task_s_fields_go_to_the_admission_as_arguments_that_read_back_whole(make, clock, monkeypatch, hiredis):
+    # Each field is its own argument of the script, its length counted in bytes: line breaks, non-ASCII
+    # text and JSON-looking text come back as they went, packed by hiredis or without it.
+    if not hiredis:
+        monkeypatch.setattr(redis_store, "_hiredis_pack", None)
+    store = make()
+    texts = ["a\r\nb", "é😀 ünï", '{"id": "x", "state": "done"}', "$3\r\nabc"]
+    now = clock.time()
+    tasks = [
+        Task(f"id-{n}-é", text, 2, created_at=now, request_id=text, next_attempt_at=now + n if n else None)
+        for n, text in enumerate(texts)
+    ]
+    assert store.admit(tasks) == tasks
+    for task in tasks:
+        assert store.get(task.id) == task
+    assert redis_store._pack_texts(texts) == redis_store._pack_args(texts)
 
 
 def test_scripts_that_redis_forgot_are_loaded_again_and_run_once(make, server, clock):

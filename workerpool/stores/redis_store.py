@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
-import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -38,6 +37,11 @@ from redis.retry import Retry
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task
 from .base import Renewal, StoreStats, TaskStore
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py works without it
+    _hiredis_pack = None
 
 _FIELDS = Task._fields
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_attempt_at"})
@@ -199,13 +203,15 @@ end
 """
 
 # ARGV: capacity (the same in every call: packed once, see RedisStore), the cutoff of eviction by age,
-# the deadline, then one JSON object of string fields per task, with one more that is not stored:
-# "_at", its created_at in hexadecimal. Its due time is the decimal text of its next_attempt_at, else
-# of its created_at, as it is stored. Lua's tonumber (the C library's
-# strtod) reads a decimal time with multiple-precision arithmetic, and Redis formats a Lua number it is
-# given with snprintf: both cost Redis more than the commands. So the script reads times only in
-# hexadecimal, gives Redis its numbers as strings, and stores the decimal text as it came. What Redis
-# itself reads (a score, a ZRANGEBYSCORE bound) is decimal: Redis 8.0 to 8.6 parse a range bound
+# the deadline, the number of tasks, then per task its id, its created_at as stored (decimal), the same
+# in hexadecimal, its next_attempt_at as stored or '', the count n of entries that follow, and n entries:
+# the names and values of its other fields (see _task_args). Flat arguments go to HSET as they came;
+# one JSON object per task cost Redis a decode (cjson) and a table walk to flatten it again.
+# A task's due time is its next_attempt_at, else its created_at, as stored. Lua's tonumber (the C
+# library's strtod) reads a decimal time with multiple-precision arithmetic, and Redis formats a Lua
+# number it is given with snprintf: both cost Redis more than the commands. So the script reads times
+# only in hexadecimal, gives Redis its numbers as strings, and stores the decimal text as it came. What
+# Redis itself reads (a score, a ZRANGEBYSCORE bound) is decimal: Redis 8.0 to 8.6 parse a range bound
 # with a reader of decimal numbers only, and would refuse a hexadecimal one.
 _ADMIT = """
 if too_late(ARGV[3]) then return LATE end
@@ -218,42 +224,48 @@ local waiting = redis.call('ZCARD', P .. ':new')
 local last = redis.call('GET', P .. ':created')
 local last_at = last and tonumber(last)  -- the one decimal read per call
 local out, admitted = {}, 0
+local left = tonumber(ARGV[4])  -- tasks not yet looked at
 local next_seq, last_seq = 1, 0  -- sequence numbers reserved by this call and not used yet
-for i = 4, #ARGV do
-  local task = cjson.decode(ARGV[i])
-  local key = P .. ':t:' .. task.id
+local i = 5
+while i <= #ARGV do
+  local id, created, next_at, n = ARGV[i], ARGV[i + 1], ARGV[i + 3], tonumber(ARGV[i + 4])
+  local at, first = tonumber(ARGV[i + 2]), i + 5
+  i = first + n
+  local key = P .. ':t:' .. id
   if waiting >= capacity then  -- a full store only looks
     out[#out + 1] = redis.call('EXISTS', key) == 1 and 'duplicate' or 'full'
   else
     if next_seq > last_seq then  -- one INCRBY for the tasks left rather than an INCR per task
-      last_seq = redis.call('INCRBY', P .. ':seq', string.format('%d', #ARGV - i + 1))
-      next_seq = last_seq - (#ARGV - i)
+      last_seq = redis.call('INCRBY', P .. ':seq', string.format('%d', left))
+      next_seq = last_seq - left + 1
     end
-    local seq = string.format('%d', next_seq)
+    -- One formatting per task: the zero-padded sequence is the listing score (Redis reads it as
+    -- decimal) and the head of the queue member, as enqueue (_STEPS) makes it.
+    local seq = string.format('%016d', next_seq)
     -- Every retained task's id is in P:all (admission adds both it and the hash, forget removes
     -- both): adding the id there unless present is the duplicate check.
-    if redis.call('ZADD', P .. ':all', 'NX', seq, task.id) == 0 then
+    if redis.call('ZADD', P .. ':all', 'NX', seq, id) == 0 then
       out[#out + 1] = 'duplicate'
     else
-      local at, due = tonumber(task._at), task.next_attempt_at or task.created_at
-      task._at = nil
-      if last_at and at < last_at then
-        task.created_at, at = last, last_at
-        if not task.next_attempt_at then due = last end
+      if last_at and at < last_at then created, at = last, last_at end
+      last, last_at = created, at
+      redis.call('ZADD', P .. ':st:queued', seq, id)
+      local member = seq .. ':' .. id
+      if next_at == '' then
+        redis.call('ZADD', P .. ':new', created, member)
+        redis.call('HSET', key, 'id', id, 'created_at', created, 'queue_member', member, unpack(ARGV, first, i - 1))
+      else
+        redis.call('ZADD', P .. ':new', next_at, member)
+        redis.call('HSET', key, 'id', id, 'created_at', created, 'next_attempt_at', next_at, 'queue_member', member,
+          unpack(ARGV, first, i - 1))
       end
-      last, last_at = task.created_at, at
-      redis.call('ZADD', P .. ':st:queued', seq, task.id)
-      task.queue_member = string.format('%016d:', next_seq) .. task.id  -- as enqueue (_STEPS) makes it
-      redis.call('ZADD', P .. ':new', due, task.queue_member)
       next_seq = next_seq + 1
-      local flat = {}
-      for name, value in pairs(task) do flat[#flat + 1] = name; flat[#flat + 1] = value end
-      redis.call('HSET', key, unpack(flat))
       waiting = waiting + 1
       admitted = admitted + 1
-      out[#out + 1] = task.created_at
+      out[#out + 1] = created
     end
   end
+  left = left - 1
 end
 if admitted > 0 then
   redis.call('SET', P .. ':created', last)
@@ -445,25 +457,22 @@ _ENCODERS: dict[str, Callable[[Any], str]] = {
 }
 
 
-def _fields_of(task: Task) -> dict[str, str]:
-    """The task as the string fields of its hash (absent when None)."""
-    encoders = _ENCODERS
-    return {
-        name: encoders[name](value) if name in encoders else str(value)
+# The fields the admission takes apart from the others (see _ADMIT and _task_args).
+_ADMISSION_HEAD = frozenset({"id", "created_at", "next_attempt_at"})
+
+
+def _task_args(task: Task) -> list[str]:
+    """The task as the admission script takes it (see _ADMIT): its id, its created_at in decimal and in
+    hexadecimal, its next_attempt_at or '', then the count and the entries of its other fields."""
+    encoders, head = _ENCODERS, _ADMISSION_HEAD
+    rest = [
+        text
         for name, value in zip(_FIELDS, task)
-        if value is not None
-    }
-
-
-def _document(task: Task) -> bytes:
-    """The task's fields as one JSON object, as the admission script takes it (with its creation time
-    in hexadecimal besides: see _ADMIT)."""
-    fields = _fields_of(task)
-    fields["_at"] = float(task.created_at).hex()
-    try:
-        return orjson.dumps(fields)  # a tenth of json.dumps's time
-    except orjson.JSONEncodeError:  # a lone surrogate in a text: the json module escapes it
-        return json.dumps(fields).encode()
+        if value is not None and name not in head
+        for text in (name, encoders[name](value) if name in encoders else str(value))
+    ]
+    created_at, due = float(task.created_at), task.next_attempt_at
+    return [task.id, repr(created_at), created_at.hex(), "" if due is None else _float_text(due), str(len(rest)), *rest]
 
 
 def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
@@ -494,13 +503,14 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
 class _Admission:
     """One admit call's tasks, waiting for the round trip that carries them (see RedisStore.admit)."""
 
-    __slots__ = ("tasks", "documents", "ready", "lead", "batch", "sent", "verdicts", "error", "waking")
+    __slots__ = ("tasks", "args", "count", "ready", "lead", "batch", "sent", "verdicts", "error", "waking")
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         self.tasks = tasks
         # Encoded by the caller, before it joins the queue: a task that cannot be encoded fails its own
         # call alone, not the admissions of the other threads that the same round trip carries.
-        self.documents = [_document(task) for task in tasks]
+        texts = [text for task in tasks for text in _task_args(task)]
+        self.args, self.count = _pack_texts(texts), len(texts)  # packed for the script's call
         self.ready = threading.Lock()  # held until the verdicts are in or this call is to send
         self.ready.acquire()
         self.lead = False  # holds the turn to send (set under the store's _admissions_lock)
@@ -588,7 +598,7 @@ class RedisStore(TaskStore):
             local.forks = _forks
         return local.client
 
-    def _run(self, script: str, *args: object) -> Any:
+    def _run(self, script: str, *args: object, packed: tuple[bytes, int] = (b"", 0)) -> Any:
         """Run one script on this thread's connection: one write, one reply.
 
         The command is packed here and sent on the connection directly: redis-py's
@@ -596,9 +606,10 @@ class RedisStore(TaskStore):
         wrappers, the connection lock) cost more client CPU than the script's
         round trip itself. The connection's own send and read still disconnect
         on a timeout or an error, so a late reply is never read as the next one.
+        ``packed``: more arguments, already packed (see _pack_texts), and how many.
         """
         head, fixed = self._heads[script]
-        command = (_pack(head, args, fixed=fixed),)
+        command = (_pack(head, args, fixed=fixed, packed=packed),)
         try:
             conn = self._client().connection  # a new thread's client connects here
             try:
@@ -679,10 +690,12 @@ class RedisStore(TaskStore):
         """Send every admission queued so far, ``mine`` first, in one script: their verdicts in order."""
         with self._admissions_lock:
             mine.batch, self._admissions = self._admissions, []
-        documents = [document for admission in mine.batch for document in admission.documents]
+        batch = mine.batch
+        tasks = sum(len(admission.tasks) for admission in batch)
+        packed = (b"".join([admission.args for admission in batch]), sum(admission.count for admission in batch))
         mine.sent = True  # from here on the batch may be stored, whatever happens next
         # The cutoff of eviction by age in decimal: Redis reads it as a range bound (see _ADMIT).
-        return self._run("admit", repr(float(self._clock()) - self._ttl), self._deadline(), *documents)
+        return self._run("admit", repr(float(self._clock()) - self._ttl), self._deadline(), tasks, packed=packed)
 
     def _hand_over(self, mine: _Admission, error: BaseException | None) -> None:
         """Answer the admissions ``mine`` carried and pass the turn to send on, if ``mine`` holds it.
@@ -986,13 +999,24 @@ def _head(sha: str, key: str) -> bytes:
     return b"$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n1\r\n$%d\r\n%s\r\n" % (sha.encode(), len(key.encode()), key.encode())
 
 
-def _pack(head: bytes, args: Sequence[object], *, fixed: int = 0) -> bytes:
+def _pack(head: bytes, args: Sequence[object], *, fixed: int = 0, packed: tuple[bytes, int] = (b"", 0)) -> bytes:
     """The command ``head`` starts (see _head; ``fixed`` arguments already packed after it) with ``args``,
-    as one buffer for one write.
+    then the ``packed`` arguments (bytes, and how many), as one buffer for one write.
 
     Floats go as exact decimal strings (``repr``): Redis would format them with its own precision.
     """
-    return b"%s%s%s" % (b"*%d\r\n" % (4 + fixed + len(args)), head, _pack_args(args))
+    tail, count = packed
+    return b"%s%s%s%s" % (b"*%d\r\n" % (4 + fixed + len(args) + count), head, _pack_args(args), tail)
+
+
+def _pack_texts(texts: Sequence[str]) -> bytes:
+    """Strings packed as _pack_args packs them; by hiredis in C when it is installed (in
+    less than half the time)."""
+    if _hiredis_pack is None or not texts:
+        data = [text.encode() for text in texts]
+        return b"".join([b"$%d\r\n%s\r\n" % (len(item), item) for item in data])
+    command = _hiredis_pack(tuple(texts))  # a whole command: its count of arguments first
+    return command[command.index(b"\r\n") + 2 :]
 
 
 def _pack_args(args: Sequence[object]) -> bytes:
