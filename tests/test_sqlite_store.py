@@ -928,3 +928,33 @@ def test_a_checkpoint_that_fails_fails_no_step(open_store, clock, monkeypatch):
     monkeypatch.setattr(store, "_connection", Unwritable)
     assert [t.id for t in store.admit([task(clock, "a")])] == ["a"]
     assert store.health() is None
+
+
+def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_under_the_write_lock(
+    open_store, clock, db, tmp_path, monkeypatch
+):
+    # A checkpoint beside other threads' commits never reaches the WAL's end, and SQLite writes the WAL
+    # from its beginning again only after one did: without this, the WAL grows to the backstop's size.
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1)
+    store = open_store(capacity=10)  # its schema is commit 1
+    held = []  # whether the write lock was held at each checkpoint
+
+    def commit_during_the_first_checkpoint(sql):
+        if "wal_checkpoint" in sql:
+            held.append(store._write_lock.locked())
+            if len(held) == 1:
+                other = threading.Thread(target=store.admit, args=([task(clock, "during")],))
+                other.start()
+                other.join(WAIT_S)
+
+    store._connection().set_trace_callback(commit_during_the_first_checkpoint)
+    store.admit([task(clock, "a")])  # commit 2: a checkpoint is due
+    assert held == [False, True]
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())  # the database file without the WAL: what the checkpoints copied
+    conn = sqlite3.connect(copy)
+    try:
+        assert conn.execute("SELECT id FROM tasks ORDER BY seq").fetchall() == [("a",), ("during",)]
+    finally:
+        conn.close()

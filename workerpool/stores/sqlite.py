@@ -64,6 +64,7 @@ _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a wr
 # threshold (1,000 pages), which the connections keep only as a backstop, raised tenfold.
 _CHECKPOINT_EVERY = 100
 _AUTOCHECKPOINT_PAGES = 10_000
+_WAL_RESTART_PAGES = 1_000  # a WAL this long is checkpointed to its end under the write lock, so that it restarts
 LOST = "lost: the process running it stopped (its lease expired)"
 LOST_GONE = "lost: the process running it stopped (it no longer exists on this host)"
 
@@ -497,12 +498,25 @@ class SqliteStore(TaskStore):
         makes it due runs it after its step, on its own connection; one at
         a time. A failed checkpoint loses nothing (the WAL holds every
         commit): the next one tries again.
+
+        SQLite writes the WAL from its beginning again only at a write that
+        begins once a checkpoint copied all of it, which one running beside
+        the other threads' commits never does: the WAL would grow to the
+        backstop's 10,000 pages, and past a few thousand every commit pays
+        for it (its hash table's probes lengthen, as every commit writes the
+        totals row's page again). So once the WAL is ``_WAL_RESTART_PAGES``
+        long, the pages committed during the copy are copied again under
+        the write lock: a few pages and the two fsyncs, once per restart.
         """
         if self._commits - self._checkpointed < _CHECKPOINT_EVERY or not self._checkpoint_lock.acquire(blocking=False):
             return
         try:
-            self._checkpointed = self._commits
-            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._checkpointed = commits = self._commits
+            conn = self._connection()
+            _, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if pages >= _WAL_RESTART_PAGES and self._commits != commits:  # steps committed during the copy
+                with self._write_lock:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except (sqlite3.Error, StoreUnavailable):
             pass
         finally:
