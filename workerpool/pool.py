@@ -729,19 +729,20 @@ class WorkerPool:
 
         The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
         again, and the outcome is kept. After a lease's length of failures another process may have
-        recovered the attempt: the error is raised, and the lease settles what happened. With
-        ``claim_next`` each try claims the next task while the pool still claims, with a lease that
-        runs from that try: one drawn at the first would have run out after a lease's length of tries.
+        recovered the attempt, and once the drain has ended the pool's threads stop: either way the
+        error is raised, and the lease settles what happened. With ``claim_next`` each try claims the
+        next task while the pool still claims, with a lease that runs from that try: one drawn at the
+        first would have run out after a lease's length of tries.
         """
         task = attempt.task
-        pause = threading.Event()  # never set: a pause that is not time.sleep
         give_up = self._monotonic() + self._lease
         while True:
             _log(
                 logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
                 "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
             )  # fmt: skip
-            self._wait(pause, _STORE_RETRY_S)
+            if self._wait(self._threads_stop, _STORE_RETRY_S):  # the drain is over: nobody waits for this end
+                raise failure
             lease_until = self._clock() + self._lease if claim_next and self._claiming else None
             try:
                 return self._write_end(task, error, result, retry_at, lease_until)
