@@ -553,13 +553,16 @@ def test_a_handler_that_hangs_past_the_deadline_is_abandoned_and_the_process_exi
     for task_id in behind:
         submit(service, task_id, "ok", 0)
 
-    code, seconds = service.terminate()
+    code, _ = service.terminate()
     assert code == 0
-    # The 1 s drain, the 1 s join of the pool's threads, then exit: well before
-    # gunicorn would SIGKILL the worker (graceful_timeout = 1 + 5 s).
-    assert seconds < 5, seconds
+    # The 1 s drain, the 1 s join of the pool's threads, then the worker exits by itself and reports its
+    # drain: gunicorn did not have to SIGKILL it (graceful_timeout = 1 + 5 s). Its log says which, however
+    # slow a loaded machine made the exit.
     assert not Path(f"/proc/{service.worker}").exists(), "the worker process is still there"
-    accounting = account(service.records(), first + hanging + behind)
+    records = service.records()
+    killed = [m for r in records if "SIGKILL" in (m := r["message"]) or "without reporting its drain" in m]
+    assert not killed, killed
+    accounting = account(records, first + hanging + behind)
     finals = {task_id: lines.finals[0] for task_id, lines in accounting.tasks.items()}
     assert {finals[t] for t in first} == {"done after 1 attempt(s)"}
     assert {finals[t] for t in hanging + behind} == {"abandoned at shutdown"}
