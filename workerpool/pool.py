@@ -37,6 +37,7 @@ from .task import FINAL_STATES, State, Task
 
 log = logging.getLogger(__name__)
 _tuple_new = tuple.__new__  # _tuple_new(Task, fields): Task._make without its Python frame
+_QUEUED, _DONE = State.QUEUED, State.DONE  # globals, read faster than the members of an Enum class
 
 Handler = Callable[[Task, threading.Event], Any]
 """``handler(task, cancel)`` runs one attempt: its return value is the task's
@@ -324,7 +325,7 @@ class WorkerPool:
         now = self._clock()
         # The fields by position (see Task): a third of the cost of the keyword constructor, once per task.
         return _tuple_new(
-            Task, (new_task_id(now) if task_id is None else task_id, payload, max_retries, State.QUEUED, 0, None, now,
+            Task, (new_task_id(now) if task_id is None else task_id, payload, max_retries, _QUEUED, 0, None, now,
              None, None, now + delay if delay else None, request_id, None, False)
         )  # fmt: skip
 
@@ -654,7 +655,7 @@ class WorkerPool:
                     task.attempts,
                 )
             else:
-                if ended.state is not State.DONE or (log.isEnabledFor(logging.DEBUG) if debug is None else debug):
+                if ended.state is not _DONE or (log.isEnabledFor(logging.DEBUG) if debug is None else debug):
                     self._log_end(ended, error, exc)
                 if self._on_finished:
                     _notify(self._on_finished, ended, self._monotonic() - attempt.started)
@@ -674,20 +675,23 @@ class WorkerPool:
 
     def _forget_attempt(self, attempt: Attempt, ended: Task | None, retry_at: float | None) -> None:
         """The attempt's end is recorded (or given up on): it no longer runs here; its successor does."""
-        task = attempt.task
+        task_id = attempt.task.id  # read once: a Task's fields are read by name on a slow path
         claimed = attempt.claimed_next
         if claimed is not None:
             successor = Attempt(claimed, attempt.cancel, self._monotonic(), attempt.thread)
         if retry_at is not None:
             with self._order_lock:
-                self._leave_in_flight(task.id)
+                self._leave_in_flight(task_id)
+        state = None if ended is None else ended.state
         lock = self._lock
         lock.acquire()  # not `with`, once per task: in CPython 3.11 it costs a thousand instructions more
         try:
-            if self._running.get(task.id) is attempt:
-                del self._running[task.id]
-            if ended is not None and ended.state in FINAL_STATES:
-                self._finals[ended.state] += 1
+            running = self._running
+            if running.get(task_id) is attempt:
+                del running[task_id]
+            finals = self._finals  # keyed by the final states
+            if state in finals:
+                finals[state] += 1
             if claimed is not None:  # one hold for this end and the next start: the worker goes straight on
                 if attempt.cancel.is_set():  # no longer registered: nothing sets it after this check
                     successor.cancel = threading.Event()
