@@ -958,3 +958,23 @@ def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_u
         assert conn.execute("SELECT id FROM tasks ORDER BY seq").fetchall() == [("a",), ("during",)]
     finally:
         conn.close()
+
+
+def test_a_write_step_begins_and_commits_with_one_call_into_sqlite_each(open_store, clock):
+    # execute hands the interpreter to other threads five times per statement (its parameters, the
+    # step, its columns, the last row id, the reset), each a chance for them to take it while the
+    # step holds the write lock; executescript, commit and rollback once.
+    store = open_store()
+    store.admit([task(clock, "warm")])  # connections opened, statements prepared
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), sqlite3.Connection):
+            calls.append(arg.__name__)
+
+    sys.setprofile(profile)
+    try:
+        store.admit([task(clock, "a")])
+    finally:
+        sys.setprofile(None)
+    assert calls == ["executescript", "execute", "execute", "commit"]  # begin, the read, the insert, commit

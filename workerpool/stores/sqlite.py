@@ -423,8 +423,7 @@ class SqliteStore(TaskStore):
                 yield conn
                 commit = self._commit(conn, changes)
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                conn.rollback()  # nothing if the step ended its transaction itself
                 raise
         if commit and synced and self.synchronous == "FULL":
             self._sync_wal(commit)
@@ -435,11 +434,11 @@ class SqliteStore(TaskStore):
         conn = self._write_connection()
         self._deltas = {}
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin_immediate(conn)
         except sqlite3.OperationalError as exc:  # another process holds the lock: wait for it
             if _primary_code(exc) != sqlite3.SQLITE_BUSY:
                 raise
-            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            self._retry_busy(lambda: _begin_immediate(conn))
         return conn, conn.total_changes
 
     def _commit(self, conn: sqlite3.Connection, changes: int) -> int:  # _write_lock is held
@@ -448,7 +447,7 @@ class SqliteStore(TaskStore):
             self._local.wrote = False
             return 0
         self._flush_totals(conn)
-        conn.execute("COMMIT")
+        conn.commit()  # see _begin_immediate
         self._local.wrote = wrote = conn.total_changes != changes  # a commit that changed nothing writes nothing
         if not wrote:
             return 0
@@ -571,11 +570,11 @@ class SqliteStore(TaskStore):
         conn = self._connection()
 
         def snapshot() -> T:
-            conn.execute("BEGIN")
+            conn.executescript("BEGIN")  # see _begin_immediate
             try:
                 return query(conn)
             finally:
-                conn.execute("COMMIT")
+                conn.commit()
 
         try:
             return self._retry_busy(snapshot)
@@ -683,8 +682,7 @@ class SqliteStore(TaskStore):
                 generation = self._admit_in(conn, batch, outcomes)
                 commit = self._commit(conn, changes)
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                conn.rollback()  # nothing if the step ended its transaction itself
                 raise
         except _AdmissionFailed:
             raise
@@ -755,7 +753,7 @@ class SqliteStore(TaskStore):
             except Exception as exc:
                 raise _AdmissionFailed(admission, exc) from exc
         if not admitted:
-            conn.execute("ROLLBACK")  # a refusal writes nothing
+            conn.rollback()  # a refusal writes nothing
             return 0
         return generation + admitted  # tasks_admitted counted each one (queued, waiting, a generation)
 
@@ -1236,6 +1234,20 @@ _INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, crea
     ON CONFLICT (id) DO NOTHING"""
 # Finished tasks past their retention are invisible even before a write step deletes them.
 _RETAINED = "(finished_at IS NULL OR finished_at >= ?)"
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """Open a write transaction, taking the database's write lock (``SQLITE_BUSY`` if another process holds it).
+
+    ``executescript``, ``commit`` and ``rollback`` each hand the interpreter
+    to other threads once, around the whole call into SQLite; ``execute``
+    does so five times for a statement (counting its parameters and
+    columns, stepping it, asking the last row id, resetting it), and each
+    time a busy server's other threads may take the interpreter while this
+    step holds the write lock. Neither commits anything here: every step
+    begins with no transaction open on its connection and ends its own.
+    """
+    conn.executescript("BEGIN IMMEDIATE")
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
