@@ -577,16 +577,19 @@ def test_a_task_s_fields_go_to_the_admission_as_arguments_that_read_back_whole(m
     # text and JSON-looking text come back as they went, packed by hiredis or without it.
     if not hiredis:
         monkeypatch.setattr(redis_store, "_hiredis_pack", None)
-    store = make()
+    store = make(capacity=10)
     texts = ["a\r\nb", "é😀 ünï", '{"id": "x", "state": "done"}', "$3\r\nabc"]
     now = clock.time()
     tasks = [
         Task(f"id-{n}-é", text, 2, created_at=now, request_id=text, next_attempt_at=now + n if n else None)
         for n, text in enumerate(texts)
     ]
+    # Fields a new task leaves empty are stored all the same when given, and a null payload stays absent.
+    tasks.append(Task("given", None, 1, created_at=now, last_error="e", started_at=now - 1, result={"a": [1]}))
     assert store.admit(tasks) == tasks
-    for task in tasks:
+    for task in tasks[:-1]:
         assert store.get(task.id) == task
+    assert store.get("given") == tasks[-1]._replace(payload="")
     assert redis_store._pack_texts(texts) == redis_store._pack_args(texts)
 
 
