@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import linecache
 import os
+import signal
 import socket
 import struct
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from doubles import wait_until
@@ -835,3 +837,26 @@ def test_work_admitted_after_an_end_stamped_its_time_wakes_the_worker_that_claim
         assert done.wait(WAIT_S), "b was admitted while the only worker was idle and never started"
     finally:
         pool.shutdown(timeout=0)
+
+
+def test_a_thread_whose_connection_sat_idle_through_a_redis_restart_is_not_refused_once_redis_is_back(
+    tmp_path, clock
+):
+    server = RedisServer(tmp_path)
+    server.start()
+    other = ThreadPoolExecutor(max_workers=1)  # one thread, whose connection sits idle through the restart
+    try:
+        store = RedisStore(server.client(), capacity=4, ttl=60, max_finished=10, clock=clock.time)
+        store.admit([new("kept", clock)])
+        assert other.submit(store.get, "kept").result(WAIT_S).state is State.QUEUED
+        server.client().execute_command("BGREWRITEAOF")  # appendfsync everysec: make the write durable now
+        server.stop(signal.SIGKILL)
+        with pytest.raises(StoreUnavailable):  # this thread learns that Redis failed
+            store.get("kept")
+        server.start()
+        # The other thread's socket died with the old server: it connects anew instead of answering 503.
+        assert other.submit(store.get, "kept").result(WAIT_S).state is State.QUEUED
+        store.close()
+    finally:
+        other.shutdown()
+        server.stop()

@@ -562,6 +562,9 @@ class RedisStore(TaskStore):
         self._admitting = False
         self._waiters_lock = threading.Lock()  # guards _waiters: how many threads block in wait_for_work
         self._waiters = 0
+        # Connection-level failures seen by any thread (see _client): a plain counter, bumped without a
+        # lock, since any change of it, not its exact value, makes the other threads connect anew.
+        self._outages = 0
         # Guards _wakes, the calls of wake() so far: a wait that polls for a due time ends when it grows.
         self._wakes_changed = threading.Condition(threading.Lock())
         self._wakes = 0
@@ -596,12 +599,28 @@ class RedisStore(TaskStore):
         needs no check. A timeout or any failure mid-command disconnects it
         (redis-py does), so a late reply is never read as the next one's; the
         next command connects again. Forked children make their own.
+
+        A connection that has sat idle while Redis failed (stopped, restarted,
+        unreachable) may be dead without knowing it, and its next command
+        would fail although Redis is back: once any thread's command has
+        failed on the connection level, each thread connects anew before its
+        next command (``_outages``).
         """
         local = self._local
         if local.__dict__.get("forks") != _forks:
             local.client = redis.Redis(connection_pool=self._redis.connection_pool, single_connection_client=True)
             local.forks = _forks
+            local.outages = self._outages
+        elif local.outages != self._outages:
+            local.outages = self._outages
+            local.client.connection.disconnect()  # the next command connects again
         return local.client
+
+    def _failed(self, exc: redis.RedisError) -> StoreUnavailable:
+        """``exc`` as StoreUnavailable; a connection-level failure tells every thread to connect anew."""
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            self._outages += 1
+        return _unavailable(exc)
 
     def _run(self, script: str, *args: object, packed: tuple[bytes, int] = (b"", 0)) -> Any:
         """Run one script on this thread's connection: one write, one reply.
@@ -625,7 +644,7 @@ class RedisStore(TaskStore):
                 conn.send_packed_command(command)
                 return conn.read_response()
         except redis.RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise self._failed(exc) from exc
 
     def _deadline(self) -> str:
         """When a script sent now must no longer change anything (the client will have given up).
@@ -640,7 +659,7 @@ class RedisStore(TaskStore):
         try:
             return getattr(self._client(), method)(*args)
         except redis.RedisError as exc:
-            raise _unavailable(exc) from exc
+            raise self._failed(exc) from exc
 
     # -- transitions -----------------------------------------------------
 
