@@ -895,6 +895,7 @@ def test_the_wal_is_copied_into_the_database_after_a_step_not_under_the_write_lo
     # SQLite's own checkpoint runs inside a commit, while the step holds the write lock every other
     # thread of the process waits for.
     monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 3)
     store = open_store()
     checkpoints = []  # whether the write lock was held at each
     store._connection().set_trace_callback(
@@ -936,6 +937,7 @@ def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_u
     # A checkpoint beside other threads' commits never reaches the WAL's end, and SQLite writes the WAL
     # from its beginning again only after one did: without this, the WAL grows to the backstop's size.
     monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 2)
     monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1)
     store = open_store(capacity=10)  # its schema is commit 1
     held = []  # whether the write lock was held at each checkpoint
@@ -978,3 +980,23 @@ def test_a_write_step_begins_and_commits_with_one_call_into_sqlite_each(open_sto
     finally:
         sys.setprofile(None)
     assert calls == ["executescript", "execute", "execute", "commit"]  # begin, the read, the insert, commit
+
+
+
+def test_an_admission_leaves_the_checkpoint_to_the_other_steps_unless_they_left_it_long(
+    open_store, clock, monkeypatch
+):
+    # A submitter waiting for a checkpoint's fsyncs holds up the tasks it would submit next.
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 5)
+    store = open_store(capacity=20)  # its schema is commit 1
+    checkpoints = []  # the commits of this process counted at each
+    store._connection().set_trace_callback(lambda sql: "wal_checkpoint" in sql and checkpoints.append(store._commits))
+    for n in range(3):  # commits 2 to 4
+        store.admit([task(clock, f"t{n}")])
+    assert checkpoints == []
+    claim(store, clock)  # commit 5: a worker's step checkpoints
+    assert checkpoints == [5]
+    for n in range(3, 8):  # commits 6 to 10: no other step comes
+        store.admit([task(clock, f"t{n}")])
+    assert checkpoints == [5, 10]

@@ -64,6 +64,9 @@ _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a wr
 # threshold (1,000 pages), which the connections keep only as a backstop, raised tenfold.
 _CHECKPOINT_EVERY = 100
 _AUTOCHECKPOINT_PAGES = 10_000
+# An admission checkpoints only when the other steps have left it this long (a process that only
+# admits): a submitter waiting for a checkpoint's fsyncs holds up the tasks it would submit next.
+_ADMISSION_CHECKPOINTS_AFTER = 4 * _CHECKPOINT_EVERY
 _WAL_RESTART_PAGES = 1_000  # a WAL this long is checkpointed to its end under the write lock, so that it restarts
 LOST = "lost: the process running it stopped (its lease expired)"
 LOST_GONE = "lost: the process running it stopped (it no longer exists on this host)"
@@ -427,7 +430,7 @@ class SqliteStore(TaskStore):
                 raise
         if commit and synced and self.synchronous == "FULL":
             self._sync_wal(commit)
-        self._checkpoint_if_due()
+        self._checkpoint_if_due(_CHECKPOINT_EVERY)
 
     def _begin(self) -> tuple[sqlite3.Connection, int]:  # _write_lock is held
         """Open a write transaction on the writer: the connection and its count of changes so far."""
@@ -486,7 +489,7 @@ class SqliteStore(TaskStore):
                 raise _NotSynced(f"syncing the WAL failed: {exc}") from None
             self._synced = target
 
-    def _checkpoint_if_due(self) -> None:
+    def _checkpoint_if_due(self, every: int) -> None:
         """Copy the WAL into the database every ``_CHECKPOINT_EVERY`` commits, without the write lock.
 
         SQLite's own checkpoint runs inside the commit that crosses its
@@ -507,7 +510,7 @@ class SqliteStore(TaskStore):
         long, the pages committed during the copy are copied again under
         the write lock: a few pages and the two fsyncs, once per restart.
         """
-        if self._commits - self._checkpointed < _CHECKPOINT_EVERY or not self._checkpoint_lock.acquire(blocking=False):
+        if self._commits - self._checkpointed < every or not self._checkpoint_lock.acquire(blocking=False):
             return
         try:
             self._checkpointed = commits = self._commits
@@ -639,7 +642,7 @@ class SqliteStore(TaskStore):
                     self._wrote(written)
                 self._admitted += admitted
                 self._wakeup.notify(admitted)
-            self._checkpoint_if_due()
+            self._checkpoint_if_due(_ADMISSION_CHECKPOINTS_AFTER)
         if mine.error is not None:
             raise mine.error
         if mine.failure is not None:
