@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -1000,3 +1001,70 @@ def test_an_admission_leaves_the_checkpoint_to_the_other_steps_unless_they_left_
     for n in range(3, 8):  # commits 6 to 10: no other step comes
         store.admit([task(clock, f"t{n}")])
     assert checkpoints == [5, 10]
+
+
+def _a_busy_error(db) -> sqlite3.OperationalError:
+    """A real "database is locked" error of SQLite's (SQLITE_BUSY)."""
+    blocker = sqlite3.connect(db, isolation_level=None)
+    other = sqlite3.connect(db, isolation_level=None, timeout=0)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        other.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        return exc
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        other.close()
+    raise AssertionError("no lock was met")
+
+
+def _new_connections_meet_a_lock(monkeypatch, db, times: float) -> None:
+    """The first ``times`` statements run by connections opened from now on fail as if the file were locked."""
+    busy, real_connect = _a_busy_error(db), sqlite3.connect
+    left = [times]
+
+    class MeetsALock(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if left[0] > 0:
+                left[0] -= 1
+                raise busy
+            return super().execute(sql, *args)
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=MeetsALock, **k))
+
+
+def in_a_new_thread(call):
+    """``call()`` on a thread of its own (so the store opens a reading connection for it): its result or exception."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert outcome, "the call did not return"
+    return outcome[0]
+
+
+def test_a_new_connection_whose_first_statement_meets_a_lock_waits_for_it(open_store, clock, db, monkeypatch):
+    # A process opening a connection while another recovers the file after a crash meets a lock at once.
+    store = open_store()
+    store.admit([task(clock, "t")])
+    _new_connections_meet_a_lock(monkeypatch, db, times=2)
+    found = in_a_new_thread(lambda: store.get("t"))
+    assert isinstance(found, Task) and found.state is State.QUEUED, found
+
+
+def test_a_new_connection_that_stays_locked_is_a_store_failure_not_an_error_of_sqlite(open_store, clock, db,
+                                                                                        monkeypatch):
+    store = open_store(busy_timeout=0.05)
+    store.admit([task(clock, "t")])
+    _new_connections_meet_a_lock(monkeypatch, db, times=math.inf)
+    for read in (lambda: store.get("t"), lambda: store.unfinished("someone"), lambda: store.list()):
+        failed = in_a_new_thread(read)
+        assert isinstance(failed, StoreUnavailable) and "locked" in str(failed), repr(failed)

@@ -385,9 +385,20 @@ class SqliteStore(TaskStore):
             # timeout=0: no busy handler of SQLite's own; _retry_busy waits instead.
             conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._connections.add(conn)
-        # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")  # see _checkpoint_if_due
+        def configure() -> None:
+            # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")  # see _checkpoint_if_due
+
+        try:
+            # A connection's first statement may meet a lock (another process recovering the file after
+            # a crash): wait for it as any step does.
+            self._retry_busy(configure)
+        except BaseException:
+            with self._connections_lock:
+                self._connections.discard(conn)
+            conn.close()
+            raise
         return conn
 
     def close(self) -> None:
@@ -570,8 +581,6 @@ class SqliteStore(TaskStore):
         Readers do not wait for writers (WAL); they may meet a lock only while
         a process recovers the file after a crash, and then try again.
         """
-        conn = self._connection()
-
         def snapshot() -> T:
             conn.executescript("BEGIN")  # see _begin_immediate
             try:
@@ -580,6 +589,7 @@ class SqliteStore(TaskStore):
                 conn.commit()
 
         try:
+            conn = self._connection()
             return self._retry_busy(snapshot)
         except sqlite3.Error as exc:
             self._failure, self._failed_at = _describe(exc), time.monotonic()
@@ -591,9 +601,8 @@ class SqliteStore(TaskStore):
         ``fetchall`` runs the statement to its end, which ends its read
         transaction: an unfinished one would hold an old snapshot open.
         """
-        conn = self._connection()
         try:
-            return conn.execute(sql, params).fetchall()
+            return self._connection().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             if _primary_code(exc) != sqlite3.SQLITE_BUSY:
                 self._failure, self._failed_at = _describe(exc), time.monotonic()
