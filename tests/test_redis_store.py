@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from doubles import wait_until
+from doubles import FakeClock, wait_until
 from redis_server import RedisServer, running_redis
 
 from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task, WorkerPool
@@ -839,8 +839,9 @@ def test_work_admitted_after_an_end_stamped_its_time_wakes_the_worker_that_claim
         pool.shutdown(timeout=0)
 
 
+@pytest.mark.parametrize("noticed_by", ["a step", "an idle worker's wait"])
 def test_a_thread_whose_connection_sat_idle_through_a_redis_restart_is_not_refused_once_redis_is_back(
-    tmp_path, clock
+    tmp_path, clock, noticed_by
 ):
     server = RedisServer(tmp_path)
     server.start()
@@ -851,8 +852,11 @@ def test_a_thread_whose_connection_sat_idle_through_a_redis_restart_is_not_refus
         assert other.submit(store.get, "kept").result(WAIT_S).state is State.QUEUED
         server.client().execute_command("BGREWRITEAOF")  # appendfsync everysec: make the write durable now
         server.stop(signal.SIGKILL)
-        with pytest.raises(StoreUnavailable):  # this thread learns that Redis failed
-            store.get("kept")
+        if noticed_by == "a step":  # this thread learns that Redis failed
+            with pytest.raises(StoreUnavailable):
+                store.get("kept")
+        else:
+            store.wait_for_work(0.2)  # its wait fails, and it pauses rather than spin
         server.start()
         # The other thread's socket died with the old server: it connects anew instead of answering 503.
         assert other.submit(store.get, "kept").result(WAIT_S).state is State.QUEUED
@@ -860,3 +864,15 @@ def test_a_thread_whose_connection_sat_idle_through_a_redis_restart_is_not_refus
     finally:
         other.shutdown()
         server.stop()
+
+
+def test_a_cancel_whose_task_retention_forgets_at_once_still_answers_its_snapshot(make, clock):
+    # Another instance's clock runs ahead: its finished task makes room by count for the cancelled one.
+    ahead = FakeClock(clock.time() + 5)
+    store, other = make(max_finished=1), make(max_finished=1, clock=ahead.time)
+    other.admit([new("a", ahead)])
+    claimed = other.claim("them", ahead.time() + 30)
+    other.finish(claimed.id, 1, "them", error=None)
+    store.admit([new("b", clock)])
+    cancelled, changed = store.cancel("b")
+    assert changed and cancelled.id == "b" and cancelled.state is State.CANCELLED

@@ -1068,3 +1068,13 @@ def test_a_new_connection_that_stays_locked_is_a_store_failure_not_an_error_of_s
     for read in (lambda: store.get("t"), lambda: store.unfinished("someone"), lambda: store.list()):
         failed = in_a_new_thread(read)
         assert isinstance(failed, StoreUnavailable) and "locked" in str(failed), repr(failed)
+
+
+def test_a_step_whose_rollback_was_cut_short_has_its_writes_rolled_back_by_the_next_one(open_store, clock):
+    store = open_store()
+    with store._write_lock:  # a step that wrote, then lost its rollback to an interrupt
+        conn, _ = store._begin()
+        sqlite_store.SqliteStore._insert(conn, task(clock, "half-done"), '"payload"')
+    store.admit([task(clock, "next")])
+    assert store.get("half-done") is None
+    assert store.get("next").state is State.QUEUED

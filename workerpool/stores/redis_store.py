@@ -318,17 +318,18 @@ local id, now = ARGV[1], ARGV[2]
 local key = P .. ':t:' .. id
 local state = redis.call('HGET', key, 'state')
 if not state then return false end
-local changed = 1
+local changed, snapshot = 1, nil
 if state == 'queued' then
   dequeue(id)
   finalize(id, key, 'queued', 'cancelled', now)
+  snapshot = redis.call('HGETALL', key)  -- before eviction, which may forget this very task
   evict(tonumber(now) - tonumber(ARGV[3]), tonumber(ARGV[4]))
 elseif state == 'running' and redis.call('HGET', key, 'cancel_requested') ~= '1' then
   redis.call('HSET', key, 'cancel_requested', '1')
 else
   changed = 0
 end
-return {changed, redis.call('HGETALL', key)}
+return {changed, snapshot or redis.call('HGETALL', key)}
 """
 
 # ARGV: now, ttl, max_finished, id. Readers evict first, so a forgotten task is never seen.
@@ -816,7 +817,8 @@ class RedisStore(TaskStore):
                 self._wait_until_due(timeout)
             else:
                 self._blpop(timeout)
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            self._failed(exc)  # the other threads' idle connections may have died too (see _client)
             time.sleep(min(timeout, 0.5))  # Redis is down: do not spin; the caller's claim reports it
         finally:
             with self._waiters_lock:

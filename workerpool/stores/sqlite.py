@@ -1256,9 +1256,13 @@ def _begin_immediate(conn: sqlite3.Connection) -> None:
     does so five times for a statement (counting its parameters and
     columns, stepping it, asking the last row id, resetting it), and each
     time a busy server's other threads may take the interpreter while this
-    step holds the write lock. Neither commits anything here: every step
-    begins with no transaction open on its connection and ends its own.
+    step holds the write lock. ``executescript`` commits a transaction left
+    open first: every step ends its own, but one whose rollback was cut
+    short (an interrupt landing in its error path) must not have its writes
+    committed by the next step, so such a transaction is rolled back here.
     """
+    if conn.in_transaction:  # an attribute: no call into SQLite
+        conn.rollback()
     conn.executescript("BEGIN IMMEDIATE")
 
 
