@@ -11,7 +11,7 @@ import logging
 import threading
 
 import pytest
-from doubles import WAIT_S, FakeClock, instant
+from doubles import WAIT_S, FakeClock, instant, wait_until
 from http_fixtures import FinalStates, make_harness
 
 from workerpool import MemoryStore, State, StoreUnavailable, Task, WorkerPool
@@ -376,3 +376,38 @@ def test_the_watchdog_thread_ends_a_timed_out_attempt_the_store_refused_once():
         handler.release()
         summary = pool.shutdown(WAIT_S)
     assert summary.abandoned == ()
+
+
+def test_a_worker_that_failed_to_start_and_a_replaced_stuck_one_leave_the_pool_its_number_of_workers(
+    clock, tmp_path, monkeypatch
+):
+    handler = Stuck("b")
+    store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
+    pool, final = make_pool(handler, clock, store=store, workers=2)
+    start = threading.Thread.start
+
+    def no_second_worker(thread):
+        if thread.name == "workerpool-worker-2":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_second_worker)
+    with pytest.raises(RuntimeError):
+        pool.submit("refused", "")
+    monkeypatch.undo()
+    # Another process on the shared file admits a task; worker-1 claims it and gets stuck.
+    other = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
+    other.admit([Task("a", "", 0, created_at=clock.time())])
+    store.wake()
+    handler.wait_started()
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()  # worker-1 is replaced
+    handler.release()
+    wait_until(lambda: "workerpool-worker-1" not in {t.name for t in pool._threads}, timeout=WAIT_S,
+               what="worker-1 to exit")
+    pool.submit("b", "")  # starts what is missing: one worker, not the two whose names are not running
+    final.wait("b")
+    workers = [t.name for t in pool._threads if t.name.startswith("workerpool-worker") and t.is_alive()]
+    pool.shutdown(WAIT_S)
+    other.close()
+    assert len(workers) == 2, workers

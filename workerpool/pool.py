@@ -270,8 +270,11 @@ class WorkerPool:
             wanted.append(("workerpool-leases", self._keep_leases))
         if self._attempt_timeout:
             wanted.append(("workerpool-watchdog", self._watch))
-        wanted += [(f"workerpool-worker-{n}", self._work) for n in range(1, self.workers + 1)]
         running = {thread.name for thread in self._threads}
+        # As many workers as are missing: a replacement of a stuck worker (a new name) stands for it.
+        working = sum(name.startswith("workerpool-worker-") for name in running) - len(self._retired)
+        names = [f"workerpool-worker-{n}" for n in range(1, self.workers + 1)]
+        wanted += [(name, self._work) for name in names if name not in running][: self.workers - working]
         for name, target in wanted:
             if name not in running:
                 # Daemon threads: interpreter exit must never wait on a handler that
