@@ -82,3 +82,15 @@ def instant(task: Task, cancel: threading.Event) -> None:
 
 def failing(task: Task, cancel: threading.Event) -> None:
     raise RuntimeError("boom")
+
+
+def refuse_to_start_thread(monkeypatch, name: str) -> None:
+    """Starting a thread named ``name`` raises as when the system has no room for another, until monkeypatch.undo()."""
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name == name:
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)

@@ -8,7 +8,7 @@ import threading
 from collections import Counter
 
 import pytest
-from doubles import WAIT_S, Gate, instant, wait_until
+from doubles import WAIT_S, Gate, instant, refuse_to_start_thread, wait_until
 from doubles import failing as always_fail
 
 from workerpool import (
@@ -365,15 +365,8 @@ def test_a_second_shutdown_pulls_the_deadline_in(make_pool):
 
 
 def test_a_submission_whose_threads_fail_to_start_leaves_a_pool_that_works_and_drains(make_pool, monkeypatch):
-    start = threading.Thread.start
-
-    def no_second_worker(thread):
-        if thread.name == "workerpool-worker-2":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
     pool = make_pool(instant, workers=2)
-    monkeypatch.setattr(threading.Thread, "start", no_second_worker)
+    refuse_to_start_thread(monkeypatch, "workerpool-worker-2")
     with pytest.raises(RuntimeError, match="can't start"):
         pool.submit("refused", "")
     monkeypatch.undo()
@@ -898,15 +891,8 @@ def test_a_lease_thread_that_fails_to_start_lets_no_worker_claim_and_starts_with
 ):
     # Without it, attempts would run without their leases renewed: other processes take them as lost.
     store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
-    start = threading.Thread.start
-
-    def no_lease_thread(thread):
-        if thread.name == "workerpool-leases":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
     pool = make_pool(store=store, workers=2)
-    monkeypatch.setattr(threading.Thread, "start", no_lease_thread)
+    refuse_to_start_thread(monkeypatch, "workerpool-leases")
     with pytest.raises(RuntimeError, match="can't start"):
         pool.submit("refused", "")
     monkeypatch.undo()
@@ -921,15 +907,8 @@ def test_a_lease_thread_that_fails_to_start_lets_no_worker_claim_and_starts_with
 
 
 def test_a_worker_that_fails_to_start_is_started_by_the_next_submission(make_pool, monkeypatch):
-    start = threading.Thread.start
-
-    def no_second_worker(thread):
-        if thread.name == "workerpool-worker-2":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
     pool = make_pool(instant, workers=2)
-    monkeypatch.setattr(threading.Thread, "start", no_second_worker)
+    refuse_to_start_thread(monkeypatch, "workerpool-worker-2")
     with pytest.raises(RuntimeError, match="can't start"):
         pool.submit("refused", "")
     monkeypatch.undo()

@@ -11,7 +11,7 @@ import logging
 import threading
 
 import pytest
-from doubles import WAIT_S, FakeClock, instant, wait_until
+from doubles import WAIT_S, FakeClock, instant, refuse_to_start_thread, wait_until
 from http_fixtures import FinalStates, make_harness
 
 from workerpool import MemoryStore, State, StoreUnavailable, Task, WorkerPool
@@ -155,14 +155,7 @@ def test_a_replacement_thread_that_fails_to_start_leaves_the_stuck_one_and_the_t
     pool, final = make_pool(handler, clock)
     pool.submit("a", "", max_retries=0)
     handler.wait_started()
-    start = threading.Thread.start
-
-    def no_replacement(thread):
-        if thread.name == "workerpool-worker-2":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", no_replacement)
+    refuse_to_start_thread(monkeypatch, "workerpool-worker-2")
     clock.advance(TIMEOUT)
     pool.check_timeouts()  # (or the watchdog, at the same moment)
     final.wait("a")
@@ -384,14 +377,7 @@ def test_a_worker_that_failed_to_start_and_a_replaced_stuck_one_leave_the_pool_i
     handler = Stuck("b")
     store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
     pool, final = make_pool(handler, clock, store=store, workers=2)
-    start = threading.Thread.start
-
-    def no_second_worker(thread):
-        if thread.name == "workerpool-worker-2":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", no_second_worker)
+    refuse_to_start_thread(monkeypatch, "workerpool-worker-2")
     with pytest.raises(RuntimeError):
         pool.submit("refused", "")
     monkeypatch.undo()
