@@ -89,8 +89,8 @@ def test_an_idle_worker_wakes_when_another_instance_admits(make, clock):
     assert a.get("x").state is State.RUNNING
 
 
-def test_wake_releases_this_instances_waiters(make):
-    store = make()
+def wake_ends_a_wait(store: RedisStore) -> bool:
+    """Whether ``wake()``, called until then (for up to WAIT_S), ends another thread's ``wait_for_work(None)``."""
     returned = threading.Event()
     waiter = threading.Thread(target=lambda: (store.wait_for_work(None), returned.set()), daemon=True)
     waiter.start()
@@ -98,8 +98,13 @@ def test_wake_releases_this_instances_waiters(make):
     while not returned.is_set() and time.monotonic() < deadline:
         store.wake()
         returned.wait(0.05)
-    assert returned.is_set()
     waiter.join(WAIT_S)
+    return returned.is_set()
+
+
+def test_wake_releases_this_instances_waiters(make):
+    store = make()
+    assert wake_ends_a_wait(store)
 
 
 def test_a_late_writer_and_a_stranger_are_refused(make, clock):
@@ -803,15 +808,7 @@ def test_wake_ends_the_last_stretch_of_a_wait_for_a_due_time(make, monkeypatch, 
     a, b = make(), make()
     a.admit([new("later", clock, next_attempt_at=clock.time() + 5 * WAIT_S)])
     assert b.claim("w", clock.time() + 30) is None
-    returned = threading.Event()
-    waiter = threading.Thread(target=lambda: (b.wait_for_work(None), returned.set()), daemon=True)
-    waiter.start()
-    deadline = time.monotonic() + WAIT_S
-    while not returned.is_set() and time.monotonic() < deadline:
-        b.wake()
-        returned.wait(0.05)
-    assert returned.is_set()
-    waiter.join(WAIT_S)
+    assert wake_ends_a_wait(b)
 
 
 def test_work_admitted_after_an_end_stamped_its_time_wakes_the_worker_that_claimed_nothing(make, monkeypatch, clock):

@@ -251,11 +251,10 @@ while i <= #ARGV do
       last, last_at = created, at
       redis.call('ZADD', P .. ':st:queued', seq, id)
       local member = seq .. ':' .. id
+      redis.call('ZADD', P .. ':new', next_at == '' and created or next_at, member)  -- its due time
       if next_at == '' then
-        redis.call('ZADD', P .. ':new', created, member)
         redis.call('HSET', key, 'id', id, 'created_at', created, 'queue_member', member, unpack(ARGV, first, i - 1))
       else
-        redis.call('ZADD', P .. ':new', next_at, member)
         redis.call('HSET', key, 'id', id, 'created_at', created, 'next_attempt_at', next_at, 'queue_member', member,
           unpack(ARGV, first, i - 1))
       end

@@ -385,6 +385,7 @@ class SqliteStore(TaskStore):
             # timeout=0: no busy handler of SQLite's own; _retry_busy waits instead.
             conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._connections.add(conn)
+
         def configure() -> None:
             # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -395,9 +396,7 @@ class SqliteStore(TaskStore):
             # a crash): wait for it as any step does.
             self._retry_busy(configure)
         except BaseException:
-            with self._connections_lock:
-                self._connections.discard(conn)
-            conn.close()
+            _close_connection(conn, self._connections, self._connections_lock)
             raise
         return conn
 
@@ -1383,10 +1382,11 @@ class _Reader:
         self.conn = conn
         # The finalizer refers to the set and its lock, not to the store, so a
         # long-lived thread's holder never keeps a dropped store alive.
-        weakref.finalize(self, _close_reader, conn, connections, lock).atexit = False
+        weakref.finalize(self, _close_connection, conn, connections, lock).atexit = False
 
 
-def _close_reader(conn: sqlite3.Connection, connections: set[sqlite3.Connection], lock: threading.Lock) -> None:
+def _close_connection(conn: sqlite3.Connection, connections: set[sqlite3.Connection], lock: threading.Lock) -> None:
+    """Close ``conn`` and take it off the store's ``connections``: close() no longer needs to."""
     with lock:
         connections.discard(conn)
     conn.close()
