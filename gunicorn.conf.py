@@ -127,10 +127,8 @@ def child_exit(server, worker):
     report = server.drain_reports.take(worker.pid)
     if not server.LISTENERS:  # gunicorn closes its listeners first thing in a stop
         server.drain_reports.at_stop.append((worker.pid, report))
-    elif report is None:
-        server.log.error("%s (pid %s)", NOT_REPORTED, worker.pid)
     else:
-        server.log.info("worker (pid:%s) ended: %s", worker.pid, report)
+        _log_drain(server, worker.pid, report)
 
 
 def on_exit(server):
@@ -143,7 +141,12 @@ def on_exit(server):
     # A worker SIGKILLed at the end of the stop may not have been reaped yet (no child_exit).
     unreaped = [(pid, reports.take(pid)) for pid in server.WORKERS]
     for pid, report in reports.at_stop + unreaped:
-        if report is None:
-            server.log.error("%s (pid %s)", NOT_REPORTED, pid)
-        else:
-            server.log.info("%s", report)
+        _log_drain(server, pid, report)
+
+
+def _log_drain(server, pid: int, report: str | None) -> None:
+    """One line for a worker's drain: its report, or an error if it sent none."""
+    if report is None:
+        server.log.error("%s (pid %s)", NOT_REPORTED, pid)
+    else:
+        server.log.info("worker (pid:%s) ended: %s", pid, report)

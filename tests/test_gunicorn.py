@@ -78,6 +78,39 @@ def test_graceful_timeout_leaves_a_margin_after_the_drain(monkeypatch, shutdown,
     assert conf["loglevel"] == "warning"
 
 
+class _RecordedLog:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, message, *args):
+        self.lines.append(("info", message % args))
+
+    def error(self, message, *args):
+        self.lines.append(("error", message % args))
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_drain_report_names_its_worker_whether_logged_at_once_or_at_the_exit(monkeypatch, stopping):
+    from types import SimpleNamespace
+
+    from service.drain_reports import NOT_REPORTED
+
+    conf = load_conf(monkeypatch)
+    reports = SimpleNamespace(at_stop=[], take={11: "shutdown complete: drained", 12: None}.get)
+    server = SimpleNamespace(
+        drain_reports=reports, LISTENERS=[] if stopping else ["listener"], WORKERS={}, log=_RecordedLog()
+    )
+    for pid in (11, 12):
+        conf["child_exit"](server, SimpleNamespace(pid=pid))
+    if stopping:
+        assert server.log.lines == []  # kept for the exit, after gunicorn's own lines
+        conf["on_exit"](server)
+    assert server.log.lines == [
+        ("info", "worker (pid:11) ended: shutdown complete: drained"),
+        ("error", f"{NOT_REPORTED} (pid 12)"),
+    ]
+
+
 def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", CONF, "-b", "127.0.0.1:0"],
