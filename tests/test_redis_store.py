@@ -433,7 +433,7 @@ def test_an_admission_interrupted_while_it_hands_over_still_answers_the_others_a
     assert store.admit([new("next", clock)])[0].id == "next"
 
 
-def test_a_hand_over_that_fails_every_time_is_tried_a_few_times_and_its_error_raised(make, clock, monkeypatch):
+def test_a_hand_over_that_fails_every_time_is_tried_a_few_times_and_its_error_raised(make, clock, monkeypatch, caplog):
     store = make()
     runs = []
 
@@ -445,6 +445,10 @@ def test_a_hand_over_that_fails_every_time_is_tried_a_few_times_and_its_error_ra
     with pytest.raises(RuntimeError, match="a bug"):
         store.admit([new("a", clock)])
     assert len(runs) == 1 + redis_store._HAND_OVER_TRIES  # not for ever
+    # Given up once, and said so: later admissions in this process may hang.
+    (record,) = [r for r in caplog.records if r.name == redis_store.__name__]
+    assert record.levelname == "ERROR" and "may wait for ever" in record.getMessage()
+    assert isinstance(record.exc_info[1], RuntimeError)
 
 
 def test_a_payload_that_is_not_json_fails_only_its_own_admission_even_when_others_wait(make, clock):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -42,6 +43,8 @@ try:
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # redis-py works without it
     _hiredis_pack = None
+
+log = logging.getLogger(__name__)
 
 _FIELDS = Task._fields
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_attempt_at"})
@@ -759,12 +762,18 @@ class RedisStore(TaskStore):
         """Run ``_hand_over`` again, from where an exception stopped it, until it ends; a further exception is
         dropped (the first one is the caller's to raise). A few tries: one that fails every time (a bug) is
         not retried for ever."""
+        last: BaseException | None = None
         for _ in range(_HAND_OVER_TRIES):
             try:
                 self._hand_over(mine, error)
                 return
-            except BaseException:  # noqa: BLE001  (another interruption: the hand-over goes on all the same)
-                continue
+            except BaseException as exc:  # noqa: BLE001  (another interruption: the hand-over goes on all the same)
+                last = exc
+        log.error(
+            "an admission's hand-over failed %d times and was given up: admissions it carried may never be "
+            "answered and later admissions in this process may wait for ever (restart the process)",
+            _HAND_OVER_TRIES, exc_info=last,
+        )  # fmt: skip
 
     def _results(
         self, tasks: Sequence[Task], verdicts: Sequence[bytes] | None, error: BaseException | None
