@@ -806,13 +806,68 @@ def test_a_wait_for_a_due_time_blocks_in_redis_only_until_shortly_before_it(make
     assert calls == [("blpop", round(0.3 - redis_store._BLPOP_LATE_S, 6)), ("lpop",)]
 
 
+def claim_then_wait(store: RedisStore, clock) -> threading.Thread:
+    """A thread that claims, finding nothing, and waits, as a worker does: for the due time its claim read."""
+
+    def worker():
+        assert store.claim("w", clock.time() + 30) is None
+        store.wait_for_work(None)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_wake_ends_the_last_stretch_of_a_wait_for_a_due_time(make, monkeypatch, clock):
     monkeypatch.setattr(redis_store, "_MAX_WAIT", 10 * WAIT_S)
     monkeypatch.setattr(redis_store, "_BLPOP_LATE_S", 10 * WAIT_S)  # the whole wait is its last stretch
-    a, b = make(), make()
+    a, b = make(), make(socket_timeout=20 * WAIT_S)
     a.admit([new("later", clock, next_attempt_at=clock.time() + 5 * WAIT_S)])
-    assert b.claim("w", clock.time() + 30) is None
-    assert wake_ends_a_wait(b)
+    waiter = claim_then_wait(b, clock)  # the claim on the waiting thread: its wait is for the due time
+    wait_until(lambda: b._waiters, timeout=WAIT_S, what="the worker to wait")
+    b.wake()
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive()
+
+
+@pytest.mark.parametrize("wait", ["blocking", "for a due time"])
+def test_a_wait_that_begins_after_wake_returns_at_once(make, monkeypatch, clock, wait):
+    monkeypatch.setattr(redis_store, "_MAX_WAIT", 10 * WAIT_S)
+    monkeypatch.setattr(redis_store, "_BLPOP_LATE_S", 10 * WAIT_S)  # a wait for a due time is all last stretch
+    store = make(socket_timeout=20 * WAIT_S)
+    if wait == "for a due time":
+        store.admit([new("later", clock, next_attempt_at=clock.time() + 5 * WAIT_S)])
+    store.wake()
+    waiter = claim_then_wait(store, clock)
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive()
+
+
+def test_a_wake_between_counting_a_waiter_and_its_wait_for_a_due_time_ends_the_wait(make, monkeypatch, clock):
+    monkeypatch.setattr(redis_store, "_MAX_WAIT", 10 * WAIT_S)
+    monkeypatch.setattr(redis_store, "_BLPOP_LATE_S", 10 * WAIT_S)  # the whole wait is its last stretch
+    store = make(socket_timeout=20 * WAIT_S)
+    store.admit([new("later", clock, next_attempt_at=clock.time() + 5 * WAIT_S)])
+    counted = store._waiters_lock
+
+    class WakeOnceCounted:
+        """The waiters' lock, calling wake() once the first waiter is counted, before its wait begins."""
+
+        woken = False
+
+        def __enter__(self):
+            counted.acquire()
+
+        def __exit__(self, *exc):
+            counted.release()
+            if store._waiters and not self.woken:
+                self.woken = True
+                store.wake()
+
+    monkeypatch.setattr(store, "_waiters_lock", WakeOnceCounted())
+    waiter = claim_then_wait(store, clock)
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive()
 
 
 def test_work_admitted_after_an_end_stamped_its_time_wakes_the_worker_that_claimed_nothing(make, monkeypatch, clock):

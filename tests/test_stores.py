@@ -493,6 +493,14 @@ def test_wait_for_work_returns_at_once_when_work_is_due(store, clock):
     store.wait_for_work(None)  # would block forever otherwise
 
 
+def test_a_wait_that_begins_after_wake_returns_at_once(store):
+    store.wake()
+    waiter = threading.Thread(target=store.wait_for_work, args=(None,), daemon=True)
+    waiter.start()
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive()
+
+
 def test_wake_releases_every_waiting_worker(store):
     threads = [threading.Thread(target=store.wait_for_work, args=(None,), daemon=True) for _ in range(3)]
     for thread in threads:

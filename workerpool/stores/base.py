@@ -126,7 +126,7 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def wake(self) -> None:
-        """Release every ``wait_for_work`` in this process (used at shutdown)."""
+        """Release every ``wait_for_work`` in this process; later ones return at once too (used at shutdown)."""
 
     @abc.abstractmethod
     def finish(

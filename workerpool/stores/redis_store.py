@@ -568,9 +568,10 @@ class RedisStore(TaskStore):
         # Connection-level failures seen by any thread (see _client): a plain counter, bumped without a
         # lock, since any change of it, not its exact value, makes the other threads connect anew.
         self._outages = 0
-        # Guards _wakes, the calls of wake() so far: a wait that polls for a due time ends when it grows.
-        self._wakes_changed = threading.Condition(threading.Lock())
-        self._wakes = 0
+        # Guards _woken, set for good by wake() (the pool is stopping): a wait polling for a due time
+        # ends when it is set, and a wait that begins after it returns at once.
+        self._woken_changed = threading.Condition(threading.Lock())
+        self._woken = False
         scripts = {
             "admit": _ADMIT,
             "claim": _CLAIM,
@@ -821,6 +822,10 @@ class RedisStore(TaskStore):
         with self._waiters_lock:
             self._waiters += 1
         try:
+            # Read once this waiter is counted: a wake() that did not count it had set the flag before,
+            # and one that counts it pushes a token for it (or ends the poll for a due time).
+            if self._woken:
+                return
             if timeout == until_due:
                 self._wait_until_due(timeout)
             else:
@@ -845,7 +850,7 @@ class RedisStore(TaskStore):
         token with LPOP every _DUE_POLL_S: work queued meanwhile still ends the
         wait (at most _DUE_POLL_S late), and so does ``wake``.
         """
-        deadline, wakes = time.monotonic() + timeout, self._wakes
+        deadline = time.monotonic() + timeout
         if timeout > _BLPOP_LATE_S and self._blpop(timeout - _BLPOP_LATE_S):
             return
         signal = f"{self._prefix}:signal"
@@ -853,14 +858,15 @@ class RedisStore(TaskStore):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            with self._wakes_changed:
-                if self._wakes_changed.wait_for(lambda: self._wakes != wakes, min(left, _DUE_POLL_S)):
+            with self._woken_changed:
+                if self._woken_changed.wait_for(lambda: self._woken, min(left, _DUE_POLL_S)):
                     return
 
     def wake(self) -> None:
-        with self._wakes_changed:
-            self._wakes += 1
-            self._wakes_changed.notify_all()
+        """Release every waiting worker; later waits return at once too (the pool is stopping)."""
+        with self._woken_changed:
+            self._woken = True
+            self._woken_changed.notify_all()
         with self._waiters_lock:
             waiters = self._waiters
         if waiters:
