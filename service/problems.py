@@ -120,8 +120,10 @@ def _from_submit_error(exc: SubmitError) -> Response:
 # What a request the store could not serve did, by method: a client decides by it whether to send it again.
 _STORE_UNAVAILABLE = "the task store cannot be used right now; "
 _STORE_UNAVAILABLE_DETAILS = {
-    "POST": _STORE_UNAVAILABLE + "nothing was stored, retry later",
-    # Redis may have run a cancel whose answer timed out; a repeated cancel answers as the first would.
+    # Redis may have run a step whose answer was lost (the connection dropped after the script ran):
+    # a submission sent again with its id is then refused as a duplicate, never run twice.
+    "POST": _STORE_UNAVAILABLE + "the task may not have been stored, retry later with the same id (409 if it was)",
+    # A repeated cancel answers as the first would.
     "DELETE": _STORE_UNAVAILABLE + "the cancel may not have been recorded, retry later",
 }
 _STORE_NOT_SYNCED = (

@@ -704,6 +704,32 @@ def test_a_redis_slower_than_the_socket_timeout_is_unavailable_and_loses_nothing
     assert store.admit([new("y", clock)])[0].id == "y"
 
 
+def lose_the_next_reply(store: RedisStore, monkeypatch) -> None:
+    """The next reply to this thread's command is read, then lost with the connection, as a dropped link loses it."""
+    conn = store._client().connection
+    read = conn.read_response
+
+    def read_then_drop(*args, **kwargs):
+        monkeypatch.setattr(conn, "read_response", read)
+        read(*args, **kwargs)  # the script ran
+        conn.disconnect()
+        raise redis_store.redis.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(conn, "read_response", read_then_drop)
+
+
+def test_an_admission_whose_reply_is_lost_is_unavailable_though_stored_and_a_repeat_is_a_duplicate(
+    make, clock, monkeypatch
+):
+    store = make()
+    store.admit([])  # the script is loaded
+    lose_the_next_reply(store, monkeypatch)
+    with pytest.raises(StoreUnavailable):
+        store.admit([new("x", clock)])
+    assert store.get("x").state is State.QUEUED  # so the 503 must not say that nothing was stored
+    assert isinstance(store.admit([new("x", clock)])[0], DuplicateTask)
+
+
 def test_a_step_that_reaches_redis_after_its_deadline_changes_nothing(make, server, clock):
     store = make()
     store.admit([new("x", clock)])

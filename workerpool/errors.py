@@ -33,9 +33,12 @@ class AttemptCancelled(Exception):
 class StoreUnavailable(Exception):
     """The task store cannot be reached or written (a database error, a lost connection, a full disk).
 
-    Raised by any store method. Submission answers it with 503 (nothing was
-    stored); worker threads back off and retry their step, and the health check
-    reports it.
+    Raised by any store method. The change was most likely not made, but may
+    have been: a Redis connection lost after the script ran loses the answer,
+    not the change. The service answers 503 (send it again: a repeated
+    submission with the same id is a duplicate, a repeated cancel answers as
+    the first); worker threads back off and retry their step, and the health
+    check reports it.
     """
 
 

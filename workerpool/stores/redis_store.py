@@ -779,8 +779,9 @@ class RedisStore(TaskStore):
     def _results(
         self, tasks: Sequence[Task], verdicts: Sequence[bytes] | None, error: BaseException | None
     ) -> list[Task | SubmitError]:
-        # The round trip that carried these tasks failed. A StoreUnavailable (Redis refused, or the
-        # deadline passed) stored none of them; any other error may have come after Redis stored them.
+        # The round trip that carried these tasks failed. A StoreUnavailable stored none of them if Redis
+        # refused or the deadline passed, but a connection lost after the script ran lost only the
+        # reply; any other error may have come after Redis stored them too.
         if error is not None:
             if isinstance(error, StoreUnavailable):
                 raise StoreUnavailable(str(error)) from error
