@@ -33,6 +33,7 @@ from workerpool import (
     PoolObserver,
     QueueFull,
     State,
+    StoreNotSynced,
     StoreUnavailable,
     Task,
     WorkerPool,
@@ -187,6 +188,8 @@ class Metrics(PoolObserver):
     # -- the HTTP side ---------------------------------------------------
 
     def count_rejection(self, exc: BaseException) -> None:
+        if isinstance(exc, StoreNotSynced):  # not a refusal: the tasks stand (and were counted as accepted)
+            return
         self._count_rejected(rejection_reason(exc), 1)
 
     def count_rejections(self, refusals: Iterable[BaseException]) -> None:

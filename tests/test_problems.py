@@ -150,3 +150,13 @@ def test_a_change_whose_fsync_failed_is_a_503_that_says_it_stands(harness, monke
     assert "Retry-After" not in response.headers  # sending it again would only repeat it
     detail = response.get_json()["detail"]
     assert "it stands (do not send it again)" in detail and "Errno" not in detail
+
+
+def test_a_submission_whose_fsync_failed_is_not_counted_as_refused(harness, monkeypatch):
+    def not_synced(*args, **kwargs):
+        raise StoreNotSynced("syncing the WAL failed: [Errno 5] Input/output error")
+
+    monkeypatch.setattr(type(harness.pool), "submit", not_synced)
+    assert harness.client.post("/enqueue", json={"id": "a", "payload": ""}).status_code == 503
+    # The task stands (the pool tells observers of it as accepted): not a refusal.
+    assert 'workerpool_tasks_rejected_total{reason="store_unavailable"} 0.0' in harness.client.get("/metrics").text

@@ -621,19 +621,51 @@ def test_with_synchronous_full_a_step_returns_after_an_fsync_of_its_commit_and_a
     assert syncs.count == 2
 
 
+def _failing_fsync(fd):
+    raise OSError(5, "Input/output error")
+
+
 def test_with_synchronous_full_a_failed_fsync_says_the_step_stands(open_store, clock, monkeypatch):
     store = open_store(synchronous="FULL")
-
-    def failing_fsync(fd):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(os, "fdatasync", failing_fsync)
+    monkeypatch.setattr(os, "fdatasync", _failing_fsync)
     with pytest.raises(StoreNotSynced, match="syncing the WAL failed"):
         store.admit([task(clock, "a")])
     assert store.get("a").state is State.QUEUED  # committed: a client must not send it again
-    with pytest.raises(StoreNotSynced):
+    with pytest.raises(StoreNotSynced) as not_synced:
         store.cancel("a")
     assert store.get("a").state is State.CANCELLED
+    cancelled, changed = not_synced.value.result  # what the cancel did, for the caller to report
+    assert (cancelled.id, cancelled.state, changed) == ("a", State.CANCELLED, True)
+
+
+def test_a_pool_reports_an_admission_and_a_cancel_that_stand_though_their_fsync_failed(open_store, clock, monkeypatch):
+    from workerpool import PoolObserver, WorkerPool
+
+    class Heard(PoolObserver):
+        def __init__(self):
+            self.queued, self.cancelled = [], []
+
+        def tasks_queued(self, tasks):
+            self.queued += [t.id for t in tasks]
+
+        def task_cancelled(self, task):
+            self.cancelled.append(task.id)
+
+    heard = Heard()
+    store = open_store(synchronous="FULL")
+    pool = WorkerPool(lambda task, cancel: None, store=store, workers=1, observers=[heard], clock=clock.time)
+    try:
+        monkeypatch.setattr(os, "fdatasync", _failing_fsync)
+        with pytest.raises(StoreNotSynced):
+            pool.submit("a", delay=1000)  # queued, and stays queued: it stands, so observers hear of it
+        with pytest.raises(StoreNotSynced):
+            pool.cancel("a")  # cancelled: counted and observed as any cancel, and the caller told
+        assert (heard.queued, heard.cancelled) == (["a"], ["a"])
+        assert store.get("a").state is State.CANCELLED
+    finally:
+        monkeypatch.undo()
+        summary = pool.shutdown(timeout=0)
+    assert summary.counts[State.CANCELLED] == 1
 
 
 def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_one(open_store, clock, db, monkeypatch):

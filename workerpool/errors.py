@@ -47,5 +47,11 @@ class StoreNotSynced(StoreUnavailable):
 
     Raised by a store that waits for an fsync after its commit (SQLite with
     ``synchronous=FULL``). Unlike its base, the change is made: an admitted
-    task is stored and will run, a cancelled task is cancelled.
+    task is stored and will run, a cancelled task is cancelled. ``result`` is
+    what the call would have returned (None where it returns nothing), so
+    that the caller can report the change it made, and then raise.
     """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

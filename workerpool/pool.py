@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backoff import compute_backoff
-from .errors import PermanentFailure, PoolClosed, StoreUnavailable, SubmitError
+from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
 from .observer import PoolObserver
@@ -353,8 +353,14 @@ class WorkerPool:
             ids = [task.id for task in tasks]
             with self._order_lock:
                 self._enter_in_flight(ids)  # before the store step: a worker may claim the task at once
+        unsynced: StoreNotSynced | None = None
         try:
-            results = self._store.admit(tasks)
+            try:
+                results = self._store.admit(tasks)
+            except StoreNotSynced as exc:  # admitted all the same: observers hear of the tasks, then it is raised
+                if exc.result is None:
+                    raise
+                results, unsynced = exc.result, exc
             if observed or log.isEnabledFor(logging.DEBUG):
                 queued = [result for result in results if isinstance(result, Task)]
                 for task in queued:
@@ -370,6 +376,8 @@ class WorkerPool:
                 self._drain_wakeup.set()
         if started:
             self._log_started()
+        if unsynced is not None:
+            raise unsynced
         return results
 
     def cancel(self, task_id: str) -> Task | None:
@@ -379,10 +387,21 @@ class WorkerPool:
         (``cancelled``, or still ``running`` with ``cancel_requested``, or
         unchanged when already final). A running attempt that then raises
         ends ``cancelled``; one that returns normally still ends ``done``.
+        A cancel the store made but could not sync to disk (StoreNotSynced)
+        stands: it is logged, counted and observed as any other, then raised.
         """
         # The store says whether this call made the change: of cancels racing here or in other
         # processes on a shared store, exactly one tells of it (and counts it).
-        task, changed = self._store.cancel(task_id)
+        try:
+            task, changed = self._store.cancel(task_id)
+        except StoreNotSynced as exc:
+            if exc.result is not None:
+                self._cancelled(task_id, *exc.result)
+            raise
+        return self._cancelled(task_id, task, changed)
+
+    def _cancelled(self, task_id: str, task: Task | None, changed: bool) -> Task | None:
+        """Act on what the store's cancel did: count, log and tell of a change this call made."""
         if not changed:
             return task
         if task.state is State.CANCELLED:

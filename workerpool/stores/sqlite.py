@@ -660,7 +660,7 @@ class SqliteStore(TaskStore):
                 self._sync_wal(mine.commit)
             except sqlite3.Error as exc:  # the tasks are admitted: only the fsync failed
                 self._failure, self._failed_at = _describe(exc), time.monotonic()
-                raise StoreNotSynced(self._failure) from None
+                raise StoreNotSynced(self._failure, mine.outcomes) from None
         assert mine.outcomes is not None
         return mine.outcomes
 
@@ -1021,30 +1021,34 @@ class SqliteStore(TaskStore):
         )
 
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
-        with self._step() as conn:
-            now = self._clock()
-            row = conn.execute(
-                f"""UPDATE tasks SET cancel_requested = (state = 'running'),
-                        state = CASE state WHEN 'queued' THEN 'cancelled' ELSE state END,
-                        finished_at = CASE state WHEN 'queued' THEN :now ELSE finished_at END,
-                        payload = CASE state WHEN 'queued' THEN NULL ELSE payload END,
-                        next_attempt_at = CASE state WHEN 'queued' THEN NULL ELSE next_attempt_at END,
-                        state_seq = CASE state WHEN 'queued' THEN {_NEXT_STATE_SEQ.format(state="'cancelled'")}
-                                    ELSE state_seq END
-                    WHERE id = :id AND (state = 'queued' OR (state = 'running' AND NOT cancel_requested))
-                    RETURNING {_COLUMNS}""",
-                {"now": now, "id": task_id},
-            ).fetchone()
-            if row is None:  # unknown, final, or its cancel requested already
-                return self._get(conn, task_id, now), False
-            task = _task(row)
-            if task.state is not State.RUNNING:
-                check_transition(State.QUEUED, task.state)
-                self._count("queued", -1)
-                self._count(task.state.value, 1)
-                if task.attempts == 0:
-                    self._count("waiting", -1)
-                self._evict(conn, now)
+        try:
+            with self._step() as conn:
+                now = self._clock()
+                row = conn.execute(
+                    f"""UPDATE tasks SET cancel_requested = (state = 'running'),
+                            state = CASE state WHEN 'queued' THEN 'cancelled' ELSE state END,
+                            finished_at = CASE state WHEN 'queued' THEN :now ELSE finished_at END,
+                            payload = CASE state WHEN 'queued' THEN NULL ELSE payload END,
+                            next_attempt_at = CASE state WHEN 'queued' THEN NULL ELSE next_attempt_at END,
+                            state_seq = CASE state WHEN 'queued' THEN {_NEXT_STATE_SEQ.format(state="'cancelled'")}
+                                        ELSE state_seq END
+                        WHERE id = :id AND (state = 'queued' OR (state = 'running' AND NOT cancel_requested))
+                        RETURNING {_COLUMNS}""",
+                    {"now": now, "id": task_id},
+                ).fetchone()
+                if row is None:  # unknown, final, or its cancel requested already
+                    return self._get(conn, task_id, now), False
+                task = _task(row)
+                if task.state is not State.RUNNING:
+                    check_transition(State.QUEUED, task.state)
+                    self._count("queued", -1)
+                    self._count(task.state.value, 1)
+                    if task.attempts == 0:
+                        self._count("waiting", -1)
+                    self._evict(conn, now)
+        except StoreNotSynced as exc:  # the cancel stands: the caller reports it, then raises
+            exc.result = task, True
+            raise
         return task, True
 
     def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
