@@ -668,6 +668,18 @@ def test_a_pool_reports_an_admission_and_a_cancel_that_stand_though_their_fsync_
     assert summary.counts[State.CANCELLED] == 1
 
 
+def test_with_synchronous_full_an_admission_syncs_its_commit_before_it_checkpoints(open_store, clock, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 1)  # every admission's commit makes one due
+    store = open_store(synchronous="FULL")
+    steps = []
+    sync, checkpoint = os.fdatasync, store._checkpoint_if_due
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (steps.append("fsync"), sync(fd))[1])
+    monkeypatch.setattr(store, "_checkpoint_if_due", lambda every: (steps.append("checkpoint"), checkpoint(every))[1])
+    store.admit([task(clock, "a")])
+    assert steps == ["fsync", "checkpoint"]  # the answer's fsync is not held behind the copy
+    assert store._checkpointed == store._commits  # and the checkpoint did run
+
+
 def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_one(open_store, clock, db, monkeypatch):
     store = open_store(synchronous="FULL", capacity=10)
     syncs = _WalSyncs(db, os.fdatasync, hold_first=True)
