@@ -638,12 +638,32 @@ def test_with_synchronous_full_a_failed_fsync_says_the_step_stands(open_store, c
     assert (cancelled.id, cancelled.state, changed) == ("a", State.CANCELLED, True)
 
 
-def test_a_pool_reports_an_admission_and_a_cancel_that_stand_though_their_fsync_failed(open_store, clock, monkeypatch):
+def test_with_synchronous_full_recovered_and_abandoned_attempts_stand_though_their_fsync_failed(
+    open_store, clock, monkeypatch
+):
+    store = open_store(synchronous="FULL")
+    store.admit([task(clock, "expired"), task(clock, "mine")])
+    store.claim("elsewhere", clock.time() + 1)
+    store.claim("me", clock.time() + LEASE_S)
+    clock.advance(2)
+    monkeypatch.setattr(os, "fdatasync", _failing_fsync)
+    with pytest.raises(StoreNotSynced) as recovered:
+        store.recover(lambda task: None)
+    with pytest.raises(StoreNotSynced) as abandoned:
+        store.abandon("abandoned", owner="me")
+    # What each step did, for the caller to report: a later step finds nothing left to do.
+    assert [(t.id, t.state) for t in recovered.value.result] == [("expired", State.FAILED)]
+    assert [(t.id, t.state) for t in abandoned.value.result] == [("mine", State.FAILED)]
+    monkeypatch.undo()
+    assert store.recover(lambda task: None) == [] and store.abandon("abandoned", owner="me") == []
+
+
+def test_a_pool_reports_the_steps_that_stand_though_their_fsync_failed(open_store, clock, monkeypatch):
     from workerpool import PoolObserver, WorkerPool
 
     class Heard(PoolObserver):
         def __init__(self):
-            self.queued, self.cancelled = [], []
+            self.queued, self.cancelled, self.finished, self.abandoned = [], [], [], []
 
         def tasks_queued(self, tasks):
             self.queued += [t.id for t in tasks]
@@ -651,33 +671,31 @@ def test_a_pool_reports_an_admission_and_a_cancel_that_stand_though_their_fsync_
         def task_cancelled(self, task):
             self.cancelled.append(task.id)
 
+        def attempt_finished(self, task, seconds):
+            self.finished.append((task.id, task.last_error))
+
+        def task_abandoned(self, task):
+            self.abandoned.append(task.id)
+
     heard = Heard()
     store = open_store(synchronous="FULL")
-    pool = WorkerPool(lambda task, cancel: None, store=store, workers=1, observers=[heard], clock=clock.time)
-    try:
-        monkeypatch.setattr(os, "fdatasync", _failing_fsync)
-        with pytest.raises(StoreNotSynced):
-            pool.submit("a", delay=1000)  # queued, and stays queued: it stands, so observers hear of it
-        with pytest.raises(StoreNotSynced):
-            pool.cancel("a")  # cancelled: counted and observed as any cancel, and the caller told
-        assert (heard.queued, heard.cancelled) == (["a"], ["a"])
-        assert store.get("a").state is State.CANCELLED
-    finally:
-        monkeypatch.undo()
-        summary = pool.shutdown(timeout=0)
-    assert summary.counts[State.CANCELLED] == 1
-
-
-def test_with_synchronous_full_an_admission_syncs_its_commit_before_it_checkpoints(open_store, clock, monkeypatch):
-    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 1)  # every admission's commit makes one due
-    store = open_store(synchronous="FULL")
-    steps = []
-    sync, checkpoint = os.fdatasync, store._checkpoint_if_due
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (steps.append("fsync"), sync(fd))[1])
-    monkeypatch.setattr(store, "_checkpoint_if_due", lambda every: (steps.append("checkpoint"), checkpoint(every))[1])
-    store.admit([task(clock, "a")])
-    assert steps == ["fsync", "checkpoint"]  # the answer's fsync is not held behind the copy
-    assert store._checkpointed == store._commits  # and the checkpoint did run
+    pool = WorkerPool(store=store, threads=False, observers=[heard], clock=clock.time)
+    store.admit([task(clock, "expired"), task(clock, "running")])
+    store.claim("host:1:elsewhere", clock.time() + 1)
+    store.claim(pool.owner, clock.time() + LEASE_S)
+    clock.advance(2)
+    monkeypatch.setattr(os, "fdatasync", _failing_fsync)
+    with pytest.raises(StoreNotSynced):
+        pool.submit("a", delay=1000)  # queued, and stays queued: it stands, so observers hear of it
+    with pytest.raises(StoreNotSynced):
+        pool.cancel("a")  # cancelled: counted and observed as any cancel, and the caller told
+    with pytest.raises(StoreNotSynced):
+        pool._recover_once()  # the lease keeper's step: the expired attempt ended as lost
+    summary = pool.shutdown(timeout=0)  # abandons the attempt this pool runs
+    assert (heard.queued, heard.cancelled, heard.abandoned) == (["a"], ["a"], ["running"])
+    assert heard.finished == [("expired", sqlite_store.LOST)]
+    assert store.get("a").state is State.CANCELLED
+    assert (summary.counts[State.CANCELLED], summary.abandoned) == (1, ("running",))
 
 
 def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_one(open_store, clock, db, monkeypatch):

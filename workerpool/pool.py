@@ -990,6 +990,23 @@ class WorkerPool:
 
     # -- leases (shared stores) ------------------------------------------
 
+    def _recover_once(self) -> None:
+        """End the attempts whose lease expired, and report each; also those of a step not synced to disk."""
+        unsynced = None
+        try:
+            recovered = self._store.recover(self._retry_at)
+        except StoreNotSynced as exc:  # recovered all the same: reported, then raised
+            if exc.result is None:
+                raise
+            recovered, unsynced = exc.result, exc
+        for task in recovered:
+            self._count_final(task)
+            # last_error says how: "lost: the process running it stopped ..."
+            _log(logging.WARNING, task, "task %s attempt %d %s", task.id, task.attempts, task.last_error)
+            _notify(self._on_finished, task, 0.0)
+        if unsynced is not None:
+            raise unsynced
+
     def _keep_leases(self) -> None:
         """Renew the leases of running attempts and recover expired ones, whatever the handlers do."""
         period = self._lease / 3
@@ -997,11 +1014,7 @@ class WorkerPool:
         while (self._claiming or self._running) and not stop.is_set():
             try:
                 self._renew_once()
-                for task in self._store.recover(self._retry_at):
-                    self._count_final(task)
-                    # last_error says how: "lost: the process running it stopped ..."
-                    _log(logging.WARNING, task, "task %s attempt %d %s", task.id, task.attempts, task.last_error)
-                    _notify(self._on_finished, task, 0.0)
+                self._recover_once()
             except StoreUnavailable as exc:
                 log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
             except Exception:
@@ -1082,9 +1095,13 @@ class WorkerPool:
             self._claiming = False
         try:
             abandoned = self._store.abandon(ABANDONED, owner=self.owner)
-        except StoreUnavailable as exc:  # its attempts are lost once their leases expire
-            log.error("shutdown: the unfinished attempts could not be abandoned: %s", exc)
-            abandoned = []
+        except StoreUnavailable as exc:
+            if isinstance(exc, StoreNotSynced) and exc.result is not None:  # abandoned all the same
+                log.error("shutdown: the unfinished attempts were abandoned, but not synced to disk: %s", exc)
+                abandoned = exc.result
+            else:  # its attempts are lost once their leases expire
+                log.error("shutdown: the unfinished attempts could not be abandoned: %s", exc)
+                abandoned = []
         for task in abandoned:
             self._count_final(task)
         with self._lock:

@@ -1056,40 +1056,50 @@ class SqliteStore(TaskStore):
 
     def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
         recovered = []
-        with self._step() as conn:
-            now = self._clock()
-            owners = conn.execute("SELECT DISTINCT lease_owner FROM tasks WHERE state = 'running'").fetchall()
-            dead = [owner for (owner,) in owners if _process_is_gone(owner)]
-            rows = conn.execute(
-                f"""SELECT {_COLUMNS}, lease_owner FROM tasks WHERE state = 'running'
-                    AND (lease_until < ? OR lease_owner IN ({','.join('?' * len(dead))}))""",
-                (now, *dead),
-            ).fetchall()
-            for row in rows:
-                task, cancel_requested, owner = _task(row[:-1]), row[-2], row[-1]
-                due = None if cancel_requested else retry_at(task)
-                why = LOST_GONE if owner in dead else LOST
-                ended = self._end_attempt(conn, task.id, task.attempts, owner, now, error=why, retry_at=due)
-                recovered.append(cast(Task, ended))  # the row was read in this transaction
-            if recovered:
-                self._evict(conn, now)
-            requeued = any(task.state is State.QUEUED for task in recovered)
-            generation = _next_generation(conn) if requeued else 0
+        try:
+            with self._step() as conn:
+                now = self._clock()
+                owners = conn.execute("SELECT DISTINCT lease_owner FROM tasks WHERE state = 'running'").fetchall()
+                dead = [owner for (owner,) in owners if _process_is_gone(owner)]
+                rows = conn.execute(
+                    f"""SELECT {_COLUMNS}, lease_owner FROM tasks WHERE state = 'running'
+                        AND (lease_until < ? OR lease_owner IN ({','.join('?' * len(dead))}))""",
+                    (now, *dead),
+                ).fetchall()
+                for row in rows:
+                    task, cancel_requested, owner = _task(row[:-1]), row[-2], row[-1]
+                    due = None if cancel_requested else retry_at(task)
+                    why = LOST_GONE if owner in dead else LOST
+                    ended = self._end_attempt(conn, task.id, task.attempts, owner, now, error=why, retry_at=due)
+                    recovered.append(cast(Task, ended))  # the row was read in this transaction
+                if recovered:
+                    self._evict(conn, now)
+                requeued = any(task.state is State.QUEUED for task in recovered)
+                generation = _next_generation(conn) if requeued else 0
+        except StoreNotSynced as exc:  # the attempts are ended: the caller reports them, then raises
+            exc.result = recovered
+            if generation:
+                self._rescheduled_by_us(generation)
+            raise
         if generation:
             self._rescheduled_by_us(generation)
         return recovered
 
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
         abandoned = []
-        with self._step() as conn:
-            now = self._clock()
-            rows = conn.execute(
-                "SELECT id, attempts FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
-            ).fetchall()
-            for task_id, attempt in rows:
-                abandoned.append(cast(Task, self._end_attempt(conn, task_id, attempt, owner, now, error=reason)))
-            if abandoned:
-                self._evict(conn, now)
+        try:
+            with self._step() as conn:
+                now = self._clock()
+                rows = conn.execute(
+                    "SELECT id, attempts FROM tasks WHERE state = 'running' AND lease_owner = ?", (owner,)
+                ).fetchall()
+                for task_id, attempt in rows:
+                    abandoned.append(cast(Task, self._end_attempt(conn, task_id, attempt, owner, now, error=reason)))
+                if abandoned:
+                    self._evict(conn, now)
+        except StoreNotSynced as exc:  # the attempts are ended: the caller reports them, then raises
+            exc.result = abandoned
+            raise
         return abandoned
 
     # -- reading ---------------------------------------------------------------
