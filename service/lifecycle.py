@@ -147,8 +147,12 @@ class ShutdownController:
                 self._stop_waiting.set()
 
     def _drain(self) -> None:
-        self._summary = self._pool.shutdown(self._timeout)
-        self._requests.put((_DRAINED, self._clock()))
+        try:
+            self._summary = self._pool.shutdown(self._timeout)
+        except Exception:  # the process must still exit: the watcher, and join(), wait for _DRAINED
+            log.exception("the drain failed")
+        finally:
+            self._requests.put((_DRAINED, self._clock()))
 
 
 def exit_without(threads: list[str]) -> None:

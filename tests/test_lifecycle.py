@@ -160,3 +160,15 @@ def test_describe_names_counts_and_abandoned():
     assert describe(SUMMARY) == (
         "shutdown complete: drained in 1.50 s; 0 queued, 0 running, 5 done, 1 failed; 1 abandoned"
     )
+
+
+def test_a_drain_that_raises_still_ends_and_is_logged(caplog):
+    class BrokenPool(FakePool):
+        def shutdown(self, timeout=None, *, wait=True):
+            raise RuntimeError("the drain broke")
+
+    controller, drained, done = start(BrokenPool())
+    controller.request_stop(signal.SIGTERM)
+    assert controller.join(TIMEOUT)  # used to wait until the worker was killed
+    assert drained == []  # no summary to report
+    assert "RuntimeError: the drain broke" in caplog.text

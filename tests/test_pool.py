@@ -1199,3 +1199,43 @@ def test_an_attempt_of_a_process_found_gone_is_logged_lost_once_saying_why(make_
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task orphan")]
     assert line == "task orphan attempt 1 lost: the process running it stopped (it no longer exists on this host)"
     store.close()
+
+
+
+class DrainFails(MemoryStore):
+    """A store whose ``method`` raises an unexpected error (not StoreUnavailable) from its ``after``-th call on."""
+
+    def __init__(self, method, after, **options):
+        super().__init__(**options)
+        calls = 0
+        real = getattr(self, method)
+
+        def fails(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls >= after:
+                raise RuntimeError(f"{method} broke")
+            return real(*args, **kwargs)
+
+        setattr(self, method, fails)
+
+
+@pytest.mark.parametrize("method, after, timeout, abandoned", [
+    ("unfinished", 1, 1000, ("later",)),  # counting for the first log line
+    ("unfinished", 2, 1000, ("later",)),  # counting while waiting: the fake clock never reaches the deadline
+    ("abandon", 1, 0, ()),
+])  # fmt: skip
+def test_an_unexpected_store_error_still_ends_the_drain_and_later_shutdowns_return(
+    make_pool, clock, caplog, method, after, timeout, abandoned
+):
+    pool = make_pool(store=DrainFails(method, after, clock=clock.time), workers=1)
+    pool.submit("later", "", 0, delay=100.0)
+    before = set(threading.enumerate())
+    with caplog.at_level(logging.ERROR, logger="workerpool.pool"):
+        assert pool.shutdown(timeout=timeout, wait=False) is None
+        drain, = (t for t in set(threading.enumerate()) - before if t.name == "workerpool-drain")
+        drain.join(TIMEOUT)
+        assert not drain.is_alive(), "the drain never ended"
+    summary = pool.shutdown(timeout=0)  # waited forever for a drain that had died
+    assert summary.abandoned == abandoned
+    assert f"RuntimeError: {method} broke" in caplog.text

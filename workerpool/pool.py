@@ -1057,14 +1057,6 @@ class WorkerPool:
                 self._claiming = False
         self._drain_wakeup.set()
         if first:
-            if self._store.shared:
-                self._store.wake()
-                log.info(
-                    "shutdown: claiming stopped (new tasks stay queued for other processes), draining %d running "
-                    "attempt(s)", self._unfinished_here(),
-                )  # fmt: skip
-            else:
-                log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
             if wait:
                 self._drain(began)
             else:
@@ -1075,6 +1067,32 @@ class WorkerPool:
         return self._summary
 
     def _drain(self, began: float) -> None:
+        # Whatever fails below, the drain ends: the threads are told to stop, the summary is written
+        # and _drained is set, or every shutdown() after this one (a second signal, atexit) would wait forever.
+        abandoned: list[Task] = []
+        try:
+            try:
+                self._announce_drain()
+                self._wait_for_drain()
+            except Exception:
+                log.exception("shutdown: waiting for the drain failed; abandoning the unfinished attempts now")
+            self._abandon_unfinished(abandoned)
+        except Exception:
+            log.exception("shutdown: abandoning the unfinished attempts failed")
+        finally:
+            self._finish_drain(began, abandoned)
+
+    def _announce_drain(self) -> None:
+        if self._store.shared:
+            self._store.wake()
+            log.info(
+                "shutdown: claiming stopped (new tasks stay queued for other processes), draining %d running "
+                "attempt(s)", self._unfinished_here(),
+            )  # fmt: skip
+        else:
+            log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
+
+    def _wait_for_drain(self) -> None:
         while True:
             # Clear before looking: whoever changes what is looked at below
             # (a finished attempt, a nearer deadline) sets it afterwards.
@@ -1089,45 +1107,65 @@ class WorkerPool:
                 admitting, running = bool(self._admitting), bool(self._running) or unheard
                 remaining = self._deadline - self._monotonic()
             if not admitting and (remaining <= 0 or not (running or self._unfinished_here())):
-                break
+                return
             self._wait(self._drain_wakeup, None if admitting or remaining == math.inf else max(0.0, remaining))
+
+    def _abandon_unfinished(self, abandoned: list[Task]) -> None:
+        """Fail this pool's unfinished tasks (ABANDONED), appending them to ``abandoned`` as soon as they are."""
         with self._lock:
             self._claiming = False
         try:
-            abandoned = self._store.abandon(ABANDONED, owner=self.owner)
+            abandoned.extend(self._store.abandon(ABANDONED, owner=self.owner))
         except StoreUnavailable as exc:
             if isinstance(exc, StoreNotSynced) and exc.result is not None:  # abandoned all the same
                 log.error("shutdown: the unfinished attempts were abandoned, but not synced to disk: %s", exc)
-                abandoned = exc.result
+                abandoned.extend(exc.result)
             else:  # its attempts are lost once their leases expire
                 log.error("shutdown: the unfinished attempts could not be abandoned: %s", exc)
-                abandoned = []
         for task in abandoned:
             self._count_final(task)
-        with self._lock:
-            for attempt in self._running.values():  # their results will be dropped
-                self._set_cancel(attempt)
+        self._cancel_running()
         for task in abandoned:
             self._wait_turn(task.id)
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
             _notify(self._on_abandoned, task)
-        self._stop_threads()
-        try:
-            left = self._store.stats().counts if self._store.shared else {}
-        except StoreUnavailable:
-            left = {}
+
+    def _cancel_running(self) -> None:
+        """Stop claiming and tell the attempts still running that their results will be dropped."""
         with self._lock:
-            done = self._finals.copy()
-        self._summary = ShutdownSummary(
-            counts={
-                State.QUEUED: left.get(State.QUEUED, 0),
-                State.RUNNING: self._unfinished_here() if self._store.shared else 0,
-                **{state: done[state] for state in (State.DONE, State.FAILED, State.CANCELLED)},
-            },
-            abandoned=tuple(task.id for task in abandoned),
-            drain_seconds=self._monotonic() - began,
-        )
-        self._drained.set()
+            self._claiming = False
+            for attempt in self._running.values():
+                self._set_cancel(attempt)
+
+    def _finish_drain(self, began: float, abandoned: list[Task]) -> None:
+        try:
+            self._cancel_running()  # again: the abandon may not have got that far
+            self._stop_threads()
+            try:
+                left = self._store.stats().counts if self._store.shared else {}
+            except StoreUnavailable:
+                left = {}
+            except Exception:
+                log.exception("shutdown: the store could not count the tasks left")
+                left = {}
+            try:
+                running = self._unfinished_here() if self._store.shared else 0
+            except Exception:
+                log.exception("shutdown: the store could not count the attempts left running")
+                running = 0
+            with self._lock:
+                done = self._finals.copy()
+            self._summary = ShutdownSummary(
+                counts={
+                    State.QUEUED: left.get(State.QUEUED, 0),
+                    State.RUNNING: running,
+                    **{state: done[state] for state in (State.DONE, State.FAILED, State.CANCELLED)},
+                },
+                abandoned=tuple(task.id for task in abandoned),
+                drain_seconds=self._monotonic() - began,
+            )
+        finally:
+            self._drained.set()
 
     def _unfinished_here(self) -> int:
         """What the store counts as this pool's unfinished work; 0 while it cannot say (leases settle it)."""
