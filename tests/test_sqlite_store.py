@@ -658,6 +658,43 @@ def test_with_synchronous_full_recovered_and_abandoned_attempts_stand_though_the
     assert store.recover(lambda task: None) == [] and store.abandon("abandoned", owner="me") == []
 
 
+def test_with_synchronous_full_an_attempts_end_stands_though_its_fsync_failed(open_store, clock, monkeypatch):
+    store = open_store(synchronous="FULL")
+    store.admit([task(clock, "a"), task(clock, "b"), task(clock, "c")])
+    claim(store, clock)
+    monkeypatch.setattr(os, "fdatasync", _failing_fsync)
+    with pytest.raises(StoreNotSynced) as not_synced:
+        store.finish_and_claim("a", 1, "a", lease_until=clock.time() + LEASE_S)
+    ended, claimed = not_synced.value.result  # what the step did, for the caller to go on with
+    assert (ended.id, ended.state, claimed.id, claimed.state) == ("a", State.DONE, "b", State.RUNNING)
+    with pytest.raises(StoreNotSynced) as not_synced:
+        store.finish("b", 1, "a", error="boom")
+    assert (not_synced.value.result.id, not_synced.value.result.state) == ("b", State.FAILED)
+
+
+def test_a_pool_goes_on_with_an_end_that_stands_though_its_fsync_failed(open_store, clock, monkeypatch, caplog):
+    from workerpool import PoolObserver, WorkerPool
+
+    class Heard(PoolObserver):
+        def __init__(self):
+            self.finished = []
+
+        def attempt_finished(self, task, seconds):
+            self.finished.append((task.id, task.state))
+
+    heard = Heard()
+    store = open_store(synchronous="FULL")
+    pool = WorkerPool(lambda task, cancel: "ok", store=store, threads=False, observers=[heard], clock=clock.time)
+    pool.submit("a")
+    monkeypatch.setattr(os, "fdatasync", _failing_fsync)
+    assert pool.step()  # its end is written once, and heard of: not written again, nor dropped as a late one
+    assert heard.finished == [("a", State.DONE)]
+    assert store.get("a").state is State.DONE
+    assert "could not sync it to disk" in caplog.text and "result dropped" not in caplog.text
+    monkeypatch.undo()
+    pool.shutdown(timeout=0)
+
+
 def test_a_pool_reports_the_steps_that_stand_though_their_fsync_failed(open_store, clock, monkeypatch):
     from workerpool import PoolObserver, WorkerPool
 

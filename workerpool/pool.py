@@ -651,11 +651,14 @@ class WorkerPool:
                         lease_until=lease_until,
                     )  # fmt: skip
             except StoreUnavailable as exc:
-                if attempt.timed_out:  # a timeout is written once: the watchdog's next check writes it again
+                if isinstance(exc, StoreNotSynced) and exc.result is not None:
+                    ended, attempt.claimed_next = self._end_not_synced(task, exc, lease_until is not None)
+                elif attempt.timed_out:  # a timeout is written once: the watchdog's next check writes it again
                     raise
-                ended, attempt.claimed_next = self._record_end_again(
-                    attempt, error, result, retry_at, lease_until is not None, exc
-                )  # fmt: skip
+                else:
+                    ended, attempt.claimed_next = self._record_end_again(
+                        attempt, error, result, retry_at, lease_until is not None, exc
+                    )  # fmt: skip
             attempt.claimed_none = lease_until is not None and attempt.claimed_next is None
         except Exception:
             if attempt.timed_out:  # the watchdog writes it again: until then the attempt stays registered
@@ -741,6 +744,16 @@ class WorkerPool:
             task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at, lease_until=lease_until
         )
 
+    def _end_not_synced(
+        self, task: Task, exc: StoreNotSynced, claimed: bool
+    ) -> tuple[Task | None, Task | None]:
+        """What a write of the attempt's end did though its fsync failed: it stands, so it is not written again."""
+        _log(
+            logging.WARNING, task, "task %s attempt %d ended, but the store could not sync it to disk (%s)",
+            task.id, task.attempts, exc,
+        )  # fmt: skip
+        return exc.result if claimed else (exc.result, None)
+
     def _record_end_again(
         self,
         attempt: Attempt,
@@ -773,6 +786,8 @@ class WorkerPool:
             try:
                 return self._write_end(task, error, result, retry_at, lease_until)
             except StoreUnavailable as exc:
+                if isinstance(exc, StoreNotSynced) and exc.result is not None:
+                    return self._end_not_synced(task, exc, lease_until is not None)
                 if attempt.timed_out or self._monotonic() >= give_up:
                     raise
                 failure = exc

@@ -829,25 +829,29 @@ class SqliteStore(TaskStore):
         """
         with self._wakeup:
             admitted, tickets, rescheduled = self._admitted, self._admitted - self._answered, self._rescheduled
-        with self._step() as conn:
-            now = self._clock()
-            ended, generation = self._finish(
-                conn, task_id, attempt, owner, now, error, result, retry_at, evict=False
-            )  # fmt: skip
-            if tickets or getattr(self._local, "claimed_last", False):
-                if ended is not None:
-                    self._evict(conn, now)
-                claimed = self._claim(conn, owner, lease_until, now, rescheduled)
-            else:
-                seen_generation, finished, *due = conn.execute(_IDLE).fetchone()
-                if ended is not None:
-                    self._evict(conn, now, finished=finished)  # it deletes finished tasks only: due times hold
-                next_due = _earliest(due)
-                if next_due is not None and next_due <= now:
+        try:
+            with self._step() as conn:
+                now = self._clock()
+                ended, generation = self._finish(
+                    conn, task_id, attempt, owner, now, error, result, retry_at, evict=False
+                )  # fmt: skip
+                if tickets or getattr(self._local, "claimed_last", False):
+                    if ended is not None:
+                        self._evict(conn, now)
                     claimed = self._claim(conn, owner, lease_until, now, rescheduled)
                 else:
-                    claimed, self._local.seen = None, (seen_generation, rescheduled, next_due)
-            self._local.claimed_last = claimed is not None
+                    seen_generation, finished, *due = conn.execute(_IDLE).fetchone()
+                    if ended is not None:
+                        self._evict(conn, now, finished=finished)  # it deletes finished tasks only: due times hold
+                    next_due = _earliest(due)
+                    if next_due is not None and next_due <= now:
+                        claimed = self._claim(conn, owner, lease_until, now, rescheduled)
+                    else:
+                        claimed, self._local.seen = None, (seen_generation, rescheduled, next_due)
+                self._local.claimed_last = claimed is not None
+        except StoreNotSynced as exc:  # the end and the claim stand: the caller goes on with them, then raises
+            exc.result = ended, claimed
+            raise
         if generation:
             self._rescheduled_by_us(generation)
         if claimed is None:
@@ -967,8 +971,12 @@ class SqliteStore(TaskStore):
         result: Any = None,
         retry_at: float | None = None,
     ) -> Task | None:
-        with self._step() as conn:
-            task, generation = self._finish(conn, task_id, attempt, owner, self._clock(), error, result, retry_at)
+        try:
+            with self._step() as conn:
+                task, generation = self._finish(conn, task_id, attempt, owner, self._clock(), error, result, retry_at)
+        except StoreNotSynced as exc:  # the end stands: the caller goes on with it, then raises
+            exc.result = task
+            raise
         if generation:
             self._rescheduled_by_us(generation)
         return task
