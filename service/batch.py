@@ -74,7 +74,8 @@ def enqueue_batch() -> Response:
         body = read_body(config.max_batch_body_bytes)
         items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=svc.limits, request_id=rid)
         # One engine call: the accepted tasks are admitted in one store step, in order
-        # (or none of them, when the store cannot be used: the batch is refused as a whole).
+        # (or, when the store cannot be used, the batch is refused as a whole: none of them, unless
+        # a Redis connection dropped after the script ran).
         admitted = iter(svc.pool.submit_many([item for item in items if isinstance(item, TaskSpec)]))
     except Exception as exc:
         svc.metrics.count_rejection(exc)
