@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from gunicorn.http import wsgi
@@ -59,6 +60,70 @@ from .request_reader import REQUEST_TIMEOUT_S, RequestReader
 
 # How long a stopping worker still waits for requests clients are sending (as gthread's keep-alive linger).
 STOP_LINGER_S = 2.0
+# How long a worker that has a connection for each of its request threads leaves a new connection to the
+# other workers before it accepts the connection itself (see AcceptBalance).
+ACCEPT_DEFER_S = 0.002
+
+
+class AcceptBalance:
+    """Whether a worker leaves a waiting connection to the other workers for now: one that serves enough already.
+
+    The workers of ``gunicorn -w N`` share one listening socket, and each new
+    connection goes to whichever worker calls ``accept`` first: a client
+    that opens its connections all at once and keeps them (a load balancer's
+    or a connection pool's keep-alive connections, a benchmark) often finds
+    most of them on one worker, which then queues requests while the others
+    idle. A worker that has a connection for each of its request threads
+    already stops accepting for ``defer`` seconds, so that a worker with
+    fewer takes the connection; after the pause it accepts the next
+    connection whatever the others did (so a connection waits ``defer`` at
+    most, also when every worker is busy). It pauses at most ``threads``
+    times a second (in bursts of as many): under clients that open a
+    connection per request, a busy worker's accepting is paused for at most
+    ``threads x defer`` of each second (16 ms with 8 threads). With one
+    worker nothing is deferred.
+    """
+
+    def __init__(
+        self, workers: int, threads: int, *, defer: float = ACCEPT_DEFER_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.enabled = workers > 1
+        self.threads = threads
+        self.defer = defer
+        self.clock = clock
+        self.paused_until = 0.0  # while accepting is paused, when the pause ends; else 0
+        self.owed = False  # a pause ended: the next waiting connection is this worker's
+        self.pauses = float(threads)  # pauses left now (refilled at ``threads`` a second, up to ``threads``)
+        self.refilled_at = clock()
+
+    def leave_to_others(self, connections: int) -> bool:
+        """Whether to leave the waiting connection for now (and pause accepting), with ``connections`` open here."""
+        if not self.enabled or connections < self.threads or self.owed:
+            self.owed = False
+            return False
+        now = self.clock()
+        self.pauses = min(float(self.threads), self.pauses + (now - self.refilled_at) * self.threads)
+        self.refilled_at = now
+        if self.pauses < 1:
+            return False
+        self.pauses -= 1
+        self.paused_until = now + self.defer
+        return True
+
+    def paused(self) -> bool:
+        """Whether accepting is still paused; when a pause has just ended, the next connection is accepted."""
+        if not self.paused_until:
+            return False
+        if self.clock() < self.paused_until:
+            return True
+        self.paused_until, self.owed = 0.0, True
+        return False
+
+    def wait_at_most(self, timeout: float) -> float:
+        """The poller's timeout: a pause ends on time even when nothing else happens."""
+        if not self.paused_until:
+            return timeout
+        return max(0.0, min(timeout, self.paused_until - self.clock()))
 
 
 class DrainingThreadWorker(ThreadWorker):
@@ -103,11 +168,26 @@ class DrainingThreadWorker(ThreadWorker):
         self.closer = LingeringCloser(self.poller)
         self._serving: set[TConn] = set()  # connections a request thread has
         self._stopping = False
+        self.balance = AcceptBalance(self.cfg.workers, self.cfg.threads)
         try:
             super().run()
         finally:
             self.reader.drop_all()
             self.closer.expire(force=True)
+
+    def accept(self, listener) -> None:
+        if self.balance.leave_to_others(self.nr_conns):
+            self.set_accept_enabled(False)  # gthread's loop enables it again on a turn after the pause
+            return
+        super().accept(listener)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        if enabled and self.balance.paused():
+            return
+        super().set_accept_enabled(enabled)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        super().wait_for_and_dispatch_events(self.balance.wait_at_most(timeout))
 
     def enqueue_req(self, conn: TConn) -> None:
         """Wait on the poller for the connection's next request (gthread would give it a thread at once)."""
