@@ -650,6 +650,10 @@ class SqliteStore(TaskStore):
                     self._wrote(written)
                 self._admitted += admitted
                 self._wakeup.notify(admitted)
+            # Before this admission's own fsync, which its answer waits for either way: the admissions it
+            # carried sync meanwhile (one fsync for all), and commits made during the copy join this one's
+            # fsync. Syncing first made about 40 % more fsyncs with a checkpoint at every admission.
+            self._checkpoint_if_due(_ADMISSION_CHECKPOINTS_AFTER)
         if mine.error is not None:
             raise mine.error
         if mine.failure is not None:
@@ -660,10 +664,6 @@ class SqliteStore(TaskStore):
             except sqlite3.Error as exc:  # the tasks are admitted: only the fsync failed
                 self._failure, self._failed_at = _describe(exc), time.monotonic()
                 raise StoreNotSynced(self._failure, mine.outcomes) from None
-        # After the fsync, as in every other step: the admissions this one carried find their commit
-        # synced, rather than each syncing beside the checkpoint's copy while their answers wait.
-        if admitted:
-            self._checkpoint_if_due(_ADMISSION_CHECKPOINTS_AFTER)
         assert mine.outcomes is not None
         return mine.outcomes
 
