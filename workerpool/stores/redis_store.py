@@ -206,20 +206,36 @@ end
 """
 
 # ARGV: capacity (the same in every call: packed once, see RedisStore), the cutoff of eviction by age,
-# the deadline, the number of tasks, then per task its id, its created_at as stored (decimal), the same
-# in hexadecimal, its next_attempt_at as stored or '', the count n of entries that follow, and n entries:
-# the names and values of its other fields (see _task_args). Flat arguments go to HSET as they came;
-# one JSON object per task cost Redis a decode (cjson) and a table walk to flatten it again.
+# the deadline, the number of tasks, then per task (see _task_args): its id, its created_at as stored
+# (decimal), the same in hexadecimal, its next_attempt_at as stored or '', its max_retries, its payload
+# as JSON text or '' (none), its request_id or '' (none), the count n of entries that follow, and n
+# entries: the names and values of its fields that are neither these nor at their defaults for a new
+# task (n is 0 for every task the service submits). The names of the usual fields are the script's own
+# strings: every argument costs Redis a string made for Lua and a slot of ARGV, more than a table entry.
+# A new task's state is queued; attempts 0 and cancel_requested false are not stored (a missing field
+# reads as its default everywhere, and a claim's HINCRBY starts from 0).
 # A task's due time is its next_attempt_at, else its created_at, as stored. Lua's tonumber (the C
 # library's strtod) reads a decimal time with multiple-precision arithmetic, and Redis formats a Lua
 # number it is given with snprintf: both cost Redis more than the commands. So the script reads times
 # only in hexadecimal, gives Redis its numbers as strings, and stores the decimal text as it came. What
 # Redis itself reads (a score, a ZRANGEBYSCORE bound) is decimal: Redis 8.0 to 8.6 parse a range bound
 # with a reader of decimal numbers only, and would refuse a hexadecimal one.
+# Eviction by age is not the admission's: readers evict before they read, and so does every step that
+# makes a task final. An admission only has to see that an id it is given belongs to a task old enough
+# to be forgotten (a forgotten id may be submitted again): it forgets that one task, then admits.
 _ADMIT = """
 if too_late(ARGV[3]) then return LATE end
 local capacity = tonumber(ARGV[1])
-evict(ARGV[2])  -- a forgotten id may be submitted again
+local cutoff = ARGV[2]
+-- True if id's task finished at or before the cutoff (eviction by age would have forgotten it), now forgotten.
+local function aged_out(id)
+  local finished = redis.call('ZSCORE', P .. ':fin', id)
+  if finished and tonumber(finished) <= tonumber(cutoff) then
+    forget(id)
+    return true
+  end
+  return false
+end
 local waiting = redis.call('ZCARD', P .. ':new')
 -- Submitters stamp created_at before this script, so racing submits (from any instance) may
 -- arrive out of stamp order: clamp to the newest admitted one's, so that creation times never
@@ -231,12 +247,12 @@ local left = tonumber(ARGV[4])  -- tasks not yet looked at
 local next_seq, last_seq = 1, 0  -- sequence numbers reserved by this call and not used yet
 local i = 5
 while i <= #ARGV do
-  local id, created, next_at, n = ARGV[i], ARGV[i + 1], ARGV[i + 3], tonumber(ARGV[i + 4])
-  local at, first = tonumber(ARGV[i + 2]), i + 5
-  i = first + n
+  local id, created, next_at, extra = ARGV[i], ARGV[i + 1], ARGV[i + 3], ARGV[i + 7]
+  local at, first = tonumber(ARGV[i + 2]), i + 8
+  i = first + (extra == '0' and 0 or tonumber(extra))
   local key = P .. ':t:' .. id
   if waiting >= capacity then  -- a full store only looks
-    out[#out + 1] = redis.call('EXISTS', key) == 1 and 'duplicate' or 'full'
+    out[#out + 1] = (redis.call('EXISTS', key) == 1 and not aged_out(id)) and 'duplicate' or 'full'
   else
     if next_seq > last_seq then  -- one INCRBY for the tasks left rather than an INCR per task
       last_seq = redis.call('INCRBY', P .. ':seq', string.format('%d', left))
@@ -247,7 +263,8 @@ while i <= #ARGV do
     local seq = string.format('%016d', next_seq)
     -- Every retained task's id is in P:all (admission adds both it and the hash, forget removes
     -- both): adding the id there unless present is the duplicate check.
-    if redis.call('ZADD', P .. ':all', 'NX', seq, id) == 0 then
+    if redis.call('ZADD', P .. ':all', 'NX', seq, id) == 0
+        and not (aged_out(id) and redis.call('ZADD', P .. ':all', 'NX', seq, id) == 1) then
       out[#out + 1] = 'duplicate'
     else
       if last_at and at < last_at then created, at = last, last_at end
@@ -255,12 +272,13 @@ while i <= #ARGV do
       redis.call('ZADD', P .. ':st:queued', seq, id)
       local member = seq .. ':' .. id
       redis.call('ZADD', P .. ':new', next_at == '' and created or next_at, member)  -- its due time
-      if next_at == '' then
-        redis.call('HSET', key, 'id', id, 'created_at', created, 'queue_member', member, unpack(ARGV, first, i - 1))
-      else
-        redis.call('HSET', key, 'id', id, 'created_at', created, 'next_attempt_at', next_at, 'queue_member', member,
-          unpack(ARGV, first, i - 1))
-      end
+      local fields = {'id', id, 'created_at', created, 'queue_member', member, 'state', 'queued',
+        'max_retries', ARGV[first - 4]}
+      if next_at ~= '' then fields[#fields + 1] = 'next_attempt_at'; fields[#fields + 1] = next_at end
+      if ARGV[first - 3] ~= '' then fields[#fields + 1] = 'payload'; fields[#fields + 1] = ARGV[first - 3] end
+      if ARGV[first - 2] ~= '' then fields[#fields + 1] = 'request_id'; fields[#fields + 1] = ARGV[first - 2] end
+      for j = first, i - 1 do fields[#fields + 1] = ARGV[j] end
+      redis.call('HSET', key, unpack(fields))
       next_seq = next_seq + 1
       waiting = waiting + 1
       admitted = admitted + 1
@@ -462,25 +480,31 @@ _ENCODERS: dict[str, Callable[[Any], str]] = {
 
 def _task_args(task: Task) -> list[str]:
     """The task as the admission script takes it (see _ADMIT): its id, its created_at in decimal and in
-    hexadecimal, its next_attempt_at or '', then the count and the entries of its other fields.
+    hexadecimal, its next_attempt_at or '', its max_retries, its payload as JSON or '', its request_id or
+    '', then the count and the entries of its fields that are not at a new task's defaults.
 
     Field by field rather than a loop over them all: the loop's lookups cost more than the fields.
     """
     (task_id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at, due,
      request_id, result, cancel_requested) = task  # fmt: skip
-    rest = ["max_retries", str(max_retries), "state", str(state), "attempts", str(attempts),
-            "cancel_requested", "1" if cancel_requested else "0"]  # fmt: skip
-    if payload is not None:
-        rest += ("payload", _json_text(payload))
-    if request_id is not None:
-        rest += ("request_id", str(request_id))
+    rest: list[str] = []
+    if state != "queued":
+        rest += ("state", str(state))
+    if attempts:
+        rest += ("attempts", str(attempts))
+    if cancel_requested:
+        rest += ("cancel_requested", "1")
+    if request_id == "":  # '' in its place means none
+        rest += ("request_id", "")
     if last_error is not None or started_at is not None or finished_at is not None or result is not None:
         for name, value in (("last_error", last_error), ("started_at", started_at), ("finished_at", finished_at),
                             ("result", result)):  # fmt: skip
             if value is not None:
                 rest += (name, _ENCODERS[name](value) if name in _ENCODERS else str(value))
     created_at = float(created_at)
-    return [task_id, repr(created_at), created_at.hex(), "" if due is None else _float_text(due), str(len(rest)), *rest]
+    return [task_id, repr(created_at), created_at.hex(), "" if due is None else _float_text(due), str(max_retries),
+            "" if payload is None else _json_text(payload), "" if request_id is None else str(request_id),
+            str(len(rest)), *rest]  # fmt: skip
 
 
 def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
@@ -722,8 +746,8 @@ class RedisStore(TaskStore):
         tasks = sum(len(admission.tasks) for admission in batch)
         packed = (b"".join([admission.args for admission in batch]), sum(admission.count for admission in batch))
         mine.sent = True  # from here on the batch may be stored, whatever happens next
-        # The cutoff of eviction by age in decimal: Redis reads it as a range bound (see _ADMIT).
-        return self._run("admit", repr(float(self._clock()) - self._ttl), self._deadline(), tasks, packed=packed)
+        # The cutoff of eviction by age in hexadecimal: only the script reads it (see _ADMIT).
+        return self._run("admit", (float(self._clock()) - self._ttl).hex(), self._deadline(), tasks, packed=packed)
 
     def _hand_over(self, mine: _Admission, error: BaseException | None) -> None:
         """Answer the admissions ``mine`` carried and pass the turn to send on, if ``mine`` holds it.
