@@ -13,13 +13,13 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.urls import iri_to_uri
 from werkzeug.wsgi import get_content_length
 
-from workerpool import PoolStats, State, StoreUnavailable
+from workerpool import DuplicateTask, PoolStats, State, StoreUnavailable
 
 from . import connection, request_id
 from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
-from .problems import Problem, invalid_request
+from .problems import Problem, invalid_request, submit_problem
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
@@ -39,6 +39,11 @@ def enqueue() -> Response:
         task = svc.pool.submit(
             spec.id, spec.payload, spec.max_retries, delay=spec.delay, request_id=spec.request_id
         )
+    except DuplicateTask as exc:  # the way to the task that holds the id: a retry can check it is its own
+        svc.metrics.count_rejection(exc)
+        problem = submit_problem(exc)
+        problem.headers["Location"] = _uri(task_url(exc.task_id, req.root_path))
+        raise problem from None
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
@@ -81,8 +86,7 @@ def accepted(body: dict[str, Any], location: str) -> Response:
     written as UTF-8 rather than escaped, as the batch endpoint does.
     """
     data = orjson.dumps(body) + b"\n"
-    if not _URI_PATH.fullmatch(location):  # a root path (SCRIPT_NAME) with characters to encode
-        location = iri_to_uri(location)
+    location = _uri(location)
     # Content-Length is added by the response itself.
     return _FinalHeaders(data, 202, Headers([("Content-Type", "application/json"), ("Location", location)]))
 
@@ -90,6 +94,11 @@ def accepted(body: dict[str, Any], location: str) -> Response:
 # werkzeug's quoting of a <path:...> value (PathConverter.to_url). url_for's routing machinery
 # around it cost about a tenth of the enqueue request's time.
 _PATH_SAFE = "!$&'()*+,/:;=@"
+
+
+def _uri(location: str) -> str:
+    """``location`` fit for a header: a root path (SCRIPT_NAME) may hold characters to encode."""
+    return location if _URI_PATH.fullmatch(location) else iri_to_uri(location)
 
 
 def task_url(task_id: str, root_path: str | None = None) -> str:

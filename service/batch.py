@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
-from workerpool import SubmitError, Task
+from workerpool import DuplicateTask, SubmitError, Task
 
 from . import request_id
 from .api import read_body, task_url
@@ -92,6 +92,8 @@ def enqueue_batch() -> Response:
         refusals.append(outcome)
         problem = submit_problem(outcome) if isinstance(outcome, SubmitError) else outcome
         results.append(_refusal(problem))
+        if isinstance(outcome, DuplicateTask):  # the task that holds the id, as POST /enqueue's Location
+            results[-1]["location"] = task_url(outcome.task_id, root_path)
         if problem.status >= 500:  # the service's state, not the task's fault: one line for the batch (below)
             unavailable.setdefault((problem.status, problem.detail), []).append(index)
             continue

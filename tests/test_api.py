@@ -355,11 +355,20 @@ def test_a_body_shorter_than_its_content_length_is_400(harness):
     assert harness.pool.get("a") is None
 
 
+def test_a_409_leads_to_the_task_that_holds_the_id_with_its_url_encoded(harness):
+    task_id = "dir/ünï code"
+    assert enqueue(harness.client, {"id": task_id, "payload": "mine"}).status_code == 202
+    response = enqueue(harness.client, {"id": task_id, "payload": "mine"})
+    assert (response.status_code, response.headers["Location"]) == (409, "/tasks/dir/%C3%BCn%C3%AF%20code")
+    assert harness.client.get(response.headers["Location"]).get_json()["id"] == task_id
+
+
 def test_a_known_id_is_409(harness):
     assert enqueue(harness.client, {"id": "a", "payload": ""}).status_code == 202
     response = enqueue(harness.client, {"id": "a", "payload": "other", "max_retries": 0})
     assert response.status_code == 409
     assert response.get_json()["type"] == "urn:workerpool:problem:duplicate-task"
+    assert response.headers["Location"] == "/tasks/a"  # the task that holds the id
     harness.final.wait("a")
     # Still refused once it is finished, for as long as it is retained.
     assert harness.pool.get("a").state is State.DONE

@@ -92,13 +92,14 @@ def test_each_task_gets_the_answer_of_the_single_endpoint(harness):
     assert statuses(response) == [202, 409, 400, 400, 400]
     results = response.get_json()["results"]
     assert results[1]["problem"]["type"] == "urn:workerpool:problem:duplicate-task"
+    assert results[1]["location"] == "/tasks/known"  # the task that holds the id, as the single endpoint says
     assert results[2]["problem"]["errors"] == [
         {"field": "max_retry", "message": "is not a known field"},
         {"field": "id", "message": "must be a string, not a number"},
     ]
     assert results[3]["problem"]["detail"] == "the task must be a JSON object, not an array"
     for result in results[1:]:
-        assert set(result) == {"status", "problem"}
+        assert set(result) == {"status", "problem"} | ({"location"} if result["status"] == 409 else set())
         assert result["problem"]["status"] == result["status"]
         assert result["problem"]["title"] in ("Conflict", "Bad Request")
     assert harness.pool.get("later") is None
