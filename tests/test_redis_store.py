@@ -993,3 +993,11 @@ def test_a_cancel_whose_task_retention_forgets_at_once_still_answers_its_snapsho
     store.admit([new("b", clock)])
     cancelled, changed = store.cancel("b")
     assert changed and cancelled.id == "b" and cancelled.state is State.CANCELLED
+
+
+def test_scripts_read_numbers_with_one_strtod_each(make):
+    # Lua's tonumber runs the C library's strtod twice on a string (it checks, then converts);
+    # arithmetic converts it once (the scripts' num).
+    store = make()
+    assert all("tonumber(" not in script.script for script in store._scripts.values())
+    assert all("local function num(text) return text + 0 end" in script.script for script in store._scripts.values())

@@ -106,10 +106,14 @@ end
 -- change nothing, and answer an error in case the client still listens. The deadline is the
 -- client's wall clock; the hosts' clocks must agree (leases already need that).
 local LATE = {err = 'LATE the step reached Redis after its deadline; nothing was changed'}
+-- A number from its decimal or hexadecimal text. Arithmetic converts a string with one strtod, where
+-- tonumber runs strtod twice (once to check the text, once to convert it): its calls were about 7 % of
+-- redis-server's instructions per admission.
+local function num(text) return text + 0 end
 local function too_late(deadline)
   if deadline == '' then return false end
   local now = redis.call('TIME')
-  return tonumber(now[1]) + tonumber(now[2]) / 1000000 > tonumber(deadline)
+  return num(now[1]) + num(now[2]) / 1000000 > num(deadline)
 end
 """
 
@@ -149,7 +153,7 @@ local function first_due()
   local first = false
   for _, name in ipairs({':new', ':retry'}) do
     local head = redis.call('ZRANGE', P .. name, '0', '0', 'WITHSCORES')
-    if #head > 0 and (not first or tonumber(head[2]) < tonumber(first)) then first = head[2] end
+    if #head > 0 and (not first or num(head[2]) < num(first)) then first = head[2] end
   end
   return first
 end
@@ -185,7 +189,7 @@ local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err
   local key = P .. ':t:' .. id
   local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
   if cur[1] ~= 'running' or cur[2] ~= attempt or cur[3] ~= owner then return false end
-  if expired_before ~= '' and tonumber(cur[5] or '0') > tonumber(expired_before) then return false end
+  if expired_before ~= '' and num(cur[5] or '0') > num(expired_before) then return false end
   redis.call('ZREM', P .. ':run', id)
   redis.call('SREM', P .. ':own:' .. owner, id)
   if has_error == '0' then
@@ -200,7 +204,7 @@ local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err
   else
     finalize(id, key, 'running', cur[4] == '1' and 'cancelled' or 'failed', now, 'last_error', err)
   end
-  evict(tonumber(now) - tonumber(ttl), tonumber(max_finished))
+  evict(num(now) - num(ttl), num(max_finished))
   return redis.call('HGETALL', key)
 end
 """
@@ -214,7 +218,7 @@ end
 # strings: every argument costs Redis a string made for Lua and a slot of ARGV, more than a table entry.
 # A new task's state is queued; attempts 0 and cancel_requested false are not stored (a missing field
 # reads as its default everywhere, and a claim's HINCRBY starts from 0).
-# A task's due time is its next_attempt_at, else its created_at, as stored. Lua's tonumber (the C
+# A task's due time is its next_attempt_at, else its created_at, as stored. Lua (with the C
 # library's strtod) reads a decimal time with multiple-precision arithmetic, and Redis formats a Lua
 # number it is given with snprintf: both cost Redis more than the commands. So the script reads times
 # only in hexadecimal, gives Redis its numbers as strings, and stores the decimal text as it came. What
@@ -225,12 +229,12 @@ end
 # to be forgotten (a forgotten id may be submitted again): it forgets that one task, then admits.
 _ADMIT = """
 if too_late(ARGV[3]) then return LATE end
-local capacity = tonumber(ARGV[1])
+local capacity = num(ARGV[1])
 local cutoff = ARGV[2]
 -- True if id's task finished at or before the cutoff (eviction by age would have forgotten it), now forgotten.
 local function aged_out(id)
   local finished = redis.call('ZSCORE', P .. ':fin', id)
-  if finished and tonumber(finished) <= tonumber(cutoff) then
+  if finished and num(finished) <= num(cutoff) then
     forget(id)
     return true
   end
@@ -241,15 +245,15 @@ local waiting = redis.call('ZCARD', P .. ':new')
 -- arrive out of stamp order: clamp to the newest admitted one's, so that creation times never
 -- run backwards in listing order. Times stay the exact strings the submitters wrote.
 local last = redis.call('GET', P .. ':created')
-local last_at = last and tonumber(last)  -- the one decimal read per call
+local last_at = last and num(last)  -- the one decimal read per call
 local out, admitted = {}, 0
-local left = tonumber(ARGV[4])  -- tasks not yet looked at
+local left = num(ARGV[4])  -- tasks not yet looked at
 local next_seq, last_seq = 1, 0  -- sequence numbers reserved by this call and not used yet
 local i = 5
 while i <= #ARGV do
   local id, created, next_at, extra = ARGV[i], ARGV[i + 1], ARGV[i + 3], ARGV[i + 7]
-  local at, first = tonumber(ARGV[i + 2]), i + 8
-  i = first + (extra == '0' and 0 or tonumber(extra))
+  local at, first = num(ARGV[i + 2]), i + 8
+  i = first + (extra == '0' and 0 or num(extra))
   local key = P .. ':t:' .. id
   if waiting >= capacity then  -- a full store only looks
     out[#out + 1] = (redis.call('EXISTS', key) == 1 and not aged_out(id)) and 'duplicate' or 'full'
@@ -343,7 +347,7 @@ if state == 'queued' then
   dequeue(id)
   finalize(id, key, 'queued', 'cancelled', now)
   snapshot = redis.call('HGETALL', key)  -- before eviction, which may forget this very task
-  evict(tonumber(now) - tonumber(ARGV[3]), tonumber(ARGV[4]))
+  evict(num(now) - num(ARGV[3]), num(ARGV[4]))
 elseif state == 'running' and redis.call('HGET', key, 'cancel_requested') ~= '1' then
   redis.call('HSET', key, 'cancel_requested', '1')
 else
@@ -354,16 +358,16 @@ return {changed, snapshot or redis.call('HGETALL', key)}
 
 # ARGV: now, ttl, max_finished, id. Readers evict first, so a forgotten task is never seen.
 _GET = """
-evict(tonumber(ARGV[1]) - tonumber(ARGV[2]), tonumber(ARGV[3]))
+evict(num(ARGV[1]) - num(ARGV[2]), num(ARGV[3]))
 return redis.call('HGETALL', P .. ':t:' .. ARGV[4])
 """
 
 # ARGV: now, ttl, max_finished, state or '', limit. Newest first.
 _LIST = """
-evict(tonumber(ARGV[1]) - tonumber(ARGV[2]), tonumber(ARGV[3]))
+evict(num(ARGV[1]) - num(ARGV[2]), num(ARGV[3]))
 local index = ARGV[4] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[4])
 local out = {}
-for _, id in ipairs(redis.call('ZREVRANGE', index, 0, tonumber(ARGV[5]) - 1)) do
+for _, id in ipairs(redis.call('ZREVRANGE', index, 0, num(ARGV[5]) - 1)) do
   local task = redis.call('HGETALL', P .. ':t:' .. id)
   if #task > 0 then out[#out + 1] = task end
 end
@@ -374,7 +378,7 @@ return out
 # due, retries pending.
 _STATS = """
 local now = ARGV[1]
-evict(tonumber(now) - tonumber(ARGV[2]), tonumber(ARGV[3]))
+evict(num(now) - num(ARGV[2]), num(ARGV[3]))
 local out = {}
 for i = 4, #ARGV do out[#out + 1] = redis.call('ZCARD', P .. ':st:' .. ARGV[i]) end
 out[#out + 1] = redis.call('ZCARD', P .. ':new')
@@ -678,8 +682,8 @@ class RedisStore(TaskStore):
         """When a script sent now must no longer change anything (the client will have given up).
 
         In hexadecimal (``float.hex``): exact, and several times cheaper to write
-        than ``repr``'s shortest decimal; the scripts only compare it (Lua's
-        ``tonumber`` reads it with the C library's ``strtod``).
+        than ``repr``'s shortest decimal; the scripts only compare it (Lua
+        reads it with the C library's ``strtod``, see ``num``).
         """
         return "" if self._deadline_s is None else (time.time() + self._deadline_s).hex()
 
