@@ -8,6 +8,7 @@ generic; its traceback goes to the log only.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -95,11 +96,17 @@ def submit_problem(exc: SubmitError) -> Problem:
     if isinstance(exc, DuplicateTask):
         return Problem(409, f"a task with id {exc.task_id!r} already exists", kind=_TYPE_PREFIX + "duplicate-task")
     if isinstance(exc, QueueFull):
+        waiting, retry_after = f"{exc.capacity} tasks waiting", QUEUE_FULL_RETRY_AFTER_S
+        if exc.delayed:  # delayed tasks hold their places until they fall due and start
+            waiting += f", {exc.delayed} of them delayed"
+        if exc.due_in is not None:  # every one is: no place frees before the first falls due
+            retry_after = max(retry_after, math.ceil(exc.due_in))
+            waiting += f"; the first falls due in {retry_after} s"
         return Problem(
             503,
-            f"the queue is full ({exc.capacity} tasks waiting); retry later",
+            f"the queue is full ({waiting}); retry later",
             kind=_TYPE_PREFIX + "queue-full",
-            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+            headers={"Retry-After": str(retry_after)},
         )
     if isinstance(exc, PoolClosed):
         return Problem(

@@ -375,6 +375,26 @@ def test_a_known_id_is_409(harness):
     assert enqueue(harness.client, {"id": "a", "payload": ""}).status_code == 409
 
 
+def test_a_queue_full_of_delayed_tasks_says_so_and_when_a_place_can_free(clock):
+    from workerpool import MemoryStore  # a store that tells; the others say only how many wait
+
+    store = MemoryStore(2, ttl=3600, max_finished=100, clock=clock.time)
+    harness = make_harness(instant, clock=clock.time, store=store, queue_size=2)
+    try:
+        for task_id in ("a", "b"):
+            assert enqueue(harness.client, {"id": task_id, "payload": "", "delay_ms": 600_000}).status_code == 202
+        response = enqueue(harness.client, {"id": "refused", "payload": ""})
+        assert response.status_code == 503
+        assert response.get_json()["detail"] == (
+            "the queue is full (2 tasks waiting, 2 of them delayed; the first falls due in 600 s); retry later"
+        )
+        assert response.headers["Retry-After"] == "600"  # no place frees before then
+        batch = harness.client.post("/enqueue/batch", json={"tasks": [{"id": "c", "payload": ""}]}).get_json()
+        assert batch["results"][0]["retry_after"] == 600
+    finally:
+        harness.pool.shutdown(timeout=0)  # the delayed tasks never fall due on the test's clock
+
+
 def test_a_full_queue_is_503_with_retry_after(gate):
     harness = make_harness(gate, workers=1, queue_size=1)
     try:

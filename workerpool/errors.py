@@ -6,9 +6,18 @@ class SubmitError(Exception):
 
 
 class QueueFull(SubmitError):
-    def __init__(self, capacity: int) -> None:
+    """The bound of waiting tasks is reached; a store that can tell cheaply says how many are delayed.
+
+    ``delayed``: how many of the waiting tasks are not due yet (None: not told).
+    ``due_in``: when every waiting task is delayed, seconds until the first falls due at the
+    earliest: no place frees before a worker can start one (None: not told, or some are due).
+    """
+
+    def __init__(self, capacity: int, *, delayed: int | None = None, due_in: float | None = None) -> None:
         super().__init__(f"queue is full ({capacity} tasks waiting)")
         self.capacity = capacity
+        self.delayed = delayed
+        self.due_in = due_in
 
 
 class DuplicateTask(SubmitError):

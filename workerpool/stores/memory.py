@@ -169,12 +169,15 @@ class MemoryStore(TaskStore):
             if self._scheduled:  # what fell due earlier goes ahead of what arrives now
                 self._release_due(now)
             tasks_by_id, queued, new_line = self._tasks, self._queued, self._new_line
+            full: tuple[int, float | None] | None = None
             for task in tasks:
                 task_id = task.id
                 if task_id in tasks_by_id:
                     results.append(DuplicateTask(task_id))
                 elif self._waiting >= self.capacity:
-                    results.append(QueueFull(self.capacity))
+                    if full is None:
+                        full = self._delayed(now)
+                    results.append(QueueFull(self.capacity, delayed=full[0], due_in=full[1]))
                 else:
                     # A new task is queued, attempts == 0 (see TaskStore.admit): its fields as one plain
                     # tuple are its record, read by position (a Task's own items are a subclass's, slower).
@@ -458,6 +461,14 @@ class MemoryStore(TaskStore):
             del self._pending[task[_ID]]
             if task[_ATTEMPTS]:
                 self._retries_pending -= 1
+
+    def _delayed(self, now: float) -> tuple[int, float | None]:  # _lock is held
+        """How many waiting tasks are delayed; when all are, how long until the first entry falls due.
+
+        The first entry may be a retry's, which frees no place: a lower bound, as a Retry-After may be.
+        """
+        delayed = len(self._pending) - self._retries_pending
+        return delayed, (self._until_due(now) or None) if delayed >= self._waiting else None  # 0: a retry is due
 
     def _until_due(self, now: float) -> float | None:
         if len(self._by_state[_QUEUED]) > len(self._pending):
