@@ -5,11 +5,13 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 from collections import Counter
 
 import pytest
 from doubles import WAIT_S, Gate, instant, refuse_to_start_thread, wait_until
 from doubles import failing as always_fail
+from redis_server import shared_server
 
 from workerpool import (
     ABANDONED,
@@ -24,7 +26,9 @@ from workerpool import (
     TaskSpec,
     WorkerPool,
 )
+from workerpool.pool import CANCEL_POLL_S
 from workerpool.stores.memory import MemoryStore
+from workerpool.stores.redis_store import RedisStore
 from workerpool.stores.sqlite import SqliteStore
 
 TIMEOUT = WAIT_S  # real seconds any single wait in these tests may take at most
@@ -1239,3 +1243,41 @@ def test_an_unexpected_store_error_still_ends_the_drain_and_later_shutdowns_retu
     assert later, "a later shutdown waited forever for a drain that had died"
     assert later[0].abandoned == abandoned
     assert f"RuntimeError: {method} broke" in caplog.text
+
+
+def _two_processes(kind, clock, tmp_path):
+    """Two stores sharing one queue, as two processes' stores do."""
+    if kind == "sqlite":
+        return tuple(SqliteStore(tmp_path / "tasks.db", clock=clock.time) for _ in range(2))
+    prefix = f"test-{uuid.uuid4().hex}"
+    return tuple(
+        RedisStore(shared_server().client(), capacity=64, ttl=3600.0, max_finished=100, prefix=prefix, clock=clock.time)
+        for _ in range(2)
+    )
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_cancel_requested_in_another_process_reaches_the_attempt_before_its_next_renewal(
+    make_pool, clock, tmp_path, kind
+):
+    # The lease is renewed every 10 s of the fake clock, which moves CANCEL_POLL_S only: the
+    # cancel event is set by the keeper's look for cancels, not by a renewal.
+    here, elsewhere = _two_processes(kind, clock, tmp_path)
+    started, heard = threading.Event(), threading.Event()
+
+    def handler(task, cancel):
+        started.set()
+        if cancel.wait(TIMEOUT):
+            heard.set()
+            raise RuntimeError("cancelled")
+
+    pool = make_pool(handler, store=here, workers=1, lease=30.0)
+    pool.submit("a", "")
+    assert started.wait(TIMEOUT)
+    assert elsewhere.cancel("a")[1]
+    clock.advance(CANCEL_POLL_S)
+    assert heard.wait(TIMEOUT), "the cancel waited for the next lease renewal"
+    wait_until(lambda: pool.get("a").state is State.CANCELLED, timeout=TIMEOUT, what="the attempt to end cancelled")
+    pool.shutdown(timeout=TIMEOUT)
+    for store in (here, elsewhere):
+        store.close()

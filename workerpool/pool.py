@@ -49,6 +49,8 @@ attempt is abandoned at shutdown (or timed out): a long handler should return ea
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
 TIMED_OUT = "AttemptTimeout: the attempt ran longer than {:g} s"
 _MAX_ERROR_CHARS = 500
+# How often a pool with a shared store looks for cancels requested by other processes while its attempts run.
+CANCEL_POLL_S = 0.1
 _STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
 
 
@@ -1023,18 +1025,31 @@ class WorkerPool:
             raise unsynced
 
     def _keep_leases(self) -> None:
-        """Renew the leases of running attempts and recover expired ones, whatever the handlers do."""
+        """Renew the leases of running attempts and recover expired ones, whatever the handlers do.
+
+        Between renewals it looks every CANCEL_POLL_S for cancels that other
+        processes requested of the attempts running here (one read), so their
+        cancel events are set within that time, not at the next renewal.
+        """
         period = self._lease / 3
         stop = self._threads_stop
+        renew_at = self._monotonic()
         while (self._claiming or self._running) and not stop.is_set():
-            try:
-                self._renew_once()
-                self._recover_once()
-            except StoreUnavailable as exc:
-                log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
-            except Exception:
-                log.exception("lease renewal failed; trying again in %.1f s", period)
-            self._wait(stop, period)
+            if self._monotonic() >= renew_at:
+                renew_at = self._monotonic() + period
+                try:
+                    self._renew_once()
+                    self._recover_once()
+                except StoreUnavailable as exc:
+                    log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
+                except Exception:
+                    log.exception("lease renewal failed; trying again in %.1f s", period)
+            else:
+                try:
+                    self._poll_cancels()
+                except Exception as exc:  # the renewal reports a store that fails, and sets these events too
+                    log.debug("looking for cancels failed: %s", exc)
+            self._wait(stop, min(CANCEL_POLL_S, max(0.0, renew_at - self._monotonic())))
 
     def _renew_once(self) -> None:
         attempts = self.running()
@@ -1045,6 +1060,17 @@ class WorkerPool:
             for attempt in attempts:
                 if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
                     self._set_cancel(attempt)
+
+    def _poll_cancels(self) -> None:
+        attempts = self.running()
+        if not attempts:
+            return
+        requested = self._store.cancel_requested([a.task.id for a in attempts])
+        if requested:
+            with self._lock:  # _set_cancel skips those that ended meanwhile
+                for attempt in attempts:
+                    if attempt.task.id in requested:
+                        self._set_cancel(attempt)
 
     # -- shutdown --------------------------------------------------------
 

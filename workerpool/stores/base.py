@@ -176,6 +176,16 @@ class TaskStore(abc.ABC):
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
         """Extend the leases ``owner`` holds on ``task_ids``; report the lost ones and cancel requests."""
 
+    def cancel_requested(self, task_ids: Iterable[str]) -> frozenset[str]:
+        """Those of ``task_ids`` whose cancellation was requested, by any process; reads only.
+
+        A shared store's owner asks this often (every CANCEL_POLL_S while its
+        attempts run), so that a cancel requested in another process reaches
+        the attempt at once rather than at its next lease renewal. A store of
+        one process sets the cancel event itself: it has nothing to report.
+        """
+        return frozenset()
+
     @abc.abstractmethod
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         """Cancel a task: its snapshot after the cancel (None if the id is unknown), and whether this call changed it.

@@ -334,6 +334,15 @@ end
 return {lost, cancel}
 """
 
+# ARGV: ids. Returns those whose cancel was requested; reads only.
+_CANCEL_REQUESTED = """
+local flagged = {}
+for i = 1, #ARGV do
+  if redis.call('HGET', P .. ':t:' .. ARGV[i], 'cancel_requested') == '1' then flagged[#flagged + 1] = ARGV[i] end
+end
+return flagged
+"""
+
 # ARGV: id, now, ttl, max_finished, deadline. Returns {1 if this call changed the task else 0, its
 # fields}, or false for an unknown id.
 _CANCEL = """
@@ -607,6 +616,7 @@ class RedisStore(TaskStore):
             "finish_and_claim": _FINISH_AND_CLAIM,
             "renew": _RENEW,
             "cancel": _CANCEL,
+            "cancel_requested": _CANCEL_REQUESTED,
             "get": _GET,
             "list": _LIST,
             "stats": _STATS,
@@ -983,6 +993,12 @@ class RedisStore(TaskStore):
         return Renewal(
             lost=frozenset(i.decode() for i in lost), cancel_requested=frozenset(i.decode() for i in cancel)
         )
+
+    def cancel_requested(self, task_ids: Iterable[str]) -> frozenset[str]:
+        ids = list(task_ids)
+        if not ids:
+            return frozenset()
+        return frozenset(i.decode() for i in self._run("cancel_requested", *ids))
 
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         reply = self._run("cancel", task_id, self._clock(), self._ttl, self._max_finished, self._deadline())

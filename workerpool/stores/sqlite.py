@@ -1031,6 +1031,14 @@ class SqliteStore(TaskStore):
             cancel_requested=frozenset(task_id for task_id, requested in rows if requested),
         )
 
+    def cancel_requested(self, task_ids: Iterable[str]) -> frozenset[str]:
+        ids = list(task_ids)
+        if not ids:
+            return frozenset()
+        # One read of the rows by their unique id: no write, no write lock.
+        rows = self._query(f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(ids))}) AND cancel_requested", ids)
+        return frozenset(task_id for (task_id,) in rows)
+
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         try:
             with self._step() as conn:
