@@ -159,8 +159,8 @@ def _token(text: str) -> str:
 
 
 def _store(text: str) -> StoreSetting:
-    """``memory``, ``sqlite:///absolute/path.db`` (``sqlite://relative.db``) with ``?synchronous=full``
-    optional, or ``redis://[:password@]host[:port][/db]`` (``rediss://`` for TLS)."""
+    """``memory``, ``sqlite:///absolute/path.db`` with ``?synchronous=full`` optional, or
+    ``redis://[:password@]host[:port][/db]`` (``rediss://`` for TLS)."""
     usage = (
         "must be memory, sqlite:///path/to/tasks.db (optionally ?synchronous=normal or full) "
         "or redis://host:port/db (rediss:// for TLS)"
@@ -174,6 +174,10 @@ def _store(text: str) -> StoreSetting:
     path, _, query = text[len(SQLITE_PREFIX) :].partition("?")
     if not path or path.endswith("/"):
         raise ValueError(f"{usage}: the file name is missing")
+    if not path.startswith("/"):  # sqlite://host/...: nothing but a path may follow the scheme
+        raise ValueError(f"{usage}: the path must be absolute (three slashes), not {path!r}")
+    if path == "/:memory:":  # SQLite's private in-memory database: no other process (or connection) sees it
+        raise ValueError(f"{usage}: an in-memory SQLite database cannot be shared; use STORE=memory")
     synchronous = "NORMAL"
     if query:
         name, _, value = query.partition("=")

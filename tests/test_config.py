@@ -226,6 +226,9 @@ BAD_VALUES = [
     ("STORE", "sqlite:/t.db", STORE_RULE),
     ("STORE", "sqlite://", f"{STORE_RULE}: the file name is missing"),
     ("STORE", "sqlite:///var/lib/", f"{STORE_RULE}: the file name is missing"),
+    ("STORE", "sqlite://tasks.db", f"{STORE_RULE}: the path must be absolute (three slashes), not 'tasks.db'"),
+    ("STORE", "sqlite://host/t.db", f"{STORE_RULE}: the path must be absolute (three slashes), not 'host/t.db'"),
+    ("STORE", "sqlite:///:memory:", f"{STORE_RULE}: an in-memory SQLite database cannot be shared; use STORE=memory"),
     ("STORE", "sqlite:///t.db?synchronous=off", f"{STORE_RULE}: unknown option 'synchronous=off'"),
     ("STORE", "sqlite:///t.db?mode=ro", f"{STORE_RULE}: unknown option 'mode=ro'"),
     ("STORE", "redis:///0", "is not a Redis URL: the host is missing"),
@@ -293,9 +296,8 @@ def test_the_body_limit_may_be_lowered_alone():
     assert (config.max_body_bytes, config.max_payload_chars) == (1024, 32_768)
 
 
-def test_a_relative_sqlite_path_is_made_absolute(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert from_env({"STORE": "sqlite://tasks.db"}).store.path == str(tmp_path / "tasks.db")
+def test_a_sqlite_path_is_kept_as_written():
+    assert from_env({"STORE": "sqlite:///srv/../srv/tasks.db"}).store.path == "/srv/../srv/tasks.db"
 
 
 def test_only_a_store_other_processes_can_reach_is_shared():
