@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import orjson
 from flask import Blueprint, Request, Response, jsonify, request
@@ -154,6 +154,7 @@ def _too_large(limit: int) -> Problem:
 @token_required
 def get_task(task_id: str) -> Response:
     """Return one task by id."""
+    _check_path_is_utf8(task_id)
     task = services().pool.get(task_id)
     if task is None:
         raise _not_found(task_id)
@@ -164,6 +165,7 @@ def get_task(task_id: str) -> Response:
 @token_required
 def cancel_task(task_id: str) -> tuple[Response, int]:
     """Cancel a task: 200 once cancelled, 202 while its running attempt is asked to stop."""
+    _check_path_is_utf8(task_id)
     task = services().pool.cancel(task_id)
     if task is None:
         raise _not_found(task_id)
@@ -176,6 +178,23 @@ def cancel_task(task_id: str) -> tuple[Response, int]:
         f"task {task_id!r} is already {task.state}: only queued and running tasks can be cancelled",
         kind="urn:workerpool:problem:task-finished",
     )
+
+
+def _check_path_is_utf8(task_id: str) -> None:
+    """Refuse a path whose bytes are not UTF-8: decoded with replacement, ``/tasks/%ff`` and
+    ``/tasks/%fe`` would both name the task whose id is U+FFFD. No id can be such bytes: 404."""
+    environ = request.environ
+    raw = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "").partition("?")[0]
+    try:
+        unquote_to_bytes(raw).decode()  # the request line, as sent
+        environ.get("PATH_INFO", "").encode("latin-1").decode()  # WSGI passes the path's bytes as latin-1
+    except UnicodeError:
+        raise Problem(
+            404,
+            f"no task has the id in {raw or request.path!r}: the path is not UTF-8 once percent-decoded,"
+            " and task ids are UTF-8 text",
+            kind="urn:workerpool:problem:task-not-found",
+        ) from None
 
 
 def _not_found(task_id: str) -> Problem:

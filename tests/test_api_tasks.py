@@ -289,3 +289,17 @@ def test_a_batch_task_may_be_delayed_and_have_no_id():
     assert ULID.fullmatch(delayed["id"])
     assert delayed["next_attempt_at"] == "2027-01-15T08:00:01.500Z"
     harness.pool.shutdown(0)
+
+
+@pytest.mark.parametrize("method", ["get", "delete"])
+@pytest.mark.parametrize("path", ["/tasks/%ff", "/tasks/%fe", "/tasks/%80", "/tasks/a%c3"])
+def test_a_path_that_is_not_utf8_names_no_task_not_the_one_holding_the_replacement_character(method, path):
+    harness = make_harness()
+    for task_id in ("\ufffd", "a\ufffd"):
+        assert enqueue(harness, id=task_id, delay_ms=60_000).status_code == 202
+    response = getattr(harness.client, method)(path)
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+    assert "the path is not UTF-8" in response.get_json()["detail"]
+    assert harness.pool.get("\ufffd").state is harness.pool.get("a\ufffd").state is State.QUEUED
+    assert harness.client.get("/tasks/%EF%BF%BD").get_json()["id"] == "\ufffd"  # its UTF-8 spelling reaches it
