@@ -128,7 +128,7 @@ def child_exit(server, worker):
     if not server.LISTENERS:  # gunicorn closes its listeners first thing in a stop
         server.drain_reports.at_stop.append((worker.pid, report))
     else:
-        _log_drain(server, worker.pid, report)
+        _log_drain(server, worker.pid, report, at_exit=False)
 
 
 def on_exit(server):
@@ -141,12 +141,14 @@ def on_exit(server):
     # A worker SIGKILLed at the end of the stop may not have been reaped yet (no child_exit).
     unreaped = [(pid, reports.take(pid)) for pid in server.WORKERS]
     for pid, report in reports.at_stop + unreaped:
-        _log_drain(server, pid, report)
+        _log_drain(server, pid, report, at_exit=True)
 
 
-def _log_drain(server, pid: int, report: str | None) -> None:
+def _log_drain(server, pid: int, report: str | None, *, at_exit: bool) -> None:
     """One line for a worker's drain: its report, or an error if it sent none."""
     if report is None:
         server.log.error("%s (pid %s)", NOT_REPORTED, pid)
+    elif at_exit:  # the server's last lines: the summary alone, as the drain wrote it
+        server.log.info("%s", report)
     else:
         server.log.info("worker (pid:%s) ended: %s", pid, report)
