@@ -1281,3 +1281,31 @@ def test_a_cancel_requested_in_another_process_reaches_the_attempt_before_its_ne
     pool.shutdown(timeout=TIMEOUT)
     for store in (here, elsewhere):
         store.close()
+
+
+@pytest.mark.parametrize("kind", ["delay", "backoff"])
+def test_a_drain_abandons_at_once_what_cannot_fall_due_before_its_deadline(make_pool, clock, kind):
+    # The fake clock stands still: without looking at the due times the drain would wait forever.
+    log = AttemptLog()
+    pool = make_pool(always_fail if kind == "backoff" else instant, workers=1, backoff_base=3600, backoff_cap=3600,
+                     observers=[log])  # fmt: skip
+    pool.submit("later", "", 1, delay=3600.0 if kind == "delay" else 0.0)
+    if kind == "backoff":
+        log.wait_for("later", State.QUEUED)  # its first attempt failed: its retry is due in an hour
+    waiter = threading.Thread(target=pool.shutdown, kwargs={"timeout": 20}, daemon=True)
+    waiter.start()
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive(), "the drain waited for a deadline that could bring nothing"
+    summary = pool.shutdown()
+    assert (summary.abandoned, summary.drain_seconds) == (("later",), 0.0)
+
+
+def test_a_drain_waits_for_a_delayed_task_due_before_its_deadline(make_pool, clock):
+    log = AttemptLog()
+    pool = make_pool(instant, workers=1, observers=[log])
+    pool.submit("soon", "", 0, delay=10.0)
+    assert pool.shutdown(timeout=20, wait=False) is None
+    clock.advance(10)
+    log.wait_for("soon", State.DONE)
+    summary = pool.shutdown()
+    assert (summary.abandoned, summary.counts[State.DONE]) == ((), 1)

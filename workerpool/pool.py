@@ -1149,7 +1149,26 @@ class WorkerPool:
                 remaining = self._deadline - self._monotonic()
             if not admitting and (remaining <= 0 or not (running or self._unfinished_here())):
                 return
+            if not (admitting or running) and self._nothing_falls_due_within(remaining):
+                log.info("shutdown: no unfinished task falls due before the drain deadline: abandoning them now")
+                return
             self._wait(self._drain_wakeup, None if admitting or remaining == math.inf else max(0.0, remaining))
+
+    def _nothing_falls_due_within(self, remaining: float) -> bool:
+        """Whether this pool's store holds only tasks (delayed, or waiting out a backoff) due after ``remaining`` s.
+
+        Waiting for the deadline would then buy nothing. A shared store's
+        queued tasks are left to the other processes: only running attempts
+        are waited for there.
+        """
+        if self._store.shared or remaining == math.inf:
+            return False
+        try:
+            until = self._store.seconds_until_due()  # first: a task claimed after this read was due now
+            running = self._store.stats().counts[State.RUNNING]
+        except StoreUnavailable:
+            return False
+        return until is not None and until > remaining and not running
 
     def _abandon_unfinished(self, abandoned: list[Task]) -> None:
         """Fail this pool's unfinished tasks (ABANDONED), appending them to ``abandoned`` as soon as they are."""
