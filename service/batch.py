@@ -83,6 +83,7 @@ def enqueue_batch() -> Response:
     results: list[dict[str, Any]] = []
     refusals: list[Exception] = []
     unavailable: dict[tuple[int, str], list[int]] = {}  # 5xx refusals by (status, detail): their task indexes
+    invalid: dict[int, list[int]] = {}  # 4xx refusals by status: their task indexes
     root_path = request.root_path
     for index, item in enumerate(items):
         outcome = next(admitted) if isinstance(item, TaskSpec) else item
@@ -98,7 +99,12 @@ def enqueue_batch() -> Response:
             unavailable.setdefault((problem.status, problem.detail), []).append(index)
             continue
         task_id = item.id if isinstance(item, TaskSpec) else None
-        log.info(
+        same = invalid.setdefault(problem.status, [])
+        same.append(index)
+        # The first of each status at INFO, the others at DEBUG: a batch of a thousand bad tasks
+        # (a few kilobytes) would otherwise write a line for each, some fifty times its own size.
+        log.log(
+            logging.INFO if len(same) == 1 else logging.DEBUG,
             "batch task %d%s refused: %d %s",
             index,
             "" if task_id is None else f" ({task_id!r})",
@@ -106,6 +112,16 @@ def enqueue_batch() -> Response:
             problem.detail,
             extra={"task_id": task_id, "request_id": rid},
         )
+    for status, indexes in invalid.items():
+        if len(indexes) > 1:
+            log.info(
+                "batch: %d of %d task(s) refused with %d, the first task %d (the others are logged at DEBUG)",
+                len(indexes),
+                len(items),
+                status,
+                indexes[0],
+                extra={"task_id": None, "request_id": rid},
+            )
     # A full queue refuses every task that does not fit, often most of a batch and batch after batch:
     # a line for each of them would flood the log exactly when the service is overloaded.
     for (status, detail), indexes in unavailable.items():

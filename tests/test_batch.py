@@ -435,3 +435,21 @@ def test_gunicorn_takes_a_full_batch_and_runs_every_task(tmp_path):
     finally:
         server.stop()
     assert '"POST /enqueue/batch HTTP/1.1" 200' in server.log()
+
+
+def test_many_refused_tasks_log_a_line_per_status_at_info_and_each_at_debug(harness, caplog):
+    # A thousand bad tasks in a few kilobytes would otherwise write a line each: some fifty times the request.
+    caplog.set_level(logging.DEBUG, logger="service.batch")
+    body = {"tasks": [task("a"), {}, {}, task("a"), task("a")]}
+    response = post_batch(harness.client, body, headers={"X-Request-ID": "rid-many"})
+    assert statuses(response) == [202, 400, 400, 409, 409]
+    lines = [(r.levelname, r.getMessage(), r.task_id) for r in caplog.records if r.name == "service.batch"]
+    assert lines == [
+        ("INFO", "batch task 1 refused: 400 the task is invalid", None),
+        ("DEBUG", "batch task 2 refused: 400 the task is invalid", None),
+        ("INFO", "batch task 3 ('a') refused: 409 a task with id 'a' already exists", "a"),
+        ("DEBUG", "batch task 4 ('a') refused: 409 a task with id 'a' already exists", "a"),
+        ("INFO", "batch: 2 of 5 task(s) refused with 400, the first task 1 (the others are logged at DEBUG)", None),
+        ("INFO", "batch: 2 of 5 task(s) refused with 409, the first task 3 (the others are logged at DEBUG)", None),
+    ]
+    assert {r.request_id for r in caplog.records if r.name == "service.batch"} == {"rid-many"}
