@@ -93,6 +93,7 @@ def post_worker_init(worker):
     from app import pool_of
     from service.drain_reports import send
     from service.lifecycle import ShutdownController, describe
+    from service.request_reader import BodyLimits
 
     def report(summary):
         # As soon as the drain ends, before connections close (see service/drain_reports.py).
@@ -102,6 +103,7 @@ def post_worker_init(worker):
     pool = pool_of(worker.wsgi)
     pool.start()
     worker.request_timeout = _settings.request_timeout_s
+    worker.body_limits = BodyLimits(_settings.max_body_bytes, _settings.max_batch_body_bytes, _settings.api_token)
     worker.controller = ShutdownController(pool, _drain_timeout(worker), on_drained=report)
     worker.controller.start()
 

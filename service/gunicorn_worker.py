@@ -19,8 +19,9 @@ Clients. The main loop never blocks on a client and request threads only
 serve whole requests:
 
 - a request is read on the main loop (``RequestReader``) and handed to a
-  thread once its head, and a small body of known length, are there; it must
-  arrive within ``request_timeout`` seconds, idle or not;
+  thread once its head and body are there (a body up to its route's limit,
+  chunked or not, ``100 Continue`` answered from the loop); it must arrive
+  within ``request_timeout`` seconds, idle or not;
 - closing a connection gracefully lingers on the poller (``LingeringCloser``),
   not in the main loop as gunicorn's ``util.close_graceful`` does;
 - with ``worker_connections`` all taken, the connection that has waited
@@ -56,7 +57,7 @@ from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
 from .lifecycle import ShutdownController
 from .lingering_close import LingeringCloser
-from .request_reader import REQUEST_TIMEOUT_S, RequestReader
+from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, RequestReader
 
 # How long a stopping worker still waits for requests clients are sending (as gthread's keep-alive linger).
 STOP_LINGER_S = 2.0
@@ -129,6 +130,7 @@ class AcceptBalance:
 class DrainingThreadWorker(ThreadWorker):
     controller: ShutdownController | None = None  # set by the post_worker_init hook
     request_timeout: float = REQUEST_TIMEOUT_S  # set by the post_worker_init hook (REQUEST_TIMEOUT_S)
+    body_limits: BodyLimits = BodyLimits()  # set by the post_worker_init hook (MAX_*BODY_BYTES, API_TOKEN)
 
     # -- stop signals
 
@@ -163,8 +165,9 @@ class DrainingThreadWorker(ThreadWorker):
 
     def run(self) -> None:
         self.reader = RequestReader(
-            self.cfg, self.poller, ready=self._serve, drop=self._drop, timeout=self.request_timeout
-        )
+            self.cfg, self.poller, ready=self._serve, drop=self._drop, timeout=self.request_timeout,
+            limits=self.body_limits,
+        )  # fmt: skip
         self.closer = LingeringCloser(self.poller)
         self._serving: set[TConn] = set()  # connections a request thread has
         self._stopping = False
@@ -202,6 +205,9 @@ class DrainingThreadWorker(ThreadWorker):
 
     def handle_request(self, req, conn: TConn) -> bool:
         """Serve one request on a request thread, giving up on a client that stops reading its response."""
+        if getattr(conn, "continue_answered", False):
+            # The event loop answered Expect: 100-continue (or chose not to, refusing the body): gunicorn must not.
+            req._expected_100_continue = False
         sock = conn.sock
         # The response is written to conn.sock; its head leaves with the body's first bytes.
         conn.sock = sending = SendDeadline(sock, self.request_timeout, hold_head=True)

@@ -4,34 +4,49 @@ gunicorn's gthread worker hands a connection to one of its few request
 threads as soon as it is readable; the thread then blocks until the whole
 request head has arrived, for as long as the client takes. A handful of
 clients sending a few bytes at a time hold every thread and nothing else is
-answered. ``RequestReader`` collects the head (and a body of known, small
-length) from the worker's poller without blocking, and hands the connection
-over only once the request is there, so slow clients cost a buffer, not a
-thread. A request not complete ``timeout`` seconds after it began is given
-up: dropped if its head is not whole, else served with the body it has.
+answered. ``RequestReader`` collects the head and the body from the
+worker's poller without blocking, and hands the connection over only once
+the request is there, so slow clients cost a buffer, not a thread. A request
+not complete ``timeout`` seconds after it began is given up: dropped if its
+head is not whole, else served with the body it has.
 
-What a thread still reads from the socket (a chunked or large body, a body
-sent after ``100 Continue``) goes through ``ReadDeadline``, which ends the
-stream at the same deadline: the application then sees a body shorter than
-announced.
+The body is read here whatever its framing: of known length, chunked (its
+framing is followed here, and decoded by the thread's parser from the
+buffer), or sent after ``100 Continue``, which is answered from here. Each
+route's limit (``BodyLimits``) bounds what is read: a body announced longer
+than its route takes, or one that a missing or wrong token would have
+refused, is not asked for (no ``100 Continue``) nor read; the application
+refuses it from its head, without reading it. What is left for a thread to
+read from the socket (a head larger than ``MAX_PREREAD_HEAD``, a request
+whose framing gunicorn's parser refuses) goes through ``ReadDeadline``,
+which ends the stream at the same deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gunicorn.http import get_parser
 
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from its first byte or the connection's start
 MAX_PREREAD_HEAD = 65536  # larger heads go to a thread, whose parser refuses them
-MAX_PREREAD_BODY = 1 << 20  # larger bodies are read by the thread, within the same deadline
+MAX_PREREAD_BODY = 1 << 20  # the body limit of every route when none are given
+# A chunked body over its limit is read this much further, so the thread that refuses it reads
+# the limit and a byte more from the buffer: its parser and werkzeug read in blocks of up to 8 KiB.
+CHUNKED_MARGIN = 65536
+# A chunk-size line longer than gunicorn's limit for it (limit_request_field_size) is left to the
+# parser, which refuses it; one within the limit is waited for, else the parser would wait on a thread.
+DEFAULT_CHUNK_LINE_LIMIT = 8190
 READ_SLICE_S = 1.0  # a thread notices a deadline brought forward within this time
 _END_OF_HEAD = b"\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 class Connection(Protocol):
@@ -45,8 +60,51 @@ class Connection(Protocol):
     read_expired: bool
 
 
+class BodyLimits:
+    """The most body bytes each route reads, and the token it asks for: what a request may make the loop read.
+
+    ``POST /enqueue/batch`` takes ``batch`` bytes, every other route
+    ``default`` (the only other route that reads a body is ``POST /enqueue``).
+    """
+
+    def __init__(self, default: int = MAX_PREREAD_BODY, batch: int | None = None, token: str = "") -> None:
+        self.default = default
+        self.batch = default if batch is None else batch
+        self.token = token
+
+    def of(self, head: bytes) -> int:
+        """The body limit of the route ``head`` (a request head) is for."""
+        if self.batch == self.default:
+            return self.default
+        start = head.find(b" ") + 1
+        path = head[start : head.find(b" ", start)].partition(b"?")[0]
+        return self.batch if path.endswith(b"/enqueue/batch") else self.default
+
+    def authorized(self, authorization: bytes | None) -> bool:
+        """Whether a request with this ``Authorization`` value passes the token check (``service.auth``)."""
+        if not self.token:
+            return True
+        scheme, _, credentials = (authorization or b"").partition(b" ")
+        credentials = credentials.strip(b" ")
+        return (
+            scheme.lower() == b"bearer"
+            and bool(credentials)
+            and credentials.isascii()
+            and hmac.compare_digest(credentials, self.token.encode("ascii"))
+        )
+
+
+class Framing(NamedTuple):
+    """What to read of a request once its head is in."""
+
+    length: int  # the head, and a body of known length if it is to be read here
+    chunked: bool = False  # a chunked body follows, to be read here up to its limit
+    expects: bool = False  # the client waits for an answer to Expect: 100-continue before it sends the body
+    refused: bool = False  # the body will not be read (longer than its route takes, or no valid token)
+
+
 class _Pending:
-    __slots__ = ("deadline", "buffer", "length", "searched", "closed")
+    __slots__ = ("deadline", "buffer", "length", "searched", "closed", "broken", "expects", "chunk", "decoded", "limit")
 
     def __init__(self, deadline: float, buffered: bytes) -> None:
         self.deadline = deadline
@@ -54,6 +112,11 @@ class _Pending:
         self.length: int | None = None  # bytes the request takes here, once its head is parsed
         self.searched = 0  # the end of the head is not before this offset
         self.closed = False  # the client closed its end, or the connection broke
+        self.broken = False  # the connection cannot be answered (100 Continue could not be sent): drop it
+        self.expects = False  # Expect: 100-continue was dealt with here: the thread's parser must not answer it
+        self.chunk = -1  # of a chunked body being read: the offset of its next chunk-size line
+        self.decoded = 0  # of a chunked body: its bytes so far
+        self.limit = 0  # of a chunked body: the most bytes its route takes
 
 
 class RequestReader:
@@ -67,9 +130,12 @@ class RequestReader:
         ready: Callable[[Connection], None],
         drop: Callable[[Connection], None],
         timeout: float = REQUEST_TIMEOUT_S,
+        limits: BodyLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cfg = cfg
+        self._limits = limits or BodyLimits()
+        self._chunk_line = (getattr(cfg, "limit_request_field_size", 0) or DEFAULT_CHUNK_LINE_LIMIT) + 2
         self._poller = poller
         self._ready = ready  # the request is buffered: serve it on a thread
         self._drop = drop  # closed by the client, broken, or too slow: forget it
@@ -88,7 +154,7 @@ class RequestReader:
         # A kept-alive connection comes here because it is readable: its request is usually
         # there already, and reading it now saves a turn of the poller and two (un)registrations.
         self._pending[conn] = pending
-        if self._complete(pending) or self._receive(conn, pending):
+        if self._complete(conn, pending) or self._receive(conn, pending):
             del self._pending[conn]
             self._hand_over(conn, pending)
         elif pending.closed:  # the client stopped sending before its request was complete
@@ -140,16 +206,27 @@ class RequestReader:
             pending.closed = True
             return False
         pending.buffer += data
-        return self._complete(pending)
+        return self._complete(conn, pending)
 
-    @staticmethod
-    def _complete(pending: _Pending) -> bool:
+    def _complete(self, conn: Connection, pending: _Pending) -> bool:
         if pending.length is None:
             end = pending.buffer.find(_END_OF_HEAD, pending.searched)
             if end < 0:
                 pending.searched = max(0, len(pending.buffer) - len(_END_OF_HEAD) + 1)
                 return len(pending.buffer) > MAX_PREREAD_HEAD
-            pending.length = request_length(bytes(pending.buffer[: end + len(_END_OF_HEAD)]))
+            head = bytes(pending.buffer[: end + len(_END_OF_HEAD)])
+            framing = read_framing(head, self._limits)
+            pending.length = framing.length
+            if framing.expects:
+                pending.expects = True
+                if not framing.refused and not _send_continue(conn.sock):
+                    pending.closed = pending.broken = True  # it does not read what it is sent
+                    return False
+            if framing.chunked:
+                pending.chunk = len(head)
+                pending.limit = self._limits.of(head)
+        if pending.chunk >= 0:
+            return _chunks_complete(pending, self._chunk_line)
         return len(pending.buffer) >= pending.length
 
     def _give_up(self, conn: Connection, pending: _Pending) -> None:
@@ -159,7 +236,7 @@ class RequestReader:
         client stopped, and the application answers that it is short.
         """
         self._forget(conn)
-        if pending.length is None:
+        if pending.length is None or pending.broken:
             self._drop(conn)
         else:
             self._hand_over(conn, pending)
@@ -177,32 +254,139 @@ class RequestReader:
             conn.parser.unreader.sock = ReadDeadline(conn)  # type: ignore[attr-defined]
         conn.read_deadline = pending.deadline
         conn.read_expired = False
+        conn.continue_answered = pending.expects  # type: ignore[attr-defined]  # read by the worker's handle_request
         conn.data_ready = True  # gthread would otherwise wait for data first
         self._ready(conn)
 
 
-def request_length(head: bytes) -> int:
-    """How many bytes to read before a thread takes over: the head, and the body if small and of known length.
+def read_framing(head: bytes, limits: BodyLimits) -> Framing:
+    """What to read of the request whose head is ``head`` (ending with its blank line), within ``limits``.
 
-    ``head`` ends with its blank line. Only the plain framing counts here: one
-    ``Content-Length`` of digits, no ``Transfer-Encoding``, no ``Expect``, no
-    folded header line. Anything else is handed over with the head alone,
-    and the thread's parser (gunicorn's, which alone decides what the request
-    is) reads or refuses the rest within the same deadline. Parsing the head
-    here with gunicorn's parser as well cost a second full parse per request.
+    A body of known length or a chunked one is read up to its route's limit.
+    Parsing the head with gunicorn's parser here as well would cost a second
+    full parse per request: only the framing is looked at, and the parser,
+    which alone decides what the request is, refuses what it refuses.
+    With ``Expect: 100-continue`` (HTTP/1.1), a body the application would
+    refuse from the head alone (longer than the limit, or without the token)
+    is not asked for. A framing gunicorn's parser refuses, or one not
+    followed here, is left to the parser with the head alone.
     """
     lowered = head.lower()
-    if b"\r\ntransfer-encoding" in lowered or b"\r\nexpect" in lowered or b"\n " in head or b"\n\t" in head:
-        return len(head)
+    folded = b"\n " in head or b"\n\t" in head
+    if not folded and b"\r\ntransfer-encoding" not in lowered and b"\r\nexpect" not in lowered:
+        # The plain framing: most requests.
+        length = _content_length(head, lowered)
+        if length is None or length <= limits.default or length <= limits.of(head):
+            return Framing(len(head) + (length or 0))
+        return Framing(len(head), refused=True)
+    if folded:
+        return Framing(len(head))  # refused by the parser
+    fields = _fields(head)
+    if fields is None:
+        return Framing(len(head))
+    version_ok = head[: head.find(b"\r\n")].endswith(b" HTTP/1.1")
+    expect = fields.get(b"expect", [])
+    if len(expect) > 1 or (expect and expect[0].lower() != b"100-continue"):
+        return Framing(len(head))  # refused by the parser (417, or a repeated field)
+    expects = bool(expect) and version_ok
+    codings = [
+        value.strip(b" \t").lower() for line in fields.get(b"transfer-encoding", []) for value in line.split(b",")
+    ]
+    lengths = fields.get(b"content-length", [])
+    limit = limits.of(head)
+    refused = expects and not limits.authorized(next(iter(fields.get(b"authorization", [])), None))
+    if codings:
+        if lengths or codings[-1] != b"chunked" or codings.count(b"chunked") != 1 or not version_ok:
+            return Framing(len(head))  # refused by the parser, or not read by it
+        return Framing(len(head), chunked=not refused, expects=expects, refused=refused)
+    if len(lengths) > 1 or (lengths and not (lengths[0].isdigit() and len(lengths[0]) <= 12)):
+        return Framing(len(head))  # refused by the parser
+    length = int(lengths[0]) if lengths else 0
+    if refused or length > limit:
+        return Framing(len(head), expects=expects, refused=True)
+    return Framing(len(head) + length, expects=expects)
+
+
+def _content_length(head: bytes, lowered: bytes) -> int | None:
+    """The body length of a plain head; None with no length, or with one the parser refuses (then not read)."""
     start = lowered.find(b"\r\ncontent-length:")
     if start < 0 or lowered.find(b"\r\ncontent-length:", start + 1) >= 0:
-        return len(head)  # no body, or two lengths: the parser refuses them
+        return None  # no body, or two lengths: the parser refuses them
     start += len(b"\r\ncontent-length:")
     value = head[start : head.index(b"\r\n", start)].strip(b" \t")
-    if not (value.isdigit() and len(value) <= 8):  # bytes.isdigit() is ASCII digits only
-        return len(head)
-    length = int(value)
-    return len(head) + length if length <= MAX_PREREAD_BODY else len(head)
+    if not (value.isdigit() and len(value) <= 12):  # bytes.isdigit() is ASCII digits only
+        return None
+    return int(value)
+
+
+def _fields(head: bytes) -> dict[bytes, list[bytes]] | None:
+    """The header fields of ``head``, by lowercase name; None for a line that is not a field."""
+    fields: dict[bytes, list[bytes]] = {}
+    for line in head.split(b"\r\n")[1:-2]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip(b" \t"):
+            return None
+        fields.setdefault(name.lower(), []).append(value.strip(b" \t"))
+    return fields
+
+
+def _send_continue(sock: socket.socket) -> bool:
+    """Send ``100 Continue`` without waiting; whether it went whole (else the client does not read)."""
+    try:
+        return sock.send(_CONTINUE) == len(_CONTINUE)
+    except OSError:
+        return False
+
+
+def _chunks_complete(pending: _Pending, max_line: int) -> bool:
+    """Follow a chunked body through what has arrived; whether it is complete, or as much as will be read.
+
+    It is complete after its last chunk and trailer section. Reading stops
+    early, and the thread's parser takes over from the buffer, when the body
+    has reached ``CHUNKED_MARGIN`` past its limit (the application refuses it
+    from what is buffered) or its framing is malformed (the parser refuses it).
+    """
+    buffer = pending.buffer
+    at = pending.chunk
+    while True:
+        if pending.decoded < 0:  # after the last chunk: the trailer section, ending with a blank line
+            if buffer[at : at + 2] == b"\r\n":
+                end = at + 2
+            else:
+                found = buffer.find(_END_OF_HEAD, at)
+                if found < 0:
+                    pending.chunk = at
+                    return len(buffer) - at > MAX_PREREAD_HEAD
+                end = found + len(_END_OF_HEAD)
+            pending.length, pending.chunk = end, -1
+            return True
+        line_end = buffer.find(b"\r\n", at, at + max_line)
+        if line_end < 0:
+            pending.chunk = at
+            return len(buffer) - at >= max_line
+        size_text = buffer[at:line_end].partition(b";")[0].strip(b" \t")
+        if not size_text or len(size_text) > 16 or not _HEX.issuperset(size_text):
+            return _stop_reading(pending)
+        size = int(size_text, 16)
+        if size == 0:
+            pending.decoded = -1
+            at = line_end + 2
+            continue
+        data_end = line_end + 2 + size
+        if pending.decoded + min(size, len(buffer) - line_end - 2) >= pending.limit + CHUNKED_MARGIN:
+            return _stop_reading(pending)  # too long: the application refuses it from what is here
+        if len(buffer) < data_end + 2:
+            pending.chunk = at  # this chunk is read again once more has arrived
+            return False
+        if buffer[data_end : data_end + 2] != b"\r\n":
+            return _stop_reading(pending)
+        pending.decoded += size
+        at = data_end + 2
+
+
+def _stop_reading(pending: _Pending) -> bool:
+    pending.length, pending.chunk = len(pending.buffer), -1
+    return True
 
 
 class ReadDeadline:
@@ -229,3 +413,4 @@ class ReadDeadline:
                 sock.settimeout(None)
         self._conn.read_expired = True
         return b""
+

@@ -10,13 +10,21 @@ from doubles import FakeClock
 from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers.gthread import TConn
 
-from service.request_reader import MAX_PREREAD_BODY, ReadDeadline, RequestReader, request_length
+from service.request_reader import (
+    CHUNKED_MARGIN,
+    MAX_PREREAD_BODY,
+    BodyLimits,
+    Framing,
+    ReadDeadline,
+    RequestReader,
+    read_framing,
+)
 
 TIMEOUT = 10.0
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, limits: BodyLimits | None = None) -> None:
         self.clock = FakeClock()
         self.selector = selectors.DefaultSelector()
         self.ready: list[TConn] = []
@@ -24,7 +32,7 @@ class Harness:
         self.cfg = GunicornConfig()
         self.reader = RequestReader(
             self.cfg, self.selector, ready=self.ready.append, drop=self.dropped.append, timeout=TIMEOUT,
-            clock=self.clock.monotonic,
+            limits=limits, clock=self.clock.monotonic,
         )
         self.sockets: list[socket.socket] = []
 
@@ -93,17 +101,125 @@ def test_a_small_body_of_known_length_is_read_before_the_hand_over(harness):
 @pytest.mark.parametrize(
     "head",
     [
-        b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
         b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (MAX_PREREAD_BODY + 1),
         b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",  # refused by the parser
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",  # refused
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",  # refused
+        b"POST / HTTP/1.1\r\nHost: a\r\nExpect: nothing\r\nContent-Length: 1\r\n\r\n",  # refused: 417
         b"NOT HTTP\r\n\r\n",
     ],
-    ids=["chunked", "expect-100-continue", "large", "bad-head", "garbage"],
+    ids=["larger-than-its-limit", "two-lengths", "length-and-chunked", "not-chunked", "unknown-expectation", "garbage"],
 )
-def test_other_requests_are_handed_over_once_the_head_is_in(harness, head):
+def test_requests_whose_body_will_not_be_read_are_handed_over_once_the_head_is_in(harness, head):
     conn, _ = harness.connect(head)
     assert harness.ready == [conn]
+
+
+CHUNKED = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_chunked_body_is_read_to_its_end_before_the_hand_over(harness):
+    body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    conn, client = harness.connect(CHUNKED)
+    for start in range(0, len(body), 3):  # every split of the framing
+        assert harness.ready == []
+        client.sendall(body[start : start + 3])
+        harness.turn()
+    assert harness.ready == [conn]
+    assert harness.buffered(conn) == CHUNKED + body
+    assert conn.parser is not None and next(conn.parser).body.read() == b"hello world"  # from the buffer alone
+
+
+def test_a_chunked_body_ends_at_its_last_chunk_without_trailers(harness):
+    conn, _ = harness.connect(CHUNKED + b"3\r\nabc\r\n0\r\n\r\n")
+    assert harness.ready == [conn]
+
+
+def test_a_chunked_body_over_its_limit_is_handed_over_once_the_application_can_refuse_it(harness):
+    limit = MAX_PREREAD_BODY
+    conn, client = harness.connect(CHUNKED)
+    chunk = b"%x\r\n%s\r\n" % (32768, b"a" * 32768)  # one chunk per turn of the loop
+    for _ in range((limit + CHUNKED_MARGIN) // 32768 - 1):
+        client.sendall(chunk)
+        harness.turn()
+        assert harness.ready == []
+    client.sendall(chunk)
+    harness.turn()
+    assert harness.ready == [conn]  # with more than the limit buffered; no last chunk yet
+
+
+def test_malformed_chunked_framing_is_handed_over_for_the_parser_to_refuse(harness):
+    conn, _ = harness.connect(CHUNKED + b"zz\r\n")
+    assert harness.ready == [conn]
+
+
+def test_100_continue_is_answered_here_and_the_body_read_before_the_hand_over(harness):
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+    conn, client = harness.connect(head)
+    client.settimeout(5)
+    assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert harness.ready == []
+    client.sendall(b"1234567890")
+    harness.turn()
+    assert harness.ready == [conn]
+    assert conn.continue_answered  # gunicorn must not send it again
+    assert harness.buffered(conn) == head + b"1234567890"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"Content-Length: 65537\r\n", b"Content-Length: 10\r\nAuthorization: Bearer wrong-token-wrong\r\n",
+     b"Content-Length: 10\r\n"],
+    ids=["over-the-limit", "wrong-token", "no-token"],
+)
+def test_100_continue_is_not_sent_for_a_body_the_application_will_refuse(extra):
+    harness = Harness(BodyLimits(65536, 1 << 20, token="a-token-a-token-a"))
+    try:
+        head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n" + extra + b"\r\n"
+        conn, client = harness.connect(head)
+        assert harness.ready == [conn]  # at once: the application refuses it from its head
+        assert conn.continue_answered
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(100)  # no 100 Continue
+    finally:
+        harness.close()
+
+
+def test_body_limits_follow_the_route_and_the_token():
+    limits = BodyLimits(100, 1000, token="a-token-a-token-a")
+    assert limits.of(b"POST /enqueue HTTP/1.1\r\n\r\n") == 100
+    assert limits.of(b"POST /root/enqueue/batch?x=1 HTTP/1.1\r\n\r\n") == 1000
+    assert limits.authorized(b"Bearer a-token-a-token-a")
+    assert limits.authorized(b"bearer  a-token-a-token-a ")
+    assert not limits.authorized(b"Bearer a-token")
+    assert not limits.authorized(None)
+    assert BodyLimits(100, 1000).authorized(None)
+
+
+@pytest.mark.parametrize(
+    ("headers", "framing"),
+    [
+        (b"Content-Length: 10\r\n", Framing(10)),
+        (b"Content-Length: 101\r\n", Framing(0, refused=True)),
+        (b"Transfer-Encoding: chunked\r\n", Framing(0, chunked=True)),
+        (b"Transfer-Encoding: gzip, chunked\r\n", Framing(0, chunked=True)),
+        (b"Transfer-Encoding: chunked, chunked\r\n", Framing(0)),
+        (b"Expect: 100-continue\r\nContent-Length: 10\r\n", Framing(10, expects=True)),
+        (b"Expect: 100-CONTINUE\r\nContent-Length: 101\r\n", Framing(0, expects=True, refused=True)),
+        (b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n", Framing(0, chunked=True, expects=True)),
+        (b"Expect: 100-continue\r\nContent-Length: 1\r\nContent-Length: 1\r\n", Framing(0)),
+        (b"Expect: 100-continue\r\nContent-Length: -1\r\n", Framing(0)),
+    ],
+)
+def test_read_framing(headers, framing):
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"
+    assert read_framing(head, BodyLimits(100)) == framing._replace(length=framing.length + len(head))
+
+
+def test_expect_is_ignored_in_http_1_0():
+    head = b"POST /enqueue HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+    assert read_framing(head, BodyLimits(100)) == Framing(len(head) + 10)
 
 
 def test_a_request_already_there_is_handed_over_without_the_poller(harness):
@@ -141,14 +257,14 @@ def test_a_connection_closed_before_it_is_added_is_dropped(harness):
         (b"Content-Length: \xd9\xa1\r\n", 0),  # a non-ASCII digit
         (b"Content-Length: 10\r\nContent-Length: 10\r\n", 0),
         (b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n", 0),
-        (b"Content-Length: 10\r\nExpect: 100-continue\r\n", 0),
+        (b"Content-Length: 10\r\nExpect: 100-continue\r\n", 10),
         (b"X-A: b\r\n c\r\nContent-Length: 10\r\n", 0),  # a folded line
         (b"Content-Length: %d\r\n" % (MAX_PREREAD_BODY + 1), 0),
     ],
 )
-def test_request_length_reads_ahead_only_a_plain_body_of_known_length(headers, body_bytes):
+def test_a_body_of_known_length_is_read_ahead_only_if_the_parser_takes_its_framing(headers, body_bytes):
     head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"
-    assert request_length(head) == len(head) + body_bytes
+    assert read_framing(head, BodyLimits()).length == len(head) + body_bytes
 
 
 def test_a_client_closing_before_its_head_is_whole_is_dropped(harness):
@@ -217,3 +333,13 @@ def test_read_deadline_ends_the_stream_and_marks_the_connection():
     finally:
         server.close()
         client.close()
+
+
+def test_a_chunk_size_line_within_the_parsers_limit_is_waited_for_and_a_longer_one_handed_over(harness):
+    # The parser takes lines up to limit_request_field_size (8190): one handed over sooner would make
+    # its thread wait for the rest.
+    conn, client = harness.connect(CHUNKED + b"1;" + b"e" * 5000)
+    assert harness.ready == []
+    client.sendall(b"e" * 3200)  # now over the limit without its end: the parser refuses it
+    harness.turn()
+    assert harness.ready == [conn]

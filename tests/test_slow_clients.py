@@ -207,3 +207,66 @@ def test_a_client_that_stops_reading_a_large_response_frees_its_thread(start):
         for sock in readers:
             sock.close()
     assert client.request("POST", "/enqueue", b'{"id": "a", "payload": "1"}')[0] == 202
+
+
+HELD_BACK_BODIES = [
+    # A chunk begun, then nothing.
+    b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n",
+    # Waiting for 100 Continue, or sending nothing after it.
+    b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n",
+    # A body over 1 MiB (within the batch limit), one byte of it sent.
+    b"POST /enqueue/batch HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n{",
+]
+
+
+@pytest.mark.parametrize("request_head", HELD_BACK_BODIES, ids=["chunked", "expect-100-continue", "large"])
+def test_bodies_that_stop_arriving_leave_gunicorns_threads_to_others(start, request_head):
+    # These bodies were read on request threads: 8 such clients (one per thread) held them all for
+    # REQUEST_TIMEOUT_S, and nothing else, health checks included, was answered.
+    client = start(GUNICORN, REQUEST_TIMEOUT_S="60")
+    client.open(16, request_head)
+    assert timed_health(client) < 5  # the client gives up after 10 s
+
+
+def test_a_chunked_body_and_one_after_100_continue_are_read_and_queued(start):
+    client = start(GUNICORN)
+    body = b'{"id": "chunked", "payload": ""}'
+    (sock,) = client.open(
+        1,
+        b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    sock.settimeout(10)
+    assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"  # once: from the event loop, not again by gunicorn
+    for start_at in range(0, len(body), 10):
+        part = body[start_at : start_at + 10]
+        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+    sock.sendall(b"0\r\n\r\n")
+    answers = read_to_end(sock, 10)
+    assert answers is not None and answers.startswith(b"HTTP/1.1 202 "), answers
+    assert client.request("GET", "/tasks/chunked")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("env", "request_head", "status"),
+    [
+        ({}, b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 70000\r\n\r\n", 413),
+        (
+            {},
+            b"POST /enqueue/batch HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 100000000\r\n\r\n",
+            413,
+        ),
+        (
+            {"API_TOKEN": "a-token-of-16-chars-at-least"},
+            b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+            401,
+        ),
+    ],
+    ids=["over-the-limit", "over-the-batch-limit", "no-token"],
+)
+def test_a_body_refused_from_its_head_is_not_asked_for_with_100_continue(start, env, request_head, status):
+    client = start(GUNICORN, **env)
+    (sock,) = client.open(1, request_head)
+    answer = read_to_end(sock, 8)  # the final answer at once, then closed; the body was never sent
+    assert answer is not None and answer.startswith(b"HTTP/1.1 %d " % status), answer
+    assert b"Connection: close" in answer and b"100 Continue" not in answer

@@ -99,20 +99,36 @@ class Gunicorn:
     def start_every_http_thread(self, threads: int = 8) -> None:
         """Make gthread start all its request threads, so they count in a baseline.
 
-        A request with ``Expect: 100-continue`` is handed to a request thread
-        as soon as its head is in; the thread answers ``100 Continue`` and
-        waits for the body. Once ``threads`` such requests were answered so,
-        ``threads`` threads exist.
+        The event loop reads a request head up to 64 KiB; a larger one goes to
+        a request thread before it is whole, and the thread waits for the rest.
+        With ``threads`` such heads held, every thread is busy (a request
+        thread is started only when none is idle): a health check is then not
+        answered until the heads are completed.
         """
-        head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        pad = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 8000) for n in range(9))  # 72 KB, within gunicorn's limits
         held = [self._connect() for _ in range(threads)]
+        probes: list[socket.socket] = []
+
+        def all_busy() -> bool:
+            probe = self._connect()
+            probes.append(probe)
+            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            probe.settimeout(1.0)
+            try:
+                return not probe.recv(64)
+            except TimeoutError:
+                return True
+
         try:
             for sock in held:
-                sock.sendall(head)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + pad)
+            wait_until(all_busy, timeout=20, what=f"{threads} request threads holding a head")
             for sock in held:
-                assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+                sock.sendall(b"\r\n")
+            for sock in held:
+                assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
         finally:
-            for sock in held:
+            for sock in held + probes:
                 sock.close()
 
     def _connect(self) -> socket.socket:
