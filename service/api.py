@@ -20,6 +20,7 @@ from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request, submit_problem
+from .request_reader import body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
@@ -113,7 +114,7 @@ def task_url(task_id: str, root_path: str | None = None) -> str:
 
 def read_body(limit: int, req: Request | None = None) -> bytes:
     """The request body (of ``req``, default the current request); 413 if it is longer than ``limit``
-    bytes, chunked or not, 400 if cut short."""
+    bytes, chunked or not, 400 if cut short, 408 if it did not arrive within REQUEST_TIMEOUT_S."""
     if req is None:
         req = request._get_current_object()  # type: ignore[attr-defined]
     # What req.content_length computes, from the environ rather than through two header lookups.
@@ -133,6 +134,8 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
     except RequestEntityTooLarge:
         raise
     except Exception:  # the server's reader refused the framing (chunk sizes) or the stream ended early
+        if body_timed_out(req.environ["wsgi.input"]):
+            raise _timed_out(None, length) from None
         raise invalid_request(
             "the request body could not be read: its chunked framing is malformed or it ended early"
         ) from None
@@ -141,9 +144,19 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
     # gunicorn hands over a body cut short by the client's disconnect as if it
     # were whole; its first part may be a valid task the client never finished.
     if length is not None and len(body) < length:
+        if body_timed_out(req.environ["wsgi.input"]):  # the client is still sending, or silent
+            raise _timed_out(len(body), length)
         raise invalid_request(f"the request body ended after {len(body)} of its {length} bytes")
     connection.mark_body_read(req.environ)
     return body
+
+
+def _timed_out(received: int | None, length: int | None) -> Problem:
+    timeout = services().config.request_timeout_s
+    detail = f"the request body did not arrive within REQUEST_TIMEOUT_S ({timeout:g} s)"
+    if received is not None and length is not None:
+        detail += f": {received} of {length} bytes"
+    return Problem(408, detail)
 
 
 def _too_large(limit: int) -> Problem:

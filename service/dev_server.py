@@ -38,6 +38,8 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, handler: BoundedRequestHandler) -> None:
         super().__init__()
         self._handler = handler
+        self.expired = False  # the stream ended at the deadline, not at the client's end
+
 
     def readable(self) -> bool:
         return True
@@ -45,13 +47,17 @@ class _DeadlineReader(io.RawIOBase):
     def readinto(self, buffer) -> int:  # type: ignore[override]
         remaining = self._handler.read_deadline - time.monotonic()
         if remaining <= 0:
+            self.expired = True
             return 0
         sock: socket.socket = self._handler.connection
         sock.settimeout(remaining)
         try:
             with self._handler.server.waiting_for(sock):  # type: ignore[attr-defined]
                 return sock.recv_into(buffer)
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
+            self.expired = True
+            return 0
+        except ConnectionError:
             return 0
         finally:
             sock.settimeout(WRITE_TIMEOUT_S)
@@ -69,6 +75,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
 
     def handle_one_request(self) -> None:
         self.read_deadline = time.monotonic() + self.server.request_timeout  # type: ignore[attr-defined]
+        self.rfile.raw.expired = False  # type: ignore[attr-defined]
         super().handle_one_request()
 
 

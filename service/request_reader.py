@@ -401,6 +401,11 @@ class ReadDeadline:
         self._conn = conn
         self._clock = clock
 
+    @property
+    def expired(self) -> bool:
+        """Whether the stream ended at the deadline (not at the client's end of it)."""
+        return self._conn.read_expired
+
     def recv(self, size: int) -> bytes:
         sock = self._conn.sock
         while (remaining := self._conn.read_deadline - self._clock()) > 0:
@@ -414,3 +419,17 @@ class ReadDeadline:
         self._conn.read_expired = True
         return b""
 
+
+def body_timed_out(stream: object) -> bool:
+    """Whether ``stream`` (``wsgi.input``) ended because the request's deadline passed.
+
+    False when it ended at the client's end, and for a stream of neither
+    gunicorn (read through ``ReadDeadline``) nor ``python app.py``.
+    """
+    raw = getattr(getattr(stream, "_rfile", stream), "raw", None)  # service/dev_server.py's (chunked: werkzeug's
+    if getattr(raw, "expired", False):  # DechunkedInput reads it as _rfile)
+        return True
+    reader = getattr(stream, "reader", None)
+    unreader = getattr(reader, "unreader", None) or getattr(getattr(reader, "req", None), "unreader", None)
+    sock = getattr(unreader, "sock", None)
+    return isinstance(sock, ReadDeadline) and sock.expired

@@ -228,6 +228,22 @@ def test_bodies_that_stop_arriving_leave_gunicorns_threads_to_others(start, requ
     assert timed_health(client) < 5  # the client gives up after 10 s
 
 
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_a_body_that_stops_arriving_is_answered_408_and_one_cut_short_400(start, command):
+    client = start(command, REQUEST_TIMEOUT_S="1")
+    (slow,) = client.open(1, PARTIAL_BODY)  # 13 of 100 bytes, then nothing
+    answer = read_to_end(slow, 8)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"Connection: close" in answer
+    assert b"the request body did not arrive within REQUEST_TIMEOUT_S (1 s): 13 of 100 bytes" in answer
+
+    (cut,) = client.open(1, PARTIAL_BODY)
+    cut.shutdown(socket.SHUT_WR)  # the client ends its body early
+    answer = read_to_end(cut, 8)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"the request body ended after 13 of its 100 bytes" in answer
+
+
 def test_a_chunked_body_and_one_after_100_continue_are_read_and_queued(start):
     client = start(GUNICORN)
     body = b'{"id": "chunked", "payload": ""}'
