@@ -130,7 +130,7 @@ def test_a_version_1_file_is_migrated_keeping_every_task_and_the_counts(v1_file)
     finally:
         store.close()
     conn = sqlite3.connect(v1_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     triggers = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
     # Version 1's count triggers are gone; version 4 counts admissions, version 5 refuses an older release's writes.
     assert triggers == {"tasks_admitted", "totals_of_an_older_release"}
@@ -259,7 +259,7 @@ def test_a_version_2_file_is_migrated_keeping_every_task_its_order_and_the_total
     finally:
         store.close()
     conn = sqlite3.connect(v2_file)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"tasks_new", "tasks_retry", "tasks_finished", "tasks_by_state"} <= indexes
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tasks_v3'").fetchone()[0] == 0
@@ -361,3 +361,84 @@ def _insert_tasks(conn):
 
 def _task(task_id):
     return Task(task_id, "p", 0, created_at=NOW)
+
+
+def test_an_admission_writes_four_pages_to_the_wal_not_the_by_state_index(tmp_path):
+    # The row, the id index, the new-task index and totals: queued tasks stay out of tasks_by_state.
+    store = SqliteStore(tmp_path / "tasks.db", clock=lambda: NOW, capacity=100)
+    try:
+        for n in range(5):
+            store.admit([_task(f"t{n}")])
+        wal = tmp_path / "tasks.db-wal"
+        before = wal.stat().st_size
+        store.admit([_task("one more")])
+        frame = 24 + store._writer.execute("PRAGMA page_size").fetchone()[0]
+        assert (wal.stat().st_size - before) / frame == 4
+    finally:
+        store.close()
+
+
+def test_a_version_5_file_keeps_its_queued_tasks_in_their_order_and_lists_new_ones_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", 5)
+    v5_schema = sqlite_store._SCHEMA.replace(sqlite_store._BY_STATE_INDEX, OLD_BY_STATE)
+    monkeypatch.setattr(sqlite_store, "_SCHEMA", v5_schema)
+    for name in ("_INSERT", "_END_ATTEMPT"):
+        statement = getattr(sqlite_store, name)
+        assert sqlite_store._QUEUED_STATE_SEQ in statement
+        monkeypatch.setattr(sqlite_store, name, statement.replace(sqlite_store._QUEUED_STATE_SEQ, V5_QUEUED_STATE_SEQ))
+    clock = iter(NOW + n for n in range(100))
+    store = SqliteStore(tmp_path / "tasks.db", clock=lambda: next(clock))
+    store.admit([Task(task_id, "p", 1, created_at=NOW) for task_id in ("a", "b", "c")])
+    store.admit([Task("d", "p", 1, created_at=NOW)])
+    claimed = store.claim("here:1:x", NOW + LEASE_S)
+    store.finish(claimed.id, 1, "here:1:x", error="boom", retry_at=NOW + 60)  # a: queued again, after d
+    store.close()
+    monkeypatch.undo()
+    store = SqliteStore(tmp_path / "tasks.db", clock=lambda: NOW + 1)
+    try:
+        assert [t.id for t in store.list(State.QUEUED)] == ["a", "d", "c", "b"]
+        store.admit([_task("e")])
+        assert [t.id for t in store.list(State.QUEUED)] == ["e", "a", "d", "c", "b"]
+        assert [t.id for t in store.list(State.QUEUED, limit=2)] == ["e", "a"]
+    finally:
+        store.close()
+    conn = sqlite3.connect(tmp_path / "tasks.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    (index,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks_by_state'").fetchone()
+    assert "queued" not in index.partition("WHERE")[2]
+    conn.close()
+
+
+# How version 5 indexed tasks by state and placed a task entering the queue (its positions counted per state).
+OLD_BY_STATE = "CREATE INDEX tasks_by_state ON tasks (state, state_seq);\n"
+V5_QUEUED_STATE_SEQ = (
+    "(coalesce((SELECT state_seq FROM tasks WHERE state = 'queued' ORDER BY state_seq DESC LIMIT 1), 0) + 1)"
+)
+
+
+def test_every_lookup_by_state_still_searches_the_by_state_index(tmp_path):
+    # A partial index on state <> 'queued' would not serve state = 'running': each claim would scan the table.
+    store = SqliteStore(tmp_path / "tasks.db", clock=lambda: NOW)
+    try:
+        conn = store._connection()
+        statements = [
+            (sqlite_store._CLAIM, {"now": NOW, "owner": "o", "until": NOW}),
+            (
+                sqlite_store._END_ATTEMPT,
+                dict.fromkeys(("id", "attempt", "owner", "now", "error", "retry_at", "result")),
+            ),
+        ]
+        for plan in [conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall() for sql, args in statements]:
+            assert [step for *_, step in plan if step.startswith("SCAN tasks")] == []
+            assert any("tasks_by_state" in step for *_, step in plan)
+        traced: list[str] = []
+        conn.set_trace_callback(traced.append)
+        for state in State:
+            store.list(state)
+        conn.set_trace_callback(None)
+        listings = [sql for sql in traced if "FROM tasks WHERE state =" in sql]  # as run: parameters expanded
+        assert len(listings) == len(State) - 1  # the queued tasks have a listing of their own
+        for sql in listings:
+            assert "tasks_by_state" in str(conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()), sql
+    finally:
+        store.close()

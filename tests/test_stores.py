@@ -410,6 +410,18 @@ def test_list_is_newest_first_and_filters_by_state(store, clock):
     assert store.list("running") == store.list(State.RUNNING)  # State is a StrEnum: its value names it too
 
 
+def test_queued_tasks_list_by_their_entry_into_the_queue_a_retry_after_the_tasks_queued_before_it(store, clock):
+    admit(store, clock, "a", "b", max_retries=1)
+    run(store, clock, "a", error="boom", retry_at=clock.time() + 10)  # queued again after b
+    admit(store, clock, "c")
+    admit(store, clock, "later", delay=5)
+    assert [t.id for t in store.list(State.QUEUED)] == ["later", "c", "a", "b"]
+    assert [t.id for t in store.list(State.QUEUED, limit=3)] == ["later", "c", "a"]
+    run(store, clock, "b")
+    assert [t.id for t in store.list(State.QUEUED)] == ["later", "c", "a"]
+    assert [t.id for t in store.list(State.QUEUED, limit=1)] == ["later"]
+
+
 def test_finished_tasks_expire_after_the_ttl(make_store, clock):
     store = make_store(ttl=60)
     admit(store, clock, "old")

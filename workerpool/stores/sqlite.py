@@ -52,7 +52,7 @@ from ..task import State, Task, check_transition
 from .base import Renewal, StoreStats, TaskStore
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 _SWEEP_INTERVAL_S = 1.0
@@ -102,7 +102,8 @@ _COLUMNS = (
 # statement of its own, and one statement fewer during which the sqlite3 module
 # hands the interpreter to another thread. Version 5 renames totals to
 # task_totals, and leaves under the old name a view that refuses updates (see
-# _OLDER_RELEASE_REFUSED).
+# _OLDER_RELEASE_REFUSED). Version 6 leaves queued tasks out of the by-state index: an
+# admission then writes four pages instead of five (see _LIST_QUEUED for their listing).
 _STATE_CHECK = " OR ".join(f"state = '{state.value}'" for state in State)
 _TASKS_TABLE = """
 CREATE TABLE {name} (
@@ -132,6 +133,14 @@ CREATE INDEX tasks_retry ON tasks (due_at, seq) WHERE state = 'queued' AND attem
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX tasks_by_state ON tasks (state, state_seq);
 """
+# Since version 6 (see _LIST_QUEUED): queued tasks are listed from the table and tasks_retry. The
+# condition names the other states one by one: SQLite uses a partial index for a query whose
+# ``state = 'running'`` matches one side of its ORs, where ``state <> 'queued'`` would not be seen to hold.
+_BY_STATE_INDEX = (
+    "CREATE INDEX tasks_by_state ON tasks (state, state_seq) WHERE "
+    + " OR ".join(f"state = '{state.value}'" for state in State if state is not State.QUEUED)
+    + ";\n"
+)
 _TASKS_COLUMNS = (
     "seq, id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at, "
     "next_attempt_at, request_id, result, cancel_requested, due_at, lease_owner, lease_until, state_seq"
@@ -159,7 +168,7 @@ END;
 """
 _SCHEMA = (
     _TASKS_TABLE.format(name="tasks", state_check=_STATE_CHECK)
-    + _TASKS_INDEXES
+    + _TASKS_INDEXES.replace("CREATE INDEX tasks_by_state ON tasks (state, state_seq);\n", _BY_STATE_INDEX)
     + _TOTALS_SCHEMA.format(name="task_totals")
     + """
 INSERT INTO task_totals (id) VALUES (1);
@@ -205,6 +214,17 @@ ALTER TABLE totals RENAME TO task_totals;
 """
     + _ADMITTED_TRIGGER.format(totals="task_totals")
     + _OLDER_RELEASE_GUARD,
+    # 5 -> 6: queued tasks leave the by-state index; their positions become generations, in their old order.
+    5: """
+DROP INDEX tasks_by_state;
+"""
+    + _BY_STATE_INDEX
+    + """
+UPDATE tasks SET state_seq = (SELECT generation FROM task_totals) - queued.behind
+FROM (SELECT seq, count(*) OVER (ORDER BY state_seq DESC, seq DESC) - 1 AS behind FROM tasks WHERE state = 'queued')
+    AS queued
+WHERE tasks.seq = queued.seq;
+""",
 }
 
 
@@ -1133,10 +1153,14 @@ class SqliteStore(TaskStore):
         horizon = self._clock() - self._ttl
         if state is None:
             query = f"SELECT {_COLUMNS} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?"
-            args: tuple[Any, ...] = (horizon, limit)
+            args: tuple[Any, ...] | dict[str, Any] = (horizon, limit)
+        elif State(state) is State.QUEUED:  # never finished: always retained
+            query, args = _LIST_QUEUED, {"limit": limit}
         else:
-            query = f"SELECT {_COLUMNS} FROM tasks WHERE state = ? AND {_RETAINED} ORDER BY state_seq DESC LIMIT ?"
-            args = (State(state).value, horizon, limit)
+            # The state written out (a State's value): the partial index serves a constant only.
+            query = f"SELECT {_COLUMNS} FROM tasks WHERE state = '{State(state).value}' AND {_RETAINED} "
+            query += "ORDER BY state_seq DESC LIMIT ?"
+            args = (horizon, limit)
         return self._read(lambda conn: [_task(row) for row in conn.execute(query, args)])
 
     def stats(self) -> StoreStats:
@@ -1247,6 +1271,22 @@ _NEXT_DUE = (
 _NEXT_STATE_SEQ = (
     "(coalesce((SELECT state_seq FROM tasks WHERE state = {state} ORDER BY state_seq DESC LIMIT 1), 0) + 1)"
 )
+# A queued task's position in the listing of queued tasks (not in the by-state index, see _LIST_QUEUED):
+# the generation that queues it. Each admitted task bumps the generation by one (tasks_admitted, after
+# the insert), so new tasks' positions grow with seq; a retry's step bumps it once after its end
+# (the tasks one recovery queues again share a position, and list by creation).
+_QUEUED_STATE_SEQ = "(SELECT generation + 1 FROM task_totals)"
+# Queued tasks newest first by entry (positions: _QUEUED_STATE_SEQ). New ones have entered in seq
+# order: the table read backwards from its newest row, stopping at as many as wait (``waiting``);
+# this passes only rows newer than the oldest of them that have left the queue (in claim order, those of
+# tasks that were due earlier, such as a delayed task's successors). Retries, from their own index.
+_LIST_QUEUED = f"""SELECT {_COLUMNS} FROM (
+    SELECT * FROM (SELECT {_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
+        WHERE state = 'queued' AND attempts = 0 ORDER BY seq DESC
+        LIMIT min(:limit, (SELECT waiting FROM task_totals)))
+    UNION ALL
+    SELECT {_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry WHERE state = 'queued' AND attempts > 0
+) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
 # The due time of the next retry and of the next new task, each read from its own index.
 _NEXT_DUE_TIMES = "SELECT " + ", ".join(
     f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
@@ -1274,7 +1314,7 @@ def _add_to_totals(names: tuple[str, ...]) -> str:
     return f"UPDATE task_totals SET {', '.join(f'{name} = {name} + ?' for name in names)} WHERE id = 1"
 _INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
         request_id, due_at, state_seq)
-    VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_NEXT_STATE_SEQ.format(state="'queued'")})
+    VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_QUEUED_STATE_SEQ})
     ON CONFLICT (id) DO NOTHING"""
 # Finished tasks past their retention are invisible even before a write step deletes them.
 _RETAINED = "(finished_at IS NULL OR finished_at >= ?)"
@@ -1317,7 +1357,7 @@ _IS_FINAL = "(:error IS NULL OR cancel_requested OR :retry_at IS NULL)"
 # One index probe per possible state, so that each is a lookup by a constant (a probe by the
 # CASE expression itself would scan the table).
 _NEXT_STATE_SEQ_BY_NEW_STATE = "".join(
-    f" WHEN '{state}' THEN {_NEXT_STATE_SEQ.format(state=repr(state))}"
+    f" WHEN '{state}' THEN {_QUEUED_STATE_SEQ if state == 'queued' else _NEXT_STATE_SEQ.format(state=repr(state))}"
     for state in ("done", "cancelled", "queued", "failed")
 )
 _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
