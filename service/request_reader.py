@@ -266,9 +266,9 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     Parsing the head with gunicorn's parser here as well would cost a second
     full parse per request: only the framing is looked at, and the parser,
     which alone decides what the request is, refuses what it refuses.
-    With ``Expect: 100-continue`` (HTTP/1.1), a body the application would
-    refuse from the head alone (longer than the limit, or without the token)
-    is not asked for. A framing gunicorn's parser refuses, or one not
+    A body the application would refuse from the head alone (longer than
+    the limit, or without the token) is not read, and with ``Expect:
+    100-continue`` (HTTP/1.1) not asked for. A framing gunicorn's parser refuses, or one not
     followed here, is left to the parser with the head alone.
     """
     lowered = head.lower()
@@ -276,8 +276,12 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     if not folded and b"\r\ntransfer-encoding" not in lowered and b"\r\nexpect" not in lowered:
         # The plain framing: most requests.
         length = _content_length(head, lowered)
-        if length is None or length <= limits.default or length <= limits.of(head):
-            return Framing(len(head) + (length or 0))
+        if not length:
+            return Framing(len(head))
+        if (length <= limits.default or length <= limits.of(head)) and (
+            not limits.token or limits.authorized(_authorization(head, lowered))
+        ):
+            return Framing(len(head) + length)
         return Framing(len(head), refused=True)
     if folded:
         return Framing(len(head))  # refused by the parser
@@ -294,7 +298,9 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     ]
     lengths = fields.get(b"content-length", [])
     limit = limits.of(head)
-    refused = expects and not limits.authorized(next(iter(fields.get(b"authorization", [])), None))
+    # A body without the token is not read: the application refuses it from its head, so an unknown
+    # client cannot make the loop buffer up to a route's limit on each of its connections.
+    refused = not limits.authorized(next(iter(fields.get(b"authorization", [])), None))
     if codings:
         if lengths or codings[-1] != b"chunked" or codings.count(b"chunked") != 1 or not version_ok:
             return Framing(len(head))  # refused by the parser, or not read by it
@@ -302,9 +308,20 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     if len(lengths) > 1 or (lengths and not (lengths[0].isdigit() and len(lengths[0]) <= 12)):
         return Framing(len(head))  # refused by the parser
     length = int(lengths[0]) if lengths else 0
+    if not length and not expects:
+        return Framing(len(head))
     if refused or length > limit:
         return Framing(len(head), expects=expects, refused=True)
     return Framing(len(head) + length, expects=expects)
+
+
+def _authorization(head: bytes, lowered: bytes) -> bytes | None:
+    """The first ``Authorization`` field's value of ``head`` (unfolded), or None."""
+    start = lowered.find(b"\r\nauthorization:")
+    if start < 0:
+        return None
+    start += len(b"\r\nauthorization:")
+    return head[start : head.find(b"\r\n", start)].strip(b" \t")
 
 
 def _content_length(head: bytes, lowered: bytes) -> int | None:

@@ -217,6 +217,26 @@ def test_read_framing(headers, framing):
     assert read_framing(head, BodyLimits(100)) == framing._replace(length=framing.length + len(head))
 
 
+@pytest.mark.parametrize(
+    ("headers", "framing"),
+    [
+        (b"Content-Length: 10\r\n", Framing(0, refused=True)),
+        (b"Content-Length: 10\r\nAuthorization: Bearer wrong-token-wrong\r\n", Framing(0, refused=True)),
+        (b"Authorization: Bearer a-token-a-token-a\r\nContent-Length: 10\r\n", Framing(10)),
+        (b"Content-Length: 0\r\n", Framing(0)),
+        (b"Transfer-Encoding: chunked\r\n", Framing(0, refused=True)),
+        (b"Transfer-Encoding: chunked\r\nAuthorization: Bearer a-token-a-token-a\r\n", Framing(0, chunked=True)),
+    ],
+    ids=["no-token", "wrong-token", "token", "no-body", "chunked-no-token", "chunked-token"],
+)
+def test_a_body_without_the_token_is_not_read(headers, framing):
+    """The loop does not buffer a body the application will refuse from its head: up to a route's limit on
+    every connection of a client that does not know the token."""
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"
+    limits = BodyLimits(100, token="a-token-a-token-a")
+    assert read_framing(head, limits) == framing._replace(length=framing.length + len(head))
+
+
 def test_expect_is_ignored_in_http_1_0():
     head = b"POST /enqueue HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
     assert read_framing(head, BodyLimits(100)) == Framing(len(head) + 10)

@@ -277,10 +277,15 @@ def test_a_chunked_body_and_one_after_100_continue_are_read_and_queued(start):
             b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
             401,
         ),
+        (
+            {"API_TOKEN": "a-token-of-16-chars-at-least"},
+            b"POST /enqueue/batch HTTP/1.1\r\nHost: a\r\nContent-Length: 4000000\r\n\r\n",
+            401,
+        ),
     ],
-    ids=["over-the-limit", "over-the-batch-limit", "no-token"],
+    ids=["over-the-limit", "over-the-batch-limit", "no-token", "no-token-no-expect"],
 )
-def test_a_body_refused_from_its_head_is_not_asked_for_with_100_continue(start, env, request_head, status):
+def test_a_body_refused_from_its_head_is_neither_read_nor_asked_for(start, env, request_head, status):
     client = start(GUNICORN, **env)
     (sock,) = client.open(1, request_head)
     answer = read_to_end(sock, 8)  # the final answer at once, then closed; the body was never sent
