@@ -670,6 +670,12 @@ def test_with_synchronous_full_an_attempts_end_stands_though_its_fsync_failed(op
     with pytest.raises(StoreNotSynced) as not_synced:
         store.finish("b", 1, "a", error="boom")
     assert (not_synced.value.result.id, not_synced.value.result.state) == ("b", State.FAILED)
+    # A retry that stands is announced to this process's waiting workers, as after a synced end.
+    store.claim("a", clock.time() + LEASE_S)
+    rescheduled = store._rescheduled
+    with pytest.raises(StoreNotSynced) as not_synced:
+        store.finish("c", 1, "a", error="boom", retry_at=clock.time() + 1)
+    assert not_synced.value.result.state is State.QUEUED and store._rescheduled == rescheduled + 1
 
 
 def test_a_pool_goes_on_with_an_end_that_stands_though_its_fsync_failed(open_store, clock, monkeypatch, caplog):

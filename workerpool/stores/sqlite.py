@@ -871,12 +871,17 @@ class SqliteStore(TaskStore):
                 self._local.claimed_last = claimed is not None
         except StoreNotSynced as exc:  # the end and the claim stand: the caller goes on with them, then raises
             exc.result = ended, claimed
+            self._after_end(generation, claimed, admitted)
             raise
+        self._after_end(generation, claimed, admitted)
+        return ended, claimed
+
+    def _after_end(self, generation: int, claimed: Task | None, admitted: int) -> None:
+        """Tell this process's waiting workers what a committed end (and claim) changed."""
         if generation:
             self._rescheduled_by_us(generation)
         if claimed is None:
             self._claimed_nothing(admitted)
-        return ended, claimed
 
     def _claim(
         self, conn: sqlite3.Connection, owner: str, lease_until: float, now: float, rescheduled: int
@@ -996,6 +1001,8 @@ class SqliteStore(TaskStore):
                 task, generation = self._finish(conn, task_id, attempt, owner, self._clock(), error, result, retry_at)
         except StoreNotSynced as exc:  # the end stands: the caller goes on with it, then raises
             exc.result = task
+            if generation:
+                self._rescheduled_by_us(generation)
             raise
         if generation:
             self._rescheduled_by_us(generation)
