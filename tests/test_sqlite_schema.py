@@ -177,6 +177,14 @@ def test_a_file_of_a_newer_version_than_this_one_is_refused(tmp_path):
         SqliteStore(path, clock=lambda: NOW)
 
 
+def test_an_sqlite_library_too_old_for_the_statements_is_refused_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(StoreUnavailable, match=r"needs SQLite 3\.35\.0 or newer; .* uses 3\.31\.1"):
+        SqliteStore(tmp_path / "tasks.db", clock=lambda: NOW)
+    assert not (tmp_path / "tasks.db").exists()
+
+
 SCHEMA_V2 = """
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,

@@ -337,6 +337,7 @@ class SqliteStore(TaskStore):
         self._wal_fd: int | None = None  # the WAL file, opened to fsync it
         self._wal_path = f"{self.path}-wal"
         self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
+        _check_library()
         _check_path(self.path)
         self._open()
 
@@ -1470,6 +1471,21 @@ def _close_connection(conn: sqlite3.Connection, connections: set[sqlite3.Connect
     with lock:
         connections.discard(conn)
     conn.close()
+
+
+# The oldest SQLite library the statements run on: RETURNING (claims, ends) came in 3.35.0; the
+# migrations' UPDATE ... FROM in 3.33.0, their window functions and FILTER in 3.25 and 3.30.
+MIN_SQLITE_VERSION = (3, 35, 0)
+
+
+def _check_library() -> None:
+    """Refuse, in one line at start-up, an SQLite library whose syntax errors would come only later."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+        needed = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise StoreUnavailable(
+            f"the SQLite store needs SQLite {needed} or newer; Python's sqlite3 module here uses "
+            f"{sqlite3.sqlite_version}"
+        )
 
 
 def _check_path(path: Path) -> None:
