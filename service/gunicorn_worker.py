@@ -81,8 +81,10 @@ class AcceptBalance:
     most, also when every worker is busy). It pauses at most ``threads``
     times a second (in bursts of as many): under clients that open a
     connection per request, a busy worker's accepting is paused for at most
-    ``threads x defer`` of each second (16 ms with 8 threads). With one
-    worker nothing is deferred.
+    ``threads x defer`` of each second (16 ms with 8 threads). It balances
+    the first ``workers x threads`` connections: past them every worker has
+    enough, and connections go to whichever accepts first, as without it.
+    With one worker nothing is deferred.
     """
 
     def __init__(
