@@ -291,3 +291,15 @@ def test_a_body_refused_from_its_head_is_neither_read_nor_asked_for(start, env, 
     answer = read_to_end(sock, 8)  # the final answer at once, then closed; the body was never sent
     assert answer is not None and answer.startswith(b"HTTP/1.1 %d " % status), answer
     assert b"Connection: close" in answer and b"100 Continue" not in answer
+
+
+def test_workers_that_leave_connections_to_each_other_go_on_accepting(start, tmp_path):
+    """With ``-w 2``, a worker holding a connection per request thread pauses its accepting (AcceptBalance in
+    service/gunicorn_worker.py); its loop must take accepting up again, or once every worker holds that many,
+    new connections would wait for ever. Twelve kept-alive connections on two workers of two threads each."""
+    client = start(GUNICORN, GUNICORN_CMD_ARGS="-w 2 --threads 2", STORE=f"sqlite://{tmp_path / 'tasks.db'}")
+    kept = client.open(12, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    for sock in kept:
+        answer = sock.recv(65536)  # each is answered, and stays open (kept alive)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert client.request("GET", "/healthz")[0] == 200  # and one more connection still gets in
