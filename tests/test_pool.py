@@ -1300,6 +1300,31 @@ def test_a_drain_abandons_at_once_what_cannot_fall_due_before_its_deadline(make_
     assert (summary.abandoned, summary.drain_seconds) == (("later",), 0.0)
 
 
+def test_a_drain_does_not_abandon_a_retry_queued_while_it_looked_at_the_due_times(make_pool, clock):
+    pool = make_pool(instant, workers=1)
+    store = pool._store
+
+    class RetryQueuedBetweenTheReads:
+        """The store as an attempt ending between the drain's reads leaves it: a retry due at once."""
+
+        def __init__(self) -> None:
+            self.shared, self.reads = False, 0
+
+        def seconds_until_due(self):
+            self.reads += 1
+            return 3600.0 if self.reads == 1 else 0.0
+
+        def stats(self):
+            return store.stats()  # nothing running any more
+
+    pool._store = RetryQueuedBetweenTheReads()
+    try:
+        assert not pool._nothing_falls_due_within(20.0)
+    finally:
+        pool._store = store
+    pool.shutdown(timeout=0)
+
+
 def test_a_drain_waits_for_a_delayed_task_due_before_its_deadline(make_pool, clock):
     log = AttemptLog()
     pool = make_pool(instant, workers=1, observers=[log])

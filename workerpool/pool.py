@@ -1165,10 +1165,13 @@ class WorkerPool:
             return False
         try:
             until = self._store.seconds_until_due()  # first: a task claimed after this read was due now
-            running = self._store.stats().counts[State.RUNNING]
+            if self._store.stats().counts[State.RUNNING]:
+                return False
+            # An attempt that ended between the two reads may have queued a retry after the first.
+            again = self._store.seconds_until_due()
         except StoreUnavailable:
             return False
-        return until is not None and until > remaining and not running
+        return until is not None and again is not None and min(until, again) > remaining
 
     def _abandon_unfinished(self, abandoned: list[Task]) -> None:
         """Fail this pool's unfinished tasks (ABANDONED), appending them to ``abandoned`` as soon as they are."""
