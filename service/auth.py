@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import functools
-import hmac
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from flask import request
 
+from .bearer import MISSING, WRONG, bearer_problem
 from .context import services
 from .problems import unauthorized
 
 CHALLENGE = 'Bearer realm="workerpool"'
-MISSING = "the request has no bearer token: send the header 'Authorization: Bearer <token>'"
-WRONG = "the bearer token is wrong"
+
+__all__ = ["CHALLENGE", "MISSING", "WRONG", "check_bearer", "require_token", "token_required"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -44,10 +44,6 @@ def require_token(token: str | None = None) -> None:
 
 def check_bearer(authorization: str | None, token: str) -> None:
     """Raise a 401 Problem unless ``authorization`` is ``Bearer <token>``; the comparison takes constant time."""
-    scheme, _, credentials = (authorization or "").partition(" ")
-    credentials = credentials.strip(" ")
-    if scheme.lower() != "bearer" or not credentials:  # schemes are case-insensitive (RFC 9110 11.1)
-        raise unauthorized(MISSING, challenge=CHALLENGE)
-    # A configured token is ASCII, so a non-ASCII one is wrong; that much may show in the timing.
-    if not credentials.isascii() or not hmac.compare_digest(credentials.encode("ascii"), token.encode("ascii")):
-        raise unauthorized(WRONG, challenge=CHALLENGE)
+    problem = bearer_problem(authorization, token)
+    if problem is not None:
+        raise unauthorized(problem, challenge=CHALLENGE)

@@ -25,7 +25,6 @@ which ends the stream at the same deadline.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import selectors
 import socket
 import time
@@ -33,6 +32,8 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gunicorn.http import get_parser
+
+from .bearer import bearer_problem
 
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from its first byte or the connection's start
 MAX_PREREAD_HEAD = 65536  # larger heads go to a thread, whose parser refuses them
@@ -84,14 +85,8 @@ class BodyLimits:
         """Whether a request with this ``Authorization`` value passes the token check (``service.auth``)."""
         if not self.token:
             return True
-        scheme, _, credentials = (authorization or b"").partition(b" ")
-        credentials = credentials.strip(b" ")
-        return (
-            scheme.lower() == b"bearer"
-            and bool(credentials)
-            and credentials.isascii()
-            and hmac.compare_digest(credentials, self.token.encode("ascii"))
-        )
+        # WSGI hands the application a header's bytes as latin-1 text: the same value, checked alike.
+        return bearer_problem(None if authorization is None else authorization.decode("latin-1"), self.token) is None
 
 
 class Framing(NamedTuple):

@@ -97,7 +97,7 @@ def test_the_token_is_compared_in_constant_time_as_bytes(harness, monkeypatch):
         compared.append((a, b))
         return compare_digest(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # the module service.bearer compares with
     assert call(harness, "GET", "/tasks", "Bearer nearly-the-t0ken-012").status_code == 401
     assert call(harness, "GET", "/tasks", f"Bearer {TOKEN}").status_code == 200
     assert compared == [(b"nearly-the-t0ken-012", TOKEN.encode()), (TOKEN.encode(), TOKEN.encode())]
