@@ -21,7 +21,8 @@ serve whole requests:
 - a request is read on the main loop (``RequestReader``) and handed to a
   thread once its head and body are there (a body up to its route's limit,
   chunked or not, ``100 Continue`` answered from the loop); it must arrive
-  within ``request_timeout`` seconds, idle or not;
+  within ``request_timeout`` seconds, idle or not; a head over 64 KiB is
+  answered 431 from the loop;
 - closing a connection gracefully lingers on the poller (``LingeringCloser``),
   not in the main loop as gunicorn's ``util.close_graceful`` does;
 - with ``worker_connections`` all taken, the connection that has waited
@@ -167,8 +168,8 @@ class DrainingThreadWorker(ThreadWorker):
 
     def run(self) -> None:
         self.reader = RequestReader(
-            self.cfg, self.poller, ready=self._serve, drop=self._drop, timeout=self.request_timeout,
-            limits=self.body_limits,
+            self.cfg, self.poller, ready=self._serve, drop=self._drop, refuse=self._refuse,
+            timeout=self.request_timeout, limits=self.body_limits,
         )  # fmt: skip
         self.closer = LingeringCloser(self.poller)
         self._serving: set[TConn] = set()  # connections a request thread has
@@ -266,6 +267,12 @@ class DrainingThreadWorker(ThreadWorker):
     def _drop(self, conn: TConn) -> None:
         self.nr_conns -= 1
         conn.close()
+
+    def _refuse(self, conn: TConn, error: Exception) -> None:
+        """Answer gunicorn's error for a request refused on the loop (a head too large), then close gracefully."""
+        self.handle_error(None, conn.sock, conn.client, error)  # the answer is small: one non-blocking send
+        self.nr_conns -= 1
+        self.closer.close(conn.sock)  # reads what the client still sends, so the answer is not reset under it
 
     def _bring_deadlines_forward(self, deadline: float) -> None:
         self.reader.bring_deadlines_forward(deadline)

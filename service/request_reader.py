@@ -16,10 +16,12 @@ buffer), or sent after ``100 Continue``, which is answered from here. Each
 route's limit (``BodyLimits``) bounds what is read: a body announced longer
 than its route takes, or one that a missing or wrong token would have
 refused, is not asked for (no ``100 Continue``) nor read; the application
-refuses it from its head, without reading it. What is left for a thread to
-read from the socket (a head larger than ``MAX_PREREAD_HEAD``, a request
-whose framing gunicorn's parser refuses) goes through ``ReadDeadline``,
-which ends the stream at the same deadline.
+refuses it from its head, without reading it. A head, or a chunked body's
+trailer section, larger than ``MAX_PREREAD_HEAD`` is refused from here (431,
+or 414 for a request line alone that long) and never reaches a thread.
+What is left for a thread to read from the socket (a request whose framing
+gunicorn's parser refuses) goes through ``ReadDeadline``, which ends the
+stream at the same deadline.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gunicorn.http import get_parser
+from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
 
 from .bearer import bearer_problem
 
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from its first byte or the connection's start
-MAX_PREREAD_HEAD = 65536  # larger heads go to a thread, whose parser refuses them
+# Larger heads and trailer sections are refused from the loop (nginx takes 32 KiB by default, gunicorn
+# about 800 KB): read on a thread instead, one that stops arriving would hold the thread until the deadline.
+MAX_PREREAD_HEAD = 65536
 MAX_PREREAD_BODY = 1 << 20  # the body limit of every route when none are given
 # A chunked body over its limit is read this much further, so the thread that refuses it reads
 # the limit and a byte more from the buffer: its parser and werkzeug read in blocks of up to 8 KiB.
@@ -99,7 +104,10 @@ class Framing(NamedTuple):
 
 
 class _Pending:
-    __slots__ = ("deadline", "buffer", "length", "searched", "closed", "broken", "expects", "chunk", "decoded", "limit")
+    __slots__ = (
+        "deadline", "buffer", "length", "searched", "closed", "broken", "expects", "chunk", "decoded", "limit",
+        "refusal",
+    )  # fmt: skip
 
     def __init__(self, deadline: float, buffered: bytes) -> None:
         self.deadline = deadline
@@ -112,6 +120,7 @@ class _Pending:
         self.chunk = -1  # of a chunked body being read: the offset of its next chunk-size line
         self.decoded = 0  # of a chunked body: its bytes so far
         self.limit = 0  # of a chunked body: the most bytes its route takes
+        self.refusal: Exception | None = None  # why the request is refused from here (too large a head)
 
 
 class RequestReader:
@@ -124,6 +133,7 @@ class RequestReader:
         *,
         ready: Callable[[Connection], None],
         drop: Callable[[Connection], None],
+        refuse: Callable[[Connection, Exception], None],
         timeout: float = REQUEST_TIMEOUT_S,
         limits: BodyLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -134,6 +144,7 @@ class RequestReader:
         self._poller = poller
         self._ready = ready  # the request is buffered: serve it on a thread
         self._drop = drop  # closed by the client, broken, or too slow: forget it
+        self._refuse = refuse  # answer gunicorn's error for it (LimitRequestHeaders or LimitRequestLine), then close
         self._timeout = timeout
         self._clock = clock
         self._pending: dict[Connection, _Pending] = {}  # insertion order is deadline order
@@ -151,7 +162,7 @@ class RequestReader:
         self._pending[conn] = pending
         if self._complete(conn, pending) or self._receive(conn, pending):
             del self._pending[conn]
-            self._hand_over(conn, pending)
+            self._finish(conn, pending)
         elif pending.closed:  # the client stopped sending before its request was complete
             self._give_up(conn, pending)
         else:
@@ -185,7 +196,7 @@ class RequestReader:
         pending = self._pending[conn]
         if self._receive(conn, pending):
             self._forget(conn)
-            self._hand_over(conn, pending)
+            self._finish(conn, pending)
         elif pending.closed:  # the client stopped sending before its request was complete
             self._give_up(conn, pending)
 
@@ -206,9 +217,12 @@ class RequestReader:
     def _complete(self, conn: Connection, pending: _Pending) -> bool:
         if pending.length is None:
             end = pending.buffer.find(_END_OF_HEAD, pending.searched)
-            if end < 0:
+            if end < 0 or end + len(_END_OF_HEAD) > MAX_PREREAD_HEAD:
                 pending.searched = max(0, len(pending.buffer) - len(_END_OF_HEAD) + 1)
-                return len(pending.buffer) > MAX_PREREAD_HEAD
+                if len(pending.buffer) <= MAX_PREREAD_HEAD:
+                    return False
+                pending.refusal = _head_too_large(pending.buffer)
+                return True
             head = bytes(pending.buffer[: end + len(_END_OF_HEAD)])
             framing = read_framing(head, self._limits)
             pending.length = framing.length
@@ -240,6 +254,13 @@ class RequestReader:
         del self._pending[conn]
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._poller.unregister(conn.sock)
+
+    def _finish(self, conn: Connection, pending: _Pending) -> None:
+        """The request is here (or as much of it as will be read): a thread serves it, or it is refused."""
+        if pending.refusal is None:
+            self._hand_over(conn, pending)
+        else:
+            self._refuse(conn, pending.refusal)
 
     def _hand_over(self, conn: Connection, pending: _Pending) -> None:
         if conn.parser is None:
@@ -353,8 +374,9 @@ def _send_continue(sock: socket.socket) -> bool:
 def _chunks_complete(pending: _Pending, max_line: int) -> bool:
     """Follow a chunked body through what has arrived; whether it is complete, or as much as will be read.
 
-    It is complete after its last chunk and trailer section. Reading stops
-    early, and the thread's parser takes over from the buffer, when the body
+    It is complete after its last chunk and trailer section, and refused
+    (``pending.refusal``) with a trailer section over ``MAX_PREREAD_HEAD``.
+    Reading stops early, and the thread's parser takes over from the buffer, when the body
     has reached ``CHUNKED_MARGIN`` past its limit (the application refuses it
     from what is buffered) or its framing is malformed (the parser refuses it).
     """
@@ -366,9 +388,13 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
                 end = at + 2
             else:
                 found = buffer.find(_END_OF_HEAD, at)
-                if found < 0:
+                if found < 0 or found + len(_END_OF_HEAD) - at > MAX_PREREAD_HEAD:
                     pending.chunk = at
-                    return len(buffer) - at > MAX_PREREAD_HEAD
+                    if len(buffer) - at <= MAX_PREREAD_HEAD:
+                        return False
+                    too_large = f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes"
+                    pending.refusal = LimitRequestHeaders(too_large)
+                    return True
                 end = found + len(_END_OF_HEAD)
             pending.length, pending.chunk = end, -1
             return True
@@ -394,6 +420,13 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
             return _stop_reading(pending)
         pending.decoded += size
         at = data_end + 2
+
+
+def _head_too_large(buffer: bytearray) -> Exception:
+    """gunicorn's error for a head past ``MAX_PREREAD_HEAD``: its request line alone (414), else its fields (431)."""
+    if buffer.find(b"\r\n", 0, MAX_PREREAD_HEAD + 1) < 0:
+        return LimitRequestLine(f"the request line is longer than {MAX_PREREAD_HEAD} bytes")
+    return LimitRequestHeaders(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
 
 
 def _stop_reading(pending: _Pending) -> bool:

@@ -105,6 +105,10 @@ GUNICORN_ERRORS = {
         b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(150)) + b"\r\n",
         431,
     ),
+    "head over 64 KiB": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: %s\r\n" % (n, b"h" * 8000) for n in range(9)) + b"\r\n",
+        431,
+    ),
     "malformed request line": (b"NOT A REQUEST LINE AT ALL\r\n\r\n", 400),
     "content-length and transfer-encoding": (
         b"POST /enqueue HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",

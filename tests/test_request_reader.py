@@ -13,6 +13,7 @@ from gunicorn.workers.gthread import TConn
 from service.request_reader import (
     CHUNKED_MARGIN,
     MAX_PREREAD_BODY,
+    MAX_PREREAD_HEAD,
     BodyLimits,
     Framing,
     ReadDeadline,
@@ -29,9 +30,11 @@ class Harness:
         self.selector = selectors.DefaultSelector()
         self.ready: list[TConn] = []
         self.dropped: list[TConn] = []
+        self.refused: list[tuple[TConn, Exception]] = []
         self.cfg = GunicornConfig()
         self.reader = RequestReader(
-            self.cfg, self.selector, ready=self.ready.append, drop=self.dropped.append, timeout=TIMEOUT,
+            self.cfg, self.selector, ready=self.ready.append, drop=self.dropped.append,
+            refuse=lambda conn, error: self.refused.append((conn, error)), timeout=TIMEOUT,
             limits=limits, clock=self.clock.monotonic,
         )
         self.sockets: list[socket.socket] = []
@@ -151,6 +154,48 @@ def test_a_chunked_body_over_its_limit_is_handed_over_once_the_application_can_r
 def test_malformed_chunked_framing_is_handed_over_for_the_parser_to_refuse(harness):
     conn, _ = harness.connect(CHUNKED + b"zz\r\n")
     assert harness.ready == [conn]
+
+
+def _fields(size: int) -> bytes:
+    """Header fields of ``size`` bytes in all, each within gunicorn's limit on one (8190)."""
+    fields = b"".join(b"X-F%d: %s\r\n" % (n, b"f" * 7990) for n in range(size // 8000))
+    return fields + b"X-Rest: " + b"r" * (size - len(fields) - 10) + b"\r\n"
+
+
+def _refused(harness: Harness, conn: TConn) -> tuple[str, str]:
+    assert harness.ready == [] and harness.dropped == []
+    [(refused, error)] = harness.refused
+    assert refused is conn
+    return type(error).__name__, str(error)
+
+
+def test_a_head_that_is_not_whole_within_the_bound_is_refused_not_handed_to_a_thread(harness):
+    # Handed over, its thread's parser would wait for the rest of it (gunicorn takes up to about 800 KB).
+    conn, client = harness.connect(b"GET /healthz HTTP/1.1\r\nHost: a\r\n")
+    client.sendall(_fields(MAX_PREREAD_HEAD - 100))
+    harness.turn()
+    assert harness.ready == [] and harness.refused == []  # within the bound: waited for
+    client.sendall(_fields(200))
+    harness.turn()
+    assert _refused(harness, conn) == ("LimitRequestHeaders", "the request head is longer than 65536 bytes")
+
+
+def test_a_whole_head_over_the_bound_is_refused_too(harness):
+    conn, _ = harness.connect(b"GET /healthz HTTP/1.1\r\n" + _fields(MAX_PREREAD_HEAD) + b"\r\n")
+    assert _refused(harness, conn)[0] == "LimitRequestHeaders"
+
+
+def test_a_request_line_over_the_bound_is_refused_as_too_long_a_line(harness):
+    conn, _ = harness.connect(b"GET /" + b"a" * MAX_PREREAD_HEAD)
+    assert _refused(harness, conn) == ("LimitRequestLine", "the request line is longer than 65536 bytes")
+
+
+def test_a_trailer_section_over_the_bound_is_refused(harness):
+    conn, client = harness.connect(CHUNKED + b"3\r\nabc\r\n0\r\n" + _fields(MAX_PREREAD_HEAD - 100))
+    assert harness.ready == [] and harness.refused == []
+    client.sendall(_fields(200))
+    harness.turn()
+    assert _refused(harness, conn) == ("LimitRequestHeaders", "the trailer section is longer than 65536 bytes")
 
 
 def test_100_continue_is_answered_here_and_the_body_read_before_the_hand_over(harness):
