@@ -68,6 +68,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
 
     timeout = WRITE_TIMEOUT_S
     read_deadline = 0.0
+    connection_sent: tuple[str, ...] = ()  # the Connection values of the response being sent
 
     def setup(self) -> None:
         super().setup()
@@ -77,6 +78,19 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.read_deadline = time.monotonic() + self.server.request_timeout  # type: ignore[attr-defined]
         self.rfile.raw.expired = False  # type: ignore[attr-defined]
         super().handle_one_request()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.connection_sent = ()
+        super().send_response(code, message)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        # Werkzeug adds "Connection: close" to every response, after the application's headers,
+        # which may say it already (service/connection.py does when a body was left unread).
+        if keyword.lower() == "connection":
+            if value.lower() in self.connection_sent:
+                return
+            self.connection_sent += (value.lower(),)
+        super().send_header(keyword, value)
 
 
 class BoundedThreadedServer(ThreadedWSGIServer):

@@ -255,7 +255,8 @@ def test_a_body_that_stops_arriving_is_answered_408_and_one_cut_short_400(start,
     (slow,) = client.open(1, PARTIAL_BODY)  # 13 of 100 bytes, then nothing
     answer = read_to_end(slow, 8)
     assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
-    assert b"Connection: close" in answer
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.count(b"\r\nconnection:") == 1 and b"\r\nconnection: close\r\n" in head + b"\r\n", answer
     assert b"the request body did not arrive within REQUEST_TIMEOUT_S (1 s): 13 of 100 bytes" in answer
 
     (cut,) = client.open(1, PARTIAL_BODY)
@@ -263,6 +264,7 @@ def test_a_body_that_stops_arriving_is_answered_408_and_one_cut_short_400(start,
     answer = read_to_end(cut, 8)
     assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
     assert b"the request body ended after 13 of its 100 bytes" in answer
+    assert answer.partition(b"\r\n\r\n")[0].lower().count(b"\r\nconnection:") == 1, answer
 
 
 def test_a_chunked_body_and_one_after_100_continue_are_read_and_queued(start):
