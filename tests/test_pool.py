@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 
 import pytest
-from doubles import WAIT_S, Gate, instant, refuse_to_start_thread, wait_until
+from doubles import POLL_S, WAIT_S, Gate, instant, refuse_to_start_thread, wait_until
 from doubles import failing as always_fail
 from redis_server import shared_server
 
@@ -1283,6 +1283,76 @@ def test_a_cancel_requested_in_another_process_reaches_the_attempt_before_its_ne
             break
     assert heard.wait(TIMEOUT), "the cancel waited for the next lease renewal"
     wait_until(lambda: pool.get("a").state is State.CANCELLED, timeout=TIMEOUT, what="the attempt to end cancelled")
+    pool.shutdown(timeout=TIMEOUT)
+    for store in (here, elsewhere):
+        store.close()
+
+
+class KeeperWaits:
+    """The pool's wait on fake time, recording the lease keeper's waits: their timeouts, and whether one is on."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.changed = threading.Condition()
+        self.timeouts: list[float] = []  # of the keeper's waits, in order
+        self.waiting = False  # the keeper is in a wait whose fake deadline is set
+
+    def __call__(self, event: threading.Event, timeout: float | None) -> bool:
+        if threading.current_thread().name != "workerpool-leases":
+            return self.clock.wait(event, timeout)
+        deadline = self.clock.monotonic() + timeout
+        with self.changed:
+            self.timeouts.append(timeout)
+            self.waiting = True
+            self.changed.notify_all()
+        try:
+            while not event.wait(POLL_S):
+                if self.clock.monotonic() >= deadline:
+                    return False
+            return True
+        finally:
+            with self.changed:
+                self.waiting = False
+
+    def wait_for(self, predicate, timeout: float = TIMEOUT) -> bool:
+        """Whether the keeper is in a wait, with ``predicate(timeouts)`` true, within ``timeout`` real seconds."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.waiting and predicate(self.timeouts), timeout)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_lease_keeper_sleeps_until_its_next_renewal_while_nothing_runs_here(make_pool, clock, tmp_path, kind):
+    # It woke every CANCEL_POLL_S to look for cancels, 10 times a second, with no attempt to look for.
+    here, elsewhere = _two_processes(kind, clock, tmp_path)
+    started, heard = threading.Event(), threading.Event()
+
+    def handler(task, cancel):
+        started.set()
+        if cancel.wait(TIMEOUT):
+            heard.set()
+            raise RuntimeError("cancelled")
+
+    waits = KeeperWaits(clock)
+    pool = make_pool(handler, store=here, workers=1, lease=30.0, wait=waits)
+    pool.start()
+    assert waits.wait_for(lambda timeouts: timeouts), "the lease keeper never waited"
+    assert waits.timeouts == [pytest.approx(10.0)]  # a third of the lease: until the next renewal
+
+    pool.submit("a", "")
+    assert started.wait(TIMEOUT)
+    # The attempt's start wakes it; it then looks for cancels every CANCEL_POLL_S again.
+    assert waits.wait_for(lambda timeouts: timeouts[-1] == pytest.approx(CANCEL_POLL_S))
+    assert waits.timeouts[:-1] == [pytest.approx(10.0)]  # it slept through until then
+    assert elsewhere.cancel("a")[1]
+    clock.advance(CANCEL_POLL_S)  # one poll period
+    assert heard.wait(TIMEOUT), "the cancel was not delivered within one poll period"
+    wait_until(lambda: not pool.running(), timeout=TIMEOUT, what="the attempt to end")
+    # With nothing running again, it sleeps until the renewal after its next look.
+    assert waits.wait_for(lambda timeouts: True)
+    clock.advance(CANCEL_POLL_S)
+    assert waits.wait_for(lambda timeouts: timeouts[-1] > 1.0)
+    assert waits.timeouts[-1] == pytest.approx(10.0 - clock.monotonic())
+    assert waits.timeouts[1:-1] == [pytest.approx(CANCEL_POLL_S)] * (len(waits.timeouts) - 2)
     pool.shutdown(timeout=TIMEOUT)
     for store in (here, elsewhere):
         store.close()

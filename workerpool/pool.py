@@ -138,7 +138,7 @@ class WorkerPool:
         "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
         "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
-        "_drained", "_summary", "__weakref__",
+        "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -240,7 +240,11 @@ class WorkerPool:
         self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
         self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
         self._thread_numbers = itertools.count(workers + 1)
-        self._threads_stop = threading.Event()  # set when the threads stop: ends the watchdog's and leases' waits
+        self._threads_stop = threading.Event()  # set when the threads stop: ends the watchdog's waits
+        # The lease keeper waits on this; it is set when the threads stop, and when an attempt starts
+        # while the keeper is idle (_keeper_idle: nothing ran here when it began its wait, under _lock).
+        self._keeper_wakeup = threading.Event()
+        self._keeper_idle = False
 
         self._drain_wakeup = threading.Event()  # a drain waits for attempts to end or a nearer deadline
         self._drained = threading.Event()
@@ -535,6 +539,11 @@ class WorkerPool:
         attempt = Attempt(task, cancel, self._monotonic(), threading.current_thread())
         with self._lock:
             self._register(attempt)
+            # An attempt claimed with the end of the last one (_forget_attempt) never finds the keeper
+            # idle: the two are registered in turn under one hold of _lock, so _running is never empty.
+            wake_keeper, self._keeper_idle = self._keeper_idle, False
+        if wake_keeper:
+            self._keeper_wakeup.set()
         return attempt
 
     def _register(self, attempt: Attempt) -> None:  # _lock is held
@@ -1027,13 +1036,16 @@ class WorkerPool:
     def _keep_leases(self) -> None:
         """Renew the leases of running attempts and recover expired ones, whatever the handlers do.
 
-        Between renewals it looks every CANCEL_POLL_S for cancels that other
-        processes requested of the attempts running here (one read), so their
-        cancel events are set within that time, not at the next renewal.
+        Between renewals, while attempts run here, it looks every CANCEL_POLL_S
+        for cancels that other processes requested of them (one read), so their
+        cancel events are set within that time, not at the next renewal. With
+        nothing running it sleeps until the next renewal (which also recovers
+        other processes' expired leases), and the first attempt to start wakes it.
         """
         period = self._lease / 3
-        stop = self._threads_stop
+        stop, wakeup = self._threads_stop, self._keeper_wakeup
         renew_at = self._monotonic()
+        woken = False  # by an attempt's start: it was claimed just now, nothing to look for yet
         while (self._claiming or self._running) and not stop.is_set():
             if self._monotonic() >= renew_at:
                 renew_at = self._monotonic() + period
@@ -1044,12 +1056,18 @@ class WorkerPool:
                     log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
                 except Exception:
                     log.exception("lease renewal failed; trying again in %.1f s", period)
-            else:
+            elif not woken:
                 try:
                     self._poll_cancels()
                 except Exception as exc:  # the renewal reports a store that fails, and sets these events too
                     log.debug("looking for cancels failed: %s", exc)
-            self._wait(stop, min(CANCEL_POLL_S, max(0.0, renew_at - self._monotonic())))
+            wakeup.clear()  # before looking: an attempt that starts after the look sets it again
+            with self._lock:
+                idle = self._keeper_idle = not self._running
+            if stop.is_set():  # set before the clear, whose wake-up it may have erased
+                break
+            until_renewal = max(0.0, renew_at - self._monotonic())
+            woken = self._wait(wakeup, until_renewal if idle else min(CANCEL_POLL_S, until_renewal))
 
     def _renew_once(self) -> None:
         attempts = self.running()
@@ -1240,6 +1258,7 @@ class WorkerPool:
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
         self._store.wake()
         self._threads_stop.set()
+        self._keeper_wakeup.set()
         with self._lock:
             threads = list(self._threads)
         # Abandoned handlers were told to cancel; one that ignores it is left
