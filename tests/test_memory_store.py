@@ -36,15 +36,3 @@ def test_a_task_holding_a_container_is_tracked_and_kept_whole(clock):
     store = MemoryStore(10_000, max_finished=10_000, clock=clock.time, wait=clock.wait)
     assert tracked_after(store, clock, [f"task-{n}" for n in range(500)], result={"rows": [1, 2]}) >= 500
     assert store.get("task-0").result == {"rows": [1, 2]}
-
-
-def test_a_full_queue_tells_how_many_waiting_tasks_are_delayed_and_when_the_first_falls_due(clock):
-    store = MemoryStore(2, ttl=60, max_finished=10, clock=clock.time)
-    now = clock.time()
-    later = [Task(i, "", 0, created_at=now, next_attempt_at=now + due) for i, due in (("a", 100.0), ("b", 200.0))]
-    store.admit(later)
-    (full,) = store.admit([Task("c", "", 0, created_at=now)])
-    assert (full.capacity, full.delayed, full.due_in) == (2, 2, 100.0)  # no place frees before "a" can start
-    clock.advance(100)
-    (full,) = store.admit([Task("c", "", 0, created_at=clock.time())])
-    assert (full.delayed, full.due_in) == (1, None)  # "a" is due: a worker frees its place when it starts it

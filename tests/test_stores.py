@@ -129,6 +129,24 @@ def test_the_bound_counts_tasks_not_yet_started_delayed_ones_included(make_store
     admit(store, clock, "third")
 
 
+def test_a_full_queue_tells_how_many_waiting_tasks_are_delayed_and_when_the_first_falls_due(make_store, clock):
+    store = make_store(capacity=2, ttl=60, max_finished=10)
+    # Admitted and refused in one call: the refusal counts the tasks the same call admitted.
+    *_, full = store.admit([new(clock, "a", delay=100.0), new(clock, "b", delay=200.0), new(clock, "c")])
+    assert isinstance(full, QueueFull)
+    assert (full.capacity, full.delayed, full.due_in) == (2, 2, 100.0)  # no place frees before "a" can start
+    clock.advance(100)
+    (full,) = store.admit([new(clock, "c")])
+    assert (full.delayed, full.due_in) == (1, None)  # "a" is due: a worker frees its place when it starts it
+
+
+def test_a_full_queue_with_a_task_due_says_none_is_delayed(make_store, clock):
+    store = make_store(capacity=1)
+    admit(store, clock, "due")
+    (full,) = store.admit([new(clock, "c")])
+    assert (full.capacity, full.delayed, full.due_in) == (1, 0, None)
+
+
 def test_retries_never_count_against_the_bound_and_are_never_refused(make_store, clock):
     store = make_store(capacity=1)
     admit(store, clock, "r", max_retries=5)

@@ -37,7 +37,7 @@ from redis.retry import Retry
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task
-from .base import Renewal, StoreStats, TaskStore
+from .base import Renewal, StoreStats, TaskStore, full_queue_delays
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -396,6 +396,13 @@ out[#out + 1] = redis.call('ZCOUNT', P .. ':retry', '(' .. now, '+inf')
 return out
 """
 
+# ARGV: now. What a full queue's refusal tells: how many new tasks are not due yet, how many wait,
+# and the earliest due time of a queued task (or nothing).
+_QUEUE_DELAYS = """
+local new = P .. ':new'
+return {redis.call('ZCOUNT', new, '(' .. ARGV[1], '+inf'), redis.call('ZCARD', new), first_due()}
+"""
+
 # A write Redis refuses when it cannot take one (maxmemory reached, a read-only replica).
 _HEALTH = """
 redis.call('SET', P .. ':health', ARGV[1], 'PX', 60000)
@@ -621,6 +628,7 @@ class RedisStore(TaskStore):
             "list": _LIST,
             "stats": _STATS,
             "first_due": _FIRST_DUE,
+            "queue_delays": _QUEUE_DELAYS,
             "health": _HEALTH,
         }
         self._scripts = {
@@ -825,15 +833,32 @@ class RedisStore(TaskStore):
                 raise StoreUnavailable(str(error)) from error
             raise RuntimeError(f"the admission that carried these tasks failed: {error!r}") from error
         results: list[Task | SubmitError] = []
+        full: tuple[int | None, float | None] | None = None  # read at the first refusal: (delayed, due_in)
         for task, verdict in zip(tasks, verdicts or ()):
             if verdict == b"duplicate":
                 results.append(DuplicateTask(task.id))
             elif verdict == b"full":
-                results.append(QueueFull(self.capacity))
+                full = full or self._queue_delays()
+                results.append(QueueFull(self.capacity, delayed=full[0], due_in=full[1]))
             else:  # admitted: the verdict is its created_at, possibly clamped (see the script)
                 created_at = float(verdict)
                 results.append(task if created_at == task.created_at else task._replace(created_at=created_at))
         return results
+
+    def _queue_delays(self) -> tuple[int | None, float | None]:
+        """``QueueFull``'s ``delayed`` and ``due_in``: one more round trip, on a refusal only (not told if it fails).
+
+        Read after the admission that refused, not in its script: the
+        admission is not given the time, and every admission would pay for it.
+        """
+        now = self._clock()
+        try:
+            delayed, waiting, first_due = self._run("queue_delays", now)
+        except StoreUnavailable:
+            return None, None
+        return full_queue_delays(
+            delayed=delayed, waiting=waiting, first_due=None if first_due is None else float(first_due), now=now
+        )
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
         return self._claimed(self._run("claim", self._clock(), owner, lease_until, self._deadline()))

@@ -49,7 +49,7 @@ from typing import Any, TypeVar, cast
 
 from ..errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
-from .base import Renewal, StoreStats, TaskStore
+from .base import Renewal, StoreStats, TaskStore, full_queue_delays
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
 SCHEMA_VERSION = 6
@@ -765,6 +765,7 @@ class SqliteStore(TaskStore):
         # non-decreasing in seq (listing) order.
         last_created = -math.inf if newest is None else newest
         admitted = 0
+        full: tuple[int, float | None] | None = None  # read at the first refusal: (delayed, due_in)
         for admission in batch:
             try:
                 for task, payload in admission.tasks:
@@ -772,7 +773,11 @@ class SqliteStore(TaskStore):
                         task = task._replace(created_at=last_created)
                     if room <= 0:  # a duplicate is reported as such even when there is no room
                         known = conn.execute(f"SELECT 1 FROM tasks WHERE id = ? AND {_RETAINED}", (task.id, horizon))
-                        outcomes.append(DuplicateTask(task.id) if known.fetchone() else QueueFull(self.capacity))
+                        if known.fetchone():
+                            outcomes.append(DuplicateTask(task.id))
+                        else:
+                            full = full or self._queue_delays(conn, now, waiting + admitted)
+                            outcomes.append(QueueFull(self.capacity, delayed=full[0], due_in=full[1]))
                     elif self._insert(conn, task, payload) or (
                         # The id may belong to a task past its time that no sweep deleted yet: forget it now.
                         self._forget_expired(conn, task.id, horizon) and self._insert(conn, task, payload)
@@ -791,6 +796,13 @@ class SqliteStore(TaskStore):
             conn.rollback()  # a refusal writes nothing
             return 0
         return generation + admitted  # tasks_admitted counted each one (queued, waiting, a generation)
+
+    @staticmethod
+    def _queue_delays(conn: sqlite3.Connection, now: float, waiting: int) -> tuple[int, float | None]:
+        """``QueueFull``'s ``delayed`` and ``due_in``, read in the open transaction: on a refusal only."""
+        delayed, *due = conn.execute(_DELAYED, {"now": now}).fetchone()
+        first_due = min((d for d in due if d is not None), default=None)
+        return full_queue_delays(delayed=delayed, waiting=waiting, first_due=first_due, now=now)
 
     def _forget_expired(self, conn: sqlite3.Connection, task_id: str, horizon: float) -> bool:
         """Delete task ``task_id`` if it finished before ``horizon``; whether it did."""
@@ -1298,6 +1310,14 @@ _LIST_QUEUED = f"""SELECT {_COLUMNS} FROM (
 # The due time of the next retry and of the next new task, each read from its own index.
 _NEXT_DUE_TIMES = "SELECT " + ", ".join(
     f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
+)
+# What a full queue's refusal tells: how many new tasks are not due yet (a range of the index of new
+# tasks), and the due times of the next retry and of the next new task.
+_DELAYED = _NEXT_DUE_TIMES.replace(
+    "SELECT ",
+    "SELECT (SELECT count(*) FROM tasks INDEXED BY tasks_new"
+    " WHERE state = 'queued' AND attempts = 0 AND due_at > :now), ",
+    1,
 )
 _GENERATION = "SELECT generation FROM task_totals"
 _FINAL = ("done", "failed", "cancelled")
