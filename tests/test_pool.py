@@ -1256,13 +1256,8 @@ def _two_processes(kind, clock, tmp_path):
     )
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_a_cancel_requested_in_another_process_reaches_the_attempt_before_its_next_renewal(
-    make_pool, clock, tmp_path, kind
-):
-    # The lease is renewed every 10 s of the fake clock, which moves CANCEL_POLL_S at a time and
-    # 5 s at most: the cancel event is set by the keeper's look for cancels, not by a renewal.
-    here, elsewhere = _two_processes(kind, clock, tmp_path)
+def _waits_for_its_cancel():
+    """A handler that waits for its cancel event and fails once it is set; events: it started, it heard."""
     started, heard = threading.Event(), threading.Event()
 
     def handler(task, cancel):
@@ -1271,6 +1266,17 @@ def test_a_cancel_requested_in_another_process_reaches_the_attempt_before_its_ne
             heard.set()
             raise RuntimeError("cancelled")
 
+    return handler, started, heard
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_cancel_requested_in_another_process_reaches_the_attempt_before_its_next_renewal(
+    make_pool, clock, tmp_path, kind
+):
+    # The lease is renewed every 10 s of the fake clock, which moves CANCEL_POLL_S at a time and
+    # 5 s at most: the cancel event is set by the keeper's look for cancels, not by a renewal.
+    here, elsewhere = _two_processes(kind, clock, tmp_path)
+    handler, started, heard = _waits_for_its_cancel()
     pool = make_pool(handler, store=here, workers=1, lease=30.0)
     pool.submit("a", "")
     assert started.wait(TIMEOUT)
@@ -1324,14 +1330,7 @@ class KeeperWaits:
 def test_the_lease_keeper_sleeps_until_its_next_renewal_while_nothing_runs_here(make_pool, clock, tmp_path, kind):
     # It woke every CANCEL_POLL_S to look for cancels, 10 times a second, with no attempt to look for.
     here, elsewhere = _two_processes(kind, clock, tmp_path)
-    started, heard = threading.Event(), threading.Event()
-
-    def handler(task, cancel):
-        started.set()
-        if cancel.wait(TIMEOUT):
-            heard.set()
-            raise RuntimeError("cancelled")
-
+    handler, started, heard = _waits_for_its_cancel()
     waits = KeeperWaits(clock)
     pool = make_pool(handler, store=here, workers=1, lease=30.0, wait=waits)
     pool.start()
