@@ -253,6 +253,8 @@ def health_figures(stats: PoolStats) -> dict[str, Any]:
         "status": status,
         "workers": stats.workers,
         "queue_capacity": stats.queue_capacity,
+        # The places taken under the bound, delayed tasks included: at queue_capacity, submissions get 503.
+        "queue_waiting": stats.waiting,
         "queue_depth": stats.queue_depth,
         "retries_pending": stats.retries_pending,
         "stuck_threads": stats.stuck_threads,

@@ -423,7 +423,12 @@ class _PoolCollector(Collector):
         yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=stats.workers)
         yield GaugeMetricFamily("workerpool_queue_capacity", "Tasks the queue can hold.", value=stats.queue_capacity)
         yield GaugeMetricFamily(
-            "workerpool_queue_depth", "Tasks waiting in the queue for a worker.", value=stats.queue_depth
+            "workerpool_queue_waiting",
+            "Tasks accepted and not yet started, delayed ones included: what workerpool_queue_capacity bounds.",
+            value=stats.waiting,
+        )
+        yield GaugeMetricFamily(
+            "workerpool_queue_depth", "Tasks due and waiting in the queue for a worker.", value=stats.queue_depth
         )
         yield GaugeMetricFamily(
             "workerpool_tasks_running", "Tasks with an attempt running.", value=stats.counts[State.RUNNING]

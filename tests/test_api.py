@@ -376,10 +376,7 @@ def test_a_known_id_is_409(harness):
 
 
 def test_a_queue_full_of_delayed_tasks_says_so_and_when_a_place_can_free(clock):
-    from workerpool import MemoryStore  # a store that tells; the others say only how many wait
-
-    store = MemoryStore(2, ttl=3600, max_finished=100, clock=clock.time)
-    harness = make_harness(instant, clock=clock.time, store=store, queue_size=2)
+    harness = make_harness(instant, clock=clock.time, queue_size=2)
     try:
         for task_id in ("a", "b"):
             assert enqueue(harness.client, {"id": task_id, "payload": "", "delay_ms": 600_000}).status_code == 202
@@ -391,6 +388,11 @@ def test_a_queue_full_of_delayed_tasks_says_so_and_when_a_place_can_free(clock):
         assert response.headers["Retry-After"] == "600"  # no place frees before then
         batch = harness.client.post("/enqueue/batch", json={"tasks": [{"id": "c", "payload": ""}]}).get_json()
         assert batch["results"][0]["retry_after"] == 600
+        # Health shows the places taken, as admission counts them: none of the tasks is due yet.
+        health = harness.client.get("/healthz").get_json()
+        assert (health["status"], health["queue_waiting"], health["queue_capacity"], health["queue_depth"]) == (
+            "ok", 2, 2, 0
+        )
     finally:
         harness.pool.shutdown(timeout=0)  # the delayed tasks never fall due on the test's clock
 
@@ -591,6 +593,7 @@ def test_health_reports_the_pool(gate, path):
         "status": "ok",
         "workers": 1,
         "queue_capacity": 3,
+        "queue_waiting": 1,
         "queue_depth": 1,
         "retries_pending": 0,
         "stuck_threads": 0,

@@ -59,7 +59,7 @@ def test_the_live_figures_are_those_of_the_health_check(harness):
         gate.wait_started()
         live = harness.client.get("/dashboard/live").get_json()
         health = harness.client.get("/healthz").get_json()
-        for name in ("status", "workers", "queue_capacity", "queue_depth", "retries_pending", "tasks"):
+        for name in ("status", "workers", "queue_capacity", "queue_waiting", "queue_depth", "retries_pending", "tasks"):
             assert live[name] == health[name], name
         assert (live["busy_workers"], live["queue_depth"], live["store"]) == (1, 2, "memory")
         assert live["token_required"] is False

@@ -132,6 +132,7 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
     for state, expected in {"queued": 2, "running": 1, "done": 3, "failed": 1}.items():
         assert _figure(page, state) == health["tasks"][state] == expected, state
     assert _figure(page, "queue-depth") == health["queue_depth"] == 2
+    assert _figure(page, "queue-waiting") == health["queue_waiting"] == 2
     assert _figure(page, "queue-capacity") == health["queue_capacity"] == 50
     assert _figure(page, "busy") == 1
     assert _figure(page, "workers") == health["workers"] == 1
@@ -166,6 +167,18 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
     assert page.eval_on_selector_all("#task-rows tr", "rows => rows.map(r => r.dataset.id)") == [
         task["id"] for task in done["tasks"]
     ]
+    assert page.errors == []
+
+
+def test_a_queue_full_of_delayed_tasks_shows_as_full(page, instance):
+    # Its depth (tasks due) is 0: the page showed "0 of 50" and "accepting" while every submission got 503.
+    for n in range(50):
+        instance.pool.submit(f"later-{n}", "", delay=3600.0)
+    _open(page, instance)
+    expect(page.locator("#fig-admission")).to_have_text("queue full", timeout=WAIT_MS)
+    figures = [_figure(page, name) for name in ("queue-waiting", "queue-capacity", "queue-depth")]
+    assert figures == [50, 50, 0]
+    assert page.eval_on_selector("#queue-meter", "meter => meter.value") == 1
     assert page.errors == []
 
 

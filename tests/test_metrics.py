@@ -62,6 +62,7 @@ def test_submissions_are_counted_by_outcome(gate):
         assert client.post("/enqueue", data="x" * 2000).status_code == 413
         samples = scrape(client)
         assert value(samples, "workerpool_queue_depth") == 1
+        assert value(samples, "workerpool_queue_waiting") == 1  # "b"; "full" was refused
         assert value(samples, "workerpool_tasks_running") == 1
         assert value(samples, "workerpool_tasks_retained", state="running") == 1
         assert value(samples, "workerpool_tasks_retained", state="queued") == 1

@@ -67,13 +67,16 @@ function renderLive(live) {
     setText("fig-" + state, live.tasks[state] ?? "–"); // "–": a state this service does not have
   }
   offerStates(Object.keys(live.tasks));
+  // The places taken, delayed tasks included: a queue full of tasks not yet due refuses submissions too.
+  setText("fig-queue-waiting", live.queue_waiting);
   setText("fig-queue-depth", live.queue_depth);
   setText("fig-queue-capacity", live.queue_capacity);
-  $("queue-meter").value = live.queue_capacity ? live.queue_depth / live.queue_capacity : 0;
+  $("queue-meter").value = live.queue_capacity ? live.queue_waiting / live.queue_capacity : 0;
   setText("fig-retries", live.retries_pending);
   setText("fig-busy", live.busy_workers);
   setText("fig-workers", live.workers);
-  setText("fig-admission", live.status === "ok" ? "accepting" : "draining");
+  const full = live.queue_waiting >= live.queue_capacity;
+  setText("fig-admission", live.status !== "ok" ? "draining" : full ? "queue full" : "accepting");
   setText("fig-store", live.store);
   setText("window-minutes", Math.round(live.series.seconds / 60));
   renderSummary(live.series);
