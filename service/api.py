@@ -20,7 +20,7 @@ from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request, submit_problem
-from .request_reader import body_timed_out
+from .request_reader import body_exceeds, body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
@@ -121,6 +121,10 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
     length = get_content_length(req.environ)  # None when chunked
     if length is not None and length > limit:
         raise _too_large(limit)  # not werkzeug's 413, which would name the app-wide MAX_CONTENT_LENGTH
+    if length is None and body_exceeds(req.environ["wsgi.input"]) >= limit:
+        # Under gunicorn the event loop read this chunked body only until it passed its limit: the
+        # rest is not there to read, and the client may still be sending it.
+        raise _too_large(limit)
     try:
         if length is not None:
             # The server's input stream ends with the body (WSGI says not to read past it): read it

@@ -43,9 +43,6 @@ REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from its fi
 # about 800 KB): read on a thread instead, one that stops arriving would hold the thread until the deadline.
 MAX_PREREAD_HEAD = 65536
 MAX_PREREAD_BODY = 1 << 20  # the body limit of every route when none are given
-# A chunked body over its limit is read this much further, so the thread that refuses it reads
-# the limit and a byte more from the buffer: its parser and werkzeug read in blocks of up to 8 KiB.
-CHUNKED_MARGIN = 65536
 # A chunk-size line longer than gunicorn's limit for it (limit_request_field_size) is left to the
 # parser, which refuses it; one within the limit is waited for, else the parser would wait on a thread.
 DEFAULT_CHUNK_LINE_LIMIT = 8190
@@ -106,7 +103,7 @@ class Framing(NamedTuple):
 class _Pending:
     __slots__ = (
         "deadline", "buffer", "length", "searched", "closed", "broken", "expects", "chunk", "decoded", "limit",
-        "refusal",
+        "refusal", "exceeds",
     )  # fmt: skip
 
     def __init__(self, deadline: float, buffered: bytes) -> None:
@@ -121,6 +118,7 @@ class _Pending:
         self.decoded = 0  # of a chunked body: its bytes so far
         self.limit = 0  # of a chunked body: the most bytes its route takes
         self.refusal: Exception | None = None  # why the request is refused from here (too large a head)
+        self.exceeds = 0  # of a chunked body read here past its limit: that limit (0: none passed)
 
 
 class RequestReader:
@@ -271,6 +269,7 @@ class RequestReader:
         conn.read_deadline = pending.deadline
         conn.read_expired = False
         conn.continue_answered = pending.expects  # type: ignore[attr-defined]  # read by the worker's handle_request
+        conn.body_exceeds = pending.exceeds  # type: ignore[attr-defined]  # read by the application (body_exceeds)
         conn.data_ready = True  # gthread would otherwise wait for data first
         self._ready(conn)
 
@@ -376,9 +375,10 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
 
     It is complete after its last chunk and trailer section, and refused
     (``pending.refusal``) with a trailer section over ``MAX_PREREAD_HEAD``.
-    Reading stops early, and the thread's parser takes over from the buffer, when the body
-    has reached ``CHUNKED_MARGIN`` past its limit (the application refuses it
-    from what is buffered) or its framing is malformed (the parser refuses it).
+    Reading stops early, and the thread takes over, when the body has passed
+    its limit (``pending.exceeds``: the application refuses it without reading
+    it, see ``body_exceeds``) or its framing is malformed (the parser refuses
+    it from the buffer).
     """
     buffer = pending.buffer
     at = pending.chunk
@@ -411,8 +411,9 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
             at = line_end + 2
             continue
         data_end = line_end + 2 + size
-        if pending.decoded + min(size, len(buffer) - line_end - 2) >= pending.limit + CHUNKED_MARGIN:
-            return _stop_reading(pending)  # too long: the application refuses it from what is here
+        if pending.decoded + min(size, len(buffer) - line_end - 2) > pending.limit:
+            pending.exceeds = pending.limit  # too long: the application refuses it at once
+            return _stop_reading(pending)
         if len(buffer) < data_end + 2:
             pending.chunk = at  # this chunk is read again once more has arrived
             return False
@@ -451,6 +452,11 @@ class ReadDeadline:
         """Whether the stream ended at the deadline (not at the client's end of it)."""
         return self._conn.read_expired
 
+    @property
+    def body_exceeds(self) -> int:
+        """The limit the request's chunked body passed while it was read on the event loop (0: none)."""
+        return getattr(self._conn, "body_exceeds", 0)
+
     def recv(self, size: int) -> bytes:
         sock = self._conn.sock
         while (remaining := self._conn.read_deadline - self._clock()) > 0:
@@ -474,7 +480,24 @@ def body_timed_out(stream: object) -> bool:
     raw = getattr(getattr(stream, "_rfile", stream), "raw", None)  # service/dev_server.py's (chunked: werkzeug's
     if getattr(raw, "expired", False):  # DechunkedInput reads it as _rfile)
         return True
+    sock = _read_deadline(stream)
+    return sock is not None and sock.expired
+
+
+def body_exceeds(stream: object) -> int:
+    """The limit ``stream``'s (``wsgi.input``'s) body was found longer than on the event loop; 0 if none.
+
+    A chunked body is read on the loop only until it passes its route's
+    limit: the rest is not there for a thread to read, and the application
+    refuses the body from this alone (413), as one announced longer.
+    """
+    sock = _read_deadline(stream)
+    return 0 if sock is None else sock.body_exceeds
+
+
+def _read_deadline(stream: object) -> ReadDeadline | None:
+    """The ``ReadDeadline`` a gunicorn request's ``wsgi.input`` reads from, if any."""
     reader = getattr(stream, "reader", None)
     unreader = getattr(reader, "unreader", None) or getattr(getattr(reader, "req", None), "unreader", None)
     sock = getattr(unreader, "sock", None)
-    return isinstance(sock, ReadDeadline) and sock.expired
+    return sock if isinstance(sock, ReadDeadline) else None

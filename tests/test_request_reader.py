@@ -11,7 +11,6 @@ from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers.gthread import TConn
 
 from service.request_reader import (
-    CHUNKED_MARGIN,
     MAX_PREREAD_BODY,
     MAX_PREREAD_HEAD,
     BodyLimits,
@@ -130,6 +129,7 @@ def test_a_chunked_body_is_read_to_its_end_before_the_hand_over(harness):
         harness.turn()
     assert harness.ready == [conn]
     assert harness.buffered(conn) == CHUNKED + body
+    assert conn.body_exceeds == 0
     assert conn.parser is not None and next(conn.parser).body.read() == b"hello world"  # from the buffer alone
 
 
@@ -138,17 +138,20 @@ def test_a_chunked_body_ends_at_its_last_chunk_without_trailers(harness):
     assert harness.ready == [conn]
 
 
-def test_a_chunked_body_over_its_limit_is_handed_over_once_the_application_can_refuse_it(harness):
-    limit = MAX_PREREAD_BODY
+@pytest.mark.parametrize("chunk_size", [32768, MAX_PREREAD_BODY + 1])
+def test_a_chunked_body_is_handed_over_as_soon_as_it_passes_its_limit(harness, chunk_size):
+    # It was read on to 64 KiB past the limit: a client that sent a little more than the limit and went on
+    # sending slowly (or stopped) got its 413 only at the deadline, or a 408 for a body cut short there.
     conn, client = harness.connect(CHUNKED)
-    chunk = b"%x\r\n%s\r\n" % (32768, b"a" * 32768)  # one chunk per turn of the loop
-    for _ in range((limit + CHUNKED_MARGIN) // 32768 - 1):
-        client.sendall(chunk)
-        harness.turn()
+    whole_chunks = MAX_PREREAD_BODY // chunk_size
+    body = b"%x\r\n%s\r\n" % (chunk_size, b"a" * chunk_size) * whole_chunks  # the limit at most
+    body += b"%x\r\n%s" % (chunk_size, b"a" * (MAX_PREREAD_BODY + 1 - chunk_size * whole_chunks))  # a byte more
+    for start in range(0, len(body), 32768):  # the socket pair holds less than the body: one slice a turn
         assert harness.ready == []
-    client.sendall(chunk)
-    harness.turn()
-    assert harness.ready == [conn]  # with more than the limit buffered; no last chunk yet
+        client.sendall(body[start : start + 32768])
+        harness.turn()
+    assert harness.ready == [conn]  # with a chunk not yet whole: the client may be sending on
+    assert conn.body_exceeds == MAX_PREREAD_BODY  # the application refuses it without reading it
 
 
 def test_malformed_chunked_framing_is_handed_over_for_the_parser_to_refuse(harness):

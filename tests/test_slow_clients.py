@@ -249,6 +249,20 @@ def test_a_head_over_64_kib_is_refused_431_without_taking_a_thread(start, reques
         assert b"longer than 65536 bytes" in answer
 
 
+@pytest.mark.parametrize(
+    "chunks", [[66000], [10000] * 7], ids=["one-chunk-past-the-limit", "chunks-past-the-limit"]
+)
+def test_a_chunked_body_past_its_limit_is_answered_413_at_once(start, chunks):
+    # It was read on to 64 KiB past the limit (MAX_BODY_BYTES, 64 KiB): a client still sending got
+    # nothing until REQUEST_TIMEOUT_S, then a 413, or a 408 (which says to send it again).
+    client = start(GUNICORN, REQUEST_TIMEOUT_S="60")
+    (sock,) = client.open(1, b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    sock.sendall(b"".join(b"%x\r\n%s\r\n" % (size, b"a" * size) for size in chunks))  # no last chunk: still sending
+    answer = read_to_end(sock, 8)  # answered and closed while the client holds its end open
+    assert answer is not None and answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"Connection: close\r\n" in answer and b"the request body is larger than 65536 bytes" in answer
+
+
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
 def test_a_body_that_stops_arriving_is_answered_408_and_one_cut_short_400(start, command):
     client = start(command, REQUEST_TIMEOUT_S="1")
