@@ -43,8 +43,9 @@ from .context import services
 from .problems import Problem
 
 REJECTION_REASONS = (
-    "invalid", "too_large", "unauthorized", "duplicate", "queue_full", "shutting_down", "store_unavailable", "error"
-)
+    "invalid", "too_large", "unauthorized", "timeout", "duplicate", "queue_full", "shutting_down", "store_unavailable",
+    "error",
+)  # fmt: skip
 ATTEMPT_OUTCOMES = ("succeeded", "failed")
 # Attempts of the simulated work take 0.1-0.5 s; tasks wait out backoffs of up to 10 s per retry.
 ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -390,7 +391,9 @@ def _histogram(name: str, documentation: str, series: _Histogram, created: bool)
     return family
 
 
-_PROBLEM_REASONS = {400: "invalid", 401: "unauthorized", 413: "too_large"}
+# A body that did not arrive in time (408) is the client's, as a malformed one is: "error" is kept for
+# what may be the service's own failure, the reason an alert watches.
+_PROBLEM_REASONS = {400: "invalid", 401: "unauthorized", 408: "timeout", 413: "too_large"}
 
 
 def rejection_reason(exc: BaseException) -> str:

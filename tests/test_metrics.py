@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import create_app, pool_of
 from config import Config
 from service.metrics import Metrics
+from service.problems import Problem
 from workerpool import DuplicateTask, PermanentFailure, QueueFull, State, Task
 
 
@@ -202,6 +203,15 @@ def test_every_rejection_reason_the_readme_lists_is_a_series_from_the_start():
     served = {dict(labels)["reason"] for name, labels in samples if name == "workerpool_tasks_rejected_total"}
     assert served == documented
     assert all(value(samples, "workerpool_tasks_rejected_total", reason=reason) == 0 for reason in served)
+
+
+def test_a_body_that_did_not_arrive_in_time_is_a_timeout_not_an_error():
+    # Counted as "error", the reason that may mean a failure of the service, slow clients set off its alert.
+    metrics = Metrics()
+    metrics.count_rejection(Problem(408, "the request body did not arrive within REQUEST_TIMEOUT_S (10 s)"))
+    counts = _counts(metrics)
+    assert counts[("workerpool_tasks_rejected_total", (("reason", "timeout"),))] == 1
+    assert counts[("workerpool_tasks_rejected_total", (("reason", "error"),))] == 0
 
 
 def _counts(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
