@@ -197,7 +197,7 @@ class _PlainAccessLog(BoundedRequestHandler):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Serve on Werkzeug's threaded server; SIGINT/SIGTERM drain the pool, a second one stops waiting.
+    """Serve on Werkzeug's threaded server; SIGINT/SIGTERM/SIGHUP drain the pool, a second one stops waiting.
 
     This path owns its process, so it installs its own signal handlers (under
     gunicorn the worker's handlers start the drain instead). The server keeps
@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     controller = lifecycle.ShutdownController(pool, config.shutdown_timeout_s, on_drained=drained)
     controller.start()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal would otherwise kill the process without a drain.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: controller.request_stop(signum))
     pool.start()
     log.info("Listening at: http://%s:%d", config.host, server.port)

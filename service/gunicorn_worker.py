@@ -13,7 +13,9 @@ deadlocks until gunicorn kills it and the queued tasks are lost. The graceful
 path only sets a flag and writes a wake-up byte, which is safe at any moment.
 gunicorn sets SA_RESTART on SIGTERM, which lets a blocking wait on the main
 thread hold the handler back until the wait ends; it is cleared here, so a
-second SIGTERM acts at once.
+second SIGTERM acts at once. SIGHUP and SIGUSR2 are the arbiter's (reload,
+binary upgrade); gunicorn leaves the worker their default action, which
+kills it without a drain, so the worker ignores them.
 
 Clients. The main loop never blocks on a client and request threads only
 serve whole requests:
@@ -60,6 +62,10 @@ from .lifecycle import ShutdownController
 from .lingering_close import LingeringCloser
 from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, RequestReader
 
+# Signals meant for the arbiter (reload, binary upgrade) that also reach the worker when sent to the whole
+# process group (a closed terminal, ``kill -HUP -<pgid>``, ``pkill -HUP gunicorn``) or to its pid. The
+# worker ignores them: the arbiter acts on them and retires the worker with a stop signal, which drains.
+ARBITER_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 # How long a stopping worker still waits for requests clients are sending (as gthread's keep-alive linger).
 STOP_LINGER_S = 2.0
 # How long a worker that has a connection for each of its request threads leaves a new connection to the
@@ -140,6 +146,8 @@ class DrainingThreadWorker(ThreadWorker):
     def init_signals(self) -> None:
         super().init_signals()
         signal.siginterrupt(signal.SIGTERM, True)  # no SA_RESTART: see the module's docstring
+        for signum in ARBITER_SIGNALS:  # gunicorn leaves them at their default action: terminate, undrained
+            signal.signal(signum, signal.SIG_IGN)
 
     def handle_exit(self, sig, frame) -> None:
         if self.controller is not None:

@@ -92,6 +92,10 @@ class Service:
         code = self.server.proc.wait(timeout=timeout)
         return code, time.monotonic() - started
 
+    def wait_exit_after(self, signum: int, timeout: float) -> tuple[int, float]:
+        self.signal(signum)
+        return self.wait_exit(timeout)
+
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> None:
         wait_until(lambda: re.search(pattern, self.server.log()), timeout=timeout, what=pattern)
 
@@ -269,6 +273,58 @@ def test_a_worker_retired_by_a_reload_reports_at_once_and_cannot_stand_in_for_a_
     last = service.last_line()  # not the retired worker's summary, left over from the reload
     assert "[ERROR] gunicorn.error: the worker ended without reporting its drain (killed?)" in last
     assert last.endswith(f"(pid {worker})")
+
+
+SLOW_WORK = {"WORKERS": "2", "WORK_MIN_MS": "150", "WORK_MAX_MS": "250"}  # attempts still running at the signal
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR2], ids=["SIGHUP", "SIGUSR2"])
+def test_a_reload_or_upgrade_signal_to_the_gunicorn_worker_alone_leaves_it_serving(start, signum):
+    # These are the arbiter's signals; reaching the worker (kill <worker pid>) they must not end it undrained.
+    service = start(GUNICORN, **SLOW_WORK)
+    worker = service.worker()
+    accepted = service.enqueue(10)
+    os.kill(worker, signum)
+    for task_id in accepted:  # the same worker, with its table, still answers
+        status, _, _ = service.request("GET", f"/tasks/{task_id}")
+        assert status == 200, (task_id, status)
+    assert worker_pids(service.server.proc.pid) == {worker}
+    code, _ = service.wait_exit_after(signal.SIGTERM, timeout=30)
+    assert code == 0
+    assert set(accepted) <= service.finals()
+    assert service.summary().group(3) == "0"
+    assert "without reporting its drain" not in service.server.log()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_hangup_to_the_whole_group_reloads_and_the_old_worker_drains(start, store, tmp_path):
+    # What closing the terminal of `make run` sends (and `kill -HUP -<pgid>`, `pkill -HUP gunicorn`).
+    service = start(GUNICORN, **SLOW_WORK, **store_env(store, tmp_path))
+    old = service.worker()
+    accepted = service.enqueue(10)
+    service.signal(signal.SIGHUP, group=True)
+    service.wait_for_log(rf"worker \(pid:{old}\) ended: |without reporting its drain.*\(pid {old}\)", timeout=30)
+    assert re.search(rf"worker \(pid:{old}\) ended: shutdown complete: .*; 0 abandoned", service.server.log())
+    assert "without reporting its drain" not in service.server.log()
+    if store == "memory":  # the old worker's table is gone with it: its task lines say how each ended
+        assert set(accepted) <= service.finals()
+        return
+
+    def unfinished() -> list[str]:  # read back from the new worker, which runs what the old one left queued
+        states = {task_id: Client(service.port).json("GET", f"/tasks/{task_id}") for task_id in accepted}
+        assert all(status == 200 for status, _ in states.values()), states
+        return [task_id for task_id, (_, body) in states.items() if body["state"] not in {"done", "failed"}]
+
+    wait_until(lambda: not unfinished(), timeout=20, what="every accepted task to end")
+
+
+def test_a_hangup_drains_python_app_py(start):
+    service = start(APP, **SLOW_WORK)
+    accepted = service.enqueue(10)
+    code, _ = service.wait_exit_after(signal.SIGHUP, timeout=30)
+    assert code == 0
+    assert set(accepted) <= service.finals()
+    assert service.summary().group(3) == "0"
 
 
 @pytest.mark.parametrize(("command", "store"), ON_EVERY_STORE, ids=ON_EVERY_STORE_IDS)
