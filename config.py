@@ -375,6 +375,16 @@ def exit_on_error(error: ConfigError) -> NoReturn:
     raise SystemExit(EXIT_BAD_CONFIG) from None
 
 
+def check_binary_upgrade(config: Config) -> None:
+    """Raise ConfigError if a second server (gunicorn's binary upgrade) cannot serve the same tasks as the first."""
+    if not config.store.shared:
+        raise ConfigError(
+            f"a binary upgrade (kill -USR2) would serve one port from two servers, each with its own tasks, "
+            f"with STORE={config.store.kind}: not starting a second server, the first keeps serving "
+            "(stop and start the service instead)"
+        )
+
+
 def check_server_processes(config: Config, processes: int) -> None:
     """Raise ConfigError if ``processes`` server processes cannot serve the same tasks with ``config``'s store."""
     if processes > 1 and not config.store.shared:

@@ -60,10 +60,14 @@ def _drain_timeout(worker) -> float:
 
 
 def on_starting(server):
-    """Refuse worker processes that would not share tasks; open the pipe on which the worker reports its drain."""
+    """Refuse processes that would not share tasks; open the pipe on which the worker reports its drain."""
     try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
         _config.check_server_processes(_settings, server.cfg.workers)
+        if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
+            _config.check_binary_upgrade(_settings)
     except _config.ConfigError as error:
+        if server.pidfile is not None:  # written just before: it would name a server that never ran
+            server.pidfile.unlink()
         _config.exit_on_error(error)
     server.drain_reports = DrainReports()
 

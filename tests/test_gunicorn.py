@@ -8,6 +8,7 @@ import runpy
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until, worker_pids
@@ -234,6 +235,30 @@ def test_a_reload_warns_that_the_memory_store_forgets_every_task(monkeypatch, tm
         assert "empty task table" in warnings[0] and "404" in warnings[0]
 
 
+@pytest.mark.parametrize(("store", "refused"), [("memory", True), ("sqlite", False)])
+def test_a_binary_upgrade_is_refused_by_the_new_server_only_on_the_memory_store(monkeypatch, tmp_path, store, refused):
+    conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else store)
+    (pidfile := tmp_path / "gunicorn.pid.2").write_text(f"{os.getpid()}\n")
+
+    class Pidfile:
+        pid = os.getpid()
+        unlink = lambda self: pidfile.unlink()  # noqa: E731
+
+    class Arbiter:  # what `kill -USR2` started: gunicorn sets master_pid, the first server's pid
+        cfg = type("Cfg", (), {"workers": 1})()
+        master_pid = 4711
+        pidfile = Pidfile()
+
+    if refused:
+        with pytest.raises(SystemExit) as exited:
+            conf["on_starting"](Arbiter)
+        assert exited.value.code == 2
+        assert not pidfile.exists()
+    else:
+        conf["on_starting"](Arbiter)
+        assert pidfile.exists()
+
+
 @pytest.mark.parametrize(("store", "kept"), [("memory", 1), ("sqlite", 2)])
 def test_ttin_adds_a_worker_process_only_with_a_shared_store(monkeypatch, tmp_path, store, kept):
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else store)
@@ -260,5 +285,29 @@ def test_ttin_does_not_start_a_second_worker_on_the_memory_store(tmp_path):
         os.kill(arbiter, signal.SIGWINCH)  # handled after TTIN's handler, which spawns what it decided on
         wait_until(lambda: "Handling signal: winch" in server.log(), timeout=10, what="the arbiter's next signal")
         assert worker_pids(arbiter) == {worker}
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_a_binary_upgrade_does_not_start_a_second_server_on_the_memory_store(tmp_path):
+    # The console script, as in production: the upgrade re-runs the command line (see test_sqlite_takeover.py).
+    pidfile = tmp_path / "gunicorn.pid"
+    command = [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
+    server = ServerProcess(
+        [*command, "-p", str(pidfile)], log_path=tmp_path / "gunicorn.log", env=clean_environment(), python=False
+    )
+    try:
+        port = server.wait_for_port(LISTENING)
+        arbiter = server.proc.pid
+        (worker,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the worker")
+        body = json.dumps({"id": "u1", "payload": 1, "delay_ms": 60000}).encode()
+        assert Client(port).request("POST", "/enqueue", body)[0] == 202
+        os.kill(arbiter, signal.SIGUSR2)
+        wait_until(lambda: "configuration error: a binary upgrade" in server.log(), timeout=30, what="the refusal")
+        wait_until(lambda: worker_pids(arbiter) == {worker}, timeout=10, what="the refused server to be reaped")
+        assert not Path(f"{pidfile}.2").exists() and int(pidfile.read_text()) == arbiter
+        for _ in range(5):  # one server, one table: the task is always found
+            assert Client(port).request("GET", "/tasks/u1")[0] == 200
     finally:
         server.stop()
