@@ -43,10 +43,13 @@ _COUPLED = frozenset({signal.SIGINT, signal.SIGQUIT})
 
 def describe(summary: ShutdownSummary) -> str:
     counts = ", ".join(f"{count} {state}" for state, count in summary.counts.items())
-    return (
+    described = (
         f"shutdown complete: drained in {summary.drain_seconds:.2f} s; {counts}; "
         f"{len(summary.abandoned)} abandoned"
     )
+    if summary.left_to_leases:
+        described += f"; {summary.left_to_leases} attempt(s) left to their leases: the store was unavailable"
+    return described
 
 
 def is_copy(first: int, signum: int, seconds_apart: float) -> bool:

@@ -13,6 +13,7 @@ from doubles import POLL_S, WAIT_S, Gate, instant, refuse_to_start_thread, wait_
 from doubles import failing as always_fail
 from redis_server import shared_server
 
+from service.lifecycle import describe
 from workerpool import (
     ABANDONED,
     DuplicateTask,
@@ -26,7 +27,7 @@ from workerpool import (
     TaskSpec,
     WorkerPool,
 )
-from workerpool.pool import CANCEL_POLL_S
+from workerpool.pool import CANCEL_POLL_S, DRAIN_STORE_GRACE_S
 from workerpool.stores.memory import MemoryStore
 from workerpool.stores.redis_store import RedisStore
 from workerpool.stores.sqlite import SqliteStore
@@ -869,6 +870,107 @@ def test_a_retry_whose_end_the_store_cannot_record_holds_the_drain_no_longer_tha
     worker.join(TIMEOUT)
     assert not worker.is_alive()
     assert store.tries < 30  # it did not go on trying for the lease's 30 s
+
+
+class StorePausedAtShutdown(SqliteStore):
+    """A shared store that stops answering once ``down`` is set: the drain's steps (abandon, counts, wake)
+    hang until ``resume`` is set, as on a paused Redis or a locked SQLite file (``paused``), or are refused
+    at once, as by a Redis that is gone; the workers' steps are refused at once either way."""
+
+    def __init__(self, path, *, paused, **options):
+        super().__init__(path, **options)
+        self.paused = paused
+        self.down, self.resume = threading.Event(), threading.Event()
+
+    def _unavailable(self):
+        if self.down.is_set():
+            if self.paused:
+                self.resume.wait(TIMEOUT)
+            raise StoreUnavailable("redis: Timeout (no answer within the socket timeout)")
+
+    def _refused(self):
+        if self.down.is_set():
+            raise StoreUnavailable("redis: Error 111 connecting. Connection refused.")
+
+    def abandon(self, reason, *, owner):
+        self._unavailable()
+        return super().abandon(reason, owner=owner)
+
+    def stats(self):
+        self._unavailable()
+        return super().stats()
+
+    def unfinished(self, owner=None):
+        self._unavailable()
+        return super().unfinished(owner)
+
+    def wake(self):
+        self._unavailable()
+        super().wake()
+
+    def finish(self, *args, **kwargs):
+        self._refused()
+        return super().finish(*args, **kwargs)
+
+    def finish_and_claim(self, *args, **kwargs):
+        self._refused()
+        return super().finish_and_claim(*args, **kwargs)
+
+    def renew(self, *args, **kwargs):
+        self._refused()
+        return super().renew(*args, **kwargs)
+
+    def cancel_requested(self, task_ids):
+        self._refused()
+        return super().cancel_requested(task_ids)
+
+    def recover(self, *args, **kwargs):
+        self._refused()
+        return super().recover(*args, **kwargs)
+
+
+@pytest.mark.parametrize("paused", [True, False], ids=["store-paused", "store-refusing"])
+def test_a_drain_holds_its_deadline_and_says_what_it_left_to_leases_when_the_store_is_unavailable(
+    make_pool, clock, tmp_path, caplog, paused
+):
+    store = StorePausedAtShutdown(tmp_path / "tasks.db", paused=paused, clock=clock.time)
+    started = threading.Semaphore(0)
+
+    def handler(task, cancel):  # runs until told to stop
+        started.release()
+        cancel.wait(TIMEOUT)
+
+    def wait(event, timeout):  # the drain's waits pass in fake time once nothing comes within 50 ms
+        if threading.current_thread().name != "drain" or timeout is None:
+            return clock.wait(event, timeout)
+        if event.wait(0.05):
+            return True
+        clock.advance(timeout)
+        return event.is_set()
+
+    pool = make_pool(handler, store=store, workers=2, lease=30.0, wait=wait)
+    pool.submit_many([TaskSpec("a"), TaskSpec("b")])
+    assert started.acquire(timeout=TIMEOUT) and started.acquire(timeout=TIMEOUT)
+    store.down.set()
+    summaries = []
+    drain = threading.Thread(target=lambda: summaries.append(pool.shutdown(5.0)), name="drain")
+    try:
+        with caplog.at_level(logging.INFO, logger="workerpool.pool"):
+            drain.start()
+            drain.join(TIMEOUT)
+            assert not drain.is_alive(), "the drain waited on the store past its deadline"
+    finally:
+        store.down.clear()
+        store.resume.set()
+        drain.join(TIMEOUT)
+        store.close()
+    [summary] = summaries
+    # It ended by its deadline and the store's grace (1 s), though the store never answered.
+    assert 5.0 <= summary.drain_seconds <= 5.0 + DRAIN_STORE_GRACE_S
+    # The two attempts it ran are neither hidden nor passed off as abandoned: the leases settle them.
+    assert summary.abandoned == () and summary.left_to_leases == 2 and summary.counts[State.RUNNING] == 2
+    assert "draining 2 running attempt(s)" in caplog.text
+    assert describe(summary).endswith("0 abandoned; 2 attempt(s) left to their leases: the store was unavailable")
 
 
 def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, clock, tmp_path):

@@ -28,7 +28,7 @@ SOCKET_TIMEOUT_S = 5  # the service's Redis socket timeout (workerpool.stores.re
 class Service:
     """One gunicorn instance on ``redis_server``, with the test handlers (``hold`` takes 3 s, ``ok`` none)."""
 
-    def __init__(self, tmp_path: Path, redis_server: RedisServer) -> None:
+    def __init__(self, tmp_path: Path, redis_server: RedisServer, shutdown_timeout_s: int = 10) -> None:
         pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
         self.server = ServerProcess(
             ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
@@ -39,7 +39,7 @@ class Service:
                 TASK_HANDLER="faults:flaky_or_holds",
                 WORKERS="2",
                 QUEUE_SIZE="100",
-                SHUTDOWN_TIMEOUT_S="10",
+                SHUTDOWN_TIMEOUT_S=str(shutdown_timeout_s),
             ),
         )
         self.client = Client(self.server.wait_for_port(LISTENING))
@@ -172,3 +172,29 @@ def test_a_redis_refusing_writes_gets_503s_and_healthz_says_why(redis_and_servic
     assert_refused_unstored(service, "full", status, headers, problem)
     assert service.submit("after", "ok")[0] == 202
     service.wait_done_once(["after"])
+
+
+def test_a_drain_holds_its_deadline_on_a_paused_redis_and_says_what_it_left_to_leases(tmp_path):
+    # Paused, Redis answers nothing: every step of the service waits out its socket timeout (5 s).
+    with running_redis(tmp_path) as redis_server:
+        service = Service(tmp_path, redis_server, shutdown_timeout_s=2)  # gunicorn's graceful_timeout: 7 s
+        try:
+            for task_id in ("hold-1", "hold-2"):
+                assert service.submit(task_id, "hold")[0] == 202
+            service.wait_running(2)
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                assert service.server.terminate(timeout=20) == 0
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            log = service.server.log()
+            assert "ended without reporting its drain" not in log, log
+            assert "draining 2 running attempt(s)" in log, log
+            summary = re.search(r"shutdown complete: drained in ([\d.]+) s; .*", log)
+            assert summary is not None, log
+            # The deadline (2 s), the store's grace (1 s) and the join of the threads (1 s) at most.
+            assert float(summary[1]) < 2 + 1 + 1 + 0.5, summary[0]
+            assert summary[0].endswith("2 running, 0 done, 0 failed, 0 cancelled; 0 abandoned; "
+                                       "2 attempt(s) left to their leases: the store was unavailable"), summary[0]
+        finally:
+            service.server.stop()

@@ -52,6 +52,9 @@ _MAX_ERROR_CHARS = 500
 # How often a pool with a shared store looks for cancels requested by other processes while its attempts run.
 CANCEL_POLL_S = 0.1
 _STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
+# How long past its deadline a drain waits for a shared store's last steps (abandoning, counting): a store
+# that does not answer by then (Redis paused, a SQLite file locked) is given up on, and leases settle the rest.
+DRAIN_STORE_GRACE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,9 @@ class ShutdownSummary:
     tasks left behind (a shared store keeps its queued tasks for other processes)."""
     abandoned: tuple[str, ...]
     drain_seconds: float
+    left_to_leases: int = 0
+    """Attempts of this pool the store could not abandon (it was unavailable): counted as running,
+    they end when their leases expire (another process, or the next start, recovers them)."""
 
 
 @dataclass(slots=True)
@@ -138,7 +144,7 @@ class WorkerPool:
         "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
         "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
-        "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "__weakref__",
+        "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -249,6 +255,8 @@ class WorkerPool:
         self._drain_wakeup = threading.Event()  # a drain waits for attempts to end or a nearer deadline
         self._drained = threading.Event()
         self._summary: ShutdownSummary | None = None
+        self._drain_call: threading.Event | None = None  # set when the drain's last store call answered
+        self._left_to_leases = 0  # attempts running here that the store could not abandon
 
     # -- admission -------------------------------------------------------
 
@@ -1143,10 +1151,12 @@ class WorkerPool:
 
     def _announce_drain(self) -> None:
         if self._store.shared:
-            self._store.wake()
+            with self._lock:  # this pool's own count: the store may not answer (see _ask_store)
+                running = len(self._running)
+            self._wake_workers()
             log.info(
                 "shutdown: claiming stopped (new tasks stay queued for other processes), draining %d running "
-                "attempt(s)", self._unfinished_here(),
+                "attempt(s)", running,
             )  # fmt: skip
         else:
             log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
@@ -1164,8 +1174,9 @@ class WorkerPool:
                 # includes its outcome, but only until the deadline: a retry's end written again while
                 # the store is unavailable may take a lease's length.
                 admitting, running = bool(self._admitting), bool(self._running) or unheard
-                remaining = self._deadline - self._monotonic()
-            if not admitting and (remaining <= 0 or not (running or self._unfinished_here())):
+                deadline = self._deadline
+                remaining = deadline - self._monotonic()
+            if not admitting and (remaining <= 0 or not (running or self._unfinished_here(deadline))):
                 return
             if not (admitting or running) and self._nothing_falls_due_within(remaining):
                 log.info("shutdown: no unfinished task falls due before the drain deadline: abandoning them now")
@@ -1196,12 +1207,19 @@ class WorkerPool:
         with self._lock:
             self._claiming = False
         try:
-            abandoned.extend(self._store.abandon(ABANDONED, owner=self.owner))
+            abandoned.extend(self._ask_store(self._store.abandon, ABANDONED, owner=self.owner, by=self._store_cutoff()))
         except StoreUnavailable as exc:
             if isinstance(exc, StoreNotSynced) and exc.result is not None:  # abandoned all the same
                 log.error("shutdown: the unfinished attempts were abandoned, but not synced to disk: %s", exc)
                 abandoned.extend(exc.result)
-            else:  # its attempts are lost once their leases expire
+            elif self._store.shared:  # its attempts are lost once their leases expire
+                with self._lock:
+                    left = self._left_to_leases = len(self._running)
+                log.error(
+                    "shutdown: the unfinished attempts could not be abandoned: %s; %d attempt(s) running here are "
+                    "left to their leases", exc, left,
+                )  # fmt: skip
+            else:
                 log.error("shutdown: the unfinished attempts could not be abandoned: %s", exc)
         for task in abandoned:
             self._count_final(task)
@@ -1222,15 +1240,17 @@ class WorkerPool:
         try:
             self._cancel_running()  # again: the abandon may not have got that far
             self._stop_threads()
+            cutoff = self._store_cutoff()
             try:
-                left = self._store.stats().counts if self._store.shared else {}
+                left = self._ask_store(self._store.stats, by=cutoff).counts if self._store.shared else {}
             except StoreUnavailable:
                 left = {}
             except Exception:
                 log.exception("shutdown: the store could not count the tasks left")
                 left = {}
             try:
-                running = self._unfinished_here() if self._store.shared else 0
+                # What the store could not abandon, it cannot count either: this pool's own count stands.
+                running = self._left_to_leases or (self._unfinished_here(cutoff) if self._store.shared else 0)
             except Exception:
                 log.exception("shutdown: the store could not count the attempts left running")
                 running = 0
@@ -1244,19 +1264,77 @@ class WorkerPool:
                 },
                 abandoned=tuple(task.id for task in abandoned),
                 drain_seconds=self._monotonic() - began,
+                left_to_leases=self._left_to_leases,
             )
         finally:
             self._drained.set()
 
-    def _unfinished_here(self) -> int:
-        """What the store counts as this pool's unfinished work; 0 while it cannot say (leases settle it)."""
+    def _unfinished_here(self, by: float) -> int:
+        """What the store counts as this pool's unfinished work (answered by ``by``); 0 while it cannot say
+        (leases settle it)."""
         try:
-            return self._store.unfinished(self.owner)
+            return self._ask_store(self._store.unfinished, self.owner, by=by)
         except StoreUnavailable:
             return 0
 
+    def _store_cutoff(self) -> float:
+        """When the drain stops waiting for a shared store's last steps: a grace past the deadline."""
+        with self._lock:
+            deadline = self._deadline
+        return max(deadline, self._monotonic()) + DRAIN_STORE_GRACE_S
+
+    def _ask_store(self, call: Callable[..., Any], *args: Any, by: float, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)`` on a shared store, as the drain makes it: answered by ``by`` (the pool's
+        monotonic clock), or StoreUnavailable.
+
+        A shared store's step may block for as long as the store lets it (Redis paused: its socket
+        timeout; a SQLite file locked by another process: the busy timeout, and again for each try),
+        which would hold the drain past its deadline and get the process killed before it reports. So
+        the call runs on a helper thread, and one that has not answered by ``by`` is left to end on its
+        own (its outcome unread); until it has, the drain's next call fails at once rather than queue
+        behind it. A store of this process alone answers at once: it is called directly.
+        """
+        if not self._store.shared or by == math.inf:
+            return call(*args, **kwargs)
+        if self._drain_call is not None and not self._drain_call.is_set():
+            raise StoreUnavailable("the store has not answered the drain's previous step")
+        answered, outcome = threading.Event(), []
+
+        def ask() -> None:
+            try:
+                outcome.append((True, call(*args, **kwargs)))
+            except BaseException as exc:  # noqa: BLE001  (handed to the drain, which raises it)
+                outcome.append((False, exc))
+            finally:
+                answered.set()
+
+        self._drain_call = answered
+        threading.Thread(target=ask, name="workerpool-drain-store", daemon=True).start()
+        if not self._wait(answered, max(0.0, by - self._monotonic())):
+            raise StoreUnavailable("the store did not answer before the drain's deadline")
+        [(ok, value)] = outcome
+        if not ok:
+            raise value
+        return value
+
+    def _wake_workers(self) -> None:
+        """Release the workers waiting for work. A shared store may do it through the store (Redis), which
+        may not answer: a helper thread does it then, and nobody waits for it (an idle worker looks again
+        within a few seconds anyway)."""
+        if not self._store.shared:
+            self._store.wake()
+            return
+
+        def wake() -> None:
+            try:
+                self._store.wake()
+            except Exception as exc:
+                log.debug("waking the idle workers through the store failed: %s", exc)
+
+        threading.Thread(target=wake, name="workerpool-wake", daemon=True).start()
+
     def _stop_threads(self, join_timeout: float = 1.0) -> None:
-        self._store.wake()
+        self._wake_workers()
         self._threads_stop.set()
         self._keeper_wakeup.set()
         with self._lock:
