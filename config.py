@@ -109,6 +109,9 @@ class Config:
     api_token: str = dataclasses.field(default="", repr=False)
     store_prefix: str = "workerpool"
     redis_password: str = dataclasses.field(default="", repr=False)
+    # Under gunicorn: where the worker processes publish their metrics to be summed (empty: a
+    # private temporary directory when there are several, none with one).
+    metrics_dir: str = ""
 
 
 # -- parsers: text -> value, raising ValueError with the reason --------------
@@ -225,6 +228,12 @@ def _prefix(text: str) -> str:
     return text
 
 
+def _directory(text: str) -> str:
+    if text and (not text.startswith("/") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)):
+        raise ValueError("must be empty or an absolute directory path")
+    return text
+
+
 def _password(text: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         raise ValueError("must not contain control characters")
@@ -300,6 +309,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STORE": ("store", _store),
     "STORE_PREFIX": ("store_prefix", _prefix),
     "REDIS_PASSWORD": ("redis_password", _password),
+    "METRICS_DIR": ("metrics_dir", _directory),
 }
 VARIABLES = tuple(_FIELDS)
 # Their values never appear in an error message.

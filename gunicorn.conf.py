@@ -17,6 +17,7 @@ if _ROOT not in sys.path:  # so `config` and `app` import from any working direc
 import app as _app  # noqa: E402
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 from service import logs as _logs  # noqa: E402
+from service import metrics_share as _metrics_share  # noqa: E402
 from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
 from service.lingering_close import MAX_LINGERING  # noqa: E402
 
@@ -70,6 +71,23 @@ def on_starting(server):
             server.pidfile.unlink()
         _config.exit_on_error(error)
     server.drain_reports = DrainReports()
+    _share_metrics(server)
+
+
+def _share_metrics(server):
+    """Choose where the worker processes publish their metrics: METRICS_DIR, or a directory of our own with -w > 1.
+
+    Counts an earlier run left there are removed first: they would add to this run's.
+    """
+    server.metrics_dir, server.metrics_dir_owned = None, False
+    if _settings.metrics_dir:
+        server.metrics_dir = Path(_settings.metrics_dir)
+        try:
+            _metrics_share.prepare(server.metrics_dir)
+        except OSError as error:
+            _config.exit_on_error(_config.ConfigError(f"METRICS_DIR={_settings.metrics_dir!r} is invalid: {error}"))
+    elif server.cfg.workers > 1:
+        server.metrics_dir, server.metrics_dir_owned = _metrics_share.make_directory(), True
 
 
 def nworkers_changed(server, new_value, old_value):
@@ -95,6 +113,7 @@ def on_reload(server):
 def post_worker_init(worker):
     """Start the pool and its stop watcher in the worker, after the fork and before serving."""
     from app import pool_of
+    from service.context import services
     from service.drain_reports import send
     from service.lifecycle import ShutdownController, describe
     from service.request_reader import BodyLimits
@@ -106,6 +125,8 @@ def post_worker_init(worker):
 
     pool = pool_of(worker.wsgi)
     pool.start()
+    if worker.metrics_dir is not None:
+        services(worker.wsgi).metrics.share(worker.metrics_dir)
     worker.request_timeout = _settings.request_timeout_s
     worker.body_limits = BodyLimits(_settings.max_body_bytes, _settings.max_batch_body_bytes, _settings.api_token)
     worker.controller = ShutdownController(pool, _drain_timeout(worker), on_drained=report)
@@ -114,6 +135,7 @@ def post_worker_init(worker):
 
 def post_fork(server, worker):
     worker.drain_report_fd = server.drain_reports.write_fd
+    worker.metrics_dir = server.metrics_dir
 
 
 def worker_exit(server, worker):
@@ -125,12 +147,18 @@ def worker_exit(server, worker):
 
     controller.request_stop(NO_SIGNAL)  # a no-op once a signal began the drain
     controller.join()  # in short slices: a second signal still acts at once
+    if worker.metrics_dir is not None:  # the drain's counts too, before the process ends
+        from service.context import services
+
+        services(worker.wsgi).metrics.stop_sharing()
     exit_without(controller.wait_for_threads())
 
 
 def child_exit(server, worker):
     """Take the drain report of a worker that exited: log it now, or at the exit if the server is stopping."""
     report = server.drain_reports.take(worker.pid)
+    if server.metrics_dir is not None:
+        _metrics_share.mark_process_dead(server.metrics_dir, worker.pid)
     if not server.LISTENERS:  # gunicorn closes its listeners first thing in a stop
         server.drain_reports.at_stop.append((worker.pid, report))
     else:
@@ -148,6 +176,8 @@ def on_exit(server):
     unreaped = [(pid, reports.take(pid)) for pid in server.WORKERS]
     for pid, report in reports.at_stop + unreaped:
         _log_drain(server, pid, report, at_exit=True)
+    if server.metrics_dir_owned:
+        _metrics_share.remove_directory(server.metrics_dir)
 
 
 def _log_drain(server, pid: int, report: str | None, *, at_exit: bool) -> None:

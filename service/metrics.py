@@ -3,6 +3,9 @@
 Counters and histograms are fed by the pool through the PoolObserver hooks
 and by the enqueue view (rejections); gauges are read from the pool at
 scrape time, so they are never stale.
+
+Under ``gunicorn -w N`` each process also publishes its counts to a directory the
+processes share (service/metrics_share.py), and a scrape reports their sum.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import logging
 import math
 import operator
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 from flask import Blueprint, Response, request
 from prometheus_client import CollectorRegistry
@@ -31,6 +36,7 @@ from workerpool import (
     DuplicateTask,
     PoolClosed,
     PoolObserver,
+    PoolStats,
     QueueFull,
     State,
     StoreNotSynced,
@@ -39,6 +45,7 @@ from workerpool import (
     WorkerPool,
 )
 
+from . import metrics_share
 from .context import services
 from .problems import Problem
 
@@ -53,6 +60,7 @@ QUEUED_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 TASK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 bp = Blueprint("metrics", __name__)
+log = logging.getLogger(__name__)
 
 
 class Metrics(PoolObserver):
@@ -80,6 +88,9 @@ class Metrics(PoolObserver):
         self._created = time.time()
         # A reason outside REJECTION_REASONS (none today): its series starts when it is first counted.
         self._other_rejected: dict[str, _Count] = {}
+        self._pool: WorkerPool | None = None
+        self._shared: metrics_share.ProcessSnapshots | None = None  # set by share()
+        self._publisher: metrics_share.Publisher | None = None
         self.registry.register(_CountsCollector(self))
 
     def _row(self) -> _Row:
@@ -225,7 +236,74 @@ class Metrics(PoolObserver):
 
     def watch(self, pool: WorkerPool) -> None:
         """Report the pool's queue and task counts as gauges, read on every scrape."""
-        self.registry.register(_PoolCollector(pool))
+        self._pool = pool
+        self.registry.register(_PoolCollector(pool, self))
+
+    # -- several processes ------------------------------------------------
+
+    def share(
+        self, directory: Path, *, interval: float | None = metrics_share.PUBLISH_INTERVAL_S, pid: int | None = None
+    ) -> None:
+        """Publish this process's counts to ``directory`` and report the sum of every process's there.
+
+        The counts are published on each scrape this process answers, every ``interval`` seconds
+        (None: only then and at ``stop_sharing``) and at ``stop_sharing``.
+        """
+        self._shared = metrics_share.ProcessSnapshots(directory, pid=pid)
+        self.publish()
+        if interval is not None:
+            self._publisher = metrics_share.Publisher(self._publish_quietly, interval)
+            self._publisher.start()
+
+    def stop_sharing(self) -> None:
+        """Publish the last counts (call it once the pool has stopped) and stop publishing."""
+        if self._publisher is not None:
+            self._publisher.stop()
+        elif self._shared is not None:
+            self.publish()
+
+    def publish(self) -> None:
+        """Write this process's counts and gauges to the shared directory now."""
+        if self._shared is not None:
+            self._shared.publish(self._snapshot)
+
+    def _publish_quietly(self) -> None:
+        try:
+            self.publish()
+        except OSError:  # a full disk, say: the next round tries again; scrapes read the last snapshot
+            log.warning("could not publish the metrics to %s", self._shared and self._shared.directory, exc_info=True)
+
+    def _snapshot(self) -> tuple[metrics_share.Snapshot, metrics_share.Snapshot]:
+        """This process's counts and its own gauges, as a snapshot file holds them."""
+        row = self.totals()
+        with self._rows_lock:
+            other = {reason: {"created": c.created, "value": c.value} for reason, c in self._other_rejected.items()}
+        counts = {
+            "created": self._created,
+            "row": {name: getattr(row, name) for name in _Row.__slots__ if name != "thread"},
+            "other_rejected": other,
+        }
+        live = {}
+        if self._pool is not None:
+            stats = self._pool.process_stats()
+            counts["attempts_timed_out"] = stats.attempts_timed_out
+            live = {
+                "workers": stats.workers,
+                "draining": int(not stats.accepting),
+                "stuck_threads": stats.stuck_threads,
+                "stuck_threads_limit": stats.stuck_threads_limit,
+            }
+        return counts, live
+
+    def shared_counts(self) -> tuple[metrics_share.Snapshot, dict[int, metrics_share.Snapshot]] | None:
+        """With ``share``: this process's counts published, then every process's added up and the live ones' gauges."""
+        if self._shared is None:
+            return None
+        try:
+            self.publish()
+        except OSError:  # the sum then has this process's last snapshot: behind, never ahead of a later one
+            log.warning("could not publish the metrics to %s", self._shared.directory, exc_info=True)
+        return self._shared.read()
 
 
 # The buckets' bounds with +Inf last, searched with bisect: the index is the bucket's.
@@ -318,10 +396,19 @@ class _CountsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
-        t = m.totals()
-        at = m._created
-        with m._rows_lock:
-            other = [(reason, _Count(series.created, series.value)) for reason, series in m._other_rejected.items()]
+        shared = m.shared_counts()
+        if shared is None:
+            t = m.totals()
+            at = m._created
+            with m._rows_lock:
+                other = [(reason, _Count(s.created, s.value)) for reason, s in m._other_rejected.items()]
+        else:
+            counts = shared[0]  # empty only if no process could publish yet
+            t = _Row(None)
+            for name, value in counts.get("row", {}).items():
+                setattr(t, name, value)
+            at = counts.get("created", m._created)
+            other = [(r, _Count(s["created"], s["value"])) for r, s in counts.get("other_rejected", {}).items()]
         accepted = _Count(at, t.accepted)
         rejected = {reason: _Count(at, n) for reason, n in zip(REJECTION_REASONS, t.rejected, strict=True)}
         rejected.update(other)
@@ -418,33 +505,21 @@ def _reason_of_type(kind: type[BaseException]) -> str:
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pool: WorkerPool) -> None:
+    """The pool's gauges: the store's are the same in every process; with shared metrics, each
+    process's own are added up (worker threads, timed-out attempts) or labelled by pid."""
+
+    def __init__(self, pool: WorkerPool, metrics: Metrics) -> None:
         self._pool = pool
+        self._metrics = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._pool.stats()
+        shared = self._metrics.shared_counts()
+        if shared is not None:
+            yield from _shared_pool_metrics(stats, *shared)
+            return
         yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=stats.workers)
-        yield GaugeMetricFamily("workerpool_queue_capacity", "Tasks the queue can hold.", value=stats.queue_capacity)
-        yield GaugeMetricFamily(
-            "workerpool_queue_waiting",
-            "Tasks accepted and not yet started, delayed ones included: what workerpool_queue_capacity bounds.",
-            value=stats.waiting,
-        )
-        yield GaugeMetricFamily(
-            "workerpool_queue_depth", "Tasks due and waiting in the queue for a worker.", value=stats.queue_depth
-        )
-        yield GaugeMetricFamily(
-            "workerpool_tasks_running", "Tasks with an attempt running.", value=stats.counts[State.RUNNING]
-        )
-        yield GaugeMetricFamily(
-            "workerpool_tasks_waiting_retry", "Tasks waiting out a retry backoff.", value=stats.retries_pending
-        )
-        retained = GaugeMetricFamily(
-            "workerpool_tasks_retained", "Tasks whose state can be read back, by state.", labels=["state"]
-        )
-        for state in State:
-            retained.add_metric([str(state)], stats.counts[state])
-        yield retained
+        yield from _store_gauges(stats)
         yield GaugeMetricFamily(
             "workerpool_draining", "1 once shutdown began: new tasks are refused.", value=int(not stats.accepting)
         )
@@ -463,6 +538,63 @@ class _PoolCollector(Collector):
             "Stuck threads that get a replacement; past it the service reports itself unhealthy.",
             value=stats.stuck_threads_limit,
         )
+
+
+def _store_gauges(stats: PoolStats) -> Iterator[GaugeMetricFamily]:
+    """The queue and task gauges, read from the store (the same in every process that shares it)."""
+    yield GaugeMetricFamily("workerpool_queue_capacity", "Tasks the queue can hold.", value=stats.queue_capacity)
+    yield GaugeMetricFamily(
+        "workerpool_queue_waiting",
+        "Tasks accepted and not yet started, delayed ones included: what workerpool_queue_capacity bounds.",
+        value=stats.waiting,
+    )
+    yield GaugeMetricFamily(
+        "workerpool_queue_depth", "Tasks due and waiting in the queue for a worker.", value=stats.queue_depth
+    )
+    yield GaugeMetricFamily(
+        "workerpool_tasks_running", "Tasks with an attempt running.", value=stats.counts[State.RUNNING]
+    )
+    yield GaugeMetricFamily(
+        "workerpool_tasks_waiting_retry", "Tasks waiting out a retry backoff.", value=stats.retries_pending
+    )
+    retained = GaugeMetricFamily(
+        "workerpool_tasks_retained", "Tasks whose state can be read back, by state.", labels=["state"]
+    )
+    for state in State:
+        retained.add_metric([str(state)], stats.counts[state])
+    yield retained
+
+
+def _shared_pool_metrics(
+    stats: PoolStats, counts: metrics_share.Snapshot, live: dict[int, metrics_share.Snapshot]
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The pool's metrics when several processes share them: each process's own summed or by pid."""
+    workers = sum(gauges.get("workers", 0) for gauges in live.values())
+    yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=workers)
+    yield from _store_gauges(stats)
+    yield _by_pid("workerpool_draining", "1 once shutdown began: new tasks are refused.", live, "draining")
+    yield CounterMetricFamily(
+        "workerpool_attempts_timed_out",
+        "Attempts failed because they ran longer than ATTEMPT_TIMEOUT_S (counted among failed attempts too).",
+        value=counts.get("attempts_timed_out", 0),
+    )
+    yield _by_pid(
+        "workerpool_stuck_threads", "Worker threads still in a handler whose attempt timed out.", live, "stuck_threads"
+    )
+    yield _by_pid(
+        "workerpool_stuck_threads_limit",
+        "Stuck threads that get a replacement; past it the service reports itself unhealthy.",
+        live,
+        "stuck_threads_limit",
+    )
+
+
+def _by_pid(name: str, documentation: str, live: dict[int, metrics_share.Snapshot], key: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["pid"])
+    for pid in sorted(live):
+        if key in live[pid]:
+            family.add_metric([str(pid)], live[pid][key])
+    return family
 
 
 @bp.get("/metrics")

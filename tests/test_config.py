@@ -132,6 +132,8 @@ def test_every_field_has_a_variable():
         ("STORE", "rediss://:pw@cache.internal", "store", StoreSetting("redis", url="rediss://:pw@cache.internal")),
         ("STORE_PREFIX", "jobs:eu-1", "store_prefix", "jobs:eu-1"),
         ("REDIS_PASSWORD", "hunter2", "redis_password", "hunter2"),
+        ("METRICS_DIR", "/run/workerpool-metrics", "metrics_dir", "/run/workerpool-metrics"),
+        ("METRICS_DIR", "", "metrics_dir", ""),
     ],
 )
 def test_each_variable_is_read(variable, text, field, value):
@@ -241,6 +243,7 @@ BAD_VALUES = [
     ("STORE_PREFIX", "", "must be 1-64 letters, digits or _ . : -"),
     ("STORE_PREFIX", "{tag}", "must be 1-64 letters, digits or _ . : -"),
     ("REDIS_PASSWORD", "pass\x00word", "must not contain control characters"),
+    ("METRICS_DIR", "metrics", "must be empty or an absolute directory path"),
 ]
 
 

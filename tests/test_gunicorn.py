@@ -99,7 +99,12 @@ def test_a_drain_report_is_logged_at_once_or_as_a_last_line_at_the_exit(monkeypa
     conf = load_conf(monkeypatch)
     reports = SimpleNamespace(at_stop=[], take={11: "shutdown complete: drained", 12: None}.get)
     server = SimpleNamespace(
-        drain_reports=reports, LISTENERS=[] if stopping else ["listener"], WORKERS={}, log=_RecordedLog()
+        drain_reports=reports,
+        LISTENERS=[] if stopping else ["listener"],
+        WORKERS={},
+        log=_RecordedLog(),
+        metrics_dir=None,
+        metrics_dir_owned=False,
     )
     for pid in (11, 12):
         conf["child_exit"](server, SimpleNamespace(pid=pid))
@@ -109,6 +114,45 @@ def test_a_drain_report_is_logged_at_once_or_as_a_last_line_at_the_exit(monkeypa
     # At the exit the summary is the line alone: the server's last lines, read as they are.
     named = "shutdown complete: drained" if stopping else "worker (pid:11) ended: shutdown complete: drained"
     assert server.log.lines == [("info", named), ("error", f"{NOT_REPORTED} (pid 12)")]
+
+
+@pytest.mark.parametrize(
+    ("workers", "metrics_dir", "shared"),
+    [(1, "", False), (2, "", True), (1, "given", True), (3, "given", True)],
+)
+def test_metrics_are_shared_with_several_workers_or_a_given_directory(
+    monkeypatch, tmp_path, workers, metrics_dir, shared
+):
+    from types import SimpleNamespace
+
+    given = tmp_path / "metrics"
+    given.mkdir()
+    (given / "counts-7.json").write_text('{"row": {"accepted": 5}}')  # an earlier run's
+    env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir else ""}
+    conf = load_conf(monkeypatch, **env)
+    server = SimpleNamespace(cfg=SimpleNamespace(workers=workers))
+    conf["on_starting"](server)
+    try:
+        assert (server.metrics_dir is not None) == shared
+        if metrics_dir:
+            assert (server.metrics_dir, server.metrics_dir_owned) == (given, False)
+            assert list(given.iterdir()) == []  # no old counts add to this run's
+        elif shared:
+            assert server.metrics_dir.is_dir() and server.metrics_dir_owned
+        worker = SimpleNamespace(pid=12)
+        conf["post_fork"](server, worker)
+        assert worker.metrics_dir == server.metrics_dir
+        if shared:
+            (server.metrics_dir / "live-12.json").write_text("{}")
+            server.drain_reports.take = lambda pid: None
+            server.LISTENERS, server.log = ["listener"], _RecordedLog()
+            conf["child_exit"](server, worker)
+            assert not (server.metrics_dir / "live-12.json").exists()
+    finally:
+        if server.metrics_dir_owned:
+            server.drain_reports.at_stop, server.WORKERS, server.log = [], {}, _RecordedLog()
+            conf["on_exit"](server)
+            assert not server.metrics_dir.exists()
 
 
 def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):

@@ -88,6 +88,17 @@ class PoolStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessStats:
+    """What one pool knows without reading its store: its part of a service that several processes share."""
+
+    workers: int
+    accepting: bool
+    attempts_timed_out: int
+    stuck_threads: int
+    stuck_threads_limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownSummary:
     counts: dict[State, int]
     """What this pool did: the tasks it brought to each final state since it was
@@ -481,6 +492,12 @@ class WorkerPool:
             stuck_threads=stuck,
             stuck_threads_limit=self._max_stuck,
         )
+
+    def process_stats(self) -> ProcessStats:
+        """This pool's own counts, without a read of the store (cheap enough to take every second)."""
+        with self._lock:
+            timeouts, stuck = self._timeouts, len(self._stuck)
+        return ProcessStats(self.workers, self.accepting, timeouts, stuck, self._max_stuck)
 
     def running(self) -> list[Attempt]:
         """The attempts this pool's workers run now (for a watchdog)."""

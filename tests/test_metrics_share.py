@@ -1,0 +1,297 @@
+"""Metrics shared by several processes: snapshots added up, ended processes' counts kept, gauges by pid."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from http_fixtures import LISTENING, WAIT_S, Client, ServerProcess, clean_environment, instant, wait_until, worker_pids
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import metrics_share
+from service.metrics import Metrics
+from workerpool import QueueFull, State, Task, WorkerPool
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+    }
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return samples(metrics)[(name, tuple(sorted(labels.items())))]
+
+
+def accept(metrics: Metrics, count: int) -> None:
+    metrics.tasks_queued([Task(f"t{n}", None, 0, created_at=1000.0) for n in range(count)])
+
+
+def process(directory, pid: int, *, workers: int = 2) -> tuple[Metrics, WorkerPool]:
+    """The metrics of one server process, publishing only when told (or when scraped)."""
+    metrics = Metrics()
+    pool = WorkerPool(instant, workers=workers, queue_size=4, observers=[metrics])
+    metrics.watch(pool)
+    metrics.share(directory, interval=None, pid=pid)
+    return metrics, pool
+
+
+def test_add_sums_numbers_and_lists_and_keeps_the_earliest_creation():
+    one = {"created": 5.0, "row": {"accepted": 2, "buckets": [1, 0, 2]}, "other": {"x": {"created": 9.0, "value": 1}}}
+    two = {"created": 3.0, "row": {"accepted": 5, "buckets": [0, 4, 1]}, "other": {"y": {"created": 1.0, "value": 2}}}
+    assert metrics_share.add(one, two) == {
+        "created": 3.0,
+        "row": {"accepted": 7, "buckets": [1, 4, 3]},
+        "other": {"x": {"created": 9.0, "value": 1}, "y": {"created": 1.0, "value": 2}},
+    }
+    assert metrics_share.add({}, one) == one
+
+
+def test_two_processes_counts_are_summed_whichever_answers(tmp_path):
+    first, _ = process(tmp_path, 101)
+    second, _ = process(tmp_path, 102)
+    accept(first, 3)
+    accept(second, 4)
+    first.count_rejection(QueueFull(1))
+    second.attempt_finished(Task("t", None, 0, State.DONE, 1, created_at=1000.0, finished_at=1000.2), 0.2)
+    first.publish()
+    second.publish()
+    for answering in (first, second):
+        assert value(answering, "workerpool_tasks_accepted_total") == 7
+        assert value(answering, "workerpool_tasks_rejected_total", reason="queue_full") == 1
+        assert value(answering, "workerpool_attempts_total", outcome="succeeded") == 1
+        assert value(answering, "workerpool_attempt_duration_seconds_bucket", le="0.25") == 1
+        assert value(answering, "workerpool_task_duration_seconds_count") == 1
+
+
+def test_a_scrape_publishes_the_answering_process_so_later_scrapes_never_go_back(tmp_path):
+    first, _ = process(tmp_path, 101)
+    second, _ = process(tmp_path, 102)
+    accept(first, 5)
+    assert value(first, "workerpool_tasks_accepted_total") == 5  # its own counts, fresh
+    assert value(second, "workerpool_tasks_accepted_total") == 5  # first's, as its scrape published them
+    accept(first, 2)  # not published yet: another process's scrape does not see them until it is
+    assert value(second, "workerpool_tasks_accepted_total") == 5
+    first.publish()
+    assert value(second, "workerpool_tasks_accepted_total") == 7
+
+
+def test_an_ended_process_keeps_its_counts_and_loses_its_gauges(tmp_path):
+    ended, _ = process(tmp_path, 101)
+    running, _ = process(tmp_path, 102, workers=3)
+    accept(ended, 6)
+    ended.publish()
+    assert value(running, "workerpool_workers") == 5
+    metrics_share.mark_process_dead(tmp_path, 101)
+    found = samples(running)
+    assert found[("workerpool_tasks_accepted_total", ())] == 6
+    assert found[("workerpool_workers", ())] == 3
+    assert ("workerpool_draining", (("pid", "101"),)) not in found
+    assert found[("workerpool_draining", (("pid", "102"),))] == 0
+
+
+def test_a_process_that_gets_an_ended_ones_pid_counts_on_from_its_counts(tmp_path):
+    ended, _ = process(tmp_path, 101)
+    accept(ended, 6)
+    ended.publish()
+    metrics_share.mark_process_dead(tmp_path, 101)
+    successor, _ = process(tmp_path, 101)
+    accept(successor, 1)
+    assert value(successor, "workerpool_tasks_accepted_total") == 7
+    assert json.loads((tmp_path / "counts-101.json").read_text())["row"]["accepted"] == 7
+
+
+def test_the_creation_stamp_is_the_earliest_process_s(tmp_path):
+    first, _ = process(tmp_path, 101)
+    second, _ = process(tmp_path, 102)
+    assert value(second, "workerpool_tasks_accepted_created") == first._created
+
+
+def test_per_process_gauges_are_summed_or_labelled_by_pid(tmp_path):
+    first, first_pool = process(tmp_path, 101, workers=2)
+    second, second_pool = process(tmp_path, 102, workers=3)
+    second_pool.shutdown(0)  # draining from now on
+    second.publish()
+    found = samples(first)
+    assert found[("workerpool_workers", ())] == 5
+    assert found[("workerpool_draining", (("pid", "101"),))] == int(not first_pool.accepting)
+    assert found[("workerpool_draining", (("pid", "102"),))] == 1
+    assert found[("workerpool_stuck_threads", (("pid", "102"),))] == 0
+    assert found[("workerpool_stuck_threads_limit", (("pid", "102"),))] == 3
+    assert found[("workerpool_attempts_timed_out_total", ())] == 0
+    assert found[("workerpool_queue_capacity", ())] == 4  # the store's own gauges stay as they are
+
+
+def test_a_file_is_written_again_only_when_its_snapshot_changed(tmp_path):
+    metrics, _ = process(tmp_path, 101)
+    counts, live = tmp_path / "counts-101.json", tmp_path / "live-101.json"
+    inodes = counts.stat().st_ino, live.stat().st_ino  # each write replaces the file: a new inode
+    metrics.publish()
+    assert (counts.stat().st_ino, live.stat().st_ino) == inodes
+    accept(metrics, 1)
+    metrics.publish()
+    assert json.loads(counts.read_text())["row"]["accepted"] == 1
+    assert counts.stat().st_ino != inodes[0]
+    assert live.stat().st_ino == inodes[1]  # the gauges did not change
+
+
+def test_prepare_removes_an_earlier_run_s_snapshots_only(tmp_path):
+    (tmp_path / "counts-7.json").write_text("{}")
+    (tmp_path / "live-7.json").write_text("{}")
+    (tmp_path / "counts-8.json.partial").write_text("{")
+    (tmp_path / "notes.txt").write_text("mine")
+    metrics_share.prepare(tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+    metrics_share.prepare(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_without_sharing_nothing_is_written_and_the_counts_are_this_process_s(tmp_path):
+    metrics = Metrics()
+    accept(metrics, 2)
+    metrics.publish()
+    metrics.stop_sharing()
+    assert value(metrics, "workerpool_tasks_accepted_total") == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+class Recorder:
+    def __init__(self, calls_to_signal: int) -> None:
+        self.calls = 0
+        self._wanted = calls_to_signal
+        self.reached = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls >= self._wanted:
+            self.reached.set()
+
+
+def test_the_publisher_publishes_every_interval_and_once_more_at_stop():
+    recorder = Recorder(3)
+    publisher = metrics_share.Publisher(recorder, interval=0.001)
+    publisher.start()
+    assert recorder.reached.wait(WAIT_S)
+    publisher.stop()
+    calls = recorder.calls
+    assert not publisher._thread.is_alive()
+    publisher.stop()
+    assert recorder.calls == calls + 1
+
+
+def test_stop_sharing_publishes_the_last_counts(tmp_path):
+    metrics = Metrics()
+    metrics.share(tmp_path, interval=3600.0, pid=5)
+    accept(metrics, 4)
+    metrics.stop_sharing()
+    assert json.loads((tmp_path / "counts-5.json").read_text())["row"]["accepted"] == 4
+
+
+def test_a_publication_that_fails_is_logged_and_the_next_one_tries_again(tmp_path, caplog):
+    metrics = Metrics()
+    metrics.share(tmp_path, interval=None, pid=9)
+    accept(metrics, 1)
+    blocker = tmp_path / "counts-9.json.partial"
+    blocker.mkdir()  # the file cannot be written (as on a full disk)
+    metrics._publish_quietly()
+    assert "could not publish the metrics" in caplog.text
+    assert value(metrics, "workerpool_tasks_accepted_total") == 0  # the last snapshot: behind, never ahead
+    blocker.rmdir()
+    metrics._publish_quietly()
+    assert value(metrics, "workerpool_tasks_accepted_total") == 1
+
+
+@pytest.mark.parametrize("count", [0, 3])
+def test_a_scrape_reads_no_partial_file(tmp_path, count):
+    metrics, _ = process(tmp_path, 101)
+    (tmp_path / "counts-102.json.partial").write_text("{")  # a process killed while writing
+    accept(metrics, count)
+    assert value(metrics, "workerpool_tasks_accepted_total") == count
+
+
+# -- gunicorn -w 2 -----------------------------------------------------------------
+
+
+def _accepted_by_scrape(client: Client) -> float:
+    status, _, text = client.request("GET", "/metrics")  # a new connection: either process may answer
+    assert status == 200, text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    return families["workerpool_tasks_accepted"].samples[0].value
+
+
+def _submit(client: Client, ids: list[str]) -> None:
+    def post(task_id: str) -> None:
+        status, _, text = client.request("POST", "/enqueue", json.dumps({"id": task_id, "payload": ""}).encode())
+        assert status == 202, (task_id, status, text)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:  # concurrent connections reach both processes
+        list(executor.map(post, ids))
+
+
+def _counts_files(directory: Path) -> dict[int, int]:
+    """Accepted tasks by process, as each process last published them."""
+    return {
+        int(path.name[len("counts-") : -len(".json")]): json.loads(path.read_text())["row"]["accepted"]
+        for path in directory.glob("counts-*.json")
+    }
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_any_process_of_gunicorn_w2_answers_the_sum_also_after_one_is_killed_and_replaced(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(
+            STORE=f"sqlite://{tmp_path / 'tasks.db'}",
+            WORKERS="2",
+            QUEUE_SIZE="1000",
+            WORK_MIN_MS="0",
+            WORK_MAX_MS="5",
+            ACCESS_LOG="off",
+            TMPDIR=str(temporary),  # where the arbiter makes its metrics directory
+        ),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: len(worker_pids(server.proc.pid)) == 2, timeout=20, what="two workers")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        (directory,) = temporary.glob("workerpool-metrics-*")
+
+        _submit(client, [f"a{n}" for n in range(40)])
+        # Once one scrape shows them all, every process has published its share: each later one shows 40.
+        wait_until(lambda: _accepted_by_scrape(client) == 40, timeout=20, what="a scrape of all 40")
+        assert [_accepted_by_scrape(client) for _ in range(10)] == [40] * 10
+        by_pid = _counts_files(directory)
+        assert sum(by_pid.values()) == 40
+
+        # The process that accepted the most ends without a word; its replacement starts from zero.
+        killed = max(by_pid, key=by_pid.__getitem__)
+        before = worker_pids(server.proc.pid)
+        os.kill(killed, signal.SIGKILL)
+        wait_until(
+            lambda: len(after := worker_pids(server.proc.pid)) == 2 and killed not in after and after != before,
+            timeout=20,
+            what="a replacement worker",
+        )
+        wait_until(lambda: not (directory / f"live-{killed}.json").exists(), timeout=20, what="the arbiter to note it")
+        assert [_accepted_by_scrape(client) for _ in range(10)] == [40] * 10  # the killed process's 40 stay
+
+        _submit(client, [f"b{n}" for n in range(10)])
+        wait_until(lambda: _accepted_by_scrape(client) == 50, timeout=20, what="a scrape of all 50")
+        assert [_accepted_by_scrape(client) for _ in range(10)] == [50] * 10
+
+        assert server.terminate() == 0
+        assert not directory.exists()  # the arbiter's own directory goes at exit
+    finally:
+        server.stop()
