@@ -146,7 +146,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, *args] if python else args,
             cwd=cwd,
-            env=env,
+            # Temporary files in the test's directory: a server killed with SIGKILL cannot remove its own.
+            env={"TMPDIR": str(log_path.parent), **env},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
