@@ -47,10 +47,12 @@ head is dropped and the client gets the 500 problem document.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from gunicorn.http import wsgi
 from gunicorn.http2 import negotiation
@@ -140,6 +142,11 @@ class DrainingThreadWorker(ThreadWorker):
     controller: ShutdownController | None = None  # set by the post_worker_init hook
     request_timeout: float = REQUEST_TIMEOUT_S  # set by the post_worker_init hook (REQUEST_TIMEOUT_S)
     body_limits: BodyLimits = BodyLimits()  # set by the post_worker_init hook (MAX_*BODY_BYTES, API_TOKEN)
+
+    def get_thread_pool(self) -> ThreadPoolExecutor:
+        pool = super().get_thread_pool()
+        start_every_thread(pool, self.cfg.threads)
+        return pool
 
     # -- stop signals
 
@@ -324,6 +331,24 @@ class HeldHeadResponse(wsgi.Response):
             self.sock.drop_head()
             self._head_written = False
         return super().start_response(status, headers, exc_info)
+
+
+def start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
+    """Start the pool's ``threads`` threads now, rather than one whenever every started one is busy.
+
+    The worker then has as many threads from its first request to its last:
+    no burst pays for thread starts, and /proc/<pid>/task shows a steady count
+    in which a leaked thread stands out. A pool starts a thread on a submit
+    that finds none idle: ``threads`` submits that wait for each other do.
+    """
+    all_started = threading.Barrier(threads)
+
+    def wait_for_the_others() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            all_started.wait(timeout=10)
+
+    for started in [pool.submit(wait_for_the_others) for _ in range(threads)]:
+        started.result()
 
 
 def _address(client: object) -> str:

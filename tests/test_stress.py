@@ -17,7 +17,6 @@ import os
 import random
 import re
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -95,44 +94,6 @@ class Gunicorn:
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.worker}/status").read_text()
         return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1))
-
-    def start_every_http_thread(self, threads: int = 8) -> None:
-        """Make gthread start all its request threads, so they count in a baseline.
-
-        The event loop reads a request head up to 64 KiB; a larger one goes to
-        a request thread before it is whole, and the thread waits for the rest.
-        With ``threads`` such heads held, every thread is busy (a request
-        thread is started only when none is idle): a health check is then not
-        answered until the heads are completed.
-        """
-        pad = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 8000) for n in range(9))  # 72 KB, within gunicorn's limits
-        held = [self._connect() for _ in range(threads)]
-        probes: list[socket.socket] = []
-
-        def all_busy() -> bool:
-            probe = self._connect()
-            probes.append(probe)
-            probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            probe.settimeout(1.0)
-            try:
-                return not probe.recv(64)
-            except TimeoutError:
-                return True
-
-        try:
-            for sock in held:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + pad)
-            wait_until(all_busy, timeout=20, what=f"{threads} request threads holding a head")
-            for sock in held:
-                sock.sendall(b"\r\n")
-            for sock in held:
-                assert sock.recv(64).startswith(b"HTTP/1.1 200 ")
-        finally:
-            for sock in held + probes:
-                sock.close()
-
-    def _connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
     # -- the service, over HTTP
 
@@ -324,7 +285,6 @@ def print_tally(title: str, outcomes: list[Outcome]) -> None:
 @pytest.mark.parametrize("seconds", [pytest.param(4, id="4s"), pytest.param(60, id="60s", marks=long_variant(600))])
 def test_a_storm_of_good_bad_and_broken_requests(gunicorn, storm, seconds):
     service = gunicorn(**STORM, LOG_FORMAT="json", LOG_LEVEL="DEBUG")
-    service.start_every_http_thread()
     baseline = service.threads()
 
     started = time.monotonic()
@@ -451,7 +411,6 @@ class SoakClients:
 @pytest.mark.timeout(1800)
 def test_a_long_run_of_tasks_keeps_memory_bounded(gunicorn):
     service = gunicorn(**SOAK)
-    service.start_every_http_thread()
     threads_before = service.threads()
     clients = SoakClients(service, SOAK_TASKS)
     started = time.monotonic()
