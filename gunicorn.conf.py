@@ -120,7 +120,9 @@ def post_worker_init(worker):
 
     def report(summary):
         # As soon as the drain ends, before connections close (see service/drain_reports.py).
-        if not send(worker.drain_report_fd, describe(summary)):
+        if worker.orphaned:  # the arbiter that would log the summary is gone: it is this worker's last line
+            worker.log.info("%s (the arbiter was gone: worker pid %s stopped by itself)", describe(summary), worker.pid)
+        elif not send(worker.drain_report_fd, describe(summary)):
             worker.log.error("could not report the drain to the arbiter (its pipe is full): %s", describe(summary))
 
     pool = pool_of(worker.wsgi)

@@ -60,7 +60,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
-from .lifecycle import ShutdownController
+from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
 from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, RequestReader
 
@@ -140,6 +140,7 @@ class AcceptBalance:
 
 class DrainingThreadWorker(ThreadWorker):
     controller: ShutdownController | None = None  # set by the post_worker_init hook
+    orphaned = False  # the arbiter is gone: nobody reads the drain report pipe, the worker logs its summary
     request_timeout: float = REQUEST_TIMEOUT_S  # set by the post_worker_init hook (REQUEST_TIMEOUT_S)
     body_limits: BodyLimits = BodyLimits()  # set by the post_worker_init hook (MAX_*BODY_BYTES, API_TOKEN)
 
@@ -162,6 +163,20 @@ class DrainingThreadWorker(ThreadWorker):
         super().handle_exit(sig, frame)  # idempotent: only the first one stops the loop
 
     handle_quit = handle_exit
+
+    def is_parent_alive(self) -> bool:
+        """Whether the arbiter still runs; when it is gone (killed with SIGKILL), stop as on SIGTERM.
+
+        gthread checks this once a turn and, when the arbiter has gone, leaves
+        its loop without a stop: the drain would only begin at ``worker_exit``,
+        after gthread has waited for open connections with the worker still
+        taking tasks. Nothing will send this worker a signal any more.
+        """
+        if super().is_parent_alive():
+            return True
+        self.orphaned = True
+        self.handle_exit(NO_SIGNAL, None)
+        return False
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

@@ -366,6 +366,47 @@ def test_an_idle_service_exits_promptly(start, command, store, tmp_path):
     assert seconds < 5  # about a second in practice; `make bench` measures it
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (an orphan is not the test's child: it cannot be waited for)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_worker_whose_arbiter_was_killed_drains_reports_and_exits(start, store, tmp_path):
+    service = start(GUNICORN, **SLOW_WORK, **store_env(store, tmp_path))
+    worker = service.worker()
+    try:
+        accepted = service.enqueue(20)
+        os.kill(service.server.proc.pid, signal.SIGKILL)  # the arbiter alone: nothing signals the worker
+        service.server.proc.wait(timeout=10)
+        wait_until(lambda: not _running(worker), timeout=30, what="the orphaned worker to exit")
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
+    log = service.server.log()
+    assert "Parent changed, shutting down" in log
+    last = service.last_line()
+    assert SUMMARY.search(last) and f"the arbiter was gone: worker pid {worker} stopped by itself" in last, last
+    assert service.summary().group(3) == "0"
+    if store == "memory":  # it drained as on SIGTERM: every accepted task ran to its end
+        assert set(accepted) <= service.finals()
+        return
+    # A shared store: what the worker left queued is there for the next server to run.
+    restarted = start(GUNICORN, **SLOW_WORK, **store_env(store, tmp_path))
+
+    def unfinished() -> list[str]:
+        states = {task_id: Client(restarted.port).json("GET", f"/tasks/{task_id}") for task_id in accepted}
+        assert all(status == 200 for status, _ in states.values()), states
+        return [task_id for task_id, (_, body) in states.items() if body["state"] not in {"done", "failed"}]
+
+    wait_until(lambda: not unfinished(), timeout=30, what="every accepted task to end")
+    assert "lost: the process running it stopped" not in restarted.server.log()
+
+
 DOCKERFILE = (PROJECT_ROOT / "Dockerfile").read_text().splitlines()
 
 
