@@ -17,14 +17,19 @@ connections mean a few thousand threads. Here:
 from __future__ import annotations
 
 import io
+import json
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from email.message import Message
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
+from .problems import PROBLEM_JSON, problem_document
+from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_reader import REQUEST_TIMEOUT_S
 
 MAX_CONNECTIONS = 64
@@ -39,7 +44,6 @@ class _DeadlineReader(io.RawIOBase):
         super().__init__()
         self._handler = handler
         self.expired = False  # the stream ended at the deadline, not at the client's end
-
 
     def readable(self) -> bool:
         return True
@@ -79,6 +83,28 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.rfile.raw.expired = False  # type: ignore[attr-defined]
         super().handle_one_request()
 
+    def parse_request(self) -> bool:
+        """Parse the request head; False once a head refused here has been answered (the connection then closes)."""
+        if not super().parse_request():
+            return False
+        problem = head_problem(self.request_version, self.headers)
+        if problem is None:
+            return True
+        self.refuse(*problem)
+        return False
+
+    def refuse(self, status: int, detail: str) -> None:
+        """Answer a problem document for a request refused from its head, and close the connection."""
+        body = json.dumps(problem_document(status, detail)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", PROBLEM_JSON)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header(REQUEST_ID_HEADER, os.urandom(16).hex())
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
     def send_response(self, code: int, message: str | None = None) -> None:
         self.connection_sent = ()
         super().send_response(code, message)
@@ -91,6 +117,19 @@ class BoundedRequestHandler(WSGIRequestHandler):
                 return
             self.connection_sent += (value.lower(),)
         super().send_header(keyword, value)
+
+
+def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
+    """Why a request is refused from its head (``http.server``'s ``headers``) before the application: status, detail.
+
+    gunicorn refuses these itself (service/request_reader.py); ``http.server`` does not.
+    """
+    if version == "HTTP/1.1":
+        hosts = len(headers.get_all("Host", ()))
+        if hosts != 1:
+            which = "no Host header" if not hosts else f"{hosts} Host headers"
+            return 400, f"the request has {which}: an HTTP/1.1 request must have one (RFC 9112 section 3.2)"
+    return None
 
 
 class BoundedThreadedServer(ThreadedWSGIServer):

@@ -62,7 +62,7 @@ from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
 from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
-from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, RequestReader
+from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, MissingHost, RequestReader, missing_host
 
 # Signals meant for the arbiter (reload, binary upgrade) that also reach the worker when sent to the whole
 # process group (a closed terminal, ``kill -HUP -<pgid>``, ``pkill -HUP gunicorn``) or to its pid. The
@@ -238,6 +238,8 @@ class DrainingThreadWorker(ThreadWorker):
 
     def handle_request(self, req, conn: TConn) -> bool:
         """Serve one request on a request thread, giving up on a client that stops reading its response."""
+        if not getattr(conn, "reads_ahead", True) and missing_host(req.version, req.headers):
+            raise MissingHost()  # checked on the loop for the requests read there; gthread answers it 400
         if getattr(conn, "continue_answered", False):
             # The event loop answered Expect: 100-continue (or chose not to, refusing the body): gunicorn must not.
             req._expected_100_continue = False

@@ -18,7 +18,8 @@ than its route takes, or one that a missing or wrong token would have
 refused, is not asked for (no ``100 Continue``) nor read; the application
 refuses it from its head, without reading it. A head, or a chunked body's
 trailer section, larger than ``MAX_PREREAD_HEAD`` is refused from here (431,
-or 414 for a request line alone that long) and never reaches a thread.
+or 414 for a request line alone that long), as is an HTTP/1.1 head without a
+Host field (400, which gunicorn's parser does not check), and never reaches a thread.
 What is left for a thread to read from the socket (a request whose framing
 gunicorn's parser refuses) goes through ``ReadDeadline``, which ends the
 stream at the same deadline.
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gunicorn.http import get_parser
-from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
+from gunicorn.http.errors import InvalidHeader, LimitRequestHeaders, LimitRequestLine
 
 from .bearer import bearer_problem
 
@@ -98,6 +99,22 @@ class Framing(NamedTuple):
     chunked: bool = False  # a chunked body follows, to be read here up to its limit
     expects: bool = False  # the client waits for an answer to Expect: 100-continue before it sends the body
     refused: bool = False  # the body will not be read (longer than its route takes, or no valid token)
+    refusal: Exception | None = None  # the request is answered with this error from the loop, its body unread
+
+
+class MissingHost(InvalidHeader):
+    """An HTTP/1.1 request without a Host field: 400 (RFC 9112 section 3.2); gunicorn's parser lets it through."""
+
+    def __init__(self) -> None:
+        super().__init__("HOST")
+
+    def __str__(self) -> str:
+        return "the request has no Host header: an HTTP/1.1 request must have one (RFC 9112 section 3.2)"
+
+
+def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bool:
+    """Whether a request gunicorn parsed (not read on the loop: TLS, HTTP/2) is HTTP/1.1 without a Host field."""
+    return version == (1, 1) and not any(name == "HOST" for name, _ in headers)
 
 
 class _Pending:
@@ -224,6 +241,9 @@ class RequestReader:
             head = bytes(pending.buffer[: end + len(_END_OF_HEAD)])
             framing = read_framing(head, self._limits)
             pending.length = framing.length
+            if framing.refusal is not None:
+                pending.refusal = framing.refusal
+                return True
             if framing.expects:
                 pending.expects = True
                 if not framing.refused and not _send_continue(conn.sock):
@@ -287,6 +307,9 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     followed here, is left to the parser with the head alone.
     """
     lowered = head.lower()
+    # A repeated Host is refused by the parser; a missing one is not. HTTP/1.0 requests may omit it.
+    if b"\r\nhost:" not in lowered and head[: head.find(b"\r\n")].endswith(b" HTTP/1.1"):
+        return Framing(len(head), refusal=MissingHost())
     folded = b"\n " in head or b"\n\t" in head
     if not folded and b"\r\ntransfer-encoding" not in lowered and b"\r\nexpect" not in lowered:
         # The plain framing: most requests.

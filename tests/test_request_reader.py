@@ -17,6 +17,7 @@ from service.request_reader import (
     Framing,
     ReadDeadline,
     RequestReader,
+    missing_host,
     read_framing,
 )
 
@@ -411,3 +412,23 @@ def test_a_chunk_size_line_within_the_parsers_limit_is_waited_for_and_a_longer_o
     client.sendall(b"e" * 3200)  # now over the limit without its end: the parser refuses it
     harness.turn()
     assert harness.ready == [conn]
+
+
+def test_an_http_1_1_head_without_host_is_refused_from_the_loop(harness):
+    conn, _ = harness.connect(b"POST /enqueue HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+    name, detail = _refused(harness, conn)
+    assert name == "MissingHost" and "no Host header" in detail
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nhOsT: a\r\n\r\n", b"GET / HTTP/1.1\r\nX: 1\r\nHost:a\r\n\r\n"],
+)
+def test_a_head_with_host_or_of_http_1_0_is_not_refused_for_it(head):
+    assert read_framing(head, BodyLimits()) == Framing(len(head))
+
+
+def test_missing_host_of_a_parsed_request():
+    assert missing_host((1, 1), [("X", "1")])
+    assert not missing_host((1, 1), [("X", "1"), ("HOST", "a")])
+    assert not missing_host((1, 0), [])

@@ -1,0 +1,69 @@
+"""Request heads both real servers (gunicorn and ``python app.py``) refuse before the application reads a body."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+
+pytestmark = pytest.mark.e2e
+
+COMMANDS = {"gunicorn": ["-m", "gunicorn", "-c", "gunicorn.conf.py"], "app.py": ["app.py"]}
+
+
+@pytest.fixture(scope="module", params=list(COMMANDS))
+def port(request, tmp_path_factory):
+    """The port of one server of each kind, shared by this module's tests."""
+    settings = {"HOST": "127.0.0.1", "PORT": "0", "WORK_MIN_MS": "0", "WORK_MAX_MS": "0", "FAILURE_RATE": "0"}
+    log_path = tmp_path_factory.mktemp("heads") / "server.log"
+    server = ServerProcess(COMMANDS[request.param], log_path=log_path, env=clean_environment(**settings))
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        yield client.port
+    finally:
+        server.stop()
+
+
+def exchange(port: int, data: bytes, seconds: float = 8) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` on a new connection and read until the server closes it: status, headers, body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def problem(headers: dict[str, str], body: bytes) -> dict:
+    assert headers["content-type"] == "application/problem+json"
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("fields", [b"", b"Host: a\r\nHost: b\r\n"], ids=["no-host", "two-hosts"])
+def test_an_http_1_1_request_without_exactly_one_host_is_refused_400(port, fields):
+    status, headers, body = exchange(port, b"GET /healthz HTTP/1.1\r\n" + fields + b"Connection: close\r\n\r\n")
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert "x-request-id" in headers
+    assert "HOST" in problem(headers, body)["detail"].upper()
+
+
+def test_an_http_1_1_enqueue_without_host_queues_nothing(port):
+    body = b'{"id": "no-host", "payload": "p"}'
+    head = b"POST /enqueue HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    status, headers, answer = exchange(port, head + body)
+    assert status == 400
+    assert "Host header" in problem(headers, answer)["detail"]
+    assert Client(port).request("GET", "/tasks/no-host")[0] == 404
+
+
+def test_an_http_1_0_request_without_host_is_served(port):
+    status, _, body = exchange(port, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert status == 200
+    assert json.loads(body)["status"] == "ok"
