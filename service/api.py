@@ -19,7 +19,7 @@ from . import connection, request_id
 from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
-from .problems import Problem, invalid_request, submit_problem
+from .problems import Problem, invalid_request, submit_problem, unsupported_content_encoding
 from .request_reader import body_exceeds, body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
@@ -114,9 +114,13 @@ def task_url(task_id: str, root_path: str | None = None) -> str:
 
 def read_body(limit: int, req: Request | None = None) -> bytes:
     """The request body (of ``req``, default the current request); 413 if it is longer than ``limit``
-    bytes, chunked or not, 400 if cut short, 408 if it did not arrive within REQUEST_TIMEOUT_S."""
+    bytes, chunked or not, 400 if cut short, 408 if it did not arrive within REQUEST_TIMEOUT_S, 415
+    if it has a content coding (gzip...), which is not decoded."""
     if req is None:
         req = request._get_current_object()  # type: ignore[attr-defined]
+    coding = req.environ.get("HTTP_CONTENT_ENCODING")
+    if coding is not None and coding.strip(" \t").lower() not in ("", "identity"):
+        raise unsupported_content_encoding(coding)
     # What req.content_length computes, from the environ rather than through two header lookups.
     length = get_content_length(req.environ)  # None when chunked
     if length is not None and length > limit:

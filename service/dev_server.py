@@ -30,7 +30,7 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
-from .request_reader import REQUEST_TIMEOUT_S
+from .request_reader import REQUEST_TIMEOUT_S, UnsupportedCoding
 
 MAX_CONNECTIONS = 64
 WRITE_TIMEOUT_S = 30.0  # a client that stops reading its response gives its thread back after this
@@ -122,13 +122,21 @@ class BoundedRequestHandler(WSGIRequestHandler):
 def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     """Why a request is refused from its head (``http.server``'s ``headers``) before the application: status, detail.
 
-    gunicorn refuses these itself (service/request_reader.py); ``http.server`` does not.
+    gunicorn refuses these itself (service/request_reader.py); ``http.server`` does not: an HTTP/1.1
+    request without exactly one Host (400), a transfer coding other than chunked (501).
     """
     if version == "HTTP/1.1":
         hosts = len(headers.get_all("Host", ()))
         if hosts != 1:
             which = "no Host header" if not hosts else f"{hosts} Host headers"
             return 400, f"the request has {which}: an HTTP/1.1 request must have one (RFC 9112 section 3.2)"
+    fields = headers.get_all("Transfer-Encoding", ())
+    codings = [coding.strip(" \t").lower() for field in fields for coding in field.split(",")]
+    if codings and codings != ["chunked"]:
+        # Werkzeug reads "chunked" alone; with any other list it would read no body at all.
+        if codings[-1] == "chunked" and codings.count("chunked") == 1:
+            return 501, str(UnsupportedCoding(", ".join(codings[:-1])))
+        return 400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told"
     return None
 
 

@@ -56,6 +56,17 @@ def invalid_request(detail: str, errors: tuple[FieldError, ...] = ()) -> Problem
     return Problem(400, detail, kind=_TYPE_PREFIX + "invalid-request", errors=errors)
 
 
+def unsupported_content_encoding(coding: str) -> Problem:
+    """A 415 for a body with a content coding; ``Accept-Encoding`` says which one is accepted (RFC 9110 15.5.16)."""
+    # Not decoded: a small gzip body can inflate a thousandfold, and a bounded decoder would buy
+    # little for task documents of a few KiB.
+    return Problem(
+        415,
+        f"the request body has Content-Encoding {coding[:50]!r}: only an unencoded body (identity) is accepted",
+        headers={"Accept-Encoding": "identity"},
+    )
+
+
 def unauthorized(detail: str, *, challenge: str) -> Problem:
     """A 401 whose ``WWW-Authenticate`` header names the scheme the client must use (RFC 9110 11.6.1)."""
     return Problem(401, detail, kind=_TYPE_PREFIX + "unauthorized", headers={"WWW-Authenticate": challenge})

@@ -19,7 +19,9 @@ refused, is not asked for (no ``100 Continue``) nor read; the application
 refuses it from its head, without reading it. A head, or a chunked body's
 trailer section, larger than ``MAX_PREREAD_HEAD`` is refused from here (431,
 or 414 for a request line alone that long), as is an HTTP/1.1 head without a
-Host field (400, which gunicorn's parser does not check), and never reaches a thread.
+Host field (400, which gunicorn's parser does not check) and one with a transfer
+coding other than chunked (501: gunicorn's parser would hand its body over
+undecoded), and never reaches a thread.
 What is left for a thread to read from the socket (a request whose framing
 gunicorn's parser refuses) goes through ``ReadDeadline``, which ends the
 stream at the same deadline.
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gunicorn.http import get_parser
-from gunicorn.http.errors import InvalidHeader, LimitRequestHeaders, LimitRequestLine
+from gunicorn.http.errors import InvalidHeader, LimitRequestHeaders, LimitRequestLine, UnsupportedTransferCoding
 
 from .bearer import bearer_problem
 
@@ -110,6 +112,13 @@ class MissingHost(InvalidHeader):
 
     def __str__(self) -> str:
         return "the request has no Host header: an HTTP/1.1 request must have one (RFC 9112 section 3.2)"
+
+
+class UnsupportedCoding(UnsupportedTransferCoding):
+    """A transfer coding before ``chunked`` (``gzip, chunked``): 501 (RFC 9112 section 6.1), its body unread."""
+
+    def __str__(self) -> str:
+        return f"Transfer-Encoding {self.hdr!r} is not supported: send the body with Transfer-Encoding: chunked only"
 
 
 def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bool:
@@ -342,6 +351,10 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     if codings:
         if lengths or codings[-1] != b"chunked" or codings.count(b"chunked") != 1 or not version_ok:
             return Framing(len(head))  # refused by the parser, or not read by it
+        if len(codings) > 1:
+            # gunicorn's parser takes "gzip, chunked" and would hand the application a body still
+            # gzipped, read from the socket on a request thread: refused here instead, unread.
+            return Framing(len(head), refusal=UnsupportedCoding(b", ".join(codings[:-1]).decode("latin-1")))
         return Framing(len(head), chunked=not refused, expects=expects, refused=refused)
     if len(lengths) > 1 or (lengths and not (lengths[0].isdigit() and len(lengths[0]) <= 12)):
         return Framing(len(head))  # refused by the parser

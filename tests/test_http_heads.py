@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
+import time
 
 import pytest
 from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
@@ -67,3 +69,40 @@ def test_an_http_1_0_request_without_host_is_served(port):
     status, _, body = exchange(port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert status == 200
     assert json.loads(body)["status"] == "ok"
+
+
+GZIPPED_TASK = gzip.compress(b'{"id": "gzipped", "payload": "p"}')
+
+
+@pytest.mark.parametrize("path", ["/enqueue", "/enqueue/batch"])
+def test_a_body_with_a_content_coding_is_refused_415_naming_it(port, path):
+    head = (
+        b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n" % (path.encode(), len(GZIPPED_TASK))
+    )
+    status, headers, body = exchange(port, head + GZIPPED_TASK)
+    assert status == 415
+    assert headers["accept-encoding"] == "identity"
+    assert headers["connection"] == "close"  # the body was not read
+    assert "Content-Encoding 'gzip'" in problem(headers, body)["detail"]
+    assert Client(port).request("GET", "/tasks/gzipped")[0] == 404
+
+
+def test_an_identity_content_coding_is_read_as_no_coding(port):
+    task = b'{"id": "identity-coded", "payload": "p"}'
+    status, _, _ = Client(port).request(
+        "POST", "/enqueue", task, headers={"Content-Type": "application/json", "Content-Encoding": "identity"}
+    )
+    assert status == 202
+
+
+@pytest.mark.parametrize("codings", [b"gzip, chunked", b"deflate,chunked", b"gzip\r\nTransfer-Encoding: chunked"])
+def test_a_transfer_coding_other_than_chunked_is_refused_501_at_once(port, codings):
+    # The body is never sent: the answer must come from the head alone, not after a read times out.
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: %s\r\n\r\n"
+    started = time.monotonic()
+    status, headers, body = exchange(port, head % codings, seconds=4)
+    assert time.monotonic() - started < 4
+    assert status == 501
+    assert headers["connection"] == "close"
+    assert "Transfer-Encoding" in problem(headers, body)["detail"]

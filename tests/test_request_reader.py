@@ -252,7 +252,6 @@ def test_body_limits_follow_the_route_and_the_token():
         (b"Content-Length: 10\r\n", Framing(10)),
         (b"Content-Length: 101\r\n", Framing(0, refused=True)),
         (b"Transfer-Encoding: chunked\r\n", Framing(0, chunked=True)),
-        (b"Transfer-Encoding: gzip, chunked\r\n", Framing(0, chunked=True)),
         (b"Transfer-Encoding: chunked, chunked\r\n", Framing(0)),
         (b"Expect: 100-continue\r\nContent-Length: 10\r\n", Framing(10, expects=True)),
         (b"Expect: 100-CONTINUE\r\nContent-Length: 101\r\n", Framing(0, expects=True, refused=True)),
@@ -432,3 +431,15 @@ def test_missing_host_of_a_parsed_request():
     assert missing_host((1, 1), [("X", "1")])
     assert not missing_host((1, 1), [("X", "1"), ("HOST", "a")])
     assert not missing_host((1, 0), [])
+
+
+@pytest.mark.parametrize(
+    ("codings", "refused"),
+    [(b"gzip, chunked", "gzip"), (b"Identity ,chunked", "identity"), (b"gzip\r\nTransfer-Encoding: chunked", "gzip")],
+)
+def test_a_transfer_coding_before_chunked_is_refused_501_from_the_loop(harness, codings, refused):
+    conn, _ = harness.connect(b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + codings + b"\r\n\r\n")
+    name, detail = _refused(harness, conn)
+    assert name == "UnsupportedCoding"
+    assert detail.startswith(f"Transfer-Encoding {refused!r} is not supported")
+    assert harness.refused[0][1].code == 501
