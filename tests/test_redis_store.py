@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from doubles import FakeClock, wait_until
+from doubles import FakeClock, Gate, instant, wait_until
 from redis_server import RedisServer, running_redis
 
 from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task, WorkerPool
@@ -1003,3 +1003,77 @@ def test_scripts_read_numbers_with_one_strtod_each(make):
     store = make()
     assert all("tonumber(" not in script.script for script in store._scripts.values())
     assert all("local function num(text) return text + 0 end" in script.script for script in store._scripts.values())
+
+
+
+def _pause(seconds: float) -> None:
+    """Let ``seconds`` pass (the length of an outage, not a wait for another thread)."""
+    threading.Event().wait(seconds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outage", ["restarted", "paused"])
+def test_an_attempt_still_running_through_a_redis_outage_longer_than_its_lease_is_renewed_not_lost(
+    tmp_path, caplog, outage
+):
+    # Two instances: the attempt runs on the owner, the other sweeps. Redis out for 2.5 leases lets every
+    # lease expire. Once it answers again the sweeper sweeps first (the owner's renewals wait for that): it
+    # holds back the leases that expired during the outage, and the owner renews its attempt meanwhile.
+    lease = 1.0
+    back = threading.Event()  # Redis answers again
+    swept = threading.Event()  # and the sweeper has swept since
+    sweeps: list[int] = []  # one entry per sweep after the outage
+
+    class Sweeper(RedisStore):
+        def recover(self, *args, **kwargs):
+            recovered = super().recover(*args, **kwargs)
+            if back.is_set():
+                sweeps.append(len(recovered))
+                swept.set()
+            return recovered
+
+    class Owner(RedisStore):
+        def renew(self, *args, **kwargs):
+            if back.is_set():
+                swept.wait(WAIT_S)
+            return super().renew(*args, **kwargs)
+
+    server = RedisServer(tmp_path)
+    server.start()
+    gate = Gate()
+    pools = []
+    try:
+        def pool(store_class, handler) -> WorkerPool:
+            store = store_class(server.client(0.3), capacity=4, ttl=60, max_finished=10, clock=time.time)
+            pools.append(WorkerPool(handler, store=store, workers=1, lease=lease))
+            return pools[-1]
+
+        owner = pool(Owner, gate)
+        owner.submit("held")
+        gate.wait_started()
+        sweeper = pool(Sweeper, instant)
+        sweeper.start()
+        if outage == "restarted":
+            server.stop()  # SIGTERM: the AOF keeps every task
+            _pause(2.5 * lease)
+            server.start()
+        else:
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                _pause(2.5 * lease)
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+        back.set()
+        # Sweeps a third of a lease apart: the sweeper's hold (a lease) has ended by the sixth.
+        wait_until(lambda: len(sweeps) >= 6, timeout=WAIT_S, what="the sweeper to sweep after the outage")
+        task = sweeper.get("held")
+        assert (task.state, task.attempts) == (State.RUNNING, 1), task
+        gate.open()
+        wait_until(lambda: owner.get("held").state is State.DONE, timeout=WAIT_S, what="the attempt to end")
+        assert owner.get("held").attempts == 1
+        assert not [r for r in caplog.records if "lost" in r.getMessage()], caplog.text
+    finally:
+        gate.open()
+        for each in pools:
+            each.shutdown(timeout=0)
+        server.stop(signal.SIGKILL)

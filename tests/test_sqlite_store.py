@@ -19,9 +19,9 @@ import threading
 import time
 
 import pytest
-from doubles import WAIT_S, wait_until
+from doubles import WAIT_S, Gate, instant, wait_until
 
-from workerpool import State, Task
+from workerpool import State, Task, WorkerPool
 from workerpool.errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable
 from workerpool.stores import sqlite as sqlite_store
 from workerpool.stores.sqlite import LOST, LOST_GONE, SCHEMA_VERSION, SqliteStore
@@ -1183,3 +1183,64 @@ def test_a_step_whose_rollback_was_cut_short_has_its_writes_rolled_back_by_the_n
     store.admit([task(clock, "next")])
     assert store.get("half-done") is None
     assert store.get("next").state is State.QUEUED
+
+
+@pytest.mark.slow
+def test_an_attempt_still_running_while_the_file_is_locked_longer_than_its_lease_is_renewed_not_lost(
+    tmp_path, caplog
+):
+    # As tests/test_redis_store.py does with Redis out: another connection holds the write lock for 2.5
+    # leases, so no process can renew or sweep. Once the lock is released the sweeper sweeps first (the
+    # owner's renewals wait for that); it holds back the leases that expired meanwhile, and the owner renews.
+    lease = 1.0
+    db = tmp_path / "tasks.db"
+    back = threading.Event()  # the lock is released
+    swept = threading.Event()  # and the sweeper has swept since
+    sweeps: list[int] = []  # one entry per sweep after the lock
+
+    class Sweeper(SqliteStore):
+        def recover(self, *args, **kwargs):
+            recovered = super().recover(*args, **kwargs)
+            if back.is_set():
+                sweeps.append(len(recovered))
+                swept.set()
+            return recovered
+
+    class Owner(SqliteStore):
+        def renew(self, *args, **kwargs):
+            if back.is_set():
+                swept.wait(WAIT_S)
+            return super().renew(*args, **kwargs)
+
+    gate = Gate()
+    pools = []
+    try:
+        def pool(store_class, handler) -> WorkerPool:
+            pools.append(WorkerPool(handler, store=store_class(db, busy_timeout=0.3), workers=1, lease=lease))
+            return pools[-1]
+
+        owner = pool(Owner, gate)
+        owner.submit("held")
+        gate.wait_started()
+        sweeper = pool(Sweeper, instant)
+        sweeper.start()
+        locker = sqlite3.connect(db, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            threading.Event().wait(2.5 * lease)  # the length of the lock, not a wait for another thread
+            locker.execute("COMMIT")
+        finally:
+            locker.close()
+        back.set()
+        # Sweeps a third of a lease apart: the sweeper's hold (a lease) has ended by the sixth.
+        wait_until(lambda: len(sweeps) >= 6, timeout=WAIT_S, what="the sweeper to sweep after the lock")
+        task = sweeper.get("held")
+        assert (task.state, task.attempts) == (State.RUNNING, 1), task
+        gate.open()
+        wait_until(lambda: owner.get("held").state is State.DONE, timeout=WAIT_S, what="the attempt to end")
+        assert owner.get("held").attempts == 1
+        assert not [r for r in caplog.records if "lost" in r.getMessage()], caplog.text
+    finally:
+        gate.open()
+        for each in pools:
+            each.shutdown(timeout=0)

@@ -8,6 +8,7 @@ from doubles import WAIT_S
 from stores import STORES
 
 from workerpool import FINAL_STATES, DuplicateTask, InvalidTransition, QueueFull, State, Task
+from workerpool.stores.base import LOST_UNREACHABLE
 from workerpool.task import TRANSITIONS, check_transition
 
 OWNER = "host:1:a"
@@ -412,6 +413,32 @@ def test_an_expired_lease_counts_as_a_failed_attempt(store, clock):
     assert all(t.last_error.startswith("lost") for t in recovered)
     assert store.renew(OWNER, ["retried", "renewed"], clock.time() + LEASE).lost == {"retried"}
     assert store.finish("retried", 1, OWNER) is None
+
+
+def test_a_sweep_ends_only_leases_expired_before_its_cutoff_and_says_which_expired_while_unreachable(store, clock):
+    if not store.shared:
+        pytest.skip("leases never expire in a store of one process")
+    admit(store, clock, "before", "during", "after", "renewed")
+    expiries = {}
+    for task_id in ("before", "during", "after", "renewed"):  # leases 10 s apart
+        task = claim(store, clock)
+        assert task.id == task_id
+        expiries[task_id] = clock.time() + LEASE
+        clock.advance(10)
+    outage = (expiries["before"] + 1, expiries["during"] + 1)  # the store was unreachable in between
+    clock.advance(LEASE)  # every lease has expired
+    assert store.recover(lambda task: None, before=outage[0], unreachable=outage) != []  # "before" alone
+    assert store.get("before").last_error.startswith("lost: the process running it stopped")
+    assert store.get("during").state is State.RUNNING  # held back: its owner may renew it yet
+    assert store.renew(OWNER, ["renewed"], clock.time() + LEASE).lost == frozenset()  # the owner was alive
+    recovered = store.recover(lambda task: None, unreachable=outage)
+    reasons = {t.id: t.last_error for t in recovered}
+    assert sorted(reasons) == ["after", "during"]
+    assert reasons["during"] == LOST_UNREACHABLE  # not that its process stopped: nobody here can tell
+    assert reasons["after"].startswith("lost: the process running it stopped")  # it had the store back
+    assert store.get("renewed").state is State.RUNNING
+    assert store.finish("during", 1, OWNER) is None  # the late end of a recovered attempt is not applied
+    assert store.get("during").state is State.FAILED
 
 
 # -- reading and retention ------------------------------------------------------------

@@ -31,6 +31,7 @@ from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StoreUnavailab
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
 from .observer import PoolObserver
+from .reachability import Reachability
 from .stores.base import TaskStore
 from .stores.memory import MemoryStore
 from .task import FINAL_STATES, State, Task
@@ -155,7 +156,8 @@ class WorkerPool:
         "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
         "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
-        "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "__weakref__",
+        "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_reach",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -268,6 +270,8 @@ class WorkerPool:
         self._summary: ShutdownSummary | None = None
         self._drain_call: threading.Event | None = None  # set when the drain's last store call answered
         self._left_to_leases = 0  # attempts running here that the store could not abandon
+        # The lease keeper's record of store outages: leases they let expire are not swept at once.
+        self._reach = Reachability(clock(), grace=lease, slow=lease / 3)
 
     # -- admission -------------------------------------------------------
 
@@ -711,7 +715,7 @@ class WorkerPool:
                 _log(
                     logging.WARNING,
                     task,
-                    "task %s attempt %d ended after it was abandoned; result dropped",
+                    "task %s attempt %d ended after it was abandoned or its lease recovered; result dropped",
                     task.id,
                     task.attempts,
                 )
@@ -1042,10 +1046,17 @@ class WorkerPool:
     # -- leases (shared stores) ------------------------------------------
 
     def _recover_once(self) -> None:
-        """End the attempts whose lease expired, and report each; also those of a step not synced to disk."""
+        """End the attempts whose lease expired, and report each; also those of a step not synced to disk.
+
+        Leases that expired while the store was unreachable from here wait a
+        lease more (see workerpool/reachability.py): their owners may be alive.
+        """
         unsynced = None
+        reach = self._reach
         try:
-            recovered = self._store.recover(self._retry_at)
+            recovered = self._store.recover(
+                self._retry_at, before=reach.cutoff(self._clock()), unreachable=reach.span
+            )  # fmt: skip
         except StoreNotSynced as exc:  # recovered all the same: reported, then raised
             if exc.result is None:
                 raise
@@ -1075,9 +1086,9 @@ class WorkerPool:
             if self._monotonic() >= renew_at:
                 renew_at = self._monotonic() + period
                 try:
-                    self._renew_once()
-                    self._recover_once()
+                    self._keep_leases_once(period)
                 except StoreUnavailable as exc:
+                    self._reach.failed()
                     log.warning("lease renewal failed (%s); trying again in %.1f s", exc, period)
                 except Exception:
                     log.exception("lease renewal failed; trying again in %.1f s", period)
@@ -1094,15 +1105,30 @@ class WorkerPool:
             until_renewal = max(0.0, renew_at - self._monotonic())
             woken = self._wait(wakeup, until_renewal if idle else min(CANCEL_POLL_S, until_renewal))
 
-    def _renew_once(self) -> None:
+    def _keep_leases_once(self, period: float) -> None:
+        """Renew this process's leases, then sweep expired ones, noting how long the store took to answer.
+
+        The renewal comes first: after an outage this process's own attempts
+        are renewed before its sweep could count them lost.
+        """
+        reach, began = self._reach, self._monotonic()
+        if self._renew_once():
+            reach.answered(self._clock(), self._monotonic() - began)  # before the sweep reads the cutoff
+            began = self._monotonic()
+        self._recover_once()
+        reach.answered(self._clock(), self._monotonic() - began)
+
+    def _renew_once(self) -> bool:
+        """Renew the leases of the attempts running here; whether there were any (and the store was asked)."""
         attempts = self.running()
         if not attempts:
-            return
+            return False
         renewal = self._store.renew(self.owner, [a.task.id for a in attempts], self._clock() + self._lease)
         with self._lock:  # some may have ended during the renewal
             for attempt in attempts:
                 if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
                     self._set_cancel(attempt)
+        return True
 
     def _poll_cancels(self) -> None:
         attempts = self.running()

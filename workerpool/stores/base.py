@@ -57,6 +57,16 @@ def full_queue_delays(*, delayed: int, waiting: int, first_due: float | None, no
     return delayed, None
 
 
+# Why an attempt whose lease expired while the store was unreachable, and stayed expired for a lease after
+# it answered again, was ended: the process running it may still be alive (cut off from the store).
+LOST_UNREACHABLE = "lost: its lease expired while the store was unreachable, and was not renewed once it was back"
+
+
+def lost_while_unreachable(lease_until: float, unreachable: tuple[float, float] | None) -> bool:
+    """Whether a lease that ran until ``lease_until`` expired within the span ``unreachable``."""
+    return unreachable is not None and unreachable[0] <= lease_until <= unreachable[1]
+
+
 @dataclass(frozen=True, slots=True)
 class Renewal:
     """What ``renew`` learned about the attempts an owner holds."""
@@ -211,12 +221,22 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
+    def recover(
+        self,
+        retry_at: Callable[[Task], float | None],
+        *,
+        before: float | None = None,
+        unreachable: tuple[float, float] | None = None,
+    ) -> list[Task]:
         """End every attempt whose lease has expired, as a failed attempt ("lost: ...").
 
         ``retry_at(task)`` gives the due time of its retry, or None when it
         is out of retries (then it is ``failed``); a cancel request makes it
-        ``cancelled``. Returns the new snapshots.
+        ``cancelled``. Only leases that expired before ``before`` (default:
+        now) are ended; a lease that expired within ``unreachable`` (a span
+        in which the caller could not reach the store) is ended as
+        ``LOST_UNREACHABLE``: its process may be alive. Returns the new
+        snapshots.
         """
 
     @abc.abstractmethod

@@ -288,7 +288,13 @@ class MemoryStore(TaskStore):
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
         return _NO_RENEWAL  # leases never expire here; cancel requests reach the pool directly
 
-    def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
+    def recover(
+        self,
+        retry_at: Callable[[Task], float | None],
+        *,
+        before: float | None = None,
+        unreachable: tuple[float, float] | None = None,
+    ) -> list[Task]:
         return []  # no lease ever expires
 
     # -- waiting ---------------------------------------------------------

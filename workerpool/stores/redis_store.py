@@ -37,7 +37,7 @@ from redis.retry import Retry
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task
-from .base import Renewal, StoreStats, TaskStore, full_queue_delays
+from .base import LOST_UNREACHABLE, Renewal, StoreStats, TaskStore, full_queue_delays, lost_while_unreachable
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -1032,24 +1032,32 @@ class RedisStore(TaskStore):
         changed, flat = reply
         return _decode(flat), changed == 1
 
-    def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
+    def recover(
+        self,
+        retry_at: Callable[[Task], float | None],
+        *,
+        before: float | None = None,
+        unreachable: tuple[float, float] | None = None,
+    ) -> list[Task]:
         now = self._clock()
-        expired = self._call("zrangebyscore", f"{self._prefix}:run", "-inf", now)
+        cutoff = now if before is None else min(now, before)
+        expired = self._call("zrangebyscore", f"{self._prefix}:run", "-inf", cutoff)
         recovered = []
         for raw_id in expired:
             task = self.get(raw_id.decode())
             if task is None or task.state is not State.RUNNING:
                 continue
-            owner = self._call("hget", f"{self._prefix}:t:{task.id}", "owner")
+            owner, lease_until = self._call("hmget", f"{self._prefix}:t:{task.id}", "owner", "lease_until")
             if owner is None:
                 continue
+            lost_unreachable = lease_until is not None and lost_while_unreachable(float(lease_until), unreachable)
             after = self._finish(
                 task.id,
                 task.attempts,
                 owner.decode(),
-                error="lost: the process running it stopped",
+                error=LOST_UNREACHABLE if lost_unreachable else "lost: the process running it stopped",
                 retry_at=retry_at(task),
-                expired_before=now,
+                expired_before=cutoff,  # a lease renewed since the read above is not ended
             )
             if after is not None:
                 recovered.append(after)

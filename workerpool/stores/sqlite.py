@@ -49,7 +49,7 @@ from typing import Any, TypeVar, cast
 
 from ..errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
-from .base import Renewal, StoreStats, TaskStore, full_queue_delays
+from .base import LOST_UNREACHABLE, Renewal, StoreStats, TaskStore, full_queue_delays, lost_while_unreachable
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
 SCHEMA_VERSION = 6
@@ -1110,22 +1110,32 @@ class SqliteStore(TaskStore):
             raise
         return task, True
 
-    def recover(self, retry_at: Callable[[Task], float | None]) -> list[Task]:
+    def recover(
+        self,
+        retry_at: Callable[[Task], float | None],
+        *,
+        before: float | None = None,
+        unreachable: tuple[float, float] | None = None,
+    ) -> list[Task]:
         recovered = []
         try:
             with self._step() as conn:
                 now = self._clock()
+                cutoff = now if before is None else min(now, before)
                 owners = conn.execute("SELECT DISTINCT lease_owner FROM tasks WHERE state = 'running'").fetchall()
                 dead = [owner for (owner,) in owners if _process_is_gone(owner)]
                 rows = conn.execute(
-                    f"""SELECT {_COLUMNS}, lease_owner FROM tasks WHERE state = 'running'
+                    f"""SELECT {_COLUMNS}, lease_owner, lease_until FROM tasks WHERE state = 'running'
                         AND (lease_until < ? OR lease_owner IN ({','.join('?' * len(dead))}))""",
-                    (now, *dead),
+                    (cutoff, *dead),
                 ).fetchall()
                 for row in rows:
-                    task, cancel_requested, owner = _task(row[:-1]), row[-2], row[-1]
+                    task, cancel_requested, owner, lease_until = _task(row[:-2]), row[-3], row[-2], row[-1]
                     due = None if cancel_requested else retry_at(task)
-                    why = LOST_GONE if owner in dead else LOST
+                    if owner in dead:  # whenever its lease expired: the process is known to be gone
+                        why = LOST_GONE
+                    else:
+                        why = LOST_UNREACHABLE if lost_while_unreachable(lease_until, unreachable) else LOST
                     ended = self._end_attempt(conn, task.id, task.attempts, owner, now, error=why, retry_at=due)
                     recovered.append(cast(Task, ended))  # the row was read in this transaction
                 if recovered:

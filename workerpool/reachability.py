@@ -1,0 +1,57 @@
+"""What the lease keeper saw of the store's reachability, so that a sweep does not count live attempts lost.
+
+A shared store that stops answering (Redis paused or restarting, a SQLite
+file locked) for longer than a lease lets every lease expire, including
+those of attempts still running in live processes: their keepers could not
+renew them either. The first sweep after the store answers again would end
+those attempts as lost, whichever process ran it first. Every process's
+lease keeper reaches the store once every third of a lease, so it sees such
+an outage itself: a step that fails, or one that answers only after longer
+than ``slow`` seconds (a paused Redis answers late, within the socket
+timeout, rather than failing). Leases that expired from the end of the last
+step that answered to the end of the next one are then held back from the
+sweep for ``grace`` seconds (a lease) after the store answers again: an
+owner that is alive renews them meanwhile. One that is still expired after
+that is ended with a reason that says the store was unreachable, not that
+its process stopped, which nobody here can tell.
+"""
+
+from __future__ import annotations
+
+
+class Reachability:
+    """The lease keeper's record of when it reached the store, and of the latest span it could not.
+
+    Times are the store's clock (the one leases are written in). Used by the
+    lease keeper's thread alone: no lock.
+    """
+
+    def __init__(self, now: float, *, grace: float, slow: float) -> None:
+        self._grace = grace
+        self._slow = slow
+        self._reached_at = now  # when a step last answered
+        self._down_since: float | None = None  # while steps fail: when the store last answered before
+        self._held_until = 0.0
+        self.span: tuple[float, float] | None = None  # the latest span in which the store was unreachable
+
+    def failed(self) -> None:
+        """A step got no answer from the store."""
+        if self._down_since is None:
+            self._down_since = self._reached_at
+
+    def answered(self, now: float, seconds: float) -> None:
+        """A step that took ``seconds`` got the store's answer at ``now``."""
+        if self._down_since is not None or seconds > self._slow:
+            began = self._reached_at if self._down_since is None else self._down_since
+            self.span = (began, now)
+            self._held_until = now + self._grace
+            self._down_since = None
+        self._reached_at = now
+
+    def cutoff(self, now: float) -> float:
+        """Sweep only the leases that expired before this time (``now`` unless an outage holds some back)."""
+        if self._down_since is not None:
+            return min(now, self._down_since)
+        if self.span is not None and now < self._held_until:
+            return min(now, self.span[0])
+        return now
