@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import errno
 import importlib
 import logging
 import logging.config
 import operator
 import signal
+import socket
 import sys
 import weakref
 from collections.abc import Iterable, Sequence
@@ -56,6 +58,37 @@ def open_store(config: Config) -> TaskStore | None:
             synchronous=config.store.synchronous,
         )
     return None
+
+
+def listen_error(host: str, port: int, error: OSError) -> ConfigError:
+    """The one-line start-up error for an address this machine cannot listen on (HOST, PORT)."""
+    if isinstance(error, socket.gaierror):
+        return ConfigError(f"HOST={host!r} cannot be listened on: the name does not resolve ({error.strerror})")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"HOST={host!r} cannot be listened on: it is not an address of this machine")
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(f"PORT={port} is already in use on {host}: another server listens there")
+    if error.errno == errno.EACCES:
+        return ConfigError(f"PORT={port} on {host} cannot be listened on: a port below 1024 needs privileges")
+    return ConfigError(f"cannot listen on HOST={host!r} PORT={port}: {error.strerror or error}")
+
+
+def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Raise ConfigError if this machine cannot listen on ``host``:``port`` (bound as gunicorn binds, then closed).
+
+    gunicorn retries a failed bind five times, a second apart, then exits 1
+    with messages of its own: a name that does not resolve or an address of
+    another machine never binds, so it is said at once instead.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: TIME_WAIT connections do not count
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise listen_error(host, port, error) from None
 
 
 def check_store(config: Config) -> None:
@@ -213,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port if args.port is not None else config.port,
     )
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
+    try:  # Werkzeug's server would print the system's message alone and exit 1
+        check_listen(config.host, config.port)
+    except ConfigError as error:
+        exit_on_error(error)
     check_store(config)
     try:
         app = create_app(config)  # imports TASK_HANDLER

@@ -14,6 +14,8 @@ _ROOT = str(Path(__file__).resolve().parent)
 if _ROOT not in sys.path:  # so `config` and `app` import from any working directory
     sys.path.insert(0, _ROOT)
 
+from gunicorn import systemd as _systemd  # noqa: E402
+
 import app as _app  # noqa: E402
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 from service import logs as _logs  # noqa: E402
@@ -66,12 +68,23 @@ def on_starting(server):
         _config.check_server_processes(_settings, server.cfg.workers)
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
             _config.check_binary_upgrade(_settings)
+        else:  # the listening sockets are made next, unless inherited (binary upgrade, systemd socket activation)
+            _check_listen(server.cfg)
     except _config.ConfigError as error:
         if server.pidfile is not None:  # written just before: it would name a server that never ran
             server.pidfile.unlink()
         _config.exit_on_error(error)
     server.drain_reports = DrainReports()
     _share_metrics(server)
+
+
+def _check_listen(cfg):
+    """Exit 2 at once, with one line, for an address that cannot be listened on (gunicorn retries for 5 s, exits 1)."""
+    if _systemd.listen_fds(unset_environment=False):
+        return
+    for address in cfg.address:  # `-b` on the command line overrides `bind` above
+        if isinstance(address, tuple):  # not a unix socket path or a file descriptor
+            _app.check_listen(address[0], address[1], reuse_port=cfg.reuse_port)
 
 
 def _share_metrics(server):

@@ -130,7 +130,8 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
     (given / "counts-7.json").write_text('{"row": {"accepted": 5}}')  # an earlier run's
     env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir else ""}
     conf = load_conf(monkeypatch, **env)
-    server = SimpleNamespace(cfg=SimpleNamespace(workers=workers), master_pid=0, pidfile=None)
+    cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False)  # no address to check before listening
+    server = SimpleNamespace(cfg=cfg, master_pid=0, pidfile=None)
     conf["on_starting"](server)
     try:
         assert (server.metrics_dir is not None) == shared

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
 import pytest
 from http_fixtures import PROJECT_ROOT, clean_environment
+
+from app import check_listen
+from config import ConfigError
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +57,48 @@ def test_a_bad_redis_url_option_stops_start_up_in_one_line_without_the_password(
         "configuration error: STORE='redis://<credentials not shown>@127.0.0.1:1/0?socket_timeout=abc' is invalid: "
         "is not a Redis URL: invalid value for 'socket_timeout' in connection URL\n"
     )
+
+
+# -- an address that cannot be listened on ------------------------------------------
+
+# 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine. .invalid never resolves (RFC 2606).
+UNLISTENABLE = {
+    "unresolvable": ("nohost.invalid", "HOST='nohost.invalid' cannot be listened on: the name does not resolve"),
+    "not-this-machine": ("192.0.2.1", "HOST='192.0.2.1' cannot be listened on: it is not an address of this machine"),
+}
+
+
+@pytest.mark.parametrize("command", ["gunicorn", "python app.py"])
+@pytest.mark.parametrize(("host", "message"), UNLISTENABLE.values(), ids=UNLISTENABLE.keys())
+def test_a_host_that_cannot_be_listened_on_stops_start_up_at_once_in_one_line(command, host, message):
+    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"] if command == "gunicorn" else APP
+    result = start(argv, HOST=host, PORT="0")
+    assert result.returncode == 2  # gunicorn alone retries for 5 s, then exits 1 after five error lines
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "gunicorn.error: Starting" not in line]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"configuration error: {message}")
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "python app.py"])
+def test_a_port_in_use_stops_start_up_at_once_in_one_line(command):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = [*command[:-1], f"127.0.0.1:{port}"] if command is GUNICORN else [*command[:-1], str(port)]
+        result = start(argv, HOST="127.0.0.1")
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert f"configuration error: PORT={port} is already in use on 127.0.0.1: another server listens there\n" in output
+    assert "Retrying" not in output and "Can't connect" not in output and "Traceback" not in output
+
+
+def test_check_listen_names_what_is_wrong():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"PORT={port} is already in use"):
+            check_listen("127.0.0.1", port)
+    with pytest.raises(ConfigError, match="not an address of this machine"):
+        check_listen("192.0.2.1", 0)
+    check_listen("127.0.0.1", 0)  # a free one: no error, nothing left bound
 
 
 # -- Python older than 3.11 ---------------------------------------------------------
