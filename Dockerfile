@@ -11,7 +11,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY app.py config.py gunicorn.conf.py openapi.yaml ./
+COPY app.py config.py gunicorn.conf.py server_settings.py openapi.yaml ./
 COPY service/ service/
 COPY workerpool/ workerpool/
 # TASK_HANDLER modules of this deployment (TASK_HANDLER=handlers.<module>:<callable>).

@@ -36,19 +36,22 @@ log = logging.getLogger(__name__)
 
 
 def open_store(config: Config) -> TaskStore | None:
-    """The store ``STORE`` names, opened; None for memory (the pool makes its own). Raises StoreUnavailable."""
+    """The store ``STORE`` names, opened; None for memory (the pool makes its own). Raises StoreUnavailable.
+
+    A Redis server is not reached here: a worker process that starts while it is
+    down for a moment (a reload, a replaced worker) serves and retries it as the
+    running ones do. ``reach_store`` is the check made before a server listens.
+    """
     if config.store.kind == "redis":
         from workerpool.stores.redis_store import RedisStore, connect  # redis-py only when it is used
 
-        store = RedisStore(
+        return RedisStore(
             connect(config.store.url, password=config.redis_password or None),
             capacity=config.queue_size,
             ttl=config.state_ttl_s,
             max_finished=config.state_max_tasks,
             prefix=config.store_prefix,
         )
-        store.stats()  # reach the server now: a wrong URL or password fails here, not on the first request
-        return store
     if config.store.kind == "sqlite":
         return SqliteStore(
             config.store.path,
@@ -91,15 +94,24 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
             raise listen_error(host, port, error) from None
 
 
+def reach_store(config: Config) -> None:
+    """Open the store and close it, reaching a Redis server (a wrong URL or password fails). Raises StoreUnavailable."""
+    store = open_store(config)
+    if store is not None:
+        try:
+            if config.store.kind == "redis":
+                store.stats()
+        finally:
+            store.close()
+
+
 def check_store(config: Config) -> None:
-    """Open the store once at start-up and close it; if it cannot be used, print one line and exit 2."""
+    """Reach the store once at start-up; if it cannot be used, print one line and exit 2."""
     try:
-        store = open_store(config)
+        reach_store(config)
     except StoreUnavailable as exc:
         print(f"store error: STORE cannot be used: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_CONFIG) from None
-    if store is not None:
-        store.close()
 
 
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:

@@ -18,23 +18,21 @@ from gunicorn import systemd as _systemd  # noqa: E402
 
 import app as _app  # noqa: E402
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
+import server_settings as _server_settings  # noqa: E402
 from service import logs as _logs  # noqa: E402
 from service import metrics_share as _metrics_share  # noqa: E402
 from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
 from service.lingering_close import MAX_LINGERING  # noqa: E402
 
-_settings = _config.load()  # a bad value stops gunicorn here with exit code 2
-try:
-    # Imported now, in the arbiter, so a TASK_HANDLER that does not resolve stops gunicorn before it listens.
-    _app.load_handler(_settings)
-except _config.ConfigError as _error:
-    _config.exit_on_error(_error)
-_app.check_store(_settings)  # so does a store that cannot be opened, before any worker starts
+# At the start a bad value, a TASK_HANDLER that does not resolve or a store that cannot be opened stops
+# gunicorn here with exit code 2. gunicorn runs this file again at each reload (kill -HUP): then a bad
+# value is logged and the running settings are kept (see server_settings.py).
+_settings = _server_settings.load()
 
 # Seconds between the end of the drain deadline and gunicorn's SIGKILL.
 DRAIN_MARGIN_S = 5
 
-wsgi_app = "app:create_app()"
+wsgi_app = "server_settings:worker_app()"  # the app, with the settings checked above
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
 workers = 1  # pinned: each worker process would have its own queue and task table
 # gthread, with stop-signal handlers that start the pool's drain at once
@@ -74,6 +72,7 @@ def on_starting(server):
         if server.pidfile is not None:  # written just before: it would name a server that never ran
             server.pidfile.unlink()
         _config.exit_on_error(error)
+    _server_settings.started(server.cfg.workers)
     server.drain_reports = DrainReports()
     _share_metrics(server)
 

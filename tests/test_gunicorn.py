@@ -19,6 +19,11 @@ CONF = str(PROJECT_ROOT / "gunicorn.conf.py")
 
 
 def load_conf(monkeypatch, **env: str) -> dict:
+    """gunicorn.conf.py run as at a server's start (not as at a reload: see test_server_settings.py)."""
+    import server_settings
+
+    monkeypatch.setattr(server_settings, "_accepted", None)
+    monkeypatch.setattr(server_settings, "_processes", None)
     for name in VARIABLES:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -43,7 +48,7 @@ def test_one_threaded_worker_without_preload_or_recycling(monkeypatch):
     assert conf["max_requests"] == 0
     assert conf["control_socket_disable"] is True
     assert (conf["accesslog"], conf["errorlog"]) == ("-", "-")
-    assert conf["wsgi_app"] == "app:create_app()"
+    assert conf["wsgi_app"] == "server_settings:worker_app()"
     assert callable(conf["post_worker_init"])
     assert callable(conf["worker_exit"])
 
@@ -263,6 +268,56 @@ def test_with_log_format_json_every_line_gunicorn_and_the_app_write_is_json(tmp_
     messages = [r["message"] for r in task_lines]
     assert messages == ["task j1 queued", "task j1 attempt 1 started", "task j1 done after 1 attempt(s)"]
     assert {r["request_id"] for r in task_lines} == {"rid-e2e"}
+
+
+@pytest.mark.e2e
+def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_one(tmp_path):
+    # A copy of the project's top-level modules, so the test has a .env of its own (config.DOTENV_PATH).
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("app.py", "config.py", "gunicorn.conf.py", "server_settings.py"):
+        (project / name).write_bytes((PROJECT_ROOT / name).read_bytes())
+    for name in ("service", "workerpool", "handlers"):
+        (project / name).symlink_to(PROJECT_ROOT / name)
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(STORE=f"sqlite://{tmp_path / 'tasks.db'}", WORK_MIN_MS="0", WORK_MAX_MS="0"),
+        cwd=project,
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        (first,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the worker")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        assert client.json("POST", "/enqueue", b'{"id": "before", "payload": ""}')[0] == 202
+
+        (project / ".env").write_text("QUEUE_SIZE=oops\n")  # the real environment would win over .env
+        os.kill(arbiter, signal.SIGHUP)  # what logrotate or `systemctl reload` send
+        wait_until(lambda: "reload refused" in server.log(), timeout=20, what="the refusal")
+        # gunicorn still replaces the worker, with the settings the server had.
+        wait_until(lambda: f"worker (pid:{first}) ended" in server.log(), timeout=20, what="the first worker's end")
+        (second,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the next worker")
+        assert server.proc.poll() is None
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        assert client.json("POST", "/enqueue", b'{"id": "after", "payload": ""}')[0] == 202
+
+        (project / ".env").write_text("WORKERS=2\n")
+        os.kill(arbiter, signal.SIGHUP)
+        wait_until(lambda: f"worker (pid:{second}) ended" in server.log(), timeout=20, what="the second worker's end")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        states = lambda: {client.json("GET", f"/tasks/{t}")[1]["state"] for t in ("before", "after")}  # noqa: E731
+        wait_until(lambda: states() == {"done"}, timeout=10, what="both tasks to finish")
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    (refusal,) = [line for line in log.splitlines() if "reload refused" in line]
+    assert "[ERROR] gunicorn.error: reload refused: QUEUE_SIZE='oops' is invalid" in refusal
+    pools = [line.partition("pool started: ")[2] for line in log.splitlines() if "pool started: " in line]
+    assert pools == ["4 worker thread(s), queue of 64"] * 2 + ["2 worker thread(s), queue of 64"]
+    assert "Traceback" not in log
+    assert log.rstrip().endswith("0 abandoned")  # the arbiter's drain summary, its last line
 
 
 @pytest.mark.parametrize(("store", "warned"), [("memory", True), ("sqlite", False)])

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until, worker_pids
 from redis_server import RedisServer, running_redis
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -119,6 +119,32 @@ def test_a_stopped_redis_gets_503s_and_a_restarted_one_resumes_every_task(redis_
     assert_refused_unstored(service, "during", status, headers, problem)
     assert service.submit("after", "ok")[0] == 202
     service.wait_done_once(held + queued + ["after"])
+
+
+def test_a_reload_while_redis_is_down_keeps_the_server_and_its_new_worker_resumes(redis_and_service):
+    """A reload (logrotate, `systemctl reload`) during a Redis restart: the server goes on, as its workers do."""
+    redis_server, service = redis_and_service
+    arbiter = service.server.proc.pid
+    (first,) = worker_pids(arbiter)
+    assert service.submit("before", "ok")[0] == 202
+    service.wait_done_once(["before"])
+
+    redis_server.stop(signal.SIGKILL)
+    os.kill(arbiter, signal.SIGHUP)
+    # The new worker starts without reaching Redis, and the old one drains and ends.
+    wait_until(lambda: f"worker (pid:{first}) ended" in service.server.log(), timeout=30, what="the old worker's end")
+    wait_until(lambda: service.server.log().count("pool started") == 2, timeout=20, what="the new worker's pool")
+    assert service.server.proc.poll() is None, service.server.log()
+    (second,) = worker_pids(arbiter)
+    assert second != first
+    status_h, health = service.health()
+    assert (status_h, health["status"]) == (503, "store_unavailable"), health
+
+    redis_server.start()  # same port, same directory: what the AOF kept
+    service.wait_healthy()
+    assert service.submit("after", "ok")[0] == 202
+    service.wait_done_once(["before", "after"])
+    assert "Traceback" not in service.server.log()
 
 
 def test_a_redis_slower_than_the_socket_timeout_gets_503s_and_loses_nothing(redis_and_service):

@@ -1,0 +1,87 @@
+"""The settings a gunicorn server runs with: checked in full at its start, checked again at a reload and kept if wrong.
+
+gunicorn runs gunicorn.conf.py again inside the running arbiter at each reload
+(``kill -HUP``, as logrotate or ``systemctl reload`` send it), and any exit there
+ends the arbiter for good: the port closes and the workers are orphaned. So only
+the first load exits on a bad value; a reload that a check refuses logs why and
+keeps the settings the server runs with, and gunicorn then replaces the workers
+with those. The workers build their app from the settings accepted here (see
+``worker_app``), not by reading the environment again, so a ``.env`` edited
+since cannot reach a new or replaced worker unchecked.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+import app
+import config
+from config import Config, ConfigError
+from workerpool import StoreUnavailable
+
+# gunicorn's own error log: the arbiter's lines, where an operator looks after a reload.
+log = logging.getLogger("gunicorn.error")
+
+# Set by the first load in this process; a later load is a reload of the running server.
+_accepted: Config | None = None
+# The worker processes the server runs (gunicorn's `workers`, `-w` included), once on_starting has said.
+_processes: int | None = None
+
+
+def load() -> Config:
+    """The settings to run with: on a bad value, exit 2 at the start, keep the running settings at a reload."""
+    global _accepted
+    if _accepted is None:
+        _accepted = _first_load()
+    else:
+        try:
+            _accepted = _reload(_accepted)
+        except ConfigError as error:
+            log.error("reload refused: %s; the server keeps running with the settings it had", error)
+    return _accepted
+
+
+def started(processes: int) -> None:
+    """Note how many worker processes the server runs, which a reload's STORE must allow (from on_starting)."""
+    global _processes
+    _processes = processes
+
+
+def worker_app() -> Flask:
+    """The application of a worker process, with the settings its arbiter accepted (gunicorn's ``wsgi_app``)."""
+    return app.create_app(_accepted)  # None only when the app is loaded without gunicorn.conf.py's settings
+
+
+def _first_load() -> Config:
+    settings = config.load()  # a bad value stops gunicorn here with exit code 2
+    try:
+        # Imported now, in the arbiter, so a TASK_HANDLER that does not resolve stops gunicorn before it listens.
+        app.load_handler(settings)
+    except ConfigError as error:
+        config.exit_on_error(error)
+    app.check_store(settings)  # so does a store that cannot be opened, before any worker starts
+    return settings
+
+
+def _reload(running: Config) -> Config:
+    """The settings read again, checked as at the start; raises ConfigError to keep ``running``."""
+    settings = config.from_env(config.read_environment())
+    app.load_handler(settings)
+    if _processes is not None:
+        config.check_server_processes(settings, _processes)
+    if _store_of(settings) != _store_of(running):
+        # Only a new store is opened here: the running one, even if it is down for a moment, is the
+        # workers' to retry (a reload that depended on it would turn a Redis restart into an outage).
+        try:
+            app.reach_store(settings)
+        except StoreUnavailable as error:
+            raise ConfigError(f"STORE cannot be used: {error}") from None
+    if settings.metrics_dir != running.metrics_dir:
+        log.warning("METRICS_DIR changes at the next start, not at a reload: the workers go on with the old one")
+    return settings
+
+
+def _store_of(settings: Config) -> tuple[object, ...]:
+    return settings.store, settings.store_prefix, settings.redis_password

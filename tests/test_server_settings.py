@@ -1,0 +1,97 @@
+"""server_settings.py: exit 2 on a bad setting at the start; at a reload, log it and keep the running settings."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from redis_server import free_port
+
+import server_settings
+from config import VARIABLES
+from service.context import services
+
+
+@pytest.fixture
+def environ(monkeypatch):
+    """A clean service environment, this process's first load still to come; returns a setter for variables."""
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(server_settings, "_accepted", None)
+    monkeypatch.setattr(server_settings, "_processes", None)
+    # gunicorn's logging set up by an earlier test (dictConfig) would keep its lines from caplog.
+    monkeypatch.setattr(server_settings.log, "propagate", True)
+    monkeypatch.setattr(server_settings.log, "disabled", False)
+
+    def set_variables(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_variables
+
+
+def test_the_first_load_stops_on_a_bad_value_with_exit_code_2(environ, capsys):
+    environ(WORK_MIN_MS="oops")
+    with pytest.raises(SystemExit) as exited:
+        server_settings.load()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("configuration error: WORK_MIN_MS='oops' is invalid")
+
+
+def test_the_first_load_stops_on_a_store_that_cannot_be_reached(environ, capsys):
+    environ(STORE=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(SystemExit) as exited:
+        server_settings.load()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("store error: STORE cannot be used: redis: ")
+
+
+BAD_AT_RELOAD = {
+    "a bad value": ({"WORK_MIN_MS": "oops"}, "WORK_MIN_MS='oops' is invalid"),
+    "a handler that does not resolve": ({"TASK_HANDLER": "json:no_such_function"}, "TASK_HANDLER='json:no_such"),
+    "a new store that cannot be reached": ({"STORE": "redis://127.0.0.1:{port}/0"}, "STORE cannot be used: redis: "),
+}
+
+
+@pytest.mark.parametrize(("changes", "reason"), BAD_AT_RELOAD.values(), ids=BAD_AT_RELOAD.keys())
+def test_a_reload_with_a_bad_setting_logs_it_and_keeps_the_running_settings(environ, caplog, changes, reason):
+    environ(WORKERS="3")
+    running = server_settings.load()
+    environ(WORKERS="5", **{name: value.format(port=free_port()) for name, value in changes.items()})
+    with caplog.at_level(logging.ERROR, "gunicorn.error"):
+        assert server_settings.load() is running
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"reload refused: {reason}")
+    assert record.getMessage().endswith("the server keeps running with the settings it had")
+    assert services(server_settings.worker_app()).config is running
+
+
+def test_a_reload_with_good_settings_takes_them_for_the_next_workers(environ, tmp_path):
+    environ(WORKERS="3")
+    server_settings.load()
+    environ(WORKERS="5", STORE=f"sqlite://{tmp_path / 'tasks.db'}")
+    reloaded = server_settings.load()
+    assert (reloaded.workers, reloaded.store.kind) == (5, "sqlite")
+    assert services(server_settings.worker_app()).config is reloaded
+
+
+def test_a_reload_does_not_reach_the_running_store(environ, monkeypatch, caplog):
+    """A Redis restarting at the moment of a reload is the workers' to retry, not a reason to refuse."""
+    environ(STORE=f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setattr(server_settings.app, "check_store", lambda settings: None)  # it was up at the start
+    running = server_settings.load()
+    environ(WORKERS="7")
+    with caplog.at_level(logging.WARNING, "gunicorn.error"):
+        assert server_settings.load().workers == 7
+    assert caplog.records == []
+    assert server_settings.load().store == running.store
+
+
+def test_a_reload_refuses_the_memory_store_for_several_worker_processes(environ, tmp_path, caplog):
+    environ(STORE=f"sqlite://{tmp_path / 'tasks.db'}")
+    running = server_settings.load()
+    server_settings.started(2)  # gunicorn -w 2
+    environ(STORE="memory")
+    with caplog.at_level(logging.ERROR, "gunicorn.error"):
+        assert server_settings.load() is running
+    assert "2 worker processes would each keep their own tasks with STORE=memory" in caplog.text
