@@ -155,6 +155,37 @@ def test_a_chunked_body_is_handed_over_as_soon_as_it_passes_its_limit(harness, c
     assert conn.body_exceeds == MAX_PREREAD_BODY  # the application refuses it without reading it
 
 
+def test_a_chunked_body_whose_framing_passes_its_limit_is_handed_over_as_too_large():
+    # Only the decoded bytes counted: chunks of one byte behind 8 KB of extension each were buffered
+    # without end (400 MB on one connection for POST /enqueue's 64 KiB) while the body stayed "short".
+    harness = Harness(BodyLimits(default=4096))
+    try:
+        conn, client = harness.connect(CHUNKED)
+        chunk = b"1;" + b"e" * 1000 + b"\r\nx\r\n"
+        for _ in range(64):  # 64 KB of framing for 64 decoded bytes
+            if harness.ready:
+                break
+            client.sendall(chunk)
+            harness.turn()
+        assert harness.ready == [conn]
+        assert conn.body_exceeds == 4096  # the application refuses it without reading the rest
+        assert len(harness.buffered(conn)) <= len(CHUNKED) + 2 * 4096 + len(chunk)
+    finally:
+        harness.close()
+
+
+def test_a_chunked_body_of_small_chunks_within_its_limit_is_read_whole():
+    harness = Harness(BodyLimits(default=4096))
+    try:
+        body = b"8;n=1\r\n12345678\r\n" * 256 + b"0\r\n\r\n"  # 2 KiB of data, 3.5 KiB of framing
+        conn, _ = harness.connect(CHUNKED + body)
+        assert harness.ready == [conn]
+        assert conn.body_exceeds == 0
+        assert next(conn.parser).body.read() == b"12345678" * 256
+    finally:
+        harness.close()
+
+
 def test_malformed_chunked_framing_is_handed_over_for_the_parser_to_refuse(harness):
     conn, _ = harness.connect(CHUNKED + b"zz\r\n")
     assert harness.ready == [conn]

@@ -8,6 +8,7 @@ its own for long.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -261,6 +262,18 @@ def test_a_chunked_body_past_its_limit_is_answered_413_at_once(start, chunks):
     answer = read_to_end(sock, 8)  # answered and closed while the client holds its end open
     assert answer is not None and answer.startswith(b"HTTP/1.1 413 "), answer
     assert b"Connection: close\r\n" in answer and b"the request body is larger than 65536 bytes" in answer
+
+
+def test_a_chunked_body_of_long_chunk_extensions_is_answered_413_at_once(start):
+    # Only the decoded bytes counted against the limit: one byte per 8 KB chunk line kept the body
+    # "short" while the worker buffered all of it (830 MB of RSS from a single connection in 12 s).
+    client = start(GUNICORN, REQUEST_TIMEOUT_S="60")
+    (sock,) = client.open(1, b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with contextlib.suppress(OSError):  # the server may close before all of it is sent
+        sock.sendall((b"1;" + b"e" * 8000 + b"\r\nx\r\n") * 128)  # 1 MB for 128 bytes of body, no last chunk
+    answer = read_to_end(sock, 8)  # answered and closed while the client holds its end open
+    assert answer is not None and answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"the request body is larger than 65536 bytes" in answer
 
 
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
