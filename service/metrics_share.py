@@ -9,11 +9,18 @@ A process's counts file stays when the process ends, so its counts stay in the s
 a new process that gets the pid of an ended one starts from that file's counts
 (as prometheus_client's multiprocess mode does). The arbiter removes an ended
 process's ``live`` file (``mark_process_dead``), so its gauges leave the output.
+
+While the server runs nothing else removes a counts file, but a tmp cleaner may
+(an idle server's files age untouched) or remove the whole directory. Then the
+sum must not go backwards: a process writes its own files again, making the
+directory again if need be, and a reader keeps the counts it read before, writing
+an ended process's file back from them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +38,8 @@ PARTIAL = ".partial"  # a file being written; readers skip it
 PUBLISH_INTERVAL_S = 1.0
 
 Snapshot = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 def add(total: Snapshot, other: Snapshot) -> Snapshot:
@@ -92,43 +101,97 @@ class ProcessSnapshots:
         self._counts_written = self._live_written = ""  # the texts last written
         # An ended process that had this pid (in this run) left counts that must stay in the sum.
         self._base = _read(self._counts_path) or {}
+        # The counts last read from each counts file, by name, which stay in the sum if the file goes.
+        # Held only to read or update the dictionary, never across a file's reading or writing.
+        self._seen_lock = threading.Lock()
+        self._seen: dict[str, Snapshot] = {}
 
     def publish(self, take: Callable[[], tuple[Snapshot, Snapshot]]) -> None:
         """Write the counts and gauges ``take()`` returns (counts on top of what an earlier holder of the pid left)."""
         with self._write_lock:
             counts, live = take()
             counts_text, live_text = json.dumps(add(self._base, counts)), json.dumps(live)
-            if counts_text != self._counts_written:  # each file written only when it changed
+            # Each file written when it changed, or when it is gone (removed by a tmp cleaner).
+            if counts_text != self._counts_written or not self._counts_path.exists():
                 _replace(self._counts_path, counts_text)
                 self._counts_written = counts_text
-            if live_text != self._live_written:
+            if live_text != self._live_written or not self._live_path.exists():
                 _replace(self._live_path, live_text)
                 self._live_written = live_text
 
     def read(self) -> tuple[Snapshot, dict[int, Snapshot]]:
         """Every process's counts added up, and the gauges of each process still running, by pid."""
-        total: Snapshot = {}
+        counts: dict[str, Snapshot] = {}
         live: dict[int, Snapshot] = {}
-        for path in self.directory.iterdir():
-            name = path.name
+        try:
+            names = [path.name for path in self.directory.iterdir()]
+        except FileNotFoundError:  # removed since this process published: the counts it read before stand
+            names = []
+        for name in names:
             if not name.endswith(SUFFIX):
                 continue
             if name.startswith(COUNTS):
-                snapshot = _read(path)
+                snapshot = _read(self.directory / name)
                 if snapshot is not None:
-                    total = add(total, snapshot)
+                    counts[name] = snapshot
             elif name.startswith(LIVE):
-                snapshot = _read(path)
+                snapshot = _read(self.directory / name)
                 pid = name[len(LIVE) : -len(SUFFIX)]
                 if snapshot is not None and pid.isdigit():
                     live[int(pid)] = snapshot
+        with self._seen_lock:
+            self._seen.update(counts)
+            gone = {name: snapshot for name, snapshot in self._seen.items() if name not in counts}
+        if gone:
+            self._write_back(gone)
+        total: Snapshot = {}
+        for snapshot in [*counts.values(), *gone.values()]:
+            total = add(total, snapshot)
         return total, live
+
+    def _write_back(self, gone: dict[str, Snapshot]) -> None:
+        """Write again the counts files of ended processes that were removed, from what was read of them."""
+        # A running process writes its own: an older copy from here could replace a newer one.
+        ended = [name for name in gone if self._of_ended_process(name)]
+        for name in ended:
+            try:
+                _replace(self.directory / name, json.dumps(gone[name]))
+            except OSError as error:  # a full disk, say: the counts stay in this process's sum meanwhile
+                log.warning("could not write back the removed metrics file %s: %s", self.directory / name, error)
+        if ended:
+            log.warning(
+                "%d metrics file(s) of ended processes were removed from %s (a tmp cleaner?): written back",
+                len(ended),
+                self.directory,
+            )
+
+    def _of_ended_process(self, counts_name: str) -> bool:
+        pid = counts_name[len(COUNTS) : -len(SUFFIX)]
+        return pid.isdigit() and int(pid) != self.pid and not _alive(int(pid))
 
 
 def _replace(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + PARTIAL)
-    partial.write_text(text, encoding="utf-8")
+    """Replace ``path`` with ``text`` whole, making its directory again if it was removed."""
+    # A name of this thread's own: several processes, or scrapes of one, may write one file back at once.
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL}")
+    try:
+        partial.write_text(text, encoding="utf-8")
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log.warning("the metrics directory %s was removed (a tmp cleaner?): made again", path.parent)
+        partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (on this host, where the directory is)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _read(path: Path) -> Snapshot | None:

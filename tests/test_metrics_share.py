@@ -5,7 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -199,7 +201,7 @@ def test_a_publication_that_fails_is_logged_and_the_next_one_tries_again(tmp_pat
     metrics = Metrics()
     metrics.share(tmp_path, interval=None, pid=9)
     accept(metrics, 1)
-    blocker = tmp_path / "counts-9.json.partial"
+    blocker = tmp_path / f"counts-9.json.{os.getpid()}-{threading.get_ident()}.partial"  # where this thread writes
     blocker.mkdir()  # the file cannot be written (as on a full disk)
     metrics._publish_quietly()
     assert "could not publish the metrics" in caplog.text
@@ -215,6 +217,50 @@ def test_a_scrape_reads_no_partial_file(tmp_path, count):
     (tmp_path / "counts-102.json.partial").write_text("{")  # a process killed while writing
     accept(metrics, count)
     assert value(metrics, "workerpool_tasks_accepted_total") == count
+
+
+def ended_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_removed_directory_is_made_again_and_the_sum_does_not_go_back(tmp_path, caplog):
+    directory, gone = tmp_path / "metrics", ended_pid()
+    directory.mkdir()
+    ended, _ = process(directory, gone)
+    accept(ended, 6)
+    ended.publish()
+    metrics_share.mark_process_dead(directory, gone)
+    running, _ = process(directory, os.getpid())
+    accept(running, 3)
+    assert value(running, "workerpool_tasks_accepted_total") == 9
+    shutil.rmtree(directory)  # a tmp cleaner, or `rm -rf /tmp/*`
+    assert value(running, "workerpool_tasks_accepted_total") == 9
+    assert _counts_files(directory) == {gone: 6, os.getpid(): 3}  # its own written again, the ended one's back
+    assert "the metrics directory" in caplog.text and "made again" in caplog.text
+    assert "1 metrics file(s) of ended processes were removed" in caplog.text
+
+
+def test_removed_files_of_idle_processes_are_written_again_and_stay_in_the_sum(tmp_path):
+    idle_pid, gone = os.getppid(), ended_pid()  # a process that runs, one that ended
+    idle, _ = process(tmp_path, idle_pid)
+    ended, _ = process(tmp_path, gone)
+    for metrics, count in ((idle, 5), (ended, 6)):
+        accept(metrics, count)
+        metrics.publish()
+    scraper, _ = process(tmp_path, os.getpid())
+    assert value(scraper, "workerpool_tasks_accepted_total") == 11
+    for path in tmp_path.iterdir():  # what an age-based cleaner removes of an idle server's files
+        path.unlink()
+    assert value(scraper, "workerpool_tasks_accepted_total") == 11
+    # The ended process's file is written back; a running process's is its own to write (a copy from here
+    # could replace a newer one), which it does at its next publication, though its counts did not change.
+    assert _counts_files(tmp_path) == {gone: 6, os.getpid(): 0}
+    idle.publish()
+    assert _counts_files(tmp_path) == {gone: 6, os.getpid(): 0, idle_pid: 5}
+    assert (tmp_path / f"live-{idle_pid}.json").exists()
 
 
 # -- gunicorn -w 2 -----------------------------------------------------------------
@@ -295,3 +341,35 @@ def test_any_process_of_gunicorn_w2_answers_the_sum_also_after_one_is_killed_and
         assert not directory.exists()  # the arbiter's own directory goes at exit
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_gunicorn_w2_answers_metrics_after_its_directory_is_removed_and_makes_it_again(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(
+            STORE=f"sqlite://{tmp_path / 'tasks.db'}", QUEUE_SIZE="1000", ACCESS_LOG="off", TMPDIR=str(temporary)
+        ),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        workers = wait_until(lambda: len(pids := worker_pids(server.proc.pid)) == 2 and pids, timeout=20, what="2")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        (directory,) = temporary.glob("workerpool-metrics-*")
+        _submit(client, [f"a{n}" for n in range(20)])
+        wait_until(lambda: _accepted_by_scrape(client) == 20, timeout=20, what="a scrape of all 20")
+
+        shutil.rmtree(directory)  # what a tmp cleaner does to an idle server's directory
+        # Every scrape answers (200, checked by _accepted_by_scrape), and the sum comes back whole as
+        # soon as each process has written its counts again (within its publication interval).
+        assert all(_accepted_by_scrape(client) <= 20 for _ in range(5))
+        wait_until(lambda: set(_counts_files(directory)) == workers, timeout=20, what="both counts files again")
+        assert [_accepted_by_scrape(client) for _ in range(10)] == [20] * 10
+        assert server.terminate() == 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
