@@ -104,7 +104,9 @@ def _share_metrics(server):
 
 def nworkers_changed(server, new_value, old_value):
     """Keep one worker process when ``kill -TTIN`` asks for more and the store is not shared."""
-    if old_value is None or new_value <= 1:  # the first count is on_starting's to check
+    # The first count is on_starting's to check; a reload sets the count again, unchanged, with settings
+    # server_settings has checked. Setting the old count back below would call this hook again, without end.
+    if old_value is None or new_value <= 1 or new_value <= old_value:
         return
     try:
         _config.check_server_processes(_settings, new_value)

@@ -270,15 +270,20 @@ def test_with_log_format_json_every_line_gunicorn_and_the_app_write_is_json(tmp_
     assert {r["request_id"] for r in task_lines} == {"rid-e2e"}
 
 
-@pytest.mark.e2e
-def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_one(tmp_path):
-    # A copy of the project's top-level modules, so the test has a .env of its own (config.DOTENV_PATH).
+def project_copy(tmp_path: Path) -> Path:
+    """A copy of the project's top-level modules, so that a test has a .env of its own (config.DOTENV_PATH)."""
     project = tmp_path / "project"
     project.mkdir()
     for name in ("app.py", "config.py", "gunicorn.conf.py", "server_settings.py"):
         (project / name).write_bytes((PROJECT_ROOT / name).read_bytes())
     for name in ("service", "workerpool", "handlers"):
         (project / name).symlink_to(PROJECT_ROOT / name)
+    return project
+
+
+@pytest.mark.e2e
+def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_one(tmp_path):
+    project = project_copy(tmp_path)
     server = ServerProcess(
         ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
         log_path=tmp_path / "gunicorn.log",
@@ -318,6 +323,38 @@ def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_o
     assert pools == ["4 worker thread(s), queue of 64"] * 2 + ["2 worker thread(s), queue of 64"]
     assert "Traceback" not in log
     assert log.rstrip().endswith("0 abandoned")  # the arbiter's drain summary, its last line
+
+
+@pytest.mark.e2e
+def test_a_reload_to_the_memory_store_with_two_worker_processes_is_refused_and_both_keep_serving(tmp_path):
+    project = project_copy(tmp_path)
+    (project / ".env").write_text(f"STORE=sqlite://{tmp_path / 'tasks.db'}\n")
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(),
+        cwd=project,
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        first = wait_until(lambda: len(pids := worker_pids(arbiter)) == 2 and pids, timeout=20, what="two workers")
+        (project / ".env").write_text("")  # STORE back to its default, memory
+        os.kill(arbiter, signal.SIGHUP)
+        wait_until(lambda: "reload refused" in server.log(), timeout=20, what="the refusal")
+        # The two workers are replaced by two others, on the SQLite file still.
+        replaced = lambda: len(pids := worker_pids(arbiter)) == 2 and not pids & first  # noqa: E731
+        wait_until(replaced, timeout=30, what="two new workers")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        assert client.json("GET", "/dashboard/live")[1]["store"] == "sqlite"
+        assert server.proc.poll() is None
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    (refusal,) = [line for line in log.splitlines() if "refused" in line or "not adding" in line]
+    assert "reload refused: 2 worker processes would each keep their own tasks with STORE=memory" in refusal
+    assert "Traceback" not in log
 
 
 @pytest.mark.parametrize(("store", "warned"), [("memory", True), ("sqlite", False)])
@@ -371,6 +408,18 @@ def test_ttin_adds_a_worker_process_only_with_a_shared_store(monkeypatch, tmp_pa
     conf["nworkers_changed"](Arbiter, 2, 1)
     assert Arbiter.num_workers == kept
     assert bool(errors) == (store == "memory")
+
+
+@pytest.mark.parametrize(("new", "old"), [(2, 2), (1, 2), (2, 3)])
+def test_a_count_that_does_not_grow_is_not_checked_again(monkeypatch, new, old):
+    conf = load_conf(monkeypatch)  # STORE=memory: a growing count would be refused
+
+    class Arbiter:
+        log = None  # nothing to log
+        num_workers = new  # a reload sets the same count again; TTOU lowers it
+
+    conf["nworkers_changed"](Arbiter, new, old)
+    assert Arbiter.num_workers == new
 
 
 @pytest.mark.e2e
