@@ -91,6 +91,9 @@ class Metrics(PoolObserver):
         self._pool: WorkerPool | None = None
         self._shared: metrics_share.ProcessSnapshots | None = None  # set by share()
         self._publisher: metrics_share.Publisher | None = None
+        # Whether the last publication failed: its WARNING is logged once, not every round it goes on failing.
+        self._publishing_fails = False
+        self._publishing_lock = threading.Lock()  # held only to read and set _publishing_fails
         self.registry.register(_CountsCollector(self))
 
     def _row(self) -> _Row:
@@ -248,9 +251,12 @@ class Metrics(PoolObserver):
 
         The counts are published on each scrape this process answers, every ``interval`` seconds
         (None: only then and at ``stop_sharing``) and at ``stop_sharing``.
+        A publication that fails (a full disk, a directory that cannot be made
+        again) is logged and tried again: this runs as a gunicorn worker boots,
+        where an exception made gunicorn stop the whole server.
         """
         self._shared = metrics_share.ProcessSnapshots(directory, pid=pid)
-        self.publish()
+        self._publish_quietly()
         if interval is not None:
             self._publisher = metrics_share.Publisher(self._publish_quietly, interval)
             self._publisher.start()
@@ -260,7 +266,7 @@ class Metrics(PoolObserver):
         if self._publisher is not None:
             self._publisher.stop()
         elif self._shared is not None:
-            self.publish()
+            self._publish_quietly()
 
     def publish(self) -> None:
         """Write this process's counts and gauges to the shared directory now."""
@@ -268,10 +274,21 @@ class Metrics(PoolObserver):
             self._shared.publish(self._snapshot)
 
     def _publish_quietly(self) -> None:
+        """Publish; if that fails (a full disk, say), log it once: the next round tries again, and
+        scrapes meanwhile read this process's last snapshot (behind, never ahead of a later one)."""
+        directory = self._shared and self._shared.directory
         try:
             self.publish()
-        except OSError:  # a full disk, say: the next round tries again; scrapes read the last snapshot
-            log.warning("could not publish the metrics to %s", self._shared and self._shared.directory, exc_info=True)
+        except OSError as error:
+            with self._publishing_lock:
+                first, self._publishing_fails = not self._publishing_fails, True
+            if first:
+                log.warning("could not publish the metrics to %s (tried again every second): %s", directory, error)
+            return
+        with self._publishing_lock:
+            failed, self._publishing_fails = self._publishing_fails, False
+        if failed:
+            log.warning("the metrics are published to %s again", directory)
 
     def _snapshot(self) -> tuple[metrics_share.Snapshot, metrics_share.Snapshot]:
         """This process's counts and its own gauges, as a snapshot file holds them."""
@@ -299,10 +316,7 @@ class Metrics(PoolObserver):
         """With ``share``: this process's counts published, then every process's added up and the live ones' gauges."""
         if self._shared is None:
             return None
-        try:
-            self.publish()
-        except OSError:  # the sum then has this process's last snapshot: behind, never ahead of a later one
-            log.warning("could not publish the metrics to %s", self._shared.directory, exc_info=True)
+        self._publish_quietly()
         return self._shared.read()
 
 

@@ -19,6 +19,7 @@ an ended process's file back from them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,8 +83,14 @@ def remove_directory(directory: Path) -> None:
 
 
 def mark_process_dead(directory: Path, pid: int) -> None:
-    """Drop an ended process's gauges from the output; its counts stay in the sum."""
-    (directory / f"{LIVE}{pid}{SUFFIX}").unlink(missing_ok=True)
+    """Drop an ended process's gauges from the output; its counts stay in the sum.
+
+    The arbiter calls it as it reaps a worker: an error here would stop the whole server.
+    """
+    try:
+        (directory / f"{LIVE}{pid}{SUFFIX}").unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("could not remove the metrics gauges of the ended process %s: %s", pid, error)
 
 
 class ProcessSnapshots:
@@ -125,8 +132,8 @@ class ProcessSnapshots:
         live: dict[int, Snapshot] = {}
         try:
             names = [path.name for path in self.directory.iterdir()]
-        except FileNotFoundError:  # removed since this process published: the counts it read before stand
-            names = []
+        except (FileNotFoundError, NotADirectoryError):
+            names = []  # removed (or a file put in its place) since this process published: what it read stands
         for name in names:
             if not name.endswith(SUFFIX):
                 continue
@@ -175,12 +182,17 @@ def _replace(path: Path, text: str) -> None:
     # A name of this thread's own: several processes, or scrapes of one, may write one file back at once.
     partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL}")
     try:
-        partial.write_text(text, encoding="utf-8")
-    except FileNotFoundError:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        log.warning("the metrics directory %s was removed (a tmp cleaner?): made again", path.parent)
-        partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+        try:
+            partial.write_text(text, encoding="utf-8")
+        except FileNotFoundError:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log.warning("the metrics directory %s was removed (a tmp cleaner?): made again", path.parent)
+            partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # a full disk leaves the file begun: one a round would pile up
+            partial.unlink(missing_ok=True)
+        raise
 
 
 def _alive(pid: int) -> bool:
@@ -198,7 +210,7 @@ def _read(path: Path) -> Snapshot | None:
     """A snapshot, or None if its file is gone (an ended process's live file, removed meanwhile)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file now stands for the directory
         return None
 
 

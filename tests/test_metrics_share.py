@@ -211,6 +211,41 @@ def test_a_publication_that_fails_is_logged_and_the_next_one_tries_again(tmp_pat
     assert value(metrics, "workerpool_tasks_accepted_total") == 1
 
 
+def test_a_process_starts_sharing_where_it_cannot_write_logs_it_once_and_publishes_once_it_can(tmp_path, caplog):
+    # share() raised: a gunicorn worker booting with a full disk (or its directory unmakeable) failed
+    # to boot, and gunicorn then stopped the whole server.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")  # a file where the directory's parent should be: nothing can be written under it
+    metrics = Metrics()
+    metrics.share(blocked / "metrics", interval=None, pid=9)
+    accept(metrics, 2)
+    metrics._publish_quietly()
+    assert value(metrics, "workerpool_tasks_accepted_total") == 0  # a scrape answers: what it can read, no error
+    assert caplog.text.count("could not publish the metrics") == 1  # once, not every round
+    blocked.unlink()
+    metrics._publish_quietly()
+    assert json.loads((blocked / "metrics" / "counts-9.json").read_text())["row"]["accepted"] == 2
+    assert "the metrics are published to" in caplog.text
+    assert value(metrics, "workerpool_tasks_accepted_total") == 2
+    metrics_share.mark_process_dead(tmp_path / "blocked" / "metrics" / "x", 9)  # the arbiter's side: no error either
+
+
+def test_a_write_that_fails_midway_leaves_no_partial_file(tmp_path, monkeypatch):
+    metrics = Metrics()
+    metrics.share(tmp_path, interval=None, pid=9)
+    accept(metrics, 1)
+
+    def disk_full(path: Path, text: str, encoding: str) -> None:
+        with open(path, "w", encoding=encoding) as file:
+            file.write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    metrics._publish_quietly()
+    metrics._publish_quietly()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["counts-9.json", "live-9.json"]  # one a round before
+
+
 @pytest.mark.parametrize("count", [0, 3])
 def test_a_scrape_reads_no_partial_file(tmp_path, count):
     metrics, _ = process(tmp_path, 101)
@@ -373,3 +408,44 @@ def test_gunicorn_w2_answers_metrics_after_its_directory_is_removed_and_makes_it
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_gunicorn_w2_replaces_a_killed_worker_and_keeps_serving_when_metrics_cannot_be_written(tmp_path):
+    # The replacement failed to boot (OSError from the metrics' first publication) and gunicorn then
+    # stopped the whole server: "Reason: Worker failed to boot", the port closed.
+    parent = tmp_path / "parent"
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(
+            STORE=f"sqlite://{tmp_path / 'tasks.db'}", ACCESS_LOG="off", METRICS_DIR=str(parent / "metrics")
+        ),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        before = wait_until(lambda: len(pids := worker_pids(server.proc.pid)) == 2 and pids, timeout=20, what="2")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        shutil.rmtree(parent)
+        parent.write_text("")  # nothing can be written in the directory any more (as on a full disk)
+        killed = min(before)
+        os.kill(killed, signal.SIGKILL)
+        after = wait_until(
+            lambda: len(pids := worker_pids(server.proc.pid)) == 2 and killed not in pids and pids,
+            timeout=20,
+            what="a replacement worker",
+        )
+        (new,) = after - before
+        wait_until(lambda: f"Booting worker with pid: {new}" in server.log(), timeout=20, what="it to boot")
+        _submit(client, [f"a{n}" for n in range(10)])  # served by both processes (asserts 202 each)
+        wait_until(
+            lambda: server.log().count("could not publish the metrics") >= 2, timeout=20, what="the publishers to fail"
+        )
+        assert worker_pids(server.proc.pid) == after  # the replacement stayed up, and the arbiter too
+        assert client.request("GET", "/metrics")[0] == 200
+        assert server.terminate() == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert "Worker failed to boot" not in log and "Traceback" not in log
