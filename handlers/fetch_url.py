@@ -9,6 +9,18 @@ The payload is the URL, or ``{"url": ..., "timeout_s": ...}``. The result is
 ``{"url", "status", "content_type", "bytes", "sha256", "text"}``: the final
 URL after redirects, the body's size and digest, and its first characters.
 
+Whoever can submit a task chooses the URL and reads the answer back from the
+task, so ``fetch`` connects only to public addresses: a host that resolves to
+a loopback, private, link-local (169.254.169.254, the cloud metadata
+service), shared, multicast or reserved address fails the task for good, at
+every redirect too, and redirects go to http and https only. The address is
+checked as the connection is made, to the address connected to (a name that
+resolves to another address later gains nothing), and proxies (``http_proxy``
+and the like) are not used, since through one the handler would not know the
+address. A handler for internal addresses is ``fetcher(allow_address=...)``,
+deployed with ``API_TOKEN`` set: without it anyone who reaches the service
+reads what the service can reach.
+
 How the handler talks to the pool:
 
 - it returns the result (a JSON value, at most ``MAX_RESULT_BYTES`` as JSON);
@@ -25,11 +37,16 @@ How the handler talks to the pool:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.client
+import ipaddress
+import socket
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from workerpool import AttemptCancelled, PermanentFailure, Task
@@ -40,16 +57,43 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 PREVIEW_CHARS = 200
 _READ_BYTES = 64 * 1024
 _RETRYABLE_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests: trying again later may work
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 addresses reached through a NAT64 gateway
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Handler = Callable[[Task, threading.Event], dict[str, Any]]
 
 
-def fetch(task: Task, cancel: threading.Event) -> dict[str, Any]:
-    """Fetch the URL of ``task.payload``; the result describes the answer."""
+def is_public(address: Address) -> bool:
+    """Whether ``address`` is a unicast address of the public internet (an IPv4 one inside IPv6 judged as itself)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.teredo is not None:
+            return False  # a tunnel to an address of its own choosing
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public(embedded)
+    return address.is_global and not address.is_multicast
+
+
+def fetcher(*, allow_address: Callable[[Address], bool] = is_public) -> Handler:
+    """A handler like ``fetch`` that connects to the addresses ``allow_address`` accepts (``fetch``: public ones)."""
+    return functools.partial(_fetch, allow_address=allow_address)
+
+
+def _fetch(task: Task, cancel: threading.Event, *, allow_address: Callable[[Address], bool]) -> dict[str, Any]:
     url, timeout = _parse(task.payload)
     if cancel.is_set():
         raise AttemptCancelled("cancelled before the request was sent")
     request = urllib.request.Request(url, headers={"User-Agent": "workerpool-example/1.0"})
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),  # the environment's proxies: through one, the address is not known here
+        _CheckedHTTPHandler(allow_address),
+        _CheckedHTTPSHandler(allow_address),
+        _HTTPRedirectHandler(),
+    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             size, digest, head = _read_body(response, cancel, url)
             return {
                 "url": response.url,
@@ -64,6 +108,88 @@ def fetch(task: Task, cancel: threading.Event) -> dict[str, Any]:
         if 400 <= exc.code < 500 and exc.code not in _RETRYABLE_4XX:
             raise PermanentFailure(f"{url} answered {exc.code} {exc.reason}") from None
         raise  # 5xx, 408, 429: retried while retries are left
+
+
+def fetch(task: Task, cancel: threading.Event) -> dict[str, Any]:
+    """Fetch the URL of ``task.payload`` from a public address; the result describes the answer."""
+    return _fetch(task, cancel, allow_address=is_public)
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow_address: Callable[[Address], bool]) -> None:
+        super().__init__()
+        self._allow_address = allow_address
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_checked(http.client.HTTPConnection, self._allow_address), req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow_address: Callable[[Address], bool]) -> None:
+        super().__init__()
+        self._allow_address = allow_address
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_checked(http.client.HTTPSConnection, self._allow_address), req, context=self._context)
+
+
+class _HTTPRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http and https only (urllib's own follows them to ftp too)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        scheme = urllib.parse.urlsplit(newurl).scheme
+        if scheme not in ("http", "https"):
+            fp.close()
+            raise PermanentFailure(f"{req.full_url} redirected to {newurl!r}: only http and https URLs are fetched")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _checked(
+    connection_class: type[http.client.HTTPConnection], allow_address: Callable[[Address], bool]
+) -> Callable[..., http.client.HTTPConnection]:
+    """``connection_class``, connecting only to addresses ``allow_address`` accepts (TLS still checks the name)."""
+
+    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        connection = connection_class(host, **kwargs)
+        connection._create_connection = functools.partial(_connect, allow_address=allow_address)  # type: ignore[attr-defined]
+        return connection
+
+    return make
+
+
+def _connect(
+    address: tuple[str, int],
+    timeout: float | object = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+    source_address: tuple[str, int] | None = None,
+    *,
+    allow_address: Callable[[Address], bool],
+) -> socket.socket:
+    """``socket.create_connection``, trying only the addresses of ``address``'s host that are allowed.
+
+    PermanentFailure if none is: the host is no place to send a task's request to.
+    """
+    host, port = address
+    found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    allowed = [info for info in found if allow_address(ipaddress.ip_address(info[4][0]))]
+    if not allowed:
+        addresses = ", ".join(sorted({info[4][0] for info in found}))
+        where = host if addresses == host else f"{host} ({addresses})"
+        raise PermanentFailure(f"{where} is not a public address: no request is sent there")
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in allowed:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                sock.settimeout(timeout)  # type: ignore[arg-type]
+            if source_address is not None:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    assert error is not None
+    raise error
 
 
 def _parse(payload: Any) -> tuple[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import threading
 import urllib.error
 from collections.abc import Iterator
@@ -12,26 +13,31 @@ import pytest
 from doubles import WAIT_S
 from http_fixtures import make_harness
 
-from handlers.fetch_url import PREVIEW_CHARS, fetch
+from handlers.fetch_url import PREVIEW_CHARS, fetch, fetcher, is_public
 from workerpool import AttemptCancelled, PermanentFailure, Task
 
 BODY = ("héllo " * 100).encode()
+# The site below is on 127.0.0.1, where ``fetch`` sends nothing: the tests of its answers allow loopback.
+fetch_local = fetcher(allow_address=lambda address: address.is_loopback)
 
 
 class Site(BaseHTTPRequestHandler):
-    """/ok: a page; /status/<n>: that status; /redirect: to /ok; /slow: one piece, then the rest on release."""
+    """/ok: a page; /status/<n>: that status; /redirect: to /ok; /redirect-to?<url>: to that URL;
+    /slow: one piece, then the rest on release."""
 
     first_piece_sent = threading.Event()
     release = threading.Event()
+    paths: list[str] = []  # of every request received
 
     def do_GET(self) -> None:
+        Site.paths.append(self.path)
         if self.path == "/ok":
             self._answer(200, BODY, "text/plain; charset=utf-8")
         elif self.path.startswith("/status/"):
             self._answer(int(self.path.removeprefix("/status/")), b"nope", "text/plain")
-        elif self.path == "/redirect":
+        elif self.path == "/redirect" or self.path.startswith("/redirect-to?"):
             self.send_response(302)
-            self.send_header("Location", "/ok")
+            self.send_header("Location", self.path.partition("?")[2] or "/ok")
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif self.path == "/slow":
@@ -72,7 +78,7 @@ def task(payload: object) -> Task:
 
 
 def test_a_page_is_described_in_the_result(site):
-    result = fetch(task({"url": f"{site}/redirect", "timeout_s": 5}), threading.Event())
+    result = fetch_local(task({"url": f"{site}/redirect", "timeout_s": 5}), threading.Event())
     assert result == {
         "url": f"{site}/ok",
         "status": 200,
@@ -84,19 +90,19 @@ def test_a_page_is_described_in_the_result(site):
 
 
 def test_the_payload_may_be_the_url_alone(site):
-    assert fetch(task(f"{site}/ok"), threading.Event())["status"] == 200
+    assert fetch_local(task(f"{site}/ok"), threading.Event())["status"] == 200
 
 
 @pytest.mark.parametrize("status", [400, 403, 404, 410])
 def test_a_client_error_fails_the_task_for_good(site, status):
     with pytest.raises(PermanentFailure, match=f"answered {status} "):
-        fetch(task(f"{site}/status/{status}"), threading.Event())
+        fetch_local(task(f"{site}/status/{status}"), threading.Event())
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 503])
 def test_a_server_error_or_a_request_to_slow_down_is_retried(site, status):
     with pytest.raises(urllib.error.HTTPError) as caught:
-        fetch(task(f"{site}/status/{status}"), threading.Event())
+        fetch_local(task(f"{site}/status/{status}"), threading.Event())
     assert not isinstance(caught.value, PermanentFailure)
     assert caught.value.code == status
 
@@ -121,7 +127,7 @@ def test_a_payload_that_no_retry_can_fix_fails_the_task_for_good(payload):
 
 def test_a_refused_connection_is_retried():
     with pytest.raises(urllib.error.URLError) as caught:
-        fetch(task("http://127.0.0.1:9/"), threading.Event())  # the discard port: nobody listens
+        fetch_local(task("http://127.0.0.1:9/"), threading.Event())  # the discard port: nobody listens
     assert not isinstance(caught.value, urllib.error.HTTPError)
 
 
@@ -131,7 +137,7 @@ def test_a_cancel_stops_the_download_at_the_next_piece(site):
 
     def run() -> None:
         try:
-            fetch(task(f"{site}/slow"), cancel)
+            fetch_local(task(f"{site}/slow"), cancel)
         except BaseException as exc:
             outcome.append(exc)
 
@@ -152,7 +158,7 @@ def test_a_cancelled_attempt_sends_no_request():
 
 
 def test_through_the_service_the_result_is_in_the_task(site):
-    harness = make_harness(fetch)
+    harness = make_harness(fetch_local)
     response = harness.client.post("/enqueue", json={"id": "page", "payload": {"url": f"{site}/ok"}})
     assert response.status_code == 202
     missing = harness.client.post("/enqueue", json={"id": "missing", "payload": f"{site}/status/404", "max_retries": 3})
@@ -163,3 +169,62 @@ def test_through_the_service_the_result_is_in_the_task(site):
     gone = harness.client.get("/tasks/missing").get_json()
     assert (gone["state"], gone["attempts"]) == ("failed", 1)
     assert gone["last_error"] == f"PermanentFailure: {site}/status/404 answered 404 Not Found"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1",
+     "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+     "2002:7f00:1::", "64:ff9b::a9fe:a9fe", "2001:0:4136:e378:8000:63bf:3fff:fdd2"],
+)  # fmt: skip
+def test_loopback_private_link_local_multicast_and_reserved_addresses_are_not_public(address):
+    assert not is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "8.8.8.8", "2606:2800:220:1:248:1893:25c8:1946", "2002:5db8:d822::"]
+)
+def test_addresses_of_the_internet_are_public(address):
+    assert is_public(ipaddress.ip_address(address))
+
+
+def test_the_handler_sends_nothing_to_a_loopback_or_internal_address(site):
+    # Any client could make the service fetch an internal URL (loopback, the private network, the cloud
+    # metadata service at 169.254.169.254) and read the answer in the task's result.
+    port = site.rsplit(":", 1)[1]
+    before = len(Site.paths)
+    for url in [f"{site}/ok", f"http://localhost:{port}/ok", f"http://[::ffff:127.0.0.1]:{port}/ok",
+                "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/", "http://[::1]:9/"]:  # fmt: skip
+        with pytest.raises(PermanentFailure, match="is not a public address: no request is sent there"):
+            fetch(task({"url": url, "timeout_s": 5}), threading.Event())
+    assert len(Site.paths) == before
+
+
+def test_each_redirect_is_checked_as_the_first_request(site):
+    only_this_site = fetcher(allow_address=lambda address: address == ipaddress.ip_address("127.0.0.1"))
+    port = site.rsplit(":", 1)[1]
+    with pytest.raises(PermanentFailure, match=r"^127\.0\.0\.2 is not a public address"):
+        only_this_site(task(f"{site}/redirect-to?http://127.0.0.2:{port}/ok"), threading.Event())
+
+
+def test_a_redirect_to_another_scheme_than_http_fails_the_task_for_good(site):
+    # urllib followed redirects to ftp:// on its own.
+    with pytest.raises(PermanentFailure, match="redirected to 'ftp://127.0.0.1/x': only http and https"):
+        fetch_local(task(f"{site}/redirect-to?ftp://127.0.0.1/x"), threading.Event())
+
+
+def test_a_proxy_of_the_environment_is_not_used(site, monkeypatch):
+    # Through a proxy the address requests go to is not known to the handler: none is used.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert fetch_local(task(f"{site}/ok"), threading.Event())["status"] == 200
+
+
+def test_through_the_service_an_internal_url_fails_the_task_without_retries(site):
+    harness = make_harness(fetch)
+    response = harness.client.post("/enqueue", json={"id": "inside", "payload": f"{site}/ok", "max_retries": 3})
+    assert response.status_code == 202
+    harness.drain()
+    inside = harness.client.get("/tasks/inside").get_json()
+    assert (inside["state"], inside["attempts"], inside.get("result")) == ("failed", 1, None)
+    assert inside["last_error"] == "PermanentFailure: 127.0.0.1 is not a public address: no request is sent there"
