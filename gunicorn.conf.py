@@ -22,6 +22,7 @@ import server_settings as _server_settings  # noqa: E402
 from service import logs as _logs  # noqa: E402
 from service import metrics_share as _metrics_share  # noqa: E402
 from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
+from service.drain_reports import send as _send_report  # noqa: E402
 from service.lingering_close import MAX_LINGERING  # noqa: E402
 
 # At the start a bad value, a TASK_HANDLER that does not resolve or a store that cannot be opened stops
@@ -152,6 +153,7 @@ def post_worker_init(worker):
 def post_fork(server, worker):
     worker.drain_report_fd = server.drain_reports.write_fd
     worker.metrics_dir = server.metrics_dir
+    _server_settings.report_with(lambda text: _send_report(worker.drain_report_fd, text))
 
 
 def worker_exit(server, worker):

@@ -7,12 +7,16 @@ the first load exits on a bad value; a reload that a check refuses logs why and
 keeps the settings the server runs with, and gunicorn then replaces the workers
 with those. The workers build their app from the settings accepted here (see
 ``worker_app``), not by reading the environment again, so a ``.env`` edited
-since cannot reach a new or replaced worker unchecked.
+since cannot reach a new or replaced worker unchecked; and a worker that cannot
+open the store ends alone instead of making gunicorn stop the server.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import NoReturn
 
 from flask import Flask
 
@@ -28,6 +32,10 @@ log = logging.getLogger("gunicorn.error")
 _accepted: Config | None = None
 # The worker processes the server runs (gunicorn's `workers`, `-w` included), once on_starting has said.
 _processes: int | None = None
+# How a worker process tells its arbiter why it ended (set in the worker by post_fork).
+_report: Callable[[str], object] | None = None
+# How long a worker that could not open the store waits before it exits: gunicorn starts the next at once.
+NOT_STARTED_PAUSE_S = 1.0
 
 
 def load() -> Config:
@@ -49,9 +57,32 @@ def started(processes: int) -> None:
     _processes = processes
 
 
+def report_with(report: Callable[[str], object]) -> None:
+    """Give this worker process the way to tell its arbiter why it ended (from post_fork)."""
+    global _report
+    _report = report
+
+
 def worker_app() -> Flask:
-    """The application of a worker process, with the settings its arbiter accepted (gunicorn's ``wsgi_app``)."""
-    return app.create_app(_accepted)  # None only when the app is loaded without gunicorn.conf.py's settings
+    """The application of a worker process, with the settings its arbiter accepted (gunicorn's ``wsgi_app``).
+
+    A store that cannot be opened now (a SQLite file locked past the busy timeout
+    by another program) ends this worker alone, with exit code 1, and gunicorn
+    starts another: an exception here would count as a worker that cannot boot,
+    on which gunicorn stops the whole server, the other workers included.
+    """
+    try:
+        return app.create_app(_accepted)  # None only when the app is loaded without gunicorn.conf.py's settings
+    except StoreUnavailable as error:
+        _not_started(error)
+
+
+def _not_started(error: StoreUnavailable) -> NoReturn:
+    log.error("worker not started: STORE cannot be used now (%s); gunicorn starts another", error)
+    if _report is not None:  # what the arbiter logs as this worker's end, rather than a lost drain
+        _report("not started (STORE could not be used); it held no task")
+    time.sleep(NOT_STARTED_PAUSE_S)  # a store that fails at once must not make gunicorn fork without pause
+    raise SystemExit(1)
 
 
 def _first_load() -> Config:

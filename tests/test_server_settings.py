@@ -10,6 +10,7 @@ from redis_server import free_port
 import server_settings
 from config import VARIABLES
 from service.context import services
+from workerpool import StoreUnavailable
 
 
 @pytest.fixture
@@ -19,6 +20,7 @@ def environ(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(server_settings, "_accepted", None)
     monkeypatch.setattr(server_settings, "_processes", None)
+    monkeypatch.setattr(server_settings, "_report", None)
     # gunicorn's logging set up by an earlier test (dictConfig) would keep its lines from caplog.
     monkeypatch.setattr(server_settings.log, "propagate", True)
     monkeypatch.setattr(server_settings.log, "disabled", False)
@@ -95,3 +97,22 @@ def test_a_reload_refuses_the_memory_store_for_several_worker_processes(environ,
     with caplog.at_level(logging.ERROR, "gunicorn.error"):
         assert server_settings.load() is running
     assert "2 worker processes would each keep their own tasks with STORE=memory" in caplog.text
+
+
+def test_a_worker_that_cannot_open_the_store_ends_alone_with_exit_code_1_and_says_why(environ, monkeypatch, caplog):
+    """Not an exception: gunicorn takes one from a starting worker as a reason to stop the whole server."""
+    environ()
+    server_settings.load()
+    reports: list[str] = []
+    server_settings.report_with(reports.append)
+
+    def locked(settings):
+        raise StoreUnavailable("tasks.db: the database is locked by another process")
+
+    monkeypatch.setattr(server_settings.app, "create_app", locked)
+    monkeypatch.setattr(server_settings, "NOT_STARTED_PAUSE_S", 0)
+    with caplog.at_level(logging.ERROR, "gunicorn.error"), pytest.raises(SystemExit) as exited:
+        server_settings.worker_app()
+    assert exited.value.code == 1
+    assert "worker not started: STORE cannot be used now (tasks.db: the database is locked" in caplog.text
+    assert reports == ["not started (STORE could not be used); it held no task"]

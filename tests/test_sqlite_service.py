@@ -245,6 +245,43 @@ def test_a_locked_database_answers_503_and_health_says_why_until_it_is_released(
         harness.drain()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_worker_replaced_while_the_file_is_locked_retries_and_the_server_stays_up(tmp_path):
+    db = tmp_path / "tasks.db"
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(STORE=f"sqlite://{db}", WORK_MIN_MS="0", WORK_MAX_MS="0"),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        first = wait_until(lambda: len(pids := worker_pids(arbiter)) == 2 and pids, timeout=20, what="two workers")
+        wait_until(lambda: server.log().count("pool started") == 2, timeout=20, what="both pools")
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # a VACUUM, the sqlite3 shell, a long write of another program
+        try:
+            os.kill(min(first), signal.SIGKILL)  # an OOM kill, a crash in a handler
+            # Its replacement waits out the busy timeout (5 s), ends alone, and gunicorn starts another.
+            wait_until(lambda: "worker not started: STORE cannot be used now" in server.log(), timeout=30, what="it")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        wait_until(lambda: server.log().count("pool started") == 3, timeout=30, what="a replacement's pool")
+        assert server.proc.poll() is None
+        assert len(worker_pids(arbiter)) == 2
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        assert client.json("POST", "/enqueue", b'{"id": "after", "payload": ""}')[0] == 202
+        wait_until(lambda: client.json("GET", "/tasks/after")[1]["state"] == "done", timeout=10, what="it to run")
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert "ended: not started (STORE could not be used); it held no task" in log
+    assert "Worker failed to boot" not in log
+
+
 # -- stopping and reloading -----------------------------------------------------------------
 
 
