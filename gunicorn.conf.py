@@ -117,7 +117,13 @@ def nworkers_changed(server, new_value, old_value):
 
 
 def on_reload(server):
-    """Say what a reload costs when tasks live in the worker's memory."""
+    """Say what a reload changes (the settings, not the code), and what it costs when tasks live in memory."""
+    # The arbiter imported the app and TASK_HANDLER's module to check them before listening; each
+    # worker it forks has them already, so gunicorn's reload cannot load newer ones.
+    server.log.info(
+        "reload: the new workers take the settings read again and run the code loaded when the server started "
+        "(new code takes kill -USR2, a binary upgrade, or a restart)"
+    )
     if not _settings.store.shared:
         server.log.warning(
             "reload with STORE=memory: the new worker starts with an empty task table, so every task id "

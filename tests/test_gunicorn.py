@@ -361,13 +361,22 @@ def test_a_reload_to_the_memory_store_with_two_worker_processes_is_refused_and_b
 def test_a_reload_warns_that_the_memory_store_forgets_every_task(monkeypatch, tmp_path, store, warned):
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else store)
     warnings: list[str] = []
+    infos: list[str] = []
 
     class Log:
         def warning(self, message, *args):
             warnings.append(message % args if args else message)
 
+        def info(self, message, *args):
+            infos.append(message % args if args else message)
+
     conf["on_reload"](type("Arbiter", (), {"log": Log()})())
     assert bool(warnings) == warned
+    # Said at every reload: gunicorn documents HUP as loading the new code when the app is not preloaded.
+    assert infos == [
+        "reload: the new workers take the settings read again and run the code loaded when the server started "
+        "(new code takes kill -USR2, a binary upgrade, or a restart)"
+    ]
     if warned:
         assert "empty task table" in warnings[0] and "404" in warnings[0]
 
