@@ -19,7 +19,8 @@ refused, is not asked for (no ``100 Continue``) nor read; the application
 refuses it from its head, without reading it. A head, or a chunked body's
 trailer section, larger than ``MAX_PREREAD_HEAD`` is refused from here (431,
 or 414 for a request line alone that long), as is an HTTP/1.1 head without a
-Host field (400, which gunicorn's parser does not check) and one with a transfer
+Host field (400, which gunicorn's parser does not check), one with a line ended
+by a bare LF (400: waited for, its end of head would never come) and one with a transfer
 coding other than chunked (501: gunicorn's parser would hand its body over
 undecoded), and never reaches a thread.
 What is left for a thread to read from the socket (a request whose framing
@@ -37,7 +38,13 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gunicorn.http import get_parser
-from gunicorn.http.errors import InvalidHeader, LimitRequestHeaders, LimitRequestLine, UnsupportedTransferCoding
+from gunicorn.http.errors import (
+    InvalidHeader,
+    InvalidRequestLine,
+    LimitRequestHeaders,
+    LimitRequestLine,
+    UnsupportedTransferCoding,
+)
 
 from .bearer import bearer_problem
 
@@ -119,6 +126,20 @@ class UnsupportedCoding(UnsupportedTransferCoding):
 
     def __str__(self) -> str:
         return f"Transfer-Encoding {self.hdr!r} is not supported: send the body with Transfer-Encoding: chunked only"
+
+
+class BareLineFeed(InvalidRequestLine):
+    """A head with a line ended by a bare LF: 400 at once (RFC 9112 section 2.2), as gunicorn's parser refuses it.
+
+    Such a head never ends with CRLF CRLF: waited for, it would be dropped
+    unanswered at the deadline.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("bare LF as line terminator")
+
+    def __str__(self) -> str:
+        return "a line of the request head ends with a bare LF: every line must end with CRLF (RFC 9112 section 2.2)"
 
 
 def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bool:
@@ -242,6 +263,9 @@ class RequestReader:
     def _complete(self, conn: Connection, pending: _Pending) -> bool:
         if pending.length is None:
             end = pending.buffer.find(_END_OF_HEAD, pending.searched)
+            if _bare_lf(pending.buffer, pending.searched, len(pending.buffer) if end < 0 else end):
+                pending.refusal = BareLineFeed()
+                return True
             if end < 0 or end + len(_END_OF_HEAD) > MAX_PREREAD_HEAD:
                 pending.searched = max(0, len(pending.buffer) - len(_END_OF_HEAD) + 1)
                 if len(pending.buffer) <= MAX_PREREAD_HEAD:
@@ -468,6 +492,16 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
         pending.decoded += size
         pending.framing += line_end + 4 - at
         at = data_end + 2
+
+
+def _bare_lf(buffer: bytearray, start: int, stop: int) -> bool:
+    """Whether an LF in ``buffer[start:stop]`` is not preceded by a CR."""
+    at = buffer.find(b"\n", start, stop)
+    while at >= 0:
+        if at == 0 or buffer[at - 1] != 0x0D:
+            return True
+        at = buffer.find(b"\n", at + 1, stop)
+    return False
 
 
 def _head_too_large(buffer: bytearray) -> Exception:

@@ -106,3 +106,19 @@ def test_a_transfer_coding_other_than_chunked_is_refused_501_at_once(port, codin
     assert status == 501
     assert headers["connection"] == "close"
     assert "Transfer-Encoding" in problem(headers, body)["detail"]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GET /healthz HTTP/1.1\nHost: a\n\n", b"GET /healthz HTTP/1.0\n\n", b"GET /healthz HTTP/1.1\r\nHost: a\n\r\n"],
+    ids=["lf-1.1", "lf-1.0", "one-lf"],
+)
+def test_a_head_with_bare_lf_lines_is_answered_at_once(port, head, request):
+    # The connection stays open on the client's side: the answer must not wait for the request's deadline.
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=4) as sock:
+        sock.sendall(head)
+        status_line = sock.recv(65536).partition(b"\r\n")[0]
+    assert time.monotonic() - started < 4
+    if request.node.callspec.params["port"] == "gunicorn":  # python app.py's server takes bare LF lines
+        assert status_line.split()[1] == b"400"

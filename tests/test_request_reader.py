@@ -474,3 +474,37 @@ def test_a_transfer_coding_before_chunked_is_refused_501_from_the_loop(harness, 
     assert name == "UnsupportedCoding"
     assert detail.startswith(f"Transfer-Encoding {refused!r} is not supported")
     assert harness.refused[0][1].code == 501
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"GET /healthz HTTP/1.1\nHost: a\n\n",
+        b"GET /healthz HTTP/1.1\nHost: a",  # refused before the head's end: it would never end with CRLF CRLF
+        b"\nGET / HTTP/1.1\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: 1\n\r\n",
+        b"POST /enqueue HTTP/1.1\r\nHost: a\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+def test_a_head_with_a_bare_lf_is_refused_from_the_loop(harness, sent):
+    conn, _ = harness.connect(sent)
+    name, detail = _refused(harness, conn)
+    assert name == "BareLineFeed" and "bare LF" in detail
+    assert harness.refused[0][1].code == 400
+
+
+def test_a_bare_lf_arriving_after_a_cr_is_not_taken_for_one(harness):
+    conn, client = harness.connect(b"GET /healthz HTTP/1.1\r")
+    client.sendall(b"\nHost: a\r")
+    harness.turn()
+    client.sendall(b"\n\r\n")
+    harness.turn()
+    assert harness.ready == [conn] and harness.refused == []
+
+
+def test_a_bare_lf_sent_in_a_later_piece_is_refused_then(harness):
+    conn, client = harness.connect(b"GET /healthz HTTP/1.1\r\n")
+    assert harness.ready == [] and harness.refused == []
+    client.sendall(b"Host: a\n")
+    harness.turn()
+    assert harness.refused and harness.refused[0][0] is conn
