@@ -6,7 +6,6 @@ concurrency comes from its threads.
 """
 
 import math
-import resource
 import sys
 from pathlib import Path
 
@@ -19,16 +18,18 @@ from gunicorn import systemd as _systemd  # noqa: E402
 import app as _app  # noqa: E402
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 import server_settings as _server_settings  # noqa: E402
+from service import file_limits as _file_limits  # noqa: E402
 from service import logs as _logs  # noqa: E402
 from service import metrics_share as _metrics_share  # noqa: E402
 from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
 from service.drain_reports import send as _send_report  # noqa: E402
-from service.lingering_close import MAX_LINGERING  # noqa: E402
 
 # At the start a bad value, a TASK_HANDLER that does not resolve or a store that cannot be opened stops
 # gunicorn here with exit code 2. gunicorn runs this file again at each reload (kill -HUP): then a bad
 # value is logged and the running settings are kept (see server_settings.py).
-_settings = _server_settings.load()
+threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
+# A configuration whose store leaves too few file descriptors for connections is refused the same way.
+_settings = _server_settings.load(check=lambda settings: _file_limits.worker_connections(settings, threads))
 
 # Seconds between the end of the drain deadline and gunicorn's SIGKILL.
 DRAIN_MARGIN_S = 5
@@ -39,11 +40,11 @@ workers = 1  # pinned: each worker process would have its own queue and task tab
 # gthread, with stop-signal handlers that start the pool's drain at once
 # (see service/gunicorn_worker.py).
 worker_class = "service.gunicorn_worker.DrainingThreadWorker"
-threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
 # Connections held at once, slow and idle ones included (with all taken, the one waiting longest
-# for its request makes room). Each costs a file descriptor, as do up to MAX_LINGERING closing ones
-# and the process's own files: running out would make accept() fail and gunicorn end the worker.
-worker_connections = max(64, min(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - MAX_LINGERING - 128))
+# for its request makes room). Each costs a file descriptor, as do closing ones, the process's own
+# files and the store's: running out would make accept() fail and gunicorn end the worker. The soft
+# limit on open files is raised toward the hard one as far as needed (see service/file_limits.py).
+worker_connections = _file_limits.worker_connections(_settings, threads)
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
 max_requests = 0  # recycling the only worker would stall the service and cut a drain short
 graceful_timeout = math.ceil(_settings.shutdown_timeout_s) + DRAIN_MARGIN_S  # whole seconds only

@@ -38,14 +38,17 @@ _report: Callable[[str], object] | None = None
 NOT_STARTED_PAUSE_S = 1.0
 
 
-def load() -> Config:
-    """The settings to run with: on a bad value, exit 2 at the start, keep the running settings at a reload."""
+def load(check: Callable[[Config], object] = lambda settings: None) -> Config:
+    """The settings to run with: on a bad value, exit 2 at the start, keep the running settings at a reload.
+
+    ``check`` raises ConfigError for settings the server cannot run with (gunicorn.conf.py's own checks).
+    """
     global _accepted
     if _accepted is None:
-        _accepted = _first_load()
+        _accepted = _first_load(check)
     else:
         try:
-            _accepted = _reload(_accepted)
+            _accepted = _reload(_accepted, check)
         except ConfigError as error:
             log.error("reload refused: %s; the server keeps running with the settings it had", error)
     return _accepted
@@ -85,9 +88,10 @@ def _not_started(error: StoreUnavailable) -> NoReturn:
     raise SystemExit(1)
 
 
-def _first_load() -> Config:
+def _first_load(check: Callable[[Config], object]) -> Config:
     settings = config.load()  # a bad value stops gunicorn here with exit code 2
     try:
+        check(settings)
         # Imported now, in the arbiter, so a TASK_HANDLER that does not resolve stops gunicorn before it listens.
         app.load_handler(settings)
     except ConfigError as error:
@@ -96,9 +100,10 @@ def _first_load() -> Config:
     return settings
 
 
-def _reload(running: Config) -> Config:
+def _reload(running: Config, check: Callable[[Config], object]) -> Config:
     """The settings read again, checked as at the start; raises ConfigError to keep ``running``."""
     settings = config.from_env(config.read_environment())
+    check(settings)
     app.load_handler(settings)
     if _processes is not None:
         config.check_server_processes(settings, _processes)

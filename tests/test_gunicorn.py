@@ -6,6 +6,7 @@ import json
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,16 +54,51 @@ def test_one_threaded_worker_without_preload_or_recycling(monkeypatch):
     assert callable(conf["worker_exit"])
 
 
-@pytest.mark.parametrize("files", [1024, 20_000])
-def test_connections_leave_file_descriptors_for_closing_sockets_and_the_process(monkeypatch, files):
+@pytest.mark.parametrize(
+    ("env", "limits", "soft", "connections"),
+    [
+        ({}, (1024, 1024), 1024, 768),  # the memory store holds no descriptor
+        ({}, (20_000, 20_000), 20_000, 1000),
+        ({}, (256, 4096), 1256, 1000),  # the soft limit raised as far as needed
+        ({"WORKERS": "200"}, (1024, 524_288), 1688, 1000),  # 2 x (200 + 8 + 8) for SQLite's files
+        ({"WORKERS": "200"}, (1024, 1024), 1024, 336),  # the hard limit: fewer connections
+        ({"WORKERS": "200", "STORE": "redis://127.0.0.1:1/0"}, (1024, 1024), 1024, 552),
+    ],
+)
+def test_connections_leave_file_descriptors_for_closing_sockets_the_process_and_the_store(
+    monkeypatch, tmp_path, env, limits, soft, connections
+):
     import resource
 
-    from service.lingering_close import MAX_LINGERING
+    from service.file_limits import MAX_LINGERING, RESERVED, store_descriptors
 
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (files, files))
-    connections = load_conf(monkeypatch)["worker_connections"]
-    assert connections + MAX_LINGERING + 100 <= files
-    assert connections == min(1000, files - MAX_LINGERING - 128)
+    now = [limits]
+    monkeypatch.setattr(resource, "getrlimit", lambda which: now[-1])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: now.append(value))
+    monkeypatch.setattr("app.check_store", lambda settings: None)
+    env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", **env} if "WORKERS" in env else env
+    conf = load_conf(monkeypatch, **env)
+    assert conf["worker_connections"] == connections
+    assert now == ([limits] if soft == limits[0] else [limits, (soft, limits[1])])
+    settings = conf["_settings"]
+    assert connections + MAX_LINGERING + RESERVED + store_descriptors(settings, conf["threads"]) <= soft
+
+
+@pytest.mark.parametrize(("store", "hard"), [("sqlite", 700), ("memory", 300)])
+def test_a_store_that_leaves_too_few_descriptors_for_connections_stops_gunicorn_with_one_line(
+    monkeypatch, tmp_path, capsys, store, hard
+):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (hard, hard))
+    monkeypatch.setattr("app.check_store", lambda settings: None)
+    path = f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else "memory"
+    with pytest.raises(SystemExit) as exited:
+        load_conf(monkeypatch, STORE=path, WORKERS="256")
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"configuration error: the open-file limit ({hard}, ulimit -n) leaves room for ")
+    assert "raise it to at least" in line and "or lower WORKERS" in line
 
 
 @pytest.mark.parametrize(
@@ -175,6 +211,40 @@ def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):
 
 
 # -- the real server -------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_idle_connections_within_worker_connections_leave_a_sqlite_worker_running(tmp_path):
+    # A soft limit of 1024 (systemd's default) under a higher hard one: 200 task threads hold about
+    # 400 SQLite files, and 800 idle connections made accept() fail with EMFILE, which ended the worker.
+    command = ["prlimit", "--nofile=1024:20000", sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+    server = ServerProcess(
+        [*command, "-b", "127.0.0.1:0"],
+        python=False,
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(STORE=f"sqlite://{tmp_path / 'tasks.db'}", WORKERS="200"),
+    )
+    sockets = []
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        [worker] = worker_pids(server.proc.pid)
+        limits = Path(f"/proc/{worker}/limits").read_text()
+        assert [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")] == [
+            ["1688", "20000"]
+        ]
+        for _ in range(800):
+            sock = socket.create_connection(("127.0.0.1", client.port), timeout=5)
+            sock.sendall(b"POST /enqueue HTTP/1.1\r\nHost: a\r\n")  # and nothing more
+            sockets.append(sock)
+        wait_until(lambda: len(os.listdir(f"/proc/{worker}/fd")) > 1000, timeout=20, what="the connections")
+        assert client.request("GET", "/healthz")[0] == 200
+        assert worker_pids(server.proc.pid) == {worker}
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
+    assert "Too many open files" not in server.log()
 
 
 def start_gunicorn(tmp_path, **env: str) -> ServerProcess:
