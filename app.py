@@ -15,6 +15,7 @@ import socket
 import sys
 import weakref
 from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
 
 from flask import Flask
 
@@ -94,24 +95,50 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
             raise listen_error(host, port, error) from None
 
 
-def reach_store(config: Config) -> None:
-    """Open the store and close it, reaching a Redis server (a wrong URL or password fails). Raises StoreUnavailable."""
+def reach_store(config: Config) -> bool:
+    """Open the store and close it, reaching a Redis server (a wrong URL or password fails). Raises StoreUnavailable.
+
+    True when the Redis server would answer as well without the password it is given (``password_warning``).
+    """
     store = open_store(config)
-    if store is not None:
-        try:
-            if config.store.kind == "redis":
-                store.stats()
-        finally:
-            store.close()
+    if store is None:
+        return False
+    try:
+        if config.store.kind == "redis":
+            store.stats()
+            return _redis_password_unneeded(store)
+        return False
+    finally:
+        store.close()
+
+
+def password_warning(config: Config) -> str:
+    """The start-up warning for a Redis password the server does not ask for; the password is never shown."""
+    url = urlsplit(config.store.url)
+    return (
+        f"STORE: the Redis server at {url.hostname}:{url.port or 6379} answers without a password: the password "
+        "given (in STORE or REDIS_PASSWORD) protects nothing; set requirepass (or an ACL user) on the server"
+    )
 
 
 def check_store(config: Config) -> None:
-    """Reach the store once at start-up; if it cannot be used, print one line and exit 2."""
+    """Reach the store once at start-up; if it cannot be used, print one line and exit 2.
+
+    A Redis that would answer without the password it is given is used, with a warning line.
+    """
     try:
-        reach_store(config)
+        password_unneeded = reach_store(config)
     except StoreUnavailable as exc:
         print(f"store error: STORE cannot be used: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_CONFIG) from None
+    if password_unneeded:  # said, not refused: the store works, but the operator believes it protected
+        print(f"warning: {password_warning(config)}", file=sys.stderr)
+
+
+def _redis_password_unneeded(store: TaskStore) -> bool:
+    from workerpool.stores.redis_store import RedisStore  # imported by open_store already: no cost
+
+    return isinstance(store, RedisStore) and store.password_unneeded()
 
 
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:

@@ -91,3 +91,30 @@ def test_an_unreachable_redis_stops_start_up_with_exit_code_2_and_one_line(url):
     assert len(lines) == 1, result.stderr
     assert "STORE cannot be used" in lines[0] and "Connection refused" in lines[0]
     assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", ["gunicorn", "python app.py"])
+def test_a_password_the_redis_server_does_not_ask_for_is_warned_about_once_and_never_shown(tmp_path, command):
+    with running_redis(tmp_path) as redis_server:
+        url = f"redis://:hunter2-password@127.0.0.1:{redis_server.port}/0"
+        argv = (
+            ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
+            if command == "gunicorn"
+            else ["app.py", "--port", "0"]
+        )
+        server = ServerProcess(
+            argv, log_path=tmp_path / "server.log", env=clean_environment(STORE=url, STORE_PREFIX="password-test")
+        )
+        try:
+            client = Client(server.wait_for_port(LISTENING))
+            wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+            log = server.log()
+        finally:
+            server.stop()
+    warnings = [line for line in log.splitlines() if "answers without a password" in line]
+    assert warnings == [
+        f"warning: STORE: the Redis server at 127.0.0.1:{redis_server.port} answers without a password: the password "
+        "given (in STORE or REDIS_PASSWORD) protects nothing; set requirepass (or an ACL user) on the server"
+    ]
+    assert "hunter2" not in log

@@ -1077,3 +1077,31 @@ def test_an_attempt_still_running_through_a_redis_outage_longer_than_its_lease_i
         for each in pools:
             each.shutdown(timeout=0)
         server.stop(signal.SIGKILL)
+
+
+# -- a password the server does not ask for ---------------------------------------
+
+
+class _PasswordServer(RedisServer):
+    """A redis-server with ``requirepass``: its own clients authenticate."""
+
+    @property
+    def url(self) -> str:
+        return f"redis://:pw-0123456789@127.0.0.1:{self.port}/0"
+
+
+def test_a_password_is_found_unneeded_only_where_the_server_answers_without_one(server, tmp_path):
+    with_password = f"redis://:pw-0123456789@127.0.0.1:{server.port}/0"
+    # Redis without requirepass takes any password: nothing else would say it protects nothing.
+    assert connect(with_password).ping()
+    assert redis_store.password_unneeded(connect(with_password))
+    assert redis_store.password_unneeded(connect(server.url, password="pw-0123456789"))
+    assert not redis_store.password_unneeded(connect(server.url))  # none given: nothing to warn about
+    protected = _PasswordServer(tmp_path)
+    protected.start("--requirepass", "pw-0123456789")
+    try:
+        assert not redis_store.password_unneeded(protected.client())
+        protected.stop(signal.SIGKILL)
+        assert not redis_store.password_unneeded(protected.client())  # unreachable: not known to be unneeded
+    finally:
+        protected.stop(signal.SIGKILL)

@@ -481,6 +481,33 @@ def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> r
     return redis.Redis.from_url(url, **options)
 
 
+def password_unneeded(client: redis.Redis) -> bool:
+    """Whether ``client`` authenticates to a server that answers a connection without credentials as well.
+
+    A Redis without ``requirepass`` (its default user ``nopass``) accepts any
+    password for that user (redis-py authenticates with ``HELLO 3 AUTH``), so
+    a password in the URL or ``REDIS_PASSWORD`` protects nothing and nothing
+    says so. One connection without credentials tells: answered, the password
+    is not needed. False when the client sends no password, when the server
+    asks for one (``NOAUTH``), or when the server cannot be reached.
+    """
+    pool = client.connection_pool
+    settings = pool.connection_kwargs
+    if not (settings.get("password") or settings.get("credential_provider")):
+        return False
+    anonymous = {k: v for k, v in settings.items() if k not in ("username", "password", "credential_provider")}
+    connection = pool.connection_class(**anonymous)
+    try:
+        connection.connect()
+        connection.send_command("PING")
+        connection.read_response()
+    except redis.RedisError:
+        return False
+    finally:
+        connection.disconnect()
+    return True
+
+
 # json.dumps with any option builds a new encoder on every call: a third of an admission's encoding.
 _json_text: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -639,6 +666,10 @@ class RedisStore(TaskStore):
         # The admission's first argument is the same in every call: packed once.
         fixed = (capacity,)
         self._heads["admit"] = (self._heads["admit"][0] + _pack_args(fixed), len(fixed))
+
+    def password_unneeded(self) -> bool:
+        """Whether the server would answer this store without the password it is given (see ``password_unneeded``)."""
+        return password_unneeded(self._redis)
 
     def _client(self) -> redis.Redis:
         """This thread's client, holding one connection of the pool for good.
