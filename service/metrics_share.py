@@ -5,10 +5,15 @@ Each process writes what it counted to ``counts-<pid>.json`` and its own gauges 
 never half of one). Any process answering ``/metrics`` writes its own files first, then
 adds up every ``counts-*`` file and reads every ``live-*`` one.
 
-A process's counts file stays when the process ends, so its counts stay in the sum;
-a new process that gets the pid of an ended one starts from that file's counts
-(as prometheus_client's multiprocess mode does). The arbiter removes an ended
-process's ``live`` file (``mark_process_dead``), so its gauges leave the output.
+When a process ends, the arbiter removes its ``live`` file (``mark_process_dead``), so
+its gauges leave the output, and folds its counts into ``counts-retired.json``, so they
+stay in the sum while the number of files stays bounded by the processes running plus
+one, however many processes ``max_requests`` or ``TTIN``/``TTOU`` start and end. The
+fold (add to the retired counts, note the file folded, remove it) holds an exclusive
+``flock`` on ``fold.lock`` and every reading of the directory a shared one, so no scrape
+sees the counts twice or not at all, and a reader tells a folded file from a removed
+one. A process whose counts file was not folded (its arbiter was killed) leaves it in
+place; a new process that gets its pid starts from that file's counts.
 
 While the server runs nothing else removes a counts file, but a tmp cleaner may
 (an idle server's files age untouched) or remove the whole directory. Then the
@@ -20,13 +25,14 @@ an ended process's file back from them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,9 @@ COUNTS = "counts-"
 LIVE = "live-"
 SUFFIX = ".json"
 PARTIAL = ".partial"  # a file being written; readers skip it
+# The counts of every ended process, added up: {"counts": snapshot, "folded": {counts file name: times folded}}.
+RETIRED = f"{COUNTS}retired{SUFFIX}"
+FOLD_LOCK = "fold.lock"  # flock: exclusive while a fold changes the counts files, shared while they are read
 # How often a process that answers no scrape publishes its counts: what another process's
 # /metrics may miss of it at most (plus the time to write a file).
 PUBLISH_INTERVAL_S = 1.0
@@ -83,7 +92,7 @@ def remove_directory(directory: Path) -> None:
 
 
 def mark_process_dead(directory: Path, pid: int) -> None:
-    """Drop an ended process's gauges from the output; its counts stay in the sum.
+    """Drop an ended process's gauges from the output, and fold its counts into the retired ones.
 
     The arbiter calls it as it reaps a worker: an error here would stop the whole server.
     """
@@ -91,6 +100,41 @@ def mark_process_dead(directory: Path, pid: int) -> None:
         (directory / f"{LIVE}{pid}{SUFFIX}").unlink(missing_ok=True)
     except OSError as error:
         log.warning("could not remove the metrics gauges of the ended process %s: %s", pid, error)
+    try:
+        _fold(directory, f"{COUNTS}{pid}{SUFFIX}")
+    except OSError as error:  # its file stays, and in the sum: a later start of this pid counts on from it
+        log.warning("could not fold the metrics counts of the ended process %s: %s", pid, error)
+
+
+_retired: dict[Path, Snapshot] = {}  # in the arbiter: the retired file last written, by directory
+
+
+def _fold(directory: Path, name: str) -> None:
+    with _locked(directory, fcntl.LOCK_EX):
+        counts = _read(directory / name)
+        if counts is None:
+            return
+        # The arbiter alone writes this file: its own copy stands in for one a tmp cleaner removed.
+        retired = _read(directory / RETIRED) or _retired.get(directory) or {"counts": {}, "folded": {}}
+        folded = dict(retired["folded"])
+        folded[name] = folded.get(name, 0) + 1
+        retired = _retired[directory] = {"counts": add(retired["counts"], counts), "folded": folded}
+        _replace(directory / RETIRED, json.dumps(retired))
+        (directory / name).unlink()
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, operation: int) -> Iterator[None]:
+    try:
+        fd = os.open(directory / FOLD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:  # the directory removed, a full disk: unlocked, a scrape may count a fold made meanwhile twice
+        yield
+        return
+    try:
+        fcntl.flock(fd, operation)  # released with the descriptor
+        yield
+    finally:
+        os.close(fd)
 
 
 class ProcessSnapshots:
@@ -112,6 +156,7 @@ class ProcessSnapshots:
         # Held only to read or update the dictionary, never across a file's reading or writing.
         self._seen_lock = threading.Lock()
         self._seen: dict[str, Snapshot] = {}
+        self._folded: dict[str, int] = {}  # the retired file's record of folds, as last read (under _seen_lock)
 
     def publish(self, take: Callable[[], tuple[Snapshot, Snapshot]]) -> None:
         """Write the counts and gauges ``take()`` returns (counts on top of what an earlier holder of the pid left)."""
@@ -130,24 +175,33 @@ class ProcessSnapshots:
         """Every process's counts added up, and the gauges of each process still running, by pid."""
         counts: dict[str, Snapshot] = {}
         live: dict[int, Snapshot] = {}
-        try:
-            names = [path.name for path in self.directory.iterdir()]
-        except (FileNotFoundError, NotADirectoryError):
-            names = []  # removed (or a file put in its place) since this process published: what it read stands
-        for name in names:
-            if not name.endswith(SUFFIX):
-                continue
-            if name.startswith(COUNTS):
-                snapshot = _read(self.directory / name)
-                if snapshot is not None:
-                    counts[name] = snapshot
-            elif name.startswith(LIVE):
-                snapshot = _read(self.directory / name)
-                pid = name[len(LIVE) : -len(SUFFIX)]
-                if snapshot is not None and pid.isdigit():
-                    live[int(pid)] = snapshot
+        folded: dict[str, int] | None = None
+        with _locked(self.directory, fcntl.LOCK_SH):  # no fold between the listing and the reads
+            try:
+                names = [path.name for path in self.directory.iterdir()]
+            except (FileNotFoundError, NotADirectoryError):
+                names = []  # removed (or a file put in its place) since this process published: what it read stands
+            for name in names:
+                if not name.endswith(SUFFIX):
+                    continue
+                if name.startswith(COUNTS):
+                    snapshot = _read(self.directory / name)
+                    if snapshot is not None and name == RETIRED:
+                        snapshot, folded = snapshot["counts"], snapshot["folded"]
+                    if snapshot is not None:
+                        counts[name] = snapshot
+                elif name.startswith(LIVE):
+                    snapshot = _read(self.directory / name)
+                    pid = name[len(LIVE) : -len(SUFFIX)]
+                    if snapshot is not None and pid.isdigit():
+                        live[int(pid)] = snapshot
         with self._seen_lock:
             self._seen.update(counts)
+            if folded is not None:  # files folded since the last read are in the retired counts now
+                for name, times in folded.items():
+                    if times > self._folded.get(name, 0) and name not in counts:
+                        self._seen.pop(name, None)
+                self._folded = folded
             gone = {name: snapshot for name, snapshot in self._seen.items() if name not in counts}
         if gone:
             self._write_back(gone)
@@ -161,8 +215,13 @@ class ProcessSnapshots:
         # A running process writes its own: an older copy from here could replace a newer one.
         ended = [name for name in gone if self._of_ended_process(name)]
         for name in ended:
+            if name == RETIRED:
+                with self._seen_lock:
+                    text = json.dumps({"counts": gone[name], "folded": self._folded})
+            else:
+                text = json.dumps(gone[name])
             try:
-                _replace(self.directory / name, json.dumps(gone[name]))
+                _replace(self.directory / name, text)
             except OSError as error:  # a full disk, say: the counts stay in this process's sum meanwhile
                 log.warning("could not write back the removed metrics file %s: %s", self.directory / name, error)
         if ended:
@@ -173,6 +232,8 @@ class ProcessSnapshots:
             )
 
     def _of_ended_process(self, counts_name: str) -> bool:
+        if counts_name == RETIRED:
+            return True
         pid = counts_name[len(COUNTS) : -len(SUFFIX)]
         return pid.isdigit() and int(pid) != self.pid and not _alive(int(pid))
 

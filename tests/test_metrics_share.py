@@ -108,7 +108,67 @@ def test_a_process_that_gets_an_ended_ones_pid_counts_on_from_its_counts(tmp_pat
     successor, _ = process(tmp_path, 101)
     accept(successor, 1)
     assert value(successor, "workerpool_tasks_accepted_total") == 7
-    assert json.loads((tmp_path / "counts-101.json").read_text())["row"]["accepted"] == 7
+    # The ended process's counts were folded into the retired ones: the successor counts from zero.
+    assert json.loads((tmp_path / "counts-101.json").read_text())["row"]["accepted"] == 1
+    assert json.loads((tmp_path / "counts-retired.json").read_text())["counts"]["row"]["accepted"] == 6
+
+
+def test_a_process_whose_end_was_not_noted_leaves_its_counts_to_the_one_that_gets_its_pid(tmp_path):
+    ended, _ = process(tmp_path, 101)  # its arbiter was killed: nobody folded its counts
+    accept(ended, 6)
+    ended.publish()
+    successor, _ = process(tmp_path, 101)
+    accept(successor, 1)
+    assert value(successor, "workerpool_tasks_accepted_total") == 7
+
+
+def _publish(directory: Path, pid: int, accepted: int) -> None:
+    metrics_share.ProcessSnapshots(directory, pid=pid).publish(lambda: ({"row": {"accepted": accepted}}, {"up": 1}))
+
+
+def _accepted(directory: Path) -> int:
+    return metrics_share.ProcessSnapshots(directory, pid=1).read()[0].get("row", {}).get("accepted", 0)
+
+
+def test_ended_processes_counts_are_folded_into_one_file(tmp_path):
+    # As under max_requests recycling or many TTIN/TTOU: the files stay as many as the processes running, plus one.
+    for pid in range(100, 150):
+        _publish(tmp_path, pid, 2)
+        if pid < 148:
+            metrics_share.mark_process_dead(tmp_path, pid)
+    names = sorted(path.name for path in tmp_path.glob("*.json"))
+    assert names == ["counts-148.json", "counts-149.json", "counts-retired.json", "live-148.json", "live-149.json"]
+    assert _accepted(tmp_path) == 100
+    metrics_share.mark_process_dead(tmp_path, 148)
+    metrics_share.mark_process_dead(tmp_path, 148)  # noted twice: folded once
+    assert _accepted(tmp_path) == 100
+
+
+def test_scrapes_never_go_back_while_ended_processes_are_folded(tmp_path, caplog):
+    # One reader throughout, which remembers every counts file it read: a folded file is not one to write back.
+    pids = sorted({ended_pid() for _ in range(40)})
+    reader = metrics_share.ProcessSnapshots(tmp_path, pid=os.getpid())
+    folded = threading.Event()
+    seen: list[int] = []
+
+    def scrape() -> None:
+        while not folded.is_set():
+            seen.append(reader.read()[0]["row"]["accepted"])
+        seen.append(reader.read()[0]["row"]["accepted"])
+
+    for pid in pids:
+        _publish(tmp_path, pid, 1)
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for pid in pids:
+            metrics_share.mark_process_dead(tmp_path, pid)
+    finally:
+        folded.set()
+        scraper.join(WAIT_S)
+    assert seen == [len(pids)] * len(seen), sorted(set(seen))
+    assert [path.name for path in tmp_path.glob("counts-*")] == ["counts-retired.json"]
+    assert "written back" not in caplog.text
 
 
 def test_the_creation_stamp_is_the_earliest_process_s(tmp_path):
@@ -273,7 +333,8 @@ def test_a_removed_directory_is_made_again_and_the_sum_does_not_go_back(tmp_path
     assert value(running, "workerpool_tasks_accepted_total") == 9
     shutil.rmtree(directory)  # a tmp cleaner, or `rm -rf /tmp/*`
     assert value(running, "workerpool_tasks_accepted_total") == 9
-    assert _counts_files(directory) == {gone: 6, os.getpid(): 3}  # its own written again, the ended one's back
+    # Its own written again, and the ended one's counts back (folded into the retired ones when it ended).
+    assert _counts_files(directory) == {"retired": 6, os.getpid(): 3}
     assert "the metrics directory" in caplog.text and "made again" in caplog.text
     assert "1 metrics file(s) of ended processes were removed" in caplog.text
 
@@ -317,12 +378,16 @@ def _submit(client: Client, ids: list[str]) -> None:
         list(executor.map(post, ids))
 
 
-def _counts_files(directory: Path) -> dict[int, int]:
-    """Accepted tasks by process, as each process last published them."""
-    return {
-        int(path.name[len("counts-") : -len(".json")]): json.loads(path.read_text())["row"]["accepted"]
-        for path in directory.glob("counts-*.json")
-    }
+def _counts_files(directory: Path) -> dict[int | str, int]:
+    """Accepted tasks by process, as each process last published them ("retired": the ended ones folded)."""
+    found: dict[int | str, int] = {}
+    for path in directory.glob("counts-*.json"):
+        snapshot = json.loads(path.read_text())
+        if path.name == metrics_share.RETIRED:
+            found["retired"] = snapshot["counts"]["row"]["accepted"]
+        else:
+            found[int(path.name[len("counts-") : -len(".json")])] = snapshot["row"]["accepted"]
+    return found
 
 
 @pytest.mark.e2e
