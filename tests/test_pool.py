@@ -931,7 +931,7 @@ class StorePausedAtShutdown(SqliteStore):
 
 @pytest.mark.parametrize("paused", [True, False], ids=["store-paused", "store-refusing"])
 def test_a_drain_holds_its_deadline_and_says_what_it_left_to_leases_when_the_store_is_unavailable(
-    make_pool, clock, tmp_path, caplog, paused
+    make_pool, clock, tmp_path, caplog, monkeypatch, paused
 ):
     store = StorePausedAtShutdown(tmp_path / "tasks.db", paused=paused, clock=clock.time)
     started = threading.Semaphore(0)
@@ -949,6 +949,14 @@ def test_a_drain_holds_its_deadline_and_says_what_it_left_to_leases_when_the_sto
         return event.is_set()
 
     pool = make_pool(handler, store=store, workers=2, lease=30.0, wait=wait)
+    joins = []  # how long the drain waits for its threads (in real time: the fake clock cannot show it)
+    stop_threads = WorkerPool._stop_threads
+
+    def spied(self, join_timeout):
+        joins.append(join_timeout)
+        stop_threads(self, join_timeout)
+
+    monkeypatch.setattr(WorkerPool, "_stop_threads", spied)
     pool.submit_many([TaskSpec("a"), TaskSpec("b")])
     assert started.acquire(timeout=TIMEOUT) and started.acquire(timeout=TIMEOUT)
     store.down.set()
@@ -967,6 +975,9 @@ def test_a_drain_holds_its_deadline_and_says_what_it_left_to_leases_when_the_sto
     [summary] = summaries
     # It ended by its deadline and the store's grace (1 s), though the store never answered.
     assert 5.0 <= summary.drain_seconds <= 5.0 + DRAIN_STORE_GRACE_S
+    # Nor were its threads (blocked in the paused store) waited for past that grace.
+    [join] = joins
+    assert summary.drain_seconds + join <= 5.0 + DRAIN_STORE_GRACE_S
     # The two attempts it ran are neither hidden nor passed off as abandoned: the leases settle them.
     assert summary.abandoned == () and summary.left_to_leases == 2 and summary.counts[State.RUNNING] == 2
     assert "draining 2 running attempt(s)" in caplog.text

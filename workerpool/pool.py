@@ -156,7 +156,7 @@ class WorkerPool:
         "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
         "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
-        "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_reach",
+        "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_cutoff", "_reach",
         "__weakref__",
     )  # fmt: skip
 
@@ -270,6 +270,7 @@ class WorkerPool:
         self._summary: ShutdownSummary | None = None
         self._drain_call: threading.Event | None = None  # set when the drain's last store call answered
         self._left_to_leases = 0  # attempts running here that the store could not abandon
+        self._cutoff: float | None = None  # when the drain stops waiting for a shared store (see _store_cutoff)
         # The lease keeper's record of store outages: leases they let expire are not swept at once.
         self._reach = Reachability(clock(), grace=lease, slow=lease / 3)
 
@@ -1282,7 +1283,6 @@ class WorkerPool:
     def _finish_drain(self, began: float, abandoned: list[Task]) -> None:
         try:
             self._cancel_running()  # again: the abandon may not have got that far
-            self._stop_threads()
             cutoff = self._store_cutoff()
             try:
                 left = self._ask_store(self._store.stats, by=cutoff).counts if self._store.shared else {}
@@ -1297,6 +1297,10 @@ class WorkerPool:
             except Exception:
                 log.exception("shutdown: the store could not count the attempts left running")
                 running = 0
+            # Counted first, then the threads are joined within what is left of the same grace: threads
+            # blocked in a store that does not answer (recording their ends) would otherwise add their own
+            # second past it. With a store of this process alone, they are given a second.
+            self._stop_threads(min(1.0, max(0.0, cutoff - self._monotonic())) if self._store.shared else 1.0)
             with self._lock:
                 done = self._finals.copy()
             self._summary = ShutdownSummary(
@@ -1321,10 +1325,14 @@ class WorkerPool:
             return 0
 
     def _store_cutoff(self) -> float:
-        """When the drain stops waiting for a shared store's last steps: a grace past the deadline."""
+        """When the drain stops waiting for a shared store's last steps: a grace past the deadline.
+
+        Set once, at the first of those steps: each step counted from its own start would add a grace.
+        """
         with self._lock:
-            deadline = self._deadline
-        return max(deadline, self._monotonic()) + DRAIN_STORE_GRACE_S
+            if self._cutoff is None:
+                self._cutoff = max(self._deadline, self._monotonic()) + DRAIN_STORE_GRACE_S
+            return self._cutoff
 
     def _ask_store(self, call: Callable[..., Any], *args: Any, by: float, **kwargs: Any) -> Any:
         """``call(*args, **kwargs)`` on a shared store, as the drain makes it: answered by ``by`` (the pool's
@@ -1376,7 +1384,7 @@ class WorkerPool:
 
         threading.Thread(target=wake, name="workerpool-wake", daemon=True).start()
 
-    def _stop_threads(self, join_timeout: float = 1.0) -> None:
+    def _stop_threads(self, join_timeout: float) -> None:
         self._wake_workers()
         self._threads_stop.set()
         self._keeper_wakeup.set()
