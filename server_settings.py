@@ -107,6 +107,8 @@ def _reload(running: Config, check: Callable[[Config], object]) -> Config:
     app.load_handler(settings)
     if _processes is not None:
         config.check_server_processes(settings, _processes)
+    if (settings.host, settings.port) != (running.host, running.port):
+        _check_new_address(running, settings)
     if _store_of(settings) != _store_of(running):
         # Only a new store is opened here: the running one, even if it is down for a moment, is the
         # workers' to retry (a reload that depended on it would turn a Redis restart into an outage).
@@ -119,6 +121,18 @@ def _reload(running: Config, check: Callable[[Config], object]) -> Config:
     if settings.metrics_dir != running.metrics_dir:
         log.warning("METRICS_DIR changes at the next start, not at a reload: the workers go on with the old one")
     return settings
+
+
+def _check_new_address(running: Config, settings: Config) -> None:
+    """Raise ConfigError for a new HOST or PORT this machine cannot listen on.
+
+    At a reload that changes the address gunicorn closes every listener first,
+    then binds the new one, and exits when that fails: the server would be gone.
+    A port unchanged is still held by the running listener, so only the new
+    HOST is checked then. (Another program may still take the port between this
+    check and gunicorn's bind.)
+    """
+    app.check_listen(settings.host, settings.port if settings.port != running.port else 0)
 
 
 def _store_of(settings: Config) -> tuple[object, ...]:

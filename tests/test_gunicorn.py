@@ -427,6 +427,47 @@ def test_a_reload_to_the_memory_store_with_two_worker_processes_is_refused_and_b
     assert "Traceback" not in log
 
 
+@pytest.mark.e2e
+def test_a_reload_to_a_port_in_use_or_a_foreign_host_is_refused_and_the_server_keeps_its_port(tmp_path):
+    """gunicorn closes its listeners before binding a new address and exits if that fails: checked before."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("app.py", "config.py", "gunicorn.conf.py", "server_settings.py"):
+        (project / name).write_bytes((PROJECT_ROOT / name).read_bytes())
+    for name in ("service", "workerpool", "handlers"):
+        (project / name).symlink_to(PROJECT_ROOT / name)
+    (project / ".env").write_text("HOST=127.0.0.1\nPORT=0\n")  # no -b: the address comes from the settings
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(WORK_MIN_MS="0", WORK_MAX_MS="0"),
+        cwd=project,
+    )
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as other:  # another server's port
+            taken = other.getsockname()[1]
+            client = Client(server.wait_for_port(LISTENING))
+            arbiter = server.proc.pid
+            wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+            for n, line in enumerate((f"PORT={taken}", "PORT=0\nHOST=203.0.113.5"), start=1):
+                (project / ".env").write_text(f"HOST=127.0.0.1\n{line}\n")
+                os.kill(arbiter, signal.SIGHUP)
+                wait_until(lambda: server.log().count("reload refused") == n, timeout=20, what="the refusal")  # noqa: B023
+                wait_until(lambda: len(worker_pids(arbiter)) == 1, timeout=20, what="the next worker")
+                wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+                assert server.proc.poll() is None
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    refusals = [line.partition("[ERROR] gunicorn.error: ")[2] for line in log.splitlines() if "reload refused" in line]
+    assert [refusal.partition(";")[0] for refusal in refusals] == [
+        f"reload refused: PORT={taken} is already in use on 127.0.0.1: another server listens there",
+        "reload refused: HOST='203.0.113.5' cannot be listened on: it is not an address of this machine",
+    ]
+    assert "Connection in use" not in log and "Traceback" not in log
+
+
 @pytest.mark.parametrize(("store", "warned"), [("memory", True), ("sqlite", False)])
 def test_a_reload_warns_that_the_memory_store_forgets_every_task(monkeypatch, tmp_path, store, warned):
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
 from redis_server import free_port
@@ -66,6 +67,41 @@ def test_a_reload_with_a_bad_setting_logs_it_and_keeps_the_running_settings(envi
     assert record.getMessage().startswith(f"reload refused: {reason}")
     assert record.getMessage().endswith("the server keeps running with the settings it had")
     assert services(server_settings.worker_app()).config is running
+
+
+@pytest.fixture
+def listener():
+    """A socket listening on 127.0.0.1 (another server, or the running one), closed after the test."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"PORT": "{taken}"}, "PORT={taken} is already in use on 127.0.0.1: another server listens there"),
+        ({"HOST": "203.0.113.5"}, "HOST='203.0.113.5' cannot be listened on: it is not an address of this machine"),
+    ],
+    ids=["a port in use", "an address of another machine"],
+)
+def test_a_reload_to_an_address_that_cannot_be_listened_on_is_refused(environ, caplog, listener, changes, reason):
+    """gunicorn would close its listeners, fail to bind the new address and exit: the server would be gone."""
+    taken = listener.getsockname()[1]
+    environ(HOST="127.0.0.1", PORT="0")
+    running = server_settings.load()
+    environ(**{name: value.format(taken=taken) for name, value in changes.items()})
+    with caplog.at_level(logging.ERROR, "gunicorn.error"):
+        assert server_settings.load() is running
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"reload refused: {reason.format(taken=taken)}")
+
+
+def test_a_reload_that_changes_host_alone_does_not_count_the_running_listener_as_another_server(environ, listener):
+    port = str(listener.getsockname()[1])  # held by the running server, which gunicorn closes before it binds again
+    environ(HOST="127.0.0.1", PORT=port)
+    server_settings.load()
+    environ(HOST="0.0.0.0")
+    assert (server_settings.load().host, server_settings.load().port) == ("0.0.0.0", int(port))
 
 
 def test_a_reload_with_good_settings_takes_them_for_the_next_workers(environ, tmp_path):
