@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request
@@ -84,6 +85,8 @@ def live() -> Response:
         "store": svc.config.store.kind,  # not its path: this endpoint is open
         "token_required": bool(svc.config.api_token),
         "series": svc.live.series(),
+        # Under gunicorn -w N each worker process answers with its own figures: say whose these are.
+        "pid": os.getpid(),
     }
     response = jsonify(body)
     response.headers["Cache-Control"] = "no-store"

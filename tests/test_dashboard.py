@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -63,6 +64,7 @@ def test_the_live_figures_are_those_of_the_health_check(harness):
             assert live[name] == health[name], name
         assert (live["busy_workers"], live["queue_depth"], live["store"]) == (1, 2, "memory")
         assert live["token_required"] is False
+        assert live["pid"] == os.getpid()
     finally:
         gate.open()
         harness.drain()

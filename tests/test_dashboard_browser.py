@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import threading
 import time
@@ -139,6 +140,7 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
     assert _figure(page, "retries") == health["retries_pending"] == 0
     assert page.text_content("#fig-admission") == "accepting"
     assert page.text_content("#fig-store") == "memory"
+    assert page.text_content("#fig-pid") == str(os.getpid())  # whose figures these are, under gunicorn -w N
     # The table lists what GET /tasks lists, newest first.
     _, listing = instance.get("/tasks")
     expect(page.locator("#task-rows tr")).to_have_count(7, timeout=WAIT_MS)

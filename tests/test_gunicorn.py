@@ -580,3 +580,29 @@ def test_a_binary_upgrade_does_not_start_a_second_server_on_the_memory_store(tmp
             assert Client(port).request("GET", "/tasks/u1")[0] == 200
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+def test_with_two_worker_processes_the_dashboard_names_the_process_whose_figures_it_shows(tmp_path):
+    # Each process answers with its own per-second figures: the page showed one process's (about half
+    # the traffic), switching between them, with nothing to say so.
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(STORE=f"sqlite://{tmp_path / 'tasks.db'}", ACCESS_LOG="off"),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        workers = wait_until(lambda: len(pids := worker_pids(server.proc.pid)) == 2 and pids, timeout=20, what="2")
+        seen: set[int] = set()
+
+        def both_answered() -> bool:
+            status, live = client.json("GET", "/dashboard/live")  # a new connection each time
+            if status == 200:
+                seen.add(live["pid"])
+            return seen == workers
+
+        wait_until(both_answered, timeout=20, what="an answer from each worker process")
+        assert server.terminate() == 0
+    finally:
+        server.stop()

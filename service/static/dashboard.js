@@ -78,6 +78,7 @@ function renderLive(live) {
   const full = live.queue_waiting >= live.queue_capacity;
   setText("fig-admission", live.status !== "ok" ? "draining" : full ? "queue full" : "accepting");
   setText("fig-store", live.store);
+  setText("fig-pid", live.pid);
   setText("window-minutes", Math.round(live.series.seconds / 60));
   renderSummary(live.series);
   const s = live.series;
