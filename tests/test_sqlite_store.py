@@ -1244,3 +1244,64 @@ def test_an_attempt_still_running_while_the_file_is_locked_longer_than_its_lease
         gate.open()
         for each in pools:
             each.shutdown(timeout=0)
+
+
+@pytest.mark.slow
+def test_a_process_that_starts_while_the_file_is_locked_does_not_count_a_live_attempt_lost(tmp_path, caplog):
+    # A new instance (or gunicorn's replacement of a worker) starts 1.5 leases into a lock that lets the
+    # owner's lease expire: it cannot know when the lock began, so it holds back every lease that expired
+    # before its first answer, and the owner renews. The owner's renewals from the lock on wait for the new
+    # process's first sweep after it (one already under way when the lock ends would make the test pass).
+    lease = 1.0
+    db = tmp_path / "tasks.db"
+    locked = threading.Event()  # the lock is about to be taken
+    back = threading.Event()  # the lock is released
+    swept = threading.Event()  # and the new process has swept since
+    sweeps: list[int] = []  # one entry per sweep after the lock
+
+    class Sweeper(SqliteStore):
+        def recover(self, *args, **kwargs):
+            recovered = super().recover(*args, **kwargs)
+            if back.is_set():
+                sweeps.append(len(recovered))
+                swept.set()
+            return recovered
+
+    class Owner(SqliteStore):
+        def renew(self, *args, **kwargs):
+            if locked.is_set():
+                swept.wait(WAIT_S)
+            return super().renew(*args, **kwargs)
+
+    gate = Gate()
+    pools = []
+    try:
+        owner = WorkerPool(gate, store=Owner(db, busy_timeout=0.3), workers=1, lease=lease)
+        pools.append(owner)
+        owner.submit("held")
+        gate.wait_started()
+        sweeper_store = Sweeper(db, busy_timeout=0.3)  # opened before the lock: the process's start follows
+        locker = sqlite3.connect(db, isolation_level=None)
+        locked.set()
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            threading.Event().wait(1.5 * lease)  # the owner's lease expires under the lock
+            sweeper = WorkerPool(instant, store=sweeper_store, workers=1, lease=lease)
+            pools.append(sweeper)
+            sweeper.start()
+            threading.Event().wait(1.0 * lease)  # the length of the lock, not a wait for another thread
+            locker.execute("COMMIT")
+        finally:
+            locker.close()
+        back.set()
+        wait_until(lambda: len(sweeps) >= 6, timeout=WAIT_S, what="the new process to sweep after the lock")
+        task = sweeper.get("held")
+        assert (task.state, task.attempts) == (State.RUNNING, 1), task
+        gate.open()
+        wait_until(lambda: owner.get("held").state is State.DONE, timeout=WAIT_S, what="the attempt to end")
+        assert owner.get("held").attempts == 1
+        assert not [r for r in caplog.records if "lost" in r.getMessage()], caplog.text
+    finally:
+        gate.open()
+        for each in pools:
+            each.shutdown(timeout=0)

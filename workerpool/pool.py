@@ -272,7 +272,7 @@ class WorkerPool:
         self._left_to_leases = 0  # attempts running here that the store could not abandon
         self._cutoff: float | None = None  # when the drain stops waiting for a shared store (see _store_cutoff)
         # The lease keeper's record of store outages: leases they let expire are not swept at once.
-        self._reach = Reachability(clock(), grace=lease, slow=lease / 3)
+        self._reach = Reachability(grace=lease, slow=lease / 3)
 
     # -- admission -------------------------------------------------------
 

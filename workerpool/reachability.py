@@ -14,9 +14,16 @@ sweep for ``grace`` seconds (a lease) after the store answers again: an
 owner that is alive renews them meanwhile. One that is still expired after
 that is ended with a reason that says the store was unreachable, not that
 its process stopped, which nobody here can tell.
+
+A process that starts while the store is unreachable (a new instance, or
+gunicorn's replacement of a worker) cannot tell when the outage began: until
+its first step answers it counts as never having reached the store, so that
+outage is held back from its start of time, not from the process's start.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class Reachability:
@@ -26,10 +33,12 @@ class Reachability:
     lease keeper's thread alone: no lock.
     """
 
-    def __init__(self, now: float, *, grace: float, slow: float) -> None:
+    def __init__(self, *, grace: float, slow: float) -> None:
         self._grace = grace
         self._slow = slow
-        self._reached_at = now  # when a step last answered
+        # When a step last answered: never yet. An outage seen before the first answer may have begun any
+        # time before this process started, and let the leases of live owners expire then.
+        self._reached_at = -math.inf
         self._down_since: float | None = None  # while steps fail: when the store last answered before
         self._held_until = 0.0
         self.span: tuple[float, float] | None = None  # the latest span in which the store was unreachable
