@@ -12,7 +12,9 @@ URL after redirects, the body's size and digest, and its first characters.
 Whoever can submit a task chooses the URL and reads the answer back from the
 task, so ``fetch`` connects only to public addresses: a host that resolves to
 a loopback, private, link-local (169.254.169.254, the cloud metadata
-service), shared, multicast or reserved address fails the task for good, at
+service), shared, multicast or reserved address fails the task for good (an
+IPv4 one inside an IPv6 address too; the local-use NAT64 prefix and site-local
+fec0::/10 whole), at
 every redirect too, and redirects go to http and https only. The address is
 checked as the connection is made, to the address connected to (a name that
 resolves to another address later gains nothing), and proxies (``http_proxy``
@@ -58,6 +60,11 @@ PREVIEW_CHARS = 200
 _READ_BYTES = 64 * 1024
 _RETRYABLE_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests: trying again later may work
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 addresses reached through a NAT64 gateway
+# Never judged public, though Python's is_global says they are: the rest of ::/8 (IPv4-compatible
+# ::a.b.c.d, SIIT's IPv4-translated ::ffff:0:a.b.c.d), the local-use NAT64 prefix, whose operator chooses
+# where the IPv4 address sits (RFC 8215: a NAT64 reaching the private network), and the deprecated
+# site-local fec0::/10, which some networks still route inside.
+_NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(net) for net in ("::/8", "64:ff9b:1::/48", "fec0::/10"))
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Handler = Callable[[Task, threading.Event], dict[str, Any]]
@@ -73,6 +80,8 @@ def is_public(address: Address) -> bool:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None:
             return is_public(embedded)
+        if any(address in network for network in _NOT_PUBLIC_V6):
+            return False
     return address.is_global and not address.is_multicast
 
 

@@ -175,7 +175,10 @@ def test_through_the_service_the_result_is_in_the_task(site):
     "address",
     ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1",
      "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
-     "2002:7f00:1::", "64:ff9b::a9fe:a9fe", "2001:0:4136:e378:8000:63bf:3fff:fdd2"],
+     "2002:7f00:1::", "64:ff9b::a9fe:a9fe", "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+     # IPv6 forms of internal IPv4 addresses that Python counts as global, and site-local
+     "64:ff9b:1::a00:1", "64:ff9b:1::7f00:1", "64:ff9b:1:a00:1::", "::a9fe:a9fe", "::7f00:1", "::a00:1",
+     "::ffff:0:7f00:1", "::ffff:0:808:808", "fec0::1"],
 )  # fmt: skip
 def test_loopback_private_link_local_multicast_and_reserved_addresses_are_not_public(address):
     assert not is_public(ipaddress.ip_address(address))
@@ -194,7 +197,8 @@ def test_the_handler_sends_nothing_to_a_loopback_or_internal_address(site):
     port = site.rsplit(":", 1)[1]
     before = len(Site.paths)
     for url in [f"{site}/ok", f"http://localhost:{port}/ok", f"http://[::ffff:127.0.0.1]:{port}/ok",
-                "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/", "http://[::1]:9/"]:  # fmt: skip
+                "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/", "http://[::1]:9/",
+                "http://[64:ff9b:1::a00:1]:80/", "http://[::a9fe:a9fe]/", "http://[fec0::1]/"]:  # fmt: skip
         with pytest.raises(PermanentFailure, match="is not a public address: no request is sent there"):
             fetch(task({"url": url, "timeout_s": 5}), threading.Event())
     assert len(Site.paths) == before
