@@ -432,6 +432,11 @@ def _send_continue(sock: socket.socket) -> bool:
         return False
 
 
+# Framing (chunk-size lines and CRLFs) a chunked body may send per byte of its data, beyond its
+# limit: a chunk of one byte takes 5 ("1\r\n", "\r\n"), so 8 leaves room for short extensions.
+_FRAMING_PER_BYTE = 8
+
+
 def _chunks_complete(pending: _Pending, max_line: int) -> bool:
     """Follow a chunked body through what has arrived; whether it is complete, or as much as will be read.
 
@@ -441,11 +446,15 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
     its limit (``pending.exceeds``: the application refuses it without reading
     it, see ``body_exceeds``) or its framing is malformed (the parser refuses
     it from the buffer). The framing counts too: its chunk-size lines, with
-    their extensions, and CRLFs may take as many bytes as the limit, and
-    past that the body is refused as too large. Only the decoded bytes were
-    counted, so chunks of one byte behind 8 KB of extension each made the
-    loop buffer 8 KB per byte of the limit: 400 MB on a single connection
-    for POST /enqueue's 64 KiB.
+    their extensions, and CRLFs may take as many bytes as the limit plus
+    ``_FRAMING_PER_BYTE`` per byte of data, and past that the body is refused
+    as too large. Only the decoded bytes were counted, so chunks of one byte
+    behind 8 KB of extension each made the loop buffer 8 KB per byte of the
+    limit: 400 MB on a single connection for POST /enqueue's 64 KiB. A budget
+    of the limit alone refused valid bodies of small chunks (a JSON encoder
+    writing token by token: 5 bytes of framing per chunk of 1 to 10 bytes);
+    a chunk of one byte takes 5 bytes of framing at least, so the allowance
+    per byte serves any such client and still bounds the buffer.
     """
     buffer = pending.buffer
     at = pending.chunk
@@ -480,7 +489,8 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
         data_end = line_end + 2 + size
         if (
             pending.decoded + min(size, len(buffer) - line_end - 2) > pending.limit
-            or pending.framing + line_end + 4 - at > pending.limit  # its size line and both CRLFs
+            or pending.framing + line_end + 4 - at  # its size line and both CRLFs
+            > pending.limit + _FRAMING_PER_BYTE * min(pending.decoded + size, pending.limit)
         ):
             pending.exceeds = pending.limit  # too long: the application refuses it at once
             return _stop_reading(pending)

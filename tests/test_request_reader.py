@@ -186,6 +186,39 @@ def test_a_chunked_body_of_small_chunks_within_its_limit_is_read_whole():
         harness.close()
 
 
+def test_a_chunked_body_of_one_byte_chunks_near_its_limit_is_read_whole():
+    # A JSON encoder writing token by token sends chunks of 1 to 10 bytes: 5 bytes of framing per
+    # chunk. With the framing allowed only the limit again, such a body over ~45% of it was refused.
+    harness = Harness(BodyLimits(default=4096))
+    try:
+        data = bytes(range(48, 58)) * 400  # 4,000 bytes
+        body = b"".join(b"1\r\n" + data[i : i + 1] + b"\r\n" for i in range(len(data))) + b"0\r\n\r\n"
+        conn, _ = harness.connect(CHUNKED + body)
+        assert harness.ready == [conn]
+        assert conn.body_exceeds == 0
+        assert next(conn.parser).body.read() == data
+    finally:
+        harness.close()
+
+
+def test_the_framing_of_a_chunked_body_is_bounded_by_its_limit_and_its_data():
+    harness = Harness(BodyLimits(default=4096))
+    try:
+        conn, client = harness.connect(CHUNKED)
+        chunk = b"1;e=12345678\r\nx\r\n"  # 17 bytes of framing per byte of data
+        for _ in range(4096):
+            if harness.ready:
+                break
+            client.sendall(chunk * 16)
+            harness.turn()
+        assert harness.ready == [conn]
+        assert conn.body_exceeds == 4096
+        # The framing may take the limit plus 8 bytes per byte of data: here 4096 + 8 * 4096 / 9.
+        assert len(harness.buffered(conn)) <= len(CHUNKED) + 4096 * 3 + 16 * len(chunk)
+    finally:
+        harness.close()
+
+
 def test_malformed_chunked_framing_is_handed_over_for_the_parser_to_refuse(harness):
     conn, _ = harness.connect(CHUNKED + b"zz\r\n")
     assert harness.ready == [conn]

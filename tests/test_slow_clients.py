@@ -9,6 +9,7 @@ its own for long.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -274,6 +275,21 @@ def test_a_chunked_body_of_long_chunk_extensions_is_answered_413_at_once(start):
     answer = read_to_end(sock, 8)  # answered and closed while the client holds its end open
     assert answer is not None and answer.startswith(b"HTTP/1.1 413 "), answer
     assert b"the request body is larger than 65536 bytes" in answer
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
+def test_a_json_body_sent_token_by_token_in_small_chunks_is_accepted(start, command):
+    # requests.post(data=json.JSONEncoder().iterencode(obj)) sends a chunk per token (1 to 10 bytes):
+    # a 37.9 KB body was refused 413 "larger than 65536 bytes" for its 75 KB of framing.
+    client = start(command, REQUEST_TIMEOUT_S="60")
+    payload = {"payload": {"items": [{"id": i, "ok": True} for i in range(1500)]}}
+    chunks = [token.encode() for token in json.JSONEncoder().iterencode(payload)]
+    assert 35_000 < sum(map(len, chunks)) < 65_536 and len(chunks) > 10_000
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    (sock,) = client.open(1, head + b"Transfer-Encoding: chunked\r\n\r\n")
+    sock.sendall(b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n")
+    answer = read_to_end(sock, 10)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 202 "), answer
 
 
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
