@@ -51,6 +51,10 @@ def load(check: Callable[[Config], object] = lambda settings: None) -> Config:
             _accepted = _reload(_accepted, check)
         except ConfigError as error:
             log.error("reload refused: %s; the server keeps running with the settings it had", error)
+        except Exception:  # an unreadable .env, say: raised from here, it would end the running arbiter
+            log.exception(
+                "reload refused: the settings could not be read or checked; the server keeps running with those it had"
+            )
     return _accepted
 
 

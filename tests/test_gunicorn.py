@@ -377,9 +377,15 @@ def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_o
         wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
         assert client.json("POST", "/enqueue", b'{"id": "after", "payload": ""}')[0] == 202
 
-        (project / ".env").write_text("WORKERS=2\n")
+        (project / ".env").write_bytes(b"WORKERS=3\n\xff=1\n")  # not UTF-8: it cannot be read at all
         os.kill(arbiter, signal.SIGHUP)
         wait_until(lambda: f"worker (pid:{second}) ended" in server.log(), timeout=20, what="the second worker's end")
+        (third,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the third worker")
+        assert "reload refused: the settings could not be read or checked" in server.log()
+
+        (project / ".env").write_text("WORKERS=2\n")
+        os.kill(arbiter, signal.SIGHUP)
+        wait_until(lambda: f"worker (pid:{third}) ended" in server.log(), timeout=20, what="the third worker's end")
         wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
         states = lambda: {client.json("GET", f"/tasks/{t}")[1]["state"] for t in ("before", "after")}  # noqa: E731
         wait_until(lambda: states() == {"done"}, timeout=10, what="both tasks to finish")
@@ -387,11 +393,13 @@ def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_o
     finally:
         server.stop()
     log = server.log()
-    (refusal,) = [line for line in log.splitlines() if "reload refused" in line]
-    assert "[ERROR] gunicorn.error: reload refused: QUEUE_SIZE='oops' is invalid" in refusal
+    refusals = [line for line in log.splitlines() if "reload refused" in line]
+    assert "[ERROR] gunicorn.error: reload refused: QUEUE_SIZE='oops' is invalid" in refusals[0]
+    assert "[ERROR] gunicorn.error: reload refused: the settings could not be read or checked" in refusals[1]
+    assert len(refusals) == 2
     pools = [line.partition("pool started: ")[2] for line in log.splitlines() if "pool started: " in line]
-    assert pools == ["4 worker thread(s), queue of 64"] * 2 + ["2 worker thread(s), queue of 64"]
-    assert "Traceback" not in log
+    assert pools == ["4 worker thread(s), queue of 64"] * 3 + ["2 worker thread(s), queue of 64"]
+    assert log.count("Traceback") == 1 and "UnicodeDecodeError" in log  # the unreadable file's, logged
     assert log.rstrip().endswith("0 abandoned")  # the arbiter's drain summary, its last line
 
 

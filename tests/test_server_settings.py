@@ -104,6 +104,23 @@ def test_a_reload_that_changes_host_alone_does_not_count_the_running_listener_as
     assert (server_settings.load().host, server_settings.load().port) == ("0.0.0.0", int(port))
 
 
+@pytest.mark.parametrize(
+    "error", [PermissionError(13, "Permission denied"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid")]
+)
+def test_a_reload_that_cannot_read_the_settings_keeps_the_running_ones(environ, monkeypatch, caplog, error):
+    running = server_settings.load()
+
+    def unreadable(*args):
+        raise error
+
+    monkeypatch.setattr(server_settings.config, "read_environment", unreadable)
+    with caplog.at_level(logging.ERROR, "gunicorn.error"):
+        assert server_settings.load() is running
+    (record,) = caplog.records
+    assert record.getMessage().startswith("reload refused: the settings could not be read or checked")
+    assert record.exc_info is not None and record.exc_info[1] is error
+
+
 def test_a_reload_with_good_settings_takes_them_for_the_next_workers(environ, tmp_path):
     environ(WORKERS="3")
     server_settings.load()
