@@ -129,17 +129,19 @@ class UnsupportedCoding(UnsupportedTransferCoding):
 
 
 class BareLineFeed(InvalidRequestLine):
-    """A head with a line ended by a bare LF: 400 at once (RFC 9112 section 2.2), as gunicorn's parser refuses it.
+    """A head, or a chunked body's framing, with a line ended by a bare LF: 400 at once (RFC 9112 sections 2.2 and
+    7.1), as gunicorn's parser refuses it.
 
-    Such a head never ends with CRLF CRLF: waited for, it would be dropped
-    unanswered at the deadline.
+    Such a head never ends with CRLF CRLF (nor such a chunk-size line with
+    CRLF): waited for, it would be dropped unanswered, or answered 408, at the deadline.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, part: str = "request head") -> None:
         super().__init__("bare LF as line terminator")
+        self.part = part
 
     def __str__(self) -> str:
-        return "a line of the request head ends with a bare LF: every line must end with CRLF (RFC 9112 section 2.2)"
+        return f"a line of the {self.part} ends with a bare LF: every line must end with CRLF (RFC 9112 section 2.2)"
 
 
 def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bool:
@@ -464,6 +466,8 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
                 end = at + 2
             else:
                 found = buffer.find(_END_OF_HEAD, at)
+                if _bare_lf(buffer, at, len(buffer) if found < 0 else found):
+                    return _refuse_bare_lf(pending)
                 if found < 0 or found + len(_END_OF_HEAD) - at > MAX_PREREAD_HEAD:
                     pending.chunk = at
                     if len(buffer) - at <= MAX_PREREAD_HEAD:
@@ -475,6 +479,8 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
             pending.length, pending.chunk = end, -1
             return True
         line_end = buffer.find(b"\r\n", at, at + max_line)
+        if _bare_lf(buffer, at, min(len(buffer), at + max_line) if line_end < 0 else line_end):
+            return _refuse_bare_lf(pending)
         if line_end < 0:
             pending.chunk = at
             return len(buffer) - at >= max_line
@@ -519,6 +525,13 @@ def _head_too_large(buffer: bytearray) -> Exception:
     if buffer.find(b"\r\n", 0, MAX_PREREAD_HEAD + 1) < 0:
         return LimitRequestLine(f"the request line is longer than {MAX_PREREAD_HEAD} bytes")
     return LimitRequestHeaders(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
+
+
+def _refuse_bare_lf(pending: _Pending) -> bool:
+    # Lines of the framing end with CRLF too: one ended by a bare LF would be waited for until the deadline.
+    pending.refusal = BareLineFeed("chunked body's framing (a chunk-size line or the trailer section)")
+    pending.chunk = -1
+    return True
 
 
 def _stop_reading(pending: _Pending) -> bool:

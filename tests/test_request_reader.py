@@ -526,6 +526,34 @@ def test_a_head_with_a_bare_lf_is_refused_from_the_loop(harness, sent):
     assert harness.refused[0][1].code == 400
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"0\n\n",  # the last chunk's line
+        b"0\r\n\n",  # the end of the trailer section
+        b"0\r\nX-T: a\n\r\n",  # a trailer field
+        b"2\n{}\r\n0\r\n\r\n",  # a chunk-size line
+        b"2;e=1\n",  # a chunk-size line not yet followed by its data
+    ],
+)
+def test_a_chunked_body_with_a_bare_lf_in_its_framing_is_refused_from_the_loop(harness, framing):
+    # Its CRLF was waited for: held until REQUEST_TIMEOUT_S (10 s), then answered 408 or 400.
+    conn, _ = harness.connect(CHUNKED + b"e\r\n{\"payload\": 1}\r\n" + framing)
+    name, detail = _refused(harness, conn)
+    assert name == "BareLineFeed" and "chunked body's framing" in detail
+    assert harness.refused[0][1].code == 400
+
+
+def test_a_bare_lf_in_chunk_data_or_split_from_its_cr_is_not_refused(harness):
+    conn, client = harness.connect(CHUNKED + b"3\r\n{\n}\r\n0\r")
+    client.sendall(b"\nX-T: a\r")
+    harness.turn()
+    client.sendall(b"\n\r\n")
+    harness.turn()
+    assert harness.ready == [conn] and harness.refused == []
+    assert next(conn.parser).body.read() == b"{\n}"
+
+
 def test_a_bare_lf_arriving_after_a_cr_is_not_taken_for_one(harness):
     conn, client = harness.connect(b"GET /healthz HTTP/1.1\r")
     client.sendall(b"\nHost: a\r")

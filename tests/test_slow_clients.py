@@ -277,6 +277,17 @@ def test_a_chunked_body_of_long_chunk_extensions_is_answered_413_at_once(start):
     assert b"the request body is larger than 65536 bytes" in answer
 
 
+@pytest.mark.parametrize("framing", [b"0\n\n", b"0\r\n\n", b"0\r\nX-T: a\n\r\n"], ids=["last-chunk", "end", "trailer"])
+def test_a_chunked_body_whose_framing_has_a_bare_lf_is_answered_400_at_once(start, framing):
+    # Its CRLF was waited for: the client got 408 (or 400) only at REQUEST_TIMEOUT_S.
+    client = start(GUNICORN, REQUEST_TIMEOUT_S="60")
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    (sock,) = client.open(1, head + b'e\r\n{"payload": 1}\r\n' + framing)
+    answer = read_to_end(sock, 8)  # answered and closed while the client holds its end open
+    assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"ends with a bare LF" in answer
+
+
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
 def test_a_json_body_sent_token_by_token_in_small_chunks_is_accepted(start, command):
     # requests.post(data=json.JSONEncoder().iterencode(obj)) sends a chunk per token (1 to 10 bytes):
