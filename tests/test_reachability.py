@@ -60,3 +60,40 @@ def test_a_process_whose_first_step_answers_in_time_sweeps_at_once():
     reach.answered(100.0, 0.01)
     assert reach.span is None
     assert reach.cutoff(100.0) == 100.0
+
+
+def test_an_outage_within_the_hold_of_another_extends_it_from_the_first_ones_start():
+    # The store comes back, then fails a step again (a second busy timeout, a Redis restarting twice): the
+    # owners whose leases expired in the first outage had only the short window between to renew.
+    reach = Reachability(grace=GRACE, slow=SLOW)
+    reach.answered(100.0, 0.01)
+    reach.failed()
+    reach.answered(160.0, 0.01)  # held back until 190
+    reach.failed()
+    assert reach.cutoff(170.0) == 100.0  # not 160: the first outage's leases are still held back
+    reach.answered(175.0, 0.01)
+    assert reach.span == (100.0, 175.0)
+    assert reach.cutoff(200.0) == 100.0  # a lease after the second outage, not the first
+    assert reach.cutoff(205.0) == 205.0
+
+
+def test_a_late_answer_within_the_hold_extends_it_too():
+    reach = Reachability(grace=GRACE, slow=SLOW)
+    reach.answered(100.0, 0.01)
+    reach.failed()
+    reach.answered(160.0, 0.01)
+    reach.answered(180.0, 15.0)  # a paused Redis
+    assert reach.span == (100.0, 180.0)
+    assert reach.cutoff(200.0) == 100.0
+
+
+def test_an_outage_after_the_hold_ended_is_an_outage_of_its_own():
+    reach = Reachability(grace=GRACE, slow=SLOW)
+    reach.answered(100.0, 0.01)
+    reach.failed()
+    reach.answered(160.0, 0.01)
+    reach.answered(195.0, 0.01)  # the hold ended at 190
+    reach.failed()
+    assert reach.cutoff(200.0) == 195.0
+    reach.answered(210.0, 0.01)
+    assert reach.span == (195.0, 210.0)

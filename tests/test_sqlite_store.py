@@ -1305,3 +1305,74 @@ def test_a_process_that_starts_while_the_file_is_locked_does_not_count_a_live_at
         gate.open()
         for each in pools:
             each.shutdown(timeout=0)
+
+
+@pytest.mark.slow
+def test_a_second_lock_soon_after_a_long_one_extends_the_hold_instead_of_ending_it(tmp_path, caplog):
+    # The file is locked for 2.5 leases, free for a moment in which the sweeper sweeps once, then locked
+    # again for one of its steps (a second long transaction, a backup tool's next pass). The owner could
+    # not renew in the moment between (its renewals wait for the sweeper's first sweep after the second
+    # lock): the leases of the first lock stay held back until a lease after the second.
+    lease = 1.0
+    db = tmp_path / "tasks.db"
+    locked = threading.Event()  # the first lock is about to be taken
+    between = threading.Event()  # the sweeper swept between the locks
+    failed = threading.Event()  # a sweeper's step failed under the second lock
+    back = threading.Event()  # the second lock is released
+    swept = threading.Event()  # and the sweeper has swept since
+    sweeps: list[int] = []  # one entry per sweep after the second lock
+
+    class Sweeper(SqliteStore):
+        def recover(self, *args, **kwargs):
+            try:
+                recovered = super().recover(*args, **kwargs)
+            except StoreUnavailable:
+                if between.is_set():
+                    failed.set()
+                raise
+            if back.is_set():
+                sweeps.append(len(recovered))
+                swept.set()
+            elif locked.is_set():
+                between.set()
+            return recovered
+
+    class Owner(SqliteStore):
+        def renew(self, *args, **kwargs):
+            if locked.is_set():
+                swept.wait(WAIT_S)
+            return super().renew(*args, **kwargs)
+
+    gate = Gate()
+    pools = []
+    try:
+        owner = WorkerPool(gate, store=Owner(db, busy_timeout=0.3), workers=1, lease=lease)
+        pools.append(owner)
+        owner.submit("held")
+        gate.wait_started()
+        sweeper = WorkerPool(instant, store=Sweeper(db, busy_timeout=0.3), workers=1, lease=lease)
+        pools.append(sweeper)
+        sweeper.start()
+        locker = sqlite3.connect(db, isolation_level=None)
+        try:
+            locked.set()
+            locker.execute("BEGIN EXCLUSIVE")
+            threading.Event().wait(2.5 * lease)  # the length of the lock, not a wait for another thread
+            locker.execute("COMMIT")
+            assert between.wait(WAIT_S)
+            locker.execute("BEGIN EXCLUSIVE")
+            assert failed.wait(WAIT_S)
+            locker.execute("COMMIT")
+        finally:
+            locker.close()
+        back.set()
+        wait_until(lambda: len(sweeps) >= 6, timeout=WAIT_S, what="the sweeper to sweep after the second lock")
+        task = sweeper.get("held")
+        assert (task.state, task.attempts) == (State.RUNNING, 1), task
+        gate.open()
+        wait_until(lambda: owner.get("held").state is State.DONE, timeout=WAIT_S, what="the attempt to end")
+        assert not [r for r in caplog.records if "lost" in r.getMessage()], caplog.text
+    finally:
+        gate.open()
+        for each in pools:
+            each.shutdown(timeout=0)

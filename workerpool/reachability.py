@@ -46,16 +46,28 @@ class Reachability:
     def failed(self) -> None:
         """A step got no answer from the store."""
         if self._down_since is None:
-            self._down_since = self._reached_at
+            self._down_since = self._outage_began()
 
     def answered(self, now: float, seconds: float) -> None:
         """A step that took ``seconds`` got the store's answer at ``now``."""
         if self._down_since is not None or seconds > self._slow:
-            began = self._reached_at if self._down_since is None else self._down_since
+            began = self._outage_began() if self._down_since is None else self._down_since
             self.span = (began, now)
             self._held_until = now + self._grace
             self._down_since = None
         self._reached_at = now
+
+    def _outage_began(self) -> float:
+        """When the outage that a step just saw began: the last answer, or an earlier outage's start.
+
+        An outage that begins while the leases of an earlier one are still held
+        back is the same outage to their owners (they could renew only in the
+        short window between): the hold goes on from its start until a lease
+        after this one ends.
+        """
+        if self.span is not None and self._reached_at < self._held_until:
+            return min(self._reached_at, self.span[0])
+        return self._reached_at
 
     def cutoff(self, now: float) -> float:
         """Sweep only the leases that expired before this time (``now`` unless an outage holds some back)."""
