@@ -6,6 +6,7 @@ concurrency comes from its threads.
 """
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -91,17 +92,33 @@ def _check_listen(cfg):
 def _share_metrics(server):
     """Choose where the worker processes publish their metrics: METRICS_DIR, or a directory of our own with -w > 1.
 
-    Counts an earlier run left there are removed first: they would add to this run's.
+    Counts an earlier run left there are removed first: they would add to this run's. A server
+    started by a binary upgrade (``kill -USR2``) shares the running server's directory instead (the
+    old server passes it in ``INHERITED_METRICS_DIR``), so that while both serve the port each
+    answers /metrics with the sum of all their processes, instead of its own, in turn.
     """
     server.metrics_dir, server.metrics_dir_owned = None, False
+    inherited = os.environ.get(_metrics_share.INHERITED_METRICS_DIR, "") if server.master_pid else ""
     if _settings.metrics_dir:
         server.metrics_dir = Path(_settings.metrics_dir)
         try:
-            _metrics_share.prepare(server.metrics_dir)
+            if server.master_pid:  # the running server's counts, not an earlier run's: kept
+                server.metrics_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                _metrics_share.prepare(server.metrics_dir)
         except OSError as error:
             _config.exit_on_error(_config.ConfigError(f"METRICS_DIR={_settings.metrics_dir!r} is invalid: {error}"))
+    elif inherited and Path(inherited).is_dir():
+        # Removed at the exit by whichever of the two servers ends last (see on_exit).
+        server.metrics_dir, server.metrics_dir_owned = Path(inherited), True
     elif server.cfg.workers > 1:
         server.metrics_dir, server.metrics_dir_owned = _metrics_share.make_directory(), True
+
+
+def pre_exec(server):
+    """In the new server of a binary upgrade, before gunicorn runs it: hand it our metrics directory."""
+    if server.metrics_dir_owned:  # METRICS_DIR is read from the environment by the new server itself
+        server.cfg.env_orig[_metrics_share.INHERITED_METRICS_DIR] = str(server.metrics_dir)
 
 
 def nworkers_changed(server, new_value, old_value):
@@ -201,7 +218,9 @@ def on_exit(server):
     unreaped = [(pid, reports.take(pid)) for pid in server.WORKERS]
     for pid, report in reports.at_stop + unreaped:
         _log_drain(server, pid, report, at_exit=True)
-    if server.metrics_dir_owned:
+    # During a binary upgrade the other server still publishes there: the new one (reexec_pid, ours
+    # while it runs) or the old one (master_pid, until this one is promoted).
+    if server.metrics_dir_owned and not server.reexec_pid and not server.master_pid:
         _metrics_share.remove_directory(server.metrics_dir)
 
 

@@ -74,6 +74,11 @@ def add(total: Snapshot, other: Snapshot) -> Snapshot:
     return result
 
 
+# The environment variable by which a server passes its private directory to the new server of a binary
+# upgrade (kill -USR2), which runs beside it on the same port until the old one is stopped.
+INHERITED_METRICS_DIR = "WORKERPOOL_INHERITED_METRICS_DIR"
+
+
 def prepare(directory: Path) -> None:
     """Make ``directory`` if needed and remove the snapshots an earlier run left in it."""
     directory.mkdir(parents=True, exist_ok=True)

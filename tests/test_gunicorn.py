@@ -172,7 +172,7 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
     env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir else ""}
     conf = load_conf(monkeypatch, **env)
     cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False)  # no address to check before listening
-    server = SimpleNamespace(cfg=cfg, master_pid=0, pidfile=None)
+    server = SimpleNamespace(cfg=cfg, master_pid=0, reexec_pid=0, pidfile=None)
     conf["on_starting"](server)
     try:
         assert (server.metrics_dir is not None) == shared
@@ -195,6 +195,44 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
             server.drain_reports.at_stop, server.WORKERS, server.log = [], {}, _RecordedLog()
             conf["on_exit"](server)
             assert not server.metrics_dir.exists()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["own-directory", "METRICS_DIR"])
+def test_a_binary_upgrade_shares_the_running_servers_metrics_directory(monkeypatch, tmp_path, given):
+    from types import SimpleNamespace
+
+    from service.metrics_share import INHERITED_METRICS_DIR
+
+    metrics_dir = tmp_path / "metrics"
+    env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(metrics_dir) if given else ""}
+    conf = load_conf(monkeypatch, **env)
+
+    def server(master_pid):
+        cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, env_orig={})
+        arbiter = SimpleNamespace(cfg=cfg, master_pid=master_pid, reexec_pid=0, pidfile=None)
+        arbiter.WORKERS, arbiter.log = {}, _RecordedLog()
+        conf["on_starting"](arbiter)
+        arbiter.drain_reports.at_stop = []
+        return arbiter
+
+    old = server(master_pid=0)
+    conf["pre_exec"](old)  # in the new server's process, just before gunicorn runs it
+    for name, value in old.cfg.env_orig.items():
+        monkeypatch.setenv(name, value)
+    assert (INHERITED_METRICS_DIR in old.cfg.env_orig) is not given  # METRICS_DIR passes by itself
+    (old.metrics_dir / "counts-7.json").write_text('{"row": {"accepted": 5}}')  # an old worker's
+    old.reexec_pid = 4321
+    new = server(master_pid=1234)
+    try:
+        assert new.metrics_dir == old.metrics_dir
+        assert (old.metrics_dir / "counts-7.json").exists()  # the running server's counts are kept
+        conf["on_exit"](old)  # the old server stops, the new one still publishes there
+        assert new.metrics_dir.is_dir()
+        new.master_pid = 0  # promoted
+        conf["on_exit"](new)
+        assert new.metrics_dir.exists() is given  # the last one removes a directory of its own
+    finally:
+        monkeypatch.delenv(INHERITED_METRICS_DIR, raising=False)
 
 
 def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):
@@ -564,6 +602,71 @@ def test_ttin_does_not_start_a_second_worker_on_the_memory_store(tmp_path):
         assert worker_pids(arbiter) == {worker}
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+def test_during_a_binary_upgrade_metrics_sum_both_servers_processes(tmp_path):
+    # Both servers' workers accept on one socket: each answered with its own sum before, in turn.
+    pidfile = tmp_path / "gunicorn.pid"
+    command = [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
+    server = ServerProcess(
+        [*command, "-w", "2", "-p", str(pidfile)],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(STORE=f"sqlite://{tmp_path / 'tasks.db'}"),
+        python=False,
+    )
+    old = server.proc.pid
+    new = None
+
+    def accepted() -> set[str]:  # each scrape on a new connection, so on any of the processes
+        values = set()
+        for _ in range(12):
+            metrics = Client(port).request("GET", "/metrics")[2]
+            values |= {
+                line.split()[1] for line in metrics.splitlines() if line.startswith("workerpool_tasks_accepted_total")
+            }
+        return values
+
+    try:
+        port = server.wait_for_port(LISTENING)
+        wait_until(lambda: len(worker_pids(old)) == 2, timeout=30, what="the workers")
+        for n in range(3):
+            assert (
+                Client(port).request("POST", "/enqueue", json.dumps({"id": f"m{n}", "payload": 1}).encode())[0] == 202
+            )
+        [directory] = tmp_path.glob("workerpool-metrics-*")
+        # Each worker publishes its counts within a second: until then a scrape may not see the other's.
+        wait_until(lambda: accepted() == {"3.0"}, timeout=20, what="both workers' counts in the sum")
+        os.kill(old, signal.SIGUSR2)
+        new = int(
+            wait_until(
+                lambda: Path(f"{pidfile}.2").exists() and Path(f"{pidfile}.2").read_text().strip(),
+                timeout=30,
+                what="the new server",
+            )
+        )
+        wait_until(lambda: len(worker_pids(new)) == 2, timeout=30, what="the new server's workers")
+        wait_until(
+            lambda: "Booting worker" in server.log() and server.log().count("pool started") >= 4,
+            timeout=30,
+            what="the new workers' pools",
+        )
+        assert accepted() == {"3.0"}
+        os.kill(old, signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0
+        wait_until(lambda: "Master has been promoted" in server.log(), timeout=30, what="the new server's promotion")
+        assert directory.is_dir() and accepted() == {"3.0"}  # the old workers' counts stay in the sum
+        os.kill(new, signal.SIGTERM)
+        wait_until(
+            lambda: not Path(f"/proc/{new}").exists() or "Z" in Path(f"/proc/{new}/stat").read_text().split()[2],
+            timeout=60,
+            what="the new server's exit",
+        )
+        assert not directory.exists()
+    finally:
+        server.stop()
+        if new is not None and Path(f"/proc/{new}").exists():
+            os.killpg(old, signal.SIGKILL)  # the new server and its workers, in the old server's process group
 
 
 @pytest.mark.e2e
