@@ -9,6 +9,7 @@ the variable and the value.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -361,8 +362,20 @@ def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
 
 
 def _check_dotenv(path: Path) -> None:
-    """Raise ConfigError at the first line python-dotenv cannot parse (it would only warn and skip it)."""
-    with path.open(encoding="utf-8") as stream:
+    """Raise ConfigError at the first line python-dotenv cannot parse (it would only warn and skip it).
+
+    A file that cannot be read or is not UTF-8 is named in one line too, not with a traceback.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line} is not UTF-8 text") from None
+    with io.StringIO(text) as stream:
         for binding in parse_stream(stream):
             if binding.error:
                 text = binding.original.string

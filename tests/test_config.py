@@ -342,6 +342,15 @@ def test_a_malformed_dotenv_line_stops_start_up_naming_the_line(tmp_path, capsys
     assert capsys.readouterr().err == f"configuration error: {dotenv} line {line} is not VARIABLE=value\n"
 
 
+def test_a_dotenv_file_that_is_not_utf8_stops_start_up_naming_the_line(tmp_path, capsys):
+    dotenv = tmp_path / ".env"
+    dotenv.write_bytes(b"WORKERS=2\n# caf\xe9 (latin-1)\nQUEUE_SIZE=9\n")
+    with pytest.raises(SystemExit) as caught:
+        config.load(dotenv)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"configuration error: {dotenv} line 2 is not UTF-8 text\n"
+
+
 def test_a_missing_dotenv_file_means_defaults(tmp_path):
     assert config.load(tmp_path / "absent.env") == Config()
 

@@ -419,7 +419,7 @@ def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_o
         os.kill(arbiter, signal.SIGHUP)
         wait_until(lambda: f"worker (pid:{second}) ended" in server.log(), timeout=20, what="the second worker's end")
         (third,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the third worker")
-        assert "reload refused: the settings could not be read or checked" in server.log()
+        assert "line 2 is not UTF-8 text" in server.log()
 
         (project / ".env").write_text("WORKERS=2\n")
         os.kill(arbiter, signal.SIGHUP)
@@ -433,11 +433,11 @@ def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_o
     log = server.log()
     refusals = [line for line in log.splitlines() if "reload refused" in line]
     assert "[ERROR] gunicorn.error: reload refused: QUEUE_SIZE='oops' is invalid" in refusals[0]
-    assert "[ERROR] gunicorn.error: reload refused: the settings could not be read or checked" in refusals[1]
+    assert f"[ERROR] gunicorn.error: reload refused: {project / '.env'} line 2 is not UTF-8 text" in refusals[1]
     assert len(refusals) == 2
     pools = [line.partition("pool started: ")[2] for line in log.splitlines() if "pool started: " in line]
     assert pools == ["4 worker thread(s), queue of 64"] * 3 + ["2 worker thread(s), queue of 64"]
-    assert log.count("Traceback") == 1 and "UnicodeDecodeError" in log  # the unreadable file's, logged
+    assert "Traceback" not in log
     assert log.rstrip().endswith("0 abandoned")  # the arbiter's drain summary, its last line
 
 
