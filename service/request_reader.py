@@ -340,8 +340,10 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     which alone decides what the request is, refuses what it refuses.
     A body the application would refuse from the head alone (longer than
     the limit, or without the token) is not read, and with ``Expect:
-    100-continue`` (HTTP/1.1) not asked for. A framing gunicorn's parser refuses, or one not
-    followed here, is left to the parser with the head alone.
+    100-continue`` (HTTP/1.1) not asked for, nor one with a content coding
+    (``Content-Encoding: gzip``: 415) that the client waits to be asked for.
+    A framing gunicorn's parser refuses, or one not followed here, is left
+    to the parser with the head alone.
     """
     lowered = head.lower()
     # A repeated Host is refused by the parser; a missing one is not. HTTP/1.0 requests may omit it.
@@ -376,6 +378,10 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     # A body without the token is not read: the application refuses it from its head, so an unknown
     # client cannot make the loop buffer up to a route's limit on each of its connections.
     refused = not limits.authorized(next(iter(fields.get(b"authorization", [])), None))
+    # Nor, when the client waits for 100 Continue, one with a content coding: the application answers 415
+    # from the head (service/api.read_body: the coding is checked, as there, on the fields joined).
+    coding = b",".join(fields.get(b"content-encoding", [])).strip(b" \t").lower()
+    refused = refused or (expects and coding not in (b"", b"identity"))
     if codings:
         if lengths or codings[-1] != b"chunked" or codings.count(b"chunked") != 1 or not version_ok:
             return Framing(len(head))  # refused by the parser, or not read by it

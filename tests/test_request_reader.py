@@ -319,6 +319,15 @@ def test_body_limits_follow_the_route_and_the_token():
         (b"Transfer-Encoding: chunked, chunked\r\n", Framing(0)),
         (b"Expect: 100-continue\r\nContent-Length: 10\r\n", Framing(10, expects=True)),
         (b"Expect: 100-CONTINUE\r\nContent-Length: 101\r\n", Framing(0, expects=True, refused=True)),
+        (
+            b"Expect: 100-continue\r\nContent-Encoding: gzip\r\nContent-Length: 10\r\n",
+            Framing(0, expects=True, refused=True),
+        ),
+        (b"Expect: 100-continue\r\nContent-Encoding: identity\r\nContent-Length: 10\r\n", Framing(10, expects=True)),
+        (
+            b"Expect: 100-continue\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+            Framing(0, expects=True, refused=True),
+        ),
         (b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n", Framing(0, chunked=True, expects=True)),
         (b"Expect: 100-continue\r\nContent-Length: 1\r\nContent-Length: 1\r\n", Framing(0)),
         (b"Expect: 100-continue\r\nContent-Length: -1\r\n", Framing(0)),

@@ -359,8 +359,14 @@ def test_a_chunked_body_and_one_after_100_continue_are_read_and_queued(start):
             b"POST /enqueue/batch HTTP/1.1\r\nHost: a\r\nContent-Length: 4000000\r\n\r\n",
             401,
         ),
+        (  # 100 Continue was sent and the body read, for a 415 known from the head
+            {},
+            b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Type: application/json\r\n"
+            b"Content-Encoding: gzip\r\nContent-Length: 60000\r\n\r\n",
+            415,
+        ),
     ],
-    ids=["over-the-limit", "over-the-batch-limit", "no-token", "no-token-no-expect"],
+    ids=["over-the-limit", "over-the-batch-limit", "no-token", "no-token-no-expect", "content-coding"],
 )
 def test_a_body_refused_from_its_head_is_neither_read_nor_asked_for(start, env, request_head, status):
     client = start(GUNICORN, **env)
