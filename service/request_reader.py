@@ -22,7 +22,9 @@ or 414 for a request line alone that long), as is an HTTP/1.1 head without a
 Host field (400, which gunicorn's parser does not check), one with a line ended
 by a bare LF (400: waited for, its end of head would never come) and one with a transfer
 coding other than chunked (501: gunicorn's parser would hand its body over
-undecoded), and never reaches a thread.
+undecoded), and never reaches a thread. The empty line that may come before a request line (RFC 9112 section 2.2),
+which gunicorn's parser skips, is skipped here too, so a head after it gets every one of these checks; a second one,
+which the parser refuses, is refused here (400).
 What is left for a thread to read from the socket (a request whose framing
 gunicorn's parser refuses) goes through ``ReadDeadline``, which ends the
 stream at the same deadline.
@@ -58,6 +60,7 @@ MAX_PREREAD_BODY = 1 << 20  # the body limit of every route when none are given
 DEFAULT_CHUNK_LINE_LIMIT = 8190
 READ_SLICE_S = 1.0  # a thread notices a deadline brought forward within this time
 _END_OF_HEAD = b"\r\n\r\n"
+_EMPTY_LINE = b"\r\n"  # one may come before the request line (RFC 9112 section 2.2), as gunicorn's parser allows
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
@@ -142,6 +145,17 @@ class BareLineFeed(InvalidRequestLine):
 
     def __str__(self) -> str:
         return f"a line of the {self.part} ends with a bare LF: every line must end with CRLF (RFC 9112 section 2.2)"
+
+
+class EmptyRequestLine(InvalidRequestLine):
+    """A second empty line before the request line: 400 at once, as gunicorn's parser, which skips only one, refuses
+    it (it reads the empty line as the request line)."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def __str__(self) -> str:
+        return "the request line is empty: at most one empty line (CRLF) may come before it (RFC 9112 section 2.2)"
 
 
 def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bool:
@@ -264,19 +278,25 @@ class RequestReader:
 
     def _complete(self, conn: Connection, pending: _Pending) -> bool:
         if pending.length is None:
-            end = pending.buffer.find(_END_OF_HEAD, pending.searched)
+            # The empty line gunicorn's parser skips before the request line (RFC 9112 section 2.2): the head
+            # starts after it, else its request line would be taken for a field and every check below missed.
+            start = len(_EMPTY_LINE) if pending.buffer.startswith(_EMPTY_LINE) else 0
+            if start and pending.buffer.startswith(_EMPTY_LINE, start):
+                pending.refusal = EmptyRequestLine()  # a second one: the parser takes it for the request line
+                return True
+            end = pending.buffer.find(_END_OF_HEAD, max(pending.searched, start))
             if _bare_lf(pending.buffer, pending.searched, len(pending.buffer) if end < 0 else end):
                 pending.refusal = BareLineFeed()
                 return True
-            if end < 0 or end + len(_END_OF_HEAD) > MAX_PREREAD_HEAD:
+            if end < 0 or end + len(_END_OF_HEAD) > MAX_PREREAD_HEAD:  # the empty line counts against the limit
                 pending.searched = max(0, len(pending.buffer) - len(_END_OF_HEAD) + 1)
                 if len(pending.buffer) <= MAX_PREREAD_HEAD:
                     return False
-                pending.refusal = _head_too_large(pending.buffer)
+                pending.refusal = _head_too_large(pending.buffer, start)
                 return True
-            head = bytes(pending.buffer[: end + len(_END_OF_HEAD)])
+            head = bytes(pending.buffer[start : end + len(_END_OF_HEAD)])
             framing = read_framing(head, self._limits)
-            pending.length = framing.length
+            pending.length = start + framing.length
             if framing.refusal is not None:
                 pending.refusal = framing.refusal
                 return True
@@ -286,7 +306,7 @@ class RequestReader:
                     pending.closed = pending.broken = True  # it does not read what it is sent
                     return False
             if framing.chunked:
-                pending.chunk = len(head)
+                pending.chunk = start + len(head)
                 pending.limit = self._limits.of(head)
         if pending.chunk >= 0:
             return _chunks_complete(pending, self._chunk_line)
@@ -526,9 +546,10 @@ def _bare_lf(buffer: bytearray, start: int, stop: int) -> bool:
     return False
 
 
-def _head_too_large(buffer: bytearray) -> Exception:
-    """gunicorn's error for a head past ``MAX_PREREAD_HEAD``: its request line alone (414), else its fields (431)."""
-    if buffer.find(b"\r\n", 0, MAX_PREREAD_HEAD + 1) < 0:
+def _head_too_large(buffer: bytearray, start: int = 0) -> Exception:
+    """gunicorn's error for a head past ``MAX_PREREAD_HEAD`` (from ``start``, after the empty line before it, which
+    counts against it): its request line alone (414), else its fields (431)."""
+    if buffer.find(b"\r\n", start, MAX_PREREAD_HEAD + 1) < 0:
         return LimitRequestLine(f"the request line is longer than {MAX_PREREAD_HEAD} bytes")
     return LimitRequestHeaders(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
 

@@ -122,3 +122,53 @@ def test_a_head_with_bare_lf_lines_is_answered_at_once(port, head, request):
     assert time.monotonic() - started < 4
     if request.node.callspec.params["port"] == "gunicorn":  # python app.py's server takes bare LF lines
         assert status_line.split()[1] == b"400"
+
+
+def _gunicorn_only(request) -> None:
+    if request.node.callspec.params["port"] != "gunicorn":
+        pytest.skip("the empty line before a request line is gunicorn's parser's: python app.py's server closes")
+
+
+CHUNKED_HEAD = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: %s\r\n\r\n"
+
+
+def test_chunked_requests_after_an_empty_line_hold_no_request_thread(port, request):
+    # Their bodies wait on the event loop as without the empty line: handed to a thread with the head
+    # alone, ten of them held all 8 threads and /healthz waited for the request deadline (10 s).
+    _gunicorn_only(request)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=4) for _ in range(10)]
+    try:
+        for sock in held:
+            sock.sendall(b"\r\n" + CHUNKED_HEAD % b"chunked" + b"1\r\n{\r\n")
+        started = time.monotonic()
+        assert Client(port).request("GET", "/healthz")[0] == 200
+        assert time.monotonic() - started < 4
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_chunked_task_after_an_empty_line_is_accepted(port, request):
+    _gunicorn_only(request)
+    body = b'{"id": "after-crlf", "payload": "p"}'
+    status, _, _ = exchange(port, b"\r\n" + CHUNKED_HEAD % b"chunked" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    assert status == 202
+    assert Client(port).request("GET", "/tasks/after-crlf")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "detail"),
+    [
+        (CHUNKED_HEAD % b"gzip, chunked", 501, "Transfer-Encoding"),
+        (b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", 400, "Host header"),
+        (b"POST /enqueue HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 400, "Host header"),
+    ],
+    ids=["gzip-chunked", "get-without-host", "post-without-host"],
+)
+def test_a_head_after_an_empty_line_is_refused_as_without_it(port, request, head, status, detail):
+    _gunicorn_only(request)
+    started = time.monotonic()
+    answer, headers, body = exchange(port, b"\r\n" + head, seconds=4)
+    assert time.monotonic() - started < 4
+    assert answer == status
+    assert detail in problem(headers, body)["detail"]

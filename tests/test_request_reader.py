@@ -578,3 +578,80 @@ def test_a_bare_lf_sent_in_a_later_piece_is_refused_then(harness):
     client.sendall(b"Host: a\n")
     harness.turn()
     assert harness.refused and harness.refused[0][0] is conn
+
+
+# The empty line gunicorn's parser skips before a request line (RFC 9112 section 2.2): the head the loop
+# looks at starts after it, else its request line is taken for a field and the checks are missed.
+def test_a_chunked_body_after_an_empty_line_is_read_here_not_by_a_thread(harness):
+    # Handed over with its head alone, a thread waited on the socket for the body until the deadline.
+    conn, client = harness.connect(b"\r\n" + CHUNKED + b"1\r\n{\r\n")
+    assert harness.ready == [] and len(harness.reader) == 1
+    client.sendall(b"0\r\n\r\n")
+    harness.turn()
+    assert harness.ready == [conn]
+    assert harness.buffered(conn) == b"\r\n" + CHUNKED + b"1\r\n{\r\n0\r\n\r\n"  # the parser skips the empty line
+    assert next(conn.parser).body.read() == b"{"
+
+
+def test_a_body_of_known_length_after_an_empty_line_is_read_whole(harness):
+    request = b"\r\nPOST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd"
+    conn, client = harness.connect(request[:-1])
+    assert harness.ready == []
+    client.sendall(request[-1:])
+    harness.turn()
+    assert harness.ready == [conn] and harness.buffered(conn) == request
+
+
+def test_an_empty_line_sent_apart_from_the_head_is_skipped(harness):
+    conn, client = harness.connect(b"\r")
+    for piece in (b"\n", b"GET /healthz HTTP/1.1\r\n", b"\r\n"):
+        assert harness.ready == [] and harness.refused == []
+        client.sendall(piece)
+        harness.turn()
+    name, detail = _refused(harness, conn)
+    assert name == "MissingHost" and "no Host header" in detail
+
+
+@pytest.mark.parametrize(
+    ("head", "refusal", "code"),
+    [
+        (b"POST /enqueue HTTP/1.1\r\nContent-Length: 1000\r\n\r\n", "MissingHost", 400),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", "MissingHost", 400),
+        (b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "UnsupportedCoding", 501),
+    ],
+)
+def test_a_head_after_an_empty_line_gets_the_loops_refusals(harness, head, refusal, code):
+    conn, _ = harness.connect(b"\r\n" + head)
+    assert _refused(harness, conn)[0] == refusal
+    assert getattr(harness.refused[0][1], "code", 400) == code  # gunicorn answers 400 for an error without one
+
+
+@pytest.mark.parametrize("sent", [b"\r\n\r\n", b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"])
+def test_a_second_empty_line_is_refused_as_an_empty_request_line(harness, sent):
+    # gunicorn's parser skips one: it reads the second as the request line and refuses it.
+    conn, _ = harness.connect(sent)
+    name, detail = _refused(harness, conn)
+    assert name == "EmptyRequestLine" and "at most one empty line" in detail
+    assert harness.refused[0][1].code == 400
+
+
+def test_a_bare_lf_before_the_request_line_is_refused(harness):
+    # gunicorn's parser skips CRLF only: a bare LF there is refused like one anywhere in the head.
+    conn, _ = harness.connect(b"\nGET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _refused(harness, conn)[0] == "BareLineFeed"
+
+
+def test_the_empty_line_counts_against_the_head_bound(harness):
+    head = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + _fields(MAX_PREREAD_HEAD - 100)
+    head += b"X: " + b"a" * (MAX_PREREAD_HEAD - len(head) - 7) + b"\r\n\r\n"
+    assert len(head) == MAX_PREREAD_HEAD
+    conn, _ = harness.connect(head)
+    assert harness.ready == [conn]
+    harness.ready.clear()
+    conn, _ = harness.connect(b"\r\n" + head)
+    assert _refused(harness, conn) == ("LimitRequestHeaders", "the request head is longer than 65536 bytes")
+
+
+def test_a_request_line_over_the_bound_after_an_empty_line_is_refused_as_too_long_a_line(harness):
+    conn, _ = harness.connect(b"\r\nGET /" + b"a" * MAX_PREREAD_HEAD)
+    assert _refused(harness, conn) == ("LimitRequestLine", "the request line is longer than 65536 bytes")
