@@ -106,9 +106,10 @@ def _share_metrics(server):
                 server.metrics_dir.mkdir(parents=True, exist_ok=True)
             else:
                 _metrics_share.prepare(server.metrics_dir)
+            _metrics_share.check_private(server.metrics_dir)  # else another local user could inject counts
         except OSError as error:
             _config.exit_on_error(_config.ConfigError(f"METRICS_DIR={_settings.metrics_dir!r} is invalid: {error}"))
-    elif inherited and Path(inherited).is_dir():
+    elif inherited and _metrics_share.is_private(Path(inherited)):
         # Removed at the exit by whichever of the two servers ends last (see on_exit).
         server.metrics_dir, server.metrics_dir_owned = Path(inherited), True
     elif server.cfg.workers > 1:

@@ -20,16 +20,25 @@ While the server runs nothing else removes a counts file, but a tmp cleaner may
 sum must not go backwards: a process writes its own files again, making the
 directory again if need be, and a reader keeps the counts it read before, writing
 an ended process's file back from them.
+
+The directory is trusted only while it is private: a directory (not a symlink) of this
+process's user that no other user can write. A directory another local user made at its
+path once a cleaner removed it is neither read nor written (their counts would be summed,
+and a FIFO of theirs would block every scrape): publishing fails as on a full disk, logged
+once, and a scrape answers the counts read before with this process's own ones current.
+Files are opened without following a symlink or waiting on a FIFO, regular files only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -87,6 +96,31 @@ def prepare(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+class UntrustedDirectory(PermissionError):
+    """The metrics directory is not this process's private one: another user's, open to others, not a directory."""
+
+
+def check_private(directory: Path) -> None:
+    """Raise unless ``directory`` is a directory (not a symlink) of this process's user that no other user can write.
+
+    FileNotFoundError if it is gone; UntrustedDirectory if anything else stands at its path.
+    """
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise UntrustedDirectory(
+            f"{directory} is not a private directory of this server's user (uid {info.st_uid}, mode "
+            f"{stat.filemode(info.st_mode)}): another local user may have made it; its files are not used"
+        )
+
+
+def is_private(directory: Path) -> bool:
+    try:
+        check_private(directory)
+    except OSError:
+        return False
+    return True
+
+
 def make_directory() -> Path:
     """A new private directory for one server's snapshots (the caller removes it at exit)."""
     return Path(tempfile.mkdtemp(prefix="workerpool-metrics-"))
@@ -101,6 +135,13 @@ def mark_process_dead(directory: Path, pid: int) -> None:
 
     The arbiter calls it as it reaps a worker: an error here would stop the whole server.
     """
+    try:
+        check_private(directory)
+    except FileNotFoundError:  # removed: nothing of the process to fold (a reader writes its counts back)
+        return
+    except OSError as error:
+        log.warning("could not fold the metrics of the ended process %s: %s", pid, error)
+        return
     try:
         (directory / f"{LIVE}{pid}{SUFFIX}").unlink(missing_ok=True)
     except OSError as error:
@@ -131,7 +172,8 @@ def _fold(directory: Path, name: str) -> None:
 @contextlib.contextmanager
 def _locked(directory: Path, operation: int) -> Iterator[None]:
     try:
-        fd = os.open(directory / FOLD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(directory / FOLD_LOCK, flags, 0o600)
     except OSError:  # the directory removed, a full disk: unlocked, a scrape may count a fold made meanwhile twice
         yield
         return
@@ -156,7 +198,8 @@ class ProcessSnapshots:
         self._write_lock = threading.Lock()
         self._counts_written = self._live_written = ""  # the texts last written
         # An ended process that had this pid (in this run) left counts that must stay in the sum.
-        self._base = _read(self._counts_path) or {}
+        self._base = (_read(self._counts_path) if is_private(directory) else None) or {}
+        self._own: Snapshot | None = None  # the counts last taken, which a scrape sums if the directory is not ours
         # The counts last read from each counts file, by name, which stay in the sum if the file goes.
         # Held only to read or update the dictionary, never across a file's reading or writing.
         self._seen_lock = threading.Lock()
@@ -167,7 +210,8 @@ class ProcessSnapshots:
         """Write the counts and gauges ``take()`` returns (counts on top of what an earlier holder of the pid left)."""
         with self._write_lock:
             counts, live = take()
-            counts_text, live_text = json.dumps(add(self._base, counts)), json.dumps(live)
+            self._own = add(self._base, counts)
+            counts_text, live_text = json.dumps(self._own), json.dumps(live)
             # Each file written when it changed, or when it is gone (removed by a tmp cleaner).
             if counts_text != self._counts_written or not self._counts_path.exists():
                 _replace(self._counts_path, counts_text)
@@ -181,6 +225,19 @@ class ProcessSnapshots:
         counts: dict[str, Snapshot] = {}
         live: dict[int, Snapshot] = {}
         folded: dict[str, int] | None = None
+        try:
+            check_private(self.directory)
+        except UntrustedDirectory:  # not ours (publishing logged why): nothing read or written there
+            with self._seen_lock:
+                seen = dict(self._seen)
+            if self._own is not None:
+                seen[self._counts_path.name] = self._own
+            total: Snapshot = {}
+            for snapshot in seen.values():
+                total = add(total, snapshot)
+            return total, {}
+        except OSError:
+            pass  # removed: made again as this process's files and the ended ones' are written back
         with _locked(self.directory, fcntl.LOCK_SH):  # no fold between the listing and the reads
             try:
                 names = [path.name for path in self.directory.iterdir()]
@@ -210,7 +267,7 @@ class ProcessSnapshots:
             gone = {name: snapshot for name, snapshot in self._seen.items() if name not in counts}
         if gone:
             self._write_back(gone)
-        total: Snapshot = {}
+        total = {}
         for snapshot in [*counts.values(), *gone.values()]:
             total = add(total, snapshot)
         return total, live
@@ -244,21 +301,34 @@ class ProcessSnapshots:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole, making its directory again if it was removed."""
+    """Replace ``path`` with ``text`` whole, making its directory again if it was removed.
+
+    Raises UntrustedDirectory, writing nothing, if the directory is not private (see check_private).
+    """
     # A name of this thread's own: several processes, or scrapes of one, may write one file back at once.
     partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL}")
     try:
-        try:
-            partial.write_text(text, encoding="utf-8")
-        except FileNotFoundError:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private(path.parent)
+    except FileNotFoundError:
+        # Made as mkdtemp does: if another user made one at this path meanwhile, it is not adopted.
+        with contextlib.suppress(FileExistsError):  # made again meanwhile by another of our processes
+            path.parent.mkdir(mode=0o700, parents=True)
             log.warning("the metrics directory %s was removed (a tmp cleaner?): made again", path.parent)
-            partial.write_text(text, encoding="utf-8")
+        check_private(path.parent)
+    try:
+        _write(partial, text)
         os.replace(partial, path)
     except OSError:
         with contextlib.suppress(OSError):  # a full disk leaves the file begun: one a round would pile up
             partial.unlink(missing_ok=True)
         raise
+
+
+def _write(path: Path, text: str) -> None:
+    # Neither a symlink followed nor a FIFO waited on (ENXIO without a reader).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    with open(fd, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 def _alive(pid: int) -> bool:
@@ -273,11 +343,22 @@ def _alive(pid: int) -> bool:
 
 
 def _read(path: Path) -> Snapshot | None:
-    """A snapshot, or None if its file is gone (an ended process's live file, removed meanwhile)."""
+    """A snapshot, or None if its file is gone (an ended process's live file, removed meanwhile) or not a regular file.
+
+    A FIFO is opened without waiting for a writer, a symlink not followed (ELOOP), a device not read.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file now stands for the directory
         return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return None
+        raise
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return json.loads(file.read().decode("utf-8"))
 
 
 class Publisher:

@@ -197,6 +197,22 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
             assert not server.metrics_dir.exists()
 
 
+def test_a_metrics_dir_other_users_can_write_stops_gunicorn_with_one_line(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    given = tmp_path / "metrics"
+    given.mkdir()
+    given.chmod(0o777)  # anyone could add counts to /metrics, or a FIFO that blocks every scrape
+    conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}", METRICS_DIR=str(given))
+    cfg = SimpleNamespace(workers=2, address=[], reuse_port=False)
+    server = SimpleNamespace(cfg=cfg, master_pid=0, reexec_pid=0, pidfile=None)
+    with pytest.raises(SystemExit) as exited:
+        conf["on_starting"](server)
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"configuration error: METRICS_DIR='{given}' is invalid: {given} is not a private directory")
+
+
 @pytest.mark.parametrize("given", [False, True], ids=["own-directory", "METRICS_DIR"])
 def test_a_binary_upgrade_shares_the_running_servers_metrics_directory(monkeypatch, tmp_path, given):
     from types import SimpleNamespace

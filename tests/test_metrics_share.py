@@ -295,12 +295,12 @@ def test_a_write_that_fails_midway_leaves_no_partial_file(tmp_path, monkeypatch)
     metrics.share(tmp_path, interval=None, pid=9)
     accept(metrics, 1)
 
-    def disk_full(path: Path, text: str, encoding: str) -> None:
-        with open(path, "w", encoding=encoding) as file:
+    def disk_full(path: Path, text: str) -> None:
+        with open(path, "w", encoding="utf-8") as file:
             file.write(text[:3])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(metrics_share, "_write", disk_full)
     metrics._publish_quietly()
     metrics._publish_quietly()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["counts-9.json", "live-9.json"]  # one a round before
@@ -337,6 +337,72 @@ def test_a_removed_directory_is_made_again_and_the_sum_does_not_go_back(tmp_path
     assert _counts_files(directory) == {"retired": 6, os.getpid(): 3}
     assert "the metrics directory" in caplog.text and "made again" in caplog.text
     assert "1 metrics file(s) of ended processes were removed" in caplog.text
+
+
+def _scrape_in_time(metrics: Metrics) -> float:
+    """The accepted count a scrape answers, failing (not hanging the run) if it does not answer within WAIT_S."""
+    answers: list[float] = []
+    scrape = threading.Thread(target=lambda: answers.append(value(metrics, "workerpool_tasks_accepted_total")))
+    scrape.daemon = True
+    scrape.start()
+    scrape.join(WAIT_S)
+    assert not scrape.is_alive(), "the scrape blocked"
+    return answers[0]
+
+
+def test_a_fifo_or_a_symlink_in_the_directory_neither_blocks_nor_redirects_a_scrape(tmp_path):
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    other, _ = process(directory, 101)
+    accept(other, 2)
+    other.publish()
+    os.mkfifo(directory / "counts-102.json")  # a read of it waited for a writer: every scrape thread blocked
+    os.mkfifo(directory / "live-102.json")
+    outside = tmp_path / "injected.json"
+    outside.write_text(json.dumps({"row": {"accepted": 1000}}))
+    (directory / "counts-103.json").symlink_to(outside)
+    metrics, _ = process(directory, 104)
+    accept(metrics, 3)
+    assert _scrape_in_time(metrics) == 5
+
+
+@pytest.mark.parametrize("owner", ["this user, writable by others", "another user"])
+def test_a_directory_another_user_made_after_a_cleaner_is_not_used(tmp_path, caplog, owner):
+    if owner == "another user" and os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    metrics, _ = process(directory, os.getpid())
+    accept(metrics, 3)
+    assert value(metrics, "workerpool_tasks_accepted_total") == 3
+    shutil.rmtree(directory)  # a tmp cleaner; then another local user makes a directory at its path
+    directory.mkdir()
+    directory.chmod(0o777)
+    (directory / "counts-1.json").write_text(json.dumps({"row": {"accepted": 1000000}}))
+    os.mkfifo(directory / "counts-2.json")
+    if owner == "another user":
+        directory.chmod(0o755)
+        os.chown(directory, 65534, 65534)
+    caplog.clear()
+    accept(metrics, 2)
+    assert _scrape_in_time(metrics) == 5  # this process's own counts: nothing injected, no hang
+    assert _scrape_in_time(metrics) == 5
+    assert sorted(path.name for path in directory.iterdir()) == ["counts-1.json", "counts-2.json"]  # nothing written
+    assert caplog.text.count("is not a private directory of this server's user") == 1  # one WARNING, not one a scrape
+    metrics_share.mark_process_dead(directory, 1)  # the arbiter's side: nothing folded there, no error
+    assert sorted(path.name for path in directory.iterdir()) == ["counts-1.json", "counts-2.json"]
+    with pytest.raises(metrics_share.UntrustedDirectory):
+        metrics_share.check_private(directory)
+
+
+def test_a_new_process_does_not_start_from_counts_in_a_directory_that_is_not_private(tmp_path):
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o777)
+    directory.chmod(0o777)
+    (directory / f"counts-{os.getpid()}.json").write_text(json.dumps({"row": {"accepted": 1000000}}))
+    metrics, _ = process(directory, os.getpid())
+    accept(metrics, 1)
+    assert value(metrics, "workerpool_tasks_accepted_total") == 1
 
 
 def test_removed_files_of_idle_processes_are_written_again_and_stay_in_the_sum(tmp_path):
