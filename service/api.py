@@ -20,7 +20,7 @@ from .auth import require_token, token_required
 from .context import services
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request, submit_problem, unsupported_content_encoding
-from .request_reader import body_exceeds, body_timed_out
+from .request_reader import body_exceeds, body_overframed, body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
@@ -128,6 +128,12 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
     if length is None and body_exceeds(req.environ["wsgi.input"]) >= limit:
         # Under gunicorn the event loop read this chunked body only until it passed its limit: the
         # rest is not there to read, and the client may still be sending it.
+        if body_overframed(req.environ["wsgi.input"]):
+            raise Problem(
+                413,
+                f"the chunked framing of the request body (chunk-size lines with their extensions, CRLFs) is longer "
+                f"than {limit} bytes plus 8 per byte of data: send it in larger chunks",
+            )
         raise _too_large(limit)
     try:
         if length is not None:

@@ -166,7 +166,7 @@ def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bo
 class _Pending:
     __slots__ = (
         "deadline", "buffer", "length", "searched", "closed", "broken", "expects", "chunk", "decoded", "framing",
-        "limit", "refusal", "exceeds",
+        "limit", "refusal", "exceeds", "overframed",
     )  # fmt: skip
 
     def __init__(self, deadline: float, buffered: bytes) -> None:
@@ -183,6 +183,7 @@ class _Pending:
         self.limit = 0  # of a chunked body: the most bytes its route takes
         self.refusal: Exception | None = None  # why the request is refused from here (too large a head)
         self.exceeds = 0  # of a chunked body read here past its limit: that limit (0: none passed)
+        self.overframed = False  # that chunked body passed it with its framing, not its data
 
 
 class RequestReader:
@@ -347,6 +348,7 @@ class RequestReader:
         conn.read_expired = False
         conn.continue_answered = pending.expects  # type: ignore[attr-defined]  # read by the worker's handle_request
         conn.body_exceeds = pending.exceeds  # type: ignore[attr-defined]  # read by the application (body_exceeds)
+        conn.body_overframed = pending.overframed  # type: ignore[attr-defined]  # and this (body_overframed)
         conn.data_ready = True  # gthread would otherwise wait for data first
         self._ready(conn)
 
@@ -519,12 +521,13 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
             at = line_end + 2
             continue
         data_end = line_end + 2 + size
-        if (
-            pending.decoded + min(size, len(buffer) - line_end - 2) > pending.limit
-            or pending.framing + line_end + 4 - at  # its size line and both CRLFs
+        overframed = (
+            pending.framing + line_end + 4 - at  # its size line and both CRLFs
             > pending.limit + _FRAMING_PER_BYTE * min(pending.decoded + size, pending.limit)
-        ):
+        )
+        if overframed or pending.decoded + min(size, len(buffer) - line_end - 2) > pending.limit:
             pending.exceeds = pending.limit  # too long: the application refuses it at once
+            pending.overframed = overframed
             return _stop_reading(pending)
         if len(buffer) < data_end + 2:
             pending.chunk = at  # this chunk is read again once more has arrived
@@ -588,6 +591,11 @@ class ReadDeadline:
         """The limit the request's chunked body passed while it was read on the event loop (0: none)."""
         return getattr(self._conn, "body_exceeds", 0)
 
+    @property
+    def body_overframed(self) -> bool:
+        """Whether the body passed its limit with its chunked framing (``body_overframed``)."""
+        return getattr(self._conn, "body_overframed", False)
+
     def recv(self, size: int) -> bytes:
         sock = self._conn.sock
         while (remaining := self._conn.read_deadline - self._clock()) > 0:
@@ -624,6 +632,17 @@ def body_exceeds(stream: object) -> int:
     """
     sock = _read_deadline(stream)
     return 0 if sock is None else sock.body_exceeds
+
+
+def body_overframed(stream: object) -> bool:
+    """Whether the chunked body ``body_exceeds`` refuses passed its limit with its framing, not its data.
+
+    Its chunk-size lines (with their extensions) and CRLFs took more than
+    the limit plus ``_FRAMING_PER_BYTE`` per byte of data: the body itself
+    may be short, and a 413 saying that it is longer than the limit would be false.
+    """
+    sock = _read_deadline(stream)
+    return sock is not None and sock.body_overframed
 
 
 def _read_deadline(stream: object) -> ReadDeadline | None:

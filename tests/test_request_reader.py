@@ -153,6 +153,7 @@ def test_a_chunked_body_is_handed_over_as_soon_as_it_passes_its_limit(harness, c
         harness.turn()
     assert harness.ready == [conn]  # with a chunk not yet whole: the client may be sending on
     assert conn.body_exceeds == MAX_PREREAD_BODY  # the application refuses it without reading it
+    assert not conn.body_overframed
 
 
 def test_a_chunked_body_whose_framing_passes_its_limit_is_handed_over_as_too_large():
@@ -169,6 +170,7 @@ def test_a_chunked_body_whose_framing_passes_its_limit_is_handed_over_as_too_lar
             harness.turn()
         assert harness.ready == [conn]
         assert conn.body_exceeds == 4096  # the application refuses it without reading the rest
+        assert conn.body_overframed  # for its framing: its data is short
         assert len(harness.buffered(conn)) <= len(CHUNKED) + 2 * 4096 + len(chunk)
     finally:
         harness.close()
