@@ -5,6 +5,7 @@ in the worker's memory, so there is exactly one worker process; HTTP
 concurrency comes from its threads.
 """
 
+import functools
 import math
 import os
 import sys
@@ -78,6 +79,21 @@ def on_starting(server):
     _server_settings.started(server.cfg.workers)
     server.drain_reports = DrainReports()
     _share_metrics(server)
+    if callable(getattr(server, "reload", None)):  # what kill -HUP calls
+        server.reload = functools.partial(_reload_unless_refused, server, server.reload)
+
+
+def _reload_unless_refused(server, reload):
+    """gunicorn's reload, unless the settings it would read are refused: then the running workers go on.
+
+    gunicorn replaces every worker at a reload whatever the settings (on
+    STORE=memory the new one starts with an empty task table), and no hook can
+    stop it once it has begun, so the settings are checked before.
+    """
+    if _server_settings.check_reload():
+        reload()
+    else:
+        server.log.reopen_files()  # what logrotate sends the HUP for
 
 
 def _check_listen(cfg):

@@ -30,6 +30,16 @@ log = logging.getLogger("gunicorn.error")
 
 # Set by the first load in this process; a later load is a reload of the running server.
 _accepted: Config | None = None
+
+
+def _no_check(settings: Config) -> None:
+    """No check beyond the settings' own (``load``'s default)."""
+
+
+# gunicorn.conf.py's own checks, given at the first load, for check_reload.
+_check: Callable[[Config], object] = _no_check
+# Settings check_reload accepted, which gunicorn.conf.py's next run (the reload's) takes without checking again.
+_checked: Config | None = None
 # The worker processes the server runs (gunicorn's `workers`, `-w` included), once on_starting has said.
 _processes: int | None = None
 # How a worker process tells its arbiter why it ended (set in the worker by post_fork).
@@ -38,24 +48,47 @@ _report: Callable[[str], object] | None = None
 NOT_STARTED_PAUSE_S = 1.0
 
 
-def load(check: Callable[[Config], object] = lambda settings: None) -> Config:
+def load(check: Callable[[Config], object] = _no_check) -> Config:
     """The settings to run with: on a bad value, exit 2 at the start, keep the running settings at a reload.
 
     ``check`` raises ConfigError for settings the server cannot run with (gunicorn.conf.py's own checks).
     """
-    global _accepted
+    global _accepted, _check, _checked
     if _accepted is None:
+        _check = check
         _accepted = _first_load(check)
+    elif _checked is not None:  # read and checked by check_reload just before gunicorn runs this file again
+        _accepted, _checked = _checked, None
     else:
-        try:
-            _accepted = _reload(_accepted, check)
-        except ConfigError as error:
-            log.error("reload refused: %s; the server keeps running with the settings it had", error)
-        except Exception:  # an unreadable .env, say: raised from here, it would end the running arbiter
-            log.exception(
-                "reload refused: the settings could not be read or checked; the server keeps running with those it had"
-            )
+        _accepted = _reload_or_keep(_accepted, check) or _accepted
     return _accepted
+
+
+def check_reload() -> bool:
+    """Whether a reload may go on: its settings read and checked now, for ``load`` to give; or refused, said once.
+
+    gunicorn's reload replaces every worker process whatever settings it gets,
+    which on STORE=memory empties the task table: gunicorn.conf.py asks this
+    first and leaves the running workers alone when the reload is refused.
+    """
+    global _checked
+    _checked = None if _accepted is None else _reload_or_keep(_accepted, _check, refused=" and worker processes")
+    return _checked is not None
+
+
+def _reload_or_keep(running: Config, check: Callable[[Config], object], refused: str = "") -> Config | None:
+    """The settings read again and checked, or None (logged) to keep ``running``."""
+    try:
+        return _reload(running, check)
+    except ConfigError as error:
+        log.error("reload refused: %s; the server keeps running with the settings%s it had", error, refused)
+    except Exception:  # an unreadable .env, say: raised from here, it would end the running arbiter
+        log.exception(
+            "reload refused: the settings could not be read or checked; the server keeps running with the "
+            "settings%s it had",
+            refused,
+        )
+    return None
 
 
 def started(processes: int) -> None:

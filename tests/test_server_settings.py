@@ -21,6 +21,8 @@ def environ(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(server_settings, "_accepted", None)
     monkeypatch.setattr(server_settings, "_processes", None)
+    monkeypatch.setattr(server_settings, "_checked", None)
+    monkeypatch.setattr(server_settings, "_check", server_settings._no_check)
     monkeypatch.setattr(server_settings, "_report", None)
     # gunicorn's logging set up by an earlier test (dictConfig) would keep its lines from caplog.
     monkeypatch.setattr(server_settings.log, "propagate", True)
@@ -169,3 +171,22 @@ def test_a_worker_that_cannot_open_the_store_ends_alone_with_exit_code_1_and_say
     assert exited.value.code == 1
     assert "worker not started: STORE cannot be used now (tasks.db: the database is locked" in caplog.text
     assert reports == ["not started (STORE could not be used); it held no task"]
+
+
+def test_a_reload_checked_before_gunicorn_begins_it_is_refused_once_or_taken_without_a_second_check(
+    environ, monkeypatch, caplog
+):
+    """gunicorn replaces every worker at a reload: gunicorn.conf.py asks first, and a refused one never begins."""
+    environ(WORKERS="3")
+    running = server_settings.load()
+    environ(WORK_MIN_MS="oops")
+    with caplog.at_level(logging.ERROR, "gunicorn.error"):
+        assert server_settings.check_reload() is False
+    (record,) = caplog.records
+    assert record.getMessage().startswith("reload refused: WORK_MIN_MS='oops' is invalid")
+    assert record.getMessage().endswith("the server keeps running with the settings and worker processes it had")
+    assert server_settings.load() is running  # had gunicorn read the file again all the same
+    environ(WORK_MIN_MS="0", WORKERS="5")
+    assert server_settings.check_reload() is True
+    monkeypatch.setattr(server_settings, "_reload", lambda *args: pytest.fail("checked twice"))
+    assert server_settings.load().workers == 5
