@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util
@@ -84,7 +85,7 @@ def write_problem(sock: socket.socket, status_int: int, reason: str, mesg: str) 
     answer = current_answer() or ErrorAnswer()
     body = json.dumps(problem_document(status_int, detail)).encode()
     head = (
-        f"HTTP/1.1 {status_int} {reason}\r\n"
+        f"HTTP/1.1 {status_int} {_reason(status_int, reason)}\r\n"
         "Connection: close\r\n"
         f"Content-Type: {PROBLEM_JSON}\r\n"
         f"Content-Length: {len(body)}\r\n"
@@ -95,3 +96,13 @@ def write_problem(sock: socket.socket, status_int: int, reason: str, mesg: str) 
     answer.status = status_int
     util.write_nonblock(sock, data)
     answer.sent = len(body)
+
+
+def _reason(status_int: int, reason: str) -> str:
+    """The reason phrase of ``status_int``: gunicorn's, but for the "Bad Request" it passes with its 501 and 500."""
+    if status_int == 400 or reason != "Bad Request":
+        return reason
+    try:
+        return HTTPStatus(status_int).phrase
+    except ValueError:
+        return reason

@@ -135,6 +135,33 @@ def test_errors_gunicorn_answers_itself_are_problem_documents(server, data, stat
     assert problem["detail"]
 
 
+REASONS = {414: "URI Too Long"}
+REFUSED_FROM_THE_EVENT_LOOP = {
+    "transfer coding before chunked": (
+        b"POST /enqueue HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        501,
+    ),
+    "no host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [*GUNICORN_ERRORS.values(), *REFUSED_FROM_THE_EVENT_LOOP.values()],
+    ids=[*GUNICORN_ERRORS, *REFUSED_FROM_THE_EVENT_LOOP],
+)
+def test_the_status_line_of_an_error_gunicorn_answers_has_its_codes_reason(server, data, status):
+    # gunicorn gave its 501 (and 500) answers the reason "Bad Request"; 414's is RFC 9110's, newer than Python 3.11's.
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while b"\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    reason = REASONS.get(status, HTTPStatus(status).phrase)
+    assert received.partition(b"\r\n")[0].decode() == f"HTTP/1.1 {status} {reason}"
+
+
 @pytest.mark.parametrize(("data", "status"), GUNICORN_ERRORS.values(), ids=GUNICORN_ERRORS.keys())
 def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(served, data, status):
     base, process = served
