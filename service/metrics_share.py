@@ -127,7 +127,8 @@ def make_directory() -> Path:
 
 
 def remove_directory(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+    if is_private(directory):  # one another user made at its path after a cleaner is theirs, not ours to empty
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def mark_process_dead(directory: Path, pid: int) -> None:
