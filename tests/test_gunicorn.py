@@ -491,12 +491,7 @@ def test_a_reload_to_the_memory_store_with_two_worker_processes_is_refused_and_b
 @pytest.mark.e2e
 def test_a_reload_to_a_port_in_use_or_a_foreign_host_is_refused_and_the_server_keeps_its_port(tmp_path):
     """gunicorn closes its listeners before binding a new address and exits if that fails: checked before."""
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("app.py", "config.py", "gunicorn.conf.py", "server_settings.py"):
-        (project / name).write_bytes((PROJECT_ROOT / name).read_bytes())
-    for name in ("service", "workerpool", "handlers"):
-        (project / name).symlink_to(PROJECT_ROOT / name)
+    project = project_copy(tmp_path)
     (project / ".env").write_text("HOST=127.0.0.1\nPORT=0\n")  # no -b: the address comes from the settings
     server = ServerProcess(
         ["-m", "gunicorn", "-c", "gunicorn.conf.py"],
