@@ -1470,6 +1470,31 @@ def test_the_lease_keeper_sleeps_until_its_next_renewal_while_nothing_runs_here(
         store.close()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_sweep_after_a_pause_of_this_process_does_not_count_a_live_owners_attempt_lost(
+    make_pool, clock, tmp_path, kind
+):
+    # This process takes no step for 60 s (stopped by SIGSTOP, a paused VM) while the store is out for every
+    # process: the owner's renewals fail, its lease expires, and the store is back before this process's
+    # next step, which answers in time. It saw no outage, yet the owner's lease expired in one.
+    here, elsewhere = _two_processes(kind, clock, tmp_path)
+    owner = "elsewhere.example:1:a"  # a process on another host, alive (its pid cannot be looked up here)
+    elsewhere.admit([Task("held", "", 0, created_at=clock.time())])
+    assert elsewhere.claim(owner, clock.time() + 30.0).id == "held"
+    waits = KeeperWaits(clock)
+    pool = make_pool(instant, store=here, workers=1, lease=30.0, wait=waits)
+    pool.start()
+    assert waits.wait_for(lambda timeouts: len(timeouts) == 1), "the lease keeper never swept"
+    clock.advance(60.0)  # the owner's lease expired 30 s ago; the keeper's next step comes 50 s late
+    assert waits.wait_for(lambda timeouts: len(timeouts) == 2), "the lease keeper did not step after the pause"
+    assert pool.get("held").state is State.RUNNING, "a live owner's attempt was ended by a sweep after a pause"
+    assert elsewhere.renew(owner, ["held"], clock.time() + 30.0).lost == frozenset()  # the owner's next renewal
+    assert elsewhere.finish("held", 1, owner, result="ok").state is State.DONE
+    pool.shutdown(timeout=TIMEOUT)
+    for store in (here, elsewhere):
+        store.close()
+
+
 @pytest.mark.parametrize("kind", ["delay", "backoff"])
 def test_a_drain_abandons_at_once_what_cannot_fall_due_before_its_deadline(make_pool, clock, kind):
     # The fake clock stands still: without looking at the due times the drain would wait forever.

@@ -272,7 +272,8 @@ class WorkerPool:
         self._left_to_leases = 0  # attempts running here that the store could not abandon
         self._cutoff: float | None = None  # when the drain stops waiting for a shared store (see _store_cutoff)
         # The lease keeper's record of store outages: leases they let expire are not swept at once.
-        self._reach = Reachability(grace=lease, slow=lease / 3)
+        # Steps come a third of a lease apart: one answered later than that plus a slow step followed a pause.
+        self._reach = Reachability(grace=lease, slow=lease / 3, quiet=2 * lease / 3)
 
     # -- admission -------------------------------------------------------
 
@@ -1110,9 +1111,11 @@ class WorkerPool:
         """Renew this process's leases, then sweep expired ones, noting how long the store took to answer.
 
         The renewal comes first: after an outage this process's own attempts
-        are renewed before its sweep could count them lost.
+        are renewed before its sweep could count them lost. A step that comes
+        late (this process was paused) holds back what expired meanwhile.
         """
         reach, began = self._reach, self._monotonic()
+        reach.stepping(self._clock())
         if self._renew_once():
             reach.answered(self._clock(), self._monotonic() - began)  # before the sweep reads the cutoff
             began = self._monotonic()

@@ -19,6 +19,16 @@ A process that starts while the store is unreachable (a new instance, or
 gunicorn's replacement of a worker) cannot tell when the outage began: until
 its first step answers it counts as never having reached the store, so that
 outage is held back from its start of time, not from the process's start.
+
+A process that took no step for a while (stopped by SIGSTOP, a paused VM or
+container, a thread starved of CPU) cannot tell what the store went through
+meanwhile: an outage that began and ended between two of its steps let the
+leases of live owners expire all the same. So a step that begins longer
+than ``quiet`` seconds after the last answer (the keeper's period plus a
+slow step: more than its schedule allows) holds back the leases that expired
+since for a lease as an outage does, without counting that span as one:
+those still expired after the hold are ended with the usual reason, not as
+lost while the store was unreachable, which nobody here saw.
 """
 
 from __future__ import annotations
@@ -33,14 +43,16 @@ class Reachability:
     lease keeper's thread alone: no lock.
     """
 
-    def __init__(self, *, grace: float, slow: float) -> None:
+    def __init__(self, *, grace: float, slow: float, quiet: float) -> None:
         self._grace = grace
         self._slow = slow
+        self._quiet = quiet
         # When a step last answered: never yet. An outage seen before the first answer may have begun any
         # time before this process started, and let the leases of live owners expire then.
         self._reached_at = -math.inf
         self._down_since: float | None = None  # while steps fail: when the store last answered before
-        self._held_until = 0.0
+        self._held_from = 0.0  # leases that expired from then until _held_until - grace wait for _held_until
+        self._held_until = -math.inf
         self.span: tuple[float, float] | None = None  # the latest span in which the store was unreachable
 
     def failed(self) -> None:
@@ -53,9 +65,18 @@ class Reachability:
         if self._down_since is not None or seconds > self._slow:
             began = self._outage_began() if self._down_since is None else self._down_since
             self.span = (began, now)
-            self._held_until = now + self._grace
+            self._held_from, self._held_until = began, now + self._grace
             self._down_since = None
         self._reached_at = now
+
+    def stepping(self, now: float) -> None:
+        """A step begins at ``now``: after a pause of this process, hold back what expired during it.
+
+        Called before the step's sweep reads the cutoff. A first step after
+        the process's start follows no pause (see the module doc).
+        """
+        if self._down_since is None and -math.inf < self._reached_at < now - self._quiet:
+            self._held_from, self._held_until = self._outage_began(), now + self._grace
 
     def _outage_began(self) -> float:
         """When the outage that a step just saw began: the last answer, or an earlier outage's start.
@@ -65,14 +86,14 @@ class Reachability:
         short window between): the hold goes on from its start until a lease
         after this one ends.
         """
-        if self.span is not None and self._reached_at < self._held_until:
-            return min(self._reached_at, self.span[0])
+        if self._reached_at < self._held_until:
+            return min(self._reached_at, self._held_from)
         return self._reached_at
 
     def cutoff(self, now: float) -> float:
         """Sweep only the leases that expired before this time (``now`` unless an outage holds some back)."""
         if self._down_since is not None:
             return min(now, self._down_since)
-        if self.span is not None and now < self._held_until:
-            return min(now, self.span[0])
+        if now < self._held_until:
+            return min(now, self._held_from)
         return now
