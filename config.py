@@ -362,7 +362,11 @@ def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
 
 
 def _check_dotenv(path: Path) -> None:
-    """Raise ConfigError at the first line python-dotenv cannot parse (it would only warn and skip it).
+    """Raise ConfigError at the first line that is not ``VARIABLE=value``.
+
+    python-dotenv only warns about a line it cannot parse and skips it, and it reads a bare name
+    (``WORKERS``, ``export WORKERS``) as a variable without a value, which ``read_environment`` drops:
+    either way a setting the user meant to make would be silently left at its default.
 
     A file that cannot be read or is not UTF-8 is named in one line too, not with a traceback.
     """
@@ -377,7 +381,7 @@ def _check_dotenv(path: Path) -> None:
         raise ConfigError(f"{path} line {line} is not UTF-8 text") from None
     with io.StringIO(text) as stream:
         for binding in parse_stream(stream):
-            if binding.error:
+            if binding.error or (binding.key is not None and binding.value is None):
                 text = binding.original.string
                 blank_lines_before = text[: len(text) - len(text.lstrip())].count("\n")
                 # The line's text is not shown: it may hold a secret.

@@ -331,7 +331,15 @@ def test_dotenv_fills_in_and_the_real_environment_wins(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("text", "line"),
-    [("WORKERS=2\nWORKERS 5\n", 2), ("# settings\n\n\nQUEUE_SIZE: 9\nWORKERS=2\n", 4), ("API_TOKEN secret-value\n", 1)],
+    [
+        ("WORKERS=2\nWORKERS 5\n", 2),
+        ("# settings\n\n\nQUEUE_SIZE: 9\nWORKERS=2\n", 4),
+        ("API_TOKEN secret-value\n", 1),
+        # A bare name, which python-dotenv reads as a variable without a value: its setting would be lost.
+        ("WORKERS\n", 1),
+        ("QUEUE_SIZE=9\n\n# workers\nexport WORKERS\n", 4),
+        ("WORKERS # eight\n", 1),
+    ],
 )
 def test_a_malformed_dotenv_line_stops_start_up_naming_the_line(tmp_path, capsys, text, line):
     dotenv = tmp_path / ".env"
