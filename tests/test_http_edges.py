@@ -110,6 +110,10 @@ GUNICORN_ERRORS = {
         431,
     ),
     "malformed request line": (b"NOT A REQUEST LINE AT ALL\r\n\r\n", 400),
+    "unknown expectation": (
+        b"POST /enqueue HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\nContent-Length: 2\r\n\r\n{}",
+        417,
+    ),
     "content-length and transfer-encoding": (
         b"POST /enqueue HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         400,
