@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -450,3 +451,11 @@ def test_every_lookup_by_state_still_searches_the_by_state_index(tmp_path):
             assert "tasks_by_state" in str(conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()), sql
     finally:
         store.close()
+
+
+def test_the_readme_and_the_store_notes_name_the_current_schema_version():
+    root = Path(__file__).resolve().parent.parent
+    readme = " ".join((root / "README.md").read_text().split())
+    notes = " ".join((root / "docs" / "stores.md").read_text().split())
+    assert f"each version to the next, now up to {SCHEMA_VERSION}," in readme
+    assert f"(`PRAGMA user_version`, now {SCHEMA_VERSION})" in notes
