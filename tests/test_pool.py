@@ -656,6 +656,35 @@ def test_an_exception_that_cannot_describe_itself_still_ends_the_attempt_and_is_
     assert summary.abandoned == ()
 
 
+@pytest.mark.parametrize("store_name", ["memory", "sqlite", "redis"])
+def test_an_error_with_a_lone_surrogate_is_recorded_escaped_and_retried(make_pool, clock, tmp_path, store_name):
+    # A message naming a file whose name was decoded with surrogateescape holds one: it has no UTF-8 form,
+    # which the SQLite and Redis stores need, and its task failed for good where the memory store retried it.
+    name = b"caf\xe9.txt".decode(errors="surrogateescape")
+
+    def raises(task, cancel):
+        raise RuntimeError(f"cannot read {name}")
+
+    stores = {
+        "memory": lambda: MemoryStore(64, clock=clock.time),
+        "sqlite": lambda: SqliteStore(tmp_path / "tasks.db", clock=clock.time),
+        "redis": lambda: RedisStore(
+            shared_server().client(), capacity=64, ttl=3600.0, max_finished=100, prefix=f"test-{uuid.uuid4().hex}",
+            clock=clock.time,
+        ),
+    }  # fmt: skip
+    store = stores[store_name]()
+    pool = make_pool(raises, store=store, threads=False)
+    pool.submit("a", "", max_retries=1)
+    assert pool.step()
+    assert pool.step()
+    task = pool.get("a")
+    assert (task.state, task.attempts) == (State.FAILED, 2)
+    assert task.last_error == "RuntimeError: cannot read caf\\udce9.txt"
+    task.last_error.encode()
+    store.close()
+
+
 def test_the_drain_summary_counts_every_task_the_pool_finished_not_what_is_retained(make_pool):
     gate = Gate()
     pool = make_pool(gate, workers=1, state_max_tasks=1)

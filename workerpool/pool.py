@@ -1463,4 +1463,9 @@ def _describe_safely(exc: BaseException) -> str:
 
 
 def _truncate(text: str) -> str:
+    if not text.isascii():
+        # A lone surrogate (a file name decoded with surrogateescape, say) has no UTF-8 form: the
+        # SQLite and Redis stores could not write the error, and the task would fail without its
+        # retries. Escaped ("\\udce9") it reads the same on every store.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
