@@ -15,7 +15,15 @@ from http import HTTPStatus
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from workerpool import DuplicateTask, PoolClosed, QueueFull, StoreNotSynced, StoreUnavailable, SubmitError
+from workerpool import (
+    DuplicateTask,
+    PoolClosed,
+    QueueFull,
+    StoreFileReplaced,
+    StoreNotSynced,
+    StoreUnavailable,
+    SubmitError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +158,22 @@ _STORE_NOT_SYNCED = (
 )
 
 
+_STORE_FILE_REPLACED = (
+    "the task store's file was removed or replaced while this process had it open: it accepts no new tasks "
+    "until it is restarted (the tasks accepted before still run)"
+)
+
+
 def _from_store_unavailable(exc: StoreUnavailable) -> Response:
     # The reason (e.g. a full disk) goes to the log and to /healthz, not to every client.
     log.error("task store unavailable on %s %s: %s", request.method, request.path, exc)
     if isinstance(exc, StoreNotSynced):  # committed: retrying would only repeat it
         return problem_response(503, _STORE_NOT_SYNCED, kind=_TYPE_PREFIX + "store-unavailable")
+    if isinstance(exc, StoreFileReplaced):  # until a restart: the client is told why
+        return problem_response(
+            503, _STORE_FILE_REPLACED, kind=_TYPE_PREFIX + "store-unavailable",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        )
     return problem_response(
         503,
         _STORE_UNAVAILABLE_DETAILS.get(request.method, _STORE_UNAVAILABLE + "retry later"),

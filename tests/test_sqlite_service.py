@@ -23,6 +23,7 @@ import pytest
 from http_fixtures import (
     LISTENING,
     Client,
+    Gate,
     ServerProcess,
     clean_environment,
     instant,
@@ -242,6 +243,38 @@ def test_a_locked_database_answers_503_and_health_says_why_until_it_is_released(
         assert client.post("/enqueue", json={"id": "after", "payload": ""}).status_code == 202
         assert client.get("/healthz").status_code == 200
     finally:
+        harness.drain()
+
+
+def test_a_task_file_removed_while_open_answers_503_naming_it_and_the_accepted_tasks_still_run(tmp_path, caplog):
+    db = tmp_path / "tasks.db"
+    gate = Gate()
+    harness = make_harness(gate, store=SqliteStore(db))
+    client = harness.client
+    try:
+        for task_id in ("first", "second"):
+            assert client.post("/enqueue", json={"id": task_id, "payload": ""}).status_code == 202
+        gate.wait_started()  # one attempt runs, one task waits
+        for path in (db, tmp_path / "tasks.db-wal", tmp_path / "tasks.db-shm"):
+            path.unlink()  # a tmp cleaner, an operator's rm
+
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        assert "removed while this process had it open" in health.get_json()["store_error"]
+        refused = client.post("/enqueue", json={"id": "after", "payload": ""})
+        assert refused.status_code == 503
+        problem = refused.get_json()
+        assert problem["type"] == "urn:workerpool:problem:store-unavailable"
+        assert "file was removed or replaced" in problem["detail"]
+        assert any(r.levelname == "ERROR" and "the task file was removed" in r.message for r in caplog.records)
+
+        gate.open()
+        harness.final.wait("first", "second")  # drained from the open file, not dropped
+        assert client.get("/tasks/second").get_json()["state"] == "done"
+        assert client.get("/tasks/after").status_code == 404
+        assert not db.exists()
+    finally:
+        gate.open()
         harness.drain()
 
 

@@ -22,7 +22,7 @@ import pytest
 from doubles import WAIT_S, Gate, instant, wait_until
 
 from workerpool import State, Task, WorkerPool
-from workerpool.errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable
+from workerpool.errors import DuplicateTask, QueueFull, StoreFileReplaced, StoreNotSynced, StoreUnavailable
 from workerpool.stores import sqlite as sqlite_store
 from workerpool.stores.sqlite import LOST, LOST_GONE, SCHEMA_VERSION, SqliteStore
 
@@ -1376,3 +1376,51 @@ def test_a_second_lock_soon_after_a_long_one_extends_the_hold_instead_of_ending_
         gate.open()
         for each in pools:
             each.shutdown(timeout=0)
+
+
+def _remove(db):
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        path.unlink()
+
+
+def _replace(db):  # with its WAL and shared memory: another task file altogether
+    fresh = db.with_name("fresh.db")
+    SqliteStore(fresh).close()
+    _remove(db)
+    os.replace(fresh, db)
+
+
+@pytest.mark.parametrize("change", [_remove, _replace], ids=["removed", "replaced"])
+def test_a_task_file_removed_or_replaced_while_open_refuses_new_tasks_and_runs_the_ones_it_holds(
+    open_store, clock, db, monkeypatch, caplog, change
+):
+    monkeypatch.setattr(sqlite_store, "_IDENTITY_CHECK_S", 0.0, raising=False)  # every admission looks
+    store = open_store()
+    store.admit([task(clock, "running"), task(clock, "queued")])
+    assert claim(store, clock).id == "running"
+    change(db)
+
+    with pytest.raises(StoreFileReplaced) as refused:
+        store.admit([task(clock, "after")])
+    assert "removed" in str(refused.value) or "replaced" in str(refused.value)
+    assert [r.levelname for r in caplog.records if "while this process had it open" in r.message] == ["ERROR"]
+    assert store.health() == str(refused.value)
+    # The tasks accepted into the old file still run here, read from another thread too.
+    store.finish("running", 1, "a")
+    assert claim(store, clock).id == "queued"
+    store.finish("queued", 1, "a")
+    states = {}
+    reader = threading.Thread(target=lambda: states.update({t: store.get(t).state for t in ("running", "queued")}))
+    reader.start()
+    reader.join(WAIT_S)
+    assert states == {"running": State.DONE, "queued": State.DONE}
+    assert store.get("after") is None
+    with pytest.raises(StoreFileReplaced):  # for good: the old file is still the one open
+        store.admit([task(clock, "later")])
+    assert (store.health() or "").startswith(str(db))
+    # Nothing was written to the file now at the path (none was created where it was removed).
+    if change is _remove:
+        assert not db.exists()
+    else:
+        fresh = open_store()
+        assert fresh.get("running") is None and fresh.get("after") is None and fresh.health() is None

@@ -51,6 +51,16 @@ class StoreUnavailable(Exception):
     """
 
 
+class StoreFileReplaced(StoreUnavailable):
+    """The store's file was removed or replaced while this process had it open.
+
+    The process still holds the old file open: the tasks accepted into it are
+    run to their end here, but nothing new is accepted (it would be lost with
+    the old file when the process exits, and every process opening the path
+    from now on sees another file). Raised by admissions from then on.
+    """
+
+
 class StoreNotSynced(StoreUnavailable):
     """The change was written, and stands, but syncing it to disk failed: a power cut could still undo it.
 

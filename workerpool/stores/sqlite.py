@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import socket
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ..errors import DuplicateTask, QueueFull, StoreNotSynced, StoreUnavailable, SubmitError
+from ..errors import DuplicateTask, QueueFull, StoreFileReplaced, StoreNotSynced, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
 from .base import LOST_UNREACHABLE, Renewal, StoreStats, TaskStore, full_queue_delays, lost_while_unreachable
 
@@ -55,7 +56,11 @@ APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from 
 SCHEMA_VERSION = 6
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _SWEEP_INTERVAL_S = 1.0
+# How often an admission looks whether the path still names the file open here (a stat: a system call,
+# a few microseconds; a check of the clock costs far less). The health check and the sweep look every time.
+_IDENTITY_CHECK_S = 0.1
 _WRITTEN_KEPT = 1024  # generations a process remembers writing (see _written); older ones count as news
 _JOIN_SYNC_S = 0.002  # the longest an fsync waits for a step that is writing, to cover its commit too
 _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a write of its own
@@ -337,6 +342,11 @@ class SqliteStore(TaskStore):
         self._wal_fd: int | None = None  # the WAL file, opened to fsync it
         self._wal_path = f"{self.path}-wal"
         self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
+        # The file open here (st_dev, st_ino), and why the path no longer names it (see _check_identity);
+        # _replaced, once set, stays: the open connections keep writing to the old file.
+        self._identity: tuple[int, int] | None = None
+        self._replaced: str | None = None
+        self._identity_due = 0.0  # when (time.monotonic) an admission looks again
         _check_library()
         _check_path(self.path)
         self._open()
@@ -351,6 +361,9 @@ class SqliteStore(TaskStore):
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (journal mode stays {mode})")
             with self._transaction() as writer:
                 self._prepare_schema(writer)
+            # The connections are open: the path names their file now (a removal in between is seen at the
+            # first check, as the file then has no name left, or another inode).
+            self._identity = _identity(self.path)
         except sqlite3.Error as exc:
             self.close()
             raise StoreUnavailable(f"{self.path}: {_describe(exc)}") from None
@@ -383,6 +396,10 @@ class SqliteStore(TaskStore):
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, for reading; closed when the thread ends (see ``_Reader``)."""
+        if self._replaced is not None:
+            # A connection that has not read since its file was removed opens the WAL by path when it
+            # first reads, and would find another file's or none: every read takes the writer's, which has.
+            raise StoreFileReplaced(self._replaced)
         reader: _Reader | None = getattr(self._local, "reader", None)
         if reader is None:
             reader = self._local.reader = _Reader(self._new_connection(), self._connections, self._connections_lock)
@@ -396,6 +413,10 @@ class SqliteStore(TaskStore):
         return conn
 
     def _new_connection(self) -> sqlite3.Connection:
+        # A connection opened by path once the path names another file (or none: connecting would create
+        # an empty one) would read that file, not the one the writer holds.
+        if self._identity is not None and self._check_identity() is not None:
+            raise StoreFileReplaced(self._replaced)
         with self._connections_lock:
             if self._closed:
                 raise StoreUnavailable(f"{self.path}: the store is closed")
@@ -512,7 +533,10 @@ class SqliteStore(TaskStore):
             target = self._commits  # every commit counted so far has written its frames
             wal = self._wal_path
             try:
-                if self._wal_fd is None or os.fstat(self._wal_fd).st_ino != os.stat(wal).st_ino:
+                # Once the task file is replaced the WAL at the path is another file's: keep syncing ours.
+                if self._wal_fd is None or (
+                    self._replaced is None and os.fstat(self._wal_fd).st_ino != os.stat(wal).st_ino
+                ):
                     self._close_wal()
                     self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
                 os.fdatasync(self._wal_fd)  # as SQLite does on Linux: data and size, not timestamps
@@ -609,7 +633,12 @@ class SqliteStore(TaskStore):
                 conn.commit()
 
         try:
-            conn = self._connection()
+            try:
+                conn = self._connection()
+            except StoreFileReplaced:  # read through the writer's connection, which has the old file's WAL open
+                with self._write_lock:
+                    conn = self._write_connection()
+                    return self._retry_busy(snapshot)
             return self._retry_busy(snapshot)
         except sqlite3.Error as exc:
             self._failure, self._failed_at = _describe(exc), time.monotonic()
@@ -623,11 +652,35 @@ class SqliteStore(TaskStore):
         """
         try:
             return self._connection().execute(sql, params).fetchall()
+        except StoreFileReplaced:
+            pass  # read through the writer's connection (see _read)
         except sqlite3.Error as exc:
             if _primary_code(exc) != sqlite3.SQLITE_BUSY:
                 self._failure, self._failed_at = _describe(exc), time.monotonic()
                 raise StoreUnavailable(self._failure) from None
         return self._read(lambda conn: conn.execute(sql, params).fetchall())
+
+    def _check_identity(self) -> str | None:
+        """Why the path no longer names the file open here (removed, renamed or replaced), or None.
+
+        The open connections would go on writing to the old file, which no
+        process opening the path sees and which is gone with the last
+        process holding it: every task accepted into it from then on would
+        be lost. Once seen, it is logged once and admissions are refused
+        (``StoreFileReplaced``); the tasks already in the old file are still
+        claimed and run here, through the connections open on it.
+        """
+        if self._replaced is None:
+            self._identity_due = time.monotonic() + _IDENTITY_CHECK_S
+            now = _identity(self.path)
+            if now != self._identity:
+                why = "was removed" if now is None else "was replaced by another file"
+                self._replaced = (
+                    f"{self.path}: the task file {why} while this process had it open: new tasks are refused; "
+                    "the tasks accepted before are run to their end here (restart once they have finished)"
+                )
+                log.error("%s", self._replaced)
+        return self._replaced
 
     def health(self) -> str | None:
         """Why the last write failed (e.g. "the disk is full"), or None when the last write succeeded.
@@ -635,8 +688,11 @@ class SqliteStore(TaskStore):
         A failure is reported for at least ``_PROBE_AFTER_S``; after that each
         call tries a write of its own (a counter of these probes; SQLite skips
         writing a row set to what it holds), so that health recovers when the
-        disk does, even while no task comes to write.
+        disk does, even while no task comes to write. A task file removed or
+        replaced while open is reported from then on (see ``_check_identity``).
         """
+        if self._check_identity() is not None:
+            return self._replaced
         if self._failure is not None and time.monotonic() - self._failed_at >= _PROBE_AFTER_S:
             with contextlib.suppress(StoreUnavailable), self._step() as conn:
                 conn.execute("UPDATE task_totals SET health_probes = health_probes + 1 WHERE id = 1")
@@ -657,6 +713,8 @@ class SqliteStore(TaskStore):
         sqlite3 module lets other threads run while SQLite works, and those
         that reach ``admit`` meanwhile join this transaction, not the next.
         """
+        if self._replaced is not None or (time.monotonic() >= self._identity_due and self._check_identity()):
+            raise StoreFileReplaced(self._replaced)
         # Encoded here, so that a payload that is not JSON fails this call alone.
         mine = _Admission([(task, _json(task.payload)) for task in tasks])
         with self._admissions_lock:
@@ -1118,6 +1176,7 @@ class SqliteStore(TaskStore):
         unreachable: tuple[float, float] | None = None,
     ) -> list[Task]:
         recovered = []
+        self._check_identity()  # the sweep's cadence: a removal is noticed even while no task comes
         try:
             with self._step() as conn:
                 now = self._clock()
@@ -1516,6 +1575,15 @@ def _check_library() -> None:
             f"the SQLite store needs SQLite {needed} or newer; Python's sqlite3 module here uses "
             f"{sqlite3.sqlite_version}"
         )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file ``path`` names now (st_dev, st_ino), or None when it names none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _check_path(path: Path) -> None:
