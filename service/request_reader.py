@@ -412,9 +412,9 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
             # gzipped, read from the socket on a request thread: refused here instead, unread.
             return Framing(len(head), refusal=UnsupportedCoding(b", ".join(codings[:-1]).decode("latin-1")))
         return Framing(len(head), chunked=not refused, expects=expects, refused=refused)
-    if len(lengths) > 1 or (lengths and not (lengths[0].isdigit() and len(lengths[0]) <= 12)):
-        return Framing(len(head))  # refused by the parser
-    length = int(lengths[0]) if lengths else 0
+    length = _length(lengths[0]) if len(lengths) == 1 else 0
+    if len(lengths) > 1 or length is None:
+        return Framing(len(head))  # refused by the parser, or past any limit: refused from the head
     if not length and not expects:
         return Framing(len(head))
     if refused or length > limit:
@@ -437,10 +437,20 @@ def _content_length(head: bytes, lowered: bytes) -> int | None:
     if start < 0 or lowered.find(b"\r\ncontent-length:", start + 1) >= 0:
         return None  # no body, or two lengths: the parser refuses them
     start += len(b"\r\ncontent-length:")
-    value = head[start : head.index(b"\r\n", start)].strip(b" \t")
-    if not (value.isdigit() and len(value) <= 12):  # bytes.isdigit() is ASCII digits only
+    return _length(head[start : head.index(b"\r\n", start)].strip(b" \t"))
+
+
+def _length(value: bytes) -> int | None:
+    """A Content-Length value's number; None if the parser refuses it, or if it has more than 12 digits.
+
+    Leading zeros are valid (RFC 9110 section 8.6) and taken by the parser: they do not count, or a
+    client could make a request thread wait for its slow body by writing ``0000000000013``. A
+    length of 13 digits or more is past any limit: the application refuses it from the head.
+    """
+    if not value.isdigit():  # bytes.isdigit() is ASCII digits only
         return None
-    return int(value)
+    digits = value.lstrip(b"0")
+    return int(digits or b"0") if len(digits) <= 12 else None  # int() refuses more than 4300 digits
 
 
 def _fields(head: bytes) -> dict[bytes, list[bytes]] | None:

@@ -333,6 +333,12 @@ def test_body_limits_follow_the_route_and_the_token():
         (b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n", Framing(0, chunked=True, expects=True)),
         (b"Expect: 100-continue\r\nContent-Length: 1\r\nContent-Length: 1\r\n", Framing(0)),
         (b"Expect: 100-continue\r\nContent-Length: -1\r\n", Framing(0)),
+        # Leading zeros are allowed (RFC 9110 section 8.6: 1*DIGIT) and the parser takes them: however many
+        # there are, the body is read here, not on a request thread that would wait for a slow client.
+        (b"Content-Length: 0000000000000000000010\r\n", Framing(10)),
+        (b"Content-Length: 00000000000000000000101\r\n", Framing(0, refused=True)),
+        (b"Content-Length: " + b"0" * 5000 + b"10\r\n", Framing(10)),
+        (b"Expect: 100-continue\r\nContent-Length: 0000000000000000000010\r\n", Framing(10, expects=True)),
     ],
 )
 def test_read_framing(headers, framing):
