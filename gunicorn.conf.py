@@ -67,6 +67,7 @@ def _drain_timeout(worker) -> float:
 def on_starting(server):
     """Refuse processes that would not share tasks; open the pipe on which the worker reports its drain."""
     try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
+        _check_worker_class(server.worker_class)  # and `-k` overrides `worker_class`
         _config.check_server_processes(_settings, server.cfg.workers)
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
             _config.check_binary_upgrade(_settings)
@@ -81,6 +82,19 @@ def on_starting(server):
     _share_metrics(server)
     if callable(getattr(server, "reload", None)):  # what kill -HUP calls
         server.reload = functools.partial(_reload_unless_refused, server, server.reload)
+
+
+def _check_worker_class(worker_class) -> None:
+    """Refuse a worker class that does not drain the pool: its stops would lose tasks, and slow clients hold threads."""
+    from service.gunicorn_worker import DrainingThreadWorker
+
+    if not (isinstance(worker_class, type) and issubclass(worker_class, DrainingThreadWorker)):
+        name = getattr(worker_class, "__module__", "") + "." + getattr(worker_class, "__qualname__", repr(worker_class))
+        raise _config.ConfigError(
+            f"worker class {name} does not run this service: its stops would not drain the task pool and its "
+            f"request threads would wait on slow clients (drop -k/--worker-class; threads = {threads} sets "
+            "the HTTP threads, --threads N too)"
+        )
 
 
 def _reload_unless_refused(server, reload):

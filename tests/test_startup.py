@@ -49,6 +49,19 @@ def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_gunicorn_refuses_a_worker_class_that_does_not_drain(worker_class):
+    """gunicorn's own workers would stop without draining the pool and serve slow clients on request threads."""
+    result = start([*GUNICORN, "-k", worker_class])
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert (
+        "configuration error: worker class gunicorn.workers.gthread.ThreadWorker does not run this service" in output
+    )
+    assert "Listening at" not in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "python app.py"])
 def test_a_bad_redis_url_option_stops_start_up_in_one_line_without_the_password(command):
     result = start(command, STORE="redis://:hunter2@127.0.0.1:1/0?socket_timeout=abc")
