@@ -10,9 +10,9 @@ the request is there, so slow clients cost a buffer, not a thread. A request
 not complete ``timeout`` seconds after it began is given up: dropped if its
 head is not whole, else served with the body it has.
 
-The body is read here whatever its framing: of known length, chunked (its
-framing is followed here, and decoded by the thread's parser from the
-buffer), or sent after ``100 Continue``, which is answered from here. Each
+The body is read here whatever its framing: of known length, chunked
+(decoded here as it arrives, and handed over as a body of known length, so
+its framing is not kept), or sent after ``100 Continue``, which is answered from here. Each
 route's limit (``BodyLimits``) bounds what is read: a body announced longer
 than its route takes, or one that a missing or wrong token would have
 refused, is not asked for (no ``100 Continue``) nor read; the application
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from gunicorn.http import get_parser
+from gunicorn.http.body import CHUNK_EXT_RE
 from gunicorn.http.errors import (
     InvalidHeader,
     InvalidRequestLine,
@@ -166,7 +167,7 @@ def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bo
 class _Pending:
     __slots__ = (
         "deadline", "buffer", "length", "searched", "closed", "broken", "expects", "chunk", "decoded", "framing",
-        "limit", "refusal", "exceeds", "overframed",
+        "limit", "refusal", "exceeds", "overframed", "body", "last",
     )  # fmt: skip
 
     def __init__(self, deadline: float, buffered: bytes) -> None:
@@ -178,7 +179,9 @@ class _Pending:
         self.broken = False  # the connection cannot be answered (100 Continue could not be sent): drop it
         self.expects = False  # Expect: 100-continue was dealt with here: the thread's parser must not answer it
         self.chunk = -1  # of a chunked body being read: the offset of its next chunk-size line
-        self.decoded = 0  # of a chunked body: its bytes so far
+        self.body = -1  # of a chunked body: the offset of its data, decoded (its head comes before)
+        self.decoded = 0  # of a chunked body: its bytes so far, decoded at ``body``; the framing read follows them
+        self.last = -1  # of a chunked body: the offset of its last chunk's line, once it has come
         self.framing = 0  # of a chunked body: the bytes of its chunk-size lines (extensions included) and CRLFs so far
         self.limit = 0  # of a chunked body: the most bytes its route takes
         self.refusal: Exception | None = None  # why the request is refused from here (too large a head)
@@ -214,6 +217,10 @@ class RequestReader:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    def buffered(self) -> int:
+        """The bytes held for the requests waiting: heads, bodies (chunked ones decoded) and what follows them."""
+        return sum(len(pending.buffer) for pending in self._pending.values())
 
     def add(self, conn: Connection, buffered: bytes = b"") -> None:
         """Wait for ``conn``'s next request; ``buffered`` holds bytes of it already read."""
@@ -307,7 +314,7 @@ class RequestReader:
                     pending.closed = pending.broken = True  # it does not read what it is sent
                     return False
             if framing.chunked:
-                pending.chunk = start + len(head)
+                pending.chunk = pending.body = start + len(head)
                 pending.limit = self._limits.of(head)
         if pending.chunk >= 0:
             return _chunks_complete(pending, self._chunk_line)
@@ -340,6 +347,8 @@ class RequestReader:
     def _hand_over(self, conn: Connection, pending: _Pending) -> None:
         if conn.parser is None:
             conn.parser = get_parser(self._cfg, conn.sock, conn.client)
+        if pending.body >= 0:
+            _reframe(pending)
         # The unreader copies it: a bytes() copy first would double the peak of a large body.
         conn.parser.unreader.unread(pending.buffer)  # type: ignore[attr-defined]
         if not isinstance(conn.parser.unreader.sock, ReadDeadline):  # type: ignore[attr-defined]
@@ -478,7 +487,15 @@ _FRAMING_PER_BYTE = 8
 
 
 def _chunks_complete(pending: _Pending, max_line: int) -> bool:
-    """Follow a chunked body through what has arrived; whether it is complete, or as much as will be read.
+    """Follow a chunked body through what has arrived, decoding it; whether it is complete, or as much as will be read.
+
+    Each whole chunk's data is moved up to the data before it, over its
+    framing, and what has been walked through is dropped: the buffer holds
+    the head, the data decoded so far and what follows it not yet decoded
+    (one chunk begun, at most, and what the last read brought). Kept raw, a
+    body of one-byte chunks took up to 9 times its limit on the loop (36 MiB
+    for a batch's 4 MiB, 213 MB of the worker's memory once the thread's parser
+    had decoded it again), and as much more for each such connection.
 
     It is complete after its last chunk and trailer section, and refused
     (``pending.refusal``) with a trailer section over ``MAX_PREREAD_HEAD``.
@@ -489,46 +506,55 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
     their extensions, and CRLFs may take as many bytes as the limit plus
     ``_FRAMING_PER_BYTE`` per byte of data, and past that the body is refused
     as too large. Only the decoded bytes were counted, so chunks of one byte
-    behind 8 KB of extension each made the loop buffer 8 KB per byte of the
+    behind 8 KB of extension each made the loop read 8 KB per byte of the
     limit: 400 MB on a single connection for POST /enqueue's 64 KiB. A budget
     of the limit alone refused valid bodies of small chunks (a JSON encoder
     writing token by token: 5 bytes of framing per chunk of 1 to 10 bytes);
     a chunk of one byte takes 5 bytes of framing at least, so the allowance
-    per byte serves any such client and still bounds the buffer.
+    per byte serves any such client and still bounds what is read.
     """
     buffer = pending.buffer
     at = pending.chunk
     while True:
-        if pending.decoded < 0:  # after the last chunk: the trailer section, ending with a blank line
+        if pending.last >= 0:  # after the last chunk: the trailer section, ending with a blank line
             if buffer[at : at + 2] == b"\r\n":
-                end = at + 2
-            else:
-                found = buffer.find(_END_OF_HEAD, at)
-                if _bare_lf(buffer, at, len(buffer) if found < 0 else found):
-                    return _refuse_bare_lf(pending)
-                if found < 0 or found + len(_END_OF_HEAD) - at > MAX_PREREAD_HEAD:
-                    pending.chunk = at
-                    if len(buffer) - at <= MAX_PREREAD_HEAD:
-                        return False
-                    too_large = f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes"
-                    pending.refusal = LimitRequestHeaders(too_large)
-                    return True
-                end = found + len(_END_OF_HEAD)
-            pending.length, pending.chunk = end, -1
+                _with_length(pending, at + 2)
+                return True
+            found = buffer.find(_END_OF_HEAD, at)
+            if _bare_lf(buffer, at, len(buffer) if found < 0 else found):
+                return _refuse_bare_lf(pending)
+            if found < 0 or found + len(_END_OF_HEAD) - at > MAX_PREREAD_HEAD:
+                pending.chunk = at
+                if len(buffer) - at <= MAX_PREREAD_HEAD:
+                    return False
+                too_large = f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes"
+                pending.refusal = LimitRequestHeaders(too_large)
+                return True
+            # Handed over chunked (its data as one chunk), trailer fields and all: the parser checks them.
+            pending.length, pending.chunk = found + len(_END_OF_HEAD), -1
             return True
         line_end = buffer.find(b"\r\n", at, at + max_line)
-        if _bare_lf(buffer, at, min(len(buffer), at + max_line) if line_end < 0 else line_end):
+        # An LF first is bare: the byte before it may be decoded data, a CR that did not end a line.
+        if buffer.startswith(b"\n", at) or _bare_lf(
+            buffer, at, min(len(buffer), at + max_line) if line_end < 0 else line_end
+        ):
             return _refuse_bare_lf(pending)
         if line_end < 0:
-            pending.chunk = at
-            return len(buffer) - at >= max_line
-        size_text = buffer[at:line_end].partition(b";")[0].strip(b" \t")
+            _compact(pending, at)
+            return len(buffer) - pending.chunk >= max_line
+        # The body is handed over decoded: a line the parser refuses (its size, or extension) is handed to it as sent.
+        size_text, extended, extension = buffer[at:line_end].partition(b";")
+        if extended:  # whitespace may come before an extension only (RFC 9112 section 7.1.1), as the parser says
+            size_text = size_text.rstrip(b" \t")
         if not size_text or len(size_text) > 16 or not _HEX.issuperset(size_text):
-            return _stop_reading(pending)
+            return _stop_reading(pending, at)
+        if extended and (b"\r" in extension or not CHUNK_EXT_RE.fullmatch(b";" + extension)):
+            return _stop_reading(pending, at)
         size = int(size_text, 16)
         if size == 0:
-            pending.decoded = -1
-            at = line_end + 2
+            _compact(pending, at)  # the last chunk's line now follows the data
+            pending.last = pending.chunk
+            at = pending.chunk + line_end + 2 - at
             continue
         data_end = line_end + 2 + size
         overframed = (
@@ -538,15 +564,55 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
         if overframed or pending.decoded + min(size, len(buffer) - line_end - 2) > pending.limit:
             pending.exceeds = pending.limit  # too long: the application refuses it at once
             pending.overframed = overframed
-            return _stop_reading(pending)
+            return _stop_reading(pending, at)
         if len(buffer) < data_end + 2:
-            pending.chunk = at  # this chunk is read again once more has arrived
+            _compact(pending, at)  # this chunk is read again once more has arrived
             return False
         if buffer[data_end : data_end + 2] != b"\r\n":
-            return _stop_reading(pending)
+            return _stop_reading(pending, at)
+        end = pending.body + pending.decoded
+        buffer[end : end + size] = buffer[line_end + 2 : data_end]
         pending.decoded += size
         pending.framing += line_end + 4 - at
         at = data_end + 2
+
+
+def _compact(pending: _Pending, at: int) -> None:
+    """Drop the framing walked through, up to ``at``: what is not yet decoded follows the decoded data."""
+    end = pending.body + pending.decoded
+    if at > end:
+        del pending.buffer[end:at]  # moves the bytes after it, what the last read brought at most
+    pending.chunk = end
+
+
+def _with_length(pending: _Pending, end: int) -> None:
+    """Make the decoded body, whose last chunk and empty trailer section end at ``end``, one of known length.
+
+    Its head says ``Content-Length`` instead of ``Transfer-Encoding: chunked``
+    (RFC 9112 section 7.1.3): the thread's parser reads the body as it is,
+    and does not decode it a second time. What follows (a pipelined request)
+    stays after it.
+    """
+    buffer = pending.buffer
+    del buffer[pending.body + pending.decoded : end]  # the last chunk's line and the blank line
+    head = bytes(buffer[: pending.body])
+    # The only Transfer-Encoding field (read_framing reads only one coding, chunked, and no Content-Length).
+    field = head.lower().find(b"\r\ntransfer-encoding:")
+    rest = head.find(b"\r\n", field + 2)
+    head = head[:field] + head[rest:-4] + b"\r\nContent-Length: %d\r\n\r\n" % pending.decoded
+    buffer[: pending.body] = head  # shorter, usually: the data is not moved
+    pending.length, pending.chunk, pending.body = len(head) + pending.decoded, -1, -1
+
+
+def _reframe(pending: _Pending) -> None:
+    """Make a chunked body handed over as it is (unfinished, too long, its framing malformed or with trailer fields)
+    chunked again: its decoded data one chunk, followed by what was not decoded, for the thread's parser."""
+    if pending.decoded:
+        buffer = pending.buffer
+        end = pending.body + pending.decoded
+        buffer[end:end] = b"\r\n"
+        buffer[pending.body : pending.body] = b"%x\r\n" % pending.decoded
+    pending.body = -1
 
 
 def _bare_lf(buffer: bytearray, start: int, stop: int) -> bool:
@@ -574,7 +640,8 @@ def _refuse_bare_lf(pending: _Pending) -> bool:
     return True
 
 
-def _stop_reading(pending: _Pending) -> bool:
+def _stop_reading(pending: _Pending, at: int) -> bool:
+    _compact(pending, at)
     pending.length, pending.chunk = len(pending.buffer), -1
     return True
 
