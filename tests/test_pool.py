@@ -28,6 +28,7 @@ from workerpool import (
     WorkerPool,
 )
 from workerpool.pool import CANCEL_POLL_S, DRAIN_STORE_GRACE_S
+from workerpool.stores.base import LOST_EXPIRED
 from workerpool.stores.memory import MemoryStore
 from workerpool.stores.redis_store import RedisStore
 from workerpool.stores.sqlite import SqliteStore
@@ -1519,6 +1520,57 @@ def test_a_sweep_after_a_pause_of_this_process_does_not_count_a_live_owners_atte
     assert pool.get("held").state is State.RUNNING, "a live owner's attempt was ended by a sweep after a pause"
     assert elsewhere.renew(owner, ["held"], clock.time() + 30.0).lost == frozenset()  # the owner's next renewal
     assert elsewhere.finish("held", 1, owner, result="ok").state is State.DONE
+    pool.shutdown(timeout=TIMEOUT)
+    for store in (here, elsewhere):
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_an_attempt_ended_as_lost_while_its_process_was_cut_off_from_the_store_is_told_as_such_there(
+    make_pool, clock, tmp_path, kind, caplog
+):
+    # This process alone cannot reach the store (a network partition) for longer than a lease; another one,
+    # which reaches it, ends the attempt with a reason true whether its process ended or was cut off. Once
+    # back, this process learns it from its renewal and says what happened, which it alone knows.
+    here, elsewhere = _two_processes(kind, clock, tmp_path)
+    cut, refused = threading.Event(), threading.Event()
+
+    class CutOff:
+        """``here`` as this process sees it: every renewal and look for cancels fails while ``cut`` is set."""
+
+        def __getattr__(self, name):
+            return getattr(here, name)
+
+        def renew(self, *args, **kwargs):
+            if cut.is_set():
+                refused.set()
+                raise StoreUnavailable("connection refused")
+            return here.renew(*args, **kwargs)
+
+        def cancel_requested(self, *args, **kwargs):
+            if cut.is_set():
+                raise StoreUnavailable("connection refused")
+            return here.cancel_requested(*args, **kwargs)
+
+    handler, started, heard = _waits_for_its_cancel()
+    pool = make_pool(handler, store=CutOff(), workers=1, lease=30.0, wait=KeeperWaits(clock))
+    pool.submit("a", "")
+    assert started.wait(TIMEOUT)
+    cut.set()
+    clock.advance(31.0)  # the lease has expired: this process's renewals fail meanwhile
+    assert refused.wait(TIMEOUT), "the lease keeper did not try to renew"
+    (recovered,) = elsewhere.recover(lambda task: None)  # it reaches the store, and saw no outage
+    assert recovered.last_error == LOST_EXPIRED  # not that the process stopped: it did not
+    cut.clear()
+    clock.advance(10.0)  # the next renewal reaches the store
+    assert heard.wait(TIMEOUT), "the attempt was not cancelled after its renewal found it lost"
+    wait_until(lambda: not pool.running(), timeout=TIMEOUT, what="the attempt to end")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        "task a attempt 1: its lease expired while it ran here, this process being unable to reach the store, "
+        "and another process ended it as lost; it is cancelled here and its end will be dropped"
+    ) in lines, lines
+    assert pool.get("a").last_error == LOST_EXPIRED  # the late end changed nothing
     pool.shutdown(timeout=TIMEOUT)
     for store in (here, elsewhere):
         store.close()

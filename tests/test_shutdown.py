@@ -404,7 +404,7 @@ def test_a_worker_whose_arbiter_was_killed_drains_reports_and_exits(start, store
         return [task_id for task_id, (_, body) in states.items() if body["state"] not in {"done", "failed"}]
 
     wait_until(lambda: not unfinished(), timeout=30, what="every accepted task to end")
-    assert "lost: the process running it stopped" not in restarted.server.log()
+    assert " lost: " not in restarted.server.log()  # no attempt was counted lost, whatever the reason
 
 
 DOCKERFILE = (PROJECT_ROOT / "Dockerfile").read_text().splitlines()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -583,6 +584,51 @@ def test_attempts_of_a_process_that_no_longer_exists_are_recovered_before_their_
     claim(store, clock, owner=f"another-host:{int(gone.stdout)}:00000000")  # its pids mean nothing here
     assert [(t.id, t.last_error) for t in store.recover(lambda t: None)] == [("dead", LOST_GONE)]
     assert store.get("live").state is store.get("elsewhere").state is State.RUNNING
+
+
+_STOPPED_OWNER = """
+import os, sys
+from workerpool.stores import sqlite
+store = sqlite.SqliteStore(sys.argv[1], clock=lambda: float(sys.argv[3]))  # the test's fake time
+owner = f"{sqlite._HOSTNAME}:{os.getpid()}:00000000"
+task = store.claim(owner, float(sys.argv[2]))
+print(task.id, flush=True)
+sys.stdin.readline()  # stopped (SIGSTOP) meanwhile, then continued
+print("ended" if store.finish(task.id, task.attempts, owner, result="late") else "dropped", flush=True)
+"""
+
+
+def test_an_attempt_of_a_stopped_process_on_this_host_is_kept_for_its_lease_and_not_beyond(db, open_store, clock):
+    # A process stopped by SIGSTOP (or paused, or too busy to renew) still exists: its attempts are not taken
+    # as those of a process gone, nor kept for as long as it exists: the lease settles it, with a reason
+    # that does not say the process ended. Continued, the process's end of the attempt is dropped.
+    store = open_store()
+    store.admit([task(clock, "held", max_retries=1)])
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_OWNER, str(db), repr(clock.time() + LEASE_S), repr(clock.time())],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "held"
+        child.send_signal(signal.SIGSTOP)
+        clock.advance(LEASE_S - 1)
+        assert store.recover(lambda t: clock.time()) == []  # its pid exists: only its lease can end it
+        assert store.get("held").state is State.RUNNING
+        clock.advance(2)
+        (recovered,) = store.recover(lambda t: clock.time())
+        assert (recovered.id, recovered.state, recovered.attempts) == ("held", State.QUEUED, 1)
+        assert recovered.last_error == (
+            "lost: its lease expired, not renewed by the process running it (stopped, paused or cut off from the store)"
+        )
+        child.send_signal(signal.SIGCONT)
+        out, _ = child.communicate("\n", timeout=WAIT_S)
+        assert out.split() == ["dropped"]
+        assert store.get("held").state is State.QUEUED
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGCONT)
+            child.kill()
+            child.wait(WAIT_S)
 
 
 class _WalSyncs:

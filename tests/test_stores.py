@@ -8,7 +8,7 @@ from doubles import WAIT_S
 from stores import STORES
 
 from workerpool import FINAL_STATES, DuplicateTask, InvalidTransition, QueueFull, State, Task
-from workerpool.stores.base import LOST_UNREACHABLE
+from workerpool.stores.base import LOST_EXPIRED, LOST_UNREACHABLE
 from workerpool.task import TRANSITIONS, check_transition
 
 OWNER = "host:1:a"
@@ -428,14 +428,14 @@ def test_a_sweep_ends_only_leases_expired_before_its_cutoff_and_says_which_expir
     outage = (expiries["before"] + 1, expiries["during"] + 1)  # the store was unreachable in between
     clock.advance(LEASE)  # every lease has expired
     assert store.recover(lambda task: None, before=outage[0], unreachable=outage) != []  # "before" alone
-    assert store.get("before").last_error.startswith("lost: the process running it stopped")
+    assert store.get("before").last_error == LOST_EXPIRED
     assert store.get("during").state is State.RUNNING  # held back: its owner may renew it yet
     assert store.renew(OWNER, ["renewed"], clock.time() + LEASE).lost == frozenset()  # the owner was alive
     recovered = store.recover(lambda task: None, unreachable=outage)
     reasons = {t.id: t.last_error for t in recovered}
     assert sorted(reasons) == ["after", "during"]
     assert reasons["during"] == LOST_UNREACHABLE  # not that its process stopped: nobody here can tell
-    assert reasons["after"].startswith("lost: the process running it stopped")  # it had the store back
+    assert reasons["after"] == LOST_EXPIRED  # it had the store back here: stopped, or cut off alone
     assert store.get("renewed").state is State.RUNNING
     assert store.finish("during", 1, OWNER) is None  # the late end of a recovered attempt is not applied
     assert store.get("during").state is State.FAILED

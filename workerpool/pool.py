@@ -1065,7 +1065,7 @@ class WorkerPool:
             recovered, unsynced = exc.result, exc
         for task in recovered:
             self._count_final(task)
-            # last_error says how: "lost: the process running it stopped ..."
+            # last_error says how: "lost: its lease expired ..." (see workerpool/stores/base.py)
             _log(logging.WARNING, task, "task %s attempt %d %s", task.id, task.attempts, task.last_error)
             _notify(self._on_finished, task, 0.0)
         if unsynced is not None:
@@ -1127,11 +1127,26 @@ class WorkerPool:
         attempts = self.running()
         if not attempts:
             return False
+        cut_off = self._reach.failing  # read before the renewal's answer is noted
         renewal = self._store.renew(self.owner, [a.task.id for a in attempts], self._clock() + self._lease)
+        lost = []
         with self._lock:  # some may have ended during the renewal
             for attempt in attempts:
                 if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
+                    if attempt.task.id in renewal.lost and self._running.get(attempt.task.id) is attempt:
+                        lost.append(attempt.task)
                     self._set_cancel(attempt)
+        for task in lost:
+            # The process that ended it could only guess why its lease expired; this one knows it was alive.
+            _log(
+                logging.WARNING,
+                task,
+                "task %s attempt %d: its lease expired while it ran here%s, and another process ended it as lost; "
+                "it is cancelled here and its end will be dropped",
+                task.id,
+                task.attempts,
+                ", this process being unable to reach the store" if cut_off else " without being renewed in time",
+            )
         return True
 
     def _poll_cancels(self) -> None:

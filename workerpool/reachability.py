@@ -55,6 +55,11 @@ class Reachability:
         self._held_until = -math.inf
         self.span: tuple[float, float] | None = None  # the latest span in which the store was unreachable
 
+    @property
+    def failing(self) -> bool:
+        """Whether the latest step got no answer from the store."""
+        return self._down_since is not None
+
     def failed(self) -> None:
         """A step got no answer from the store."""
         if self._down_since is None:

@@ -57,6 +57,13 @@ def full_queue_delays(*, delayed: int, waiting: int, first_due: float | None, no
     return delayed, None
 
 
+# Why an attempt whose lease expired was ended. The sweeping process cannot tell why its owner did not renew
+# it: the owner may have ended, or be alive but stopped (SIGSTOP), paused (a VM, a long GC) or cut off from
+# the store while this process was not (a network partition); the reason must be true in each case.
+LOST_EXPIRED = (
+    "lost: its lease expired, not renewed by the process running it (stopped, paused or cut off from the store)"
+)
+
 # Why an attempt whose lease expired while the store was unreachable, and stayed expired for a lease after
 # it answered again, was ended: the process running it may still be alive (cut off from the store).
 LOST_UNREACHABLE = "lost: its lease expired while the store was unreachable, and was not renewed once it was back"

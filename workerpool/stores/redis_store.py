@@ -37,7 +37,15 @@ from redis.retry import Retry
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
 from ..task import State, Task
-from .base import LOST_UNREACHABLE, Renewal, StoreStats, TaskStore, full_queue_delays, lost_while_unreachable
+from .base import (
+    LOST_EXPIRED,
+    LOST_UNREACHABLE,
+    Renewal,
+    StoreStats,
+    TaskStore,
+    full_queue_delays,
+    lost_while_unreachable,
+)
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -1086,7 +1094,7 @@ class RedisStore(TaskStore):
                 task.id,
                 task.attempts,
                 owner.decode(),
-                error=LOST_UNREACHABLE if lost_unreachable else "lost: the process running it stopped",
+                error=LOST_UNREACHABLE if lost_unreachable else LOST_EXPIRED,
                 retry_at=retry_at(task),
                 expired_before=cutoff,  # a lease renewed since the read above is not ended
             )

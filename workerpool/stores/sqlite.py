@@ -50,7 +50,15 @@ from typing import Any, TypeVar, cast
 
 from ..errors import DuplicateTask, QueueFull, StoreFileReplaced, StoreNotSynced, StoreUnavailable, SubmitError
 from ..task import State, Task, check_transition
-from .base import LOST_UNREACHABLE, Renewal, StoreStats, TaskStore, full_queue_delays, lost_while_unreachable
+from .base import (
+    LOST_EXPIRED,
+    LOST_UNREACHABLE,
+    Renewal,
+    StoreStats,
+    TaskStore,
+    full_queue_delays,
+    lost_while_unreachable,
+)
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
 SCHEMA_VERSION = 6
@@ -73,7 +81,7 @@ _AUTOCHECKPOINT_PAGES = 10_000
 # admits): a submitter waiting for a checkpoint's fsyncs holds up the tasks it would submit next.
 _ADMISSION_CHECKPOINTS_AFTER = 4 * _CHECKPOINT_EVERY
 _WAL_RESTART_PAGES = 1_000  # a WAL this long is checkpointed to its end under the write lock, so that it restarts
-LOST = "lost: the process running it stopped (its lease expired)"
+LOST = LOST_EXPIRED  # an owner whose pid still exists here may be stopped or paused, or another process reusing it
 LOST_GONE = "lost: the process running it stopped (it no longer exists on this host)"
 
 _HOSTNAME = socket.gethostname()
