@@ -398,8 +398,10 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
         return Framing(len(head))
     version_ok = head[: head.find(b"\r\n")].endswith(b" HTTP/1.1")
     expect = fields.get(b"expect", [])
-    if len(expect) > 1 or (expect and expect[0].lower() != b"100-continue"):
-        return Framing(len(head))  # refused by the parser (417, or a repeated field)
+    # The parser answers 417 to any field other than 100-continue, but takes a repeated 100-continue
+    # as one: such a body is read here too, or a slow client would hold a request thread.
+    if any(value.lower() != b"100-continue" for value in expect):
+        return Framing(len(head))  # refused by the parser (417)
     expects = bool(expect) and version_ok
     codings = [
         value.strip(b" \t").lower() for line in fields.get(b"transfer-encoding", []) for value in line.split(b",")

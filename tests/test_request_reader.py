@@ -423,6 +423,8 @@ def test_body_limits_follow_the_route_and_the_token():
             Framing(0, expects=True, refused=True),
         ),
         (b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n", Framing(0, chunked=True, expects=True)),
+        (b"Expect: 100-continue\r\nExpect: 100-Continue\r\nContent-Length: 10\r\n", Framing(10, expects=True)),
+        (b"Expect: 100-continue\r\nExpect: nothing\r\nContent-Length: 10\r\n", Framing(0)),
         (b"Expect: 100-continue\r\nContent-Length: 1\r\nContent-Length: 1\r\n", Framing(0)),
         (b"Expect: 100-continue\r\nContent-Length: -1\r\n", Framing(0)),
         # Leading zeros are allowed (RFC 9110 section 8.6: 1*DIGIT) and the parser takes them: however many
