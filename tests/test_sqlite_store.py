@@ -1114,6 +1114,52 @@ def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_u
         conn.close()
 
 
+def test_once_the_wal_is_long_what_another_process_committed_during_a_checkpoint_is_copied_under_sqlites_lock(
+    open_store, clock, db, tmp_path, monkeypatch
+):
+    # With several processes on the file, the copy after a checkpoint must keep all of them from
+    # committing (the process's own lock kept only its own threads): otherwise the copy never reaches
+    # the WAL's end, and the WAL never restarts.
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 2)
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1)
+    store = open_store(capacity=10)  # its schema is commit 1
+    elsewhere = open_store(capacity=10)  # another process's store on the same file
+    outsider = sqlite3.connect(db, isolation_level=None, timeout=0)
+    reader = store._connection()
+    writable = []  # at the end of each checkpoint: whether SQLite's write lock was free
+
+    class Checkpointing:
+        """The reading connection; a commit of the other process follows the first checkpoint's copy."""
+
+        def execute(self, sql, *args):
+            cursor = reader.execute(sql, *args)  # a PRAGMA's row is computed here: the copy is done
+            if "wal_checkpoint" in sql:
+                try:
+                    outsider.execute("BEGIN IMMEDIATE")
+                    outsider.rollback()
+                    writable.append(True)
+                except sqlite3.OperationalError:
+                    writable.append(False)
+                if len(writable) == 1:
+                    elsewhere.admit([task(clock, "elsewhere")])
+            return cursor
+
+    monkeypatch.setattr(store, "_connection", Checkpointing)
+    try:
+        store.admit([task(clock, "a")])  # commit 2: a checkpoint is due
+    finally:
+        outsider.close()
+    assert writable == [True, False]
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())  # the database file without the WAL: what the checkpoints copied
+    conn = sqlite3.connect(copy)
+    try:
+        assert conn.execute("SELECT id FROM tasks ORDER BY seq").fetchall() == [("a",), ("elsewhere",)]
+    finally:
+        conn.close()
+
+
 def test_a_write_step_begins_and_commits_with_one_call_into_sqlite_each(open_store, clock):
     # execute hands the interpreter to other threads five times per statement (its parameters, the
     # step, its columns, the last row id, the reset), each a chance for them to take it while the
