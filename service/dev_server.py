@@ -30,7 +30,7 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
-from .request_reader import REQUEST_TIMEOUT_S, UnsupportedCoding
+from .request_reader import REQUEST_TIMEOUT_S, BareLineFeed, EmptyRequestLine, UnsupportedCoding
 
 MAX_CONNECTIONS = 64
 WRITE_TIMEOUT_S = 30.0  # a client that stops reading its response gives its thread back after this
@@ -67,6 +67,23 @@ class _DeadlineReader(io.RawIOBase):
             sock.settimeout(WRITE_TIMEOUT_S)
 
 
+class _LineEnds:
+    """The handler's ``rfile`` while ``http.server`` reads the header lines: notes a line ended by a bare LF."""
+
+    def __init__(self, raw: io.BufferedReader) -> None:
+        self.raw = raw
+        self.bare = False
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.raw.readline(size)
+        if line.endswith(b"\n") and not line.endswith(b"\r\n"):
+            self.bare = True
+        return line
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.raw, name)
+
+
 class BoundedRequestHandler(WSGIRequestHandler):
     """Werkzeug's request handler, reading each request within the server's ``request_timeout``."""
 
@@ -84,13 +101,44 @@ class BoundedRequestHandler(WSGIRequestHandler):
         super().handle_one_request()
 
     def parse_request(self) -> bool:
-        """Parse the request head; False once a head refused here has been answered (the connection then closes)."""
-        if not super().parse_request():
+        """Parse the request head; False once a head refused here has been answered (the connection then closes).
+
+        As gunicorn's worker does (service/request_reader.py): one empty line
+        before the request line is skipped (RFC 9112 section 2.2), a second one is
+        refused (400), as is a head with a line ended by a bare LF (400).
+        ``http.server`` closed the connection without an answer on the empty
+        line, and read bare LF lines as whole ones.
+        """
+        if self.raw_requestline == b"\r\n":
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:  # the client closed after it
+                self.close_connection = True
+                return False
+        if self.raw_requestline == b"\r\n":
+            return self._refuse_line(EmptyRequestLine())
+        if not self.raw_requestline.endswith(b"\r\n") and self.raw_requestline.endswith(b"\n"):
+            return self._refuse_line(BareLineFeed())
+        lines = _LineEnds(self.rfile)
+        self.rfile = lines  # type: ignore[assignment]  # the header lines are read through it
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = lines.raw
+        if lines.bare:
+            self.refuse(400, str(BareLineFeed()))
             return False
         problem = head_problem(self.request_version, self.headers)
         if problem is None:
             return True
         self.refuse(*problem)
+        return False
+
+    def _refuse_line(self, error: Exception) -> bool:
+        """Refuse a request whose request line is not parsed (it answers as HTTP/1.1); False."""
+        self.command, self.request_version = None, self.protocol_version
+        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+        self.refuse(400, str(error))
         return False
 
     def refuse(self, status: int, detail: str) -> None:

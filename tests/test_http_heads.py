@@ -113,29 +113,22 @@ def test_a_transfer_coding_other_than_chunked_is_refused_501_at_once(port, codin
     [b"GET /healthz HTTP/1.1\nHost: a\n\n", b"GET /healthz HTTP/1.0\n\n", b"GET /healthz HTTP/1.1\r\nHost: a\n\r\n"],
     ids=["lf-1.1", "lf-1.0", "one-lf"],
 )
-def test_a_head_with_bare_lf_lines_is_answered_at_once(port, head, request):
+def test_a_head_with_bare_lf_lines_is_answered_at_once(port, head):
     # The connection stays open on the client's side: the answer must not wait for the request's deadline.
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=4) as sock:
         sock.sendall(head)
         status_line = sock.recv(65536).partition(b"\r\n")[0]
     assert time.monotonic() - started < 4
-    if request.node.callspec.params["port"] == "gunicorn":  # python app.py's server takes bare LF lines
-        assert status_line.split()[1] == b"400"
-
-
-def _gunicorn_only(request) -> None:
-    if request.node.callspec.params["port"] != "gunicorn":
-        pytest.skip("the empty line before a request line is gunicorn's parser's: python app.py's server closes")
+    assert status_line.split()[1] == b"400"  # python app.py's server took bare LF lines as whole ones
 
 
 CHUNKED_HEAD = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: %s\r\n\r\n"
 
 
-def test_chunked_requests_after_an_empty_line_hold_no_request_thread(port, request):
+def test_chunked_requests_after_an_empty_line_hold_no_request_thread(port):
     # Their bodies wait on the event loop as without the empty line: handed to a thread with the head
     # alone, ten of them held all 8 threads and /healthz waited for the request deadline (10 s).
-    _gunicorn_only(request)
     held = [socket.create_connection(("127.0.0.1", port), timeout=4) for _ in range(10)]
     try:
         for sock in held:
@@ -148,8 +141,8 @@ def test_chunked_requests_after_an_empty_line_hold_no_request_thread(port, reque
             sock.close()
 
 
-def test_a_chunked_task_after_an_empty_line_is_accepted(port, request):
-    _gunicorn_only(request)
+def test_a_chunked_task_after_an_empty_line_is_accepted(port):
+    # python app.py's server closed the connection on the empty line, without an answer.
     body = b'{"id": "after-crlf", "payload": "p"}'
     status, _, _ = exchange(port, b"\r\n" + CHUNKED_HEAD % b"chunked" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
     assert status == 202
@@ -165,10 +158,25 @@ def test_a_chunked_task_after_an_empty_line_is_accepted(port, request):
     ],
     ids=["gzip-chunked", "get-without-host", "post-without-host"],
 )
-def test_a_head_after_an_empty_line_is_refused_as_without_it(port, request, head, status, detail):
-    _gunicorn_only(request)
+def test_a_head_after_an_empty_line_is_refused_as_without_it(port, head, status, detail):
     started = time.monotonic()
     answer, headers, body = exchange(port, b"\r\n" + head, seconds=4)
     assert time.monotonic() - started < 4
     assert answer == status
+    assert detail in problem(headers, body)["detail"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "detail"),
+    [
+        (b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: a\r\n\r\n", "request line is empty"),
+        (b"\nGET /healthz HTTP/1.1\r\n\r\n", "bare LF"),
+    ],
+    ids=["two-empty-lines", "bare-lf-first"],
+)
+def test_what_comes_before_the_request_line_beyond_one_empty_line_is_refused(port, sent, detail):
+    started = time.monotonic()
+    status, headers, body = exchange(port, sent, seconds=4)
+    assert time.monotonic() - started < 4
+    assert status == 400
     assert detail in problem(headers, body)["detail"]
