@@ -1043,6 +1043,26 @@ def test_an_end_that_claims_next_keeps_retention_whether_it_claims_or_reads_firs
     assert store.stats().counts[State.DONE] == 2
 
 
+def test_an_end_reads_retentions_count_with_the_end_itself_not_in_a_statement_of_its_own(open_store, clock):
+    # Under the write lock, a read of totals of its own costs about as much as the end: the end returns the count.
+    store = open_store(max_finished=1)
+    store.admit([task(clock, f"t{n}") for n in range(3)])
+    traced: list[str] = []
+    first = claim(store, clock)
+    store._writer.set_trace_callback(traced.append)
+    clock.advance(1)
+    ended, second = store.finish_and_claim(first.id, first.attempts, "a", lease_until=clock.time() + LEASE_S)
+    clock.advance(1)
+    last = store.finish(second.id, second.attempts, "a")
+    store._writer.set_trace_callback(None)
+    assert (ended.id, second.id, last.id) == ("t0", "t1", "t1")
+    assert [sql for sql in traced if sql.startswith(sqlite_store._FINISHED)] == []
+    assert sum(sql.startswith("UPDATE tasks SET state = CASE") for sql in traced) == 2  # the two ends
+    assert [t.id for t in store.list(State.DONE)] == ["t1"]  # retention still counts: t0 forgotten
+    assert store.get("t0") is None
+    assert store.stats().counts[State.DONE] == 1
+
+
 def test_the_wal_is_copied_into_the_database_after_a_step_not_under_the_write_lock(open_store, clock, db, monkeypatch):
     # SQLite's own checkpoint runs inside a commit, while the step holds the write lock every other
     # thread of the process waits for.

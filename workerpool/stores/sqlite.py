@@ -939,14 +939,16 @@ class SqliteStore(TaskStore):
         with self._wakeup:
             admitted, tickets, rescheduled = self._admitted, self._admitted - self._answered, self._rescheduled
         try:
+            claim_first = tickets or getattr(self._local, "claimed_last", False)
             with self._step() as conn:
                 now = self._clock()
-                ended, generation = self._finish(
-                    conn, task_id, attempt, owner, now, error, result, retry_at, evict=False
+                # Without a claim first, the read of totals below gives retention's count instead.
+                ended, generation, finished = self._finish(
+                    conn, task_id, attempt, owner, now, error, result, retry_at, evict=False, count=claim_first
                 )  # fmt: skip
-                if tickets or getattr(self._local, "claimed_last", False):
+                if claim_first:
                     if ended is not None:
-                        self._evict(conn, now)
+                        self._evict(conn, now, finished=finished)
                     claimed = self._claim(conn, owner, lease_until, now, rescheduled)
                 else:
                     seen_generation, finished, *due = conn.execute(_IDLE).fetchone()
@@ -1087,7 +1089,9 @@ class SqliteStore(TaskStore):
     ) -> Task | None:
         try:
             with self._step() as conn:
-                task, generation = self._finish(conn, task_id, attempt, owner, self._clock(), error, result, retry_at)
+                task, generation, _ = self._finish(
+                    conn, task_id, attempt, owner, self._clock(), error, result, retry_at
+                )  # fmt: skip
         except StoreNotSynced as exc:  # the end stands: the caller goes on with it, then raises
             exc.result = task
             if generation:
@@ -1099,18 +1103,23 @@ class SqliteStore(TaskStore):
 
     def _finish(
         self, conn: sqlite3.Connection, task_id: str, attempt: int, owner: str, now: float,
-        error: str | None, result: Any, retry_at: float | None, *, evict: bool = True,
-    ) -> tuple[Task | None, int]:
-        """End the attempt; its snapshot (None for a late writer) and the generation it queued work at, or 0.
+        error: str | None, result: Any, retry_at: float | None, *, evict: bool = True, count: bool = True,
+    ) -> tuple[Task | None, int, int | None]:
+        """End the attempt: its snapshot (None for a late writer), the generation it queued work at (or 0), and
+        the finished tasks in totals (read by the same statement, with ``count`` or ``evict``; else None).
 
         ``evict=False``: the caller applies retention itself before the commit.
         """
-        task = self._end_attempt(conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at)
+        finished: list[int] | None = [] if count or evict else None
+        task = self._end_attempt(
+            conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at, finished=finished
+        )  # fmt: skip
         if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
-            return None, 0
+            return None, 0, None
+        total = finished[0] if finished else None
         if evict:
-            self._evict(conn, now)
-        return task, _next_generation(conn) if task.state is State.QUEUED else 0
+            self._evict(conn, now, finished=total)
+        return task, _next_generation(conn) if task.state is State.QUEUED else 0, total
 
     def _wrote(self, generation: int) -> None:  # _wakeup is held
         """This process wrote ``generation`` (its work is announced here by a ticket or a reschedule)."""
@@ -1342,10 +1351,15 @@ class SqliteStore(TaskStore):
         error: str | None,
         result: Any = None,
         retry_at: float | None = None,
+        finished: list[int] | None = None,
     ) -> Task | None:
-        """End attempt ``attempt`` of a task ``owner`` runs; None if it does not (a late writer)."""
+        """End attempt ``attempt`` of a task ``owner`` runs; None if it does not (a late writer).
+
+        ``finished``: gets the finished tasks in totals, read by the same statement (retention's count,
+        for the step's ``_evict``: a statement of its own cost as much as the end, under the write lock).
+        """
         row = conn.execute(
-            _END_ATTEMPT,
+            _END_ATTEMPT if finished is None else _END_ATTEMPT_COUNTING,
             {
                 "id": task_id, "attempt": attempt, "owner": owner, "now": now, "error": error, "retry_at": retry_at,
                 "result": None if error is not None or result is None else _json(result),
@@ -1353,6 +1367,9 @@ class SqliteStore(TaskStore):
         ).fetchone()
         if row is None:
             return None
+        if finished is not None:
+            finished.append(row[-1])
+            row = row[:-1]
         task = _task(row)
         check_transition(State.RUNNING, task.state)
         self._count("running", -1)
@@ -1486,6 +1503,8 @@ _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
         state_seq = CASE {_NEW_STATE}{_NEXT_STATE_SEQ_BY_NEW_STATE} END
     WHERE id = :id AND state = 'running' AND attempts = :attempt AND lease_owner = :owner
     RETURNING {_COLUMNS}"""
+# The same, returning also the finished tasks in totals (which a step changes only at its commit).
+_END_ATTEMPT_COUNTING = _END_ATTEMPT + f", ({_FINISHED})"
 
 
 _NEXT_GENERATION = "UPDATE task_totals SET generation = generation + 1 WHERE id = 1 RETURNING generation"
