@@ -15,6 +15,7 @@ import pytest
 from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until, worker_pids
 
 from config import VARIABLES
+from service.gunicorn_worker import DrainingThreadWorker
 
 CONF = str(PROJECT_ROOT / "gunicorn.conf.py")
 
@@ -173,7 +174,7 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
     env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir else ""}
     conf = load_conf(monkeypatch, **env)
     cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False)  # no address to check before listening
-    server = SimpleNamespace(cfg=cfg, master_pid=0, reexec_pid=0, pidfile=None)
+    server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
     conf["on_starting"](server)
     try:
         assert (server.metrics_dir is not None) == shared
@@ -206,7 +207,7 @@ def test_a_metrics_dir_other_users_can_write_stops_gunicorn_with_one_line(monkey
     given.chmod(0o777)  # anyone could add counts to /metrics, or a FIFO that blocks every scrape
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}", METRICS_DIR=str(given))
     cfg = SimpleNamespace(workers=2, address=[], reuse_port=False)
-    server = SimpleNamespace(cfg=cfg, master_pid=0, reexec_pid=0, pidfile=None)
+    server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
     with pytest.raises(SystemExit) as exited:
         conf["on_starting"](server)
     assert exited.value.code == 2
@@ -226,7 +227,9 @@ def test_a_binary_upgrade_shares_the_running_servers_metrics_directory(monkeypat
 
     def server(master_pid):
         cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, env_orig={})
-        arbiter = SimpleNamespace(cfg=cfg, master_pid=master_pid, reexec_pid=0, pidfile=None)
+        arbiter = SimpleNamespace(
+            cfg=cfg, worker_class=DrainingThreadWorker, master_pid=master_pid, reexec_pid=0, pidfile=None
+        )
         arbiter.WORKERS, arbiter.log = {}, _RecordedLog()
         conf["on_starting"](arbiter)
         arbiter.drain_reports.at_stop = []
@@ -559,6 +562,7 @@ def test_a_binary_upgrade_is_refused_by_the_new_server_only_on_the_memory_store(
 
     class Arbiter:  # what `kill -USR2` started: gunicorn sets master_pid, the first server's pid
         cfg = type("Cfg", (), {"workers": 1})()
+        worker_class = DrainingThreadWorker
         master_pid = 4711
         pidfile = Pidfile()
 
