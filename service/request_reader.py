@@ -548,8 +548,10 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
         size_text, extended, extension = buffer[at:line_end].partition(b";")
         if extended:  # whitespace may come before an extension only (RFC 9112 section 7.1.1), as the parser says
             size_text = size_text.rstrip(b" \t")
-        if not size_text or len(size_text) > 16 or not _HEX.issuperset(size_text):
+        if not size_text or not _HEX.issuperset(size_text):
             return _stop_reading(pending, at)
+        # Any number of leading zeros is valid (RFC 9112 section 7.1): the size is read here whatever its
+        # length, as handing it over made a thread wait for the body until the deadline.
         if extended and (b"\r" in extension or not CHUNK_EXT_RE.fullmatch(b";" + extension)):
             return _stop_reading(pending, at)
         size = int(size_text, 16)
@@ -563,7 +565,9 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
             pending.framing + line_end + 4 - at  # its size line and both CRLFs
             > pending.limit + _FRAMING_PER_BYTE * min(pending.decoded + size, pending.limit)
         )
-        if overframed or pending.decoded + min(size, len(buffer) - line_end - 2) > pending.limit:
+        # A chunk declared past the limit makes the body too long as soon as its size line is in: waiting
+        # for its data held the connection until the deadline and answered 408 for a body never to fit.
+        if overframed or pending.decoded + size > pending.limit:
             pending.exceeds = pending.limit  # too long: the application refuses it at once
             pending.overframed = overframed
             return _stop_reading(pending, at)

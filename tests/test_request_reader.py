@@ -141,7 +141,7 @@ def test_a_chunked_body_ends_at_its_last_chunk_without_trailers(harness):
     assert harness.ready == [conn]
 
 
-@pytest.mark.parametrize("chunk_size", [32768, MAX_PREREAD_BODY + 1])
+@pytest.mark.parametrize("chunk_size", [32768, 16384])
 def test_a_chunked_body_is_handed_over_as_soon_as_it_passes_its_limit(harness, chunk_size):
     # It was read on to 64 KiB past the limit: a client that sent a little more than the limit and went on
     # sending slowly (or stopped) got its 413 only at the deadline, or a 408 for a body cut short there.
@@ -221,6 +221,29 @@ def test_the_framing_of_a_chunked_body_is_bounded_by_its_limit_and_its_data():
         assert len(harness.buffered(conn)) <= len(CHUNKED) + 4096 * 3 + 16 * len(chunk)
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize(
+    "size_line",
+    [b"%x" % (MAX_PREREAD_BODY + 1), b"ffffffffffffffffffffffff", b"1" + b"0" * 16, b"00" + b"f" * 17],
+)
+def test_a_chunk_declared_past_the_limit_is_handed_over_as_too_large_at_once(harness, size_line):
+    # Its data was waited for: the connection was held until the deadline and answered 408 (a size line of
+    # more than 16 digits was handed over at once, and the thread's parser waited for the data instead).
+    conn, _ = harness.connect(CHUNKED + size_line + b"\r\nab")
+    assert harness.ready == [conn]
+    assert conn.body_exceeds == MAX_PREREAD_BODY  # the application refuses it (413) without reading it
+
+
+def test_a_chunk_size_with_many_leading_zeros_is_read_here(harness):
+    # Valid (RFC 9112): handed over as too long to read here, its thread waited for the slow data.
+    conn, client = harness.connect(CHUNKED + b"0" * 22 + b"5\r\nhel")
+    assert harness.ready == []
+    client.sendall(b"lo\r\n" + b"0" * 20 + b"\r\n\r\n")
+    harness.turn()
+    assert harness.ready == [conn]
+    assert conn.body_exceeds == 0
+    assert conn.parser is not None and next(conn.parser).body.read() == b"hello"  # from the buffer alone
 
 
 def test_malformed_chunked_framing_is_handed_over_for_the_parser_to_refuse(harness):
