@@ -21,7 +21,9 @@ no common monotonic clock. Tests inject a fake clock.
 Ownership. Each pool names itself with an ``owner`` string unique to the
 process and pool (e.g. ``"host:pid:random"``). ``claim`` leases the task to
 its owner until ``lease_until``; the owner renews leases while attempts run
-(``renew``), whatever the handler does. An attempt whose lease expired is
+(``renew``) from a thread of its own, whatever the handler does, as long as
+the handler lets that thread run: one call that holds the GIL longer than a
+lease (a C function that does not release it) stops the renewals too. An attempt whose lease expired is
 ``recover``-ed by any pool: counted as a failed attempt and retried by the
 policy, or failed when out of retries. Delivery is therefore at least once.
 A store used by one process only (``shared = False``, the memory store) may
