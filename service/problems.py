@@ -115,7 +115,7 @@ def submit_problem(exc: SubmitError) -> Problem:
     if isinstance(exc, DuplicateTask):
         return Problem(409, f"a task with id {exc.task_id!r} already exists", kind=_TYPE_PREFIX + "duplicate-task")
     if isinstance(exc, QueueFull):
-        waiting, retry_after = f"{exc.capacity} tasks waiting", QUEUE_FULL_RETRY_AFTER_S
+        waiting, retry_after = f"{exc.waiting} tasks waiting", QUEUE_FULL_RETRY_AFTER_S
         if exc.delayed:  # delayed tasks hold their places until they fall due and start
             waiting += f", {exc.delayed} of them delayed"
         if exc.due_in is not None:  # every one is: no place frees before the first falls due

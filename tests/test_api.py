@@ -375,6 +375,16 @@ def test_a_known_id_is_409(harness):
     assert enqueue(harness.client, {"id": "a", "payload": ""}).status_code == 409
 
 
+def test_a_queue_full_answer_counts_the_tasks_the_store_holds_waiting_not_this_process_s_bound():
+    # Processes sharing a store hold more than a smaller bound during a rolling change of QUEUE_SIZE.
+    from service.problems import submit_problem
+    from workerpool import QueueFull
+
+    problem = submit_problem(QueueFull(3, delayed=5, due_in=599.5, waiting=5))
+    assert problem.detail == (
+        "the queue is full (5 tasks waiting, 5 of them delayed; the first falls due in 600 s); retry later"
+    )
+
 def test_a_queue_full_of_delayed_tasks_says_so_and_when_a_place_can_free(clock):
     harness = make_harness(instant, clock=clock.time, queue_size=2)
     try:

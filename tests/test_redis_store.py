@@ -62,6 +62,16 @@ def test_instances_share_one_bound_one_id_space_and_one_view(make, clock):
     assert a.stats() == b.stats()
 
 
+def test_an_instance_with_a_smaller_bound_tells_how_many_tasks_the_store_holds_waiting(make, clock):
+    # During a rolling change of QUEUE_SIZE, instances on one store apply different bounds.
+    large, small = make(capacity=10), make(capacity=3)
+    delayed = [new(f"d{n}", clock, next_attempt_at=clock.time() + 600) for n in range(5)]
+    assert [t.id for t in large.admit(delayed)] == [f"d{n}" for n in range(5)]
+    (refused,) = small.admit([new("x", clock)])
+    assert isinstance(refused, QueueFull)
+    assert (refused.waiting, refused.delayed, refused.capacity) == (5, 5, 3)
+    assert str(refused) == "queue is full (5 tasks waiting)"
+
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
     a, b = make(), make()
     a.admit([new("x", clock)])

@@ -87,6 +87,16 @@ def test_two_stores_on_one_file_share_the_bound_the_ids_and_the_view(open_store,
     assert one.stats().waiting == two.stats().waiting == 2
 
 
+def test_a_store_with_a_smaller_bound_tells_how_many_tasks_the_file_holds_waiting(open_store, clock):
+    # During a rolling change of QUEUE_SIZE, processes on one file apply different bounds.
+    large, small = open_store(capacity=10), open_store(capacity=3)
+    delayed = [task(clock, f"d{n}")._replace(next_attempt_at=clock.time() + 600) for n in range(5)]
+    assert [t.state for t in large.admit(delayed)] == [State.QUEUED] * 5
+    (refused,) = small.admit([task(clock, "x")])
+    assert isinstance(refused, QueueFull)
+    assert (refused.waiting, refused.delayed, refused.capacity) == (5, 5, 3)
+    assert str(refused) == "queue is full (5 tasks waiting)"
+
 def test_each_task_is_claimed_once_by_competing_stores_and_threads(open_store, clock):
     stores = [open_store(capacity=1000) for _ in range(2)]
     stores[0].admit([task(clock, f"t{n}") for n in range(200)])

@@ -11,10 +11,16 @@ class QueueFull(SubmitError):
     ``delayed``: how many of the waiting tasks are not due yet (None: not told).
     ``due_in``: when every waiting task is delayed, seconds until the first falls due at the
     earliest: no place frees before a worker can start one (None: not told, or some are due).
+    ``waiting``: how many tasks the store holds waiting (None: not told, read as ``capacity``). A
+    store shared by processes whose bounds differ (during a rolling change of the bound) may hold
+    more than this process's ``capacity``.
     """
 
-    def __init__(self, capacity: int, *, delayed: int | None = None, due_in: float | None = None) -> None:
-        super().__init__(f"queue is full ({capacity} tasks waiting)")
+    def __init__(
+        self, capacity: int, *, delayed: int | None = None, due_in: float | None = None, waiting: int | None = None
+    ) -> None:
+        self.waiting = capacity if waiting is None else waiting
+        super().__init__(f"queue is full ({self.waiting} tasks waiting)")
         self.capacity = capacity
         self.delayed = delayed
         self.due_in = due_in

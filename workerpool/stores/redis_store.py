@@ -872,32 +872,38 @@ class RedisStore(TaskStore):
                 raise StoreUnavailable(str(error)) from error
             raise RuntimeError(f"the admission that carried these tasks failed: {error!r}") from error
         results: list[Task | SubmitError] = []
-        full: tuple[int | None, float | None] | None = None  # read at the first refusal: (delayed, due_in)
+        # Read at the first refusal: (delayed, due_in, waiting).
+        full: tuple[int | None, float | None, int | None] | None = None
         for task, verdict in zip(tasks, verdicts or ()):
             if verdict == b"duplicate":
                 results.append(DuplicateTask(task.id))
             elif verdict == b"full":
                 full = full or self._queue_delays()
-                results.append(QueueFull(self.capacity, delayed=full[0], due_in=full[1]))
+                results.append(QueueFull(self.capacity, delayed=full[0], due_in=full[1], waiting=full[2]))
             else:  # admitted: the verdict is its created_at, possibly clamped (see the script)
                 created_at = float(verdict)
                 results.append(task if created_at == task.created_at else task._replace(created_at=created_at))
         return results
 
-    def _queue_delays(self) -> tuple[int | None, float | None]:
-        """``QueueFull``'s ``delayed`` and ``due_in``: one more round trip, on a refusal only (not told if it fails).
+    def _queue_delays(self) -> tuple[int | None, float | None, int | None]:
+        """``QueueFull``'s ``delayed``, ``due_in`` and ``waiting``: one more round trip, on a refusal only (not
+        told if it fails).
 
         Read after the admission that refused, not in its script: the
         admission is not given the time, and every admission would pay for it.
+        The waiting count is the store's, not this instance's bound: an instance
+        with a larger bound (during a rolling change of QUEUE_SIZE) may have
+        admitted more.
         """
         now = self._clock()
         try:
             delayed, waiting, first_due = self._run("queue_delays", now)
         except StoreUnavailable:
-            return None, None
-        return full_queue_delays(
+            return None, None, None
+        delays = full_queue_delays(
             delayed=delayed, waiting=waiting, first_due=None if first_due is None else float(first_due), now=now
         )
+        return *delays, waiting
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
         return self._claimed(self._run("claim", self._clock(), owner, lease_until, self._deadline()))

@@ -853,7 +853,11 @@ class SqliteStore(TaskStore):
                             outcomes.append(DuplicateTask(task.id))
                         else:
                             full = full or self._queue_delays(conn, now, waiting + admitted)
-                            outcomes.append(QueueFull(self.capacity, delayed=full[0], due_in=full[1]))
+                            # The file's count, not this process's bound: a process with a larger
+                            # QUEUE_SIZE (during a rolling change) may have admitted more.
+                            outcomes.append(
+                                QueueFull(self.capacity, delayed=full[0], due_in=full[1], waiting=waiting + admitted)
+                            )
                     elif self._insert(conn, task, payload) or (
                         # The id may belong to a task past its time that no sweep deleted yet: forget it now.
                         self._forget_expired(conn, task.id, horizon) and self._insert(conn, task, payload)
