@@ -134,6 +134,14 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.refuse(*problem)
         return False
 
+    def handle_expect_100(self) -> bool:
+        """Send nothing yet: werkzeug answers ``100 Continue`` itself once the head passed every check here.
+
+        ``http.server`` sent one from ``parse_request``, before those checks (a
+        refused head was told to go on first) and then werkzeug a second one.
+        """
+        return True
+
     def _refuse_line(self, error: Exception) -> bool:
         """Refuse a request whose request line is not parsed (it answers as HTTP/1.1); False."""
         self.command, self.request_version = None, self.protocol_version
