@@ -38,7 +38,11 @@ DRAIN_MARGIN_S = 5
 
 wsgi_app = "server_settings:worker_app()"  # the app, with the settings checked above
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
-workers = 1  # pinned: each worker process would have its own queue and task table
+# WEB_CONCURRENCY is gunicorn's default for -w, which platforms (Heroku among them) set: a value in
+# this file would hide it. Several processes share a SQLite or Redis store; with STORE=memory each
+# would have its own queue and task table, so one runs, and on_starting says why the value is not taken.
+_web_concurrency = os.environ.get("WEB_CONCURRENCY", "").strip()
+workers = int(_web_concurrency) if _settings.store.shared and _web_concurrency.isdigit() else 1
 # gthread, with stop-signal handlers that start the pool's drain at once
 # (see service/gunicorn_worker.py).
 worker_class = "service.gunicorn_worker.DrainingThreadWorker"
@@ -77,6 +81,13 @@ def on_starting(server):
         if server.pidfile is not None:  # written just before: it would name a server that never ran
             server.pidfile.unlink()
         _config.exit_on_error(error)
+    if not _settings.store.shared and _web_concurrency not in ("", "1") and server.cfg.workers == 1:
+        server.log.warning(
+            "WEB_CONCURRENCY=%s not taken: with STORE=%s each worker process would keep its own tasks, so one runs "
+            "(several share STORE=sqlite:///path or redis://...)",
+            _web_concurrency,
+            _settings.store.kind,
+        )
     _server_settings.started(server.cfg.workers)
     server.drain_reports = DrainReports()
     _share_metrics(server)

@@ -372,6 +372,32 @@ def test_gunicorn_serves_tasks_to_their_final_states(tmp_path, store):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_web_concurrency_sets_the_worker_processes_on_a_shared_store_and_is_named_where_not_taken(tmp_path, store):
+    # gunicorn takes WEB_CONCURRENCY (set by platforms such as Heroku) as its default for -w; the
+    # `workers` of a configuration file hid it, and nothing said so.
+    env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}"} if store == "sqlite" else {}
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(WEB_CONCURRENCY="2", **env),
+    )
+    try:
+        server.wait_for_port(LISTENING)
+        wanted = 2 if store == "sqlite" else 1
+        wait_until(lambda: server.log().count("Booting worker") == wanted, timeout=30, what="the workers")
+        assert len(worker_pids(server.proc.pid)) == wanted
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert log.count("Booting worker") == wanted
+    not_taken = "WEB_CONCURRENCY=2 not taken: with STORE=memory each worker process would keep its own tasks"
+    assert (not_taken in log) == (store == "memory")
+    assert "Traceback" not in log
+
+
+@pytest.mark.e2e
 def test_with_log_format_json_every_line_gunicorn_and_the_app_write_is_json(tmp_path):
     server = start_gunicorn(
         tmp_path, LOG_FORMAT="json", LOG_LEVEL="DEBUG", WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0"
