@@ -123,6 +123,9 @@ class Attempt:
     thread: threading.Thread
     timed_out: bool = False  # set under the pool's _lock; then only the timeout ends it in the store
     ending: bool = False  # its worker is recording its end (under _lock): too late to time it out
+    # Set (without _lock) before its worker writes its end to the store: a renewal that then finds the task
+    # no longer running here may have been answered after that write, so it tells nothing about a lost lease.
+    writing_end: bool = False
     recording: bool = False  # the watchdog is writing its timeout to the store (under _lock)
     retry_at: float | None = None  # the retry the timeout scheduled, drawn once however often the write is tried
     claimed_next: Task | None = None  # the task its worker claimed in the same store step as this attempt's end
@@ -682,6 +685,7 @@ class WorkerPool:
         """
         task = attempt.task
         ended = None
+        attempt.writing_end = True
         try:
             lease_until = self._clock() + self._lease if claim_next and self._claiming else None
             try:
@@ -1133,7 +1137,13 @@ class WorkerPool:
         with self._lock:  # some may have ended during the renewal
             for attempt in attempts:
                 if attempt.task.id in renewal.cancel_requested or attempt.task.id in renewal.lost:
-                    if attempt.task.id in renewal.lost and self._running.get(attempt.task.id) is attempt:
+                    if (
+                        attempt.task.id in renewal.lost
+                        and self._running.get(attempt.task.id) is attempt
+                        # Its end was being written: the renewal may have found it ended by this process. If
+                        # another one ended it first, that write is refused and its worker says so.
+                        and not (attempt.writing_end or attempt.recording)
+                    ):
                         lost.append(attempt.task)
                     self._set_cancel(attempt)
         for task in lost:
