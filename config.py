@@ -414,6 +414,8 @@ def check_binary_upgrade(config: Config) -> None:
 
 def check_server_processes(config: Config, processes: int) -> None:
     """Raise ConfigError if ``processes`` server processes cannot serve the same tasks with ``config``'s store."""
+    if processes < 1:  # gunicorn takes -w 0 (or WEB_CONCURRENCY=0) and listens with no process to answer
+        raise ConfigError(f"{processes} worker processes would answer no request: run at least one (-w/--workers)")
     if processes > 1 and not config.store.shared:
         raise ConfigError(
             f"{processes} worker processes would each keep their own tasks with STORE={config.store.kind}: "

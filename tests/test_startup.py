@@ -49,6 +49,20 @@ def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
     assert "Traceback" not in output
 
 
+def test_gunicorn_refuses_zero_worker_processes(tmp_path):
+    """gunicorn takes -w 0 and WEB_CONCURRENCY=0 (a shared store lets the latter set the processes) and listened
+    with no process to answer: every request waited."""
+    for args, env in (
+        (["-w", "0"], {}),
+        ([], {"WEB_CONCURRENCY": "0", "STORE": f"sqlite:///{tmp_path / 'tasks.db'}"}),
+    ):
+        result = start([*GUNICORN, *args], **env)
+        assert result.returncode == 2, (args, env)
+        output = result.stdout + result.stderr
+        assert "configuration error: 0 worker processes would answer no request" in output
+        assert "Listening at" not in output and "Traceback" not in output
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
 def test_gunicorn_refuses_a_worker_class_that_does_not_drain(worker_class):
     """gunicorn's own workers would stop without draining the pool and serve slow clients on request threads."""
