@@ -1583,31 +1583,34 @@ def test_a_renewal_that_finds_an_attempt_ended_by_its_own_worker_logs_no_lost_le
     # The keeper took the attempts running here, then the worker wrote the end of one before the
     # renewal reached the store: the store no longer holds it running, as if another process had
     # ended it, but the attempt ended here. It logged "its lease expired while it ran here".
-    here, _ = _two_processes(kind, clock, tmp_path)
-    pools = []
+    here, elsewhere = _two_processes(kind, clock, tmp_path)
+    elsewhere.close()  # one process is enough here
 
     class RenewsRightAfterAnEnd:
         """``here``, whose end of an attempt is followed at once by the lease keeper's renewal (the race)."""
+
+        pool = None
 
         def __getattr__(self, name):
             return getattr(here, name)
 
         def finish(self, *args, **kwargs):
             ended = here.finish(*args, **kwargs)
-            pools[0]._renew_once()
+            self.pool._renew_once()
             return ended
 
         def finish_and_claim(self, *args, **kwargs):
             ended = here.finish_and_claim(*args, **kwargs)
-            pools[0]._renew_once()
+            self.pool._renew_once()
             return ended
 
-    pools.append(make_pool(instant, store=RenewsRightAfterAnEnd(), workers=1, lease=30.0))
-    pools[0].submit("a", "")
-    wait_until(lambda: pools[0].get("a").state is State.DONE, timeout=TIMEOUT, what="the task to be done")
+    store = RenewsRightAfterAnEnd()
+    pool = store.pool = make_pool(instant, store=store, workers=1, lease=30.0)
+    pool.submit("a", "")
+    wait_until(lambda: pool.get("a").state is State.DONE, timeout=TIMEOUT, what="the task to be done")
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [line for line in lines if "lease expired while it ran here" in line], lines
-    pools[0].shutdown(timeout=TIMEOUT)
+    pool.shutdown(timeout=TIMEOUT)
     here.close()
 
 

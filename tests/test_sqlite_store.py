@@ -1113,14 +1113,30 @@ def test_a_checkpoint_that_fails_fails_no_step(open_store, clock, monkeypatch):
     assert store.health() is None
 
 
+def _checkpoint_every_second_commit(monkeypatch):
+    """Checkpoints due at every second commit, admissions' too, and the WAL restarted at any length."""
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 2)
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1)
+
+
+def _checkpointed_ids(db, tmp_path):
+    """The ids of the tasks in the database file without its WAL (what the checkpoints copied), in order."""
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    conn = sqlite3.connect(copy)
+    try:
+        return conn.execute("SELECT id FROM tasks ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+
+
 def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_under_the_write_lock(
     open_store, clock, db, tmp_path, monkeypatch
 ):
     # A checkpoint beside other threads' commits never reaches the WAL's end, and SQLite writes the WAL
     # from its beginning again only after one did: without this, the WAL grows to the backstop's size.
-    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
-    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 2)
-    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1)
+    _checkpoint_every_second_commit(monkeypatch)
     store = open_store(capacity=10)  # its schema is commit 1
     held = []  # whether the write lock was held at each checkpoint
 
@@ -1135,13 +1151,7 @@ def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_u
     store._connection().set_trace_callback(commit_during_the_first_checkpoint)
     store.admit([task(clock, "a")])  # commit 2: a checkpoint is due
     assert held == [False, True]
-    copy = tmp_path / "copy.db"
-    copy.write_bytes(db.read_bytes())  # the database file without the WAL: what the checkpoints copied
-    conn = sqlite3.connect(copy)
-    try:
-        assert conn.execute("SELECT id FROM tasks ORDER BY seq").fetchall() == [("a",), ("during",)]
-    finally:
-        conn.close()
+    assert _checkpointed_ids(db, tmp_path) == [("a",), ("during",)]
 
 
 def test_once_the_wal_is_long_what_another_process_committed_during_a_checkpoint_is_copied_under_sqlites_lock(
@@ -1150,9 +1160,7 @@ def test_once_the_wal_is_long_what_another_process_committed_during_a_checkpoint
     # With several processes on the file, the copy after a checkpoint must keep all of them from
     # committing (the process's own lock kept only its own threads): otherwise the copy never reaches
     # the WAL's end, and the WAL never restarts.
-    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
-    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 2)
-    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1)
+    _checkpoint_every_second_commit(monkeypatch)
     store = open_store(capacity=10)  # its schema is commit 1
     elsewhere = open_store(capacity=10)  # another process's store on the same file
     outsider = sqlite3.connect(db, isolation_level=None, timeout=0)
@@ -1181,13 +1189,7 @@ def test_once_the_wal_is_long_what_another_process_committed_during_a_checkpoint
     finally:
         outsider.close()
     assert writable == [True, False]
-    copy = tmp_path / "copy.db"
-    copy.write_bytes(db.read_bytes())  # the database file without the WAL: what the checkpoints copied
-    conn = sqlite3.connect(copy)
-    try:
-        assert conn.execute("SELECT id FROM tasks ORDER BY seq").fetchall() == [("a",), ("elsewhere",)]
-    finally:
-        conn.close()
+    assert _checkpointed_ids(db, tmp_path) == [("a",), ("elsewhere",)]
 
 
 def test_a_write_step_begins_and_commits_with_one_call_into_sqlite_each(open_store, clock):
