@@ -11,30 +11,42 @@ connections mean a few thousand threads. Here:
 - at most ``max_connections`` connections are served at once. When all are
   taken, a new connection evicts the one that has waited longest for its
   client to send something (an idle or slow client), so health checks and
-  other quick clients keep being answered however many slow ones there are.
+  other quick clients keep being answered however many slow ones there are;
+- a request head is refused as gunicorn refuses it, with the same limits
+  and a problem document (``http.server`` answered some with an HTML page,
+  or with no status line, and served others).
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from email.message import Message
+from http import HTTPStatus
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
-from .request_reader import REQUEST_TIMEOUT_S, BareLineFeed, EmptyRequestLine, UnsupportedCoding
+from .request_reader import MAX_PREREAD_HEAD, REQUEST_TIMEOUT_S, BareLineFeed, EmptyRequestLine, UnsupportedCoding
 
 MAX_CONNECTIONS = 64
 WRITE_TIMEOUT_S = 30.0  # a client that stops reading its response gives its thread back after this
 EVICTION_WAIT_S = 1.0  # how long a new connection waits for the thread of the one it evicted
+# gunicorn's limits on a request head (its defaults: limit_request_line, limit_request_field_size,
+# limit_request_fields), and the event loop's on the whole head (service/request_reader.py).
+LIMIT_REQUEST_LINE = 4094  # bytes of the request line, without its CRLF: 414 beyond
+LIMIT_REQUEST_FIELD_SIZE = 8190  # bytes of a header field line, with its CRLF: 431 beyond
+LIMIT_REQUEST_FIELDS = 100  # header fields: 431 beyond
+_VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -67,17 +79,34 @@ class _DeadlineReader(io.RawIOBase):
             sock.settimeout(WRITE_TIMEOUT_S)
 
 
-class _LineEnds:
-    """The handler's ``rfile`` while ``http.server`` reads the header lines: notes a line ended by a bare LF."""
+class HeadTooLarge(http.client.HTTPException):
+    """A request head past gunicorn's limits: ``http.server`` answers it 431 (``send_error``), this its detail."""
 
-    def __init__(self, raw: io.BufferedReader) -> None:
+
+class _LineEnds:
+    """The handler's ``rfile`` while ``http.server`` reads the header lines: notes a line ended by a bare LF, and
+    raises ``HeadTooLarge`` for a field line, a number of fields or a whole head (``head`` bytes so far) past the
+    limits gunicorn sets."""
+
+    def __init__(self, raw: io.BufferedReader, head: int = 0) -> None:
         self.raw = raw
         self.bare = False
+        self.head = head
+        self.fields = 0
 
     def readline(self, size: int = -1) -> bytes:
         line = self.raw.readline(size)
         if line.endswith(b"\n") and not line.endswith(b"\r\n"):
             self.bare = True
+        self.head += len(line)
+        if line not in (b"\r\n", b"\n", b""):
+            self.fields += 1
+            if len(line) > LIMIT_REQUEST_FIELD_SIZE:
+                raise HeadTooLarge(f"a header field is longer than {LIMIT_REQUEST_FIELD_SIZE} bytes")
+            if self.fields > LIMIT_REQUEST_FIELDS:
+                raise HeadTooLarge(f"the request has more than {LIMIT_REQUEST_FIELDS} header fields")
+        if self.head > MAX_PREREAD_HEAD:
+            raise HeadTooLarge(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
         return line
 
     def __getattr__(self, name: str) -> object:
@@ -115,10 +144,13 @@ class BoundedRequestHandler(WSGIRequestHandler):
                 self.close_connection = True
                 return False
         if self.raw_requestline == b"\r\n":
-            return self._refuse_line(EmptyRequestLine())
+            return self._refuse_line(400, str(EmptyRequestLine()))
         if not self.raw_requestline.endswith(b"\r\n") and self.raw_requestline.endswith(b"\n"):
-            return self._refuse_line(BareLineFeed())
-        lines = _LineEnds(self.rfile)
+            return self._refuse_line(400, str(BareLineFeed()))
+        refusal = request_line_problem(self.raw_requestline)
+        if refusal is not None:
+            return self._refuse_line(*refusal)
+        lines = _LineEnds(self.rfile, len(self.raw_requestline))
         self.rfile = lines  # type: ignore[assignment]  # the header lines are read through it
         try:
             if not super().parse_request():
@@ -142,12 +174,23 @@ class BoundedRequestHandler(WSGIRequestHandler):
         """
         return True
 
-    def _refuse_line(self, error: Exception) -> bool:
+    def _refuse_line(self, status: int, detail: str) -> bool:
         """Refuse a request whose request line is not parsed (it answers as HTTP/1.1); False."""
         self.command, self.request_version = None, self.protocol_version
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
-        self.refuse(400, str(error))
+        self.refuse(status, detail)
         return False
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer ``http.server``'s own refusals (a request line over 64 KiB, a head past the limits) with a problem
+        document, as gunicorn does, where it sent an HTML page."""
+        if self.request_version in ("", "HTTP/0.9"):  # its request line unread: the answer has a status line
+            self.command, self.request_version = None, self.protocol_version
+        if code == HTTPStatus.REQUEST_URI_TOO_LONG:
+            detail = f"the request line is longer than {LIMIT_REQUEST_LINE} bytes"
+        else:
+            detail = explain or message or HTTPStatus(code).phrase
+        self.refuse(code, detail)
 
     def refuse(self, status: int, detail: str) -> None:
         """Answer a problem document for a request refused from its head, and close the connection."""
@@ -175,11 +218,27 @@ class BoundedRequestHandler(WSGIRequestHandler):
         super().send_header(keyword, value)
 
 
+def request_line_problem(line: bytes) -> tuple[int, str] | None:
+    """Why a request line is refused (status, detail), as gunicorn refuses it: one too long (414), one that is not a
+    method, a target and HTTP/1.x (400; ``http.server`` served an HTTP/0.9 line, its answer without a status line)."""
+    text = line.decode("latin-1").rstrip("\r\n")
+    if len(text) > LIMIT_REQUEST_LINE:
+        return 414, f"the request line is longer than {LIMIT_REQUEST_LINE} bytes"
+    words = text.split()
+    if len(words) != 3:
+        return 400, f"the request line {text[:100]!r} is not a method, a target and an HTTP version"
+    version = _VERSION.fullmatch(words[2])
+    if version is None or version[1] != "1":
+        return 400, f"HTTP version {words[2][:20]!r} is not supported: send HTTP/1.1 (or HTTP/1.0)"
+    return None
+
+
 def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     """Why a request is refused from its head (``http.server``'s ``headers``) before the application: status, detail.
 
-    gunicorn refuses these itself (service/request_reader.py); ``http.server`` does not: an HTTP/1.1
-    request without exactly one Host (400), a transfer coding other than chunked (501).
+    gunicorn refuses these itself (service/request_reader.py and its parser); ``http.server`` does not: an HTTP/1.1
+    request without exactly one Host (400), a transfer coding other than chunked (501), a body whose length could be
+    read two ways (400: Content-Length twice or not a number, with Transfer-Encoding, or chunked in HTTP/1.0).
     """
     if version == "HTTP/1.1":
         hosts = len(headers.get_all("Host", ()))
@@ -193,6 +252,15 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
         if codings[-1] == "chunked" and codings.count("chunked") == 1:
             return 501, str(UnsupportedCoding(", ".join(codings[:-1])))
         return 400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told"
+    lengths = [length.strip(" \t") for length in headers.get_all("Content-Length", ())]
+    if codings and lengths:
+        return 400, "the request has both Content-Length and Transfer-Encoding: its body's length is ambiguous"
+    if codings and version == "HTTP/1.0":
+        return 400, f"Transfer-Encoding is not allowed in an {version} request: send Content-Length"
+    if len(lengths) > 1:
+        return 400, "the request has more than one Content-Length header"
+    if lengths and not (lengths[0].isascii() and lengths[0].isdigit()):
+        return 400, f"Content-Length {lengths[0][:20]!r} is not a number of bytes"
     return None
 
 

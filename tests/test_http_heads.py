@@ -71,6 +71,77 @@ def test_an_http_1_0_request_without_host_is_served(port):
     assert json.loads(body)["status"] == "ok"
 
 
+HEADS_OVER_THE_LIMITS = {
+    "request-line": (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "request line"),
+    "field": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "field"),
+    "fields": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(150)) + b"\r\n",
+        431,
+        "fields",
+    ),
+    "head": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\n"
+        + b"".join(b"X-H%d: %s\r\n" % (n, b"h" * 8000) for n in range(9))
+        + b"\r\n",
+        431,
+        "request head",
+    ),
+}
+
+
+@pytest.mark.parametrize(("head", "status", "detail"), HEADS_OVER_THE_LIMITS.values(), ids=HEADS_OVER_THE_LIMITS)
+def test_a_head_over_the_limits_is_refused_with_a_problem_document(port, head, status, detail):
+    # python app.py's server answered 431 with an HTML page, and served the others.
+    answer, headers, body = exchange(port, head)
+    assert answer == status
+    assert headers["connection"] == "close"
+    assert "x-request-id" in headers
+    assert detail in problem(headers, body)["detail"].lower()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"GET /healthz HTTP/2.0", b"GET /healthz HTTP/0.9", b"GET /healthz", b"NOT A REQUEST LINE AT ALL"],
+    ids=["http-2.0", "http-0.9", "no-version", "malformed"],
+)
+def test_a_request_line_without_http_1_is_refused_400_with_a_status_line(port, line):
+    # python app.py's server answered HTTP/2.0 with a 505 HTML page, and the others without a status line.
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(line + b"\r\nHost: a\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400 "), received[:80]
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Type: application/problem+json\r\n" in head
+    assert json.loads(body)["status"] == 400
+
+
+@pytest.mark.parametrize(
+    ("version", "fields"),
+    [
+        (b"1.1", b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n"),
+        (b"1.1", b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n"),
+        (b"1.0", b"Transfer-Encoding: chunked\r\n"),
+        (b"1.1", b"Content-Length: %d\r\nContent-Length: %d\r\n"),
+        (b"1.1", b"Content-Length: +%d\r\n"),
+    ],
+    ids=["length-and-chunked", "chunked-and-length", "chunked-http-1.0", "two-lengths", "signed-length"],
+)
+def test_a_body_whose_length_is_ambiguous_is_refused_400_and_queues_nothing(port, version, fields):
+    # python app.py's server read the chunked body (or the first length) and queued the task: 202.
+    task = b'{"id": "ambiguous", "payload": "p"}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(task), task)
+    head = b"POST /enqueue HTTP/%s\r\nHost: a\r\nContent-Type: application/json\r\n" % version
+    length = len(chunked if b"chunked" in fields else task)
+    fields = fields.replace(b"%d", b"%d" % length)
+    status, headers, body = exchange(port, head + fields + b"\r\n" + (chunked if b"chunked" in fields else task))
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert problem(headers, body)["type"] == "about:blank"
+    assert Client(port).request("GET", "/tasks/ambiguous")[0] == 404
+
+
 GZIPPED_TASK = gzip.compress(b'{"id": "gzipped", "payload": "p"}')
 
 
