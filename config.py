@@ -214,13 +214,34 @@ def _check_redis_options(text: str) -> None:
 
     try:
         pool = redis.ConnectionPool.from_url(text)
-        pool.make_connection()
+        connection = pool.make_connection()
     except TypeError as exc:  # an option the connection does not take
         unknown = re.search(r"argument '(\w+)'", str(exc))
         raise ValueError(f"is not a Redis URL: unknown option {unknown[1] if unknown else exc}") from None
     except (ValueError, redis.RedisError) as exc:
         reason = str(exc).rstrip(".")
         raise ValueError(f"is not a Redis URL: {reason[:1].lower()}{reason[1:]}") from None
+    _check_redis_tls_files(connection)
+
+
+# The files a rediss:// URL may name: its query option, the attribute of redis-py's connection that holds it.
+_REDIS_TLS_FILES = (("ssl_ca_certs", "ca_certs"), ("ssl_certfile", "certfile"), ("ssl_keyfile", "keyfile"))
+
+
+def _check_redis_tls_files(connection: object) -> None:
+    """Stop the start if a TLS file the URL names cannot be read: redis-py says only "Error 2 connecting to host:port.
+    No such file or directory." at the first connection, or waits for a handshake a missing ``ssl_ca_path`` fails."""
+    for option, attribute in _REDIS_TLS_FILES:
+        path = getattr(connection, attribute, None)
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"{option}={path!r} cannot be read: {exc.strerror or exc}") from None
+    directory = getattr(connection, "ca_path", None)
+    if directory and not os.path.isdir(directory):
+        raise ValueError(f"ssl_ca_path={directory!r} is not a directory")
 
 
 def _prefix(text: str) -> str:

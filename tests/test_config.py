@@ -240,6 +240,22 @@ BAD_VALUES = [
     ("STORE", "redis://cache/0?timeout=5", "is not a Redis URL: unknown option timeout"),
     ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs"),
     ("STORE", "redis://cache/0?protocol=7", "is not a Redis URL: protocol must be either 2 or 3"),
+    (
+        "STORE",
+        "rediss://cache/0?ssl_ca_certs=/no/ca.pem",
+        "ssl_ca_certs='/no/ca.pem' cannot be read: No such file or directory",
+    ),
+    (
+        "STORE",
+        "rediss://cache/0?ssl_certfile=/no/c.pem",
+        "ssl_certfile='/no/c.pem' cannot be read: No such file or directory",
+    ),
+    (
+        "STORE",
+        f"rediss://cache/0?ssl_certfile={__file__}&ssl_keyfile=/",
+        "ssl_keyfile='/' cannot be read: Is a directory",
+    ),
+    ("STORE", "rediss://cache/0?ssl_ca_path=/no/certs", "ssl_ca_path='/no/certs' is not a directory"),
     ("STORE_PREFIX", "", "must be 1-64 letters, digits or _ . : -"),
     ("STORE_PREFIX", "{tag}", "must be 1-64 letters, digits or _ . : -"),
     ("REDIS_PASSWORD", "pass\x00word", "must not contain control characters"),

@@ -86,6 +86,17 @@ def test_a_bad_redis_url_option_stops_start_up_in_one_line_without_the_password(
     )
 
 
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "python app.py"])
+def test_a_missing_tls_file_stops_start_up_in_one_line_naming_it_without_the_password(command):
+    # It was a store error at the first connection: "Error 2 connecting to 127.0.0.1:1. No such file or directory."
+    result = start(command, STORE="rediss://:hunter2@127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem")
+    assert result.returncode == 2
+    assert result.stdout + result.stderr == (
+        "configuration error: STORE='rediss://<credentials not shown>@127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem' "
+        "is invalid: ssl_ca_certs='/nonexistent/ca.pem' cannot be read: No such file or directory\n"
+    )
+
+
 # -- an address that cannot be listened on ------------------------------------------
 
 # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine. .invalid never resolves (RFC 2606).
