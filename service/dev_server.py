@@ -47,6 +47,8 @@ LIMIT_REQUEST_LINE = 4094  # bytes of the request line, without its CRLF: 414 be
 LIMIT_REQUEST_FIELD_SIZE = 8190  # bytes of a header field line, with its CRLF: 431 beyond
 LIMIT_REQUEST_FIELDS = 100  # header fields: 431 beyond
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 section 5.6.2)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value (RFC 9110 section 5.5)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -84,13 +86,14 @@ class HeadTooLarge(http.client.HTTPException):
 
 
 class _LineEnds:
-    """The handler's ``rfile`` while ``http.server`` reads the header lines: notes a line ended by a bare LF, and
-    raises ``HeadTooLarge`` for a field line, a number of fields or a whole head (``head`` bytes so far) past the
-    limits gunicorn sets."""
+    """The handler's ``rfile`` while ``http.server`` reads the header lines: notes a line ended by a bare LF and the
+    first field line gunicorn refuses (``malformed``: why), and raises ``HeadTooLarge`` for a field line, a number
+    of fields or a whole head (``head`` bytes so far) past the limits gunicorn sets."""
 
     def __init__(self, raw: io.BufferedReader, head: int = 0) -> None:
         self.raw = raw
         self.bare = False
+        self.malformed = ""
         self.head = head
         self.fields = 0
 
@@ -105,6 +108,8 @@ class _LineEnds:
                 raise HeadTooLarge(f"a header field is longer than {LIMIT_REQUEST_FIELD_SIZE} bytes")
             if self.fields > LIMIT_REQUEST_FIELDS:
                 raise HeadTooLarge(f"the request has more than {LIMIT_REQUEST_FIELDS} header fields")
+            if not self.malformed:
+                self.malformed = field_problem(line)
         if self.head > MAX_PREREAD_HEAD:
             raise HeadTooLarge(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
         return line
@@ -157,8 +162,8 @@ class BoundedRequestHandler(WSGIRequestHandler):
                 return False
         finally:
             self.rfile = lines.raw
-        if lines.bare:
-            self.refuse(400, str(BareLineFeed()))
+        if lines.bare or lines.malformed:
+            self.refuse(400, str(BareLineFeed()) if lines.bare else lines.malformed)
             return False
         problem = head_problem(self.request_version, self.headers)
         if problem is None:
@@ -231,6 +236,19 @@ def request_line_problem(line: bytes) -> tuple[int, str] | None:
     if version is None or version[1] != "1":
         return 400, f"HTTP version {words[2][:20]!r} is not supported: send HTTP/1.1 (or HTTP/1.0)"
     return None
+
+
+def field_problem(line: bytes) -> str:
+    """Why gunicorn refuses a header field line (400), or "": obsolete line folding (``http.server`` joined the line
+    to the field before it), a name that is not a token, or a control character (NUL...) in the value."""
+    if line[:1] in (b" ", b"\t"):
+        return "a header field is folded onto a second line (obsolete line folding): send each field on one line"
+    name, colon, value = line.rstrip(b"\r\n").partition(b":")
+    if not colon or not _TOKEN.fullmatch(name):
+        return f"the header field name {name[:40].decode('latin-1')!r} is not a token (RFC 9110 section 5.6.2)"
+    if _CONTROL.search(value):
+        return f"the value of the {name.decode()} header field has a control character (RFC 9110 section 5.5)"
+    return ""
 
 
 def head_problem(version: str, headers: Message) -> tuple[int, str] | None:

@@ -124,9 +124,14 @@ def test_a_request_line_without_http_1_is_refused_400_with_a_status_line(port, l
         (b"1.1", b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n"),
         (b"1.0", b"Transfer-Encoding: chunked\r\n"),
         (b"1.1", b"Content-Length: %d\r\nContent-Length: %d\r\n"),
+        (b"1.1", b"Content-Length: 1\r\nContent-Length: %d\r\n"),
         (b"1.1", b"Content-Length: +%d\r\n"),
+        (b"1.1", b"Content-Length: -1\r\n"),
     ],
-    ids=["length-and-chunked", "chunked-and-length", "chunked-http-1.0", "two-lengths", "signed-length"],
+    ids=[
+        "length-and-chunked", "chunked-and-length", "chunked-http-1.0", "two-lengths", "conflicting-lengths",
+        "signed-length", "negative-length",
+    ],  # fmt: skip
 )
 def test_a_body_whose_length_is_ambiguous_is_refused_400_and_queues_nothing(port, version, fields):
     # python app.py's server read the chunked body (or the first length) and queued the task: 202.
@@ -140,6 +145,27 @@ def test_a_body_whose_length_is_ambiguous_is_refused_400_and_queues_nothing(port
     assert headers["connection"] == "close"
     assert problem(headers, body)["type"] == "about:blank"
     assert Client(port).request("GET", "/tasks/ambiguous")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("field", "detail"),
+    [
+        (b"X-A: one\r\n two\r\n", "fold"),
+        (b"X-A: a\x00b\r\n", "control character"),
+        (b"X-A: a\rb\r\n", "control character"),
+        (b"X A: b\r\n", "field name"),
+        (b": b\r\n", "field name"),
+    ],
+    ids=["folded", "nul", "bare-cr", "space-in-name", "no-name"],
+)
+def test_a_malformed_header_field_is_refused_400(request, port, field, detail):
+    # python app.py's server read each of these and served the request (200).
+    status, headers, body = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + field + b"\r\n")
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert problem(headers, body)["type"] == "about:blank"
+    if request.node.callspec.params["port"] == "app.py":  # gunicorn's details are its own
+        assert detail in problem(headers, body)["detail"]
 
 
 GZIPPED_TASK = gzip.compress(b'{"id": "gzipped", "payload": "p"}')
