@@ -9,6 +9,7 @@ the variable and the value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import io
 import math
 import os
@@ -402,11 +403,23 @@ def _check_dotenv(path: Path) -> None:
         raise ConfigError(f"{path} line {line} is not UTF-8 text") from None
     with io.StringIO(text) as stream:
         for binding in parse_stream(stream):
+            text = binding.original.string
+            line = binding.original.line + text[: len(text) - len(text.lstrip())].count("\n")  # blank lines before
             if binding.error or (binding.key is not None and binding.value is None):
-                text = binding.original.string
-                blank_lines_before = text[: len(text) - len(text.lstrip())].count("\n")
                 # The line's text is not shown: it may hold a secret.
-                raise ConfigError(f"{path} line {binding.original.line + blank_lines_before} is not VARIABLE=value")
+                raise ConfigError(f"{path} line {line} is not VARIABLE=value")
+            if binding.key is not None and binding.key not in VARIABLES and not binding.key.startswith("COMPOSE_"):
+                raise ConfigError(f"{path} line {line}: {_unknown_variable(binding.key)}")
+
+
+def _unknown_variable(name: str) -> str:
+    """Why ``name``, read from ``.env``, is refused: it is no setting, so its value would be dropped for the default.
+
+    Nothing but this module reads ``.env`` (``COMPOSE_*`` names aside: ``docker compose`` reads the file too).
+    """
+    close = difflib.get_close_matches(name.upper(), VARIABLES, n=1, cutoff=0.75)
+    meant = f" (did you mean {close[0]}?)" if close else ""
+    return f"{name!r} is not a setting{meant}: .env.example lists every variable"
 
 
 def load(dotenv_path: Path | None = DOTENV_PATH) -> Config:

@@ -366,6 +366,33 @@ def test_a_malformed_dotenv_line_stops_start_up_naming_the_line(tmp_path, capsys
     assert capsys.readouterr().err == f"configuration error: {dotenv} line {line} is not VARIABLE=value\n"
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "refused"),
+    [
+        ("WORKERS=2\nWORKER=16\n", 2, "'WORKER' is not a setting (did you mean WORKERS?)"),
+        ("# sizes\n\nQUEUE_SZE=5000\n", 3, "'QUEUE_SZE' is not a setting (did you mean QUEUE_SIZE?)"),
+        ("shutdown_timeout_s=60\n", 1, "'shutdown_timeout_s' is not a setting (did you mean SHUTDOWN_TIMEOUT_S?)"),
+        ("GREETING=hello\n", 1, "'GREETING' is not a setting"),
+    ],
+)
+def test_a_dotenv_name_that_is_no_setting_stops_start_up_naming_the_line(tmp_path, capsys, text, line, refused):
+    # It was dropped, and the service ran on the default without a word.
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(text)
+    with pytest.raises(SystemExit) as caught:
+        config.load(dotenv)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"configuration error: {dotenv} line {line}: {refused}: .env.example lists every variable\n"
+    )
+
+
+def test_a_dotenv_may_hold_the_variables_docker_compose_reads_from_it(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("COMPOSE_PROJECT_NAME=workerpool\nWORKERS=3\n")
+    assert config.load(dotenv).workers == 3
+
+
 def test_a_dotenv_file_that_is_not_utf8_stops_start_up_naming_the_line(tmp_path, capsys):
     dotenv = tmp_path / ".env"
     dotenv.write_bytes(b"WORKERS=2\n# caf\xe9 (latin-1)\nQUEUE_SIZE=9\n")
