@@ -446,6 +446,30 @@ def check_binary_upgrade(config: Config) -> None:
         )
 
 
+def check_worker_recycling(config: Config, processes: int, max_requests: int) -> None:
+    """Raise ConfigError if gunicorn's ``max_requests`` (``--max-requests``, or in ``GUNICORN_CMD_ARGS``) would
+    recycle worker processes that cannot be replaced without harm.
+
+    A recycled worker drains its pool before it exits, and gunicorn starts its replacement only
+    then: the only worker answers nothing meanwhile (up to ``SHUTDOWN_TIMEOUT_S``), and with
+    ``STORE=memory`` its replacement starts with an empty task table.
+    """
+    if max_requests <= 0:
+        return
+    if not config.store.shared:
+        raise ConfigError(
+            f"--max-requests {max_requests} would restart the worker process every {max_requests} requests or so, "
+            f"and with STORE={config.store.kind} each restart forgets every task it accepted: drop --max-requests "
+            "(in GUNICORN_CMD_ARGS too), or use a shared store (sqlite:///path or redis://...) with -w 2 or more"
+        )
+    if processes < 2:
+        raise ConfigError(
+            f"--max-requests {max_requests} would restart the only worker process every {max_requests} requests or "
+            "so, and nothing is answered while it drains: drop --max-requests (in GUNICORN_CMD_ARGS too), or run "
+            "-w 2 or more"
+        )
+
+
 def check_server_processes(config: Config, processes: int) -> None:
     """Raise ConfigError if ``processes`` server processes cannot serve the same tasks with ``config``'s store."""
     if processes < 1:  # gunicorn takes -w 0 (or WEB_CONCURRENCY=0) and listens with no process to answer

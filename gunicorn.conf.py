@@ -52,7 +52,9 @@ worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 # limit on open files is raised toward the hard one as far as needed (see service/file_limits.py).
 worker_connections = _file_limits.worker_connections(_settings, threads)
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
-max_requests = 0  # recycling the only worker would stall the service and cut a drain short
+# Recycling the only worker would stall the service and cut a drain short, and with STORE=memory
+# forget every task: on_starting refuses a --max-requests that overrides this (config.check_worker_recycling).
+max_requests = 0
 graceful_timeout = math.ceil(_settings.shutdown_timeout_s) + DRAIN_MARGIN_S  # whole seconds only
 control_socket_disable = True  # parallel servers would share ~/.gunicorn/gunicorn.ctl
 accesslog = "-" if _settings.access_log else None  # ACCESS_LOG=on|off
@@ -73,6 +75,7 @@ def on_starting(server):
     try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
         _check_worker_class(server.worker_class)  # and `-k` overrides `worker_class`
         _config.check_server_processes(_settings, server.cfg.workers)
+        _config.check_worker_recycling(_settings, server.cfg.workers, server.cfg.max_requests)  # max_requests below
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
             _config.check_binary_upgrade(_settings)
         else:  # the listening sockets are made next, unless inherited (binary upgrade, systemd socket activation)

@@ -173,7 +173,7 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
     (given / "counts-7.json").write_text('{"row": {"accepted": 5}}')  # an earlier run's
     env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir else ""}
     conf = load_conf(monkeypatch, **env)
-    cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False)  # no address to check before listening
+    cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False, max_requests=0)  # no address to check
     server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
     conf["on_starting"](server)
     try:
@@ -206,7 +206,7 @@ def test_a_metrics_dir_other_users_can_write_stops_gunicorn_with_one_line(monkey
     given.mkdir()
     given.chmod(0o777)  # anyone could add counts to /metrics, or a FIFO that blocks every scrape
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}", METRICS_DIR=str(given))
-    cfg = SimpleNamespace(workers=2, address=[], reuse_port=False)
+    cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, max_requests=0)
     server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
     with pytest.raises(SystemExit) as exited:
         conf["on_starting"](server)
@@ -226,7 +226,7 @@ def test_a_binary_upgrade_shares_the_running_servers_metrics_directory(monkeypat
     conf = load_conf(monkeypatch, **env)
 
     def server(master_pid):
-        cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, env_orig={})
+        cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, env_orig={}, max_requests=0)
         arbiter = SimpleNamespace(
             cfg=cfg, worker_class=DrainingThreadWorker, master_pid=master_pid, reexec_pid=0, pidfile=None
         )
@@ -587,7 +587,7 @@ def test_a_binary_upgrade_is_refused_by_the_new_server_only_on_the_memory_store(
         unlink = lambda self: pidfile.unlink()  # noqa: E731
 
     class Arbiter:  # what `kill -USR2` started: gunicorn sets master_pid, the first server's pid
-        cfg = type("Cfg", (), {"workers": 1})()
+        cfg = type("Cfg", (), {"workers": 1, "max_requests": 0})()
         worker_class = DrainingThreadWorker
         master_pid = 4711
         pidfile = Pidfile()

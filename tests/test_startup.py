@@ -63,6 +63,25 @@ def test_gunicorn_refuses_zero_worker_processes(tmp_path):
         assert "Listening at" not in output and "Traceback" not in output
 
 
+def test_gunicorn_refuses_recycling_a_worker_that_cannot_be_replaced(tmp_path):
+    """--max-requests (on the command line or in GUNICORN_CMD_ARGS) overrode gunicorn.conf.py's max_requests = 0:
+    the only worker drained and restarted every N requests, answering nothing meanwhile, and on STORE=memory
+    forgot every task it had accepted."""
+    for args, env, refused in (
+        (["--max-requests", "4"], {}, "with STORE=memory each restart forgets every task"),
+        (
+            [],
+            {"GUNICORN_CMD_ARGS": "--max-requests 3", "STORE": f"sqlite:///{tmp_path / 'tasks.db'}"},
+            "nothing is answered while it drains",
+        ),
+    ):
+        result = start([*GUNICORN, *args], **env)
+        assert result.returncode == 2, (args, env)
+        output = result.stdout + result.stderr
+        assert "configuration error: --max-requests " in output and refused in output
+        assert "Listening at" not in output and "Traceback" not in output
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
 def test_gunicorn_refuses_a_worker_class_that_does_not_drain(worker_class):
     """gunicorn's own workers would stop without draining the pool and serve slow clients on request threads."""
