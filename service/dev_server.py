@@ -86,12 +86,14 @@ class HeadTooLarge(http.client.HTTPException):
 
 
 class _LineEnds:
-    """The handler's ``rfile`` while ``http.server`` reads the header lines: notes a line ended by a bare LF and the
-    first field line gunicorn refuses (``malformed``: why), and raises ``HeadTooLarge`` for a field line, a number
-    of fields or a whole head (``head`` bytes so far) past the limits gunicorn sets."""
+    """The handler's ``rfile`` while ``http.server`` reads the header lines: notes a head cut short (``cut``: its
+    stream ended, at the client's end or the deadline, before the empty line that ends it), a line ended by a bare LF
+    and the first field line gunicorn refuses (``malformed``: why), and raises ``HeadTooLarge`` for a field line, a
+    number of fields or a whole head (``head`` bytes so far) past the limits gunicorn sets."""
 
     def __init__(self, raw: io.BufferedReader, head: int = 0) -> None:
         self.raw = raw
+        self.cut = False
         self.bare = False
         self.malformed = ""
         self.head = head
@@ -99,6 +101,9 @@ class _LineEnds:
 
     def readline(self, size: int = -1) -> bytes:
         line = self.raw.readline(size)
+        if not line.endswith(b"\n") and len(line) != size:  # the stream ended: http.server would take the head as whole
+            self.cut = True
+            return b""
         if line.endswith(b"\n") and not line.endswith(b"\r\n"):
             self.bare = True
         self.head += len(line)
@@ -141,13 +146,18 @@ class BoundedRequestHandler(WSGIRequestHandler):
         before the request line is skipped (RFC 9112 section 2.2), a second one is
         refused (400), as is a head with a line ended by a bare LF (400).
         ``http.server`` closed the connection without an answer on the empty
-        line, and read bare LF lines as whole ones.
+        line, and read bare LF lines as whole ones. A head whose stream ends
+        (the client's end, or the deadline) before its empty line closes the
+        connection unanswered: ``http.server`` served what had come of it.
         """
         if self.raw_requestline == b"\r\n":
             self.raw_requestline = self.rfile.readline(65537)
             if not self.raw_requestline:  # the client closed after it
                 self.close_connection = True
                 return False
+        if not self.raw_requestline.endswith(b"\n"):  # the stream ended in the request line: closed unanswered
+            self.close_connection = True
+            return False
         if self.raw_requestline == b"\r\n":
             return self._refuse_line(400, str(EmptyRequestLine()))
         if not self.raw_requestline.endswith(b"\r\n") and self.raw_requestline.endswith(b"\n"):
@@ -162,6 +172,9 @@ class BoundedRequestHandler(WSGIRequestHandler):
                 return False
         finally:
             self.rfile = lines.raw
+        if lines.cut:  # as gunicorn does: a request whose head never ended is not served, nor answered
+            self.close_connection = True
+            return False
         if lines.bare or lines.malformed:
             self.refuse(400, str(BareLineFeed()) if lines.bare else lines.malformed)
             return False

@@ -168,6 +168,37 @@ def test_a_malformed_header_field_is_refused_400(request, port, field, detail):
         assert detail in problem(headers, body)["detail"]
 
 
+def cut_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, end the stream (the client's half-close) and read all that comes back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        b"DELETE /tasks/%s HTTP/1.1\r\nHost: a\r\n",
+        b"DELETE /tasks/%s HTTP/1.1\r\nHost: a\r\nX-A: b",
+        b"DELETE /tasks/%s",
+    ],
+    ids=["after-a-field", "inside-a-field", "inside-the-request-line"],
+)
+def test_a_request_whose_head_is_cut_short_is_neither_served_nor_answered(request, port, cut):
+    # python app.py's server took what had come of the head as the whole of it: the task was cancelled (200).
+    task = f"cut-{request.node.callspec.id}".encode()
+    body = b'{"id": "%s", "payload": "p", "delay_ms": 600000}' % task
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    assert exchange(port, head % len(body) + body)[0] == 202
+    assert cut_exchange(port, cut % task) == b""
+    status, _, answer = Client(port).request("GET", f"/tasks/{task.decode()}")
+    assert status == 200 and json.loads(answer)["state"] != "cancelled"
+
+
 GZIPPED_TASK = gzip.compress(b'{"id": "gzipped", "payload": "p"}')
 
 
