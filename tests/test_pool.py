@@ -22,6 +22,7 @@ from workerpool import (
     PoolObserver,
     QueueFull,
     State,
+    StoreNotSynced,
     StoreUnavailable,
     Task,
     TaskSpec,
@@ -816,6 +817,51 @@ def test_an_end_the_store_cannot_record_is_recorded_again_and_the_worker_lives_o
     # Tried once a second for a lease's length, then left to the lease (another process recovers it).
     assert (pool.get("long").state, store.tries["long"]) == (State.RUNNING, 31)
     assert pool.get("after").state is State.DONE
+
+
+class FinishNotSynced(MemoryStore):
+    """A store whose ``finish`` writes the end but fails to sync it, once per task."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.tries = Counter()
+
+    def finish(self, task_id, *args, **kwargs):
+        self.tries[task_id] += 1
+        ended = super().finish(task_id, *args, **kwargs)
+        if self.tries[task_id] == 1:
+            raise StoreNotSynced("syncing the WAL failed: [Errno 5] Input/output error", ended)
+        return ended
+
+
+@pytest.mark.parametrize("outage", ["recorded again", "not synced"])
+def test_a_failed_attempt_whose_end_met_an_unavailable_store_is_logged_and_counted_once(
+    make_pool, clock, caplog, outage
+):
+    def wait(event, timeout):  # the pause between tries passes at once on the fake clock
+        clock.advance(timeout)
+        return event.is_set()
+
+    caplog.set_level(logging.INFO, logger="workerpool")
+    if outage == "recorded again":
+        store = FinishFails({"a": 1, "b": 2}, clock=clock.time)
+    else:
+        store = FinishNotSynced(clock=clock.time)
+    log = AttemptLog()
+    pool = make_pool(always_fail, store=store, threads=False, lease=30.0, wait=wait, observers=[log])
+    pool.submit("a", "", 1)  # its first end is a retry, written again (or not synced)
+    pool.submit("b", "", 0)  # its only end is its failure
+    while pool.step():
+        pass
+    assert (pool.get("a").state, pool.get("a").attempts) == (State.FAILED, 2)
+    assert (pool.get("b").state, pool.get("b").attempts) == (State.FAILED, 1)
+    # Each attempt heard once by the observers (metrics, dashboard), with what the store recorded.
+    assert sorted(log.events) == [("a", 1, State.QUEUED), ("a", 2, State.FAILED), ("b", 1, State.FAILED)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert not [m for m in messages if "result dropped" in m]
+    assert sum("attempt 1 failed" in m and "retry 1 of 1" in m for m in messages) == 1
+    assert sum("task b failed after 1 attempt(s)" in m for m in messages) == 1
 
 
 class EndAndClaimFails(MemoryStore):

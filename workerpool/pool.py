@@ -696,14 +696,14 @@ class WorkerPool:
                         task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
                         lease_until=lease_until,
                     )  # fmt: skip
-            except StoreUnavailable as exc:
-                if isinstance(exc, StoreNotSynced) and exc.result is not None:
-                    ended, attempt.claimed_next = self._end_not_synced(task, exc, lease_until is not None)
+            except StoreUnavailable as unavailable:  # not `exc`: that is the handler's, logged below
+                if isinstance(unavailable, StoreNotSynced) and unavailable.result is not None:
+                    ended, attempt.claimed_next = self._end_not_synced(task, unavailable, lease_until is not None)
                 elif attempt.timed_out:  # a timeout is written once: the watchdog's next check writes it again
                     raise
                 else:
                     ended, attempt.claimed_next = self._record_end_again(
-                        attempt, error, result, retry_at, lease_until is not None, exc
+                        attempt, error, result, retry_at, lease_until is not None, unavailable
                     )  # fmt: skip
             attempt.claimed_none = lease_until is not None and attempt.claimed_next is None
         except Exception:
