@@ -32,11 +32,19 @@ from contextlib import contextmanager, suppress
 from email.message import Message
 from http import HTTPStatus
 
-from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from gunicorn.http.body import CHUNK_EXT_RE
+from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
 from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
-from .request_reader import MAX_PREREAD_HEAD, REQUEST_TIMEOUT_S, BareLineFeed, EmptyRequestLine, UnsupportedCoding
+from .request_reader import (
+    DEFAULT_CHUNK_LINE_LIMIT,
+    MAX_PREREAD_HEAD,
+    REQUEST_TIMEOUT_S,
+    BareLineFeed,
+    EmptyRequestLine,
+    UnsupportedCoding,
+)
 
 MAX_CONNECTIONS = 64
 WRITE_TIMEOUT_S = 30.0  # a client that stops reading its response gives its thread back after this
@@ -47,6 +55,7 @@ LIMIT_REQUEST_LINE = 4094  # bytes of the request line, without its CRLF: 414 be
 LIMIT_REQUEST_FIELD_SIZE = 8190  # bytes of a header field line, with its CRLF: 431 beyond
 LIMIT_REQUEST_FIELDS = 100  # header fields: 431 beyond
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+_HEX = re.compile(rb"[0-9a-fA-F]+")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 section 5.6.2)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value (RFC 9110 section 5.5)
 
@@ -81,6 +90,65 @@ class _DeadlineReader(io.RawIOBase):
             sock.settimeout(WRITE_TIMEOUT_S)
 
 
+class _Dechunked(io.RawIOBase):
+    """A chunked request body (``wsgi.input``), decoded as gunicorn decodes one; werkzeug's ``DechunkedInput``
+    refused a chunk extension, which is to be ignored (RFC 9112 section 7.1.1), and trailer fields, and took a body
+    that ended inside its last CRLFs for a whole one.
+
+    A malformed chunk-size line, a chunk not followed by CRLF, a stream that ends (the client's end, or the
+    deadline) before the end of the trailer section, or a trailer section over ``MAX_PREREAD_HEAD``: ``OSError``,
+    which the application answers 400 (408 at the deadline).
+    """
+
+    def __init__(self, rfile: io.BufferedReader) -> None:
+        super().__init__()
+        self._rfile = rfile  # named as werkzeug's: request_reader.body_timed_out finds the deadline through it
+        self._left = 0  # bytes of the current chunk's data not read yet
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if self._done or not len(buffer):
+            return 0
+        if not self._left:
+            self._left = self._chunk_size()
+            if not self._left:
+                self._read_trailer_section()
+                self._done = True
+                return 0
+        with memoryview(buffer) as view:
+            read = self._rfile.readinto(view[: min(len(view), self._left)])
+        if not read:
+            raise OSError("the chunked body ended inside a chunk")
+        self._left -= read
+        if not self._left and self._rfile.read(2) != b"\r\n":
+            raise OSError("a chunk's data is not followed by CRLF")
+        return read
+
+    def _line(self) -> bytes:
+        line = self._rfile.readline(DEFAULT_CHUNK_LINE_LIMIT + 2)
+        if not line.endswith(b"\r\n"):  # cut short, too long, or ended by a bare LF
+            raise OSError("a line of the chunked body's framing does not end with CRLF")
+        return line[:-2]
+
+    def _chunk_size(self) -> int:
+        size, extended, extension = self._line().partition(b";")
+        if extended:  # whitespace may come before an extension only (RFC 9112 section 7.1.1)
+            size = size.rstrip(b" \t")
+        if not _HEX.fullmatch(size) or (extended and not CHUNK_EXT_RE.fullmatch(b";" + extension)):
+            raise OSError("a chunk-size line is malformed")
+        return int(size, 16)
+
+    def _read_trailer_section(self) -> None:
+        read = 0
+        while line := self._line():  # trailer fields are read, and ignored; an empty line ends them
+            read += len(line) + 2
+            if read > MAX_PREREAD_HEAD:
+                raise OSError(f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes")
+
+
 class HeadTooLarge(http.client.HTTPException):
     """A request head past gunicorn's limits: ``http.server`` answers it 431 (``send_error``), this its detail."""
 
@@ -98,26 +166,41 @@ class _LineEnds:
         self.malformed = ""
         self.head = head
         self.fields = 0
+        self._lines: list[bytes] | None = None
 
     def readline(self, size: int = -1) -> bytes:
-        line = self.raw.readline(size)
-        if not line.endswith(b"\n") and len(line) != size:  # the stream ended: http.server would take the head as whole
-            self.cut = True
-            return b""
-        if line.endswith(b"\n") and not line.endswith(b"\r\n"):
-            self.bare = True
-        self.head += len(line)
-        if line not in (b"\r\n", b"\n", b""):
-            self.fields += 1
+        """The head's field lines together as one line, then the empty line that ends them.
+
+        ``http.client`` joins the lines it reads, so it parses the same fields;
+        read one by one, the empty line counted as one more, and 100 fields were
+        refused as too many (gunicorn takes 100).
+        """
+        if self._lines is None:
+            self._lines = self._read_head()
+        return self._lines.pop(0) if self._lines else b""
+
+    def _read_head(self) -> list[bytes]:
+        fields = bytearray()
+        while True:
+            line = self.raw.readline(LIMIT_REQUEST_FIELD_SIZE + 1)
             if len(line) > LIMIT_REQUEST_FIELD_SIZE:
                 raise HeadTooLarge(f"a header field is longer than {LIMIT_REQUEST_FIELD_SIZE} bytes")
+            if not line.endswith(b"\n"):  # the stream ended: http.server would take the head as whole
+                self.cut = True
+                return []
+            if not line.endswith(b"\r\n"):
+                self.bare = True
+            self.head += len(line)
+            if self.head > MAX_PREREAD_HEAD:
+                raise HeadTooLarge(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
+            if line in (b"\r\n", b"\n"):
+                return [bytes(fields), line] if fields else [line]
+            self.fields += 1
             if self.fields > LIMIT_REQUEST_FIELDS:
                 raise HeadTooLarge(f"the request has more than {LIMIT_REQUEST_FIELDS} header fields")
             if not self.malformed:
                 self.malformed = field_problem(line)
-        if self.head > MAX_PREREAD_HEAD:
-            raise HeadTooLarge(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
-        return line
+            fields += line
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.raw, name)
@@ -183,6 +266,12 @@ class BoundedRequestHandler(WSGIRequestHandler):
             return True
         self.refuse(*problem)
         return False
+
+    def make_environ(self) -> dict:
+        environ = super().make_environ()
+        if isinstance(environ["wsgi.input"], DechunkedInput):
+            environ["wsgi.input"] = _Dechunked(self.rfile)
+        return environ
 
     def handle_expect_100(self) -> bool:
         """Send nothing yet: werkzeug answers ``100 Continue`` itself once the head passed every check here.

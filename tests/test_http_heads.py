@@ -168,6 +168,37 @@ def test_a_malformed_header_field_is_refused_400(request, port, field, detail):
         assert detail in problem(headers, body)["detail"]
 
 
+def test_a_head_of_100_fields_is_served_and_one_of_101_refused(port):
+    # python app.py's server refused 100 already: its parser counted the empty line that ends the head as a field.
+    head = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+    assert exchange(port, head + b"".join(b"X-H%d: v\r\n" % n for n in range(98)) + b"\r\n")[0] == 200
+    assert exchange(port, head + b"".join(b"X-H%d: v\r\n" % n for n in range(99)) + b"\r\n")[0] == 431
+
+
+CHUNKED_TASK = b'{"id": "%s", "payload": "p"}'
+CHUNKED_FRAMINGS = {  # a task's chunked body, framed as each case says
+    "extension": (b"%x;name=value\r\n%s\r\n0\r\n\r\n", 202),
+    "quoted-extension-after-whitespace": (b'%x ;name="v; v"\r\n%s\r\n0\r\n\r\n', 202),
+    "extension-on-the-last-chunk": (b"%x\r\n%s\r\n0;x=1\r\n\r\n", 202),
+    "trailer-field": (b"%x\r\n%s\r\n0\r\nX-Checksum: abc\r\n\r\n", 202),
+    "last-crlf-cut": (b"%x\r\n%s\r\n0\r\n\r", 400),
+    "trailer-section-missing": (b"%x\r\n%s\r\n0\r\n", 400),
+    "data-without-crlf": (b"%x\r\n%sXX0\r\n\r\n", 400),
+}
+
+
+@pytest.mark.parametrize(("framing", "status"), CHUNKED_FRAMINGS.values(), ids=CHUNKED_FRAMINGS)
+def test_a_chunked_body_is_read_as_gunicorn_reads_it(request, port, framing, status):
+    # python app.py's server (werkzeug's decoder) refused chunk extensions, which are to be ignored (RFC 9112
+    # section 7.1.1), and trailer fields, and took a body that ended in its last CRLF for a whole one.
+    task_id = f"framed-{request.node.callspec.id}"
+    task = CHUNKED_TASK % task_id.encode()
+    sent = CHUNKED_HEAD % b"chunked" + framing % (len(task), task)
+    answer = cut_exchange(port, sent)  # the client's end follows the body: a body cut short ends there
+    assert answer.split(b" ", 2)[1] == b"%d" % status, answer[:200]
+    assert Client(port).request("GET", f"/tasks/{task_id}")[0] == (200 if status == 202 else 404)
+
+
 def cut_exchange(port: int, data: bytes) -> bytes:
     """Send ``data``, end the stream (the client's half-close) and read all that comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
