@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error
+from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error, parse_host
 from config import load as load_config
 from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
@@ -243,11 +243,19 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _host(text: str) -> str:
+    # Checked as HOST is: an empty host would bind the wildcard address, every interface of the machine.
+    try:
+        return parse_host(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid host {text!r}: {error}") from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Run the task service on Flask's development server (use gunicorn in production)."
     )
-    parser.add_argument("--host", help="address to listen on (default: $HOST, else 127.0.0.1)")
+    parser.add_argument("--host", type=_host, help="address to listen on (default: $HOST, else 127.0.0.1)")
     parser.add_argument("--port", type=_port, help="port to listen on (default: $PORT, else 8080)")
     return parser.parse_args(argv)
 

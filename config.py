@@ -147,7 +147,8 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str
     return parse
 
 
-def _host(text: str) -> str:
+def parse_host(text: str) -> str:
+    """``HOST``, and ``python app.py --host``: a host name or IP address (empty would listen on every interface)."""
     if not text or any(c.isspace() for c in text):
         raise ValueError("must be a host name or IP address")
     return text
@@ -303,7 +304,7 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     # variable: (Config field, parser)
     "WORKERS": ("workers", _integer(1, 256)),
     "QUEUE_SIZE": ("queue_size", _integer(1, 1_000_000)),
-    "HOST": ("host", _host),
+    "HOST": ("host", parse_host),
     "PORT": ("port", _integer(0, 65_535)),
     "WORK_MIN_MS": ("work_min_ms", _integer(0, _DAY_MS)),
     "WORK_MAX_MS": ("work_max_ms", _integer(0, _DAY_MS)),

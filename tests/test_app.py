@@ -90,6 +90,15 @@ def test_a_bad_port_flag_exits_2(port, capsys):
     assert f"invalid port {port!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["", " ", "local host"])
+def test_a_bad_host_flag_exits_2_as_a_bad_host_variable_does(host, capsys):
+    # An empty --host was taken, and the server listened on every interface (0.0.0.0), where HOST='' is refused.
+    with pytest.raises(SystemExit) as caught:
+        parse_args(["--host", host])
+    assert caught.value.code == 2
+    assert f"invalid host {host!r}: must be a host name or IP address" in capsys.readouterr().err
+
+
 def get_json(url: str) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
