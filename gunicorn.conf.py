@@ -66,8 +66,27 @@ logger_class = "service.access_log.AccessLogger"  # one cheap access line per re
 
 
 def _drain_timeout(worker) -> float:
-    # graceful_timeout may come from the command line; keep the margin before SIGKILL.
+    # graceful_timeout may come from the command line (see _warn_of_a_shorter_drain); keep the margin before SIGKILL.
     return max(0.0, min(_settings.shutdown_timeout_s, worker.cfg.graceful_timeout - DRAIN_MARGIN_S))
+
+
+def _warn_of_a_shorter_drain(server) -> None:
+    """Say so when ``--graceful-timeout`` (or in GUNICORN_CMD_ARGS) leaves the drain less than SHUTDOWN_TIMEOUT_S.
+
+    gunicorn kills a worker graceful_timeout seconds after the stop signal, so the drain ends
+    DRAIN_MARGIN_S before that: a value below this file's shortens it, down to 0 s. A shorter stop is
+    a choice the command line may make, so it is taken, but not silently.
+    """
+    drain, shutdown = _drain_timeout(server), _settings.shutdown_timeout_s
+    if drain < shutdown:
+        given = server.cfg.graceful_timeout
+        server.log.warning(
+            "--graceful-timeout %d leaves the drain %g s, not SHUTDOWN_TIMEOUT_S=%g: gunicorn kills the worker %d s "
+            "after a stop signal and the drain leaves it the last %d s to exit, so the tasks still unfinished fail "
+            '("abandoned at shutdown") sooner. Drop --graceful-timeout (in GUNICORN_CMD_ARGS too), or give at least '
+            "%d, to drain for SHUTDOWN_TIMEOUT_S; for a shorter stop lower SHUTDOWN_TIMEOUT_S",
+            given, drain, shutdown, given, DRAIN_MARGIN_S, math.ceil(shutdown) + DRAIN_MARGIN_S,
+        )  # fmt: skip
 
 
 def on_starting(server):
@@ -91,6 +110,7 @@ def on_starting(server):
             _web_concurrency,
             _settings.store.kind,
         )
+    _warn_of_a_shorter_drain(server)
     _server_settings.started(server.cfg.workers)
     server.drain_reports = DrainReports()
     _share_metrics(server)
@@ -192,6 +212,7 @@ def on_reload(server):
             "reload with STORE=memory: the new worker starts with an empty task table, so every task id "
             "accepted before answers 404 (STORE=sqlite:///path/to/tasks.db keeps them across reloads)"
         )
+    _warn_of_a_shorter_drain(server)  # the settings read again, with the command line's graceful_timeout
 
 
 def post_worker_init(worker):

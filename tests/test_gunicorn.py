@@ -122,6 +122,36 @@ def test_graceful_timeout_leaves_a_margin_after_the_drain(monkeypatch, shutdown,
     assert conf["loglevel"] == "warning"
 
 
+@pytest.mark.parametrize(
+    ("shutdown", "given", "drain"),
+    [("20", 25, None), ("20", 60, None), ("20", 10, 5), ("20", 4, 0), ("2.5", 8, None), ("2.5", 7, 2)],
+)
+@pytest.mark.parametrize("hook", ["on_starting", "on_reload"])
+def test_a_graceful_timeout_that_shortens_the_drain_is_taken_with_a_warning(monkeypatch, shutdown, given, drain, hook):
+    """--graceful-timeout (or in GUNICORN_CMD_ARGS) below SHUTDOWN_TIMEOUT_S + 5 cut the drain short, to 0 s at
+    most, and nothing said that the documented setting was not the one in force."""
+    from types import SimpleNamespace
+
+    conf = load_conf(monkeypatch, SHUTDOWN_TIMEOUT_S=shutdown)
+    cfg = SimpleNamespace(workers=1, address=[], reuse_port=False, max_requests=0, graceful_timeout=given)
+    server = SimpleNamespace(
+        cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None, log=_RecordedLog()
+    )
+    conf[hook](server)
+    warnings = [line for level, line in server.log.lines if level == "warning" and "--graceful-timeout" in line]
+    if drain is None:
+        assert warnings == []
+        return
+    [warning] = warnings
+    assert warning.startswith(
+        f"--graceful-timeout {given} leaves the drain {drain} s, not SHUTDOWN_TIMEOUT_S={shutdown}: "
+        f"gunicorn kills the worker {given} s after a stop signal and the drain leaves it the last 5 s to exit"
+    )
+    assert f"give at least {conf['graceful_timeout']}, to drain for SHUTDOWN_TIMEOUT_S" in warning
+    # ...and the drain is the shorter one, as the warning says.
+    assert conf["_drain_timeout"](SimpleNamespace(cfg=cfg)) == drain
+
+
 class _RecordedLog:
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
@@ -131,6 +161,9 @@ class _RecordedLog:
 
     def error(self, message, *args):
         self.lines.append(("error", message % args))
+
+    def warning(self, message, *args):
+        self.lines.append(("warning", message % args))
 
 
 @pytest.mark.parametrize("stopping", [False, True])
@@ -173,7 +206,8 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
     (given / "counts-7.json").write_text('{"row": {"accepted": 5}}')  # an earlier run's
     env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir else ""}
     conf = load_conf(monkeypatch, **env)
-    cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False, max_requests=0)  # no address to check
+    cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False, max_requests=0, graceful_timeout=25)
+    # (no address to check)
     server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
     conf["on_starting"](server)
     try:
@@ -206,7 +240,7 @@ def test_a_metrics_dir_other_users_can_write_stops_gunicorn_with_one_line(monkey
     given.mkdir()
     given.chmod(0o777)  # anyone could add counts to /metrics, or a FIFO that blocks every scrape
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}", METRICS_DIR=str(given))
-    cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, max_requests=0)
+    cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, max_requests=0, graceful_timeout=25)
     server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
     with pytest.raises(SystemExit) as exited:
         conf["on_starting"](server)
@@ -226,7 +260,9 @@ def test_a_binary_upgrade_shares_the_running_servers_metrics_directory(monkeypat
     conf = load_conf(monkeypatch, **env)
 
     def server(master_pid):
-        cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, env_orig={}, max_requests=0)
+        cfg = SimpleNamespace(
+            workers=2, address=[], reuse_port=False, env_orig={}, max_requests=0, graceful_timeout=25
+        )
         arbiter = SimpleNamespace(
             cfg=cfg, worker_class=DrainingThreadWorker, master_pid=master_pid, reexec_pid=0, pidfile=None
         )
@@ -566,7 +602,8 @@ def test_a_reload_warns_that_the_memory_store_forgets_every_task(monkeypatch, tm
         def info(self, message, *args):
             infos.append(message % args if args else message)
 
-    conf["on_reload"](type("Arbiter", (), {"log": Log()})())
+    cfg = type("Cfg", (), {"graceful_timeout": 25})()
+    conf["on_reload"](type("Arbiter", (), {"log": Log(), "cfg": cfg})())
     assert bool(warnings) == warned
     # Said at every reload: gunicorn documents HUP as loading the new code when the app is not preloaded.
     assert infos == [
@@ -587,7 +624,7 @@ def test_a_binary_upgrade_is_refused_by_the_new_server_only_on_the_memory_store(
         unlink = lambda self: pidfile.unlink()  # noqa: E731
 
     class Arbiter:  # what `kill -USR2` started: gunicorn sets master_pid, the first server's pid
-        cfg = type("Cfg", (), {"workers": 1, "max_requests": 0})()
+        cfg = type("Cfg", (), {"workers": 1, "max_requests": 0, "graceful_timeout": 25})()
         worker_class = DrainingThreadWorker
         master_pid = 4711
         pidfile = Pidfile()

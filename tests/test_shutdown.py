@@ -257,6 +257,10 @@ def test_gunicorn_says_so_when_its_worker_was_killed_before_reporting(start):
     last = service.server.log().strip().splitlines()[-1]
     assert "[ERROR] gunicorn.error: the worker ended without reporting its drain" in last
     assert not SUMMARY.search(service.server.log())
+    # The drain the command line left (0 s of SHUTDOWN_TIMEOUT_S) was said at the start.
+    assert "[WARNING] gunicorn.error: --graceful-timeout 1 leaves the drain 0 s, not SHUTDOWN_TIMEOUT_S=" in (
+        service.server.log()
+    )
 
 
 def test_a_worker_retired_by_a_reload_reports_at_once_and_cannot_stand_in_for_a_lost_drain(start):
