@@ -27,10 +27,11 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from email.message import Message
 from http import HTTPStatus
+from typing import Any
 
 from gunicorn.http.body import CHUNK_EXT_RE
 from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
@@ -149,6 +150,45 @@ class _Dechunked(io.RawIOBase):
                 raise OSError(f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes")
 
 
+class _ContinueOnRead:
+    """A request's ``wsgi.input`` that sends ``100 Continue`` before it is first read: a client that waits for it
+    (``Expect: 100-continue``) sends its body only if the application reads it, as under gunicorn; werkzeug sent it
+    before the application ran, and a request refused from its head (401, 413, 415, 404) got its body sent in vain."""
+
+    def __init__(self, stream: object, send_continue: Callable[[], None]) -> None:
+        self._stream = stream
+        self._send_continue: Callable[[], None] | None = send_continue
+        self._rfile = getattr(stream, "_rfile", stream)  # where request_reader.body_timed_out finds the deadline
+
+    def _asked(self) -> None:
+        if self._send_continue is not None:
+            send, self._send_continue = self._send_continue, None
+            send()
+
+    def read(self, *args: Any) -> bytes:
+        self._asked()
+        return self._stream.read(*args)  # type: ignore[attr-defined]
+
+    def readinto(self, buffer: Any) -> int:
+        self._asked()
+        return self._stream.readinto(buffer)  # type: ignore[attr-defined]
+
+    def readline(self, *args: Any) -> bytes:
+        self._asked()
+        return self._stream.readline(*args)  # type: ignore[attr-defined]
+
+    def readlines(self, *args: Any) -> list[bytes]:
+        self._asked()
+        return self._stream.readlines(*args)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._asked()
+        return iter(self._stream)  # type: ignore[call-overload]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 class HeadTooLarge(http.client.HTTPException):
     """A request head past gunicorn's limits: ``http.server`` answers it 431 (``send_error``), this its detail."""
 
@@ -211,6 +251,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
 
     timeout = WRITE_TIMEOUT_S
     read_deadline = 0.0
+    expects_continue = False  # the request's Expect: 100-continue is answered when its body is first read
     connection_sent: tuple[str, ...] = ()  # the Connection values of the response being sent
 
     def setup(self) -> None:
@@ -262,22 +303,34 @@ class BoundedRequestHandler(WSGIRequestHandler):
             self.refuse(400, str(BareLineFeed()) if lines.bare else lines.malformed)
             return False
         problem = head_problem(self.request_version, self.headers)
-        if problem is None:
-            return True
-        self.refuse(*problem)
-        return False
+        if problem is not None:
+            self.refuse(*problem)
+            return False
+        expect = self.headers.get("Expect", "").strip(" \t").lower()
+        # Kept from werkzeug, which would answer it before the application runs (make_environ restores it).
+        self.expects_continue = expect == "100-continue"
+        if self.expects_continue:
+            del self.headers["Expect"]
+            self.expects_continue = self.request_version != "HTTP/1.0"  # ignored there (RFC 9110 section 10.1.1)
+        return True
 
     def make_environ(self) -> dict:
         environ = super().make_environ()
         if isinstance(environ["wsgi.input"], DechunkedInput):
             environ["wsgi.input"] = _Dechunked(self.rfile)
+        if self.expects_continue:
+            environ["HTTP_EXPECT"] = "100-continue"
+            environ["wsgi.input"] = _ContinueOnRead(environ["wsgi.input"], self._send_continue)
         return environ
 
-    def handle_expect_100(self) -> bool:
-        """Send nothing yet: werkzeug answers ``100 Continue`` itself once the head passed every check here.
+    def _send_continue(self) -> None:
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-        ``http.server`` sent one from ``parse_request``, before those checks (a
-        refused head was told to go on first) and then werkzeug a second one.
+    def handle_expect_100(self) -> bool:
+        """Send nothing yet: ``100 Continue`` goes when the application first reads the body (``_ContinueOnRead``).
+
+        ``http.server`` sent one from ``parse_request``, before the checks here
+        (a refused head was told to go on first), and then werkzeug a second one.
         """
         return True
 
@@ -358,7 +411,8 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
 
     gunicorn refuses these itself (service/request_reader.py and its parser); ``http.server`` does not: an HTTP/1.1
     request without exactly one Host (400), a transfer coding other than chunked (501), a body whose length could be
-    read two ways (400: Content-Length twice or not a number, with Transfer-Encoding, or chunked in HTTP/1.0).
+    read two ways (400: Content-Length twice or not a number, with Transfer-Encoding, or chunked in HTTP/1.0), an
+    expectation other than 100-continue (417).
     """
     if version == "HTTP/1.1":
         hosts = len(headers.get_all("Host", ()))
@@ -372,6 +426,9 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
         if codings[-1] == "chunked" and codings.count("chunked") == 1:
             return 501, str(UnsupportedCoding(", ".join(codings[:-1])))
         return 400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told"
+    expectations = [value.strip(" \t").lower() for value in headers.get_all("Expect", ())]
+    if any(value != "100-continue" for value in expectations):
+        return 417, "the only expectation met is Expect: 100-continue"
     lengths = [length.strip(" \t") for length in headers.get_all("Content-Length", ())]
     if codings and lengths:
         return 400, "the request has both Content-Length and Transfer-Encoding: its body's length is ambiguous"

@@ -199,6 +199,38 @@ def test_a_chunked_body_is_read_as_gunicorn_reads_it(request, port, framing, sta
     assert Client(port).request("GET", f"/tasks/{task_id}")[0] == (200 if status == 202 else 404)
 
 
+EXPECTING = b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+REFUSED_FROM_THE_HEAD = {
+    "too-long": (EXPECTING % b"/enqueue" + b"Content-Length: 999999\r\n\r\n", 413),
+    "content-coding": (EXPECTING % b"/enqueue" + b"Content-Encoding: gzip\r\nContent-Length: 20\r\n\r\n", 415),
+}
+
+
+@pytest.mark.parametrize(("head", "status"), REFUSED_FROM_THE_HEAD.values(), ids=REFUSED_FROM_THE_HEAD)
+def test_a_request_refused_from_its_head_is_not_told_to_send_its_body(port, head, status):
+    # python app.py's server answered 100 Continue first, whatever came next: the client sent its body in vain.
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(head)  # the body is never sent: the answer must come from the head
+        first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 %d " % status), first[:80]
+
+
+def test_a_request_that_expects_100_continue_gets_it_once_then_its_answer(port):
+    body = b'{"id": "expecting", "payload": "p"}'
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(EXPECTING % b"/enqueue" + b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 202 ")
+
+
+def test_an_expectation_other_than_100_continue_is_refused_417(port):
+    # python app.py's server ignored it and served the request.
+    status, headers, body = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n")
+    assert status == 417
+    assert problem(headers, body)["status"] == 417
+
+
 def cut_exchange(port: int, data: bytes) -> bytes:
     """Send ``data``, end the stream (the client's half-close) and read all that comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
