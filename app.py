@@ -260,22 +260,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# A request line's control characters, escaped: a raw one could forge or break a log line.
-_ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
-
-
-class _PlainAccessLog(BoundedRequestHandler):
-    """Werkzeug's request handler with gunicorn's access line layout, without terminal colour codes."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        line, target = self.requestline, getattr(self, "path", "")  # no path: the request line was unreadable
-        if "?" in target:  # a secret a client put in the query stays out of the log
-            refused = logs.is_refused(code if isinstance(code, int) else None)
-            line = line.replace(target, logs.redact_target(target, refused=refused), 1)
-        line = line.translate(_ESCAPE_CONTROLS)
-        logging.getLogger("werkzeug").info('%s "%s" %s %s', self.address_string(), line, code, size)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve on Werkzeug's threaded server; SIGINT/SIGTERM/SIGHUP drain the pool, a second one stops waiting.
 
@@ -303,8 +287,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as error:
         exit_on_error(error)
     pool = pool_of(app)
+    handler = type("RequestHandler", (BoundedRequestHandler,), {"access_log": config.access_log})
     server = BoundedThreadedServer(
-        config.host, config.port, app, handler=_PlainAccessLog, request_timeout=config.request_timeout_s
+        config.host, config.port, app, handler=handler, request_timeout=config.request_timeout_s
     )
 
     def drained(summary: ShutdownSummary) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -36,6 +37,7 @@ from typing import Any
 from gunicorn.http.body import CHUNK_EXT_RE
 from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
+from . import logs
 from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_reader import (
@@ -57,6 +59,7 @@ LIMIT_REQUEST_FIELD_SIZE = 8190  # bytes of a header field line, with its CRLF: 
 LIMIT_REQUEST_FIELDS = 100  # header fields: 431 beyond
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 _HEX = re.compile(rb"[0-9a-fA-F]+")
+_REQUEST_ID = REQUEST_ID_HEADER.lower()
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 section 5.6.2)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value (RFC 9110 section 5.5)
 
@@ -189,6 +192,22 @@ class _ContinueOnRead:
         return getattr(self._stream, name)
 
 
+class _CountedWriter:
+    """A handler's ``wfile`` that counts the bytes written through it (``sent``), for the access line."""
+
+    def __init__(self, wfile: Any) -> None:
+        self._wfile = wfile
+        self.sent = 0
+
+    def write(self, data: bytes) -> int:
+        written = self._wfile.write(data)
+        self.sent += len(data)
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wfile, name)
+
+
 class HeadTooLarge(http.client.HTTPException):
     """A request head past gunicorn's limits: ``http.server`` answers it 431 (``send_error``), this its detail."""
 
@@ -254,14 +273,58 @@ class BoundedRequestHandler(WSGIRequestHandler):
     expects_continue = False  # the request's Expect: 100-continue is answered when its body is first read
     connection_sent: tuple[str, ...] = ()  # the Connection values of the response being sent
 
+    access_log = True  # one access line per request (ACCESS_LOG), as gunicorn writes it (service/access_log.py)
+
     def setup(self) -> None:
         super().setup()
         self.rfile = io.BufferedReader(_DeadlineReader(self))
+        self.wfile = _CountedWriter(self.wfile)  # type: ignore[assignment]
 
     def handle_one_request(self) -> None:
         self.read_deadline = time.monotonic() + self.server.request_timeout  # type: ignore[attr-defined]
         self.rfile.raw.expired = False  # type: ignore[attr-defined]
-        super().handle_one_request()
+        self.began = time.monotonic()
+        self.status_sent: int | None = None  # the response's status, once its head is being sent
+        self.head_read = False  # self.headers are this request's
+        self.response_id: str | None = None
+        self.body_from = 0  # wfile.sent when the response's head had been written
+        try:
+            super().handle_one_request()
+        finally:
+            if self.status_sent is not None and self.access_log:
+                self._write_access_line(self.status_sent)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Note the status: the access line is written once the response is (``_write_access_line``)."""
+        self.status_sent = code if isinstance(code, int) else None
+
+    def flush_headers(self) -> None:
+        super().flush_headers()
+        self.body_from = self.wfile.sent  # type: ignore[attr-defined]
+
+    def _write_access_line(self, status: int) -> None:
+        """gunicorn's access line (``service/access_log.py``), on its logger: werkzeug's had no request id, no byte
+        count, no duration, and no fields in JSON."""
+        line, target = self.requestline, (getattr(self, "path", "") if self.command else "")
+        if "?" in target:  # a secret a client put in the query stays out of the log
+            line = line.replace(target, logs.redact_target(target, refused=logs.is_refused(status)), 1)
+        headers = self.headers if self.head_read else {}
+        entry = logs.AccessEntry(
+            created=time.time(),
+            remote_addr=str(self.client_address[0]) if self.client_address else "-",
+            method=self.command or "-",
+            path=target.partition("?")[0],
+            request_line=line or "-",
+            status=status,
+            response_bytes=self.wfile.sent - self.body_from,  # type: ignore[attr-defined]
+            duration_ms=int((time.monotonic() - self.began) * 1000),
+            user_agent=headers.get("User-Agent", "-"),
+            request_id=self.response_id,
+        )
+        try:
+            logs.write_access(logging.getLogger(logs.ACCESS_LOGGER), entry)
+        except Exception:
+            logging.getLogger(__name__).exception("cannot write the access line")
 
     def parse_request(self) -> bool:
         """Parse the request head; False once a head refused here has been answered (the connection then closes).
@@ -274,6 +337,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
         (the client's end, or the deadline) before its empty line closes the
         connection unanswered: ``http.server`` served what had come of it.
         """
+        self.began = time.monotonic()  # the request has begun: a kept-alive connection's wait is not counted
         if self.raw_requestline == b"\r\n":
             self.raw_requestline = self.rfile.readline(65537)
             if not self.raw_requestline:  # the client closed after it
@@ -296,6 +360,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
                 return False
         finally:
             self.rfile = lines.raw
+        self.head_read = True
         if lines.cut:  # as gunicorn does: a request whose head never ended is not served, nor answered
             self.close_connection = True
             return False
@@ -369,6 +434,8 @@ class BoundedRequestHandler(WSGIRequestHandler):
         super().send_response(code, message)
 
     def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == _REQUEST_ID:
+            self.response_id = value
         # Werkzeug adds "Connection: close" to every response, after the application's headers,
         # which may say it already (service/connection.py does when a body was left unread).
         if keyword.lower() == "connection":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -115,7 +116,9 @@ def test_the_development_server_serves_and_stops_on_sigterm(tmp_path):
     try:
         port = server.wait_for_port(r"Listening at: http://127\.0\.0\.1:(\d+)")
         base = f"http://127.0.0.1:{port}"
-        request = urllib.request.Request(f"{base}/enqueue", data=b'{"id": "a", "payload": "p"}', method="POST")
+        request = urllib.request.Request(
+            f"{base}/enqueue", data=b'{"id": "a", "payload": "p"}', method="POST", headers={"X-Request-ID": "dev-1"}
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 202
         wait_until(lambda: get_json(f"{base}/tasks/a")[1]["state"] == "done", timeout=10, what="task a")
@@ -123,8 +126,12 @@ def test_the_development_server_serves_and_stops_on_sigterm(tmp_path):
         assert server.terminate(timeout=15) == 0
     finally:
         server.stop()
-    # Access lines as gunicorn lays them out, without terminal colour codes.
-    assert '] [INFO] werkzeug: 127.0.0.1 "POST /enqueue HTTP/1.1" 202 ' in server.log()
+    # Access lines as gunicorn writes them, without terminal colour codes: werkzeug's had no byte count, no
+    # duration and no request id ("grep <id>" missed it), and in JSON none of the access fields.
+    [access] = [line for line in server.log().splitlines() if "POST /enqueue" in line]
+    layout = r'\] \[INFO\] gunicorn\.access: 127\.0\.0\.1 "POST /enqueue HTTP/1\.1" 202 \d+ \d+ms "[^"]+"'
+    assert re.search(layout, access), access
+    assert access.endswith(" request_id=dev-1")
     assert "\x1b[" not in server.log()
 
 
