@@ -261,7 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Serve on Werkzeug's threaded server; SIGINT/SIGTERM/SIGHUP drain the pool, a second one stops waiting.
+    """Serve on Werkzeug's threaded server; SIGINT/SIGTERM/SIGHUP/SIGQUIT drain the pool, a second one stops waiting.
 
     This path owns its process, so it installs its own signal handlers (under
     gunicorn the worker's handlers start the drain instead). The server keeps
@@ -298,8 +298,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     controller = lifecycle.ShutdownController(pool, config.shutdown_timeout_s, on_drained=drained)
     controller.start()
-    # SIGHUP too: a closed terminal would otherwise kill the process without a drain.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # SIGHUP too: a closed terminal would otherwise kill the process without a drain; and SIGQUIT
+    # (Ctrl-\), which drains under gunicorn and would otherwise kill this process at once.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, lambda signum, frame: controller.request_stop(signum))
     pool.start()
     log.info("Listening at: http://%s:%d", config.host, server.port)
