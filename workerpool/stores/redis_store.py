@@ -78,7 +78,7 @@ def _count_fork() -> None:
 
 os.register_at_fork(after_in_child=_count_fork)
 
-# What every script shares: eviction, wake-up tokens, the deadline.
+# What every script shares: forgetting a task, wake-up tokens, the deadline.
 _PRELUDE = """
 local P = KEYS[1]
 local function forget(id)
@@ -88,6 +88,38 @@ local function forget(id)
   redis.call('ZREM', P .. ':fin', id)
   if state then redis.call('ZREM', P .. ':st:' .. state, id) end
 end
+local function signal(n)
+  local length
+  if n == 1 then  -- one token needs no table
+    length = redis.call('LPUSH', P .. ':signal', '1')
+  else
+    local tokens = {}  -- more than 256 tokens would only wake workers for nothing
+    for i = 1, math.min(n, 256) do tokens[i] = '1' end  -- strings: a number costs Redis a %.17g
+    length = redis.call('LPUSH', P .. ':signal', unpack(tokens))
+  end
+  -- Tokens pile up only while every worker is busy; trimming to half keeps the trims rare.
+  if length > 256 then redis.call('LTRIM', P .. ':signal', '0', '127') end
+end
+-- A client gives up on a step after its socket timeout and reports it as not done: a script that
+-- only reaches Redis after the client's deadline (Redis paused, or busy with a slow command) must
+-- change nothing, and answer an error in case the client still listens. The deadline is the
+-- client's wall clock; the hosts' clocks must agree (leases already need that).
+-- (A string: the error table is made only when it is returned, {err = LATE}.)
+local LATE = 'LATE the step reached Redis after its deadline; nothing was changed'
+-- A number from its decimal or hexadecimal text. Arithmetic converts a string with one strtod, where
+-- tonumber runs strtod twice (once to check the text, once to convert it): its calls were about 7 % of
+-- redis-server's instructions per admission.
+local function num(text) return text + 0 end
+local function too_late(deadline)
+  if deadline == '' then return false end
+  local now = redis.call('TIME')
+  return num(now[1]) + num(now[2]) / 1000000 > num(deadline)
+end
+"""
+
+# What the steps of running tasks and the readers share besides, eviction and queueing a retry among
+# them (the admission does without: each function a script defines is made anew on every call).
+_STEPS = """
 -- By age (what finished at or before cutoff), and by count unless max_finished is nil: the count
 -- only grows when a task becomes final, and every step that makes one final evicts by count, so
 -- other steps need not look. A cutoff passed as a string goes to Redis as it is: a Lua number
@@ -103,31 +135,6 @@ local function evict(cutoff, max_finished)
     for _, id in ipairs(redis.call('ZRANGE', P .. ':fin', '0', last)) do forget(id) end
   end
 end
-local function signal(n)
-  local tokens = {}  -- more than 256 tokens would only wake workers for nothing
-  for i = 1, math.min(n, 256) do tokens[i] = '1' end  -- strings: a number costs Redis a %.17g
-  -- Tokens pile up only while every worker is busy; trimming to half keeps the trims rare.
-  if redis.call('LPUSH', P .. ':signal', unpack(tokens)) > 256 then redis.call('LTRIM', P .. ':signal', '0', '127') end
-end
--- A client gives up on a step after its socket timeout and reports it as not done: a script that
--- only reaches Redis after the client's deadline (Redis paused, or busy with a slow command) must
--- change nothing, and answer an error in case the client still listens. The deadline is the
--- client's wall clock; the hosts' clocks must agree (leases already need that).
-local LATE = {err = 'LATE the step reached Redis after its deadline; nothing was changed'}
--- A number from its decimal or hexadecimal text. Arithmetic converts a string with one strtod, where
--- tonumber runs strtod twice (once to check the text, once to convert it): its calls were about 7 % of
--- redis-server's instructions per admission.
-local function num(text) return text + 0 end
-local function too_late(deadline)
-  if deadline == '' then return false end
-  local now = redis.call('TIME')
-  return num(now[1]) + num(now[2]) / 1000000 > num(deadline)
-end
-"""
-
-# What the steps of running tasks share besides, queueing a retry among them (the admission does
-# without: each function a script defines is made anew on every call).
-_STEPS = """
 -- Numbers go to Redis as strings here, as in the admission (see _ADMIT).
 -- Queue members are "<16-digit sequence>:<id>": equal due times then keep their order of arrival.
 -- Returns the member, which the caller stores in the task's hash as queue_member.
@@ -236,7 +243,7 @@ end
 # makes a task final. An admission only has to see that an id it is given belongs to a task old enough
 # to be forgotten (a forgotten id may be submitted again): it forgets that one task, then admits.
 _ADMIT = """
-if too_late(ARGV[3]) then return LATE end
+if too_late(ARGV[3]) then return {err = LATE} end
 local capacity = num(ARGV[1])
 local cutoff = ARGV[2]
 -- True if id's task finished at or before the cutoff (eviction by age would have forgotten it), now forgotten.
@@ -284,13 +291,21 @@ while i <= #ARGV do
       redis.call('ZADD', P .. ':st:queued', seq, id)
       local member = seq .. ':' .. id
       redis.call('ZADD', P .. ':new', next_at == '' and created or next_at, member)  -- its due time
-      local fields = {'id', id, 'created_at', created, 'queue_member', member, 'state', 'queued',
-        'max_retries', ARGV[first - 4]}
-      if next_at ~= '' then fields[#fields + 1] = 'next_attempt_at'; fields[#fields + 1] = next_at end
-      if ARGV[first - 3] ~= '' then fields[#fields + 1] = 'payload'; fields[#fields + 1] = ARGV[first - 3] end
-      if ARGV[first - 2] ~= '' then fields[#fields + 1] = 'request_id'; fields[#fields + 1] = ARGV[first - 2] end
-      for j = first, i - 1 do fields[#fields + 1] = ARGV[j] end
-      redis.call('HSET', key, unpack(fields))
+      local payload, request_id = ARGV[first - 3], ARGV[first - 2]
+      if next_at == '' and payload ~= '' and request_id ~= '' and first == i then
+        -- A task as the service submits it: its fields go to HSET without a table (every table a
+        -- script makes is garbage that Redis's Lua then collects, at a cost of its own).
+        redis.call('HSET', key, 'id', id, 'created_at', created, 'queue_member', member, 'state', 'queued',
+          'max_retries', ARGV[first - 4], 'payload', payload, 'request_id', request_id)
+      else
+        local fields = {'id', id, 'created_at', created, 'queue_member', member, 'state', 'queued',
+          'max_retries', ARGV[first - 4]}
+        if next_at ~= '' then fields[#fields + 1] = 'next_attempt_at'; fields[#fields + 1] = next_at end
+        if payload ~= '' then fields[#fields + 1] = 'payload'; fields[#fields + 1] = payload end
+        if request_id ~= '' then fields[#fields + 1] = 'request_id'; fields[#fields + 1] = request_id end
+        for j = first, i - 1 do fields[#fields + 1] = ARGV[j] end
+        redis.call('HSET', key, unpack(fields))
+      end
       next_seq = next_seq + 1
       waiting = waiting + 1
       admitted = admitted + 1
@@ -308,20 +323,20 @@ return out
 
 # ARGV: now, owner, lease_until, deadline.
 _CLAIM = """
-if too_late(ARGV[4]) then return LATE end
+if too_late(ARGV[4]) then return {err = LATE} end
 return claim(ARGV[1], ARGV[2], ARGV[3])
 """
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
 # deadline.
 _FINISH = """
-if too_late(ARGV[12]) then return LATE end
+if too_late(ARGV[12]) then return {err = LATE} end
 return finish(unpack(ARGV, 1, 11))
 """
 
 # ARGV: those of _FINISH, then lease_until. Returns {the ended task or false, the claimed one or false}.
 _FINISH_AND_CLAIM = """
-if too_late(ARGV[12]) then return LATE end
+if too_late(ARGV[12]) then return {err = LATE} end
 return {finish(unpack(ARGV, 1, 11)), claim(ARGV[4], ARGV[3], ARGV[13])}
 """
 
@@ -354,7 +369,7 @@ return flagged
 # ARGV: id, now, ttl, max_finished, deadline. Returns {1 if this call changed the task else 0, its
 # fields}, or false for an unknown id.
 _CANCEL = """
-if too_late(ARGV[5]) then return LATE end
+if too_late(ARGV[5]) then return {err = LATE} end
 local id, now = ARGV[1], ARGV[2]
 local key = P .. ':t:' .. id
 local state = redis.call('HGET', key, 'state')
