@@ -642,20 +642,20 @@ def test_an_attempt_of_a_stopped_process_on_this_host_is_kept_for_its_lease_and_
 
 
 class _WalSyncs:
-    """Records the fsyncs of ``db``'s WAL; the first one can be held until ``release``."""
+    """Records the fsyncs of ``db``'s WAL; the first one (or the ``hold``-th) can be held until ``release``."""
 
-    def __init__(self, db, real_fsync, *, hold_first: bool = False) -> None:
+    def __init__(self, db, real_fsync, *, hold_first: bool = False, hold: int = 1) -> None:
         self.db, self.real_fsync = db, real_fsync
-        self.count = 0
-        self.first_began = threading.Event()
+        self.count, self.hold = 0, hold
+        self.first_began = threading.Event()  # the held one began
         self.release = threading.Event()
-        if not hold_first:
+        if not hold_first and hold == 1:
             self.release.set()
 
     def __call__(self, fd: int) -> None:
         if os.fstat(fd).st_ino == os.stat(f"{self.db}-wal").st_ino:
             self.count += 1
-            if self.count == 1:
+            if self.count == self.hold:
                 self.first_began.set()
                 assert self.release.wait(WAIT_S)
         self.real_fsync(fd)
@@ -818,7 +818,7 @@ def test_with_synchronous_full_steps_committed_during_an_fsync_share_the_next_on
 
 
 class _JoinWatch:
-    """A lock standing in for the write lock that tells when an fsync starts waiting for it (``joining``)."""
+    """A lock standing in for the write lock that tells when someone waits for it with a timeout (``joining``)."""
 
     def __init__(self, lock) -> None:
         self.lock, self.joining = lock, threading.Event()
@@ -840,37 +840,114 @@ class _JoinWatch:
         self.release()
 
 
-def test_with_synchronous_full_an_fsync_waits_for_the_step_writing_and_covers_its_commit_too(
+class _Joins:
+    """Wraps ``store._join_begun``: ``waiting`` is set once an fsync waits for the steps begun to commit."""
+
+    def __init__(self, store) -> None:
+        self.join, self.waiting = store._join_begun, threading.Event()
+        store._join_begun = self
+
+    def __call__(self) -> None:
+        self.waiting.set()
+        self.join()
+
+
+class _HeldOnce:
+    """A lock whose first acquirer stops before taking it (``stopped``) until ``go`` is set."""
+
+    def __init__(self, lock) -> None:
+        self.lock, self.stopped, self.go = lock, threading.Event(), threading.Event()
+
+    def __enter__(self):
+        if not self.stopped.is_set():
+            self.stopped.set()
+            assert self.go.wait(WAIT_S)
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def test_with_synchronous_full_an_fsync_waits_for_a_synced_step_begun_and_covers_its_commit_too(
     open_store, clock, db, monkeypatch
 ):
-    stall, held, release = threading.Event(), threading.Event(), threading.Event()
-
-    def stalling_clock():
-        if stall.is_set() and not held.is_set():
-            held.set()
-            assert release.wait(WAIT_S)
-        return clock.time()
-
-    store = open_store(synchronous="FULL", clock=stalling_clock)
+    store = open_store(synchronous="FULL")
     syncs = _WalSyncs(db, os.fdatasync)
     monkeypatch.setattr(os, "fdatasync", syncs)
-    monkeypatch.setattr(sqlite_store, "_JOIN_SYNC_S", WAIT_S)  # the writer below is held for as long as it takes
-    store._write_lock = watch = _JoinWatch(store._write_lock)
-    store.admit([task(clock, "a"), task(clock, "b")])
-    claim(store, clock)  # committed; its own step waits for no fsync
-    claimed = store._commits
-    stall.set()
-    writer = threading.Thread(target=store.admit, args=([task(clock, "c")],))
-    writer.start()
-    assert held.wait(WAIT_S)  # "c" is being admitted: its step holds the write lock
-    syncer = threading.Thread(target=store._sync_wal, args=(claimed,))  # as a step that must be durable does
-    syncer.start()
-    assert watch.joining.wait(WAIT_S)
-    release.set()
-    for thread in (writer, syncer):
-        thread.join(WAIT_S)
-    assert syncs.count == 2  # a and b's; then one covering the claim and c, which c's admit found done
+    monkeypatch.setattr(sqlite_store, "_JOIN_SYNC_S", WAIT_S)  # the admission below is held for as long as it takes
+    flight = _Joins(store)
+    store.admit([task(clock, "a")])
+    assert (syncs.count, flight.waiting.is_set()) == (1, False)  # alone: synced at once
+    first = claim(store, clock)
+    # "b" is being admitted: its step has begun, and has not reached the write lock yet.
+    store._admissions_lock = held = _HeldOnce(store._admissions_lock)
+    admitting = threading.Thread(target=store.admit, args=([task(clock, "b")],))
+    admitting.start()
+    assert held.stopped.wait(WAIT_S)
+    ended = []
+    finishing = threading.Thread(
+        target=lambda: ended.append(store.finish_and_claim(first.id, 1, "a", lease_until=clock.time() + LEASE_S))
+    )
+    finishing.start()  # the end of "a" commits, and its fsync waits for "b"'s commit
+    try:
+        assert flight.waiting.wait(WAIT_S)
+        assert syncs.count == 1
+    finally:
+        held.go.set()
+        for thread in (admitting, finishing):
+            thread.join(WAIT_S)
+    assert ended[0][0].state is State.DONE
+    assert syncs.count == 2  # one fsync for the end of "a" and the admission of "b"
     assert store._synced == store._commits
+
+
+def test_with_synchronous_full_a_commit_an_fsync_covered_waits_for_no_later_fsync(open_store, clock, db, monkeypatch):
+    store = open_store(synchronous="FULL")
+    syncs = _WalSyncs(db, os.fdatasync, hold=2)
+    monkeypatch.setattr(os, "fdatasync", syncs)
+    store.admit([task(clock, "a"), task(clock, "b")])  # committed and synced: the first fsync
+    admitted = store._commits
+    claim(store, clock)
+    syncing = threading.Thread(target=store._sync_wal, args=(store._commits,))  # a step syncing the claim too
+    syncing.start()
+    try:
+        assert syncs.first_began.wait(WAIT_S)  # the second fsync runs, and is held
+        # A step whose commit the first fsync covered (a submitter coming back for its answer late)
+        # returns at once: it does not wait for the fsync running now.
+        covered = threading.Thread(target=store._sync_wal, args=(admitted,))
+        covered.start()
+        covered.join(WAIT_S / 2)
+        assert not covered.is_alive()
+        assert syncs.count == 2
+    finally:
+        syncs.release.set()
+        syncing.join(WAIT_S)
+    assert store._synced == store._commits
+
+
+def test_with_synchronous_full_an_fsync_waits_for_no_step_that_needs_none(open_store, clock, db, monkeypatch):
+    held, release, stalling_clock = stalling(clock)
+    store = open_store(synchronous="FULL", clock=clock.time)
+    syncs = _WalSyncs(db, os.fdatasync)
+    monkeypatch.setattr(os, "fdatasync", syncs)
+    flight = _Joins(store)
+    store.admit([task(clock, "a"), task(clock, "b")])
+    first = claim(store, clock)
+    store._clock = stalling_clock  # the next step reading the clock holds the write lock until release
+    store._write_lock = watch = _JoinWatch(store._write_lock)
+    claiming = threading.Thread(target=claim, args=(store, clock))  # a claim needs no fsync of its own
+    claiming.start()
+    try:
+        assert held.wait(WAIT_S)
+        # What a step that must be durable does once committed (here for the claim of "a"): with no
+        # other synced step begun, it syncs at once, while the claim of "b" still writes.
+        store._sync_wal(store._commits)
+        assert syncs.count == 2
+        assert not flight.waiting.is_set() and not watch.joining.is_set()
+    finally:
+        release.set()
+        claiming.join(WAIT_S)
+    assert first.id == "a"
 
 
 def stalling(clock):
@@ -898,6 +975,8 @@ def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, 
     store = open_store(synchronous="FULL", capacity=3, clock=stalling_clock)
     syncs = _WalSyncs(db, os.fdatasync)
     monkeypatch.setattr(os, "fdatasync", syncs)
+    monkeypatch.setattr(sqlite_store, "_JOIN_SYNC_S", WAIT_S)  # however long the three take to commit
+    commits = store._commits
     outcomes: dict[str, list] = {}
 
     def submit(name, *ids):
@@ -914,7 +993,8 @@ def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, 
     release.set()
     for thread in (first, *waiting):
         thread.join(WAIT_S)
-    assert syncs.count == 2  # a's commit, then one commit (one fsync) for the three waiting
+    # a's commit, then one commit for the three waiting; a's fsync waited for it (they had begun): one fsync
+    assert (store._commits - commits, syncs.count) == (2, 1)
     # The outcomes of admitting them one after the other, in the order they queued.
     assert [t.id for t in outcomes["first"]] == ["a"]
     assert [t.id for t in outcomes["b"]] == ["b"]

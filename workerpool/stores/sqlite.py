@@ -27,13 +27,14 @@ survives a crash or ``kill -9`` of any process; a power loss or kernel crash
 may roll back the last steps committed before it (never corrupting the
 file). ``FULL``: a step that must survive power loss returns only once an
 fsync of the WAL covers its commit (one fsync shared by the steps committed
-meanwhile; see ``_transaction``).
+meanwhile, and by those begun when it starts; see ``_sync_wal``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -70,7 +71,7 @@ _SWEEP_INTERVAL_S = 1.0
 # a few microseconds; a check of the clock costs far less). The health check and the sweep look every time.
 _IDENTITY_CHECK_S = 0.1
 _WRITTEN_KEPT = 1024  # generations a process remembers writing (see _written); older ones count as news
-_JOIN_SYNC_S = 0.002  # the longest an fsync waits for a step that is writing, to cover its commit too
+_JOIN_SYNC_S = 0.002  # the longest an fsync waits for the synced steps begun, to cover their commits too
 _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a write of its own
 # Commits of this process between two checkpoints of the WAL (see _checkpoint_if_due): an admission
 # writes about 5 pages, a worker's end and next claim about 9, so the WAL stays near SQLite's own
@@ -344,11 +345,23 @@ class SqliteStore(TaskStore):
         # this process's commits counted when the last checkpoint began.
         self._checkpoint_lock = threading.Lock()
         self._checkpointed = 0
-        # _sync_lock must be held while syncing the WAL or touching the two below.
+        # With FULL (see _sync_wal). _synced: the commits the fsyncs so far covered. _syncs guards _covering
+        # (the commits the fsync running covers, 0 if none runs) and _sync_ended (set when that fsync ends,
+        # made by the first thread to wait for it). _sync_lock must be held while syncing the WAL or
+        # touching the two below.
+        self._synced = 0
+        self._syncs = threading.Lock()
+        self._covering = 0
+        self._sync_ended: threading.Event | None = None
         self._sync_lock = threading.Lock()
-        self._synced = 0  # the commits the last fsync of the WAL covered
         self._wal_fd: int | None = None  # the WAL file, opened to fsync it
         self._wal_path = f"{self.path}-wal"
+        # With FULL: the tickets of the steps that must be synced, begun and not yet committed (or failed),
+        # which an fsync about to start waits for; _joining is set when one lands while it waits (see
+        # _sync_wal). Single calls on a set and on a count, each atomic: no lock for every step.
+        self._in_flight: set[int] = set()
+        self._tickets = itertools.count(1)
+        self._joining: threading.Event | None = None
         self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
         # The file open here (st_dev, st_ino), and why the path no longer names it (see _check_identity);
         # _replaced, once set, stays: the open connections keep writing to the old file.
@@ -472,23 +485,31 @@ class SqliteStore(TaskStore):
         With ``FULL`` a step then waits for an fsync of the WAL that covers
         its commit (``_sync_wal``), after releasing the lock: while one
         thread syncs, others commit, and one fsync makes all of them durable
-        (a group commit). ``synced=False`` skips that wait, for steps whose
-        loss in a power cut loses nothing promised (a claim, a lease
-        renewal): the WAL is written in order, so the next synced commit
+        (a group commit); such a step counts as begun (``_take_off``) from
+        before it waits for the write lock until its commit, so that an
+        fsync about to start covers it too. ``synced=False`` skips that
+        wait, for steps whose loss in a power cut loses nothing promised (a
+        claim, a lease renewal): the WAL is written in order, so the next synced commit
         makes them durable too, and a power cut only ever takes the last
         steps, never a task's end without its claim. A step that ends its
         transaction itself (``ROLLBACK``: it decided to change nothing)
         writes nothing and waits for no fsync.
         """
-        with self._write_lock:
-            conn, changes = self._begin()
-            try:
-                yield conn
-                commit = self._commit(conn, changes)
-            except BaseException:
-                conn.rollback()  # nothing if the step ended its transaction itself
-                raise
-        if commit and synced and self.synchronous == "FULL":
+        full = synced and self.synchronous == "FULL"
+        ticket = self._take_off() if full else 0
+        try:
+            with self._write_lock:
+                conn, changes = self._begin()
+                try:
+                    yield conn
+                    commit = self._commit(conn, changes)
+                except BaseException:
+                    conn.rollback()  # nothing if the step ended its transaction itself
+                    raise
+        finally:
+            if ticket:
+                self._land(ticket)
+        if commit and full:
             self._sync_wal(commit)
         self._checkpoint_if_due(_CHECKPOINT_EVERY)
 
@@ -528,29 +549,89 @@ class SqliteStore(TaskStore):
             conn.execute(_add_to_totals(changed), [self._deltas[name] for name in changed])
         self._deltas = {}
 
+    def _take_off(self) -> int:
+        """A step that must be synced begins (``FULL``): its ticket, for ``_land`` once it committed."""
+        ticket = next(self._tickets)
+        self._in_flight.add(ticket)
+        return ticket
+
+    def _land(self, ticket: int) -> None:
+        """The step of ``ticket`` committed (or failed, or wrote nothing): an fsync waiting for it may start."""
+        self._in_flight.discard(ticket)
+        joining = self._joining
+        if joining is not None:
+            joining.set()
+
     def _sync_wal(self, commit: int) -> None:
-        """Return once the WAL is synced past this process's commit number ``commit``."""
-        with self._sync_lock:
-            if self._synced >= commit:
-                return  # another thread's fsync covered it
-            if self._write_lock.locked() and self._write_lock.acquire(timeout=_JOIN_SYNC_S):
-                # A step is writing: let it commit first (steps hold the lock a fraction of a millisecond),
-                # so that this fsync covers it too. A submitter's admit and a worker's end, taking turns,
-                # then share one fsync instead of waiting for one each.
-                self._write_lock.release()
-            target = self._commits  # every commit counted so far has written its frames
-            wal = self._wal_path
-            try:
-                # Once the task file is replaced the WAL at the path is another file's: keep syncing ours.
-                if self._wal_fd is None or (
-                    self._replaced is None and os.fstat(self._wal_fd).st_ino != os.stat(wal).st_ino
-                ):
-                    self._close_wal()
-                    self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
-                os.fdatasync(self._wal_fd)  # as SQLite does on Linux: data and size, not timestamps
-            except OSError as exc:  # the step is committed, but may not survive a power cut
-                raise _NotSynced(f"syncing the WAL failed: {exc}") from None
-            self._synced = target
+        """Return once the WAL is synced past this process's commit number ``commit``.
+
+        One thread at a time syncs, and the others take their turns; a
+        thread whose commit the fsync running covers waits for that fsync
+        alone, not also for one that another thread may start next. A thread
+        whose commit is not covered runs the next fsync, which covers every
+        commit made until it starts. Before starting, it waits (at most
+        ``_JOIN_SYNC_S``) for the steps that must be synced and have begun
+        (see ``_take_off``) to commit, so that this fsync covers them too,
+        and they wait for no fsync of their own: a submitter's next
+        admission and a worker's end of an attempt, each committing while
+        the other's fsync runs, would otherwise need two fsyncs per task,
+        one after the other. A step waits for nothing when none other has
+        begun: a lone step syncs at once, as does one beside claims and
+        lease renewals, which need no fsync.
+        """
+        while self._synced < commit:
+            with self._syncs:
+                ended = None
+                if self._covering >= commit:  # the fsync running covers it: wait for that one alone
+                    ended = self._sync_ended
+                    if ended is None:
+                        ended = self._sync_ended = threading.Event()
+            if ended is not None:
+                ended.wait()
+                continue
+            with self._sync_lock:  # one fsync at a time; the waiting threads take their turns
+                if self._synced >= commit:
+                    return  # another thread's fsync covered it
+                if self._in_flight:
+                    self._join_begun()
+                target = self._commits  # every commit counted so far has written its frames
+                with self._syncs:
+                    self._covering = target
+                wal = self._wal_path
+                try:
+                    # Once the task file is replaced the WAL at the path is another file's: keep syncing ours.
+                    if self._wal_fd is None or (
+                        self._replaced is None and os.fstat(self._wal_fd).st_ino != os.stat(wal).st_ino
+                    ):
+                        self._close_wal()
+                        self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+                    os.fdatasync(self._wal_fd)  # as SQLite does on Linux: data and size, not timestamps
+                except OSError as exc:  # the step is committed, but may not survive a power cut
+                    target = 0  # covers nothing: a thread waiting for it tries an fsync of its own
+                    raise _NotSynced(f"syncing the WAL failed: {exc}") from None
+                finally:
+                    with self._syncs:
+                        self._synced = max(self._synced, target)
+                        self._covering, ended, self._sync_ended = 0, self._sync_ended, None
+                    if ended is not None:
+                        ended.set()
+
+    def _join_begun(self) -> None:
+        """Wait (at most ``_JOIN_SYNC_S``) until the steps begun by now that must be synced have committed."""
+        joining = self._joining = threading.Event()
+        later = next(self._tickets)  # the steps of lower tickets have begun already
+        deadline = time.monotonic() + _JOIN_SYNC_S
+        try:
+            while True:
+                joining.clear()
+                # min() reads the set in one call: no thread changes it meanwhile.
+                if min(self._in_flight, default=later) >= later:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0 or not joining.wait(left):
+                    return
+        finally:
+            self._joining = None
 
     def _checkpoint_if_due(self, every: int) -> None:
         """Copy the WAL into the database every ``_CHECKPOINT_EVERY`` commits, without the write lock.
@@ -735,12 +816,17 @@ class SqliteStore(TaskStore):
             raise StoreFileReplaced(self._replaced)
         # Encoded here, so that a payload that is not JSON fails this call alone.
         mine = _Admission([(task, _json(task.payload)) for task in tasks])
-        with self._admissions_lock:
-            self._admissions.append(mine)
-        admitted = generation = 0
-        with self._write_lock:
-            if mine.outcomes is None:
-                admitted, generation = self._admit_batch()
+        ticket = self._take_off() if self.synchronous == "FULL" else 0  # an fsync about to start waits for it
+        try:
+            with self._admissions_lock:
+                self._admissions.append(mine)
+            admitted = generation = 0
+            with self._write_lock:
+                if mine.outcomes is None:
+                    admitted, generation = self._admit_batch()
+        finally:
+            if ticket:
+                self._land(ticket)
         if admitted:
             with self._wakeup:
                 for written in range(generation - admitted + 1, generation + 1):
