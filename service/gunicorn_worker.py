@@ -333,8 +333,19 @@ class HeldHeadResponse(wsgi.Response):
         self._head_written = value
 
     def send_headers(self) -> None:
-        if not self._head_written:  # a held head is not written twice
+        if self._head_written:  # a held head is not written twice
+            return
+        version = self.req.version
+        if version <= (1, 1):
             super().send_headers()
+            return
+        # HTTP/1.2 to 1.9: gunicorn would answer in the request's version; this server speaks 1.1, the
+        # highest version it may answer (RFC 9110 section 6.2). The application saw the request's.
+        self.req.version = (1, 1)
+        try:
+            super().send_headers()
+        finally:
+            self.req.version = version
 
     def close(self) -> None:
         super().close()

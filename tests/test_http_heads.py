@@ -71,6 +71,19 @@ def test_an_http_1_0_request_without_host_is_served(port):
     assert json.loads(body)["status"] == "ok"
 
 
+@pytest.mark.parametrize("version", [b"1.1", b"1.2", b"1.9"])
+def test_a_request_of_a_later_http_1_version_is_answered_in_http_1_1(port, version):
+    # gunicorn answered an HTTP/1.2 ... 1.9 request with HTTP/1.2 ... 1.9, versions it does not speak.
+    # (An HTTP/1.0 request may be answered in 1.0, as gunicorn does, or 1.1, as python app.py does.)
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(b"GET /healthz HTTP/" + version + b"\r\nHost: a\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 "), received[:80]
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["status"] == "ok"
+
+
 HEADS_OVER_THE_LIMITS = {
     "request-line": (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "request line"),
     "field": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "field"),
