@@ -391,7 +391,7 @@ def test_a_version_5_file_keeps_its_queued_tasks_in_their_order_and_lists_new_on
     monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", 5)
     v5_schema = sqlite_store._SCHEMA.replace(sqlite_store._BY_STATE_INDEX, OLD_BY_STATE)
     monkeypatch.setattr(sqlite_store, "_SCHEMA", v5_schema)
-    for name in ("_INSERT", "_END_ATTEMPT"):
+    for name in ("_INSERT", "_ADMIT_ALONE", "_END_ATTEMPT"):
         statement = getattr(sqlite_store, name)
         assert sqlite_store._QUEUED_STATE_SEQ in statement
         monkeypatch.setattr(sqlite_store, name, statement.replace(sqlite_store._QUEUED_STATE_SEQ, V5_QUEUED_STATE_SEQ))

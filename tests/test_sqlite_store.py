@@ -972,7 +972,7 @@ def start_queued_in_order(store, threads):
 
 def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, clock, db, monkeypatch):
     held, release, stalling_clock = stalling(clock)
-    store = open_store(synchronous="FULL", capacity=3, clock=stalling_clock)
+    store = open_store(synchronous="FULL", capacity=4, clock=stalling_clock)
     syncs = _WalSyncs(db, os.fdatasync)
     monkeypatch.setattr(os, "fdatasync", syncs)
     monkeypatch.setattr(sqlite_store, "_JOIN_SYNC_S", WAIT_S)  # however long the three take to commit
@@ -982,9 +982,10 @@ def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, 
     def submit(name, *ids):
         outcomes[name] = store.admit([task(clock, task_id) for task_id in ids])
 
-    first = threading.Thread(target=submit, args=("first", "a"))
+    # Two tasks: a transaction, which reads the clock (a single task's admission reads none).
+    first = threading.Thread(target=submit, args=("first", "a", "a2"))
     first.start()
-    assert held.wait(WAIT_S)  # "a" holds the write lock
+    assert held.wait(WAIT_S)  # "a" and "a2" hold the write lock
     waiting = [
         threading.Thread(target=submit, args=(name, *ids))
         for name, ids in (("b", ("b",)), ("again", ("b", "a")), ("full", ("c", "d")))
@@ -993,14 +994,14 @@ def test_admissions_waiting_for_the_write_lock_are_written_together(open_store, 
     release.set()
     for thread in (first, *waiting):
         thread.join(WAIT_S)
-    # a's commit, then one commit for the three waiting; a's fsync waited for it (they had begun): one fsync
+    # a and a2's commit, then one commit for the three waiting; its fsync waited for it (begun): one fsync
     assert (store._commits - commits, syncs.count) == (2, 1)
     # The outcomes of admitting them one after the other, in the order they queued.
-    assert [t.id for t in outcomes["first"]] == ["a"]
+    assert [t.id for t in outcomes["first"]] == ["a", "a2"]
     assert [t.id for t in outcomes["b"]] == ["b"]
     assert [type(o) for o in outcomes["again"]] == [DuplicateTask, DuplicateTask]
-    assert [type(o) for o in outcomes["full"]] == [Task, QueueFull]  # capacity 3: a, b, c
-    assert sorted(t.id for t in store.list()) == ["a", "b", "c"]
+    assert [type(o) for o in outcomes["full"]] == [Task, QueueFull]  # capacity 4: a, a2, b, c
+    assert sorted(t.id for t in store.list()) == ["a", "a2", "b", "c"]
 
 
 def test_an_admission_that_arrives_while_the_transaction_begins_joins_it(open_store, clock):
@@ -1021,11 +1022,12 @@ def test_an_admission_that_arrives_while_the_transaction_begins_joins_it(open_st
 
     store._begin = begin_while_another_arrives
     commits = store._commits
-    assert [t.id for t in store.admit([task(clock, "first")])] == ["first"]
+    # Two tasks: a transaction (a single task's admission is one statement, which nothing can join).
+    assert [t.id for t in store.admit([task(clock, "first"), task(clock, "second")])] == ["first", "second"]
     late.join(WAIT_S)
     assert [t.id for t in outcomes[0]] == ["late"]
     assert store._commits == commits + 1  # one transaction wrote both
-    assert [t.id for t in store.list()] == ["late", "first"]
+    assert [t.id for t in store.list()] == ["late", "second", "first"]
 
 
 @pytest.mark.parametrize(
@@ -1081,9 +1083,10 @@ def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(o
         except Exception as exc:  # noqa: BLE001  (the outcome under test)
             outcomes[name] = exc
 
-    first = threading.Thread(target=submit, args=("first", task(clock, "a")))
+    # Two tasks: a transaction, which reads the clock (a single task's admission reads none).
+    first = threading.Thread(target=submit, args=("first", task(clock, "a"), task(clock, "a2")))
     first.start()
-    assert held.wait(WAIT_S)  # "a" holds the write lock
+    assert held.wait(WAIT_S)  # "a" and "a2" hold the write lock
     waiting = [
         threading.Thread(target=submit, args=(name, *tasks))
         for name, tasks in (
@@ -1097,11 +1100,21 @@ def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(o
     for thread in (first, *waiting):
         thread.join(WAIT_S)
     assert isinstance(outcomes["huge"], OverflowError)
-    assert [t.id for t in outcomes["first"]] == ["a"]
+    assert [t.id for t in outcomes["first"]] == ["a", "a2"]
     assert [t.id for t in outcomes["before"]] == ["b"]
     assert [t.id for t in outcomes["after"]] == ["d"]
-    assert sorted(t.id for t in store.list()) == ["a", "b", "d"]  # nothing of the failed admission is stored
-    assert store.stats().waiting == 3
+    assert sorted(t.id for t in store.list()) == ["a", "a2", "b", "d"]  # nothing of the failed admission is stored
+    assert store.stats().waiting == 4
+    assert store.health() is None
+
+
+def test_a_single_task_that_cannot_be_bound_fails_its_admission_alone(open_store, clock):
+    store = open_store()
+    with pytest.raises(OverflowError):
+        store.admit([task(clock, "huge", max_retries=2**70)])
+    assert store.get("huge") is None and store.stats().waiting == 0
+    assert not store._writer.in_transaction
+    assert [t.id for t in store.admit([task(clock, "next")])] == ["next"]
     assert store.health() is None
 
 
@@ -1277,7 +1290,7 @@ def test_a_write_step_begins_and_commits_with_one_call_into_sqlite_each(open_sto
     # step, its columns, the last row id, the reset), each a chance for them to take it while the
     # step holds the write lock; executescript, commit and rollback once.
     store = open_store()
-    store.admit([task(clock, "warm")])  # connections opened, statements prepared
+    store.admit([task(clock, "warm"), task(clock, "warm too")])  # connections opened, statements prepared
     calls = []
 
     def profile(frame, event, arg):
@@ -1286,10 +1299,14 @@ def test_a_write_step_begins_and_commits_with_one_call_into_sqlite_each(open_sto
 
     sys.setprofile(profile)
     try:
-        store.admit([task(clock, "a")])
+        store.admit([task(clock, "a"), task(clock, "b")])
+        batch, calls[:] = calls[:], []
+        store.admit([task(clock, "alone")])
     finally:
         sys.setprofile(None)
-    assert calls == ["executescript", "execute", "execute", "commit"]  # begin, the read, the insert, commit
+    # begin, the read, the two inserts, commit
+    assert batch == ["executescript", "execute", "execute", "execute", "commit"]
+    assert calls == ["execute"]  # one task: one statement, which commits itself
 
 
 

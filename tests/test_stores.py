@@ -1,6 +1,7 @@
 """The store contract (workerpool/stores/base.py), checked against every store in tests/stores.py."""
 
 import itertools
+import math
 import threading
 
 import pytest
@@ -90,6 +91,17 @@ def test_a_duplicate_id_is_refused_and_changes_nothing(store, clock):
     [refused] = store.admit([Task("a", "second", 5, created_at=clock.time())])
     assert isinstance(refused, DuplicateTask)
     assert (store.get("a"), store.stats()) == before
+
+
+def test_a_task_admitted_alone_after_a_later_stamped_one_takes_its_creation_time(store, clock):
+    later = Task("later", "", 0, created_at=float(math.floor(clock.time()) + 2))  # a whole number of seconds
+    store.admit([later])
+    [alone] = store.admit([Task("earlier", "", 0, created_at=clock.time())])
+    assert repr(alone.created_at) == repr(later.created_at)  # the same float
+    [delayed] = store.admit([Task("delayed", "", 0, created_at=clock.time(), next_attempt_at=clock.time() + 60)])
+    assert (delayed.created_at, delayed.next_attempt_at) == (later.created_at, clock.time() + 60)
+    assert [store.get(task_id) for task_id in ("earlier", "delayed")] == [alone, delayed]
+    assert [t.id for t in store.list()] == ["delayed", "earlier", "later"]
 
 
 def test_creation_times_never_run_backwards_in_admission_order(store, clock):

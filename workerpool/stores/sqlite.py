@@ -1,6 +1,7 @@
 """The durable task store: one SQLite file (WAL) that several processes on one host share.
 
-Every transition is one ``BEGIN IMMEDIATE`` transaction: SQLite then holds
+Every transition is one ``BEGIN IMMEDIATE`` transaction (the admission of a
+single task: one ``INSERT`` that is its own transaction): SQLite then holds
 its write lock for the whole step, so the admission bound, the duplicate check
 and the choice of the next task are decided by one writer at a time, across
 threads and processes alike. Claims are ``UPDATE ... RETURNING``; the end of
@@ -811,6 +812,7 @@ class SqliteStore(TaskStore):
         are taken once the transaction has begun (see ``_admit_in``): the
         sqlite3 module lets other threads run while SQLite works, and those
         that reach ``admit`` meanwhile join this transaction, not the next.
+        One task waiting alone is admitted by one statement (``_admit_alone``).
         """
         if self._replaced is not None or (time.monotonic() >= self._identity_due and self._check_identity()):
             raise StoreFileReplaced(self._replaced)
@@ -873,6 +875,8 @@ class SqliteStore(TaskStore):
         self._take_admissions(batch)  # the caller's own among them, before anything can fail
         if not batch:
             return 0, 0
+        if len(batch) == 1 and len(batch[0].tasks) == 1 and (alone := self._admit_alone(batch[0])) is not None:
+            return alone
         try:
             conn, changes = self._begin()
             try:
@@ -900,6 +904,36 @@ class SqliteStore(TaskStore):
             admission.outcomes, admission.commit = outcomes[start:end], commit
             start = end
         return sum(isinstance(outcome, Task) for outcome in outcomes), generation
+
+    def _admit_alone(self, admission: _Admission) -> tuple[int, int] | None:  # _write_lock is held
+        """Admit the one task of ``admission`` by one statement that commits itself; None if it stored nothing.
+
+        The common case (room under the bound, a new id) in one call into SQLite instead of a
+        transaction's four (``BEGIN IMMEDIATE``, the admission read, the insert, ``COMMIT``), each of
+        which lets the other threads of a busy server take the interpreter while the write lock is
+        held. A full queue, a taken id (perhaps a task past its time), another process holding the
+        lock or any error inserts nothing, and the transaction of ``_admit_once`` then decides
+        and reports exactly as it does for any admission.
+        """
+        ((task, payload),) = admission.tasks
+        try:
+            conn = self._write_connection()
+            if conn.in_transaction:  # a transaction left open (see _begin_immediate): the full path ends it
+                return None
+            values = (task.id, payload, task.max_retries, task.created_at, task.next_attempt_at, task.request_id)
+            row = conn.execute(_ADMIT_ALONE, (*values, self.capacity)).fetchone()
+        except Exception:  # nothing was stored: the full path meets the same error, and reports it
+            return None
+        if row is None:
+            return None
+        generation, created_at = row
+        if created_at != task.created_at:  # clamped to the newest task's (see _admit_in)
+            task = task._replace(created_at=float(created_at))  # SQLite returns a whole REAL as an integer
+        self._commits += 1
+        admission.outcomes, admission.commit = [task], self._commits
+        self._local.wrote = True
+        self._failure = None
+        return 1, generation
 
     def _take_admissions(self, batch: list[_Admission]) -> None:  # _write_lock is held
         """Move the admissions waiting for the write lock to the end of ``batch``."""
@@ -1538,6 +1572,15 @@ _INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, crea
         request_id, due_at, state_seq)
     VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_QUEUED_STATE_SEQ})
     ON CONFLICT (id) DO NOTHING"""
+# The admission of one task as one statement, outside any transaction (see SqliteStore._admit_alone):
+# the bound (a full queue makes the id NULL, which OR IGNORE skips like a taken id), the creation
+# time clamped to the newest task's, and the task's position, which is the generation its insert counts.
+_NEWEST_CREATED = "coalesce((SELECT created_at FROM tasks ORDER BY seq DESC LIMIT 1), ?4)"
+_ADMIT_ALONE = f"""INSERT OR IGNORE INTO tasks (id, payload, max_retries, state, attempts, created_at,
+        next_attempt_at, request_id, due_at, state_seq)
+    VALUES (CASE WHEN (SELECT waiting FROM task_totals) < ?7 THEN ?1 END, ?2, ?3, 'queued', 0,
+        max(?4, {_NEWEST_CREATED}), ?5, ?6, coalesce(?5, max(?4, {_NEWEST_CREATED})), {_QUEUED_STATE_SEQ})
+    RETURNING state_seq, created_at"""
 # Finished tasks past their retention are invisible even before a write step deletes them.
 _RETAINED = "(finished_at IS NULL OR finished_at >= ?)"
 
