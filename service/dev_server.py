@@ -60,6 +60,8 @@ LIMIT_REQUEST_FIELDS = 100  # header fields: 431 beyond
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 _HEX = re.compile(rb"[0-9a-fA-F]+")
 _REQUEST_ID = REQUEST_ID_HEADER.lower()
+_METHOD = re.compile(r"[!$%&'*+\-.^_`|~0-9A-Z]{3,20}")  # gunicorn's: a token, without lowercase letters or #
+_TARGET_INVALID = re.compile(r"[^\x21-\x7e]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 section 5.6.2)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value (RFC 9110 section 5.5)
 
@@ -447,16 +449,24 @@ class BoundedRequestHandler(WSGIRequestHandler):
 
 def request_line_problem(line: bytes) -> tuple[int, str] | None:
     """Why a request line is refused (status, detail), as gunicorn refuses it: one too long (414), one that is not a
-    method, a target and HTTP/1.x (400; ``http.server`` served an HTTP/0.9 line, its answer without a status line)."""
+    method, a target and HTTP/1.x (400; ``http.server`` served an HTTP/0.9 line, its answer without a status line),
+    a lowercase method or a target that is not printable ASCII in a form the method takes (400; served)."""
     text = line.decode("latin-1").rstrip("\r\n")
     if len(text) > LIMIT_REQUEST_LINE:
         return 414, f"the request line is longer than {LIMIT_REQUEST_LINE} bytes"
     words = text.split()
     if len(words) != 3:
         return 400, f"the request line {text[:100]!r} is not a method, a target and an HTTP version"
-    version = _VERSION.fullmatch(words[2])
+    method, target, protocol = words
+    if not _METHOD.fullmatch(method):  # gunicorn's rule: a token of 3 to 20 characters, no lowercase letter or #
+        return 400, f"the method {method[:20]!r} is not an uppercase token of 3 to 20 characters"
+    # Printable ASCII only (RFC 9112 section 3.2), in a request-target form the method takes (sections 3.2.1-3.2.4).
+    form = target.startswith("/") or "://" in target or method == "CONNECT"
+    if (method != "OPTIONS" if target == "*" else not form) or _TARGET_INVALID.search(target):
+        return 400, f"the request target {target[:100]!r} is not valid for {method}"
+    version = _VERSION.fullmatch(protocol)
     if version is None or version[1] != "1":
-        return 400, f"HTTP version {words[2][:20]!r} is not supported: send HTTP/1.1 (or HTTP/1.0)"
+        return 400, f"HTTP version {protocol[:20]!r} is not supported: send HTTP/1.1 (or HTTP/1.0)"
     return None
 
 

@@ -114,11 +114,22 @@ def test_a_head_over_the_limits_is_refused_with_a_problem_document(port, head, s
 
 @pytest.mark.parametrize(
     "line",
-    [b"GET /healthz HTTP/2.0", b"GET /healthz HTTP/0.9", b"GET /healthz", b"NOT A REQUEST LINE AT ALL"],
-    ids=["http-2.0", "http-0.9", "no-version", "malformed"],
+    [
+        b"GET /healthz HTTP/2.0",
+        b"GET /healthz HTTP/0.9",
+        b"GET /healthz",
+        b"NOT A REQUEST LINE AT ALL",
+        b"get /healthz HTTP/1.1",
+        b"GE /healthz HTTP/1.1",
+        b"GET healthz HTTP/1.1",
+        b"GET * HTTP/1.1",
+        b"GET /h\xe9 HTTP/1.1",
+    ],
+    ids=["http-2.0", "http-0.9", "no-version", "malformed", "lowercase", "short-method", "no-slash", "star", "latin-1"],
 )
 def test_a_request_line_without_http_1_is_refused_400_with_a_status_line(port, line):
-    # python app.py's server answered HTTP/2.0 with a 505 HTML page, and the others without a status line.
+    # python app.py's server answered HTTP/2.0 with a 505 HTML page, the next three without a status line, and
+    # served the others.
     with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
         sock.sendall(line + b"\r\nHost: a\r\n\r\n")
         received = b""
