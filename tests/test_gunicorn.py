@@ -477,7 +477,9 @@ def test_a_reload_refuses_a_bad_value_in_dotenv_keeps_serving_and_takes_a_good_o
     server = ServerProcess(
         ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
         log_path=tmp_path / "gunicorn.log",
-        env=clean_environment(STORE=f"sqlite://{tmp_path / 'tasks.db'}", WORK_MIN_MS="0", WORK_MAX_MS="0"),
+        env=clean_environment(
+            STORE=f"sqlite://{tmp_path / 'tasks.db'}", WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0"
+        ),
         cwd=project,
     )
     try:
