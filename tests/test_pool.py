@@ -502,6 +502,18 @@ def test_a_result_that_is_not_json_or_too_large_fails_the_task_for_good(make_poo
     assert summary.abandoned == ()
 
 
+def test_the_result_is_what_the_handler_returned_when_it_returned(make_pool):
+    shared = {"calls": ["a"], "nested": [1]}  # a cache the handler keeps using after it returns
+    pool = make_pool(lambda task, cancel: shared, workers=1, max_result_bytes=64)
+    pool.submit("a", "", max_retries=0)
+    pool.shutdown(TIMEOUT)
+    shared["calls"].append("b")
+    shared["nested"].append({1, 2})  # not JSON: kept by reference it would break every read of the task
+    shared["big"] = "x" * 1000  # past the limit the result was checked against
+    task = pool.get("a")
+    assert (task.state, task.result) == (State.DONE, {"calls": ["a"], "nested": [1]})
+
+
 def test_a_coroutine_handler_fails_its_task_and_the_coroutine_is_closed(make_pool):
     async def forgot_this_is_async(task, cancel):
         raise AssertionError("never runs")

@@ -616,7 +616,9 @@ class WorkerPool:
                 retry_at = None if isinstance(exc, PermanentFailure) or attempt.timed_out else self._retry_at(task)
                 self._end_attempt(attempt, _describe(exc), None, retry_at, exc, claim_next=claim_next)
             else:
-                error = None if returned is None else _check_result(returned, self._max_result_bytes)
+                error = None
+                if returned is not None:
+                    error, returned = _check_result(returned, self._max_result_bytes)
                 if self._attempt_timeout:
                     self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
                 else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
@@ -1457,20 +1459,31 @@ def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> 
         log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id}, **kwargs)
 
 
-def _check_result(returned: object, limit: int) -> str | None:
-    """Why a handler's return value cannot be the task's result, or None if it can."""
-    if returned is None:
-        return None
+def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
+    """Why a handler's return value cannot be the task's result, or None and the result to keep.
+
+    A container is kept as a decoded copy of the JSON just checked: the handler's own object (a cache
+    or a memoised value it returns) may change later, and the memory store would otherwise keep it
+    by reference, showing the change and escaping both checks (a set added to it made every read of
+    the task fail). Every store now keeps what the handler returned at the moment it returned.
+    """
     if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
         returned.close()  # never run: close it, or Python warns when it is collected
-        return f"the handler returned a {type(returned).__name__}: this pool runs plain functions"
+        return f"the handler returned a {type(returned).__name__}: this pool runs plain functions", None
     try:
-        size = len(json.dumps(returned, allow_nan=False).encode())
+        text = json.dumps(returned, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
-        return _truncate(f"the handler returned {type(returned).__name__}, which is not JSON: {_describe_safely(exc)}")
+        why = f"the handler returned {type(returned).__name__}, which is not JSON: {_describe_safely(exc)}"
+        return _truncate(why), None
+    size = len(text) if text.isascii() else len(text.encode())
     if size > limit:
-        return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)"
-    return None
+        return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
+    if type(returned) in _IMMUTABLE_RESULTS:
+        return None, returned
+    return None, json.loads(text)
+
+
+_IMMUTABLE_RESULTS = (str, int, float, bool)
 
 
 def _describe(exc: BaseException) -> str:
