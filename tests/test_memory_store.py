@@ -36,3 +36,26 @@ def test_a_task_holding_a_container_is_tracked_and_kept_whole(clock):
     store = MemoryStore(10_000, max_finished=10_000, clock=clock.time, wait=clock.wait)
     assert tracked_after(store, clock, [f"task-{n}" for n in range(500)], result={"rows": [1, 2]}) >= 500
     assert store.get("task-0").result == {"rows": [1, 2]}
+
+
+def test_an_attempt_copy_of_a_payload_keeps_its_shape_however_deep_or_shared(clock):
+    # A payload as deep as the JSON decoder allows is copied without recursion; from the Python API an
+    # object reached twice stays one object in the copy, and a cycle is copied as a cycle.
+    deep = leaf = []
+    for _ in range(5_000):
+        leaf.append([])
+        leaf = leaf[0]
+    shared = {"n": 1}
+    looped = {"shared": [shared, shared]}
+    looped["self"] = looped
+    store = MemoryStore(10, clock=clock.time, wait=clock.wait)
+    store.admit([Task("deep", deep, 0, created_at=clock.time()), Task("looped", looped, 0, created_at=clock.time())])
+    copied = store.claim(OWNER, clock.time() + 30).payload
+    depth = 0
+    while copied:
+        assert copied is not deep
+        copied, deep, depth = copied[0], deep[0], depth + 1
+    assert depth == 5_000
+    copy = store.claim(OWNER, clock.time() + 30).payload
+    assert copy is not looped and copy["self"] is copy
+    assert copy["shared"][0] is copy["shared"][1] and copy["shared"][0] is not shared

@@ -271,6 +271,28 @@ def test_a_failure_with_a_retry_time_queues_the_task_again(store, clock):
     assert store.stats().retries_pending == 1
 
 
+def test_every_attempt_gets_the_payload_as_admitted_whatever_an_earlier_attempt_did_to_its_own(store, clock):
+    def payload():
+        return {"seen": [], "cursor": {"n": 0, "path": [[1], {"k": "v"}]}, "items": [1, 2, 3]}
+
+    admit(store, clock, "a", max_retries=3, payload=payload())
+    first = claim(store, clock)
+    assert first.payload == payload()
+    first.payload["seen"].append(1)
+    first.payload["cursor"]["path"][0].append(2)
+    first.payload["cursor"]["path"][1].clear()
+    del first.payload["items"]
+    _, second = store.finish_and_claim(
+        "a", 1, OWNER, error="boom", retry_at=clock.time(), lease_until=clock.time() + LEASE
+    )
+    assert (second.id, second.attempts, second.payload) == ("a", 2, payload())
+    second.payload.clear()
+    store.finish("a", 2, OWNER, error="boom", retry_at=clock.time())
+    third = claim(store, clock)
+    assert (third.attempts, third.payload) == (3, payload())
+    assert first.payload["seen"] == [1]  # each attempt's changes stay its own
+
+
 def test_a_failure_without_a_retry_time_fails_the_task(store, clock):
     admit(store, clock, "a")
     failed = run(store, clock, "a", error="boom")

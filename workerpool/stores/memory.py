@@ -92,6 +92,36 @@ def _snapshot(record: Record) -> Task:
     )  # fmt: skip
 
 
+_CONTAINERS = frozenset((dict, list))  # what JSON decodes to that a handler can change
+
+
+def _own_payload(task: Task) -> Task:
+    """``task`` with a copy of its payload (a dict or a list): its dicts and lists copied, the rest shared.
+
+    The record keeps the payload as admitted: each attempt gets a fresh copy of its dicts and lists
+    (everything else is shared, as immutable), so a handler that changes its payload changes neither
+    a retry's nor another attempt's, as on the stores that decode it for every attempt. Iterative, so a
+    payload nested as deep as the JSON decoder allows is copied on any thread; ``copies`` keeps an
+    object reached twice (or a cycle, from the Python API) one object in the copy, as in the original.
+    """
+    payload = task[1]
+    kind = type(payload)
+    top = dict(payload) if kind is dict else list(payload)
+    copies = {id(payload): top}
+    pending = [top]
+    while pending:
+        container = pending.pop()
+        for key, value in container.items() if type(container) is dict else enumerate(container):  # values only change
+            kind = type(value)
+            if kind is dict or kind is list:
+                copy = copies.get(id(value))
+                if copy is None:
+                    copy = copies[id(value)] = dict(value) if kind is dict else list(value)
+                    pending.append(copy)
+                container[key] = copy
+    return _tuple_new(Task, (task[0], top, *task[2:]))
+
+
 def _changed(record: Record, **changes: Any) -> Record:
     """A copy of ``record`` with some fields changed (states as strings): for the rarer transitions."""
     fields = list(record)
@@ -206,7 +236,9 @@ class MemoryStore(TaskStore):
     def claim(self, owner: str, lease_until: float) -> Task | None:
         with self._lock:
             running = self._claim(owner, self._clock())
-        return None if running is None else _snapshot(running)
+        if running is None:
+            return None
+        return _own_payload(_snapshot(running)) if type(running[1]) in _CONTAINERS else _snapshot(running)
 
     def finish(
         self,
@@ -242,10 +274,11 @@ class MemoryStore(TaskStore):
         finally:
             lock.release()
         # The snapshots are made after the lock is released: the other threads wait less.
-        return (
-            None if ended is None else _snapshot(ended),
-            None if running is None else _tuple_new(Task, running),  # a running record holds its State
-        )
+        if running is not None:
+            running = _tuple_new(Task, running)  # a running record holds its State
+            if type(running[1]) in _CONTAINERS:
+                running = _own_payload(running)
+        return None if ended is None else _snapshot(ended), running
 
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         with self._lock:
