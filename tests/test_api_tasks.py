@@ -11,6 +11,8 @@ from doubles import WAIT_S, FakeClock, wait_until
 from http_fixtures import TEST_CONFIG, Gate, failing, instant, make_harness
 
 from workerpool import FINAL_STATES, AttemptCancelled, State, Task
+from workerpool.pool import MAX_RESULT_DEPTH
+from workerpool.stores.sqlite import SqliteStore
 
 ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")  # Crockford's base32: no I, L, O or U
 
@@ -129,6 +131,27 @@ def test_a_result_that_cannot_be_kept_fails_the_task_for_good(returned, error):
     task = harness.client.get("/tasks/a").get_json()
     assert (task["state"], task["attempts"], task["result"]) == ("failed", 1, None)
     assert task["last_error"].startswith(error)
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_result_nested_as_deep_as_allowed_can_be_read_and_listed(store, tmp_path):
+    value = []
+    for _ in range(MAX_RESULT_DEPTH - 1):
+        value = [value]
+    options = {"store": SqliteStore(tmp_path / "tasks.db", capacity=4)} if store == "sqlite" else {}
+    harness = make_harness(lambda task, cancel: value if task.id == "deep" else [value], threads=False, **options)
+    assert enqueue(harness, id="deep").status_code == 202
+    assert enqueue(harness, id="deeper", max_retries=3).status_code == 202
+    assert harness.pool.step() and harness.pool.step()
+    # Read on the request thread, decoded (SQLite) and encoded deeper than the worker checked it.
+    response = harness.client.get("/tasks/deep")
+    assert (response.status_code, response.get_json()["state"]) == (200, "done")
+    listing = harness.client.get("/tasks?state=done")
+    assert listing.status_code == 200 and [t["id"] for t in listing.get_json()["tasks"]] == ["deep"]
+    deeper = harness.client.get("/tasks/deeper").get_json()
+    assert (deeper["state"], deeper["attempts"]) == ("failed", 1)
+    assert deeper["last_error"] == f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep"
+    assert harness.client.get("/tasks").status_code == 200
 
 
 # -- DELETE /tasks/<id> --------------------------------------------------------

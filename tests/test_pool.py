@@ -28,7 +28,7 @@ from workerpool import (
     TaskSpec,
     WorkerPool,
 )
-from workerpool.pool import CANCEL_POLL_S, DRAIN_STORE_GRACE_S
+from workerpool.pool import CANCEL_POLL_S, DRAIN_STORE_GRACE_S, MAX_RESULT_DEPTH
 from workerpool.stores.base import LOST_EXPIRED
 from workerpool.stores.memory import MemoryStore
 from workerpool.stores.redis_store import RedisStore
@@ -512,6 +512,34 @@ def test_the_result_is_what_the_handler_returned_when_it_returned(make_pool):
     shared["big"] = "x" * 1000  # past the limit the result was checked against
     task = pool.get("a")
     assert (task.state, task.result) == (State.DONE, {"calls": ["a"], "nested": [1]})
+
+
+def nested(depth):
+    value = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("container", [lambda inner: [inner], lambda inner: {"k": inner}])
+def test_a_result_nested_deeper_than_the_limit_fails_the_task_for_good(make_pool, container):
+    deep = {"at_limit": container(nested(MAX_RESULT_DEPTH - 1)), "over": container(nested(MAX_RESULT_DEPTH))}
+    pool = make_pool(lambda task, cancel: deep[task.id], workers=1, max_result_bytes=10_000)
+    pool.submit("at_limit", "", max_retries=3)
+    pool.submit("over", "", max_retries=3)
+    pool.shutdown(TIMEOUT)
+    assert (pool.get("at_limit").state, pool.get("at_limit").result) == (State.DONE, deep["at_limit"])
+    over = pool.get("over")
+    assert (over.state, over.attempts, over.result) == (State.FAILED, 1, None)
+    assert over.last_error == f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(make_pool):
+    returned = {"text": "[{" * MAX_RESULT_DEPTH + '\\"[', "rows": [[1]]}
+    pool = make_pool(lambda task, cancel: returned, workers=1)
+    pool.submit("a", "", max_retries=0)
+    pool.shutdown(TIMEOUT)
+    assert (pool.get("a").state, pool.get("a").result) == (State.DONE, returned)
 
 
 def test_a_coroutine_handler_fails_its_task_and_the_coroutine_is_closed(make_pool):

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -50,6 +51,11 @@ attempt is abandoned at shutdown (or timed out): a long handler should return ea
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
 TIMED_OUT = "AttemptTimeout: the attempt ran longer than {:g} s"
 _MAX_ERROR_CHARS = 500
+# Deepest nesting of lists and objects a result may have. Reading a task decodes (SQLite, Redis) and
+# encodes its result on a request thread many frames deeper than the worker that checked it: a
+# result just under what the worker could encode made every read of the task, and every listing
+# holding it, fail. Half the interpreter's default recursion limit leaves that margin.
+MAX_RESULT_DEPTH = 500
 # How often a pool with a shared store looks for cancels requested by other processes while its attempts run.
 CANCEL_POLL_S = 0.1
 _STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
@@ -1480,10 +1486,27 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
         return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
     if type(returned) in _IMMUTABLE_RESULTS:
         return None, returned
+    # Fewer brackets than the limit (inside strings too) cannot nest deeper: most results stop here.
+    if text.count("[") + text.count("{") > MAX_RESULT_DEPTH and _nesting(text) > MAX_RESULT_DEPTH:
+        return f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep", None
     return None, json.loads(text)
 
 
 _IMMUTABLE_RESULTS = (str, int, float, bool)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _nesting(text: str) -> int:
+    """How deeply the lists and objects of JSON ``text`` nest (strings' contents are not counted)."""
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_JSON_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def _describe(exc: BaseException) -> str:
