@@ -542,6 +542,28 @@ def test_brackets_inside_strings_do_not_count_as_nesting(make_pool):
     assert (pool.get("a").state, pool.get("a").result) == (State.DONE, returned)
 
 
+@pytest.mark.parametrize(
+    "returned, key",
+    [({1: "a", "1": "b"}, "1"), ([(0, {True: 1, "true": 2})], "true"), ({"k": [{None: 1, "null": 2}]}, "null")],
+)
+def test_a_result_with_two_keys_that_are_one_in_json_fails_the_task_for_good(make_pool, returned, key):
+    pool = make_pool(lambda task, cancel: returned, workers=1)
+    pool.submit("a", "", max_retries=3)
+    pool.shutdown(TIMEOUT)
+    task = pool.get("a")
+    assert (task.state, task.attempts, task.result) == (State.FAILED, 1, None)
+    assert task.last_error == f'the handler\'s result has two keys that are both "{key}" in JSON'
+
+
+def test_keys_that_are_not_strings_are_kept_as_json_writes_them(make_pool):
+    returned = {1: "a", 2.5: ("b", {False: None}), "x": [{None: 0}]}
+    pool = make_pool(lambda task, cancel: returned, workers=1)
+    pool.submit("a", "", max_retries=0)
+    pool.shutdown(TIMEOUT)
+    task = pool.get("a")
+    assert (task.state, task.result) == (State.DONE, {"1": "a", "2.5": ["b", {"false": None}], "x": [{"null": 0}]})
+
+
 def test_a_coroutine_handler_fails_its_task_and_the_coroutine_is_closed(make_pool):
     async def forgot_this_is_async(task, cancel):
         raise AssertionError("never runs")

@@ -1489,12 +1489,41 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
     # Fewer brackets than the limit (inside strings too) cannot nest deeper: most results stop here.
     if text.count("[") + text.count("{") > MAX_RESULT_DEPTH and _nesting(text) > MAX_RESULT_DEPTH:
         return f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep", None
-    return None, json.loads(text)
+    kept = json.loads(text)
+    if kept != returned and (key := _merged_key(returned, kept)) is not None:  # keys that are not str: 1 is "1"
+        return _truncate(f"the handler's result has two keys that are both {json.dumps(key)} in JSON"), None
+    return None, kept
 
 
 _IMMUTABLE_RESULTS = (str, int, float, bool)
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _merged_key(returned: object, kept: object) -> str | None:
+    """A key that two keys of one of ``returned``'s dicts both became in JSON (``1`` and ``"1"``), if any.
+
+    ``kept`` is ``returned`` encoded and decoded: JSON keeps only the last of such keys, and the other
+    value would be lost without a word.
+    """
+    pending = [(returned, kept)]
+    try:
+        while pending:
+            value, copy = pending.pop()
+            if isinstance(value, dict):
+                if len(value) != len(copy):
+                    seen: set[str] = set()
+                    for key in value:
+                        name = next(iter(json.loads(json.dumps({key: None}))))
+                        if name in seen:
+                            return name
+                        seen.add(name)
+                pending.extend(zip(value.values(), copy.values(), strict=False))
+            elif isinstance(value, list | tuple):
+                pending.extend(zip(value, copy, strict=False))
+    except Exception:  # the handler's object changed since it was encoded: what was encoded is kept
+        return None
+    return None
 
 
 def _nesting(text: str) -> int:
