@@ -475,7 +475,10 @@ def test_after_shutdown_no_retry_is_pending(make_pool):
 # -- returned values, observers, stepping by hand ------------------------------------
 
 
-@pytest.mark.parametrize("returned", [False, 0, "ok", {"result": [1, None]}])
+@pytest.mark.parametrize(
+    "returned",
+    [False, 0, "ok", {"result": [1, None]}, ["\U0001f600", "\\ud800", "9" * 101, 10**99, -(10**99), 1e300]],
+)
 def test_a_handler_return_value_is_the_task_result(make_pool, returned):
     pool = make_pool(lambda task, cancel: returned, workers=1)
     pool.submit("a", "", max_retries=3)
@@ -489,11 +492,21 @@ def test_a_handler_return_value_is_the_task_result(make_pool, returned):
     [
         ({1, 2}, "the handler returned set, which is not JSON: TypeError: Object of type set is not JSON serializable"),
         (float("nan"), "the handler returned float, which is not JSON: ValueError"),
-        ("x" * 100, "the handler's result is 102 bytes as JSON; the limit is 64 (MAX_RESULT_BYTES)"),
+        ("x" * 300, "the handler's result is 302 bytes as JSON; the limit is 256 (MAX_RESULT_BYTES)"),
+        (
+            ["caf\udce9.txt"],  # a file name decoded with surrogateescape
+            "the handler returned list, which is not JSON clients can read: it holds a lone surrogate",
+        ),
+        ("caf\udce9", "the handler returned str, which is not JSON clients can read: it holds a lone surrogate"),
+        (10**100, "the handler returned int, which is not JSON clients can read: it holds an integer of 101"),
+        (
+            {"n": -(10**100)},
+            "the handler returned dict, which is not JSON clients can read: it holds an integer of 101",
+        ),
     ],
 )
 def test_a_result_that_is_not_json_or_too_large_fails_the_task_for_good(make_pool, returned, why):
-    pool = make_pool(lambda task, cancel: returned, workers=1, max_result_bytes=64)
+    pool = make_pool(lambda task, cancel: returned, workers=1, max_result_bytes=256)
     pool.submit("a", "", max_retries=3)
     summary = pool.shutdown(TIMEOUT)
     task = pool.get("a")

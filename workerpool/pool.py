@@ -1484,15 +1484,46 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
     size = len(text) if text.isascii() else len(text.encode())
     if size > limit:
         return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
-    if type(returned) in _IMMUTABLE_RESULTS:
-        return None, returned
+    immutable = type(returned) in _IMMUTABLE_RESULTS
     # Fewer brackets than the limit (inside strings too) cannot nest deeper: most results stop here.
-    if text.count("[") + text.count("{") > MAX_RESULT_DEPTH and _nesting(text) > MAX_RESULT_DEPTH:
+    if not immutable and text.count("[") + text.count("{") > MAX_RESULT_DEPTH and _nesting(text) > MAX_RESULT_DEPTH:
         return f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep", None
+    if _SUSPECT_RESULT.search(text) is not None:  # rare: only then the exact checks (after the depth's)
+        why = _refused_in_payloads(returned, text)
+        if why is not None:
+            return f"the handler returned {type(returned).__name__}, which is not JSON clients can read: {why}", None
     kept = json.loads(text)
     if kept != returned and (key := _merged_key(returned, kept)) is not None:  # keys that are not str: 1 is "1"
         return _truncate(f"the handler's result has two keys that are both {json.dumps(key)} in JSON"), None
     return None, kept
+
+
+# What a payload may not hold (service/schema.py) is refused in a result too: the API would serve JSON
+# it refuses as input and that clients misread. An integer of more than 100 digits reads as Infinity,
+# or loses digits, in JavaScript; a lone surrogate (text decoded with surrogateescape, a file name) has
+# no UTF-8 form, so strict clients refuse the whole body and others read U+FFFD.
+MAX_RESULT_INTEGER_DIGITS = 100
+# json.dumps escapes every non-ASCII character: a surrogate shows as \ud800 to \udfff. A match may be
+# a pair (one character beyond U+FFFF), a string's own backslash or digits: _refused_in_payloads decides.
+_SUSPECT_RESULT = re.compile(rf"\\ud[89abcdef]|[0-9]{{{MAX_RESULT_INTEGER_DIGITS + 1}}}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refused_in_payloads(returned: object, text: str) -> str | None:
+    """Why a result (``text``, its JSON) breaks a rule payloads are held to, or None."""
+    if _LONE_SURROGATE.search(json.dumps(returned, ensure_ascii=False)) is not None:
+        return "it holds a lone surrogate (\\ud800 to \\udfff without its pair), which has no UTF-8 form"
+    longest = 0
+
+    def integer(digits: str) -> int:
+        nonlocal longest
+        longest = max(longest, len(digits) - digits.startswith("-"))
+        return 0
+
+    json.loads(text, parse_int=integer)
+    if longest > MAX_RESULT_INTEGER_DIGITS:
+        return f"it holds an integer of {longest} digits, more than {MAX_RESULT_INTEGER_DIGITS} (as in payloads)"
+    return None
 
 
 _IMMUTABLE_RESULTS = (str, int, float, bool)
