@@ -1473,6 +1473,8 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
     by reference, showing the change and escaping both checks (a set added to it made every read of
     the task fail). Every store now keeps what the handler returned at the moment it returned.
     """
+    if returned is None:  # most handlers return nothing: the cost of an attempt's end stays the engine's
+        return None, None
     if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
         returned.close()  # never run: close it, or Python warns when it is collected
         return f"the handler returned a {type(returned).__name__}: this pool runs plain functions", None
@@ -1492,6 +1494,8 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
         why = _refused_in_payloads(returned, text)
         if why is not None:
             return f"the handler returned {type(returned).__name__}, which is not JSON clients can read: {why}", None
+    if immutable:  # nothing the handler can change later, and no keys to merge: kept as returned
+        return None, returned
     kept = json.loads(text)
     if kept != returned and (key := _merged_key(returned, kept)) is not None:  # keys that are not str: 1 is "1"
         return _truncate(f"the handler's result has two keys that are both {json.dumps(key)} in JSON"), None
