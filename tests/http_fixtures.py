@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -194,3 +195,14 @@ class Client:
     def json(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
         status, _, text = self.request(method, path, body)
         return status, json.loads(text)
+
+
+def half_closed_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send ``data`` on a fresh connection, end the stream (the client's half-close) and read all that comes back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received

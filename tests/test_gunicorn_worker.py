@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import pytest
-from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environment, half_closed_exchange, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -37,21 +36,11 @@ def served(tmp_path_factory):
     )  # fmt: skip
     try:
         port = process.wait_for_port(LISTENING)
-        wait_until(lambda: exchange(port, b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n"), timeout=20, what="an answer")
+        fine = b"GET /fine HTTP/1.1\r\nHost: x\r\n\r\n"
+        wait_until(lambda: half_closed_exchange(port, fine), timeout=20, what="an answer")
         yield port, process
     finally:
         process.stop()
-
-
-def exchange(port: int, data: bytes) -> bytes:
-    """Send ``data`` on a fresh connection and read until the server closes it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received
 
 
 FAILS_BEFORE_THE_BODY = {
@@ -66,7 +55,7 @@ FAILS_BEFORE_THE_BODY = {
 @pytest.mark.parametrize("data", FAILS_BEFORE_THE_BODY.values(), ids=FAILS_BEFORE_THE_BODY.keys())
 def test_an_app_failing_before_any_of_its_response_left_is_answered_500(served, data):
     port, _ = served
-    received = exchange(port, data)
+    received = half_closed_exchange(port, data)
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), received
     headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:])
@@ -79,7 +68,7 @@ def test_an_app_failing_before_any_of_its_response_left_is_answered_500(served, 
 def test_an_app_failing_before_any_of_its_response_left_has_one_access_line_for_the_answer_sent(served, how):
     port, process = served
     request_line = f"GET /{how}?probe=access-line HTTP/1.1"
-    received = exchange(port, f"{request_line}\r\nHost: x\r\n\r\n".encode())
+    received = half_closed_exchange(port, f"{request_line}\r\nHost: x\r\n\r\n".encode())
     answer_id = re.search(rb"X-Request-ID: (\w+)", received).group(1).decode()
     answer_bytes = len(received.partition(b"\r\n\r\n")[2])
     # gunicorn logs the error's own access line before it writes the answer: it is in the log by now.
@@ -91,14 +80,14 @@ def test_an_app_failing_before_any_of_its_response_left_has_one_access_line_for_
 
 def test_an_app_may_replace_a_response_whose_head_has_not_left(served):
     port, _ = served
-    received = exchange(port, b"GET /replaced-after-empty-chunk HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = half_closed_exchange(port, b"GET /replaced-after-empty-chunk HTTP/1.1\r\nHost: x\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), received
     assert received.endswith(b"\r\n\r\n9\r\ntry again\r\n0\r\n\r\n")
 
 
 def test_an_app_failing_after_body_bytes_left_cuts_the_response_short(served):
     port, _ = served
-    received = exchange(port, b"GET /raise-after-body?length HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = half_closed_exchange(port, b"GET /raise-after-body?length HTTP/1.1\r\nHost: x\r\n\r\n")
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert body == b"01234"  # of the 10 announced: the client sees the response was cut
@@ -107,6 +96,6 @@ def test_an_app_failing_after_body_bytes_left_cuts_the_response_short(served):
 def test_a_response_without_a_failure_is_whole(served):
     port, _ = served
     for request in (b"GET /fine?length HTTP/1.1\r\nHost: x\r\n\r\n", b"HEAD /fine?length HTTP/1.1\r\nHost: x\r\n\r\n"):
-        head, _, body = exchange(port, request).partition(b"\r\n\r\n")
+        head, _, body = half_closed_exchange(port, request).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert body == (b"0123456789" if request.startswith(b"GET") else b"")

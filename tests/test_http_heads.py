@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, half_closed_exchange, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -218,7 +218,7 @@ def test_a_chunked_body_is_read_as_gunicorn_reads_it(request, port, framing, sta
     task_id = f"framed-{request.node.callspec.id}"
     task = CHUNKED_TASK % task_id.encode()
     sent = CHUNKED_HEAD % b"chunked" + framing % (len(task), task)
-    answer = cut_exchange(port, sent)  # the client's end follows the body: a body cut short ends there
+    answer = half_closed_exchange(port, sent)  # the client's end follows the body: a body cut short ends there
     assert answer.split(b" ", 2)[1] == b"%d" % status, answer[:200]
     assert Client(port).request("GET", f"/tasks/{task_id}")[0] == (200 if status == 202 else 404)
 
@@ -255,17 +255,6 @@ def test_an_expectation_other_than_100_continue_is_refused_417(port):
     assert problem(headers, body)["status"] == 417
 
 
-def cut_exchange(port: int, data: bytes) -> bytes:
-    """Send ``data``, end the stream (the client's half-close) and read all that comes back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received
-
-
 @pytest.mark.parametrize(
     "cut",
     [
@@ -281,7 +270,7 @@ def test_a_request_whose_head_is_cut_short_is_neither_served_nor_answered(reques
     body = b'{"id": "%s", "payload": "p", "delay_ms": 600000}' % task
     head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     assert exchange(port, head % len(body) + body)[0] == 202
-    assert cut_exchange(port, cut % task) == b""
+    assert half_closed_exchange(port, cut % task) == b""
     status, _, answer = Client(port).request("GET", f"/tasks/{task.decode()}")
     assert status == 200 and json.loads(answer)["state"] != "cancelled"
 
