@@ -46,6 +46,7 @@ from .request_reader import (
     REQUEST_TIMEOUT_S,
     BareLineFeed,
     EmptyRequestLine,
+    MissingHost,
     UnsupportedCoding,
 )
 
@@ -487,15 +488,16 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     """Why a request is refused from its head (``http.server``'s ``headers``) before the application: status, detail.
 
     gunicorn refuses these itself (service/request_reader.py and its parser); ``http.server`` does not: an HTTP/1.1
-    request without exactly one Host (400), a transfer coding other than chunked (501), a body whose length could be
-    read two ways (400: Content-Length twice or not a number, with Transfer-Encoding, or chunked in HTTP/1.0), an
-    expectation other than 100-continue (417).
+    (to 1.9) request without exactly one Host (400), a transfer coding other than chunked (501), a body whose length
+    could be read two ways (400: Content-Length twice or not a number, with Transfer-Encoding, or chunked in HTTP/1.0),
+    an expectation other than 100-continue (417).
     """
-    if version == "HTTP/1.1":
+    if (numbers := _VERSION.fullmatch(version)) and numbers[1] == "1" and numbers[2] != "0":  # HTTP/1.1 to 1.9
         hosts = len(headers.get_all("Host", ()))
-        if hosts != 1:
-            which = "no Host header" if not hosts else f"{hosts} Host headers"
-            return 400, f"the request has {which}: an HTTP/1.1 request must have one (RFC 9112 section 3.2)"
+        if not hosts:
+            return 400, str(MissingHost())
+        if hosts > 1:
+            return 400, f"the request has {hosts} Host headers: it must have one (RFC 9112 section 3.2)"
     fields = headers.get_all("Transfer-Encoding", ())
     codings = [coding.strip(" \t").lower() for field in fields for coding in field.split(",")]
     if codings and codings != ["chunked"]:

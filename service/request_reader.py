@@ -18,7 +18,7 @@ than its route takes, or one that a missing or wrong token would have
 refused, is not asked for (no ``100 Continue``) nor read; the application
 refuses it from its head, without reading it. A head, or a chunked body's
 trailer section, larger than ``MAX_PREREAD_HEAD`` is refused from here (431,
-or 414 for a request line alone that long), as is an HTTP/1.1 head without a
+or 414 for a request line alone that long), as is an HTTP/1.1 (to 1.9) head without a
 Host field (400, which gunicorn's parser does not check), one with a line ended
 by a bare LF (400: waited for, its end of head would never come) and one with a transfer
 coding other than chunked (501: gunicorn's parser would hand its body over
@@ -116,13 +116,14 @@ class Framing(NamedTuple):
 
 
 class MissingHost(InvalidHeader):
-    """An HTTP/1.1 request without a Host field: 400 (RFC 9112 section 3.2); gunicorn's parser lets it through."""
+    """An HTTP/1.1 (to 1.9) request without a Host field: 400 (RFC 9112 section 3.2); gunicorn's parser lets it
+    through."""
 
     def __init__(self) -> None:
         super().__init__("HOST")
 
     def __str__(self) -> str:
-        return "the request has no Host header: an HTTP/1.1 request must have one (RFC 9112 section 3.2)"
+        return "the request has no Host header: an HTTP/1.1 (or later) request must have one (RFC 9112 section 3.2)"
 
 
 class UnsupportedCoding(UnsupportedTransferCoding):
@@ -160,8 +161,20 @@ class EmptyRequestLine(InvalidRequestLine):
 
 
 def missing_host(version: tuple[int, int], headers: list[tuple[str, str]]) -> bool:
-    """Whether a request gunicorn parsed (not read on the loop: TLS, HTTP/2) is HTTP/1.1 without a Host field."""
-    return version == (1, 1) and not any(name == "HOST" for name, _ in headers)
+    """Whether a request gunicorn parsed (not read on the loop: TLS, HTTP/2) is HTTP/1.1 to 1.9 without a Host
+    field."""
+    return (1, 1) <= version < (2, 0) and not any(name == "HOST" for name, _ in headers)
+
+
+def http_1_1_or_later(head: bytes) -> bool:
+    """Whether the request line of ``head`` ends with HTTP/1.1 to HTTP/1.9: HTTP/1.1's rules apply to it.
+
+    gunicorn's parser takes 1.2 to 1.9 (and they are answered in HTTP/1.1): a
+    request of one of them must have a Host field, as HTTP/1.1 (RFC 9112 section
+    3.2), and may send a chunked body or ``Expect: 100-continue``.
+    """
+    line = head[: head.find(b"\r\n")]
+    return line[-9:-1] == b" HTTP/1." and 0x31 <= line[-1] <= 0x39
 
 
 class _Pending:
@@ -378,7 +391,7 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     """
     lowered = head.lower()
     # A repeated Host is refused by the parser; a missing one is not. HTTP/1.0 requests may omit it.
-    if b"\r\nhost:" not in lowered and head[: head.find(b"\r\n")].endswith(b" HTTP/1.1"):
+    if b"\r\nhost:" not in lowered and http_1_1_or_later(head):
         return Framing(len(head), refusal=MissingHost())
     folded = b"\n " in head or b"\n\t" in head
     if not folded and b"\r\ntransfer-encoding" not in lowered and b"\r\nexpect" not in lowered:

@@ -56,6 +56,19 @@ def test_an_http_1_1_request_without_exactly_one_host_is_refused_400(port, field
     assert "HOST" in problem(headers, body)["detail"].upper()
 
 
+@pytest.mark.parametrize("version", [b"1.2", b"1.9"])
+def test_a_later_http_1_request_without_host_is_refused_400_as_an_http_1_1_one(port, version):
+    # Both servers served HTTP/1.2 to 1.9 without Host (200): only the literal HTTP/1.1 was checked.
+    status, headers, body = exchange(port, b"GET /healthz HTTP/" + version + b"\r\nConnection: close\r\n\r\n")
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert "no Host header" in problem(headers, body)["detail"]
+    body = b'{"id": "no-host-%s", "payload": "p"}' % version
+    head = b"POST /enqueue HTTP/%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    assert exchange(port, head % (version, len(body)) + body)[0] == 400
+    assert Client(port).request("GET", f"/tasks/no-host-{version.decode()}")[0] == 404
+
+
 def test_an_http_1_1_enqueue_without_host_queues_nothing(port):
     body = b'{"id": "no-host", "payload": "p"}'
     head = b"POST /enqueue HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)

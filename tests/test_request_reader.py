@@ -617,18 +617,34 @@ def test_an_http_1_1_head_without_host_is_refused_from_the_loop(harness):
     assert name == "MissingHost" and "no Host header" in detail
 
 
+@pytest.mark.parametrize("version", [b"1.2", b"1.9"])
+def test_a_later_http_1_head_without_host_is_refused_as_an_http_1_1_one(harness, version):
+    # gunicorn's parser takes HTTP/1.2 to 1.9, and the request was served without Host.
+    conn, _ = harness.connect(b"GET /healthz HTTP/" + version + b"\r\nX: 1\r\n\r\n")
+    name, detail = _refused(harness, conn)
+    assert name == "MissingHost" and "no Host header" in detail
+
+
 @pytest.mark.parametrize(
     "head",
-    [b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nhOsT: a\r\n\r\n", b"GET / HTTP/1.1\r\nX: 1\r\nHost:a\r\n\r\n"],
-)
-def test_a_head_with_host_or_of_http_1_0_is_not_refused_for_it(head):
+    [
+        b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nhOsT: a\r\n\r\n", b"GET / HTTP/1.1\r\nX: 1\r\nHost:a\r\n\r\n",
+        b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+        # Not HTTP/1.x: the parser refuses these request lines itself.
+        b"GET / HTTP/2.0\r\n\r\n", b"GET / HTTP/1.10\r\n\r\n", b"GET / HTTP/1.a\r\n\r\n", b"GET / XHTTP/1.1\r\n\r\n",
+    ],
+)  # fmt: skip
+def test_a_head_with_host_or_not_of_http_1_1_or_later_is_not_refused_for_it(head):
     assert read_framing(head, BodyLimits()) == Framing(len(head))
 
 
 def test_missing_host_of_a_parsed_request():
     assert missing_host((1, 1), [("X", "1")])
+    assert missing_host((1, 2), [("X", "1")])
+    assert missing_host((1, 9), [])
     assert not missing_host((1, 1), [("X", "1"), ("HOST", "a")])
     assert not missing_host((1, 0), [])
+    assert not missing_host((2, 0), [])
 
 
 @pytest.mark.parametrize(
