@@ -62,8 +62,13 @@ def escape(text: str) -> str:
     return text.translate(_ESCAPES) if _LINE_BREAKERS.search(text) else text
 
 
-# Query parameters whose values are secrets when a client wrongly sends one in the URL.
-_SECRET_NAME = re.compile(r"token|key|secret|passw|pwd|auth|sig|credential|session|cookie", re.IGNORECASE)
+# Query parameters whose values are secrets when a client wrongly sends one in the URL: a name holding one of the
+# first words, or one of the short ones as a word of its own (``pass``, ``user_pass``; not ``compass``).
+_SECRET_NAME = re.compile(
+    r"token|key|secret|passw|passphrase|pwd|auth|sig|credential|session|sessid|cookie|bearer|jwt"
+    r"|(?<![a-z])(?:pass|pw|code|sid)(?![a-z])",
+    re.IGNORECASE,
+)
 REDACTED = "REDACTED"
 
 

@@ -106,6 +106,23 @@ def test_a_forged_user_agent_cannot_split_or_shift_the_line(gunicorn_logger, log
         ("/tasks?access%5Ftoken=s3cret", "200 OK", "/tasks?access%5Ftoken=REDACTED"),
         ("/tasks?password=s3cret&state=x", "400 BAD REQUEST", "/tasks?password=REDACTED&state=x"),
         ("/tasks/a?t=s3cret", "401 UNAUTHORIZED", "/tasks/a?REDACTED"),  # a refused request keeps no query
+        # A bearer token, a JWT, a password, an authorization code or a session id: they were logged.
+        (
+            "/tasks?limit=2&bearer=s3cret&jwt=s3cret&pass=s3cret&code=s3cret&sid=s3cret&PHPSESSID=s3cret",
+            "400 BAD REQUEST",
+            "/tasks?limit=2&bearer=REDACTED&jwt=REDACTED&pass=REDACTED&code=REDACTED&sid=REDACTED&PHPSESSID=REDACTED",
+        ),
+        (
+            "/tasks?user_pass=s3cret&Auth-Code=s3cret&passphrase=s3cret",
+            "400 BAD REQUEST",
+            "/tasks?user_pass=REDACTED&Auth-Code=REDACTED&passphrase=REDACTED",
+        ),
+        # Short names count only as words of their own: these are not secrets.
+        (
+            "/tasks?compass=n&zipcode=1&inside=y&state=done",
+            "400 BAD REQUEST",
+            "/tasks?compass=n&zipcode=1&inside=y&state=done",
+        ),
         ("/tasks?state=done&limit=5", "200 OK", "/tasks?state=done&limit=5"),
     ],
 )
