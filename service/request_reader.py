@@ -409,7 +409,7 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     fields = _fields(head)
     if fields is None:
         return Framing(len(head))
-    version_ok = head[: head.find(b"\r\n")].endswith(b" HTTP/1.1")
+    version_ok = http_1_1_or_later(head)  # 1.2 to 1.9 too: the parser takes their chunked bodies and 100-continue
     expect = fields.get(b"expect", [])
     # The parser answers 417 to any field other than 100-continue, but takes a repeated 100-continue
     # as one: such a body is read here too, or a slow client would hold a request thread.

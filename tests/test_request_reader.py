@@ -483,6 +483,21 @@ def test_a_body_without_the_token_is_not_read(headers, framing):
     assert read_framing(head, limits) == framing._replace(length=framing.length + len(head))
 
 
+@pytest.mark.parametrize("version", [b"1.2", b"1.9"])
+def test_a_later_http_1_request_gets_100_continue_and_its_chunked_body_read_as_an_http_1_1_one(harness, version):
+    # The loop looked for HTTP/1.1 alone: it did not answer 100-continue, and the client waited for it until the
+    # deadline; a chunked body was handed to a thread with the head alone, to wait for it there.
+    head = b"POST /enqueue HTTP/%s\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n" % version
+    conn, client = harness.connect(head)
+    client.settimeout(5)
+    assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    client.sendall(b"1234567890")
+    harness.turn()
+    assert harness.ready == [conn] and conn.continue_answered
+    chunked = b"POST /enqueue HTTP/%s\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" % version
+    assert read_framing(chunked, BodyLimits(100)) == Framing(len(chunked), chunked=True)
+
+
 def test_expect_is_ignored_in_http_1_0():
     head = b"POST /enqueue HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
     assert read_framing(head, BodyLimits(100)) == Framing(len(head) + 10)
