@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import re
+import sqlite3
 import threading
+import uuid
 
 import pytest
 from doubles import WAIT_S, FakeClock, wait_until
 from http_fixtures import TEST_CONFIG, Gate, failing, instant, make_harness
+from redis_server import shared_server
 
 from workerpool import FINAL_STATES, AttemptCancelled, State, Task
 from workerpool.pool import MAX_RESULT_DEPTH
+from workerpool.stores.redis_store import RedisStore
 from workerpool.stores.sqlite import SqliteStore
 
 ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")  # Crockford's base32: no I, L, O or U
@@ -152,6 +158,55 @@ def test_a_result_nested_as_deep_as_allowed_can_be_read_and_listed(store, tmp_pa
     assert (deeper["state"], deeper["attempts"]) == ("failed", 1)
     assert deeper["last_error"] == f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep"
     assert harness.client.get("/tasks").status_code == 200
+
+
+def nested_text(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_stored_result_nested_deeper_than_allowed_is_served_as_unreadable_and_logged_once(store, tmp_path, caplog):
+    if store == "sqlite":
+        kept = SqliteStore(tmp_path / "tasks.db", capacity=4)
+
+        def write_result(task_id: str, text: str) -> None:
+            with sqlite3.connect(tmp_path / "tasks.db") as conn:
+                conn.execute("UPDATE tasks SET result = ? WHERE id = ?", (text, task_id))
+    else:
+        prefix = f"test-{uuid.uuid4().hex}"
+        kept = RedisStore(shared_server().client(), capacity=4, ttl=3600, max_finished=100, prefix=prefix)
+
+        def write_result(task_id: str, text: str) -> None:
+            shared_server().client().hset(f"{{{prefix}}}:t:{task_id}", "result", text)
+
+    harness = make_harness(lambda task, cancel: [1], threads=False, store=kept)
+    try:
+        for task_id in ("at_limit", "over", "far_over"):
+            assert enqueue(harness, id=task_id).status_code == 202
+            assert harness.pool.step()
+        # As a release older than the limit could keep them; far_over cannot even be decoded.
+        for task_id, depth in (("at_limit", MAX_RESULT_DEPTH), ("over", MAX_RESULT_DEPTH + 1), ("far_over", 3000)):
+            write_result(task_id, nested_text(depth))
+        caplog.set_level(logging.WARNING, logger="workerpool")
+        unreadable = {
+            "unreadable_result": f"the stored result is nested more than {MAX_RESULT_DEPTH} levels deep"
+            " (kept by an older release): it is not served"
+        }
+        for _ in range(2):
+            for task_id in ("over", "far_over"):
+                response = harness.client.get(f"/tasks/{task_id}")
+                assert response.status_code == 200, response.data
+                assert (response.get_json()["state"], response.get_json()["result"]) == ("done", unreadable)
+                assert harness.client.delete(f"/tasks/{task_id}").status_code == 409
+            listing = harness.client.get("/tasks")
+            assert listing.status_code == 200, listing.data
+            results = {task["id"]: task["result"] for task in listing.get_json()["tasks"]}
+            assert results == {"at_limit": json.loads(nested_text(MAX_RESULT_DEPTH)), "over": unreadable,
+                               "far_over": unreadable}  # fmt: skip
+        told = [r.task_id for r in caplog.records if "levels deep (kept by an older release)" in r.getMessage()]
+        assert sorted(told) == ["far_over", "over"]  # once each, however often read
+    finally:
+        kept.close()
 
 
 # -- DELETE /tasks/<id> --------------------------------------------------------

@@ -1,3 +1,4 @@
+import json
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ from workerpool import (
     TaskSpec,
     WorkerPool,
 )
+from workerpool.nesting import nested_deeper_than
 from workerpool.pool import CANCEL_POLL_S, DRAIN_STORE_GRACE_S, MAX_RESULT_DEPTH
 from workerpool.stores.base import LOST_EXPIRED
 from workerpool.stores.memory import MemoryStore
@@ -575,6 +577,29 @@ def test_keys_that_are_not_strings_are_kept_as_json_writes_them(make_pool):
     pool.shutdown(TIMEOUT)
     task = pool.get("a")
     assert (task.state, task.result) == (State.DONE, {"1": "a", "2.5": ["b", {"false": None}], "x": [{"null": 0}]})
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "deeper"),
+    [
+        ("[]", 1, False),
+        ("[[]]", 1, True),
+        ('{"a":[1,{"b":[]}],"c":{}}', 4, False),
+        ('{"a":[1,{"b":[]}],"c":{}}', 3, True),
+        ("[[],[[]],[]]", 3, False),
+        ("[[],[[[]]],[]]", 4, False),
+        ("[[],[[[]]],[]]", 3, True),
+        ('["[[[[", "\\"[[[", {"k]": "{{{"}]', 2, False),
+        ('["[[[[", "\\"[[[", {"k]": "{{{"}]', 1, True),
+        ("[" * 501 + "]" * 501, 500, True),
+        ("[" * 500 + "]" * 500, 500, False),
+        ("[" + "[[1],{}]," * 600 + "0]", 3, False),
+        ("[" + "[[1],{}]," * 600 + "0]", 2, True),
+    ],
+)
+def test_nesting_counts_the_lists_and_objects_around_the_deepest_value(text, limit, deeper):
+    json.loads(text)  # each case is JSON
+    assert nested_deeper_than(text, limit) is deeper
 
 
 def test_a_coroutine_handler_fails_its_task_and_the_coroutine_is_closed(make_pool):

@@ -31,6 +31,7 @@ from .backoff import compute_backoff
 from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
+from .nesting import MAX_RESULT_DEPTH, UnreadableResult, nested_deeper_than
 from .observer import PoolObserver
 from .reachability import Reachability
 from .stores.base import TaskStore
@@ -51,17 +52,13 @@ attempt is abandoned at shutdown (or timed out): a long handler should return ea
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
 TIMED_OUT = "AttemptTimeout: the attempt ran longer than {:g} s"
 _MAX_ERROR_CHARS = 500
-# Deepest nesting of lists and objects a result may have. Reading a task decodes (SQLite, Redis) and
-# encodes its result on a request thread many frames deeper than the worker that checked it: a
-# result just under what the worker could encode made every read of the task, and every listing
-# holding it, fail. Half the interpreter's default recursion limit leaves that margin.
-MAX_RESULT_DEPTH = 500
 # How often a pool with a shared store looks for cancels requested by other processes while its attempts run.
 CANCEL_POLL_S = 0.1
 _STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
 # How long past its deadline a drain waits for a shared store's last steps (abandoning, counting): a store
 # that does not answer by then (Redis paused, a SQLite file locked) is given up on, and leases settle the rest.
 DRAIN_STORE_GRACE_S = 1.0
+_UNREADABLE_TOLD_MAX = 10_000  # task ids remembered as logged for an unreadable result
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +160,7 @@ class WorkerPool:
         "_max_result_bytes", "_lease", "_attempt_timeout", "_max_stuck", "_rng", "_clock", "_monotonic", "_wait",
         "_observers", "_on_queued", "_on_started", "_on_finished", "_on_cancelled", "_on_abandoned",
         "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
-        "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early",
+        "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early", "_unreadable_told",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
         "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_cutoff", "_reach",
         "__weakref__",
@@ -264,6 +261,7 @@ class WorkerPool:
         self._step_cancel = threading.Event()  # step()'s cancel event, reused until it is set
         # Attempts cancelled before their worker registered them, by (task id, created_at, attempt number).
         self._cancel_early: set[tuple[str, float, int]] = set()
+        self._unreadable_told: set[str] = set()  # tasks whose unreadable result was logged (see get)
         self._timeouts = 0  # attempts failed by the attempt timeout
         self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
         self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
@@ -478,10 +476,30 @@ class WorkerPool:
         return self._store
 
     def get(self, task_id: str) -> Task | None:
-        return self._store.get(task_id)
+        task = self._store.get(task_id)
+        if task is not None and type(task.result) is UnreadableResult:
+            self._tell_unreadable(task)
+        return task
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        return self._store.list(state, limit)
+        tasks = self._store.list(state, limit)
+        for task in tasks:
+            if type(task.result) is UnreadableResult:
+                self._tell_unreadable(task)
+        return tasks
+
+    def _tell_unreadable(self, task: Task) -> None:
+        """Log, once per task, that its stored result is read as an ``UnreadableResult`` (see workerpool/nesting.py)."""
+        with self._lock:
+            if task.id in self._unreadable_told:
+                return
+            if len(self._unreadable_told) >= _UNREADABLE_TOLD_MAX:  # bounded: a task may be told of again
+                self._unreadable_told.clear()
+            self._unreadable_told.add(task.id)
+        _log(
+            logging.WARNING, task, "task %s: its stored result is nested more than %d levels deep (kept by an older"
+            " release): it is served as {\"unreadable_result\": ...}", task.id, MAX_RESULT_DEPTH,
+        )  # fmt: skip
 
     @property
     def accepting(self) -> bool:
@@ -1488,7 +1506,7 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
         return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
     immutable = type(returned) in _IMMUTABLE_RESULTS
     # Fewer brackets than the limit (inside strings too) cannot nest deeper: most results stop here.
-    if not immutable and text.count("[") + text.count("{") > MAX_RESULT_DEPTH and _nesting(text) > MAX_RESULT_DEPTH:
+    if not immutable and nested_deeper_than(text, MAX_RESULT_DEPTH):
         return f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep", None
     if _SUSPECT_RESULT.search(text) is not None:  # rare: only then the exact checks (after the depth's)
         why = _refused_in_payloads(returned, text)
@@ -1531,8 +1549,6 @@ def _refused_in_payloads(returned: object, text: str) -> str | None:
 
 
 _IMMUTABLE_RESULTS = (str, int, float, bool)
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_BRACKET = re.compile(r"[\[\]{}]")
 
 
 def _merged_key(returned: object, kept: object) -> str | None:
@@ -1559,18 +1575,6 @@ def _merged_key(returned: object, kept: object) -> str | None:
     except Exception:  # the handler's object changed since it was encoded: what was encoded is kept
         return None
     return None
-
-
-def _nesting(text: str) -> int:
-    """How deeply the lists and objects of JSON ``text`` nest (strings' contents are not counted)."""
-    depth = deepest = 0
-    for bracket in _BRACKET.findall(_JSON_STRING.sub("", text)):
-        if bracket in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
 
 
 def _describe(exc: BaseException) -> str:

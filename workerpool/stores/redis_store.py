@@ -36,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
+from ..nesting import stored_result
 from ..task import State, Task
 from .base import (
     LOST_EXPIRED,
@@ -587,7 +588,7 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
         if text is None:
             continue
         if name in _JSON_FIELDS:
-            values[name] = json.loads(text)
+            values[name] = json.loads(text) if name == "payload" else stored_result(text)
         elif name in _FLOAT_FIELDS:
             values[name] = float(text)
         elif name in _INT_FIELDS:
