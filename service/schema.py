@@ -15,6 +15,7 @@ from werkzeug.datastructures import MultiDict
 
 from config import Config
 from workerpool import State, Task, TaskSpec  # a validated task is the engine's TaskSpec
+from workerpool.nesting import MAX_RESULT_DEPTH, nested_deeper_than
 
 from .problems import FieldError, invalid_request
 
@@ -22,6 +23,9 @@ MAX_ID_CHARS = 256
 # Longer JSON integers are left unconverted: no field takes a value of that size, and int() refuses
 # more than 4,300 digits with a message about sys.set_int_max_str_digits.
 MAX_INTEGER_DIGITS = 100
+# Lists and objects in a payload nest at most as deep as in a result: a store (SQLite, Redis) decodes a
+# queued task's payload on every read of it, on a request thread deeper than the one that accepted it.
+MAX_PAYLOAD_DEPTH = MAX_RESULT_DEPTH
 ID_PATH_RULE = "must not start or end with '/', contain '//', or have a '.' or '..' segment"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
@@ -186,11 +190,18 @@ def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:
             return [FieldError("payload", f"must not contain an integer of more than {MAX_INTEGER_DIGITS} digits")]
         except ValueError:  # 1e400 decodes to inf, which has no JSON form
             return [FieldError("payload", "must not contain a number too large for a 64-bit float")]
+        except RecursionError:  # decoded just short of the interpreter's limit, then encoded deeper
+            return [FieldError("payload", _DEPTH_RULE)]
     if len(text) > limit:
         return [FieldError("payload", f"must be at most {limit} {unit}")]
+    if not isinstance(value, str) and nested_deeper_than(text, MAX_PAYLOAD_DEPTH):
+        return [FieldError("payload", _DEPTH_RULE)]
     if not text.isascii() and LONE_SURROGATE.search(text):  # isascii() is a flag lookup: most payloads stop there
         return [FieldError("payload", LONE_SURROGATE_RULE)]
     return []
+
+
+_DEPTH_RULE = f"must not nest lists and objects more than {MAX_PAYLOAD_DEPTH} levels deep"
 
 
 class _HugeInteger(Exception):

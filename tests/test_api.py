@@ -141,6 +141,25 @@ def test_a_json_payload_is_measured_as_compact_json(client):
     assert enqueue(client, {"id": "c", "payload": ["x" * 509]}).status_code == 400
 
 
+def test_a_payload_nests_at_most_500_deep_and_a_queued_one_that_deep_reads_back():
+    config = dataclasses.replace(TEST_CONFIG, max_body_bytes=10_000, max_payload_chars=5_000)
+    harness = make_harness(config=config, threads=False)  # the tasks stay queued, their payloads kept
+    assert enqueue(harness.client, '{"id": "a", "payload": ' + "[" * 500 + "]" * 500 + "}").status_code == 202
+    assert harness.client.get("/tasks/a").status_code == 200
+    assert harness.client.get("/tasks").status_code == 200
+    # Up to about 975 levels were taken (what the body's decoder allows), and then every read of the
+    # queued task on SQLite or Redis could fail: the store decodes its payload on a request thread
+    # deeper than the one that accepted it.
+    for depth in (501, 800):
+        body = '{"id": "b", "payload": {"k": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}}"
+        response = enqueue(harness.client, body)
+        assert response.status_code == 400, response.data
+        assert [(e["field"], e["message"]) for e in response.get_json()["errors"]] == [
+            ("payload", "must not nest lists and objects more than 500 levels deep")
+        ]
+    assert harness.pool.get("b") is None
+
+
 def test_a_body_at_both_limits_is_accepted(client):
     body = json.dumps({"id": "a", "payload": "x" * 512}).encode()
     body += b" " * (1024 - len(body))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import unicodedata
 from datetime import UTC, datetime
@@ -93,6 +94,20 @@ def test_an_omitted_max_retries_takes_the_default():
 
 def test_the_body_may_be_utf16():
     assert parse('{"id": "ü", "payload": ""}'.encode("utf-16")).id == "ü"
+
+
+@pytest.mark.parametrize("inner", ["[]", '{"k": 1}', '"[[[[ not nesting"'])
+def test_a_payload_may_nest_500_deep_and_no_deeper(inner):
+    def payload(depth):
+        return json.loads("[" * (depth - 1) + inner + "]" * (depth - 1))
+
+    limits = dataclasses.replace(LIMITS, max_payload_chars=5000)
+    deepest = 500 if inner != '"[[[[ not nesting"' else 501  # the string inside is no level
+    assert parse_task({"payload": payload(deepest)}, limits).payload == payload(deepest)
+    assert parse_task({"payload": payload(deepest + 1)}, limits) == [
+        FieldError("payload", "must not nest lists and objects more than 500 levels deep")
+    ]
+    assert parse_task({"payload": "[" * 4000}, limits).payload == "[" * 4000  # a string does not nest
 
 
 def test_the_payload_limit_counts_characters_not_bytes():
