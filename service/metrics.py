@@ -530,18 +530,14 @@ class _PoolCollector(Collector):
         stats = self._pool.stats()
         shared = self._metrics.shared_counts()
         if shared is not None:
-            yield from _shared_pool_metrics(stats, *shared)
+            yield from _shared_pool_metrics(stats, *shared, self._metrics._created)
             return
         yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=stats.workers)
         yield from _store_gauges(stats)
         yield GaugeMetricFamily(
             "workerpool_draining", "1 once shutdown began: new tasks are refused.", value=int(not stats.accepting)
         )
-        yield CounterMetricFamily(
-            "workerpool_attempts_timed_out",
-            "Attempts failed because they ran longer than ATTEMPT_TIMEOUT_S (counted among failed attempts too).",
-            value=stats.attempts_timed_out,
-        )
+        yield _timed_out(stats.attempts_timed_out, self._metrics._created)
         yield GaugeMetricFamily(
             "workerpool_stuck_threads",
             "Worker threads still in a handler whose attempt timed out.",
@@ -579,19 +575,25 @@ def _store_gauges(stats: PoolStats) -> Iterator[GaugeMetricFamily]:
     yield retained
 
 
+def _timed_out(count: float, created: float) -> CounterMetricFamily:
+    """The timed-out attempts, counted by the pool rather than the observer hooks, stamped like the others."""
+    return CounterMetricFamily(
+        "workerpool_attempts_timed_out",
+        "Attempts failed because they ran longer than ATTEMPT_TIMEOUT_S (counted among failed attempts too).",
+        value=count,
+        created=created if _created_series() else None,
+    )
+
+
 def _shared_pool_metrics(
-    stats: PoolStats, counts: metrics_share.Snapshot, live: dict[int, metrics_share.Snapshot]
+    stats: PoolStats, counts: metrics_share.Snapshot, live: dict[int, metrics_share.Snapshot], created: float
 ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     """The pool's metrics when several processes share them: each process's own summed or by pid."""
     workers = sum(gauges.get("workers", 0) for gauges in live.values())
     yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=workers)
     yield from _store_gauges(stats)
     yield _by_pid("workerpool_draining", "1 once shutdown began: new tasks are refused.", live, "draining")
-    yield CounterMetricFamily(
-        "workerpool_attempts_timed_out",
-        "Attempts failed because they ran longer than ATTEMPT_TIMEOUT_S (counted among failed attempts too).",
-        value=counts.get("attempts_timed_out", 0),
-    )
+    yield _timed_out(counts.get("attempts_timed_out", 0), counts.get("created", created))
     yield _by_pid(
         "workerpool_stuck_threads", "Worker threads still in a handler whose attempt timed out.", live, "stuck_threads"
     )

@@ -195,6 +195,21 @@ def test_the_readme_documents_every_metric():
         assert f"`{documented}`" in readme, documented
 
 
+@pytest.mark.parametrize("accept", ["text/plain", "application/openmetrics-text; version=1.0.0"])
+def test_every_counter_and_histogram_has_a_created_series_stamped_as_the_others(accept):
+    harness = make_harness()
+    text = harness.client.get("/metrics", headers={"Accept": accept}).get_data(as_text=True)
+    if accept == "text/plain":
+        types = dict(re.findall(r"^# TYPE (\w+) (\w+)$", text, re.M))
+        counters = {name for name, kind in types.items() if kind in ("counter", "histogram")}
+    else:  # OpenMetrics names a counter without its _total
+        counters = set(re.findall(r"^# TYPE (\w+) (?:counter|histogram)$", text, re.M))
+    stamps = dict(re.findall(r"^(\w+)_created(?:\{[^}]*\})? (\S+)$", text, re.M))
+    assert "workerpool_attempts_timed_out" in {name.removesuffix("_total") for name in counters}
+    assert {name.removesuffix("_total") for name in counters} <= set(stamps), sorted(counters)
+    assert len({float(stamp) for stamp in stamps.values()}) == 1  # the process's metrics all began together
+
+
 def test_every_rejection_reason_the_readme_lists_is_a_series_from_the_start():
     readme = (PROJECT_ROOT / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `workerpool_tasks_rejected_total`"))

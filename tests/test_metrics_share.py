@@ -175,6 +175,7 @@ def test_the_creation_stamp_is_the_earliest_process_s(tmp_path):
     first, _ = process(tmp_path, 101)
     second, _ = process(tmp_path, 102)
     assert value(second, "workerpool_tasks_accepted_created") == first._created
+    assert value(second, "workerpool_attempts_timed_out_created") == first._created
 
 
 def test_per_process_gauges_are_summed_or_labelled_by_pid(tmp_path):
