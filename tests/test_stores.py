@@ -200,6 +200,20 @@ def test_due_retries_run_before_new_work(store, clock):
     assert [claim(store, clock).id, claim(store, clock).id] == ["r", "n2"]
 
 
+def test_a_claim_passes_over_due_tasks_cancelled_while_they_waited(store, clock):
+    admit(store, clock, "r1", "r2", max_retries=1)
+    run(store, clock, "r1", error="boom", retry_at=clock.time() + 5)
+    run(store, clock, "r2", error="boom", retry_at=clock.time() + 5)
+    admit(store, clock, "n1", "n2")
+    clock.advance(5)
+    assert store.stats().due == 4  # both retries fell due, and are first in line
+    store.cancel("r1")
+    store.cancel("n1")
+    assert claim(store, clock).id == "r2"
+    assert claim(store, clock).id == "n2"
+    assert claim(store, clock) is None
+
+
 def test_a_delayed_task_waits_for_its_time(store, clock):
     admit(store, clock, "later", delay=30)
     admit(store, clock, "now")

@@ -238,7 +238,8 @@ class MemoryStore(TaskStore):
             running = self._claim(owner, self._clock())
         if running is None:
             return None
-        return _own_payload(_snapshot(running)) if type(running[1]) in _CONTAINERS else _snapshot(running)
+        running = _tuple_new(Task, running)  # a running record holds its State
+        return _own_payload(running) if type(running[1]) in _CONTAINERS else running
 
     def finish(
         self,
@@ -278,7 +279,14 @@ class MemoryStore(TaskStore):
             running = _tuple_new(Task, running)  # a running record holds its State
             if type(running[1]) in _CONTAINERS:
                 running = _own_payload(running)
-        return None if ended is None else _snapshot(ended), running
+        if ended is None:
+            return None, running
+        e = ended  # _snapshot() spelled out, once per task: a final record holds its state as a string
+        if type(e[3]) is State:  # a retry: queued again
+            return _tuple_new(Task, e), running
+        return _tuple_new(
+            Task, (e[0], e[1], e[2], _STATES[e[3]], e[4], e[5], e[6], e[7], e[8], e[9], e[10], e[11], e[12])
+        ), running  # fmt: skip
 
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         with self._lock:
@@ -412,23 +420,25 @@ class MemoryStore(TaskStore):
         if self._scheduled:
             self._release_due(now)
         tasks = self._tasks
-        for line in (self._retry_line, self._new_line):
-            while line:
-                task = line.popleft()
-                task_id = task[0]
-                if tasks.get(task_id) is not task:
-                    continue  # cancelled or abandoned while it waited
-                if task[4] == 0:  # attempts
-                    self._waiting -= 1
-                # The hot path, spelled out rather than _changed() and _set(): a line holds queued
-                # records only, and queued -> running is a legal change (TRANSITIONS).
-                running = (task_id, task[1], task[2], _RUNNING_STATE, task[4] + 1, task[5], task[6], now, None,
-                           None, task[10], task[11], task[12])  # fmt: skip
-                del self._queued[task_id]
-                self._running[task_id] = owner
-                tasks[task_id] = running
-                return running
-        return None
+        while True:
+            line = self._retry_line or self._new_line  # retries first
+            if not line:
+                return None
+            task = line.popleft()
+            task_id = task[0]
+            if tasks.get(task_id) is task:
+                break
+            # cancelled or abandoned while it waited
+        if task[4] == 0:  # attempts
+            self._waiting -= 1
+        # The hot path, spelled out rather than _changed() and _set(): a line holds queued
+        # records only, and queued -> running is a legal change (TRANSITIONS).
+        running = (task_id, task[1], task[2], _RUNNING_STATE, task[4] + 1, task[5], task[6], now, None,
+                   None, task[10], task[11], task[12])  # fmt: skip
+        del self._queued[task_id]
+        self._running[task_id] = owner
+        tasks[task_id] = running
+        return running
 
     def _finish_attempt(
         self, task_id: str, attempt: int, owner: str, error: str | None, result: Any, retry_at: float | None, now: float
