@@ -61,6 +61,8 @@ LIMIT_REQUEST_FIELDS = 100  # header fields: 431 beyond
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 _HEX = re.compile(rb"[0-9a-fA-F]+")
 _REQUEST_ID = REQUEST_ID_HEADER.lower()
+# gunicorn's reason phrases where http.server's differ: RFC 9110's name for 414 ("Request-URI Too Long" before).
+_REASONS = {HTTPStatus.REQUEST_URI_TOO_LONG: "URI Too Long"}
 _METHOD = re.compile(r"[!$%&'*+\-.^_`|~0-9A-Z]{3,20}")  # gunicorn's: a token, without lowercase letters or #
 _TARGET_INVALID = re.compile(r"[^\x21-\x7e]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 section 5.6.2)
@@ -423,7 +425,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
     def refuse(self, status: int, detail: str) -> None:
         """Answer a problem document for a request refused from its head, and close the connection."""
         body = json.dumps(problem_document(status, detail)).encode()
-        self.send_response(status)
+        self.send_response(status, _REASONS.get(status))
         self.send_header("Content-Type", PROBLEM_JSON)
         self.send_header("Content-Length", str(len(body)))
         self.send_header(REQUEST_ID_HEADER, os.urandom(16).hex())

@@ -125,6 +125,16 @@ def test_a_head_over_the_limits_is_refused_with_a_problem_document(port, head, s
     assert detail in problem(headers, body)["detail"].lower()
 
 
+def test_a_request_line_too_long_is_answered_414_uri_too_long(port):
+    # python app.py's server said "414 Request-URI Too Long"; gunicorn says RFC 9110's "URI Too Long".
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(HEADS_OVER_THE_LIMITS["request-line"][0])
+        received = b""
+        while b"\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+    assert received.partition(b"\r\n")[0] == b"HTTP/1.1 414 URI Too Long"
+
+
 @pytest.mark.parametrize(
     "line",
     [
