@@ -30,6 +30,7 @@ from service.dev_server import BoundedRequestHandler, BoundedThreadedServer
 from service.live import LiveFigures
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
+from service.request_reader import BodyLimits
 from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, StoreUnavailable, TaskStore, WorkerPool
 from workerpool.stores.sqlite import SqliteStore
 
@@ -289,8 +290,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     pool = pool_of(app)
     handler = type("RequestHandler", (BoundedRequestHandler,), {"access_log": config.access_log})
     server = BoundedThreadedServer(
-        config.host, config.port, app, handler=handler, request_timeout=config.request_timeout_s
-    )
+        config.host, config.port, app, handler=handler, request_timeout=config.request_timeout_s,
+        body_limits=BodyLimits(config.max_body_bytes, config.max_batch_body_bytes, config.api_token),
+    )  # fmt: skip
 
     def drained(summary: ShutdownSummary) -> None:
         log.info("%s", lifecycle.describe(summary))

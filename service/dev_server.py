@@ -28,7 +28,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from email.message import Message
 from http import HTTPStatus
@@ -45,9 +45,11 @@ from .request_reader import (
     MAX_PREREAD_HEAD,
     REQUEST_TIMEOUT_S,
     BareLineFeed,
+    BodyLimits,
     EmptyRequestLine,
     MissingHost,
     UnsupportedCoding,
+    read_framing,
 )
 
 MAX_CONNECTIONS = 64
@@ -158,45 +160,6 @@ class _Dechunked(io.RawIOBase):
                 raise OSError(f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes")
 
 
-class _ContinueOnRead:
-    """A request's ``wsgi.input`` that sends ``100 Continue`` before it is first read: a client that waits for it
-    (``Expect: 100-continue``) sends its body only if the application reads it, as under gunicorn; werkzeug sent it
-    before the application ran, and a request refused from its head (401, 413, 415, 404) got its body sent in vain."""
-
-    def __init__(self, stream: object, send_continue: Callable[[], None]) -> None:
-        self._stream = stream
-        self._send_continue: Callable[[], None] | None = send_continue
-        self._rfile = getattr(stream, "_rfile", stream)  # where request_reader.body_timed_out finds the deadline
-
-    def _asked(self) -> None:
-        if self._send_continue is not None:
-            send, self._send_continue = self._send_continue, None
-            send()
-
-    def read(self, *args: Any) -> bytes:
-        self._asked()
-        return self._stream.read(*args)  # type: ignore[attr-defined]
-
-    def readinto(self, buffer: Any) -> int:
-        self._asked()
-        return self._stream.readinto(buffer)  # type: ignore[attr-defined]
-
-    def readline(self, *args: Any) -> bytes:
-        self._asked()
-        return self._stream.readline(*args)  # type: ignore[attr-defined]
-
-    def readlines(self, *args: Any) -> list[bytes]:
-        self._asked()
-        return self._stream.readlines(*args)  # type: ignore[attr-defined]
-
-    def __iter__(self) -> Iterator[bytes]:
-        self._asked()
-        return iter(self._stream)  # type: ignore[call-overload]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
 class _CountedWriter:
     """A handler's ``wfile`` that counts the bytes written through it (``sent``), for the access line."""
 
@@ -230,6 +193,7 @@ class _LineEnds:
         self.malformed = ""
         self.head = head
         self.fields = 0
+        self.lines = b""  # the field lines read, as sent
         self._lines: list[bytes] | None = None
 
     def readline(self, size: int = -1) -> bytes:
@@ -258,7 +222,8 @@ class _LineEnds:
             if self.head > MAX_PREREAD_HEAD:
                 raise HeadTooLarge(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
             if line in (b"\r\n", b"\n"):
-                return [bytes(fields), line] if fields else [line]
+                self.lines = bytes(fields)
+                return [self.lines, line] if fields else [line]
             self.fields += 1
             if self.fields > LIMIT_REQUEST_FIELDS:
                 raise HeadTooLarge(f"the request has more than {LIMIT_REQUEST_FIELDS} header fields")
@@ -275,7 +240,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
 
     timeout = WRITE_TIMEOUT_S
     read_deadline = 0.0
-    expects_continue = False  # the request's Expect: 100-continue is answered when its body is first read
+    expected = False  # the request has Expect: 100-continue (answered from parse_request, or not at all)
     connection_sent: tuple[str, ...] = ()  # the Connection values of the response being sent
 
     access_log = True  # one access line per request (ACCESS_LOG), as gunicorn writes it (service/access_log.py)
@@ -377,29 +342,35 @@ class BoundedRequestHandler(WSGIRequestHandler):
             self.refuse(*problem)
             return False
         expect = self.headers.get("Expect", "").strip(" \t").lower()
-        # Kept from werkzeug, which would answer it before the application runs (make_environ restores it).
-        self.expects_continue = expect == "100-continue"
-        if self.expects_continue:
+        # Kept from werkzeug, which would answer it after the checks here (make_environ restores it).
+        self.expected = expect == "100-continue"
+        if self.expected:
             del self.headers["Expect"]
-            self.expects_continue = self.request_version != "HTTP/1.0"  # ignored there (RFC 9110 section 10.1.1)
+            # Answered now, before the application runs, as gunicorn's event loop answers it (the same
+            # read_framing): unless the request is HTTP/1.0 (ignored there, RFC 9110 section 10.1.1) or its body
+            # would be refused from its head (longer than its route takes, without the token, or with a content
+            # coding), which the application then answers without reading the body.
+            head = self.raw_requestline + lines.lines + b"\r\n"
+            framing = read_framing(head, self.server.body_limits)  # type: ignore[attr-defined]
+            if framing.expects and not framing.refused:
+                self._send_continue()
         return True
 
     def make_environ(self) -> dict:
         environ = super().make_environ()
         if isinstance(environ["wsgi.input"], DechunkedInput):
             environ["wsgi.input"] = _Dechunked(self.rfile)
-        if self.expects_continue:
+        if self.expected:
             environ["HTTP_EXPECT"] = "100-continue"
-            environ["wsgi.input"] = _ContinueOnRead(environ["wsgi.input"], self._send_continue)
         return environ
 
     def _send_continue(self) -> None:
         self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def handle_expect_100(self) -> bool:
-        """Send nothing yet: ``100 Continue`` goes when the application first reads the body (``_ContinueOnRead``).
+        """Send nothing yet: ``100 Continue`` goes once the head has passed the checks in ``parse_request``.
 
-        ``http.server`` sent one from ``parse_request``, before the checks here
+        ``http.server`` sent one from ``parse_request``, before those checks
         (a refused head was told to go on first), and then werkzeug a second one.
         """
         return True
@@ -526,9 +497,15 @@ class BoundedThreadedServer(ThreadedWSGIServer):
     """Werkzeug's threaded server serving at most ``max_connections`` connections at once."""
 
     def __init__(
-        self, *args, request_timeout: float = REQUEST_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS, **kwargs
+        self,
+        *args,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+        body_limits: BodyLimits | None = None,
+        **kwargs,
     ) -> None:
         self.request_timeout = request_timeout
+        self.body_limits = body_limits or BodyLimits()  # a request's body limit and token, as under gunicorn
         self._slots = threading.BoundedSemaphore(max_connections)
         self._waiting_lock = threading.Lock()  # must be held while changing _waiting
         self._waiting: dict[socket.socket, None] = {}  # blocked reading from their client, longest first

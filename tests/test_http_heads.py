@@ -274,6 +274,21 @@ def test_a_request_that_expects_100_continue_gets_it_once_then_its_answer(port, 
         assert sock.recv(65536).startswith(b"HTTP/1.1 202 ")
 
 
+def test_a_request_to_an_unknown_route_that_expects_100_continue_gets_it_then_404(port):
+    # gunicorn asks for the body of a route it does not know; python app.py's server answered 404 at once.
+    continue_line = b"HTTP/1.1 100 Continue\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(EXPECTING % b"/no-such-route" + b"Content-Length: 5\r\n\r\n")
+        received = b""
+        while len(received) < len(continue_line) and (chunk := sock.recv(len(continue_line) - len(received))):
+            received += chunk
+        assert received == continue_line
+        sock.sendall(b"hello")
+        while b"\r\n" not in received[len(continue_line) :] and (chunk := sock.recv(65536)):
+            received += chunk
+    assert received[len(continue_line) :].startswith(b"HTTP/1.1 404 "), received[:120]
+
+
 def test_an_expectation_other_than_100_continue_is_refused_417(port):
     # python app.py's server ignored it and served the request.
     status, headers, body = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n")
