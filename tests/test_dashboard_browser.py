@@ -19,7 +19,7 @@ from bench.browser import chromium, served
 from config import Config
 from service.live import LiveFigures
 from service.metrics import Metrics
-from workerpool import PermanentFailure, Task, WorkerPool
+from workerpool import PermanentFailure, PoolStats, Task, WorkerPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -74,10 +74,17 @@ def browser():
         yield context
 
 
-def _instance(config: Config) -> Iterator[Instance]:
+class StuckPool(WorkerPool):
+    """A pool that reports two worker threads stuck in timed-out attempts, one more than get a replacement."""
+
+    def stats(self) -> PoolStats:
+        return dataclasses.replace(super().stats(), stuck_threads=2, stuck_threads_limit=1)
+
+
+def _instance(config: Config, pool_class: type[WorkerPool] = WorkerPool) -> Iterator[Instance]:
     handler = Handler()
     metrics, live, final = Metrics(), LiveFigures(), FinalStates()
-    pool = WorkerPool(handler, workers=1, queue_size=50, observers=[metrics, live, final])
+    pool = pool_class(handler, workers=1, queue_size=50, observers=[metrics, live, final])
     app = create_app(config, pool=pool, metrics=metrics, live=live)
     with served(app) as server:
         port = server.server.server_port
@@ -94,6 +101,11 @@ def instance() -> Iterator[Instance]:
 @pytest.fixture
 def guarded() -> Iterator[Instance]:
     yield from _instance(dataclasses.replace(TEST_CONFIG, api_token=TOKEN))
+
+
+@pytest.fixture
+def stuck() -> Iterator[Instance]:
+    yield from _instance(TEST_CONFIG, StuckPool)
 
 
 @pytest.fixture
@@ -181,6 +193,20 @@ def test_a_queue_full_of_delayed_tasks_shows_as_full(page, instance):
     figures = [_figure(page, name) for name in ("queue-waiting", "queue-capacity", "queue-depth")]
     assert figures == [50, 50, 0]
     assert page.eval_on_selector("#queue-meter", "meter => meter.value") == 1
+    assert page.errors == []
+
+
+def test_an_unhealthy_service_shows_as_accepting_with_its_stuck_threads_not_as_draining(page, stuck):
+    # Any status but "ok" showed as "draining, new tasks are refused", while submissions got 202.
+    status, health = stuck.get("/healthz")
+    assert (status, health["status"]) == (503, "unhealthy")
+    _open(page, stuck)
+    expect(page.locator("#connection")).to_have_text(
+        "Live: unhealthy, 2 worker threads stuck in timed-out attempts (1 get a replacement): fewer threads take tasks",
+        timeout=WAIT_MS,
+    )
+    assert page.text_content("#fig-admission") == "accepting"
+    stuck.submit("still-taken")
     assert page.errors == []
 
 

@@ -76,7 +76,8 @@ function renderLive(live) {
   setText("fig-busy", live.busy_workers);
   setText("fig-workers", live.workers);
   const full = live.queue_waiting >= live.queue_capacity;
-  setText("fig-admission", live.status !== "ok" ? "draining" : full ? "queue full" : "accepting");
+  // "unhealthy" (more stuck threads than get a replacement) still accepts tasks: only draining refuses them all.
+  setText("fig-admission", live.status === "draining" ? "draining" : full ? "queue full" : "accepting");
   setText("fig-store", live.store);
   setText("fig-pid", live.pid);
   setText("window-minutes", Math.round(live.series.seconds / 60));
@@ -352,6 +353,16 @@ function setConnection(connected, text) {
   $("connection").className = connected ? "ok" : "lost";
 }
 
+function liveStatus(live) {
+  if (live.status === "ok") return "Live";
+  if (live.status === "draining") return "Live: draining, new tasks are refused";
+  if (live.status === "unhealthy") {
+    return `Live: unhealthy, ${live.stuck_threads} worker threads stuck in timed-out attempts` +
+      ` (${live.stuck_threads_limit} get a replacement): fewer threads take tasks`;
+  }
+  return `Live: ${live.status}`;
+}
+
 async function tick() {
   try {
     const response = await fetch("/dashboard/live", { cache: "no-store" });
@@ -359,7 +370,7 @@ async function tick() {
     const live = await response.json();
     view.tokenRequired = live.token_required;
     renderLive(live);
-    setConnection(true, live.status === "ok" ? "Live" : "Live: draining, new tasks are refused");
+    setConnection(true, liveStatus(live));
     if (view.tokenRequired && !view.token) {
       setText("task-message", "Enter the API token to see and change tasks.");
       askForToken();
