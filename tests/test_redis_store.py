@@ -72,6 +72,27 @@ def test_an_instance_with_a_smaller_bound_tells_how_many_tasks_the_store_holds_w
     assert (refused.waiting, refused.delayed, refused.capacity) == (5, 5, 3)
     assert str(refused) == "queue is full (5 tasks waiting)"
 
+def test_a_refusal_whose_place_freed_before_its_figures_were_read_does_not_say_to_wait_for_a_delayed_task(
+    make, clock, monkeypatch
+):
+    # The figures of a refusal are read after the admission: a worker may start the due task meanwhile.
+    store, worker = make(capacity=2), make(capacity=2)
+    assert [t.id for t in store.admit([new("due", clock), new("later", clock, next_attempt_at=clock.time() + 600)])]
+    run = RedisStore._run
+
+    def claim_first(self, name, *args, **kwargs):
+        if self is store and name == "queue_delays":
+            assert worker.claim("owner-w", clock.time() + 30).id == "due"
+        return run(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(RedisStore, "_run", claim_first)
+    (refused,) = store.admit([new("x", clock)])
+    assert isinstance(refused, QueueFull)
+    # It read one task waiting, delayed, and told to wait 600 s for it while a place was free.
+    assert (refused.waiting, refused.delayed, refused.due_in) == (2, None, None)
+    assert str(refused) == "queue is full (2 tasks waiting)"
+
+
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
     a, b = make(), make()
     a.admit([new("x", clock)])

@@ -903,7 +903,7 @@ class RedisStore(TaskStore):
 
     def _queue_delays(self) -> tuple[int | None, float | None, int | None]:
         """``QueueFull``'s ``delayed``, ``due_in`` and ``waiting``: one more round trip, on a refusal only (not
-        told if it fails).
+        told if it fails, or if a place freed since the refusal).
 
         Read after the admission that refused, not in its script: the
         admission is not given the time, and every admission would pay for it.
@@ -915,6 +915,10 @@ class RedisStore(TaskStore):
         try:
             delayed, waiting, first_due = self._run("queue_delays", now)
         except StoreUnavailable:
+            return None, None, None
+        if waiting < self.capacity:
+            # A place freed since the refusal (a worker started a task, a cancel): what is read now says
+            # nothing of the full queue, and its first delayed task would tell a client to wait for nothing.
             return None, None, None
         delays = full_queue_delays(
             delayed=delayed, waiting=waiting, first_due=None if first_due is None else float(first_due), now=now
