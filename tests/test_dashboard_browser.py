@@ -19,7 +19,7 @@ from bench.browser import chromium, served
 from config import Config
 from service.live import LiveFigures
 from service.metrics import Metrics
-from workerpool import PermanentFailure, PoolStats, Task, WorkerPool
+from workerpool import PermanentFailure, PoolStats, StoreUnavailable, Task, WorkerPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -275,3 +275,16 @@ def test_with_a_token_the_page_asks_for_it_and_shows_tasks_only_with_it(page, gu
     assert not page.is_visible("#token-dialog")
     # The wrong token's 401 is the only error the browser logged.
     assert all("401" in error for error in page.errors), page.errors
+
+
+def test_a_task_store_outage_is_told_apart_from_a_lost_connection(page, instance, monkeypatch):
+    # The page said "Connection lost" while the service answered, 503 store-unavailable, that its store was down.
+    _open(page, instance)
+
+    def store_down(pool):
+        raise StoreUnavailable("redis: Error 111 connecting to 127.0.0.1:6390. Connection refused.")
+
+    monkeypatch.setattr(WorkerPool, "stats", store_down)  # its instances have no __dict__
+    expect(page.locator("#connection")).to_have_text("Task store unavailable: retrying every second", timeout=WAIT_MS)
+    monkeypatch.undo()
+    expect(page.locator("#connection")).to_have_text(re.compile("^Live"), timeout=WAIT_MS)

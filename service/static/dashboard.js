@@ -363,10 +363,28 @@ function liveStatus(live) {
   return `Live: ${live.status}`;
 }
 
+// The service answered without its figures: what it said, rather than that the connection is lost.
+async function whyNoFigures(response) {
+  let problem = {};
+  try {
+    problem = await response.json();
+  } catch (error) {
+    // not a problem document (a proxy's page): the status alone
+  }
+  if (String(problem.type || "").endsWith(":store-unavailable")) {
+    return "Task store unavailable: retrying every second";
+  }
+  const title = problem.title ? ` ${problem.title}` : "";
+  return `No figures (HTTP ${response.status}${title}): retrying every second`;
+}
+
 async function tick() {
   try {
     const response = await fetch("/dashboard/live", { cache: "no-store" });
-    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    if (!response.ok) {
+      setConnection(false, await whyNoFigures(response));
+      return; // the next poll is still scheduled
+    }
     const live = await response.json();
     view.tokenRequired = live.token_required;
     renderLive(live);
