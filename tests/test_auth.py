@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import re
 
 import pytest
-from http_fixtures import TEST_CONFIG, make_harness
+from http_fixtures import PROJECT_ROOT, TEST_CONFIG, make_harness
 
 from service import auth
 
@@ -121,3 +122,20 @@ def test_a_refused_submission_is_counted_as_unauthorized(harness):
     assert 'workerpool_tasks_rejected_total{reason="unauthorized"} 1.0' in metrics
     assert 'workerpool_tasks_rejected_total{reason="invalid"} 0.0' in metrics
     assert "workerpool_tasks_accepted_total 0.0" in metrics
+
+
+def test_env_example_names_every_endpoint_the_token_guards(harness):
+    # It named three of the five: DELETE /tasks/<id> and POST /enqueue/batch read as open to anyone.
+    guarded = set()
+    for rule in harness.app.url_map.iter_rules():
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            if call(harness, method, re.sub(r"<[^>]*>", "a", rule.rule)).status_code == 401:
+                guarded.add(f"{method} {re.sub(r'<[^>]*>', '<id>', rule.rule)}")
+    assert {"POST /enqueue", "GET /tasks", "DELETE /tasks/<id>"} <= guarded
+    lines = (PROJECT_ROOT / ".env.example").read_text().splitlines()
+    end = next(n for n, line in enumerate(lines) if line.startswith("API_TOKEN="))
+    start = end
+    while lines[start - 1].startswith("#"):
+        start -= 1
+    comment = " ".join(lines[start:end])
+    assert set(re.findall(r"\b(?:GET|POST|PUT|PATCH|DELETE) /[\w/<>]*\b>?", comment)) == guarded
