@@ -6,10 +6,12 @@ import dataclasses
 import io
 import json
 import logging
+import re
 
 import pytest
 from http_fixtures import (
     LISTENING,
+    PROJECT_ROOT,
     TEST_CONFIG,
     Client,
     Gate,
@@ -104,6 +106,20 @@ def test_each_task_gets_the_answer_of_the_single_endpoint(harness):
         assert result["problem"]["title"] in ("Conflict", "Bad Request")
     assert harness.pool.get("later") is None
     assert harness.pool.get("new") is not None
+
+
+def test_the_readme_batch_example_answers_as_shown_after_the_readme_s_earlier_submissions():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    examples = re.findall(r"curl [^\n']*-d '(\{[^']*\})' (?:\\\n\s*)?http://127\.0\.0\.1:8080(/enqueue\S*)", readme)
+    batch = next(n for n, (_, path) in enumerate(examples) if path == "/enqueue/batch")
+    shown = readme[readme.index(examples[batch][0]) :].split("```json", 1)[1].split("```", 1)[0]
+    harness = make_harness(threads=False)
+    for body, path in examples[:batch]:  # a reader who follows the README submits these first
+        harness.client.post(path, data=body)
+    response = harness.client.post("/enqueue/batch", data=examples[batch][0])
+    assert statuses(response) == [int(status) for status in re.findall(r'^  \{"status": (\d+)', shown, re.M)]
+    for result, location in zip(response.get_json()["results"], re.findall(r'"location": "([^"]+)"', shown)):
+        assert result["location"] == location
 
 
 def test_a_task_the_stores_cannot_keep_is_refused_alone(harness):
