@@ -285,6 +285,21 @@ def test_a_failure_with_a_retry_time_queues_the_task_again(store, clock):
     assert store.stats().retries_pending == 1
 
 
+def test_a_success_after_a_failed_attempt_keeps_the_error_of_that_attempt(store, clock):
+    # As README and openapi.yaml say: last_error is the latest failed attempt's, kept on done.
+    admit(store, clock, "a", max_retries=2)
+    run(store, clock, "a", error="RuntimeError: boom", retry_at=clock.time())
+    done = run(store, clock, "a", result={"ok": True})
+    assert (done.state, done.attempts, done.result, done.last_error) == (
+        State.DONE,
+        2,
+        {"ok": True},
+        "RuntimeError: boom",
+    )
+    assert store.get("a") == done
+    assert [task.last_error for task in store.list(State.DONE)] == ["RuntimeError: boom"]
+
+
 def test_every_attempt_gets_the_payload_as_admitted_whatever_an_earlier_attempt_did_to_its_own(store, clock):
     def payload():
         return {"seen": [], "cursor": {"n": 0, "path": [[1], {"k": "v"}]}, "items": [1, 2, 3]}
