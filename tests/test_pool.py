@@ -731,6 +731,35 @@ def test_a_success_logs_at_debug_and_a_retry_or_failure_at_info_or_above(make_po
     ]
 
 
+def test_debug_lines_follow_the_logger_as_its_level_changes_under_a_running_pool(make_pool, caplog, monkeypatch):
+    pool = make_pool(threads=False)
+
+    def lines(task_id):
+        caplog.clear()
+        pool.submit(task_id)
+        pool.step()
+        return [r.getMessage() for r in caplog.records if r.name == "workerpool.pool"]
+
+    def debug(task_id):
+        steps = ["queued", "attempt 1 started", "done after 1 attempt(s)"]
+        return [f"task {task_id} {step}" for step in steps]
+
+    caplog.set_level(logging.DEBUG, logger="workerpool")
+    assert lines("a") == debug("a")
+    caplog.set_level(logging.INFO, logger="workerpool")
+    assert lines("b") == []
+    caplog.set_level(logging.DEBUG, logger="workerpool")
+    assert lines("c") == debug("c")
+    logging.disable(logging.DEBUG)
+    try:
+        assert lines("d") == []
+    finally:
+        logging.disable(logging.NOTSET)
+    assert lines("e") == debug("e")
+    monkeypatch.setattr(logging.getLogger("workerpool.pool"), "disabled", True)  # as dictConfig leaves it
+    assert lines("f") == []
+
+
 # -- bookkeeping that must hold whatever the handler and the observers do --------------
 
 
