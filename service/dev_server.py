@@ -23,6 +23,7 @@ import http.client
 import io
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -54,6 +55,7 @@ from .request_reader import (
 
 MAX_CONNECTIONS = 64
 WRITE_TIMEOUT_S = 30.0  # a client that stops reading its response gives its thread back after this
+LINGER_S = 2.0  # read what a client still sends after its response for this long at most (gunicorn's close_graceful)
 EVICTION_WAIT_S = 1.0  # how long a new connection waits for the thread of the one it evicted
 # gunicorn's limits on a request head (its defaults: limit_request_line, limit_request_field_size,
 # limit_request_fields), and the event loop's on the whole head (service/request_reader.py).
@@ -83,9 +85,17 @@ class _DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        remaining = self._handler.read_deadline - time.monotonic()
+        now = time.monotonic()
+        if self._handler.responded:
+            # After the response werkzeug reads what the client still sends, then closes: for LINGER_S at most, as
+            # gunicorn lingers (it held the thread until the request's deadline).
+            if self._handler.linger_until is None:
+                self._handler.linger_until = now + LINGER_S
+            if self._handler.linger_until <= now:
+                return 0
+        remaining = min(self._handler.read_deadline, self._handler.linger_until or math.inf) - now
         if remaining <= 0:
-            self.expired = True
+            self.expired = not self._handler.responded
             return 0
         sock: socket.socket = self._handler.connection
         sock.settimeout(remaining)
@@ -93,7 +103,7 @@ class _DeadlineReader(io.RawIOBase):
             with self._handler.server.waiting_for(sock):  # type: ignore[attr-defined]
                 return sock.recv_into(buffer)
         except TimeoutError:
-            self.expired = True
+            self.expired = not self._handler.responded
             return 0
         except ConnectionError:
             return 0
@@ -241,6 +251,8 @@ class BoundedRequestHandler(WSGIRequestHandler):
     timeout = WRITE_TIMEOUT_S
     read_deadline = 0.0
     expected = False  # the request has Expect: 100-continue (answered from parse_request, or not at all)
+    responded = False  # the response's head has been written
+    linger_until: float | None = None  # once responded: when reading what the client still sends stops
     connection_sent: tuple[str, ...] = ()  # the Connection values of the response being sent
 
     access_log = True  # one access line per request (ACCESS_LOG), as gunicorn writes it (service/access_log.py)
@@ -258,6 +270,8 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.head_read = False  # self.headers are this request's
         self.response_id: str | None = None
         self.body_from = 0  # wfile.sent when the response's head had been written
+        self.responded = False
+        self.linger_until = None
         try:
             super().handle_one_request()
         finally:
@@ -271,6 +285,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
     def flush_headers(self) -> None:
         super().flush_headers()
         self.body_from = self.wfile.sent  # type: ignore[attr-defined]
+        self.responded = True  # the application has read what it reads of the body
 
     def _write_access_line(self, status: int) -> None:
         """gunicorn's access line (``service/access_log.py``), on its logger: werkzeug's had no request id, no byte
