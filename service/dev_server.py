@@ -293,6 +293,8 @@ class BoundedRequestHandler(WSGIRequestHandler):
         line, target = self.requestline, (getattr(self, "path", "") if self.command else "")
         if "?" in target:  # a secret a client put in the query stays out of the log
             line = line.replace(target, logs.redact_target(target, refused=logs.is_refused(status)), 1)
+        elif not self.command:  # a request line refused unparsed: where its target ends is unknown
+            line = logs.redact_request_line(line)
         headers = self.headers if self.head_read else {}
         entry = logs.AccessEntry(
             created=time.time(),

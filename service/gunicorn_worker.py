@@ -55,6 +55,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from gunicorn.http import wsgi
+from gunicorn.http.errors import InvalidRequestLine
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -62,6 +63,7 @@ from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
 from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
+from .logs import REDACTED, redact_request_line
 from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, MissingHost, RequestReader, missing_host
 
 # Signals meant for the arbiter (reload, binary upgrade) that also reach the worker when sent to the whole
@@ -187,6 +189,7 @@ class DrainingThreadWorker(ThreadWorker):
     # -- errors gunicorn answers itself
 
     def handle_error(self, req, client, addr, exc) -> None:
+        redact(exc, self.body_limits.token)  # gunicorn quotes what the client sent in its warning
         # The answer's id is chosen first: gunicorn logs before it writes (see service/server_errors.py).
         with server_errors.answering() as answer:
             super().handle_error(req, client, addr, exc)
@@ -359,6 +362,19 @@ class HeldHeadResponse(wsgi.Response):
             self.sock.drop_head()
             self._head_written = False
         return super().start_response(status, headers, exc_info)
+
+
+def redact(exc: BaseException, token: str = "") -> None:
+    """Take the secrets out of what gunicorn logs, and answers, for ``exc``: the query of a request line it quotes
+    (where the target ends is unknown: all of it from its ``?``), and the API token ``token`` anywhere it quotes
+    (a header line without a colon, ``Authorization Bearer <token>``)."""
+    if isinstance(exc, InvalidRequestLine) and isinstance(exc.req, str):
+        exc.req = redact_request_line(exc.req)
+    if token:
+        for name in ("req", "method", "version", "hdr"):
+            value = getattr(exc, name, None)
+            if isinstance(value, str) and token in value:
+                setattr(exc, name, value.replace(token, REDACTED))
 
 
 def start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:

@@ -70,6 +70,7 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 REDACTED = "REDACTED"
+_LINE_VERSION = re.compile(r"\s+HTTP/\S*\Z")
 
 
 def redact_target(target: str, *, refused: bool) -> str:
@@ -81,6 +82,16 @@ def redact_target(target: str, *, refused: bool) -> str:
     if refused:
         return f"{path}?{REDACTED}"
     return f"{path}?{'&'.join(_redact_parameter(p) for p in query.split('&'))}"
+
+
+def redact_request_line(line: str) -> str:
+    """A request line that could not be parsed, fit for a log: all of it from the first ``?`` on replaced but an HTTP
+    version ending it, since where its target ends is unknown (``GET /tasks?REDACTED HTTP/1.1``)."""
+    path, mark, rest = line.partition("?")
+    if not mark:
+        return line
+    version = _LINE_VERSION.search(rest)
+    return f"{path}?{REDACTED}{version.group() if version else ''}"
 
 
 def _redact_parameter(parameter: str) -> str:

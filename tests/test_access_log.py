@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from gunicorn.config import Config as GunicornConfig
-from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, Client, ServerProcess, clean_environment, half_closed_exchange, wait_until
 
 from service import logs
 from service.access_log import AccessLogger
@@ -169,3 +169,47 @@ def test_gunicorn_writes_one_access_line_per_request_without_the_secrets(tmp_pat
     assert '"GET /healthz?access_token=REDACTED HTTP/1.1" 200' in access[0]
     assert '"GET /tasks/a?REDACTED HTTP/1.1" 401' in access[1]
     assert '"GET /nowhere?x=1 HTTP/1.1" 404' in access[3]
+
+
+@pytest.mark.parametrize(
+    ("line", "logged"),
+    [
+        ("GET /tasks?access_token=s3cret\tHTTP/1.1", "GET /tasks?REDACTED\tHTTP/1.1"),
+        ("GET /tasks?x=1 token=s3cret and HTTP/1.1", "GET /tasks?REDACTED HTTP/1.1"),
+        ("GET /tasks?api_token=s3cret\x01T HTTP/9.1", "GET /tasks?REDACTED HTTP/9.1"),
+        ("GET /tasks?token=s3cret", "GET /tasks?REDACTED"),
+        ("GET /tasks HTTP/1.1 extra", "GET /tasks HTTP/1.1 extra"),
+    ],
+)
+def test_a_request_line_not_parsed_keeps_nothing_after_its_question_mark(line, logged):
+    assert logs.redact_request_line(line) == logged
+
+
+MALFORMED_WITH_THE_TOKEN = [
+    b"GET /tasks?access_token=%s\tHTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /tasks?api_token=%s\x01T HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /tasks?access_token=%s and HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /tasks?access_token=%s HTTP/9.1\r\nHost: x\r\n\r\n",
+    b"GET /tasks HTTP/1.1\r\nHost: x\r\nAuthorization Bearer %s\r\n\r\n",
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", [["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"], ["app.py"]])
+def test_the_token_in_a_malformed_request_is_not_logged(tmp_path, command):
+    # gunicorn's warning quoted the request line (and a header line without a colon) as sent, and python app.py's
+    # access line the request line it could not parse: the token with them.
+    token = "0123456789abcdef-token"
+    env = clean_environment(API_TOKEN=token, WORK_MIN_MS="0", WORK_MAX_MS="0", HOST="127.0.0.1", PORT="0")
+    server = ServerProcess(command, log_path=tmp_path / "server.log", env=env)
+    try:
+        port = server.wait_for_port(LISTENING)
+        wait_until(lambda: Client(port).request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        for sent in MALFORMED_WITH_THE_TOKEN:
+            assert half_closed_exchange(port, sent % token.encode()).startswith(b"HTTP/1.1 4")
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert "REDACTED" in log
+    assert token not in log
