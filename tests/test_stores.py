@@ -247,11 +247,21 @@ def test_stats_count_every_kind_of_waiting_task(store, clock):
 # -- finish ---------------------------------------------------------------------------
 
 
-def test_a_success_stores_the_result_and_drops_the_payload(store, clock):
+def end(store, clock, how, task_id, attempt, owner=OWNER, **kwargs):
+    """An attempt's end written by ``finish``, or by ``finish_and_claim`` (whose claim must find nothing due)."""
+    if how == "finish":
+        return store.finish(task_id, attempt, owner, **kwargs)
+    ended, claimed = store.finish_and_claim(task_id, attempt, owner, lease_until=clock.time() + LEASE, **kwargs)
+    assert claimed is None
+    return ended
+
+
+@pytest.mark.parametrize("how", ["finish", "finish_and_claim"])
+def test_a_success_stores_the_result_and_drops_the_payload(store, clock, how):
     admit(store, clock, "a", payload="big payload")
     assert claim(store, clock).payload == "big payload"
     clock.advance(2)
-    done = store.finish("a", 1, OWNER, result={"answer": 42})
+    done = end(store, clock, how, "a", 1, result={"answer": 42})
     assert (done.state, done.result, done.payload, done.finished_at, done.last_error) == (
         State.DONE,
         {"answer": 42},
@@ -333,15 +343,16 @@ def test_a_failure_without_a_retry_time_fails_the_task(store, clock):
     )
 
 
-def test_late_writers_are_refused_and_change_nothing(store, clock):
+@pytest.mark.parametrize("how", ["finish", "finish_and_claim"])
+def test_late_writers_are_refused_and_change_nothing(store, clock, how):
     admit(store, clock, "a", max_retries=3)
     task = claim(store, clock)
-    assert store.finish("a", 2, OWNER) is None  # not that attempt
-    assert store.finish("a", 1, OTHER) is None  # not that owner
-    assert store.finish("gone", 1, OWNER) is None  # unknown
+    assert end(store, clock, how, "a", 2) is None  # not that attempt
+    assert end(store, clock, how, "a", 1, OTHER) is None  # not that owner
+    assert end(store, clock, how, "gone", 1) is None  # unknown
     assert store.get("a") == task
-    store.finish("a", 1, OWNER, error="boom", retry_at=clock.time() + 100)
-    assert store.finish("a", 1, OWNER) is None  # no longer running
+    end(store, clock, how, "a", 1, error="boom", retry_at=clock.time() + 100)
+    assert end(store, clock, how, "a", 1) is None  # no longer running
     assert store.get("a").state is State.QUEUED
 
 
