@@ -264,11 +264,35 @@ def _password(text: str) -> str:
     return text
 
 
+# A URL's user information: all from its scheme to its last "@" (a password may hold "/", unencoded), and the
+# values of its password and username options (redis-py takes ?password=).
+_URL_CREDENTIALS = re.compile(r"\A(\s*[A-Za-z][A-Za-z0-9+.-]*:/*)(.*)@", re.DOTALL)
+_URL_PASSWORD_OPTION = re.compile(r"([?&](?:password|username)=)([^&#]*)", re.IGNORECASE)
+_NOT_SHOWN = "<not shown>"
+
+
 def _shown(variable: str, raw: str) -> str:
     """A value as an error message may show it: secrets never, a URL's password neither."""
     if variable in _SECRETS:
         return f"<{len(raw)} characters, not shown>"
-    return repr(re.sub(r"//[^/@]*@", "//<credentials not shown>@", raw))
+    return repr(_URL_CREDENTIALS.sub(r"\1<credentials not shown>@", _URL_PASSWORD_OPTION.sub(r"\1" + _NOT_SHOWN, raw)))
+
+
+def _reason_shown(variable: str, raw: str, reason: str) -> str:
+    """Why a value is invalid, without the pieces of a URL's credentials a parser quotes ("Port could not be cast to
+    integer value as 'hunter'" for ``redis://:hunter/2@host``)."""
+    if variable in _SECRETS:
+        return reason
+    options = _URL_PASSWORD_OPTION.findall(raw)
+    credentials = _URL_CREDENTIALS.match(_URL_PASSWORD_OPTION.sub(r"\1" + _NOT_SHOWN, raw))
+    secrets = [value for _, value in options] + ([credentials[2]] if credentials else [])
+    for secret in secrets:
+        for piece in sorted({secret, *re.split(r"[:/@?#&=]", secret)}, key=len, reverse=True):
+            if len(piece) >= 3:
+                reason = reason.replace(piece, _NOT_SHOWN)
+            elif piece:
+                reason = reason.replace(f"'{piece}'", f"'{_NOT_SHOWN}'")
+    return reason
 
 
 def _log_level(text: str) -> str:
@@ -365,7 +389,8 @@ def from_env(environ: Mapping[str, str]) -> Config:
                 raise ValueError(TOKEN_RULE)
             values[field] = parse(raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{variable}={_shown(variable, raw)} is invalid: {exc}") from None
+            reason = _reason_shown(variable, raw, str(exc))
+            raise ConfigError(f"{variable}={_shown(variable, raw)} is invalid: {reason}") from None
     config = Config(**values)
     for smaller, larger in _ORDERED:
         low, high = getattr(config, _FIELDS[smaller][0]), getattr(config, _FIELDS[larger][0])

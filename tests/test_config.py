@@ -289,6 +289,26 @@ def test_a_redis_password_never_shows():
     assert "hunter2" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "store",
+    [
+        "redis://:hunter/2pass@127.0.0.1:6380/0",  # a "/" in the password: the parser quoted "hunter" as the port
+        "redis://127.0.0.1:abc/0?password=hunter2pass",
+        "redis://cache/0?Password=hunter2pass&socket_timeout=abc",
+        "redis:/:hunter2pass@127.0.0.1/0",
+        "redis://user:hunter@2pass/w0rd@cache:6379/nope",
+    ],
+)
+def test_a_redis_password_never_shows_in_a_malformed_url(store):
+    # Each was printed whole, or its pieces quoted by the parser's reason.
+    with pytest.raises(ConfigError) as caught:
+        from_env({"STORE": store})
+    message = str(caught.value)
+    assert message.startswith("STORE=")
+    for piece in ("hunter", "2pass", "w0rd"):
+        assert piece not in message
+
+
 def test_every_variable_has_a_bad_value_case():
     assert {variable for variable, _, _ in BAD_VALUES} == set(VARIABLES)
 
