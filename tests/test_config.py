@@ -297,6 +297,10 @@ def test_a_redis_password_never_shows():
         "redis://cache/0?Password=hunter2pass&socket_timeout=abc",
         "redis:/:hunter2pass@127.0.0.1/0",
         "redis://user:hunter@2pass/w0rd@cache:6379/nope",
+        "redis://127.0.0.1:6390/0?password=hunter2pass&foo=1",
+        "redis://:hunter#2pass@127.0.0.1:6390/0",
+        "redis://:hunter?2pass@127.0.0.1:6390/0",
+        "redis://:hunter+2pass/w0rd@127.0.0.1:6390/0",  # base64
     ],
 )
 def test_a_redis_password_never_shows_in_a_malformed_url(store):
