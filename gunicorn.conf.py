@@ -8,6 +8,7 @@ concurrency comes from its threads.
 import functools
 import math
 import os
+import signal as _signal
 import sys
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def on_starting(server):
     _share_metrics(server)
     if callable(getattr(server, "reload", None)):  # what kill -HUP calls
         server.reload = functools.partial(_reload_unless_refused, server, server.reload)
+    if callable(getattr(server, "manage_workers", None)):  # what kill -TTOU calls, and every turn of the loop
+        server.retiring = set()
+        server.manage_workers = functools.partial(_manage_workers_stopping_each_once, server, server.manage_workers)
 
 
 def _check_worker_class(worker_class) -> None:
@@ -142,6 +146,33 @@ def _reload_unless_refused(server, reload):
         reload()
     else:
         server.log.reopen_files()  # what logrotate sends the HUP for
+
+
+def _manage_workers_stopping_each_once(server, manage_workers):
+    """gunicorn's manage_workers, which does not count a worker it has told to stop, nor tell it again.
+
+    It sends SIGTERM to the oldest workers past the count on every turn of the
+    arbiter's loop (about once a second) for as long as they run: after kill
+    -TTOU the worker stopping got a second SIGTERM a second into its drain,
+    which it takes for an operator's second stop signal, and its running
+    tasks were abandoned, failed retries left or not. Hidden from it while it
+    runs, a worker it stopped is told once and drains for SHUTDOWN_TIMEOUT_S.
+    """
+    server.retiring &= server.WORKERS.keys()  # those that have exited are gone
+    hidden = {pid: server.WORKERS.pop(pid) for pid in server.retiring}
+    kill_worker = server.kill_worker
+
+    def kill_and_note(pid, sig):
+        if sig == _signal.SIGTERM:
+            server.retiring.add(pid)
+        kill_worker(pid, sig)
+
+    server.kill_worker = kill_and_note
+    try:
+        manage_workers()
+    finally:
+        server.kill_worker = kill_worker
+        server.WORKERS.update(hidden)
 
 
 def _check_listen(cfg):

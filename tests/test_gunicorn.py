@@ -667,6 +667,73 @@ def test_a_count_that_does_not_grow_is_not_checked_again(monkeypatch, new, old):
     assert Arbiter.num_workers == new
 
 
+def test_a_worker_past_the_count_is_told_to_stop_once_and_not_counted_while_it_drains(monkeypatch):
+    # gunicorn sent it SIGTERM again on each turn of its loop (after kill -TTOU): the worker took the second for an
+    # operator's "stop waiting" and abandoned its running tasks a second into the drain.
+    from gunicorn.arbiter import Arbiter
+
+    conf = load_conf(monkeypatch)
+
+    class Server:
+        num_workers = 1  # kill -TTOU lowered it from 2
+        _last_logged_active_worker_count = None
+        cfg = type("Cfg", (), {"enable_backlog_metric": False})()
+        log = type("Log", (), {"debug": lambda self, *args, **kwargs: None})()
+
+        def __init__(self) -> None:
+            self.WORKERS = {11: type("W", (), {"age": 1})(), 12: type("W", (), {"age": 2})()}
+            self.retiring: set[int] = set()
+            self.killed: list[tuple[int, int]] = []
+            self.spawned = 0
+
+        def kill_worker(self, pid, sig):
+            self.killed.append((pid, sig))
+
+        def spawn_workers(self):
+            self.spawned += 1
+
+    server = Server()
+    manage = conf["_manage_workers_stopping_each_once"]
+    for _ in range(3):  # three turns of the arbiter's loop while worker 11 drains
+        manage(server, Arbiter.manage_workers.__get__(server))
+        assert set(server.WORKERS) == {11, 12}
+    assert server.killed == [(11, signal.SIGTERM)]
+    assert server.spawned == 0
+    del server.WORKERS[11]  # it exited and was reaped
+    server.num_workers = 2  # kill -TTIN
+    manage(server, Arbiter.manage_workers.__get__(server))
+    assert server.retiring == set() and server.spawned == 1 and len(server.killed) == 1
+
+
+@pytest.mark.e2e
+def test_ttou_drains_the_running_tasks_of_the_worker_it_stops(tmp_path):
+    # The worker stopped got SIGTERM again a second into its drain and abandoned its running tasks (failed).
+    server = start_gunicorn(
+        tmp_path, STORE=f"sqlite://{tmp_path / 'tasks.db'}", WEB_CONCURRENCY="2", WORKERS="2",
+        WORK_MIN_MS="3000", WORK_MAX_MS="3000", FAILURE_RATE="0", SHUTDOWN_TIMEOUT_S="20",
+    )  # fmt: skip
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        wait_until(lambda: len(worker_pids(arbiter)) == 2, timeout=20, what="two workers")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        for n in range(4):
+            body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
+            assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
+        # Two attempts at a time in each process: every one runs, whichever process took it.
+        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == 4, timeout=20,
+                   what="four running attempts")  # fmt: skip
+        os.kill(arbiter, signal.SIGTTOU)
+        wait_until(lambda: "ended: shutdown complete" in server.log(), timeout=30, what="the stopped worker's drain")
+        wait_until(lambda: all(client.json("GET", f"/tasks/t{n}")[1]["state"] == "done" for n in range(4)),
+                   timeout=30, what="every task done")  # fmt: skip
+        log = server.log()
+        assert "SIGTERM again" not in log
+        assert "; 0 abandoned" in log
+    finally:
+        server.stop()
+
+
 @pytest.mark.e2e
 def test_ttin_does_not_start_a_second_worker_on_the_memory_store(tmp_path):
     server = start_gunicorn(tmp_path)
