@@ -15,7 +15,7 @@ from werkzeug.datastructures import MultiDict
 
 from config import Config
 from workerpool import State, Task, TaskSpec  # a validated task is the engine's TaskSpec
-from workerpool.nesting import MAX_RESULT_DEPTH, nested_deeper_than
+from workerpool.nesting import MAX_RESULT_DEPTH, SHORTEST_TOO_DEEP, nested_deeper_than
 
 from .problems import FieldError, invalid_request
 
@@ -194,7 +194,7 @@ def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:
             return [FieldError("payload", _DEPTH_RULE)]
     if len(text) > limit:
         return [FieldError("payload", f"must be at most {limit} {unit}")]
-    if not isinstance(value, str) and nested_deeper_than(text, MAX_PAYLOAD_DEPTH):
+    if len(text) >= SHORTEST_TOO_DEEP and not isinstance(value, str) and nested_deeper_than(text, MAX_PAYLOAD_DEPTH):
         return [FieldError("payload", _DEPTH_RULE)]
     if not text.isascii() and LONE_SURROGATE.search(text):  # isascii() is a flag lookup: most payloads stop there
         return [FieldError("payload", LONE_SURROGATE_RULE)]

@@ -15,8 +15,9 @@ MAX_RESULT_DEPTH = 500
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _INNERMOST = re.compile(r"[\[{][\]}]")  # an empty list or object, once all else is gone
-# The shortest JSON text nested more than MAX_RESULT_DEPTH deep is that many brackets, each closed.
-_SHORTEST_TOO_DEEP = 2 * (MAX_RESULT_DEPTH + 1)
+# The shortest JSON text nested more than MAX_RESULT_DEPTH deep is that many brackets, each closed: a
+# shorter one is known not to, without a call (most results and payloads are shorter).
+SHORTEST_TOO_DEEP = 2 * (MAX_RESULT_DEPTH + 1)
 
 
 def nested_deeper_than(text: str, limit: int) -> bool:
@@ -49,6 +50,6 @@ class UnreadableResult(dict):  # type: ignore[type-arg]
 
 def stored_result(text: str) -> Any:
     """A result as a store holds it (JSON text), decoded; an ``UnreadableResult`` if it nests too deeply."""
-    if len(text) >= _SHORTEST_TOO_DEEP and nested_deeper_than(text, MAX_RESULT_DEPTH):
+    if len(text) >= SHORTEST_TOO_DEEP and nested_deeper_than(text, MAX_RESULT_DEPTH):
         return UnreadableResult()
     return json.loads(text)

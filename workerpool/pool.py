@@ -31,7 +31,7 @@ from .backoff import compute_backoff
 from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
-from .nesting import MAX_RESULT_DEPTH, UnreadableResult, nested_deeper_than
+from .nesting import MAX_RESULT_DEPTH, SHORTEST_TOO_DEEP, UnreadableResult, nested_deeper_than
 from .observer import PoolObserver
 from .reachability import Reachability
 from .stores.base import TaskStore
@@ -1518,8 +1518,7 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
     if size > limit:
         return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
     immutable = type(returned) in _IMMUTABLE_RESULTS
-    # Fewer brackets than the limit (inside strings too) cannot nest deeper: most results stop here.
-    if not immutable and nested_deeper_than(text, MAX_RESULT_DEPTH):
+    if not immutable and len(text) >= SHORTEST_TOO_DEEP and nested_deeper_than(text, MAX_RESULT_DEPTH):
         return f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep", None
     if _SUSPECT_RESULT.search(text) is not None:  # rare: only then the exact checks (after the depth's)
         why = _refused_in_payloads(returned, text)
