@@ -852,6 +852,34 @@ def test_a_task_is_heard_queued_before_its_first_attempt_starts(make_pool):
     assert heard == ["queued", "started"]
 
 
+def test_a_task_claimed_with_the_last_end_is_heard_queued_before_its_attempt_starts(make_pool):
+    # As above, for a task a worker claims in the store step that ends its last attempt.
+    heard = []
+    first_started, release, next_started = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowToHearNext(PoolObserver):
+        def tasks_queued(self, tasks):
+            if tasks[0].id == "next":
+                release.set()  # "first" ends now, and its worker claims "next" in the same step
+                next_started.wait(0.5)
+            heard.extend(("queued", task.id) for task in tasks)
+
+        def attempt_started(self, task):
+            heard.append(("started", task.id))
+            (first_started if task.id == "first" else next_started).set()
+
+    def handler(task, cancel):
+        if task.id == "first":
+            release.wait(WAIT_S)
+
+    pool = make_pool(handler, workers=1, observers=[SlowToHearNext()])
+    pool.submit("first")
+    assert first_started.wait(WAIT_S)
+    pool.submit("next")
+    pool.shutdown(TIMEOUT)
+    assert heard == [("queued", "first"), ("started", "first"), ("queued", "next"), ("started", "next")]
+
+
 class _Marks(dict):
     """The pool's in-flight marks, recording an id taken out and put back (missing meanwhile)."""
 
@@ -1505,6 +1533,36 @@ def test_a_cancel_between_the_claim_and_the_attempts_start_reaches_its_handler(m
     pool.submit("job")
     assert pool.step()
     assert seen == [True]
+    assert not pool._cancel_early
+
+
+def test_a_cancel_between_the_claim_with_the_last_end_and_the_next_attempts_start_reaches_its_handler(
+    make_pool, clock
+):
+    seen = []
+    release = threading.Event()
+
+    def handler(task, cancel):
+        if task.id == "first":
+            release.wait(WAIT_S)
+        seen.append((task.id, cancel.is_set()))
+
+    store = MemoryStore(8, clock=clock.time)
+    pool = make_pool(handler, store=store, workers=1)
+    real_finish_and_claim = store.finish_and_claim
+
+    def end_then_cancel(*args, **kwargs):
+        ended, claimed = real_finish_and_claim(*args, **kwargs)
+        if claimed is not None:
+            assert pool.cancel(claimed.id).cancel_requested  # the worker has not registered the attempt yet
+        return ended, claimed
+
+    store.finish_and_claim = end_then_cancel
+    pool.submit("first")
+    pool.submit("next")  # queued while "first" runs: claimed with its end
+    release.set()
+    pool.shutdown(TIMEOUT)
+    assert seen == [("first", False), ("next", True)]
     assert not pool._cancel_early
 
 

@@ -616,18 +616,22 @@ class WorkerPool:
         return attempt
 
     def _register(self, attempt: Attempt) -> None:  # _lock is held
+        # _forget_attempt() spells this out for the attempt a worker claims with the end of its last one.
         task_id = attempt.task.id
         self._running[task_id] = attempt
         if self._cancel_early:
-            early = (task_id, attempt.task.created_at, attempt.task.attempts)
-            if early in self._cancel_early:
-                self._cancel_early.discard(early)
-                attempt.cancelled_early = True
+            self._take_early_cancel(attempt, task_id)
         # Read without _order_lock (one dict lookup, atomic under the GIL): a task is marked before
         # the store step that lets a worker claim it, so a worker that claimed it sees the mark
         # unless its observers have heard already. Taking _order_lock here would make every worker
         # wait, once per task, for a submitter marking a batch.
         attempt.waits_turn = task_id in self._in_flight
+
+    def _take_early_cancel(self, attempt: Attempt, task_id: str) -> None:  # _lock is held
+        early = (task_id, attempt.task.created_at, attempt.task.attempts)
+        if early in self._cancel_early:
+            self._cancel_early.discard(early)
+            attempt.cancelled_early = True
 
     def _run_attempt(self, attempt: Attempt, claim_next: bool = False) -> Attempt | None:
         """Run one registered attempt; with ``claim_next``, the attempt claimed in the same store step as its
@@ -805,7 +809,11 @@ class WorkerPool:
             if claimed is not None:  # one hold for this end and the next start: the worker goes straight on
                 if attempt.cancel.is_set():  # no longer registered: nothing sets it after this check
                     successor.cancel = threading.Event()
-                self._register(successor)
+                next_id = claimed.id  # _register(successor), spelled out: a call less per task
+                running[next_id] = successor
+                if self._cancel_early:
+                    self._take_early_cancel(successor, next_id)
+                successor.waits_turn = next_id in self._in_flight
                 attempt.successor = successor
             closing = self._closing
         finally:
