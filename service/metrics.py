@@ -44,6 +44,7 @@ from workerpool import (
     Task,
     WorkerPool,
 )
+from workerpool.pool import ProcessStats
 
 from . import metrics_share
 from .context import services
@@ -527,13 +528,27 @@ class _PoolCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self._pool.stats()
+        # A store that cannot be used leaves out its gauges alone: the process's own metrics, the rejections
+        # counted while the store is down among them, are what a scrape needs then.
+        try:
+            stats: PoolStats | ProcessStats | None = self._pool.stats()
+        except StoreUnavailable:
+            stats = None
+        yield GaugeMetricFamily(
+            "workerpool_store_available",
+            "1 when this scrape read the task store's figures; 0 when the store could not be used (its gauges are "
+            "left out).",
+            value=int(stats is not None),
+        )
         shared = self._metrics.shared_counts()
         if shared is not None:
             yield from _shared_pool_metrics(stats, *shared, self._metrics._created)
             return
+        if stats is None:
+            stats = self._pool.process_stats()
+        else:
+            yield from _store_gauges(stats)
         yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=stats.workers)
-        yield from _store_gauges(stats)
         yield GaugeMetricFamily(
             "workerpool_draining", "1 once shutdown began: new tasks are refused.", value=int(not stats.accepting)
         )
@@ -586,12 +601,14 @@ def _timed_out(count: float, created: float) -> CounterMetricFamily:
 
 
 def _shared_pool_metrics(
-    stats: PoolStats, counts: metrics_share.Snapshot, live: dict[int, metrics_share.Snapshot], created: float
+    stats: PoolStats | None, counts: metrics_share.Snapshot, live: dict[int, metrics_share.Snapshot], created: float
 ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    """The pool's metrics when several processes share them: each process's own summed or by pid."""
+    """The pool's metrics when several processes share them: each process's own summed or by pid; the store's
+    gauges unless ``stats`` is None (the store could not be read)."""
     workers = sum(gauges.get("workers", 0) for gauges in live.values())
     yield GaugeMetricFamily("workerpool_workers", "Worker threads.", value=workers)
-    yield from _store_gauges(stats)
+    if stats is not None:
+        yield from _store_gauges(stats)
     yield _by_pid("workerpool_draining", "1 once shutdown began: new tasks are refused.", live, "draining")
     yield _timed_out(counts.get("attempts_timed_out", 0), counts.get("created", created))
     yield _by_pid(

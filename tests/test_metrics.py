@@ -16,7 +16,7 @@ from app import create_app, pool_of
 from config import Config
 from service.metrics import Metrics
 from service.problems import Problem
-from workerpool import DuplicateTask, PermanentFailure, QueueFull, State, Task
+from workerpool import DuplicateTask, PermanentFailure, QueueFull, State, StoreUnavailable, Task
 
 
 def scrape_text(client) -> str:
@@ -156,6 +156,31 @@ def test_gauges_describe_the_pool():
     assert {value(samples, "workerpool_tasks_retained", state=s) for s in ("queued", "running", "done", "failed")} == {
         0
     }
+
+
+def test_a_task_store_that_cannot_be_used_leaves_out_its_gauges_alone(monkeypatch):
+    # /metrics answered 503 all through an outage: a scrape lost every metric, the rejections it caused among them.
+    harness = make_harness(workers=2)
+    client = harness.client
+    store = type(harness.pool.store)
+    assert value(scrape(client), "workerpool_store_available") == 1
+
+    def down(*args, **kwargs):
+        raise StoreUnavailable("redis: Error 111 connecting to 127.0.0.1:6390. Connection refused.")
+
+    monkeypatch.setattr(store, "stats", down)
+    monkeypatch.setattr(store, "admit", down)
+    assert enqueue(client, "during").status_code == 503
+    samples = scrape(client)
+    assert value(samples, "workerpool_store_available") == 0
+    assert value(samples, "workerpool_tasks_rejected_total", reason="store_unavailable") == 1
+    assert value(samples, "workerpool_workers") == 2
+    assert value(samples, "workerpool_draining") == 0
+    assert not any(name.startswith(("workerpool_queue_", "workerpool_tasks_retained")) for name, _ in samples)
+    monkeypatch.undo()
+    samples = scrape(client)
+    assert value(samples, "workerpool_store_available") == 1
+    assert value(samples, "workerpool_queue_capacity") == 4
 
 
 def test_many_apps_in_one_process_keep_separate_metrics():

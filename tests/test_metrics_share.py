@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics_share
 from service.metrics import Metrics
-from workerpool import QueueFull, State, Task, WorkerPool
+from workerpool import QueueFull, State, StoreUnavailable, Task, WorkerPool
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -98,6 +98,23 @@ def test_an_ended_process_keeps_its_counts_and_loses_its_gauges(tmp_path):
     assert found[("workerpool_workers", ())] == 3
     assert ("workerpool_draining", (("pid", "101"),)) not in found
     assert found[("workerpool_draining", (("pid", "102"),))] == 0
+
+
+def test_a_task_store_that_cannot_be_used_leaves_out_its_gauges_alone(tmp_path, monkeypatch):
+    first, pool = process(tmp_path, 101)
+    second, _ = process(tmp_path, 102, workers=3)
+    accept(first, 2)
+    first.publish()
+
+    def down(*args, **kwargs):
+        raise StoreUnavailable("the disk is full")
+
+    monkeypatch.setattr(type(pool.store), "stats", down)
+    found = samples(second)
+    assert found[("workerpool_store_available", ())] == 0
+    assert found[("workerpool_tasks_accepted_total", ())] == 2
+    assert found[("workerpool_workers", ())] == 5
+    assert not any(name.startswith(("workerpool_queue_", "workerpool_tasks_retained")) for name, _ in found)
 
 
 def test_a_process_that_gets_an_ended_ones_pid_counts_on_from_its_counts(tmp_path):
