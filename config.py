@@ -402,7 +402,14 @@ def from_env(environ: Mapping[str, str]) -> Config:
 def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
     """The process environment over the values in ``dotenv_path`` (if it exists)."""
     merged: dict[str, str] = {}
-    if dotenv_path is not None and dotenv_path.is_file():
+    # Only a path that is not there at all means no .env: a directory (what a bind mount of a missing file
+    # makes) or a link to nothing would leave every setting in it silently at its default.
+    if dotenv_path is not None and (dotenv_path.exists() or dotenv_path.is_symlink()):
+        if not dotenv_path.is_file():
+            why = "is a directory" if dotenv_path.is_dir() else "is not a file"
+            if not dotenv_path.exists():
+                why = f"is a link to {os.readlink(dotenv_path)}, which does not exist"
+            raise ConfigError(f"{dotenv_path} {why}: the settings in it cannot be read (remove it, or make it a file)")
         _check_dotenv(dotenv_path)
         merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     merged.update(os.environ)

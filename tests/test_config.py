@@ -426,6 +426,24 @@ def test_a_dotenv_file_that_is_not_utf8_stops_start_up_naming_the_line(tmp_path,
     assert capsys.readouterr().err == f"configuration error: {dotenv} line 2 is not UTF-8 text\n"
 
 
+@pytest.mark.parametrize("kind", ["directory", "dangling-link"])
+def test_a_dotenv_that_is_not_a_file_stops_start_up_naming_it(tmp_path, capsys, kind):
+    # It was taken for no .env: the settings meant for it (API_TOKEN, STORE...) silently left at their defaults.
+    dotenv = tmp_path / ".env"
+    if kind == "directory":
+        dotenv.mkdir()  # what a bind mount of a missing file makes
+        why = "is a directory"
+    else:
+        dotenv.symlink_to(tmp_path / "secrets" / ".env")
+        why = f"is a link to {tmp_path / 'secrets' / '.env'}, which does not exist"
+    with pytest.raises(SystemExit) as caught:
+        config.load(dotenv)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"configuration error: {dotenv} {why}: the settings in it cannot be read (remove it, or make it a file)\n"
+    )
+
+
 def test_a_missing_dotenv_file_means_defaults(tmp_path):
     assert config.load(tmp_path / "absent.env") == Config()
 
