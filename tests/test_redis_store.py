@@ -93,6 +93,44 @@ def test_a_refusal_whose_place_freed_before_its_figures_were_read_does_not_say_t
     assert str(refused) == "queue is full (2 tasks waiting)"
 
 
+def test_a_task_whose_hash_redis_evicted_is_skipped_by_a_claim_and_leaves_nothing_behind(make, server, clock):
+    # With a maxmemory-policy other than noeviction, Redis drops whole keys: a queued task's hash goes,
+    # its queue entry stays. The claim wrote a half task ("running", no id) that every read then failed on.
+    store = make()
+    store.admit([new("evicted", clock), new("kept", clock)])
+    server.client().delete(f"{store._prefix}:t:evicted")
+    claimed = store.claim("owner-a", clock.time() + 30)
+    assert claimed is not None and claimed.id == "kept"
+    assert server.client().exists(f"{store._prefix}:t:evicted") == 0
+    assert [task.id for task in store.list()] == ["kept"]
+    assert store.stats().counts[State.RUNNING] == 1 and store.stats().counts[State.QUEUED] == 0
+    assert store.claim("owner-a", clock.time() + 30) is None
+
+
+def test_what_is_left_of_an_evicted_task_is_not_read_and_goes_when_its_lease_expires(make, server, clock, caplog):
+    # What an older release's claim left of an evicted task: the fields the claim writes, and the indexes.
+    store = make()
+    store.admit([new("whole", clock)])
+    redis_client, prefix, until = server.client(), store._prefix, clock.time() + 30
+    redis_client.hset(f"{prefix}:t:half", mapping={"state": "running", "attempts": 1, "started_at": clock.time(),
+                                                  "owner": "owner-a", "lease_until": until})  # fmt: skip
+    redis_client.zadd(f"{prefix}:run", {"half": until})
+    redis_client.zadd(f"{prefix}:st:running", {"half": 0})
+    redis_client.zadd(f"{prefix}:all", {"half": 0})
+    redis_client.sadd(f"{prefix}:own:owner-a", "half")
+    assert [task.id for task in store.list()] == ["whole"]
+    assert store.list(State.RUNNING) == []
+    assert store.get("half") is None
+    assert store.cancel("half") == (None, False)
+    clock.advance(31)
+    assert store.recover(lambda task: None) == []
+    assert "task half: Redis evicted its data" in caplog.text
+    assert store.stats().counts[State.RUNNING] == 0
+    assert [key for key in redis_client.keys(f"{prefix}*") if b"half" in key] == []
+    assert redis_client.zscore(f"{prefix}:all", "half") is None
+    assert redis_client.smembers(f"{prefix}:own:owner-a") == set()
+
+
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
     a, b = make(), make()
     a.admit([new("x", clock)])

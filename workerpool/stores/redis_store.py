@@ -175,30 +175,42 @@ local function first_due()
 end
 -- Due retries first, then the oldest due new task; when none is due, the earliest due time (or false).
 local function claim(now, owner, lease_until)
-  local zset = P .. ':retry'
-  local members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', '0', '1')
-  if #members == 0 then
-    zset = P .. ':new'
-    members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', '0', '1')
+  for _ = 1, 100 do
+    local zset = P .. ':retry'
+    local members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', '0', '1')
+    if #members == 0 then
+      zset = P .. ':new'
+      members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', '0', '1')
+    end
+    if #members == 0 then
+      -- Nothing is due now, so the tokens left tell of work already taken: without them the next
+      -- idle worker blocks at once instead of waking for nothing. Work admitted later pushes anew.
+      -- A token taken here may be that of work due by the time the worker waits (delayed, a retry,
+      -- or admitted after this step's time was stamped): the due time returned bounds that wait.
+      redis.call('DEL', P .. ':signal')
+      return first_due()
+    end
+    local id = string.sub(members[1], 18)
+    local key = P .. ':t:' .. id
+    redis.call('ZREM', zset, members[1])
+    -- A queued task's hash holds its state: four new fields mean there was no hash, which Redis
+    -- evicted (a maxmemory-policy other than noeviction). Its leftovers go; the next task is taken.
+    local added = redis.call('HSET', key, 'state', 'running', 'started_at', now, 'owner', owner, 'lease_until',
+      lease_until)
+    if added == 4 then
+      redis.call('DEL', key)
+      redis.call('ZREM', P .. ':all', id)
+      redis.call('ZREM', P .. ':st:queued', id)
+    else
+      redis.call('HINCRBY', key, 'attempts', '1')
+      redis.call('HDEL', key, 'next_attempt_at', 'queue_member')
+      move_index(id, 'queued', 'running')
+      redis.call('ZADD', P .. ':run', lease_until, id)
+      redis.call('SADD', P .. ':own:' .. owner, id)
+      return redis.call('HGETALL', key)
+    end
   end
-  if #members == 0 then
-    -- Nothing is due now, so the tokens left tell of work already taken: without them the next
-    -- idle worker blocks at once instead of waking for nothing. Work admitted later pushes anew.
-    -- A token taken here may be that of work due by the time the worker waits (delayed, a retry,
-    -- or admitted after this step's time was stamped): the due time returned bounds that wait.
-    redis.call('DEL', P .. ':signal')
-    return first_due()
-  end
-  local id = string.sub(members[1], 18)
-  local key = P .. ':t:' .. id
-  redis.call('ZREM', zset, members[1])
-  redis.call('HINCRBY', key, 'attempts', '1')
-  redis.call('HSET', key, 'state', 'running', 'started_at', now, 'owner', owner, 'lease_until', lease_until)
-  redis.call('HDEL', key, 'next_attempt_at', 'queue_member')
-  move_index(id, 'queued', 'running')
-  redis.call('ZADD', P .. ':run', lease_until, id)
-  redis.call('SADD', P .. ':own:' .. owner, id)
-  return redis.call('HGETALL', key)
+  return now  -- a hundred evicted tasks skipped: the caller looks again at once
 end
 -- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
 local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err, result, retry_at, expired_before)
@@ -395,6 +407,22 @@ evict(num(ARGV[1]) - num(ARGV[2]), num(ARGV[3]))
 return redis.call('HGETALL', P .. ':t:' .. ARGV[4])
 """
 
+# ARGV: id. Removes the task's hash and every trace of its id when the hash is missing or lacks the id every
+# admission writes (Redis evicted it, and a step wrote to it since); 1 if it did, else 0.
+_DROP_LEFTOVER = """
+local id = ARGV[1]
+local key = P .. ':t:' .. id
+if redis.call('HEXISTS', key, 'id') == 1 then return 0 end
+local owner = redis.call('HGET', key, 'owner')
+redis.call('DEL', key)
+for _, index in ipairs({':run', ':all', ':fin', ':st:queued', ':st:running', ':st:done', ':st:failed',
+    ':st:cancelled'}) do
+  redis.call('ZREM', P .. index, id)
+end
+if owner then redis.call('SREM', P .. ':own:' .. owner, id) end
+return 1
+"""
+
 # ARGV: now, ttl, max_finished, state or '', limit. Newest first.
 _LIST = """
 evict(num(ARGV[1]) - num(ARGV[2]), num(ARGV[3]))
@@ -578,8 +606,12 @@ def _task_args(task: Task) -> list[str]:
             str(len(rest)), *rest]  # fmt: skip
 
 
-def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
-    """A task from HGETALL's answer: a flat list from a script, a dict from redis-py."""
+def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task | None:
+    """A task from HGETALL's answer: a flat list from a script, a dict from redis-py.
+
+    None for what is left of a task whose hash Redis evicted (a maxmemory-policy other than
+    noeviction) and that a step then wrote to: a hash without the fields every admission writes.
+    """
     pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2])
     raw = {name.decode(): value.decode() for name, value in pairs}
     values: dict[str, Any] = {}
@@ -600,6 +632,8 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task:
             values[name] = State(text)
         else:
             values[name] = text
+    if "id" not in values or "max_retries" not in values:
+        return None
     values.setdefault("payload", "")  # dropped once the task is final
     return Task(**values)
 
@@ -681,6 +715,7 @@ class RedisStore(TaskStore):
             "stats": _STATS,
             "first_due": _FIRST_DUE,
             "queue_delays": _QUEUE_DELAYS,
+            "drop_leftover": _DROP_LEFTOVER,
             "health": _HEALTH,
         }
         self._scripts = {
@@ -1096,7 +1131,8 @@ class RedisStore(TaskStore):
         if not reply:
             return None, False
         changed, flat = reply
-        return _decode(flat), changed == 1
+        task = _decode(flat)
+        return task, task is not None and changed == 1
 
     def recover(
         self,
@@ -1111,7 +1147,10 @@ class RedisStore(TaskStore):
         recovered = []
         for raw_id in expired:
             task = self.get(raw_id.decode())
-            if task is None or task.state is not State.RUNNING:
+            if task is None:
+                self._drop_leftover(raw_id.decode())
+                continue
+            if task.state is not State.RUNNING:
                 continue
             owner, lease_until = self._call("hmget", f"{self._prefix}:t:{task.id}", "owner", "lease_until")
             if owner is None:
@@ -1128,6 +1167,15 @@ class RedisStore(TaskStore):
             if after is not None:
                 recovered.append(after)
         return recovered
+
+    def _drop_leftover(self, task_id: str) -> None:
+        """Remove what is left of a task whose hash Redis evicted (see _decode), if that is what it is."""
+        if self._run("drop_leftover", task_id):
+            log.warning(
+                "task %s: Redis evicted its data (maxmemory-policy is not noeviction): what was left of it is"
+                " removed, and the task is lost",
+                task_id,
+            )
 
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
         abandoned = []
@@ -1151,7 +1199,7 @@ class RedisStore(TaskStore):
 
     def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
         flats = self._run("list", *self._retention(), "" if state is None else str(state), limit)
-        return [_decode(flat) for flat in flats]
+        return [task for task in map(_decode, flats) if task is not None]
 
     def stats(self) -> StoreStats:
         states = list(State)
