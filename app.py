@@ -109,6 +109,17 @@ def reach_store(config: Config) -> bool:
             store.stats()
             return _redis_password_unneeded(store)
         return False
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        # Answers of the wrong shape: a server on that port that is not Redis (one that echoes what it is sent
+        # passes redis-py's checks once it is given a password) made this a traceback and exit code 1.
+        url = urlsplit(config.store.url)
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+        for secret in (url.password, config.redis_password):  # such a server may send back what it was sent
+            if secret:
+                reason = reason.replace(secret, "<not shown>")
+        raise StoreUnavailable(
+            f"redis: the server at {url.hostname}:{url.port or 6379} does not answer as a Redis server ({reason})"
+        ) from None
     finally:
         store.close()
 

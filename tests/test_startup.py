@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from http_fixtures import PROJECT_ROOT, clean_environment
@@ -114,6 +116,54 @@ def test_a_missing_tls_file_stops_start_up_in_one_line_naming_it_without_the_pas
         "configuration error: STORE='rediss://<credentials not shown>@127.0.0.1:1/0?ssl_ca_certs=/nonexistent/ca.pem' "
         "is invalid: ssl_ca_certs='/nonexistent/ca.pem' cannot be read: No such file or directory\n"
     )
+
+
+@pytest.fixture
+def echo_port():
+    """A server that sends back whatever it is sent: not Redis, though redis-py's checks pass once it has a password."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "python app.py"])
+@pytest.mark.parametrize("where", ["url", "REDIS_PASSWORD"])
+def test_a_store_url_to_a_server_that_is_not_redis_stops_start_up_in_one_line(command, echo_port, where):
+    # Given a password, it ended in a traceback ("too many values to unpack") and exit code 1.
+    password = "pw1234567-hunter2"
+    if where == "url":
+        result = start(command, STORE=f"redis://:{password}@127.0.0.1:{echo_port}/0")
+    else:
+        result = start(command, STORE=f"redis://127.0.0.1:{echo_port}/0", REDIS_PASSWORD=password)
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert output.startswith(
+        f"store error: STORE cannot be used: redis: the server at 127.0.0.1:{echo_port} does not answer as a Redis "
+        "server ("
+    ), output
+    assert output.count("\n") == 1 and password not in output
 
 
 # -- an address that cannot be listened on ------------------------------------------
