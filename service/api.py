@@ -280,4 +280,4 @@ def health_figures(stats: PoolStats) -> dict[str, Any]:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """Serve the OpenAPI description with this instance's limits."""
-    return jsonify(openapi_spec(services().config))
+    return jsonify(openapi_spec(services().config, request.script_root))

@@ -21,13 +21,15 @@ def _spec_file() -> dict[str, Any]:
     return yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
 
 
-def openapi_spec(config: Config) -> dict[str, Any]:
+def openapi_spec(config: Config, root_path: str = "") -> dict[str, Any]:
     """``openapi.yaml`` with the configured limits and security in place of what it was written with.
 
     Only values that vary between instances are replaced, so the served
-    document is true for the instance that serves it.
+    document is true for the instance that serves it: its server URL is the
+    root path it is served under (``SCRIPT_NAME``), ``/`` without one.
     """
     spec = copy.deepcopy(_spec_file())
+    spec["servers"][0]["url"] = root_path.rstrip("/") + "/"
     spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_body_bytes
     spec["paths"]["/enqueue/batch"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_batch_body_bytes
     spec["components"]["schemas"]["EnqueueBatchRequest"]["properties"]["tasks"]["maxItems"] = config.max_batch_tasks

@@ -343,3 +343,14 @@ def test_the_id_rule_is_the_one_the_api_applies(harness, task_id, valid):
     assert described == valid
     response = harness.client.post("/enqueue", json={"id": task_id, "payload": ""})
     assert response.status_code == (202 if valid else 400)
+
+
+def test_the_served_description_names_the_root_path_it_is_served_under():
+    # It said "/" under SCRIPT_NAME=/wp: clients generated from it sent POST /enqueue, outside the service.
+    harness = make_harness()
+    try:
+        assert harness.client.get("/openapi.json").get_json()["servers"][0]["url"] == "/"
+        served = harness.client.get("/openapi.json", base_url="http://localhost/wp").get_json()
+        assert served["servers"][0]["url"] == "/wp/"
+    finally:
+        harness.drain()
