@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 from http_fixtures import TEST_CONFIG, WAIT_S, Client, FinalStates
 from playwright.sync_api import expect
+from werkzeug.exceptions import NotFound
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from app import create_app
 from bench.browser import chromium, served
@@ -182,6 +184,27 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
         task["id"] for task in done["tasks"]
     ]
     assert page.errors == []
+
+
+def test_under_a_root_path_the_page_reads_and_submits_through_it(page):
+    # The page's files and requests were absolute (/dashboard/dashboard.js, /tasks...): under SCRIPT_NAME they
+    # missed the app, while the API itself answered under the prefix.
+    handler, live, final = Handler(), LiveFigures(), FinalStates()
+    metrics = Metrics()
+    pool = WorkerPool(handler, workers=1, queue_size=50, observers=[metrics, live, final])
+    app = create_app(TEST_CONFIG, pool=pool, metrics=metrics, live=live)
+    with served(DispatcherMiddleware(NotFound(), {"/wp": app})) as server:
+        try:
+            page.goto(server.url + "/wp/dashboard")
+            expect(page.locator("#connection")).to_have_text(re.compile("^Live"), timeout=WAIT_MS)
+            page.fill("#submit-id", "under-a-prefix")
+            page.click("#submit-form button[type=submit]")
+            expect(page.locator("#task-message")).to_contain_text("under-a-prefix accepted", timeout=WAIT_MS)
+            expect(page.locator("#task-rows tr[data-id='under-a-prefix']")).to_be_visible(timeout=WAIT_MS)
+            assert page.errors == []
+        finally:
+            handler.release.set()
+            pool.shutdown(WAIT_S)
 
 
 def test_a_queue_full_of_delayed_tasks_shows_as_full(page, instance):

@@ -25,7 +25,7 @@ const view = {
 // -- HTTP ----------------------------------------------------------------------------------
 
 function taskPath(id) {
-  return "/tasks/" + id.split("/").map(encodeURIComponent).join("/");
+  return "tasks/" + id.split("/").map(encodeURIComponent).join("/");
 }
 
 async function api(method, path, body) {
@@ -238,7 +238,7 @@ async function refreshTasks() {
   const end = (view.page + 1) * PAGE_SIZE;
   const params = new URLSearchParams({ limit: String(Math.min(LIST_LIMIT, end + 1)) });
   if (state) params.set("state", state);
-  const result = await api("GET", "/tasks?" + params);
+  const result = await api("GET", "tasks?" + params);
   if (result.status !== 200) return;
   const tasks = result.data.tasks;
   renderTasks(tasks.slice(view.page * PAGE_SIZE, end));
@@ -308,7 +308,7 @@ async function submitTask(event) {
   if (id) body.id = id;
   const retries = $("submit-retries").value.trim();
   if (retries) body.max_retries = Number(retries);
-  const result = await api("POST", "/enqueue", body);
+  const result = await api("POST", "enqueue", body);
   if (result.status === 202) {
     setText("task-message", `Task ${result.data.id} accepted.`);
     $("submit-id").value = newTestId();
@@ -333,7 +333,7 @@ function askForToken(message) {
 async function useToken(event) {
   event.preventDefault();
   view.token = $("token-input").value.trim();
-  const check = await api("GET", "/tasks?limit=1");
+  const check = await api("GET", "tasks?limit=1");
   if (check.status !== 200) return; // api() has asked again, with the reason
   sessionStorage.setItem(TOKEN_KEY, view.token);
   $("token-input").value = "";
@@ -380,7 +380,7 @@ async function whyNoFigures(response) {
 
 async function tick() {
   try {
-    const response = await fetch("/dashboard/live", { cache: "no-store" });
+    const response = await fetch("dashboard/live", { cache: "no-store" });
     if (!response.ok) {
       setConnection(false, await whyNoFigures(response));
       return; // the next poll is still scheduled
