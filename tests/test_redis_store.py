@@ -1185,3 +1185,28 @@ def test_a_password_is_found_unneeded_only_where_the_server_answers_without_one(
         assert not redis_store.password_unneeded(protected.client())  # unreachable: not known to be unneeded
     finally:
         protected.stop(signal.SIGKILL)
+
+
+def test_an_acl_user_without_the_bare_prefix_key_is_told_the_pattern_it_needs(server, clock):
+    # "~{wp}:*" (what the key list suggested) was refused with Redis' "no permissions ... one of the keys", naming
+    # none: the scripts also name the bare "{wp}".
+    admin = server.client()
+    try:
+        admin.acl_setuser("wp-narrow", enabled=True, passwords=["+narrow-pass-1234"], keys=["{wp}:*"],
+                          channels=["*"], commands=["+@all", "-@dangerous"])  # fmt: skip
+        admin.acl_setuser("wp-wide", enabled=True, passwords=["+wide-pass-12345"], keys=["{wp}*"],
+                          channels=["*"], commands=["+@all", "-@dangerous"])  # fmt: skip
+        for user, password, refused in (("wp-narrow", "narrow-pass-1234", True), ("wp-wide", "wide-pass-12345", False)):
+            client = connect(f"redis://{user}:{password}@127.0.0.1:{server.port}/0", timeout=5.0)
+            try:
+                store = RedisStore(client, prefix="wp", capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
+                if refused:
+                    with pytest.raises(StoreUnavailable, match=r"no permissions.*~\{STORE_PREFIX\}\*"):
+                        store.stats()
+                else:
+                    assert store.stats().waiting == 0
+            finally:
+                client.close()
+    finally:
+        admin.acl_deluser("wp-narrow", "wp-wide")
+        admin.close()

@@ -507,6 +507,11 @@ def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
     """
     if isinstance(exc, redis.ConnectionError) and isinstance(exc.__context__, BlockingIOError):
         return StoreUnavailable(f"redis: Timeout (no answer within the socket timeout): {exc}")
+    if isinstance(exc, redis.exceptions.NoPermissionError):  # Redis names no key: say which the store uses
+        return StoreUnavailable(
+            f"redis: {exc} (an ACL user needs the store's keys: the pattern ~{{STORE_PREFIX}}*, which covers "
+            "{STORE_PREFIX} itself and every {STORE_PREFIX}:... key)"
+        )
     return StoreUnavailable(f"redis: {exc}")
 
 
