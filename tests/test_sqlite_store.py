@@ -1108,6 +1108,48 @@ def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(o
     assert store.health() is None
 
 
+def test_an_error_fails_the_admission_that_raised_it_not_an_equal_one_before_it(open_store, clock, monkeypatch):
+    # Two admissions of the same task (same id, same creation time: equal values) wait in one batch,
+    # and only the second one's insert raises. The second one fails; the first is admitted, and its
+    # caller answered (an admission taken out of the batch by value would leave it without outcomes).
+    held, release, stalling_clock = stalling(clock)
+    store = open_store(clock=stalling_clock)
+    inserts = []
+    insert = SqliteStore._insert
+
+    def failing_second_insert(conn, task, payload):
+        if task.id == "x":
+            inserts.append(task)
+            if len(inserts) == 2:
+                raise RuntimeError("the second insert of x")
+        return insert(conn, task, payload)
+
+    monkeypatch.setattr(SqliteStore, "_insert", staticmethod(failing_second_insert))
+    outcomes: dict[str, object] = {}
+
+    def submit(name, *tasks):
+        try:
+            outcomes[name] = store.admit(list(tasks))
+        except Exception as exc:  # noqa: BLE001  (the outcome under test)
+            outcomes[name] = exc
+
+    # Two tasks: a transaction, which reads the clock (a single task's admission reads none).
+    first = threading.Thread(target=submit, args=("first", task(clock, "a"), task(clock, "a2")))
+    first.start()
+    assert held.wait(WAIT_S)  # "a" and "a2" hold the write lock
+    waiting = [threading.Thread(target=submit, args=(name, task(clock, "x"))) for name in ("one", "two")]
+    start_queued_in_order(store, waiting)
+    assert store._admissions[0].tasks == store._admissions[1].tasks  # equal, not the same
+    release.set()
+    for thread in (first, *waiting):
+        thread.join(WAIT_S)
+    assert [t.id for t in outcomes["first"]] == ["a", "a2"]
+    assert [t.id for t in outcomes["one"]] == ["x"]
+    assert isinstance(outcomes["two"], RuntimeError)
+    assert sorted(t.id for t in store.list()) == ["a", "a2", "x"]
+    assert store.stats().waiting == 3
+
+
 def test_a_single_task_that_cannot_be_bound_fails_its_admission_alone(open_store, clock):
     store = open_store()
     with pytest.raises(OverflowError):

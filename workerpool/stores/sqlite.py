@@ -244,9 +244,12 @@ WHERE tasks.seq = queued.seq;
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Admission:
-    """One call of ``admit`` waiting for the write lock; what it gets is set under that lock."""
+    """One call of ``admit`` waiting for the write lock; what it gets is set under that lock.
+
+    Compared by identity: two calls admitting equal tasks are two admissions (see _admit_batch).
+    """
 
     tasks: list[tuple[Task, str]]  # each with its payload as JSON
     outcomes: list[Task | SubmitError] | None = None  # set once the step that took it ended
