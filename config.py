@@ -209,6 +209,12 @@ def _redis_url(text: str) -> str:
     return text
 
 
+MAX_CONNECTIONS_REFUSED = (
+    "max_connections cannot be set: every thread keeps a connection of its own (WORKERS, the HTTP threads and "
+    "a few more), and a pool at its cap refuses the next thread's commands (Too many connections) instead of waiting"
+)
+
+
 def _check_redis_options(text: str) -> None:
     """Build (not connect) the client's first connection, so a bad option (``?socket_timeout=abc``) stops
     the start instead of the first command; the client's messages name the option, never the password."""
@@ -223,6 +229,9 @@ def _check_redis_options(text: str) -> None:
     except (ValueError, redis.RedisError) as exc:
         reason = str(exc).rstrip(".")
         raise ValueError(f"is not a Redis URL: {reason[:1].lower()}{reason[1:]}") from None
+    if "max_connections" in redis.connection.parse_url(text):
+        # The store's pool has no cap (see redis_store.connect): each thread keeps a connection of its own.
+        raise ValueError(MAX_CONNECTIONS_REFUSED)
     _check_redis_tls_files(connection)
 
 

@@ -147,6 +147,10 @@ STORE_RULE = (
     "or redis://host:port/db (rediss:// for TLS)"
 )
 BAD_REDIS_OPTION = "is not a Redis URL: invalid value for '{}' in connection URL"
+MAX_CONNECTIONS_REFUSED = (
+    "max_connections cannot be set: every thread keeps a connection of its own (WORKERS, the HTTP threads and "
+    "a few more), and a pool at its cap refuses the next thread's commands (Too many connections) instead of waiting"
+)
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -240,6 +244,8 @@ BAD_VALUES = [
     ("STORE", "redis://cache/0?timeout=5", "is not a Redis URL: unknown option timeout"),
     ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs"),
     ("STORE", "redis://cache/0?protocol=7", "is not a Redis URL: protocol must be either 2 or 3"),
+    ("STORE", "redis://cache/0?max_connections=8", MAX_CONNECTIONS_REFUSED),
+    ("STORE", "rediss://cache/0?socket_timeout=2&max_connections=1000", MAX_CONNECTIONS_REFUSED),
     (
         "STORE",
         "rediss://cache/0?ssl_ca_certs=/no/ca.pem",

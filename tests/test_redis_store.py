@@ -131,6 +131,37 @@ def test_what_is_left_of_an_evicted_task_is_not_read_and_goes_when_its_lease_exp
     assert redis_client.smembers(f"{prefix}:own:owner-a") == set()
 
 
+def test_more_threads_than_redis_pys_default_cap_each_keep_a_connection(make):
+    # Each thread keeps a connection of its own (WORKERS threads, their replacements, the HTTP threads:
+    # well past 100 with WORKERS=128), and redis-py's pool refuses a connection past its cap, 100 by
+    # default, with "Too many connections" instead of waiting for one.
+    store = make()
+    threads_n = 110
+    answered = threading.Semaphore(0)
+    hold = threading.Event()
+    failures: list[Exception] = []
+
+    def read_and_hold():
+        try:
+            store.get("absent")
+        except StoreUnavailable as exc:
+            failures.append(exc)
+        answered.release()
+        hold.wait(WAIT_S)  # this thread's connection stays taken
+
+    threads = [threading.Thread(target=read_and_hold) for _ in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in threads:
+            assert answered.acquire(timeout=WAIT_S)
+    finally:
+        hold.set()
+        for thread in threads:
+            thread.join(WAIT_S)
+    assert failures == []
+
+
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
     a, b = make(), make()
     a.admit([new("x", clock)])

@@ -515,6 +515,10 @@ def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
     return StoreUnavailable(f"redis: {exc}")
 
 
+# What redis-py's pool takes for "no cap" (its own default is 100; 0 or None mean that default).
+_NO_CONNECTION_CAP = 2**31
+
+
 def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> redis.Redis:
     """A client for ``url`` (``redis://`` or ``rediss://``) that never retries a command by itself.
 
@@ -524,12 +528,18 @@ def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> r
     reports the error instead (StoreUnavailable), and a lease or the caller's
     own retry settles what happened. Over plain TCP the kernel keeps the socket
     timeout (see _KernelTimeoutConnection); TLS keeps Python's.
+
+    The pool has no cap on its connections: each thread keeps one (see
+    RedisStore._client), and a pool past its cap (redis-py's default is 100)
+    refuses the next thread's command with "Too many connections" instead of
+    waiting. How many threads there are is the process's settings' business.
     """
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 30,
+        "max_connections": _NO_CONNECTION_CAP,
     }
     if url.startswith("redis://"):
         options["connection_class"] = _KernelTimeoutConnection
