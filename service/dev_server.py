@@ -445,8 +445,8 @@ def request_line_problem(line: bytes) -> tuple[int, str] | None:
     text = line.decode("latin-1").rstrip("\r\n")
     if len(text) > LIMIT_REQUEST_LINE:
         return 414, f"the request line is longer than {LIMIT_REQUEST_LINE} bytes"
-    words = text.split()
-    if len(words) != 3:
+    words = text.split(" ")  # single spaces only (RFC 9112 section 3), as gunicorn: http.server split on any whitespace
+    if len(words) != 3 or not all(words):
         return 400, f"the request line {text[:100]!r} is not a method, a target and an HTTP version"
     method, target, protocol = words
     if not _METHOD.fullmatch(method):  # gunicorn's rule: a token of 3 to 20 characters, no lowercase letter or #

@@ -147,8 +147,15 @@ def test_a_request_line_too_long_is_answered_414_uri_too_long(port):
         b"GET healthz HTTP/1.1",
         b"GET * HTTP/1.1",
         b"GET /h\xe9 HTTP/1.1",
+        b"GET /healthz\tHTTP/1.1",
+        b"GET\t/healthz HTTP/1.1",
+        b"GET  /healthz HTTP/1.1",
+        b"GET /healthz HTTP/1.1 ",
     ],
-    ids=["http-2.0", "http-0.9", "no-version", "malformed", "lowercase", "short-method", "no-slash", "star", "latin-1"],
+    ids=[
+        "http-2.0", "http-0.9", "no-version", "malformed", "lowercase", "short-method", "no-slash", "star", "latin-1",
+        "tab-before-version", "tab-after-method", "two-spaces", "trailing-space",
+    ],  # fmt: skip
 )
 def test_a_request_line_without_http_1_is_refused_400_with_a_status_line(port, line):
     # python app.py's server answered HTTP/2.0 with a 505 HTML page, the next three without a status line, and
