@@ -126,7 +126,6 @@ def _store_fails(harness, monkeypatch, error):
         ),
         ("GET", "/tasks/a", None, "the task store cannot be used right now; retry later"),
         ("GET", "/tasks", None, "the task store cannot be used right now; retry later"),
-        ("GET", "/metrics", None, "the task store cannot be used right now; retry later"),
         ("GET", "/dashboard/live", None, "the task store cannot be used right now; retry later"),
         ("DELETE", "/tasks/a", None, "the cancel may not have been recorded, retry later"),
     ],
