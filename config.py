@@ -232,6 +232,12 @@ def _check_redis_options(text: str) -> None:
     if "max_connections" in redis.connection.parse_url(text):
         # The store's pool has no cap (see redis_store.connect): each thread keeps a connection of its own.
         raise ValueError(MAX_CONNECTIONS_REFUSED)
+    # The store decodes what it reads: answers as text failed every claim. redis-py keeps the option's text, so
+    # "decode_responses=false" decodes too.
+    if "decode_responses" in pool.connection_kwargs:
+        raise ValueError(
+            "is not a Redis URL: decode_responses is not supported: the store reads Redis' answers as bytes"
+        )
     _check_redis_tls_files(connection)
 
 

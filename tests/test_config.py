@@ -319,6 +319,21 @@ def test_a_redis_password_never_shows_in_a_malformed_url(store):
         assert piece not in message
 
 
+# redis-py keeps the text of the value: "no" (or "false") decoded too.
+@pytest.mark.parametrize(
+    "option",
+    ["decode_responses=true", "decode_responses=1&socket_timeout=2", "decode_responses=no"],
+)
+def test_a_redis_url_asking_for_decoded_answers_is_refused(option):
+    # It passed: tasks were accepted and never ran (each claim failed decoding), and reads of a task answered 500.
+    with pytest.raises(ConfigError) as caught:
+        from_env({"STORE": f"redis://cache:6379/0?{option}"})
+    assert str(caught.value) == (
+        f"STORE='redis://cache:6379/0?{option}' is invalid: is not a Redis URL: decode_responses is not supported: "
+        "the store reads Redis' answers as bytes"
+    )
+
+
 def test_every_variable_has_a_bad_value_case():
     assert {variable for variable, _, _ in BAD_VALUES} == set(VARIABLES)
 
