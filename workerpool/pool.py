@@ -39,14 +39,6 @@ from .stores.memory import MemoryStore
 from .task import FINAL_STATES, State, Task
 
 log = logging.getLogger(__name__)
-_DEBUG = logging.DEBUG
-# The logger's own answers of isEnabledFor by level, which logging forgets whenever a level (or
-# logging.disable) changes: read once per submission and once per attempt, it spares the call of
-# isEnabledFor and its Python frame. A level not answered yet (None) is
-# asked; a True the logger's `disabled` flag overrules only builds a line the logger then drops.
-_answers: dict[int, bool] = getattr(log, "_cache", None)
-if not isinstance(_answers, dict):  # a logging without that record: always ask
-    _answers = {}
 _tuple_new = tuple.__new__  # _tuple_new(Task, fields): Task._make without its Python frame
 _QUEUED, _DONE = State.QUEUED, State.DONE  # globals, read faster than the members of an Enum class
 
@@ -407,10 +399,7 @@ class WorkerPool:
                 if exc.result is None:
                     raise
                 results, unsynced = exc.result, exc
-            debug = _answers.get(_DEBUG)
-            if debug is None:
-                debug = log.isEnabledFor(_DEBUG)
-            if observed or debug:
+            if observed or log.isEnabledFor(logging.DEBUG):
                 queued = [result for result in results if isinstance(result, Task)]
                 for task in queued:
                     _log(logging.DEBUG, task, "task %s queued", task.id)
@@ -642,9 +631,7 @@ class WorkerPool:
                 self._wait_turn(task.id)
             if attempt.cancelled_early or task.cancel_requested:
                 attempt.cancel.set()
-            debug = _answers.get(_DEBUG)  # asked once for the attempt's start and its end
-            if debug is None:
-                debug = log.isEnabledFor(_DEBUG)
+            debug = log.isEnabledFor(logging.DEBUG)  # asked once for the attempt's start and its end
             if debug:
                 _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
             if self._on_started:
