@@ -96,19 +96,20 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
             raise listen_error(host, port, error) from None
 
 
-def reach_store(config: Config) -> bool:
+def reach_store(config: Config) -> list[str]:
     """Open the store and close it, reaching a Redis server (a wrong URL or password fails). Raises StoreUnavailable.
 
-    True when the Redis server would answer as well without the password it is given (``password_warning``).
+    Returns the warnings a Redis server that works calls for: it would answer as well without the
+    password it is given (``password_warning``), or it evicts keys at ``maxmemory`` (``eviction_warning``).
     """
     store = open_store(config)
     if store is None:
-        return False
+        return []
     try:
         if config.store.kind == "redis":
             store.stats()
-            return _redis_password_unneeded(store)
-        return False
+            return _redis_warnings(config, store)
+        return []
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         # Answers of the wrong shape: a server on that port that is not Redis (one that echoes what it is sent
         # passes redis-py's checks once it is given a password) made this a traceback and exit code 1.
@@ -133,24 +134,40 @@ def password_warning(config: Config) -> str:
     )
 
 
+def eviction_warning(config: Config, policy: str) -> str:
+    """The start-up warning for a Redis server whose ``maxmemory-policy`` evicts keys without an expiry."""
+    url = urlsplit(config.store.url)
+    return (
+        f"STORE: the Redis server at {url.hostname}:{url.port or 6379} has maxmemory-policy {policy}: at maxmemory "
+        "it evicts task data, and those tasks are lost; set maxmemory-policy noeviction (a full Redis then "
+        "refuses submissions with 503)"
+    )
+
+
 def check_store(config: Config) -> None:
     """Reach the store once at start-up; if it cannot be used, print one line and exit 2.
 
-    A Redis that would answer without the password it is given is used, with a warning line.
+    A Redis that would answer without the password it is given, or that evicts keys, is used, with a warning line.
     """
     try:
-        password_unneeded = reach_store(config)
+        warnings = reach_store(config)
     except StoreUnavailable as exc:
         print(f"store error: STORE cannot be used: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_CONFIG) from None
-    if password_unneeded:  # said, not refused: the store works, but the operator believes it protected
-        print(f"warning: {password_warning(config)}", file=sys.stderr)
+    for warning in warnings:  # said, not refused: the store works, but not as the operator believes
+        print(f"warning: {warning}", file=sys.stderr)
 
 
-def _redis_password_unneeded(store: TaskStore) -> bool:
+def _redis_warnings(config: Config, store: TaskStore) -> list[str]:
     from workerpool.stores.redis_store import RedisStore  # imported by open_store already: no cost
 
-    return isinstance(store, RedisStore) and store.password_unneeded()
+    if not isinstance(store, RedisStore):
+        return []
+    warnings = [password_warning(config)] if store.password_unneeded() else []
+    policy = store.evicting_policy()
+    if policy is not None:
+        warnings.append(eviction_warning(config, policy))
+    return warnings
 
 
 def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> WorkerPool:

@@ -150,11 +150,11 @@ def _reload(running: Config, check: Callable[[Config], object]) -> Config:
         # Only a new store is opened here: the running one, even if it is down for a moment, is the
         # workers' to retry (a reload that depended on it would turn a Redis restart into an outage).
         try:
-            password_unneeded = app.reach_store(settings)
+            warnings = app.reach_store(settings)
         except StoreUnavailable as error:
             raise ConfigError(f"STORE cannot be used: {error}") from None
-        if password_unneeded:
-            log.warning("%s", app.password_warning(settings))
+        for warning in warnings:
+            log.warning("%s", warning)
     if settings.metrics_dir != running.metrics_dir:
         log.warning("METRICS_DIR changes at the next start, not at a reload: the workers go on with the old one")
     return settings

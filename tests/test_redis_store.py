@@ -16,6 +16,8 @@ import pytest
 from doubles import FakeClock, Gate, instant, wait_until
 from redis_server import RedisServer, running_redis
 
+import app
+import config
 from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task, WorkerPool
 from workerpool.stores import redis_store
 from workerpool.stores.redis_store import RedisStore, _head, _pack, connect
@@ -1191,6 +1193,28 @@ def test_an_attempt_still_running_through_a_redis_outage_longer_than_its_lease_i
 
 
 # -- a password the server does not ask for ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "warned"),
+    [("noeviction", False), ("volatile-lru", False), ("allkeys-lru", True), ("allkeys-random", True)],
+)
+def test_a_redis_that_evicts_keys_without_expiry_is_warned_about_at_start(server, policy, warned, capsys):
+    # Task hashes have no expiry: only an allkeys-* policy evicts them (and the tasks are lost).
+    settings = config.from_env({"STORE": server.url})
+    client = server.client()
+    client.config_set("maxmemory-policy", policy)
+    try:
+        app.check_store(settings)
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+    expected = (
+        f"warning: STORE: the Redis server at 127.0.0.1:{server.port} has maxmemory-policy {policy}: at maxmemory it"
+        " evicts task data, and those tasks are lost; set maxmemory-policy noeviction (a full Redis then refuses"
+        " submissions with 503)\n"
+    )
+    assert capsys.readouterr().err == (expected if warned else "")
 
 
 class _PasswordServer(RedisServer):

@@ -742,6 +742,18 @@ class RedisStore(TaskStore):
         fixed = (capacity,)
         self._heads["admit"] = (self._heads["admit"][0] + _pack_args(fixed), len(fixed))
 
+    def evicting_policy(self) -> str | None:
+        """The server's ``maxmemory-policy`` if it may evict task hashes (``allkeys-*``: they have no expiry).
+
+        None for ``noeviction`` and the ``volatile-*`` policies, and when the server does not tell.
+        """
+        try:
+            info = self._call("info", "memory")
+        except StoreUnavailable:
+            return None
+        policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
+        return policy if isinstance(policy, str) and policy.startswith("allkeys-") else None
+
     def password_unneeded(self) -> bool:
         """Whether the server would answer this store without the password it is given (see ``password_unneeded``)."""
         return password_unneeded(self._redis)
