@@ -238,7 +238,18 @@ def _check_redis_options(text: str) -> None:
         raise ValueError(
             "is not a Redis URL: decode_responses is not supported: the store reads Redis' answers as bytes"
         )
+    _check_redis_timeouts(connection)
     _check_redis_tls_files(connection)
+
+
+def _check_redis_timeouts(connection: object) -> None:
+    """Stop the start on a timeout that is not a number of seconds above 0: 0 made every step's deadline pass
+    before it reached Redis (each submission and claim refused while /healthz said ok), and 0, nan and inf
+    are no timeout at all to the kernel, or fail to set."""
+    for option in ("socket_timeout", "socket_connect_timeout"):
+        seconds = getattr(connection, option, None)
+        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"is not a Redis URL: {option}={seconds!r} must be a number of seconds above 0")
 
 
 # The files a rediss:// URL may name: its query option, the attribute of redis-py's connection that holds it.

@@ -151,6 +151,7 @@ MAX_CONNECTIONS_REFUSED = (
     "max_connections cannot be set: every thread keeps a connection of its own (WORKERS, the HTTP threads and "
     "a few more), and a pool at its cap refuses the next thread's commands (Too many connections) instead of waiting"
 )
+BAD_TIMEOUT = "is not a Redis URL: {} must be a number of seconds above 0"
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -241,6 +242,11 @@ BAD_VALUES = [
     ("STORE", "redis://cache/zero", "is not a Redis URL: the database must be a number, not 'zero'"),
     ("STORE", "redis://c/0?db=x", BAD_REDIS_OPTION.format("db")),
     ("STORE", "redis://c/0?socket_timeout=x", BAD_REDIS_OPTION.format("socket_timeout")),
+    # 0: every step's deadline passed before it reached Redis; nan, inf and below 0 ended in a traceback.
+    ("STORE", "redis://c/0?socket_timeout=0", BAD_TIMEOUT.format("socket_timeout=0.0")),
+    ("STORE", "redis://c/0?socket_timeout=nan", BAD_TIMEOUT.format("socket_timeout=nan")),
+    ("STORE", "redis://c/0?socket_timeout=inf", BAD_TIMEOUT.format("socket_timeout=inf")),
+    ("STORE", "redis://c/0?socket_connect_timeout=-1", BAD_TIMEOUT.format("socket_connect_timeout=-1.0")),
     ("STORE", "redis://cache/0?timeout=5", "is not a Redis URL: unknown option timeout"),
     ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs"),
     ("STORE", "redis://cache/0?protocol=7", "is not a Redis URL: protocol must be either 2 or 3"),
