@@ -118,7 +118,7 @@ def on_starting(server):
     if callable(getattr(server, "reload", None)):  # what kill -HUP calls
         server.reload = functools.partial(_reload_unless_refused, server, server.reload)
     if callable(getattr(server, "manage_workers", None)):  # what kill -TTOU calls, and every turn of the loop
-        server.retiring = set()
+        server.retiring, server.held = set(), {}
         server.manage_workers = functools.partial(_manage_workers_stopping_each_once, server, server.manage_workers)
 
 
@@ -143,7 +143,19 @@ def _reload_unless_refused(server, reload):
     stop it once it has begun, so the settings are checked before.
     """
     if _server_settings.check_reload():
-        reload()
+        # gunicorn's reload ends waiting for the old workers to exit (for graceful_timeout, "to prevent double
+        # SIGTERM"), and meanwhile reads no signal: a SIGTERM (docker stop) was acted on only once they had
+        # drained, and the new workers went on accepting tasks a SIGKILL then lost. The workers it stops are held
+        # out of its table while it runs, so its wait ends at once; _manage_workers_stopping_each_once never tells
+        # them twice.
+        server.reloading = True
+        try:
+            reload()
+        finally:
+            server.reloading = False
+            held = getattr(server, "held", {})
+            server.WORKERS.update(held)
+            held.clear()
     else:
         server.log.reopen_files()  # what logrotate sends the HUP for
 
@@ -158,8 +170,8 @@ def _manage_workers_stopping_each_once(server, manage_workers):
     tasks were abandoned, failed retries left or not. Hidden from it while it
     runs, a worker it stopped is told once and drains for SHUTDOWN_TIMEOUT_S.
     """
-    server.retiring &= server.WORKERS.keys()  # those that have exited are gone
-    hidden = {pid: server.WORKERS.pop(pid) for pid in server.retiring}
+    server.retiring &= server.WORKERS.keys() | server.held.keys()  # those that have exited are gone
+    hidden = {pid: server.WORKERS.pop(pid) for pid in server.retiring if pid in server.WORKERS}
     kill_worker = server.kill_worker
 
     def kill_and_note(pid, sig):
@@ -173,6 +185,8 @@ def _manage_workers_stopping_each_once(server, manage_workers):
     finally:
         server.kill_worker = kill_worker
         server.WORKERS.update(hidden)
+        if getattr(server, "reloading", False):  # see _reload_unless_refused
+            server.held.update((pid, server.WORKERS.pop(pid)) for pid in server.retiring if pid in server.WORKERS)
 
 
 def _check_listen(cfg):

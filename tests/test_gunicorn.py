@@ -683,6 +683,7 @@ def test_a_worker_past_the_count_is_told_to_stop_once_and_not_counted_while_it_d
         def __init__(self) -> None:
             self.WORKERS = {11: type("W", (), {"age": 1})(), 12: type("W", (), {"age": 2})()}
             self.retiring: set[int] = set()
+            self.held: dict[int, object] = {}  # workers held out of the table during a reload
             self.killed: list[tuple[int, int]] = []
             self.spawned = 0
 
@@ -730,6 +731,32 @@ def test_ttou_drains_the_running_tasks_of_the_worker_it_stops(tmp_path):
         log = server.log()
         assert "SIGTERM again" not in log
         assert "; 0 abandoned" in log
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_a_stop_signal_during_a_reload_is_acted_on_at_once(tmp_path):
+    # gunicorn's reload waited for the old worker's drain before reading another signal: a SIGTERM sent meanwhile
+    # was handled once that drain had ended, and the new worker accepted tasks after it.
+    server = start_gunicorn(tmp_path, WORK_MIN_MS="15000", WORK_MAX_MS="15000", FAILURE_RATE="0")
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        (old,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the worker")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        body = json.dumps({"id": "long", "payload": 1, "max_retries": 0}).encode()
+        assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
+        wait_until(lambda: client.json("GET", "/tasks/long")[1]["state"] == "running", timeout=10, what="the attempt")
+        os.kill(arbiter, signal.SIGHUP)  # the old worker drains its 15 s attempt
+        wait_until(lambda: worker_pids(arbiter) - {old}, timeout=20, what="the new worker")
+        wait_until(lambda: "received SIGTERM" in server.log(), timeout=10, what="the old worker's stop")
+        os.kill(arbiter, signal.SIGTERM)
+        wait_until(lambda: "Handling signal: term" in server.log(), timeout=5, what="the arbiter to handle SIGTERM")
+        log = server.log()
+        assert "ended: shutdown complete" not in log  # handled while the old worker still drains
+        assert server.proc.wait(timeout=30) == 0  # both drained: the old one's attempt done
+        assert "1 done" in server.log()
     finally:
         server.stop()
 
