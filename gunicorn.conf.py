@@ -10,6 +10,7 @@ import math
 import os
 import signal as _signal
 import sys
+import time as _time
 from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parent)
@@ -283,6 +284,21 @@ def post_worker_init(worker):
     worker.body_limits = BodyLimits(_settings.max_body_bytes, _settings.max_batch_body_bytes, _settings.api_token)
     worker.controller = ShutdownController(pool, _drain_timeout(worker), on_drained=report)
     worker.controller.start()
+    # gunicorn closes worker.tmp, the file whose time tells the arbiter the worker is alive, before
+    # worker_exit: a copy of its descriptor lets the worker go on saying so while it drains there.
+    worker.heartbeat_fd = os.dup(worker.tmp.fileno())
+
+
+# Seconds between two signs of life while a worker drains in worker_exit (gunicorn's loop gives one a second).
+HEARTBEAT_S = 1.0
+
+
+def _heartbeat(worker) -> None:
+    """What gunicorn's worker.notify() does, on the copy of the descriptor of the file it has closed."""
+    fd = getattr(worker, "heartbeat_fd", None)
+    if fd is not None:
+        now = _time.monotonic()  # the arbiter compares the file's time with its own monotonic clock
+        os.utime(fd, (now, now))
 
 
 def post_fork(server, worker):
@@ -299,7 +315,15 @@ def worker_exit(server, worker):
     from service.lifecycle import NO_SIGNAL, exit_without
 
     controller.request_stop(NO_SIGNAL)  # a no-op once a signal began the drain
-    controller.join()  # in short slices: a second signal still acts at once
+    # A worker retired while the server runs (kill -TTOU, --max-requests) drains with the arbiter's loop
+    # still killing any worker silent for --timeout s (30 by default, whatever SHUTDOWN_TIMEOUT_S says):
+    # so it says it is alive until its drain could have ended, and stays silent if it hangs past that.
+    alive_until = _time.monotonic() + _drain_timeout(worker) + DRAIN_MARGIN_S
+    while True:
+        if _time.monotonic() < alive_until:
+            _heartbeat(worker)
+        if controller.join(HEARTBEAT_S):  # in short slices: a second signal still acts at once
+            break
     if worker.metrics_dir is not None:  # the drain's counts too, before the process ends
         from service.context import services
 

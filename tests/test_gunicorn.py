@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until, worker_pids
@@ -731,6 +732,69 @@ def test_ttou_drains_the_running_tasks_of_the_worker_it_stops(tmp_path):
         log = server.log()
         assert "SIGTERM again" not in log
         assert "; 0 abandoned" in log
+    finally:
+        server.stop()
+
+
+def test_a_worker_draining_in_its_exit_hook_tells_the_arbiter_it_is_alive_until_the_drain_could_have_ended(
+    monkeypatch, tmp_path
+):
+    # gunicorn closes worker.tmp before worker_exit; the arbiter killed a worker silent for --timeout s (30 by
+    # default) in the middle of a longer drain (kill -TTOU, --max-requests): its running attempts were lost.
+    import time
+
+    conf = load_conf(monkeypatch, SHUTDOWN_TIMEOUT_S="10")
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    seen: list[float] = []  # the file's time at each wait, as the arbiter reads it
+
+    class Controller:
+        def request_stop(self, signum):
+            pass
+
+        def join(self, timeout=None):  # drained after 20 s: past the drain's 10 s and the margin
+            seen.append(os.fstat(heartbeat.fileno()).st_mtime)
+            clock[0] += 20 if timeout is None else timeout
+            return timeout is None or len(seen) == 20
+
+        def wait_for_threads(self):
+            return []
+
+    with (tmp_path / "tmp").open("wb") as heartbeat:
+        os.utime(heartbeat.fileno(), (0.0, 0.0))
+        cfg = SimpleNamespace(graceful_timeout=conf["graceful_timeout"])
+        worker = SimpleNamespace(controller=Controller(), cfg=cfg, metrics_dir=None, heartbeat_fd=heartbeat.fileno())
+        conf["worker_exit"](None, worker)
+    alive_for = 10 + conf["DRAIN_MARGIN_S"]
+    assert seen[: alive_for + 1] == [1000.0 + n for n in range(alive_for)] + [1000.0 + alive_for - 1]
+    assert set(seen[alive_for:]) == {1000.0 + alive_for - 1}  # a drain hung past its deadline is left to --timeout
+
+
+@pytest.mark.e2e
+def test_a_worker_stopped_by_ttou_drains_past_gunicorns_timeout(tmp_path):
+    # The arbiter killed it --timeout s into its drain (WORKER TIMEOUT): its running attempts failed "lost".
+    server = start_gunicorn(
+        tmp_path, STORE=f"sqlite://{tmp_path / 'tasks.db'}", WEB_CONCURRENCY="2", WORKERS="2",
+        WORK_MIN_MS="7000", WORK_MAX_MS="7000", FAILURE_RATE="0", GUNICORN_CMD_ARGS="--timeout 3",
+    )  # fmt: skip
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        wait_until(lambda: len(worker_pids(arbiter)) == 2, timeout=20, what="two workers")
+        for n in range(4):
+            body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
+            assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
+        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == 4, timeout=20,
+                   what="four running attempts")  # fmt: skip
+        os.kill(arbiter, signal.SIGTTOU)
+        wait_until(lambda: "ended: " in server.log() or "killed?" in server.log(), timeout=30,
+                   what="the stopped worker's end")  # fmt: skip
+        wait_until(lambda: all(client.json("GET", f"/tasks/t{n}")[1]["state"] in ("done", "failed") for n in range(4)),
+                   timeout=60, what="every task finished")  # fmt: skip
+        assert [client.json("GET", f"/tasks/t{n}")[1]["state"] for n in range(4)] == ["done"] * 4
+        log = server.log()
+        assert "WORKER TIMEOUT" not in log
+        assert "ended: shutdown complete" in log and "; 0 abandoned" in log
     finally:
         server.stop()
 
