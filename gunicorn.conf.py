@@ -27,6 +27,7 @@ from service import logs as _logs  # noqa: E402
 from service import metrics_share as _metrics_share  # noqa: E402
 from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
 from service.drain_reports import send as _send_report  # noqa: E402
+from service.gunicorn_worker import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
 
 # At the start a bad value, a TASK_HANDLER that does not resolve or a store that cannot be opened stops
 # gunicorn here with exit code 2. gunicorn runs this file again at each reload (kill -HUP): then a bad
@@ -116,11 +117,20 @@ def on_starting(server):
     _server_settings.started(server.cfg.workers)
     server.drain_reports = DrainReports()
     _share_metrics(server)
+    _hook_arbiter(server)
+
+
+def _hook_arbiter(server) -> None:
+    """Wrap the arbiter's methods that reload, count and signal its workers (see each wrapper)."""
+    server.retiring, server.held = set(), {}
     if callable(getattr(server, "reload", None)):  # what kill -HUP calls
         server.reload = functools.partial(_reload_unless_refused, server, server.reload)
     if callable(getattr(server, "manage_workers", None)):  # what kill -TTOU calls, and every turn of the loop
-        server.retiring, server.held = set(), {}
         server.manage_workers = functools.partial(_manage_workers_stopping_each_once, server, server.manage_workers)
+    if callable(getattr(server, "kill_worker", None)):  # every signal the arbiter sends a worker
+        server.kill_worker = functools.partial(_kill_worker_stopping_each_once, server, server.kill_worker)
+    if callable(getattr(server, "spawn_worker", None)):  # every fork of a worker
+        server.spawn_worker = functools.partial(_spawn_worker_holding_stop_signals, server.spawn_worker)
 
 
 def _check_worker_class(worker_class) -> None:
@@ -173,21 +183,46 @@ def _manage_workers_stopping_each_once(server, manage_workers):
     """
     server.retiring &= server.WORKERS.keys() | server.held.keys()  # those that have exited are gone
     hidden = {pid: server.WORKERS.pop(pid) for pid in server.retiring if pid in server.WORKERS}
-    kill_worker = server.kill_worker
-
-    def kill_and_note(pid, sig):
-        if sig == _signal.SIGTERM:
-            server.retiring.add(pid)
-        kill_worker(pid, sig)
-
-    server.kill_worker = kill_and_note
     try:
         manage_workers()
     finally:
-        server.kill_worker = kill_worker
         server.WORKERS.update(hidden)
         if getattr(server, "reloading", False):  # see _reload_unless_refused
             server.held.update((pid, server.WORKERS.pop(pid)) for pid in server.retiring if pid in server.WORKERS)
+
+
+def _kill_worker_stopping_each_once(server, kill_worker, pid, sig):
+    """gunicorn's kill_worker, which sends a worker SIGTERM once.
+
+    A worker takes a SIGTERM more than a second after the first for the
+    operator's second stop signal and abandons its running tasks. A worker a
+    reload or kill -TTOU told to stop, and still draining when the server is
+    stopped, would get its second from the stop: it drains on instead, within
+    the deadline its own SIGTERM set. SIGQUIT (a quick stop: SIGINT or SIGQUIT
+    to the arbiter) and SIGKILL still reach every worker.
+    """
+    if sig == _signal.SIGTERM:
+        if pid in server.retiring:
+            return
+        server.retiring.add(pid)
+    kill_worker(pid, sig)
+
+
+def _spawn_worker_holding_stop_signals(spawn_worker):
+    """gunicorn's spawn_worker, forking with the stop signals blocked: the new worker unblocks them once its
+    own handlers are in place (DrainingThreadWorker.init_signals), and a stop signal sent meanwhile waits.
+
+    Sent to a process just forked, before it runs, a signal was lost: Python clears the
+    signals pending in a child after a fork, and until the worker's handlers are in place
+    the arbiter's, inherited with the fork, only queue it where no one reads it. A stop
+    right after a reload, a start or kill -TTIN left the new worker serving, and taking
+    tasks, until the arbiter killed it graceful_timeout later.
+    """
+    held = _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return spawn_worker()
+    finally:  # in the arbiter (the worker leaves spawn_worker only as it exits)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
 
 
 def _check_listen(cfg):

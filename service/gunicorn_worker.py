@@ -70,6 +70,8 @@ from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, MissingHost, RequestR
 # process group (a closed terminal, ``kill -HUP -<pgid>``, ``pkill -HUP gunicorn``) or to its pid. The
 # worker ignores them: the arbiter acts on them and retires the worker with a stop signal, which drains.
 ARBITER_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
+# The signals that stop a worker (gunicorn's graceful SIGTERM, its quick SIGINT and SIGQUIT: all drain here).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # How long a stopping worker still waits for requests clients are sending (as gthread's keep-alive linger).
 STOP_LINGER_S = 2.0
 # How long a worker that has a connection for each of its request threads leaves a new connection to the
@@ -158,6 +160,8 @@ class DrainingThreadWorker(ThreadWorker):
         signal.siginterrupt(signal.SIGTERM, True)  # no SA_RESTART: see the module's docstring
         for signum in ARBITER_SIGNALS:  # gunicorn leaves them at their default action: terminate, undrained
             signal.signal(signum, signal.SIG_IGN)
+        # The arbiter forks with the stop signals blocked (see gunicorn.conf.py): one sent meanwhile waits until now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def handle_exit(self, sig, frame) -> None:
         if self.controller is not None:

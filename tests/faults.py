@@ -73,3 +73,14 @@ def leaves_a_thread(task: Task, cancel: threading.Event) -> None:
 def returns_a_large_result(task: Task, cancel: threading.Event) -> str:
     """Return a string of as many characters as the payload says (a large result makes a large listing)."""
     return "x" * int(task.payload)
+
+
+def waits_for_file(task: Task, cancel: threading.Event) -> None:
+    """Succeed once the file the payload names exists (at most HANG_S seconds); return early if cancelled."""
+    import os
+    import time
+
+    deadline = time.monotonic() + HANG_S
+    while not os.path.exists(task.payload) and time.monotonic() < deadline:
+        if cancel.wait(0.05):
+            return

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -668,43 +669,87 @@ def test_a_count_that_does_not_grow_is_not_checked_again(monkeypatch, new, old):
     assert Arbiter.num_workers == new
 
 
+class _Arbiter:
+    """What gunicorn's Arbiter.manage_workers and kill_workers use, with a reload that does what gunicorn's does
+    to the workers (spawn the new ones, manage_workers) and notes the workers its wait for the old ones sees."""
+
+    _last_logged_active_worker_count = None
+    cfg = type("Cfg", (), {"enable_backlog_metric": False})()
+    log = type("Log", (), {"debug": lambda self, *args, **kwargs: None})()
+
+    def __init__(self, num_workers: int, *ages: int) -> None:
+        from gunicorn.arbiter import Arbiter
+
+        self.num_workers = num_workers
+        self.WORKERS = {10 + age: type("W", (), {"age": age})() for age in ages}
+        self.worker_age = max(ages)
+        self.killed: list[tuple[int, int]] = []
+        self.spawned = 0
+        self.seen_by_the_reload_wait: set[int] | None = None
+        self.manage_workers = Arbiter.manage_workers.__get__(self)
+        self.kill_workers = Arbiter.kill_workers.__get__(self)
+
+    def kill_worker(self, pid, sig):
+        self.killed.append((pid, sig))
+
+    def spawn_workers(self):
+        self.spawned += 1
+
+    def reload(self):
+        for _ in range(self.num_workers):
+            self.worker_age += 1
+            self.WORKERS[10 + self.worker_age] = type("W", (), {"age": self.worker_age})()
+        self.manage_workers()
+        self.seen_by_the_reload_wait = set(self.WORKERS)  # it waits while one of these is older than the new ones
+
+
 def test_a_worker_past_the_count_is_told_to_stop_once_and_not_counted_while_it_drains(monkeypatch):
     # gunicorn sent it SIGTERM again on each turn of its loop (after kill -TTOU): the worker took the second for an
     # operator's "stop waiting" and abandoned its running tasks a second into the drain.
-    from gunicorn.arbiter import Arbiter
-
     conf = load_conf(monkeypatch)
-
-    class Server:
-        num_workers = 1  # kill -TTOU lowered it from 2
-        _last_logged_active_worker_count = None
-        cfg = type("Cfg", (), {"enable_backlog_metric": False})()
-        log = type("Log", (), {"debug": lambda self, *args, **kwargs: None})()
-
-        def __init__(self) -> None:
-            self.WORKERS = {11: type("W", (), {"age": 1})(), 12: type("W", (), {"age": 2})()}
-            self.retiring: set[int] = set()
-            self.held: dict[int, object] = {}  # workers held out of the table during a reload
-            self.killed: list[tuple[int, int]] = []
-            self.spawned = 0
-
-        def kill_worker(self, pid, sig):
-            self.killed.append((pid, sig))
-
-        def spawn_workers(self):
-            self.spawned += 1
-
-    server = Server()
-    manage = conf["_manage_workers_stopping_each_once"]
+    server = _Arbiter(1, 1, 2)  # kill -TTOU lowered the count from 2
+    conf["_hook_arbiter"](server)
     for _ in range(3):  # three turns of the arbiter's loop while worker 11 drains
-        manage(server, Arbiter.manage_workers.__get__(server))
+        server.manage_workers()
         assert set(server.WORKERS) == {11, 12}
     assert server.killed == [(11, signal.SIGTERM)]
     assert server.spawned == 0
     del server.WORKERS[11]  # it exited and was reaped
     server.num_workers = 2  # kill -TTIN
-    manage(server, Arbiter.manage_workers.__get__(server))
+    server.manage_workers()
     assert server.retiring == set() and server.spawned == 1 and len(server.killed) == 1
+
+
+def test_a_stop_does_not_signal_a_draining_worker_again_but_quick_stop_and_kill_reach_it(monkeypatch):
+    # After kill -TTOU (or a reload), the stop's SIGTERM to every worker was the draining one's second signal:
+    # it abandoned its running tasks at once.
+    conf = load_conf(monkeypatch)
+    server = _Arbiter(1, 1, 2)
+    conf["_hook_arbiter"](server)
+    server.manage_workers()
+    server.kill_workers(signal.SIGTERM)  # the arbiter's stop
+    server.kill_workers(signal.SIGTERM)  # not again either
+    assert server.killed == [(11, signal.SIGTERM), (12, signal.SIGTERM)]
+    server.kill_workers(signal.SIGQUIT)  # SIGINT to the arbiter during the stop: stop now
+    server.kill_workers(signal.SIGKILL)  # graceful_timeout passed
+    assert server.killed[2:] == [(11, signal.SIGQUIT), (12, signal.SIGQUIT), (11, signal.SIGKILL), (12, signal.SIGKILL)]
+
+
+def test_a_reload_does_not_wait_for_the_old_workers_it_stopped(monkeypatch):
+    # gunicorn's reload waited for them to end (up to graceful_timeout) inside the handling of the HUP: the arbiter
+    # read no signal meanwhile, so a SIGTERM was acted on only once the old worker had drained.
+    conf = load_conf(monkeypatch)
+    monkeypatch.setattr(conf["_server_settings"], "check_reload", lambda: True)
+    server = _Arbiter(2, 1, 2)
+    conf["_hook_arbiter"](server)
+    server.reload()
+    assert server.seen_by_the_reload_wait == {13, 14}  # the new ones only: its wait ends at once
+    assert set(server.WORKERS) == {11, 12, 13, 14} and server.retiring == {11, 12}  # back in sight once it returned
+    assert server.killed == [(11, signal.SIGTERM), (12, signal.SIGTERM)]
+    server.manage_workers()  # the next turns of the loop neither count them nor signal them again
+    server.kill_workers(signal.SIGTERM)  # nor does a stop
+    assert server.killed[2:] == [(13, signal.SIGTERM), (14, signal.SIGTERM)]
+    assert set(server.WORKERS) == {11, 12, 13, 14} and server.spawned == 0
 
 
 @pytest.mark.e2e
@@ -795,6 +840,82 @@ def test_a_worker_stopped_by_ttou_drains_past_gunicorns_timeout(tmp_path):
         log = server.log()
         assert "WORKER TIMEOUT" not in log
         assert "ended: shutdown complete" in log and "; 0 abandoned" in log
+    finally:
+        server.stop()
+
+
+def test_a_worker_is_forked_with_the_stop_signals_blocked(monkeypatch):
+    # Sent to a process just forked, before it ran, a SIGTERM was lost (Python clears a child's pending signals,
+    # and the arbiter's inherited handler only queued it): the new worker went on serving after a stop.
+    from service.gunicorn_worker import STOP_SIGNALS
+
+    conf = load_conf(monkeypatch)
+    held_during: list[set[int]] = []
+
+    def spawn_worker():
+        held_during.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return 4711
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert conf["_spawn_worker_holding_stop_signals"](spawn_worker) == 4711
+    assert set(STOP_SIGNALS) <= held_during[0]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_a_stop_signal_held_until_the_worker_handles_signals_stops_it():
+    # What the fork held is released once the worker's own handlers are in place, and acted on.
+    script = """
+import os, signal
+from gunicorn.workers.gthread import PollableMethodQueue
+from service.gunicorn_worker import STOP_SIGNALS, DrainingThreadWorker
+
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # as the arbiter forks the worker
+os.kill(os.getpid(), signal.SIGTERM)  # the arbiter's stop, before the worker handles signals
+worker = DrainingThreadWorker.__new__(DrainingThreadWorker)  # what init_process has set up when it calls init_signals
+worker.alive, worker.PIPE, worker.method_queue = True, os.pipe(), PollableMethodQueue()
+worker.method_queue.init()
+os.set_blocking(worker.PIPE[1], False)
+worker.init_signals()
+print("alive" if worker.alive else "stopping", sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(STOP_SIGNALS)))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30,
+        env=clean_environment(),
+    )  # fmt: skip
+    assert result.stdout == "stopping []\n", result.stderr
+
+
+@pytest.mark.e2e
+def test_a_stop_after_a_reload_leaves_the_old_worker_to_drain_its_running_task(tmp_path):
+    # The stop's SIGTERM to every worker reached the old one, retired by the reload and draining, a second time:
+    # more than a second after the first, it took it for the operator's second signal and abandoned its task.
+    gate = tmp_path / "gate"
+    server = start_gunicorn(
+        tmp_path, TASK_HANDLER="faults:waits_for_file", PYTHONPATH=str(Path(__file__).parent), WORKERS="1",
+        SHUTDOWN_TIMEOUT_S="60",
+    )  # fmt: skip
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        body = json.dumps({"id": "held", "payload": str(gate), "max_retries": 0}).encode()
+        assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
+        wait_until(lambda: client.json("GET", "/tasks/held")[1]["state"] == "running", timeout=20, what="running")
+        (old,) = worker_pids(arbiter)
+        os.kill(arbiter, signal.SIGHUP)
+        wait_until(lambda: "received SIGTERM" in server.log(), timeout=20, what="the old worker's drain")
+        # Copies of one signal within a second of the first count as one: the stop comes later, as a deploy's would.
+        threading.Event().wait(1.5)
+        os.kill(arbiter, signal.SIGTERM)
+        wait_until(lambda: "Handling signal: term" in server.log(), timeout=20, what="the stop signal handled")
+        assert old in worker_pids(arbiter)  # still running its task, which waits for the gate
+        gate.touch()
+        assert server.proc.wait(timeout=30) == 0
+        log = server.log()
+        summaries = [line for line in log.splitlines() if "shutdown complete" in line]
+        assert len(summaries) == 2 and all(line.endswith("; 0 abandoned") for line in summaries)
+        assert any("1 done" in line for line in summaries)
+        assert "SIGTERM again" not in log
     finally:
         server.stop()
 
