@@ -131,6 +131,10 @@ def test_what_is_left_of_an_evicted_task_is_not_read_and_goes_when_its_lease_exp
     assert [key for key in redis_client.keys(f"{prefix}*") if b"half" in key] == []
     assert redis_client.zscore(f"{prefix}:all", "half") is None
     assert redis_client.smembers(f"{prefix}:own:owner-a") == set()
+    # A task that finished, and was forgotten, after a recovery read its lease: nothing to remove, nothing said.
+    caplog.clear()
+    assert store._run("drop_leftover", "forgotten") == 0
+    assert caplog.text == ""
 
 
 def test_more_threads_than_redis_pys_default_cap_each_keep_a_connection(make):

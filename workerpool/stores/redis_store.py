@@ -408,19 +408,19 @@ return redis.call('HGETALL', P .. ':t:' .. ARGV[4])
 """
 
 # ARGV: id. Removes the task's hash and every trace of its id when the hash is missing or lacks the id every
-# admission writes (Redis evicted it, and a step wrote to it since); 1 if it did, else 0.
+# admission writes (Redis evicted it, and a step wrote to it since); 1 if there was something to remove
+# (a task that finished and was forgotten since its lease was read left nothing), else 0.
 _DROP_LEFTOVER = """
 local id = ARGV[1]
 local key = P .. ':t:' .. id
 if redis.call('HEXISTS', key, 'id') == 1 then return 0 end
 local owner = redis.call('HGET', key, 'owner')
-redis.call('DEL', key)
-for _, index in ipairs({':run', ':all', ':fin', ':st:queued', ':st:running', ':st:done', ':st:failed',
-    ':st:cancelled'}) do
+local found = redis.call('DEL', key) + redis.call('ZREM', P .. ':run', id)
+for _, index in ipairs({':all', ':fin', ':st:queued', ':st:running', ':st:done', ':st:failed', ':st:cancelled'}) do
   redis.call('ZREM', P .. index, id)
 end
 if owner then redis.call('SREM', P .. ':own:' .. owner, id) end
-return 1
+return found > 0 and 1 or 0
 """
 
 # ARGV: now, ttl, max_finished, state or '', limit. Newest first.
