@@ -168,6 +168,22 @@ def test_more_threads_than_redis_pys_default_cap_each_keep_a_connection(make):
     assert failures == []
 
 
+def test_no_task_past_its_time_is_read_however_many_aged_out_at_once(make, clock):
+    # One read forgets at most 1,000 of the tasks past STATE_TTL_S: the 1,001st was still served.
+    store = make(capacity=1100, ttl=60.0, max_finished=5000)
+    ids = [f"t{n:04d}" for n in range(1002)]
+    for chunk in range(0, len(ids), 500):
+        store.admit([new(task_id, clock, max_retries=0) for task_id in ids[chunk : chunk + 500]])
+    for _ in ids:
+        task = store.claim("owner", clock.time() + 30)
+        store.finish(task.id, 1, "owner", result=None)
+        clock.advance(0.001)
+    clock.advance(61)
+    assert store.get(ids[-1]) is None
+    assert store.list(limit=1000) == []
+    assert store.get(ids[-1]) is None  # the second read forgot the rest
+
+
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
     a, b = make(), make()
     a.admit([new("x", clock)])

@@ -125,16 +125,26 @@ _STEPS = """
 -- only grows when a task becomes final, and every step that makes one final evicts by count, so
 -- other steps need not look. A cutoff passed as a string goes to Redis as it is: a Lua number
 -- would be formatted with snprintf's %.17g, which costs Redis more than the command.
+-- Returns true when it forgot as many as it may by age in one call: more may be past the cutoff still,
+-- and a reader then looks at the finish time of each task it reads (see aged).
 local function evict(cutoff, max_finished)
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', cutoff, 'LIMIT', '0', '1000')) do
+  local old = redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', cutoff, 'LIMIT', '0', '1000')
+  for _, id in ipairs(old) do
     forget(id)
   end
-  if not max_finished then return end
+  local more = #old == 1000
+  if not max_finished then return more end
   local excess = redis.call('ZCARD', P .. ':fin') - max_finished
   if excess > 0 then
     local last = string.format('%d', math.min(excess, 1000) - 1)
     for _, id in ipairs(redis.call('ZRANGE', P .. ':fin', '0', last)) do forget(id) end
   end
+  return more
+end
+-- Whether id's task finished at or before cutoff: retention forgot it, or will (see evict).
+local function aged(id, cutoff)
+  local finished = redis.call('ZSCORE', P .. ':fin', id)
+  return finished and num(finished) <= cutoff
 end
 -- Numbers go to Redis as strings here, as in the admission (see _ADMIT).
 -- Queue members are "<16-digit sequence>:<id>": equal due times then keep their order of arrival.
@@ -401,9 +411,11 @@ end
 return {changed, snapshot or redis.call('HGETALL', key)}
 """
 
-# ARGV: now, ttl, max_finished, id. Readers evict first, so a forgotten task is never seen.
+# ARGV: now, ttl, max_finished, id. Readers evict first, so a forgotten task is never seen; one that eviction
+# had no room for in this call is not shown either.
 _GET = """
-evict(num(ARGV[1]) - num(ARGV[2]), num(ARGV[3]))
+local cutoff = num(ARGV[1]) - num(ARGV[2])
+if evict(cutoff, num(ARGV[3])) and aged(ARGV[4], cutoff) then return {} end
 return redis.call('HGETALL', P .. ':t:' .. ARGV[4])
 """
 
@@ -425,12 +437,15 @@ return found > 0 and 1 or 0
 
 # ARGV: now, ttl, max_finished, state or '', limit. Newest first.
 _LIST = """
-evict(num(ARGV[1]) - num(ARGV[2]), num(ARGV[3]))
+local cutoff = num(ARGV[1]) - num(ARGV[2])
+local more = evict(cutoff, num(ARGV[3]))
 local index = ARGV[4] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[4])
 local out = {}
 for _, id in ipairs(redis.call('ZREVRANGE', index, 0, num(ARGV[5]) - 1)) do
-  local task = redis.call('HGETALL', P .. ':t:' .. id)
-  if #task > 0 then out[#out + 1] = task end
+  if not (more and aged(id, cutoff)) then
+    local task = redis.call('HGETALL', P .. ':t:' .. id)
+    if #task > 0 then out[#out + 1] = task end
+  end
 end
 return out
 """
