@@ -96,6 +96,7 @@ def on_starting(server):
     """Refuse processes that would not share tasks; open the pipe on which the worker reports its drain."""
     try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
         _check_worker_class(server.worker_class)  # and `-k` overrides `worker_class`
+        _check_no_preload(getattr(server.cfg, "preload_app", False))  # and `--preload` overrides `preload_app`
         _config.check_server_processes(_settings, server.cfg.workers)
         _config.check_worker_recycling(_settings, server.cfg.workers, server.cfg.max_requests)  # max_requests below
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
@@ -143,6 +144,16 @@ def _check_worker_class(worker_class) -> None:
             f"worker class {name} does not run this service: its stops would not drain the task pool and its "
             f"request threads would wait on slow clients (drop -k/--worker-class; threads = {threads} sets "
             "the HTTP threads, --threads N too)"
+        )
+
+
+def _check_no_preload(preload_app) -> None:
+    """Refuse ``--preload``: the app, and with it the task pool, would be built in the arbiter before the fork."""
+    if preload_app:
+        raise _config.ConfigError(
+            "--preload would build the task pool in the arbiter, before the fork: every worker process would run "
+            "under one lease owner, and one that stops would abandon the running tasks of the others; drop --preload "
+            "(in GUNICORN_CMD_ARGS too)"
         )
 
 

@@ -84,6 +84,21 @@ def test_gunicorn_refuses_recycling_a_worker_that_cannot_be_replaced(tmp_path):
         assert "Listening at" not in output and "Traceback" not in output
 
 
+def test_gunicorn_refuses_preloading_the_app(tmp_path):
+    """--preload (on the command line or in GUNICORN_CMD_ARGS) overrode gunicorn.conf.py's preload_app = False: the
+    pool was built in the arbiter, so every worker process had the arbiter's lease owner, and a worker that stopped
+    abandoned the running tasks of the others."""
+    for args, env in (
+        (["--preload"], {}),
+        ([], {"GUNICORN_CMD_ARGS": "--preload", "STORE": f"sqlite:///{tmp_path / 'tasks.db'}", "WEB_CONCURRENCY": "2"}),
+    ):
+        result = start([*GUNICORN, *args], **env)
+        assert result.returncode == 2, (args, env)
+        output = result.stdout + result.stderr
+        assert "configuration error: --preload would build the task pool in the arbiter" in output
+        assert "Listening at" not in output and "Traceback" not in output
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
 def test_gunicorn_refuses_a_worker_class_that_does_not_drain(worker_class):
     """gunicorn's own workers would stop without draining the pool and serve slow clients on request threads."""
