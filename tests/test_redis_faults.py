@@ -66,7 +66,11 @@ class Service:
         """Each task reaches done in exactly one attempt: none was lost, none ran twice."""
 
         def final() -> bool:
-            return all(self.task(t)[1]["state"] in ("done", "failed", "cancelled") for t in task_ids)
+            def ended(task_id: str) -> bool:
+                status, body = self.task(task_id)  # a 503 while connections to a restarted Redis reopen
+                return status == 200 and body["state"] in ("done", "failed", "cancelled")
+
+            return all(ended(t) for t in task_ids)
 
         wait_until(final, timeout=40, what="every task to finish", interval=0.1)
         outcomes = {t: (self.task(t)[1]["state"], self.task(t)[1]["attempts"]) for t in task_ids}
