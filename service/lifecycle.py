@@ -6,7 +6,9 @@ the signal number and its arrival time on a ``SimpleQueue`` (whose ``put``
 is reentrant, safe in a signal handler); a watcher thread does the rest:
 
 - first request: close admission and drain for ``timeout`` seconds;
-- another request: stop waiting, abandon what is left (it is logged);
+- another request: stop waiting, abandon what is left (it is logged); when the
+  process began the stop itself (``NO_SIGNAL``), its first signal is taken as
+  the first request, not another;
 - when the drain ends: call ``on_drained`` with the summary;
 - a request after that: stop waiting for the threads the process still has
   (see ``wait_for_threads``).
@@ -133,6 +135,10 @@ class ShutdownController:
         while (request := self._requests.get())[0] != _DRAINED:
             signum, at = request
             if signum == NO_SIGNAL or is_copy(first, signum, at - began):
+                continue
+            if first == NO_SIGNAL:  # the process began this stop itself (max_requests, its arbiter gone):
+                first, began = signum, at  # the first signal is the first request from outside, not a second
+                log.info("received %s: already draining (signal again to stop waiting)", _name(signum))
                 continue
             log.warning("received %s again: abandoning unfinished tasks now", _name(signum))
             self._pool.shutdown(0, wait=False)  # pulls the drain's deadline in

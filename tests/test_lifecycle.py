@@ -119,6 +119,31 @@ def test_a_stop_without_a_signal_drains_too():
     assert drained == [SUMMARY]
 
 
+def test_after_a_stop_the_process_began_itself_the_first_signal_is_not_a_second_one(caplog):
+    # max_requests, or the arbiter gone: the drain began with no signal, and the operator's first stop signal
+    # (systemctl stop, the arbiter's own stop) abandoned the running tasks at once as if it were a second.
+    pool = FakePool()
+    clock = FakeClock()
+    controller, drained, done = start(pool, clock)
+    controller.request_stop(NO_SIGNAL)
+    clock.advance(5)
+    with caplog.at_level("INFO", logger="service.lifecycle"):
+        controller.request_stop(signal.SIGTERM)
+        clock.advance(ECHO_WINDOW_S / 2)
+        controller.request_stop(signal.SIGTERM)  # its copy from the arbiter
+        controller.request_stop(NO_SIGNAL)  # the worker's exit hook
+        clock.advance(ECHO_WINDOW_S)
+        assert not pool.pulled_in.wait(0.2)
+        controller.request_stop(signal.SIGTERM)  # asked again: stop waiting
+        assert pool.pulled_in.wait(TIMEOUT)
+    assert done.wait(TIMEOUT)
+    assert pool.calls[0] == (20, True) and (0, False) in pool.calls
+    messages = [record.getMessage() for record in caplog.records]
+    assert "received SIGTERM: already draining (signal again to stop waiting)" in messages
+    abandoning = [message for message in messages if "again: abandoning" in message]
+    assert abandoning == ["received SIGTERM again: abandoning unfinished tasks now"]
+
+
 def test_a_failing_report_still_ends_the_wait():
     def report(summary):
         raise OSError("the arbiter is gone")

@@ -413,6 +413,31 @@ def test_a_worker_whose_arbiter_was_killed_drains_reports_and_exits(start, store
     assert " lost: " not in restarted.server.log()  # no attempt was counted lost, whatever the reason
 
 
+def test_a_worker_draining_since_its_arbiter_died_takes_its_first_stop_signal_as_the_first(start):
+    # The drain began without a signal; the operator's first SIGTERM (systemctl stop, kill -TERM -<pgid>) was
+    # taken for a second one: the running attempts failed "abandoned at shutdown" at once, retries left or not.
+    service = start(GUNICORN, WORKERS="2", WORK_MIN_MS="4000", WORK_MAX_MS="4000", FAILURE_RATE="0")
+    worker = service.worker()
+    try:
+        accepted = service.enqueue(2, max_retries=3)
+        running = lambda: Client(service.port).json("GET", "/tasks?state=running")[1]["tasks"]  # noqa: E731
+        wait_until(lambda: len(running()) == 2, timeout=20, what="two running attempts")
+        os.kill(service.server.proc.pid, signal.SIGKILL)  # the arbiter alone
+        service.server.proc.wait(timeout=10)
+        service.wait_for_log(r"received a stop request")
+        pause(ECHO_WINDOW_S + 0.5)
+        os.kill(worker, signal.SIGTERM)
+        wait_until(lambda: not _running(worker), timeout=30, what="the orphaned worker to exit")
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
+    log = service.server.log()
+    assert "SIGTERM again" not in log and "abandoned at shutdown" not in log
+    assert "received SIGTERM: already draining" in log
+    assert set(accepted) <= service.finals()
+    assert service.summary().group(3) == "0"
+
+
 DOCKERFILE = (PROJECT_ROOT / "Dockerfile").read_text().splitlines()
 
 
