@@ -97,6 +97,7 @@ def on_starting(server):
     try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
         _check_worker_class(server.worker_class)  # and `-k` overrides `worker_class`
         _check_no_preload(getattr(server.cfg, "preload_app", False))  # and `--preload` overrides `preload_app`
+        _check_no_code_reloader(getattr(server.cfg, "reload", False))  # `--reload`
         _config.check_server_processes(_settings, server.cfg.workers)
         _config.check_worker_recycling(_settings, server.cfg.workers, server.cfg.max_requests)  # max_requests below
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
@@ -154,6 +155,18 @@ def _check_no_preload(preload_app) -> None:
             "--preload would build the task pool in the arbiter, before the fork: every worker process would run "
             "under one lease owner, and one that stops would abandon the running tasks of the others; drop --preload "
             "(in GUNICORN_CMD_ARGS too)"
+        )
+
+
+def _check_no_code_reloader(reload) -> None:
+    """Refuse ``--reload``: it restarts the workers at each change of a file, but they run the code loaded before."""
+    if reload:
+        memory = " (and with STORE=memory each restart would forget every task)" if not _settings.store.shared else ""
+        raise _config.ConfigError(
+            "--reload would restart the worker processes at each change of a source file, but the workers the "
+            "arbiter forks run the code it loaded at its start (the app and TASK_HANDLER's module), so no change "
+            f"would be taken{memory}: drop --reload (in GUNICORN_CMD_ARGS too); new code takes kill -USR2 (a binary "
+            "upgrade) or a restart"
         )
 
 

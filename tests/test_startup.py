@@ -99,6 +99,21 @@ def test_gunicorn_refuses_preloading_the_app(tmp_path):
         assert "Listening at" not in output and "Traceback" not in output
 
 
+def test_gunicorn_refuses_its_code_reloader(tmp_path):
+    """--reload restarted the worker at each edit of a watched file: with STORE=memory every task was forgotten, and
+    the new worker still ran the code the arbiter had loaded at its start."""
+    for args, env, memory in (
+        (["--reload"], {}, True),
+        ([], {"GUNICORN_CMD_ARGS": "--reload", "STORE": f"sqlite:///{tmp_path / 'tasks.db'}"}, False),
+    ):
+        result = start([*GUNICORN, *args], **env)
+        assert result.returncode == 2, (args, env)
+        output = result.stdout + result.stderr
+        assert "configuration error: --reload would restart the worker processes" in output
+        assert ("with STORE=memory each restart would forget every task" in output) is memory
+        assert "Listening at" not in output and "Traceback" not in output
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
 def test_gunicorn_refuses_a_worker_class_that_does_not_drain(worker_class):
     """gunicorn's own workers would stop without draining the pool and serve slow clients on request threads."""
