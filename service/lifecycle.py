@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from workerpool import ShutdownSummary, WorkerPool
+from workerpool import ShutdownSummary, State, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,12 @@ _COUPLED = frozenset({signal.SIGINT, signal.SIGQUIT})
 
 
 def describe(summary: ShutdownSummary) -> str:
-    counts = ", ".join(f"{count} {state}" for state, count in summary.counts.items())
+    counts = ", ".join(
+        "queued unknown (the store could not count them)"
+        if state is State.QUEUED and not summary.queued_counted
+        else f"{count} {state}"
+        for state, count in summary.counts.items()
+    )
     described = (
         f"shutdown complete: drained in {summary.drain_seconds:.2f} s; {counts}; "
         f"{len(summary.abandoned)} abandoned"

@@ -1215,6 +1215,9 @@ def test_a_drain_holds_its_deadline_and_says_what_it_left_to_leases_when_the_sto
     assert summary.abandoned == () and summary.left_to_leases == 2 and summary.counts[State.RUNNING] == 2
     assert "draining 2 running attempt(s)" in caplog.text
     assert describe(summary).endswith("0 abandoned; 2 attempt(s) left to their leases: the store was unavailable")
+    # Nor is the queued count, which the store could not give, passed off as nothing queued.
+    assert not summary.queued_counted
+    assert "; queued unknown (the store could not count them), 2 running, " in describe(summary)
 
 
 def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, clock, tmp_path):

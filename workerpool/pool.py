@@ -114,6 +114,9 @@ class ShutdownSummary:
     left_to_leases: int = 0
     """Attempts of this pool the store could not abandon (it was unavailable): counted as running,
     they end when their leases expire (another process, or the next start, recovers them)."""
+    queued_counted: bool = True
+    """False when the store could not count the queued tasks at the end of the drain (it was
+    unavailable): the queued count then says 0 but is not known."""
 
 
 @dataclass(slots=True)
@@ -1346,13 +1349,14 @@ class WorkerPool:
         try:
             self._cancel_running()  # again: the abandon may not have got that far
             cutoff = self._store_cutoff()
+            queued_counted = True
             try:
                 left = self._ask_store(self._store.stats, by=cutoff).counts if self._store.shared else {}
             except StoreUnavailable:
-                left = {}
+                left, queued_counted = {}, False
             except Exception:
                 log.exception("shutdown: the store could not count the tasks left")
-                left = {}
+                left, queued_counted = {}, False
             try:
                 # What the store could not abandon, it cannot count either: this pool's own count stands.
                 running = self._left_to_leases or (self._unfinished_here(cutoff) if self._store.shared else 0)
@@ -1374,6 +1378,7 @@ class WorkerPool:
                 abandoned=tuple(task.id for task in abandoned),
                 drain_seconds=self._monotonic() - began,
                 left_to_leases=self._left_to_leases,
+                queued_counted=queued_counted,
             )
         finally:
             self._drained.set()
