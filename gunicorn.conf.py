@@ -13,6 +13,21 @@ import sys
 import time as _time
 from pathlib import Path
 
+
+def _stop_while_starting(signum, frame):
+    """A stop signal before gunicorn's own handlers are in place: end the start, before listening, and exit 0."""
+    os.write(2, f"received {_signal.Signals(signum).name} while starting: stopped before serving\n".encode())
+    raise SystemExit(0)
+
+
+# A stop signal (docker stop, a pod's termination) may come while the app, TASK_HANDLER's module and the
+# store are still being checked below, before gunicorn installs its handlers (Arbiter.start). As PID 1 (the
+# image's CMD) a signal with no handler is dropped by the kernel: the start went on and the server served until
+# the container's SIGKILL. gunicorn runs this file again at a reload, with its handlers in place: they stay.
+if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
+    for _stop in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
+        _signal.signal(_stop, _stop_while_starting)
+
 _ROOT = str(Path(__file__).resolve().parent)
 if _ROOT not in sys.path:  # so `config` and `app` import from any working directory
     sys.path.insert(0, _ROOT)
@@ -94,6 +109,11 @@ def _warn_of_a_shorter_drain(server) -> None:
 
 def on_starting(server):
     """Refuse processes that would not share tasks; open the pipe on which the worker reports its drain."""
+    # From here a stop signal waits in the arbiter's queue, as it will once its handlers are in place (next,
+    # in Arbiter.start): it stops the server gracefully as soon as it runs, so this hook is not cut short.
+    if _signal.getsignal(_signal.SIGTERM) == _stop_while_starting:
+        for stop in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
+            _signal.signal(stop, server.signal)
     try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening
         _check_worker_class(server.worker_class)  # and `-k` overrides `worker_class`
         _check_no_preload(getattr(server.cfg, "preload_app", False))  # and `--preload` overrides `preload_app`

@@ -33,7 +33,13 @@ def load_conf(monkeypatch, **env: str) -> dict:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return runpy.run_path(CONF)
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    handlers = [signal.getsignal(stop) for stop in stops]
+    try:
+        return runpy.run_path(CONF)
+    finally:  # the handlers it installs for a stop during a server's start would stay in the test process
+        for stop, handler in zip(stops, handlers, strict=True):
+            signal.signal(stop, handler)
 
 
 def test_the_worker_class_is_gthread_with_draining_stop_handlers():

@@ -504,6 +504,46 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
         server.stop()
 
 
+# A TASK_HANDLER module whose import, during the server's start, waits for a file that never comes.
+START_GATE = """
+import os, time
+from pathlib import Path
+gate = Path(os.environ["START_GATE"])
+(gate / "reached").touch()
+while not (gate / "open").exists():
+    time.sleep(0.01)
+def handle(task, cancel):
+    return None
+"""
+
+
+def test_a_stop_signal_during_the_start_ends_it_before_serving_even_as_pid_1(tmp_path):
+    # As PID 1 the kernel drops a signal that has no handler: the start went on and the server served.
+    pid_1 = _unshare_works()
+    (tmp_path / "startgate.py").write_text(START_GATE)
+    env = clean_environment(
+        HOST="127.0.0.1", PORT="0", PYTHONPATH=str(tmp_path), TASK_HANDLER="startgate:handle", START_GATE=str(tmp_path)
+    )
+    gunicorn = [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py"]
+    command = ["unshare", "--pid", "--fork", "--mount-proc", *gunicorn] if pid_1 else gunicorn
+    server = ServerProcess(command, log_path=tmp_path / "start.log", env=env, python=False)
+    try:
+        wait_until(lambda: (tmp_path / "reached").exists(), timeout=20, what="the start to import TASK_HANDLER")
+        if pid_1:
+            (arbiter,) = worker_pids(server.proc.pid)  # unshare's one child
+            assert re.search(r"NSpid:\s+\d+\s+1\n", Path(f"/proc/{arbiter}/status").read_text())
+        else:
+            arbiter = server.proc.pid
+        os.kill(arbiter, signal.SIGTERM)
+        assert server.proc.wait(timeout=20) == 0
+        log = server.log()
+        assert "received SIGTERM while starting: stopped before serving" in log, log
+        assert "Listening at" not in log, log
+    finally:
+        (tmp_path / "open").touch()
+        server.stop()
+
+
 def test_a_server_without_hooks_still_drains_at_exit(tmp_path):
     script = (
         "from app import configure_logging, create_app\n"
