@@ -224,7 +224,15 @@ def _manage_workers_stopping_each_once(server, manage_workers):
     which it takes for an operator's second stop signal, and its running
     tasks were abandoned, failed retries left or not. Hidden from it while it
     runs, a worker it stopped is told once and drains for SHUTDOWN_TIMEOUT_S.
+
+    A worker stopping by itself (max_requests) says so on the drain reports'
+    pipe and is not counted either: its replacement is forked now, not when
+    it exits after its drain (with -w N the N workers reach max_requests
+    together, and nothing served while they drained).
     """
+    reports = getattr(server, "drain_reports", None)
+    if reports is not None:
+        server.retiring |= reports.retiring()
     server.retiring &= server.WORKERS.keys() | server.held.keys()  # those that have exited are gone
     hidden = {pid: server.WORKERS.pop(pid) for pid in server.retiring if pid in server.WORKERS}
     try:

@@ -12,6 +12,11 @@ and keeps the line of that worker alone:
 - a worker that exits during the server's stop has its line (or the error)
   logged at the arbiter's exit, after gunicorn's own lines.
 
+A worker that stops by itself while the server runs (gunicorn's
+``max_requests``) first writes ``<pid> retiring``: the arbiter then forks its
+replacement at once rather than when it exits, after its drain (see
+``retiring``). That line is not a report.
+
 Both ends are non-blocking: the arbiter reads only what is there, and a
 worker never waits on a full pipe (its report is then missing, and the
 arbiter says so).
@@ -22,6 +27,7 @@ from __future__ import annotations
 import os
 
 NOT_REPORTED = "the worker ended without reporting its drain (killed?): tasks it held may be lost"
+RETIRING = "retiring"  # a worker stopping by itself, not a drain's report
 _MAX_LINE = 500  # bytes of summary: with the pid, well under PIPE_BUF, so each write is atomic
 
 
@@ -34,6 +40,7 @@ class DrainReports:
         os.set_blocking(self.write_fd, False)  # shared with the workers: set once, before they fork
         self._unread = b""  # the start of a line whose end has not arrived
         self._reports: dict[int, str] = {}
+        self._retiring: set[int] = set()  # announced, not yet taken by ``retiring``
         # Workers that exited during the stop, and their reports (None: sent none).
         self.at_stop: list[tuple[int, str | None]] = []
 
@@ -41,6 +48,12 @@ class DrainReports:
         """The report of worker ``pid``, which has exited, or None if it sent none."""
         self._read()
         return self._reports.pop(pid, None)
+
+    def retiring(self) -> set[int]:
+        """The workers that announced, since the last call, that they stop by themselves."""
+        self._read()
+        announced, self._retiring = self._retiring, set()
+        return announced
 
     def _read(self) -> None:
         data = self._unread
@@ -55,7 +68,11 @@ class DrainReports:
         *lines, self._unread = data.split(b"\n")
         for line in lines:
             pid, _, text = line.decode(errors="replace").partition(" ")
-            if pid.isdigit() and text:  # anything else was not written by a worker
+            if not (pid.isdigit() and text):  # not written by a worker
+                continue
+            if text == RETIRING:
+                self._retiring.add(int(pid))
+            else:
                 self._reports[int(pid)] = text
 
 

@@ -61,6 +61,8 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
+from .drain_reports import RETIRING
+from .drain_reports import send as send_report
 from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
 from .logs import REDACTED, redact_request_line
@@ -145,6 +147,8 @@ class AcceptBalance:
 class DrainingThreadWorker(ThreadWorker):
     controller: ShutdownController | None = None  # set by the post_worker_init hook
     orphaned = False  # the arbiter is gone: nobody reads the drain report pipe, the worker logs its summary
+    drain_report_fd: int | None = None  # set by the post_fork hook
+    retiring = False  # it told the arbiter it stops by itself (max_requests)
     request_timeout: float = REQUEST_TIMEOUT_S  # set by the post_worker_init hook (REQUEST_TIMEOUT_S)
     body_limits: BodyLimits = BodyLimits()  # set by the post_worker_init hook (MAX_*BODY_BYTES, API_TOKEN)
 
@@ -265,6 +269,18 @@ class DrainingThreadWorker(ThreadWorker):
             return False  # the response is cut short: the connection cannot be reused
         finally:
             conn.sock = sock
+            if self.nr >= self.max_requests:  # gunicorn ended the worker's loop with this request
+                self.announce_retiring()
+
+    def announce_retiring(self) -> None:
+        """Tell the arbiter, once, that this worker stops by itself (max_requests), so that it forks a replacement
+        now: it would fork one only when this worker exits, after its drain, and with its other workers recycled
+        at the same moment (their request counts stay even) nothing would serve meanwhile."""
+        if self.retiring or self.drain_report_fd is None:
+            return
+        self.retiring = True
+        if not send_report(self.drain_report_fd, RETIRING):
+            self.log.warning("could not tell the arbiter this worker is retiring (its pipe is full)")
 
     def finish_request(self, conn: TConn, fs: Future) -> None:
         self._serving.discard(conn)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from service.drain_reports import DrainReports, send
+from service.drain_reports import RETIRING, DrainReports, send
 
 
 @pytest.fixture
@@ -53,3 +53,11 @@ def test_a_worker_never_waits_on_a_full_pipe(reports):
         except BlockingIOError:
             break
     assert send(reports.write_fd, "shutdown complete") is False
+
+
+def test_a_worker_stopping_by_itself_is_announced_once_and_is_not_its_report(reports):
+    os.write(reports.write_fd, f"101 {RETIRING}\n202 shutdown complete: second\n".encode())
+    assert reports.retiring() == {101}
+    assert reports.retiring() == set()
+    assert reports.take(101) is None  # an announcement, not how its drain ended
+    assert reports.take(202) == "shutdown complete: second"

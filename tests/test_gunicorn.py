@@ -758,6 +758,65 @@ def test_a_reload_does_not_wait_for_the_old_workers_it_stopped(monkeypatch):
     assert set(server.WORKERS) == {11, 12, 13, 14} and server.spawned == 0
 
 
+def test_a_worker_stopping_by_itself_is_replaced_at_once_and_never_told_to_stop(monkeypatch):
+    # With -w 2 and --max-requests both workers stopped together, and gunicorn forked their replacements only when
+    # they had exited, after their drains: nothing served meanwhile (up to SHUTDOWN_TIMEOUT_S).
+    from gunicorn.arbiter import Arbiter
+
+    from service.drain_reports import RETIRING, DrainReports, send
+
+    conf = load_conf(monkeypatch)
+    reports = DrainReports()
+    server = SimpleNamespace(
+        num_workers=2, _last_logged_active_worker_count=None, cfg=SimpleNamespace(enable_backlog_metric=False),
+        log=SimpleNamespace(debug=lambda *args, **kwargs: None), WORKERS={11: SimpleNamespace(age=1),
+        os.getpid(): SimpleNamespace(age=2)}, retiring=set(), held={}, killed=[], spawned=[], drain_reports=reports,
+    )  # fmt: skip
+    server.kill_worker = lambda pid, sig: server.killed.append((pid, sig))
+    server.spawn_workers = lambda: server.spawned.append(server.num_workers - len(server.WORKERS))
+    manage = conf["_manage_workers_stopping_each_once"]
+    try:
+        manage(server, Arbiter.manage_workers.__get__(server))
+        assert server.spawned == [] and server.killed == []
+        assert send(reports.write_fd, RETIRING)  # this process plays the worker that reached max_requests
+        manage(server, Arbiter.manage_workers.__get__(server))
+        assert server.spawned == [1]  # its replacement, while it drains
+        assert server.retiring == {os.getpid()} and set(server.WORKERS) == {11, os.getpid()}
+        assert server.killed == []
+    finally:
+        os.close(reports.write_fd)
+        os.close(reports._read_fd)
+
+
+@pytest.mark.e2e
+def test_max_requests_forks_the_replacement_when_the_worker_begins_its_drain(tmp_path):
+    server = start_gunicorn(
+        tmp_path, STORE=f"sqlite://{tmp_path / 'tasks.db'}", WEB_CONCURRENCY="2", WORKERS="2",
+        WORK_MIN_MS="8000", WORK_MAX_MS="8000", FAILURE_RATE="0", GUNICORN_CMD_ARGS="--max-requests 12",
+    )  # fmt: skip
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        wait_until(lambda: len(worker_pids(arbiter)) == 2, timeout=20, what="two workers")
+        for n in range(4):
+            body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
+            assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
+        # Two attempts at a time in each process: each has two running when it reaches max_requests.
+        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == 4, timeout=20,
+                   what="four running attempts")  # fmt: skip
+        wait_until(lambda: client.request("GET", "/healthz") and "Autorestarting" in server.log(), timeout=20,
+                   what="a worker to reach max_requests")  # fmt: skip
+        wait_until(lambda: server.log().count("Booting worker") >= 3, timeout=20, what="a replacement")
+        assert "ended: " not in server.log()  # forked while the retiring worker still drains its 8 s attempts
+        wait_until(lambda: all(client.json("GET", f"/tasks/t{n}")[1]["state"] == "done" for n in range(4)),
+                   timeout=30, what="every task done")  # fmt: skip
+        wait_until(lambda: "ended: shutdown complete" in server.log(), timeout=30, what="the retired worker's drain")
+        log = server.log()
+        assert "SIGTERM again" not in log and "abandoned at shutdown" not in log
+    finally:
+        server.stop()
+
+
 @pytest.mark.e2e
 def test_ttou_drains_the_running_tasks_of_the_worker_it_stops(tmp_path):
     # The worker stopped got SIGTERM again a second into its drain and abandoned its running tasks (failed).
