@@ -60,6 +60,10 @@ _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_atte
 _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
+# Tasks one group commit carries at most, unless its first admission alone has more (a batch is admitted in one
+# script, whatever its size). Redis runs nothing else while a script runs: admissions merged without a bound (four
+# batches of 100,000 in one script) kept it busy past every client's socket timeout, for every instance.
+GROUP_MAX_TASKS = 1000
 _HAND_OVER_TRIES = 10  # runs of an admission's interrupted hand-over at most (see RedisStore._hand_over_to_the_end)
 # Redis ends a BLPOP whose timeout passed only at a tick of its timer, hz times a second: up to
 # 100 ms late at the default hz 10. A wait for a due time blocks until this long before it, then
@@ -850,11 +854,12 @@ class RedisStore(TaskStore):
         """Admit ``tasks`` in one script, together with those of other threads waiting meanwhile.
 
         While one thread's admission is on its way to Redis, the admissions of
-        other threads queue up; when it returns, the first of them sends all
-        that queued in one script (group commit). Each thread sends at most one
-        round trip and waits for at most the one in flight before it, and the
-        script treats the tasks one after another in order of arrival, exactly
-        as separate calls would. Under load this turns several round trips, and
+        other threads queue up; when it returns, the first of them sends those
+        that queued in one script (group commit), up to GROUP_MAX_TASKS tasks in
+        all (see _send). Each thread sends at most one round trip and waits for
+        the ones before it (one, unless large batches queued), and the script
+        treats the tasks one after another in order of arrival, exactly as
+        separate calls would. Under load this turns several round trips, and
         the fixed part of the script (the deadline check, eviction, the bound,
         the wake-up tokens), into one.
         """
@@ -894,11 +899,18 @@ class RedisStore(TaskStore):
             return mine.lead
 
     def _send(self, mine: _Admission) -> Sequence[bytes]:
-        """Send every admission queued so far, ``mine`` first, in one script: their verdicts in order."""
+        """Send the admissions queued so far, ``mine`` first, in one script: their verdicts in order.
+
+        It takes them in order of arrival while they hold GROUP_MAX_TASKS tasks in all (``mine`` in any case):
+        the others stay at the head of the queue, for the next turn.
+        """
         with self._admissions_lock:
-            mine.batch, self._admissions = self._admissions, []
+            queued, taken, tasks = self._admissions, 0, 0
+            while taken < len(queued) and (taken == 0 or tasks + len(queued[taken].tasks) <= GROUP_MAX_TASKS):
+                tasks += len(queued[taken].tasks)
+                taken += 1
+            mine.batch, self._admissions = queued[:taken], queued[taken:]
         batch = mine.batch
-        tasks = sum(len(admission.tasks) for admission in batch)
         packed = (b"".join([admission.args for admission in batch]), sum(admission.count for admission in batch))
         mine.sent = True  # from here on the batch may be stored, whatever happens next
         # The cutoff of eviction by age in hexadecimal: only the script reads it (see _ADMIT).
