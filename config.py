@@ -495,8 +495,20 @@ def exit_on_error(error: ConfigError) -> NoReturn:
     raise SystemExit(EXIT_BAD_CONFIG) from None
 
 
-def check_binary_upgrade(config: Config) -> None:
-    """Raise ConfigError if a second server (gunicorn's binary upgrade) cannot serve the same tasks as the first."""
+def check_binary_upgrade(config: Config, old_arbiter_pid: int) -> None:
+    """Raise ConfigError if a second server (gunicorn's binary upgrade) cannot serve the same tasks as the first,
+    or would not outlive it.
+
+    Where the first server is PID 1 (a container's command, the image's CMD), the kernel ends every
+    process of its PID namespace when it exits: stopping it once the new one serves, as the upgrade
+    goes, would kill the new server and its workers mid-task, with no drain and no line.
+    """
+    if old_arbiter_pid == 1:
+        raise ConfigError(
+            "a binary upgrade (kill -USR2) cannot replace a server that is PID 1 (a container's command): when it "
+            "exits the kernel ends every process of the container, the new server with it; not starting a second "
+            "server, the first keeps serving (replace the container, or stop and start the service instead)"
+        )
     if not config.store.shared:
         raise ConfigError(
             f"a binary upgrade (kill -USR2) would serve one port from two servers, each with its own tasks, "

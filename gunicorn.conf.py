@@ -121,7 +121,7 @@ def on_starting(server):
         _config.check_server_processes(_settings, server.cfg.workers)
         _config.check_worker_recycling(_settings, server.cfg.workers, server.cfg.max_requests)  # max_requests below
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
-            _config.check_binary_upgrade(_settings)
+            _config.check_binary_upgrade(_settings, server.master_pid)
         else:  # the listening sockets are made next, unless inherited (binary upgrade, systemd socket activation)
             _check_listen(server.cfg)
     except _config.ConfigError as error:

@@ -624,8 +624,15 @@ def test_a_reload_warns_that_the_memory_store_forgets_every_task(monkeypatch, tm
         assert "empty task table" in warnings[0] and "404" in warnings[0]
 
 
-@pytest.mark.parametrize(("store", "refused"), [("memory", True), ("sqlite", False)])
-def test_a_binary_upgrade_is_refused_by_the_new_server_only_on_the_memory_store(monkeypatch, tmp_path, store, refused):
+@pytest.mark.parametrize(
+    ("store", "old_arbiter", "refused"),
+    [("memory", 4711, "with STORE=memory"), ("sqlite", 4711, None), ("sqlite", 1, "that is PID 1")],
+    ids=["memory", "sqlite", "sqlite-under-pid-1"],
+)
+def test_a_binary_upgrade_is_refused_by_the_new_server_on_the_memory_store_or_under_pid_1(
+    monkeypatch, tmp_path, capsys, store, old_arbiter, refused
+):
+    # As PID 1 (a container's command) the old server's exit ends every process of the container, the new one too.
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}" if store == "sqlite" else store)
     (pidfile := tmp_path / "gunicorn.pid.2").write_text(f"{os.getpid()}\n")
 
@@ -636,7 +643,7 @@ def test_a_binary_upgrade_is_refused_by_the_new_server_only_on_the_memory_store(
     class Arbiter:  # what `kill -USR2` started: gunicorn sets master_pid, the first server's pid
         cfg = type("Cfg", (), {"workers": 1, "max_requests": 0, "graceful_timeout": 25})()
         worker_class = DrainingThreadWorker
-        master_pid = 4711
+        master_pid = old_arbiter
         pidfile = Pidfile()
 
     if refused:
@@ -644,6 +651,8 @@ def test_a_binary_upgrade_is_refused_by_the_new_server_only_on_the_memory_store(
             conf["on_starting"](Arbiter)
         assert exited.value.code == 2
         assert not pidfile.exists()
+        line = capsys.readouterr().err
+        assert line.startswith("configuration error: a binary upgrade (kill -USR2)") and refused in line, line
     else:
         conf["on_starting"](Arbiter)
         assert pidfile.exists()
