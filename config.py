@@ -517,27 +517,19 @@ def check_binary_upgrade(config: Config, old_arbiter_pid: int) -> None:
         )
 
 
-def check_worker_recycling(config: Config, processes: int, max_requests: int) -> None:
+def check_worker_recycling(config: Config, max_requests: int) -> None:
     """Raise ConfigError if gunicorn's ``max_requests`` (``--max-requests``, or in ``GUNICORN_CMD_ARGS``) would
     recycle worker processes that cannot be replaced without harm.
 
-    A recycled worker drains its pool before it exits, and gunicorn starts its replacement only
-    then: the only worker answers nothing meanwhile (up to ``SHUTDOWN_TIMEOUT_S``), and with
-    ``STORE=memory`` its replacement starts with an empty task table.
+    A recycled worker drains its pool before it exits, and its replacement starts at once (see
+    gunicorn.conf.py): with a shared store it serves the same tasks meanwhile, but with
+    ``STORE=memory`` it starts with an empty task table.
     """
-    if max_requests <= 0:
-        return
-    if not config.store.shared:
+    if max_requests > 0 and not config.store.shared:
         raise ConfigError(
             f"--max-requests {max_requests} would restart the worker process every {max_requests} requests or so, "
             f"and with STORE={config.store.kind} each restart forgets every task it accepted: drop --max-requests "
-            "(in GUNICORN_CMD_ARGS too), or use a shared store (sqlite:///path or redis://...) with -w 2 or more"
-        )
-    if processes < 2:
-        raise ConfigError(
-            f"--max-requests {max_requests} would restart the only worker process every {max_requests} requests or "
-            "so, and nothing is answered while it drains: drop --max-requests (in GUNICORN_CMD_ARGS too), or run "
-            "-w 2 or more"
+            "(in GUNICORN_CMD_ARGS too), or use a shared store (sqlite:///path or redis://...)"
         )
 
 

@@ -70,8 +70,8 @@ worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 # limit on open files is raised toward the hard one as far as needed (see service/file_limits.py).
 worker_connections = _file_limits.worker_connections(_settings, threads)
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
-# Recycling the only worker would stall the service and cut a drain short, and with STORE=memory
-# forget every task: on_starting refuses a --max-requests that overrides this (config.check_worker_recycling).
+# Recycling a worker with STORE=memory would forget every task: on_starting refuses a --max-requests
+# that overrides this there (config.check_worker_recycling).
 max_requests = 0
 graceful_timeout = math.ceil(_settings.shutdown_timeout_s) + DRAIN_MARGIN_S  # whole seconds only
 control_socket_disable = True  # parallel servers would share ~/.gunicorn/gunicorn.ctl
@@ -119,7 +119,7 @@ def on_starting(server):
         _check_no_preload(getattr(server.cfg, "preload_app", False))  # and `--preload` overrides `preload_app`
         _check_no_code_reloader(getattr(server.cfg, "reload", False))  # `--reload`
         _config.check_server_processes(_settings, server.cfg.workers)
-        _config.check_worker_recycling(_settings, server.cfg.workers, server.cfg.max_requests)  # max_requests below
+        _config.check_worker_recycling(_settings, server.cfg.max_requests)  # max_requests below
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
             _config.check_binary_upgrade(_settings, server.master_pid)
         else:  # the listening sockets are made next, unless inherited (binary upgrade, systemd socket activation)
@@ -309,7 +309,7 @@ def _share_metrics(server):
     elif inherited and _metrics_share.is_private(Path(inherited)):
         # Removed at the exit by whichever of the two servers ends last (see on_exit).
         server.metrics_dir, server.metrics_dir_owned = Path(inherited), True
-    elif server.cfg.workers > 1:
+    elif server.cfg.workers > 1 or server.cfg.max_requests > 0:  # a recycled worker's counts stay in the sum
         server.metrics_dir, server.metrics_dir_owned = _metrics_share.make_directory(), True
 
 

@@ -202,25 +202,27 @@ def test_a_drain_report_is_logged_at_once_or_as_a_last_line_at_the_exit(monkeypa
 
 @pytest.mark.parametrize(
     ("workers", "metrics_dir", "shared"),
-    [(1, "", False), (2, "", True), (1, "given", True), (3, "given", True)],
+    [(1, "", False), (2, "", True), (1, "recycled", True), (1, "given", True), (3, "given", True)],
 )
 def test_metrics_are_shared_with_several_workers_or_a_given_directory(
     monkeypatch, tmp_path, workers, metrics_dir, shared
 ):
+    # "recycled": --max-requests runs a replacement beside the worker it replaces, whose counts stay in the sum
     from types import SimpleNamespace
 
     given = tmp_path / "metrics"
     given.mkdir()
     (given / "counts-7.json").write_text('{"row": {"accepted": 5}}')  # an earlier run's
-    env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir else ""}
+    env = {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "METRICS_DIR": str(given) if metrics_dir == "given" else ""}
     conf = load_conf(monkeypatch, **env)
-    cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False, max_requests=0, graceful_timeout=25)
+    max_requests = 100 if metrics_dir == "recycled" else 0
+    cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False, max_requests=max_requests, graceful_timeout=25)
     # (no address to check)
     server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
     conf["on_starting"](server)
     try:
         assert (server.metrics_dir is not None) == shared
-        if metrics_dir:
+        if metrics_dir == "given":
             assert (server.metrics_dir, server.metrics_dir_owned) == (given, False)
             assert list(given.iterdir()) == []  # no old counts add to this run's
         elif shared:
@@ -798,26 +800,28 @@ def test_a_worker_stopping_by_itself_is_replaced_at_once_and_never_told_to_stop(
 
 
 @pytest.mark.e2e
-def test_max_requests_forks_the_replacement_when_the_worker_begins_its_drain(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_max_requests_forks_the_replacement_when_the_worker_begins_its_drain(tmp_path, processes):
     server = start_gunicorn(
-        tmp_path, STORE=f"sqlite://{tmp_path / 'tasks.db'}", WEB_CONCURRENCY="2", WORKERS="2",
-        WORK_MIN_MS="8000", WORK_MAX_MS="8000", FAILURE_RATE="0", GUNICORN_CMD_ARGS="--max-requests 12",
+        tmp_path, STORE=f"sqlite://{tmp_path / 'tasks.db'}", WEB_CONCURRENCY=str(processes), WORKERS="2",
+        WORK_MIN_MS="8000", WORK_MAX_MS="8000", FAILURE_RATE="0", GUNICORN_CMD_ARGS=f"--max-requests {6 * processes}",
     )  # fmt: skip
+    tasks = 2 * processes
     try:
         client = Client(server.wait_for_port(LISTENING))
         arbiter = server.proc.pid
-        wait_until(lambda: len(worker_pids(arbiter)) == 2, timeout=20, what="two workers")
-        for n in range(4):
+        wait_until(lambda: len(worker_pids(arbiter)) == processes, timeout=20, what="the workers")
+        for n in range(tasks):
             body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
             assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
         # Two attempts at a time in each process: each has two running when it reaches max_requests.
-        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == 4, timeout=20,
-                   what="four running attempts")  # fmt: skip
+        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == tasks, timeout=20,
+                   what="every attempt running")  # fmt: skip
         wait_until(lambda: client.request("GET", "/healthz") and "Autorestarting" in server.log(), timeout=20,
                    what="a worker to reach max_requests")  # fmt: skip
-        wait_until(lambda: server.log().count("Booting worker") >= 3, timeout=20, what="a replacement")
+        wait_until(lambda: server.log().count("Booting worker") > processes, timeout=20, what="a replacement")
         assert "ended: " not in server.log()  # forked while the retiring worker still drains its 8 s attempts
-        wait_until(lambda: all(client.json("GET", f"/tasks/t{n}")[1]["state"] == "done" for n in range(4)),
+        wait_until(lambda: all(client.json("GET", f"/tasks/t{n}")[1]["state"] == "done" for n in range(tasks)),
                    timeout=30, what="every task done")  # fmt: skip
         wait_until(lambda: "ended: shutdown complete" in server.log(), timeout=30, what="the retired worker's drain")
         log = server.log()
