@@ -769,6 +769,15 @@ def test_a_reload_does_not_wait_for_the_old_workers_it_stopped(monkeypatch):
     assert set(server.WORKERS) == {11, 12, 13, 14} and server.spawned == 0
 
 
+def submit_running(client, count):
+    """Submit tasks t0.. t<count - 1> (no retries) and wait until every one's attempt runs."""
+    for n in range(count):
+        body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
+        assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
+    wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == count, timeout=20,
+               what="every attempt running")  # fmt: skip
+
+
 def test_a_worker_stopping_by_itself_is_replaced_at_once_and_never_told_to_stop(monkeypatch):
     # With -w 2 and --max-requests both workers stopped together, and gunicorn forked their replacements only when
     # they had exited, after their drains: nothing served meanwhile (up to SHUTDOWN_TIMEOUT_S).
@@ -811,12 +820,8 @@ def test_max_requests_forks_the_replacement_when_the_worker_begins_its_drain(tmp
         client = Client(server.wait_for_port(LISTENING))
         arbiter = server.proc.pid
         wait_until(lambda: len(worker_pids(arbiter)) == processes, timeout=20, what="the workers")
-        for n in range(tasks):
-            body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
-            assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
         # Two attempts at a time in each process: each has two running when it reaches max_requests.
-        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == tasks, timeout=20,
-                   what="every attempt running")  # fmt: skip
+        submit_running(client, tasks)
         wait_until(lambda: client.request("GET", "/healthz") and "Autorestarting" in server.log(), timeout=20,
                    what="a worker to reach max_requests")  # fmt: skip
         wait_until(lambda: server.log().count("Booting worker") > processes, timeout=20, what="a replacement")
@@ -842,12 +847,8 @@ def test_ttou_drains_the_running_tasks_of_the_worker_it_stops(tmp_path):
         arbiter = server.proc.pid
         wait_until(lambda: len(worker_pids(arbiter)) == 2, timeout=20, what="two workers")
         wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
-        for n in range(4):
-            body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
-            assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
         # Two attempts at a time in each process: every one runs, whichever process took it.
-        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == 4, timeout=20,
-                   what="four running attempts")  # fmt: skip
+        submit_running(client, 4)
         os.kill(arbiter, signal.SIGTTOU)
         wait_until(lambda: "ended: shutdown complete" in server.log(), timeout=30, what="the stopped worker's drain")
         wait_until(lambda: all(client.json("GET", f"/tasks/t{n}")[1]["state"] == "done" for n in range(4)),
@@ -904,11 +905,7 @@ def test_a_worker_stopped_by_ttou_drains_past_gunicorns_timeout(tmp_path):
         client = Client(server.wait_for_port(LISTENING))
         arbiter = server.proc.pid
         wait_until(lambda: len(worker_pids(arbiter)) == 2, timeout=20, what="two workers")
-        for n in range(4):
-            body = json.dumps({"id": f"t{n}", "payload": n, "max_retries": 0}).encode()
-            assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
-        wait_until(lambda: len(client.json("GET", "/tasks?state=running")[1]["tasks"]) == 4, timeout=20,
-                   what="four running attempts")  # fmt: skip
+        submit_running(client, 4)
         os.kill(arbiter, signal.SIGTTOU)
         wait_until(lambda: "ended: " in server.log() or "killed?" in server.log(), timeout=30,
                    what="the stopped worker's end")  # fmt: skip

@@ -1070,35 +1070,41 @@ def test_each_task_admitted_is_a_generation_of_this_process(open_store, clock):
         assert store._only_ours(before, before + 2)
 
 
-def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(open_store, clock):
-    # A huge integer cannot be bound to a statement (OverflowError from the sqlite3 module): the
-    # admission carrying it fails, the others waiting with it in the same batch are admitted.
+def admit_behind_a_transaction(open_store, clock, waiting, before_release=lambda store: None):
+    """Admit "a" and "a2" in a transaction holding the write lock until the admissions of ``waiting``
+    ((name, tasks) pairs) have queued behind it in order; the store and each admission's outcome by name
+    ("first" for "a" and "a2"): its tasks, or what it raised."""
     held, release, stalling_clock = stalling(clock)
     store = open_store(clock=stalling_clock)
     outcomes: dict[str, object] = {}
 
-    def submit(name, *tasks):
+    def submit(name, tasks):
         try:
             outcomes[name] = store.admit(list(tasks))
         except Exception as exc:  # noqa: BLE001  (the outcome under test)
             outcomes[name] = exc
 
     # Two tasks: a transaction, which reads the clock (a single task's admission reads none).
-    first = threading.Thread(target=submit, args=("first", task(clock, "a"), task(clock, "a2")))
+    first = threading.Thread(target=submit, args=("first", (task(clock, "a"), task(clock, "a2"))))
     first.start()
     assert held.wait(WAIT_S)  # "a" and "a2" hold the write lock
-    waiting = [
-        threading.Thread(target=submit, args=(name, *tasks))
-        for name, tasks in (
-            ("before", (task(clock, "b"),)),
-            ("huge", (task(clock, "c"), task(clock, "huge", max_retries=2**70))),
-            ("after", (task(clock, "d"),)),
-        )
-    ]
-    start_queued_in_order(store, waiting)
+    threads = [threading.Thread(target=submit, args=(name, tasks)) for name, tasks in waiting]
+    start_queued_in_order(store, threads)
+    before_release(store)
     release.set()
-    for thread in (first, *waiting):
+    for thread in (first, *threads):
         thread.join(WAIT_S)
+    return store, outcomes
+
+
+def test_an_error_raised_by_one_admission_of_a_batch_fails_only_that_admission(open_store, clock):
+    # A huge integer cannot be bound to a statement (OverflowError from the sqlite3 module): the
+    # admission carrying it fails, the others waiting with it in the same batch are admitted.
+    store, outcomes = admit_behind_a_transaction(open_store, clock, [
+        ("before", (task(clock, "b"),)),
+        ("huge", (task(clock, "c"), task(clock, "huge", max_retries=2**70))),
+        ("after", (task(clock, "d"),)),
+    ])  # fmt: skip
     assert isinstance(outcomes["huge"], OverflowError)
     assert [t.id for t in outcomes["first"]] == ["a", "a2"]
     assert [t.id for t in outcomes["before"]] == ["b"]
@@ -1112,8 +1118,6 @@ def test_an_error_fails_the_admission_that_raised_it_not_an_equal_one_before_it(
     # Two admissions of the same task (same id, same creation time: equal values) wait in one batch,
     # and only the second one's insert raises. The second one fails; the first is admitted, and its
     # caller answered (an admission taken out of the batch by value would leave it without outcomes).
-    held, release, stalling_clock = stalling(clock)
-    store = open_store(clock=stalling_clock)
     inserts = []
     insert = SqliteStore._insert
 
@@ -1125,24 +1129,13 @@ def test_an_error_fails_the_admission_that_raised_it_not_an_equal_one_before_it(
         return insert(conn, task, payload)
 
     monkeypatch.setattr(SqliteStore, "_insert", staticmethod(failing_second_insert))
-    outcomes: dict[str, object] = {}
 
-    def submit(name, *tasks):
-        try:
-            outcomes[name] = store.admit(list(tasks))
-        except Exception as exc:  # noqa: BLE001  (the outcome under test)
-            outcomes[name] = exc
+    def equal_not_same(store):
+        assert store._admissions[0].tasks == store._admissions[1].tasks
 
-    # Two tasks: a transaction, which reads the clock (a single task's admission reads none).
-    first = threading.Thread(target=submit, args=("first", task(clock, "a"), task(clock, "a2")))
-    first.start()
-    assert held.wait(WAIT_S)  # "a" and "a2" hold the write lock
-    waiting = [threading.Thread(target=submit, args=(name, task(clock, "x"))) for name in ("one", "two")]
-    start_queued_in_order(store, waiting)
-    assert store._admissions[0].tasks == store._admissions[1].tasks  # equal, not the same
-    release.set()
-    for thread in (first, *waiting):
-        thread.join(WAIT_S)
+    store, outcomes = admit_behind_a_transaction(
+        open_store, clock, [(name, (task(clock, "x"),)) for name in ("one", "two")], equal_not_same
+    )
     assert [t.id for t in outcomes["first"]] == ["a", "a2"]
     assert [t.id for t in outcomes["one"]] == ["x"]
     assert isinstance(outcomes["two"], RuntimeError)
