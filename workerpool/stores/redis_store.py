@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
-from ..nesting import SHORTEST_TOO_DEEP, stored_result
+from ..nesting import stored_result
 from ..task import State, Task
 from .base import (
     LOST_EXPIRED,
@@ -654,8 +654,7 @@ def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task | None:
         if text is None:
             continue
         if name in _JSON_FIELDS:
-            too_deep = name == "result" and len(text) >= SHORTEST_TOO_DEEP  # a result only an older release kept
-            values[name] = stored_result(text) if too_deep else json.loads(text)
+            values[name] = stored_result(text) if name == "result" else json.loads(text)
         elif name in _FLOAT_FIELDS:
             values[name] = float(text)
         elif name in _INT_FIELDS:

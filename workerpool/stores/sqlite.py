@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from ..errors import DuplicateTask, QueueFull, StoreFileReplaced, StoreNotSynced, StoreUnavailable, SubmitError
-from ..nesting import SHORTEST_TOO_DEEP, stored_result
+from ..nesting import stored_result
 from ..task import State, Task, check_transition
 from .base import (
     LOST_EXPIRED,
@@ -1676,7 +1676,7 @@ def _task(row: tuple[Any, ...]) -> Task:
     return Task(
         task_id, "" if payload is None else json.loads(payload), max_retries, State(state), attempts, last_error,
         float(created_at), _real(started_at), _real(finished_at), _real(next_attempt_at), request_id,
-        None if result is None else json.loads(result) if len(result) < SHORTEST_TOO_DEEP else stored_result(result),
+        None if result is None else stored_result(result),
         bool(cancel_requested),
     )
 
