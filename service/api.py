@@ -24,6 +24,8 @@ from .request_reader import body_exceeds, body_overframed, body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
 
 bp = Blueprint("api", __name__)
+# Seconds to wait before asking /healthz again after a 503 (draining, unhealthy, store unavailable).
+HEALTH_RETRY_AFTER_S = 1
 
 
 @bp.post("/enqueue")
@@ -253,9 +255,16 @@ def health() -> tuple[Response, int]:
     except StoreUnavailable as exc:
         stats, store_error = None, str(exc)
     if stats is None or store_error is not None:
-        return jsonify({"status": "store_unavailable", "store_error": store_error}), 503
+        return _unavailable({"status": "store_unavailable", "store_error": store_error})
     body = health_figures(stats)
-    return jsonify(body), 200 if body["status"] == "ok" else 503
+    return (jsonify(body), 200) if body["status"] == "ok" else _unavailable(body)
+
+
+def _unavailable(body: dict[str, Any]) -> tuple[Response, int]:
+    """A 503 health answer, with the ``Retry-After`` every 503 of the service carries (a probe may ignore it)."""
+    response = jsonify(body)
+    response.headers["Retry-After"] = str(HEALTH_RETRY_AFTER_S)
+    return response, 503
 
 
 def health_figures(stats: PoolStats) -> dict[str, Any]:

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 # Seconds a client should wait before retrying after "queue full".
 QUEUE_FULL_RETRY_AFTER_S = 1
+# Seconds a client should wait before retrying a submission a stopping process refused. Under gunicorn the
+# retry, on a new connection, reaches a serving worker at once when a reload retires this one (its replacement
+# serves already), or finds the port closed when the server stops; `python app.py` refuses until it exits.
+# One second rather than none: a client that honours it does not spin on a process that drains for a while.
+SHUTTING_DOWN_RETRY_AFTER_S = 1
 _TYPE_PREFIX = "urn:workerpool:problem:"
 SERVER_ERROR_DETAIL = "the server could not handle the request; the error has been logged"
 
@@ -128,8 +133,12 @@ def submit_problem(exc: SubmitError) -> Problem:
             headers={"Retry-After": str(retry_after)},
         )
     if isinstance(exc, PoolClosed):
+        # Connection: close: the connection leads to this process, which will not take the retry.
         return Problem(
-            503, "the service is shutting down and accepts no new tasks", kind=_TYPE_PREFIX + "shutting-down"
+            503,
+            "the service is shutting down and accepts no new tasks",
+            kind=_TYPE_PREFIX + "shutting-down",
+            headers={"Retry-After": str(SHUTTING_DOWN_RETRY_AFTER_S), "Connection": "close"},
         )
     log.error("no problem is known for the refusal %r", exc)
     return Problem(500, SERVER_ERROR_DETAIL)

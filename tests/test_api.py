@@ -452,7 +452,9 @@ def test_enqueue_after_shutdown_began_is_503_unless_other_processes_share_the_st
         assert harness.client.get("/healthz").get_json()["status"] == "draining"
         return
     assert response.status_code == 503
-    assert "Retry-After" not in response.headers
+    # Retried on a new connection: under gunicorn, after a reload, one that a serving worker takes.
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["Connection"] == "close"
     assert response.get_json()["type"] == "urn:workerpool:problem:shutting-down"
 
 
@@ -637,6 +639,7 @@ def test_health_is_503_once_shutdown_began(harness, path):
     harness.drain()
     response = harness.client.get(path)
     assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"  # as every 503 of the service
     body = response.get_json()
     assert body["status"] == "draining"
     assert body["tasks"]["done"] == 1

@@ -185,7 +185,7 @@ def test_a_batch_after_shutdown_began_is_refused_task_by_task(harness):
     assert statuses(response) == [503, 400]
     refused = response.get_json()["results"][0]
     assert refused["problem"]["type"] == "urn:workerpool:problem:shutting-down"
-    assert "retry_after" not in refused
+    assert refused["retry_after"] == 1  # the single endpoint's Retry-After
 
 
 def test_the_valid_tasks_go_to_the_engine_in_one_call(harness, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import runpy
@@ -1017,6 +1018,41 @@ def test_a_stop_signal_during_a_reload_is_acted_on_at_once(tmp_path):
         assert "ended: shutdown complete" not in log  # handled while the old worker still drains
         assert server.proc.wait(timeout=30) == 0  # both drained: the old one's attempt done
         assert "1 done" in server.log()
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_a_request_a_retiring_worker_refuses_on_a_kept_alive_connection_says_when_to_retry(tmp_path):
+    # A reload retires the old worker; a client's kept-alive connection to it still carries a request or two
+    # (gunicorn lingers on it for 2 s). The 503 said neither to retry nor that a new connection would succeed.
+    server = start_gunicorn(tmp_path, WORK_MIN_MS="15000", WORK_MAX_MS="15000", FAILURE_RATE="0", WORKERS="1")
+    try:
+        port = server.wait_for_port(LISTENING)
+        client = Client(port)
+        arbiter = server.proc.pid
+        (old,) = wait_until(lambda: worker_pids(arbiter), timeout=20, what="the worker")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # the old worker's: it is the only one
+        kept.request("GET", "/healthz")
+        answer = kept.getresponse()
+        answer.read()
+        assert answer.status == 200 and not answer.will_close
+        body = json.dumps({"id": "long", "payload": 1, "max_retries": 0}).encode()
+        assert client.request("POST", "/enqueue", body, headers={"Content-Type": "application/json"})[0] == 202
+        os.kill(arbiter, signal.SIGHUP)  # the old worker drains its 15 s attempt
+        wait_until(lambda: "admission closed" in server.log(), timeout=20, what="the old worker's drain")
+        late = json.dumps({"id": "late", "payload": 1, "max_retries": 0}).encode()
+        kept.request("POST", "/enqueue", late, headers={"Content-Type": "application/json"})
+        refused = kept.getresponse()
+        document = json.loads(refused.read())
+        kept.close()
+        assert refused.status == 503 and document["type"] == "urn:workerpool:problem:shutting-down"
+        assert refused.getheader("Retry-After") == "1"
+        assert refused.will_close  # Connection: close: the retry goes out on a new connection
+        wait_until(lambda: worker_pids(arbiter) - {old}, timeout=20, what="the new worker")
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="the new worker's /healthz")
+        assert client.request("POST", "/enqueue", late, headers={"Content-Type": "application/json"})[0] == 202
     finally:
         server.stop()
 

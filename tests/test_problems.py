@@ -141,6 +141,15 @@ def test_a_503_for_an_unavailable_store_says_what_became_of_the_request(harness,
     assert "nothing was stored" not in problem["detail"]  # with Redis, a lost answer may follow a stored task
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/health"])
+def test_health_while_the_store_cannot_be_used_is_a_503_with_retry_after(harness, monkeypatch, path):
+    _store_fails(harness, monkeypatch, StoreUnavailable("redis: Connection refused"))
+    response = harness.client.get(path)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"  # as every 503 of the service
+    assert response.get_json() == {"status": "store_unavailable", "store_error": "redis: Connection refused"}
+
+
 @pytest.mark.parametrize(("method", "path"), [("POST", "/enqueue"), ("DELETE", "/tasks/a")])
 def test_a_change_whose_fsync_failed_is_a_503_that_says_it_stands(harness, monkeypatch, method, path):
     _store_fails(harness, monkeypatch, StoreNotSynced("syncing the WAL failed: [Errno 5] Input/output error"))
