@@ -11,7 +11,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY app.py config.py gunicorn.conf.py server_settings.py openapi.yaml ./
+COPY app.py config.py gunicorn.conf.py run_gunicorn.py server_settings.py openapi.yaml ./
 COPY service/ service/
 COPY workerpool/ workerpool/
 # TASK_HANDLER modules of this deployment (TASK_HANDLER=handlers.<module>:<callable>).
@@ -25,5 +25,6 @@ EXPOSE 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}/healthz\", timeout=2).status == 200 else 1)"]
-# Exec form: gunicorn is PID 1 and receives the stop signal itself.
-CMD ["gunicorn", "-c", "gunicorn.conf.py"]
+# Exec form: run_gunicorn.py checks the variables gunicorn reads itself (WEB_CONCURRENCY...), then becomes
+# `gunicorn -c gunicorn.conf.py`, which is PID 1 and receives the stop signal itself.
+CMD ["python", "run_gunicorn.py"]

@@ -11,8 +11,9 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run dev test stress lint bench clean
 
+# gunicorn -c gunicorn.conf.py, once run_gunicorn.py has checked the variables gunicorn reads itself.
 run: $(VENV)/.installed
-	$(BIN)/gunicorn -c gunicorn.conf.py
+	$(BIN)/python run_gunicorn.py
 
 dev: $(VENV)/.installed
 	$(BIN)/python app.py

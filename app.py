@@ -12,14 +12,13 @@ import logging.config
 import operator
 import signal
 import socket
-import sys
 import weakref
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from flask import Flask
 
-from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error, parse_host
+from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error, parse_host, write_startup_line
 from config import load as load_config
 from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
@@ -152,10 +151,10 @@ def check_store(config: Config) -> None:
     try:
         warnings = reach_store(config)
     except StoreUnavailable as exc:
-        print(f"store error: STORE cannot be used: {exc}", file=sys.stderr)
+        write_startup_line(f"store error: STORE cannot be used: {exc}")
         raise SystemExit(EXIT_BAD_CONFIG) from None
     for warning in warnings:  # said, not refused: the store works, but not as the operator believes
-        print(f"warning: {warning}", file=sys.stderr)
+        write_startup_line(f"warning: {warning}", "WARNING")
 
 
 def _redis_warnings(config: Config, store: TaskStore) -> list[str]:

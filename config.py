@@ -9,8 +9,11 @@ the variable and the value.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import io
+import ipaddress
+import json
 import math
 import os
 import re
@@ -486,13 +489,85 @@ def load(dotenv_path: Path | None = DOTENV_PATH) -> Config:
     try:
         return from_env(read_environment(dotenv_path))
     except ConfigError as exc:
-        exit_on_error(exc)
+        exit_on_error(exc, dotenv_path)
 
 
-def exit_on_error(error: ConfigError) -> NoReturn:
-    """Print ``error`` as one line on stderr and exit with code 2."""
-    print(f"configuration error: {error}", file=sys.stderr)
+def exit_on_error(error: ConfigError, dotenv_path: Path | None = DOTENV_PATH) -> NoReturn:
+    """Write ``error`` as one line on stderr, in LOG_FORMAT, and exit with code 2."""
+    write_startup_line(f"configuration error: {error}", dotenv_path=dotenv_path)
     raise SystemExit(EXIT_BAD_CONFIG) from None
+
+
+def write_startup_line(message: str, level: str = "ERROR", dotenv_path: Path | None = DOTENV_PATH) -> None:
+    """Write one line of a start that has no logging yet (why it stops, a warning) to stderr, in LOG_FORMAT."""
+    sys.stderr.write(startup_line(message, level, dotenv_path) + "\n")
+    sys.stderr.flush()
+
+
+def startup_line(message: str, level: str = "ERROR", dotenv_path: Path | None = DOTENV_PATH) -> str:
+    """``message`` as the service's lines look in LOG_FORMAT: as given for text, else the JSON object a log line is.
+
+    LOG_FORMAT is read for itself, as far as it can be: the settings that failed may be its own, or
+    ``.env``'s (then only the environment's value counts), and a value that is not valid means text.
+    """
+    try:
+        environ: Mapping[str, str] = read_environment(dotenv_path)
+    except Exception:  # noqa: BLE001  (the .env that cannot be read is what is being reported)
+        environ = os.environ
+    try:
+        log_format = _log_format(environ.get("LOG_FORMAT", "text").strip())
+    except ValueError:
+        log_format = "text"
+    if log_format == "text":
+        return message
+    # The fields and layout of service/logs.py's JSON lines, which this module, imported first, cannot use.
+    fields = {"level": level, "logger": "config", "message": message, "task_id": None, "request_id": None}
+    fields["timestamp"] = datetime.datetime.now(datetime.UTC).isoformat()
+    return json.dumps(fields, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+# WEB_CONCURRENCY, gunicorn's default for -w (some platforms set it): each process runs its own WORKERS threads
+# and store connections, so a count past this is taken for a mistake rather than forked.
+MAX_WEB_CONCURRENCY = 256
+
+
+def web_concurrency(environ: Mapping[str, str] = os.environ) -> int | None:
+    """``WEB_CONCURRENCY``, gunicorn's default for its worker processes (``-w``), or None when unset.
+
+    Raises ConfigError for a value that is not an integer from 0 to MAX_WEB_CONCURRENCY (0 is
+    check_server_processes' to refuse, with its reason).
+    """
+    raw = environ.get("WEB_CONCURRENCY")
+    if raw is None:
+        return None
+    try:
+        return _integer(0, MAX_WEB_CONCURRENCY)(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"WEB_CONCURRENCY={raw!r} is invalid: {exc} (or unset)") from None
+
+
+def check_gunicorn_environment(environ: Mapping[str, str] = os.environ) -> None:
+    """Raise ConfigError naming the first variable gunicorn reads for itself whose value it would fail on.
+
+    gunicorn reads WEB_CONCURRENCY and FORWARDED_ALLOW_IPS as it imports its settings, before
+    gunicorn.conf.py, and systemd's LISTEN_FDS and LISTEN_PID as it starts: a value it cannot take
+    ended it with a traceback (or a line that does not name the variable) and exit code 1.
+    """
+    web_concurrency(environ)
+    for variable in ("LISTEN_FDS", "LISTEN_PID"):  # systemd's socket activation
+        raw = environ.get(variable)
+        if raw is not None and not _INT.fullmatch(raw.strip()):
+            raise ConfigError(f"{variable}={raw!r} is invalid: must be an integer (systemd sets it; or unset)")
+    raw = environ.get("FORWARDED_ALLOW_IPS")
+    if raw is not None:
+        for address in (part.strip() for part in raw.strip().split(",") if part):
+            try:
+                if address != "*":
+                    ipaddress.ip_network(address)  # strict, as gunicorn: host bits set in a network are refused
+            except ValueError as exc:
+                raise ConfigError(
+                    f"FORWARDED_ALLOW_IPS={raw!r} is invalid: {exc} (it must list IP addresses or networks, or be *)"
+                ) from None
 
 
 def check_binary_upgrade(config: Config, old_arbiter_pid: int) -> None:

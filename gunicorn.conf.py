@@ -13,10 +13,17 @@ import sys
 import time as _time
 from pathlib import Path
 
+_ROOT = str(Path(__file__).resolve().parent)
+if _ROOT not in sys.path:  # so `config` and `app` import from any working directory
+    sys.path.insert(0, _ROOT)
+
+import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
+
 
 def _stop_while_starting(signum, frame):
     """A stop signal before gunicorn's own handlers are in place: end the start, before listening, and exit 0."""
-    os.write(2, f"received {_signal.Signals(signum).name} while starting: stopped before serving\n".encode())
+    stopped = f"received {_signal.Signals(signum).name} while starting: stopped before serving"
+    os.write(2, f"{_config.startup_line(stopped, 'INFO')}\n".encode())  # no print(): it may interrupt one
     raise SystemExit(0)
 
 
@@ -28,14 +35,9 @@ if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
     for _stop in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
         _signal.signal(_stop, _stop_while_starting)
 
-_ROOT = str(Path(__file__).resolve().parent)
-if _ROOT not in sys.path:  # so `config` and `app` import from any working directory
-    sys.path.insert(0, _ROOT)
-
 from gunicorn import systemd as _systemd  # noqa: E402
 
 import app as _app  # noqa: E402
-import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 import server_settings as _server_settings  # noqa: E402
 from service import file_limits as _file_limits  # noqa: E402
 from service import logs as _logs  # noqa: E402
@@ -48,8 +50,17 @@ from service.gunicorn_worker import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
 # gunicorn here with exit code 2. gunicorn runs this file again at each reload (kill -HUP): then a bad
 # value is logged and the running settings are kept (see server_settings.py).
 threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
-# A configuration whose store leaves too few file descriptors for connections is refused the same way.
-_settings = _server_settings.load(check=lambda settings: _file_limits.worker_connections(settings, threads))
+
+
+def _check_settings(settings) -> None:
+    """Refuse a configuration whose store leaves too few file descriptors for connections, and a variable gunicorn
+    reads itself with a value it cannot take: run_gunicorn.py checks those before gunicorn starts, this a gunicorn
+    started by hand (whose own start ended at a bad WEB_CONCURRENCY, before reading this file)."""
+    _config.check_gunicorn_environment()
+    _file_limits.worker_connections(settings, threads)
+
+
+_settings = _server_settings.load(check=_check_settings)
 
 # Seconds between the end of the drain deadline and gunicorn's SIGKILL.
 DRAIN_MARGIN_S = 5
@@ -59,8 +70,8 @@ bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{
 # WEB_CONCURRENCY is gunicorn's default for -w, which platforms (Heroku among them) set: a value in
 # this file would hide it. Several processes share a SQLite or Redis store; with STORE=memory each
 # would have its own queue and task table, so one runs, and on_starting says why the value is not taken.
-_web_concurrency = os.environ.get("WEB_CONCURRENCY", "").strip()
-workers = int(_web_concurrency) if _settings.store.shared and _web_concurrency.isdigit() else 1
+_web_concurrency = _config.web_concurrency()  # None when unset; checked with the settings above
+workers = _web_concurrency if _settings.store.shared and _web_concurrency is not None else 1
 # gthread, with stop-signal handlers that start the pool's drain at once
 # (see service/gunicorn_worker.py).
 worker_class = "service.gunicorn_worker.DrainingThreadWorker"
@@ -128,7 +139,7 @@ def on_starting(server):
         if server.pidfile is not None:  # written just before: it would name a server that never ran
             server.pidfile.unlink()
         _config.exit_on_error(error)
-    if not _settings.store.shared and _web_concurrency not in ("", "1") and server.cfg.workers == 1:
+    if not _settings.store.shared and _web_concurrency not in (None, 1) and server.cfg.workers == 1:
         server.log.warning(
             "WEB_CONCURRENCY=%s not taken: with STORE=%s each worker process would keep its own tasks, so one runs "
             "(several share STORE=sqlite:///path or redis://...)",

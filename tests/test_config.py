@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 from dataclasses import FrozenInstanceError, fields
@@ -549,3 +550,65 @@ def test_recycling_workers_that_forget_their_tasks_is_refused():
 def test_recycling_is_taken_with_a_shared_store_whose_replacement_serves_the_same_tasks():
     config.check_worker_recycling(SHARED, 50)  # with one process too: its replacement starts as it drains
     config.check_worker_recycling(Config(), 0)  # gunicorn.conf.py's own: no recycling
+
+
+def test_a_start_up_line_takes_log_format_from_the_environment_over_dotenv(tmp_path, monkeypatch):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("LOG_FORMAT=json\n")
+    monkeypatch.delenv("LOG_FORMAT", raising=False)
+    line = json.loads(config.startup_line("configuration error: x", dotenv_path=dotenv))
+    assert (line["level"], line["logger"], line["message"]) == ("ERROR", "config", "configuration error: x")
+    monkeypatch.setenv("LOG_FORMAT", "TEXT")
+    assert config.startup_line("configuration error: x", dotenv_path=dotenv) == "configuration error: x"
+
+
+@pytest.mark.parametrize("dotenv_text", ["LOG_FORMAT=xml\n", "LOG_FORMAT=json\nWORKERS\n"], ids=["invalid", "bad-line"])
+def test_a_start_up_line_is_text_when_log_format_cannot_be_read(tmp_path, monkeypatch, dotenv_text):
+    """An invalid LOG_FORMAT means text; a .env that cannot be read leaves the environment's value alone."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(dotenv_text)
+    monkeypatch.delenv("LOG_FORMAT", raising=False)
+    assert config.startup_line("configuration error: x", dotenv_path=dotenv) == "configuration error: x"
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    assert json.loads(config.startup_line("configuration error: x", dotenv_path=dotenv))["message"] == (
+        "configuration error: x"
+    )
+
+
+def test_a_json_start_up_line_keeps_line_separators_escaped(monkeypatch):
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    line = config.startup_line("configuration error: HOST='a\u2028b'", dotenv_path=None)
+    assert len(line.splitlines()) == 1
+    assert json.loads(line)["message"] == "configuration error: HOST='a\u2028b'"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [({}, None), ({"WEB_CONCURRENCY": " 3 "}, 3), ({"WEB_CONCURRENCY": "0"}, 0), ({"WEB_CONCURRENCY": "256"}, 256)],
+)
+def test_web_concurrency_is_a_count_of_processes_or_none(environ, expected):
+    assert config.web_concurrency(environ) == expected
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"WEB_CONCURRENCY": "257"},
+        {"WEB_CONCURRENCY": "2_0"},
+        {"WEB_CONCURRENCY": "0x10"},
+        {"LISTEN_FDS": ""},
+        {"FORWARDED_ALLOW_IPS": "10.0.0.1/8"},
+    ],
+)
+def test_a_variable_gunicorn_would_fail_on_is_refused_naming_it(environ):
+    with pytest.raises(ConfigError, match=f"^{next(iter(environ))}="):
+        config.check_gunicorn_environment(environ)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{}, {"LISTEN_FDS": "2", "LISTEN_PID": "1"}, {"FORWARDED_ALLOW_IPS": "*"}, {"FORWARDED_ALLOW_IPS": " "},
+     {"FORWARDED_ALLOW_IPS": "127.0.0.1, ::1,10.0.0.0/8,"}],
+)
+def test_values_gunicorn_takes_are_taken(environ):
+    config.check_gunicorn_environment(environ)

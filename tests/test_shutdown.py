@@ -473,7 +473,7 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
     if not _unshare_works():
         pytest.skip("unshare --pid --fork --mount-proc is not permitted here (needs root or user namespaces)")
     command = _dockerfile_cmd()
-    assert command[0] == "gunicorn"
+    assert command == ["python", "run_gunicorn.py"]  # which becomes gunicorn, with the same pid
     workdir = tmp_path / "app"  # the image's files only: no .env, no tests
     workdir.mkdir()
     _lay_out_image(workdir)

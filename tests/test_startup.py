@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.e2e
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
 APP = [sys.executable, "app.py", "--port", "0"]
+RUN_GUNICORN = [sys.executable, "run_gunicorn.py", "-b", "127.0.0.1:0"]  # `make run` and the container image
 
 
 def start(command: list[str], **env: str) -> subprocess.CompletedProcess[str]:
@@ -105,6 +107,72 @@ def test_gunicorn_refuses_its_code_reloader(tmp_path):
         assert "configuration error: --reload would restart the worker processes" in output
         assert ("with STORE=memory each restart would forget every task" in output) is memory
         assert "Listening at" not in output and "Traceback" not in output
+
+
+GUNICORN_VARIABLES = {
+    "not-a-number": ("WEB_CONCURRENCY", "abc", "must be an integer from 0 to 256 (or unset)"),
+    "a-fraction": ("WEB_CONCURRENCY", "2.5", "must be an integer from 0 to 256 (or unset)"),
+    "empty": ("WEB_CONCURRENCY", "", "must be an integer from 0 to 256 (or unset)"),
+    "negative": ("WEB_CONCURRENCY", "-3", "must be an integer from 0 to 256 (or unset)"),
+    "too-many": ("WEB_CONCURRENCY", "100000", "must be an integer from 0 to 256 (or unset)"),
+    "listen-fds": ("LISTEN_FDS", "x", "must be an integer (systemd sets it; or unset)"),
+    "listen-pid": ("LISTEN_PID", "1.5", "must be an integer (systemd sets it; or unset)"),
+    "forwarded-allow-ips": (
+        "FORWARDED_ALLOW_IPS",
+        "127.0.0.1,proxy",
+        "'proxy' does not appear to be an IPv4 or IPv6 network (it must list IP addresses or networks, or be *)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("variable", "value", "reason"), GUNICORN_VARIABLES.values(), ids=GUNICORN_VARIABLES.keys())
+def test_a_bad_variable_gunicorn_reads_itself_stops_make_run_in_one_line(variable, value, reason):
+    """gunicorn reads WEB_CONCURRENCY and FORWARDED_ALLOW_IPS before gunicorn.conf.py: `abc` ended the start in a
+    traceback, a negative count or a bad address in a line that did not name the variable, with exit code 1."""
+    result = start(RUN_GUNICORN, **{variable: value})
+    assert result.returncode == 2
+    assert result.stdout + result.stderr == f"configuration error: {variable}={value!r} is invalid: {reason}\n"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("WEB_CONCURRENCY", "300"), ("LISTEN_FDS", "x")], ids=["too-many", "listen-fds"]
+)
+def test_a_bad_variable_gunicorn_reads_after_its_settings_stops_gunicorn_in_one_line(tmp_path, variable, value):
+    """Started by hand, gunicorn gets as far as gunicorn.conf.py with these: 300 worker processes were forked on a
+    shared store, and LISTEN_FDS=x ended the start in a traceback."""
+    result = start(GUNICORN, **{variable: value, "STORE": f"sqlite:///{tmp_path / 'tasks.db'}"})
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert output.startswith(f"configuration error: {variable}={value!r} is invalid: ")
+    assert len(output.splitlines()) == 1, output
+
+
+def test_make_run_passes_its_arguments_to_gunicorn_in_the_same_process():
+    result = start([*RUN_GUNICORN, "-w", "3"], WEB_CONCURRENCY="1")  # refused by gunicorn.conf.py's on_starting
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "configuration error: 3 worker processes would each keep their own tasks with STORE=memory" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "command", [GUNICORN, RUN_GUNICORN, APP], ids=["gunicorn", "run_gunicorn.py", "python app.py"]
+)
+def test_a_start_up_error_is_a_json_line_with_log_format_json(command, tmp_path):
+    """With LOG_FORMAT=json every line but the exit-2 ones was JSON: those were plain text, unreadable to a shipper
+    that parses each line."""
+    for env, message in (
+        ({"WORKERS": "abc"}, "configuration error: WORKERS='abc' is invalid: must be an integer from 1 to 256"),
+        ({"STORE": f"sqlite://{tmp_path}"}, f"store error: STORE cannot be used: {tmp_path}: "),
+    ):
+        result = start(command, LOG_FORMAT="json", **env)
+        assert result.returncode == 2, result.stderr
+        lines = (result.stdout + result.stderr).splitlines()
+        assert len(lines) == 1, lines
+        line = json.loads(lines[0])
+        assert line["message"].startswith(message), line
+        assert (line["level"], line["task_id"], line["request_id"]) == ("ERROR", None, None)
+        assert set(line) == {"level", "logger", "message", "task_id", "request_id", "timestamp"}
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
