@@ -251,7 +251,7 @@ def health() -> tuple[Response, int]:
     pool = services().pool
     try:
         stats = pool.stats()
-        store_error = pool.store.health()
+        store_error = stats.store_error or pool.store.health()
     except StoreUnavailable as exc:
         stats, store_error = None, str(exc)
     if stats is None or store_error is not None:

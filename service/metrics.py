@@ -530,15 +530,17 @@ class _PoolCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # A store that cannot be used leaves out its gauges alone: the process's own metrics, the rejections
         # counted while the store is down among them, are what a scrape needs then.
+        # A SQLite file whose write lock another program holds still has its figures read, as last committed.
         try:
-            stats: PoolStats | ProcessStats | None = self._pool.stats()
+            read = self._pool.stats()
         except StoreUnavailable:
-            stats = None
+            read = None
+        stats: PoolStats | ProcessStats | None = read
         yield GaugeMetricFamily(
             "workerpool_store_available",
-            "1 when this scrape read the task store's figures; 0 when the store could not be used (its gauges are "
-            "left out).",
-            value=int(stats is not None),
+            "1 when this scrape read the task store's figures and it can be written; 0 when the store cannot be "
+            "used (its gauges are left out, unless they could be read all the same: as last committed).",
+            value=int(read is not None and read.store_error is None),
         )
         shared = self._metrics.shared_counts()
         if shared is not None:

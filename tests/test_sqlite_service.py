@@ -31,6 +31,7 @@ from http_fixtures import (
     wait_until,
     worker_pids,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from workerpool import FINAL_STATES, State, Task
 from workerpool.stores.sqlite import SqliteStore
@@ -243,6 +244,46 @@ def test_a_locked_database_answers_503_and_health_says_why_until_it_is_released(
         assert client.post("/enqueue", json={"id": "after", "payload": ""}).status_code == 202
         assert client.get("/healthz").status_code == 200
     finally:
+        harness.drain()
+
+
+def test_health_and_metrics_answer_at_once_while_another_program_holds_the_write_lock(tmp_path):
+    # Both waited the busy timeout (5 s by default) for the lock: a probe or a scrape timed out meanwhile.
+    db = tmp_path / "tasks.db"
+    gate = Gate()
+    harness = make_harness(gate, store=SqliteStore(db, busy_timeout=30))
+    client = harness.client
+    try:
+        assert client.post("/enqueue", json={"id": "running", "payload": ""}).status_code == 202
+        gate.wait_started()
+        assert client.post("/enqueue", json={"id": "queued", "payload": ""}).status_code == 202
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # `sqlite3 tasks.db 'BEGIN IMMEDIATE;'` left open
+        try:
+            began = time.monotonic()
+            health = client.get("/healthz")
+            metrics = client.get("/metrics")
+            took = time.monotonic() - began
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert took < 10, took  # 0.2 s each at most, where each waited the 30 s busy timeout
+        assert (health.status_code, health.headers["Retry-After"]) == (503, "1")
+        assert health.get_json()["status"] == "store_unavailable"
+        assert "locked" in health.get_json()["store_error"]
+        assert metrics.status_code == 200
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(metrics.get_data(as_text=True))
+            for sample in family.samples
+        }
+        assert samples[("workerpool_store_available", ())] == 0
+        # The figures as last committed: nothing else could change them while the lock was held.
+        assert samples[("workerpool_queue_waiting", ())] == 1
+        assert samples[("workerpool_tasks_retained", (("state", "running"),))] == 1
+        assert client.get("/healthz").status_code == 200  # nothing failed: the lock is free again
+    finally:
+        gate.open()
         harness.drain()
 
 

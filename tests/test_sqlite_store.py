@@ -530,6 +530,51 @@ def test_a_file_of_an_older_schema_without_a_migration_is_refused(open_store, db
         open_store()
 
 
+def test_stats_and_health_answer_promptly_while_another_program_holds_the_write_lock(open_store, clock, db):
+    # Each waited the busy timeout: /healthz and /metrics, which call them, hung for as long.
+    store = open_store(busy_timeout=30)
+    store.admit([task(clock, "a"), task(clock, "b")])
+    claim(store, clock)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        began = time.monotonic()
+        stats = store.stats()
+        store._failure, store._failed_at = "the database is locked", time.monotonic() - 60  # a step failed
+        health = store.health()  # tries a write of its own: a failure reported for long enough
+        took = time.monotonic() - began
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert took < 10, took  # 0.2 s each at most
+    assert "write lock was not free within 0.2 s" in stats.unavailable
+    assert (stats.waiting, stats.due, stats.counts[State.RUNNING]) == (1, 1, 1)  # as last committed
+    assert health == "the database is locked"  # the probe could not write: the failure stands
+    assert store.stats().unavailable is None
+    assert store.health() is None  # the next probe wrote
+
+
+def test_stats_do_not_wait_for_a_step_of_this_process_held_up_by_another_programs_lock(open_store, clock, db):
+    store = open_store(busy_timeout=30)
+    store.admit([task(clock, "a")])
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    admitting = threading.Thread(target=lambda: store.admit([task(clock, "b")]), daemon=True)
+    try:
+        admitting.start()  # takes this process's write lock, then waits for SQLite's
+        wait_until(lambda: store._write_lock.locked(), timeout=WAIT_S, what="the admission to wait for the lock")
+        began = time.monotonic()
+        stats = store.stats()
+        took = time.monotonic() - began
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    admitting.join(WAIT_S)
+    assert took < 10, took
+    assert stats.unavailable is not None and stats.waiting == 1
+    assert store.stats().waiting == 2
+
+
 def test_a_locked_database_fails_the_step_and_health_says_why(open_store, clock, db):
     store = open_store(busy_timeout=0.05)
     store.admit([task(clock, "before")])

@@ -89,6 +89,8 @@ class PoolStats:
     """Worker threads still running a handler whose attempt timed out."""
     stuck_threads_limit: int = 0
     """How many stuck threads get a replacement; past it the pool runs short of workers."""
+    store_error: str | None = None
+    """Why the store cannot be written now, though it answered these figures (``StoreStats.unavailable``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,6 +529,7 @@ class WorkerPool:
             attempts_timed_out=timeouts,
             stuck_threads=stuck,
             stuck_threads_limit=self._max_stuck,
+            store_error=stats.unavailable,
         )
 
     def process_stats(self) -> ProcessStats:

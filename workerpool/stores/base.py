@@ -98,6 +98,9 @@ class StoreStats:
     """Queued tasks (new or retries) whose time has come: what idle workers would claim next."""
     retries_pending: int
     """Queued tasks waiting out a retry backoff (attempts > 0, not yet due)."""
+    unavailable: str | None = None
+    """Why the store cannot be written now, when the figures could be read all the same (a SQLite file whose
+    write lock another program holds: they are as last committed); None when it can."""
 
 
 class TaskStore(abc.ABC):

@@ -34,6 +34,7 @@ meanwhile, and by those begun when it starts; see ``_sync_wal``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -75,6 +76,9 @@ _IDENTITY_CHECK_S = 0.1
 _WRITTEN_KEPT = 1024  # generations a process remembers writing (see _written); older ones count as news
 _JOIN_SYNC_S = 0.002  # the longest an fsync waits for the synced steps begun, to cover their commits too
 _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a write of its own
+# How long the steps that health and metrics wait for (stats, health's probe) wait for the write lock, where
+# the others wait the busy timeout: while another program holds it, /healthz and /metrics still answer at once.
+PROMPT_WAIT_S = 0.2
 # Commits of this process between two checkpoints of the WAL (see _checkpoint_if_due): an admission
 # writes about 5 pages, a worker's end and next claim about 9, so the WAL stays near SQLite's own
 # threshold (1,000 pages), which the connections keep only as a backstop, raised tenfold.
@@ -483,8 +487,12 @@ class SqliteStore(TaskStore):
     # -- transactions --------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self, *, synced: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, synced: bool = True, wait: float | None = None) -> Iterator[sqlite3.Connection]:
         """One write step: BEGIN IMMEDIATE takes the database's write lock (waiting up to the busy timeout).
+
+        With ``wait``, the step waits that long at most for this process's
+        lock and SQLite's together, and raises ``_HeldUp`` when they were not
+        free by then: nothing was written.
 
         Every commit is ``synchronous=NORMAL``: written to the WAL, no fsync.
         With ``FULL`` a step then waits for an fsync of the WAL that covers
@@ -501,16 +509,27 @@ class SqliteStore(TaskStore):
         writes nothing and waits for no fsync.
         """
         full = synced and self.synchronous == "FULL"
+        deadline = None if wait is None else time.monotonic() + wait
         ticket = self._take_off() if full else 0
         try:
-            with self._write_lock:
-                conn, changes = self._begin()
+            # A thread of this process holding it that long waits for another process's lock, as a rule.
+            if not self._write_lock.acquire(timeout=-1 if wait is None else wait):
+                raise _HeldUp(_held_up(wait))
+            try:
+                try:
+                    conn, changes = self._begin(deadline)
+                except sqlite3.OperationalError as exc:
+                    if wait is None or _primary_code(exc) != sqlite3.SQLITE_BUSY:
+                        raise
+                    raise _HeldUp(_held_up(wait)) from None
                 try:
                     yield conn
                     commit = self._commit(conn, changes)
                 except BaseException:
                     conn.rollback()  # nothing if the step ended its transaction itself
                     raise
+            finally:
+                self._write_lock.release()
         finally:
             if ticket:
                 self._land(ticket)
@@ -518,8 +537,12 @@ class SqliteStore(TaskStore):
             self._sync_wal(commit)
         self._checkpoint_if_due(_CHECKPOINT_EVERY)
 
-    def _begin(self) -> tuple[sqlite3.Connection, int]:  # _write_lock is held
-        """Open a write transaction on the writer: the connection and its count of changes so far."""
+    def _begin(self, deadline: float | None = None) -> tuple[sqlite3.Connection, int]:  # _write_lock is held
+        """Open a write transaction on the writer: the connection and its count of changes so far.
+
+        Waits for another process's lock until ``deadline`` (``time.monotonic``) if given, else for the busy
+        timeout.
+        """
         conn = self._write_connection()
         self._deltas = {}
         try:
@@ -527,7 +550,7 @@ class SqliteStore(TaskStore):
         except sqlite3.OperationalError as exc:  # another process holds the lock: wait for it
             if _primary_code(exc) != sqlite3.SQLITE_BUSY:
                 raise
-            self._retry_busy(lambda: _begin_immediate(conn))
+            self._retry_busy(lambda: _begin_immediate(conn), deadline=deadline)
         return conn, conn.total_changes
 
     def _commit(self, conn: sqlite3.Connection, changes: int) -> int:  # _write_lock is held
@@ -688,15 +711,17 @@ class SqliteStore(TaskStore):
             os.close(self._wal_fd)
             self._wal_fd = None
 
-    def _retry_busy(self, attempt: Callable[[], T]) -> T:
-        """``attempt()`` again while another process holds the lock, for up to the busy timeout.
+    def _retry_busy(self, attempt: Callable[[], T], *, deadline: float | None = None) -> T:
+        """``attempt()`` again while another process holds the lock, for up to the busy timeout (or until
+        ``deadline``, a ``time.monotonic`` time).
 
         SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, far
         longer than a step holds the lock here (well under a millisecond), so a
         process would sit idle while the lock is free: these pauses start at
         0.1 ms and double up to 2 ms.
         """
-        deadline = time.monotonic() + self._busy_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self._busy_timeout
         pause = 0.0001
         while True:
             try:
@@ -708,14 +733,16 @@ class SqliteStore(TaskStore):
             pause = min(pause * 2, 0.002)
 
     @contextlib.contextmanager
-    def _step(self, *, synced: bool = True) -> Iterator[sqlite3.Connection]:
+    def _step(self, *, synced: bool = True, wait: float | None = None) -> Iterator[sqlite3.Connection]:
         """A write transaction (see ``_transaction``) whose SQLite errors become ``StoreUnavailable``.
 
         Only a step that changed rows clears a recorded failure: one that
-        changed nothing commits without writing, even on a full disk.
+        changed nothing commits without writing, even on a full disk. A step
+        held up past ``wait`` (``_HeldUp``) is not a failure: its caller
+        chose not to wait longer.
         """
         try:
-            with self._transaction(synced=synced) as conn:
+            with self._transaction(synced=synced, wait=wait) as conn:
                 yield conn
         except sqlite3.Error as exc:
             self._failure, self._failed_at = _describe(exc), time.monotonic()
@@ -723,12 +750,14 @@ class SqliteStore(TaskStore):
         if self._failure is not None and self._local.wrote:
             self._failure = None
 
-    def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+    def _read(self, query: Callable[[sqlite3.Connection], T], *, wait: float | None = None) -> T:
         """``query(conn)`` on one consistent snapshot; SQLite errors become ``StoreUnavailable``.
 
         Readers do not wait for writers (WAL); they may meet a lock only while
-        a process recovers the file after a crash, and then try again.
+        a process recovers the file after a crash, and then try again (for
+        ``wait`` seconds if given, else the busy timeout).
         """
+        deadline = None if wait is None else time.monotonic() + wait
         def snapshot() -> T:
             conn.executescript("BEGIN")  # see _begin_immediate
             try:
@@ -740,10 +769,14 @@ class SqliteStore(TaskStore):
             try:
                 conn = self._connection()
             except StoreFileReplaced:  # read through the writer's connection, which has the old file's WAL open
-                with self._write_lock:
+                if not self._write_lock.acquire(timeout=-1 if wait is None else wait):
+                    raise _HeldUp(_held_up(wait)) from None
+                try:
                     conn = self._write_connection()
-                    return self._retry_busy(snapshot)
-            return self._retry_busy(snapshot)
+                    return self._retry_busy(snapshot, deadline=deadline)
+                finally:
+                    self._write_lock.release()
+            return self._retry_busy(snapshot, deadline=deadline)
         except sqlite3.Error as exc:
             self._failure, self._failed_at = _describe(exc), time.monotonic()
             raise StoreUnavailable(self._failure) from None
@@ -798,7 +831,8 @@ class SqliteStore(TaskStore):
         if self._check_identity() is not None:
             return self._replaced
         if self._failure is not None and time.monotonic() - self._failed_at >= _PROBE_AFTER_S:
-            with contextlib.suppress(StoreUnavailable), self._step() as conn:
+            # Promptly: a lock held by another program keeps the failure it caused, it does not hold /healthz.
+            with contextlib.suppress(StoreUnavailable), self._step(wait=PROMPT_WAIT_S) as conn:
                 conn.execute("UPDATE task_totals SET health_probes = health_probes + 1 WHERE id = 1")
         return self._failure
 
@@ -1408,23 +1442,26 @@ class SqliteStore(TaskStore):
         return self._read(lambda conn: [_task(row) for row in conn.execute(query, args)])
 
     def stats(self) -> StoreStats:
-        # A write step: it forgets the finished tasks whose time is up first, so the counts are exact.
-        with self._step() as conn:
-            now = self._clock()
-            self._evict(conn, now, sweep=True)
-            self._flush_totals(conn)
-            counts = dict(zip(_TOTALS, conn.execute(f"SELECT {', '.join(_TOTALS)} FROM task_totals").fetchone()))
-            due, retries_pending = conn.execute(
-                """SELECT count(*) FILTER (WHERE due_at <= :now), count(*) FILTER (WHERE attempts > 0 AND due_at > :now)
-                   FROM tasks WHERE state = 'queued'""",
-                {"now": now},
-            ).fetchone()
-        return StoreStats(
-            counts={state: counts.get(state.value, 0) for state in State},
-            waiting=counts["waiting"],
-            due=due,
-            retries_pending=retries_pending,
-        )
+        """The figures, read promptly: within ``PROMPT_WAIT_S`` when another program holds the write lock.
+
+        A write step: it forgets the finished tasks whose time is up first, so
+        the counts are exact. When the write lock is not free within
+        ``PROMPT_WAIT_S`` (another program holds it: an admission would wait
+        the busy timeout, then fail), the figures are read as last committed,
+        which no other writer can change meanwhile (a reader does not wait for
+        the lock), with ``unavailable`` saying why; finished tasks whose time
+        is up are then still counted, until the next write step forgets them.
+        """
+        try:
+            with self._step(wait=PROMPT_WAIT_S) as conn:
+                now = self._clock()
+                self._evict(conn, now, sweep=True)
+                self._flush_totals(conn)
+                return _figures(conn, now)
+        except _HeldUp as exc:
+            held_up = str(exc)
+        figures = self._read(lambda conn: _figures(conn, self._clock()), wait=PROMPT_WAIT_S)
+        return dataclasses.replace(figures, unavailable=held_up)
 
     def unfinished(self, owner: str | None = None) -> int:
         if owner is None:
@@ -1589,6 +1626,26 @@ _ADMIT_ALONE = f"""INSERT OR IGNORE INTO tasks (id, payload, max_retries, state,
 _RETAINED = "(finished_at IS NULL OR finished_at >= ?)"
 
 
+def _figures(conn: sqlite3.Connection, now: float) -> StoreStats:
+    """The figures of ``stats``, read on ``conn`` in its open transaction."""
+    counts = dict(zip(_TOTALS, conn.execute(f"SELECT {', '.join(_TOTALS)} FROM task_totals").fetchone()))
+    due, retries_pending = conn.execute(
+        """SELECT count(*) FILTER (WHERE due_at <= :now), count(*) FILTER (WHERE attempts > 0 AND due_at > :now)
+           FROM tasks WHERE state = 'queued'""",
+        {"now": now},
+    ).fetchone()
+    return StoreStats(
+        counts={state: counts.get(state.value, 0) for state in State},
+        waiting=counts["waiting"],
+        due=due,
+        retries_pending=retries_pending,
+    )
+
+
+def _held_up(waited: float | None) -> str:
+    return f"the database is locked: its write lock was not free within {waited:g} s (another process holds it)"
+
+
 def _begin_immediate(conn: sqlite3.Connection) -> None:
     """Open a write transaction, taking the database's write lock (``SQLITE_BUSY`` if another process holds it).
 
@@ -1705,6 +1762,10 @@ def _process_is_gone(owner: str) -> bool:
 def _real(value: float | None) -> float | None:
     # RETURNING reports a REAL column's value before its affinity applies: 1, not 1.0.
     return None if value is None else float(value)
+
+
+class _HeldUp(StoreUnavailable):
+    """A step given a wait (see ``_transaction``) did not get the write lock in time: it wrote nothing."""
 
 
 class _NotSynced(sqlite3.OperationalError):
