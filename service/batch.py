@@ -7,6 +7,7 @@ batch that cannot be read as a list of tasks is refused as a whole.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -135,8 +136,17 @@ def enqueue_batch() -> Response:
             extra={"task_id": None, "request_id": rid},
         )
     svc.metrics.count_rejections(refusals)
-    # orjson: encoding a thousand results with the json module cost more than validating them.
-    return Response(orjson.dumps({"results": results}), mimetype="application/json")
+    return Response(_encode({"results": results}), mimetype="application/json")
+
+
+def _encode(document: dict[str, Any]) -> bytes:
+    """``document`` as JSON: by orjson (the json module costs more than validating a thousand results), but for
+    text orjson cannot write, a lone surrogate (the name of a field a task was refused for: JSON may escape half
+    a pair alone), which the json module escapes as POST /enqueue's answer does (``"\\ud800"``)."""
+    try:
+        return orjson.dumps(document)
+    except TypeError:  # the tasks are queued already: their answer must go out
+        return json.dumps(document, separators=(",", ":")).encode()
 
 
 def _refusal(problem: Problem) -> dict[str, Any]:

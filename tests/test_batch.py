@@ -130,6 +130,18 @@ def test_a_task_the_stores_cannot_keep_is_refused_alone(harness):
     ]
 
 
+def test_an_unknown_field_named_with_a_lone_surrogate_is_refused_alone_and_the_others_answered(harness):
+    # orjson cannot write the field's name (no UTF-8 form): the batch answered 500, its valid tasks queued.
+    response = post_batch(harness.client, b'{"tasks":[{"id":"a","payload":1},{"payload":1,"\\udfff":2}]}')
+    assert statuses(response) == [202, 400]
+    refused = response.get_json()["results"][1]["problem"]
+    assert refused["errors"] == [{"field": "\udfff", "message": "is not a known field"}]
+    assert b'"field":"\\udfff"' in response.data  # escaped, as POST /enqueue's 400 names it
+    single = harness.client.post("/enqueue", data=b'{"payload":1,"\\udfff":2}')
+    assert single.get_json()["errors"] == [{"field": "\udfff", "message": "is not a known field"}]
+    assert harness.client.get("/tasks/a").status_code == 200
+
+
 def test_a_repeated_id_in_one_batch_is_409_for_the_later_task(harness):
     response = post_batch(harness.client, {"tasks": [task("a", "first"), task("b"), task("a", "second")]})
     assert statuses(response) == [202, 202, 409]
