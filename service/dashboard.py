@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, request
 
-from workerpool import State
+from workerpool import State, StoreUnavailable
 
 from .api import health_figures
 from .context import services
@@ -79,6 +79,10 @@ def live() -> Response:
     """Report the pool's figures now and per second over the last minutes."""
     svc = services()
     stats = svc.pool.stats()
+    # As /healthz: the figures may read well while nothing can be written (a full disk, a replaced file).
+    store_error = stats.store_error or svc.pool.store.health()
+    if store_error is not None:
+        raise StoreUnavailable(store_error)
     body = {
         **health_figures(stats),
         "busy_workers": stats.counts[State.RUNNING],

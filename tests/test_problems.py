@@ -141,6 +141,17 @@ def test_a_503_for_an_unavailable_store_says_what_became_of_the_request(harness,
     assert "nothing was stored" not in problem["detail"]  # with Redis, a lost answer may follow a stored task
 
 
+def test_the_dashboard_s_figures_are_a_503_while_the_store_cannot_be_written_though_it_reads(harness, monkeypatch):
+    # They answered 200 "ok" (the page: Live, accepting) while /healthz said 503 and every task was refused.
+    monkeypatch.setattr(type(harness.pool.store), "health", lambda store: "the disk is full")
+    response = harness.client.get("/dashboard/live")
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:store-unavailable"
+    assert "disk" not in problem["detail"]  # the reason goes to the log and /healthz
+    assert harness.client.get("/healthz").get_json()["store_error"] == "the disk is full"
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/health"])
 def test_health_while_the_store_cannot_be_used_is_a_503_with_retry_after(harness, monkeypatch, path):
     _store_fails(harness, monkeypatch, StoreUnavailable("redis: Connection refused"))

@@ -263,11 +263,13 @@ def test_health_and_metrics_answer_at_once_while_another_program_holds_the_write
             began = time.monotonic()
             health = client.get("/healthz")
             metrics = client.get("/metrics")
+            live = client.get("/dashboard/live")
             took = time.monotonic() - began
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert took < 10, took  # 0.2 s each at most, where each waited the 30 s busy timeout
+        assert live.get_json()["type"] == "urn:workerpool:problem:store-unavailable"  # as /healthz: 503
         assert (health.status_code, health.headers["Retry-After"]) == (503, "1")
         assert health.get_json()["status"] == "store_unavailable"
         assert "locked" in health.get_json()["store_error"]
