@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 from http_fixtures import make_harness
@@ -159,6 +161,25 @@ def test_health_while_the_store_cannot_be_used_is_a_503_with_retry_after(harness
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"  # as every 503 of the service
     assert response.get_json() == {"status": "store_unavailable", "store_error": "redis: Connection refused"}
+
+
+def test_the_requests_the_readme_lists_as_503_while_the_store_cannot_be_used_are_those_that_answer_it(
+    harness, monkeypatch
+):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    paragraph = " ".join(readme.split("When the task store cannot be used", 1)[1].split("\n\n", 1)[0].split())
+    listed = paragraph.split("`Retry-After: 1`:", 1)[1].split(". ", 1)[0]
+    requests = [tuple(r.split(" ", 1)) if " " in r else ("GET", r) for r in re.findall(r"`([^`]+)`", listed)]
+    assert ("GET", "/tasks") in requests and ("GET", "/dashboard/live") in requests
+    _store_fails(harness, monkeypatch, StoreUnavailable("redis: Connection refused"))
+    for method, path in [*requests, ("GET", "/metrics")]:
+        body = {"id": "a", "payload": ""} if path == "/enqueue" else {"tasks": [{"payload": ""}]}
+        response = harness.client.open(
+            path.replace("<id>", "a"), method=method, json=body if method == "POST" else None
+        )
+        answered = response.status_code, response.mimetype
+        assert answered == ((200, "text/plain") if path == "/metrics" else (503, "application/problem+json")), path
+        assert ((method, path) in requests) == (response.status_code == 503), path  # /metrics is not listed
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/enqueue"), ("DELETE", "/tasks/a")])
