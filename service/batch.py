@@ -14,13 +14,20 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
-from workerpool import DuplicateTask, SubmitError, Task
+from workerpool import DuplicateTask, StoreNotSynced, SubmitError, Task
 
 from . import request_id
 from .api import read_body, task_url
 from .auth import require_token
 from .context import services
-from .problems import FieldError, Problem, invalid_request, problem_document, submit_problem
+from .problems import (
+    FieldError,
+    Problem,
+    invalid_request,
+    not_synced,
+    problem_document,
+    submit_problem,
+)
 from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json
 
 log = logging.getLogger(__name__)
@@ -77,7 +84,14 @@ def enqueue_batch() -> Response:
         # One engine call: the accepted tasks are admitted in one store step, in order
         # (or, when the store cannot be used, the batch is refused as a whole: none of them, unless
         # a Redis connection dropped after the script ran).
-        admitted = iter(svc.pool.submit_many([item for item in items if isinstance(item, TaskSpec)]))
+        specs = [item for item in items if isinstance(item, TaskSpec)]
+        try:
+            outcomes, unsynced = svc.pool.submit_many(specs), None
+        except StoreNotSynced as exc:  # the step stands: each task has its outcome, the stored ones unsynced
+            if exc.result is None:
+                raise
+            outcomes, unsynced = exc.result, exc
+        admitted = iter(outcomes)
     except Exception as exc:
         svc.metrics.count_rejection(exc)
         raise
@@ -86,8 +100,14 @@ def enqueue_batch() -> Response:
     unavailable: dict[tuple[int, str], list[int]] = {}  # 5xx refusals by (status, detail): their task indexes
     invalid: dict[int, list[int]] = {}  # 4xx refusals by status: their task indexes
     root_path = request.root_path
+    stored_unsynced = 0
     for index, item in enumerate(items):
         outcome = next(admitted) if isinstance(item, TaskSpec) else item
+        if isinstance(outcome, Task) and unsynced is not None:
+            # As POST /enqueue answers it: stored (do not send it again), but not yet safe from a power cut.
+            results.append({**_refusal(not_synced()), "location": task_url(outcome.id, root_path)})
+            stored_unsynced += 1
+            continue
         if isinstance(outcome, Task):
             results.append({"status": 202, "task": task_to_json(outcome), "location": task_url(outcome.id, root_path)})
             continue
@@ -112,6 +132,13 @@ def enqueue_batch() -> Response:
             problem.status,
             problem.detail,
             extra={"task_id": task_id, "request_id": rid},
+        )
+    if unsynced is not None:  # as POST /enqueue logs it (see problems.py)
+        log.error(
+            "task store unavailable on POST /enqueue/batch: %s (%d task(s) stored, answered 503 all the same)",
+            unsynced,
+            stored_unsynced,
+            extra={"task_id": None, "request_id": rid},
         )
     for status, indexes in invalid.items():
         if len(indexes) > 1:

@@ -161,10 +161,16 @@ _STORE_UNAVAILABLE_DETAILS = {
     # A repeated cancel answers as the first would.
     "DELETE": _STORE_UNAVAILABLE + "the cancel may not have been recorded, retry later",
 }
-_STORE_NOT_SYNCED = (
+NOT_SYNCED_DETAIL = (
     "the change was stored, but syncing it to disk failed: it stands (do not send it again), "
     "though a power cut before the store's next sync could undo it"
 )
+
+
+def not_synced() -> Problem:
+    """The 503 of a change the store made but could not sync to disk: no Retry-After, as sending it again
+    would only repeat it."""
+    return Problem(503, NOT_SYNCED_DETAIL, kind=_TYPE_PREFIX + "store-unavailable")
 
 
 _STORE_FILE_REPLACED = (
@@ -177,7 +183,7 @@ def _from_store_unavailable(exc: StoreUnavailable) -> Response:
     # The reason (e.g. a full disk) goes to the log and to /healthz, not to every client.
     log.error("task store unavailable on %s %s: %s", request.method, request.path, exc)
     if isinstance(exc, StoreNotSynced):  # committed: retrying would only repeat it
-        return problem_response(503, _STORE_NOT_SYNCED, kind=_TYPE_PREFIX + "store-unavailable")
+        return _from_problem(not_synced())
     if isinstance(exc, StoreFileReplaced):  # until a restart: the client is told why
         return problem_response(
             503, _STORE_FILE_REPLACED, kind=_TYPE_PREFIX + "store-unavailable",

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 from app import create_app
 from service.metrics import Metrics
 from workerpool import State, StoreUnavailable, WorkerPool
+from workerpool.stores.sqlite import SqliteStore
 
 BATCH_CONFIG = dataclasses.replace(TEST_CONFIG, max_batch_tasks=5, max_batch_body_bytes=2048)
 TOKEN = "batch-t0ken-0123456789"
@@ -399,6 +401,43 @@ def test_a_batch_the_store_cannot_take_is_a_503_counted_once(harness, monkeypatc
     # Refused as a whole, as a malformed batch is: one refusal, as POST /enqueue counts its own.
     registry = harness.metrics.registry
     assert registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": "store_unavailable"}) == 1
+
+
+def test_a_batch_whose_sync_to_disk_failed_answers_each_task_its_own_outcome(tmp_path, monkeypatch, caplog):
+    # One 503 "stored, do not send it again" answered the whole batch: its refused tasks were lost unsaid.
+    store = SqliteStore(tmp_path / "tasks.db", capacity=3, synchronous="FULL")
+    harness = make_harness(instant, config=BATCH_CONFIG, queue_size=3, store=store)
+    try:
+        assert harness.client.post("/enqueue", json=task("old", delay_ms=600_000)).status_code == 202
+
+        def failing_fsync(fd):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", failing_fsync)
+        later = {"delay_ms": 600_000}
+        body = {"tasks": [task("old"), task("n1", **later), task("n2", **later), task("n3", **later), {"id": 1}]}
+        with caplog.at_level(logging.ERROR, logger="service.batch"):
+            response = post_batch(harness.client, body)
+        monkeypatch.undo()
+        assert statuses(response) == [409, 503, 503, 503, 400]
+        duplicate, n1, n2, full, _ = response.get_json()["results"]
+        assert duplicate["location"] == "/tasks/old"
+        for stored, task_id in ((n1, "n1"), (n2, "n2")):
+            assert stored["location"] == f"/tasks/{task_id}" and "retry_after" not in stored
+            assert "it stands (do not send it again)" in stored["problem"]["detail"]
+            assert harness.client.get(f"/tasks/{task_id}").get_json()["state"] == "queued"
+        assert full["problem"]["type"] == "urn:workerpool:problem:queue-full" and full["retry_after"] >= 1
+        assert harness.client.get("/tasks/n3").status_code == 404  # refused, and told so
+        registry = harness.metrics.registry
+        assert registry.get_sample_value("workerpool_tasks_accepted_total") == 3
+        rejected = {
+            reason: registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": reason})
+            for reason in ("duplicate", "invalid", "queue_full", "store_unavailable")
+        }
+        assert rejected == {"duplicate": 1, "invalid": 1, "queue_full": 1, "store_unavailable": 0}
+        assert any("syncing the WAL failed" in r.getMessage() for r in caplog.records)
+    finally:
+        harness.pool.shutdown(5)
 
 
 def test_each_refused_task_is_logged_with_the_request_id(harness, caplog):
