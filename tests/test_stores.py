@@ -310,6 +310,17 @@ def test_a_success_after_a_failed_attempt_keeps_the_error_of_that_attempt(store,
     assert [task.last_error for task in store.list(State.DONE)] == ["RuntimeError: boom"]
 
 
+@pytest.mark.parametrize("payload", [None, "", 0, False, [], {}], ids=repr)
+@pytest.mark.parametrize("delay", [None, 5.0], ids=["due", "delayed"])
+def test_an_attempt_gets_a_null_or_empty_payload_as_admitted(store, clock, payload, delay):
+    """The Redis store wrote a null payload as no payload at all, which reads back as "": the handler got ""."""
+    admit(store, clock, "a", payload=payload, delay=delay)
+    assert store.get("a").payload == payload and type(store.get("a").payload) is type(payload)
+    clock.advance(10)
+    claimed = claim(store, clock)
+    assert (claimed.id, claimed.payload, type(claimed.payload)) == ("a", payload, type(payload))
+
+
 def test_every_attempt_gets_the_payload_as_admitted_whatever_an_earlier_attempt_did_to_its_own(store, clock):
     def payload():
         return {"seen": [], "cursor": {"n": 0, "path": [[1], {"k": "v"}]}, "items": [1, 2, 3]}

@@ -254,7 +254,7 @@ end
 # ARGV: capacity (the same in every call: packed once, see RedisStore), the cutoff of eviction by age,
 # the deadline, the number of tasks, then per task (see _task_args): its id, its created_at as stored
 # (decimal), the same in hexadecimal, its next_attempt_at as stored or '', its max_retries, its payload
-# as JSON text or '' (none), its request_id or '' (none), the count n of entries that follow, and n
+# as JSON text (null too), its request_id or '' (none), the count n of entries that follow, and n
 # entries: the names and values of its fields that are neither these nor at their defaults for a new
 # task (n is 0 for every task the service submits). The names of the usual fields are the script's own
 # strings: every argument costs Redis a string made for Lua and a slot of ARGV, more than a table entry.
@@ -613,7 +613,7 @@ _ENCODERS: dict[str, Callable[[Any], str]] = {
 
 def _task_args(task: Task) -> list[str]:
     """The task as the admission script takes it (see _ADMIT): its id, its created_at in decimal and in
-    hexadecimal, its next_attempt_at or '', its max_retries, its payload as JSON or '', its request_id or
+    hexadecimal, its next_attempt_at or '', its max_retries, its payload as JSON (``null`` for None), its request_id or
     '', then the count and the entries of its fields that are not at a new task's defaults.
 
     Field by field rather than a loop over them all: the loop's lookups cost more than the fields.
@@ -636,7 +636,7 @@ def _task_args(task: Task) -> list[str]:
                 rest += (name, _ENCODERS[name](value) if name in _ENCODERS else str(value))
     created_at = float(created_at)
     return [task_id, repr(created_at), created_at.hex(), "" if due is None else _float_text(due), str(max_retries),
-            "" if payload is None else _json_text(payload), "" if request_id is None else str(request_id),
+            _json_text(payload), "" if request_id is None else str(request_id),
             str(len(rest)), *rest]  # fmt: skip
 
 
