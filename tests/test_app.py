@@ -12,6 +12,7 @@ import pytest
 from doubles import FakeClock, instant
 from http_fixtures import ServerProcess, clean_environment, wait_until
 
+import app as app_module
 from app import build_pool, create_app, load_handler, parse_args, pool_of
 from config import VARIABLES, Config, ConfigError
 from workerpool import SimulatedWork, State
@@ -146,3 +147,20 @@ def test_task_handler_names_the_callable_each_attempt_runs():
     ]:
         with pytest.raises(ConfigError, match=f"TASK_HANDLER='{path}' is invalid: .*{reason}"):
             load_handler(Config(task_handler=path))
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_store_warning_at_start_up_is_a_line_in_log_format(monkeypatch, capsys, log_format):
+    """With LOG_FORMAT=json the warnings about a Redis store were plain text, without a level."""
+    monkeypatch.setenv("LOG_FORMAT", log_format)
+    warning = "STORE: the Redis server at 127.0.0.1:1 answers without a password"
+    monkeypatch.setattr(app_module, "reach_store", lambda config: [warning])
+    app_module.check_store(Config())
+    (line,) = capsys.readouterr().err.splitlines()
+    if log_format == "text":
+        assert line == f"warning: {warning}"
+    else:
+        assert json.loads(line) | {"timestamp": None} == {
+            "level": "WARNING", "logger": "config", "message": f"warning: {warning}", "task_id": None,
+            "request_id": None, "timestamp": None,
+        }  # fmt: skip
