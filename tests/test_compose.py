@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from http_fixtures import PROJECT_ROOT
+from http_fixtures import PROJECT_ROOT, wait_until
+from redis_server import free_port
 
 import config
 
@@ -70,7 +76,59 @@ def test_the_load_balancer_publishes_the_port_and_proxies_to_the_replicas():
     conf = (PROJECT_ROOT / source).read_text()
     assert f"listen {listened};" in conf
     assert f"http://workerpool:{IMAGE_PORT}" in conf  # the replicas' service name and the image's PORT
-    assert "client_max_body_size 0;" in conf  # the service's own 413 problem documents, not nginx's
+    bound = re.search(r"client_max_body_size (\d+)m;", conf)
+    assert bound, "nginx must bound the bodies it spools to disk"
+    limit = int(bound.group(1)) * 1024 * 1024
+    service = config.from_env(REDIS["services"]["workerpool"]["environment"])
+    assert service.max_batch_body_bytes < limit <= 2 * service.max_batch_body_bytes  # the service's limits first
+    assert f"larger than {limit} bytes" in conf
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_nginx_refuses_a_body_past_its_bound_with_a_problem_document_before_taking_it(tmp_path):
+    # With no bound it spooled a body of any size to its disk, then passed it on for the service to refuse.
+    conf = (PROJECT_ROOT / REDIS["services"]["lb"]["volumes"][0].split(":")[0]).read_text()
+    port, nowhere = free_port(), free_port()  # nothing listens on the replica's port: a request passed on is a 502
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("http://workerpool:8080", f"http://127.0.0.1:{nowhere}")
+    conf = conf.replace("error_log /dev/stderr warn;", f"error_log {tmp_path}/error.log warn;")
+    conf = conf.replace("access_log /dev/stdout;", f"access_log {tmp_path}/access.log;")
+    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        conf = conf.replace("http {", f"http {{\n    {name}_temp_path {tmp_path}/{name};", 1)
+    (tmp_path / "nginx.conf").write_text(conf)
+    nginx = subprocess.Popen(
+        ["nginx", "-e", f"{tmp_path}/error.log", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+         "-g", f"daemon off; pid {tmp_path}/nginx.pid;"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its workers in its process group: killed with it
+    )  # fmt: skip
+    try:
+        wait_until(lambda: _listening(port), timeout=20, what="nginx to listen")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.putrequest("POST", "/enqueue/batch")
+        connection.putheader("Content-Length", str(6 * 1024 * 1024))
+        connection.endheaders()  # the head alone: nginx answers from it, before any of the body
+        response = connection.getresponse()
+        body = response.read()
+        connection.close()
+        assert response.status == 413, body
+        assert response.getheader("Content-Type") == "application/problem+json"
+        assert json.loads(body) == {
+            "type": "about:blank", "title": "Request Entity Too Large", "status": 413,
+            "detail": "the request body is larger than 5242880 bytes",
+        }  # fmt: skip
+        small = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        small.request("POST", "/enqueue", body=b'{"payload": 1}')
+        assert small.getresponse().status == 502  # under the bound: passed on, to no replica here
+        small.close()
+    finally:
+        os.killpg(nginx.pid, signal.SIGKILL)
+        nginx.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
