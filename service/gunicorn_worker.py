@@ -48,14 +48,17 @@ head is dropped and the client gets the 500 problem document.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from gunicorn import util
 from gunicorn.http import wsgi
-from gunicorn.http.errors import InvalidRequestLine
+from gunicorn.http.errors import ConfigurationProblem, InvalidRequestLine
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -200,10 +203,32 @@ class DrainingThreadWorker(ThreadWorker):
         redact(exc, self.body_limits.token)  # gunicorn quotes what the client sent in its warning
         # The answer's id is chosen first: gunicorn logs before it writes (see service/server_errors.py).
         with server_errors.answering() as answer:
-            super().handle_error(req, client, addr, exc)
+            if isinstance(exc, ConfigurationProblem):
+                self._outside_the_root_path(req, client, addr)
+            else:
+                super().handle_error(req, client, addr, exc)
             error_answered = getattr(self.log, "error_answered", None)
             if error_answered is not None:
                 error_answered(addr, answer)
+
+    def _outside_the_root_path(self, req, client, addr) -> None:
+        """Answer 404 to a request whose path does not begin with the root path (``SCRIPT_NAME``).
+
+        gunicorn raises ``ConfigurationProblem`` for it alone (``wsgi.create``)
+        and answers 500: a client's miss, such as a probe of ``/healthz`` under
+        ``SCRIPT_NAME=/wp``, would count as a failure of the server. As for any
+        other unknown path, no warning: the access line tells it.
+        """
+        # A trusted proxy's SCRIPT_NAME header wins over the environment's, as in wsgi.create.
+        root = next((value for name, value in req.headers if name == "SCRIPT_NAME"), os.environ.get("SCRIPT_NAME"))
+        detail = f"nothing is served at this path: every path of this server begins with {root!r}"
+        addr = addr or ("", -1)
+        environ = wsgi.default_environ(req, client, self.cfg)
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = addr[0], str(addr[1])
+        response = wsgi.Response(req, client, self.cfg)
+        response.status = "404 Not Found"
+        self.log.access(response, req, environ, datetime.timedelta(0))  # answered at once, as gunicorn's errors
+        util.write_error(client, 404, "Not Found", detail)
 
     # -- clients
 

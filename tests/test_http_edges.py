@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 from http import HTTPStatus
 
 import httpx
 import pytest
 import requests
-from http_fixtures import LISTENING, ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environment, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -226,3 +228,68 @@ def test_a_malformed_chunked_body_is_a_400_counted_as_invalid(server, data):
     assert (status, headers["content-type"]) == (400, "application/problem+json")
     assert json.loads(body)["type"] == "urn:workerpool:problem:invalid-request"
     assert (rejections(server, "invalid"), rejections(server, "error")) == (invalid + 1, errors)
+
+
+# -- under a root path (SCRIPT_NAME), a path outside it is the client's miss --------
+
+
+def _dockerfile_healthcheck() -> list[str]:
+    """The exec-form command of the Dockerfile's HEALTHCHECK."""
+    text = (PROJECT_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    [line] = [line for line in text.splitlines() if line.startswith("HEALTHCHECK ")]
+    return json.loads(line.partition(" CMD ")[2])
+
+
+@pytest.fixture(scope="module")
+def under_a_root_path(tmp_path_factory):
+    """One gunicorn serving under SCRIPT_NAME=/wp: its URL and process."""
+    log_dir = tmp_path_factory.mktemp("root-path")
+    process = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
+        log_path=log_dir / "gunicorn.log",
+        env=clean_environment(SCRIPT_NAME="/wp", WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0"),
+    )
+    try:
+        port = process.wait_for_port(LISTENING)
+        base = f"http://127.0.0.1:{port}"
+        healthy = lambda: requests.get(base + "/wp/healthz", timeout=5).status_code == 200  # noqa: E731
+        wait_until(healthy, timeout=20, what="/wp/healthz")
+        yield base, process
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/healthz"), ("GET", "/WP/healthz"), ("POST", "/enqueue")])
+def test_a_path_outside_the_root_path_is_a_404_problem_with_its_access_line(under_a_root_path, method, path):
+    # gunicorn answered these 500 ("Configuration problem"): alerts on 5xx fired for a client's miss.
+    base, process = under_a_root_path
+    response = requests.request(method, base + path, data=b"{}" if method == "POST" else None, timeout=10)
+    assert (response.status_code, response.headers["Content-Type"]) == (404, "application/problem+json")
+    problem = response.json()
+    assert (problem["status"], problem["title"]) == (404, "Not Found")
+    assert "/wp" in problem["detail"]
+    tail = f"request_id={response.headers['X-Request-ID']}"
+
+    def access_lines():
+        return [line for line in process.log().splitlines() if " gunicorn.access: " in line and line.endswith(tail)]
+
+    wait_until(access_lines, timeout=20, what="the access line")
+    [access] = access_lines()
+    assert f'" 404 {len(response.content)} ' in access
+    assert "Configuration problem" not in process.log()
+
+
+def test_a_script_name_header_the_path_does_not_start_with_is_a_404(server):
+    # gunicorn takes SCRIPT_NAME from a trusted proxy's header (127.0.0.1 by default).
+    status, headers, body = raw_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nSCRIPT_NAME: /x\r\n\r\n")
+    assert (status, headers["content-type"]) == (404, "application/problem+json")
+    assert json.loads(body)["status"] == 404
+
+
+def test_the_image_healthcheck_probes_the_root_path(under_a_root_path):
+    base, _ = under_a_root_path
+    env = clean_environment(PORT=base.rsplit(":", 1)[1], SCRIPT_NAME="/wp")
+    command = _dockerfile_healthcheck()
+    assert command[0] == "python"
+    probe = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr
