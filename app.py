@@ -250,10 +250,17 @@ def load_handler(config: Config) -> Handler:
     try:
         handler = operator.attrgetter(attribute)(importlib.import_module(module_name))
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {exc}") from None
+        raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {_one_line(exc)}") from None
+    except Exception as exc:  # a syntax error in the module, or anything its import raised: the commonest broken deploy
+        raised = f"importing it raised {type(exc).__name__}: {_one_line(exc)}"
+        raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {raised}") from None
     if not callable(handler):
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: it names a {type(handler).__name__}")
     return handler
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # a message with line breaks would not be the one line a bad setting gets
 
 
 def pool_of(app: Flask) -> WorkerPool:

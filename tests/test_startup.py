@@ -44,6 +44,25 @@ def test_a_task_handler_that_does_not_resolve_stops_start_up(command, handler, r
     assert output == f"configuration error: TASK_HANDLER={handler!r} is invalid: {reason}\n"
 
 
+BROKEN_MODULES = {
+    "syntax-error": ("def run(task, cancel:\n    pass\n", "SyntaxError: '(' was never closed (broken.py, line 1)"),
+    "raises-at-import": ('raise RuntimeError("no config\\nfound")\n', "RuntimeError: no config found"),
+}
+
+
+@pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "python app.py"])
+@pytest.mark.parametrize(("source", "reason"), BROKEN_MODULES.values(), ids=BROKEN_MODULES.keys())
+def test_a_task_handler_module_that_fails_to_import_stops_start_up_in_one_line(tmp_path, command, source, reason):
+    """Only ImportError and AttributeError were named: a module with a syntax error, or one that raised while it
+    was imported, ended the start in a traceback with exit code 1."""
+    (tmp_path / "broken.py").write_text(source)
+    result = start(command, TASK_HANDLER="broken:run", PYTHONPATH=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stdout + result.stderr == (
+        f"configuration error: TASK_HANDLER='broken:run' is invalid: importing it raised {reason}\n"
+    )
+
+
 def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
     result = start([*GUNICORN, "-w", "3"])
     assert result.returncode == 2
