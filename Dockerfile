@@ -23,9 +23,10 @@ USER workerpool
 EXPOSE 8080
 # gunicorn drains on SIGTERM; keep `docker stop -t` above SHUTDOWN_TIMEOUT_S + 10.
 STOPSIGNAL SIGTERM
-# /healthz under the root path: with SCRIPT_NAME set, every path outside it is a 404.
+# /healthz under the root path (with SCRIPT_NAME set, every path outside it is a 404), asked directly:
+# proxies from the environment (http_proxy, which Docker may pass to every container) are not used.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}{os.environ.get('SCRIPT_NAME', '')}/healthz\", timeout=2).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}{os.environ.get('SCRIPT_NAME', '')}/healthz\", timeout=2).status == 200 else 1)"]
 # Exec form: run_gunicorn.py checks the variables gunicorn reads itself (WEB_CONCURRENCY...), then becomes
 # `gunicorn -c gunicorn.conf.py`, which is PID 1 and receives the stop signal itself.
 CMD ["python", "run_gunicorn.py"]

@@ -286,10 +286,16 @@ def test_a_script_name_header_the_path_does_not_start_with_is_a_404(server):
     assert json.loads(body)["status"] == 404
 
 
-def test_the_image_healthcheck_probes_the_root_path(under_a_root_path):
+@pytest.mark.parametrize("proxied", [False, True], ids=["no-proxy", "http_proxy-set"])
+def test_the_image_healthcheck_probes_the_root_path_directly(under_a_root_path, proxied):
+    # Docker passes the client's proxies to every container: the probe of the container's own port went through them.
     base, _ = under_a_root_path
     env = clean_environment(PORT=base.rsplit(":", 1)[1], SCRIPT_NAME="/wp")
-    command = _dockerfile_healthcheck()
-    assert command[0] == "python"
-    probe = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
+    with socket.socket() as nothing_listens:
+        nothing_listens.bind(("127.0.0.1", 0))
+        if proxied:
+            env["http_proxy"] = env["HTTP_PROXY"] = f"http://127.0.0.1:{nothing_listens.getsockname()[1]}"
+        command = _dockerfile_healthcheck()
+        assert command[0] == "python"
+        probe = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
     assert probe.returncode == 0, probe.stderr
