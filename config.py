@@ -45,6 +45,9 @@ LOG_FORMATS = ("text", "json")
 MIN_TOKEN_CHARS = 16
 
 _INT = re.compile(r"[+-]?[0-9]+")
+# A decimal number as written in a setting (20, 0.5, .5, 1e3): float() alone also takes 2_0, other scripts'
+# digits (١٠) and inf or nan.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
@@ -139,10 +142,9 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str
     reason = f"must be a number {bound} and at most {high:g}"
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(reason) from None
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError(reason)
+        value = float(text)
         if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
             raise ValueError(reason)
         return value

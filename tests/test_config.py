@@ -612,3 +612,16 @@ def test_a_variable_gunicorn_would_fail_on_is_refused_naming_it(environ):
 )
 def test_values_gunicorn_takes_are_taken(environ):
     config.check_gunicorn_environment(environ)
+
+
+@pytest.mark.parametrize("text", ["2_0", "\u0661\u0660", "\uff12", "1e", ".", "0x10", "infinity", "1,5"])
+@pytest.mark.parametrize("variable", ["SHUTDOWN_TIMEOUT_S", "LEASE_S", "FAILURE_RATE"])
+def test_a_number_setting_takes_decimal_numbers_only(variable, text):
+    """float() took 2_0 for 20 and other scripts' digits (١٠ for 10): a typo became another duration."""
+    with pytest.raises(ConfigError, match=f"^{variable}="):
+        from_env({variable: text})
+
+
+@pytest.mark.parametrize(("text", "value"), [("20", 20.0), ("2.5", 2.5), (".5", 0.5), ("5.", 5.0), ("1e1", 10.0)])
+def test_a_number_setting_takes_the_usual_decimal_spellings(text, value):
+    assert from_env({"SHUTDOWN_TIMEOUT_S": text}).shutdown_timeout_s == value
