@@ -27,13 +27,30 @@ def _stop_while_starting(signum, frame):
     raise SystemExit(0)
 
 
+# The arbiter's other signals ask a running server for something: a reload (HUP, which systemctl reload and
+# logrotate send), its logs reopened (USR1), a binary upgrade (USR2), a worker more or less (TTIN, TTOU). Before
+# gunicorn's handlers are in place their default actions ended the start without a word (HUP, USR1, USR2) or
+# froze it until a SIGCONT (TTIN, TTOU).
+_NOT_YET_SIGNALS = (_signal.SIGHUP, _signal.SIGUSR1, _signal.SIGUSR2, _signal.SIGTTIN, _signal.SIGTTOU)
+
+
+def _ignored_while_starting(signum, frame):
+    """A signal for the running server that comes before it runs: said, and ignored (it has nothing to act on)."""
+    ignored = f"received {_signal.Signals(signum).name} while starting: ignored, the server is not running yet"
+    os.write(2, f"{_config.startup_line(ignored, 'WARNING')}\n".encode())
+
+
 # A stop signal (docker stop, a pod's termination) may come while the app, TASK_HANDLER's module and the
 # store are still being checked below, before gunicorn installs its handlers (Arbiter.start). As PID 1 (the
 # image's CMD) a signal with no handler is dropped by the kernel: the start went on and the server served until
-# the container's SIGKILL. gunicorn runs this file again at a reload, with its handlers in place: they stay.
+# the container's SIGKILL. gunicorn runs this file again at a reload, with its handlers in place: they stay
+# (Arbiter.init_signals replaces these with its own for all of them).
 if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
     for _stop in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
         _signal.signal(_stop, _stop_while_starting)
+    for _other in _NOT_YET_SIGNALS:
+        if _signal.getsignal(_other) == _signal.SIG_DFL:  # one the parent ignores (nohup) stays ignored
+            _signal.signal(_other, _ignored_while_starting)
 
 from gunicorn import systemd as _systemd  # noqa: E402
 

@@ -544,6 +544,32 @@ def test_a_stop_signal_during_the_start_ends_it_before_serving_even_as_pid_1(tmp
         server.stop()
 
 
+def test_a_reload_or_scaling_signal_during_the_start_is_ignored_with_a_line(tmp_path):
+    """HUP (systemctl reload, logrotate), USR1 or USR2 during the start ended it without a word (exit 129...),
+    and TTIN or TTOU froze it until a SIGCONT."""
+    (tmp_path / "startgate.py").write_text(START_GATE)
+    env = clean_environment(
+        HOST="127.0.0.1", PORT="0", PYTHONPATH=str(tmp_path), TASK_HANDLER="startgate:handle", START_GATE=str(tmp_path)
+    )
+    gunicorn = [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py"]
+    server = ServerProcess(gunicorn, log_path=tmp_path / "start.log", env=env, python=False)
+    try:
+        wait_until(lambda: (tmp_path / "reached").exists(), timeout=20, what="the start to import TASK_HANDLER")
+        names = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU")
+        for name in names:
+            os.kill(server.proc.pid, getattr(signal, name))
+            line = f"received {name} while starting: ignored, the server is not running yet"
+            wait_until(lambda line=line: line in server.log(), timeout=20, what=line)
+        assert server.proc.poll() is None
+        (tmp_path / "open").touch()
+        wait_until(lambda: "Listening at" in server.log(), timeout=30, what="the server to listen")
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        (tmp_path / "open").touch()
+        server.stop()
+
+
 def test_a_server_without_hooks_still_drains_at_exit(tmp_path):
     script = (
         "from app import configure_logging, create_app\n"
