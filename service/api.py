@@ -18,6 +18,7 @@ from workerpool import DuplicateTask, PoolStats, State, StoreUnavailable
 from . import connection, request_id
 from .auth import require_token, token_required
 from .context import services
+from .cross_site import refuse_foreign_page
 from .openapi import openapi_spec
 from .problems import Problem, invalid_request, submit_problem, unsupported_content_encoding
 from .request_reader import body_exceeds, body_overframed, body_timed_out
@@ -35,6 +36,7 @@ def enqueue() -> Response:
     # The request itself, not the context-local proxy: each use of `request` is a lookup through it.
     req: Request = request._get_current_object()  # type: ignore[attr-defined]
     try:
+        refuse_foreign_page(req.environ)
         require_token(svc.config.api_token)  # before the body is read: no parsing for unknown clients
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
         body = read_body(svc.config.max_body_bytes, req)

@@ -10,6 +10,7 @@ from flask import request
 
 from .bearer import MISSING, WRONG, bearer_problem
 from .context import services
+from .cross_site import SAFE_METHODS, refuse_foreign_page
 from .problems import unauthorized
 
 CHALLENGE = 'Bearer realm="workerpool"'
@@ -25,6 +26,8 @@ def token_required(view: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(view)
     def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if request.method not in SAFE_METHODS:  # DELETE: a page of another origin is refused, as for POST
+            refuse_foreign_page(request.environ)
         require_token()
         return view(*args, **kwargs)
 

@@ -20,6 +20,7 @@ from . import request_id
 from .api import read_body, task_url
 from .auth import require_token
 from .context import services
+from .cross_site import refuse_foreign_page
 from .problems import (
     FieldError,
     Problem,
@@ -78,6 +79,7 @@ def enqueue_batch() -> Response:
     config = svc.config
     rid = request_id.current()
     try:
+        refuse_foreign_page(request.environ)
         require_token()  # before the body is read, as for POST /enqueue
         body = read_body(config.max_batch_body_bytes)
         items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=svc.limits, request_id=rid)

@@ -495,7 +495,10 @@ def _histogram(name: str, documentation: str, series: _Histogram, created: bool)
 
 # A body that did not arrive in time (408) is the client's, as a malformed one is: "error" is kept for
 # what may be the service's own failure, the reason an alert watches.
-_PROBLEM_REASONS = {400: "invalid", 401: "unauthorized", 408: "timeout", 413: "too_large", 415: "invalid"}
+# 403: sent by a page of another origin (see cross_site.py).
+_PROBLEM_REASONS = {
+    400: "invalid", 401: "unauthorized", 403: "unauthorized", 408: "timeout", 413: "too_large", 415: "invalid"
+}
 
 
 def rejection_reason(exc: BaseException) -> str:

@@ -311,3 +311,26 @@ def test_a_task_store_outage_is_told_apart_from_a_lost_connection(page, instance
     expect(page.locator("#connection")).to_have_text("Task store unavailable: retrying every second", timeout=WAIT_MS)
     monkeypatch.undo()
     expect(page.locator("#connection")).to_have_text(re.compile("^Live"), timeout=WAIT_MS)
+
+
+def test_a_page_of_another_origin_cannot_submit_tasks(browser, instance):
+    # A simple cross-origin POST (no-cors, text/plain): the browser sends it without asking the service first.
+    script = (
+        f'fetch("{instance.url}/enqueue", {{method: "POST", mode: "no-cors", '
+        'body: JSON.stringify({id: "from-elsewhere", payload: "x"})})'
+        '.then(() => { document.title = "sent"; }, () => { document.title = "failed"; });'
+    )
+
+    def elsewhere(environ, start_response):  # another origin: another port of 127.0.0.1
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [f"<!doctype html><title>page</title><script>{script}</script>".encode()]
+
+    with served(elsewhere) as other:
+        page = browser.new_page()
+        try:
+            page.goto(other.url)
+            expect(page).to_have_title("sent", timeout=WAIT_MS)
+        finally:
+            page.close()
+    assert instance.get("/tasks/from-elsewhere")[0] == 404
+    assert instance.submit("from-here")["state"] in ("queued", "running", "done")  # a client that is no browser
