@@ -48,6 +48,8 @@ _INT = re.compile(r"[+-]?[0-9]+")
 # A decimal number as written in a setting (20, 0.5, .5, 1e3): float() alone also takes 2_0, other scripts'
 # digits (١٠) and inf or nan.
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# A root path (SCRIPT_NAME) as gunicorn compares it with the request path: raw, still percent-encoded.
+_ROOT_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
@@ -553,9 +555,17 @@ def check_gunicorn_environment(environ: Mapping[str, str] = os.environ) -> None:
 
     gunicorn reads WEB_CONCURRENCY and FORWARDED_ALLOW_IPS as it imports its settings, before
     gunicorn.conf.py, and systemd's LISTEN_FDS and LISTEN_PID as it starts: a value it cannot take
-    ended it with a traceback (or a line that does not name the variable) and exit code 1.
+    ended it with a traceback (or a line that does not name the variable) and exit code 1. It reads
+    SCRIPT_NAME, the root path, for every request: one that no request path can begin with left a
+    server that answered every request with an error.
     """
     web_concurrency(environ)
+    raw = environ.get("SCRIPT_NAME")
+    if raw and not _ROOT_PATH.fullmatch(raw):
+        raise ConfigError(
+            f"SCRIPT_NAME={raw!r} is invalid: must begin with / and hold only letters, digits and - . _ ~ ! $ & ' "
+            "( ) * + , ; = : @ / (the characters a request path carries unencoded), or be unset"
+        )
     for variable in ("LISTEN_FDS", "LISTEN_PID"):  # systemd's socket activation
         raw = environ.get(variable)
         if raw is not None and not _INT.fullmatch(raw.strip()):

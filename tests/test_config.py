@@ -598,6 +598,13 @@ def test_web_concurrency_is_a_count_of_processes_or_none(environ, expected):
         {"WEB_CONCURRENCY": "0x10"},
         {"LISTEN_FDS": ""},
         {"FORWARDED_ALLOW_IPS": "10.0.0.1/8"},
+        # gunicorn compares SCRIPT_NAME with the raw request path: no path begins with these, every request failed.
+        {"SCRIPT_NAME": "wp"},
+        {"SCRIPT_NAME": "/w p"},
+        {"SCRIPT_NAME": "/caf\u00e9"},
+        {"SCRIPT_NAME": "/caf%C3%A9"},
+        {"SCRIPT_NAME": "/wp?x"},
+        {"SCRIPT_NAME": " /wp"},
     ],
 )
 def test_a_variable_gunicorn_would_fail_on_is_refused_naming_it(environ):
@@ -608,7 +615,8 @@ def test_a_variable_gunicorn_would_fail_on_is_refused_naming_it(environ):
 @pytest.mark.parametrize(
     "environ",
     [{}, {"LISTEN_FDS": "2", "LISTEN_PID": "1"}, {"FORWARDED_ALLOW_IPS": "*"}, {"FORWARDED_ALLOW_IPS": " "},
-     {"FORWARDED_ALLOW_IPS": "127.0.0.1, ::1,10.0.0.0/8,"}],
+     {"FORWARDED_ALLOW_IPS": "127.0.0.1, ::1,10.0.0.0/8,"}, {"SCRIPT_NAME": ""}, {"SCRIPT_NAME": "/wp"},
+     {"SCRIPT_NAME": "/wp/"}, {"SCRIPT_NAME": "/a/b-c_d.e~f:g@h!$&'()*+,;="}],
 )
 def test_values_gunicorn_takes_are_taken(environ):
     config.check_gunicorn_environment(environ)

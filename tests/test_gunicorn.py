@@ -315,6 +315,20 @@ def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):
     assert "configuration error: QUEUE_SIZE='0' is invalid: must be an integer from 1 to 1000000" in result.stderr
 
 
+def test_a_root_path_no_request_path_can_begin_with_stops_gunicorn_with_exit_code_2(tmp_path):
+    # It started, and answered every request 500 (later 404).
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", CONF, "-b", "127.0.0.1:0"],
+        cwd=tmp_path,
+        env=clean_environment(SCRIPT_NAME="wp"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "configuration error: SCRIPT_NAME='wp' is invalid: " in result.stderr
+
+
 # -- the real server -------------------------------------------------------------
 
 
