@@ -445,8 +445,24 @@ def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
             raise ConfigError(f"{dotenv_path} {why}: the settings in it cannot be read (remove it, or make it a file)")
         _check_dotenv(dotenv_path)
         merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        _check_not_blanked(merged, dotenv_path)
     merged.update(os.environ)
     return merged
+
+
+def _check_not_blanked(dotenv: Mapping[str, str], path: Path) -> None:
+    """Raise ConfigError for a setting the environment sets empty over a value in ``.env``.
+
+    The environment wins, so ``API_TOKEN=`` there (an ``Environment=API_TOKEN=`` of a unit, ``export
+    API_TOKEN=`` in a script) silently dropped the token written in ``.env`` and opened the task
+    endpoints; ``TASK_HANDLER=`` replaced the handler with the simulated work. Neither value is shown.
+    """
+    for name in VARIABLES:
+        if dotenv.get(name, "").strip() and name in os.environ and not os.environ[name].strip():
+            raise ConfigError(
+                f"{name} is set but empty in the environment, which would override the value {path} gives it: "
+                f"unset it there, or set it to the value meant"
+            )
 
 
 def _check_dotenv(path: Path) -> None:

@@ -633,3 +633,30 @@ def test_a_number_setting_takes_decimal_numbers_only(variable, text):
 @pytest.mark.parametrize(("text", "value"), [("20", 20.0), ("2.5", 2.5), (".5", 0.5), ("5.", 5.0), ("1e1", 10.0)])
 def test_a_number_setting_takes_the_usual_decimal_spellings(text, value):
     assert from_env({"SHUTDOWN_TIMEOUT_S": text}).shutdown_timeout_s == value
+
+
+@pytest.mark.parametrize("variable", ["API_TOKEN", "TASK_HANDLER", "REDIS_PASSWORD", "METRICS_DIR"])
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_variable_in_the_environment_does_not_silently_override_dotenv(tmp_path, monkeypatch, variable, blank):
+    """API_TOKEN= in the environment dropped .env's token without a word: the task endpoints were open."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"{variable}=abcdefghijklmnopqrstuv\n")
+    monkeypatch.setenv(variable, blank)
+    with pytest.raises(ConfigError) as caught:
+        config.read_environment(dotenv)
+    assert str(caught.value) == (
+        f"{variable} is set but empty in the environment, which would override the value {dotenv} gives it: "
+        "unset it there, or set it to the value meant"
+    )
+    assert "abcdefghijklmnopqrstuv" not in str(caught.value)
+
+
+def test_an_empty_variable_in_the_environment_is_taken_where_dotenv_is_empty_or_silent(tmp_path, monkeypatch):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("API_TOKEN=\n")
+    monkeypatch.setenv("API_TOKEN", "")
+    monkeypatch.setenv("TASK_HANDLER", "")
+    assert config.from_env(config.read_environment(dotenv)).api_token == ""
+    monkeypatch.setenv("API_TOKEN", "abcdefghijklmnopqrstuv")  # a value, not a blank, wins as ever
+    dotenv.write_text("API_TOKEN=zyxwvutsrqponmlkjihgf\n")
+    assert config.from_env(config.read_environment(dotenv)).api_token == "abcdefghijklmnopqrstuv"
