@@ -123,3 +123,22 @@ def test_every_text_colour_keeps_a_contrast_of_at_least_4_5_to_1(harness):
         for background in backgrounds:
             lighter, darker = sorted((_luminance(colour), _luminance(background)), reverse=True)
             assert (lighter + 0.05) / (darker + 0.05) >= 4.5, (name, colour, background)  # WCAG 2 AA
+
+
+@pytest.mark.parametrize(("stuck", "status"), [(0, "ok"), (2, "unhealthy")])
+def test_the_live_figures_keep_to_the_served_description(harness, monkeypatch, stuck, status):
+    # "unhealthy" (more stuck threads than get a replacement) was missing from the described statuses.
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    stats = WorkerPool.stats
+    monkeypatch.setattr(
+        WorkerPool, "stats", lambda pool: dataclasses.replace(stats(pool), stuck_threads=stuck, stuck_threads_limit=1)
+    )
+    body = harness.client.get("/dashboard/live").get_json()
+    assert body["status"] == status
+    spec = Resource(contents=harness.client.get("/openapi.json").get_json(), specification=DRAFT202012)
+    schema = {"$ref": "urn:openapi#/components/schemas/DashboardLive"}
+    validator = Draft202012Validator(schema, registry=Registry().with_resource("urn:openapi", spec))
+    assert [error.message for error in validator.iter_errors(body)] == []
