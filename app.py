@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, lambda signum, frame: controller.request_stop(signum))
     pool.start()
-    log.info("Listening at: http://%s:%d", config.host, server.port)
+    log.info("Listening at: http://%s:%d", f"[{config.host}]" if ":" in config.host else config.host, server.port)
     server.serve_forever()
     server.server_close()
     controller.join()

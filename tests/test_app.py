@@ -110,6 +110,19 @@ def get_json(url: str) -> tuple[int, dict]:
 
 
 @pytest.mark.e2e
+def test_the_development_server_names_an_ipv6_address_in_a_url_that_works(tmp_path):
+    """It logged http://::1:PORT, which no client parses; gunicorn logs http://[::1]:PORT."""
+    argv = ["app.py", "--host", "::1", "--port", "0"]
+    server = ServerProcess(argv, log_path=tmp_path / "dev.log", env=clean_environment())
+    try:
+        port = server.wait_for_port(r"Listening at: http://\[::1\]:(\d+)")
+        assert get_json(f"http://[::1]:{port}/healthz")[0] == 200
+        assert server.terminate(timeout=15) == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
 def test_the_development_server_serves_and_stops_on_sigterm(tmp_path):
     # The flags beat PORT from the environment, which beats .env.
     env = clean_environment(PORT="1", WORK_MIN_MS="1", WORK_MAX_MS="2", FAILURE_RATE="0", SHUTDOWN_TIMEOUT_S="5")
