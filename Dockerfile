@@ -17,8 +17,12 @@ COPY workerpool/ workerpool/
 # TASK_HANDLER modules of this deployment (TASK_HANDLER=handlers.<module>:<callable>).
 COPY handlers/ handlers/
 
-RUN useradd --system --uid 10001 --no-create-home workerpool
-USER workerpool
+# A numeric user, which Kubernetes' runAsNonRoot can check without reading the image's /etc/passwd. /data is its
+# own, for the SQLite store on a volume (STORE=sqlite:///data/tasks.db): a named volume takes that owner.
+RUN groupadd --system --gid 10001 workerpool \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home workerpool \
+    && mkdir /data && chown 10001:10001 /data
+USER 10001:10001
 
 EXPOSE 8080
 # gunicorn drains on SIGTERM; keep `docker stop -t` above SHUTDOWN_TIMEOUT_S + 10.

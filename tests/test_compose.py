@@ -139,3 +139,14 @@ def test_nginx_accepts_the_load_balancers_configuration(tmp_path):
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_image_runs_as_a_numeric_user_that_owns_a_data_directory():
+    """USER workerpool (a name) made Kubernetes' runAsNonRoot refuse the pod, and the user could write nowhere a
+    volume for the SQLite store could go: the documented STORE=sqlite:///data/tasks.db stopped every start."""
+    uid = re.search(r"useradd [^\n]*--uid (\d+)", DOCKERFILE).group(1)
+    gid = re.search(r"groupadd [^\n]*--gid (\d+)", DOCKERFILE).group(1)
+    assert re.search(r"^USER (\S+)$", DOCKERFILE, re.MULTILINE).group(1) == f"{uid}:{gid}"
+    assert f"--gid {gid}" in re.search(r"useradd [^\n]*", DOCKERFILE).group()
+    assert re.search(rf"mkdir /data && chown {uid}:{gid} /data", DOCKERFILE)
+    assert config.from_env({"STORE": "sqlite:///data/tasks.db"}).store.path == "/data/tasks.db"
