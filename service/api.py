@@ -23,6 +23,7 @@ from .openapi import openapi_spec
 from .problems import Problem, invalid_request, submit_problem, unsupported_content_encoding
 from .request_reader import body_exceeds, body_overframed, body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
+from .store_errors import public_reason
 
 bp = Blueprint("api", __name__)
 # Seconds to wait before asking /healthz again after a 503 (draining, unhealthy, store unavailable).
@@ -257,7 +258,8 @@ def health() -> tuple[Response, int]:
     except StoreUnavailable as exc:
         stats, store_error = None, str(exc)
     if stats is None or store_error is not None:
-        return _unavailable({"status": "store_unavailable", "store_error": store_error})
+        reason = None if store_error is None else public_reason(store_error, services().config.store)
+        return _unavailable({"status": "store_unavailable", "store_error": reason})
     body = health_figures(stats)
     return (jsonify(body), 200) if body["status"] == "ok" else _unavailable(body)
 

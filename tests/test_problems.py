@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
 
 import pytest
-from http_fixtures import make_harness
+from http_fixtures import TEST_CONFIG, make_harness
 
+from config import StoreSetting
 from workerpool import StoreNotSynced, StoreUnavailable
 
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
@@ -152,6 +154,34 @@ def test_the_dashboard_s_figures_are_a_503_while_the_store_cannot_be_written_tho
     assert problem["type"] == "urn:workerpool:problem:store-unavailable"
     assert "disk" not in problem["detail"]  # the reason goes to the log and /healthz
     assert harness.client.get("/healthz").get_json()["store_error"] == "the disk is full"
+
+
+@pytest.mark.parametrize(
+    ("store", "reason", "said"),
+    [
+        (
+            StoreSetting("redis", url="redis://:secret@10.0.3.7:6390/0"),
+            "redis: Error 111 connecting to 10.0.3.7:6390. Connection refused.",
+            "redis: Error 111 connecting to the Redis server. Connection refused.",
+        ),
+        (
+            StoreSetting("redis", url="redis://cache.internal/0"),
+            "redis: Timeout reading from cache.internal:6379",
+            "redis: Timeout reading from the Redis server",
+        ),
+        (
+            StoreSetting("sqlite", path="/srv/secret/tasks.db"),
+            "/srv/secret/tasks.db: the task file was removed while open; /srv/secret is full",
+            "the task file: the task file was removed while open; the task file's directory is full",
+        ),
+    ],
+)
+def test_health_says_why_the_store_cannot_be_used_but_not_where_it_is(monkeypatch, store, reason, said):
+    # /healthz is open to anyone: it showed the SQLite file's path and the Redis server's address.
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, store=store))
+    monkeypatch.setattr(type(harness.pool.store), "health", lambda self: reason)
+    assert harness.client.get("/healthz").get_json() == {"status": "store_unavailable", "store_error": said}
+    harness.pool.shutdown(5)
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/health"])

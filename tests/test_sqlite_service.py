@@ -7,6 +7,7 @@ round of each; the rounds marked ``stress`` kill more often (``make stress``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 from http_fixtures import (
     LISTENING,
+    TEST_CONFIG,
     Client,
     Gate,
     ServerProcess,
@@ -33,6 +35,7 @@ from http_fixtures import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from config import StoreSetting
 from workerpool import FINAL_STATES, State, Task
 from workerpool.stores.sqlite import SqliteStore
 
@@ -292,7 +295,8 @@ def test_health_and_metrics_answer_at_once_while_another_program_holds_the_write
 def test_a_task_file_removed_while_open_answers_503_naming_it_and_the_accepted_tasks_still_run(tmp_path, caplog):
     db = tmp_path / "tasks.db"
     gate = Gate()
-    harness = make_harness(gate, store=SqliteStore(db))
+    config = dataclasses.replace(TEST_CONFIG, store=StoreSetting("sqlite", path=str(db)))
+    harness = make_harness(gate, config=config, store=SqliteStore(db))
     client = harness.client
     try:
         for task_id in ("first", "second"):
@@ -304,6 +308,7 @@ def test_a_task_file_removed_while_open_answers_503_naming_it_and_the_accepted_t
         health = client.get("/healthz")
         assert health.status_code == 503
         assert "removed while this process had it open" in health.get_json()["store_error"]
+        assert str(tmp_path) not in health.get_json()["store_error"]  # /healthz is open: not where the file is
         refused = client.post("/enqueue", json={"id": "after", "payload": ""})
         assert refused.status_code == 503
         problem = refused.get_json()
