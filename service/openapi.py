@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from werkzeug.urls import iri_to_uri
 
 from config import Config
 
@@ -30,6 +31,7 @@ def openapi_spec(config: Config, root_path: str = "") -> dict[str, Any]:
     """
     spec = copy.deepcopy(_spec_file())
     spec["servers"][0]["url"] = root_path.rstrip("/") + "/"
+    _locations_under(spec, root_path.rstrip("/"))
     spec["paths"]["/enqueue"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_body_bytes
     spec["paths"]["/enqueue/batch"]["post"]["requestBody"]["x-max-body-bytes"] = config.max_batch_body_bytes
     spec["components"]["schemas"]["EnqueueBatchRequest"]["properties"]["tasks"]["maxItems"] = config.max_batch_tasks
@@ -41,6 +43,33 @@ def openapi_spec(config: Config, root_path: str = "") -> dict[str, Any]:
     fields["delay_ms"]["maximum"] = config.max_delay_ms
     _keep_the_security_that_holds(spec, token_set=bool(config.api_token))
     return spec
+
+
+def _locations_under(spec: dict[str, Any], root: str) -> None:
+    """Make the patterns of task URLs (``^/tasks/``) begin with the root path, as every ``Location`` does.
+
+    The header is percent-encoded, the batch's ``location`` is not (a root
+    path from a proxy's ``SCRIPT_NAME`` header may hold characters to encode).
+    """
+    if not root:
+        return
+    header, body = _starts_with(iri_to_uri(root) + "/tasks/"), _starts_with(root + "/tasks/")
+    for status in ("202", "409"):
+        spec["paths"]["/enqueue"]["post"]["responses"][status]["headers"]["Location"]["schema"]["pattern"] = header
+    for branch in spec["components"]["schemas"]["BatchResult"]["oneOf"]:
+        branch["properties"]["location"]["pattern"] = body
+
+
+def _starts_with(prefix: str) -> str:
+    """A pattern (ECMA-262, as JSON Schema's) of the strings that begin with ``prefix``.
+
+    ``re.escape`` also escapes characters such as ``-`` and ``~``, which an
+    ECMA-262 pattern in Unicode mode refuses: only the syntax characters are.
+    """
+    return "^" + "".join("\\" + char if char in _SYNTAX_CHARACTERS else char for char in prefix)
+
+
+_SYNTAX_CHARACTERS = frozenset("^$\\.*+?()[]{}|")
 
 
 def _keep_the_security_that_holds(spec: dict[str, Any], *, token_set: bool) -> None:

@@ -354,3 +354,30 @@ def test_the_served_description_names_the_root_path_it_is_served_under():
         assert served["servers"][0]["url"] == "/wp/"
     finally:
         harness.drain()
+
+
+@pytest.mark.parametrize("root", ["", "/wp", "/a.b(c)+$"])
+def test_the_served_locations_carry_the_root_path_the_server_answers_with(root):
+    # Under SCRIPT_NAME=/wp the served patterns said ^/tasks/ while every Location was /wp/tasks/...
+    harness = make_harness()
+    try:
+        base = "http://localhost" + root
+        spec = harness.client.get("/openapi.json", base_url=base).get_json()
+        enqueue = spec["paths"]["/enqueue"]["post"]["responses"]
+        batch_result = spec["components"]["schemas"]["BatchResult"]["oneOf"]
+        header_patterns = [enqueue[status]["headers"]["Location"]["schema"]["pattern"] for status in ("202", "409")]
+        body_patterns = [branch["properties"]["location"]["pattern"] for branch in batch_result]
+        accepted = harness.client.post("/enqueue", json={"id": "r1", "payload": 1}, base_url=base)
+        again = harness.client.post("/enqueue", json={"id": "r1", "payload": 1}, base_url=base)
+        assert (accepted.status_code, again.status_code) == (202, 409)
+        for pattern, response in zip(header_patterns, (accepted, again), strict=True):
+            assert re.search(pattern, response.headers["Location"]), (pattern, response.headers["Location"])
+            assert not re.search(pattern, "/x" + response.headers["Location"])
+        results = harness.client.post(
+            "/enqueue/batch", json={"tasks": [{"id": "r2", "payload": 1}, {"id": "r1", "payload": 1}]}, base_url=base
+        ).get_json()["results"]
+        assert [result["status"] for result in results] == [202, 409]
+        for pattern, result in zip(body_patterns, results, strict=True):
+            assert re.search(pattern, result["location"]), (pattern, result["location"])
+    finally:
+        harness.drain()
