@@ -31,8 +31,8 @@ lint: $(VENV)/.installed-dev
 
 # Installs wrk, strace and chromium (Debian packages) when missing; writes bench/RESULTS.md.
 bench: $(VENV)/.installed-bench $(CHROMIUM)
-	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
-	@command -v strace >/dev/null || (apt-get update && apt-get install -y strace)
+	@command -v wrk >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends wrk)
+	@command -v strace >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends strace)
 	$(BIN)/python -m bench.run
 
 clean:

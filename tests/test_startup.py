@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -343,6 +344,15 @@ def test_make_refuses_an_old_python_before_creating_the_venv(tmp_path):
     assert result.returncode != 0
     assert f"workerpool needs Python 3.11 or newer; {old_python} is Python 3.10.13" in result.stderr
     assert not venv.exists()
+
+
+def test_every_package_make_installs_goes_through_sudo_without_questions():
+    """make bench called a bare apt-get: as a user other than root it failed on apt's lock."""
+    calls = re.findall(r"(?:\S+ ){0,2}apt-get (?:update|install)", (PROJECT_ROOT / "Makefile").read_text())
+    assert len(calls) >= 8, calls
+    for call in calls:
+        install = "DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install"
+        assert call.endswith(install if "install" in call else "$(SUDO) apt-get update"), call
 
 
 # -- TASK_HANDLER modules in the container image --------------------------------
