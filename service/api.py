@@ -242,8 +242,12 @@ def _not_found(task_id: str) -> Problem:
 def list_tasks() -> Response:
     """List retained tasks, newest first, optionally of one state."""
     query = parse_list_query(request.args)
-    tasks = services().pool.list(query.state, query.limit)
-    return jsonify({"tasks": [task_to_json(task) for task in tasks], "count": len(tasks), "limit": query.limit})
+    tasks = services().pool.list(query.state, query.limit, results=query.results)
+    listed = [task_to_json(task) for task in tasks]
+    if not query.results:
+        for entry in listed:
+            del entry["result"]
+    return jsonify({"tasks": listed, "count": len(tasks), "limit": query.limit})
 
 
 @bp.get("/healthz")

@@ -30,7 +30,7 @@ ID_PATH_RULE = "must not start or end with '/', contain '//', or have a '.' or '
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 ENQUEUE_FIELDS = ("id", "payload", "max_retries", "delay_ms")
-LIST_PARAMETERS = ("state", "limit")
+LIST_PARAMETERS = ("state", "limit", "results")
 # Unicode categories Cc (control characters) and Cs (lone surrogates), as one character class:
 # a regex search costs a fraction of a unicodedata.category() call per character.
 FORBIDDEN_ID_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -70,6 +70,8 @@ class _OversizedInteger:
 class ListQuery:
     state: State | None = None
     limit: int = DEFAULT_LIST_LIMIT
+    # False: the listing leaves each task's result out (up to MAX_RESULT_BYTES each), and the store does not read it.
+    results: bool = True
 
 
 def parse_enqueue(body: bytes, limits: TaskLimits, *, request_id: str | None = None) -> TaskSpec:
@@ -268,7 +270,7 @@ def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
     errors += [
         FieldError(name, "must be given at most once") for name in LIST_PARAMETERS if len(args.getlist(name)) > 1
     ]
-    state, limit = None, DEFAULT_LIST_LIMIT
+    state, limit, results = None, DEFAULT_LIST_LIMIT, True
     if "state" in args:
         try:
             state = State(args["state"])
@@ -280,9 +282,14 @@ def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
             limit = int(text)
         else:
             errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}"))
+    if "results" in args:
+        if args["results"] in ("true", "false"):
+            results = args["results"] == "true"
+        else:
+            errors.append(FieldError("results", "must be true or false"))
     if errors:
         raise invalid_request("the query parameters are invalid", tuple(errors))
-    return ListQuery(state=state, limit=limit)
+    return ListQuery(state=state, limit=limit, results=results)
 
 
 def rfc3339(timestamp: float | None) -> str | None:

@@ -573,9 +573,28 @@ def test_list_tasks_defaults_to_100():
     assert (body["count"], body["limit"], body["tasks"][0]["id"]) == (100, 100, "100")
 
 
+def test_list_tasks_leaves_results_out_when_asked():
+    harness = make_harness(lambda task, cancel: {"echo": task.id * 1000}, queue_size=10)
+    for task_id in ("a", "b"):
+        enqueue(harness.client, {"id": task_id, "payload": ""})
+    harness.drain()
+    full = harness.client.get("/tasks?state=done&results=true").get_json()
+    assert [task["result"] for task in full["tasks"]] == [{"echo": "b" * 1000}, {"echo": "a" * 1000}]
+    assert harness.client.get("/tasks?state=done").get_json() == full
+    for query in ("?results=false", "?state=done&results=false&limit=2"):
+        brief = harness.client.get(f"/tasks{query}").get_json()
+        assert [set(task) for task in brief["tasks"]] == [TASK_FIELDS - {"result"}] * 2
+        assert brief["tasks"] == [{k: v for k, v in task.items() if k != "result"} for task in full["tasks"]]
+    assert harness.client.get("/tasks/a").get_json()["result"] == {"echo": "a" * 1000}
+
+
 @pytest.mark.parametrize(
     ("query", "errors"),
     [
+        ("?results=False", [("results", "must be true or false")]),
+        ("?results=0", [("results", "must be true or false")]),
+        ("?results=", [("results", "must be true or false")]),
+        ("?results=false&results=false", [("results", "must be given at most once")]),
         ("?state=bogus", [("state", "must be one of queued, running, done, failed, cancelled")]),
         ("?state=", [("state", "must be one of queued, running, done, failed, cancelled")]),
         ("?state=DONE", [("state", "must be one of queued, running, done, failed, cancelled")]),

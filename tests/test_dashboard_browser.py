@@ -242,6 +242,19 @@ def test_a_task_submitted_through_the_api_appears_within_two_seconds(page, insta
     assert page.errors == []
 
 
+def test_the_table_lists_tasks_without_their_results_and_the_detail_shows_the_result(page, instance):
+    listings = []
+    page.on("request", lambda request: "/tasks?" in request.url and listings.append(request.url))
+    instance.submit("with-result", "hello")
+    instance.final.wait("with-result")
+    _open(page, instance)
+    page.wait_for_selector("#task-rows tr[data-id='with-result']", timeout=WAIT_MS)
+    assert listings and all("results=false" in url for url in listings), listings
+    page.click("#task-rows tr[data-id='with-result'] .task-id")
+    expect(page.locator("#detail-fields")).to_contain_text("result", timeout=WAIT_MS)
+    assert page.errors == []
+
+
 def test_a_task_submitted_from_the_page_is_accepted(page, instance):
     _open(page, instance)
     page.fill("#submit-id", "from-the-page")

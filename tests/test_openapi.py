@@ -108,9 +108,9 @@ class _StoreDown(MemoryStore):
         self._check()
         return super().get(task_id)
 
-    def list(self, state=None, limit=100):
+    def list(self, state=None, limit=100, *, results=True):
         self._check()
-        return super().list(state, limit)
+        return super().list(state, limit, results=results)
 
     def cancel(self, task_id):
         self._check()

@@ -540,6 +540,18 @@ def test_list_is_newest_first_and_filters_by_state(store, clock):
     assert store.list("running") == store.list(State.RUNNING)  # State is a StrEnum: its value names it too
 
 
+def test_a_listing_without_results_lists_the_same_tasks_with_no_result(store, clock):
+    admit(store, clock, "a", "b", "c", max_retries=1)
+    run(store, clock, "a", result={"big": "x" * 1000})
+    run(store, clock, "b", error="boom", retry_at=clock.time() + 10)
+    claim(store, clock)  # c runs
+    for state in (None, *State):
+        full, brief = store.list(state), store.list(state, results=False)
+        assert [t._replace(result=None) for t in full] == brief, state
+    assert [t.result for t in store.list(State.DONE)] == [{"big": "x" * 1000}]
+    assert [t.id for t in store.list(results=False)] == ["c", "b", "a"]
+
+
 def test_queued_tasks_list_by_their_entry_into_the_queue_a_retry_after_the_tasks_queued_before_it(store, clock):
     admit(store, clock, "a", "b", max_retries=1)
     run(store, clock, "a", error="boom", retry_at=clock.time() + 10)  # queued again after b

@@ -486,8 +486,8 @@ class WorkerPool:
             self._tell_unreadable(task)
         return task
 
-    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        tasks = self._store.list(state, limit)
+    def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
+        tasks = self._store.list(state, limit, results=results)
         for task in tasks:
             if type(task.result) is UnreadableResult:
                 self._tell_unreadable(task)

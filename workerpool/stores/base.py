@@ -264,8 +264,12 @@ class TaskStore(abc.ABC):
         """The task's snapshot, or None if it is unknown or forgotten."""
 
     @abc.abstractmethod
-    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        """Retained tasks, newest first: by creation, or by entry into ``state``."""
+    def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
+        """Retained tasks, newest first: by creation, or by entry into ``state``.
+
+        ``results=False``: the tasks carry no result (None), which a store that keeps them
+        elsewhere (SQLite, Redis) then does not read: up to MAX_RESULT_BYTES per task.
+        """
 
     @abc.abstractmethod
     def stats(self) -> StoreStats:

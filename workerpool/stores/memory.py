@@ -402,7 +402,7 @@ class MemoryStore(TaskStore):
             record = self._tasks.get(task_id)
         return None if record is None else _snapshot(record)
 
-    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
+    def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
         with self._lock:
             self._evict(self._clock())
             if state is None:
@@ -410,7 +410,8 @@ class MemoryStore(TaskStore):
             else:
                 ids = self._by_state[State(state).value]  # a State, or its value as a plain string
                 records = [self._tasks[task_id] for task_id in islice(reversed(ids), limit)]
-        return [_snapshot(record) for record in records]
+        tasks = [_snapshot(record) for record in records]
+        return tasks if results else [task._replace(result=None) for task in tasks]
 
     def stats(self) -> StoreStats:
         with self._lock:

@@ -59,6 +59,7 @@ _FIELDS = Task._fields
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_attempt_at"})
 _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
+_FIELDS_BUT_RESULT = tuple(name for name in _FIELDS if name != "result")  # read by a listing that leaves results out
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
 # Tasks one group commit carries at most, unless its first admission alone has more (a batch is admitted in one
 # script, whatever its size). Redis runs nothing else while a script runs: admissions merged without a bound (four
@@ -439,15 +440,25 @@ if owner then redis.call('SREM', P .. ':own:' .. owner, id) end
 return found > 0 and 1 or 0
 """
 
-# ARGV: now, ttl, max_finished, state or '', limit. Newest first.
+# ARGV: now, ttl, max_finished, state or '', limit, then the fields to read (none: all of them). Newest first.
 _LIST = """
 local cutoff = num(ARGV[1]) - num(ARGV[2])
 local more = evict(cutoff, num(ARGV[3]))
 local index = ARGV[4] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[4])
+local fields = {unpack(ARGV, 6)}
 local out = {}
 for _, id in ipairs(redis.call('ZREVRANGE', index, 0, num(ARGV[5]) - 1)) do
   if not (more and aged(id, cutoff)) then
-    local task = redis.call('HGETALL', P .. ':t:' .. id)
+    local key = P .. ':t:' .. id
+    local task
+    if #fields == 0 then
+      task = redis.call('HGETALL', key)
+    else
+      task = {}
+      for i, value in ipairs(redis.call('HMGET', key, unpack(fields))) do
+        if value then task[#task + 1] = fields[i]; task[#task + 1] = value end
+      end
+    end
     if #task > 0 then out[#out + 1] = task end
   end
 end
@@ -1250,8 +1261,9 @@ class RedisStore(TaskStore):
         flat = self._run("get", *self._retention(), task_id)
         return _decode(flat) if flat else None
 
-    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
-        flats = self._run("list", *self._retention(), "" if state is None else str(state), limit)
+    def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
+        fields = () if results else _FIELDS_BUT_RESULT
+        flats = self._run("list", *self._retention(), "" if state is None else str(state), limit, *fields)
         return [task for task in map(_decode, flats) if task is not None]
 
     def stats(self) -> StoreStats:

@@ -104,6 +104,8 @@ _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"
 )
+# The same without reading the result (a listing that leaves it out): SQLite then skips its overflow pages.
+_COLUMNS_BUT_RESULT = _COLUMNS.replace(" result,", " NULL,")
 
 # ``seq`` orders by creation; ``state_seq`` orders by entry into the current
 # state; ``due_at`` is when a queued task may be claimed. ``totals`` (one row,
@@ -1427,16 +1429,17 @@ class SqliteStore(TaskStore):
         ).fetchone()
         return None if row is None else _task(row)
 
-    def list(self, state: State | None = None, limit: int = 100) -> list[Task]:
+    def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
         horizon = self._clock() - self._ttl
+        columns = _COLUMNS if results else _COLUMNS_BUT_RESULT
         if state is None:
-            query = f"SELECT {_COLUMNS} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?"
+            query = f"SELECT {columns} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?"
             args: tuple[Any, ...] | dict[str, Any] = (horizon, limit)
-        elif State(state) is State.QUEUED:  # never finished: always retained
+        elif State(state) is State.QUEUED:  # never finished: always retained, and without a result
             query, args = _LIST_QUEUED, {"limit": limit}
         else:
             # The state written out (a State's value): the partial index serves a constant only.
-            query = f"SELECT {_COLUMNS} FROM tasks WHERE state = '{State(state).value}' AND {_RETAINED} "
+            query = f"SELECT {columns} FROM tasks WHERE state = '{State(state).value}' AND {_RETAINED} "
             query += "ORDER BY state_seq DESC LIMIT ?"
             args = (horizon, limit)
         return self._read(lambda conn: [_task(row) for row in conn.execute(query, args)])
