@@ -381,3 +381,33 @@ def test_the_served_locations_carry_the_root_path_the_server_answers_with(root):
             assert re.search(pattern, result["location"]), (pattern, result["location"])
     finally:
         harness.drain()
+def test_the_description_s_own_text_names_what_the_served_copy_varies():
+    # It named four of the guarded operations (not POST /enqueue/batch) and five of the seven settings served.
+    from config import _FIELDS
+    from service.openapi import openapi_spec
+
+    text = " ".join(_spec_file_text()["info"]["description"].split())
+    guarded = re.search(r"requires `Authorization: Bearer <token>` on (.+?); the other endpoints", text).group(1)
+    named = {operation.replace("{task_id}", "<id>") for operation in re.findall(r"`([A-Z]+ /[^`]*)`", guarded)}
+    served = openapi_spec(dataclasses.replace(TEST_CONFIG, api_token="t0ken-0123456789abcdef"))
+    bearer = {
+        f"{method.upper()} {path}".replace("{task_id}", "<id>")
+        for path, item in served["paths"].items()
+        for method, operation in item.items()
+        if operation.get("security")
+    }
+    assert named == bearer
+
+    listed = set(re.findall(r"`([A-Z_]+)`", re.search(r"The limits taken from the configuration \((.+?)\)", text)[1]))
+    varied = set()
+    for name, (field, _) in _FIELDS.items():
+        value = getattr(TEST_CONFIG, field)
+        if name != "API_TOKEN" and type(value) is int:
+            other = dataclasses.replace(TEST_CONFIG, **{field: value + 1})
+            if openapi_spec(other) != openapi_spec(TEST_CONFIG):
+                varied.add(name)
+    assert listed == varied
+
+
+def _spec_file_text() -> dict:
+    return yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
