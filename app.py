@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error, parse_host, write_startup_line
+from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error, parse_host, root_path, write_startup_line
 from config import load as load_config
 from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
@@ -30,6 +30,7 @@ from service.live import LiveFigures
 from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
 from service.request_reader import BodyLimits
+from service.root_path import under_root_path
 from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, StoreUnavailable, TaskStore, WorkerPool
 from workerpool.stores.sqlite import SqliteStore
 
@@ -313,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
     try:  # Werkzeug's server would print the system's message alone and exit 1
+        root = root_path()  # SCRIPT_NAME, which gunicorn reads for itself
         check_listen(config.host, config.port)
     except ConfigError as error:
         exit_on_error(error)
@@ -323,8 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         exit_on_error(error)
     pool = pool_of(app)
     handler = type("RequestHandler", (BoundedRequestHandler,), {"access_log": config.access_log})
+    served = under_root_path(app, root) if root else app  # as gunicorn serves it under SCRIPT_NAME
     server = BoundedThreadedServer(
-        config.host, config.port, app, handler=handler, request_timeout=config.request_timeout_s,
+        config.host, config.port, served, handler=handler, request_timeout=config.request_timeout_s,
         body_limits=BodyLimits(config.max_body_bytes, config.max_batch_body_bytes, config.api_token),
     )  # fmt: skip
 

@@ -566,6 +566,21 @@ def web_concurrency(environ: Mapping[str, str] = os.environ) -> int | None:
         raise ConfigError(f"WEB_CONCURRENCY={raw!r} is invalid: {exc} (or unset)") from None
 
 
+def root_path(environ: Mapping[str, str] = os.environ) -> str:
+    """``SCRIPT_NAME``, the root path the service is served under (gunicorn reads it itself), ``""`` when unset.
+
+    Raises ConfigError for one no request path can begin with: it is compared
+    with the raw, still percent-encoded, path of each request.
+    """
+    raw = environ.get("SCRIPT_NAME", "")
+    if raw and not _ROOT_PATH.fullmatch(raw):
+        raise ConfigError(
+            f"SCRIPT_NAME={raw!r} is invalid: must begin with / and hold only letters, digits and - . _ ~ ! $ & ' "
+            "( ) * + , ; = : @ / (the characters a request path carries unencoded), or be unset"
+        )
+    return raw
+
+
 def check_gunicorn_environment(environ: Mapping[str, str] = os.environ) -> None:
     """Raise ConfigError naming the first variable gunicorn reads for itself whose value it would fail on.
 
@@ -576,12 +591,7 @@ def check_gunicorn_environment(environ: Mapping[str, str] = os.environ) -> None:
     server that answered every request with an error.
     """
     web_concurrency(environ)
-    raw = environ.get("SCRIPT_NAME")
-    if raw and not _ROOT_PATH.fullmatch(raw):
-        raise ConfigError(
-            f"SCRIPT_NAME={raw!r} is invalid: must begin with / and hold only letters, digits and - . _ ~ ! $ & ' "
-            "( ) * + , ; = : @ / (the characters a request path carries unencoded), or be unset"
-        )
+    root_path(environ)
     for variable in ("LISTEN_FDS", "LISTEN_PID"):  # systemd's socket activation
         raw = environ.get(variable)
         if raw is not None and not _INT.fullmatch(raw.strip()):

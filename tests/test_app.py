@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
 
 import pytest
 from doubles import FakeClock, instant
-from http_fixtures import ServerProcess, clean_environment, wait_until
+from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environment, wait_until
 
 import app as app_module
 from app import build_pool, create_app, load_handler, parse_args, pool_of
@@ -177,3 +179,39 @@ def test_a_store_warning_at_start_up_is_a_line_in_log_format(monkeypatch, capsys
             "level": "WARNING", "logger": "config", "message": f"warning: {warning}", "task_id": None,
             "request_id": None, "timestamp": None,
         }  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_the_development_server_serves_under_the_root_path_as_gunicorn_does(tmp_path):
+    # SCRIPT_NAME was gunicorn's alone: python app.py served at / and answered /wp/dashboard 404, silently.
+    env = clean_environment(SCRIPT_NAME="/wp", WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0")
+    server = ServerProcess(["app.py", "--host", "127.0.0.1", "--port", "0"], log_path=tmp_path / "dev.log", env=env)
+    try:
+        base = f"http://127.0.0.1:{server.wait_for_port(LISTENING)}"
+        assert get_json(f"{base}/wp/healthz")[0] == 200
+        with urllib.request.urlopen(f"{base}/wp/dashboard", timeout=5) as response:
+            assert response.status == 200
+        request = urllib.request.Request(f"{base}/wp/enqueue", data=b'{"id": "a", "payload": 1}', method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert (response.status, response.headers["Location"]) == (202, "/wp/tasks/a")
+        for outside in ("/healthz", "/w%70/healthz"):  # the raw path is compared, as gunicorn does
+            try:
+                urllib.request.urlopen(base + outside, timeout=5)
+            except urllib.error.HTTPError as error:
+                assert (error.code, error.headers["Content-Type"]) == (404, "application/problem+json")
+                assert error.headers["X-Request-ID"]
+                assert json.load(error)["status"] == 404
+            else:
+                raise AssertionError(f"{outside} was served")
+        assert server.terminate(timeout=15) == 0
+    finally:
+        server.stop()
+
+
+def test_the_development_server_refuses_a_root_path_no_request_path_can_begin_with(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "app.py", "--host", "127.0.0.1", "--port", "0"],
+        cwd=PROJECT_ROOT, env=clean_environment(SCRIPT_NAME="wp"), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "configuration error: SCRIPT_NAME='wp' is invalid: " in result.stderr
