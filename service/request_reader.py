@@ -38,6 +38,7 @@ import socket
 import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
+from urllib.parse import unquote_to_bytes
 
 from gunicorn.http import get_parser
 from gunicorn.http.body import CHUNK_EXT_RE
@@ -95,6 +96,8 @@ class BodyLimits:
             return self.default
         start = head.find(b" ") + 1
         path = head[start : head.find(b" ", start)].partition(b"?")[0]
+        if b"%" in path:  # routed as decoded: /%65nqueue/batch and /enqueue%2Fbatch are the batch's
+            path = unquote_to_bytes(path)
         return self.batch if path.endswith(b"/enqueue/batch") else self.default
 
     def authorized(self, authorization: bytes | None) -> bool:

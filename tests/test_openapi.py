@@ -381,6 +381,8 @@ def test_the_served_locations_carry_the_root_path_the_server_answers_with(root):
             assert re.search(pattern, result["location"]), (pattern, result["location"])
     finally:
         harness.drain()
+
+
 def test_the_description_s_own_text_names_what_the_served_copy_varies():
     # It named four of the guarded operations (not POST /enqueue/batch) and five of the seven settings served.
     from config import _FIELDS

@@ -416,6 +416,20 @@ def test_100_continue_is_not_sent_for_a_body_the_application_will_refuse(extra):
         harness.close()
 
 
+@pytest.mark.parametrize("path", [b"/enqueue/batch", b"/%65nqueue/batch", b"/enqueue%2Fbatch", b"/enqueue%2fbatch"])
+def test_a_batch_url_however_spelled_takes_the_batch_s_limit(path):
+    # Percent-encoded, the batch's body over MAX_BODY_BYTES got neither 100 Continue nor 413: it timed out (408).
+    assert BodyLimits(100, 1000).of(b"POST " + path + b"?a=%41 HTTP/1.1\r\n\r\n") == 1000
+    harness = Harness(BodyLimits(65536, 1 << 20))
+    try:
+        head = b"POST " + path + b" HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 100000\r\n\r\n"
+        conn, client = harness.connect(head)
+        client.settimeout(5)
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    finally:
+        harness.close()
+
+
 def test_body_limits_follow_the_route_and_the_token():
     limits = BodyLimits(100, 1000, token="a-token-a-token-a")
     assert limits.of(b"POST /enqueue HTTP/1.1\r\n\r\n") == 100
