@@ -333,7 +333,10 @@ def test_the_description_agrees_with_the_validation_rules(harness):
 @pytest.mark.parametrize(
     ("task_id", "valid"),
     [("job-1", True), ("äö 😀", True), ("x" * 256, True), ("", False), ("x" * 257, False)]
-    + [(f"a{c}b", False) for c in ("\x00", "\t", "\x1f", "\x7f", "\x85", "\x9f")],
+    + [(f"a{c}b", False) for c in ("\x00", "\t", "\x1f", "\x7f", "\x85", "\x9f")]
+    # The path shapes refused (it described them as valid), and some that are not those shapes.
+    + [(i, False) for i in ("/", "a/", "/a", "a//b", ".", "..", "a/./b", "a/../b", "./a", "a/.", "a\u2028/")]
+    + [(i, True) for i in ("a/b", "a.b", ".a", "a..", "a/.b/c", "...", "a/...", "\u2028/a\u2029")],
 )
 def test_the_id_rule_is_the_one_the_api_applies(harness, task_id, valid):
     id_rule = served_spec(harness)["components"]["schemas"]["EnqueueRequest"]["properties"]["id"]
