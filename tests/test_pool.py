@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 
@@ -600,6 +601,22 @@ def test_keys_that_are_not_strings_are_kept_as_json_writes_them(make_pool):
 def test_nesting_counts_the_lists_and_objects_around_the_deepest_value(text, limit, deeper):
     json.loads(text)  # each case is JSON
     assert nested_deeper_than(text, limit) is deeper
+
+
+def test_the_nesting_check_costs_no_more_for_deep_text_than_for_shallow_text_of_as_many_brackets():
+    chain = "[" * (MAX_RESULT_DEPTH - 1) + "]" * (MAX_RESULT_DEPTH - 1)  # in a list: exactly at the limit
+    deep = "[" + ",".join([chain] * 64) + "]"
+    shallow = "[" + ",".join(["[]"] * (MAX_RESULT_DEPTH - 1) * 64) + "]"  # the longer text: commas between
+    assert deep.count("[") == shallow.count("[")
+
+    def cpu_seconds(text):  # this thread's CPU time, the least of a few rounds: other processes do not count
+        started = time.thread_time()
+        assert nested_deeper_than(text, MAX_RESULT_DEPTH) is False
+        return time.thread_time() - started
+
+    rounds = [(cpu_seconds(deep), cpu_seconds(shallow)) for _ in range(5)]
+    deep_s, shallow_s = min(d for d, _ in rounds), min(s for _, s in rounds)
+    assert deep_s < 4 * shallow_s + 0.005, (deep_s, shallow_s)  # about 1x; a pass per level made it about 20x
 
 
 def test_a_coroutine_handler_fails_its_task_and_the_coroutine_is_closed(make_pool):
