@@ -153,6 +153,19 @@ def test_a_full_queue_tells_how_many_waiting_tasks_are_delayed_and_when_the_firs
     assert (full.delayed, full.due_in) == (1, None)  # "a" is due: a worker frees its place when it starts it
 
 
+def test_a_full_queue_of_delayed_tasks_tells_when_the_first_of_them_falls_due_not_a_waiting_retry(make_store, clock):
+    # A retry waiting out its backoff holds no place and frees none when it runs: its due time was told.
+    store = make_store(capacity=2, ttl=60, max_finished=10)
+    admit(store, clock, "r", max_retries=5)
+    run(store, clock, "r", error="boom", retry_at=clock.time() + 10)
+    admit(store, clock, "a", delay=1000.0)
+    *_, full = store.admit([new(clock, "b", delay=2000.0), new(clock, "c")])
+    assert (full.capacity, full.delayed, full.due_in) == (2, 2, 1000.0)
+    clock.advance(10)  # the retry is due: still no place frees before "a" can start
+    (full,) = store.admit([new(clock, "c")])
+    assert (full.delayed, full.due_in) == (2, 990.0)
+
+
 def test_a_full_queue_with_a_task_due_says_none_is_delayed(make_store, clock):
     store = make_store(capacity=1)
     admit(store, clock, "due")

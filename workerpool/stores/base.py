@@ -50,9 +50,9 @@ def full_queue_delays(*, delayed: int, waiting: int, first_due: float | None, no
     """``QueueFull``'s ``delayed`` and ``due_in``, from what a store read of its queue at ``now``.
 
     ``delayed`` of the ``waiting`` tasks are not due yet; ``first_due`` is
-    the earliest due time of a queued task (a retry's perhaps, which frees
-    no place: a lower bound, as a Retry-After may be). ``due_in`` is told
-    only when every waiting task is delayed and nothing is due yet.
+    the earliest due time of a waiting task (never a retry's: a retry holds
+    no place and frees none when it runs). ``due_in`` is told only when
+    every waiting task is delayed and none is due yet.
     """
     if delayed >= waiting and first_due is not None and first_due > now:
         return delayed, first_due - now

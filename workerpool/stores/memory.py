@@ -50,7 +50,7 @@ from typing import Any
 from ..errors import DuplicateTask, QueueFull, SubmitError
 from ..handlers import Wait, event_wait
 from ..task import FINAL_STATES, TRANSITIONS, State, Task, check_transition
-from .base import Renewal, StoreStats, TaskStore
+from .base import Renewal, StoreStats, TaskStore, full_queue_delays
 
 # The states as records hold them: plain strings (see the module docstring). State is a StrEnum,
 # so a member finds them in a dict too; the tables below are keyed by the strings themselves,
@@ -176,6 +176,7 @@ class MemoryStore(TaskStore):
         self._retry_line: deque[Record] = deque()  # due retries: they run first (accepted long ago)
         self._new_line: deque[Record] = deque()  # due new tasks, in the order they fell due
         self._scheduled: list[tuple[float, int, Record]] = []  # heap of (due time, order, task) not yet due
+        self._new_scheduled: list[tuple[float, int, Record]] = []  # its entries of new tasks: a full queue's due time
         self._order = itertools.count()
         self._pending: dict[str, Record] = {}  # id -> the record its live heap entry holds
         self._retries_pending = 0  # entries of _pending with attempts > 0
@@ -340,6 +341,7 @@ class MemoryStore(TaskStore):
             self._retry_line.clear()
             self._new_line.clear()
             self._scheduled.clear()
+            self._new_scheduled.clear()
         return [_snapshot(record) for record in abandoned]
 
     def renew(self, owner: str, task_ids: Iterable[str], lease_until: float) -> Renewal:
@@ -500,10 +502,13 @@ class MemoryStore(TaskStore):
         self._tasks[task_id] = new
 
     def _schedule(self, task: Record) -> None:
-        heapq.heappush(self._scheduled, (task[_NEXT_ATTEMPT_AT], next(self._order), task))
+        entry = (task[_NEXT_ATTEMPT_AT], next(self._order), task)
+        heapq.heappush(self._scheduled, entry)
         self._pending[task[_ID]] = task
         if task[_ATTEMPTS]:
             self._retries_pending += 1
+        else:
+            heapq.heappush(self._new_scheduled, entry)
 
     def _release_due(self, now: float) -> None:
         """Move the heap's entries that fell due to the back of their line, in due order."""
@@ -518,6 +523,9 @@ class MemoryStore(TaskStore):
                 self._retry_line.append(task)
             else:
                 self._new_line.append(task)
+        new_scheduled = self._new_scheduled
+        while new_scheduled and new_scheduled[0][0] <= now:  # each one's entry in _scheduled was handled above
+            heapq.heappop(new_scheduled)
 
     def _unqueue(self, task: Record) -> None:
         """Forget a queued task's place (its line or heap entry goes stale) before it leaves the queue."""
@@ -529,12 +537,18 @@ class MemoryStore(TaskStore):
                 self._retries_pending -= 1
 
     def _delayed(self, now: float) -> tuple[int, float | None]:  # _lock is held
-        """How many waiting tasks are delayed; when all are, how long until the first entry falls due.
+        """How many waiting tasks are delayed; when all are, how long until the first of them falls due.
 
-        The first entry may be a retry's, which frees no place: a lower bound, as a Retry-After may be.
+        A retry waiting out its backoff is not among them: it holds no place, and frees none when it runs.
         """
         delayed = len(self._pending) - self._retries_pending
-        return delayed, (self._until_due(now) or None) if delayed >= self._waiting else None  # 0: a retry is due
+        if delayed < self._waiting:
+            return delayed, None
+        new_scheduled, pending = self._new_scheduled, self._pending
+        while new_scheduled and pending.get(new_scheduled[0][2][_ID]) is not new_scheduled[0][2]:
+            heapq.heappop(new_scheduled)  # cancelled while it waited
+        first_due = new_scheduled[0][0] if new_scheduled else None
+        return full_queue_delays(delayed=delayed, waiting=self._waiting, first_due=first_due, now=now)
 
     def _until_due(self, now: float) -> float | None:
         if len(self._by_state[_QUEUED]) > len(self._pending):

@@ -479,10 +479,11 @@ return out
 """
 
 # ARGV: now. What a full queue's refusal tells: how many new tasks are not due yet, how many wait,
-# and the earliest due time of a queued task (or nothing).
+# and the earliest due time of a new task, or nothing (a retry's holds no place and frees none).
 _QUEUE_DELAYS = """
 local new = P .. ':new'
-return {redis.call('ZCOUNT', new, '(' .. ARGV[1], '+inf'), redis.call('ZCARD', new), first_due()}
+local head = redis.call('ZRANGE', new, '0', '0', 'WITHSCORES')
+return {redis.call('ZCOUNT', new, '(' .. ARGV[1], '+inf'), redis.call('ZCARD', new), head[2] or false}
 """
 
 # A write Redis refuses when it cannot take one (maxmemory reached, a read-only replica).

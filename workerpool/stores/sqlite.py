@@ -1040,8 +1040,7 @@ class SqliteStore(TaskStore):
     @staticmethod
     def _queue_delays(conn: sqlite3.Connection, now: float, waiting: int) -> tuple[int, float | None]:
         """``QueueFull``'s ``delayed`` and ``due_in``, read in the open transaction: on a refusal only."""
-        delayed, *due = conn.execute(_DELAYED, {"now": now}).fetchone()
-        first_due = min((d for d in due if d is not None), default=None)
+        delayed, first_due = conn.execute(_DELAYED, {"now": now}).fetchone()
         return full_queue_delays(delayed=delayed, waiting=waiting, first_due=first_due, now=now)
 
     def _forget_expired(self, conn: sqlite3.Connection, task_id: str, horizon: float) -> bool:
@@ -1584,12 +1583,11 @@ _NEXT_DUE_TIMES = "SELECT " + ", ".join(
     f"(SELECT min(due_at) FROM tasks INDEXED BY {index} WHERE state = 'queued' AND {kind})" for index, kind in _QUEUED
 )
 # What a full queue's refusal tells: how many new tasks are not due yet (a range of the index of new
-# tasks), and the due times of the next retry and of the next new task.
-_DELAYED = _NEXT_DUE_TIMES.replace(
-    "SELECT ",
+# tasks), and the due time of the next new task (a retry's holds no place and frees none).
+_DELAYED = (
     "SELECT (SELECT count(*) FROM tasks INDEXED BY tasks_new"
-    " WHERE state = 'queued' AND attempts = 0 AND due_at > :now), ",
-    1,
+    " WHERE state = 'queued' AND attempts = 0 AND due_at > :now),"
+    " (SELECT min(due_at) FROM tasks INDEXED BY tasks_new WHERE state = 'queued' AND attempts = 0)"
 )
 _GENERATION = "SELECT generation FROM task_totals"
 _FINAL = ("done", "failed", "cancelled")
