@@ -717,6 +717,27 @@ def test_an_admitted_task_is_queued_at_its_due_time_and_stores_only_its_fields(m
     assert admin.hget("{workerpool}:t:clamped", "created_at") == repr(clock.time() + 0.5).encode()
 
 
+def test_start_and_finish_times_never_run_backwards_in_the_listings_by_state(make, server, clock):
+    # A step's time is stamped before its script runs: a step stamped earlier (here by an instance
+    # half a second behind) may run after one stamped later, and is then listed before it.
+    store, behind = make(), make(clock=lambda: clock.time() - 0.5)
+    store.admit([Task(task_id, "p", 0, created_at=clock.time() - 1) for task_id in ("a", "b", "c")])  # all due
+    now = clock.time()
+    assert store.claim("owner-a", now + 30).started_at == now
+    assert behind.claim("owner-b", now + 30).started_at == now  # not now - 0.5
+    assert [(t.id, t.started_at) for t in store.list(State.RUNNING)] == [("b", now), ("a", now)]
+    store.finish("a", 1, "owner-a", result=1)
+    assert behind.finish("b", 1, "owner-b", result=2).finished_at == now
+    assert [(t.id, t.finished_at) for t in store.list(State.DONE)] == [("b", now), ("a", now)]
+    cancelled, _ = behind.cancel("c")
+    assert cancelled.finished_at == now
+    assert server.client().hget("{workerpool}:t:c", "finished_at") == repr(now).encode()  # the newer stamp's text
+    assert server.client().zscore("{workerpool}:fin", "c") == now
+    clock.advance(1)
+    store.admit([Task("d", "p", 0, created_at=clock.time() - 1)])
+    assert behind.claim("owner-b", clock.time() + 30).started_at == clock.time() - 0.5  # later than any before: kept
+
+
 def test_the_admission_gives_redis_its_scores_and_bounds_in_decimal(make, server, clock):
     # Redis 8.0 to 8.6 parse a ZRANGEBYSCORE bound with a reader of decimal numbers only
     # ("min or max is not a float" for 0x...): a hexadecimal bound would fail every admission there.

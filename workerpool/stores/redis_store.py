@@ -12,6 +12,7 @@ instances do at the same moment. Keys (``P`` is the prefix with its hash tag,
 - ``P:all`` and ``P:st:<state>``: every retained id, scored by a sequence number (listing order);
 - ``P:fin``: finished ids scored by finish time (retention);
 - ``P:created``: the newest ``created_at`` admitted (creation times never run backwards in listing order);
+- ``P:entered``: the newest ``started_at`` or ``finished_at`` written (nor do those, listed by state);
 - ``P:signal``: tokens pushed when work becomes claimable; idle workers block on it (``BLPOP``)
   together with ``P:wake:<instance>``, which only this instance pushes to (shutdown).
 """
@@ -172,11 +173,26 @@ local function dequeue(id)
     redis.call('HDEL', P .. ':t:' .. id, 'queue_member')
   end
 end
+-- A step's time is stamped before its script runs, so racing steps (from any instance) may arrive
+-- out of stamp order. As creation times at admission, the time a task starts or becomes final is
+-- clamped to the newest one stamped so far, so that a listing by state never runs backwards in the
+-- times it shows. The time stays the exact string the step was given, or the newer one's. Read once
+-- per script, written once per time (an end and the next claim share theirs).
+local entered = nil
+local function entry_time(now)
+  if entered == nil then entered = redis.call('GET', P .. ':entered') or false end
+  if entered == now then return now end
+  if entered and num(entered) > num(now) then return entered end
+  entered = now
+  redis.call('SET', P .. ':entered', now)
+  return now
+end
 -- Extra field/value pairs (a result, an error) go into the same HSET as the state.
 local function finalize(id, key, old, new, now, ...)
-  redis.call('HSET', key, 'state', new, 'finished_at', now, ...)
+  local at = entry_time(now)
+  redis.call('HSET', key, 'state', new, 'finished_at', at, ...)
   redis.call('HDEL', key, 'payload', 'next_attempt_at', 'owner', 'lease_until')
-  redis.call('ZADD', P .. ':fin', now, id)
+  redis.call('ZADD', P .. ':fin', at, id)
   move_index(id, old, new)
 end
 -- The earliest due time of a queued task (Redis formats scores exactly), or false.
@@ -210,8 +226,8 @@ local function claim(now, owner, lease_until)
     redis.call('ZREM', zset, members[1])
     -- A queued task's hash holds its state: four new fields mean there was no hash, which Redis
     -- evicted (a maxmemory-policy other than noeviction). Its leftovers go; the next task is taken.
-    local added = redis.call('HSET', key, 'state', 'running', 'started_at', now, 'owner', owner, 'lease_until',
-      lease_until)
+    local added = redis.call('HSET', key, 'state', 'running', 'started_at', entry_time(now), 'owner', owner,
+      'lease_until', lease_until)
     if added == 4 then
       redis.call('DEL', key)
       redis.call('ZREM', P .. ':all', id)
