@@ -21,6 +21,7 @@ from workerpool import (
     QueueFull,
     StoreFileReplaced,
     StoreNotSynced,
+    StoreOutOfMemory,
     StoreUnavailable,
     SubmitError,
 )
@@ -173,6 +174,10 @@ def not_synced() -> Problem:
     return Problem(503, NOT_SYNCED_DETAIL, kind=_TYPE_PREFIX + "store-unavailable")
 
 
+_STORE_OUT_OF_MEMORY = (
+    "the task store is at its memory limit (Redis maxmemory), which this request's size counts toward: nothing "
+    "was stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
+)
 _STORE_FILE_REPLACED = (
     "the task store's file was removed or replaced while this process had it open: it accepts no new tasks "
     "until it is restarted (the tasks accepted before still run)"
@@ -184,6 +189,11 @@ def _from_store_unavailable(exc: StoreUnavailable) -> Response:
     log.error("task store unavailable on %s %s: %s", request.method, request.path, exc)
     if isinstance(exc, StoreNotSynced):  # committed: retrying would only repeat it
         return _from_problem(not_synced())
+    if isinstance(exc, StoreOutOfMemory):  # a smaller request may pass where this one cannot: the client is told why
+        return problem_response(
+            503, _STORE_OUT_OF_MEMORY, kind=_TYPE_PREFIX + "store-unavailable",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        )  # fmt: skip
     if isinstance(exc, StoreFileReplaced):  # until a restart: the client is told why
         return problem_response(
             503, _STORE_FILE_REPLACED, kind=_TYPE_PREFIX + "store-unavailable",

@@ -11,7 +11,7 @@ import pytest
 from http_fixtures import TEST_CONFIG, make_harness
 
 from config import StoreSetting
-from workerpool import StoreNotSynced, StoreUnavailable
+from workerpool import StoreNotSynced, StoreOutOfMemory, StoreUnavailable
 
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 
@@ -109,6 +109,19 @@ def test_a_store_that_cannot_be_written_is_a_503_that_invites_a_retry(harness, m
     [record] = caplog.records
     assert "the disk is full" in record.getMessage()
     assert 'workerpool_tasks_rejected_total{reason="store_unavailable"} 1.0' in harness.client.get("/metrics").text
+
+
+def test_a_request_too_large_for_the_memory_the_store_has_left_is_told_so(harness, monkeypatch):
+    """It got the detail of a store that cannot be used, "retry later", where a retry fails the same way."""
+    _store_fails(harness, monkeypatch, StoreOutOfMemory("redis: command not allowed when used memory > 'maxmemory'"))
+    response = harness.client.post("/enqueue/batch", json={"tasks": [{"payload": "x" * 1000}]})
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:store-unavailable"
+    assert problem["detail"] == (
+        "the task store is at its memory limit (Redis maxmemory), which this request's size counts toward: nothing "
+        "was stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
+    )
 
 
 def _store_fails(harness, monkeypatch, error):

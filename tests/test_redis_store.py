@@ -18,7 +18,7 @@ from redis_server import RedisServer, running_redis
 
 import app
 import config
-from workerpool import DuplicateTask, QueueFull, State, StoreUnavailable, Task, WorkerPool
+from workerpool import DuplicateTask, QueueFull, State, StoreOutOfMemory, StoreUnavailable, Task, WorkerPool
 from workerpool.stores import redis_store
 from workerpool.stores.redis_store import RedisStore, _head, _pack, connect
 
@@ -901,6 +901,22 @@ def test_a_redis_refusing_writes_refuses_new_tasks_and_stores_nothing(make, serv
         admin.config_set("maxmemory", 0)
     assert store.get("x") is None
     assert store.health() is None
+
+
+def test_a_batch_too_large_for_the_memory_redis_has_left_is_told_apart_and_stores_nothing(make, server, clock):
+    """Redis counts a script's arguments against maxmemory: a large batch was refused as unavailable, again on
+    every retry, while the health check's small write and smaller batches passed."""
+    store = make(capacity=100)
+    admin = server.client()
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] + 2_000_000)
+    try:
+        with pytest.raises(StoreOutOfMemory, match="maxmemory"):
+            store.admit([new(f"big-{n}", clock)._replace(payload="x" * 400_000) for n in range(10)])
+        assert store.health() is None  # a small write passes: /healthz says ok
+        assert [t.id for t in store.admit([new("small", clock)])] == ["small"]
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert [t.id for t in store.list()] == ["small"]
 
 
 def test_a_redis_slower_than_the_socket_timeout_is_unavailable_and_loses_nothing(make, server, clock):

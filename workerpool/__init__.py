@@ -9,6 +9,7 @@ from .errors import (
     QueueFull,
     StoreFileReplaced,
     StoreNotSynced,
+    StoreOutOfMemory,
     StoreUnavailable,
     SubmitError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "StoreStats",
     "StoreFileReplaced",
     "StoreNotSynced",
+    "StoreOutOfMemory",
     "StoreUnavailable",
     "SubmitError",
     "Task",

@@ -57,6 +57,14 @@ class StoreUnavailable(Exception):
     """
 
 
+class StoreOutOfMemory(StoreUnavailable):
+    """The store refused a write for its memory limit (a Redis at its ``maxmemory``): nothing was stored.
+
+    Redis counts a command's own arguments against the limit, so one large write (a batch of large
+    payloads) may be refused while smaller ones, the health check's among them, still pass.
+    """
+
+
 class StoreFileReplaced(StoreUnavailable):
     """The store's file was removed or replaced while this process had it open.
 

@@ -36,7 +36,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import DuplicateTask, QueueFull, StoreUnavailable, SubmitError
+from ..errors import DuplicateTask, QueueFull, StoreOutOfMemory, StoreUnavailable, SubmitError
 from ..nesting import stored_result
 from ..task import State, Task
 from .base import (
@@ -554,6 +554,8 @@ def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
     """
     if isinstance(exc, redis.ConnectionError) and isinstance(exc.__context__, BlockingIOError):
         return StoreUnavailable(f"redis: Timeout (no answer within the socket timeout): {exc}")
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):  # maxmemory, which this command's own size counts toward
+        return StoreOutOfMemory(f"redis: {exc}")
     if isinstance(exc, redis.exceptions.NoPermissionError):  # Redis names no key: say which the store uses
         return StoreUnavailable(
             f"redis: {exc} (an ACL user needs the store's keys: the pattern ~{{STORE_PREFIX}}*, which covers "
@@ -1002,7 +1004,8 @@ class RedisStore(TaskStore):
         # reply; any other error may have come after Redis stored them too.
         if error is not None:
             if isinstance(error, StoreUnavailable):
-                raise StoreUnavailable(str(error)) from error
+                kind = StoreOutOfMemory if isinstance(error, StoreOutOfMemory) else StoreUnavailable
+                raise kind(str(error)) from error
             raise RuntimeError(f"the admission that carried these tasks failed: {error!r}") from error
         results: list[Task | SubmitError] = []
         # Read at the first refusal: (delayed, due_in, waiting).
