@@ -629,6 +629,18 @@ def test_an_evicted_id_can_be_admitted_again(make_store, clock):
     assert claim(store, clock) is None
 
 
+def test_an_id_past_its_retention_is_admitted_again_before_any_sweep_forgets_it(make_store, clock):
+    # An admission never sweeps: on a quiet server the finished task is still stored, only no longer retained.
+    store = make_store(ttl=60)
+    admit(store, clock, "old")
+    run(store, clock, "old")
+    clock.advance(61)
+    assert store.get("old") is None
+    admit(store, clock, "old", payload="again")
+    assert store.get("old").state is State.QUEUED
+    assert claim(store, clock).payload == "again"
+
+
 @pytest.mark.parametrize("limits", [{"ttl": 0}, {"max_finished": 0}, {"capacity": 0}])
 def test_limits_must_be_positive(make_store, limits):
     with pytest.raises(ValueError):
