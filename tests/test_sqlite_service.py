@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config import StoreSetting
 from workerpool import FINAL_STATES, State, Task
+from workerpool.stores import sqlite as sqlite_store
 from workerpool.stores.sqlite import SqliteStore
 
 FINAL = {str(state) for state in FINAL_STATES}
@@ -264,6 +265,8 @@ def test_health_and_metrics_answer_at_once_while_another_program_holds_the_write
         blocker.execute("BEGIN IMMEDIATE")  # `sqlite3 tasks.db 'BEGIN IMMEDIATE;'` left open
         try:
             began = time.monotonic()
+            first = client.get("/healthz")  # the lock out of reach a moment: contended perhaps, not reported yet
+            harness.pool.store._held_up_since -= sqlite_store.LOCKED_AFTER_S  # as if a second had passed
             health = client.get("/healthz")
             metrics = client.get("/metrics")
             live = client.get("/dashboard/live")
@@ -272,6 +275,7 @@ def test_health_and_metrics_answer_at_once_while_another_program_holds_the_write
             blocker.execute("ROLLBACK")
             blocker.close()
         assert took < 10, took  # 0.2 s each at most, where each waited the 30 s busy timeout
+        assert first.status_code == 200 and first.get_json()["queue_waiting"] == 1
         assert live.get_json()["type"] == "urn:workerpool:problem:store-unavailable"  # as /healthz: 503
         assert (health.status_code, health.headers["Retry-After"]) == (503, "1")
         assert health.get_json()["status"] == "store_unavailable"

@@ -79,6 +79,10 @@ _PROBE_AFTER_S = 1.0  # how long health() reports a failure before it tries a wr
 # How long the steps that health and metrics wait for (stats, health's probe) wait for the write lock, where
 # the others wait the busy timeout: while another program holds it, /healthz and /metrics still answer at once.
 PROMPT_WAIT_S = 0.2
+# How long the write lock must have stayed out of this process's reach (no step of its own began meanwhile)
+# before stats() says the store cannot be written: a lock merely contended (the other processes' steps, a
+# loaded machine) is not a store that cannot be used, and /healthz must not turn 503 for it.
+LOCKED_AFTER_S = 1.0
 # Commits of this process between two checkpoints of the WAL (see _checkpoint_if_due): an admission
 # writes about 5 pages, a worker's end and next claim about 9, so the WAL stays near SQLite's own
 # threshold (1,000 pages), which the connections keep only as a backstop, raised tenfold.
@@ -334,6 +338,9 @@ class SqliteStore(TaskStore):
         self._written: set[int] = set()
         self._woken = False
         self._failure: str | None = None  # why the last step failed; cleared by the next good write
+        # When (time.monotonic) stats() first found the write lock out of reach, no step having begun since;
+        # None once one has (see stats). Set by any thread, cleared under _write_lock: a race costs one report.
+        self._held_up_since: float | None = None
         self._failed_at = 0.0  # when (time.monotonic) it failed
         # Held across each write transaction. SQLite lets one writer in at a time
         # anyway; without this lock the threads of one process would wait for
@@ -553,6 +560,7 @@ class SqliteStore(TaskStore):
             if _primary_code(exc) != sqlite3.SQLITE_BUSY:
                 raise
             self._retry_busy(lambda: _begin_immediate(conn), deadline=deadline)
+        self._held_up_since = None  # the lock is within reach
         return conn, conn.total_changes
 
     def _commit(self, conn: sqlite3.Connection, changes: int) -> int:  # _write_lock is held
@@ -1448,22 +1456,30 @@ class SqliteStore(TaskStore):
 
         A write step: it forgets the finished tasks whose time is up first, so
         the counts are exact. When the write lock is not free within
-        ``PROMPT_WAIT_S`` (another program holds it: an admission would wait
-        the busy timeout, then fail), the figures are read as last committed,
-        which no other writer can change meanwhile (a reader does not wait for
-        the lock), with ``unavailable`` saying why; finished tasks whose time
-        is up are then still counted, until the next write step forgets them.
+        ``PROMPT_WAIT_S``, the figures are read as last committed (a reader
+        does not wait for the lock; finished tasks whose time is up are then
+        still counted, until the next write step forgets them). Once the lock
+        has stayed out of reach for ``LOCKED_AFTER_S``, no step of this
+        process having begun meanwhile (another program holds it: an
+        admission would wait the busy timeout, then fail), ``unavailable``
+        says so; a lock that is only contended is not reported.
         """
+        began = time.monotonic()
         try:
             with self._step(wait=PROMPT_WAIT_S) as conn:
                 now = self._clock()
                 self._evict(conn, now, sweep=True)
                 self._flush_totals(conn)
                 return _figures(conn, now)
-        except _HeldUp as exc:
-            held_up = str(exc)
+        except _HeldUp:
+            pass
+        since = self._held_up_since
+        if since is None:
+            self._held_up_since = since = began
+        out_of_reach = time.monotonic() - since
+        unavailable = _locked(out_of_reach) if out_of_reach >= LOCKED_AFTER_S else None
         figures = self._read(lambda conn: _figures(conn, self._clock()), wait=PROMPT_WAIT_S)
-        return dataclasses.replace(figures, unavailable=held_up)
+        return dataclasses.replace(figures, unavailable=unavailable)
 
     def unfinished(self, owner: str | None = None) -> int:
         if owner is None:
@@ -1645,6 +1661,13 @@ def _figures(conn: sqlite3.Connection, now: float) -> StoreStats:
 
 def _held_up(waited: float | None) -> str:
     return f"the database is locked: its write lock was not free within {waited:g} s (another process holds it)"
+
+
+def _locked(seconds: float) -> str:
+    return (
+        f"the database is locked: its write lock has been out of reach for {seconds:.1f} s "
+        "(another process holds it)"
+    )
 
 
 def _begin_immediate(conn: sqlite3.Connection) -> None:
