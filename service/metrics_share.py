@@ -19,7 +19,9 @@ While the server runs nothing else removes a counts file, but a tmp cleaner may
 (an idle server's files age untouched) or remove the whole directory. Then the
 sum must not go backwards: a process writes its own files again, making the
 directory again if need be, and a reader keeps the counts it read before, writing
-an ended process's file back from them.
+an ended process's file back from them. A running process's counts read before may be
+older than what it has answered since, so a reader waits (up to ``REPUBLISH_WAIT_S``)
+for that process to write its file again, as it does within ``PUBLISH_INTERVAL_S``.
 
 The directory is trusted only while it is private: a directory (not a symlink) of this
 process's user that no other user can write. A directory another local user made at its
@@ -41,6 +43,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,9 @@ FOLD_LOCK = "fold.lock"  # flock: exclusive while a fold changes the counts file
 # How often a process that answers no scrape publishes its counts: what another process's
 # /metrics may miss of it at most (plus the time to write a file).
 PUBLISH_INTERVAL_S = 1.0
+# How long a scrape waits, polling, for a running process whose counts file was removed to write it again.
+REPUBLISH_WAIT_S = 2 * PUBLISH_INTERVAL_S
+REPUBLISH_POLL_S = 0.05
 
 Snapshot = dict[str, Any]
 
@@ -188,7 +194,9 @@ def _locked(directory: Path, operation: int) -> Iterator[None]:
 class ProcessSnapshots:
     """This process's snapshot files in ``directory``, and the reading of every process's."""
 
-    def __init__(self, directory: Path, *, pid: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, pid: int | None = None, wait: Callable[[float], object] = time.sleep
+    ) -> None:
         self.directory = directory
         self.pid = os.getpid() if pid is None else pid
         self._counts_path = directory / f"{COUNTS}{self.pid}{SUFFIX}"
@@ -206,6 +214,10 @@ class ProcessSnapshots:
         self._seen_lock = threading.Lock()
         self._seen: dict[str, Snapshot] = {}
         self._folded: dict[str, int] = {}  # the retired file's record of folds, as last read (under _seen_lock)
+        self._wait = wait  # sleeps between the polls for a removed file of a running process (injected by tests)
+        # Removed files of running processes that were not written again within REPUBLISH_WAIT_S (a process
+        # stopped, or one not of this server): not waited for again until they are back (under _seen_lock).
+        self._not_republished: set[str] = set()
 
     def publish(self, take: Callable[[], tuple[Snapshot, Snapshot]]) -> None:
         """Write the counts and gauges ``take()`` returns (counts on top of what an earlier holder of the pid left)."""
@@ -265,24 +277,60 @@ class ProcessSnapshots:
                     if times > self._folded.get(name, 0) and name not in counts:
                         self._seen.pop(name, None)
                 self._folded = folded
+            self._not_republished.difference_update(counts)
             gone = {name: snapshot for name, snapshot in self._seen.items() if name not in counts}
+            if self._own is not None and self._counts_path.name in gone:
+                gone[self._counts_path.name] = self._own  # this process's own: its latest, not its last read
         if gone:
-            self._write_back(gone)
+            ended = {name for name in gone if self._of_ended_process(name)}
+            counts.update(self._republished({name for name in gone if name not in ended}))
+            self._write_back({name: gone[name] for name in ended})
+            gone = {name: snapshot for name, snapshot in gone.items() if name not in counts}
         total = {}
         for snapshot in [*counts.values(), *gone.values()]:
             total = add(total, snapshot)
         return total, live
 
-    def _write_back(self, gone: dict[str, Snapshot]) -> None:
+    def _republished(self, names: set[str]) -> dict[str, Snapshot]:
+        """The removed counts files ``names`` of running processes, as those processes write them again.
+
+        What this process read of one may be older than what that process has answered since: summed
+        instead, a scrape answered here would go back by the counts in between. One that ends meanwhile
+        is not written back from here this time (the arbiter may be folding its last counts): its counts
+        read before stand, and the next read settles it.
+        """
+        with self._seen_lock:
+            waiting = names - self._not_republished - {self._counts_path.name}
+        back: dict[str, Snapshot] = {}
+        for _ in range(round(REPUBLISH_WAIT_S / REPUBLISH_POLL_S)):
+            if not waiting:
+                break
+            self._wait(REPUBLISH_POLL_S)
+            for name in sorted(waiting):
+                try:
+                    snapshot = _read(self.directory / name)
+                except OSError:
+                    snapshot = None
+                if snapshot is not None:
+                    back[name] = snapshot
+                    waiting.discard(name)
+                elif self._of_ended_process(name):
+                    waiting.discard(name)
+        stalled = {name for name in waiting if not self._of_ended_process(name)}
+        with self._seen_lock:
+            self._seen.update(back)
+            self._not_republished.update(stalled)
+        return back
+
+    def _write_back(self, ended: dict[str, Snapshot]) -> None:
         """Write again the counts files of ended processes that were removed, from what was read of them."""
-        # A running process writes its own: an older copy from here could replace a newer one.
-        ended = [name for name in gone if self._of_ended_process(name)]
+        # Never a running process's: it writes its own, and an older copy from here could replace a newer one.
         for name in ended:
             if name == RETIRED:
                 with self._seen_lock:
-                    text = json.dumps({"counts": gone[name], "folded": self._folded})
+                    text = json.dumps({"counts": ended[name], "folded": self._folded})
             else:
-                text = json.dumps(gone[name])
+                text = json.dumps(ended[name])
             try:
                 _replace(self.directory / name, text)
             except OSError as error:  # a full disk, say: the counts stay in this process's sum meanwhile

@@ -425,7 +425,8 @@ def test_a_new_process_does_not_start_from_counts_in_a_directory_that_is_not_pri
     assert value(metrics, "workerpool_tasks_accepted_total") == 1
 
 
-def test_removed_files_of_idle_processes_are_written_again_and_stay_in_the_sum(tmp_path):
+def test_removed_files_of_idle_processes_are_written_again_and_stay_in_the_sum(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics_share, "REPUBLISH_WAIT_S", 0)  # the running one publishes only when told, below
     idle_pid, gone = os.getppid(), ended_pid()  # a process that runs, one that ended
     idle, _ = process(tmp_path, idle_pid)
     ended, _ = process(tmp_path, gone)
@@ -443,6 +444,56 @@ def test_removed_files_of_idle_processes_are_written_again_and_stay_in_the_sum(t
     idle.publish()
     assert _counts_files(tmp_path) == {gone: 6, os.getpid(): 0, idle_pid: 5}
     assert (tmp_path / f"live-{idle_pid}.json").exists()
+
+
+def _counted(snapshots: metrics_share.ProcessSnapshots, count: int) -> None:
+    snapshots.publish(lambda: ({"row": {"accepted": count}}, {"up": 1}))
+
+
+def _summed(snapshots: metrics_share.ProcessSnapshots) -> int:
+    return snapshots.read()[0]["row"]["accepted"]
+
+
+def test_a_scrape_waits_for_a_running_process_to_write_its_removed_counts_again(tmp_path):
+    directory = tmp_path / "metrics"
+    other = metrics_share.ProcessSnapshots(directory, pid=os.getppid())  # a process that runs
+    polls: list[float] = []
+
+    def other_publishes_on_the_third_poll(seconds: float) -> None:  # as its publishing thread does, every second
+        polls.append(seconds)
+        if len(polls) == 3:
+            _counted(other, 8)
+
+    scraper = metrics_share.ProcessSnapshots(directory, pid=os.getpid(), wait=other_publishes_on_the_third_poll)
+    _counted(other, 5)
+    _counted(scraper, 1)
+    assert _summed(scraper) == 6
+    _counted(other, 8)  # and a scrape the other process answers says 9
+    shutil.rmtree(directory)  # a tmp cleaner
+    _counted(scraper, 1)  # a scrape publishes this process's counts first
+    assert _summed(scraper) == 9  # not 6, the other's counts as this process last read them
+    assert polls == [metrics_share.REPUBLISH_POLL_S] * 3
+
+
+def test_a_running_process_that_does_not_write_its_removed_counts_again_is_waited_for_once(tmp_path):
+    directory = tmp_path / "metrics"
+    other = metrics_share.ProcessSnapshots(directory, pid=os.getppid())
+    polls: list[float] = []
+    scraper = metrics_share.ProcessSnapshots(directory, pid=os.getpid(), wait=polls.append)
+    _counted(other, 5)
+    _counted(scraper, 1)
+    assert _summed(scraper) == 6
+    shutil.rmtree(directory)
+    _counted(scraper, 1)
+    assert _summed(scraper) == 6  # the counts read before, after REPUBLISH_WAIT_S
+    assert sum(polls) == pytest.approx(metrics_share.REPUBLISH_WAIT_S)
+    assert _summed(scraper) == 6
+    assert sum(polls) == pytest.approx(metrics_share.REPUBLISH_WAIT_S)  # a stopped process: no wait at every scrape
+    _counted(other, 7)
+    assert _summed(scraper) == 8
+    (directory / f"counts-{os.getppid()}.json").unlink()  # back once, then removed again: waited for again
+    assert _summed(scraper) == 8
+    assert sum(polls) == pytest.approx(2 * metrics_share.REPUBLISH_WAIT_S)
 
 
 # -- gunicorn -w 2 -----------------------------------------------------------------
