@@ -553,6 +553,15 @@ def test_list_is_newest_first_and_filters_by_state(store, clock):
     assert store.list("running") == store.list(State.RUNNING)  # State is a StrEnum: its value names it too
 
 
+def test_a_listing_carries_no_payload_which_it_never_shows(store, clock):
+    admit(store, clock, "a", "b", payload={"big": "x" * 1000})
+    claim(store, clock)  # a runs
+    assert store.get("b").payload == store.get("a").payload == {"big": "x" * 1000}
+    for state in (None, State.QUEUED, State.RUNNING):
+        assert store.list(state) and all(t.payload == "" for t in store.list(state)), state
+    assert store.list() == [store.get("b")._replace(payload=""), store.get("a")._replace(payload="")]
+
+
 def test_a_listing_without_results_lists_the_same_tasks_with_no_result(store, clock):
     admit(store, clock, "a", "b", "c", max_retries=1)
     run(store, clock, "a", result={"big": "x" * 1000})

@@ -267,8 +267,9 @@ class TaskStore(abc.ABC):
     def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
         """Retained tasks, newest first: by creation, or by entry into ``state``.
 
-        ``results=False``: the tasks carry no result (None), which a store that keeps them
-        elsewhere (SQLite, Redis) then does not read: up to MAX_RESULT_BYTES per task.
+        Listed tasks carry no payload (``""``), which a listing never shows, and with
+        ``results=False`` no result (None) either: a store that keeps them elsewhere (SQLite,
+        Redis) then does not read them (up to MAX_PAYLOAD_CHARS, MAX_RESULT_BYTES per task).
         """
 
     @abc.abstractmethod

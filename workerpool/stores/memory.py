@@ -412,8 +412,9 @@ class MemoryStore(TaskStore):
             else:
                 ids = self._by_state[State(state).value]  # a State, or its value as a plain string
                 records = [self._tasks[task_id] for task_id in islice(reversed(ids), limit)]
-        tasks = [_snapshot(record) for record in records]
-        return tasks if results else [task._replace(result=None) for task in tasks]
+        if results:
+            return [_snapshot(record)._replace(payload="") for record in records]
+        return [_snapshot(record)._replace(payload="", result=None) for record in records]
 
     def stats(self) -> StoreStats:
         with self._lock:

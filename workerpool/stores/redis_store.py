@@ -60,7 +60,9 @@ _FIELDS = Task._fields
 _FLOAT_FIELDS = frozenset({"created_at", "started_at", "finished_at", "next_attempt_at"})
 _JSON_FIELDS = frozenset({"payload", "result"})
 _INT_FIELDS = frozenset({"max_retries", "attempts"})
-_FIELDS_BUT_RESULT = tuple(name for name in _FIELDS if name != "result")  # read by a listing that leaves results out
+# What a listing reads: never the payload, which it does not show, nor the result when it leaves that out.
+_LISTED_FIELDS = tuple(name for name in _FIELDS if name != "payload")
+_LISTED_BUT_RESULT = tuple(name for name in _LISTED_FIELDS if name != "result")
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
 # Tasks one group commit carries at most, unless its first admission alone has more (a batch is admitted in one
 # script, whatever its size). Redis runs nothing else while a script runs: admissions merged without a bound (four
@@ -1282,7 +1284,7 @@ class RedisStore(TaskStore):
         return _decode(flat) if flat else None
 
     def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
-        fields = () if results else _FIELDS_BUT_RESULT
+        fields = _LISTED_FIELDS if results else _LISTED_BUT_RESULT
         flats = self._run("list", *self._retention(), "" if state is None else str(state), limit, *fields)
         return [task for task in map(_decode, flats) if task is not None]
 

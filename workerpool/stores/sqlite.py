@@ -108,8 +108,10 @@ _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"
 )
-# The same without reading the result (a listing that leaves it out): SQLite then skips its overflow pages.
-_COLUMNS_BUT_RESULT = _COLUMNS.replace(" result,", " NULL,")
+# What a listing reads: never the payload, which it does not show (a queued task's may take
+# MAX_PAYLOAD_CHARS), nor the result when it leaves that out. SQLite then skips their overflow pages.
+_LISTED_COLUMNS = _COLUMNS.replace("id, payload,", "id, NULL,")
+_LISTED_BUT_RESULT = _LISTED_COLUMNS.replace(" result,", " NULL,")
 
 # ``seq`` orders by creation; ``state_seq`` orders by entry into the current
 # state; ``due_at`` is when a queued task may be claimed. ``totals`` (one row,
@@ -1438,7 +1440,7 @@ class SqliteStore(TaskStore):
 
     def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
         horizon = self._clock() - self._ttl
-        columns = _COLUMNS if results else _COLUMNS_BUT_RESULT
+        columns = _LISTED_COLUMNS if results else _LISTED_BUT_RESULT
         if state is None:
             query = f"SELECT {columns} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?"
             args: tuple[Any, ...] | dict[str, Any] = (horizon, limit)
@@ -1587,12 +1589,12 @@ _QUEUED_STATE_SEQ = "(SELECT generation + 1 FROM task_totals)"
 # order: the table read backwards from its newest row, stopping at as many as wait (``waiting``);
 # this passes only rows newer than the oldest of them that have left the queue (in claim order, those of
 # tasks that were due earlier, such as a delayed task's successors). Retries, from their own index.
-_LIST_QUEUED = f"""SELECT {_COLUMNS} FROM (
-    SELECT * FROM (SELECT {_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
+_LIST_QUEUED = f"""SELECT {_LISTED_COLUMNS} FROM (
+    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
         WHERE state = 'queued' AND attempts = 0 ORDER BY seq DESC
         LIMIT min(:limit, (SELECT waiting FROM task_totals)))
     UNION ALL
-    SELECT {_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry WHERE state = 'queued' AND attempts > 0
+    SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry WHERE state = 'queued' AND attempts > 0
 ) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
 # The due time of the next retry and of the next new task, each read from its own index.
 _NEXT_DUE_TIMES = "SELECT " + ", ".join(
