@@ -124,6 +124,19 @@ def test_bind_comes_from_host_and_port(monkeypatch, env, bind):
     assert load_conf(monkeypatch, **env)["bind"] == bind
 
 
+def test_the_worker_timeout_that_ends_a_handler_holding_the_gil_is_the_one_the_readme_states(monkeypatch):
+    # The configuration leaves gunicorn's default: a worker silent for 30 s is killed, with the tasks a
+    # memory store held. The README tells handler authors that figure, and how to change it.
+    from gunicorn.config import Config
+
+    conf = load_conf(monkeypatch)
+    assert "timeout" not in conf
+    assert Config().timeout == 30
+    readme = " ".join((PROJECT_ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "gunicorn's worker timeout (`--timeout`, 30 s by default" in readme
+    assert 'With `STORE=memory` every task that process held is lost with it' in readme
+
+
 @pytest.mark.parametrize(("shutdown", "graceful"), [("20", 25), ("0", 5), ("2.5", 8)])
 def test_graceful_timeout_leaves_a_margin_after_the_drain(monkeypatch, shutdown, graceful):
     conf = load_conf(monkeypatch, SHUTDOWN_TIMEOUT_S=shutdown, LOG_LEVEL="warning")
