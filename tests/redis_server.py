@@ -19,6 +19,11 @@ from doubles import wait_until
 from workerpool.stores.redis_store import connect
 
 START_S = 10.0
+PORT_TRIES = 5  # ports tried when the free one picked was taken before redis-server bound it
+
+
+class NotOurServer(Exception):
+    """Our redis-server did not come up on its port: it exited (the port was taken), or another process answers."""
 
 
 def free_port() -> int:
@@ -33,6 +38,9 @@ class RedisServer:
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = directory
         self.port = port or free_port()
+        # A port picked here may be taken between free_port() and redis-server binding it (many suites start
+        # servers at once): the first start then tries another. A port given, or one a restart keeps, is kept.
+        self._port_fixed = port is not None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,6 +51,21 @@ class RedisServer:
         return connect(self.url, timeout=timeout)
 
     def start(self, *extra: str) -> None:
+        """Start redis-server and wait until it answers: it, not another process on its port (whose data the
+        tests would change). Raises NotOurServer if it cannot serve on its port."""
+        for _ in range(PORT_TRIES):
+            try:
+                self._start_once(extra)
+                self._port_fixed = True  # a restart keeps the port: clients know it
+                return
+            except NotOurServer:
+                self.stop(signal.SIGKILL)
+                if self._port_fixed:
+                    raise
+                self.port = free_port()
+        raise NotOurServer(f"redis-server found no free port in {PORT_TRIES} tries")
+
+    def _start_once(self, extra: tuple[str, ...]) -> None:
         self.process = subprocess.Popen(
             [
                 shutil.which("redis-server") or "redis-server",
@@ -62,10 +85,17 @@ class RedisServer:
         wait_until(self._answers, timeout=START_S, what=f"redis-server on port {self.port}")
 
     def _answers(self) -> bool:
+        """Whether our redis-server answers; NotOurServer if it exited or another process answers on its port."""
+        assert self.process is not None
+        if (code := self.process.poll()) is not None:
+            raise NotOurServer(f"redis-server exited with {code} (port {self.port} taken?)")
         try:
-            return bool(self.client().ping())
+            info = self.client().info("server")
         except redis.RedisError:
             return False
+        if info["process_id"] != self.process.pid:
+            raise NotOurServer(f"another redis-server (pid {info['process_id']}) answers on port {self.port}")
+        return True
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
