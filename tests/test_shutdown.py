@@ -544,6 +544,31 @@ def test_a_stop_signal_during_the_start_ends_it_before_serving_even_as_pid_1(tmp
         server.stop()
 
 
+def test_a_stop_during_the_start_is_said_in_one_json_line_with_log_format_json(tmp_path):
+    """Its line was plain text where every other line was JSON."""
+    (tmp_path / "startgate.py").write_text(START_GATE)
+    env = clean_environment(
+        HOST="127.0.0.1", PORT="0", PYTHONPATH=str(tmp_path), TASK_HANDLER="startgate:handle",
+        START_GATE=str(tmp_path), LOG_FORMAT="json",
+    )  # fmt: skip
+    gunicorn = [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py"]
+    server = ServerProcess(gunicorn, log_path=tmp_path / "start.log", env=env, python=False)
+    try:
+        wait_until(lambda: (tmp_path / "reached").exists(), timeout=20, what="the start to import TASK_HANDLER")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_until(lambda: "SIGHUP" in server.log(), timeout=20, what="the SIGHUP line")
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(timeout=20) == 0
+        lines = [json.loads(line) for line in server.log().splitlines()]
+        assert [(line["level"], line["message"]) for line in lines] == [
+            ("WARNING", "received SIGHUP while starting: ignored, the server is not running yet"),
+            ("INFO", "received SIGTERM while starting: stopped before serving"),
+        ]
+    finally:
+        (tmp_path / "open").touch()
+        server.stop()
+
+
 def test_a_reload_or_scaling_signal_during_the_start_is_ignored_with_a_line(tmp_path):
     """HUP (systemctl reload, logrotate), USR1 or USR2 during the start ended it without a word (exit 129...),
     and TTIN or TTOU froze it until a SIGCONT."""
