@@ -391,6 +391,9 @@ def post_worker_init(worker):
         elif not send(worker.drain_report_fd, describe(summary)):
             worker.log.error("could not report the drain to the arbiter (its pipe is full): %s", describe(summary))
 
+    from service.gunicorn_worker import keep_boot_failure_statuses_for_boot
+
+    keep_boot_failure_statuses_for_boot(worker.log.error)  # the app is loaded: the worker has started
     pool = pool_of(worker.wsgi)
     pool.start()
     if worker.metrics_dir is not None:

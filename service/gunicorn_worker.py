@@ -442,3 +442,30 @@ def start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
 
 def _address(client: object) -> str:
     return f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) >= 2 else str(client)
+
+
+# The exit statuses by which gunicorn's arbiter knows a worker that could not start (Arbiter.WORKER_BOOT_ERROR,
+# APP_LOAD_ERROR): on either it stops the whole server, every other worker with it, rather than fork in a loop.
+BOOT_FAILURE_STATUSES = (3, 4)
+# What such a status becomes once the worker serves: an ordinary failure, on which the worker is replaced.
+BOOTED_WORKER_FAILURE_STATUS = 1
+
+
+def keep_boot_failure_statuses_for_boot(log: Callable[[str], object], exit: Callable[[int], object] = os._exit) -> None:
+    """From now on (the worker serves), make ``os._exit(3)`` or ``os._exit(4)`` exit with status 1.
+
+    A task handler, or a library it calls, that ended the process with one of those ended the whole
+    service: the arbiter took it for a worker that never started. Only ``os._exit`` is covered: an exit
+    from C code (``exit(3)``) does not pass through Python.
+    """
+
+    def exit_as_a_failure(status: int) -> None:
+        if status in BOOT_FAILURE_STATUSES:
+            log(
+                f"the worker process is ending with exit status {status}, which gunicorn reads as a worker that "
+                f"failed to start (it would stop the whole server): exiting with {BOOTED_WORKER_FAILURE_STATUS}"
+            )
+            status = BOOTED_WORKER_FAILURE_STATUS
+        exit(status)
+
+    os._exit = exit_as_a_failure

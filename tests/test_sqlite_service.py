@@ -367,6 +367,35 @@ def test_a_worker_replaced_while_the_file_is_locked_retries_and_the_server_stays
     assert "Worker failed to boot" not in log
 
 
+def test_a_handler_that_ends_its_worker_with_status_3_or_4_gets_it_replaced_not_the_server_stopped(tmp_path):
+    """gunicorn reads exit status 3 or 4 as a worker that could not start: os._exit(3) in a handler stopped the
+    whole server, the other worker with it, where os._exit(1) got the worker replaced."""
+    (tmp_path / "exits.py").write_text("import os\ndef run(task, cancel):\n    os._exit(task.payload)\n")
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(
+            STORE=f"sqlite://{tmp_path / 'tasks.db'}", TASK_HANDLER="exits:run", PYTHONPATH=str(tmp_path)
+        ),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: server.log().count("pool started") == 2, timeout=20, what="both pools")
+        for exited, status in enumerate((3, 4), start=1):
+            body = json.dumps({"id": f"exit-{status}", "payload": status, "max_retries": 0}).encode()
+            assert client.json("POST", "/enqueue", body)[0] == 202
+            wait_until(lambda n=exited: server.log().count("exited with code 1") == n, timeout=20, what="an exit")
+            said = f"ending with exit status {status}, which gunicorn reads as a worker that failed to start"
+            assert said in server.log()
+            wait_until(lambda n=exited: server.log().count("pool started") == 2 + n, timeout=20, what="a new one")
+            assert server.proc.poll() is None
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    assert "Worker failed to boot" not in server.log() and "App failed to load" not in server.log()
+
+
 # -- stopping and reloading -----------------------------------------------------------------
 
 
