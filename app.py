@@ -7,6 +7,7 @@ import atexit
 import dataclasses
 import errno
 import importlib
+import inspect
 import logging
 import logging.config
 import operator
@@ -257,7 +258,25 @@ def load_handler(config: Config) -> Handler:
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {raised}") from None
     if not callable(handler):
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: it names a {type(handler).__name__}")
+    _check_called_with_task_and_cancel(config.task_handler, handler)
     return handler
+
+
+def _check_called_with_task_and_cancel(name: str, handler: Handler) -> None:
+    """Raise ConfigError for a handler that cannot be called as ``handler(task, cancel)``.
+
+    It started, and failed every task after all its retries (a factory such as
+    ``handlers.fetch_url:fetcher`` named instead of the handler it builds).
+    """
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # some callables written in C have none to read: called as they are
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        called = f"it cannot be called as handler(task, cancel): {exc}"
+        raise ConfigError(f"TASK_HANDLER={name!r} is invalid: {called}") from None
 
 
 def _one_line(error: Exception) -> str:

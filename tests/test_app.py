@@ -215,3 +215,26 @@ def test_the_development_server_refuses_a_root_path_no_request_path_can_begin_wi
     )  # fmt: skip
     assert result.returncode == 2
     assert "configuration error: SCRIPT_NAME='wp' is invalid: " in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [
+        ("handlers.fetch_url:fetcher", "too many positional arguments"),  # the factory, not the handler it builds
+        ("os:getpid", "too many positional arguments"),
+        ("threading:Event", "too many positional arguments"),
+        ("operator:not_", "too many positional arguments"),
+    ],
+)
+def test_a_task_handler_that_cannot_take_task_and_cancel_stops_start_up(handler, reason):
+    """It started, and every task failed after all its retries with a TypeError."""
+    with pytest.raises(ConfigError) as caught:
+        load_handler(Config(task_handler=handler))
+    assert str(caught.value) == (
+        f"TASK_HANDLER={handler!r} is invalid: it cannot be called as handler(task, cancel): {reason}"
+    )
+
+
+@pytest.mark.parametrize("handler", ["handlers.fetch_url:fetch", "handlers.example:log_payload", "builtins:print"])
+def test_a_task_handler_that_takes_task_and_cancel_is_taken(handler):
+    assert callable(load_handler(Config(task_handler=handler)))
