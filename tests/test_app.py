@@ -52,6 +52,14 @@ def test_create_app_reads_the_environment_by_default(monkeypatch):
     assert app.config["MAX_CONTENT_LENGTH"] == 2048
 
 
+def test_the_simulated_work_takes_the_configured_times_and_failure_rate_exactly():
+    work = load_handler(Config(work_min_ms=120, work_max_ms=480, failure_rate=0.35))
+    assert isinstance(work, SimulatedWork)
+    assert (work.min_s, work.max_s, work.failure_rate) == (0.12, 0.48, 0.35)
+    default = load_handler(Config())  # README: 100-500 ms, 20 % of attempts fail
+    assert (default.min_s, default.max_s, default.failure_rate) == (0.1, 0.5, 0.2)
+
+
 def test_build_pool_runs_simulated_work_with_the_configured_knobs():
     config = Config(workers=2, work_min_ms=0, work_max_ms=0, failure_rate=1.0, backoff_base_ms=0, backoff_cap_ms=0)
     pool = build_pool(config)

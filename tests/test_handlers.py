@@ -38,6 +38,12 @@ def test_work_takes_a_uniform_time_within_the_bounds():
     assert sum(wait.timeouts) / len(wait.timeouts) == pytest.approx(0.3, abs=0.01)
 
 
+def test_the_defaults_are_the_documented_simulated_work():
+    # README: the simulated work takes 100-500 ms and 20 % of attempts fail (WorkerPool's default handler).
+    work = SimulatedWork()
+    assert (work.min_s, work.max_s, work.failure_rate) == (0.1, 0.5, 0.2)
+
+
 @pytest.mark.parametrize("rate, expected", [(0.0, 0), (1.0, 10_000)])
 def test_failure_rate_is_exact_at_its_extremes(rate, expected):
     work = SimulatedWork(failure_rate=rate, rng=random.Random(7), wait=RecordingWait())
