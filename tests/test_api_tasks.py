@@ -125,7 +125,7 @@ def test_a_handlers_return_value_is_the_tasks_result():
 @pytest.mark.parametrize(
     ("returned", "error"),
     [
-        ("x" * 20, "the handler's result is 22 bytes as JSON; the limit is 16 (MAX_RESULT_BYTES)"),
+        ("x" * 20, "the handler's result is at least 22 bytes as JSON; the limit is 16 (MAX_RESULT_BYTES)"),
         ({1, 2}, "the handler returned set, which is not JSON"),
         (float("nan"), "the handler returned float, which is not JSON"),
     ],

@@ -30,6 +30,7 @@ from workerpool import (
     TaskSpec,
     WorkerPool,
 )
+from workerpool import pool as pool_module
 from workerpool.nesting import nested_deeper_than
 from workerpool.pool import CANCEL_POLL_S, DRAIN_STORE_GRACE_S, MAX_RESULT_DEPTH
 from workerpool.stores.base import LOST_EXPIRED
@@ -495,7 +496,7 @@ def test_a_handler_return_value_is_the_task_result(make_pool, returned):
     [
         ({1, 2}, "the handler returned set, which is not JSON: TypeError: Object of type set is not JSON serializable"),
         (float("nan"), "the handler returned float, which is not JSON: ValueError"),
-        ("x" * 300, "the handler's result is 302 bytes as JSON; the limit is 256 (MAX_RESULT_BYTES)"),
+        ("x" * 300, "the handler's result is at least 302 bytes as JSON; the limit is 256 (MAX_RESULT_BYTES)"),
         (
             ["caf\udce9.txt"],  # a file name decoded with surrogateescape
             "the handler returned list, which is not JSON clients can read: it holds a lone surrogate",
@@ -535,6 +536,16 @@ def nested(depth):
     for _ in range(depth - 1):
         value = [value]
     return value
+
+
+def test_a_string_result_longer_than_the_limit_is_refused_from_its_length_without_encoding_it(monkeypatch):
+    def encode(*args, **kwargs):
+        raise AssertionError("encoded: up to 6 bytes of JSON a character, only to be refused")
+
+    monkeypatch.setattr(pool_module.json, "dumps", encode)
+    why, kept = pool_module._check_result("é" * 1000, 256)
+    assert kept is None
+    assert why == "the handler's result is at least 1002 bytes as JSON; the limit is 256 (MAX_RESULT_BYTES)"
 
 
 @pytest.mark.parametrize("container", [lambda inner: [inner], lambda inner: {"k": inner}])

@@ -1512,6 +1512,11 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
     if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
         returned.close()  # never run: close it, or Python warns when it is collected
         return f"the handler returned a {type(returned).__name__}: this pool runs plain functions", None
+    if isinstance(returned, str) and len(returned) + 2 > limit:
+        # Its JSON is its characters and two quotes at the least (an escaped one is 6 bytes): refused from its
+        # length, not after building a text up to 6 times as long (300 MB for 50 M characters of "é").
+        size = len(returned) + 2
+        return f"the handler's result is at least {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
     try:
         text = json.dumps(returned, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
