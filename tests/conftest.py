@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 from doubles import FakeClock
 from hypothesis import settings
@@ -10,6 +12,19 @@ from hypothesis import settings
 # loaded machine breaks. Speed is measured by `make bench`, never asserted here.
 settings.register_profile("workerpool", deadline=None)
 settings.load_profile("workerpool")
+
+
+def pytest_configure(config) -> None:
+    # The servers the real-process tests start run in their own session, so that a signal to the
+    # runner's group does not reach them; only the tests' finally blocks and the fixtures' teardown
+    # stop them. A SIGTERM (a `timeout` that expires, a CI job cancelled) would end the runner
+    # without either and leave them serving: take it as Ctrl-C, which unwinds and tears down.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 @pytest.fixture
