@@ -382,8 +382,9 @@ def test_a_handler_that_ends_its_worker_with_status_3_or_4_gets_it_replaced_not_
         client = Client(server.wait_for_port(LISTENING))
         wait_until(lambda: server.log().count("pool started") == 2, timeout=20, what="both pools")
         for exited, status in enumerate((3, 4), start=1):
-            body = json.dumps({"id": f"exit-{status}", "payload": status, "max_retries": 0}).encode()
-            assert client.json("POST", "/enqueue", body)[0] == 202
+            # Due a second later: run at once, the attempt could end the worker before it answered the 202.
+            task = {"id": f"exit-{status}", "payload": status, "max_retries": 0, "delay_ms": 1000}
+            assert client.json("POST", "/enqueue", json.dumps(task).encode())[0] == 202
             wait_until(lambda n=exited: server.log().count("exited with code 1") == n, timeout=20, what="an exit")
             said = f"ending with exit status {status}, which gunicorn reads as a worker that failed to start"
             assert said in server.log()
