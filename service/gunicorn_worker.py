@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import signal
 import threading
 import time
@@ -61,6 +60,8 @@ from gunicorn.http import wsgi
 from gunicorn.http.errors import ConfigurationProblem, InvalidRequestLine
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
+
+import config
 
 from . import gunicorn_caches, server_errors
 from .connection import SendDeadline
@@ -220,7 +221,7 @@ class DrainingThreadWorker(ThreadWorker):
         other unknown path, no warning: the access line tells it.
         """
         # A trusted proxy's SCRIPT_NAME header wins over the environment's, as in wsgi.create.
-        root = next((value for name, value in req.headers if name == "SCRIPT_NAME"), os.environ.get("SCRIPT_NAME"))
+        root = next((value for name, value in req.headers if name == "SCRIPT_NAME"), None) or config.root_path()
         detail = f"nothing is served at this path: every path of this server begins with {root!r}"
         addr = addr or ("", -1)
         environ = wsgi.default_environ(req, client, self.cfg)
