@@ -31,20 +31,28 @@ How the handler talks to the pool:
 - any other exception (a 5xx, 408 or 429 answer, DNS failure, refused
   connection, socket timeout) fails the attempt, and the task is retried with
   backoff while it has retries left;
-- it checks its ``cancel`` event between reads, set when the task is cancelled
-  (``DELETE /tasks/<id>``), its attempt times out (``ATTEMPT_TIMEOUT_S``) or
-  shutdown abandons it, and then stops with ``AttemptCancelled``. The socket
-  timeout bounds how long one read can keep it from looking.
+- it stops with ``AttemptCancelled`` when its ``cancel`` event is set (the
+  task is cancelled with ``DELETE /tasks/<id>``, its attempt times out,
+  ``ATTEMPT_TIMEOUT_S``, or shutdown abandons it), within ``WATCH_POLL_S``:
+  a watcher shuts the connection down, whatever the handler waits for (the
+  status line, the headers, the TLS handshake, a piece of the body);
+- ``timeout_s`` bounds each wait for the server (the socket timeout) and the
+  whole wait for the answer's status line and headers, redirects included:
+  a server that sends them a byte at a time, each within the socket timeout,
+  would otherwise hold the worker thread for hours. Past it the attempt fails
+  (``TimeoutError``) and is retried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.client
 import ipaddress
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -58,6 +66,8 @@ MAX_TIMEOUT_S = 60.0
 MAX_BODY_BYTES = 10 * 1024 * 1024
 PREVIEW_CHARS = 200
 _READ_BYTES = 64 * 1024
+# How often the watcher of a fetch looks at its cancel event and at the deadline of the answer's head.
+WATCH_POLL_S = 0.05
 _RETRYABLE_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests: trying again later may work
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 addresses reached through a NAT64 gateway
 # Never judged public, though Python's is_global says they are: the rest of ::/8 (IPv4-compatible
@@ -95,15 +105,18 @@ def _fetch(task: Task, cancel: threading.Event, *, allow_address: Callable[[Addr
     if cancel.is_set():
         raise AttemptCancelled("cancelled before the request was sent")
     request = urllib.request.Request(url, headers={"User-Agent": "workerpool-example/1.0"})
+    watch = _Watch(cancel, head_deadline=time.monotonic() + timeout)
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),  # the environment's proxies: through one, the address is not known here
-        _CheckedHTTPHandler(allow_address),
-        _CheckedHTTPSHandler(allow_address),
+        _CheckedHTTPHandler(allow_address, watch.add),
+        _CheckedHTTPSHandler(allow_address, watch.add),
         _HTTPRedirectHandler(),
     )
     try:
         with opener.open(request, timeout=timeout) as response:
+            watch.head_received()
             size, digest, head = _read_body(response, cancel, url)
+            watch.check(url, timeout)  # a body without a length ends as the watcher shuts the connection down
             return {
                 "url": response.url,
                 "status": response.status,
@@ -117,6 +130,11 @@ def _fetch(task: Task, cancel: threading.Event, *, allow_address: Callable[[Addr
         if 400 <= exc.code < 500 and exc.code not in _RETRYABLE_4XX:
             raise PermanentFailure(f"{url} answered {exc.code} {exc.reason}") from None
         raise  # 5xx, 408, 429: retried while retries are left
+    except Exception:  # what reading a connection the watcher shut down raised, or not
+        watch.check(url, timeout)
+        raise
+    finally:
+        watch.close()
 
 
 def fetch(task: Task, cancel: threading.Event) -> dict[str, Any]:
@@ -124,22 +142,94 @@ def fetch(task: Task, cancel: threading.Event) -> dict[str, Any]:
     return _fetch(task, cancel, allow_address=is_public)
 
 
+_CANCELLED, _HEAD_LATE = "cancelled", "head late"
+
+
+class _Watch:
+    """Shuts the connections of one fetch down once its ``cancel`` is set, or once the answer's head is late.
+
+    A read blocked on a connection (the TLS handshake, the status line, a
+    header, a piece of the body) then ends at once, and the fetch tells why
+    from ``stopped``. It shuts down a duplicate of each connection's socket,
+    which it owns: shutting down acts on the connection, and the duplicate's
+    descriptor cannot be closed and reused for another file meanwhile.
+    """
+
+    def __init__(self, cancel: threading.Event, *, head_deadline: float) -> None:
+        self._cancel = cancel
+        self._head_deadline: float | None = head_deadline  # None once the head is in
+        self._lock = threading.Lock()  # guards _sockets and stopped
+        self._sockets: list[socket.socket] = []
+        self.stopped: str | None = None  # why the connections were shut down
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fetch-url-watch", daemon=True)
+        self._thread.start()
+
+    def add(self, sock: socket.socket) -> None:
+        """Watch a connection just made (the first, or a redirect's)."""
+        duplicate = sock.dup()
+        with self._lock:
+            if self.stopped is None:
+                self._sockets.append(duplicate)
+                return
+        _shut_down(duplicate)  # stopped already: this connection must not wait either
+        duplicate.close()
+
+    def head_received(self) -> None:
+        self._head_deadline = None
+
+    def check(self, url: str, timeout: float) -> None:
+        """Raise why the connections were shut down, if they were."""
+        if self.stopped == _CANCELLED:
+            raise AttemptCancelled(f"cancelled while fetching {url}")
+        if self.stopped == _HEAD_LATE:
+            raise TimeoutError(f"{url} did not send the status line and headers of its answer within {timeout:g} s")
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        for duplicate in self._sockets:
+            duplicate.close()
+
+    def _run(self) -> None:
+        while not self._closed.wait(WATCH_POLL_S):
+            deadline = self._head_deadline
+            if self._cancel.is_set():
+                why = _CANCELLED
+            elif deadline is not None and time.monotonic() >= deadline:
+                why = _HEAD_LATE
+            else:
+                continue
+            with self._lock:
+                self.stopped = why
+                sockets = list(self._sockets)
+            for duplicate in sockets:
+                _shut_down(duplicate)
+            return
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed by the server already
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class _CheckedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, allow_address: Callable[[Address], bool]) -> None:
+    def __init__(self, allow_address: Callable[[Address], bool], connected: Callable[[socket.socket], None]) -> None:
         super().__init__()
-        self._allow_address = allow_address
+        self._allow_address, self._connected = allow_address, connected
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_checked(http.client.HTTPConnection, self._allow_address), req)
+        return self.do_open(_checked(http.client.HTTPConnection, self._allow_address, self._connected), req)
 
 
 class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, allow_address: Callable[[Address], bool]) -> None:
+    def __init__(self, allow_address: Callable[[Address], bool], connected: Callable[[socket.socket], None]) -> None:
         super().__init__()
-        self._allow_address = allow_address
+        self._allow_address, self._connected = allow_address, connected
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_checked(http.client.HTTPSConnection, self._allow_address), req, context=self._context)
+        connection = _checked(http.client.HTTPSConnection, self._allow_address, self._connected)
+        return self.do_open(connection, req, context=self._context)
 
 
 class _HTTPRedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -154,13 +244,18 @@ class _HTTPRedirectHandler(urllib.request.HTTPRedirectHandler):
 
 
 def _checked(
-    connection_class: type[http.client.HTTPConnection], allow_address: Callable[[Address], bool]
+    connection_class: type[http.client.HTTPConnection],
+    allow_address: Callable[[Address], bool],
+    connected: Callable[[socket.socket], None],
 ) -> Callable[..., http.client.HTTPConnection]:
-    """``connection_class``, connecting only to addresses ``allow_address`` accepts (TLS still checks the name)."""
+    """``connection_class``, connecting only to addresses ``allow_address`` accepts (TLS still checks the name),
+    and handing each connection to ``connected`` before anything is sent or read on it."""
 
     def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
         connection = connection_class(host, **kwargs)
-        connection._create_connection = functools.partial(_connect, allow_address=allow_address)  # type: ignore[attr-defined]
+        connection._create_connection = functools.partial(  # type: ignore[attr-defined]
+            _connect, allow_address=allow_address, connected=connected
+        )
         return connection
 
     return make
@@ -172,6 +267,7 @@ def _connect(
     source_address: tuple[str, int] | None = None,
     *,
     allow_address: Callable[[Address], bool],
+    connected: Callable[[socket.socket], None] = lambda sock: None,
 ) -> socket.socket:
     """``socket.create_connection``, trying only the addresses of ``address``'s host that are allowed.
 
@@ -193,6 +289,7 @@ def _connect(
             if source_address is not None:
                 sock.bind(source_address)
             sock.connect(sockaddr)
+            connected(sock)
             return sock
         except OSError as exc:
             sock.close()

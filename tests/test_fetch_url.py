@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
+import socket
 import threading
 import urllib.error
 from collections.abc import Iterator
@@ -148,6 +150,73 @@ def test_a_cancel_stops_the_download_at_the_next_piece(site):
     Site.release.set()
     thread.join(WAIT_S)
     assert len(outcome) == 1 and isinstance(outcome[0], AttemptCancelled), outcome
+
+
+@pytest.fixture
+def dripping_site() -> Iterator[tuple[str, threading.Event]]:
+    """A server that answers a status line, then a header one byte every 50 ms, for ever: its URL, and an event
+    set once it has a request."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    asked, stop = threading.Event(), threading.Event()
+    connections: list[socket.socket] = []
+
+    def drip(connection: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\n")
+            asked.set()
+            while not stop.wait(0.05):
+                connection.sendall(b"X")
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                connections.append(connection)
+                threading.Thread(target=drip, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=serve, name="test-drip", daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/", asked
+    stop.set()
+    listener.close()
+    for connection in connections:
+        connection.close()
+
+
+def fetch_in_a_thread(payload: object, cancel: threading.Event) -> tuple[threading.Thread, list[BaseException]]:
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetch_local(task(payload), cancel)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_cancel_stops_a_fetch_waiting_for_the_headers(dripping_site):
+    # Only the body's reads looked at cancel: a server dripping its headers held the worker thread for hours.
+    url, asked = dripping_site
+    cancel = threading.Event()
+    thread, outcome = fetch_in_a_thread({"url": url, "timeout_s": 60}, cancel)
+    assert asked.wait(WAIT_S)
+    cancel.set()
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the fetch went on after its cancel"
+    assert len(outcome) == 1 and isinstance(outcome[0], AttemptCancelled), outcome
+
+
+def test_headers_that_do_not_arrive_within_timeout_s_fail_the_attempt(dripping_site):
+    # Each byte came within the socket timeout: a line of 64 KiB at 2 bytes a second took 9 hours.
+    url, _ = dripping_site
+    thread, outcome = fetch_in_a_thread({"url": url, "timeout_s": 0.5}, threading.Event())
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the fetch went on past timeout_s"
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    assert "within 0.5 s" in str(outcome[0])
 
 
 def test_a_cancelled_attempt_sends_no_request():
