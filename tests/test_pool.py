@@ -518,6 +518,33 @@ def test_a_result_that_is_not_json_or_too_large_fails_the_task_for_good(make_poo
     assert summary.abandoned == ()
 
 
+class _LazyMapping(dict):
+    """A mapping that loads when read, as ORM rows do: its loading raises ``exc``."""
+
+    def __init__(self, exc: type[BaseException]) -> None:
+        super().__init__(a=1)
+        self.exc = exc
+
+    def items(self):
+        raise self.exc("the mapping could not load")
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, SystemExit, KeyboardInterrupt])
+def test_a_result_whose_reading_raises_fails_the_task_for_good_and_the_worker_lives_on(make_pool, exc):
+    # A BaseException ended the worker thread with the task running for ever; an Exception was logged as ours.
+    pool = make_pool(lambda task, cancel: {"rec": _LazyMapping(exc)} if task.id == "lazy" else "fine", workers=1)
+    pool.submit("lazy", "", max_retries=3)
+    pool.submit("after", "", max_retries=0)
+    summary = pool.shutdown(TIMEOUT)
+    lazy = pool.get("lazy")
+    assert (lazy.state, lazy.attempts, lazy.result) == (State.FAILED, 1, None)
+    assert lazy.last_error.startswith(
+        f"the handler returned dict, which is not JSON: {exc.__name__}: the mapping could not load"
+    ), lazy.last_error
+    assert pool.get("after").state is State.DONE
+    assert summary.abandoned == ()
+
+
 def test_the_result_is_what_the_handler_returned_when_it_returned(make_pool):
     shared = {"calls": ["a"], "nested": [1]}  # a cache the handler keeps using after it returns
     pool = make_pool(lambda task, cancel: shared, workers=1, max_result_bytes=64)

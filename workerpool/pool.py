@@ -652,7 +652,7 @@ class WorkerPool:
             else:
                 error = None
                 if returned is not None:
-                    error, returned = _check_result(returned, self._max_result_bytes)
+                    error, returned = _check_result_guarded(returned, self._max_result_bytes)
                 if self._attempt_timeout:
                     self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
                 else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
@@ -1497,6 +1497,17 @@ def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> 
     """Log a line about ``task``, with its id and request id attached for structured logs."""
     if log.isEnabledFor(level):
         log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id}, **kwargs)
+
+
+def _check_result_guarded(returned: object, limit: int) -> tuple[str | None, object]:
+    """``_check_result``, with what the result's own code raises as it is read (a lazy mapping's ``items``, an
+    ``__eq__``) as the reason it cannot be the result: even SystemExit, which would end the worker thread
+    silently and leave the task running for ever, and never an error of the pool's."""
+    try:
+        return _check_result(returned, limit)
+    except BaseException as exc:
+        why = f"the handler returned {type(returned).__name__}, which is not JSON: {_describe_safely(exc)}"
+        return _truncate(why), None
 
 
 def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
