@@ -27,7 +27,9 @@ How the handler talks to the pool:
 
 - it returns the result (a JSON value, at most ``MAX_RESULT_BYTES`` as JSON);
 - it raises ``PermanentFailure`` for what no retry can fix: a bad payload, a
-  URL that is not http(s), a 4xx answer (except 408 and 429), a body too large;
+  URL that is not http(s) or holds a space, a control character, a user name
+  or a password, a redirect it does not follow (to another scheme, a loop), a
+  4xx answer (except 408 and 429), a body too large;
 - any other exception (a 5xx, 408 or 429 answer, DNS failure, refused
   connection, socket timeout) fails the attempt, and the task is retried with
   backoff while it has retries left;
@@ -50,6 +52,7 @@ import functools
 import hashlib
 import http.client
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -123,12 +126,13 @@ def _fetch(task: Task, cancel: threading.Event, *, allow_address: Callable[[Addr
                 "content_type": response.headers.get_content_type(),
                 "bytes": size,
                 "sha256": digest,
-                "text": head.decode(response.headers.get_content_charset() or "utf-8", "replace")[:PREVIEW_CHARS],
+                "text": _preview(head, response.headers.get_content_charset()),
             }
     except urllib.error.HTTPError as exc:
         exc.close()  # it holds the connection open; the status and reason are all that is needed
-        if 400 <= exc.code < 500 and exc.code not in _RETRYABLE_4XX:
-            raise PermanentFailure(f"{url} answered {exc.code} {exc.reason}") from None
+        if 300 <= exc.code < 500 and exc.code not in _RETRYABLE_4XX:
+            # A 3xx here is a redirect urllib would not follow (to file: or data:, a loop, no Location).
+            raise PermanentFailure(f"{url} answered {exc.code} {' '.join(str(exc.reason).split())}") from None
         raise  # 5xx, 408, 429: retried while retries are left
     except Exception:  # what reading a connection the watcher shut down raised, or not
         watch.check(url, timeout)
@@ -309,10 +313,32 @@ def _parse(payload: Any) -> tuple[str, float]:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PermanentFailure(f"only http and https URLs are fetched, not {url!r}")
+    if any(char <= " " or char == "\x7f" for char in url):
+        raise PermanentFailure(f"the URL {url!r} holds a space or control character: encode it (%20...)")
+    if parts.username is not None or parts.password is not None:
+        raise PermanentFailure("the URL holds a user name or password: they are not sent, and would not be kept secret")
     timeout = payload.get("timeout_s", DEFAULT_TIMEOUT_S)
     if type(timeout) not in (int, float) or not 0 < timeout <= MAX_TIMEOUT_S:
         raise PermanentFailure(f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}")
     return url, float(timeout)
+
+
+def _preview(head: bytes, charset: str | None) -> str:
+    """The first characters of a body, decoded as its ``charset`` says when Python reads that as text, else as
+    UTF-8: the server names the codec, and a name Python does not know (or ``base64``) raised, while
+    ``unicode_escape`` turned ``\\ud800`` in the body into a lone surrogate no JSON client can read."""
+    if charset:
+        try:
+            text = head.decode(charset, "replace")
+        except (LookupError, ValueError):  # not a codec, not one of text, or one without "replace" (idna)
+            pass
+        else:
+            if _LONE_SURROGATE.search(text) is None:
+                return text[:PREVIEW_CHARS]
+    return head.decode("utf-8", "replace")[:PREVIEW_CHARS]
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _read_body(response: Any, cancel: threading.Event, url: str) -> tuple[int, str, bytes]:

@@ -42,6 +42,13 @@ class Site(BaseHTTPRequestHandler):
             self.send_header("Location", self.path.partition("?")[2] or "/ok")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif self.path in ("/loop", "/loop2"):
+            self.send_response(302)
+            self.send_header("Location", "/loop2" if self.path == "/loop" else "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path.startswith("/charset="):
+            self._answer(200, b"\\ud800 hello", f"text/plain; charset={self.path.removeprefix('/charset=')}")
         elif self.path == "/slow":
             self.send_response(200)
             self.send_header("Content-Length", "8")
@@ -284,6 +291,37 @@ def test_a_redirect_to_another_scheme_than_http_fails_the_task_for_good(site):
     # urllib followed redirects to ftp:// on its own.
     with pytest.raises(PermanentFailure, match="redirected to 'ftp://127.0.0.1/x': only http and https"):
         fetch_local(task(f"{site}/redirect-to?ftp://127.0.0.1/x"), threading.Event())
+
+
+@pytest.mark.parametrize("target", ["file:///etc/passwd", "data:,hello"])
+def test_a_redirect_urllib_refuses_itself_fails_the_task_for_good(site, target):
+    # urllib refused these before the handler saw them: a 302 HTTPError, retried as a server error.
+    with pytest.raises(PermanentFailure, match="302"):
+        fetch_local(task(f"{site}/redirect-to?{target}"), threading.Event())
+
+
+def test_a_redirect_loop_fails_the_task_for_good(site):
+    with pytest.raises(PermanentFailure, match="infinite loop"):
+        fetch_local(task(f"{site}/loop"), threading.Event())
+
+
+@pytest.mark.parametrize("path", ["/a b", "/a\tb"])
+def test_a_url_with_a_space_or_a_control_character_fails_the_task_for_good(site, path):
+    with pytest.raises(PermanentFailure, match="space or control character"):
+        fetch_local(task(site + path), threading.Event())
+
+
+def test_a_url_with_a_user_and_password_fails_the_task_for_good(site):
+    # urllib kept them in the host name and asked the resolver for "user:pw@127.0.0.1" on every attempt.
+    with pytest.raises(PermanentFailure, match="user name or password"):
+        fetch_local(task(site.replace("http://", "http://user:pw@") + "/ok"), threading.Event())
+
+
+@pytest.mark.parametrize("charset", ["bogus", "base64", "unicode_escape", "x-user-defined"])
+def test_an_answer_in_a_charset_python_cannot_read_as_text_is_previewed_as_utf_8(site, charset):
+    # An unknown name raised LookupError (retried); unicode_escape put a lone surrogate in the result.
+    result = fetch_local(task(f"{site}/charset={charset}"), threading.Event())
+    assert (result["status"], result["bytes"], result["text"]) == (200, 12, "\\ud800 hello")
 
 
 def test_a_proxy_of_the_environment_is_not_used(site, monkeypatch):
