@@ -253,8 +253,12 @@ def load_handler(config: Config) -> Handler:
         handler = operator.attrgetter(attribute)(importlib.import_module(module_name))
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {_one_line(exc)}") from None
-    except Exception as exc:  # a syntax error in the module, or anything its import raised: the commonest broken deploy
-        raised = f"importing it raised {type(exc).__name__}: {_one_line(exc)}"
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a syntax error in the module, or anything its
+        # import raised (the commonest broken deploy); a sys.exit() or argparse at the top of a script reused as a
+        # handler too. (Under gunicorn a stop signal during the start never raises here: gunicorn.conf.py
+        # handles it; under `python app.py` a Ctrl-C in the import is reported so, and stops the start all the same.)
+        message = _one_line(exc)
+        raised = f"importing it raised {type(exc).__name__}" + (f": {message}" if message else "")
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {raised}") from None
     if not callable(handler):
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: it names a {type(handler).__name__}")
@@ -279,7 +283,7 @@ def _check_called_with_task_and_cancel(name: str, handler: Handler) -> None:
         raise ConfigError(f"TASK_HANDLER={name!r} is invalid: {called}") from None
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())  # a message with line breaks would not be the one line a bad setting gets
 
 

@@ -48,6 +48,9 @@ def test_a_task_handler_that_does_not_resolve_stops_start_up(command, handler, r
 BROKEN_MODULES = {
     "syntax-error": ("def run(task, cancel:\n    pass\n", "SyntaxError: '(' was never closed (broken.py, line 1)"),
     "raises-at-import": ('raise RuntimeError("no config\\nfound")\n', "RuntimeError: no config found"),
+    # A script reused as a handler: sys.exit() or argparse at module level (gunicorn printed the message alone).
+    "exits-at-import": ('import sys\nsys.exit("no config file")\n', "SystemExit: no config file"),
+    "interrupts-its-import": ("raise KeyboardInterrupt\n", "KeyboardInterrupt"),
 }
 
 
