@@ -138,14 +138,68 @@ def test_past_the_bound_a_stuck_thread_is_not_replaced_and_works_on_once_it_retu
     assert pool.get("c").state is State.QUEUED  # no thread is free to claim it
     assert pool.check_timeouts() == TIMEOUT  # nothing left to time out: an attempt starting now could be next
     handler.release()
-    final.wait("c")  # the thread that was not replaced took it once its handler returned
-    handler.threads[0].join(WAIT_S)
-    assert not handler.threads[0].is_alive()
-    assert handler.threads[1].is_alive()
+    final.wait("c")  # the first thread to return took it: one thread is the pool's only worker again
+    wait_until(lambda: sum(t.is_alive() for t in handler.threads) == 1, timeout=WAIT_S, what="one thread to exit")
     assert pool.stats().stuck_threads == 0
     pool.shutdown(WAIT_S)
-    handler.threads[1].join(WAIT_S)
-    assert not handler.threads[1].is_alive()
+    for thread in handler.threads:
+        thread.join(WAIT_S)
+        assert not thread.is_alive()
+
+
+class StuckUntilReleased:
+    """A handler whose first attempt of each task ignores its cancel event and blocks until that task is released;
+    later attempts, and every attempt of the tasks named in ``quick``, return at once."""
+
+    def __init__(self, *quick: str) -> None:
+        self.quick = set(quick)
+        self.threads: dict[str, threading.Thread] = {}
+        self._releases: dict[str, threading.Event] = {}
+        self._started = threading.Semaphore(0)
+
+    def __call__(self, task: Task, cancel: threading.Event) -> object:
+        if task.id in self.quick or task.attempts > 1:
+            return task.attempts
+        self.threads[task.id] = threading.current_thread()
+        release = self._releases.setdefault(task.id, threading.Event())
+        self._started.release()
+        release.wait(WAIT_S)
+        return "late"
+
+    def wait_started(self) -> None:
+        assert self._started.acquire(timeout=WAIT_S), "no attempt started"
+
+    def release(self, task_id: str) -> None:
+        self._releases.setdefault(task_id, threading.Event()).set()
+
+
+def test_a_replaced_thread_that_returns_while_its_replacement_is_stuck_takes_work_again(clock):
+    # It exited as replaced: no thread took work, and the stuck ones were no more than the limit (healthy).
+    handler = StuckUntilReleased("c")
+    pool, final = make_pool(handler, clock, max_stuck_threads=1)
+    pool.submit("a", "", max_retries=0)
+    handler.wait_started()
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()  # its thread is replaced
+    final.wait("a")
+    pool.submit("b", "", max_retries=0)
+    handler.wait_started()  # on the replacement
+    clock.advance(TIMEOUT)
+    pool.check_timeouts()  # past the bound: not replaced
+    final.wait("b")
+    assert pool.stats().stuck_threads == 2
+    handler.release("a")  # the first returns; its replacement is still stuck
+    pool.submit("c", "", max_retries=0)
+    final.wait("c")
+    assert pool.get("c").state is State.DONE
+    assert handler.threads["a"].is_alive() and pool.stats().stuck_threads == 1
+    handler.release("b")  # the replacement returns: a thread too many, it leaves
+    handler.threads["b"].join(WAIT_S)
+    assert not handler.threads["b"].is_alive()
+    assert handler.threads["a"].is_alive() and pool.stats().stuck_threads == 0
+    pool.shutdown(WAIT_S)
+    handler.threads["a"].join(WAIT_S)
+    assert not handler.threads["a"].is_alive()
 
 
 def test_a_replacement_thread_that_fails_to_start_leaves_the_stuck_one_and_the_timeout_is_recorded(
@@ -388,10 +442,9 @@ def test_a_worker_that_failed_to_start_and_a_replaced_stuck_one_leave_the_pool_i
     handler.wait_started()
     clock.advance(TIMEOUT)
     pool.check_timeouts()  # worker-1 is replaced
-    handler.release()
-    wait_until(lambda: "workerpool-worker-1" not in {t.name for t in pool._threads}, timeout=WAIT_S,
-               what="worker-1 to exit")
-    pool.submit("b", "")  # starts what is missing: one worker, not the two whose names are not running
+    handler.release()  # worker-1 returns and works on: with its replacement, the pool has its two workers
+    wait_until(lambda: pool.stats().stuck_threads == 0, timeout=WAIT_S, what="worker-1 to return")
+    pool.submit("b", "")  # starts what is missing: nothing, not the worker whose name is not running
     final.wait("b")
     workers = [t.name for t in pool._threads if t.name.startswith("workerpool-worker") and t.is_alive()]
     pool.shutdown(WAIT_S)

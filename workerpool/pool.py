@@ -1019,15 +1019,22 @@ class WorkerPool:
         return f"{name} replaces its stuck worker thread ({stuck_now})"
 
     def _leave_if_replaced(self) -> bool:
-        """After an attempt: whether this worker was stuck and replaced, and so must exit now."""
+        """After an attempt: whether this worker was stuck and is one too many now, and so must exit.
+
+        Decided as it returns, not when it was replaced: its replacement may be
+        stuck in turn (not replaced, past the bound), and with it gone no
+        thread would take work while /healthz saw no more stuck threads than
+        the bound. It exits only if ``workers`` threads take work without it.
+        """
         me = threading.current_thread()
         with self._lock:
             if me not in self._stuck:
                 return False
             self._stuck.discard(me)
-            if me not in self._retired:
-                return False
             self._retired.discard(me)
+            workers = sum(thread.name.startswith("workerpool-worker-") for thread in self._threads)
+            if workers - len(self._stuck) <= self.workers:  # those not stuck, this one included
+                return False
             self._threads.remove(me)
         log.info("%s returned from its timed-out attempt and exits: its replacement runs", me.name)
         return True
