@@ -1357,3 +1357,23 @@ def test_an_acl_user_without_the_bare_prefix_key_is_told_the_pattern_it_needs(se
     finally:
         admin.acl_deluser("wp-narrow", "wp-wide")
         admin.close()
+
+
+def test_a_lease_renewed_between_the_sweeps_read_and_its_end_is_not_ended(make, clock):
+    # The sweep reads the expired leases, then ends each attempt: the owner may renew one in between.
+    owner, sweeper = make(), make()
+    owner.admit([new("a", clock)])
+    assert owner.claim("owner", clock.time() + 30).id == "a"
+    clock.advance(31)  # expired
+    renewed, read = [], sweeper.get
+
+    def read_then_renew(task_id):
+        task = read(task_id)
+        if not renewed:
+            renewed.append(owner.renew("owner", ["a"], clock.time() + 30))
+        return task
+
+    sweeper.get = read_then_renew
+    assert sweeper.recover(lambda task: clock.time()) == []
+    assert renewed[0].lost == frozenset()
+    assert owner.get("a").state is State.RUNNING
