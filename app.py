@@ -19,7 +19,16 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from config import EXIT_BAD_CONFIG, Config, ConfigError, exit_on_error, parse_host, root_path, write_startup_line
+from config import (
+    EXIT_BAD_CONFIG,
+    Config,
+    ConfigError,
+    StoppedWhileStarting,
+    exit_on_error,
+    parse_host,
+    root_path,
+    write_startup_line,
+)
 from config import load as load_config
 from service import connection, lifecycle, logs, problems, request_id
 from service.api import bp as api_bp
@@ -253,10 +262,11 @@ def load_handler(config: Config) -> Handler:
         handler = operator.attrgetter(attribute)(importlib.import_module(module_name))
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {_one_line(exc)}") from None
+    except StoppedWhileStarting:  # a stop signal during the import: the start ends, exit code 0
+        raise
     except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a syntax error in the module, or anything its
         # import raised (the commonest broken deploy); a sys.exit() or argparse at the top of a script reused as a
-        # handler too. (Under gunicorn a stop signal during the start never raises here: gunicorn.conf.py
-        # handles it; under `python app.py` a Ctrl-C in the import is reported so, and stops the start all the same.)
+        # handler too. (Under `python app.py` a Ctrl-C in the import is reported so, and stops the start all the same.)
         message = _one_line(exc)
         raised = f"importing it raised {type(exc).__name__}" + (f": {message}" if message else "")
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {raised}") from None

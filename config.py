@@ -566,6 +566,11 @@ def web_concurrency(environ: Mapping[str, str] = os.environ) -> int | None:
         raise ConfigError(f"WEB_CONCURRENCY={raw!r} is invalid: {exc} (or unset)") from None
 
 
+class StoppedWhileStarting(SystemExit):
+    """A stop signal ended the start (gunicorn.conf.py raises it from its handler, wherever the start was): not an
+    error of whatever was being loaded, such as TASK_HANDLER's module."""
+
+
 def root_path(environ: Mapping[str, str] = os.environ) -> str:
     """``SCRIPT_NAME``, the root path the service is served under (gunicorn reads it itself), ``""`` when unset.
 

@@ -24,7 +24,7 @@ def _stop_while_starting(signum, frame):
     """A stop signal before gunicorn's own handlers are in place: end the start, before listening, and exit 0."""
     stopped = f"received {_signal.Signals(signum).name} while starting: stopped before serving"
     os.write(2, f"{_config.startup_line(stopped, 'INFO')}\n".encode())  # no print(): it may interrupt one
-    raise SystemExit(0)
+    raise _config.StoppedWhileStarting(0)
 
 
 # The arbiter's other signals ask a running server for something: a reload (HUP, which systemctl reload and
