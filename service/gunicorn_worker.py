@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import signal
 import threading
 import time
