@@ -62,6 +62,9 @@ from service import metrics_share as _metrics_share  # noqa: E402
 from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
 from service.drain_reports import send as _send_report  # noqa: E402
 from service.gunicorn_worker import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
+from service.gunicorn_worker import (  # noqa: E402
+    keep_boot_failure_statuses_for_boot as _keep_boot_failure_statuses_for_boot,
+)
 
 # At the start a bad value, a TASK_HANDLER that does not resolve or a store that cannot be opened stops
 # gunicorn here with exit code 2. gunicorn runs this file again at each reload (kill -HUP): then a bad
@@ -391,9 +394,7 @@ def post_worker_init(worker):
         elif not send(worker.drain_report_fd, describe(summary)):
             worker.log.error("could not report the drain to the arbiter (its pipe is full): %s", describe(summary))
 
-    from service.gunicorn_worker import keep_boot_failure_statuses_for_boot
-
-    keep_boot_failure_statuses_for_boot(worker.log.error)  # the app is loaded: the worker has started
+    _keep_boot_failure_statuses_for_boot(worker.log.error)  # the app is loaded: the worker has started
     pool = pool_of(worker.wsgi)
     pool.start()
     if worker.metrics_dir is not None:

@@ -6,10 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from doubles import wait_until
 
 TESTS = Path(__file__).resolve().parent
 
@@ -42,12 +42,11 @@ def test_a_runner_stopped_by_sigterm_still_stops_the_processes_its_tests_started
     )
     child = None
     try:
-        deadline = time.monotonic() + 60
-        while not (pid_file.exists() and pid_file.read_text()):
+        def started() -> str:
             assert runner.poll() is None, runner.stdout.read().decode()
-            assert time.monotonic() < deadline, "the inner test never started its child"
-            time.sleep(0.05)  # polling a file another process writes; no thread of ours to join
-        child = int(pid_file.read_text())
+            return pid_file.exists() and pid_file.read_text()
+
+        child = int(wait_until(started, timeout=60, what="the inner test to start its child"))
         runner.send_signal(signal.SIGTERM)
         output = runner.communicate(timeout=60)[0].decode()
         assert "KeyboardInterrupt" in output or "stopped by signal" in output, output

@@ -315,31 +315,29 @@ def test_a_binary_upgrade_shares_the_running_servers_metrics_directory(monkeypat
         monkeypatch.delenv(INHERITED_METRICS_DIR, raising=False)
 
 
-def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        # A root path no request path can begin with: it started, and answered every request 500 (later 404).
+        ({"SCRIPT_NAME": "wp"}, "configuration error: SCRIPT_NAME='wp' is invalid: "),
+        (
+            {"QUEUE_SIZE": "0"},
+            "configuration error: QUEUE_SIZE='0' is invalid: must be an integer from 1 to 1000000",
+        ),
+    ],
+    ids=["root-path", "queue-size"],
+)
+def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path, setting, said):
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", CONF, "-b", "127.0.0.1:0"],
         cwd=tmp_path,
-        env=clean_environment(QUEUE_SIZE="0"),
+        env=clean_environment(**setting),
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode == 2
-    assert "configuration error: QUEUE_SIZE='0' is invalid: must be an integer from 1 to 1000000" in result.stderr
-
-
-def test_a_root_path_no_request_path_can_begin_with_stops_gunicorn_with_exit_code_2(tmp_path):
-    # It started, and answered every request 500 (later 404).
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", CONF, "-b", "127.0.0.1:0"],
-        cwd=tmp_path,
-        env=clean_environment(SCRIPT_NAME="wp"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
-    assert "configuration error: SCRIPT_NAME='wp' is invalid: " in result.stderr
+    assert said in result.stderr
 
 
 # -- the real server -------------------------------------------------------------
