@@ -598,6 +598,103 @@ def test_a_locked_database_fails_the_step_and_health_says_why(open_store, clock,
     assert store.get("during") is None
 
 
+def _admit_in_thread(store, tasks):
+    """Start ``store.admit(tasks)`` in a thread; what it returned or raised lands in the list returned."""
+    outcome: list = []
+
+    def admit():
+        try:
+            outcome.append(store.admit(tasks))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=admit, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_an_admission_waits_the_busy_timeout_once_behind_a_step_waiting_for_another_programs_lock(
+    open_store, clock, db
+):
+    # A step of this process (a worker's claim) holding the process's lock while it waits for another
+    # program's: the admission waited for it, then the busy timeout again for SQLite's lock, about twice.
+    store = open_store(busy_timeout=0.05)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with store._write_lock:  # the step, waiting far longer than the admission's busy timeout
+            admitting, outcome = _admit_in_thread(store, [task(clock, "a")])
+            admitting.join(WAIT_S)
+            assert not admitting.is_alive(), "the admission waited for the step holding the lock"
+        # The same for a cancel (DELETE /tasks/<id>).
+        with store._write_lock, pytest.raises(StoreUnavailable, match="not free within 0.05 s"):
+            store.cancel("a")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert isinstance(outcome[0], StoreUnavailable) and "not free within 0.05 s" in str(outcome[0])
+    assert store._admissions == [] and store.get("a") is None
+    assert [t.id for t in store.admit([task(clock, "a")])] == ["a"]
+
+
+def test_an_admission_whose_time_ran_out_while_waiting_leaves_the_batch_and_the_others_wait_on(
+    open_store, clock, db
+):
+    store = open_store(busy_timeout=WAIT_S)
+    # One that waited for this process's lock past its deadline, taken with the next one's batch.
+    late = sqlite_store._Admission([(task(clock, "late"), '"p"')], time.monotonic())
+    store._admissions.append(late)
+    blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+
+    def release_once_the_late_one_is_answered():
+        try:
+            wait_until(lambda: late.outcomes is not None, timeout=WAIT_S, what="the late admission answered")
+        finally:
+            blocker.execute("ROLLBACK")
+
+    releasing = threading.Thread(target=release_once_the_late_one_is_answered, daemon=True)
+    releasing.start()
+    try:
+        admitted = store.admit([task(clock, "b"), task(clock, "c")])
+    finally:
+        releasing.join(WAIT_S)
+        blocker.close()
+    assert late.outcomes == [] and "locked" in late.failure
+    assert [t.id for t in admitted] == ["b", "c"]
+    assert store.get("late") is None
+
+
+def test_an_admission_whose_wait_timed_out_once_a_step_took_it_gets_that_steps_outcome(open_store, clock):
+    store = open_store(busy_timeout=0.05)
+    gave_up = threading.Event()
+    outcome_of = store._outcome_of
+
+    def giving_up(admission):
+        gave_up.set()
+        outcome_of(admission)
+
+    store._outcome_of = giving_up
+    take_admissions = store._take_admissions
+    waiting: list = []
+
+    def take_then_stall(batch):
+        if not waiting:  # the step's first take: another admission queues behind it, then gives up waiting
+            waiting.extend(_admit_in_thread(store, [task(clock, "waiting")]))
+            wait_until(lambda: store._admissions, timeout=WAIT_S, what="the admission queued", interval=0.001)
+        else:
+            take_admissions(batch)  # the step has begun: it takes the one queued
+            assert gave_up.wait(WAIT_S)
+        take_admissions(batch)
+
+    store._take_admissions = take_then_stall
+    assert [t.id for t in store.admit([task(clock, "a"), task(clock, "b")])] == ["a", "b"]
+    thread, outcome = waiting
+    thread.join(WAIT_S)
+    assert [t.id for t in outcome[0]] == ["waiting"]
+    assert store.get("waiting").state is State.QUEUED
+
+
 # Run in a child: RLIMIT_FSIZE limits the whole process, and a file that
 # cannot grow is what a full disk looks like to SQLite.
 _FULL_DISK = """
@@ -1062,8 +1159,8 @@ def test_an_admission_that_arrives_while_the_transaction_begins_joins_it(open_st
     late = threading.Thread(target=lambda: outcomes.append(store.admit([task(clock, "late")])))
     outcomes: list[list] = []
 
-    def begin_while_another_arrives():
-        began = begin()
+    def begin_while_another_arrives(*args):
+        began = begin(*args)
         if not late.is_alive() and not outcomes:
             late.start()
             # it has queued behind the write lock this thread holds

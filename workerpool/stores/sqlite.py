@@ -258,16 +258,26 @@ WHERE tasks.seq = queued.seq;
 
 @dataclass(slots=True, eq=False)
 class _Admission:
-    """One call of ``admit`` waiting for the write lock; what it gets is set under that lock.
+    """One call of ``admit`` waiting for the write lock; what it gets is set under that lock (see ``settle``).
 
     Compared by identity: two calls admitting equal tasks are two admissions (see _admit_batch).
     """
 
     tasks: list[tuple[Task, str]]  # each with its payload as JSON
+    deadline: float  # when (time.monotonic) it stops waiting for the write locks, this process's and SQLite's
     outcomes: list[Task | SubmitError] | None = None  # set once the step that took it ended
     failure: str | None = None  # why that step failed: nothing of it was stored
     error: Exception | None = None  # what its own tasks raised (not SQLite): nothing of it was stored
     commit: int = 0  # the commit that stored it (for FULL's fsync), 0 if none
+
+    def settle(
+        self, outcomes: list[Task | SubmitError], *, failure: str | None = None,
+        error: Exception | None = None, commit: int = 0,
+    ) -> None:
+        """Set what the admission got. ``outcomes`` last: a caller that gave up waiting for the write lock
+        reads them without it (see ``SqliteStore._outcome_of``), and must then find the rest set."""
+        self.failure, self.error, self.commit = failure, error, commit
+        self.outcomes = outcomes
 
 
 class _AdmissionFailed(Exception):
@@ -360,6 +370,9 @@ class SqliteStore(TaskStore):
         # waiting for the write lock, all admitted by whoever takes it first (see admit).
         self._admissions_lock = threading.Lock()
         self._admissions: list[_Admission] = []
+        # Notified (under _admissions_lock) once a step that took admissions settled them: what an admission
+        # taken by it waits for when its own wait for the write lock timed out (see _outcome_of).
+        self._settled = threading.Condition(self._admissions_lock)
         self._commits = 0  # write steps committed by this process (under _write_lock)
         # Held by the thread copying the WAL into the database (see _checkpoint_if_due); _checkpointed:
         # this process's commits counted when the last checkpoint began.
@@ -867,15 +880,24 @@ class SqliteStore(TaskStore):
         if self._replaced is not None or (time.monotonic() >= self._identity_due and self._check_identity()):
             raise StoreFileReplaced(self._replaced)
         # Encoded here, so that a payload that is not JSON fails this call alone.
-        mine = _Admission([(task, _json(task.payload)) for task in tasks])
+        mine = _Admission([(task, _json(task.payload)) for task in tasks], time.monotonic() + self._busy_timeout)
         ticket = self._take_off() if self.synchronous == "FULL" else 0  # an fsync about to start waits for it
         try:
             with self._admissions_lock:
                 self._admissions.append(mine)
             admitted = generation = 0
-            with self._write_lock:
-                if mine.outcomes is None:
-                    admitted, generation = self._admit_batch()
+            # The busy timeout counts from here: a step of this process holding the lock may itself be
+            # waiting for another program's, and the admission must not wait for it and then its own turn.
+            if self._write_lock.acquire(timeout=max(0.0, mine.deadline - time.monotonic())):
+                try:
+                    if mine.outcomes is None:
+                        admitted, generation = self._admit_batch()
+                finally:
+                    self._write_lock.release()
+                    with self._admissions_lock:
+                        self._settled.notify_all()
+            else:
+                self._outcome_of(mine)
         finally:
             if ticket:
                 self._land(ticket)
@@ -902,6 +924,19 @@ class SqliteStore(TaskStore):
         assert mine.outcomes is not None
         return mine.outcomes
 
+    def _outcome_of(self, admission: _Admission) -> None:
+        """Settle ``admission``, whose wait for the write lock timed out: refused if no step took it yet.
+
+        A step that took it waits for SQLite's lock no longer than its deadline
+        (see ``_begin_admitting``), or has begun already: its outcome comes soon.
+        """
+        with self._admissions_lock:
+            if admission in self._admissions:
+                self._admissions.remove(admission)
+                admission.settle([], failure=_held_up(self._busy_timeout))
+                return
+            self._settled.wait_for(lambda: admission.outcomes is not None)
+
     def _admit_batch(self) -> tuple[int, int]:  # _write_lock is held
         """Admit the waiting admissions in one transaction, with their outcomes; how many were admitted, the generation.
 
@@ -915,7 +950,7 @@ class SqliteStore(TaskStore):
             try:
                 return self._admit_once(batch)
             except _AdmissionFailed as failed:
-                failed.admission.outcomes, failed.admission.error = [], failed.error
+                failed.admission.settle([], error=failed.error)
                 batch.remove(failed.admission)
 
     def _admit_once(self, batch: list[_Admission]) -> tuple[int, int]:  # _write_lock is held
@@ -928,7 +963,7 @@ class SqliteStore(TaskStore):
         if len(batch) == 1 and len(batch[0].tasks) == 1 and (alone := self._admit_alone(batch[0])) is not None:
             return alone
         try:
-            conn, changes = self._begin()
+            conn, changes = self._begin_admitting(batch)
             try:
                 generation = self._admit_in(conn, batch, outcomes)
                 commit = self._commit(conn, changes)
@@ -942,7 +977,7 @@ class SqliteStore(TaskStore):
             if isinstance(exc, sqlite3.Error):
                 self._failure, self._failed_at = failure, time.monotonic()
             for admission in batch:
-                admission.outcomes, admission.failure = [], failure
+                admission.settle([], failure=failure)
             if not isinstance(exc, sqlite3.Error):
                 raise  # a bug: the others in the batch report it as a store failure
             return 0, 0
@@ -951,9 +986,29 @@ class SqliteStore(TaskStore):
         start = 0
         for admission in batch:
             end = start + len(admission.tasks)
-            admission.outcomes, admission.commit = outcomes[start:end], commit
+            admission.settle(outcomes[start:end], commit=commit)
             start = end
         return sum(isinstance(outcome, Task) for outcome in outcomes), generation
+
+    def _begin_admitting(self, batch: list[_Admission]) -> tuple[sqlite3.Connection, int]:  # _write_lock is held
+        """``_begin`` for ``batch``, each admission waiting for another process's lock until its own deadline.
+
+        One whose deadline passes first leaves the batch, refused, and the others wait on: an admission
+        answers within about the busy timeout, however long it waited for this process's lock.
+        """
+        while True:
+            try:
+                return self._begin(min(admission.deadline for admission in batch))
+            except sqlite3.OperationalError as exc:
+                now = time.monotonic()
+                late = [admission for admission in batch if admission.deadline <= now]
+                if _primary_code(exc) != sqlite3.SQLITE_BUSY or len(late) == len(batch):
+                    raise
+                failure = _describe(exc)
+                self._failure, self._failed_at = failure, now
+                for admission in late:
+                    batch.remove(admission)
+                    admission.settle([], failure=failure)
 
     def _admit_alone(self, admission: _Admission) -> tuple[int, int] | None:  # _write_lock is held
         """Admit the one task of ``admission`` by one statement that commits itself; None if it stored nothing.
@@ -980,7 +1035,7 @@ class SqliteStore(TaskStore):
         if created_at != task.created_at:  # clamped to the newest task's (see _admit_in)
             task = task._replace(created_at=float(created_at))  # SQLite returns a whole REAL as an integer
         self._commits += 1
-        admission.outcomes, admission.commit = [task], self._commits
+        admission.settle([task], commit=self._commits)
         self._local.wrote = True
         self._failure = None
         return 1, generation
@@ -1339,7 +1394,8 @@ class SqliteStore(TaskStore):
 
     def cancel(self, task_id: str) -> tuple[Task | None, bool]:
         try:
-            with self._step() as conn:
+            # A request: it waits the busy timeout at most, for this process's lock and SQLite's together.
+            with self._step(wait=self._busy_timeout) as conn:
                 now = self._clock()
                 row = conn.execute(
                     f"""UPDATE tasks SET cancel_requested = (state = 'running'),
