@@ -37,12 +37,19 @@ How the handler talks to the pool:
   task is cancelled with ``DELETE /tasks/<id>``, its attempt times out,
   ``ATTEMPT_TIMEOUT_S``, or shutdown abandons it), within ``WATCH_POLL_S``:
   a watcher shuts the connection down, whatever the handler waits for (the
-  status line, the headers, the TLS handshake, a piece of the body);
+  name's resolution, the status line, the headers, the TLS handshake, a
+  piece of the body);
 - ``timeout_s`` bounds each wait for the server (the socket timeout) and the
-  whole wait for the answer's status line and headers, redirects included:
-  a server that sends them a byte at a time, each within the socket timeout,
-  would otherwise hold the worker thread for hours. Past it the attempt fails
-  (``TimeoutError``) and is retried.
+  whole wait for the answer's status line and headers, redirects and name
+  resolution included: a server that sends them a byte at a time, each
+  within the socket timeout, would otherwise hold the worker thread for
+  hours, and a slow DNS server as long as the system's resolver retries.
+  Past it the attempt fails (``TimeoutError``) and is retried.
+
+Names are resolved (``getaddrinfo``, which nothing can interrupt) in a thread
+of their own, which the fetch waits for only until it is cancelled or its
+head is late; a resolution given up on ends in its thread when the system's
+resolver gives up (``resolv.conf``'s ``timeout`` and ``attempts``).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from workerpool import AttemptCancelled, PermanentFailure, Task
@@ -81,6 +89,8 @@ _NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(net) for net in ("::/8", "64:ff9b:1:
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Handler = Callable[[Task, threading.Event], dict[str, Any]]
+# socket.getaddrinfo's signature: (host, port, family, type) -> [(family, type, proto, canonname, sockaddr)]
+Resolver = Callable[[str, int, int, int], list[tuple[Any, ...]]]
 
 
 def is_public(address: Address) -> bool:
@@ -98,21 +108,28 @@ def is_public(address: Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def fetcher(*, allow_address: Callable[[Address], bool] = is_public) -> Handler:
-    """A handler like ``fetch`` that connects to the addresses ``allow_address`` accepts (``fetch``: public ones)."""
-    return functools.partial(_fetch, allow_address=allow_address)
+def fetcher(
+    *, allow_address: Callable[[Address], bool] = is_public, resolve: Resolver = socket.getaddrinfo
+) -> Handler:
+    """A handler like ``fetch`` that connects to the addresses ``allow_address`` accepts (``fetch``: public ones),
+    finding a host's addresses with ``resolve``."""
+    return functools.partial(_fetch, allow_address=allow_address, resolve=resolve)
 
 
-def _fetch(task: Task, cancel: threading.Event, *, allow_address: Callable[[Address], bool]) -> dict[str, Any]:
+def _fetch(
+    task: Task, cancel: threading.Event, *, allow_address: Callable[[Address], bool],
+    resolve: Resolver = socket.getaddrinfo,
+) -> dict[str, Any]:
     url, timeout = _parse(task.payload)
     if cancel.is_set():
         raise AttemptCancelled("cancelled before the request was sent")
     request = urllib.request.Request(url, headers={"User-Agent": "workerpool-example/1.0"})
     watch = _Watch(cancel, head_deadline=time.monotonic() + timeout)
+    connecting = _Connecting(allow_address, functools.partial(_resolve, resolve, watch=watch), watch.add)
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),  # the environment's proxies: through one, the address is not known here
-        _CheckedHTTPHandler(allow_address, watch.add),
-        _CheckedHTTPSHandler(allow_address, watch.add),
+        _CheckedHTTPHandler(connecting),
+        _CheckedHTTPSHandler(connecting),
         _HTTPRedirectHandler(),
     )
     try:
@@ -154,16 +171,19 @@ class _Watch:
 
     A read blocked on a connection (the TLS handshake, the status line, a
     header, a piece of the body) then ends at once, and the fetch tells why
-    from ``stopped``. It shuts down a duplicate of each connection's socket,
-    which it owns: shutting down acts on the connection, and the duplicate's
-    descriptor cannot be closed and reused for another file meanwhile.
+    from ``stopped``; so does a wait for a name's resolution (see
+    ``wake_when_stopped``). It shuts down a duplicate of each connection's
+    socket, which it owns: shutting down acts on the connection, and the
+    duplicate's descriptor cannot be closed and reused for another file
+    meanwhile.
     """
 
     def __init__(self, cancel: threading.Event, *, head_deadline: float) -> None:
         self._cancel = cancel
         self._head_deadline: float | None = head_deadline  # None once the head is in
-        self._lock = threading.Lock()  # guards _sockets and stopped
+        self._lock = threading.Lock()  # guards _sockets, _waits and stopped
         self._sockets: list[socket.socket] = []
+        self._waits: list[threading.Event] = []
         self.stopped: str | None = None  # why the connections were shut down
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fetch-url-watch", daemon=True)
@@ -178,6 +198,14 @@ class _Watch:
                 return
         _shut_down(duplicate)  # stopped already: this connection must not wait either
         duplicate.close()
+
+    def wake_when_stopped(self, wait: threading.Event) -> None:
+        """Set ``wait`` once the fetch is stopped (at once if it is already)."""
+        with self._lock:
+            if self.stopped is None:
+                self._waits.append(wait)
+                return
+        wait.set()
 
     def head_received(self) -> None:
         self._head_deadline = None
@@ -206,9 +234,11 @@ class _Watch:
                 continue
             with self._lock:
                 self.stopped = why
-                sockets = list(self._sockets)
+                sockets, waits = list(self._sockets), list(self._waits)
             for duplicate in sockets:
                 _shut_down(duplicate)
+            for wait in waits:
+                wait.set()
             return
 
 
@@ -217,23 +247,32 @@ def _shut_down(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+@dataclass(frozen=True, slots=True)
+class _Connecting:
+    """How a fetch connects: to the addresses ``allow_address`` accepts, found by ``resolve(host, port)``,
+    each connection handed to ``connected`` before anything is sent or read on it."""
+
+    allow_address: Callable[[Address], bool]
+    resolve: Callable[[str, int], list[tuple[Any, ...]]]
+    connected: Callable[[socket.socket], None]
+
+
 class _CheckedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, allow_address: Callable[[Address], bool], connected: Callable[[socket.socket], None]) -> None:
+    def __init__(self, connecting: _Connecting) -> None:
         super().__init__()
-        self._allow_address, self._connected = allow_address, connected
+        self._connecting = connecting
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_checked(http.client.HTTPConnection, self._allow_address, self._connected), req)
+        return self.do_open(_checked(http.client.HTTPConnection, self._connecting), req)
 
 
 class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, allow_address: Callable[[Address], bool], connected: Callable[[socket.socket], None]) -> None:
+    def __init__(self, connecting: _Connecting) -> None:
         super().__init__()
-        self._allow_address, self._connected = allow_address, connected
+        self._connecting = connecting
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        connection = _checked(http.client.HTTPSConnection, self._allow_address, self._connected)
-        return self.do_open(connection, req, context=self._context)
+        return self.do_open(_checked(http.client.HTTPSConnection, self._connecting), req, context=self._context)
 
 
 class _HTTPRedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -248,21 +287,47 @@ class _HTTPRedirectHandler(urllib.request.HTTPRedirectHandler):
 
 
 def _checked(
-    connection_class: type[http.client.HTTPConnection],
-    allow_address: Callable[[Address], bool],
-    connected: Callable[[socket.socket], None],
+    connection_class: type[http.client.HTTPConnection], connecting: _Connecting
 ) -> Callable[..., http.client.HTTPConnection]:
-    """``connection_class``, connecting only to addresses ``allow_address`` accepts (TLS still checks the name),
-    and handing each connection to ``connected`` before anything is sent or read on it."""
+    """``connection_class``, connecting as ``connecting`` says (TLS still checks the name)."""
 
     def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
         connection = connection_class(host, **kwargs)
         connection._create_connection = functools.partial(  # type: ignore[attr-defined]
-            _connect, allow_address=allow_address, connected=connected
+            _connect, allow_address=connecting.allow_address, connected=connecting.connected,
+            resolve=connecting.resolve,
         )
         return connection
 
     return make
+
+
+def _resolve(resolve: Resolver, host: str, port: int, *, watch: _Watch) -> list[tuple[Any, ...]]:
+    """``resolve(host, port, 0, SOCK_STREAM)`` in a thread of its own, waited for until ``watch`` stops the fetch.
+
+    ``getaddrinfo`` cannot be interrupted: a slow DNS server would hold the
+    worker thread past the attempt's cancel and ``timeout_s``. A resolution
+    given up on ends in its thread, holding nothing of the fetch's.
+    """
+    done = threading.Event()
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(resolve(host, port, 0, socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the fetch, which raises it
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="fetch-url-resolve", daemon=True).start()
+    watch.wake_when_stopped(done)
+    done.wait()
+    if not outcome:  # the fetch was stopped first: it tells why (see _Watch.check)
+        raise OSError(f"resolving {host} was given up: the fetch was stopped")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _connect(
@@ -272,13 +337,15 @@ def _connect(
     *,
     allow_address: Callable[[Address], bool],
     connected: Callable[[socket.socket], None] = lambda sock: None,
+    resolve: Callable[[str, int], list[tuple[Any, ...]]],
 ) -> socket.socket:
-    """``socket.create_connection``, trying only the addresses of ``address``'s host that are allowed.
+    """``socket.create_connection``, trying only the addresses of ``address``'s host (``resolve(host, port)``)
+    that are allowed.
 
     PermanentFailure if none is: the host is no place to send a task's request to.
     """
     host, port = address
-    found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    found = resolve(host, port)
     allowed = [info for info in found if allow_address(ipaddress.ip_address(info[4][0]))]
     if not allowed:
         addresses = ", ".join(sorted({info[4][0] for info in found}))

@@ -190,12 +190,14 @@ def dripping_site() -> Iterator[tuple[str, threading.Event]]:
         connection.close()
 
 
-def fetch_in_a_thread(payload: object, cancel: threading.Event) -> tuple[threading.Thread, list[BaseException]]:
+def fetch_in_a_thread(
+    payload: object, cancel: threading.Event, handler=fetch_local
+) -> tuple[threading.Thread, list[BaseException]]:
     outcome: list[BaseException] = []
 
     def run() -> None:
         try:
-            fetch_local(task(payload), cancel)
+            handler(task(payload), cancel)
         except BaseException as exc:
             outcome.append(exc)
 
@@ -224,6 +226,64 @@ def test_headers_that_do_not_arrive_within_timeout_s_fail_the_attempt(dripping_s
     assert not thread.is_alive(), "the fetch went on past timeout_s"
     assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
     assert "within 0.5 s" in str(outcome[0])
+
+
+class SlowResolver:
+    """A name server that answers only once released: ``asked`` is set when a name is looked up."""
+
+    def __init__(self) -> None:
+        self.asked, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, host: str, port: int, family: int, kind: int) -> list:
+        self.asked.set()
+        self.release.wait()  # set when the test ends
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+
+@pytest.fixture
+def slow_resolver() -> Iterator[SlowResolver]:
+    resolver = SlowResolver()
+    yield resolver
+    resolver.release.set()
+
+
+def test_a_cancel_stops_a_fetch_waiting_for_the_name_to_resolve(slow_resolver):
+    # getaddrinfo cannot be interrupted: a slow DNS server held the worker thread past its cancel.
+    cancel = threading.Event()
+    handler = fetcher(allow_address=lambda address: True, resolve=slow_resolver)
+    thread, outcome = fetch_in_a_thread({"url": "http://slow.example/", "timeout_s": 60}, cancel, handler)
+    assert slow_resolver.asked.wait(WAIT_S)
+    cancel.set()
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the fetch went on after its cancel"
+    assert len(outcome) == 1 and isinstance(outcome[0], AttemptCancelled), outcome
+
+
+def test_a_name_that_does_not_resolve_within_timeout_s_fails_the_attempt(slow_resolver):
+    handler = fetcher(allow_address=lambda address: True, resolve=slow_resolver)
+    thread, outcome = fetch_in_a_thread({"url": "http://slow.example/", "timeout_s": 0.2}, threading.Event(), handler)
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the fetch went on past timeout_s"
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    assert "within 0.2 s" in str(outcome[0])
+
+
+def test_a_name_is_resolved_by_the_resolver_given_and_its_failure_is_retried(site):
+    port = int(site.rpartition(":")[2])
+    names: list[tuple[str, int]] = []
+
+    def resolve(host: str, port: int, family: int, kind: int) -> list:
+        names.append((host, port))
+        if host != "site.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+    handler = fetcher(allow_address=lambda address: address.is_loopback, resolve=resolve)
+    result = handler(task(f"http://site.example:{port}/ok"), threading.Event())
+    assert result["status"] == 200 and names == [("site.example", port)]
+    with pytest.raises(urllib.error.URLError) as caught:  # not PermanentFailure: the attempt is retried
+        handler(task("http://gone.example/ok"), threading.Event())
+    assert isinstance(caught.value.reason, socket.gaierror)
 
 
 def test_a_cancelled_attempt_sends_no_request():
