@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import tracemalloc
 import uuid
 from collections import Counter
 
@@ -572,6 +573,30 @@ def test_a_string_result_longer_than_the_limit_is_refused_from_its_length_withou
     why, kept = pool_module._check_result("é" * 1000, 256)
     assert kept is None
     assert why == "the handler's result is at least 1002 bytes as JSON; the limit is 256 (MAX_RESULT_BYTES)"
+
+
+@pytest.mark.parametrize(
+    "container",
+    [
+        lambda huge: [huge],
+        lambda huge: {"page": huge},
+        lambda huge: {huge: 1},  # a key is a string too
+        lambda huge: [huge[:200]] * 5_000,  # each string under the limit, too long together
+    ],
+)
+def test_a_container_holding_a_huge_string_is_refused_before_its_encoding_is_built(container):
+    # json.dumps built the whole text first: 6 bytes of JSON for each "é", 60 MB for 10 MB of text.
+    returned = container("é" * 1_000_000)
+    tracemalloc.start()
+    try:
+        why, kept = pool_module._check_result(returned, 256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000, peak  # the encoding of 1,000,000 "é" alone is 6,000,002 bytes
+    assert kept is None
+    assert why.startswith("the handler's result is at least "), why
+    assert why.endswith(" bytes as JSON; the limit is 256 (MAX_RESULT_BYTES)"), why
 
 
 @pytest.mark.parametrize("container", [lambda inner: [inner], lambda inner: {"k": inner}])

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backoff import compute_backoff
+from .bounded_json import TooLong, dumps_within
 from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
@@ -1536,7 +1537,12 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
         size = len(returned) + 2
         return f"the handler's result is at least {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
     try:
-        text = json.dumps(returned, allow_nan=False)
+        text = dumps_within(returned, limit)
+    except TooLong as exc:  # refused before the encoding of a huge string inside it was built
+        return (
+            f"the handler's result is at least {exc.at_least} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)",
+            None,
+        )
     except (TypeError, ValueError, RecursionError) as exc:
         why = f"the handler returned {type(returned).__name__}, which is not JSON: {_describe_safely(exc)}"
         return _truncate(why), None
