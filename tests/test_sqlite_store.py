@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1827,3 +1828,54 @@ def test_a_task_file_removed_or_replaced_while_open_refuses_new_tasks_and_runs_t
     else:
         fresh = open_store()
         assert fresh.get("running") is None and fresh.get("after") is None and fresh.health() is None
+
+
+def _remove_log(log):
+    log.unlink()
+
+
+def _replace_log(log):  # e.g. a copy put back
+    copy = log.with_name("copy")
+    shutil.copyfile(log, copy)
+    os.replace(copy, log)
+
+
+@pytest.mark.parametrize("change", [_remove_log, _replace_log], ids=["removed", "replaced"])
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_wal_or_shm_file_removed_or_replaced_while_open_refuses_new_tasks_like_the_task_file(
+    open_store, clock, db, monkeypatch, caplog, suffix, change
+):
+    """The task file stays, but the log beside it that holds the latest tasks (or the index every process
+    shares) is no longer the one open here: what this process accepts from then on would be lost."""
+    monkeypatch.setattr(sqlite_store, "_IDENTITY_CHECK_S", 0.0, raising=False)  # every admission looks
+    store = open_store()
+    store.admit([task(clock, "running"), task(clock, "queued")])
+    assert claim(store, clock).id == "running"
+    change(db.with_name(db.name + suffix))
+
+    with pytest.raises(StoreFileReplaced) as refused:
+        store.admit([task(clock, "after")])
+    assert str(refused.value).startswith(f"{db}: the task file's {suffix} file was ")
+    assert [r.levelname for r in caplog.records if "while this process had it open" in r.message] == ["ERROR"]
+    assert store.health() == str(refused.value)
+    # The tasks accepted before still run here, read from another thread too.
+    store.finish("running", 1, "a")
+    assert claim(store, clock).id == "queued"
+    store.finish("queued", 1, "a")
+    states = {}
+    reader = threading.Thread(target=lambda: states.update({t: store.get(t).state for t in ("running", "queued")}))
+    reader.start()
+    reader.join(WAIT_S)
+    assert states == {"running": State.DONE, "queued": State.DONE}
+    assert store.get("after") is None
+
+
+def test_with_full_a_wal_removed_while_open_is_still_the_one_synced(open_store, clock, db):
+    """Its steps commit to the WAL open here, and that file is the one to sync: not a step "not synced"
+    because no file, or another one, has the name now."""
+    store = open_store(synchronous="FULL")
+    store.admit([task(clock, "running")])  # synced: the WAL is open for syncing
+    assert claim(store, clock).id == "running"
+    db.with_name(db.name + "-wal").unlink()
+    store.finish("running", 1, "a")  # noticed by no admission yet
+    assert store.get("running").state is State.DONE

@@ -396,9 +396,10 @@ class SqliteStore(TaskStore):
         self._tickets = itertools.count(1)
         self._joining: threading.Event | None = None
         self._swept_at = -math.inf  # when _evict last deleted the tasks past their time (store clock)
-        # The file open here (st_dev, st_ino), and why the path no longer names it (see _check_identity);
-        # _replaced, once set, stays: the open connections keep writing to the old file.
-        self._identity: tuple[int, int] | None = None
+        # The files open here (st_dev, st_ino): the task file, its -wal and its -shm (see _LOG_SUFFIXES), and
+        # why a path no longer names its file (see _check_identity); _replaced, once set, stays: the open
+        # connections keep writing to the old files.
+        self._identity: tuple[tuple[int, int] | None, ...] | None = None
         self._replaced: str | None = None
         self._identity_due = 0.0  # when (time.monotonic) an admission looks again
         _check_library()
@@ -415,9 +416,12 @@ class SqliteStore(TaskStore):
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (journal mode stays {mode})")
             with self._transaction() as writer:
                 self._prepare_schema(writer)
-            # The connections are open: the path names their file now (a removal in between is seen at the
+            # A connection opens the WAL at its first read in WAL mode: this thread's reader, which only
+            # switched the mode, does so now, while the path names the WAL (see _check_identity).
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+            # The connections are open: the paths name their files now (a removal in between is seen at the
             # first check, as the file then has no name left, or another inode).
-            self._identity = _identity(self.path)
+            self._identity = _identities(self.path)
         except sqlite3.Error as exc:
             self.close()
             raise StoreUnavailable(f"{self.path}: {_describe(exc)}") from None
@@ -652,12 +656,14 @@ class SqliteStore(TaskStore):
                     self._covering = target
                 wal = self._wal_path
                 try:
-                    # Once the task file is replaced the WAL at the path is another file's: keep syncing ours.
-                    if self._wal_fd is None or (
-                        self._replaced is None and os.fstat(self._wal_fd).st_ino != os.stat(wal).st_ino
-                    ):
-                        self._close_wal()
-                        self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+                    # The WAL the connections write, even once its path names another file or none (see
+                    # _check_identity): opened by path while the path still names it.
+                    if self._wal_fd is None:
+                        fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+                        if self._identity is not None and _fd_identity(fd) != self._identity[1]:
+                            os.close(fd)
+                            raise OSError(f"{wal} is no longer the WAL open here")
+                        self._wal_fd = fd
                     os.fdatasync(self._wal_fd)  # as SQLite does on Linux: data and size, not timestamps
                 except OSError as exc:  # the step is committed, but may not survive a power cut
                     target = 0  # covers nothing: a thread waiting for it tries an fsync of its own
@@ -823,22 +829,29 @@ class SqliteStore(TaskStore):
         return self._read(lambda conn: conn.execute(sql, params).fetchall())
 
     def _check_identity(self) -> str | None:
-        """Why the path no longer names the file open here (removed, renamed or replaced), or None.
+        """Why a path no longer names the file open here (removed, renamed or replaced), or None.
 
         The open connections would go on writing to the old file, which no
         process opening the path sees and which is gone with the last
         process holding it: every task accepted into it from then on would
-        be lost. Once seen, it is logged once and admissions are refused
-        (``StoreFileReplaced``); the tasks already in the old file are still
-        claimed and run here, through the connections open on it.
+        be lost. The same holds for the task file's ``-wal`` (the latest
+        commits, not yet copied into the file) and ``-shm`` (the index of the
+        WAL every process sharing the file goes by): SQLite keeps both open,
+        and both stay in place while any connection is. Once seen, it is
+        logged once and admissions are refused (``StoreFileReplaced``); the
+        tasks already in the old files are still claimed and run here,
+        through the connections open on them.
         """
-        if self._replaced is None:
+        if self._replaced is None and self._identity is not None:
             self._identity_due = time.monotonic() + _IDENTITY_CHECK_S
-            now = _identity(self.path)
-            if now != self._identity:
-                why = "was removed" if now is None else "was replaced by another file"
+            now = _identities(self.path)
+            # A -wal or -shm not there at the opening (none is expected) is not looked for.
+            changed = [i for i, (was, is_) in enumerate(zip(self._identity, now)) if is_ != was and (was or i == 0)]
+            if changed:
+                which = "the task file" if changed[0] == 0 else f"the task file's {_LOG_SUFFIXES[changed[0] - 1]} file"
+                why = "was removed" if now[changed[0]] is None else "was replaced by another file"
                 self._replaced = (
-                    f"{self.path}: the task file {why} while this process had it open: new tasks are refused; "
+                    f"{self.path}: {which} {why} while this process had it open: new tasks are refused; "
                     "the tasks accepted before are run to their end here (restart once they have finished)"
                 )
                 log.error("%s", self._replaced)
@@ -1895,13 +1908,27 @@ def _check_library() -> None:
         )
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+# The files SQLite keeps beside the task file in WAL mode, open as long as any connection is.
+_LOG_SUFFIXES = ("-wal", "-shm")
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
     """The file ``path`` names now (st_dev, st_ino), or None when it names none."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _identities(path: Path) -> tuple[tuple[int, int] | None, ...]:
+    """The files the task file's path and its ``_LOG_SUFFIXES`` paths name now (see ``_identity``)."""
+    return (_identity(path), *(_identity(f"{path}{suffix}") for suffix in _LOG_SUFFIXES))
 
 
 def _check_path(path: Path) -> None:
