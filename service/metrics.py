@@ -19,7 +19,7 @@ import operator
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from flask import Blueprint, Response, request
@@ -638,5 +638,27 @@ def _by_pid(name: str, documentation: str, live: dict[int, metrics_share.Snapsho
 @bp.get("/metrics")
 def metrics() -> Response:
     """Serve the metrics in the text format the scraper asks for (Prometheus or OpenMetrics)."""
-    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    encode, content_type = _encoder(request.headers.get("Accept", ""))
     return Response(encode(services().metrics.registry), content_type=content_type)
+
+
+def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """``choose_encoder``'s pick for ``accept``, passing over the media ranges it cannot read.
+
+    prometheus_client compares a ``version`` parameter part by part, and
+    raises ``TypeError`` on one that is not all numbers (``version=abc``,
+    ``1.0.0-rc1``): the other media ranges still choose, as if that one
+    were not there.
+    """
+    try:
+        return choose_encoder(accept)
+    except TypeError:
+        return choose_encoder(",".join(media_range for media_range in accept.split(",") if _readable(media_range)))
+
+
+def _readable(media_range: str) -> bool:
+    try:
+        choose_encoder(media_range)
+    except TypeError:
+        return False
+    return True

@@ -210,6 +210,21 @@ def test_openmetrics_is_served_on_request():
     assert response.get_data(as_text=True).endswith("# EOF\n")
 
 
+@pytest.mark.parametrize(
+    ("accept", "mimetype"),
+    [
+        ("application/openmetrics-text; version=abc", "text/plain"),
+        ("text/plain; version=1.0.0-rc1", "text/plain"),
+        ("application/openmetrics-text; version=1.x, application/openmetrics-text", "application/openmetrics-text"),
+    ],
+)
+def test_a_version_in_accept_that_cannot_be_compared_is_passed_over_not_a_500(accept, mimetype, caplog):
+    response = make_harness().client.get("/metrics", headers={"Accept": accept})
+    assert response.status_code == 200
+    assert response.mimetype == mimetype
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_the_readme_documents_every_metric():
     readme = (PROJECT_ROOT / "README.md").read_text()
     families = text_string_to_metric_families(scrape_text(make_harness().client))
