@@ -1,6 +1,9 @@
 """What the memory store promises beyond the store contract (tests/test_stores.py checks that)."""
 
 import gc
+import weakref
+
+import pytest
 
 from workerpool import MemoryStore, State, Task
 
@@ -59,3 +62,50 @@ def test_an_attempt_copy_of_a_payload_keeps_its_shape_however_deep_or_shared(clo
     copy = store.claim(OWNER, clock.time() + 30).payload
     assert copy is not looped and copy["self"] is copy
     assert copy["shared"][0] is copy["shared"][1] and copy["shared"][0] is not shared
+
+
+class Payload:  # a payload the test can see freed (the Python API takes any object)
+    pass
+
+
+@pytest.mark.parametrize("delay", [None, 3600.0], ids=["due", "delayed"])
+def test_a_cancelled_queued_task_does_not_keep_its_payload_however_many_are_cancelled(clock, delay):
+    """A cancelled task's place in its line (or the delay heap) is skipped when reached, but nothing may
+    reach it for an hour (a delay, workers all busy): its payload is not kept that long."""
+    store = MemoryStore(10, clock=clock.time, wait=clock.wait)
+    due = None if delay is None else clock.time() + delay
+    payloads = weakref.WeakSet()
+
+    def admit(task_id):
+        payload = Payload()
+        payloads.add(payload)
+        assert store.admit([Task(task_id, payload, 0, created_at=clock.time(), next_attempt_at=due)])[0].id == task_id
+
+    admit("first")
+    for n in range(1_000):
+        admit(f"churn-{n}")
+        assert store.cancel(f"churn-{n}")[1]
+        if n == 500:
+            admit("middle")
+    gc.collect()
+    assert len(payloads) < 100  # the two queued ones, and a bounded few cancelled since the last sweep
+    assert store.stats().counts[State.CANCELLED] == 1_000
+    clock.advance(delay or 0)
+    assert [store.claim(OWNER, clock.time() + 30).id for _ in range(2)] == ["first", "middle"]
+    assert store.claim(OWNER, clock.time() + 30) is None
+
+
+def test_a_cancelled_retry_does_not_keep_its_payload_in_the_delay_heap(clock):
+    store = MemoryStore(10, clock=clock.time, wait=clock.wait)
+    payloads = weakref.WeakSet()
+    for n in range(300):
+        payload = Payload()
+        payloads.add(payload)
+        store.admit([Task(f"retry-{n}", payload, 1, created_at=clock.time())])
+        task = store.claim(OWNER, clock.time() + 30)
+        store.finish(task.id, 1, OWNER, error="boom", retry_at=clock.time() + 3600)
+        assert store.cancel(task.id)[1]
+    del payload, task
+    gc.collect()
+    assert len(payloads) < 100
+    assert store.stats().retries_pending == 0

@@ -80,6 +80,9 @@ _ID, _STATE, _ATTEMPTS, _NEXT_ATTEMPT_AT, _FINISHED_AT, _CANCEL_REQUESTED = 0, 3
 _POSITIONS = {name: index for index, name in enumerate(Task._fields)}
 
 Record = tuple  # a Task's fields as a plain tuple, the state as its string (see the module docstring)
+# Stale entries the lines (or a heap) may hold beyond as many as their live ones before a cancel rebuilds
+# them without the stale ones (see _drop_stale).
+_STALE_SLACK = 64
 
 
 def _snapshot(record: Record) -> Task:
@@ -321,6 +324,7 @@ class MemoryStore(TaskStore):
             self._unqueue(task)
             cancelled = _changed(task, state=_CANCELLED, payload="", finished_at=now, next_attempt_at=None)
             self._set(task, cancelled)
+            self._drop_stale()
             self._finish(cancelled, now)
             return _snapshot(cancelled), True
 
@@ -536,6 +540,28 @@ class MemoryStore(TaskStore):
             del self._pending[task[_ID]]
             if task[_ATTEMPTS]:
                 self._retries_pending -= 1
+
+    def _drop_stale(self) -> None:
+        """Rebuild the lines, and each heap, without their stale entries once these outnumber the live ones.
+
+        A cancelled task's entry holds its queued record, payload and all,
+        until it is reached: a delay may keep it there an hour, busy workers
+        as long as their attempts run, and a client cancelling what it submits
+        would pin a payload per request. Each rebuild follows at least as many
+        cancels as it keeps entries: amortised O(1) per cancel.
+        """
+        tasks, pending = self._tasks, self._pending
+        lined = len(self._queued) - len(pending)  # the live entries of the lines (see _until_due)
+        if len(self._retry_line) + len(self._new_line) > 2 * lined + _STALE_SLACK:
+            for line in (self._retry_line, self._new_line):
+                live = [task for task in line if tasks.get(task[_ID]) is task]
+                line.clear()
+                line.extend(live)
+        new_pending = len(pending) - self._retries_pending
+        for heap, live in ((self._scheduled, len(pending)), (self._new_scheduled, new_pending)):
+            if len(heap) > 2 * live + _STALE_SLACK:
+                heap[:] = [entry for entry in heap if pending.get(entry[2][_ID]) is entry[2]]
+                heapq.heapify(heap)  # (due time, order) pairs are unique: the records are never compared
 
     def _delayed(self, now: float) -> tuple[int, float | None]:  # _lock is held
         """How many waiting tasks are delayed; when all are, how long until the first of them falls due.
