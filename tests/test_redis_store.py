@@ -1377,3 +1377,41 @@ def test_a_lease_renewed_between_the_sweeps_read_and_its_end_is_not_ended(make, 
     assert sweeper.recover(lambda task: clock.time()) == []
     assert renewed[0].lost == frozenset()
     assert owner.get("a").state is State.RUNNING
+
+
+def _close_from_the_server(server, store: RedisStore) -> None:
+    """Have Redis close this thread's connection, as its ``timeout`` (or a proxy) closes an idle one."""
+    own_id = store._call("client_id")
+    admin = server.client()
+    admin.execute_command("CLIENT", "KILL", "ID", own_id)
+    wait_until(lambda: not admin.execute_command("CLIENT", "LIST", "ID", own_id), timeout=WAIT_S, what="the kill")
+    admin.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_the_next_command(make, server, clock):
+    store = make(monotonic=clock.monotonic)
+    store.admit([new("before", clock)])
+    _close_from_the_server(server, store)
+    clock.advance(redis_store._IDLE_CHECK_S + 1)
+    store.admit([new("after", clock)])  # a script
+    _close_from_the_server(server, store)
+    clock.advance(redis_store._IDLE_CHECK_S + 1)
+    assert store.get("after").state is State.QUEUED
+    _close_from_the_server(server, store)
+    clock.advance(redis_store._IDLE_CHECK_S + 1)
+    assert store.recover(lambda task: None) == []  # a plain command (the lease keeper's sweep)
+    assert store._outages == 0  # an idle connection closed is no outage: the other threads keep theirs
+
+
+def test_a_connection_in_steady_use_is_not_looked_at_before_each_command(make, server, clock, monkeypatch):
+    store = make(monotonic=clock.monotonic)
+    store.get("x")
+    looked = []
+    monkeypatch.setattr(redis_store, "_drop_if_closed", looked.append)
+    for _ in range(3):
+        store.get("x")
+        clock.advance(redis_store._IDLE_CHECK_S / 2)
+    assert looked == []
+    clock.advance(redis_store._IDLE_CHECK_S)
+    store.get("x")
+    assert len(looked) == 1

@@ -75,6 +75,10 @@ _HAND_OVER_TRIES = 10  # runs of an admission's interrupted hand-over at most (s
 _BLPOP_LATE_S = 0.1
 _DUE_POLL_S = 0.005
 
+# A thread's connection idle longer than this is looked at before its next command (see RedisStore._client):
+# Redis's own `timeout` (1 s at least) and proxies close idle connections, which only a read tells.
+_IDLE_CHECK_S = 1.0
+
 # Forks this process descends from: a thread's client made under another count belongs to an
 # ancestor (see RedisStore._client). Comparing os.getpid() instead cost a system call per command.
 _forks = 0
@@ -566,6 +570,20 @@ def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
     return StoreUnavailable(f"redis: {exc}")
 
 
+def _drop_if_closed(connection: redis.Connection) -> None:
+    """Disconnect ``connection`` if the server closed it (or it holds a reply nobody asked for): one
+    non-blocking read. The next command then connects anew, as redis-py's pool does at each check-out.
+    A connection not connected is left alone: its next command connects (and reports an outage)."""
+    if connection._sock is None:
+        return
+    try:
+        if not connection.can_read(timeout=0):
+            return
+    except (redis.ConnectionError, OSError):
+        pass  # closed by the server: "Connection closed by server"
+    connection.disconnect()
+
+
 # What redis-py's pool takes for "no cap" (its own default is 100; 0 or None mean that default).
 _NO_CONNECTION_CAP = 2**31
 
@@ -738,6 +756,7 @@ class RedisStore(TaskStore):
         max_finished: int,
         prefix: str = "workerpool",
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 1 or ttl <= 0 or max_finished < 1:
             raise ValueError("capacity and max_finished must be >= 1 and ttl > 0")
@@ -745,6 +764,7 @@ class RedisStore(TaskStore):
         self._ttl = ttl
         self._max_finished = max_finished
         self._clock = clock
+        self._monotonic = monotonic
         self._redis = client
         self._local = threading.local()  # each thread's own client (see _client)
         # Scripts that change tasks carry a deadline a little before the client's socket timeout.
@@ -823,8 +843,15 @@ class RedisStore(TaskStore):
         would fail although Redis is back: once any thread's command has
         failed on the connection level, each thread connects anew before its
         next command (``_outages``).
+
+        Redis (its ``timeout``) or a proxy between closes a connection that
+        sits idle, and a command sent on it fails although Redis is well: a
+        connection idle for _IDLE_CHECK_S is looked at first (one
+        non-blocking read), and replaced if it was closed. Nothing was sent on
+        it, so nothing is lost or done twice, and it is no outage.
         """
         local = self._local
+        now = self._monotonic()
         if local.__dict__.get("forks") != _forks:
             local.client = redis.Redis(connection_pool=self._redis.connection_pool, single_connection_client=True)
             local.forks = _forks
@@ -832,6 +859,9 @@ class RedisStore(TaskStore):
         elif local.outages != self._outages:
             local.outages = self._outages
             local.client.connection.disconnect()  # the next command connects again
+        elif now - local.used_at > _IDLE_CHECK_S:
+            _drop_if_closed(local.client.connection)
+        local.used_at = now
         return local.client
 
     def _failed(self, exc: redis.RedisError) -> StoreUnavailable:
