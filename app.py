@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import errno
 import importlib
@@ -41,7 +42,16 @@ from service.metrics import Metrics
 from service.metrics import bp as metrics_bp
 from service.request_reader import BodyLimits
 from service.root_path import under_root_path
-from workerpool import Handler, PoolObserver, ShutdownSummary, SimulatedWork, StoreUnavailable, TaskStore, WorkerPool
+from workerpool import (
+    Handler,
+    PoolObserver,
+    ShutdownSummary,
+    SimulatedWork,
+    StoreOutOfMemory,
+    StoreUnavailable,
+    TaskStore,
+    WorkerPool,
+)
 from workerpool.stores.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -118,6 +128,7 @@ def reach_store(config: Config) -> list[str]:
     try:
         if config.store.kind == "redis":
             store.stats()
+            _check_writes(store)
             return _redis_warnings(config, store)
         return []
     except (ValueError, TypeError, IndexError, KeyError) as exc:
@@ -166,6 +177,17 @@ def check_store(config: Config) -> None:
         raise SystemExit(EXIT_BAD_CONFIG) from None
     for warning in warnings:  # said, not refused: the store works, but not as the operator believes
         write_startup_line(f"warning: {warning}", "WARNING")
+
+
+def _check_writes(store: TaskStore) -> None:
+    """Raise StoreUnavailable if the Redis server never takes the store's writes (a read-only replica, an ACL
+    user without write rights): every submission and claim would be refused. A server at maxmemory passes: it
+    takes writes again once tasks end and retention frees room, which needs the service running."""
+    from workerpool.stores.redis_store import RedisStore  # imported by open_store already: no cost
+
+    if isinstance(store, RedisStore):
+        with contextlib.suppress(StoreOutOfMemory):
+            store.check_writes()
 
 
 def _redis_warnings(config: Config, store: TaskStore) -> list[str]:

@@ -1415,3 +1415,51 @@ def test_a_connection_in_steady_use_is_not_looked_at_before_each_command(make, s
     clock.advance(redis_store._IDLE_CHECK_S)
     store.get("x")
     assert len(looked) == 1
+
+
+def _start_check(settings, capsys) -> tuple[int | None, str]:
+    """app.check_store's exit code (None: it passed) and what it wrote."""
+    try:
+        app.check_store(settings)
+    except SystemExit as stop:
+        return stop.code, capsys.readouterr().err
+    return None, capsys.readouterr().err
+
+
+def test_a_read_only_replica_stops_the_start_with_one_line(server, tmp_path, capsys):
+    replica = RedisServer(tmp_path)
+    replica.start("--replicaof", "127.0.0.1", str(server.port))
+    try:
+        code, said = _start_check(config.from_env({"STORE": replica.url}), capsys)
+    finally:
+        replica.stop(signal.SIGKILL)
+    assert code == 2
+    assert said.startswith("store error: STORE cannot be used: redis: You can't write against a read only replica")
+    assert said.count("\n") == 1
+
+
+def test_an_acl_user_that_may_only_read_stops_the_start_with_one_line(server, capsys):
+    admin = server.client()
+    try:
+        admin.acl_setuser("wp-reader", enabled=True, passwords=["+reader-pass-1234"], keys=["{wp}*"], channels=["*"],
+                          commands=["+@read", "+@connection", "+evalsha", "+script"])  # fmt: skip
+        url = f"redis://wp-reader:reader-pass-1234@127.0.0.1:{server.port}/0"
+        code, said = _start_check(config.from_env({"STORE": url, "STORE_PREFIX": "wp"}), capsys)
+    finally:
+        admin.acl_deluser("wp-reader")
+        admin.close()
+    assert code == 2
+    assert said.startswith("store error: STORE cannot be used: redis: ")
+    assert "can't run this command" in said
+
+
+def test_a_redis_at_maxmemory_still_lets_the_service_start(server, capsys):
+    # Full now, not for good: tasks that end and retention free room, which needs the service running.
+    admin = server.client()
+    admin.config_set("maxmemory", 1)
+    try:
+        code, said = _start_check(config.from_env({"STORE": server.url}), capsys)
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    assert (code, said) == (None, "")

@@ -1334,10 +1334,15 @@ class RedisStore(TaskStore):
     def health(self) -> str | None:
         """Why Redis refuses a write now (unreachable, maxmemory reached, a read-only replica), or None."""
         try:
-            self._run("health", self._clock())
+            self.check_writes()
         except StoreUnavailable as exc:
             return str(exc)
         return None
+
+    def check_writes(self) -> None:
+        """Make one small write of the store's own: StoreUnavailable if Redis refuses it (a read-only replica, an
+        ACL user without write rights, unreachable), StoreOutOfMemory if Redis is at maxmemory."""
+        self._run("health", self._clock())
 
     def close(self) -> None:
         self._redis.close()
