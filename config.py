@@ -249,14 +249,26 @@ def _check_redis_options(text: str) -> None:
     _check_redis_tls_files(connection)
 
 
+# The shortest socket_timeout taken. A step that changes tasks must reach Redis within half of it (a second
+# before it from 2 s on, see RedisStore): 0.1 s left 50 ms, and a busy moment of Redis or of this host then
+# refused submissions and claims as late at random (0.01 s: 15 of 100 submissions) while /healthz said ok.
+MIN_REDIS_SOCKET_TIMEOUT_S = 1
+
+
 def _check_redis_timeouts(connection: object) -> None:
-    """Stop the start on a timeout that is not a number of seconds above 0: 0 made every step's deadline pass
-    before it reached Redis (each submission and claim refused while /healthz said ok), and 0, nan and inf
-    are no timeout at all to the kernel, or fail to set."""
-    for option in ("socket_timeout", "socket_connect_timeout"):
+    """Stop the start on a timeout that is not a number of seconds (at least MIN_REDIS_SOCKET_TIMEOUT_S for
+    socket_timeout, above 0 for socket_connect_timeout): nan and inf are no timeout at all to the kernel, or
+    fail to set."""
+    for option, least in (("socket_timeout", MIN_REDIS_SOCKET_TIMEOUT_S), ("socket_connect_timeout", 0)):
         seconds = getattr(connection, option, None)
-        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"is not a Redis URL: {option}={seconds!r} must be a number of seconds above 0")
+        if seconds is None or (math.isfinite(seconds) and seconds >= least and seconds > 0):
+            continue
+        if least:
+            raise ValueError(
+                f"is not a Redis URL: {option}={seconds!r} must be a number of seconds, at least {least}: each step"
+                " that changes tasks must reach Redis within half of it"
+            )
+        raise ValueError(f"is not a Redis URL: {option}={seconds!r} must be a number of seconds above 0")
 
 
 # The files a rediss:// URL may name: its query option, the attribute of redis-py's connection that holds it.

@@ -131,6 +131,12 @@ def test_every_field_has_a_variable():
         ("STORE", "sqlite:///t.db?synchronous=NORMAL", "store", StoreSetting("sqlite", "/t.db", "NORMAL")),
         ("STORE", "redis://127.0.0.1:6379/0", "store", StoreSetting("redis", url="redis://127.0.0.1:6379/0")),
         ("STORE", "rediss://:pw@cache.internal", "store", StoreSetting("redis", url="rediss://:pw@cache.internal")),
+        (
+            "STORE",
+            "redis://c/0?socket_timeout=1&socket_connect_timeout=0.5",
+            "store",
+            StoreSetting("redis", url="redis://c/0?socket_timeout=1&socket_connect_timeout=0.5"),
+        ),
         ("STORE_PREFIX", "jobs:eu-1", "store_prefix", "jobs:eu-1"),
         ("REDIS_PASSWORD", "hunter2", "redis_password", "hunter2"),
         ("METRICS_DIR", "/run/workerpool-metrics", "metrics_dir", "/run/workerpool-metrics"),
@@ -153,6 +159,10 @@ MAX_CONNECTIONS_REFUSED = (
     "a few more), and a pool at its cap refuses the next thread's commands (Too many connections) instead of waiting"
 )
 BAD_TIMEOUT = "is not a Redis URL: {} must be a number of seconds above 0"
+SHORT_TIMEOUT = (
+    "is not a Redis URL: {} must be a number of seconds, at least 1: each step that changes tasks must reach Redis"
+    " within half of it"
+)
 BAD_VALUES = [
     ("WORKERS", "0", f"{INTEGER} 1 to 256"),
     ("WORKERS", "-1", f"{INTEGER} 1 to 256"),
@@ -243,10 +253,13 @@ BAD_VALUES = [
     ("STORE", "redis://cache/zero", "is not a Redis URL: the database must be a number, not 'zero'"),
     ("STORE", "redis://c/0?db=x", BAD_REDIS_OPTION.format("db")),
     ("STORE", "redis://c/0?socket_timeout=x", BAD_REDIS_OPTION.format("socket_timeout")),
-    # 0: every step's deadline passed before it reached Redis; nan, inf and below 0 ended in a traceback.
-    ("STORE", "redis://c/0?socket_timeout=0", BAD_TIMEOUT.format("socket_timeout=0.0")),
-    ("STORE", "redis://c/0?socket_timeout=nan", BAD_TIMEOUT.format("socket_timeout=nan")),
-    ("STORE", "redis://c/0?socket_timeout=inf", BAD_TIMEOUT.format("socket_timeout=inf")),
+    # 0: every step's deadline passed before it reached Redis, and under a second steps were refused as late at
+    # random; nan, inf and below 0 ended in a traceback.
+    ("STORE", "redis://c/0?socket_timeout=0", SHORT_TIMEOUT.format("socket_timeout=0.0")),
+    ("STORE", "redis://c/0?socket_timeout=0.1", SHORT_TIMEOUT.format("socket_timeout=0.1")),
+    ("STORE", "redis://c/0?socket_timeout=0.999", SHORT_TIMEOUT.format("socket_timeout=0.999")),
+    ("STORE", "redis://c/0?socket_timeout=nan", SHORT_TIMEOUT.format("socket_timeout=nan")),
+    ("STORE", "redis://c/0?socket_timeout=inf", SHORT_TIMEOUT.format("socket_timeout=inf")),
     ("STORE", "redis://c/0?socket_connect_timeout=-1", BAD_TIMEOUT.format("socket_connect_timeout=-1.0")),
     ("STORE", "redis://cache/0?timeout=5", "is not a Redis URL: unknown option timeout"),
     ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs"),
