@@ -456,7 +456,10 @@ def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
                 why = f"is a link to {os.readlink(dotenv_path)}, which does not exist"
             raise ConfigError(f"{dotenv_path} {why}: the settings in it cannot be read (remove it, or make it a file)")
         _check_dotenv(dotenv_path)
-        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        # Taken as written: python-dotenv would otherwise replace ``${NAME}`` (quoted or not) with the
+        # environment's value, or nothing, and start with a token or password other than the one in the file.
+        literal = dotenv_values(dotenv_path, interpolate=False)
+        merged.update({k: v for k, v in literal.items() if v is not None})
         _check_not_blanked(merged, dotenv_path)
     merged.update(os.environ)
     return merged

@@ -411,6 +411,23 @@ def test_dotenv_fills_in_and_the_real_environment_wins(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("line", "token"),
+    [
+        ("API_TOKEN=abcdefgh${HOME}ijkl\n", "abcdefgh${HOME}ijkl"),
+        ("API_TOKEN='abcdefghijklmnop${UNSET_NAME}yz'\n", "abcdefghijklmnop${UNSET_NAME}yz"),
+        ('API_TOKEN="abcdefghijklmnop${HOME}yz"\n', "abcdefghijklmnop${HOME}yz"),
+    ],
+)
+def test_a_dotenv_value_is_taken_as_written_without_expanding_names(tmp_path, monkeypatch, line, token):
+    # ${NAME} was replaced by the environment's value (or nothing): the service ran with another token.
+    monkeypatch.setenv("HOME", "/root")
+    monkeypatch.delenv("UNSET_NAME", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(line)
+    assert config.load(dotenv).api_token == token
+
+
+@pytest.mark.parametrize(
     ("text", "line"),
     [
         ("WORKERS=2\nWORKERS 5\n", 2),
