@@ -19,9 +19,13 @@ While the server runs nothing else removes a counts file, but a tmp cleaner may
 (an idle server's files age untouched) or remove the whole directory. Then the
 sum must not go backwards: a process writes its own files again, making the
 directory again if need be, and a reader keeps the counts it read before, writing
-an ended process's file back from them. A running process's counts read before may be
-older than what it has answered since, so a reader waits (up to ``REPUBLISH_WAIT_S``)
-for that process to write its file again, as it does within ``PUBLISH_INTERVAL_S``.
+an ended process's file back from them. It writes back under the exclusive lock, and
+not a file the retired record lists; whoever writes the retired record again (a reader,
+or the arbiter from its own copy) removes such a file a reader that had not read the
+fold wrote back, so no ended process is counted twice. A running process's counts read
+before may be older than what it has answered since, so a reader waits (up to
+``REPUBLISH_WAIT_S``) for that process to write its file again, as it does within
+``PUBLISH_INTERVAL_S``.
 
 The directory is trusted only while it is private: a directory (not a symlink) of this
 process's user that no other user can write. A directory another local user made at its
@@ -167,13 +171,30 @@ def _fold(directory: Path, name: str) -> None:
         counts = _read(directory / name)
         if counts is None:
             return
-        # The arbiter alone writes this file: its own copy stands in for one a tmp cleaner removed.
-        retired = _read(directory / RETIRED) or _retired.get(directory) or {"counts": {}, "folded": {}}
+        retired = _read(directory / RETIRED)
+        if retired is None and directory in _retired:
+            # Removed by a tmp cleaner: the arbiter's own copy stands in for it, and files of processes it
+            # folded, written back by readers that had not read the fold, would count those processes twice.
+            retired = _retired[directory]
+            _drop_folded_copies(directory, retired["folded"])
+        retired = retired or {"counts": {}, "folded": {}}
         folded = dict(retired["folded"])
         folded[name] = folded.get(name, 0) + 1
         retired = _retired[directory] = {"counts": add(retired["counts"], counts), "folded": folded}
         _replace(directory / RETIRED, json.dumps(retired))
-        (directory / name).unlink()
+        (directory / name).unlink(missing_ok=True)  # gone already if it was a copy of an earlier fold of the pid
+
+
+def _drop_folded_copies(directory: Path, folded: dict[str, int]) -> None:
+    """Remove the counts files of ended processes that ``folded`` (a retired record) says are in the retired counts.
+
+    Such a file is a copy a reader wrote back from what it read before the fold (a running process
+    that got the pid since writes its own). Call it with the fold lock held exclusively.
+    """
+    for name in folded:
+        pid = name[len(COUNTS) : -len(SUFFIX)]
+        if pid.isdigit() and not _alive(int(pid)):
+            (directory / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -235,9 +256,6 @@ class ProcessSnapshots:
 
     def read(self) -> tuple[Snapshot, dict[int, Snapshot]]:
         """Every process's counts added up, and the gauges of each process still running, by pid."""
-        counts: dict[str, Snapshot] = {}
-        live: dict[int, Snapshot] = {}
-        folded: dict[str, int] | None = None
         try:
             check_private(self.directory)
         except UntrustedDirectory:  # not ours (publishing logged why): nothing read or written there
@@ -251,6 +269,23 @@ class ProcessSnapshots:
             return total, {}
         except OSError:
             pass  # removed: made again as this process's files and the ended ones' are written back
+        counts, live, gone = self._listed()
+        ended = {name: snapshot for name, snapshot in gone.items() if self._of_ended_process(name)}
+        if ended and self._write_back(ended):
+            counts, live, gone = self._listed()  # as every process reads it now
+        if gone:
+            counts.update(self._republished({name for name in gone if not self._of_ended_process(name)}))
+            gone = {name: snapshot for name, snapshot in gone.items() if name not in counts}
+        total: Snapshot = {}
+        for snapshot in [*counts.values(), *gone.values()]:
+            total = add(total, snapshot)
+        return total, live
+
+    def _listed(self) -> tuple[dict[str, Snapshot], dict[int, Snapshot], dict[str, Snapshot]]:
+        """The counts files found, the gauges of running processes by pid, and the counts read before of files gone."""
+        counts: dict[str, Snapshot] = {}
+        live: dict[int, Snapshot] = {}
+        folded: dict[str, int] | None = None
         with _locked(self.directory, fcntl.LOCK_SH):  # no fold between the listing and the reads
             try:
                 names = [path.name for path in self.directory.iterdir()]
@@ -273,23 +308,16 @@ class ProcessSnapshots:
         with self._seen_lock:
             self._seen.update(counts)
             if folded is not None:  # files folded since the last read are in the retired counts now
-                for name, times in folded.items():
-                    if times > self._folded.get(name, 0) and name not in counts:
-                        self._seen.pop(name, None)
+                for name in [name for name in self._seen if name in folded and name not in counts]:
+                    # Folded again since, or a copy written back that the record had folded already.
+                    if folded[name] > self._folded.get(name, 0) or self._of_ended_process(name):
+                        del self._seen[name]
                 self._folded = folded
             self._not_republished.difference_update(counts)
             gone = {name: snapshot for name, snapshot in self._seen.items() if name not in counts}
             if self._own is not None and self._counts_path.name in gone:
                 gone[self._counts_path.name] = self._own  # this process's own: its latest, not its last read
-        if gone:
-            ended = {name for name in gone if self._of_ended_process(name)}
-            counts.update(self._republished({name for name in gone if name not in ended}))
-            self._write_back({name: gone[name] for name in ended})
-            gone = {name: snapshot for name, snapshot in gone.items() if name not in counts}
-        total = {}
-        for snapshot in [*counts.values(), *gone.values()]:
-            total = add(total, snapshot)
-        return total, live
+        return counts, live, gone
 
     def _republished(self, names: set[str]) -> dict[str, Snapshot]:
         """The removed counts files ``names`` of running processes, as those processes write them again.
@@ -322,25 +350,52 @@ class ProcessSnapshots:
             self._not_republished.update(stalled)
         return back
 
-    def _write_back(self, ended: dict[str, Snapshot]) -> None:
-        """Write again the counts files of ended processes that were removed, from what was read of them."""
+    def _write_back(self, ended: dict[str, Snapshot]) -> bool:
+        """Write again the counts files of ended processes that were removed, from what was read of them.
+
+        Whether anything was written. Under the fold lock held exclusively, so that no fold, and no
+        other reader's writing back, comes between what is found in the directory and what is written.
+        """
         # Never a running process's: it writes its own, and an older copy from here could replace a newer one.
-        for name in ended:
-            if name == RETIRED:
-                with self._seen_lock:
-                    text = json.dumps({"counts": ended[name], "folded": self._folded})
-            else:
-                text = json.dumps(ended[name])
+        written = 0
+        try:
+            _make_again(self.directory)  # now, so that the lock below is the one the others take
+        except OSError as error:  # not private any more, say: the counts stay in this process's sum meanwhile
+            log.warning("could not write back the removed metrics files in %s: %s", self.directory, error)
+            return False
+        with _locked(self.directory, fcntl.LOCK_EX):
             try:
-                _replace(self.directory / name, text)
-            except OSError as error:  # a full disk, say: the counts stay in this process's sum meanwhile
-                log.warning("could not write back the removed metrics file %s: %s", self.directory / name, error)
-        if ended:
+                record = _read(self.directory / RETIRED)
+            except OSError:
+                record = None
+            folded = record["folded"] if record is not None else {}
+            for name in sorted(ended, key=lambda name: name != RETIRED):  # the retired counts first
+                path = self.directory / name
+                if name == RETIRED:
+                    if record is not None:
+                        continue  # written back meanwhile by another process, or by the arbiter's next fold
+                    with self._seen_lock:
+                        folded = dict(self._folded)
+                    text = json.dumps({"counts": ended[name], "folded": folded})
+                elif name in folded or os.path.lexists(path):
+                    continue  # its counts are in the retired ones, or its file was written back meanwhile
+                else:
+                    text = json.dumps(ended[name])
+                try:
+                    _replace(path, text)
+                except OSError as error:  # a full disk, say: the counts stay in this process's sum meanwhile
+                    log.warning("could not write back the removed metrics file %s: %s", path, error)
+                    continue
+                written += 1
+                if name == RETIRED:
+                    _drop_folded_copies(self.directory, folded)
+        if written:
             log.warning(
                 "%d metrics file(s) of ended processes were removed from %s (a tmp cleaner?): written back",
-                len(ended),
+                written,
                 self.directory,
             )
+        return written > 0
 
     def _of_ended_process(self, counts_name: str) -> bool:
         if counts_name == RETIRED:
@@ -356,14 +411,7 @@ def _replace(path: Path, text: str) -> None:
     """
     # A name of this thread's own: several processes, or scrapes of one, may write one file back at once.
     partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{PARTIAL}")
-    try:
-        check_private(path.parent)
-    except FileNotFoundError:
-        # Made as mkdtemp does: if another user made one at this path meanwhile, it is not adopted.
-        with contextlib.suppress(FileExistsError):  # made again meanwhile by another of our processes
-            path.parent.mkdir(mode=0o700, parents=True)
-            log.warning("the metrics directory %s was removed (a tmp cleaner?): made again", path.parent)
-        check_private(path.parent)
+    _make_again(path.parent)
     try:
         _write(partial, text)
         os.replace(partial, path)
@@ -371,6 +419,18 @@ def _replace(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):  # a full disk leaves the file begun: one a round would pile up
             partial.unlink(missing_ok=True)
         raise
+
+
+def _make_again(directory: Path) -> None:
+    """Make ``directory`` again if it was removed; raise UntrustedDirectory if it is not private (see check_private)."""
+    try:
+        check_private(directory)
+    except FileNotFoundError:
+        # Made as mkdtemp does: if another user made one at this path meanwhile, it is not adopted.
+        with contextlib.suppress(FileExistsError):  # made again meanwhile by another of our processes
+            directory.mkdir(mode=0o700, parents=True)
+            log.warning("the metrics directory %s was removed (a tmp cleaner?): made again", directory)
+        check_private(directory)
 
 
 def _write(path: Path, text: str) -> None:

@@ -357,6 +357,45 @@ def test_a_removed_directory_is_made_again_and_the_sum_does_not_go_back(tmp_path
     assert "1 metrics file(s) of ended processes were removed" in caplog.text
 
 
+def test_an_ended_process_s_counts_written_back_are_not_summed_twice_once_the_arbiter_folds_again(tmp_path):
+    # A reader that had not read the retired counts writes an ended process's file back; the arbiter, its retired
+    # file gone, folds the next ended process into its own copy, which holds that process's counts already.
+    directory = tmp_path / "metrics"
+    first, second = ended_pid(), ended_pid()  # two workers, which end one after the other
+    _counted(metrics_share.ProcessSnapshots(directory, pid=first), 20)
+    survivor = metrics_share.ProcessSnapshots(directory, pid=second)
+    _counted(survivor, 20)
+    assert _summed(survivor) == 40
+    metrics_share.mark_process_dead(directory, first)
+    shutil.rmtree(directory)  # a tmp cleaner
+    _counted(survivor, 20)
+    assert _summed(survivor) == 40
+    metrics_share.mark_process_dead(directory, second)
+    replacement = metrics_share.ProcessSnapshots(directory, pid=os.getpid())
+    _counted(replacement, 0)
+    assert _summed(replacement) == 40  # not 60: the first one's counts in the retired ones and in its file
+    assert _counts_files(directory) == {"retired": 40, os.getpid(): 0}
+
+
+def test_readers_that_knew_different_records_write_back_an_ended_process_s_counts_once(tmp_path):
+    directory, gone = tmp_path / "metrics", ended_pid()
+    _counted(metrics_share.ProcessSnapshots(directory, pid=gone), 20)
+    stale = metrics_share.ProcessSnapshots(directory, pid=os.getppid(), wait=lambda seconds: None)
+    knowing = metrics_share.ProcessSnapshots(directory, pid=os.getpid(), wait=lambda seconds: None)
+    _counted(stale, 1)
+    _counted(knowing, 2)
+    assert _summed(stale) == 23  # read before the fold: it knows the ended process's own file
+    metrics_share.mark_process_dead(directory, gone)
+    assert _summed(knowing) == 23  # read after it: it knows the retired counts
+    shutil.rmtree(directory)  # a tmp cleaner
+    _counted(stale, 1)
+    assert _summed(stale) == 23  # writes the ended process's file back
+    _counted(knowing, 2)
+    assert _summed(knowing) == 23  # writes the retired file back: the file written back before is a copy of it
+    assert _summed(stale) == 23
+    assert _counts_files(directory) == {"retired": 20, os.getppid(): 1, os.getpid(): 2}
+
+
 def _scrape_in_time(metrics: Metrics) -> float:
     """The accepted count a scrape answers, failing (not hanging the run) if it does not answer within WAIT_S."""
     answers: list[float] = []
