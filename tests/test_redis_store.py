@@ -1321,17 +1321,36 @@ def test_a_password_is_found_unneeded_only_where_the_server_answers_without_one(
     with_password = f"redis://:pw-0123456789@127.0.0.1:{server.port}/0"
     # Redis without requirepass takes any password: nothing else would say it protects nothing.
     assert connect(with_password).ping()
-    assert redis_store.password_unneeded(connect(with_password))
-    assert redis_store.password_unneeded(connect(server.url, password="pw-0123456789"))
-    assert not redis_store.password_unneeded(connect(server.url))  # none given: nothing to warn about
+    assert redis_store.password_unneeded(connect(with_password), "{workerpool}")
+    assert redis_store.password_unneeded(connect(server.url, password="pw-0123456789"), "{workerpool}")
+    assert not redis_store.password_unneeded(connect(server.url), "{workerpool}")  # none given: nothing to warn about
     protected = _PasswordServer(tmp_path)
     protected.start("--requirepass", "pw-0123456789")
     try:
-        assert not redis_store.password_unneeded(protected.client())
+        assert not redis_store.password_unneeded(protected.client(), "{workerpool}")
         protected.stop(signal.SIGKILL)
-        assert not redis_store.password_unneeded(protected.client())  # unreachable: not known to be unneeded
+        assert not redis_store.password_unneeded(protected.client(), "{workerpool}")  # unreachable: not known
     finally:
         protected.stop(signal.SIGKILL)
+
+
+def test_a_password_is_not_said_to_protect_nothing_where_the_default_user_may_only_ping(tmp_path, capsys):
+    # The ACL setup the warning itself recommends: the store's user has a password, the default user has none
+    # but may run nothing beyond the connection's own commands (PING among them).
+    locked = RedisServer(tmp_path)
+    locked.start()
+    try:
+        admin = locked.client()
+        admin.acl_setuser("wp", enabled=True, passwords=["+wp-pass-0123456"], keys=["{wp}*"], channels=["*"],
+                          commands=["+@all", "-@dangerous"])  # fmt: skip
+        admin.execute_command("ACL", "SETUSER", "default", "on", "nopass", "resetkeys", "resetchannels", "-@all",
+                              "+@connection")  # fmt: skip
+        assert admin.ping()  # anonymous: answered
+        url = f"redis://wp:wp-pass-0123456@127.0.0.1:{locked.port}/0"
+        code, said = _start_check(config.from_env({"STORE": url, "STORE_PREFIX": "wp"}), capsys)
+    finally:
+        locked.stop(signal.SIGKILL)
+    assert (code, said) == (None, "")
 
 
 def test_an_acl_user_without_the_bare_prefix_key_is_told_the_pattern_it_needs(server, clock):

@@ -617,15 +617,18 @@ def connect(url: str, *, password: str | None = None, timeout: float = 5.0) -> r
     return redis.Redis.from_url(url, **options)
 
 
-def password_unneeded(client: redis.Redis) -> bool:
-    """Whether ``client`` authenticates to a server that answers a connection without credentials as well.
+def password_unneeded(client: redis.Redis, key: str) -> bool:
+    """Whether ``client`` authenticates to a server that answers a connection without credentials as well,
+    reading ``key`` (one of the store's keys).
 
     A Redis without ``requirepass`` (its default user ``nopass``) accepts any
     password for that user (redis-py authenticates with ``HELLO 3 AUTH``), so
     a password in the URL or ``REDIS_PASSWORD`` protects nothing and nothing
     says so. One connection without credentials tells: answered, the password
     is not needed. False when the client sends no password, when the server
-    asks for one (``NOAUTH``), or when the server cannot be reached.
+    asks for one (``NOAUTH``), when its default user may not read ``key``
+    (an ACL ``default`` user left only ``PING``: the password guards the
+    store), or when the server cannot be reached.
     """
     pool = client.connection_pool
     settings = pool.connection_kwargs
@@ -635,7 +638,7 @@ def password_unneeded(client: redis.Redis) -> bool:
     connection = pool.connection_class(**anonymous)
     try:
         connection.connect()
-        connection.send_command("PING")
+        connection.send_command("EXISTS", key)
         connection.read_response()
     except redis.RedisError:
         return False
@@ -826,7 +829,7 @@ class RedisStore(TaskStore):
 
     def password_unneeded(self) -> bool:
         """Whether the server would answer this store without the password it is given (see ``password_unneeded``)."""
-        return password_unneeded(self._redis)
+        return password_unneeded(self._redis, self._prefix)
 
     def _client(self) -> redis.Redis:
         """This thread's client, holding one connection of the pool for good.
