@@ -3,24 +3,28 @@
 /healthz is open to anyone who reaches the service (probes need no token),
 and a store's reason names its place: the SQLite file's path ("/srv/x/tasks.db:
 the task file was removed..."), the Redis server's address ("Error 111
-connecting to 10.0.3.7:6379"). Those are replaced by what they stand for; the
-log keeps them whole.
+connecting to 10.0.3.7:6379"), or another node of its Redis Cluster. Those are
+replaced by what they stand for; the log keeps them whole.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from config import StoreSetting
+
+# A Redis Cluster node the store's reason names besides STORE's: the one its slot moved to (see redis_store).
+_CLUSTER_NODE = re.compile(r"the cluster node \S+?(?=[,:;]\s)")
 
 
 def public_reason(reason: str, store: StoreSetting) -> str:
     """``reason`` with the store's path or address replaced by what it is."""
     for place, name in _places(store):
         reason = reason.replace(place, name)
-    return reason
+    return _CLUSTER_NODE.sub("another cluster node", reason)
 
 
 def _places(store: StoreSetting) -> list[tuple[str, str]]:

@@ -183,6 +183,11 @@ def test_the_dashboard_s_figures_are_a_503_while_the_store_cannot_be_written_tho
             "redis: Timeout reading from the Redis server",
         ),
         (
+            StoreSetting("redis", url="redis://10.0.3.7:7000/0"),
+            "redis: the store's keys (hash slot 8856) are served by the cluster node 10.0.3.9:7001, not by ...",
+            "redis: the store's keys (hash slot 8856) are served by another cluster node, not by ...",
+        ),
+        (
             StoreSetting("sqlite", path="/srv/secret/tasks.db"),
             "/srv/secret/tasks.db: the task file was removed while open; /srv/secret is full",
             "the task file: the task file was removed while open; the task file's directory is full",

@@ -1482,3 +1482,49 @@ def test_a_redis_at_maxmemory_still_lets_the_service_start(server, capsys):
         admin.config_set("maxmemory", 0)
         admin.close()
     assert (code, said) == (None, "")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two Redis Cluster nodes: the default store's slot served by the second, every other slot by the first."""
+    nodes = [RedisServer(tmp_path_factory.mktemp(name)) for name in ("a", "b")]
+    try:
+        for node in nodes:
+            node.start("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        first, second = (node.client() for node in nodes)
+        slot = first.cluster("keyslot", "{workerpool}")
+        first.execute_command("CLUSTER ADDSLOTSRANGE", 0, slot - 1, slot + 1, 16383)
+        second.execute_command("CLUSTER ADDSLOTS", slot)
+        first.execute_command("CLUSTER MEET", "127.0.0.1", nodes[1].port)
+        wait_until(
+            lambda: all(client.cluster("info")["cluster_state"] == "ok" for client in (first, second)),
+            timeout=WAIT_S,
+            what="both nodes to learn that every slot is served",
+        )
+        yield nodes, slot
+    finally:
+        for node in nodes:
+            node.stop(signal.SIGKILL)
+
+
+def test_a_cluster_node_that_does_not_serve_the_stores_slot_is_refused_naming_the_node_that_does(cluster, clock):
+    (first, second), slot = cluster
+    store = RedisStore(first.client(), capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
+    with pytest.raises(StoreUnavailable) as refused:
+        store.stats()  # the start-up check
+    reason = str(refused.value)
+    assert f"hash slot {slot}" in reason and f"the cluster node 127.0.0.1:{second.port}," in reason
+    assert "point STORE at that node" in reason
+    assert store.health() == reason
+    # The node it names serves the store.
+    served = RedisStore(second.client(), capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
+    assert served.admit([new("a", clock)])[0].id == "a"
+    assert served.health() is None
+
+
+def test_a_cluster_node_asked_for_another_database_says_a_cluster_has_only_0(cluster, clock):
+    (first, _), _ = cluster
+    client = connect(first.url.removesuffix("/0") + "/1")
+    store = RedisStore(client, capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
+    with pytest.raises(StoreUnavailable, match=r"database 0 only: end STORE with /0"):
+        store.stats()

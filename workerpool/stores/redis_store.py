@@ -567,6 +567,19 @@ def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
             f"redis: {exc} (an ACL user needs the store's keys: the pattern ~{{STORE_PREFIX}}*, which covers "
             "{STORE_PREFIX} itself and every {STORE_PREFIX}:... key)"
         )
+    if isinstance(exc, redis.exceptions.AskError):  # MovedError too: a Redis Cluster node that does not serve the slot
+        node = f"{exc.host}:{exc.port}"
+        if isinstance(exc, redis.exceptions.MovedError):
+            where = f"are served by the cluster node {node}, not by the server STORE names"
+        else:
+            where = f"are being migrated to the cluster node {node}; once they are"
+        return StoreUnavailable(
+            f"redis: the store's keys (hash slot {exc.slot_id}) {where}: point STORE at that node (the store talks "
+            "to that one node and follows no redirection: when a reshard or a failover moves the slot, restart it "
+            "with the URL of the node that serves it)"
+        )
+    if isinstance(exc, redis.ResponseError) and "SELECT is not allowed in cluster mode" in str(exc):
+        return StoreUnavailable(f"redis: {exc} (a cluster node has database 0 only: end STORE with /0)")
     return StoreUnavailable(f"redis: {exc}")
 
 
