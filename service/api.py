@@ -13,7 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.urls import iri_to_uri
 from werkzeug.wsgi import get_content_length
 
-from workerpool import DuplicateTask, PoolStats, State, StoreUnavailable
+from workerpool import DuplicateTask, PoolStats, State, StoreUnavailable, WorkerPool
 
 from . import connection, request_id
 from .auth import require_token, token_required
@@ -258,7 +258,7 @@ def health() -> tuple[Response, int]:
     pool = services().pool
     try:
         stats = pool.stats()
-        store_error = stats.store_error or pool.store.health()
+        store_error = why_store_fails(pool, stats)
     except StoreUnavailable as exc:
         stats, store_error = None, str(exc)
     if stats is None or store_error is not None:
@@ -273,6 +273,14 @@ def _unavailable(body: dict[str, Any]) -> tuple[Response, int]:
     response = jsonify(body)
     response.headers["Retry-After"] = str(HEALTH_RETRY_AFTER_S)
     return response, 503
+
+
+def why_store_fails(pool: WorkerPool, stats: PoolStats) -> str | None:
+    """Why the task store cannot be used now, or None: what its figures said, else its own health check.
+
+    The figures may read well while nothing can be written (a full disk, a task file replaced while open).
+    """
+    return stats.store_error or pool.store.health()
 
 
 def health_figures(stats: PoolStats) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from workerpool import State, StoreUnavailable
 
-from .api import health_figures
+from .api import health_figures, why_store_fails
 from .context import services
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -79,8 +79,7 @@ def live() -> Response:
     """Report the pool's figures now and per second over the last minutes."""
     svc = services()
     stats = svc.pool.stats()
-    # As /healthz: the figures may read well while nothing can be written (a full disk, a replaced file).
-    store_error = stats.store_error or svc.pool.store.health()
+    store_error = why_store_fails(svc.pool, stats)  # as /healthz
     if store_error is not None:
         raise StoreUnavailable(store_error)
     body = {
