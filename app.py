@@ -269,6 +269,7 @@ def _drain_at_exit(pool_ref: weakref.ref[WorkerPool], timeout: float) -> None:
     pool = pool_ref()
     if pool is not None and pool.started and pool.accepting:
         log.info("%s", lifecycle.describe(pool.shutdown(timeout)))
+        lifecycle.close_store(pool.store)
 
 
 def load_handler(config: Config) -> Handler:
@@ -401,7 +402,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     server.serve_forever()
     server.server_close()
     controller.join()
-    lifecycle.exit_without(controller.wait_for_threads())
+    leftover = controller.wait_for_threads()
+    lifecycle.close_store(pool.store)
+    lifecycle.exit_without(leftover)
 
 
 if __name__ == "__main__":

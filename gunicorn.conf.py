@@ -427,11 +427,12 @@ def post_fork(server, worker):
 
 
 def worker_exit(server, worker):
-    """Wait for the drain the stop signal began (or begin it), then for threads handlers left behind."""
+    """Wait for the drain the stop signal began (or begin it) and for threads handlers left behind; close the store."""
     controller = getattr(worker, "controller", None)
     if controller is None:  # the app never loaded
         return
-    from service.lifecycle import NO_SIGNAL, exit_without
+    from app import pool_of
+    from service.lifecycle import NO_SIGNAL, close_store, exit_without
 
     controller.request_stop(NO_SIGNAL)  # a no-op once a signal began the drain
     # A worker retired while the server runs (kill -TTOU, --max-requests) drains with the arbiter's loop
@@ -447,7 +448,9 @@ def worker_exit(server, worker):
         from service.context import services
 
         services(worker.wsgi).metrics.stop_sharing()
-    exit_without(controller.wait_for_threads())
+    leftover = controller.wait_for_threads()
+    close_store(pool_of(worker.wsgi).store)
+    exit_without(leftover)
 
 
 def child_exit(server, worker):

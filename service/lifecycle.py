@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from workerpool import ShutdownSummary, State, WorkerPool
+from workerpool import ShutdownSummary, State, TaskStore, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,20 @@ class ShutdownController:
             log.exception("the drain failed")
         finally:
             self._requests.put((_DRAINED, self._clock()))
+
+
+def close_store(store: TaskStore) -> None:
+    """Release the store as the last step of a stop, once the drain is over and reported.
+
+    SQLite copies its write-ahead log into the task file and removes it when
+    the last connection to the file closes: a process that exits with its
+    connections still open leaves the recent tasks in ``-wal`` only, and a
+    copy of the file alone would hold none of them.
+    """
+    try:
+        store.close()
+    except Exception:  # the process must still exit
+        log.exception("closing the store failed")
 
 
 def exit_without(threads: list[str]) -> None:

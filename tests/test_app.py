@@ -9,6 +9,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+import weakref
 
 import pytest
 from doubles import FakeClock, instant
@@ -16,7 +17,7 @@ from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environm
 
 import app as app_module
 from app import build_pool, create_app, load_handler, parse_args, pool_of
-from config import VARIABLES, Config, ConfigError
+from config import VARIABLES, Config, ConfigError, StoreSetting
 from workerpool import SimulatedWork, State
 
 
@@ -31,6 +32,17 @@ def test_create_app_builds_the_pool_from_the_config_without_starting_it():
     assert (stats.workers, stats.queue_capacity, stats.accepting) == (3, 5, True)
     assert app.config["MAX_CONTENT_LENGTH"] == 4096
     assert pool_threads() == before  # started after fork, by a hook or the first submit
+
+
+def test_the_drain_at_exit_of_other_servers_closes_the_store(tmp_path):
+    # `flask run` and other WSGI servers have no stop hook: SQLite copies its log into the file once closed.
+    app = create_app(Config(store=StoreSetting("sqlite", str(tmp_path / "tasks.db")), work_min_ms=0, work_max_ms=0))
+    pool = pool_of(app)
+    pool.start()
+    assert app.test_client().post("/enqueue", json={"id": "t1", "payload": "p"}).status_code == 202
+    assert (tmp_path / "tasks.db-wal").exists()
+    app_module._drain_at_exit(weakref.ref(pool), 5.0)
+    assert not (tmp_path / "tasks.db-wal").exists()
 
 
 def test_the_app_serves_no_static_files():

@@ -16,10 +16,12 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -229,6 +231,23 @@ def test_a_thread_left_running_by_a_handler_delays_the_exit_a_bounded_time(start
     assert seconds < 12  # 3 s for the leftover threads; gunicorn would kill its worker after 20 s
     assert "exiting without waiting for 3 thread(s) still running: left-behind" in service.server.log()
     assert service.summary().group(3) == "0"
+
+
+@pytest.mark.parametrize(
+    "command, handler",
+    [(GUNICORN, {}), (APP, {}), (GUNICORN, {"TASK_HANDLER": "faults:leaves_a_thread", "PYTHONPATH": str(TESTS_DIR)})],
+    ids=["gunicorn", "app.py", "gunicorn-leftover-threads"],
+)
+def test_a_stopped_process_leaves_every_task_in_the_sqlite_file_itself(start, tmp_path, command, handler):
+    service = start(command, **store_env("sqlite", tmp_path), **handler)
+    accepted = service.enqueue(20)
+    code, _ = service.wait_exit_after(signal.SIGTERM, timeout=30)
+    assert code == 0
+    assert not (tmp_path / "tasks.db-wal").exists()  # copied into the file when the process closed it
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(tmp_path / "tasks.db", copy)  # the file alone, as a plain copy takes it
+    with closing(sqlite3.connect(copy)) as conn:
+        assert {task_id for (task_id,) in conn.execute("SELECT id FROM tasks")} == set(accepted)
 
 
 def test_a_further_signal_ends_the_wait_for_leftover_threads(start):

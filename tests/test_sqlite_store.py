@@ -1407,6 +1407,23 @@ def _checkpointed_ids(db, tmp_path):
         conn.close()
 
 
+def test_close_copies_every_task_into_the_database_file_while_another_process_has_it_open(
+    open_store, clock, db, tmp_path, monkeypatch
+):
+    # SQLite copies the WAL in when the last connection closes: with another process still on the file
+    # (the next worker of a server that stops), a plain copy of the file alone held none of the tasks.
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 10**9)
+    store = open_store()
+    other = open_store()
+    for n in range(5):
+        store.admit([task(clock, f"t{n}")])
+    store.close()
+    assert _checkpointed_ids(db, tmp_path) == [(f"t{n}",) for n in range(5)]
+    assert os.path.getsize(f"{db}-wal") == 0
+    assert [t.id for t in other.admit([task(clock, "after")])] == ["after"]
+
+
 def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_under_the_write_lock(
     open_store, clock, db, tmp_path, monkeypatch
 ):

@@ -501,6 +501,7 @@ class SqliteStore(TaskStore):
         return conn
 
     def close(self) -> None:
+        self._checkpoint_all()
         with self._connections_lock:
             self._closed = True
             connections = list(self._connections)
@@ -511,6 +512,24 @@ class SqliteStore(TaskStore):
         with self._sync_lock:
             self._close_wal()
         self.wake()
+
+    def _checkpoint_all(self) -> None:
+        """Copy the whole WAL into the task file and empty it, so that the file alone holds every task.
+
+        SQLite does so when the last connection to the file closes, but not
+        when another connection of the process, or of another process, is
+        still open at that moment. Best effort: a WAL that another process
+        is using stays as it is, and loses nothing.
+        """
+        if not self._write_lock.acquire(timeout=self._busy_timeout):
+            return
+        try:
+            if self._writer is not None and self._replaced is None:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+        finally:
+            self._write_lock.release()
 
     # -- transactions --------------------------------------------------------
 
