@@ -453,6 +453,17 @@ def test_every_lookup_by_state_still_searches_the_by_state_index(tmp_path):
         store.close()
 
 
+def test_the_figures_count_the_queue_on_its_indexes_never_reading_the_table(tmp_path):
+    # The retained finished tasks may outnumber the queued many times: /healthz and /metrics read these.
+    store = SqliteStore(tmp_path / "tasks.db", clock=lambda: NOW)
+    try:
+        plan = store._connection().execute("EXPLAIN QUERY PLAN " + sqlite_store._NOT_YET_DUE, {"now": NOW}).fetchall()
+        assert [step for *_, step in plan if step.startswith("SCAN tasks")] == []
+        assert {"tasks_new", "tasks_retry"} <= {word for *_, step in plan for word in step.split()}
+    finally:
+        store.close()
+
+
 def test_the_readme_and_the_store_notes_name_the_current_schema_version():
     root = Path(__file__).resolve().parent.parent
     readme = " ".join((root / "README.md").read_text().split())

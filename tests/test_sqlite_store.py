@@ -581,6 +581,29 @@ def test_stats_do_not_wait_for_a_step_of_this_process_held_up_by_another_program
     assert store.stats().waiting == 2
 
 
+def test_stats_count_the_queue_outside_the_write_lock_after_forgetting_the_expired(open_store, clock, monkeypatch):
+    # Counted inside the write step, a probe or a scrape held up every admission and claim meanwhile.
+    store = open_store(ttl=10.0)
+    store.admit([task(clock, "old"), task(clock, "retry", max_retries=2), task(clock, "later-retry", max_retries=2)])
+    store.finish(claim(store, clock).id, 1, "a", result="ok")
+    for retry_at in (clock.time() + 5, clock.time() + 60):
+        store.finish(claim(store, clock).id, 1, "a", error="boom", retry_at=retry_at)
+    store.admit([task(clock, "now"), task(clock, "delayed", next_attempt_at=clock.time() + 60)])
+    clock.advance(11)  # "old" is past its time; one retry fell due
+    counted_under_lock = []
+    figures = sqlite_store._figures
+
+    def counting(conn, now):
+        counted_under_lock.append(store._write_lock.locked())
+        return figures(conn, now)
+
+    monkeypatch.setattr(sqlite_store, "_figures", counting)
+    stats = store.stats()
+    assert counted_under_lock == [False]
+    assert stats.counts[State.DONE] == 0 and stats.counts[State.QUEUED] == 4
+    assert (stats.waiting, stats.due, stats.retries_pending) == (2, 2, 1)
+
+
 def test_a_locked_database_fails_the_step_and_health_says_why(open_store, clock, db):
     store = open_store(busy_timeout=0.05)
     store.admit([task(clock, "before")])

@@ -1544,8 +1544,9 @@ class SqliteStore(TaskStore):
     def stats(self) -> StoreStats:
         """The figures, read promptly: within ``PROMPT_WAIT_S`` when another program holds the write lock.
 
-        A write step: it forgets the finished tasks whose time is up first, so
-        the counts are exact. When the write lock is not free within
+        A write step forgets the finished tasks whose time is up first, so the
+        counts are exact; they are read after its commit, in a snapshot of
+        their own, so that no step waits while they are counted. When the write lock is not free within
         ``PROMPT_WAIT_S``, the figures are read as last committed (a reader
         does not wait for the lock; finished tasks whose time is up are then
         still counted, until the next write step forgets them). Once the lock
@@ -1557,12 +1558,11 @@ class SqliteStore(TaskStore):
         began = time.monotonic()
         try:
             with self._step(wait=PROMPT_WAIT_S) as conn:
-                now = self._clock()
-                self._evict(conn, now, sweep=True)
-                self._flush_totals(conn)
-                return _figures(conn, now)
+                self._evict(conn, self._clock(), sweep=True)
         except _HeldUp:
             pass
+        else:
+            return self._read(lambda conn: _figures(conn, self._clock()), wait=PROMPT_WAIT_S)
         since = self._held_up_since
         if since is None:
             self._held_up_since = since = began
@@ -1733,18 +1733,22 @@ _ADMIT_ALONE = f"""INSERT OR IGNORE INTO tasks (id, payload, max_retries, state,
 _RETAINED = "(finished_at IS NULL OR finished_at >= ?)"
 
 
+# The queued tasks not yet due, new and retried: each counted on its partial index (a range of due_at),
+# never by reading the table, whose retained finished tasks may outnumber them many times. The due
+# ones are the rest of totals' queued: a backlog of due tasks costs nothing to count.
+_NOT_YET_DUE = """SELECT
+    (SELECT count(*) FROM tasks WHERE state = 'queued' AND attempts = 0 AND due_at > :now),
+    (SELECT count(*) FROM tasks WHERE state = 'queued' AND attempts > 0 AND due_at > :now)"""
+
+
 def _figures(conn: sqlite3.Connection, now: float) -> StoreStats:
     """The figures of ``stats``, read on ``conn`` in its open transaction."""
     counts = dict(zip(_TOTALS, conn.execute(f"SELECT {', '.join(_TOTALS)} FROM task_totals").fetchone()))
-    due, retries_pending = conn.execute(
-        """SELECT count(*) FILTER (WHERE due_at <= :now), count(*) FILTER (WHERE attempts > 0 AND due_at > :now)
-           FROM tasks WHERE state = 'queued'""",
-        {"now": now},
-    ).fetchone()
+    new_later, retries_pending = conn.execute(_NOT_YET_DUE, {"now": now}).fetchone()
     return StoreStats(
         counts={state: counts.get(state.value, 0) for state in State},
         waiting=counts["waiting"],
-        due=due,
+        due=counts[State.QUEUED.value] - new_later - retries_pending,
         retries_pending=retries_pending,
     )
 
