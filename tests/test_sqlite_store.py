@@ -22,6 +22,7 @@ import time
 
 import pytest
 from doubles import WAIT_S, Gate, instant, wait_until
+from http_fixtures import PROJECT_ROOT
 
 from workerpool import State, Task, WorkerPool
 from workerpool.errors import DuplicateTask, QueueFull, StoreFileReplaced, StoreNotSynced, StoreUnavailable
@@ -1445,6 +1446,28 @@ def test_close_copies_every_task_into_the_database_file_while_another_process_ha
     assert _checkpointed_ids(db, tmp_path) == [(f"t{n}",) for n in range(5)]
     assert os.path.getsize(f"{db}-wal") == 0
     assert [t.id for t in other.admit([task(clock, "after")])] == ["after"]
+
+
+def test_the_documented_backup_of_a_file_in_use_holds_every_task_on_its_own(
+    open_store, clock, db, tmp_path, monkeypatch
+):
+    notes = (PROJECT_ROOT / "docs" / "stores.md").read_text()
+    command = "sqlite3.connect('/data/tasks.db').backup(sqlite3.connect('/backup/tasks.db'))"
+    assert command in notes and 'sqlite3 /data/tasks.db ".backup /backup/tasks.db"' in notes
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 10**9)
+    store = open_store()
+    for n in range(5):
+        store.admit([task(clock, f"t{n}")])
+    assert claim(store, clock).id == "t0"
+    backup = tmp_path / "backup" / "tasks.db"
+    backup.parent.mkdir()
+    exec(command.replace("/data/tasks.db", str(db)).replace("/backup/tasks.db", str(backup)), {"sqlite3": sqlite3})
+    alone = tmp_path / "alone" / "tasks.db"  # the backup file without anything beside it
+    alone.parent.mkdir()
+    shutil.copyfile(backup, alone)
+    restored = open_store(path=alone)
+    assert [restored.get(f"t{n}").state for n in range(5)] == [State.RUNNING] + [State.QUEUED] * 4
 
 
 def test_once_the_wal_is_long_what_was_committed_during_a_checkpoint_is_copied_under_the_write_lock(
