@@ -120,7 +120,8 @@ def reach_store(config: Config) -> list[str]:
     """Open the store and close it, reaching a Redis server (a wrong URL or password fails). Raises StoreUnavailable.
 
     Returns the warnings a Redis server that works calls for: it would answer as well without the
-    password it is given (``password_warning``), or it evicts keys at ``maxmemory`` (``eviction_warning``).
+    password it is given (``password_warning``), or it evicts keys at ``maxmemory`` (``eviction_warning``) or
+    does not tell whether it does (``unknown_policy_warning``).
     """
     store = open_store(config)
     if store is None:
@@ -165,6 +166,15 @@ def eviction_warning(config: Config, policy: str) -> str:
     )
 
 
+def unknown_policy_warning(config: Config, reason: str) -> str:
+    """The start-up warning for a Redis server that does not tell its ``maxmemory-policy`` (``reason``)."""
+    url = urlsplit(config.store.url)
+    return (
+        f"STORE: the Redis server at {url.hostname}:{url.port or 6379} did not tell its maxmemory-policy ({reason}): "
+        "make sure it is noeviction; an allkeys-* policy evicts task data at maxmemory, and those tasks are lost"
+    )
+
+
 def check_store(config: Config) -> None:
     """Reach the store once at start-up; if it cannot be used, print one line and exit 2.
 
@@ -196,9 +206,13 @@ def _redis_warnings(config: Config, store: TaskStore) -> list[str]:
     if not isinstance(store, RedisStore):
         return []
     warnings = [password_warning(config)] if store.password_unneeded() else []
-    policy = store.evicting_policy()
-    if policy is not None:
-        warnings.append(eviction_warning(config, policy))
+    try:
+        policy = store.evicting_policy()
+    except StoreUnavailable as exc:
+        warnings.append(unknown_policy_warning(config, str(exc)))
+    else:
+        if policy is not None:
+            warnings.append(eviction_warning(config, policy))
     return warnings
 
 

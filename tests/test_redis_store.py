@@ -1309,6 +1309,35 @@ def test_a_redis_that_evicts_keys_without_expiry_is_warned_about_at_start(server
     assert capsys.readouterr().err == (expected if warned else "")
 
 
+@pytest.mark.parametrize(
+    ("commands", "expected"),
+    [
+        # an ACL user denied @dangerous, INFO with it: the policy cannot be read, and that is said
+        (["+@all", "-@dangerous"], "did not tell its maxmemory-policy (redis: this user has no permissions to run the"
+         " 'info' command; INFO is in the @dangerous category: grant the user +info): make sure it is noeviction; an"
+         " allkeys-* policy evicts task data at maxmemory, and those tasks are lost"),
+        (["+@all", "-@dangerous", "+info"], "has maxmemory-policy allkeys-lru: at maxmemory it evicts task data, and"
+         " those tasks are lost; set maxmemory-policy noeviction (a full Redis then refuses submissions with 503)"),
+    ],
+)
+def test_an_acl_user_that_may_not_read_the_eviction_policy_is_warned_it_is_unknown(server, commands, expected, capsys):
+    admin = server.client()
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    admin.acl_setuser("wp-policy", enabled=True, passwords=["+policy-pass-1234"], keys=["{wp}*"], channels=["*"],
+                      commands=commands)  # fmt: skip
+    try:
+        settings = config.from_env(
+            {"STORE": f"redis://wp-policy:policy-pass-1234@127.0.0.1:{server.port}/0", "STORE_PREFIX": "wp"}
+        )
+        app.check_store(settings)
+    finally:
+        admin.acl_deluser("wp-policy")
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.close()
+    lines = capsys.readouterr().err.splitlines()  # with one saying the password protects nothing (no requirepass)
+    assert f"warning: STORE: the Redis server at 127.0.0.1:{server.port} {expected}" in lines
+
+
 class _PasswordServer(RedisServer):
     """A redis-server with ``requirepass``: its own clients authenticate."""
 
@@ -1342,7 +1371,7 @@ def test_a_password_is_not_said_to_protect_nothing_where_the_default_user_may_on
     try:
         admin = locked.client()
         admin.acl_setuser("wp", enabled=True, passwords=["+wp-pass-0123456"], keys=["{wp}*"], channels=["*"],
-                          commands=["+@all", "-@dangerous"])  # fmt: skip
+                          commands=["+@all", "-@dangerous", "+info"])  # fmt: skip
         admin.execute_command("ACL", "SETUSER", "default", "on", "nopass", "resetkeys", "resetchannels", "-@all",
                               "+@connection")  # fmt: skip
         assert admin.ping()  # anonymous: answered

@@ -831,12 +831,16 @@ class RedisStore(TaskStore):
     def evicting_policy(self) -> str | None:
         """The server's ``maxmemory-policy`` if it may evict task hashes (``allkeys-*``: they have no expiry).
 
-        None for ``noeviction`` and the ``volatile-*`` policies, and when the server does not tell.
+        None for ``noeviction`` and the ``volatile-*`` policies. StoreUnavailable when the server does not
+        tell: INFO is in Redis's ``@dangerous`` category, which an ACL user is often denied, and "unknown"
+        must not pass for "safe".
         """
         try:
-            info = self._call("info", "memory")
-        except StoreUnavailable:
-            return None
+            info = self._client().info("memory")
+        except redis.exceptions.NoPermissionError as exc:  # not the store's keys: _unavailable's hint would mislead
+            raise StoreUnavailable(f"redis: {exc}; INFO is in the @dangerous category: grant the user +info") from exc
+        except redis.RedisError as exc:
+            raise self._failed(exc) from exc
         policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
         return policy if isinstance(policy, str) and policy.startswith("allkeys-") else None
 
