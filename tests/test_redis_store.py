@@ -1557,3 +1557,22 @@ def test_a_cluster_node_asked_for_another_database_says_a_cluster_has_only_0(clu
     store = RedisStore(client, capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
     with pytest.raises(StoreUnavailable, match=r"database 0 only: end STORE with /0"):
         store.stats()
+
+
+def test_a_connection_redis_refuses_at_maxclients_leaves_the_other_threads_connections_alone(make, server, clock):
+    store = make()
+    store.get("x")  # this thread's connection is up
+    own_id = store._call("client_id")
+    admin = server.client()
+    admin.ping()
+    connected = len(admin.client_list())
+    admin.config_set("maxclients", connected)  # no room for one more
+    try:
+        # A thread of its own: a connection of its own.
+        with ThreadPoolExecutor(1) as other, pytest.raises(StoreUnavailable, match="max number of clients reached"):
+            other.submit(store.get, "x").result(timeout=WAIT_S)
+        assert store.get("x") is None  # kept its connection: not refused in turn
+        assert store._call("client_id") == own_id
+    finally:
+        admin.config_set("maxclients", 10000)
+        admin.close()

@@ -873,6 +873,7 @@ class RedisStore(TaskStore):
         local = self._local
         now = self._monotonic()
         if local.__dict__.get("forks") != _forks:
+            local.connected = False  # its client connects as it is made: a refusal there is not an outage
             local.client = redis.Redis(connection_pool=self._redis.connection_pool, single_connection_client=True)
             local.forks = _forks
             local.outages = self._outages
@@ -882,11 +883,18 @@ class RedisStore(TaskStore):
         elif now - local.used_at > _IDLE_CHECK_S:
             _drop_if_closed(local.client.connection)
         local.used_at = now
+        local.connected = local.client.connection._sock is not None  # read by _failed
         return local.client
 
     def _failed(self, exc: redis.RedisError) -> StoreUnavailable:
-        """``exc`` as StoreUnavailable; a connection-level failure tells every thread to connect anew."""
-        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        """``exc`` as StoreUnavailable; a connection-level failure tells every thread to connect anew.
+
+        Only a failure on a connection that was up when the command began: one
+        refused as it connects (Redis at ``maxclients``, a refused password)
+        says nothing of the other threads' connections, and dropping them would
+        have each connect anew and be refused in turn.
+        """
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and self._local.__dict__.get("connected"):
             self._outages += 1
         return _unavailable(exc)
 
