@@ -1933,6 +1933,25 @@ def test_a_wal_or_shm_file_removed_or_replaced_while_open_refuses_new_tasks_like
     assert store.get("after") is None
 
 
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_a_path_that_is_a_symlink_opens_the_file_it_names_whose_wal_is_beside_that_file(
+    open_store, clock, tmp_path, monkeypatch, synchronous
+):
+    """SQLite keeps the -wal and -shm beside the symlink's target: that -wal is the one synced and watched."""
+    monkeypatch.setattr(sqlite_store, "_IDENTITY_CHECK_S", 0.0, raising=False)  # every admission looks
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "data" / "tasks.db"
+    link.symlink_to(tmp_path / "disk" / "tasks.db")
+    store = open_store(path=link, synchronous=synchronous)
+    store.admit([task(clock, "a")])
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["tasks.db", "tasks.db-shm", "tasks.db-wal"]
+    assert store.get("a").state is State.QUEUED and store.health() is None
+    (tmp_path / "disk" / "tasks.db-wal").unlink()
+    with pytest.raises(StoreFileReplaced, match="the task file's -wal file was removed"):
+        store.admit([task(clock, "after")])
+
+
 def test_with_full_a_wal_removed_while_open_is_still_the_one_synced(open_store, clock, db):
     """Its steps commit to the WAL open here, and that file is the one to sync: not a step "not synced"
     because no file, or another one, has the name now."""

@@ -388,6 +388,9 @@ class SqliteStore(TaskStore):
         self._sync_ended: threading.Event | None = None
         self._sync_lock = threading.Lock()
         self._wal_fd: int | None = None  # the WAL file, opened to fsync it
+        # The file SQLite opened (the path with its symlinks resolved), beside which it keeps the -wal and
+        # -shm: set once open (see _open).
+        self._file = str(self.path)
         self._wal_path = f"{self.path}-wal"
         # With FULL: the tickets of the steps that must be synced, begun and not yet committed (or failed),
         # which an fsync about to start waits for; _joining is set when one lands while it waits (see
@@ -411,6 +414,9 @@ class SqliteStore(TaskStore):
     def _open(self) -> None:
         try:
             conn = self._connection()
+            # By the name SQLite itself uses: a symlink's target, not the link.
+            self._file = next(file for _, name, file in conn.execute("PRAGMA database_list") if name == "main")
+            self._wal_path = f"{self._file}-wal"
             mode = self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if mode.lower() != "wal":
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (journal mode stays {mode})")
@@ -421,7 +427,7 @@ class SqliteStore(TaskStore):
             conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
             # The connections are open: the paths name their files now (a removal in between is seen at the
             # first check, as the file then has no name left, or another inode).
-            self._identity = _identities(self.path)
+            self._identity = _identities(self.path, self._file)
         except sqlite3.Error as exc:
             self.close()
             raise StoreUnavailable(f"{self.path}: {_describe(exc)}") from None
@@ -863,7 +869,7 @@ class SqliteStore(TaskStore):
         """
         if self._replaced is None and self._identity is not None:
             self._identity_due = time.monotonic() + _IDENTITY_CHECK_S
-            now = _identities(self.path)
+            now = _identities(self.path, self._file)
             # A -wal or -shm not there at the opening (none is expected) is not looked for.
             changed = [i for i, (was, is_) in enumerate(zip(self._identity, now)) if is_ != was and (was or i == 0)]
             if changed:
@@ -1949,16 +1955,19 @@ def _fd_identity(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _identities(path: Path) -> tuple[tuple[int, int] | None, ...]:
-    """The files the task file's path and its ``_LOG_SUFFIXES`` paths name now (see ``_identity``)."""
-    return (_identity(path), *(_identity(f"{path}{suffix}") for suffix in _LOG_SUFFIXES))
+def _identities(path: Path, file: str) -> tuple[tuple[int, int] | None, ...]:
+    """The files ``path`` and the ``_LOG_SUFFIXES`` paths beside ``file`` (what SQLite opened) name now.
+
+    See ``_identity``; the path may be a symlink, whose target SQLite keeps its ``-wal`` and ``-shm`` beside.
+    """
+    return (_identity(path), *(_identity(f"{file}{suffix}") for suffix in _LOG_SUFFIXES))
 
 
 def _check_path(path: Path) -> None:
     """Refuse paths SQLite would reject with a vague "unable to open database file"."""
     if path.is_dir():
         raise StoreUnavailable(f"{path}: is a directory, not a database file")
-    parent = path.parent
+    parent = Path(os.path.realpath(path)).parent  # a symlink's target's: where SQLite keeps the -wal and -shm
     if not parent.is_dir():
         raise StoreUnavailable(f"{path}: the directory {parent} does not exist")
     # WAL mode creates -wal and -shm files beside the database.
