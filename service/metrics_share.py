@@ -239,6 +239,11 @@ class ProcessSnapshots:
         # Removed files of running processes that were not written again within REPUBLISH_WAIT_S (a process
         # stopped, or one not of this server): not waited for again until they are back (under _seen_lock).
         self._not_republished: set[str] = set()
+        if is_private(directory):
+            # Read once now, as a scrape does: a process that read nothing yet could not tell, if a tmp
+            # cleaner removes the directory before its first scrape, what the other processes had counted.
+            with contextlib.suppress(OSError, ValueError):
+                self._listed()
 
     def publish(self, take: Callable[[], tuple[Snapshot, Snapshot]]) -> None:
         """Write the counts and gauges ``take()`` returns (counts on top of what an earlier holder of the pid left)."""

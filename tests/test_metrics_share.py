@@ -321,7 +321,8 @@ def test_a_write_that_fails_midway_leaves_no_partial_file(tmp_path, monkeypatch)
     monkeypatch.setattr(metrics_share, "_write", disk_full)
     metrics._publish_quietly()
     metrics._publish_quietly()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["counts-9.json", "live-9.json"]  # one a round before
+    snapshots = sorted(path.name for path in tmp_path.iterdir() if path.name != metrics_share.FOLD_LOCK)
+    assert snapshots == ["counts-9.json", "live-9.json"]  # one a round before
 
 
 @pytest.mark.parametrize("count", [0, 3])
@@ -394,6 +395,21 @@ def test_readers_that_knew_different_records_write_back_an_ended_process_s_count
     assert _summed(knowing) == 23  # writes the retired file back: the file written back before is a copy of it
     assert _summed(stale) == 23
     assert _counts_files(directory) == {"retired": 20, os.getppid(): 1, os.getpid(): 2}
+
+
+def test_a_process_that_answered_no_scrape_yet_keeps_the_sum_when_the_directory_is_removed(tmp_path):
+    # A replacement worker: booted after an ended worker was folded, removed before it answers a scrape.
+    directory, gone = tmp_path / "metrics", ended_pid()
+    _counted(metrics_share.ProcessSnapshots(directory, pid=gone), 20)
+    metrics_share.mark_process_dead(directory, gone)
+    other = metrics_share.ProcessSnapshots(directory, pid=os.getppid())  # a process that runs
+    _counted(other, 20)
+    replacement = metrics_share.ProcessSnapshots(directory, pid=os.getpid(), wait=lambda seconds: _counted(other, 20))
+    _counted(replacement, 0)
+    shutil.rmtree(directory)  # a tmp cleaner
+    _counted(replacement, 0)  # its first scrape
+    assert _summed(replacement) == 40  # not 0: what it read at its start stands for what it has not read since
+    assert _counts_files(directory) == {"retired": 20, os.getppid(): 20, os.getpid(): 0}
 
 
 def _scrape_in_time(metrics: Metrics) -> float:
