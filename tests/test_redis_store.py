@@ -1396,7 +1396,7 @@ def test_an_acl_user_without_the_bare_prefix_key_is_told_the_pattern_it_needs(se
             try:
                 store = RedisStore(client, prefix="wp", capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
                 if refused:
-                    with pytest.raises(StoreUnavailable, match=r"no permissions.*~\{STORE_PREFIX\}\*"):
+                    with pytest.raises(StoreUnavailable, match=r"no permissions.*pattern ~\{wp\}\*, which covers"):
                         store.stats()
                 else:
                     assert store.stats().waiting == 0
@@ -1576,3 +1576,30 @@ def test_a_connection_redis_refuses_at_maxclients_leaves_the_other_threads_conne
     finally:
         admin.config_set("maxclients", 10000)
         admin.close()
+
+
+@pytest.mark.parametrize(
+    ("refused", "sent"),
+    [("-evalsha", "this user has no permissions to run the 'evalsha' command"),  # by the store itself
+     ("-zadd", "The user executing the script can't run this command")],  # by one of its scripts
+)  # fmt: skip
+def test_an_acl_user_missing_a_command_is_told_the_commands_the_store_needs_not_a_key_pattern(
+    server, clock, refused, sent
+):
+    admin = server.client()
+    try:
+        admin.acl_setuser("wp-short", enabled=True, passwords=["+short-pass-1234"], keys=["{wp}*"], channels=["*"],
+                          commands=["+@all", "-@dangerous", refused])  # fmt: skip
+        client = connect(f"redis://wp-short:short-pass-1234@127.0.0.1:{server.port}/0", timeout=5.0)
+        store = RedisStore(client, prefix="wp", capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
+        with pytest.raises(StoreUnavailable) as refusal:
+            store.admit([new("a", clock)])
+        client.close()
+    finally:
+        admin.acl_deluser("wp-short")
+        admin.close()
+    said = str(refusal.value)
+    assert sent in said
+    assert "an ACL user of the store needs the commands EVALSHA, SCRIPT LOAD, BLPOP" in said
+    assert "+@all -@dangerous allows them all" in said
+    assert "pattern" not in said

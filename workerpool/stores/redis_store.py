@@ -551,8 +551,15 @@ class _KernelTimeoutConnection(redis.Connection):
         return sock
 
 
-def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
-    """The store's error for a failed command.
+# What an ACL user of the store must be allowed to run, said when Redis refuses one of them (docs/redis.md too).
+_ACL_COMMANDS = (
+    "EVALSHA, SCRIPT LOAD, BLPOP, LPOP, RPUSH, EXPIRE, ZRANGEBYSCORE, HMGET, SMEMBERS and SCARD, and in its scripts "
+    "TIME and the string, hash, list, set and sorted-set commands: +@all -@dangerous allows them all"
+)
+
+
+def _unavailable(exc: redis.RedisError, prefix: str) -> StoreUnavailable:
+    """The store's error for a failed command; ``prefix`` is the store's key prefix, hash tag included.
 
     A send or receive past the kernel's timeout (see _KernelTimeoutConnection)
     fails with EAGAIN, which redis-py reports as a ConnectionError: it is told
@@ -562,10 +569,17 @@ def _unavailable(exc: redis.RedisError) -> StoreUnavailable:
         return StoreUnavailable(f"redis: Timeout (no answer within the socket timeout): {exc}")
     if isinstance(exc, redis.exceptions.OutOfMemoryError):  # maxmemory, which this command's own size counts toward
         return StoreOutOfMemory(f"redis: {exc}")
-    if isinstance(exc, redis.exceptions.NoPermissionError):  # Redis names no key: say which the store uses
+    refusal = str(exc)
+    if isinstance(exc, redis.ResponseError) and (
+        "no permissions to run" in refusal or "The user executing the script can't run" in refusal
+    ):  # Redis names the command only when the store sends it itself: say which ones it uses
+        return StoreUnavailable(f"redis: {exc} (an ACL user of the store needs the commands {_ACL_COMMANDS})")
+    if isinstance(exc, redis.ResponseError) and (
+        "no permissions to access" in refusal or "The user executing the script can't access" in refusal
+    ):  # Redis names no key: say which the store uses
         return StoreUnavailable(
-            f"redis: {exc} (an ACL user needs the store's keys: the pattern ~{{STORE_PREFIX}}*, which covers "
-            "{STORE_PREFIX} itself and every {STORE_PREFIX}:... key)"
+            f"redis: {exc} (an ACL user of the store needs its keys: the pattern ~{prefix}*, which covers {prefix} "
+            f"itself and every {prefix}:... key)"
         )
     if isinstance(exc, redis.exceptions.AskError):  # MovedError too: a Redis Cluster node that does not serve the slot
         node = f"{exc.host}:{exc.port}"
@@ -896,7 +910,7 @@ class RedisStore(TaskStore):
         """
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and self._local.__dict__.get("connected"):
             self._outages += 1
-        return _unavailable(exc)
+        return _unavailable(exc, self._prefix)
 
     def _run(self, script: str, *args: object, packed: tuple[bytes, int] = (b"", 0)) -> Any:
         """Run one script on this thread's connection: one write, one reply.
