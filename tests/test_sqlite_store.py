@@ -262,6 +262,40 @@ def test_finished_tasks_are_forgotten_after_their_time_in_every_process(open_sto
     assert one.admit([task(clock, "t2")])[0].state is State.QUEUED  # a forgotten id may be reused
 
 
+def test_retention_forgets_a_bounded_number_of_tasks_per_step_and_goes_on_soon(open_store, clock, monkeypatch):
+    # One DELETE of every expired task held the write lock for seconds when a large batch expired together.
+    monkeypatch.setattr(sqlite_store, "_FORGOTTEN_PER_STEP", 2)
+    store = open_store(ttl=10.0)
+    store.admit([task(clock, f"t{n}") for n in range(6)])
+    for _ in range(5):
+        store.finish(claim(store, clock).id, 1, "a")
+    clock.advance(11)
+    assert store.get("t0") is None  # past its time: no answer shows it, forgotten or not
+    assert store.stats().counts[State.DONE] == 3  # two forgotten
+    running = claim(store, clock)
+    clock.advance(sqlite_store._SWEEP_BEHIND_S)  # well before the next second's sweep
+    store.finish(running.id, 1, "a")  # the end of an attempt sweeps on
+    assert store._query("SELECT done FROM task_totals") == [(1 + 1,)]  # two more went; t5 is fresh
+    assert store.stats().counts[State.DONE] == 1  # and the last expired one
+    assert [t.id for t in store.list()] == ["t5"]
+
+
+def test_tasks_over_a_lowered_max_finished_go_a_bounded_number_per_step(open_store, clock, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "_FORGOTTEN_PER_STEP", 2)
+    store = open_store()
+    store.admit([task(clock, f"t{n}") for n in range(6)])
+    for _ in range(5):
+        store.finish(claim(store, clock).id, 1, "a")
+        clock.advance(1)
+    store.close()
+    lowered = open_store(max_finished=1)
+    running = claim(lowered, clock)
+    lowered.finish(running.id, 1, "a")  # six finished: two of the five over the bound go
+    assert lowered.stats().counts[State.DONE] == 2  # and two more in this step
+    assert lowered.stats().counts[State.DONE] == 1
+    assert [t.id for t in lowered.list()] == ["t5"]
+
+
 @pytest.mark.parametrize("where", ["here", "elsewhere"])
 def test_work_admitted_between_a_claim_and_the_wait_is_not_missed(open_store, clock, where):
     store = open_store()
