@@ -12,8 +12,10 @@ import inspect
 import logging
 import logging.config
 import operator
+import queue
 import signal
 import socket
+import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
@@ -366,11 +368,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The signals that ask gunicorn's arbiter for something: its log files reopened (USR1, which logrotate's postrotate
+# sends), a binary upgrade (USR2), a worker more or less (TTIN, TTOU). This process has no arbiter and logs to its
+# standard streams; their default actions killed it without a drain (USR1, USR2) or froze it until a SIGCONT.
+_ARBITER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_WORKER_COUNT_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU)
+
+
+def ignore_arbiter_signals() -> None:
+    """Ignore the arbiter's signals, with one WARNING line for each USR1 or USR2."""
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()  # a handler only queues: it may interrupt a log line
+
+    def say_ignored() -> None:
+        while True:
+            log.warning(
+                "received %s: ignored, python app.py has no arbiter to ask (SIGTERM stops it with a drain)",
+                signal.Signals(received.get()).name,
+            )
+
+    threading.Thread(target=say_ignored, name="workerpool-ignored-signals", daemon=True).start()
+    for signum in _ARBITER_SIGNALS:
+        signal.signal(signum, lambda signum, frame: received.put(signum))
+    for signum in _WORKER_COUNT_SIGNALS:
+        # Ignored without a line: these are also the terminal's own signals, and with a handler a line written to
+        # a terminal under `stty tostop` from the background would raise SIGTTOU again, for ever.
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve on Werkzeug's threaded server; SIGINT/SIGTERM/SIGHUP/SIGQUIT drain the pool, a second one stops waiting.
 
     This path owns its process, so it installs its own signal handlers (under
-    gunicorn the worker's handlers start the drain instead). The server keeps
+    gunicorn the worker's handlers start the drain instead); the arbiter's
+    SIGUSR1/SIGUSR2/SIGTTIN/SIGTTOU are ignored. The server keeps
     answering during the drain: new tasks get 503 and /healthz says "draining".
     After the drain the process waits a few seconds at most for threads a
     handler left running (a further signal stops that wait), then exits.
@@ -383,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port if args.port is not None else config.port,
     )
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
+    ignore_arbiter_signals()
     try:  # Werkzeug's server would print the system's message alone and exit 1
         root = root_path()  # SCRIPT_NAME, which gunicorn reads for itself
         check_listen(config.host, config.port)

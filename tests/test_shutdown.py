@@ -352,6 +352,23 @@ def test_a_hangup_or_quit_drains_python_app_py(start, signum):
     assert service.summary().group(3) == "0"
 
 
+def test_the_arbiters_other_signals_leave_python_app_py_serving(start):
+    # USR1 (logrotate's postrotate) and USR2 killed it at once, its accepted tasks lost; TTIN and TTOU stopped it.
+    service = start(APP, **SLOW_WORK)
+    accepted = service.enqueue(10)
+    for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
+        service.signal(signum)
+    service.wait_for_log(r"received SIGUSR2: ignored")  # a stopped process would never write it
+    assert "received SIGUSR1: ignored, python app.py has no arbiter to ask" in service.server.log()
+    for task_id in accepted:
+        status, _, _ = service.request("GET", f"/tasks/{task_id}")
+        assert status == 200, (task_id, status)
+    code, _ = service.wait_exit_after(signal.SIGTERM, timeout=30)
+    assert code == 0
+    assert set(accepted) <= service.finals()
+    assert service.summary().group(3) == "0"
+
+
 @pytest.mark.parametrize(("command", "store"), ON_EVERY_STORE, ids=ON_EVERY_STORE_IDS)
 def test_the_summary_is_the_last_log_line(start, command, store, tmp_path):
     service = start(command, **store_env(store, tmp_path))
