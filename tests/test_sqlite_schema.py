@@ -139,6 +139,22 @@ def test_a_version_1_file_is_migrated_keeping_every_task_and_the_counts(v1_file)
     conn.close()
 
 
+def test_a_version_1_file_of_the_first_release_which_kept_no_generation_is_migrated(v1_file):
+    # The first release's version 1 had no generation count: that row came later, in the same version.
+    conn = sqlite3.connect(v1_file, isolation_level=None)
+    conn.execute("DELETE FROM counts WHERE name = 'generation'")
+    conn.close()
+    store = SqliteStore(v1_file, clock=lambda: NOW, ttl=3600.0)
+    try:
+        assert store.stats().counts[State.QUEUED] == 3
+        assert store._read_generation() == len(TASKS_V1)  # one per task admitted, as a counted one would be
+        assert store.claim("here:1:x", NOW + LEASE_S).id == "new"
+        assert store.admit([_task("more")])[0].id == "more"
+        assert [task.id for task in store.list(State.QUEUED)][0] == "more"  # newest first
+    finally:
+        store.close()
+
+
 def test_a_migrated_file_keeps_counting_every_transition_exactly(v1_file):
     store = SqliteStore(v1_file, clock=lambda: NOW, capacity=3)
     try:

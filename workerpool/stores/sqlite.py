@@ -213,7 +213,8 @@ INSERT INTO task_totals (id) VALUES (1);
 # From version N to N + 1: a file of an older version is upgraded in one
 # transaction at start-up; a version without a step here is refused.
 _MIGRATIONS: dict[int, str] = {
-    # 1 -> 2: the counts kept by triggers become the one row of totals, counted afresh.
+    # 1 -> 2: the counts kept by triggers become the one row of totals, counted afresh. The first release's
+    # version 1 kept no generation (the row came later, the version unchanged): one per task admitted then.
     1: """
 DROP INDEX tasks_lease;
 DROP TRIGGER tasks_count_insert;
@@ -225,7 +226,7 @@ SELECT 1,
     count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = 'running'),
     count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'failed'),
     count(*) FILTER (WHERE state = 'cancelled'), count(*) FILTER (WHERE state = 'queued' AND attempts = 0),
-    (SELECT n FROM counts WHERE name = 'generation'),
+    coalesce((SELECT n FROM counts WHERE name = 'generation'), (SELECT max(seq) FROM tasks), 0),
     coalesce((SELECT n FROM counts WHERE name = 'health_probes'), 0)
 FROM tasks;
 DROP TABLE counts;
