@@ -87,8 +87,14 @@ def open_store(config: Config) -> TaskStore | None:
     return None
 
 
-def listen_error(host: str, port: int, error: OSError) -> ConfigError:
-    """The one-line start-up error for an address this machine cannot listen on (HOST, PORT)."""
+def listen_error(host: str, port: int, error: OSError, *, bind: str | None = None) -> ConfigError:
+    """The one-line start-up error for an address this machine cannot listen on (HOST, PORT).
+
+    ``bind``: the address as gunicorn's ``-b`` gave it, when it is not HOST and PORT's (``-b`` overrides them):
+    the line names it, not variables that say something else.
+    """
+    if bind is not None:
+        return ConfigError(f"-b {bind} (gunicorn's --bind, which overrides HOST and PORT) {_listen_reason(error)}")
     if isinstance(error, socket.gaierror):
         return ConfigError(f"HOST={host!r} cannot be listened on: the name does not resolve ({error.strerror})")
     if error.errno == errno.EADDRNOTAVAIL:
@@ -100,12 +106,24 @@ def listen_error(host: str, port: int, error: OSError) -> ConfigError:
     return ConfigError(f"cannot listen on HOST={host!r} PORT={port}: {error.strerror or error}")
 
 
-def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
+def _listen_reason(error: OSError) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"cannot be listened on: the name does not resolve ({error.strerror})"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return "cannot be listened on: it is not an address of this machine"
+    if error.errno == errno.EADDRINUSE:
+        return "is already in use: another server listens there"
+    if error.errno == errno.EACCES:
+        return "cannot be listened on: a port below 1024 needs privileges"
+    return f"cannot be listened on: {error.strerror or error}"
+
+
+def check_listen(host: str, port: int, *, reuse_port: bool = False, bind: str | None = None) -> None:
     """Raise ConfigError if this machine cannot listen on ``host``:``port`` (bound as gunicorn binds, then closed).
 
     gunicorn retries a failed bind five times, a second apart, then exits 1
     with messages of its own: a name that does not resolve or an address of
-    another machine never binds, so it is said at once instead.
+    another machine never binds, so it is said at once instead. ``bind``: see ``listen_error``.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -115,7 +133,7 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
         try:
             sock.bind((host, port))
         except OSError as error:
-            raise listen_error(host, port, error) from None
+            raise listen_error(host, port, error, bind=bind) from None
 
 
 def reach_store(config: Config) -> list[str]:

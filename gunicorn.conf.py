@@ -86,7 +86,14 @@ _settings = _server_settings.load(check=_check_settings)
 DRAIN_MARGIN_S = 5
 
 wsgi_app = "server_settings:worker_app()"  # the app, with the settings checked above
-bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
+
+
+def _bind_text(host, port):
+    """``host``:``port`` as written after ``-b`` (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+bind = [_bind_text(_settings.host, _settings.port)]
 # WEB_CONCURRENCY is gunicorn's default for -w, which platforms (Heroku among them) set: a value in
 # this file would hide it. Several processes share a SQLite or Redis store; with STORE=memory each
 # would have its own queue and task table, so one runs, and on_starting says why the value is not taken.
@@ -314,7 +321,9 @@ def _check_listen(cfg):
         return
     for address in cfg.address:  # `-b` on the command line overrides `bind` above
         if isinstance(address, tuple):  # not a unix socket path or a file descriptor
-            _app.check_listen(address[0], address[1], reuse_port=cfg.reuse_port)
+            host, port = address[0], address[1]
+            given = None if (host, port) == (_settings.host, _settings.port) else _bind_text(host, port)
+            _app.check_listen(host, port, reuse_port=cfg.reuse_port, bind=given)
 
 
 def _share_metrics(server):

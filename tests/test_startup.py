@@ -304,12 +304,25 @@ def test_a_host_that_cannot_be_listened_on_stops_start_up_at_once_in_one_line(co
 def test_a_port_in_use_stops_start_up_at_once_in_one_line(command):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        argv = [*command[:-1], f"127.0.0.1:{port}"] if command is GUNICORN else [*command[:-1], str(port)]
-        result = start(argv, HOST="127.0.0.1")
+        argv = command[:-2]  # no -b or --port: the address comes from HOST and PORT
+        result = start(argv, HOST="127.0.0.1", PORT=str(port))
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert f"configuration error: PORT={port} is already in use on 127.0.0.1: another server listens there\n" in output
     assert "Retrying" not in output and "Can't connect" not in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("taken_by", ["another server", "not this machine"])
+def test_an_address_given_with_b_that_cannot_be_listened_on_is_named_as_given(taken_by):
+    # -b overrides HOST and PORT: the line names the address it gave, not variables that hold another one.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        address = f"127.0.0.1:{taken.getsockname()[1]}" if taken_by == "another server" else "192.0.2.1:18999"
+        result = start([*GUNICORN[:-1], address], HOST="127.0.0.1", PORT="8080")
+    assert result.returncode == 2
+    reason = "is already in use: another server listens there" if taken_by == "another server" else (
+        "cannot be listened on: it is not an address of this machine")  # fmt: skip
+    expected = f"configuration error: -b {address} (gunicorn's --bind, which overrides HOST and PORT) {reason}\n"
+    assert expected in result.stdout + result.stderr
 
 
 def test_check_listen_names_what_is_wrong():
