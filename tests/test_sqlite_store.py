@@ -1434,6 +1434,32 @@ def test_a_commit_leaves_the_wal_to_the_checkpoints_after_the_steps(open_store, 
     assert os.path.getsize(db) == size
 
 
+def test_a_wal_grown_past_its_limit_while_a_reader_held_it_shrinks_back_once_checkpoints_catch_up(
+    open_store, clock, db, monkeypatch
+):
+    # An open read transaction on the file (an operator's sqlite3 shell) stops every checkpoint at its
+    # snapshot: the WAL grows with each step, and SQLite keeps the file at that size unless told a limit.
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 5)
+    monkeypatch.setattr(sqlite_store, "_WAL_SIZE_LIMIT", 64 * 1024)
+    store = open_store(capacity=1000)
+    reader = sqlite3.connect(db, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM tasks").fetchone()
+        for n in range(100):
+            store.admit([task(clock, f"t{n}")])
+        grown = os.path.getsize(f"{db}-wal")
+        assert grown > 4 * 64 * 1024
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    for n in range(100, 120):  # a checkpoint copies the whole WAL, the WAL restarts, the commit after truncates
+        store.admit([task(clock, f"t{n}")])
+    assert os.path.getsize(f"{db}-wal") <= 64 * 1024 + 10 * 4096
+    assert len(store.list(State.QUEUED, limit=1000)) == 120
+
+
 def test_a_checkpoint_that_fails_fails_no_step(open_store, clock, monkeypatch):
     monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 1)
     store = open_store()

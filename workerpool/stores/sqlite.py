@@ -97,6 +97,11 @@ _AUTOCHECKPOINT_PAGES = 10_000
 # admits): a submitter waiting for a checkpoint's fsyncs holds up the tasks it would submit next.
 _ADMISSION_CHECKPOINTS_AFTER = 4 * _CHECKPOINT_EVERY
 _WAL_RESTART_PAGES = 1_000  # a WAL this long is checkpointed to its end under the write lock, so that it restarts
+# The size (bytes) SQLite cuts the -wal file back to when the WAL restarts (PRAGMA journal_size_limit).
+# The WAL restarts at a few MB, 41 MB at most in the runs of docs/stores.md; it grows far past that while
+# something holds the checkpoints back (a read transaction left open on the file), and SQLite would then
+# keep the file at its largest for good.
+_WAL_SIZE_LIMIT = 32 * 1024 * 1024
 LOST = LOST_EXPIRED  # an owner whose pid still exists here may be stopped or paused, or another process reusing it
 LOST_GONE = "lost: the process running it stopped (it no longer exists on this host)"
 
@@ -503,6 +508,7 @@ class SqliteStore(TaskStore):
             # FULL is done by _sync_wal after the commit, outside the write lock (see _transaction).
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT_PAGES}")  # see _checkpoint_if_due
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
 
         try:
             # A connection's first statement may meet a lock (another process recovering the file after
