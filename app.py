@@ -450,8 +450,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         body_limits=BodyLimits(config.max_body_bytes, config.max_batch_body_bytes, config.api_token),
     )  # fmt: skip
 
+    summaries: list[ShutdownSummary] = []
+
     def drained(summary: ShutdownSummary) -> None:
-        log.info("%s", lifecycle.describe(summary))
+        summaries.append(summary)
         server.shutdown()  # returns once serve_forever has stopped
 
     controller = lifecycle.ShutdownController(pool, config.shutdown_timeout_s, on_drained=drained)
@@ -463,8 +465,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     pool.start()
     log.info("Listening at: http://%s:%d", f"[{config.host}]" if ":" in config.host else config.host, server.port)
     server.serve_forever()
-    server.server_close()
+    server.server_close()  # the requests clients are still sending get a little longer
     controller.join()
+    log.info("%s", lifecycle.describe(summaries[0]))  # the last line, after the access lines of those requests
     leftover = controller.wait_for_threads()
     lifecycle.close_store(pool.store)
     lifecycle.exit_without(leftover)

@@ -526,6 +526,8 @@ class BoundedThreadedServer(ThreadedWSGIServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         self._waiting_lock = threading.Lock()  # must be held while changing _waiting
         self._waiting: dict[socket.socket, None] = {}  # blocked reading from their client, longest first
+        self._serving_lock = threading.Lock()  # must be held while changing _serving
+        self._serving: dict[threading.Thread, None] = {}  # the threads serving a connection
         super().__init__(*args, **kwargs)
 
     @contextmanager
@@ -552,10 +554,38 @@ class BoundedThreadedServer(ThreadedWSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        with self._serving_lock:
+            self._serving[threading.current_thread()] = None
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._serving_lock:
+                self._serving.pop(threading.current_thread(), None)
             self._slots.release()
+
+    def server_close(self) -> None:
+        """Stop listening, then give the connections still open ``LINGER_S`` to finish, as gunicorn's stopping
+        worker does: a request its client is still sending is answered, where the process exiting under its (daemon)
+        thread reset it, and the client could not tell whether its task was taken.
+
+        A client that has not sent its request by then has its connection closed unanswered.
+        """
+        super().server_close()
+        deadline = time.monotonic() + LINGER_S
+        for thread in self._threads_serving():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._waiting_lock:
+            waiting, self._waiting = list(self._waiting), {}
+        for sock in waiting:
+            with suppress(OSError):  # its read returns at once: the thread closes the connection and ends
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + EVICTION_WAIT_S
+        for thread in self._threads_serving():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _threads_serving(self) -> list[threading.Thread]:
+        with self._serving_lock:
+            return list(self._serving)
 
     def _evict_longest_waiting(self) -> None:
         with self._waiting_lock:

@@ -220,6 +220,28 @@ def test_a_half_sent_request_does_not_hold_the_exit_back(start, command):
     assert SUMMARY.search(service.last_line())  # not "the worker ended without reporting its drain (killed?)"
 
 
+@pytest.mark.parametrize(
+    ("command", "store"), [(APP, "memory"), (APP, "sqlite"), (GUNICORN, "sqlite")],
+    ids=["app.py", "app.py-sqlite", "gunicorn-sqlite"],
+)  # fmt: skip
+def test_a_request_still_being_sent_at_the_stop_is_answered(start, command, store, tmp_path):
+    # python app.py exited as soon as the drain ended, resetting the connection under the request:
+    # its client could not tell whether the task had been taken.
+    service = start(command, **store_env(store, tmp_path))
+    body = json.dumps({"id": "late", "payload": "p"}).encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=20) as client:
+        client.sendall(b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        service.signal(signal.SIGTERM)
+        service.wait_for_log(r"shutdown: ")
+        pause(0.3)  # the client is slow: the rest arrives once the (idle) drain has ended
+        client.sendall(body[5:])
+        answer = client.makefile("rb").readline()
+    # A store of this process refuses the task; a shared one takes it for the other processes.
+    assert answer.split()[1] == (b"202" if store == "sqlite" else b"503"), answer
+    assert service.wait_exit(timeout=30)[0] == 0
+    assert SUMMARY.search(service.last_line())
+
+
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
 def test_a_thread_left_running_by_a_handler_delays_the_exit_a_bounded_time(start, command):
     service = start(command, TASK_HANDLER="faults:leaves_a_thread", PYTHONPATH=str(TESTS_DIR))
