@@ -200,9 +200,18 @@ def _store(text: str) -> StoreSetting:
     return StoreSetting("sqlite", str(Path(path).absolute()), synchronous)
 
 
+ENCODE_CREDENTIALS = (
+    "is not a Redis URL: an '@' comes after the host: a user name or password holding / ? # or @ must have them "
+    "percent-encoded (%2F %3F %23 %40, and % itself as %25), or the password go in REDIS_PASSWORD"
+)
+
+
 def _redis_url(text: str) -> str:
+    """``text`` once checked. The checks read it with its credentials replaced (``_without_credentials``), so no
+    reason they give can quote a password, or a piece of one."""
+    masked = _without_credentials(text)
     try:
-        url = urlsplit(text)
+        url = urlsplit(masked)
         port, database = url.port, url.path.lstrip("/")
     except ValueError as exc:  # a port that is not a number
         raise ValueError(f"is not a Redis URL: {exc}") from None
@@ -212,8 +221,28 @@ def _redis_url(text: str) -> str:
         raise ValueError(f"is not a Redis URL: the database must be a number, not {database!r}")
     if port == 0:
         raise ValueError("is not a Redis URL: port 0")
-    _check_redis_options(text)
+    _check_redis_options(masked)
     return text
+
+
+def _without_credentials(text: str) -> str:
+    """A Redis URL with its user name and password (in the URL's user information or as options) replaced by
+    placeholders; ValueError (naming nothing of them) if the user information cannot be told from the rest.
+
+    The user information ends at the first / ? or #: a password holding one of them, unencoded, would have its
+    first piece read as the host or port (and a parser's reason would quote it) and the rest as the database.
+    """
+    text = _URL_PASSWORD_OPTION.sub(r"\1x", text)
+    scheme_end = text.index("://") + 3  # the caller checked the scheme
+    authority = re.match(r"[^/?#]*", text[scheme_end:])[0]
+    rest = text[scheme_end + len(authority) :]
+    if authority and "@" in rest:
+        raise ValueError(ENCODE_CREDENTIALS)
+    user_information, at, host = authority.rpartition("@")
+    if at:
+        user, colon, _ = user_information.partition(":")
+        authority = ("user" if user else "") + (":password" if colon else "") + "@" + host
+    return text[:scheme_end] + authority + rest
 
 
 MAX_CONNECTIONS_REFUSED = (
@@ -323,23 +352,6 @@ def _shown(variable: str, raw: str) -> str:
     return repr(_URL_CREDENTIALS.sub(r"\1<credentials not shown>@", _URL_PASSWORD_OPTION.sub(r"\1" + _NOT_SHOWN, raw)))
 
 
-def _reason_shown(variable: str, raw: str, reason: str) -> str:
-    """Why a value is invalid, without the pieces of a URL's credentials a parser quotes ("Port could not be cast to
-    integer value as 'hunter'" for ``redis://:hunter/2@host``)."""
-    if variable in _SECRETS:
-        return reason
-    options = _URL_PASSWORD_OPTION.findall(raw)
-    credentials = _URL_CREDENTIALS.match(_URL_PASSWORD_OPTION.sub(r"\1" + _NOT_SHOWN, raw))
-    secrets = [value for _, value in options] + ([credentials[2]] if credentials else [])
-    for secret in secrets:
-        for piece in sorted({secret, *re.split(r"[:/@?#&=]", secret)}, key=len, reverse=True):
-            if len(piece) >= 3:
-                reason = reason.replace(piece, _NOT_SHOWN)
-            elif piece:
-                reason = reason.replace(f"'{piece}'", f"'{_NOT_SHOWN}'")
-    return reason
-
-
 def _log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -434,8 +446,8 @@ def from_env(environ: Mapping[str, str]) -> Config:
                 raise ValueError(TOKEN_RULE)
             values[field] = parse(raw.strip())
         except ValueError as exc:
-            reason = _reason_shown(variable, raw, str(exc))
-            raise ConfigError(f"{variable}={_shown(variable, raw)} is invalid: {reason}") from None
+            # A reason never quotes a secret: a URL is checked without its credentials (see _redis_url).
+            raise ConfigError(f"{variable}={_shown(variable, raw)} is invalid: {exc}") from None
     config = Config(**values)
     for smaller, larger in _ORDERED:
         low, high = getattr(config, _FIELDS[smaller][0]), getattr(config, _FIELDS[larger][0])

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from dataclasses import FrozenInstanceError, fields
+from urllib.parse import quote
 
 import pytest
 from dotenv import dotenv_values
@@ -337,6 +338,29 @@ def test_a_redis_password_never_shows_in_a_malformed_url(store):
     assert message.startswith("STORE=")
     for piece in ("hunter", "2pass", "w0rd"):
         assert piece not in message
+
+
+@pytest.mark.parametrize("password", ["Redis", "cast", "abc", "URL"])
+def test_a_redis_url_s_error_is_the_same_whatever_its_password(password):
+    # The password was hidden wherever it was a word of the reason: "is not a <not shown> URL" told it.
+    with pytest.raises(ConfigError) as caught:
+        from_env({"STORE": f"redis://u:{password}@127.0.0.1:abc/0"})
+    assert str(caught.value) == (
+        "STORE='redis://<credentials not shown>@127.0.0.1:abc/0' is invalid: is not a Redis URL: Port could not be"
+        " cast to integer value as 'abc'"
+    )
+
+
+@pytest.mark.parametrize("password", ["sec/ret", "sec#ret", "sec?ret", "sec@ret/x"])
+def test_a_redis_password_with_a_delimiter_unencoded_is_told_to_be_percent_encoded(password):
+    with pytest.raises(ConfigError) as caught:
+        from_env({"STORE": f"redis://u1:{password}@127.0.0.1:6390/0"})
+    message = str(caught.value)
+    assert message.endswith(f"is invalid: {config.ENCODE_CREDENTIALS}")
+    assert "ret" not in message.replace("REDIS_PASSWORD", "")
+    # Percent-encoded, it is taken (and decoded by redis-py).
+    encoded = f"redis://u1:{quote(password, safe='')}@127.0.0.1:6390/0"
+    assert from_env({"STORE": encoded}).store.url == encoded
 
 
 # redis-py keeps the text of the value: "no" (or "false") decoded too.
