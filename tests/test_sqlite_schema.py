@@ -486,3 +486,6 @@ def test_the_readme_and_the_store_notes_name_the_current_schema_version():
     notes = " ".join((root / "docs" / "stores.md").read_text().split())
     assert f"each version to the next, now up to {SCHEMA_VERSION}," in readme
     assert f"(`PRAGMA user_version`, now {SCHEMA_VERSION})" in notes
+    # Only processes of version 4 or older are refused their claims: the README must not promise it of 5.
+    assert "a process of schema version 4 or older still running on a migrated file" in readme
+    assert "A process of schema version 5 on a file migrated to 6 is not stopped" in readme
