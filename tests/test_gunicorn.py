@@ -913,8 +913,14 @@ def test_a_worker_draining_in_its_exit_hook_tells_the_arbiter_it_is_alive_until_
     with (tmp_path / "tmp").open("wb") as heartbeat:
         os.utime(heartbeat.fileno(), (0.0, 0.0))
         cfg = SimpleNamespace(graceful_timeout=conf["graceful_timeout"])
-        worker = SimpleNamespace(controller=Controller(), cfg=cfg, metrics_dir=None, heartbeat_fd=heartbeat.fileno())
+        store = SimpleNamespace(closed=False)
+        store.close = lambda: setattr(store, "closed", True)
+        app = SimpleNamespace(extensions={"workerpool": SimpleNamespace(pool=SimpleNamespace(store=store))})
+        worker = SimpleNamespace(
+            controller=Controller(), cfg=cfg, metrics_dir=None, heartbeat_fd=heartbeat.fileno(), wsgi=app
+        )
         conf["worker_exit"](None, worker)
+    assert store.closed  # once the drain is over
     alive_for = 10 + conf["DRAIN_MARGIN_S"]
     assert seen[: alive_for + 1] == [1000.0 + n for n in range(alive_for)] + [1000.0 + alive_for - 1]
     assert set(seen[alive_for:]) == {1000.0 + alive_for - 1}  # a drain hung past its deadline is left to --timeout
