@@ -526,6 +526,18 @@ def test_a_missing_directory_is_refused(open_store, tmp_path):
         open_store(path=tmp_path / "missing" / "tasks.db")
 
 
+def test_a_task_file_with_another_hard_link_is_refused_by_either_name(open_store, clock, db, tmp_path):
+    """A process opening it by the other link would keep another -wal beside it, and the two corrupt the file."""
+    open_store().admit([task(clock, "a")])
+    (tmp_path / "other").mkdir()
+    os.link(db, tmp_path / "other" / "tasks.db")
+    for path in (db, tmp_path / "other" / "tasks.db"):
+        with pytest.raises(StoreUnavailable, match=r"has 2 hard links: .*another -wal.*corrupt"):
+            open_store(path=path)
+    (tmp_path / "other" / "tasks.db").unlink()
+    assert open_store().get("a") is not None
+
+
 def test_a_path_that_cannot_be_written_is_refused(open_store):
     with pytest.raises(StoreUnavailable):
         open_store(path="/proc/workerpool-tasks.db")

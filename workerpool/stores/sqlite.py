@@ -1993,6 +1993,15 @@ def _check_path(path: Path) -> None:
         raise StoreUnavailable(f"{path}: the directory {parent} is not writable (WAL needs files beside the database)")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise StoreUnavailable(f"{path}: the file is not readable and writable")
+    # SQLite keeps the -wal and -shm beside the name it opened: two processes that open the file by two
+    # names in two directories each write a -wal of their own, unseen by the other, and corrupt the file.
+    links = os.stat(path).st_nlink if path.exists() else 1
+    if links > 1:
+        raise StoreUnavailable(
+            f"{path}: the task file has {links} hard links: a process opening it by another name keeps another "
+            "-wal beside that name, and the two corrupt the file; remove the other links (to share the file, "
+            "give every process the same path, in containers by mounting its directory, not the file)"
+        )
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
