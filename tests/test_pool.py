@@ -1426,32 +1426,73 @@ def test_listing_order_and_creation_times_agree_when_two_submits_race(make_pool,
 
 
 class ClaimFails(MemoryStore):
-    """A store whose ``claim`` is unavailable the first ``failures`` times."""
+    """A store whose ``claim`` is unavailable the next ``failures`` times; each refusal moves the clock ``moves`` on by
+    ``refusal_s`` (the worker's 1 s pause, which the tests shorten to a real millisecond)."""
 
-    def __init__(self, failures, **options):
+    def __init__(self, failures, *, moves=None, refusal_s=0.0, **options):
         super().__init__(**options)
         self.failures = failures
+        self.refusals = 0
+        self._moves = moves
+        self._refusal_s = refusal_s
+        self._failing = threading.Lock()
+
+    def fail_next(self, failures):
+        with self._failing:
+            self.failures = failures
 
     def claim(self, owner, lease_until):
-        if self.failures:
-            self.failures -= 1
+        with self._failing:
+            refuse = self.failures > 0
+            if refuse:
+                self.failures -= 1
+                self.refusals += 1
+        if refuse:
+            if self._moves is not None:
+                self._moves.advance(self._refusal_s)
             raise StoreUnavailable("the store is down")
         return super().claim(owner, lease_until)
 
 
-def test_a_worker_waits_out_an_unavailable_store_with_one_line_per_try(make_pool, caplog):
+def short_pause(event, timeout):
+    return event.wait(0.001 if timeout else None)  # the worker's 1 s pause, shortened
+
+
+def claim_failure_lines(caplog):
+    tries = [r for r in caplog.records if r.getMessage().startswith("worker could not take a task")]
+    assert all(r.exc_info is None for r in tries)  # an outage is not a bug: no traceback
+    return [r.getMessage() for r in tries]
+
+
+def test_a_worker_waits_out_an_unavailable_store_with_one_line_per_try(make_pool, clock, caplog):
     log = AttemptLog()
-    pool = make_pool(
-        store=ClaimFails(2), workers=1, observers=[log],
-        wait=lambda event, timeout: event.wait(0.001 if timeout else None),  # the 1 s pause, shortened
-    )  # fmt: skip
+    store = ClaimFails(2, moves=clock, refusal_s=1.0)
+    pool = make_pool(store=store, workers=1, observers=[log], wait=short_pause)
     with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
         pool.submit("a", "", 0)
         log.wait_for("a", State.DONE)
-    tries = [r for r in caplog.records if r.getMessage().startswith("worker could not take a task")]
     expected = "worker could not take a task (the store is down); trying again in 1.0 s"
-    assert [r.getMessage() for r in tries] == [expected] * 2
-    assert all(r.exc_info is None for r in tries)  # an outage is not a bug: no traceback
+    assert claim_failure_lines(caplog) == [expected] * 2
+
+
+def test_an_unavailable_store_is_logged_once_a_second_for_all_the_workers(make_pool, clock, caplog):
+    # Every worker meets the outage and tries again each second: a line from each buried the store's own.
+    log = AttemptLog()
+    store = ClaimFails(0)
+    pool = make_pool(store=store, workers=8, observers=[log], wait=short_pause)
+    pool.start()
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        store.fail_next(40)  # all within one second of the pool's clock
+        pool.submit("a", "", 0)
+        log.wait_for("a", State.DONE)
+        assert store.refusals == 40
+        assert len(claim_failure_lines(caplog)) == 1
+        clock.advance(1.0)
+        store.fail_next(5)
+        pool.submit("b", "", 0)
+        log.wait_for("b", State.DONE)
+    assert store.refusals == 45
+    assert len(claim_failure_lines(caplog)) == 2
 
 
 class StepLog(MemoryStore):

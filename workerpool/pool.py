@@ -169,7 +169,7 @@ class WorkerPool:
         "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early", "_unreadable_told",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
         "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_cutoff", "_reach",
-        "__weakref__",
+        "_claim_failure_told_at", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -269,6 +269,7 @@ class WorkerPool:
         self._cancel_early: set[tuple[str, float, int]] = set()
         self._unreadable_told: set[str] = set()  # tasks whose unreadable result was logged (see get)
         self._timeouts = 0  # attempts failed by the attempt timeout
+        self._claim_failure_told_at = -math.inf  # when a worker last logged that the store refused its claim
         self._stuck: set[threading.Thread] = set()  # workers still in a handler whose attempt timed out
         self._retired: set[threading.Thread] = set()  # stuck workers that were replaced: they exit on return
         self._thread_numbers = itertools.count(workers + 1)
@@ -582,8 +583,8 @@ class WorkerPool:
                         idle = False
                         store.wait_for_work(None)
                         continue
-                except StoreUnavailable as exc:  # Redis restarting, a full disk: one line a second, no traceback
-                    log.warning("worker could not take a task (%s); trying again in %.1f s", exc, _STORE_RETRY_S)
+                except StoreUnavailable as exc:  # Redis restarting, a full disk: no traceback
+                    self._tell_claim_failure(exc)
                     self._wait(pause, _STORE_RETRY_S)
                     continue
                 except Exception:  # a bug: keep the worker, try again shortly
@@ -598,6 +599,20 @@ class WorkerPool:
             idle = ended.claimed_none
             if attempt is None and self._stuck and self._leave_if_replaced():
                 return
+
+    def _tell_claim_failure(self, failure: StoreUnavailable) -> None:
+        """Log that a worker could not take a task, at most once a second for the whole pool.
+
+        Every worker meets the same outage and tries again each second: a line from each (64 a second
+        with WORKERS=64) would bury the line that says why the store fails.
+        """
+        now = self._monotonic()
+        with self._lock:
+            told = now < self._claim_failure_told_at + _STORE_RETRY_S
+            if not told:
+                self._claim_failure_told_at = now
+        if not told:
+            log.warning("worker could not take a task (%s); trying again in %.1f s", failure, _STORE_RETRY_S)
 
     def _new_attempt(self, task: Task, cancel: threading.Event) -> Attempt:
         """The attempt of a task just claimed, registered as running here."""
