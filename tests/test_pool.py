@@ -2023,3 +2023,25 @@ def test_a_drain_waits_for_a_delayed_task_due_before_its_deadline(make_pool, clo
     log.wait_for("soon", State.DONE)
     summary = pool.shutdown()
     assert (summary.abandoned, summary.counts[State.DONE]) == ((), 1)
+
+
+def test_an_attempt_whose_task_redis_lost_says_so_not_that_another_process_ended_it(make_pool, clock, tmp_path, caplog):
+    # Redis restarted without persistence, or flushed: the task running here is gone, and nobody ended it.
+    here, _ = _two_processes("redis", clock, tmp_path)
+    handler, started, heard = _waits_for_its_cancel()
+    pool = make_pool(handler, store=here, workers=1, lease=30.0, wait=KeeperWaits(clock))
+    pool.submit("a", "")
+    assert started.wait(TIMEOUT)
+    admin = shared_server().client()
+    admin.delete(*admin.scan_iter(match=f"{here._prefix}*"))  # FLUSHDB, of this store's keys alone
+    clock.advance(10.0)  # the next renewal
+    assert heard.wait(TIMEOUT), "the attempt was not cancelled after its renewal found its task gone"
+    wait_until(lambda: not pool.running(), timeout=TIMEOUT, what="the attempt to end")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    lost = pool_module._STORE_LOST
+    assert f"task a attempt 1: {lost}; it is cancelled here and its end will be dropped" in lines, lines
+    assert f"task a attempt 1 ended, but {lost}; result dropped" in lines, lines
+    assert not [line for line in lines if "another process" in line or "abandoned" in line], lines
+    pool.shutdown(timeout=TIMEOUT)
+    here.close()
+    admin.close()

@@ -770,13 +770,17 @@ class WorkerPool:
             raise
         try:
             if ended is None:
-                _log(
-                    logging.WARNING,
-                    task,
-                    "task %s attempt %d ended after it was abandoned or its lease recovered; result dropped",
-                    task.id,
-                    task.attempts,
-                )
+                if self._store_lost(task.id):
+                    _log(logging.WARNING, task, "task %s attempt %d ended, but %s; result dropped", task.id,
+                         task.attempts, _STORE_LOST)  # fmt: skip
+                else:
+                    _log(
+                        logging.WARNING,
+                        task,
+                        "task %s attempt %d ended after it was abandoned or its lease recovered; result dropped",
+                        task.id,
+                        task.attempts,
+                    )
             else:
                 if ended.state is not _DONE or (log.isEnabledFor(logging.DEBUG) if debug is None else debug):
                     self._log_end(ended, error, exc)
@@ -1210,6 +1214,10 @@ class WorkerPool:
                         lost.append(attempt.task)
                     self._set_cancel(attempt)
         for task in lost:
+            if self._store_lost(task.id):  # nobody ended it: its data is gone
+                _log(logging.WARNING, task, "task %s attempt %d: %s; it is cancelled here and its end will be dropped",
+                     task.id, task.attempts, _STORE_LOST)  # fmt: skip
+                continue
             # The process that ended it could only guess why its lease expired; this one knows it was alive.
             _log(
                 logging.WARNING,
@@ -1221,6 +1229,16 @@ class WorkerPool:
                 ", this process being unable to reach the store" if cut_off else " without being renewed in time",
             )
         return True
+
+    def _store_lost(self, task_id: str) -> bool:
+        """Whether the store no longer holds ``task_id``, whose attempt ran here: its data was lost (see
+        _STORE_LOST), as retention forgets only final tasks, the oldest first (a task another process ended
+        just now is still held). False if the store cannot tell now. A look on the rare path where an
+        attempt's end or renewal was refused, never on the common one."""
+        try:
+            return self._store.get(task_id) is None
+        except Exception:  # noqa: BLE001  (the store failing now: the usual line is logged instead)
+            return False
 
     def _poll_cancels(self) -> None:
         attempts = self.running()
@@ -1514,6 +1532,14 @@ def _notify(hooks: _Hooks, *args: object) -> None:
             hook(*args)
         except Exception:
             log.exception("observer %r failed in %s", observer, name)
+
+
+# Why a store no longer holds a task that was running here.
+_STORE_LOST = (
+    "the store no longer holds the task: its data was most likely lost (with Redis: a restart without persistence, "
+    "a FLUSHALL or FLUSHDB, an eviction; with SQLite: the file replaced or the row deleted), and with it the store's "
+    "other tasks may be gone"
+)
 
 
 def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> None:
