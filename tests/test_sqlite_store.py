@@ -513,6 +513,23 @@ def test_wake_releases_waiting_workers_and_every_later_wait(open_store):
     assert waiter(store)(None).wait(WAIT_S)
 
 
+def test_a_new_task_file_and_its_wal_and_shm_are_readable_by_their_user_only(open_store, clock, db, tmp_path):
+    # Payloads and results are in them: SQLite would create them 0644 under the usual umask.
+    previous = os.umask(0o022)
+    try:
+        store = open_store()
+        store.admit([task(clock, "secret")])
+        existing = tmp_path / "existing" / "tasks.db"
+        existing.parent.mkdir()
+        existing.touch(mode=0o640)  # a file the operator made keeps its mode
+        open_store(path=existing).admit([task(clock, "shared")])
+    finally:
+        os.umask(previous)
+    for name in ("tasks.db", "tasks.db-wal", "tasks.db-shm"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o600), name
+        assert oct((existing.parent / name).stat().st_mode & 0o777) == oct(0o640), name
+
+
 # -- files the store must refuse, with a reason ------------------------------
 
 

@@ -419,6 +419,7 @@ class SqliteStore(TaskStore):
         self._identity_due = 0.0  # when (time.monotonic) an admission looks again
         _check_library()
         _check_path(self.path)
+        _create_private(self.path)
         self._open()
 
     # -- opening -----------------------------------------------------------
@@ -2002,6 +2003,21 @@ def _check_path(path: Path) -> None:
             "-wal beside that name, and the two corrupt the file; remove the other links (to share the file, "
             "give every process the same path, in containers by mounting its directory, not the file)"
         )
+
+
+def _create_private(path: Path) -> None:
+    """Create a missing task file readable and writable by this user only.
+
+    It holds every payload and result; SQLite would create it readable by
+    every local user (0644 under the usual umask), and gives its -wal and
+    -shm the file's mode. A file that exists keeps the mode it has.
+    """
+    try:
+        os.close(os.open(os.path.realpath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:  # there already, or another process created it meanwhile
+        pass
+    except OSError as exc:
+        raise StoreUnavailable(f"{path}: the file cannot be created ({exc.strerror})") from None
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
