@@ -555,6 +555,21 @@ def test_a_task_file_with_another_hard_link_is_refused_by_either_name(open_store
     assert open_store().get("a") is not None
 
 
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_wal_or_shm_this_user_cannot_write_is_refused_naming_it(open_store, db, monkeypatch, suffix):
+    """Not "the database is read-only": the task file is fine, the one beside it is left by another user."""
+    open_store().close()
+    log = f"{db}{suffix}"
+    with open(log, "ab"):  # as a process still open on the file keeps it
+        pass
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != log and access(path, mode))
+    with pytest.raises(StoreUnavailable) as refused:
+        open_store()
+    assert str(refused.value).startswith(f"{log}: not readable and writable by this process (uid {os.getuid()}; ")
+    assert f"the file's owner is uid {os.stat(log).st_uid})" in str(refused.value)
+
+
 def test_a_path_that_cannot_be_written_is_refused(open_store):
     with pytest.raises(StoreUnavailable):
         open_store(path="/proc/workerpool-tasks.db")

@@ -1994,6 +1994,15 @@ def _check_path(path: Path) -> None:
         raise StoreUnavailable(f"{path}: the directory {parent} is not writable (WAL needs files beside the database)")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise StoreUnavailable(f"{path}: the file is not readable and writable")
+    # Left by a process of another user still open on the file, or one that crashed: SQLite would only say
+    # "the database is read-only", which sends the operator to the task file.
+    for suffix in _LOG_SUFFIXES:
+        log_file = f"{os.path.realpath(path)}{suffix}"
+        if os.path.exists(log_file) and not os.access(log_file, os.R_OK | os.W_OK):
+            raise StoreUnavailable(
+                f"{log_file}: not readable and writable by this process (uid {os.getuid()}; the file's owner is "
+                f"uid {os.stat(log_file).st_uid}): SQLite keeps the task file's {suffix} there"
+            )
     # SQLite keeps the -wal and -shm beside the name it opened: two processes that open the file by two
     # names in two directories each write a -wal of their own, unseen by the other, and corrupt the file.
     links = os.stat(path).st_nlink if path.exists() else 1
