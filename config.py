@@ -139,9 +139,14 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _plain(bound: float) -> str:
+    """``bound`` as the README writes it: 31536000, not 3.1536e+07 (``:g`` turns to exponents past 6 digits)."""
+    return f"{bound:.15g}"
+
+
 def _number(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
-    bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
-    reason = f"must be a number {bound} and at most {high:g}"
+    bound = f"greater than {_plain(low)}" if low_open else f"at least {_plain(low)}"
+    reason = f"must be a number {bound} and at most {_plain(high)}"
 
     def parse(text: str) -> float:
         if not _DECIMAL.fullmatch(text):
