@@ -586,14 +586,14 @@ MAX_WEB_CONCURRENCY = 256
 def web_concurrency(environ: Mapping[str, str] = os.environ) -> int | None:
     """``WEB_CONCURRENCY``, gunicorn's default for its worker processes (``-w``), or None when unset.
 
-    Raises ConfigError for a value that is not an integer from 0 to MAX_WEB_CONCURRENCY (0 is
-    check_server_processes' to refuse, with its reason).
+    Raises ConfigError for a value that is not an integer from 1 to MAX_WEB_CONCURRENCY: gunicorn would take 0
+    and listen with no process to answer.
     """
     raw = environ.get("WEB_CONCURRENCY")
     if raw is None:
         return None
     try:
-        return _integer(0, MAX_WEB_CONCURRENCY)(raw.strip())
+        return _integer(1, MAX_WEB_CONCURRENCY)(raw.strip())
     except ValueError as exc:
         raise ConfigError(f"WEB_CONCURRENCY={raw!r} is invalid: {exc} (or unset)") from None
 
@@ -685,7 +685,7 @@ def check_worker_recycling(config: Config, max_requests: int) -> None:
 
 def check_server_processes(config: Config, processes: int) -> None:
     """Raise ConfigError if ``processes`` server processes cannot serve the same tasks with ``config``'s store."""
-    if processes < 1:  # gunicorn takes -w 0 (or WEB_CONCURRENCY=0) and listens with no process to answer
+    if processes < 1:  # gunicorn takes -w 0 and listens with no process to answer
         raise ConfigError(f"{processes} worker processes would answer no request: run at least one (-w/--workers)")
     if processes > 1 and not config.store.shared:
         raise ConfigError(

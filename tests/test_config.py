@@ -638,7 +638,7 @@ def test_a_json_start_up_line_keeps_line_separators_escaped(monkeypatch):
 
 @pytest.mark.parametrize(
     ("environ", "expected"),
-    [({}, None), ({"WEB_CONCURRENCY": " 3 "}, 3), ({"WEB_CONCURRENCY": "0"}, 0), ({"WEB_CONCURRENCY": "256"}, 256)],
+    [({}, None), ({"WEB_CONCURRENCY": " 3 "}, 3), ({"WEB_CONCURRENCY": "1"}, 1), ({"WEB_CONCURRENCY": "256"}, 256)],
 )
 def test_web_concurrency_is_a_count_of_processes_or_none(environ, expected):
     assert config.web_concurrency(environ) == expected
@@ -648,6 +648,7 @@ def test_web_concurrency_is_a_count_of_processes_or_none(environ, expected):
     "environ",
     [
         {"WEB_CONCURRENCY": "257"},
+        {"WEB_CONCURRENCY": "0"},  # gunicorn would listen with no process to answer
         {"WEB_CONCURRENCY": "2_0"},
         {"WEB_CONCURRENCY": "0x10"},
         {"LISTEN_FDS": ""},

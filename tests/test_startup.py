@@ -78,15 +78,18 @@ def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
 
 def test_gunicorn_refuses_zero_worker_processes(tmp_path):
     """gunicorn takes -w 0 and WEB_CONCURRENCY=0 (a shared store lets the latter set the processes) and listened
-    with no process to answer: every request waited."""
-    for args, env in (
-        (["-w", "0"], {}),
-        ([], {"WEB_CONCURRENCY": "0", "STORE": f"sqlite:///{tmp_path / 'tasks.db'}"}),
+    with no process to answer: every request waited. The line names what said 0."""
+    shared = {"STORE": f"sqlite:///{tmp_path / 'tasks.db'}"}
+    for command, args, env, said in (
+        (GUNICORN, ["-w", "0"], {}, "0 worker processes would answer no request: run at least one (-w/--workers)"),
+        (GUNICORN, [], {"WEB_CONCURRENCY": "0", **shared}, "WEB_CONCURRENCY='0' is invalid: must be an integer from 1"),
+        (RUN_GUNICORN, [], {"WEB_CONCURRENCY": "0", **shared}, "WEB_CONCURRENCY='0' is invalid"),
+        (RUN_GUNICORN, [], {"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY='0' is invalid"),  # memory: no longer "not taken"
     ):
-        result = start([*GUNICORN, *args], **env)
+        result = start([*command, *args], **env)
         assert result.returncode == 2, (args, env)
         output = result.stdout + result.stderr
-        assert "configuration error: 0 worker processes would answer no request" in output
+        assert f"configuration error: {said}" in output, output
         assert "Listening at" not in output and "Traceback" not in output
 
 
@@ -133,11 +136,11 @@ def test_gunicorn_refuses_its_code_reloader(tmp_path):
 
 
 GUNICORN_VARIABLES = {
-    "not-a-number": ("WEB_CONCURRENCY", "abc", "must be an integer from 0 to 256 (or unset)"),
-    "a-fraction": ("WEB_CONCURRENCY", "2.5", "must be an integer from 0 to 256 (or unset)"),
-    "empty": ("WEB_CONCURRENCY", "", "must be an integer from 0 to 256 (or unset)"),
-    "negative": ("WEB_CONCURRENCY", "-3", "must be an integer from 0 to 256 (or unset)"),
-    "too-many": ("WEB_CONCURRENCY", "100000", "must be an integer from 0 to 256 (or unset)"),
+    "not-a-number": ("WEB_CONCURRENCY", "abc", "must be an integer from 1 to 256 (or unset)"),
+    "a-fraction": ("WEB_CONCURRENCY", "2.5", "must be an integer from 1 to 256 (or unset)"),
+    "empty": ("WEB_CONCURRENCY", "", "must be an integer from 1 to 256 (or unset)"),
+    "negative": ("WEB_CONCURRENCY", "-3", "must be an integer from 1 to 256 (or unset)"),
+    "too-many": ("WEB_CONCURRENCY", "100000", "must be an integer from 1 to 256 (or unset)"),
     "listen-fds": ("LISTEN_FDS", "x", "must be an integer (systemd sets it; or unset)"),
     "listen-pid": ("LISTEN_PID", "1.5", "must be an integer (systemd sets it; or unset)"),
     "forwarded-allow-ips": (
