@@ -38,4 +38,8 @@ def _places(store: StoreSetting) -> list[tuple[str, str]]:
         url = urlsplit(store.url)  # redis:// or rediss://, as config.py takes them
         if url.hostname:
             places[f"{url.hostname}:{url.port or 6379}"] = "the Redis server"
+            # Quoted alone by a TLS name check ("certificate is not valid for '10.0.3.7'"); a bare name is left,
+            # which may be a word of the reason ("redis: ..." for a host named redis).
+            for quote in "'\"":
+                places[f"{quote}{url.hostname}{quote}"] = "the Redis server's host"
     return sorted(((p, n) for p, n in places.items() if p and p != "/"), key=lambda pair: -len(pair[0]))

@@ -183,6 +183,20 @@ def test_the_dashboard_s_figures_are_a_503_while_the_store_cannot_be_written_tho
             "redis: Timeout reading from the Redis server",
         ),
         (
+            StoreSetting("redis", url="rediss://10.0.3.7:6390/0"),
+            "redis: Error 1 connecting to 10.0.3.7:6390. [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+            "IP address mismatch, certificate is not valid for '10.0.3.7'. (_ssl.c:992).",
+            "redis: Error 1 connecting to the Redis server. [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+            "failed: IP address mismatch, certificate is not valid for the Redis server's host. (_ssl.c:992).",
+        ),
+        (
+            StoreSetting("redis", url="rediss://redis/0"),
+            "redis: Error 1 connecting to redis:6379. [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+            "Hostname mismatch, certificate is not valid for 'redis'. (_ssl.c:992).",
+            "redis: Error 1 connecting to the Redis server. [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+            "failed: Hostname mismatch, certificate is not valid for the Redis server's host. (_ssl.c:992).",
+        ),
+        (
             StoreSetting("redis", url="redis://10.0.3.7:7000/0"),
             "redis: the store's keys (hash slot 8856) are served by the cluster node 10.0.3.9:7001, not by ...",
             "redis: the store's keys (hash slot 8856) are served by another cluster node, not by ...",
