@@ -23,7 +23,8 @@ _CLUSTER_NODE = re.compile(r"the cluster node \S+?(?=[,:;]\s)")
 def public_reason(reason: str, store: StoreSetting) -> str:
     """``reason`` with the store's path or address replaced by what it is."""
     for place, name in _places(store):
-        reason = reason.replace(place, name)
+        # "/srv/tasks.db: the task file was removed" says it once: not "the task file: the task file ...".
+        reason = reason.replace(f"{place}: {name}", name).replace(place, name)
     return _CLUSTER_NODE.sub("another cluster node", reason)
 
 

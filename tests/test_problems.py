@@ -204,7 +204,17 @@ def test_the_dashboard_s_figures_are_a_503_while_the_store_cannot_be_written_tho
         (
             StoreSetting("sqlite", path="/srv/secret/tasks.db"),
             "/srv/secret/tasks.db: the task file was removed while open; /srv/secret is full",
-            "the task file: the task file was removed while open; the task file's directory is full",
+            "the task file was removed while open; the task file's directory is full",
+        ),
+        (
+            StoreSetting("sqlite", path="/srv/secret/tasks.db"),
+            "/srv/secret/tasks.db: the task file's -wal file was replaced by another file while ...",
+            "the task file's -wal file was replaced by another file while ...",
+        ),
+        (
+            StoreSetting("sqlite", path="/srv/secret/tasks.db"),
+            "/srv/secret/tasks.db: the database is read-only",
+            "the task file: the database is read-only",
         ),
     ],
 )

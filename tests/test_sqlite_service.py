@@ -311,7 +311,7 @@ def test_a_task_file_removed_while_open_answers_503_naming_it_and_the_accepted_t
 
         health = client.get("/healthz")
         assert health.status_code == 503
-        assert "removed while this process had it open" in health.get_json()["store_error"]
+        assert health.get_json()["store_error"].startswith("the task file was removed while this process had it open")
         assert str(tmp_path) not in health.get_json()["store_error"]  # /healthz is open: not where the file is
         refused = client.post("/enqueue", json={"id": "after", "payload": ""})
         assert refused.status_code == 503
