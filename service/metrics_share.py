@@ -32,7 +32,8 @@ process's user that no other user can write. A directory another local user made
 path once a cleaner removed it is neither read nor written (their counts would be summed,
 and a FIFO of theirs would block every scrape): publishing fails as on a full disk, logged
 once, and a scrape answers the counts read before with this process's own ones current.
-Files are opened without following a symlink or waiting on a FIFO, regular files only.
+Files are opened without following a symlink or waiting on a FIFO, regular files only; one that is
+not a snapshot (truncated, edited by hand) is left out of the sum, as if absent.
 """
 
 from __future__ import annotations
@@ -456,8 +457,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# The files logged as unreadable (not a snapshot's JSON), each once per process: a scrape meets them every time.
+_unreadable_lock = threading.Lock()
+_unreadable_told: set[Path] = set()
+
+
 def _read(path: Path) -> Snapshot | None:
-    """A snapshot, or None if its file is gone (an ended process's live file, removed meanwhile) or not a regular file.
+    """A snapshot, or None if its file is gone (an ended process's live file, removed meanwhile), not a regular
+    file or not a snapshot (logged once: a truncated file, a hand edit), which the sum then does without.
 
     A FIFO is opened without waiting for a writer, a symlink not followed (ELOOP), a device not read.
     """
@@ -472,7 +479,27 @@ def _read(path: Path) -> Snapshot | None:
     with open(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        return json.loads(file.read().decode("utf-8"))
+        data = file.read()
+    try:
+        snapshot = json.loads(data.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+    except ValueError as error:
+        _tell_unreadable(path, f"not JSON ({error})")
+        return None
+    if not isinstance(snapshot, dict):
+        _tell_unreadable(path, f"a JSON {type(snapshot).__name__}, not an object")
+        return None
+    if path.name == RETIRED and not all(isinstance(snapshot.get(key), dict) for key in ("counts", "folded")):
+        _tell_unreadable(path, 'not an object of "counts" and "folded"')
+        return None
+    return snapshot
+
+
+def _tell_unreadable(path: Path, why: str) -> None:
+    with _unreadable_lock:
+        told = path in _unreadable_told
+        _unreadable_told.add(path)
+    if not told:
+        log.warning("the metrics file %s is not a snapshot: %s; the sum goes on without it", path, why)
 
 
 class Publisher:

@@ -439,6 +439,35 @@ def test_a_fifo_or_a_symlink_in_the_directory_neither_blocks_nor_redirects_a_scr
     assert _scrape_in_time(metrics) == 5
 
 
+def test_a_file_that_is_not_a_snapshot_is_skipped_and_told_once(tmp_path, caplog):
+    # A truncated file, a hand edit: it made every scrape of every process a 500 until someone removed it.
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    other, _ = process(directory, 101)
+    accept(other, 2)
+    other.publish()
+    unreadable = {
+        "counts-102.json": b"",
+        "counts-103.json": b'{"row": {"accep',
+        "counts-104.json": b"\xff\xfe",
+        "counts-105.json": b"[1, 2]",
+        "live-106.json": b"7",
+        metrics_share.RETIRED: b'{"counts": {}}',
+    }
+    for name, data in unreadable.items():
+        (directory / name).write_bytes(data)
+    metrics, _ = process(directory, 107)
+    accept(metrics, 3)
+    assert _scrape_in_time(metrics) == 5
+    assert _scrape_in_time(metrics) == 5
+    for name in unreadable:
+        assert caplog.text.count(f"the metrics file {directory / name} is not a snapshot") == 1, name
+    metrics_share.mark_process_dead(directory, 102)  # the arbiter's fold leaves it, in no error
+    metrics_share.mark_process_dead(directory, 101)  # and writes a retired record in place of the one unreadable
+    assert json.loads((directory / metrics_share.RETIRED).read_text())["folded"] == {"counts-101.json": 1}
+    assert _scrape_in_time(metrics) == 5
+
+
 @pytest.mark.parametrize("owner", ["this user, writable by others", "another user"])
 def test_a_directory_another_user_made_after_a_cleaner_is_not_used(tmp_path, caplog, owner):
     if owner == "another user" and os.geteuid() != 0:
