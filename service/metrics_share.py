@@ -12,7 +12,9 @@ one, however many processes ``max_requests`` or ``TTIN``/``TTOU`` start and end.
 fold (add to the retired counts, note the file folded, remove it) holds an exclusive
 ``flock`` on ``fold.lock`` and every reading of the directory a shared one, so no scrape
 sees the counts twice or not at all, and a reader tells a folded file from a removed
-one. A process whose counts file was not folded (its arbiter was killed) leaves it in
+one. The arbiter waits for the lock at most ``FOLD_LOCK_WAIT_S``: a process stopped while
+it reads holds it, and the fold is then left to a later exit, the file staying in the sum.
+A process whose counts file was not folded (its arbiter was killed) leaves it in
 place; a new process that gets its pid starts from that file's counts.
 
 While the server runs nothing else removes a counts file, but a tmp cleaner may
@@ -60,6 +62,11 @@ PARTIAL = ".partial"  # a file being written; readers skip it
 # The counts of every ended process, added up: {"counts": snapshot, "folded": {counts file name: times folded}}.
 RETIRED = f"{COUNTS}retired{SUFFIX}"
 FOLD_LOCK = "fold.lock"  # flock: exclusive while a fold changes the counts files, shared while they are read
+# How long the arbiter waits for the fold lock, which every reading of the directory holds shared: a process
+# stopped while it reads (SIGSTOP, a debugger, a frozen cgroup) holds it for as long as it is stopped, and an
+# arbiter waiting on it would neither replace workers nor act on signals. Past it the fold waits for the next reap.
+FOLD_LOCK_WAIT_S = 0.5
+FOLD_LOCK_POLL_S = 0.01
 # How often a process that answers no scrape publishes its counts: what another process's
 # /metrics may miss of it at most (plus the time to write a file).
 PUBLISH_INTERVAL_S = 1.0
@@ -158,32 +165,55 @@ def mark_process_dead(directory: Path, pid: int) -> None:
         (directory / f"{LIVE}{pid}{SUFFIX}").unlink(missing_ok=True)
     except OSError as error:
         log.warning("could not remove the metrics gauges of the ended process %s: %s", pid, error)
+    names = _unfolded.pop(directory, set()) | {f"{COUNTS}{pid}{SUFFIX}"}
     try:
-        _fold(directory, f"{COUNTS}{pid}{SUFFIX}")
+        left = _fold(directory, names)
     except OSError as error:  # its file stays, and in the sum: a later start of this pid counts on from it
         log.warning("could not fold the metrics counts of the ended process %s: %s", pid, error)
+        return
+    if left:  # each file stays meanwhile, and in the sum
+        _unfolded[directory] = left
+        log.warning(
+            "could not fold the metrics counts of %d ended process(es) within %.1f s: a process holds the lock "
+            "of %s (stopped while it read it?); they stay in the sum, and are folded at a later worker's exit",
+            len(left),
+            FOLD_LOCK_WAIT_S,
+            directory,
+        )
 
 
 _retired: dict[Path, Snapshot] = {}  # in the arbiter: the retired file last written, by directory
+_unfolded: dict[Path, set[str]] = {}  # in the arbiter: counts files of ended processes to fold still, by directory
 
 
-def _fold(directory: Path, name: str) -> None:
-    with _locked(directory, fcntl.LOCK_EX):
-        counts = _read(directory / name)
-        if counts is None:
-            return
-        retired = _read(directory / RETIRED)
-        if retired is None and directory in _retired:
-            # Removed by a tmp cleaner: the arbiter's own copy stands in for it, and files of processes it
-            # folded, written back by readers that had not read the fold, would count those processes twice.
-            retired = _retired[directory]
-            _drop_folded_copies(directory, retired["folded"])
-        retired = retired or {"counts": {}, "folded": {}}
-        folded = dict(retired["folded"])
-        folded[name] = folded.get(name, 0) + 1
-        retired = _retired[directory] = {"counts": add(retired["counts"], counts), "folded": folded}
-        _replace(directory / RETIRED, json.dumps(retired))
-        (directory / name).unlink(missing_ok=True)  # gone already if it was a copy of an earlier fold of the pid
+def _fold(directory: Path, names: set[str]) -> set[str]:
+    """Fold the counts files ``names`` of ended processes; those left unfolded, all of them if the lock was held."""
+    with _locked(directory, fcntl.LOCK_EX, wait_s=FOLD_LOCK_WAIT_S) as locked:
+        if not locked:
+            return names
+        for name in sorted(names):
+            pid = name[len(COUNTS) : -len(SUFFIX)]
+            if not _alive(int(pid)):  # else a process started since with its pid counts on from its file
+                _fold_one(directory, name)
+    return set()
+
+
+def _fold_one(directory: Path, name: str) -> None:
+    counts = _read(directory / name)
+    if counts is None:
+        return
+    retired = _read(directory / RETIRED)
+    if retired is None and directory in _retired:
+        # Removed by a tmp cleaner: the arbiter's own copy stands in for it, and files of processes it
+        # folded, written back by readers that had not read the fold, would count those processes twice.
+        retired = _retired[directory]
+        _drop_folded_copies(directory, retired["folded"])
+    retired = retired or {"counts": {}, "folded": {}}
+    folded = dict(retired["folded"])
+    folded[name] = folded.get(name, 0) + 1
+    retired = _retired[directory] = {"counts": add(retired["counts"], counts), "folded": folded}
+    _replace(directory / RETIRED, json.dumps(retired))
+    (directory / name).unlink(missing_ok=True)  # gone already if it was a copy of an earlier fold of the pid
 
 
 def _drop_folded_copies(directory: Path, folded: dict[str, int]) -> None:
@@ -199,18 +229,35 @@ def _drop_folded_copies(directory: Path, folded: dict[str, int]) -> None:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path, operation: int) -> Iterator[None]:
+def _locked(directory: Path, operation: int, *, wait_s: float | None = None) -> Iterator[bool]:
+    """Hold the fold lock (waiting for it, or up to ``wait_s``); whether to go on: False if it was not had in time."""
     try:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         fd = os.open(directory / FOLD_LOCK, flags, 0o600)
     except OSError:  # the directory removed, a full disk: unlocked, a scrape may count a fold made meanwhile twice
-        yield
+        yield True
         return
-    try:
-        fcntl.flock(fd, operation)  # released with the descriptor
-        yield
+    try:  # the lock is released with the descriptor
+        if wait_s is None:
+            fcntl.flock(fd, operation)
+        else:
+            deadline = time.monotonic() + wait_s
+            while not _try_lock(fd, operation):
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(FOLD_LOCK_POLL_S)
+        yield True
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class ProcessSnapshots:

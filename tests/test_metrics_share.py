@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import json
 import os
 import shutil
@@ -186,6 +187,31 @@ def test_scrapes_never_go_back_while_ended_processes_are_folded(tmp_path, caplog
     assert seen == [len(pids)] * len(seen), sorted(set(seen))
     assert [path.name for path in tmp_path.glob("counts-*")] == ["counts-retired.json"]
     assert "written back" not in caplog.text
+
+
+def test_the_arbiter_does_not_wait_for_a_fold_lock_a_stopped_reader_holds_and_folds_at_a_later_exit(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(metrics_share, "FOLD_LOCK_WAIT_S", 0.05)
+    first, second = ended_pid(), ended_pid()
+    _publish(tmp_path, first, 2)
+    _publish(tmp_path, second, 3)
+    reader = os.open(tmp_path / metrics_share.FOLD_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # a process stopped (SIGSTOP, a debugger) while it reads the directory
+    try:
+        reaping = threading.Thread(target=metrics_share.mark_process_dead, args=(tmp_path, first), daemon=True)
+        reaping.start()
+        reaping.join(WAIT_S)
+        assert not reaping.is_alive(), "the arbiter waited for the lock"
+    finally:
+        os.close(reader)
+    assert not (tmp_path / f"live-{first}.json").exists()  # its gauges go at once
+    assert _counts_files(tmp_path) == {first: 2, second: 3}  # its counts stay, in the sum
+    assert "could not fold the metrics counts of 1 ended process(es)" in caplog.text
+    assert _accepted(tmp_path) == 5
+    metrics_share.mark_process_dead(tmp_path, second)  # the next exit folds both
+    assert _counts_files(tmp_path) == {"retired": 5}
+    assert _accepted(tmp_path) == 5
 
 
 def test_the_creation_stamp_is_the_earliest_process_s(tmp_path):
