@@ -30,6 +30,7 @@ from config import (
     exit_on_error,
     parse_host,
     root_path,
+    stop_while_starting,
     write_startup_line,
 )
 from config import load as load_config
@@ -323,7 +324,7 @@ def load_handler(config: Config) -> Handler:
         raise
     except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a syntax error in the module, or anything its
         # import raised (the commonest broken deploy); a sys.exit() or argparse at the top of a script reused as a
-        # handler too. (Under `python app.py` a Ctrl-C in the import is reported so, and stops the start all the same.)
+        # handler too.
         message = _one_line(exc)
         raised = f"importing it raised {type(exc).__name__}" + (f": {message}" if message else "")
         raise ConfigError(f"TASK_HANDLER={config.task_handler!r} is invalid: {raised}") from None
@@ -423,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     After the drain the process waits a few seconds at most for threads a
     handler left running (a further signal stops that wait), then exits.
     """
+    # Until the drain's handlers are in place (the store reached, TASK_HANDLER imported: either may take long), a
+    # stop ends the start in one line, exit 0, as under gunicorn: a Ctrl-C printed a KeyboardInterrupt traceback.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, stop_while_starting)
     args = parse_args(argv)
     config = load_config()
     config = dataclasses.replace(

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -599,8 +600,15 @@ def web_concurrency(environ: Mapping[str, str] = os.environ) -> int | None:
 
 
 class StoppedWhileStarting(SystemExit):
-    """A stop signal ended the start (gunicorn.conf.py raises it from its handler, wherever the start was): not an
+    """A stop signal ended the start (``stop_while_starting`` raises it, wherever the start was): not an
     error of whatever was being loaded, such as TASK_HANDLER's module."""
+
+
+def stop_while_starting(signum: int, frame: object) -> NoReturn:
+    """A stop signal before the server's own handlers are in place: end the start, before listening, and exit 0."""
+    stopped = f"received {signal.Signals(signum).name} while starting: stopped before serving"
+    os.write(2, f"{startup_line(stopped, 'INFO')}\n".encode())  # no print(): it may interrupt one
+    raise StoppedWhileStarting(0)
 
 
 def root_path(environ: Mapping[str, str] = os.environ) -> str:

@@ -19,14 +19,6 @@ if _ROOT not in sys.path:  # so `config` and `app` import from any working direc
 
 import config as _config  # noqa: E402  (a bare `config` would be read as a gunicorn setting)
 
-
-def _stop_while_starting(signum, frame):
-    """A stop signal before gunicorn's own handlers are in place: end the start, before listening, and exit 0."""
-    stopped = f"received {_signal.Signals(signum).name} while starting: stopped before serving"
-    os.write(2, f"{_config.startup_line(stopped, 'INFO')}\n".encode())  # no print(): it may interrupt one
-    raise _config.StoppedWhileStarting(0)
-
-
 # The arbiter's other signals ask a running server for something: a reload (HUP, which systemctl reload and
 # logrotate send), its logs reopened (USR1), a binary upgrade (USR2), a worker more or less (TTIN, TTOU). Before
 # gunicorn's handlers are in place their default actions ended the start without a word (HUP, USR1, USR2) or
@@ -47,7 +39,7 @@ def _ignored_while_starting(signum, frame):
 # (Arbiter.init_signals replaces these with its own for all of them).
 if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
     for _stop in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
-        _signal.signal(_stop, _stop_while_starting)
+        _signal.signal(_stop, _config.stop_while_starting)
     for _other in _NOT_YET_SIGNALS:
         if _signal.getsignal(_other) == _signal.SIG_DFL:  # one the parent ignores (nohup) stays ignored
             _signal.signal(_other, _ignored_while_starting)
@@ -149,7 +141,7 @@ def on_starting(server):
     """Refuse processes that would not share tasks; open the pipe on which the worker reports its drain."""
     # From here a stop signal waits in the arbiter's queue, as it will once its handlers are in place (next,
     # in Arbiter.start): it stops the server gracefully as soon as it runs, so this hook is not cut short.
-    if _signal.getsignal(_signal.SIGTERM) == _stop_while_starting:
+    if _signal.getsignal(_signal.SIGTERM) == _config.stop_while_starting:
         for stop in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
             _signal.signal(stop, server.signal)
     try:  # `-w N` on the command line overrides `workers` above: only a hook sees it, before listening

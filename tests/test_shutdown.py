@@ -602,6 +602,26 @@ def test_a_stop_signal_during_the_start_ends_it_before_serving_even_as_pid_1(tmp
         server.stop()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_the_start_of_python_app_py_ends_it_in_one_line(tmp_path, signum):
+    # A Ctrl-C ended it in a KeyboardInterrupt traceback (or a TASK_HANDLER error), a SIGTERM without a word.
+    (tmp_path / "startgate.py").write_text(START_GATE)
+    env = clean_environment(
+        HOST="127.0.0.1", PORT="0", PYTHONPATH=str(tmp_path), TASK_HANDLER="startgate:handle", START_GATE=str(tmp_path)
+    )
+    server = ServerProcess(APP, log_path=tmp_path / "start.log", env=env)
+    try:
+        wait_until(lambda: (tmp_path / "reached").exists(), timeout=20, what="the start to import TASK_HANDLER")
+        server.proc.send_signal(signum)
+        assert server.proc.wait(timeout=20) == 0
+        log = server.log()
+        assert log.strip().splitlines()[-1].endswith(f"received {signum.name} while starting: stopped before serving")
+        assert "Traceback" not in log and "Listening at" not in log, log
+    finally:
+        (tmp_path / "open").touch()
+        server.stop()
+
+
 def test_a_stop_during_the_start_is_said_in_one_json_line_with_log_format_json(tmp_path):
     """Its line was plain text where every other line was JSON."""
     (tmp_path / "startgate.py").write_text(START_GATE)
