@@ -58,7 +58,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from gunicorn import util
 from gunicorn.http import wsgi
-from gunicorn.http.errors import ConfigurationProblem, InvalidRequestLine
+from gunicorn.http.errors import ConfigurationProblem, InvalidRequestLine, LimitRequestLine
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -203,6 +203,8 @@ class DrainingThreadWorker(ThreadWorker):
 
     def handle_error(self, req, client, addr, exc) -> None:
         redact(exc, self.body_limits.token)  # gunicorn quotes what the client sent in its warning
+        if isinstance(exc, LimitRequestLine) and exc.max_size is not None:  # "Request Line is too large (5014 > 4094)"
+            exc = LimitRequestLine(f"the request line is longer than {exc.max_size} bytes")  # as every other 414 says
         # The answer's id is chosen first: gunicorn logs before it writes (see service/server_errors.py).
         with server_errors.answering() as answer:
             if isinstance(exc, ConfigurationProblem):

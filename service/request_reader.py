@@ -49,6 +49,7 @@ from gunicorn.http.errors import (
     LimitRequestLine,
     UnsupportedTransferCoding,
 )
+from gunicorn.http.message import MAX_REQUEST_LINE
 
 from .bearer import bearer_problem
 
@@ -223,6 +224,7 @@ class RequestReader:
         self._cfg = cfg
         self._limits = limits or BodyLimits()
         self._chunk_line = (getattr(cfg, "limit_request_field_size", 0) or DEFAULT_CHUNK_LINE_LIMIT) + 2
+        self._line_limit = request_line_limit(getattr(cfg, "limit_request_line", MAX_REQUEST_LINE))
         self._poller = poller
         self._ready = ready  # the request is buffered: serve it on a thread
         self._drop = drop  # closed by the client, broken, or too slow: forget it
@@ -316,7 +318,7 @@ class RequestReader:
                 pending.searched = max(0, len(pending.buffer) - len(_END_OF_HEAD) + 1)
                 if len(pending.buffer) <= MAX_PREREAD_HEAD:
                     return False
-                pending.refusal = _head_too_large(pending.buffer, start)
+                pending.refusal = _head_too_large(pending.buffer, start, line_limit=self._line_limit)
                 return True
             head = bytes(pending.buffer[start : end + len(_END_OF_HEAD)])
             framing = read_framing(head, self._limits)
@@ -647,11 +649,20 @@ def _bare_lf(buffer: bytearray, start: int, stop: int) -> bool:
     return False
 
 
-def _head_too_large(buffer: bytearray, start: int = 0) -> Exception:
+def request_line_limit(limit_request_line: int) -> int:
+    """The longest request line gunicorn's parser takes with ``limit_request_line`` (as gunicorn.http.message reads
+    it: past MAX_REQUEST_LINE or negative, that; 0, none of its own, so the loop's ``MAX_PREREAD_HEAD``)."""
+    if limit_request_line < 0 or limit_request_line >= MAX_REQUEST_LINE:
+        return MAX_REQUEST_LINE
+    return limit_request_line or MAX_PREREAD_HEAD
+
+
+def _head_too_large(buffer: bytearray, start: int = 0, *, line_limit: int = MAX_REQUEST_LINE) -> Exception:
     """gunicorn's error for a head past ``MAX_PREREAD_HEAD`` (from ``start``, after the empty line before it, which
-    counts against it): its request line alone (414), else its fields (431)."""
+    counts against it): its request line alone (414, naming the limit the parser would have applied: ``line_limit``,
+    not the loop's cut-off), else its fields (431)."""
     if buffer.find(b"\r\n", start, MAX_PREREAD_HEAD + 1) < 0:
-        return LimitRequestLine(f"the request line is longer than {MAX_PREREAD_HEAD} bytes")
+        return LimitRequestLine(f"the request line is longer than {line_limit} bytes")
     return LimitRequestHeaders(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
 
 

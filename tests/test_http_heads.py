@@ -135,6 +135,15 @@ def test_a_request_line_too_long_is_answered_414_uri_too_long(port):
     assert received.partition(b"\r\n")[0] == b"HTTP/1.1 414 URI Too Long"
 
 
+@pytest.mark.parametrize("length", [5000, 70_000])
+def test_a_request_line_too_long_names_the_limit_whatever_its_length(port, length):
+    # gunicorn's parser said "Request Line is too large (5014 > 4094)", and its event loop, past 64 KiB, "longer
+    # than 65536 bytes", as if lines up to that length were taken.
+    answer, headers, body = exchange(port, b"GET /" + b"a" * length + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer == 414
+    assert problem(headers, body)["detail"] == "the request line is longer than 4094 bytes"
+
+
 @pytest.mark.parametrize(
     "line",
     [

@@ -372,7 +372,7 @@ def test_a_whole_head_over_the_bound_is_refused_too(harness):
 
 def test_a_request_line_over_the_bound_is_refused_as_too_long_a_line(harness):
     conn, _ = harness.connect(b"GET /" + b"a" * MAX_PREREAD_HEAD)
-    assert _refused(harness, conn) == ("LimitRequestLine", "the request line is longer than 65536 bytes")
+    assert _refused(harness, conn) == ("LimitRequestLine", "the request line is longer than 4094 bytes")
 
 
 def test_a_trailer_section_over_the_bound_is_refused(harness):
@@ -825,4 +825,4 @@ def test_the_empty_line_counts_against_the_head_bound(harness):
 
 def test_a_request_line_over_the_bound_after_an_empty_line_is_refused_as_too_long_a_line(harness):
     conn, _ = harness.connect(b"\r\nGET /" + b"a" * MAX_PREREAD_HEAD)
-    assert _refused(harness, conn) == ("LimitRequestLine", "the request line is longer than 65536 bytes")
+    assert _refused(harness, conn) == ("LimitRequestLine", "the request line is longer than 4094 bytes")
