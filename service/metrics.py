@@ -643,22 +643,42 @@ def metrics() -> Response:
 
 
 def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
-    """``choose_encoder``'s pick for ``accept``, passing over the media ranges it cannot read.
+    """The format the scraper ranks highest among those served: OpenMetrics or the text format.
 
-    prometheus_client compares a ``version`` parameter part by part, and
-    raises ``TypeError`` on one that is not all numbers (``version=abc``,
-    ``1.0.0-rc1``): the other media ranges still choose, as if that one
-    were not there.
+    prometheus_client's ``choose_encoder`` weighs no ``q`` (any OpenMetrics
+    range wins, even one refused with ``q=0``) and raises ``TypeError`` on
+    a ``version`` that is not all numbers (``version=abc``, ``1.0.0-rc1``):
+    it is given one range at a time, best first, and a range it cannot
+    read, or whose version it does not serve (OpenMetrics 0.0.1), passes
+    to the next. A wildcard, or nothing served, gives the text format.
     """
-    try:
-        return choose_encoder(accept)
-    except TypeError:
-        return choose_encoder(",".join(media_range for media_range in accept.split(",") if _readable(media_range)))
+    for media_range in _by_preference(accept):
+        kind = media_range.split(";", 1)[0].strip()
+        if kind in ("*/*", "text/*"):
+            break
+        if kind in ("application/openmetrics-text", "text/plain"):
+            try:
+                encode, content_type = choose_encoder(media_range)
+            except TypeError:
+                continue
+            if content_type.startswith(kind):
+                return encode, content_type
+    return choose_encoder("")
 
 
-def _readable(media_range: str) -> bool:
-    try:
-        choose_encoder(media_range)
-    except TypeError:
-        return False
-    return True
+def _by_preference(accept: str) -> list[str]:
+    """The media ranges of ``accept`` by their ``q``, highest first (in their order when equal); none at 0."""
+    ranked = []
+    for media_range in accept.split(","):
+        weight = 1.0
+        for parameter in media_range.split(";")[1:]:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0  # unreadable: passed over
+        if weight > 0:
+            ranked.append((-weight, media_range))
+    ranked.sort(key=lambda pair: pair[0])  # stable
+    return [media_range for _, media_range in ranked]

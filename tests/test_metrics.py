@@ -225,6 +225,29 @@ def test_a_version_in_accept_that_cannot_be_compared_is_passed_over_not_a_500(ac
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
+PROMETHEUS_3_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;"
+    "version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "mimetype"),
+    [
+        ("text/plain;version=0.0.4;q=1.0, application/openmetrics-text;version=1.0.0;q=0.5", "text/plain"),
+        ("application/openmetrics-text;version=1.0.0;q=0, text/plain;version=0.0.4", "text/plain"),
+        ("application/openmetrics-text;version=1.0.0;q=0", "text/plain"),  # refused: the default
+        ("*/*;q=0.9, application/openmetrics-text;version=1.0.0;q=0.1", "text/plain"),
+        ("text/plain;q=0.2, application/openmetrics-text;version=0.0.1;q=0.9", "text/plain"),  # 0.0.1 not served
+        ("application/openmetrics-text;version=1.0.0;q=0.3, text/plain;q=0.2", "application/openmetrics-text"),
+        (PROMETHEUS_3_ACCEPT, "application/openmetrics-text"),
+    ],
+)
+def test_the_format_served_is_the_one_the_scraper_ranks_highest(accept, mimetype):
+    response = make_harness().client.get("/metrics", headers={"Accept": accept})
+    assert (response.status_code, response.mimetype) == (200, mimetype)
+
+
 def test_the_readme_documents_every_metric():
     readme = (PROJECT_ROOT / "README.md").read_text()
     families = text_string_to_metric_families(scrape_text(make_harness().client))
