@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -188,6 +188,8 @@ def _store(text: str) -> StoreSetting:
         return StoreSetting()
     if text.startswith(REDIS_SCHEMES):
         return StoreSetting("redis", url=_redis_url(text))
+    if text.startswith("unix://"):  # redis-py's scheme for a Redis on a local socket: the store speaks TCP only
+        raise ValueError(f"{usage}: a Redis on a unix socket (unix://) is not supported: reach it over TCP")
     if not text.startswith(SQLITE_PREFIX):
         raise ValueError(usage)
     path, _, query = text[len(SQLITE_PREFIX) :].partition("?")
@@ -267,7 +269,9 @@ def _check_redis_options(text: str) -> None:
         connection = pool.make_connection()
     except TypeError as exc:  # an option the connection does not take
         unknown = re.search(r"argument '(\w+)'", str(exc))
-        raise ValueError(f"is not a Redis URL: unknown option {unknown[1] if unknown else exc}") from None
+        name = unknown[1] if unknown else str(exc)
+        tls = " (TLS options need rediss://)" if name.startswith("ssl_") and text.startswith("redis://") else ""
+        raise ValueError(f"is not a Redis URL: unknown option {name}{tls}") from None
     except (ValueError, redis.RedisError) as exc:
         reason = str(exc).rstrip(".")
         raise ValueError(f"is not a Redis URL: {reason[:1].lower()}{reason[1:]}") from None
@@ -280,6 +284,13 @@ def _check_redis_options(text: str) -> None:
         raise ValueError(
             "is not a Redis URL: decode_responses is not supported: the store reads Redis' answers as bytes"
         )
+    for option in ("encoding", "encoding_errors"):  # another encoding loaded the scripts under other digests
+        if option in pool.connection_kwargs:
+            raise ValueError(f"is not a Redis URL: {option} is not supported: the store talks to Redis in UTF-8")
+    url = urlsplit(text)
+    if url.path.lstrip("/") and "db" in parse_qs(url.query):
+        # redis-py takes the option over the path: the database config.py checked was not the one used.
+        raise ValueError("is not a Redis URL: the database is given twice (the path and ?db=): keep the path's")
     _check_redis_timeouts(connection)
     _check_redis_tls_files(connection)
 

@@ -263,7 +263,34 @@ BAD_VALUES = [
     ("STORE", "redis://c/0?socket_timeout=inf", SHORT_TIMEOUT.format("socket_timeout=inf")),
     ("STORE", "redis://c/0?socket_connect_timeout=-1", BAD_TIMEOUT.format("socket_connect_timeout=-1.0")),
     ("STORE", "redis://cache/0?timeout=5", "is not a Redis URL: unknown option timeout"),
-    ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs"),
+    (
+        "STORE",
+        "redis://cache/0?ssl_ca_certs=/ca.crt",
+        "is not a Redis URL: unknown option ssl_ca_certs (TLS options need rediss://)",
+    ),
+    # Scripts loaded under another encoding had other digests: every step failed with NOSCRIPT.
+    (
+        "STORE",
+        "redis://cache/0?encoding=utf-16",
+        "is not a Redis URL: encoding is not supported: the store talks to Redis in UTF-8",
+    ),
+    (
+        "STORE",
+        "redis://cache/0?encoding_errors=ignore",
+        "is not a Redis URL: encoding_errors is not supported: the store talks to Redis in UTF-8",
+    ),
+    # redis-py took the option over the path that was checked.
+    (
+        "STORE",
+        "redis://cache/2?db=3",
+        "is not a Redis URL: the database is given twice (the path and ?db=): keep the path's",
+    ),
+    (
+        "STORE",
+        "unix:///run/redis.sock?db=0",
+        f"{STORE_RULE}: a Redis on a unix socket (unix://) is not supported: reach it over TCP",
+    ),
+    ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs (TLS options need rediss://)"),
     ("STORE", "redis://cache/0?protocol=7", "is not a Redis URL: protocol must be either 2 or 3"),
     ("STORE", "redis://cache/0?max_connections=8", MAX_CONNECTIONS_REFUSED),
     ("STORE", "rediss://cache/0?socket_timeout=2&max_connections=1000", MAX_CONNECTIONS_REFUSED),
