@@ -42,7 +42,7 @@ class AccessLogger(Logger):
         if not self.writes_access or not self.access_log.isEnabledFor(logging.INFO):
             return
         try:
-            entry = access_entry(resp, environ, request_time)
+            entry = access_entry(resp, environ, request_time, req)
             if answer is not None:  # written by error_answered, once the answer's size is known
                 answer.line = entry._replace(request_id=entry.request_id or answer.request_id)
                 return
@@ -84,8 +84,12 @@ class AccessLogger(Logger):
             self.exception("cannot write the access line")
 
 
-def access_entry(resp: Any, environ: dict[str, Any], request_time: timedelta) -> logs.AccessEntry:
-    """What the access line shows of one request, from gunicorn's response and WSGI environ."""
+def access_entry(resp: Any, environ: dict[str, Any], request_time: timedelta, req: Any = None) -> logs.AccessEntry:
+    """What the access line shows of one request, from gunicorn's response, WSGI environ and parsed request.
+
+    An error gunicorn answers before the app (a path outside the root path, a bad header) comes
+    with an environ of the request line only: the path and user agent are then read from ``req``.
+    """
     status = _status_code(resp.status)
     method = environ.get("REQUEST_METHOD", "-")
     target = logs.redact_target(environ.get("RAW_URI", ""), refused=logs.is_refused(status))
@@ -93,17 +97,23 @@ def access_entry(resp: Any, environ: dict[str, Any], request_time: timedelta) ->
         created=time.time(),
         remote_addr=environ.get("REMOTE_ADDR", "-"),
         method=method,
-        path=environ.get("PATH_INFO", ""),
+        # As the client asked for it, as in the request line: PATH_INFO lacks the root path (SCRIPT_NAME).
+        path=getattr(req, "path", None) or environ.get("RAW_URI", "").partition("?")[0],
         request_line=f"{method} {target} {environ.get('SERVER_PROTOCOL', '-')}",
         status=status,
         response_bytes=getattr(resp, "sent", None),
         duration_ms=request_time // _MILLISECOND,
-        user_agent=environ.get("HTTP_USER_AGENT", "-"),
+        user_agent=environ.get("HTTP_USER_AGENT") or _header(req, "USER-AGENT") or "-",
         request_id=next((value for name, value in resp.headers if name.lower() == _REQUEST_ID), None),
     )
 
 
 _MILLISECOND = timedelta(milliseconds=1)
+
+
+def _header(req: Any, name: str) -> str | None:
+    """The first value of header ``name`` (upper case, as gunicorn keeps them) of a parsed request."""
+    return next((value for key, value in getattr(req, "headers", None) or () if key == name), None)
 
 
 def _status_code(status: object) -> int | None:

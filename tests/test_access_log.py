@@ -82,6 +82,22 @@ def test_a_json_access_line_has_the_usual_keys_and_the_request_fields(gunicorn_l
     assert [record[f] for f in fields] == ["127.0.0.1", "POST", "/enqueue", 202, 236, 2]
 
 
+def test_a_json_access_line_s_path_is_the_one_the_client_asked_for(gunicorn_logger):
+    logger, out = gunicorn_logger("json")
+    request(logger, RAW_URI="/wp/tasks/abc?token=x", SCRIPT_NAME="/wp", PATH_INFO="/tasks/abc")  # under a root path
+    # A path outside the root path, answered before the app (gunicorn's environ for it has no PATH_INFO
+    # nor headers), and an absolute-form target.
+    outside = {name: value for name, value in ENVIRON.items() if name not in ("PATH_INFO", "HTTP_USER_AGENT")}
+    asked = SimpleNamespace(path="/other", headers=[("HOST", "x"), ("USER-AGENT", "curl/8.5.0")])
+    response = SimpleNamespace(status="404 Not Found", sent=0, headers=[])
+    logger.access(response, asked, {**outside, "RAW_URI": "/other"}, timedelta(0))
+    absolute = SimpleNamespace(path="/tasks/abc", headers=[])
+    logger.access(response, absolute, {**ENVIRON, "RAW_URI": "http://x/tasks/abc?a=1"}, timedelta(0))
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [record["path"] for record in records] == ["/wp/tasks/abc", "/other", "/tasks/abc"]
+    assert records[1]["message"].endswith('"POST /other HTTP/1.1" 404 0 0ms "curl/8.5.0"')
+
+
 def test_access_log_off_writes_nothing(gunicorn_logger):
     logger, out = gunicorn_logger("text", accesslog=None)
     request(logger)
