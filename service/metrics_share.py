@@ -15,7 +15,10 @@ sees the counts twice or not at all, and a reader tells a folded file from a rem
 one. The arbiter waits for the lock at most ``FOLD_LOCK_WAIT_S``: a process stopped while
 it reads holds it, and the fold is then left to a later exit, the file staying in the sum.
 A process whose counts file was not folded (its arbiter was killed) leaves it in
-place; a new process that gets its pid starts from that file's counts.
+place; a new process that gets its pid starts from that file's counts. The retired
+record names the files of the last ``FOLDS_NAMED`` folds only, so that it stays small
+however many processes end: a reader that read nothing for longer takes an ended
+process's file that is gone for one folded meanwhile.
 
 While the server runs nothing else removes a counts file, but a tmp cleaner may
 (an idle server's files age untouched) or remove the whole directory. Then the
@@ -59,8 +62,12 @@ COUNTS = "counts-"
 LIVE = "live-"
 SUFFIX = ".json"
 PARTIAL = ".partial"  # a file being written; readers skip it
-# The counts of every ended process, added up: {"counts": snapshot, "folded": {counts file name: times folded}}.
+# The counts of every ended process, added up: {"counts": snapshot, "folds": folds made, "folded": {counts file
+# name: the number of the fold that last folded it}}, naming the files of the latest FOLDS_NAMED folds only.
 RETIRED = f"{COUNTS}retired{SUFFIX}"
+# Enough for a reader that reads the directory once in that many folds to tell each file folded since (see
+# _listed); without a bound the record grew by a name per ended process, and was read at every scrape.
+FOLDS_NAMED = 1000
 FOLD_LOCK = "fold.lock"  # flock: exclusive while a fold changes the counts files, shared while they are read
 # How long the arbiter waits for the fold lock, which every reading of the directory holds shared: a process
 # stopped while it reads (SIGSTOP, a debugger, a frozen cgroup) holds it for as long as it is stopped, and an
@@ -208,12 +215,18 @@ def _fold_one(directory: Path, name: str) -> None:
         # folded, written back by readers that had not read the fold, would count those processes twice.
         retired = _retired[directory]
         _drop_folded_copies(directory, retired["folded"])
-    retired = retired or {"counts": {}, "folded": {}}
-    folded = dict(retired["folded"])
-    folded[name] = folded.get(name, 0) + 1
-    retired = _retired[directory] = {"counts": add(retired["counts"], counts), "folded": folded}
+    retired = retired or {"counts": {}, "folds": 0, "folded": {}}
+    folds = folds_made(retired) + 1
+    folded = {other: fold for other, fold in retired["folded"].items() if fold > folds - FOLDS_NAMED}
+    folded[name] = folds
+    retired = _retired[directory] = {"counts": add(retired["counts"], counts), "folds": folds, "folded": folded}
     _replace(directory / RETIRED, json.dumps(retired))
     (directory / name).unlink(missing_ok=True)  # gone already if it was a copy of an earlier fold of the pid
+
+
+def folds_made(record: Snapshot) -> int:
+    """How many folds the retired ``record`` holds (one written before records counted them: one per fold)."""
+    return record.get("folds", sum(record["folded"].values()))
 
 
 def _drop_folded_copies(directory: Path, folded: dict[str, int]) -> None:
@@ -283,6 +296,7 @@ class ProcessSnapshots:
         self._seen_lock = threading.Lock()
         self._seen: dict[str, Snapshot] = {}
         self._folded: dict[str, int] = {}  # the retired file's record of folds, as last read (under _seen_lock)
+        self._folds = 0  # how many folds it held then (under _seen_lock)
         self._wait = wait  # sleeps between the polls for a removed file of a running process (injected by tests)
         # Removed files of running processes that were not written again within REPUBLISH_WAIT_S (a process
         # stopped, or one not of this server): not waited for again until they are back (under _seen_lock).
@@ -339,6 +353,7 @@ class ProcessSnapshots:
         counts: dict[str, Snapshot] = {}
         live: dict[int, Snapshot] = {}
         folded: dict[str, int] | None = None
+        folds = 0
         with _locked(self.directory, fcntl.LOCK_SH):  # no fold between the listing and the reads
             try:
                 names = [path.name for path in self.directory.iterdir()]
@@ -350,7 +365,7 @@ class ProcessSnapshots:
                 if name.startswith(COUNTS):
                     snapshot = _read(self.directory / name)
                     if snapshot is not None and name == RETIRED:
-                        snapshot, folded = snapshot["counts"], snapshot["folded"]
+                        snapshot, folded, folds = snapshot["counts"], snapshot["folded"], folds_made(snapshot)
                     if snapshot is not None:
                         counts[name] = snapshot
                 elif name.startswith(LIVE):
@@ -361,11 +376,15 @@ class ProcessSnapshots:
         with self._seen_lock:
             self._seen.update(counts)
             if folded is not None:  # files folded since the last read are in the retired counts now
-                for name in [name for name in self._seen if name in folded and name not in counts]:
-                    # Folded again since, or a copy written back that the record had folded already.
-                    if folded[name] > self._folded.get(name, 0) or self._of_ended_process(name):
+                # Some folds since the last read are no longer named: an ended process's file missing may be one.
+                unnamed = folds - FOLDS_NAMED > self._folds
+                for name in [name for name in self._seen if name not in counts]:
+                    if name in folded:  # folded again since, or a copy written back that the record had folded already
+                        if folded[name] > self._folded.get(name, 0) or self._of_ended_process(name):
+                            del self._seen[name]
+                    elif unnamed and self._of_ended_process(name):
                         del self._seen[name]
-                self._folded = folded
+                self._folded, self._folds = folded, folds
             self._not_republished.difference_update(counts)
             gone = {name: snapshot for name, snapshot in self._seen.items() if name not in counts}
             if self._own is not None and self._counts_path.name in gone:
@@ -428,8 +447,8 @@ class ProcessSnapshots:
                     if record is not None:
                         continue  # written back meanwhile by another process, or by the arbiter's next fold
                     with self._seen_lock:
-                        folded = dict(self._folded)
-                    text = json.dumps({"counts": ended[name], "folded": folded})
+                        folded, folds = dict(self._folded), self._folds
+                    text = json.dumps({"counts": ended[name], "folds": folds, "folded": folded})
                 elif name in folded or os.path.lexists(path):
                     continue  # its counts are in the retired ones, or its file was written back meanwhile
                 else:
@@ -535,8 +554,11 @@ def _read(path: Path) -> Snapshot | None:
     if not isinstance(snapshot, dict):
         _tell_unreadable(path, f"a JSON {type(snapshot).__name__}, not an object")
         return None
-    if path.name == RETIRED and not all(isinstance(snapshot.get(key), dict) for key in ("counts", "folded")):
-        _tell_unreadable(path, 'not an object of "counts" and "folded"')
+    if path.name == RETIRED and not (
+        all(isinstance(snapshot.get(key), dict) for key in ("counts", "folded"))
+        and isinstance(snapshot.get("folds", 0), int)
+    ):
+        _tell_unreadable(path, 'not an object of "counts", "folds" and "folded"')
         return None
     return snapshot
 

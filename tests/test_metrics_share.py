@@ -162,6 +162,26 @@ def test_ended_processes_counts_are_folded_into_one_file(tmp_path):
     assert _accepted(tmp_path) == 100
 
 
+def test_the_retired_record_names_the_latest_folds_only_and_a_reader_that_missed_them_counts_each_once(
+    tmp_path, monkeypatch, caplog
+):
+    # It named every ended process's file for good: one more name per worker recycled, read at every scrape.
+    monkeypatch.setattr(metrics_share, "FOLDS_NAMED", 3)
+    pids = sorted({ended_pid() for _ in range(8)})
+    for pid in pids:
+        _publish(tmp_path, pid, 1)
+    reader = metrics_share.ProcessSnapshots(tmp_path, pid=os.getpid())  # reads every counts file as it starts
+    for pid in pids:
+        metrics_share.mark_process_dead(tmp_path, pid)
+    record = json.loads((tmp_path / metrics_share.RETIRED).read_text())
+    assert record["folds"] == len(pids)
+    assert sorted(record["folded"]) == [f"counts-{pid}.json" for pid in pids[-3:]]
+    assert _accepted(tmp_path) == len(pids)
+    assert reader.read()[0]["row"]["accepted"] == len(pids)  # the files of unnamed folds not written back
+    assert [path.name for path in tmp_path.glob("counts-*")] == ["counts-retired.json"]
+    assert "written back" not in caplog.text
+
+
 def test_scrapes_never_go_back_while_ended_processes_are_folded(tmp_path, caplog):
     # One reader throughout, which remembers every counts file it read: a folded file is not one to write back.
     pids = sorted({ended_pid() for _ in range(40)})
