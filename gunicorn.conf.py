@@ -332,7 +332,7 @@ def _share_metrics(server):
         server.metrics_dir = Path(_settings.metrics_dir)
         try:
             if server.master_pid:  # the running server's counts, not an earlier run's: kept
-                server.metrics_dir.mkdir(parents=True, exist_ok=True)
+                _metrics_share.make(server.metrics_dir)
             else:
                 _metrics_share.prepare(server.metrics_dir)
             _metrics_share.check_private(server.metrics_dir)  # else another local user could inject counts

@@ -115,10 +115,15 @@ INHERITED_METRICS_DIR = "WORKERPOOL_INHERITED_METRICS_DIR"
 
 def prepare(directory: Path) -> None:
     """Make ``directory`` if needed and remove the snapshots an earlier run left in it."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make(directory)
     for path in directory.iterdir():
         if path.name.startswith((COUNTS, LIVE)) and path.name.endswith((SUFFIX, PARTIAL)):
             path.unlink(missing_ok=True)
+
+
+def make(directory: Path) -> None:
+    """Make ``directory`` if it is missing, private (see check_private) whatever the umask; one that exists is kept."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # the umask only takes bits away from 0o700
 
 
 class UntrustedDirectory(PermissionError):

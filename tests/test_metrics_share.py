@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -278,6 +279,16 @@ def test_prepare_removes_an_earlier_run_s_snapshots_only(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
     metrics_share.prepare(tmp_path / "new" / "dir")
     assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_a_directory_prepare_makes_is_private_under_a_umask_that_lets_the_group_write(tmp_path):
+    previous = os.umask(0o002)  # the usual umask of a user with a group of their own
+    try:
+        metrics_share.prepare(tmp_path / "new" / "dir")
+    finally:
+        os.umask(previous)
+    metrics_share.check_private(tmp_path / "new" / "dir")
+    assert stat.S_IMODE((tmp_path / "new" / "dir").stat().st_mode) == 0o700
 
 
 def test_without_sharing_nothing_is_written_and_the_counts_are_this_process_s(tmp_path):
