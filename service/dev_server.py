@@ -55,6 +55,7 @@ from .request_reader import (
 
 MAX_CONNECTIONS = 64
 WRITE_TIMEOUT_S = 30.0  # a client that stops reading its response gives its thread back after this
+WRITE_SLICE = 65536  # bytes of a response written at a time, each within WRITE_TIMEOUT_S (see _CountedWriter)
 LINGER_S = 2.0  # read what a client still sends after its response for this long at most (gunicorn's close_graceful)
 EVICTION_WAIT_S = 1.0  # how long a new connection waits for the thread of the one it evicted
 # gunicorn's limits on a request head (its defaults: limit_request_line, limit_request_field_size,
@@ -171,16 +172,25 @@ class _Dechunked(io.RawIOBase):
 
 
 class _CountedWriter:
-    """A handler's ``wfile`` that counts the bytes written through it (``sent``), for the access line."""
+    """A handler's ``wfile`` that counts the bytes written through it (``sent``), for the access line.
+
+    It writes in slices of ``WRITE_SLICE``: the socket's ``sendall`` takes its timeout (``WRITE_TIMEOUT_S``) as the
+    limit for the whole write, so a large listing written at once was cut off after 30 s even for a client that kept
+    reading, and one that failed counted nothing of what had gone out. A slice's own 30 s now bound a client that
+    takes nothing, and ``sent`` counts the slices written whole.
+    """
 
     def __init__(self, wfile: Any) -> None:
         self._wfile = wfile
         self.sent = 0
 
     def write(self, data: bytes) -> int:
-        written = self._wfile.write(data)
-        self.sent += len(data)
-        return written
+        with memoryview(data) as view:
+            for start in range(0, len(view), WRITE_SLICE):
+                piece = view[start : start + WRITE_SLICE]
+                self._wfile.write(piece)
+                self.sent += len(piece)
+        return len(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._wfile, name)
