@@ -22,6 +22,7 @@ from gunicorn.glogging import Logger
 from . import logs, request_id, server_errors
 
 _REQUEST_ID = request_id.HEADER.lower()
+_clock = time.monotonic  # the event loop's clock (service/request_reader.py), which stamps when a request began
 
 
 class AccessLogger(Logger):
@@ -41,6 +42,9 @@ class AccessLogger(Logger):
             return
         if not self.writes_access or not self.access_log.isEnabledFor(logging.INFO):
             return
+        began = getattr(req, "began_arriving", None)  # read on the event loop before a thread had the request
+        if began is not None:
+            request_time = timedelta(seconds=_clock() - began)
         try:
             entry = access_entry(resp, environ, request_time, req)
             if answer is not None:  # written by error_answered, once the answer's size is known

@@ -283,6 +283,8 @@ class DrainingThreadWorker(ThreadWorker):
         if getattr(conn, "continue_answered", False):
             # The event loop answered Expect: 100-continue (or chose not to, refusing the body): gunicorn must not.
             req._expected_100_continue = False
+        # Read on the event loop since then: the access line counts the time the request took to arrive too.
+        req.began_arriving, conn.request_began = getattr(conn, "request_began", None), None
         sock = conn.sock
         # The response is written to conn.sock; its head leaves with the body's first bytes.
         conn.sock = sending = SendDeadline(sock, self.request_timeout, hold_head=True)

@@ -184,10 +184,11 @@ def http_1_1_or_later(head: bytes) -> bool:
 class _Pending:
     __slots__ = (
         "deadline", "buffer", "length", "searched", "closed", "broken", "expects", "chunk", "decoded", "framing",
-        "limit", "refusal", "exceeds", "overframed", "body", "last",
+        "limit", "refusal", "exceeds", "overframed", "body", "last", "began",
     )  # fmt: skip
 
-    def __init__(self, deadline: float, buffered: bytes) -> None:
+    def __init__(self, began: float, deadline: float, buffered: bytes) -> None:
+        self.began = began  # when it began to arrive (the connection's start, for its first request)
         self.deadline = deadline
         self.buffer = bytearray(buffered)
         self.length: int | None = None  # bytes the request takes here, once its head is parsed
@@ -242,7 +243,8 @@ class RequestReader:
 
     def add(self, conn: Connection, buffered: bytes = b"") -> None:
         """Wait for ``conn``'s next request; ``buffered`` holds bytes of it already read."""
-        pending = _Pending(self._clock() + self._timeout, buffered)
+        now = self._clock()
+        pending = _Pending(now, now + self._timeout, buffered)
         if conn.sock.getblocking():  # it is not, once gthread has put it on the poller: no system call
             conn.sock.setblocking(False)
         # A kept-alive connection comes here because it is readable: its request is usually
@@ -372,6 +374,7 @@ class RequestReader:
         if not isinstance(conn.parser.unreader.sock, ReadDeadline):  # type: ignore[attr-defined]
             conn.parser.unreader.sock = ReadDeadline(conn)  # type: ignore[attr-defined]
         conn.read_deadline = pending.deadline
+        conn.request_began = pending.began  # type: ignore[attr-defined]  # the access line's duration counts from it
         conn.read_expired = False
         conn.continue_answered = pending.expects  # type: ignore[attr-defined]  # read by the worker's handle_request
         conn.body_exceeds = pending.exceeds  # type: ignore[attr-defined]  # read by the application (body_exceeds)

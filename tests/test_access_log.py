@@ -98,6 +98,17 @@ def test_a_json_access_line_s_path_is_the_one_the_client_asked_for(gunicorn_logg
     assert records[1]["message"].endswith('"POST /other HTTP/1.1" 404 0 0ms "curl/8.5.0"')
 
 
+def test_the_duration_counts_from_when_the_request_began_to_arrive(gunicorn_logger, monkeypatch):
+    # Read on the event loop (a slow upload, or a body that never came: a 408) before a thread had it.
+    logger, out = gunicorn_logger("json")
+    monkeypatch.setattr("service.access_log._clock", lambda: 101.5)
+    response = SimpleNamespace(status="408 REQUEST TIMEOUT", sent=152, headers=[])
+    logger.access(response, SimpleNamespace(path="/enqueue", headers=[], began_arriving=100.0), ENVIRON, timedelta(0))
+    (record,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert record["duration_ms"] == 1500
+    assert " 408 152 1500ms " in record["message"]
+
+
 def test_access_log_off_writes_nothing(gunicorn_logger):
     logger, out = gunicorn_logger("text", accesslog=None)
     request(logger)

@@ -92,6 +92,17 @@ def test_a_head_sent_in_pieces_waits_on_the_poller_until_whole(harness):
     assert harness.buffered(conn) == HEAD
 
 
+def test_a_request_is_handed_over_with_the_time_it_began_to_arrive(harness):
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"
+    began = harness.clock.monotonic()
+    conn, client = harness.connect(head + b"12345")
+    harness.clock.advance(0.8)  # the rest of the body comes later: the access line's duration counts it
+    client.sendall(b"67890")
+    harness.turn()
+    assert harness.ready == [conn]
+    assert conn.request_began == began
+
+
 def test_a_small_body_of_known_length_is_read_before_the_hand_over(harness):
     head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"
     conn, client = harness.connect(head + b"12345")
