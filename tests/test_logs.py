@@ -6,10 +6,12 @@ import io
 import json
 import logging
 import logging.config
+import subprocess
+import sys
 import threading
 
 import pytest
-from http_fixtures import failing, instant, make_harness
+from http_fixtures import PROJECT_ROOT, failing, instant, make_harness
 
 from service import logs
 
@@ -168,3 +170,16 @@ def test_a_line_handler_still_applies_its_filters():
     logger.warning("kept")
     logger.warning("a secret")
     assert stream.getvalue() == "kept\n"
+
+
+def test_a_level_above_info_leaves_the_start_and_stop_lines_out_but_not_the_access_lines_as_the_readme_says():
+    script = (
+        "import logging; from app import configure_logging; configure_logging('ERROR'); "
+        "print([logging.getLogger(name).isEnabledFor(logging.INFO) for name in "
+        "('app', 'service.lifecycle', 'gunicorn.access')])"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "[False, False, True]", run.stderr
+    readme = " ".join((PROJECT_ROOT / "README.md").read_text().split())
+    assert "above `INFO` the start and stop lines" in readme
+    assert "access lines follow `ACCESS_LOG` only" in readme
