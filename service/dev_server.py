@@ -5,9 +5,9 @@ as long as its client takes to send a request: a few thousand idle or slow
 connections mean a few thousand threads. Here:
 
 - each request must arrive whole, head and body, within the server's
-  ``request_timeout`` (counted from the end of the previous one on a
-  kept-alive connection); after that its stream ends as if the client had
-  closed it;
+  ``request_timeout``; after that its stream ends as if the client had
+  closed it. A connection serves one request: Werkzeug says
+  ``Connection: close`` in every response and closes after it;
 - at most ``max_connections`` connections are served at once. When all are
   taken, a new connection evicts the one that has waited longest for its
   client to send something (an idle or slow client), so health checks and

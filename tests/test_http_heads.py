@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 import time
 
@@ -82,6 +83,20 @@ def test_an_http_1_0_request_without_host_is_served(port):
     status, _, body = exchange(port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert status == 200
     assert json.loads(body)["status"] == "ok"
+
+
+def test_pipelined_requests_are_answered_in_turn_by_gunicorn_and_the_first_alone_by_app_py(request, port):
+    # python app.py serves one request per connection (README): the second is neither read nor acted on.
+    task = json.dumps({"id": f"pipelined-{request.node.callspec.id}", "payload": 1}).encode()
+    second = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    received = half_closed_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" + second % len(task) + task)
+    answers = re.findall(rb"^HTTP/1\.1 (\d{3})", received, re.MULTILINE)
+    if request.node.callspec.params["port"] == "app.py":
+        assert answers == [b"200"]
+        assert b"\r\nConnection: close\r\n" in received
+        assert Client(port).request("GET", f"/tasks/pipelined-{request.node.callspec.id}")[0] == 404
+    else:
+        assert answers == [b"200", b"202"]
 
 
 @pytest.mark.parametrize("version", [b"1.1", b"1.2", b"1.9"])
