@@ -118,7 +118,8 @@ class _Dechunked(io.RawIOBase):
     that ended inside its last CRLFs for a whole one.
 
     A malformed chunk-size line, a chunk not followed by CRLF, a stream that ends (the client's end, or the
-    deadline) before the end of the trailer section, or a trailer section over ``MAX_PREREAD_HEAD``: ``OSError``,
+    deadline) before the end of the trailer section, a trailer field gunicorn refuses (``field_problem``), or a
+    trailer section over ``MAX_PREREAD_HEAD``: ``OSError``,
     which the application answers 400 (408 at the deadline).
     """
 
@@ -165,10 +166,12 @@ class _Dechunked(io.RawIOBase):
 
     def _read_trailer_section(self) -> None:
         read = 0
-        while line := self._line():  # trailer fields are read, and ignored; an empty line ends them
+        while line := self._line():  # trailer fields are checked as header fields, and ignored; an empty line ends them
             read += len(line) + 2
             if read > MAX_PREREAD_HEAD:
                 raise OSError(f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes")
+            if problem := field_problem(line):  # gunicorn refuses the request too
+                raise OSError(f"in the trailer section, {problem}")
 
 
 class _CountedWriter:
@@ -488,16 +491,15 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     """Why a request is refused from its head (``http.server``'s ``headers``) before the application: status, detail.
 
     gunicorn refuses these itself (service/request_reader.py and its parser); ``http.server`` does not: an HTTP/1.1
-    (to 1.9) request without exactly one Host (400), a transfer coding other than chunked (501), a body whose length
-    could be read two ways (400: Content-Length twice or not a number, with Transfer-Encoding, or chunked in HTTP/1.0),
-    an expectation other than 100-continue (417).
+    (to 1.9) request without a Host, one of any version with more than one (400), a transfer coding other than
+    chunked (501), a body whose length could be read two ways (400: Content-Length twice or not a number, with
+    Transfer-Encoding, or chunked in HTTP/1.0), an expectation other than 100-continue (417).
     """
-    if (numbers := _VERSION.fullmatch(version)) and numbers[1] == "1" and numbers[2] != "0":  # HTTP/1.1 to 1.9
-        hosts = len(headers.get_all("Host", ()))
-        if not hosts:
-            return 400, str(MissingHost())
-        if hosts > 1:
-            return 400, f"the request has {hosts} Host headers: it must have one (RFC 9112 section 3.2)"
+    hosts = len(headers.get_all("Host", ()))
+    if not hosts and (numbers := _VERSION.fullmatch(version)) and numbers[1] == "1" and numbers[2] != "0":
+        return 400, str(MissingHost())  # required from HTTP/1.1 on (to 1.9)
+    if hosts > 1:  # refused whatever the version, as gunicorn does
+        return 400, f"the request has {hosts} Host headers: it must have one (RFC 9112 section 3.2)"
     fields = headers.get_all("Transfer-Encoding", ())
     codings = [coding.strip(" \t").lower() for field in fields for coding in field.split(",")]
     if codings and codings != ["chunked"]:

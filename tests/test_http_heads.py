@@ -246,6 +246,14 @@ def test_a_malformed_header_field_is_refused_400(request, port, field, detail):
         assert detail in problem(headers, body)["detail"]
 
 
+@pytest.mark.parametrize("version", [b"1.0", b"1.1"])
+def test_two_host_fields_are_refused_400_whatever_the_version(port, version):
+    # python app.py's server served an HTTP/1.0 request with two: it counted Host in HTTP/1.1 requests only.
+    status, headers, body = exchange(port, b"GET /healthz HTTP/%s\r\nHost: a\r\nHost: b\r\n\r\n" % version)
+    assert status == 400
+    assert headers["connection"] == "close"
+
+
 def test_a_head_of_100_fields_is_served_and_one_of_101_refused(port):
     # python app.py's server refused 100 already: its parser counted the empty line that ends the head as a field.
     head = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
@@ -259,6 +267,8 @@ CHUNKED_FRAMINGS = {  # a task's chunked body, framed as each case says
     "quoted-extension-after-whitespace": (b'%x ;name="v; v"\r\n%s\r\n0\r\n\r\n', 202),
     "extension-on-the-last-chunk": (b"%x\r\n%s\r\n0;x=1\r\n\r\n", 202),
     "trailer-field": (b"%x\r\n%s\r\n0\r\nX-Checksum: abc\r\n\r\n", 202),
+    "malformed-trailer-field": (b"%x\r\n%s\r\n0\r\nbad trailer\r\n\r\n", 400),
+    "trailer-field-with-nul": (b"%x\r\n%s\r\n0\r\nX-A: a\x00b\r\n\r\n", 400),
     "last-crlf-cut": (b"%x\r\n%s\r\n0\r\n\r", 400),
     "trailer-section-missing": (b"%x\r\n%s\r\n0\r\n", 400),
     "data-without-crlf": (b"%x\r\n%sXX0\r\n\r\n", 400),
