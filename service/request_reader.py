@@ -44,7 +44,6 @@ from gunicorn.http import get_parser
 from gunicorn.http.body import CHUNK_EXT_RE
 from gunicorn.http.errors import (
     InvalidHeader,
-    InvalidRequestLine,
     LimitRequestHeaders,
     LimitRequestLine,
     UnsupportedTransferCoding,
@@ -137,28 +136,32 @@ class UnsupportedCoding(UnsupportedTransferCoding):
         return f"Transfer-Encoding {self.hdr!r} is not supported: send the body with Transfer-Encoding: chunked only"
 
 
-class BareLineFeed(InvalidRequestLine):
+class BareLineFeed(InvalidHeader):
     """A head, or a chunked body's framing, with a line ended by a bare LF: 400 at once (RFC 9112 sections 2.2 and
     7.1), as gunicorn's parser refuses it.
 
     Such a head never ends with CRLF CRLF (nor such a chunk-size line with
     CRLF): waited for, it would be dropped unanswered, or answered 408, at the deadline.
+    An ``InvalidHeader`` for gunicorn's error handler, which answers its sentence as it is (an
+    ``InvalidRequestLine`` is quoted inside "Invalid Request Line '...'", whatever the line at fault).
     """
 
     def __init__(self, part: str = "request head") -> None:
         super().__init__("bare LF as line terminator")
         self.part = part
+        self.code = 400
 
     def __str__(self) -> str:
         return f"a line of the {self.part} ends with a bare LF: every line must end with CRLF (RFC 9112 section 2.2)"
 
 
-class EmptyRequestLine(InvalidRequestLine):
+class EmptyRequestLine(InvalidHeader):
     """A second empty line before the request line: 400 at once, as gunicorn's parser, which skips only one, refuses
-    it (it reads the empty line as the request line)."""
+    it (it reads the empty line as the request line). An ``InvalidHeader`` for its sentence, as ``BareLineFeed``."""
 
     def __init__(self) -> None:
         super().__init__("")
+        self.code = 400
 
     def __str__(self) -> str:
         return "the request line is empty: at most one empty line (CRLF) may come before it (RFC 9112 section 2.2)"
