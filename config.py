@@ -18,6 +18,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -164,7 +165,24 @@ def parse_host(text: str) -> str:
     """``HOST``, and ``python app.py --host``: a host name or IP address (empty would listen on every interface)."""
     if not text or any(c.isspace() for c in text):
         raise ValueError("must be a host name or IP address")
+    if text.startswith("[") and text.endswith("]") and _is_ip(text[1:-1], version=6):
+        # The form of a URL: the bind address would be split at its last colon, leaving "[::1".
+        raise ValueError(f"must be an IPv6 address without brackets: {text[1:-1]}")
+    if not _is_ip(text):
+        try:  # a short form the resolver takes as an IPv4 address: "0" listens on every interface
+            full = socket.inet_ntoa(socket.inet_aton(text))
+        except OSError:
+            return text  # a host name
+        raise ValueError(f"must be an IPv4 address written in full: {text} stands for {full}")
     return text
+
+
+def _is_ip(text: str, *, version: int | None = None) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return version is None or address.version == version
 
 
 TOKEN_RULE = f"must be empty (no token) or at least {MIN_TOKEN_CHARS} visible ASCII characters, without spaces"
