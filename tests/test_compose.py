@@ -84,6 +84,19 @@ def test_the_load_balancer_publishes_the_port_and_proxies_to_the_replicas():
     assert f"larger than {limit} bytes" in conf
 
 
+def test_the_load_balancer_does_not_serve_one_random_replicas_metrics():
+    """Each replica counts its own: through the round robin successive scrapes read different replicas, and
+    Prometheus takes each flip for a counter reset. It answers 404 pointing at a scrape of every replica."""
+    [mount] = REDIS["services"]["lb"]["volumes"]
+    conf = (PROJECT_ROOT / mount.split(":")[0]).read_text()
+    block = re.search(r"location = /metrics \{(.*?)\n        \}", conf, re.S)
+    assert block, "nginx must answer /metrics itself"
+    refusal = re.search(r"return 404 '(.*)\\n';", block.group(1))
+    assert json.loads(refusal.group(1))["detail"].endswith("see docs/redis.md")
+    redis_doc = (PROJECT_ROOT / "docs" / "redis.md").read_text()
+    assert "dns_sd_configs" in redis_doc and "names: [workerpool]" in redis_doc
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
 def test_nginx_refuses_a_body_past_its_bound_with_a_problem_document_before_taking_it(tmp_path):
     # With no bound it spooled a body of any size to its disk, then passed it on for the service to refuse.
