@@ -12,9 +12,11 @@ import inspect
 import logging
 import logging.config
 import operator
+import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -429,6 +431,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, stop_while_starting)
     args = parse_args(argv)
+    # A TASK_HANDLER module is imported from the project root (this script's directory), then the working directory,
+    # as gunicorn does (its `chdir`): a module there loaded under gunicorn and was "No module named ..." here.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(1, os.getcwd())
     config = load_config()
     config = dataclasses.replace(
         config,

@@ -67,6 +67,25 @@ def test_a_task_handler_module_that_fails_to_import_stops_start_up_in_one_line(t
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "gunicorn", "-c", str(PROJECT_ROOT / "gunicorn.conf.py"), "-b", "127.0.0.1:0"],
+        [sys.executable, str(PROJECT_ROOT / "app.py"), "--port", "0"],
+    ],
+    ids=["gunicorn", "python app.py"],
+)
+def test_a_task_handler_module_in_the_working_directory_is_found_by_both_servers(tmp_path, command):
+    # gunicorn imported it, python app.py said "No module named ...": one rule on both.
+    (tmp_path / "cwdhandler.py").write_text("raise RuntimeError('imported from the working directory')\n")
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_environment(TASK_HANDLER="cwdhandler:run"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "importing it raised RuntimeError: imported from the working directory" in result.stderr, result.stderr
+
+
 def test_gunicorn_refuses_several_worker_processes_sharing_no_store():
     result = start([*GUNICORN, "-w", "3"])
     assert result.returncode == 2
