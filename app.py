@@ -96,16 +96,15 @@ def listen_error(host: str, port: int, error: OSError, *, bind: str | None = Non
     ``bind``: the address as gunicorn's ``-b`` gave it, when it is not HOST and PORT's (``-b`` overrides them):
     the line names it, not variables that say something else.
     """
+    reason = _listen_reason(error)
     if bind is not None:
-        return ConfigError(f"-b {bind} (gunicorn's --bind, which overrides HOST and PORT) {_listen_reason(error)}")
-    if isinstance(error, socket.gaierror):
-        return ConfigError(f"HOST={host!r} cannot be listened on: the name does not resolve ({error.strerror})")
-    if error.errno == errno.EADDRNOTAVAIL:
-        return ConfigError(f"HOST={host!r} cannot be listened on: it is not an address of this machine")
+        return ConfigError(f"-b {bind} (gunicorn's --bind, which overrides HOST and PORT) {reason}")
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"HOST={host!r} {reason}")
     if error.errno == errno.EADDRINUSE:
         return ConfigError(f"PORT={port} is already in use on {host}: another server listens there")
     if error.errno == errno.EACCES:
-        return ConfigError(f"PORT={port} on {host} cannot be listened on: a port below 1024 needs privileges")
+        return ConfigError(f"PORT={port} on {host} {reason}")
     return ConfigError(f"cannot listen on HOST={host!r} PORT={port}: {error.strerror or error}")
 
 
@@ -152,7 +151,11 @@ def reach_store(config: Config) -> list[str]:
     try:
         if config.store.kind == "redis":
             store.stats()
-            _check_writes(store)
+            # A server that never takes the store's writes (a read-only replica, an ACL user without write rights)
+            # would refuse every submission and claim. One at maxmemory passes: it takes writes again once tasks
+            # end and retention frees room, which needs the service running.
+            with contextlib.suppress(StoreOutOfMemory):
+                store.check_writes()
             return _redis_warnings(config, store)
         return []
     except (ValueError, TypeError, IndexError, KeyError) as exc:
@@ -164,26 +167,29 @@ def reach_store(config: Config) -> list[str]:
             if secret:
                 reason = reason.replace(secret, "<not shown>")
         raise StoreUnavailable(
-            f"redis: the server at {url.hostname}:{url.port or 6379} does not answer as a Redis server ({reason})"
+            f"redis: the server at {_redis_address(config)} does not answer as a Redis server ({reason})"
         ) from None
     finally:
         store.close()
 
 
+def _redis_address(config: Config) -> str:
+    url = urlsplit(config.store.url)
+    return f"{url.hostname}:{url.port or 6379}"
+
+
 def password_warning(config: Config) -> str:
     """The start-up warning for a Redis password the server does not ask for; the password is never shown."""
-    url = urlsplit(config.store.url)
     return (
-        f"STORE: the Redis server at {url.hostname}:{url.port or 6379} answers without a password: the password "
+        f"STORE: the Redis server at {_redis_address(config)} answers without a password: the password "
         "given (in STORE or REDIS_PASSWORD) protects nothing; set requirepass (or an ACL user) on the server"
     )
 
 
 def eviction_warning(config: Config, policy: str) -> str:
     """The start-up warning for a Redis server whose ``maxmemory-policy`` evicts keys without an expiry."""
-    url = urlsplit(config.store.url)
     return (
-        f"STORE: the Redis server at {url.hostname}:{url.port or 6379} has maxmemory-policy {policy}: at maxmemory "
+        f"STORE: the Redis server at {_redis_address(config)} has maxmemory-policy {policy}: at maxmemory "
         "it evicts task data, and those tasks are lost; set maxmemory-policy noeviction (a full Redis then "
         "refuses submissions with 503)"
     )
@@ -191,9 +197,8 @@ def eviction_warning(config: Config, policy: str) -> str:
 
 def unknown_policy_warning(config: Config, reason: str) -> str:
     """The start-up warning for a Redis server that does not tell its ``maxmemory-policy`` (``reason``)."""
-    url = urlsplit(config.store.url)
     return (
-        f"STORE: the Redis server at {url.hostname}:{url.port or 6379} did not tell its maxmemory-policy ({reason}): "
+        f"STORE: the Redis server at {_redis_address(config)} did not tell its maxmemory-policy ({reason}): "
         "make sure it is noeviction; an allkeys-* policy evicts task data at maxmemory, and those tasks are lost"
     )
 
@@ -210,17 +215,6 @@ def check_store(config: Config) -> None:
         raise SystemExit(EXIT_BAD_CONFIG) from None
     for warning in warnings:  # said, not refused: the store works, but not as the operator believes
         write_startup_line(f"warning: {warning}", "WARNING")
-
-
-def _check_writes(store: TaskStore) -> None:
-    """Raise StoreUnavailable if the Redis server never takes the store's writes (a read-only replica, an ACL
-    user without write rights): every submission and claim would be refused. A server at maxmemory passes: it
-    takes writes again once tasks end and retention frees room, which needs the service running."""
-    from workerpool.stores.redis_store import RedisStore  # imported by open_store already: no cost
-
-    if isinstance(store, RedisStore):
-        with contextlib.suppress(StoreOutOfMemory):
-            store.check_writes()
 
 
 def _redis_warnings(config: Config, store: TaskStore) -> list[str]:
@@ -394,6 +388,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # standard streams; their default actions killed it without a drain (USR1, USR2) or froze it until a SIGCONT.
 _ARBITER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _WORKER_COUNT_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU)
+# The signals that stop this process with a drain: SIGHUP too, as a closed terminal would otherwise kill it without
+# one; and SIGQUIT (Ctrl-\), which drains under gunicorn and would otherwise kill this process at once.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def ignore_arbiter_signals() -> None:
@@ -428,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     # Until the drain's handlers are in place (the store reached, TASK_HANDLER imported: either may take long), a
     # stop ends the start in one line, exit 0, as under gunicorn: a Ctrl-C printed a KeyboardInterrupt traceback.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, stop_while_starting)
     args = parse_args(argv)
     # A TASK_HANDLER module is imported from the project root (this script's directory), then the working directory,
@@ -469,9 +466,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     controller = lifecycle.ShutdownController(pool, config.shutdown_timeout_s, on_drained=drained)
     controller.start()
-    # SIGHUP too: a closed terminal would otherwise kill the process without a drain; and SIGQUIT
-    # (Ctrl-\), which drains under gunicorn and would otherwise kill this process at once.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, lambda signum, frame: controller.request_stop(signum))
     pool.start()
     log.info("Listening at: http://%s:%d", f"[{config.host}]" if ":" in config.host else config.host, server.port)

@@ -323,16 +323,15 @@ def _check_redis_timeouts(connection: object) -> None:
     """Stop the start on a timeout that is not a number of seconds (at least MIN_REDIS_SOCKET_TIMEOUT_S for
     socket_timeout, above 0 for socket_connect_timeout): nan and inf are no timeout at all to the kernel, or
     fail to set."""
-    for option, least in (("socket_timeout", MIN_REDIS_SOCKET_TIMEOUT_S), ("socket_connect_timeout", 0)):
-        seconds = getattr(connection, option, None)
-        if seconds is None or (math.isfinite(seconds) and seconds >= least and seconds > 0):
-            continue
-        if least:
-            raise ValueError(
-                f"is not a Redis URL: {option}={seconds!r} must be a number of seconds, at least {least}: each step"
-                " that changes tasks must reach Redis within half of it"
-            )
-        raise ValueError(f"is not a Redis URL: {option}={seconds!r} must be a number of seconds above 0")
+    seconds = getattr(connection, "socket_timeout", None)
+    if seconds is not None and not (math.isfinite(seconds) and seconds >= MIN_REDIS_SOCKET_TIMEOUT_S):
+        raise ValueError(
+            f"is not a Redis URL: socket_timeout={seconds!r} must be a number of seconds, at least"
+            f" {MIN_REDIS_SOCKET_TIMEOUT_S}: each step that changes tasks must reach Redis within half of it"
+        )
+    seconds = getattr(connection, "socket_connect_timeout", None)
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"is not a Redis URL: socket_connect_timeout={seconds!r} must be a number of seconds above 0")
 
 
 # The files a rediss:// URL may name: its query option, the attribute of redis-py's connection that holds it.

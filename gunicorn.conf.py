@@ -432,7 +432,7 @@ def worker_exit(server, worker):
     controller = getattr(worker, "controller", None)
     if controller is None:  # the app never loaded
         return
-    from app import pool_of
+    from service.context import services
     from service.lifecycle import NO_SIGNAL, close_store, exit_without
 
     controller.request_stop(NO_SIGNAL)  # a no-op once a signal began the drain
@@ -446,11 +446,9 @@ def worker_exit(server, worker):
         if controller.join(HEARTBEAT_S):  # in short slices: a second signal still acts at once
             break
     if worker.metrics_dir is not None:  # the drain's counts too, before the process ends
-        from service.context import services
-
         services(worker.wsgi).metrics.stop_sharing()
     leftover = controller.wait_for_threads()
-    close_store(pool_of(worker.wsgi).store)
+    close_store(services(worker.wsgi).pool.store)
     exit_without(leftover)
 
 

@@ -293,10 +293,7 @@ def _checked(
 
     def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
         connection = connection_class(host, **kwargs)
-        connection._create_connection = functools.partial(  # type: ignore[attr-defined]
-            _connect, allow_address=connecting.allow_address, connected=connecting.connected,
-            resolve=connecting.resolve,
-        )
+        connection._create_connection = functools.partial(_connect, connecting=connecting)  # type: ignore[attr-defined]
         return connection
 
     return make
@@ -335,18 +332,15 @@ def _connect(
     timeout: float | object = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
     source_address: tuple[str, int] | None = None,
     *,
-    allow_address: Callable[[Address], bool],
-    connected: Callable[[socket.socket], None] = lambda sock: None,
-    resolve: Callable[[str, int], list[tuple[Any, ...]]],
+    connecting: _Connecting,
 ) -> socket.socket:
-    """``socket.create_connection``, trying only the addresses of ``address``'s host (``resolve(host, port)``)
-    that are allowed.
+    """``socket.create_connection``, trying only the addresses of ``address``'s host that ``connecting`` allows.
 
     PermanentFailure if none is: the host is no place to send a task's request to.
     """
     host, port = address
-    found = resolve(host, port)
-    allowed = [info for info in found if allow_address(ipaddress.ip_address(info[4][0]))]
+    found = connecting.resolve(host, port)
+    allowed = [info for info in found if connecting.allow_address(ipaddress.ip_address(info[4][0]))]
     if not allowed:
         addresses = ", ".join(sorted({info[4][0] for info in found}))
         where = host if addresses == host else f"{host} ({addresses})"
@@ -360,7 +354,7 @@ def _connect(
             if source_address is not None:
                 sock.bind(source_address)
             sock.connect(sockaddr)
-            connected(sock)
+            connecting.connected(sock)
             return sock
         except OSError as exc:
             sock.close()

@@ -88,7 +88,7 @@ class AccessLogger(Logger):
             self.exception("cannot write the access line")
 
 
-def access_entry(resp: Any, environ: dict[str, Any], request_time: timedelta, req: Any = None) -> logs.AccessEntry:
+def access_entry(resp: Any, environ: dict[str, Any], request_time: timedelta, req: Any) -> logs.AccessEntry:
     """What the access line shows of one request, from gunicorn's response, WSGI environ and parsed request.
 
     An error gunicorn answers before the app (a path outside the root path, a bad header) comes

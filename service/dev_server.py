@@ -51,6 +51,7 @@ from .request_reader import (
     MissingHost,
     UnsupportedCoding,
     read_framing,
+    request_line_too_long,
 )
 
 MAX_CONNECTIONS = 64
@@ -418,7 +419,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
         if self.request_version in ("", "HTTP/0.9"):  # its request line unread: the answer has a status line
             self.command, self.request_version = None, self.protocol_version
         if code == HTTPStatus.REQUEST_URI_TOO_LONG:
-            detail = f"the request line is longer than {LIMIT_REQUEST_LINE} bytes"
+            detail = str(request_line_too_long(LIMIT_REQUEST_LINE))
         else:
             detail = explain or message or HTTPStatus(code).phrase
         self.refuse(code, detail)
@@ -457,7 +458,7 @@ def request_line_problem(line: bytes) -> tuple[int, str] | None:
     a lowercase method or a target that is not printable ASCII in a form the method takes (400; served)."""
     text = line.decode("latin-1").rstrip("\r\n")
     if len(text) > LIMIT_REQUEST_LINE:
-        return 414, f"the request line is longer than {LIMIT_REQUEST_LINE} bytes"
+        return 414, str(request_line_too_long(LIMIT_REQUEST_LINE))
     words = text.split(" ")  # single spaces only (RFC 9112 section 3), as gunicorn: http.server split on any whitespace
     if len(words) != 3 or not all(words):
         return 400, f"the request line {text[:100]!r} is not a method, a target and an HTTP version"
@@ -539,7 +540,7 @@ class BoundedThreadedServer(ThreadedWSGIServer):
         self._waiting_lock = threading.Lock()  # must be held while changing _waiting
         self._waiting: dict[socket.socket, None] = {}  # blocked reading from their client, longest first
         self._serving_lock = threading.Lock()  # must be held while changing _serving
-        self._serving: dict[threading.Thread, None] = {}  # the threads serving a connection
+        self._serving: set[threading.Thread] = set()  # the threads serving a connection
         super().__init__(*args, **kwargs)
 
     @contextmanager
@@ -567,12 +568,12 @@ class BoundedThreadedServer(ThreadedWSGIServer):
 
     def process_request_thread(self, request, client_address) -> None:
         with self._serving_lock:
-            self._serving[threading.current_thread()] = None
+            self._serving.add(threading.current_thread())
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._serving_lock:
-                self._serving.pop(threading.current_thread(), None)
+                self._serving.discard(threading.current_thread())
             self._slots.release()
 
     def server_close(self) -> None:
@@ -583,21 +584,21 @@ class BoundedThreadedServer(ThreadedWSGIServer):
         A client that has not sent its request by then has its connection closed unanswered.
         """
         super().server_close()
-        deadline = time.monotonic() + LINGER_S
-        for thread in self._threads_serving():
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._join_serving(LINGER_S)
         with self._waiting_lock:
             waiting, self._waiting = list(self._waiting), {}
         for sock in waiting:
             with suppress(OSError):  # its read returns at once: the thread closes the connection and ends
                 sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + EVICTION_WAIT_S
-        for thread in self._threads_serving():
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._join_serving(EVICTION_WAIT_S)
 
-    def _threads_serving(self) -> list[threading.Thread]:
+    def _join_serving(self, within: float) -> None:
+        """Wait up to ``within`` seconds in all for the threads serving a connection to end."""
+        deadline = time.monotonic() + within
         with self._serving_lock:
-            return list(self._serving)
+            serving = list(self._serving)
+        for thread in serving:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _evict_longest_waiting(self) -> None:
         with self._waiting_lock:

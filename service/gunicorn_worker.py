@@ -71,7 +71,14 @@ from .drain_reports import send as send_report
 from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
 from .logs import REDACTED, redact_request_line
-from .request_reader import REQUEST_TIMEOUT_S, BodyLimits, MissingHost, RequestReader, missing_host
+from .request_reader import (
+    REQUEST_TIMEOUT_S,
+    BodyLimits,
+    MissingHost,
+    RequestReader,
+    missing_host,
+    request_line_too_long,
+)
 
 # Signals meant for the arbiter (reload, binary upgrade) that also reach the worker when sent to the whole
 # process group (a closed terminal, ``kill -HUP -<pgid>``, ``pkill -HUP gunicorn``) or to its pid. The
@@ -204,7 +211,7 @@ class DrainingThreadWorker(ThreadWorker):
     def handle_error(self, req, client, addr, exc) -> None:
         redact(exc, self.body_limits.token)  # gunicorn quotes what the client sent in its warning
         if isinstance(exc, LimitRequestLine) and exc.max_size is not None:  # "Request Line is too large (5014 > 4094)"
-            exc = LimitRequestLine(f"the request line is longer than {exc.max_size} bytes")  # as every other 414 says
+            exc = request_line_too_long(exc.max_size)  # as every other 414 says
         # The answer's id is chosen first: gunicorn logs before it writes (see service/server_errors.py).
         with server_errors.answering() as answer:
             if isinstance(exc, ConfigurationProblem):

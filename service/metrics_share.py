@@ -231,7 +231,7 @@ def _fold_one(directory: Path, name: str) -> None:
 
 def folds_made(record: Snapshot) -> int:
     """How many folds the retired ``record`` holds (one written before records counted them: one per fold)."""
-    return record.get("folds", sum(record["folded"].values()))
+    return record["folds"] if "folds" in record else sum(record["folded"].values())
 
 
 def _drop_folded_copies(directory: Path, folded: dict[str, int]) -> None:
@@ -294,7 +294,8 @@ class ProcessSnapshots:
         self._write_lock = threading.Lock()
         self._counts_written = self._live_written = ""  # the texts last written
         # An ended process that had this pid (in this run) left counts that must stay in the sum.
-        self._base = (_read(self._counts_path) if is_private(directory) else None) or {}
+        private = is_private(directory)
+        self._base = (_read(self._counts_path) if private else None) or {}
         self._own: Snapshot | None = None  # the counts last taken, which a scrape sums if the directory is not ours
         # The counts last read from each counts file, by name, which stay in the sum if the file goes.
         # Held only to read or update the dictionary, never across a file's reading or writing.
@@ -306,7 +307,7 @@ class ProcessSnapshots:
         # Removed files of running processes that were not written again within REPUBLISH_WAIT_S (a process
         # stopped, or one not of this server): not waited for again until they are back (under _seen_lock).
         self._not_republished: set[str] = set()
-        if is_private(directory):
+        if private:
             # Read once now, as a scrape does: a process that read nothing yet could not tell, if a tmp
             # cleaner removes the directory before its first scrape, what the other processes had counted.
             with contextlib.suppress(OSError, ValueError):

@@ -663,12 +663,17 @@ def request_line_limit(limit_request_line: int) -> int:
     return limit_request_line or MAX_PREREAD_HEAD
 
 
+def request_line_too_long(limit: int) -> LimitRequestLine:
+    """The 414 of a request line over ``limit`` bytes, worded alike by both servers, whatever found it."""
+    return LimitRequestLine(f"the request line is longer than {limit} bytes")
+
+
 def _head_too_large(buffer: bytearray, start: int = 0, *, line_limit: int = MAX_REQUEST_LINE) -> Exception:
     """gunicorn's error for a head past ``MAX_PREREAD_HEAD`` (from ``start``, after the empty line before it, which
     counts against it): its request line alone (414, naming the limit the parser would have applied: ``line_limit``,
     not the loop's cut-off), else its fields (431)."""
     if buffer.find(b"\r\n", start, MAX_PREREAD_HEAD + 1) < 0:
-        return LimitRequestLine(f"the request line is longer than {line_limit} bytes")
+        return request_line_too_long(line_limit)
     return LimitRequestHeaders(f"the request head is longer than {MAX_PREREAD_HEAD} bytes")
 
 

@@ -293,7 +293,11 @@ BAD_VALUES = [
         "unix:///run/redis.sock?db=0",
         f"{STORE_RULE}: a Redis on a unix socket (unix://) is not supported: reach it over TCP",
     ),
-    ("STORE", "redis://cache/0?ssl_cert_reqs=none", "is not a Redis URL: unknown option ssl_cert_reqs (TLS options need rediss://)"),
+    (
+        "STORE",
+        "redis://cache/0?ssl_cert_reqs=none",
+        "is not a Redis URL: unknown option ssl_cert_reqs (TLS options need rediss://)",
+    ),
     ("STORE", "redis://cache/0?protocol=7", "is not a Redis URL: protocol must be either 2 or 3"),
     ("STORE", "redis://cache/0?max_connections=8", MAX_CONNECTIONS_REFUSED),
     ("STORE", "rediss://cache/0?socket_timeout=2&max_connections=1000", MAX_CONNECTIONS_REFUSED),
@@ -387,7 +391,7 @@ def test_a_redis_password_with_a_delimiter_unencoded_is_told_to_be_percent_encod
         from_env({"STORE": f"redis://u1:{password}@127.0.0.1:6390/0"})
     message = str(caught.value)
     assert message.endswith(f"is invalid: {config.ENCODE_CREDENTIALS}")
-    assert "ret" not in message.replace("REDIS_PASSWORD", "")
+    assert "ret" not in message
     # Percent-encoded, it is taken (and decoded by redis-py).
     encoded = f"redis://u1:{quote(password, safe='')}@127.0.0.1:6390/0"
     assert from_env({"STORE": encoded}).store.url == encoded

@@ -151,16 +151,20 @@ def _accepted(directory: Path) -> int:
 
 def test_ended_processes_counts_are_folded_into_one_file(tmp_path):
     # As under max_requests recycling or many TTIN/TTOU: the files stay as many as the processes running, plus one.
-    for pid in range(100, 150):
+    pids = sorted({ended_pid() for _ in range(50)})  # a fold passes over a process still running
+    *ended, last, running = pids
+    for pid in pids:
         _publish(tmp_path, pid, 2)
-        if pid < 148:
-            metrics_share.mark_process_dead(tmp_path, pid)
+    for pid in ended:
+        metrics_share.mark_process_dead(tmp_path, pid)
     names = sorted(path.name for path in tmp_path.glob("*.json"))
-    assert names == ["counts-148.json", "counts-149.json", "counts-retired.json", "live-148.json", "live-149.json"]
-    assert _accepted(tmp_path) == 100
-    metrics_share.mark_process_dead(tmp_path, 148)
-    metrics_share.mark_process_dead(tmp_path, 148)  # noted twice: folded once
-    assert _accepted(tmp_path) == 100
+    assert names == sorted(
+        ["counts-retired.json"] + [f"{kind}-{pid}.json" for kind in ("counts", "live") for pid in (last, running)]
+    )
+    assert _accepted(tmp_path) == 2 * len(pids)
+    metrics_share.mark_process_dead(tmp_path, last)
+    metrics_share.mark_process_dead(tmp_path, last)  # noted twice: folded once
+    assert _accepted(tmp_path) == 2 * len(pids)
 
 
 def test_the_retired_record_names_the_latest_folds_only_and_a_reader_that_missed_them_counts_each_once(
@@ -176,7 +180,7 @@ def test_the_retired_record_names_the_latest_folds_only_and_a_reader_that_missed
         metrics_share.mark_process_dead(tmp_path, pid)
     record = json.loads((tmp_path / metrics_share.RETIRED).read_text())
     assert record["folds"] == len(pids)
-    assert sorted(record["folded"]) == [f"counts-{pid}.json" for pid in pids[-3:]]
+    assert sorted(record["folded"]) == sorted(f"counts-{pid}.json" for pid in pids[-3:])
     assert _accepted(tmp_path) == len(pids)
     assert reader.read()[0]["row"]["accepted"] == len(pids)  # the files of unnamed folds not written back
     assert [path.name for path in tmp_path.glob("counts-*")] == ["counts-retired.json"]
@@ -500,11 +504,12 @@ def test_a_file_that_is_not_a_snapshot_is_skipped_and_told_once(tmp_path, caplog
     # A truncated file, a hand edit: it made every scrape of every process a 500 until someone removed it.
     directory = tmp_path / "metrics"
     directory.mkdir(mode=0o700)
-    other, _ = process(directory, 101)
+    first, second = ended_pid(), ended_pid()  # the arbiter folds only processes that have ended
+    other, _ = process(directory, first)
     accept(other, 2)
     other.publish()
     unreadable = {
-        "counts-102.json": b"",
+        f"counts-{second}.json": b"",
         "counts-103.json": b'{"row": {"accep',
         "counts-104.json": b"\xff\xfe",
         "counts-105.json": b"[1, 2]",
@@ -519,9 +524,9 @@ def test_a_file_that_is_not_a_snapshot_is_skipped_and_told_once(tmp_path, caplog
     assert _scrape_in_time(metrics) == 5
     for name in unreadable:
         assert caplog.text.count(f"the metrics file {directory / name} is not a snapshot") == 1, name
-    metrics_share.mark_process_dead(directory, 102)  # the arbiter's fold leaves it, in no error
-    metrics_share.mark_process_dead(directory, 101)  # and writes a retired record in place of the one unreadable
-    assert json.loads((directory / metrics_share.RETIRED).read_text())["folded"] == {"counts-101.json": 1}
+    metrics_share.mark_process_dead(directory, second)  # the arbiter's fold leaves it, in no error
+    metrics_share.mark_process_dead(directory, first)  # and writes a retired record in place of the one unreadable
+    assert json.loads((directory / metrics_share.RETIRED).read_text())["folded"] == {f"counts-{first}.json": 1}
     assert _scrape_in_time(metrics) == 5
 
 

@@ -59,6 +59,11 @@ def pause(seconds: float) -> None:
     threading.Event().wait(seconds)
 
 
+def _accepts(port: int) -> bool:
+    with closing(socket.socket()) as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 class Service:
     def __init__(self, server: ServerProcess, port: int) -> None:
         self.server = server
@@ -233,7 +238,11 @@ def test_a_request_still_being_sent_at_the_stop_is_answered(start, command, stor
         client.sendall(b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
         service.signal(signal.SIGTERM)
         service.wait_for_log(r"shutdown: ")
-        pause(0.3)  # the client is slow: the rest arrives once the (idle) drain has ended
+        # The client is slow: the rest arrives once the (idle) drain has ended.
+        if command is APP:  # which closes its listening socket after the drain
+            wait_until(lambda: not _accepts(service.port), timeout=20, what="the drain's end")
+        else:  # gunicorn closes its listeners at the stop signal: the drain's end shows nowhere
+            pause(0.3)
         client.sendall(body[5:])
         answer = client.makefile("rb").readline()
     # A store of this process refuses the task; a shared one takes it for the other processes.

@@ -1976,16 +1976,7 @@ def test_a_task_file_removed_or_replaced_while_open_refuses_new_tasks_and_runs_t
     assert "removed" in str(refused.value) or "replaced" in str(refused.value)
     assert [r.levelname for r in caplog.records if "while this process had it open" in r.message] == ["ERROR"]
     assert store.health() == str(refused.value)
-    # The tasks accepted into the old file still run here, read from another thread too.
-    store.finish("running", 1, "a")
-    assert claim(store, clock).id == "queued"
-    store.finish("queued", 1, "a")
-    states = {}
-    reader = threading.Thread(target=lambda: states.update({t: store.get(t).state for t in ("running", "queued")}))
-    reader.start()
-    reader.join(WAIT_S)
-    assert states == {"running": State.DONE, "queued": State.DONE}
-    assert store.get("after") is None
+    _finish_the_tasks_accepted_before(store, clock)
     with pytest.raises(StoreFileReplaced):  # for good: the old file is still the one open
         store.admit([task(clock, "later")])
     assert (store.health() or "").startswith(str(db))
@@ -1995,6 +1986,19 @@ def test_a_task_file_removed_or_replaced_while_open_refuses_new_tasks_and_runs_t
     else:
         fresh = open_store()
         assert fresh.get("running") is None and fresh.get("after") is None and fresh.health() is None
+
+
+def _finish_the_tasks_accepted_before(store, clock) -> None:
+    """The tasks accepted before the change still run here, and read back done from another thread too."""
+    store.finish("running", 1, "a")
+    assert claim(store, clock).id == "queued"
+    store.finish("queued", 1, "a")
+    states = {}
+    reader = threading.Thread(target=lambda: states.update({t: store.get(t).state for t in ("running", "queued")}))
+    reader.start()
+    reader.join(WAIT_S)
+    assert states == {"running": State.DONE, "queued": State.DONE}
+    assert store.get("after") is None
 
 
 def _remove_log(log):
@@ -2025,16 +2029,7 @@ def test_a_wal_or_shm_file_removed_or_replaced_while_open_refuses_new_tasks_like
     assert str(refused.value).startswith(f"{db}: the task file's {suffix} file was ")
     assert [r.levelname for r in caplog.records if "while this process had it open" in r.message] == ["ERROR"]
     assert store.health() == str(refused.value)
-    # The tasks accepted before still run here, read from another thread too.
-    store.finish("running", 1, "a")
-    assert claim(store, clock).id == "queued"
-    store.finish("queued", 1, "a")
-    states = {}
-    reader = threading.Thread(target=lambda: states.update({t: store.get(t).state for t in ("running", "queued")}))
-    reader.start()
-    reader.join(WAIT_S)
-    assert states == {"running": State.DONE, "queued": State.DONE}
-    assert store.get("after") is None
+    _finish_the_tasks_accepted_before(store, clock)
 
 
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])

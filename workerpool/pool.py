@@ -770,17 +770,12 @@ class WorkerPool:
             raise
         try:
             if ended is None:
-                if self._store_lost(task.id):
-                    _log(logging.WARNING, task, "task %s attempt %d ended, but %s; result dropped", task.id,
-                         task.attempts, _STORE_LOST)  # fmt: skip
-                else:
-                    _log(
-                        logging.WARNING,
-                        task,
-                        "task %s attempt %d ended after it was abandoned or its lease recovered; result dropped",
-                        task.id,
-                        task.attempts,
-                    )
+                why = (
+                    f"ended, but {_STORE_LOST}"
+                    if self._store_lost(task.id)
+                    else "ended after it was abandoned or its lease recovered"
+                )
+                _log(logging.WARNING, task, "task %s attempt %d %s; result dropped", task.id, task.attempts, why)
             else:
                 if ended.state is not _DONE or (log.isEnabledFor(logging.DEBUG) if debug is None else debug):
                     self._log_end(ended, error, exc)
@@ -1572,11 +1567,6 @@ def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
     if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
         returned.close()  # never run: close it, or Python warns when it is collected
         return f"the handler returned a {type(returned).__name__}: this pool runs plain functions", None
-    if isinstance(returned, str) and len(returned) + 2 > limit:
-        # Its JSON is its characters and two quotes at the least (an escaped one is 6 bytes): refused from its
-        # length, not after building a text up to 6 times as long (300 MB for 50 M characters of "é").
-        size = len(returned) + 2
-        return f"the handler's result is at least {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
     try:
         text = dumps_within(returned, limit)
     except TooLong as exc:  # refused before the encoding of a huge string inside it was built

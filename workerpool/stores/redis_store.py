@@ -592,7 +592,7 @@ def _unavailable(exc: redis.RedisError, prefix: str) -> StoreUnavailable:
             "to that one node and follows no redirection: when a reshard or a failover moves the slot, restart it "
             "with the URL of the node that serves it)"
         )
-    if isinstance(exc, redis.ResponseError) and "SELECT is not allowed in cluster mode" in str(exc):
+    if isinstance(exc, redis.ResponseError) and "SELECT is not allowed in cluster mode" in refusal:
         return StoreUnavailable(f"redis: {exc} (a cluster node has database 0 only: end STORE with /0)")
     return StoreUnavailable(f"redis: {exc}")
 

@@ -1577,20 +1577,18 @@ class SqliteStore(TaskStore):
         says so; a lock that is only contended is not reported.
         """
         began = time.monotonic()
+        unavailable = None
         try:
             with self._step(wait=PROMPT_WAIT_S) as conn:
                 self._evict(conn, self._clock(), sweep=True)
         except _HeldUp:
-            pass
-        else:
-            return self._read(lambda conn: _figures(conn, self._clock()), wait=PROMPT_WAIT_S)
-        since = self._held_up_since
-        if since is None:
-            self._held_up_since = since = began
-        out_of_reach = time.monotonic() - since
-        unavailable = _locked(out_of_reach) if out_of_reach >= LOCKED_AFTER_S else None
+            since = self._held_up_since
+            if since is None:
+                self._held_up_since = since = began
+            out_of_reach = time.monotonic() - since
+            unavailable = _locked(out_of_reach) if out_of_reach >= LOCKED_AFTER_S else None
         figures = self._read(lambda conn: _figures(conn, self._clock()), wait=PROMPT_WAIT_S)
-        return dataclasses.replace(figures, unavailable=unavailable)
+        return figures if unavailable is None else dataclasses.replace(figures, unavailable=unavailable)
 
     def unfinished(self, owner: str | None = None) -> int:
         if owner is None:
@@ -1986,7 +1984,8 @@ def _check_path(path: Path) -> None:
     """Refuse paths SQLite would reject with a vague "unable to open database file"."""
     if path.is_dir():
         raise StoreUnavailable(f"{path}: is a directory, not a database file")
-    parent = Path(os.path.realpath(path)).parent  # a symlink's target's: where SQLite keeps the -wal and -shm
+    real = os.path.realpath(path)
+    parent = Path(real).parent  # a symlink's target's: where SQLite keeps the -wal and -shm
     if not parent.is_dir():
         raise StoreUnavailable(f"{path}: the directory {parent} does not exist")
     # WAL mode creates -wal and -shm files beside the database.
@@ -1997,7 +1996,7 @@ def _check_path(path: Path) -> None:
     # Left by a process of another user still open on the file, or one that crashed: SQLite would only say
     # "the database is read-only", which sends the operator to the task file.
     for suffix in _LOG_SUFFIXES:
-        log_file = f"{os.path.realpath(path)}{suffix}"
+        log_file = f"{real}{suffix}"
         if os.path.exists(log_file) and not os.access(log_file, os.R_OK | os.W_OK):
             raise StoreUnavailable(
                 f"{log_file}: not readable and writable by this process (uid {os.getuid()}; the file's owner is "
