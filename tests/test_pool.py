@@ -61,6 +61,33 @@ class AttemptLog(PoolObserver):
             ), f"{task_id} never reached {state}: {self.events}"
 
 
+def drain_waits_in_fake_time(clock):
+    """A pool's ``wait`` whose waits on a thread named "drain" pass in fake time once nothing comes within 50 ms."""
+
+    def wait(event, timeout):
+        if threading.current_thread().name != "drain" or timeout is None:
+            return clock.wait(event, timeout)
+        if event.wait(0.05):
+            return True
+        clock.advance(timeout)
+        return event.is_set()
+
+    return wait
+
+
+def thread_joins(monkeypatch):
+    """The timeouts the drains join their threads with (real seconds: a fake clock cannot show them)."""
+    joins = []
+    stop_threads = WorkerPool._stop_threads
+
+    def spied(self, join_timeout):
+        joins.append(join_timeout)
+        stop_threads(self, join_timeout)
+
+    monkeypatch.setattr(WorkerPool, "_stop_threads", spied)
+    return joins
+
+
 @pytest.fixture
 def make_pool(clock):
     pools = []
@@ -362,6 +389,33 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
         State.CANCELLED: 0,
     }
     assert log.events == []  # the late result was dropped, not reported
+
+
+def test_a_handler_ignoring_its_cancel_does_not_hold_the_drain_past_its_deadline(make_pool, clock, monkeypatch):
+    release = threading.Event()
+    started = threading.Event()
+
+    def ignores_cancel(task, cancel):
+        started.set()
+        release.wait(TIMEOUT)
+
+    joins = thread_joins(monkeypatch)
+    pool = make_pool(ignores_cancel, workers=2, wait=drain_waits_in_fake_time(clock))
+    pool.submit("stuck", "", 0)
+    assert started.wait(TIMEOUT)
+    summaries = []
+    drain = threading.Thread(target=lambda: summaries.append(pool.shutdown(5.0)), name="drain")
+    try:
+        drain.start()
+        drain.join(TIMEOUT)
+        assert not drain.is_alive()
+    finally:
+        release.set()
+    [summary] = summaries
+    assert summary.abandoned == ("stuck",)
+    # Abandoned at its deadline, and the threads (one never returns) were not waited for past it.
+    [join] = joins
+    assert summary.drain_seconds + join <= 5.0
 
 
 def test_a_second_shutdown_pulls_the_deadline_in(make_pool):
@@ -1251,23 +1305,8 @@ def test_a_drain_holds_its_deadline_and_says_what_it_left_to_leases_when_the_sto
         started.release()
         cancel.wait(TIMEOUT)
 
-    def wait(event, timeout):  # the drain's waits pass in fake time once nothing comes within 50 ms
-        if threading.current_thread().name != "drain" or timeout is None:
-            return clock.wait(event, timeout)
-        if event.wait(0.05):
-            return True
-        clock.advance(timeout)
-        return event.is_set()
-
-    pool = make_pool(handler, store=store, workers=2, lease=30.0, wait=wait)
-    joins = []  # how long the drain waits for its threads (in real time: the fake clock cannot show it)
-    stop_threads = WorkerPool._stop_threads
-
-    def spied(self, join_timeout):
-        joins.append(join_timeout)
-        stop_threads(self, join_timeout)
-
-    monkeypatch.setattr(WorkerPool, "_stop_threads", spied)
+    pool = make_pool(handler, store=store, workers=2, lease=30.0, wait=drain_waits_in_fake_time(clock))
+    joins = thread_joins(monkeypatch)
     pool.submit_many([TaskSpec("a"), TaskSpec("b")])
     assert started.acquire(timeout=TIMEOUT) and started.acquire(timeout=TIMEOUT)
     store.down.set()

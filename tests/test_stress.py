@@ -530,7 +530,7 @@ def test_a_handler_that_hangs_past_the_deadline_is_abandoned_and_the_process_exi
 
     code, _ = service.terminate()
     assert code == 0
-    # The 1 s drain, the 1 s join of the pool's threads, then the worker exits by itself and reports its
+    # The 1 s drain (the hanging threads are not waited for past it), then the worker exits by itself and reports its
     # drain: gunicorn did not have to SIGKILL it (graceful_timeout = 1 + 5 s). Its log says which, however
     # slow a loaded machine made the exit.
     assert not Path(f"/proc/{service.worker}").exists(), "the worker process is still there"

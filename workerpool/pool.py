@@ -1402,10 +1402,13 @@ class WorkerPool:
             except Exception:
                 log.exception("shutdown: the store could not count the attempts left running")
                 running = 0
-            # Counted first, then the threads are joined within what is left of the same grace: threads
-            # blocked in a store that does not answer (recording their ends) would otherwise add their own
-            # second past it. With a store of this process alone, they are given a second.
-            self._stop_threads(min(1.0, max(0.0, cutoff - self._monotonic())) if self._store.shared else 1.0)
+            # Counted first, then the threads are joined for at most a second, and never past the drain's
+            # end: with a shared store the same grace (threads blocked in a store that does not answer
+            # would otherwise add their own second past it), with a store of this process alone the
+            # deadline itself (a handler that ignores its cancel would otherwise hold the drain a second
+            # past SHUTDOWN_TIMEOUT_S; its thread is a daemon, left behind).
+            until = cutoff if self._store.shared else self._deadline
+            self._stop_threads(min(1.0, max(0.0, until - self._monotonic())))
             with self._lock:
                 done = self._finals.copy()
             self._summary = ShutdownSummary(
