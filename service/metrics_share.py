@@ -180,7 +180,8 @@ def mark_process_dead(directory: Path, pid: int) -> None:
     names = _unfolded.pop(directory, set()) | {f"{COUNTS}{pid}{SUFFIX}"}
     try:
         left = _fold(directory, names)
-    except OSError as error:  # its file stays, and in the sum: a later start of this pid counts on from it
+    except OSError as error:  # the files not folded stay, and in the sum: a later worker's exit folds them
+        _unfolded[directory] = names  # what _fold had not taken out yet
         log.warning("could not fold the metrics counts of the ended process %s: %s", pid, error)
         return
     if left:  # each file stays meanwhile, and in the sum
@@ -199,7 +200,11 @@ _unfolded: dict[Path, set[str]] = {}  # in the arbiter: counts files of ended pr
 
 
 def _fold(directory: Path, names: set[str]) -> set[str]:
-    """Fold the counts files ``names`` of ended processes; those left unfolded, all of them if the lock was held."""
+    """Fold the counts files ``names`` of ended processes; those left unfolded, all of them if the lock was held.
+
+    Each name is taken out of ``names`` once done with, so that after an OSError ``names`` holds those
+    still to fold (a name folded twice would count its process twice).
+    """
     with _locked(directory, fcntl.LOCK_EX, wait_s=FOLD_LOCK_WAIT_S) as locked:
         if not locked:
             return names
@@ -207,6 +212,7 @@ def _fold(directory: Path, names: set[str]) -> set[str]:
             pid = name[len(COUNTS) : -len(SUFFIX)]
             if not _alive(int(pid)):  # else a process started since with its pid counts on from its file
                 _fold_one(directory, name)
+            names.discard(name)
     return set()
 
 
@@ -224,8 +230,9 @@ def _fold_one(directory: Path, name: str) -> None:
     folds = folds_made(retired) + 1
     folded = {other: fold for other, fold in retired["folded"].items() if fold > folds - FOLDS_NAMED}
     folded[name] = folds
-    retired = _retired[directory] = {"counts": add(retired["counts"], counts), "folds": folds, "folded": folded}
+    retired = {"counts": add(retired["counts"], counts), "folds": folds, "folded": folded}
     _replace(directory / RETIRED, json.dumps(retired))
+    _retired[directory] = retired  # once written: a copy of a record never written would count its folds twice
     (directory / name).unlink(missing_ok=True)  # gone already if it was a copy of an earlier fold of the pid
 
 

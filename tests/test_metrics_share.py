@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import fcntl
 import json
 import os
@@ -237,6 +238,35 @@ def test_the_arbiter_does_not_wait_for_a_fold_lock_a_stopped_reader_holds_and_fo
     metrics_share.mark_process_dead(tmp_path, second)  # the next exit folds both
     assert _counts_files(tmp_path) == {"retired": 5}
     assert _accepted(tmp_path) == 5
+
+
+def test_a_fold_that_fails_leaves_every_file_it_had_to_fold_to_a_later_exit(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(metrics_share, "FOLD_LOCK_WAIT_S", 0.05)
+    first, second, third = ended_pid(), ended_pid(), ended_pid()
+    for pid, accepted in ((first, 2), (second, 3), (third, 4)):
+        _publish(tmp_path, pid, accepted)
+    reader = os.open(tmp_path / metrics_share.FOLD_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(reader, fcntl.LOCK_SH)
+    try:
+        metrics_share.mark_process_dead(tmp_path, first)  # the lock is held: left to fold at a later exit
+    finally:
+        os.close(reader)
+    replace, failures = metrics_share._replace, []
+
+    def full_disk(path, text):  # the retired record cannot be written once
+        if path.name == metrics_share.RETIRED and not failures:
+            failures.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(path, text)
+
+    monkeypatch.setattr(metrics_share, "_replace", full_disk)
+    metrics_share.mark_process_dead(tmp_path, second)
+    assert failures and "could not fold the metrics counts of the ended process" in caplog.text
+    assert _counts_files(tmp_path) == {first: 2, second: 3, third: 4}  # nothing folded, all still in the sum
+    assert _accepted(tmp_path) == 9
+    metrics_share.mark_process_dead(tmp_path, third)  # the next exit folds all three
+    assert _counts_files(tmp_path) == {"retired": 9}
+    assert _accepted(tmp_path) == 9
 
 
 def test_the_creation_stamp_is_the_earliest_process_s(tmp_path):
