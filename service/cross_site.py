@@ -23,12 +23,21 @@ _FOREIGN = frozenset({"cross-site", "same-site"})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
+def from_foreign_page(site: str | None) -> bool:
+    """Whether a ``Sec-Fetch-Site`` value (None: the field is absent) says a page of another origin sent the request.
+
+    The event loop that decides whether to read a body (``service.request_reader``) asks this too: one
+    definition of who is refused, so that such a body is refused unread.
+    """
+    return site is not None and site.strip().lower() in _FOREIGN
+
+
 def refuse_foreign_page(environ: dict[str, Any]) -> None:
     """Raise a 403 Problem when the request was sent by a page of another origin."""
     site = environ.get("HTTP_SEC_FETCH_SITE")
-    if site is not None and (site := site.strip().lower()) in _FOREIGN:
+    if site is not None and from_foreign_page(site):
         raise Problem(
             403,
-            f"the request was sent by a page of another origin (Sec-Fetch-Site: {site}): tasks are changed "
-            "from this service's own pages and from clients that are not browsers only",
+            f"the request was sent by a page of another origin (Sec-Fetch-Site: {site.strip().lower()}): "
+            "tasks are changed from this service's own pages and from clients that are not browsers only",
         )

@@ -379,8 +379,8 @@ class BoundedRequestHandler(WSGIRequestHandler):
             del self.headers["Expect"]
             # Answered now, before the application runs, as gunicorn's event loop answers it (the same
             # read_framing): unless the request is HTTP/1.0 (ignored there, RFC 9110 section 10.1.1) or its body
-            # would be refused from its head (longer than its route takes, without the token, or with a content
-            # coding), which the application then answers without reading the body.
+            # would be refused from its head (longer than its route takes, without the token, sent by a page of
+            # another origin, or with a content coding), which the application then answers without reading it.
             head = self.raw_requestline + lines.lines + b"\r\n"
             framing = read_framing(head, self.server.body_limits)  # type: ignore[attr-defined]
             if framing.expects and not framing.refused:

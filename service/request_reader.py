@@ -14,9 +14,10 @@ The body is read here whatever its framing: of known length, chunked
 (decoded here as it arrives, and handed over as a body of known length, so
 its framing is not kept), or sent after ``100 Continue``, which is answered from here. Each
 route's limit (``BodyLimits``) bounds what is read: a body announced longer
-than its route takes, or one that a missing or wrong token would have
-refused, is not asked for (no ``100 Continue``) nor read; the application
-refuses it from its head, without reading it. A head, or a chunked body's
+than its route takes, or one that a missing or wrong token, or a page of
+another origin (``Sec-Fetch-Site``), would have refused, is not asked for
+(no ``100 Continue``) nor read; the application refuses it from its head,
+without reading it. A head, or a chunked body's
 trailer section, larger than ``MAX_PREREAD_HEAD`` is refused from here (431,
 or 414 for a request line alone that long), as is an HTTP/1.1 (to 1.9) head without a
 Host field (400, which gunicorn's parser does not check), one with a line ended
@@ -51,6 +52,7 @@ from gunicorn.http.errors import (
 from gunicorn.http.message import MAX_REQUEST_LINE
 
 from .bearer import bearer_problem
+from .cross_site import SAFE_METHODS, from_foreign_page
 
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from its first byte or the connection's start
 # Larger heads and trailer sections are refused from the loop (nginx takes 32 KiB by default, gunicorn
@@ -394,8 +396,9 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     full parse per request: only the framing is looked at, and the parser,
     which alone decides what the request is, refuses what it refuses.
     A body the application would refuse from the head alone (longer than
-    the limit, or without the token) is not read, and with ``Expect:
-    100-continue`` (HTTP/1.1) not asked for, nor one with a content coding
+    the limit, without the token, or sent by a page of another origin) is
+    not read, and with ``Expect: 100-continue`` (HTTP/1.1) not asked for,
+    nor one with a content coding
     (``Content-Encoding: gzip``: 415) that the client waits to be asked for.
     A framing gunicorn's parser refuses, or one not followed here, is left
     to the parser with the head alone.
@@ -410,8 +413,10 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
         length = _content_length(head, lowered)
         if not length:
             return Framing(len(head))
-        if (length <= limits.default or length <= limits.of(head)) and (
-            not limits.token or limits.authorized(_authorization(head, lowered))
+        if (
+            (length <= limits.default or length <= limits.of(head))
+            and (not limits.token or limits.authorized(_authorization(head, lowered)))
+            and not _from_foreign_page(head, _sec_fetch_sites(head, lowered))
         ):
             return Framing(len(head) + length)
         return Framing(len(head), refused=True)
@@ -435,6 +440,7 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     # A body without the token is not read: the application refuses it from its head, so an unknown
     # client cannot make the loop buffer up to a route's limit on each of its connections.
     refused = not limits.authorized(next(iter(fields.get(b"authorization", [])), None))
+    refused = refused or _from_foreign_page(head, fields.get(b"sec-fetch-site", []))
     # Nor, when the client waits for 100 Continue, one with a content coding: the application answers 415
     # from the head (service/api.read_body: the coding is checked, as there, on the fields joined).
     coding = b",".join(fields.get(b"content-encoding", [])).strip(b" \t").lower()
@@ -464,6 +470,26 @@ def _authorization(head: bytes, lowered: bytes) -> bytes | None:
         return None
     start += len(b"\r\nauthorization:")
     return head[start : head.find(b"\r\n", start)].strip(b" \t")
+
+
+def _from_foreign_page(head: bytes, sites: list[bytes]) -> bool:
+    """Whether the application refuses the request ``head`` (403) as sent by a page of another origin
+    (``service.cross_site``), from its ``Sec-Fetch-Site`` values ``sites``: then its body is not read."""
+    if not sites or head[: head.find(b" ")].decode("latin-1") in SAFE_METHODS:
+        return False
+    # A repeated field reaches the application as its values joined with commas, under either server.
+    return from_foreign_page(b",".join(sites).decode("latin-1"))
+
+
+def _sec_fetch_sites(head: bytes, lowered: bytes) -> list[bytes]:
+    """The ``Sec-Fetch-Site`` values of a plain (unfolded) ``head``, in order."""
+    values = []
+    start = lowered.find(b"\r\nsec-fetch-site:")
+    while start >= 0:
+        start += len(b"\r\nsec-fetch-site:")
+        values.append(head[start : head.find(b"\r\n", start)].strip(b" \t"))
+        start = lowered.find(b"\r\nsec-fetch-site:", start)
+    return values
 
 
 def _content_length(head: bytes, lowered: bytes) -> int | None:

@@ -291,6 +291,10 @@ EXPECTING = b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nE
 REFUSED_FROM_THE_HEAD = {
     "too-long": (EXPECTING % b"/enqueue" + b"Content-Length: 999999\r\n\r\n", 413),
     "content-coding": (EXPECTING % b"/enqueue" + b"Content-Encoding: gzip\r\nContent-Length: 20\r\n\r\n", 415),
+    "page-of-another-origin": (
+        EXPECTING % b"/enqueue/batch" + b"Sec-Fetch-Site: cross-site\r\nContent-Length: 20\r\n\r\n",
+        403,
+    ),
 }
 
 
