@@ -47,6 +47,7 @@ from workerpool import (
 from workerpool.pool import ProcessStats
 
 from . import metrics_share
+from .api import why_store_fails
 from .context import services
 from .problems import Problem
 
@@ -536,14 +537,17 @@ class _PoolCollector(Collector):
         # A SQLite file whose write lock another program holds still has its figures read, as last committed.
         try:
             read = self._pool.stats()
+            # As /healthz decides it: figures may read well from a store that cannot be written (a task file
+            # removed or replaced while open, a full disk, Redis at maxmemory or read-only).
+            available = why_store_fails(self._pool, read) is None
         except StoreUnavailable:
-            read = None
+            read, available = None, False
         stats: PoolStats | ProcessStats | None = read
         yield GaugeMetricFamily(
             "workerpool_store_available",
             "1 when this scrape read the task store's figures and it can be written; 0 when the store cannot be "
             "used (its gauges are left out, unless they could be read all the same: as last committed).",
-            value=int(read is not None and read.store_error is None),
+            value=int(available),
         )
         shared = self._metrics.shared_counts()
         if shared is not None:

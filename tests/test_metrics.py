@@ -183,6 +183,19 @@ def test_a_task_store_that_cannot_be_used_leaves_out_its_gauges_alone(monkeypatc
     assert value(samples, "workerpool_queue_capacity") == 4
 
 
+def test_a_task_store_whose_figures_read_well_but_that_cannot_be_written_is_not_available(monkeypatch):
+    # /healthz answered 503 (a task file removed while open, Redis read-only) while the gauge kept saying 1.
+    harness = make_harness(workers=2)
+    client = harness.client
+    monkeypatch.setattr(type(harness.pool.store), "health", lambda self: "the disk is full")
+    assert client.get("/healthz").status_code == 503
+    samples = scrape(client)
+    assert value(samples, "workerpool_store_available") == 0
+    assert value(samples, "workerpool_queue_capacity") == 4  # read all the same: kept
+    monkeypatch.undo()
+    assert value(scrape(client), "workerpool_store_available") == 1
+
+
 def test_many_apps_in_one_process_keep_separate_metrics():
     first, second = make_harness(), make_harness()
     enqueue(first.client, "a")

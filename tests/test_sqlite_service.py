@@ -319,6 +319,9 @@ def test_a_task_file_removed_while_open_answers_503_naming_it_and_the_accepted_t
         assert problem["type"] == "urn:workerpool:problem:store-unavailable"
         assert "file was removed or replaced" in problem["detail"]
         assert any(r.levelname == "ERROR" and "the task file was removed" in r.message for r in caplog.records)
+        metrics = client.get("/metrics")  # an alert on the gauge fires, as /healthz's probe does
+        assert metrics.status_code == 200
+        assert "\nworkerpool_store_available 0.0\n" in metrics.get_data(as_text=True)
 
         gate.open()
         harness.final.wait("first", "second")  # drained from the open file, not dropped
