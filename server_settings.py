@@ -155,6 +155,8 @@ def _reload(running: Config, check: Callable[[Config], object]) -> Config:
             raise ConfigError(f"STORE cannot be used: {error}") from None
         for warning in warnings:
             log.warning("%s", warning)
+        if _place_of(settings) != _place_of(running):
+            log.warning("%s", _left_behind(running))
     if settings.metrics_dir != running.metrics_dir:
         log.warning("METRICS_DIR changes at the next start, not at a reload: the workers go on with the old one")
     return settings
@@ -174,3 +176,28 @@ def _check_new_address(running: Config, settings: Config) -> None:
 
 def _store_of(settings: Config) -> tuple[object, ...]:
     return settings.store, settings.store_prefix, settings.redis_password
+
+
+def _place_of(settings: Config) -> tuple[str, ...]:
+    """Where the tasks are kept: another place is another task store (a new password, or SQLite's synchronous
+    option, is not)."""
+    store = settings.store
+    if store.kind == "sqlite":
+        return store.kind, store.path
+    if store.kind == "redis":
+        return store.kind, config.without_credentials(store.url), settings.store_prefix
+    return (store.kind,)
+
+
+def _left_behind(running: Config) -> str:
+    """What a reload to another task store does to the tasks of the running one, which nothing moves over."""
+    if not running.store.shared:
+        return (
+            "reload from STORE=memory to another store: every task id accepted before answers 404 from the new "
+            "workers (the running worker runs its queued tasks while it drains, up to SHUTDOWN_TIMEOUT_S)"
+        )
+    return (
+        "reload to another task store (STORE or STORE_PREFIX changed): the tasks queued in the running one stay "
+        "there, counted by the drain lines of the workers that stop ('N queued'); the new workers neither run them "
+        "nor find them (404) until a server runs on that store again"
+    )

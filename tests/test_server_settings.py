@@ -144,6 +144,59 @@ def test_a_reload_does_not_reach_the_running_store(environ, monkeypatch, caplog)
     assert server_settings.load().store == running.store
 
 
+LEFT_BEHIND = "reload to another task store (STORE or STORE_PREFIX changed): the tasks queued in the running one"
+
+
+def test_a_reload_to_another_sqlite_file_says_the_tasks_queued_in_the_running_one_stay_there(environ, tmp_path, caplog):
+    # The old workers drained, leaving their queued tasks "for other processes", and the new ones answered 404.
+    environ(STORE=f"sqlite://{tmp_path / 'a.db'}")
+    server_settings.load()
+    environ(STORE=f"sqlite://{tmp_path / 'a.db'}?synchronous=full")  # the same file
+    with caplog.at_level(logging.WARNING, "gunicorn.error"):
+        assert server_settings.load().store.synchronous == "FULL"
+    assert caplog.records == []
+    environ(STORE=f"sqlite://{tmp_path / 'b.db'}")
+    with caplog.at_level(logging.WARNING, "gunicorn.error"):
+        assert server_settings.load().store.path == str(tmp_path / "b.db")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.getMessage().startswith(LEFT_BEHIND)
+
+
+def test_a_reload_from_the_memory_store_to_another_says_the_accepted_ids_answer_404(environ, tmp_path, caplog):
+    environ()
+    server_settings.load()
+    environ(STORE=f"sqlite://{tmp_path / 'tasks.db'}")
+    with caplog.at_level(logging.WARNING, "gunicorn.error"):
+        server_settings.load()
+    (record,) = caplog.records
+    assert record.getMessage().startswith("reload from STORE=memory to another store: every task id accepted before")
+
+
+@pytest.mark.parametrize(
+    ("changes", "another"),
+    [
+        ({"STORE_PREFIX": "other"}, True),
+        ({"STORE": "redis://127.0.0.1:{port}/1"}, True),
+        ({"STORE": "redis://:new-secret@127.0.0.1:{port}/0"}, False),  # a new password: the same database
+        ({"REDIS_PASSWORD": "another-secret"}, False),
+    ],
+    ids=["prefix", "database", "password-in-url", "password"],
+)
+def test_a_reload_to_another_redis_store_says_the_queued_tasks_stay_in_the_running_one(
+    environ, monkeypatch, caplog, changes, another
+):
+    port = free_port()
+    monkeypatch.setattr(server_settings.app, "check_store", lambda settings: None)
+    monkeypatch.setattr(server_settings.app, "reach_store", lambda settings: [])  # no Redis needed: not reached
+    environ(STORE=f"redis://:a-secret@127.0.0.1:{port}/0")
+    server_settings.load()
+    environ(**{name: value.format(port=port) for name, value in changes.items()})
+    with caplog.at_level(logging.WARNING, "gunicorn.error"):
+        server_settings.load()
+    assert [record.getMessage().startswith(LEFT_BEHIND) for record in caplog.records] == ([True] if another else [])
+    assert "secret" not in caplog.text
+
+
 def test_a_reload_refuses_the_memory_store_for_several_worker_processes(environ, tmp_path, caplog):
     environ(STORE=f"sqlite://{tmp_path / 'tasks.db'}")
     running = server_settings.load()
