@@ -156,7 +156,7 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
         if body_timed_out(req.environ["wsgi.input"]):
             raise _timed_out(None, length) from None
         raise invalid_request(
-            "the request body could not be read: its chunked framing is malformed or it ended early"
+            "the request body could not be read: its chunked framing or trailer section is malformed, or it ended early"
         ) from None
     if len(body) > limit:
         raise _too_large(limit)

@@ -73,6 +73,10 @@ _METHOD = re.compile(r"[!$%&'*+\-.^_`|~0-9A-Z]{3,20}")  # gunicorn's: a token, w
 _TARGET_INVALID = re.compile(r"[^\x21-\x7e]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 section 5.6.2)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value (RFC 9110 section 5.5)
+# Fields a trailer section may not carry, as they change routing, framing or authentication (RFC 9110 section 6.5.1),
+# and fields that may appear once (section 5.3): gunicorn's parser refuses a trailer with one, or with a repeat.
+_FORBIDDEN_TRAILERS = frozenset((b"HOST", b"CONTENT-LENGTH", b"TRANSFER-ENCODING", b"TRAILER", b"AUTHORIZATION", b"TE"))
+_SINGLETON_FIELDS = frozenset((b"HOST", b"CONTENT-TYPE"))
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -119,9 +123,9 @@ class _Dechunked(io.RawIOBase):
     that ended inside its last CRLFs for a whole one.
 
     A malformed chunk-size line, a chunk not followed by CRLF, a stream that ends (the client's end, or the
-    deadline) before the end of the trailer section, a trailer field gunicorn refuses (``field_problem``), or a
-    trailer section over ``MAX_PREREAD_HEAD``: ``OSError``,
-    which the application answers 400 (408 at the deadline).
+    deadline) before the end of the trailer section, a trailer field gunicorn refuses (``field_problem``,
+    ``trailer_problem``), or a trailer section over ``MAX_PREREAD_HEAD``: ``OSError``, which the application answers
+    400 (408 at the deadline).
     """
 
     def __init__(self, rfile: io.BufferedReader) -> None:
@@ -167,12 +171,14 @@ class _Dechunked(io.RawIOBase):
 
     def _read_trailer_section(self) -> None:
         read = 0
+        names: list[bytes] = []
         while line := self._line():  # trailer fields are checked as header fields, and ignored; an empty line ends them
             read += len(line) + 2
             if read > MAX_PREREAD_HEAD:
                 raise OSError(f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes")
-            if problem := field_problem(line):  # gunicorn refuses the request too
+            if problem := field_problem(line) or trailer_problem(line, names):  # gunicorn refuses the request too
                 raise OSError(f"in the trailer section, {problem}")
+            names.append(line.partition(b":")[0].upper())
 
 
 class _CountedWriter:
@@ -485,6 +491,20 @@ def field_problem(line: bytes) -> str:
         return f"the header field name {name[:40].decode('latin-1')!r} is not a token (RFC 9110 section 5.6.2)"
     if _CONTROL.search(value):
         return f"the value of the {name.decode()} header field has a control character (RFC 9110 section 5.5)"
+    return ""
+
+
+def trailer_problem(line: bytes, names: list[bytes]) -> str:
+    """Why gunicorn refuses a trailer field line that ``field_problem`` passes, or "", given the upper-cased
+    ``names`` of the trailer fields before it: one field too many, a field that changes the message's framing,
+    routing or authentication, or a second field that may appear once."""
+    if len(names) >= LIMIT_REQUEST_FIELDS:
+        return f"there are more than {LIMIT_REQUEST_FIELDS} fields"
+    name = line.partition(b":")[0].upper()
+    if name in _FORBIDDEN_TRAILERS:
+        return f"the {name.decode()} field is not allowed (RFC 9110 section 6.5.1)"
+    if name in _SINGLETON_FIELDS and name in names:
+        return f"the {name.decode()} field appears twice (RFC 9110 section 5.3)"
     return ""
 
 
