@@ -604,7 +604,22 @@ def startup_line(message: str, level: str = "ERROR", dotenv_path: Path | None = 
     # The fields and layout of service/logs.py's JSON lines, which this module, imported first, cannot use.
     fields = {"level": level, "logger": "config", "message": message, "task_id": None, "request_id": None}
     fields["timestamp"] = datetime.datetime.now(datetime.UTC).isoformat()
-    return json.dumps(fields, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return json_log_line(json.dumps(fields, ensure_ascii=False))
+
+
+# JSON escapes the C0 controls but leaves DEL, the C1 controls and U+2028/U+2029 raw, and line readers (str.splitlines,
+# editors, log shippers) break on some of them (U+0085 NEL, U+2028, U+2029). Outside its strings a JSON line is ASCII,
+# so each is inside a string, where its \uXXXX escape keeps the line valid JSON with the same value.
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def json_log_line(text: str) -> str:
+    """``text``, a JSON document dumped with ``ensure_ascii=False``, with each character that can end a line escaped."""
+    return _RAW_IN_JSON.sub(_json_escape, text)
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 # WEB_CONCURRENCY, gunicorn's default for -w (some platforms set it): each process runs its own WORKERS threads

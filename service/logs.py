@@ -20,7 +20,7 @@ from urllib.parse import unquote_plus
 
 from pythonjsonlogger.json import JsonFormatter
 
-from config import LOG_FORMATS
+from config import LOG_FORMATS, json_log_line
 
 from . import request_id, server_errors
 
@@ -185,11 +185,11 @@ class JsonLineFormatter(JsonFormatter):
         )
 
     def jsonify_log_record(self, log_data: dict[str, Any]) -> str:
-        return _json_line(super().jsonify_log_record(log_data))
+        return json_log_line(super().jsonify_log_record(log_data))
 
     def access_line(self, entry: AccessEntry) -> str:
         """The access line as ``format`` would write it, plus the request's fields."""
-        return _json_line(
+        return json_log_line(
             json.dumps(
                 {
                     "level": "INFO",
@@ -208,14 +208,6 @@ class JsonLineFormatter(JsonFormatter):
                 ensure_ascii=False,
             )
         )
-
-
-def _json_line(text: str) -> str:
-    # JSON allows U+2028 and U+2029 raw, but many line readers (str.splitlines, editors) break on them.
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") if _SEPARATORS.search(text) else text
-
-
-_SEPARATORS = re.compile("[\u2028\u2029]")
 
 
 def write_access(logger: logging.Logger, entry: AccessEntry) -> None:

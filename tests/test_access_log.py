@@ -118,7 +118,7 @@ def test_access_log_off_writes_nothing(gunicorn_logger):
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_forged_user_agent_cannot_split_or_shift_the_line(gunicorn_logger, log_format):
     logger, out = gunicorn_logger(log_format)
-    request(logger, HTTP_USER_AGENT='x" 500 0 0ms "y\n[2026-11-27 10:00:00 +0000] [1] [INFO] forged\u2028')
+    request(logger, HTTP_USER_AGENT='x" 500 0 0ms "y\n[2026-11-27 10:00:00 +0000] [1] [INFO] forged\u2028a\x85b')
     (line,) = out.getvalue().splitlines()
     message = json.loads(line)["message"] if log_format == "json" else line
     assert '"x\\" 500 0 0ms \\"y' in message

@@ -665,9 +665,9 @@ def test_a_start_up_line_is_text_when_log_format_cannot_be_read(tmp_path, monkey
 
 def test_a_json_start_up_line_keeps_line_separators_escaped(monkeypatch):
     monkeypatch.setenv("LOG_FORMAT", "json")
-    line = config.startup_line("configuration error: HOST='a\u2028b'", dotenv_path=None)
+    line = config.startup_line("configuration error: HOST='a\u2028b\x85c'", dotenv_path=None)
     assert len(line.splitlines()) == 1
-    assert json.loads(line)["message"] == "configuration error: HOST='a\u2028b'"
+    assert json.loads(line)["message"] == "configuration error: HOST='a\u2028b\x85c'"
 
 
 @pytest.mark.parametrize(

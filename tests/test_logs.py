@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import logging.config
+import re
 import subprocess
 import sys
 import threading
@@ -121,6 +122,17 @@ def test_an_unknown_format_is_refused():
 
 
 LINE_BREAKERS = ["\n", "\r", "\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1b", "\x00", "\x7f"]
+
+
+@pytest.mark.parametrize("breaker", [*LINE_BREAKERS, "\x9b"])
+def test_a_json_line_stays_one_line_whatever_its_message_and_ids_hold(capture, breaker):
+    out = capture("json", level="INFO")
+    forged = f"x{breaker}[2026-11-27 10:00:00 +0000] [1] [INFO] forged"
+    logging.getLogger("somewhere").info("task %s failed", forged, extra={"request_id": forged, "task_id": forged})
+    (line,) = out["stderr"].getvalue().splitlines()
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", line), line  # a terminal would act on a raw one
+    record = json.loads(line)
+    assert (record["message"], record["request_id"], record["task_id"]) == (f"task {forged} failed", forged, forged)
 
 
 @pytest.mark.parametrize("breaker", LINE_BREAKERS)
