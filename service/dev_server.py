@@ -216,8 +216,9 @@ class _LineEnds:
     and the first field line gunicorn refuses (``malformed``: why), and raises ``HeadTooLarge`` for a field line, a
     number of fields or a whole head (``head`` bytes so far) past the limits gunicorn sets."""
 
-    def __init__(self, raw: io.BufferedReader, head: int = 0) -> None:
+    def __init__(self, raw: io.BufferedReader, head: int = 0, token: str = "") -> None:
         self.raw = raw
+        self.token = token  # the API token, left out of what ``malformed`` quotes
         self.cut = False
         self.bare = False
         self.malformed = ""
@@ -258,7 +259,7 @@ class _LineEnds:
             if self.fields > LIMIT_REQUEST_FIELDS:
                 raise HeadTooLarge(f"the request has more than {LIMIT_REQUEST_FIELDS} header fields")
             if not self.malformed:
-                self.malformed = field_problem(line)
+                self.malformed = field_problem(line, self.token)
             fields += line
 
     def __getattr__(self, name: str) -> object:
@@ -357,10 +358,11 @@ class BoundedRequestHandler(WSGIRequestHandler):
             return self._refuse_line(400, str(EmptyRequestLine()))
         if not self.raw_requestline.endswith(b"\r\n") and self.raw_requestline.endswith(b"\n"):
             return self._refuse_line(400, str(BareLineFeed()))
-        refusal = request_line_problem(self.raw_requestline)
+        token = self.server.body_limits.token  # type: ignore[attr-defined]
+        refusal = request_line_problem(self.raw_requestline, token)
         if refusal is not None:
             return self._refuse_line(*refusal)
-        lines = _LineEnds(self.rfile, len(self.raw_requestline))
+        lines = _LineEnds(self.rfile, len(self.raw_requestline), token)
         self.rfile = lines  # type: ignore[assignment]  # the header lines are read through it
         try:
             if not super().parse_request():
@@ -458,40 +460,54 @@ class BoundedRequestHandler(WSGIRequestHandler):
         super().send_header(keyword, value)
 
 
-def request_line_problem(line: bytes) -> tuple[int, str] | None:
+def request_line_problem(line: bytes, token: str = "") -> tuple[int, str] | None:
     """Why a request line is refused (status, detail), as gunicorn refuses it: one too long (414), one that is not a
     method, a target and HTTP/1.x (400; ``http.server`` served an HTTP/0.9 line, its answer without a status line),
-    a lowercase method or a target that is not printable ASCII in a form the method takes (400; served)."""
+    a lowercase method or a target that is not printable ASCII in a form the method takes (400; served).
+
+    The detail quotes what was sent as gunicorn's does (service/gunicorn_worker.py ``redact``): without the query
+    and without the API token ``token``, which a client may have put there."""
     text = line.decode("latin-1").rstrip("\r\n")
     if len(text) > LIMIT_REQUEST_LINE:
         return 414, str(request_line_too_long(LIMIT_REQUEST_LINE))
     words = text.split(" ")  # single spaces only (RFC 9112 section 3), as gunicorn: http.server split on any whitespace
     if len(words) != 3 or not all(words):
-        return 400, f"the request line {text[:100]!r} is not a method, a target and an HTTP version"
+        shown = _without(token, logs.redact_request_line(text))
+        return 400, f"the request line {shown[:100]!r} is not a method, a target and an HTTP version"
     method, target, protocol = words
     if not _METHOD.fullmatch(method):  # gunicorn's rule: a token of 3 to 20 characters, no lowercase letter or #
-        return 400, f"the method {method[:20]!r} is not an uppercase token of 3 to 20 characters"
+        return 400, f"the method {_without(token, method)[:20]!r} is not an uppercase token of 3 to 20 characters"
     # Printable ASCII only (RFC 9112 section 3.2), in a request-target form the method takes (sections 3.2.1-3.2.4).
     form = target.startswith("/") or "://" in target or method == "CONNECT"
     if (method != "OPTIONS" if target == "*" else not form) or _TARGET_INVALID.search(target):
-        return 400, f"the request target {target[:100]!r} is not valid for {method}"
+        shown = _without(token, logs.redact_target(target, refused=True))
+        return 400, f"the request target {shown[:100]!r} is not valid for {method}"
     version = _VERSION.fullmatch(protocol)
     if version is None or version[1] != "1":
-        return 400, f"HTTP version {protocol[:20]!r} is not supported: send HTTP/1.1 (or HTTP/1.0)"
+        shown = _without(token, protocol)
+        return 400, f"HTTP version {shown[:20]!r} is not supported: send HTTP/1.1 (or HTTP/1.0)"
     return None
 
 
-def field_problem(line: bytes) -> str:
+def field_problem(line: bytes, token: str = "") -> str:
     """Why gunicorn refuses a header field line (400), or "": obsolete line folding (``http.server`` joined the line
-    to the field before it), a name that is not a token, or a control character (NUL...) in the value."""
+    to the field before it), a name that is not a token, or a control character (NUL...) in the value. The API token
+    ``token`` is left out of the name it quotes (``Authorization Bearer <token>``, without its colon)."""
     if line[:1] in (b" ", b"\t"):
         return "a header field is folded onto a second line (obsolete line folding): send each field on one line"
     name, colon, value = line.rstrip(b"\r\n").partition(b":")
     if not colon or not _TOKEN.fullmatch(name):
-        return f"the header field name {name[:40].decode('latin-1')!r} is not a token (RFC 9110 section 5.6.2)"
+        shown = _without(token, name.decode("latin-1"))
+        return f"the header field name {shown[:40]!r} is not a token (RFC 9110 section 5.6.2)"
     if _CONTROL.search(value):
-        return f"the value of the {name.decode()} header field has a control character (RFC 9110 section 5.5)"
+        shown = _without(token, name.decode())
+        return f"the value of the {shown} header field has a control character (RFC 9110 section 5.5)"
     return ""
+
+
+def _without(token: str, text: str) -> str:
+    """``text`` with every occurrence of the API token ``token`` replaced, before it is cut to be quoted."""
+    return text.replace(token, logs.REDACTED) if token else text
 
 
 def trailer_problem(line: bytes, names: list[bytes]) -> str:
