@@ -188,8 +188,11 @@ def test_the_tasks_a_full_queue_refuses_are_logged_in_one_line_with_the_request_
     lines = [(r.getMessage(), r.task_id, r.request_id) for r in caplog.records if r.name == "service.batch"]
     assert lines == [
         ("batch task 3 ('a') refused: 409 a task with id 'a' already exists", "a", "rid-full"),
-        ("batch: 2 of 5 task(s) refused, the first task 2: 503 the queue is full (2 tasks waiting); retry later", None,
-         "rid-full"),
+        (
+            "batch: 2 of 5 task(s) refused, the first task 2: 503 the queue is full (2 tasks waiting); retry later",
+            None,
+            "rid-full",
+        ),
     ]
 
 
@@ -401,6 +404,22 @@ def test_a_batch_the_store_cannot_take_is_a_503_counted_once(harness, monkeypatc
     # Refused as a whole, as a malformed batch is: one refusal, as POST /enqueue counts its own.
     registry = harness.metrics.registry
     assert registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": "store_unavailable"}) == 1
+
+
+def test_a_batch_with_no_valid_task_is_answered_without_the_store(harness, monkeypatch):
+    # It went to the store all the same: a busy SQLite file or a paused Redis turned its 400s into one 503
+    # "may not have been stored" after the store's timeout, though there was nothing to store.
+    def unavailable(store, tasks):
+        raise StoreUnavailable("the task file is busy")
+
+    monkeypatch.setattr(type(harness.pool.store), "admit", unavailable)
+    response = post_batch(harness.client, {"tasks": [{"id": 3}, task("b", max_retries=-1)]})
+    assert statuses(response) == [400, 400]
+    fields = [[e["field"] for e in r["problem"]["errors"]] for r in response.get_json()["results"]]
+    assert fields == [["id", "payload"], ["max_retries"]]
+    registry = harness.metrics.registry
+    assert registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": "invalid"}) == 2
+    assert registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": "store_unavailable"}) == 0
 
 
 def test_a_batch_whose_sync_to_disk_failed_answers_each_task_its_own_outcome(tmp_path, monkeypatch, caplog):

@@ -360,6 +360,8 @@ class WorkerPool:
         A bad ``max_retries`` or ``delay`` raises ValueError before anything
         is admitted; a closed pool refuses all of them with PoolClosed.
         """
+        if not specs:  # no store step: a shared store would wait on a busy file or a paused server for nothing
+            return []
         tasks = [self._new_task(s.id, s.payload, s.max_retries, s.delay, s.request_id) for s in specs]
         return self._admit(tasks)
 
