@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
-from workerpool import DuplicateTask, StoreNotSynced, SubmitError, Task
+from workerpool import DuplicateTask, StoreNotSynced, StorePartlyAdmitted, StoreUnavailable, SubmitError, Task
 
 from . import request_id
 from .api import read_body, task_url
@@ -27,6 +27,7 @@ from .problems import (
     invalid_request,
     not_synced,
     problem_document,
+    submission_not_stored,
     submit_problem,
 )
 from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json
@@ -83,16 +84,19 @@ def enqueue_batch() -> Response:
         require_token()  # before the body is read, as for POST /enqueue
         body = read_body(config.max_batch_body_bytes)
         items = parse_batch(body, max_tasks=config.max_batch_tasks, limits=svc.limits, request_id=rid)
-        # One engine call: the accepted tasks are admitted in one store step, in order
-        # (or, when the store cannot be used, the batch is refused as a whole: none of them, unless
-        # a Redis connection dropped after the script ran).
+        # One engine call: the accepted tasks are admitted in one store step, in order (Redis: 1,000 at
+        # a time), or, when the store cannot be used, the batch is refused as a whole: none of them, unless
+        # a Redis connection dropped after the script ran, or a Redis step after the first failed.
         specs = [item for item in items if isinstance(item, TaskSpec)]
+        unsynced = partly = None
         try:
-            outcomes, unsynced = svc.pool.submit_many(specs), None
+            outcomes = svc.pool.submit_many(specs)
         except StoreNotSynced as exc:  # the step stands: each task has its outcome, the stored ones unsynced
             if exc.result is None:
                 raise
             outcomes, unsynced = exc.result, exc
+        except StorePartlyAdmitted as exc:  # Redis took the batch in parts: those before the failed one stand
+            outcomes, partly = [*exc.result, *[exc] * (len(specs) - len(exc.result))], exc
         admitted = iter(outcomes)
     except Exception as exc:
         svc.metrics.count_rejection(exc)
@@ -114,7 +118,12 @@ def enqueue_batch() -> Response:
             results.append({"status": 202, "task": task_to_json(outcome), "location": task_url(outcome.id, root_path)})
             continue
         refusals.append(outcome)
-        problem = submit_problem(outcome) if isinstance(outcome, SubmitError) else outcome
+        if isinstance(outcome, SubmitError):
+            problem = submit_problem(outcome)
+        elif isinstance(outcome, StoreUnavailable):  # a part of the batch after the first that Redis did not take
+            problem = submission_not_stored()
+        else:
+            problem = outcome
         results.append(_refusal(problem))
         if isinstance(outcome, DuplicateTask):  # the task that holds the id, as POST /enqueue's Location
             results[-1]["location"] = task_url(outcome.task_id, root_path)
@@ -134,6 +143,13 @@ def enqueue_batch() -> Response:
             problem.status,
             problem.detail,
             extra={"task_id": task_id, "request_id": rid},
+        )
+    if partly is not None:
+        log.error(
+            "task store unavailable on POST /enqueue/batch: %s (answered 503 for the other %d task(s))",
+            partly,
+            len(specs) - len(partly.result),
+            extra={"task_id": None, "request_id": rid},
         )
     if unsynced is not None:  # as POST /enqueue logs it (see problems.py)
         log.error(

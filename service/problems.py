@@ -162,6 +162,16 @@ _STORE_UNAVAILABLE_DETAILS = {
     # A repeated cancel answers as the first would.
     "DELETE": _STORE_UNAVAILABLE + "the cancel may not have been recorded, retry later",
 }
+
+
+def submission_not_stored() -> Problem:
+    """The 503 of a submission the store could not take (as POST /enqueue answers it): most likely not stored."""
+    return Problem(
+        503, _STORE_UNAVAILABLE_DETAILS["POST"], kind=_TYPE_PREFIX + "store-unavailable",
+        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+    )  # fmt: skip
+
+
 NOT_SYNCED_DETAIL = (
     "the change was stored, but syncing it to disk failed: it stands (do not send it again), "
     "though a power cut before the store's next sync could undo it"

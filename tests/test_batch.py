@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from app import create_app
 from service.metrics import Metrics
-from workerpool import State, StoreUnavailable, WorkerPool
+from workerpool import MemoryStore, State, StorePartlyAdmitted, StoreUnavailable, WorkerPool
 from workerpool.stores.sqlite import SqliteStore
 
 BATCH_CONFIG = dataclasses.replace(TEST_CONFIG, max_batch_tasks=5, max_batch_body_bytes=2048)
@@ -455,6 +455,42 @@ def test_a_batch_whose_sync_to_disk_failed_answers_each_task_its_own_outcome(tmp
         }
         assert rejected == {"duplicate": 1, "invalid": 1, "queue_full": 1, "store_unavailable": 0}
         assert any("syncing the WAL failed" in r.getMessage() for r in caplog.records)
+    finally:
+        harness.pool.shutdown(5)
+
+
+class SecondPartFails(MemoryStore):
+    """Takes more than two tasks in parts of two (as Redis takes more than GROUP_MAX_TASKS), the second part failing."""
+
+    def admit(self, tasks):
+        if len(tasks) <= 2:
+            return super().admit(tasks)
+        raise StorePartlyAdmitted("redis: Timeout (the first 2 were admitted)", super().admit(tasks[:2]))
+
+
+def test_a_batch_whose_later_part_the_store_could_not_take_answers_each_task_its_own_outcome(caplog):
+    # One 503 answered the whole batch although its first tasks were stored: sent again, they were 409s.
+    harness = make_harness(instant, config=BATCH_CONFIG, queue_size=10, store=SecondPartFails(10))
+    try:
+        body = {"tasks": [task("a"), {"id": 1}, task("a"), task("b"), task("c")]}
+        with caplog.at_level(logging.ERROR, logger="service.batch"):
+            response = post_batch(harness.client, body)
+        assert statuses(response) == [202, 400, 409, 503, 503]
+        *_, b, c = response.get_json()["results"]
+        for refused, task_id in ((b, "b"), (c, "c")):
+            assert refused["problem"]["type"] == "urn:workerpool:problem:store-unavailable"
+            assert "retry later with the same id (409 if it was)" in refused["problem"]["detail"]
+            assert refused["retry_after"] == 1
+            assert harness.client.get(f"/tasks/{task_id}").status_code == 404
+        assert harness.client.get("/tasks/a").status_code == 200
+        registry = harness.metrics.registry
+        assert registry.get_sample_value("workerpool_tasks_accepted_total") == 1
+        rejected = {
+            reason: registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": reason})
+            for reason in ("duplicate", "invalid", "store_unavailable")
+        }
+        assert rejected == {"duplicate": 1, "invalid": 1, "store_unavailable": 2}
+        assert any("answered 503 for the other 2 task(s)" in r.getMessage() for r in caplog.records)
     finally:
         harness.pool.shutdown(5)
 

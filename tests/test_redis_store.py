@@ -18,7 +18,16 @@ from redis_server import RedisServer, running_redis
 
 import app
 import config
-from workerpool import DuplicateTask, QueueFull, State, StoreOutOfMemory, StoreUnavailable, Task, WorkerPool
+from workerpool import (
+    DuplicateTask,
+    QueueFull,
+    State,
+    StoreOutOfMemory,
+    StorePartlyAdmitted,
+    StoreUnavailable,
+    Task,
+    WorkerPool,
+)
 from workerpool.stores import redis_store
 from workerpool.stores.redis_store import RedisStore, _head, _pack, connect
 
@@ -351,11 +360,10 @@ def test_admissions_that_queue_behind_one_in_flight_go_together_in_arrival_order
     assert not store._admitting and not store._admissions
 
 
-def test_a_group_commit_carries_at_most_group_max_tasks_unless_its_first_admission_alone_has_more(
-    make, monkeypatch, clock
-):
+def test_an_admission_script_carries_at_most_group_max_tasks_and_a_larger_batch_goes_in_parts(make, monkeypatch, clock):
     # Every admission queued went in one script, however many tasks: four concurrent batches of 100,000 kept Redis
-    # busy for 14.7 s, past every client's socket timeout, for every instance.
+    # busy for 14.7 s, past every client's socket timeout, for every instance; one batch of 100,000 alone was
+    # stored, yet answered as timed out.
     monkeypatch.setattr(redis_store, "GROUP_MAX_TASKS", 3)
     store = make(capacity=100)
     store.admit([])  # the script is loaded
@@ -376,14 +384,50 @@ def test_a_group_commit_carries_at_most_group_max_tasks_unless_its_first_admissi
 
     _queue_behind_one_in_flight(
         store, entered, submit, ("first", "a"),
-        [("bc", "b", "c"), ("de", "d", "e"), ("f", "f"), ("big", *"ghijk"), ("l", "l")], release,
+        [("bc", "b", "c"), ("de", "d", "e"), ("f", "f"), ("l", "l"), ("big", *"ghijk")], release,
     )  # fmt: skip
-    # In arrival order, each script as full as the bound allows; a larger batch goes alone, in one script.
-    assert sent == [1, 2, 3, 5, 1]
+    # In arrival order, each script as full as the bound allows; a larger batch in parts, one after another.
+    assert sent == [1, 2, 3, 1, 3, 2]
     assert {name: [t.id for t in tasks] for name, tasks in results.items()} == {
         "first": ["a"], "bc": ["b", "c"], "de": ["d", "e"], "f": ["f"], "big": list("ghijk"), "l": ["l"],
     }  # fmt: skip
     assert not store._admitting and not store._admissions
+
+
+def test_a_batch_whose_later_part_fails_says_which_tasks_it_admitted(make, monkeypatch, clock):
+    monkeypatch.setattr(redis_store, "GROUP_MAX_TASKS", 2)
+    store = make(capacity=100)
+    store.admit([new("a", clock)])
+    run = store._run
+
+    def failing_part(failing: int) -> list[int]:
+        """Make the admission script of part ``failing`` (from 1) fail as a timeout does; tasks of each part sent."""
+        parts: list[int] = []
+
+        def run_part(script, *args, **kwargs):
+            if script == "admit":
+                parts.append(args[2])
+                if len(parts) == failing:
+                    raise StoreUnavailable("redis: Timeout (no answer within the socket timeout)")
+            return run(script, *args, **kwargs)
+
+        store._run = run_part
+        return parts
+
+    parts = failing_part(2)
+    with pytest.raises(StorePartlyAdmitted) as raised:
+        store.admit([new(i, clock) for i in ("a", "b", "c", "d", "e")])
+    assert parts == [2, 2]  # the third part was never sent
+    duplicate, admitted = raised.value.result
+    assert isinstance(duplicate, DuplicateTask) and admitted.id == "b"
+    assert "the first 2 of 5 tasks were admitted" in str(raised.value)
+    assert sorted(t.id for t in store.list()) == ["a", "b"]
+    # A first part that fails fails the batch as a whole, as ever: nothing of it was admitted.
+    parts = failing_part(1)
+    with pytest.raises(StoreUnavailable) as raised:
+        store.admit([new(i, clock) for i in ("f", "g", "h")])
+    assert parts == [2] and not isinstance(raised.value, StorePartlyAdmitted)
+    assert sorted(t.id for t in store.list()) == ["a", "b"]
 
 
 def test_a_full_store_still_tells_a_duplicate_from_a_new_task(make, clock):

@@ -10,6 +10,7 @@ from .errors import (
     StoreFileReplaced,
     StoreNotSynced,
     StoreOutOfMemory,
+    StorePartlyAdmitted,
     StoreUnavailable,
     SubmitError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "StoreFileReplaced",
     "StoreNotSynced",
     "StoreOutOfMemory",
+    "StorePartlyAdmitted",
     "StoreUnavailable",
     "SubmitError",
     "Task",

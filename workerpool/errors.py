@@ -75,6 +75,23 @@ class StoreFileReplaced(StoreUnavailable):
     """
 
 
+class StorePartlyAdmitted(StoreUnavailable):
+    """A batch admitted in several steps failed at a later step: the tasks of the steps before it stand.
+
+    Raised by a store that bounds the work of one step (Redis: a script of at
+    most ``GROUP_MAX_TASKS`` tasks, so that none outlasts the socket timeout).
+    ``result`` holds the outcomes of the batch's first ``len(result)`` tasks,
+    as ``admit`` would have returned them (the admitted ones stored, and run);
+    the tasks after them fare as after any StoreUnavailable: most likely not
+    stored, but may be (a submission sent again with its id is then refused
+    as a duplicate).
+    """
+
+    def __init__(self, message: str, result: list) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class StoreNotSynced(StoreUnavailable):
     """The change was written, and stands, but syncing it to disk failed: a power cut could still undo it.
 

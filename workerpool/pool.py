@@ -29,7 +29,7 @@ from typing import Any
 
 from .backoff import compute_backoff
 from .bounded_json import TooLong, dumps_within
-from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StoreUnavailable, SubmitError
+from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StorePartlyAdmitted, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
 from .nesting import MAX_RESULT_DEPTH, SHORTEST_TOO_DEEP, UnreadableResult, nested_deeper_than
@@ -358,7 +358,9 @@ class WorkerPool:
         """Accept several tasks in one store step; for each, its snapshot or why it was refused.
 
         A bad ``max_retries`` or ``delay`` raises ValueError before anything
-        is admitted; a closed pool refuses all of them with PoolClosed.
+        is admitted; a closed pool refuses all of them with PoolClosed. A store
+        that bounds its steps (Redis) may take a large batch in several, and
+        raise StorePartlyAdmitted when one after the first fails.
         """
         if not specs:  # no store step: a shared store would wait on a busy file or a paused server for nothing
             return []
@@ -400,14 +402,15 @@ class WorkerPool:
             ids = [task.id for task in tasks]
             with self._order_lock:
                 self._enter_in_flight(ids)  # before the store step: a worker may claim the task at once
-        unsynced: StoreNotSynced | None = None
+        standing: StoreNotSynced | StorePartlyAdmitted | None = None
         try:
             try:
                 results = self._store.admit(tasks)
-            except StoreNotSynced as exc:  # admitted all the same: observers hear of the tasks, then it is raised
+            # Admitted all the same (the first tasks only, if partly): observers hear of them, then it is raised.
+            except (StoreNotSynced, StorePartlyAdmitted) as exc:
                 if exc.result is None:
                     raise
-                results, unsynced = exc.result, exc
+                results, standing = exc.result, exc
             if observed or log.isEnabledFor(logging.DEBUG):
                 queued = [result for result in results if isinstance(result, Task)]
                 for task in queued:
@@ -423,8 +426,8 @@ class WorkerPool:
                 self._drain_wakeup.set()
         if started:
             self._log_started()
-        if unsynced is not None:
-            raise unsynced
+        if standing is not None:
+            raise standing
         return results
 
     def cancel(self, task_id: str) -> Task | None:

@@ -12,7 +12,8 @@ handlers, observers or logging under their lock), and they return snapshots
 (frozen ``Task`` values), never live records. A store that cannot reach or
 write its data raises ``StoreUnavailable`` from any method, having changed
 nothing it reported as done; but ``StoreNotSynced``, a kind of it, says the
-change was made and only its fsync failed.
+change was made and only its fsync failed, and ``StorePartlyAdmitted`` that
+the first steps of a large admission were made.
 
 Time. Stores stamp and compare times with the wall clock they are given
 (``clock``, seconds since the epoch): a store shared by several processes has
@@ -132,6 +133,9 @@ class TaskStore(abc.ABC):
         A task's ``created_at`` is raised to the latest one admitted before it
         (submitters stamp it before this step, so racing submits may arrive out
         of stamp order): creation times never run backwards in listing order.
+        A store may bound the tasks of one step (Redis: GROUP_MAX_TASKS, so that
+        no script outlasts the socket timeout) and take more in several, in
+        order; one that fails after the first raises ``StorePartlyAdmitted``.
         """
 
     @abc.abstractmethod

@@ -36,7 +36,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import DuplicateTask, QueueFull, StoreOutOfMemory, StoreUnavailable, SubmitError
+from ..errors import DuplicateTask, QueueFull, StoreOutOfMemory, StorePartlyAdmitted, StoreUnavailable, SubmitError
 from ..nesting import stored_result
 from ..task import State, Task
 from .base import (
@@ -64,9 +64,10 @@ _INT_FIELDS = frozenset({"max_retries", "attempts"})
 _LISTED_FIELDS = tuple(name for name in _FIELDS if name != "payload")
 _LISTED_BUT_RESULT = tuple(name for name in _LISTED_FIELDS if name != "result")
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
-# Tasks one group commit carries at most, unless its first admission alone has more (a batch is admitted in one
-# script, whatever its size). Redis runs nothing else while a script runs: admissions merged without a bound (four
-# batches of 100,000 in one script) kept it busy past every client's socket timeout, for every instance.
+# Tasks one admission script carries at most: a larger batch goes in several, one after another, and a group
+# commit merges admissions up to it. Redis runs nothing else while a script runs: admissions merged without a
+# bound (four batches of 100,000 in one script) kept it busy past every client's socket timeout, for every
+# instance, and one batch of 100,000 alone (9.5 s on a loaded machine) was stored, yet answered as timed out.
 GROUP_MAX_TASKS = 1000
 _HAND_OVER_TRIES = 10  # runs of an admission's interrupted hand-over at most (see RedisStore._hand_over_to_the_end)
 # Redis ends a BLPOP whose timeout passed only at a tick of its timer, hz times a second: up to
@@ -954,19 +955,37 @@ class RedisStore(TaskStore):
     # -- transitions -----------------------------------------------------
 
     def admit(self, tasks: Sequence[Task]) -> list[Task | SubmitError]:
-        """Admit ``tasks`` in one script, together with those of other threads waiting meanwhile.
+        """Admit ``tasks`` in one script, together with those of other threads waiting meanwhile; more than
+        GROUP_MAX_TASKS of them in several, one after another.
 
         While one thread's admission is on its way to Redis, the admissions of
         other threads queue up; when it returns, the first of them sends those
         that queued in one script (group commit), up to GROUP_MAX_TASKS tasks in
-        all (see _send). Each thread sends at most one round trip and waits for
-        the ones before it (one, unless large batches queued), and the script
-        treats the tasks one after another in order of arrival, exactly as
-        separate calls would. Under load this turns several round trips, and
-        the fixed part of the script (the deadline check, eviction, the bound,
-        the wake-up tokens), into one.
+        all (see _send). Each thread sends one round trip per GROUP_MAX_TASKS
+        tasks and waits for the ones before it, and the script treats the tasks
+        one after another in order of arrival, exactly as separate calls would.
+        Under load this turns several round trips, and the fixed part of the
+        script (the deadline check, eviction, the bound, the wake-up tokens),
+        into one. A batch split in parts that fails after its first part raises
+        StorePartlyAdmitted with the outcomes of the parts before: those stand.
         """
-        mine = _Admission(tasks)
+        # Every part encoded before the first is sent: a task that cannot be encoded fails the call, storing none.
+        parts = [_Admission(tasks[start : start + GROUP_MAX_TASKS]) for start in range(0, len(tasks), GROUP_MAX_TASKS)]
+        results: list[Task | SubmitError] = []
+        for part in parts or [_Admission(tasks)]:
+            try:
+                results += self._admit_part(part)
+            except StoreUnavailable as exc:
+                if not results:
+                    raise
+                raise StorePartlyAdmitted(
+                    f"{exc} (the first {len(results)} of {len(tasks)} tasks were admitted)", results
+                ) from exc
+        return results
+
+    def _admit_part(self, mine: _Admission) -> list[Task | SubmitError]:
+        """Admit the tasks of ``mine`` in one script, together with the admissions queued meanwhile (see admit)."""
+        tasks = mine.tasks
         error: BaseException | None = None
         # Joining the queue and everything after it is inside the try: an exception that lands
         # anywhere (a signal's KeyboardInterrupt on the main thread) still hands the turn on in the
@@ -1004,8 +1023,8 @@ class RedisStore(TaskStore):
     def _send(self, mine: _Admission) -> Sequence[bytes]:
         """Send the admissions queued so far, ``mine`` first, in one script: their verdicts in order.
 
-        It takes them in order of arrival while they hold GROUP_MAX_TASKS tasks in all (``mine`` in any case):
-        the others stay at the head of the queue, for the next turn.
+        It takes them in order of arrival while they hold GROUP_MAX_TASKS tasks in all (``mine`` in any case:
+        admit splits larger batches): the others stay at the head of the queue, for the next turn.
         """
         with self._admissions_lock:
             queued, taken, tasks = self._admissions, 0, 0
