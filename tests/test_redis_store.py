@@ -20,6 +20,7 @@ import app
 import config
 from workerpool import (
     DuplicateTask,
+    PoolObserver,
     QueueFull,
     State,
     StoreOutOfMemory,
@@ -1647,3 +1648,115 @@ def test_an_acl_user_missing_a_command_is_told_the_commands_the_store_needs_not_
     assert "an ACL user of the store needs the commands EVALSHA, SCRIPT LOAD, BLPOP" in said
     assert "+@all -@dangerous allows them all" in said
     assert "pattern" not in said
+
+
+def _reply_lost(store: RedisStore, monkeypatch, script: str | None = None) -> None:
+    """Make the store's next script (the next ``script`` if given) run in Redis and its reply never reach the
+    client (a stall past the socket timeout after the script ran): the step fails on the client, once."""
+    run = store._run
+
+    def once(name, *args, **kwargs):
+        if script is not None and name != script:
+            return run(name, *args, **kwargs)
+        monkeypatch.setattr(store, "_run", run)
+        run(name, *args, **kwargs)
+        raise StoreUnavailable("redis: Timeout reading from socket")
+
+    monkeypatch.setattr(store, "_run", once)
+
+
+@pytest.mark.parametrize("outcome", ["done", "retry", "failed"])
+def test_an_end_whose_reply_was_lost_answers_as_recorded_when_asked_again(make, clock, monkeypatch, outcome):
+    # Written again, the end found its task ended already and answered None: the pool logged the result
+    # dropped and counted no end, for a task that was done with its result.
+    store = make()
+    store.admit([new("a", clock, max_retries=3)])
+    store.claim("me", clock.time() + 30)
+    end = {"done": {"result": 7}, "retry": {"error": "boom", "retry_at": clock.time() + 60}, "failed": {"error": "x"}}
+    _reply_lost(store, monkeypatch)
+    with pytest.raises(StoreUnavailable):
+        store.finish("a", 1, "me", **end[outcome])
+    ended = store.finish("a", 1, "me", **end[outcome])
+    assert ended == store.get("a")
+    assert ended.state is {"done": State.DONE, "retry": State.QUEUED, "failed": State.FAILED}[outcome]
+    assert ended.attempts == 1
+    assert store.finish("a", 1, "me", **end[outcome]) is None  # a third time is a late writer's, as ever
+    assert store.finish("a", 1, "them", **end[outcome]) is None
+
+
+def test_an_end_and_claim_whose_reply_was_lost_answers_the_task_it_claimed_when_asked_again(make, clock, monkeypatch):
+    # The task the lost step claimed ran under this owner with nothing to run it, then was failed as lost.
+    store = make()
+    store.admit([new("y0", clock), new("y1", clock, max_retries=0), new("y2", clock)])
+    store.claim("me", clock.time() + 30)
+    _reply_lost(store, monkeypatch)
+    with pytest.raises(StoreUnavailable):
+        store.finish_and_claim("y0", 1, "me", result=1, lease_until=clock.time() + 30)
+    clock.advance(1)
+    ended, claimed = store.finish_and_claim("y0", 1, "me", result=1, lease_until=clock.time() + 30)
+    assert (ended.id, ended.state, ended.result) == ("y0", State.DONE, 1)
+    assert (claimed.id, claimed.state, claimed.attempts) == ("y1", State.RUNNING, 1)
+    assert store.get("y2").state is State.QUEUED  # not claimed as well
+    clock.advance(29.5)  # past the lease the lost step drew: the step asked again renewed it
+    assert store.recover(lambda task: None) == []
+    assert store.finish("y1", 1, "me").state is State.DONE
+
+
+def test_an_end_asked_again_whose_first_try_changed_nothing_is_recorded_and_claims(make, clock, monkeypatch):
+    store = make()
+    store.admit([new("a", clock), new("b", clock)])
+    store.claim("me", clock.time() + 30)
+    monkeypatch.setattr(store, "_deadline", lambda: (time.time() - 1).hex())  # too late: refused unrun
+    with pytest.raises(StoreUnavailable, match="after its deadline"):
+        store.finish_and_claim("a", 1, "me", result=1, lease_until=clock.time() + 30)
+    monkeypatch.undo()
+    ended, claimed = store.finish_and_claim("a", 1, "me", result=1, lease_until=clock.time() + 30)
+    assert (ended.state, claimed.id) == (State.DONE, "b")
+
+
+def test_an_end_recovered_from_an_expired_lease_is_not_taken_for_its_owner_s_when_asked_again(make, clock, monkeypatch):
+    store = make()
+    store.admit([new("a", clock, max_retries=0)])
+    store.claim("me", clock.time() + 5)
+    monkeypatch.setattr(store, "_run", lambda *args, **kwargs: (_ for _ in ()).throw(StoreUnavailable("down")))
+    with pytest.raises(StoreUnavailable):
+        store.finish("a", 1, "me", result=1)
+    monkeypatch.undo()
+    clock.advance(10)
+    [lost] = store.recover(lambda task: None)
+    assert lost.state is State.FAILED
+    assert store.finish("a", 1, "me", result=1) is None  # the attempt counts as lost: its end is dropped
+
+
+def test_a_pool_whose_end_reply_was_lost_counts_the_end_and_runs_the_task_claimed_with_it(make, monkeypatch):
+    # The end was logged "result dropped" and not counted, and the task claimed in the same step never ran:
+    # failed as lost once its lease ran out (max_retries 0: for good).
+    store = make(clock=time.time)
+    ran, finished = [], []
+    release = threading.Event()
+
+    class Ends(PoolObserver):
+        def attempt_finished(self, task: Task, seconds: float) -> None:
+            finished.append((task.id, task.state))
+
+    def handler(task: Task, cancel: threading.Event) -> None:
+        ran.append(task.id)
+        if task.id == "y0":
+            release.wait(WAIT_S)
+
+    pool = WorkerPool(
+        handler, store=store, workers=1, wait=lambda event, seconds: event.is_set(), observers=[Ends()]
+    )
+    try:
+        pool.submit("y0")
+        wait_until(lambda: ran == ["y0"], timeout=WAIT_S, what="y0 to start")
+        pool.submit("y1")
+        _reply_lost(store, monkeypatch, "finish_and_claim")  # y0's end and y1's claim: run, unanswered
+        release.set()
+        wait_until(lambda: len(finished) == 2, timeout=WAIT_S, what="both ends")
+        assert ran == ["y0", "y1"]
+        assert finished == [("y0", State.DONE), ("y1", State.DONE)]
+        assert store.get("y1").attempts == 1
+    finally:
+        release.set()
+        pool.shutdown(timeout=0)

@@ -198,7 +198,7 @@ end
 local function finalize(id, key, old, new, now, ...)
   local at = entry_time(now)
   redis.call('HSET', key, 'state', new, 'finished_at', at, ...)
-  redis.call('HDEL', key, 'payload', 'next_attempt_at', 'owner', 'lease_until')
+  redis.call('HDEL', key, 'payload', 'next_attempt_at', 'owner', 'lease_until', 'claimed_after')
   redis.call('ZADD', P .. ':fin', at, id)
   move_index(id, old, new)
 end
@@ -212,7 +212,9 @@ local function first_due()
   return first
 end
 -- Due retries first, then the oldest due new task; when none is due, the earliest due time (or false).
-local function claim(now, owner, lease_until)
+-- after: '<id>:<attempt>' of the attempt whose end the same step recorded ('' for none), kept on the
+-- claimed task while it runs, so that the step asked again finds it (see claimed_before).
+local function claim(now, owner, lease_until, after)
   for _ = 1, 100 do
     local zset = P .. ':retry'
     local members = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', '0', '1')
@@ -231,17 +233,18 @@ local function claim(now, owner, lease_until)
     local id = string.sub(members[1], 18)
     local key = P .. ':t:' .. id
     redis.call('ZREM', zset, members[1])
-    -- A queued task's hash holds its state: four new fields mean there was no hash, which Redis
-    -- evicted (a maxmemory-policy other than noeviction). Its leftovers go; the next task is taken.
+    -- A queued task's hash holds its state, and no claimed_after (an end removes it): five new fields
+    -- mean there was no hash, which Redis evicted (a maxmemory-policy other than noeviction). Its
+    -- leftovers go; the next task is taken.
     local added = redis.call('HSET', key, 'state', 'running', 'started_at', entry_time(now), 'owner', owner,
-      'lease_until', lease_until)
-    if added == 4 then
+      'lease_until', lease_until, 'claimed_after', after)
+    if added == 5 then
       redis.call('DEL', key)
       redis.call('ZREM', P .. ':all', id)
       redis.call('ZREM', P .. ':st:queued', id)
     else
       redis.call('HINCRBY', key, 'attempts', '1')
-      redis.call('HDEL', key, 'next_attempt_at', 'queue_member')
+      redis.call('HDEL', key, 'next_attempt_at', 'queue_member', 'ended')
       move_index(id, 'queued', 'running')
       redis.call('ZADD', P .. ':run', lease_until, id)
       redis.call('SADD', P .. ':own:' .. owner, id)
@@ -251,24 +254,35 @@ local function claim(now, owner, lease_until)
   return now  -- a hundred evicted tasks skipped: the caller looks again at once
 end
 -- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
-local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err, result, retry_at, expired_before)
+-- The end its owner records (not a recovery's) marks the task 'ended' with the attempt, until the next
+-- claim: with again (the step asked again after a try whose reply was lost, which Redis may have run),
+-- a task so marked answers as it is now, rather than false, which would say the end was not recorded.
+local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err, result, retry_at, expired_before,
+    again)
   local key = P .. ':t:' .. id
   local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
-  if cur[1] ~= 'running' or cur[2] ~= attempt or cur[3] ~= owner then return false end
+  if cur[1] ~= 'running' or cur[2] ~= attempt or cur[3] ~= owner then
+    if again and cur[2] == attempt and redis.call('HGET', key, 'ended') == attempt then
+      return redis.call('HGETALL', key)
+    end
+    return false
+  end
   if expired_before ~= '' and num(cur[5] or '0') > num(expired_before) then return false end
+  local ended = expired_before == '' and attempt or ''
   redis.call('ZREM', P .. ':run', id)
   redis.call('SREM', P .. ':own:' .. owner, id)
   if has_error == '0' then
-    finalize(id, key, 'running', 'done', now, 'result', result)
+    finalize(id, key, 'running', 'done', now, 'ended', ended, 'result', result)
   elseif cur[4] ~= '1' and retry_at ~= '' then
     local member = enqueue(':retry', retry_at, id)  -- the exact decimal text, which Redis reads
-    redis.call('HSET', key, 'state', 'queued', 'last_error', err, 'next_attempt_at', retry_at, 'queue_member', member)
-    redis.call('HDEL', key, 'owner', 'lease_until')
+    redis.call('HSET', key, 'state', 'queued', 'last_error', err, 'next_attempt_at', retry_at, 'queue_member', member,
+      'ended', ended)
+    redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
     move_index(id, 'running', 'queued')
     signal(1)
     return redis.call('HGETALL', key)
   else
-    finalize(id, key, 'running', cur[4] == '1' and 'cancelled' or 'failed', now, 'last_error', err)
+    finalize(id, key, 'running', cur[4] == '1' and 'cancelled' or 'failed', now, 'ended', ended, 'last_error', err)
   end
   evict(num(now) - num(ttl), num(max_finished))
   return redis.call('HGETALL', key)
@@ -375,20 +389,41 @@ return out
 # ARGV: now, owner, lease_until, deadline.
 _CLAIM = """
 if too_late(ARGV[4]) then return {err = LATE} end
-return claim(ARGV[1], ARGV[2], ARGV[3])
+return claim(ARGV[1], ARGV[2], ARGV[3], '')
 """
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
-# deadline.
+# deadline, and '1' when the end is asked again (see RedisStore._again).
 _FINISH = """
 if too_late(ARGV[12]) then return {err = LATE} end
-return finish(unpack(ARGV, 1, 11))
+local a = ARGV
+return finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[13] == '1')
 """
 
-# ARGV: those of _FINISH, then lease_until. Returns {the ended task or false, the claimed one or false}.
+# ARGV: those of _FINISH up to the deadline, lease_until, and '1' when asked again. Returns {the ended task or
+# false, the claimed one or false}. Asked again, the task a try whose reply was lost claimed (its owner's, and
+# running, with no thread of that owner's to run it) is the one answered, its lease renewed: claiming another
+# would leave it to run out its lease, then count an attempt that never ran as lost.
 _FINISH_AND_CLAIM = """
 if too_late(ARGV[12]) then return {err = LATE} end
-return {finish(unpack(ARGV, 1, 11)), claim(ARGV[4], ARGV[3], ARGV[13])}
+local a = ARGV
+local after = a[1] .. ':' .. a[2]
+if a[14] ~= '1' then
+  return {finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], false),
+    claim(a[4], a[3], a[13], after)}
+end
+local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], true)
+if ended then
+  for _, id in ipairs(redis.call('SMEMBERS', P .. ':own:' .. a[3])) do
+    local key = P .. ':t:' .. id
+    if redis.call('HGET', key, 'claimed_after') == after then
+      redis.call('HSET', key, 'lease_until', a[13])
+      redis.call('ZADD', P .. ':run', a[13], id)
+      return {ended, redis.call('HGETALL', key)}
+    end
+  end
+end
+return {ended, claim(a[4], a[3], a[13], after)}
 """
 
 # ARGV: owner, lease_until, ids... Returns {lost ids, cancel-requested ids}.
@@ -1243,7 +1278,12 @@ class RedisStore(TaskStore):
         retry_at: float | None = None,
         expired_before: float | None = None,
     ) -> Task | None:
-        flat = self._run("finish", *self._finish_args(task_id, attempt, owner, error, result, retry_at, expired_before))
+        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, expired_before)
+        try:
+            flat = self._run("finish", *args, *self._again(task_id, attempt, owner))
+        except StoreUnavailable:
+            self._local.uncertain = (task_id, attempt, owner)
+            raise
         return _decode(flat) if flat else None
 
     def finish_and_claim(
@@ -1258,10 +1298,30 @@ class RedisStore(TaskStore):
         lease_until: float,
     ) -> tuple[Task | None, Task | None]:
         # One script, one round trip: the end and the next claim are one atomic step in Redis.
-        ended, claimed = self._run(
-            "finish_and_claim", *self._finish_args(task_id, attempt, owner, error, result, retry_at, None), lease_until
-        )
+        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, None)
+        try:
+            ended, claimed = self._run("finish_and_claim", *args, lease_until, *self._again(task_id, attempt, owner))
+        except StoreUnavailable:
+            self._local.uncertain = (task_id, attempt, owner)
+            raise
         return (_decode(ended) if ended else None), self._claimed(claimed)
+
+    def _again(self, task_id: str, attempt: int, owner: str) -> tuple[str, ...]:
+        """The argument that says an attempt's end is asked again (``("1",)``): this thread's last step that
+        was to record it failed (the failing step sets ``uncertain``); else none.
+
+        A step that fails on the client (its reply later than the socket timeout, the connection
+        dropped) may have run in Redis all the same: the end recorded, and with finish_and_claim the
+        next task claimed. Written again without a word, the end found its task ended already and
+        answered false (the pool logged the result dropped and counted no end), and the task claimed
+        ran out its lease unrun, then counted as lost. Asked again, the script answers what that step
+        did (see finish and _FINISH_AND_CLAIM).
+        """
+        uncertain = self._local.__dict__.get("uncertain")
+        if uncertain is None or uncertain != (task_id, attempt, owner):
+            return ()
+        self._local.uncertain = None
+        return ("1",)
 
     def _finish_args(
         self,
