@@ -8,6 +8,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 import orjson
 from flask import Blueprint, Request, Response, jsonify, request
+from gunicorn.http.errors import LimitRequestHeaders
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.urls import iri_to_uri
@@ -152,6 +153,12 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
             body = req.get_data(cache=False)
     except RequestEntityTooLarge:
         raise
+    except LimitRequestHeaders:  # a trailer section past the limits on a head's fields, as gunicorn's parser says
+        raise Problem(
+            431,
+            "the chunked body's trailer section is too large: at most 100 fields, of 8190 bytes each with their CRLF, "
+            "and 65536 bytes in all",
+        ) from None
     except Exception:  # the server's reader refused the framing (chunk sizes) or the stream ended early
         if body_timed_out(req.environ["wsgi.input"]):
             raise _timed_out(None, length) from None

@@ -36,6 +36,7 @@ from http import HTTPStatus
 from typing import Any
 
 from gunicorn.http.body import CHUNK_EXT_RE
+from gunicorn.http.errors import LimitRequestHeaders
 from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
 from . import logs
@@ -123,9 +124,10 @@ class _Dechunked(io.RawIOBase):
     that ended inside its last CRLFs for a whole one.
 
     A malformed chunk-size line, a chunk not followed by CRLF, a stream that ends (the client's end, or the
-    deadline) before the end of the trailer section, a trailer field gunicorn refuses (``field_problem``,
-    ``trailer_problem``), or a trailer section over ``MAX_PREREAD_HEAD``: ``OSError``, which the application answers
-    400 (408 at the deadline).
+    deadline) before the end of the trailer section, or a trailer field gunicorn refuses (``field_problem``,
+    ``trailer_problem``): ``OSError``, which the application answers 400 (408 at the deadline). A trailer section
+    past gunicorn's limits on header fields (a field line over ``LIMIT_REQUEST_FIELD_SIZE`` bytes, more than
+    ``LIMIT_REQUEST_FIELDS`` fields) or longer than ``MAX_PREREAD_HEAD``: ``LimitRequestHeaders``, answered 431.
     """
 
     def __init__(self, rfile: io.BufferedReader) -> None:
@@ -172,13 +174,23 @@ class _Dechunked(io.RawIOBase):
     def _read_trailer_section(self) -> None:
         read = 0
         names: list[bytes] = []
-        while line := self._line():  # trailer fields are checked as header fields, and ignored; an empty line ends them
+        while line := self._trailer_line():  # checked as header fields, and ignored; an empty line ends them
             read += len(line) + 2
             if read > MAX_PREREAD_HEAD:
-                raise OSError(f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes")
+                raise LimitRequestHeaders(f"the trailer section is longer than {MAX_PREREAD_HEAD} bytes")
+            if len(names) >= LIMIT_REQUEST_FIELDS:
+                raise LimitRequestHeaders(f"the trailer section has more than {LIMIT_REQUEST_FIELDS} fields")
             if problem := field_problem(line) or trailer_problem(line, names):  # gunicorn refuses the request too
                 raise OSError(f"in the trailer section, {problem}")
             names.append(line.partition(b":")[0].upper())
+
+    def _trailer_line(self) -> bytes:
+        line = self._rfile.readline(LIMIT_REQUEST_FIELD_SIZE + 1)
+        if len(line) > LIMIT_REQUEST_FIELD_SIZE:  # as a header field line: gunicorn's parser counts its CRLF
+            raise LimitRequestHeaders(f"a trailer field is longer than {LIMIT_REQUEST_FIELD_SIZE} bytes")
+        if not line.endswith(b"\r\n"):  # cut short, or ended by a bare LF
+            raise OSError("a line of the chunked body's trailer section does not end with CRLF")
+        return line[:-2]
 
 
 class _CountedWriter:
@@ -512,10 +524,8 @@ def _without(token: str, text: str) -> str:
 
 def trailer_problem(line: bytes, names: list[bytes]) -> str:
     """Why gunicorn refuses a trailer field line that ``field_problem`` passes, or "", given the upper-cased
-    ``names`` of the trailer fields before it: one field too many, a field that changes the message's framing,
-    routing or authentication, or a second field that may appear once."""
-    if len(names) >= LIMIT_REQUEST_FIELDS:
-        return f"there are more than {LIMIT_REQUEST_FIELDS} fields"
+    ``names`` of the trailer fields before it: a field that changes the message's framing, routing or
+    authentication, or a second field that may appear once."""
     name = line.partition(b":")[0].upper()
     if name in _FORBIDDEN_TRAILERS:
         return f"the {name.decode()} field is not allowed (RFC 9110 section 6.5.1)"

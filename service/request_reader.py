@@ -44,6 +44,7 @@ from urllib.parse import unquote_to_bytes
 from gunicorn.http import get_parser
 from gunicorn.http.body import CHUNK_EXT_RE
 from gunicorn.http.errors import (
+    InvalidChunkSize,
     InvalidHeader,
     LimitRequestHeaders,
     LimitRequestLine,
@@ -59,8 +60,8 @@ REQUEST_TIMEOUT_S = 10.0  # to send a whole request (head and body), from its fi
 # about 800 KB): read on a thread instead, one that stops arriving would hold the thread until the deadline.
 MAX_PREREAD_HEAD = 65536
 MAX_PREREAD_BODY = 1 << 20  # the body limit of every route when none are given
-# A chunk-size line longer than gunicorn's limit for it (limit_request_field_size) is left to the
-# parser, which refuses it; one within the limit is waited for, else the parser would wait on a thread.
+# A chunk-size line longer than gunicorn's limit for it (limit_request_field_size) is refused here (400); one
+# within the limit is waited for, else the parser would wait on a thread.
 DEFAULT_CHUNK_LINE_LIMIT = 8190
 READ_SLICE_S = 1.0  # a thread notices a deadline brought forward within this time
 _END_OF_HEAD = b"\r\n\r\n"
@@ -155,6 +156,19 @@ class BareLineFeed(InvalidHeader):
 
     def __str__(self) -> str:
         return f"a line of the {self.part} ends with a bare LF: every line must end with CRLF (RFC 9112 section 2.2)"
+
+
+class ChunkSizeLineTooLong(InvalidChunkSize):
+    """A chunk-size line, with its extensions, longer than gunicorn's limit on one (``limit_request_field_size``):
+    400 at once. Handed to the parser, it was refused or taken depending on how much of it one read brought
+    (a 60,000-byte extension that arrived with its CRLF was served, a 200,000-byte one refused)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(b"")
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"a chunk-size line of the chunked body, with its extensions, is longer than {self.limit} bytes"
 
 
 class EmptyRequestLine(InvalidHeader):
@@ -550,7 +564,8 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
     had decoded it again), and as much more for each such connection.
 
     It is complete after its last chunk and trailer section, and refused
-    (``pending.refusal``) with a trailer section over ``MAX_PREREAD_HEAD``.
+    (``pending.refusal``) with a trailer section over ``MAX_PREREAD_HEAD`` or
+    a chunk-size line over ``max_line`` (with its CRLF).
     Reading stops early, and the thread takes over, when the body has passed
     its limit (``pending.exceeds``: the application refuses it without reading
     it, see ``body_exceeds``) or its framing is malformed (the parser refuses
@@ -593,7 +608,11 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
             return _refuse_bare_lf(pending)
         if line_end < 0:
             _compact(pending, at)
-            return len(buffer) - pending.chunk >= max_line
+            if len(buffer) - pending.chunk < max_line:
+                return False
+            pending.refusal = ChunkSizeLineTooLong(max_line - 2)
+            pending.chunk = -1
+            return True
         # The body is handed over decoded: a line the parser refuses (its size, or extension) is handed to it as sent.
         size_text, extended, extension = buffer[at:line_end].partition(b";")
         if extended:  # whitespace may come before an extension only (RFC 9112 section 7.1.1), as the parser says

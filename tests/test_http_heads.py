@@ -276,7 +276,16 @@ CHUNKED_FRAMINGS = {  # a task's chunked body, framed as each case says
     "content-type-trailer": (b"%x\r\n%s\r\n0\r\nContent-Type: text/plain\r\n\r\n", 202),
     "content-type-trailer-twice": (b"%x\r\n%s\r\n0\r\nContent-Type: a\r\nContent-Type: b\r\n\r\n", 400),
     "100-trailer-fields": (b"%x\r\n%s\r\n0\r\n" + b"X-T: v\r\n" * 100 + b"\r\n", 202),
-    "101-trailer-fields": (b"%x\r\n%s\r\n0\r\n" + b"X-T: v\r\n" * 101 + b"\r\n", 400),
+    # Past the limits on a head's fields (431), as gunicorn's parser and the event loop refuse them.
+    "101-trailer-fields": (b"%x\r\n%s\r\n0\r\n" + b"X-T: v\r\n" * 101 + b"\r\n", 431),
+    "trailer-field-of-8190-bytes": (b"%x\r\n%s\r\n0\r\nX-T: " + b"v" * 8183 + b"\r\n\r\n", 202),
+    "trailer-field-over-8190-bytes": (b"%x\r\n%s\r\n0\r\nX-T: " + b"v" * 8184 + b"\r\n\r\n", 431),
+    "trailer-section-over-64-kib": (b"%x\r\n%s\r\n0\r\n" + (b"X-T: " + b"v" * 1000 + b"\r\n") * 70 + b"\r\n", 431),
+    # A chunk-size line over 8190 bytes with its extensions: gunicorn took one that came whole with its CRLF.
+    "chunk-size-line-of-8190-bytes": (b"%02x;" + b"e" * 8187 + b"\r\n%s\r\n0\r\n\r\n", 202),
+    "chunk-size-line-of-8191-bytes": (b"%02x;" + b"e" * 8188 + b"\r\n%s\r\n0\r\n\r\n", 400),
+    "chunk-extension-of-60000-bytes": (b"%x;" + b"e" * 60000 + b"\r\n%s\r\n0\r\n\r\n", 400),
+    "last-chunk-extension-of-20000-bytes": (b"%x\r\n%s\r\n0;" + b"e" * 20000 + b"\r\n\r\n", 400),
     "last-crlf-cut": (b"%x\r\n%s\r\n0\r\n\r", 400),
     "trailer-section-missing": (b"%x\r\n%s\r\n0\r\n", 400),
     "data-without-crlf": (b"%x\r\n%sXX0\r\n\r\n", 400),

@@ -674,14 +674,33 @@ def test_read_deadline_ends_the_stream_and_marks_the_connection():
         client.close()
 
 
-def test_a_chunk_size_line_within_the_parsers_limit_is_waited_for_and_a_longer_one_handed_over(harness):
+def test_a_chunk_size_line_within_the_parsers_limit_is_waited_for_and_a_longer_one_refused(harness):
     # The parser takes lines up to limit_request_field_size (8190): one handed over sooner would make
     # its thread wait for the rest.
     conn, client = harness.connect(CHUNKED + b"1;" + b"e" * 5000)
     assert harness.ready == []
-    client.sendall(b"e" * 3200)  # now over the limit without its end: the parser refuses it
+    client.sendall(b"e" * 3200)  # now over the limit without its end
     harness.turn()
-    assert harness.ready == [conn]
+    assert _refused(harness, conn) == (
+        "ChunkSizeLineTooLong",
+        "a chunk-size line of the chunked body, with its extensions, is longer than 8190 bytes",
+    )
+
+
+@pytest.mark.parametrize("size", [b"1", b"0"], ids=["chunk", "last-chunk"])
+def test_a_chunk_size_line_over_the_parsers_limit_is_refused_even_when_it_came_whole(harness, size):
+    # Handed over, the parser took it when one read brought it with its CRLF (a 60,000-byte extension was
+    # served) and refused it otherwise (a 200,000-byte one): the answer depended on how it arrived.
+    line = size + b";" + b"e" * 8189 + b"\r\n"
+    assert len(line) == 8193  # one byte over the limit, with its CRLF
+    conn, _ = harness.connect(CHUNKED + line + (b"a\r\n0\r\n\r\n" if size == b"1" else b"\r\n"))
+    assert _refused(harness, conn)[0] == "ChunkSizeLineTooLong"
+
+
+def test_a_chunk_size_line_at_the_parsers_limit_is_read(harness):
+    line = b"1;" + b"e" * 8188 + b"\r\n"  # 8190 bytes and its CRLF
+    conn, _ = harness.connect(CHUNKED + line + b"a\r\n0\r\n\r\n")
+    assert harness.ready == [conn] and harness.refused == []
 
 
 def test_an_http_1_1_head_without_host_is_refused_from_the_loop(harness):
