@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import _signal  # the C half of `signal`, loaded with the interpreter: `signal` imports enum and more first
+
+# The signals that stop this process with a drain: SIGHUP too, as a closed terminal would otherwise kill it without
+# one; and SIGQUIT (Ctrl-\), which drains under gunicorn and would otherwise kill this process at once.
+_STOP_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+if __name__ == "__main__":
+    # Held through the imports below (seconds on a loaded host) until main() handles them: a Ctrl-C then was a
+    # KeyboardInterrupt traceback and an exit by the signal, not the start's one line and exit code 0.
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS)
+
 import argparse
 import atexit
 import contextlib
@@ -388,9 +398,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # standard streams; their default actions killed it without a drain (USR1, USR2) or froze it until a SIGCONT.
 _ARBITER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _WORKER_COUNT_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU)
-# The signals that stop this process with a drain: SIGHUP too, as a closed terminal would otherwise kill it without
-# one; and SIGQUIT (Ctrl-\), which drains under gunicorn and would otherwise kill this process at once.
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def ignore_arbiter_signals() -> None:
@@ -427,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # stop ends the start in one line, exit 0, as under gunicorn: a Ctrl-C printed a KeyboardInterrupt traceback.
     for signum in _STOP_SIGNALS:
         signal.signal(signum, stop_while_starting)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held since the imports when run as a script
     args = parse_args(argv)
     # A TASK_HANDLER module is imported from the project root (this script's directory), then the working directory,
     # as gunicorn does (its `chdir`): a module there loaded under gunicorn and was "No module named ..." here.

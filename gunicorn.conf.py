@@ -43,6 +43,9 @@ if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
     for _other in _NOT_YET_SIGNALS:
         if _signal.getsignal(_other) == _signal.SIG_DFL:  # one the parent ignores (nohup) stays ignored
             _signal.signal(_other, _ignored_while_starting)
+# run_gunicorn.py (`make run`, the image) held them until now, through its exec of gunicorn: one sent meanwhile
+# comes here, at once, to the handlers above.
+_signal.pthread_sigmask(_signal.SIG_UNBLOCK, (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT, *_NOT_YET_SIGNALS))
 
 from gunicorn import systemd as _systemd  # noqa: E402
 

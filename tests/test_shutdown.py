@@ -549,7 +549,10 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     server = ServerProcess(
         ["unshare", "--pid", "--fork", "--mount-proc", *command],
-        log_path=tmp_path / "pid1.log", env=env, python=False, cwd=workdir,
+        log_path=tmp_path / "pid1.log",
+        env=env,
+        python=False,
+        cwd=workdir,
     )
     try:
         service = Service(server, server.wait_for_port(LISTENING))
@@ -629,6 +632,67 @@ def test_a_stop_signal_during_the_start_of_python_app_py_ends_it_in_one_line(tmp
     finally:
         (tmp_path / "open").touch()
         server.stop()
+
+
+# Code put at a point of a copy of the project's files, where the start then waits for a file: a slow import there.
+SLOW_POINT = """import os as _os, time as _time
+open(_os.path.join(_os.environ["START_GATE"], "reached"), "w").close()
+while not _os.path.exists(_os.path.join(_os.environ["START_GATE"], "open")):
+    _time.sleep(0.01)
+"""
+
+
+def _slowed_at(workdir: Path, name: str, before: str) -> None:
+    source = (workdir / name).read_text()
+    assert before in source, before
+    (workdir / name).write_text(source.replace(before, SLOW_POINT + before, 1))
+
+
+@pytest.mark.parametrize(
+    "command, slowed, before",
+    [
+        # gunicorn loading itself before it reads gunicorn.conf.py (run_gunicorn.py has become gunicorn by then)
+        (["run_gunicorn.py"], "gunicorn.conf.py", "import functools\n"),
+        (APP, "app.py", "import argparse\n"),  # the imports of python app.py
+    ],
+    ids=["run_gunicorn.py", "python app.py"],
+)
+def test_a_ctrl_c_before_the_start_handles_signals_ends_it_in_the_one_line(tmp_path, command, slowed, before):
+    """A Ctrl-C while `make run` or `python app.py` imported its modules was a KeyboardInterrupt traceback."""
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    _lay_out_image(workdir)
+    _slowed_at(workdir, slowed, before)
+    env = clean_environment(HOST="127.0.0.1", PORT="0", START_GATE=str(tmp_path))
+    server = ServerProcess(command, log_path=tmp_path / "start.log", env=env, cwd=workdir)
+    try:
+        wait_until(lambda: (tmp_path / "reached").exists(), timeout=30, what="the start to reach the slow import")
+        server.proc.send_signal(signal.SIGINT)
+        (tmp_path / "open").touch()
+        assert server.proc.wait(timeout=30) == 0, server.log()
+        log = server.log()
+        assert log.strip().splitlines() == ["received SIGINT while starting: stopped before serving"], log
+    finally:
+        (tmp_path / "open").touch()
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "argv, names_one",
+    [
+        (["-b", "127.0.0.1:0", "-w", "2", "--access-logfile", "-"], False),
+        (["--chdir", "/srv", "--certfile=x.pem", "--capture-output", "--", "-c"], False),
+        (["-c", "other.py"], True),
+        (["-cother.py"], True),
+        (["-Dc", "other.py"], True),
+        (["--config", "other.py"], True),
+        (["--conf=other.py"], True),
+    ],
+)
+def test_run_gunicorn_holds_no_signal_for_a_config_file_that_would_not_let_them_through(argv, names_one):
+    import run_gunicorn
+
+    assert run_gunicorn.names_another_config_file(argv) is names_one
 
 
 def test_a_stop_during_the_start_is_said_in_one_json_line_with_log_format_json(tmp_path):
