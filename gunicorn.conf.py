@@ -6,6 +6,7 @@ concurrency comes from its threads.
 """
 
 import functools
+import logging as _logging
 import math
 import os
 import signal as _signal
@@ -54,6 +55,7 @@ import server_settings as _server_settings  # noqa: E402
 from service import file_limits as _file_limits  # noqa: E402
 from service import logs as _logs  # noqa: E402
 from service import metrics_share as _metrics_share  # noqa: E402
+from service import request_id as _request_id  # noqa: E402
 from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
 from service.drain_reports import send as _send_report  # noqa: E402
 from service.gunicorn_worker import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
@@ -422,6 +424,13 @@ def _heartbeat(worker) -> None:
     if fd is not None:
         now = _time.monotonic()  # the arbiter compares the file's time with its own monotonic clock
         os.utime(fd, (now, now))
+
+
+def pre_request(worker, req):
+    """gunicorn's DEBUG line as it hands a request to the app (``GET /healthz``), with the id that request carries:
+    chosen here, as the app's middleware would choose it, and passed on to it (gunicorn's own line had none)."""
+    if worker.log.error_log.isEnabledFor(_logging.DEBUG):  # else nothing to do: every request passes here
+        worker.log.debug("%s %s", req.method, req.path, extra={"request_id": _request_id.pin(req.headers)})
 
 
 def post_fork(server, worker):

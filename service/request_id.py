@@ -50,13 +50,30 @@ def current() -> str | None:
     return request.environ.get(ENVIRON_KEY) if has_request_context() else None
 
 
+def chosen(given: str) -> str:
+    """The id of a request whose X-Request-ID is ``given`` (``""`` without one): it when sane, else a new one.
+
+    A bad id is replaced, not repaired: a half-kept id would match nothing upstream either.
+    """
+    return given if _SAFE.fullmatch(given) else new_id()
+
+
+def pin(headers: list[tuple[str, str]]) -> str:
+    """The id of a request gunicorn has parsed but not yet handed to the app (``headers``: its fields, names
+    upper-case), chosen now and left in ``headers`` as its one X-Request-ID, so that the app takes the same."""
+    given = [value for name, value in headers if name == "X-REQUEST-ID"]
+    request_id = chosen(",".join(given))  # a repeated field is joined so (gunicorn's wsgi.create)
+    if given != [request_id]:
+        headers[:] = [(name, value) for name, value in headers if name != "X-REQUEST-ID"]
+        headers.append(("X-REQUEST-ID", request_id))
+    return request_id
+
+
 def with_request_id(app: WSGIApp) -> WSGIApp:
     """Wrap ``app``: each request gets an id before the app sees it, each response the header."""
 
     def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        given = environ.get("HTTP_X_REQUEST_ID", "")
-        # A bad id is replaced, not repaired: a half-kept id would match nothing upstream either.
-        environ[ENVIRON_KEY] = request_id = given if _SAFE.fullmatch(given) else new_id()
+        environ[ENVIRON_KEY] = request_id = chosen(environ.get("HTTP_X_REQUEST_ID", ""))
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             headers.append((HEADER, request_id))  # the views never set it themselves

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import runpy
 import signal
 import socket
@@ -15,7 +16,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from http_fixtures import LISTENING, PROJECT_ROOT, Client, ServerProcess, clean_environment, wait_until, worker_pids
+from http_fixtures import (
+    LISTENING,
+    PROJECT_ROOT,
+    Client,
+    ServerProcess,
+    clean_environment,
+    half_closed_exchange,
+    wait_until,
+    worker_pids,
+)
 
 from config import VARIABLES
 from service.gunicorn_worker import DrainingThreadWorker
@@ -383,6 +393,33 @@ def start_gunicorn(tmp_path, **env: str) -> ServerProcess:
         log_path=tmp_path / "gunicorn.log",
         env=clean_environment(**env),
     )
+
+
+@pytest.mark.e2e
+def test_gunicorn_s_debug_line_for_each_request_carries_the_id_of_its_answer(tmp_path):
+    # It had none: at LOG_LEVEL=DEBUG, grep <request id> missed the one line a request that hangs leaves.
+    server = start_gunicorn(tmp_path, LOG_LEVEL="DEBUG")
+    try:
+        port = server.wait_for_port(LISTENING)
+        given = {"none": [], "sane": ["rid-sane-1"], "bad": ["two words"], "repeated": ["rid-a", "rid-b"]}
+        answered = {}
+        for case, ids in given.items():
+            fields = "".join(f"X-Request-ID: {value}\r\n" for value in ids)
+            head = f"GET /healthz?case={case} HTTP/1.1\r\nHost: x\r\n{fields}Connection: close\r\n\r\n"
+            answer = half_closed_exchange(port, head.encode()).decode("latin-1")
+            assert answer.startswith("HTTP/1.1 200"), answer
+            answered[case] = re.search(r"(?im)^X-Request-ID: (\S+)\r$", answer).group(1)
+        assert answered["sane"] == "rid-sane-1"
+        assert len(set(answered.values())) == 4  # the others are new ids, each its own
+
+        def debug_lines() -> list[str]:
+            return [line for line in server.log().splitlines() if "[DEBUG] gunicorn.error: GET /healthz" in line]
+
+        wait_until(lambda: len(debug_lines()) == 4, timeout=20, what="a DEBUG line for each request")
+        assert [line.rpartition(" request_id=")[2] for line in debug_lines()] == list(answered.values())
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
 
 
 @pytest.mark.e2e

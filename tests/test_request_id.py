@@ -10,6 +10,7 @@ import re
 import pytest
 from http_fixtures import failing, make_harness
 
+from service import request_id
 from service.request_id import new_id
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
@@ -32,6 +33,20 @@ def test_a_sane_request_id_is_echoed(harness, given):
 def test_an_unusable_request_id_is_replaced(harness, given):
     response = harness.client.get("/healthz", headers={"X-Request-ID": given})
     assert GENERATED.fullmatch(response.headers["X-Request-ID"])
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"), [([], False), (["rid-1"], True), (["two words"], False), (["rid-a", "rid-b"], False)]
+)
+def test_an_id_pinned_before_the_app_runs_is_the_one_the_app_takes(harness, given, kept):
+    # gunicorn's DEBUG line for a request is written before the app runs: it names the id pinned in its fields.
+    headers = [("HOST", "x"), *(("X-REQUEST-ID", value) for value in given), ("ACCEPT", "*/*")]
+    pinned = request_id.pin(headers)
+    assert pinned == given[0] if kept else GENERATED.fullmatch(pinned)
+    assert [value for name, value in headers if name == "X-REQUEST-ID"] == [pinned]
+    assert ("HOST", "x") in headers and ("ACCEPT", "*/*") in headers
+    response = harness.client.get("/healthz", headers={"X-Request-ID": pinned})
+    assert response.headers["X-Request-ID"] == pinned
 
 
 def test_a_forked_worker_makes_other_ids_than_its_parent():
