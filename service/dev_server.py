@@ -78,6 +78,7 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field va
 # and fields that may appear once (section 5.3): gunicorn's parser refuses a trailer with one, or with a repeat.
 _FORBIDDEN_TRAILERS = frozenset((b"HOST", b"CONTENT-LENGTH", b"TRANSFER-ENCODING", b"TRAILER", b"AUTHORIZATION", b"TE"))
 _SINGLETON_FIELDS = frozenset((b"HOST", b"CONTENT-TYPE"))
+_KNOWN_CODINGS = frozenset(("chunked", "identity", "compress", "deflate", "gzip"))  # gunicorn's parser's
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -553,6 +554,8 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
         # Werkzeug reads "chunked" alone; with any other list it would read no body at all.
         if codings[-1] == "chunked" and codings.count("chunked") == 1:
             return 501, str(UnsupportedCoding(", ".join(codings[:-1])))
+        if unknown := _unknown_coding(codings):
+            return 501, str(UnsupportedCoding(unknown))
         return 400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told"
     expectations = [value.strip(" \t").lower() for value in headers.get_all("Expect", ())]
     if any(value != "100-continue" for value in expectations):
@@ -567,6 +570,19 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     if lengths and not (lengths[0].isascii() and lengths[0].isdigit()):
         return 400, f"Content-Length {lengths[0][:20]!r} is not a number of bytes"
     return None
+
+
+def _unknown_coding(codings: list[str]) -> str:
+    """The first transfer coding gunicorn's parser does not know (it answers 501), met before it finds the list
+    malformed (400: ``chunked`` twice, or a coding after it), or ""."""
+    chunked = False
+    for coding in codings:
+        if coding not in _KNOWN_CODINGS:
+            return coding
+        if chunked:
+            return ""
+        chunked = coding == "chunked"
+    return ""
 
 
 class BoundedThreadedServer(ThreadedWSGIServer):
