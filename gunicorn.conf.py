@@ -461,6 +461,11 @@ def worker_exit(server, worker):
         services(worker.wsgi).metrics.stop_sharing()
     leftover = controller.wait_for_threads()
     close_store(services(worker.wsgi).pool.store)
+    # Nothing is left for a stop signal to stop: the worker only exits. Python's exit gives the signals it
+    # handles their default action back (terminate) before the process ends, so a stop arriving then (the
+    # arbiter's, to a worker that drained by itself for --max-requests) ended a clean exit as killed by SIGTERM.
+    for stop in _STOP_SIGNALS:
+        _signal.signal(stop, _signal.SIG_IGN)
     exit_without(leftover)
 
 

@@ -923,8 +923,57 @@ def test_ttou_drains_the_running_tasks_of_the_worker_it_stops(tmp_path):
         server.stop()
 
 
+@pytest.fixture
+def stop_handlers_kept():
+    """The test process's stop-signal handlers as they were: worker_exit leaves the stop signals ignored."""
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    handlers = [signal.getsignal(stop) for stop in stops]
+    yield
+    for stop, handler in zip(stops, handlers, strict=True):
+        signal.signal(stop, handler)
+
+
+def test_a_worker_whose_drain_is_over_ignores_stop_signals_until_it_has_exited(
+    monkeypatch, tmp_path, stop_handlers_kept
+):
+    # Python's exit gives the signals the worker handles their default action back before the process ends:
+    # the arbiter's stop reaching a worker that had drained by itself (--max-requests) then killed it, and
+    # gunicorn logged "Worker (pid:N) was sent SIGTERM!" for a clean exit.
+    conf = load_conf(monkeypatch)
+    seen_during_the_drain: list = []
+
+    class Controller:
+        def request_stop(self, signum):
+            pass
+
+        def join(self, timeout=None):
+            seen_during_the_drain.extend(signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT))
+            return True
+
+        def wait_for_threads(self):
+            return []
+
+    def handler(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    store = SimpleNamespace(closed=False)
+    store.close = lambda: setattr(store, "closed", True)
+    app = SimpleNamespace(extensions={"workerpool": SimpleNamespace(pool=SimpleNamespace(store=store))})
+    cfg = SimpleNamespace(graceful_timeout=conf["graceful_timeout"])
+    with (tmp_path / "tmp").open("wb") as heartbeat:
+        worker = SimpleNamespace(
+            controller=Controller(), cfg=cfg, metrics_dir=None, heartbeat_fd=heartbeat.fileno(), wsgi=app
+        )
+        conf["worker_exit"](None, worker)
+    assert seen_during_the_drain == [handler, handler]  # a second signal still stops waiting
+    assert store.closed
+    assert [signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)] == [signal.SIG_IGN] * 3
+
+
 def test_a_worker_draining_in_its_exit_hook_tells_the_arbiter_it_is_alive_until_the_drain_could_have_ended(
-    monkeypatch, tmp_path
+    monkeypatch, tmp_path, stop_handlers_kept
 ):
     # gunicorn closes worker.tmp before worker_exit; the arbiter killed a worker silent for --timeout s (30 by
     # default) in the middle of a longer drain (kill -TTOU, --max-requests): its running attempts were lost.
