@@ -30,7 +30,7 @@ from .problems import (
     submission_not_stored,
     submit_problem,
 )
-from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json
+from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json, unknown_fields
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def parse_batch(
     document = decode_json(body)
     if not isinstance(document, dict):
         raise invalid_request(f"the body must be a JSON object, not {json_type(document)}")
-    errors = [FieldError(name, "is not a known field") for name in document if name not in BATCH_FIELDS]
+    errors = unknown_fields(document, BATCH_FIELDS)
     tasks = document.get("tasks")
     if "tasks" not in document:
         errors.append(FieldError("tasks", "is required"))

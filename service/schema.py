@@ -30,6 +30,9 @@ ID_PATH_RULE = "must not start or end with '/', contain '//', or have a '.' or '
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 ENQUEUE_FIELDS = ("id", "payload", "max_retries", "delay_ms")
+# Unknown fields named one by one in an answer, per object: past them one error counts the rest. Each named
+# one took about 50 bytes of answer: a 4 MiB batch of tasks of 1,000 unknown keys each was answered 23.6 MB.
+MAX_UNKNOWN_FIELDS_NAMED = 10
 LIST_PARAMETERS = ("state", "limit", "results")
 # Unicode categories Cc (control characters) and Cs (lone surrogates), as one character class:
 # a regex search costs a fraction of a unicodedata.category() call per character.
@@ -93,7 +96,7 @@ def parse_task(document: Any, limits: TaskLimits, *, request_id: str | None = No
     """
     if not isinstance(document, dict):
         return [FieldError("", f"must be a JSON object, not {_json_type(document)}")]
-    errors = [FieldError(name, "is not a known field") for name in document if name not in ENQUEUE_FIELDS]
+    errors = unknown_fields(document, ENQUEUE_FIELDS)
     errors += _check_id(document)
     errors += _check_payload(document, limits.max_payload_chars)
     errors += _check_count(document, "max_retries", limits.max_retries_limit)
@@ -107,6 +110,18 @@ def parse_task(document: Any, limits: TaskLimits, *, request_id: str | None = No
         delay=_as_integer(document.get("delay_ms", 0)) / 1000,
         request_id=request_id,
     )
+
+
+def unknown_fields(document: Mapping[str, Any], known: tuple[str, ...]) -> list[FieldError]:
+    """An error for each field of ``document`` not in ``known``: the first ``MAX_UNKNOWN_FIELDS_NAMED`` named,
+    then, if there are more, one for the object itself (field ``""``) that counts them."""
+    unknown = [name for name in document if name not in known]
+    errors = [FieldError(name, "is not a known field") for name in unknown[:MAX_UNKNOWN_FIELDS_NAMED]]
+    if len(unknown) > MAX_UNKNOWN_FIELDS_NAMED:
+        more = len(unknown) - MAX_UNKNOWN_FIELDS_NAMED
+        fields = "field that is" if more == 1 else "fields that are"
+        errors.append(FieldError("", f"has {more} more {fields} not known (not named)"))
+    return errors
 
 
 def decode_json(body: bytes) -> Any:
