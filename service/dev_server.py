@@ -303,6 +303,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.status_sent: int | None = None  # the response's status, once its head is being sent
         self.head_read = False  # self.headers are this request's
         self.response_id: str | None = None
+        self.refused = False  # answered from its head, before the application (``refuse``)
         self.body_from = 0  # wfile.sent when the response's head had been written
         self.responded = False
         self.linger_until = None
@@ -325,15 +326,17 @@ class BoundedRequestHandler(WSGIRequestHandler):
         """gunicorn's access line (``service/access_log.py``), on its logger: werkzeug's had no request id, no byte
         count, no duration, and no fields in JSON."""
         line, target = self.requestline, (getattr(self, "path", "") if self.command else "")
-        if "?" in target:  # a secret a client put in the query stays out of the log
+        if self.refused:  # as gunicorn logs the errors it answers itself: its warning before quotes what was sent
+            line, target = "-", ""
+        elif "?" in target:  # a secret a client put in the query stays out of the log
             line = line.replace(target, logs.redact_target(target, refused=logs.is_refused(status)), 1)
-        elif not self.command:  # a request line refused unparsed: where its target ends is unknown
+        elif not self.command:  # a request line not parsed: where its target ends is unknown
             line = logs.redact_request_line(line)
-        headers = self.headers if self.head_read else {}
+        headers = self.headers if self.head_read and not self.refused else {}
         entry = logs.AccessEntry(
             created=time.time(),
             remote_addr=str(self.client_address[0]) if self.client_address else "-",
-            method=self.command or "-",
+            method=(self.command if not self.refused else None) or "-",
             path=target.partition("?")[0],
             request_line=line or "-",
             status=status,
@@ -446,12 +449,22 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.refuse(code, detail)
 
     def refuse(self, status: int, detail: str) -> None:
-        """Answer a problem document for a request refused from its head, and close the connection."""
+        """Answer a problem document for a request refused from its head, and close the connection.
+
+        Logged as gunicorn logs the errors it answers itself: a warning that says why, then an access line whose
+        request line is ``"-"``, both with the answer's request id (without the warning, the log of a 400 did not
+        say what was wrong with the request)."""
+        answer_id = os.urandom(16).hex()
+        client = self.client_address[0] if self.client_address else "-"
+        logging.getLogger("gunicorn.error").warning(
+            "Invalid request from ip=%s: %s", client, detail, extra={"request_id": answer_id}
+        )
+        self.refused = True
         body = json.dumps(problem_document(status, detail)).encode()
         self.send_response(status, _REASONS.get(status))
         self.send_header("Content-Type", PROBLEM_JSON)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header(REQUEST_ID_HEADER, os.urandom(16).hex())
+        self.send_header(REQUEST_ID_HEADER, answer_id)
         self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)

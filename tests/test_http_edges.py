@@ -46,6 +46,26 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def served_by_app_py(tmp_path_factory):
+    """``python app.py`` with the same settings: its URL and process."""
+    log_dir = tmp_path_factory.mktemp("edges-app")
+    process = ServerProcess(
+        ["app.py"],
+        log_path=log_dir / "app.log",
+        env=clean_environment(
+            HOST="127.0.0.1", PORT="0", API_TOKEN=TOKEN, MAX_BODY_BYTES=str(BODY_LIMIT), MAX_PAYLOAD_CHARS="512",
+            WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0",
+        ),
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{process.wait_for_port(LISTENING)}"
+        wait_until(lambda: requests.get(base + "/healthz", timeout=5).status_code == 200, timeout=20, what="/healthz")
+        yield base, process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
 def server(served):
     return served[0]
 
@@ -168,9 +188,12 @@ def test_the_status_line_of_an_error_gunicorn_answers_has_its_codes_reason(serve
     assert received.partition(b"\r\n")[0].decode() == f"HTTP/1.1 {status} {reason}"
 
 
+@pytest.mark.parametrize("kind", ["served", "served_by_app_py"], ids=["gunicorn", "app.py"])
 @pytest.mark.parametrize(("data", "status"), GUNICORN_ERRORS.values(), ids=GUNICORN_ERRORS.keys())
-def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(served, data, status):
-    base, process = served
+def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(request, kind, data, status):
+    # python app.py wrote no warning (its log did not say why a request was refused) and its access line showed
+    # the request line.
+    base, process = request.getfixturevalue(kind)
     answered, headers, body = raw_exchange(base, data)
     assert answered == status
     tail = f"request_id={headers['x-request-id']}"
@@ -183,6 +206,8 @@ def test_the_log_lines_of_an_error_gunicorn_answers_name_the_answers_request_id(
     assert f'" {status} {len(body)} ' in access  # the bytes of the body, as every access line counts them
     [warning] = lines("gunicorn.error")
     assert "[WARNING]" in warning and "Invalid request from ip=127.0.0.1" in warning
+    if kind == "served_by_app_py":  # gunicorn shows the request line of the few errors it raises with the request
+        assert f' "-" {status} ' in access
 
 
 def test_every_operation_describes_the_errors_gunicorn_answers_itself(server):
