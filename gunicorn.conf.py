@@ -159,10 +159,14 @@ def on_starting(server):
             _config.check_binary_upgrade(_settings, server.master_pid)
         else:  # the listening sockets are made next, unless inherited (binary upgrade, systemd socket activation)
             _check_listen(server.cfg)
+        _share_metrics(server)
     except _config.ConfigError as error:
         if server.pidfile is not None:  # written just before: it would name a server that never ran
             server.pidfile.unlink()
         _config.exit_on_error(error)
+    start_checked = getattr(server.log, "start_checked", None)  # None with a --logger-class of one's own
+    if start_checked is not None:
+        start_checked()
     if not _settings.store.shared and _web_concurrency not in (None, 1) and server.cfg.workers == 1:
         server.log.warning(
             "WEB_CONCURRENCY=%s not taken: with STORE=%s each worker process would keep its own tasks, so one runs "
@@ -173,7 +177,6 @@ def on_starting(server):
     _warn_of_a_shorter_drain(server)
     _server_settings.started(server.cfg.workers)
     server.drain_reports = DrainReports()
-    _share_metrics(server)
     _hook_arbiter(server)
 
 
@@ -326,6 +329,8 @@ def _check_listen(cfg):
 def _share_metrics(server):
     """Choose where the worker processes publish their metrics: METRICS_DIR, or a directory of our own with -w > 1.
 
+    Raises ConfigError for a METRICS_DIR that cannot be used.
+
     Counts an earlier run left there are removed first: they would add to this run's. A server
     started by a binary upgrade (``kill -USR2``) shares the running server's directory instead (the
     old server passes it in ``INHERITED_METRICS_DIR``), so that while both serve the port each
@@ -342,7 +347,8 @@ def _share_metrics(server):
                 _metrics_share.prepare(server.metrics_dir)
             _metrics_share.check_private(server.metrics_dir)  # else another local user could inject counts
         except OSError as error:
-            _config.exit_on_error(_config.ConfigError(f"METRICS_DIR={_settings.metrics_dir!r} is invalid: {error}"))
+            reason = _metrics_share.why_unusable(error)
+            raise _config.ConfigError(f"METRICS_DIR={_settings.metrics_dir!r} is invalid: {reason}") from None
     elif inherited and _metrics_share.is_private(Path(inherited)):
         # Removed at the exit by whichever of the two servers ends last (see on_exit).
         server.metrics_dir, server.metrics_dir_owned = Path(inherited), True

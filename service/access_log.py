@@ -25,12 +25,36 @@ _REQUEST_ID = request_id.HEADER.lower()
 _clock = time.monotonic  # the event loop's clock (service/request_reader.py), which stamps when a request began
 
 
+# The line gunicorn's arbiter logs as it starts (Arbiter.start), before its first hook, on_starting.
+START_LINE = "Starting gunicorn %s"
+
+
 class AccessLogger(Logger):
-    """gunicorn's logger, with an access line that costs a few microseconds."""
+    """gunicorn's logger, with an access line that costs a few microseconds.
+
+    It also holds gunicorn's start line until on_starting has checked the settings only a hook sees
+    (``-b``, ``-w``, METRICS_DIR): a start refused there wrote "Starting gunicorn" before its one
+    configuration line, the only start error that took two.
+    """
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         self.writes_access = cfg.accesslog is not None
+        self._start_checked = False
+        self._held_start_line: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if msg == START_LINE and not self._start_checked:
+            self._held_start_line = (args, kwargs)
+            return
+        super().info(msg, *args, **kwargs)
+
+    def start_checked(self) -> None:
+        """The start passed on_starting's checks: the start line gunicorn logged before them is written now."""
+        self._start_checked = True
+        if self._held_start_line is not None:
+            (args, kwargs), self._held_start_line = self._held_start_line, None
+            super().info(START_LINE, *args, **kwargs)
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: timedelta) -> None:
         answer = server_errors.current_answer()  # gunicorn's own error answer, not yet written

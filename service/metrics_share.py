@@ -143,6 +143,17 @@ def check_private(directory: Path) -> None:
         )
 
 
+def why_unusable(error: OSError) -> str:
+    """What an error of ``make``, ``prepare`` or ``check_private`` says of the directory, without errno's numbers."""
+    if isinstance(error, FileExistsError):  # mkdir(exist_ok=True) found something else at the path
+        return "it is not a directory"
+    if isinstance(error, NotADirectoryError):
+        return "a part of its path is not a directory"
+    if isinstance(error, UntrustedDirectory):
+        return str(error)
+    return error.strerror or str(error)
+
+
 def is_private(directory: Path) -> bool:
     try:
         check_private(directory)

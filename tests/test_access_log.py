@@ -55,6 +55,19 @@ def request(logger: AccessLogger, status: str = "202 ACCEPTED", **environ: str) 
     logger.access(response, None, {**ENVIRON, **environ}, timedelta(milliseconds=2, microseconds=700))
 
 
+def test_gunicorns_start_line_waits_for_the_start_checks(gunicorn_logger, monkeypatch):
+    """A start refused by on_starting's checks said "Starting gunicorn" before its one configuration line."""
+    logger, _ = gunicorn_logger("text")
+    said: list[str] = []
+    monkeypatch.setattr(logger.error_log, "info", lambda message, *args, **kwargs: said.append(message % args))
+    logger.info("Starting gunicorn %s", "27.0.1")  # as Arbiter.start logs it, before on_starting
+    logger.info("Arbiter booted")
+    assert said == ["Arbiter booted"]
+    logger.start_checked()
+    logger.info("Listening at: %s", "http://127.0.0.1:8000")
+    assert said == ["Arbiter booted", "Starting gunicorn 27.0.1", "Listening at: http://127.0.0.1:8000"]
+
+
 def test_a_text_access_line_keeps_gunicorn_layout_and_appends_the_request_id(gunicorn_logger):
     logger, out = gunicorn_logger("text")
     request(logger)

@@ -242,7 +242,9 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
     max_requests = 100 if metrics_dir == "recycled" else 0
     cfg = SimpleNamespace(workers=workers, address=[], reuse_port=False, max_requests=max_requests, graceful_timeout=25)
     # (no address to check)
-    server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
+    server = SimpleNamespace(
+        cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None, log=_RecordedLog()
+    )
     conf["on_starting"](server)
     try:
         assert (server.metrics_dir is not None) == shared
@@ -267,20 +269,32 @@ def test_metrics_are_shared_with_several_workers_or_a_given_directory(
             assert not server.metrics_dir.exists()
 
 
-def test_a_metrics_dir_other_users_can_write_stops_gunicorn_with_one_line(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("given", "reason"),
+    [
+        # anyone could add counts to /metrics, or a FIFO that blocks every scrape
+        ("metrics", "{given} is not a private directory"),
+        ("file", "it is not a directory"),  # was "[Errno 17] File exists: '...'"
+        ("file/metrics", "a part of its path is not a directory"),  # was "[Errno 20] Not a directory: '...'"
+    ],
+)
+def test_a_metrics_dir_that_cannot_be_used_stops_gunicorn_with_one_line(monkeypatch, tmp_path, capsys, given, reason):
     from types import SimpleNamespace
 
-    given = tmp_path / "metrics"
-    given.mkdir()
-    given.chmod(0o777)  # anyone could add counts to /metrics, or a FIFO that blocks every scrape
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics").chmod(0o777)
+    (tmp_path / "file").write_text("")
+    given = tmp_path / given
     conf = load_conf(monkeypatch, STORE=f"sqlite://{tmp_path / 'tasks.db'}", METRICS_DIR=str(given))
     cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, max_requests=0, graceful_timeout=25)
-    server = SimpleNamespace(cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None)
+    server = SimpleNamespace(
+        cfg=cfg, worker_class=DrainingThreadWorker, master_pid=0, reexec_pid=0, pidfile=None, log=_RecordedLog()
+    )
     with pytest.raises(SystemExit) as exited:
         conf["on_starting"](server)
     assert exited.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"configuration error: METRICS_DIR='{given}' is invalid: {given} is not a private directory")
+    assert line.startswith(f"configuration error: METRICS_DIR='{given}' is invalid: {reason.format(given=given)}")
 
 
 @pytest.mark.parametrize("given", [False, True], ids=["own-directory", "METRICS_DIR"])
@@ -710,6 +724,7 @@ def test_a_binary_upgrade_is_refused_by_the_new_server_on_the_memory_store_or_un
         worker_class = DrainingThreadWorker
         master_pid = old_arbiter
         pidfile = Pidfile()
+        log = _RecordedLog()
 
     if refused:
         with pytest.raises(SystemExit) as exited:
