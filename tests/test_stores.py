@@ -513,6 +513,24 @@ def test_an_expired_lease_counts_as_a_failed_attempt(store, clock):
     assert store.finish("retried", 1, OWNER) is None
 
 
+def test_the_old_owner_of_a_recovered_attempt_cannot_renew_the_lease_of_the_attempt_another_owner_claimed(store, clock):
+    if not store.shared:
+        pytest.skip("leases never expire in a store of one process")
+    admit(store, clock, "x", max_retries=1)
+    claim(store, clock)
+    clock.advance(LEASE + 1)  # its owner paused past its lease: another process recovers the attempt and runs x again
+    [recovered] = store.recover(lambda task: clock.time())
+    assert (recovered.state, recovered.attempts) == (State.QUEUED, 1)
+    assert (claim(store, clock, OTHER).id, store.get("x").attempts) == ("x", 2)
+    store.cancel("x")
+    # Resumed, the old owner learns that its attempt is over: it is not told of the cancel, nor given the lease.
+    renewal = store.renew(OWNER, ["x"], clock.time() + 10 * LEASE)
+    assert (renewal.lost, renewal.cancel_requested) == ({"x"}, frozenset())
+    clock.advance(LEASE + 1)  # the new owner stopped renewing: its attempt is recovered on its own lease's time
+    [lost] = store.recover(lambda task: None)
+    assert (lost.id, lost.state, lost.attempts) == ("x", State.CANCELLED, 2)
+
+
 def test_a_sweep_ends_only_leases_expired_before_its_cutoff_and_says_which_expired_while_unreachable(store, clock):
     if not store.shared:
         pytest.skip("leases never expire in a store of one process")
