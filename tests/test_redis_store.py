@@ -1760,3 +1760,42 @@ def test_a_pool_whose_end_reply_was_lost_counts_the_end_and_runs_the_task_claime
     finally:
         release.set()
         pool.shutdown(timeout=0)
+
+
+def test_a_claim_whose_reply_was_lost_answers_the_task_it_took_when_asked_again(make, clock, monkeypatch):
+    # The task ran under this owner with nothing to run it, then was failed as lost once its lease ran out.
+    store = make()
+    store.admit([new("a", clock, max_retries=0), new("b", clock)])
+    _reply_lost(store, monkeypatch, "claim")
+    with pytest.raises(StoreUnavailable):
+        store.claim("me", clock.time() + 30)
+    clock.advance(1)
+    claimed = store.claim("me", clock.time() + 30)
+    assert (claimed.id, claimed.state, claimed.attempts) == ("a", State.RUNNING, 1)
+    assert store.get("b").state is State.QUEUED
+    clock.advance(29.5)  # past the lease the lost claim drew: the claim asked again renewed it
+    assert store.recover(lambda task: None) == []
+    assert store.claim("me", clock.time() + 30).id == "b"  # the next claim is a claim as ever
+
+
+def test_a_pool_whose_claim_reply_was_lost_runs_the_task_it_took(make, monkeypatch):
+    store = make(clock=time.time)
+    ran = []
+    run = store._run
+
+    def lose_a_claim_that_took_a_task(name, *args, **kwargs):
+        reply = run(name, *args, **kwargs)
+        if name == "claim" and isinstance(reply, list):
+            monkeypatch.setattr(store, "_run", run)
+            raise StoreUnavailable("redis: Timeout reading from socket")
+        return reply
+
+    monkeypatch.setattr(store, "_run", lose_a_claim_that_took_a_task)
+    pool = WorkerPool(lambda task, cancel: ran.append(task.id), store=store, workers=1, wait=lambda e, s: e.is_set())
+    try:
+        pool.submit("y0")
+        wait_until(lambda: store.get("y0").state is not State.QUEUED and store._run is run, timeout=WAIT_S, what="y0")
+        wait_until(lambda: store.get("y0").state is State.DONE, timeout=WAIT_S, what="y0 to be done")
+        assert ran == ["y0"] and store.get("y0").attempts == 1
+    finally:
+        pool.shutdown(timeout=0)

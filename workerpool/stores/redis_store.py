@@ -20,6 +20,7 @@ instances do at the same moment. Keys (``P`` is the prefix with its hash tag,
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -212,8 +213,8 @@ local function first_due()
   return first
 end
 -- Due retries first, then the oldest due new task; when none is due, the earliest due time (or false).
--- after: '<id>:<attempt>' of the attempt whose end the same step recorded ('' for none), kept on the
--- claimed task while it runs, so that the step asked again finds it (see claimed_before).
+-- after: '<id>:<attempt>' of the attempt whose end the same step recorded, or the claim's own tag ('~<n>'),
+-- kept on the claimed task while it runs, so that the step asked again finds it (see claimed_before).
 local function claim(now, owner, lease_until, after)
   for _ = 1, 100 do
     local zset = P .. ':retry'
@@ -252,6 +253,20 @@ local function claim(now, owner, lease_until, after)
     end
   end
   return now  -- a hundred evicted tasks skipped: the caller looks again at once
+end
+-- The task that a step claimed with the tag after (see claim) for owner, if it is still that owner's and
+-- running, its lease renewed to lease_until; else false. Only for a step asked again after a try whose
+-- reply was lost: that try may have claimed a task that no thread of the owner runs.
+local function claimed_before(owner, after, lease_until)
+  for _, id in ipairs(redis.call('SMEMBERS', P .. ':own:' .. owner)) do
+    local key = P .. ':t:' .. id
+    if redis.call('HGET', key, 'claimed_after') == after then
+      redis.call('HSET', key, 'lease_until', lease_until)
+      redis.call('ZADD', P .. ':run', lease_until, id)
+      return redis.call('HGETALL', key)
+    end
+  end
+  return false
 end
 -- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
 -- The end its owner records (not a recovery's) marks the task 'ended' with the attempt, until the next
@@ -386,10 +401,14 @@ end
 return out
 """
 
-# ARGV: now, owner, lease_until, deadline.
+# ARGV: now, owner, lease_until, deadline, the claim's tag, and '1' when it is asked again (see RedisStore.claim).
 _CLAIM = """
 if too_late(ARGV[4]) then return {err = LATE} end
-return claim(ARGV[1], ARGV[2], ARGV[3], '')
+if ARGV[6] == '1' then
+  local before = claimed_before(ARGV[2], ARGV[5], ARGV[3])
+  if before then return before end
+end
+return claim(ARGV[1], ARGV[2], ARGV[3], ARGV[5])
 """
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
@@ -413,17 +432,7 @@ if a[14] ~= '1' then
     claim(a[4], a[3], a[13], after)}
 end
 local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], true)
-if ended then
-  for _, id in ipairs(redis.call('SMEMBERS', P .. ':own:' .. a[3])) do
-    local key = P .. ':t:' .. id
-    if redis.call('HGET', key, 'claimed_after') == after then
-      redis.call('HSET', key, 'lease_until', a[13])
-      redis.call('ZADD', P .. ':run', a[13], id)
-      return {ended, redis.call('HGETALL', key)}
-    end
-  end
-end
-return {ended, claim(a[4], a[3], a[13], after)}
+return {ended, ended and claimed_before(a[3], after, a[13]) or claim(a[4], a[3], a[13], after)}
 """
 
 # ARGV: owner, lease_until, ids... Returns {lost ids, cancel-requested ids}.
@@ -756,6 +765,9 @@ def _task_args(task: Task) -> list[str]:
             str(len(rest)), *rest]  # fmt: skip
 
 
+_AGAIN = ((), ("1",))  # a step's last argument, by whether it is asked again
+
+
 def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task | None:
     """A task from HGETALL's answer: a flat list from a script, a dict from redis-py.
 
@@ -849,6 +861,7 @@ class RedisStore(TaskStore):
         # Connection-level failures seen by any thread (see _client): a plain counter, bumped without a
         # lock, since any change of it, not its exact value, makes the other threads connect anew.
         self._outages = 0
+        self._claims = itertools.count()  # tags each claim, for the claim asked again (see claim); atomic in CPython
         # Guards _woken, set for good by wake() (the pool is stopping): a wait polling for a due time
         # ends when it is set, and a wait that begins after it returns at once.
         self._woken_changed = threading.Condition(threading.Lock())
@@ -1174,7 +1187,19 @@ class RedisStore(TaskStore):
         return *delays, waiting
 
     def claim(self, owner: str, lease_until: float) -> Task | None:
-        return self._claimed(self._run("claim", self._clock(), owner, lease_until, self._deadline()))
+        """See ``TaskStore.claim``. A claim that failed on the client may have run in Redis (its reply lost
+        past the socket timeout): this thread's next claim asks again with its tag, and is answered the task
+        it took, if it took one, rather than leaving that one to run out its lease unrun (see ``_again``)."""
+        local = self._local.__dict__
+        uncertain = local.pop("uncertain_claim", None)
+        again = uncertain is not None and uncertain[0] == owner
+        tag = uncertain[1] if again else f"~{next(self._claims)}"
+        try:
+            reply = self._run("claim", self._clock(), owner, lease_until, self._deadline(), tag, *_AGAIN[again])
+        except StoreUnavailable:
+            local["uncertain_claim"] = (owner, tag)
+            raise
+        return self._claimed(reply)
 
     def _claimed(self, reply: Any) -> Task | None:
         """The task a claim took; when it took none, the next due time it read is kept for this thread's wait."""
