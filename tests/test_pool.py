@@ -1356,6 +1356,29 @@ def test_shutdown_with_a_shared_store_stops_the_lease_thread_at_once(make_pool, 
     store.close()
 
 
+def test_a_pool_stopping_with_a_shared_store_claims_no_more_tasks(make_pool, clock, tmp_path):
+    # Its queued tasks are left to the other processes: claiming on, a stopping instance took them for its
+    # whole drain, and those still running at the deadline were abandoned where a live instance would run them.
+    store = SqliteStore(tmp_path / "tasks.db", clock=clock.time)
+    gate, ran = Gate(), []
+
+    def handler(task, cancel):
+        ran.append(task.id)
+        gate(task, cancel)
+
+    pool = make_pool(handler, store=store, workers=1)
+    for task_id in ("t0", "t1", "t2"):
+        pool.submit(task_id, "")
+    gate.wait_started()
+    pool.shutdown(timeout=TIMEOUT, wait=False)
+    gate.open()
+    summary = pool.shutdown(timeout=TIMEOUT)
+    assert ran == ["t0"]
+    assert [store.get(task_id).state for task_id in ("t0", "t1", "t2")] == [State.DONE, State.QUEUED, State.QUEUED]
+    assert summary.abandoned == ()
+    store.close()
+
+
 def test_a_lease_thread_that_fails_to_start_lets_no_worker_claim_and_starts_with_the_next_submission(
     make_pool, clock, tmp_path, monkeypatch
 ):
