@@ -164,12 +164,16 @@ _STORE_UNAVAILABLE_DETAILS = {
 }
 
 
+def _store_unavailable(detail: str) -> Problem:
+    """A 503 the store caused, worth a retry after a moment: ``detail`` says what became of the request."""
+    return Problem(
+        503, detail, kind=_TYPE_PREFIX + "store-unavailable", headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}
+    )
+
+
 def submission_not_stored() -> Problem:
     """The 503 of a submission the store could not take (as POST /enqueue answers it): most likely not stored."""
-    return Problem(
-        503, _STORE_UNAVAILABLE_DETAILS["POST"], kind=_TYPE_PREFIX + "store-unavailable",
-        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
-    )  # fmt: skip
+    return _store_unavailable(_STORE_UNAVAILABLE_DETAILS["POST"])
 
 
 NOT_SYNCED_DETAIL = (
@@ -200,20 +204,11 @@ def _from_store_unavailable(exc: StoreUnavailable) -> Response:
     if isinstance(exc, StoreNotSynced):  # committed: retrying would only repeat it
         return _from_problem(not_synced())
     if isinstance(exc, StoreOutOfMemory):  # a smaller request may pass where this one cannot: the client is told why
-        return problem_response(
-            503, _STORE_OUT_OF_MEMORY, kind=_TYPE_PREFIX + "store-unavailable",
-            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
-        )  # fmt: skip
+        return _from_problem(_store_unavailable(_STORE_OUT_OF_MEMORY))
     if isinstance(exc, StoreFileReplaced):  # until a restart: the client is told why
-        return problem_response(
-            503, _STORE_FILE_REPLACED, kind=_TYPE_PREFIX + "store-unavailable",
-            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
-        )
-    return problem_response(
-        503,
-        _STORE_UNAVAILABLE_DETAILS.get(request.method, _STORE_UNAVAILABLE + "retry later"),
-        kind=_TYPE_PREFIX + "store-unavailable",
-        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        return _from_problem(_store_unavailable(_STORE_FILE_REPLACED))
+    return _from_problem(
+        _store_unavailable(_STORE_UNAVAILABLE_DETAILS.get(request.method, _STORE_UNAVAILABLE + "retry later"))
     )
 
 
