@@ -35,7 +35,7 @@ def from_foreign_page(site: str | None) -> bool:
 def refuse_foreign_page(environ: dict[str, Any]) -> None:
     """Raise a 403 Problem when the request was sent by a page of another origin."""
     site = environ.get("HTTP_SEC_FETCH_SITE")
-    if site is not None and from_foreign_page(site):
+    if from_foreign_page(site):
         raise Problem(
             403,
             f"the request was sent by a page of another origin (Sec-Fetch-Site: {site.strip().lower()}): "
