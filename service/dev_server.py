@@ -336,7 +336,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
         entry = logs.AccessEntry(
             created=time.time(),
             remote_addr=str(self.client_address[0]) if self.client_address else "-",
-            method=(self.command if not self.refused else None) or "-",
+            method="-" if self.refused else self.command or "-",
             path=target.partition("?")[0],
             request_line=line or "-",
             status=status,
