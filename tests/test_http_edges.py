@@ -24,45 +24,36 @@ HUGE_BODY = b'{"id": "huge", "payload": "' + b"x" * 200_000 + b'"}'
 ROUNDS = 10
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """One gunicorn with a token and a small body limit, shared by this module's tests: its URL and process."""
-    log_dir = tmp_path_factory.mktemp("edges")
-    process = ServerProcess(
-        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"],
-        log_path=log_dir / "gunicorn.log",
-        env=clean_environment(
-            API_TOKEN=TOKEN, MAX_BODY_BYTES=str(BODY_LIMIT), MAX_PAYLOAD_CHARS="512",
-            WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0",
-        ),
-    )
-    try:
-        port = process.wait_for_port(LISTENING)
-        base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: requests.get(base + "/healthz", timeout=5).status_code == 200, timeout=20, what="/healthz")
-        yield base, process
-    finally:
-        process.stop()
+# The settings of this module's servers: a token and a small body limit.
+SETTINGS = {
+    "API_TOKEN": TOKEN, "MAX_BODY_BYTES": str(BODY_LIMIT), "MAX_PAYLOAD_CHARS": "512",
+    "WORK_MIN_MS": "0", "WORK_MAX_MS": "0", "FAILURE_RATE": "0",
+}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def served_by_app_py(tmp_path_factory):
-    """``python app.py`` with the same settings: its URL and process."""
-    log_dir = tmp_path_factory.mktemp("edges-app")
-    process = ServerProcess(
-        ["app.py"],
-        log_path=log_dir / "app.log",
-        env=clean_environment(
-            HOST="127.0.0.1", PORT="0", API_TOKEN=TOKEN, MAX_BODY_BYTES=str(BODY_LIMIT), MAX_PAYLOAD_CHARS="512",
-            WORK_MIN_MS="0", WORK_MAX_MS="0", FAILURE_RATE="0",
-        ),
-    )  # fmt: skip
+def _serve(command, log_path, **env):
+    """Start ``command`` with this module's settings (and ``env``), wait until /healthz answers: its URL and
+    process, then stop it."""
+    process = ServerProcess(command, log_path=log_path, env=clean_environment(**SETTINGS, **env))
     try:
         base = f"http://127.0.0.1:{process.wait_for_port(LISTENING)}"
         wait_until(lambda: requests.get(base + "/healthz", timeout=5).status_code == 200, timeout=20, what="/healthz")
         yield base, process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One gunicorn shared by this module's tests: its URL and process."""
+    command = ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
+    yield from _serve(command, tmp_path_factory.mktemp("edges") / "gunicorn.log")
+
+
+@pytest.fixture(scope="module")
+def served_by_app_py(tmp_path_factory):
+    """``python app.py`` with the same settings: its URL and process."""
+    yield from _serve(["app.py"], tmp_path_factory.mktemp("edges-app") / "app.log", HOST="127.0.0.1", PORT="0")
 
 
 @pytest.fixture(scope="module")
