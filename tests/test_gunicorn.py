@@ -61,6 +61,21 @@ def test_the_worker_class_is_gthread_with_draining_stop_handlers():
     assert issubclass(DrainingThreadWorker, ThreadWorker)
 
 
+def test_gunicorn_conf_py_lets_through_every_signal_run_gunicorn_py_holds(monkeypatch):
+    # run_gunicorn.py holds them through its exec of gunicorn: one gunicorn.conf.py left held would never reach
+    # the running server (a reload, a binary upgrade, a stop).
+    import run_gunicorn
+
+    held = set(run_gunicorn.HELD_UNTIL_CONFIGURED)
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        conf = load_conf(monkeypatch)
+        assert not held & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+    assert held == {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, *conf["_NOT_YET_SIGNALS"]}  # those it handles
+
+
 def test_one_threaded_worker_without_preload_or_recycling(monkeypatch):
     conf = load_conf(monkeypatch)
     assert conf["workers"] == 1
@@ -144,7 +159,7 @@ def test_the_worker_timeout_that_ends_a_handler_holding_the_gil_is_the_one_the_r
     assert Config().timeout == 30
     readme = " ".join((PROJECT_ROOT / "README.md").read_text(encoding="utf-8").split())
     assert "gunicorn's worker timeout (`--timeout`, 30 s by default" in readme
-    assert 'With `STORE=memory` every task that process held is lost with it' in readme
+    assert "With `STORE=memory` every task that process held is lost with it" in readme
 
 
 @pytest.mark.parametrize(("shutdown", "graceful"), [("20", 25), ("0", 5), ("2.5", 8)])
@@ -308,9 +323,7 @@ def test_a_binary_upgrade_shares_the_running_servers_metrics_directory(monkeypat
     conf = load_conf(monkeypatch, **env)
 
     def server(master_pid):
-        cfg = SimpleNamespace(
-            workers=2, address=[], reuse_port=False, env_orig={}, max_requests=0, graceful_timeout=25
-        )
+        cfg = SimpleNamespace(workers=2, address=[], reuse_port=False, env_orig={}, max_requests=0, graceful_timeout=25)
         arbiter = SimpleNamespace(
             cfg=cfg, worker_class=DrainingThreadWorker, master_pid=master_pid, reexec_pid=0, pidfile=None
         )
