@@ -37,6 +37,7 @@ from typing import Any
 
 from gunicorn.http.body import CHUNK_EXT_RE
 from gunicorn.http.errors import LimitRequestHeaders
+from gunicorn.http.message import RFC9110_5_3_SINGLETON_FIELDS, RFC9110_6_5_1_FORBIDDEN_TRAILER
 from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
 from . import logs
@@ -76,8 +77,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field value (RFC 9110 section 5.5)
 # Fields a trailer section may not carry, as they change routing, framing or authentication (RFC 9110 section 6.5.1),
 # and fields that may appear once (section 5.3): gunicorn's parser refuses a trailer with one, or with a repeat.
-_FORBIDDEN_TRAILERS = frozenset((b"HOST", b"CONTENT-LENGTH", b"TRANSFER-ENCODING", b"TRAILER", b"AUTHORIZATION", b"TE"))
-_SINGLETON_FIELDS = frozenset((b"HOST", b"CONTENT-TYPE"))
+_FORBIDDEN_TRAILERS = frozenset(name.encode() for name in RFC9110_6_5_1_FORBIDDEN_TRAILER)
+_SINGLETON_FIELDS = frozenset(name.encode() for name in RFC9110_5_3_SINGLETON_FIELDS)
 _KNOWN_CODINGS = frozenset(("chunked", "identity", "compress", "deflate", "gzip"))  # gunicorn's parser's
 
 
