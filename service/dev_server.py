@@ -568,7 +568,7 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
         # Werkzeug reads "chunked" alone; with any other list it would read no body at all.
         if codings[-1] == "chunked" and codings.count("chunked") == 1:
             return 501, str(UnsupportedCoding(", ".join(codings[:-1])))
-        if unknown := _unknown_coding(codings):
+        if (unknown := _unknown_coding(codings)) is not None:
             return 501, str(UnsupportedCoding(unknown))
         return 400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told"
     expectations = [value.strip(" \t").lower() for value in headers.get_all("Expect", ())]
@@ -586,17 +586,17 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     return None
 
 
-def _unknown_coding(codings: list[str]) -> str:
-    """The first transfer coding gunicorn's parser does not know (it answers 501), met before it finds the list
-    malformed (400: ``chunked`` twice, or a coding after it), or ""."""
+def _unknown_coding(codings: list[str]) -> str | None:
+    """The first transfer coding gunicorn's parser does not know (it answers 501), the empty one of ``gzip,``
+    among them, met before it finds the list malformed (400: ``chunked`` twice, or a coding after it), or None."""
     chunked = False
     for coding in codings:
         if coding not in _KNOWN_CODINGS:
             return coding
         if chunked:
-            return ""
+            return None
         chunked = coding == "chunked"
-    return ""
+    return None
 
 
 class BoundedThreadedServer(ThreadedWSGIServer):

@@ -427,6 +427,8 @@ def test_a_transfer_coding_other_than_chunked_is_refused_501_at_once(port, codin
         (b"gzip, x-unknown", 501),
         (b"chunked, x-unknown", 501),
         (b"chunked, chunked, x-unknown", 400),
+        (b"gzip,", 501),  # an empty coding is one gunicorn does not know either
+        (b"chunked, ", 501),
         (b"gzip", 400),
         (b"chunked, gzip", 400),
         (b"identity", 400),
