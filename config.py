@@ -233,9 +233,9 @@ ENCODE_CREDENTIALS = (
 
 
 def _redis_url(text: str) -> str:
-    """``text`` once checked. The checks read it with its credentials replaced (``without_credentials``), so no
+    """``text`` once checked. The checks read it with its credentials replaced (``_without_credentials``), so no
     reason they give can quote a password, or a piece of one."""
-    masked = without_credentials(text)
+    masked = _without_credentials(text)
     try:
         url = urlsplit(masked)
         port, database = url.port, url.path.lstrip("/")
@@ -251,7 +251,7 @@ def _redis_url(text: str) -> str:
     return text
 
 
-def without_credentials(text: str) -> str:
+def _without_credentials(text: str) -> str:
     """A Redis URL with its user name and password (in the URL's user information or as options) replaced by
     placeholders; ValueError (naming nothing of them) if the user information cannot be told from the rest.
 

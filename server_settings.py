@@ -178,14 +178,17 @@ def _store_of(settings: Config) -> tuple[object, ...]:
     return settings.store, settings.store_prefix, settings.redis_password
 
 
-def _place_of(settings: Config) -> tuple[str, ...]:
-    """Where the tasks are kept: another place is another task store (a new password, or SQLite's synchronous
-    option, is not)."""
+def _place_of(settings: Config) -> tuple[object, ...]:
+    """Where the tasks are kept: another place is another task store (a new password, or an option of SQLite's
+    or of the Redis client's, is not)."""
     store = settings.store
     if store.kind == "sqlite":
         return store.kind, store.path
     if store.kind == "redis":
-        return store.kind, config.without_credentials(store.url), settings.store_prefix
+        from redis.connection import parse_url  # only a Redis store needs it (see config._check_redis_options)
+
+        url = parse_url(store.url)  # the host lowercased, the port and database as numbers, or absent
+        return store.kind, url["host"], url.get("port", 6379), url.get("db", 0), settings.store_prefix
     return (store.kind,)
 
 

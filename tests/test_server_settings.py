@@ -179,8 +179,13 @@ def test_a_reload_from_the_memory_store_to_another_says_the_accepted_ids_answer_
         ({"STORE": "redis://127.0.0.1:{port}/1"}, True),
         ({"STORE": "redis://:new-secret@127.0.0.1:{port}/0"}, False),  # a new password: the same database
         ({"REDIS_PASSWORD": "another-secret"}, False),
+        # The same database, named otherwise: an option of the client's, the default database, the host's case.
+        ({"STORE": "redis://:a-secret@127.0.0.1:{port}/0?socket_timeout=5"}, False),
+        ({"STORE": "redis://:a-secret@127.0.0.1:{port}"}, False),
+        ({"STORE": "redis://:a-secret@LOCALHOST:{port}/0"}, True),  # another name may be another server
+        ({"STORE": "redis://:a-secret@127.0.0.1:{port}?db=1"}, True),
     ],
-    ids=["prefix", "database", "password-in-url", "password"],
+    ids=["prefix", "database", "password-in-url", "password", "option", "default-database", "host", "db-option"],
 )
 def test_a_reload_to_another_redis_store_says_the_queued_tasks_stay_in_the_running_one(
     environ, monkeypatch, caplog, changes, another
