@@ -844,7 +844,9 @@ class RedisStore(TaskStore):
         self._clock = clock
         self._monotonic = monotonic
         self._redis = client
-        self._local = threading.local()  # each thread's own client (see _client)
+        # Each thread's own client (see _client), and what its last step leaves to its next: the next due
+        # time (_claimed), a claim or an end whose reply was lost, to be asked again (claim, _again).
+        self._local = threading.local()
         # Scripts that change tasks carry a deadline a little before the client's socket timeout.
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._deadline_s = None if timeout is None else max(timeout - 1.0, timeout / 2)
@@ -1307,7 +1309,7 @@ class RedisStore(TaskStore):
         try:
             flat = self._run("finish", *args, *self._again(task_id, attempt, owner))
         except StoreUnavailable:
-            self._local.uncertain = (task_id, attempt, owner)
+            self._local.uncertain_end = (task_id, attempt, owner)
             raise
         return _decode(flat) if flat else None
 
@@ -1327,13 +1329,13 @@ class RedisStore(TaskStore):
         try:
             ended, claimed = self._run("finish_and_claim", *args, lease_until, *self._again(task_id, attempt, owner))
         except StoreUnavailable:
-            self._local.uncertain = (task_id, attempt, owner)
+            self._local.uncertain_end = (task_id, attempt, owner)
             raise
         return (_decode(ended) if ended else None), self._claimed(claimed)
 
     def _again(self, task_id: str, attempt: int, owner: str) -> tuple[str, ...]:
         """The argument that says an attempt's end is asked again (``("1",)``): this thread's last step that
-        was to record it failed (the failing step sets ``uncertain``); else none.
+        was to record it failed (the failing step sets ``uncertain_end``); else none.
 
         A step that fails on the client (its reply later than the socket timeout, the connection
         dropped) may have run in Redis all the same: the end recorded, and with finish_and_claim the
@@ -1342,11 +1344,10 @@ class RedisStore(TaskStore):
         ran out its lease unrun, then counted as lost. Asked again, the script answers what that step
         did (see finish and _FINISH_AND_CLAIM).
         """
-        uncertain = self._local.__dict__.get("uncertain")
-        if uncertain is None or uncertain != (task_id, attempt, owner):
-            return ()
-        self._local.uncertain = None
-        return ("1",)
+        again = self._local.__dict__.get("uncertain_end") == (task_id, attempt, owner)
+        if again:
+            self._local.uncertain_end = None
+        return _AGAIN[again]
 
     def _finish_args(
         self,
