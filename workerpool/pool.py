@@ -402,7 +402,7 @@ class WorkerPool:
             ids = [task.id for task in tasks]
             with self._order_lock:
                 self._enter_in_flight(ids)  # before the store step: a worker may claim the task at once
-        standing: StoreNotSynced | StorePartlyAdmitted | None = None
+        failed_though_admitted: StoreNotSynced | StorePartlyAdmitted | None = None
         try:
             try:
                 results = self._store.admit(tasks)
@@ -410,7 +410,7 @@ class WorkerPool:
             except (StoreNotSynced, StorePartlyAdmitted) as exc:
                 if exc.result is None:
                     raise
-                results, standing = exc.result, exc
+                results, failed_though_admitted = exc.result, exc
             if observed or log.isEnabledFor(logging.DEBUG):
                 queued = [result for result in results if isinstance(result, Task)]
                 for task in queued:
@@ -426,8 +426,8 @@ class WorkerPool:
                 self._drain_wakeup.set()
         if started:
             self._log_started()
-        if standing is not None:
-            raise standing
+        if failed_though_admitted is not None:
+            raise failed_though_admitted
         return results
 
     def cancel(self, task_id: str) -> Task | None:
