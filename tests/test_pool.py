@@ -2107,16 +2107,9 @@ def test_an_attempt_whose_task_redis_lost_says_so_not_that_another_process_ended
     clock.advance(10.0)  # the next renewal
     assert heard.wait(TIMEOUT), "the attempt was not cancelled after its renewal found its task gone"
     lost = pool_module._STORE_LOST
-    renewal_line = f"task a attempt 1: {lost}; it is cancelled here and its end will be dropped"
-
-    def warnings() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-    # The renewal writes its line after it cancelled the attempt, which may end first.
-    wait_until(lambda: renewal_line in warnings(), timeout=TIMEOUT, what="the renewal's line")
+    _wait_for_warning(caplog, f"task a attempt 1: {lost}; it is cancelled here and its end will be dropped")
     wait_until(lambda: not pool.running(), timeout=TIMEOUT, what="the attempt to end")
-    lines = warnings()
-    assert f"task a attempt 1 ended, but {lost}; result dropped" in lines, lines
+    lines = _wait_for_warning(caplog, f"task a attempt 1 ended, but {lost}; result dropped")
     assert not [line for line in lines if "another process" in line or "abandoned" in line], lines
     pool.shutdown(timeout=TIMEOUT)
     here.close()
