@@ -1732,6 +1732,28 @@ def test_an_end_recovered_from_an_expired_lease_is_not_taken_for_its_owner_s_whe
     assert store.finish("a", 1, "me", result=1) is None  # the attempt counts as lost: its end is dropped
 
 
+def test_an_attempt_abandoned_for_its_owner_is_not_taken_for_the_owner_s_end_when_asked_again(make, clock, monkeypatch):
+    # The drain abandons at its deadline while a worker writes its end again: that end was answered as
+    # recorded, and the pool counted the task final twice, once abandoned and once as the worker's end.
+    store = make()
+    store.admit([new("a", clock)])
+    store.claim("me", clock.time() + 30)
+
+    def down(*args, **kwargs):
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(store, "_run", down)
+    with pytest.raises(StoreUnavailable):
+        store.finish("a", 1, "me", result=1)
+    monkeypatch.undo()
+    abandoned = []
+    drain = threading.Thread(target=lambda: abandoned.extend(store.abandon("abandoned at shutdown", owner="me")))
+    drain.start()
+    drain.join(WAIT_S)
+    assert [(t.id, t.state) for t in abandoned] == [("a", State.FAILED)]
+    assert store.finish("a", 1, "me", result=1) is None  # dropped, as an end after its abandon
+
+
 def test_a_pool_whose_end_reply_was_lost_counts_the_end_and_runs_the_task_claimed_with_it(make, monkeypatch):
     # The end was logged "result dropped" and not counted, and the task claimed in the same step never ran:
     # failed as lost once its lease ran out (max_retries 0: for good).

@@ -269,11 +269,12 @@ local function claimed_before(owner, after, lease_until)
   return false
 end
 -- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
--- The end its owner records (not a recovery's) marks the task 'ended' with the attempt, until the next
--- claim: with again (the step asked again after a try whose reply was lost, which Redis may have run),
--- a task so marked answers as it is now, rather than false, which would say the end was not recorded.
+-- With own, the end its owner records (not one a recovery or an abandon writes for it) marks the task
+-- 'ended' with the attempt, until the next claim: with again (the step asked again after a try whose
+-- reply was lost, which Redis may have run), a task so marked answers as it is now, rather than false,
+-- which would say the end was not recorded.
 local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err, result, retry_at, expired_before,
-    again)
+    again, own)
   local key = P .. ':t:' .. id
   local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
   if cur[1] ~= 'running' or cur[2] ~= attempt or cur[3] ~= owner then
@@ -283,7 +284,7 @@ local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err
     return false
   end
   if expired_before ~= '' and num(cur[5] or '0') > num(expired_before) then return false end
-  local ended = expired_before == '' and attempt or ''
+  local ended = own and attempt or ''
   redis.call('ZREM', P .. ':run', id)
   redis.call('SREM', P .. ':own:' .. owner, id)
   if has_error == '0' then
@@ -412,11 +413,12 @@ return claim(ARGV[1], ARGV[2], ARGV[3], ARGV[5])
 """
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
-# deadline, and '1' when the end is asked again (see RedisStore._again).
+# deadline, and '1' when the end is asked again (see RedisStore._again) or '0' when it is written for the
+# attempt's owner (see RedisStore._end_for_owner).
 _FINISH = """
 if too_late(ARGV[12]) then return {err = LATE} end
 local a = ARGV
-return finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[13] == '1')
+return finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[13] == '1', a[13] ~= '0')
 """
 
 # ARGV: those of _FINISH up to the deadline, lease_until, and '1' when asked again. Returns {the ended task or
@@ -428,10 +430,10 @@ if too_late(ARGV[12]) then return {err = LATE} end
 local a = ARGV
 local after = a[1] .. ':' .. a[2]
 if a[14] ~= '1' then
-  return {finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], false),
+  return {finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], false, true),
     claim(a[4], a[3], a[13], after)}
 end
-local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], true)
+local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], true, true)
 return {ended, ended and claimed_before(a[3], after, a[13]) or claim(a[4], a[3], a[13], after)}
 """
 
@@ -766,6 +768,7 @@ def _task_args(task: Task) -> list[str]:
 
 
 _AGAIN = ((), ("1",))  # a step's last argument, by whether it is asked again
+_FOR_OWNER = ("0",)  # the finish script's last argument for an end written for the attempt's owner
 
 
 def _decode(flat: Sequence[bytes] | dict[bytes, bytes]) -> Task | None:
@@ -1292,25 +1295,28 @@ class RedisStore(TaskStore):
         result: Any = None,
         retry_at: float | None = None,
     ) -> Task | None:
-        return self._finish(task_id, attempt, owner, error=error, result=result, retry_at=retry_at)
-
-    def _finish(
-        self,
-        task_id: str,
-        attempt: int,
-        owner: str,
-        *,
-        error: str | None,
-        result: Any = None,
-        retry_at: float | None = None,
-        expired_before: float | None = None,
-    ) -> Task | None:
-        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, expired_before)
+        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, None)
         try:
             flat = self._run("finish", *args, *self._again(task_id, attempt, owner))
         except StoreUnavailable:
             self._local.uncertain_end = (task_id, attempt, owner)
             raise
+        return _decode(flat) if flat else None
+
+    def _end_for_owner(
+        self,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        *,
+        error: str,
+        retry_at: float | None = None,
+        expired_before: float | None = None,
+    ) -> Task | None:
+        """End an attempt for its owner, as a recovery or an abandon does: a step of its own, which is not
+        asked again, and which its owner's end asked again does not take for its own (see finish in _STEPS)."""
+        args = self._finish_args(task_id, attempt, owner, error, None, retry_at, expired_before)
+        flat = self._run("finish", *args, *_FOR_OWNER)
         return _decode(flat) if flat else None
 
     def finish_and_claim(
@@ -1419,7 +1425,7 @@ class RedisStore(TaskStore):
             if owner is None:
                 continue
             lost_unreachable = lease_until is not None and lost_while_unreachable(float(lease_until), unreachable)
-            after = self._finish(
+            after = self._end_for_owner(
                 task.id,
                 task.attempts,
                 owner.decode(),
@@ -1446,7 +1452,7 @@ class RedisStore(TaskStore):
             task = self.get(raw_id.decode())
             if task is None:
                 continue
-            after = self._finish(task.id, task.attempts, owner, error=reason)
+            after = self._end_for_owner(task.id, task.attempts, owner, error=reason)
             if after is not None:
                 abandoned.append(after)
         return abandoned
