@@ -1702,6 +1702,24 @@ def test_an_end_and_claim_whose_reply_was_lost_answers_the_task_it_claimed_when_
     assert store.finish("y1", 1, "me").state is State.DONE
 
 
+def test_an_end_and_claim_asked_again_answers_its_claim_though_its_end_was_dropped(make, clock, monkeypatch):
+    # The lost step's end found the attempt recovered already, and its claim took b all the same: asked again,
+    # it claimed c, and b ran out its lease under this owner unrun.
+    store, elsewhere = make(), make()
+    store.admit([new("a", clock, max_retries=0), new("b", clock), new("c", clock)])
+    store.claim("me", clock.time() + 5)
+    clock.advance(10)
+    [lost] = elsewhere.recover(lambda task: None)
+    assert lost.id == "a"
+    _reply_lost(store, monkeypatch)
+    with pytest.raises(StoreUnavailable):
+        store.finish_and_claim("a", 1, "me", result=1, lease_until=clock.time() + 30)
+    ended, claimed = store.finish_and_claim("a", 1, "me", result=1, lease_until=clock.time() + 30)
+    assert ended is None  # the attempt counts as lost: its end is dropped
+    assert (claimed.id, claimed.attempts) == ("b", 1)
+    assert store.get("c").state is State.QUEUED
+
+
 def test_an_end_asked_again_whose_first_try_changed_nothing_is_recorded_and_claims(make, clock, monkeypatch):
     store = make()
     store.admit([new("a", clock), new("b", clock)])

@@ -423,8 +423,9 @@ return finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11]
 
 # ARGV: those of _FINISH up to the deadline, lease_until, and '1' when asked again. Returns {the ended task or
 # false, the claimed one or false}. Asked again, the task a try whose reply was lost claimed (its owner's, and
-# running, with no thread of that owner's to run it) is the one answered, its lease renewed: claiming another
-# would leave it to run out its lease, then count an attempt that never ran as lost.
+# running, with no thread of that owner's to run it; claimed whether or not that try's end counted) is the one
+# answered, its lease renewed: claiming another would leave it to run out its lease, then count an attempt that
+# never ran as lost.
 _FINISH_AND_CLAIM = """
 if too_late(ARGV[12]) then return {err = LATE} end
 local a = ARGV
@@ -434,7 +435,7 @@ if a[14] ~= '1' then
     claim(a[4], a[3], a[13], after)}
 end
 local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], true, true)
-return {ended, ended and claimed_before(a[3], after, a[13]) or claim(a[4], a[3], a[13], after)}
+return {ended, claimed_before(a[3], after, a[13]) or claim(a[4], a[3], a[13], after)}
 """
 
 # ARGV: owner, lease_until, ids... Returns {lost ids, cancel-requested ids}.
