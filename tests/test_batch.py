@@ -49,6 +49,14 @@ def statuses(response):
     return [result["status"] for result in response.get_json()["results"]]
 
 
+def rejected(harness, *reasons):
+    """The tasks refused so far, counted by the metrics, for each of ``reasons``."""
+    registry = harness.metrics.registry
+    return {
+        reason: registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": reason}) for reason in reasons
+    }
+
+
 @pytest.fixture
 def gate():
     gate = Gate()
@@ -399,11 +407,7 @@ def test_each_task_is_counted_as_accepted_or_by_its_reason_for_refusal(gate):
         registry = harness.metrics.registry
         assert registry.get_sample_value("workerpool_tasks_accepted_total") == 3
         reasons = ("duplicate", "invalid", "queue_full", "too_large")
-        rejected = {
-            reason: registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": reason})
-            for reason in reasons
-        }
-        assert rejected == {"duplicate": 1, "invalid": 2, "queue_full": 1, "too_large": 1}
+        assert rejected(harness, *reasons) == {"duplicate": 1, "invalid": 2, "queue_full": 1, "too_large": 1}
     finally:
         gate.open()
         harness.drain()
@@ -465,11 +469,12 @@ def test_a_batch_whose_sync_to_disk_failed_answers_each_task_its_own_outcome(tmp
         assert harness.client.get("/tasks/n3").status_code == 404  # refused, and told so
         registry = harness.metrics.registry
         assert registry.get_sample_value("workerpool_tasks_accepted_total") == 3
-        rejected = {
-            reason: registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": reason})
-            for reason in ("duplicate", "invalid", "queue_full", "store_unavailable")
+        assert rejected(harness, "duplicate", "invalid", "queue_full", "store_unavailable") == {
+            "duplicate": 1,
+            "invalid": 1,
+            "queue_full": 1,
+            "store_unavailable": 0,
         }
-        assert rejected == {"duplicate": 1, "invalid": 1, "queue_full": 1, "store_unavailable": 0}
         assert any("syncing the WAL failed" in r.getMessage() for r in caplog.records)
     finally:
         harness.pool.shutdown(5)
@@ -501,11 +506,11 @@ def test_a_batch_whose_later_part_the_store_could_not_take_answers_each_task_its
         assert harness.client.get("/tasks/a").status_code == 200
         registry = harness.metrics.registry
         assert registry.get_sample_value("workerpool_tasks_accepted_total") == 1
-        rejected = {
-            reason: registry.get_sample_value("workerpool_tasks_rejected_total", {"reason": reason})
-            for reason in ("duplicate", "invalid", "store_unavailable")
+        assert rejected(harness, "duplicate", "invalid", "store_unavailable") == {
+            "duplicate": 1,
+            "invalid": 1,
+            "store_unavailable": 2,
         }
-        assert rejected == {"duplicate": 1, "invalid": 1, "store_unavailable": 2}
         assert any("answered 503 for the other 2 task(s)" in r.getMessage() for r in caplog.records)
     finally:
         harness.pool.shutdown(5)
