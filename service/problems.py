@@ -159,7 +159,7 @@ _STORE_UNAVAILABLE_DETAILS = {
     # Redis may have run a step whose answer was lost (the connection dropped after the script ran):
     # a submission sent again with its id is then refused as a duplicate, never run twice.
     "POST": _STORE_UNAVAILABLE + "the task may not have been stored, retry later with the same id (409 if it was)",
-    # A repeated cancel answers as the first would.
+    # A cancel is safe to repeat: it answers for the task as it is then (200 once cancelled, 202 while it runs).
     "DELETE": _STORE_UNAVAILABLE + "the cancel may not have been recorded, retry later",
 }
 
