@@ -1026,7 +1026,7 @@ class RedisStore(TaskStore):
         # Every part encoded before the first is sent: a task that cannot be encoded fails the call, storing none.
         parts = [_Admission(tasks[start : start + GROUP_MAX_TASKS]) for start in range(0, len(tasks), GROUP_MAX_TASKS)]
         results: list[Task | SubmitError] = []
-        for part in parts or [_Admission(tasks)]:
+        for part in parts or [_Admission(tasks)]:  # no tasks: one empty script all the same, which loads it
             try:
                 results += self._admit_part(part)
             except StoreUnavailable as exc:
