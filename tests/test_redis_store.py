@@ -1665,6 +1665,17 @@ def _reply_lost(store: RedisStore, monkeypatch, script: str | None = None) -> No
     monkeypatch.setattr(store, "_run", once)
 
 
+def _fails_unrun(store: RedisStore, monkeypatch) -> None:
+    """Make the store's next script fail on the client without reaching Redis (a refused connection), once."""
+    run = store._run
+
+    def once(*args, **kwargs):
+        monkeypatch.setattr(store, "_run", run)
+        raise StoreUnavailable("redis: Connection refused")
+
+    monkeypatch.setattr(store, "_run", once)
+
+
 @pytest.mark.parametrize("outcome", ["done", "retry", "failed"])
 def test_an_end_whose_reply_was_lost_answers_as_recorded_when_asked_again(make, clock, monkeypatch, outcome):
     # Written again, the end found its task ended already and answered None: the pool logged the result
@@ -1736,14 +1747,9 @@ def test_an_end_recovered_from_an_expired_lease_is_not_taken_for_its_owner_s_whe
     store, elsewhere = make(), make()
     store.admit([new("a", clock, max_retries=0)])
     store.claim("me", clock.time() + 5)
-
-    def down(*args, **kwargs):
-        raise StoreUnavailable("down")
-
-    monkeypatch.setattr(store, "_run", down)
+    _fails_unrun(store, monkeypatch)
     with pytest.raises(StoreUnavailable):
         store.finish("a", 1, "me", result=1)
-    monkeypatch.undo()
     clock.advance(10)
     [lost] = elsewhere.recover(lambda task: None)  # another process: this one's end is still to be asked again
     assert lost.state is State.FAILED
@@ -1756,14 +1762,9 @@ def test_an_attempt_abandoned_for_its_owner_is_not_taken_for_the_owner_s_end_whe
     store = make()
     store.admit([new("a", clock)])
     store.claim("me", clock.time() + 30)
-
-    def down(*args, **kwargs):
-        raise StoreUnavailable("down")
-
-    monkeypatch.setattr(store, "_run", down)
+    _fails_unrun(store, monkeypatch)
     with pytest.raises(StoreUnavailable):
         store.finish("a", 1, "me", result=1)
-    monkeypatch.undo()
     abandoned = []
     drain = threading.Thread(target=lambda: abandoned.extend(store.abandon("abandoned at shutdown", owner="me")))
     drain.start()
