@@ -1731,6 +1731,40 @@ def test_an_end_and_claim_asked_again_answers_its_claim_though_its_end_was_dropp
     assert store.get("c").state is State.QUEUED
 
 
+@pytest.mark.parametrize("took", ["new", "retry", "cancel-requested"])
+def test_an_end_asked_again_without_a_claim_puts_back_the_task_its_lost_try_claimed(make, clock, monkeypatch, took):
+    # A draining pool writes its end again without a claim: the task the lost try claimed stayed running under
+    # this owner with no thread to run it, held the drain to its deadline, then failed as abandoned unrun.
+    store, elsewhere = make(), make()
+    store.admit([new("y0", clock), new("y1", clock, max_retries=3)])
+    if took == "retry":
+        store.claim("me", clock.time() + 30)  # y0: left running
+        store.claim("me", clock.time() + 30)
+        store.finish("y1", 1, "me", error="boom", retry_at=clock.time())
+    else:
+        store.claim("me", clock.time() + 30)
+    clock.advance(1)
+    _reply_lost(store, monkeypatch)
+    with pytest.raises(StoreUnavailable):
+        store.finish_and_claim("y0", 1, "me", result=1, lease_until=clock.time() + 30)
+    if took == "cancel-requested":
+        assert store.cancel("y1")[0].state is State.RUNNING
+    ended = store.finish("y0", 1, "me", result=1)
+    assert (ended.id, ended.state, ended.result) == ("y0", State.DONE, 1)
+    assert store.unfinished("me") == 0
+    back = store.get("y1")
+    if took == "cancel-requested":
+        assert (back.state, back.attempts) == (State.CANCELLED, 0)
+        assert elsewhere.claim("them", clock.time() + 30) is None
+        return
+    assert (back.state, back.attempts) == (State.QUEUED, 1 if took == "retry" else 0)
+    if took == "new":
+        assert back.started_at is None
+    claimed = elsewhere.claim("them", clock.time() + 30)
+    assert (claimed.id, claimed.attempts) == ("y1", back.attempts + 1)
+    assert store.stats().counts[State.RUNNING] == 1
+
+
 def test_an_end_asked_again_whose_first_try_changed_nothing_is_recorded_and_claims(make, clock, monkeypatch):
     store = make()
     store.admit([new("a", clock), new("b", clock)])
@@ -1800,6 +1834,46 @@ def test_a_pool_whose_end_reply_was_lost_counts_the_end_and_runs_the_task_claime
         assert ran == ["y0", "y1"]
         assert finished == [("y0", State.DONE), ("y1", State.DONE)]
         assert store.get("y1").attempts == 1
+    finally:
+        release.set()
+        pool.shutdown(timeout=0)
+
+
+def test_a_pool_that_begins_to_drain_while_an_end_reply_is_lost_leaves_the_task_claimed_with_it_queued(
+    make, monkeypatch
+):
+    # The end written again once the drain began claimed nothing, but y1, which the lost try claimed, stayed
+    # this pool's running attempt: the drain waited for it to its deadline, then failed it abandoned, unrun.
+    store = make(clock=time.time)
+    ran, summaries = [], []
+    release = threading.Event()
+    run = store._run
+
+    def wait(event: threading.Event, seconds: float | None) -> bool:
+        if release.is_set() and store._run == run and not summaries:  # the reply was lost: drain before the next try
+            summaries.append(pool.shutdown(timeout=WAIT_S, wait=False))
+            return False
+        return event.wait(WAIT_S if seconds is None else min(seconds, WAIT_S))
+
+    def handler(task: Task, cancel: threading.Event) -> None:
+        ran.append(task.id)
+        if task.id == "y0":
+            release.wait(WAIT_S)
+
+    pool = WorkerPool(handler, store=store, workers=1, wait=wait)
+    try:
+        pool.submit("y0")
+        wait_until(lambda: ran == ["y0"], timeout=WAIT_S, what="y0 to start")
+        pool.submit("y1")
+        _reply_lost(store, monkeypatch, "finish_and_claim")  # y0's end and y1's claim: run, unanswered
+        release.set()
+        wait_until(lambda: summaries, timeout=WAIT_S, what="the drain to begin")
+        summary = pool.shutdown(timeout=WAIT_S)
+        assert ran == ["y0"]
+        assert summary.abandoned == ()
+        assert summary.counts[State.DONE] == 1
+        y1 = store.get("y1")
+        assert (y1.state, y1.attempts) == (State.QUEUED, 0)  # left for another process, or the next start
     finally:
         release.set()
         pool.shutdown(timeout=0)

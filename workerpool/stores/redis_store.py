@@ -268,6 +268,40 @@ local function claimed_before(owner, after, lease_until)
   end
   return false
 end
+-- The task that a step claimed with the tag after (see claim) for owner, if it is still that owner's and
+-- running, put back in its queue unrun, its attempt not counted. Only for an end asked again without a claim
+-- (its instance drains and claims nothing): the lost try may have claimed a task that no thread of the owner
+-- will run, which would hold the drain until its deadline, then fail as abandoned without having run. A new
+-- task goes back to its place by creation time, a retry falls due now; one whose cancel was requested
+-- meanwhile is cancelled, as a queued one is.
+local function put_back(owner, after, now, ttl, max_finished)
+  for _, id in ipairs(redis.call('SMEMBERS', P .. ':own:' .. owner)) do
+    local key = P .. ':t:' .. id
+    if redis.call('HGET', key, 'claimed_after') == after then
+      redis.call('ZREM', P .. ':run', id)
+      redis.call('SREM', P .. ':own:' .. owner, id)
+      local attempts = redis.call('HINCRBY', key, 'attempts', '-1')
+      if redis.call('HGET', key, 'cancel_requested') == '1' then
+        finalize(id, key, 'running', 'cancelled', now)
+        evict(num(now) - num(ttl), num(max_finished))
+        return
+      end
+      local member
+      if attempts == 0 then  -- as admitted: no attempts, no start
+        redis.call('HDEL', key, 'attempts', 'started_at', 'owner', 'lease_until', 'claimed_after')
+        member = enqueue(':new', redis.call('HGET', key, 'created_at'), id)
+        redis.call('HSET', key, 'state', 'queued', 'queue_member', member)
+      else
+        redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
+        member = enqueue(':retry', now, id)
+        redis.call('HSET', key, 'state', 'queued', 'next_attempt_at', now, 'queue_member', member)
+      end
+      move_index(id, 'running', 'queued')
+      signal(1)
+      return
+    end
+  end
+end
 -- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
 -- With own, the end its owner records (not one a recovery or an abandon writes for it) marks the task
 -- 'ended' with the attempt, until the next claim: with again (the step asked again after a try whose
@@ -414,11 +448,14 @@ return claim(ARGV[1], ARGV[2], ARGV[3], ARGV[5])
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
 # deadline, and '1' when the end is asked again (see RedisStore._again) or '0' when it is written for the
-# attempt's owner (see RedisStore._end_for_owner).
+# attempt's owner (see RedisStore._end_for_owner). Asked again, it also puts back the task its lost try may
+# have claimed, if that try was a finish_and_claim (see put_back).
 _FINISH = """
 if too_late(ARGV[12]) then return {err = LATE} end
 local a = ARGV
-return finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[13] == '1', a[13] ~= '0')
+local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[13] == '1', a[13] ~= '0')
+if a[13] == '1' then put_back(a[3], a[1] .. ':' .. a[2], a[4], a[5], a[6]) end
+return ended
 """
 
 # ARGV: those of _FINISH up to the deadline, lease_until, and '1' when asked again. Returns {the ended task or
