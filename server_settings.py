@@ -14,6 +14,7 @@ open the store ends alone instead of making gunicorn stop the server.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -180,10 +181,10 @@ def _store_of(settings: Config) -> tuple[object, ...]:
 
 def _place_of(settings: Config) -> tuple[object, ...]:
     """Where the tasks are kept: another place is another task store (a new password, or an option of SQLite's
-    or of the Redis client's, is not)."""
+    or of the Redis client's, is not; nor is the same SQLite file named through a symlink or a ``..``)."""
     store = settings.store
     if store.kind == "sqlite":
-        return store.kind, store.path
+        return store.kind, os.path.realpath(store.path)
     if store.kind == "redis":
         from redis.connection import parse_url  # only a Redis store needs it (see config._check_redis_options)
 

@@ -155,6 +155,13 @@ def test_a_reload_to_another_sqlite_file_says_the_tasks_queued_in_the_running_on
     with caplog.at_level(logging.WARNING, "gunicorn.error"):
         assert server_settings.load().store.synchronous == "FULL"
     assert caplog.records == []
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.db").symlink_to(tmp_path / "a.db")
+    for same in (tmp_path / "sub" / ".." / "a.db", tmp_path / "link.db"):  # the same file, named otherwise
+        environ(STORE=f"sqlite://{same}")
+        with caplog.at_level(logging.WARNING, "gunicorn.error"):
+            assert server_settings.load().store.path == str(same)
+        assert caplog.records == []
     environ(STORE=f"sqlite://{tmp_path / 'b.db'}")
     with caplog.at_level(logging.WARNING, "gunicorn.error"):
         assert server_settings.load().store.path == str(tmp_path / "b.db")
