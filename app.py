@@ -7,10 +7,16 @@ import _signal  # the C half of `signal`, loaded with the interpreter: `signal` 
 # The signals that stop this process with a drain: SIGHUP too, as a closed terminal would otherwise kill it without
 # one; and SIGQUIT (Ctrl-\), which drains under gunicorn and would otherwise kill this process at once.
 _STOP_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+# The signals that ask gunicorn's arbiter for something: its log files reopened (USR1, which logrotate's postrotate
+# sends), a binary upgrade (USR2), a worker more or less (TTIN, TTOU). This process has no arbiter and logs to its
+# standard streams; their default actions killed it without a drain (USR1, USR2) or froze it until a SIGCONT.
+_ARBITER_SIGNALS = (_signal.SIGUSR1, _signal.SIGUSR2)
+_WORKER_COUNT_SIGNALS = (_signal.SIGTTIN, _signal.SIGTTOU)
 if __name__ == "__main__":
     # Held through the imports below (seconds on a loaded host) until main() handles them: a Ctrl-C then was a
-    # KeyboardInterrupt traceback and an exit by the signal, not the start's one line and exit code 0.
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS)
+    # KeyboardInterrupt traceback and an exit by the signal, not the start's one line and exit code 0; a USR1
+    # (logrotate racing a restart) killed the process without a line.
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS + _ARBITER_SIGNALS + _WORKER_COUNT_SIGNALS)
 
 import argparse
 import atexit
@@ -393,13 +399,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# The signals that ask gunicorn's arbiter for something: its log files reopened (USR1, which logrotate's postrotate
-# sends), a binary upgrade (USR2), a worker more or less (TTIN, TTOU). This process has no arbiter and logs to its
-# standard streams; their default actions killed it without a drain (USR1, USR2) or froze it until a SIGCONT.
-_ARBITER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-_WORKER_COUNT_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU)
-
-
 def ignore_arbiter_signals() -> None:
     """Ignore the arbiter's signals, with one WARNING line for each USR1 or USR2."""
     received: queue.SimpleQueue[int] = queue.SimpleQueue()  # a handler only queues: it may interrupt a log line
@@ -418,6 +417,8 @@ def ignore_arbiter_signals() -> None:
         # Ignored without a line: these are also the terminal's own signals, and with a handler a line written to
         # a terminal under `stty tostop` from the background would raise SIGTTOU again, for ever.
         signal.signal(signum, signal.SIG_IGN)
+    # Held since the imports when run as a script: one sent then comes now, to these handlers.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _ARBITER_SIGNALS + _WORKER_COUNT_SIGNALS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -677,6 +677,32 @@ def test_a_ctrl_c_before_the_start_handles_signals_ends_it_in_the_one_line(tmp_p
         server.stop()
 
 
+def test_the_signals_python_app_py_ignores_are_held_through_its_imports(tmp_path):
+    """A USR1 (logrotate racing a restart) or USR2 while `python app.py` imported its modules killed it without a
+    line, and a TTIN or TTOU froze it: only the stop signals were held."""
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    _lay_out_image(workdir)
+    _slowed_at(workdir, "app.py", "import argparse\n")
+    env = clean_environment(HOST="127.0.0.1", PORT="0", START_GATE=str(tmp_path))
+    server = ServerProcess(APP, log_path=tmp_path / "start.log", env=env, cwd=workdir)
+    try:
+        wait_until(lambda: (tmp_path / "reached").exists(), timeout=30, what="the start to reach the slow import")
+        for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+            server.proc.send_signal(signum)
+        (tmp_path / "open").touch()
+        wait_until(lambda: "Listening at" in server.log() or server.proc.poll() is not None, timeout=30, what="serving")
+        assert server.proc.poll() is None, server.log()
+        wait_until(lambda: "received SIGUSR2: ignored" in server.log(), timeout=20, what="the SIGUSR2 line")
+        assert "received SIGUSR1: ignored, python app.py has no arbiter to ask" in server.log()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0, server.log()
+        assert "Traceback" not in server.log()
+    finally:
+        (tmp_path / "open").touch()
+        server.stop()
+
+
 @pytest.mark.parametrize(
     "argv, names_one",
     [
