@@ -255,52 +255,50 @@ local function claim(now, owner, lease_until, after)
   return now  -- a hundred evicted tasks skipped: the caller looks again at once
 end
 -- The task that a step claimed with the tag after (see claim) for owner, if it is still that owner's and
--- running, its lease renewed to lease_until; else false. Only for a step asked again after a try whose
--- reply was lost: that try may have claimed a task that no thread of the owner runs.
-local function claimed_before(owner, after, lease_until)
+-- running: its id and key; else nil.
+local function claimed_with(owner, after)
   for _, id in ipairs(redis.call('SMEMBERS', P .. ':own:' .. owner)) do
     local key = P .. ':t:' .. id
-    if redis.call('HGET', key, 'claimed_after') == after then
-      redis.call('HSET', key, 'lease_until', lease_until)
-      redis.call('ZADD', P .. ':run', lease_until, id)
-      return redis.call('HGETALL', key)
-    end
+    if redis.call('HGET', key, 'claimed_after') == after then return id, key end
   end
-  return false
 end
--- The task that a step claimed with the tag after (see claim) for owner, if it is still that owner's and
--- running, put back in its queue unrun, its attempt not counted. Only for an end asked again without a claim
--- (its instance drains and claims nothing): the lost try may have claimed a task that no thread of the owner
--- will run, which would hold the drain until its deadline, then fail as abandoned without having run. A new
--- task goes back to its place by creation time, a retry falls due now; one whose cancel was requested
--- meanwhile is cancelled, as a queued one is.
+-- The task claimed_with finds, its lease renewed to lease_until; else false. Only for a step asked again
+-- after a try whose reply was lost: that try may have claimed a task that no thread of the owner runs.
+local function claimed_before(owner, after, lease_until)
+  local id, key = claimed_with(owner, after)
+  if not id then return false end
+  redis.call('HSET', key, 'lease_until', lease_until)
+  redis.call('ZADD', P .. ':run', lease_until, id)
+  return redis.call('HGETALL', key)
+end
+-- The task claimed_with finds, put back in its queue unrun, its attempt not counted. Only for an end asked
+-- again without a claim (its instance drains and claims nothing): the lost try may have claimed a task that
+-- no thread of the owner will run, which would hold the drain until its deadline, then fail as abandoned
+-- without having run. A new task goes back to its place by creation time, a retry falls due now; one whose
+-- cancel was requested meanwhile is cancelled, as a queued one is.
 local function put_back(owner, after, now, ttl, max_finished)
-  for _, id in ipairs(redis.call('SMEMBERS', P .. ':own:' .. owner)) do
-    local key = P .. ':t:' .. id
-    if redis.call('HGET', key, 'claimed_after') == after then
-      redis.call('ZREM', P .. ':run', id)
-      redis.call('SREM', P .. ':own:' .. owner, id)
-      local attempts = redis.call('HINCRBY', key, 'attempts', '-1')
-      if redis.call('HGET', key, 'cancel_requested') == '1' then
-        finalize(id, key, 'running', 'cancelled', now)
-        evict(num(now) - num(ttl), num(max_finished))
-        return
-      end
-      local member
-      if attempts == 0 then  -- as admitted: no attempts, no start
-        redis.call('HDEL', key, 'attempts', 'started_at', 'owner', 'lease_until', 'claimed_after')
-        member = enqueue(':new', redis.call('HGET', key, 'created_at'), id)
-        redis.call('HSET', key, 'state', 'queued', 'queue_member', member)
-      else
-        redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
-        member = enqueue(':retry', now, id)
-        redis.call('HSET', key, 'state', 'queued', 'next_attempt_at', now, 'queue_member', member)
-      end
-      move_index(id, 'running', 'queued')
-      signal(1)
-      return
-    end
+  local id, key = claimed_with(owner, after)
+  if not id then return end
+  redis.call('ZREM', P .. ':run', id)
+  redis.call('SREM', P .. ':own:' .. owner, id)
+  local attempts = redis.call('HINCRBY', key, 'attempts', '-1')
+  if redis.call('HGET', key, 'cancel_requested') == '1' then
+    finalize(id, key, 'running', 'cancelled', now)
+    evict(num(now) - num(ttl), num(max_finished))
+    return
   end
+  local member
+  if attempts == 0 then  -- as admitted: no attempts, no start
+    redis.call('HDEL', key, 'attempts', 'started_at', 'owner', 'lease_until', 'claimed_after')
+    member = enqueue(':new', redis.call('HGET', key, 'created_at'), id)
+    redis.call('HSET', key, 'state', 'queued', 'queue_member', member)
+  else
+    redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
+    member = enqueue(':retry', now, id)
+    redis.call('HSET', key, 'state', 'queued', 'next_attempt_at', now, 'queue_member', member)
+  end
+  move_index(id, 'running', 'queued')
+  signal(1)
 end
 -- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
 -- With own, the end its owner records (not one a recovery or an abandon writes for it) marks the task
