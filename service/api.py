@@ -21,8 +21,8 @@ from .auth import require_token, token_required
 from .context import services
 from .cross_site import refuse_foreign_page
 from .openapi import openapi_spec
-from .problems import Problem, invalid_request, submit_problem, unsupported_content_encoding
-from .request_reader import body_exceeds, body_overframed, body_timed_out
+from .problems import Problem, invalid_request, server_refusal, submit_problem, unsupported_content_encoding
+from .request_reader import ChunkSizeLineTooLong, body_exceeds, body_overframed, body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
 from .store_errors import public_reason
 
@@ -154,11 +154,13 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
     except RequestEntityTooLarge:
         raise
     except LimitRequestHeaders:  # a trailer section past the limits on a head's fields, as gunicorn's parser says
-        raise Problem(
+        raise server_refusal(
             431,
             "the chunked body's trailer section is too large: at most 100 fields, of 8190 bytes each with their CRLF, "
             "and 65536 bytes in all",
         ) from None
+    except ChunkSizeLineTooLong as exc:  # python app.py's reader: under gunicorn the event loop refuses it first
+        raise server_refusal(400, str(exc)) from None
     except Exception:  # the server's reader refused the framing (chunk sizes) or the stream ended early
         if body_timed_out(req.environ["wsgi.input"]):
             raise _timed_out(None, length) from None

@@ -49,6 +49,7 @@ from .request_reader import (
     REQUEST_TIMEOUT_S,
     BareLineFeed,
     BodyLimits,
+    ChunkSizeLineTooLong,
     EmptyRequestLine,
     MissingHost,
     UnsupportedCoding,
@@ -129,7 +130,9 @@ class _Dechunked(io.RawIOBase):
     deadline) before the end of the trailer section, or a trailer field gunicorn refuses (``field_problem``,
     ``trailer_problem``): ``OSError``, which the application answers 400 (408 at the deadline). A trailer section
     past gunicorn's limits on header fields (a field line over ``LIMIT_REQUEST_FIELD_SIZE`` bytes, more than
-    ``LIMIT_REQUEST_FIELDS`` fields) or longer than ``MAX_PREREAD_HEAD``: ``LimitRequestHeaders``, answered 431.
+    ``LIMIT_REQUEST_FIELDS`` fields) or longer than ``MAX_PREREAD_HEAD``: ``LimitRequestHeaders``, answered 431;
+    a chunk-size line over gunicorn's limit on one: ``ChunkSizeLineTooLong``, answered 400 (both as gunicorn
+    answers them, see ``problems.server_refusal``).
     """
 
     def __init__(self, rfile: io.BufferedReader) -> None:
@@ -161,7 +164,9 @@ class _Dechunked(io.RawIOBase):
 
     def _line(self) -> bytes:
         line = self._rfile.readline(DEFAULT_CHUNK_LINE_LIMIT + 2)
-        if not line.endswith(b"\r\n"):  # cut short, too long, or ended by a bare LF
+        if len(line) == DEFAULT_CHUNK_LINE_LIMIT + 2 and not line.endswith(b"\r\n"):  # gunicorn's loop: 400 at once
+            raise ChunkSizeLineTooLong(DEFAULT_CHUNK_LINE_LIMIT)
+        if not line.endswith(b"\r\n"):  # cut short, or ended by a bare LF
             raise OSError("a line of the chunked body's framing does not end with CRLF")
         return line[:-2]
 

@@ -57,6 +57,7 @@ class Problem(Exception):
         kind: str = "about:blank",
         errors: tuple[FieldError, ...] = (),
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -64,10 +65,19 @@ class Problem(Exception):
         self.kind = kind
         self.errors = errors
         self.headers = headers or {}
+        self.reason = reason  # the status line's reason phrase, when not werkzeug's (see server_refusal)
 
 
 def invalid_request(detail: str, errors: tuple[FieldError, ...] = ()) -> Problem:
     return Problem(400, detail, kind=_TYPE_PREFIX + "invalid-request", errors=errors)
+
+
+def server_refusal(status: int, detail: str) -> Problem:
+    """An error gunicorn answers itself, before the app, when it meets it first (a chunked body's chunk-size line
+    or trailer section past its limits), met by the app instead (``python app.py`` reads a chunked body only when
+    the app does; gunicorn's parser checks trailer fields then): answered as gunicorn answers it, ``about:blank``
+    with gunicorn's reason phrase ("Request Header Fields Too Large", where werkzeug's is in capitals)."""
+    return Problem(status, detail, reason=HTTPStatus(status).phrase)
 
 
 def unsupported_content_encoding(coding: str) -> Problem:
@@ -108,9 +118,13 @@ def problem_response(
     kind: str = "about:blank",
     errors: tuple[FieldError, ...] = (),
     headers: dict[str, str] | None = None,
+    reason: str | None = None,
 ) -> Response:
     response = jsonify(problem_document(status, detail, kind=kind, errors=errors))
-    response.status_code = status
+    if reason is None:
+        response.status_code = status
+    else:
+        response.status = f"{status} {reason}"
     response.mimetype = PROBLEM_JSON
     response.headers.update(headers or {})
     return response
@@ -146,7 +160,9 @@ def submit_problem(exc: SubmitError) -> Problem:
 
 
 def _from_problem(exc: Problem) -> Response:
-    return problem_response(exc.status, exc.detail, kind=exc.kind, errors=exc.errors, headers=exc.headers)
+    return problem_response(
+        exc.status, exc.detail, kind=exc.kind, errors=exc.errors, headers=exc.headers, reason=exc.reason
+    )
 
 
 def _from_submit_error(exc: SubmitError) -> Response:
