@@ -1879,6 +1879,40 @@ def test_a_pool_that_begins_to_drain_while_an_end_reply_is_lost_leaves_the_task_
         pool.shutdown(timeout=0)
 
 
+def test_a_pool_that_begins_to_drain_while_a_claim_reply_is_lost_leaves_the_task_it_took_queued(make, monkeypatch):
+    # The worker stopped without asking its claim again: y0, which the lost claim took, stayed this pool's running
+    # attempt with no thread to run it; the drain waited for it to its deadline, then failed it abandoned, unrun.
+    store = make(clock=time.time)
+    ran, summaries = [], []
+    run = store._run
+
+    def lose_a_claim_that_took_a_task(name, *args, **kwargs):
+        reply = run(name, *args, **kwargs)
+        if name == "claim" and isinstance(reply, list):
+            monkeypatch.setattr(store, "_run", run)
+            raise StoreUnavailable("redis: Timeout reading from socket")
+        return reply
+
+    def wait(event: threading.Event, seconds: float | None) -> bool:
+        if store._run == run and not summaries:  # the claim's reply was lost: the drain begins before its next try
+            summaries.append(pool.shutdown(timeout=WAIT_S, wait=False))
+            return False
+        return event.wait(WAIT_S if seconds is None else min(seconds, WAIT_S))
+
+    monkeypatch.setattr(store, "_run", lose_a_claim_that_took_a_task)
+    pool = WorkerPool(lambda task, cancel: ran.append(task.id), store=store, workers=1, wait=wait)
+    try:
+        pool.submit("y0")
+        wait_until(lambda: summaries, timeout=WAIT_S, what="the drain to begin")
+        summary = pool.shutdown(timeout=WAIT_S)
+        assert ran == [] and summary.abandoned == ()
+        y0 = store.get("y0")
+        assert (y0.state, y0.attempts) == (State.QUEUED, 0)  # left for another process, or the next start
+        assert store.unfinished(pool.owner) == 0
+    finally:
+        pool.shutdown(timeout=0)
+
+
 def test_a_claim_whose_reply_was_lost_answers_the_task_it_took_when_asked_again(make, clock, monkeypatch):
     # The task ran under this owner with nothing to run it, then was failed as lost once its lease ran out.
     store = make()

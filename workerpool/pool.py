@@ -604,6 +604,13 @@ class WorkerPool:
             idle = ended.claimed_none
             if attempt is None and self._stuck and self._leave_if_replaced():
                 return
+        try:  # a claim whose reply was lost is asked again by the next claim, which will not come now
+            store.put_back_lost_claim(owner)
+        except StoreUnavailable as exc:
+            log.warning(
+                "worker could not put back the task its lost claim may have taken (%s): the drain abandons it at "
+                "its deadline", exc,
+            )  # fmt: skip
 
     def _tell_claim_failure(self, failure: StoreUnavailable) -> None:
         """Log that a worker could not take a task, at most once a second for the whole pool.

@@ -146,6 +146,12 @@ class TaskStore(abc.ABC):
         task. None when nothing is due.
         """
 
+    def put_back_lost_claim(self, owner: str) -> None:  # noqa: B027  (only a store whose steps can run unanswered)
+        """The calling thread claims no more for ``owner`` (its pool drains): if its last claim failed on the client
+        though the store may have run it (a reply lost past the socket timeout), put the task it took back in the
+        queue unrun, rather than leave it running with no thread to run it (the drain would wait for it to its
+        deadline, then fail it as abandoned). StoreUnavailable if the store cannot be reached."""
+
     @abc.abstractmethod
     def seconds_until_due(self) -> float | None:
         """0 if a queued task is due now, else seconds until the next one is; None if nothing is queued."""

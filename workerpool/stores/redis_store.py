@@ -444,6 +444,14 @@ end
 return claim(ARGV[1], ARGV[2], ARGV[3], ARGV[5])
 """
 
+# ARGV: owner, the tag of a claim whose reply was lost (see RedisStore.claim), now, ttl, max_finished, deadline.
+# Puts back the task that claim took, if it took one (see put_back).
+_PUT_BACK = """
+if too_late(ARGV[6]) then return {err = LATE} end
+put_back(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 0
+"""
+
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
 # deadline, and '1' when the end is asked again (see RedisStore._again) or '0' when it is written for the
 # attempt's owner (see RedisStore._end_for_owner). Asked again, it also puts back the task its lost try may
@@ -912,6 +920,7 @@ class RedisStore(TaskStore):
             "claim": _CLAIM,
             "finish": _FINISH,
             "finish_and_claim": _FINISH_AND_CLAIM,
+            "put_back": _PUT_BACK,
             "renew": _RENEW,
             "cancel": _CANCEL,
             "cancel_requested": _CANCEL_REQUESTED,
@@ -1241,6 +1250,12 @@ class RedisStore(TaskStore):
             local["uncertain_claim"] = (owner, tag)
             raise
         return self._claimed(reply)
+
+    def put_back_lost_claim(self, owner: str) -> None:
+        """See ``TaskStore.put_back_lost_claim``: the claim this thread would have asked again (see ``claim``)."""
+        uncertain = self._local.__dict__.pop("uncertain_claim", None)
+        if uncertain is not None and uncertain[0] == owner:
+            self._run("put_back", owner, uncertain[1], self._clock(), self._ttl, self._max_finished, self._deadline())
 
     def _claimed(self, reply: Any) -> Task | None:
         """The task a claim took; when it took none, the next due time it read is kept for this thread's wait."""
