@@ -28,6 +28,7 @@ stress: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Installs wrk, strace and chromium (Debian packages) when missing; writes bench/RESULTS.md.
 bench: $(VENV)/.installed-bench $(CHROMIUM)

@@ -55,7 +55,11 @@ def ours(path: str, sync: str, n: int) -> float:
     finished = Finished()
     store = SqliteStore(path, capacity=n, max_finished=n, synchronous=sync)
     pool = WorkerPool(
-        lambda task, cancel: None, store=store, workers=WORKERS, backoff_base=0.0, backoff_cap=0.0,
+        lambda task, cancel: None,
+        store=store,
+        workers=WORKERS,
+        backoff_base=0.0,
+        backoff_cap=0.0,
         observers=[finished],
     )
     pool.start()
@@ -285,7 +289,10 @@ def pickup_latency(run: Run, tasks: int = 50, gap: float = 0.2) -> None:
     submitter = SqliteStore(db, capacity=tasks)
     worker = subprocess.Popen(
         [sys.executable, "-m", "bench.durable", "pickup", str(db)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert worker.stdout is not None and worker.stdout.readline() == "ready\n"

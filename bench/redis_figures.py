@@ -318,7 +318,7 @@ def engine_throughput(run: Run, n: int, forking_n: int) -> None:
         f"\n\nEnqueue side, round trips per task: workerpool {enqueue_trips.get('workerpool', 0):.2f} (one script: "
         f"admission, bound and duplicate check), RQ {enqueue_trips.get('RQ', 0):.2f} (`Queue.enqueue`).\n\n"
         f"Each round fills the store with {n:,} tasks ({forking_n:,} for the forking worker, which forks once per "
-        "job) submitted one at a time, then times a fresh child process (or two) from \"go\" to the last task done: "
+        'job) submitted one at a time, then times a fresh child process (or two) from "go" to the last task done: '
         "ours until the store counts every task `done` (the parent polls every 5 ms), RQ's `work(burst=True)` until "
         f"the queue is empty. {run.rounds} rounds, setups in rotating order, median (min-max); ratios per round. "
         "CPU time is the worker processes' own (and their forked children's), per task. Round trips are requests "
@@ -342,8 +342,13 @@ def http_enqueue(run: Run) -> None:
         "redis -w 2": lambda: [Server("redis-w2", env={**store, "GUNICORN_CMD_ARGS": "-w 2"})],
         "redis, 2 instances": lambda: [Server(f"redis-instance{n}", env=store) for n in range(2)],
         "RQ + bare Flask -w 1": lambda: [
-            Server("redis-rq", env={"RQ_REDIS_URL": redis.url}, app="bench.rq_app:app", config="bench/hello.conf.py",
-                   ready=("/enqueue", 405))  # fmt: skip
+            Server(
+                "redis-rq",
+                env={"RQ_REDIS_URL": redis.url},
+                app="bench.rq_app:app",
+                config="bench/hello.conf.py",
+                ready=("/enqueue", 405),
+            )
         ],
     }
     servers = {name: make() for name, make in setups.items()}
@@ -379,9 +384,7 @@ def http_enqueue(run: Run) -> None:
     run.summary.append(
         ("9. enqueue req/s, 2 redis instances / memory -w 1", f"{two.median:.2f}", ">= 1.7", verdict(two.median >= 1.7))
     )
-    run.summary.append(
-        ("9. ceiling: 2 memory instances (not shared) / memory -w 1", f"{ceiling.median:.2f}", "-", "-")
-    )
+    run.summary.append(("9. ceiling: 2 memory instances (not shared) / memory -w 1", f"{ceiling.median:.2f}", "-", "-"))
     run.summary.append(("9. enqueue req/s, redis -w 1 / RQ + Flask", f"{rq.median:.2f}", "> 1", verdict(rq.median > 1)))
     rows = []
     for name in setups:
@@ -396,8 +399,15 @@ def http_enqueue(run: Run) -> None:
             str(sum(r["non_2xx"] for r in rs)),
         ])  # fmt: skip
     run.sections["9a. POST /enqueue on the Redis store"] = table(
-        ["setup", "req/s", "ratio to memory -w 1", "server CPU µs per request", "Redis commands per request",
-         "non-2xx"], rows,  # fmt: skip
+        [
+            "setup",
+            "req/s",
+            "ratio to memory -w 1",
+            "server CPU µs per request",
+            "Redis commands per request",
+            "non-2xx",
+        ],
+        rows,
     ) + (
         f"\n\nAll servers run side by side on one private Redis (default simulated work, WORKERS=4 per process, "
         f"so the workers claim and finish tasks while wrk submits), wrk -t{run.wrk_threads} "

@@ -43,9 +43,7 @@ def figures(run: Run) -> dict[str, Callable[[], None]]:
         "8c": lambda: durable.pickup_latency(run, tasks=10 if quick else 50),
         "8d": lambda: durable.restart_recovery(run, tasks=1_000 if quick else 10_000),
         "9a": lambda: redis_figures.http_enqueue(run),
-        "9b": lambda: redis_figures.engine_throughput(
-            run, n=300 if quick else 2_000, forking_n=30 if quick else 200
-        ),
+        "9b": lambda: redis_figures.engine_throughput(run, n=300 if quick else 2_000, forking_n=30 if quick else 200),
         "9c": lambda: redis_figures.pickup_latency(run, tasks=10 if quick else 50),
         "9d": lambda: redis_figures.retained_memory(
             run, tasks=1_000 if quick else 20_000, bound=200 if quick else 5_000

@@ -45,8 +45,14 @@ def start(project: Path, server: str, log: Path) -> tuple[subprocess.Popen, int]
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO"}
     command = ["-m", "gunicorn", "-c", "gunicorn.conf.py"] if server == "gunicorn" else ["app.py"]
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, *command], cwd=project, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *command],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 30
     while not (found := re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))):
         if time.monotonic() > deadline or proc.poll() is not None:

@@ -108,16 +108,17 @@ def is_public(address: Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def fetcher(
-    *, allow_address: Callable[[Address], bool] = is_public, resolve: Resolver = socket.getaddrinfo
-) -> Handler:
+def fetcher(*, allow_address: Callable[[Address], bool] = is_public, resolve: Resolver = socket.getaddrinfo) -> Handler:
     """A handler like ``fetch`` that connects to the addresses ``allow_address`` accepts (``fetch``: public ones),
     finding a host's addresses with ``resolve``."""
     return functools.partial(_fetch, allow_address=allow_address, resolve=resolve)
 
 
 def _fetch(
-    task: Task, cancel: threading.Event, *, allow_address: Callable[[Address], bool],
+    task: Task,
+    cancel: threading.Event,
+    *,
+    allow_address: Callable[[Address], bool],
     resolve: Resolver = socket.getaddrinfo,
 ) -> dict[str, Any]:
     url, timeout = _parse(task.payload)

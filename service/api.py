@@ -43,9 +43,7 @@ def enqueue() -> Response:
         # Parsed as JSON whatever the Content-Type, so `curl -d` works.
         body = read_body(svc.config.max_body_bytes, req)
         spec = parse_enqueue(body, svc.limits, request_id=req.environ.get(request_id.ENVIRON_KEY))
-        task = svc.pool.submit(
-            spec.id, spec.payload, spec.max_retries, delay=spec.delay, request_id=spec.request_id
-        )
+        task = svc.pool.submit(spec.id, spec.payload, spec.max_retries, delay=spec.delay, request_id=spec.request_id)
     except DuplicateTask as exc:  # the way to the task that holds the id: a retry can check it is its own
         svc.metrics.count_rejection(exc)
         problem = submit_problem(exc)

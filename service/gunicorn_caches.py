@@ -71,9 +71,7 @@ def install_trusted_peers(cfg: Any) -> None:
     message.HeaderPolicy._peer_is_trusted_proxy = peer_is_trusted_proxy
 
 
-def cached_http_date(
-    http_date: Callable[..., str], clock: Callable[[], float] = time.time
-) -> Callable[..., str]:
+def cached_http_date(http_date: Callable[..., str], clock: Callable[[], float] = time.time) -> Callable[..., str]:
     """``http_date`` (gunicorn's), formatting the current time once per second of ``clock``."""
     if getattr(http_date, "cached", False):  # installed already
         return http_date

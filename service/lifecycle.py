@@ -51,8 +51,7 @@ def describe(summary: ShutdownSummary) -> str:
         for state, count in summary.counts.items()
     )
     described = (
-        f"shutdown complete: drained in {summary.drain_seconds:.2f} s; {counts}; "
-        f"{len(summary.abandoned)} abandoned"
+        f"shutdown complete: drained in {summary.drain_seconds:.2f} s; {counts}; {len(summary.abandoned)} abandoned"
     )
     if summary.left_to_leases:
         described += f"; {summary.left_to_leases} attempt(s) left to their leases: the store was unavailable"
@@ -132,7 +131,8 @@ class ShutdownController:
     def _watch(self) -> None:
         first, began = self._requests.get()
         log.info(
-            "received %s: %s; draining for up to %g s (signal again to stop waiting)", _name(first),
+            "received %s: %s; draining for up to %g s (signal again to stop waiting)",
+            _name(first),
             "new tasks stay queued for other processes" if self._pool.store.shared else "not accepting new tasks",
             self._timeout,
         )

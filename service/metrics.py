@@ -498,7 +498,12 @@ def _histogram(name: str, documentation: str, series: _Histogram, created: bool)
 # what may be the service's own failure, the reason an alert watches.
 # 403: sent by a page of another origin (see cross_site.py).
 _PROBLEM_REASONS = {
-    400: "invalid", 401: "unauthorized", 403: "unauthorized", 408: "timeout", 413: "too_large", 415: "invalid"
+    400: "invalid",
+    401: "unauthorized",
+    403: "unauthorized",
+    408: "timeout",
+    413: "too_large",
+    415: "invalid",
 }
 
 

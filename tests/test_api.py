@@ -231,16 +231,26 @@ PAYLOAD_FLOAT_OVERFLOW = "must not contain a number too large for a 64-bit float
         (f'{{"id": "a", "payload": "", "max_retries": {"1" * 101}}}', [("max_retries", "must be between 0 and 5")]),
         ('{"id": "a", "payload": "", "max_retries": 1e999999}', [("max_retries", "must be an integer, not a number")]),
         ('{"id": "a", "payload": "", "max_retries": -1e999999}', [("max_retries", "must be an integer, not a number")]),
-        (f'{{"id": {HUGE}, "payload": 1e999999}}', [("id", "must be a string, not a number"),
-                                                     ("payload", PAYLOAD_FLOAT_OVERFLOW)]),
+        (
+            f'{{"id": {HUGE}, "payload": 1e999999}}',
+            [("id", "must be a string, not a number"), ("payload", PAYLOAD_FLOAT_OVERFLOW)],
+        ),
         (f'{{"id": "a", "payload": "", "{HUGE}": {HUGE}}}', [(HUGE, "is not a known field")]),
         (f'{{"id": "a", "payload": {{"n": [{HUGE}]}}}}', [("payload", PAYLOAD_HUGE_INTEGER)]),
         (f'{{"id": "a", "payload": {"1" * 101}}}', [("payload", PAYLOAD_HUGE_INTEGER)]),
         ('{"id": "a", "payload": [-1e999999]}', [("payload", PAYLOAD_FLOAT_OVERFLOW)]),
     ],
     ids=[
-        "huge", "huge-negative", "101-digits", "float-overflow", "negative-float-overflow", "id-payload", "unknown",
-        "in-payload", "payload-101-digits", "payload-float-overflow",
+        "huge",
+        "huge-negative",
+        "101-digits",
+        "float-overflow",
+        "negative-float-overflow",
+        "id-payload",
+        "unknown",
+        "in-payload",
+        "payload-101-digits",
+        "payload-float-overflow",
     ],
 )
 def test_huge_numbers_are_field_errors(body, errors):
@@ -404,6 +414,7 @@ def test_a_queue_full_answer_counts_the_tasks_the_store_holds_waiting_not_this_p
         "the queue is full (5 tasks waiting, 5 of them delayed; the first falls due in 600 s); retry later"
     )
 
+
 def test_a_queue_full_of_delayed_tasks_says_so_and_when_a_place_can_free(clock):
     harness = make_harness(instant, clock=clock.time, queue_size=2)
     try:
@@ -420,7 +431,10 @@ def test_a_queue_full_of_delayed_tasks_says_so_and_when_a_place_can_free(clock):
         # Health shows the places taken, as admission counts them: none of the tasks is due yet.
         health = harness.client.get("/healthz").get_json()
         assert (health["status"], health["queue_waiting"], health["queue_capacity"], health["queue_depth"]) == (
-            "ok", 2, 2, 0
+            "ok",
+            2,
+            2,
+            0,
         )
     finally:
         harness.pool.shutdown(timeout=0)  # the delayed tasks never fall due on the test's clock

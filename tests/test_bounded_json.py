@@ -9,8 +9,17 @@ from workerpool.bounded_json import TooLong, dumps_within
 @pytest.mark.parametrize(
     "value",
     [
-        None, True, 1, -2.5, "", "é\U0001f600\n\"", [], {}, [1, "two", [3.0], {"k": None}],
-        {1: "int key", 2.5: "float key", None: "null key", False: "bool key"}, ("a", "tuple"),
+        None,
+        True,
+        1,
+        -2.5,
+        "",
+        'é\U0001f600\n"',
+        [],
+        {},
+        [1, "two", [3.0], {"k": None}],
+        {1: "int key", 2.5: "float key", None: "null key", False: "bool key"},
+        ("a", "tuple"),
     ],
 )
 def test_what_fits_is_what_json_dumps_writes(value):

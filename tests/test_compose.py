@@ -149,7 +149,9 @@ def test_nginx_accepts_the_load_balancers_configuration(tmp_path):
     conf = PROJECT_ROOT / REDIS["services"]["lb"]["volumes"][0].split(":")[0]
     result = subprocess.run(
         ["nginx", "-t", "-q", "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
 

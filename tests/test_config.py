@@ -703,9 +703,17 @@ def test_a_variable_gunicorn_would_fail_on_is_refused_naming_it(environ):
 
 @pytest.mark.parametrize(
     "environ",
-    [{}, {"LISTEN_FDS": "2", "LISTEN_PID": "1"}, {"FORWARDED_ALLOW_IPS": "*"}, {"FORWARDED_ALLOW_IPS": " "},
-     {"FORWARDED_ALLOW_IPS": "127.0.0.1, ::1,10.0.0.0/8,"}, {"SCRIPT_NAME": ""}, {"SCRIPT_NAME": "/wp"},
-     {"SCRIPT_NAME": "/wp/"}, {"SCRIPT_NAME": "/a/b-c_d.e~f:g@h!$&'()*+,;="}],
+    [
+        {},
+        {"LISTEN_FDS": "2", "LISTEN_PID": "1"},
+        {"FORWARDED_ALLOW_IPS": "*"},
+        {"FORWARDED_ALLOW_IPS": " "},
+        {"FORWARDED_ALLOW_IPS": "127.0.0.1, ::1,10.0.0.0/8,"},
+        {"SCRIPT_NAME": ""},
+        {"SCRIPT_NAME": "/wp"},
+        {"SCRIPT_NAME": "/wp/"},
+        {"SCRIPT_NAME": "/a/b-c_d.e~f:g@h!$&'()*+,;="},
+    ],
 )
 def test_values_gunicorn_takes_are_taken(environ):
     config.check_gunicorn_environment(environ)

@@ -13,7 +13,7 @@ from doubles import wait_until
 
 TESTS = Path(__file__).resolve().parent
 
-INNER_TEST = '''
+INNER_TEST = """
 import subprocess, threading
 
 def test_holds_a_server(tmp_path):
@@ -25,7 +25,7 @@ def test_holds_a_server(tmp_path):
     finally:
         child.kill()
         child.wait()
-'''
+"""
 
 
 @pytest.mark.e2e
@@ -42,6 +42,7 @@ def test_a_runner_stopped_by_sigterm_still_stops_the_processes_its_tests_started
     )
     child = None
     try:
+
         def started() -> str:
             assert runner.poll() is None, runner.stdout.read().decode()
             return pid_file.exists() and pid_file.read_text()

@@ -30,9 +30,23 @@ def generated(tmp_path_factory):
     settings = root / "generator.json"
     settings.write_text(json.dumps({"post_hooks": []}))  # no formatter run: ruff's version is ours to pin
     result = subprocess.run(
-        [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec), "--meta", "none",
-         "--output-path", str(root / PACKAGE), "--config", str(settings)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "openapi_python_client",
+            "generate",
+            "--path",
+            str(spec),
+            "--meta",
+            "none",
+            "--output-path",
+            str(root / PACKAGE),
+            "--config",
+            str(settings),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Warning" not in result.stdout, result.stdout  # a skipped operation or model would hide here

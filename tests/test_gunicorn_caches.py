@@ -11,7 +11,13 @@ from gunicorn.http import message
 from service import gunicorn_caches
 
 PEERS = [
-    ("127.0.0.1", 1), ("10.1.2.3", 2), ("192.168.0.9", 3), ("::1", 4), ("fe80::1", 5), ("not an ip", 6), "/run/g.sock"
+    ("127.0.0.1", 1),
+    ("10.1.2.3", 2),
+    ("192.168.0.9", 3),
+    ("::1", 4),
+    ("fe80::1", 5),
+    ("not an ip", 6),
+    "/run/g.sock",
 ]
 
 

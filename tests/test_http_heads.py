@@ -177,8 +177,19 @@ def test_a_request_line_too_long_names_the_limit_whatever_its_length(port, lengt
         b"GET /healthz HTTP/1.1 ",
     ],
     ids=[
-        "http-2.0", "http-0.9", "no-version", "malformed", "lowercase", "short-method", "no-slash", "star", "latin-1",
-        "tab-before-version", "tab-after-method", "two-spaces", "trailing-space",
+        "http-2.0",
+        "http-0.9",
+        "no-version",
+        "malformed",
+        "lowercase",
+        "short-method",
+        "no-slash",
+        "star",
+        "latin-1",
+        "tab-before-version",
+        "tab-after-method",
+        "two-spaces",
+        "trailing-space",
     ],  # fmt: skip
 )
 def test_a_request_line_without_http_1_is_refused_400_with_a_status_line(port, line):
@@ -207,8 +218,13 @@ def test_a_request_line_without_http_1_is_refused_400_with_a_status_line(port, l
         (b"1.1", b"Content-Length: -1\r\n"),
     ],
     ids=[
-        "length-and-chunked", "chunked-and-length", "chunked-http-1.0", "two-lengths", "conflicting-lengths",
-        "signed-length", "negative-length",
+        "length-and-chunked",
+        "chunked-and-length",
+        "chunked-http-1.0",
+        "two-lengths",
+        "conflicting-lengths",
+        "signed-length",
+        "negative-length",
     ],  # fmt: skip
 )
 def test_a_body_whose_length_is_ambiguous_is_refused_400_and_queues_nothing(port, version, fields):

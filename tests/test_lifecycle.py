@@ -38,7 +38,9 @@ def start(pool, clock=None):
     drained = []
     done = threading.Event()
     controller = ShutdownController(
-        pool, 20, on_drained=lambda summary: (drained.append(summary), done.set()),
+        pool,
+        20,
+        on_drained=lambda summary: (drained.append(summary), done.set()),
         clock=(clock or FakeClock()).monotonic,
     )
     controller.start()
@@ -56,8 +58,15 @@ def test_the_first_signal_drains_with_the_timeout():
     assert controller.join(TIMEOUT)
 
 
-@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT),
-                                           (signal.SIGTERM, signal.SIGQUIT), (signal.SIGQUIT, signal.SIGINT)])
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (signal.SIGTERM, signal.SIGTERM),
+        (signal.SIGINT, signal.SIGINT),
+        (signal.SIGTERM, signal.SIGQUIT),
+        (signal.SIGQUIT, signal.SIGINT),
+    ],
+)
 def test_a_later_second_signal_pulls_the_deadline_in(first, second):
     pool = FakePool()
     clock = FakeClock()

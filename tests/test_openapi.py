@@ -90,7 +90,6 @@ TOKEN = "fuzz-t0ken-0123456789"
 GUARDED = make_harness(_fail_odd_payloads, config=dataclasses.replace(TEST_CONFIG, api_token=TOKEN), queue_size=1000)
 
 
-
 class _StoreDown(MemoryStore):
     """A store every request finds down, as when its Redis server stopped (``down`` until the tests end)."""
 

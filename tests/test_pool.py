@@ -352,14 +352,15 @@ def test_cancelling_the_last_unfinished_task_ends_the_drain_at_once(make_pool, c
     # The drain used to sleep on until its deadline: a cancel did not wake it. The fake clock stands
     # still, so here it would never have ended; the drain thread is joined without waking it.
     log = AttemptLog()
-    pool = make_pool(always_fail if wait == "backoff" else instant, workers=1, backoff_base=100, backoff_cap=100,
-                     observers=[log])
+    pool = make_pool(
+        always_fail if wait == "backoff" else instant, workers=1, backoff_base=100, backoff_cap=100, observers=[log]
+    )
     pool.submit("a", "", 1, delay=100.0 if wait == "delay" else 0.0)
     if wait == "backoff":
         log.wait_for("a", State.QUEUED)  # its first attempt failed: it waits 100 s for its retry
     before = set(threading.enumerate())
     assert pool.shutdown(timeout=1000, wait=False) is None
-    drain, = (t for t in set(threading.enumerate()) - before if t.name == "workerpool-drain")
+    (drain,) = (t for t in set(threading.enumerate()) - before if t.name == "workerpool-drain")
     assert pool.cancel("a").state is State.CANCELLED
     drain.join(TIMEOUT)
     assert not drain.is_alive(), "the drain did not end when nothing was left to drain"
@@ -1720,9 +1721,7 @@ def test_a_cancel_between_the_claim_and_the_attempts_start_reaches_its_handler(m
     assert not pool._cancel_early
 
 
-def test_a_cancel_between_the_claim_with_the_last_end_and_the_next_attempts_start_reaches_its_handler(
-    make_pool, clock
-):
+def test_a_cancel_between_the_claim_with_the_last_end_and_the_next_attempts_start_reaches_its_handler(make_pool, clock):
     seen = []
     release = threading.Event()
 
@@ -1763,7 +1762,6 @@ def test_an_attempt_of_a_process_found_gone_is_logged_lost_once_saying_why(make_
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task orphan")]
     assert line == "task orphan attempt 1 lost: the process running it stopped (it no longer exists on this host)"
     store.close()
-
 
 
 class DrainFails(MemoryStore):

@@ -114,8 +114,9 @@ def test_a_stopped_redis_gets_503s_and_a_restarted_one_resumes_every_task(redis_
     assert "redis" in health["store_error"]
     # The held attempts end now, and their ends wait for Redis.
     wait_until(
-        lambda: len(re.findall(r"task hold-\d attempt 1 ended, but the store is unavailable", service.server.log()))
-        >= 2,
+        lambda: (
+            len(re.findall(r"task hold-\d attempt 1 ended, but the store is unavailable", service.server.log())) >= 2
+        ),
         timeout=20,
         what="both held attempts to end while Redis is down",
     )
@@ -224,7 +225,9 @@ def test_a_drain_holds_its_deadline_on_a_paused_redis_and_says_what_it_left_to_l
             assert summary is not None, log
             # The deadline (2 s) and the store's grace (1 s), the join of the threads blocked in it included.
             assert float(summary[1]) < 2 + 1 + 0.5, summary[0]
-            assert summary[0].endswith("2 running, 0 done, 0 failed, 0 cancelled; 0 abandoned; "
-                                       "2 attempt(s) left to their leases: the store was unavailable"), summary[0]
+            assert summary[0].endswith(
+                "2 running, 0 done, 0 failed, 0 cancelled; 0 abandoned; "
+                "2 attempt(s) left to their leases: the store was unavailable"
+            ), summary[0]
         finally:
             service.server.stop()

@@ -84,6 +84,7 @@ def test_an_instance_with_a_smaller_bound_tells_how_many_tasks_the_store_holds_w
     assert (refused.waiting, refused.delayed, refused.capacity) == (5, 5, 3)
     assert str(refused) == "queue is full (5 tasks waiting)"
 
+
 def test_a_refusal_whose_place_freed_before_its_figures_were_read_does_not_say_to_wait_for_a_delayed_task(
     make, clock, monkeypatch
 ):
@@ -744,6 +745,7 @@ def test_a_forked_child_talks_to_redis_on_a_connection_of_its_own(make, clock):
     assert store._client() is parent_client
     assert [t.id for t in store.list()] == ["child", "parent"]
 
+
 def test_an_admitted_task_is_queued_at_its_due_time_and_stores_only_its_fields(make, server, clock):
     store = make()
     store.admit([Task("later", "p", 1, created_at=clock.time() + 0.5)])
@@ -1255,7 +1257,6 @@ def test_scripts_read_numbers_with_one_strtod_each(make):
     assert all("local function num(text) return text + 0 end" in script.script for script in store._scripts.values())
 
 
-
 def _pause(seconds: float) -> None:
     """Let ``seconds`` pass (the length of an outage, not a wait for another thread)."""
     threading.Event().wait(seconds)
@@ -1293,6 +1294,7 @@ def test_an_attempt_still_running_through_a_redis_outage_longer_than_its_lease_i
     gate = Gate()
     pools = []
     try:
+
         def pool(store_class, handler) -> WorkerPool:
             store = store_class(server.client(0.3), capacity=4, ttl=60, max_finished=10, clock=time.time)
             pools.append(WorkerPool(handler, store=store, workers=1, lease=lease))
@@ -1358,11 +1360,17 @@ def test_a_redis_that_evicts_keys_without_expiry_is_warned_about_at_start(server
     ("commands", "expected"),
     [
         # an ACL user denied @dangerous, INFO with it: the policy cannot be read, and that is said
-        (["+@all", "-@dangerous"], "did not tell its maxmemory-policy (redis: this user has no permissions to run the"
-         " 'info' command; INFO is in the @dangerous category: grant the user +info): make sure it is noeviction; an"
-         " allkeys-* policy evicts task data at maxmemory, and those tasks are lost"),
-        (["+@all", "-@dangerous", "+info"], "has maxmemory-policy allkeys-lru: at maxmemory it evicts task data, and"
-         " those tasks are lost; set maxmemory-policy noeviction (a full Redis then refuses submissions with 503)"),
+        (
+            ["+@all", "-@dangerous"],
+            "did not tell its maxmemory-policy (redis: this user has no permissions to run the"
+            " 'info' command; INFO is in the @dangerous category: grant the user +info): make sure it is noeviction; an"
+            " allkeys-* policy evicts task data at maxmemory, and those tasks are lost",
+        ),
+        (
+            ["+@all", "-@dangerous", "+info"],
+            "has maxmemory-policy allkeys-lru: at maxmemory it evicts task data, and"
+            " those tasks are lost; set maxmemory-policy noeviction (a full Redis then refuses submissions with 503)",
+        ),
     ],
 )
 def test_an_acl_user_that_may_not_read_the_eviction_policy_is_warned_it_is_unknown(server, commands, expected, capsys):

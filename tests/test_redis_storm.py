@@ -166,9 +166,7 @@ def test_an_instance_killed_mid_storm_loses_no_accepted_task(tmp_path, seconds):
             for port in ports:
                 client = Client(port)
                 wait_until(lambda c=client: c.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
-            storms = [
-                Traffic(port, max_body_bytes=MAX_BODY_BYTES, seed=SEED * 10 + n) for n, port in enumerate(ports)
-            ]
+            storms = [Traffic(port, max_body_bytes=MAX_BODY_BYTES, seed=SEED * 10 + n) for n, port in enumerate(ports)]
             for traffic in storms:
                 traffic.start(CLIENTS_PER_INSTANCE)
             pause(seconds / 2)

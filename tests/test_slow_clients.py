@@ -34,8 +34,9 @@ def start(tmp_path):
 
     def start(command: list[str], **env: str) -> Client:
         settings = {"HOST": "127.0.0.1", "PORT": "0", "WORK_MIN_MS": "0", "WORK_MAX_MS": "0", **env}
-        server = ServerProcess(command, log_path=tmp_path / f"server{len(servers)}.log",
-                               env=clean_environment(**settings))
+        server = ServerProcess(
+            command, log_path=tmp_path / f"server{len(servers)}.log", env=clean_environment(**settings)
+        )
         servers.append(server)
         client = Client(server.wait_for_port(LISTENING))
         client.server = server  # type: ignore[attr-defined]
@@ -117,7 +118,6 @@ def test_slow_and_silent_clients_leave_gunicorns_threads_to_others(start):
     assert timed_health(client) < 5
 
 
-
 def test_with_every_gunicorn_connection_taken_the_longest_waiting_makes_room(start):
     # gthread stopped accepting at worker_connections: clients waited in the backlog until a slow one gave up.
     client = start([*GUNICORN, "--worker-connections", "40"])
@@ -126,12 +126,11 @@ def test_with_every_gunicorn_connection_taken_the_longest_waiting_makes_room(sta
     assert ends_within(slow[0], 10)
 
 
-
 @pytest.mark.parametrize("command", [GUNICORN, APP], ids=["gunicorn", "app.py"])
 def test_a_request_not_sent_in_time_is_given_up(start, command):
     client = start(command, REQUEST_TIMEOUT_S="1")
-    partial_head, = client.open(1, PARTIAL_HEAD)
-    partial_body, = client.open(1, PARTIAL_BODY)
+    (partial_head,) = client.open(1, PARTIAL_HEAD)
+    (partial_body,) = client.open(1, PARTIAL_BODY)
     assert ends_within(partial_head, 8)
     assert ends_within(partial_body, 8)
     assert client.request("GET", "/tasks/slow")[0] == 404  # never accepted
@@ -159,9 +158,10 @@ def test_python_app_py_answers_health_checks_beside_slow_clients(start):
 
 def test_pipelined_requests_on_a_kept_alive_connection_are_answered(start):
     client = start(GUNICORN)
-    sock, = client.open(1)
-    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
-                 b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    (sock,) = client.open(1)
+    sock.sendall(
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
     answers = read_to_end(sock, 10)  # both answered, then closed as asked
     assert answers is not None and answers.count(b"HTTP/1.1 200 ") == 2, answers
 
@@ -178,8 +178,11 @@ def test_pipelined_requests_on_a_kept_alive_connection_are_answered(start):
 def test_a_body_sent_after_100_continue_is_read(start, command, expect):
     client = start(command)
     body = b'{"id": "continued", "payload": ""}'
-    sock, = client.open(1, b"POST /enqueue HTTP/1.1\r\nHost: a\r\n" + expect + b"Connection: close\r\n"
-                           b"Content-Length: %d\r\n\r\n" % len(body))
+    (sock,) = client.open(
+        1,
+        b"POST /enqueue HTTP/1.1\r\nHost: a\r\n" + expect + b"Connection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body),
+    )
     sock.settimeout(10)
     interim = b""
     while b"\r\n\r\n" not in interim and (data := sock.recv(65536)):  # the interim answer may come in pieces
@@ -195,12 +198,20 @@ def test_a_body_sent_after_100_continue_is_read(start, command, expect):
 
 def test_a_client_that_stops_reading_a_large_response_frees_its_thread(start):
     # A blocking write had no deadline: 8 such clients (one per request thread) took the service down.
-    client = start(GUNICORN, REQUEST_TIMEOUT_S="1", MAX_RESULT_BYTES="2000000",
-                   TASK_HANDLER="faults:returns_a_large_result", PYTHONPATH=str(Path(__file__).parent))
+    client = start(
+        GUNICORN,
+        REQUEST_TIMEOUT_S="1",
+        MAX_RESULT_BYTES="2000000",
+        TASK_HANDLER="faults:returns_a_large_result",
+        PYTHONPATH=str(Path(__file__).parent),
+    )
     for n in range(8):  # results of 1 MB each: the listing of the 8 is about 8 MB
         assert client.request("POST", "/enqueue", b'{"id": "big%d", "payload": "1000000"}' % n)[0] == 202
-    wait_until(lambda: all(client.json("GET", f"/tasks/big{n}")[1]["state"] == "done" for n in range(8)),
-               timeout=20, what="the 8 tasks to be done")
+    wait_until(
+        lambda: all(client.json("GET", f"/tasks/big{n}")[1]["state"] == "done" for n in range(8)),
+        timeout=20,
+        what="the 8 tasks to be done",
+    )
     readers = []
     for _ in range(8):
         sock = socket.socket()
@@ -210,8 +221,11 @@ def test_a_client_that_stops_reading_a_large_response_frees_its_thread(start):
         readers.append(sock)  # never read until the server gave up
     try:
         assert timed_health(client) < 8  # a thread is free once the server gave up (1 s without progress)
-        log = wait_until(lambda: (text := client.server.log()).count("took nothing of the response") == 8 and text,
-                         timeout=20, what="the server to give up on the 8 clients that stopped reading")
+        log = wait_until(
+            lambda: (text := client.server.log()).count("took nothing of the response") == 8 and text,
+            timeout=20,
+            what="the server to give up on the 8 clients that stopped reading",
+        )
         assert "closed the connection from 127.0.0.1:" in log and "to GET /tasks for 1 s" in log
         assert "Traceback" not in log and "Socket error" not in log
         for sock in readers:
@@ -230,8 +244,7 @@ HELD_BACK_BODIES = [
     # Waiting for 100 Continue, or sending nothing after it.
     b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n",
     # The same with the field repeated, which gunicorn's parser takes as one.
-    b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nExpect: 100-continue\r\n"
-    b"Content-Length: 50\r\n\r\n",
+    b"POST /enqueue HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n",
     # A body over 1 MiB (within the batch limit), one byte of it sent.
     b"POST /enqueue/batch HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n{",
 ]
@@ -269,9 +282,7 @@ def test_a_head_over_64_kib_is_refused_431_without_taking_a_thread(start, reques
         assert b"longer than 65536 bytes" in answer
 
 
-@pytest.mark.parametrize(
-    "chunks", [[66000], [10000] * 7], ids=["one-chunk-past-the-limit", "chunks-past-the-limit"]
-)
+@pytest.mark.parametrize("chunks", [[66000], [10000] * 7], ids=["one-chunk-past-the-limit", "chunks-past-the-limit"])
 def test_a_chunked_body_past_its_limit_is_answered_413_at_once(start, chunks):
     # It was read on to 64 KiB past the limit (MAX_BODY_BYTES, 64 KiB): a client still sending got
     # nothing until REQUEST_TIMEOUT_S, then a 413, or a 408 (which says to send it again).

@@ -409,8 +409,13 @@ def _gunicorn(tmp_path: Path, db: Path, name: str, **env: str) -> tuple[ServerPr
         log_path=tmp_path / f"{name}.log",
         env=clean_environment(
             **{
-                "STORE": f"sqlite://{db}", "WORK_MIN_MS": "20", "WORK_MAX_MS": "60", "BACKOFF_BASE_MS": "10",
-                "BACKOFF_CAP_MS": "50", "SHUTDOWN_TIMEOUT_S": "10", **env,
+                "STORE": f"sqlite://{db}",
+                "WORK_MIN_MS": "20",
+                "WORK_MAX_MS": "60",
+                "BACKOFF_BASE_MS": "10",
+                "BACKOFF_CAP_MS": "50",
+                "SHUTDOWN_TIMEOUT_S": "10",
+                **env,
             }
         ),
     )

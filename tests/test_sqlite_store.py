@@ -99,6 +99,7 @@ def test_a_store_with_a_smaller_bound_tells_how_many_tasks_the_file_holds_waitin
     assert (refused.waiting, refused.delayed, refused.capacity) == (5, 5, 3)
     assert str(refused) == "queue is full (5 tasks waiting)"
 
+
 def test_each_task_is_claimed_once_by_competing_stores_and_threads(open_store, clock):
     stores = [open_store(capacity=1000) for _ in range(2)]
     stores[0].admit([task(clock, f"t{n}") for n in range(200)])
@@ -740,9 +741,7 @@ def test_an_admission_waits_the_busy_timeout_once_behind_a_step_waiting_for_anot
     assert [t.id for t in store.admit([task(clock, "a")])] == ["a"]
 
 
-def test_an_admission_whose_time_ran_out_while_waiting_leaves_the_batch_and_the_others_wait_on(
-    open_store, clock, db
-):
+def test_an_admission_whose_time_ran_out_while_waiting_leaves_the_batch_and_the_others_wait_on(open_store, clock, db):
     store = open_store(busy_timeout=WAIT_S)
     # One that waited for this process's lock past its deadline, taken with the next one's batch.
     late = sqlite_store._Admission([(task(clock, "late"), '"p"')], time.monotonic())
@@ -1659,10 +1658,7 @@ def test_a_write_step_begins_and_commits_with_one_call_into_sqlite_each(open_sto
     assert calls == ["execute"]  # one task: one statement, which commits itself
 
 
-
-def test_an_admission_leaves_the_checkpoint_to_the_other_steps_unless_they_left_it_long(
-    open_store, clock, monkeypatch
-):
+def test_an_admission_leaves_the_checkpoint_to_the_other_steps_unless_they_left_it_long(open_store, clock, monkeypatch):
     # A submitter waiting for a checkpoint's fsyncs holds up the tasks it would submit next.
     monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY", 2)
     monkeypatch.setattr(sqlite_store, "_ADMISSION_CHECKPOINTS_AFTER", 5)
@@ -1736,8 +1732,9 @@ def test_a_new_connection_whose_first_statement_meets_a_lock_waits_for_it(open_s
     assert isinstance(found, Task) and found.state is State.QUEUED, found
 
 
-def test_a_new_connection_that_stays_locked_is_a_store_failure_not_an_error_of_sqlite(open_store, clock, db,
-                                                                                        monkeypatch):
+def test_a_new_connection_that_stays_locked_is_a_store_failure_not_an_error_of_sqlite(
+    open_store, clock, db, monkeypatch
+):
     store = open_store(busy_timeout=0.05)
     store.admit([task(clock, "t")])
     _new_connections_meet_a_lock(monkeypatch, db, times=math.inf)
@@ -1757,9 +1754,7 @@ def test_a_step_whose_rollback_was_cut_short_has_its_writes_rolled_back_by_the_n
 
 
 @pytest.mark.slow
-def test_an_attempt_still_running_while_the_file_is_locked_longer_than_its_lease_is_renewed_not_lost(
-    tmp_path, caplog
-):
+def test_an_attempt_still_running_while_the_file_is_locked_longer_than_its_lease_is_renewed_not_lost(tmp_path, caplog):
     # As tests/test_redis_store.py does with Redis out: another connection holds the write lock for 2.5
     # leases, so no process can renew or sweep. Once the lock is released the sweeper sweeps first (the
     # owner's renewals wait for that); it holds back the leases that expired meanwhile, and the owner renews.
@@ -1786,6 +1781,7 @@ def test_an_attempt_still_running_while_the_file_is_locked_longer_than_its_lease
     gate = Gate()
     pools = []
     try:
+
         def pool(store_class, handler) -> WorkerPool:
             pools.append(WorkerPool(handler, store=store_class(db, busy_timeout=0.3), workers=1, lease=lease))
             return pools[-1]

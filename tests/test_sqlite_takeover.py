@@ -38,8 +38,14 @@ _MIGRATE = Path("/proc/sys/net/ipv4/tcp_migrate_req")  # Linux 5.14+
 MIGRATE_REQ = _MIGRATE.read_text().strip() if _MIGRATE.exists() else "absent"
 # Short attempts, a queue that never fills: every refusal is the takeover's.
 SETTINGS = {
-    "WORKERS": "2", "QUEUE_SIZE": "100000", "WORK_MIN_MS": "1", "WORK_MAX_MS": "5", "FAILURE_RATE": "0.2",
-    "BACKOFF_BASE_MS": "10", "BACKOFF_CAP_MS": "50", "SHUTDOWN_TIMEOUT_S": "10",
+    "WORKERS": "2",
+    "QUEUE_SIZE": "100000",
+    "WORK_MIN_MS": "1",
+    "WORK_MAX_MS": "5",
+    "FAILURE_RATE": "0.2",
+    "BACKOFF_BASE_MS": "10",
+    "BACKOFF_CAP_MS": "50",
+    "SHUTDOWN_TIMEOUT_S": "10",
 }
 
 
@@ -110,8 +116,10 @@ def start(tmp_path: Path, name: str, *args: str, **env: str) -> ServerProcess:
 
 
 def report(what: str, load: Load, states: Counter[str]) -> None:
-    print(f"\n{what}: {len(load.accepted)} accepted, {dict(states)}; "
-          f"{sum(load.failures.values())} requests failed {dict(load.failures)}")
+    print(
+        f"\n{what}: {len(load.accepted)} accepted, {dict(states)}; "
+        f"{sum(load.failures.values())} requests failed {dict(load.failures)}"
+    )
 
 
 def kill_group(pgid: int) -> None:
@@ -131,8 +139,11 @@ def test_a_reload_under_load_refuses_no_request_and_keeps_every_task(tmp_path, w
             load.go_on()
             old = worker_pids(server.proc.pid)
             os.kill(server.proc.pid, signal.SIGHUP)
-            wait_until(lambda: len(p := worker_pids(server.proc.pid)) == workers and not p & old, timeout=30,
-                       what="new workers")
+            wait_until(
+                lambda: len(p := worker_pids(server.proc.pid)) == workers and not p & old,
+                timeout=30,
+                what="new workers",
+            )
             load.go_on()
         finally:
             load.stop()

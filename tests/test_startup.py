@@ -200,9 +200,7 @@ def test_make_run_passes_its_arguments_to_gunicorn_in_the_same_process():
     assert "Traceback" not in output
 
 
-@pytest.mark.parametrize(
-    "command", [GUNICORN, RUN_GUNICORN, APP], ids=["gunicorn", "run_gunicorn.py", "python app.py"]
-)
+@pytest.mark.parametrize("command", [GUNICORN, RUN_GUNICORN, APP], ids=["gunicorn", "run_gunicorn.py", "python app.py"])
 def test_a_start_up_error_is_a_json_line_with_log_format_json(command, tmp_path):
     """With LOG_FORMAT=json every line but the exit-2 ones was JSON: those were plain text, unreadable to a shipper
     that parses each line."""
@@ -226,9 +224,7 @@ def test_gunicorn_refuses_a_worker_class_that_does_not_drain(worker_class):
     result = start([*GUNICORN, "-k", worker_class])
     assert result.returncode == 2
     output = result.stdout + result.stderr
-    assert (
-        "configuration error: worker class gunicorn.workers.gthread.ThreadWorker does not run this service" in output
-    )
+    assert "configuration error: worker class gunicorn.workers.gthread.ThreadWorker does not run this service" in output
     assert "Listening at" not in output
     assert "Traceback" not in output
 
@@ -363,7 +359,11 @@ def test_check_listen_names_what_is_wrong():
 def test_an_old_python_is_named_at_start_up():
     pretend = "import sys; sys.version_info = (3, 10, 13, 'final', 0); import config"
     result = subprocess.run(
-        [sys.executable, "-c", pretend], cwd=PROJECT_ROOT, env=clean_environment(), capture_output=True, text=True,
+        [sys.executable, "-c", pretend],
+        cwd=PROJECT_ROOT,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
         timeout=30,
     )
     assert result.returncode == 2
@@ -377,7 +377,10 @@ def test_make_refuses_an_old_python_before_creating_the_venv(tmp_path):
     venv = tmp_path / "venv"
     result = subprocess.run(
         ["make", "-s", f"PYTHON={old_python}", f"VENV={venv}", f"{venv}/bin/python"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert f"workerpool needs Python 3.11 or newer; {old_python} is Python 3.10.13" in result.stderr

@@ -174,8 +174,9 @@ def gunicorn(tmp_path):
     def start(workers: int = 1, **settings: str) -> Gunicorn:
         pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
         env = clean_environment(HOST="127.0.0.1", PORT="0", PYTHONPATH=pythonpath, **settings)
-        server = ServerProcess([*GUNICORN, "-w", str(workers)], log_path=tmp_path / f"gunicorn{len(servers)}.log",
-                               env=env)
+        server = ServerProcess(
+            [*GUNICORN, "-w", str(workers)], log_path=tmp_path / f"gunicorn{len(servers)}.log", env=env
+        )
         servers.append(server)
         return Gunicorn(server, workers)
 
@@ -427,8 +428,10 @@ def test_a_long_run_of_tasks_keeps_memory_bounded(gunicorn):
     print(f"\nsoak: {SOAK_TASKS} tasks in {seconds:.1f} s ({SOAK_TASKS / seconds:.0f} tasks/s), {SOAK_CLIENTS} clients")
     print(f"resent: {dict(clients.resent)}; unexpected: {dict(clients.unexpected)}")
     print("tasks accepted -> worker RSS (MiB): " + ", ".join(f"{c}: {r / 1024:.1f}" for c, r in samples))
-    print(f"after the drain: {final_rss / 1024:.1f} MiB; growth from 25 %: {growth / 1024:.2f} MiB; "
-          f"retained: {health['tasks']}; worker threads {threads_before} -> {service.threads()}")
+    print(
+        f"after the drain: {final_rss / 1024:.1f} MiB; growth from 25 %: {growth / 1024:.2f} MiB; "
+        f"retained: {health['tasks']}; worker threads {threads_before} -> {service.threads()}"
+    )
 
     assert len(samples) == SOAK_TASKS // SAMPLE_EVERY
     assert growth <= RSS_GROWTH_LIMIT_KIB, f"the worker grew by {growth} KiB after warming up"
@@ -444,8 +447,15 @@ def test_a_long_run_of_tasks_keeps_memory_bounded(gunicorn):
 # -- 3. faulty handlers ---------------------------------------------------------------------
 
 
-FAULTS = {"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG", "WORKERS": "2", "QUEUE_SIZE": "1000",
-          "BACKOFF_BASE_MS": "1", "BACKOFF_CAP_MS": "10", "MAX_RETRIES_LIMIT": "5"}
+FAULTS = {
+    "LOG_FORMAT": "json",
+    "LOG_LEVEL": "DEBUG",
+    "WORKERS": "2",
+    "QUEUE_SIZE": "1000",
+    "BACKOFF_BASE_MS": "1",
+    "BACKOFF_CAP_MS": "10",
+    "MAX_RETRIES_LIMIT": "5",
+}
 COPIES = [pytest.param(3, id="x3"), pytest.param(100, id="x100", marks=long_variant(300))]
 
 
@@ -468,8 +478,17 @@ def expected_for_raises(payload: str, max_retries: int) -> tuple[str, int]:
     return f"failed after {attempts} attempt(s): {error} on attempt {attempts}", max_retries
 
 
-RAISES = [("ok", 0), ("error:1", 0), ("error:1", 1), ("error:2", 3), ("error:1000", 2), ("error:1000", 5),
-          ("exit:1", 1), ("exit:1000", 1), ("permanent", 3)]
+RAISES = [
+    ("ok", 0),
+    ("error:1", 0),
+    ("error:1", 1),
+    ("error:2", 3),
+    ("error:1000", 2),
+    ("error:1000", 5),
+    ("exit:1", 1),
+    ("exit:1000", 1),
+    ("permanent", 3),
+]
 
 
 @pytest.mark.parametrize("copies", COPIES)
@@ -507,8 +526,9 @@ def test_a_handler_result_is_kept_and_one_that_is_not_json_fails_the_task_at_onc
         lines = accounting.tasks[task_id]
         type_name = returned[payload]
         final = (
-            "done after 1 attempt(s)" if type_name is None else
-            f"failed after 1 attempt(s): the handler returned a {type_name}: this pool runs plain functions"
+            "done after 1 attempt(s)"
+            if type_name is None
+            else f"failed after 1 attempt(s): the handler returned a {type_name}: this pool runs plain functions"
         )
         assert (lines.finals, lines.retries) == ([final], []), (task_id, lines)
 
@@ -555,9 +575,7 @@ ONCE_CLOSED = {kind: GONE | {"503 shutting-down"} for kind in ("enqueue", "dupli
 }
 
 
-@pytest.mark.parametrize(
-    "seconds", [pytest.param(1.5, id="1.5s"), pytest.param(20, id="20s", marks=long_variant(300))]
-)
+@pytest.mark.parametrize("seconds", [pytest.param(1.5, id="1.5s"), pytest.param(20, id="20s", marks=long_variant(300))])
 def test_sigterm_during_a_storm_finishes_every_accepted_task(gunicorn, storm, seconds):
     service = gunicorn(**STORM, LOG_FORMAT="json", LOG_LEVEL="DEBUG")
     traffic = storm(service)
@@ -567,7 +585,8 @@ def test_sigterm_during_a_storm_finishes_every_accepted_task(gunicorn, storm, se
     exited = time.time()
     wait_until(
         lambda: any(o.started > exited and o.result == "refused" for o in traffic.so_far()),
-        timeout=10, what="a request after the exit",
+        timeout=10,
+        what="a request after the exit",
     )
     outcomes = traffic.stop()
     print_tally(f"storm, SIGTERM after {seconds} s, seed {SEED}", outcomes)
@@ -576,8 +595,10 @@ def test_sigterm_during_a_storm_finishes_every_accepted_task(gunicorn, storm, se
     assert code == 0
     records = service.records()
     accounting = account(records, traffic.accepted)
-    print(f"tasks: {len(traffic.accepted)} accepted; log: {accounting.done} done, {accounting.failed} failed, "
-          f"{accounting.abandoned} abandoned")
+    print(
+        f"tasks: {len(traffic.accepted)} accepted; log: {accounting.done} done, {accounting.failed} failed, "
+        f"{accounting.abandoned} abandoned"
+    )
     assert accounting.abandoned == 0  # attempts of a few ms: the 10 s drain is ample
 
     before = [o for o in outcomes if o.ended < signalled]
@@ -617,8 +638,9 @@ def check_final_lines(records: list[dict], tasks: dict[str, dict], killed: int) 
 
 @pytest.mark.parametrize("seconds", [pytest.param(4, id="4s"), pytest.param(60, id="60s", marks=long_variant(600))])
 def test_two_workers_on_one_sqlite_file_lose_nothing_when_one_is_killed_mid_storm(gunicorn, storm, tmp_path, seconds):
-    service = gunicorn(**STORM, workers=2, STORE=f"sqlite://{tmp_path / 'tasks.db'}", LOG_FORMAT="json",
-                       LOG_LEVEL="DEBUG")
+    service = gunicorn(
+        **STORM, workers=2, STORE=f"sqlite://{tmp_path / 'tasks.db'}", LOG_FORMAT="json", LOG_LEVEL="DEBUG"
+    )
     arbiter = service.server.proc.pid
     traffic = storm(service)
     pause(seconds / 2)
@@ -643,8 +665,11 @@ def test_two_workers_on_one_sqlite_file_lose_nothing_when_one_is_killed_mid_stor
     tasks = service.tasks(traffic.accepted)
     assert {status for status, _ in tasks.values()} <= {200}, "an accepted task is unknown"
     bodies = {task_id: body for task_id, (_, body) in tasks.items()}
-    wrong = [t for t in bodies.values() if t["state"] not in ("done", "failed") or
-             not 1 <= t["attempts"] <= t["max_retries"] + 1]
+    wrong = [
+        t
+        for t in bodies.values()
+        if t["state"] not in ("done", "failed") or not 1 <= t["attempts"] <= t["max_retries"] + 1
+    ]
     assert not wrong, wrong[:5]
     never = service.states(random.Random(SEED).sample(traffic.refused, min(300, len(traffic.refused))))
     assert set(never) <= {"404"}, f"a refused request left a task behind: {never}"
@@ -662,7 +687,9 @@ def test_two_workers_on_one_sqlite_file_lose_nothing_when_one_is_killed_mid_stor
     assert not twice, [(t, [r["message"] for r in records if r.get("task_id") == t]) for t in twice][:3]
     silent = check_final_lines(records, bodies, killed=1)
     lost = [t for t in bodies.values() if (t["last_error"] or "").startswith("lost:")]
-    print(f"tasks: {len(bodies)} accepted, all final {dict(Counter(t['state'] for t in bodies.values()))}; "
-          f"{len(lost)} with a lost attempt; {len(held)} requests in flight at the kill; "
-          f"{len(traffic.unanswered)} enqueues unanswered ({dict(unanswered)}); {silent} final without a log line; "
-          f"workers {sorted(service.workers)} -> {sorted(replaced)}")
+    print(
+        f"tasks: {len(bodies)} accepted, all final {dict(Counter(t['state'] for t in bodies.values()))}; "
+        f"{len(lost)} with a lost attempt; {len(held)} requests in flight at the kill; "
+        f"{len(traffic.unanswered)} enqueues unanswered ({dict(unanswered)}); {silent} final without a log line; "
+        f"workers {sorted(service.workers)} -> {sorted(replaced)}"
+    )

@@ -93,10 +93,22 @@ WRONG_TYPES: tuple[Callable[[str], object], ...] = (
     lambda tid: {"id": None, "payload": ""},  # an id may be left out, but not null
 )
 UNKNOWN_ROUTES = (("GET", "/nope"), ("POST", "/enqueue/x"), ("GET", "/task/1"), ("DELETE", "/"), ("GET", "/healthz/x"))
-WRONG_METHODS = (("GET", "/enqueue"), ("PUT", "/enqueue"), ("PUT", "/tasks/x"), ("POST", "/healthz"),
-                 ("PATCH", "/tasks"), ("POST", "/metrics"))
-BAD_QUERIES = ("/tasks?state=bogus", "/tasks?limit=0", "/tasks?limit=x", "/tasks?limit=1001", "/tasks?color=red",
-               "/tasks?state=done&state=failed")
+WRONG_METHODS = (
+    ("GET", "/enqueue"),
+    ("PUT", "/enqueue"),
+    ("PUT", "/tasks/x"),
+    ("POST", "/healthz"),
+    ("PATCH", "/tasks"),
+    ("POST", "/metrics"),
+)
+BAD_QUERIES = (
+    "/tasks?state=bogus",
+    "/tasks?limit=0",
+    "/tasks?limit=x",
+    "/tasks?limit=1001",
+    "/tasks?color=red",
+    "/tasks?state=done&state=failed",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -857,9 +857,7 @@ class WorkerPool:
             task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at, lease_until=lease_until
         )
 
-    def _end_not_synced(
-        self, task: Task, exc: StoreNotSynced, claimed: bool
-    ) -> tuple[Task | None, Task | None]:
+    def _end_not_synced(self, task: Task, exc: StoreNotSynced, claimed: bool) -> tuple[Task | None, Task | None]:
         """What a write of the attempt's end did though its fsync failed: it stands, so it is not written again."""
         _log(
             logging.WARNING, task, "task %s attempt %d ended, but the store could not sync it to disk (%s)",

@@ -277,7 +277,10 @@ class MemoryStore(TaskStore):
             tasks = self._tasks
             task = tasks.get(task_id)
             if (
-                error is None and task is not None and task[3] is _RUNNING_STATE and task[4] == attempt
+                error is None
+                and task is not None
+                and task[3] is _RUNNING_STATE
+                and task[4] == attempt
                 and self._running.get(task_id) == owner
             ):  # a success, _finish_attempt()'s hot path spelled out: a call less, once per task
                 ended = (task_id, "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],

@@ -1436,9 +1436,7 @@ class RedisStore(TaskStore):
         if not ids:
             return Renewal(lost=frozenset(), cancel_requested=frozenset())
         lost, cancel = self._run("renew", owner, lease_until, *ids)
-        return Renewal(
-            lost=frozenset(i.decode() for i in lost), cancel_requested=frozenset(i.decode() for i in cancel)
-        )
+        return Renewal(lost=frozenset(i.decode() for i in lost), cancel_requested=frozenset(i.decode() for i in cancel))
 
     def cancel_requested(self, task_ids: Iterable[str]) -> frozenset[str]:
         ids = list(task_ids)

@@ -108,12 +108,16 @@ LOST_GONE = "lost: the process running it stopped (it no longer exists on this h
 _HOSTNAME = socket.gethostname()
 # What ``totals`` counts, besides the states: the queued tasks not yet started, and the generation.
 _TOTALS = (*(state.value for state in State), "waiting", "generation")
-_TOTALS_SCHEMA = """
+_TOTALS_SCHEMA = (
+    """
 CREATE TABLE {name} (
     id INTEGER PRIMARY KEY CHECK (id = 1),
-""" + "".join(f"    {name} INTEGER NOT NULL DEFAULT 0,\n" for name in (*_TOTALS, "health_probes")).rstrip(",\n") + """
+"""
+    + "".join(f"    {name} INTEGER NOT NULL DEFAULT 0,\n" for name in (*_TOTALS, "health_probes")).rstrip(",\n")
+    + """
 );
 """
+)
 _COLUMNS = (
     "id, payload, max_retries, state, attempts, last_error, created_at, started_at, "
     "finished_at, next_attempt_at, request_id, result, cancel_requested"
@@ -225,7 +229,9 @@ DROP INDEX tasks_lease;
 DROP TRIGGER tasks_count_insert;
 DROP TRIGGER tasks_count_update;
 DROP TRIGGER tasks_count_delete;
-""" + _TOTALS_SCHEMA.format(name="totals") + """
+"""
+    + _TOTALS_SCHEMA.format(name="totals")
+    + """
 INSERT INTO totals (id, queued, running, done, failed, cancelled, waiting, generation, health_probes)
 SELECT 1,
     count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = 'running'),
@@ -282,8 +288,12 @@ class _Admission:
     commit: int = 0  # the commit that stored it (for FULL's fsync), 0 if none
 
     def settle(
-        self, outcomes: list[Task | SubmitError], *, failure: str | None = None,
-        error: Exception | None = None, commit: int = 0,
+        self,
+        outcomes: list[Task | SubmitError],
+        *,
+        failure: str | None = None,
+        error: Exception | None = None,
+        commit: int = 0,
     ) -> None:
         """Set what the admission got. ``outcomes`` last: a caller that gave up waiting for the write lock
         reads them without it (see ``SqliteStore._outcome_of``), and must then find the rest set."""
@@ -828,6 +838,7 @@ class SqliteStore(TaskStore):
         ``wait`` seconds if given, else the busy timeout).
         """
         deadline = None if wait is None else time.monotonic() + wait
+
         def snapshot() -> T:
             conn.executescript("BEGIN")  # see _begin_immediate
             try:
@@ -1098,9 +1109,7 @@ class SqliteStore(TaskStore):
             batch += self._admissions
             self._admissions = []
 
-    def _admit_in(
-        self, conn: sqlite3.Connection, batch: list[_Admission], outcomes: list[Task | SubmitError]
-    ) -> int:
+    def _admit_in(self, conn: sqlite3.Connection, batch: list[_Admission], outcomes: list[Task | SubmitError]) -> int:
         """Admit the tasks of ``batch`` in the open transaction, in order; the last generation it wrote, or 0.
 
         Raises ``_AdmissionFailed`` for an error other than SQLite's, naming the admission it came from.
@@ -1173,8 +1182,13 @@ class SqliteStore(TaskStore):
             conn.execute(
                 _INSERT,
                 (
-                    task.id, payload, task.max_retries, task.created_at, task.next_attempt_at,
-                    task.request_id, due,
+                    task.id,
+                    payload,
+                    task.max_retries,
+                    task.created_at,
+                    task.next_attempt_at,
+                    task.request_id,
+                    due,
                 ),
             ).rowcount
         )
@@ -1382,8 +1396,18 @@ class SqliteStore(TaskStore):
         return task
 
     def _finish(
-        self, conn: sqlite3.Connection, task_id: str, attempt: int, owner: str, now: float,
-        error: str | None, result: Any, retry_at: float | None, *, evict: bool = True, count: bool = True,
+        self,
+        conn: sqlite3.Connection,
+        task_id: str,
+        attempt: int,
+        owner: str,
+        now: float,
+        error: str | None,
+        result: Any,
+        retry_at: float | None,
+        *,
+        evict: bool = True,
+        count: bool = True,
     ) -> tuple[Task | None, int, int | None]:
         """End the attempt: its snapshot (None for a late writer), the generation it queued work at (or 0), and
         the finished tasks in totals (read by the same statement, with ``count`` or ``evict``; else None).
@@ -1426,7 +1450,7 @@ class SqliteStore(TaskStore):
         with self._step(synced=False) as conn:
             rows = conn.execute(
                 f"""UPDATE tasks SET lease_until = ?
-                    WHERE state = 'running' AND lease_owner = ? AND id IN ({','.join('?' * len(ids))})
+                    WHERE state = 'running' AND lease_owner = ? AND id IN ({",".join("?" * len(ids))})
                     RETURNING id, cancel_requested""",
                 (lease_until, owner, *ids),
             ).fetchall()
@@ -1493,7 +1517,7 @@ class SqliteStore(TaskStore):
                 dead = [owner for (owner,) in owners if _process_is_gone(owner)]
                 rows = conn.execute(
                     f"""SELECT {_COLUMNS}, lease_owner, lease_until FROM tasks WHERE state = 'running'
-                        AND (lease_until < ? OR lease_owner IN ({','.join('?' * len(dead))}))""",
+                        AND (lease_until < ? OR lease_owner IN ({",".join("?" * len(dead))}))""",
                     (cutoff, *dead),
                 ).fetchall()
                 for row in rows:
@@ -1652,7 +1676,12 @@ class SqliteStore(TaskStore):
         row = conn.execute(
             _END_ATTEMPT if finished is None else _END_ATTEMPT_COUNTING,
             {
-                "id": task_id, "attempt": attempt, "owner": owner, "now": now, "error": error, "retry_at": retry_at,
+                "id": task_id,
+                "attempt": attempt,
+                "owner": owner,
+                "now": now,
+                "error": error,
+                "retry_at": retry_at,
                 "result": None if error is not None or result is None else _json(result),
             },
         ).fetchone()
@@ -1734,6 +1763,8 @@ _ADMISSION = "SELECT generation, waiting, (SELECT created_at FROM tasks ORDER BY
 def _add_to_totals(names: tuple[str, ...]) -> str:
     """The UPDATE adding one parameter to each column of totals in ``names`` (names from _TOTALS only)."""
     return f"UPDATE task_totals SET {', '.join(f'{name} = {name} + ?' for name in names)} WHERE id = 1"
+
+
 _INSERT = f"""INSERT INTO tasks (id, payload, max_retries, state, attempts, created_at, next_attempt_at,
         request_id, due_at, state_seq)
     VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?, {_QUEUED_STATE_SEQ})
@@ -1782,8 +1813,7 @@ def _held_up(waited: float | None) -> str:
 
 def _locked(seconds: float) -> str:
     return (
-        f"the database is locked: its write lock has been out of reach for {seconds:.1f} s "
-        "(another process holds it)"
+        f"the database is locked: its write lock has been out of reach for {seconds:.1f} s (another process holds it)"
     )
 
 
@@ -1869,11 +1899,33 @@ def _json(value: Any) -> str:
 
 
 def _task(row: tuple[Any, ...]) -> Task:
-    (task_id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at,
-     next_attempt_at, request_id, result, cancel_requested) = row
+    (
+        task_id,
+        payload,
+        max_retries,
+        state,
+        attempts,
+        last_error,
+        created_at,
+        started_at,
+        finished_at,
+        next_attempt_at,
+        request_id,
+        result,
+        cancel_requested,
+    ) = row
     return Task(
-        task_id, "" if payload is None else json.loads(payload), max_retries, State(state), attempts, last_error,
-        float(created_at), _real(started_at), _real(finished_at), _real(next_attempt_at), request_id,
+        task_id,
+        "" if payload is None else json.loads(payload),
+        max_retries,
+        State(state),
+        attempts,
+        last_error,
+        float(created_at),
+        _real(started_at),
+        _real(finished_at),
+        _real(next_attempt_at),
+        request_id,
         None if result is None else stored_result(result),
         bool(cancel_requested),
     )
