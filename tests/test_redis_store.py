@@ -10,7 +10,9 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from doubles import FakeClock, Gate, instant, wait_until
@@ -1673,6 +1675,22 @@ def _reply_lost(store: RedisStore, monkeypatch, script: str | None = None) -> No
     monkeypatch.setattr(store, "_run", once)
 
 
+def _claim_reply_lost(store: RedisStore, monkeypatch) -> Callable[..., Any]:
+    """Make the store's next claim that takes a task run in Redis and its reply never reach the client, once;
+    returns the store's own ``_run``, which is back in place once that claim was lost."""
+    run = store._run
+
+    def lose_a_claim_that_took_a_task(name, *args, **kwargs):
+        reply = run(name, *args, **kwargs)
+        if name == "claim" and isinstance(reply, list):
+            monkeypatch.setattr(store, "_run", run)
+            raise StoreUnavailable("redis: Timeout reading from socket")
+        return reply
+
+    monkeypatch.setattr(store, "_run", lose_a_claim_that_took_a_task)
+    return run
+
+
 def _fails_unrun(store: RedisStore, monkeypatch) -> None:
     """Make the store's next script fail on the client without reaching Redis (a refused connection), once."""
     run = store._run
@@ -1892,14 +1910,7 @@ def test_a_pool_that_begins_to_drain_while_a_claim_reply_is_lost_leaves_the_task
     # attempt with no thread to run it; the drain waited for it to its deadline, then failed it abandoned, unrun.
     store = make(clock=time.time)
     ran, summaries = [], []
-    run = store._run
-
-    def lose_a_claim_that_took_a_task(name, *args, **kwargs):
-        reply = run(name, *args, **kwargs)
-        if name == "claim" and isinstance(reply, list):
-            monkeypatch.setattr(store, "_run", run)
-            raise StoreUnavailable("redis: Timeout reading from socket")
-        return reply
+    run = _claim_reply_lost(store, monkeypatch)
 
     def wait(event: threading.Event, seconds: float | None) -> bool:
         if store._run == run and not summaries:  # the claim's reply was lost: the drain begins before its next try
@@ -1907,7 +1918,6 @@ def test_a_pool_that_begins_to_drain_while_a_claim_reply_is_lost_leaves_the_task
             return False
         return event.wait(WAIT_S if seconds is None else min(seconds, WAIT_S))
 
-    monkeypatch.setattr(store, "_run", lose_a_claim_that_took_a_task)
     pool = WorkerPool(lambda task, cancel: ran.append(task.id), store=store, workers=1, wait=wait)
     try:
         pool.submit("y0")
@@ -1940,16 +1950,8 @@ def test_a_claim_whose_reply_was_lost_answers_the_task_it_took_when_asked_again(
 def test_a_pool_whose_claim_reply_was_lost_runs_the_task_it_took(make, monkeypatch):
     store = make(clock=time.time)
     ran = []
-    run = store._run
+    run = _claim_reply_lost(store, monkeypatch)
 
-    def lose_a_claim_that_took_a_task(name, *args, **kwargs):
-        reply = run(name, *args, **kwargs)
-        if name == "claim" and isinstance(reply, list):
-            monkeypatch.setattr(store, "_run", run)
-            raise StoreUnavailable("redis: Timeout reading from socket")
-        return reply
-
-    monkeypatch.setattr(store, "_run", lose_a_claim_that_took_a_task)
     pool = WorkerPool(lambda task, cancel: ran.append(task.id), store=store, workers=1, wait=lambda e, s: e.is_set())
     try:
         pool.submit("y0")
