@@ -21,6 +21,7 @@ from urllib.parse import unquote_plus
 from pythonjsonlogger.json import JsonFormatter
 
 from config import LOG_FORMATS, json_log_line
+from workerpool import current_task
 
 from . import request_id, server_errors
 
@@ -39,15 +40,20 @@ ACCESS_LOGGER = "gunicorn.access"
 
 
 class ContextFilter(logging.Filter):
-    """Give every record ``task_id`` and ``request_id`` attributes (None when unknown)."""
+    """Give every record ``task_id`` and ``request_id`` attributes (None when unknown): those the
+    engine passed, else those of the request being handled, else those of the task whose handler
+    is running (its own lines, and those of any library it calls)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id.current()
-            if record.request_id is None and (answer := server_errors.current_answer()) is not None:
-                record.request_id = answer.request_id  # gunicorn's warning about a request it refuses
+            if record.request_id is None:
+                if (answer := server_errors.current_answer()) is not None:
+                    record.request_id = answer.request_id  # gunicorn's warning about a request it refuses
+                elif (task := current_task()) is not None:
+                    record.request_id = task.request_id
         if not hasattr(record, "task_id"):
-            record.task_id = None
+            record.task_id = task.id if (task := current_task()) is not None else None
         return True
 
 

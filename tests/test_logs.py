@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -12,9 +13,11 @@ import sys
 import threading
 
 import pytest
+from doubles import WAIT_S
 from http_fixtures import PROJECT_ROOT, failing, instant, make_harness
 
 from service import logs
+from workerpool import PoolObserver, Task, WorkerPool, current_task
 
 TASK_LOGGER = "workerpool.pool"
 
@@ -107,6 +110,71 @@ def test_text_lines_keep_the_gunicorn_layout_and_append_the_request_id(capture):
     assert len(lines) == 3
     assert lines[2].endswith("[DEBUG] workerpool.pool: task job-2 done after 1 attempt(s) request_id=rid-text")
     assert lines[2].startswith("[")  # [2026-11-27 10:00:00 +0000] [pid] ...
+
+
+def logging_handler(task, cancel) -> None:
+    """A handler that logs with a logger of its own, and from a coroutine it runs."""
+    logging.getLogger("handlers.mine").info("fetched %s", task.payload)
+
+    async def step() -> None:
+        logging.getLogger("handlers.mine").info("and awaited")
+
+    asyncio.run(step())
+
+
+def test_a_handlers_own_lines_carry_its_task_and_request_ids(capture):
+    out = capture("json", level="INFO")
+    run_one_task(logging_handler, "job-own", "rid-own")
+    logging.getLogger("handlers.mine").info("outside any task")
+    records = [r for r in json_lines(out["stderr"].getvalue()) if r["logger"] == "handlers.mine"]
+    assert [(r["message"], r["task_id"], r["request_id"]) for r in records] == [
+        ("fetched ", "job-own", "rid-own"),
+        ("and awaited", "job-own", "rid-own"),
+        ("outside any task", None, None),
+    ]
+
+
+def test_a_handlers_own_text_lines_carry_the_request_id(capture):
+    out = capture("text", level="INFO")
+    run_one_task(logging_handler, "job-own-text", "rid-own-text")
+    lines = [line for line in out["stderr"].getvalue().splitlines() if "handlers.mine" in line]
+    assert [line.split("handlers.mine: ")[1] for line in lines] == [
+        "fetched  request_id=rid-own-text",
+        "and awaited request_id=rid-own-text",
+    ]
+
+
+class RunningTaskSeen(PoolObserver):
+    """Notes, on the worker thread, which task is running as an attempt starts and once it ended."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Task | None]] = []
+        self.ended = threading.Event()
+
+    def attempt_started(self, task: Task) -> None:
+        self.seen.append(("started", current_task()))
+
+    def attempt_finished(self, task: Task, seconds: float) -> None:
+        self.seen.append(("finished", current_task()))
+        self.ended.set()
+
+
+def test_the_running_task_is_known_only_during_its_handler():
+    observer = RunningTaskSeen()
+
+    def handler(task: Task, cancel: threading.Event) -> None:
+        observer.seen.append(("handler", current_task()))
+
+    pool = WorkerPool(handler, workers=1, observers=[observer])
+    try:
+        pool.submit("t-1", None, request_id="rid-1")
+        assert observer.ended.wait(WAIT_S)
+    finally:
+        pool.shutdown(timeout=WAIT_S)
+    (started, running, finished) = observer.seen
+    assert started == ("started", None) and finished == ("finished", None)
+    assert running[0] == "handler" and (running[1].id, running[1].request_id) == ("t-1", "rid-1")
+    assert current_task() is None
 
 
 def test_a_json_line_escapes_the_unicode_line_separators_that_line_readers_split_on(capture):

@@ -1,6 +1,7 @@
 """An in-process task engine: bounded admission, worker threads, retries with backoff."""
 
 from .backoff import backoff_bound, compute_backoff
+from .current import current_task
 from .errors import (
     AttemptCancelled,
     DuplicateTask,
@@ -55,6 +56,7 @@ __all__ = [
     "WorkerPool",
     "backoff_bound",
     "compute_backoff",
+    "current_task",
     "event_wait",
     "new_task_id",
 ]

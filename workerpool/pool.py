@@ -29,6 +29,7 @@ from typing import Any
 
 from .backoff import compute_backoff
 from .bounded_json import TooLong, dumps_within
+from .current import running as _running_task
 from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StorePartlyAdmitted, StoreUnavailable, SubmitError
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
@@ -670,8 +671,12 @@ class WorkerPool:
                 _log(logging.DEBUG, task, "task %s attempt %d started", task.id, task.attempts)
             if self._on_started:
                 _notify(self._on_started, task)
+            running = _running_task.set(task)  # the handler's own log lines carry the task and request ids
             try:
-                returned = self._handler(task, attempt.cancel)
+                try:
+                    returned = self._handler(task, attempt.cancel)
+                finally:
+                    _running_task.reset(running)
             except BaseException as exc:  # even SystemExit: it would end this thread silently
                 # A timed-out attempt's retry was scheduled by the watchdog (read without the lock: a
                 # stale False only draws a backoff that _end_attempt then drops).
