@@ -392,6 +392,35 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
     assert log.events == []  # the late result was dropped, not reported
 
 
+def test_a_task_claimed_with_the_last_end_as_the_drain_abandons_it_never_starts(make_pool):
+    # The worker claims its next task in the same store step as its last attempt's end, and registers
+    # it only after the observers heard of that end: here the drain abandons both meanwhile.
+    hearing, heard = threading.Event(), threading.Event()
+    ran = []
+
+    class SlowToHear(PoolObserver):
+        def attempt_finished(self, task, seconds):
+            if task.id == "first":
+                hearing.set()
+                assert heard.wait(TIMEOUT)
+
+    def handler(task, cancel):
+        ran.append((task.id, cancel.is_set()))
+
+    pool = make_pool(handler, workers=1, observers=[SlowToHear()])
+    pool.submit("first", "", 0)
+    pool.submit("second", "", 0)
+    assert hearing.wait(TIMEOUT)
+    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
+    summary = pool.shutdown(timeout=0)
+    heard.set()
+    worker.join(TIMEOUT)
+    assert not worker.is_alive()
+    assert summary.abandoned == ("second",)
+    assert (pool.get("second").state, pool.get("second").last_error) == (State.FAILED, ABANDONED)
+    assert ran == [("first", False)]  # "second" was reported abandoned: its handler never ran
+
+
 def test_a_handler_ignoring_its_cancel_does_not_hold_the_drain_past_its_deadline(make_pool, clock, monkeypatch):
     release = threading.Event()
     started = threading.Event()

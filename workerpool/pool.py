@@ -170,7 +170,7 @@ class WorkerPool:
         "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early", "_unreadable_told",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
         "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_cutoff", "_reach",
-        "_claim_failure_told_at", "__weakref__",
+        "_claim_failure_told_at", "_abandoned_all", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -246,6 +246,9 @@ class WorkerPool:
         # when a stop signal or a reload came still gets its 202.
         self._closing = False
         self._claiming = True  # workers take new attempts (a shared store stops at once on shutdown)
+        # The drain abandoned the unfinished work and cancelled the attempts running here (set under _lock):
+        # an attempt registered from then on (claimed with its worker's last end) is not started.
+        self._abandoned_all = False
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
         # Final states reached through this pool: a plain dict, as a Counter's items are slower to count.
@@ -661,6 +664,9 @@ class WorkerPool:
         """Run one registered attempt; with ``claim_next``, the attempt claimed in the same store step as its
         end, if any (registered as well)."""
         task = attempt.task
+        if self._abandoned_all:  # read without _lock: an attempt started before it is set is cancelled instead
+            self._drop_unstarted(attempt)
+            return None
         try:
             if attempt.waits_turn:
                 self._wait_turn(task.id)
@@ -699,6 +705,17 @@ class WorkerPool:
             log.exception("worker failed on task %s", task.id, extra={"task_id": task.id})
             self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(exc)}", None, None)
         return attempt.successor
+
+    def _drop_unstarted(self, attempt: Attempt) -> None:
+        """Forget an attempt registered after the drain abandoned this pool's work, without running it.
+
+        Its task was claimed before the abandon (with the end of its worker's last attempt), so the
+        store failed it as abandoned and the summary lists it; its handler must not run after that.
+        Should its claim have reached a shared store only after the abandon, its lease settles it.
+        """
+        task = attempt.task
+        _log(logging.INFO, task, "task %s attempt %d not started: the drain abandoned it", task.id, task.attempts)
+        self._forget_attempt(attempt, None, None)
 
     def _retry_at(self, task: Task) -> float | None:
         """When the task's next attempt falls due after its latest failed, or None when out of retries."""
@@ -1396,6 +1413,7 @@ class WorkerPool:
         """Stop claiming and tell the attempts still running that their results will be dropped."""
         with self._lock:
             self._claiming = False
+            self._abandoned_all = True
             for attempt in self._running.values():
                 self._set_cancel(attempt)
 
