@@ -62,6 +62,7 @@ from service.gunicorn_worker import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
 from service.gunicorn_worker import (  # noqa: E402
     keep_boot_failure_statuses_for_boot as _keep_boot_failure_statuses_for_boot,
 )
+from service.metrics import counts_problem as _counts_problem  # noqa: E402
 
 # At the start a bad value, a TASK_HANDLER that does not resolve or a store that cannot be opened stops
 # gunicorn here with exit code 2. gunicorn runs this file again at each reload (kill -HUP): then a bad
@@ -479,7 +480,7 @@ def child_exit(server, worker):
     """Take the drain report of a worker that exited: log it now, or at the exit if the server is stopping."""
     report = server.drain_reports.take(worker.pid)
     if server.metrics_dir is not None:
-        _metrics_share.mark_process_dead(server.metrics_dir, worker.pid)
+        _metrics_share.mark_process_dead(server.metrics_dir, worker.pid, check_counts=_counts_problem)
     if not server.LISTENERS:  # gunicorn closes its listeners first thing in a stop
         server.drain_reports.at_stop.append((worker.pid, report))
     else:

@@ -257,7 +257,9 @@ class Metrics(PoolObserver):
         again) is logged and tried again: this runs as a gunicorn worker boots,
         where an exception made gunicorn stop the whole server.
         """
-        self._shared = metrics_share.ProcessSnapshots(directory, pid=pid)
+        self._shared = metrics_share.ProcessSnapshots(
+            directory, pid=pid, check_counts=counts_problem, check_live=live_problem
+        )
         self._publish_quietly()
         if interval is not None:
             self._publisher = metrics_share.Publisher(self._publish_quietly, interval)
@@ -396,6 +398,75 @@ class _Histogram:
         self.counts = counts
         self.sum = total
         self.created = created
+
+
+def counts_problem(snapshot: metrics_share.Snapshot) -> str | None:
+    """Why a counts snapshot read from a file is not shaped as ``Metrics._snapshot`` writes one (None: it is).
+
+    What a scrape adds up and reads must be the numbers, lists of numbers and series this version keeps:
+    anything else (a hand edit) would make every scrape fail.
+    """
+    for key, value in snapshot.items():
+        if key in ("created", "attempts_timed_out"):
+            if not _is_count(value):
+                return f'"{key}" is not a number >= 0'
+        elif key == "row":
+            problem = _row_problem(value)
+            if problem is not None:
+                return problem
+        elif key == "other_rejected":
+            if not isinstance(value, dict):
+                return '"other_rejected" is not an object'
+            for reason, series in value.items():
+                if reason in _REJECTION_INDEX:
+                    return f'"other_rejected" counts the reason "{reason}", which "row" counts'
+                if not (isinstance(series, dict) and series.keys() == {"created", "value"}):
+                    return f'"other_rejected" "{reason}" is not an object of "created" and "value"'
+                if not all(map(_is_count, series.values())):
+                    return f'"other_rejected" "{reason}" is not of numbers >= 0'
+        else:
+            return f'"{key}" is not a count this server keeps'
+    return None
+
+
+def _row_problem(row: object) -> str | None:
+    if not isinstance(row, dict):
+        return '"row" is not an object'
+    for name, value in row.items():
+        if name not in _ROW_LENGTHS:
+            return f'"row" "{name}" is not a count this server keeps'
+        length = _ROW_LENGTHS[name]
+        if length is None:
+            if not _is_count(value):
+                return f'"row" "{name}" is not a number >= 0'
+        elif not (isinstance(value, list) and len(value) == length and all(map(_is_count, value))):
+            return f'"row" "{name}" is not a list of {length} numbers >= 0'
+    return None
+
+
+# Each row field of a snapshot: the length of its list, or None for a number.
+_ROW_LENGTHS = {
+    name: len(value) if isinstance(value, list) else None
+    for name in _Row.__slots__
+    if name != "thread"
+    for value in [getattr(_Row(None), name)]
+}
+_LIVE_GAUGES = ("workers", "draining", "stuck_threads", "stuck_threads_limit")
+
+
+def live_problem(snapshot: metrics_share.Snapshot) -> str | None:
+    """Why a gauges snapshot read from a file is not shaped as ``Metrics._snapshot`` writes one (None: it is)."""
+    for key, value in snapshot.items():
+        if key not in _LIVE_GAUGES:
+            return f'"{key}" is not a gauge this server keeps'
+        if not _is_count(value):
+            return f'"{key}" is not a number >= 0'
+    return None
+
+
+def _is_count(value: object) -> bool:
+    # bool is an int to Python, not a count; json.loads reads NaN and Infinity.
+    return type(value) in (int, float) and 0 <= value < math.inf
 
 
 def _created_series() -> bool:

@@ -38,7 +38,8 @@ path once a cleaner removed it is neither read nor written (their counts would b
 and a FIFO of theirs would block every scrape): publishing fails as on a full disk, logged
 once, and a scrape answers the counts read before with this process's own ones current.
 Files are opened without following a symlink or waiting on a FIFO, regular files only; one that is
-not a snapshot (truncated, edited by hand) is left out of the sum, as if absent.
+not a snapshot (truncated, edited by hand: JSON that is not an object, or one shaped otherwise than
+the writer's, which the ``check_counts`` / ``check_live`` given tell) is left out of the sum, as if absent.
 """
 
 from __future__ import annotations
@@ -82,6 +83,14 @@ REPUBLISH_WAIT_S = 2 * PUBLISH_INTERVAL_S
 REPUBLISH_POLL_S = 0.05
 
 Snapshot = dict[str, Any]
+# Why a snapshot read from a file is not one this server writes, or None if it is: a file shaped otherwise
+# (a hand edit) would make the sum, or the scrape reading it, fail every time until the server restarts.
+Check = Callable[[Snapshot], str | None]
+
+
+def _any_object(snapshot: Snapshot) -> str | None:
+    return None
+
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +181,11 @@ def remove_directory(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def mark_process_dead(directory: Path, pid: int) -> None:
+def mark_process_dead(directory: Path, pid: int, *, check_counts: Check = _any_object) -> None:
     """Drop an ended process's gauges from the output, and fold its counts into the retired ones.
 
-    The arbiter calls it as it reaps a worker: an error here would stop the whole server.
+    The arbiter calls it as it reaps a worker: an error here would stop the whole server. A counts
+    file (or retired record) that ``check_counts`` refuses is not added: the file stays, out of the sum.
     """
     try:
         check_private(directory)
@@ -190,7 +200,7 @@ def mark_process_dead(directory: Path, pid: int) -> None:
         log.warning("could not remove the metrics gauges of the ended process %s: %s", pid, error)
     names = _unfolded.pop(directory, set()) | {f"{COUNTS}{pid}{SUFFIX}"}
     try:
-        left = _fold(directory, names)
+        left = _fold(directory, names, check_counts)
     except OSError as error:  # the files not folded stay, and in the sum: a later worker's exit folds them
         _unfolded[directory] = names  # what _fold had not taken out yet
         log.warning("could not fold the metrics counts of the ended process %s: %s", pid, error)
@@ -210,7 +220,7 @@ _retired: dict[Path, Snapshot] = {}  # in the arbiter: the retired file last wri
 _unfolded: dict[Path, set[str]] = {}  # in the arbiter: counts files of ended processes to fold still, by directory
 
 
-def _fold(directory: Path, names: set[str]) -> set[str]:
+def _fold(directory: Path, names: set[str], check_counts: Check) -> set[str]:
     """Fold the counts files ``names`` of ended processes; those left unfolded, all of them if the lock was held.
 
     Each name is taken out of ``names`` once done with, so that after an OSError ``names`` holds those
@@ -222,16 +232,16 @@ def _fold(directory: Path, names: set[str]) -> set[str]:
         for name in sorted(names):
             pid = name[len(COUNTS) : -len(SUFFIX)]
             if not _alive(int(pid)):  # else a process started since with its pid counts on from its file
-                _fold_one(directory, name)
+                _fold_one(directory, name, check_counts)
             names.discard(name)
     return set()
 
 
-def _fold_one(directory: Path, name: str) -> None:
-    counts = _read(directory / name)
+def _fold_one(directory: Path, name: str, check_counts: Check) -> None:
+    counts = _read(directory / name, check_counts)
     if counts is None:
         return
-    retired = _read(directory / RETIRED)
+    retired = _read(directory / RETIRED, check_counts)
     if retired is None and directory in _retired:
         # Removed by a tmp cleaner: the arbiter's own copy stands in for it, and files of processes it
         # folded, written back by readers that had not read the fold, would count those processes twice.
@@ -300,9 +310,17 @@ class ProcessSnapshots:
     """This process's snapshot files in ``directory``, and the reading of every process's."""
 
     def __init__(
-        self, directory: Path, *, pid: int | None = None, wait: Callable[[float], object] = time.sleep
+        self,
+        directory: Path,
+        *,
+        pid: int | None = None,
+        wait: Callable[[float], object] = time.sleep,
+        check_counts: Check = _any_object,
+        check_live: Check = _any_object,
     ) -> None:
         self.directory = directory
+        self._check_counts = check_counts  # a counts file (or the retired record's counts) it refuses is left out
+        self._check_live = check_live
         self.pid = os.getpid() if pid is None else pid
         self._counts_path = directory / f"{COUNTS}{self.pid}{SUFFIX}"
         self._live_path = directory / f"{LIVE}{self.pid}{SUFFIX}"
@@ -313,7 +331,7 @@ class ProcessSnapshots:
         self._counts_written = self._live_written = ""  # the texts last written
         # An ended process that had this pid (in this run) left counts that must stay in the sum.
         private = is_private(directory)
-        self._base = (_read(self._counts_path) if private else None) or {}
+        self._base = (_read(self._counts_path, check_counts) if private else None) or {}
         self._own: Snapshot | None = None  # the counts last taken, which a scrape sums if the directory is not ours
         # The counts last read from each counts file, by name, which stay in the sum if the file goes.
         # Held only to read or update the dictionary, never across a file's reading or writing.
@@ -387,13 +405,13 @@ class ProcessSnapshots:
                 if not name.endswith(SUFFIX):
                     continue
                 if name.startswith(COUNTS):
-                    snapshot = _read(self.directory / name)
+                    snapshot = _read(self.directory / name, self._check_counts)
                     if snapshot is not None and name == RETIRED:
                         snapshot, folded, folds = snapshot["counts"], snapshot["folded"], folds_made(snapshot)
                     if snapshot is not None:
                         counts[name] = snapshot
                 elif name.startswith(LIVE):
-                    snapshot = _read(self.directory / name)
+                    snapshot = _read(self.directory / name, self._check_live)
                     pid = name[len(LIVE) : -len(SUFFIX)]
                     if snapshot is not None and pid.isdigit():
                         live[int(pid)] = snapshot
@@ -432,7 +450,7 @@ class ProcessSnapshots:
             self._wait(REPUBLISH_POLL_S)
             for name in sorted(waiting):
                 try:
-                    snapshot = _read(self.directory / name)
+                    snapshot = _read(self.directory / name, self._check_counts)
                 except OSError:
                     snapshot = None
                 if snapshot is not None:
@@ -461,7 +479,7 @@ class ProcessSnapshots:
             return False
         with _locked(self.directory, fcntl.LOCK_EX):
             try:
-                record = _read(self.directory / RETIRED)
+                record = _read(self.directory / RETIRED, self._check_counts)
             except OSError:
                 record = None
             folded = record["folded"] if record is not None else {}
@@ -552,9 +570,10 @@ _unreadable_lock = threading.Lock()
 _unreadable_told: set[Path] = set()
 
 
-def _read(path: Path) -> Snapshot | None:
+def _read(path: Path, check: Check = _any_object) -> Snapshot | None:
     """A snapshot, or None if its file is gone (an ended process's live file, removed meanwhile), not a regular
     file or not a snapshot (logged once: a truncated file, a hand edit), which the sum then does without.
+    ``check`` tells whether the object read is shaped as a snapshot (the retired record's counts, for RETIRED).
 
     A FIFO is opened without waiting for a writer, a symlink not followed (ELOOP), a device not read.
     """
@@ -578,13 +597,25 @@ def _read(path: Path) -> Snapshot | None:
     if not isinstance(snapshot, dict):
         _tell_unreadable(path, f"a JSON {type(snapshot).__name__}, not an object")
         return None
-    if path.name == RETIRED and not (
-        all(isinstance(snapshot.get(key), dict) for key in ("counts", "folded"))
-        and isinstance(snapshot.get("folds", 0), int)
-    ):
-        _tell_unreadable(path, 'not an object of "counts", "folds" and "folded"')
+    if path.name == RETIRED:
+        if not (
+            all(isinstance(snapshot.get(key), dict) for key in ("counts", "folded"))
+            and _is_fold_number(snapshot.get("folds", 0))
+            and all(map(_is_fold_number, snapshot["folded"].values()))
+        ):
+            _tell_unreadable(path, 'not an object of "counts", "folds" and "folded"')
+            return None
+        why = check(snapshot["counts"])
+    else:
+        why = check(snapshot)
+    if why is not None:
+        _tell_unreadable(path, why)
         return None
     return snapshot
+
+
+def _is_fold_number(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _tell_unreadable(path: Path, why: str) -> None:

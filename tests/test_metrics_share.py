@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics_share
-from service.metrics import Metrics
+from service.metrics import Metrics, counts_problem
 from workerpool import QueueFull, State, StoreUnavailable, Task, WorkerPool
 
 
@@ -558,6 +558,61 @@ def test_a_file_that_is_not_a_snapshot_is_skipped_and_told_once(tmp_path, caplog
     metrics_share.mark_process_dead(directory, first)  # and writes a retired record in place of the one unreadable
     assert json.loads((directory / metrics_share.RETIRED).read_text())["folded"] == {f"counts-{first}.json": 1}
     assert _scrape_in_time(metrics) == 5
+
+
+def test_a_json_object_not_shaped_as_a_snapshot_is_skipped_and_told_once_also_after_it_is_removed(tmp_path, caplog):
+    # Well-formed JSON with a wrong inner shape made every scrape a 500, and stayed in each process's memory
+    # (written back from there) after the file was removed.
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    first = ended_pid()
+    other, _ = process(directory, first)
+    accept(other, 2)
+    other.publish()
+    own = json.loads((directory / f"counts-{first}.json").read_text())
+    misshapen = {
+        "counts-201.json": {**own, "other_rejected": {"x": 5}},
+        "counts-202.json": {**own, "other_rejected": {"invalid": {"created": 1.0, "value": 9}}},
+        "counts-203.json": {**own, "row": {**own["row"], "rejected": [1, 2]}},
+        "counts-204.json": {**own, "row": {**own["row"], "accepted": "7"}},
+        "counts-205.json": {**own, "row": {**own["row"], "unknown": 1}},
+        "counts-206.json": {**own, "created": None},
+        "counts-207.json": {**own, "attempts_timed_out": [1]},
+        "counts-208.json": {**own, "row": {**own["row"], "accepted": True}},
+        "live-209.json": {"workers": "2"},
+        "live-210.json": {"workers": 2, "stuck_threads": {"a": 1}},
+        metrics_share.RETIRED: {"counts": {"row": {"accepted": [3]}}, "folds": 1, "folded": {"counts-9.json": 1}},
+    }
+    for name, snapshot in misshapen.items():
+        (directory / name).write_text(json.dumps(snapshot))
+    metrics, _ = process(directory, 311)
+    accept(metrics, 3)
+    assert _scrape_in_time(metrics) == 5
+    assert value(metrics, "workerpool_tasks_rejected_total", reason="invalid") == 0
+    assert value(metrics, "workerpool_workers") == 4  # the two processes' own, as published
+    for name in misshapen:
+        (directory / name).unlink()
+    assert _scrape_in_time(metrics) == 5
+    assert not list(directory.glob("counts-2??.json")), "written back"
+    for name in misshapen:
+        assert caplog.text.count(f"the metrics file {directory / name} is not a snapshot") == 1, name
+
+
+def test_the_arbiter_folds_past_a_retired_record_or_a_counts_file_not_shaped_as_a_snapshot(tmp_path):
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    first, second = ended_pid(), ended_pid()
+    for pid in (first, second):
+        ended, _ = process(directory, pid)
+        accept(ended, 2)
+        ended.publish()
+    (directory / metrics_share.RETIRED).write_text('{"counts": {}, "folds": 1, "folded": {"counts-9.json": "one"}}')
+    metrics_share.mark_process_dead(directory, first, check_counts=counts_problem)
+    (directory / f"counts-{second}.json").write_text('{"row": {"accepted": [2]}}')
+    metrics_share.mark_process_dead(directory, second, check_counts=counts_problem)  # left where it is, unfolded
+    assert json.loads((directory / metrics_share.RETIRED).read_text())["folded"] == {f"counts-{first}.json": 1}
+    metrics, _ = process(directory, 301)
+    assert _scrape_in_time(metrics) == 2
 
 
 @pytest.mark.parametrize("owner", ["this user, writable by others", "another user"])
