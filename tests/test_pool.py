@@ -421,6 +421,30 @@ def test_a_task_claimed_with_the_last_end_as_the_drain_abandons_it_never_starts(
     assert ran == [("first", False)]  # "second" was reported abandoned: its handler never ran
 
 
+def test_a_task_an_idle_worker_claimed_as_the_drain_abandons_it_never_starts(make_pool, clock):
+    # The worker claims, and registers the attempt a moment later (it reads the clock first): the drain
+    # abandons the task in between.
+    claimed, registering = threading.Event(), threading.Event()
+    ran = []
+
+    def monotonic():
+        if threading.current_thread().name.startswith("workerpool-worker-") and not claimed.is_set():
+            claimed.set()
+            assert registering.wait(TIMEOUT)
+        return clock.monotonic()
+
+    pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, monotonic=monotonic)
+    pool.submit("claimed", "", 0)
+    assert claimed.wait(TIMEOUT)
+    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
+    summary = pool.shutdown(timeout=0)
+    registering.set()
+    worker.join(TIMEOUT)
+    assert not worker.is_alive()
+    assert summary.abandoned == ("claimed",)
+    assert ran == []
+
+
 def test_a_handler_ignoring_its_cancel_does_not_hold_the_drain_past_its_deadline(make_pool, clock, monkeypatch):
     release = threading.Event()
     started = threading.Event()
