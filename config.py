@@ -527,7 +527,7 @@ def _check_not_blanked(dotenv: Mapping[str, str], path: Path) -> None:
 
 
 def _check_dotenv(path: Path) -> None:
-    """Raise ConfigError at the first line that is not ``VARIABLE=value``.
+    """Raise ConfigError at the first line that is not ``VARIABLE=value``, or sets a variable set above.
 
     python-dotenv only warns about a line it cannot parse and skips it, and it reads a bare name
     (``WORKERS``, ``export WORKERS``) as a variable without a value, which ``read_environment`` drops:
@@ -544,6 +544,7 @@ def _check_dotenv(path: Path) -> None:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ConfigError(f"{path} line {line} is not UTF-8 text") from None
+    first_lines: dict[str, int] = {}
     with io.StringIO(text) as stream:
         for binding in parse_stream(stream):
             text = binding.original.string
@@ -553,6 +554,12 @@ def _check_dotenv(path: Path) -> None:
                 raise ConfigError(f"{path} line {line} is not VARIABLE=value")
             if binding.key is not None and binding.key not in VARIABLES and not binding.key.startswith("COMPOSE_"):
                 raise ConfigError(f"{path} line {line}: {_unknown_variable(binding.key)}")
+            if binding.key in VARIABLES and (first := first_lines.setdefault(binding.key, line)) != line:
+                # The last line would win without a word: an appended ``API_TOKEN=`` dropped the token.
+                raise ConfigError(
+                    f"{path} line {line} sets {binding.key} again (first set on line {first}): "
+                    f"only one would count; keep the line meant"
+                )
 
 
 def _unknown_variable(name: str) -> str:

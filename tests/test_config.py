@@ -527,6 +527,27 @@ def test_a_dotenv_name_that_is_no_setting_stops_start_up_naming_the_line(tmp_pat
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "variable", "first", "again"),
+    [
+        # An appended blank token would otherwise have won and opened the task endpoints.
+        ("PORT=18099\nAPI_TOKEN=abcdefghijklmnopqrstuv\nAPI_TOKEN=\n", "API_TOKEN", 2, 3),
+        ("WORKERS=5\n# more\n\nexport WORKERS=7\n", "WORKERS", 1, 4),
+        ("QUEUE_SIZE=9\nQUEUE_SIZE=9\n", "QUEUE_SIZE", 1, 2),
+    ],
+)
+def test_a_dotenv_variable_set_twice_stops_start_up_naming_both_lines(tmp_path, capsys, text, variable, first, again):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(text)
+    with pytest.raises(SystemExit) as caught:
+        config.load(dotenv)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"configuration error: {dotenv} line {again} sets {variable} again (first set on line {first}): "
+        "only one would count; keep the line meant\n"
+    )
+
+
 def test_a_dotenv_may_hold_the_variables_docker_compose_reads_from_it(tmp_path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("COMPOSE_PROJECT_NAME=workerpool\nWORKERS=3\n")
