@@ -627,6 +627,27 @@ def test_a_result_that_is_not_json_or_too_large_fails_the_task_for_good(make_poo
     assert summary.abandoned == ()
 
 
+@pytest.mark.parametrize(
+    "fits, too_large",
+    [
+        ([1] * 128, [1] * 129),  # 257 and 259 bytes of compact JSON; with ", " the first was 384
+        ({f"k{i:02}": 1 for i in range(32)}, {f"k{i:02}": 1 for i in range(32)} | {"a": 1}),  # 257 and 263
+    ],
+)
+def test_the_result_limit_counts_the_compact_json_that_is_kept_and_served(make_pool, fits, too_large):
+    returned = {"fits": fits, "too_large": too_large}
+    assert len(json.dumps(fits, separators=(",", ":"))) == 257
+    pool = make_pool(lambda task, cancel: returned[task.id], workers=1, max_result_bytes=257)
+    pool.submit("fits", "", max_retries=0)
+    pool.submit("too_large", "", max_retries=0)
+    pool.shutdown(TIMEOUT)
+    assert (pool.get("fits").state, pool.get("fits").result) == (State.DONE, fits)
+    size = len(json.dumps(too_large, separators=(",", ":")))
+    assert pool.get("too_large").last_error == (
+        f"the handler's result is {size} bytes as JSON; the limit is 257 (MAX_RESULT_BYTES)"
+    )
+
+
 class _LazyMapping(dict):
     """A mapping that loads when read, as ORM rows do: its loading raises ``exc``."""
 

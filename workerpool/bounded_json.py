@@ -19,7 +19,8 @@ _NOT_JSON = json.JSONEncoder().default  # raises json.dumps's TypeError, naming 
 
 
 def dumps_within(value: Any, limit: int) -> str:
-    """``json.dumps(value, allow_nan=False)``, or ``TooLong`` once its strings (keys too) pass ``limit`` characters.
+    """``json.dumps(value, allow_nan=False, separators=(",", ":"))``, the compact JSON the stores keep and the API
+    serves (its length is the size a limit means), or ``TooLong`` once its strings (keys too) pass ``limit`` characters.
 
     ``json.dumps`` builds the whole text before its length can be looked at,
     and a string's JSON may be 6 bytes a character (``\\u00e9``), 12 for one
@@ -38,6 +39,6 @@ def dumps_within(value: Any, limit: int) -> str:
             raise TooLong(seen)
         return encode_basestring_ascii(text)
 
-    # What json.dumps builds with its defaults (check_circular: the markers; allow_nan=False), but for the strings.
-    encode = c_make_encoder({}, _NOT_JSON, encode_string, None, ": ", ", ", False, False, False)
+    # What json.dumps builds (check_circular: the markers; allow_nan=False; compact separators), but for the strings.
+    encode = c_make_encoder({}, _NOT_JSON, encode_string, None, ":", ",", False, False, False)
     return "".join(encode(value, 0))
