@@ -241,15 +241,20 @@ def test_even_systemexit_from_a_handler_fails_the_attempt_not_the_worker(make_po
 
 
 class BrokenObserver(PoolObserver):
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
     def _fail(self, *args):
-        raise RuntimeError("observer bug")
+        raise self.error
 
     task_queued = attempt_started = attempt_finished = task_abandoned = _fail
 
 
-def test_a_failing_observer_neither_kills_the_worker_nor_delays_the_drain(make_pool):
+# SystemExit (sys.exit() in an exporter) used to end the worker thread silently, its tasks left running.
+@pytest.mark.parametrize("error", [RuntimeError("observer bug"), SystemExit("observer gave up")], ids=repr)
+def test_a_failing_observer_neither_kills_the_worker_nor_delays_the_drain(make_pool, error):
     gate = Gate()
-    pool = make_pool(gate, workers=1, observers=[BrokenObserver()])
+    pool = make_pool(gate, workers=1, observers=[BrokenObserver(error)])
     pool.submit("a", "", 0)
     pool.submit("b", "", 0)
     assert gate.started.wait(TIMEOUT)
@@ -871,7 +876,8 @@ def test_observers_hear_every_change_in_order_and_a_pool_can_be_stepped_by_hand(
     ]
 
 
-def test_a_batch_is_heard_once_by_tasks_queued_and_task_by_task_by_default(make_pool):
+@pytest.mark.parametrize("error", [RuntimeError("observer bug"), SystemExit("observer gave up")], ids=repr)
+def test_a_batch_is_heard_once_by_tasks_queued_and_task_by_task_by_default(make_pool, error):
     class Batches(PoolObserver):
         def __init__(self):
             self.batches = []
@@ -882,7 +888,7 @@ def test_a_batch_is_heard_once_by_tasks_queued_and_task_by_task_by_default(make_
     class FailsOnB(Recorder):
         def task_queued(self, task):
             if task.id == "b":
-                raise RuntimeError("observer bug")
+                raise error
             super().task_queued(task)
 
     batches, recorder = Batches(), FailsOnB()
@@ -892,6 +898,18 @@ def test_a_batch_is_heard_once_by_tasks_queued_and_task_by_task_by_default(make_
     assert batches.batches == [["a", "b", "c"], ["d"]]  # the accepted ones, in order, one call per step
     # The default hears each task; one failing call is logged and the batch's other tasks are still heard.
     assert recorder.calls == [("queued", task_id, State.QUEUED) for task_id in ("a", "c", "d")]
+
+
+def test_ctrl_c_in_an_observer_on_the_submitting_thread_still_stops_it(make_pool):
+    class Interrupted(PoolObserver):
+        def task_queued(self, task):
+            raise KeyboardInterrupt
+
+    pool = make_pool(threads=False, observers=[Interrupted()])
+    with pytest.raises(KeyboardInterrupt):
+        pool.submit("a")
+    with pytest.raises(KeyboardInterrupt):
+        pool.submit_many([TaskSpec("b")])
 
 
 def test_step_refuses_a_pool_with_threads(make_pool):

@@ -17,8 +17,9 @@ class PoolObserver:
     task are called in the order its changes happened. Hooks run on the
     thread that made the change (the submitting thread, a worker, or the one
     running shutdown) and outside every lock of the pool, so they may take
-    their own locks. They must be quick; an exception from one is logged and
-    ignored, so a broken observer cannot break task processing.
+    their own locks. They must be quick; an exception from one (even
+    SystemExit, though not KeyboardInterrupt) is logged and ignored, so a
+    broken observer cannot break task processing.
 
     The pool looks the hooks up once, when it is made, and only those the
     observer's class overrides: a hook left to this class is never called,
@@ -38,7 +39,9 @@ class PoolObserver:
         for task in tasks:
             try:
                 self.task_queued(task)
-            except Exception:  # as for every hook: logged, and the batch's other tasks are still heard
+            except BaseException as exc:  # as for every hook: logged, and the batch's other tasks are still heard
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
                 log.exception("observer %r failed in task_queued", self)
 
     def attempt_started(self, task: Task) -> None:
