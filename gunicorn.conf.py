@@ -414,6 +414,7 @@ def post_worker_init(worker):
         services(worker.wsgi).metrics.share(worker.metrics_dir)
     worker.request_timeout = _settings.request_timeout_s
     worker.body_limits = BodyLimits(_settings.max_body_bytes, _settings.max_batch_body_bytes, _settings.api_token)
+    worker.log.token = _settings.api_token  # left out of the access line wherever a client puts it in a target
     worker.controller = ShutdownController(pool, _drain_timeout(worker), on_drained=report)
     worker.controller.start()
     # gunicorn closes worker.tmp, the file whose time tells the arbiter the worker is alive, before

@@ -37,6 +37,10 @@ class AccessLogger(Logger):
     configuration line, the only start error that took two.
     """
 
+    # The API token, set in each worker as it starts (post_worker_init): a client may put it in the target,
+    # where the access line would show it.
+    token = ""
+
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         self.writes_access = cfg.accesslog is not None
@@ -70,7 +74,7 @@ class AccessLogger(Logger):
         if began is not None:
             request_time = timedelta(seconds=_clock() - began)
         try:
-            entry = access_entry(resp, environ, request_time, req)
+            entry = access_entry(resp, environ, request_time, req, self.token)
             if answer is not None:  # written by error_answered, once the answer's size is known
                 answer.line = entry._replace(request_id=entry.request_id or answer.request_id)
                 return
@@ -112,21 +116,24 @@ class AccessLogger(Logger):
             self.exception("cannot write the access line")
 
 
-def access_entry(resp: Any, environ: dict[str, Any], request_time: timedelta, req: Any) -> logs.AccessEntry:
+def access_entry(
+    resp: Any, environ: dict[str, Any], request_time: timedelta, req: Any, token: str = ""
+) -> logs.AccessEntry:
     """What the access line shows of one request, from gunicorn's response, WSGI environ and parsed request.
 
     An error gunicorn answers before the app (a path outside the root path, a bad header) comes
     with an environ of the request line only: the path and user agent are then read from ``req``.
+    The API token ``token`` is left out wherever the client put it in the target.
     """
     status = _status_code(resp.status)
     method = environ.get("REQUEST_METHOD", "-")
-    target = logs.redact_target(environ.get("RAW_URI", ""), refused=logs.is_refused(status))
+    target = logs.without_token(logs.redact_target(environ.get("RAW_URI", ""), refused=logs.is_refused(status)), token)
     return logs.AccessEntry(
         created=time.time(),
         remote_addr=environ.get("REMOTE_ADDR", "-"),
         method=method,
         # As the client asked for it, as in the request line: PATH_INFO lacks the root path (SCRIPT_NAME).
-        path=getattr(req, "path", None) or environ.get("RAW_URI", "").partition("?")[0],
+        path=logs.without_token(getattr(req, "path", None) or environ.get("RAW_URI", "").partition("?")[0], token),
         request_line=f"{method} {target} {environ.get('SERVER_PROTOCOL', '-')}",
         status=status,
         response_bytes=getattr(resp, "sent", None),

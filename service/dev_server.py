@@ -338,13 +338,14 @@ class BoundedRequestHandler(WSGIRequestHandler):
             line = line.replace(target, logs.redact_target(target, refused=logs.is_refused(status)), 1)
         elif not self.command:  # a request line not parsed: where its target ends is unknown
             line = logs.redact_request_line(line)
+        token = self.server.body_limits.token  # type: ignore[attr-defined]
         headers = self.headers if self.head_read and not self.refused else {}
         entry = logs.AccessEntry(
             created=time.time(),
             remote_addr=str(self.client_address[0]) if self.client_address else "-",
             method="-" if self.refused else self.command or "-",
-            path=target.partition("?")[0],
-            request_line=line or "-",
+            path=logs.without_token(target.partition("?")[0], token),
+            request_line=logs.without_token(line, token) or "-",
             status=status,
             response_bytes=self.wfile.sent - self.body_from,  # type: ignore[attr-defined]
             duration_ms=int((time.monotonic() - self.began) * 1000),

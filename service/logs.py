@@ -16,7 +16,7 @@ import os
 import re
 import time
 from typing import Any, NamedTuple
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -103,6 +103,21 @@ def redact_request_line(line: str) -> str:
 def _redact_parameter(parameter: str) -> str:
     name, equals, _ = parameter.partition("=")
     return f"{name}={REDACTED}" if equals and _SECRET_NAME.search(unquote_plus(name)) else parameter
+
+
+def without_token(text: str, token: str) -> str:
+    """``text`` (a request line, target or path) with the API token ``token`` replaced wherever a client put it:
+    in the path, as a bare query or a parameter of any name. One the client percent-encoded is found decoded,
+    and the text is then shown decoded."""
+    if not token:
+        return text
+    if token in text:
+        text = text.replace(token, REDACTED)
+    if "%" in text:
+        decoded = unquote(text)
+        if token in decoded:
+            return decoded.replace(token, REDACTED)
+    return text
 
 
 def is_refused(status: int | None) -> bool:

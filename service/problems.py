@@ -216,7 +216,7 @@ _STORE_FILE_REPLACED = (
 
 def _from_store_unavailable(exc: StoreUnavailable) -> Response:
     # The reason (e.g. a full disk) goes to the log and to /healthz, not to every client.
-    log.error("task store unavailable on %s %s: %s", request.method, request.path, exc)
+    log.error("task store unavailable on %s %s: %s", request.method, _logged_path(), exc)
     if isinstance(exc, StoreNotSynced):  # committed: retrying would only repeat it
         return _from_problem(not_synced())
     if isinstance(exc, StoreOutOfMemory):  # a smaller request may pass where this one cannot: the client is told why
@@ -243,8 +243,16 @@ def _from_http(exc: HTTPException) -> Response:
 
 def _from_unexpected(exc: Exception) -> Response:
     original = getattr(exc, "original_exception", None) or exc
-    log.error("unhandled error on %s %s", request.method, request.path, exc_info=original)
+    log.error("unhandled error on %s %s", request.method, _logged_path(), exc_info=original)
     return problem_response(500, SERVER_ERROR_DETAIL)
+
+
+def _logged_path() -> str:
+    """The request's path as a log line shows it: without the API token, which a client may have put there."""
+    from .context import services  # here: both modules import this one
+    from .logs import without_token
+
+    return without_token(request.path, services().config.api_token)
 
 
 def register(app: Flask) -> None:

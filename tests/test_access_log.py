@@ -174,6 +174,63 @@ def test_secrets_in_the_query_are_never_logged(gunicorn_logger, target, status, 
     assert f'"GET {logged} HTTP/1.1"' in text
 
 
+TOKEN = "0123456789abcdef-token"
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "logged", "path"),
+    [
+        (f"/healthz?{TOKEN}", "200 OK", "/healthz?REDACTED", "/healthz"),
+        (f"/metrics?otp={TOKEN}&x=1", "200 OK", "/metrics?otp=REDACTED&x=1", "/metrics"),
+        (f"/tasks/{TOKEN}", "404 NOT FOUND", "/tasks/REDACTED", "/tasks/REDACTED"),
+        (f"/tasks/x{TOKEN}y?state={TOKEN}", "400 BAD REQUEST", "/tasks/xREDACTEDy?state=REDACTED", "/tasks/xREDACTEDy"),
+        ("/tasks/0123456789abcdef%2Dtoken", "404 NOT FOUND", "/tasks/REDACTED", "/tasks/REDACTED"),  # percent-encoded
+        ("/tasks/%30%31?a=%32", "404 NOT FOUND", "/tasks/%30%31?a=%32", "/tasks/%30%31"),  # as sent when no token
+    ],
+)
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_api_token_is_not_logged_wherever_the_client_put_it_in_the_target(
+    gunicorn_logger, log_format, target, status, logged, path
+):
+    logger, out = gunicorn_logger(log_format)
+    logger.token = TOKEN
+    raw_path = target.partition("?")[0]
+    request(logger, status=status, REQUEST_METHOD="GET", RAW_URI=target, PATH_INFO=raw_path)
+    (line,) = out.getvalue().splitlines()
+    assert TOKEN not in line
+    if log_format == "json":
+        assert json.loads(line)["path"] == path
+        line = json.loads(line)["message"]
+    assert f'"GET {logged} HTTP/1.1"' in line
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", [["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"], ["app.py"]])
+def test_the_api_token_in_a_request_target_is_not_logged(tmp_path, command):
+    # The open endpoints keep their query, and only secret-looking parameter names were redacted.
+    env = clean_environment(API_TOKEN=TOKEN, WORK_MIN_MS="0", WORK_MAX_MS="0", HOST="127.0.0.1", PORT="0")
+    server = ServerProcess(command, log_path=tmp_path / "server.log", env=env)
+    sent = [
+        (f"/healthz?{TOKEN}", 200, "/healthz?REDACTED"),
+        (f"/metrics?otp={TOKEN}", 200, "/metrics?otp=REDACTED"),
+        (f"/tasks/{TOKEN}", 404, "/tasks/REDACTED"),
+    ]
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        for n, (path, status, _) in enumerate(sent):
+            headers = {"X-Request-ID": f"rid-{n}", "Authorization": f"Bearer {TOKEN}"}
+            assert client.request("GET", path, headers=headers)[0] == status
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert TOKEN not in log
+    for n, (_, status, logged) in enumerate(sent):
+        [line] = [line for line in log.splitlines() if line.endswith(f"request_id=rid-{n}")]
+        assert f'"GET {logged} HTTP/1.1" {status}' in line
+
+
 @pytest.mark.e2e
 def test_gunicorn_writes_one_access_line_per_request_without_the_secrets(tmp_path):
     token = "0123456789abcdef-token"

@@ -124,6 +124,20 @@ def test_a_request_too_large_for_the_memory_the_store_has_left_is_told_so(harnes
     )
 
 
+def test_the_api_token_a_client_put_in_the_path_is_not_in_the_error_line(monkeypatch, caplog):
+    token = "0123456789abcdef-token"
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, api_token=token))
+    try:
+        _store_fails(harness, monkeypatch, StoreUnavailable("redis: Connection refused"))
+        with caplog.at_level(logging.ERROR, logger="service.problems"):
+            response = harness.client.get(f"/tasks/{token}", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        harness.pool.shutdown(5)
+    assert response.status_code == 503
+    [record] = caplog.records
+    assert record.getMessage() == "task store unavailable on GET /tasks/REDACTED: redis: Connection refused"
+
+
 def _store_fails(harness, monkeypatch, error):
     def fail(*args, **kwargs):
         raise error
