@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from workerpool import AttemptCancelled, SimulatedFailure, SimulatedWork, Task
+from workerpool import AttemptCancelled, SimulatedFailure, SimulatedWork, Task, event_wait
 
 TASK = Task("t", "payload", 0)
 
@@ -83,3 +83,18 @@ def test_default_wait_returns_at_once_when_cancelled():
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SimulatedWork(**kwargs)
+
+
+class AskedEvent(threading.Event):
+    def wait(self, timeout=None):
+        self.asked = timeout
+        return True
+
+
+@pytest.mark.parametrize(("timeout", "asked"), [(None, None), (2.5, 2.5), (1e10, threading.TIMEOUT_MAX)])
+def test_a_wait_past_what_the_platform_can_wait_is_as_long_as_it_can(timeout, asked):
+    # Event.wait(1e10) raises OverflowError: a memory store's idle workers waiting for a task delayed that
+    # long logged a traceback each second, and a drain with such a deadline abandoned its work at once.
+    event = AskedEvent()
+    assert event_wait(event, timeout)
+    assert event.asked == asked

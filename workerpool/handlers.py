@@ -14,7 +14,9 @@ Wait = Callable[[threading.Event, float | None], bool]
 
 
 def event_wait(event: threading.Event, timeout: float | None) -> bool:
-    return event.wait(timeout)
+    # Event.wait raises OverflowError past threading.TIMEOUT_MAX (some 292 years): a finite delay or drain
+    # deadline that far off is waited for as long as the platform can, which is as good as for ever.
+    return event.wait(timeout if timeout is None or timeout <= threading.TIMEOUT_MAX else threading.TIMEOUT_MAX)
 
 
 class SimulatedFailure(Exception):
