@@ -999,7 +999,13 @@ class WorkerPool:
                 continue
             try:
                 self._time_out(attempt, now - attempt.started)
-            except Exception:  # StoreUnavailable, or a bug: the next check writes it again
+            except StoreUnavailable as exc:  # Redis unreachable, a full disk: one line, as for an attempt's end
+                next_check = min(next_check, _STORE_RETRY_S)
+                _log(
+                    logging.WARNING, attempt.task, "task %s: the timeout of attempt %d could not be recorded (%s); "
+                    "trying again in %.1f s", attempt.task.id, attempt.task.attempts, exc, next_check,
+                )  # fmt: skip
+            except Exception:  # a bug: the next check writes it again
                 next_check = min(next_check, _STORE_RETRY_S)
                 log.exception(
                     "task %s: the timeout of attempt %d could not be recorded; trying again in %.1f s",
