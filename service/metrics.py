@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import operator
+import re
 import threading
 import time
 from bisect import bisect_left
@@ -726,24 +727,46 @@ def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
     """The format the scraper ranks highest among those served: OpenMetrics or the text format.
 
     prometheus_client's ``choose_encoder`` weighs no ``q`` (any OpenMetrics
-    range wins, even one refused with ``q=0``) and raises ``TypeError`` on
-    a ``version`` that is not all numbers (``version=abc``, ``1.0.0-rc1``):
-    it is given one range at a time, best first, and a range it cannot
-    read, or whose version it does not serve (OpenMetrics 0.0.1), passes
-    to the next. A wildcard, or nothing served, gives the text format.
+    range wins, even one refused with ``q=0``), raises ``TypeError`` on a
+    ``version`` that is not all numbers, names in the ``Content-Type`` any
+    OpenMetrics version asked for from 1.0.0 on (``version=7``), whatever
+    the body's, and reads a quoted value with its quotes. It is given one
+    range at a time, best first, its parameters unquoted; a range of a
+    version it does not write (OpenMetrics 0.0.1 or 7, text 1.0.0-rc1)
+    passes to the next. A wildcard, or nothing served, gives the text format.
     """
     for media_range in _by_preference(accept):
-        kind = media_range.split(";", 1)[0].strip()
+        kind, parameters = _media_range(media_range)
         if kind in ("*/*", "text/*"):
             break
-        if kind in ("application/openmetrics-text", "text/plain"):
-            try:
-                encode, content_type = choose_encoder(media_range)
-            except TypeError:
-                continue
-            if content_type.startswith(kind):
-                return encode, content_type
+        versions = _VERSIONS_WRITTEN.get(kind)
+        if versions is None:
+            continue
+        version = parameters.get("version")
+        if version is not None and version not in versions:
+            continue
+        chosen = [kind, *(f"{name}={parameters[name]}" for name in ("version", "escaping") if name in parameters)]
+        return choose_encoder(";".join(chosen))
     return choose_encoder("")
+
+
+# The versions of each format prometheus_client writes (what a range without a version gets: the first).
+_VERSIONS_WRITTEN = {"application/openmetrics-text": ("1.0.0", "2.0.0"), "text/plain": ("0.0.4", "1.0.0")}
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def _media_range(media_range: str) -> tuple[str, dict[str, str]]:
+    """The media type of an ``Accept`` range (lower case) and its parameters by lower-case name, quoted values
+    unquoted: ``version="1.0.0"`` is ``version=1.0.0`` (RFC 9110 section 5.6.6)."""
+    kind, *pairs = media_range.split(";")
+    parameters = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        parameters.setdefault(name.strip().lower(), value)
+    return kind.strip().lower(), parameters
 
 
 def _by_preference(accept: str) -> list[str]:

@@ -261,6 +261,35 @@ def test_the_format_served_is_the_one_the_scraper_ranks_highest(accept, mimetype
     assert (response.status_code, response.mimetype) == (200, mimetype)
 
 
+OPENMETRICS_1 = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
+TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        # A version it does not write was named in the Content-Type of a 1.0.0 body.
+        ("application/openmetrics-text;version=7", TEXT_0_0_4),
+        ("application/openmetrics-text;version=99999999999999999999999999999, text/plain", TEXT_0_0_4),
+        ("application/openmetrics-text;version=1.1.0;q=0.9, application/openmetrics-text;q=0.5",
+         "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        ("text/plain;version=7;q=0.9, application/openmetrics-text;version=1.0.0;q=0.5", OPENMETRICS_1),
+        # A quoted value is the same value: it was passed over.
+        ('application/openmetrics-text;version="1.0.0"', OPENMETRICS_1),
+        ('application/openmetrics-text; version="1.0.0"; escaping="allow-utf-8"',
+         "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=allow-utf-8"),
+        ("Application/OpenMetrics-Text; Version=1.0.0", OPENMETRICS_1),
+        ("application/openmetrics-text;version=2.0.0",
+         "application/openmetrics-text; version=2.0.0; charset=utf-8; escaping=underscores"),
+        ("text/plain;version=1.0.0", "text/plain; version=1.0.0; charset=utf-8; escaping=underscores"),
+    ],
+)  # fmt: skip
+def test_the_content_type_names_a_version_the_body_is_written_in(accept, content_type):
+    response = make_harness().client.get("/metrics", headers={"Accept": accept})
+    assert (response.status_code, response.headers["Content-Type"]) == (200, content_type)
+    assert response.get_data(as_text=True).endswith("# EOF\n") == content_type.startswith("application/openmetrics")
+
+
 def test_the_readme_documents_every_metric():
     readme = (PROJECT_ROOT / "README.md").read_text()
     families = text_string_to_metric_families(scrape_text(make_harness().client))
