@@ -20,7 +20,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -701,6 +701,33 @@ def check_gunicorn_environment(environ: Mapping[str, str] = os.environ) -> None:
                 raise ConfigError(
                     f"FORWARDED_ALLOW_IPS={raw!r} is invalid: {exc} (it must list IP addresses or networks, or be *)"
                 ) from None
+
+
+# Variables gunicorn reads for itself as it imports its settings, before its command line is applied.
+_READ_BY_GUNICORN_AT_IMPORT = ("WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS")
+
+
+def check_env_options(raw_env: Iterable[str]) -> None:
+    """Raise ConfigError if gunicorn's ``-e``/``--env NAME=value`` (or in ``GUNICORN_CMD_ARGS``) sets a variable
+    that is read before gunicorn sets it.
+
+    gunicorn puts these in the environment once it has loaded gunicorn.conf.py, after the settings were read
+    from the environment and ``.env``: ``-e API_TOKEN=...`` ran the task endpoints with no token, and
+    without a word. The values are never shown (a token, a password).
+    """
+    names = []
+    for option in raw_env:
+        name = option.split("=", 1)[0].strip()
+        if (name in VARIABLES or name in _READ_BY_GUNICORN_AT_IMPORT) and name not in names:
+            names.append(name)
+    if names:
+        given = ", ".join(f"-e {name}=..." for name in names)
+        where = ", ".join(names)
+        raise ConfigError(
+            f"{given} would not be taken: gunicorn sets its -e/--env variables only after the settings are read, "
+            f"so {where} would silently keep the value of the environment or .env; set {where} there instead "
+            "and drop the -e (in GUNICORN_CMD_ARGS too)"
+        )
 
 
 def check_binary_upgrade(config: Config, old_arbiter_pid: int) -> None:

@@ -70,11 +70,32 @@ from service.metrics import counts_problem as _counts_problem  # noqa: E402
 threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
 
 
+def _env_options() -> list[str]:
+    """gunicorn's ``-e``/``--env`` values, from GUNICORN_CMD_ARGS and its command line.
+
+    gunicorn applies its command line to the settings after it has run this file (and the environment
+    only later, in the arbiter), so they are read here from where gunicorn reads them: its own parser,
+    on its own arguments. Run otherwise than by gunicorn's load (its module name), there are none.
+    """
+    if __name__ != "__config__":
+        return []
+    from gunicorn.config import Config as _GunicornConfig
+
+    gunicorn_config = _GunicornConfig()
+    parser = gunicorn_config.parser()
+    given: list[str] = []
+    for argv in (gunicorn_config.get_cmd_args_from_env(), sys.argv[1:]):
+        given += parser.parse_args(argv).raw_env or []
+    return given
+
+
 def _check_settings(settings) -> None:
-    """Refuse a configuration whose store leaves too few file descriptors for connections, and a variable gunicorn
-    reads itself with a value it cannot take: run_gunicorn.py checks those before gunicorn starts, this a gunicorn
-    started by hand (whose own start ended at a bad WEB_CONCURRENCY, before reading this file)."""
+    """Refuse a configuration whose store leaves too few file descriptors for connections, a variable gunicorn
+    reads itself with a value it cannot take (run_gunicorn.py checks those before gunicorn starts, this a gunicorn
+    started by hand, whose own start ended at a bad WEB_CONCURRENCY, before reading this file), and a setting given
+    to gunicorn's -e, which would be ignored (and shown, at LOG_LEVEL=debug, in gunicorn's configuration line)."""
     _config.check_gunicorn_environment()
+    _config.check_env_options(_env_options())
     _file_limits.worker_connections(settings, threads)
 
 

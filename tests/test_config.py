@@ -740,6 +740,27 @@ def test_values_gunicorn_takes_are_taken(environ):
     config.check_gunicorn_environment(environ)
 
 
+@pytest.mark.parametrize(
+    ("raw_env", "named"),
+    [
+        (["API_TOKEN=SeCrEtToKeN-abcdef-123456"], "-e API_TOKEN=... would not be taken"),
+        (["WORKERS=3", "OTHER=1", "WORKERS=4", "STORE= sqlite:///x"], "-e WORKERS=..., -e STORE=... would not"),
+        (["WEB_CONCURRENCY=4"], "-e WEB_CONCURRENCY=... would not"),  # gunicorn itself read it before
+        ([" LOG_FORMAT =json"], "-e LOG_FORMAT=... would not"),
+    ],
+)
+def test_a_setting_given_to_gunicorns_env_option_is_refused_naming_it_not_its_value(raw_env, named):
+    with pytest.raises(ConfigError) as raised:
+        config.check_env_options(raw_env)
+    assert str(raised.value).startswith(named)
+    assert "SeCrEt" not in str(raised.value) and "sqlite" not in str(raised.value)
+
+
+@pytest.mark.parametrize("raw_env", [[], ["HANDLER_URL=http://x"], ["NO_EQUALS_SIGN"], ["workers=3"]])
+def test_variables_of_others_given_to_gunicorns_env_option_are_taken(raw_env):
+    config.check_env_options(raw_env)
+
+
 @pytest.mark.parametrize("text", ["2_0", "\u0661\u0660", "\uff12", "1e", ".", "0x10", "infinity", "1,5"])
 @pytest.mark.parametrize("variable", ["SHUTDOWN_TIMEOUT_S", "LEASE_S", "FAILURE_RATE"])
 def test_a_number_setting_takes_decimal_numbers_only(variable, text):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import runpy
+import shlex
 import signal
 import socket
 import subprocess
@@ -375,6 +376,30 @@ def test_a_bad_setting_stops_gunicorn_with_exit_code_2(tmp_path, setting, said):
     )
     assert result.returncode == 2
     assert said in result.stderr
+
+
+@pytest.mark.parametrize("where", ["command line", "GUNICORN_CMD_ARGS"])
+def test_a_setting_given_to_gunicorns_env_option_stops_it_without_showing_the_value(tmp_path, where):
+    # gunicorn sets -e's variables after the settings are read: the token was dropped and the task endpoints
+    # ran open, and at LOG_LEVEL=debug gunicorn's configuration line showed it.
+    token = "SeCrEtToKeN-abcdef-123456"
+    options = ["-e", f"API_TOKEN={token}", "--env=LOG_FORMAT=json", "-e", "HANDLER_OWN=1"]
+    argv, env = ([*options], {}) if where == "command line" else ([], {"GUNICORN_CMD_ARGS": shlex.join(options)})
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", CONF, "-b", "127.0.0.1:0", *argv],
+        cwd=tmp_path,
+        env=clean_environment(LOG_LEVEL="DEBUG", **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "configuration error: -e API_TOKEN=..., -e LOG_FORMAT=... would not be taken: gunicorn sets its -e/--env "
+        "variables only after the settings are read, so API_TOKEN, LOG_FORMAT would silently keep the value of the "
+        "environment or .env; set API_TOKEN, LOG_FORMAT there instead and drop the -e (in GUNICORN_CMD_ARGS too)"
+    ]
+    assert token not in result.stdout + result.stderr
 
 
 # -- the real server -------------------------------------------------------------
