@@ -697,8 +697,8 @@ def test_a_reload_to_a_port_in_use_or_a_foreign_host_is_refused_and_the_server_k
             client = Client(server.wait_for_port(LISTENING))
             arbiter = server.proc.pid
             wait_until(lambda: client.request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
-            for n, line in enumerate((f"PORT={taken}", "PORT=0\nHOST=203.0.113.5"), start=1):
-                (project / ".env").write_text(f"HOST=127.0.0.1\n{line}\n")
+            for n, settings in enumerate((f"HOST=127.0.0.1\nPORT={taken}", "HOST=203.0.113.5\nPORT=0"), start=1):
+                (project / ".env").write_text(f"{settings}\n")
                 os.kill(arbiter, signal.SIGHUP)
                 wait_until(lambda: server.log().count("reload refused") == n, timeout=20, what="the refusal")  # noqa: B023
                 wait_until(lambda: len(worker_pids(arbiter)) == 1, timeout=20, what="the next worker")
