@@ -8,8 +8,15 @@ machine only. Browsers say where a request comes from (``Sec-Fetch-Site``,
 Fetch Metadata): ``same-origin`` for the dashboard's own requests, ``none`` for
 one the user made, ``same-site`` or ``cross-site`` for one a page of another
 origin made (another port of ``localhost`` is another origin of the same site).
-The service answers no CORS preflight, so no page of another origin has a use
-for it anyway; clients that are not browsers send no such header.
+Browsers send Fetch Metadata to potentially trustworthy addresses only (https,
+the loopback ones): to a service reached over plain http by another address (a
+LAN address, a container's published port) they send none, but every ``POST``
+and ``DELETE`` still carries the page's ``Origin``, which is then compared with
+the address the browser sent the request to (``Host``, or the ``X-Forwarded-Host``
+of a proxy that rewrites it; a page cannot set either in a request it may send
+without a preflight). The service answers no CORS preflight, so no page of
+another origin has a use for it anyway; clients that are not browsers send none
+of these fields.
 """
 
 from __future__ import annotations
@@ -23,21 +30,46 @@ _FOREIGN = frozenset({"cross-site", "same-site"})
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
-def from_foreign_page(site: str | None) -> bool:
-    """Whether a ``Sec-Fetch-Site`` value (None: the field is absent) says a page of another origin sent the request.
+def from_foreign_page(site: str | None, origin: str | None = None, hosts: str = "") -> bool:
+    """Whether a request's ``Sec-Fetch-Site`` value (``site``; None: the field is absent), or without one its
+    ``Origin`` (None: absent), says a page of another origin sent it. ``hosts``: its ``Host`` and
+    ``X-Forwarded-Host`` values, joined with commas (as a repeated field reaches the application).
 
     The event loop that decides whether to read a body (``service.request_reader``) asks this too: one
     definition of who is refused, so that such a body is refused unread.
     """
-    return site is not None and site.strip().lower() in _FOREIGN
+    if site is not None:  # said by the browser itself: the origin compared with the page's address
+        return site.strip().lower() in _FOREIGN
+    return origin is not None and not _same_origin(origin, hosts)
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _same_origin(origin: str, hosts: str) -> bool:
+    """Whether ``origin`` (``scheme://host[:port]``; ``null`` for a sandboxed or local page) names one of ``hosts``.
+
+    The scheme is not compared: a proxy terminating TLS hands an ``https`` page's request on over http.
+    """
+    scheme, separator, authority = origin.strip().lower().partition("://")
+    if not separator or scheme not in _DEFAULT_PORTS or not authority or any(c in authority for c in "/?#, \t@"):
+        return False  # "null", a list of origins, anything a browser does not send for a page of its own
+    # A proxy may write the default port out in Host; an Origin leaves it out.
+    own = (authority, authority + _DEFAULT_PORTS[scheme])
+    return any(host.strip() in own for host in hosts.lower().split(","))
 
 
 def refuse_foreign_page(environ: dict[str, Any]) -> None:
     """Raise a 403 Problem when the request was sent by a page of another origin."""
     site = environ.get("HTTP_SEC_FETCH_SITE")
-    if from_foreign_page(site):
+    origin = environ.get("HTTP_ORIGIN")
+    if site is None and origin is None:  # clients that are not browsers: most requests
+        return
+    hosts = f"{environ.get('HTTP_HOST', '')},{environ.get('HTTP_X_FORWARDED_HOST', '')}"
+    if from_foreign_page(site, origin, hosts):
+        said = f"Sec-Fetch-Site: {site.strip().lower()}" if site is not None else "its Origin is not this address"
         raise Problem(
             403,
-            f"the request was sent by a page of another origin (Sec-Fetch-Site: {site.strip().lower()}): "
+            f"the request was sent by a page of another origin ({said}): "
             "tasks are changed from this service's own pages and from clients that are not browsers only",
         )

@@ -15,7 +15,7 @@ The body is read here whatever its framing: of known length, chunked
 its framing is not kept), or sent after ``100 Continue``, which is answered from here. Each
 route's limit (``BodyLimits``) bounds what is read: a body announced longer
 than its route takes, or one that a missing or wrong token, or a page of
-another origin (``Sec-Fetch-Site``), would have refused, is not asked for
+another origin (``Sec-Fetch-Site``, else ``Origin``), would have refused, is not asked for
 (no ``100 Continue``) nor read; the application refuses it from its head,
 without reading it. A head, or a chunked body's
 trailer section, larger than ``MAX_PREREAD_HEAD`` is refused from here (431,
@@ -430,7 +430,7 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
         if (
             (length <= limits.default or length <= limits.of(head))
             and (not limits.token or limits.authorized(next(iter(_values(head, lowered, b"authorization")), None)))
-            and not _from_foreign_page(head, _values(head, lowered, b"sec-fetch-site"))
+            and not _from_foreign_page(head, lambda name: _values(head, lowered, name))
         ):
             return Framing(len(head) + length)
         return Framing(len(head), refused=True)
@@ -454,7 +454,7 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     # A body without the token is not read: the application refuses it from its head, so an unknown
     # client cannot make the loop buffer up to a route's limit on each of its connections.
     refused = not limits.authorized(next(iter(fields.get(b"authorization", [])), None))
-    refused = refused or _from_foreign_page(head, fields.get(b"sec-fetch-site", []))
+    refused = refused or _from_foreign_page(head, lambda name: fields.get(name, []))
     # Nor, when the client waits for 100 Continue, one with a content coding: the application answers 415
     # from the head (service/api.read_body: the coding is checked, as there, on the fields joined).
     coding = b",".join(fields.get(b"content-encoding", [])).strip(b" \t").lower()
@@ -477,13 +477,23 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     return Framing(len(head) + length, expects=expects)
 
 
-def _from_foreign_page(head: bytes, sites: list[bytes]) -> bool:
+def _from_foreign_page(head: bytes, values: Callable[[bytes], list[bytes]]) -> bool:
     """Whether the application refuses the request ``head`` (403) as sent by a page of another origin
-    (``service.cross_site``), from its ``Sec-Fetch-Site`` values ``sites``: then its body is not read."""
-    if not sites or head[: head.find(b" ")].decode("latin-1") in SAFE_METHODS:
+    (``service.cross_site``), from the values of its fields (``values(name)``): then its body is not read."""
+    if head[: head.find(b" ")].decode("latin-1") in SAFE_METHODS:
+        return False
+    sites = values(b"sec-fetch-site")
+    origins = [] if sites else values(b"origin")
+    if not sites and not origins:
         return False
     # A repeated field reaches the application as its values joined with commas, under either server.
-    return from_foreign_page(b",".join(sites).decode("latin-1"))
+    return from_foreign_page(
+        _joined(sites), _joined(origins), _joined(values(b"host") + values(b"x-forwarded-host")) or ""
+    )
+
+
+def _joined(values: list[bytes]) -> str | None:
+    return b",".join(values).decode("latin-1") if values else None
 
 
 def _values(head: bytes, lowered: bytes, name: bytes) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""Requests that change tasks, sent by a page of another origin (Sec-Fetch-Site), are refused with 403."""
+"""Requests that change tasks, sent by a page of another origin (Sec-Fetch-Site, else Origin), are refused with 403."""
 
 from __future__ import annotations
 
@@ -50,4 +50,59 @@ def test_requests_of_the_service_s_own_pages_and_of_other_clients_are_served(sit
     batch = client.post("/enqueue/batch", json={"tasks": [{"id": "b", "payload": 1}]}, headers=_headers(site))
     assert batch.status_code == 200 and batch.get_json()["results"][0]["status"] == 202
     assert client.delete("/tasks/a", headers=_headers(site)).status_code in (200, 409)
+    harness.drain()
+
+
+# Over plain http to an address that is not a loopback one, browsers send no Sec-Fetch-Site, only the page's Origin.
+SERVICE = "http://192.0.2.2:18609"
+FOREIGN_ORIGINS = (
+    "http://127.0.0.1:18698",  # a page served on this machine
+    "http://192.0.2.2:18698",  # another port of the service's own host
+    "http://192.0.2.2",
+    "https://evil.example",
+    "null",  # a sandboxed frame, a file:// page
+    "http://192.0.2.2:18609, http://evil.example",
+    "",
+)
+
+
+@pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
+def test_without_fetch_metadata_a_change_from_a_page_of_another_origin_is_refused_unread(origin):
+    harness = make_harness()
+    client = harness.client
+    headers = {"Origin": origin, "Content-Type": "text/plain"}
+    for path, body in (("/enqueue", b'{"id": "a", "payload": 1}'), ("/enqueue/batch", b'{"tasks": [{"id": "b"}]}')):
+        response = client.post(path, data=body, headers=headers, base_url=SERVICE)
+        assert (response.status_code, response.mimetype) == (403, "application/problem+json"), path
+        assert "(its Origin is not this address)" in response.get_json()["detail"]
+        assert response.headers["Connection"] == "close"  # the body was not read
+    assert client.get("/tasks/a", base_url=SERVICE).status_code == 404
+    assert client.post("/enqueue", json={"id": "c", "payload": 1, "delay_ms": 60_000}).status_code == 202
+    assert client.delete("/tasks/c", headers={"Origin": origin}, base_url=SERVICE).status_code == 403
+    assert client.get("/tasks/c", headers={"Origin": origin}, base_url=SERVICE).get_json()["state"] == "queued"
+    assert client.delete("/tasks/c", base_url=SERVICE).status_code == 200  # by a client that is no browser
+    harness.drain()
+
+
+@pytest.mark.parametrize(
+    ("origin", "base_url", "headers"),
+    [
+        ("http://192.0.2.2:18609", SERVICE, {}),  # the dashboard's own requests
+        ("http://SVC.example", "http://svc.example", {}),
+        ("http://svc.example", "http://svc.example", {"Host": "svc.example:80"}),  # the default port written out
+        ("https://svc.example", "http://svc.example", {}),  # a proxy that terminates TLS and keeps Host
+        ("http://public.example:8080", "http://workerpool:8080", {"X-Forwarded-Host": "public.example:8080"}),
+        ("http://[2001:db8::2]:8080", "http://[2001:db8::2]:8080", {}),
+        # Where the browser says where the request comes from, that is taken (a proxy rewriting Host, over https).
+        ("https://public.example", "http://workerpool:8080", {"Sec-Fetch-Site": "same-origin"}),
+    ],
+)
+def test_a_change_from_the_service_s_own_page_is_served_without_fetch_metadata(origin, base_url, headers):
+    harness = make_harness()
+    client = harness.client
+    sent = {"headers": {"Origin": origin, **headers}, "base_url": base_url}
+    assert client.post("/enqueue", json={"id": "a", "payload": 1}, **sent).status_code == 202
+    batch = client.post("/enqueue/batch", json={"tasks": [{"id": "b", "payload": 1}]}, **sent)
+    assert batch.status_code == 200 and batch.get_json()["results"][0]["status"] == 202
+    assert client.delete("/tasks/a", **sent).status_code in (200, 409)
     harness.drain()

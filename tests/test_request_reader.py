@@ -549,6 +549,37 @@ def test_a_body_from_a_page_of_another_origin_is_not_read(request_line, headers,
     assert read_framing(head, BodyLimits(100)) == framing._replace(length=framing.length + len(head))
 
 
+@pytest.mark.parametrize(
+    ("request_line", "headers", "framing"),
+    [
+        (b"POST /enqueue", b"Origin: http://evil.example\r\nContent-Length: 10\r\n", Framing(0, refused=True)),
+        (b"DELETE /tasks/a", b"Origin: null\r\nContent-Length: 10\r\n", Framing(0, refused=True)),
+        (b"POST /enqueue", b"Origin: http://a:8081\r\nTransfer-Encoding: chunked\r\n", Framing(0, refused=True)),
+        (
+            b"POST /enqueue",
+            b"Origin: http://evil.example\r\nExpect: 100-continue\r\nContent-Length: 10\r\n",
+            Framing(0, expects=True, refused=True),
+        ),
+        (b"POST /enqueue", b"Origin: http://a\r\nContent-Length: 10\r\n", Framing(10)),
+        (b"POST /enqueue", b"Origin: HTTP://A\r\nContent-Length: 10\r\n", Framing(10)),
+        (b"POST /enqueue", b"Origin: https://p\r\nX-Forwarded-Host: p\r\nContent-Length: 10\r\n", Framing(10)),
+        # The browser's own Sec-Fetch-Site is taken over the Origin, as the application takes it.
+        (
+            b"POST /enqueue",
+            b"Origin: http://evil.example\r\nSec-Fetch-Site: same-origin\r\nContent-Length: 10\r\n",
+            Framing(10),
+        ),
+        (b"GET /tasks", b"Origin: http://evil.example\r\nContent-Length: 10\r\n", Framing(10)),
+    ],
+    ids=["post", "null", "chunked", "expect", "own", "case", "forwarded", "fetch-metadata", "get"],
+)
+def test_a_body_from_a_page_of_another_origin_without_fetch_metadata_is_not_read(request_line, headers, framing):
+    """As the application refuses it (403) from its Origin when the browser sent no Sec-Fetch-Site (plain http
+    to an address that is not a loopback one): the head's Host is ``a``."""
+    head = request_line + b" HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"
+    assert read_framing(head, BodyLimits(100)) == framing._replace(length=framing.length + len(head))
+
+
 @pytest.mark.parametrize("version", [b"1.2", b"1.9"])
 def test_a_later_http_1_request_gets_100_continue_and_its_chunked_body_read_as_an_http_1_1_one(harness, version):
     # The loop looked for HTTP/1.1 alone: it did not answer 100-continue, and the client waited for it until the
