@@ -219,6 +219,23 @@ def test_the_description_lists_exactly_the_routes(harness):
     assert described == routes
 
 
+@pytest.mark.parametrize("path", ["/dashboard", "/dashboard/dashboard.js", "/dashboard/dashboard.css"])
+def test_the_dashboard_files_conditional_answers_are_described(harness, path):
+    # Browsers send If-None-Match on every reload: a 304 (and the ETag asking for it) is part of the contract.
+    schema = schemathesis.openapi.from_dict(served_spec(harness))
+    operation = schema[path]["GET"]
+    first = harness.client.get(path)
+    etag = first.headers["ETag"]
+    answers = [first, harness.client.get(path, headers={"If-None-Match": etag})]
+    answers.append(harness.client.get(path, headers={"If-None-Match": "*"}))
+    assert [answer.status_code for answer in answers] == [200, 304, 304]
+    for answer in answers:
+        operation.validate_response(answer)  # documented status, headers and body
+        assert answer.headers["ETag"] == etag
+    described = served_spec(harness)["paths"][path]["get"]["responses"]
+    assert set(described) >= {"200", "304"}
+
+
 def test_path_parameters_match_the_route_variables(harness):
     spec = served_spec(harness)
     for path, item in spec["paths"].items():
