@@ -30,7 +30,16 @@ from .problems import (
     submission_not_stored,
     submit_problem,
 )
-from .schema import TaskLimits, TaskSpec, decode_json, json_type, parse_task, task_to_json, unknown_fields
+from .schema import (
+    TaskLimits,
+    TaskSpec,
+    counts_as_floats,
+    decode_json,
+    json_type,
+    parse_task,
+    task_to_json,
+    unknown_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,8 @@ def parse_batch(
     ``max_tasks`` tasks) when the body is not ``{"tasks": [<task>, ...]}``.
     """
     document = decode_json(body)
+    if isinstance(document, dict) and type(document.get("tasks")) is list and counts_as_floats(document["tasks"]):
+        document = decode_json(body, exact=True)
     if not isinstance(document, dict):
         raise invalid_request(f"the body must be a JSON object, not {json_type(document)}")
     errors = unknown_fields(document, BATCH_FIELDS)

@@ -80,6 +80,8 @@ class ListQuery:
 def parse_enqueue(body: bytes, limits: TaskLimits, *, request_id: str | None = None) -> TaskSpec:
     """Validate a POST /enqueue body; raise a 400 Problem listing every failing field."""
     document = decode_json(body)
+    if counts_as_floats([document]):
+        document = decode_json(body, exact=True)
     if not isinstance(document, dict):
         raise invalid_request(f"the body must be a JSON object, not {_json_type(document)}")
     spec = parse_task(document, limits, request_id=request_id)
@@ -124,11 +126,19 @@ def unknown_fields(document: Mapping[str, Any], known: tuple[str, ...]) -> list[
     return errors
 
 
-def decode_json(body: bytes) -> Any:
-    """The JSON value of a request body; raise a 400 Problem if it is not strict JSON."""
+def decode_json(body: bytes, *, exact: bool = False) -> Any:
+    """The JSON value of a request body; raise a 400 Problem if it is not strict JSON.
+
+    ``exact``: a number literal that is not an integer but whose nearest float is one
+    (``2.0000000000000001``, ``1e-400``) is kept apart from one that is (``2.0``) as a
+    ``_RoundedFloat``, which a count field refuses. Each float literal then costs a Python
+    call (a body of floats takes half as long again): only a body whose count fields read
+    as integral floats (``counts_as_floats``) is decoded again this way.
+    """
+    decoder = _EXACT_DECODER if exact else _DECODER
     try:
         # json.loads(bytes) decodes the same way, then builds a new decoder on every call.
-        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        return decoder.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ours
         raise invalid_request(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -158,6 +168,51 @@ def _bounded_int(text: str) -> int | _OversizedInteger:
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int)
 
 
+class _RoundedFloat(float):
+    """A JSON number that is not an integer, whose nearest float is one: ``2.0000000000000001`` is 2.0, ``1e-400``
+    is 0.0. A payload keeps it as that float; a count field refuses it, as JSON Schema's ``integer`` does."""
+
+    __slots__ = ()
+
+
+def _exact_float(text: str) -> float:
+    value = float(text)
+    if value.is_integer() and not _is_integral_literal(text):
+        return _RoundedFloat(value)
+    return value
+
+
+def _is_integral_literal(text: str) -> bool:
+    """Whether a JSON number literal with a fraction or an exponent (``2.50e1``) is exactly an integer."""
+    mantissa, _, exponent = text.lower().partition("e")
+    whole, _, fraction = mantissa.lstrip("-").partition(".")
+    significant = (whole + fraction).rstrip("0")
+    if not significant.strip("0"):
+        return True  # zero, however written
+    power = exponent.lstrip("+-").lstrip("0")
+    if len(power) > 18:  # far past any float: only a negative one is reached here (a positive one overflows)
+        return not exponent.startswith("-")
+    magnitude = int(power or "0")
+    scale = (-magnitude if exponent.startswith("-") else magnitude) - len(fraction)
+    return scale + len(whole + fraction) - len(significant) >= 0
+
+
+_EXACT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_int=_bounded_int, parse_float=_exact_float
+)
+
+
+def counts_as_floats(tasks: list[Any]) -> bool:
+    """Whether a count field of a decoded task reads as a float with an integral value, which only the body's
+    literal tells from one that is not an integer (see ``decode_json``)."""
+    for task in tasks:  # the two fields spelt out: an inner loop over them costs more per task
+        if type(task) is dict:
+            retries, delay = task.get("max_retries"), task.get("delay_ms")
+            if (type(retries) is float and retries.is_integer()) or (type(delay) is float and delay.is_integer()):
+                return True
+    return False
+
+
 def _json_type(value: Any) -> str:
     names = {
         dict: "an object",
@@ -167,6 +222,7 @@ def _json_type(value: Any) -> str:
         int: "a number",
         float: "a number",
         _OversizedInteger: "a number",
+        _RoundedFloat: "a number",
     }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 

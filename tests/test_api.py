@@ -262,6 +262,27 @@ def test_huge_numbers_are_field_errors(body, errors):
     assert [(e["field"], e["message"]) for e in problem["errors"]] == errors
 
 
+@pytest.mark.parametrize(
+    "literal", ["1e-400", "-1e-400", "2.0000000000000001", "20.000000000000001", "4.00000000000000000001e0"]
+)
+@pytest.mark.parametrize("field", ["max_retries", "delay_ms"])
+def test_a_count_that_a_float_rounds_to_an_integer_is_refused_as_not_one(client, field, literal):
+    # Taken as the integer the float rounded it to: 1e-400 was stored as max_retries 0.
+    response = enqueue(client, f'{{"id": "a", "payload": [2.0000000000000001, 1e-400], "{field}": {literal}}}')
+    assert response.status_code == 400
+    assert [(e["field"], e["message"]) for e in response.get_json()["errors"]] == [
+        (field, f"{NOT_INTEGER}, not a number")
+    ]
+
+
+@pytest.mark.parametrize("literal", ["4.0", "4e0", "40e-1", "0.4e1", "4.000e+0", "0.0e-400"])
+def test_a_count_written_as_an_integral_float_is_that_integer(client, literal):
+    body = f'{{"id": "a", "payload": [2.0000000000000001], "max_retries": {literal}, "delay_ms": {literal}}}'
+    response = enqueue(client, body)
+    assert response.status_code == 202
+    assert response.get_json()["max_retries"] == round(float(literal))
+
+
 @pytest.mark.timeout(5)
 def test_a_huge_number_as_the_body_is_a_400():
     harness = make_harness(config=dataclasses.replace(TEST_CONFIG, max_body_bytes=16_384))

@@ -132,6 +132,21 @@ def test_the_readme_batch_example_answers_as_shown_after_the_readme_s_earlier_su
         assert result["location"] == location
 
 
+def test_a_count_that_a_float_rounds_to_an_integer_is_refused_alone(harness):
+    body = (
+        '{"tasks": [{"id": "a", "payload": 1.5, "max_retries": 2.0}, {"id": "b", "payload": "", "max_retries": 1e-400},'
+        ' {"id": "c", "payload": "", "delay_ms": 2.0000000000000001}, {"id": "d", "payload": "", "delay_ms": 3}]}'
+    )
+    response = post_batch(harness.client, body)
+    assert statuses(response) == [202, 400, 400, 202]
+    results = response.get_json()["results"]
+    assert results[0]["task"]["max_retries"] == 2
+    assert [r["problem"]["errors"] for r in results[1:3]] == [
+        [{"field": "max_retries", "message": "must be an integer, not a number"}],
+        [{"field": "delay_ms", "message": "must be an integer, not a number"}],
+    ]
+
+
 def test_a_task_the_stores_cannot_keep_is_refused_alone(harness):
     response = post_batch(harness.client, {"tasks": [task("a"), task("b", "lone \ud800"), task("c")]})
     assert statuses(response) == [202, 400, 202]
