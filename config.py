@@ -130,10 +130,17 @@ class Config:
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
+    most_digits = len(str(max(abs(low), abs(high))))
+
     def parse(text: str) -> int:
         if not _INT.fullmatch(text):
             raise ValueError(f"must be an integer from {low} to {high}")
-        value = int(text)
+        # Out of range by its length alone: int() refuses more than 4300 digits with the interpreter's own
+        # message (sys.set_int_max_str_digits), leading zeros included (0...08080 is 8080).
+        sign, digits = text[: len(text) - len(text.lstrip("+-"))], text.lstrip("+-").lstrip("0") or "0"
+        if len(digits) > most_digits:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        value = int(sign + digits)
         if not low <= value <= high:
             raise ValueError(f"must be an integer from {low} to {high}")
         return value
@@ -379,11 +386,18 @@ _URL_PASSWORD_OPTION = re.compile(r"([?&](?:password|username)=)([^&#]*)", re.IG
 _NOT_SHOWN = "<not shown>"
 
 
+# A longer value is shown by its beginning and its length: the line stays one line to read, not kilobytes.
+SHOWN_CHARS = 200
+
+
 def _shown(variable: str, raw: str) -> str:
-    """A value as an error message may show it: secrets never, a URL's password neither."""
+    """A value as an error message may show it: secrets never, a URL's password neither, a long one cut short."""
     if variable in _SECRETS:
         return f"<{len(raw)} characters, not shown>"
-    return repr(_URL_CREDENTIALS.sub(r"\1<credentials not shown>@", _URL_PASSWORD_OPTION.sub(r"\1" + _NOT_SHOWN, raw)))
+    text = _URL_CREDENTIALS.sub(r"\1<credentials not shown>@", _URL_PASSWORD_OPTION.sub(r"\1" + _NOT_SHOWN, raw))
+    if len(text) > SHOWN_CHARS:
+        return f"{text[:SHOWN_CHARS]!r}... ({len(raw)} characters)"
+    return repr(text)
 
 
 def _log_level(text: str) -> str:
@@ -646,7 +660,7 @@ def web_concurrency(environ: Mapping[str, str] = os.environ) -> int | None:
     try:
         return _integer(1, MAX_WEB_CONCURRENCY)(raw.strip())
     except ValueError as exc:
-        raise ConfigError(f"WEB_CONCURRENCY={raw!r} is invalid: {exc} (or unset)") from None
+        raise ConfigError(f"WEB_CONCURRENCY={_shown('WEB_CONCURRENCY', raw)} is invalid: {exc} (or unset)") from None
 
 
 class StoppedWhileStarting(SystemExit):

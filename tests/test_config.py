@@ -699,6 +699,26 @@ def test_web_concurrency_is_a_count_of_processes_or_none(environ, expected):
     assert config.web_concurrency(environ) == expected
 
 
+@pytest.mark.parametrize("variable", ["WORKERS", "PORT", "WEB_CONCURRENCY"])
+def test_an_integer_of_thousands_of_digits_is_out_of_range_shown_by_its_beginning(variable):
+    # int() refused more than 4300 digits with the interpreter's message: "use sys.set_int_max_str_digits()".
+    parse = config.web_concurrency if variable == "WEB_CONCURRENCY" else from_env
+    allowed = {"WORKERS": "1 to 256", "PORT": "0 to 65535", "WEB_CONCURRENCY": "1 to 256"}[variable]
+    with pytest.raises(ConfigError) as raised:
+        parse({variable: "1" * 5000})
+    assert str(raised.value) == (
+        f"{variable}='{'1' * config.SHOWN_CHARS}'... (5000 characters) is invalid: {INTEGER} {allowed}"
+        + (" (or unset)" if variable == "WEB_CONCURRENCY" else "")
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "port"), [("0" * 4301 + "8080", 8080), ("+" + "0" * 5000 + "8080", 8080), ("-" + "0" * 5000, 0)]
+)
+def test_an_integer_written_with_thousands_of_leading_zeros_is_its_value(text, port):
+    assert from_env({"PORT": text}).port == port
+
+
 @pytest.mark.parametrize(
     "environ",
     [
