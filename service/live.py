@@ -34,7 +34,9 @@ COUNTED_STATES = ("done", "failed", "cancelled")
 
 _SMALLEST_S = 0.001  # bucket 0 holds every duration up to a millisecond
 _BUCKETS_PER_DOUBLING = 4
-_LAST_BUCKET = 96  # 2**24 ms, about 4.7 hours: longer attempts share it
+# 2**40 ms, about 35 years, past any process's life (ATTEMPT_TIMEOUT_S=0 sets no limit): longer attempts would
+# share it. At 2**24 ms (4.7 hours) a 10-hour attempt was reported as 4.7 hours, below its true duration.
+_LAST_BUCKET = 160
 
 
 def bucket_bound(bucket: int) -> float:

@@ -96,7 +96,18 @@ def test_a_duration_falls_in_a_bucket_at_most_19_percent_wider(seconds):
 
 
 def test_durations_beyond_the_last_bucket_share_it():
-    assert latency_bucket(10**9) == latency_bucket(10**8)
+    assert latency_bucket(10**13) == latency_bucket(10**12)
+
+
+@pytest.mark.parametrize("seconds", [16_777.0, 36_000.0, 72_000.0, 86_400.0, 30 * 86_400.0, 10 * 365 * 86_400.0])
+def test_an_attempt_of_hours_or_years_is_never_reported_below_its_duration(seconds):
+    # Attempts past 4.7 hours shared a last bucket reported as 4.7 hours (ATTEMPT_TIMEOUT_S allows 24 h, 0 none).
+    clock = FakeClock(T0)
+    live = LiveFigures(clock=clock.time)
+    live.attempt_finished(task(state=State.DONE), seconds)
+    clock.advance(1)
+    recent = live.series()["recent_latency"]
+    assert seconds <= recent["p50"] <= seconds * 2**0.25
 
 
 def test_percentiles_use_the_nearest_rank():
