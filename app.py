@@ -35,7 +35,7 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from flask import Flask
@@ -106,22 +106,27 @@ def open_store(config: Config) -> TaskStore | None:
     return None
 
 
-def listen_error(host: str, port: int, error: OSError, *, bind: str | None = None) -> ConfigError:
+def listen_error(
+    host: str, port: int, error: OSError, *, bind: str | None = None, flags: Collection[str] = ()
+) -> ConfigError:
     """The one-line start-up error for an address this machine cannot listen on (HOST, PORT).
 
     ``bind``: the address as gunicorn's ``-b`` gave it, when it is not HOST and PORT's (``-b`` overrides them):
-    the line names it, not variables that say something else.
+    the line names it, not variables that say something else. ``flags``: which of ``python app.py``'s ``--host``
+    and ``--port`` gave the address instead of HOST and PORT, named the same way.
     """
     reason = _listen_reason(error)
     if bind is not None:
         return ConfigError(f"-b {bind} (gunicorn's --bind, which overrides HOST and PORT) {reason}")
+    host_given = f"--host {host}" if "--host" in flags else f"HOST={host!r}"
+    port_given = f"--port {port}" if "--port" in flags else f"PORT={port}"
     if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
-        return ConfigError(f"HOST={host!r} {reason}")
+        return ConfigError(f"{host_given} {reason}")
     if error.errno == errno.EADDRINUSE:
-        return ConfigError(f"PORT={port} is already in use on {host}: another server listens there")
+        return ConfigError(f"{port_given} is already in use on {host}: another server listens there")
     if error.errno == errno.EACCES:
-        return ConfigError(f"PORT={port} on {host} {reason}")
-    return ConfigError(f"cannot listen on HOST={host!r} PORT={port}: {error.strerror or error}")
+        return ConfigError(f"{port_given} on {host} {reason}")
+    return ConfigError(f"cannot listen on {host_given} {port_given}: {error.strerror or error}")
 
 
 def _listen_reason(error: OSError) -> str:
@@ -136,12 +141,14 @@ def _listen_reason(error: OSError) -> str:
     return f"cannot be listened on: {error.strerror or error}"
 
 
-def check_listen(host: str, port: int, *, reuse_port: bool = False, bind: str | None = None) -> None:
+def check_listen(
+    host: str, port: int, *, reuse_port: bool = False, bind: str | None = None, flags: Collection[str] = ()
+) -> None:
     """Raise ConfigError if this machine cannot listen on ``host``:``port`` (bound as gunicorn binds, then closed).
 
     gunicorn retries a failed bind five times, a second apart, then exits 1
     with messages of its own: a name that does not resolve or an address of
-    another machine never binds, so it is said at once instead. ``bind``: see ``listen_error``.
+    another machine never binds, so it is said at once instead. ``bind``, ``flags``: see ``listen_error``.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -151,7 +158,7 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False, bind: str | 
         try:
             sock.bind((host, port))
         except OSError as error:
-            raise listen_error(host, port, error, bind=bind) from None
+            raise listen_error(host, port, error, bind=bind, flags=flags) from None
 
 
 def reach_store(config: Config) -> list[str]:
@@ -451,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ignore_arbiter_signals()
     try:  # Werkzeug's server would print the system's message alone and exit 1
         root = root_path()  # SCRIPT_NAME, which gunicorn reads for itself
-        check_listen(config.host, config.port)
+        flags = [flag for flag, value in (("--host", args.host), ("--port", args.port)) if value is not None]
+        check_listen(config.host, config.port, flags=flags)
     except ConfigError as error:
         exit_on_error(error)
     check_store(config)

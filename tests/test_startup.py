@@ -343,6 +343,23 @@ def test_an_address_given_with_b_that_cannot_be_listened_on_is_named_as_given(ta
     assert expected in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("taken_by", ["another server", "not this machine"])
+def test_an_address_given_with_app_py_flags_that_cannot_be_listened_on_is_named_as_given(taken_by):
+    # --host and --port override HOST and PORT: the line names the flag that gave the value, not a variable
+    # that holds another one.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        flags = ["--port", str(port)] if taken_by == "another server" else ["--host", "192.0.2.1", "--port", "0"]
+        result = start([sys.executable, "app.py", *flags], HOST="127.0.0.1", PORT="1234")
+    assert result.returncode == 2
+    expected = (
+        f"--port {port} is already in use on 127.0.0.1: another server listens there"
+        if taken_by == "another server"
+        else "--host 192.0.2.1 cannot be listened on: it is not an address of this machine"
+    )
+    assert result.stdout + result.stderr == f"configuration error: {expected}\n"
+
+
 def test_check_listen_names_what_is_wrong():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
