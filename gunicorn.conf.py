@@ -56,7 +56,7 @@ from service import file_limits as _file_limits  # noqa: E402
 from service import logs as _logs  # noqa: E402
 from service import metrics_share as _metrics_share  # noqa: E402
 from service import request_id as _request_id  # noqa: E402
-from service.drain_reports import NOT_REPORTED, DrainReports  # noqa: E402
+from service.drain_reports import KEPT_BY_THE_STORE, LOST_WITH_IT, DrainReports  # noqa: E402
 from service.drain_reports import send as _send_report  # noqa: E402
 from service.gunicorn_worker import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
 from service.gunicorn_worker import (  # noqa: E402
@@ -527,9 +527,12 @@ def on_exit(server):
 
 
 def _log_drain(server, pid: int, report: str | None, *, at_exit: bool) -> None:
-    """One line for a worker's drain: its report, or an error if it sent none."""
-    if report is None:
-        server.log.error("%s (pid %s)", NOT_REPORTED, pid)
+    """One line for a worker's drain: its report, or if it sent none an error (a warning with a shared store,
+    which keeps the tasks a killed process held)."""
+    if report is None and _settings.store.shared:
+        server.log.warning("%s (pid %s)", KEPT_BY_THE_STORE, pid)
+    elif report is None:
+        server.log.error("%s (pid %s)", LOST_WITH_IT, pid)
     elif at_exit:  # the server's last lines: the summary alone, as the drain wrote it
         server.log.info("%s", report)
     else:

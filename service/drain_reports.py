@@ -26,7 +26,13 @@ from __future__ import annotations
 
 import os
 
-NOT_REPORTED = "the worker ended without reporting its drain (killed?): tasks it held may be lost"
+NOT_REPORTED = "the worker ended without reporting its drain (killed?)"
+# What became of its tasks: with STORE=memory they were the process's own; a shared store keeps them, and
+# recovers the attempts the process ran (at once on this host, else once their leases expire).
+LOST_WITH_IT = f"{NOT_REPORTED}: tasks it held may be lost"
+KEPT_BY_THE_STORE = (
+    f"{NOT_REPORTED}: the store keeps its tasks; the attempts it ran count as lost, retried if retries are left"
+)
 RETIRING = "retiring"  # a worker stopping by itself, not a drain's report
 _MAX_LINE = 500  # bytes of summary: with the pid, well under PIPE_BUF, so each write is atomic
 
