@@ -539,6 +539,29 @@ def test_a_directory_is_refused(open_store, tmp_path):
         open_store(path=tmp_path)
 
 
+def _bound_unix_socket(path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))  # the socket file stays after the socket is closed
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [(os.mkfifo, "a FIFO"), (_bound_unix_socket, "a socket")],
+)
+def test_a_fifo_or_socket_is_refused_before_sqlite_writes_beside_it(open_store, tmp_path, make, kind):
+    """SQLite would open it, leave a -journal beside it (in /dev for /dev/null) and say only "disk I/O error"."""
+    path = tmp_path / "tasks.db"
+    make(path)
+    with pytest.raises(StoreUnavailable, match=f"tasks.db: is {kind}.*, not a database file"):
+        open_store(path=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.db"]
+
+
+def test_a_character_device_is_named_as_one():
+    with pytest.raises(StoreUnavailable, match="/dev/null: is a character device, not a database file"):
+        sqlite_store._check_path(sqlite_store.Path("/dev/null"))
+
+
 def test_a_missing_directory_is_refused(open_store, tmp_path):
     with pytest.raises(StoreUnavailable, match="does not exist"):
         open_store(path=tmp_path / "missing" / "tasks.db")

@@ -43,6 +43,7 @@ import math
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -2036,6 +2037,11 @@ def _check_path(path: Path) -> None:
     """Refuse paths SQLite would reject with a vague "unable to open database file"."""
     if path.is_dir():
         raise StoreUnavailable(f"{path}: is a directory, not a database file")
+    # SQLite would open a device or a FIFO as a database, write a -journal beside it (in /dev for
+    # /dev/null) and then say only "disk I/O error".
+    kind = _special_file_kind(path)
+    if kind is not None:
+        raise StoreUnavailable(f"{path}: is {kind}, not a database file")
     real = os.path.realpath(path)
     parent = Path(real).parent  # a symlink's target's: where SQLite keeps the -wal and -shm
     if not parent.is_dir():
@@ -2063,6 +2069,21 @@ def _check_path(path: Path) -> None:
             "-wal beside that name, and the two corrupt the file; remove the other links (to share the file, "
             "give every process the same path, in containers by mounting its directory, not the file)"
         )
+
+
+def _special_file_kind(path: Path) -> str | None:
+    """What ``path`` (or a symlink's target) is when it exists and is neither a file nor a directory."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for is_kind, name in kinds if is_kind(mode)), None)
 
 
 def _create_private(path: Path) -> None:
