@@ -175,6 +175,7 @@ def on_starting(server):
         _check_worker_class(server.worker_class)  # and `-k` overrides `worker_class`
         _check_no_preload(getattr(server.cfg, "preload_app", False))  # and `--preload` overrides `preload_app`
         _check_no_code_reloader(getattr(server.cfg, "reload", False))  # `--reload`
+        _check_request_threads(getattr(server.cfg, "threads", threads))  # and `--threads` overrides `threads`
         _config.check_server_processes(_settings, server.cfg.workers)
         _config.check_worker_recycling(_settings, server.cfg.max_requests)  # max_requests below
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)
@@ -225,6 +226,15 @@ def _check_worker_class(worker_class) -> None:
             f"worker class {name} does not run this service: its stops would not drain the task pool and its "
             f"request threads would wait on slow clients (drop -k/--worker-class; threads = {threads} sets "
             "the HTTP threads, --threads N too)"
+        )
+
+
+def _check_request_threads(given) -> None:
+    """Refuse ``--threads 0``: gunicorn takes it and listens, then the worker cannot start (a traceback, exit 3)."""
+    if given < 1:
+        raise _config.ConfigError(
+            f"--threads {given} would leave no thread to answer a request: give at least 1 (in GUNICORN_CMD_ARGS "
+            f"too), or drop it for the default {threads}"
         )
 
 

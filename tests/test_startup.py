@@ -112,6 +112,20 @@ def test_gunicorn_refuses_zero_worker_processes(tmp_path):
         assert "Listening at" not in output and "Traceback" not in output
 
 
+def test_gunicorn_refuses_zero_request_threads():
+    """gunicorn takes --threads 0 and listened, then the worker failed to boot: a traceback, exit code 3."""
+    for command, args, env in (
+        (GUNICORN, ["--threads", "0"], {}),
+        (GUNICORN, [], {"GUNICORN_CMD_ARGS": "--threads 0"}),
+        (RUN_GUNICORN, ["--threads", "0"], {}),
+    ):
+        result = start([*command, *args], **env)
+        assert result.returncode == 2, (command, args, env)
+        output = result.stdout + result.stderr
+        assert output.startswith("configuration error: --threads 0 would leave no thread to answer a request"), output
+        assert "Listening at" not in output and "Traceback" not in output
+
+
 def test_gunicorn_refuses_recycling_a_worker_that_cannot_be_replaced(tmp_path):
     """--max-requests (on the command line or in GUNICORN_CMD_ARGS) overrode gunicorn.conf.py's max_requests = 0:
     on STORE=memory the worker restarted every N requests and forgot every task it had accepted."""
