@@ -450,6 +450,37 @@ def test_a_task_an_idle_worker_claimed_as_the_drain_abandons_it_never_starts(mak
     assert ran == []
 
 
+def test_a_task_registered_after_the_store_abandoned_it_never_starts(make_pool, clock):
+    # The store fails the claimed task as abandoned; its worker registers the attempt right after,
+    # before the pool has told the attempts running here: it must not start the handler either.
+    claimed, registering = threading.Event(), threading.Event()
+    ran = []
+
+    def monotonic():
+        if threading.current_thread().name.startswith("workerpool-worker-") and not claimed.is_set():
+            claimed.set()
+            assert registering.wait(TIMEOUT)
+        return clock.monotonic()
+
+    class LetsTheWorkerOnAfterAbandoning(MemoryStore):
+        def abandon(self, reason, *, owner):
+            abandoned = super().abandon(reason, owner=owner)
+            registering.set()
+            wait_until(lambda: ran or not worker.is_alive(), timeout=TIMEOUT, what="the worker to start or end")
+            return abandoned
+
+    store = LetsTheWorkerOnAfterAbandoning(64, clock=clock.time, wait=clock.wait)
+    pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, monotonic=monotonic, store=store)
+    pool.submit("claimed", "", 0)
+    assert claimed.wait(TIMEOUT)
+    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
+    summary = pool.shutdown(timeout=0)
+    worker.join(TIMEOUT)
+    assert not worker.is_alive()
+    assert summary.abandoned == ("claimed",)
+    assert ran == []
+
+
 def test_a_handler_ignoring_its_cancel_does_not_hold_the_drain_past_its_deadline(make_pool, clock, monkeypatch):
     release = threading.Event()
     started = threading.Event()

@@ -246,8 +246,8 @@ class WorkerPool:
         # when a stop signal or a reload came still gets its 202.
         self._closing = False
         self._claiming = True  # workers take new attempts (a shared store stops at once on shutdown)
-        # The drain abandoned the unfinished work and cancelled the attempts running here (set under _lock):
-        # an attempt registered from then on (claimed with its worker's last end) is not started.
+        # The drain abandons the unfinished work (set under _lock, before the store fails it): an attempt
+        # registered from then on (claimed before, or with its worker's last end) is not started.
         self._abandoned_all = False
         self._deadline = math.inf
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
@@ -709,8 +709,8 @@ class WorkerPool:
     def _drop_unstarted(self, attempt: Attempt) -> None:
         """Forget an attempt registered after the drain abandoned this pool's work, without running it.
 
-        Its task was claimed before the abandon (with the end of its worker's last attempt), so the
-        store failed it as abandoned and the summary lists it; its handler must not run after that.
+        Its task was claimed before the abandon (by an idle worker, or with the end of its worker's last
+        attempt), so the store failed it as abandoned and the summary lists it; its handler must not run.
         Should its claim have reached a shared store only after the abandon, its lease settles it.
         """
         task = attempt.task
@@ -1392,6 +1392,8 @@ class WorkerPool:
         """Fail this pool's unfinished tasks (ABANDONED), appending them to ``abandoned`` as soon as they are."""
         with self._lock:
             self._claiming = False
+            # Before the store fails them: an attempt registered after its task was failed must not start.
+            self._abandoned_all = True
         try:
             abandoned.extend(self._ask_store(self._store.abandon, ABANDONED, owner=self.owner, by=self._store_cutoff()))
         except StoreUnavailable as exc:
