@@ -39,9 +39,9 @@ class PoolObserver:
         for task in tasks:
             try:
                 self.task_queued(task)
-            except BaseException as exc:  # as for every hook: logged, and the batch's other tasks are still heard
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
+            except KeyboardInterrupt:  # Ctrl-C still stops the submitting thread
+                raise
+            except BaseException:  # as for every hook: logged, and the batch's other tasks are still heard
                 log.exception("observer %r failed in task_queued", self)
 
     def attempt_started(self, task: Task) -> None:

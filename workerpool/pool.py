@@ -1569,9 +1569,9 @@ def _notify(hooks: _Hooks, *args: object) -> None:
     for hook, name, observer in hooks:
         try:
             hook(*args)
-        except BaseException as exc:  # even SystemExit: it would end a worker thread silently, its task left running
-            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C in a hook called on the main thread still stops it
-                raise
+        except KeyboardInterrupt:  # Ctrl-C in a hook called on the main thread still stops it
+            raise
+        except BaseException:  # even SystemExit: it would end a worker thread silently, its task left running
             log.exception("observer %r failed in %s", observer, name)
 
 
