@@ -397,6 +397,25 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
     assert log.events == []  # the late result was dropped, not reported
 
 
+def the_only_worker() -> threading.Thread:
+    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
+    return worker
+
+
+class HeldAsItRegisters:
+    """A pool's monotonic clock whose first read on a worker thread, as it registers the attempt of the
+    task it claimed, sets ``claimed`` and holds that worker until ``registering`` is set."""
+
+    def __init__(self, clock) -> None:
+        self.clock, self.claimed, self.registering = clock, threading.Event(), threading.Event()
+
+    def __call__(self) -> float:
+        if threading.current_thread().name.startswith("workerpool-worker-") and not self.claimed.is_set():
+            self.claimed.set()
+            assert self.registering.wait(TIMEOUT)
+        return self.clock.monotonic()
+
+
 def test_a_task_claimed_with_the_last_end_as_the_drain_abandons_it_never_starts(make_pool):
     # The worker claims its next task in the same store step as its last attempt's end, and registers
     # it only after the observers heard of that end: here the drain abandons both meanwhile.
@@ -416,7 +435,7 @@ def test_a_task_claimed_with_the_last_end_as_the_drain_abandons_it_never_starts(
     pool.submit("first", "", 0)
     pool.submit("second", "", 0)
     assert hearing.wait(TIMEOUT)
-    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
+    worker = the_only_worker()
     summary = pool.shutdown(timeout=0)
     heard.set()
     worker.join(TIMEOUT)
@@ -429,21 +448,14 @@ def test_a_task_claimed_with_the_last_end_as_the_drain_abandons_it_never_starts(
 def test_a_task_an_idle_worker_claimed_as_the_drain_abandons_it_never_starts(make_pool, clock):
     # The worker claims, and registers the attempt a moment later (it reads the clock first): the drain
     # abandons the task in between.
-    claimed, registering = threading.Event(), threading.Event()
+    monotonic = HeldAsItRegisters(clock)
     ran = []
-
-    def monotonic():
-        if threading.current_thread().name.startswith("workerpool-worker-") and not claimed.is_set():
-            claimed.set()
-            assert registering.wait(TIMEOUT)
-        return clock.monotonic()
-
     pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, monotonic=monotonic)
     pool.submit("claimed", "", 0)
-    assert claimed.wait(TIMEOUT)
-    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
+    assert monotonic.claimed.wait(TIMEOUT)
+    worker = the_only_worker()
     summary = pool.shutdown(timeout=0)
-    registering.set()
+    monotonic.registering.set()
     worker.join(TIMEOUT)
     assert not worker.is_alive()
     assert summary.abandoned == ("claimed",)
@@ -453,27 +465,21 @@ def test_a_task_an_idle_worker_claimed_as_the_drain_abandons_it_never_starts(mak
 def test_a_task_registered_after_the_store_abandoned_it_never_starts(make_pool, clock):
     # The store fails the claimed task as abandoned; its worker registers the attempt right after,
     # before the pool has told the attempts running here: it must not start the handler either.
-    claimed, registering = threading.Event(), threading.Event()
+    monotonic = HeldAsItRegisters(clock)
     ran = []
-
-    def monotonic():
-        if threading.current_thread().name.startswith("workerpool-worker-") and not claimed.is_set():
-            claimed.set()
-            assert registering.wait(TIMEOUT)
-        return clock.monotonic()
 
     class LetsTheWorkerOnAfterAbandoning(MemoryStore):
         def abandon(self, reason, *, owner):
             abandoned = super().abandon(reason, owner=owner)
-            registering.set()
+            monotonic.registering.set()
             wait_until(lambda: ran or not worker.is_alive(), timeout=TIMEOUT, what="the worker to start or end")
             return abandoned
 
     store = LetsTheWorkerOnAfterAbandoning(64, clock=clock.time, wait=clock.wait)
     pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, monotonic=monotonic, store=store)
     pool.submit("claimed", "", 0)
-    assert claimed.wait(TIMEOUT)
-    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
+    assert monotonic.claimed.wait(TIMEOUT)
+    worker = the_only_worker()
     summary = pool.shutdown(timeout=0)
     worker.join(TIMEOUT)
     assert not worker.is_alive()
