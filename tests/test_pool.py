@@ -397,20 +397,17 @@ def test_an_attempt_finishing_after_abandonment_does_not_touch_the_store(make_po
     assert log.events == []  # the late result was dropped, not reported
 
 
-def the_only_worker() -> threading.Thread:
-    (worker,) = (t for t in threading.enumerate() if t.name.startswith("workerpool-worker-"))
-    return worker
-
-
 class HeldAsItRegisters:
     """A pool's monotonic clock whose first read on a worker thread, as it registers the attempt of the
-    task it claimed, sets ``claimed`` and holds that worker until ``registering`` is set."""
+    task it claimed, notes that ``worker``, sets ``claimed`` and holds it until ``registering`` is set."""
 
     def __init__(self, clock) -> None:
         self.clock, self.claimed, self.registering = clock, threading.Event(), threading.Event()
+        self.worker: threading.Thread | None = None
 
     def __call__(self) -> float:
         if threading.current_thread().name.startswith("workerpool-worker-") and not self.claimed.is_set():
+            self.worker = threading.current_thread()  # by name, a worker other tests left behind could be taken
             self.claimed.set()
             assert self.registering.wait(TIMEOUT)
         return self.clock.monotonic()
@@ -420,11 +417,12 @@ def test_a_task_claimed_with_the_last_end_as_the_drain_abandons_it_never_starts(
     # The worker claims its next task in the same store step as its last attempt's end, and registers
     # it only after the observers heard of that end: here the drain abandons both meanwhile.
     hearing, heard = threading.Event(), threading.Event()
-    ran = []
+    ran, workers = [], []
 
     class SlowToHear(PoolObserver):
         def attempt_finished(self, task, seconds):
             if task.id == "first":
+                workers.append(threading.current_thread())
                 hearing.set()
                 assert heard.wait(TIMEOUT)
 
@@ -435,7 +433,7 @@ def test_a_task_claimed_with_the_last_end_as_the_drain_abandons_it_never_starts(
     pool.submit("first", "", 0)
     pool.submit("second", "", 0)
     assert hearing.wait(TIMEOUT)
-    worker = the_only_worker()
+    [worker] = workers
     summary = pool.shutdown(timeout=0)
     heard.set()
     worker.join(TIMEOUT)
@@ -453,7 +451,7 @@ def test_a_task_an_idle_worker_claimed_as_the_drain_abandons_it_never_starts(mak
     pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, monotonic=monotonic)
     pool.submit("claimed", "", 0)
     assert monotonic.claimed.wait(TIMEOUT)
-    worker = the_only_worker()
+    worker = monotonic.worker
     summary = pool.shutdown(timeout=0)
     monotonic.registering.set()
     worker.join(TIMEOUT)
@@ -479,7 +477,7 @@ def test_a_task_registered_after_the_store_abandoned_it_never_starts(make_pool, 
     pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, monotonic=monotonic, store=store)
     pool.submit("claimed", "", 0)
     assert monotonic.claimed.wait(TIMEOUT)
-    worker = the_only_worker()
+    worker = monotonic.worker
     summary = pool.shutdown(timeout=0)
     worker.join(TIMEOUT)
     assert not worker.is_alive()
