@@ -1089,6 +1089,37 @@ def test_the_drain_summary_counts_every_task_the_pool_finished_not_what_is_retai
     assert pool.stats().counts[State.DONE] == 1  # retention kept one
 
 
+def test_a_cancel_the_store_made_before_the_drain_summed_up_is_in_the_summary():
+    # Counted only once the store's step returned, after the drain had summed up: counted nowhere.
+    made, answer = threading.Event(), threading.Event()
+
+    class SlowToAnswerCancel(MemoryStore):
+        def cancel(self, task_id):
+            outcome = super().cancel(task_id)
+            made.set()
+            answer.wait(WAIT_S)  # as a thread the scheduler left waiting would
+            return outcome
+
+    drain = []
+
+    def wait(event, timeout):
+        if threading.current_thread() in drain:  # the drain waits for the cancel: it answers now
+            answer.set()
+        return event.wait(timeout)
+
+    pool = WorkerPool(instant, workers=1, store=SlowToAnswerCancel(8), wait=wait)
+    pool.submit("later", "", delay=60)
+    canceller = threading.Thread(target=pool.cancel, args=("later",))
+    canceller.start()
+    assert made.wait(WAIT_S)
+    drain.append(threading.current_thread())
+    summary = pool.shutdown(timeout=0.2)
+    answer.set()
+    canceller.join(WAIT_S)
+    assert pool.get("later").state is State.CANCELLED
+    assert (summary.counts[State.CANCELLED], summary.abandoned) == (1, ())
+
+
 def test_a_task_is_heard_queued_before_its_first_attempt_starts(make_pool):
     # The observer is slow to hear "queued"; a worker that took the task at once must not
     # be heard starting it meanwhile. (The observer gives up waiting after a while, so a

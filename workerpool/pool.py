@@ -56,6 +56,8 @@ TIMED_OUT = "AttemptTimeout: the attempt ran longer than {:g} s"
 _MAX_ERROR_CHARS = 500
 # How often a pool with a shared store looks for cancels requested by other processes while its attempts run.
 CANCEL_POLL_S = 0.1
+# How long the drain waits, past its end, for cancels whose store step has begun, to count them in the summary.
+_CANCEL_GRACE_S = 1.0
 _STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
 # How long past its deadline a drain waits for a shared store's last steps (abandoning, counting): a store
 # that does not answer by then (Redis paused, a SQLite file locked) is given up on, and leases settle the rest.
@@ -167,7 +169,8 @@ class WorkerPool:
         "_max_result_bytes", "_lease", "_attempt_timeout", "_max_stuck", "_rng", "_clock", "_monotonic", "_wait",
         "_observers", "_on_queued", "_on_started", "_on_finished", "_on_cancelled", "_on_abandoned",
         "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
-        "_admitting", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel", "_cancel_early", "_unreadable_told",
+        "_admitting", "_cancelling", "_cancel_entries", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel",
+        "_cancel_early", "_unreadable_told",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
         "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_cutoff", "_reach",
         "_claim_failure_told_at", "_abandoned_all", "__weakref__",
@@ -257,6 +260,11 @@ class WorkerPool:
         # drain waits for them before it looks for unfinished work. A deque rather than a count under
         # _lock: its append and pop are atomic (see _admit), and a submission takes no lock of the pool.
         self._admitting: deque[None] = deque()
+        # Cancels between the start of their store step and their count, one number each: the drain sums up
+        # only once those begun before are counted (_wait_for_cancels). A cancel the store made just before
+        # the abandon, counted after the summary, was counted nowhere. A set's add and discard are atomic.
+        self._cancelling: set[int] = set()
+        self._cancel_entries = itertools.count()
         # _order_lock must be held while changing _in_flight and _turn_waiters
         # (see "the order observers hear of a task" below); it is never held
         # with _lock. A lock of its own: a submitter marks a whole batch under
@@ -446,20 +454,26 @@ class WorkerPool:
         """
         # The store says whether this call made the change: of cancels racing here or in other
         # processes on a shared store, exactly one tells of it (and counts it).
+        entry = next(self._cancel_entries)
+        self._cancelling.add(entry)
         try:
-            task, changed = self._store.cancel(task_id)
-        except StoreNotSynced as exc:
-            if exc.result is not None:
-                self._cancelled(task_id, *exc.result)
-            raise
-        return self._cancelled(task_id, task, changed)
+            try:
+                task, changed = self._store.cancel(task_id)
+            except StoreNotSynced as exc:
+                if exc.result is not None:
+                    self._cancelled(task_id, *exc.result, entry)
+                raise
+            return self._cancelled(task_id, task, changed, entry)
+        finally:
+            self._cancel_counted(entry)
 
-    def _cancelled(self, task_id: str, task: Task | None, changed: bool) -> Task | None:
+    def _cancelled(self, task_id: str, task: Task | None, changed: bool, entry: int = -1) -> Task | None:
         """Act on what the store's cancel did: count, log and tell of a change this call made."""
         if not changed:
             return task
         if task.state is State.CANCELLED:
             self._count_final(task)
+            self._cancel_counted(entry)  # before the observers: they may take their time
             self._wait_turn(task_id)
             _log(logging.INFO, task, "task %s cancelled", task_id)
             if self._on_cancelled:
@@ -1417,6 +1431,28 @@ class WorkerPool:
             _log(logging.WARNING, task, "task %s abandoned at shutdown", task.id)
             _notify(self._on_abandoned, task)
 
+    def _cancel_counted(self, entry: int) -> None:
+        """The cancel ``entry`` is counted (or counts nothing): a drain waiting for it goes on."""
+        if entry in self._cancelling:
+            self._cancelling.discard(entry)
+            if self._closing:
+                self._drain_wakeup.set()
+
+    def _wait_for_cancels(self, grace: float) -> None:
+        """Wait (up to ``grace`` seconds) until the cancels begun by now are counted: one the store made before
+        the abandon belongs in the summary, but is counted only once its store step has returned."""
+        begun = set(self._cancelling)
+        give_up = self._monotonic() + grace
+        while True:
+            self._drain_wakeup.clear()  # before looking: a cancel counted afterwards sets it
+            if not begun & self._cancelling:
+                return
+            remaining = give_up - self._monotonic()
+            if remaining <= 0:
+                log.warning("shutdown: %d cancel(s) still in the store: the summary may not count them", len(begun))
+                return
+            self._wait(self._drain_wakeup, remaining)
+
     def _cancel_running(self) -> None:
         """Stop claiming and tell the attempts still running that their results will be dropped."""
         with self._lock:
@@ -1450,6 +1486,7 @@ class WorkerPool:
             # past SHUTDOWN_TIMEOUT_S; its thread is a daemon, left behind).
             until = cutoff if self._store.shared else self._deadline
             self._stop_threads(min(1.0, max(0.0, until - self._monotonic())))
+            self._wait_for_cancels(_CANCEL_GRACE_S)
             with self._lock:
                 done = self._finals.copy()
             self._summary = ShutdownSummary(
