@@ -64,7 +64,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 import config
 
-from . import gunicorn_caches, server_errors
+from . import gunicorn_caches, logs, server_errors
 from .connection import SendDeadline
 from .drain_reports import RETIRING
 from .drain_reports import send as send_report
@@ -302,7 +302,8 @@ class DrainingThreadWorker(ThreadWorker):
         except TimeoutError:
             self.log.warning(
                 "closed the connection from %s: it took nothing of the response to %s %s for %g s",
-                _address(conn.client), req.method, req.path, self.request_timeout,
+                _address(conn.client), req.method, logs.without_token(req.path, getattr(self.log, "token", "")),
+                self.request_timeout,
             )  # fmt: skip
             return False  # the response is cut short: the connection cannot be reused
         finally:

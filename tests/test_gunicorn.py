@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gunicorn.workers.gthread import ThreadWorker
 from http_fixtures import (
     LISTENING,
     PROJECT_ROOT,
@@ -1111,6 +1112,28 @@ def test_a_worker_is_forked_with_the_stop_signals_blocked(monkeypatch):
     assert conf["_spawn_worker_holding_stop_signals"](spawn_worker) == 4711
     assert set(STOP_SIGNALS) <= held_during[0]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_the_line_for_a_client_that_stops_reading_leaves_out_the_api_token_in_its_path(monkeypatch):
+    token = "0123456789abcdef-token"
+    said = []
+    worker = DrainingThreadWorker.__new__(DrainingThreadWorker)
+    worker.log = SimpleNamespace(token=token, warning=lambda text, *args: said.append(text % args))
+    worker.request_timeout, worker.nr, worker.max_requests = 1.0, 0, 100
+
+    def stops_reading(self, req, conn):
+        raise TimeoutError
+
+    monkeypatch.setattr(ThreadWorker, "handle_request", stops_reading)
+    req = SimpleNamespace(method="GET", path=f"/tasks/{token}", version=(1, 1), headers=[("HOST", "a")])
+    conn = SimpleNamespace(sock=socket.socket(), client=("127.0.0.1", 40000))
+    try:
+        assert worker.handle_request(req, conn) is False
+    finally:
+        conn.sock.close()
+    assert said == [
+        "closed the connection from 127.0.0.1:40000: it took nothing of the response to GET /tasks/REDACTED for 1 s"
+    ]
 
 
 def test_a_stop_signal_held_until_the_worker_handles_signals_stops_it():
