@@ -110,6 +110,9 @@ class LiveFigures(PoolObserver):
             raise ValueError(f"window_s must be at least {LATENCY_STEP_S}, got {window_s}")
         self.window_s = window_s
         self._clock = clock
+        # The figures live in this process: the seconds before it are not zero, they were never counted (a
+        # reload, a replaced worker or a restart begins again here).
+        self._since = int(clock())
         # _lock must be held while reading or changing _slots (the ring, indexed by second % window_s)
         # or any slot in it, or _pending (the list), or while a thread moves its pending counts into the
         # ring; nothing else is done while it is held.
@@ -202,7 +205,9 @@ class LiveFigures(PoolObserver):
         """The window's complete seconds, oldest first: counts per second and latency percentiles per step.
 
         The current second is left out: it is still filling, and would
-        always show a dip at the end of the charts.
+        always show a dip at the end of the charts. ``since`` is the second
+        counting began (this object's creation): the seconds before it hold
+        zeros that were never counted.
         """
         end = int(self._clock())  # exclusive
         cached = self._series
@@ -251,6 +256,7 @@ class LiveFigures(PoolObserver):
         series = {
             "start": start,
             "seconds": self.window_s,
+            "since": self._since,
             **counts,
             "latency": {"start": latency_start, "step": LATENCY_STEP_S, "attempts": attempts, **latency},
             "recent_latency": percentiles(_merge(histograms[-RECENT_S:])),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from doubles import FakeClock
 from http_fixtures import TEST_CONFIG, WAIT_S, Client, FinalStates
 from playwright.sync_api import expect
 from werkzeug.exceptions import NotFound
@@ -83,9 +85,12 @@ class StuckPool(WorkerPool):
         return dataclasses.replace(super().stats(), stuck_threads=2, stuck_threads_limit=1)
 
 
-def _instance(config: Config, pool_class: type[WorkerPool] = WorkerPool) -> Iterator[Instance]:
+def _instance(
+    config: Config, pool_class: type[WorkerPool] = WorkerPool, live: LiveFigures | None = None
+) -> Iterator[Instance]:
     handler = Handler()
-    metrics, live, final = Metrics(), LiveFigures(), FinalStates()
+    metrics, final = Metrics(), FinalStates()
+    live = live if live is not None else LiveFigures()
     pool = pool_class(handler, workers=1, queue_size=50, observers=[metrics, live, final])
     app = create_app(config, pool=pool, metrics=metrics, live=live)
     with served(app) as server:
@@ -183,6 +188,30 @@ def test_the_page_loads_without_errors_and_shows_the_figures_of_the_api(page, in
     assert page.eval_on_selector_all("#task-rows tr", "rows => rows.map(r => r.dataset.id)") == [
         task["id"] for task in done["tasks"]
     ]
+    assert page.errors == []
+
+
+def test_the_seconds_before_the_process_started_are_shaded_not_drawn_as_zero(page):
+    # A reload or a new worker process starts its figures afresh: its charts drew five minutes of zeros, and
+    # "Last minute: 0.0 accepted/s" for work done seconds before.
+    clock = FakeClock()
+    live = LiveFigures(clock=clock.time)
+    clock.advance(30)
+    with contextlib.contextmanager(_instance)(TEST_CONFIG, live=live) as instance:
+        _open(page, instance)
+        expect(page.locator("#rates-summary")).to_have_text(
+            re.compile(r"^Since this process started, 30 s ago: 0\.0 accepted/s, "), timeout=WAIT_MS
+        )
+        for chart in ("#chart-rates", "#chart-latency"):
+            expect(page.locator(f"{chart} rect.uncounted")).to_have_count(1)
+            expect(page.locator(chart)).to_contain_text("not counted: this process started")
+        # The rate lines begin where counting began (270 of the window's 300 seconds were not counted).
+        starts = page.eval_on_selector_all("#chart-rates polyline", "lines => lines.map(l => l.points.getItem(0).x)")
+        shaded = page.eval_on_selector("#chart-rates rect.uncounted", "r => r.x.baseVal.value + r.width.baseVal.value")
+        assert len(starts) == 4 and all(abs(x - shaded) < 3 for x in starts), (starts, shaded)
+        clock.advance(270)  # the whole window counted
+        expect(page.locator("#rates-summary")).to_have_text(re.compile("^Last minute: "), timeout=WAIT_MS)
+        expect(page.locator("#chart-rates rect.uncounted")).to_have_count(0)
     assert page.errors == []
 
 

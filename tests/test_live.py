@@ -42,6 +42,17 @@ def test_counts_land_in_the_second_they_happened_and_the_current_second_is_left_
     assert len(series["accepted"]) == len(series["cancelled"]) == 60
 
 
+def test_the_series_says_since_when_it_counts():
+    # The seconds before a process started (a reload, a replaced worker) are zeros never counted: `since` says so.
+    clock = FakeClock(T0 + 0.5)
+    live = LiveFigures(window_s=60, clock=clock.time)
+    clock.advance(5)
+    assert live.series()["since"] == T0
+    clock.advance(100)  # counting began before the window: still the same second
+    series = live.series()
+    assert series["since"] == T0 and series["start"] == T0 + 105 - 60
+
+
 def test_a_cancelled_task_is_counted_whether_it_was_running_or_not():
     clock = FakeClock(T0)
     live = LiveFigures(window_s=60, clock=clock.time)

@@ -83,17 +83,26 @@ function renderLive(live) {
   setText("window-minutes", Math.round(live.series.seconds / 60));
   renderSummary(live.series);
   const s = live.series;
+  // The seconds before this process started were not counted: no line there, rather than one at zero.
+  const uncounted = s.seconds - countedSeconds(s);
+  const counted = (points) => points.map((v, i) => (i < uncounted ? null : v));
+  const since = { uncounted, started: new Date(s.since * 1000).toLocaleTimeString() };
   drawChart($("chart-rates"), [
-    { name: "accepted", points: s.accepted },
-    { name: "done", points: s.done },
-    { name: "failed", points: s.failed },
-    { name: "cancelled", points: s.cancelled },
-  ], { seconds: s.seconds, unit: "/s" });
+    { name: "accepted", points: counted(s.accepted) },
+    { name: "done", points: counted(s.done) },
+    { name: "failed", points: counted(s.failed) },
+    { name: "cancelled", points: counted(s.cancelled) },
+  ], { seconds: s.seconds, unit: "/s", ...since });
   drawChart($("chart-latency"), [
     { name: "p50", points: s.latency.p50 },
     { name: "p90", points: s.latency.p90 },
     { name: "p99", points: s.latency.p99 },
-  ], { seconds: s.seconds, unit: " s" });
+  ], { seconds: s.seconds, unit: " s", ...since });
+}
+
+function countedSeconds(series) {
+  // The window's last seconds, from `since` (when this process began counting: a reload or a new worker begins again).
+  return Math.max(0, Math.min(series.seconds, series.start + series.seconds - (series.since ?? series.start)));
 }
 
 function offerStates(states) {
@@ -106,13 +115,19 @@ function offerStates(states) {
 }
 
 function renderSummary(series) {
-  const minute = (points) => points.slice(-60).reduce((a, b) => a + b, 0) / 60;
-  const rate = (name) => `${minute(series[name]).toFixed(1)} ${name}/s`;
+  const span = Math.min(60, countedSeconds(series));
+  if (span === 0) {
+    setText("rates-summary", "This process has just started: no figures yet.");
+    return;
+  }
+  const mean = (points) => points.slice(-span).reduce((a, b) => a + b, 0) / span;
+  const rate = (name) => `${mean(series[name]).toFixed(1)} ${name}/s`;
   const recent = series.recent_latency;
   const latency = recent.p50 === null
     ? "no attempts finished"
     : `attempts: median ${seconds(recent.p50)}, 99th percentile ${seconds(recent.p99)}`;
-  setText("rates-summary", `Last minute: ${["accepted", "done", "failed", "cancelled"].map(rate).join(", ")}; ${latency}.`);
+  const over = span < 60 ? `Since this process started, ${span} s ago` : "Last minute";
+  setText("rates-summary", `${over}: ${["accepted", "done", "failed", "cancelled"].map(rate).join(", ")}; ${latency}.`);
 }
 
 function seconds(value) {
@@ -133,13 +148,22 @@ function svg(name, attributes, text) {
   return element;
 }
 
-function drawChart(chart, lines, { seconds: span, unit }) {
+function drawChart(chart, lines, { seconds: span, unit, uncounted = 0, started = "" }) {
   const [width, height, left, right, top, bottom] = [600, 200, 48, 8, 10, 24];
   const values = lines.flatMap((line) => line.points).filter((v) => v !== null);
   const max = niceMax(Math.max(0, ...values));
   const x = (i, n) => left + (n <= 1 ? 0 : (i / (n - 1)) * (width - left - right));
   const y = (v) => top + (1 - v / max) * (height - top - bottom);
   const parts = [];
+  if (uncounted > 0) {
+    // Before this process started: shaded and said, not drawn as zero.
+    const end = left + (uncounted / span) * (width - left - right);
+    parts.push(svg("rect", { class: "uncounted", x: left, y: top, width: end - left, height: height - top - bottom }));
+    if (end - left > 150) {
+      parts.push(svg("text", { class: "axis", x: (left + end) / 2, y: top + 16, "text-anchor": "middle" },
+        `not counted: this process started ${started}`));
+    }
+  }
   for (const fraction of [0, 0.5, 1]) {
     const value = max * fraction;
     parts.push(svg("line", { class: "grid", x1: left, x2: width - right, y1: y(value), y2: y(value) }));
