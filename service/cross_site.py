@@ -21,6 +21,7 @@ of these fields.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .problems import Problem
@@ -67,9 +68,31 @@ def refuse_foreign_page(environ: dict[str, Any]) -> None:
         return
     hosts = f"{environ.get('HTTP_HOST', '')},{environ.get('HTTP_X_FORWARDED_HOST', '')}"
     if from_foreign_page(site, origin, hosts):
-        said = f"Sec-Fetch-Site: {site.strip().lower()}" if site is not None else "its Origin is not this address"
+        said = f"Sec-Fetch-Site: {site.strip().lower()}" if site is not None else _compared(environ)
         raise Problem(
             403,
             f"the request was sent by a page of another origin ({said}): "
             "tasks are changed from this service's own pages and from clients that are not browsers only",
         )
+
+
+# How much of a header a refusal quotes: enough to recognise an address, not a client's whole header.
+_QUOTED_CHARS = 100
+
+
+def _compared(environ: dict[str, Any]) -> str:
+    """What the Origin was compared with, each value quoted as a JSON string (control characters, quotes and
+    non-ASCII escaped: a client cannot end a log line or forge one) and cut at ``_QUOTED_CHARS``."""
+    origin, host = _quoted(environ.get("HTTP_ORIGIN")), _quoted(environ.get("HTTP_HOST"))
+    forwarded = environ.get("HTTP_X_FORWARDED_HOST")
+    if forwarded is None:
+        return f"its Origin {origin} does not match its Host {host}"
+    return f"its Origin {origin} matches neither its Host {host} nor its X-Forwarded-Host {_quoted(forwarded)}"
+
+
+def _quoted(value: str | None) -> str:
+    if value is None:
+        return "(absent)"
+    if len(value) > _QUOTED_CHARS:
+        return f"{json.dumps(value[:_QUOTED_CHARS])}... ({len(value)} characters)"
+    return json.dumps(value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from http_fixtures import make_harness
 
@@ -74,13 +76,31 @@ def test_without_fetch_metadata_a_change_from_a_page_of_another_origin_is_refuse
     for path, body in (("/enqueue", b'{"id": "a", "payload": 1}'), ("/enqueue/batch", b'{"tasks": [{"id": "b"}]}')):
         response = client.post(path, data=body, headers=headers, base_url=SERVICE)
         assert (response.status_code, response.mimetype) == (403, "application/problem+json"), path
-        assert "(its Origin is not this address)" in response.get_json()["detail"]
+        said = f'(its Origin {json.dumps(origin)} does not match its Host "192.0.2.2:18609")'
+        assert said in response.get_json()["detail"]
         assert response.headers["Connection"] == "close"  # the body was not read
     assert client.get("/tasks/a", base_url=SERVICE).status_code == 404
     assert client.post("/enqueue", json={"id": "c", "payload": 1, "delay_ms": 60_000}).status_code == 202
     assert client.delete("/tasks/c", headers={"Origin": origin}, base_url=SERVICE).status_code == 403
     assert client.get("/tasks/c", headers={"Origin": origin}, base_url=SERVICE).get_json()["state"] == "queued"
     assert client.delete("/tasks/c", base_url=SERVICE).status_code == 200  # by a client that is no browser
+    harness.drain()
+
+
+def test_a_refusal_by_origin_names_what_it_compared_quoted_and_cut_short():
+    # A proxy rewriting Host without X-Forwarded-Host is told apart from a foreign page by what the detail shows.
+    harness = make_harness()
+    client = harness.client
+    origin = 'http://evil.example/"\x1b[2J' + "x" * 300
+    headers = {"Origin": origin, "X-Forwarded-Host": "public.example:8080\x7f"}
+    response = client.post("/enqueue", json={"id": "a", "payload": 1}, headers=headers, base_url=SERVICE)
+    assert response.status_code == 403
+    detail = response.get_json()["detail"]
+    shown = json.dumps(origin[:100])
+    assert f"its Origin {shown}... ({len(origin)} characters) matches neither its Host " in detail
+    assert 'its Host "192.0.2.2:18609" nor its X-Forwarded-Host "public.example:8080\\u007f")' in detail
+    assert "\x1b" not in detail and "\x7f" not in detail and "x" * 101 not in detail
+    assert detail.isascii() and detail.isprintable()
     harness.drain()
 
 
