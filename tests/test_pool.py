@@ -1113,11 +1113,54 @@ def test_a_cancel_the_store_made_before_the_drain_summed_up_is_in_the_summary():
     canceller.start()
     assert made.wait(WAIT_S)
     drain.append(threading.current_thread())
-    summary = pool.shutdown(timeout=0.2)
+    summary = pool.shutdown(timeout=WAIT_S)  # nothing is left to run: the drain does not wait for the deadline
     answer.set()
     canceller.join(WAIT_S)
     assert pool.get("later").state is State.CANCELLED
     assert (summary.counts[State.CANCELLED], summary.abandoned) == (1, ())
+
+
+def test_the_drain_waits_for_cancels_in_the_store_no_longer_than_its_deadline_and_counts_those_left(caplog):
+    # A cancel's store step that hangs (a paused Redis) held the drain a second past SHUTDOWN_TIMEOUT_S,
+    # and the warning counted every cancel pending when the wait began, those counted since included.
+    made = {"first": threading.Event(), "second": threading.Event()}
+    answer = {"first": threading.Event(), "second": threading.Event()}
+
+    class HangingCancel(MemoryStore):
+        def cancel(self, task_id):
+            outcome = super().cancel(task_id)
+            made[task_id].set()
+            answer[task_id].wait(WAIT_S)
+            return outcome
+
+    now, drain, waits = [0.0], [], []
+
+    def wait(event, timeout):  # the drain's waits pass in fake time; the first lets one cancel answer
+        if threading.current_thread() not in drain or timeout is None:
+            return event.wait(WAIT_S if timeout is None else timeout)
+        waits.append(timeout)
+        if len(waits) == 1:
+            answer["first"].set()
+            return event.wait(WAIT_S)  # set once that cancel is counted
+        now[0] += timeout
+        return event.is_set()
+
+    pool = WorkerPool(instant, workers=1, store=HangingCancel(8), wait=wait, monotonic=lambda: now[0])
+    cancellers = []
+    for task_id in ("first", "second"):
+        pool.submit(task_id, "", delay=60)
+        cancellers.append(threading.Thread(target=pool.cancel, args=(task_id,)))
+        cancellers[-1].start()
+        assert made[task_id].wait(WAIT_S)
+    drain.append(threading.current_thread())
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        summary = pool.shutdown(timeout=0.5)
+    answer["second"].set()
+    for canceller in cancellers:
+        canceller.join(WAIT_S)
+    assert summary.drain_seconds == 0.5  # the deadline, not a second past its start
+    assert summary.counts[State.CANCELLED] == 1
+    assert "shutdown: 1 cancel(s) still in the store" in caplog.text
 
 
 def test_a_task_is_heard_queued_before_its_first_attempt_starts(make_pool):

@@ -56,7 +56,7 @@ TIMED_OUT = "AttemptTimeout: the attempt ran longer than {:g} s"
 _MAX_ERROR_CHARS = 500
 # How often a pool with a shared store looks for cancels requested by other processes while its attempts run.
 CANCEL_POLL_S = 0.1
-# How long the drain waits, past its end, for cancels whose store step has begun, to count them in the summary.
+# How long the drain waits at most, within its end, for cancels whose store step has begun, to count them.
 _CANCEL_GRACE_S = 1.0
 _STORE_RETRY_S = 1.0  # how long a worker waits after the store failed before it tries again
 # How long past its deadline a drain waits for a shared store's last steps (abandoning, counting): a store
@@ -1438,18 +1438,19 @@ class WorkerPool:
             if self._closing:
                 self._drain_wakeup.set()
 
-    def _wait_for_cancels(self, grace: float) -> None:
-        """Wait (up to ``grace`` seconds) until the cancels begun by now are counted: one the store made before
-        the abandon belongs in the summary, but is counted only once its store step has returned."""
+    def _wait_for_cancels(self, until: float) -> None:
+        """Wait (until ``until``, by the pool's monotonic clock) for the cancels begun by now to be counted: one
+        the store made before the abandon belongs in the summary, but is counted only once its store step has
+        returned. Never past the drain's end: a cancel's step that hangs must not hold the process."""
         begun = set(self._cancelling)
-        give_up = self._monotonic() + grace
         while True:
             self._drain_wakeup.clear()  # before looking: a cancel counted afterwards sets it
-            if not begun & self._cancelling:
+            pending = len(begun & self._cancelling)
+            if not pending:
                 return
-            remaining = give_up - self._monotonic()
+            remaining = until - self._monotonic()
             if remaining <= 0:
-                log.warning("shutdown: %d cancel(s) still in the store: the summary may not count them", len(begun))
+                log.warning("shutdown: %d cancel(s) still in the store: the summary may not count them", pending)
                 return
             self._wait(self._drain_wakeup, remaining)
 
@@ -1486,7 +1487,9 @@ class WorkerPool:
             # past SHUTDOWN_TIMEOUT_S; its thread is a daemon, left behind).
             until = cutoff if self._store.shared else self._deadline
             self._stop_threads(min(1.0, max(0.0, until - self._monotonic())))
-            self._wait_for_cancels(_CANCEL_GRACE_S)
+            # As long as the join may take: a second at most, and never past the drain's end (a shared store's
+            # last steps share one grace past the deadline, see _store_cutoff).
+            self._wait_for_cancels(min(self._monotonic() + _CANCEL_GRACE_S, until))
             with self._lock:
                 done = self._finals.copy()
             self._summary = ShutdownSummary(
