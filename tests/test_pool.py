@@ -485,6 +485,51 @@ def test_a_task_registered_after_the_store_abandoned_it_never_starts(make_pool, 
     assert ran == []
 
 
+@pytest.mark.parametrize("store_name", ["sqlite", "redis"])
+def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_unrun(
+    make_pool, clock, tmp_path, store_name
+):
+    # A timeout-0 drain does not wait for a claim under way: taken after the abandon, the task was dropped
+    # unrun and stayed running here until its lease expired, then counted as a failed attempt.
+    claiming, abandoned, workers = threading.Event(), threading.Event(), []
+    kinds = {"sqlite": SqliteStore, "redis": RedisStore}
+
+    class ClaimsAfterTheAbandon(kinds[store_name]):
+        def claim(self, owner, lease_until):
+            if not claiming.is_set():  # the worker's first claim: "late" is queued (admitted before it started)
+                workers.append(threading.current_thread())
+                claiming.set()
+                assert abandoned.wait(TIMEOUT)
+            return super().claim(owner, lease_until)
+
+        def abandon(self, reason, *, owner):
+            try:
+                return super().abandon(reason, owner=owner)
+            finally:
+                abandoned.set()
+
+    if store_name == "sqlite":
+        store = ClaimsAfterTheAbandon(tmp_path / "tasks.db", clock=clock.time)
+    else:
+        prefix = f"test-{uuid.uuid4().hex}"
+        limits = {"capacity": 64, "ttl": 3600.0, "max_finished": 100}
+        store = ClaimsAfterTheAbandon(shared_server().client(), **limits, prefix=prefix, clock=clock.time)
+    ran = []
+    store.admit([Task("late", "", 0, created_at=clock.time())])
+    pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, store=store)
+    pool.start()
+    assert claiming.wait(TIMEOUT)
+    [worker] = workers
+    summary = pool.shutdown(timeout=0)
+    worker.join(TIMEOUT)
+    assert not worker.is_alive()
+    assert ran == [] and summary.abandoned == ()
+    late = store.get("late")
+    assert (late.state, late.attempts, late.started_at) == (State.QUEUED, 0, None)  # for another process
+    assert store.unfinished(pool.owner) == 0
+    store.close()
+
+
 def test_a_handler_ignoring_its_cancel_does_not_hold_the_drain_past_its_deadline(make_pool, clock, monkeypatch):
     release = threading.Event()
     started = threading.Event()

@@ -1931,6 +1931,24 @@ def test_a_pool_that_begins_to_drain_while_a_claim_reply_is_lost_leaves_the_task
         pool.shutdown(timeout=0)
 
 
+def test_a_stepped_pool_puts_back_the_task_its_lost_claim_took_when_it_stops(make, monkeypatch):
+    # The thread driving step() claimed no more: y0, which the lost claim took, stayed this pool's running
+    # attempt with nothing to run it; the drain waited for it to its deadline, then failed it abandoned, unrun.
+    store = make(clock=time.time)
+    ran = []
+    pool = WorkerPool(lambda task, cancel: ran.append(task.id), store=store, threads=False)
+    pool.submit("y0")
+    _claim_reply_lost(store, monkeypatch)
+    with pytest.raises(StoreUnavailable):
+        pool.step()
+    assert store.get("y0").state is State.RUNNING
+    summary = pool.shutdown(timeout=WAIT_S)
+    assert ran == [] and summary.abandoned == ()
+    y0 = store.get("y0")
+    assert (y0.state, y0.attempts) == (State.QUEUED, 0)  # left for another process, or the next start
+    assert store.unfinished(pool.owner) == 0
+
+
 def test_a_claim_whose_reply_was_lost_answers_the_task_it_took_when_asked_again(make, clock, monkeypatch):
     # The task ran under this owner with nothing to run it, then was failed as lost once its lease ran out.
     store = make()

@@ -491,6 +491,58 @@ def test_a_shared_store_abandons_only_the_owners_attempts(store, clock):
     assert store.get("queued").state is State.QUEUED
 
 
+def test_a_claim_put_back_is_queued_again_unrun_in_its_place_its_attempt_not_counted(store, clock):
+    admit(store, clock, "first", "second", payload={"k": [1]})
+    clock.advance(1)
+    claimed = claim(store, clock)
+    assert claimed.id == "first"
+    stats = store.stats()
+    clock.advance(1)
+    back = store.put_back("first", 1, OWNER)
+    assert back == store.get("first")
+    assert (back.state, back.attempts, back.started_at, back.next_attempt_at) == (State.QUEUED, 0, None, None)
+    after = store.stats()
+    assert (after.waiting, after.due) == (stats.waiting + 1, stats.due + 1)
+    assert (after.counts[State.QUEUED], after.counts[State.RUNNING]) == (2, 0)
+    again = claim(store, clock)  # back in its place by creation, ahead of the task admitted after it
+    assert (again.id, again.attempts, again.payload) == ("first", 1, {"k": [1]})
+    assert store.put_back("first", 2, OWNER) is None  # not that attempt
+    assert store.put_back("first", 1, OTHER) is None  # not that owner
+    assert store.finish("first", 1, OWNER).state is State.DONE
+    assert store.put_back("first", 1, OWNER) is None  # ended
+    assert store.unfinished(OWNER) == (0 if store.shared else 1)
+
+
+def test_a_retry_put_back_falls_due_now_with_its_attempts_as_before(store, clock):
+    admit(store, clock, "r", max_retries=2)
+    run(store, clock, "r", error="boom", retry_at=clock.time() + 5)
+    clock.advance(5)
+    claimed = claim(store, clock)
+    assert claimed.attempts == 2
+    clock.advance(1)
+    back = store.put_back("r", 2, OWNER)
+    assert (back.state, back.attempts, back.last_error, back.next_attempt_at) == (State.QUEUED, 1, "boom", clock.time())
+    assert store.stats().retries_pending == 0 and store.seconds_until_due() == 0
+    assert claim(store, clock).attempts == 2
+
+
+def test_a_claim_put_back_after_its_cancel_was_requested_is_cancelled(store, clock):
+    admit(store, clock, "a")
+    claim(store, clock)
+    store.cancel("a")
+    back = store.put_back("a", 1, OWNER)
+    assert (back.state, back.finished_at, back.attempts) == (State.CANCELLED, clock.time(), 0)
+    assert store.get("a") == back and claim(store, clock) is None
+
+
+def test_a_claim_the_abandon_failed_is_not_put_back(store, clock):
+    admit(store, clock, "a")
+    claim(store, clock)
+    store.abandon("gone", owner=OWNER)
+    assert store.put_back("a", 1, OWNER) is None
+    assert store.get("a").state is State.FAILED
+
+
 # -- leases ---------------------------------------------------------------------------
 
 

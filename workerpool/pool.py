@@ -574,11 +574,15 @@ class WorkerPool:
         """Run the next due attempt on the calling thread; False if none was due.
 
         For a pool built with ``threads=False``: what a worker thread does in
-        a loop, one attempt at a time.
+        a loop, one attempt at a time. Once the pool stops claiming (shutdown),
+        it puts back the task a claim of this thread whose reply was lost may
+        have taken (see ``TaskStore.put_back_lost_claim``), as ``shutdown``
+        does on the thread that calls it.
         """
         if self._use_threads:
             raise RuntimeError("step() drives a pool built with threads=False")
         if not self._claiming:
+            self._put_back_lost_claim()
             return False
         task = self._store.claim(self.owner, self._clock() + self._lease)
         if task is None:
@@ -622,8 +626,13 @@ class WorkerPool:
             idle = ended.claimed_none
             if attempt is None and self._stuck and self._leave_if_replaced():
                 return
-        try:  # a claim whose reply was lost is asked again by the next claim, which will not come now
-            store.put_back_lost_claim(owner)
+        self._put_back_lost_claim()
+
+    def _put_back_lost_claim(self) -> None:
+        """This thread claims no more: a claim of its whose reply was lost (asked again by its next claim, which
+        will not come now) is put back in the queue, if the store took it."""
+        try:
+            self._store.put_back_lost_claim(self.owner)
         except StoreUnavailable as exc:
             log.warning(
                 "worker could not put back the task its lost claim may have taken (%s): the drain abandons it at "
@@ -723,12 +732,29 @@ class WorkerPool:
     def _drop_unstarted(self, attempt: Attempt) -> None:
         """Forget an attempt registered after the drain abandoned this pool's work, without running it.
 
-        Its task was claimed before the abandon (by an idle worker, or with the end of its worker's last
-        attempt), so the store failed it as abandoned and the summary lists it; its handler must not run.
-        Should its claim have reached a shared store only after the abandon, its lease settles it.
+        Its task was mostly claimed before the abandon (by an idle worker, or with the end of its worker's
+        last attempt), so the store failed it as abandoned and the summary lists it; its handler must not
+        run. A shared store may have taken the claim only after the abandon (a timeout-0 drain does not wait
+        for a claim under way): the task is put back in the queue for another process, unrun and its
+        attempt not counted, rather than left running here until its lease expires, then counted as lost.
         """
         task = attempt.task
-        _log(logging.INFO, task, "task %s attempt %d not started: the drain abandoned it", task.id, task.attempts)
+        back = None
+        if self._store.shared:
+            try:
+                back = self._store.put_back(task.id, task.attempts, self.owner)
+            except StoreUnavailable as exc:
+                _log(
+                    logging.WARNING, task, "task %s attempt %d could not be put back (%s): it is lost once its lease "
+                    "expires", task.id, task.attempts, exc,
+                )  # fmt: skip
+        if back is None:
+            _log(logging.INFO, task, "task %s attempt %d not started: the drain abandoned it", task.id, task.attempts)
+        else:
+            _log(
+                logging.INFO, task, "task %s attempt %d not started: claimed after the drain abandoned this "
+                "process's work, it is %s again", task.id, task.attempts, back.state.value,
+            )  # fmt: skip
         self._forget_attempt(attempt, None, None)
 
     def _retry_at(self, task: Task) -> float | None:
@@ -1323,6 +1349,8 @@ class WorkerPool:
             if first and self._store.shared:
                 self._claiming = False
         self._drain_wakeup.set()
+        if first and not self._use_threads:  # most likely the thread that drives step(), which claims no more
+            self._put_back_lost_claim()
         if first:
             if wait:
                 self._drain(began)

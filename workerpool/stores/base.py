@@ -146,6 +146,17 @@ class TaskStore(abc.ABC):
         task. None when nothing is due.
         """
 
+    @abc.abstractmethod
+    def put_back(self, task_id: str, attempt: int, owner: str) -> Task | None:
+        """Undo a claim whose attempt never started: if ``owner`` still runs attempt ``attempt`` of the task, it is
+        queued again unrun, that attempt not counted (``attempts - 1``, no lease): a new task back in its place by
+        creation time, as admitted, a retry due now; one whose cancel was requested meanwhile is ``cancelled``, as
+        a queued one is. Its snapshot; None when ``owner`` no longer runs that attempt (abandoned, recovered).
+
+        For a pool whose drain abandoned its work while one of its workers claimed: that claim, made
+        after the abandon, would otherwise run out its lease unrun, then count as a failed attempt.
+        """
+
     def put_back_lost_claim(self, owner: str) -> None:  # noqa: B027  (only a store whose steps can run unanswered)
         """The calling thread claims no more for ``owner`` (its pool drains): if its last claim failed on the client
         though the store may have run it (a reply lost past the socket timeout), put the task it took back in the

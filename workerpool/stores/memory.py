@@ -331,6 +331,34 @@ class MemoryStore(TaskStore):
             self._finish(cancelled, now)
             return _snapshot(cancelled), True
 
+    def put_back(self, task_id: str, attempt: int, owner: str) -> Task | None:
+        with self._lock:
+            now = self._clock()
+            task = self._tasks.get(task_id)
+            if task is None or task[_STATE] is not _RUNNING_STATE or task[_ATTEMPTS] != attempt:
+                return None
+            if self._running[task_id] != owner:
+                return None
+            started = None if attempt == 1 else task[7]  # as admitted: no attempts, no start
+            if task[_CANCEL_REQUESTED]:
+                cancelled = _changed(
+                    task, state=_CANCELLED, payload="", attempts=attempt - 1, started_at=started, finished_at=now
+                )
+                self._set(task, cancelled)
+                self._finish(cancelled, now)
+                return _snapshot(cancelled)
+            if attempt == 1:  # back at the head of the new tasks, where it was claimed from
+                queued = _changed(task, state=_QUEUED_STATE, attempts=0, started_at=None)
+                self._waiting += 1
+                self._set(task, queued)
+                self._new_line.appendleft(queued)
+            else:  # a retry, due now, at the head of the retries
+                queued = _changed(task, state=_QUEUED_STATE, attempts=attempt - 1, next_attempt_at=now)
+                self._set(task, queued)
+                self._retry_line.appendleft(queued)
+            self._wake_idle(1)
+            return _snapshot(queued)
+
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
         abandoned = []
         with self._lock:

@@ -271,26 +271,25 @@ local function claimed_before(owner, after, lease_until)
   redis.call('ZADD', P .. ':run', lease_until, id)
   return redis.call('HGETALL', key)
 end
--- The task claimed_with finds, put back in its queue unrun, its attempt not counted. Only for an end asked
--- again without a claim (its instance drains and claims nothing): the lost try may have claimed a task that
--- no thread of the owner will run, which would hold the drain until its deadline, then fail as abandoned
--- without having run. A new task goes back to its place by creation time, a retry falls due now; one whose
--- cancel was requested meanwhile is cancelled, as a queued one is.
-local function put_back(owner, after, now, ttl, max_finished)
-  local id, key = claimed_with(owner, after)
-  if not id then return end
+-- The running task id (its hash: key), which owner claimed, put back in its queue unrun, its attempt not
+-- counted. A new task goes back to its place (its member as admitted: its sequence number is its score in
+-- P:all), due at its creation; a retry falls due now; one whose cancel was requested meanwhile is
+-- cancelled, as a queued one is.
+local function put_back_task(id, key, owner, now, ttl, max_finished)
   redis.call('ZREM', P .. ':run', id)
   redis.call('SREM', P .. ':own:' .. owner, id)
   local attempts = redis.call('HINCRBY', key, 'attempts', '-1')
+  if attempts == 0 then redis.call('HDEL', key, 'attempts', 'started_at') end  -- as admitted: no attempts, no start
   if redis.call('HGET', key, 'cancel_requested') == '1' then
     finalize(id, key, 'running', 'cancelled', now)
     evict(num(now) - num(ttl), num(max_finished))
     return
   end
   local member
-  if attempts == 0 then  -- as admitted: no attempts, no start
-    redis.call('HDEL', key, 'attempts', 'started_at', 'owner', 'lease_until', 'claimed_after')
-    member = enqueue(':new', redis.call('HGET', key, 'created_at'), id)
+  if attempts == 0 then
+    redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
+    member = string.format('%016d:', num(redis.call('ZSCORE', P .. ':all', id))) .. id
+    redis.call('ZADD', P .. ':new', redis.call('HGET', key, 'created_at'), member)
     redis.call('HSET', key, 'state', 'queued', 'queue_member', member)
   else
     redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
@@ -299,6 +298,13 @@ local function put_back(owner, after, now, ttl, max_finished)
   end
   move_index(id, 'running', 'queued')
   signal(1)
+end
+-- The task claimed_with finds, put back (see put_back_task). Only for an end asked again without a claim (its
+-- instance drains and claims nothing): the lost try may have claimed a task that no thread of the owner will
+-- run, which would hold the drain until its deadline, then fail as abandoned without having run.
+local function put_back(owner, after, now, ttl, max_finished)
+  local id, key = claimed_with(owner, after)
+  if id then put_back_task(id, key, owner, now, ttl, max_finished) end
 end
 -- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
 -- With own, the end its owner records (not one a recovery or an abandon writes for it) marks the task
@@ -450,6 +456,17 @@ _PUT_BACK = """
 if too_late(ARGV[6]) then return {err = LATE} end
 put_back(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return 0
+"""
+
+# ARGV: id, attempt, owner, now, ttl, max_finished, deadline. Puts the task back if owner still runs that attempt
+# (see RedisStore.put_back); returns it, or false.
+_PUT_BACK_CLAIM = """
+if too_late(ARGV[7]) then return {err = LATE} end
+local key = P .. ':t:' .. ARGV[1]
+local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner')
+if cur[1] ~= 'running' or cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then return false end
+put_back_task(ARGV[1], key, ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return redis.call('HGETALL', key)
 """
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
@@ -921,6 +938,7 @@ class RedisStore(TaskStore):
             "finish": _FINISH,
             "finish_and_claim": _FINISH_AND_CLAIM,
             "put_back": _PUT_BACK,
+            "put_back_claim": _PUT_BACK_CLAIM,
             "renew": _RENEW,
             "cancel": _CANCEL,
             "cancel_requested": _CANCEL_REQUESTED,
@@ -1256,6 +1274,12 @@ class RedisStore(TaskStore):
         uncertain = self._local.__dict__.pop("uncertain_claim", None)
         if uncertain is not None and uncertain[0] == owner:
             self._run("put_back", owner, uncertain[1], self._clock(), self._ttl, self._max_finished, self._deadline())
+
+    def put_back(self, task_id: str, attempt: int, owner: str) -> Task | None:
+        flat = self._run(
+            "put_back_claim", task_id, attempt, owner, self._clock(), self._ttl, self._max_finished, self._deadline()
+        )
+        return _decode(flat) if flat else None
 
     def _claimed(self, reply: Any) -> Task | None:
         """The task a claim took; when it took none, the next due time it read is kept for this thread's wait."""

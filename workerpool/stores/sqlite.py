@@ -1543,6 +1543,35 @@ class SqliteStore(TaskStore):
             self._rescheduled_by_us(generation)
         return recovered
 
+    def put_back(self, task_id: str, attempt: int, owner: str) -> Task | None:
+        try:
+            with self._step() as conn:
+                now = self._clock()
+                row = conn.execute(
+                    _PUT_BACK, {"id": task_id, "attempt": attempt, "owner": owner, "now": now}
+                ).fetchone()
+                if row is None:  # abandoned, recovered or forgotten meanwhile
+                    return None
+                task = _task(row)
+                check_transition(State.RUNNING, task.state)
+                self._count("running", -1)
+                self._count(task.state.value, 1)
+                if task.state is State.QUEUED:
+                    if task.attempts == 0:
+                        self._count("waiting", 1)
+                    generation = _next_generation(conn)
+                else:
+                    generation = 0
+                    self._evict(conn, now)
+        except StoreNotSynced as exc:  # the task is back: the caller goes on with it, then raises
+            exc.result = task
+            if generation:
+                self._rescheduled_by_us(generation)
+            raise
+        if generation:
+            self._rescheduled_by_us(generation)
+        return task
+
     def abandon(self, reason: str, *, owner: str) -> list[Task]:
         abandoned = []
         try:
@@ -1871,6 +1900,21 @@ _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
     RETURNING {_COLUMNS}"""
 # The same, returning also the finished tasks in totals (which a step changes only at its commit).
 _END_ATTEMPT_COUNTING = _END_ATTEMPT + f", ({_FINISHED})"
+# A claim undone before its attempt started (see TaskStore.put_back), as one compare-and-set: queued again with
+# the attempt not counted (a new task due at its creation, as admitted; a retry due now), or cancelled if its
+# cancellation was requested meanwhile.
+_PUT_BACK = f"""UPDATE tasks SET state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+        attempts = attempts - 1,
+        started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
+        finished_at = CASE WHEN cancel_requested THEN :now END,
+        next_attempt_at = CASE WHEN cancel_requested OR attempts = 1 THEN NULL ELSE :now END,
+        due_at = CASE WHEN cancel_requested THEN due_at WHEN attempts = 1 THEN created_at ELSE :now END,
+        payload = CASE WHEN cancel_requested THEN NULL ELSE payload END,
+        lease_owner = NULL, lease_until = NULL,
+        state_seq = CASE WHEN cancel_requested THEN {_NEXT_STATE_SEQ.format(state="'cancelled'")}
+                    ELSE {_QUEUED_STATE_SEQ} END
+    WHERE id = :id AND state = 'running' AND attempts = :attempt AND lease_owner = :owner
+    RETURNING {_COLUMNS}"""
 
 
 _NEXT_GENERATION = "UPDATE task_totals SET generation = generation + 1 WHERE id = 1 RETURNING generation"
