@@ -192,6 +192,7 @@ def test_no_task_past_its_time_is_read_however_many_aged_out_at_once(make, clock
         store.finish(task.id, 1, "owner", result=None)
         clock.advance(0.001)
     clock.advance(61)
+    assert store.cancel(ids[-1]) == (None, False)  # unknown, not "already done"
     assert store.get(ids[-1]) is None
     assert store.list(limit=1000) == []
     assert store.get(ids[-1]) is None  # the second read forgot the rest

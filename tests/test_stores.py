@@ -673,6 +673,19 @@ def test_finished_tasks_expire_after_the_ttl(make_store, clock):
     assert store.stats().counts[State.DONE] == 0
 
 
+@pytest.mark.parametrize("final", [State.DONE, State.CANCELLED])
+def test_a_task_past_its_retention_is_unknown_to_cancel_as_to_get(make_store, clock, final):
+    store = make_store(ttl=60)
+    admit(store, clock, "old")
+    if final is State.CANCELLED:
+        store.cancel("old")
+    else:
+        run(store, clock, "old")
+    clock.advance(61)
+    assert store.cancel("old") == (None, False)  # nothing read it since it aged: the cancel finds it gone
+    assert store.get("old") is None
+
+
 def test_the_oldest_finished_are_evicted_beyond_the_count_limit(make_store, clock):
     store = make_store(max_finished=3)
     admit(store, clock, "running")

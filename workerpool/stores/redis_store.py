@@ -525,10 +525,13 @@ return flagged
 """
 
 # ARGV: id, now, ttl, max_finished, deadline. Returns {1 if this call changed the task else 0, its
-# fields}, or false for an unknown id.
+# fields}, or false for an unknown id. It evicts first, as readers do: a task past its retention is unknown
+# here too (as to GET), never answered as already final.
 _CANCEL = """
 if too_late(ARGV[5]) then return {err = LATE} end
 local id, now = ARGV[1], ARGV[2]
+local cutoff = num(now) - num(ARGV[3])
+if evict(cutoff, num(ARGV[4])) and aged(id, cutoff) then return false end
 local key = P .. ':t:' .. id
 local state = redis.call('HGET', key, 'state')
 if not state then return false end
@@ -537,7 +540,7 @@ if state == 'queued' then
   dequeue(id)
   finalize(id, key, 'queued', 'cancelled', now)
   snapshot = redis.call('HGETALL', key)  -- before eviction, which may forget this very task
-  evict(num(now) - num(ARGV[3]), num(ARGV[4]))
+  evict(cutoff, num(ARGV[4]))
 elseif state == 'running' and redis.call('HGET', key, 'cancel_requested') ~= '1' then
   redis.call('HSET', key, 'cancel_requested', '1')
 else
