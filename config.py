@@ -744,6 +744,25 @@ def check_env_options(raw_env: Iterable[str]) -> None:
         )
 
 
+def check_gunicorn_env_options(raw_env: Iterable[str]) -> None:
+    """Raise ConfigError naming the first variable gunicorn reads for itself (SCRIPT_NAME, LISTEN_FDS, LISTEN_PID)
+    that gunicorn's ``-e``/``--env NAME=value`` (or in ``GUNICORN_CMD_ARGS``) sets to a value it would fail on.
+
+    gunicorn sets these in the environment itself, after gunicorn.conf.py ran and before it reads them: they
+    are taken, but skipped the check the same variables get from the environment (see
+    ``check_gunicorn_environment``). Split as gunicorn splits them (at the first ``=``, the last of a name wins).
+    """
+    given = {}
+    for option in raw_env:
+        name, separator, value = option.partition("=")
+        if separator:
+            given[name] = value
+    try:
+        check_gunicorn_environment(given)
+    except ConfigError as error:
+        raise ConfigError(f"-e {error}") from None
+
+
 def check_binary_upgrade(config: Config, old_arbiter_pid: int) -> None:
     """Raise ConfigError if a second server (gunicorn's binary upgrade) cannot serve the same tasks as the first,
     or would not outlive it.

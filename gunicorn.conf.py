@@ -93,9 +93,12 @@ def _check_settings(settings) -> None:
     """Refuse a configuration whose store leaves too few file descriptors for connections, a variable gunicorn
     reads itself with a value it cannot take (run_gunicorn.py checks those before gunicorn starts, this a gunicorn
     started by hand, whose own start ended at a bad WEB_CONCURRENCY, before reading this file), and a setting given
-    to gunicorn's -e, which would be ignored (and shown, at LOG_LEVEL=debug, in gunicorn's configuration line)."""
+    to gunicorn's -e, which would be ignored (and shown, at LOG_LEVEL=debug, in gunicorn's configuration line), or a
+    variable gunicorn reads itself that -e sets to a value it cannot take (SCRIPT_NAME, LISTEN_FDS, LISTEN_PID)."""
     _config.check_gunicorn_environment()
-    _config.check_env_options(_env_options())
+    given = _env_options()
+    _config.check_env_options(given)
+    _config.check_gunicorn_env_options(given)
     _file_limits.worker_connections(settings, threads)
 
 

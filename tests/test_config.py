@@ -781,6 +781,30 @@ def test_variables_of_others_given_to_gunicorns_env_option_are_taken(raw_env):
     config.check_env_options(raw_env)
 
 
+@pytest.mark.parametrize(
+    ("raw_env", "said"),
+    [
+        (["SCRIPT_NAME=wp"], "-e SCRIPT_NAME='wp' is invalid: must begin with /"),
+        (["SCRIPT_NAME=/wp", "SCRIPT_NAME=/w p"], "-e SCRIPT_NAME='/w p' is invalid"),  # the last one wins, as gunicorn
+        (["LISTEN_FDS=abc"], "-e LISTEN_FDS='abc' is invalid: must be an integer"),
+        (["OTHER=1", "LISTEN_PID=x"], "-e LISTEN_PID='x' is invalid: must be an integer"),
+    ],
+)
+def test_a_variable_gunicorn_reads_itself_given_to_its_env_option_is_checked_as_from_the_environment(raw_env, said):
+    # gunicorn sets them after the start checks: SCRIPT_NAME=wp served an error for every request, LISTEN_FDS=abc
+    # ended the start in a traceback, exit code 1.
+    with pytest.raises(ConfigError) as raised:
+        config.check_gunicorn_env_options(raw_env)
+    assert str(raised.value).startswith(said)
+
+
+@pytest.mark.parametrize(
+    "raw_env", [[], ["SCRIPT_NAME=/wp"], ["SCRIPT_NAME=wp", "SCRIPT_NAME=/wp"], ["LISTEN_FDS=2", "NO_EQUALS_SIGN"]]
+)
+def test_good_values_of_variables_gunicorn_reads_itself_given_to_its_env_option_are_taken(raw_env):
+    config.check_gunicorn_env_options(raw_env)
+
+
 @pytest.mark.parametrize("text", ["2_0", "\u0661\u0660", "\uff12", "1e", ".", "0x10", "infinity", "1,5"])
 @pytest.mark.parametrize("variable", ["SHUTDOWN_TIMEOUT_S", "LEASE_S", "FAILURE_RATE"])
 def test_a_number_setting_takes_decimal_numbers_only(variable, text):

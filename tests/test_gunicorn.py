@@ -408,6 +408,31 @@ def test_a_setting_given_to_gunicorns_env_option_stops_it_without_showing_the_va
     assert token not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        ("SCRIPT_NAME=wp", "configuration error: -e SCRIPT_NAME='wp' is invalid: must begin with /"),
+        ("LISTEN_FDS=abc", "configuration error: -e LISTEN_FDS='abc' is invalid: must be an integer"),
+    ],
+)
+def test_a_bad_value_of_a_variable_gunicorn_reads_itself_given_to_its_env_option_stops_it_in_one_line(
+    tmp_path, option, said
+):
+    # Checked in the environment, not in -e: SCRIPT_NAME=wp left a server that answered every request with an
+    # error, and LISTEN_FDS=abc ended the start in gunicorn's traceback, exit code 1.
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", CONF, "-b", "127.0.0.1:0", "-e", option],
+        cwd=tmp_path,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(said)
+
+
 # -- the real server -------------------------------------------------------------
 
 
