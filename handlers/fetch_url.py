@@ -15,7 +15,8 @@ a loopback, private, link-local (169.254.169.254, the cloud metadata
 service), shared, multicast or reserved address fails the task for good (an
 IPv4 one inside an IPv6 address too; the local-use NAT64 prefix and site-local
 fec0::/10 whole), at
-every redirect too, and redirects go to http and https only. The address is
+every redirect too, and redirects go to http and https only. Its error names the
+host only: what a name resolves to is logged, not handed to whoever submitted it. The address is
 checked as the connection is made, to the address connected to (a name that
 resolves to another address later gains nothing), and proxies (``http_proxy``
 and the like) are not used, since through one the handler would not know the
@@ -59,6 +60,7 @@ import functools
 import hashlib
 import http.client
 import ipaddress
+import logging
 import re
 import socket
 import threading
@@ -71,6 +73,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from workerpool import AttemptCancelled, PermanentFailure, Task
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 60.0
@@ -344,8 +348,11 @@ def _connect(
     allowed = [info for info in found if connecting.allow_address(ipaddress.ip_address(info[4][0]))]
     if not allowed:
         addresses = ", ".join(sorted({info[4][0] for info in found}))
-        where = host if addresses == host else f"{host} ({addresses})"
-        raise PermanentFailure(f"{where} is not a public address: no request is sent there")
+        if addresses != host:
+            # For the operator only: in the task's error, whoever submits tasks would read what internal
+            # names resolve to, the service their resolver of the private network.
+            log.warning("%s resolves to %s, not a public address: no request is sent there", host, addresses)
+        raise PermanentFailure(f"{host} is not a public address: no request is sent there")
     error: OSError | None = None
     for family, kind, proto, _, sockaddr in allowed:
         sock = socket.socket(family, kind, proto)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import socket
 import threading
 import urllib.error
@@ -338,6 +339,17 @@ def test_the_handler_sends_nothing_to_a_loopback_or_internal_address(site):
         with pytest.raises(PermanentFailure, match="is not a public address: no request is sent there"):
             fetch(task({"url": url, "timeout_s": 5}), threading.Event())
     assert len(Site.paths) == before
+
+
+def test_a_refused_name_is_not_told_what_it_resolves_to_the_operator_is(site, caplog):
+    # Whoever submits a task reads its error: naming the addresses made the service a resolver of internal names.
+    port = site.rsplit(":", 1)[1]
+    with caplog.at_level(logging.WARNING, logger="handlers.fetch_url"), pytest.raises(PermanentFailure) as refused:
+        fetch(task({"url": f"http://localhost:{port}/ok", "timeout_s": 5}), threading.Event())
+    assert str(refused.value) == "localhost is not a public address: no request is sent there"
+    [record] = [r for r in caplog.records if r.name == "handlers.fetch_url"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("localhost resolves to ") and "127.0.0.1" in record.getMessage()
 
 
 def test_each_redirect_is_checked_as_the_first_request(site):
