@@ -1,6 +1,5 @@
 import json
 import logging
-import math
 import random
 import socket
 import subprocess
@@ -1324,7 +1323,7 @@ def test_a_failed_attempt_logs_its_traceback_at_debug_only(make_pool, caplog):
 
 
 class FinishFails(MemoryStore):
-    """A store whose ``finish`` is unavailable the first ``failures[id]`` times for a task (always: math.inf)."""
+    """A store whose ``finish`` is unavailable the first ``failures[id]`` times for a task."""
 
     def __init__(self, failures, **options):
         super().__init__(**options)
@@ -1338,21 +1337,76 @@ class FinishFails(MemoryStore):
         return super().finish(task_id, *args, **kwargs)
 
 
-def test_an_end_the_store_cannot_record_is_recorded_again_and_the_worker_lives_on(make_pool, clock):
+def test_an_end_the_store_cannot_record_is_recorded_again_and_the_worker_lives_on(make_pool, clock, caplog):
     def wait(event, timeout):  # the pause between tries passes at once on the fake clock
         clock.advance(timeout)
         return event.is_set()
 
-    store = FinishFails({"brief": 2, "long": math.inf}, clock=clock.time)
-    pool = make_pool(store=store, threads=False, lease=30.0, wait=wait)
+    # "long" meets an outage of 100 s, more than three leases: its end is kept all the same.
+    store = FinishFails({"brief": 2, "long": 100}, clock=clock.time)
+    pool = make_pool(lambda task, cancel: {"ran": task.id}, store=store, threads=False, lease=30.0, wait=wait)
     for task_id in ("brief", "long", "after"):
         pool.submit(task_id, "", 0)
-    assert pool.step() and pool.step() and pool.step()
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        assert pool.step() and pool.step() and pool.step()
     # Recorded on the third try, as it ended: done after one attempt.
     assert (pool.get("brief").state, pool.get("brief").attempts, store.tries["brief"]) == (State.DONE, 1, 3)
-    # Tried once a second for a lease's length, then left to the lease (another process recovers it).
-    assert (pool.get("long").state, store.tries["long"]) == (State.RUNNING, 31)
+    # Tried once a second until the store took it, with its result: not left to the lease as lost.
+    long = pool.get("long")
+    assert (long.state, long.attempts, long.result, store.tries["long"]) == (State.DONE, 1, {"ran": "long"}, 101)
     assert pool.get("after").state is State.DONE
+    # One line when it first failed, then one a lease's length apart, not one a second.
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task long attempt 1 ended")]
+    assert [m.split(" (")[0] for m in told] == [
+        "task long attempt 1 ended, but the store is unavailable",
+        "task long attempt 1 ended 30 s ago, and the store is still unavailable",
+        "task long attempt 1 ended 60 s ago, and the store is still unavailable",
+        "task long attempt 1 ended 90 s ago, and the store is still unavailable",
+    ]
+
+
+class FinishFailsUntilRecovered(SqliteStore):
+    """A shared store whose ``finish`` is unavailable until another process has recovered the attempt,
+    ``after`` tries in (a Redis reachable from that process, not from this one)."""
+
+    def __init__(self, path, *, after, **options):
+        super().__init__(path, **options)
+        self.after = after
+        self.tries = 0
+
+    def finish_and_claim(self, task_id, attempt, owner, **kwargs):
+        return self.finish(task_id, attempt, owner, **kwargs), None
+
+    def finish(self, task_id, attempt, owner, **kwargs):
+        self.tries += 1
+        if self.tries <= self.after:
+            if self.tries == self.after:  # the other process sweeps the lease this one could not renew
+                self.recover(lambda task: None)
+            raise StoreUnavailable("the store is down")
+        kwargs.pop("lease_until", None)
+        return super().finish(task_id, attempt, owner, **kwargs)
+
+
+def test_an_end_recorded_again_after_another_process_recovered_the_attempt_is_dropped(
+    make_pool, clock, tmp_path, caplog
+):
+    def wait(event, timeout):  # the pause between tries passes at once on the fake clock
+        clock.advance(timeout)
+        return event.is_set()
+
+    store = FinishFailsUntilRecovered(tmp_path / "tasks.db", after=40, clock=clock.time)
+    try:
+        pool = make_pool(store=store, threads=False, lease=30.0, wait=wait)
+        pool.submit("a", "", 0)
+        with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+            assert pool.step()
+        # The recovery stands: the late end neither overwrites it nor is passed off as recorded.
+        task = pool.get("a")
+        assert (task.state, task.last_error, task.result) == (State.FAILED, LOST_EXPIRED, None)
+        assert "task a attempt 1 ended after it was abandoned or its lease recovered; result dropped" in caplog.text
+        assert store.tries == 41
+    finally:
+        store.close()
 
 
 class FinishNotSynced(MemoryStore):

@@ -719,7 +719,7 @@ class WorkerPool:
                     self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
                 else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
                     self._finish_attempt(attempt, error, None if error else returned, None, None, claim_next, debug)
-        except StoreUnavailable as exc:  # for a lease's length: another process may have recovered it already
+        except StoreUnavailable as exc:  # tried again until the drain ended (or a timeout took over)
             log.error(
                 "task %s attempt %d: its end could not be recorded (%s); the attempt counts as lost once its "
                 "lease expires", task.id, task.attempts, exc, extra={"task_id": task.id},
@@ -937,22 +937,24 @@ class WorkerPool:
         failure: StoreUnavailable,
     ) -> tuple[Task | None, Task | None]:
         """Write the attempt's end (``_write_end``) again while the store is unavailable (Redis restarting,
-        a full disk), after its first try failed with ``failure``.
+        a full disk), after its first try failed with ``failure``, until the store takes it.
 
         The attempt stays registered meanwhile, so its lease is renewed as soon as the store answers
-        again, and the outcome is kept. After a lease's length of failures another process may have
-        recovered the attempt, and once the drain has ended the pool's threads stop: either way the
-        error is raised, and the lease settles what happened. With ``claim_next`` each try claims the
-        next task while the pool still claims, with a lease that runs from that try: one drawn at the
-        first would have run out after a lease's length of tries.
+        again, and the outcome is kept however long the outage lasted (a lease's length of tries
+        would drop it: the end of an attempt that succeeded became a "lost" one). Should another
+        process have recovered the attempt, the write is refused (None) and the caller says so. Once
+        the drain has ended the pool's threads stop: the error is then raised, and the lease settles
+        what happened. With ``claim_next`` each try claims the next task while the pool still claims,
+        with a lease that runs from that try: one drawn at the first would have run out after a
+        lease's length of tries. One WARNING line at the first try, then one a lease's length apart.
         """
         task = attempt.task
-        give_up = self._monotonic() + self._lease
+        began = told = self._monotonic()
+        _log(
+            logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
+            "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
+        )  # fmt: skip
         while True:
-            _log(
-                logging.WARNING, task, "task %s attempt %d ended, but the store is unavailable (%s); "
-                "recording it again in %.1f s", task.id, task.attempts, failure, _STORE_RETRY_S,
-            )  # fmt: skip
             if self._wait(self._threads_stop, _STORE_RETRY_S):  # the drain is over: nobody waits for this end
                 raise failure
             lease_until = self._clock() + self._lease if claim_next and self._claiming else None
@@ -961,9 +963,17 @@ class WorkerPool:
             except StoreUnavailable as exc:
                 if isinstance(exc, StoreNotSynced) and exc.result is not None:
                     return self._end_not_synced(task, exc, lease_until is not None)
-                if attempt.timed_out or self._monotonic() >= give_up:
+                if attempt.timed_out:
                     raise
                 failure = exc
+            now = self._monotonic()
+            if now >= told + self._lease:
+                told = now
+                _log(
+                    logging.WARNING, task, "task %s attempt %d ended %.0f s ago, and the store is still unavailable "
+                    "(%s); recording it again every %.1f s until it takes it", task.id, task.attempts, now - began,
+                    failure, _STORE_RETRY_S,
+                )  # fmt: skip
 
     def _log_end(self, task: Task, error: str | None, exc: BaseException | None) -> None:
         """The attempt's end; at DEBUG a failure carries the handler's traceback (HTTP answers never do).
@@ -1399,8 +1409,8 @@ class WorkerPool:
             with self._lock:
                 # A submission in flight may still land: wait for it even past the deadline. An attempt
                 # (and a retry not yet heard of) counts until its bookkeeping is done, so the summary
-                # includes its outcome, but only until the deadline: a retry's end written again while
-                # the store is unavailable may take a lease's length.
+                # includes its outcome, but only until the deadline: an end written again while the store
+                # is unavailable waits for the store to come back.
                 admitting, running = bool(self._admitting), bool(self._running) or unheard
                 deadline = self._deadline
                 remaining = deadline - self._monotonic()
