@@ -579,6 +579,58 @@ def test_a_task_file_with_another_hard_link_is_refused_by_either_name(open_store
     assert open_store().get("a") is not None
 
 
+def _made_by_another_user(path, monkeypatch) -> None:
+    """Give ``path`` (not what a symlink names) another owner: really as root, else by this process's uid."""
+    if os.geteuid() == 0:
+        os.lchown(path, 65534, 65534)  # nobody
+    else:
+        other = os.geteuid() + 1
+        monkeypatch.setattr(os, "geteuid", lambda: other)
+
+
+def test_a_task_file_another_user_made_is_refused_untouched(open_store, db, monkeypatch):
+    """Its owner would read every payload and result, and add tasks that never passed API_TOKEN."""
+    db.touch()
+    db.chmod(0o666)
+    _made_by_another_user(db, monkeypatch)
+    with pytest.raises(StoreUnavailable, match=r"tasks.db: not a private file of this process's user \(uid "):
+        open_store()
+    assert sorted(p.name for p in db.parent.iterdir()) == ["tasks.db"]
+    assert db.stat().st_size == 0
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_wal_or_shm_another_user_planted_as_a_symlink_is_refused(open_store, db, tmp_path, suffix):
+    open_store().close()
+    target = tmp_path / "elsewhere"
+    os.symlink(target, f"{db}{suffix}")
+    with pytest.raises(StoreUnavailable, match=f"tasks.db{suffix}: not a private file .*mode l"):
+        open_store()
+    assert not target.exists()
+
+
+def test_a_task_file_others_may_write_is_refused_but_group_write_is_the_operators_choice(open_store, clock, db):
+    open_store().admit([task(clock, "a")])
+    db.chmod(0o606)
+    with pytest.raises(StoreUnavailable, match=r"tasks.db: not a private file .*mode -rw----rw-"):
+        open_store()
+    db.chmod(0o660)  # as a Kubernetes fsGroup volume leaves it
+    assert open_store().get("a") is not None
+
+
+def test_a_symlink_another_user_made_at_the_path_is_refused_before_its_target_is_created(
+    open_store, tmp_path, monkeypatch
+):
+    (tmp_path / "victim").mkdir()
+    target = tmp_path / "victim" / "tasks.db"
+    link = tmp_path / "shared.db"
+    link.symlink_to(target)
+    _made_by_another_user(link, monkeypatch)
+    with pytest.raises(StoreUnavailable, match=r"shared.db: is a symlink made by another user"):
+        open_store(path=link)
+    assert list((tmp_path / "victim").iterdir()) == []
+
+
 @pytest.mark.parametrize("suffix", ["-wal", "-shm"])
 def test_a_wal_or_shm_this_user_cannot_write_is_refused_naming_it(open_store, db, monkeypatch, suffix):
     """Not "the database is read-only": the task file is fine, the one beside it is left by another user."""

@@ -430,7 +430,9 @@ class SqliteStore(TaskStore):
         self._identity_due = 0.0  # when (time.monotonic) an admission looks again
         _check_library()
         _check_path(self.path)
+        _check_link(self.path)
         _create_private(self.path)
+        _check_owner(self.path)
         self._open()
 
     # -- opening -----------------------------------------------------------
@@ -2143,6 +2145,45 @@ def _create_private(path: Path) -> None:
         pass
     except OSError as exc:
         raise StoreUnavailable(f"{path}: the file cannot be created ({exc.strerror})") from None
+
+
+def _check_link(path: Path) -> None:
+    """Refuse a symlink at ``path`` that another local user made: SQLite would write the tasks where it points.
+
+    Checked before the file is created, which would happen at the link's target.
+    """
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
+        raise StoreUnavailable(
+            f"{path}: is a symlink made by another user (uid {link.st_uid}; this process runs as uid "
+            f"{os.geteuid()}): it decides where the tasks are written; refusing it"
+        )
+
+
+def _check_owner(path: Path) -> None:
+    """Refuse a task file, -wal or -shm that another local user made, or that others may write.
+
+    Whoever owns or can write the file reads every payload and result and
+    adds tasks that never passed API_TOKEN; SQLite gives the -wal and -shm
+    the task file's owner and mode, and follows a symlink planted at a -wal.
+    Group write is left to the operator (a Kubernetes fsGroup volume grants it).
+    """
+    real = os.path.realpath(path)
+    for name in (real, *(f"{real}{suffix}" for suffix in _LOG_SUFFIXES)):
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:  # a -wal or -shm SQLite has not made yet
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o002:
+            raise StoreUnavailable(
+                f"{name}: not a private file of this process's user (uid {info.st_uid}, mode "
+                f"{stat.filemode(info.st_mode)}; this process runs as uid {os.geteuid()}): another local user "
+                "may have made it to read the tasks or add some of their own; remove it, or chown it to this user "
+                "and chmod o-w it"
+            )
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
