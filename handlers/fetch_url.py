@@ -41,15 +41,16 @@ How the handler talks to the pool:
   name's resolution, the status line, the headers, the TLS handshake, a
   piece of the body);
 - ``timeout_s`` bounds each wait for the server (the socket timeout) and the
-  whole wait for the answer's status line and headers, redirects and name
-  resolution included: a server that sends them a byte at a time, each
-  within the socket timeout, would otherwise hold the worker thread for
-  hours, and a slow DNS server as long as the system's resolver retries.
-  Past it the attempt fails (``TimeoutError``) and is retried.
+  whole fetch: name resolution, redirects, the answer's status line, headers
+  and body: a server that sends them a byte at a time, each within the
+  socket timeout, would otherwise hold the worker thread for hours (until
+  ``ATTEMPT_TIMEOUT_S``, at every retry), and a slow DNS server as long as
+  the system's resolver retries. Past it the attempt fails
+  (``TimeoutError``) and is retried.
 
 Names are resolved (``getaddrinfo``, which nothing can interrupt) in a thread
-of their own, which the fetch waits for only until it is cancelled or its
-head is late; a resolution given up on ends in its thread when the system's
+of their own, which the fetch waits for only until it is cancelled or
+late; a resolution given up on ends in its thread when the system's
 resolver gives up (``resolv.conf``'s ``timeout`` and ``attempts``).
 """
 
@@ -129,7 +130,7 @@ def _fetch(
     if cancel.is_set():
         raise AttemptCancelled("cancelled before the request was sent")
     request = urllib.request.Request(url, headers={"User-Agent": "workerpool-example/1.0"})
-    watch = _Watch(cancel, head_deadline=time.monotonic() + timeout)
+    watch = _Watch(cancel, deadline=time.monotonic() + timeout)
     connecting = _Connecting(allow_address, functools.partial(_resolve, resolve, watch=watch), watch.add)
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),  # the environment's proxies: through one, the address is not known here
@@ -168,11 +169,11 @@ def fetch(task: Task, cancel: threading.Event) -> dict[str, Any]:
     return _fetch(task, cancel, allow_address=is_public)
 
 
-_CANCELLED, _HEAD_LATE = "cancelled", "head late"
+_CANCELLED, _HEAD_LATE, _BODY_LATE = "cancelled", "head late", "body late"
 
 
 class _Watch:
-    """Shuts the connections of one fetch down once its ``cancel`` is set, or once the answer's head is late.
+    """Shuts the connections of one fetch down once its ``cancel`` is set, or once its deadline has passed.
 
     A read blocked on a connection (the TLS handshake, the status line, a
     header, a piece of the body) then ends at once, and the fetch tells why
@@ -183,9 +184,10 @@ class _Watch:
     meanwhile.
     """
 
-    def __init__(self, cancel: threading.Event, *, head_deadline: float) -> None:
+    def __init__(self, cancel: threading.Event, *, deadline: float) -> None:
         self._cancel = cancel
-        self._head_deadline: float | None = head_deadline  # None once the head is in
+        self._deadline = deadline  # of the whole fetch, the body included
+        self._head_in = False  # the status line and headers have arrived (for the error's words)
         self._lock = threading.Lock()  # guards _sockets, _waits and stopped
         self._sockets: list[socket.socket] = []
         self._waits: list[threading.Event] = []
@@ -213,7 +215,7 @@ class _Watch:
         wait.set()
 
     def head_received(self) -> None:
-        self._head_deadline = None
+        self._head_in = True
 
     def check(self, url: str, timeout: float) -> None:
         """Raise why the connections were shut down, if they were."""
@@ -221,6 +223,8 @@ class _Watch:
             raise AttemptCancelled(f"cancelled while fetching {url}")
         if self.stopped == _HEAD_LATE:
             raise TimeoutError(f"{url} did not send the status line and headers of its answer within {timeout:g} s")
+        if self.stopped == _BODY_LATE:
+            raise TimeoutError(f"{url} did not send the whole body of its answer within {timeout:g} s")
 
     def close(self) -> None:
         self._closed.set()
@@ -230,11 +234,10 @@ class _Watch:
 
     def _run(self) -> None:
         while not self._closed.wait(WATCH_POLL_S):
-            deadline = self._head_deadline
             if self._cancel.is_set():
                 why = _CANCELLED
-            elif deadline is not None and time.monotonic() >= deadline:
-                why = _HEAD_LATE
+            elif time.monotonic() >= self._deadline:
+                why = _BODY_LATE if self._head_in else _HEAD_LATE
             else:
                 continue
             with self._lock:

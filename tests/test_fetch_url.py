@@ -164,6 +164,19 @@ def test_a_cancel_stops_the_download_at_the_next_piece(site):
 def dripping_site() -> Iterator[tuple[str, threading.Event]]:
     """A server that answers a status line, then a header one byte every 50 ms, for ever: its URL, and an event
     set once it has a request."""
+    with dripping_server(b"HTTP/1.1 200 OK\r\n") as served:
+        yield served
+
+
+@pytest.fixture
+def dripping_body_site() -> Iterator[tuple[str, threading.Event]]:
+    """As ``dripping_site``, once the whole head of a 1 MB answer is sent: the body drips."""
+    with dripping_server(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n") as served:
+        yield served
+
+
+@contextlib.contextmanager
+def dripping_server(head: bytes) -> Iterator[tuple[str, threading.Event]]:
     listener = socket.create_server(("127.0.0.1", 0))
     asked, stop = threading.Event(), threading.Event()
     connections: list[socket.socket] = []
@@ -171,7 +184,7 @@ def dripping_site() -> Iterator[tuple[str, threading.Event]]:
     def drip(connection: socket.socket) -> None:
         with contextlib.suppress(OSError):
             connection.recv(65536)
-            connection.sendall(b"HTTP/1.1 200 OK\r\n")
+            connection.sendall(head)
             asked.set()
             while not stop.wait(0.05):
                 connection.sendall(b"X")
@@ -227,6 +240,17 @@ def test_headers_that_do_not_arrive_within_timeout_s_fail_the_attempt(dripping_s
     assert not thread.is_alive(), "the fetch went on past timeout_s"
     assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
     assert "within 0.5 s" in str(outcome[0])
+
+
+def test_a_body_that_does_not_arrive_within_timeout_s_fails_the_attempt(dripping_body_site):
+    # Only the head had a deadline: a body dripped within the socket timeout held the worker until
+    # ATTEMPT_TIMEOUT_S, at every retry.
+    url, _ = dripping_body_site
+    thread, outcome = fetch_in_a_thread({"url": url, "timeout_s": 0.5}, threading.Event())
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the fetch went on past timeout_s"
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    assert "whole body of its answer within 0.5 s" in str(outcome[0])
 
 
 class SlowResolver:
