@@ -84,8 +84,10 @@ class Connection(Protocol):
 class BodyLimits:
     """The most body bytes each route reads, and the token it asks for: what a request may make the loop read.
 
-    ``POST /enqueue/batch`` takes ``batch`` bytes, every other route
-    ``default`` (the only other route that reads a body is ``POST /enqueue``).
+    ``POST /enqueue/batch`` takes ``batch`` bytes, ``POST /enqueue``
+    ``default``, and every other route none: a body sent to one is not read
+    (it answers as without it), rather than waited for until the request's
+    deadline if it is shorter than announced.
     """
 
     def __init__(self, default: int = MAX_PREREAD_BODY, batch: int | None = None, token: str = "") -> None:
@@ -94,14 +96,15 @@ class BodyLimits:
         self.token = token
 
     def of(self, head: bytes) -> int:
-        """The body limit of the route ``head`` (a request head) is for."""
-        if self.batch == self.default:
-            return self.default
-        start = head.find(b" ") + 1
-        path = head[start : head.find(b" ", start)].partition(b"?")[0]
+        """The body limit of the route ``head`` (a request head) is for; 0 for a route that takes no body."""
+        if not head.startswith(b"POST "):
+            return 0
+        path = head[5 : head.find(b" ", 5)].partition(b"?")[0]
         if b"%" in path:  # routed as decoded: /%65nqueue/batch and /enqueue%2Fbatch are the batch's
             path = unquote_to_bytes(path)
-        return self.batch if path.endswith(b"/enqueue/batch") else self.default
+        if path.endswith(b"/enqueue"):  # under a root path too (SCRIPT_NAME)
+            return self.default
+        return self.batch if path.endswith(b"/enqueue/batch") else 0
 
     def authorized(self, authorization: bytes | None) -> bool:
         """Whether a request with this ``Authorization`` value passes the token check (``service.auth``)."""
@@ -428,7 +431,7 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
         if not length:
             return Framing(len(head))
         if (
-            (length <= limits.default or length <= limits.of(head))
+            length <= limits.of(head)
             and (not limits.token or limits.authorized(next(iter(_values(head, lowered, b"authorization")), None)))
             and not _from_foreign_page(head, lambda name: _values(head, lowered, name))
         ):

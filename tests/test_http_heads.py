@@ -371,21 +371,15 @@ def test_a_request_that_expects_100_continue_gets_it_once_then_its_answer(port, 
         assert sock.recv(65536).startswith(b"HTTP/1.1 202 ")
 
 
-def test_a_request_to_an_unknown_route_that_expects_100_continue_gets_it_then_404(port):
-    # gunicorn asks for the body of a route it does not know; python app.py's server answered 404 at once.
-    continue_line = b"HTTP/1.1 100 Continue\r\n\r\n"
+def test_a_request_to_an_unknown_route_that_expects_100_continue_gets_404_without_being_asked_for_its_body(port):
+    # No route takes its body: it is not asked for (gunicorn asked for it, then answered 404).
     with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
         sock.sendall(EXPECTING % b"/no-such-route" + b"Content-Length: 5\r\n\r\n")
         received = b""
-        while len(received) < len(continue_line) and (chunk := sock.recv(len(continue_line) - len(received))):
+        while b"\r\n" not in received and (chunk := sock.recv(65536)):
             received += chunk
-        assert received == continue_line
-        sock.sendall(b"hello")
-        while b"\r\n" not in received[len(continue_line) :] and (chunk := sock.recv(65536)):
-            received += chunk
-        assert received[len(continue_line) :].startswith(b"HTTP/1.1 404 "), received[:120]
-        # Then the connection closes: python app.py's server read on after its answer (the body came after it)
-        # until the request's deadline, holding the thread; it now lingers as gunicorn does, 2 s at most.
+        assert received.startswith(b"HTTP/1.1 404 "), received[:120]
+        # Then the connection closes (the body was not read), within the 2 s a closing connection lingers.
         sock.settimeout(6)
         while sock.recv(65536):
             pass

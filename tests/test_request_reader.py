@@ -87,6 +87,25 @@ def test_a_whole_head_is_handed_over_with_its_bytes(harness):
     assert len(harness.reader) == 0
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nx",
+        b"DELETE /tasks/a HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nx",
+        b"GET /tasks HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+        b"POST /wp/tasks/a HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nx",
+    ],
+    ids=["get", "delete", "chunked", "post-elsewhere"],
+)
+def test_a_body_sent_to_a_route_that_takes_none_is_not_waited_for(harness, head):
+    # Read up to the route's limit as any other: a body shorter than announced held the answer until the request's
+    # deadline (10 s by default), though the route never reads it.
+    conn, _ = harness.connect(head)
+    assert harness.ready == [conn]  # at once: answered as without it, and the connection closed after
+    assert BodyLimits().of(head) == 0
+    assert BodyLimits().of(b"POST /wp/enqueue HTTP/1.1\r\n\r\n") == BodyLimits().default  # under a root path
+
+
 def test_a_head_sent_in_pieces_waits_on_the_poller_until_whole(harness):
     conn, client = harness.connect(HEAD[:10])
     for start in range(10, len(HEAD), 7):
@@ -537,8 +556,8 @@ def test_a_body_without_the_token_is_not_read(headers, framing):
             b"Sec-Fetch-Site: cross-site\r\nSec-Fetch-Site: cross-site\r\nContent-Length: 10\r\n",
             Framing(10),
         ),
-        # A read is answered to any page (without CORS it cannot see the answer): its body is read as any other.
-        (b"GET /tasks", b"Sec-Fetch-Site: cross-site\r\nContent-Length: 10\r\n", Framing(10)),
+        # A read is answered to any page (without CORS it cannot see the answer); it takes no body from anyone.
+        (b"GET /tasks", b"Sec-Fetch-Site: cross-site\r\nContent-Length: 10\r\n", Framing(0, refused=True)),
     ],
     ids=["post", "batch", "delete", "chunked", "expect", "same-origin", "none", "repeated", "get"],
 )
@@ -569,7 +588,7 @@ def test_a_body_from_a_page_of_another_origin_is_not_read(request_line, headers,
             b"Origin: http://evil.example\r\nSec-Fetch-Site: same-origin\r\nContent-Length: 10\r\n",
             Framing(10),
         ),
-        (b"GET /tasks", b"Origin: http://evil.example\r\nContent-Length: 10\r\n", Framing(10)),
+        (b"GET /tasks", b"Origin: http://evil.example\r\nContent-Length: 10\r\n", Framing(0, refused=True)),
     ],
     ids=["post", "null", "chunked", "expect", "own", "case", "forwarded", "fetch-metadata", "get"],
 )
