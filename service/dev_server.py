@@ -399,7 +399,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
         if lines.bare or lines.malformed:
             self.refuse(400, str(BareLineFeed()) if lines.bare else lines.malformed)
             return False
-        problem = head_problem(self.request_version, self.headers)
+        problem = head_problem(self.request_version, self.headers, token)
         if problem is not None:
             self.refuse(*problem)
             return False
@@ -539,8 +539,9 @@ def field_problem(line: bytes, token: str = "") -> str:
 
 
 def _without(token: str, text: str) -> str:
-    """``text`` with every occurrence of the API token ``token`` replaced, before it is cut to be quoted."""
-    return text.replace(token, logs.REDACTED) if token else text
+    """``text`` with every occurrence of the API token ``token`` replaced (a field value may have been lowercased),
+    before it is cut to be quoted."""
+    return logs.without_token_in_any_case(text, token)
 
 
 def trailer_problem(line: bytes, names: list[bytes]) -> str:
@@ -555,13 +556,14 @@ def trailer_problem(line: bytes, names: list[bytes]) -> str:
     return ""
 
 
-def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
+def head_problem(version: str, headers: Message, token: str = "") -> tuple[int, str] | None:
     """Why a request is refused from its head (``http.server``'s ``headers``) before the application: status, detail.
 
     gunicorn refuses these itself (service/request_reader.py and its parser); ``http.server`` does not: an HTTP/1.1
     (to 1.9) request without a Host, one of any version with more than one (400), a transfer coding other than
     chunked (501), a body whose length could be read two ways (400: Content-Length twice or not a number, with
-    Transfer-Encoding, or chunked in HTTP/1.0), an expectation other than 100-continue (417).
+    Transfer-Encoding, or chunked in HTTP/1.0), an expectation other than 100-continue (417). The API token
+    ``token`` is left out of the values it quotes.
     """
     hosts = len(headers.get_all("Host", ()))
     if not hosts and (numbers := _VERSION.fullmatch(version)) and numbers[1] == "1" and numbers[2] != "0":
@@ -573,9 +575,9 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     if codings and codings != ["chunked"]:
         # Werkzeug reads "chunked" alone; with any other list it would read no body at all.
         if codings[-1] == "chunked" and codings.count("chunked") == 1:
-            return 501, str(UnsupportedCoding(", ".join(codings[:-1])))
+            return 501, str(UnsupportedCoding(_without(token, ", ".join(codings[:-1]))))
         if (unknown := _unknown_coding(codings)) is not None:
-            return 501, str(UnsupportedCoding(unknown))
+            return 501, str(UnsupportedCoding(_without(token, unknown)))
         return 400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told"
     expectations = [value.strip(" \t").lower() for value in headers.get_all("Expect", ())]
     if any(value != "100-continue" for value in expectations):
@@ -588,7 +590,7 @@ def head_problem(version: str, headers: Message) -> tuple[int, str] | None:
     if len(lengths) > 1:
         return 400, "the request has more than one Content-Length header"
     if lengths and not (lengths[0].isascii() and lengths[0].isdigit()):
-        return 400, f"Content-Length {lengths[0][:20]!r} is not a number of bytes"
+        return 400, f"Content-Length {_without(token, lengths[0])[:20]!r} is not a number of bytes"
     return None
 
 

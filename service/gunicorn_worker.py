@@ -70,7 +70,7 @@ from .drain_reports import RETIRING
 from .drain_reports import send as send_report
 from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
-from .logs import REDACTED, redact_request_line
+from .logs import redact_request_line
 from .request_reader import (
     REQUEST_TIMEOUT_S,
     BodyLimits,
@@ -426,14 +426,15 @@ class HeldHeadResponse(wsgi.Response):
 def redact(exc: BaseException, token: str = "") -> None:
     """Take the secrets out of what gunicorn logs, and answers, for ``exc``: the query of a request line it quotes
     (where the target ends is unknown: all of it from its ``?``), and the API token ``token`` anywhere it quotes
-    (a header line without a colon, ``Authorization Bearer <token>``)."""
+    (a header line without a colon, ``Authorization Bearer <token>``, an ``Expect`` or ``Transfer-Encoding`` value,
+    a chunk's size line): every text the error holds, since each error class keeps what it quotes under its own name.
+    """
     if isinstance(exc, InvalidRequestLine) and isinstance(exc.req, str):
         exc.req = redact_request_line(exc.req)
     if token:
-        for name in ("req", "method", "version", "hdr"):
-            value = getattr(exc, name, None)
-            if isinstance(value, str) and token in value:
-                setattr(exc, name, value.replace(token, REDACTED))
+        for name, value in list(vars(exc).items()):
+            if isinstance(value, str | bytes):
+                setattr(exc, name, logs.without_token_in_any_case(value, token))
 
 
 def start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:

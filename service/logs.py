@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from typing import Any, NamedTuple
+from typing import Any, AnyStr, NamedTuple
 from urllib.parse import unquote, unquote_plus
 
 from pythonjsonlogger.json import JsonFormatter
@@ -118,6 +118,16 @@ def without_token(text: str, token: str) -> str:
         if token in decoded:
             return decoded.replace(token, REDACTED)
     return text
+
+
+def without_token_in_any_case(text: AnyStr, token: str) -> AnyStr:
+    """``text`` (a value a server quotes from a refused head) with the API token ``token`` replaced, whatever the case
+    of its letters: a quoted field value (a transfer coding) may have been lowercased first."""
+    if not token:
+        return text
+    if isinstance(text, bytes):
+        return re.sub(re.escape(token.encode()), REDACTED.encode(), text, flags=re.IGNORECASE)
+    return re.sub(re.escape(token), REDACTED, text, flags=re.IGNORECASE)
 
 
 def is_refused(status: int | None) -> bool:
