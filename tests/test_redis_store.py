@@ -198,6 +198,23 @@ def test_no_task_past_its_time_is_read_however_many_aged_out_at_once(make, clock
     assert store.get(ids[-1]) is None  # the second read forgot the rest
 
 
+def test_a_listing_passes_over_tasks_past_their_time_however_many_and_fills_its_page(make, clock):
+    # Listed newest first by admission: the tasks admitted before a mass expiry sit below every aged one.
+    store = make(capacity=1100, ttl=60.0, max_finished=5000)
+    store.admit([new(f"q{n}", clock, next_attempt_at=clock.time() + 3600) for n in range(3)])
+    store.admit([new("slow", clock)])
+    assert store.claim("owner", clock.time() + 3600).id == "slow"  # still running at the listing
+    ids = [f"t{n:04d}" for n in range(1002)]
+    for chunk in range(0, len(ids), 500):
+        store.admit([new(task_id, clock, max_retries=0) for task_id in ids[chunk : chunk + 500]])
+    for _ in ids:
+        task = store.claim("owner", clock.time() + 30)
+        store.finish(task.id, 1, "owner", result=None)
+    clock.advance(61)
+    assert [t.id for t in store.list(limit=3)] == ["slow", "q2", "q1"]  # one call forgets 1,000: 2 are left
+    assert [t.id for t in store.list(limit=10)] == ["slow", "q2", "q1", "q0"]
+
+
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
     a, b = make(), make()
     a.admit([new("x", clock)])
