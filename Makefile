@@ -7,6 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CHROMIUM := /usr/bin/chromium
 REDIS_SERVER := /usr/bin/redis-server
+NGINX := /usr/sbin/nginx
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run dev test stress lint bench clean
@@ -18,7 +19,7 @@ run: $(VENV)/.installed
 dev: $(VENV)/.installed
 	$(BIN)/python app.py
 
-test: $(VENV)/.installed-dev $(CHROMIUM) $(REDIS_SERVER) node_modules/.installed
+test: $(VENV)/.installed-dev $(CHROMIUM) $(REDIS_SERVER) $(NGINX) node_modules/.installed
 	$(BIN)/python -m pytest
 
 # The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
@@ -65,6 +66,12 @@ $(VENV)/.installed-bench: requirements.txt bench/requirements.txt | $(BIN)/pytho
 $(REDIS_SERVER):
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server
+
+# The tests of deploy/nginx.conf (the load balancer of docker-compose.redis.yml) run nginx: installed when missing
+# (Debian's package; policy-rc.d or the absence of an init system keeps its service from starting).
+$(NGINX):
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends nginx
 
 # Redocly's OpenAPI linter, which the tests run (pinned in package.json and package-lock.json; one npm
 # package, no browser download). npm comes from Debian when missing.
