@@ -51,7 +51,11 @@ How the handler talks to the pool:
 Names are resolved (``getaddrinfo``, which nothing can interrupt) in a thread
 of their own, which the fetch waits for only until it is cancelled or
 late; a resolution given up on ends in its thread when the system's
-resolver gives up (``resolv.conf``'s ``timeout`` and ``attempts``).
+resolver gives up (``resolv.conf``'s ``timeout`` and ``attempts``). At most
+``MAX_RESOLVING`` names are resolved at once in a process, those given up on
+included: a fetch past them waits for one to end, within its ``timeout_s``,
+so that names whose DNS server never answers cannot pile up threads without
+end (each attempt leaving one behind).
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ PREVIEW_CHARS = 200
 _READ_BYTES = 64 * 1024
 # How often the watcher of a fetch looks at its cancel event and at the deadline of the answer's head.
 WATCH_POLL_S = 0.05
+MAX_RESOLVING = 32  # names resolved at once in this process (see _resolve)
 _RETRYABLE_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests: trying again later may work
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 addresses reached through a NAT64 gateway
 # Never judged public, though Python's is_global says they are: the rest of ::/8 (IPv4-compatible
@@ -312,8 +317,13 @@ def _resolve(resolve: Resolver, host: str, port: int, *, watch: _Watch) -> list[
 
     ``getaddrinfo`` cannot be interrupted: a slow DNS server would hold the
     worker thread past the attempt's cancel and ``timeout_s``. A resolution
-    given up on ends in its thread, holding nothing of the fetch's.
+    given up on ends in its thread, holding nothing of the fetch's but its
+    place among the ``MAX_RESOLVING``.
     """
+    places = _resolving
+    while not places.acquire(timeout=WATCH_POLL_S):
+        if watch.stopped is not None:  # the fetch tells why (see _Watch.check)
+            raise OSError(f"resolving {host} was given up: {MAX_RESOLVING} names were being resolved already")
     done = threading.Event()
     outcome: list[Any] = []
 
@@ -323,9 +333,14 @@ def _resolve(resolve: Resolver, host: str, port: int, *, watch: _Watch) -> list[
         except BaseException as exc:  # handed to the fetch, which raises it
             outcome.append(exc)
         finally:
+            places.release()
             done.set()
 
-    threading.Thread(target=run, name="fetch-url-resolve", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="fetch-url-resolve", daemon=True).start()
+    except BaseException:
+        places.release()
+        raise
     watch.wake_when_stopped(done)
     done.wait()
     if not outcome:  # the fetch was stopped first: it tells why (see _Watch.check)
@@ -333,6 +348,10 @@ def _resolve(resolve: Resolver, host: str, port: int, *, watch: _Watch) -> list[
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
+
+
+# Each taken until its resolution ends, in the fetch or after the fetch gave up on it.
+_resolving = threading.BoundedSemaphore(MAX_RESOLVING)
 
 
 def _connect(

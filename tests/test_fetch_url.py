@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from doubles import WAIT_S
+from doubles import WAIT_S, wait_until
 from http_fixtures import make_harness
 
+from handlers import fetch_url
 from handlers.fetch_url import PREVIEW_CHARS, fetch, fetcher, is_public
 from workerpool import AttemptCancelled, PermanentFailure, Task
 
@@ -291,6 +292,36 @@ def test_a_name_that_does_not_resolve_within_timeout_s_fails_the_attempt(slow_re
     assert not thread.is_alive(), "the fetch went on past timeout_s"
     assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
     assert "within 0.2 s" in str(outcome[0])
+
+
+def test_names_given_up_on_leave_at_most_max_resolving_threads_behind(slow_resolver, monkeypatch):
+    # Each attempt on a name whose DNS server never answers left a thread: one batch grew the process by hundreds.
+    monkeypatch.setattr(fetch_url, "_resolving", threading.BoundedSemaphore(2), raising=False)
+    monkeypatch.setattr(fetch_url, "MAX_RESOLVING", 2, raising=False)
+    asked: list[str] = []
+
+    def resolve(host: str, port: int, family: int, kind: int) -> list:
+        asked.append(host)
+        return slow_resolver(host, port, family, kind)
+
+    handler = fetcher(allow_address=lambda address: True, resolve=resolve)
+    for _ in range(5):
+        thread, outcome = fetch_in_a_thread(
+            {"url": "http://never.example/", "timeout_s": 0.1}, threading.Event(), handler
+        )
+        thread.join(WAIT_S)
+        assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    assert asked == ["never.example"] * 2  # the later attempts waited for a place, then gave up
+    slow_resolver.release.set()  # the resolver gives up: the places are free again
+    wait_until(
+        lambda: not any(t.name == "fetch-url-resolve" for t in threading.enumerate()),
+        timeout=WAIT_S,
+        what="the resolutions given up on to end",
+    )
+    thread, outcome = fetch_in_a_thread({"url": "http://never.example/", "timeout_s": 5}, threading.Event(), handler)
+    thread.join(WAIT_S)
+    assert len(asked) == 3 and len(outcome) == 1, outcome  # a place was free: the name was asked again
+    assert isinstance(outcome[0], urllib.error.URLError) and isinstance(outcome[0].reason, socket.gaierror)
 
 
 def test_a_name_is_resolved_by_the_resolver_given_and_its_failure_is_retried(site):
