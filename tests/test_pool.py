@@ -17,6 +17,7 @@ from redis_server import shared_server
 from service.lifecycle import describe
 from workerpool import (
     ABANDONED,
+    AttemptCancelled,
     DuplicateTask,
     PermanentFailure,
     PoolClosed,
@@ -2000,6 +2001,43 @@ def test_a_cancel_that_lands_as_its_attempt_ends_never_reaches_a_later_task_reus
     assert seen[-1] == ("job", "again", False)  # not told to cancel at its start
     assert pool.get("job").state is State.DONE
     assert not pool._cancel_early  # nothing kept for an attempt that will never register
+
+
+def test_the_cancel_of_a_running_attempt_is_logged_before_its_handler_hears_of_it(make_pool, caplog):
+    # A handler that stops at once on its cancel had "cancelled during attempt" logged before "cancel requested".
+    cancels: list[threading.Event] = []
+    started = threading.Event()
+
+    def handler(task, cancel):
+        cancels.append(cancel)
+        started.set()
+        if cancel.wait(WAIT_S):
+            raise AttemptCancelled("stopped")
+
+    heard_already: list[bool] = []
+
+    class Spy(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "cancel requested" in record.getMessage():
+                heard_already.append(cancels[0].is_set())
+
+    caplog.set_level(logging.INFO, logger="workerpool.pool")
+    spy = Spy()
+    logging.getLogger("workerpool.pool").addHandler(spy)
+    try:
+        pool = make_pool(handler, workers=1)
+        pool.submit("job")
+        assert started.wait(WAIT_S)
+        pool.cancel("job")
+        wait_until(lambda: pool.get("job").state is State.CANCELLED, timeout=WAIT_S, what="the cancel")
+    finally:
+        logging.getLogger("workerpool.pool").removeHandler(spy)
+    assert heard_already == [False]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task job")]
+    assert lines == [
+        "task job: cancel requested while attempt 1 runs",
+        "task job cancelled during attempt 1: AttemptCancelled: stopped",
+    ]
 
 
 def test_a_cancel_between_the_claim_and_the_attempts_start_reaches_its_handler(make_pool, clock):

@@ -483,6 +483,8 @@ class WorkerPool:
             if closing:  # the drain may be waiting for this task alone (delayed, or waiting out a backoff)
                 self._drain_wakeup.set()
             return task
+        # Before the handler hears of it: one that stops at once ends the attempt, and logs so, right after.
+        _log(logging.INFO, task, "task %s: cancel requested while attempt %d runs", task_id, task.attempts)
         early = (task_id, task.created_at, task.attempts)
         with self._lock:
             attempt = self._running.get(task_id)
@@ -496,7 +498,6 @@ class WorkerPool:
             if now is None or (now.state, now.created_at, now.attempts) != (State.RUNNING, *early[1:]):
                 with self._lock:
                     self._cancel_early.discard(early)
-        _log(logging.INFO, task, "task %s: cancel requested while attempt %d runs", task_id, task.attempts)
         return task
 
     # -- reading ---------------------------------------------------------
