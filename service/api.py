@@ -275,6 +275,29 @@ def health() -> tuple[Response, int]:
     return (jsonify(body), 200) if body["status"] == "ok" else _unavailable(body)
 
 
+@bp.get("/livez")
+def liveness() -> tuple[Response, int]:
+    """Report whether this process should be restarted: 503 only when it runs short of worker threads.
+
+    Unlike /healthz it never reads the task store and stays 200 while draining: an orchestrator that
+    restarts on it restarts a process a restart mends, never every process while the store is out.
+    """
+    stats = services().pool.process_stats()
+    short = short_of_workers(stats.stuck_threads, stats.stuck_threads_limit)
+    body = {
+        "status": "unhealthy" if short else "ok",
+        "stuck_threads": stats.stuck_threads,
+        "stuck_threads_limit": stats.stuck_threads_limit,
+    }
+    return _unavailable(body) if short else (jsonify(body), 200)
+
+
+def short_of_workers(stuck_threads: int, stuck_threads_limit: int) -> bool:
+    """Whether fewer than WORKERS threads take tasks: past the bound, a timed-out attempt's stuck thread
+    was not replaced."""
+    return stuck_threads > stuck_threads_limit
+
+
 def _unavailable(body: dict[str, Any]) -> tuple[Response, int]:
     """A 503 health answer, with the ``Retry-After`` every 503 of the service carries (a probe may ignore it)."""
     response = jsonify(body)
@@ -292,9 +315,8 @@ def why_store_fails(pool: WorkerPool, stats: PoolStats) -> str | None:
 
 def health_figures(stats: PoolStats) -> dict[str, Any]:
     """The body of /healthz: admission, queue, stuck threads and task counts (the dashboard's live figures)."""
-    # Past the bound, a timed-out attempt's stuck thread was not replaced: fewer workers claim tasks.
-    short_of_workers = stats.stuck_threads > stats.stuck_threads_limit
-    status = "draining" if not stats.accepting else "unhealthy" if short_of_workers else "ok"
+    short = short_of_workers(stats.stuck_threads, stats.stuck_threads_limit)
+    status = "draining" if not stats.accepting else "unhealthy" if short else "ok"
     return {
         "status": status,
         "workers": stats.workers,

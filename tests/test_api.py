@@ -713,6 +713,16 @@ def test_health_is_503_once_shutdown_began(harness, path):
     assert body["tasks"]["done"] == 1
 
 
+def test_liveness_stays_200_while_draining(harness):
+    # A draining process ends by itself: a liveness probe failing then would kill it before its drain ends.
+    harness.drain()
+    response = harness.client.get("/livez")
+    assert (response.status_code, response.get_json()) == (
+        200,
+        {"status": "ok", "stuck_threads": 0, "stuck_threads_limit": harness.pool.workers},
+    )
+
+
 def test_health_answers_head(client):
     response = client.head("/healthz")
     assert response.status_code == 200

@@ -13,7 +13,7 @@ from service import auth
 
 TOKEN = "s3cret-t0ken-0123456789"
 GUARDED = [("POST", "/enqueue"), ("GET", "/tasks"), ("GET", "/tasks/a")]
-OPEN = [("GET", "/healthz"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json")]
+OPEN = [("GET", "/healthz"), ("GET", "/health"), ("GET", "/livez"), ("GET", "/metrics"), ("GET", "/openapi.json")]
 TASK = {"id": "a", "payload": ""}
 
 

@@ -249,6 +249,15 @@ def test_health_while_the_store_cannot_be_used_is_a_503_with_retry_after(harness
     assert response.get_json() == {"status": "store_unavailable", "store_error": "redis: Connection refused"}
 
 
+def test_liveness_stays_200_while_the_store_cannot_be_used(harness, monkeypatch):
+    # A restart mends no store: a liveness probe that failed with /healthz restarted every process of an outage.
+    _store_fails(harness, monkeypatch, StoreUnavailable("redis: Connection refused"))
+    monkeypatch.setattr(type(harness.pool.store), "health", lambda self: "redis: Connection refused")
+    assert harness.client.get("/healthz").status_code == 503
+    response = harness.client.get("/livez")
+    assert (response.status_code, response.get_json()["status"]) == (200, "ok")
+
+
 def test_the_requests_the_readme_lists_as_503_while_the_store_cannot_be_used_are_those_that_answer_it(
     harness, monkeypatch
 ):

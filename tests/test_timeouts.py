@@ -355,6 +355,11 @@ def test_health_and_metrics_report_the_stuck_threads(clock):
             # The first stuck thread was replaced: a full set of workers still claims tasks.
             expected = (200, "ok") if task_id == "a" else (503, "unhealthy")
             assert (health.status_code, body["status"]) == expected
+            live = harness.client.get("/livez")  # the liveness probe fails on that alone
+            assert (live.status_code, live.get_json()) == (
+                expected[0],
+                {"status": expected[1], "stuck_threads": body["stuck_threads"], "stuck_threads_limit": 1},
+            )
         text = harness.client.get("/metrics").get_data(as_text=True)
         assert "workerpool_attempts_timed_out_total 2.0" in text
         assert "workerpool_stuck_threads 2.0" in text
