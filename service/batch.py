@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, request
 
-from workerpool import DuplicateTask, StoreNotSynced, StorePartlyAdmitted, StoreUnavailable, SubmitError, Task
+from workerpool import (
+    DuplicateTask,
+    StoreNotSynced,
+    StoreOutOfMemory,
+    StorePartlyAdmitted,
+    StoreUnavailable,
+    SubmitError,
+    Task,
+)
 
 from . import request_id
 from .api import read_body, task_url
@@ -27,6 +35,7 @@ from .problems import (
     invalid_request,
     not_synced,
     problem_document,
+    store_out_of_memory,
     submission_not_stored,
     submit_problem,
 )
@@ -132,7 +141,9 @@ def enqueue_batch() -> Response:
         if isinstance(outcome, SubmitError):
             problem = submit_problem(outcome)
         elif isinstance(outcome, StoreUnavailable):  # a part of the batch after the first that Redis did not take
-            problem = submission_not_stored()
+            # Refused for Redis's maxmemory, that part stored nothing, and a smaller batch may pass.
+            oom = isinstance(outcome.__cause__, StoreOutOfMemory)
+            problem = store_out_of_memory() if oom else submission_not_stored()
         else:
             problem = outcome
         results.append(_refusal(problem))

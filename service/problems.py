@@ -192,6 +192,11 @@ def submission_not_stored() -> Problem:
     return _store_unavailable(_STORE_UNAVAILABLE_DETAILS["POST"])
 
 
+def store_out_of_memory() -> Problem:
+    """The 503 of a write the store refused for its memory limit: nothing stored, a smaller request may pass."""
+    return _store_unavailable(_STORE_OUT_OF_MEMORY)
+
+
 NOT_SYNCED_DETAIL = (
     "the change was stored, but syncing it to disk failed: it stands (do not send it again), "
     "though a power cut before the store's next sync could undo it"
@@ -220,7 +225,7 @@ def _from_store_unavailable(exc: StoreUnavailable) -> Response:
     if isinstance(exc, StoreNotSynced):  # committed: retrying would only repeat it
         return _from_problem(not_synced())
     if isinstance(exc, StoreOutOfMemory):  # a smaller request may pass where this one cannot: the client is told why
-        return _from_problem(_store_unavailable(_STORE_OUT_OF_MEMORY))
+        return _from_problem(store_out_of_memory())
     if isinstance(exc, StoreFileReplaced):  # until a restart: the client is told why
         return _from_problem(_store_unavailable(_STORE_FILE_REPLACED))
     return _from_problem(

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from app import create_app
 from service.metrics import Metrics
-from workerpool import MemoryStore, State, StorePartlyAdmitted, StoreUnavailable, WorkerPool
+from workerpool import MemoryStore, State, StoreOutOfMemory, StorePartlyAdmitted, StoreUnavailable, WorkerPool
 from workerpool.stores.sqlite import SqliteStore
 
 BATCH_CONFIG = dataclasses.replace(TEST_CONFIG, max_batch_tasks=5, max_batch_body_bytes=2048)
@@ -527,6 +527,32 @@ def test_a_batch_whose_later_part_the_store_could_not_take_answers_each_task_its
             "store_unavailable": 2,
         }
         assert any("answered 503 for the other 2 task(s)" in r.getMessage() for r in caplog.records)
+    finally:
+        harness.pool.shutdown(5)
+
+
+class SecondPartOutOfMemory(MemoryStore):
+    """As SecondPartFails, the second part refused for the store's memory limit (Redis maxmemory)."""
+
+    def admit(self, tasks):
+        if len(tasks) <= 2:
+            return super().admit(tasks)
+        try:
+            raise StoreOutOfMemory("redis: OOM command not allowed when used memory > 'maxmemory'")
+        except StoreOutOfMemory as exc:
+            raise StorePartlyAdmitted(f"{exc} (the first 2 were admitted)", super().admit(tasks[:2])) from exc
+
+
+def test_a_later_part_refused_for_the_stores_memory_limit_says_so_not_that_it_may_have_been_stored():
+    harness = make_harness(instant, config=BATCH_CONFIG, queue_size=10, store=SecondPartOutOfMemory(10))
+    try:
+        response = post_batch(harness.client, {"tasks": [task("a"), task("b"), task("c")]})
+        assert statuses(response) == [202, 202, 503]
+        refused = response.get_json()["results"][2]["problem"]
+        assert refused["type"] == "urn:workerpool:problem:store-unavailable"
+        assert refused["detail"].startswith("the task store is at its memory limit (Redis maxmemory)")
+        assert "nothing was stored; a smaller request (a batch split in parts) may pass" in refused["detail"]
+        assert harness.client.get("/tasks/c").status_code == 404
     finally:
         harness.pool.shutdown(5)
 
