@@ -7,6 +7,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,10 @@ FORBIDDEN_ID_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # SQLite and Redis stores could not keep the payload (a pair is decoded to the one character it stands for).
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 LONE_SURROGATE_RULE = "must not contain a lone surrogate (\\ud800 to \\udfff without its pair)"
+# Unicode category Cf (format characters: bidi overrides and isolates, zero-width spaces, U+FEFF) shows as nothing
+# or reorders the text around it: an id holding one would read as another in logs and on the dashboard
+# ("zw-\u200bjob" as "zw-job"), or reverse the rest of its log line (U+202E). None is an ASCII character.
+FORMAT_CHARACTER_RULE = "must not contain invisible format characters (Unicode category Cf: bidi controls, zero-width)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,11 +248,17 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
     if found := FORBIDDEN_ID_CHARACTER.search(value):
         rule = LONE_SURROGATE_RULE if LONE_SURROGATE.match(found[0]) else "must not contain control characters"
         return [FieldError("id", rule)]
+    if not value.isascii() and (found := _format_character(value)) is not None:
+        return [FieldError("id", f"{FORMAT_CHARACTER_RULE}: U+{ord(found):04X} at index {value.index(found)}")]
     # The id is the tail of its URL, /tasks/<id>: clients drop "." and ".."
     # segments and servers merge "//", so such ids could never be read back.
     if value in (".", "..") or ("/" in value and any(part in ("", ".", "..") for part in value.split("/"))):
         return [FieldError("id", ID_PATH_RULE)]
     return []
+
+
+def _format_character(text: str) -> str | None:
+    return next((character for character in text if unicodedata.category(character) == "Cf"), None)
 
 
 def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:

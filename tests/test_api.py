@@ -296,6 +296,8 @@ PAYLOAD_REQUIRED = "is required (any JSON value; it may be an empty string)"
 NOT_INTEGER = "must be an integer"
 # "\ud800" is valid JSON text, but a lone surrogate has no UTF-8 form: the SQLite and Redis stores cannot keep it.
 LONE_SURROGATE = "must not contain a lone surrogate (\\ud800 to \\udfff without its pair)"
+# Invisible or reordering: an id holding one reads as another in logs and on the dashboard.
+FORMAT_CHARACTER = "must not contain invisible format characters (Unicode category Cf: bidi controls, zero-width)"
 
 
 @pytest.mark.parametrize(
@@ -313,6 +315,11 @@ LONE_SURROGATE = "must not contain a lone surrogate (\\ud800 to \\udfff without 
         ({"id": "\x7f", "payload": ""}, [("id", "must not contain control characters")]),
         ({"id": "a\x85", "payload": ""}, [("id", "must not contain control characters")]),
         ({"id": "a\ud800", "payload": ""}, [("id", LONE_SURROGATE)]),
+        ({"id": "bidi-\u202e1 deliaf", "payload": ""}, [("id", f"{FORMAT_CHARACTER}: U+202E at index 5")]),
+        ({"id": "zw-\u200bjob", "payload": ""}, [("id", f"{FORMAT_CHARACTER}: U+200B at index 3")]),
+        ({"id": "\ufeffx", "payload": ""}, [("id", f"{FORMAT_CHARACTER}: U+FEFF at index 0")]),
+        ({"id": "iso-\u2066x\u2069", "payload": ""}, [("id", f"{FORMAT_CHARACTER}: U+2066 at index 4")]),
+        ({"id": "tag-\U000e0041", "payload": ""}, [("id", f"{FORMAT_CHARACTER}: U+E0041 at index 4")]),
         *[
             ({"id": bad, "payload": ""}, [("id", ID_PATH_RULE)])
             for bad in ["/a", "a/", "a//b", ".", "..", "a/./b", "a/../b", "./a"]

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 import threading
+import unicodedata
 
 import pytest
 import schemathesis
@@ -350,6 +351,7 @@ def test_the_description_agrees_with_the_validation_rules(harness):
     ("task_id", "valid"),
     [("job-1", True), ("äö 😀", True), ("x" * 256, True), ("", False), ("x" * 257, False)]
     + [(f"a{c}b", False) for c in ("\x00", "\t", "\x1f", "\x7f", "\x85", "\x9f")]
+    + [(f"a{c}b", False) for c in ("\u00ad", "\u200b", "\u200d", "\u202e", "\u2066", "\u2069", "\ufeff")]
     # The path shapes refused (it described them as valid), and some that are not those shapes.
     + [(i, False) for i in ("/", "a/", "/a", "a//b", ".", "..", "a/./b", "a/../b", "./a", "a/.", "a\u2028/")]
     + [(i, True) for i in ("a/b", "a.b", ".a", "a..", "a/.b/c", "...", "a/...", "\u2028/a\u2029")],
@@ -362,6 +364,13 @@ def test_the_id_rule_is_the_one_the_api_applies(harness, task_id, valid):
     assert described == valid
     response = harness.client.post("/enqueue", json={"id": task_id, "payload": ""})
     assert response.status_code == (202 if valid else 400)
+
+
+def test_the_id_pattern_refuses_every_format_character_of_the_basic_multilingual_plane(harness):
+    pattern = re.compile(served_spec(harness)["components"]["schemas"]["EnqueueRequest"]["properties"]["id"]["pattern"])
+    described = [code for code in range(0x10000) if not pattern.search(f"a{chr(code)}")]
+    format_characters = [code for code in range(0x10000) if unicodedata.category(chr(code)) == "Cf"]
+    assert set(format_characters) <= set(described)
 
 
 def test_the_served_description_names_the_root_path_it_is_served_under():

@@ -253,6 +253,16 @@ def test_the_forbidden_id_characters_are_exactly_the_control_and_surrogate_categ
     assert matched == forbidden
 
 
+def test_every_format_character_is_refused_in_an_id_and_other_non_ascii_characters_are_not():
+    # Bidi overrides and zero-width characters reorder a log line or make an id read as another.
+    for code in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(code)) == "Cf":
+            (error,) = parse_task({"id": f"a{chr(code)}", "payload": ""}, LIMITS)
+            assert (error.field, error.message.endswith(f": U+{code:04X} at index 1")) == ("id", True), error
+    for task_id in ("äö 😀", "\u0645\u06cc", "ṩ\u0307", "\u00a0\u3000", "\U0001f469\U0001f3fd"):
+        assert parse_task({"id": task_id, "payload": ""}, LIMITS).id == task_id
+
+
 def test_task_json_carries_the_result_and_the_cancel_request():
     task = Task("a", "", 0, State.RUNNING, 1, created_at=0.0, result=[1, {"k": None}], cancel_requested=True)
     view = task_to_json(task)
