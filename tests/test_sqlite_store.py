@@ -657,6 +657,20 @@ def test_a_corrupt_file_is_refused(open_store, db):
         open_store()
 
 
+def test_pages_corrupt_past_the_header_are_found_by_the_steps_that_read_them_not_at_start_up(open_store, clock, db):
+    """Looking for them at start-up reads the whole file (seconds per hundred MB, in every process): the docs say so."""
+    store = open_store()
+    store.admit([task(clock, f"t{i}", payload="p" * 100) for i in range(6600)])
+    store.close()
+    page = int.from_bytes(db.read_bytes()[16:18], "big")
+    with open(db, "r+b") as file:
+        file.seek(page * 5)
+        file.write(b"\xff" * page * 3)
+    store = open_store()
+    with pytest.raises(StoreUnavailable, match="the database file is corrupt"):
+        store.admit([task(clock, "new")])
+
+
 def test_a_foreign_sqlite_file_is_refused_and_left_alone(open_store, db):
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE invoices (n INTEGER)")
