@@ -15,13 +15,16 @@ A client that asks for a large response and then stops reading would hold
 the request thread writing it for ever (a blocking ``sendall`` has no
 deadline): ``SendDeadline`` gives up once the client has taken nothing for
 a given time, as nginx's ``send_timeout`` does, so a slow reader that keeps
-reading is served however long the whole response takes.
+reading is served however long the whole response takes. Once the worker
+stops (``StopGrace``), a client that takes nothing for the stop's grace is
+given up on instead, so that it cannot hold the exit back for that timeout.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -82,6 +85,37 @@ _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 # A held response head is sent with the body's first bytes only up to this size (larger: not copied).
 MAX_JOINED_BYTES = 65536
+# While a write waits for the client to take something, how often it looks whether the worker began to stop.
+STOP_CHECK_S = 0.25
+
+
+class StopGrace:
+    """How long a client that takes nothing of its response is still waited for once the worker stops.
+
+    ``began`` is set once, on the worker's main loop, when it begins to stop;
+    request threads read it while they wait to write. A wait that began before
+    the stop gets ``grace`` from the stop, one that begins later ``grace``
+    from its start; the write deadline stays the bound when it comes first.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.began: float | None = None  # monotonic time of the stop; None while the worker serves
+
+    def begin(self, now: float) -> None:
+        if self.began is None:
+            self.began = now
+
+    def give_up_at(self, idle_since: float, timeout: float) -> float:
+        """When to give up on a client that took nothing since ``idle_since``, with a write deadline ``timeout``."""
+        at = idle_since + timeout
+        if self.began is None:
+            return at
+        return min(at, max(idle_since, self.began) + self.grace)
+
+    def cuts(self, idle_since: float, timeout: float) -> bool:
+        """Whether the stop ends a wait that began at ``idle_since`` before its ``timeout`` would."""
+        return self.give_up_at(idle_since, timeout) < idle_since + timeout
 
 
 class SendDeadline:
@@ -100,11 +134,27 @@ class SendDeadline:
     body); the caller must call it once the response is written. Until then
     ``holds_head`` says that nothing of the response has left, so a response
     that fails can still be replaced by an error answer (``drop_head``).
+
+    With ``stop``, a wait also ends once the worker has stopped and the client
+    took nothing for the stop's grace (``cut_by_stop`` then says so): the wait
+    looks at the stop every ``STOP_CHECK_S``, since a blocking send cannot be
+    told that its timeout became shorter.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float, *, hold_head: bool = False) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        timeout: float,
+        *,
+        hold_head: bool = False,
+        stop: StopGrace | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._sock = sock
         self._timeout = timeout
+        self._stop = stop
+        self._clock = clock
+        self.cut_by_stop = False  # the write was given up because the worker stops, before ``timeout``
         self._try_at_once = _DONTWAIT and not isinstance(sock, ssl.SSLSocket)  # TLS sockets take no flags
         self._hold_head = hold_head
         self._head: bytes | None = None  # the response head, held until the body's first bytes
@@ -152,18 +202,45 @@ class SendDeadline:
                 return
             remaining = remaining[sent:]
         with self._deadline():
+            idle_since = self._clock()
             while remaining:
-                remaining = remaining[self._sock.send(remaining) :]  # TimeoutError after `timeout` without room
+                try:
+                    remaining = remaining[self._sock.send(remaining) :]
+                except TimeoutError:  # no room for a whole wait
+                    if not self._waits_on(idle_since):
+                        raise
+                    continue
+                idle_since = self._clock()
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         self.flush()
+        sent = 0
         with self._deadline():
-            return self._sock.sendfile(file, offset, count)
+            idle_since = self._clock()
+            while True:
+                start = offset + sent
+                file.seek(start)  # the file's position tells what a wait that timed out had sent
+                try:
+                    return sent + self._sock.sendfile(file, start, None if count is None else count - sent)
+                except TimeoutError:  # its last wait, a whole socket timeout, found no room
+                    if file.tell() > start:  # sent before that wait
+                        sent, idle_since = file.tell() - offset, self._clock() - self._sock.gettimeout()
+                    if not self._waits_on(idle_since):
+                        raise
+
+    def _waits_on(self, idle_since: float) -> bool:
+        """After a wait without room: whether to wait on for a client that has taken nothing since ``idle_since``."""
+        if self._stop is None:
+            return False  # the wait was the whole timeout
+        if self._clock() < self._stop.give_up_at(idle_since, self._timeout):
+            return True
+        self.cut_by_stop = self._stop.cuts(idle_since, self._timeout)
+        return False
 
     @contextmanager
     def _deadline(self) -> Iterator[None]:
         before = self._sock.gettimeout()
-        self._sock.settimeout(self._timeout)
+        self._sock.settimeout(self._timeout if self._stop is None else min(self._timeout, STOP_CHECK_S))
         try:
             yield
         finally:

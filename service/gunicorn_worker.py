@@ -33,7 +33,7 @@ serve whole requests:
   so open connections cannot hold the exit back;
 - a response is written with a deadline (``SendDeadline``): a client that
   takes nothing of it for ``request_timeout`` seconds is closed and its
-  thread freed.
+  thread freed; once stopping, one that takes nothing for ``STOP_LINGER_S``.
 
 Responses. ``SendDeadline`` holds a response's head until its first body
 bytes, to send both at once. gunicorn takes a response as begun once it has
@@ -65,7 +65,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 import config
 
 from . import gunicorn_caches, logs, server_errors
-from .connection import SendDeadline
+from .connection import SendDeadline, StopGrace
 from .drain_reports import RETIRING
 from .drain_reports import send as send_report
 from .lifecycle import NO_SIGNAL, ShutdownController
@@ -86,7 +86,8 @@ from .request_reader import (
 ARBITER_SIGNALS = (signal.SIGHUP, signal.SIGUSR2)
 # The signals that stop a worker (gunicorn's graceful SIGTERM, its quick SIGINT and SIGQUIT: all drain here).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-# How long a stopping worker still waits for requests clients are sending (as gthread's keep-alive linger).
+# How long a stopping worker still waits for requests clients are sending (as gthread's keep-alive linger),
+# and for a client to take something of its response.
 STOP_LINGER_S = 2.0
 # How long a worker that has a connection for each of its request threads leaves a new connection to the
 # other workers before it accepts the connection itself (see AcceptBalance).
@@ -163,6 +164,7 @@ class DrainingThreadWorker(ThreadWorker):
     retiring = False  # it told the arbiter it stops by itself (max_requests)
     request_timeout: float = REQUEST_TIMEOUT_S  # set by the post_worker_init hook (REQUEST_TIMEOUT_S)
     body_limits: BodyLimits = BodyLimits()  # set by the post_worker_init hook (MAX_*BODY_BYTES, API_TOKEN)
+    stop_grace: StopGrace | None = None  # set by run(): when the worker stops, what a stalled response still gets
 
     def get_thread_pool(self) -> ThreadPoolExecutor:
         pool = super().get_thread_pool()
@@ -251,6 +253,7 @@ class DrainingThreadWorker(ThreadWorker):
         self.closer = LingeringCloser(self.poller)
         self._serving: set[TConn] = set()  # connections a request thread has
         self._stopping = False
+        self.stop_grace = StopGrace(STOP_LINGER_S)
         self.balance = AcceptBalance(self.cfg.workers, self.cfg.threads)
         try:
             super().run()
@@ -294,16 +297,16 @@ class DrainingThreadWorker(ThreadWorker):
         req.began_arriving, conn.request_began = getattr(conn, "request_began", None), None
         sock = conn.sock
         # The response is written to conn.sock; its head leaves with the body's first bytes.
-        conn.sock = sending = SendDeadline(sock, self.request_timeout, hold_head=True)
+        conn.sock = sending = SendDeadline(sock, self.request_timeout, hold_head=True, stop=self.stop_grace)
         try:
             keep_alive = super().handle_request(req, conn)
             sending.flush()  # a head still held; HeldHeadResponse.close() has sent it already
             return keep_alive
         except TimeoutError:
             self.log.warning(
-                "closed the connection from %s: it took nothing of the response to %s %s for %g s",
+                "closed the connection from %s: it took nothing of the response to %s %s for %s",
                 _address(conn.client), req.method, logs.without_token(req.path, getattr(self.log, "token", "")),
-                self.request_timeout,
+                f"{STOP_LINGER_S:g} s while the worker stops" if sending.cut_by_stop else f"{self.request_timeout:g} s",
             )  # fmt: skip
             return False  # the response is cut short: the connection cannot be reused
         finally:
@@ -337,7 +340,9 @@ class DrainingThreadWorker(ThreadWorker):
         super().murder_pending()
         if not self.alive and not self._stopping:
             self._stopping = True
-            self._bring_deadlines_forward(time.monotonic() + STOP_LINGER_S)
+            now = time.monotonic()
+            self.stop_grace.begin(now)
+            self._bring_deadlines_forward(now + STOP_LINGER_S)
         self.reader.expire()
         self.closer.expire()
         # Keep a connection free for the next client: with every one taken, gthread would stop

@@ -6,8 +6,9 @@ import socket
 import threading
 
 import pytest
+from doubles import FakeClock, wait_until
 
-from service.connection import SendDeadline
+from service.connection import SendDeadline, StopGrace
 
 
 class RecordingSocket:
@@ -151,3 +152,125 @@ def test_a_held_head_goes_first_before_a_large_body(pair):
     sending.sendall(body)
     reader.join(timeout=30)
     assert received == [HEAD + body]
+
+
+class WaitWatching:
+    """A real socket that tells when a write waits for room: a send or sendfile that may block, or that timed out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.waiting = threading.Event()  # a send that may block was made
+        self.timeouts = 0  # waits that found no room
+
+    def send(self, data, *flags) -> int:
+        if not flags:  # the first send of a write cannot wait (MSG_DONTWAIT)
+            self.waiting.set()
+        return self._counted(self.sock.send, data, *flags)
+
+    def sendfile(self, *args) -> int:
+        self.waiting.set()
+        return self._counted(self.sock.sendfile, *args)
+
+    def _counted(self, call, *args) -> int:
+        try:
+            return call(*args)
+        except TimeoutError:
+            self.timeouts += 1
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+def write_in_thread(write) -> tuple[threading.Thread, list[BaseException]]:
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write()
+        except BaseException as exc:  # handed to the test
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, failed
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "idle_since", "expected"),
+    [(None, 100.0, 160.0), (105.0, 100.0, 107.0), (105.0, 106.0, 108.0), (158.5, 100.0, 160.0)],
+    ids=["serving", "wait-before-the-stop", "wait-after-the-stop", "timeout-first"],
+)
+def test_a_stop_shortens_a_write_wait_to_its_grace(stop_at, idle_since, expected):
+    stop = StopGrace(2.0)
+    if stop_at is not None:
+        stop.begin(stop_at)
+        stop.begin(stop_at + 50)  # the first stop counts
+    assert stop.give_up_at(idle_since, 60.0) == expected
+    assert stop.cuts(idle_since, 60.0) is (expected < idle_since + 60.0)
+
+
+def test_a_write_waiting_when_the_worker_stops_gives_up_after_the_stop_grace(pair):
+    # It waited out the whole write deadline (REQUEST_TIMEOUT_S) after the stop, holding the exit back.
+    server, _ = pair
+    clock, stop, watching = FakeClock(), StopGrace(2.0), WaitWatching(server)
+    sending = SendDeadline(watching, 60.0, stop=stop, clock=clock.monotonic)
+    writer, failed = write_in_thread(lambda: sending.sendall(b"x" * (4 << 20)))
+    assert watching.waiting.wait(10)
+    stop.begin(clock.monotonic())
+    clock.advance(2.0)
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    assert [type(exc) for exc in failed] == [TimeoutError]
+    assert sending.cut_by_stop
+    assert server.gettimeout() is None
+
+
+def test_a_write_waits_on_across_stop_checks_while_the_worker_serves(pair):
+    server, client = pair
+    watching = WaitWatching(server)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    sending = SendDeadline(watching, 60.0, stop=StopGrace(2.0), clock=FakeClock().monotonic)
+    writer, failed = write_in_thread(lambda: sending.sendall(data))
+    wait_until(lambda: watching.timeouts >= 2, timeout=10, what="two stop checks")
+    assert read_exactly(client, len(data)) == data
+    writer.join(timeout=10)
+    assert (failed, sending.cut_by_stop) == ([], False)
+
+
+@pytest.fixture
+def file_of_4_mib(tmp_path):
+    data = bytes(range(256)) * 16384
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    with path.open("rb") as file:
+        yield file, data
+
+
+def test_sendfile_sends_the_whole_file_to_a_reader_that_pauses(pair, file_of_4_mib):
+    server, client = pair
+    file, data = file_of_4_mib
+    watching = WaitWatching(server)
+    sending = SendDeadline(watching, 60.0, stop=StopGrace(2.0), clock=FakeClock().monotonic)
+    sent: list[int] = []
+    writer, failed = write_in_thread(lambda: sent.append(sending.sendfile(file, 1000, len(data) - 2000)))
+    first = read_exactly(client, 100_000)  # some of it, then a pause over a stop check: a wait that times out
+    wait_until(lambda: watching.timeouts >= 1, timeout=10, what="a stop check")
+    rest = read_exactly(client, len(data) - 2000 - len(first))
+    writer.join(timeout=10)
+    assert (failed, sent) == ([], [len(data) - 2000])
+    assert first + rest == data[1000:-1000]
+
+
+def test_sendfile_waiting_when_the_worker_stops_gives_up_after_the_stop_grace(pair, file_of_4_mib):
+    server, _ = pair
+    file, _ = file_of_4_mib
+    clock, stop, watching = FakeClock(), StopGrace(2.0), WaitWatching(server)
+    sending = SendDeadline(watching, 60.0, stop=stop, clock=clock.monotonic)
+    writer, failed = write_in_thread(lambda: sending.sendfile(file))
+    wait_until(lambda: watching.timeouts >= 1, timeout=10, what="a stop check")
+    stop.begin(clock.monotonic())
+    clock.advance(2.0)
+    writer.join(timeout=10)
+    assert [type(exc) for exc in failed] == [TimeoutError]
+    assert sending.cut_by_stop

@@ -225,6 +225,31 @@ def test_a_half_sent_request_does_not_hold_the_exit_back(start, command):
     assert SUMMARY.search(service.last_line())  # not "the worker ended without reporting its drain (killed?)"
 
 
+def test_a_client_that_does_not_read_its_response_does_not_hold_the_exit_back(start):
+    # Its write waited out the whole REQUEST_TIMEOUT_S after the stop: with 60 s, until gunicorn killed the worker.
+    service = start(
+        GUNICORN, REQUEST_TIMEOUT_S="60", MAX_RESULT_BYTES="2000000",
+        TASK_HANDLER="faults:returns_a_large_result", PYTHONPATH=str(TESTS_DIR),
+    )  # fmt: skip
+    big = {f"big{n}" for n in range(8)}  # results of 1 MB each: the listing is twice what the socket buffers hold
+    for task_id in big:
+        assert service.request("POST", "/enqueue", {"id": task_id, "payload": "1000000"})[0] == 202
+    wait_until(lambda: service.finals() >= big, timeout=20, what="the 8 tasks to finish")
+    with socket.socket() as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        reader.settimeout(20)
+        reader.connect(("127.0.0.1", service.port))
+        reader.sendall(b"GET /tasks?limit=8 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert reader.recv(1, socket.MSG_PEEK) == b"H"  # the response has begun; nothing of it is taken
+        service.signal(signal.SIGTERM)
+        code, seconds = service.wait_exit(timeout=40)
+    assert code == 0
+    assert seconds < 12  # the drain (well under a second) and 2 s of grace for the client
+    log = service.server.log()
+    assert "it took nothing of the response to GET /tasks for 2 s while the worker stops" in log
+    assert SUMMARY.search(service.last_line())  # not "the worker ended without reporting its drain (killed?)"
+
+
 @pytest.mark.parametrize(
     ("command", "store"), [(APP, "memory"), (APP, "sqlite"), (GUNICORN, "sqlite")],
     ids=["app.py", "app.py-sqlite", "gunicorn-sqlite"],
