@@ -215,7 +215,7 @@ _STORE_OUT_OF_MEMORY = (
 )
 _STORE_FILE_REPLACED = (
     "the task store's file was removed or replaced while this process had it open: it accepts no new tasks "
-    "until it is restarted (the tasks accepted before still run)"
+    "until it is restarted"
 )
 
 

@@ -24,6 +24,7 @@ from workerpool import (
     PoolObserver,
     QueueFull,
     State,
+    StoreFileReplaced,
     StoreNotSynced,
     StoreUnavailable,
     Task,
@@ -1364,6 +1365,37 @@ def test_an_end_the_store_cannot_record_is_recorded_again_and_the_worker_lives_o
         "task long attempt 1 ended 60 s ago, and the store is still unavailable",
         "task long attempt 1 ended 90 s ago, and the store is still unavailable",
     ]
+
+
+class FileReplaced(MemoryStore):
+    """A store cut off from its file (a SQLite -shm removed while open): it takes no write until a restart."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.tries = 0
+
+    def finish_and_claim(self, *args, **kwargs):
+        return self.finish(), None
+
+    def finish(self, *args, **kwargs):
+        self.tries += 1
+        raise StoreFileReplaced("the task file's -shm file was removed while this process had it open")
+
+
+def test_an_end_a_store_cut_off_from_its_file_refuses_is_not_written_again(make_pool, clock, caplog):
+    def wait(event, timeout):  # the pause between tries passes at once on the fake clock
+        clock.advance(timeout)
+        return event.is_set()
+
+    store = FileReplaced(clock=clock.time)
+    pool = make_pool(store=store, threads=False, lease=30.0, wait=wait)
+    pool.submit("a", "", 0)
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        assert pool.step()
+    # Tried once: nothing changes until a restart, and the lease settles the attempt.
+    assert store.tries == 1 and pool.running() == []
+    assert "task a attempt 1: its end could not be recorded" in caplog.text
+    assert "recording it again" not in caplog.text
 
 
 class FinishFailsUntilRecovered(SqliteStore):

@@ -2097,24 +2097,102 @@ def _replace_log(log):  # e.g. a copy put back
 
 
 @pytest.mark.parametrize("change", [_remove_log, _replace_log], ids=["removed", "replaced"])
-@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
-def test_a_wal_or_shm_file_removed_or_replaced_while_open_refuses_new_tasks_like_the_task_file(
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", ""], ids=["-wal", "-shm", "task-file-alone"])
+def test_a_wal_or_shm_file_removed_or_replaced_while_open_cuts_the_process_off_the_files(
     open_store, clock, db, monkeypatch, caplog, suffix, change
 ):
     """The task file stays, but the log beside it that holds the latest tasks (or the index every process
-    shares) is no longer the one open here: what this process accepts from then on would be lost."""
+    shares) is no longer the one open here (or the task file went, and they stay): what this process accepts
+    from then on would be lost, and any step it takes through the files it has open, which a process opening
+    the path shares with files this one does not see, would corrupt them. It takes none from then on."""
     monkeypatch.setattr(sqlite_store, "_IDENTITY_CHECK_S", 0.0, raising=False)  # every admission looks
     store = open_store()
     store.admit([task(clock, "running"), task(clock, "queued")])
     assert claim(store, clock).id == "running"
-    change(db.with_name(db.name + suffix))
+    change(db.with_name(db.name + suffix))  # "": the task file alone, its -wal and -shm staying
 
     with pytest.raises(StoreFileReplaced) as refused:
         store.admit([task(clock, "after")])
-    assert str(refused.value).startswith(f"{db}: the task file's {suffix} file was ")
+    which = f"the task file's {suffix} file" if suffix else "the task file"
+    assert str(refused.value).startswith(f"{db}: {which} was ")
+    assert "this process no longer reads or writes it" in str(refused.value)
     assert [r.levelname for r in caplog.records if "while this process had it open" in r.message] == ["ERROR"]
     assert store.health() == str(refused.value)
-    _finish_the_tasks_accepted_before(store, clock)
+    for step in (
+        lambda: store.finish("running", 1, "a"),
+        lambda: claim(store, clock),
+        lambda: store.renew("a", ["running"], clock.time() + LEASE_S),
+        lambda: store.get("queued"),
+        store.stats,
+    ):
+        with pytest.raises(StoreFileReplaced, match="this process no longer reads or writes it"):
+            step()
+
+
+_OTHER_PROCESS = """
+import sqlite3, sys
+from workerpool.stores.sqlite import SqliteStore
+from workerpool.task import Task
+now = float(sys.argv[2])  # the test's fake time
+store = SqliteStore(sys.argv[1], clock=lambda: now)
+for line in sys.stdin:  # a round of tasks for each line: admitted, then every task due claimed and ended
+    store.admit([Task(f"{line.strip()}-{n}", "p", 0, created_at=now) for n in range(30)])
+    while claimed := store.claim("other", now + 30):
+        store.finish(claimed.id, claimed.attempts, "other", result=claimed.id)
+    print("ok", flush=True)
+store.close()
+"""
+
+_CHECK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+print(conn.execute("PRAGMA integrity_check").fetchone()[0])
+print(*conn.execute("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state").fetchall())
+"""
+
+
+def test_a_process_whose_shm_was_removed_takes_no_step_beside_a_process_opening_the_path_afresh(
+    open_store, clock, db, monkeypatch, caplog
+):
+    """A process opening the path after the -shm was removed makes a fresh index of the same -wal: a step of
+    the process that opened the old one, and the checkpoint of its closing, would contradict that index and
+    corrupt the task file."""
+    monkeypatch.setattr(sqlite_store, "_IDENTITY_CHECK_S", 0.0, raising=False)  # every step looks
+    store = open_store()
+    store.admit([task(clock, "running"), task(clock, "queued")])
+    assert claim(store, clock).id == "running"
+    db.with_name(db.name + "-shm").unlink()
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_PROCESS, str(db), repr(clock.time())],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with other:
+        refused = []
+        for round_ in ("first", "second"):
+            other.stdin.write(f"{round_}\n")
+            other.stdin.flush()
+            assert other.stdout.readline().strip() == "ok"
+            for step in (
+                lambda: store.finish("running", 1, "a", result="late"),
+                lambda: claim(store, clock),
+                lambda: store.renew("a", ["running"], clock.time() + LEASE_S),
+                lambda: store.recover(lambda t: None),
+                lambda: store.get("queued"),
+            ):
+                with pytest.raises(StoreFileReplaced) as raised:
+                    step()
+                refused.append(raised.value)
+        other.stdin.close()
+        assert other.wait(WAIT_S) == 0
+    # Seen at its first step: the -shm was removed, and the other process has put a new one in its place.
+    assert str(refused[0]).startswith(f"{db}: the task file's -shm file was replaced by another file while ")
+    assert "this process no longer reads or writes it" in str(refused[0])
+    assert [r.levelname for r in caplog.records if "while this process had it open" in r.message] == ["ERROR"]
+    store.close()  # last: its closing checkpoints nothing through the old files
+    check = subprocess.run([sys.executable, "-c", _CHECK, str(db)], capture_output=True, text=True, timeout=WAIT_S)
+    # The file is sound and holds every task: the other process's 60 and the one this process had queued, done
+    # there, and the attempt this process could no longer end, left to its lease.
+    assert check.stdout.splitlines() == ["ok", "('done', 61) ('running', 1)"], check.stderr
 
 
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
@@ -2136,9 +2214,10 @@ def test_a_path_that_is_a_symlink_opens_the_file_it_names_whose_wal_is_beside_th
         store.admit([task(clock, "after")])
 
 
-def test_with_full_a_wal_removed_while_open_is_still_the_one_synced(open_store, clock, db):
+def test_with_full_a_wal_removed_while_open_is_still_the_one_synced(open_store, clock, db, monkeypatch):
     """Its steps commit to the WAL open here, and that file is the one to sync: not a step "not synced"
-    because no file, or another one, has the name now."""
+    because no file, or another one, has the name now (until the removal is seen)."""
+    monkeypatch.setattr(sqlite_store, "_IDENTITY_CHECK_S", 3600.0, raising=False)  # seen by no step here
     store = open_store(synchronous="FULL")
     store.admit([task(clock, "running")])  # synced: the WAL is open for syncing
     assert claim(store, clock).id == "running"

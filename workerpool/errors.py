@@ -68,10 +68,13 @@ class StoreOutOfMemory(StoreUnavailable):
 class StoreFileReplaced(StoreUnavailable):
     """The store's file was removed or replaced while this process had it open.
 
-    The process still holds the old file open: the tasks accepted into it are
-    run to their end here, but nothing new is accepted (it would be lost with
-    the old file when the process exits, and every process opening the path
-    from now on sees another file). Raised by admissions from then on.
+    The process still holds the old file open: nothing new is accepted (it
+    would be lost with the old file when the process exits, and every process
+    opening the path from now on sees another file). Raised by admissions from
+    then on; when part of the old files is still at the path (shared with the
+    processes that open it), by every step of the store (see
+    ``SqliteStore._check_identity``), else the tasks accepted are run to their
+    end here.
     """
 
 

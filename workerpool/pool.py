@@ -30,7 +30,15 @@ from typing import Any
 from .backoff import compute_backoff
 from .bounded_json import TooLong, dumps_within
 from .current import running as _running_task
-from .errors import PermanentFailure, PoolClosed, StoreNotSynced, StorePartlyAdmitted, StoreUnavailable, SubmitError
+from .errors import (
+    PermanentFailure,
+    PoolClosed,
+    StoreFileReplaced,
+    StoreNotSynced,
+    StorePartlyAdmitted,
+    StoreUnavailable,
+    SubmitError,
+)
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
 from .nesting import MAX_RESULT_DEPTH, SHORTEST_TOO_DEEP, UnreadableResult, nested_deeper_than
@@ -826,7 +834,9 @@ class WorkerPool:
             except StoreUnavailable as unavailable:  # not `exc`: that is the handler's, logged below
                 if isinstance(unavailable, StoreNotSynced) and unavailable.result is not None:
                     ended, attempt.claimed_next = self._end_not_synced(task, unavailable, lease_until is not None)
-                elif attempt.timed_out:  # a timeout is written once: the watchdog's next check writes it again
+                # A timeout is written once: the watchdog's next check writes it again. A store cut off from
+                # its file (see SqliteStore._check_identity) takes no write until a restart: the lease settles it.
+                elif attempt.timed_out or isinstance(unavailable, StoreFileReplaced):
                     raise
                 else:
                     ended, attempt.claimed_next = self._record_end_again(
@@ -964,7 +974,7 @@ class WorkerPool:
             except StoreUnavailable as exc:
                 if isinstance(exc, StoreNotSynced) and exc.result is not None:
                     return self._end_not_synced(task, exc, lease_until is not None)
-                if attempt.timed_out:
+                if attempt.timed_out or isinstance(exc, StoreFileReplaced):
                     raise
                 failure = exc
             now = self._monotonic()

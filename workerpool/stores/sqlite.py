@@ -34,6 +34,7 @@ meanwhile, and by those begun when it starts; see ``_sync_wal``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import itertools
@@ -424,9 +425,11 @@ class SqliteStore(TaskStore):
         self._sweep_behind = False  # the last sweep left expired tasks behind (a full chunk)
         # The files open here (st_dev, st_ino): the task file, its -wal and its -shm (see _LOG_SUFFIXES), and
         # why a path no longer names its file (see _check_identity); _replaced, once set, stays: the open
-        # connections keep writing to the old files.
+        # connections keep writing to the old files. _cut_off: one of them is still at its path, shared with
+        # every process that opens it, so this process no longer touches any (see _check_identity).
         self._identity: tuple[tuple[int, int] | None, ...] | None = None
         self._replaced: str | None = None
+        self._cut_off = False
         self._identity_due = 0.0  # when (time.monotonic) an admission looks again
         _check_library()
         _check_path(self.path)
@@ -496,7 +499,10 @@ class SqliteStore(TaskStore):
         return reader.conn
 
     def _write_connection(self) -> sqlite3.Connection:  # _write_lock is held
-        """The connection of every write step of this process (see ``_writer``)."""
+        """The connection of every write step of this process (see ``_writer``), and of its reads once the
+        path names another file; none once this process is cut off from the files (see _check_identity)."""
+        if self._cut_off or (time.monotonic() >= self._identity_due and self._check_identity() and self._cut_off):
+            raise StoreFileReplaced(cast(str, self._replaced))
         conn = self._writer
         if conn is None:
             conn = self._writer = self._new_connection()
@@ -539,7 +545,9 @@ class SqliteStore(TaskStore):
             self._closed = True
             connections = list(self._connections)
             self._connections.clear()
-            self._writer = None
+            writer, self._writer = self._writer, None
+        if self._cut_off and writer in connections:
+            connections.remove(writer)  # never closed (see _check_identity)
         for conn in connections:
             conn.close()
         with self._sync_lock:
@@ -891,9 +899,20 @@ class SqliteStore(TaskStore):
         commits, not yet copied into the file) and ``-shm`` (the index of the
         WAL every process sharing the file goes by): SQLite keeps both open,
         and both stay in place while any connection is. Once seen, it is
-        logged once and admissions are refused (``StoreFileReplaced``); the
-        tasks already in the old files are still claimed and run here,
-        through the connections open on them.
+        logged once and admissions are refused (``StoreFileReplaced``).
+
+        When the three went together (``rm tasks.db*``, another task file put
+        in their place), nothing open here is shared with another process:
+        the tasks already in the old files are still claimed and run here,
+        through the connections open on them. When one of them is still at
+        its path, another process opening the path shares it with a file
+        this process no longer sees (a fresh ``-shm`` over the same ``-wal``
+        and task file, a fresh ``-wal`` beside the same ``-shm``): a write
+        through this process's connections, even a read that rebuilds the
+        index, or the checkpoint of their closing, would contradict what
+        that process writes and corrupt the task file. This process is then
+        cut off: every step of the store is refused (its running attempts are
+        left to their leases), and its writer is never closed (see ``close``).
         """
         if self._replaced is None and self._identity is not None:
             self._identity_due = time.monotonic() + _IDENTITY_CHECK_S
@@ -903,10 +922,27 @@ class SqliteStore(TaskStore):
             if changed:
                 which = "the task file" if changed[0] == 0 else f"the task file's {_LOG_SUFFIXES[changed[0] - 1]} file"
                 why = "was removed" if now[changed[0]] is None else "was replaced by another file"
-                self._replaced = (
-                    f"{self.path}: {which} {why} while this process had it open: new tasks are refused; "
-                    "the tasks accepted before are run to their end here (restart once they have finished)"
-                )
+                kept = [_FILE_NAMES[i] for i, (was, is_) in enumerate(zip(self._identity, now)) if was and is_ == was]
+                if kept:
+                    self._replaced = (
+                        f"{self.path}: {which} {why} while this process had it open, and {' and '.join(kept)} "
+                        "still at the path: this process no longer reads or writes it (a step through its "
+                        "out-of-date view of the files would corrupt them for the processes that open the path); "
+                        "new tasks are refused, the attempts running here are left to their leases (restart it)"
+                    )
+                    if self._writer is not None:
+                        # SQLite checkpoints the WAL into the task file, and removes the WAL, when the last
+                        # connection of a process closes (unless the task file moved): here it would do so
+                        # through an out-of-date view of the -wal and -shm the other processes use. The writer
+                        # is never closed, not even by Python at exit (this reference is never dropped), so no
+                        # connection of this process is ever the last: its exit lets go of the files unwritten.
+                        ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._writer))
+                    self._cut_off = True  # once _replaced is set: the steps refused from now on raise it
+                else:
+                    self._replaced = (
+                        f"{self.path}: {which} {why} while this process had it open: new tasks are refused; "
+                        "the tasks accepted before are run to their end here (restart once they have finished)"
+                    )
                 log.error("%s", self._replaced)
         return self._replaced
 
@@ -2055,6 +2091,7 @@ def _check_library() -> None:
 
 # The files SQLite keeps beside the task file in WAL mode, open as long as any connection is.
 _LOG_SUFFIXES = ("-wal", "-shm")
+_FILE_NAMES = ("the task file", *(f"its {suffix} file" for suffix in _LOG_SUFFIXES))  # as _identities lists them
 
 
 def _identity(path: str | Path) -> tuple[int, int] | None:
