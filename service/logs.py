@@ -163,7 +163,7 @@ def _quoted(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """gunicorn's line layout plus the logger name, with ``request_id=...`` appended when known.
+    """gunicorn's line layout plus the logger name, with ``task_id=...`` and ``request_id=...`` appended when known.
 
     One record is one line: control characters and line separators in the
     message and the ids are escaped, so a task id or an exception message
@@ -188,6 +188,11 @@ class TextFormatter(logging.Formatter):
         record.message = record.getMessage()
         record.asctime = self.formatTime(record, self.datefmt)
         line = escape(self.formatMessage(record))
+        # The task's id even where the message names it: a handler's lines (and those of the libraries it calls) do not,
+        # and one request id is shared by every task of a batch.
+        tid = getattr(record, "task_id", None)
+        if tid is not None:
+            line = f"{line} task_id={escape(str(tid))}"
         rid = getattr(record, "request_id", None)
         if rid is not None:
             line = f"{line} request_id={escape(str(rid))}"

@@ -103,12 +103,14 @@ def test_a_record_logged_while_handling_a_request_gets_its_id(capture, monkeypat
     assert "Traceback" in record["exc_info"]
 
 
-def test_text_lines_keep_the_gunicorn_layout_and_append_the_request_id(capture):
+def test_text_lines_keep_the_gunicorn_layout_and_append_the_task_and_request_ids(capture):
     out = capture("text")
     run_one_task(instant, "job-2", "rid-text")
     lines = [line for line in out["stderr"].getvalue().splitlines() if "job-2" in line]
     assert len(lines) == 3
-    assert lines[2].endswith("[DEBUG] workerpool.pool: task job-2 done after 1 attempt(s) request_id=rid-text")
+    assert lines[2].endswith(
+        "[DEBUG] workerpool.pool: task job-2 done after 1 attempt(s) task_id=job-2 request_id=rid-text"
+    )
     assert lines[2].startswith("[")  # [2026-11-27 10:00:00 +0000] [pid] ...
 
 
@@ -134,13 +136,23 @@ def test_a_handlers_own_lines_carry_its_task_and_request_ids(capture):
     ]
 
 
-def test_a_handlers_own_text_lines_carry_the_request_id(capture):
+def test_a_handlers_own_text_lines_carry_its_task_id_beside_the_request_id_its_batch_shares(capture):
     out = capture("text", level="INFO")
-    run_one_task(logging_handler, "job-own-text", "rid-own-text")
+    harness = make_harness(logging_handler)
+    tasks = [{"id": "job-a", "payload": "u1"}, {"id": "job-b", "payload": "u2"}]
+    response = harness.client.post("/enqueue/batch", json={"tasks": tasks}, headers={"X-Request-ID": "rid-batch"})
+    assert response.status_code == 200
+    for task in tasks:
+        harness.final.wait(task["id"])
+    harness.pool.shutdown(0)
+    logging.getLogger("handlers.mine").info("outside any task")
     lines = [line for line in out["stderr"].getvalue().splitlines() if "handlers.mine" in line]
-    assert [line.split("handlers.mine: ")[1] for line in lines] == [
-        "fetched  request_id=rid-own-text",
-        "and awaited request_id=rid-own-text",
+    assert sorted(line.split("handlers.mine: ")[1] for line in lines) == [
+        "and awaited task_id=job-a request_id=rid-batch",
+        "and awaited task_id=job-b request_id=rid-batch",
+        "fetched u1 task_id=job-a request_id=rid-batch",
+        "fetched u2 task_id=job-b request_id=rid-batch",
+        "outside any task",
     ]
 
 
