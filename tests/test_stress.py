@@ -514,10 +514,16 @@ def test_a_handler_result_is_kept_and_one_that_is_not_json_fails_the_task_at_onc
     service = gunicorn(**FAULTS, TASK_HANDLER="faults:returns_garbage")
     # JSON values are results; a coroutine is not.
     returned = {"none": None, "false": None, "zero": None, "dict": None, "coroutine": "coroutine"}
+    results = {"none": None, "false": False, "zero": 0, "dict": {"ok": True}, "coroutine": None}
     plan = {f"g{n}-{payload}": payload for n in range(copies) for payload in returned}
     for task_id, payload in plan.items():
         submit(service, task_id, payload, 3)
     service.wait_idle(timeout=30)
+    for task_id, payload in plan.items():  # kept as returned, falsy ones too, through the store and the API
+        status, _, text = service.client.request("GET", f"/tasks/{task_id}")
+        assert status == 200, text
+        result = json.loads(text)["result"]
+        assert (result, type(result)) == (results[payload], type(results[payload])), (task_id, text)
     code, _ = service.terminate()
     assert code == 0
 
