@@ -23,6 +23,14 @@ def pytest_configure(config) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    # Before the test's fixtures, a module's shared server included: only a test marked e2e may start one.
+    import http_fixtures
+
+    http_fixtures.RUNNING_E2E = item.get_closest_marker("e2e") is not None
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 

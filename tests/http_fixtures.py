@@ -135,6 +135,11 @@ def clean_environment(**overrides: str) -> dict[str, str]:
     return env
 
 
+# Whether the test being set up or run is marked e2e (tests/conftest.py sets it before its fixtures): a server
+# process started by one that is not would run under `pytest -m "not e2e"`, which promises none.
+RUNNING_E2E = True
+
+
 class ServerProcess:
     """A server started as a subprocess with its output in a log file; always killed in ``stop``."""
 
@@ -142,6 +147,7 @@ class ServerProcess:
         self, args: list[str], *, log_path: Path, env: dict[str, str], python: bool = True, cwd: Path = PROJECT_ROOT
     ) -> None:
         """Run ``python args...``, or ``args`` as the whole command line if not ``python``."""
+        assert RUNNING_E2E, "a test that starts a server process is marked e2e (@pytest.mark.e2e)"
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(

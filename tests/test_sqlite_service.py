@@ -370,6 +370,7 @@ def test_a_worker_replaced_while_the_file_is_locked_retries_and_the_server_stays
     assert "Worker failed to boot" not in log
 
 
+@pytest.mark.e2e
 def test_a_handler_that_ends_its_worker_with_status_3_or_4_gets_it_replaced_not_the_server_stopped(tmp_path):
     """gunicorn reads exit status 3 or 4 as a worker that could not start: os._exit(3) in a handler stopped the
     whole server, the other worker with it, where os._exit(1) got the worker replaced."""
