@@ -122,6 +122,18 @@ def test_a_task_whose_hash_redis_evicted_is_skipped_by_a_claim_and_leaves_nothin
     assert store.claim("owner-a", clock.time() + 30) is None
 
 
+def test_a_claim_is_put_back_though_redis_evicted_the_index_that_holds_its_place(make, server, clock):
+    # The place a new task goes back to is read from the index of every task (P:all), which an eviction policy
+    # may drop whole: the script then failed, and the task stayed running until its lease expired.
+    store = make()
+    store.admit([new("a", clock)])
+    assert store.claim("owner-a", clock.time() + 30).id == "a"
+    server.client().delete(f"{store._prefix}:all")
+    back = store.put_back("a", 1, "owner-a")
+    assert (back.state, back.attempts) == (State.QUEUED, 0)
+    assert store.claim("owner-b", clock.time() + 30).id == "a"
+
+
 def test_what_is_left_of_an_evicted_task_is_not_read_and_goes_when_its_lease_expires(make, server, clock, caplog):
     # What an older release's claim left of an evicted task: the fields the claim writes, and the indexes.
     store = make()

@@ -288,8 +288,14 @@ local function put_back_task(id, key, owner, now, ttl, max_finished)
   local member
   if attempts == 0 then
     redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
-    member = string.format('%016d:', num(redis.call('ZSCORE', P .. ':all', id))) .. id
-    redis.call('ZADD', P .. ':new', redis.call('HGET', key, 'created_at'), member)
+    local seq = redis.call('ZSCORE', P .. ':all', id)
+    local created = redis.call('HGET', key, 'created_at')
+    if seq then
+      member = string.format('%016d:', num(seq)) .. id
+      redis.call('ZADD', P .. ':new', created, member)
+    else  -- its entry in P:all evicted (a maxmemory-policy other than noeviction): behind those created with it
+      member = enqueue(':new', created, id)
+    end
     redis.call('HSET', key, 'state', 'queued', 'queue_member', member)
   else
     redis.call('HDEL', key, 'owner', 'lease_until', 'claimed_after')
