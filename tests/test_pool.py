@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import random
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from workerpool import (
     Task,
     TaskSpec,
     WorkerPool,
+    forks,
 )
 from workerpool import pool as pool_module
 from workerpool.nesting import nested_deeper_than
@@ -1010,6 +1012,43 @@ def test_task_log_lines_carry_the_task_and_request_ids(make_pool, caplog):
         ("WARNING", "task a failed after 1 attempt(s): RuntimeError: boom"),
     ]
     assert {(r.task_id, r.request_id) for r in records} == {("a", "req-1")}
+
+
+def fork_and_reap(task, cancel):
+    """A handler that forks its process, as multiprocessing's "fork" start method does; the child ends at once."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def test_a_handler_that_forks_its_process_is_warned_of_once_naming_its_task(make_pool, caplog, monkeypatch):
+    # The children of a process pool forked from a threaded process hang on locks other threads held.
+    monkeypatch.setattr(forks, "_warned", False)
+    caplog.set_level(logging.WARNING, logger="workerpool")
+    fork_and_reap(None, None)  # outside an attempt: not the handler's doing
+    pool = make_pool(fork_and_reap, threads=False)
+    pool.submit("forks-1", "", 0, request_id="req-f")
+    pool.submit("forks-2", "", 0)
+    while pool.step():
+        pass
+    assert pool.get("forks-2").state is State.DONE
+    records = [r for r in caplog.records if r.name == "workerpool.forks"]
+    assert [(r.levelname, r.task_id, r.request_id) for r in records] == [("WARNING", "forks-1", "req-f")]
+    assert 'multiprocessing.get_context("forkserver")' in records[0].getMessage()
+
+
+def test_a_handler_that_runs_a_program_is_not_warned_of(make_pool, caplog, monkeypatch):
+    def run_program(task, cancel):
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=TIMEOUT)
+
+    monkeypatch.setattr(forks, "_warned", False)
+    caplog.set_level(logging.WARNING, logger="workerpool")
+    pool = make_pool(run_program, threads=False)
+    pool.submit("runs", "", 0)
+    pool.step()
+    assert pool.get("runs").state is State.DONE
+    assert [r for r in caplog.records if r.name == "workerpool.forks"] == []
 
 
 def test_a_success_logs_at_debug_and_a_retry_or_failure_at_info_or_above(make_pool, caplog):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import forks  # noqa: F401  (warns of a handler that forks the process during its attempt)
 from .backoff import compute_backoff
 from .bounded_json import TooLong, dumps_within
 from .current import running as _running_task
