@@ -628,10 +628,14 @@ def startup_line(message: str, level: str = "ERROR", dotenv_path: Path | None = 
     return json_log_line(json.dumps(fields, ensure_ascii=False))
 
 
+# The bidi controls (embeddings, overrides, isolates and marks; CVE-2021-42574): a viewer shows the text after one
+# reordered, so a log line holding one reads as another. Log lines write them as escapes.
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 # JSON escapes the C0 controls but leaves DEL, the C1 controls and U+2028/U+2029 raw, and line readers (str.splitlines,
 # editors, log shippers) break on some of them (U+0085 NEL, U+2028, U+2029). Outside its strings a JSON line is ASCII,
-# so each is inside a string, where its \uXXXX escape keeps the line valid JSON with the same value.
-_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+# so each is inside a string, where its \uXXXX escape keeps the line valid JSON with the same value; the bidi
+# controls likewise.
+_RAW_IN_JSON = re.compile(f"[\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}]")
 
 
 def json_log_line(text: str) -> str:

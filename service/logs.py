@@ -20,7 +20,7 @@ from urllib.parse import unquote, unquote_plus
 
 from pythonjsonlogger.json import JsonFormatter
 
-from config import LOG_FORMATS, json_log_line
+from config import BIDI_CONTROLS, LOG_FORMATS, json_log_line
 from workerpool import current_task
 
 from . import request_id, server_errors
@@ -58,9 +58,13 @@ class ContextFilter(logging.Filter):
 
 
 # Characters that end or rewrite a line in a terminal, a pager or a log shipper (str.splitlines()
-# breaks on most of them): C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
-_LINE_BREAKERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+# breaks on most of them): C0 and C1 controls, DEL, the Unicode line and paragraph separators, and the
+# bidi controls, which make a viewer show the rest of the line reordered (an error message quoting a
+# payload with U+202E reads backwards, its request_id with it).
+_LINE_BREAKERS = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}]")
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    ord(c): f"\\u{ord(c):04x}" for c in f"\u2028\u2029{BIDI_CONTROLS}"
+}
 
 
 def escape(text: str) -> str:

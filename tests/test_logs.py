@@ -225,6 +225,21 @@ def test_a_text_line_stays_one_line_whatever_its_message_and_ids_hold(capture, b
     assert f"\\x{ord(breaker):02x}" in text or f"\\u{ord(breaker):04x}" in text
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_bidi_control_cannot_reorder_a_line(capture, log_format):
+    # A handler's error quoting a payload with U+202E showed the rest of its line reversed, request_id and all.
+    out = capture(log_format, level="INFO")
+    controls = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    forged = f"x{controls}1 deliaf"
+    logging.getLogger("somewhere").info("task a failed: %s", forged, extra={"request_id": forged})
+    (line,) = out["stderr"].getvalue().splitlines()
+    assert not any(control in line for control in controls), ascii(line)
+    assert "\\u202e" in line
+    if log_format == "json":
+        record = json.loads(line)
+        assert (record["message"], record["request_id"]) == (f"task a failed: {forged}", forged)
+
+
 def test_a_traceback_keeps_its_lines_but_none_can_pass_for_a_record(capture):
     out = capture("text", level="INFO")
     try:
