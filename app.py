@@ -368,6 +368,21 @@ def _check_called_with_task_and_cancel(name: str, handler: Handler) -> None:
     except TypeError as exc:
         called = f"it cannot be called as handler(task, cancel): {exc}"
         raise ConfigError(f"TASK_HANDLER={name!r} is invalid: {called}") from None
+    # A call of these returns a coroutine or a generator and runs none of the body: every task failed
+    # (its last_error said so) while the service looked well. An instance is looked at through its __call__.
+    for runs_nothing, what in _NOT_PLAIN:
+        if runs_nothing(handler) or runs_nothing(type(handler).__call__):
+            raise ConfigError(
+                f"TASK_HANDLER={name!r} is invalid: it is {what}, whose call runs none of its body: the pool calls"
+                " plain functions (a plain one may run a coroutine with asyncio.run)"
+            )
+
+
+_NOT_PLAIN = (
+    (inspect.iscoroutinefunction, "an async def function"),
+    (inspect.isasyncgenfunction, "an async generator function"),
+    (inspect.isgeneratorfunction, "a generator function (it yields)"),
+)
 
 
 def _one_line(error: BaseException) -> str:

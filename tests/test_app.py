@@ -255,6 +255,53 @@ def test_a_task_handler_that_cannot_take_task_and_cancel_stops_start_up(handler,
     )
 
 
+_NOT_PLAIN_HANDLERS = """
+import functools
+
+
+async def coroutine(task, cancel):
+    return 1
+
+
+def generator(task, cancel):
+    yield 1
+
+
+async def async_generator(task, cancel):
+    yield 1
+
+
+class Caller:
+    async def __call__(self, task, cancel):
+        return 1
+
+
+instance = Caller()
+partial = functools.partial(coroutine)
+"""
+
+
+@pytest.mark.parametrize(
+    ("attribute", "what"),
+    [
+        ("coroutine", "an async def function"),
+        ("generator", "a generator function (it yields)"),
+        ("async_generator", "an async generator function"),
+        ("instance", "an async def function"),
+        ("partial", "an async def function"),
+    ],
+)
+def test_a_task_handler_whose_call_runs_nothing_stops_start_up(tmp_path, monkeypatch, attribute, what):
+    """It started, and every task failed at its first attempt: the call returned a coroutine or a generator."""
+    module = f"not_plain_{tmp_path.name}"
+    (tmp_path / f"{module}.py").write_text(_NOT_PLAIN_HANDLERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    handler = f"{module}:{attribute}"
+    with pytest.raises(ConfigError) as caught:
+        load_handler(Config(task_handler=handler))
+    assert str(caught.value).startswith(f"TASK_HANDLER={handler!r} is invalid: it is {what}, whose call runs none")
+
+
 @pytest.mark.parametrize("handler", ["handlers.fetch_url:fetch", "handlers.example:log_payload", "builtins:print"])
 def test_a_task_handler_that_takes_task_and_cancel_is_taken(handler):
     assert callable(load_handler(Config(task_handler=handler)))
