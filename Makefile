@@ -68,7 +68,7 @@ $(REDIS_SERVER):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server
 
 # The tests of deploy/nginx.conf (the load balancer of docker-compose.redis.yml) run nginx: installed when missing
-# (Debian's package; policy-rc.d or the absence of an init system keeps its service from starting).
+# (Debian's package, which also starts the system's nginx where systemd runs: the tests start their own).
 $(NGINX):
 	$(SUDO) apt-get update
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends nginx
