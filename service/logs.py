@@ -196,7 +196,7 @@ class TextFormatter(logging.Formatter):
         # and one request id is shared by every task of a batch.
         tid = getattr(record, "task_id", None)
         if tid is not None:
-            line = f"{line} task_id={escape(str(tid))}"
+            line = f"{line} task_id={escape(_field_value(str(tid)))}"
         rid = getattr(record, "request_id", None)
         if rid is not None:
             line = f"{line} request_id={escape(str(rid))}"
@@ -206,6 +206,15 @@ class TextFormatter(logging.Formatter):
         if record.stack_info:
             line += "\n" + _indented(self.formatStack(record.stack_info))
         return line
+
+
+# A task id may hold spaces, quotes and "=": written bare, "a request_id=b" would read as task a of request b.
+_BARE_FIELD_VALUE = re.compile(r'[^\s"=\\]+')
+
+
+def _field_value(value: str) -> str:
+    """``value`` as a ``name=value`` field of a text line: bare, or as a JSON string if it would read as more."""
+    return value if _BARE_FIELD_VALUE.fullmatch(value) else json.dumps(value, ensure_ascii=False)
 
 
 def _indented(block: str) -> str:

@@ -156,6 +156,25 @@ def test_a_handlers_own_text_lines_carry_its_task_id_beside_the_request_id_its_b
     ]
 
 
+@pytest.mark.parametrize(
+    ("task_id", "written"),
+    [
+        ("job-1", "task_id=job-1"),
+        ("victim request_id=forged", 'task_id="victim request_id=forged"'),
+        ('a"b', 'task_id="a\\"b"'),
+        ("a=b", 'task_id="a=b"'),
+        ("a\u00a0b", 'task_id="a\u00a0b"'),
+    ],
+    ids=["plain", "space", "quote", "equals", "no-break-space"],
+)
+def test_a_task_id_that_would_read_as_more_fields_is_quoted_in_text_lines(capture, task_id, written):
+    # A bare "victim request_id=forged" read as task victim of request forged.
+    out = capture("text", level="INFO")
+    logging.getLogger("handlers.mine").info("fetched", extra={"task_id": task_id, "request_id": "rid-real"})
+    (line,) = out["stderr"].getvalue().splitlines()
+    assert line.endswith(f"handlers.mine: fetched {written} request_id=rid-real"), line
+
+
 class RunningTaskSeen(PoolObserver):
     """Notes, on the worker thread, which task is running as an attempt starts and once it ended."""
 
