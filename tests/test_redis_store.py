@@ -1979,6 +1979,26 @@ def test_a_stepped_pool_puts_back_the_task_its_lost_claim_took_when_it_stops(mak
     assert store.unfinished(pool.owner) == 0
 
 
+def test_a_stepped_pool_stopped_from_another_thread_puts_back_its_lost_claim_at_its_next_step(make, monkeypatch):
+    # The thread that stops the pool (a signal's, a supervisor's) is not the one whose claim was lost: the
+    # step() that finds the pool no longer claiming puts that task back, or it ran out its lease unrun.
+    store = make(clock=time.time)
+    ran = []
+    pool = WorkerPool(lambda task, cancel: ran.append(task.id), store=store, threads=False)
+    pool.submit("y0")
+    _claim_reply_lost(store, monkeypatch)
+    with ThreadPoolExecutor(max_workers=1) as stepper:  # one thread: the lost claim is its own
+        with pytest.raises(StoreUnavailable):
+            stepper.submit(pool.step).result(WAIT_S)
+        assert pool.shutdown(wait=False) is None
+        assert store.get("y0").state is State.RUNNING  # not the stopping thread's claim to put back
+        assert stepper.submit(pool.step).result(WAIT_S) is False
+    y0 = store.get("y0")
+    assert (y0.state, y0.attempts) == (State.QUEUED, 0)  # left for another process, or the next start
+    summary = pool.shutdown(timeout=0)
+    assert ran == [] and summary.abandoned == ()
+
+
 def test_a_claim_whose_reply_was_lost_answers_the_task_it_took_when_asked_again(make, clock, monkeypatch):
     # The task ran under this owner with nothing to run it, then was failed as lost once its lease ran out.
     store = make()
