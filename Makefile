@@ -22,8 +22,9 @@ dev: $(VENV)/.installed
 test: $(VENV)/.installed-dev $(CHROMIUM) $(REDIS_SERVER) $(NGINX) node_modules/.installed
 	$(BIN)/python -m pytest
 
-# The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1).
-stress: $(VENV)/.installed-dev
+# The fuzz tests at 500 examples per operation instead of 20, and the long tests marked stress (STRESS=1); the
+# pool model runs over Redis too, as the Redis storm does: both start their own redis-server.
+stress: $(VENV)/.installed-dev $(REDIS_SERVER)
 	STRESS=1 FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -m "stress or fuzz" -p no:cacheprovider -o addopts="" \
 		-ra --strict-markers --timeout=1800 -s --hypothesis-show-statistics
 
@@ -31,8 +32,9 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Installs wrk, strace and chromium (Debian packages) when missing; writes bench/RESULTS.md.
-bench: $(VENV)/.installed-bench $(CHROMIUM)
+# Installs wrk, strace, chromium and redis-server (Debian packages; figure 9 starts its own redis-server) when
+# missing; writes bench/RESULTS.md.
+bench: $(VENV)/.installed-bench $(CHROMIUM) $(REDIS_SERVER)
 	@command -v wrk >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends wrk)
 	@command -v strace >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends strace)
 	$(BIN)/python -m bench.run
