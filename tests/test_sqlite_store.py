@@ -2195,6 +2195,51 @@ def test_a_process_whose_shm_was_removed_takes_no_step_beside_a_process_opening_
     assert check.stdout.splitlines() == ["ok", "('done', 61) ('running', 1)"], check.stderr
 
 
+_DIES_UNCLOSED = """
+import os, sys
+from workerpool.stores.sqlite import SqliteStore
+from workerpool.task import Task
+now = float(sys.argv[2])
+SqliteStore(sys.argv[1], clock=lambda: now).admit([Task(f"other-{n}", "p", 0, created_at=now) for n in range(30)])
+os._exit(0)  # as a worker SIGKILLed: its commits stay in the -wal, which no checkpoint copied
+"""
+
+_CUT_OFF = """
+import os, subprocess, sys
+from workerpool.errors import StoreFileReplaced
+from workerpool.stores import sqlite as sqlite_store
+from workerpool.task import Task
+path, now, ending = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+sqlite_store._IDENTITY_CHECK_S = 0.0  # every step looks
+store = sqlite_store.SqliteStore(path, clock=lambda: now)
+store.admit([Task("running", "p", 0, created_at=now), Task("queued", "p", 0, created_at=now)])
+store.claim("a", now + 30)
+os.remove(path + "-shm")
+subprocess.run([sys.executable, "-c", sys.argv[4], path, sys.argv[2]], check=True)
+try:
+    store.finish("running", 1, "a")
+except StoreFileReplaced:
+    print("cut off")
+if ending == "close":
+    store.close()
+"""
+
+
+@pytest.mark.parametrize("ending", ["close", "exit"])
+def test_a_process_cut_off_from_its_files_lets_go_of_them_unwritten_when_it_closes_or_exits(clock, db, ending):
+    """A process that opened the path afresh after the -shm was removed, then died unclosed, left its commits
+    in the -wal: closing the connections of the process cut off (by close() or at its exit) checkpointed
+    through their out-of-date index, then removed the -wal with those commits (30 tasks lost)."""
+    cut_off = subprocess.run(
+        [sys.executable, "-c", _CUT_OFF, str(db), repr(clock.time()), ending, _DIES_UNCLOSED],
+        capture_output=True, text=True, timeout=WAIT_S, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    assert cut_off.stdout.splitlines() == ["cut off"], cut_off.stderr
+    check = subprocess.run([sys.executable, "-c", _CHECK, str(db)], capture_output=True, text=True, timeout=WAIT_S)
+    # The other process's 30 and the one queued here, and the attempt it could no longer end, left to its lease.
+    assert check.stdout.splitlines() == ["ok", "('queued', 31) ('running', 1)"], check.stderr
+
+
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
 def test_a_path_that_is_a_symlink_opens_the_file_it_names_whose_wal_is_beside_that_file(
     open_store, clock, tmp_path, monkeypatch, synchronous
