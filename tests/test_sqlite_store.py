@@ -2129,6 +2129,17 @@ def test_a_wal_or_shm_file_removed_or_replaced_while_open_cuts_the_process_off_t
             step()
 
 
+def test_a_process_that_only_reads_sees_its_shm_removed_and_reads_no_more(open_store, clock, db, monkeypatch):
+    """An idle process only reads (its workers polling, GET /tasks): it read on through the -shm cut off from it."""
+    monkeypatch.setattr(sqlite_store, "_IDENTITY_CHECK_S", 0.0, raising=False)  # every step looks
+    store = open_store()
+    store.admit([task(clock, "queued")])
+    assert store.get("queued").state is State.QUEUED  # this thread's connection is open
+    db.with_name(db.name + "-shm").unlink()
+    with pytest.raises(StoreFileReplaced, match="this process no longer reads or writes it"):
+        store.get("queued")
+
+
 _OTHER_PROCESS = """
 import sqlite3, sys
 from workerpool.stores.sqlite import SqliteStore

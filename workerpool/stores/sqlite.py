@@ -489,7 +489,9 @@ class SqliteStore(TaskStore):
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, for reading; closed when the thread ends (see ``_Reader``)."""
-        if self._replaced is not None:
+        # Looked at by reads too: a process that only reads (its workers polling, GET /tasks) would read on
+        # through its out-of-date view of files cut off from it (see _check_identity).
+        if self._replaced is not None or (time.monotonic() >= self._identity_due and self._check_identity()):
             # A connection that has not read since its file was removed opens the WAL by path when it
             # first reads, and would find another file's or none: every read takes the writer's, which has.
             raise StoreFileReplaced(self._replaced)
