@@ -488,14 +488,14 @@ def test_a_task_registered_after_the_store_abandoned_it_never_starts(make_pool, 
     assert ran == []
 
 
-@pytest.mark.parametrize("store_name", ["sqlite", "redis"])
+@pytest.mark.parametrize("store_name", ["sqlite", "redis", "sqlite-not-synced"])
 def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_unrun(
-    make_pool, clock, tmp_path, store_name
+    make_pool, clock, tmp_path, caplog, store_name
 ):
     # A timeout-0 drain does not wait for a claim under way: taken after the abandon, the task was dropped
     # unrun and stayed running here until its lease expired, then counted as a failed attempt.
     claiming, abandoned, workers = threading.Event(), threading.Event(), []
-    kinds = {"sqlite": SqliteStore, "redis": RedisStore}
+    kinds = {"sqlite": SqliteStore, "redis": RedisStore, "sqlite-not-synced": SqliteStore}
 
     class ClaimsAfterTheAbandon(kinds[store_name]):
         def claim(self, owner, lease_until):
@@ -511,7 +511,13 @@ def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_
             finally:
                 abandoned.set()
 
-    if store_name == "sqlite":
+        def put_back(self, task_id, attempt, owner):
+            back = super().put_back(task_id, attempt, owner)
+            if store_name == "sqlite-not-synced":  # put back, its fsync failed (synchronous=FULL)
+                raise StoreNotSynced("syncing the WAL failed: [Errno 5] Input/output error", back)
+            return back
+
+    if store_name != "redis":
         store = ClaimsAfterTheAbandon(tmp_path / "tasks.db", clock=clock.time)
     else:
         prefix = f"test-{uuid.uuid4().hex}"
@@ -523,13 +529,18 @@ def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_
     pool.start()
     assert claiming.wait(TIMEOUT)
     [worker] = workers
-    summary = pool.shutdown(timeout=0)
-    worker.join(TIMEOUT)
+    with caplog.at_level(logging.INFO, logger="workerpool.pool"):
+        summary = pool.shutdown(timeout=0)
+        worker.join(TIMEOUT)
     assert not worker.is_alive()
     assert ran == [] and summary.abandoned == ()
     late = store.get("late")
     assert (late.state, late.attempts, late.started_at) == (State.QUEUED, 0, None)  # for another process
     assert store.unfinished(pool.owner) == 0
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task late attempt 1")]
+    assert told == [
+        "task late attempt 1 not started: claimed after the drain abandoned this process's work, it is queued again"
+    ]
     store.close()
 
 

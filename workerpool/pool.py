@@ -742,7 +742,7 @@ class WorkerPool:
     def _drop_unstarted(self, attempt: Attempt) -> None:
         """Forget an attempt registered after the drain abandoned this pool's work, without running it.
 
-        Its task was mostly claimed before the abandon (by an idle worker, or with the end of its worker's
+        Its task was usually claimed before the abandon (by an idle worker, or with the end of its worker's
         last attempt), so the store failed it as abandoned and the summary lists it; its handler must not
         run. A shared store may have taken the claim only after the abandon (a timeout-0 drain does not wait
         for a claim under way): the task is put back in the queue for another process, unrun and its
@@ -753,6 +753,8 @@ class WorkerPool:
         if self._store.shared:
             try:
                 back = self._store.put_back(task.id, task.attempts, self.owner)
+            except StoreNotSynced as exc:  # put back all the same: only the sync to disk failed
+                back = exc.result
             except StoreUnavailable as exc:
                 _log(
                     logging.WARNING, task, "task %s attempt %d could not be put back (%s): it is lost once its lease "
