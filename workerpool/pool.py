@@ -729,7 +729,7 @@ class WorkerPool:
                     self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
                 else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
                     self._finish_attempt(attempt, error, None if error else returned, None, None, claim_next, debug)
-        except StoreUnavailable as exc:  # tried again until the drain ended (or a timeout took over)
+        except StoreUnavailable as exc:  # tried again until the drain ended (unless timed out or cut off: see above)
             log.error(
                 "task %s attempt %d: its end could not be recorded (%s); the attempt counts as lost once its "
                 "lease expires", task.id, task.attempts, exc, extra={"task_id": task.id},

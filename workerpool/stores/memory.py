@@ -76,7 +76,7 @@ assert Task._fields == (
     "finished_at", "next_attempt_at", "request_id", "result", "cancel_requested",
 )  # fmt: skip  # the positions of a record, which the code below spells out
 # The positions of a record's fields (those read by name below).
-_ID, _STATE, _ATTEMPTS, _NEXT_ATTEMPT_AT, _FINISHED_AT, _CANCEL_REQUESTED = 0, 3, 4, 9, 8, 12
+_ID, _STATE, _ATTEMPTS, _STARTED_AT, _NEXT_ATTEMPT_AT, _FINISHED_AT, _CANCEL_REQUESTED = 0, 3, 4, 7, 9, 8, 12
 _POSITIONS = {name: index for index, name in enumerate(Task._fields)}
 
 Record = tuple  # a Task's fields as a plain tuple, the state as its string (see the module docstring)
@@ -339,7 +339,7 @@ class MemoryStore(TaskStore):
                 return None
             if self._running[task_id] != owner:
                 return None
-            started = None if attempt == 1 else task[7]  # as admitted: no attempts, no start
+            started = None if attempt == 1 else task[_STARTED_AT]  # as admitted: no attempts, no start
             if task[_CANCEL_REQUESTED]:
                 cancelled = _changed(
                     task, state=_CANCELLED, payload="", attempts=attempt - 1, started_at=started, finished_at=now
