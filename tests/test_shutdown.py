@@ -261,13 +261,16 @@ def test_a_request_still_being_sent_at_the_stop_is_answered(start, command, stor
     body = json.dumps({"id": "late", "payload": "p"}).encode()
     with socket.create_connection(("127.0.0.1", service.port), timeout=20) as client:
         client.sendall(b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        signalled = time.monotonic()
         service.signal(signal.SIGTERM)
-        service.wait_for_log(r"shutdown: ")
-        # The client is slow: the rest arrives once the (idle) drain has ended.
-        if command is APP:  # which closes its listening socket after the drain
+        # The first line the stop writes, at once: the drain's own lines come later, on another thread, and may
+        # come seconds later on a busy machine, past the grace gunicorn's worker counts from the signal.
+        service.wait_for_log(r"received SIGTERM")
+        # The client is slow: the rest arrives once the stop has been taken.
+        if command is APP:  # which closes its listening socket after the drain, and counts its grace from then
             wait_until(lambda: not _accepts(service.port), timeout=20, what="the drain's end")
-        else:  # gunicorn closes its listeners at the stop signal: the drain's end shows nowhere
-            pause(0.3)
+        else:  # gunicorn's worker gives it STOP_LINGER_S (2 s) counted from the signal: 0.3 s in, or the line's arrival
+            pause(max(0.0, signalled + 0.3 - time.monotonic()))
         client.sendall(body[5:])
         answer = client.makefile("rb").readline()
     # A store of this process refuses the task; a shared one takes it for the other processes.
