@@ -193,12 +193,17 @@ def test_more_threads_than_redis_pys_default_cap_each_keep_a_connection(make):
     assert failures == []
 
 
+def finish_all(store, clock) -> None:
+    task = store.claim("owner", clock.time() + 30)
+    while task is not None:
+        _, task = store.finish_and_claim(task.id, 1, "owner", result=None, lease_until=clock.time() + 30)
+
+
 def test_no_task_past_its_time_is_read_however_many_aged_out_at_once(make, clock):
-    # One read forgets at most 1,000 of the tasks past STATE_TTL_S: the 1,001st was still served.
+    # One read forgets at most FORGET_AT_MOST of the tasks past STATE_TTL_S: the one after was still served.
     store = make(capacity=1100, ttl=60.0, max_finished=5000)
-    ids = [f"t{n:04d}" for n in range(1002)]
-    for chunk in range(0, len(ids), 500):
-        store.admit([new(task_id, clock, max_retries=0) for task_id in ids[chunk : chunk + 500]])
+    ids = [f"t{n:04d}" for n in range(redis_store.FORGET_AT_MOST + 2)]
+    store.admit([new(task_id, clock, max_retries=0) for task_id in ids])
     for _ in ids:
         task = store.claim("owner", clock.time() + 30)
         store.finish(task.id, 1, "owner", result=None)
@@ -216,15 +221,46 @@ def test_a_listing_passes_over_tasks_past_their_time_however_many_and_fills_its_
     store.admit([new(f"q{n}", clock, next_attempt_at=clock.time() + 3600) for n in range(3)])
     store.admit([new("slow", clock)])
     assert store.claim("owner", clock.time() + 3600).id == "slow"  # still running at the listing
-    ids = [f"t{n:04d}" for n in range(2002)]
-    for chunk in range(0, len(ids), 500):
-        store.admit([new(task_id, clock, max_retries=0) for task_id in ids[chunk : chunk + 500]])
-        while task := store.claim("owner", clock.time() + 30):
-            store.finish(task.id, 1, "owner", result=None)
+    aged = redis_store.FORGET_AT_MOST + redis_store.PASS_AT_MOST + 2  # more than one script forgets and passes over
+    store.admit([new(f"t{n:04d}", clock, max_retries=0) for n in range(aged)])
+    finish_all(store, clock)
     clock.advance(61)
-    # One call forgets 1,000: the 1,002 left fill the first chunk the listing reads, and one more.
     assert [t.id for t in store.list(limit=3)] == ["slow", "q2", "q1"]
-    assert [t.id for t in store.list(limit=10)] == ["slow", "q2", "q1", "q0"]  # 2 left: the first chunk holds it
+    assert [t.id for t in store.list(limit=10)] == ["slow", "q2", "q1", "q0"]
+
+
+def test_no_script_forgets_or_passes_over_more_than_its_share_of_a_mass_expiry(make, server, clock):
+    # Redis runs nothing else while a script runs: a listing after 99,000 tasks aged out at once kept it
+    # busy 170-230 ms in one script, and each script forgot 1,000. Now the listing goes on in more scripts.
+    store = make(capacity=1100, ttl=60.0, max_finished=5000)
+    store.admit([new(f"q{n}", clock, next_attempt_at=clock.time() + 3600) for n in range(3)])
+    for part in range(2):  # "mid" sits between two runs of aged tasks
+        store.admit([new(f"t{part}-{n:04d}", clock, max_retries=0) for n in range(600)])
+        finish_all(store, clock)
+        if part == 0:
+            store.admit([new("mid", clock, next_attempt_at=clock.time() + 3600)])
+    clock.advance(61)
+    admin = server.client()
+    work = []  # per script the listing ran: (ids looked up in the retention index, tasks forgotten)
+    run = store._run
+
+    def counted(script, *args, **options):
+        before = admin.info("commandstats")
+        reply = run(script, *args, **options)
+        after = admin.info("commandstats")
+        calls = {
+            name: after.get(f"cmdstat_{name}", {}).get("calls", 0) - before.get(f"cmdstat_{name}", {}).get("calls", 0)
+            for name in ("zscore", "del")
+        }
+        work.append((calls["zscore"], calls["del"]))
+        return reply
+
+    store._run = counted
+    assert [t.id for t in store.list(limit=3)] == ["mid", "q2", "q1"]
+    assert len(work) > 1
+    assert max(looked_up for looked_up, _ in work) <= redis_store.PASS_AT_MOST + 3, work
+    assert max(forgotten for _, forgotten in work) <= redis_store.FORGET_AT_MOST, work
+    assert [t.id for t in store.list(limit=10)] == ["mid", "q2", "q1", "q0"]
 
 
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
