@@ -934,6 +934,21 @@ def test_attempts_of_a_process_that_no_longer_exists_are_recovered_before_their_
     assert store.get("live").state is store.get("elsewhere").state is State.RUNNING
 
 
+def test_attempts_of_a_process_that_ended_but_is_not_reaped_yet_are_recovered_before_their_lease_ends(
+    open_store, clock
+):
+    # A zombie (ended, its parent has not waited for it yet) still answers signal 0, but runs nothing.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # it ended; WNOWAIT leaves it unreaped
+        store = open_store()
+        store.admit([task(clock, "zombie")])
+        claim(store, clock, owner=f"{socket.gethostname()}:{child.pid}:00000000")
+        assert [(t.id, t.last_error) for t in store.recover(lambda t: None)] == [("zombie", LOST_GONE)]
+    finally:
+        child.wait(timeout=30)
+
+
 _STOPPED_OWNER = """
 import os, sys
 from workerpool.stores import sqlite

@@ -2033,8 +2033,27 @@ def _process_is_gone(owner: str) -> bool:
     except ProcessLookupError:
         return True
     except OSError:  # it exists (EPERM: another user's)
+        pass
+    return _is_a_zombie(int(pid))
+
+
+def _is_a_zombie(pid: int) -> bool:
+    """Whether ``pid`` has ended but its parent has not reaped it yet.
+
+    Signal 0 reaches such a process, yet it runs nothing: an init that reaps late
+    would otherwise keep its attempts until their leases expire. Without a /proc
+    (not Linux) a process that exists is taken as alive.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except FileNotFoundError:  # reaped since the signal
+        return True
+    except OSError:
         return False
-    return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the last ")" ends it.
+    state = fields[fields.rfind(b")") + 1 :].split(maxsplit=1)[:1]
+    return state in ([b"Z"], [b"X"])
 
 
 def _real(value: float | None) -> float | None:
