@@ -34,6 +34,7 @@ stream at the same deadline.
 from __future__ import annotations
 
 import contextlib
+import re
 import selectors
 import socket
 import time
@@ -122,6 +123,10 @@ class Framing(NamedTuple):
     expects: bool = False  # the client waits for an answer to Expect: 100-continue before it sends the body
     refused: bool = False  # the body will not be read (longer than its route takes, or no valid token)
     refusal: Exception | None = None  # the request is answered with this error from the loop, its body unread
+
+
+# "Host : x": a Host field whose name is malformed, not a missing one; the parser refuses that name.
+_SPACED_HOST = re.compile(rb"\r\nhost[ \t]+:")
 
 
 class MissingHost(InvalidHeader):
@@ -422,7 +427,7 @@ def read_framing(head: bytes, limits: BodyLimits) -> Framing:
     """
     lowered = head.lower()
     # A repeated Host is refused by the parser; a missing one is not. HTTP/1.0 requests may omit it.
-    if b"\r\nhost:" not in lowered and http_1_1_or_later(head):
+    if b"\r\nhost:" not in lowered and http_1_1_or_later(head) and not _SPACED_HOST.search(lowered):
         return Framing(len(head), refusal=MissingHost())
     folded = b"\n " in head or b"\n\t" in head
     if not folded and b"\r\ntransfer-encoding" not in lowered and b"\r\nexpect" not in lowered:

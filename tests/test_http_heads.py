@@ -57,6 +57,15 @@ def test_an_http_1_1_request_without_exactly_one_host_is_refused_400(port, field
     assert "HOST" in problem(headers, body)["detail"].upper()
 
 
+@pytest.mark.parametrize("field", [b"Host : a", b"Host\t: a"])
+def test_a_host_field_with_whitespace_before_its_colon_is_refused_400_as_a_malformed_name(port, field):
+    status, headers, body = exchange(port, b"GET /healthz HTTP/1.1\r\n" + field + b"\r\nConnection: close\r\n\r\n")
+    assert status == 400
+    detail = problem(headers, body)["detail"]
+    assert "no Host header" not in detail
+    assert repr(field.partition(b":")[0].decode()) in detail  # the name as sent, whitespace included
+
+
 @pytest.mark.parametrize("version", [b"1.2", b"1.9"])
 def test_a_later_http_1_request_without_host_is_refused_400_as_an_http_1_1_one(port, version):
     # Both servers served HTTP/1.2 to 1.9 without Host (200): only the literal HTTP/1.1 was checked.

@@ -767,6 +767,14 @@ def test_an_http_1_1_head_without_host_is_refused_from_the_loop(harness):
     assert name == "MissingHost" and "no Host header" in detail
 
 
+@pytest.mark.parametrize("field", [b"Host : a", b"host\t: a", b"HOST \t : a"])
+def test_a_host_field_with_whitespace_before_its_colon_is_left_to_the_parser_not_called_missing(harness, field):
+    # The parser refuses the malformed name itself (400 naming it); "no Host header" would send the client
+    # after the wrong fault.
+    conn, _ = harness.connect(b"GET /healthz HTTP/1.1\r\n" + field + b"\r\n\r\n")
+    assert harness.ready == [conn] and harness.refused == []
+
+
 @pytest.mark.parametrize("version", [b"1.2", b"1.9"])
 def test_a_later_http_1_head_without_host_is_refused_as_an_http_1_1_one(harness, version):
     # gunicorn's parser takes HTTP/1.2 to 1.9, and the request was served without Host.
