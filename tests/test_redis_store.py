@@ -1618,8 +1618,34 @@ def test_an_acl_user_that_may_only_read_stops_the_start_with_one_line(server, ca
         admin.acl_deluser("wp-reader")
         admin.close()
     assert code == 2
-    assert said.startswith("store error: STORE cannot be used: redis: ")
-    assert "can't run this command" in said
+    assert said.startswith("store error: STORE cannot be used: redis: this user has no permissions to run BLPOP, LPOP")
+    assert " HSET, " in said and said.count("\n") == 1  # every write the store runs is named
+
+
+@pytest.mark.parametrize("refused", ["hset", "hdel", "blpop", "script"])
+def test_an_acl_user_refused_a_command_the_steps_run_stops_the_start_and_fails_healthz(server, clock, capsys, refused):
+    # Redis keeps what a script wrote before a command it refuses: such a user passed the start, and each step
+    # it ran was left half done (-hset: an id admitted with no task, 409 and counted queued for ever; -hdel: a
+    # task claimed but never given a lease, running for ever).
+    admin = server.client()
+    admin.flushall()
+    try:
+        admin.acl_setuser("wp-most", enabled=True, passwords=["+most-pass-12345"], keys=["{wp}*"], channels=["*"],
+                          commands=["+@all", "-@dangerous", "+info", f"-{refused}"])  # fmt: skip
+        url = f"redis://wp-most:most-pass-12345@127.0.0.1:{server.port}/0"
+        code, said = _start_check(config.from_env({"STORE": url, "STORE_PREFIX": "wp"}), capsys)
+        client = connect(url, timeout=5.0)
+        store = RedisStore(client, prefix="wp", capacity=4, ttl=60.0, max_finished=100, clock=clock.time)
+        health = store.health()
+        client.close()
+    finally:
+        admin.acl_deluser("wp-most")
+    assert code == 2
+    named = "SCRIPT LOAD" if refused == "script" else refused.upper()
+    assert f"no permissions to run {named}, which the store needs" in said and said.count("\n") == 1
+    assert health is not None and f"no permissions to run {named}," in health  # /healthz answers 503 with it
+    assert admin.keys("{wp}*") == []  # nothing written
+    admin.close()
 
 
 def test_a_redis_at_maxmemory_still_lets_the_service_start(server, capsys):

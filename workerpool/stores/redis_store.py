@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import struct
 import threading
@@ -657,8 +658,50 @@ local head = redis.call('ZRANGE', new, '0', '0', 'WITHSCORES')
 return {redis.call('ZCOUNT', new, '(' .. ARGV[1], '+inf'), redis.call('ZCARD', new), head[2] or false}
 """
 
-# A write Redis refuses when it cannot take one (maxmemory reached, a read-only replica).
+# The commands the store sends itself, with arguments as acl_check_cmd reads them (KEY: one of the store's
+# keys); those its scripts run are read from the scripts (see _commands_checked).
+_SENT_COMMANDS = (
+    ("EVALSHA", "0", "1", "KEY"),
+    ("SCRIPT", "LOAD", "return 1"),
+    ("BLPOP", "KEY", "0"),
+    ("LPOP", "KEY"),
+    ("RPUSH", "KEY", "1"),
+    ("EXPIRE", "KEY", "60"),
+    ("MULTI",),
+    ("EXEC",),
+    ("ZRANGEBYSCORE", "KEY", "-inf", "+inf"),
+    ("HMGET", "KEY", "owner"),
+    ("SMEMBERS", "KEY"),
+    ("SCARD", "KEY"),
+)
+
+
+def _commands_checked(scripts: Iterable[str]) -> str:
+    """A Lua table of the commands the store sends and its ``scripts`` run, each with the arguments
+    acl_check_cmd is given (a script's command: one of the store's keys)."""
+    run = sorted({name for script in scripts for name in re.findall(r"redis\.call\('([A-Z]+)'", script)})
+    commands = [*_SENT_COMMANDS, *((name, "KEY") for name in run if name not in {c[0] for c in _SENT_COMMANDS})]
+    return "{" + ", ".join("{" + ", ".join("key" if a == "KEY" else f"'{a}'" for a in c) + "}" for c in commands) + "}"
+
+
+# Whether Redis lets the store's ACL user run every command the store needs, then a write Redis refuses when
+# it cannot take one (maxmemory reached, a read-only replica). Redis keeps what a script wrote before a command
+# it refuses: a user refused one command (HSET, HDEL) would fail each step part-way and leave it half done (an
+# id admitted without its task, answered 409 and counted queued for ever; a task running without a lease,
+# never recovered). So the start and /healthz look first. acl_check_cmd runs nothing; Redis 6 has none.
 _HEALTH = """
+if redis.acl_check_cmd then
+  local refused = {}
+  for _, command in ipairs(NEEDED) do
+    if not redis.acl_check_cmd(unpack(command)) then
+      refused[#refused + 1] = command[1] == 'SCRIPT' and 'SCRIPT LOAD' or command[1]
+    end
+  end
+  if #refused > 0 then
+    return {err = 'NOPERM this user has no permissions to run ' .. table.concat(refused, ', ')
+      .. ', which the store needs'}
+  end
+end
 redis.call('SET', P .. ':health', ARGV[1], 'PX', 60000)
 return 1
 """
@@ -702,7 +745,8 @@ class _KernelTimeoutConnection(redis.Connection):
 
 # What an ACL user of the store must be allowed to run, said when Redis refuses one of them (docs/redis.md too).
 _ACL_COMMANDS = (
-    "EVALSHA, SCRIPT LOAD, BLPOP, LPOP, RPUSH, EXPIRE, ZRANGEBYSCORE, HMGET, SMEMBERS and SCARD, and in its scripts "
+    "EVALSHA, SCRIPT LOAD, BLPOP, LPOP, RPUSH, EXPIRE, MULTI, EXEC, ZRANGEBYSCORE, HMGET, SMEMBERS and SCARD, and in "
+    "its scripts "
     "TIME and the string, hash, list, set and sorted-set commands: +@all -@dangerous allows them all"
 )
 
@@ -989,8 +1033,10 @@ class RedisStore(TaskStore):
             "first_due": _FIRST_DUE,
             "queue_delays": _QUEUE_DELAYS,
             "drop_leftover": _DROP_LEFTOVER,
-            "health": _HEALTH,
+            "health": "",  # below: it checks the commands every other script runs
         }
+        checked = _commands_checked([_PRELUDE, _STEPS, *scripts.values(), _HEALTH])
+        scripts["health"] = f"local key = P .. ':health'\nlocal NEEDED = {checked}\n" + _HEALTH
         self._scripts = {
             name: client.register_script(_PRELUDE + ("" if name == "admit" else _BOUNDS + _STEPS) + body)
             for name, body in scripts.items()
