@@ -2295,3 +2295,34 @@ def test_with_full_a_wal_removed_while_open_is_still_the_one_synced(open_store, 
     db.with_name(db.name + "-wal").unlink()
     store.finish("running", 1, "a")  # noticed by no admission yet
     assert store.get("running").state is State.DONE
+
+
+@pytest.mark.parametrize("state", [None, "running", "done", "failed", "cancelled", "queued"])
+def test_a_page_after_a_position_is_a_range_of_an_index_never_a_scan_of_the_table(open_store, db, state):
+    open_store()  # the schema
+    query = sqlite_store._page_query(state, sqlite_store._LISTED_COLUMNS)
+    params = {"state_seq": 1, "seq": 1, "below": 1, "limit": 1} if state == "queued" else [1] * query.count("?")
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)]
+    searches = [step for step in plan if step.startswith(("SEARCH tasks ", "SCAN tasks "))]  # reads of the table
+    if state is None:
+        assert searches == ["SEARCH tasks USING INTEGER PRIMARY KEY (rowid<?)"]
+    elif state == "queued":  # new tasks from below the position down the table; retries from their own index
+        assert searches == ["SEARCH tasks USING INTEGER PRIMARY KEY (rowid<?)", "SCAN tasks USING INDEX tasks_retry"]
+    else:
+        assert searches == ["SEARCH tasks USING INDEX tasks_by_state (state=? AND state_seq<?)"], plan
+        assert not any("TEMP B-TREE" in step for step in plan)  # the index's order is the page's
+
+
+def test_queued_pages_list_a_new_task_put_back_during_the_walk_once(open_store, clock):
+    store = open_store(capacity=10)
+    store.admit([task(clock, f"t{n}") for n in range(6)])
+    first = store.page(State.QUEUED, 2)
+    assert [t.id for t in first.tasks] == ["t5", "t4"]
+    running = claim(store, clock)  # t0, the oldest
+    store.put_back(running.id, running.attempts, "a")  # queued again: a new entry, ahead of the walk
+    second = store.page(State.QUEUED, 2, after=first.next)
+    third = store.page(State.QUEUED, 2, after=second.next)
+    assert [t.id for t in second.tasks + third.tasks] == ["t3", "t2", "t1"]
+    assert third.next is None
+    assert [t.id for t in store.list(State.QUEUED)][:1] == ["t0"]

@@ -9,7 +9,7 @@ from doubles import WAIT_S
 from stores import STORES
 
 from workerpool import FINAL_STATES, DuplicateTask, InvalidTransition, QueueFull, State, Task
-from workerpool.stores.base import LOST_EXPIRED, LOST_UNREACHABLE
+from workerpool.stores.base import LOST_EXPIRED, LOST_UNREACHABLE, InvalidPosition
 from workerpool.task import TRANSITIONS, check_transition
 
 OWNER = "host:1:a"
@@ -781,3 +781,120 @@ def test_wake_releases_every_waiting_worker(store):
     for thread in threads:
         thread.join(WAIT_S)
         assert not thread.is_alive()
+
+
+# -- pages of a listing -----------------------------------------------------------------
+
+
+def walk(store, state=None, limit=2, **kwargs):
+    """Every page of a listing, as lists of ids, from the first to the one without a next position."""
+    pages, after = [], None
+    while True:
+        page = store.page(state, limit, after=after, **kwargs)
+        pages.append([t.id for t in page.tasks])
+        if page.next is None:
+            return pages
+        assert len(page.tasks) == limit  # a page short of its limit is the last one
+        after = page.next
+
+
+def test_pages_list_what_list_lists_in_the_same_order(store, clock):
+    admit(store, clock, *"abcdefg", max_retries=1)
+    run(store, clock, "a")
+    run(store, clock, "b", error="boom", retry_at=clock.time() + 10)  # queued again, after g
+    run(store, clock, "c", error="boom")
+    store.cancel("d")
+    claim(store, clock)  # e runs
+    for state in (None, *State):
+        whole = [t.id for t in store.list(state, 1000)]
+        for limit in (1, 2, 3, 1000):
+            pages = walk(store, state, limit)
+            assert [i for page in pages for i in page] == whole, (state, limit)
+            assert all(pages[:-1]) and len(pages) == max(1, -(-len(whole) // limit)), (state, limit, pages)
+        first = store.page(state, 2)
+        assert first.tasks == store.list(state, 2), state
+        assert store.page(state, 2, results=False).tasks == store.list(state, 2, results=False), state
+
+
+def test_tasks_admitted_during_a_walk_shift_no_later_page(store, clock):
+    admit(store, clock, *"abcdef")
+    first = store.page(limit=2)
+    assert [t.id for t in first.tasks] == ["f", "e"]
+    admit(store, clock, "g", "h")
+    second = store.page(limit=2, after=first.next)
+    assert [t.id for t in second.tasks] == ["d", "c"]  # not ["f", "e"] again, shifted by g and h
+    admit(store, clock, "i")
+    third = store.page(limit=2, after=second.next)
+    assert [t.id for t in third.tasks] == ["b", "a"]
+    assert third.next is None or store.page(limit=2, after=third.next).tasks == []
+
+
+def test_a_walk_by_state_skips_none_that_stayed_and_lists_none_twice_while_tasks_move(store, clock):
+    admit(store, clock, *"abcdefghi", max_retries=1)
+    for task_id in "abcdef":
+        run(store, clock, task_id)  # done, a first
+    pages = [store.page(State.DONE, 2)]
+    assert [t.id for t in pages[0].tasks] == ["f", "e"]
+    run(store, clock, "g")  # enters done during the walk: lists ahead of it, on no later page
+    queued = store.page(State.QUEUED, 1)
+    assert [t.id for t in queued.tasks] == ["i"]
+    while pages[-1].next is not None:
+        pages.append(store.page(State.DONE, 2, after=pages[-1].next))
+    assert [t.id for page in pages for t in page.tasks] == list("fedcba")
+    # h leaves the queue and comes back (a retry): by its new entry it lists ahead of the walk's position.
+    run(store, clock, "h", error="boom", retry_at=clock.time() + 10)
+    assert [t.id for t in store.page(State.QUEUED, 1).tasks] == ["h"]
+    assert store.page(State.QUEUED, 1, after=queued.next).tasks == []
+
+
+def test_queued_pages_interleave_retries_and_new_tasks_by_their_entry(store, clock):
+    admit(store, clock, "a", "b", "c", max_retries=1)
+    run(store, clock, "a", error="boom", retry_at=clock.time() + 10)  # after b and c
+    admit(store, clock, "d", "e")
+    run(store, clock, "b", error="boom", retry_at=clock.time() + 10)  # after e
+    admit(store, clock, "f")
+    assert [t.id for t in store.list(State.QUEUED)] == ["f", "b", "e", "d", "a", "c"]
+    for limit in (1, 2, 4):
+        assert [i for page in walk(store, State.QUEUED, limit) for i in page] == ["f", "b", "e", "d", "a", "c"]
+    first = store.page(State.QUEUED, 3)
+    admit(store, clock, "g")
+    run(store, clock, "c")  # the oldest new task leaves: the rest stay
+    assert [t.id for t in store.page(State.QUEUED, 3, after=first.next).tasks] == ["d", "a"]
+
+
+def test_a_page_goes_on_after_a_task_forgotten_since_it_was_listed(make_store, clock):
+    store = make_store(ttl=60)
+    admit(store, clock, "a", "b", "c", "d")
+    run(store, clock, "a")
+    run(store, clock, "b")
+    run(store, clock, "c")
+    first = store.page(limit=2)
+    assert [t.id for t in first.tasks] == ["d", "c"]
+    done = store.page(State.DONE, 1)
+    assert [t.id for t in done.tasks] == ["c"]
+    clock.advance(61)  # a, b and c are forgotten, the one each position names among them
+    run(store, clock, "d")
+    assert store.page(limit=2, after=first.next).tasks == []
+    assert store.page(State.DONE, 1, after=done.next).tasks == []
+
+
+@pytest.mark.parametrize("state", [None, State.QUEUED, State.DONE])
+def test_a_position_no_listing_of_the_store_made_is_refused(store, clock, state):
+    admit(store, clock, "a", "b", "c", "d")
+    run(store, clock, "a")
+    run(store, clock, "b")
+    position = store.page(state, 1).next
+    assert position is not None
+    assert store.page(state, 1, after=position).tasks  # the position itself is read
+    for bad in [
+        (*position, 1),
+        position[:-1],
+        tuple(-1 for _ in position),
+        tuple(2**63 for _ in position),
+        tuple(True for _ in position),
+        tuple(float(n) for n in position),
+        tuple(str(n) for n in position),
+        list(position),
+    ]:
+        with pytest.raises(InvalidPosition):
+            store.page(state, 1, after=bad)

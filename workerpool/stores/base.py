@@ -87,6 +87,35 @@ class Renewal:
     """Ids whose cancellation was requested (possibly by another process): set their cancel events."""
 
 
+Position = tuple[int, ...]
+"""Where a listing stopped, in the store's own order (its sequence numbers, never an offset): the store reads
+the next page from there, however many tasks were admitted meanwhile. What it holds is the store's own;
+only the same listing (the same ``state``) of a store of the same kind can read it back."""
+
+
+class InvalidPosition(ValueError):
+    """A position no listing of this store could have made (another shape, a number out of range)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing: its tasks, and where the next page starts (None: this is the last)."""
+
+    tasks: list[Task]
+    next: Position | None
+
+
+def check_position(position: Position, size: int) -> Position:
+    """``position`` itself if it is ``size`` non-negative 64-bit integers, else InvalidPosition."""
+    if (
+        type(position) is not tuple
+        or len(position) != size
+        or not all(type(n) is int and 0 <= n < 2**63 for n in position)
+    ):
+        raise InvalidPosition(f"not a position of this store's listings: {position!r}")
+    return position
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """Figures for health and metrics, read in one step."""
@@ -291,6 +320,23 @@ class TaskStore(abc.ABC):
         Listed tasks carry no payload (``""``), which a listing never shows, and with
         ``results=False`` no result (None) either: a store that keeps them elsewhere (SQLite,
         Redis) then does not read them (up to MAX_PAYLOAD_CHARS, MAX_RESULT_BYTES per task).
+        """
+
+    @abc.abstractmethod
+    def page(
+        self, state: State | None = None, limit: int = 100, *, results: bool = True, after: Position | None = None
+    ) -> Page:
+        """``list``'s tasks in pages: the first ``limit`` (``after`` None), or those listed after ``after``.
+
+        ``Page.next`` is set when more tasks follow the page's last one: passed back as ``after``, it
+        yields the page after it in the same order, keyed on the store's own ordering (never an
+        offset), so that tasks admitted or entering ``state`` meanwhile (which list first) shift no
+        later page. A walk lists no task twice, and skips none that stayed retained (in ``state``)
+        throughout: a task that enters ``state`` again (a retry) lists by its new entry, ahead of the
+        pages still to come. Each page is one
+        read, found from ``after`` without reading the tasks before it where the store keeps an index
+        (SQLite, Redis). ``InvalidPosition`` if ``after`` is not one of this store's positions for
+        ``state``'s listing.
         """
 
     @abc.abstractmethod

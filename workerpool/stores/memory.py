@@ -44,13 +44,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import islice
+from functools import partial
+from itertools import islice, takewhile
+from operator import le
 from typing import Any
 
 from ..errors import DuplicateTask, QueueFull, SubmitError
 from ..handlers import Wait, event_wait
 from ..task import FINAL_STATES, TRANSITIONS, State, Task, check_transition
-from .base import Renewal, StoreStats, TaskStore, full_queue_delays
+from .base import Page, Position, Renewal, StoreStats, TaskStore, check_position, full_queue_delays
 
 # The states as records hold them: plain strings (see the module docstring). State is a StrEnum,
 # so a member finds them in a dict too; the tables below are keyed by the strings themselves,
@@ -125,6 +127,12 @@ def _own_payload(task: Task) -> Task:
     return _tuple_new(Task, (task[0], top, *task[2:]))
 
 
+def _count_from_newest(entries: dict[str, int], newer: Callable[[int], bool]) -> int:
+    """How many of ``entries``, counted from the newest, pass ``newer`` before one does not: in C throughout."""
+    last = deque(enumerate(takewhile(newer, reversed(entries.values())), 1), maxlen=1)
+    return last[0][0] if last else 0
+
+
 def _changed(record: Record, **changes: Any) -> Record:
     """A copy of ``record`` with some fields changed (states as strings): for the rarer transitions."""
     fields = list(record)
@@ -140,7 +148,7 @@ class MemoryStore(TaskStore):
     are kept ``ttl`` seconds after they finished (by ``clock``) and at most
     ``max_finished`` of them. ``wait(event, timeout)`` is how idle workers
     block (tests pass a fake clock's). Every method is amortised O(1) but
-    ``list`` (O(limit)) and ``abandon`` (O(unfinished)).
+    ``list`` (O(limit)), ``page`` (O(limit) plus its depth) and ``abandon`` (O(unfinished)).
     """
 
     shared = False
@@ -171,9 +179,13 @@ class MemoryStore(TaskStore):
         # racing submits may arrive out of stamp order; admit clamps to keep creation times
         # non-decreasing in admission (listing) order.
         self._last_created = -math.inf
-        # Ids per state in the order they entered it: O(1) counts, newest-first listing by state. A
-        # running id maps to the owner that claimed it; the other states' ids map to None.
-        self._by_state: dict[str, dict[str, str | None]] = {state.value: {} for state in State}
+        # Ids per state in the order they entered it, each to its entry number (from _entries, so the
+        # numbers grow along each dict): O(1) counts, newest-first listing by state, and the position a
+        # page of a listing stops at. _admitted is the same for admission: the keys of _tasks, in order.
+        self._entries = itertools.count(1)
+        self._by_state: dict[str, dict[str, int]] = {state.value: {} for state in State}
+        self._admitted: dict[str, int] = {}
+        self._owners: dict[str, str] = {}  # running id -> the owner that claimed it
         self._queued, self._running = self._by_state[_QUEUED], self._by_state[_RUNNING]
         self._done = self._by_state[_DONE]
         self._retry_line: deque[Record] = deque()  # due retries: they run first (accepted long ago)
@@ -203,6 +215,7 @@ class MemoryStore(TaskStore):
             if self._scheduled:  # what fell due earlier goes ahead of what arrives now
                 self._release_due(now)
             tasks_by_id, queued, new_line = self._tasks, self._queued, self._new_line
+            admitted, entries = self._admitted, self._entries
             full: tuple[int, float | None] | None = None
             for task in tasks:
                 task_id = task.id
@@ -224,7 +237,7 @@ class MemoryStore(TaskStore):
                         task = _tuple_new(Task, record)
                     self._last_created = created
                     tasks_by_id[task_id] = record
-                    queued[task_id] = None
+                    admitted[task_id] = queued[task_id] = next(entries)
                     self._waiting += 1
                     if t[9] is None:
                         new_line.append(record)
@@ -281,12 +294,12 @@ class MemoryStore(TaskStore):
                 and task is not None
                 and task[3] is _RUNNING_STATE
                 and task[4] == attempt
-                and self._running.get(task_id) == owner
+                and self._owners.get(task_id) == owner
             ):  # a success, _finish_attempt()'s hot path spelled out: a call less, once per task
                 ended = (task_id, "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
                          result, task[12])  # fmt: skip
-                del self._running[task_id]
-                self._done[task_id] = None
+                del self._running[task_id], self._owners[task_id]
+                self._done[task_id] = next(self._entries)
                 tasks[task_id] = ended
                 finished = self._finished
                 finished.append(ended)
@@ -337,7 +350,7 @@ class MemoryStore(TaskStore):
             task = self._tasks.get(task_id)
             if task is None or task[_STATE] is not _RUNNING_STATE or task[_ATTEMPTS] != attempt:
                 return None
-            if self._running[task_id] != owner:
+            if self._owners[task_id] != owner:
                 return None
             started = None if attempt == 1 else task[_STARTED_AT]  # as admitted: no attempts, no start
             if task[_CANCEL_REQUESTED]:
@@ -451,6 +464,31 @@ class MemoryStore(TaskStore):
             return [_snapshot(record)._replace(payload="") for record in records]
         return [_snapshot(record)._replace(payload="", result=None) for record in records]
 
+    def page(
+        self, state: State | None = None, limit: int = 100, *, results: bool = True, after: Position | None = None
+    ) -> Page:
+        """A page of ``list``: positions are entry numbers, which grow along each dict (see ``__init__``).
+
+        The tasks entered after ``after`` are counted off the newest end in C (no dict can start an
+        iteration at a key), about 10 ns each, then the page is read from there: a page ``n`` tasks
+        deep takes O(n + limit) under the lock, O(limit) for the first.
+        """
+        if after is not None:
+            (entry,) = check_position(after, 1)
+        with self._lock:
+            self._evict(self._clock())
+            entries = self._admitted if state is None else self._by_state[State(state).value]
+            skip = 0 if after is None else _count_from_newest(entries, partial(le, entry))
+            listed = list(islice(reversed(entries.items()), skip, skip + limit + 1))
+            tasks = self._tasks
+            records = [tasks[task_id] for task_id, _ in listed[:limit]]
+        more = len(listed) > limit
+        if results:
+            snapshots = [_snapshot(record)._replace(payload="") for record in records]
+        else:
+            snapshots = [_snapshot(record)._replace(payload="", result=None) for record in records]
+        return Page(snapshots, (listed[limit - 1][1],) if more else None)
+
     def stats(self) -> StoreStats:
         with self._lock:
             now = self._clock()
@@ -491,7 +529,8 @@ class MemoryStore(TaskStore):
         running = (task_id, task[1], task[2], _RUNNING_STATE, task[4] + 1, task[5], task[6], now, None,
                    None, task[10], task[11], task[12])  # fmt: skip
         del self._queued[task_id]
-        self._running[task_id] = owner
+        self._running[task_id] = next(self._entries)
+        self._owners[task_id] = owner
         tasks[task_id] = running
         return running
 
@@ -501,13 +540,13 @@ class MemoryStore(TaskStore):
         task = self._tasks.get(task_id)
         if task is None or task[_STATE] is not _RUNNING_STATE or task[_ATTEMPTS] != attempt:
             return None
-        if self._running[task_id] != owner:
+        if self._owners[task_id] != owner:
             return None
         if error is None:  # the hot path, spelled out as in _claim(): running -> done is a legal change
             ended = (task_id, "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
                      result, task[12])  # fmt: skip
-            del self._running[task_id]
-            self._done[task_id] = None
+            del self._running[task_id], self._owners[task_id]
+            self._done[task_id] = next(self._entries)
             self._tasks[task_id] = ended
             finished = self._finished
             finished.append(ended)
@@ -534,7 +573,9 @@ class MemoryStore(TaskStore):
         if new_state not in _TRANSITIONS[old_state]:  # the common case without a call: twice per task
             check_transition(_STATES[old_state], _STATES[new_state])
         del self._by_state[old_state][task_id]
-        self._by_state[new_state][task_id] = None
+        self._by_state[new_state][task_id] = next(self._entries)
+        if old_state is _RUNNING_STATE:  # only the claim enters it, spelled out in _claim()
+            del self._owners[task_id]
         self._tasks[task_id] = new
 
     def _schedule(self, task: Record) -> None:
@@ -628,5 +669,5 @@ class MemoryStore(TaskStore):
         horizon = now - self._ttl
         while finished and (len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= horizon):
             task = finished.popleft()
-            del self._tasks[task[_ID]]
+            del self._tasks[task[_ID]], self._admitted[task[_ID]]
             del self._by_state[task[_STATE]][task[_ID]]

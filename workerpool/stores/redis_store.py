@@ -44,9 +44,12 @@ from ..task import State, Task
 from .base import (
     LOST_EXPIRED,
     LOST_UNREACHABLE,
+    Page,
+    Position,
     Renewal,
     StoreStats,
     TaskStore,
+    check_position,
     full_queue_delays,
     lost_while_unreachable,
 )
@@ -637,6 +640,65 @@ if not more or #ids < 2 * want then return {'', out} end
 return {'(' .. ids[#ids], out}
 """
 
+# ARGV: now, ttl, max_finished, state or '', limit, the position to list after or '' (the first page), then the
+# fields to read, as _LIST. Returns the position of the page's last task when more follow ('' when none), then
+# the tasks. A position is the score of an entry in the index, read from there on by score (ZREVRANGEBYSCORE
+# with an exclusive bound), never by rank: tasks entering the index meanwhile take higher scores and shift
+# nothing below it. Each score is a number of P:seq's own (INCR), so it names one entry: no tie to break.
+# Tasks past their time are passed over as in _LIST, each chunk read on from the last score of the one before.
+_PAGE = """
+local cutoff = num(ARGV[1]) - num(ARGV[2])
+local more = evict(cutoff, num(ARGV[3]))
+local index = ARGV[4] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[4])
+local limit = num(ARGV[5])
+local bound = ARGV[6] == '' and '+inf' or ('(' .. ARGV[6])
+local fields = {unpack(ARGV, 7)}
+local passed = nil
+local function past(id)
+  if not more then return false end
+  if passed then return passed[id] == true end
+  return aged(id, cutoff)
+end
+local out = {''}
+local last = nil
+local chunk = more and math.max(limit + 1, 1000) or limit + 1
+local count = string.format('%d', chunk)
+while true do
+  local found = redis.call('ZREVRANGEBYSCORE', index, bound, '-inf', 'WITHSCORES', 'LIMIT', '0', count)
+  for i = 1, #found, 2 do
+    local id = found[i]
+    if not past(id) then
+      local key = P .. ':t:' .. id
+      local task
+      if #fields == 0 then
+        task = redis.call('HGETALL', key)
+      else
+        task = {}
+        for j, value in ipairs(redis.call('HMGET', key, unpack(fields))) do
+          if value then task[#task + 1] = fields[j]; task[#task + 1] = value end
+        end
+      end
+      if #task > 0 then
+        if #out > limit then  -- a task after the page's last: the page ends there, and more follow
+          out[1] = last
+          return out
+        end
+        out[#out + 1] = task
+        last = found[i + 1]
+      end
+    end
+  end
+  if not more or #found < 2 * chunk then return out end
+  if not passed then
+    passed = {}
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', cutoff)) do
+      passed[id] = true
+    end
+  end
+  bound = '(' .. found[#found]
+end
+"""
+
 # ARGV: now, ttl, max_finished, then the state names. Returns counts per state, then waiting,
 # due, retries pending.
 _STATS = """
@@ -1029,6 +1091,7 @@ class RedisStore(TaskStore):
             "cancel_requested": _CANCEL_REQUESTED,
             "get": _GET,
             "list": _LIST,
+            "page": _PAGE,
             "stats": _STATS,
             "first_due": _FIRST_DUE,
             "queue_delays": _QUEUE_DELAYS,
@@ -1636,6 +1699,16 @@ class RedisStore(TaskStore):
             below, flats = self._run("list", *self._retention(), index, limit - len(listed), below, *fields)
             listed.extend(task for task in map(_decode, flats) if task is not None)
         return listed
+
+    def page(
+        self, state: State | None = None, limit: int = 100, *, results: bool = True, after: Position | None = None
+    ) -> Page:
+        """A page of ``list``: positions are ``(score,)``, the score of the last task's entry in its index."""
+        fields = _LISTED_FIELDS if results else _LISTED_BUT_RESULT
+        position = "" if after is None else check_position(after, 1)[0]
+        flats = self._run("page", *self._retention(), "" if state is None else str(state), limit, position, *fields)
+        tasks = [task for task in map(_decode, flats[1:]) if task is not None]
+        return Page(tasks, (int(flats[0]),) if flats[0] else None)
 
     def stats(self) -> StoreStats:
         states = list(State)

@@ -59,9 +59,12 @@ from ..task import State, Task, check_transition
 from .base import (
     LOST_EXPIRED,
     LOST_UNREACHABLE,
+    Page,
+    Position,
     Renewal,
     StoreStats,
     TaskStore,
+    check_position,
     full_queue_delays,
     lost_while_unreachable,
 )
@@ -1655,6 +1658,37 @@ class SqliteStore(TaskStore):
             args = (horizon, limit)
         return self._read(lambda conn: [_task(row) for row in conn.execute(query, args)])
 
+    def page(
+        self, state: State | None = None, limit: int = 100, *, results: bool = True, after: Position | None = None
+    ) -> Page:
+        """A page of ``list``, each a range of an index read newest first from ``after``, never an offset.
+
+        Positions: ``(seq,)`` for every task; ``(state_seq, seq)`` by state (``state_seq`` may tie: the tasks
+        one step moves share it); for queued tasks also the lowest ``seq`` of the new tasks listed so far, so
+        that they are read on from there (see _PAGE_QUEUED).
+        """
+        horizon = self._clock() - self._ttl
+        columns = _LISTED_COLUMNS if results else _LISTED_BUT_RESULT
+        value = None if state is None else State(state).value
+        size = 1 if value is None else 3 if value == "queued" else 2
+        position = (_PAST_ANY,) * size if after is None else check_position(after, size)
+        query = _page_query(value, columns)
+        args: tuple[Any, ...] | dict[str, Any]
+        if value == "queued":
+            args = {"state_seq": position[0], "seq": position[1], "below": position[2], "limit": limit + 1}
+        else:
+            args = (horizon, *position, limit + 1)
+        rows = self._read(lambda conn: conn.execute(query, args).fetchall())
+        keys = len(position) if size < 3 else 2
+        tasks = [_task(row[keys:]) for row in rows[:limit]]
+        if len(rows) <= limit:
+            return Page(tasks, None)
+        last = rows[limit - 1][:keys]
+        if size == 3:  # the lowest seq of the new tasks listed so far: the next page's new ones are below it
+            new = [row[1] for row in rows[:limit] if row[2 + _ATTEMPTS_COLUMN] == 0]
+            last = (*last, min(new, default=position[2]))
+        return Page(tasks, last)
+
     def stats(self) -> StoreStats:
         """The figures, read promptly: within ``PROMPT_WAIT_S`` when another program holds the write lock.
 
@@ -1800,6 +1834,36 @@ _LIST_QUEUED = f"""SELECT {_LISTED_COLUMNS} FROM (
         LIMIT min(:limit, (SELECT waiting FROM task_totals)))
     UNION ALL
     SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry WHERE state = 'queued' AND attempts > 0
+) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
+
+
+def _page_query(state: str | None, columns: str) -> str:
+    """The query of a page after a position (see SqliteStore.page): a range of an index read newest first."""
+    if state is None:
+        return f"SELECT seq, {columns} FROM tasks WHERE {_RETAINED} AND seq < ? ORDER BY seq DESC LIMIT ?"
+    if state == "queued":  # never finished: always retained, and without a result
+        return _PAGE_QUEUED
+    # The state written out (a State's value), as in list(): the partial index serves a constant only.
+    return (
+        f"SELECT state_seq, seq, {columns} FROM tasks WHERE state = '{state}' AND {_RETAINED} "
+        "AND (state_seq, seq) < (?, ?) ORDER BY state_seq DESC, seq DESC LIMIT ?"
+    )
+
+
+# A position past every task's (see SqliteStore.page): where the first page starts.
+_PAST_ANY = 2**63 - 1
+_ATTEMPTS_COLUMN = _COLUMNS.split(", ").index("attempts")
+# A page of queued tasks after the position (:state_seq, :seq), as _LIST_QUEUED lists them. New tasks enter the
+# queue in seq order (put back ones aside, which enter it again), so those after the position are below
+# the lowest seq of the new tasks listed so far (:below): the table is read backwards from there, not
+# from its newest row. Retries, from their own index.
+_PAGE_QUEUED = f"""SELECT state_seq, seq, {_LISTED_COLUMNS} FROM (
+    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
+        WHERE state = 'queued' AND attempts = 0 AND seq < :below AND (state_seq, seq) < (:state_seq, :seq)
+        ORDER BY seq DESC LIMIT min(:limit, (SELECT waiting FROM task_totals)))
+    UNION ALL
+    SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry
+        WHERE state = 'queued' AND attempts > 0 AND (state_seq, seq) < (:state_seq, :seq)
 ) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
 # The due time of the next retry and of the next new task, each read from its own index.
 _NEXT_DUE_TIMES = "SELECT " + ", ".join(
