@@ -5,7 +5,7 @@ malformed request line, header or chunked framing (400) and the like never
 reach Flask: gunicorn writes an HTML page for them through
 ``gunicorn.util.write_error``, its one writer of such answers. ``install``
 replaces that writer so these errors look like every other error of the
-service: ``application/problem+json`` with an ``X-Request-ID``.
+service: ``application/problem+json`` with an ``X-Request-ID``, ``Server`` and ``Date``.
 
 The worker wraps gunicorn's error handling in ``answering()``, so that the
 id the answer carries is known before it is written: gunicorn logs its
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from gunicorn import util
+from gunicorn import SERVER, util
 
 from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
@@ -86,6 +86,8 @@ def write_problem(sock: socket.socket, status_int: int, reason: str, mesg: str) 
     body = json.dumps(problem_document(status_int, detail)).encode()
     head = (
         f"HTTP/1.1 {status_int} {_reason(status_int, reason)}\r\n"
+        f"Server: {SERVER}\r\n"  # as gunicorn's other answers; Date is a MUST (RFC 9110 section 6.6.1)
+        f"Date: {util.http_date()}\r\n"
         "Connection: close\r\n"
         f"Content-Type: {PROBLEM_JSON}\r\n"
         f"Content-Length: {len(body)}\r\n"

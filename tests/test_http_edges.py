@@ -284,6 +284,7 @@ def test_a_path_outside_the_root_path_is_a_404_problem_with_its_access_line(unde
     problem = response.json()
     assert (problem["status"], problem["title"]) == (404, "Not Found")
     assert "/wp" in problem["detail"]
+    assert response.headers["Date"] and response.headers["Server"]  # as every other answer of the service
     tail = f"request_id={response.headers['X-Request-ID']}"
 
     def access_lines():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import json
 import re
@@ -147,6 +148,27 @@ def test_a_head_over_the_limits_is_refused_with_a_problem_document(port, head, s
     assert headers["connection"] == "close"
     assert "x-request-id" in headers
     assert detail in problem(headers, body)["detail"].lower()
+
+
+REFUSED_BEFORE_THE_APPLICATION = {
+    "no-host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+    "expectation": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nExpect: foo\r\n\r\n", 417),
+    "coding": (b"POST /enqueue HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    "request-line": HEADS_OVER_THE_LIMITS["request-line"][:2],
+    "field": HEADS_OVER_THE_LIMITS["field"][:2],
+}
+
+
+@pytest.mark.parametrize(
+    ("head", "status"), REFUSED_BEFORE_THE_APPLICATION.values(), ids=REFUSED_BEFORE_THE_APPLICATION
+)
+def test_a_request_refused_before_the_application_is_answered_with_date_and_server(port, head, status):
+    # RFC 9110 section 6.6.1: a server with a clock sends Date in its 4xx answers; gunicorn's own errors had none.
+    answer, headers, _ = exchange(port, head)
+    assert answer == status
+    sent = email.utils.parsedate_to_datetime(headers["date"])
+    assert abs(sent.timestamp() - time.time()) < 600  # wide: only a date far off would be wrong
+    assert headers["server"]
 
 
 def test_a_request_line_too_long_is_answered_414_uri_too_long(port):
