@@ -449,7 +449,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "STATE_TTL_S": ("state_ttl_s", _number(0.0, 365 * 86_400.0, low_open=True)),
     "STATE_MAX_TASKS": ("state_max_tasks", _integer(1, 100_000_000)),
     "SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", _number(0.0, 86_400.0)),
-    "REQUEST_TIMEOUT_S": ("request_timeout_s", _number(0.0, 3600.0, low_open=True)),
+    # A client has at least a second to send a request: below, most would be cut off unanswered.
+    "REQUEST_TIMEOUT_S": ("request_timeout_s", _number(1.0, 3600.0)),
     "MAX_DELAY_MS": ("max_delay_ms", _integer(0, 30 * _DAY_MS)),
     "MAX_RESULT_BYTES": ("max_result_bytes", _integer(0, 16 * 1024 * 1024)),
     "ATTEMPT_TIMEOUT_S": ("attempt_timeout_s", _number(0.0, 86_400.0)),
