@@ -179,6 +179,14 @@ def reach_store(config: Config) -> list[str]:
             # end and retention frees room, which needs the service running.
             with contextlib.suppress(StoreOutOfMemory):
                 store.check_writes()
+            # One that takes them as a replica (replica-read-only no) keeps them to itself: its primary, which the
+            # other instances share, never has them, and a full resync from it drops them.
+            if (primary := store.primary()) is not None:
+                raise StoreUnavailable(
+                    f"redis: the server at {_redis_address(config)} is a replica of {primary} that takes writes "
+                    f"(replica-read-only no): tasks written there never reach {primary}, which other instances "
+                    f"share, and a full resync from it drops them; point STORE at {primary}"
+                )
             return _redis_warnings(config, store)
         return []
     except (ValueError, TypeError, IndexError, KeyError) as exc:

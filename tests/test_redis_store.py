@@ -1607,6 +1607,22 @@ def test_a_read_only_replica_stops_the_start_with_one_line(server, tmp_path, cap
     assert said.count("\n") == 1
 
 
+def test_a_replica_that_takes_writes_stops_the_start_with_one_line(server, tmp_path, capsys):
+    # It took the start's write and every task after it, which its primary and the instances on it never saw.
+    replica = RedisServer(tmp_path)
+    replica.start("--replicaof", "127.0.0.1", str(server.port), "--replica-read-only", "no")
+    try:
+        code, said = _start_check(config.from_env({"STORE": replica.url}), capsys)
+    finally:
+        replica.stop(signal.SIGKILL)
+    assert code == 2
+    assert said.startswith(
+        f"store error: STORE cannot be used: redis: the server at 127.0.0.1:{replica.port} is a replica of "
+        f"127.0.0.1:{server.port} that takes writes (replica-read-only no)"
+    )
+    assert said.count("\n") == 1
+
+
 def test_an_acl_user_that_may_only_read_stops_the_start_with_one_line(server, capsys):
     admin = server.client()
     try:

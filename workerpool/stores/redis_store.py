@@ -1125,6 +1125,19 @@ class RedisStore(TaskStore):
         policy = info.get("maxmemory_policy") if isinstance(info, dict) else None
         return policy if isinstance(policy, str) and policy.startswith("allkeys-") else None
 
+    def primary(self) -> str | None:
+        """The address (host:port) of the primary this server replicates, or None: a primary, or a server that
+        does not tell (INFO refused to an ACL user, which evicting_policy reports)."""
+        try:
+            info = self._client().info("replication")
+        except redis.exceptions.NoPermissionError:
+            return None
+        except redis.RedisError as exc:
+            raise self._failed(exc) from exc
+        if not isinstance(info, dict) or info.get("role") != "slave":
+            return None
+        return f"{info.get('master_host')}:{info.get('master_port')}"
+
     def password_unneeded(self) -> bool:
         """Whether the server would answer this store without the password it is given (see ``password_unneeded``)."""
         return password_unneeded(self._redis, self._prefix)
