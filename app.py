@@ -150,15 +150,63 @@ def check_listen(
     with messages of its own: a name that does not resolve or an address of
     another machine never binds, so it is said at once instead. ``bind``, ``flags``: see ``listen_error``.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: TIME_WAIT connections do not count
-        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    with _socket_as_gunicorn_makes(host, reuse_port) as sock:
         try:
             sock.bind((host, port))
         except OSError as error:
             raise listen_error(host, port, error, bind=bind, flags=flags) from None
+
+
+def check_listen_together(addresses: Sequence[tuple[str, int]], *, reuse_port: bool = False) -> None:
+    """Raise ConfigError if two of gunicorn's ``-b`` addresses cannot both be listened on (each is checked alone
+    by ``check_listen``).
+
+    gunicorn listens on them one after the other: one whose port an address before it already holds (the same
+    address twice, ``0.0.0.0`` or ``[::]`` beside a more specific one, ``[::]`` beside ``0.0.0.0``, which it
+    covers unless net.ipv6.bindv6only is set) failed as a port in use: 5 s of retries, then exit 1. Each pair on
+    one port is tried here as gunicorn would make it, the earlier one listening, then both are closed.
+    """
+    for later, (host, port) in enumerate(addresses):
+        for earlier_host, earlier_port in addresses[:later]:
+            if port == 0 or port != earlier_port:  # different ports never collide; nor do two chosen by the kernel
+                continue
+            with _socket_as_gunicorn_makes(earlier_host, reuse_port) as earlier:
+                try:
+                    earlier.bind((earlier_host, earlier_port))
+                    earlier.listen()
+                except OSError:  # taken by another server meanwhile: said by check_listen, or by gunicorn
+                    continue
+                with _socket_as_gunicorn_makes(host, reuse_port) as sock:
+                    try:
+                        sock.bind((host, port))
+                    except OSError as error:
+                        if error.errno != errno.EADDRINUSE:  # alone it binds (checked before): left to gunicorn
+                            continue
+                        first, second = bind_text(earlier_host, earlier_port), bind_text(host, port)
+                        raise ConfigError(
+                            f"-b {first} and -b {second} (gunicorn's --bind) cannot both be listened on: the first "
+                            f"already holds that port for the second ({_HELD_FOR_THE_SECOND}); give only one of them"
+                        ) from None
+
+
+# Why two -b addresses on one port collide, as Linux decides by default.
+_HELD_FOR_THE_SECOND = (
+    "the same address, or a wider one: 0.0.0.0 covers every IPv4 address, [::] every address, IPv4 included"
+)
+
+
+def bind_text(host: str, port: int) -> str:
+    """``host``:``port`` as written after gunicorn's ``-b`` (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _socket_as_gunicorn_makes(host: str, reuse_port: bool) -> socket.socket:
+    """A TCP socket for ``host`` with the options gunicorn sets before it binds one."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: TIME_WAIT connections do not count
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):  # as gunicorn: then several sockets may share one address
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
 
 
 def reach_store(config: Config) -> list[str]:

@@ -110,9 +110,7 @@ DRAIN_MARGIN_S = 5
 wsgi_app = "server_settings:worker_app()"  # the app, with the settings checked above
 
 
-def _bind_text(host, port):
-    """``host``:``port`` as written after ``-b`` (an IPv6 address in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_bind_text = _app.bind_text
 
 
 bind = [_bind_text(_settings.host, _settings.port)]
@@ -354,11 +352,11 @@ def _check_listen(cfg):
     """Exit 2 at once, with one line, for an address that cannot be listened on (gunicorn retries for 5 s, exits 1)."""
     if _systemd.listen_fds(unset_environment=False):
         return
-    for address in cfg.address:  # `-b` on the command line overrides `bind` above
-        if isinstance(address, tuple):  # not a unix socket path or a file descriptor
-            host, port = address[0], address[1]
-            given = None if (host, port) == (_settings.host, _settings.port) else _bind_text(host, port)
-            _app.check_listen(host, port, reuse_port=cfg.reuse_port, bind=given)
+    tcp = [(address[0], address[1]) for address in cfg.address if isinstance(address, tuple)]  # not unix sockets
+    for host, port in tcp:  # `-b` on the command line overrides `bind` above
+        given = None if (host, port) == (_settings.host, _settings.port) else _bind_text(host, port)
+        _app.check_listen(host, port, reuse_port=cfg.reuse_port, bind=given)
+    _app.check_listen_together(tcp, reuse_port=cfg.reuse_port)  # gunicorn listens on all of them at once
 
 
 def _share_metrics(server):

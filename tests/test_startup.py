@@ -13,7 +13,7 @@ import threading
 import pytest
 from http_fixtures import PROJECT_ROOT, clean_environment
 
-from app import check_listen
+from app import check_listen, check_listen_together
 from config import ConfigError
 
 pytestmark = pytest.mark.e2e
@@ -355,6 +355,55 @@ def test_an_address_given_with_b_that_cannot_be_listened_on_is_named_as_given(ta
         "cannot be listened on: it is not an address of this machine")  # fmt: skip
     expected = f"configuration error: -b {address} (gunicorn's --bind, which overrides HOST and PORT) {reason}\n"
     assert expected in result.stdout + result.stderr
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def _ipv6_covers_ipv4() -> bool:
+    """Whether ``[::]`` also takes IPv4 on this machine (Linux's default, net.ipv6.bindv6only=0)."""
+    try:
+        with open("/proc/sys/net/ipv6/bindv6only") as setting:
+            return socket.has_ipv6 and setting.read().strip() == "0"
+    except OSError:
+        return False
+
+
+COLLIDING_BINDS = {
+    "the same address twice": ("127.0.0.1", "127.0.0.1"),
+    "a name for the same address": ("127.0.0.1", "localhost"),
+    "IPv4 then IPv6 wildcards": ("0.0.0.0", "[::]"),
+    "a wildcard then one address": ("0.0.0.0", "127.0.0.1"),
+}
+
+
+@pytest.mark.parametrize(("first", "second"), COLLIDING_BINDS.values(), ids=COLLIDING_BINDS.keys())
+def test_two_b_addresses_that_cannot_both_be_listened_on_stop_start_up_naming_both(first, second):
+    # gunicorn listens on the first, then retried the second for 5 s with ten ERROR lines and exited 1.
+    if "::" in second and not _ipv6_covers_ipv4():
+        pytest.skip("[::] does not take IPv4 on this machine")
+    port = _free_port()
+    binds = [f"{first}:{port}", f"{second}:{port}"]
+    result = start([*RUN_GUNICORN[:-2], "-b", binds[0], "-b", binds[1]], HOST="127.0.0.1", PORT="8080")
+    assert result.returncode == 2
+    assert (result.stdout + result.stderr).startswith(
+        f"configuration error: -b {binds[0]} and -b {binds[1]} (gunicorn's --bind) cannot both be listened on: "
+        "the first already holds that port for the second ("
+    )
+    assert len((result.stdout + result.stderr).splitlines()) == 1
+
+
+def test_check_listen_together_lets_addresses_that_do_not_collide_through_and_leaves_nothing_bound():
+    port = _free_port()
+    check_listen_together([("127.0.0.1", port), ("127.0.0.2", port), ("127.0.0.1", port + 1)])
+    check_listen_together([("127.0.0.1", 0), ("127.0.0.1", 0)])  # two ports the kernel chooses
+    check_listen_together([("127.0.0.1", port), ("127.0.0.1", port)], reuse_port=True)  # gunicorn listens on both
+    with pytest.raises(ConfigError, match=f"-b 127.0.0.1:{port} and -b 127.0.0.1:{port} "):
+        check_listen_together([("127.0.0.1", port), ("127.0.0.1", port)])
+    with socket.create_server(("127.0.0.1", port)):  # nothing the checks made still holds the port
+        pass
 
 
 @pytest.mark.parametrize("taken_by", ["another server", "not this machine"])
