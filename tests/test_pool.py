@@ -544,6 +544,48 @@ def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_
     store.close()
 
 
+def test_a_worker_whose_put_back_fails_with_a_bug_still_ends_normally(make_pool, clock, tmp_path, monkeypatch):
+    # A claim taken after the drain abandoned this process's work is put back; a bug there ended the
+    # thread with a traceback, before it put back a lost claim of its own.
+    died = threads_that_died(monkeypatch)
+    claiming, abandoned, workers, put_back_lost = threading.Event(), threading.Event(), [], []
+
+    class PutBackFails(SqliteStore):
+        def claim(self, owner, lease_until):
+            if not claiming.is_set():
+                workers.append(threading.current_thread())
+                claiming.set()
+                assert abandoned.wait(TIMEOUT)
+            return super().claim(owner, lease_until)
+
+        def abandon(self, reason, *, owner):
+            try:
+                return super().abandon(reason, owner=owner)
+            finally:
+                abandoned.set()
+
+        def put_back(self, task_id, attempt, owner):
+            raise KeyError("bug")
+
+        def put_back_lost_claim(self, owner):
+            put_back_lost.append(threading.current_thread())
+            return super().put_back_lost_claim(owner)
+
+    store = PutBackFails(tmp_path / "tasks.db", clock=clock.time)
+    ran = []
+    store.admit([Task("late", "", 0, created_at=clock.time())])
+    pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, store=store)
+    pool.start()
+    assert claiming.wait(TIMEOUT)
+    [worker] = workers
+    pool.shutdown(timeout=0)
+    worker.join(TIMEOUT)
+    assert not worker.is_alive()
+    assert ran == [] and died == []
+    assert worker in put_back_lost
+    store.close()
+
+
 def test_a_handler_ignoring_its_cancel_does_not_hold_the_drain_past_its_deadline(make_pool, clock, monkeypatch):
     release = threading.Event()
     started = threading.Event()
@@ -1572,6 +1614,62 @@ def test_an_end_recorded_again_claims_the_next_task_with_a_whole_lease(make_pool
     # "second" runs from that try, not from the first (27 s left: another process could recover it early).
     assert store.leases_left == {"second": 30.0}
     assert pool.get("first").attempts == pool.get("second").attempts == 1
+
+
+class EndFailsWithABug(MemoryStore):
+    """A store whose writes of an attempt's end (``finish_and_claim``, ``finish``) raise an unexpected error
+    the first ``failures`` times: a bug, not an outage."""
+
+    def __init__(self, failures, **options):
+        super().__init__(**options)
+        self.failures = failures
+
+    def _fail(self):
+        if self.failures:
+            self.failures -= 1
+            raise KeyError("bug")
+
+    def finish_and_claim(self, *args, **kwargs):
+        self._fail()
+        return super().finish_and_claim(*args, **kwargs)
+
+    def finish(self, *args, **kwargs):
+        self._fail()
+        return super().finish(*args, **kwargs)
+
+
+def threads_that_died(monkeypatch):
+    """The threads that end with an exception from now on (names and exceptions), read by ``threading.excepthook``."""
+    died = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append((args.thread.name, repr(args.exc_value))))
+    return died
+
+
+def test_an_end_the_store_fails_to_record_with_a_bug_is_recorded_as_a_failure(make_pool, clock, monkeypatch):
+    died = threads_that_died(monkeypatch)
+    log = AttemptLog()
+    pool = make_pool(store=EndFailsWithABug(1, clock=clock.time), workers=1, observers=[log])
+    pool.submit_many([TaskSpec("a", max_retries=0), TaskSpec("b")])
+    log.wait_for("b", State.DONE)
+    a = pool.get("a")
+    assert (a.state, a.last_error) == (State.FAILED, "the attempt's end could not be recorded: KeyError: 'bug'")
+    assert died == []
+
+
+def test_a_worker_lives_on_when_the_store_fails_an_attempts_end_twice_with_a_bug(make_pool, clock, monkeypatch, caplog):
+    # Its end, then its failure: neither is written. The worker thread ended with the second error,
+    # for good: the pool ran one worker short (none at all with one worker), its task running for ever.
+    died = threads_that_died(monkeypatch)
+    log = AttemptLog()
+    pool = make_pool(store=EndFailsWithABug(2, clock=clock.time), workers=1, observers=[log])
+    with caplog.at_level(logging.ERROR, logger="workerpool.pool"):
+        pool.submit_many([TaskSpec("a"), TaskSpec("b")])
+        log.wait_for("b", State.DONE)
+    assert died == []
+    assert pool.get("a").state is State.RUNNING  # until the drain abandons it: the store took no end of it
+    told = [r for r in caplog.records if r.getMessage().startswith("task a attempt 1: its failure")]
+    assert [r.exc_info[1].args for r in told] == [("bug",)]
+    assert pool.shutdown(timeout=0).abandoned == ("a",)
 
 
 class StoreDown(MemoryStore):

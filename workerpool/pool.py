@@ -736,8 +736,24 @@ class WorkerPool:
             )  # fmt: skip
         except Exception as exc:  # a bug of ours must neither kill the worker nor leave the task running
             log.exception("worker failed on task %s", task.id, extra={"task_id": task.id})
-            self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(exc)}", None, None)
+            self._end_failed_attempt(attempt, exc)
         return attempt.successor
+
+    def _end_failed_attempt(self, attempt: Attempt, failure: Exception) -> None:
+        """Record as failed an attempt whose end the store (or this pool) failed to record with ``failure``.
+
+        Should the store fail this write as well, the worker goes on all the same: one worker fewer
+        runs nothing, and a thread that ends is not started again. The task then stays running in
+        the store until its lease expires (a shared store) or the drain abandons it.
+        """
+        task = attempt.task
+        try:
+            self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(failure)}", None, None)
+        except Exception:
+            _log(
+                logging.ERROR, task, "task %s attempt %d: its failure could not be recorded either; it stays running "
+                "until its lease expires or the drain abandons it", task.id, task.attempts, exc_info=True,
+            )  # fmt: skip
 
     def _drop_unstarted(self, attempt: Attempt) -> None:
         """Forget an attempt registered after the drain abandoned this pool's work, without running it.
@@ -759,6 +775,11 @@ class WorkerPool:
                 _log(
                     logging.WARNING, task, "task %s attempt %d could not be put back (%s): it is lost once its lease "
                     "expires", task.id, task.attempts, exc,
+                )  # fmt: skip
+            except Exception:  # a bug of ours must not end the worker before it puts back its lost claim
+                _log(
+                    logging.ERROR, task, "task %s attempt %d could not be put back: it is lost once its lease expires",
+                    task.id, task.attempts, exc_info=True,
                 )  # fmt: skip
         if back is None:
             _log(logging.INFO, task, "task %s attempt %d not started: the drain abandoned it", task.id, task.attempts)
