@@ -11,7 +11,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY app.py config.py gunicorn.conf.py run_gunicorn.py server_settings.py openapi.yaml ./
+COPY app.py config.py gunicorn.conf.py healthcheck.py run_gunicorn.py server_settings.py openapi.yaml ./
 COPY service/ service/
 COPY workerpool/ workerpool/
 # TASK_HANDLER modules of this deployment (TASK_HANDLER=handlers.<module>:<callable>).
@@ -27,10 +27,9 @@ USER 10001:10001
 EXPOSE 8080
 # gunicorn drains on SIGTERM; keep `docker stop -t` above SHUTDOWN_TIMEOUT_S + 10.
 STOPSIGNAL SIGTERM
-# /healthz under the root path (with SCRIPT_NAME set, every path outside it is a 404), asked directly:
-# proxies from the environment (http_proxy, which Docker may pass to every container) are not used.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f\"http://127.0.0.1:{os.environ.get('PORT', '8080')}{os.environ.get('SCRIPT_NAME', '')}/healthz\", timeout=2).status == 200 else 1)"]
+# /healthz of the address the server listens on (the first -b in GUNICORN_CMD_ARGS, else HOST and PORT), under the
+# root path, asked directly: proxies from the environment (http_proxy, which Docker may pass) are not used.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["python", "healthcheck.py"]
 # Exec form: run_gunicorn.py checks the variables gunicorn reads itself (WEB_CONCURRENCY...), then becomes
 # `gunicorn -c gunicorn.conf.py`, which is PID 1 and receives the stop signal itself.
 CMD ["python", "run_gunicorn.py"]

@@ -303,16 +303,44 @@ def test_a_script_name_header_the_path_does_not_start_with_is_a_404(server):
     assert json.loads(body)["status"] == 404
 
 
+def _run_the_image_healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = _dockerfile_healthcheck()
+    assert command[0] == "python"
+    return subprocess.run(
+        [sys.executable, *command[1:]], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+
+
 @pytest.mark.parametrize("proxied", [False, True], ids=["no-proxy", "http_proxy-set"])
 def test_the_image_healthcheck_probes_the_root_path_directly(under_a_root_path, proxied):
     # Docker passes the client's proxies to every container: the probe of the container's own port went through them.
     base, _ = under_a_root_path
     env = clean_environment(PORT=base.rsplit(":", 1)[1], SCRIPT_NAME="/wp")
+    env.pop("GUNICORN_CMD_ARGS", None)
     with socket.socket() as nothing_listens:
         nothing_listens.bind(("127.0.0.1", 0))
         if proxied:
             env["http_proxy"] = env["HTTP_PROXY"] = f"http://127.0.0.1:{nothing_listens.getsockname()[1]}"
-        command = _dockerfile_healthcheck()
-        assert command[0] == "python"
-        probe = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
+        probe = _run_the_image_healthcheck(env)
     assert probe.returncode == 0, probe.stderr
+
+
+def test_the_image_healthcheck_asks_the_address_that_gunicorn_cmd_args_binds(under_a_root_path):
+    # `docker run -e GUNICORN_CMD_ARGS="-b 0.0.0.0:9000"`: the server listens there, not on PORT, and a probe of
+    # 127.0.0.1:$PORT marked the container unhealthy for ever.
+    base, _ = under_a_root_path
+    port = base.rsplit(":", 1)[1]
+    with socket.socket() as nothing_listens:
+        nothing_listens.bind(("127.0.0.1", 0))
+        refusing = nothing_listens.getsockname()[1]
+        env = clean_environment(
+            PORT=str(refusing),
+            SCRIPT_NAME="/wp",
+            GUNICORN_CMD_ARGS=f"--threads 8 -b 0.0.0.0:{port} --graceful-timeout 40",
+        )
+        probe = _run_the_image_healthcheck(env)
+        assert probe.returncode == 0, probe.stderr
+        env["GUNICORN_CMD_ARGS"] = f"--bind=127.0.0.1:{refusing}"
+        probe = _run_the_image_healthcheck({**env, "PORT": port})  # -b beats PORT, as in gunicorn
+    assert probe.returncode == 1
+    assert probe.stderr.startswith(f"unhealthy: 127.0.0.1:{refusing}/wp/healthz: ")

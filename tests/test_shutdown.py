@@ -558,6 +558,13 @@ def _dockerfile_cmd() -> list[str]:
     raise AssertionError("Dockerfile has no exec-form CMD")
 
 
+def _dockerfile_healthcheck() -> list[str]:
+    for line in DOCKERFILE:
+        if line.startswith("HEALTHCHECK ") and " CMD [" in line:
+            return json.loads(line.partition(" CMD ")[2])
+    raise AssertionError("Dockerfile has no one-line exec-form HEALTHCHECK")
+
+
 def _lay_out_image(workdir: Path) -> None:
     """Copy what the Dockerfile's COPY lines put in the image's WORKDIR, and nothing else."""
     for line in DOCKERFILE:
@@ -602,6 +609,13 @@ def test_the_container_command_drains_as_pid_1(tmp_path):
         wait_until(lambda: service.request("GET", "/healthz")[0] == 200, timeout=10, what="/healthz")
         status, _, body = service.request("GET", "/openapi.json")  # openapi.yaml is in the image
         assert status == 200, body
+        healthcheck = _dockerfile_healthcheck()  # its script is in the image, and finds the server
+        assert healthcheck[0] == "python"
+        env_of_the_check = {**env, "PORT": str(service.port)}
+        probe = subprocess.run(
+            [sys.executable, *healthcheck[1:]], cwd=workdir, env=env_of_the_check, capture_output=True, timeout=30
+        )
+        assert probe.returncode == 0, probe.stderr
         accepted = service.enqueue(30)
         unshare = server.proc.pid
         children = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()
