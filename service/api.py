@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 import orjson
 from flask import Blueprint, Request, Response, jsonify, request
@@ -15,13 +15,22 @@ from werkzeug.urls import iri_to_uri
 from werkzeug.wsgi import get_content_length
 
 from workerpool import DuplicateTask, PoolStats, State, StoreUnavailable, WorkerPool
+from workerpool.stores.base import InvalidPosition
 
 from . import connection, request_id
 from .auth import require_token, token_required
 from .context import services
 from .cross_site import refuse_foreign_page
+from .cursors import make_cursor
 from .openapi import openapi_spec
-from .problems import Problem, invalid_request, server_refusal, submit_problem, unsupported_content_encoding
+from .problems import (
+    FieldError,
+    Problem,
+    invalid_request,
+    server_refusal,
+    submit_problem,
+    unsupported_content_encoding,
+)
 from .request_reader import ChunkSizeLineTooLong, body_exceeds, body_overframed, body_timed_out
 from .schema import parse_enqueue, parse_list_query, task_to_json
 from .store_errors import public_reason
@@ -249,12 +258,29 @@ def _not_found(task_id: str) -> Problem:
 def list_tasks() -> Response:
     """List retained tasks, newest first, optionally of one state."""
     query = parse_list_query(request.args)
-    tasks = services().pool.list(query.state, query.limit, results=query.results)
-    listed = [task_to_json(task) for task in tasks]
+    try:
+        page = services().pool.page(query.state, query.limit, results=query.results, after=query.after)
+    except InvalidPosition:  # a cursor this service made, for a store of another kind (or an older layout)
+        raise invalid_request(
+            "the query parameters are invalid",
+            (FieldError("cursor", "is not a position in this service's task store: list from the first page again"),),
+        ) from None
+    listed = [task_to_json(task) for task in page.tasks]
     if not query.results:
         for entry in listed:
             del entry["result"]
-    return jsonify({"tasks": listed, "count": len(tasks), "limit": query.limit})
+    cursor = None if page.next is None else make_cursor(query.state, page.next)
+    response = jsonify({"tasks": listed, "count": len(listed), "limit": query.limit, "next": cursor})
+    if cursor is not None:
+        response.headers["Link"] = f'<{_next_page_url(cursor)}>; rel="next"'
+    return response
+
+
+def _next_page_url(cursor: str) -> str:
+    """The URL of the next page: this request's, its parameters kept in their order, with ``cursor`` set."""
+    pairs = [(name, value) for name, value in request.args.items(multi=True) if name != "cursor"]
+    query = urlencode([*pairs, ("cursor", cursor)], quote_via=quote)
+    return _uri(f"{request.root_path}{request.path}?{query}")
 
 
 @bp.get("/healthz")

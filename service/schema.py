@@ -17,7 +17,9 @@ from werkzeug.datastructures import MultiDict
 from config import Config
 from workerpool import State, Task, TaskSpec  # a validated task is the engine's TaskSpec
 from workerpool.nesting import MAX_RESULT_DEPTH, SHORTEST_TOO_DEEP, nested_deeper_than
+from workerpool.stores.base import Position
 
+from .cursors import InvalidCursor, read_cursor
 from .problems import FieldError, invalid_request
 
 MAX_ID_CHARS = 256
@@ -34,7 +36,7 @@ ENQUEUE_FIELDS = ("id", "payload", "max_retries", "delay_ms")
 # Unknown fields named one by one in an answer, per object: past them one error counts the rest. Each named
 # one took about 50 bytes of answer: a 4 MiB batch of tasks of 1,000 unknown keys each was answered 23.6 MB.
 MAX_UNKNOWN_FIELDS_NAMED = 10
-LIST_PARAMETERS = ("state", "limit", "results")
+LIST_PARAMETERS = ("state", "limit", "results", "cursor")
 # Unicode categories Cc (control characters) and Cs (lone surrogates), as one character class:
 # a regex search costs a fraction of a unicodedata.category() call per character.
 FORBIDDEN_ID_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -80,6 +82,8 @@ class ListQuery:
     limit: int = DEFAULT_LIST_LIMIT
     # False: the listing leaves each task's result out (up to MAX_RESULT_BYTES each), and the store does not read it.
     results: bool = True
+    # Where the page starts: the position a `cursor` holds (see service/cursors.py); None for the first page.
+    after: Position | None = None
 
 
 def parse_enqueue(body: bytes, limits: TaskLimits, *, request_id: str | None = None) -> TaskSpec:
@@ -352,12 +356,19 @@ def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
     errors += [
         FieldError(name, "must be given at most once") for name in LIST_PARAMETERS if len(args.getlist(name)) > 1
     ]
-    state, limit, results = None, DEFAULT_LIST_LIMIT, True
+    state, limit, results, after = None, DEFAULT_LIST_LIMIT, True, None
+    state_ok = True
     if "state" in args:
         try:
             state = State(args["state"])
         except ValueError:
+            state_ok = False
             errors.append(FieldError("state", f"must be one of {', '.join(State)}"))
+    if "cursor" in args and state_ok:  # read for the listing asked for: a cursor passes with its own only
+        try:
+            after = read_cursor(args["cursor"], state)
+        except InvalidCursor as exc:
+            errors.append(FieldError("cursor", str(exc)))
     if "limit" in args:
         text = args["limit"]
         if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_LIST_LIMIT:
@@ -371,7 +382,7 @@ def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
             errors.append(FieldError("results", "must be true or false"))
     if errors:
         raise invalid_request("the query parameters are invalid", tuple(errors))
-    return ListQuery(state=state, limit=limit, results=results)
+    return ListQuery(state=state, limit=limit, results=results, after=after)
 
 
 def rfc3339(timestamp: float | None) -> str | None:

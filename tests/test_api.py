@@ -9,7 +9,7 @@ import json
 from urllib.parse import urljoin, urlsplit
 
 import pytest
-from http_fixtures import EPOCH, PROJECT_ROOT, TEST_CONFIG, Gate, failing, failing_permanently, instant, make_harness
+from http_fixtures import EPOCH, TEST_CONFIG, Gate, failing, failing_permanently, instant, make_harness
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -615,18 +615,16 @@ def test_list_tasks_defaults_to_100():
     assert (body["count"], body["limit"], body["tasks"][0]["id"]) == (100, 100, "100")
 
 
-def test_list_tasks_answers_the_newest_only_and_an_older_task_is_read_by_id():
+def test_list_tasks_pages_on_past_the_largest_limit_to_the_oldest_task():
     harness = make_harness(instant, queue_size=1100)
     for n in range(1001):
         enqueue(harness.client, {"id": str(n), "payload": ""})
     harness.drain()
-    listed = [task["id"] for task in harness.client.get("/tasks?limit=1000").get_json()["tasks"]]
-    assert listed == [str(n) for n in range(1000, 0, -1)]  # no paging reaches "0"
+    first = harness.client.get("/tasks?limit=1000").get_json()
+    assert [task["id"] for task in first["tasks"]] == [str(n) for n in range(1000, 0, -1)]
+    second = harness.client.get(f"/tasks?limit=1000&cursor={first['next']}").get_json()
+    assert ([task["id"] for task in second["tasks"]], second["next"]) == (["0"], None)
     assert harness.client.get("/tasks?limit=1001").status_code == 400
-    assert harness.client.get("/tasks/0").get_json()["state"] == "done"
-    readme = " ".join((PROJECT_ROOT / "README.md").read_text().split())
-    assert "Only the newest `limit` are listed: there is no paging" in readme  # as the README says
-    assert "There is no paging" in (PROJECT_ROOT / "openapi.yaml").read_text()
 
 
 def test_list_tasks_leaves_results_out_when_asked():

@@ -51,6 +51,14 @@ FUZZ_CONFIG = {
                 "negative_data_rejection": {"enabled": False},
             },
         },
+        {
+            "include-operation-id": "list_tasks",
+            "checks": {
+                # The defaults and 400: a schema-valid cursor (any text of its alphabet) is refused unless this
+                # service made it for that listing (the cursors it makes are read back by tests/test_api_pages.py).
+                "positive_data_acceptance": {"expected-statuses": ["2xx", "3xx", 400, 401, 403, 404, 409, 429, "5xx"]},
+            },
+        },
     ],
 }
 
@@ -111,6 +119,10 @@ class _StoreDown(MemoryStore):
     def list(self, state=None, limit=100, *, results=True):
         self._check()
         return super().list(state, limit, results=results)
+
+    def page(self, state=None, limit=100, *, results=True, after=None):
+        self._check()
+        return super().page(state, limit, results=results, after=after)
 
     def cancel(self, task_id):
         self._check()

@@ -142,7 +142,7 @@ def _store_fails(harness, monkeypatch, error):
     def fail(*args, **kwargs):
         raise error
 
-    for method in ("submit", "submit_many", "get", "list", "cancel", "stats"):
+    for method in ("submit", "submit_many", "get", "list", "page", "cancel", "stats"):
         monkeypatch.setattr(type(harness.pool), method, fail)
 
 

@@ -45,7 +45,7 @@ from .ids import new_task_id
 from .nesting import MAX_RESULT_DEPTH, SHORTEST_TOO_DEEP, UnreadableResult, nested_deeper_than
 from .observer import PoolObserver
 from .reachability import Reachability
-from .stores.base import TaskStore
+from .stores.base import Page, Position, TaskStore
 from .stores.memory import MemoryStore
 from .task import FINAL_STATES, State, Task
 
@@ -527,6 +527,16 @@ class WorkerPool:
             if type(task.result) is UnreadableResult:
                 self._tell_unreadable(task)
         return tasks
+
+    def page(
+        self, state: State | None = None, limit: int = 100, *, results: bool = True, after: Position | None = None
+    ) -> Page:
+        """A page of ``list``, and the position of the next (see ``TaskStore.page``)."""
+        page = self._store.page(state, limit, results=results, after=after)
+        for task in page.tasks:
+            if type(task.result) is UnreadableResult:
+                self._tell_unreadable(task)
+        return page
 
     def _tell_unreadable(self, task: Task) -> None:
         """Log, once per task, that its stored result is read as an ``UnreadableResult`` (see workerpool/nesting.py)."""

@@ -1,0 +1,64 @@
+"""The ``cursor`` of GET /tasks: where a listing's next page starts, as opaque text.
+
+A cursor holds the listing it was made for (its ``state``, or none) and the store's position after
+the page's last task (``TaskStore.page``): a position in the store's own order, never an offset, so
+that it reads the same next page in any process of any instance sharing the store, however many
+tasks were admitted meanwhile. It is URL-safe base64 of a small JSON array and a checksum, which
+tells a cursor cut short or altered from one this service made: it is no secret (nothing in it is),
+and a cursor passes only with the listing it was made for.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+
+import orjson
+
+from workerpool import State
+from workerpool.stores.base import Position
+
+_VERSION = 1
+_CHECK_BYTES = 8
+_CHECK_KEY = b"workerpool GET /tasks cursor"
+# Longer than any cursor made (a version, a state's name, three 64-bit numbers, the check): refused unread.
+MAX_CURSOR_CHARS = 200
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class InvalidCursor(ValueError):
+    """Why a ``cursor`` cannot be read for this listing (the message ends the sentence "cursor ...")."""
+
+
+def make_cursor(state: State | None, position: Position) -> str:
+    """The cursor of the page after ``position`` in the listing of ``state`` (None: every task)."""
+    body = orjson.dumps([_VERSION, "" if state is None else state.value, *position])
+    return base64.urlsafe_b64encode(body + _check(body)).rstrip(b"=").decode("ascii")
+
+
+def read_cursor(text: str, state: State | None) -> Position:
+    """The position ``text`` holds, if it is a cursor this service made for the listing of ``state``."""
+    if len(text) > MAX_CURSOR_CHARS or not _BASE64URL.fullmatch(text):
+        raise InvalidCursor("is not a cursor this service made: copy the `next` of the page before, unchanged")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    body, check = raw[:-_CHECK_BYTES], raw[-_CHECK_BYTES:]
+    if len(raw) <= _CHECK_BYTES or not hmac.compare_digest(check, _check(body)):
+        raise InvalidCursor("was cut short or altered: copy the `next` of the page before, unchanged")
+    fields = orjson.loads(body)  # the check passed: made by make_cursor
+    if not isinstance(fields, list) or len(fields) < 2 or fields[0] != _VERSION or not isinstance(fields[1], str):
+        raise InvalidCursor("is of another version of this service: list from the first page again")
+    made_for = fields[1]
+    if made_for != ("" if state is None else state.value):
+        listing = "every task (no state)" if not made_for else f"state={made_for}"
+        raise InvalidCursor(f"was made for the listing of {listing}: pass the same state with it")
+    return tuple(fields[2:])
+
+
+def _check(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=_CHECK_BYTES, key=_CHECK_KEY).digest()
