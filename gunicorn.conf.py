@@ -63,6 +63,7 @@ from service.gunicorn_worker import (  # noqa: E402
     keep_boot_failure_statuses_for_boot as _keep_boot_failure_statuses_for_boot,
 )
 from service.metrics import counts_problem as _counts_problem  # noqa: E402
+from service.tls_files import check_tls as _check_tls  # noqa: E402
 
 # At the start a bad value, a TASK_HANDLER that does not resolve or a store that cannot be opened stops
 # gunicorn here with exit code 2. gunicorn runs this file again at each reload (kill -HUP): then a bad
@@ -177,6 +178,7 @@ def on_starting(server):
         _check_no_preload(getattr(server.cfg, "preload_app", False))  # and `--preload` overrides `preload_app`
         _check_no_code_reloader(getattr(server.cfg, "reload", False))  # `--reload`
         _check_request_threads(getattr(server.cfg, "threads", threads))  # and `--threads` overrides `threads`
+        _check_tls(server.cfg)  # `--certfile`, `--keyfile`, `--ca-certs`
         _config.check_server_processes(_settings, server.cfg.workers)
         _config.check_worker_recycling(_settings, server.cfg.max_requests)  # max_requests below
         if server.master_pid:  # started by `kill -USR2` to the server still running (gunicorn sets it just before)

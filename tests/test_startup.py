@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 
 import pytest
-from http_fixtures import PROJECT_ROOT, clean_environment
+from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environment, wait_until
 
 from app import check_listen, check_listen_together
 from config import ConfigError
@@ -124,6 +126,64 @@ def test_gunicorn_refuses_zero_request_threads():
         output = result.stdout + result.stderr
         assert output.startswith("configuration error: --threads 0 would leave no thread to answer a request"), output
         assert "Listening at" not in output and "Traceback" not in output
+
+
+def _self_signed(directory, name: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, made with the openssl command: the paths of both."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test's certificates")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+def test_gunicorn_refuses_tls_files_it_could_not_serve_with(tmp_path):
+    """A missing file ended the start in gunicorn's traceback (exit 1); an empty one, or a key of another
+    certificate, started a server that failed every connection ("[SSL] PEM lib" in the log)."""
+    cert, key = _self_signed(tmp_path, "one")
+    other_key = _self_signed(tmp_path, "other")[1]
+    empty = tmp_path / "empty.pem"
+    empty.touch()
+    for command, args, env, said in (
+        (GUNICORN, ["--certfile", "/no/such.pem", "--keyfile", key], {}, "--certfile '/no/such.pem' cannot be read"),
+        (GUNICORN, [], {"GUNICORN_CMD_ARGS": f"--certfile {cert} --keyfile /no/such.key"}, "--keyfile '/no/such.key'"),
+        (RUN_GUNICORN, ["--certfile", str(empty), "--keyfile", str(empty)], {}, "PEM lib"),
+        (GUNICORN, ["--certfile", cert, "--keyfile", other_key], {}, "key values mismatch"),
+        (GUNICORN, ["--certfile", cert], {}, f"TLS cannot be served with --certfile {cert!r}: "),  # no key
+        (GUNICORN, ["--keyfile", key], {}, "is given without --certfile"),
+    ):
+        result = start([*command, *args], **env)
+        assert result.returncode == 2, (args, env, result.stderr)
+        output = result.stdout + result.stderr
+        assert output.startswith("configuration error: ") and said in output, output
+        assert output.count("\n") == 1 and "Listening at" not in output and "Traceback" not in output
+
+
+def test_gunicorn_serves_tls_with_a_certificate_and_its_key(tmp_path):
+    cert, key = _self_signed(tmp_path, "served")
+    pattern = LISTENING.replace("http:", "https:")
+    server = ServerProcess([*GUNICORN[1:], "--certfile", cert, "--keyfile", key], log_path=tmp_path / "server.log",
+                           env=clean_environment())  # fmt: skip
+    try:
+        port = server.wait_for_port(pattern)
+        context = ssl.create_default_context(cafile=cert)
+
+        def healthz() -> bytes:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+            ):
+                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                return tls.recv(65536)
+
+        assert wait_until(healthz, timeout=20, what="/healthz over TLS").startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.stop()
 
 
 def test_gunicorn_refuses_recycling_a_worker_that_cannot_be_replaced(tmp_path):
