@@ -1861,6 +1861,59 @@ def test_a_pool_stopping_with_a_shared_store_claims_no_more_tasks(make_pool, clo
     store.close()
 
 
+class _HeldAdmissions(SqliteStore):
+    """Holds the admission of task "a" and of task "b" until its gate opens; tells when each began."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.began = {task_id: threading.Event() for task_id in ("a", "b")}
+        self.gates = {task_id: threading.Event() for task_id in ("a", "b")}
+
+    def admit(self, tasks):
+        task_id = tasks[0].id
+        self.began[task_id].set()
+        assert self.gates[task_id].wait(TIMEOUT)
+        return super().admit(tasks)
+
+
+def test_a_drain_past_its_deadline_waits_only_for_the_submissions_under_way_then(make_pool, clock, tmp_path):
+    # A shared store admits while its pool drains. While submissions overlapped (steady traffic on a slow store),
+    # one was always under way, and the drain, which waited for none to be left, outlasted its deadline and a
+    # second signal (24 s past SHUTDOWN_TIMEOUT_S=1 with a SQLite file locked by another program).
+    store = _HeldAdmissions(tmp_path / "tasks.db", clock=clock.time)
+    drain_waits = threading.Event()
+
+    def wait(event, timeout):
+        if threading.current_thread().name == "drain" and timeout is None:
+            drain_waits.set()
+        return clock.wait(event, timeout)
+
+    pool = make_pool(store=store, workers=1, wait=wait)
+    answers = {}
+    submitters = {
+        task_id: threading.Thread(target=lambda task_id=task_id: answers.setdefault(task_id, pool.submit(task_id, "")))
+        for task_id in ("a", "b")
+    }
+    submitters["a"].start()
+    assert store.began["a"].wait(TIMEOUT)
+    summaries = []
+    drain = threading.Thread(target=lambda: summaries.append(pool.shutdown(timeout=0)), name="drain")
+    drain.start()
+    assert drain_waits.wait(TIMEOUT)  # past its deadline, for "a"
+    submitters["b"].start()
+    assert store.began["b"].wait(TIMEOUT)
+    store.gates["a"].set()
+    drain.join(TIMEOUT)
+    drain_ended = not drain.is_alive()
+    store.gates["b"].set()
+    for submitter in submitters.values():
+        submitter.join(TIMEOUT)
+    drain.join(TIMEOUT)
+    assert drain_ended  # "b", begun past the deadline, was not waited for
+    assert answers["a"].state is answers["b"].state is State.QUEUED  # both admitted, left to other processes
+    store.close()
+
+
 def test_a_lease_thread_that_fails_to_start_lets_no_worker_claim_and_starts_with_the_next_submission(
     make_pool, clock, tmp_path, monkeypatch
 ):

@@ -22,7 +22,6 @@ import re
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,8 +177,8 @@ class WorkerPool:
         "_max_result_bytes", "_lease", "_attempt_timeout", "_max_stuck", "_rng", "_clock", "_monotonic", "_wait",
         "_observers", "_on_queued", "_on_started", "_on_finished", "_on_cancelled", "_on_abandoned",
         "_use_threads", "_lock", "_threads", "_closing", "_claiming", "_deadline", "_running", "_finals",
-        "_admitting", "_cancelling", "_cancel_entries", "_order_lock", "_in_flight", "_turn_waiters", "_step_cancel",
-        "_cancel_early", "_unreadable_told",
+        "_admitting", "_admission_entries", "_cancelling", "_cancel_entries", "_order_lock", "_in_flight",
+        "_turn_waiters", "_step_cancel", "_cancel_early", "_unreadable_told",
         "_all_started", "_timeouts", "_stuck", "_retired", "_thread_numbers", "_threads_stop", "_drain_wakeup",
         "_drained", "_summary", "_keeper_wakeup", "_keeper_idle", "_drain_call", "_left_to_leases", "_cutoff", "_reach",
         "_claim_failure_told_at", "_abandoned_all", "__weakref__",
@@ -265,10 +264,12 @@ class WorkerPool:
         self._running: dict[str, Attempt] = {}  # the attempts this pool's workers run, by task id
         # Final states reached through this pool: a plain dict, as a Counter's items are slower to count.
         self._finals: dict[State, int] = dict.fromkeys(FINAL_STATES, 0)
-        # Submissions past the closing check whose store step has not ended, one entry each: the
-        # drain waits for them before it looks for unfinished work. A deque rather than a count under
-        # _lock: its append and pop are atomic (see _admit), and a submission takes no lock of the pool.
-        self._admitting: deque[None] = deque()
+        # Submissions past the closing check whose store step has not ended, one number each: the
+        # drain waits for them before it looks for unfinished work (past its deadline, only for those
+        # under way then). A set rather than a count under _lock: its add and discard are atomic (see
+        # _admit), and a submission takes no lock of the pool.
+        self._admitting: set[int] = set()
+        self._admission_entries = itertools.count()
         # Cancels between the start of their store step and their count, one number each: the drain sums up
         # only once those begun before are counted (_wait_for_cancels). A cancel the store made just before
         # the abandon, counted after the summary, was counted nowhere. A set's add and discard are atomic.
@@ -410,10 +411,10 @@ class WorkerPool:
         if not self._all_started and self._use_threads:  # (not once closing: _start_locked looks)
             with self._lock:
                 started = self._start_locked()
-        admitting = self._admitting
-        admitting.append(None)
+        admitting, entry = self._admitting, next(self._admission_entries)
+        admitting.add(entry)
         if self._closing and not self._store.shared:
-            admitting.pop()
+            admitting.discard(entry)
             self._drain_wakeup.set()  # the drain may have seen this submission entered
             if started:
                 self._log_started()
@@ -442,7 +443,7 @@ class WorkerPool:
             if observed:
                 with self._order_lock:
                     self._leave_in_flight_all(ids)
-            admitting.pop()
+            admitting.discard(entry)
             if self._closing:
                 self._drain_wakeup.set()
         if started:
@@ -1445,6 +1446,10 @@ class WorkerPool:
             log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
 
     def _wait_for_drain(self) -> None:
+        # The submissions under way when the drain first looked past its deadline: the only ones waited for
+        # from then on. A shared store keeps admitting while its pool drains, and while submissions overlap
+        # (steady traffic on a slow store) one is always under way: waiting for none to be left never ended.
+        late: set[int] | None = None
         while True:
             # Clear before looking: whoever changes what is looked at below
             # (a finished attempt, a nearer deadline) sets it afterwards.
@@ -1456,15 +1461,20 @@ class WorkerPool:
                 # (and a retry not yet heard of) counts until its bookkeeping is done, so the summary
                 # includes its outcome, but only until the deadline: an end written again while the store
                 # is unavailable waits for the store to come back.
-                admitting, running = bool(self._admitting), bool(self._running) or unheard
                 deadline = self._deadline
                 remaining = deadline - self._monotonic()
+                if remaining <= 0 and late is None:
+                    late = set(self._admitting)
+                admitting = bool(self._admitting) if late is None else not late.isdisjoint(self._admitting)
+                running = bool(self._running) or unheard
             if not admitting and (remaining <= 0 or not (running or self._unfinished_here(deadline))):
                 return
             if not (admitting or running) and self._nothing_falls_due_within(remaining):
                 log.info("shutdown: no unfinished task falls due before the drain deadline: abandoning them now")
                 return
-            self._wait(self._drain_wakeup, None if admitting or remaining == math.inf else max(0.0, remaining))
+            # Until the deadline at most, to look past it; then only a submission's end (it wakes the drain).
+            wait_for_all = remaining == math.inf or (admitting and remaining <= 0)
+            self._wait(self._drain_wakeup, None if wait_for_all else max(0.0, remaining))
 
     def _nothing_falls_due_within(self, remaining: float) -> bool:
         """Whether this pool's store holds only tasks (delayed, or waiting out a backoff) due after ``remaining`` s.
