@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 
 import pytest
-from doubles import POLL_S, WAIT_S, Gate, instant, refuse_to_start_thread, wait_until
+from doubles import POLL_S, WAIT_S, FakeClock, Gate, instant, refuse_to_start_thread, wait_until
 from doubles import failing as always_fail
 from redis_server import shared_server
 
@@ -2662,6 +2662,42 @@ def test_a_drain_waits_for_a_delayed_task_due_before_its_deadline(make_pool, clo
     log.wait_for("soon", State.DONE)
     summary = pool.shutdown()
     assert (summary.abandoned, summary.counts[State.DONE]) == ((), 1)
+
+
+class SteppingClock(FakeClock):
+    """A fake clock whose wall time can step (an NTP correction, a virtual machine resumed) while its
+    monotonic time does not; ``wait`` tells ``waiting`` once a worker's timed wait has read its deadline."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0.0
+        self.waiting = threading.Event()
+
+    def time(self):
+        return super().time() + self.step
+
+    def wait(self, event, timeout):
+        if timeout is None:
+            return event.wait()
+        deadline = self.monotonic() + timeout
+        if threading.current_thread().name.startswith("workerpool-worker"):
+            self.waiting.set()
+        while not event.wait(POLL_S):
+            if self.monotonic() >= deadline:
+                return False
+        return True
+
+
+def test_a_delayed_task_runs_soon_after_the_wall_clock_steps_past_its_due_time(make_pool):
+    # The idle worker waited out the whole delay measured before the step: an hour late here.
+    clock, log = SteppingClock(), AttemptLog()
+    pool = make_pool(instant, workers=1, observers=[log], clock=clock.time, monotonic=clock.monotonic, wait=clock.wait)
+    pool.submit("later", "", 0, delay=3600.0)
+    assert clock.waiting.wait(TIMEOUT)
+    clock.step += 3600.0
+    assert pool.get("later").next_attempt_at <= clock.time()
+    clock.advance(1.0)  # one second of real time
+    log.wait_for("later", State.DONE)
 
 
 def test_an_attempt_whose_task_redis_lost_says_so_not_that_another_process_ended_it(make_pool, clock, tmp_path, caplog):

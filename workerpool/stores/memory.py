@@ -85,6 +85,10 @@ Record = tuple  # a Task's fields as a plain tuple, the state as its string (see
 # Stale entries the lines (or a heap) may hold beyond as many as their live ones before a cancel rebuilds
 # them without the stale ones (see _drop_stale).
 _STALE_SLACK = 64
+# Seconds an idle worker waits at most for a task scheduled later. Due times are instants of the
+# store's (wall) clock, a wait runs on real time: a step of the wall clock (an NTP correction, a
+# virtual machine resumed) would otherwise go unnoticed until the whole wait ended, up to the delay.
+_MAX_DUE_WAIT = 1.0
 
 
 def _snapshot(record: Record) -> Task:
@@ -414,7 +418,11 @@ class MemoryStore(TaskStore):
             return self._until_due(now)
 
     def wait_for_work(self, timeout: float | None) -> None:
-        """Block until work is admitted, a retry or delayed task falls due, ``wake``, or ``timeout``."""
+        """Block until work is admitted, a retry or delayed task falls due, ``wake``, or ``timeout``.
+
+        While a task is scheduled later, the wait lasts ``_MAX_DUE_WAIT`` at most: the caller claims
+        again, so a task is claimed within that much of its due time after the wall clock steps.
+        """
         with self._lock:
             if self._woken:
                 return
@@ -424,8 +432,10 @@ class MemoryStore(TaskStore):
             until_due = self._until_due(now)
             if until_due == 0:
                 return
-            if until_due is not None and (timeout is None or until_due < timeout):
-                timeout = until_due
+            if until_due is not None:
+                until_due = min(until_due, _MAX_DUE_WAIT)
+                if timeout is None or until_due < timeout:
+                    timeout = until_due
             event = self._local.__dict__.get("event")
             if event is None:
                 event = self._local.event = threading.Event()
