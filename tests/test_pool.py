@@ -544,6 +544,55 @@ def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_
     store.close()
 
 
+def test_a_task_cancelled_while_its_claim_after_the_abandon_was_under_way_is_counted_and_told_as_cancelled(
+    make_pool, clock, tmp_path, caplog
+):
+    # The put-back cancels a claimed task whose cancel was requested: no observer heard of it, no count had it
+    # (workerpool_tasks_* drifted from the store for good), and the log said "it is cancelled again".
+    claiming, abandoned, workers, pool = threading.Event(), threading.Event(), [], None
+
+    class CancelledWhileClaimed(SqliteStore):
+        def claim(self, owner, lease_until):
+            if claiming.is_set():
+                return super().claim(owner, lease_until)
+            workers.append(threading.current_thread())
+            claiming.set()
+            assert abandoned.wait(TIMEOUT)
+            task = super().claim(owner, lease_until)
+            assert pool.cancel("late").cancel_requested  # a client's cancel while the claim's reply is on its way
+            return task
+
+        def abandon(self, reason, *, owner):
+            try:
+                return super().abandon(reason, owner=owner)
+            finally:
+                abandoned.set()
+
+    class Cancels(Recorder):
+        def task_cancelled(self, task):
+            self.calls.append(("cancelled", task.id, task.state))
+
+    store = CancelledWhileClaimed(tmp_path / "tasks.db", clock=clock.time)
+    store.admit([Task("late", "", 0, created_at=clock.time())])
+    heard = Cancels()
+    pool = make_pool(instant, workers=1, store=store, observers=[heard])
+    pool.start()
+    assert claiming.wait(TIMEOUT)
+    [worker] = workers
+    with caplog.at_level(logging.INFO, logger="workerpool.pool"):
+        summary = pool.shutdown(timeout=0)
+        worker.join(TIMEOUT)
+    assert not worker.is_alive()
+    assert store.get("late").state is State.CANCELLED
+    assert heard.calls == [("cancelled", "late", State.CANCELLED)]
+    assert summary.abandoned == () and pool._finals[State.CANCELLED] == 1  # what the summary counts, once joined
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task late")]
+    assert told[-1] == (
+        "task late cancelled: claimed after the drain abandoned this process's work, its cancel was requested meanwhile"
+    )
+    store.close()
+
+
 def test_a_worker_whose_put_back_fails_with_a_bug_still_ends_normally(make_pool, clock, tmp_path, monkeypatch):
     # A claim taken after the drain abandoned this process's work is put back; a bug there ended the
     # thread with a traceback, before it put back a lost claim of its own.

@@ -794,6 +794,18 @@ class WorkerPool:
                 )  # fmt: skip
         if back is None:
             _log(logging.INFO, task, "task %s attempt %d not started: the drain abandoned it", task.id, task.attempts)
+        elif back.state is State.CANCELLED:
+            # Its cancel was requested (from any process) while the claim was under way: the put-back ended it,
+            # a change to a final state this pool made, counted and told as a cancel is.
+            self._forget_attempt(attempt, back, None)
+            self._wait_turn(task.id)
+            _log(
+                logging.INFO, back, "task %s cancelled: claimed after the drain abandoned this process's work, its "
+                "cancel was requested meanwhile", task.id,
+            )  # fmt: skip
+            if self._on_cancelled:
+                _notify(self._on_cancelled, back)
+            return
         else:
             _log(
                 logging.INFO, task, "task %s attempt %d not started: claimed after the drain abandoned this "
