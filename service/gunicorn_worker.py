@@ -25,6 +25,9 @@ serve whole requests:
   chunked or not, ``100 Continue`` answered from the loop); it must arrive
   within ``request_timeout`` seconds, idle or not; a head over 64 KiB is
   answered 431 from the loop;
+- a kept-alive connection idle for ``keepalive`` seconds (gunicorn's
+  ``--keep-alive``) is closed, unless its next request has begun to arrive:
+  that one is read and served, not reset unread;
 - closing a connection gracefully lingers on the poller (``LingeringCloser``),
   not in the main loop as gunicorn's ``util.close_graceful`` does;
 - with ``worker_connections`` all taken, the connection that has waited
@@ -49,7 +52,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
+import select
 import signal
 import threading
 import time
@@ -335,6 +340,24 @@ class DrainingThreadWorker(ThreadWorker):
             return
         super().finish_request(conn, fs)
 
+    def murder_keepalived(self, force: bool = False) -> None:
+        """Close the kept-alive connections idle for ``keepalive`` seconds, but serve a request that has arrived.
+
+        gthread closes an expired connection whatever it holds: a request that
+        came between the poller's last look and this turn's expiry (a client
+        reusing the connection just as it ran out, or while the loop was busy)
+        was never read, and the close with its bytes unread reset the
+        connection under the client, a POST included. A connection with bytes
+        waiting is handed to the reader instead, as if the poller had seen them.
+        """
+        if not force:
+            now = time.monotonic()
+            expired = list(itertools.takewhile(lambda conn: conn.timeout <= now, self.keepalived_conns))
+            for conn in expired:
+                if request_arrived(conn.sock):
+                    self.on_client_socket_readable(conn, conn.sock)
+        super().murder_keepalived(force)
+
     def murder_pending(self) -> None:
         """Called on every turn of both of gthread's loops (serving, then stopping)."""
         super().murder_pending()
@@ -458,6 +481,17 @@ def start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
 
     for started in [pool.submit(wait_for_the_others) for _ in range(threads)]:
         started.result()
+
+
+def request_arrived(sock) -> bool:
+    """Whether the kept-alive socket ``sock`` is readable now: its client's next request has begun (or it closed,
+    which the reader finds as the poller's event would have). Asked of the descriptor, so TLS sockets alike."""
+    readable = select.poll()
+    try:
+        readable.register(sock, select.POLLIN)
+        return bool(readable.poll(0))
+    except (OSError, ValueError):  # closed meanwhile: nothing to serve
+        return False
 
 
 def _address(client: object) -> str:
