@@ -2749,6 +2749,45 @@ def test_a_delayed_task_runs_soon_after_the_wall_clock_steps_past_its_due_time(m
     log.wait_for("later", State.DONE)
 
 
+def test_the_late_end_of_a_recovered_attempt_leaves_a_new_task_with_its_id_alone(make_pool, tmp_path, caplog):
+    # The new task ended done with the old submission's result, and its own result was dropped.
+    clock = SteppingClock()
+    gates = {"old": threading.Event(), "new": threading.Event()}
+    started = {"old": threading.Event(), "new": threading.Event()}
+
+    def handler(task, cancel):
+        if task.payload in gates:
+            started[task.payload].set()
+            assert gates[task.payload].wait(TIMEOUT)
+        return f"result of the {task.payload} submission"
+
+    store = SqliteStore(tmp_path / "tasks.db", max_finished=1, clock=clock.time)
+    times = {"clock": clock.time, "monotonic": clock.monotonic, "wait": clock.wait}
+    pool = make_pool(handler, store=store, workers=2, lease=30.0, **times)
+    pool.submit("X", "old")
+    assert started["old"].wait(TIMEOUT)
+    clock.step += 60.0  # this process paused past its lease: another process's sweep recovers the attempt
+    other = SqliteStore(tmp_path / "tasks.db", max_finished=1, clock=clock.time)
+    assert [task.id for task in other.recover(lambda task: None)] == ["X"]
+    clock.step += 1.0
+    pool.submit("filler", "quick")
+    wait_until(lambda: store.get("X") is None, timeout=TIMEOUT, what="retention to forget X")
+    pool.submit("X", "new")  # the id used again: the new task's attempt 1 runs here too
+    assert started["new"].wait(TIMEOUT)
+    with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+        gates["old"].set()
+        _wait_for_warning(
+            caplog, "task X attempt 1 ended after it was abandoned or its lease recovered; result dropped"
+        )
+    assert store.get("X").state is State.RUNNING
+    gates["new"].set()
+    wait_until(lambda: store.get("X").state is State.DONE, timeout=TIMEOUT, what="the new X to end")
+    assert store.get("X").result == "result of the new submission"
+    pool.shutdown(timeout=TIMEOUT)
+    other.close()
+    store.close()
+
+
 def test_an_attempt_whose_task_redis_lost_says_so_not_that_another_process_ended_it(make_pool, clock, tmp_path, caplog):
     # Redis restarted without persistence, or flushed: the task running here is gone, and nobody ended it.
     here, _ = _two_processes("redis", clock, tmp_path)

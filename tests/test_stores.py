@@ -583,6 +583,36 @@ def test_the_old_owner_of_a_recovered_attempt_cannot_renew_the_lease_of_the_atte
     assert (lost.id, lost.state, lost.attempts) == ("x", State.CANCELLED, 2)
 
 
+@pytest.mark.parametrize("step", ["finish", "finish_and_claim"])
+def test_the_late_end_of_a_recovered_attempt_leaves_a_new_task_with_its_id_alone(make_store, clock, step):
+    store = make_store(max_finished=1)
+    if not store.shared:
+        pytest.skip("leases never expire in a store of one process")
+    admit(store, clock, "x")
+    old = claim(store, clock)
+    clock.advance(LEASE + 1)  # its owner paused past its lease: another process recovers the attempt
+    [recovered] = store.recover(lambda task: None)
+    assert recovered.state is State.FAILED
+    clock.advance(1)
+    admit(store, clock, "filler")
+    run(store, clock, "filler")  # retention keeps one finished task: x is forgotten, its id free again
+    assert store.get("x") is None
+    admit(store, clock, "x")  # a new task with the same id, whose attempt 1 the same owner runs
+    new = claim(store, clock)
+    assert (new.id, new.attempts, new.created_at) == ("x", 1, old.created_at + LEASE + 2)
+    # The old attempt's late end, then the new one's own: each as the pool writes it, with its task's creation time.
+    if step == "finish":
+        late = store.finish("x", 1, OWNER, result="old", created_at=old.created_at)
+    else:
+        late, _ = store.finish_and_claim(
+            "x", 1, OWNER, result="old", lease_until=clock.time() + LEASE, created_at=old.created_at
+        )
+    assert late is None
+    assert store.get("x").state is State.RUNNING
+    ended = store.finish("x", 1, OWNER, result="new", created_at=new.created_at)
+    assert (ended.state, ended.result) == (State.DONE, "new")
+
+
 def test_a_sweep_ends_only_leases_expired_before_its_cutoff_and_says_which_expired_while_unreachable(store, clock):
     if not store.shared:
         pytest.skip("leases never expire in a store of one process")

@@ -876,7 +876,7 @@ class WorkerPool:
                 else:  # the common case, spelled out: _write_end's call costs as much as its work
                     ended, attempt.claimed_next = self._store.finish_and_claim(
                         task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
-                        lease_until=lease_until,
+                        lease_until=lease_until, created_at=task.created_at,
                     )  # fmt: skip
             except StoreUnavailable as unavailable:  # not `exc`: that is the handler's, logged below
                 if isinstance(unavailable, StoreNotSynced) and unavailable.result is not None:
@@ -970,12 +970,14 @@ class WorkerPool:
         """
         if lease_until is None:
             ended = self._store.finish(
-                task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at
+                task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at,
+                created_at=task.created_at,
             )  # fmt: skip
             return ended, None
         return self._store.finish_and_claim(
-            task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at, lease_until=lease_until
-        )
+            task.id, task.attempts, self.owner, error=error, result=result, retry_at=retry_at, lease_until=lease_until,
+            created_at=task.created_at,
+        )  # fmt: skip
 
     def _end_not_synced(self, task: Task, exc: StoreNotSynced, claimed: bool) -> tuple[Task | None, Task | None]:
         """What a write of the attempt's end did though its fsync failed: it stands, so it is not written again."""

@@ -223,6 +223,7 @@ class TaskStore(abc.ABC):
         error: str | None = None,
         result: Any = None,
         retry_at: float | None = None,
+        created_at: float | None = None,
     ) -> Task | None:
         """End attempt ``attempt`` of a task ``owner`` holds; None if it no longer does (a late writer).
 
@@ -231,6 +232,11 @@ class TaskStore(abc.ABC):
         - ``error`` and ``retry_at``: ``queued`` again, due at ``retry_at`` (a retry).
         - ``error`` otherwise: ``failed``.
         ``last_error`` records ``error``.
+
+        With ``created_at`` (the claimed task's), only the task created then is ended: once a
+        task is forgotten its id may be used again, and a shared store's owner may run attempt 1
+        of the new task while the late attempt of the old one, recovered meanwhile, returns.
+        A store whose running tasks never change hands (the memory store) may ignore it.
         """
 
     def finish_and_claim(
@@ -243,6 +249,7 @@ class TaskStore(abc.ABC):
         result: Any = None,
         retry_at: float | None = None,
         lease_until: float,
+        created_at: float | None = None,
     ) -> tuple[Task | None, Task | None]:
         """``finish`` then ``claim`` for the same owner: the ended snapshot (or None) and the next attempt (or None).
 
@@ -251,7 +258,9 @@ class TaskStore(abc.ABC):
         of two). The result is the same as the two calls made one after the
         other; a retry scheduled due now may be the task claimed next.
         """
-        ended = self.finish(task_id, attempt, owner, error=error, result=result, retry_at=retry_at)
+        ended = self.finish(
+            task_id, attempt, owner, error=error, result=result, retry_at=retry_at, created_at=created_at
+        )  # fmt: skip
         try:
             return ended, self.claim(owner, lease_until)
         except Exception:  # the end is recorded: a failing claim is left to the worker's next one to meet

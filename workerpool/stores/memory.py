@@ -271,6 +271,7 @@ class MemoryStore(TaskStore):
         error: str | None = None,
         result: Any = None,
         retry_at: float | None = None,
+        created_at: float | None = None,  # a running task never changes hands here (see TaskStore.finish)
     ) -> Task | None:
         with self._lock:
             ended = self._finish_attempt(task_id, attempt, owner, error, result, retry_at, self._clock())
@@ -286,6 +287,7 @@ class MemoryStore(TaskStore):
         result: Any = None,
         retry_at: float | None = None,
         lease_until: float,
+        created_at: float | None = None,  # as in finish
     ) -> tuple[Task | None, Task | None]:
         lock = self._lock
         lock.acquire()  # one hold for both: a busy worker goes from one task to the next without a handoff

@@ -329,15 +329,17 @@ local function put_back(owner, after, now, ttl, max_finished)
   local id, key = claimed_with(owner, after)
   if id then put_back_task(id, key, owner, now, ttl, max_finished) end
 end
--- A compare-and-set on (state, attempt, owner), and with expired_before on the lease having expired.
+-- A compare-and-set on (state, attempt, owner), with created (its created_at as stored, or '') on the task
+-- being the one created then (not a new one with its id), and with expired_before on the lease having expired.
 -- With own, the end its owner records (not one a recovery or an abandon writes for it) marks the task
 -- 'ended' with the attempt, until the next claim: with again (the step asked again after a try whose
 -- reply was lost, which Redis may have run), a task so marked answers as it is now, rather than false,
 -- which would say the end was not recorded.
 local function finish(id, attempt, owner, now, ttl, max_finished, has_error, err, result, retry_at, expired_before,
-    again, own)
+    created, again, own)
   local key = P .. ':t:' .. id
-  local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until')
+  local cur = redis.call('HMGET', key, 'state', 'attempts', 'owner', 'cancel_requested', 'lease_until', 'created_at')
+  if created ~= '' and cur[6] ~= created then return false end
   if cur[1] ~= 'running' or cur[2] ~= attempt or cur[3] ~= owner then
     if again and cur[2] == attempt and redis.call('HGET', key, 'ended') == attempt then
       return redis.call('HGETALL', key)
@@ -493,14 +495,16 @@ return redis.call('HGETALL', key)
 """
 
 # ARGV: id, attempt, owner, now, ttl, max_finished, has_error, error, result, retry_at, expired_before,
-# deadline, and '1' when the end is asked again (see RedisStore._again) or '0' when it is written for the
-# attempt's owner (see RedisStore._end_for_owner). Asked again, it also puts back the task its lost try may
-# have claimed, if that try was a finish_and_claim (see put_back).
+# created_at as stored or '' (see finish), deadline, and '1' when the end is asked again (see
+# RedisStore._again) or '0' when it is written for the attempt's owner (see RedisStore._end_for_owner).
+# Asked again, it also puts back the task its lost try may have claimed, if that try was a finish_and_claim
+# (see put_back).
 _FINISH = """
-if too_late(ARGV[12]) then return {err = LATE} end
+if too_late(ARGV[13]) then return {err = LATE} end
 local a = ARGV
-local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[13] == '1', a[13] ~= '0')
-if a[13] == '1' then put_back(a[3], a[1] .. ':' .. a[2], a[4], a[5], a[6]) end
+local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[14] == '1',
+  a[14] ~= '0')
+if a[14] == '1' then put_back(a[3], a[1] .. ':' .. a[2], a[4], a[5], a[6]) end
 return ended
 """
 
@@ -510,15 +514,15 @@ return ended
 # answered, its lease renewed: claiming another would leave it to run out its lease, then count an attempt that
 # never ran as lost.
 _FINISH_AND_CLAIM = """
-if too_late(ARGV[12]) then return {err = LATE} end
+if too_late(ARGV[13]) then return {err = LATE} end
 local a = ARGV
 local after = a[1] .. ':' .. a[2]
-if a[14] ~= '1' then
-  return {finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], false, true),
-    claim(a[4], a[3], a[13], after)}
+if a[15] ~= '1' then
+  return {finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], false, true),
+    claim(a[4], a[3], a[14], after)}
 end
-local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], true, true)
-return {ended, claimed_before(a[3], after, a[13]) or claim(a[4], a[3], a[13], after)}
+local ended = finish(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], true, true)
+return {ended, claimed_before(a[3], after, a[14]) or claim(a[4], a[3], a[14], after)}
 """
 
 # ARGV: owner, lease_until, ids... Returns {lost ids, cancel-requested ids}.
@@ -1532,8 +1536,9 @@ class RedisStore(TaskStore):
         error: str | None = None,
         result: Any = None,
         retry_at: float | None = None,
+        created_at: float | None = None,
     ) -> Task | None:
-        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, None)
+        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, None, created_at)
         try:
             flat = self._run("finish", *args, *self._again(task_id, attempt, owner))
         except StoreUnavailable:
@@ -1553,7 +1558,7 @@ class RedisStore(TaskStore):
     ) -> Task | None:
         """End an attempt for its owner, as a recovery or an abandon does: a step of its own, which is not
         asked again, and which its owner's end asked again does not take for its own (see finish in _STEPS)."""
-        args = self._finish_args(task_id, attempt, owner, error, None, retry_at, expired_before)
+        args = self._finish_args(task_id, attempt, owner, error, None, retry_at, expired_before, None)
         flat = self._run("finish", *args, *_FOR_OWNER)
         return _decode(flat) if flat else None
 
@@ -1567,9 +1572,10 @@ class RedisStore(TaskStore):
         result: Any = None,
         retry_at: float | None = None,
         lease_until: float,
+        created_at: float | None = None,
     ) -> tuple[Task | None, Task | None]:
         # One script, one round trip: the end and the next claim are one atomic step in Redis.
-        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, None)
+        args = self._finish_args(task_id, attempt, owner, error, result, retry_at, None, created_at)
         try:
             ended, claimed = self._run("finish_and_claim", *args, lease_until, *self._again(task_id, attempt, owner))
         except StoreUnavailable:
@@ -1602,7 +1608,9 @@ class RedisStore(TaskStore):
         result: Any,
         retry_at: float | None,
         expired_before: float | None,
+        created_at: float | None,
     ) -> tuple[object, ...]:
+        # created_at as the admission stored it: repr() of the float it decodes to gives the same text.
         return (
             task_id,
             attempt,
@@ -1615,6 +1623,7 @@ class RedisStore(TaskStore):
             _json_text(result),
             "" if retry_at is None else retry_at,
             "" if expired_before is None else expired_before,
+            "" if created_at is None else repr(created_at),
             self._deadline(),
         )
 

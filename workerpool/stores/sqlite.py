@@ -1264,6 +1264,7 @@ class SqliteStore(TaskStore):
         result: Any = None,
         retry_at: float | None = None,
         lease_until: float,
+        created_at: float | None = None,
     ) -> tuple[Task | None, Task | None]:
         """Both in one transaction: one commit (one fsync with ``FULL``) instead of two per task.
 
@@ -1282,7 +1283,8 @@ class SqliteStore(TaskStore):
                 now = self._clock()
                 # Without a claim first, the read of totals below gives retention's count instead.
                 ended, generation, finished = self._finish(
-                    conn, task_id, attempt, owner, now, error, result, retry_at, evict=False, count=claim_first
+                    conn, task_id, attempt, owner, now, error, result, retry_at, created_at, evict=False,
+                    count=claim_first,
                 )  # fmt: skip
                 if claim_first:
                     if ended is not None:
@@ -1424,11 +1426,12 @@ class SqliteStore(TaskStore):
         error: str | None = None,
         result: Any = None,
         retry_at: float | None = None,
+        created_at: float | None = None,
     ) -> Task | None:
         try:
             with self._step() as conn:
                 task, generation, _ = self._finish(
-                    conn, task_id, attempt, owner, self._clock(), error, result, retry_at
+                    conn, task_id, attempt, owner, self._clock(), error, result, retry_at, created_at
                 )  # fmt: skip
         except StoreNotSynced as exc:  # the end stands: the caller goes on with it, then raises
             exc.result = task
@@ -1449,6 +1452,7 @@ class SqliteStore(TaskStore):
         error: str | None,
         result: Any,
         retry_at: float | None,
+        created_at: float | None,
         *,
         evict: bool = True,
         count: bool = True,
@@ -1460,7 +1464,8 @@ class SqliteStore(TaskStore):
         """
         finished: list[int] | None = [] if count or evict else None
         task = self._end_attempt(
-            conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at, finished=finished
+            conn, task_id, attempt, owner, now, error=error, result=result, retry_at=retry_at, finished=finished,
+            created_at=created_at,
         )  # fmt: skip
         if task is None:  # a late writer: recovered, abandoned or forgotten meanwhile
             return None, 0, None
@@ -1771,8 +1776,10 @@ class SqliteStore(TaskStore):
         result: Any = None,
         retry_at: float | None = None,
         finished: list[int] | None = None,
+        created_at: float | None = None,
     ) -> Task | None:
-        """End attempt ``attempt`` of a task ``owner`` runs; None if it does not (a late writer).
+        """End attempt ``attempt`` of a task ``owner`` runs (with ``created_at``, the task created then); None if it
+        does not (a late writer).
 
         ``finished``: gets the finished tasks in totals, read by the same statement (retention's count,
         for the step's ``_evict``: a statement of its own cost as much as the end, under the write lock).
@@ -1787,6 +1794,7 @@ class SqliteStore(TaskStore):
                 "error": error,
                 "retry_at": retry_at,
                 "result": None if error is not None or result is None else _json(result),
+                "created_at": created_at,
             },
         ).fetchone()
         if row is None:
@@ -1980,8 +1988,9 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 # The end of an attempt, as one compare-and-set: nothing happens unless the task still runs that
-# attempt under that owner. The outcome: done without an error; cancelled if its cancellation was
-# requested; queued again for a retry at :retry_at; failed otherwise.
+# attempt under that owner (and, given its creation time, is the same task, not a new one with its
+# id). The outcome: done without an error; cancelled if its cancellation was requested; queued again
+# for a retry at :retry_at; failed otherwise.
 _NEW_STATE = """CASE WHEN :error IS NULL THEN 'done' WHEN cancel_requested THEN 'cancelled'
     WHEN :retry_at IS NOT NULL THEN 'queued' ELSE 'failed' END"""
 _IS_FINAL = "(:error IS NULL OR cancel_requested OR :retry_at IS NULL)"
@@ -2001,6 +2010,7 @@ _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
         lease_owner = NULL, lease_until = NULL,
         state_seq = CASE {_NEW_STATE}{_NEXT_STATE_SEQ_BY_NEW_STATE} END
     WHERE id = :id AND state = 'running' AND attempts = :attempt AND lease_owner = :owner
+        AND (:created_at IS NULL OR created_at = :created_at)
     RETURNING {_COLUMNS}"""
 # The same, returning also the finished tasks in totals (which a step changes only at its commit).
 _END_ATTEMPT_COUNTING = _END_ATTEMPT + f", ({_FINISHED})"
