@@ -241,6 +241,20 @@ def test_a_delayed_task_waits_for_its_time(store, clock):
     assert store.seconds_until_due() is None
 
 
+def test_a_task_due_but_not_yet_claimed_keeps_its_due_time_until_its_attempt_starts(store, clock):
+    # What GET /tasks/<id> shows as next_attempt_at while the task waits for a free worker: a time in the past.
+    admit(store, clock, "later", delay=30)
+    admit(store, clock, "retry", max_retries=1)
+    run(store, clock, "retry", error="boom", retry_at=clock.time() + 5)
+    due = {"later": clock.time() + 30, "retry": clock.time() + 5}
+    clock.advance(40)
+    assert {task_id: store.get(task_id).next_attempt_at for task_id in due} == due
+    stats = store.stats()
+    assert (stats.due, stats.retries_pending) == (2, 0)
+    claimed = [claim(store, clock), claim(store, clock)]
+    assert sorted((task.id, task.next_attempt_at) for task in claimed) == [("later", None), ("retry", None)]
+
+
 def test_stats_count_every_kind_of_waiting_task(store, clock):
     admit(store, clock, "run", "retry", "fail", max_retries=1)
     admit(store, clock, "due")
