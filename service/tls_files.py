@@ -24,7 +24,7 @@ _SOURCE_LINE = re.compile(r" \(_ssl\.c:\d+\)$")
 
 def check_tls(cfg: Any) -> None:
     """Raise ConfigError if gunicorn's settings ``cfg`` ask for TLS with files it could not serve it with."""
-    if not cfg.is_ssl:
+    if not getattr(cfg, "is_ssl", False):  # or settings without TLS's (another gunicorn)
         return
     given = {"--certfile": cfg.certfile, "--keyfile": cfg.keyfile, "--ca-certs": cfg.ca_certs}
     for option, path in given.items():
