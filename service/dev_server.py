@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from email.message import Message
 from http import HTTPStatus
 from typing import Any
 
@@ -41,6 +40,7 @@ from gunicorn.http.message import RFC9110_5_3_SINGLETON_FIELDS, RFC9110_6_5_1_FO
 from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
 from . import logs
+from .head_problems import BodyFraming, head_problem
 from .problems import PROBLEM_JSON, problem_document
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_reader import (
@@ -51,8 +51,6 @@ from .request_reader import (
     BodyLimits,
     ChunkSizeLineTooLong,
     EmptyRequestLine,
-    MissingHost,
-    UnsupportedCoding,
     read_framing,
     request_line_too_long,
 )
@@ -80,7 +78,6 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a field va
 # and fields that may appear once (section 5.3): gunicorn's parser refuses a trailer with one, or with a repeat.
 _FORBIDDEN_TRAILERS = frozenset(name.encode() for name in RFC9110_6_5_1_FORBIDDEN_TRAILER)
 _SINGLETON_FIELDS = frozenset(name.encode() for name in RFC9110_5_3_SINGLETON_FIELDS)
-_KNOWN_CODINGS = frozenset(("chunked", "identity", "compress", "deflate", "gzip"))  # gunicorn's parser's
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -309,7 +306,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.status_sent: int | None = None  # the response's status, once its head is being sent
         self.head_read = False  # self.headers are this request's
         self.response_id: str | None = None
-        self.refused = False  # answered from its head, before the application (``refuse``)
+        self.request_hidden = False  # answered from its head, its request left out of the access line (``refuse``)
         self.body_from = 0  # wfile.sent when the response's head had been written
         self.responded = False
         self.linger_until = None
@@ -332,18 +329,18 @@ class BoundedRequestHandler(WSGIRequestHandler):
         """gunicorn's access line (``service/access_log.py``), on its logger: werkzeug's had no request id, no byte
         count, no duration, and no fields in JSON."""
         line, target = self.requestline, (getattr(self, "path", "") if self.command else "")
-        if self.refused:  # as gunicorn logs the errors it answers itself: its warning before quotes what was sent
+        if self.request_hidden:  # as gunicorn logs the errors it answers itself; its warning quotes what was sent
             line, target = "-", ""
         elif "?" in target:  # a secret a client put in the query stays out of the log
             line = line.replace(target, logs.redact_target(target, refused=logs.is_refused(status)), 1)
         elif not self.command:  # a request line not parsed: where its target ends is unknown
             line = logs.redact_request_line(line)
         token = self.server.body_limits.token  # type: ignore[attr-defined]
-        headers = self.headers if self.head_read and not self.refused else {}
+        headers = self.headers if self.head_read and not self.request_hidden else {}
         entry = logs.AccessEntry(
             created=time.time(),
             remote_addr=str(self.client_address[0]) if self.client_address else "-",
-            method="-" if self.refused else self.command or "-",
+            method="-" if self.request_hidden else self.command or "-",
             path=logs.without_token(target.partition("?")[0], token),
             request_line=logs.without_token(line, token) or "-",
             status=status,
@@ -401,7 +398,8 @@ class BoundedRequestHandler(WSGIRequestHandler):
             return False
         problem = head_problem(self.request_version, self.headers, token)
         if problem is not None:
-            self.refuse(*problem)
+            # gunicorn's parser refuses a body's framing with the request read: its access line shows the request.
+            self.refuse(*problem, request_shown=isinstance(problem, BodyFraming))
             return False
         expect = self.headers.get("Expect", "").strip(" \t").lower()
         # Kept from werkzeug, which would answer it after the checks here (make_environ restores it).
@@ -455,18 +453,19 @@ class BoundedRequestHandler(WSGIRequestHandler):
             detail = explain or message or HTTPStatus(code).phrase
         self.refuse(code, detail)
 
-    def refuse(self, status: int, detail: str) -> None:
+    def refuse(self, status: int, detail: str, *, request_shown: bool = False) -> None:
         """Answer a problem document for a request refused from its head, and close the connection.
 
         Logged as gunicorn logs the errors it answers itself: a warning that says why, then an access line whose
-        request line is ``"-"``, both with the answer's request id (without the warning, the log of a 400 did not
-        say what was wrong with the request)."""
+        request line is ``"-"`` (unless ``request_shown``: then the request line and user agent, as gunicorn shows
+        them for a body framing its parser refuses), both with the answer's request id (without the warning, the
+        log of a 400 did not say what was wrong with the request)."""
         answer_id = os.urandom(16).hex()
         client = self.client_address[0] if self.client_address else "-"
         logging.getLogger("gunicorn.error").warning(
             "Invalid request from ip=%s: %s", client, detail, extra={"request_id": answer_id}
         )
-        self.refused = True
+        self.request_hidden = not request_shown
         body = json.dumps(problem_document(status, detail)).encode()
         self.send_response(status, _REASONS.get(status))
         self.send_header("Content-Type", PROBLEM_JSON)
@@ -554,57 +553,6 @@ def trailer_problem(line: bytes, names: list[bytes]) -> str:
     if name in _SINGLETON_FIELDS and name in names:
         return f"the {name.decode()} field appears twice (RFC 9110 section 5.3)"
     return ""
-
-
-def head_problem(version: str, headers: Message, token: str = "") -> tuple[int, str] | None:
-    """Why a request is refused from its head (``http.server``'s ``headers``) before the application: status, detail.
-
-    gunicorn refuses these itself (service/request_reader.py and its parser); ``http.server`` does not: an HTTP/1.1
-    (to 1.9) request without a Host, one of any version with more than one (400), a transfer coding other than
-    chunked (501), a body whose length could be read two ways (400: Content-Length twice or not a number, with
-    Transfer-Encoding, or chunked in HTTP/1.0), an expectation other than 100-continue (417). The API token
-    ``token`` is left out of the values it quotes.
-    """
-    hosts = len(headers.get_all("Host", ()))
-    if not hosts and (numbers := _VERSION.fullmatch(version)) and numbers[1] == "1" and numbers[2] != "0":
-        return 400, str(MissingHost())  # required from HTTP/1.1 on (to 1.9)
-    if hosts > 1:  # refused whatever the version, as gunicorn does
-        return 400, f"the request has {hosts} Host headers: it must have one (RFC 9112 section 3.2)"
-    fields = headers.get_all("Transfer-Encoding", ())
-    codings = [coding.strip(" \t").lower() for field in fields for coding in field.split(",")]
-    if codings and codings != ["chunked"]:
-        # Werkzeug reads "chunked" alone; with any other list it would read no body at all.
-        if codings[-1] == "chunked" and codings.count("chunked") == 1:
-            return 501, str(UnsupportedCoding(_without(token, ", ".join(codings[:-1]))))
-        if (unknown := _unknown_coding(codings)) is not None:
-            return 501, str(UnsupportedCoding(_without(token, unknown)))
-        return 400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told"
-    expectations = [value.strip(" \t").lower() for value in headers.get_all("Expect", ())]
-    if any(value != "100-continue" for value in expectations):
-        return 417, "the only expectation met is Expect: 100-continue"
-    lengths = [length.strip(" \t") for length in headers.get_all("Content-Length", ())]
-    if codings and lengths:
-        return 400, "the request has both Content-Length and Transfer-Encoding: its body's length is ambiguous"
-    if codings and version == "HTTP/1.0":
-        return 400, f"Transfer-Encoding is not allowed in an {version} request: send Content-Length"
-    if len(lengths) > 1:
-        return 400, "the request has more than one Content-Length header"
-    if lengths and not (lengths[0].isascii() and lengths[0].isdigit()):
-        return 400, f"Content-Length {_without(token, lengths[0])[:20]!r} is not a number of bytes"
-    return None
-
-
-def _unknown_coding(codings: list[str]) -> str | None:
-    """The first transfer coding gunicorn's parser does not know (it answers 501), the empty one of ``gzip,``
-    among them, met before it finds the list malformed (400: ``chunked`` twice, or a coding after it), or None."""
-    chunked = False
-    for coding in codings:
-        if coding not in _KNOWN_CODINGS:
-            return coding
-        if chunked:
-            return None
-        chunked = coding == "chunked"
-    return None
 
 
 class BoundedThreadedServer(ThreadedWSGIServer):

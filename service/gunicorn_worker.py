@@ -63,7 +63,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from gunicorn import util
 from gunicorn.http import wsgi
-from gunicorn.http.errors import ConfigurationProblem, InvalidRequestLine, LimitRequestLine
+from gunicorn.http.errors import ConfigurationProblem, InvalidHeader, InvalidRequestLine, LimitRequestLine
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -73,6 +73,7 @@ from . import gunicorn_caches, logs, server_errors
 from .connection import SendDeadline, StopGrace
 from .drain_reports import RETIRING
 from .drain_reports import send as send_report
+from .head_problems import BodyFraming, fields_message, head_problem
 from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
 from .logs import redact_request_line
@@ -219,6 +220,7 @@ class DrainingThreadWorker(ThreadWorker):
         redact(exc, self.body_limits.token)  # gunicorn quotes what the client sent in its warning
         if isinstance(exc, LimitRequestLine) and exc.max_size is not None:  # "Request Line is too large (5014 > 4094)"
             exc = request_line_too_long(exc.max_size)  # as every other 414 says
+        exc = framing_refusal(exc, self.body_limits.token)
         # The answer's id is chosen first: gunicorn logs before it writes (see service/server_errors.py).
         with server_errors.answering() as answer:
             if isinstance(exc, ConfigurationProblem):
@@ -463,6 +465,32 @@ def redact(exc: BaseException, token: str = "") -> None:
         for name, value in list(vars(exc).items()):
             if isinstance(value, str | bytes):
                 setattr(exc, name, logs.without_token_in_any_case(value, token))
+
+
+class FramingRefused(InvalidHeader):
+    """The parser's refusal of a body's framing, saying what is wrong with it (``service/head_problems.py``)."""
+
+    def __init__(self, detail: str, req) -> None:
+        super().__init__("CONTENT-LENGTH", req=req)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def framing_refusal(exc: BaseException, token: str = "") -> BaseException:
+    """``exc``, or for the parser's ``Invalid HTTP Header: 'CONTENT-LENGTH'`` (or ``'TRANSFER-ENCODING'``), which
+    tells the client nothing, the refusal worded as ``python app.py`` words it: two lengths, one that is not a
+    number, chunked with a length, chunked in HTTP/1.0, a coding list that does not end with chunked."""
+    req = getattr(exc, "req", None)
+    if type(exc) is not InvalidHeader or exc.hdr not in _FRAMING_FIELDS or not getattr(req, "headers", None):
+        return exc
+    version = "HTTP/{}.{}".format(*req.version)
+    problem = head_problem(version, fields_message(req.headers), token)
+    return FramingRefused(problem.detail, req) if isinstance(problem, BodyFraming) else exc
+
+
+_FRAMING_FIELDS = frozenset(("CONTENT-LENGTH", "TRANSFER-ENCODING"))
 
 
 def start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:

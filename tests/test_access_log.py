@@ -326,13 +326,49 @@ def test_the_token_in_a_malformed_request_is_neither_logged_nor_answered(tmp_pat
     assert token not in log
 
 
+FRAMINGS_REFUSED = {
+    b"Content-Length: abc\r\n": "Content-Length 'abc' is not a number of bytes",
+    b"Content-Length: 2\r\nContent-Length: 2\r\n": "the request has more than one Content-Length header",
+    b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n": "the request has both Content-Length and Transfer-Encoding",
+    b"Transfer-Encoding: gzip\r\n": "the Transfer-Encoding does not end with chunked",
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", [["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"], ["app.py"]])
+def test_a_refused_body_framing_is_logged_alike_by_both_servers(tmp_path, command):
+    # gunicorn answered and logged "Invalid HTTP Header: 'CONTENT-LENGTH'" with the request line and user agent in
+    # its access line; python app.py said what was wrong, but logged "-" for both.
+    env = clean_environment(WORK_MIN_MS="0", WORK_MAX_MS="0", HOST="127.0.0.1", PORT="0")
+    server = ServerProcess(command, log_path=tmp_path / "server.log", env=env)
+    answered = {}
+    try:
+        port = server.wait_for_port(LISTENING)
+        wait_until(lambda: Client(port).request("GET", "/healthz")[0] == 200, timeout=20, what="/healthz")
+        for fields, detail in FRAMINGS_REFUSED.items():
+            head = b"POST /enqueue?n=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1\r\n" + fields + b"\r\n"
+            answer = half_closed_exchange(port, head + b"{}")
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["detail"].startswith(detail)
+            answered[detail] = re.search(rb"X-Request-ID: (\w+)", answer)[1].decode()
+        assert server.terminate(timeout=20) == 0
+    finally:
+        server.stop()
+    log = server.log().splitlines()
+    for detail, request_id in answered.items():
+        [warning] = [line for line in log if "gunicorn.error: " in line and line.endswith(f"request_id={request_id}")]
+        assert f"Invalid request from ip=127.0.0.1: {detail}" in warning
+        [access] = [line for line in log if "gunicorn.access: " in line and line.endswith(f"request_id={request_id}")]
+        assert '127.0.0.1 "POST /enqueue?n=1 HTTP/1.1" 400 ' in access and ' "probe/1" ' in access
+
+
 def test_the_token_is_left_out_of_every_text_a_refused_head_quotes_in_any_case():
     # gunicorn's errors keep what they quote under names of their own (Expect's value in ``expect``, a chunk size line
     # in ``data``): only four names were redacted. A transfer coding is quoted lowercased.
     from gunicorn.http import errors
 
-    from service.dev_server import head_problem
     from service.gunicorn_worker import redact
+    from service.head_problems import head_problem
 
     token = "Mixed-Case-Token-0123456789"
     quoted = [
