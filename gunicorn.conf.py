@@ -57,7 +57,9 @@ from service import logs as _logs  # noqa: E402
 from service import metrics_share as _metrics_share  # noqa: E402
 from service import request_id as _request_id  # noqa: E402
 from service.drain_reports import KEPT_BY_THE_STORE, LOST_WITH_IT, DrainReports  # noqa: E402
+from service.drain_reports import Drain as _Drain  # noqa: E402
 from service.drain_reports import send as _send_report  # noqa: E402
+from service.drain_reports import server_summary as _server_summary  # noqa: E402
 from service.gunicorn_worker import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
 from service.gunicorn_worker import (  # noqa: E402
     keep_boot_failure_statuses_for_boot as _keep_boot_failure_statuses_for_boot,
@@ -532,8 +534,21 @@ def on_exit(server):
     reports = server.drain_reports
     # A worker SIGKILLed at the end of the stop may not have been reaped yet (no child_exit).
     unreaped = [(pid, reports.take(pid)) for pid in server.WORKERS]
-    for pid, report in reports.at_stop + unreaped:
-        _log_drain(server, pid, report, at_exit=True)
+    stopped = reports.at_stop + unreaped
+    drains = [(pid, None if report is None else _Drain.read(report)) for pid, report in stopped]
+    read = [drain for _, drain in drains if drain is not None]
+    if len(stopped) > 1 and read and len(read) == sum(report is not None for _, report in stopped):
+        # Several workers on one store: a line each for what it did, then the server's, which counts the tasks
+        # the store still holds once (each worker's summary counted them all) and adds up the rest.
+        for pid, drain in drains:
+            if drain is None:
+                _log_drain(server, pid, None, at_exit=True)
+            else:
+                server.log.info("worker (pid:%s) %s", pid, drain.described_alone())
+        server.log.info("%s", _server_summary(read, workers=len(stopped)))
+    else:
+        for pid, report in stopped:
+            _log_drain(server, pid, report, at_exit=True)
     # During a binary upgrade the other server still publishes there: the new one (reexec_pid, ours
     # while it runs) or the old one (master_pid, until this one is promoted).
     if server.metrics_dir_owned and not server.reexec_pid and not server.master_pid:

@@ -25,6 +25,11 @@ arbiter says so).
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.lifecycle import QUEUED_UNKNOWN
 
 NOT_REPORTED = "the worker ended without reporting its drain (killed?)"
 # What became of its tasks: with STORE=memory they were the process's own; a shared store keeps them, and
@@ -89,3 +94,65 @@ def send(fd: int, text: str) -> bool:
         return os.write(fd, line) == len(line)
     except BlockingIOError:
         return False
+
+
+# The line service/lifecycle.py's describe() writes, read back.
+_DRAINED = re.compile(
+    r"shutdown complete: drained in (?P<seconds>\d+(?:\.\d+)?) s; (?P<counts>[^;]*); (?P<abandoned>\d+) abandoned"
+    r"(?:; (?P<leases>\d+) attempt\(s\) left to their leases: the store was unavailable)?"
+)
+_COUNT = re.compile(r"(\d+) (\w+)")
+_OWN_STATES = ("running", "done", "failed", "cancelled")  # counted by each worker alone; queued is the store's
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """One worker's drain, read from its report."""
+
+    seconds: float
+    queued: int | None  # the tasks the store still held (all workers see the same ones); None: it could not count
+    own: dict[str, int]  # the attempts left running and the tasks brought to each final state, by this worker
+    abandoned: int
+    left_to_leases: int
+
+    @classmethod
+    def read(cls, report: str) -> Drain | None:
+        """The drain a report describes, or None for a report of another kind (a worker that never started)."""
+        drained = _DRAINED.fullmatch(report)
+        if drained is None:
+            return None
+        counts = {state: int(count) for count, state in _COUNT.findall(drained["counts"])}
+        if not set(_OWN_STATES) <= counts.keys() or ("queued" not in counts and QUEUED_UNKNOWN not in report):
+            return None
+        return cls(
+            seconds=float(drained["seconds"]),
+            queued=counts.get("queued"),
+            own={state: counts[state] for state in _OWN_STATES},
+            abandoned=int(drained["abandoned"]),
+            left_to_leases=int(drained["leases"] or 0),
+        )
+
+    def described_alone(self) -> str:
+        """This worker's part, when several stopped together: without the store's queued count, which the
+        server's line gives once (each worker counts the same tasks)."""
+        own = ", ".join(f"{count} {state}" for state, count in self.own.items())
+        leases = f"; {self.left_to_leases} attempt(s) left to their leases" if self.left_to_leases else ""
+        return f"drained in {self.seconds:.2f} s; {own}; {self.abandoned} abandoned{leases}"
+
+
+def server_summary(drains: Sequence[Drain], workers: int) -> str:
+    """The server's last line when several workers stopped together: their counts added up, the store's queued
+    count once (the last worker to report counted it last), the longest drain; ``workers`` counts those
+    without a report too (their tasks are not in the sums)."""
+    queued = next((drain.queued for drain in reversed(drains) if drain.queued is not None), None)
+    counts = [QUEUED_UNKNOWN if queued is None else f"{queued} queued"]
+    counts += [f"{sum(drain.own[state] for drain in drains)} {state}" for state in _OWN_STATES]
+    seconds = max((drain.seconds for drain in drains), default=0.0)
+    line = f"shutdown complete: drained in {seconds:.2f} s; {', '.join(counts)}; "
+    line += f"{sum(drain.abandoned for drain in drains)} abandoned"
+    leases = sum(drain.left_to_leases for drain in drains)
+    if leases:
+        line += f"; {leases} attempt(s) left to their leases: the store was unavailable"
+    if len(drains) == workers:
+        return f"{line} ({workers} workers added up)"
+    return f"{line} ({len(drains)} of {workers} workers added up: {workers - len(drains)} sent no report, see above)"

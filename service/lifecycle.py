@@ -43,11 +43,14 @@ _DRAINED = -1  # posted by the drain thread; not a signal number
 _COUPLED = frozenset({signal.SIGINT, signal.SIGQUIT})
 
 
+QUEUED_UNKNOWN = "queued unknown (the store could not count them)"
+
+
 def describe(summary: ShutdownSummary) -> str:
+    """The drain's last line (under gunicorn also its report to the arbiter, which reads it back: see
+    service/drain_reports.py ``Drain.read``)."""
     counts = ", ".join(
-        "queued unknown (the store could not count them)"
-        if state is State.QUEUED and not summary.queued_counted
-        else f"{count} {state}"
+        QUEUED_UNKNOWN if state is State.QUEUED and not summary.queued_counted else f"{count} {state}"
         for state, count in summary.counts.items()
     )
     described = (

@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from service.drain_reports import RETIRING, DrainReports, send
+from service.drain_reports import RETIRING, Drain, DrainReports, send, server_summary
+from service.lifecycle import QUEUED_UNKNOWN, describe
+from workerpool import ShutdownSummary, State
 
 
 @pytest.fixture
@@ -61,3 +63,45 @@ def test_a_worker_stopping_by_itself_is_announced_once_and_is_not_its_report(rep
     assert reports.retiring() == set()
     assert reports.take(101) is None  # an announcement, not how its drain ended
     assert reports.take(202) == "shutdown complete: second"
+
+
+# -- several workers stopping together ---------------------------------------------------------
+
+
+def _summary(queued, running, done, failed, cancelled, *, abandoned=(), seconds=0.5, **more) -> ShutdownSummary:
+    counts = dict(zip(State, (queued, running, done, failed, cancelled), strict=True))
+    return ShutdownSummary(counts=counts, abandoned=tuple(abandoned), drain_seconds=seconds, **more)
+
+
+def test_a_drain_is_read_back_from_the_line_its_worker_wrote():
+    drain = Drain.read(describe(_summary(10, 1, 74, 11, 12, abandoned=["a", "b"], seconds=1.234, left_to_leases=1)))
+    assert drain == Drain(
+        seconds=1.23,
+        queued=10,
+        own={"running": 1, "done": 74, "failed": 11, "cancelled": 12},
+        abandoned=2,
+        left_to_leases=1,
+    )
+    assert drain.described_alone() == (
+        "drained in 1.23 s; 1 running, 74 done, 11 failed, 12 cancelled; 2 abandoned; 1 attempt(s) left to their leases"
+    )
+    uncounted = Drain.read(describe(_summary(0, 0, 3, 0, 0, queued_counted=False)))
+    assert uncounted is not None and uncounted.queued is None
+    assert Drain.read("not started (STORE could not be used); it held no task") is None
+
+
+def test_the_server_line_counts_the_stores_queued_tasks_once_and_adds_up_what_each_worker_did():
+    # Each worker's own summary counts every task the store still holds: summed, 10 left read as 20.
+    first = Drain.read(describe(_summary(10, 0, 74, 11, 12, seconds=0.25)))
+    second = Drain.read(describe(_summary(10, 0, 83, 12, 8, abandoned=["x"], seconds=1.5)))
+    assert server_summary([first, second], workers=2) == (
+        "shutdown complete: drained in 1.50 s; 10 queued, 0 running, 157 done, 23 failed, 20 cancelled; "
+        "1 abandoned (2 workers added up)"
+    )
+    unknown = Drain.read(describe(_summary(0, 2, 1, 0, 0, queued_counted=False, left_to_leases=2)))
+    assert server_summary([first, unknown], workers=3) == (
+        "shutdown complete: drained in 0.50 s; 10 queued, 2 running, 75 done, 11 failed, 12 cancelled; "
+        "0 abandoned; 2 attempt(s) left to their leases: the store was unavailable "
+        "(2 of 3 workers added up: 1 sent no report, see above)"
+    )
+    assert server_summary([unknown], workers=2).startswith(f"shutdown complete: drained in 0.50 s; {QUEUED_UNKNOWN},")

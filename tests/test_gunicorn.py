@@ -246,6 +246,44 @@ def test_a_drain_report_is_logged_at_once_or_as_a_last_line_at_the_exit(monkeypa
     assert server.log.lines == [("info", named), missing]
 
 
+@pytest.mark.parametrize("one_killed", [False, True])
+def test_workers_stopping_together_get_a_line_each_and_the_server_one_that_counts_the_store_once(
+    monkeypatch, tmp_path, one_killed
+):
+    # `-w 2` on one store: two identical-looking summaries, no pid, each counting the 10 tasks the store still held.
+    from types import SimpleNamespace
+
+    from service.drain_reports import KEPT_BY_THE_STORE
+
+    conf = load_conf(monkeypatch, STORE=f"sqlite:///{tmp_path / 'tasks.db'}")
+    sent = {
+        11: "shutdown complete: drained in 0.01 s; 10 queued, 0 running, 74 done, 11 failed, 12 cancelled; 0 abandoned",
+        12: "shutdown complete: drained in 0.02 s; 10 queued, 0 running, 83 done, 12 failed, 8 cancelled; 1 abandoned",
+        13: None if one_killed else "shutdown complete: drained in 0.00 s; 10 queued, 0 running, 0 done, 0 failed, "
+        "0 cancelled; 0 abandoned",
+    }  # fmt: skip
+    reports = SimpleNamespace(at_stop=[], take=sent.get)
+    server = SimpleNamespace(
+        drain_reports=reports, LISTENERS=[], WORKERS={}, log=_RecordedLog(), metrics_dir=None, metrics_dir_owned=False
+    )
+    for pid in sent:
+        conf["child_exit"](server, SimpleNamespace(pid=pid))
+    conf["on_exit"](server)
+    third = ("warning", f"{KEPT_BY_THE_STORE} (pid 13)") if one_killed else (
+        "info", "worker (pid:13) drained in 0.00 s; 0 running, 0 done, 0 failed, 0 cancelled; 0 abandoned")  # fmt: skip
+    added_up = "2 of 3 workers added up: 1 sent no report, see above" if one_killed else "3 workers added up"
+    assert server.log.lines == [
+        ("info", "worker (pid:11) drained in 0.01 s; 0 running, 74 done, 11 failed, 12 cancelled; 0 abandoned"),
+        ("info", "worker (pid:12) drained in 0.02 s; 0 running, 83 done, 12 failed, 8 cancelled; 1 abandoned"),
+        third,
+        (
+            "info",
+            "shutdown complete: drained in 0.02 s; 10 queued, 0 running, 157 done, 23 failed, 20 cancelled; "
+            f"1 abandoned ({added_up})",
+        ),
+    ]
+
+
 @pytest.mark.parametrize(
     ("workers", "metrics_dir", "shared"),
     [(1, "", False), (2, "", True), (1, "recycled", True), (1, "given", True), (3, "given", True)],
@@ -1211,9 +1249,11 @@ def test_a_stop_after_a_reload_leaves_the_old_worker_to_drain_its_running_task(t
         gate.touch()
         assert server.proc.wait(timeout=30) == 0
         log = server.log()
-        summaries = [line for line in log.splitlines() if "shutdown complete" in line]
-        assert len(summaries) == 2 and all(line.endswith("; 0 abandoned") for line in summaries)
-        assert any("1 done" in line for line in summaries)
+        # Both the retired worker and the new one stop with the server: a line each, then the server's.
+        drained = re.findall(r"worker \(pid:(\d+)\) drained in [\d.]+ s; 0 running, (\d) done, .*; 0 abandoned\n", log)
+        assert len(drained) == 2 and dict(drained)[str(old)] == "1"  # the old one ran the task, the new one none
+        [summary] = [line for line in log.splitlines() if "shutdown complete" in line]
+        assert summary.endswith(" 0 running, 1 done, 0 failed, 0 cancelled; 0 abandoned (2 workers added up)")
         assert "SIGTERM again" not in log
     finally:
         server.stop()

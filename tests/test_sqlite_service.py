@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import signal
 import sqlite3
@@ -494,3 +495,38 @@ def _task(client: Client, task_id: str) -> Task | None:
     status, body = client.json("GET", f"/tasks/{task_id}")
     assert status == 200, body
     return SimpleNamespace(state=State(body["state"]))  # type: ignore[return-value]
+
+
+@pytest.mark.e2e
+def test_two_workers_stopping_log_a_line_each_then_one_summary_counting_the_stores_queued_tasks_once(tmp_path):
+    # Each worker's summary counts every task the store still holds: the two lines read as 20 queued for 10.
+    server = ServerProcess(
+        ["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "-w", "2"],
+        log_path=tmp_path / "gunicorn.log",
+        env=clean_environment(STORE=f"sqlite://{tmp_path / 'tasks.db'}", WORK_MIN_MS="0", WORK_MAX_MS="0"),
+    )
+    try:
+        client = Client(server.wait_for_port(LISTENING))
+        arbiter = server.proc.pid
+        wait_until(lambda: server.log().count("pool started") == 2, timeout=20, what="both pools")
+        pids = worker_pids(arbiter)
+        for n in range(10):
+            later = {"id": f"later-{n}", "payload": "", "delay_ms": 600_000}
+            assert client.json("POST", "/enqueue", json.dumps(later).encode())[0] == 202
+        for n in range(4):
+            now = {"id": f"now-{n}", "payload": "", "max_retries": 0}
+            assert client.json("POST", "/enqueue", json.dumps(now).encode())[0] == 202
+        ended = lambda: all(client.json("GET", f"/tasks/now-{n}")[1]["state"] in ("done", "failed") for n in range(4))  # noqa: E731
+        wait_until(ended, timeout=20, what="the tasks due now to end")
+        assert server.terminate(timeout=30) == 0
+    finally:
+        server.stop()
+    lines = [line.split(" gunicorn.error: ", 1)[1] for line in server.log().splitlines() if " gunicorn.error: " in line]
+    assert sorted(re.findall(r"^worker \(pid:(\d+)\) drained in ", "\n".join(lines), re.M)) == sorted(map(str, pids))
+    assert [line for line in lines if "shutdown complete" in line] == lines[-1:]
+    summary = re.fullmatch(
+        r"shutdown complete: drained in [\d.]+ s; 10 queued, 0 running, (\d+) done, (\d+) failed, 0 cancelled; "
+        r"0 abandoned \(2 workers added up\)",
+        lines[-1],
+    )
+    assert summary and int(summary[1]) + int(summary[2]) == 4, lines[-1]
