@@ -345,17 +345,22 @@ def _check_redis_timeouts(connection: object) -> None:
 _REDIS_TLS_FILES = (("ssl_ca_certs", "ca_certs"), ("ssl_certfile", "certfile"), ("ssl_keyfile", "keyfile"))
 
 
+def unreadable(path: str) -> str | None:
+    """Why the file ``path`` cannot be opened for reading (missing, a directory, no permission), or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def _check_redis_tls_files(connection: object) -> None:
     """Stop the start if a TLS file the URL names cannot be read: redis-py says only "Error 2 connecting to host:port.
     No such file or directory." at the first connection, or waits for a handshake a missing ``ssl_ca_path`` fails."""
     for option, attribute in _REDIS_TLS_FILES:
         path = getattr(connection, attribute, None)
-        if path:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise ValueError(f"{option}={path!r} cannot be read: {exc.strerror or exc}") from None
+        if path and (why := unreadable(path)) is not None:
+            raise ValueError(f"{option}={path!r} cannot be read: {why}")
     directory = getattr(connection, "ca_path", None)
     if directory and not os.path.isdir(directory):
         raise ValueError(f"ssl_ca_path={directory!r} is not a directory")

@@ -16,7 +16,7 @@ from typing import Any
 
 from gunicorn import sock
 
-from config import ConfigError
+from config import ConfigError, unreadable
 
 # "[SSL] PEM lib (_ssl.c:3905)": the source line of CPython's ssl module tells an operator nothing.
 _SOURCE_LINE = re.compile(r" \(_ssl\.c:\d+\)$")
@@ -28,12 +28,8 @@ def check_tls(cfg: Any) -> None:
         return
     given = {"--certfile": cfg.certfile, "--keyfile": cfg.keyfile, "--ca-certs": cfg.ca_certs}
     for option, path in given.items():
-        if path:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as error:
-                raise ConfigError(f"{option} {path!r} cannot be read: {error.strerror or error}") from None
+        if path and (why := unreadable(path)) is not None:
+            raise ConfigError(f"{option} {path!r} cannot be read: {why}")
     if not cfg.certfile:
         raise ConfigError(
             f"--keyfile {cfg.keyfile!r} is given without --certfile: TLS needs the certificate too "
