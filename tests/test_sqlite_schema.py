@@ -450,7 +450,7 @@ def test_every_lookup_by_state_still_searches_the_by_state_index(tmp_path):
             (sqlite_store._CLAIM, {"now": NOW, "owner": "o", "until": NOW}),
             (
                 sqlite_store._END_ATTEMPT,
-                dict.fromkeys(("id", "attempt", "owner", "now", "error", "retry_at", "result")),
+                dict.fromkeys(("id", "attempt", "owner", "now", "error", "retry_at", "result", "created_at")),
             ),
         ]
         for plan in [conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall() for sql, args in statements]:
