@@ -601,9 +601,12 @@ return found > 0 and 1 or 0
 """
 
 # ARGV: now, ttl, max_finished, state or '', limit, below, then the fields to read (none: all of them).
-# Returns {below, tasks}: the tasks newest first, from those listed below the score below ('+inf' at first,
-# else '(' and a score: every index is scored by unique sequence numbers, so the place holds whatever
-# scripts run in between), and where the listing goes on, or '' when it is complete.
+# Returns {below, scores, tasks}: the tasks newest first, from those listed below the score below ('+inf' at
+# first, else '(' and a score), each task's score in its index, and where the listing goes on, or '' when it
+# is complete. A place in an index is a score, read on from by score (ZREVRANGEBYSCORE with an exclusive
+# bound), never by rank: each score is a number of P:seq's own (INCR), so it names one entry, and tasks
+# entering the index meanwhile take higher scores and shift nothing below it, whatever other scripts do in
+# between.
 # When eviction left tasks past their time (more aged at once than it forgets in one call), the walk passes
 # over them and reads on down the index until the page is full, so that a page is never short of a task
 # that is retained (after a mass expiry, a task admitted before the expired ones is listed below them all).
@@ -622,7 +625,7 @@ local fields = {unpack(ARGV, 7)}
 -- passed over.
 local want = more and (limit + PASS_AT_MOST) or limit
 local ids = redis.call('ZREVRANGEBYSCORE', index, below, '-inf', 'WITHSCORES', 'LIMIT', '0', string.format('%d', want))
-local out = {}
+local out, scores = {}, {}
 for i = 1, #ids, 2 do
   local id = ids[i]
   if not (more and aged(id, cutoff)) then
@@ -636,71 +639,15 @@ for i = 1, #ids, 2 do
         if value then task[#task + 1] = fields[j]; task[#task + 1] = value end
       end
     end
-    if #task > 0 then out[#out + 1] = task end
-    if #out == limit then return {'', out} end
-  end
-end
-if not more or #ids < 2 * want then return {'', out} end
-return {'(' .. ids[#ids], out}
-"""
-
-# ARGV: now, ttl, max_finished, state or '', limit, the position to list after or '' (the first page), then the
-# fields to read, as _LIST. Returns the position of the page's last task when more follow ('' when none), then
-# the tasks. A position is the score of an entry in the index, read from there on by score (ZREVRANGEBYSCORE
-# with an exclusive bound), never by rank: tasks entering the index meanwhile take higher scores and shift
-# nothing below it. Each score is a number of P:seq's own (INCR), so it names one entry: no tie to break.
-# Tasks past their time are passed over as in _LIST, each chunk read on from the last score of the one before.
-_PAGE = """
-local cutoff = num(ARGV[1]) - num(ARGV[2])
-local more = evict(cutoff, num(ARGV[3]))
-local index = ARGV[4] == '' and (P .. ':all') or (P .. ':st:' .. ARGV[4])
-local limit = num(ARGV[5])
-local bound = ARGV[6] == '' and '+inf' or ('(' .. ARGV[6])
-local fields = {unpack(ARGV, 7)}
-local passed = nil
-local function past(id)
-  if not more then return false end
-  if passed then return passed[id] == true end
-  return aged(id, cutoff)
-end
-local out = {''}
-local last = nil
-local chunk = more and math.max(limit + 1, 1000) or limit + 1
-local count = string.format('%d', chunk)
-while true do
-  local found = redis.call('ZREVRANGEBYSCORE', index, bound, '-inf', 'WITHSCORES', 'LIMIT', '0', count)
-  for i = 1, #found, 2 do
-    local id = found[i]
-    if not past(id) then
-      local key = P .. ':t:' .. id
-      local task
-      if #fields == 0 then
-        task = redis.call('HGETALL', key)
-      else
-        task = {}
-        for j, value in ipairs(redis.call('HMGET', key, unpack(fields))) do
-          if value then task[#task + 1] = fields[j]; task[#task + 1] = value end
-        end
-      end
-      if #task > 0 then
-        if #out > limit then  -- a task after the page's last: the page ends there, and more follow
-          out[1] = last
-          return out
-        end
-        out[#out + 1] = task
-        last = found[i + 1]
-      end
+    if #task > 0 then
+      out[#out + 1] = task
+      scores[#out] = ids[i + 1]
     end
+    if #out == limit then return {'', scores, out} end
   end
-  if not more or #found < 2 * chunk then return out end
-  if not passed then
-    passed = {}
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':fin', '-inf', cutoff)) do
-      passed[id] = true
-    end
-  end
-  bound = '(' .. found[#found]
 end
+if not more or #ids < 2 * want then return {'', scores, out} end
+return {'(' .. ids[#ids], scores, out}
 """
 
 # ARGV: now, ttl, max_finished, then the state names. Returns counts per state, then waiting,
@@ -1095,7 +1042,6 @@ class RedisStore(TaskStore):
             "cancel_requested": _CANCEL_REQUESTED,
             "get": _GET,
             "list": _LIST,
-            "page": _PAGE,
             "stats": _STATS,
             "first_due": _FIRST_DUE,
             "queue_delays": _QUEUE_DELAYS,
@@ -1712,25 +1658,31 @@ class RedisStore(TaskStore):
         return _decode(flat) if flat else None
 
     def list(self, state: State | None = None, limit: int = 100, *, results: bool = True) -> list[Task]:
+        return [task for _, task in self._listed(state, limit, results, "+inf")]
+
+    def _listed(self, state: State | None, limit: int, results: bool, below: str) -> list[tuple[bytes, Task]]:
+        """Up to ``limit`` tasks below the score ``below`` in the listing's index (see _LIST), each with its score.
+
+        One script per PASS_AT_MOST tasks left past their time; one in all without them.
+        """
         fields = _LISTED_FIELDS if results else _LISTED_BUT_RESULT
         index = "" if state is None else str(state)
-        listed: list[Task] = []
-        below: str | bytes = "+inf"
-        # One script per PASS_AT_MOST tasks left past their time (see _LIST); one in all without them.
-        while below and len(listed) < limit:
-            below, flats = self._run("list", *self._retention(), index, limit - len(listed), below, *fields)
-            listed.extend(task for task in map(_decode, flats) if task is not None)
+        listed: list[tuple[bytes, Task]] = []
+        resume: str | bytes = below
+        while resume and len(listed) < limit:
+            resume, scores, flats = self._run("list", *self._retention(), index, limit - len(listed), resume, *fields)
+            listed.extend((score, task) for score, task in zip(scores, map(_decode, flats)) if task is not None)
         return listed
 
     def page(
         self, state: State | None = None, limit: int = 100, *, results: bool = True, after: Position | None = None
     ) -> Page:
         """A page of ``list``: positions are ``(score,)``, the score of the last task's entry in its index."""
-        fields = _LISTED_FIELDS if results else _LISTED_BUT_RESULT
-        position = "" if after is None else check_position(after, 1)[0]
-        flats = self._run("page", *self._retention(), "" if state is None else str(state), limit, position, *fields)
-        tasks = [task for task in map(_decode, flats[1:]) if task is not None]
-        return Page(tasks, (int(flats[0]),) if flats[0] else None)
+        below = "+inf" if after is None else f"({check_position(after, 1)[0]}"
+        listed = self._listed(state, limit + 1, results, below)  # one more tells whether more follow
+        more = len(listed) > limit > 0
+        del listed[limit:]
+        return Page([task for _, task in listed], (int(listed[-1][0]),) if more else None)
 
     def stats(self) -> StoreStats:
         states = list(State)
