@@ -6,6 +6,7 @@ import weakref
 import pytest
 
 from workerpool import MemoryStore, State, Task
+from workerpool.stores.memory import _entered_since
 
 OWNER = "host:1:a"
 
@@ -109,3 +110,27 @@ def test_a_cancelled_retry_does_not_keep_its_payload_in_the_delay_heap(clock):
     gc.collect()
     assert len(payloads) < 100
     assert store.stats().retries_pending == 0
+
+
+def test_the_tasks_entered_since_a_position_are_counted_across_the_doubling_blocks():
+    entries = {f"t{n}": 3 * n + 1 for n in range(1000)}  # numbers with gaps, as left by tasks moving on
+    numbers = list(entries.values())
+    for entry in [0, 1, 2, 4, 3 * 63 + 1, 3 * 64 + 1, 3 * 936 + 1, 3 * 937 + 1, 2998, 2999, 3000, 5000]:
+        assert _entered_since(entries, entry) == sum(1 for number in numbers if number >= entry), entry
+    assert _entered_since({}, 5) == 0
+
+
+def test_a_walk_in_pages_deeper_than_the_first_blocks_lists_every_task_once():
+    store = MemoryStore(capacity=1000)
+    store.admit([Task(f"t{n}", "", 0, created_at=1.0) for n in range(700)])
+    for _ in range(300):  # the oldest 300 run: gaps in the queued entries, and 300 running
+        assert store.claim("owner", 2e9) is not None
+    for state, expected in ((None, 700), (State.QUEUED, 400), (State.RUNNING, 300)):
+        listed, after = [], None
+        while True:
+            page = store.page(state, 7, after=after)
+            listed += [task.id for task in page.tasks]
+            if page.next is None:
+                break
+            after = page.next
+        assert listed == [task.id for task in store.list(state, 1000)] and len(listed) == expected, state
