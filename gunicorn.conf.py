@@ -130,6 +130,9 @@ worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 # files and the store's: running out would make accept() fail and gunicorn end the worker. The soft
 # limit on open files is raised toward the hard one as far as needed (see service/file_limits.py).
 worker_connections = _file_limits.worker_connections(_settings, threads)
+# keepalive: gunicorn's, 2 s by default. Behind a load balancer that keeps idle connections to the service
+# longer (AWS ALB, nginx upstream keepalive: 60 s) give `--keep-alive 75` (in GUNICORN_CMD_ARGS too), above
+# whatever it keeps, or a POST it sends on a connection just closed gets a 502 (docs/deployment.md).
 preload_app = False  # the pool must be built in the worker, not in the arbiter before fork
 # Recycling a worker with STORE=memory would forget every task: on_starting refuses a --max-requests
 # that overrides this there (config.check_worker_recycling).

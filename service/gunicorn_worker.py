@@ -371,9 +371,33 @@ class DrainingThreadWorker(ThreadWorker):
         self.reader.expire()
         self.closer.expire()
         # Keep a connection free for the next client: with every one taken, gthread would stop
-        # accepting until a slow client gave up. The one waiting longest for its request makes room.
-        while self.nr_conns >= self.worker_connections - 1 and len(self.reader):
-            self.reader.drop_oldest()
+        # accepting until a slow client gave up. An idle kept-alive connection makes room first (its
+        # client opens another when it needs one), else the one waiting longest for its request.
+        while self.nr_conns >= self.worker_connections - 1:
+            if self.keepalived_conns:
+                self._close_longest_idle()
+            elif len(self.reader):
+                self.reader.drop_oldest()
+            else:
+                break
+
+    def _close_longest_idle(self) -> None:
+        """Close the kept-alive connection idle the longest; serve it instead if its next request has begun.
+
+        With a keep-alive time longer than a load balancer's idle timeout (see
+        docs/deployment.md) idle connections accumulate up to gthread's limit
+        (``worker_connections - threads``); closed first, they leave the other
+        slots to requests under way, which were dropped to make room before.
+        """
+        conn = self.keepalived_conns[0]
+        if request_arrived(conn.sock):
+            self.on_client_socket_readable(conn, conn.sock)
+            return
+        self.keepalived_conns.popleft()
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self.poller.unregister(conn.sock)
+        self.nr_conns -= 1
+        conn.close()
 
     def _reads_ahead(self, conn: TConn) -> bool:
         # TLS and HTTP/2 connections are read by gthread as usual.

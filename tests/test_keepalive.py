@@ -197,3 +197,30 @@ def test_keep_alive_0_answers_each_request_with_connection_close_and_closes(guni
         answer = exchange(sock, ENQUEUE)
         assert answer.startswith(b"HTTP/1.1 202") and b"\r\nConnection: close\r\n" in answer
         seconds_until_closed(sock, at_most=30)
+
+
+@pytest.mark.e2e
+def test_with_every_connection_taken_an_idle_kept_alive_one_makes_room_not_a_request_under_way(gunicorn):
+    # 40 connections: gthread keeps 32 alive at most (worker_connections - threads); 8 uploads under way take the
+    # rest. Room for the next client came from the uploads, dropped half-read, while idle connections stayed.
+    port = gunicorn("--worker-connections", "40", "--keep-alive", "300", REQUEST_TIMEOUT_S="120")
+    body = b'{"payload": "' + b"x" * 64 + b'"}'
+    head = b"POST /enqueue HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(32):
+            opened.append(idle := socket.create_connection(("127.0.0.1", port), timeout=30))
+            assert b"\r\nConnection: keep-alive\r\n" in exchange(idle, HEALTH)
+        uploads = []
+        for _ in range(8):
+            opened.append(upload := socket.create_connection(("127.0.0.1", port), timeout=30))
+            upload.sendall(head % len(body) + body[:10])
+            uploads.append(upload)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
+            assert exchange(newcomer, HEALTH).startswith(b"HTTP/1.1 200")
+        for upload in uploads:  # every upload under way is still read to its end and answered
+            assert exchange(upload, body[10:]).startswith(b"HTTP/1.1 202")
+        seconds_until_closed(opened[0], at_most=30)  # the longest idle made room
+    finally:
+        for sock in opened:
+            sock.close()
