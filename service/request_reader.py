@@ -286,12 +286,22 @@ class RequestReader:
             self._poller.register(conn.sock, selectors.EVENT_READ, lambda sock: self._readable(conn))
 
     def expire(self) -> None:
-        """Give up on the requests whose deadline has passed."""
+        """Give up on the requests whose deadline has passed, after reading what has arrived of them.
+
+        The bytes that came since the poller's last look (a request sent just
+        as its deadline passed, on a connection idle until then) are read
+        first: a request whole by now is served, not closed unread under
+        its client, which a close with bytes unread resets.
+        """
         now = self._clock()
         while self._pending:
             conn, pending = next(iter(self._pending.items()))
             if pending.deadline > now:
                 break
+            if not pending.closed and self._receive(conn, pending):
+                self._forget(conn)
+                self._finish(conn, pending)
+                continue
             self._give_up(conn, pending)
 
     def bring_deadlines_forward(self, deadline: float) -> None:

@@ -693,6 +693,19 @@ def test_a_request_not_whole_by_the_deadline_is_given_up(harness):
     assert short_body.read_deadline <= harness.clock.monotonic()  # its thread reads no more
 
 
+def test_a_request_arrived_since_the_pollers_last_look_is_served_at_the_deadline_not_closed_unread(harness):
+    # Idle until its deadline, the connection's request came after the loop's last look: closing would reset it.
+    silent, client = harness.connect()
+    late_partial, partial_client = harness.connect()
+    harness.clock.advance(TIMEOUT)
+    client.sendall(HEAD)
+    partial_client.sendall(HEAD[:10])
+    harness.reader.expire()
+    assert harness.ready == [silent] and harness.buffered(silent) == HEAD
+    assert harness.dropped == [late_partial]  # not whole by its deadline: given up as before
+    assert len(harness.reader) == 0
+
+
 def test_the_connection_waiting_longest_is_dropped_first(harness):
     first, _ = harness.connect(HEAD[:10])
     second, _ = harness.connect()
