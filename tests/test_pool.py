@@ -2807,3 +2807,49 @@ def test_an_attempt_whose_task_redis_lost_says_so_not_that_another_process_ended
     pool.shutdown(timeout=TIMEOUT)
     here.close()
     admin.close()
+
+
+def _shut_down_on_a_thread(pool, timeout):
+    summaries = []
+    drain = threading.Thread(target=lambda: summaries.append(pool.shutdown(timeout)), daemon=True)
+    drain.start()
+    return drain, summaries
+
+
+@pytest.mark.parametrize("timeout", [2.0, None])
+def test_a_pool_without_threads_runs_what_is_left_on_the_draining_thread(make_pool, clock, timeout):
+    # Nothing else steps it: the drain waited to the deadline for workers that do not exist (for ever without one).
+    pool = make_pool(threads=False)
+    for task_id in ("a", "b", "c"):
+        pool.submit(task_id, "")
+    assert pool.step()
+    drain, summaries = _shut_down_on_a_thread(pool, timeout)
+    drain.join(WAIT_S)
+    assert not drain.is_alive(), "the drain waits for workers a pool without threads does not have"
+    [summary] = summaries
+    assert (summary.counts[State.DONE], summary.abandoned) == (3, ())
+    assert [pool.get(task_id).state for task_id in ("a", "b", "c")] == [State.DONE] * 3
+    assert clock.monotonic() == 0  # no time passed: it ran them as soon as it could
+
+
+def test_a_pool_without_threads_drains_a_retry_once_it_falls_due_and_abandons_what_falls_due_too_late(make_pool, clock):
+    waiting = threading.Event()
+
+    def wait(event, timeout):
+        if timeout:  # the drain waits for something to fall due (or for its deadline)
+            waiting.set()
+        return clock.wait(event, timeout)
+
+    pool = make_pool(fail_first, threads=False, backoff_base=2.0, backoff_cap=2.0, wait=wait)
+    pool.submit("retried", "", max_retries=1)
+    pool.submit("later", "", delay=60)
+    drain, summaries = _shut_down_on_a_thread(pool, 10.0)
+    assert waiting.wait(WAIT_S)
+    assert (pool.get("retried").attempts, pool.get("retried").state) == (1, State.QUEUED)
+    clock.advance(2.0)  # the retry falls due: the drain, waiting for it (not for its deadline), runs it
+    drain.join(WAIT_S)
+    assert not drain.is_alive()
+    [summary] = summaries
+    assert pool.get("retried").state is State.DONE
+    assert summary.abandoned == ("later",)  # due after the deadline: abandoned without waiting for it
+    assert clock.monotonic() == 2.0

@@ -165,7 +165,8 @@ class WorkerPool:
     blocks on an event with a timeout and ``rng`` draws the jitter: tests
     inject all four. ``observers`` hear of every change of a task, in the
     order the changes happened. With ``threads=False`` no thread is started
-    and the caller drives the pool with ``step()``.
+    and the caller drives the pool with ``step()``; its ``shutdown()`` runs
+    what is left on the calling thread (see ``shutdown``).
     """
 
     # Slots, not an instance dict: the pool has more attributes than CPython 3.11 keeps in a class's
@@ -1408,7 +1409,11 @@ class WorkerPool:
         processes; only its own running attempts are waited for (and
         abandoned at the deadline). A later call with a shorter timeout (``timeout=0`` on a
         second signal) pulls the deadline in. With ``wait=False`` the drain
-        runs on a helper thread and the call returns None at once.
+        runs on a helper thread and the call returns None at once. A pool built
+        with ``threads=False`` has no worker to run what is left: the thread
+        that waits for the drain steps it (a handler running past the deadline
+        holds the drain until it returns); with ``wait=False`` the caller goes
+        on stepping it.
         """
         began = self._monotonic()
         deadline = math.inf if timeout is None else began + max(0.0, timeout)
@@ -1423,7 +1428,9 @@ class WorkerPool:
             self._put_back_lost_claim()
         if first:
             if wait:
-                self._drain(began)
+                # Without worker threads nothing else runs what is left while the caller (the thread that
+                # steps the pool) waits here: the drain steps it itself. With wait=False the caller goes on stepping.
+                self._drain(began, steps=not self._use_threads)
             else:
                 threading.Thread(target=self._drain, args=(began,), name="workerpool-drain", daemon=True).start()
         if not wait:
@@ -1431,14 +1438,14 @@ class WorkerPool:
         self._drained.wait()
         return self._summary
 
-    def _drain(self, began: float) -> None:
+    def _drain(self, began: float, *, steps: bool = False) -> None:
         # Whatever fails below, the drain ends: the threads are told to stop, the summary is written
         # and _drained is set, or every shutdown() after this one (a second signal, atexit) would wait forever.
         abandoned: list[Task] = []
         try:
             try:
                 self._announce_drain()
-                self._wait_for_drain()
+                self._wait_for_drain(steps)
             except Exception:
                 log.exception("shutdown: waiting for the drain failed; abandoning the unfinished attempts now")
             self._abandon_unfinished(abandoned)
@@ -1459,7 +1466,7 @@ class WorkerPool:
         else:
             log.info("shutdown: admission closed, draining %d unfinished task(s)", self._store.unfinished())
 
-    def _wait_for_drain(self) -> None:
+    def _wait_for_drain(self, steps: bool) -> None:
         # The submissions under way when the drain first looked past its deadline: the only ones waited for
         # from then on. A shared store keeps admitting while its pool drains, and while submissions overlap
         # (steady traffic on a slow store) one is always under way: waiting for none to be left never ended.
@@ -1488,7 +1495,16 @@ class WorkerPool:
                 return
             # Until the deadline at most, to look past it; then only a submission's end (it wakes the drain).
             wait_for_all = remaining == math.inf or (admitting and remaining <= 0)
-            self._wait(self._drain_wakeup, None if wait_for_all else max(0.0, remaining))
+            wait = None if wait_for_all else max(0.0, remaining)
+            if steps and self._claiming and remaining > 0:
+                # One attempt at a time, as it falls due: it waited to the deadline (for ever without one) for
+                # workers that do not exist.
+                if self.step():
+                    continue
+                until_due = self._store.seconds_until_due()
+                if until_due is not None:
+                    wait = until_due if wait is None else min(wait, until_due)
+            self._wait(self._drain_wakeup, wait)
 
     def _nothing_falls_due_within(self, remaining: float) -> bool:
         """Whether this pool's store holds only tasks (delayed, or waiting out a backoff) due after ``remaining`` s.
