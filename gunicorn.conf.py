@@ -113,10 +113,7 @@ DRAIN_MARGIN_S = 5
 wsgi_app = "server_settings:worker_app()"  # the app, with the settings checked above
 
 
-_bind_text = _app.bind_text
-
-
-bind = [_bind_text(_settings.host, _settings.port)]
+bind = [_app.bind_text(_settings.host, _settings.port)]
 # WEB_CONCURRENCY is gunicorn's default for -w, which platforms (Heroku among them) set: a value in
 # this file would hide it. Several processes share a SQLite or Redis store; with STORE=memory each
 # would have its own queue and task table, so one runs, and on_starting says why the value is not taken.
@@ -361,7 +358,7 @@ def _check_listen(cfg):
         return
     tcp = [(address[0], address[1]) for address in cfg.address if isinstance(address, tuple)]  # not unix sockets
     for host, port in tcp:  # `-b` on the command line overrides `bind` above
-        given = None if (host, port) == (_settings.host, _settings.port) else _bind_text(host, port)
+        given = None if (host, port) == (_settings.host, _settings.port) else _app.bind_text(host, port)
         _app.check_listen(host, port, reuse_port=cfg.reuse_port, bind=given)
     _app.check_listen_together(tcp, reuse_port=cfg.reuse_port)  # gunicorn listens on all of them at once
 

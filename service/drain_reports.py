@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.lifecycle import QUEUED_UNKNOWN
+from .lifecycle import QUEUED_UNKNOWN
 
 NOT_REPORTED = "the worker ended without reporting its drain (killed?)"
 # What became of its tasks: with STORE=memory they were the process's own; a shared store keeps them, and
