@@ -191,7 +191,7 @@ def check_listen_together(addresses: Sequence[tuple[str, int]], *, reuse_port: b
 
 # Why two -b addresses on one port collide, as Linux decides by default.
 _HELD_FOR_THE_SECOND = (
-    "the same address, or a wider one: 0.0.0.0 covers every IPv4 address, [::] every address, IPv4 included"
+    "the same address, or one covering the other: 0.0.0.0 covers every IPv4 address, [::] every address, IPv4 included"
 )
 
 

@@ -436,6 +436,7 @@ COLLIDING_BINDS = {
     "a name for the same address": ("127.0.0.1", "localhost"),
     "IPv4 then IPv6 wildcards": ("0.0.0.0", "[::]"),
     "a wildcard then one address": ("0.0.0.0", "127.0.0.1"),
+    "one address then a wildcard": ("127.0.0.1", "0.0.0.0"),
 }
 
 
@@ -462,6 +463,8 @@ def test_check_listen_together_lets_addresses_that_do_not_collide_through_and_le
     check_listen_together([("127.0.0.1", port), ("127.0.0.1", port)], reuse_port=True)  # gunicorn listens on both
     with pytest.raises(ConfigError, match=f"-b 127.0.0.1:{port} and -b 127.0.0.1:{port} "):
         check_listen_together([("127.0.0.1", port), ("127.0.0.1", port)])
+    with pytest.raises(ConfigError, match=r"\(the same address, or one covering the other: 0\.0\.0\.0 covers"):
+        check_listen_together([("127.0.0.1", port), ("0.0.0.0", port)])  # the wider one second: still said why
     with socket.create_server(("127.0.0.1", port)):  # nothing the checks made still holds the port
         pass
 
