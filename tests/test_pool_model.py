@@ -517,7 +517,7 @@ class PoolModel(RuleBasedStateMachine):
             return
         shared = self.store.shared
         unfinished = [task_id for task_id, task in self.tasks.items() if task.state in UNFINISHED]
-        if unfinished and not shared and self.clock.monotonic() < self.deadline:
+        if unfinished and not shared and self.clock.monotonic() < self.deadline and self._something_falls_due():
             return
         # Wake the drain to look again (no new deadline) and give it a bounded
         # time to end, so that a drain which never ends fails rather than hangs.
@@ -549,6 +549,20 @@ class PoolModel(RuleBasedStateMachine):
         assert summary.drain_seconds == self.clock.monotonic() - self.shutdown_began  # from the call, fake time
         assert self.pool.shutdown(0) is summary, "a later shutdown() did not return the same summary"
         self.summary = summary
+
+    def _something_falls_due(self) -> bool:
+        """Whether an unfinished task falls due by the drain's deadline: with none, the drain abandons them at once.
+
+        The pool looks again whenever an attempt ends, a task is cancelled or the
+        deadline moves: every rule that can change the answer calls
+        ``_join_drain_if_due``. Time passing alone does not change it (the
+        deadline and the due times move closer together).
+        """
+        self._release_due()
+        if self.deadline == math.inf or self.released or self.fresh or not self.scheduled:
+            return True
+        # As the pool reckons them: the wait until the next due time (wall clock), the drain's time left (monotonic).
+        return self.scheduled[0][0] - self.clock.time() <= self.deadline - self.clock.monotonic()
 
     def _counts(self) -> dict[State, int]:
         counts = Counter(task.state for task in self.tasks.values())
@@ -660,6 +674,26 @@ def test_the_drain_ends_when_the_last_unfinished_task_is_cancelled():
         assert machine.summary is not None and machine.summary.drain_seconds == 0.0
         assert machine.summary.counts[State.CANCELLED] == 3
         machine.advance_time(1.0)
+        _check_invariants(machine)
+    finally:
+        machine.teardown()
+
+
+def test_the_drain_ends_at_once_when_nothing_falls_due_before_its_deadline():
+    """Tasks delayed past the drain's deadline are abandoned when the drain first looks, not at the deadline.
+
+    The model waited for the deadline while the pool's drain thread had
+    already failed them: whether an invariant saw the store's counts before
+    or after that thread ran decided the outcome, so hypothesis reported
+    failed tasks the model held queued, and its replays as flaky.
+    """
+    machine = PoolModel()
+    try:
+        machine.build(seed=0, queue_size=3)
+        ids = [machine.submit_new(max_retries=0, delay=2.5) for _ in range(3)]
+        machine.begin_shutdown(timeout=1.0)
+        assert machine.summary is not None and machine.summary.drain_seconds == 0.0
+        assert sorted(machine.summary.abandoned) == ids
         _check_invariants(machine)
     finally:
         machine.teardown()
