@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,29 @@ def clean_environment(**overrides: str) -> dict[str, str]:
 RUNNING_E2E = True
 
 
+# The signals a server acts on. One the test runner ignores (`nohup make test` ignores SIGHUP) would be
+# inherited ignored, and the server keeps an inherited ignore on purpose; systemd and docker start a service
+# with them all at their default actions, and so do the tests.
+_SERVER_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+                   signal.SIGTTIN, signal.SIGTTOU)  # fmt: skip
+
+
+@contextmanager
+def _server_signals_at_default():
+    """Set the server signals this process ignores to their default actions while a server process starts."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works on the main thread only
+        yield
+        return
+    ignored = [number for number in _SERVER_SIGNALS if signal.getsignal(number) == signal.SIG_IGN]
+    for number in ignored:
+        signal.signal(number, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for number in ignored:
+            signal.signal(number, signal.SIG_IGN)
+
+
 class ServerProcess:
     """A server started as a subprocess with its output in a log file; always killed in ``stop``."""
 
@@ -150,16 +174,17 @@ class ServerProcess:
         assert RUNNING_E2E, "a test that starts a server process is marked e2e (@pytest.mark.e2e)"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, *args] if python else args,
-            cwd=cwd,
-            # Temporary files in the test's directory: a server killed with SIGKILL cannot remove its own.
-            env={"TMPDIR": str(log_path.parent), **env},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a signal to the test runner's group must not reach it
-        )
+        with _server_signals_at_default():
+            self.proc = subprocess.Popen(
+                [sys.executable, *args] if python else args,
+                cwd=cwd,
+                # Temporary files in the test's directory: a server killed with SIGKILL cannot remove its own.
+                env={"TMPDIR": str(log_path.parent), **env},
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a signal to the test runner's group must not reach it
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
