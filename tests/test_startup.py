@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pwd
 import re
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 from http_fixtures import LISTENING, PROJECT_ROOT, ServerProcess, clean_environment, wait_until
@@ -164,24 +168,64 @@ def test_gunicorn_refuses_tls_files_it_could_not_serve_with(tmp_path):
         assert output.count("\n") == 1 and "Listening at" not in output and "Traceback" not in output
 
 
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root starts workers as another user (--user)"
+)
+def test_gunicorn_reads_the_tls_files_as_the_user_its_workers_run_as(tmp_path):
+    """Checked as the arbiter's user (root), a key only root may read passed, and the workers (--user nobody), which
+    build the TLS context, failed every connection with PermissionError in the log."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' to run the workers as")
+    shared = Path(tempfile.mkdtemp(prefix="tls-"))  # tmp_path's parents are root's alone: nobody reads nothing there
+    try:
+        shared.chmod(0o755)
+        cert, key = _self_signed(shared, "root-only")
+        Path(key).chmod(0o600)
+        result = start([*GUNICORN, "--certfile", cert, "--keyfile", key, "--user", "nobody"])
+        assert result.returncode == 2, result.stderr
+        output = result.stdout + result.stderr
+        assert output == (
+            f"configuration error: --keyfile {key!r} cannot be read by the workers' user 'nobody' "
+            f"(uid {nobody.pw_uid}, gid 0: --user, --group): Permission denied\n"
+        )
+        Path(key).chmod(0o644)  # readable by the workers: the server starts, and serves
+        server = ServerProcess([*GUNICORN[1:], "--certfile", cert, "--keyfile", key, "--user", "nobody"],
+                               log_path=tmp_path / "server.log", env=clean_environment())  # fmt: skip
+        try:
+            port = server.wait_for_port(LISTENING.replace("http:", "https:"))
+            # Any answer: the handshake took the key. (Which one depends on the machine: an interpreter installed where
+            # only root may read, /root/.pyenv, fails nobody's workers at a module imported late, answering 500.)
+            assert _healthz_over_tls(port, cert).startswith(b"HTTP/1.1 ")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(shared)
+
+
+def _healthz_over_tls(port: int, cert: str) -> bytes:
+    """The start of the first answer to GET /healthz over TLS, trusting ``cert``."""
+    context = ssl.create_default_context(cafile=cert)
+
+    def healthz() -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            return tls.recv(65536)
+
+    return wait_until(healthz, timeout=20, what="/healthz over TLS")
+
+
 def test_gunicorn_serves_tls_with_a_certificate_and_its_key(tmp_path):
     cert, key = _self_signed(tmp_path, "served")
     pattern = LISTENING.replace("http:", "https:")
     server = ServerProcess([*GUNICORN[1:], "--certfile", cert, "--keyfile", key], log_path=tmp_path / "server.log",
                            env=clean_environment())  # fmt: skip
     try:
-        port = server.wait_for_port(pattern)
-        context = ssl.create_default_context(cafile=cert)
-
-        def healthz() -> bytes:
-            with (
-                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
-            ):
-                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                return tls.recv(65536)
-
-        assert wait_until(healthz, timeout=20, what="/healthz over TLS").startswith(b"HTTP/1.1 200 ")
+        assert _healthz_over_tls(server.wait_for_port(pattern), cert).startswith(b"HTTP/1.1 200 ")
     finally:
         server.stop()
 
