@@ -21,6 +21,7 @@ import shlex
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 TIMEOUT_S = 2  # below the HEALTHCHECK's --timeout=3s, so that a hung server is reported by this script
 # Where a server listening on every address of a family is asked.
@@ -31,19 +32,39 @@ def addresses(environ: Mapping[str, str], given: Sequence[str] = ()) -> list[tup
     """Where the server listens: (host, port) pairs, unix socket paths and file descriptors, as gunicorn parses them."""
     binds = list(given) or _binds_in(environ.get("GUNICORN_CMD_ARGS", ""))
     if not binds:  # gunicorn.conf.py's `bind`; gunicorn is not imported (a third of a second of CPU each time)
-        return [(environ.get("HOST", "127.0.0.1"), int(environ.get("PORT", "8080")))]
+        port = environ.get("PORT", "8080")
+        if not (port.isascii() and port.isdigit()):
+            raise ValueError(f"PORT={port!r} is not a port number")
+        return [(environ.get("HOST", "127.0.0.1"), int(port))]
     from gunicorn.util import parse_address  # the parser gunicorn applies to each -b
 
-    return [parse_address(bind) for bind in binds]
+    where = []
+    for bind in binds:
+        try:
+            where.append(parse_address(bind))
+        except (RuntimeError, ValueError) as error:  # "'x' is not a valid port number."
+            raise ValueError(f"the address {bind!r} cannot be read: {error}") from None
+    return where
 
 
 def _binds_in(args: str) -> list[str]:
-    """The ``-b`` values of ``GUNICORN_CMD_ARGS``, read with gunicorn's own parser."""
+    """The ``-b`` values of ``GUNICORN_CMD_ARGS``, read with gunicorn's own parser; ValueError if it cannot read them
+    (its usage and exit code 2, which a HEALTHCHECK must not give: only 0 and 1 are its answers)."""
     if not args.strip():
         return []
     from gunicorn.config import Config
 
-    return Config().parser().parse_args(shlex.split(args)).bind or []
+    parser = Config().parser()
+
+    def refuse(message: str) -> NoReturn:
+        raise ValueError(f"GUNICORN_CMD_ARGS cannot be read: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]  # argparse's error() prints its usage and exits 2
+    try:
+        words = shlex.split(args)
+    except ValueError as error:  # "No closing quotation"
+        refuse(str(error))
+    return parser.parse_args(words).bind or []
 
 
 def probe(address: tuple[str, int] | str | int, path: str, *, timeout: float = TIMEOUT_S) -> str | None:
@@ -89,7 +110,11 @@ class _UnixConnection(http.client.HTTPConnection):
 
 def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     path = environ.get("SCRIPT_NAME", "").rstrip("/") + "/healthz"
-    where = addresses(environ, argv)
+    try:
+        where = addresses(environ, argv)
+    except ValueError as error:  # unhealthy (1), said in one line: not 2, which Docker reserves
+        print(f"unhealthy: {error}", file=sys.stderr)
+        return 1
     failure = probe(where[0], path) if where else "no address to ask"
     if failure is None:
         return 0

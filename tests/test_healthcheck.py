@@ -118,3 +118,22 @@ def test_a_server_that_accepts_but_never_answers_is_unhealthy():
             f"127.0.0.1:{port}/healthz did not answer within 0.2 s"
         )
     assert probe(3, "/healthz").startswith("cannot ask file descriptor 3")
+
+
+@pytest.mark.parametrize(
+    ("environ", "said"),
+    [
+        ({"GUNICORN_CMD_ARGS": "--no-such-option"}, "GUNICORN_CMD_ARGS cannot be read: unrecognized arguments: "),
+        ({"GUNICORN_CMD_ARGS": "-b"}, "GUNICORN_CMD_ARGS cannot be read: argument -b/--bind: expected one argument"),
+        ({"GUNICORN_CMD_ARGS": "-b '127.0.0.1:80"}, "GUNICORN_CMD_ARGS cannot be read: No closing quotation"),
+        ({"GUNICORN_CMD_ARGS": "-b 127.0.0.1:http"}, "the address '127.0.0.1:http' cannot be read: "),
+        ({"PORT": "80a"}, "PORT='80a' is not a port number"),
+    ],
+    ids=["unknown-option", "no-value", "open-quote", "bad-port", "bad-PORT"],
+)
+def test_settings_it_cannot_read_are_unhealthy_in_one_line(capsys, environ, said):
+    # gunicorn's parser printed its usage (60 lines) and exited 2, which Docker reserves: 1 is unhealthy.
+    assert main([], environ) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"unhealthy: {said}") and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""
