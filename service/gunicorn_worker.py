@@ -63,7 +63,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from gunicorn import util
 from gunicorn.http import wsgi
-from gunicorn.http.errors import ConfigurationProblem, InvalidHeader, InvalidRequestLine, LimitRequestLine
+from gunicorn.http.errors import (
+    ConfigurationProblem,
+    InvalidHeader,
+    InvalidRequestLine,
+    LimitRequestLine,
+    UnsupportedTransferCoding,
+)
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -73,7 +79,7 @@ from . import gunicorn_caches, logs, server_errors
 from .connection import SendDeadline, StopGrace
 from .drain_reports import RETIRING
 from .drain_reports import send as send_report
-from .head_problems import BodyFraming, fields_message, head_problem
+from .head_problems import BodyFraming, fields_message, head_problem, unsupported_coding
 from .lifecycle import NO_SIGNAL, ShutdownController
 from .lingering_close import LingeringCloser
 from .logs import redact_request_line
@@ -505,7 +511,10 @@ class FramingRefused(InvalidHeader):
 def framing_refusal(exc: BaseException, token: str = "") -> BaseException:
     """``exc``, or for the parser's ``Invalid HTTP Header: 'CONTENT-LENGTH'`` (or ``'TRANSFER-ENCODING'``), which
     tells the client nothing, the refusal worded as ``python app.py`` words it: two lengths, one that is not a
-    number, chunked with a length, chunked in HTTP/1.0, a coding list that does not end with chunked."""
+    number, chunked with a length, chunked in HTTP/1.0, a coding list that does not end with chunked; and for its
+    ``Unsupported transfer coding: 'x-zip, gzip'`` the 501 worded as ``python app.py`` words it, naming the coding."""
+    if type(exc) is UnsupportedTransferCoding:  # the parser's own 501 (not request_reader's UnsupportedCoding)
+        return unsupported_coding(exc.hdr, token) or exc
     req = getattr(exc, "req", None)
     if type(exc) is not InvalidHeader or exc.hdr not in _FRAMING_FIELDS or not getattr(req, "headers", None):
         return exc

@@ -84,6 +84,15 @@ def head_problem(version: str, headers: Message, token: str = "") -> tuple[int, 
     return None
 
 
+def unsupported_coding(field: str, token: str = "") -> UnsupportedCoding | None:
+    """The 501 refusal, worded as ``head_problem`` words it, of the Transfer-Encoding field value ``field`` in which
+    gunicorn's parser met a coding it does not know (its own words quote the whole value: "Unsupported transfer
+    coding: 'x-zip'"): it names the first such, as the parser meets them. None if ``field`` holds none."""
+    codings = [coding.strip(" \t").lower() for coding in field.split(",")]
+    unknown = next((coding for coding in codings if coding not in _KNOWN_CODINGS), None)
+    return None if unknown is None else UnsupportedCoding(without_token(token, unknown))
+
+
 def _unknown_coding(codings: list[str]) -> str | None:
     """The first transfer coding gunicorn's parser does not know (it answers 501), the empty one of ``gzip,``
     among them, met before it finds the list malformed (400: ``chunked`` twice, or a coding after it), or None."""
