@@ -232,7 +232,7 @@ def _check_path_is_utf8(task_id: str) -> None:
     """Refuse a path whose bytes are not UTF-8: decoded with replacement, ``/tasks/%ff`` and
     ``/tasks/%fe`` would both name the task whose id is U+FFFD. No id can be such bytes: 404."""
     environ = request.environ
-    raw = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "").partition("?")[0]
+    raw = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "").partition("?")[0].partition("#")[0]
     try:
         unquote_to_bytes(raw).decode()  # the request line, as sent
         environ.get("PATH_INFO", "").encode("latin-1").decode()  # WSGI passes the path's bytes as latin-1

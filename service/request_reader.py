@@ -100,7 +100,8 @@ class BodyLimits:
         """The body limit of the route ``head`` (a request head) is for; 0 for a route that takes no body."""
         if not head.startswith(b"POST "):
             return 0
-        path = head[5 : head.find(b" ", 5)].partition(b"?")[0]
+        # The path as gunicorn routes it: without the query, and without a fragment (`/enqueue#x` is POST /enqueue).
+        path = head[5 : head.find(b" ", 5)].partition(b"?")[0].partition(b"#")[0]
         if b"%" in path:  # routed as decoded: /%65nqueue/batch and /enqueue%2Fbatch are the batch's
             path = unquote_to_bytes(path)
         if path.endswith(b"/enqueue"):  # under a root path too (SCRIPT_NAME)

@@ -381,3 +381,14 @@ def test_a_path_that_is_not_utf8_names_no_task_not_the_one_holding_the_replaceme
     assert "the path is not UTF-8" in response.get_json()["detail"]
     assert harness.pool.get("\ufffd").state is harness.pool.get("a\ufffd").state is State.QUEUED
     assert harness.client.get("/tasks/%EF%BF%BD").get_json()["id"] == "\ufffd"  # its UTF-8 spelling reaches it
+
+
+def test_a_fragment_of_the_request_target_is_no_part_of_the_id():
+    # gunicorn routes `/tasks/a#%ff` to task "a" (it drops the fragment); its raw target, fragment and
+    # all, was checked as the id's bytes and answered 404 "not UTF-8".
+    harness = make_harness()
+    assert enqueue(harness, id="a", delay_ms=60_000).status_code == 202
+    response = harness.client.get("/tasks/a", environ_overrides={"RAW_URI": "/tasks/a#%ff"})
+    assert response.status_code == 200
+    assert response.get_json()["id"] == "a"
+    harness.pool.shutdown(0)

@@ -106,6 +106,19 @@ def test_a_body_sent_to_a_route_that_takes_none_is_not_waited_for(harness, head)
     assert BodyLimits().of(b"POST /wp/enqueue HTTP/1.1\r\n\r\n") == BodyLimits().default  # under a root path
 
 
+@pytest.mark.parametrize("target", [b"/enqueue#x", b"/enqueue/batch#x", b"/enqueue#x?y", b"/enqueue?y#x"])
+def test_a_fragment_in_the_target_leaves_the_route_and_its_body_to_the_loop(harness, target):
+    # gunicorn drops a fragment and routes `/enqueue#x` to POST /enqueue: with the route's limit at 0, its
+    # body was read by a request thread, which a client sending it slowly held until the request's deadline.
+    head = b"POST " + target + b" HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"
+    assert BodyLimits().of(head) == (BodyLimits().batch if b"batch" in target else BodyLimits().default)
+    conn, client = harness.connect(head + b'{"id"')
+    assert harness.ready == []  # the body is waited for on the poller, not in a thread
+    client.sendall(b':"a"}')
+    harness.turn()
+    assert harness.ready == [conn]
+
+
 def test_a_head_sent_in_pieces_waits_on_the_poller_until_whole(harness):
     conn, client = harness.connect(HEAD[:10])
     for start in range(10, len(HEAD), 7):
