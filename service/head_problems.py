@@ -62,11 +62,13 @@ def head_problem(version: str, headers: Message, token: str = "") -> tuple[int, 
     codings = [coding.strip(" \t").lower() for field in fields for coding in field.split(",")]
     if codings and codings != ["chunked"]:
         # Werkzeug reads "chunked" alone; with any other list it would read no body at all.
-        if codings[-1] == "chunked" and codings.count("chunked") == 1:
+        if codings[-1] == "chunked" and codings.count("chunked") == 1 and version != "HTTP/1.0":
             return 501, str(UnsupportedCoding(without_token(token, ", ".join(codings[:-1]))))
         if (unknown := _unknown_coding(codings)) is not None:
             return 501, str(UnsupportedCoding(without_token(token, unknown)))
-        return BodyFraming(400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told")
+        if codings[-1] != "chunked" or codings.count("chunked") != 1:
+            return BodyFraming(400, "the Transfer-Encoding does not end with chunked: the body's length cannot be told")
+        # "gzip, chunked" in HTTP/1.0: gunicorn's parser takes the codings it knows, then refuses chunked there.
     expectations = [value.strip(" \t").lower() for value in headers.get_all("Expect", ())]
     if any(value != "100-continue" for value in expectations):
         return 417, "the only expectation met is Expect: 100-continue"

@@ -509,6 +509,17 @@ def test_a_transfer_coding_list_not_ending_with_chunked_is_refused_as_gunicorn_r
         assert problem(headers, body)["detail"] == detail
 
 
+@pytest.mark.parametrize("codings", [b"gzip, chunked", b"deflate\r\nTransfer-Encoding: chunked", b"chunked"])
+def test_a_chunked_body_in_http_1_0_is_refused_400_whatever_codings_come_before_chunked(port, codings):
+    # python app.py answered "gzip, chunked" 501 (a coding it does not take), gunicorn 400 "Invalid HTTP Header:
+    # 'TRANSFER-ENCODING'" (chunked in HTTP/1.0): both now say the second, in words that tell the client why.
+    head = b"POST /enqueue HTTP/1.0\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: %s\r\n\r\n"
+    status, headers, body = exchange(port, head % codings + b"0\r\n\r\n", seconds=4)
+    assert status == 400
+    detail = "Transfer-Encoding is not allowed in an HTTP/1.0 request: send Content-Length"
+    assert problem(headers, body)["detail"] == detail
+
+
 @pytest.mark.parametrize(
     "head",
     [b"GET /healthz HTTP/1.1\nHost: a\n\n", b"GET /healthz HTTP/1.0\n\n", b"GET /healthz HTTP/1.1\r\nHost: a\n\r\n"],
