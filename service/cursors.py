@@ -27,6 +27,7 @@ _CHECK_KEY = b"workerpool GET /tasks cursor"
 # Longer than any cursor made (a version, a state's name, three 64-bit numbers, the check): refused unread.
 MAX_CURSOR_CHARS = 200
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+_NOT_MADE = "is not a cursor this service made: copy the `next` of the page before, unchanged"
 
 
 class InvalidCursor(ValueError):
@@ -42,7 +43,7 @@ def make_cursor(state: State | None, position: Position) -> str:
 def read_cursor(text: str, state: State | None) -> Position:
     """The position ``text`` holds, if it is a cursor this service made for the listing of ``state``."""
     if len(text) > MAX_CURSOR_CHARS or not _BASE64URL.fullmatch(text):
-        raise InvalidCursor("is not a cursor this service made: copy the `next` of the page before, unchanged")
+        raise InvalidCursor(_NOT_MADE)
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
@@ -50,7 +51,10 @@ def read_cursor(text: str, state: State | None) -> Position:
     body, check = raw[:-_CHECK_BYTES], raw[-_CHECK_BYTES:]
     if len(raw) <= _CHECK_BYTES or not hmac.compare_digest(check, _check(body)):
         raise InvalidCursor("was cut short or altered: copy the `next` of the page before, unchanged")
-    fields = orjson.loads(body)  # the check passed: made by make_cursor
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:  # the check passed, yet not a body make_cursor writes: forged
+        raise InvalidCursor(_NOT_MADE) from None
     if not isinstance(fields, list) or len(fields) < 2 or fields[0] != _VERSION or not isinstance(fields[1], str):
         raise InvalidCursor("is of another version of this service: list from the first page again")
     made_for = fields[1]

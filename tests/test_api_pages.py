@@ -12,7 +12,7 @@ import pytest
 from http_fixtures import Gate, instant, make_harness
 from redis_server import shared_server
 
-from service.cursors import make_cursor
+from service.cursors import _check, make_cursor
 from workerpool import State
 from workerpool.stores.redis_store import RedisStore
 from workerpool.stores.sqlite import SqliteStore
@@ -184,3 +184,11 @@ def test_a_cursor_made_by_one_process_reads_the_next_page_in_another_sharing_the
     finally:
         for harness in (first, second):
             harness.pool.shutdown(5)
+
+
+@pytest.mark.parametrize("body", [b"x", b'[1,"",Infinity]', b"\xff", b"[1,"])
+def test_a_checked_cursor_that_holds_no_json_is_refused_naming_it(harness, body):
+    cursor = base64.urlsafe_b64encode(body + _check(body)).rstrip(b"=").decode()
+    assert _refusal(harness.client, f"cursor={cursor}") == [
+        ("cursor", "is not a cursor this service made: copy the `next` of the page before, unchanged")
+    ]
