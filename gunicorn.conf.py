@@ -438,7 +438,10 @@ def post_worker_init(worker):
 
     def report(summary):
         # As soon as the drain ends, before connections close (see service/drain_reports.py).
-        if worker.orphaned:  # the arbiter that would log the summary is gone: it is this worker's last line
+        # The arbiter that would log the summary is gone: it is this worker's last line. A worker finds that
+        # out in its serving loop, which has ended if the arbiter was killed during the drain (supervisord's
+        # SIGKILL after stopwaitsecs): the summary would go to a pipe nobody reads.
+        if worker.orphaned or os.getppid() != worker.ppid:
             worker.log.info("%s (the arbiter was gone: worker pid %s stopped by itself)", describe(summary), worker.pid)
         elif not send(worker.drain_report_fd, describe(summary)):
             worker.log.error("could not report the drain to the arbiter (its pipe is full): %s", describe(summary))

@@ -523,6 +523,26 @@ def test_a_worker_whose_arbiter_was_killed_drains_reports_and_exits(start, store
     assert " lost: " not in restarted.server.log()  # no attempt was counted lost, whatever the reason
 
 
+def test_a_worker_whose_arbiter_is_killed_during_its_drain_logs_the_summary_itself(start):
+    # SIGTERM, then SIGKILL of the arbiter alone while the worker drains (supervisord's stopwaitsecs): the
+    # summary went to the dead arbiter's pipe and no line said what became of the accepted tasks.
+    service = start(GUNICORN, WORKERS="2", WORK_MIN_MS="1500", WORK_MAX_MS="1500", FAILURE_RATE="0")
+    worker = service.worker()
+    try:
+        accepted = service.enqueue(4)
+        service.signal(signal.SIGTERM)
+        service.wait_for_log(r"received SIGTERM")
+        os.kill(service.server.proc.pid, signal.SIGKILL)
+        service.server.proc.wait(timeout=10)
+        wait_until(lambda: not _running(worker), timeout=30, what="the orphaned worker to exit")
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
+    last = service.last_line()
+    assert SUMMARY.search(last) and f"the arbiter was gone: worker pid {worker} stopped by itself" in last, last
+    assert set(accepted) <= service.finals()
+
+
 def test_a_worker_draining_since_its_arbiter_died_takes_its_first_stop_signal_as_the_first(start):
     # The drain began without a signal; the operator's first SIGTERM (systemctl stop, kill -TERM -<pgid>) was
     # taken for a second one: the running attempts failed "abandoned at shutdown" at once, retries left or not.
