@@ -39,6 +39,7 @@ from collections.abc import Collection, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from flask import Flask
+from werkzeug.routing import Map
 
 from config import (
     EXIT_BAD_CONFIG,
@@ -330,6 +331,20 @@ def build_pool(config: Config, *, observers: Iterable[PoolObserver] = ()) -> Wor
     )
 
 
+class _HttpOnlyMap(Map):
+    """Routes matched as HTTP whatever ``Upgrade`` asks for: the service upgrades no connection.
+
+    werkzeug matches a request that asks for ``Upgrade: websocket`` against websocket routes only, and
+    answered every such request (a valid ``POST /enqueue`` too) with a generic 400 naming nothing; a
+    server may ignore the header and answer over HTTP/1.1 (RFC 9110, section 7.8), as this one does.
+    """
+
+    def bind_to_environ(self, environ, server_name=None, subdomain=None):  # type: ignore[override]
+        if "HTTP_UPGRADE" in environ:
+            environ = {name: value for name, value in environ.items() if name != "HTTP_UPGRADE"}
+        return super().bind_to_environ(environ, server_name, subdomain)
+
+
 def create_app(
     config: Config | None = None,
     pool: WorkerPool | None = None,
@@ -352,6 +367,7 @@ def create_app(
     metrics.watch(pool)
 
     app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route
+    app.url_map = _HttpOnlyMap()  # before any route is added (there is none: no static route)
     # werkzeug answers 413 for a larger body, chunked or not.
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     # No redirects: werkzeug would answer `//` in a path with a 308 whose Location it builds from the

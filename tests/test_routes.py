@@ -26,3 +26,17 @@ def test_options_is_a_405_problem_listing_the_methods(path, allowed):
     assert response.status_code == 405
     assert response.mimetype == "application/problem+json"
     assert set(response.headers["Allow"].split(", ")) == allowed
+
+
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket"}
+
+
+def test_a_request_asking_for_an_upgrade_is_answered_over_http():
+    # The service upgrades no connection and may ignore Upgrade (RFC 9110 §7.8): werkzeug matched such a
+    # request against websocket routes only and answered a generic 400 naming nothing, a valid task too.
+    harness = make_harness()
+    assert harness.client.get("/healthz", headers=UPGRADE).status_code == 200
+    response = harness.client.post("/enqueue", json={"id": "a", "payload": ""}, headers=UPGRADE)
+    assert response.status_code == 202, response.get_json()
+    assert harness.client.get("/tasks/nope", headers=UPGRADE).status_code == 404
+    harness.pool.shutdown(0)
