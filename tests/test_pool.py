@@ -1933,9 +1933,9 @@ def test_a_drain_past_its_deadline_waits_only_for_the_submissions_under_way_then
     drain_waits = threading.Event()
 
     def wait(event, timeout):
-        if threading.current_thread().name == "drain" and timeout is None:
+        if threading.current_thread().name == "drain":  # past its deadline (0) from the start
             drain_waits.set()
-        return clock.wait(event, timeout)
+        return clock.wait(event, timeout)  # fake time stands still: the store's grace does not run out
 
     pool = make_pool(store=store, workers=1, wait=wait)
     answers = {}
@@ -1960,6 +1960,34 @@ def test_a_drain_past_its_deadline_waits_only_for_the_submissions_under_way_then
     drain.join(TIMEOUT)
     assert drain_ended  # "b", begun past the deadline, was not waited for
     assert answers["a"].state is answers["b"].state is State.QUEUED  # both admitted, left to other processes
+    store.close()
+
+
+def test_a_drain_gives_a_submission_held_in_a_shared_store_no_more_than_the_stores_grace(
+    make_pool, clock, tmp_path, caplog
+):
+    # A paused Redis holds a submission for its 5 s socket timeout: waited for past the deadline, it held
+    # the drain until gunicorn's SIGKILL (SHUTDOWN_TIMEOUT_S + 5 s), and the summary was never written.
+    store = _HeldAdmissions(tmp_path / "tasks.db", clock=clock.time)
+    pool = make_pool(store=store, workers=1, wait=drain_waits_in_fake_time(clock))
+    answers = {}
+    submitter = threading.Thread(target=lambda: answers.setdefault("a", pool.submit("a", "")))
+    submitter.start()
+    try:
+        assert store.began["a"].wait(TIMEOUT)
+        summaries = []
+        drain = threading.Thread(target=lambda: summaries.append(pool.shutdown(timeout=2.0)), name="drain")
+        with caplog.at_level(logging.WARNING, logger="workerpool.pool"):
+            drain.start()
+            drain.join(TIMEOUT)
+            assert not drain.is_alive(), "the drain waited for the held submission past the store's grace"
+    finally:
+        store.gates["a"].set()
+        submitter.join(TIMEOUT)
+    [summary] = summaries
+    assert 2.0 <= summary.drain_seconds <= 2.0 + DRAIN_STORE_GRACE_S
+    assert "1 submission(s) still in the store at the drain's end" in caplog.text
+    assert answers["a"].state is State.QUEUED  # it ended on its own: stored, for the other processes
     store.close()
 
 

@@ -1478,7 +1478,8 @@ class WorkerPool:
             with self._order_lock:
                 unheard = bool(self._in_flight)
             with self._lock:
-                # A submission in flight may still land: wait for it even past the deadline. An attempt
+                # A submission in flight may still land: wait for it even past the deadline (with a shared
+                # store, within the grace of its last steps, see below). An attempt
                 # (and a retry not yet heard of) counts until its bookkeeping is done, so the summary
                 # includes its outcome, but only until the deadline: an end written again while the store
                 # is unavailable waits for the store to come back.
@@ -1486,16 +1487,32 @@ class WorkerPool:
                 remaining = deadline - self._monotonic()
                 if remaining <= 0 and late is None:
                     late = set(self._admitting)
-                admitting = bool(self._admitting) if late is None else not late.isdisjoint(self._admitting)
+                under_way = len(self._admitting) if late is None else len(late & self._admitting)
+                admitting = under_way > 0
                 running = bool(self._running) or unheard
             if not admitting and (remaining <= 0 or not (running or self._unfinished_here(deadline))):
                 return
+            if admitting and remaining <= 0 and self._store.shared:
+                # A shared store's submission may block for as long as the store lets it (a paused Redis: its
+                # socket timeout), past the time gunicorn leaves before its SIGKILL: it shares the store's grace.
+                # Given up on, it still ends on its own, its task stored for the other processes or refused.
+                cutoff = self._store_cutoff()
+                if self._monotonic() >= cutoff:
+                    log.warning(
+                        "shutdown: %d submission(s) still in the store at the drain's end: each one's answer says "
+                        "whether its task was stored (a stored one waits there for the other processes)",
+                        under_way,
+                    )
+                    return
             if not (admitting or running) and self._nothing_falls_due_within(remaining):
                 log.info("shutdown: no unfinished task falls due before the drain deadline: abandoning them now")
                 return
-            # Until the deadline at most, to look past it; then only a submission's end (it wakes the drain).
-            wait_for_all = remaining == math.inf or (admitting and remaining <= 0)
-            wait = None if wait_for_all else max(0.0, remaining)
+            # Until the deadline at most, to look past it; then only a submission's end (it wakes the drain), or
+            # with a shared store the end of its grace.
+            if admitting and remaining <= 0:
+                wait = max(0.0, cutoff - self._monotonic()) if self._store.shared else None
+            else:
+                wait = None if remaining == math.inf else max(0.0, remaining)
             if steps and self._claiming and remaining > 0:
                 # One attempt at a time, as it falls due: it waited to the deadline (for ever without one) for
                 # workers that do not exist.
