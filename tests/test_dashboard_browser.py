@@ -23,6 +23,7 @@ from config import Config
 from service.live import LiveFigures
 from service.metrics import Metrics
 from workerpool import PermanentFailure, PoolStats, StoreUnavailable, Task, WorkerPool
+from workerpool.stores.base import InvalidPosition
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -84,12 +85,12 @@ class StuckPool(WorkerPool):
 
 
 def _instance(
-    config: Config, pool_class: type[WorkerPool] = WorkerPool, live: LiveFigures | None = None
+    config: Config, pool_class: type[WorkerPool] = WorkerPool, live: LiveFigures | None = None, queue_size: int = 50
 ) -> Iterator[Instance]:
     handler = Handler()
     metrics, final = Metrics(), FinalStates()
     live = live if live is not None else LiveFigures()
-    pool = pool_class(handler, workers=1, queue_size=50, observers=[metrics, live, final])
+    pool = pool_class(handler, workers=1, queue_size=queue_size, observers=[metrics, live, final])
     app = create_app(config, pool=pool, metrics=metrics, live=live)
     with served(app) as server:
         port = server.server.server_port
@@ -101,6 +102,11 @@ def _instance(
 @pytest.fixture
 def instance() -> Iterator[Instance]:
     yield from _instance(TEST_CONFIG)
+
+
+@pytest.fixture
+def crowded() -> Iterator[Instance]:
+    yield from _instance(TEST_CONFIG, queue_size=2000)
 
 
 @pytest.fixture
@@ -392,3 +398,133 @@ def test_a_page_of_another_origin_cannot_submit_tasks(browser, instance):
             page.close()
     assert instance.get("/tasks/from-elsewhere")[0] == 404
     assert instance.submit("from-here")["state"] in ("queued", "running", "done")  # a client that is no browser
+
+
+PAGE_SIZE = 25  # the page's
+MARKUP_ID = '<img src="x" onerror="window.injected = true">'
+
+
+def _shown_ids(page) -> list[str]:
+    return page.eval_on_selector_all("#task-rows tr", "rows => rows.map(r => r.dataset.id)")
+
+
+def _api_pages(instance: Instance, state: str = "") -> list[list[str]]:
+    """The ids of every page of GET /tasks, walked by its cursors as the page walks them."""
+    pages, cursor = [], None
+    while True:
+        query = f"limit={PAGE_SIZE}&results=false" + (f"&state={state}" if state else "")
+        status, body = instance.get("/tasks?" + query + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200, body
+        pages.append([task["id"] for task in body["tasks"]])
+        if (cursor := body["next"]) is None:
+            return pages
+
+
+def _go(page, button: str, number: int) -> None:
+    page.click(f"#page-{button}")  # waits until it is enabled: the page before has been listed
+    expect(page.locator("#page-label")).to_have_text(f"Page {number}", timeout=WAIT_MS)
+
+
+def _next_poll_shown(page) -> None:
+    """Wait until a whole poll of the page has begun and ended after this call."""
+    # A poll asks for the live figures, then lists the tasks, then schedules the next: the live figures after
+    # the next ones are those of a poll begun after the listing of the one before was shown.
+    for _ in range(2):
+        with page.expect_response(lambda response: "/dashboard/live" in response.url, timeout=WAIT_MS):
+            pass
+
+
+def test_the_pages_reach_every_task_past_the_newest_thousand_and_an_older_page_stays_put(page, crowded):
+    # The pages read GET /tasks?limit=n from the newest end: they stopped at the newest 1,000 tasks.
+    for n in range(30):
+        crowded.pool.submit(f"done-{n:02d}", "")
+    crowded.final.wait(*(f"done-{n:02d}" for n in range(30)))
+    crowded.pool.submit(MARKUP_ID, "", delay=3600.0)  # ids are client text: the deepest page shows it as text
+    for n in range(1040):
+        crowded.pool.submit(f"task-{n:04d}", "", delay=3600.0)  # queued, delayed: nothing moves
+    expected = _api_pages(crowded)
+    assert len(expected) == 43 and sum(map(len, expected)) == 1071
+
+    _open(page, crowded)
+    expect(page.locator("#page-label")).to_have_text("Page 1", timeout=WAIT_MS)
+    assert page.is_disabled("#page-newer") and page.is_disabled("#page-newest")
+    expect(page.locator("#task-rows tr")).to_have_count(PAGE_SIZE, timeout=WAIT_MS)
+    assert _shown_ids(page) == expected[0]
+    for number in range(2, 8):
+        _go(page, "older", number)
+        assert _shown_ids(page) == expected[number - 1], number
+
+    # Tasks accepted while page 7 is read list ahead of it: it stays as it was, as does page 6 when gone back to,
+    # and the first page shows them.
+    for n in range(PAGE_SIZE + 5):
+        crowded.pool.submit(f"newer-{n:02d}", "", delay=3600.0)
+    expect(page.locator("#fig-queued")).to_have_text("1071", timeout=WAIT_MS)
+    _next_poll_shown(page)
+    assert _shown_ids(page) == expected[6]
+    _go(page, "newer", 6)
+    assert _shown_ids(page) == expected[5]
+    _go(page, "newest", 1)
+    expect(page.locator("#task-rows tr").first).to_have_attribute("data-id", "newer-29", timeout=WAIT_MS)
+
+    # Every page of the walk from there, past the thousandth task, to the oldest.
+    expected = _api_pages(crowded)
+    assert any(MARKUP_ID in ids for ids in expected[40:])
+    assert len(expected) == 45 and sum(map(len, expected)) == 1101
+    for number in range(2, 46):
+        _go(page, "older", number)
+        assert _shown_ids(page) == expected[number - 1], number
+        if MARKUP_ID in expected[number - 1]:  # text in its cell, which ran nothing
+            assert MARKUP_ID in page.eval_on_selector_all("#task-rows .task-id", "ids => ids.map(b => b.textContent)")
+            assert page.locator("#task-rows img").count() == 0
+            assert page.evaluate("window.injected") is None
+    expect(page.locator("#page-older")).to_be_disabled()
+    assert _shown_ids(page)[-1] == "done-00"
+
+    # Each poll of that deep page is one request from its cursor, never the pages before it.
+    listings = []
+    page.on("request", lambda request: "/tasks?" in request.url and listings.append(request.url))
+    _next_poll_shown(page)
+    _next_poll_shown(page)
+    assert len(listings) >= 2 and len(set(listings)) == 1, listings
+    assert f"limit={PAGE_SIZE}&" in listings[0] and "&cursor=" in listings[0]
+
+    # A state's pages walk by its own cursors.
+    page.select_option("#state-filter", "done")
+    expect(page.locator("#page-label")).to_have_text("Page 1", timeout=WAIT_MS)
+    expect(page.locator("#task-rows tr")).to_have_count(PAGE_SIZE, timeout=WAIT_MS)
+    done = _api_pages(crowded, "done")
+    assert [len(ids) for ids in done] == [25, 5]
+    assert _shown_ids(page) == done[0]
+    _go(page, "older", 2)
+    assert _shown_ids(page) == done[1]
+    expect(page.locator("#page-older")).to_be_disabled()
+    assert page.errors == []
+
+
+def test_a_cursor_the_service_no_longer_reads_goes_back_to_the_first_page_with_a_notice(page, crowded, monkeypatch):
+    for n in range(PAGE_SIZE * 3):
+        crowded.pool.submit(f"task-{n:02d}", "", delay=3600.0)
+    _open(page, crowded)
+    _go(page, "older", 2)
+    _go(page, "older", 3)
+    page_of = WorkerPool.page
+
+    def forgotten(pool, state=None, limit=100, *, results=True, after=None):
+        if after is not None:  # a store of another kind, or a service that no longer reads the cursors it made
+            raise InvalidPosition(f"not a position of this store's listings: {after!r}")
+        return page_of(pool, state, limit, results=results, after=after)
+
+    monkeypatch.setattr(WorkerPool, "page", forgotten)
+    expect(page.locator("#task-message")).to_have_text(
+        "Back to the newest tasks: page 3 can no longer be listed (cursor is not a position in this service's task"
+        " store: list from the first page again).",
+        timeout=WAIT_MS,
+    )
+    expect(page.locator("#page-label")).to_have_text("Page 1", timeout=WAIT_MS)
+    expect(page.locator("#task-rows tr").first).to_have_attribute("data-id", "task-74", timeout=WAIT_MS)
+    assert page.is_disabled("#page-newer")
+    monkeypatch.undo()
+    _go(page, "older", 2)  # and the walk goes on from there
+    assert _shown_ids(page) == _api_pages(crowded)[1]
+    # The refused listing is the only error the browser logged.
+    assert page.errors and all("400" in error for error in page.errors), page.errors

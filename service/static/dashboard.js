@@ -4,7 +4,6 @@
 
 const POLL_MS = 1000;
 const PAGE_SIZE = 25;
-const LIST_LIMIT = 1000; // the most GET /tasks returns at once: the pages reach the newest 1,000 tasks
 const TOKEN_KEY = "workerpool-token"; // sessionStorage: forgotten when the tab closes
 const UNFINISHED = new Set(["queued", "running"]);
 const SVG = "http://www.w3.org/2000/svg";
@@ -15,12 +14,22 @@ const view = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
   tokenRequired: false,
   tokenDeclined: false,
-  page: 0,
+  listing: firstPage(""),
+  asked: 0, // listings asked for, numbered: an answer older than the one shown is not shown
+  shown: 0,
   detailId: null,
   rows: new Map(), // task id -> <tr>, reused so focus and selection survive a refresh
   connected: null,
   paused: false,
 };
+
+// The table's place: the state filter, the cursor each page walked so far starts at (none for the first:
+// the newest tasks, live), the page shown, and its `next` as last listed (where "Older" goes). A cursor is a
+// place in the store's own order, so tasks accepted meanwhile list ahead of it: an older page stays as it
+// was while it is read, and each poll reads that one page, however deep, with one request.
+function firstPage(state) {
+  return { state, cursors: [null], page: 0, next: null };
+}
 
 // -- HTTP ----------------------------------------------------------------------------------
 
@@ -258,19 +267,54 @@ function renderTasks(tasks) {
 }
 
 async function refreshTasks() {
-  const state = $("state-filter").value;
-  const end = (view.page + 1) * PAGE_SIZE;
+  const listing = view.listing;
+  const cursor = listing.cursors[listing.page];
   // The table shows no results: leaving them out spares up to MAX_RESULT_BYTES per task every second.
-  const params = new URLSearchParams({ limit: String(Math.min(LIST_LIMIT, end + 1)), results: "false" });
-  if (state) params.set("state", state);
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE), results: "false" });
+  if (listing.state) params.set("state", listing.state);
+  if (cursor !== null) params.set("cursor", cursor);
+  const asked = ++view.asked;
   const result = await api("GET", "tasks?" + params);
+  // Moved to another page or state meanwhile, or a later answer is shown already: this one is out of date.
+  if (listing !== view.listing || asked < view.shown) return;
+  view.shown = asked;
+  const lost = result.status === 400 && cursor !== null && fieldError(result, "cursor");
+  if (lost) {
+    // The service cannot read the cursor any more (a new version, another store): start again from the newest.
+    setText("task-message", `Back to the newest tasks: page ${listing.page + 1} can no longer be listed (${lost}).`);
+    moveTo(firstPage(listing.state));
+    return;
+  }
   if (result.status !== 200) return;
-  const tasks = result.data.tasks;
-  renderTasks(tasks.slice(view.page * PAGE_SIZE, end));
-  $("page-newer").disabled = view.page === 0;
-  $("page-older").disabled = tasks.length <= end || end >= LIST_LIMIT;
-  setText("page-label", `Page ${view.page + 1}`);
+  listing.next = result.data.next;
+  renderTasks(result.data.tasks);
+  $("page-newer").disabled = listing.page === 0;
+  $("page-newest").disabled = listing.page === 0;
+  $("page-older").disabled = listing.next === null;
+  setText("page-label", `Page ${listing.page + 1}`);
   if (view.detailId !== null) await refreshDetail();
+}
+
+function moveTo(listing) {
+  view.listing = listing;
+  $("page-older").disabled = true; // until the page's `next` is known
+  refreshTasks();
+}
+
+function olderPage() {
+  const { state, cursors, page, next } = view.listing;
+  if (next !== null) moveTo({ state, cursors: [...cursors.slice(0, page + 1), next], page: page + 1, next: null });
+}
+
+function newerPage() {
+  // The newer page's own cursor again: it shows what it showed, rather than what the tasks accepted since push down.
+  const { state, cursors, page } = view.listing;
+  if (page > 0) moveTo({ state, cursors, page: page - 1, next: null });
+}
+
+function fieldError(result, field) {
+  const error = ((result.data || {}).errors || []).find((e) => e.field === field);
+  return error ? `${error.field} ${error.message}` : "";
 }
 
 async function refreshDetail() {
@@ -442,18 +486,11 @@ function start() {
     view.tokenDeclined = false;
     askForToken();
   });
-  $("state-filter").addEventListener("change", () => {
-    view.page = 0;
-    refreshTasks();
-  });
-  $("page-newer").addEventListener("click", () => {
-    view.page = Math.max(0, view.page - 1);
-    refreshTasks();
-  });
-  $("page-older").addEventListener("click", () => {
-    view.page += 1;
-    refreshTasks();
-  });
+  // A cursor is made for one state: another state starts from its newest tasks.
+  $("state-filter").addEventListener("change", () => moveTo(firstPage($("state-filter").value)));
+  $("page-newest").addEventListener("click", () => moveTo(firstPage(view.listing.state)));
+  $("page-newer").addEventListener("click", newerPage);
+  $("page-older").addEventListener("click", olderPage);
   $("detail-close").addEventListener("click", () => {
     view.detailId = null;
     $("task-detail").hidden = true;
