@@ -17,19 +17,12 @@ from pathlib import Path
 
 from . import engine
 from .browser import chromium
+from .dashboard_pages import POLL, STEP, deep_cursor
 from .harness import Run, table
 from .server import Server
 from .stats import ratios, spread, verdict
 
 GOAL = 0.95  # the page open may cost at most 5 % of the enqueue throughput
-# Figures read back after the load rounds, with every task of those rounds retained.
-# The page lists its table without results (results=false), as it reads them.
-PROBES = (
-    "/dashboard/live",
-    "/tasks?limit=26&results=false",
-    "/tasks?state=queued&limit=1000&results=false",
-    "/healthz",
-)
 PROBE_REPEATS = 20
 RETAINED = 100_000
 
@@ -111,7 +104,15 @@ def dashboard_cost(run: Run, *, engine_tasks: int = 50_000) -> None:
             run.progress(f"fig 7: {retained:,} tasks retained, adding more")
             run.wrk(server.url, "/enqueue")
         _, health = server.request("GET", "/healthz")
-        probes = {path: [_timed_get(server.port, path) for _ in range(PROBE_REPEATS)] for path in PROBES}
+        depth = sum(health["tasks"].values()) - STEP
+        # Read back with every task of the rounds retained: what a poll of the page asks (its table's first page,
+        # or a page far down by its cursor, without results as it lists them), and /healthz beside them.
+        paths = {"`GET /dashboard/live`": "/dashboard/live", f"`GET {POLL}`": POLL}
+        if depth > 0:
+            cursor = deep_cursor(lambda path: server.request("GET", path)[1], depth)
+            paths[f"`GET {POLL}&cursor=...`, {depth:,} tasks down"] = f"{POLL}&cursor={cursor}"
+        paths["`GET /healthz`"] = "/healthz"
+        probes = {name: [_timed_get(server.port, path) for _ in range(PROBE_REPEATS)] for name, path in paths.items()}
     opened, closed = results["open"], results["closed"]
     rps = ratios([r["rps"] for r in opened], [r["rps"] for r in closed])
     p99 = ratios([r["p99_us"] for r in opened], [r["p99_us"] for r in closed])
@@ -153,7 +154,7 @@ def dashboard_cost(run: Run, *, engine_tasks: int = 50_000) -> None:
         f"\n\nMedian (min-max) of {run.rounds} rounds, order alternating; ratios per round. wrk -t{run.wrk_threads} "
         f"-c{run.wrk_connections} -d{run.wrk_seconds}s on `POST /enqueue` of the real app (`make run`'s settings, "
         'QUEUE_SIZE=1000000). "open": Debian\'s headless chromium shows `/dashboard` during the run (it polls '
-        "`/dashboard/live` and `GET /tasks?limit=26&results=false` once a second and redraws); the browser runs on the "
+        "`/dashboard/live` and `GET /tasks?limit=25&results=false` once a second and redraws); the browser runs on the "
         "same two cores as the server and wrk, so its own drawing is part of the cost. Server CPU: the gunicorn "
         "worker's user and system time during the run over wrk's requests, the page's requests included.\n\n"
         f"Then, with {sum(health['tasks'].values()):,} tasks retained ({health['tasks'].get('queued', 0):,} of them "
@@ -162,8 +163,8 @@ def dashboard_cost(run: Run, *, engine_tasks: int = 50_000) -> None:
     text += table(
         ["request", "median ms", "max ms"],
         [
-            [f"`GET {path}`", f"{statistics.median(times) * 1000:.2f}", f"{max(times) * 1000:.2f}"]
-            for path, times in probes.items()
+            [name, f"{statistics.median(times) * 1000:.2f}", f"{max(times) * 1000:.2f}"]
+            for name, times in probes.items()
         ],
     )
     text += "\n\n" + observer_cost(run, engine_tasks)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from http_fixtures import TEST_CONFIG, WAIT_S
 
-from bench import efficiency
+from app import create_app
+from bench import dashboard_pages, efficiency
 from bench.run import main
 from bench.wsgi import build_planned_pool
-from workerpool import State
+from workerpool import State, WorkerPool
 
 TINY = efficiency.Batch(tasks=12, min_ms=1, max_ms=2, failure_rate=0.5, backoff_base_ms=2, backoff_cap_ms=10)
 
@@ -106,3 +108,30 @@ def test_the_bare_flask_reference_answers_like_a_minimal_enqueue_route():
     assert client.post("/enqueue", data=b'{"id": 5, "payload": "x"}').status_code == 400
     assert client.post("/enqueue", data=b"not json").status_code == 400
     assert client.get("/enqueue").status_code == 405  # what the benchmark waits for before it starts
+
+
+def test_the_deep_page_of_the_poll_figure_is_as_deep_as_it_says():
+    pool = WorkerPool(threads=False, queue_size=100)
+    for n in range(50):
+        pool.submit(f"task-{n:02d}")
+    client = create_app(TEST_CONFIG, pool=pool).test_client()
+    try:
+        cursor = dashboard_pages.deep_cursor(lambda path: client.get(path).get_json(), 30, step=7)
+        page = client.get(f"{dashboard_pages.POLL}&cursor={cursor}").get_json()
+        assert [task["id"] for task in page["tasks"]] == [f"task-{n:02d}" for n in range(19, -1, -1)]
+        with pytest.raises(ValueError, match="holds 50 tasks"):
+            dashboard_pages.deep_cursor(lambda path: client.get(path).get_json(), 50, step=7)
+    finally:
+        pool.shutdown(WAIT_S)
+
+
+def test_the_poll_figure_times_both_pages_each_round_in_alternating_order():
+    asked = []
+    times = dashboard_pages.poll_times(asked.append, {"first": "/a", "deep": "/b"}, rounds=3, repeats=2)
+    assert asked == ["/a", "/a", "/b", "/b", "/b", "/b", "/a", "/a", "/a", "/a", "/b", "/b"]
+    assert {clock: [len(times[clock]["first"]), len(times[clock]["deep"])] for clock in times} == {
+        "wall": [3, 3],
+        "cpu": [3, 3],
+    }
+    times = dashboard_pages.measure("memory", 40, depth=30, rounds=1, repeats=1)
+    assert [len(times["wall"]["first"]), len(times["cpu"]["deep"])] == [1, 1]
