@@ -378,7 +378,7 @@ def create_app(
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep problem fields in RFC order
     app.extensions[EXTENSION] = Services(config=config, pool=pool, metrics=metrics, live=live)
-    request_id.init_app(app)
+    request_id.init_app(app, config.api_token)
     connection.init_app(app)
     problems.register(app)
     app.register_blueprint(api_bp)

@@ -477,8 +477,9 @@ def pre_request(worker, req):
     """gunicorn's DEBUG line as it hands a request to the app (``GET /healthz``), with the id that request carries:
     chosen here, as the app's middleware would choose it, and passed on to it (gunicorn's own line had none)."""
     if worker.log.error_log.isEnabledFor(_logging.DEBUG):  # else nothing to do: every request passes here
-        path = _logs.without_token(req.path, getattr(worker.log, "token", ""))  # a client may put the token there
-        worker.log.debug("%s %s", req.method, path, extra={"request_id": _request_id.pin(req.headers)})
+        token = getattr(worker.log, "token", "")
+        path = _logs.without_token(req.path, token)  # a client may put the token there
+        worker.log.debug("%s %s", req.method, path, extra={"request_id": _request_id.pin(req.headers, token)})
 
 
 def post_fork(server, worker):

@@ -123,7 +123,7 @@ def access_entry(
 
     An error gunicorn answers before the app (a path outside the root path, a bad header) comes
     with an environ of the request line only: the path and user agent are then read from ``req``.
-    The API token ``token`` is left out wherever the client put it in the target.
+    The API token ``token`` is left out wherever the client put it in the target or the user agent.
     """
     status = _status_code(resp.status)
     method = environ.get("REQUEST_METHOD", "-")
@@ -138,7 +138,7 @@ def access_entry(
         status=status,
         response_bytes=getattr(resp, "sent", None),
         duration_ms=request_time // _MILLISECOND,
-        user_agent=environ.get("HTTP_USER_AGENT") or _header(req, "USER-AGENT") or "-",
+        user_agent=logs.without_token(environ.get("HTTP_USER_AGENT") or _header(req, "USER-AGENT") or "-", token),
         request_id=next((value for name, value in resp.headers if name.lower() == _REQUEST_ID), None),
     )
 

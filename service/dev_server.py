@@ -346,7 +346,7 @@ class BoundedRequestHandler(WSGIRequestHandler):
             status=status,
             response_bytes=self.wfile.sent - self.body_from,  # type: ignore[attr-defined]
             duration_ms=int((time.monotonic() - self.began) * 1000),
-            user_agent=headers.get("User-Agent", "-"),
+            user_agent=logs.without_token(headers.get("User-Agent", "-"), token),
             request_id=self.response_id,
         )
         try:

@@ -205,6 +205,16 @@ def test_the_api_token_is_not_logged_wherever_the_client_put_it_in_the_target(
     assert f'"GET {logged} HTTP/1.1"' in line
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_api_token_in_the_user_agent_is_not_logged(gunicorn_logger, log_format):
+    logger, out = gunicorn_logger(log_format)
+    logger.token = TOKEN
+    request(logger, HTTP_USER_AGENT=f"probe/1 {TOKEN}")
+    (line,) = out.getvalue().splitlines()
+    assert TOKEN not in line
+    assert '"probe/1 REDACTED"' in (json.loads(line)["message"] if log_format == "json" else line)
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("command", [["-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"], ["app.py"]])
 def test_the_api_token_in_a_request_target_is_not_logged(tmp_path, command):
@@ -225,11 +235,17 @@ def test_the_api_token_in_a_request_target_is_not_logged(tmp_path, command):
         for n, (path, status, _) in enumerate(sent):
             headers = {"X-Request-ID": f"rid-{n}", "Authorization": f"Bearer {TOKEN}"}
             assert client.request("GET", path, headers=headers)[0] == status
+        # The token as a request id or in the user agent (a 401 included): it was echoed and logged.
+        for path, status in [("/healthz", 200), ("/tasks/zz", 401)]:
+            headers = {"X-Request-ID": TOKEN, "User-Agent": f"probe/1 {TOKEN}"}
+            answered, answer_headers, _ = client.request("GET", path, headers=headers)
+            assert answered == status and TOKEN not in answer_headers["X-Request-ID"]
         assert server.terminate(timeout=20) == 0
     finally:
         server.stop()
     log = server.log()
     assert TOKEN not in log
+    assert log.count('"probe/1 REDACTED"') == 2
     for n, (_, status, logged) in enumerate(sent):
         [line] = [line for line in log.splitlines() if line.endswith(f"request_id=rid-{n}") and '"GET ' in line]
         assert f'"GET {logged} HTTP/1.1" {status}' in line

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
 import re
 
 import pytest
-from http_fixtures import failing, make_harness
+from http_fixtures import TEST_CONFIG, failing, make_harness
 
 from service import request_id
 from service.request_id import new_id
@@ -50,6 +51,24 @@ def test_an_id_pinned_before_the_app_runs_is_the_one_the_app_takes(harness, give
     assert ("HOST", "x") in headers and ("ACCEPT", "*/*") in headers
     response = harness.client.get("/healthz", headers={"X-Request-ID": pinned})
     assert response.headers["X-Request-ID"] == pinned
+
+
+TOKEN = "0123456789abcdef-token"
+
+
+@pytest.mark.parametrize("given", [TOKEN, f"rid-{TOKEN}-1"])
+def test_an_id_holding_the_api_token_is_replaced(given):
+    # It was echoed in the response and written with every log line of the request.
+    harness = make_harness(config=dataclasses.replace(TEST_CONFIG, api_token=TOKEN))
+    try:
+        response = harness.client.get("/healthz", headers={"X-Request-ID": given})
+        assert GENERATED.fullmatch(response.headers["X-Request-ID"])
+        assert harness.client.get("/healthz", headers={"X-Request-ID": "rid-1"}).headers["X-Request-ID"] == "rid-1"
+    finally:
+        harness.pool.shutdown(0)
+    headers = [("X-REQUEST-ID", given)]
+    assert GENERATED.fullmatch(request_id.pin(headers, TOKEN)) and headers[0][1] != given
+    assert request_id.pin([("X-REQUEST-ID", given)]) == given  # without a token, any sane id is kept
 
 
 def test_a_forked_worker_makes_other_ids_than_its_parent():
