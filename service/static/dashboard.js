@@ -296,8 +296,9 @@ async function refreshTasks() {
 }
 
 function moveTo(listing) {
+  // "Older" stays enabled meanwhile (it does nothing until the page's `next` is known): disabled, it would lose
+  // the keyboard's focus at every step.
   view.listing = listing;
-  $("page-older").disabled = true; // until the page's `next` is known
   refreshTasks();
 }
 
