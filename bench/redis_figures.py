@@ -426,26 +426,13 @@ def http_enqueue(run: Run) -> None:
 def _wrk_group(run: Run, group: list[Server], redis: RedisProcess, *, one_worker: bool) -> dict:
     commands = redis.commands()
     cpu = group[0].cpu_seconds() if one_worker and group[0].worker_pid else None
-    if len(group) == 1:
-        results = [run.wrk(group[0].url, "/enqueue")]
-    else:
-        results = []
-        threads_, connections = run.wrk_threads, run.wrk_connections
-        run.wrk_threads, run.wrk_connections = max(1, threads_ // 2), max(1, connections // 2)
-        try:
-            workers = [threading.Thread(target=lambda s=s: results.append(run.wrk(s.url, "/enqueue"))) for s in group]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-        finally:
-            run.wrk_threads, run.wrk_connections = threads_, connections
-    requests = sum(r["requests"] for r in results)
+    result = run.wrk_together([server.url for server in group], "/enqueue")
+    requests = result["requests"]
     return {
-        "rps": sum(r["rps"] for r in results),
+        "rps": result["rps"],
         "cpu_us": None if cpu is None else (group[0].cpu_seconds() - cpu) / max(requests, 1) * 1e6,
         "commands": (redis.commands() - commands) / max(requests, 1),
-        "non_2xx": sum(r["non_2xx_3xx"] for r in results),
+        "non_2xx": result["non_2xx_3xx"],
     }
 
 

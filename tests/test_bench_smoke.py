@@ -7,6 +7,7 @@ from http_fixtures import TEST_CONFIG, WAIT_S
 
 from app import create_app
 from bench import dashboard_pages, efficiency
+from bench.harness import Run
 from bench.run import main
 from bench.wsgi import build_planned_pool
 from workerpool import State, WorkerPool
@@ -31,6 +32,27 @@ def test_in_process_figures_write_their_tables(tmp_path, capsys):
     assert "| 3. engine throughput, no-op, 4 workers |" in text
     assert "| 4. bytes per retained finished task |" in text
     assert "tasks/s" in capsys.readouterr().out
+
+
+def test_wrk_together_shares_out_the_connections_and_adds_up_the_runs(monkeypatch):
+    run = Run(wrk_threads=2, wrk_connections=16)
+    seen = []
+
+    def fake_wrk(url, path, **_):
+        seen.append((url, path, run.wrk_threads, run.wrk_connections))
+        n = len(seen)
+        return {"requests": 1000 * n, "rps": 100.0 * n, "non_2xx_3xx": n - 1, "p99_us": 5000 * n}
+
+    monkeypatch.setattr(run, "wrk", fake_wrk)
+
+    both = run.wrk_together(["http://a", "http://b"], "/enqueue")
+
+    assert sorted(seen) == [("http://a", "/enqueue", 1, 8), ("http://b", "/enqueue", 1, 8)]
+    assert both == {"requests": 3000, "rps": 300.0, "non_2xx_3xx": 1, "p99_us": 10000}
+    assert (run.wrk_threads, run.wrk_connections) == (2, 16)  # given back for the next run
+    seen.clear()
+    assert run.wrk_together(["http://a"], "/enqueue")["rps"] == 100.0
+    assert seen == [("http://a", "/enqueue", 2, 16)]  # one server: wrk as it is
 
 
 @pytest.mark.slow
