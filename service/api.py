@@ -257,10 +257,11 @@ def _not_found(task_id: str) -> Problem:
 @token_required
 def list_tasks() -> Response:
     """List retained tasks, newest first, optionally of one state."""
-    query = parse_list_query(request.args)
+    store = services().pool.store
+    query = parse_list_query(request.args, store.position_key)
     try:
         page = services().pool.page(query.state, query.limit, results=query.results, after=query.after)
-    except InvalidPosition:  # a cursor this service made, for a store of another kind (or an older layout)
+    except InvalidPosition:  # a cursor made for this store, holding none of its positions (an older layout)
         raise invalid_request(
             "the query parameters are invalid",
             (FieldError("cursor", "is not a position in this service's task store: list from the first page again"),),
@@ -269,7 +270,7 @@ def list_tasks() -> Response:
     if not query.results:
         for entry in listed:
             del entry["result"]
-    cursor = None if page.next is None else make_cursor(query.state, page.next)
+    cursor = None if page.next is None else make_cursor(query.state, page.next, store.position_key())
     response = jsonify({"tasks": listed, "count": len(listed), "limit": query.limit, "next": cursor})
     if cursor is not None:
         response.headers["Link"] = f'<{_next_page_url(cursor)}>; rel="next"'

@@ -8,7 +8,7 @@ import math
 import re
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,8 +350,10 @@ def _check_count(document: Mapping[str, Any], field: str, limit: int) -> list[Fi
     return []
 
 
-def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
-    """Validate the query string of GET /tasks; raise a 400 Problem listing every bad parameter."""
+def parse_list_query(args: MultiDict[str, str], position_key: Callable[[], bytes]) -> ListQuery:
+    """Validate the query string of GET /tasks; raise a 400 Problem listing every bad parameter.
+
+    ``position_key``: the store's (``TaskStore.position_key``), asked for only to read a ``cursor``."""
     errors = [FieldError(name, "is not a known parameter") for name in args if name not in LIST_PARAMETERS]
     errors += [
         FieldError(name, "must be given at most once") for name in LIST_PARAMETERS if len(args.getlist(name)) > 1
@@ -366,7 +368,7 @@ def parse_list_query(args: MultiDict[str, str]) -> ListQuery:
             errors.append(FieldError("state", f"must be one of {', '.join(State)}"))
     if "cursor" in args and state_ok:  # read for the listing asked for: a cursor passes with its own only
         try:
-            after = read_cursor(args["cursor"], state)
+            after = read_cursor(args["cursor"], state, position_key)
         except InvalidCursor as exc:
             errors.append(FieldError("cursor", str(exc)))
     if "limit" in args:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import uuid
@@ -12,7 +13,7 @@ import pytest
 from http_fixtures import Gate, instant, make_harness
 from redis_server import shared_server
 
-from service.cursors import _check, make_cursor
+from service.cursors import _check, _tag, make_cursor
 from workerpool import State
 from workerpool.stores.redis_store import RedisStore
 from workerpool.stores.sqlite import SqliteStore
@@ -139,7 +140,8 @@ def test_a_malformed_or_altered_cursor_is_refused_naming_it(harness, make, messa
 
 def test_a_cursor_holding_no_position_of_this_store_is_refused_naming_it(harness):
     for position in [(1, 2, 3, 4, 5), ()]:  # made by this service's own code: only the store can tell
-        assert _refusal(harness.client, f"cursor={make_cursor(None, position)}") == [
+        cursor = make_cursor(None, position, harness.pool.store.position_key())
+        assert _refusal(harness.client, f"cursor={cursor}") == [
             ("cursor", "is not a position in this service's task store: list from the first page again")
         ]
 
@@ -188,7 +190,68 @@ def test_a_cursor_made_by_one_process_reads_the_next_page_in_another_sharing_the
 
 @pytest.mark.parametrize("body", [b"x", b'[1,"",Infinity]', b"\xff", b"[1,"])
 def test_a_checked_cursor_that_holds_no_json_is_refused_naming_it(harness, body):
-    cursor = base64.urlsafe_b64encode(body + _check(body)).rstrip(b"=").decode()
+    key = harness.pool.store.position_key()  # only a process holding the store knows it
+    cursor = base64.urlsafe_b64encode(_tag(key) + body + _check(body, key)).rstrip(b"=").decode()
     assert _refusal(harness.client, f"cursor={cursor}") == [
         ("cursor", "is not a cursor this service made: copy the `next` of the page before, unchanged")
     ]
+
+
+ANOTHER_STORE = (
+    "was made for another task store (another SQLite file, Redis database or prefix, the memory store"
+    " before the service restarted, or an older release): list from the first page again"
+)
+
+
+def test_a_cursor_of_another_store_of_the_same_kind_is_refused_naming_it(harness):
+    """Another memory store (the service before a restart, another instance) or SQLite file: same positions."""
+    other = make_harness(instant, queue_size=100)
+    try:
+        enqueue(other.client, "x0", "x1", "x2")
+        cursor = other.client.get("/tasks?limit=1").get_json()["next"]
+        enqueue(harness.client, *(f"t{n}" for n in range(5)))
+        assert _refusal(harness.client, f"limit=2&cursor={cursor}") == [("cursor", ANOTHER_STORE)]
+        body = other.client.get(f"/tasks?limit=5&cursor={cursor}").get_json()
+        assert [task["id"] for task in body["tasks"]] == ["x1", "x0"]
+    finally:
+        other.pool.shutdown(5)
+
+
+def test_a_cursor_of_an_older_release_is_refused_naming_it(harness):
+    enqueue(harness.client, "a", "b", "c")
+    body = b'[1,"",2]'  # what the release before made, checked with the key it had in its source
+    older = base64.urlsafe_b64encode(body + hashlib.blake2b(body, digest_size=8, key=OLD_KEY).digest())
+    assert _refusal(harness.client, f"cursor={older.rstrip(b'=').decode()}") == [("cursor", ANOTHER_STORE)]
+
+
+OLD_KEY = b"workerpool GET /tasks cursor"
+
+
+def _store(kind, path, prefix):
+    if kind == "sqlite":
+        return SqliteStore(path, capacity=100)
+    return RedisStore(shared_server().client(), capacity=100, ttl=3600.0, max_finished=1000, prefix=prefix)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_cursor_of_another_shared_store_is_refused_and_one_of_a_store_opened_again_is_read(
+    kind, tmp_path, harness_store
+):
+    if harness_store != "memory":
+        pytest.skip("builds its own pools on their shared stores: once is enough")
+    prefix = f"test-{uuid.uuid4().hex}"
+    first, other = (make_harness(instant, store=_store(kind, tmp_path / f"{n}.db", f"{prefix}-{n}")) for n in "ab")
+    try:
+        enqueue(first.client, *(f"t{n}" for n in range(3)))
+        enqueue(other.client, *(f"t{n}" for n in range(3)))
+        cursor = first.client.get("/tasks?limit=1").get_json()["next"]
+        assert _refusal(other.client, f"cursor={cursor}") == [("cursor", ANOTHER_STORE)]
+    finally:
+        for harness in (first, other):
+            harness.pool.shutdown(5)
+    again = make_harness(instant, store=_store(kind, tmp_path / "a.db", f"{prefix}-a"))
+    try:
+        body = again.client.get(f"/tasks?cursor={cursor}").get_json()  # the key is kept in the store
+        assert [task["id"] for task in body["tasks"]] == ["t1", "t0"]
+    finally:
+        again.pool.shutdown(5)

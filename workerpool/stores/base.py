@@ -90,7 +90,8 @@ class Renewal:
 Position = tuple[int, ...]
 """Where a listing stopped, in the store's own order (its sequence numbers, never an offset): the store reads
 the next page from there, however many tasks were admitted meanwhile. What it holds is the store's own;
-only the same listing (the same ``state``) of a store of the same kind can read it back."""
+only the same listing (the same ``state``) of the same store can read it back: a caller that hands positions
+out tells its own from others by ``TaskStore.position_key``."""
 
 
 class InvalidPosition(ValueError):
@@ -347,6 +348,13 @@ class TaskStore(abc.ABC):
         (SQLite, Redis). ``InvalidPosition`` if ``after`` is not one of this store's positions for
         ``state``'s listing.
         """
+
+    @abc.abstractmethod
+    def position_key(self) -> bytes:
+        """A random secret of this store's own, kept where its tasks are: the same in every process sharing
+        them, another for another store (SQLite file, Redis database and prefix, memory store of another
+        process or made anew). What a caller that hands out ``page``'s positions signs them with, so that it
+        reads back only this store's, unaltered; the store's positions mean nothing to another store."""
 
     @abc.abstractmethod
     def stats(self) -> StoreStats:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import secrets
 import threading
 import time
 from bisect import bisect_right
@@ -186,6 +187,7 @@ class MemoryStore(TaskStore):
         self._max_finished = max_finished
         self._clock = clock
         self._wait = wait
+        self._position_key = secrets.token_bytes(16)  # entry numbers start at 1 again with each store
         # _lock must be held while reading or changing any attribute below;
         # it is never held while calling out of this module (Event.set aside).
         self._lock = threading.Lock()
@@ -511,6 +513,9 @@ class MemoryStore(TaskStore):
         else:
             snapshots = [_snapshot(record)._replace(payload="", result=None) for record in records]
         return Page(snapshots, (listed[limit - 1][1],) if more else None)
+
+    def position_key(self) -> bytes:
+        return self._position_key
 
     def stats(self) -> StoreStats:
         with self._lock:

@@ -13,6 +13,7 @@ instances do at the same moment. Keys (``P`` is the prefix with its hash tag,
 - ``P:fin``: finished ids scored by finish time (retention);
 - ``P:created``: the newest ``created_at`` admitted (creation times never run backwards in listing order);
 - ``P:entered``: the newest ``started_at`` or ``finished_at`` written (nor do those, listed by state);
+- ``P:position-key``: random bytes, what the listings' positions handed out are signed with (``position_key``);
 - ``P:signal``: tokens pushed when work becomes claimable; idle workers block on it (``BLPOP``)
   together with ``P:wake:<instance>``, which only this instance pushes to (shutdown).
 """
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import struct
 import threading
@@ -1015,6 +1017,7 @@ class RedisStore(TaskStore):
         self._keys = [f"{{{prefix}}}"]
         self._prefix = self._keys[0]
         self._wake_key = f"{self._prefix}:wake:{uuid.uuid4().hex}"
+        self._position_key: bytes | None = None  # see position_key
         # Guards _admissions and _admitting: the admissions waiting for the next round trip, and
         # whether one is in flight (see admit).
         self._admissions_lock = threading.Lock()
@@ -1175,9 +1178,9 @@ class RedisStore(TaskStore):
         """
         return "" if self._deadline_s is None else (time.time() + self._deadline_s).hex()
 
-    def _call(self, method: str, *args: object) -> Any:
+    def _call(self, method: str, *args: object, **options: object) -> Any:
         try:
-            return getattr(self._client(), method)(*args)
+            return getattr(self._client(), method)(*args, **options)
         except redis.RedisError as exc:
             raise self._failed(exc) from exc
 
@@ -1683,6 +1686,16 @@ class RedisStore(TaskStore):
         more = len(listed) > limit > 0
         del listed[limit:]
         return Page([task for _, task in listed], (int(listed[-1][0]),) if more else None)
+
+    def position_key(self) -> bytes:
+        """``P:position-key``, made by the first instance that needs it: read once by each store object."""
+        if self._position_key is None:
+            name, key = f"{self._prefix}:position-key", None
+            while key is None:  # None: deleted in between (the database emptied)
+                self._call("set", name, secrets.token_bytes(16), nx=True)
+                key = self._call("get", name)
+            self._position_key = bytes(key)
+        return self._position_key
 
     def stats(self) -> StoreStats:
         states = list(State)

@@ -213,6 +213,12 @@ CREATE TRIGGER totals_of_an_older_release INSTEAD OF UPDATE ON totals BEGIN
     SELECT RAISE(ABORT, '{_OLDER_RELEASE_REFUSED}');
 END;
 """
+# One random key per file (see TaskStore.position_key), made by the first process of a release that has it to
+# open the file: a table no older release of version 6 reads or writes, so no schema version of its own.
+_POSITION_KEY = """
+CREATE TABLE IF NOT EXISTS position_key (id INTEGER PRIMARY KEY CHECK (id = 1), key BLOB NOT NULL);
+INSERT OR IGNORE INTO position_key (id, key) VALUES (1, randomblob(16));
+"""
 _SCHEMA = (
     _TASKS_TABLE.format(name="tasks", state_check=_STATE_CHECK)
     + _TASKS_INDEXES.replace("CREATE INDEX tasks_by_state ON tasks (state, state_seq);\n", _BY_STATE_INDEX)
@@ -434,6 +440,7 @@ class SqliteStore(TaskStore):
         self._replaced: str | None = None
         self._cut_off = False
         self._identity_due = 0.0  # when (time.monotonic) an admission looks again
+        self._position_key = b""  # the file's (see _POSITION_KEY), read as it opens
         _check_library()
         _check_path(self.path)
         _check_link(self.path)
@@ -454,6 +461,8 @@ class SqliteStore(TaskStore):
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (journal mode stays {mode})")
             with self._transaction() as writer:
                 self._prepare_schema(writer)
+                _run_script(writer, _POSITION_KEY)
+                self._position_key = bytes(writer.execute("SELECT key FROM position_key").fetchone()[0])
             # A connection opens the WAL at its first read in WAL mode: this thread's reader, which only
             # switched the mode, does so now, while the path names the WAL (see _check_identity).
             conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
@@ -1693,6 +1702,9 @@ class SqliteStore(TaskStore):
             new = [row[1] for row in rows[:limit] if row[2 + _ATTEMPTS_COLUMN] == 0]
             last = (*last, min(new, default=position[2]))
         return Page(tasks, last)
+
+    def position_key(self) -> bytes:
+        return self._position_key
 
     def stats(self) -> StoreStats:
         """The figures, read promptly: within ``PROMPT_WAIT_S`` when another program holds the write lock.
