@@ -48,6 +48,20 @@ LONE_SURROGATE_RULE = "must not contain a lone surrogate (\\ud800 to \\udfff wit
 # or reorders the text around it: an id holding one would read as another in logs and on the dashboard
 # ("zw-\u200bjob" as "zw-job"), or reverse the rest of its log line (U+202E). None is an ASCII character.
 FORMAT_CHARACTER_RULE = "must not contain invisible format characters (Unicode category Cf: bidi controls, zero-width)"
+# Blank or invisible characters of other categories read as another id the same way ("vis-1\u3164" as "vis-1"):
+# whitespace other than U+0020 (Zs, Zl, Zp), Unicode's Default_Ignorable_Code_Point characters (Hangul fillers,
+# variation selectors, the combining grapheme joiner, unassigned ones to come) and U+2800 BRAILLE PATTERN BLANK.
+BLANK_ID_CHARACTER = re.compile(
+    "[\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # whitespace
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164"
+    "\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+    "\u2800]"
+)
+BLANK_CHARACTER_RULE = (
+    "must not contain blank or invisible characters (whitespace other than U+0020, fillers, variation selectors)"
+)
+# A page collapses spaces: " vis-1" shows as "vis-1", "vis  1" as "vis 1".
+SPACE_RULE = "must not start or end with a space, nor hold two in a row"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +266,11 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
     if found := FORBIDDEN_ID_CHARACTER.search(value):
         rule = LONE_SURROGATE_RULE if LONE_SURROGATE.match(found[0]) else "must not contain control characters"
         return [FieldError("id", rule)]
-    if not value.isascii() and (found := _format_character(value)) is not None:
-        return [FieldError("id", f"{FORMAT_CHARACTER_RULE}: U+{ord(found):04X} at index {value.index(found)}")]
+    if not value.isascii() and (found := _invisible_character(value)) is not None:
+        rule = FORMAT_CHARACTER_RULE if unicodedata.category(found) == "Cf" else BLANK_CHARACTER_RULE
+        return [FieldError("id", f"{rule}: U+{ord(found):04X} at index {value.index(found)}")]
+    if value[0] == " " or value[-1] == " " or "  " in value:
+        return [FieldError("id", SPACE_RULE)]
     # The id is the tail of its URL, /tasks/<id>: clients drop "." and ".."
     # segments and servers merge "//", so such ids could never be read back.
     if value in (".", "..") or ("/" in value and any(part in ("", ".", "..") for part in value.split("/"))):
@@ -261,8 +278,9 @@ def _check_id(document: Mapping[str, Any]) -> list[FieldError]:
     return []
 
 
-def _format_character(text: str) -> str | None:
-    return next((character for character in text if unicodedata.category(character) == "Cf"), None)
+def _invisible_character(text: str) -> str | None:
+    """The first character of ``text`` that is a format character (Cf) or blank (``BLANK_ID_CHARACTER``)."""
+    return next((c for c in text if unicodedata.category(c) == "Cf" or BLANK_ID_CHARACTER.match(c) is not None), None)
 
 
 def _check_payload(document: Mapping[str, Any], limit: int) -> list[FieldError]:

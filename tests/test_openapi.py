@@ -23,6 +23,8 @@ from service.schema import (
     LIST_PARAMETERS,
     MAX_ID_CHARS,
     MAX_LIST_LIMIT,
+    TaskLimits,
+    parse_task,
     task_to_json,
 )
 from workerpool import MemoryStore, State, StoreUnavailable, Task
@@ -366,7 +368,10 @@ def test_the_description_agrees_with_the_validation_rules(harness):
     + [(f"a{c}b", False) for c in ("\u00ad", "\u200b", "\u200d", "\u202e", "\u2066", "\u2069", "\ufeff")]
     # The path shapes refused (it described them as valid), and some that are not those shapes.
     + [(i, False) for i in ("/", "a/", "/a", "a//b", ".", "..", "a/./b", "a/../b", "./a", "a/.", "a\u2028/")]
-    + [(i, True) for i in ("a/b", "a.b", ".a", "a..", "a/.b/c", "...", "a/...", "\u2028/a\u2029")],
+    + [(i, True) for i in ("a/b", "a.b", ".a", "a..", "a/.b/c", "...", "a/...", "ü/a.", "a b c")]
+    # Blank or shown as nothing: they displayed as another id ("vis-1\u3164" as "vis-1").
+    + [(f"vis-1{c}", False) for c in ("\u00a0", "\u3000", "\u2028", "\u3164", "\u2800", "\ufe0f", "\u034f")]
+    + [(i, False) for i in (" vis-1", "vis-1 ", "vis  1", " ", "a/ ")],
 )
 def test_the_id_rule_is_the_one_the_api_applies(harness, task_id, valid):
     id_rule = served_spec(harness)["components"]["schemas"]["EnqueueRequest"]["properties"]["id"]
@@ -383,6 +388,17 @@ def test_the_id_pattern_refuses_every_format_character_of_the_basic_multilingual
     described = [code for code in range(0x10000) if not pattern.search(f"a{chr(code)}")]
     format_characters = [code for code in range(0x10000) if unicodedata.category(chr(code)) == "Cf"]
     assert set(format_characters) <= set(described)
+
+
+def test_the_id_pattern_refuses_exactly_the_characters_of_the_basic_multilingual_plane_the_api_refuses(harness):
+    pattern = re.compile(served_spec(harness)["components"]["schemas"]["EnqueueRequest"]["properties"]["id"]["pattern"])
+    limits = TaskLimits(default_max_retries=0, max_retries_limit=0, max_payload_chars=10)
+    for code in range(0x10000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue  # a lone surrogate: refused, but not expressible in the pattern
+        task_id = f"a{chr(code)}b"
+        refused = isinstance(parse_task({"id": task_id, "payload": ""}, limits), list)
+        assert (pattern.search(task_id) is None) == refused, f"U+{code:04X}"
 
 
 def test_the_served_description_names_the_root_path_it_is_served_under():

@@ -259,8 +259,34 @@ def test_every_format_character_is_refused_in_an_id_and_other_non_ascii_characte
         if unicodedata.category(chr(code)) == "Cf":
             (error,) = parse_task({"id": f"a{chr(code)}", "payload": ""}, LIMITS)
             assert (error.field, error.message.endswith(f": U+{code:04X} at index 1")) == ("id", True), error
-    for task_id in ("äö 😀", "\u0645\u06cc", "ṩ\u0307", "\u00a0\u3000", "\U0001f469\U0001f3fd"):
+    for task_id in ("äö 😀", "\u0645\u06cc", "ṩ\u0307", "a b c", "\u4e00 \u0416", "\U0001f469\U0001f3fd"):
         assert parse_task({"id": task_id, "payload": ""}, LIMITS).id == task_id
+
+
+# Shown as nothing, or as a space: "vis-1\u3164" read as "vis-1" on the dashboard and in a log line.
+BLANK_CHARACTER = (
+    "must not contain blank or invisible characters (whitespace other than U+0020, fillers, variation selectors)"
+)
+
+
+def test_blank_and_default_ignorable_characters_are_refused_in_an_id():
+    blank = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp") and c != 0x20]
+    # Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt) beyond category Cf, and U+2800 BRAILLE BLANK.
+    ignorable = [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180F, 0x2065, 0x3164, 0xFE00, 0xFE0F, 0xFFA0]
+    ignorable += [0xFFF0, 0xFFF8, 0xE0000, 0xE0100, 0xE01EF, 0xE0FFF, 0x2800]
+    for code in blank + ignorable:
+        (error,) = parse_task({"id": f"vis-1{chr(code)}", "payload": ""}, LIMITS)
+        assert (error.field, error.message) == ("id", f"{BLANK_CHARACTER}: U+{code:04X} at index 5"), error
+    for code in (0x200B, 0x2060, 0xFEFF, 0xE0001):  # default-ignorable and Cf: named as format characters
+        (error,) = parse_task({"id": f"vis-1{chr(code)}", "payload": ""}, LIMITS)
+        assert error.message.startswith("must not contain invisible format characters"), error
+
+
+@pytest.mark.parametrize("task_id", [" vis-1", "vis-1 ", "vis  1", " "])
+def test_a_space_at_either_end_or_next_to_another_is_refused_in_an_id(task_id):
+    # A page shows " vis-1" and "vis  1" as "vis-1" and "vis 1".
+    (error,) = parse_task({"id": task_id, "payload": ""}, LIMITS)
+    assert (error.field, error.message) == ("id", "must not start or end with a space, nor hold two in a row")
 
 
 def test_task_json_carries_the_result_and_the_cancel_request():
