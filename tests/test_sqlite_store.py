@@ -2307,8 +2307,11 @@ def test_a_page_after_a_position_is_a_range_of_an_index_never_a_scan_of_the_tabl
     searches = [step for step in plan if step.startswith(("SEARCH tasks ", "SCAN tasks "))]  # reads of the table
     if state is None:
         assert searches == ["SEARCH tasks USING INTEGER PRIMARY KEY (rowid<?)"]
-    elif state == "queued":  # new tasks from below the position down the table; retries from their own index
-        assert searches == ["SEARCH tasks USING INTEGER PRIMARY KEY (rowid<?)", "SCAN tasks USING INDEX tasks_retry"]
+    elif state == "queued":  # new tasks from below the position down the table; retries from their index by position
+        assert searches == [
+            "SEARCH tasks USING INTEGER PRIMARY KEY (rowid<?)",
+            "SEARCH tasks USING INDEX tasks_retry_by_entry (state_seq<?)",
+        ]
     else:
         assert searches == ["SEARCH tasks USING INDEX tasks_by_state (state=? AND state_seq<?)"], plan
         assert not any("TEMP B-TREE" in step for step in plan)  # the index's order is the page's

@@ -70,7 +70,7 @@ from .base import (
 )
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ _LISTED_BUT_RESULT = _LISTED_COLUMNS.replace(" result,", " NULL,")
 # hands the interpreter to another thread. Version 5 renames totals to
 # task_totals, and leaves under the old name a view that refuses updates (see
 # _OLDER_RELEASE_REFUSED). Version 6 leaves queued tasks out of the by-state index: an
-# admission then writes four pages instead of five (see _LIST_QUEUED for their listing).
+# admission then writes four pages instead of five (see _LIST_QUEUED for their listing). Version 7
+# indexes the queued retries by that listing's position (a page of them reads a range, not them all).
 _STATE_CHECK = " OR ".join(f"state = '{state.value}'" for state in State)
 _TASKS_TABLE = """
 CREATE TABLE {name} (
@@ -180,13 +181,19 @@ CREATE INDEX tasks_retry ON tasks (due_at, seq) WHERE state = 'queued' AND attem
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX tasks_by_state ON tasks (state, state_seq);
 """
-# Since version 6 (see _LIST_QUEUED): queued tasks are listed from the table and tasks_retry. The
+# Since version 6 (see _LIST_QUEUED): queued tasks are listed from the table and the indexes of retries. The
 # condition names the other states one by one: SQLite uses a partial index for a query whose
 # ``state = 'running'`` matches one side of its ORs, where ``state <> 'queued'`` would not be seen to hold.
 _BY_STATE_INDEX = (
     "CREATE INDEX tasks_by_state ON tasks (state, state_seq) WHERE "
     + " OR ".join(f"state = '{state.value}'" for state in State if state is not State.QUEUED)
     + ";\n"
+)
+# Since version 7: the queued retries by their position in the queued listing (see _LIST_QUEUED), so that a
+# page of them is a range of an index, not a sort of every retry waiting. Only a retry enters it: an
+# admission writes no page more. Not in _TASKS_INDEXES, whose migration (2 -> 3) predates it.
+_RETRY_BY_ENTRY_INDEX = (
+    "CREATE INDEX tasks_retry_by_entry ON tasks (state_seq) WHERE state = 'queued' AND attempts > 0;\n"
 )
 _TASKS_COLUMNS = (
     "seq, id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at, "
@@ -228,6 +235,7 @@ INSERT INTO task_totals (id) VALUES (1);
 """
     + _ADMITTED_TRIGGER.format(totals="task_totals")
     + _OLDER_RELEASE_GUARD
+    + _RETRY_BY_ENTRY_INDEX  # last, as a migration adds it
 )
 
 # From version N to N + 1: a file of an older version is upgraded in one
@@ -281,6 +289,8 @@ FROM (SELECT seq, count(*) OVER (ORDER BY state_seq DESC, seq DESC) - 1 AS behin
     AS queued
 WHERE tasks.seq = queued.seq;
 """,
+    # 6 -> 7: the queued retries are indexed by their position in the queued listing too.
+    6: _RETRY_BY_ENTRY_INDEX,
 }
 
 
@@ -1847,13 +1857,15 @@ _QUEUED_STATE_SEQ = "(SELECT generation + 1 FROM task_totals)"
 # Queued tasks newest first by entry (positions: _QUEUED_STATE_SEQ). New ones have entered in seq
 # order: the table read backwards from its newest row, stopping at as many as wait (``waiting``);
 # this passes only rows newer than the oldest of them that have left the queue (in claim order, those of
-# tasks that were due earlier, such as a delayed task's successors). Retries, from their own index.
+# tasks that were due earlier, such as a delayed task's successors). Retries, the newest ones by position
+# from their own index (tasks_retry_by_entry): a range of it, never every retry waiting.
 _LIST_QUEUED = f"""SELECT {_LISTED_COLUMNS} FROM (
     SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
         WHERE state = 'queued' AND attempts = 0 ORDER BY seq DESC
         LIMIT min(:limit, (SELECT waiting FROM task_totals)))
     UNION ALL
-    SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry WHERE state = 'queued' AND attempts > 0
+    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry_by_entry
+        WHERE state = 'queued' AND attempts > 0 ORDER BY state_seq DESC, seq DESC LIMIT :limit)
 ) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
 
 
@@ -1876,14 +1888,15 @@ _ATTEMPTS_COLUMN = _COLUMNS.split(", ").index("attempts")
 # A page of queued tasks after the position (:state_seq, :seq), as _LIST_QUEUED lists them. New tasks enter the
 # queue in seq order (put back ones aside, which enter it again), so those after the position are below
 # the lowest seq of the new tasks listed so far (:below): the table is read backwards from there, not
-# from its newest row. Retries, from their own index.
+# from its newest row. Retries, from their index by position, below the position.
 _PAGE_QUEUED = f"""SELECT state_seq, seq, {_LISTED_COLUMNS} FROM (
     SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
         WHERE state = 'queued' AND attempts = 0 AND seq < :below AND (state_seq, seq) < (:state_seq, :seq)
         ORDER BY seq DESC LIMIT min(:limit, (SELECT waiting FROM task_totals)))
     UNION ALL
-    SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry
+    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry_by_entry
         WHERE state = 'queued' AND attempts > 0 AND (state_seq, seq) < (:state_seq, :seq)
+        ORDER BY state_seq DESC, seq DESC LIMIT :limit)
 ) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
 # The due time of the next retry and of the next new task, each read from its own index.
 _NEXT_DUE_TIMES = "SELECT " + ", ".join(
