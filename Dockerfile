@@ -27,8 +27,9 @@ USER 10001:10001
 EXPOSE 8080
 # gunicorn drains on SIGTERM; keep `docker stop -t` above SHUTDOWN_TIMEOUT_S + 10.
 STOPSIGNAL SIGTERM
-# /healthz of the address the server listens on (the first -b in GUNICORN_CMD_ARGS, else HOST and PORT), under the
-# root path, asked directly: proxies from the environment (http_proxy, which Docker may pass) are not used.
+# /healthz of the address the server listens on (the first -b in GUNICORN_CMD_ARGS, else HOST and PORT, from the
+# environment or else a mounted .env), under the root path, asked directly: proxies from the environment (http_proxy,
+# which Docker may pass) are not used.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["python", "healthcheck.py"]
 # Exec form: run_gunicorn.py checks the variables gunicorn reads itself (WEB_CONCURRENCY...), then becomes
 # `gunicorn -c gunicorn.conf.py`, which is PID 1 and receives the stop signal itself.

@@ -510,8 +510,11 @@ def from_env(environ: Mapping[str, str]) -> Config:
     return config
 
 
-def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
-    """The process environment over the values in ``dotenv_path`` (if it exists)."""
+def read_environment(
+    dotenv_path: Path | None = DOTENV_PATH, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The process environment (or ``environ``) over the values in ``dotenv_path`` (if it exists)."""
+    environ = os.environ if environ is None else environ
     merged: dict[str, str] = {}
     # Only a path that is not there at all means no .env: a directory (what a bind mount of a missing file
     # makes) or a link to nothing would leave every setting in it silently at its default.
@@ -526,12 +529,12 @@ def read_environment(dotenv_path: Path | None = DOTENV_PATH) -> dict[str, str]:
         # environment's value, or nothing, and start with a token or password other than the one in the file.
         literal = dotenv_values(dotenv_path, interpolate=False)
         merged.update({k: v for k, v in literal.items() if v is not None})
-        _check_not_blanked(merged, dotenv_path)
-    merged.update(os.environ)
+        _check_not_blanked(merged, dotenv_path, environ)
+    merged.update(environ)
     return merged
 
 
-def _check_not_blanked(dotenv: Mapping[str, str], path: Path) -> None:
+def _check_not_blanked(dotenv: Mapping[str, str], path: Path, environ: Mapping[str, str]) -> None:
     """Raise ConfigError for a setting the environment sets empty over a value in ``.env``.
 
     The environment wins, so ``API_TOKEN=`` there (an ``Environment=API_TOKEN=`` of a unit, ``export
@@ -539,7 +542,7 @@ def _check_not_blanked(dotenv: Mapping[str, str], path: Path) -> None:
     endpoints; ``TASK_HANDLER=`` replaced the handler with the simulated work. Neither value is shown.
     """
     for name in VARIABLES:
-        if dotenv.get(name, "").strip() and name in os.environ and not os.environ[name].strip():
+        if dotenv.get(name, "").strip() and name in environ and not environ[name].strip():
             raise ConfigError(
                 f"{name} is set but empty in the environment, which would override the value {path} gives it: "
                 f"unset it there, or set it to the value meant"

@@ -1,16 +1,17 @@
 """The container image's HEALTHCHECK: exit 0 if the server answers ``/healthz`` with 200, else 1.
 
 It asks the address the server listens on, found as gunicorn.conf.py and gunicorn find it: the first ``-b``
-(``--bind``) in ``GUNICORN_CMD_ARGS``, else ``HOST`` and ``PORT``; a wildcard host (``0.0.0.0``, ``::``) is asked
-on loopback. Probing ``127.0.0.1:$PORT`` alone marked a container whose address came from ``-b``, or from a
-``HOST`` naming one address of the container, unhealthy for ever (and Swarm replaced it in a loop). A ``-b`` given
-on the command (``docker run workerpool python run_gunicorn.py -b ...``) is not seen by this process: pass the
-address as an argument then (``--health-cmd 'python healthcheck.py 127.0.0.1:9000'``).
+(``--bind``) in ``GUNICORN_CMD_ARGS``, else ``HOST`` and ``PORT``, from the environment or else ``.env`` as
+config.py reads them (a ``.env`` the server cannot read is unhealthy: it did not start); a wildcard host
+(``0.0.0.0``, ``::``) is asked on loopback. Probing ``127.0.0.1:$PORT`` alone marked a container whose address
+came from ``-b``, or from a ``HOST`` naming one address of the container, unhealthy for ever (and Swarm replaced
+it in a loop). A ``-b`` given on the command (``docker run workerpool python run_gunicorn.py -b ...``) is not seen
+by this process: pass the address as an argument then (``--health-cmd 'python healthcheck.py 127.0.0.1:9000'``).
 
 The request goes under the root path (``SCRIPT_NAME``: every path outside it is a 404) and never through a proxy
 the environment names (``http_proxy``, which Docker may pass to every container). This script runs beside the
-server, in a process of its own, so it reads the environment the server was started with, not config.py's checks:
-a bad setting has already stopped the server.
+server, in a process of its own, so it reads the environment the server was started with, not config.py's checks
+of each value: a bad setting has already stopped the server.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import shlex
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NoReturn
+
+import config
 
 TIMEOUT_S = 2  # below the HEALTHCHECK's --timeout=3s, so that a hung server is reported by this script
 # Where a server listening on every address of a family is asked.
@@ -108,11 +112,11 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self.socket_path)
 
 
-def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+def main(argv: Sequence[str], environ: Mapping[str, str], dotenv_path: Path | None = config.DOTENV_PATH) -> int:
     path = environ.get("SCRIPT_NAME", "").rstrip("/") + "/healthz"
     try:
-        where = addresses(environ, argv)
-    except ValueError as error:  # unhealthy (1), said in one line: not 2, which Docker reserves
+        where = addresses(config.read_environment(dotenv_path, environ), argv)
+    except ValueError as error:  # ConfigError (.env) too; unhealthy (1), said in one line: not 2, which Docker reserves
         print(f"unhealthy: {error}", file=sys.stderr)
         return 1
     failure = probe(where[0], path) if where else "no address to ask"

@@ -137,3 +137,22 @@ def test_settings_it_cannot_read_are_unhealthy_in_one_line(capsys, environ, said
     captured = capsys.readouterr()
     assert captured.err.startswith(f"unhealthy: {said}") and captured.err.count("\n") == 1, captured.err
     assert captured.out == ""
+
+
+def test_host_and_port_are_read_from_dotenv_under_the_environment_as_the_server_reads_them(tmp_path):
+    # The server takes them from .env too: the probe asked 127.0.0.1:8080 and the container was unhealthy for ever.
+    dotenv = tmp_path / ".env"
+    with _serving(_TCPServer("127.0.0.2", 200)) as server:
+        port = server.server_address[1]
+        dotenv.write_text(f"HOST=127.0.0.2\nPORT={port}\n")
+        assert main([], {}, dotenv) == 0
+        # The environment wins, as it does for the server.
+        assert main([], {"HOST": "127.0.0.1"}, dotenv) == 1
+        assert main([], {"PORT": str(_refusing_port())}, dotenv) == 1
+
+
+def test_a_dotenv_the_server_cannot_read_is_unhealthy_in_one_line(tmp_path, capsys):
+    (tmp_path / ".env").mkdir()  # what a bind mount of a missing file makes
+    assert main([], {"PORT": str(_refusing_port())}, tmp_path / ".env") == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"unhealthy: {tmp_path / '.env'} is a directory") and captured.err.count("\n") == 1
