@@ -46,3 +46,30 @@ def test_a_command_after_a_variable_with_a_quoted_value_is_read_too():
         "PORT=1 make run",
     ]
     assert commands_in("`cmake run`, `.venv/bin/python run_gunicorn.py --keep-alive 75`") == []
+
+
+def _packages_installed_by(target: str) -> set[str]:
+    """The Debian packages ``make target`` installs with apt-get (through its prerequisites' rules)."""
+    text = (ROOT / "Makefile").read_text()
+    variables = dict(re.findall(r"^([A-Z_]+) :?= (\S+)$", text, re.MULTILINE))
+    rules = {}
+    for match in re.finditer(r"^(\S+):(?!=)([^\n]*)\n((?:\t[^\n]*\n)*)", text, re.MULTILINE):
+        name = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m[1], m[0]), match[1])
+        rules[name] = match[3]
+    (prerequisites,) = re.findall(rf"^{target}:([^\n]*)", text, re.MULTILINE)
+    packages = set()
+    for prerequisite in prerequisites.split():
+        recipe = rules.get(re.sub(r"\$\((\w+)\)", lambda m: variables.get(m[1], m[0]), prerequisite), "")
+        for line in re.findall(r"apt-get install ([^)\n]*)", recipe):
+            packages.update(word for word in line.split() if not word.startswith("-"))
+    return packages
+
+
+def test_the_quick_start_says_how_to_run_the_tests_and_what_make_test_installs_with_sudo():
+    # The first screen showed `make run` only: `make test` then asked for sudo and installed packages unannounced.
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") : readme.index("## Contents")]
+    packages = _packages_installed_by("test")
+    assert packages >= {"chromium", "redis-server", "nginx", "npm"}, packages
+    assert "`make test`" in quick_start and "minutes" in quick_start and "`sudo`" in quick_start
+    assert all(f"`{package}`" in quick_start for package in packages), packages
