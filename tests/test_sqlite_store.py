@@ -2317,6 +2317,38 @@ def test_a_page_after_a_position_is_a_range_of_an_index_never_a_scan_of_the_tabl
         assert not any("TEMP B-TREE" in step for step in plan)  # the index's order is the page's
 
 
+def test_a_task_entering_running_after_the_newest_left_it_lists_ahead_of_a_walk(open_store, clock):
+    # A position was the highest in the state plus one: once a and b were done, c took a position below b's.
+    store = open_store(capacity=10)
+    store.admit([task(clock, "a"), task(clock, "b")])
+    assert [claim(store, clock).id, claim(store, clock).id] == ["a", "b"]
+    first = store.page(State.RUNNING, 1)
+    assert [t.id for t in first.tasks] == ["b"] and first.next is not None
+    store.finish("a", 1, "a", result=None)
+    store.finish("b", 1, "a", result=None)
+    store.admit([task(clock, "c")])
+    assert claim(store, clock).id == "c"
+    assert store.page(State.RUNNING, 1, after=first.next).tasks == []  # c entered after b: ahead of the walk
+    assert [t.id for t in store.list(State.RUNNING)] == ["c"]
+
+
+def test_a_task_finishing_after_retention_forgot_the_finished_ones_lists_ahead_of_a_walk(open_store, clock):
+    store = open_store(capacity=10, ttl=10.0)
+    store.admit([task(clock, n) for n in ("a", "b", "c", "x")])
+    for _ in "ab":
+        ran = claim(store, clock)
+        store.finish(ran.id, 1, "a", result=None)
+    first = store.page(State.DONE, 1)
+    assert [t.id for t in first.tasks] == ["b"] and first.next is not None
+    clock.advance(11)  # a and b are past their retention: the next step that ends a task forgets them
+    store.cancel("x")
+    assert store.list(State.DONE) == []
+    ran = claim(store, clock)
+    store.finish(ran.id, 1, "a", result=None)
+    assert [t.id for t in store.list(State.DONE)] == ["c"]
+    assert store.page(State.DONE, 1, after=first.next).tasks == []  # c finished after b: ahead of the walk
+
+
 def test_queued_pages_list_a_new_task_put_back_during_the_walk_once(open_store, clock):
     store = open_store(capacity=10)
     store.admit([task(clock, f"t{n}") for n in range(6)])

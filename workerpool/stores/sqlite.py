@@ -70,7 +70,7 @@ from .base import (
 )
 
 APPLICATION_ID = 0x57504F4C  # "WPOL", in the file header: tells our files from foreign SQLite files
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ _LISTED_BUT_RESULT = _LISTED_COLUMNS.replace(" result,", " NULL,")
 # _OLDER_RELEASE_REFUSED). Version 6 leaves queued tasks out of the by-state index: an
 # admission then writes four pages instead of five (see _LIST_QUEUED for their listing). Version 7
 # indexes the queued retries by that listing's position (a page of them reads a range, not them all).
+# Version 8 counts the entries into the other states (``entries``, see _NEXT_STATE_SEQ): a position was the
+# highest in the state plus one, and came again once the newest tasks had left the state.
 _STATE_CHECK = " OR ".join(f"state = '{state.value}'" for state in State)
 _TASKS_TABLE = """
 CREATE TABLE {name} (
@@ -195,6 +197,9 @@ _BY_STATE_INDEX = (
 _RETRY_BY_ENTRY_INDEX = (
     "CREATE INDEX tasks_retry_by_entry ON tasks (state_seq) WHERE state = 'queued' AND attempts > 0;\n"
 )
+# Since version 8: the entries into a state other than queued, counted (see _NEXT_STATE_SEQ). Not in
+# _TOTALS_SCHEMA, whose migration (1 -> 2) predates it.
+_ENTRIES_COLUMN = "ALTER TABLE task_totals ADD COLUMN entries INTEGER NOT NULL DEFAULT 0;\n"
 _TASKS_COLUMNS = (
     "seq, id, payload, max_retries, state, attempts, last_error, created_at, started_at, finished_at, "
     "next_attempt_at, request_id, result, cancel_requested, due_at, lease_owner, lease_until, state_seq"
@@ -236,6 +241,7 @@ INSERT INTO task_totals (id) VALUES (1);
     + _ADMITTED_TRIGGER.format(totals="task_totals")
     + _OLDER_RELEASE_GUARD
     + _RETRY_BY_ENTRY_INDEX  # last, as a migration adds it
+    + _ENTRIES_COLUMN
 )
 
 # From version N to N + 1: a file of an older version is upgraded in one
@@ -291,6 +297,15 @@ WHERE tasks.seq = queued.seq;
 """,
     # 6 -> 7: the queued retries are indexed by their position in the queued listing too.
     6: _RETRY_BY_ENTRY_INDEX,
+    # 7 -> 8: the entries into the other states are counted from the highest position any of them holds.
+    7: _ENTRIES_COLUMN
+    + "UPDATE task_totals SET entries = max("
+    + ", ".join(
+        f"coalesce((SELECT max(state_seq) FROM tasks WHERE state = '{state.value}'), 0)"
+        for state in State
+        if state is not State.QUEUED
+    )
+    + ");\n",
 }
 
 
@@ -680,8 +695,13 @@ class SqliteStore(TaskStore):
         return self._commits
 
     def _count(self, name: str, delta: int) -> None:  # _write_lock is held
-        """Add ``delta`` to the ``name`` column of totals when the open step commits."""
+        """Add ``delta`` to the ``name`` column of totals when the open step commits.
+
+        A task entering a state other than queued is counted in ``entries`` too (see _NEXT_STATE_SEQ).
+        """
         self._deltas[name] = self._deltas.get(name, 0) + delta
+        if delta > 0 and name in _ENTERED:
+            self._deltas["entries"] = self._deltas.get("entries", 0) + delta
 
     def _flush_totals(self, conn: sqlite3.Connection) -> None:  # _write_lock is held
         """Write what the open step changed into totals: one single-row UPDATE."""
@@ -1547,7 +1567,7 @@ class SqliteStore(TaskStore):
                             finished_at = CASE state WHEN 'queued' THEN :now ELSE finished_at END,
                             payload = CASE state WHEN 'queued' THEN NULL ELSE payload END,
                             next_attempt_at = CASE state WHEN 'queued' THEN NULL ELSE next_attempt_at END,
-                            state_seq = CASE state WHEN 'queued' THEN {_NEXT_STATE_SEQ.format(state="'cancelled'")}
+                            state_seq = CASE state WHEN 'queued' THEN {_NEXT_STATE_SEQ}
                                         ELSE state_seq END
                         WHERE id = :id AND (state = 'queued' OR (state = 'running' AND NOT cancel_requested))
                         RETURNING {_COLUMNS}""",
@@ -1845,10 +1865,13 @@ _NEXT_DUE = (
     )
     + ")"
 )
-# The next position in a state's newest-first listing; the index on (state, state_seq) makes it O(log n).
-_NEXT_STATE_SEQ = (
-    "(coalesce((SELECT state_seq FROM tasks WHERE state = {state} ORDER BY state_seq DESC LIMIT 1), 0) + 1)"
-)
+# The next position in the newest-first listing of a state other than queued: one past every position
+# handed out before (``entries`` grows by each task entering such a state, as the step commits), so a task
+# entering the state lists ahead of a walk begun before, even once the newest tasks have left the state
+# (the highest position in the state, plus one, came again then). The tasks one step moves into a state
+# share a position, and list by creation.
+_NEXT_STATE_SEQ = "(SELECT entries + 1 FROM task_totals)"
+_ENTERED = frozenset(state.value for state in State if state is not State.QUEUED)
 # A queued task's position in the listing of queued tasks (not in the by-state index, see _LIST_QUEUED):
 # the generation that queues it. Each admitted task bumps the generation by one (tasks_admitted, after
 # the insert), so new tasks' positions grow with seq; a retry's step bumps it once after its end
@@ -1919,7 +1942,7 @@ _IDLE = _NEXT_DUE_TIMES.replace("SELECT ", f"SELECT generation, {' + '.join(_FIN
 # Claim the next due task: it runs under the owner's lease.
 _CLAIM = f"""UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = :now,
         next_attempt_at = NULL, lease_owner = :owner, lease_until = :until,
-        state_seq = {_NEXT_STATE_SEQ.format(state="'running'")}
+        state_seq = {_NEXT_STATE_SEQ}
     WHERE seq = ({_NEXT_DUE}) RETURNING {_COLUMNS}"""
 # What admission reads first (see SqliteStore.admit). Reads and single-row updates by key: a
 # RETURNING clause or an IN list would make SQLite build a temporary b-tree for every execution.
@@ -2019,12 +2042,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 _NEW_STATE = """CASE WHEN :error IS NULL THEN 'done' WHEN cancel_requested THEN 'cancelled'
     WHEN :retry_at IS NOT NULL THEN 'queued' ELSE 'failed' END"""
 _IS_FINAL = "(:error IS NULL OR cancel_requested OR :retry_at IS NULL)"
-# One index probe per possible state, so that each is a lookup by a constant (a probe by the
-# CASE expression itself would scan the table).
-_NEXT_STATE_SEQ_BY_NEW_STATE = "".join(
-    f" WHEN '{state}' THEN {_QUEUED_STATE_SEQ if state == 'queued' else _NEXT_STATE_SEQ.format(state=repr(state))}"
-    for state in ("done", "cancelled", "queued", "failed")
-)
+_NEXT_STATE_SEQ_BY_NEW_STATE = f" WHEN 'queued' THEN {_QUEUED_STATE_SEQ} ELSE {_NEXT_STATE_SEQ}"
 _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
         last_error = coalesce(:error, last_error),
         result = CASE WHEN :error IS NULL THEN :result END,
@@ -2050,7 +2068,7 @@ _PUT_BACK = f"""UPDATE tasks SET state = CASE WHEN cancel_requested THEN 'cancel
         due_at = CASE WHEN cancel_requested THEN due_at WHEN attempts = 1 THEN created_at ELSE :now END,
         payload = CASE WHEN cancel_requested THEN NULL ELSE payload END,
         lease_owner = NULL, lease_until = NULL,
-        state_seq = CASE WHEN cancel_requested THEN {_NEXT_STATE_SEQ.format(state="'cancelled'")}
+        state_seq = CASE WHEN cancel_requested THEN {_NEXT_STATE_SEQ}
                     ELSE {_QUEUED_STATE_SEQ} END
     WHERE id = :id AND state = 'running' AND attempts = :attempt AND lease_owner = :owner
     RETURNING {_COLUMNS}"""
