@@ -537,3 +537,26 @@ def test_a_cursor_the_service_no_longer_reads_goes_back_to_the_first_page_with_a
     assert _shown_ids(page) == _api_pages(crowded)[1]
     # The refused listing is the only error the browser logged.
     assert page.errors and all("400" in error for error in page.errors), page.errors
+
+
+def test_a_pager_button_that_the_keyboard_disables_hands_its_focus_to_the_other_way(page, instance):
+    # Older into the last page, and Newer back into the first, disabled the button under the keyboard's focus,
+    # which fell to the page's body: the next Tab started again from the top of the page.
+    for n in range(PAGE_SIZE + 5):
+        instance.pool.submit(f"task-{n:02d}", "", delay=3600.0)
+    _open(page, instance)
+    expect(page.locator("#page-older")).to_be_enabled(timeout=WAIT_MS)
+    page.focus("#page-older")
+    for button, number, other in (("older", 2, "newer"), ("newer", 1, "older")):
+        page.keyboard.press("Enter")
+        expect(page.locator("#page-label")).to_have_text(f"Page {number}", timeout=WAIT_MS)
+        expect(page.locator(f"#page-{button}")).to_be_disabled()
+        assert page.evaluate("document.activeElement.id") == f"page-{other}", button
+    page.focus("#page-older")
+    page.keyboard.press("Enter")
+    expect(page.locator("#page-label")).to_have_text("Page 2", timeout=WAIT_MS)
+    page.focus("#page-newest")
+    page.keyboard.press("Enter")
+    expect(page.locator("#page-label")).to_have_text("Page 1", timeout=WAIT_MS)
+    assert page.evaluate("document.activeElement.id") == "page-older"
+    assert page.errors == []

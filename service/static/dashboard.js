@@ -288,11 +288,21 @@ async function refreshTasks() {
   if (result.status !== 200) return;
   listing.next = result.data.next;
   renderTasks(result.data.tasks);
+  const focused = document.activeElement;
   $("page-newer").disabled = listing.page === 0;
   $("page-newest").disabled = listing.page === 0;
   $("page-older").disabled = listing.next === null;
+  keepPagerFocus(focused);
   setText("page-label", `Page ${listing.page + 1}`);
   if (view.detailId !== null) await refreshDetail();
+}
+
+// A pager button disabled under the keyboard's focus would drop it on the page's body (the next Tab starts
+// from the top): it goes to the button that leads the other way, at the first and at the last page.
+function keepPagerFocus(focused) {
+  if (!focused || !focused.disabled || !focused.closest(".pager")) return;
+  const other = $(focused.id === "page-older" ? "page-newer" : "page-older");
+  if (!other.disabled) other.focus();
 }
 
 function moveTo(listing) {
