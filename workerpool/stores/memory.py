@@ -196,10 +196,10 @@ class MemoryStore(TaskStore):
         # racing submits may arrive out of stamp order; admit clamps to keep creation times
         # non-decreasing in admission (listing) order.
         self._last_created = -math.inf
-        # Ids per state in the order they entered it, each to its entry number (from _entries, so the
+        # Ids per state in the order they entered it, each to its entry number (from _entry, so the
         # numbers grow along each dict): O(1) counts, newest-first listing by state, and the position a
         # page of a listing stops at. _admitted is the same for admission: the keys of _tasks, in order.
-        self._entries = itertools.count(1)
+        self._entry = 0  # the last entry number given (an int, not itertools.count: no call per entry)
         self._by_state: dict[str, dict[str, int]] = {state.value: {} for state in State}
         self._admitted: dict[str, int] = {}
         self._owners: dict[str, str] = {}  # running id -> the owner that claimed it
@@ -227,12 +227,13 @@ class MemoryStore(TaskStore):
         try:
             now = self._clock()
             finished = self._finished
-            if finished and (len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= now - self._ttl):
+            # By age only: every step that finishes a task evicts down to max_finished at once.
+            if finished and finished[0][_FINISHED_AT] <= now - self._ttl:
                 self._evict(now)  # a forgotten id may be submitted again
             if self._scheduled:  # what fell due earlier goes ahead of what arrives now
                 self._release_due(now)
             tasks_by_id, queued, new_line = self._tasks, self._queued, self._new_line
-            admitted, entries = self._admitted, self._entries
+            admitted = self._admitted
             full: tuple[int, float | None] | None = None
             for task in tasks:
                 task_id = task.id
@@ -245,7 +246,7 @@ class MemoryStore(TaskStore):
                 else:
                     # A new task is queued, attempts == 0 (see TaskStore.admit): its fields as one plain
                     # tuple are its record, read by position (a Task's own items are a subclass's, slower).
-                    record = t = tuple(task)
+                    record = t = task[:]  # an exact tuple: copied in C, where tuple() iterates a subclass
                     created = t[6]
                     if created < self._last_created:  # stamped before a task admitted first
                         # Common with batches submitted side by side: spelled out, a third of _replace().
@@ -254,7 +255,8 @@ class MemoryStore(TaskStore):
                         task = _tuple_new(Task, record)
                     self._last_created = created
                     tasks_by_id[task_id] = record
-                    admitted[task_id] = queued[task_id] = next(entries)
+                    self._entry += 1
+                    admitted[task_id] = queued[task_id] = self._entry
                     self._waiting += 1
                     if t[9] is None:
                         new_line.append(record)
@@ -315,10 +317,12 @@ class MemoryStore(TaskStore):
                 and task[4] == attempt
                 and self._owners.get(task_id) == owner
             ):  # a success, _finish_attempt()'s hot path spelled out: a call less, once per task
-                ended = (task_id, "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
-                         result, task[12])  # fmt: skip
+                _, _, max_retries, _, attempts, last_error, created, started, _, _, request_id, _, cancel = task
+                ended = (task_id, "", max_retries, _DONE, attempts, last_error, created, started, now, None,
+                         request_id, result, cancel)  # fmt: skip
                 del self._running[task_id], self._owners[task_id]
-                self._done[task_id] = next(self._entries)
+                self._entry += 1
+                self._done[task_id] = self._entry
                 tasks[task_id] = ended
                 finished = self._finished
                 finished.append(ended)
@@ -337,9 +341,9 @@ class MemoryStore(TaskStore):
             if type(running[1]) in _CONTAINERS:
                 running = _own_payload(running)
         if done:  # its snapshot, spelled out as well
-            e = ended
             return _tuple_new(
-                Task, (e[0], "", e[2], _DONE_STATE, e[4], e[5], e[6], e[7], e[8], None, e[10], e[11], e[12])
+                Task, (task_id, "", max_retries, _DONE_STATE, attempts, last_error, created, started, now, None,
+                       request_id, result, cancel)
             ), running  # fmt: skip
         return None if ended is None else _snapshot(ended), running
 
@@ -550,14 +554,17 @@ class MemoryStore(TaskStore):
             if tasks.get(task_id) is task:
                 break
             # cancelled or abandoned while it waited
-        if task[4] == 0:  # attempts
-            self._waiting -= 1
         # The hot path, spelled out rather than _changed() and _set(): a line holds queued
-        # records only, and queued -> running is a legal change (TRANSITIONS).
-        running = (task_id, task[1], task[2], _RUNNING_STATE, task[4] + 1, task[5], task[6], now, None,
-                   None, task[10], task[11], task[12])  # fmt: skip
+        # records only, and queued -> running is a legal change (TRANSITIONS). The fields are
+        # unpacked once: a third cheaper than reading them one by one.
+        _, payload, max_retries, _, attempts, last_error, created, _, _, _, request_id, result, cancel = task
+        if attempts == 0:
+            self._waiting -= 1
+        running = (task_id, payload, max_retries, _RUNNING_STATE, attempts + 1, last_error, created, now, None,
+                   None, request_id, result, cancel)  # fmt: skip
         del self._queued[task_id]
-        self._running[task_id] = next(self._entries)
+        self._entry += 1
+        self._running[task_id] = self._entry
         self._owners[task_id] = owner
         tasks[task_id] = running
         return running
@@ -571,10 +578,12 @@ class MemoryStore(TaskStore):
         if self._owners[task_id] != owner:
             return None
         if error is None:  # the hot path, spelled out as in _claim(): running -> done is a legal change
-            ended = (task_id, "", task[2], _DONE, task[4], task[5], task[6], task[7], now, None, task[10],
-                     result, task[12])  # fmt: skip
+            _, _, max_retries, _, attempts, last_error, created, started, _, _, request_id, _, cancel = task
+            ended = (task_id, "", max_retries, _DONE, attempts, last_error, created, started, now, None, request_id,
+                     result, cancel)  # fmt: skip
             del self._running[task_id], self._owners[task_id]
-            self._done[task_id] = next(self._entries)
+            self._entry += 1
+            self._done[task_id] = self._entry
             self._tasks[task_id] = ended
             finished = self._finished
             finished.append(ended)
@@ -601,7 +610,8 @@ class MemoryStore(TaskStore):
         if new_state not in _TRANSITIONS[old_state]:  # the common case without a call: twice per task
             check_transition(_STATES[old_state], _STATES[new_state])
         del self._by_state[old_state][task_id]
-        self._by_state[new_state][task_id] = next(self._entries)
+        self._entry += 1
+        self._by_state[new_state][task_id] = self._entry
         if old_state is _RUNNING_STATE:  # only the claim enters it, spelled out in _claim()
             del self._owners[task_id]
         self._tasks[task_id] = new
