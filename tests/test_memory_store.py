@@ -42,6 +42,32 @@ def test_a_task_holding_a_container_is_tracked_and_kept_whole(clock):
     assert store.get("task-0").result == {"rows": [1, 2]}
 
 
+class _Result(dict):
+    """A result a weak reference can follow: whether the store still holds it."""
+
+
+def test_admissions_and_ends_forget_the_finished_tasks_past_the_ttl_without_a_read(clock):
+    # The two steps every task takes compare the clock with when the oldest finished task expires.
+    store = MemoryStore(10, ttl=60, clock=clock.time, wait=clock.wait)
+    first, second = _Result(), _Result()
+    first_held, second_held = weakref.ref(first), weakref.ref(second)
+    run_through(store, clock, ["first"], result=first)
+    clock.advance(30)
+    run_through(store, clock, ["second"], result=second)
+    del first, second
+    clock.advance(29.5)
+    store.admit([Task("young", "", 0, created_at=clock.time())])
+    assert first_held() is not None  # 59.5 s after it finished: still retained
+    clock.advance(0.5)
+    store.admit([Task("next", "", 0, created_at=clock.time())])
+    assert first_held() is None and second_held() is not None
+    clock.advance(30)
+    task = store.claim(OWNER, clock.time() + 30)
+    assert store.finish(task.id, task.attempts, OWNER).state is State.DONE  # its end evicts "second"
+    assert second_held() is None
+    assert store.stats().counts[State.DONE] == 1
+
+
 def test_an_attempt_copy_of_a_payload_keeps_its_shape_however_deep_or_shared(clock):
     # A payload as deep as the JSON decoder allows is copied without recursion; from the Python API an
     # object reached twice stays one object in the copy, and a cycle is copied as a cycle.

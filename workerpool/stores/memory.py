@@ -214,6 +214,9 @@ class MemoryStore(TaskStore):
         self._retries_pending = 0  # entries of _pending with attempts > 0
         self._waiting = 0  # queued tasks with attempts == 0: what the bound counts
         self._finished: deque[Record] = deque()  # final records, oldest finished first
+        # When the oldest of them outlives the ttl (its finished_at + ttl), which the steps every task takes
+        # compare with the clock instead of reading the record; -inf while none is retained (set by _evict).
+        self._expires = -math.inf
         self._idle: list[threading.Event] = []  # workers blocked in wait_for_work
         self._local = threading.local()  # each thread's wait event, reused
         self._woken = False
@@ -228,7 +231,7 @@ class MemoryStore(TaskStore):
             now = self._clock()
             finished = self._finished
             # By age only: every step that finishes a task evicts down to max_finished at once.
-            if finished and finished[0][_FINISHED_AT] <= now - self._ttl:
+            if finished and now >= self._expires:
                 self._evict(now)  # a forgotten id may be submitted again
             if self._scheduled:  # what fell due earlier goes ahead of what arrives now
                 self._release_due(now)
@@ -326,7 +329,7 @@ class MemoryStore(TaskStore):
                 tasks[task_id] = ended
                 finished = self._finished
                 finished.append(ended)
-                if len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= now - self._ttl:
+                if len(finished) > self._max_finished or now >= self._expires:
                     self._evict(now)
                 done = True
             else:
@@ -587,7 +590,7 @@ class MemoryStore(TaskStore):
             self._tasks[task_id] = ended
             finished = self._finished
             finished.append(ended)
-            if len(finished) > self._max_finished or finished[0][_FINISHED_AT] <= now - self._ttl:
+            if len(finished) > self._max_finished or now >= self._expires:
                 self._evict(now)
             return ended
         if task[_CANCEL_REQUESTED]:
@@ -709,3 +712,4 @@ class MemoryStore(TaskStore):
             task = finished.popleft()
             del self._tasks[task[_ID]], self._admitted[task[_ID]]
             del self._by_state[task[_STATE]][task[_ID]]
+        self._expires = finished[0][_FINISHED_AT] + self._ttl if finished else -math.inf
