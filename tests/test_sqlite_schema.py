@@ -544,7 +544,7 @@ def test_a_page_of_queued_tasks_reads_a_range_of_the_retries_not_every_retry_wai
 def test_a_version_6_file_is_migrated_indexing_its_retries_by_position(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_store, "SCHEMA_VERSION", 6)
     monkeypatch.setattr(sqlite_store, "_SCHEMA", sqlite_store._SCHEMA.replace(sqlite_store._RETRY_BY_ENTRY_INDEX, ""))
-    monkeypatch.setattr(sqlite_store, "_LIST_QUEUED", V6_LIST_QUEUED)
+    monkeypatch.setattr(sqlite_store, "_PAGE_QUEUED", V6_PAGE_QUEUED)
     _retrying_store(tmp_path / "tasks.db", 12).close()
     conn = sqlite3.connect(tmp_path / "tasks.db")
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tasks_retry_by_entry'").fetchone() == (0,)
@@ -572,10 +572,13 @@ def test_a_version_6_file_is_migrated_indexing_its_retries_by_position(tmp_path,
 
 
 # How version 6 listed the queued tasks: every retry waiting, sorted (its file has no index of them by position).
-V6_LIST_QUEUED = sqlite_store._LIST_QUEUED.replace(
-    f"""SELECT * FROM (SELECT {sqlite_store._LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry_by_entry
-        WHERE state = 'queued' AND attempts > 0 ORDER BY state_seq DESC, seq DESC LIMIT :limit)""",
-    f"SELECT {sqlite_store._LISTED_COLUMNS}, state_seq, seq FROM tasks WHERE state = 'queued' AND attempts > 0",
+_COLUMNS = sqlite_store._LISTED_COLUMNS
+V6_PAGE_QUEUED = sqlite_store._PAGE_QUEUED.replace(
+    f"""SELECT * FROM (SELECT {_COLUMNS}, state_seq, seq, 0 FROM tasks INDEXED BY tasks_retry_by_entry
+        WHERE state = 'queued' AND attempts > 0 AND (state_seq, seq) < (:state_seq, :seq)
+        ORDER BY state_seq DESC, seq DESC LIMIT :limit)""",
+    f"""SELECT {_COLUMNS}, state_seq, seq, 0 FROM tasks
+        WHERE state = 'queued' AND attempts > 0 AND (state_seq, seq) < (:state_seq, :seq)""",
 )
 
 

@@ -2301,17 +2301,20 @@ def test_with_full_a_wal_removed_while_open_is_still_the_one_synced(open_store, 
 def test_a_page_after_a_position_is_a_range_of_an_index_never_a_scan_of_the_table(open_store, db, state):
     open_store()  # the schema
     query = sqlite_store._page_query(state, sqlite_store._LISTED_COLUMNS)
-    params = {"state_seq": 1, "seq": 1, "below": 1, "limit": 1} if state == "queued" else [1] * query.count("?")
+    queued = {"state_seq": 1, "seq": 1, "below": 1, "floor": 1, "limit": 1}
+    params = queued if state == "queued" else [1] * query.count("?")
     with contextlib.closing(sqlite3.connect(db)) as conn:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)]
     searches = [step for step in plan if step.startswith(("SEARCH tasks ", "SCAN tasks "))]  # reads of the table
     if state is None:
         assert searches == ["SEARCH tasks USING INTEGER PRIMARY KEY (rowid<?)"]
-    elif state == "queued":  # new tasks from below the position down the table; retries from their index by position
-        assert searches == [
-            "SEARCH tasks USING INTEGER PRIMARY KEY (rowid<?)",
+    elif state == "queued":  # new tasks from below the position down the table to the oldest; the others from
+        assert searches == [  # their own indexes (put back new tasks: counted, then listed), retries by position
+            "SEARCH tasks USING INDEX tasks_new (due_at<?)",
+            "SEARCH tasks USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)",
+            "SEARCH tasks USING INDEX tasks_new (due_at<?)",
             "SEARCH tasks USING INDEX tasks_retry_by_entry (state_seq<?)",
-        ]
+        ], plan
     else:
         assert searches == ["SEARCH tasks USING INDEX tasks_by_state (state=? AND state_seq<?)"], plan
         assert not any("TEMP B-TREE" in step for step in plan)  # the index's order is the page's
@@ -2347,6 +2350,38 @@ def test_a_task_finishing_after_retention_forgot_the_finished_ones_lists_ahead_o
     store.finish(ran.id, 1, "a", result=None)
     assert [t.id for t in store.list(State.DONE)] == ["c"]
     assert store.page(State.DONE, 1, after=first.next).tasks == []  # c finished after b: ahead of the walk
+
+
+def _instructions(store, read):
+    """What ``read()`` returns, and the SQLite instructions (in hundreds) it ran on this thread's connection."""
+    counted = [0]
+
+    def count():
+        counted[0] += 1
+        return 0  # go on
+
+    conn = store._connection()
+    conn.set_progress_handler(count, 100)
+    try:
+        return read(), counted[0]
+    finally:
+        conn.set_progress_handler(None, 100)
+
+
+@pytest.mark.parametrize("delayed", [False, True])
+def test_the_last_page_of_queued_tasks_reads_none_of_the_rows_older_than_the_queue(open_store, clock, delayed):
+    store = open_store(capacity=1000)
+    store.admit([task(clock, f"old{n}") for n in range(400)])
+    for n in range(400):
+        store.cancel(f"old{n}")  # finished, below every queued task
+    delay = {"next_attempt_at": clock.time() + 60} if delayed else {}
+    store.admit([task(clock, f"q{n}", **delay) for n in range(5)])
+    first, first_cost = _instructions(store, lambda: store.page(State.QUEUED, 2))
+    second = store.page(State.QUEUED, 2, after=first.next)
+    last, last_cost = _instructions(store, lambda: store.page(State.QUEUED, 2, after=second.next))
+    assert [t.id for t in first.tasks + second.tasks + last.tasks] == ["q4", "q3", "q2", "q1", "q0"]
+    assert last.next is None
+    assert last_cost <= 2 * first_cost, (first_cost, last_cost)  # not 400 rows more
 
 
 def test_queued_pages_list_a_new_task_put_back_during_the_walk_once(open_store, clock):

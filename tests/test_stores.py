@@ -906,6 +906,22 @@ def test_queued_pages_interleave_retries_and_new_tasks_by_their_entry(store, clo
     assert [t.id for t in store.page(State.QUEUED, 3, after=first.next).tasks] == ["d", "a"]
 
 
+def test_a_new_task_put_back_lists_first_by_its_new_entry_in_every_listing_and_walk_of_the_queue(store, clock):
+    admit(store, clock, *(f"t{n}" for n in range(6)))
+    running = claim(store, clock)  # t0, the oldest
+    first = store.page(State.QUEUED, 2)  # a walk begun while it runs
+    store.put_back(running.id, running.attempts, OWNER)  # queued again: a new entry, ahead of that walk
+    queue = ["t0", "t5", "t4", "t3", "t2", "t1"]
+    assert [t.id for t in store.list(State.QUEUED)] == queue
+    assert [t.id for t in store.list(State.QUEUED, 1)] == ["t0"]
+    for limit in (1, 2, 5):
+        assert [i for page in walk(store, State.QUEUED, limit) for i in page] == queue, limit
+    later = store.page(State.QUEUED, 2, after=first.next)
+    assert [t.id for t in later.tasks] == ["t3", "t2"]
+    assert [t.id for t in store.page(State.QUEUED, 2, after=later.next).tasks] == ["t1"]
+    assert claim(store, clock).id == "t0"  # claimed again first, where it was claimed from
+
+
 def test_a_page_goes_on_after_a_task_forgotten_since_it_was_listed(make_store, clock):
     store = make_store(ttl=60)
     admit(store, clock, "a", "b", "c", "d")

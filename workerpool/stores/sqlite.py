@@ -150,7 +150,7 @@ _LISTED_BUT_RESULT = _LISTED_COLUMNS.replace(" result,", " NULL,")
 # hands the interpreter to another thread. Version 5 renames totals to
 # task_totals, and leaves under the old name a view that refuses updates (see
 # _OLDER_RELEASE_REFUSED). Version 6 leaves queued tasks out of the by-state index: an
-# admission then writes four pages instead of five (see _LIST_QUEUED for their listing). Version 7
+# admission then writes four pages instead of five (see _PAGE_QUEUED for their listing). Version 7
 # indexes the queued retries by that listing's position (a page of them reads a range, not them all).
 # Version 8 counts the entries into the other states (``entries``, see _NEXT_STATE_SEQ): a position was the
 # highest in the state plus one, and came again once the newest tasks had left the state.
@@ -183,7 +183,7 @@ CREATE INDEX tasks_retry ON tasks (due_at, seq) WHERE state = 'queued' AND attem
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX tasks_by_state ON tasks (state, state_seq);
 """
-# Since version 6 (see _LIST_QUEUED): queued tasks are listed from the table and the indexes of retries. The
+# Since version 6 (see _PAGE_QUEUED): queued tasks are listed from the table and the indexes of retries. The
 # condition names the other states one by one: SQLite uses a partial index for a query whose
 # ``state = 'running'`` matches one side of its ORs, where ``state <> 'queued'`` would not be seen to hold.
 _BY_STATE_INDEX = (
@@ -191,7 +191,7 @@ _BY_STATE_INDEX = (
     + " OR ".join(f"state = '{state.value}'" for state in State if state is not State.QUEUED)
     + ";\n"
 )
-# Since version 7: the queued retries by their position in the queued listing (see _LIST_QUEUED), so that a
+# Since version 7: the queued retries by their position in the queued listing (see _PAGE_QUEUED), so that a
 # page of them is a range of an index, not a sort of every retry waiting. Only a retry enters it: an
 # admission writes no page more. Not in _TASKS_INDEXES, whose migration (2 -> 3) predates it.
 _RETRY_BY_ENTRY_INDEX = (
@@ -225,8 +225,8 @@ CREATE TRIGGER totals_of_an_older_release INSTEAD OF UPDATE ON totals BEGIN
     SELECT RAISE(ABORT, '{_OLDER_RELEASE_REFUSED}');
 END;
 """
-# One random key per file (see TaskStore.position_key), made by the first process of a release that has it to
-# open the file: a table no older release of version 6 reads or writes, so no schema version of its own.
+# One random key per file (see TaskStore.position_key), made by the first process to open the file: a table
+# nothing else reads or writes, so no schema version of its own.
 _POSITION_KEY = """
 CREATE TABLE IF NOT EXISTS position_key (id INTEGER PRIMARY KEY CHECK (id = 1), key BLOB NOT NULL);
 INSERT OR IGNORE INTO position_key (id, key) VALUES (1, randomblob(16));
@@ -1694,7 +1694,7 @@ class SqliteStore(TaskStore):
             query = f"SELECT {columns} FROM tasks WHERE {_RETAINED} ORDER BY seq DESC LIMIT ?"
             args: tuple[Any, ...] | dict[str, Any] = (horizon, limit)
         elif State(state) is State.QUEUED:  # never finished: always retained, and without a result
-            query, args = _LIST_QUEUED, {"limit": limit}
+            return self.page(State.QUEUED, limit).tasks
         else:
             # The state written out (a State's value): the partial index serves a constant only.
             query = f"SELECT {columns} FROM tasks WHERE state = '{State(state).value}' AND {_RETAINED} "
@@ -1708,30 +1708,43 @@ class SqliteStore(TaskStore):
         """A page of ``list``, each a range of an index read newest first from ``after``, never an offset.
 
         Positions: ``(seq,)`` for every task; ``(state_seq, seq)`` by state (``state_seq`` may tie: the tasks
-        one step moves share it); for queued tasks also the lowest ``seq`` of the new tasks listed so far, so
-        that they are read on from there (see _PAGE_QUEUED).
+        one step moves share it); for queued tasks also the lowest ``seq`` of the new tasks in order listed so
+        far, so that they are read on from there, and the lowest any had when the walk began, where the
+        reading stops (see _PAGE_QUEUED).
         """
         horizon = self._clock() - self._ttl
         columns = _LISTED_COLUMNS if results else _LISTED_BUT_RESULT
         value = None if state is None else State(state).value
-        size = 1 if value is None else 3 if value == "queued" else 2
+        if value == "queued":
+            return self._page_queued(limit, after)
+        size = 1 if value is None else 2
         position = (_PAST_ANY,) * size if after is None else check_position(after, size)
         query = _page_query(value, columns)
-        args: tuple[Any, ...] | dict[str, Any]
-        if value == "queued":
-            args = {"state_seq": position[0], "seq": position[1], "below": position[2], "limit": limit + 1}
+        rows = self._read(lambda conn: conn.execute(query, (horizon, *position, limit + 1)).fetchall())
+        tasks = [_task(row[size:]) for row in rows[:limit]]
+        return Page(tasks, rows[limit - 1][:size] if len(rows) > limit else None)
+
+    def _page_queued(self, limit: int, after: Position | None) -> Page:
+        """A page of queued tasks (see _PAGE_QUEUED); a walk's first page also reads where its table reads stop."""
+        if after is None:
+            state_seq, seq, below, floor = _PAST_ANY, _PAST_ANY, _PAST_ANY, 0
         else:
-            args = (horizon, *position, limit + 1)
-        rows = self._read(lambda conn: conn.execute(query, args).fetchall())
-        keys = len(position) if size < 3 else 2
-        tasks = [_task(row[keys:]) for row in rows[:limit]]
+            state_seq, seq, below, floor = check_position(after, 4)
+        args = {"state_seq": state_seq, "seq": seq, "below": below, "floor": floor, "limit": limit + 1}
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], int]:
+            rows = conn.execute(_PAGE_QUEUED, args).fetchall()
+            if after is None and len(rows) > limit:  # more follow: no new task in order is below the oldest now
+                return rows, conn.execute(_OLDEST_NEW).fetchone()[0] or _PAST_ANY
+            return rows, floor
+
+        rows, floor = self._read(read)
+        tasks = [_task(row[3:]) for row in rows[:limit]]
         if len(rows) <= limit:
             return Page(tasks, None)
-        last = rows[limit - 1][:keys]
-        if size == 3:  # the lowest seq of the new tasks listed so far: the next page's new ones are below it
-            new = [row[1] for row in rows[:limit] if row[2 + _ATTEMPTS_COLUMN] == 0]
-            last = (*last, min(new, default=position[2]))
-        return Page(tasks, last)
+        last_state_seq, last_seq = rows[limit - 1][:2]
+        below = min((row[1] for row in rows[:limit] if row[2]), default=below)  # the next page's are below
+        return Page(tasks, (last_state_seq, last_seq, below, floor))
 
     def position_key(self) -> bytes:
         return self._position_key
@@ -1872,24 +1885,19 @@ _NEXT_DUE = (
 # share a position, and list by creation.
 _NEXT_STATE_SEQ = "(SELECT entries + 1 FROM task_totals)"
 _ENTERED = frozenset(state.value for state in State if state is not State.QUEUED)
-# A queued task's position in the listing of queued tasks (not in the by-state index, see _LIST_QUEUED):
+# A queued task's position in the listing of queued tasks (not in the by-state index, see _PAGE_QUEUED):
 # the generation that queues it. Each admitted task bumps the generation by one (tasks_admitted, after
 # the insert), so new tasks' positions grow with seq; a retry's step bumps it once after its end
 # (the tasks one recovery queues again share a position, and list by creation).
 _QUEUED_STATE_SEQ = "(SELECT generation + 1 FROM task_totals)"
-# Queued tasks newest first by entry (positions: _QUEUED_STATE_SEQ). New ones have entered in seq
-# order: the table read backwards from its newest row, stopping at as many as wait (``waiting``);
-# this passes only rows newer than the oldest of them that have left the queue (in claim order, those of
-# tasks that were due earlier, such as a delayed task's successors). Retries, the newest ones by position
-# from their own index (tasks_retry_by_entry): a range of it, never every retry waiting.
-_LIST_QUEUED = f"""SELECT {_LISTED_COLUMNS} FROM (
-    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
-        WHERE state = 'queued' AND attempts = 0 ORDER BY seq DESC
-        LIMIT min(:limit, (SELECT waiting FROM task_totals)))
-    UNION ALL
-    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry_by_entry
-        WHERE state = 'queued' AND attempts > 0 ORDER BY state_seq DESC, seq DESC LIMIT :limit)
-) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
+# A new task put back unrun (see _PUT_BACK) enters the queue again out of seq order: its due time is then the
+# negative of its position, so that it is due at once, ahead of every other new task in tasks_new (claimed first,
+# where it was claimed from), and the listing of queued tasks finds the few such tasks as a range of that index.
+_PUT_BACK_DUE = f"-{_QUEUED_STATE_SEQ}"
+_NEW_IN_ORDER = "state = 'queued' AND attempts = 0 AND due_at >= 0"  # new tasks that entered the queue in seq order
+_PUT_BACK_NEW = "state = 'queued' AND attempts = 0 AND due_at < 0"
+# The seq of the oldest new task in order: where the table read of a walk's later pages stops (see _PAGE_QUEUED).
+_OLDEST_NEW = f"SELECT min(seq) FROM tasks INDEXED BY tasks_new WHERE {_NEW_IN_ORDER}"
 
 
 def _page_query(state: str | None, columns: str) -> str:
@@ -1907,17 +1915,23 @@ def _page_query(state: str | None, columns: str) -> str:
 
 # A position past every task's (see SqliteStore.page): where the first page starts.
 _PAST_ANY = 2**63 - 1
-_ATTEMPTS_COLUMN = _COLUMNS.split(", ").index("attempts")
-# A page of queued tasks after the position (:state_seq, :seq), as _LIST_QUEUED lists them. New tasks enter the
-# queue in seq order (put back ones aside, which enter it again), so those after the position are below
-# the lowest seq of the new tasks listed so far (:below): the table is read backwards from there, not
-# from its newest row. Retries, from their index by position, below the position.
-_PAGE_QUEUED = f"""SELECT state_seq, seq, {_LISTED_COLUMNS} FROM (
-    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks NOT INDEXED
-        WHERE state = 'queued' AND attempts = 0 AND seq < :below AND (state_seq, seq) < (:state_seq, :seq)
-        ORDER BY seq DESC LIMIT min(:limit, (SELECT waiting FROM task_totals)))
+# Queued tasks newest first by their entry into the queue (positions: _QUEUED_STATE_SEQ), after the position
+# (:state_seq, :seq) (past any for the first page), each marked whether it is a new task in order. New tasks enter
+# the queue in seq order (put back ones aside): the table is read backwards from below the lowest seq of the new
+# tasks in order listed so far (:below), stopping at as many as wait in order, and at the oldest of them when the
+# walk began (:floor), which no later one is below; this passes only the rows in between of tasks that have left
+# the queue (in claim order, those of tasks that were due earlier, such as a delayed task's successors). New tasks
+# put back, from their range of tasks_new; retries, from their index by position, below the position.
+_PAGE_QUEUED = f"""SELECT state_seq, seq, in_order, {_LISTED_COLUMNS} FROM (
+    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq, 1 AS in_order FROM tasks NOT INDEXED
+        WHERE {_NEW_IN_ORDER} AND seq >= :floor AND seq < :below AND (state_seq, seq) < (:state_seq, :seq)
+        ORDER BY seq DESC LIMIT min(:limit, (SELECT waiting FROM task_totals)
+            - (SELECT count(*) FROM tasks INDEXED BY tasks_new WHERE {_PUT_BACK_NEW})))
     UNION ALL
-    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq FROM tasks INDEXED BY tasks_retry_by_entry
+    SELECT {_LISTED_COLUMNS}, state_seq, seq, 0 FROM tasks INDEXED BY tasks_new
+        WHERE {_PUT_BACK_NEW} AND (state_seq, seq) < (:state_seq, :seq)
+    UNION ALL
+    SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq, 0 FROM tasks INDEXED BY tasks_retry_by_entry
         WHERE state = 'queued' AND attempts > 0 AND (state_seq, seq) < (:state_seq, :seq)
         ORDER BY state_seq DESC, seq DESC LIMIT :limit)
 ) ORDER BY state_seq DESC, seq DESC LIMIT :limit"""
@@ -2065,7 +2079,7 @@ _PUT_BACK = f"""UPDATE tasks SET state = CASE WHEN cancel_requested THEN 'cancel
         started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
         finished_at = CASE WHEN cancel_requested THEN :now END,
         next_attempt_at = CASE WHEN cancel_requested OR attempts = 1 THEN NULL ELSE :now END,
-        due_at = CASE WHEN cancel_requested THEN due_at WHEN attempts = 1 THEN created_at ELSE :now END,
+        due_at = CASE WHEN cancel_requested THEN due_at WHEN attempts = 1 THEN {_PUT_BACK_DUE} ELSE :now END,
         payload = CASE WHEN cancel_requested THEN NULL ELSE payload END,
         lease_owner = NULL, lease_until = NULL,
         state_seq = CASE WHEN cancel_requested THEN {_NEXT_STATE_SEQ}
