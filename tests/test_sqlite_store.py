@@ -2384,6 +2384,18 @@ def test_the_last_page_of_queued_tasks_reads_none_of_the_rows_older_than_the_que
     assert last_cost <= 2 * first_cost, (first_cost, last_cost)  # not 400 rows more
 
 
+def test_the_first_page_of_queued_tasks_reads_no_more_as_more_wait(open_store, clock):
+    store = open_store(capacity=5000)
+    store.admit([task(clock, f"a{n}") for n in range(5)])
+    _, few = _instructions(store, lambda: store.page(State.QUEUED, 2))
+    store.admit([task(clock, f"b{n}") for n in range(3000)])
+    first, many = _instructions(store, lambda: store.page(State.QUEUED, 2))
+    assert [t.id for t in first.tasks] == ["b2999", "b2998"]
+    assert many <= 2 * few, (few, many)  # not a pass over the 3,000 waiting: a walk's second page makes that
+    second = store.page(State.QUEUED, 2, after=first.next)
+    assert [t.id for t in second.tasks] == ["b2997", "b2996"]
+
+
 def test_queued_pages_list_a_new_task_put_back_during_the_walk_once(open_store, clock):
     store = open_store(capacity=10)
     store.admit([task(clock, f"t{n}") for n in range(6)])

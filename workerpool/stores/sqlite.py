@@ -1709,8 +1709,8 @@ class SqliteStore(TaskStore):
 
         Positions: ``(seq,)`` for every task; ``(state_seq, seq)`` by state (``state_seq`` may tie: the tasks
         one step moves share it); for queued tasks also the lowest ``seq`` of the new tasks in order listed so
-        far, so that they are read on from there, and the lowest any had when the walk began, where the
-        reading stops (see _PAGE_QUEUED).
+        far, so that they are read on from there, and the lowest any had when the walk's second page was read,
+        where the reading stops (see _PAGE_QUEUED).
         """
         horizon = self._clock() - self._ttl
         columns = _LISTED_COLUMNS if results else _LISTED_BUT_RESULT
@@ -1725,18 +1725,23 @@ class SqliteStore(TaskStore):
         return Page(tasks, rows[limit - 1][:size] if len(rows) > limit else None)
 
     def _page_queued(self, limit: int, after: Position | None) -> Page:
-        """A page of queued tasks (see _PAGE_QUEUED); a walk's first page also reads where its table reads stop."""
+        """A page of queued tasks (see _PAGE_QUEUED); a walk's second page also reads where its table reads stop.
+
+        The first page needs no floor: its table read stops at as many as wait in order. The floor is read
+        with the second page, in its transaction, not with the first, which every listing and poll of the
+        newest queued tasks reads; then it is carried on (no new task in order is ever below it again).
+        """
         if after is None:
-            state_seq, seq, below, floor = _PAST_ANY, _PAST_ANY, _PAST_ANY, 0
+            state_seq, seq, below, floor = _PAST_ANY, _PAST_ANY, _PAST_ANY, _FLOOR_UNREAD
         else:
             state_seq, seq, below, floor = check_position(after, 4)
-        args = {"state_seq": state_seq, "seq": seq, "below": below, "floor": floor, "limit": limit + 1}
 
         def read(conn: sqlite3.Connection) -> tuple[list[Any], int]:
-            rows = conn.execute(_PAGE_QUEUED, args).fetchall()
-            if after is None and len(rows) > limit:  # more follow: no new task in order is below the oldest now
-                return rows, conn.execute(_OLDEST_NEW).fetchone()[0] or _PAST_ANY
-            return rows, floor
+            oldest = floor
+            if after is not None and oldest == _FLOOR_UNREAD:
+                oldest = conn.execute(_OLDEST_NEW).fetchone()[0] or _PAST_ANY
+            args = {"state_seq": state_seq, "seq": seq, "below": below, "floor": oldest, "limit": limit + 1}
+            return conn.execute(_PAGE_QUEUED, args).fetchall(), oldest
 
         rows, floor = self._read(read)
         tasks = [_task(row[3:]) for row in rows[:limit]]
@@ -1896,8 +1901,10 @@ _QUEUED_STATE_SEQ = "(SELECT generation + 1 FROM task_totals)"
 _PUT_BACK_DUE = f"-{_QUEUED_STATE_SEQ}"
 _NEW_IN_ORDER = "state = 'queued' AND attempts = 0 AND due_at >= 0"  # new tasks that entered the queue in seq order
 _PUT_BACK_NEW = "state = 'queued' AND attempts = 0 AND due_at < 0"
-# The seq of the oldest new task in order: where the table read of a walk's later pages stops (see _PAGE_QUEUED).
+# The seq of the oldest new task in order: where the table read of a walk's later pages stops (see _PAGE_QUEUED),
+# a pass over the new tasks' entries; below any seq until read (the first page needs none).
 _OLDEST_NEW = f"SELECT min(seq) FROM tasks INDEXED BY tasks_new WHERE {_NEW_IN_ORDER}"
+_FLOOR_UNREAD = 0
 
 
 def _page_query(state: str | None, columns: str) -> str:
@@ -1919,9 +1926,10 @@ _PAST_ANY = 2**63 - 1
 # (:state_seq, :seq) (past any for the first page), each marked whether it is a new task in order. New tasks enter
 # the queue in seq order (put back ones aside): the table is read backwards from below the lowest seq of the new
 # tasks in order listed so far (:below), stopping at as many as wait in order, and at the oldest of them when the
-# walk began (:floor), which no later one is below; this passes only the rows in between of tasks that have left
-# the queue (in claim order, those of tasks that were due earlier, such as a delayed task's successors). New tasks
-# put back, from their range of tasks_new; retries, from their index by position, below the position.
+# walk's second page was read (:floor), which no later one is below; this passes only the rows in between of tasks
+# that have left the queue (in claim order, those of tasks that were due earlier, such as a delayed task's
+# successors). New tasks put back, from their range of tasks_new; retries, from their index by position, below
+# the position.
 _PAGE_QUEUED = f"""SELECT state_seq, seq, in_order, {_LISTED_COLUMNS} FROM (
     SELECT * FROM (SELECT {_LISTED_COLUMNS}, state_seq, seq, 1 AS in_order FROM tasks NOT INDEXED
         WHERE {_NEW_IN_ORDER} AND seq >= :floor AND seq < :below AND (state_seq, seq) < (:state_seq, :seq)
