@@ -179,9 +179,10 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def put_back(self, task_id: str, attempt: int, owner: str) -> Task | None:
         """Undo a claim whose attempt never started: if ``owner`` still runs attempt ``attempt`` of the task, it is
-        queued again unrun, that attempt not counted (``attempts - 1``, no lease): a new task back in its place by
-        creation time, as admitted, a retry due now; one whose cancel was requested meanwhile is ``cancelled``, as
-        a queued one is. Its snapshot; None when ``owner`` no longer runs that attempt (abandoned, recovered).
+        queued again unrun, that attempt not counted (``attempts - 1``, no lease): a new task back at the head of the
+        new tasks, where it was claimed from, a retry due now; one whose cancel was requested meanwhile is
+        ``cancelled``, as a queued one is. Its snapshot; None when ``owner`` no longer runs that attempt
+        (abandoned, recovered).
 
         For a pool whose drain abandoned its work while one of its workers claimed: that claim, made
         after the abandon, would otherwise run out its lease unrun, then count as a failed attempt.

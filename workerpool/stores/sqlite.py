@@ -2080,7 +2080,7 @@ _END_ATTEMPT = f"""UPDATE tasks SET state = {_NEW_STATE},
 # The same, returning also the finished tasks in totals (which a step changes only at its commit).
 _END_ATTEMPT_COUNTING = _END_ATTEMPT + f", ({_FINISHED})"
 # A claim undone before its attempt started (see TaskStore.put_back), as one compare-and-set: queued again with
-# the attempt not counted (a new task due at its creation, as admitted; a retry due now), or cancelled if its
+# the attempt not counted (a new task first in line, see _PUT_BACK_DUE; a retry due now), or cancelled if its
 # cancellation was requested meanwhile.
 _PUT_BACK = f"""UPDATE tasks SET state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
         attempts = attempts - 1,
