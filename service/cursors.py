@@ -28,7 +28,7 @@ from workerpool.stores.base import Position
 _VERSION = 2
 _TAG_BYTES = 4
 _CHECK_BYTES = 8
-# Longer than any cursor made (the tag, a version, a state's name, three 64-bit numbers, the check): refused unread.
+# Longer than any cursor made (the tag, a version, a state's name, four 64-bit numbers, the check): refused unread.
 MAX_CURSOR_CHARS = 200
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _NOT_MADE = "is not a cursor this service made: copy the `next` of the page before, unchanged"

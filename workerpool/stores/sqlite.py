@@ -1973,7 +1973,7 @@ _ADMISSION = "SELECT generation, waiting, (SELECT created_at FROM tasks ORDER BY
 
 @functools.cache
 def _add_to_totals(names: tuple[str, ...]) -> str:
-    """The UPDATE adding one parameter to each column of totals in ``names`` (names from _TOTALS only)."""
+    """The UPDATE adding one parameter to each column of totals in ``names`` (names of its columns only)."""
     return f"UPDATE task_totals SET {', '.join(f'{name} = {name} + ?' for name in names)} WHERE id = 1"
 
 
