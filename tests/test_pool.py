@@ -2563,6 +2563,32 @@ def test_the_lease_keeper_sleeps_until_its_next_renewal_while_nothing_runs_here(
         store.close()
 
 
+def test_an_idle_pools_lease_keeper_forgets_the_finished_tasks_past_their_time_that_steps_left(make_pool, clock):
+    # Redis forgets 100 of them per step: with nothing read or ended, the rest stayed in Redis, for ever.
+    prefix = f"test-{uuid.uuid4().hex}"
+    here, elsewhere = (
+        RedisStore(shared_server().client(), capacity=300, ttl=60.0, max_finished=5000, prefix=prefix, clock=clock.time)
+        for _ in range(2)
+    )
+    elsewhere.admit([Task(f"t{n}", "", 0, created_at=clock.time()) for n in range(250)])
+    task = elsewhere.claim("elsewhere", clock.time() + 30)
+    while task is not None:
+        _, task = elsewhere.finish_and_claim(task.id, 1, "elsewhere", lease_until=clock.time() + 30)
+    waits = KeeperWaits(clock)
+    pool = make_pool(store=here, workers=1, lease=30.0, wait=waits)
+    pool.start()
+    assert waits.wait_for(lambda timeouts: timeouts), "the lease keeper never waited"
+    admin = shared_server().client()
+    assert len(admin.keys(f"{here._prefix}:t:*")) == 250  # not yet past their time
+    clock.advance(61)  # past STATE_TTL_S, and the keeper's next renewal
+    assert waits.wait_for(lambda timeouts: len(timeouts) >= 2)
+    assert admin.keys(f"{here._prefix}:t:*") == []
+    pool.shutdown(timeout=TIMEOUT)
+    for store in (here, elsewhere):
+        store.close()
+    admin.close()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_a_sweep_after_a_pause_of_this_process_does_not_count_a_live_owners_attempt_lost(
     make_pool, clock, tmp_path, kind

@@ -272,6 +272,56 @@ def test_no_script_forgets_or_passes_over_more_than_its_share_of_a_mass_expiry(m
         assert [t.id for t in last.tasks] == ["q0"] and last.next is None
 
 
+def scripts_counted(store, admin) -> list[tuple[str, int]]:
+    """Per script the store runs from now on: its name and the task hashes it deleted (forgot)."""
+    work, run = [], store._run
+
+    def counted(script, *args, **options):
+        before = admin.info("commandstats").get("cmdstat_del", {}).get("calls", 0)
+        reply = run(script, *args, **options)
+        work.append((script, admin.info("commandstats").get("cmdstat_del", {}).get("calls", 0) - before))
+        return reply
+
+    store._run = counted
+    return work
+
+
+def test_the_counts_take_in_no_task_past_its_time_however_many_aged_out_at_once(make, server, clock):
+    # /healthz and /metrics counted the tasks one script had no room to forget: 700 cancelled, then 600...
+    store = make(capacity=1100, ttl=60.0, max_finished=5000)
+    aged = 2 * redis_store.FORGET_AT_MOST + 5
+    store.admit([new(f"t{n:04d}", clock, max_retries=0) for n in range(aged)])
+    finish_all(store, clock)
+    clock.advance(30)
+    store.admit([new("young", clock, max_retries=0)])
+    finish_all(store, clock)
+    clock.advance(31)  # all but "young" finished more than 60 s ago
+    admin = server.client()
+    work = scripts_counted(store, admin)
+    stats = store.stats()
+    assert stats.counts[State.DONE] == 1 and store.list(limit=10) == [store.get("young")]
+    assert len(work) > 1 and max(forgotten for _, forgotten in work) <= redis_store.FORGET_AT_MOST, work
+    assert admin.keys(f"{store._prefix}:t:*") == [f"{store._prefix}:t:young".encode()]
+    del work[:]
+    assert store.stats() == stats and len(work) == 1  # none left: one script
+
+
+def test_forgetting_what_retention_left_behind_goes_one_short_script_at_a_time(make, server, clock):
+    store = make(capacity=1100, ttl=60.0, max_finished=5000)
+    assert store.forget_expired() is False  # nothing past its time
+    aged = 2 * redis_store.FORGET_AT_MOST + 5
+    store.admit([new(f"t{n:04d}", clock, max_retries=0) for n in range(aged)])
+    finish_all(store, clock)
+    store.admit([new("queued", clock)])
+    clock.advance(61)
+    admin = server.client()
+    work = scripts_counted(store, admin)
+    assert [store.forget_expired() for _ in range(3)] == [True, True, False]
+    assert [forgotten for _, forgotten in work] == [100, 100, 5]
+    assert admin.keys(f"{store._prefix}:t:*") == [f"{store._prefix}:t:queued".encode()]
+    assert admin.zcard(f"{store._prefix}:fin") == 0
+
+
 def test_a_task_admitted_on_one_instance_is_claimed_on_another(make, clock):
     a, b = make(), make()
     a.admit([new("x", clock)])

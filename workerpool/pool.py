@@ -1336,6 +1336,19 @@ class WorkerPool:
             began = self._monotonic()
         self._recover_once()
         reach.answered(self._clock(), self._monotonic() - began)
+        self._forget_expired(period)
+
+    def _forget_expired(self, period: float) -> None:
+        """Forget the finished tasks past their time that the store's steps left behind (see
+        TaskStore.forget_expired), one short step after another, for a tenth of the keeper's period at most
+        (CANCEL_POLL_S at most): the keeper keeps its schedule, and an idle service forgets them all the same.
+        After the step's time is noted: it is retention's work, not a measure of the store's reach."""
+        deadline = self._monotonic() + min(CANCEL_POLL_S, period / 10)
+        try:
+            while self._store.forget_expired() and self._monotonic() < deadline:
+                pass
+        except StoreUnavailable as exc:  # the next step tries again, and tells whether the store is out of reach
+            log.debug("forgetting the finished tasks past their time failed: %s", exc)
 
     def _renew_once(self) -> bool:
         """Renew the leases of the attempts running here; whether there were any (and the store was asked)."""

@@ -194,6 +194,13 @@ class TaskStore(abc.ABC):
         queue unrun, rather than leave it running with no thread to run it (the drain would wait for it to its
         deadline, then fail it as abandoned). StoreUnavailable if the store cannot be reached."""
 
+    def forget_expired(self) -> bool:
+        """One short step of retention's work left behind, for a store whose steps forget a bounded number of the
+        finished tasks past their time each (after a mass expiry the rest wait for later steps): forget some
+        more; whether any is left. The lease keeper calls it after each sweep, so that an idle service forgets
+        them too. A store that forgets them all as it goes has nothing to do (False)."""
+        return False
+
     @abc.abstractmethod
     def seconds_until_due(self) -> float | None:
         """0 if a queued task is due now, else seconds until the next one is; None if nothing is queued."""

@@ -70,6 +70,8 @@ _INT_FIELDS = frozenset({"max_retries", "attempts"})
 # What a listing reads: never the payload, which it does not show, nor the result when it leaves that out.
 _LISTED_FIELDS = tuple(name for name in _FIELDS if name != "payload")
 _LISTED_BUT_RESULT = tuple(name for name in _LISTED_FIELDS if name != "result")
+_STATES = tuple(State)
+_STATE_NAMES = tuple(str(state) for state in _STATES)  # as the stats script takes them
 _MAX_WAIT = 2.0  # seconds a worker blocks at most before looking again (Redis restarts, lost tokens)
 # Tasks one admission script carries at most: a larger batch goes in several, one after another, and a group
 # commit merges admissions up to it. Redis runs nothing else while a script runs: admissions merged without a
@@ -652,17 +654,27 @@ if not more or #ids < 2 * want then return {'', scores, out} end
 return {'(' .. ids[#ids], scores, out}
 """
 
-# ARGV: now, ttl, max_finished, then the state names. Returns counts per state, then waiting,
-# due, retries pending.
+# ARGV: now, ttl, max_finished, then the state names. Returns how many finished tasks are still past their
+# time (eviction had no room for them in this call, see evict), then counts per state, waiting, due, retries
+# pending. The caller runs it again, with the same now, until none is left (see RedisStore._figures): counting
+# them out by state instead would cost a walk of every one.
 _STATS = """
 local now = ARGV[1]
-evict(num(now) - num(ARGV[2]), num(ARGV[3]))
-local out = {}
+local cutoff = num(now) - num(ARGV[2])
+local out = {0}
+if evict(cutoff, num(ARGV[3])) then out[1] = redis.call('ZCOUNT', P .. ':fin', '-inf', cutoff) end
 for i = 4, #ARGV do out[#out + 1] = redis.call('ZCARD', P .. ':st:' .. ARGV[i]) end
 out[#out + 1] = redis.call('ZCARD', P .. ':new')
 out[#out + 1] = redis.call('ZCOUNT', P .. ':new', '-inf', now) + redis.call('ZCOUNT', P .. ':retry', '-inf', now)
 out[#out + 1] = redis.call('ZCOUNT', P .. ':retry', '(' .. now, '+inf')
 return out
+"""
+
+# ARGV: now, ttl, max_finished. Evicts (see evict); returns how many finished tasks are still past their time.
+_FORGET = """
+local cutoff = num(ARGV[1]) - num(ARGV[2])
+if evict(cutoff, num(ARGV[3])) then return redis.call('ZCOUNT', P .. ':fin', '-inf', cutoff) end
+return 0
 """
 
 # ARGV: now. What a full queue's refusal tells: how many new tasks are not due yet, how many wait,
@@ -1046,6 +1058,7 @@ class RedisStore(TaskStore):
             "get": _GET,
             "list": _LIST,
             "stats": _STATS,
+            "forget": _FORGET,
             "first_due": _FIRST_DUE,
             "queue_delays": _QUEUE_DELAYS,
             "drop_leftover": _DROP_LEFTOVER,
@@ -1698,11 +1711,29 @@ class RedisStore(TaskStore):
         return self._position_key
 
     def stats(self) -> StoreStats:
-        states = list(State)
-        figures = self._run("stats", *self._retention(), *(str(s) for s in states))
-        counts = dict(zip(states, figures))
-        waiting, due, retries_pending = figures[len(states) :]
+        figures = self._figures()
+        counts = dict(zip(_STATES, figures))
+        waiting, due, retries_pending = figures[len(_STATES) :]
         return StoreStats(counts=counts, waiting=waiting, due=due, retries_pending=retries_pending)
+
+    def _figures(self) -> list[int]:
+        """The stats script's figures, none of a task past its time by the store's clock now.
+
+        One script forgets FORGET_AT_MOST of them at most and tells how many are left: it runs again, with
+        the same time, until none is (as many more as it takes: a finished task keeps its finish time, so
+        no other task falls past that time meanwhile; one more in case another instance's clock lags).
+        """
+        now, ttl, max_finished = self._retention()
+        left, *figures = self._run("stats", now, ttl, max_finished, *_STATE_NAMES)
+        for _ in range(-(-left // FORGET_AT_MOST) + 1 if left else 0):
+            left, *figures = self._run("stats", now, ttl, max_finished, *_STATE_NAMES)
+            if not left:
+                break
+        return figures
+
+    def forget_expired(self) -> bool:
+        """Forget FORGET_AT_MOST of the finished tasks past their time at most, in one script; whether any is left."""
+        return self._run("forget", *self._retention()) > 0
 
     def unfinished(self, owner: str | None = None) -> int:
         if owner is None:
