@@ -2300,7 +2300,11 @@ def test_with_full_a_wal_removed_while_open_is_still_the_one_synced(open_store, 
 @pytest.mark.parametrize("state", [None, "running", "done", "failed", "cancelled", "queued"])
 def test_a_page_after_a_position_is_a_range_of_an_index_never_a_scan_of_the_table(open_store, db, state):
     open_store()  # the schema
-    query = sqlite_store._page_query(state, sqlite_store._LISTED_COLUMNS)
+    query = (
+        sqlite_store._PAGE_QUEUED
+        if state == "queued"
+        else sqlite_store._page_query(state, sqlite_store._LISTED_COLUMNS)
+    )
     queued = {"state_seq": 1, "seq": 1, "below": 1, "floor": 1, "limit": 1}
     params = queued if state == "queued" else [1] * query.count("?")
     with contextlib.closing(sqlite3.connect(db)) as conn:

@@ -1908,11 +1908,10 @@ _FLOOR_UNREAD = 0
 
 
 def _page_query(state: str | None, columns: str) -> str:
-    """The query of a page after a position (see SqliteStore.page): a range of an index read newest first."""
+    """The query of a page after a position (see SqliteStore.page): a range of an index read newest first.
+    Queued tasks have their own (_PAGE_QUEUED)."""
     if state is None:
         return f"SELECT seq, {columns} FROM tasks WHERE {_RETAINED} AND seq < ? ORDER BY seq DESC LIMIT ?"
-    if state == "queued":  # never finished: always retained, and without a result
-        return _PAGE_QUEUED
     # The state written out (a State's value), as in list(): the partial index serves a constant only.
     return (
         f"SELECT state_seq, seq, {columns} FROM tasks WHERE state = '{state}' AND {_RETAINED} "
