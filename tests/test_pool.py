@@ -2815,11 +2815,21 @@ def test_the_late_end_of_a_recovered_attempt_leaves_a_new_task_with_its_id_alone
             assert gates[task.payload].wait(TIMEOUT)
         return f"result of the {task.payload} submission"
 
+    keeper_waits = threading.Event()
+
+    def wait(event, timeout):
+        if threading.current_thread().name == "workerpool-leases":
+            keeper_waits.set()
+        return clock.wait(event, timeout)
+
     store = SqliteStore(tmp_path / "tasks.db", max_finished=1, clock=clock.time)
-    times = {"clock": clock.time, "monotonic": clock.monotonic, "wait": clock.wait}
+    times = {"clock": clock.time, "monotonic": clock.monotonic, "wait": wait}
     pool = make_pool(handler, store=store, workers=2, lease=30.0, **times)
     pool.submit("X", "old")
     assert started["old"].wait(TIMEOUT)
+    # The keeper's first renewal, at its start, is behind it: a late one would renew X's lease past the step.
+    # Its next is due in monotonic time, which stands still here.
+    assert keeper_waits.wait(TIMEOUT)
     clock.step += 60.0  # this process paused past its lease: another process's sweep recovers the attempt
     other = SqliteStore(tmp_path / "tasks.db", max_finished=1, clock=clock.time)
     assert [task.id for task in other.recover(lambda task: None)] == ["X"]
