@@ -36,6 +36,7 @@ from workerpool import (
 from workerpool import pool as pool_module
 from workerpool.nesting import nested_deeper_than
 from workerpool.pool import CANCEL_POLL_S, DRAIN_STORE_GRACE_S, MAX_RESULT_DEPTH
+from workerpool.results import check_result
 from workerpool.stores.base import LOST_EXPIRED
 from workerpool.stores.memory import MemoryStore
 from workerpool.stores.redis_store import RedisStore
@@ -885,7 +886,7 @@ def nested(depth):
 
 
 def test_a_string_result_longer_than_the_limit_is_refused_from_its_length():
-    why, kept = pool_module._check_result("é" * 1000, 256)
+    why, kept = check_result("é" * 1000, 256)
     assert kept is None
     assert why == "the handler's result is at least 1002 bytes as JSON; the limit is 256 (MAX_RESULT_BYTES)"
 
@@ -905,7 +906,7 @@ def test_a_container_holding_a_huge_string_is_refused_before_its_encoding_is_bui
     returned = container("é" * 1_000_000)
     tracemalloc.start()
     try:
-        why, kept = pool_module._check_result(returned, 256)
+        why, kept = check_result(returned, 256)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -11,14 +11,11 @@ which observers hear of a task's changes.
 
 from __future__ import annotations
 
-import inspect
 import itertools
-import json
 import logging
 import math
 import os
 import random
-import re
 import socket
 import threading
 import time
@@ -28,7 +25,6 @@ from typing import Any
 
 from . import forks  # noqa: F401  (warns of a handler that forks the process during its attempt)
 from .backoff import compute_backoff
-from .bounded_json import TooLong, dumps_within
 from .current import running as _running_task
 from .errors import (
     PermanentFailure,
@@ -41,9 +37,10 @@ from .errors import (
 )
 from .handlers import SimulatedWork, Wait, event_wait
 from .ids import new_task_id
-from .nesting import MAX_RESULT_DEPTH, SHORTEST_TOO_DEEP, UnreadableResult, nested_deeper_than
+from .nesting import MAX_RESULT_DEPTH, UnreadableResult
 from .observer import PoolObserver
 from .reachability import Reachability
+from .results import check_result, describe_error
 from .stores.base import Page, Position, TaskStore
 from .stores.memory import MemoryStore
 from .task import FINAL_STATES, State, Task
@@ -61,7 +58,6 @@ attempt is abandoned at shutdown (or timed out): a long handler should return ea
 
 ABANDONED = "abandoned at shutdown: not finished when the drain deadline passed"
 TIMED_OUT = "AttemptTimeout: the attempt ran longer than {:g} s"
-_MAX_ERROR_CHARS = 500
 # How often a pool with a shared store looks for cancels requested by other processes while its attempts run.
 CANCEL_POLL_S = 0.1
 # How long the drain waits at most, within its end, for cancels whose store step has begun, to count them.
@@ -732,11 +728,11 @@ class WorkerPool:
                 # A timed-out attempt's retry was scheduled by the watchdog (read without the lock: a
                 # stale False only draws a backoff that _end_attempt then drops).
                 retry_at = None if isinstance(exc, PermanentFailure) or attempt.timed_out else self._retry_at(task)
-                self._end_attempt(attempt, _describe(exc), None, retry_at, exc, claim_next=claim_next)
+                self._end_attempt(attempt, describe_error(exc), None, retry_at, exc, claim_next=claim_next)
             else:
                 error = None
                 if returned is not None:
-                    error, returned = _check_result_guarded(returned, self._max_result_bytes)
+                    error, returned = check_result(returned, self._max_result_bytes)
                 if self._attempt_timeout:
                     self._end_attempt(attempt, error, None if error else returned, None, claim_next=claim_next)
                 else:  # nothing races this end and it schedules no retry: _end_attempt has nothing to do
@@ -760,7 +756,8 @@ class WorkerPool:
         """
         task = attempt.task
         try:
-            self._end_attempt(attempt, f"the attempt's end could not be recorded: {_describe(failure)}", None, None)
+            why = f"the attempt's end could not be recorded: {describe_error(failure)}"
+            self._end_attempt(attempt, why, None, None)
         except Exception:
             _log(
                 logging.ERROR, task, "task %s attempt %d: its failure could not be recorded either; it stays running "
@@ -1175,8 +1172,8 @@ class WorkerPool:
             replacement.start()
         except RuntimeError as exc:  # no room for another thread
             return (
-                f"its worker thread is stuck and NOT replaced: a new thread could not be started ({_describe(exc)});"
-                f" the stuck thread takes work again once it returns ({stuck_now})"
+                "its worker thread is stuck and NOT replaced: a new thread could not be started"
+                f" ({describe_error(exc)}); the stuck thread takes work again once it returns ({stuck_now})"
             )
         self._threads.append(replacement)
         self._retired.add(stuck)
@@ -1780,135 +1777,3 @@ def _log(level: int, task: Task, message: str, *args: object, **kwargs: Any) -> 
     """Log a line about ``task``, with its id and request id attached for structured logs."""
     if log.isEnabledFor(level):
         log.log(level, message, *args, extra={"task_id": task.id, "request_id": task.request_id}, **kwargs)
-
-
-def _check_result_guarded(returned: object, limit: int) -> tuple[str | None, object]:
-    """``_check_result``, with what the result's own code raises as it is read (a lazy mapping's ``items``, an
-    ``__eq__``) as the reason it cannot be the result: even SystemExit, which would end the worker thread
-    silently and leave the task running for ever, and never an error of the pool's."""
-    try:
-        return _check_result(returned, limit)
-    except BaseException as exc:
-        why = f"the handler returned {type(returned).__name__}, which is not JSON: {_describe_safely(exc)}"
-        return _truncate(why), None
-
-
-def _check_result(returned: object, limit: int) -> tuple[str | None, object]:
-    """Why a handler's return value cannot be the task's result, or None and the result to keep.
-
-    A container is kept as a decoded copy of the JSON just checked: the handler's own object (a cache
-    or a memoised value it returns) may change later, and the memory store would otherwise keep it
-    by reference, showing the change and escaping both checks (a set added to it made every read of
-    the task fail). Every store now keeps what the handler returned at the moment it returned.
-    """
-    if returned is None:  # most handlers return nothing: the cost of an attempt's end stays the engine's
-        return None, None
-    if inspect.iscoroutine(returned) or inspect.isgenerator(returned):
-        returned.close()  # never run: close it, or Python warns when it is collected
-        return f"the handler returned a {type(returned).__name__}: this pool runs plain functions", None
-    try:
-        text = dumps_within(returned, limit)
-    except TooLong as exc:  # refused before the encoding of a huge string inside it was built
-        return (
-            f"the handler's result is at least {exc.at_least} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)",
-            None,
-        )
-    except (TypeError, ValueError, RecursionError) as exc:
-        why = f"the handler returned {type(returned).__name__}, which is not JSON: {_describe_safely(exc)}"
-        return _truncate(why), None
-    size = len(text) if text.isascii() else len(text.encode())
-    if size > limit:
-        return f"the handler's result is {size} bytes as JSON; the limit is {limit} (MAX_RESULT_BYTES)", None
-    immutable = type(returned) in _IMMUTABLE_RESULTS
-    if not immutable and len(text) >= SHORTEST_TOO_DEEP and nested_deeper_than(text, MAX_RESULT_DEPTH):
-        return f"the handler's result is nested more than {MAX_RESULT_DEPTH} levels deep", None
-    if _SUSPECT_RESULT.search(text) is not None:  # rare: only then the exact checks (after the depth's)
-        why = _refused_in_payloads(returned, text)
-        if why is not None:
-            return f"the handler returned {type(returned).__name__}, which is not JSON clients can read: {why}", None
-    if immutable:  # nothing the handler can change later, and no keys to merge: kept as returned
-        return None, returned
-    kept = json.loads(text)
-    if kept != returned and (key := _merged_key(returned, kept)) is not None:  # keys that are not str: 1 is "1"
-        return _truncate(f"the handler's result has two keys that are both {json.dumps(key)} in JSON"), None
-    return None, kept
-
-
-# What a payload may not hold (service/schema.py) is refused in a result too: the API would serve JSON
-# it refuses as input and that clients misread. An integer of more than 100 digits reads as Infinity,
-# or loses digits, in JavaScript; a lone surrogate (text decoded with surrogateescape, a file name) has
-# no UTF-8 form, so strict clients refuse the whole body and others read U+FFFD.
-MAX_RESULT_INTEGER_DIGITS = 100
-# json.dumps escapes every non-ASCII character: a surrogate shows as \ud800 to \udfff. A match may be
-# a pair (one character beyond U+FFFF), a string's own backslash or digits: _refused_in_payloads decides.
-_SUSPECT_RESULT = re.compile(rf"\\ud[89abcdef]|[0-9]{{{MAX_RESULT_INTEGER_DIGITS + 1}}}")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _refused_in_payloads(returned: object, text: str) -> str | None:
-    """Why a result (``text``, its JSON) breaks a rule payloads are held to, or None."""
-    if _LONE_SURROGATE.search(json.dumps(returned, ensure_ascii=False)) is not None:
-        return "it holds a lone surrogate (\\ud800 to \\udfff without its pair), which has no UTF-8 form"
-    longest = 0
-
-    def integer(digits: str) -> int:
-        nonlocal longest
-        longest = max(longest, len(digits) - digits.startswith("-"))
-        return 0
-
-    json.loads(text, parse_int=integer)
-    if longest > MAX_RESULT_INTEGER_DIGITS:
-        return f"it holds an integer of {longest} digits, more than {MAX_RESULT_INTEGER_DIGITS} (as in payloads)"
-    return None
-
-
-_IMMUTABLE_RESULTS = (str, int, float, bool)
-
-
-def _merged_key(returned: object, kept: object) -> str | None:
-    """A key that two keys of one of ``returned``'s dicts both became in JSON (``1`` and ``"1"``), if any.
-
-    ``kept`` is ``returned`` encoded and decoded: JSON keeps only the last of such keys, and the other
-    value would be lost without a word.
-    """
-    pending = [(returned, kept)]
-    try:
-        while pending:
-            value, copy = pending.pop()
-            if isinstance(value, dict):
-                if len(value) != len(copy):
-                    seen: set[str] = set()
-                    for key in value:
-                        name = next(iter(json.loads(json.dumps({key: None}))))
-                        if name in seen:
-                            return name
-                        seen.add(name)
-                pending.extend(zip(value.values(), copy.values(), strict=False))
-            elif isinstance(value, list | tuple):
-                pending.extend(zip(value, copy, strict=False))
-    except Exception:  # the handler's object changed since it was encoded: what was encoded is kept
-        return None
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception, never raising (its ``__str__`` may, or return a non-string)."""
-    return _truncate(_describe_safely(exc))
-
-
-def _describe_safely(exc: BaseException) -> str:
-    name = type(exc).__name__
-    try:
-        text = str(exc)
-    except BaseException as broken:  # noqa: BLE001  (any failure gets the fallback, even SystemExit)
-        return f"{name} (its message could not be read: {type(broken).__name__})"
-    return f"{name}: {text}" if text else name
-
-
-def _truncate(text: str) -> str:
-    if not text.isascii():
-        # A lone surrogate (a file name decoded with surrogateescape, say) has no UTF-8 form: the
-        # SQLite and Redis stores could not write the error, and the task would fail without its
-        # retries. Escaped ("\\udce9") it reads the same on every store.
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
