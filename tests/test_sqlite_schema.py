@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
+from stores import sqlite_vm_steps
 
 import workerpool.stores.sqlite as sqlite_store
 from workerpool import State, Task
@@ -505,34 +505,17 @@ def _retrying_store(path, retries: int, *, new: bool = True) -> SqliteStore:
     return store
 
 
-def _vm_steps(store: SqliteStore, read, *args, **kwargs) -> tuple[int, Any]:
-    """The SQLite virtual machine steps (in hundreds) ``read(*args, **kwargs)`` took on this thread's connection."""
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0
-
-    conn = store._connection()
-    conn.set_progress_handler(count, 100)
-    try:
-        result = read(*args, **kwargs)
-    finally:
-        conn.set_progress_handler(None, 100)
-    return steps[0], result
-
-
 def test_a_page_of_queued_tasks_reads_a_range_of_the_retries_not_every_retry_waiting(tmp_path):
     # The retries were read in full and sorted on every page: 0.3-0.5 s a page with 40,000 waiting.
     costs = {}
     for retries in (20, 400):
         store = _retrying_store(tmp_path / f"{retries}.db", retries, new=False)
         try:
-            first_steps, first = _vm_steps(store, store.page, State.QUEUED, 5)
+            first_steps, first = sqlite_vm_steps(store, store.page, State.QUEUED, 5)
             assert [t.id for t in first.tasks] == [f"r{n}" for n in range(retries - 1, retries - 6, -1)]
-            later_steps, later = _vm_steps(store, store.page, State.QUEUED, 5, after=first.next)
+            later_steps, later = sqlite_vm_steps(store, store.page, State.QUEUED, 5, after=first.next)
             assert [t.id for t in later.tasks] == [f"r{n}" for n in range(retries - 6, retries - 11, -1)]
-            list_steps, listed = _vm_steps(store, store.list, State.QUEUED, 5)
+            list_steps, listed = sqlite_vm_steps(store, store.list, State.QUEUED, 5)
             assert [t.id for t in listed] == [t.id for t in first.tasks]
             costs[retries] = (first_steps, later_steps, list_steps)
         finally:

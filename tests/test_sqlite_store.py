@@ -23,6 +23,7 @@ import time
 import pytest
 from doubles import WAIT_S, Gate, instant, wait_until
 from http_fixtures import PROJECT_ROOT
+from stores import sqlite_vm_steps
 
 from workerpool import State, Task, WorkerPool
 from workerpool.errors import DuplicateTask, QueueFull, StoreFileReplaced, StoreNotSynced, StoreUnavailable
@@ -2356,22 +2357,6 @@ def test_a_task_finishing_after_retention_forgot_the_finished_ones_lists_ahead_o
     assert store.page(State.DONE, 1, after=first.next).tasks == []  # c finished after b: ahead of the walk
 
 
-def _instructions(store, read):
-    """What ``read()`` returns, and the SQLite instructions (in hundreds) it ran on this thread's connection."""
-    counted = [0]
-
-    def count():
-        counted[0] += 1
-        return 0  # go on
-
-    conn = store._connection()
-    conn.set_progress_handler(count, 100)
-    try:
-        return read(), counted[0]
-    finally:
-        conn.set_progress_handler(None, 100)
-
-
 @pytest.mark.parametrize("delayed", [False, True])
 def test_the_last_page_of_queued_tasks_reads_none_of_the_rows_older_than_the_queue(open_store, clock, delayed):
     store = open_store(capacity=1000)
@@ -2380,9 +2365,9 @@ def test_the_last_page_of_queued_tasks_reads_none_of_the_rows_older_than_the_que
         store.cancel(f"old{n}")  # finished, below every queued task
     delay = {"next_attempt_at": clock.time() + 60} if delayed else {}
     store.admit([task(clock, f"q{n}", **delay) for n in range(5)])
-    first, first_cost = _instructions(store, lambda: store.page(State.QUEUED, 2))
+    first_cost, first = sqlite_vm_steps(store, store.page, State.QUEUED, 2)
     second = store.page(State.QUEUED, 2, after=first.next)
-    last, last_cost = _instructions(store, lambda: store.page(State.QUEUED, 2, after=second.next))
+    last_cost, last = sqlite_vm_steps(store, store.page, State.QUEUED, 2, after=second.next)
     assert [t.id for t in first.tasks + second.tasks + last.tasks] == ["q4", "q3", "q2", "q1", "q0"]
     assert last.next is None
     assert last_cost <= 2 * first_cost, (first_cost, last_cost)  # not 400 rows more
@@ -2391,9 +2376,9 @@ def test_the_last_page_of_queued_tasks_reads_none_of_the_rows_older_than_the_que
 def test_the_first_page_of_queued_tasks_reads_no_more_as_more_wait(open_store, clock):
     store = open_store(capacity=5000)
     store.admit([task(clock, f"a{n}") for n in range(5)])
-    _, few = _instructions(store, lambda: store.page(State.QUEUED, 2))
+    few, _ = sqlite_vm_steps(store, store.page, State.QUEUED, 2)
     store.admit([task(clock, f"b{n}") for n in range(3000)])
-    first, many = _instructions(store, lambda: store.page(State.QUEUED, 2))
+    many, first = sqlite_vm_steps(store, store.page, State.QUEUED, 2)
     assert [t.id for t in first.tasks] == ["b2999", "b2998"]
     assert many <= 2 * few, (few, many)  # not a pass over the 3,000 waiting: a walk's second page makes that
     second = store.page(State.QUEUED, 2, after=first.next)
