@@ -489,29 +489,36 @@ def test_a_task_registered_after_the_store_abandoned_it_never_starts(make_pool, 
     assert ran == []
 
 
+class ClaimsAfterTheAbandon:
+    """A store whose first claim waits until the drain has abandoned this process's work, then claims."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.claiming, self.abandoned, self.workers = threading.Event(), threading.Event(), []
+
+    def claim(self, owner, lease_until):
+        if not self.claiming.is_set():  # the worker's first claim: "late" is queued (admitted before it started)
+            self.workers.append(threading.current_thread())
+            self.claiming.set()
+            assert self.abandoned.wait(TIMEOUT)
+        return super().claim(owner, lease_until)
+
+    def abandon(self, reason, *, owner):
+        try:
+            return super().abandon(reason, owner=owner)
+        finally:
+            self.abandoned.set()
+
+
 @pytest.mark.parametrize("store_name", ["sqlite", "redis", "sqlite-not-synced"])
 def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_unrun(
     make_pool, clock, tmp_path, caplog, store_name
 ):
     # A timeout-0 drain does not wait for a claim under way: taken after the abandon, the task was dropped
     # unrun and stayed running here until its lease expired, then counted as a failed attempt.
-    claiming, abandoned, workers = threading.Event(), threading.Event(), []
     kinds = {"sqlite": SqliteStore, "redis": RedisStore, "sqlite-not-synced": SqliteStore}
 
-    class ClaimsAfterTheAbandon(kinds[store_name]):
-        def claim(self, owner, lease_until):
-            if not claiming.is_set():  # the worker's first claim: "late" is queued (admitted before it started)
-                workers.append(threading.current_thread())
-                claiming.set()
-                assert abandoned.wait(TIMEOUT)
-            return super().claim(owner, lease_until)
-
-        def abandon(self, reason, *, owner):
-            try:
-                return super().abandon(reason, owner=owner)
-            finally:
-                abandoned.set()
-
+    class PutBackAfterTheAbandon(ClaimsAfterTheAbandon, kinds[store_name]):
         def put_back(self, task_id, attempt, owner):
             back = super().put_back(task_id, attempt, owner)
             if store_name == "sqlite-not-synced":  # put back, its fsync failed (synchronous=FULL)
@@ -519,17 +526,17 @@ def test_a_task_a_shared_store_let_a_worker_claim_after_the_abandon_is_put_back_
             return back
 
     if store_name != "redis":
-        store = ClaimsAfterTheAbandon(tmp_path / "tasks.db", clock=clock.time)
+        store = PutBackAfterTheAbandon(tmp_path / "tasks.db", clock=clock.time)
     else:
         prefix = f"test-{uuid.uuid4().hex}"
         limits = {"capacity": 64, "ttl": 3600.0, "max_finished": 100}
-        store = ClaimsAfterTheAbandon(shared_server().client(), **limits, prefix=prefix, clock=clock.time)
+        store = PutBackAfterTheAbandon(shared_server().client(), **limits, prefix=prefix, clock=clock.time)
     ran = []
     store.admit([Task("late", "", 0, created_at=clock.time())])
     pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, store=store)
     pool.start()
-    assert claiming.wait(TIMEOUT)
-    [worker] = workers
+    assert store.claiming.wait(TIMEOUT)
+    [worker] = store.workers
     with caplog.at_level(logging.INFO, logger="workerpool.pool"):
         summary = pool.shutdown(timeout=0)
         worker.join(TIMEOUT)
@@ -550,24 +557,15 @@ def test_a_task_cancelled_while_its_claim_after_the_abandon_was_under_way_is_cou
 ):
     # The put-back cancels a claimed task whose cancel was requested: no observer heard of it, no count had it
     # (workerpool_tasks_* drifted from the store for good), and the log said "it is cancelled again".
-    claiming, abandoned, workers, pool = threading.Event(), threading.Event(), [], None
+    pool = None
 
-    class CancelledWhileClaimed(SqliteStore):
+    class CancelledWhileClaimed(ClaimsAfterTheAbandon, SqliteStore):
         def claim(self, owner, lease_until):
-            if claiming.is_set():
-                return super().claim(owner, lease_until)
-            workers.append(threading.current_thread())
-            claiming.set()
-            assert abandoned.wait(TIMEOUT)
+            first = not self.claiming.is_set()
             task = super().claim(owner, lease_until)
-            assert pool.cancel("late").cancel_requested  # a client's cancel while the claim's reply is on its way
+            if first:
+                assert pool.cancel("late").cancel_requested  # a client's cancel while the claim's reply is on its way
             return task
-
-        def abandon(self, reason, *, owner):
-            try:
-                return super().abandon(reason, owner=owner)
-            finally:
-                abandoned.set()
 
     class Cancels(Recorder):
         def task_cancelled(self, task):
@@ -578,8 +576,8 @@ def test_a_task_cancelled_while_its_claim_after_the_abandon_was_under_way_is_cou
     heard = Cancels()
     pool = make_pool(instant, workers=1, store=store, observers=[heard])
     pool.start()
-    assert claiming.wait(TIMEOUT)
-    [worker] = workers
+    assert store.claiming.wait(TIMEOUT)
+    [worker] = store.workers
     with caplog.at_level(logging.INFO, logger="workerpool.pool"):
         summary = pool.shutdown(timeout=0)
         worker.join(TIMEOUT)
@@ -598,22 +596,9 @@ def test_a_worker_whose_put_back_fails_with_a_bug_still_ends_normally(make_pool,
     # A claim taken after the drain abandoned this process's work is put back; a bug there ended the
     # thread with a traceback, before it put back a lost claim of its own.
     died = threads_that_died(monkeypatch)
-    claiming, abandoned, workers, put_back_lost = threading.Event(), threading.Event(), [], []
+    put_back_lost = []
 
-    class PutBackFails(SqliteStore):
-        def claim(self, owner, lease_until):
-            if not claiming.is_set():
-                workers.append(threading.current_thread())
-                claiming.set()
-                assert abandoned.wait(TIMEOUT)
-            return super().claim(owner, lease_until)
-
-        def abandon(self, reason, *, owner):
-            try:
-                return super().abandon(reason, owner=owner)
-            finally:
-                abandoned.set()
-
+    class PutBackFails(ClaimsAfterTheAbandon, SqliteStore):
         def put_back(self, task_id, attempt, owner):
             raise KeyError("bug")
 
@@ -626,8 +611,8 @@ def test_a_worker_whose_put_back_fails_with_a_bug_still_ends_normally(make_pool,
     store.admit([Task("late", "", 0, created_at=clock.time())])
     pool = make_pool(lambda task, cancel: ran.append(task.id), workers=1, store=store)
     pool.start()
-    assert claiming.wait(TIMEOUT)
-    [worker] = workers
+    assert store.claiming.wait(TIMEOUT)
+    [worker] = store.workers
     pool.shutdown(timeout=0)
     worker.join(TIMEOUT)
     assert not worker.is_alive()
