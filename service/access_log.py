@@ -139,8 +139,13 @@ def access_entry(
         response_bytes=getattr(resp, "sent", None),
         duration_ms=request_time // _MILLISECOND,
         user_agent=logs.without_token(environ.get("HTTP_USER_AGENT") or _header(req, "USER-AGENT") or "-", token),
-        request_id=next((value for name, value in resp.headers if name.lower() == _REQUEST_ID), None),
+        request_id=response_request_id(resp),
     )
+
+
+def response_request_id(resp: Any) -> str | None:
+    """The request id a gunicorn response carries (its X-Request-ID header), if any."""
+    return next((value for name, value in resp.headers if name.lower() == _REQUEST_ID), None)
 
 
 _MILLISECOND = timedelta(milliseconds=1)

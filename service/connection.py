@@ -139,6 +139,10 @@ class SendDeadline:
     took nothing for the stop's grace (``cut_by_stop`` then says so): the wait
     looks at the stop every ``STOP_CHECK_S``, since a blocking send cannot be
     told that its timeout became shorter.
+
+    A write that gives up leaves in ``unsent`` how many bytes of the data it
+    was given had not left (a held head sent with them not counted), so that
+    what a response cut short sent can be told.
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class SendDeadline:
         self._stop = stop
         self._clock = clock
         self.cut_by_stop = False  # the write was given up because the worker stops, before ``timeout``
+        self.unsent = 0  # of the data of the write given up, the bytes that had not left
         self._try_at_once = _DONTWAIT and not isinstance(sock, ssl.SSLSocket)  # TLS sockets take no flags
         self._hold_head = hold_head
         self._head: bytes | None = None  # the response head, held until the body's first bytes
@@ -180,14 +185,23 @@ class SendDeadline:
             if data[:5] == b"HTTP/" and data[9:10] != b"1":  # the final head, not 100 Continue or 103
                 self._head = bytes(data)
                 return
+        size = len(data)
         if self._head is not None:
             if not data:  # no body bytes yet (a streaming app's empty first chunk): nothing to send
                 return
-            if len(data) <= MAX_JOINED_BYTES:
+            if size <= MAX_JOINED_BYTES:
                 data, self._head = self._head + data, None
             else:
-                self.flush()
-        self._send(data)
+                try:
+                    self.flush()
+                except TimeoutError:
+                    self.unsent = size
+                    raise
+        try:
+            self._send(data)
+        except TimeoutError:
+            self.unsent = min(self.unsent, size)  # a head joined to the data went first
+            raise
 
     def _send(self, data: bytes) -> None:
         remaining = memoryview(data).cast("B")
@@ -208,6 +222,7 @@ class SendDeadline:
                     remaining = remaining[self._sock.send(remaining) :]
                 except TimeoutError:  # no room for a whole wait
                     if not self._waits_on(idle_since):
+                        self.unsent = len(remaining)
                         raise
                     continue
                 idle_since = self._clock()

@@ -476,6 +476,19 @@ class BoundedRequestHandler(WSGIRequestHandler):
         self.wfile.write(body)
         self.close_connection = True
 
+    def connection_dropped(self, error: BaseException, environ: Any = None) -> None:
+        """Werkzeug's hook for a connection lost while serving: say so for a client that took nothing of its response
+        for ``WRITE_TIMEOUT_S`` (a read that runs out of time ends its stream instead), as gunicorn's worker does."""
+        if not isinstance(error, TimeoutError) or self.status_sent is None:
+            return
+        client = self.client_address
+        address = f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) >= 2 else str(client)
+        path = logs.without_token(getattr(self, "path", "").partition("?")[0], self.server.body_limits.token)  # type: ignore[attr-defined]
+        logging.getLogger("gunicorn.error").warning(
+            "closed the connection from %s: it took nothing of the response to %s %s for %s",
+            address, self.command, path, f"{self.timeout:g} s", extra={"request_id": self.response_id},
+        )  # fmt: skip
+
     def send_response(self, code: int, message: str | None = None) -> None:
         self.connection_sent = ()
         super().send_response(code, message)

@@ -76,6 +76,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 import config
 
 from . import gunicorn_caches, logs, server_errors
+from .access_log import response_request_id
 from .connection import SendDeadline, StopGrace
 from .drain_reports import RETIRING
 from .drain_reports import send as send_report
@@ -316,14 +317,17 @@ class DrainingThreadWorker(ThreadWorker):
             sending.flush()  # a head still held; HeldHeadResponse.close() has sent it already
             return keep_alive
         except TimeoutError:
+            response = getattr(req, "response", None)
             self.log.warning(
                 "closed the connection from %s: it took nothing of the response to %s %s for %s",
                 _address(conn.client), req.method, logs.without_token(req.path, getattr(self.log, "token", "")),
                 f"{STOP_LINGER_S:g} s while the worker stops" if sending.cut_by_stop else f"{self.request_timeout:g} s",
+                extra={"request_id": None if response is None else response_request_id(response)},
             )  # fmt: skip
             return False  # the response is cut short: the connection cannot be reused
         finally:
             conn.sock = sock
+            req.response = None  # the response refers to the request: no cycle left to the collector
             if self.nr >= self.max_requests:  # gunicorn ended the worker's loop with this request
                 self.announce_retiring()
 
@@ -446,6 +450,10 @@ class HeldHeadResponse(wsgi.Response):
 
     _head_written = False  # the head was written to the socket, held or not
 
+    def __init__(self, req, sock, cfg) -> None:
+        super().__init__(req, sock, cfg)
+        req.response = self  # for the warning about a client that stops reading it (handle_request)
+
     @property
     def headers_sent(self) -> bool:
         return self._head_written and not getattr(self.sock, "holds_head", False)
@@ -468,6 +476,17 @@ class HeldHeadResponse(wsgi.Response):
             super().send_headers()
         finally:
             self.req.version = version
+
+    def _emit_body(self, data: bytes) -> None:
+        try:
+            super()._emit_body(data)
+        except TimeoutError:
+            # gunicorn counts body bytes before it writes them: the access line tells those that left.
+            unsent = getattr(self.sock, "unsent", 0)
+            if self.chunked:
+                unsent -= 2  # the CRLF that ends the chunk comes after its data
+            self.sent -= max(0, min(len(data), unsent))
+            raise
 
     def close(self) -> None:
         super().close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
 import pytest
 
-from service.dev_server import WRITE_SLICE, _CountedWriter
+from service.dev_server import WRITE_SLICE, BoundedRequestHandler, _CountedWriter
 
 
 class _Peer:
@@ -40,3 +43,33 @@ def test_a_large_response_is_written_in_slices_each_within_the_write_timeout():
     assert writer.write(b"y" * (2 * WRITE_SLICE + 1)) == 2 * WRITE_SLICE + 1
     assert peer.writes == [WRITE_SLICE, WRITE_SLICE, 1]
     assert writer.sent == 2 * WRITE_SLICE + 1 and bytes(peer.received) == b"y" * (2 * WRITE_SLICE + 1)
+
+
+def stalled_handler(token: str = "") -> BoundedRequestHandler:
+    handler = BoundedRequestHandler.__new__(BoundedRequestHandler)
+    handler.client_address, handler.command, handler.path = ("127.0.0.1", 40000), "POST", f"/enqueue/batch?t={token}"
+    handler.server = SimpleNamespace(body_limits=SimpleNamespace(token=token))
+    handler.status_sent, handler.response_id = 200, "stalled-1"
+    return handler
+
+
+def test_a_client_that_took_nothing_of_its_response_is_named_in_a_warning_with_the_request_id(caplog):
+    # The connection was dropped without a word: only the access line's byte count told of the cut response.
+    caplog.set_level(logging.WARNING, logger="gunicorn.error")
+    stalled_handler().connection_dropped(TimeoutError("timed out"))
+    assert [(record.getMessage(), record.request_id) for record in caplog.records] == [
+        (
+            "closed the connection from 127.0.0.1:40000: it took nothing of the response to POST /enqueue/batch "
+            "for 30 s",
+            "stalled-1",
+        )
+    ]
+
+
+def test_a_client_that_went_away_or_one_not_answered_yet_gets_no_such_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="gunicorn.error")
+    stalled_handler().connection_dropped(ConnectionResetError())  # the client's own doing
+    before_the_response = stalled_handler()
+    before_the_response.status_sent = None
+    before_the_response.connection_dropped(TimeoutError("timed out"))
+    assert caplog.records == []

@@ -30,7 +30,7 @@ from http_fixtures import (
 )
 
 from config import VARIABLES
-from service.gunicorn_worker import DrainingThreadWorker
+from service.gunicorn_worker import DrainingThreadWorker, HeldHeadResponse
 
 CONF = str(PROJECT_ROOT / "gunicorn.conf.py")
 
@@ -1177,14 +1177,15 @@ def test_a_worker_is_forked_with_the_stop_signals_blocked(monkeypatch):
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
 
 
-def test_the_line_for_a_client_that_stops_reading_leaves_out_the_api_token_in_its_path(monkeypatch):
+def test_the_line_for_a_client_that_stops_reading_names_its_request_and_leaves_out_the_api_token(monkeypatch):
     token = "0123456789abcdef-token"
     said = []
     worker = DrainingThreadWorker.__new__(DrainingThreadWorker)
-    worker.log = SimpleNamespace(token=token, warning=lambda text, *args: said.append(text % args))
+    worker.log = SimpleNamespace(token=token, warning=lambda text, *args, extra: said.append((text % args, extra)))
     worker.request_timeout, worker.nr, worker.max_requests = 1.0, 0, 100
 
     def stops_reading(self, req, conn):
+        req.response = SimpleNamespace(headers=[("Content-Type", "application/json"), ("X-Request-ID", "stalled-1")])
         raise TimeoutError
 
     monkeypatch.setattr(ThreadWorker, "handle_request", stops_reading)
@@ -1195,8 +1196,45 @@ def test_the_line_for_a_client_that_stops_reading_leaves_out_the_api_token_in_it
     finally:
         conn.sock.close()
     assert said == [
-        "closed the connection from 127.0.0.1:40000: it took nothing of the response to GET /tasks/REDACTED for 1 s"
+        (
+            "closed the connection from 127.0.0.1:40000: it took nothing of the response to GET /tasks/REDACTED"
+            " for 1 s",
+            {"request_id": "stalled-1"},  # the warning carries the request's id, as its access line does
+        )
     ]
+    assert req.response is None  # the request lets go of its response
+
+
+class StallingSocket:
+    """A response's socket whose client takes ``took`` bytes of the next write, then nothing (as SendDeadline)."""
+
+    def __init__(self, took: int) -> None:
+        self.took = took
+        self.unsent = 0
+
+    def sendall(self, data: bytes) -> None:
+        self.unsent = len(data) - self.took
+        raise TimeoutError
+
+
+@pytest.mark.parametrize(
+    ("chunked", "took", "left"),
+    [
+        (False, 600, 600),
+        (False, 0, 0),
+        (True, 605, 600),  # the chunk's size line "3E8\r\n" went first
+        (True, 3, 0),
+        (True, 1006, 1000),  # all of the data left, not the CRLF after it
+    ],
+)
+def test_a_response_cut_short_counts_the_body_bytes_that_left(chunked, took, left):
+    # gunicorn counts a write's bytes before it writes them: the access line showed the whole body of a cut response.
+    response = HeldHeadResponse.__new__(HeldHeadResponse)
+    response.chunked, response.sent = chunked, 5000 + 1000  # 5000 sent before; 1000 counted for this write
+    response.sock = StallingSocket(took)
+    with pytest.raises(TimeoutError):
+        response._emit_body(b"x" * 1000)
+    assert response.sent == 5000 + left
 
 
 def test_a_stop_signal_held_until_the_worker_handles_signals_stops_it():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -152,6 +153,43 @@ def test_a_held_head_goes_first_before_a_large_body(pair):
     sending.sendall(body)
     reader.join(timeout=30)
     assert received == [HEAD + body]
+
+
+def read_what_arrived(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+LARGE_HEAD = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"h" * (1 << 20) + b"\r\n\r\n"  # more than the buffers hold
+
+
+@pytest.mark.parametrize(
+    ("head", "size"),
+    [
+        (b"", 1 << 20),  # no head held
+        (HEAD, 60000),  # the held head leaves joined to the data
+        (HEAD, 1 << 20),  # the held head leaves first, then the data
+        (LARGE_HEAD, 1 << 20),  # the held head does not leave whole: nothing of the data does
+    ],
+)
+def test_a_write_given_up_tells_how_many_of_its_bytes_had_not_left(pair, head, size):
+    # A response cut short reports what its client got, not what was handed to the socket.
+    server, client = pair
+    sending = SendDeadline(server, 0.2, hold_head=bool(head))
+    if head:
+        sending.sendall(head)
+    with pytest.raises(TimeoutError):
+        sending.sendall(b"x" * size)
+    arrived = read_what_arrived(client)
+    if head is LARGE_HEAD:
+        assert len(arrived) < len(head) and sending.unsent == size
+    else:
+        assert arrived[: len(head)] == head and 0 < sending.unsent < size
+        assert len(arrived) - len(head) + sending.unsent == size
 
 
 class WaitWatching:

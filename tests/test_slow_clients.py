@@ -213,11 +213,11 @@ def test_a_client_that_stops_reading_a_large_response_frees_its_thread(start):
         what="the 8 tasks to be done",
     )
     readers = []
-    for _ in range(8):
+    for n in range(8):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
         sock.connect(("127.0.0.1", client.port))
-        sock.sendall(b"GET /tasks?limit=8 HTTP/1.1\r\nHost: a\r\n\r\n")
+        sock.sendall(b"GET /tasks?limit=8 HTTP/1.1\r\nHost: a\r\nX-Request-ID: stalled-%d\r\n\r\n" % n)
         readers.append(sock)  # never read until the server gave up
     try:
         assert timed_health(client) < 8  # a thread is free once the server gave up (1 s without progress)
@@ -228,10 +228,14 @@ def test_a_client_that_stops_reading_a_large_response_frees_its_thread(start):
         )
         assert "closed the connection from 127.0.0.1:" in log and "to GET /tasks for 1 s" in log
         assert "Traceback" not in log and "Socket error" not in log
-        for sock in readers:
+        for n, sock in enumerate(readers):
             received = read_to_end(sock, 10)
             assert received is not None and received.startswith(b"HTTP/1.1 200 ")  # closed by the server...
             assert len(received) < 8_000_000  # ...before the whole listing was sent
+            # The warning names the request; its access line counts the body bytes that left, not the whole body.
+            assert re.search(rf"took nothing of the response to GET /tasks for 1 s request_id=stalled-{n}$", log, re.M)
+            body = len(received.partition(b"\r\n\r\n")[2])
+            assert re.search(rf'"GET /tasks\?limit=8 HTTP/1.1" 200 {body} .* request_id=stalled-{n}$', log, re.M), body
     finally:
         for sock in readers:
             sock.close()
