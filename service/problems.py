@@ -22,6 +22,7 @@ from workerpool import (
     StoreFileReplaced,
     StoreNotSynced,
     StoreOutOfMemory,
+    StoreOutOfSpace,
     StoreUnavailable,
     SubmitError,
 )
@@ -213,6 +214,10 @@ _STORE_OUT_OF_MEMORY = (
     "the task store is at its memory limit (Redis maxmemory), which this request's size counts toward: nothing "
     "was stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
 )
+_STORE_OUT_OF_SPACE = (
+    "the task store could not write this request to its disk (full, or at its file size limit): nothing was "
+    "stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
+)
 _STORE_FILE_REPLACED = (
     "the task store's file was removed or replaced while this process had it open: it accepts no new tasks "
     "until it is restarted"
@@ -226,6 +231,8 @@ def _from_store_unavailable(exc: StoreUnavailable) -> Response:
         return _from_problem(not_synced())
     if isinstance(exc, StoreOutOfMemory):  # a smaller request may pass where this one cannot: the client is told why
         return _from_problem(store_out_of_memory())
+    if isinstance(exc, StoreOutOfSpace):  # the same for a full disk
+        return _from_problem(_store_unavailable(_STORE_OUT_OF_SPACE))
     if isinstance(exc, StoreFileReplaced):  # until a restart: the client is told why
         return _from_problem(_store_unavailable(_STORE_FILE_REPLACED))
     return _from_problem(

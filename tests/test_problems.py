@@ -11,7 +11,7 @@ import pytest
 from http_fixtures import TEST_CONFIG, make_harness
 
 from config import StoreSetting
-from workerpool import StoreNotSynced, StoreOutOfMemory, StoreUnavailable
+from workerpool import StoreNotSynced, StoreOutOfMemory, StoreOutOfSpace, StoreUnavailable
 
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 
@@ -121,6 +121,19 @@ def test_a_request_too_large_for_the_memory_the_store_has_left_is_told_so(harnes
     assert problem["detail"] == (
         "the task store is at its memory limit (Redis maxmemory), which this request's size counts toward: nothing "
         "was stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
+    )
+
+
+def test_a_request_too_large_for_the_room_left_on_the_store_s_disk_is_told_so(harness, monkeypatch):
+    # "retry later" was said for ever to a batch that did not fit, while single tasks and smaller batches passed.
+    _store_fails(harness, monkeypatch, StoreOutOfSpace("writing to the disk failed (disk full, file size limit, ...)"))
+    response = harness.client.post("/enqueue/batch", json={"tasks": [{"payload": "x" * 1000}]})
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+    problem = response.get_json()
+    assert problem["type"] == "urn:workerpool:problem:store-unavailable"
+    assert problem["detail"] == (
+        "the task store could not write this request to its disk (full, or at its file size limit): nothing was "
+        "stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
     )
 
 

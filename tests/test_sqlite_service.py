@@ -472,7 +472,9 @@ def test_a_full_disk_answers_503_for_new_tasks_health_says_why_and_the_service_r
                 )
                 assert status == 503, text  # never a 202 for a task that was not stored
                 assert headers["Content-Type"] == "application/problem+json"
-                assert json.loads(text)["type"] == "urn:workerpool:problem:store-unavailable"
+                problem = json.loads(text)
+                assert problem["type"] == "urn:workerpool:problem:store-unavailable"
+                assert "nothing was stored; a smaller request (a batch split in parts) may pass" in problem["detail"]
             status, health = client.json("GET", "/healthz")
             assert status == 503
             assert health["status"] == "store_unavailable"

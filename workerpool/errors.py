@@ -65,6 +65,16 @@ class StoreOutOfMemory(StoreUnavailable):
     """
 
 
+class StoreOutOfSpace(StoreUnavailable):
+    """The store could not write for lack of room (a SQLite file on a full disk, or at the file size limit): nothing
+    was stored.
+
+    The failed write leaves the room it found (the file does not shrink): a smaller write (a batch split in parts,
+    one task), the health check's among them, may pass while this one cannot. A disk that fails writes (EIO) is
+    told the same way by SQLite.
+    """
+
+
 class StoreFileReplaced(StoreUnavailable):
     """The store's file was removed or replaced while this process had it open.
 

@@ -53,7 +53,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ..errors import DuplicateTask, QueueFull, StoreFileReplaced, StoreNotSynced, StoreUnavailable, SubmitError
+from ..errors import (
+    DuplicateTask,
+    QueueFull,
+    StoreFileReplaced,
+    StoreNotSynced,
+    StoreOutOfSpace,
+    StoreUnavailable,
+    SubmitError,
+)
 from ..nesting import stored_result
 from ..task import State, Task, check_transition
 from .base import (
@@ -320,6 +328,7 @@ class _Admission:
     deadline: float  # when (time.monotonic) it stops waiting for the write locks, this process's and SQLite's
     outcomes: list[Task | SubmitError] | None = None  # set once the step that took it ended
     failure: str | None = None  # why that step failed: nothing of it was stored
+    no_room: bool = False  # that step failed for want of room on the disk (see StoreOutOfSpace)
     error: Exception | None = None  # what its own tasks raised (not SQLite): nothing of it was stored
     commit: int = 0  # the commit that stored it (for FULL's fsync), 0 if none
 
@@ -328,12 +337,13 @@ class _Admission:
         outcomes: list[Task | SubmitError],
         *,
         failure: str | None = None,
+        no_room: bool = False,
         error: Exception | None = None,
         commit: int = 0,
     ) -> None:
         """Set what the admission got. ``outcomes`` last: a caller that gave up waiting for the write lock
         reads them without it (see ``SqliteStore._outcome_of``), and must then find the rest set."""
-        self.failure, self.error, self.commit = failure, error, commit
+        self.failure, self.no_room, self.error, self.commit = failure, no_room, error, commit
         self.outcomes = outcomes
 
 
@@ -1060,7 +1070,7 @@ class SqliteStore(TaskStore):
         if mine.error is not None:
             raise mine.error
         if mine.failure is not None:
-            raise StoreUnavailable(mine.failure)
+            raise (StoreOutOfSpace if mine.no_room else StoreUnavailable)(mine.failure)
         if mine.commit and self.synchronous == "FULL":
             try:
                 self._sync_wal(mine.commit)
@@ -1122,8 +1132,9 @@ class SqliteStore(TaskStore):
             failure = _describe(exc) if isinstance(exc, sqlite3.Error) else f"admission failed: {exc!r}"
             if isinstance(exc, sqlite3.Error):
                 self._failure, self._failed_at = failure, time.monotonic()
+            no_room = isinstance(exc, sqlite3.Error) and _no_room(exc)
             for admission in batch:
-                admission.settle([], failure=failure)
+                admission.settle([], failure=failure, no_room=no_room)
             if not isinstance(exc, sqlite3.Error):
                 raise  # a bug: the others in the batch report it as a store failure
             return 0, 0
@@ -2385,6 +2396,13 @@ def _check_owner(path: Path) -> None:
 def _primary_code(exc: sqlite3.Error) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
     return None if code is None else code & 0xFF
+
+
+def _no_room(exc: sqlite3.Error) -> bool:
+    """Whether a write failed for want of room: a full disk (SQLITE_FULL) or the file size limit (EFBIG, which
+    SQLite reports as a failed write, as it does EIO)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF == sqlite3.SQLITE_FULL or code == sqlite3.SQLITE_IOERR_WRITE)
 
 
 def _describe(exc: sqlite3.Error) -> str:
