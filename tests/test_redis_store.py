@@ -2165,3 +2165,13 @@ def test_a_pool_whose_claim_reply_was_lost_runs_the_task_it_took(make, monkeypat
         assert ran == ["y0"] and store.get("y0").attempts == 1
     finally:
         pool.shutdown(timeout=0)
+
+
+def test_instances_sign_cursors_with_one_key_after_redis_lost_it(make, server):
+    # Redis restarted without persistence (or emptied): each store object kept the key it read first, and
+    # the instances signed cursors with different keys, refusing each other's (and their own workers').
+    a, b = make(), make()
+    assert a.position_key() == b.position_key()
+    server.client().flushall()
+    started_since = make()  # the first to ask makes the new key
+    assert a.position_key() == started_since.position_key() == b.position_key()

@@ -1029,7 +1029,6 @@ class RedisStore(TaskStore):
         self._keys = [f"{{{prefix}}}"]
         self._prefix = self._keys[0]
         self._wake_key = f"{self._prefix}:wake:{uuid.uuid4().hex}"
-        self._position_key: bytes | None = None  # see position_key
         # Guards _admissions and _admitting: the admissions waiting for the next round trip, and
         # whether one is in flight (see admit).
         self._admissions_lock = threading.Lock()
@@ -1701,14 +1700,15 @@ class RedisStore(TaskStore):
         return Page([task for _, task in listed], (int(listed[-1][0]),) if more else None)
 
     def position_key(self) -> bytes:
-        """``P:position-key``, made by the first instance that needs it: read once by each store object."""
-        if self._position_key is None:
-            name, key = f"{self._prefix}:position-key", None
-            while key is None:  # None: deleted in between (the database emptied)
-                self._call("set", name, secrets.token_bytes(16), nx=True)
-                key = self._call("get", name)
-            self._position_key = bytes(key)
-        return self._position_key
+        """``P:position-key``, made by the first instance that needs it, and read each time (one round trip).
+
+        Not kept in the process: once Redis lost it (restarted without persistence, or emptied), the
+        instances would each sign with the key they read first, and refuse one another's cursors.
+        """
+        name = f"{self._prefix}:position-key"
+        while (key := self._call("get", name)) is None:  # made by the first instance to ask
+            self._call("set", name, secrets.token_bytes(16), nx=True)
+        return bytes(key)
 
     def stats(self) -> StoreStats:
         figures = self._figures()
