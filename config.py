@@ -634,6 +634,7 @@ def startup_line(message: str, level: str = "ERROR", dotenv_path: Path | None = 
     # The fields and layout of service/logs.py's JSON lines, which this module, imported first, cannot use.
     fields = {"level": level, "logger": "config", "message": message, "task_id": None, "request_id": None}
     fields["timestamp"] = datetime.datetime.now(datetime.UTC).isoformat()
+    fields["pid"] = os.getpid()
     return json_log_line(json.dumps(fields, ensure_ascii=False))
 
 

@@ -223,7 +223,7 @@ def _indented(block: str) -> str:
 
 class JsonLineFormatter(JsonFormatter):
     """One JSON object per record: timestamp (UTC, ISO 8601), level, logger, message, task_id,
-    request_id, and for gunicorn's access lines the request's method, path, status and duration."""
+    request_id, the process id, and for gunicorn's access lines the request's method, path, status and duration."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -232,6 +232,10 @@ class JsonLineFormatter(JsonFormatter):
             timestamp=True,
             json_ensure_ascii=False,
         )
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        super().add_fields(log_data, record, message_dict)
+        log_data["pid"] = record.process  # which of several worker processes (-w N) wrote it, as text lines show
 
     def jsonify_log_record(self, log_data: dict[str, Any]) -> str:
         return json_log_line(super().jsonify_log_record(log_data))
@@ -247,6 +251,7 @@ class JsonLineFormatter(JsonFormatter):
                     "task_id": None,
                     "request_id": entry.request_id,
                     "timestamp": datetime.datetime.fromtimestamp(entry.created, tz=datetime.UTC).isoformat(),
+                    "pid": os.getpid(),
                     "remote_addr": entry.remote_addr,
                     "method": entry.method,
                     "path": entry.path,

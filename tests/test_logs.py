@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import logging.config
+import os
 import re
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def test_json_lines_parse_and_carry_the_task_and_request_ids(capture):
     ]
     for record in task_lines:
         keys = [key for key in record if key != "exc_info"]
-        assert keys[:6] == ["level", "logger", "message", "task_id", "request_id", "timestamp"]
+        assert keys[:7] == ["level", "logger", "message", "task_id", "request_id", "timestamp", "pid"]
+        assert record["pid"] == os.getpid()  # which process of several (-w N) wrote it
         assert (record["logger"], record["request_id"]) == (TASK_LOGGER, "rid-json")
         assert record["timestamp"].endswith("+00:00")
     # At DEBUG the failure carries the handler's traceback; the other lines carry none.
