@@ -132,7 +132,7 @@ class LiveFigures(PoolObserver):
 
     def attempt_finished(self, task: Task, seconds: float) -> None:
         pending = self._pending_now()
-        bucket = 0 if seconds <= _SMALLEST_S else bisect_left(_BOUNDS, seconds)
+        bucket = latency_bucket(seconds)
         latency = pending.latency
         latency[bucket] = latency.get(bucket, 0) + 1
         _tally(pending, task.state)
