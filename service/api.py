@@ -125,6 +125,23 @@ def task_url(task_id: str, root_path: str | None = None) -> str:
     return f"{root}/tasks/{quote(task_id, safe=_PATH_SAFE)}"
 
 
+# gunicorn's parser names the limit a trailer section passed, not its value (limit_request_fields and
+# limit_request_field_size are the operator's to set); python app.py's reader and the event loop name both.
+_GUNICORN_TRAILER_LIMITS = {
+    "limit request headers fields": "it has more fields than the server takes in a request head",
+    "limit request headers fields size": "a field of it is longer than the server takes in a request head",
+    "limit request trailer section size": "it is longer than the server takes",
+}
+
+
+def _trailer_refusal(exc: LimitRequestHeaders) -> str:
+    """Why a trailer section was refused, naming only limits the server in use applies."""
+    message = str(exc)
+    if message.startswith("limit request"):
+        return _GUNICORN_TRAILER_LIMITS.get(message, "it is past the server's limits on a request head's fields")
+    return message
+
+
 def read_body(limit: int, req: Request | None = None) -> bytes:
     """The request body (of ``req``, default the current request); 413 if it is longer than ``limit``
     bytes, chunked or not, 400 if cut short, 408 if it did not arrive within REQUEST_TIMEOUT_S, 415
@@ -160,12 +177,8 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
             body = req.get_data(cache=False)
     except RequestEntityTooLarge:
         raise
-    except LimitRequestHeaders:  # a trailer section past the limits on a head's fields, as gunicorn's parser says
-        raise server_refusal(
-            431,
-            "the chunked body's trailer section is too large: at most 100 fields, of 8190 bytes each with their CRLF, "
-            "and 65536 bytes in all",
-        ) from None
+    except LimitRequestHeaders as exc:  # a trailer section past the limits on a head's fields
+        raise server_refusal(431, f"the chunked body's trailer section is too large: {_trailer_refusal(exc)}") from None
     except ChunkSizeLineTooLong as exc:  # python app.py's reader: under gunicorn the event loop refuses it first
         raise server_refusal(400, str(exc)) from None
     except Exception:  # the server's reader refused the framing (chunk sizes) or the stream ended early

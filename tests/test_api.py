@@ -393,6 +393,42 @@ def test_a_chunked_body_is_held_to_the_limit(harness, size, status):
     assert post_chunked(harness.client, body_of_size(size)).status_code == status
 
 
+class _RefusedTrailer:
+    """A chunked body whose reader refuses its trailer section as ``message`` says."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def read(self, size: int = -1) -> bytes:
+        from gunicorn.http.errors import LimitRequestHeaders
+
+        raise LimitRequestHeaders(self.message)
+
+
+@pytest.mark.parametrize(
+    ("message", "detail"),
+    [
+        # gunicorn's parser: its limits are whatever the server was given (--limit-request-fields 5...)
+        ("limit request headers fields", "it has more fields than the server takes in a request head"),
+        ("limit request headers fields size", "a field of it is longer than the server takes in a request head"),
+        ("limit request trailer section size", "it is longer than the server takes"),
+        # python app.py's reader and the event loop: their limits, named by them
+        ("the trailer section has more than 100 fields", "the trailer section has more than 100 fields"),
+        ("the trailer section is longer than 65536 bytes", "the trailer section is longer than 65536 bytes"),
+    ],
+)
+def test_a_trailer_section_too_large_is_refused_431_naming_only_the_limits_in_force(harness, message, detail):
+    # The detail said "at most 100 fields, of 8190 bytes each" whatever limits gunicorn had been given.
+    response = harness.client.post(
+        "/enqueue",
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": _RefusedTrailer(message), "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 431
+    assert response.get_json()["detail"] == f"the chunked body's trailer section is too large: {detail}"
+    assert harness.pool.get("a") is None
+
+
 @pytest.mark.parametrize(("size", "status"), [(1024, 202), (1025, 413)])
 def test_a_body_with_content_length_is_held_to_the_limit(harness, size, status):
     assert enqueue(harness.client, body_of_size(size)).status_code == status
