@@ -73,8 +73,8 @@ from service.tls_files import check_tls as _check_tls  # noqa: E402
 threads = 8  # HTTP request threads; the task pool has its own WORKERS threads
 
 
-def _env_options() -> list[str]:
-    """gunicorn's ``-e``/``--env`` values, from GUNICORN_CMD_ARGS and its command line.
+def _given_options() -> list:
+    """gunicorn's parsed options from GUNICORN_CMD_ARGS, then its command line (which overrides them).
 
     gunicorn applies its command line to the settings after it has run this file (and the environment
     only later, in the arbiter), so they are read here from where gunicorn reads them: its own parser,
@@ -86,10 +86,29 @@ def _env_options() -> list[str]:
 
     gunicorn_config = _GunicornConfig()
     parser = gunicorn_config.parser()
+    return [parser.parse_args(argv) for argv in (gunicorn_config.get_cmd_args_from_env(), sys.argv[1:])]
+
+
+def _env_options() -> list[str]:
+    """gunicorn's ``-e``/``--env`` values, from GUNICORN_CMD_ARGS and its command line."""
     given: list[str] = []
-    for argv in (gunicorn_config.get_cmd_args_from_env(), sys.argv[1:]):
-        given += parser.parse_args(argv).raw_env or []
+    for options in _given_options():
+        given += options.raw_env or []
     return given
+
+
+def _given(name: str, default):
+    """The value gunicorn will run for the option ``name`` (``--threads``, ``--worker-connections``), or default."""
+    values = [getattr(options, name) for options in _given_options() if getattr(options, name, None) is not None]
+    return values[-1] if values else default
+
+
+def _worker_connections(settings) -> int:
+    """worker_connections for the request threads gunicorn will run (``--threads`` overrides ``threads``); a
+    ``--worker-connections`` given is checked against the open-file limit instead (gunicorn takes it over ours)."""
+    return _file_limits.worker_connections(
+        settings, max(_given("threads", threads), 0), _given("worker_connections", None)
+    )
 
 
 def _check_settings(settings) -> None:
@@ -102,7 +121,7 @@ def _check_settings(settings) -> None:
     given = _env_options()
     _config.check_env_options(given)
     _config.check_gunicorn_env_options(given)
-    _file_limits.worker_connections(settings, threads)
+    _worker_connections(settings)
 
 
 _settings = _server_settings.load(check=_check_settings)
@@ -126,7 +145,7 @@ worker_class = "service.gunicorn_worker.DrainingThreadWorker"
 # for its request makes room). Each costs a file descriptor, as do closing ones, the process's own
 # files and the store's: running out would make accept() fail and gunicorn end the worker. The soft
 # limit on open files is raised toward the hard one as far as needed (see service/file_limits.py).
-worker_connections = _file_limits.worker_connections(_settings, threads)
+worker_connections = _worker_connections(_settings)
 # keepalive: gunicorn's, 2 s by default. Behind a load balancer that keeps idle connections to the service
 # longer (AWS ALB, nginx upstream keepalive: 60 s) give `--keep-alive 75` (in GUNICORN_CMD_ARGS too), above
 # whatever it keeps, or a POST it sends on a connection just closed gets a 502 (docs/deployment.md).

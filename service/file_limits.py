@@ -35,20 +35,25 @@ def store_descriptors(settings: Config, request_threads: int) -> int:
     return _PER_CONNECTION.get(settings.store.kind, 1) * (settings.workers + request_threads + OTHER_STORE_THREADS)
 
 
-def worker_connections(settings: Config, request_threads: int) -> int:
+def worker_connections(settings: Config, request_threads: int, given: int | None = None) -> int:
     """The connections one worker process holds at most, after raising the soft limit on open files as needed.
 
-    Raises ConfigError when even the hard limit leaves fewer than ``MIN_CONNECTIONS``.
+    ``given`` is a number of connections asked for (gunicorn's ``--worker-connections``): the soft limit is
+    raised for it, and it is taken as is. Raises ConfigError when even the hard limit leaves fewer than
+    ``MIN_CONNECTIONS`` (or fewer than ``given``).
     """
     others = MAX_LINGERING + RESERVED + store_descriptors(settings, request_threads)
-    soft = _raise_soft_limit(MAX_CONNECTIONS + others)
-    connections = min(MAX_CONNECTIONS, soft - others)
-    if connections < MIN_CONNECTIONS:
+    wanted = MAX_CONNECTIONS if given is None else given
+    soft = _raise_soft_limit(wanted + others)
+    connections = min(wanted, soft - others)
+    needed = MIN_CONNECTIONS if given is None else given
+    if connections < needed:
+        lower = "lower WORKERS or --threads" if given is None else "give a lower --worker-connections"
         raise ConfigError(
             f"the open-file limit ({soft}, ulimit -n) leaves room for {max(connections, 0)} connections with "
-            f"WORKERS={settings.workers} on STORE={settings.store.kind} (each task thread's store connection "
-            f"holds files): raise it to at least {MIN_CONNECTIONS + others} (LimitNOFILE= in systemd, "
-            "ulimit -n, --ulimit nofile in docker), or lower WORKERS"
+            f"WORKERS={settings.workers} and {request_threads} request threads on STORE={settings.store.kind} "
+            f"(each thread's store connection holds files): raise it to at least {needed + others} "
+            f"(LimitNOFILE= in systemd, ulimit -n, --ulimit nofile in docker), or {lower}"
         )
     return connections
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -137,6 +138,46 @@ def test_a_store_that_leaves_too_few_descriptors_for_connections_stops_gunicorn_
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"configuration error: the open-file limit ({hard}, ulimit -n) leaves room for ")
     assert "raise it to at least" in line and "or lower WORKERS" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "limits", "connections"),
+    [
+        (["--threads", "300"], {"GUNICORN_CMD_ARGS": "--threads 2"}, (1024, 1024), 1024 - 128 - 128 - 2 * 312),
+        (["--threads", "300"], {}, (700, 700), None),  # 2 x (4 + 300 + 8) SQLite files: no room left
+        (["--worker-connections", "500"], {}, (512, 4096), 500),  # the soft limit raised for it
+        (["--worker-connections", "900"], {}, (1024, 1024), None),  # 1024 - 128 - 128 - 2 x 20 leaves 728
+        ([], {"GUNICORN_CMD_ARGS": "--threads 100 --worker-connections 100"}, (1024, 1024), 100),
+    ],
+)
+def test_the_threads_and_worker_connections_gunicorn_is_given_count_in_the_file_descriptor_budget(
+    monkeypatch, tmp_path, capsys, argv, env, limits, connections
+):
+    # The budget was made for this file's `threads = 8`: with --threads 300 the store's files took the
+    # descriptors left for connections, and accept() failed with EMFILE (the worker ended).
+    import resource
+
+    from service.file_limits import MAX_LINGERING, RESERVED
+
+    assert (MAX_LINGERING, RESERVED) == (128, 128)
+    now = [limits]
+    monkeypatch.setattr(resource, "getrlimit", lambda which: now[-1])
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: now.append(value))
+    monkeypatch.setattr("app.check_store", lambda settings: None)
+    monkeypatch.setattr(sys, "argv", ["gunicorn", "-c", CONF, *argv])
+    for name, value in {"STORE": f"sqlite://{tmp_path / 'tasks.db'}", "WORKERS": "4", **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(runpy, "run_path", functools.partial(runpy.run_path, run_name="__config__"))
+    if connections is None:
+        with pytest.raises(SystemExit) as exited:
+            load_conf(monkeypatch, **{name: os.environ[name] for name in ("STORE", "WORKERS")})
+        assert exited.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert "raise it to at least" in line
+        assert ("--worker-connections" in line) == ("--worker-connections" in argv)
+    else:
+        conf = load_conf(monkeypatch, **{name: os.environ[name] for name in ("STORE", "WORKERS")})
+        assert conf["worker_connections"] == connections
 
 
 @pytest.mark.parametrize(
