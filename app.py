@@ -36,6 +36,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from flask import Flask
@@ -75,6 +76,9 @@ from workerpool import (
     WorkerPool,
 )
 from workerpool.stores.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from workerpool.stores.redis_store import RedisStore  # redis-py only when it is used
 
 log = logging.getLogger(__name__)
 
@@ -297,11 +301,7 @@ def check_store(config: Config) -> None:
         write_startup_line(f"warning: {warning}", "WARNING")
 
 
-def _redis_warnings(config: Config, store: TaskStore) -> list[str]:
-    from workerpool.stores.redis_store import RedisStore  # imported by open_store already: no cost
-
-    if not isinstance(store, RedisStore):
-        return []
+def _redis_warnings(config: Config, store: RedisStore) -> list[str]:
     warnings = [password_warning(config)] if store.password_unneeded() else []
     try:
         policy = store.evicting_policy()
@@ -368,7 +368,9 @@ def create_app(
 
     app = Flask(__name__, static_folder=None)  # no static files: no /static/<filename> route
     app.url_map = _HttpOnlyMap()  # before any route is added (there is none: no static route)
-    # werkzeug answers 413 for a larger body, chunked or not.
+    # A backstop: the routes that take a body read it through read_body, which answers 413 itself with the
+    # route's own limit (MAX_BATCH_BODY_BYTES for a batch). This bounds any other read of a body through
+    # werkzeug (request.get_data, .form, .stream), which would otherwise read a body of any size.
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     # No redirects: werkzeug would answer `//` in a path with a 308 whose Location it builds from the
     # client's Host header. `/tasks//x` is then just an id that cannot exist (404).

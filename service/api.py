@@ -175,8 +175,8 @@ def read_body(limit: int, req: Request | None = None) -> bytes:
             # so a longer body would arrive truncated: read one byte more to tell.
             req.max_content_length = limit + 1
             body = req.get_data(cache=False)
-    except RequestEntityTooLarge:
-        raise
+    except RequestEntityTooLarge:  # werkzeug's, which would name the app-wide MAX_CONTENT_LENGTH
+        raise _too_large(limit) from None
     except LimitRequestHeaders as exc:  # a trailer section past the limits on a head's fields
         raise server_refusal(431, f"the chunked body's trailer section is too large: {_trailer_refusal(exc)}") from None
     except ChunkSizeLineTooLong as exc:  # python app.py's reader: under gunicorn the event loop refuses it first
@@ -307,12 +307,13 @@ def health() -> tuple[Response, int]:
         stats = pool.stats()
         store_error = why_store_fails(pool, stats)
     except StoreUnavailable as exc:
-        stats, store_error = None, str(exc)
-    if stats is None or store_error is not None:
-        reason = None if store_error is None else public_reason(store_error, services().config.store)
-        return _unavailable({"status": "store_unavailable", "store_error": reason})
-    body = health_figures(stats)
-    return (jsonify(body), 200) if body["status"] == "ok" else _unavailable(body)
+        store_error = str(exc)
+    else:
+        if store_error is None:
+            body = health_figures(stats)
+            return (jsonify(body), 200) if body["status"] == "ok" else _unavailable(body)
+    reason = public_reason(store_error, services().config.store)
+    return _unavailable({"status": "store_unavailable", "store_error": reason})
 
 
 @bp.get("/livez")

@@ -56,7 +56,6 @@ REJECTION_REASONS = (
     "invalid", "too_large", "unauthorized", "timeout", "duplicate", "queue_full", "shutting_down", "store_unavailable",
     "error",
 )  # fmt: skip
-ATTEMPT_OUTCOMES = ("succeeded", "failed")
 # Attempts of the simulated work take 0.1-0.5 s; tasks wait out backoffs of up to 10 s per retry.
 ATTEMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 QUEUED_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

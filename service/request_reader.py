@@ -642,7 +642,7 @@ def _chunks_complete(pending: _Pending, max_line: int) -> bool:
             return _stop_reading(pending, at)
         # Any number of leading zeros is valid (RFC 9112 section 7.1): the size is read here whatever its
         # length, as handing it over made a thread wait for the body until the deadline.
-        if extended and (b"\r" in extension or not CHUNK_EXT_RE.fullmatch(b";" + extension)):
+        if extended and not CHUNK_EXT_RE.fullmatch(b";" + extension):
             return _stop_reading(pending, at)
         size = int(size_text, 16)
         if size == 0:

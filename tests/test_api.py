@@ -429,6 +429,30 @@ def test_a_trailer_section_too_large_is_refused_431_naming_only_the_limits_in_fo
     assert harness.pool.get("a") is None
 
 
+class _RefusedByWerkzeug:
+    """A chunked body whose reading werkzeug cuts off with its own 413."""
+
+    def read(self, size: int = -1) -> bytes:
+        from werkzeug.exceptions import RequestEntityTooLarge
+
+        raise RequestEntityTooLarge()
+
+
+@pytest.mark.parametrize(
+    ("path", "limit"), [("/enqueue", "max_body_bytes"), ("/enqueue/batch", "max_batch_body_bytes")]
+)
+def test_werkzeug_refusing_a_body_as_too_large_is_answered_with_the_routes_own_limit(harness, path, limit):
+    # werkzeug's 413 named the app-wide MAX_CONTENT_LENGTH (the single task's limit), also for a batch.
+    response = harness.client.post(
+        path,
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": _RefusedByWerkzeug(), "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    limit_bytes = getattr(harness.app.extensions["workerpool"].config, limit)
+    assert response.get_json()["detail"] == f"the request body is larger than {limit_bytes} bytes"
+
+
 @pytest.mark.parametrize(("size", "status"), [(1024, 202), (1025, 413)])
 def test_a_body_with_content_length_is_held_to_the_limit(harness, size, status):
     assert enqueue(harness.client, body_of_size(size)).status_code == status
