@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -197,7 +198,7 @@ def test_a_store_warning_at_start_up_is_a_line_in_log_format(monkeypatch, capsys
     else:
         assert json.loads(line) | {"timestamp": None} == {
             "level": "WARNING", "logger": "config", "message": f"warning: {warning}", "task_id": None,
-            "request_id": None, "timestamp": None,
+            "request_id": None, "timestamp": None, "pid": os.getpid(),
         }  # fmt: skip
 
 

@@ -333,7 +333,7 @@ def test_a_start_up_error_is_a_json_line_with_log_format_json(command, tmp_path)
         line = json.loads(lines[0])
         assert line["message"].startswith(message), line
         assert (line["level"], line["task_id"], line["request_id"]) == ("ERROR", None, None)
-        assert set(line) == {"level", "logger", "message", "task_id", "request_id", "timestamp"}
+        assert set(line) == {"level", "logger", "message", "task_id", "request_id", "timestamp", "pid"}
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
