@@ -396,7 +396,9 @@ def create_app(
 def _drain_at_exit(pool_ref: weakref.ref[WorkerPool], timeout: float) -> None:
     pool = pool_ref()
     if pool is not None and pool.started and pool.accepting:
-        log.info("%s", lifecycle.describe(pool.shutdown(timeout)))
+        summary = pool.shutdown(timeout)
+        if summary is not None:  # None: the drain failed, and said so
+            log.info("%s", lifecycle.describe(summary))
         lifecycle.close_store(pool.store)
 
 
@@ -564,9 +566,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         body_limits=BodyLimits(config.max_body_bytes, config.max_batch_body_bytes, config.api_token),
     )  # fmt: skip
 
-    summaries: list[ShutdownSummary] = []
+    summaries: list[ShutdownSummary | None] = []
 
-    def drained(summary: ShutdownSummary) -> None:
+    def drained(summary: ShutdownSummary | None) -> None:
         summaries.append(summary)
         server.shutdown()  # returns once serve_forever has stopped
 
@@ -579,6 +581,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     server.serve_forever()
     server.server_close()  # the requests clients are still sending get a little longer
     controller.join()
+    if summaries[0] is None:  # the drain failed (the error is logged): stop all the same, saying so
+        log.error("shutdown failed: the drain did not complete (the error is above); exiting with status 1")
+        lifecycle.close_store(pool.store)
+        logging.shutdown()
+        os._exit(1)
     log.info("%s", lifecycle.describe(summaries[0]))  # the last line, after the access lines of those requests
     leftover = controller.wait_for_threads()
     lifecycle.close_store(pool.store)

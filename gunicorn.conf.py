@@ -460,6 +460,8 @@ def post_worker_init(worker):
         # The arbiter that would log the summary is gone: it is this worker's last line. A worker finds that
         # out in its serving loop, which has ended if the arbiter was killed during the drain (supervisord's
         # SIGKILL after stopwaitsecs): the summary would go to a pipe nobody reads.
+        if summary is None:  # the drain failed (logged): there is nothing to report
+            return
         if worker.orphaned or os.getppid() != worker.ppid:
             worker.log.info("%s (the arbiter was gone: worker pid %s stopped by itself)", describe(summary), worker.pid)
         elif not send(worker.drain_report_fd, describe(summary)):

@@ -9,7 +9,8 @@ is reentrant, safe in a signal handler); a watcher thread does the rest:
 - another request: stop waiting, abandon what is left (it is logged); when the
   process began the stop itself (``NO_SIGNAL``), its first signal is taken as
   the first request, not another;
-- when the drain ends: call ``on_drained`` with the summary;
+- when the drain ends: call ``on_drained`` with the summary (None if the drain
+  failed: the process must stop all the same);
 - a request after that: stop waiting for the threads the process still has
   (see ``wait_for_threads``).
 
@@ -85,7 +86,7 @@ class ShutdownController:
         pool: WorkerPool,
         timeout: float,
         *,
-        on_drained: Callable[[ShutdownSummary], None] | None = None,
+        on_drained: Callable[[ShutdownSummary | None], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
@@ -151,7 +152,7 @@ class ShutdownController:
             log.warning("received %s again: abandoning unfinished tasks now", _name(signum))
             self._pool.shutdown(0, wait=False)  # pulls the drain's deadline in
         try:
-            if self._on_drained is not None and self._summary is not None:
+            if self._on_drained is not None:  # None after a failed drain: the process must still stop
                 self._on_drained(self._summary)
         except Exception:  # the process must still exit: join() waits for this
             log.exception("reporting the drain failed")

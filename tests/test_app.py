@@ -46,6 +46,24 @@ def test_the_drain_at_exit_of_other_servers_closes_the_store(tmp_path):
     assert not (tmp_path / "tasks.db-wal").exists()
 
 
+def test_the_drain_at_exit_still_closes_the_store_when_the_drain_fails(tmp_path):
+    # A drain that fails before its summary returns None: describing it raised AttributeError at exit.
+    app = create_app(Config(store=StoreSetting("sqlite", str(tmp_path / "tasks.db")), work_min_ms=0, work_max_ms=0))
+    pool = pool_of(app)
+    pool.start()
+    assert app.test_client().post("/enqueue", json={"id": "t1", "payload": "p"}).status_code == 202
+
+    class FailingDrain:  # the pool, whose drain returns no summary
+        started, accepting, store = pool.started, pool.accepting, pool.store
+
+        def shutdown(self, timeout):
+            pool.shutdown(timeout)
+
+    failing = FailingDrain()
+    app_module._drain_at_exit(weakref.ref(failing), 5.0)
+    assert not (tmp_path / "tasks.db-wal").exists()
+
+
 def test_the_app_serves_no_static_files():
     app = create_app(Config())
     assert "static" not in app.view_functions

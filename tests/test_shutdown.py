@@ -849,6 +849,24 @@ def test_a_reload_or_scaling_signal_during_the_start_is_ignored_with_a_line(tmp_
         server.stop()
 
 
+def test_app_py_exits_with_status_1_when_its_drain_fails(start):
+    # Its only way out of serving was the drain's report, skipped without a summary: /healthz went on answering
+    # and later stop signals were ignored, until a SIGKILL.
+    script = (
+        "import sys, app, workerpool\n"
+        "def broken(self, *args, **kwargs):\n"
+        "    raise RuntimeError('the store broke')\n"
+        "workerpool.WorkerPool.shutdown = broken\n"
+        "app.main(sys.argv[1:])\n"
+    )
+    service = start(["-c", script])
+    code, _ = service.wait_exit_after(signal.SIGTERM, timeout=20)
+    assert code == 1
+    log = service.server.log()
+    assert "the drain failed" in log and "RuntimeError: the store broke" in log
+    assert "shutdown failed: the drain did not complete" in service.last_line()
+
+
 def test_a_server_without_hooks_still_drains_at_exit(tmp_path):
     script = (
         "from app import configure_logging, create_app\n"
