@@ -1505,12 +1505,14 @@ class WorkerPool:
             if admitting and remaining <= 0 and self._store.shared:
                 # A shared store's submission may block for as long as the store lets it (a paused Redis: its
                 # socket timeout), past the time gunicorn leaves before its SIGKILL: it shares the store's grace.
-                # Given up on, it still ends on its own, its task stored for the other processes or refused.
+                # Given up on, it ends on its own (its task stored for the other processes, or not), its answer
+                # lost if the process exits first.
                 cutoff = self._store_cutoff()
                 if self._monotonic() >= cutoff:
                     log.warning(
-                        "shutdown: %d submission(s) still in the store at the drain's end: each one's answer says "
-                        "whether its task was stored (a stored one waits there for the other processes)",
+                        "shutdown: %d submission(s) still in the store at the drain's end: their clients may get no "
+                        "answer if the process exits first; a task stored waits there for the other processes "
+                        "(GET /tasks/<id> tells)",
                         under_way,
                     )
                     return
