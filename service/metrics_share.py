@@ -13,7 +13,9 @@ fold (add to the retired counts, note the file folded, remove it) holds an exclu
 ``flock`` on ``fold.lock`` and every reading of the directory a shared one, so no scrape
 sees the counts twice or not at all, and a reader tells a folded file from a removed
 one. The arbiter waits for the lock at most ``FOLD_LOCK_WAIT_S``: a process stopped while
-it reads holds it, and the fold is then left to a later exit, the file staying in the sum.
+it reads holds it, and the fold is then left to a later exit, the file staying in the sum. A scrape
+waits for it at most ``SCRAPE_LOCK_WAIT_S`` (a process stopped inside a fold or a write-back holds it
+exclusively): it then answers the counts read before, its own current, and writes nothing back.
 A process whose counts file was not folded (its arbiter was killed) leaves it in
 place; a new process that gets its pid starts from that file's counts. The retired
 record names the files of the last ``FOLDS_NAMED`` folds only, so that it stays small
@@ -75,6 +77,10 @@ FOLD_LOCK = "fold.lock"  # flock: exclusive while a fold changes the counts file
 # arbiter waiting on it would neither replace workers nor act on signals. Past it the fold waits for the next reap.
 FOLD_LOCK_WAIT_S = 0.5
 FOLD_LOCK_POLL_S = 0.01
+# How long a scrape waits for it (on a request thread): past it, held by a process stopped inside a fold or a
+# write-back, the scrape answers the counts read before (this process's own current), and writes nothing back;
+# later scrapes then do not wait for it until one has it.
+SCRAPE_LOCK_WAIT_S = 1.0
 # How often a process that answers no scrape publishes its counts: what another process's
 # /metrics may miss of it at most (plus the time to write a file).
 PUBLISH_INTERVAL_S = 1.0
@@ -329,6 +335,7 @@ class ProcessSnapshots:
         # thread take it, never a task, so holding it across the write delays no task.
         self._write_lock = threading.Lock()
         self._counts_written = self._live_written = ""  # the texts last written
+        self._own_live: Snapshot | None = None  # the gauges last taken
         # An ended process that had this pid (in this run) left counts that must stay in the sum.
         private = is_private(directory)
         self._base = (_read(self._counts_path, check_counts) if private else None) or {}
@@ -339,6 +346,8 @@ class ProcessSnapshots:
         self._seen: dict[str, Snapshot] = {}
         self._folded: dict[str, int] = {}  # the retired file's record of folds, as last read (under _seen_lock)
         self._folds = 0  # how many folds it held then (under _seen_lock)
+        self._live_seen: dict[int, Snapshot] = {}  # the gauges last read, by pid (under _seen_lock)
+        self._lock_held_said = False  # a scrape that found the fold lock held past SCRAPE_LOCK_WAIT_S logged it
         self._wait = wait  # sleeps between the polls for a removed file of a running process (injected by tests)
         # Removed files of running processes that were not written again within REPUBLISH_WAIT_S (a process
         # stopped, or one not of this server): not waited for again until they are back (under _seen_lock).
@@ -353,7 +362,7 @@ class ProcessSnapshots:
         """Write the counts and gauges ``take()`` returns (counts on top of what an earlier holder of the pid left)."""
         with self._write_lock:
             counts, live = take()
-            self._own = add(self._base, counts)
+            self._own, self._own_live = add(self._base, counts), live
             counts_text, live_text = json.dumps(self._own), json.dumps(live)
             # Each file written when it changed, or when it is gone (removed by a tmp cleaner).
             if counts_text != self._counts_written or not self._counts_path.exists():
@@ -396,7 +405,11 @@ class ProcessSnapshots:
         live: dict[int, Snapshot] = {}
         folded: dict[str, int] | None = None
         folds = 0
-        with _locked(self.directory, fcntl.LOCK_SH):  # no fold between the listing and the reads
+        # Once found held, not waited for again until had: the scrapes meanwhile answer at once.
+        wait_s = 0.0 if self._lock_held_said else SCRAPE_LOCK_WAIT_S
+        with _locked(self.directory, fcntl.LOCK_SH, wait_s=wait_s) as locked:  # no fold between listing and reads
+            if not locked:
+                return self._as_read_before()
             try:
                 names = [path.name for path in self.directory.iterdir()]
             except (FileNotFoundError, NotADirectoryError):
@@ -415,8 +428,10 @@ class ProcessSnapshots:
                     pid = name[len(LIVE) : -len(SUFFIX)]
                     if snapshot is not None and pid.isdigit():
                         live[int(pid)] = snapshot
+        self._lock_held_said = False
         with self._seen_lock:
             self._seen.update(counts)
+            self._live_seen = dict(live)
             if folded is not None:  # files folded since the last read are in the retired counts now
                 # Some folds since the last read are no longer named: an ended process's file missing may be one.
                 unnamed = folds - FOLDS_NAMED > self._folds
@@ -432,6 +447,25 @@ class ProcessSnapshots:
             if self._own is not None and self._counts_path.name in gone:
                 gone[self._counts_path.name] = self._own  # this process's own: its latest, not its last read
         return counts, live, gone
+
+    def _as_read_before(self) -> tuple[dict[str, Snapshot], dict[int, Snapshot], dict[str, Snapshot]]:
+        """What ``_listed`` found last, this process's own counts and gauges current: for a scrape that could not
+        have the fold lock within SCRAPE_LOCK_WAIT_S (no counts file ``gone``, so nothing is written back)."""
+        if not self._lock_held_said:
+            self._lock_held_said = True
+            log.warning(
+                "the metrics lock of %s was held for more than %.1f s (a process stopped while it folded or wrote "
+                "counts?): scrapes answer the counts read before, this process's own current, until it is released",
+                self.directory,
+                SCRAPE_LOCK_WAIT_S,
+            )
+        with self._seen_lock:
+            counts, live = dict(self._seen), dict(self._live_seen)
+        if self._own is not None:
+            counts[self._counts_path.name] = self._own
+        if self._own_live is not None:
+            live[self.pid] = self._own_live
+        return counts, live, {}
 
     def _republished(self, names: set[str]) -> dict[str, Snapshot]:
         """The removed counts files ``names`` of running processes, as those processes write them again.
@@ -477,7 +511,9 @@ class ProcessSnapshots:
         except OSError as error:  # not private any more, say: the counts stay in this process's sum meanwhile
             log.warning("could not write back the removed metrics files in %s: %s", self.directory, error)
             return False
-        with _locked(self.directory, fcntl.LOCK_EX):
+        with _locked(self.directory, fcntl.LOCK_EX, wait_s=SCRAPE_LOCK_WAIT_S) as locked:
+            if not locked:  # the next scrape tries again; the counts stay in this one's sum meanwhile
+                return False
             try:
                 record = _read(self.directory / RETIRED, self._check_counts)
             except OSError:

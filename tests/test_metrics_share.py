@@ -240,6 +240,46 @@ def test_the_arbiter_does_not_wait_for_a_fold_lock_a_stopped_reader_holds_and_fo
     assert _accepted(tmp_path) == 5
 
 
+def test_a_scrape_does_not_wait_for_a_fold_lock_a_stopped_process_holds_and_answers_the_counts_read_before(
+    tmp_path, monkeypatch, caplog
+):
+    # A process stopped inside a fold or a write-back holds the lock: every scrape waited for it, on a request
+    # thread, until the worker's threads were all taken.
+    monkeypatch.setattr(metrics_share, "SCRAPE_LOCK_WAIT_S", 0.05)
+    other = 2**22 + 17  # a running process's counts, as last read
+    metrics_share.ProcessSnapshots(tmp_path, pid=other).publish(lambda: ({"row": {"accepted": 2}}, {"up": 2}))
+    reader = metrics_share.ProcessSnapshots(tmp_path, pid=os.getpid())
+    reader.publish(lambda: ({"row": {"accepted": 3}}, {"up": 1}))
+    assert reader.read()[0]["row"]["accepted"] == 5
+    reader.publish(lambda: ({"row": {"accepted": 4}}, {"up": 1}))
+    answers: list = []
+    holder = os.open(tmp_path / metrics_share.FOLD_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a process stopped (SIGSTOP, a debugger) inside a fold
+    try:
+        scrape = threading.Thread(target=lambda: answers.append(reader.read()), daemon=True)
+        scrape.start()
+        scrape.join(WAIT_S)
+        assert not scrape.is_alive(), "the scrape waited for the lock"
+        ended = {f"counts-{ended_pid()}.json": {"row": {"accepted": 1}}}  # a removed file to write back
+        writing = threading.Thread(target=lambda: answers.append(reader._write_back(ended)), daemon=True)
+        writing.start()
+        writing.join(WAIT_S)
+        assert not writing.is_alive(), "the write-back waited for the lock"
+        monkeypatch.setattr(metrics_share, "SCRAPE_LOCK_WAIT_S", 100 * WAIT_S)
+        later = threading.Thread(target=lambda: answers.append(reader.read()), daemon=True)
+        later.start()
+        later.join(WAIT_S)
+        assert not later.is_alive(), "a later scrape waited for the lock again"
+    finally:
+        os.close(holder)
+    (counts, live), written, (later_counts, _) = answers
+    assert counts["row"]["accepted"] == later_counts["row"]["accepted"] == 6  # the other's as read, this one's now
+    assert live == {other: {"up": 2}, os.getpid(): {"up": 1}}
+    assert written is False and not (tmp_path / next(iter(ended))).exists()  # left to the next scrape
+    assert caplog.text.count("the metrics lock of") == 1 and "was held for more than" in caplog.text
+    assert reader.read()[0]["row"]["accepted"] == 6  # had again
+
+
 def test_a_fold_that_fails_leaves_every_file_it_had_to_fold_to_a_later_exit(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(metrics_share, "FOLD_LOCK_WAIT_S", 0.05)
     first, second, third = ended_pid(), ended_pid(), ended_pid()
