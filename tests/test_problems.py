@@ -111,30 +111,30 @@ def test_a_store_that_cannot_be_written_is_a_503_that_invites_a_retry(harness, m
     assert 'workerpool_tasks_rejected_total{reason="store_unavailable"} 1.0' in harness.client.get("/metrics").text
 
 
-def test_a_request_too_large_for_the_memory_the_store_has_left_is_told_so(harness, monkeypatch):
-    """It got the detail of a store that cannot be used, "retry later", where a retry fails the same way."""
-    _store_fails(harness, monkeypatch, StoreOutOfMemory("redis: command not allowed when used memory > 'maxmemory'"))
-    response = harness.client.post("/enqueue/batch", json={"tasks": [{"payload": "x" * 1000}]})
-    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
-    problem = response.get_json()
-    assert problem["type"] == "urn:workerpool:problem:store-unavailable"
-    assert problem["detail"] == (
-        "the task store is at its memory limit (Redis maxmemory), which this request's size counts toward: nothing "
-        "was stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
-    )
-
-
-def test_a_request_too_large_for_the_room_left_on_the_store_s_disk_is_told_so(harness, monkeypatch):
+@pytest.mark.parametrize(
+    ("failure", "detail"),
+    [
+        (
+            StoreOutOfMemory("redis: command not allowed when used memory > 'maxmemory'"),
+            "the task store is at its memory limit (Redis maxmemory), which this request's size counts toward: "
+            "nothing was stored; a smaller request (a batch split in parts) may pass, or retry once the store has room",
+        ),
+        (
+            StoreOutOfSpace("writing to the disk failed (disk full, file size limit, ...)"),
+            "the task store could not write this request to its disk (full, or at its file size limit): nothing was "
+            "stored; a smaller request (a batch split in parts) may pass, or retry once the store has room",
+        ),
+    ],
+    ids=["memory", "disk"],
+)
+def test_a_request_too_large_for_the_room_the_store_has_left_is_told_so(harness, monkeypatch, failure, detail):
     # "retry later" was said for ever to a batch that did not fit, while single tasks and smaller batches passed.
-    _store_fails(harness, monkeypatch, StoreOutOfSpace("writing to the disk failed (disk full, file size limit, ...)"))
+    _store_fails(harness, monkeypatch, failure)
     response = harness.client.post("/enqueue/batch", json={"tasks": [{"payload": "x" * 1000}]})
     assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
     problem = response.get_json()
     assert problem["type"] == "urn:workerpool:problem:store-unavailable"
-    assert problem["detail"] == (
-        "the task store could not write this request to its disk (full, or at its file size limit): nothing was "
-        "stored; a smaller request (a batch split in parts) may pass, or retry once the store has room"
-    )
+    assert problem["detail"] == detail
 
 
 def test_the_api_token_a_client_put_in_the_path_is_not_in_the_error_line(monkeypatch, caplog):

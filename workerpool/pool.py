@@ -1502,28 +1502,28 @@ class WorkerPool:
                 running = bool(self._running) or unheard
             if not admitting and (remaining <= 0 or not (running or self._unfinished_here(deadline))):
                 return
-            if admitting and remaining <= 0 and self._store.shared:
-                # A shared store's submission may block for as long as the store lets it (a paused Redis: its
-                # socket timeout), past the time gunicorn leaves before its SIGKILL: it shares the store's grace.
-                # Given up on, it ends on its own (its task stored for the other processes, or not), its answer
-                # lost if the process exits first.
-                cutoff = self._store_cutoff()
-                if self._monotonic() >= cutoff:
-                    log.warning(
-                        "shutdown: %d submission(s) still in the store at the drain's end: their clients may get no "
-                        "answer if the process exits first; a task stored waits there for the other processes "
-                        "(GET /tasks/<id> tells)",
-                        under_way,
-                    )
-                    return
-            if not (admitting or running) and self._nothing_falls_due_within(remaining):
+            if admitting and remaining <= 0:
+                # Past the deadline, only for the submissions under way then: until one ends (it wakes the drain).
+                # A shared store's may block for as long as the store lets it (a paused Redis: its socket timeout),
+                # past the time gunicorn leaves before its SIGKILL: it shares the store's grace. Given up on, it
+                # ends on its own (its task stored for the other processes, or not), its answer lost if the
+                # process exits first.
+                wait = None
+                if self._store.shared:
+                    cutoff = self._store_cutoff()
+                    if self._monotonic() >= cutoff:
+                        log.warning(
+                            "shutdown: %d submission(s) still in the store at the drain's end: their clients may get "
+                            "no answer if the process exits first; a task stored waits there for the other processes "
+                            "(GET /tasks/<id> tells)",
+                            under_way,
+                        )
+                        return
+                    wait = max(0.0, cutoff - self._monotonic())
+            elif not (admitting or running) and self._nothing_falls_due_within(remaining):
                 log.info("shutdown: no unfinished task falls due before the drain deadline: abandoning them now")
                 return
-            # Until the deadline at most, to look past it; then only a submission's end (it wakes the drain), or
-            # with a shared store the end of its grace.
-            if admitting and remaining <= 0:
-                wait = max(0.0, cutoff - self._monotonic()) if self._store.shared else None
-            else:
+            else:  # until the deadline at most, to look past it
                 wait = None if remaining == math.inf else max(0.0, remaining)
             if steps and self._claiming and remaining > 0:
                 # One attempt at a time, as it falls due: it waited to the deadline (for ever without one) for
