@@ -32,7 +32,8 @@ def test_create_app_builds_the_pool_from_the_config_without_starting_it():
     stats = pool_of(app).stats()
     assert (stats.workers, stats.queue_capacity, stats.accepting) == (3, 5, True)
     assert app.config["MAX_CONTENT_LENGTH"] == 4096
-    assert pool_threads() == before  # started after fork, by a hook or the first submit
+    # None started (after fork, by a hook or the first submit); an earlier test's may end meanwhile.
+    assert pool_threads() <= before
 
 
 def test_the_drain_at_exit_of_other_servers_closes_the_store(tmp_path):
